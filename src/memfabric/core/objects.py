@@ -1,0 +1,167 @@
+"""The object table of one namespace on its home server. Pure: no I/O, no clock.
+
+A BigMemory object is a size and an ordered list of extents anywhere in the cluster.
+Its id names its home server, a slot and the slot's generation, so a handle to a freed
+object never matches the object that reuses the slot: clients compare the generation
+against the home server's shared table before and after each copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Hashable
+
+from ..errors import InvalidArgument, LimitExceeded, NoSuchObject
+from ..limits import MAX_EXTENTS_PER_OBJECT
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """One extent of an object, anywhere in the cluster."""
+    server_id: int
+    segment: int
+    offset: int
+    length: int
+
+
+@dataclass(slots=True)
+class ObjectRecord:
+    bm_id: str
+    slot: int
+    generation: int
+    size_bytes: int
+    extents: list[Placement]
+    pins: dict[Hashable, int] = field(default_factory=dict)
+
+    @property
+    def reserved_bytes(self) -> int:
+        return sum(e.length for e in self.extents)
+
+
+def format_bm_id(server_id: int, slot: int, generation: int) -> str:
+    return f"{server_id}-{slot}-{generation}"
+
+
+def parse_bm_id(bm_id: object) -> tuple[int, int, int]:
+    """(home server id, slot, generation); garbage is an INVALID_ARGUMENT."""
+    if not isinstance(bm_id, str) or not 5 <= len(bm_id) <= 64:
+        raise InvalidArgument(f"bm_id must be a string like '1-0-1', got {bm_id!r}")
+    parts = bm_id.split("-")
+    if len(parts) != 3 or not all(p.isdigit() and p.isascii() for p in parts):
+        raise InvalidArgument(f"bm_id {bm_id!r} is not of the form SERVER-SLOT-GENERATION")
+    server_id, slot, generation = (int(p) for p in parts)
+    if generation == 0:
+        raise InvalidArgument(f"bm_id {bm_id!r} has generation 0, which no object has")
+    return server_id, slot, generation
+
+
+class ObjectTable:
+    def __init__(self, server_id: int, max_objects: int) -> None:
+        self.server_id = server_id
+        self.max_objects = max_objects
+        self._live: dict[int, ObjectRecord] = {}          # slot -> record
+        self._generations: list[int] = []                  # last generation used per slot
+        self._free_slots: list[int] = []
+        # Freed while a client still maps it: its extents wait for the last unpin.
+        self._pinned_dead: dict[str, ObjectRecord] = {}
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def records(self) -> list[ObjectRecord]:
+        return list(self._live.values())
+
+    def live_bytes(self) -> int:
+        return sum(r.size_bytes for r in self._live.values())
+
+    def create(self, size_bytes: int, extents: list[Placement]) -> ObjectRecord:
+        if size_bytes <= 0:
+            raise InvalidArgument(f"size must be positive, got {size_bytes}")
+        if sum(e.length for e in extents) < size_bytes:
+            raise InvalidArgument("extents do not cover the object")
+        if len(extents) > MAX_EXTENTS_PER_OBJECT:
+            raise LimitExceeded(f"an object may have at most {MAX_EXTENTS_PER_OBJECT} extents")
+        if self._free_slots:
+            slot = self._free_slots.pop()
+        elif len(self._generations) < self.max_objects:
+            slot = len(self._generations)
+            self._generations.append(0)
+        else:
+            raise LimitExceeded(f"namespace holds {self.max_objects} objects on this server, the most it may")
+        self._generations[slot] += 1
+        generation = self._generations[slot]
+        record = ObjectRecord(format_bm_id(self.server_id, slot, generation), slot, generation,
+                              size_bytes, list(extents))
+        self._live[slot] = record
+        return record
+
+    def lookup(self, bm_id: str) -> ObjectRecord:
+        server_id, slot, generation = parse_bm_id(bm_id)
+        record = self._live.get(slot)
+        if server_id != self.server_id or record is None or record.generation != generation:
+            raise NoSuchObject(f"no object {bm_id} in this namespace (freed, or never existed)")
+        return record
+
+    def free(self, bm_id: str) -> list[Placement]:
+        """Forget the object; returns the extents to release now (none while pinned)."""
+        record = self.lookup(bm_id)
+        del self._live[record.slot]
+        self._free_slots.append(record.slot)
+        if record.pins:
+            self._pinned_dead[bm_id] = record
+            return []
+        return record.extents
+
+    def expand(self, bm_id: str, new_size_bytes: int, more_extents: list[Placement]) -> ObjectRecord:
+        record = self.lookup(bm_id)
+        if new_size_bytes < record.size_bytes:
+            raise InvalidArgument(f"expand cannot shrink: {record.size_bytes} -> {new_size_bytes}")
+        if len(record.extents) + len(more_extents) > MAX_EXTENTS_PER_OBJECT:
+            raise LimitExceeded(f"an object may have at most {MAX_EXTENTS_PER_OBJECT} extents")
+        if record.reserved_bytes + sum(e.length for e in more_extents) < new_size_bytes:
+            raise InvalidArgument("extents do not cover the expanded object")
+        record.extents.extend(more_extents)
+        record.size_bytes = new_size_bytes
+        return record
+
+    def pin(self, bm_id: str, holder: Hashable) -> ObjectRecord:
+        record = self.lookup(bm_id)
+        record.pins[holder] = record.pins.get(holder, 0) + 1
+        return record
+
+    def unpin(self, bm_id: str, holder: Hashable) -> list[Placement]:
+        """Drop one pin; returns extents that are now free to release."""
+        record = self._pinned_dead.get(bm_id)
+        if record is None:
+            record = self.lookup(bm_id)
+        count = record.pins.get(holder, 0)
+        if count == 0:
+            raise InvalidArgument(f"object {bm_id} is not mapped by this client")
+        if count == 1:
+            del record.pins[holder]
+        else:
+            record.pins[holder] = count - 1
+        if not record.pins and bm_id in self._pinned_dead:
+            del self._pinned_dead[bm_id]
+            return record.extents
+        return []
+
+    def unpin_all(self, holder: Hashable) -> list[Placement]:
+        """A client went away: drop its pins; returns extents that are now free."""
+        freed: list[Placement] = []
+        for record in list(self._live.values()):
+            record.pins.pop(holder, None)
+        for bm_id, record in list(self._pinned_dead.items()):
+            record.pins.pop(holder, None)
+            if not record.pins:
+                del self._pinned_dead[bm_id]
+                freed.extend(record.extents)
+        return freed
+
+    def drop_all(self) -> list[ObjectRecord]:
+        """The namespace is destroyed: every record, live or pinned-dead, goes."""
+        records = list(self._live.values()) + list(self._pinned_dead.values())
+        self._free_slots.extend(self._live)
+        self._live.clear()
+        self._pinned_dead.clear()
+        return records

@@ -1,0 +1,63 @@
+"""Where an object's bytes go. Pure: no I/O.
+
+`plan` turns an affinity and the cluster's free memory into (server id, bytes) shares.
+Free figures come from heartbeats and may be a little old; a server that then cannot
+give its share fails the allocation, which is rolled back whole.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from ..errors import InvalidArgument, OutOfMemory, ServerUnavailable
+from .allocator import round_up
+
+POLICIES = ("local", "server", "spread")
+
+
+def plan(policy: str, size_bytes: int, free_by_server: Mapping[int, int], local_id: int,
+         target_id: int | None = None, page_bytes: int = 4096) -> list[tuple[int, int]]:
+    if policy not in POLICIES:
+        raise InvalidArgument(f"affinity policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    if size_bytes <= 0:
+        raise InvalidArgument(f"size must be positive, got {size_bytes}")
+    need = round_up(size_bytes, page_bytes)
+    if policy == "server":
+        if target_id is None:
+            raise InvalidArgument("affinity 'server' needs a server_id")
+        if target_id not in free_by_server:
+            raise ServerUnavailable(f"server {target_id} is not alive in this pool")
+        return [(target_id, need)]
+    if policy == "local":
+        if free_by_server.get(local_id, 0) >= need or not free_by_server:
+            return [(local_id, need)]
+        # Local first, then the roomiest other server that fits whole.
+        best = max(free_by_server, key=lambda s: free_by_server[s])
+        return [(best if free_by_server[best] >= need else local_id, need)]
+    return _spread(need, free_by_server, page_bytes)
+
+
+def _spread(need: int, free_by_server: Mapping[int, int], page_bytes: int) -> list[tuple[int, int]]:
+    """Stripe evenly; servers short of their share give what they have (water-filling)."""
+    free = {s: (f // page_bytes) * page_bytes for s, f in free_by_server.items() if f >= page_bytes}
+    if sum(free.values()) < need:
+        raise OutOfMemory(f"the pool has {sum(free.values())} bytes free across "
+                          f"{len(free)} servers, {need} asked")
+    shares: dict[int, int] = {}
+    remaining = need
+    open_servers = sorted(free)
+    while remaining:
+        per = round_up(-(-remaining // len(open_servers)), page_bytes)
+        short = [s for s in open_servers if free[s] < per]
+        if short:
+            for server in short:           # give all they have, share the rest again
+                take = min(free[server], remaining)
+                shares[server] = take
+                remaining -= take
+                open_servers.remove(server)
+            continue
+        for server in open_servers:
+            take = min(per, remaining)
+            shares[server] = take
+            remaining -= take
+    return sorted((s, n) for s, n in shares.items() if n)

@@ -1,0 +1,29 @@
+"""Every bound the fabric enforces, in one place. Units are in the names."""
+
+PAGE_SIZE_BYTES = 4096
+
+# Control messages (IPC and, later, RPC headers). Data never rides in them on one host.
+MAX_MESSAGE_BYTES = 256 * 1024
+MAX_FDS_PER_MESSAGE = 64
+
+MAX_NAME_CHARS = 64            # pool and namespace names
+MAX_SEC_ID_BYTES = 256
+MAX_EXTENTS_PER_OBJECT = 4096
+MAX_OBJECTS_PER_NAMESPACE = 65536   # per home server; sizes the shared generation table
+MAX_BATCH_IDS = 4096           # BM_BatchFreeSec
+MAX_GATHER_INPUTS = 1024
+MAX_OBJECT_BYTES = 1 << 40
+
+MAX_CLIENTS_PER_SERVER = 256
+DEFAULT_REQUEST_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 5.0
+
+# Freed extents rest this long before reuse, so that a client copy that passed its
+# generation check just before the free cannot land in the next object's bytes.
+REUSE_GRACE_S = 0.05
+
+HEARTBEAT_INTERVAL_S = 0.5
+LIVENESS_TIMEOUT_S = 3.0
+
+# secIds are kept only as salted PBKDF2 hashes; verified once per connection.
+SEC_HASH_ITERATIONS = 2000
