@@ -1,1 +1,70 @@
-def main(argv=None): return 0
+"""The `memfabric` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..units import parse_size
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memfabric", description="A distributed memory pool.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run a local fabric (embedded cluster service + N servers) in the foreground")
+    up.add_argument("--dir", required=True, help="run directory; it becomes the clients' ockPath")
+    up.add_argument("--servers", type=int, default=1, help="number of servers (default 1)")
+    up.add_argument("--capacity", type=_size, default=256 << 20, help="DRAM each server gives (default 256MiB)")
+    up.add_argument("--segment-size", type=_size, default=4 << 20, help="segment size (default 4MiB)")
+    up.add_argument("--liveness-timeout", type=float, default=3.0,
+                    help="seconds without a heartbeat before a server counts as dead (default 3)")
+
+    server = sub.add_parser("server", help="run one server from a TOML configuration")
+    server.add_argument("--config", required=True)
+
+    status = sub.add_parser("status", help="servers, pools and namespaces of a fabric")
+    where = status.add_mutually_exclusive_group(required=True)
+    where.add_argument("--dir", help="a fabric directory (as made by `memfabric up`)")
+    where.add_argument("--config", help="a fabric.toml or a server's configuration")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    demo = sub.add_parser("demo", help="start a local fabric, run every BigMemory operation, stop")
+    demo.add_argument("--dir", help="run directory (default: a temporary one)")
+
+    bench = sub.add_parser("bench", help="measure the data and control paths against memcpy")
+    bench.add_argument("--dir", help="use a running fabric at this ockPath instead of starting one")
+    bench.add_argument("--sizes", default="4KiB,64KiB,1MiB,16MiB,64MiB")
+    bench.add_argument("--repeat", type=int, default=0, help="iterations per size (default: by size)")
+    bench.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "up":
+        if args.servers < 1:
+            print("memfabric up: --servers must be at least 1", file=sys.stderr)
+            return 2
+        from .up import run_up
+        return run_up(args.dir, args.servers, args.capacity, args.segment_size, args.liveness_timeout)
+    if args.command == "server":
+        from ..server.main import run_server
+        return run_server(args.config)
+    if args.command == "status":
+        from .status import run_status
+        return run_status(args.dir or args.config, as_json=args.json)
+    if args.command == "demo":
+        from .demo import run_demo
+        return run_demo(args.dir)
+    if args.command == "bench":
+        from ..bench import run_bench
+        return run_bench(args.dir, [parse_size(s) for s in args.sizes.split(",")], args.repeat, args.json)
+    return 2

@@ -1,0 +1,63 @@
+"""`memfabric up`: a whole local fabric in the foreground (embedded cluster service, N servers)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+
+from ..launcher import READY_TIMEOUT_S, STOP_TIMEOUT_S, die_with_parent, wait_for_line, write_fabric
+
+
+def run_up(directory: str, servers: int, capacity_bytes: int, segment_bytes: int,
+           liveness_timeout_s: float) -> int:
+    configs = write_fabric(directory, servers, capacity_bytes, segment_bytes, liveness_timeout_s)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    children: list[subprocess.Popen] = []
+    try:
+        for config in configs:
+            # Servers start one after another: ids are handed out in start order.
+            child = subprocess.Popen([sys.executable, "-m", "memfabric", "server", "--config", config],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     preexec_fn=die_with_parent)
+            children.append(child)
+            lines: list[str] = []
+            wait_for_line(child, " ready ", READY_TIMEOUT_S, lines)
+            sys.stdout.write("".join(lines))
+            threading.Thread(target=_relay, args=(child, lines), daemon=True).start()
+        print(f"memfabric fabric ready: {servers} server(s), ockPath={directory}", flush=True)
+        while not stop.wait(0.5):
+            for child in children:
+                if child.poll() is not None and not getattr(child, "reported", False):
+                    child.reported = True
+                    print(f"memfabric: server process {child.pid} exited with {child.returncode}", flush=True)
+    except RuntimeError as exc:
+        print(f"memfabric up: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+    print("memfabric fabric stopped", flush=True)
+    return 0
+
+
+def _relay(child: subprocess.Popen, lines: list[str]) -> None:
+    # wait_for_line's pump keeps appending to `lines`; print what arrives after ready.
+    import time
+    seen = len(lines)
+    while child.poll() is None or seen < len(lines):
+        while seen < len(lines):
+            sys.stdout.write(lines[seen])
+            seen += 1
+        sys.stdout.flush()
+        time.sleep(0.1)

@@ -1,0 +1,211 @@
+"""BigMemory handles: reads and writes that never leave this process once the layout is known.
+
+A handle keeps its object's layout (pieces of segments this process has mapped) and checks
+the home server's generation word before and after each copy: a freed object fails with
+NO_SUCH_OBJECT, and freed memory rests for a grace period before reuse, so a copy that
+passed the first check cannot land in the next tenant's bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from ..datapath import mapping as _mapping
+from ..datapath.layout import Layout, as_bytes_view, build_layout, check_range, read_bytes, read_into, write_at
+from ..errors import Busy, InvalidArgument, IOError_, NoSuchObject, OutOfRange
+
+if TYPE_CHECKING:
+    from .session import Namespace
+
+
+class BigMemory:
+    __slots__ = ("bm_id", "namespace", "_layout", "_home", "_links", "_extents")
+
+    def __init__(self, namespace: "Namespace", described: dict[str, Any]) -> None:
+        self.namespace = namespace
+        self.bm_id: str = described["bm_id"]
+        self._home = namespace.session.link_for_object(self.bm_id)
+        self._layout: Layout | None = None
+        self._links: list = []
+        self._adopt(described)
+
+    def __repr__(self) -> str:
+        return f"BigMemory({self.bm_id!r}, size={self.size}, ns={self.namespace.name!r})"
+
+    @property
+    def size(self) -> int:
+        return self._layout.size
+
+    @property
+    def extents(self) -> list[tuple[int, int]]:
+        """(server id, bytes) of each extent, for the curious and the tests."""
+        return self._extents
+
+    # ---- layout -----------------------------------------------------------------------
+
+    def _adopt(self, d: dict[str, Any]) -> None:
+        ns = self.namespace
+        creds = ns.creds
+        session = ns.session
+        by_server: dict[int, list[int]] = {}
+        for server_id, segment, _, _ in d["extents"]:
+            by_server.setdefault(server_id, []).append(segment)
+        self._links = []
+        for server_id, segments in by_server.items():
+            link = session.link(server_id)
+            link.fetch_segments(creds, segments)
+            self._links.append(link)
+        gens = self._home.gen_table(creds, d["incarnation"])
+        self._layout = build_layout(d["bm_id"], d["size"], d["generation"], d["slot"], d["extents"], gens,
+                                    lambda server_id, seg: session.link(server_id).segment_view(creds, seg))
+        self._extents = [(e[0], e[3]) for e in d["extents"]]
+
+    def _call(self, op: str, **args: Any) -> dict[str, Any]:
+        return self._home.call(op, **self.namespace.wire_creds, bm_id=self.bm_id, **args)
+
+    def refresh(self) -> None:
+        self._adopt(self._call("describe"))
+
+    def _checked(self) -> Layout:
+        lay = self._layout
+        gens = lay.gens
+        i = lay.gen_index
+        if gens[i] != lay.generation:
+            raise NoSuchObject(f"object {self.bm_id} was freed")
+        if gens[i + 1] != lay.size:      # expanded by someone: pick up the new extents
+            self.refresh()
+            lay = self._layout
+        for link in self._links:
+            link.check_alive()
+        return lay
+
+    # ---- data -------------------------------------------------------------------------
+
+    def write(self, data: Any, offset: int = 0) -> None:
+        """Copy `data` (any buffer) into the object at `offset`; all of it or nothing."""
+        src = as_bytes_view(data)
+        lay = self._checked()
+        write_at(lay, offset, src)
+        if lay.gens[lay.gen_index] != lay.generation:
+            raise NoSuchObject(f"object {self.bm_id} was freed during the write")
+
+    def read(self, offset: int = 0, length: int | None = None, *, into: Any = None) -> bytes | None:
+        """Bytes [offset, offset+length); with `into`, fill that buffer in place and return None."""
+        lay = self._checked()
+        if into is not None:
+            dst = as_bytes_view(into, writable=True)
+            if length is not None:
+                if type(length) is not int or not 0 <= length <= dst.nbytes:
+                    raise InvalidArgument(f"length {length!r} does not fit the {dst.nbytes}-byte buffer")
+                dst = dst[:length]
+            read_into(lay, offset, dst)
+            data = None
+        else:
+            if length is None:
+                length = lay.size - offset if type(offset) is int else 0
+            data = read_bytes(lay, offset, length)
+        if lay.gens[lay.gen_index] != lay.generation:
+            raise NoSuchObject(f"object {self.bm_id} was freed during the read")
+        return data
+
+    def swap_in(self, path: str, *, file_offset: int = 0, offset: int = 0, length: int | None = None) -> int:
+        """Read a file range straight into the object's memory (no intermediate bytes)."""
+        lay = self._checked()
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise IOError_(f"cannot open {path}: {exc.strerror}") from None
+        try:
+            file_size = os.fstat(fd).st_size
+            if type(file_offset) is not int or file_offset < 0:
+                raise InvalidArgument(f"file offset must be a non-negative int, got {file_offset!r}")
+            if length is None:
+                length = max(0, min(file_size - file_offset, lay.size - offset))
+            check_range(self.bm_id, lay.size, offset, length)
+            if file_offset + length > file_size:
+                raise OutOfRange(f"{path} has {file_size} bytes; [{file_offset}, {file_offset}+{length}) "
+                                 "goes past its end")
+            for view, a, b, pos in lay.spans(offset, length):
+                done = 0
+                while a + done < b:
+                    got = os.preadv(fd, [view[a + done:b]], file_offset + pos + done)
+                    if got <= 0:
+                        raise IOError_(f"{path} shrank while being read")
+                    done += got
+        except OSError as exc:
+            raise IOError_(f"reading {path}: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+        lay.check_alive()
+        return length
+
+    # ---- control ----------------------------------------------------------------------
+
+    def map(self, writable: bool = True) -> "Mapping":
+        """The whole object as one contiguous buffer; writes are seen by every process at once."""
+        d = self._call("map_pin")
+        try:
+            self._adopt(d)
+            creds = self.namespace.creds
+            session = self.namespace.session
+            pieces = [(session.link(s).segment_fd(creds, seg), off, length) for s, seg, off, length in d["extents"]]
+            area = _mapping.map_pieces(pieces, writable)
+        except BaseException:
+            self._call("map_unpin")
+            raise
+        return Mapping(self, area, d["size"], writable)
+
+    def expand(self, new_size: int) -> None:
+        """Grow to `new_size` bytes; contents are kept, new bytes are zero."""
+        self._adopt(self._call("expand", size=new_size))
+
+    def copy_to(self, dst: "BigMemory", *, src_offset: int = 0, dst_offset: int = 0,
+                length: int | None = None) -> None:
+        """Copy between objects on the servers; no byte passes through this process."""
+        if length is None:
+            length = self.size - src_offset
+        dst._home.call("copy", src={**self.namespace.wire_creds, "bm_id": self.bm_id},
+                       dst={**dst.namespace.wire_creds, "bm_id": dst.bm_id},
+                       src_offset=src_offset, dst_offset=dst_offset, length=length)
+
+    def free(self) -> None:
+        self._call("free")
+        self.namespace.session.forget(self.bm_id)
+
+    def info(self) -> dict[str, Any]:
+        """All another process needs to open this object: pass it with the secId."""
+        return {"bm_id": self.bm_id, "pool": self.namespace.pool, "ns": self.namespace.name, "size": self.size}
+
+
+class Mapping:
+    """A contiguous mapping of one object. Use as a context manager, or call close()."""
+
+    def __init__(self, bm: BigMemory, area: Any, size: int, writable: bool) -> None:
+        self.bm = bm
+        self._area = area
+        whole = memoryview(area)
+        self.view: memoryview = whole[:size] if writable else whole[:size].toreadonly()
+        whole.release()
+        self.writable = writable
+
+    def flush(self) -> None:
+        """Same-host mappings are the pool's memory itself: nothing to send back."""
+
+    def close(self) -> None:
+        if self._area is None:
+            return
+        try:
+            self.view.release()
+        except BufferError:
+            raise Busy("numpy arrays or memoryviews made from this mapping are still alive; "
+                       "drop them before unmapping") from None
+        _mapping.unmap(self._area)     # Busy too while other buffers of it live
+        self._area = None
+        self.bm._call("map_unpin")
+
+    def __enter__(self) -> "Mapping":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

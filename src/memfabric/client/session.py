@@ -1,0 +1,217 @@
+"""A client session: the connection to this host's server, and links to the others.
+
+`memfabric.init(ock_path)` reads the fabric configuration, connects to a server on this
+host, and learns the rest of the cluster from it. Namespaces are opened with their secId;
+objects are BigMemory handles.
+"""
+
+from __future__ import annotations
+
+import hmac
+import resource
+import threading
+from typing import Any, Iterable
+
+from ..core.namespaces import check_attribute, check_name, check_sec_id
+from ..core.objects import parse_bm_id
+from ..datapath.link import Creds, ServerLink
+from ..errors import InvalidArgument, MemfabricError, ServerUnavailable
+from ..limits import DEFAULT_REQUEST_TIMEOUT_S
+from ..server.config import ConfigError, load_fabric_config
+from .bigmemory import BigMemory
+from .types import Affinity, NamespaceInfo, OperatorCode
+
+
+def _raise_fd_limit() -> None:
+    # Each mapped segment keeps its fd (needed again to map objects contiguously).
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class Session:
+    def __init__(self, ock_path: str, *, server: int | None = None,
+                 timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> None:
+        try:
+            self.fabric = load_fabric_config(ock_path)
+        except ConfigError as exc:
+            raise InvalidArgument(str(exc)) from None
+        _raise_fd_limit()
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._links: dict[int, ServerLink] = {}
+        self._handles: dict[str, BigMemory] = {}
+        sockets = self.fabric.ipc_sockets
+        if server is not None:
+            if type(server) is not int or not 0 <= server < len(sockets):
+                raise InvalidArgument(f"server must be an index into the {len(sockets)} configured servers")
+            sockets = [sockets[server]]
+        errors = []
+        for path in sockets:
+            try:
+                self.local = ServerLink(path, timeout_s)
+                break
+            except MemfabricError as exc:
+                errors.append(str(exc))
+        else:
+            raise ServerUnavailable("no server of this fabric answers: " + "; ".join(errors))
+        self._links[self.local.server_id] = self.local
+        self.closed = False
+
+    # ---- links ----------------------------------------------------------------------------
+
+    def link(self, server_id: int) -> ServerLink:
+        link = self._links.get(server_id)
+        if link is not None:
+            return link
+        with self._lock:
+            link = self._links.get(server_id)
+            if link is not None:
+                return link
+            for record in self.local.call("cluster_view")["servers"]:
+                if record["server_id"] == server_id:
+                    if not record["alive"]:
+                        raise ServerUnavailable(f"server {server_id} is not alive")
+                    link = ServerLink(record["ipc_socket"], self.timeout_s)
+                    if link.server_id != server_id:
+                        link.close()
+                        raise ServerUnavailable(f"{record['ipc_socket']} answers as server "
+                                                f"{link.server_id}, not {server_id}")
+                    self._links[server_id] = link
+                    return link
+        raise ServerUnavailable(f"the cluster knows no server {server_id}")
+
+    def link_for_object(self, bm_id: str) -> ServerLink:
+        return self.link(parse_bm_id(bm_id)[0])
+
+    def forget(self, bm_id: str) -> None:
+        self._handles.pop(bm_id, None)
+
+    # ---- namespaces -------------------------------------------------------------------------
+
+    def create_namespace(self, ns: str, sec_id: str | bytes, *, pool: str = "default",
+                         attribute: int = 0) -> "Namespace":
+        handle = Namespace(self, pool, ns, sec_id)
+        self.local.call("ns_create", **handle.wire_creds, attribute=check_attribute(attribute))
+        return handle
+
+    def namespace(self, ns: str, sec_id: str | bytes, *, pool: str = "default") -> "Namespace":
+        """A handle on an existing namespace; the secId is checked on first use."""
+        return Namespace(self, pool, ns, sec_id)
+
+    def destroy_namespace(self, ns: str, sec_id: str | bytes, *, pool: str = "default") -> None:
+        self.namespace(ns, sec_id, pool=pool).destroy()
+
+    def namespaces(self) -> list[NamespaceInfo]:
+        return [NamespaceInfo(**row) for row in self.local.call("ns_query")["namespaces"]]
+
+    def servers(self) -> list[dict[str, Any]]:
+        return self.local.call("cluster_view")["servers"]
+
+    # ---- life ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._handles.clear()
+        for link in self._links.values():
+            link.close()
+        self._links.clear()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Namespace:
+    """(pool, ns) with its secId: where objects are allocated and opened."""
+
+    def __init__(self, session: Session, pool: str, ns: str, sec_id: str | bytes) -> None:
+        self.session = session
+        self.pool = check_name("pool", pool)
+        self.name = check_name("namespace", ns)
+        self.sec_id = check_sec_id(sec_id)
+        self.creds: Creds = (self.pool, self.name, self.sec_id)
+        self.wire_creds = {"pool": self.pool, "ns": self.name, "sec": self.sec_id}
+
+    def __repr__(self) -> str:
+        return f"Namespace({self.pool!r}/{self.name!r})"
+
+    def same_secret(self, sec_id: str | bytes) -> bool:
+        return hmac.compare_digest(self.sec_id, check_sec_id(sec_id))
+
+    def alloc(self, size: int, affinity: Affinity | None = None) -> BigMemory:
+        affinity = affinity or Affinity()
+        link = self.session.local
+        if affinity.policy == "server":
+            link = self.session.link(affinity.server_id)   # its home is where its bytes are
+        d = link.call("alloc", **self.wire_creds, size=size, policy=affinity.policy,
+                      server_id=affinity.server_id)
+        return self._handle(d)
+
+    def open(self, bm_id: str) -> BigMemory:
+        """A handle on an object another client made (same namespace, same secId)."""
+        cached = self.session._handles.get(bm_id)
+        if cached is not None and cached.namespace.creds == self.creds:
+            return cached
+        home = self.session.link_for_object(bm_id)
+        return self._handle(home.call("describe", **self.wire_creds, bm_id=bm_id))
+
+    def _handle(self, described: dict[str, Any]) -> BigMemory:
+        bm = BigMemory(self, described)
+        self.session._handles[bm.bm_id] = bm
+        return bm
+
+    def batch_free(self, bm_ids: Iterable[str]) -> list[int]:
+        """Free many objects; one result code per id (0 = freed), grouped by home server."""
+        ids = list(bm_ids)
+        results = [0] * len(ids)
+        by_home: dict[int, list[int]] = {}
+        for i, bm_id in enumerate(ids):
+            try:
+                by_home.setdefault(parse_bm_id(bm_id)[0], []).append(i)
+            except MemfabricError as exc:
+                results[i] = int(exc.code)
+        for home, positions in by_home.items():
+            try:
+                codes = self.session.link(home).call(
+                    "batch_free", **self.wire_creds, bm_ids=[ids[i] for i in positions])["results"]
+            except MemfabricError as exc:
+                codes = [int(exc.code)] * len(positions)
+            for i, code in zip(positions, codes):
+                results[i] = code
+                if code == 0:
+                    self.session.forget(ids[i])
+        return results
+
+    def gather(self, inputs: list[tuple[BigMemory, int, int]], op: OperatorCode = OperatorCode.CONCAT,
+               dst: BigMemory | None = None, dtype: str = "uint8") -> tuple[BigMemory, int]:
+        """Concatenate or reduce (object, offset, length) inputs into `dst`, or a new object here.
+
+        Returns (the destination, the result's length in bytes).
+        """
+        wire_inputs = [{**bm.namespace.wire_creds, "bm_id": bm.bm_id, "offset": offset, "length": length}
+                       for bm, offset, length in inputs]
+        link = dst._home if dst is not None else self.session.local
+        target = {**(dst.namespace.wire_creds if dst else self.wire_creds), "bm_id": dst.bm_id if dst else ""}
+        reply = link.call("gather", inputs=wire_inputs, operator=OperatorCode(op).name.lower(),
+                          dtype=dtype, dst=target)
+        result = dst if dst is not None else self.open(reply["bm_id"])
+        if dst is not None and reply["size"] != dst.size:
+            dst.refresh()
+        return result, reply["length"]
+
+    def destroy(self) -> None:
+        self.session.local.call("ns_destroy", **self.wire_creds)
+        for bm_id, bm in list(self.session._handles.items()):
+            if bm.namespace.creds[:2] == self.creds[:2]:
+                self.session.forget(bm_id)
+
+
+def init(ock_path: str, *, server: int | None = None, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> Session:
+    """Start a client session on the fabric described at `ock_path` (a fabric directory,
+    its fabric.toml, or a server's configuration file)."""
+    return Session(ock_path, server=server, timeout_s=timeout_s)

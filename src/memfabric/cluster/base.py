@@ -1,0 +1,58 @@
+"""The cluster management service: one interface, interchangeable backends.
+
+It numbers servers (a cluster-unique id, stable for a server that keeps its data
+directory), knows who is alive, carries each server's resource figures to the others,
+and keeps the namespace catalog. Servers talk to it; clients never do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..core.namespaces import NamespaceRecord
+
+
+@dataclass
+class ServerRecord:
+    server_id: int
+    host: str
+    ipc_socket: str
+    rpc_address: str
+    pid: int
+    alive: bool
+    last_seen_s: float
+    pools: dict[str, dict[str, Any]] = field(default_factory=dict)   # name -> {medium, capacity_bytes, free_bytes, used_bytes}
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"server_id": self.server_id, "host": self.host, "ipc_socket": self.ipc_socket,
+                "rpc_address": self.rpc_address, "pid": self.pid, "alive": self.alive,
+                "last_seen_s": self.last_seen_s, "pools": self.pools}
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> "ServerRecord":
+        return cls(**d)
+
+
+class ClusterService(Protocol):
+    def register_server(self, node_key: str, host: str, ipc_socket: str, rpc_address: str,
+                        pid: int) -> int:
+        """Claim a server id for this node key (the data directory); the same key gets the same id."""
+
+    def heartbeat(self, server_id: int, pools: dict[str, dict[str, Any]]) -> None: ...
+
+    def deregister_server(self, server_id: int) -> None: ...
+
+    def servers(self) -> list[ServerRecord]: ...
+
+    def create_namespace(self, pool: str, ns: str, attribute: int, salt_hex: str,
+                         sec_hash_hex: str) -> NamespaceRecord:
+        """Raises NamespaceExists when (pool, ns) is taken."""
+
+    def get_namespace(self, pool: str, ns: str) -> NamespaceRecord | None: ...
+
+    def delete_namespace(self, pool: str, ns: str, incarnation: int) -> bool: ...
+
+    def namespaces(self) -> list[NamespaceRecord]: ...
+
+    def close(self) -> None: ...

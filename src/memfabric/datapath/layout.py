@@ -1,0 +1,133 @@
+"""An object's bytes as pieces of mapped segments, and bounds-checked copies over them.
+
+Used by clients (their own mappings of the servers' segments) and by servers (copy and
+gather over their own and their peers' segments) alike.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Callable, Iterator
+
+from ..errors import InvalidArgument, NoSuchObject, OutOfRange
+
+
+class Layout:
+    """Where an object's bytes are, plus the generation word that says it still lives."""
+
+    __slots__ = ("bm_id", "size", "generation", "gens", "gen_index", "starts", "pieces")
+
+    def __init__(self, bm_id: str, size: int, generation: int, gens: memoryview, slot: int,
+                 pieces: list[tuple[int, int, memoryview, int]]) -> None:
+        self.bm_id = bm_id
+        self.size = size
+        self.generation = generation
+        self.gens = gens                 # the home server's table: [gen, size] per slot
+        self.gen_index = 2 * slot
+        self.pieces = pieces             # (object start, object end, segment view, segment offset)
+        self.starts = [p[0] for p in pieces]
+
+    def alive(self) -> bool:
+        return self.gens[self.gen_index] == self.generation
+
+    def check_alive(self) -> None:
+        if self.gens[self.gen_index] != self.generation:
+            raise NoSuchObject(f"object {self.bm_id} was freed")
+
+    def resized(self) -> bool:
+        return self.gens[self.gen_index + 1] != self.size
+
+    def spans(self, offset: int, length: int) -> Iterator[tuple[memoryview, int, int, int]]:
+        """(segment view, segment start, segment end, position in the request) for a range."""
+        check_range(self.bm_id, self.size, offset, length)
+        end = offset + length
+        i = bisect.bisect_right(self.starts, offset) - 1
+        pieces = self.pieces
+        while offset < end:
+            start, stop, view, base = pieces[i]
+            take = min(stop, end) - offset
+            yield view, base + offset - start, base + offset - start + take, offset - (end - length)
+            offset += take
+            i += 1
+
+
+def check_range(bm_id: str, size: int, offset: object, length: object) -> None:
+    if type(offset) is not int or type(length) is not int:
+        raise InvalidArgument(f"offset and length must be ints, got {offset!r} and {length!r}")
+    if offset < 0 or length < 0 or offset + length > size:
+        raise OutOfRange(f"range [{offset}, {offset}+{length}) is outside object {bm_id} of {size} bytes")
+
+
+def build_layout(bm_id: str, size: int, generation: int, slot: int, extents: list[list[int]],
+                 gens: memoryview, view_of: Callable[[int, int], memoryview]) -> Layout:
+    """`extents` are [server id, segment, offset, length]; `view_of(server, segment)` maps one."""
+    pieces = []
+    position = 0
+    for server_id, segment, offset, length in extents:
+        if position >= size:
+            break
+        take = min(length, size - position)
+        pieces.append((position, position + take, view_of(server_id, segment), offset))
+        position += take
+    if position != size:
+        raise NoSuchObject(f"object {bm_id}: its extents cover {position} of {size} bytes")
+    return Layout(bm_id, size, generation, gens, slot, pieces)
+
+
+def as_bytes_view(buffer: object, writable: bool = False) -> memoryview:
+    """Any buffer-protocol object as a flat byte view, without copying."""
+    try:
+        view = buffer if isinstance(buffer, memoryview) else memoryview(buffer)
+    except TypeError:
+        raise InvalidArgument(f"expected a buffer (bytes, bytearray, memoryview, numpy array), "
+                              f"got {type(buffer).__name__}") from None
+    if writable and view.readonly:
+        raise InvalidArgument("the destination buffer is read-only")
+    if view.ndim != 1 or view.itemsize != 1 or view.format not in ("B", "b", "c"):
+        if not view.c_contiguous:
+            raise InvalidArgument("the buffer must be C-contiguous")
+        view = view.cast("B")
+    return view
+
+
+def write_at(layout: Layout, offset: int, src: memoryview) -> None:
+    n = src.nbytes
+    if len(layout.pieces) == 1:
+        check_range(layout.bm_id, layout.size, offset, n)
+        _, _, view, base = layout.pieces[0]
+        view[base + offset: base + offset + n] = src
+        return
+    for view, a, b, pos in layout.spans(offset, n):
+        view[a:b] = src[pos: pos + b - a]
+
+
+def read_into(layout: Layout, offset: int, dst: memoryview) -> None:
+    n = dst.nbytes
+    if len(layout.pieces) == 1:
+        check_range(layout.bm_id, layout.size, offset, n)
+        _, _, view, base = layout.pieces[0]
+        dst[:] = view[base + offset: base + offset + n]
+        return
+    for view, a, b, pos in layout.spans(offset, n):
+        dst[pos: pos + b - a] = view[a:b]
+
+
+def read_bytes(layout: Layout, offset: int, length: int) -> bytes:
+    if len(layout.pieces) == 1:
+        check_range(layout.bm_id, layout.size, offset, length)
+        _, _, view, base = layout.pieces[0]
+        return bytes(view[base + offset: base + offset + length])
+    return b"".join([view[a:b] for view, a, b, _ in layout.spans(offset, length)])
+
+
+def copy_between(src: Layout, src_offset: int, dst: Layout, dst_offset: int, length: int) -> None:
+    """Object to object, piece by piece; both ranges are checked before a byte moves."""
+    check_range(src.bm_id, src.size, src_offset, length)
+    check_range(dst.bm_id, dst.size, dst_offset, length)
+    dst_spans = list(dst.spans(dst_offset, length))
+    for sview, sa, sb, spos in src.spans(src_offset, length):
+        # Overlapping copies within one object: memoryview assignment is memmove-safe.
+        for dview, da, db, dpos in dst_spans:
+            lo, hi = max(spos, dpos), min(spos + sb - sa, dpos + db - da)
+            if lo < hi:
+                dview[da + lo - dpos: da + hi - dpos] = sview[sa + lo - spos: sa + hi - spos]

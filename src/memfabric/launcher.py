@@ -1,0 +1,126 @@
+"""Writing a local fabric's files, and running one in a child process.
+
+`memfabric up` uses `write_fabric`; the demo, the benchmark and the tests use `LocalFabric`,
+which runs the real `memfabric up` as a child process and stops it with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import tomli_w
+
+from .server.config import FABRIC_FILE
+from .units import format_size
+
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 15.0
+
+
+def write_fabric(directory: str, servers: int, capacity_bytes: int, segment_bytes: int,
+                 liveness_timeout_s: float = 3.0) -> list[str]:
+    """Configuration for N servers sharing an embedded cluster service; returns the server configs."""
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    cluster = {"backend": "embedded", "path": os.path.join(directory, "cluster.db"),
+               "liveness_timeout_s": liveness_timeout_s}
+    configs, entries = [], []
+    for i in range(1, servers + 1):
+        server_dir = os.path.join(directory, f"server-{i}")
+        os.makedirs(server_dir, exist_ok=True)
+        socket_path = os.path.join(server_dir, "ipc.sock")
+        config = {
+            "server": {"data_dir": server_dir, "ipc_socket": socket_path,
+                       "segment_size": format_size(segment_bytes) if segment_bytes % 1024 == 0 else segment_bytes},
+            "cluster": cluster,
+            "pool": [{"name": "default", "medium": "dram", "capacity": capacity_bytes}],
+        }
+        path = os.path.join(server_dir, "server.toml")
+        with open(path, "wb") as f:
+            tomli_w.dump(config, f)
+        configs.append(path)
+        entries.append({"ipc_socket": socket_path, "config": path})
+    with open(os.path.join(directory, FABRIC_FILE), "wb") as f:
+        tomli_w.dump({"cluster": cluster, "servers": entries}, f)
+    return configs
+
+
+def die_with_parent() -> None:
+    """Run in a child before exec: the kernel sends it SIGTERM if its parent dies."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def wait_for_line(proc: subprocess.Popen, needle: str, timeout_s: float, lines: list[str]) -> None:
+    """Read the child's output until a line contains `needle`; keep draining it after."""
+    found = threading.Event()
+
+    def pump() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if needle in line:
+                found.set()
+        found.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    if not found.wait(timeout_s) or proc.poll() is not None:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"{proc.args} did not become ready within {timeout_s}s:\n" + "".join(lines[-40:]))
+
+
+class LocalFabric:
+    """`memfabric up` in a child process: a context manager for demos, benchmarks and tests."""
+
+    def __init__(self, directory: str, servers: int = 2, capacity: str = "256MiB",
+                 segment_size: str | None = None, liveness_timeout_s: float | None = None) -> None:
+        self.directory = os.path.abspath(directory)
+        self.args = [sys.executable, "-m", "memfabric", "up", "--dir", self.directory,
+                     "--servers", str(servers), "--capacity", capacity]
+        if segment_size:
+            self.args += ["--segment-size", segment_size]
+        if liveness_timeout_s:
+            self.args += ["--liveness-timeout", str(liveness_timeout_s)]
+        self.proc: subprocess.Popen | None = None
+        self.output: list[str] = []
+
+    def start(self) -> "LocalFabric":
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, preexec_fn=die_with_parent)
+        wait_for_line(self.proc, "fabric ready", READY_TIMEOUT_S, self.output)
+        return self
+
+    def server_pids(self) -> dict[int, int]:
+        """server id -> pid, from the servers' ready lines."""
+        pids = {}
+        for line in self.output:
+            if line.startswith("memfabric server ") and " ready " in line and "pid=" in line:
+                parts = dict(p.split("=", 1) for p in line.split() if "=" in p)
+                pids[int(line.split()[2])] = int(parts["pid"])
+        return pids
+
+    def stop(self) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def __enter__(self) -> "LocalFabric":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

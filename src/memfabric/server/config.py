@@ -1,0 +1,231 @@
+"""Server and fabric configuration files (TOML), validated into plain dataclasses.
+
+Every problem is one ConfigError naming the key and what is wrong with it; the CLI
+prints it and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..cluster import BACKENDS
+from ..core.namespaces import check_name
+from ..errors import InvalidArgument
+from ..limits import HEARTBEAT_INTERVAL_S, LIVENESS_TIMEOUT_S, MAX_CLIENTS_PER_SERVER, PAGE_SIZE_BYTES
+from ..media.base import MEDIA
+from ..units import parse_size
+
+FABRIC_FILE = "fabric.toml"
+DEFAULT_SEGMENT_BYTES = 4 << 20
+
+
+class ConfigError(Exception):
+    """A configuration file is wrong; the message names the file, the key and the problem."""
+
+
+@dataclass
+class PoolConfig:
+    name: str
+    medium: str
+    capacity_bytes: int
+    path: str | None = None
+
+
+@dataclass
+class ClusterConfig:
+    backend: str
+    path: str | None = None                 # embedded: the SQLite file
+    endpoints: list[str] = field(default_factory=list)   # etcd (a later step)
+    liveness_timeout_s: float = LIVENESS_TIMEOUT_S
+
+    def settings(self) -> dict[str, Any]:
+        return {"path": self.path, "endpoints": self.endpoints,
+                "liveness_timeout_s": self.liveness_timeout_s}
+
+
+@dataclass
+class ServerConfig:
+    source: str
+    data_dir: str
+    ipc_socket: str
+    rpc_listen: str
+    host: str
+    segment_bytes: int
+    heartbeat_interval_s: float
+    max_clients: int
+    cluster: ClusterConfig
+    pools: list[PoolConfig]
+
+
+class _Table:
+    """Reads keys out of one TOML table, remembering which were used."""
+
+    def __init__(self, source: str, where: str, data: object) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: [{where}] must be a table")
+        self.source, self.where, self.data, self.used = source, where, data, set()
+
+    def _fail(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {self.where}.{key}: {problem}")
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ..., ) -> Any:
+        self.used.add(key)
+        if key not in self.data:
+            if default is ...:
+                raise self._fail(key, "is required")
+            return default
+        value = self.data[key]
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise self._fail(key, f"must be a {names}, got {value!r}")
+        return value
+
+    def size(self, key: str, default: Any = ...) -> int:
+        value = self.get(key, (int, str), default)
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            raise self._fail(key, str(exc)) from None
+
+    def positive(self, key: str, kind: type, default: Any) -> Any:
+        value = self.get(key, (int, float) if kind is float else kind, default)
+        if value <= 0:
+            raise self._fail(key, f"must be positive, got {value!r}")
+        return value
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise self._fail(unknown[0], "is not a known key")
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def _absolute(path: str, base_dir: str) -> str:
+    return os.path.normpath(os.path.join(base_dir, os.path.expanduser(path)))
+
+
+def parse_cluster(source: str, data: object, base_dir: str) -> ClusterConfig:
+    t = _Table(source, "cluster", data)
+    backend = t.get("backend", str, "embedded")
+    if backend not in BACKENDS:
+        raise t._fail("backend", f"must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    cfg = ClusterConfig(backend=backend)
+    cfg.liveness_timeout_s = float(t.positive("liveness_timeout_s", float, LIVENESS_TIMEOUT_S))
+    if backend == "embedded":
+        cfg.path = _absolute(t.get("path", str), base_dir)
+    t.done()
+    return cfg
+
+
+def load_server_config(path: str) -> ServerConfig:
+    path = os.path.abspath(path)
+    base_dir = os.path.dirname(path)
+    doc = _Table(path, "", _read_toml(path))
+    doc.where = "(top)"
+    s = _Table(path, "server", doc.get("server", dict))
+    cluster = parse_cluster(path, doc.get("cluster", dict), base_dir)
+    pools_data = doc.get("pool", list)
+    doc.done()
+
+    data_dir = _absolute(s.get("data_dir", str), base_dir)
+    cfg = ServerConfig(
+        source=path,
+        data_dir=data_dir,
+        ipc_socket=_absolute(s.get("ipc_socket", str, os.path.join(data_dir, "ipc.sock")), base_dir),
+        rpc_listen=s.get("rpc_listen", str, ""),
+        host=s.get("host", str, socket.gethostname()),
+        segment_bytes=s.size("segment_size", DEFAULT_SEGMENT_BYTES),
+        heartbeat_interval_s=float(s.positive("heartbeat_interval_s", float, HEARTBEAT_INTERVAL_S)),
+        max_clients=s.positive("max_clients", int, MAX_CLIENTS_PER_SERVER),
+        cluster=cluster,
+        pools=[],
+    )
+    if cfg.segment_bytes < PAGE_SIZE_BYTES or cfg.segment_bytes % PAGE_SIZE_BYTES:
+        raise s._fail("segment_size", f"must be a positive multiple of {PAGE_SIZE_BYTES} bytes")
+    if len(cfg.ipc_socket.encode()) > 107:
+        raise s._fail("ipc_socket", "path is longer than the 107 bytes a Unix socket allows")
+    if cfg.rpc_listen and not _is_host_port(cfg.rpc_listen):
+        raise s._fail("rpc_listen", f"must be HOST:PORT, got {cfg.rpc_listen!r}")
+    s.done()
+
+    if not pools_data:
+        raise ConfigError(f"{path}: at least one [[pool]] is required")
+    seen: set[str] = set()
+    for i, pool_data in enumerate(pools_data):
+        p = _Table(path, f"pool[{i}]", pool_data)
+        name = p.get("name", str)
+        try:
+            check_name("pool", name)
+        except InvalidArgument as exc:
+            raise p._fail("name", exc.message) from None
+        if name in seen:
+            raise p._fail("name", f"pool {name!r} is configured twice")
+        seen.add(name)
+        medium = p.get("medium", str, "dram")
+        if medium not in MEDIA:
+            raise p._fail("medium", f"must be one of {', '.join(MEDIA)}, got {medium!r}")
+        capacity = p.size("capacity")
+        if capacity < cfg.segment_bytes or capacity % cfg.segment_bytes:
+            raise p._fail("capacity", f"must be a positive multiple of the segment size "
+                                      f"({cfg.segment_bytes} bytes), got {capacity}")
+        pool_path = p.get("path", str, None)
+        if medium != "dram" and pool_path is None:
+            raise p._fail("path", f"is required for medium {medium!r} (the directory of its files)")
+        if medium == "dram" and pool_path is not None:
+            raise p._fail("path", "has no meaning for medium 'dram'")
+        cfg.pools.append(PoolConfig(name, medium, capacity,
+                                    None if pool_path is None else _absolute(pool_path, base_dir)))
+        p.done()
+    return cfg
+
+
+def _is_host_port(value: str) -> bool:
+    host, sep, port = value.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 <= int(port) < 65536)
+
+
+@dataclass
+class FabricConfig:
+    """What a client reads from its ockPath: the cluster and the servers it may talk to."""
+    source: str
+    cluster: ClusterConfig | None
+    ipc_sockets: list[str]
+
+
+def load_fabric_config(ock_path: str) -> FabricConfig:
+    """ockPath is a fabric directory (with fabric.toml), a fabric.toml, or a server's TOML."""
+    path = os.path.abspath(ock_path)
+    if os.path.isdir(path):
+        path = os.path.join(path, FABRIC_FILE)
+    data = _read_toml(path)
+    base_dir = os.path.dirname(path)
+    if "server" in data and isinstance(data["server"], dict):   # a server's own configuration
+        cfg = load_server_config(path)
+        return FabricConfig(path, cfg.cluster, [cfg.ipc_socket])
+    doc = _Table(path, "(top)", data)
+    cluster = parse_cluster(path, doc.get("cluster", dict), base_dir)
+    sockets = []
+    for i, entry in enumerate(doc.get("servers", list)):
+        t = _Table(path, f"servers[{i}]", entry)
+        sockets.append(_absolute(t.get("ipc_socket", str), base_dir))
+        t.get("config", str, "")
+        t.done()
+    doc.done()
+    if not sockets:
+        raise ConfigError(f"{path}: servers: at least one server is required")
+    return FabricConfig(path, cluster, sockets)

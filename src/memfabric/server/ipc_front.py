@@ -1,0 +1,112 @@
+"""The server's same-host front door: a SEQPACKET Unix socket, one thread per connection.
+
+A connection that sends garbage, an oversized message or an unknown shape is closed;
+nothing else is touched. Operating errors go back as error replies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+
+from ..errors import MemfabricError, ProtocolError
+from ..transport import wire
+from ..transport.ipc import IpcChannel, PeerClosed, listen
+from .server import Connection, Server
+
+log = logging.getLogger("memfabric.server")
+
+
+class IpcFront:
+    def __init__(self, server: Server, path: str, max_clients: int) -> None:
+        self.server = server
+        self.path = path
+        self.max_clients = max_clients
+        self._sock = listen(path, backlog=min(max_clients, 128))
+        self._connections: dict[int, IpcChannel] = {}
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._accept_loop, name="ipc-accept", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                sock, _ = self._sock.accept()
+            except OSError:
+                return   # listener closed: stopping
+            channel = IpcChannel(sock)
+            with self._lock:
+                if len(self._connections) >= self.max_clients:
+                    self._refuse(channel)
+                    continue
+                conn = Connection()
+                self._connections[conn.id] = channel
+            threading.Thread(target=self._serve, args=(conn, channel), name=f"conn-{conn.id}",
+                             daemon=True).start()
+
+    def _refuse(self, channel: IpcChannel) -> None:
+        try:
+            channel.sock.settimeout(1.0)
+            request, fds = channel.recv()
+            for fd in fds:
+                os.close(fd)
+            channel.send({"id": request["id"], "error": -15,
+                          "msg": f"server has {self.max_clients} connections, the most it takes"})
+        except Exception:
+            pass
+        channel.close()
+
+    def _serve(self, conn: Connection, channel: IpcChannel) -> None:
+        try:
+            while True:
+                try:
+                    request, fds = channel.recv()
+                except (PeerClosed, ConnectionError, OSError):
+                    return
+                except ProtocolError as exc:
+                    log.warning("connection %d closed: %s", conn.id, exc)
+                    return
+                for fd in fds:   # clients have no reason to send fds
+                    os.close(fd)
+                try:
+                    result = self.server.dispatch(conn, request)
+                    reply, reply_fds = result if isinstance(result, tuple) else (result, [])
+                    reply["id"] = request["id"]
+                except MemfabricError as exc:
+                    reply, reply_fds = wire.error_reply(request["id"], exc), []
+                except Exception as exc:   # a bug: report it, keep serving others
+                    log.exception("operation %r failed", request.get("op"))
+                    reply, reply_fds = wire.error_reply(
+                        request["id"], ProtocolError(f"internal error in {request.get('op')!r}: {exc!r}")), []
+                try:
+                    channel.send(reply, reply_fds)
+                except (OSError, MemfabricError):
+                    return
+        finally:
+            with self._lock:
+                self._connections.pop(conn.id, None)
+            channel.close()
+            self.server.disconnected(conn)
+
+    def stop(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        with self._lock:
+            channels = list(self._connections.values())
+        for channel in channels:
+            try:
+                channel.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._thread.join(timeout=5)

@@ -1,0 +1,599 @@
+"""One memfabric server: its memory, its namespaces, and the operations clients ask for.
+
+Threads: one per client connection (bounded), one heartbeat. A single lock guards the
+pure core (allocators, object tables); it is never held while talking to a peer, so two
+servers asking each other for memory at once cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import threading
+import time
+from collections import defaultdict
+from typing import Any, Callable
+
+import numpy as np
+
+from ..cluster import ClusterService, ServerRecord, open_cluster
+from ..core import placement
+from ..core.allocator import Extent, round_up
+from ..core.namespaces import (NamespaceRecord, check_attribute, check_name, check_sec_id, hash_sec_id,
+                               sec_id_matches)
+from ..core.objects import ObjectRecord, Placement, parse_bm_id
+from ..datapath.layout import Layout, build_layout, check_range, copy_between, write_at
+from ..datapath.link import Creds, ServerLink
+from ..errors import (InvalidArgument, LimitExceeded, MemfabricError, NoSuchNamespace, NoSuchObject,
+                      NoSuchPool, OutOfMemory, PermissionDenied, ServerUnavailable)
+from ..limits import (MAX_BATCH_IDS, MAX_FDS_PER_MESSAGE, MAX_GATHER_INPUTS, MAX_OBJECT_BYTES,
+                      PAGE_SIZE_BYTES, REUSE_GRACE_S)
+from .config import ServerConfig
+from .state import NamespaceState, PoolState
+
+log = logging.getLogger("memfabric.server")
+
+GATHER_OPS = {"concat": None, "sum": np.add, "min": np.minimum, "max": np.maximum, "prod": np.multiply}
+VIEW_TTL_S = 0.25
+
+
+class Connection:
+    """What the server remembers about one connected client or peer."""
+
+    _ids = iter(range(1, 1 << 62))
+
+    def __init__(self) -> None:
+        self.id = next(Connection._ids)
+        self.role = "client"
+        # (pool, ns) -> (incarnation, secId) proven on this connection.
+        self.verified: dict[tuple[str, str], tuple[int, bytes]] = {}
+
+
+Reply = dict[str, Any] | tuple[dict[str, Any], list[int]]
+
+
+class Server:
+    def __init__(self, cfg: ServerConfig, cluster: ClusterService | None = None) -> None:
+        self.cfg = cfg
+        self.cluster = cluster or open_cluster(cfg.cluster.backend, **cfg.cluster.settings())
+        self.server_id = 0
+        self.lock = threading.RLock()
+        self.pools: dict[str, PoolState] = {}
+        self.namespaces: dict[tuple[str, str], NamespaceState] = {}
+        self._peers: dict[int, ServerLink] = {}
+        self._peers_lock = threading.Lock()
+        self._view: list[ServerRecord] = []
+        self._view_at = 0.0
+        self._stopping = threading.Event()
+        self._heartbeat_thread: threading.Thread | None = None
+        self.handlers: dict[str, Callable[[Connection, dict[str, Any]], Reply]] = {
+            name[3:]: getattr(self, name) for name in dir(self) if name.startswith("op_")}
+
+    # ---- life ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """The seed's order: register and start liveness, then reserve memory."""
+        os.makedirs(self.cfg.data_dir, exist_ok=True)
+        self.server_id = self.cluster.register_server(
+            node_key=self.cfg.data_dir, host=self.cfg.host, ipc_socket=self.cfg.ipc_socket,
+            rpc_address=self.cfg.rpc_listen, pid=os.getpid())
+        self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat",
+                                                  daemon=True)
+        self._heartbeat_thread.start()
+        for pool_cfg in self.cfg.pools:
+            self.pools[pool_cfg.name] = PoolState(pool_cfg, self.cfg.segment_bytes, f"s{self.server_id}")
+        self._publish()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._heartbeat_thread:
+            self._heartbeat_thread.join(timeout=5)
+        try:
+            self.cluster.deregister_server(self.server_id)
+        except MemfabricError as exc:
+            log.warning("could not deregister: %s", exc)
+        with self._peers_lock:
+            for link in self._peers.values():
+                link.close()
+            self._peers.clear()
+        with self.lock:
+            for state in self.namespaces.values():
+                state.close()
+            self.namespaces.clear()
+            for pool in self.pools.values():
+                pool.close()
+            self.pools.clear()
+        self.cluster.close()
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stopping.wait(self.cfg.heartbeat_interval_s):
+            try:
+                self._publish()
+            except Exception as exc:   # keep beating: the cluster service may come back
+                log.warning("heartbeat failed: %s", exc)
+
+    def _publish(self) -> None:
+        with self.lock:
+            pools = {name: pool.summary() for name, pool in self.pools.items()}
+        self.cluster.heartbeat(self.server_id, pools)
+
+    def view(self, fresh: bool = False) -> list[ServerRecord]:
+        now = time.monotonic()
+        if fresh or now - self._view_at > VIEW_TTL_S:
+            self._view = self.cluster.servers()
+            self._view_at = now
+        return self._view
+
+    # ---- connections ----------------------------------------------------------------------
+
+    def dispatch(self, conn: Connection, message: dict[str, Any]) -> Reply:
+        op = message.get("op")
+        handler = self.handlers.get(op) if isinstance(op, str) else None
+        if handler is None:
+            raise InvalidArgument(f"unknown operation {op!r}")
+        return handler(conn, message)
+
+    def disconnected(self, conn: Connection) -> None:
+        """A client went away: its segments and mappings no longer keep memory from reuse."""
+        to_release: list[tuple[NamespaceState, list[Placement]]] = []
+        with self.lock:
+            for pool in self.pools.values():
+                pool.allocator.let_go(conn.id)
+            for state in self.namespaces.values():
+                freed = state.table.unpin_all(conn.id)
+                if freed:
+                    to_release.append((state, freed))
+        for state, extents in to_release:
+            self._release(state, extents, creds=None)
+
+    # ---- namespaces ---------------------------------------------------------------------
+
+    def _creds(self, m: dict[str, Any]) -> Creds:
+        pool = check_name("pool", m.get("pool"))
+        ns = check_name("namespace", m.get("ns"))
+        return pool, ns, check_sec_id(m.get("sec"))
+
+    def _namespace(self, conn: Connection, m: dict[str, Any]) -> tuple[NamespaceState, Creds]:
+        creds = self._creds(m)
+        pool, ns, sec = creds
+        if pool not in self.pools:
+            raise NoSuchPool(f"server {self.server_id} gives no memory to pool {pool!r}")
+        state = self.namespaces.get((pool, ns))
+        if state is None:
+            record = self.cluster.get_namespace(pool, ns)
+            if record is None:
+                raise NoSuchNamespace(f"no namespace {ns!r} in pool {pool!r}")
+            with self.lock:
+                state = self.namespaces.get((pool, ns))
+                if state is None or state.record.incarnation != record.incarnation:
+                    state = NamespaceState(record, self.server_id, f"s{self.server_id}")
+                    self.namespaces[(pool, ns)] = state
+        proven = conn.verified.get((pool, ns))
+        if proven is not None and proven[0] == state.record.incarnation and hmac.compare_digest(proven[1], sec):
+            return state, creds
+        if not sec_id_matches(sec, state.record):
+            raise PermissionDenied(f"wrong secId for namespace {ns!r} in pool {pool!r}")
+        conn.verified[(pool, ns)] = (state.record.incarnation, sec)
+        return state, creds
+
+    def op_hello(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        conn.role = "peer" if m.get("role") == "peer" else "client"
+        return {"server_id": self.server_id, "host": self.cfg.host,
+                "pools": sorted(self.pools), "page_bytes": PAGE_SIZE_BYTES}
+
+    def op_cluster_view(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        return {"servers": [s.to_wire() for s in self.view(fresh=True)]}
+
+    def op_ns_create(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        pool, ns, sec = self._creds(m)
+        attribute = check_attribute(m.get("attribute", 0))
+        if not any(pool in s.pools for s in self.view(fresh=True) if s.alive) and pool not in self.pools:
+            raise NoSuchPool(f"no live server gives memory to pool {pool!r}")
+        salt_hex, hash_hex = hash_sec_id(sec)
+        self.cluster.create_namespace(pool, ns, attribute, salt_hex, hash_hex)
+        return {}
+
+    def op_ns_destroy(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        pool, ns, sec = self._creds(m)
+        record = self.cluster.get_namespace(pool, ns)
+        if record is None:
+            raise NoSuchNamespace(f"no namespace {ns!r} in pool {pool!r}")
+        if not sec_id_matches(sec, record):
+            raise PermissionDenied(f"wrong secId for namespace {ns!r} in pool {pool!r}")
+        if not self.cluster.delete_namespace(pool, ns, record.incarnation):
+            raise NoSuchNamespace(f"namespace {ns!r} in pool {pool!r} was destroyed meanwhile")
+        self._drop_namespace(pool, ns, record.incarnation)
+        for server in self.view(fresh=True):
+            if server.alive and server.server_id != self.server_id:
+                try:
+                    self._peer(server.server_id).call("ns_drop", pool=pool, ns=ns, sec=sec,
+                                                      incarnation=record.incarnation)
+                except MemfabricError as exc:
+                    log.warning("server %d did not drop %s/%s: %s", server.server_id, pool, ns, exc)
+        return {}
+
+    def op_ns_drop(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        pool, ns, sec = self._creds(m)
+        state = self.namespaces.get((pool, ns))
+        if state is not None and state.record.incarnation == m.get("incarnation"):
+            if not sec_id_matches(sec, state.record):
+                raise PermissionDenied(f"wrong secId for namespace {ns!r} in pool {pool!r}")
+            self._drop_namespace(pool, ns, state.record.incarnation)
+        return {}
+
+    def _drop_namespace(self, pool: str, ns: str, incarnation: int) -> None:
+        with self.lock:
+            state = self.namespaces.get((pool, ns))
+            if state is None or state.record.incarnation != incarnation:
+                return
+            del self.namespaces[(pool, ns)]
+            state.table.drop_all()
+            state.close()   # generation words go to 0: every handle and mapping check fails
+            if pool in self.pools:
+                self.pools[pool].allocator.drop_owner(state.key)
+
+    def op_ns_query(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        usage: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+        for rows in [self.op_ns_usage(conn, m)["usage"]] + self._ask_peers("ns_usage"):
+            for pool, ns, count, used in rows:
+                usage[(pool, ns)][0] += count
+                usage[(pool, ns)][1] += used
+        return {"namespaces": [
+            {"pool": r.pool, "ns": r.ns, "attribute": r.attribute,
+             "object_count": usage[(r.pool, r.ns)][0], "used_bytes": usage[(r.pool, r.ns)][1]}
+            for r in self.cluster.namespaces()]}
+
+    def op_ns_usage(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        with self.lock:
+            return {"usage": [[pool, ns, len(s.table), s.table.live_bytes()]
+                              for (pool, ns), s in self.namespaces.items()]}
+
+    def _ask_peers(self, op: str) -> list[Any]:
+        answers = []
+        for server in self.view(fresh=True):
+            if server.alive and server.server_id != self.server_id:
+                try:
+                    answers.append(self._peer(server.server_id).call(op)["usage"])
+                except MemfabricError as exc:
+                    log.warning("server %d did not answer %s: %s", server.server_id, op, exc)
+        return answers
+
+    def op_ns_open(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        state, _ = self._namespace(conn, m)
+        return ({"incarnation": state.record.incarnation, "table_bytes": state.table_bytes},
+                [state.gen_fd])
+
+    def op_segments(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        state, (pool, _, _) = self._namespace(conn, m)
+        wanted = m.get("segments")
+        if (not isinstance(wanted, list) or not 0 < len(wanted) <= MAX_FDS_PER_MESSAGE
+                or not all(type(s) is int for s in wanted)):
+            raise InvalidArgument(f"segments must be a list of 1-{MAX_FDS_PER_MESSAGE} segment numbers")
+        pool_state = self.pools[pool]
+        with self.lock:
+            for segment in wanted:
+                if not 0 <= segment < pool_state.allocator.segment_count \
+                        or pool_state.allocator.owner_of(segment) != state.key:
+                    raise PermissionDenied(f"segment {segment} is not lent to namespace {state.record.ns!r}")
+            for segment in wanted:
+                pool_state.allocator.hold(segment, conn.id)
+        return ({"segment_bytes": self.cfg.segment_bytes},
+                [pool_state.segments[s].fd for s in wanted])
+
+    # ---- objects ------------------------------------------------------------------------
+
+    def op_alloc(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        state, creds = self._namespace(conn, m)
+        size = _size_arg(m, "size")
+        policy = m.get("policy", "local")
+        target = m.get("server_id")
+        if target is not None and type(target) is not int:
+            raise InvalidArgument(f"server_id must be an int, got {target!r}")
+        if policy == "server" and target == self.server_id:
+            policy = "local"
+        shares = placement.plan(policy, size, self._free_by_server(creds[0]), self.server_id, target)
+        extents = self._reserve(state, creds, shares)
+        with self.lock:
+            try:
+                record = state.table.create(size, extents)
+            except MemfabricError:
+                self._release(state, extents, creds)
+                raise
+            state.publish(record)
+        return _describe(record, state)
+
+    def op_describe(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        state, _ = self._namespace(conn, m)
+        with self.lock:
+            return _describe(self._lookup(state, m.get("bm_id")), state)
+
+    def op_free(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        state, creds = self._namespace(conn, m)
+        self._free(state, creds, m.get("bm_id"))
+        return {}
+
+    def op_batch_free(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        state, creds = self._namespace(conn, m)
+        ids = m.get("bm_ids")
+        if not isinstance(ids, list) or len(ids) > MAX_BATCH_IDS:
+            raise InvalidArgument(f"bm_ids must be a list of at most {MAX_BATCH_IDS} ids")
+        results = []
+        for bm_id in ids:
+            try:
+                self._free(state, creds, bm_id)
+                results.append(0)
+            except MemfabricError as exc:
+                results.append(int(exc.code))
+        return {"results": results}
+
+    def _free(self, state: NamespaceState, creds: Creds, bm_id: Any) -> None:
+        with self.lock:
+            record = self._lookup(state, bm_id)
+            state.retract(record)       # clients' next generation check fails from here on
+            extents = state.table.free(record.bm_id)
+        self._release(state, extents, creds)
+
+    def op_expand(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        state, creds = self._namespace(conn, m)
+        new_size = _size_arg(m, "size")
+        with self.lock:
+            record = self._lookup(state, m.get("bm_id"))
+            if new_size < record.size_bytes:
+                raise InvalidArgument(f"expand cannot shrink object {record.bm_id}: "
+                                      f"{record.size_bytes} -> {new_size} bytes")
+            extra = new_size - record.reserved_bytes
+        extents: list[Placement] = []
+        if extra > 0:
+            free = self._free_by_server(creds[0])
+            try:
+                shares = placement.plan("local", extra, free, self.server_id)
+                extents = self._reserve(state, creds, shares)
+            except OutOfMemory:
+                extents = self._reserve(state, creds, placement.plan("spread", extra, free, self.server_id))
+        with self.lock:
+            try:
+                record = state.table.expand(m.get("bm_id"), new_size, extents)
+            except MemfabricError:
+                self._release(state, extents, creds)
+                raise
+            state.publish(record)
+        return _describe(record, state)
+
+    def op_map_pin(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        state, _ = self._namespace(conn, m)
+        with self.lock:
+            self._lookup(state, m.get("bm_id"))
+            return _describe(state.table.pin(m["bm_id"], conn.id), state)
+
+    def op_map_unpin(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        state, creds = self._namespace(conn, m)
+        bm_id = m.get("bm_id")
+        parse_bm_id(bm_id)
+        with self.lock:
+            extents = state.table.unpin(bm_id, conn.id)
+        self._release(state, extents, creds)
+        return {}
+
+    def _lookup(self, state: NamespaceState, bm_id: Any) -> ObjectRecord:
+        home, _, _ = parse_bm_id(bm_id)
+        if home != self.server_id:
+            raise InvalidArgument(f"object {bm_id} lives on server {home}, not on server {self.server_id}")
+        return state.table.lookup(bm_id)
+
+    # ---- extents: reserving here and on peers ---------------------------------------------
+
+    def op_extent_alloc(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        state, (pool, _, _) = self._namespace(conn, m)
+        extents = self._reserve_local(state, pool, _size_arg(m, "size"))
+        with self.lock:
+            state.lent_out.update(extents)
+        return {"extents": [[self.server_id, e.segment, e.offset, e.length] for e in extents]}
+
+    def op_extent_free(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        state, (pool, _, _) = self._namespace(conn, m)
+        raw = m.get("extents")
+        if not isinstance(raw, list) or len(raw) > 4096:
+            raise InvalidArgument("extents must be a list")
+        with self.lock:
+            extents = []
+            for item in raw:
+                if not (isinstance(item, list) and len(item) == 3 and all(type(v) is int for v in item)):
+                    raise InvalidArgument(f"an extent is [segment, offset, length], got {item!r}")
+                extent = Extent(*item)
+                if extent not in state.lent_out:
+                    raise InvalidArgument(f"extent {item} was not lent by server {self.server_id}")
+                extents.append(extent)
+            state.lent_out.difference_update(extents)
+            self.pools[pool].allocator.release(state.key, extents, time.monotonic())
+        return {}
+
+    def _free_by_server(self, pool: str) -> dict[int, int]:
+        free = {s.server_id: s.pools[pool]["free_bytes"] for s in self.view()
+                if s.alive and pool in s.pools}
+        if pool in self.pools:
+            with self.lock:
+                free[self.server_id] = self.pools[pool].allocator.free_bytes()
+        return free
+
+    def _reserve_local(self, state: NamespaceState, pool: str, size: int) -> list[Extent]:
+        if pool not in self.pools:
+            raise NoSuchPool(f"server {self.server_id} gives no memory to pool {pool!r}")
+        allocator = self.pools[pool].allocator
+        for attempt in range(2):
+            with self.lock:
+                try:
+                    allocation = allocator.allocate(state.key, size, time.monotonic())
+                except OutOfMemory as exc:
+                    wait_s = None if exc.retry_at_s is None else exc.retry_at_s - time.monotonic()
+                    if attempt or wait_s is None or wait_s > REUSE_GRACE_S * 2:
+                        raise
+                else:
+                    self.pools[pool].zero(allocation.zero)
+                    return allocation.extents
+            time.sleep(max(wait_s, 0))   # memory freed a moment ago becomes reusable
+        raise AssertionError("unreachable")
+
+    def _reserve(self, state: NamespaceState, creds: Creds, shares: list[tuple[int, int]]) -> list[Placement]:
+        """All shares or none: a peer that fails rolls back what the others gave."""
+        got: list[Placement] = []
+        try:
+            for server_id, size in shares:
+                if server_id == self.server_id:
+                    got += [Placement(self.server_id, e.segment, e.offset, e.length)
+                            for e in self._reserve_local(state, creds[0], size)]
+                else:
+                    reply = self._peer(server_id).call("extent_alloc", pool=creds[0], ns=creds[1],
+                                                       sec=creds[2], size=size)
+                    got += [Placement(*e) for e in reply["extents"]]
+        except MemfabricError:
+            self._release(state, got, creds)
+            raise
+        return got
+
+    def _release(self, state: NamespaceState, extents: list[Placement], creds: Creds | None) -> None:
+        by_server: dict[int, list[list[int]]] = defaultdict(list)
+        local = []
+        for e in extents:
+            if e.server_id == self.server_id:
+                local.append(Extent(e.segment, e.offset, e.length))
+            else:
+                by_server[e.server_id].append([e.segment, e.offset, e.length])
+        if local:
+            with self.lock:
+                # A namespace destroyed meanwhile took all its memory back already.
+                if self.namespaces.get((state.record.pool, state.record.ns)) is state:
+                    self.pools[state.record.pool].allocator.release(state.key, local, time.monotonic())
+        if by_server and creds is None:
+            log.warning("cannot give back extents on peers %s without a secId; they return when "
+                        "the namespace is destroyed", sorted(by_server))
+            return
+        for server_id, items in by_server.items():
+            try:
+                self._peer(server_id).call("extent_free", pool=creds[0], ns=creds[1], sec=creds[2],
+                                           extents=items)
+            except MemfabricError as exc:
+                log.warning("server %d did not take back %d extents: %s", server_id, len(items), exc)
+
+    # ---- data operations done here, near the data -------------------------------------------
+
+    def _layout(self, creds: Creds, bm_id: Any, conn: Connection) -> Layout:
+        home, _, _ = parse_bm_id(bm_id)
+        m = {"pool": creds[0], "ns": creds[1], "sec": creds[2], "bm_id": bm_id}
+        if home == self.server_id:
+            state, _ = self._namespace(conn, m)
+            with self.lock:
+                d = _describe(self._lookup(state, bm_id), state)
+            gens = state.words
+        else:
+            link = self._peer(home)
+            d = link.call("describe", **m)
+            gens = link.gen_table(creds, d["incarnation"])
+
+        def view_of(server_id: int, segment: int) -> memoryview:
+            if server_id == self.server_id:
+                return self.pools[creds[0]].segments[segment].view
+            return self._peer(server_id).segment_view(creds, segment)
+
+        return build_layout(d["bm_id"], d["size"], d["generation"], d["slot"], d["extents"], gens, view_of)
+
+    def op_copy(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        src_creds, dst_creds = self._creds(m["src"]), self._creds(m["dst"])
+        src = self._layout(src_creds, m["src"].get("bm_id"), conn)
+        dst = self._layout(dst_creds, m["dst"].get("bm_id"), conn)
+        copy_between(src, m.get("src_offset"), dst, m.get("dst_offset"), m.get("length"))
+        src.check_alive()
+        dst.check_alive()
+        return {}
+
+    def op_gather(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        op = m.get("operator")
+        if op not in GATHER_OPS:
+            raise InvalidArgument(f"operator must be one of {', '.join(GATHER_OPS)}, got {op!r}")
+        inputs = m.get("inputs")
+        if not isinstance(inputs, list) or not 0 < len(inputs) <= MAX_GATHER_INPUTS:
+            raise InvalidArgument(f"gather takes 1-{MAX_GATHER_INPUTS} inputs")
+        try:
+            dtype = np.dtype(m.get("dtype", "uint8"))
+        except TypeError:
+            raise InvalidArgument(f"unknown dtype {m.get('dtype')!r}") from None
+        if dtype.kind not in "iuf":
+            raise InvalidArgument(f"dtype must be an integer or float type, got {dtype}")
+        resolved = []
+        for item in inputs:
+            if not isinstance(item, dict):
+                raise InvalidArgument("each gather input is {pool, ns, sec, bm_id, offset, length}")
+            layout = self._layout(self._creds(item), item.get("bm_id"), conn)
+            check_range(layout.bm_id, layout.size, item.get("offset"), item.get("length"))
+            resolved.append((layout, item["offset"], item["length"]))
+        lengths = {length for _, _, length in resolved}
+        if op == "concat":
+            total = sum(lengths_ for _, _, lengths_ in resolved)
+        else:
+            if len(lengths) != 1 or next(iter(lengths)) % dtype.itemsize:
+                raise InvalidArgument(f"a {op} needs inputs of one length, a multiple of {dtype.itemsize} "
+                                      f"({dtype}); got lengths {sorted(lengths)}")
+            total = next(iter(lengths))
+        dst_m = m["dst"]
+        if not dst_m.get("bm_id"):
+            made = self.op_alloc(conn, {**dst_m, "size": max(total, 1), "policy": "local"})
+            dst_m = {**dst_m, "bm_id": made["bm_id"]}
+        dst = self._layout(self._creds(dst_m), dst_m.get("bm_id"), conn)
+        check_range(dst.bm_id, dst.size, 0, total)
+        if op == "concat":
+            position = 0
+            for layout, offset, length in resolved:
+                copy_between(layout, offset, dst, position, length)
+                position += length
+        else:
+            reduce = GATHER_OPS[op]
+            acc = _array(resolved[0], dtype).copy()
+            for item in resolved[1:]:
+                reduce(acc, _array(item, dtype), out=acc)
+            write_at(dst, 0, memoryview(acc).cast("B"))
+        dst.check_alive()
+        return {"bm_id": dst.bm_id, "size": dst.size, "length": total}
+
+    # ---- peers ----------------------------------------------------------------------------
+
+    def _peer(self, server_id: int) -> ServerLink:
+        with self._peers_lock:
+            link = self._peers.get(server_id)
+            if link is not None and not link._closed:
+                return link
+        record = next((s for s in self.view(fresh=True) if s.server_id == server_id), None)
+        if record is None or not record.alive:
+            raise ServerUnavailable(f"server {server_id} is not alive")
+        link = ServerLink(record.ipc_socket, role="peer")
+        if link.server_id != server_id:
+            link.close()
+            raise ServerUnavailable(f"{record.ipc_socket} is server {link.server_id}, not {server_id}")
+        with self._peers_lock:
+            old = self._peers.get(server_id)
+            if old is not None and not old._closed:
+                link.close()
+                return old
+            self._peers[server_id] = link
+        return link
+
+
+def _array(item: tuple[Layout, int, int], dtype: np.dtype) -> np.ndarray:
+    layout, offset, length = item
+    spans = list(layout.spans(offset, length))
+    if len(spans) == 1:
+        view, a, b, _ = spans[0]
+        return np.frombuffer(view[a:b], dtype=dtype)
+    return np.frombuffer(b"".join(view[a:b] for view, a, b, _ in spans), dtype=dtype)
+
+
+def _describe(record: ObjectRecord, state: NamespaceState) -> dict[str, Any]:
+    return {"bm_id": record.bm_id, "size": record.size_bytes, "generation": record.generation,
+            "slot": record.slot, "incarnation": state.record.incarnation,
+            "extents": [[e.server_id, e.segment, e.offset, e.length] for e in record.extents]}
+
+
+def _size_arg(m: dict[str, Any], key: str) -> int:
+    size = m.get(key)
+    if type(size) is not int or not 0 < size <= MAX_OBJECT_BYTES:
+        raise InvalidArgument(f"{key} must be an int in [1, {MAX_OBJECT_BYTES}], got {size!r}")
+    return size

@@ -1,0 +1,124 @@
+"""Same-host transport: Unix SOCK_SEQPACKET sockets carrying one message per packet.
+
+SEQPACKET keeps message boundaries and lets SCM_RIGHTS fds ride with the message they
+belong to, so a reply that hands over segment memory is one atomic packet. A packet
+larger than the limit arrives truncated (MSG_TRUNC) and closes that connection.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import select
+import socket
+from typing import Any
+
+from ..errors import ProtocolError, ServerUnavailable, Timeout
+from ..limits import CONNECT_TIMEOUT_S, MAX_FDS_PER_MESSAGE, MAX_MESSAGE_BYTES
+from . import wire
+
+_ANCILLARY_BYTES = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
+
+
+class PeerClosed(Exception):
+    """The other end closed the connection (EOF)."""
+
+
+class IpcChannel:
+    """One connected SEQPACKET socket: send and receive whole messages with fds."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._poller = select.poll()
+        self._poller.register(sock.fileno(), select.POLLRDHUP)
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            sock.setsockopt(socket.SOL_SOCKET, opt, MAX_MESSAGE_BYTES * 2)
+
+    @classmethod
+    def connect(cls, path: str, timeout_s: float = CONNECT_TIMEOUT_S) -> "IpcChannel":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        sock.settimeout(timeout_s)
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
+            raise ServerUnavailable(f"no server listening on {path}: {exc.strerror}") from None
+        except socket.timeout:
+            sock.close()
+            raise Timeout(f"connecting to {path} took longer than {timeout_s}s") from None
+        return cls(sock)
+
+    def send(self, message: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
+        data = wire.encode(message)
+        if len(fds) > MAX_FDS_PER_MESSAGE:
+            raise ProtocolError(f"{len(fds)} fds in one message, at most {MAX_FDS_PER_MESSAGE}")
+        if fds:
+            socket.send_fds(self.sock, [data], list(fds))
+        else:
+            self.sock.sendall(data)
+
+    def recv(self) -> tuple[dict[str, Any], list[int]]:
+        """One whole message and the fds that came with it. Raises PeerClosed on EOF."""
+        data, ancillary, flags, _ = self.sock.recvmsg(MAX_MESSAGE_BYTES, _ANCILLARY_BYTES)
+        fds = _take_fds(ancillary)
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            _close_all(fds)
+            raise ProtocolError(f"message over {MAX_MESSAGE_BYTES} bytes or {MAX_FDS_PER_MESSAGE} fds")
+        if not data:
+            _close_all(fds)
+            raise PeerClosed()
+        try:
+            return wire.decode(data), fds
+        except ProtocolError:
+            _close_all(fds)
+            raise
+
+    def peer_gone(self) -> bool:
+        """Cheap non-blocking check (one poll syscall) that the peer has not hung up.
+
+        Looks only at hang-up events, so a reply waiting to be read by another thread
+        is not mistaken for an end of stream.
+        """
+        try:
+            events = self._poller.poll(0)
+        except (OSError, ValueError):
+            return True
+        return any(ev & (select.POLLHUP | select.POLLRDHUP | select.POLLERR | select.POLLNVAL)
+                   for _, ev in events)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def listen(path: str, backlog: int) -> socket.socket:
+    if os.path.exists(path):
+        os.unlink(path)   # a stale socket of a dead server; the cluster said the id is ours
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    old_umask = os.umask(0o077)   # only this user's processes may connect
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old_umask)
+    sock.listen(backlog)
+    return sock
+
+
+def _take_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - (len(data) % arr.itemsize)])
+            fds.extend(arr)
+    return fds
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

@@ -1,0 +1,35 @@
+"""Message encoding shared by every transport: one msgpack map per message.
+
+A request is {"op": str, "id": int, ...arguments}; a reply is {"id": int, ...results}
+or {"id": int, "error": code, "msg": text}. Anything else is a protocol error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from ..errors import MemfabricError, ProtocolError
+from ..limits import MAX_MESSAGE_BYTES
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    data = msgpack.packb(message, use_bin_type=True)
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
+    return data
+
+
+def decode(data: bytes) -> dict[str, Any]:
+    try:
+        message = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several types for garbage; data is already bounded
+        raise ProtocolError(f"undecodable message: {exc.__class__.__name__}") from None
+    if not isinstance(message, dict) or not isinstance(message.get("id"), int):
+        raise ProtocolError("a message must be a map with an integer 'id'")
+    return message
+
+
+def error_reply(request_id: int, exc: MemfabricError) -> dict[str, Any]:
+    return {"id": request_id, "error": int(exc.code), "msg": exc.message}
