@@ -21,7 +21,7 @@ from memfabric.core.objects import ObjectTable, Placement, format_bm_id, parse_b
 from memfabric.limits import MAX_EXTENTS_PER_OBJECT
 
 SERVER = 7
-HOLDERS = ("c1", "c2", "c3")
+HOLDERS = ("c1", "c2")
 BM_ID_FORM = re.compile(r"([0-9]+)-([0-9]+)-([0-9]+)")
 
 
@@ -61,8 +61,11 @@ class ObjectTableMachine(RuleBasedStateMachine):
     def _hand_back(self, extents: list[Placement]) -> None:
         self.returned.update(extents)
 
-    def _known_ids(self) -> list[str]:
-        return sorted(set(self.issued))
+    def _pick(self, data: st.DataObject) -> str:
+        """Mostly an id that is still live or pinned-dead; sometimes any id ever issued."""
+        interesting = sorted(set(self.live) | set(self.pinned_dead))
+        pool = interesting if interesting and data.draw(st.integers(0, 3), label="fresh") else None
+        return data.draw(st.sampled_from(pool or sorted(set(self.issued))), label="bm_id")
 
     # ---- rules -------------------------------------------------------------------
 
@@ -94,7 +97,7 @@ class ObjectTableMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.issued))
     @rule(data=st.data())
     def free(self, data: st.DataObject) -> None:
-        bm_id = data.draw(st.sampled_from(self._known_ids()), label="bm_id")
+        bm_id = self._pick(data)
         if bm_id not in self.live:
             with pytest.raises(errors.NoSuchObject):
                 self.t.free(bm_id)
@@ -112,7 +115,7 @@ class ObjectTableMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.issued))
     @rule(data=st.data())
     def lookup(self, data: st.DataObject) -> None:
-        bm_id = data.draw(st.sampled_from(self._known_ids()), label="bm_id")
+        bm_id = self._pick(data)
         if bm_id in self.live:
             record = self.t.lookup(bm_id)
             assert record.bm_id == bm_id
@@ -126,7 +129,7 @@ class ObjectTableMachine(RuleBasedStateMachine):
     @rule(data=st.data(), grow=st.integers(0, 150),
           more=st.lists(st.integers(1, 100), max_size=2))
     def expand(self, data: st.DataObject, grow: int, more: list[int]) -> None:
-        bm_id = data.draw(st.sampled_from(self._known_ids()), label="bm_id")
+        bm_id = self._pick(data)
         if bm_id not in self.live:
             with pytest.raises(errors.NoSuchObject):
                 self.t.expand(bm_id, 10**6, [])
@@ -151,7 +154,7 @@ class ObjectTableMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.issued))
     @rule(holder=st.sampled_from(HOLDERS), data=st.data())
     def pin(self, holder: str, data: st.DataObject) -> None:
-        bm_id = data.draw(st.sampled_from(self._known_ids()), label="bm_id")
+        bm_id = self._pick(data)
         if bm_id not in self.live:
             with pytest.raises(errors.NoSuchObject):
                 self.t.pin(bm_id, holder)
@@ -163,7 +166,7 @@ class ObjectTableMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.issued))
     @rule(holder=st.sampled_from(HOLDERS), data=st.data())
     def unpin(self, holder: str, data: st.DataObject) -> None:
-        bm_id = data.draw(st.sampled_from(self._known_ids()), label="bm_id")
+        bm_id = self._pick(data)
         obj = self.live.get(bm_id) or self.pinned_dead.get(bm_id)
         if obj is None:
             with pytest.raises(errors.NoSuchObject):

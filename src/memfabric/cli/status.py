@@ -37,7 +37,7 @@ def run_status(path: str, as_json: bool = False) -> int:
     if as_json:
         print(json.dumps(state, indent=2))
         return 0
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 120)
     table = Table(title="servers")
     for column in ("id", "host", "alive", "pid", "pool", "medium", "capacity", "used", "free"):
         table.add_column(column)
