@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
-import time
+from typing import Callable
 
 import tomli_w
 
@@ -57,13 +57,17 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def wait_for_line(proc: subprocess.Popen, needle: str, timeout_s: float, lines: list[str]) -> None:
-    """Read the child's output until a line contains `needle`; keep draining it after."""
+def wait_for_line(proc: subprocess.Popen, needle: str, timeout_s: float, lines: list[str],
+                  echo: Callable[[str], None] | None = None) -> None:
+    """Read the child's output until a line contains `needle`; keep draining it after
+    (into `lines`, and to `echo` when given), so the child never blocks on a full pipe."""
     found = threading.Event()
 
     def pump() -> None:
         for line in proc.stdout:
             lines.append(line)
+            if echo is not None:
+                echo(line)
             if needle in line:
                 found.set()
         found.set()

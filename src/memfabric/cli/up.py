@@ -24,10 +24,7 @@ def run_up(directory: str, servers: int, capacity_bytes: int, segment_bytes: int
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      preexec_fn=die_with_parent)
             children.append(child)
-            lines: list[str] = []
-            wait_for_line(child, " ready ", READY_TIMEOUT_S, lines)
-            sys.stdout.write("".join(lines))
-            threading.Thread(target=_relay, args=(child, lines), daemon=True).start()
+            wait_for_line(child, " ready ", READY_TIMEOUT_S, [], echo=_echo)
         print(f"memfabric fabric ready: {servers} server(s), ockPath={directory}", flush=True)
         while not stop.wait(0.5):
             for child in children:
@@ -51,13 +48,7 @@ def run_up(directory: str, servers: int, capacity_bytes: int, segment_bytes: int
     return 0
 
 
-def _relay(child: subprocess.Popen, lines: list[str]) -> None:
-    # wait_for_line's pump keeps appending to `lines`; print what arrives after ready.
-    import time
-    seen = len(lines)
-    while child.poll() is None or seen < len(lines):
-        while seen < len(lines):
-            sys.stdout.write(lines[seen])
-            seen += 1
-        sys.stdout.flush()
-        time.sleep(0.1)
+
+def _echo(line: str) -> None:
+    sys.stdout.write(line)
+    sys.stdout.flush()

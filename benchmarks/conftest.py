@@ -1,0 +1,21 @@
+import tempfile
+
+import pytest
+
+import memfabric
+from memfabric.launcher import LocalFabric
+
+
+@pytest.fixture(scope="session")
+def session():
+    directory = tempfile.mkdtemp(prefix="mf-bench-", dir="/tmp")
+    with LocalFabric(directory, servers=1, capacity="512MiB"):
+        with memfabric.init(directory) as s:
+            yield s
+
+
+@pytest.fixture
+def ns(session):
+    namespace = session.create_namespace(f"bench-{id(object())}", sec_id="bench")
+    yield namespace
+    namespace.destroy()

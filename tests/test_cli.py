@@ -1,0 +1,149 @@
+"""The command line as an operator uses it: up, server, status, demo; bad configuration."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import memfabric
+from memfabric.launcher import LocalFabric, wait_for_line
+
+from .conftest import short_tmp_dir
+
+MF = [sys.executable, "-m", "memfabric"]
+
+
+def write(path: str, text: str) -> str:
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def server_toml(directory: str, pool: str, extra_server: str = "") -> str:
+    return (f'[server]\ndata_dir = "{directory}/data"\nipc_socket = "{directory}/s.sock"\n'
+            f'segment_size = "1MiB"\n{extra_server}\n'
+            f'[cluster]\nbackend = "embedded"\npath = "{directory}/cluster.db"\n\n{pool}')
+
+
+DRAM_POOL = '[[pool]]\nname = "default"\nmedium = "dram"\ncapacity = "8MiB"\n'
+
+
+@pytest.mark.parametrize("pool, server_extra, key", [
+    ('[[pool]]\nname = "default"\nmedium = "tape"\ncapacity = "8MiB"\n', "", "pool[0].medium"),
+    ('[[pool]]\nname = "default"\nmedium = "dram"\ncapacity = "3000"\n', "", "pool[0].capacity"),
+    ('[[pool]]\nname = "default"\nmedium = "dram"\ncapacity = "lots"\n', "", "pool[0].capacity"),
+    ('[[pool]]\nname = "default"\nmedium = "ramdisk"\ncapacity = "8MiB"\n', "", "pool[0].path"),
+    (DRAM_POOL, 'colour = "blue"', "server.colour"),
+    (DRAM_POOL, 'rpc_listen = "nowhere"', "server.rpc_listen"),
+    (DRAM_POOL, 'max_clients = 0', "server.max_clients"),
+    (DRAM_POOL + DRAM_POOL, "", "pool[1].name"),
+])
+def test_bad_server_config_names_the_key_and_exits_2(pool, server_extra, key):
+    directory = short_tmp_dir("mf-cfg-")
+    path = write(os.path.join(directory, "server.toml"), server_toml(directory, pool, server_extra))
+    proc = subprocess.run(MF + ["server", "--config", path], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    assert key in proc.stderr
+    assert proc.stderr.count("\n") == 1, "one clear message, not a traceback"
+
+
+def test_unparseable_and_missing_config_exit_2():
+    directory = short_tmp_dir("mf-cfg-")
+    bad = write(os.path.join(directory, "bad.toml"), "[server\n")
+    for path in (bad, os.path.join(directory, "missing.toml")):
+        proc = subprocess.run(MF + ["server", "--config", path], capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 2
+        assert path in proc.stderr
+
+
+@pytest.mark.parametrize("medium", ["ramdisk", "pmem"])
+def test_server_from_config_with_file_media(medium):
+    directory = short_tmp_dir("mf-srv-")
+    pool = (f'[[pool]]\nname = "files"\nmedium = "{medium}"\ncapacity = "4MiB"\n'
+            f'path = "{directory}/{medium}"\n')
+    path = write(os.path.join(directory, "server.toml"), server_toml(directory, pool))
+    proc = subprocess.Popen(MF + ["server", "--config", path], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_line(proc, " ready ", 30, [])
+        assert sorted(os.listdir(f"{directory}/{medium}")) == [f"segment-0000{i}.mem" for i in range(4)]
+        with memfabric.init(path) as session:
+            ns = session.create_namespace("n", sec_id="k", pool="files")
+            bm = ns.alloc(3 << 20)
+            bm.write(b"x" * (3 << 20))
+            assert bm.read(1 << 20, 3) == b"xxx"
+            with pytest.raises(memfabric.OutOfMemory):
+                ns.alloc(2 << 20)
+            with pytest.raises(memfabric.NoSuchPool):
+                session.create_namespace("n2", sec_id="k", pool="nope")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    assert not os.path.exists(f"{directory}/s.sock"), "socket left behind"
+
+
+def test_up_status_and_clean_stop():
+    directory = short_tmp_dir("mf-up-")
+    fab = LocalFabric(directory, servers=3, capacity="8MiB", segment_size="1MiB").start()
+    try:
+        pids = fab.server_pids()
+        assert sorted(pids) == [1, 2, 3]
+        with memfabric.init(directory) as session:
+            session.create_namespace("shown", sec_id="k", attribute=7)
+        proc = subprocess.run(MF + ["status", "--dir", directory, "--json"], capture_output=True,
+                              text=True, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+        state = json.loads(proc.stdout)
+        assert [s["server_id"] for s in state["servers"]] == [1, 2, 3]
+        assert all(s["alive"] for s in state["servers"])
+        assert all(s["pools"]["default"]["capacity_bytes"] == 8 << 20 for s in state["servers"])
+        assert state["namespaces"] == [{"pool": "default", "ns": "shown", "attribute": 7}]
+        table = subprocess.run(MF + ["status", "--dir", directory], capture_output=True, text=True, timeout=30)
+        assert table.returncode == 0 and "shown" in table.stdout and "alive" in table.stdout
+    finally:
+        assert fab.stop() == 0
+    for pid in pids.values():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)   # no server left behind
+    assert not any(os.path.exists(f"{directory}/server-{i}/ipc.sock") for i in (1, 2, 3))
+    state = json.loads(subprocess.run(MF + ["status", "--dir", directory, "--json"], capture_output=True,
+                                      text=True, timeout=30).stdout)
+    assert not any(s["alive"] for s in state["servers"]), "servers deregistered on stop"
+
+
+def test_restarted_server_keeps_its_id():
+    directory = short_tmp_dir("mf-id-")
+    for _ in range(2):
+        with LocalFabric(directory, servers=2, capacity="4MiB", segment_size="1MiB") as fab:
+            assert sorted(fab.server_pids()) == [1, 2]
+
+
+def test_up_stops_on_sigint_and_twice_in_a_row():
+    directory = short_tmp_dir("mf-int-")
+    for _ in range(2):
+        proc = subprocess.Popen(MF + ["up", "--dir", directory, "--capacity", "4MiB", "--segment-size", "1MiB"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines: list[str] = []
+        wait_for_line(proc, "fabric ready", 30, lines)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(15) == 0
+        deadline = time.monotonic() + 5
+        while "fabric stopped" not in "".join(lines) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "fabric stopped" in "".join(lines)
+
+
+def test_demo_runs_every_operation():
+    proc = subprocess.run(MF + ["demo"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for call in ("BM_Init", "BM_CreateNSSec", "BM_AllocSec", "BM_WriteSec", "BM_ReadSec", "BM_MapSec",
+                 "BM_Unmap", "BM_CopySec", "BM_ExpandSec", "BM_GatherSec", "BM_QueryNSCache",
+                 "BM_BatchFreeSec", "BM_FreeSec", "BM_DestroyNSSec", "BM_Exit"):
+        assert call in proc.stdout
+    assert "every step gave the expected result" in proc.stdout
