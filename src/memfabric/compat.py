@@ -70,7 +70,7 @@ def _coded(fn: Callable[..., Any]) -> Callable[..., Any]:
         except MemfabricError as exc:
             code = int(exc.code)
             return (code, None) if fn.__name__ in _PAIRED else code
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError):
             code = int(BmError.INVALID_ARGUMENT)
             return (code, None) if fn.__name__ in _PAIRED else code
         return result

@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any
 
-from ..errors import (MemfabricError, ProtocolError, ServerUnavailable, Timeout, error_from_code)
+from ..errors import (ProtocolError, ServerUnavailable, Timeout, error_from_code)
 from ..limits import DEFAULT_REQUEST_TIMEOUT_S, MAX_FDS_PER_MESSAGE
 from ..transport.ipc import IpcChannel, PeerClosed
 

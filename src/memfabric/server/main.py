@@ -20,7 +20,7 @@ def run_server(config_path: str) -> int:
     except ConfigError as exc:
         print(f"memfabric server: bad configuration: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s server %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s server %(levelname)s %(message)s")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -19,14 +19,13 @@ import numpy as np
 
 from ..cluster import ClusterService, ServerRecord, open_cluster
 from ..core import placement
-from ..core.allocator import Extent, round_up
-from ..core.namespaces import (NamespaceRecord, check_attribute, check_name, check_sec_id, hash_sec_id,
+from ..core.allocator import Extent
+from ..core.namespaces import (check_attribute, check_name, check_sec_id, hash_sec_id,
                                sec_id_matches)
 from ..core.objects import ObjectRecord, Placement, parse_bm_id
 from ..datapath.layout import Layout, build_layout, check_range, copy_between, write_at
 from ..datapath.link import Creds, ServerLink
-from ..errors import (InvalidArgument, LimitExceeded, MemfabricError, NoSuchNamespace, NoSuchObject,
-                      NoSuchPool, OutOfMemory, PermissionDenied, ServerUnavailable)
+from ..errors import (InvalidArgument, MemfabricError, NoSuchNamespace, NoSuchPool, OutOfMemory, PermissionDenied, ServerUnavailable)
 from ..limits import (MAX_BATCH_IDS, MAX_FDS_PER_MESSAGE, MAX_GATHER_INPUTS, MAX_OBJECT_BYTES,
                       PAGE_SIZE_BYTES, REUSE_GRACE_S)
 from .config import ServerConfig
