@@ -51,8 +51,11 @@ class AllocatorMachine(RuleBasedStateMachine):
         super().__init__()
         self.a: SegmentAllocator | None = None
 
-    @initialize(segment_count=st.integers(1, 5), pages_per_segment=st.integers(1, 6))
-    def setup(self, segment_count: int, pages_per_segment: int) -> None:
+    @initialize(segment_count=st.integers(1, 5), pages_per_segment=st.integers(1, 6),
+                initial=st.lists(st.tuples(st.sampled_from(OWNERS), st.integers(1, 8 * PAGE)),
+                                 max_size=4))
+    def setup(self, segment_count: int, pages_per_segment: int,
+              initial: list[tuple[str, int]]) -> None:
         self.seg_size = pages_per_segment * PAGE
         self.seg_count = segment_count
         self.a = SegmentAllocator(segment_count, self.seg_size, PAGE, GRACE)
@@ -63,6 +66,10 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.holders: dict[int, set[str]] = {}          # segment -> holders (model)
         self.held_owner: dict[int, str | None] = {}     # owner seen while continuously held
         self.resting: list[tuple[float, str, Extent]] = []  # released, not yet matured
+        # A few allocations up front, so that every rule has something to act on even
+        # in runs where the generator leaves `allocate` out.
+        for owner, size in initial:
+            self._do_allocate(owner, size)
 
     # ---- helpers -----------------------------------------------------------------
 
@@ -79,18 +86,28 @@ class AllocatorMachine(RuleBasedStateMachine):
         live_before = a.live_bytes()
         owner_live_before = a.live_bytes(owner)
         owners_before = [a.owner_of(s) for s in range(self.seg_count)]
-        # Segments nobody owns or holds can always be lent: if they cover the request,
-        # the allocation must not fail.
-        surely_free = sum(1 for s in range(self.seg_count)
-                          if owners_before[s] is None and not self._held(s)) * self.seg_size
         # The allocator matures rest by the clock on every allocate call.
         young = [r for r in self.resting if r[0] > self.now]
         self.resting = young
+        # What the pool can give this owner, by the model: free bytes of its own segments,
+        # plus every unheld segment that is unowned or is another owner's and empty.
+        used = {s: 0 for s in range(self.seg_count)}
+        for _, _, al in self.live.values():
+            for e in al.extents:
+                used[e.segment] += e.length
+        for _, _, e in young:
+            used[e.segment] += e.length
+        available = 0
+        for s in range(self.seg_count):
+            if owners_before[s] == owner:
+                available += self.seg_size - used[s]
+            elif not self._held(s) and (owners_before[s] is None or used[s] == 0):
+                available += self.seg_size
         try:
             alloc = a.allocate(owner, size, self.now)
         except errors.OutOfMemory as exc:
-            assert surely_free < need, (
-                f"OutOfMemory for {need} bytes with {surely_free} bytes in free, unheld segments")
+            assert available < need, (
+                f"OutOfMemory for {need} bytes with {available} bytes available to {owner!r}")
             # Never a partial allocation.
             assert a.live_bytes() == live_before
             assert a.live_bytes(owner) == owner_live_before
@@ -99,6 +116,7 @@ class AllocatorMachine(RuleBasedStateMachine):
                 assert exc.retry_at_s > self.now, "retry hint must lie in the future"
             return None
 
+        assert available >= need, f"{need} bytes allocated, model says {available} available"
         extents = alloc.extents
         assert sum(e.length for e in extents) == need
         assert a.live_bytes() == live_before + need

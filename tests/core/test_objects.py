@@ -22,7 +22,7 @@ from memfabric.limits import MAX_EXTENTS_PER_OBJECT
 
 SERVER = 7
 HOLDERS = ("c1", "c2")
-BM_ID_FORM = re.compile(r"([0-9]+)-([0-9]+)-([0-9]+)")
+BM_ID_FORM = re.compile(r"(0|[1-9][0-9]*)-(0|[1-9][0-9]*)-(0|[1-9][0-9]*)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -35,8 +35,11 @@ class ObjectTableMachine(RuleBasedStateMachine):
         super().__init__()
         self.t: ObjectTable | None = None
 
-    @initialize(max_objects=st.integers(1, 5))
-    def setup(self, max_objects: int) -> None:
+    @initialize(max_objects=st.integers(1, 5),
+                initial=st.lists(st.tuples(st.integers(1, 100),
+                                           st.lists(st.sampled_from(HOLDERS), max_size=3)),
+                                 max_size=5))
+    def setup(self, max_objects: int, initial: list[tuple[int, list[str]]]) -> None:
         self.max_objects = max_objects
         self.t = ObjectTable(SERVER, max_objects)
         self.live: dict[str, dict] = {}          # bm_id -> {"size", "extents", "pins"}
@@ -46,6 +49,16 @@ class ObjectTableMachine(RuleBasedStateMachine):
         self.returned: Counter[Placement] = Counter()   # extents handed back for release
         self.made: list[Placement] = []          # every extent ever given to the table
         self.next_extent = 0
+        # Start with some (possibly pinned) objects, so that every rule has something
+        # to act on even in runs where the generator leaves `create` out.
+        for size, pins in initial[:max_objects]:
+            record = self.t.create(size, self._extents([size]))
+            self.issued.append(record.bm_id)
+            self.live[record.bm_id] = {"size": size, "extents": list(record.extents),
+                                       "pins": Counter()}
+            for holder in pins:
+                self.t.pin(record.bm_id, holder)
+                self.live[record.bm_id]["pins"][holder] += 1
 
     # ---- helpers -----------------------------------------------------------------
 
@@ -152,16 +165,17 @@ class ObjectTableMachine(RuleBasedStateMachine):
                 self.t.expand(bm_id, obj["size"] - 1, [])
 
     @precondition(lambda self: bool(self.issued))
-    @rule(holder=st.sampled_from(HOLDERS), data=st.data())
-    def pin(self, holder: str, data: st.DataObject) -> None:
+    @rule(holder=st.sampled_from(HOLDERS), times=st.integers(1, 2), data=st.data())
+    def pin(self, holder: str, times: int, data: st.DataObject) -> None:
         bm_id = self._pick(data)
         if bm_id not in self.live:
             with pytest.raises(errors.NoSuchObject):
                 self.t.pin(bm_id, holder)
             return
-        record = self.t.pin(bm_id, holder)
-        self.live[bm_id]["pins"][holder] += 1
-        assert record.pins == dict(self.live[bm_id]["pins"])
+        for _ in range(times):
+            record = self.t.pin(bm_id, holder)
+            self.live[bm_id]["pins"][holder] += 1
+            assert record.pins == dict(self.live[bm_id]["pins"])
 
     @precondition(lambda self: bool(self.issued))
     @rule(holder=st.sampled_from(HOLDERS), data=st.data())
@@ -186,8 +200,12 @@ class ObjectTableMachine(RuleBasedStateMachine):
         else:
             assert out == []
 
-    @rule(holder=st.sampled_from(HOLDERS))
-    def unpin_all(self, holder: str) -> None:
+    # unpin_all and drop_all wipe most state: the `rare` draw makes them act a quarter
+    # of the time, so pinned-then-freed objects live long enough to be exercised.
+    @rule(holder=st.sampled_from(HOLDERS), rare=st.integers(0, 3))
+    def unpin_all(self, holder: str, rare: int) -> None:
+        if rare:
+            return
         out = self.t.unpin_all(holder)
         expected: list[Placement] = []
         for obj in self.live.values():
@@ -201,8 +219,10 @@ class ObjectTableMachine(RuleBasedStateMachine):
         assert Counter(out) == Counter(expected)
         self._hand_back(out)
 
-    @rule()
-    def drop_all(self) -> None:
+    @rule(rare=st.integers(0, 3))
+    def drop_all(self, rare: int) -> None:
+        if rare:
+            return
         records = self.t.drop_all()
         ids = [r.bm_id for r in records]
         assert sorted(ids) == sorted(list(self.live) + list(self.pinned_dead))
@@ -284,10 +304,6 @@ def test_parse_bm_id_accepts_only_server_slot_generation(s):
     assert gen >= 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: parse_bm_id accepts non-canonical ids with leading zeros ('01-0-1' resolves to "
-    "object '1-0-1'), so one object has many spellings; ObjectTable keys pinned-dead "
-    "records by the spelling given to free(), see test_free_by_alias_then_unpin_by_id"))
 @settings(max_examples=200, deadline=None)
 @given(st.from_regex(r"\A[0-9]{1,4}-[0-9]{1,4}-[0-9]{1,4}\Z"))
 def test_parse_bm_id_accepts_only_canonical_spelling(s):
@@ -298,17 +314,15 @@ def test_parse_bm_id_accepts_only_canonical_spelling(s):
     assert format_bm_id(*parsed) == s
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: free('0'+id) of a pinned object stores it in _pinned_dead under the alias; "
-    "unpin(id) with the real id then raises NoSuchObject and the extents are never "
-    "released by unpin (only unpin_all/drop_all find them)"))
-def test_free_by_alias_then_unpin_by_id():
+def test_free_by_alias_is_refused_and_unpin_by_id_still_releases():
     t = ObjectTable(1, 4)
     ext = [Placement(1, 0, 0, 4096)]
     rec = t.create(100, ext)
     assert rec.bm_id == "1-0-1"
     t.pin(rec.bm_id, "c")
-    assert t.free("01-0-1") == []
+    with pytest.raises(errors.InvalidArgument):
+        t.free("01-0-1")
+    assert t.free(rec.bm_id) == []
     assert t.unpin(rec.bm_id, "c") == ext
 
 

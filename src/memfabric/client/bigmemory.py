@@ -71,8 +71,12 @@ class BigMemory:
         lay = self._layout
         gens = lay.gens
         i = lay.gen_index
-        if gens[i] != lay.generation:
-            raise NoSuchObject(f"object {self.bm_id} was freed")
+        try:
+            alive = gens[i] == lay.generation
+        except ValueError:   # the session let go of the namespace's memory: it was destroyed
+            alive = False
+        if not alive:
+            raise NoSuchObject(f"object {self.bm_id} was freed (or its namespace destroyed)")
         if gens[i + 1] != lay.size:      # expanded by someone: pick up the new extents
             self.refresh()
             lay = self._layout
@@ -86,7 +90,10 @@ class BigMemory:
         """Copy `data` (any buffer) into the object at `offset`; all of it or nothing."""
         src = as_bytes_view(data)
         lay = self._checked()
-        write_at(lay, offset, src)
+        try:
+            write_at(lay, offset, src)
+        except ValueError:
+            raise NoSuchObject(f"object {self.bm_id}: its namespace was destroyed") from None
         if lay.gens[lay.gen_index] != lay.generation:
             raise NoSuchObject(f"object {self.bm_id} was freed during the write")
 
@@ -99,12 +106,16 @@ class BigMemory:
                 if type(length) is not int or not 0 <= length <= dst.nbytes:
                     raise InvalidArgument(f"length {length!r} does not fit the {dst.nbytes}-byte buffer")
                 dst = dst[:length]
-            read_into(lay, offset, dst)
-            data = None
-        else:
-            if length is None:
-                length = lay.size - offset if type(offset) is int else 0
-            data = read_bytes(lay, offset, length)
+        elif length is None:
+            length = lay.size - offset if type(offset) is int else 0
+        try:
+            if into is not None:
+                read_into(lay, offset, dst)
+                data = None
+            else:
+                data = read_bytes(lay, offset, length)
+        except ValueError:
+            raise NoSuchObject(f"object {self.bm_id}: its namespace was destroyed") from None
         if lay.gens[lay.gen_index] != lay.generation:
             raise NoSuchObject(f"object {self.bm_id} was freed during the read")
         return data

@@ -205,10 +205,13 @@ class Namespace:
         return result, reply["length"]
 
     def destroy(self) -> None:
+        """Destroy the namespace and every object in it, on every server."""
         self.session.local.call("ns_destroy", **self.wire_creds)
         for bm_id, bm in list(self.session._handles.items()):
             if bm.namespace.creds[:2] == self.creds[:2]:
                 self.session.forget(bm_id)
+        for link in list(self.session._links.values()):
+            link.release_namespace(self.pool, self.name)   # so the servers may lend it again
 
 
 def init(ock_path: str, *, server: int | None = None, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> Session:

@@ -96,6 +96,12 @@ class SegmentAllocator:
         """Bytes not live and not resting: what an allocation could get after the grace."""
         return self.capacity_bytes - self.live_bytes() - self.resting_bytes()
 
+    def available_bytes(self) -> int:
+        """What placement may count on: free now or after the reuse grace, less segments that
+        no namespace owns but a client still maps (they cannot be lent until it lets go)."""
+        stuck = sum(self.segment_size_bytes for s in self._segments if s.owner is None and s.holders)
+        return self.capacity_bytes - self.live_bytes() - stuck
+
     def owner_of(self, segment: int) -> Hashable | None:
         return self._segments[segment].owner
 

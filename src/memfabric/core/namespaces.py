@@ -57,7 +57,11 @@ def check_attribute(attribute: object) -> int:
 
 def hash_sec_id(sec_id: bytes, salt: bytes | None = None) -> tuple[str, str]:
     salt = os.urandom(16) if salt is None else salt
-    digest = hashlib.pbkdf2_hmac("sha256", sec_id, salt, SEC_HASH_ITERATIONS)
+    # PBKDF2 uses the secret as an HMAC key, and HMAC zero-pads short keys and hashes long
+    # ones: b"k" and b"k\0" would match, and so would X and sha256(X). A length-prefixed
+    # digest first gives every secId one fixed-length key of its own.
+    key = hashlib.sha256(len(sec_id).to_bytes(4, "big") + sec_id).digest()
+    digest = hashlib.pbkdf2_hmac("sha256", key, salt, SEC_HASH_ITERATIONS)
     return salt.hex(), digest.hex()
 
 

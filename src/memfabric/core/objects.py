@@ -47,7 +47,8 @@ def parse_bm_id(bm_id: object) -> tuple[int, int, int]:
     if not isinstance(bm_id, str) or not 5 <= len(bm_id) <= 64:
         raise InvalidArgument(f"bm_id must be a string like '1-0-1', got {bm_id!r}")
     parts = bm_id.split("-")
-    if len(parts) != 3 or not all(p.isdigit() and p.isascii() for p in parts):
+    # One spelling per object: no leading zeros, or "1-0-01" would alias "1-0-1".
+    if len(parts) != 3 or not all(p.isdigit() and p.isascii() and str(int(p)) == p for p in parts):
         raise InvalidArgument(f"bm_id {bm_id!r} is not of the form SERVER-SLOT-GENERATION")
     server_id, slot, generation = (int(p) for p in parts)
     if generation == 0:

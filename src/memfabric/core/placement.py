@@ -38,26 +38,26 @@ def plan(policy: str, size_bytes: int, free_by_server: Mapping[int, int], local_
 
 
 def _spread(need: int, free_by_server: Mapping[int, int], page_bytes: int) -> list[tuple[int, int]]:
-    """Stripe evenly; servers short of their share give what they have (water-filling)."""
-    free = {s: (f // page_bytes) * page_bytes for s, f in free_by_server.items() if f >= page_bytes}
-    if sum(free.values()) < need:
-        raise OutOfMemory(f"the pool has {sum(free.values())} bytes free across "
-                          f"{len(free)} servers, {need} asked")
+    """Stripe evenly, in whole pages: servers with room get shares within one page of each
+    other; servers short of the even share give all they have (water-filling)."""
+    free_pages = {s: f // page_bytes for s, f in free_by_server.items() if f >= page_bytes}
+    remaining = need // page_bytes
+    if sum(free_pages.values()) < remaining:
+        raise OutOfMemory(f"the pool has {sum(free_pages.values()) * page_bytes} bytes free across "
+                          f"{len(free_pages)} servers, {need} asked")
     shares: dict[int, int] = {}
-    remaining = need
-    open_servers = sorted(free)
+    open_servers = sorted(free_pages)
     while remaining:
-        per = round_up(-(-remaining // len(open_servers)), page_bytes)
-        short = [s for s in open_servers if free[s] < per]
+        even = -(-remaining // len(open_servers))
+        short = [s for s in open_servers if free_pages[s] < even]
         if short:
-            for server in short:           # give all they have, share the rest again
-                take = min(free[server], remaining)
-                shares[server] = take
-                remaining -= take
+            for server in short:
+                shares[server] = free_pages[server]
+                remaining -= free_pages[server]
                 open_servers.remove(server)
             continue
-        for server in open_servers:
-            take = min(per, remaining)
-            shares[server] = take
-            remaining -= take
-    return sorted((s, n) for s, n in shares.items() if n)
+        base, extra = divmod(remaining, len(open_servers))
+        for i, server in enumerate(open_servers):
+            shares[server] = base + (1 if i < extra else 0)
+        remaining = 0
+    return sorted((s, n * page_bytes) for s, n in shares.items() if n)

@@ -121,13 +121,21 @@ def read_bytes(layout: Layout, offset: int, length: int) -> bytes:
 
 
 def copy_between(src: Layout, src_offset: int, dst: Layout, dst_offset: int, length: int) -> None:
-    """Object to object, piece by piece; both ranges are checked before a byte moves."""
+    """Object to object, piece by piece; both ranges are checked before a byte moves.
+
+    Like memmove: when source and destination overlap in one object and the destination
+    is higher, the pieces are copied from the end so no source byte is overwritten first.
+    """
     check_range(src.bm_id, src.size, src_offset, length)
     check_range(dst.bm_id, dst.size, dst_offset, length)
     dst_spans = list(dst.spans(dst_offset, length))
+    moves = []
     for sview, sa, sb, spos in src.spans(src_offset, length):
-        # Overlapping copies within one object: memoryview assignment is memmove-safe.
         for dview, da, db, dpos in dst_spans:
             lo, hi = max(spos, dpos), min(spos + sb - sa, dpos + db - da)
             if lo < hi:
-                dview[da + lo - dpos: da + hi - dpos] = sview[sa + lo - spos: sa + hi - spos]
+                moves.append((dview, da + lo - dpos, da + hi - dpos, sview, sa + lo - spos, sa + hi - spos))
+    if src.bm_id == dst.bm_id and dst_offset > src_offset:
+        moves.reverse()
+    for dview, da, db, sview, sa, sb in moves:
+        dview[da:db] = sview[sa:sb]    # memoryview assignment is memmove-safe within a piece

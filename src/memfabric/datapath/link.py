@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any
 
-from ..errors import (ProtocolError, ServerUnavailable, Timeout, error_from_code)
+from ..errors import BmError, MemfabricError, ProtocolError, ServerUnavailable, Timeout, error_from_code
 from ..limits import DEFAULT_REQUEST_TIMEOUT_S, MAX_FDS_PER_MESSAGE
 from ..transport.ipc import IpcChannel, PeerClosed
 
@@ -25,9 +25,10 @@ LIVENESS_CHECK_EVERY_S = 0.002
 
 
 class _Mapped:
-    __slots__ = ("fd", "mapping", "view", "size")
+    __slots__ = ("fd", "mapping", "view", "size", "ns")
 
-    def __init__(self, fd: int, size: int, readonly: bool) -> None:
+    def __init__(self, fd: int, size: int, readonly: bool, ns: str = "") -> None:
+        self.ns = ns
         prot = mmap.PROT_READ | (0 if readonly else mmap.PROT_WRITE)
         self.fd = fd
         self.size = size
@@ -101,6 +102,8 @@ class ServerLink:
         if "error" in reply:
             for fd in fds:
                 os.close(fd)
+            if reply["error"] == BmError.NO_SUCH_NAMESPACE and op != "segments_release":
+                self.release_namespace(str(args.get("pool")), str(args.get("ns")))
             raise error_from_code(reply["error"], str(reply.get("msg", "")))
         return reply, fds
 
@@ -160,7 +163,21 @@ class ServerLink:
                     os.close(fd)
                 raise ProtocolError(f"asked for {len(batch)} segments, got {len(fds)} fds")
             for segment, fd in zip(batch, fds):
-                self._segments[(pool, segment)] = _Mapped(fd, reply["segment_bytes"], readonly=False)
+                self._segments[(pool, segment)] = _Mapped(fd, reply["segment_bytes"], readonly=False,
+                                                          ns=creds[1])
+
+    def release_namespace(self, pool: str, ns: str) -> None:
+        """Unmap a gone namespace's segments and tell the server, so it can lend them again."""
+        gone = [key for key, m in self._segments.items() if key[0] == pool and m.ns == ns]
+        for key in gone:
+            self._segments.pop(key).close()
+        for key in [k for k in self._gen_tables if k[:2] == (pool, ns)]:
+            self._gen_tables.pop(key)[0].close()
+        if gone and not self._closed:
+            try:
+                self.call("segments_release", pool=pool, segments=[seg for _, seg in gone])
+            except MemfabricError:
+                pass   # the server is gone: nothing is held there any more
 
     def close(self) -> None:
         with self._lock:

@@ -135,16 +135,19 @@ class Server:
 
     def disconnected(self, conn: Connection) -> None:
         """A client went away: its segments and mappings no longer keep memory from reuse."""
-        to_release: list[tuple[NamespaceState, list[Placement]]] = []
+        to_release: list[tuple[NamespaceState, list[Placement], Creds | None]] = []
         with self.lock:
             for pool in self.pools.values():
                 pool.allocator.let_go(conn.id)
-            for state in self.namespaces.values():
+            for (pool_name, ns), state in self.namespaces.items():
                 freed = state.table.unpin_all(conn.id)
                 if freed:
-                    to_release.append((state, freed))
-        for state, extents in to_release:
-            self._release(state, extents, creds=None)
+                    # The secId this client proved lets us give back extents held by peers.
+                    proven = conn.verified.get((pool_name, ns))
+                    creds = (pool_name, ns, proven[1]) if proven else None
+                    to_release.append((state, freed, creds))
+        for state, extents, creds in to_release:
+            self._release(state, extents, creds)
 
     # ---- namespaces ---------------------------------------------------------------------
 
@@ -227,10 +230,15 @@ class Server:
             if state is None or state.record.incarnation != incarnation:
                 return
             del self.namespaces[(pool, ns)]
+            state.close()   # generation words go to 0 first: every handle's check fails from now on
             state.table.drop_all()
-            state.close()   # generation words go to 0: every handle and mapping check fails
             if pool in self.pools:
                 self.pools[pool].allocator.drop_owner(state.key)
+        # This server's own links to peers must not keep that namespace's segments from reuse.
+        with self._peers_lock:
+            peers = list(self._peers.values())
+        for link in peers:
+            link.release_namespace(pool, ns)
 
     def op_ns_query(self, conn: Connection, m: dict[str, Any]) -> Reply:
         usage: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
@@ -279,6 +287,16 @@ class Server:
                 pool_state.allocator.hold(segment, conn.id)
         return ({"segment_bytes": self.cfg.segment_bytes},
                 [pool_state.segments[s].fd for s in wanted])
+
+    def op_segments_release(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        pool = check_name("pool", m.get("pool"))
+        segments = m.get("segments")
+        if pool not in self.pools or not isinstance(segments, list) \
+                or not all(type(s) is int and 0 <= s < self.pools[pool].allocator.segment_count for s in segments):
+            raise InvalidArgument("segments_release takes a pool of this server and its segment numbers")
+        with self.lock:
+            self.pools[pool].allocator.let_go(conn.id, segments)
+        return {}
 
     # ---- objects ------------------------------------------------------------------------
 
@@ -412,7 +430,7 @@ class Server:
                 if s.alive and pool in s.pools}
         if pool in self.pools:
             with self.lock:
-                free[self.server_id] = self.pools[pool].allocator.free_bytes()
+                free[self.server_id] = self.pools[pool].allocator.available_bytes()
         return free
 
     def _reserve_local(self, state: NamespaceState, pool: str, size: int) -> list[Extent]:
@@ -497,9 +515,9 @@ class Server:
         return build_layout(d["bm_id"], d["size"], d["generation"], d["slot"], d["extents"], gens, view_of)
 
     def op_copy(self, conn: Connection, m: dict[str, Any]) -> Reply:
-        src_creds, dst_creds = self._creds(m["src"]), self._creds(m["dst"])
-        src = self._layout(src_creds, m["src"].get("bm_id"), conn)
-        dst = self._layout(dst_creds, m["dst"].get("bm_id"), conn)
+        src_m, dst_m = _object_arg(m, "src"), _object_arg(m, "dst")
+        src = self._layout(self._creds(src_m), src_m.get("bm_id"), conn)
+        dst = self._layout(self._creds(dst_m), dst_m.get("bm_id"), conn)
         copy_between(src, m.get("src_offset"), dst, m.get("dst_offset"), m.get("length"))
         src.check_alive()
         dst.check_alive()
@@ -527,13 +545,13 @@ class Server:
             resolved.append((layout, item["offset"], item["length"]))
         lengths = {length for _, _, length in resolved}
         if op == "concat":
-            total = sum(lengths_ for _, _, lengths_ in resolved)
+            total = sum(length for _, _, length in resolved)
         else:
             if len(lengths) != 1 or next(iter(lengths)) % dtype.itemsize:
                 raise InvalidArgument(f"a {op} needs inputs of one length, a multiple of {dtype.itemsize} "
                                       f"({dtype}); got lengths {sorted(lengths)}")
             total = next(iter(lengths))
-        dst_m = m["dst"]
+        dst_m = _object_arg(m, "dst")
         if not dst_m.get("bm_id"):
             made = self.op_alloc(conn, {**dst_m, "size": max(total, 1), "policy": "local"})
             dst_m = {**dst_m, "bm_id": made["bm_id"]}
@@ -589,6 +607,13 @@ def _describe(record: ObjectRecord, state: NamespaceState) -> dict[str, Any]:
     return {"bm_id": record.bm_id, "size": record.size_bytes, "generation": record.generation,
             "slot": record.slot, "incarnation": state.record.incarnation,
             "extents": [[e.server_id, e.segment, e.offset, e.length] for e in record.extents]}
+
+
+def _object_arg(m: dict[str, Any], key: str) -> dict[str, Any]:
+    value = m.get(key)
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{key} must be a map of pool, ns, sec and bm_id")
+    return value
 
 
 def _size_arg(m: dict[str, Any], key: str) -> int:

@@ -41,7 +41,7 @@ class PoolState:
     def summary(self) -> dict:
         a = self.allocator
         return {"medium": self.medium_kind, "capacity_bytes": a.capacity_bytes,
-                "used_bytes": a.live_bytes(), "free_bytes": a.free_bytes(),
+                "used_bytes": a.live_bytes(), "free_bytes": a.available_bytes(),
                 "segment_bytes": a.segment_size_bytes}
 
     def close(self) -> None:
