@@ -55,10 +55,12 @@ class EmbeddedCluster:
         except sqlite3.Error as exc:
             raise IOError_(f"cannot open the cluster database {path}: {exc}") from None
 
-    def _run(self, fn):
+    def _run(self, fn, write: bool = True):
         with self._lock:
             try:
-                self._db.execute("BEGIN IMMEDIATE")
+                # Writers take the lock up front (no upgrade deadlocks); readers see a WAL snapshot
+                # and never wait for another server's heartbeat.
+                self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
                 try:
                     result = fn(self._db)
                 except BaseException:
@@ -109,7 +111,7 @@ class EmbeddedCluster:
             return [ServerRecord(sid, host, ipc, rpc, pid,
                                  bool(up) and now - hb < self.liveness_timeout_s, hb, json.loads(pools))
                     for sid, host, ipc, rpc, pid, up, hb, pools in rows]
-        return self._run(txn)
+        return self._run(txn, write=False)
 
     # ---- namespaces ---------------------------------------------------------------
 
@@ -129,7 +131,7 @@ class EmbeddedCluster:
     def get_namespace(self, pool: str, ns: str) -> NamespaceRecord | None:
         row = self._run(lambda db: db.execute(
             "SELECT pool, ns, attribute, salt, sec_hash, incarnation FROM namespaces "
-            "WHERE pool=? AND ns=?", (pool, ns)).fetchone())
+            "WHERE pool=? AND ns=?", (pool, ns)).fetchone(), write=False)
         return None if row is None else NamespaceRecord(*row)
 
     def delete_namespace(self, pool: str, ns: str, incarnation: int) -> bool:
@@ -140,7 +142,7 @@ class EmbeddedCluster:
     def namespaces(self) -> list[NamespaceRecord]:
         rows = self._run(lambda db: db.execute(
             "SELECT pool, ns, attribute, salt, sec_hash, incarnation FROM namespaces "
-            "ORDER BY pool, ns").fetchall())
+            "ORDER BY pool, ns").fetchall(), write=False)
         return [NamespaceRecord(*row) for row in rows]
 
     def close(self) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..cluster import ClusterService, ServerRecord, open_cluster
 from ..core import placement
-from ..core.allocator import Extent
+from ..core.allocator import Extent, round_up
 from ..core.namespaces import (check_attribute, check_name, check_sec_id, hash_sec_id,
                                sec_id_matches)
 from ..core.objects import ObjectRecord, Placement, parse_bm_id
@@ -309,7 +309,10 @@ class Server:
             raise InvalidArgument(f"server_id must be an int, got {target!r}")
         if policy == "server" and target == self.server_id:
             policy = "local"
-        shares = placement.plan(policy, size, self._free_by_server(creds[0]), self.server_id, target)
+        if policy == "local" and self._local_room(creds[0]) >= round_up(size, PAGE_SIZE_BYTES):
+            shares = [(self.server_id, size)]     # the common case needs no cluster view
+        else:
+            shares = placement.plan(policy, size, self._free_by_server(creds[0]), self.server_id, target)
         extents = self._reserve(state, creds, shares)
         with self.lock:
             try:
@@ -424,6 +427,12 @@ class Server:
             state.lent_out.difference_update(extents)
             self.pools[pool].allocator.release(state.key, extents, time.monotonic())
         return {}
+
+    def _local_room(self, pool: str) -> int:
+        if pool not in self.pools:
+            return 0
+        with self.lock:
+            return self.pools[pool].allocator.available_bytes()
 
     def _free_by_server(self, pool: str) -> dict[int, int]:
         free = {s.server_id: s.pools[pool]["free_bytes"] for s in self.view()
