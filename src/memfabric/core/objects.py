@@ -63,6 +63,7 @@ class ObjectTable:
         self._live: dict[int, ObjectRecord] = {}          # slot -> record
         self._generations: list[int] = []                  # last generation used per slot
         self._free_slots: list[int] = []
+        self._claimed: set[int] = set()
         # Freed while a client still maps it: its extents wait for the last unpin.
         self._pinned_dead: dict[str, ObjectRecord] = {}
 
@@ -75,13 +76,9 @@ class ObjectTable:
     def live_bytes(self) -> int:
         return sum(r.size_bytes for r in self._live.values())
 
-    def create(self, size_bytes: int, extents: list[Placement]) -> ObjectRecord:
-        if size_bytes <= 0:
-            raise InvalidArgument(f"size must be positive, got {size_bytes}")
-        if sum(e.length for e in extents) < size_bytes:
-            raise InvalidArgument("extents do not cover the object")
-        if len(extents) > MAX_EXTENTS_PER_OBJECT:
-            raise LimitExceeded(f"an object may have at most {MAX_EXTENTS_PER_OBJECT} extents")
+    def claim(self) -> str:
+        """Take an id before the object's memory is reserved, so that servers holding its
+        extents can know whose bytes they hold. `create` or `unclaim` must follow."""
         if self._free_slots:
             slot = self._free_slots.pop()
         elif len(self._generations) < self.max_objects:
@@ -90,9 +87,27 @@ class ObjectTable:
         else:
             raise LimitExceeded(f"namespace holds {self.max_objects} objects on this server, the most it may")
         self._generations[slot] += 1
-        generation = self._generations[slot]
-        record = ObjectRecord(format_bm_id(self.server_id, slot, generation), slot, generation,
-                              size_bytes, list(extents))
+        self._claimed.add(slot)
+        return format_bm_id(self.server_id, slot, self._generations[slot])
+
+    def unclaim(self, bm_id: str) -> None:
+        """Give a claimed id back unused; its generation is spent and never becomes live."""
+        _, slot, _ = parse_bm_id(bm_id)
+        self._claimed.remove(slot)
+        self._free_slots.append(slot)
+
+    def create(self, size_bytes: int, extents: list[Placement], claimed: str | None = None) -> ObjectRecord:
+        if size_bytes <= 0:
+            raise InvalidArgument(f"size must be positive, got {size_bytes}")
+        if sum(e.length for e in extents) < size_bytes:
+            raise InvalidArgument("extents do not cover the object")
+        if len(extents) > MAX_EXTENTS_PER_OBJECT:
+            raise LimitExceeded(f"an object may have at most {MAX_EXTENTS_PER_OBJECT} extents")
+        bm_id = claimed if claimed is not None else self.claim()
+        _, slot, generation = parse_bm_id(bm_id)
+        assert slot in self._claimed and self._generations[slot] == generation, f"{bm_id} was not claimed"
+        self._claimed.remove(slot)
+        record = ObjectRecord(bm_id, slot, generation, size_bytes, list(extents))
         self._live[slot] = record
         return record
 
@@ -149,14 +164,18 @@ class ObjectTable:
 
     def unpin_all(self, holder: Hashable) -> list[Placement]:
         """A client went away: drop its pins; returns extents that are now free."""
-        freed: list[Placement] = []
+        return [e for _, extents in self.unpin_all_by_object(holder) for e in extents]
+
+    def unpin_all_by_object(self, holder: Hashable) -> list[tuple[str, list[Placement]]]:
+        """Like unpin_all, with the id of the object each freed extent belonged to."""
+        freed: list[tuple[str, list[Placement]]] = []
         for record in list(self._live.values()):
             record.pins.pop(holder, None)
         for bm_id, record in list(self._pinned_dead.items()):
             record.pins.pop(holder, None)
             if not record.pins:
                 del self._pinned_dead[bm_id]
-                freed.extend(record.extents)
+                freed.append((bm_id, record.extents))
         return freed
 
     def drop_all(self) -> list[ObjectRecord]:

@@ -25,9 +25,10 @@ from ..core.namespaces import (check_attribute, check_name, check_sec_id, hash_s
 from ..core.objects import ObjectRecord, Placement, parse_bm_id
 from ..datapath.layout import Layout, build_layout, check_range, copy_between, write_at
 from ..datapath.link import Creds, ServerLink
-from ..errors import (InvalidArgument, MemfabricError, NoSuchNamespace, NoSuchPool, OutOfMemory, PermissionDenied, ServerUnavailable)
-from ..limits import (MAX_BATCH_IDS, MAX_FDS_PER_MESSAGE, MAX_GATHER_INPUTS, MAX_OBJECT_BYTES,
-                      PAGE_SIZE_BYTES, REUSE_GRACE_S)
+from ..errors import (InvalidArgument, MemfabricError, NoSuchNamespace, NoSuchObject, NoSuchPool, OutOfMemory,
+                      OutOfRange, PermissionDenied, ServerUnavailable)
+from ..limits import (MAX_BATCH_IDS, MAX_EXTENTS_PER_OBJECT, MAX_FDS_PER_MESSAGE, MAX_GATHER_INPUTS,
+                      MAX_OBJECT_BYTES, PAGE_SIZE_BYTES, REUSE_GRACE_S)
 from .config import ServerConfig
 from .state import NamespaceState, PoolState
 
@@ -135,19 +136,18 @@ class Server:
 
     def disconnected(self, conn: Connection) -> None:
         """A client went away: its segments and mappings no longer keep memory from reuse."""
-        to_release: list[tuple[NamespaceState, list[Placement], Creds | None]] = []
+        to_release: list[tuple[NamespaceState, str, list[Placement], Creds | None]] = []
         with self.lock:
             for pool in self.pools.values():
                 pool.allocator.let_go(conn.id)
             for (pool_name, ns), state in self.namespaces.items():
-                freed = state.table.unpin_all(conn.id)
-                if freed:
+                for bm_id, freed in state.table.unpin_all_by_object(conn.id):
                     # The secId this client proved lets us give back extents held by peers.
                     proven = conn.verified.get((pool_name, ns))
                     creds = (pool_name, ns, proven[1]) if proven else None
-                    to_release.append((state, freed, creds))
-        for state, extents, creds in to_release:
-            self._release(state, extents, creds)
+                    to_release.append((state, bm_id, freed, creds))
+        for state, bm_id, extents, creds in to_release:
+            self._release(state, bm_id, extents, creds)
 
     # ---- namespaces ---------------------------------------------------------------------
 
@@ -313,13 +313,16 @@ class Server:
             shares = [(self.server_id, size)]     # the common case needs no cluster view
         else:
             shares = placement.plan(policy, size, self._free_by_server(creds[0]), self.server_id, target)
-        extents = self._reserve(state, creds, shares)
         with self.lock:
-            try:
-                record = state.table.create(size, extents)
-            except MemfabricError:
-                self._release(state, extents, creds)
-                raise
+            bm_id = state.table.claim()
+        try:
+            extents = self._reserve(state, creds, shares, bm_id)
+        except BaseException:
+            with self.lock:
+                state.table.unclaim(bm_id)
+            raise
+        with self.lock:
+            record = state.table.create(size, extents, claimed=bm_id)
             state.publish(record)
         return _describe(record, state)
 
@@ -352,7 +355,7 @@ class Server:
             record = self._lookup(state, bm_id)
             state.retract(record)       # clients' next generation check fails from here on
             extents = state.table.free(record.bm_id)
-        self._release(state, extents, creds)
+        self._release(state, record.bm_id, extents, creds)
 
     def op_expand(self, conn: Connection, m: dict[str, Any]) -> Reply:
         state, creds = self._namespace(conn, m)
@@ -368,14 +371,15 @@ class Server:
             free = self._free_by_server(creds[0])
             try:
                 shares = placement.plan("local", extra, free, self.server_id)
-                extents = self._reserve(state, creds, shares)
+                extents = self._reserve(state, creds, shares, record.bm_id)
             except OutOfMemory:
-                extents = self._reserve(state, creds, placement.plan("spread", extra, free, self.server_id))
+                extents = self._reserve(state, creds, placement.plan("spread", extra, free, self.server_id),
+                                        record.bm_id)
         with self.lock:
             try:
-                record = state.table.expand(m.get("bm_id"), new_size, extents)
+                record = state.table.expand(record.bm_id, new_size, extents)
             except MemfabricError:
-                self._release(state, extents, creds)
+                self._release(state, record.bm_id, extents, creds)
                 raise
             state.publish(record)
         return _describe(record, state)
@@ -392,7 +396,7 @@ class Server:
         parse_bm_id(bm_id)
         with self.lock:
             extents = state.table.unpin(bm_id, conn.id)
-        self._release(state, extents, creds)
+        self._release(state, bm_id, extents, creds)
         return {}
 
     def _lookup(self, state: NamespaceState, bm_id: Any) -> ObjectRecord:
@@ -405,28 +409,62 @@ class Server:
 
     def op_extent_alloc(self, conn: Connection, m: dict[str, Any]) -> Reply:
         state, (pool, _, _) = self._namespace(conn, m)
+        bm_id = m.get("bm_id")
+        if parse_bm_id(bm_id)[0] == self.server_id:
+            raise InvalidArgument(f"object {bm_id} is homed here; extent_alloc is for other homes")
         extents = self._reserve_local(state, pool, _size_arg(m, "size"))
         with self.lock:
-            state.lent_out.update(extents)
+            state.lent_by_object.setdefault(bm_id, []).extend(extents)
         return {"extents": [[self.server_id, e.segment, e.offset, e.length] for e in extents]}
 
     def op_extent_free(self, conn: Connection, m: dict[str, Any]) -> Reply:
         state, (pool, _, _) = self._namespace(conn, m)
+        bm_id = m.get("bm_id")
         raw = m.get("extents")
-        if not isinstance(raw, list) or len(raw) > 4096:
+        if not isinstance(raw, list) or len(raw) > MAX_EXTENTS_PER_OBJECT:
             raise InvalidArgument("extents must be a list")
         with self.lock:
+            held = state.lent_by_object.get(bm_id, [])
             extents = []
             for item in raw:
                 if not (isinstance(item, list) and len(item) == 3 and all(type(v) is int for v in item)):
                     raise InvalidArgument(f"an extent is [segment, offset, length], got {item!r}")
                 extent = Extent(*item)
-                if extent not in state.lent_out:
-                    raise InvalidArgument(f"extent {item} was not lent by server {self.server_id}")
+                if extent not in held or extent in extents:
+                    raise InvalidArgument(f"extent {item} is not held here for object {bm_id!r}")
                 extents.append(extent)
-            state.lent_out.difference_update(extents)
+            remaining = [e for e in held if e not in extents]
+            if remaining:
+                state.lent_by_object[bm_id] = remaining
+            else:
+                state.lent_by_object.pop(bm_id, None)
             self.pools[pool].allocator.release(state.key, extents, time.monotonic())
         return {}
+
+    # ---- data from other hosts: one span of one extent per request -----------------------------
+
+    def span_view(self, conn: Connection, m: dict[str, Any]) -> memoryview:
+        """The segment bytes a remote read or write may touch, after every check."""
+        state, (pool, _, _) = self._namespace(conn, m)
+        bm_id = m.get("bm_id")
+        segment, offset, length = m.get("segment"), m.get("offset"), m.get("length")
+        if not all(type(v) is int for v in (segment, offset, length)) or offset < 0 or length <= 0:
+            raise InvalidArgument("a span is segment, offset, length: ints, length > 0")
+        with self.lock:
+            if parse_bm_id(bm_id)[0] == self.server_id:
+                record = self._lookup(state, bm_id)
+                extents = [Extent(e.segment, e.offset, e.length) for e in record.extents
+                           if e.server_id == self.server_id]
+            else:
+                extents = state.lent_by_object.get(bm_id)
+                if extents is None:
+                    raise NoSuchObject(f"server {self.server_id} holds nothing of object {bm_id} "
+                                       "(freed, or never existed)")
+            if not any(e.segment == segment and e.offset <= offset and offset + length <= e.end
+                       for e in extents):
+                raise OutOfRange(f"[{offset}, {offset}+{length}) of segment {segment} is not object "
+                                 f"{bm_id}'s on server {self.server_id}")
+            return self.pools[pool].segments[segment].view[offset:offset + length]
 
     def _local_room(self, pool: str) -> int:
         if pool not in self.pools:
@@ -460,7 +498,8 @@ class Server:
             time.sleep(max(wait_s, 0))   # memory freed a moment ago becomes reusable
         raise AssertionError("unreachable")
 
-    def _reserve(self, state: NamespaceState, creds: Creds, shares: list[tuple[int, int]]) -> list[Placement]:
+    def _reserve(self, state: NamespaceState, creds: Creds, shares: list[tuple[int, int]],
+                 bm_id: str) -> list[Placement]:
         """All shares or none: a peer that fails rolls back what the others gave."""
         got: list[Placement] = []
         try:
@@ -470,14 +509,15 @@ class Server:
                             for e in self._reserve_local(state, creds[0], size)]
                 else:
                     reply = self._peer(server_id).call("extent_alloc", pool=creds[0], ns=creds[1],
-                                                       sec=creds[2], size=size)
+                                                       sec=creds[2], size=size, bm_id=bm_id)
                     got += [Placement(*e) for e in reply["extents"]]
         except MemfabricError:
-            self._release(state, got, creds)
+            self._release(state, bm_id, got, creds)
             raise
         return got
 
-    def _release(self, state: NamespaceState, extents: list[Placement], creds: Creds | None) -> None:
+    def _release(self, state: NamespaceState, bm_id: str, extents: list[Placement],
+                 creds: Creds | None) -> None:
         by_server: dict[int, list[list[int]]] = defaultdict(list)
         local = []
         for e in extents:
@@ -497,7 +537,7 @@ class Server:
         for server_id, items in by_server.items():
             try:
                 self._peer(server_id).call("extent_free", pool=creds[0], ns=creds[1], sec=creds[2],
-                                           extents=items)
+                                           bm_id=bm_id, extents=items)
             except MemfabricError as exc:
                 log.warning("server %d did not take back %d extents: %s", server_id, len(items), exc)
 

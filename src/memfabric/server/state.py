@@ -54,8 +54,9 @@ class NamespaceState:
         self.record = record
         self.key = record.key
         self.table = ObjectTable(server_id, MAX_OBJECTS_PER_NAMESPACE)
-        # Extents this server reserved for objects homed on other servers.
-        self.lent_out: set[Extent] = set()
+        # Extents this server holds for objects homed on other servers, by object id: a remote
+        # read or write must name the object whose bytes it touches.
+        self.lent_by_object: dict[str, list[Extent]] = {}
         self.table_bytes = MAX_OBJECTS_PER_NAMESPACE * WORDS_PER_SLOT * 8
         self.gen_fd = os.memfd_create(f"memfabric-{label}-gens-{record.ns}",
                                       os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
