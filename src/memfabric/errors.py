@@ -28,6 +28,7 @@ class BmError(IntEnum):
     PROTOCOL_ERROR = -14
     LIMIT_EXCEEDED = -15
     ALREADY_INITIALIZED = -16
+    INTERNAL_ERROR = -17
 
 
 class MemfabricError(Exception):
@@ -112,12 +113,17 @@ class AlreadyInitialized(MemfabricError):
     code = BmError.ALREADY_INITIALIZED
 
 
+class InternalError(MemfabricError):
+    """A bug in memfabric: the server logged it and keeps serving."""
+    code = BmError.INTERNAL_ERROR
+
+
 _BY_CODE: dict[int, type[MemfabricError]] = {
     cls.code: cls
     for cls in (
         InvalidArgument, NotInitialized, NoSuchPool, NoSuchNamespace, NamespaceExists,
         PermissionDenied, NoSuchObject, OutOfMemory, OutOfRange, ServerUnavailable,
-        Timeout, IOError_, Busy, ProtocolError, LimitExceeded, AlreadyInitialized,
+        Timeout, IOError_, Busy, ProtocolError, LimitExceeded, AlreadyInitialized, InternalError,
     )
 }
 

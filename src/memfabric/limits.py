@@ -7,6 +7,7 @@ MAX_MESSAGE_BYTES = 256 * 1024
 MAX_FDS_PER_MESSAGE = 64
 
 MAX_NAME_CHARS = 64            # pool and namespace names
+MAX_NAMESPACES = 1024          # per cluster: keeps a whole catalog listing inside one message
 MAX_SEC_ID_BYTES = 256
 MAX_EXTENTS_PER_OBJECT = 4096
 MAX_OBJECTS_PER_NAMESPACE = 65536   # per home server; sizes the shared generation table
@@ -17,6 +18,9 @@ MAX_OBJECT_BYTES = 1 << 40
 MAX_CLIENTS_PER_SERVER = 256
 DEFAULT_REQUEST_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 5.0
+# Server-to-server calls answer well within a client's own timeout, so a stuck peer costs
+# the client an error about that peer, not a timeout of its own request.
+PEER_TIMEOUT_S = 3.0
 
 # Freed extents rest this long before reuse, so that a client copy that passed its
 # generation check just before the free cannot land in the next object's bytes.
@@ -27,3 +31,8 @@ LIVENESS_TIMEOUT_S = 3.0
 
 # secIds are kept only as salted PBKDF2 hashes; verified once per connection.
 SEC_HASH_ITERATIONS = 2000
+
+# RPC between hosts. A payload is at most one extent's span, so one segment bounds it.
+MAX_RPC_PAYLOAD_BYTES = 64 << 20
+MAX_RPC_IN_FLIGHT = 256        # pipelined requests per connection
+HANDSHAKE_TIMEOUT_S = 5.0

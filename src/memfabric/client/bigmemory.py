@@ -11,16 +11,18 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from ..datapath import mapping as _mapping
 from ..datapath.layout import Layout, as_bytes_view, build_layout, check_range, read_bytes, read_into, write_at
 from ..errors import Busy, InvalidArgument, IOError_, NoSuchObject, OutOfRange
+
+# Copies larger than this go in chunks, with the object's generation checked in between.
+CHUNK_BYTES = 4 << 20
 
 if TYPE_CHECKING:
     from .session import Namespace
 
 
 class BigMemory:
-    __slots__ = ("bm_id", "namespace", "_layout", "_home", "_links", "_extents")
+    __slots__ = ("bm_id", "namespace", "_layout", "_home", "_links", "_extents", "__weakref__")
 
     def __init__(self, namespace: "Namespace", described: dict[str, Any]) -> None:
         self.namespace = namespace
@@ -71,12 +73,14 @@ class BigMemory:
         lay = self._layout
         gens = lay.gens
         i = lay.gen_index
-        try:
-            alive = gens[i] == lay.generation
-        except ValueError:   # the session let go of the namespace's memory: it was destroyed
-            alive = False
-        if not alive:
-            raise NoSuchObject(f"object {self.bm_id} was freed (or its namespace destroyed)")
+        if gens[i] != lay.generation:    # revoked tables read 0: a destroyed namespace lands here too
+            if not self._home.closed:
+                raise NoSuchObject(f"object {self.bm_id} was freed (or its namespace destroyed)")
+            # The link broke (and revoked its memory); a new one may still find the object.
+            self._home = self.namespace.session.link_for_object(self.bm_id)
+            self.refresh()
+            lay = self._layout
+            gens, i = lay.gens, lay.gen_index
         if gens[i + 1] != lay.size:      # expanded by someone: pick up the new extents
             self.refresh()
             lay = self._layout
@@ -90,35 +94,51 @@ class BigMemory:
         """Copy `data` (any buffer) into the object at `offset`; all of it or nothing."""
         src = as_bytes_view(data)
         lay = self._checked()
-        try:
+        n = src.nbytes
+        if n <= CHUNK_BYTES:
             write_at(lay, offset, src)
-        except ValueError:
-            raise NoSuchObject(f"object {self.bm_id}: its namespace was destroyed") from None
-        if lay.gens[lay.gen_index] != lay.generation:
-            raise NoSuchObject(f"object {self.bm_id} was freed during the write")
+        else:
+            check_range(self.bm_id, lay.size, offset, n)
+            for start in range(0, n, CHUNK_BYTES):
+                write_at(lay, offset + start, src[start:start + CHUNK_BYTES])
+                self._still_alive(lay, "write")
+        self._still_alive(lay, "write")
 
     def read(self, offset: int = 0, length: int | None = None, *, into: Any = None) -> bytes | None:
         """Bytes [offset, offset+length); with `into`, fill that buffer in place and return None."""
         lay = self._checked()
-        if into is not None:
-            dst = as_bytes_view(into, writable=True)
-            if length is not None:
-                if type(length) is not int or not 0 <= length <= dst.nbytes:
-                    raise InvalidArgument(f"length {length!r} does not fit the {dst.nbytes}-byte buffer")
-                dst = dst[:length]
-        elif length is None:
-            length = lay.size - offset if type(offset) is int else 0
-        try:
-            if into is not None:
-                read_into(lay, offset, dst)
-                data = None
-            else:
+        if into is None:
+            if length is None:
+                length = lay.size - offset if type(offset) is int else 0
+            if type(length) is int and 0 <= length <= CHUNK_BYTES:
                 data = read_bytes(lay, offset, length)
-        except ValueError:
-            raise NoSuchObject(f"object {self.bm_id}: its namespace was destroyed") from None
+                self._still_alive(lay, "read")
+                return data
+            check_range(self.bm_id, lay.size, offset, length)
+            into = bytearray(length)
+            self.read(offset, into=into)
+            return bytes(into)
+        dst = as_bytes_view(into, writable=True)
+        if length is not None:
+            if type(length) is not int or not 0 <= length <= dst.nbytes:
+                raise InvalidArgument(f"length {length!r} does not fit the {dst.nbytes}-byte buffer")
+            dst = dst[:length]
+        n = dst.nbytes
+        if n <= CHUNK_BYTES:
+            read_into(lay, offset, dst)
+        else:
+            check_range(self.bm_id, lay.size, offset, n)
+            for start in range(0, n, CHUNK_BYTES):
+                read_into(lay, offset + start, dst[start:start + CHUNK_BYTES])
+                self._still_alive(lay, "read")
+        self._still_alive(lay, "read")
+        return None
+
+    def _still_alive(self, lay: Layout, what: str) -> None:
+        # Checked after every chunk: freed memory rests REUSE_GRACE_S before reuse, far longer
+        # than one chunk's copy, so a copy that started on a live object never reaches the next.
         if lay.gens[lay.gen_index] != lay.generation:
-            raise NoSuchObject(f"object {self.bm_id} was freed during the read")
-        return data
+            raise NoSuchObject(f"object {self.bm_id} was freed during the {what}")
 
     def swap_in(self, path: str, *, file_offset: int = 0, offset: int = 0, length: int | None = None) -> int:
         """Read a file range straight into the object's memory (no intermediate bytes)."""
@@ -160,12 +180,17 @@ class BigMemory:
             self._adopt(d)
             creds = self.namespace.creds
             session = self.namespace.session
-            pieces = [(session.link(s).segment_fd(creds, seg), off, length) for s, seg, off, length in d["extents"]]
-            area = _mapping.map_pieces(pieces, writable)
+            links = {s: session.link(s) for s, _, _, _ in d["extents"]}
+            pieces = [(links[s].segment_fd(creds, seg), off, length) for s, seg, off, length in d["extents"]]
+            segments = frozenset(seg for _, seg, _, _ in d["extents"])
+            first, *others = links.values()
+            shared = first.map_object(pieces, writable, tag=(creds[0], creds[1], segments))
+            for link in others:
+                link.track(shared)
         except BaseException:
             self._call("map_unpin")
             raise
-        return Mapping(self, area, d["size"], writable)
+        return Mapping(self, shared, d["size"], writable)
 
     def expand(self, new_size: int) -> None:
         """Grow to `new_size` bytes; contents are kept, new bytes are zero."""
@@ -181,8 +206,13 @@ class BigMemory:
                        src_offset=src_offset, dst_offset=dst_offset, length=length)
 
     def free(self) -> None:
-        self._call("free")
+        reply = self._call("free")
         self.namespace.session.forget(self.bm_id)
+        # Segments left with no live object go back, so other namespaces can have them.
+        for server_id, segments in reply.get("idle_segments", {}).items():
+            link = self.namespace.session.cached_link(int(server_id))
+            if link is not None:
+                link.release_idle(self.namespace.pool, segments)
 
     def info(self) -> dict[str, Any]:
         """All another process needs to open this object: pass it with the secId."""
@@ -192,27 +222,25 @@ class BigMemory:
 class Mapping:
     """A contiguous mapping of one object. Use as a context manager, or call close()."""
 
-    def __init__(self, bm: BigMemory, area: Any, size: int, writable: bool) -> None:
+    def __init__(self, bm: BigMemory, shared: Any, size: int, writable: bool) -> None:
         self.bm = bm
-        self._area = area
-        whole = memoryview(area)
-        self.view: memoryview = whole[:size] if writable else whole[:size].toreadonly()
-        whole.release()
+        self._shared = shared
+        self.view: memoryview = shared.view()[:size]
         self.writable = writable
 
     def flush(self) -> None:
         """Same-host mappings are the pool's memory itself: nothing to send back."""
 
     def close(self) -> None:
-        if self._area is None:
+        if self._shared is None:
             return
         try:
             self.view.release()
         except BufferError:
             raise Busy("numpy arrays or memoryviews made from this mapping are still alive; "
                        "drop them before unmapping") from None
-        _mapping.unmap(self._area)     # Busy too while other buffers of it live
-        self._area = None
+        self._shared.close()          # Busy too while other buffers of it live
+        self._shared = None
         self.bm._call("map_unpin")
 
     def __enter__(self) -> "Mapping":

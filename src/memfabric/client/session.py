@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import resource
 import threading
+import weakref
 from typing import Any, Iterable
 
 from ..core.namespaces import check_attribute, check_name, check_sec_id
@@ -40,7 +41,8 @@ class Session:
         self.timeout_s = timeout_s
         self._lock = threading.Lock()
         self._links: dict[int, ServerLink] = {}
-        self._handles: dict[str, BigMemory] = {}
+        # Handles by id, so compat calls find the layout again; weak: a dropped handle goes.
+        self._handles: weakref.WeakValueDictionary[str, BigMemory] = weakref.WeakValueDictionary()
         sockets = self.fabric.ipc_sockets
         if server is not None:
             if type(server) is not int or not 0 <= server < len(sockets):
@@ -60,14 +62,28 @@ class Session:
 
     # ---- links ----------------------------------------------------------------------------
 
-    def link(self, server_id: int) -> ServerLink:
+    def home(self) -> ServerLink:
+        """This client's own server (reconnected if the link broke)."""
+        return self.link(self.local.server_id)
+
+    def cached_link(self, server_id: int) -> ServerLink | None:
         link = self._links.get(server_id)
-        if link is not None:
+        return None if link is None or link.closed else link
+
+    def link(self, server_id: int) -> ServerLink:
+        """The link to a server, reconnected if it broke (a timeout closes a link for good)."""
+        link = self._links.get(server_id)
+        if link is not None and not link.closed:
             return link
         with self._lock:
             link = self._links.get(server_id)
-            if link is not None:
+            if link is not None and not link.closed:
                 return link
+            if server_id == self.local.server_id or self.local.closed:
+                self.local = ServerLink(self.local.ipc_socket, self.timeout_s)
+                self._links[self.local.server_id] = self.local
+                if server_id == self.local.server_id:
+                    return self.local
             for record in self.local.call("cluster_view")["servers"]:
                 if record["server_id"] == server_id:
                     if not record["alive"]:
@@ -92,7 +108,7 @@ class Session:
     def create_namespace(self, ns: str, sec_id: str | bytes, *, pool: str = "default",
                          attribute: int = 0) -> "Namespace":
         handle = Namespace(self, pool, ns, sec_id)
-        self.local.call("ns_create", **handle.wire_creds, attribute=check_attribute(attribute))
+        self.home().call("ns_create", **handle.wire_creds, attribute=check_attribute(attribute))
         return handle
 
     def namespace(self, ns: str, sec_id: str | bytes, *, pool: str = "default") -> "Namespace":
@@ -103,10 +119,10 @@ class Session:
         self.namespace(ns, sec_id, pool=pool).destroy()
 
     def namespaces(self) -> list[NamespaceInfo]:
-        return [NamespaceInfo(**row) for row in self.local.call("ns_query")["namespaces"]]
+        return [NamespaceInfo(**row) for row in self.home().call("ns_query")["namespaces"]]
 
     def servers(self) -> list[dict[str, Any]]:
-        return self.local.call("cluster_view")["servers"]
+        return self.home().call("cluster_view")["servers"]
 
     # ---- life ---------------------------------------------------------------------------------
 
@@ -145,7 +161,7 @@ class Namespace:
 
     def alloc(self, size: int, affinity: Affinity | None = None) -> BigMemory:
         affinity = affinity or Affinity()
-        link = self.session.local
+        link = self.session.home()
         if affinity.policy == "server":
             link = self.session.link(affinity.server_id)   # its home is where its bytes are
         d = link.call("alloc", **self.wire_creds, size=size, policy=affinity.policy,
@@ -195,7 +211,7 @@ class Namespace:
         """
         wire_inputs = [{**bm.namespace.wire_creds, "bm_id": bm.bm_id, "offset": offset, "length": length}
                        for bm, offset, length in inputs]
-        link = dst._home if dst is not None else self.session.local
+        link = dst._home if dst is not None else self.session.home()
         target = {**(dst.namespace.wire_creds if dst else self.wire_creds), "bm_id": dst.bm_id if dst else ""}
         reply = link.call("gather", inputs=wire_inputs, operator=OperatorCode(op).name.lower(),
                           dtype=dtype, dst=target)
@@ -206,7 +222,7 @@ class Namespace:
 
     def destroy(self) -> None:
         """Destroy the namespace and every object in it, on every server."""
-        self.session.local.call("ns_destroy", **self.wire_creds)
+        self.session.home().call("ns_destroy", **self.wire_creds)
         for bm_id, bm in list(self.session._handles.items()):
             if bm.namespace.creds[:2] == self.creds[:2]:
                 self.session.forget(bm_id)

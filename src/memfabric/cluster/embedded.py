@@ -13,8 +13,8 @@ import time
 from typing import Any
 
 from ..core.namespaces import NamespaceRecord
-from ..errors import IOError_, NamespaceExists, ServerUnavailable
-from ..limits import LIVENESS_TIMEOUT_S
+from ..errors import IOError_, LimitExceeded, NamespaceExists, ServerUnavailable
+from ..limits import LIVENESS_TIMEOUT_S, MAX_NAMESPACES
 from .base import ServerRecord
 
 _SCHEMA = """
@@ -120,6 +120,9 @@ class EmbeddedCluster:
         def txn(db: sqlite3.Connection) -> NamespaceRecord:
             if db.execute("SELECT 1 FROM namespaces WHERE pool=? AND ns=?", (pool, ns)).fetchone():
                 raise NamespaceExists(f"namespace {ns!r} already exists in pool {pool!r}")
+            (count,) = db.execute("SELECT COUNT(*) FROM namespaces").fetchone()
+            if count >= MAX_NAMESPACES:
+                raise LimitExceeded(f"the cluster has {count} namespaces, the most it may")
             db.execute("INSERT INTO counters (name, value) VALUES ('incarnation', 1) "
                        "ON CONFLICT(name) DO UPDATE SET value = value + 1")
             (incarnation,) = db.execute("SELECT value FROM counters WHERE name='incarnation'").fetchone()

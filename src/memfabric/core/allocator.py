@@ -97,10 +97,23 @@ class SegmentAllocator:
         return self.capacity_bytes - self.live_bytes() - self.resting_bytes()
 
     def available_bytes(self) -> int:
-        """What placement may count on: free now or after the reuse grace, less segments that
-        no namespace owns but a client still maps (they cannot be lent until it lets go)."""
-        stuck = sum(self.segment_size_bytes for s in self._segments if s.owner is None and s.holders)
+        """What a new namespace may count on: free now or after the reuse grace, less empty
+        segments a client still maps (they cannot change hands until it lets go)."""
+        size = self.segment_size_bytes
+        stuck = sum(size for s in self._segments
+                    if s.holders and (s.owner is None or s.free_bytes() + s.resting_bytes == size))
         return self.capacity_bytes - self.live_bytes() - stuck
+
+    def available_for(self, owner: Hashable) -> int:
+        """What `allocate(owner, ...)` could get once resting memory matures."""
+        own = sum(s.free_bytes() + s.resting_bytes for s in self._segments if s.owner == owner)
+        lendable = sum(1 for s in self._segments if s.owner != owner and self._lendable_to(s, owner))
+        return own + lendable * self.segment_size_bytes
+
+    def idle_segments(self, owner: Hashable) -> list[int]:
+        """The owner's segments that hold no live object (free or resting only)."""
+        size = self.segment_size_bytes
+        return [s.index for s in self._segments if s.owner == owner and s.free_bytes() + s.resting_bytes == size]
 
     def owner_of(self, segment: int) -> Hashable | None:
         return self._segments[segment].owner

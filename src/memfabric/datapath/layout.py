@@ -83,7 +83,7 @@ def as_bytes_view(buffer: object, writable: bool = False) -> memoryview:
                               f"got {type(buffer).__name__}") from None
     if writable and view.readonly:
         raise InvalidArgument("the destination buffer is read-only")
-    if view.ndim != 1 or view.itemsize != 1 or view.format not in ("B", "b", "c"):
+    if view.format != "B" or view.ndim != 1:
         if not view.c_contiguous:
             raise InvalidArgument("the buffer must be C-contiguous")
         view = view.cast("B")

@@ -1,61 +1,72 @@
 """A connection to one server on this host, and the memory it has handed over.
 
 Calls are synchronous request/reply over one IPC channel (a lock keeps them whole when
-threads share a link). Segment fds and namespace generation tables arrive once, are
-mapped once, and are kept for the life of the link: the server never lends a segment to
-another namespace while a link that holds it is open.
+threads share a link). Segment fds and namespace generation tables arrive once, are mapped
+once (revocably, see mapping.py) and kept while the link lives: the server never lends a
+segment to another namespace while a link that holds it is open. Whenever this side lets
+go (namespace gone, idle segments, link closed or broken) it revokes first, so nothing in
+this process can reach memory the server may lend to someone else next.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
 import socket
 import threading
 import time
+import weakref
 from typing import Any
 
-from ..errors import BmError, MemfabricError, ProtocolError, ServerUnavailable, Timeout, error_from_code
+from ..errors import (BmError, LimitExceeded, MemfabricError, ProtocolError, ServerUnavailable, Timeout,
+                      error_from_code)
 from ..limits import DEFAULT_REQUEST_TIMEOUT_S, MAX_FDS_PER_MESSAGE
+from ..transport import wire
 from ..transport.ipc import IpcChannel, PeerClosed
+from .mapping import SharedRange
 
 # A same-host client reads memory without asking the server; how often it checks that
-# the server is still there (one non-blocking peek).
+# the server is still there (one non-blocking poll).
 LIVENESS_CHECK_EVERY_S = 0.002
-
-
-class _Mapped:
-    __slots__ = ("fd", "mapping", "view", "size", "ns")
-
-    def __init__(self, fd: int, size: int, readonly: bool, ns: str = "") -> None:
-        self.ns = ns
-        prot = mmap.PROT_READ | (0 if readonly else mmap.PROT_WRITE)
-        self.fd = fd
-        self.size = size
-        self.mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=prot)
-        self.view = memoryview(self.mapping)
-
-    def close(self) -> None:
-        self.view.release()
-        try:
-            self.mapping.close()
-        except BufferError:
-            pass   # a user still holds a view; the kernel unmaps when it goes
-        os.close(self.fd)
-
 
 Creds = tuple[str, str, bytes]   # (pool, ns, secId)
 
 
+class _Mapped:
+    """One fd the server handed over, mapped once (revocably), kept for the link's life."""
+
+    __slots__ = ("fd", "range", "view", "size", "ns")
+
+    def __init__(self, fd: int, size: int, readonly: bool, pool: str, ns: str) -> None:
+        self.fd = fd
+        self.size = size
+        self.ns = ns
+        try:
+            self.range = SharedRange([(fd, 0, size)], writable=not readonly, tag=(pool, ns, None))
+        except BaseException:
+            os.close(fd)
+            raise
+        self.view = self.range.view()
+
+    def close(self) -> None:
+        self.range.revoke()          # first: from here on nothing in this process reaches it
+        self.range.close_or_revoke()
+        os.close(self.fd)
+
+
 class ServerLink:
+    is_local = True
+
     def __init__(self, ipc_socket: str, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
                  role: str = "client") -> None:
         self.ipc_socket = ipc_socket
         self.timeout_s = timeout_s
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()          # one request at a time on the channel
+        self._map_lock = threading.RLock()     # one mapping decision at a time
         self._next_id = 1
         self._segments: dict[tuple[str, int], _Mapped] = {}
         self._gen_tables: dict[tuple[str, str, int], tuple[_Mapped, memoryview]] = {}
+        # Users' object mappings made from this link's fds: revoked with it.
+        self._ranges: weakref.WeakSet[SharedRange] = weakref.WeakSet()
         self._checked_at = 0.0
         self._closed = False
         self._channel = IpcChannel.connect(ipc_socket, timeout_s)
@@ -63,6 +74,10 @@ class ServerLink:
         hello = self.call("hello", role=role, pid=os.getpid())
         self.server_id: int = hello["server_id"]
         self.host: str = hello["host"]
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     # ---- requests ---------------------------------------------------------------------
 
@@ -73,27 +88,34 @@ class ServerLink:
         return reply
 
     def call_with_fds(self, op: str, **args: Any) -> tuple[dict[str, Any], list[int]]:
+        args["op"] = op
         with self._lock:
             if self._closed:
                 raise ServerUnavailable(f"the connection to {self.ipc_socket} is closed")
             request_id = self._next_id
             self._next_id += 1
-            args["op"] = op
             args["id"] = request_id
             try:
-                self._channel.send(args)
+                data = wire.encode(args)     # too large: refused here, the link stays up
+            except ProtocolError as exc:
+                raise LimitExceeded(f"request {op!r} is too large: {exc}") from None
+            try:
+                self._channel.send_encoded(data)
                 reply, fds = self._channel.recv()
             except socket.timeout:
-                self._fail()
-                raise Timeout(f"server at {self.ipc_socket} did not answer {op!r} "
-                              f"within {self.timeout_s}s") from None
+                failure: MemfabricError = Timeout(f"server at {self.ipc_socket} did not answer {op!r} "
+                                                  f"within {self.timeout_s}s")
             except (PeerClosed, ConnectionError, OSError) as exc:
-                self._fail()
-                raise ServerUnavailable(f"server at {self.ipc_socket} is gone ({op!r}: "
-                                        f"{exc.__class__.__name__})") from None
-            except ProtocolError:
-                self._fail()
-                raise
+                failure = ServerUnavailable(f"server at {self.ipc_socket} is gone ({op!r}: "
+                                            f"{exc.__class__.__name__})")
+            except ProtocolError as exc:
+                failure = exc
+            else:
+                failure = None
+        if failure is not None:
+            # The stream's position is unknown now: this link is done (the session reconnects).
+            self._fail()
+            raise failure
         if reply.get("id") != request_id:
             for fd in fds:
                 os.close(fd)
@@ -108,36 +130,41 @@ class ServerLink:
         return reply, fds
 
     def _fail(self) -> None:
-        # After a timeout or a broken reply the stream position is unknown: start over never.
-        self._closed = True
-        self._channel.close()
+        with self._lock:
+            self._closed = True
+            self._channel.close()
+        self._revoke_all()
 
     # ---- liveness -------------------------------------------------------------------
 
     def check_alive(self) -> None:
         now = time.monotonic()
-        if now - self._checked_at < LIVENESS_CHECK_EVERY_S:
-            if self._closed:
-                raise ServerUnavailable(f"server at {self.ipc_socket} is gone")
+        if now - self._checked_at < LIVENESS_CHECK_EVERY_S and not self._closed:
             return
         self._checked_at = now
         if self._closed or self._channel.peer_gone():
-            self._closed = True
+            if not self._closed:
+                self._fail()
             raise ServerUnavailable(f"server {self.server_id} at {self.ipc_socket} is gone")
 
     # ---- memory it hands over -----------------------------------------------------------
 
     def gen_table(self, creds: Creds, incarnation: int) -> memoryview:
         pool, ns, _ = creds
-        key = (pool, ns, incarnation)
-        entry = self._gen_tables.get(key)
-        if entry is None:
-            reply, fds = self.call_with_fds("ns_open", pool=pool, ns=ns, sec=creds[2])
-            if len(fds) != 1:
-                raise ProtocolError(f"ns_open sent {len(fds)} fds, expected 1")
-            mapped = _Mapped(fds[0], reply["table_bytes"], readonly=True)
-            entry = (mapped, mapped.view.cast("Q"))
-            self._gen_tables[(pool, ns, reply["incarnation"])] = entry
+        entry = self._gen_tables.get((pool, ns, incarnation))
+        if entry is not None:
+            return entry[1]
+        with self._map_lock:
+            entry = self._gen_tables.get((pool, ns, incarnation))
+            if entry is None:
+                reply, fds = self.call_with_fds("ns_open", pool=pool, ns=ns, sec=creds[2])
+                if len(fds) != 1:
+                    for fd in fds:
+                        os.close(fd)
+                    raise ProtocolError(f"ns_open sent {len(fds)} fds, expected 1")
+                mapped = _Mapped(fds[0], reply["table_bytes"], readonly=True, pool=pool, ns=ns)
+                entry = (mapped, mapped.view.cast("Q"))
+                self._gen_tables[(pool, ns, reply["incarnation"])] = entry
         return entry[1]
 
     def segment_view(self, creds: Creds, segment: int) -> memoryview:
@@ -153,38 +180,76 @@ class ServerLink:
 
     def fetch_segments(self, creds: Creds, segments: list[int]) -> None:
         pool = creds[0]
-        missing = sorted({s for s in segments if (pool, s) not in self._segments})
-        for i in range(0, len(missing), MAX_FDS_PER_MESSAGE):
-            batch = missing[i:i + MAX_FDS_PER_MESSAGE]
-            reply, fds = self.call_with_fds("segments", pool=pool, ns=creds[1], sec=creds[2],
-                                            segments=batch)
-            if len(fds) != len(batch):
-                for fd in fds:
-                    os.close(fd)
-                raise ProtocolError(f"asked for {len(batch)} segments, got {len(fds)} fds")
-            for segment, fd in zip(batch, fds):
-                self._segments[(pool, segment)] = _Mapped(fd, reply["segment_bytes"], readonly=False,
-                                                          ns=creds[1])
+        if all((pool, s) in self._segments for s in segments):
+            return
+        with self._map_lock:
+            missing = sorted({s for s in segments if (pool, s) not in self._segments})
+            for i in range(0, len(missing), MAX_FDS_PER_MESSAGE):
+                batch = missing[i:i + MAX_FDS_PER_MESSAGE]
+                reply, fds = self.call_with_fds("segments", pool=pool, ns=creds[1], sec=creds[2],
+                                                segments=batch)
+                if len(fds) != len(batch):
+                    for fd in fds:
+                        os.close(fd)
+                    raise ProtocolError(f"asked for {len(batch)} segments, got {len(fds)} fds")
+                for segment, fd in zip(batch, fds, strict=True):
+                    self._segments[(pool, segment)] = _Mapped(fd, reply["segment_bytes"], readonly=False,
+                                                              pool=pool, ns=creds[1])
+
+    def map_object(self, pieces: list[tuple[int, int, int]], writable: bool, tag: tuple) -> SharedRange:
+        """A user's contiguous mapping made of this link's segments; revoked with them."""
+        shared = SharedRange(pieces, writable, tag=tag)
+        self._ranges.add(shared)
+        return shared
+
+    def track(self, shared: SharedRange) -> None:
+        """A mapping that uses this link's segments too (an object spread over servers)."""
+        self._ranges.add(shared)
+
+    # ---- letting go -------------------------------------------------------------------------
 
     def release_namespace(self, pool: str, ns: str) -> None:
-        """Unmap a gone namespace's segments and tell the server, so it can lend them again."""
-        gone = [key for key, m in self._segments.items() if key[0] == pool and m.ns == ns]
-        for key in gone:
-            self._segments.pop(key).close()
-        for key in [k for k in self._gen_tables if k[:2] == (pool, ns)]:
-            self._gen_tables.pop(key)[0].close()
-        if gone and not self._closed:
+        """A namespace is gone: revoke every range of it here, then tell the server."""
+        with self._map_lock:
+            for shared in list(self._ranges):
+                if shared.tag[:2] == (pool, ns):
+                    shared.revoke()
+            gone = [key for key, m in self._segments.items() if key[0] == pool and m.ns == ns]
+            for key in gone:
+                self._segments.pop(key).close()
+            for key in [k for k in self._gen_tables if k[:2] == (pool, ns)]:
+                self._gen_tables.pop(key)[0].close()
+        self._tell_released(pool, [seg for _, seg in gone])
+
+    def release_idle(self, pool: str, segments: list[int]) -> None:
+        """The server says these segments hold no live object: give them back, unless a
+        mapping of ours still covers them (it keeps them until it is closed)."""
+        with self._map_lock:
+            in_use = {seg for shared in self._ranges if not shared.revoked and shared.tag[0] == pool
+                      for seg in (shared.tag[2] or ())}
+            gone = [s for s in segments if (pool, s) in self._segments and s not in in_use]
+            for segment in gone:
+                self._segments.pop((pool, segment)).close()
+        self._tell_released(pool, gone)
+
+    def _tell_released(self, pool: str, segments: list[int]) -> None:
+        if segments and not self._closed:
             try:
-                self.call("segments_release", pool=pool, segments=[seg for _, seg in gone])
+                self.call("segments_release", pool=pool, segments=segments)
             except MemfabricError:
-                pass   # the server is gone: nothing is held there any more
+                pass   # the connection is gone: the server let go of everything already
+
+    def _revoke_all(self) -> None:
+        with self._map_lock:
+            for shared in list(self._ranges):
+                shared.revoke()
+            for mapped in list(self._segments.values()) + [m for m, _ in self._gen_tables.values()]:
+                mapped.close()
+            self._segments.clear()
+            self._gen_tables.clear()
 
     def close(self) -> None:
         with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._channel.close()
-        for mapped in list(self._segments.values()) + [m for m, _ in self._gen_tables.values()]:
-            mapped.close()
-        self._segments.clear()
-        self._gen_tables.clear()
+            self._closed = True
+            self._channel.close()
+        self._revoke_all()

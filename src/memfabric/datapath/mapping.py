@@ -1,9 +1,13 @@
-"""One contiguous virtual range over several segment pieces.
+"""Pool memory in this process's address space, revocable.
 
-Python's mmap cannot map at a fixed address, so: reserve the whole range with an
-anonymous mmap (which owns the range and refuses to close while buffers of it are
-exported), then map each piece over it with MAP_FIXED through libc. Closing the
-Python mmap unmaps the whole range, our pieces included.
+Python's mmap cannot map at a fixed address, so a range is: an anonymous reservation
+(a Python mmap, which owns the range and refuses to close while buffers of it are
+exported), with each piece of segment memory mapped over it with MAP_FIXED through libc.
+
+`revoke` lays private zero pages over the whole range: buffers made from it stay valid
+(they read zeros, and writes go nowhere), but the pool's memory is no longer reachable
+through it. Links revoke before they tell a server they let go of a segment, so memory
+that server lends to another namespace afterwards is never visible here.
 """
 
 from __future__ import annotations
@@ -23,40 +27,62 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 # Linux values; Python 3.11's mmap module does not export these.
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 MAP_FIXED = getattr(mmap, "MAP_FIXED", 0x10)
+_RW = mmap.PROT_READ | mmap.PROT_WRITE
 
 
-def map_pieces(pieces: list[tuple[int, int, int]], writable: bool) -> mmap.mmap:
-    """`pieces` are (fd, file offset, length), page-aligned; returns the owning mmap."""
-    total = sum(length for _, _, length in pieces)
-    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-    if len(pieces) == 1:
-        fd, offset, length = pieces[0]
-        try:
-            return mmap.mmap(fd, length, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=prot,
-                             offset=offset)
-        except OSError as exc:
-            raise IOError_(f"cannot map: {exc.strerror}") from None
-    # The reservation must be writable for ctypes to take its address; the pieces get `prot`.
-    area = mmap.mmap(-1, total, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE,
-                     prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    anchor = ctypes.c_char.from_buffer(area)
-    base = ctypes.addressof(anchor)
-    del anchor
-    position = 0
-    for fd, offset, length in pieces:
-        addr = _libc.mmap(base + position, length, prot,
-                          mmap.MAP_SHARED | MAP_FIXED | mmap.MAP_POPULATE, fd, offset)
-        if addr == _MAP_FAILED or addr != base + position:
+class SharedRange:
+    """`pieces` are (fd, file offset, length), page-aligned, mapped back to back."""
+
+    __slots__ = ("area", "base", "length", "writable", "revoked", "tag", "__weakref__")
+
+    def __init__(self, pieces: list[tuple[int, int, int]], writable: bool, tag: object = None) -> None:
+        self.length = sum(length for _, _, length in pieces)
+        self.writable = writable
+        self.revoked = False
+        self.tag = tag        # who this range belongs to, e.g. (pool, ns), for revoking by owner
+        self.area = mmap.mmap(-1, self.length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE,
+                              prot=_RW)
+        anchor = ctypes.c_char.from_buffer(self.area)
+        self.base = ctypes.addressof(anchor)
+        del anchor
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        position = 0
+        for fd, offset, length in pieces:
+            self._map(self.base + position, length, prot, mmap.MAP_SHARED | MAP_FIXED | mmap.MAP_POPULATE,
+                      fd, offset)
+            position += length
+
+    def _map(self, addr: int, length: int, prot: int, flags: int, fd: int, offset: int) -> None:
+        got = _libc.mmap(addr, length, prot, flags, fd, offset)
+        if got == _MAP_FAILED or got != addr:
             err = ctypes.get_errno()
-            area.close()
-            raise IOError_(f"cannot map a piece at a fixed address: {os.strerror(err)}")
-        position += length
-    return area
+            self.area.close()
+            raise IOError_(f"cannot map at a fixed address: {os.strerror(err)}")
 
+    def view(self) -> memoryview:
+        whole = memoryview(self.area)
+        return whole if self.writable else whole.toreadonly()
 
-def unmap(area: mmap.mmap) -> None:
-    try:
-        area.close()
-    except BufferError:
-        raise Busy("the mapping still has buffers made from it (memoryview slices, numpy arrays); "
-                   "release them before unmapping") from None
+    def revoke(self) -> None:
+        if self.revoked or self.area.closed:
+            return
+        self.revoked = True
+        got = _libc.mmap(self.base, self.length, _RW, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_FIXED, -1, 0)
+        assert got == self.base, "could not lay zero pages over a revoked range"
+
+    def close(self) -> None:
+        """Unmap. Busy while buffers made from it live (numpy arrays, memoryview slices)."""
+        if self.area.closed:
+            return
+        try:
+            self.area.close()
+        except BufferError:
+            raise Busy("buffers made from this mapping are still alive (numpy arrays, memoryview "
+                       "slices); drop them before unmapping") from None
+
+    def close_or_revoke(self) -> None:
+        """Unmap if nobody holds a buffer of it, else revoke and let the last buffer unmap it."""
+        try:
+            self.close()
+        except Busy:
+            self.revoke()

@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import struct
 import threading
 
-from ..errors import MemfabricError, ProtocolError
+from ..errors import InternalError, LimitExceeded, MemfabricError, ProtocolError
 from ..transport import wire
 from ..transport.ipc import IpcChannel, PeerClosed, listen
 from .server import Connection, Server
@@ -43,7 +44,7 @@ class IpcFront:
                 if len(self._connections) >= self.max_clients:
                     self._refuse(channel)
                     continue
-                conn = Connection()
+                conn = Connection(peer_pid=_peer_pid(sock))
                 self._connections[conn.id] = channel
             threading.Thread(target=self._serve, args=(conn, channel), name=f"conn-{conn.id}",
                              daemon=True).start()
@@ -54,8 +55,8 @@ class IpcFront:
             request, fds = channel.recv()
             for fd in fds:
                 os.close(fd)
-            channel.send({"id": request["id"], "error": -15,
-                          "msg": f"server has {self.max_clients} connections, the most it takes"})
+            channel.send(wire.error_reply(request["id"], LimitExceeded(
+                f"server has {self.max_clients} connections, the most it takes")))
         except Exception:
             pass
         channel.close()
@@ -72,20 +73,32 @@ class IpcFront:
                     return
                 for fd in fds:   # clients have no reason to send fds
                     os.close(fd)
+                owned_fds = False
                 try:
                     result = self.server.dispatch(conn, request)
-                    reply, reply_fds = result if isinstance(result, tuple) else (result, [])
+                    if isinstance(result, tuple):
+                        reply, reply_fds, *rest = result
+                        owned_fds = bool(rest and rest[0])
+                    else:
+                        reply, reply_fds = result, []
                     reply["id"] = request["id"]
+                    data = wire.encode(reply)
                 except MemfabricError as exc:
-                    reply, reply_fds = wire.error_reply(request["id"], exc), []
+                    if isinstance(exc, ProtocolError):   # our reply would not fit in one message
+                        exc = LimitExceeded(f"the reply to {request.get('op')!r} is too large: {exc}")
+                    data, reply_fds = wire.encode(wire.error_reply(request["id"], exc)), []
                 except Exception as exc:   # a bug: report it, keep serving others
                     log.exception("operation %r failed", request.get("op"))
-                    reply, reply_fds = wire.error_reply(
-                        request["id"], ProtocolError(f"internal error in {request.get('op')!r}: {exc!r}")), []
+                    data, reply_fds = wire.encode(wire.error_reply(request["id"], InternalError(
+                        f"internal error in {request.get('op')!r}: {exc!r}"))), []
                 try:
-                    channel.send(reply, reply_fds)
+                    channel.send_encoded(data, reply_fds)
                 except (OSError, MemfabricError):
                     return
+                finally:
+                    if owned_fds:
+                        for fd in reply_fds:
+                            os.close(fd)
         finally:
             with self._lock:
                 self._connections.pop(conn.id, None)
@@ -110,3 +123,9 @@ class IpcFront:
             except OSError:
                 pass
         self._thread.join(timeout=5)
+
+
+def _peer_pid(sock: socket.socket) -> int:
+    """The connecting process's pid, from the kernel (SO_PEERCRED): it cannot be forged."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[0]

@@ -28,7 +28,7 @@ from ..datapath.link import Creds, ServerLink
 from ..errors import (InvalidArgument, MemfabricError, NoSuchNamespace, NoSuchObject, NoSuchPool, OutOfMemory,
                       OutOfRange, PermissionDenied, ServerUnavailable)
 from ..limits import (MAX_BATCH_IDS, MAX_EXTENTS_PER_OBJECT, MAX_FDS_PER_MESSAGE, MAX_GATHER_INPUTS,
-                      MAX_OBJECT_BYTES, PAGE_SIZE_BYTES, REUSE_GRACE_S)
+                      MAX_OBJECT_BYTES, PAGE_SIZE_BYTES, PEER_TIMEOUT_S, REUSE_GRACE_S)
 from .config import ServerConfig
 from .state import NamespaceState, PoolState
 
@@ -43,8 +43,9 @@ class Connection:
 
     _ids = iter(range(1, 1 << 62))
 
-    def __init__(self) -> None:
+    def __init__(self, peer_pid: int | None = None) -> None:
         self.id = next(Connection._ids)
+        self.peer_pid = peer_pid
         self.role = "client"
         # (pool, ns) -> (incarnation, secId) proven on this connection.
         self.verified: dict[tuple[str, str], tuple[int, bytes]] = {}
@@ -117,6 +118,17 @@ class Server:
         with self.lock:
             pools = {name: pool.summary() for name, pool in self.pools.items()}
         self.cluster.heartbeat(self.server_id, pools)
+        self._reconcile()
+
+    def _reconcile(self) -> None:
+        """Drop namespaces the catalog no longer has (a destroy this server did not hear of)."""
+        live = {(r.pool, r.ns): r.incarnation for r in self.cluster.namespaces()}
+        with self.lock:
+            stale = [(key, st.record.incarnation) for key, st in self.namespaces.items()
+                     if live.get(key) != st.record.incarnation]
+        for (pool, ns), incarnation in stale:
+            log.info("namespace %s/%s is gone from the catalog; dropping it here", pool, ns)
+            self._drop_namespace(pool, ns, incarnation)
 
     def view(self, fresh: bool = False) -> list[ServerRecord]:
         now = time.monotonic()
@@ -127,11 +139,15 @@ class Server:
 
     # ---- connections ----------------------------------------------------------------------
 
+    PEER_OPS = frozenset({"extent_alloc", "extent_free", "ns_drop", "ns_usage"})
+
     def dispatch(self, conn: Connection, message: dict[str, Any]) -> Reply:
         op = message.get("op")
         handler = self.handlers.get(op) if isinstance(op, str) else None
         if handler is None:
             raise InvalidArgument(f"unknown operation {op!r}")
+        if op in self.PEER_OPS and conn.role != "peer":
+            raise PermissionDenied(f"{op!r} is for servers of this cluster only")
         return handler(conn, message)
 
     def disconnected(self, conn: Connection) -> None:
@@ -174,13 +190,26 @@ class Server:
         proven = conn.verified.get((pool, ns))
         if proven is not None and proven[0] == state.record.incarnation and hmac.compare_digest(proven[1], sec):
             return state, creds
+        # First proof on this connection: make sure the cached namespace is still the catalog's
+        # (a server that missed a destroy must not serve the old one).
+        record = self.cluster.get_namespace(pool, ns)
+        if record is None or record.incarnation != state.record.incarnation:
+            self._drop_namespace(pool, ns, state.record.incarnation)
+            if record is None:
+                raise NoSuchNamespace(f"no namespace {ns!r} in pool {pool!r}")
+            return self._namespace(conn, m)
         if not sec_id_matches(sec, state.record):
             raise PermissionDenied(f"wrong secId for namespace {ns!r} in pool {pool!r}")
         conn.verified[(pool, ns)] = (state.record.incarnation, sec)
         return state, creds
 
     def op_hello(self, conn: Connection, m: dict[str, Any]) -> Reply:
-        conn.role = "peer" if m.get("role") == "peer" else "client"
+        if m.get("role") == "peer":
+            # Only a live server of this cluster may use the peer operations: on one host the
+            # kernel tells us who connected, and it must be a registered server's pid.
+            if conn.peer_pid is None or not any(s.alive and s.pid == conn.peer_pid for s in self.view(fresh=True)):
+                raise PermissionDenied("only a server of this cluster may connect as a peer")
+            conn.role = "peer"
         return {"server_id": self.server_id, "host": self.cfg.host,
                 "pools": sorted(self.pools), "page_bytes": PAGE_SIZE_BYTES}
 
@@ -268,8 +297,9 @@ class Server:
 
     def op_ns_open(self, conn: Connection, m: dict[str, Any]) -> Reply:
         state, _ = self._namespace(conn, m)
-        return ({"incarnation": state.record.incarnation, "table_bytes": state.table_bytes},
-                [state.gen_fd])
+        with self.lock:   # a concurrent drop closes gen_fd; our duplicate is ours to close
+            fd = os.dup(state.gen_fd)
+        return ({"incarnation": state.record.incarnation, "table_bytes": state.table_bytes}, [fd], True)
 
     def op_segments(self, conn: Connection, m: dict[str, Any]) -> Reply:
         state, (pool, _, _) = self._namespace(conn, m)
@@ -309,7 +339,7 @@ class Server:
             raise InvalidArgument(f"server_id must be an int, got {target!r}")
         if policy == "server" and target == self.server_id:
             policy = "local"
-        if policy == "local" and self._local_room(creds[0]) >= round_up(size, PAGE_SIZE_BYTES):
+        if policy == "local" and self._local_room(creds[0], state) >= round_up(size, PAGE_SIZE_BYTES):
             shares = [(self.server_id, size)]     # the common case needs no cluster view
         else:
             shares = placement.plan(policy, size, self._free_by_server(creds[0]), self.server_id, target)
@@ -333,8 +363,7 @@ class Server:
 
     def op_free(self, conn: Connection, m: dict[str, Any]) -> Reply:
         state, creds = self._namespace(conn, m)
-        self._free(state, creds, m.get("bm_id"))
-        return {}
+        return {"idle_segments": self._free(state, creds, m.get("bm_id"))}
 
     def op_batch_free(self, conn: Connection, m: dict[str, Any]) -> Reply:
         state, creds = self._namespace(conn, m)
@@ -350,18 +379,22 @@ class Server:
                 results.append(int(exc.code))
         return {"results": results}
 
-    def _free(self, state: NamespaceState, creds: Creds, bm_id: Any) -> None:
+    def _free(self, state: NamespaceState, creds: Creds, bm_id: Any) -> dict[str, list[int]]:
         with self.lock:
             record = self._lookup(state, bm_id)
             state.retract(record)       # clients' next generation check fails from here on
             extents = state.table.free(record.bm_id)
-        self._release(state, record.bm_id, extents, creds)
+        return self._release(state, record.bm_id, extents, creds)
 
     def op_expand(self, conn: Connection, m: dict[str, Any]) -> Reply:
         state, creds = self._namespace(conn, m)
         new_size = _size_arg(m, "size")
+        with state.expand_lock:
+            return self._expand(state, creds, m.get("bm_id"), new_size)
+
+    def _expand(self, state: NamespaceState, creds: Creds, bm_id: Any, new_size: int) -> dict[str, Any]:
         with self.lock:
-            record = self._lookup(state, m.get("bm_id"))
+            record = self._lookup(state, bm_id)
             if new_size < record.size_bytes:
                 raise InvalidArgument(f"expand cannot shrink object {record.bm_id}: "
                                       f"{record.size_bytes} -> {new_size} bytes")
@@ -375,13 +408,13 @@ class Server:
             except OutOfMemory:
                 extents = self._reserve(state, creds, placement.plan("spread", extra, free, self.server_id),
                                         record.bm_id)
-        with self.lock:
-            try:
+        try:
+            with self.lock:
                 record = state.table.expand(record.bm_id, new_size, extents)
-            except MemfabricError:
-                self._release(state, record.bm_id, extents, creds)
-                raise
-            state.publish(record)
+                state.publish(record)
+        except MemfabricError:
+            self._release(state, record.bm_id, extents, creds)   # outside the lock: peers may be slow
+            raise
         return _describe(record, state)
 
     def op_map_pin(self, conn: Connection, m: dict[str, Any]) -> Reply:
@@ -438,8 +471,9 @@ class Server:
                 state.lent_by_object[bm_id] = remaining
             else:
                 state.lent_by_object.pop(bm_id, None)
-            self.pools[pool].allocator.release(state.key, extents, time.monotonic())
-        return {}
+            allocator = self.pools[pool].allocator
+            allocator.release(state.key, extents, time.monotonic())
+            return {"idle_segments": allocator.idle_segments(state.key)}
 
     # ---- data from other hosts: one span of one extent per request -----------------------------
 
@@ -466,11 +500,11 @@ class Server:
                                  f"{bm_id}'s on server {self.server_id}")
             return self.pools[pool].segments[segment].view[offset:offset + length]
 
-    def _local_room(self, pool: str) -> int:
+    def _local_room(self, pool: str, state: NamespaceState) -> int:
         if pool not in self.pools:
             return 0
         with self.lock:
-            return self.pools[pool].allocator.available_bytes()
+            return self.pools[pool].allocator.available_for(state.key)
 
     def _free_by_server(self, pool: str) -> dict[int, int]:
         free = {s.server_id: s.pools[pool]["free_bytes"] for s in self.view()
@@ -492,11 +526,16 @@ class Server:
                     wait_s = None if exc.retry_at_s is None else exc.retry_at_s - time.monotonic()
                     if attempt or wait_s is None or wait_s > REUSE_GRACE_S * 2:
                         raise
+                    continue_after = wait_s
                 else:
-                    self.pools[pool].zero(allocation.zero)
-                    return allocation.extents
-            time.sleep(max(wait_s, 0))   # memory freed a moment ago becomes reusable
-        raise AssertionError("unreachable")
+                    # A newly lent segment is zeroed whole before anyone else can carve from it;
+                    # our own extents nobody knows of yet, so they are zeroed outside the lock.
+                    whole = [z for z in allocation.zero if z.segment in allocation.clean_segments]
+                    self.pools[pool].zero(whole)
+                    break
+            time.sleep(max(continue_after, 0))   # memory freed a moment ago becomes reusable
+        self.pools[pool].zero([z for z in allocation.zero if z.segment not in allocation.clean_segments])
+        return allocation.extents
 
     def _reserve(self, state: NamespaceState, creds: Creds, shares: list[tuple[int, int]],
                  bm_id: str) -> list[Placement]:
@@ -517,7 +556,10 @@ class Server:
         return got
 
     def _release(self, state: NamespaceState, bm_id: str, extents: list[Placement],
-                 creds: Creds | None) -> None:
+                 creds: Creds | None) -> dict[str, list[int]]:
+        """Give extents back here and on peers; returns, per server, the namespace's segments
+        that now hold no live object (clients may let go of those)."""
+        idle: dict[str, list[int]] = {}
         by_server: dict[int, list[list[int]]] = defaultdict(list)
         local = []
         for e in extents:
@@ -529,17 +571,21 @@ class Server:
             with self.lock:
                 # A namespace destroyed meanwhile took all its memory back already.
                 if self.namespaces.get((state.record.pool, state.record.ns)) is state:
-                    self.pools[state.record.pool].allocator.release(state.key, local, time.monotonic())
+                    allocator = self.pools[state.record.pool].allocator
+                    allocator.release(state.key, local, time.monotonic())
+                    idle[str(self.server_id)] = allocator.idle_segments(state.key)
         if by_server and creds is None:
             log.warning("cannot give back extents on peers %s without a secId; they return when "
                         "the namespace is destroyed", sorted(by_server))
-            return
+            return idle
         for server_id, items in by_server.items():
             try:
-                self._peer(server_id).call("extent_free", pool=creds[0], ns=creds[1], sec=creds[2],
-                                           bm_id=bm_id, extents=items)
+                reply = self._peer(server_id).call("extent_free", pool=creds[0], ns=creds[1], sec=creds[2],
+                                                   bm_id=bm_id, extents=items)
+                idle[str(server_id)] = reply.get("idle_segments", [])
             except MemfabricError as exc:
                 log.warning("server %d did not take back %d extents: %s", server_id, len(items), exc)
+        return idle
 
     # ---- data operations done here, near the data -------------------------------------------
 
@@ -625,18 +671,18 @@ class Server:
     def _peer(self, server_id: int) -> ServerLink:
         with self._peers_lock:
             link = self._peers.get(server_id)
-            if link is not None and not link._closed:
+            if link is not None and not link.closed:
                 return link
         record = next((s for s in self.view(fresh=True) if s.server_id == server_id), None)
         if record is None or not record.alive:
             raise ServerUnavailable(f"server {server_id} is not alive")
-        link = ServerLink(record.ipc_socket, role="peer")
+        link = ServerLink(record.ipc_socket, timeout_s=PEER_TIMEOUT_S, role="peer")
         if link.server_id != server_id:
             link.close()
             raise ServerUnavailable(f"{record.ipc_socket} is server {link.server_id}, not {server_id}")
         with self._peers_lock:
             old = self._peers.get(server_id)
-            if old is not None and not old._closed:
+            if old is not None and not old.closed:
                 link.close()
                 return old
             self._peers[server_id] = link

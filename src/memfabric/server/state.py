@@ -8,6 +8,7 @@ around every copy, so a freed handle fails on the client without asking the serv
 from __future__ import annotations
 
 import fcntl
+import threading
 import mmap
 import os
 
@@ -57,6 +58,7 @@ class NamespaceState:
         # Extents this server holds for objects homed on other servers, by object id: a remote
         # read or write must name the object whose bytes it touches.
         self.lent_by_object: dict[str, list[Extent]] = {}
+        self.expand_lock = threading.Lock()   # one expand at a time: each sizes what it adds
         self.table_bytes = MAX_OBJECTS_PER_NAMESPACE * WORDS_PER_SLOT * 8
         self.gen_fd = os.memfd_create(f"memfabric-{label}-gens-{record.ns}",
                                       os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)

@@ -49,7 +49,9 @@ class IpcChannel:
         return cls(sock)
 
     def send(self, message: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
-        data = wire.encode(message)
+        self.send_encoded(wire.encode(message), fds)
+
+    def send_encoded(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
         if len(fds) > MAX_FDS_PER_MESSAGE:
             raise ProtocolError(f"{len(fds)} fds in one message, at most {MAX_FDS_PER_MESSAGE}")
         if fds:

@@ -1,0 +1,170 @@
+"""A connection to a server on another host: pipelined RPC over one TCP connection.
+
+Requests go out under a send lock; one reader thread matches replies to requests by id and
+lands a reply's payload straight into the buffer its caller registered. Every wait has a
+deadline: a server that stops answering costs TIMEOUT, and the connection is shut down
+(after the reader has stopped touching any caller's buffer), never a hang.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+from typing import Any
+
+from ..errors import (LimitExceeded, MemfabricError, ProtocolError, ServerUnavailable, Timeout,
+                      error_from_code)
+from ..limits import DEFAULT_REQUEST_TIMEOUT_S, MAX_RPC_IN_FLIGHT
+from ..transport import rpc
+from .link import Creds
+
+
+class Pending:
+    __slots__ = ("event", "reply", "into", "payload", "error")
+
+    def __init__(self, into: memoryview | None) -> None:
+        self.event = threading.Event()
+        self.reply: dict[str, Any] | None = None
+        self.into = into
+        self.payload: bytes | None = None
+        self.error: MemfabricError | None = None
+
+
+class RpcLink:
+    is_local = False
+
+    def __init__(self, address: str, token: bytes, tls: ssl.SSLContext | None = None,
+                 timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, role: str = "client") -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._frames = rpc.connect(address, tls, timeout_s)
+        try:
+            self.server_id = rpc.client_handshake(self._frames, token)
+        except BaseException:
+            self._frames.close()
+            raise
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._pending: dict[int, Pending] = {}
+        self._next_id = 1
+        self._closed = False
+        self._reader = threading.Thread(target=self._read_loop, name=f"rpc-{address}", daemon=True)
+        self._reader.start()
+        hello = self.call("hello", role=role)
+        self.host: str = hello["host"]
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def submit(self, op: str, args: dict[str, Any], payload: memoryview | None = None,
+               into: memoryview | None = None) -> tuple[int, Pending]:
+        pending = Pending(into)
+        with self._lock:
+            if self._closed:
+                raise ServerUnavailable(f"the connection to server {self.server_id} at {self.address} is closed")
+            if len(self._pending) >= MAX_RPC_IN_FLIGHT:
+                raise LimitExceeded(f"{MAX_RPC_IN_FLIGHT} requests already in flight to {self.address}")
+            request_id = self._next_id
+            self._next_id += 1
+            self._pending[request_id] = pending
+        args["op"] = op
+        args["id"] = request_id
+        try:
+            with self._send_lock:
+                self._frames.send(args, payload)
+        except (OSError, ValueError):
+            self._shut(ServerUnavailable(f"server at {self.address} is gone (sending {op!r})"))
+            raise ServerUnavailable(f"server at {self.address} is gone (sending {op!r})") from None
+        return request_id, pending
+
+    def wait(self, request_id: int, pending: Pending, op: str) -> dict[str, Any]:
+        if not pending.event.wait(self.timeout_s):
+            self._shut(Timeout(f"server at {self.address} did not answer {op!r} within {self.timeout_s}s"))
+        if pending.error is not None:
+            raise pending.error
+        reply = pending.reply
+        if "error" in reply:
+            raise error_from_code(reply["error"], str(reply.get("msg", "")))
+        return reply
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        request_id, pending = self.submit(op, args)
+        return self.wait(request_id, pending, op)
+
+    def call_with_fds(self, op: str, **args: Any) -> tuple[dict[str, Any], list[int]]:
+        raise ProtocolError("file descriptors cannot cross hosts")
+
+    # ---- data ---------------------------------------------------------------------------------
+
+    def submit_write(self, creds: Creds, bm_id: str, segment: int, offset: int, src: memoryview):
+        return self.submit("seg_write", {"pool": creds[0], "ns": creds[1], "sec": creds[2], "bm_id": bm_id,
+                                         "segment": segment, "offset": offset, "length": len(src)}, payload=src)
+
+    def submit_read(self, creds: Creds, bm_id: str, segment: int, offset: int, dst: memoryview):
+        return self.submit("seg_read", {"pool": creds[0], "ns": creds[1], "sec": creds[2], "bm_id": bm_id,
+                                        "segment": segment, "offset": offset, "length": len(dst)}, into=dst)
+
+    # ---- the reader -----------------------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        frames = self._frames
+        try:
+            while True:
+                header, payload_len = frames.recv_header()
+                with self._lock:
+                    pending = self._pending.pop(header.get("id"), None)
+                if pending is None:
+                    frames.discard(payload_len)     # a reply nobody waits for any more
+                    continue
+                if payload_len:
+                    if pending.into is not None and payload_len == len(pending.into) and "error" not in header:
+                        frames.recv_into_exact(pending.into)
+                    else:
+                        pending.payload = frames.recv_exact(payload_len)
+                pending.reply = header
+                pending.event.set()
+        except (OSError, ConnectionError, ValueError, MemfabricError) as exc:
+            self._shut(ServerUnavailable(f"server {self.server_id} at {self.address} is gone "
+                                         f"({exc.__class__.__name__})"), from_reader=True)
+
+    def _shut(self, error: MemfabricError, from_reader: bool = False) -> None:
+        with self._lock:
+            already = self._closed
+            self._closed = True
+            pending = list(self._pending.values())
+            self._pending.clear()
+        if not already:
+            self._frames.close()
+        if not from_reader and threading.current_thread() is not self._reader:
+            # The reader may be inside recv_into a caller's buffer: wait until it has let go.
+            self._reader.join(timeout=self.timeout_s)
+        for p in pending:
+            p.error = error
+            p.event.set()
+        if not from_reader:
+            raise error
+
+    # ---- liveness and life ------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def check_alive(self) -> None:
+        if self._closed:
+            raise ServerUnavailable(f"server {self.server_id} at {self.address} is gone")
+
+    def release_namespace(self, pool: str, ns: str) -> None:
+        """Nothing is mapped across hosts; nothing to give back."""
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            pending = list(self._pending.values())
+            self._pending.clear()
+        self._frames.close()
+        for p in pending:
+            p.error = ServerUnavailable("connection closed")
+            p.event.set()

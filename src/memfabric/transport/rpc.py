@@ -1,0 +1,194 @@
+"""Between hosts: TCP (optionally TLS) carrying frames of a msgpack header and a raw payload.
+
+    frame = u32 header length | u64 payload length | header (msgpack map) | payload bytes
+
+Payload bytes are sent straight from pool memory (sendmsg with the segment view) and
+received straight into it (recv_into a segment view): no intermediate `bytes` for data.
+
+A connection starts with a mutual challenge: each side proves it holds the cluster token
+by an HMAC over both sides' fresh nonces; the token itself never crosses the wire. A peer
+that fails is refused before it can send a single request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import socket
+import ssl
+import struct
+from typing import Any
+
+from ..errors import PermissionDenied, ProtocolError, ServerUnavailable, Timeout
+from ..limits import HANDSHAKE_TIMEOUT_S, MAX_MESSAGE_BYTES, MAX_RPC_PAYLOAD_BYTES
+from . import wire
+
+PREFIX = struct.Struct("!IQ")
+PROTOCOL = "memfabric-rpc/1"
+_SCRATCH_BYTES = 1 << 20
+
+
+class FrameSocket:
+    """Whole frames over a stream socket (plain or TLS)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._tls = isinstance(sock, ssl.SSLSocket)
+
+    def send(self, header: dict[str, Any], payload: memoryview | bytes | None = None) -> None:
+        head = wire.encode(header)
+        n = 0 if payload is None else len(payload)
+        if n > MAX_RPC_PAYLOAD_BYTES:
+            raise ProtocolError(f"payload of {n} bytes exceeds {MAX_RPC_PAYLOAD_BYTES}")
+        first = PREFIX.pack(len(head), n) + head
+        if not n:
+            self.sock.sendall(first)
+        elif self._tls:
+            self.sock.sendall(first)
+            self.sock.sendall(payload)
+        else:
+            _sendmsg_all(self.sock, [first, payload])
+
+    def recv_header(self) -> tuple[dict[str, Any], int]:
+        """The next frame's header and its payload length; the payload is still to be read."""
+        prefix = self.recv_exact(PREFIX.size)
+        head_len, payload_len = PREFIX.unpack(prefix)
+        if head_len > MAX_MESSAGE_BYTES or payload_len > MAX_RPC_PAYLOAD_BYTES:
+            raise ProtocolError(f"frame of {head_len}+{payload_len} bytes is over the limits")
+        return wire.decode(self.recv_exact(head_len)), payload_len
+
+    def recv_exact(self, n: int) -> bytes:
+        buf = bytearray(n)
+        self.recv_into_exact(memoryview(buf))
+        return bytes(buf)
+
+    def recv_into_exact(self, view: memoryview) -> None:
+        got, n = 0, len(view)
+        while got < n:
+            k = self.sock.recv_into(view[got:])
+            if k == 0:
+                raise ConnectionError("peer closed the connection")
+            got += k
+
+    def discard(self, n: int) -> None:
+        scratch = memoryview(bytearray(min(n, _SCRATCH_BYTES)))
+        while n:
+            take = min(n, len(scratch))
+            self.recv_into_exact(scratch[:take])
+            n -= take
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def _sendmsg_all(sock: socket.socket, parts: list) -> None:
+    views = [memoryview(p).cast("B") for p in parts]
+    while views:
+        sent = sock.sendmsg(views)
+        while sent and views:
+            if sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
+
+
+# ---- the handshake ---------------------------------------------------------------------------
+
+def _proof(token: bytes, role: bytes, first: bytes, second: bytes) -> bytes:
+    return hmac.new(token, role + b"|" + first + second, hashlib.sha256).digest()
+
+
+def server_handshake(frames: FrameSocket, token: bytes, server_id: int) -> None:
+    """Raises PermissionDenied (after telling the peer) when it does not hold the token."""
+    frames.sock.settimeout(HANDSHAKE_TIMEOUT_S)
+    server_nonce = os.urandom(32)
+    frames.send({"id": 0, "hello": PROTOCOL, "nonce": server_nonce, "server_id": server_id})
+    answer, payload_len = frames.recv_header()
+    client_nonce = answer.get("nonce")
+    proof = answer.get("proof")
+    if payload_len or not isinstance(client_nonce, bytes) or len(client_nonce) != 32 \
+            or not isinstance(proof, bytes) \
+            or not hmac.compare_digest(proof, _proof(token, b"client", server_nonce, client_nonce)):
+        frames.send({"id": 0, "error": int(PermissionDenied.code), "msg": "wrong cluster token"})
+        raise PermissionDenied("peer failed the token challenge")
+    frames.send({"id": 0, "proof": _proof(token, b"server", client_nonce, server_nonce)})
+    frames.sock.settimeout(None)
+
+
+def client_handshake(frames: FrameSocket, token: bytes) -> int:
+    """Proves the token and checks the server's proof; returns the server's id."""
+    frames.sock.settimeout(HANDSHAKE_TIMEOUT_S)
+    try:
+        hello, _ = frames.recv_header()
+        if hello.get("hello") != PROTOCOL or not isinstance(hello.get("nonce"), bytes):
+            raise ProtocolError(f"not a memfabric server (greeting {hello.get('hello')!r})")
+        client_nonce = os.urandom(32)
+        frames.send({"id": 0, "nonce": client_nonce,
+                     "proof": _proof(token, b"client", hello["nonce"], client_nonce)})
+        verdict, _ = frames.recv_header()
+    except socket.timeout:
+        raise Timeout(f"no handshake within {HANDSHAKE_TIMEOUT_S}s") from None
+    except ConnectionError:
+        raise PermissionDenied("the server closed the connection during the token challenge") from None
+    if "error" in verdict:
+        raise PermissionDenied(f"the server refused us: {verdict.get('msg')}")
+    expected = _proof(token, b"server", client_nonce, hello["nonce"])
+    if not isinstance(verdict.get("proof"), bytes) or not hmac.compare_digest(verdict["proof"], expected):
+        raise PermissionDenied("the server could not prove it holds the cluster token")
+    return int(hello["server_id"])
+
+
+# ---- connecting and listening -------------------------------------------------------------------
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ProtocolError(f"an RPC address is HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def connect(address: str, tls: ssl.SSLContext | None, timeout_s: float) -> FrameSocket:
+    host, port = parse_address(address)
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout_s)
+    except socket.timeout:
+        raise Timeout(f"connecting to {address} took longer than {timeout_s}s") from None
+    except OSError as exc:
+        raise ServerUnavailable(f"cannot reach {address}: {exc.strerror or exc}") from None
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls is not None:
+        try:
+            sock = tls.wrap_socket(sock, server_hostname=host)
+        except (ssl.SSLError, OSError) as exc:
+            sock.close()
+            raise PermissionDenied(f"TLS with {address} failed: {exc}") from None
+    return FrameSocket(sock)
+
+
+def listen(address: str, backlog: int) -> socket.socket:
+    host, port = parse_address(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    return sock
+
+
+def client_tls(ca_file: str | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+    return context
+
+
+def server_tls(cert_file: str, key_file: str) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert_file, key_file)
+    return context
