@@ -11,7 +11,9 @@ import os
 import signal
 import subprocess
 import sys
+import secrets
 import threading
+import tomllib
 from typing import Callable
 
 import tomli_w
@@ -23,20 +25,34 @@ READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
 
 
+def write_token(directory: str) -> str:
+    """The cluster token (kept if one exists: a restarted fabric keeps its clients' config)."""
+    path = os.path.join(directory, "token")
+    if not os.path.exists(path):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+    return path
+
+
 def write_fabric(directory: str, servers: int, capacity_bytes: int, segment_bytes: int,
-                 liveness_timeout_s: float = 3.0) -> list[str]:
-    """Configuration for N servers sharing an embedded cluster service; returns the server configs."""
+                 liveness_timeout_s: float = 3.0, rpc_host: str = "127.0.0.1") -> list[str]:
+    """Configuration for N servers sharing an embedded cluster service; returns the server configs.
+
+    Servers listen for RPC on `rpc_host` at a port of the kernel's choosing; once they run,
+    `write_client_files` records the real addresses for clients.
+    """
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
     cluster = {"backend": "embedded", "path": os.path.join(directory, "cluster.db"),
-               "liveness_timeout_s": liveness_timeout_s}
+               "liveness_timeout_s": liveness_timeout_s, "token_file": write_token(directory)}
     configs, entries = [], []
     for i in range(1, servers + 1):
         server_dir = os.path.join(directory, f"server-{i}")
         os.makedirs(server_dir, exist_ok=True)
         socket_path = os.path.join(server_dir, "ipc.sock")
         config = {
-            "server": {"data_dir": server_dir, "ipc_socket": socket_path,
+            "server": {"data_dir": server_dir, "ipc_socket": socket_path, "rpc_listen": f"{rpc_host}:0",
                        "segment_size": format_size(segment_bytes) if segment_bytes % 1024 == 0 else segment_bytes},
             "cluster": cluster,
             "pool": [{"name": "default", "medium": "dram", "capacity": capacity_bytes}],
@@ -49,6 +65,38 @@ def write_fabric(directory: str, servers: int, capacity_bytes: int, segment_byte
     with open(os.path.join(directory, FABRIC_FILE), "wb") as f:
         tomli_w.dump({"cluster": cluster, "servers": entries}, f)
     return configs
+
+
+REMOTE_FILE = "remote.toml"
+
+
+def write_client_files(directory: str) -> None:
+    """Once the servers run: their RPC addresses into fabric.toml, and remote.toml for a client
+    on a host without a server (RPC only: token, addresses, no sockets)."""
+    from .cluster import open_cluster
+    directory = os.path.abspath(directory)
+    path = os.path.join(directory, FABRIC_FILE)
+    with open(path, "rb") as f:
+        fabric = tomllib.load(f)
+    cluster = open_cluster("embedded", path=fabric["cluster"]["path"])
+    try:
+        addresses = {s.ipc_socket: s.rpc_address for s in cluster.servers() if s.alive}
+    finally:
+        cluster.close()
+    for entry in fabric["servers"]:
+        if addresses.get(entry["ipc_socket"]):
+            entry["rpc_address"] = addresses[entry["ipc_socket"]]
+    _write_atomically(path, fabric)
+    remote = {"cluster": {"token_file": fabric["cluster"]["token_file"]},
+              "servers": [{"rpc_address": e["rpc_address"]} for e in fabric["servers"] if "rpc_address" in e]}
+    _write_atomically(os.path.join(directory, REMOTE_FILE), remote)
+
+
+def _write_atomically(path: str, data: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        tomli_w.dump(data, f)
+    os.replace(tmp, path)
 
 
 def die_with_parent() -> None:

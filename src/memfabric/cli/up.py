@@ -7,7 +7,8 @@ import subprocess
 import sys
 import threading
 
-from ..launcher import READY_TIMEOUT_S, STOP_TIMEOUT_S, die_with_parent, wait_for_line, write_fabric
+from ..launcher import (READY_TIMEOUT_S, STOP_TIMEOUT_S, die_with_parent, wait_for_line, write_client_files,
+                        write_fabric)
 
 
 def run_up(directory: str, servers: int, capacity_bytes: int, segment_bytes: int,
@@ -25,7 +26,9 @@ def run_up(directory: str, servers: int, capacity_bytes: int, segment_bytes: int
                                      preexec_fn=die_with_parent)
             children.append(child)
             wait_for_line(child, " ready ", READY_TIMEOUT_S, [], echo=_echo)
-        print(f"memfabric fabric ready: {servers} server(s), ockPath={directory}", flush=True)
+        write_client_files(directory)
+        print(f"memfabric fabric ready: {servers} server(s), ockPath={directory} "
+              f"(remote clients: {directory}/remote.toml)", flush=True)
         while not stop.wait(0.5):
             for child in children:
                 if child.poll() is not None and not getattr(child, "reported", False):

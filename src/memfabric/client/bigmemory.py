@@ -8,10 +8,16 @@ passed the first check cannot land in the next tenant's bytes.
 
 from __future__ import annotations
 
+import mmap
 import os
 from typing import TYPE_CHECKING, Any
 
-from ..datapath.layout import Layout, as_bytes_view, build_layout, check_range, read_bytes, read_into, write_at
+import numpy as np
+
+from ..datapath.layout import (Layout, RemoteSegment, always_live, as_bytes_view, build_layout, check_range,
+                               read_bytes, read_into, write_at)
+from ..core.allocator import round_up
+from ..limits import PAGE_SIZE_BYTES
 from ..errors import Busy, InvalidArgument, IOError_, NoSuchObject, OutOfRange
 
 # Copies larger than this go in chunks, with the object's generation checked in between.
@@ -56,11 +62,20 @@ class BigMemory:
         self._links = []
         for server_id, segments in by_server.items():
             link = session.link(server_id)
-            link.fetch_segments(creds, segments)
+            if link.is_local:
+                link.fetch_segments(creds, segments)
             self._links.append(link)
-        gens = self._home.gen_table(creds, d["incarnation"])
-        self._layout = build_layout(d["bm_id"], d["size"], d["generation"], d["slot"], d["extents"], gens,
-                                    lambda server_id, seg: session.link(server_id).segment_view(creds, seg))
+        home = self._home
+        gens = (home.gen_table(creds, d["incarnation"]) if home.is_local
+                else always_live(d["generation"], d["size"]))
+        bm_id = d["bm_id"]
+
+        def view_of(server_id: int, segment: int) -> memoryview | RemoteSegment:
+            link = session.link(server_id)
+            return link.segment_view(creds, segment) if link.is_local else RemoteSegment(link, creds, bm_id, segment)
+
+        slot = d["slot"] if home.is_local else 0      # always_live has one slot's words
+        self._layout = build_layout(bm_id, d["size"], d["generation"], slot, d["extents"], gens, view_of)
         self._extents = [(e[0], e[3]) for e in d["extents"]]
 
     def _call(self, op: str, **args: Any) -> dict[str, Any]:
@@ -181,6 +196,8 @@ class BigMemory:
             creds = self.namespace.creds
             session = self.namespace.session
             links = {s: session.link(s) for s, _, _, _ in d["extents"]}
+            if not all(link.is_local for link in links.values()):
+                return RemoteMapping(self, d["size"], writable)
             pieces = [(links[s].segment_fd(creds, seg), off, length) for s, seg, off, length in d["extents"]]
             segments = frozenset(seg for _, seg, _, _ in d["extents"])
             first, *others = links.values()
@@ -244,6 +261,67 @@ class Mapping:
         self.bm._call("map_unpin")
 
     def __enter__(self) -> "Mapping":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RemoteMapping:
+    """A contiguous mapping of an object with bytes on other hosts: a private copy taken at
+    map time; `flush` (and closing) writes back only the pages that changed since."""
+
+    def __init__(self, bm: BigMemory, size: int, writable: bool) -> None:
+        self.bm = bm
+        self.writable = writable
+        self._size = size
+        self._area = mmap.mmap(-1, max(round_up(size, PAGE_SIZE_BYTES), PAGE_SIZE_BYTES))
+        self._pages = np.frombuffer(self._area, dtype=np.uint8).reshape(-1, PAGE_SIZE_BYTES)
+        whole = memoryview(self._area)
+        bm.read(0, into=whole[:size])
+        self._clean = self._pages.copy()
+        self.view: memoryview = whole[:size] if writable else whole[:size].toreadonly()
+        whole.release()
+
+    def flush(self) -> int:
+        """Send the changed pages; returns how many were sent."""
+        if not self.writable or self._area is None:
+            return 0
+        dirty = np.flatnonzero((self._pages != self._clean).any(axis=1))
+        if not len(dirty):
+            return 0
+        # Runs of adjacent dirty pages go as one write each.
+        breaks = np.flatnonzero(np.diff(dirty) != 1)
+        starts = np.concatenate(([dirty[0]], dirty[breaks + 1]))
+        ends = np.concatenate((dirty[breaks], [dirty[-1]])) + 1
+        flat = memoryview(self._area)
+        try:
+            for first, last in zip(starts.tolist(), ends.tolist(), strict=True):
+                lo, hi = first * PAGE_SIZE_BYTES, min(last * PAGE_SIZE_BYTES, self._size)
+                self.bm.write(flat[lo:hi], offset=lo)
+                self._clean[first:last] = self._pages[first:last]
+        finally:
+            flat.release()
+        return len(dirty)
+
+    def close(self) -> None:
+        if self._area is None:
+            return
+        self.flush()
+        try:
+            self.view.release()
+        except BufferError:
+            raise Busy("numpy arrays or memoryviews made from this mapping are still alive; "
+                       "drop them before unmapping") from None
+        del self._pages
+        try:
+            self._area.close()
+        except BufferError:
+            raise Busy("buffers made from this mapping are still alive; drop them before unmapping") from None
+        self._area = None
+        self.bm._call("map_unpin")
+
+    def __enter__(self) -> "RemoteMapping":
         return self
 
     def __exit__(self, *exc: object) -> None:

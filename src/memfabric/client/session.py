@@ -8,6 +8,7 @@ objects are BigMemory handles.
 from __future__ import annotations
 
 import hmac
+import os
 import resource
 import threading
 import weakref
@@ -16,6 +17,8 @@ from typing import Any, Iterable
 from ..core.namespaces import check_attribute, check_name, check_sec_id
 from ..core.objects import parse_bm_id
 from ..datapath.link import Creds, ServerLink
+from ..datapath.rpc_link import RpcLink
+from ..transport import rpc
 from ..errors import InvalidArgument, MemfabricError, ServerUnavailable
 from ..limits import DEFAULT_REQUEST_TIMEOUT_S
 from ..server.config import ConfigError, load_fabric_config
@@ -48,21 +51,39 @@ class Session:
             if type(server) is not int or not 0 <= server < len(sockets):
                 raise InvalidArgument(f"server must be an index into the {len(sockets)} configured servers")
             sockets = [sockets[server]]
+        self._token: bytes | None = None
+        self._tls = None
+        if self.fabric.rpc_addresses or (self.fabric.cluster and self.fabric.cluster.token_file):
+            try:
+                self._token = self.fabric.cluster.token()
+            except ConfigError as exc:
+                if not sockets:
+                    raise InvalidArgument(str(exc)) from None
+            if self.fabric.cluster.tls_ca:
+                self._tls = rpc.client_tls(self.fabric.cluster.tls_ca)
         errors = []
-        for path in sockets:
+        self.local: ServerLink | RpcLink | None = None
+        for path in sockets:                              # a server on this host first
             try:
                 self.local = ServerLink(path, timeout_s)
                 break
             except MemfabricError as exc:
                 errors.append(str(exc))
-        else:
+        if self.local is None and self._token is not None:
+            for address in self.fabric.rpc_addresses:     # else any server, over the network
+                try:
+                    self.local = RpcLink(address, self._token, self._tls, timeout_s)
+                    break
+                except MemfabricError as exc:
+                    errors.append(f"{address}: {exc}")
+        if self.local is None:
             raise ServerUnavailable("no server of this fabric answers: " + "; ".join(errors))
         self._links[self.local.server_id] = self.local
         self.closed = False
 
     # ---- links ----------------------------------------------------------------------------
 
-    def home(self) -> ServerLink:
+    def home(self) -> ServerLink | RpcLink:
         """This client's own server (reconnected if the link broke)."""
         return self.link(self.local.server_id)
 
@@ -80,7 +101,7 @@ class Session:
             if link is not None and not link.closed:
                 return link
             if server_id == self.local.server_id or self.local.closed:
-                self.local = ServerLink(self.local.ipc_socket, self.timeout_s)
+                self.local = self._reconnect(self.local)
                 self._links[self.local.server_id] = self.local
                 if server_id == self.local.server_id:
                     return self.local
@@ -88,14 +109,29 @@ class Session:
                 if record["server_id"] == server_id:
                     if not record["alive"]:
                         raise ServerUnavailable(f"server {server_id} is not alive")
-                    link = ServerLink(record["ipc_socket"], self.timeout_s)
+                    link = self._connect(record)
                     if link.server_id != server_id:
                         link.close()
-                        raise ServerUnavailable(f"{record['ipc_socket']} answers as server "
-                                                f"{link.server_id}, not {server_id}")
+                        raise ServerUnavailable(f"server {server_id}'s address answers as server "
+                                                f"{link.server_id}")
                     self._links[server_id] = link
                     return link
         raise ServerUnavailable(f"the cluster knows no server {server_id}")
+
+    def _connect(self, record: dict[str, Any]) -> ServerLink | RpcLink:
+        """IPC to a server on this host (same host label, socket present), RPC otherwise."""
+        if self.local.is_local and record["host"] == self.local.host and record["ipc_socket"] \
+                and os.path.exists(record["ipc_socket"]):
+            return ServerLink(record["ipc_socket"], self.timeout_s)
+        if not record["rpc_address"] or self._token is None:
+            raise ServerUnavailable(f"server {record['server_id']} is on host {record['host']!r} and this "
+                                    "client has no RPC (cluster.token_file) configured to reach it")
+        return RpcLink(record["rpc_address"], self._token, self._tls, self.timeout_s)
+
+    def _reconnect(self, link: ServerLink | RpcLink) -> ServerLink | RpcLink:
+        if link.is_local:
+            return ServerLink(link.ipc_socket, self.timeout_s)
+        return RpcLink(link.address, self._token, self._tls, self.timeout_s)
 
     def link_for_object(self, bm_id: str) -> ServerLink:
         return self.link(parse_bm_id(bm_id)[0])

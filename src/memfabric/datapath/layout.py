@@ -6,16 +6,32 @@ gather over their own and their peers' segments) alike.
 
 from __future__ import annotations
 
+import array
 import bisect
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from ..errors import InvalidArgument, NoSuchObject, OutOfRange
+
+
+class RemoteSegment:
+    """A segment on another host: its bytes move by RPC, straight to and from the caller's buffer."""
+
+    __slots__ = ("link", "creds", "bm_id", "segment")
+
+    def __init__(self, link: Any, creds: tuple, bm_id: str, segment: int) -> None:
+        self.link, self.creds, self.bm_id, self.segment = link, creds, bm_id, segment
+
+
+def always_live(generation: int, size: int) -> memoryview:
+    """The generation words of an object homed on another host: its servers check liveness
+    on every request, so the local check always passes."""
+    return memoryview(array.array("Q", [generation, size]))
 
 
 class Layout:
     """Where an object's bytes are, plus the generation word that says it still lives."""
 
-    __slots__ = ("bm_id", "size", "generation", "gens", "gen_index", "starts", "pieces")
+    __slots__ = ("bm_id", "size", "generation", "gens", "gen_index", "starts", "pieces", "local_single")
 
     def __init__(self, bm_id: str, size: int, generation: int, gens: memoryview, slot: int,
                  pieces: list[tuple[int, int, memoryview, int]]) -> None:
@@ -26,6 +42,7 @@ class Layout:
         self.gen_index = 2 * slot
         self.pieces = pieces             # (object start, object end, segment view, segment offset)
         self.starts = [p[0] for p in pieces]
+        self.local_single = len(pieces) == 1 and type(pieces[0][2]) is memoryview
 
     def alive(self) -> bool:
         return self.gens[self.gen_index] == self.generation
@@ -90,34 +107,56 @@ def as_bytes_view(buffer: object, writable: bool = False) -> memoryview:
     return view
 
 
+def _wait_all(pending: list) -> None:
+    for link, request_id, p, op in pending:
+        link.wait(request_id, p, op)
+
+
 def write_at(layout: Layout, offset: int, src: memoryview) -> None:
     n = src.nbytes
-    if len(layout.pieces) == 1:
+    if layout.local_single:
         check_range(layout.bm_id, layout.size, offset, n)
         _, _, view, base = layout.pieces[0]
         view[base + offset: base + offset + n] = src
         return
-    for view, a, b, pos in layout.spans(offset, n):
-        view[a:b] = src[pos: pos + b - a]
+    pending = []
+    for target, a, b, pos in layout.spans(offset, n):
+        if type(target) is memoryview:
+            target[a:b] = src[pos: pos + b - a]
+        else:
+            rid, p = target.link.submit_write(target.creds, target.bm_id, target.segment, a, src[pos: pos + b - a])
+            pending.append((target.link, rid, p, "seg_write"))
+    _wait_all(pending)
 
 
 def read_into(layout: Layout, offset: int, dst: memoryview) -> None:
     n = dst.nbytes
-    if len(layout.pieces) == 1:
+    if layout.local_single:
         check_range(layout.bm_id, layout.size, offset, n)
         _, _, view, base = layout.pieces[0]
         dst[:] = view[base + offset: base + offset + n]
         return
-    for view, a, b, pos in layout.spans(offset, n):
-        dst[pos: pos + b - a] = view[a:b]
+    pending = []
+    for target, a, b, pos in layout.spans(offset, n):
+        if type(target) is memoryview:
+            dst[pos: pos + b - a] = target[a:b]
+        else:
+            rid, p = target.link.submit_read(target.creds, target.bm_id, target.segment, a, dst[pos: pos + b - a])
+            pending.append((target.link, rid, p, "seg_read"))
+    _wait_all(pending)
 
 
 def read_bytes(layout: Layout, offset: int, length: int) -> bytes:
-    if len(layout.pieces) == 1:
+    if layout.local_single:
         check_range(layout.bm_id, layout.size, offset, length)
         _, _, view, base = layout.pieces[0]
         return bytes(view[base + offset: base + offset + length])
-    return b"".join([view[a:b] for view, a, b, _ in layout.spans(offset, length)])
+    spans = list(layout.spans(offset, length))
+    if all(type(t) is memoryview for t, _, _, _ in spans):
+        return b"".join([view[a:b] for view, a, b, _ in spans])
+    buf = bytearray(length)
+    read_into(layout, offset, memoryview(buf))
+    return bytes(buf)
 
 
 def copy_between(src: Layout, src_offset: int, dst: Layout, dst_offset: int, length: int) -> None:
@@ -125,6 +164,8 @@ def copy_between(src: Layout, src_offset: int, dst: Layout, dst_offset: int, len
 
     Like memmove: when source and destination overlap in one object and the destination
     is higher, the pieces are copied from the end so no source byte is overwritten first.
+    Pieces on other hosts move by RPC straight into (or out of) the local piece; only a
+    remote-to-remote piece needs a bounce buffer.
     """
     check_range(src.bm_id, src.size, src_offset, length)
     check_range(dst.bm_id, dst.size, dst_offset, length)
@@ -135,7 +176,21 @@ def copy_between(src: Layout, src_offset: int, dst: Layout, dst_offset: int, len
             lo, hi = max(spos, dpos), min(spos + sb - sa, dpos + db - da)
             if lo < hi:
                 moves.append((dview, da + lo - dpos, da + hi - dpos, sview, sa + lo - spos, sa + hi - spos))
-    if src.bm_id == dst.bm_id and dst_offset > src_offset:
+    same_object = src.bm_id == dst.bm_id
+    if same_object and dst_offset > src_offset:
         moves.reverse()
     for dview, da, db, sview, sa, sb in moves:
-        dview[da:db] = sview[sa:sb]    # memoryview assignment is memmove-safe within a piece
+        if type(dview) is memoryview and type(sview) is memoryview:
+            dview[da:db] = sview[sa:sb]    # memoryview assignment is memmove-safe within a piece
+        elif type(dview) is memoryview:
+            sview.link.wait(*sview.link.submit_read(sview.creds, sview.bm_id, sview.segment, sa, dview[da:db]),
+                            "seg_read")
+        else:
+            if type(sview) is memoryview:
+                chunk = sview[sa:sb]
+            else:
+                chunk = memoryview(bytearray(sb - sa))
+                sview.link.wait(*sview.link.submit_read(sview.creds, sview.bm_id, sview.segment, sa, chunk),
+                                "seg_read")
+            dview.link.wait(*dview.link.submit_write(dview.creds, dview.bm_id, dview.segment, da, chunk),
+                            "seg_write")

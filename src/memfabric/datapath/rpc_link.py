@@ -1,16 +1,19 @@
 """A connection to a server on another host: pipelined RPC over one TCP connection.
 
-Requests go out under a send lock; one reader thread matches replies to requests by id and
-lands a reply's payload straight into the buffer its caller registered. Every wait has a
-deadline: a server that stops answering costs TIMEOUT, and the connection is shut down
-(after the reader has stopped touching any caller's buffer), never a hang.
+Requests go out under a send lock. There is no reader thread: a waiting caller takes the
+receive lock and reads replies itself, handing each to the request it answers (its payload
+lands straight in the buffer that request registered) until its own arrives. A lone request
+so costs no thread hand-off; many in flight share one reader at a time. Every wait has a
+deadline: a server that stops answering costs TIMEOUT and the connection is shut down,
+never a hang.
 """
 
 from __future__ import annotations
 
-import socket
 import ssl
+import socket
 import threading
+import time
 from typing import Any
 
 from ..errors import (LimitExceeded, MemfabricError, ProtocolError, ServerUnavailable, Timeout,
@@ -45,12 +48,11 @@ class RpcLink:
             self._frames.close()
             raise
         self._send_lock = threading.Lock()
+        self._recv_lock = threading.Lock()
         self._lock = threading.Lock()
         self._pending: dict[int, Pending] = {}
         self._next_id = 1
         self._closed = False
-        self._reader = threading.Thread(target=self._read_loop, name=f"rpc-{address}", daemon=True)
-        self._reader.start()
         hello = self.call("hello", role=role)
         self.host: str = hello["host"]
 
@@ -74,12 +76,33 @@ class RpcLink:
                 self._frames.send(args, payload)
         except (OSError, ValueError):
             self._shut(ServerUnavailable(f"server at {self.address} is gone (sending {op!r})"))
-            raise ServerUnavailable(f"server at {self.address} is gone (sending {op!r})") from None
         return request_id, pending
 
     def wait(self, request_id: int, pending: Pending, op: str) -> dict[str, Any]:
-        if not pending.event.wait(self.timeout_s):
-            self._shut(Timeout(f"server at {self.address} did not answer {op!r} within {self.timeout_s}s"))
+        deadline = time.monotonic() + self.timeout_s
+        while not pending.event.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._shut(Timeout(f"server at {self.address} did not answer {op!r} within {self.timeout_s}s"))
+            if self._recv_lock.acquire(blocking=False):
+                try:
+                    while not pending.event.is_set():
+                        self._read_one(max(deadline - time.monotonic(), 0.001))
+                except socket.timeout:
+                    failure: MemfabricError = Timeout(f"server at {self.address} did not answer {op!r} "
+                                                      f"within {self.timeout_s}s")
+                except (OSError, ConnectionError, ValueError, MemfabricError) as exc:
+                    failure = ServerUnavailable(f"server {self.server_id} at {self.address} is gone "
+                                                f"({exc.__class__.__name__})")
+                else:
+                    failure = None
+                finally:
+                    self._recv_lock.release()
+                if failure is not None:
+                    self._shut(failure)
+            else:
+                # Another caller is reading; it hands us our reply, or we take over when it is done.
+                pending.event.wait(min(remaining, 0.0005))
         if pending.error is not None:
             raise pending.error
         reply = pending.reply
@@ -104,30 +127,29 @@ class RpcLink:
         return self.submit("seg_read", {"pool": creds[0], "ns": creds[1], "sec": creds[2], "bm_id": bm_id,
                                         "segment": segment, "offset": offset, "length": len(dst)}, into=dst)
 
-    # ---- the reader -----------------------------------------------------------------------------
+    # ---- reading (done by whichever caller holds the receive lock) -------------------------------
 
-    def _read_loop(self) -> None:
+    def _read_one(self, timeout_s: float) -> None:
         frames = self._frames
-        try:
-            while True:
-                header, payload_len = frames.recv_header()
-                with self._lock:
-                    pending = self._pending.pop(header.get("id"), None)
-                if pending is None:
-                    frames.discard(payload_len)     # a reply nobody waits for any more
-                    continue
-                if payload_len:
-                    if pending.into is not None and payload_len == len(pending.into) and "error" not in header:
-                        frames.recv_into_exact(pending.into)
-                    else:
-                        pending.payload = frames.recv_exact(payload_len)
-                pending.reply = header
-                pending.event.set()
-        except (OSError, ConnectionError, ValueError, MemfabricError) as exc:
-            self._shut(ServerUnavailable(f"server {self.server_id} at {self.address} is gone "
-                                         f"({exc.__class__.__name__})"), from_reader=True)
+        frames.sock.settimeout(timeout_s)
+        header, payload_len = frames.recv_header()
+        with self._lock:
+            pending = self._pending.pop(header.get("id"), None)
+        if pending is None:
+            frames.discard(payload_len)     # a reply nobody waits for any more
+            return
+        if payload_len:
+            if pending.into is not None and payload_len == len(pending.into) and "error" not in header:
+                frames.recv_into_exact(pending.into)
+            else:
+                pending.payload = frames.recv_exact(payload_len)
+        pending.reply = header
+        pending.event.set()
 
-    def _shut(self, error: MemfabricError, from_reader: bool = False) -> None:
+    def _shut(self, error: MemfabricError) -> None:
+        """Fail every request in flight and close; raises `error`. Callers hold no buffer of
+        ours afterwards: only the holder of the receive lock writes into them, and it is us
+        or it has let go."""
         with self._lock:
             already = self._closed
             self._closed = True
@@ -135,14 +157,12 @@ class RpcLink:
             self._pending.clear()
         if not already:
             self._frames.close()
-        if not from_reader and threading.current_thread() is not self._reader:
-            # The reader may be inside recv_into a caller's buffer: wait until it has let go.
-            self._reader.join(timeout=self.timeout_s)
+        with self._recv_lock:   # wait out a reader that may be mid-payload into a caller's buffer
+            pass
         for p in pending:
             p.error = error
             p.event.set()
-        if not from_reader:
-            raise error
+        raise error
 
     # ---- liveness and life ------------------------------------------------------------------------
 
@@ -155,6 +175,9 @@ class RpcLink:
             raise ServerUnavailable(f"server {self.server_id} at {self.address} is gone")
 
     def release_namespace(self, pool: str, ns: str) -> None:
+        """Nothing is mapped across hosts; nothing to give back."""
+
+    def release_idle(self, pool: str, segments: list[int]) -> None:
         """Nothing is mapped across hosts; nothing to give back."""
 
     def close(self) -> None:

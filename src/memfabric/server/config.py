@@ -41,6 +41,20 @@ class ClusterConfig:
     path: str | None = None                 # embedded: the SQLite file
     endpoints: list[str] = field(default_factory=list)   # etcd (a later step)
     liveness_timeout_s: float = LIVENESS_TIMEOUT_S
+    token_file: str | None = None      # the cluster token, proved (never sent) on every RPC connection
+    tls_ca: str | None = None          # set: RPC connections to servers use TLS, checked against this CA
+
+    def token(self) -> bytes:
+        if self.token_file is None:
+            raise ConfigError("cluster.token_file is required to talk to servers over RPC")
+        try:
+            with open(self.token_file, "rb") as f:
+                token = f.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"cluster.token_file {self.token_file}: {exc.strerror}") from None
+        if len(token) < 16:
+            raise ConfigError(f"cluster.token_file {self.token_file}: a token needs at least 16 bytes")
+        return token
 
     def settings(self) -> dict[str, Any]:
         return {"path": self.path, "endpoints": self.endpoints,
@@ -55,6 +69,8 @@ class ServerConfig:
     rpc_listen: str
     host: str
     segment_bytes: int
+    tls_cert: str | None
+    tls_key: str | None
     heartbeat_interval_s: float
     max_clients: int
     cluster: ClusterConfig
@@ -119,7 +135,7 @@ def _absolute(path: str, base_dir: str) -> str:
     return os.path.normpath(os.path.join(base_dir, os.path.expanduser(path)))
 
 
-def parse_cluster(source: str, data: object, base_dir: str) -> ClusterConfig:
+def parse_cluster(source: str, data: object, base_dir: str, client: bool = False) -> ClusterConfig:
     t = _Table(source, "cluster", data)
     backend = t.get("backend", str, "embedded")
     if backend not in BACKENDS:
@@ -127,7 +143,11 @@ def parse_cluster(source: str, data: object, base_dir: str) -> ClusterConfig:
     cfg = ClusterConfig(backend=backend)
     cfg.liveness_timeout_s = float(t.positive("liveness_timeout_s", float, LIVENESS_TIMEOUT_S))
     if backend == "embedded":
-        cfg.path = _absolute(t.get("path", str), base_dir)
+        cfg.path = _absolute(t.get("path", str), base_dir) if not client else t.get("path", str, None)
+    token_file = t.get("token_file", str, None)
+    cfg.token_file = None if token_file is None else _absolute(token_file, base_dir)
+    tls_ca = t.get("tls_ca", str, None)
+    cfg.tls_ca = None if tls_ca is None else _absolute(tls_ca, base_dir)
     t.done()
     return cfg
 
@@ -150,6 +170,8 @@ def load_server_config(path: str) -> ServerConfig:
         rpc_listen=s.get("rpc_listen", str, ""),
         host=s.get("host", str, socket.gethostname()),
         segment_bytes=s.size("segment_size", DEFAULT_SEGMENT_BYTES),
+        tls_cert=_maybe_path(s.get("tls_cert", str, None), base_dir),
+        tls_key=_maybe_path(s.get("tls_key", str, None), base_dir),
         heartbeat_interval_s=float(s.positive("heartbeat_interval_s", float, HEARTBEAT_INTERVAL_S)),
         max_clients=s.positive("max_clients", int, MAX_CLIENTS_PER_SERVER),
         cluster=cluster,
@@ -161,6 +183,10 @@ def load_server_config(path: str) -> ServerConfig:
         raise s._fail("ipc_socket", "path is longer than the 107 bytes a Unix socket allows")
     if cfg.rpc_listen and not _is_host_port(cfg.rpc_listen):
         raise s._fail("rpc_listen", f"must be HOST:PORT, got {cfg.rpc_listen!r}")
+    if cfg.rpc_listen and cluster.token_file is None:
+        raise ConfigError(f"{path}: cluster.token_file: is required when server.rpc_listen is set")
+    if (cfg.tls_cert is None) != (cfg.tls_key is None):
+        raise s._fail("tls_cert" if cfg.tls_cert is None else "tls_key", "tls_cert and tls_key go together")
     s.done()
 
     if not pools_data:
@@ -194,6 +220,10 @@ def load_server_config(path: str) -> ServerConfig:
     return cfg
 
 
+def _maybe_path(value: str | None, base_dir: str) -> str | None:
+    return None if value is None else _absolute(value, base_dir)
+
+
 def _is_host_port(value: str) -> bool:
     host, sep, port = value.rpartition(":")
     return bool(sep and host and port.isdigit() and 0 <= int(port) < 65536)
@@ -201,14 +231,19 @@ def _is_host_port(value: str) -> bool:
 
 @dataclass
 class FabricConfig:
-    """What a client reads from its ockPath: the cluster and the servers it may talk to."""
+    """What a client reads from its ockPath: the servers it may talk to, and how."""
     source: str
     cluster: ClusterConfig | None
     ipc_sockets: list[str]
+    rpc_addresses: list[str] = field(default_factory=list)
 
 
 def load_fabric_config(ock_path: str) -> FabricConfig:
-    """ockPath is a fabric directory (with fabric.toml), a fabric.toml, or a server's TOML."""
+    """ockPath is a fabric directory (with fabric.toml), a fabric.toml, or a server's TOML.
+
+    A fabric file lists [[servers]], each with an ipc_socket (same host) and/or an
+    rpc_address (HOST:PORT, another host); [cluster] carries token_file and tls_ca for RPC.
+    """
     path = os.path.abspath(ock_path)
     if os.path.isdir(path):
         path = os.path.join(path, FABRIC_FILE)
@@ -216,16 +251,27 @@ def load_fabric_config(ock_path: str) -> FabricConfig:
     base_dir = os.path.dirname(path)
     if "server" in data and isinstance(data["server"], dict):   # a server's own configuration
         cfg = load_server_config(path)
-        return FabricConfig(path, cfg.cluster, [cfg.ipc_socket])
+        return FabricConfig(path, cfg.cluster, [cfg.ipc_socket], [cfg.rpc_listen] if cfg.rpc_listen else [])
     doc = _Table(path, "(top)", data)
-    cluster = parse_cluster(path, doc.get("cluster", dict), base_dir)
-    sockets = []
+    cluster = parse_cluster(path, doc.get("cluster", dict, {}), base_dir, client=True)
+    sockets, addresses = [], []
     for i, entry in enumerate(doc.get("servers", list)):
         t = _Table(path, f"servers[{i}]", entry)
-        sockets.append(_absolute(t.get("ipc_socket", str), base_dir))
+        ipc = t.get("ipc_socket", str, None)
+        rpc = t.get("rpc_address", str, None)
+        if ipc is None and rpc is None:
+            raise t._fail("ipc_socket", "a server entry needs an ipc_socket or an rpc_address")
+        if rpc is not None and not _is_host_port(rpc):
+            raise t._fail("rpc_address", f"must be HOST:PORT, got {rpc!r}")
+        if ipc is not None:
+            sockets.append(_absolute(ipc, base_dir))
+        if rpc is not None:
+            addresses.append(rpc)
         t.get("config", str, "")
         t.done()
     doc.done()
-    if not sockets:
+    if not sockets and not addresses:
         raise ConfigError(f"{path}: servers: at least one server is required")
-    return FabricConfig(path, cluster, sockets)
+    if addresses and cluster.token_file is None:
+        raise ConfigError(f"{path}: cluster.token_file: is required to reach servers over RPC")
+    return FabricConfig(path, cluster, sockets, addresses)

@@ -10,7 +10,9 @@ import threading
 
 from ..errors import MemfabricError
 from .config import ConfigError, load_server_config
+from ..transport import rpc
 from .ipc_front import IpcFront
+from .rpc_front import RpcFront
 from .server import Server
 
 
@@ -25,22 +27,28 @@ def run_server(config_path: str) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     server = Server(cfg)
-    front = None
+    fronts: list = []
     try:
         server.start()
-        front = IpcFront(server, cfg.ipc_socket, cfg.max_clients)
-        front.start()
-    except MemfabricError as exc:
+        fronts.append(IpcFront(server, cfg.ipc_socket, cfg.max_clients))
+        if server.rpc_listener is not None:
+            tls = rpc.server_tls(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
+            fronts.append(RpcFront(server, server.rpc_listener, server.token, tls, cfg.max_clients))
+        for front in fronts:
+            front.start()
+    except (MemfabricError, ConfigError, OSError) as exc:
         print(f"memfabric server: cannot start: {exc}", file=sys.stderr)
-        if front:
+        for front in fronts:
             front.stop()
         server.stop()
-        return 1
+        return 2 if isinstance(exc, ConfigError) else 1
     pools = ", ".join(f"{p.name}={p.capacity_bytes}B {p.medium}" for p in cfg.pools)
-    print(f"memfabric server {server.server_id} ready pid={os.getpid()} ipc={cfg.ipc_socket} pools: {pools}",
-          flush=True)
+    rpc_address = next((s.rpc_address for s in server.view(fresh=True) if s.server_id == server.server_id), "")
+    print(f"memfabric server {server.server_id} ready pid={os.getpid()} ipc={cfg.ipc_socket} "
+          f"rpc={rpc_address or '-'} pools: {pools}", flush=True)
     stop.wait()
-    front.stop()
+    for front in fronts:
+        front.stop()
     server.stop()
     print(f"memfabric server {server.server_id} stopped", flush=True)
     return 0

@@ -23,8 +23,11 @@ from ..core.allocator import Extent, round_up
 from ..core.namespaces import (check_attribute, check_name, check_sec_id, hash_sec_id,
                                sec_id_matches)
 from ..core.objects import ObjectRecord, Placement, parse_bm_id
-from ..datapath.layout import Layout, build_layout, check_range, copy_between, write_at
+from ..datapath.layout import (Layout, RemoteSegment, always_live, build_layout, check_range, copy_between,
+                               write_at)
 from ..datapath.link import Creds, ServerLink
+from ..datapath.rpc_link import RpcLink
+from ..transport import rpc
 from ..errors import (InvalidArgument, MemfabricError, NoSuchNamespace, NoSuchObject, NoSuchPool, OutOfMemory,
                       OutOfRange, PermissionDenied, ServerUnavailable)
 from ..limits import (MAX_BATCH_IDS, MAX_EXTENTS_PER_OBJECT, MAX_FDS_PER_MESSAGE, MAX_GATHER_INPUTS,
@@ -46,6 +49,7 @@ class Connection:
     def __init__(self, peer_pid: int | None = None) -> None:
         self.id = next(Connection._ids)
         self.peer_pid = peer_pid
+        self.rpc_member = False      # proved the cluster token (RPC): may act as a peer
         self.role = "client"
         # (pool, ns) -> (incarnation, secId) proven on this connection.
         self.verified: dict[tuple[str, str], tuple[int, bytes]] = {}
@@ -68,17 +72,31 @@ class Server:
         self._view_at = 0.0
         self._stopping = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
+        self.token: bytes | None = None
+        self.peer_tls = None
+        self.rpc_listener = None
         self.handlers: dict[str, Callable[[Connection, dict[str, Any]], Reply]] = {
             name[3:]: getattr(self, name) for name in dir(self) if name.startswith("op_")}
 
     # ---- life ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """The seed's order: register and start liveness, then reserve memory."""
+        """The seed's order: register and start liveness, then reserve memory. The RPC port is
+        bound (not yet served) first, so the address the cluster learns is the real one."""
         os.makedirs(self.cfg.data_dir, exist_ok=True)
+        rpc_address = ""
+        if self.cfg.rpc_listen:
+            self.token = self.cfg.cluster.token()
+            if self.cfg.cluster.tls_ca:
+                self.peer_tls = rpc.client_tls(self.cfg.cluster.tls_ca)
+            self.rpc_listener = rpc.listen(self.cfg.rpc_listen, backlog=128)
+            host, port = self.rpc_listener.getsockname()[:2]
+            if host in ("0.0.0.0", "::"):
+                host = self.cfg.host
+            rpc_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.server_id = self.cluster.register_server(
             node_key=self.cfg.data_dir, host=self.cfg.host, ipc_socket=self.cfg.ipc_socket,
-            rpc_address=self.cfg.rpc_listen, pid=os.getpid())
+            rpc_address=rpc_address, pid=os.getpid())
         self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat",
                                                   daemon=True)
         self._heartbeat_thread.start()
@@ -88,6 +106,8 @@ class Server:
 
     def stop(self) -> None:
         self._stopping.set()
+        if self.rpc_listener is not None:
+            self.rpc_listener.close()
         if self._heartbeat_thread:
             self._heartbeat_thread.join(timeout=5)
         try:
@@ -205,9 +225,11 @@ class Server:
 
     def op_hello(self, conn: Connection, m: dict[str, Any]) -> Reply:
         if m.get("role") == "peer":
-            # Only a live server of this cluster may use the peer operations: on one host the
-            # kernel tells us who connected, and it must be a registered server's pid.
-            if conn.peer_pid is None or not any(s.alive and s.pid == conn.peer_pid for s in self.view(fresh=True)):
+            # Only a server of this cluster may use the peer operations: over IPC the kernel
+            # tells us who connected and it must be a live server's pid; over RPC the peer
+            # proved the cluster token.
+            if not conn.rpc_member and (conn.peer_pid is None or not any(
+                    s.alive and s.pid == conn.peer_pid for s in self.view(fresh=True))):
                 raise PermissionDenied("only a server of this cluster may connect as a peer")
             conn.role = "peer"
         return {"server_id": self.server_id, "host": self.cfg.host,
@@ -600,14 +622,19 @@ class Server:
         else:
             link = self._peer(home)
             d = link.call("describe", **m)
-            gens = link.gen_table(creds, d["incarnation"])
+            gens = (link.gen_table(creds, d["incarnation"]) if link.is_local
+                    else always_live(d["generation"], d["size"]))
 
-        def view_of(server_id: int, segment: int) -> memoryview:
+        def view_of(server_id: int, segment: int) -> memoryview | RemoteSegment:
             if server_id == self.server_id:
                 return self.pools[creds[0]].segments[segment].view
-            return self._peer(server_id).segment_view(creds, segment)
+            peer = self._peer(server_id)
+            if peer.is_local:
+                return peer.segment_view(creds, segment)
+            return RemoteSegment(peer, creds, bm_id, segment)
 
-        return build_layout(d["bm_id"], d["size"], d["generation"], d["slot"], d["extents"], gens, view_of)
+        slot = d["slot"] if home == self.server_id or link.is_local else 0   # always_live: one slot
+        return build_layout(d["bm_id"], d["size"], d["generation"], slot, d["extents"], gens, view_of)
 
     def op_copy(self, conn: Connection, m: dict[str, Any]) -> Reply:
         src_m, dst_m = _object_arg(m, "src"), _object_arg(m, "dst")
@@ -676,10 +703,17 @@ class Server:
         record = next((s for s in self.view(fresh=True) if s.server_id == server_id), None)
         if record is None or not record.alive:
             raise ServerUnavailable(f"server {server_id} is not alive")
-        link = ServerLink(record.ipc_socket, timeout_s=PEER_TIMEOUT_S, role="peer")
+        if record.host == self.cfg.host and record.ipc_socket and os.path.exists(record.ipc_socket):
+            link = ServerLink(record.ipc_socket, timeout_s=PEER_TIMEOUT_S, role="peer")
+        elif record.rpc_address and self.token is not None:
+            link = RpcLink(record.rpc_address, self.token, self.peer_tls, PEER_TIMEOUT_S, role="peer")
+        else:
+            raise ServerUnavailable(f"server {server_id} is on host {record.host!r}, and this server "
+                                    "has no RPC configured to reach it")
         if link.server_id != server_id:
             link.close()
-            raise ServerUnavailable(f"{record.ipc_socket} is server {link.server_id}, not {server_id}")
+            raise ServerUnavailable(f"the server at {record.ipc_socket or record.rpc_address} is "
+                                    f"server {link.server_id}, not {server_id}")
         with self._peers_lock:
             old = self._peers.get(server_id)
             if old is not None and not old.closed:

@@ -1,0 +1,129 @@
+"""The server's door for other hosts: TCP (optionally TLS), token handshake, framed requests.
+
+Requests on one connection are handled in order (the client pipelines them). Data moves
+in place: a write's payload is received straight into the segment bytes the request was
+checked against, and a read's reply is sent straight from them. A bad request whose
+payload is already on the wire has that payload drained, then gets its error reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+
+from ..errors import InternalError, LimitExceeded, MemfabricError, ProtocolError
+from ..transport import rpc, wire
+from .server import Connection, Server
+
+log = logging.getLogger("memfabric.server")
+
+
+class RpcFront:
+    def __init__(self, server: Server, listener: socket.socket, token: bytes,
+                 tls: ssl.SSLContext | None, max_clients: int) -> None:
+        self.server = server
+        self._listener = listener
+        self._token = token
+        self._tls = tls
+        self.max_clients = max_clients
+        self._connections: dict[int, rpc.FrameSocket] = {}
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._accept_loop, name="rpc-accept", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(sock,), name="rpc-conn", daemon=True).start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        conn = Connection()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            if self._tls is not None:
+                sock.settimeout(rpc.HANDSHAKE_TIMEOUT_S)
+                sock = self._tls.wrap_socket(sock, server_side=True)
+            frames = rpc.FrameSocket(sock)
+            with self._lock:
+                if len(self._connections) >= self.max_clients:
+                    raise LimitExceeded("too many connections")
+                self._connections[conn.id] = frames
+            rpc.server_handshake(frames, self._token, self.server.server_id)
+        except (OSError, ssl.SSLError, MemfabricError) as exc:
+            log.info("RPC connection refused: %s", exc)
+            sock.close()
+            with self._lock:
+                self._connections.pop(conn.id, None)
+            return
+        # The token makes a peer a member of the cluster: it may use the peer operations.
+        conn.rpc_member = True
+        try:
+            self._loop(conn, frames)
+        finally:
+            with self._lock:
+                self._connections.pop(conn.id, None)
+            frames.close()
+            self.server.disconnected(conn)
+
+    def _loop(self, conn: Connection, frames: rpc.FrameSocket) -> None:
+        while True:
+            try:
+                request, payload_len = frames.recv_header()
+            except (OSError, ConnectionError, ValueError):
+                return
+            except ProtocolError as exc:
+                log.warning("RPC connection %d closed: %s", conn.id, exc)
+                return
+            op = request.get("op")
+            payload = None
+            try:
+                if op == "seg_write":
+                    target = self.server.span_view(conn, request)
+                    if payload_len != len(target):
+                        raise ProtocolError(f"seg_write of {len(target)} bytes carried {payload_len}")
+                    frames.recv_into_exact(target)
+                    payload_len = 0
+                    reply = {}
+                elif op == "seg_read":
+                    if payload_len:
+                        raise ProtocolError("seg_read carries no payload")
+                    payload = self.server.span_view(conn, request)
+                    reply = {}
+                else:
+                    if payload_len:
+                        raise ProtocolError(f"{op!r} carries no payload")
+                    result = self.server.dispatch(conn, request)
+                    if isinstance(result, tuple):
+                        raise ProtocolError(f"{op!r} hands over file descriptors: same host only")
+                    reply = result
+            except MemfabricError as exc:
+                reply, payload = wire.error_reply(request["id"], exc), None
+            except Exception as exc:   # a bug: report it, keep serving
+                log.exception("RPC operation %r failed", op)
+                reply, payload = wire.error_reply(request["id"], InternalError(f"internal error in {op!r}: {exc!r}")), None
+            try:
+                if payload_len:
+                    frames.discard(payload_len)   # refused before its payload was read
+                reply["id"] = request["id"]
+                frames.send(reply, payload)
+            except (OSError, ConnectionError, MemfabricError):
+                return
+
+    def stop(self) -> None:
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._listener.close()
+        with self._lock:
+            frames = list(self._connections.values())
+        for f in frames:
+            f.close()
+        self._thread.join(timeout=5)
