@@ -53,18 +53,19 @@ class BigMemory:
     # ---- layout -----------------------------------------------------------------------
 
     def _adopt(self, d: dict[str, Any]) -> None:
+        """Take a fresh description; all of it or, on any error, none (the old state stays)."""
         ns = self.namespace
         creds = ns.creds
         session = ns.session
         by_server: dict[int, list[int]] = {}
         for server_id, segment, _, _ in d["extents"]:
             by_server.setdefault(server_id, []).append(segment)
-        self._links = []
+        links = []
         for server_id, segments in by_server.items():
             link = session.link(server_id)
             if link.is_local:
                 link.fetch_segments(creds, segments)
-            self._links.append(link)
+            links.append(link)
         home = self._home
         gens = (home.gen_table(creds, d["incarnation"]) if home.is_local
                 else always_live(d["generation"], d["size"]))
@@ -75,7 +76,8 @@ class BigMemory:
             return link.segment_view(creds, segment) if link.is_local else RemoteSegment(link, creds, bm_id, segment)
 
         slot = d["slot"] if home.is_local else 0      # always_live has one slot's words
-        self._layout = build_layout(bm_id, d["size"], d["generation"], slot, d["extents"], gens, view_of)
+        layout = build_layout(bm_id, d["size"], d["generation"], slot, d["extents"], gens, view_of)
+        self._layout, self._links = layout, links
         self._extents = [(e[0], e[3]) for e in d["extents"]]
 
     def _call(self, op: str, **args: Any) -> dict[str, Any]:
@@ -100,6 +102,12 @@ class BigMemory:
             self.refresh()
             lay = self._layout
         for link in self._links:
+            if link.closed:
+                # A link broke earlier (timeout, lost server): rebind through the session, which
+                # reconnects or says the server is unavailable.
+                self._home = self.namespace.session.link_for_object(self.bm_id)
+                self.refresh()
+                return self._layout
             link.check_alive()
         return lay
 
@@ -172,13 +180,19 @@ class BigMemory:
             if file_offset + length > file_size:
                 raise OutOfRange(f"{path} has {file_size} bytes; [{file_offset}, {file_offset}+{length}) "
                                  "goes past its end")
-            for view, a, b, pos in lay.spans(offset, length):
+            for target, a, b, pos in lay.spans(offset, length):
+                # A local piece is read into in place; a piece on another host has to cross
+                # the network anyway, so it goes through a buffer and one RPC.
+                dst = target[a:b] if type(target) is memoryview else memoryview(bytearray(b - a))
                 done = 0
-                while a + done < b:
-                    got = os.preadv(fd, [view[a + done:b]], file_offset + pos + done)
+                while done < len(dst):
+                    got = os.preadv(fd, [dst[done:]], file_offset + pos + done)
                     if got <= 0:
                         raise IOError_(f"{path} shrank while being read")
                     done += got
+                if type(target) is not memoryview:
+                    target.link.wait(*target.link.submit_write(target.creds, target.bm_id, target.segment, a, dst),
+                                     "seg_write")
         except OSError as exc:
             raise IOError_(f"reading {path}: {exc.strerror}") from None
         finally:
