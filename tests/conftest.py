@@ -47,3 +47,12 @@ def run_client(code: str, *args: str, timeout_s: float = 60) -> subprocess.Compl
     """Run Python code in a separate client process; args arrive as sys.argv[1:]."""
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                           timeout=timeout_s, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+@pytest.fixture(scope="session")
+def etcd():
+    """One real etcd for the whole run (tests keep apart by key prefix)."""
+    from .etcd_server import EtcdServer
+    server = EtcdServer().start()
+    yield server
+    server.cleanup()

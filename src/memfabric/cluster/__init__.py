@@ -7,7 +7,7 @@ from typing import Any
 from ..errors import InvalidArgument
 from .base import ClusterService, ServerRecord
 
-BACKENDS = ("embedded",)
+BACKENDS = ("embedded", "etcd")
 
 
 def open_cluster(backend: str, **settings: Any) -> ClusterService:
@@ -15,6 +15,10 @@ def open_cluster(backend: str, **settings: Any) -> ClusterService:
     if backend == "embedded":
         from .embedded import EmbeddedCluster
         return EmbeddedCluster(settings["path"], settings.get("liveness_timeout_s", 3.0))
+    if backend == "etcd":
+        from .etcd import EtcdCluster
+        return EtcdCluster(settings["endpoints"], settings.get("liveness_timeout_s", 3.0),
+                           settings.get("prefix") or "/memfabric")
     raise InvalidArgument(f"cluster backend {backend!r} is not available; choose one of {BACKENDS}")
 
 

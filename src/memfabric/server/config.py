@@ -39,7 +39,8 @@ class PoolConfig:
 class ClusterConfig:
     backend: str
     path: str | None = None                 # embedded: the SQLite file
-    endpoints: list[str] = field(default_factory=list)   # etcd (a later step)
+    endpoints: list[str] = field(default_factory=list)   # etcd: HOST:PORT of its client URLs
+    prefix: str = "/memfabric"                          # etcd: where this fabric's keys live
     liveness_timeout_s: float = LIVENESS_TIMEOUT_S
     token_file: str | None = None      # the cluster token, proved (never sent) on every RPC connection
     tls_ca: str | None = None          # set: RPC connections to servers use TLS, checked against this CA
@@ -57,7 +58,7 @@ class ClusterConfig:
         return token
 
     def settings(self) -> dict[str, Any]:
-        return {"path": self.path, "endpoints": self.endpoints,
+        return {"path": self.path, "endpoints": self.endpoints, "prefix": self.prefix,
                 "liveness_timeout_s": self.liveness_timeout_s}
 
 
@@ -144,6 +145,12 @@ def parse_cluster(source: str, data: object, base_dir: str, client: bool = False
     cfg.liveness_timeout_s = float(t.positive("liveness_timeout_s", float, LIVENESS_TIMEOUT_S))
     if backend == "embedded":
         cfg.path = _absolute(t.get("path", str), base_dir) if not client else t.get("path", str, None)
+    else:
+        endpoints = t.get("endpoints", list, [] if client else ...)
+        if not client and (not endpoints or not all(isinstance(e, str) and _is_host_port(e) for e in endpoints)):
+            raise t._fail("endpoints", f"must be a non-empty list of HOST:PORT strings, got {endpoints!r}")
+        cfg.endpoints = endpoints
+        cfg.prefix = t.get("prefix", str, "/memfabric")
     token_file = t.get("token_file", str, None)
     cfg.token_file = None if token_file is None else _absolute(token_file, base_dir)
     tls_ca = t.get("tls_ca", str, None)

@@ -1,0 +1,235 @@
+"""The etcd cluster service, for fabrics that span hosts.
+
+    PREFIX/ids/<n>            the node key that claimed server id n (txn: create_revision == 0)
+    PREFIX/nodes/<sha256>     node key -> server id: a restarted server keeps its id
+    PREFIX/known/<n>          the server's last published record (persistent)
+    PREFIX/live/<n>           the same, under the server's lease: present while it is alive
+    PREFIX/ns/<pool>/<ns>     the namespace catalog; a key's create revision is its incarnation
+
+Liveness is the lease: the server refreshes it on every heartbeat; if it stops, etcd drops
+its live/ key within the TTL. The live set is kept current by a prefix watch. When etcd
+is unreachable for a while and the lease is gone on return, the heartbeat registers the
+same server id again with a new lease: the server's objects never left its memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import threading
+import time
+from typing import Any
+
+import pyetcd
+import pyetcd.exceptions
+
+from ..core.namespaces import NamespaceRecord
+from ..errors import InvalidArgument, LimitExceeded, NamespaceExists, ServerUnavailable
+from ..limits import LIVENESS_TIMEOUT_S, MAX_NAMESPACES
+from .base import ServerRecord
+
+log = logging.getLogger("memfabric.cluster")
+ETCD_TIMEOUT_S = 3.0
+MAX_SERVER_IDS = 4096
+
+
+def _guard(fn):
+    def wrapper(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except pyetcd.exceptions.Etcd3Exception as exc:
+            raise ServerUnavailable(f"the cluster service (etcd at {self.endpoint}) did not answer: "
+                                    f"{exc.__class__.__name__}") from None
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+class EtcdCluster:
+    def __init__(self, endpoints: list[str], liveness_timeout_s: float = LIVENESS_TIMEOUT_S,
+                 prefix: str = "/memfabric") -> None:
+        if not endpoints:
+            raise InvalidArgument("the etcd backend needs cluster.endpoints")
+        self.endpoint = endpoints[0]
+        host, _, port = self.endpoint.rpartition(":")
+        self.prefix = prefix.rstrip("/")
+        self.ttl_s = max(2, math.ceil(liveness_timeout_s))
+        self._client = pyetcd.client(host, int(port), timeout=ETCD_TIMEOUT_S)
+        self._lock = threading.Lock()
+        self._leases: dict[int, Any] = {}
+        self._records: dict[int, dict[str, Any]] = {}     # what each of our servers registered
+        self._live: dict[int, dict[str, Any]] | None = None
+        self._watch_id = None
+
+    def _key(self, *parts: object) -> str:
+        return "/".join([self.prefix, *map(str, parts)])
+
+    # ---- servers ----------------------------------------------------------------------
+
+    @_guard
+    def register_server(self, node_key: str, host: str, ipc_socket: str, rpc_address: str, pid: int) -> int:
+        digest = hashlib.sha256(node_key.encode()).hexdigest()
+        value, _ = self._client.get(self._key("nodes", digest))
+        if value is not None:
+            server_id = int(value)
+            live, _ = self._client.get(self._key("live", server_id))
+            if live is not None and json.loads(live)["pid"] != pid:
+                raise ServerUnavailable(f"server {server_id} for {node_key} is alive (pid {json.loads(live)['pid']}); "
+                                        "two servers cannot share a data directory")
+        else:
+            server_id = self._claim_id(node_key, digest)
+        record = {"server_id": server_id, "host": host, "ipc_socket": ipc_socket, "rpc_address": rpc_address,
+                  "pid": pid, "pools": {}}
+        with self._lock:
+            self._records[server_id] = record
+        self._go_live(server_id, record)
+        return server_id
+
+    def _claim_id(self, node_key: str, digest: str) -> int:
+        taken = {int(md.key.decode().rsplit("/", 1)[1]) for _, md in self._client.get_prefix(self._key("ids") + "/")}
+        t = self._client.transactions
+        for server_id in range(1, MAX_SERVER_IDS + 1):
+            if server_id in taken:
+                continue
+            ok, _ = self._client.transaction(
+                compare=[t.create(self._key("ids", server_id)) == 0],
+                success=[t.put(self._key("ids", server_id), node_key),
+                         t.put(self._key("nodes", digest), str(server_id))],
+                failure=[])
+            if ok:
+                return server_id
+        raise LimitExceeded(f"all {MAX_SERVER_IDS} server ids are taken")
+
+    def _go_live(self, server_id: int, record: dict[str, Any]) -> None:
+        lease = self._client.lease(self.ttl_s)
+        with self._lock:
+            self._leases[server_id] = lease
+        record = {**record, "heartbeat_s": time.time()}
+        self._client.put(self._key("known", server_id), json.dumps({**record, "up": True}))
+        self._client.put(self._key("live", server_id), json.dumps(record), lease=lease)
+
+    @_guard
+    def heartbeat(self, server_id: int, pools: dict[str, dict[str, Any]]) -> None:
+        with self._lock:
+            lease = self._leases.get(server_id)
+            record = self._records[server_id]
+            record["pools"] = pools
+        ttl = None
+        if lease is not None:
+            responses = list(lease.refresh())
+            ttl = responses[0].TTL if responses else 0
+        if not ttl or ttl <= 0:
+            # The lease ran out while etcd was away: same id, new lease.
+            log.warning("server %d lost its etcd lease; registering again", server_id)
+            self._go_live(server_id, record)
+            return
+        payload = json.dumps({**record, "heartbeat_s": time.time()})
+        self._client.put(self._key("live", server_id), payload, lease=lease)
+        self._client.put(self._key("known", server_id), json.dumps({**json.loads(payload), "up": True}))
+
+    @_guard
+    def deregister_server(self, server_id: int) -> None:
+        with self._lock:
+            lease = self._leases.pop(server_id, None)
+            record = self._records.pop(server_id, None)
+        if lease is not None:
+            lease.revoke()
+        if record is not None:
+            self._client.put(self._key("known", server_id), json.dumps({**record, "up": False,
+                                                                        "heartbeat_s": time.time()}))
+
+    @_guard
+    def servers(self) -> list[ServerRecord]:
+        live = self._live_view()
+        out = []
+        for value, _ in self._client.get_prefix(self._key("known") + "/"):
+            known = json.loads(value)
+            current = live.get(known["server_id"], known)
+            out.append(ServerRecord(known["server_id"], current["host"], current["ipc_socket"],
+                                    current["rpc_address"], current["pid"], known["server_id"] in live,
+                                    current.get("heartbeat_s", 0.0), current.get("pools", {})))
+        return sorted(out, key=lambda s: s.server_id)
+
+    def _live_view(self) -> dict[int, dict[str, Any]]:
+        """The live set, kept by a prefix watch; read afresh while the watch is not running."""
+        with self._lock:
+            if self._live is not None:
+                return dict(self._live)
+        live = {json.loads(v)["server_id"]: json.loads(v) for v, _ in self._client.get_prefix(self._key("live") + "/")}
+        self._start_watch(live)
+        return live
+
+    def _start_watch(self, snapshot: dict[int, dict[str, Any]]) -> None:
+        with self._lock:
+            if self._watch_id is not None:
+                return
+            self._live = dict(snapshot)
+        try:
+            self._watch_id = self._client.add_watch_prefix_callback(self._key("live") + "/", self._on_watch)
+        except pyetcd.exceptions.Etcd3Exception:
+            with self._lock:
+                self._live = None
+
+    def _on_watch(self, response: Any) -> None:
+        with self._lock:
+            if isinstance(response, Exception) or self._live is None:
+                self._live, self._watch_id = None, None     # fall back to reads until re-watched
+                return
+            for event in response.events:
+                server_id = int(event.key.decode().rsplit("/", 1)[1])
+                if isinstance(event, pyetcd.events.PutEvent):
+                    self._live[server_id] = json.loads(event.value)
+                else:
+                    self._live.pop(server_id, None)
+
+    # ---- namespaces -------------------------------------------------------------------
+
+    @_guard
+    def create_namespace(self, pool: str, ns: str, attribute: int, salt_hex: str, sec_hash_hex: str) -> NamespaceRecord:
+        count = sum(1 for _ in self._client.get_prefix(self._key("ns") + "/", keys_only=True))
+        if count >= MAX_NAMESPACES:
+            raise LimitExceeded(f"the cluster has {count} namespaces, the most it may")
+        key = self._key("ns", pool, ns)
+        t = self._client.transactions
+        value = json.dumps({"attribute": attribute, "salt": salt_hex, "sec_hash": sec_hash_hex})
+        ok, _ = self._client.transaction(compare=[t.create(key) == 0], success=[t.put(key, value)], failure=[])
+        if not ok:
+            raise NamespaceExists(f"namespace {ns!r} already exists in pool {pool!r}")
+        record = self.get_namespace(pool, ns)
+        assert record is not None
+        return record
+
+    @_guard
+    def get_namespace(self, pool: str, ns: str) -> NamespaceRecord | None:
+        value, md = self._client.get(self._key("ns", pool, ns))
+        return None if value is None else _ns_record(pool, ns, value, md)
+
+    @_guard
+    def delete_namespace(self, pool: str, ns: str, incarnation: int) -> bool:
+        key = self._key("ns", pool, ns)
+        t = self._client.transactions
+        ok, _ = self._client.transaction(compare=[t.create(key) == incarnation], success=[t.delete(key)], failure=[])
+        return bool(ok)
+
+    @_guard
+    def namespaces(self) -> list[NamespaceRecord]:
+        out = []
+        for value, md in self._client.get_prefix(self._key("ns") + "/"):
+            _, pool, ns = md.key.decode()[len(self.prefix) + 1:].split("/")
+            out.append(_ns_record(pool, ns, value, md))
+        return sorted(out, key=lambda r: (r.pool, r.ns))
+
+    def close(self) -> None:
+        if self._watch_id is not None:
+            try:
+                self._client.cancel_watch(self._watch_id)
+            except Exception:
+                pass
+        self._client.close()
+
+
+def _ns_record(pool: str, ns: str, value: bytes, md: Any) -> NamespaceRecord:
+    data = json.loads(value)
+    return NamespaceRecord(pool, ns, data["attribute"], data["salt"], data["sec_hash"], md.create_revision)
