@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -42,15 +43,25 @@ class EtcdServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"etcd exited: {self.proc.stderr.read().decode()[-2000:]}")
-            try:
-                client = pyetcd.client(self.host, self.client_port, timeout=1)
-                client.status()
-                client.close()
+            if self._healthy():
                 return self
-            except Exception:
-                time.sleep(0.1)
+            time.sleep(0.1)
         self.stop()
         raise RuntimeError("etcd did not come up within 20 s")
+
+    def _healthy(self) -> bool:
+        if self.netns:   # only reachable from inside its host's namespace
+            code = (f"import pyetcd; c = pyetcd.client({self.host!r}, {self.client_port}, timeout=1); "
+                    "c.status()")
+            return subprocess.run(["ip", "netns", "exec", self.netns, sys.executable, "-c", code],
+                                  capture_output=True, timeout=20).returncode == 0
+        try:
+            client = pyetcd.client(self.host, self.client_port, timeout=1)
+            client.status()
+            client.close()
+            return True
+        except Exception:
+            return False
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -18,7 +18,7 @@ from ..datapath.layout import (Layout, RemoteSegment, always_live, as_bytes_view
                                read_bytes, read_into, write_at)
 from ..core.allocator import round_up
 from ..limits import PAGE_SIZE_BYTES
-from ..errors import Busy, InvalidArgument, IOError_, NoSuchObject, OutOfRange
+from ..errors import Busy, InvalidArgument, IOError_, NoSuchNamespace, NoSuchObject, OutOfRange
 
 # Copies larger than this go in chunks, with the object's generation checked in between.
 CHUNK_BYTES = 4 << 20
@@ -272,7 +272,7 @@ class Mapping:
                        "drop them before unmapping") from None
         self._shared.close()          # Busy too while other buffers of it live
         self._shared = None
-        self.bm._call("map_unpin")
+        _unpin(self.bm)
 
     def __enter__(self) -> "Mapping":
         return self
@@ -333,10 +333,17 @@ class RemoteMapping:
         except BufferError:
             raise Busy("buffers made from this mapping are still alive; drop them before unmapping") from None
         self._area = None
-        self.bm._call("map_unpin")
+        _unpin(self.bm)
 
     def __enter__(self) -> "RemoteMapping":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _unpin(bm: BigMemory) -> None:
+    try:
+        bm._call("map_unpin")
+    except (NoSuchObject, NoSuchNamespace):
+        pass   # the namespace went first: the pin went with it

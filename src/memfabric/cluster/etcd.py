@@ -39,7 +39,10 @@ def _guard(fn):
     def wrapper(self, *args, **kwargs):
         try:
             return fn(self, *args, **kwargs)
-        except pyetcd.exceptions.Etcd3Exception as exc:
+        except (pyetcd.exceptions.Etcd3Exception, ValueError) as exc:
+            # pyetcd shuns an endpoint for minutes after one failure ("a failed node"): start
+            # a fresh client so that etcd is used again as soon as it answers.
+            self._reconnect()
             raise ServerUnavailable(f"the cluster service (etcd at {self.endpoint}) did not answer: "
                                     f"{exc.__class__.__name__}") from None
     wrapper.__name__ = fn.__name__
@@ -56,12 +59,22 @@ class EtcdCluster:
         host, _, port = self.endpoint.rpartition(":")
         self.prefix = prefix.rstrip("/")
         self.ttl_s = max(2, math.ceil(liveness_timeout_s))
+        self._host, self._port = host, int(port)
         self._client = pyetcd.client(host, int(port), timeout=ETCD_TIMEOUT_S)
         self._lock = threading.Lock()
-        self._leases: dict[int, Any] = {}
+        self._leases: dict[int, int] = {}                  # server id -> lease id
         self._records: dict[int, dict[str, Any]] = {}     # what each of our servers registered
         self._live: dict[int, dict[str, Any]] | None = None
         self._watch_id = None
+
+    def _reconnect(self) -> None:
+        with self._lock:
+            old, self._client = self._client, pyetcd.client(self._host, self._port, timeout=ETCD_TIMEOUT_S)
+            self._live, self._watch_id = None, None
+        try:
+            old.close()
+        except Exception:
+            pass
 
     def _key(self, *parts: object) -> str:
         return "/".join([self.prefix, *map(str, parts)])
@@ -103,7 +116,7 @@ class EtcdCluster:
         raise LimitExceeded(f"all {MAX_SERVER_IDS} server ids are taken")
 
     def _go_live(self, server_id: int, record: dict[str, Any]) -> None:
-        lease = self._client.lease(self.ttl_s)
+        lease = self._client.lease(self.ttl_s).id
         with self._lock:
             self._leases[server_id] = lease
         record = {**record, "heartbeat_s": time.time()}
@@ -118,7 +131,7 @@ class EtcdCluster:
             record["pools"] = pools
         ttl = None
         if lease is not None:
-            responses = list(lease.refresh())
+            responses = list(self._client.refresh_lease(lease))
             ttl = responses[0].TTL if responses else 0
         if not ttl or ttl <= 0:
             # The lease ran out while etcd was away: same id, new lease.
@@ -135,7 +148,7 @@ class EtcdCluster:
             lease = self._leases.pop(server_id, None)
             record = self._records.pop(server_id, None)
         if lease is not None:
-            lease.revoke()
+            self._client.revoke_lease(lease)
         if record is not None:
             self._client.put(self._key("known", server_id), json.dumps({**record, "up": False,
                                                                         "heartbeat_s": time.time()}))

@@ -100,9 +100,9 @@ def as_bytes_view(buffer: object, writable: bool = False) -> memoryview:
                               f"got {type(buffer).__name__}") from None
     if writable and view.readonly:
         raise InvalidArgument("the destination buffer is read-only")
+    if not view.c_contiguous:   # a strided copy would also be far slower than the reuse grace assumes
+        raise InvalidArgument("the buffer must be C-contiguous (use numpy.ascontiguousarray)")
     if view.format != "B" or view.ndim != 1:
-        if not view.c_contiguous:
-            raise InvalidArgument("the buffer must be C-contiguous")
         view = view.cast("B")
     return view
 

@@ -12,10 +12,10 @@ import socket
 import struct
 import threading
 
-from ..errors import InternalError, LimitExceeded, MemfabricError, ProtocolError
+from ..errors import InternalError, InvalidArgument, LimitExceeded, MemfabricError, ProtocolError
 from ..transport import wire
 from ..transport.ipc import IpcChannel, PeerClosed, listen
-from .server import Connection, Server
+from .server import Connection, Payload, Server
 
 log = logging.getLogger("memfabric.server")
 
@@ -76,6 +76,8 @@ class IpcFront:
                 owned_fds = False
                 try:
                     result = self.server.dispatch(conn, request)
+                    if isinstance(result, Payload):
+                        raise InvalidArgument(f"{request.get('op')!r} answers with raw bytes: RPC only")
                     if isinstance(result, tuple):
                         reply, reply_fds, *rest = result
                         owned_fds = bool(rest and rest[0])

@@ -15,7 +15,7 @@ import threading
 
 from ..errors import InternalError, LimitExceeded, MemfabricError, ProtocolError
 from ..transport import rpc, wire
-from .server import Connection, Server
+from .server import Connection, Payload, Server
 
 log = logging.getLogger("memfabric.server")
 
@@ -102,7 +102,10 @@ class RpcFront:
                     result = self.server.dispatch(conn, request)
                     if isinstance(result, tuple):
                         raise ProtocolError(f"{op!r} hands over file descriptors: same host only")
-                    reply = result
+                    if isinstance(result, Payload):
+                        reply, payload = result.reply, result.data
+                    else:
+                        reply = result
             except MemfabricError as exc:
                 reply, payload = wire.error_reply(request["id"], exc), None
             except Exception as exc:   # a bug: report it, keep serving

@@ -24,7 +24,7 @@ from ..core.namespaces import (check_attribute, check_name, check_sec_id, hash_s
                                sec_id_matches)
 from ..core.objects import ObjectRecord, Placement, parse_bm_id
 from ..datapath.layout import (Layout, RemoteSegment, always_live, build_layout, check_range, copy_between,
-                               write_at)
+                               read_into, write_at)
 from ..datapath.link import Creds, ServerLink
 from ..datapath.rpc_link import RpcLink
 from ..transport import rpc
@@ -685,13 +685,69 @@ class Server:
                 copy_between(layout, offset, dst, position, length)
                 position += length
         else:
-            reduce = GATHER_OPS[op]
-            acc = _array(resolved[0], dtype).copy()
-            for item in resolved[1:]:
-                reduce(acc, _array(item, dtype), out=acc)
+            acc = self._reduce(op, dtype, [it for it in inputs], resolved, total)
             write_at(dst, 0, memoryview(acc).cast("B"))
         dst.check_alive()
         return {"bm_id": dst.bm_id, "size": dst.size, "length": total}
+
+    def _reduce(self, op: str, dtype: np.dtype, inputs: list[dict[str, Any]],
+                resolved: list[tuple[Layout, int, int]], length: int) -> np.ndarray:
+        """Element-wise reduction near the data: inputs wholly on one other host are reduced
+        there (one partial comes back per host); the rest are reduced here."""
+        reduce = GATHER_OPS[op]
+        here: list[tuple[Layout, int, int]] = []
+        by_host: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        for item, (layout, offset, n) in zip(inputs, resolved, strict=True):
+            holders = {None if type(t) is memoryview else t.link.server_id for t, _, _, _ in layout.spans(offset, n)}
+            holder = holders.pop() if len(holders) == 1 else None
+            if holder is None:
+                here.append((layout, offset, n))
+            else:
+                by_host[holder].append(item)
+        pending = []
+        for server_id, items in by_host.items():   # all hosts reduce at once
+            link = self._peer(server_id)
+            partial = np.empty(length // dtype.itemsize, dtype=dtype)
+            rid, p = link.submit("reduce_part", {"inputs": items, "operator": op, "dtype": dtype.str},
+                                 into=memoryview(partial).cast("B"))
+            pending.append((link, rid, p, partial))
+        acc = None
+        for item in here:
+            values = _array(item, dtype)
+            acc = values.copy() if acc is None else reduce(acc, values, out=acc)
+        for link, rid, p, partial in pending:
+            link.wait(rid, p, "reduce_part")
+            acc = partial if acc is None else reduce(acc, partial, out=acc)
+        assert acc is not None
+        return acc
+
+    def op_reduce_part(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        """A destination server asks us to reduce the inputs we hold; the partial is the payload."""
+        op = m.get("operator")
+        if op not in GATHER_OPS or op == "concat":
+            raise InvalidArgument(f"reduce_part takes a reduction operator, got {op!r}")
+        try:
+            dtype = np.dtype(m.get("dtype"))
+        except TypeError:
+            raise InvalidArgument(f"unknown dtype {m.get('dtype')!r}") from None
+        inputs = m.get("inputs")
+        if not isinstance(inputs, list) or not 0 < len(inputs) <= MAX_GATHER_INPUTS:
+            raise InvalidArgument(f"reduce_part takes 1-{MAX_GATHER_INPUTS} inputs")
+        resolved = []
+        for item in inputs:
+            if not isinstance(item, dict):
+                raise InvalidArgument("each input is {pool, ns, sec, bm_id, offset, length}")
+            layout = self._layout(self._creds(item), item.get("bm_id"), conn)
+            check_range(layout.bm_id, layout.size, item.get("offset"), item.get("length"))
+            resolved.append((layout, item["offset"], item["length"]))
+        lengths = {n for _, _, n in resolved}
+        if len(lengths) != 1 or next(iter(lengths)) % dtype.itemsize:
+            raise InvalidArgument("reduce_part inputs must share one length, a multiple of the dtype's size")
+        reduce = GATHER_OPS[op]
+        acc = _array(resolved[0], dtype).copy()
+        for item in resolved[1:]:
+            reduce(acc, _array(item, dtype), out=acc)
+        return Payload({"length": acc.nbytes}, memoryview(acc).cast("B"))
 
     # ---- peers ----------------------------------------------------------------------------
 
@@ -723,13 +779,23 @@ class Server:
         return link
 
 
+class Payload:
+    """A reply with raw bytes after it (RPC only: IPC peers read each other's memory)."""
+
+    def __init__(self, reply: dict[str, Any], data: memoryview) -> None:
+        self.reply, self.data = reply, data
+
+
 def _array(item: tuple[Layout, int, int], dtype: np.dtype) -> np.ndarray:
+    """An input's bytes as an array: in place when one local piece holds them, else gathered."""
     layout, offset, length = item
     spans = list(layout.spans(offset, length))
-    if len(spans) == 1:
+    if len(spans) == 1 and type(spans[0][0]) is memoryview:
         view, a, b, _ = spans[0]
         return np.frombuffer(view[a:b], dtype=dtype)
-    return np.frombuffer(b"".join(view[a:b] for view, a, b, _ in spans), dtype=dtype)
+    buf = np.empty(length, dtype=np.uint8)
+    read_into(layout, offset, memoryview(buf))
+    return buf.view(dtype)
 
 
 def _describe(record: ObjectRecord, state: NamespaceState) -> dict[str, Any]:
