@@ -7,7 +7,12 @@ The ratio column is memcpy's median time over the operation's: 1.0 means as fast
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import signal
+import socket
 import statistics
+import struct
 import tempfile
 import time
 from contextlib import ExitStack
@@ -120,7 +125,110 @@ def bench_control_path(session: Session, repeat: int) -> list[Result]:
     return results
 
 
-def run_bench(directory: str | None, sizes: list[int], repeat: int, as_json: bool) -> int:
+# ---- remote mode: RPC over loopback, against a raw socket doing the same transfers ------------------
+
+_RAW_HEADER = struct.Struct("!cQ")
+
+
+def _raw_server(listener: socket.socket) -> None:
+    """The baseline peer: 'w' receives n bytes into a buffer and acks; 'r' sends n bytes."""
+    conn, _ = listener.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = memoryview(bytearray(64 << 20))
+    head = memoryview(bytearray(_RAW_HEADER.size))
+    while True:
+        if not _recv_exact(conn, head):
+            return
+        op, n = _RAW_HEADER.unpack(head)
+        if op == b"w":
+            _recv_exact(conn, buf[:n])
+            conn.sendall(b"k")
+        else:
+            conn.sendall(buf[:n])
+
+
+def _recv_exact(sock: socket.socket, view: memoryview) -> bool:
+    got = 0
+    while got < len(view):
+        k = sock.recv_into(view[got:])
+        if not k:
+            return False
+        got += k
+    return True
+
+
+def bench_raw_socket(sizes: list[int], repeat: int) -> dict[tuple[str, int], list[float]]:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    child = multiprocessing.get_context("fork").Process(target=_raw_server, args=(listener,), daemon=True)
+    child.start()
+    sock = socket.create_connection(listener.getsockname())
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    ack = memoryview(bytearray(1))
+    out = {}
+    try:
+        for size in sizes:
+            n = repeat or default_repeat(size) // 4 + 10
+            data = memoryview(bytes(size))
+            into = memoryview(bytearray(size))
+
+            def write() -> None:
+                sock.sendall(_RAW_HEADER.pack(b"w", size))
+                sock.sendall(data)
+                _recv_exact(sock, ack)
+
+            def read() -> None:
+                sock.sendall(_RAW_HEADER.pack(b"r", size))
+                _recv_exact(sock, into)
+            out[("write", size)] = measure(write, n)
+            out[("read", size)] = measure(read, n)
+    finally:
+        sock.close()
+        child.terminate()
+        child.join(5)
+        listener.close()
+    return out
+
+
+def bench_remote(session: Session, sizes: list[int], repeat: int) -> list[Result]:
+    raw = bench_raw_socket(sizes, repeat)
+    ns = session.create_namespace(f"bench-rpc-{time.monotonic_ns()}", sec_id="bench")
+    results = []
+    try:
+        for size in sizes:
+            n = repeat or default_repeat(size) // 4 + 10
+            src = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
+            dst = np.empty(size, dtype=np.uint8)
+            bm = ns.alloc(size)
+            for op, fn in (("write", lambda: bm.write(src)), ("read", lambda: bm.read(0, into=dst))):
+                base = summarize(f"raw socket {op}", size, raw[(op, size)], None)
+                results.append(base)
+                results.append(summarize(f"{op} (RPC)", size, measure(fn, n), base.median_us))
+            assert np.array_equal(dst, src), "read back differs from what was written"
+            bm.free()
+    finally:
+        ns.destroy()
+    return results
+
+
+def time_to_notice_a_killed_server(directory: str) -> float:
+    """SIGKILL the fabric's last server; seconds until the cluster says it is dead."""
+    with LocalFabric(directory, servers=2, capacity="16MiB", liveness_timeout_s=2.0) as fab:
+        with init(directory) as session:
+            victim = max(fab.server_pids())
+            os.kill(fab.server_pids()[victim], signal.SIGKILL)
+            killed = time.monotonic()
+            while time.monotonic() - killed < 30:
+                if not next(s["alive"] for s in session.servers() if s["server_id"] == victim):
+                    return time.monotonic() - killed
+                time.sleep(0.02)
+    return float("nan")
+
+
+def run_bench(directory: str | None, sizes: list[int], repeat: int, as_json: bool, remote: bool = False) -> int:
+    if remote:
+        return run_remote_bench(directory, sizes, repeat, as_json)
     with ExitStack() as stack:
         if directory is None:
             run_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="mf-bench-", dir="/tmp"))
@@ -152,4 +260,31 @@ def run_bench(directory: str | None, sizes: list[int], repeat: int, as_json: boo
     for r in control:
         ctl.add_row(r.name, f"{r.median_us:.1f} us", f"{r.p99_us:.1f} us")
     console.print(ctl)
+    return 0
+
+
+def run_remote_bench(directory: str | None, sizes: list[int], repeat: int, as_json: bool) -> int:
+    with ExitStack() as stack:
+        if directory is None:
+            directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="mf-bench-", dir="/tmp"))
+            capacity = max(256 << 20, 4 * max(sizes))
+            stack.enter_context(LocalFabric(directory, servers=1, capacity=f"{capacity >> 20}MiB"))
+        session = stack.enter_context(init(os.path.join(directory, "remote.toml")))
+        data = bench_remote(session, sizes, repeat)
+    with tempfile.TemporaryDirectory(prefix="mf-kill-", dir="/tmp") as kill_dir:
+        notice_s = time_to_notice_a_killed_server(kill_dir)
+    if as_json:
+        print(json.dumps({"remote": [asdict(r) for r in data], "killed_server_noticed_s": notice_s}, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+    console = Console(width=None if os.isatty(1) else 120)
+    table = Table(title="remote data path (RPC over loopback TCP) vs a raw Python socket, same run")
+    for column in ("size", "operation", "median", "p99", "throughput", "vs raw socket"):
+        table.add_column(column, justify="right" if column != "operation" else "left")
+    for r in data:
+        table.add_row(format_size(r.size_bytes), r.name, f"{r.median_us:.1f} us", f"{r.p99_us:.1f} us",
+                      f"{r.throughput_gib_s:.2f} GiB/s", "-" if r.ratio_to_memcpy is None else f"{r.ratio_to_memcpy:.2f}")
+    console.print(table)
+    console.print(f"a killed server was seen dead by the cluster after {notice_s:.2f} s (liveness timeout 2 s)")
     return 0

@@ -41,9 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="measure the data and control paths against memcpy")
     bench.add_argument("--dir", help="use a running fabric at this ockPath instead of starting one")
-    bench.add_argument("--sizes", default="4KiB,64KiB,1MiB,16MiB,64MiB")
+    bench.add_argument("--sizes", default=None, help="comma-separated (default 4KiB..64MiB; remote 4KiB..16MiB)")
     bench.add_argument("--repeat", type=int, default=0, help="iterations per size (default: by size)")
     bench.add_argument("--json", action="store_true")
+    bench.add_argument("--remote", action="store_true",
+                       help="over RPC (loopback TCP), against a raw socket doing the same transfers")
     return parser
 
 
@@ -66,5 +68,6 @@ def main(argv: list[str] | None = None) -> int:
         return run_demo(args.dir)
     if args.command == "bench":
         from ..bench import run_bench
-        return run_bench(args.dir, [parse_size(s) for s in args.sizes.split(",")], args.repeat, args.json)
+        sizes = args.sizes or ("4KiB,64KiB,1MiB,16MiB" if args.remote else "4KiB,64KiB,1MiB,16MiB,64MiB")
+        return run_bench(args.dir, [parse_size(s) for s in sizes.split(",")], args.repeat, args.json, args.remote)
     return 2

@@ -8,6 +8,7 @@ against the home server's shared table before and after each copy.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Hashable
 
@@ -44,7 +45,14 @@ def format_bm_id(server_id: int, slot: int, generation: int) -> str:
 
 def parse_bm_id(bm_id: object) -> tuple[int, int, int]:
     """(home server id, slot, generation); garbage is an INVALID_ARGUMENT."""
-    if not isinstance(bm_id, str) or not 5 <= len(bm_id) <= 64:
+    if type(bm_id) is str:
+        return _parse_bm_id(bm_id)     # pure, and on every data request: remembered
+    raise InvalidArgument(f"bm_id must be a string like '1-0-1', got {bm_id!r}")
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _parse_bm_id(bm_id: str) -> tuple[int, int, int]:
+    if not 5 <= len(bm_id) <= 64:
         raise InvalidArgument(f"bm_id must be a string like '1-0-1', got {bm_id!r}")
     parts = bm_id.split("-")
     # One spelling per object: no leading zeros, or "1-0-01" would alias "1-0-1".

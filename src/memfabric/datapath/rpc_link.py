@@ -47,6 +47,7 @@ class RpcLink:
         except BaseException:
             self._frames.close()
             raise
+        self._frames.set_deadline(timeout_s)
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
         self._lock = threading.Lock()
@@ -74,6 +75,8 @@ class RpcLink:
         try:
             with self._send_lock:
                 self._frames.send(args, payload)
+        except socket.timeout:
+            self._shut(Timeout(f"server at {self.address} took no request for {self.timeout_s}s ({op!r})"))
         except (OSError, ValueError):
             self._shut(ServerUnavailable(f"server at {self.address} is gone (sending {op!r})"))
         return request_id, pending
@@ -130,8 +133,7 @@ class RpcLink:
     # ---- reading (done by whichever caller holds the receive lock) -------------------------------
 
     def _read_one(self, timeout_s: float) -> None:
-        frames = self._frames
-        frames.sock.settimeout(timeout_s)
+        frames = self._frames      # each receive is bounded by the socket's deadline (set_deadline)
         header, payload_len = frames.recv_header()
         with self._lock:
             pending = self._pending.pop(header.get("id"), None)

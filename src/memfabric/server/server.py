@@ -193,6 +193,15 @@ class Server:
         return pool, ns, check_sec_id(m.get("sec"))
 
     def _namespace(self, conn: Connection, m: dict[str, Any]) -> tuple[NamespaceState, Creds]:
+        # Fast path: this connection already proved these exact credentials for this incarnation.
+        key = (m.get("pool"), m.get("ns"))
+        proven = conn.verified.get(key)
+        if proven is not None:
+            state = self.namespaces.get(key)
+            sec = m.get("sec")
+            if state is not None and state.record.incarnation == proven[0] and type(sec) is bytes \
+                    and hmac.compare_digest(proven[1], sec):
+                return state, (key[0], key[1], sec)
         creds = self._creds(m)
         pool, ns, sec = creds
         if pool not in self.pools:
@@ -506,18 +515,19 @@ class Server:
         segment, offset, length = m.get("segment"), m.get("offset"), m.get("length")
         if not all(type(v) is int for v in (segment, offset, length)) or offset < 0 or length <= 0:
             raise InvalidArgument("a span is segment, offset, length: ints, length > 0")
+        end = offset + length
         with self.lock:
             if parse_bm_id(bm_id)[0] == self.server_id:
-                record = self._lookup(state, bm_id)
-                extents = [Extent(e.segment, e.offset, e.length) for e in record.extents
-                           if e.server_id == self.server_id]
+                me = self.server_id
+                owned = any(e.server_id == me and e.segment == segment and e.offset <= offset
+                            and end <= e.offset + e.length for e in self._lookup(state, bm_id).extents)
             else:
                 extents = state.lent_by_object.get(bm_id)
                 if extents is None:
                     raise NoSuchObject(f"server {self.server_id} holds nothing of object {bm_id} "
                                        "(freed, or never existed)")
-            if not any(e.segment == segment and e.offset <= offset and offset + length <= e.end
-                       for e in extents):
+                owned = any(e.segment == segment and e.offset <= offset and end <= e.end for e in extents)
+            if not owned:
                 raise OutOfRange(f"[{offset}, {offset}+{length}) of segment {segment} is not object "
                                  f"{bm_id}'s on server {self.server_id}")
             return self.pools[pool].segments[segment].view[offset:offset + length]

@@ -1,9 +1,14 @@
 """Between hosts: TCP (optionally TLS) carrying frames of a msgpack header and a raw payload.
 
-    frame = u32 header length | u64 payload length | header (msgpack map) | payload bytes
+    frame = u32 header length | u64 payload length | header (msgpack map) [| padding] | payload
 
-Payload bytes are sent straight from pool memory (sendmsg with the segment view) and
-received straight into it (recv_into a segment view): no intermediate `bytes` for data.
+The first FIRST_BLOCK bytes of a frame are always read at once: when the header fits, it is
+padded to fill that block, so a receiver gets prefix and header in one syscall.
+
+Payload bytes are received straight into pool memory (recv_into a segment view) and sent
+straight from it (sendmsg with the segment view); only payloads of at most SMALL_PAYLOAD
+bytes are copied next to their header first, because one contiguous send of a small
+frame is measurably faster on loopback than a two-piece sendmsg.
 
 A connection starts with a mutual challenge: each side proves it holds the cluster token
 by an HMAC over both sides' fresh nonces; the token itself never crosses the wire. A peer
@@ -26,6 +31,8 @@ from . import wire
 
 PREFIX = struct.Struct("!IQ")
 PROTOCOL = "memfabric-rpc/1"
+FIRST_BLOCK = 256
+SMALL_PAYLOAD = 16 << 10
 _SCRATCH_BYTES = 1 << 20
 
 
@@ -35,6 +42,17 @@ class FrameSocket:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._tls = isinstance(sock, ssl.SSLSocket)
+        self._block = memoryview(bytearray(FIRST_BLOCK))
+
+    def set_deadline(self, timeout_s: float) -> None:
+        """Bound every send and receive in the kernel (SO_RCVTIMEO/SO_SNDTIMEO) on a blocking
+        socket: unlike a Python socket timeout, it costs no poll() before each call. A wait
+        that runs out raises socket.timeout."""
+        self.sock.settimeout(None)
+        seconds = int(timeout_s)
+        timeval = struct.pack("ll", seconds, int((timeout_s - seconds) * 1e6))
+        for opt in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+            self.sock.setsockopt(socket.SOL_SOCKET, opt, timeval)
 
     def send(self, header: dict[str, Any], payload: memoryview | bytes | None = None) -> None:
         head = wire.encode(header)
@@ -42,21 +60,29 @@ class FrameSocket:
         if n > MAX_RPC_PAYLOAD_BYTES:
             raise ProtocolError(f"payload of {n} bytes exceeds {MAX_RPC_PAYLOAD_BYTES}")
         first = PREFIX.pack(len(head), n) + head
+        if len(first) < FIRST_BLOCK:
+            first += bytes(FIRST_BLOCK - len(first))
         if not n:
             self.sock.sendall(first)
-        elif self._tls:
-            self.sock.sendall(first)
-            self.sock.sendall(payload)
+        elif n <= SMALL_PAYLOAD or self._tls:
+            self.sock.sendall(first + bytes(payload) if n <= SMALL_PAYLOAD else first)
+            if n > SMALL_PAYLOAD:
+                self.sock.sendall(payload)
         else:
             _sendmsg_all(self.sock, [first, payload])
 
     def recv_header(self) -> tuple[dict[str, Any], int]:
         """The next frame's header and its payload length; the payload is still to be read."""
-        prefix = self.recv_exact(PREFIX.size)
-        head_len, payload_len = PREFIX.unpack(prefix)
+        block = self._block
+        self.recv_into_exact(block)
+        head_len, payload_len = PREFIX.unpack_from(block)
         if head_len > MAX_MESSAGE_BYTES or payload_len > MAX_RPC_PAYLOAD_BYTES:
             raise ProtocolError(f"frame of {head_len}+{payload_len} bytes is over the limits")
-        return wire.decode(self.recv_exact(head_len)), payload_len
+        if PREFIX.size + head_len <= FIRST_BLOCK:
+            head = bytes(block[PREFIX.size:PREFIX.size + head_len])
+        else:
+            head = bytes(block[PREFIX.size:]) + self.recv_exact(PREFIX.size + head_len - FIRST_BLOCK)
+        return wire.decode(head), payload_len
 
     def recv_exact(self, n: int) -> bytes:
         buf = bytearray(n)
@@ -66,7 +92,10 @@ class FrameSocket:
     def recv_into_exact(self, view: memoryview) -> None:
         got, n = 0, len(view)
         while got < n:
-            k = self.sock.recv_into(view[got:])
+            try:
+                k = self.sock.recv_into(view[got:] if got else view)
+            except BlockingIOError:       # SO_RCVTIMEO ran out
+                raise socket.timeout("receive timed out") from None
             if k == 0:
                 raise ConnectionError("peer closed the connection")
             got += k
