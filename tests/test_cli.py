@@ -72,7 +72,8 @@ def test_server_from_config_with_file_media(medium):
                             stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_line(proc, " ready ", 30, [])
-        assert sorted(os.listdir(f"{directory}/{medium}")) == [f"segment-0000{i}.mem" for i in range(4)]
+        assert sorted(os.listdir(f"{directory}/{medium}")) == \
+            ["objects.journal"] + [f"segment-0000{i}.mem" for i in range(4)]
         with memfabric.init(path) as session:
             ns = session.create_namespace("n", sec_id="k", pool="files")
             bm = ns.alloc(3 << 20)

@@ -7,6 +7,7 @@ a server is alive while its last heartbeat is younger than the liveness timeout.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -81,7 +82,7 @@ class EmbeddedCluster:
                              (node_key,)).fetchone()
             if row is not None:
                 server_id, up, heartbeat_s, old_pid = row
-                if up and now - heartbeat_s < self.liveness_timeout_s and old_pid != pid:
+                if up and now - heartbeat_s < self.liveness_timeout_s and old_pid != pid and _running(old_pid):
                     raise ServerUnavailable(
                         f"server {server_id} for {node_key} is alive (pid {old_pid}); "
                         "two servers cannot share a data directory")
@@ -152,3 +153,14 @@ class EmbeddedCluster:
         with self._lock:
             self._db.close()
 
+
+
+def _running(pid: int) -> bool:
+    """One host, one process table: a vanished predecessor is dead without waiting."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -184,6 +184,28 @@ class SegmentAllocator:
         assert sum(e.length for e in alloc.extents) == need
         return alloc
 
+    def restore(self, owner: Hashable, extents: list[Extent]) -> None:
+        """Take back extents that were live before a restart (from the server's journal)."""
+        for e in extents:
+            seg = self._segments[e.segment]
+            if seg.owner not in (None, owner):
+                raise InvalidArgument(f"extent {e} of {owner!r} lies in a segment of {seg.owner!r}")
+            seg.owner = owner
+            seg.dirty = True
+            i = next((i for i, (off, n) in enumerate(seg.free) if off <= e.offset and e.end <= off + n), None)
+            if i is None:
+                raise InvalidArgument(f"extent {e} overlaps another restored extent")
+            off, n = seg.free.pop(i)
+            rest = [(off, e.offset - off), (e.end, off + n - e.end)]
+            for piece in reversed([r for r in rest if r[1]]):
+                seg.free.insert(i, piece)
+            self._live_bytes_by_owner[owner] = self._live_bytes_by_owner.get(owner, 0) + e.length
+
+    def mark_all_dirty(self) -> None:
+        """After a restart on persistent media every segment may hold old bytes."""
+        for seg in self._segments:
+            seg.dirty = True
+
     def release(self, owner: Hashable, extents: list[Extent], now_s: float) -> None:
         """Extents of a freed object go to rest; reusable after the grace."""
         total = 0

@@ -119,6 +119,20 @@ class ObjectTable:
         self._live[slot] = record
         return record
 
+    def restore(self, bm_id: str, size_bytes: int, extents: list[Placement]) -> ObjectRecord:
+        """Bring back an object that lived before a restart, with its very id."""
+        server_id, slot, generation = parse_bm_id(bm_id)
+        if server_id != self.server_id or slot >= self.max_objects or slot in self._live:
+            raise InvalidArgument(f"cannot restore {bm_id} into this table")
+        while len(self._generations) <= slot:
+            self._free_slots.append(len(self._generations))
+            self._generations.append(0)
+        self._free_slots.remove(slot)
+        self._generations[slot] = max(self._generations[slot], generation)
+        record = ObjectRecord(bm_id, slot, generation, size_bytes, list(extents))
+        self._live[slot] = record
+        return record
+
     def lookup(self, bm_id: str) -> ObjectRecord:
         server_id, slot, generation = parse_bm_id(bm_id)
         record = self._live.get(slot)

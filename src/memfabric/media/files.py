@@ -15,9 +15,11 @@ from .base import Medium
 
 
 class FileMedium(Medium):
-    def __init__(self, kind: str, directory: str) -> None:
+    def __init__(self, kind: str, directory: str, keep_contents: bool = False) -> None:
         self.kind = kind
         self.directory = directory
+        # With a journal to say what lives in them, the files are kept across restarts.
+        self.keep_contents = keep_contents
 
     def open_segment(self, index: int, size_bytes: int) -> int:
         os.makedirs(self.directory, exist_ok=True)
@@ -27,9 +29,10 @@ class FileMedium(Medium):
         except OSError as exc:
             raise IOError_(f"cannot open {path}: {exc.strerror}") from None
         try:
-            # Start empty: without persisted object metadata (a later step), old bytes
-            # would be an earlier tenant's data handed out as "fresh" memory.
-            os.ftruncate(fd, 0)
+            # Without a journal, start empty: old bytes would otherwise be an earlier tenant's
+            # data handed out as "fresh" memory.
+            if not self.keep_contents:
+                os.ftruncate(fd, 0)
             os.posix_fallocate(fd, 0, size_bytes)
         except OSError as exc:
             os.close(fd)

@@ -7,6 +7,7 @@ servers asking each other for memory at once cannot deadlock.
 
 from __future__ import annotations
 
+import fcntl
 import hmac
 import logging
 import os
@@ -94,15 +95,89 @@ class Server:
             if host in ("0.0.0.0", "::"):
                 host = self.cfg.host
             rpc_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.server_id = self.cluster.register_server(
-            node_key=self.cfg.data_dir, host=self.cfg.host, ipc_socket=self.cfg.ipc_socket,
-            rpc_address=rpc_address, pid=os.getpid())
+        self._lock_data_dir()
+        node_key = f"{self.cfg.host}:{self.cfg.data_dir}"
+        deadline = time.monotonic() + self.cfg.cluster.liveness_timeout_s + 2
+        while True:
+            try:
+                self.server_id = self.cluster.register_server(
+                    node_key=node_key, host=self.cfg.host, ipc_socket=self.cfg.ipc_socket,
+                    rpc_address=rpc_address, pid=os.getpid())
+                break
+            except ServerUnavailable:
+                # We hold the data directory's lock, so the registered one is a dead predecessor
+                # whose liveness has not run out yet: wait for it (bounded), then take its id.
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
         self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat",
                                                   daemon=True)
         self._heartbeat_thread.start()
         for pool_cfg in self.cfg.pools:
             self.pools[pool_cfg.name] = PoolState(pool_cfg, self.cfg.segment_bytes, f"s{self.server_id}")
+        for pool in self.pools.values():
+            if pool.journal is not None:
+                self._restore(pool)
         self._publish()
+
+    def _lock_data_dir(self) -> None:
+        """One server per data directory: an exclusive lock the kernel drops when we die."""
+        self._dir_lock = os.open(os.path.join(self.cfg.data_dir, "server.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._dir_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._dir_lock)
+            raise ServerUnavailable(f"another server is running on {self.cfg.data_dir}") from None
+
+    def _restore(self, pool: PoolState) -> None:
+        """Bring back a persistent pool's objects from its journal, for namespaces the catalog
+        still has (the same incarnation); then compact the journal to what lives."""
+        objects: dict[tuple[str, int], dict[str, tuple[int, list]]] = defaultdict(dict)
+        held: dict[tuple[str, int], dict[str, list]] = defaultdict(dict)
+        for record in pool.journal.replay():
+            kind, ns, incarnation, *rest = record
+            key = (ns, incarnation)
+            if kind == "obj":
+                objects[key][rest[0]] = (rest[1], rest[2])
+            elif kind == "free":
+                objects[key].pop(rest[0], None)
+            elif kind == "held":
+                if rest[1]:
+                    held[key][rest[0]] = rest[1]
+                else:
+                    held[key].pop(rest[0], None)
+            elif kind == "drop":
+                objects.pop(key, None)
+                held.pop(key, None)
+        snapshot: list[list[Any]] = []
+        for key in sorted(set(objects) | set(held)):
+            ns, incarnation = key
+            record = self.cluster.get_namespace(pool.name, ns)
+            if record is None or record.incarnation != incarnation:
+                log.info("namespace %s/%s was destroyed while this server was down: not restored", pool.name, ns)
+                continue
+            state = self.namespaces.get((pool.name, ns)) or NamespaceState(record, self.server_id, f"s{self.server_id}")
+            self.namespaces[(pool.name, ns)] = state
+            for bm_id, (size, extents) in objects.get(key, {}).items():
+                placements = [Placement(*e) for e in extents]
+                restored = state.table.restore(bm_id, size, placements)
+                pool.allocator.restore(state.key, [Extent(e.segment, e.offset, e.length) for e in placements
+                                                   if e.server_id == self.server_id])
+                state.publish(restored)
+                snapshot.append(["obj", ns, incarnation, bm_id, size, extents])
+            for bm_id, extents in held.get(key, {}).items():
+                mine = [Extent(*e) for e in extents]
+                pool.allocator.restore(state.key, mine)
+                state.lent_by_object[bm_id] = mine
+                snapshot.append(["held", ns, incarnation, bm_id, extents])
+            log.info("restored %d objects of %s/%s from the journal", len(state.table), pool.name, ns)
+        pool.journal.rewrite(snapshot)
+
+    def _log(self, state: NamespaceState, kind: str, *fields: Any) -> None:
+        """Journal a change of a persistent pool before it is answered."""
+        pool = self.pools.get(state.record.pool)
+        if pool is not None and pool.journal is not None:
+            pool.journal.append(kind, state.record.ns, state.record.incarnation, *fields)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -290,6 +365,7 @@ class Server:
             if state is None or state.record.incarnation != incarnation:
                 return
             del self.namespaces[(pool, ns)]
+            self._log(state, "drop")
             state.close()   # generation words go to 0 first: every handle's check fails from now on
             state.table.drop_all()
             if pool in self.pools:
@@ -384,6 +460,7 @@ class Server:
             raise
         with self.lock:
             record = state.table.create(size, extents, claimed=bm_id)
+            self._log(state, "obj", bm_id, size, [list(_placement(e)) for e in extents])
             state.publish(record)
         return _describe(record, state)
 
@@ -415,6 +492,7 @@ class Server:
             record = self._lookup(state, bm_id)
             state.retract(record)       # clients' next generation check fails from here on
             extents = state.table.free(record.bm_id)
+            self._log(state, "free", record.bm_id)
         return self._release(state, record.bm_id, extents, creds)
 
     def op_expand(self, conn: Connection, m: dict[str, Any]) -> Reply:
@@ -442,6 +520,7 @@ class Server:
         try:
             with self.lock:
                 record = state.table.expand(record.bm_id, new_size, extents)
+                self._log(state, "obj", record.bm_id, new_size, [list(_placement(e)) for e in record.extents])
                 state.publish(record)
         except MemfabricError:
             self._release(state, record.bm_id, extents, creds)   # outside the lock: peers may be slow
@@ -478,7 +557,9 @@ class Server:
             raise InvalidArgument(f"object {bm_id} is homed here; extent_alloc is for other homes")
         extents = self._reserve_local(state, pool, _size_arg(m, "size"))
         with self.lock:
-            state.lent_by_object.setdefault(bm_id, []).extend(extents)
+            held = state.lent_by_object.setdefault(bm_id, [])
+            held.extend(extents)
+            self._log(state, "held", bm_id, [[e.segment, e.offset, e.length] for e in held])
         return {"extents": [[self.server_id, e.segment, e.offset, e.length] for e in extents]}
 
     def op_extent_free(self, conn: Connection, m: dict[str, Any]) -> Reply:
@@ -502,6 +583,7 @@ class Server:
                 state.lent_by_object[bm_id] = remaining
             else:
                 state.lent_by_object.pop(bm_id, None)
+            self._log(state, "held", bm_id, [[e.segment, e.offset, e.length] for e in remaining])
             allocator = self.pools[pool].allocator
             allocator.release(state.key, extents, time.monotonic())
             return {"idle_segments": allocator.idle_segments(state.key)}
@@ -812,6 +894,10 @@ def _describe(record: ObjectRecord, state: NamespaceState) -> dict[str, Any]:
     return {"bm_id": record.bm_id, "size": record.size_bytes, "generation": record.generation,
             "slot": record.slot, "incarnation": state.record.incarnation,
             "extents": [[e.server_id, e.segment, e.offset, e.length] for e in record.extents]}
+
+
+def _placement(e: Placement) -> tuple[int, int, int, int]:
+    return (e.server_id, e.segment, e.offset, e.length)
 
 
 def _object_arg(m: dict[str, Any], key: str) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from ..media.base import Medium, SegmentMemory
 from ..media.dram import DramMedium
 from ..media.files import FileMedium
 from .config import PoolConfig
+from .journal import Journal
 
 F_SEAL_FUTURE_WRITE = 0x0010   # Linux >= 5.1: no new writable mappings, ours stays writable
 WORDS_PER_SLOT = 2
@@ -29,11 +30,16 @@ class PoolState:
     def __init__(self, cfg: PoolConfig, segment_bytes: int, label: str) -> None:
         self.name = cfg.name
         self.medium_kind = cfg.medium
+        # Persistent media keep a journal of their objects next to their files.
+        self.journal = None if cfg.medium == "dram" else Journal(cfg.path or "")
+        restarting = self.journal is not None and os.path.exists(self.journal.path)
         medium: Medium = (DramMedium(f"{label}-{cfg.name}") if cfg.medium == "dram"
-                          else FileMedium(cfg.medium, cfg.path or ""))
+                          else FileMedium(cfg.medium, cfg.path or "", keep_contents=restarting))
         count = cfg.capacity_bytes // segment_bytes
         self.segments: list[SegmentMemory] = medium.create_segments(count, segment_bytes)
         self.allocator = SegmentAllocator(count, segment_bytes)
+        if restarting:
+            self.allocator.mark_all_dirty()
 
     def zero(self, extents: list[Extent]) -> None:
         for e in extents:
@@ -48,6 +54,8 @@ class PoolState:
     def close(self) -> None:
         for seg in self.segments:
             seg.close()
+        if self.journal is not None:
+            self.journal.close()
 
 
 class NamespaceState:
