@@ -241,7 +241,7 @@ class BigMemory:
         self.namespace.session.forget(self.bm_id)
         # Segments left with no live object go back, so other namespaces can have them.
         for server_id, segments in reply.get("idle_segments", {}).items():
-            link = self.namespace.session.cached_link(int(server_id))
+            link = self.namespace.session.cached_link(int(server_id)) if segments else None
             if link is not None:
                 link.release_idle(self.namespace.pool, segments)
 

@@ -104,11 +104,14 @@ class SegmentAllocator:
                     if s.holders and (s.owner is None or s.free_bytes() + s.resting_bytes == size))
         return self.capacity_bytes - self.live_bytes() - stuck
 
-    def available_for(self, owner: Hashable) -> int:
-        """What `allocate(owner, ...)` could get once resting memory matures."""
-        own = sum(s.free_bytes() + s.resting_bytes for s in self._segments if s.owner == owner)
-        lendable = sum(1 for s in self._segments if s.owner != owner and self._lendable_to(s, owner))
-        return own + lendable * self.segment_size_bytes
+    def segments_to_give_back(self, owner: Hashable) -> list[int]:
+        """Idle segments clients of `owner` should let go of: all of them once the owner has
+        nothing live here, or when no segment is left to lend to anyone else. While the owner
+        still has objects here it keeps them: its next allocations reuse them at no cost,
+        where giving back and fetching again would cost every alloc/free cycle two round trips."""
+        if self.live_bytes(owner) and any(self._lendable_to(s, object()) for s in self._segments):
+            return []
+        return self.idle_segments(owner)
 
     def idle_segments(self, owner: Hashable) -> list[int]:
         """The owner's segments that hold no live object (free or resting only)."""
@@ -141,6 +144,15 @@ class SegmentAllocator:
         need = round_up(size_bytes, self.page_size_bytes)
         self._mature(now_s)
         own = [s for s in self._segments if s.owner == owner]
+        if need < self.segment_size_bytes:
+            # The common case, a small object that fits in the owner's segments: no need to
+            # look at the rest of the pool.
+            fit = self._best_fit(own, need)
+            if fit is not None:
+                alloc = Allocation(extents=[])
+                self._carve(fit[0], fit[1], need, alloc)
+                self._live_bytes_by_owner[owner] = self._live_bytes_by_owner.get(owner, 0) + need
+                return alloc
         lendable = [s for s in self._segments if self._lendable_to(s, owner)]
         available = sum(s.free_bytes() for s in own) + len(lendable) * self.segment_size_bytes
         if available < need:

@@ -446,14 +446,18 @@ class Server:
             raise InvalidArgument(f"server_id must be an int, got {target!r}")
         if policy == "server" and target == self.server_id:
             policy = "local"
-        if policy == "local" and self._local_room(creds[0], state) >= round_up(size, PAGE_SIZE_BYTES):
-            shares = [(self.server_id, size)]     # the common case needs no cluster view
-        else:
-            shares = placement.plan(policy, size, self._free_by_server(creds[0]), self.server_id, target)
         with self.lock:
             bm_id = state.table.claim()
         try:
-            extents = self._reserve(state, creds, shares, bm_id)
+            extents = None
+            if policy == "local" and creds[0] in self.pools:
+                try:   # the common case: it fits here, and needs no cluster view
+                    extents = self._reserve(state, creds, [(self.server_id, size)], bm_id)
+                except OutOfMemory:
+                    pass
+            if extents is None:
+                shares = placement.plan(policy, size, self._free_by_server(creds[0]), self.server_id, target)
+                extents = self._reserve(state, creds, shares, bm_id)
         except BaseException:
             with self.lock:
                 state.table.unclaim(bm_id)
@@ -586,7 +590,7 @@ class Server:
             self._log(state, "held", bm_id, [[e.segment, e.offset, e.length] for e in remaining])
             allocator = self.pools[pool].allocator
             allocator.release(state.key, extents, time.monotonic())
-            return {"idle_segments": allocator.idle_segments(state.key)}
+            return {"idle_segments": allocator.segments_to_give_back(state.key)}
 
     # ---- data from other hosts: one span of one extent per request -----------------------------
 
@@ -613,12 +617,6 @@ class Server:
                 raise OutOfRange(f"[{offset}, {offset}+{length}) of segment {segment} is not object "
                                  f"{bm_id}'s on server {self.server_id}")
             return self.pools[pool].segments[segment].view[offset:offset + length]
-
-    def _local_room(self, pool: str, state: NamespaceState) -> int:
-        if pool not in self.pools:
-            return 0
-        with self.lock:
-            return self.pools[pool].allocator.available_for(state.key)
 
     def _free_by_server(self, pool: str) -> dict[int, int]:
         free = {s.server_id: s.pools[pool]["free_bytes"] for s in self.view()
@@ -687,7 +685,7 @@ class Server:
                 if self.namespaces.get((state.record.pool, state.record.ns)) is state:
                     allocator = self.pools[state.record.pool].allocator
                     allocator.release(state.key, local, time.monotonic())
-                    idle[str(self.server_id)] = allocator.idle_segments(state.key)
+                    idle[str(self.server_id)] = allocator.segments_to_give_back(state.key)
         if by_server and creds is None:
             log.warning("cannot give back extents on peers %s without a secId; they return when "
                         "the namespace is destroyed", sorted(by_server))

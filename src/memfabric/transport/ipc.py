@@ -29,6 +29,7 @@ class IpcChannel:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self._buffer = bytearray(MAX_MESSAGE_BYTES)    # received into: no allocation per message
         self._poller = select.poll()
         self._poller.register(sock.fileno(), select.POLLRDHUP)
         for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
@@ -61,16 +62,16 @@ class IpcChannel:
 
     def recv(self) -> tuple[dict[str, Any], list[int]]:
         """One whole message and the fds that came with it. Raises PeerClosed on EOF."""
-        data, ancillary, flags, _ = self.sock.recvmsg(MAX_MESSAGE_BYTES, _ANCILLARY_BYTES)
+        n, ancillary, flags, _ = self.sock.recvmsg_into([self._buffer], _ANCILLARY_BYTES)
         fds = _take_fds(ancillary)
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
             _close_all(fds)
             raise ProtocolError(f"message over {MAX_MESSAGE_BYTES} bytes or {MAX_FDS_PER_MESSAGE} fds")
-        if not data:
+        if not n:
             _close_all(fds)
             raise PeerClosed()
         try:
-            return wire.decode(data), fds
+            return wire.decode(memoryview(self._buffer)[:n]), fds
         except ProtocolError:
             _close_all(fds)
             raise
