@@ -90,17 +90,48 @@ def bench_data_path(session: Session, sizes: list[int], repeat: int) -> list[Res
     return results
 
 
+def _echo(sock: socket.socket) -> None:
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return
+        sock.send(data)
+
+
+def raw_ipc_round_trip(n: int) -> Result:
+    """The floor under every control call: one request and reply over a raw Unix socket
+    between two processes, the same kind of socket the fabric uses."""
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    child = multiprocessing.get_context("fork").Process(target=_echo, args=(theirs,), daemon=True)
+    child.start()
+    theirs.close()
+    message = bytes(128)
+
+    def ping() -> None:
+        mine.send(message)
+        mine.recv(65536)
+    try:
+        return summarize("raw Unix socket round trip (baseline)", 0, measure(ping, max(n, 500)), None)
+    finally:
+        mine.close()
+        child.join(5)
+
+
 def bench_control_path(session: Session, repeat: int) -> list[Result]:
     n = repeat or 500
     ns = session.create_namespace(f"bench-ctl-{time.monotonic_ns()}", sec_id="bench")
-    results = []
+    results = [raw_ipc_round_trip(n)]
     try:
         held = []
         results.append(summarize("alloc 4KiB", 4096, measure(lambda: held.append(ns.alloc(4096)), n), None))
         it = iter(held)
         results.append(summarize("free 4KiB", 4096, measure(lambda: next(it).free(), n, warmup=0), None))
+        # Empty, a namespace gives its segments back after each free (so other namespaces may
+        # have them) and maps them again on the next alloc: measured apart from the steady state.
+        results.append(summarize("alloc+free 4KiB, namespace empty", 4096,
+                                 measure(lambda: ns.alloc(4096).free(), min(n, 200)), None))
+        bm = ns.alloc(1 << 20)       # a live object: the steady state of a cache
         results.append(summarize("alloc+free 4KiB", 4096, measure(lambda: ns.alloc(4096).free(), n), None))
-        bm = ns.alloc(1 << 20)
 
         def map_unmap() -> None:
             with bm.map():

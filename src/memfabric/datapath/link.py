@@ -70,7 +70,7 @@ class ServerLink:
         self._checked_at = 0.0
         self._closed = False
         self._channel = IpcChannel.connect(ipc_socket, timeout_s)
-        self._channel.sock.settimeout(timeout_s)
+        self._channel.set_deadline(timeout_s)
         hello = self.call("hello", role=role, pid=os.getpid())
         self.server_id: int = hello["server_id"]
         self.host: str = hello["host"]
