@@ -78,12 +78,12 @@ def bench_data_path(session: Session, sizes: list[int], repeat: int) -> list[Res
                                      base.median_us))
             assert np.array_equal(dst, src), "read back differs from what was written"
             with bm.map() as m:
-                view = np.frombuffer(m.view, dtype=np.uint8)
-                results.append(summarize("write (mapping)", size, measure(lambda: np.copyto(view, src), n),
-                                         base.median_us))
-                results.append(summarize("read (mapping)", size, measure(lambda: np.copyto(dst, view), n),
-                                         base.median_us))
-                del view
+                mapped = [np.frombuffer(m.view, dtype=np.uint8)]   # dropped before the unmap
+                results.append(summarize("write (mapping)", size,
+                                         measure(lambda: np.copyto(mapped[0], src), n), base.median_us))
+                results.append(summarize("read (mapping)", size,
+                                         measure(lambda: np.copyto(dst, mapped[0]), n), base.median_us))
+                mapped.clear()
             bm.free()
     finally:
         ns.destroy()

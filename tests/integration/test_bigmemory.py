@@ -15,6 +15,7 @@ import pytest
 import memfabric
 from memfabric import Affinity, OperatorCode
 from memfabric.errors import BmError, InvalidArgument, IOError_, NoSuchObject, OutOfMemory, OutOfRange
+from ..helpers import random_bytes
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -27,10 +28,6 @@ PLACEMENTS = ("local", "server", "spread")
 def ns_name(request: pytest.FixtureRequest) -> str:
     base = re.sub(r"[^A-Za-z0-9_.:-]", "_", request.node.name)[:40]
     return f"{base}-{uuid.uuid4().hex[:8]}"
-
-
-def random_bytes(n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
 
 
 def server_ids(s: memfabric.Session) -> tuple[int, int]:

@@ -36,13 +36,11 @@ from memfabric.compat import (
     QueryNsCache,
 )
 
+from ..helpers import random_bytes
+
 KiB = 1 << 10
 MiB = 1 << 20
 OK = 0
-
-
-def random_bytes(n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
 
 
 def read_all(info: BmInfo) -> bytes:

@@ -29,6 +29,7 @@ from memfabric.errors import (
     PermissionDenied,
 )
 from memfabric.limits import MAX_MESSAGE_BYTES, MAX_OBJECT_BYTES
+from ..helpers import alloc_when_possible, random_bytes, wait_until
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -43,33 +44,8 @@ def ns_name(request: pytest.FixtureRequest) -> str:
     return f"{base}-{uuid.uuid4().hex[:8]}"
 
 
-def random_bytes(n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
-
-
 def other_server(s: memfabric.Session) -> int:
     return next(x["server_id"] for x in s.servers() if x["alive"] and x["server_id"] != s.local.server_id)
-
-
-def wait_until(condition, what: str, timeout_s: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up after {timeout_s}s waiting for {what}")
-        time.sleep(0.05)
-
-
-def alloc_when_possible(ns: memfabric.Namespace, size: int, affinity: Affinity | None = None):
-    """Allocate, retrying OUT_OF_MEMORY for a bounded time: a closed session's segments and
-    resting memory come back asynchronously."""
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        try:
-            return ns.alloc(size, affinity)
-        except OutOfMemory:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 @pytest.fixture

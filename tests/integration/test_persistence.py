@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import memfabric
-from memfabric.launcher import write_token, wait_for_line
+from memfabric.launcher import wait_for_line
 
 from ..conftest import short_tmp_dir
 

@@ -20,20 +20,14 @@ from memfabric import Affinity
 from memfabric.errors import NoSuchObject, ServerUnavailable
 
 from ..conftest import run_client
+from ..helpers import wait_until as _wait_until
 
 MiB = 1 << 20
 WAIT_S = 15.0       # the bound on every wait for another process
 
 
 def wait_until(condition, what: str, timeout_s: float = WAIT_S):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up after {timeout_s}s waiting for {what}")
-        time.sleep(0.05)
+    return _wait_until(condition, what, timeout_s)
 
 
 class Child:

@@ -20,25 +20,24 @@ import numpy as np
 
 from ..cluster import ClusterService, ServerRecord, open_cluster
 from ..core import placement
-from ..core.allocator import Extent, round_up
+from ..core.allocator import Extent
 from ..core.namespaces import (check_attribute, check_name, check_sec_id, hash_sec_id,
                                sec_id_matches)
 from ..core.objects import ObjectRecord, Placement, parse_bm_id
 from ..datapath.layout import (Layout, RemoteSegment, always_live, build_layout, check_range, copy_between,
-                               read_into, write_at)
+                               write_at)
+from ..datapath import reduce
 from ..datapath.link import Creds, ServerLink
 from ..datapath.rpc_link import RpcLink
 from ..transport import rpc
 from ..errors import (InvalidArgument, MemfabricError, NoSuchNamespace, NoSuchObject, NoSuchPool, OutOfMemory,
                       OutOfRange, PermissionDenied, ServerUnavailable)
-from ..limits import (MAX_BATCH_IDS, MAX_EXTENTS_PER_OBJECT, MAX_FDS_PER_MESSAGE, MAX_GATHER_INPUTS,
-                      MAX_OBJECT_BYTES, PAGE_SIZE_BYTES, PEER_TIMEOUT_S, REUSE_GRACE_S)
+from ..limits import (MAX_BATCH_IDS, MAX_EXTENTS_PER_OBJECT, MAX_FDS_PER_MESSAGE, MAX_OBJECT_BYTES, PAGE_SIZE_BYTES, PEER_TIMEOUT_S, REUSE_GRACE_S)
 from .config import ServerConfig
 from .state import NamespaceState, PoolState
 
 log = logging.getLogger("memfabric.server")
 
-GATHER_OPS = {"concat": None, "sum": np.add, "min": np.minimum, "max": np.maximum, "prod": np.multiply}
 VIEW_TTL_S = 0.25
 
 
@@ -736,33 +735,9 @@ class Server:
         return {}
 
     def op_gather(self, conn: Connection, m: dict[str, Any]) -> Reply:
-        op = m.get("operator")
-        if op not in GATHER_OPS:
-            raise InvalidArgument(f"operator must be one of {', '.join(GATHER_OPS)}, got {op!r}")
-        inputs = m.get("inputs")
-        if not isinstance(inputs, list) or not 0 < len(inputs) <= MAX_GATHER_INPUTS:
-            raise InvalidArgument(f"gather takes 1-{MAX_GATHER_INPUTS} inputs")
-        try:
-            dtype = np.dtype(m.get("dtype", "uint8"))
-        except TypeError:
-            raise InvalidArgument(f"unknown dtype {m.get('dtype')!r}") from None
-        if dtype.kind not in "iuf":
-            raise InvalidArgument(f"dtype must be an integer or float type, got {dtype}")
-        resolved = []
-        for item in inputs:
-            if not isinstance(item, dict):
-                raise InvalidArgument("each gather input is {pool, ns, sec, bm_id, offset, length}")
-            layout = self._layout(self._creds(item), item.get("bm_id"), conn)
-            check_range(layout.bm_id, layout.size, item.get("offset"), item.get("length"))
-            resolved.append((layout, item["offset"], item["length"]))
-        lengths = {length for _, _, length in resolved}
-        if op == "concat":
-            total = sum(length for _, _, length in resolved)
-        else:
-            if len(lengths) != 1 or next(iter(lengths)) % dtype.itemsize:
-                raise InvalidArgument(f"a {op} needs inputs of one length, a multiple of {dtype.itemsize} "
-                                      f"({dtype}); got lengths {sorted(lengths)}")
-            total = next(iter(lengths))
+        op, dtype, inputs = reduce.check_request(m)
+        resolved = self._resolve_inputs(conn, inputs)
+        total = reduce.result_length(op, dtype, resolved)
         dst_m = _object_arg(m, "dst")
         if not dst_m.get("bm_id"):
             made = self.op_alloc(conn, {**dst_m, "size": max(total, 1), "policy": "local"})
@@ -784,8 +759,7 @@ class Server:
                 resolved: list[tuple[Layout, int, int]], length: int) -> np.ndarray:
         """Element-wise reduction near the data: inputs wholly on one other host are reduced
         there (one partial comes back per host); the rest are reduced here."""
-        reduce = GATHER_OPS[op]
-        here: list[tuple[Layout, int, int]] = []
+        here: list[reduce.Input] = []
         by_host: dict[int, list[dict[str, Any]]] = defaultdict(list)
         for item, (layout, offset, n) in zip(inputs, resolved, strict=True):
             holders = {None if type(t) is memoryview else t.link.server_id for t, _, _, _ in layout.spans(offset, n)}
@@ -803,41 +777,30 @@ class Server:
             pending.append((link, rid, p, partial))
         acc = None
         for item in here:
-            values = _array(item, dtype)
-            acc = values.copy() if acc is None else reduce(acc, values, out=acc)
+            acc = reduce.reduce_into(op, acc, reduce.values(item, dtype))
         for link, rid, p, partial in pending:
             link.wait(rid, p, "reduce_part")
-            acc = partial if acc is None else reduce(acc, partial, out=acc)
+            acc = reduce.reduce_into(op, acc, partial)
         assert acc is not None
         return acc
 
     def op_reduce_part(self, conn: Connection, m: dict[str, Any]) -> Reply:
         """A destination server asks us to reduce the inputs we hold; the partial is the payload."""
-        op = m.get("operator")
-        if op not in GATHER_OPS or op == "concat":
-            raise InvalidArgument(f"reduce_part takes a reduction operator, got {op!r}")
-        try:
-            dtype = np.dtype(m.get("dtype"))
-        except TypeError:
-            raise InvalidArgument(f"unknown dtype {m.get('dtype')!r}") from None
-        inputs = m.get("inputs")
-        if not isinstance(inputs, list) or not 0 < len(inputs) <= MAX_GATHER_INPUTS:
-            raise InvalidArgument(f"reduce_part takes 1-{MAX_GATHER_INPUTS} inputs")
+        op, dtype, inputs = reduce.check_request(m, reduction_only=True)
+        resolved = self._resolve_inputs(conn, inputs)
+        reduce.result_length(op, dtype, resolved)
+        acc = None
+        for item in resolved:
+            acc = reduce.reduce_into(op, acc, reduce.values(item, dtype))
+        return Payload({"length": acc.nbytes}, memoryview(acc).cast("B"))
+
+    def _resolve_inputs(self, conn: Connection, inputs: list[dict[str, Any]]) -> list[reduce.Input]:
         resolved = []
         for item in inputs:
-            if not isinstance(item, dict):
-                raise InvalidArgument("each input is {pool, ns, sec, bm_id, offset, length}")
             layout = self._layout(self._creds(item), item.get("bm_id"), conn)
             check_range(layout.bm_id, layout.size, item.get("offset"), item.get("length"))
             resolved.append((layout, item["offset"], item["length"]))
-        lengths = {n for _, _, n in resolved}
-        if len(lengths) != 1 or next(iter(lengths)) % dtype.itemsize:
-            raise InvalidArgument("reduce_part inputs must share one length, a multiple of the dtype's size")
-        reduce = GATHER_OPS[op]
-        acc = _array(resolved[0], dtype).copy()
-        for item in resolved[1:]:
-            reduce(acc, _array(item, dtype), out=acc)
-        return Payload({"length": acc.nbytes}, memoryview(acc).cast("B"))
+        return resolved
 
     # ---- peers ----------------------------------------------------------------------------
 
@@ -874,18 +837,6 @@ class Payload:
 
     def __init__(self, reply: dict[str, Any], data: memoryview) -> None:
         self.reply, self.data = reply, data
-
-
-def _array(item: tuple[Layout, int, int], dtype: np.dtype) -> np.ndarray:
-    """An input's bytes as an array: in place when one local piece holds them, else gathered."""
-    layout, offset, length = item
-    spans = list(layout.spans(offset, length))
-    if len(spans) == 1 and type(spans[0][0]) is memoryview:
-        view, a, b, _ = spans[0]
-        return np.frombuffer(view[a:b], dtype=dtype)
-    buf = np.empty(length, dtype=np.uint8)
-    read_into(layout, offset, memoryview(buf))
-    return buf.view(dtype)
 
 
 def _describe(record: ObjectRecord, state: NamespaceState) -> dict[str, Any]:
