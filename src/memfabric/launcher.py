@@ -18,7 +18,7 @@ from typing import Callable
 
 import tomli_w
 
-from .server.config import FABRIC_FILE
+from .config import FABRIC_FILE
 from .units import format_size
 
 READY_TIMEOUT_S = 60.0

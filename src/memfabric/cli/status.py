@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ..cluster import open_cluster
 from ..errors import MemfabricError
-from ..server.config import ConfigError, load_fabric_config
+from ..config import ConfigError, load_fabric_config
 from ..units import format_size
 
 

@@ -8,7 +8,6 @@ objects are BigMemory handles.
 from __future__ import annotations
 
 import hmac
-import os
 import resource
 import threading
 import weakref
@@ -16,12 +15,13 @@ from typing import Any, Iterable
 
 from ..core.namespaces import check_attribute, check_name, check_sec_id
 from ..core.objects import parse_bm_id
+from ..datapath.connect import connect_to
 from ..datapath.link import Creds, ServerLink
 from ..datapath.rpc_link import RpcLink
 from ..transport import rpc
 from ..errors import InvalidArgument, MemfabricError, ServerUnavailable
 from ..limits import DEFAULT_REQUEST_TIMEOUT_S
-from ..server.config import ConfigError, load_fabric_config
+from ..config import ConfigError, load_fabric_config
 from .bigmemory import BigMemory
 from .types import Affinity, NamespaceInfo, OperatorCode
 
@@ -109,24 +109,12 @@ class Session:
                 if record["server_id"] == server_id:
                     if not record["alive"]:
                         raise ServerUnavailable(f"server {server_id} is not alive")
-                    link = self._connect(record)
-                    if link.server_id != server_id:
-                        link.close()
-                        raise ServerUnavailable(f"server {server_id}'s address answers as server "
-                                                f"{link.server_id}")
+                    link = connect_to(server_id, record["host"], record["ipc_socket"], record["rpc_address"],
+                                      local_host=self.local.host if self.local.is_local else None,
+                                      token=self._token, tls=self._tls, timeout_s=self.timeout_s)
                     self._links[server_id] = link
                     return link
         raise ServerUnavailable(f"the cluster knows no server {server_id}")
-
-    def _connect(self, record: dict[str, Any]) -> ServerLink | RpcLink:
-        """IPC to a server on this host (same host label, socket present), RPC otherwise."""
-        if self.local.is_local and record["host"] == self.local.host and record["ipc_socket"] \
-                and os.path.exists(record["ipc_socket"]):
-            return ServerLink(record["ipc_socket"], self.timeout_s)
-        if not record["rpc_address"] or self._token is None:
-            raise ServerUnavailable(f"server {record['server_id']} is on host {record['host']!r} and this "
-                                    "client has no RPC (cluster.token_file) configured to reach it")
-        return RpcLink(record["rpc_address"], self._token, self._tls, self.timeout_s)
 
     def _reconnect(self, link: ServerLink | RpcLink) -> ServerLink | RpcLink:
         if link.is_local:

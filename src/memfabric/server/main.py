@@ -9,7 +9,7 @@ import sys
 import threading
 
 from ..errors import MemfabricError
-from .config import ConfigError, load_server_config
+from ..config import ConfigError, load_server_config
 from ..transport import rpc
 from .ipc_front import IpcFront
 from .rpc_front import RpcFront

@@ -27,13 +27,13 @@ from ..core.objects import ObjectRecord, Placement, parse_bm_id
 from ..datapath.layout import (Layout, RemoteSegment, always_live, build_layout, check_range, copy_between,
                                write_at)
 from ..datapath import reduce
+from ..datapath.connect import connect_to
 from ..datapath.link import Creds, ServerLink
-from ..datapath.rpc_link import RpcLink
 from ..transport import rpc
 from ..errors import (InvalidArgument, MemfabricError, NoSuchNamespace, NoSuchObject, NoSuchPool, OutOfMemory,
                       OutOfRange, PermissionDenied, ServerUnavailable)
 from ..limits import (MAX_BATCH_IDS, MAX_EXTENTS_PER_OBJECT, MAX_FDS_PER_MESSAGE, MAX_OBJECT_BYTES, PAGE_SIZE_BYTES, PEER_TIMEOUT_S, REUSE_GRACE_S)
-from .config import ServerConfig
+from ..config import ServerConfig
 from .state import NamespaceState, PoolState
 
 log = logging.getLogger("memfabric.server")
@@ -812,17 +812,8 @@ class Server:
         record = next((s for s in self.view(fresh=True) if s.server_id == server_id), None)
         if record is None or not record.alive:
             raise ServerUnavailable(f"server {server_id} is not alive")
-        if record.host == self.cfg.host and record.ipc_socket and os.path.exists(record.ipc_socket):
-            link = ServerLink(record.ipc_socket, timeout_s=PEER_TIMEOUT_S, role="peer")
-        elif record.rpc_address and self.token is not None:
-            link = RpcLink(record.rpc_address, self.token, self.peer_tls, PEER_TIMEOUT_S, role="peer")
-        else:
-            raise ServerUnavailable(f"server {server_id} is on host {record.host!r}, and this server "
-                                    "has no RPC configured to reach it")
-        if link.server_id != server_id:
-            link.close()
-            raise ServerUnavailable(f"the server at {record.ipc_socket or record.rpc_address} is "
-                                    f"server {link.server_id}, not {server_id}")
+        link = connect_to(server_id, record.host, record.ipc_socket, record.rpc_address, local_host=self.cfg.host,
+                          token=self.token, tls=self.peer_tls, timeout_s=PEER_TIMEOUT_S, role="peer")
         with self._peers_lock:
             old = self._peers.get(server_id)
             if old is not None and not old.closed:

@@ -19,7 +19,7 @@ from ..limits import MAX_OBJECTS_PER_NAMESPACE
 from ..media.base import Medium, SegmentMemory
 from ..media.dram import DramMedium
 from ..media.files import FileMedium
-from .config import PoolConfig
+from ..config import PoolConfig
 from .journal import Journal
 
 F_SEAL_FUTURE_WRITE = 0x0010   # Linux >= 5.1: no new writable mappings, ours stays writable

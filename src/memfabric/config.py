@@ -1,4 +1,4 @@
-"""Server and fabric configuration files (TOML), validated into plain dataclasses.
+"""Configuration files (TOML) of servers and clients, validated into plain dataclasses.
 
 Every problem is one ConfigError naming the key and what is wrong with it; the CLI
 prints it and exits with status 2.
@@ -12,12 +12,12 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..cluster import BACKENDS
-from ..core.namespaces import check_name
-from ..errors import InvalidArgument
-from ..limits import HEARTBEAT_INTERVAL_S, LIVENESS_TIMEOUT_S, MAX_CLIENTS_PER_SERVER, PAGE_SIZE_BYTES
-from ..media.base import MEDIA
-from ..units import parse_size
+from .cluster import BACKENDS
+from .core.namespaces import check_name
+from .errors import InvalidArgument
+from .limits import HEARTBEAT_INTERVAL_S, LIVENESS_TIMEOUT_S, MAX_CLIENTS_PER_SERVER, PAGE_SIZE_BYTES
+from .media.base import MEDIA
+from .units import parse_size
 
 FABRIC_FILE = "fabric.toml"
 DEFAULT_SEGMENT_BYTES = 4 << 20
