@@ -32,7 +32,8 @@ from ..datapath.link import Creds, ServerLink
 from ..transport import rpc
 from ..errors import (InvalidArgument, MemfabricError, NoSuchNamespace, NoSuchObject, NoSuchPool, OutOfMemory,
                       OutOfRange, PermissionDenied, ServerUnavailable)
-from ..limits import (MAX_BATCH_IDS, MAX_EXTENTS_PER_OBJECT, MAX_FDS_PER_MESSAGE, MAX_OBJECT_BYTES, PAGE_SIZE_BYTES, PEER_TIMEOUT_S, REUSE_GRACE_S)
+from ..limits import (MAX_BATCH_IDS, MAX_EXTENTS_PER_OBJECT, MAX_FDS_PER_MESSAGE, MAX_OBJECT_BYTES,
+                      MAX_OBJECTS_PER_NAMESPACE, PAGE_SIZE_BYTES, PEER_TIMEOUT_S, REUSE_GRACE_S)
 from ..config import ServerConfig
 from .state import NamespaceState, PoolState
 
@@ -118,6 +119,37 @@ class Server:
             if pool.journal is not None:
                 self._restore(pool)
         self._publish()
+        self._tell_peers_what_lives()
+
+    def _tell_peers_what_lives(self) -> None:
+        """After a restart, peers may hold extents for objects of ours that did not survive
+        (always, for DRAM): tell them which do, so they give back the rest."""
+        with self.lock:
+            live = sorted(r.bm_id for st in self.namespaces.values() for r in st.table.records())
+        for server in self.view(fresh=True):
+            if server.alive and server.server_id != self.server_id:
+                try:
+                    self._peer(server.server_id).call("home_restarted", home=self.server_id, live=live)
+                except MemfabricError as exc:
+                    log.warning("could not tell server %d what lives here: %s", server.server_id, exc)
+
+    def op_home_restarted(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        """A home server came back: free what we hold for its objects that did not."""
+        home, live = m.get("home"), m.get("live")
+        if type(home) is not int or not isinstance(live, list) or len(live) > MAX_OBJECTS_PER_NAMESPACE * 64:
+            raise InvalidArgument("home_restarted takes a server id and the ids of its live objects")
+        live_ids = set(live)
+        released = 0
+        with self.lock:
+            for state in list(self.namespaces.values()):
+                for bm_id in [b for b in state.lent_by_object if parse_bm_id(b)[0] == home and b not in live_ids]:
+                    extents = state.lent_by_object.pop(bm_id)
+                    self.pools[state.record.pool].allocator.release(state.key, extents, time.monotonic())
+                    self._log(state, "held", bm_id, [])
+                    released += len(extents)
+        if released:
+            log.info("gave back %d extents held for objects server %d lost", released, home)
+        return {"released_extents": released}
 
     def _lock_data_dir(self) -> None:
         """One server per data directory: an exclusive lock the kernel drops when we die."""
@@ -233,7 +265,7 @@ class Server:
 
     # ---- connections ----------------------------------------------------------------------
 
-    PEER_OPS = frozenset({"extent_alloc", "extent_free", "ns_drop", "ns_usage"})
+    PEER_OPS = frozenset({"extent_alloc", "extent_free", "ns_drop", "ns_usage", "home_restarted"})
 
     def dispatch(self, conn: Connection, message: dict[str, Any]) -> Reply:
         op = message.get("op")
@@ -455,8 +487,14 @@ class Server:
                 except OutOfMemory:
                     pass
             if extents is None:
-                shares = placement.plan(policy, size, self._free_by_server(creds[0]), self.server_id, target)
-                extents = self._reserve(state, creds, shares, bm_id)
+                try:
+                    shares = placement.plan(policy, size, self._free_by_server(creds[0]), self.server_id, target)
+                    extents = self._reserve(state, creds, shares, bm_id)
+                except (OutOfMemory, ServerUnavailable):
+                    # The view may be a moment old (a server just started, or just filled up).
+                    shares = placement.plan(policy, size, self._free_by_server(creds[0], fresh=True),
+                                            self.server_id, target)
+                    extents = self._reserve(state, creds, shares, bm_id)
         except BaseException:
             with self.lock:
                 state.table.unclaim(bm_id)
@@ -617,8 +655,8 @@ class Server:
                                  f"{bm_id}'s on server {self.server_id}")
             return self.pools[pool].segments[segment].view[offset:offset + length]
 
-    def _free_by_server(self, pool: str) -> dict[int, int]:
-        free = {s.server_id: s.pools[pool]["free_bytes"] for s in self.view()
+    def _free_by_server(self, pool: str, fresh: bool = False) -> dict[int, int]:
+        free = {s.server_id: s.pools[pool]["free_bytes"] for s in self.view(fresh)
                 if s.alive and pool in s.pools}
         if pool in self.pools:
             with self.lock:
