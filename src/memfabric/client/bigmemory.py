@@ -80,8 +80,15 @@ class BigMemory:
         self._layout, self._links = layout, links
         self._extents = [(e[0], e[3]) for e in d["extents"]]
 
+    def home_link(self) -> Any:
+        """The home server's link, rebound through the session if it broke (a timeout closes
+        a link for good; the session reconnects, or reports the server unavailable)."""
+        if self._home.closed:
+            self._home = self.namespace.session.link_for_object(self.bm_id)
+        return self._home
+
     def _call(self, op: str, **args: Any) -> dict[str, Any]:
-        return self._home.call(op, **self.namespace.wire_creds, bm_id=self.bm_id, **args)
+        return self.home_link().call(op, **self.namespace.wire_creds, bm_id=self.bm_id, **args)
 
     def refresh(self) -> None:
         self._adopt(self._call("describe"))
@@ -232,7 +239,7 @@ class BigMemory:
         """Copy between objects on the servers; no byte passes through this process."""
         if length is None:
             length = self.size - src_offset
-        dst._home.call("copy", src={**self.namespace.wire_creds, "bm_id": self.bm_id},
+        dst.home_link().call("copy", src={**self.namespace.wire_creds, "bm_id": self.bm_id},
                        dst={**dst.namespace.wire_creds, "bm_id": dst.bm_id},
                        src_offset=src_offset, dst_offset=dst_offset, length=length)
 

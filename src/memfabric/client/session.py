@@ -235,7 +235,7 @@ class Namespace:
         """
         wire_inputs = [{**bm.namespace.wire_creds, "bm_id": bm.bm_id, "offset": offset, "length": length}
                        for bm, offset, length in inputs]
-        link = dst._home if dst is not None else self.session.home()
+        link = dst.home_link() if dst is not None else self.session.home()
         target = {**(dst.namespace.wire_creds if dst else self.wire_creds), "bm_id": dst.bm_id if dst else ""}
         reply = link.call("gather", inputs=wire_inputs, operator=OperatorCode(op).name.lower(),
                           dtype=dtype, dst=target)

@@ -22,6 +22,7 @@ import threading
 import time
 from typing import Any
 
+import grpc
 import pyetcd
 import pyetcd.exceptions
 
@@ -32,17 +33,27 @@ from .base import ServerRecord
 
 log = logging.getLogger("memfabric.cluster")
 ETCD_TIMEOUT_S = 3.0
+RECONNECT_EVERY_S = 0.2
+RETIRE_AFTER_S = 2 * ETCD_TIMEOUT_S     # longer than any call on a replaced client can last
 MAX_SERVER_IDS = 4096
+
+
+_ETCD_ERRORS = (pyetcd.exceptions.Etcd3Exception, grpc.RpcError, ValueError)
 
 
 def _guard(fn):
     def wrapper(self, *args, **kwargs):
+        client = self._client
         try:
             return fn(self, *args, **kwargs)
-        except (pyetcd.exceptions.Etcd3Exception, ValueError) as exc:
-            # pyetcd shuns an endpoint for minutes after one failure ("a failed node"): start
-            # a fresh client so that etcd is used again as soon as it answers.
-            self._reconnect()
+        except _ETCD_ERRORS:
+            # A fresh client (channel) is used again as soon as etcd answers: try once more on it.
+            self._reconnect(client)
+            if self._client is not client:
+                try:
+                    return fn(self, *args, **kwargs)
+                except _ETCD_ERRORS as again:
+                    exc = again
             raise ServerUnavailable(f"the cluster service (etcd at {self.endpoint}) did not answer: "
                                     f"{exc.__class__.__name__}") from None
     wrapper.__name__ = fn.__name__
@@ -60,21 +71,34 @@ class EtcdCluster:
         self.prefix = prefix.rstrip("/")
         self.ttl_s = max(2, math.ceil(liveness_timeout_s))
         self._host, self._port = host, int(port)
-        self._client = pyetcd.client(host, int(port), timeout=ETCD_TIMEOUT_S)
+        self._client = _new_client(host, int(port))
         self._lock = threading.Lock()
         self._leases: dict[int, int] = {}                  # server id -> lease id
         self._records: dict[int, dict[str, Any]] = {}     # what each of our servers registered
         self._live: dict[int, dict[str, Any]] | None = None
         self._watch_id = None
+        self._retired: list[tuple[float, Any]] = []
+        self._reconnected_at = 0.0
 
-    def _reconnect(self) -> None:
+    def _reconnect(self, failed: Any) -> None:
+        """Replace the client that failed (once: threads that failed on it together share one
+        replacement, at most every RECONNECT_EVERY_S). Old clients are closed only after a
+        while, since other threads may still be in a call on them."""
+        now = time.monotonic()
         with self._lock:
-            old, self._client = self._client, pyetcd.client(self._host, self._port, timeout=ETCD_TIMEOUT_S)
+            if failed is not self._client or now - self._reconnected_at < RECONNECT_EVERY_S:
+                return
+            self._reconnected_at = now
+            self._retired.append((now, self._client))
+            self._client = _new_client(self._host, self._port)
             self._live, self._watch_id = None, None
-        try:
-            old.close()
-        except Exception:
-            pass
+            expired = [c for t, c in self._retired if now - t > RETIRE_AFTER_S]
+            self._retired = [(t, c) for t, c in self._retired if now - t <= RETIRE_AFTER_S]
+        for old in expired:
+            try:
+                old.close()
+            except Exception:
+                pass
 
     def _key(self, *parts: object) -> str:
         return "/".join([self.prefix, *map(str, parts)])
@@ -235,12 +259,30 @@ class EtcdCluster:
         return sorted(out, key=lambda r: (r.pool, r.ns))
 
     def close(self) -> None:
+        for _, old in self._retired:
+            try:
+                old.close()
+            except Exception:
+                pass
         if self._watch_id is not None:
             try:
                 self._client.cancel_watch(self._watch_id)
             except Exception:
                 pass
         self._client.close()
+
+
+def _new_client(host: str, port: int) -> Any:
+    # gRPC backs off reconnecting for up to minutes by default: cap it, so that a returning
+    # etcd is found within a second.
+    options = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+               ("grpc.max_reconnect_backoff_ms", 1000)]
+    client = pyetcd.client(host, port, timeout=ETCD_TIMEOUT_S, grpc_options=options)
+    # pyetcd marks an endpoint "failed" for 300 s after one error and refuses to use it
+    # meanwhile; gRPC reconnects by itself when etcd returns, so never shun it.
+    for endpoint in client.endpoints.values():
+        endpoint.time_retry = 0
+    return client
 
 
 def _ns_record(pool: str, ns: str, value: bytes, md: Any) -> NamespaceRecord:

@@ -199,6 +199,9 @@ class SegmentAllocator:
     def restore(self, owner: Hashable, extents: list[Extent]) -> None:
         """Take back extents that were live before a restart (from the server's journal)."""
         for e in extents:
+            if not 0 <= e.segment < len(self._segments) or e.offset < 0 or e.end > self.segment_size_bytes:
+                raise InvalidArgument(f"extent {e} lies outside this pool (was its capacity or segment "
+                                      "size changed?)")
             seg = self._segments[e.segment]
             if seg.owner not in (None, owner):
                 raise InvalidArgument(f"extent {e} of {owner!r} lies in a segment of {seg.owner!r}")

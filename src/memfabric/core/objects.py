@@ -133,6 +133,13 @@ class ObjectTable:
         self._live[slot] = record
         return record
 
+    def is_live(self, bm_id: str) -> bool:
+        try:
+            self.lookup(bm_id)
+            return True
+        except (NoSuchObject, InvalidArgument):
+            return False
+
     def lookup(self, bm_id: str) -> ObjectRecord:
         server_id, slot, generation = parse_bm_id(bm_id)
         record = self._live.get(slot)

@@ -47,7 +47,7 @@ class RpcLink:
         except BaseException:
             self._frames.close()
             raise
-        self._frames.set_deadline(timeout_s)
+        self._frames.send_timeout_s = timeout_s
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
         self._lock = threading.Lock()
@@ -90,7 +90,7 @@ class RpcLink:
             if self._recv_lock.acquire(blocking=False):
                 try:
                     while not pending.event.is_set():
-                        self._read_one(max(deadline - time.monotonic(), 0.001))
+                        self._read_one(deadline)   # every receive checks the deadline
                 except socket.timeout:
                     failure: MemfabricError = Timeout(f"server at {self.address} did not answer {op!r} "
                                                       f"within {self.timeout_s}s")
@@ -132,19 +132,24 @@ class RpcLink:
 
     # ---- reading (done by whichever caller holds the receive lock) -------------------------------
 
-    def _read_one(self, timeout_s: float) -> None:
-        frames = self._frames      # each receive is bounded by the socket's deadline (set_deadline)
-        header, payload_len = frames.recv_header()
+    def _read_one(self, deadline: float) -> None:
+        frames = self._frames
+        header, payload_len = frames.recv_header(deadline)
         with self._lock:
             pending = self._pending.pop(header.get("id"), None)
         if pending is None:
-            frames.discard(payload_len)     # a reply nobody waits for any more
+            frames.discard(payload_len, deadline)     # a reply nobody waits for any more
             return
         if payload_len:
             if pending.into is not None and payload_len == len(pending.into) and "error" not in header:
-                frames.recv_into_exact(pending.into)
+                frames.recv_into_exact(pending.into, deadline)
             else:
-                pending.payload = frames.recv_exact(payload_len)
+                frames.discard(payload_len, deadline)
+                if "error" not in header:
+                    pending.error = ProtocolError(f"a reply of {payload_len} bytes for a buffer of "
+                                                  f"{0 if pending.into is None else len(pending.into)}")
+        elif pending.into is not None and len(pending.into) and "error" not in header:
+            pending.error = ProtocolError("a reply without the bytes it should carry")
         pending.reply = header
         pending.event.set()
 

@@ -43,6 +43,7 @@ def run_server(config_path: str) -> int:
         server.stop()
         return 2 if isinstance(exc, ConfigError) else 1
     pools = ", ".join(f"{p.name}={p.capacity_bytes}B {p.medium}" for p in cfg.pools)
+    server.announce()
     rpc_address = next((s.rpc_address for s in server.view(fresh=True) if s.server_id == server.server_id), "")
     print(f"memfabric server {server.server_id} ready pid={os.getpid()} ipc={cfg.ipc_socket} "
           f"rpc={rpc_address or '-'} pools: {pools}", flush=True)

@@ -12,12 +12,15 @@ import logging
 import socket
 import ssl
 import threading
+import time
 
 from ..errors import InternalError, LimitExceeded, MemfabricError, ProtocolError
+from ..limits import DEFAULT_REQUEST_TIMEOUT_S as REQUEST_TIMEOUT_S
 from ..transport import rpc, wire
 from .server import Connection, Payload, Server
 
 log = logging.getLogger("memfabric.server")
+MAX_HANDSHAKING = 64       # connections still proving the token, at once
 
 
 class RpcFront:
@@ -29,6 +32,7 @@ class RpcFront:
         self._tls = tls
         self.max_clients = max_clients
         self._connections: dict[int, rpc.FrameSocket] = {}
+        self._handshaking = 0
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._accept_loop, name="rpc-accept", daemon=True)
 
@@ -46,22 +50,30 @@ class RpcFront:
     def _serve(self, sock: socket.socket) -> None:
         conn = Connection()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Strangers cost a bounded number of handshake slots, never a client's slot.
+        with self._lock:
+            if self._handshaking >= MAX_HANDSHAKING:
+                sock.close()
+                return
+            self._handshaking += 1
         try:
             if self._tls is not None:
                 sock.settimeout(rpc.HANDSHAKE_TIMEOUT_S)
                 sock = self._tls.wrap_socket(sock, server_side=True)
             frames = rpc.FrameSocket(sock)
+            frames.send_timeout_s = REQUEST_TIMEOUT_S
+            rpc.server_handshake(frames, self._token, self.server.server_id)
             with self._lock:
                 if len(self._connections) >= self.max_clients:
-                    raise LimitExceeded("too many connections")
+                    raise LimitExceeded(f"the server has {self.max_clients} RPC connections, the most it takes")
                 self._connections[conn.id] = frames
-            rpc.server_handshake(frames, self._token, self.server.server_id)
         except (OSError, ssl.SSLError, MemfabricError) as exc:
             log.info("RPC connection refused: %s", exc)
             sock.close()
-            with self._lock:
-                self._connections.pop(conn.id, None)
             return
+        finally:
+            with self._lock:
+                self._handshaking -= 1
         # The token makes a peer a member of the cluster: it may use the peer operations.
         conn.rpc_member = True
         try:
@@ -75,26 +87,34 @@ class RpcFront:
     def _loop(self, conn: Connection, frames: rpc.FrameSocket) -> None:
         while True:
             try:
-                request, payload_len = frames.recv_header()
+                # An idle connection may wait for its next request; a begun frame must finish.
+                request, payload_len = frames.recv_header(frame_timeout_s=REQUEST_TIMEOUT_S)
             except (OSError, ConnectionError, ValueError):
                 return
             except ProtocolError as exc:
                 log.warning("RPC connection %d closed: %s", conn.id, exc)
                 return
             op = request.get("op")
+            deadline = time.monotonic() + REQUEST_TIMEOUT_S
             payload = None
             try:
-                if op == "seg_write":
-                    target = self.server.span_view(conn, request)
-                    if payload_len != len(target):
-                        raise ProtocolError(f"seg_write of {len(target)} bytes carried {payload_len}")
-                    frames.recv_into_exact(target)
-                    payload_len = 0
-                    reply = {}
-                elif op == "seg_read":
-                    if payload_len:
-                        raise ProtocolError("seg_read carries no payload")
-                    payload = self.server.span_view(conn, request)
+                if op in ("seg_write", "seg_read"):
+                    # The span is held for the transfer: a concurrent free or destroy cannot
+                    # hand these bytes to anyone else until it is done.
+                    with self.server.span(conn, request) as target:
+                        if op == "seg_write":
+                            if payload_len != len(target):
+                                raise ProtocolError(f"seg_write of {len(target)} bytes carried {payload_len}")
+                            frames.recv_into_exact(target, deadline)
+                            payload_len = 0
+                        elif payload_len:
+                            raise ProtocolError("seg_read carries no payload")
+                        else:
+                            try:      # sent from the held bytes, before they are let go
+                                frames.send({"id": request["id"]}, target)
+                            except (OSError, ConnectionError, MemfabricError):
+                                return
+                            continue
                     reply = {}
                 else:
                     if payload_len:
@@ -113,7 +133,7 @@ class RpcFront:
                 reply, payload = wire.error_reply(request["id"], InternalError(f"internal error in {op!r}: {exc!r}")), None
             try:
                 if payload_len:
-                    frames.discard(payload_len)   # refused before its payload was read
+                    frames.discard(payload_len, deadline)   # refused before its payload was read
                 reply["id"] = request["id"]
                 frames.send(reply, payload)
             except (OSError, ConnectionError, MemfabricError):

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import fcntl
 import hmac
+from contextlib import contextmanager
 import logging
 import os
 import threading
 import time
 from collections import defaultdict
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -33,13 +34,14 @@ from ..transport import rpc
 from ..errors import (InvalidArgument, MemfabricError, NoSuchNamespace, NoSuchObject, NoSuchPool, OutOfMemory,
                       OutOfRange, PermissionDenied, ServerUnavailable)
 from ..limits import (MAX_BATCH_IDS, MAX_EXTENTS_PER_OBJECT, MAX_FDS_PER_MESSAGE, MAX_OBJECT_BYTES,
-                      MAX_OBJECTS_PER_NAMESPACE, PAGE_SIZE_BYTES, PEER_TIMEOUT_S, REUSE_GRACE_S)
+                      PAGE_SIZE_BYTES, PEER_TIMEOUT_S, REUSE_GRACE_S)
 from ..config import ServerConfig
 from .state import NamespaceState, PoolState
 
 log = logging.getLogger("memfabric.server")
 
 VIEW_TTL_S = 0.25
+OBJECTS_PER_QUERY = 2000     # ids per objects_alive request: keeps it inside one message
 
 
 class Connection:
@@ -119,37 +121,55 @@ class Server:
             if pool.journal is not None:
                 self._restore(pool)
         self._publish()
-        self._tell_peers_what_lives()
 
-    def _tell_peers_what_lives(self) -> None:
-        """After a restart, peers may hold extents for objects of ours that did not survive
-        (always, for DRAM): tell them which do, so they give back the rest."""
-        with self.lock:
-            live = sorted(r.bm_id for st in self.namespaces.values() for r in st.table.records())
+    def announce(self) -> None:
+        """Once this server answers requests: peers may hold extents for objects of ours that
+        did not survive a restart (always, for DRAM); ask them to check with us."""
         for server in self.view(fresh=True):
             if server.alive and server.server_id != self.server_id:
                 try:
-                    self._peer(server.server_id).call("home_restarted", home=self.server_id, live=live)
+                    self._peer(server.server_id).call("home_restarted", home=self.server_id)
                 except MemfabricError as exc:
-                    log.warning("could not tell server %d what lives here: %s", server.server_id, exc)
+                    log.warning("could not ask server %d to check what it holds for us: %s",
+                                server.server_id, exc)
 
     def op_home_restarted(self, conn: Connection, m: dict[str, Any]) -> Reply:
-        """A home server came back: free what we hold for its objects that did not."""
-        home, live = m.get("home"), m.get("live")
-        if type(home) is not int or not isinstance(live, list) or len(live) > MAX_OBJECTS_PER_NAMESPACE * 64:
-            raise InvalidArgument("home_restarted takes a server id and the ids of its live objects")
-        live_ids = set(live)
+        """A home server came back: free what we hold for its objects that did not. The caller
+        only names the home; which objects live, we ask the home itself."""
+        home = m.get("home")
+        if type(home) is not int or home == self.server_id:
+            raise InvalidArgument("home_restarted names another server's id")
+        with self.lock:
+            held = sorted({b for st in self.namespaces.values() for b in st.lent_by_object
+                           if parse_bm_id(b)[0] == home})
+        alive: set[str] = set()
+        for i in range(0, len(held), OBJECTS_PER_QUERY):
+            try:
+                reply = self._peer(home).call("objects_alive", ids=held[i:i + OBJECTS_PER_QUERY])
+            except ServerUnavailable:    # a link to the home's previous process: once more, afresh
+                reply = self._peer(home).call("objects_alive", ids=held[i:i + OBJECTS_PER_QUERY])
+            alive.update(reply["alive"])
+        gone = set(held) - alive
         released = 0
         with self.lock:
             for state in list(self.namespaces.values()):
-                for bm_id in [b for b in state.lent_by_object if parse_bm_id(b)[0] == home and b not in live_ids]:
+                for bm_id in [b for b in state.lent_by_object if b in gone]:
                     extents = state.lent_by_object.pop(bm_id)
-                    self.pools[state.record.pool].allocator.release(state.key, extents, time.monotonic())
+                    self._give_back_locked(state, bm_id, extents)
                     self._log(state, "held", bm_id, [])
                     released += len(extents)
         if released:
             log.info("gave back %d extents held for objects server %d lost", released, home)
         return {"released_extents": released}
+
+    def op_objects_alive(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        """Which of these ids name live objects here (a peer asks after our restart)."""
+        ids = m.get("ids")
+        if not isinstance(ids, list) or len(ids) > OBJECTS_PER_QUERY:
+            raise InvalidArgument(f"objects_alive takes at most {OBJECTS_PER_QUERY} ids")
+        with self.lock:
+            tables = [st.table for st in self.namespaces.values()]
+            return {"alive": [b for b in ids if isinstance(b, str) and any(t.is_live(b) for t in tables)]}
 
     def _lock_data_dir(self) -> None:
         """One server per data directory: an exclusive lock the kernel drops when we die."""
@@ -259,13 +279,19 @@ class Server:
     def view(self, fresh: bool = False) -> list[ServerRecord]:
         now = time.monotonic()
         if fresh or now - self._view_at > VIEW_TTL_S:
-            self._view = self.cluster.servers()
-            self._view_at = now
+            try:
+                self._view = self.cluster.servers()
+                self._view_at = now
+            except ServerUnavailable:
+                if not self._view:
+                    raise
+                # The cluster service is away for a moment: the last view is the best there is.
+                log.warning("cluster service unavailable; using the view from %.1f s ago", now - self._view_at)
         return self._view
 
     # ---- connections ----------------------------------------------------------------------
 
-    PEER_OPS = frozenset({"extent_alloc", "extent_free", "ns_drop", "ns_usage", "home_restarted"})
+    PEER_OPS = frozenset({"extent_alloc", "extent_free", "ns_drop", "ns_usage", "home_restarted", "objects_alive"})
 
     def dispatch(self, conn: Connection, message: dict[str, Any]) -> Reply:
         op = message.get("op")
@@ -542,6 +568,26 @@ class Server:
         with state.expand_lock:
             return self._expand(state, creds, m.get("bm_id"), new_size)
 
+    def _zero_slack(self, state: NamespaceState, creds: Creds, record: ObjectRecord, new_size: int) -> None:
+        """Bytes past an object's size but inside its last extent were never its own: a remote
+        span request may have written there. Growing over them, zero them first."""
+        start, end = record.size_bytes, min(new_size, record.reserved_bytes)
+        position = 0
+        for e in record.extents:
+            lo, hi = max(start, position), min(end, position + e.length)
+            if lo < hi:
+                offset = e.offset + lo - position
+                if e.server_id == self.server_id:
+                    self.pools[creds[0]].segments[e.segment].zero(offset, hi - lo)
+                else:
+                    link = self._peer(e.server_id)
+                    if link.is_local:
+                        link.segment_view(creds, e.segment)[offset:offset + hi - lo] = bytes(hi - lo)
+                    else:
+                        link.wait(*link.submit_write(creds, record.bm_id, e.segment, offset,
+                                                     memoryview(bytes(hi - lo))), "seg_write")
+            position += e.length
+
     def _expand(self, state: NamespaceState, creds: Creds, bm_id: Any, new_size: int) -> dict[str, Any]:
         with self.lock:
             record = self._lookup(state, bm_id)
@@ -549,6 +595,7 @@ class Server:
                 raise InvalidArgument(f"expand cannot shrink object {record.bm_id}: "
                                       f"{record.size_bytes} -> {new_size} bytes")
             extra = new_size - record.reserved_bytes
+        self._zero_slack(state, creds, record, new_size)
         extents: list[Placement] = []
         if extra > 0:
             free = self._free_by_server(creds[0])
@@ -625,14 +672,42 @@ class Server:
             else:
                 state.lent_by_object.pop(bm_id, None)
             self._log(state, "held", bm_id, [[e.segment, e.offset, e.length] for e in remaining])
-            allocator = self.pools[pool].allocator
-            allocator.release(state.key, extents, time.monotonic())
-            return {"idle_segments": allocator.segments_to_give_back(state.key)}
+            self._give_back_locked(state, bm_id, extents)
+            return {"idle_segments": self.pools[pool].allocator.segments_to_give_back(state.key)}
 
     # ---- data from other hosts: one span of one extent per request -----------------------------
 
-    def span_view(self, conn: Connection, m: dict[str, Any]) -> memoryview:
-        """The segment bytes a remote read or write may touch, after every check."""
+    @contextmanager
+    def span(self, conn: Connection, m: dict[str, Any]) -> Iterator[memoryview]:
+        """The segment bytes a remote read or write may touch, held for the transfer: the
+        segment cannot change namespace, and a free of the object defers giving its extents
+        back, until the transfer is over."""
+        view, state, allocator, segment, bm_id = self._span_view(conn, m)
+        holder = object()
+        with self.lock:
+            allocator.hold(segment, holder)
+            state.busy[bm_id] = state.busy.get(bm_id, 0) + 1
+        try:
+            yield view
+        finally:
+            with self.lock:
+                allocator.let_go(holder, [segment])
+                state.busy[bm_id] -= 1
+                if not state.busy[bm_id]:
+                    del state.busy[bm_id]
+                    deferred = state.deferred.pop(bm_id, [])
+                    if deferred and self.namespaces.get((state.record.pool, state.record.ns)) is state:
+                        allocator.release(state.key, deferred, time.monotonic())
+
+    def _give_back_locked(self, state: NamespaceState, bm_id: str, extents: list[Extent]) -> None:
+        """Return extents to the allocator, or later if a transfer still uses the object."""
+        if state.busy.get(bm_id):
+            state.deferred.setdefault(bm_id, []).extend(extents)
+        else:
+            self.pools[state.record.pool].allocator.release(state.key, extents, time.monotonic())
+
+    def _span_view(self, conn: Connection, m: dict[str, Any]):
+        """The checks of a span request; returns (view, state, allocator, segment, bm_id)."""
         state, (pool, _, _) = self._namespace(conn, m)
         bm_id = m.get("bm_id")
         segment, offset, length = m.get("segment"), m.get("offset"), m.get("length")
@@ -653,7 +728,8 @@ class Server:
             if not owned:
                 raise OutOfRange(f"[{offset}, {offset}+{length}) of segment {segment} is not object "
                                  f"{bm_id}'s on server {self.server_id}")
-            return self.pools[pool].segments[segment].view[offset:offset + length]
+            return (self.pools[pool].segments[segment].view[offset:offset + length], state,
+                    self.pools[pool].allocator, segment, bm_id)
 
     def _free_by_server(self, pool: str, fresh: bool = False) -> dict[int, int]:
         free = {s.server_id: s.pools[pool]["free_bytes"] for s in self.view(fresh)
@@ -720,9 +796,8 @@ class Server:
             with self.lock:
                 # A namespace destroyed meanwhile took all its memory back already.
                 if self.namespaces.get((state.record.pool, state.record.ns)) is state:
-                    allocator = self.pools[state.record.pool].allocator
-                    allocator.release(state.key, local, time.monotonic())
-                    idle[str(self.server_id)] = allocator.segments_to_give_back(state.key)
+                    self._give_back_locked(state, bm_id, local)
+                    idle[str(self.server_id)] = self.pools[state.record.pool].allocator.segments_to_give_back(state.key)
         if by_server and creds is None:
             log.warning("cannot give back extents on peers %s without a secId; they return when "
                         "the namespace is destroyed", sorted(by_server))
@@ -845,8 +920,12 @@ class Server:
     def _peer(self, server_id: int) -> ServerLink:
         with self._peers_lock:
             link = self._peers.get(server_id)
-            if link is not None and not link.closed:
+        if link is not None and not link.closed:
+            try:
+                link.check_alive()        # a restarted peer left our old link hung up
                 return link
+            except ServerUnavailable:
+                pass
         record = next((s for s in self.view(fresh=True) if s.server_id == server_id), None)
         if record is None or not record.alive:
             raise ServerUnavailable(f"server {server_id} is not alive")

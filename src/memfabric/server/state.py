@@ -67,6 +67,9 @@ class NamespaceState:
         # read or write must name the object whose bytes it touches.
         self.lent_by_object: dict[str, list[Extent]] = {}
         self.expand_lock = threading.Lock()   # one expand at a time: each sizes what it adds
+        # Objects with an RPC transfer under way, and extents whose return waits for it.
+        self.busy: dict[str, int] = {}
+        self.deferred: dict[str, list[Extent]] = {}
         self.table_bytes = MAX_OBJECTS_PER_NAMESPACE * WORDS_PER_SLOT * 8
         self.gen_fd = os.memfd_create(f"memfabric-{label}-gens-{record.ns}",
                                       os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)

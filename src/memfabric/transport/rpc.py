@@ -23,6 +23,7 @@ import os
 import socket
 import ssl
 import struct
+import time
 from typing import Any
 
 from ..errors import PermissionDenied, ProtocolError, ServerUnavailable, Timeout
@@ -37,22 +38,37 @@ _SCRATCH_BYTES = 1 << 20
 
 
 class FrameSocket:
-    """Whole frames over a stream socket (plain or TLS)."""
+    """Whole frames over a stream socket (plain or TLS), every wait bounded by a deadline.
+
+    Deadlines are absolute (time.monotonic()) and checked before each receive, so a peer
+    that trickles a frame byte by byte cannot stretch a wait past its deadline.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._tls = isinstance(sock, ssl.SSLSocket)
         self._block = memoryview(bytearray(FIRST_BLOCK))
+        self._timeout: float | None = -1.0
+        self.send_timeout_s = 10.0
+        if not self._tls:
+            sock.settimeout(None)
 
-    def set_deadline(self, timeout_s: float) -> None:
-        """Bound every send and receive in the kernel (SO_RCVTIMEO/SO_SNDTIMEO) on a blocking
-        socket: unlike a Python socket timeout, it costs no poll() before each call. A wait
-        that runs out raises socket.timeout."""
-        self.sock.settimeout(None)
-        seconds = int(timeout_s)
-        timeval = struct.pack("ll", seconds, int((timeout_s - seconds) * 1e6))
-        for opt in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
-            self.sock.setsockopt(socket.SOL_SOCKET, opt, timeval)
+    def _bound(self, timeout_s: float | None) -> None:
+        """Each socket call may block at most `timeout_s` (None: no bound)."""
+        if timeout_s == self._timeout:
+            return
+        self._timeout = timeout_s
+        if self._tls:
+            # SO_RCVTIMEO does not work under CPython's SSL reads (EAGAIN means "retry"),
+            # so TLS sockets use the Python-level timeout.
+            self.sock.settimeout(timeout_s)
+            return
+        t = timeout_s or 0.0       # 0 means no bound for SO_RCVTIMEO
+        timeval = struct.pack("ll", int(t), int((t - int(t)) * 1e6))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        send_t = self.send_timeout_s
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                             struct.pack("ll", int(send_t), int((send_t - int(send_t)) * 1e6)))
 
     def send(self, header: dict[str, Any], payload: memoryview | bytes | None = None) -> None:
         head = wire.encode(header)
@@ -62,49 +78,76 @@ class FrameSocket:
         first = PREFIX.pack(len(head), n) + head
         if len(first) < FIRST_BLOCK:
             first += bytes(FIRST_BLOCK - len(first))
-        if not n:
-            self.sock.sendall(first)
-        elif n <= SMALL_PAYLOAD or self._tls:
-            self.sock.sendall(first + bytes(payload) if n <= SMALL_PAYLOAD else first)
-            if n > SMALL_PAYLOAD:
+        if self._tls:
+            self._bound(self.send_timeout_s)
+        try:
+            if not n:
+                self.sock.sendall(first)
+            elif n <= SMALL_PAYLOAD:
+                self.sock.sendall(first + bytes(payload))
+            elif self._tls:
+                self.sock.sendall(first)
                 self.sock.sendall(payload)
-        else:
-            _sendmsg_all(self.sock, [first, payload])
+            else:
+                _sendmsg_all(self.sock, [first, payload])
+        except BlockingIOError:          # SO_SNDTIMEO ran out: the peer stopped reading
+            raise socket.timeout("send timed out") from None
 
-    def recv_header(self) -> tuple[dict[str, Any], int]:
-        """The next frame's header and its payload length; the payload is still to be read."""
+    def recv_header(self, deadline: float | None = None,
+                    frame_timeout_s: float | None = None) -> tuple[dict[str, Any], int]:
+        """The next frame's header and its payload length; the payload is still to be read.
+
+        With `frame_timeout_s`, waiting for a frame to begin is unbounded (an idle
+        connection), but once its first byte is in, the rest must come within that time.
+        """
         block = self._block
-        self.recv_into_exact(block)
+        if frame_timeout_s is not None:
+            self._bound(None)
+            got = self._recv_some(block)
+            deadline = time.monotonic() + frame_timeout_s
+            self.recv_into_exact(block[got:], deadline)
+        else:
+            self.recv_into_exact(block, deadline)
         head_len, payload_len = PREFIX.unpack_from(block)
         if head_len > MAX_MESSAGE_BYTES or payload_len > MAX_RPC_PAYLOAD_BYTES:
             raise ProtocolError(f"frame of {head_len}+{payload_len} bytes is over the limits")
         if PREFIX.size + head_len <= FIRST_BLOCK:
             head = bytes(block[PREFIX.size:PREFIX.size + head_len])
         else:
-            head = bytes(block[PREFIX.size:]) + self.recv_exact(PREFIX.size + head_len - FIRST_BLOCK)
+            head = bytes(block[PREFIX.size:]) + self.recv_exact(PREFIX.size + head_len - FIRST_BLOCK, deadline)
         return wire.decode(head), payload_len
 
-    def recv_exact(self, n: int) -> bytes:
+    def recv_exact(self, n: int, deadline: float | None = None) -> bytes:
         buf = bytearray(n)
-        self.recv_into_exact(memoryview(buf))
+        self.recv_into_exact(memoryview(buf), deadline)
         return bytes(buf)
 
-    def recv_into_exact(self, view: memoryview) -> None:
+    def _recv_some(self, view: memoryview) -> int:
+        try:
+            k = self.sock.recv_into(view)
+        except BlockingIOError:
+            raise socket.timeout("receive timed out") from None
+        if k == 0:
+            raise ConnectionError("peer closed the connection")
+        return k
+
+    def recv_into_exact(self, view: memoryview, deadline: float | None = None) -> None:
         got, n = 0, len(view)
         while got < n:
-            try:
-                k = self.sock.recv_into(view[got:] if got else view)
-            except BlockingIOError:       # SO_RCVTIMEO ran out
-                raise socket.timeout("receive timed out") from None
-            if k == 0:
-                raise ConnectionError("peer closed the connection")
-            got += k
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise socket.timeout("the frame did not arrive in time")
+                self._bound(max(remaining, 0.001))
+            else:
+                self._bound(None)
+            got += self._recv_some(view[got:] if got else view)
 
-    def discard(self, n: int) -> None:
+    def discard(self, n: int, deadline: float | None = None) -> None:
         scratch = memoryview(bytearray(min(n, _SCRATCH_BYTES)))
         while n:
             take = min(n, len(scratch))
-            self.recv_into_exact(scratch[:take])
+            self.recv_into_exact(scratch[:take], deadline)
             n -= take
 
     def close(self) -> None:
@@ -136,10 +179,10 @@ def _proof(token: bytes, role: bytes, first: bytes, second: bytes) -> bytes:
 
 def server_handshake(frames: FrameSocket, token: bytes, server_id: int) -> None:
     """Raises PermissionDenied (after telling the peer) when it does not hold the token."""
-    frames.sock.settimeout(HANDSHAKE_TIMEOUT_S)
+    deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
     server_nonce = os.urandom(32)
     frames.send({"id": 0, "hello": PROTOCOL, "nonce": server_nonce, "server_id": server_id})
-    answer, payload_len = frames.recv_header()
+    answer, payload_len = frames.recv_header(deadline)
     client_nonce = answer.get("nonce")
     proof = answer.get("proof")
     if payload_len or not isinstance(client_nonce, bytes) or len(client_nonce) != 32 \
@@ -148,20 +191,19 @@ def server_handshake(frames: FrameSocket, token: bytes, server_id: int) -> None:
         frames.send({"id": 0, "error": int(PermissionDenied.code), "msg": "wrong cluster token"})
         raise PermissionDenied("peer failed the token challenge")
     frames.send({"id": 0, "proof": _proof(token, b"server", client_nonce, server_nonce)})
-    frames.sock.settimeout(None)
 
 
 def client_handshake(frames: FrameSocket, token: bytes) -> int:
     """Proves the token and checks the server's proof; returns the server's id."""
-    frames.sock.settimeout(HANDSHAKE_TIMEOUT_S)
+    deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
     try:
-        hello, _ = frames.recv_header()
+        hello, _ = frames.recv_header(deadline)
         if hello.get("hello") != PROTOCOL or not isinstance(hello.get("nonce"), bytes):
             raise ProtocolError(f"not a memfabric server (greeting {hello.get('hello')!r})")
         client_nonce = os.urandom(32)
         frames.send({"id": 0, "nonce": client_nonce,
                      "proof": _proof(token, b"client", hello["nonce"], client_nonce)})
-        verdict, _ = frames.recv_header()
+        verdict, _ = frames.recv_header(deadline)
     except socket.timeout:
         raise Timeout(f"no handshake within {HANDSHAKE_TIMEOUT_S}s") from None
     except ConnectionError:
