@@ -20,7 +20,9 @@ from ..transport import rpc, wire
 from .server import Connection, Payload, Server
 
 log = logging.getLogger("memfabric.server")
-MAX_HANDSHAKING = 64       # connections still proving the token, at once
+# Connections still proving the token, at once. Each handshake ends within HANDSHAKE_TIMEOUT_S;
+# a bound this high means idle strangers need thousands of sockets to crowd out a client.
+MAX_HANDSHAKING = 1024
 
 
 class RpcFront:
@@ -128,6 +130,9 @@ class RpcFront:
                         reply = result
             except MemfabricError as exc:
                 reply, payload = wire.error_reply(request["id"], exc), None
+            except (OSError, ConnectionError) as exc:   # the client stalled or went away mid-transfer
+                log.info("RPC connection %d closed during %r: %s", conn.id, op, exc)
+                return
             except Exception as exc:   # a bug: report it, keep serving
                 log.exception("RPC operation %r failed", op)
                 reply, payload = wire.error_reply(request["id"], InternalError(f"internal error in {op!r}: {exc!r}")), None
