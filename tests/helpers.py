@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import re
+import select
+import subprocess
+import sys
 import time
+import uuid
 
 import numpy as np
 import pytest
@@ -12,6 +18,7 @@ from memfabric import Affinity, OutOfMemory
 
 MiB = 1 << 20
 WAIT_S = 10.0       # the bound on every wait for something the servers do asynchronously
+CHILD_WAIT_S = 15.0  # the bound on every wait for another process
 
 
 def random_bytes(n: int, seed: int) -> np.ndarray:
@@ -42,3 +49,62 @@ def alloc_when_possible(ns: memfabric.Namespace, size: int, affinity: Affinity |
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+def ns_name(request: pytest.FixtureRequest) -> str:
+    """A namespace name of the test's own: unique, and telling where it came from."""
+    base = re.sub(r"[^A-Za-z0-9_.:-]", "_", request.node.name)[:40]
+    return f"{base}-{uuid.uuid4().hex[:8]}"
+
+
+class Child:
+    """A client process spoken to line by line over its stdin/stdout, every read bounded."""
+
+    def __init__(self, code: str, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self._buf = b""
+
+    def send(self, line: str) -> None:
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def expect(self, timeout_s: float = CHILD_WAIT_S) -> str:
+        deadline = time.monotonic() + timeout_s
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                self.kill()
+                pytest.fail(f"child said nothing for {timeout_s}s; stderr:\n{self.stderr()}")
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                self.proc.wait(timeout_s)
+                pytest.fail(f"child exited with {self.proc.returncode}; stderr:\n{self.stderr()}")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode()
+
+    def ask(self, line: str) -> str:
+        self.send(line)
+        return self.expect()
+
+    def stderr(self) -> str:
+        if self.proc.poll() is None:
+            return "(still running)"
+        return self.proc.stderr.read().decode(errors="replace")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(WAIT_S)
+
+    def close(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(WAIT_S)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode

@@ -6,7 +6,6 @@ Placements: `local` (the session's own server), `server` (the other server) and 
 
 from __future__ import annotations
 
-import re
 import uuid
 
 import numpy as np
@@ -15,7 +14,7 @@ import pytest
 import memfabric
 from memfabric import Affinity, OperatorCode
 from memfabric.errors import BmError, InvalidArgument, IOError_, NoSuchObject, OutOfMemory, OutOfRange
-from ..helpers import random_bytes
+from ..helpers import ns_name, random_bytes
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -23,11 +22,6 @@ PLACEMENTS = ("local", "server", "spread")
 
 
 # ---- helpers -------------------------------------------------------------------------------
-
-
-def ns_name(request: pytest.FixtureRequest) -> str:
-    base = re.sub(r"[^A-Za-z0-9_.:-]", "_", request.node.name)[:40]
-    return f"{base}-{uuid.uuid4().hex[:8]}"
 
 
 def server_ids(s: memfabric.Session) -> tuple[int, int]:
@@ -64,13 +58,6 @@ def assert_same(got: bytes | np.ndarray, want: np.ndarray) -> None:
 
 
 # ---- fixtures ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def session(fabric):
-    # One session per test: closing it lets the server lend its segments to other namespaces.
-    with memfabric.init(fabric.directory, server=0) as s:
-        yield s
 
 
 @pytest.fixture

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import fcntl
 import os
-import re
 import socket
 import time
-import uuid
 
 import msgpack
 import numpy as np
@@ -29,7 +27,7 @@ from memfabric.errors import (
     PermissionDenied,
 )
 from memfabric.limits import MAX_MESSAGE_BYTES, MAX_OBJECT_BYTES
-from ..helpers import alloc_when_possible, random_bytes, wait_until
+from ..helpers import alloc_when_possible, ns_name, random_bytes, wait_until
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -39,19 +37,8 @@ WAIT_S = 10.0       # the bound on every wait for something the servers do async
 # ---- helpers -------------------------------------------------------------------------------
 
 
-def ns_name(request: pytest.FixtureRequest) -> str:
-    base = re.sub(r"[^A-Za-z0-9_.:-]", "_", request.node.name)[:40]
-    return f"{base}-{uuid.uuid4().hex[:8]}"
-
-
 def other_server(s: memfabric.Session) -> int:
     return next(x["server_id"] for x in s.servers() if x["alive"] and x["server_id"] != s.local.server_id)
-
-
-@pytest.fixture
-def session(fabric):
-    with memfabric.init(fabric.directory, server=0) as s:
-        yield s
 
 
 @pytest.fixture
@@ -60,15 +47,6 @@ def ns(session, request):
     handle = session.create_namespace(name, sec_id=f"sec-{name}")
     yield handle
     session.destroy_namespace(name, f"sec-{name}")
-
-
-@pytest.fixture
-def compat_session(fabric):
-    assert C.BM_Init(fabric.directory) == 0
-    try:
-        yield
-    finally:
-        C.BM_Exit()
 
 
 # ---- capacity ------------------------------------------------------------------------------

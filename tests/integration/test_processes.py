@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from memfabric import Affinity
 from memfabric.errors import NoSuchObject, ServerUnavailable
 
 from ..conftest import run_client
-from ..helpers import wait_until as _wait_until
+from ..helpers import Child, wait_until as _wait_until
 
 MiB = 1 << 20
 WAIT_S = 15.0       # the bound on every wait for another process
@@ -30,70 +29,11 @@ def wait_until(condition, what: str, timeout_s: float = WAIT_S):
     return _wait_until(condition, what, timeout_s)
 
 
-class Child:
-    """A client process spoken to line by line over its stdin/stdout, every read bounded."""
-
-    def __init__(self, code: str, *args: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self._buf = b""
-
-    def send(self, line: str) -> None:
-        self.proc.stdin.write(line.encode() + b"\n")
-        self.proc.stdin.flush()
-
-    def expect(self, timeout_s: float = WAIT_S) -> str:
-        deadline = time.monotonic() + timeout_s
-        fd = self.proc.stdout.fileno()
-        while b"\n" not in self._buf:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                self.kill()
-                pytest.fail(f"child said nothing for {timeout_s}s; stderr:\n{self.stderr()}")
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                self.proc.wait(timeout_s)
-                pytest.fail(f"child exited with {self.proc.returncode}; stderr:\n{self.stderr()}")
-            self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        return line.decode()
-
-    def ask(self, line: str) -> str:
-        self.send(line)
-        return self.expect()
-
-    def stderr(self) -> str:
-        if self.proc.poll() is None:
-            return "(still running)"
-        return self.proc.stderr.read().decode(errors="replace")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(WAIT_S)
-
-    def close(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(WAIT_S)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.proc.returncode
-
-
 def pool_used_bytes(directory: str) -> dict[int, int]:
     """server id -> used bytes of the default pool, from `memfabric status --json`."""
     out = subprocess.run([sys.executable, "-m", "memfabric", "status", "--dir", directory, "--json"],
                          capture_output=True, text=True, timeout=WAIT_S, check=True).stdout
     return {s["server_id"]: s["pools"]["default"]["used_bytes"] for s in json.loads(out)["servers"]}
-
-
-@pytest.fixture
-def session(fabric):
-    with memfabric.init(fabric.directory, server=0) as s:
-        yield s
 
 
 @pytest.fixture

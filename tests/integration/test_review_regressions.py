@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import array
 import os
-import select
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -41,7 +38,7 @@ from memfabric.limits import (
     MAX_SEC_ID_BYTES,
 )
 
-from ..helpers import alloc_when_possible, wait_until
+from ..helpers import Child, alloc_when_possible, wait_until
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -73,71 +70,12 @@ def open_fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-class LineChild:
-    """A client process spoken to line by line over stdin/stdout; every read is bounded."""
-
-    def __init__(self, code: str, *args: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self._buf = b""
-
-    def send(self, line: str) -> None:
-        self.proc.stdin.write(line.encode() + b"\n")
-        self.proc.stdin.flush()
-
-    def expect(self, timeout_s: float = WAIT_S) -> str:
-        deadline = time.monotonic() + timeout_s
-        fd = self.proc.stdout.fileno()
-        while b"\n" not in self._buf:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                self.kill()
-                pytest.fail(f"child said nothing for {timeout_s}s; stderr:\n{self.proc.stderr.read().decode()}")
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                self.proc.wait(timeout_s)
-                pytest.fail(f"child exited with {self.proc.returncode}; stderr:\n"
-                            f"{self.proc.stderr.read().decode(errors='replace')}")
-            self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        return line.decode()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(WAIT_S)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(WAIT_S)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-@pytest.fixture
-def session(fabric):
-    with memfabric.init(fabric.directory, server=0) as s:
-        yield s
-
-
 @pytest.fixture
 def ns(session):
     name = unique("rev")
     handle = session.create_namespace(name, sec_id=f"sec-{name}")
     yield handle
     session.destroy_namespace(name, f"sec-{name}")
-
-
-@pytest.fixture
-def compat_session(fabric):
-    assert C.BM_Init(fabric.directory) == 0
-    try:
-        yield
-    finally:
-        C.BM_Exit()
 
 
 # ---- 1. (r1, r2) a mapping that outlives its namespace or its session ----------------------------
@@ -320,7 +258,7 @@ def test_object_freed_during_a_big_write_does_not_receive_its_tail(fresh_fabric,
     fab = fresh_fabric(servers=1, capacity="48MiB", segment_size="4MiB")
     with memfabric.init(fab.directory, server=0) as s:
         ns = s.create_namespace("r6", sec_id="k")
-        child = LineChild(R6_WRITER, fab.directory, "r6", "k", str(size), str(stride))
+        child = Child(R6_WRITER, fab.directory, "r6", "k", str(size), str(stride))
         try:
             assert child.expect(30) == "ready"
             outcomes = []

@@ -122,17 +122,7 @@ class BigMemory:
 
     def write(self, data: Any, offset: int = 0) -> None:
         """Copy `data` (any buffer) into the object at `offset`; all of it or nothing."""
-        src = as_bytes_view(data)
-        lay = self._checked()
-        n = src.nbytes
-        if n <= CHUNK_BYTES:
-            write_at(lay, offset, src)
-        else:
-            check_range(self.bm_id, lay.size, offset, n)
-            for start in range(0, n, CHUNK_BYTES):
-                write_at(lay, offset + start, src[start:start + CHUNK_BYTES])
-                self._still_alive(lay, "write")
-        self._still_alive(lay, "write")
+        self._copy(write_at, as_bytes_view(data), offset, "write")
 
     def read(self, offset: int = 0, length: int | None = None, *, into: Any = None) -> bytes | None:
         """Bytes [offset, offset+length); with `into`, fill that buffer in place and return None."""
@@ -153,16 +143,22 @@ class BigMemory:
             if type(length) is not int or not 0 <= length <= dst.nbytes:
                 raise InvalidArgument(f"length {length!r} does not fit the {dst.nbytes}-byte buffer")
             dst = dst[:length]
-        n = dst.nbytes
+        self._copy(read_into, dst, offset, "read", lay)
+        return None
+
+    def _copy(self, copy: Any, buf: memoryview, offset: int, what: str, lay: Layout | None = None) -> None:
+        """`copy(layout, offset, buf)`, in chunks of CHUNK_BYTES when large, the range checked
+        whole first, so a copy is all of it or nothing."""
+        lay = lay or self._checked()
+        n = buf.nbytes
         if n <= CHUNK_BYTES:
-            read_into(lay, offset, dst)
+            copy(lay, offset, buf)
         else:
             check_range(self.bm_id, lay.size, offset, n)
             for start in range(0, n, CHUNK_BYTES):
-                read_into(lay, offset + start, dst[start:start + CHUNK_BYTES])
-                self._still_alive(lay, "read")
-        self._still_alive(lay, "read")
-        return None
+                copy(lay, offset + start, buf[start:start + CHUNK_BYTES])
+                self._still_alive(lay, what)
+        self._still_alive(lay, what)
 
     def _still_alive(self, lay: Layout, what: str) -> None:
         # Checked after every chunk: freed memory rests REUSE_GRACE_S before reuse, far longer
