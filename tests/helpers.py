@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -35,6 +36,25 @@ def wait_until(condition, what: str, timeout_s: float = WAIT_S):
         if time.monotonic() > deadline:
             pytest.fail(f"gave up after {timeout_s}s waiting for {what}")
         time.sleep(0.05)
+
+
+def stop_process(pid: int) -> None:
+    """SIGSTOP `pid` and return once every thread of it has stopped. kill() returns before
+    that: a thread running on another CPU (a server polling for its next request) goes on
+    for a moment, long enough to take and answer one more request on a loaded machine."""
+    os.kill(pid, signal.SIGSTOP)
+
+    def all_stopped() -> bool:
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    # The state follows the ")" that ends the command name; T: stopped.
+                    if f.read().rpartition(")")[2].split()[0] != "T":
+                        return False
+        except FileNotFoundError:     # a thread that just ended
+            return False
+        return True
+    wait_until(all_stopped, f"process {pid} to stop")
 
 
 def alloc_when_possible(ns: memfabric.Namespace, size: int, affinity: Affinity | None = None,

@@ -38,7 +38,7 @@ from memfabric.limits import (
     MAX_SEC_ID_BYTES,
 )
 
-from ..helpers import Child, alloc_when_possible, wait_until
+from ..helpers import Child, alloc_when_possible, stop_process, wait_until
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -176,7 +176,7 @@ def test_server_that_missed_a_destroy_does_not_serve_the_old_namespace(fresh_fab
 
     s_a = memfabric.init(fab.directory, server=0)
     assert s_a.local.server_id != sid_b
-    os.kill(pid_b, signal.SIGSTOP)
+    stop_process(pid_b)
     try:
         s_a.destroy_namespace("r7", "old-secret")      # server B cannot hear of it
     finally:

@@ -17,6 +17,7 @@ from memfabric.datapath.rpc_link import RpcLink
 from memfabric.launcher import LocalFabric, wait_for_line
 
 from ..conftest import short_tmp_dir
+from ..helpers import stop_process
 
 MiB = 1 << 20
 
@@ -174,7 +175,7 @@ def test_a_stopped_server_costs_a_timeout_not_a_hang(remote_fabric):
         ns = s.create_namespace("stopped", sec_id="k")
         bm = ns.alloc(4096, Affinity("server", 2))
         pid = remote_fabric.server_pids()[2]
-        os.kill(pid, signal.SIGSTOP)
+        stop_process(pid)
         try:
             with pytest.raises(memfabric.Timeout):
                 bm.write(b"x")

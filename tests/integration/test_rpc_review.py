@@ -33,7 +33,7 @@ from memfabric.limits import DEFAULT_REQUEST_TIMEOUT_S, MAX_CLIENTS_PER_SERVER
 from memfabric.transport import rpc, wire
 
 from ..conftest import short_tmp_dir
-from ..helpers import alloc_when_possible, random_bytes, wait_until
+from ..helpers import alloc_when_possible, random_bytes, stop_process, wait_until
 from .test_rpc import _openssl_cert
 
 MiB = 1 << 20
@@ -521,7 +521,7 @@ def test_control_calls_rebind_a_home_link_a_timeout_closed(fabric):
         bm = ns.alloc(MiB, Affinity("server", other))
         bm.write(b"copied")
         pid = fabric.server_pids()[other]
-        os.kill(pid, signal.SIGSTOP)
+        stop_process(pid)
         try:
             with pytest.raises(memfabric.Timeout):
                 bm.copy_to(bm, dst_offset=8192, length=6)
