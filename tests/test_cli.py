@@ -42,6 +42,8 @@ DRAM_POOL = '[[pool]]\nname = "default"\nmedium = "dram"\ncapacity = "8MiB"\n'
     (DRAM_POOL, 'colour = "blue"', "server.colour"),
     (DRAM_POOL, 'rpc_listen = "nowhere"', "server.rpc_listen"),
     (DRAM_POOL, 'max_clients = 0', "server.max_clients"),
+    (DRAM_POOL, 'busy_poll_us = -1', "server.busy_poll_us"),
+    (DRAM_POOL, 'busy_poll_us = 0.5', "server.busy_poll_us"),
     (DRAM_POOL + DRAM_POOL, "", "pool[1].name"),
 ])
 def test_bad_server_config_names_the_key_and_exits_2(pool, server_extra, key):
@@ -67,7 +69,8 @@ def test_server_from_config_with_file_media(medium):
     directory = short_tmp_dir("mf-srv-")
     pool = (f'[[pool]]\nname = "files"\nmedium = "{medium}"\ncapacity = "4MiB"\n'
             f'path = "{directory}/{medium}"\n')
-    path = write(os.path.join(directory, "server.toml"), server_toml(directory, pool))
+    # A server that never polls (every wait sleeps) serves the same.
+    path = write(os.path.join(directory, "server.toml"), server_toml(directory, pool, "busy_poll_us = 0"))
     proc = subprocess.Popen(MF + ["server", "--config", path], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:

@@ -112,10 +112,10 @@ def BM_Init(ock_path: str, flags: int = 0) -> int:
 
 @_coded
 def BM_InitWithExtAttr(ock_path: str, flags: int, attr: dict[str, Any] | None) -> int:
-    """attr keys: `server` (index of the configured server to use), `timeout_s`."""
+    """attr keys: `server` (index of the configured server to use), `timeout_s`, `busy_poll_us`."""
     global _session
     attr = dict(attr or {})
-    unknown = set(attr) - {"server", "timeout_s"}
+    unknown = set(attr) - {"server", "timeout_s", "busy_poll_us"}
     if unknown:
         raise InvalidArgument(f"unknown init attribute(s): {', '.join(sorted(unknown))}")
     with _session_lock:

@@ -15,7 +15,8 @@ from typing import Any
 from .cluster import BACKENDS
 from .core.namespaces import check_name
 from .errors import InvalidArgument
-from .limits import HEARTBEAT_INTERVAL_S, LIVENESS_TIMEOUT_S, MAX_CLIENTS_PER_SERVER, PAGE_SIZE_BYTES
+from .limits import (BUSY_POLL_US, HEARTBEAT_INTERVAL_S, LIVENESS_TIMEOUT_S, MAX_BUSY_POLL_US,
+                     MAX_CLIENTS_PER_SERVER, PAGE_SIZE_BYTES)
 from .media.base import MEDIA
 from .units import parse_size
 
@@ -74,6 +75,7 @@ class ServerConfig:
     tls_key: str | None
     heartbeat_interval_s: float
     max_clients: int
+    busy_poll_us: int
     cluster: ClusterConfig
     pools: list[PoolConfig]
 
@@ -181,9 +183,12 @@ def load_server_config(path: str) -> ServerConfig:
         tls_key=_maybe_path(s.get("tls_key", str, None), base_dir),
         heartbeat_interval_s=float(s.positive("heartbeat_interval_s", float, HEARTBEAT_INTERVAL_S)),
         max_clients=s.positive("max_clients", int, MAX_CLIENTS_PER_SERVER),
+        busy_poll_us=s.get("busy_poll_us", int, BUSY_POLL_US),
         cluster=cluster,
         pools=[],
     )
+    if not 0 <= cfg.busy_poll_us <= MAX_BUSY_POLL_US:
+        raise s._fail("busy_poll_us", f"must be 0 (never poll) to {MAX_BUSY_POLL_US}, got {cfg.busy_poll_us}")
     if cfg.segment_bytes < PAGE_SIZE_BYTES or cfg.segment_bytes % PAGE_SIZE_BYTES:
         raise s._fail("segment_size", f"must be a positive multiple of {PAGE_SIZE_BYTES} bytes")
     if len(cfg.ipc_socket.encode()) > 107:

@@ -26,6 +26,12 @@ PEER_TIMEOUT_S = 3.0
 # generation check just before the free cannot land in the next object's bytes.
 REUSE_GRACE_S = 0.05
 
+# A side waiting for a message polls this long before it sleeps (transport/busy_poll.py):
+# waking a sleeping process costs more than the whole control call on a VM. Bounded, and
+# only while the peer keeps answering within it, so an idle connection costs no CPU.
+BUSY_POLL_US = 200
+MAX_BUSY_POLL_US = 10_000
+
 HEARTBEAT_INTERVAL_S = 0.5
 LIVENESS_TIMEOUT_S = 3.0
 

@@ -467,6 +467,9 @@ def test_garbage_arguments_are_invalid_argument(fabric, session, ns):
         memfabric.init("/nonexistent/fabric/dir")
     with pytest.raises(InvalidArgument):
         memfabric.init(fabric.directory, server=99)
+    for window in (-1, 10**9, 0.5):
+        with pytest.raises(InvalidArgument):
+            memfabric.init(fabric.directory, busy_poll_us=window)
     assert bm.read(0, 4) == bytes(4)
 
 

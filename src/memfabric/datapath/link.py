@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import (BmError, LimitExceeded, MemfabricError, ProtocolError, ServerUnavailable, Timeout,
                       error_from_code)
-from ..limits import DEFAULT_REQUEST_TIMEOUT_S, MAX_FDS_PER_MESSAGE
+from ..limits import BUSY_POLL_US, DEFAULT_REQUEST_TIMEOUT_S, MAX_FDS_PER_MESSAGE
 from ..transport import wire
 from ..transport.ipc import IpcChannel, PeerClosed
 from .mapping import SharedRange
@@ -57,8 +57,9 @@ class ServerLink:
     is_local = True
 
     def __init__(self, ipc_socket: str, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
-                 role: str = "client") -> None:
+                 role: str = "client", busy_poll_s: float = BUSY_POLL_US / 1e6) -> None:
         self.ipc_socket = ipc_socket
+        self.busy_poll_s = busy_poll_s
         self.timeout_s = timeout_s
         self._lock = threading.Lock()          # one request at a time on the channel
         self._map_lock = threading.RLock()     # one mapping decision at a time
@@ -69,7 +70,7 @@ class ServerLink:
         self._ranges: weakref.WeakSet[SharedRange] = weakref.WeakSet()
         self._checked_at = 0.0
         self._closed = False
-        self._channel = IpcChannel.connect(ipc_socket, timeout_s)
+        self._channel = IpcChannel.connect(ipc_socket, timeout_s, busy_poll_s)
         self._channel.set_deadline(timeout_s)
         hello = self.call("hello", role=role, pid=os.getpid())
         self.server_id: int = hello["server_id"]

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import (LimitExceeded, MemfabricError, ProtocolError, ServerUnavailable, Timeout,
                       error_from_code)
-from ..limits import DEFAULT_REQUEST_TIMEOUT_S, MAX_RPC_IN_FLIGHT
+from ..limits import BUSY_POLL_US, DEFAULT_REQUEST_TIMEOUT_S, MAX_RPC_IN_FLIGHT
 from ..transport import rpc
 from .link import Creds
 
@@ -38,10 +38,12 @@ class RpcLink:
     is_local = False
 
     def __init__(self, address: str, token: bytes, tls: ssl.SSLContext | None = None,
-                 timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, role: str = "client") -> None:
+                 timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, role: str = "client",
+                 busy_poll_s: float = BUSY_POLL_US / 1e6) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._frames = rpc.connect(address, tls, timeout_s)
+        self.busy_poll_s = busy_poll_s
+        self._frames = rpc.connect(address, tls, timeout_s, busy_poll_s)
         try:
             self.server_id = rpc.client_handshake(self._frames, token)
         except BaseException:

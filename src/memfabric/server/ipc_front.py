@@ -21,10 +21,11 @@ log = logging.getLogger("memfabric.server")
 
 
 class IpcFront:
-    def __init__(self, server: Server, path: str, max_clients: int) -> None:
+    def __init__(self, server: Server, path: str, max_clients: int, busy_poll_s: float) -> None:
         self.server = server
         self.path = path
         self.max_clients = max_clients
+        self.busy_poll_s = busy_poll_s
         self._sock = listen(path, backlog=min(max_clients, 128))
         self._connections: dict[int, IpcChannel] = {}
         self._lock = threading.Lock()
@@ -39,7 +40,7 @@ class IpcFront:
                 sock, _ = self._sock.accept()
             except OSError:
                 return   # listener closed: stopping
-            channel = IpcChannel(sock)
+            channel = IpcChannel(sock, self.busy_poll_s)
             with self._lock:
                 if len(self._connections) >= self.max_clients:
                     self._refuse(channel)

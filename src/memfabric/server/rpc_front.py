@@ -27,8 +27,9 @@ MAX_HANDSHAKING = 1024
 
 class RpcFront:
     def __init__(self, server: Server, listener: socket.socket, token: bytes,
-                 tls: ssl.SSLContext | None, max_clients: int) -> None:
+                 tls: ssl.SSLContext | None, max_clients: int, busy_poll_s: float) -> None:
         self.server = server
+        self.busy_poll_s = busy_poll_s
         self._listener = listener
         self._token = token
         self._tls = tls
@@ -62,7 +63,7 @@ class RpcFront:
             if self._tls is not None:
                 sock.settimeout(rpc.HANDSHAKE_TIMEOUT_S)
                 sock = self._tls.wrap_socket(sock, server_side=True)
-            frames = rpc.FrameSocket(sock)
+            frames = rpc.FrameSocket(sock, self.busy_poll_s)
             frames.send_timeout_s = REQUEST_TIMEOUT_S
             rpc.server_handshake(frames, self._token, self.server.server_id)
             with self._lock:

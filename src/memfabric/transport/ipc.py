@@ -17,6 +17,7 @@ from typing import Any
 from ..errors import ProtocolError, ServerUnavailable, Timeout
 from ..limits import CONNECT_TIMEOUT_S, MAX_FDS_PER_MESSAGE, MAX_MESSAGE_BYTES
 from . import wire
+from .busy_poll import BusyPoll
 
 _ANCILLARY_BYTES = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
 
@@ -28,8 +29,9 @@ class PeerClosed(Exception):
 class IpcChannel:
     """One connected SEQPACKET socket: send and receive whole messages with fds."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, busy_poll_s: float = 0.0) -> None:
         self.sock = sock
+        self._busy_poll = BusyPoll(busy_poll_s)
         self._buffer = bytearray(MAX_MESSAGE_BYTES)    # received into: no allocation per message
         self._poller = select.poll()
         self._poller.register(sock.fileno(), select.POLLRDHUP)
@@ -46,7 +48,8 @@ class IpcChannel:
             self.sock.setsockopt(socket.SOL_SOCKET, opt, timeval)
 
     @classmethod
-    def connect(cls, path: str, timeout_s: float = CONNECT_TIMEOUT_S) -> "IpcChannel":
+    def connect(cls, path: str, timeout_s: float = CONNECT_TIMEOUT_S,
+                busy_poll_s: float = 0.0) -> "IpcChannel":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         sock.settimeout(timeout_s)
         try:
@@ -57,7 +60,7 @@ class IpcChannel:
         except socket.timeout:
             sock.close()
             raise Timeout(f"connecting to {path} took longer than {timeout_s}s") from None
-        return cls(sock)
+        return cls(sock, busy_poll_s)
 
     def send(self, message: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
         self.send_encoded(wire.encode(message), fds)
@@ -75,10 +78,7 @@ class IpcChannel:
 
     def recv(self) -> tuple[dict[str, Any], list[int]]:
         """One whole message and the fds that came with it. Raises PeerClosed on EOF."""
-        try:
-            n, ancillary, flags, _ = self.sock.recvmsg_into([self._buffer], _ANCILLARY_BYTES)
-        except BlockingIOError:          # SO_RCVTIMEO ran out
-            raise socket.timeout("receive timed out") from None
+        n, ancillary, flags, _ = self._busy_poll.receive(self._recv_now, self._recv_blocking)
         fds = _take_fds(ancillary)
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
             _close_all(fds)
@@ -91,6 +91,15 @@ class IpcChannel:
         except ProtocolError:
             _close_all(fds)
             raise
+
+    def _recv_now(self) -> tuple[int, list, int, Any]:
+        return self.sock.recvmsg_into([self._buffer], _ANCILLARY_BYTES, socket.MSG_DONTWAIT)
+
+    def _recv_blocking(self) -> tuple[int, list, int, Any]:
+        try:
+            return self.sock.recvmsg_into([self._buffer], _ANCILLARY_BYTES)
+        except BlockingIOError:          # SO_RCVTIMEO ran out
+            raise socket.timeout("receive timed out") from None
 
     def peer_gone(self) -> bool:
         """Cheap non-blocking check (one poll syscall) that the peer has not hung up.

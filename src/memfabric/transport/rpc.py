@@ -29,46 +29,74 @@ from typing import Any
 from ..errors import PermissionDenied, ProtocolError, ServerUnavailable, Timeout
 from ..limits import HANDSHAKE_TIMEOUT_S, MAX_MESSAGE_BYTES, MAX_RPC_PAYLOAD_BYTES
 from . import wire
+from .busy_poll import BusyPoll
 
 PREFIX = struct.Struct("!IQ")
 PROTOCOL = "memfabric-rpc/1"
 FIRST_BLOCK = 256
 SMALL_PAYLOAD = 16 << 10
 _SCRATCH_BYTES = 1 << 20
+# A receive may outlast its deadline by at most this: the price of not resetting the
+# kernel's bound before every receive.
+DEADLINE_SLACK_S = 0.01
 
 
 class FrameSocket:
     """Whole frames over a stream socket (plain or TLS), every wait bounded by a deadline.
 
     Deadlines are absolute (time.monotonic()) and checked before each receive, so a peer
-    that trickles a frame byte by byte cannot stretch a wait past its deadline.
+    that trickles a frame byte by byte cannot stretch a wait past its deadline. The kernel's
+    own bound (SO_RCVTIMEO) is reset only when it would overshoot the deadline by more than
+    DEADLINE_SLACK_S: a receive does not pay two setsockopt calls. A bound that runs out
+    before the deadline just re-checks it and waits again.
+
+    Waiting for a frame to begin polls first (busy_poll.py), on plain sockets only: an SSL
+    socket takes no MSG_DONTWAIT.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, busy_poll_s: float = 0.0) -> None:
         self.sock = sock
         self._tls = isinstance(sock, ssl.SSLSocket)
+        self._busy_poll = BusyPoll(0.0 if self._tls else busy_poll_s)
         self._block = memoryview(bytearray(FIRST_BLOCK))
-        self._timeout: float | None = -1.0
-        self.send_timeout_s = 10.0
-        if not self._tls:
+        self._send_timeout_s = 10.0
+        if self._tls:
+            self._timeout: float | None = sock.gettimeout()   # left from the TLS handshake
+        else:
             sock.settimeout(None)
+            self._timeout = None      # the kernel's bound on one receive (None: none)
+        self.send_timeout_s = self._send_timeout_s
 
-    def _bound(self, timeout_s: float | None) -> None:
-        """Each socket call may block at most `timeout_s` (None: no bound)."""
+    @property
+    def send_timeout_s(self) -> float:
+        return self._send_timeout_s
+
+    @send_timeout_s.setter
+    def send_timeout_s(self, seconds: float) -> None:
+        """A peer that stops reading makes a send fail after this long."""
+        self._send_timeout_s = seconds
+        if not self._tls:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(seconds))
+
+    def _bound(self, timeout_s: float) -> None:
+        """Each receive may block at most `timeout_s`."""
         if timeout_s == self._timeout:
             return
         self._timeout = timeout_s
         if self._tls:
             # SO_RCVTIMEO does not work under CPython's SSL reads (EAGAIN means "retry"),
-            # so TLS sockets use the Python-level timeout.
+            # so TLS sockets use the Python-level timeout (it bounds their sends too).
             self.sock.settimeout(timeout_s)
-            return
-        t = timeout_s or 0.0       # 0 means no bound for SO_RCVTIMEO
-        timeval = struct.pack("ll", int(t), int((t - int(t)) * 1e6))
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-        send_t = self.send_timeout_s
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                             struct.pack("ll", int(send_t), int((send_t - int(send_t)) * 1e6)))
+        else:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout_s))
+
+    def _bound_until(self, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("the frame did not arrive in time")
+        bound = self._timeout
+        if bound is None or bound > remaining + DEADLINE_SLACK_S or bound < remaining / 2:
+            self._bound(max(remaining, 0.001))
 
     def send(self, header: dict[str, Any], payload: memoryview | bytes | None = None) -> None:
         head = wire.encode(header)
@@ -79,7 +107,7 @@ class FrameSocket:
         if len(first) < FIRST_BLOCK:
             first += bytes(FIRST_BLOCK - len(first))
         if self._tls:
-            self._bound(self.send_timeout_s)
+            self._bound(self._send_timeout_s)
         try:
             if not n:
                 self.sock.sendall(first)
@@ -101,13 +129,11 @@ class FrameSocket:
         connection), but once its first byte is in, the rest must come within that time.
         """
         block = self._block
+        got = self._busy_poll.receive(lambda: self._recv_now(block),
+                                      lambda: self._recv_some(block, deadline))
         if frame_timeout_s is not None:
-            self._bound(None)
-            got = self._recv_some(block)
             deadline = time.monotonic() + frame_timeout_s
-            self.recv_into_exact(block[got:], deadline)
-        else:
-            self.recv_into_exact(block, deadline)
+        self.recv_into_exact(block[got:], deadline)
         head_len, payload_len = PREFIX.unpack_from(block)
         if head_len > MAX_MESSAGE_BYTES or payload_len > MAX_RPC_PAYLOAD_BYTES:
             raise ProtocolError(f"frame of {head_len}+{payload_len} bytes is over the limits")
@@ -122,26 +148,30 @@ class FrameSocket:
         self.recv_into_exact(memoryview(buf), deadline)
         return bytes(buf)
 
-    def _recv_some(self, view: memoryview) -> int:
-        try:
-            k = self.sock.recv_into(view)
-        except BlockingIOError:
-            raise socket.timeout("receive timed out") from None
+    def _recv_now(self, view: memoryview) -> int:
+        """What has arrived, without waiting (BlockingIOError: nothing yet)."""
+        k = self.sock.recv_into(view, 0, socket.MSG_DONTWAIT)
         if k == 0:
             raise ConnectionError("peer closed the connection")
         return k
 
+    def _recv_some(self, view: memoryview, deadline: float | None) -> int:
+        """At least one byte, waiting until `deadline` (None: for as long as it takes)."""
+        while True:
+            if deadline is not None:
+                self._bound_until(deadline)
+            try:
+                k = self.sock.recv_into(view)
+            except (BlockingIOError, socket.timeout):
+                continue                 # the kernel's bound ran out: check the deadline again
+            if k == 0:
+                raise ConnectionError("peer closed the connection")
+            return k
+
     def recv_into_exact(self, view: memoryview, deadline: float | None = None) -> None:
         got, n = 0, len(view)
         while got < n:
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise socket.timeout("the frame did not arrive in time")
-                self._bound(max(remaining, 0.001))
-            else:
-                self._bound(None)
-            got += self._recv_some(view[got:] if got else view)
+            got += self._recv_some(view[got:] if got else view, deadline)
 
     def discard(self, n: int, deadline: float | None = None) -> None:
         scratch = memoryview(bytearray(min(n, _SCRATCH_BYTES)))
@@ -156,6 +186,10 @@ class FrameSocket:
         except OSError:
             pass
         self.sock.close()
+
+
+def _timeval(seconds: float) -> bytes:
+    return struct.pack("ll", int(seconds), int((seconds - int(seconds)) * 1e6))
 
 
 def _sendmsg_all(sock: socket.socket, parts: list) -> None:
@@ -225,7 +259,8 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def connect(address: str, tls: ssl.SSLContext | None, timeout_s: float) -> FrameSocket:
+def connect(address: str, tls: ssl.SSLContext | None, timeout_s: float,
+            busy_poll_s: float = 0.0) -> FrameSocket:
     host, port = parse_address(address)
     try:
         sock = socket.create_connection((host, port), timeout=timeout_s)
@@ -240,7 +275,7 @@ def connect(address: str, tls: ssl.SSLContext | None, timeout_s: float) -> Frame
         except (ssl.SSLError, OSError) as exc:
             sock.close()
             raise PermissionDenied(f"TLS with {address} failed: {exc}") from None
-    return FrameSocket(sock)
+    return FrameSocket(sock, busy_poll_s)
 
 
 def listen(address: str, backlog: int) -> socket.socket:

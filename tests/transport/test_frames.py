@@ -1,0 +1,81 @@
+"""RPC frames (transport/rpc.FrameSocket) over a real TCP connection: whole frames with or
+without polling, and deadlines kept although the kernel's bound is not reset per receive."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from memfabric.transport import rpc
+
+WAIT_S = 5.0   # a generous bound for "does not hang"; never a performance threshold
+
+
+@pytest.fixture(params=[0.0, 0.05], ids=["sleeps", "polls"])
+def frames(request):
+    listener = rpc.listen("127.0.0.1:0", 1)
+    client = rpc.connect("127.0.0.1:%d" % listener.getsockname()[1], None, WAIT_S, request.param)
+    server_sock, _ = listener.accept()
+    server = rpc.FrameSocket(server_sock, request.param)
+    yield client, server
+    client.close()
+    server.close()
+    listener.close()
+
+
+def test_a_frame_and_its_payload_arrive_whole(frames):
+    client, server = frames
+    for size in (0, 100, rpc.SMALL_PAYLOAD + 1, 3 << 20):
+        payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+        client.send({"id": size, "op": "seg_write"}, memoryview(payload))
+        header, payload_len = server.recv_header(frame_timeout_s=WAIT_S)
+        into = memoryview(bytearray(payload_len))
+        server.recv_into_exact(into, time.monotonic() + WAIT_S)
+        assert header == {"id": size, "op": "seg_write"} and bytes(into) == payload
+
+
+def test_a_kernel_bound_shorter_than_the_deadline_waits_again(frames):
+    client, server = frames
+    client._bound(0.3)          # left from an earlier receive; the deadline is later than it
+    threading.Timer(0.5, server.send, args=({"id": 1},)).start()
+    header, _ = client.recv_header(time.monotonic() + 0.55)
+    assert header == {"id": 1}
+
+
+def test_an_idle_connection_outlives_the_kernel_bound(frames):
+    client, server = frames
+    server._bound(0.05)         # left from a payload receive; waiting for a request has no end
+    threading.Timer(0.4, client.send, args=({"id": 2, "op": "hello"},)).start()
+    header, _ = server.recv_header(frame_timeout_s=WAIT_S)
+    assert header == {"id": 2, "op": "hello"}
+
+
+def test_the_deadline_holds_for_a_silent_peer(frames):
+    client, _ = frames
+    started = time.monotonic()
+    with pytest.raises(socket.timeout):
+        client.recv_header(time.monotonic() + 0.2)
+    assert time.monotonic() - started < WAIT_S
+
+
+def test_a_trickled_frame_cannot_stretch_the_deadline(frames):
+    client, server = frames
+    stop = threading.Event()
+
+    def trickle() -> None:                     # one byte of a frame every 50 ms, forever
+        while not stop.wait(0.05):
+            try:
+                server.sock.send(b"\0")
+            except OSError:
+                return
+    threading.Thread(target=trickle, daemon=True).start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(socket.timeout):
+            client.recv_header(time.monotonic() + 0.3)
+    finally:
+        stop.set()
+    assert time.monotonic() - started < WAIT_S
