@@ -23,6 +23,8 @@ import numpy as np
 
 from .client.session import Session, init
 from .launcher import LocalFabric
+from .limits import BUSY_POLL_US
+from .transport.busy_poll import BusyPoll
 from .units import format_size
 
 
@@ -90,37 +92,54 @@ def bench_data_path(session: Session, sizes: list[int], repeat: int) -> list[Res
     return results
 
 
-def _echo(sock: socket.socket) -> None:
+# The raw baselines wait for a message either by sleeping in the kernel, or by polling
+# first exactly as the fabric does (BUSY_POLL_US): the fair floor under the fabric's figures.
+RAW_MODES = (("sleeps", 0.0), ("polls", BUSY_POLL_US / 1e6))
+
+
+def _polled_recv(sock: socket.socket, view: memoryview, poll: BusyPoll) -> int:
+    return poll.receive(lambda: sock.recv_into(view, 0, socket.MSG_DONTWAIT), lambda: sock.recv_into(view))
+
+
+def _echo(sock: socket.socket, poll_s: float) -> None:
+    poll = BusyPoll(poll_s)
+    buf = memoryview(bytearray(65536))
     while True:
-        data = sock.recv(65536)
-        if not data:
+        n = _polled_recv(sock, buf, poll)
+        if not n:
             return
-        sock.send(data)
+        sock.send(buf[:n])
 
 
-def raw_ipc_round_trip(n: int) -> Result:
+def raw_ipc_round_trip(n: int) -> list[Result]:
     """The floor under every control call: one request and reply over a raw Unix socket
     between two processes, the same kind of socket the fabric uses."""
-    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    child = multiprocessing.get_context("fork").Process(target=_echo, args=(theirs,), daemon=True)
-    child.start()
-    theirs.close()
-    message = bytes(128)
+    results = []
+    for mode, poll_s in RAW_MODES:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        child = multiprocessing.get_context("fork").Process(target=_echo, args=(theirs, poll_s), daemon=True)
+        child.start()
+        theirs.close()
+        message = bytes(128)
+        reply = memoryview(bytearray(65536))
+        poll = BusyPoll(poll_s)
 
-    def ping() -> None:
-        mine.send(message)
-        mine.recv(65536)
-    try:
-        return summarize("raw Unix socket round trip (baseline)", 0, measure(ping, max(n, 500)), None)
-    finally:
-        mine.close()
-        child.join(5)
+        def ping() -> None:
+            mine.send(message)
+            _polled_recv(mine, reply, poll)
+        try:
+            results.append(summarize(f"raw Unix socket round trip, {mode} (baseline)", 0,
+                                     measure(ping, max(n, 500)), None))
+        finally:
+            mine.close()
+            child.join(5)
+    return results
 
 
 def bench_control_path(session: Session, repeat: int) -> list[Result]:
     n = repeat or 500
     ns = session.create_namespace(f"bench-ctl-{time.monotonic_ns()}", sec_id="bench")
-    results = [raw_ipc_round_trip(n)]
+    results = raw_ipc_round_trip(n)
     try:
         held = []
         results.append(summarize("alloc 4KiB", 4096, measure(lambda: held.append(ns.alloc(4096)), n), None))
@@ -161,69 +180,88 @@ def bench_control_path(session: Session, repeat: int) -> list[Result]:
 _RAW_HEADER = struct.Struct("!cQ")
 
 
-def _raw_server(listener: socket.socket) -> None:
+def _raw_server(listener: socket.socket, poll_s: float) -> None:
     """The baseline peer: 'w' receives n bytes into a buffer and acks; 'r' sends n bytes."""
     conn, _ = listener.accept()
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     buf = memoryview(bytearray(64 << 20))
     head = memoryview(bytearray(_RAW_HEADER.size))
+    poll = BusyPoll(poll_s)
     while True:
-        if not _recv_exact(conn, head):
+        if not _recv_exact(conn, head, poll):
             return
         op, n = _RAW_HEADER.unpack(head)
         if op == b"w":
-            _recv_exact(conn, buf[:n])
+            _recv_exact(conn, buf[:n], poll)
             conn.sendall(b"k")
         else:
             conn.sendall(buf[:n])
 
 
-def _recv_exact(sock: socket.socket, view: memoryview) -> bool:
-    got = 0
-    while got < len(view):
+def _recv_exact(sock: socket.socket, view: memoryview, poll: BusyPoll) -> bool:
+    got = _polled_recv(sock, view, poll)
+    while got and got < len(view):
         k = sock.recv_into(view[got:])
         if not k:
             return False
         got += k
-    return True
+    return bool(got)
 
 
-def bench_raw_socket(sizes: list[int], repeat: int) -> dict[tuple[str, int], list[float]]:
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    child = multiprocessing.get_context("fork").Process(target=_raw_server, args=(listener,), daemon=True)
-    child.start()
-    sock = socket.create_connection(listener.getsockname())
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    ack = memoryview(bytearray(1))
-    out = {}
-    try:
-        for size in sizes:
-            n = repeat or default_repeat(size) // 4 + 10
-            data = memoryview(bytes(size))
-            into = memoryview(bytearray(size))
+class RawPeer:
+    """The baseline: a raw TCP connection to a child process doing the same transfers."""
 
-            def write() -> None:
-                sock.sendall(_RAW_HEADER.pack(b"w", size))
-                sock.sendall(data)
-                _recv_exact(sock, ack)
+    def __init__(self, poll_s: float) -> None:
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(1)
+        self._child = multiprocessing.get_context("fork").Process(
+            target=_raw_server, args=(self._listener, poll_s), daemon=True)
+        self._child.start()
+        self._sock = socket.create_connection(self._listener.getsockname())
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._ack = memoryview(bytearray(1))
+        self._poll = BusyPoll(poll_s)
 
-            def read() -> None:
-                sock.sendall(_RAW_HEADER.pack(b"r", size))
-                _recv_exact(sock, into)
-            out[("write", size)] = measure(write, n)
-            out[("read", size)] = measure(read, n)
-    finally:
-        sock.close()
-        child.terminate()
-        child.join(5)
-        listener.close()
-    return out
+    def write(self, data: memoryview) -> None:
+        self._sock.sendall(_RAW_HEADER.pack(b"w", len(data)))
+        self._sock.sendall(data)
+        _recv_exact(self._sock, self._ack, self._poll)
+
+    def read(self, into: memoryview) -> None:
+        self._sock.sendall(_RAW_HEADER.pack(b"r", len(into)))
+        _recv_exact(self._sock, into, self._poll)
+
+    def close(self) -> None:
+        self._sock.close()
+        self._child.terminate()
+        self._child.join(5)
+        self._listener.close()
+
+
+def measure_interleaved(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, list[float]]:
+    """Like measure(), for several fns whose figures are compared: they take turns in
+    blocks, so slow stretches of a noisy machine fall on all of them alike. Each block
+    starts with untimed calls, which bring the block to steady state: a polling peer of
+    the previous block has gone back to sleep by then, and this one's is polling."""
+    block = max(1, min(20, repeat // 3))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    clock = time.perf_counter_ns
+    while len(samples[next(iter(fns))]) < repeat:
+        for name, fn in fns.items():
+            for _ in range(3):
+                fn()
+            for _ in range(block):
+                t0 = clock()
+                fn()
+                samples[name].append((clock() - t0) / 1000)
+    return samples
 
 
 def bench_remote(session: Session, sizes: list[int], repeat: int) -> list[Result]:
-    raw = bench_raw_socket(sizes, repeat)
+    """Each RPC transfer is timed in the same rounds as a raw socket doing it, sleeping and
+    polling; its ratio is to the polling one, which waits for replies as the fabric does."""
+    peers = {mode: RawPeer(poll_s) for mode, poll_s in RAW_MODES}
     ns = session.create_namespace(f"bench-rpc-{time.monotonic_ns()}", sec_id="bench")
     results = []
     try:
@@ -231,15 +269,26 @@ def bench_remote(session: Session, sizes: list[int], repeat: int) -> list[Result
             n = repeat or default_repeat(size) // 4 + 10
             src = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
             dst = np.empty(size, dtype=np.uint8)
+            src_view, dst_view = memoryview(src).cast("B"), memoryview(dst).cast("B")
             bm = ns.alloc(size)
-            for op, fn in (("write", lambda: bm.write(src)), ("read", lambda: bm.read(0, into=dst))):
-                base = summarize(f"raw socket {op}", size, raw[(op, size)], None)
-                results.append(base)
-                results.append(summarize(f"{op} (RPC)", size, measure(fn, n), base.median_us))
+            for op in ("write", "read"):
+                fns: dict[str, Callable[[], object]] = {}
+                for mode, _ in RAW_MODES:
+                    peer = peers[mode]
+                    fns[f"raw socket {op}, {mode}"] = ((lambda p=peer: p.write(src_view)) if op == "write"
+                                                       else (lambda p=peer: p.read(dst_view)))
+                fns[f"{op} (RPC)"] = (lambda: bm.write(src)) if op == "write" else (lambda: bm.read(0, into=dst))
+                samples = measure_interleaved(fns, n)
+                base = None
+                for name, taken in samples.items():
+                    results.append(summarize(name, size, taken, base.median_us if name.endswith("(RPC)") else None))
+                    base = results[-1]
             assert np.array_equal(dst, src), "read back differs from what was written"
             bm.free()
     finally:
         ns.destroy()
+        for peer in peers.values():
+            peer.close()
     return results
 
 
@@ -311,7 +360,7 @@ def run_remote_bench(directory: str | None, sizes: list[int], repeat: int, as_js
     from rich.table import Table
     console = Console(width=None if os.isatty(1) else 120)
     table = Table(title="remote data path (RPC over loopback TCP) vs a raw Python socket, same run")
-    for column in ("size", "operation", "median", "p99", "throughput", "vs raw socket"):
+    for column in ("size", "operation", "median", "p99", "throughput", "vs raw, polls"):
         table.add_column(column, justify="right" if column != "operation" else "left")
     for r in data:
         table.add_row(format_size(r.size_bytes), r.name, f"{r.median_us:.1f} us", f"{r.p99_us:.1f} us",
