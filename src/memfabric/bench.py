@@ -1,7 +1,8 @@
-"""`memfabric bench`: the data and control paths, measured against numpy's memcpy in the same run.
+"""`memfabric bench`: the data and control paths, measured against baselines in the same run.
 
 Every figure is a median or p99 over repeated operations; throughput is size / median.
-The ratio column is memcpy's median time over the operation's: 1.0 means as fast as memcpy.
+A ratio is the baseline's median time over the operation's (1.0: as fast as the baseline):
+numpy's memcpy on one host, a raw Python socket that waits as the fabric does for RPC.
 """
 
 from __future__ import annotations
@@ -35,7 +36,37 @@ class Result:
     median_us: float
     p99_us: float
     throughput_gib_s: float | None
-    ratio_to_memcpy: float | None
+    ratio_to_baseline: float | None
+    server_cpu_us: float | None = None     # CPU the fabric's servers spent per operation
+
+
+class ServerCpu:
+    """CPU time used by the fabric's server processes (all threads), from /proc/*/schedstat:
+    what an operation costs the servers, polling included."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+
+    def used_us(self) -> float:
+        total_ns = 0
+        for pid in self.pids:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                try:
+                    with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                        total_ns += int(f.read().split()[0])
+                except FileNotFoundError:    # a thread that just ended
+                    pass
+        return total_ns / 1000
+
+    def per_call(self, fn: Callable[[], object]) -> tuple[Callable[[], object], Callable[[], float]]:
+        """`fn` counted, and a function giving the servers' CPU per call since this one."""
+        calls = [0]
+        start = self.used_us()
+
+        def counted() -> object:
+            calls[0] += 1
+            return fn()
+        return counted, lambda: (self.used_us() - start) / max(calls[0], 1)
 
 
 def measure(fn: Callable[[], object], repeat: int, warmup: int = 3) -> list[float]:
@@ -92,9 +123,10 @@ def bench_data_path(session: Session, sizes: list[int], repeat: int) -> list[Res
     return results
 
 
-# The raw baselines wait for a message either by sleeping in the kernel, or by polling
-# first exactly as the fabric does (BUSY_POLL_US): the fair floor under the fabric's figures.
-RAW_MODES = (("sleeps", 0.0), ("polls", BUSY_POLL_US / 1e6))
+def raw_modes(busy_poll_us: int) -> list[tuple[str, float]]:
+    """How the raw baselines wait for a message: sleeping in the kernel, and, when the fabric
+    polls, polling first exactly as it does. The last is the fair floor under the fabric."""
+    return [("sleeps", 0.0)] + ([("polls", busy_poll_us / 1e6)] if busy_poll_us else [])
 
 
 def _polled_recv(sock: socket.socket, view: memoryview, poll: BusyPoll) -> int:
@@ -111,11 +143,11 @@ def _echo(sock: socket.socket, poll_s: float) -> None:
         sock.send(buf[:n])
 
 
-def raw_ipc_round_trip(n: int) -> list[Result]:
+def raw_ipc_round_trip(n: int, busy_poll_us: int) -> list[Result]:
     """The floor under every control call: one request and reply over a raw Unix socket
     between two processes, the same kind of socket the fabric uses."""
     results = []
-    for mode, poll_s in RAW_MODES:
+    for mode, poll_s in raw_modes(busy_poll_us):
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         child = multiprocessing.get_context("fork").Process(target=_echo, args=(theirs, poll_s), daemon=True)
         child.start()
@@ -136,10 +168,10 @@ def raw_ipc_round_trip(n: int) -> list[Result]:
     return results
 
 
-def bench_control_path(session: Session, repeat: int) -> list[Result]:
+def bench_control_path(session: Session, repeat: int, cpu: ServerCpu | None = None) -> list[Result]:
     n = repeat or 500
     ns = session.create_namespace(f"bench-ctl-{time.monotonic_ns()}", sec_id="bench")
-    results = raw_ipc_round_trip(n)
+    results = raw_ipc_round_trip(n, round(session.busy_poll_s * 1e6))
     try:
         held = []
         results.append(summarize("alloc 4KiB", 4096, measure(lambda: held.append(ns.alloc(4096)), n), None))
@@ -150,7 +182,10 @@ def bench_control_path(session: Session, repeat: int) -> list[Result]:
         results.append(summarize("alloc+free 4KiB, namespace empty", 4096,
                                  measure(lambda: ns.alloc(4096).free(), min(n, 200)), None))
         bm = ns.alloc(1 << 20)       # a live object: the steady state of a cache
-        results.append(summarize("alloc+free 4KiB", 4096, measure(lambda: ns.alloc(4096).free(), n), None))
+        alloc_free, cpu_per_call = cpu.per_call(lambda: ns.alloc(4096).free()) if cpu else (
+            lambda: ns.alloc(4096).free(), None)
+        results.append(summarize("alloc+free 4KiB", 4096, measure(alloc_free, n), None))
+        results[-1].server_cpu_us = cpu_per_call() if cpu_per_call else None
 
         def map_unmap() -> None:
             with bm.map():
@@ -258,10 +293,11 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], repeat: int) -> di
     return samples
 
 
-def bench_remote(session: Session, sizes: list[int], repeat: int) -> list[Result]:
+def bench_remote(session: Session, sizes: list[int], repeat: int, cpu: ServerCpu | None = None) -> list[Result]:
     """Each RPC transfer is timed in the same rounds as a raw socket doing it, sleeping and
     polling; its ratio is to the polling one, which waits for replies as the fabric does."""
-    peers = {mode: RawPeer(poll_s) for mode, poll_s in RAW_MODES}
+    modes = raw_modes(round(session.busy_poll_s * 1e6))
+    peers = {mode: RawPeer(poll_s) for mode, poll_s in modes}
     ns = session.create_namespace(f"bench-rpc-{time.monotonic_ns()}", sec_id="bench")
     results = []
     try:
@@ -273,16 +309,19 @@ def bench_remote(session: Session, sizes: list[int], repeat: int) -> list[Result
             bm = ns.alloc(size)
             for op in ("write", "read"):
                 fns: dict[str, Callable[[], object]] = {}
-                for mode, _ in RAW_MODES:
+                for mode, _ in modes:
                     peer = peers[mode]
                     fns[f"raw socket {op}, {mode}"] = ((lambda p=peer: p.write(src_view)) if op == "write"
                                                        else (lambda p=peer: p.read(dst_view)))
-                fns[f"{op} (RPC)"] = (lambda: bm.write(src)) if op == "write" else (lambda: bm.read(0, into=dst))
+                rpc_op = (lambda: bm.write(src)) if op == "write" else (lambda: bm.read(0, into=dst))
+                # Only the RPC calls make the servers work: their CPU over the run, per call.
+                fns[f"{op} (RPC)"], cpu_per_call = cpu.per_call(rpc_op) if cpu else (rpc_op, None)
                 samples = measure_interleaved(fns, n)
                 base = None
                 for name, taken in samples.items():
                     results.append(summarize(name, size, taken, base.median_us if name.endswith("(RPC)") else None))
                     base = results[-1]
+                results[-1].server_cpu_us = cpu_per_call() if cpu_per_call else None
             assert np.array_equal(dst, src), "read back differs from what was written"
             bm.free()
     finally:
@@ -306,19 +345,30 @@ def time_to_notice_a_killed_server(directory: str) -> float:
     return float("nan")
 
 
-def run_bench(directory: str | None, sizes: list[int], repeat: int, as_json: bool, remote: bool = False) -> int:
+def _cpu_cell(r: Result) -> str:
+    return "-" if r.server_cpu_us is None else f"{r.server_cpu_us:.1f} us"
+
+
+def run_bench(directory: str | None, sizes: list[int], repeat: int, as_json: bool, remote: bool = False,
+              busy_poll_us: int = BUSY_POLL_US) -> int:
+    """With `directory`, a running fabric: its servers poll as they were configured to;
+    `busy_poll_us` sets this client's window and those of the fabric the bench starts."""
     if remote:
-        return run_remote_bench(directory, sizes, repeat, as_json)
+        return run_remote_bench(directory, sizes, repeat, as_json, busy_poll_us)
     with ExitStack() as stack:
         if directory is None:
             run_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="mf-bench-", dir="/tmp"))
             largest = max(sizes)
             capacity = max(256 << 20, 4 * largest)
-            stack.enter_context(LocalFabric(run_dir, servers=1, capacity=f"{capacity >> 20}MiB"))
+            fabric = stack.enter_context(LocalFabric(run_dir, servers=1, capacity=f"{capacity >> 20}MiB",
+                                                     busy_poll_us=busy_poll_us))
+            cpu = ServerCpu(list(fabric.server_pids().values()))
             directory = run_dir
-        session = stack.enter_context(init(directory))
+        else:
+            cpu = None      # a fabric we did not start: its servers' CPU is not ours to read
+        session = stack.enter_context(init(directory, busy_poll_us=busy_poll_us))
         data = bench_data_path(session, sizes, repeat)
-        control = bench_control_path(session, repeat)
+        control = bench_control_path(session, repeat, cpu)
     if as_json:
         print(json.dumps({"data_path": [asdict(r) for r in data],
                           "control_path": [asdict(r) for r in control]}, indent=2))
@@ -332,25 +382,30 @@ def run_bench(directory: str | None, sizes: list[int], repeat: int, as_json: boo
     for r in data:
         table.add_row(format_size(r.size_bytes), r.name, f"{r.median_us:.1f} us", f"{r.p99_us:.1f} us",
                       f"{r.throughput_gib_s:.2f} GiB/s",
-                      "-" if r.ratio_to_memcpy is None else f"{r.ratio_to_memcpy:.2f}")
+                      "-" if r.ratio_to_baseline is None else f"{r.ratio_to_baseline:.2f}")
     console.print(table)
-    ctl = Table(title="control path")
-    for column in ("operation", "median", "p99"):
+    ctl = Table(title=f"control path (client and server poll {busy_poll_us} us)")
+    for column in ("operation", "median", "p99", "server CPU"):
         ctl.add_column(column, justify="right" if column != "operation" else "left")
     for r in control:
-        ctl.add_row(r.name, f"{r.median_us:.1f} us", f"{r.p99_us:.1f} us")
+        ctl.add_row(r.name, f"{r.median_us:.1f} us", f"{r.p99_us:.1f} us", _cpu_cell(r))
     console.print(ctl)
     return 0
 
 
-def run_remote_bench(directory: str | None, sizes: list[int], repeat: int, as_json: bool) -> int:
+def run_remote_bench(directory: str | None, sizes: list[int], repeat: int, as_json: bool,
+                     busy_poll_us: int) -> int:
     with ExitStack() as stack:
         if directory is None:
             directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="mf-bench-", dir="/tmp"))
             capacity = max(256 << 20, 4 * max(sizes))
-            stack.enter_context(LocalFabric(directory, servers=1, capacity=f"{capacity >> 20}MiB"))
-        session = stack.enter_context(init(os.path.join(directory, "remote.toml")))
-        data = bench_remote(session, sizes, repeat)
+            fabric = stack.enter_context(LocalFabric(directory, servers=1, capacity=f"{capacity >> 20}MiB",
+                                                     busy_poll_us=busy_poll_us))
+            cpu: ServerCpu | None = ServerCpu(list(fabric.server_pids().values()))
+        else:
+            cpu = None
+        session = stack.enter_context(init(os.path.join(directory, "remote.toml"), busy_poll_us=busy_poll_us))
+        data = bench_remote(session, sizes, repeat, cpu)
     with tempfile.TemporaryDirectory(prefix="mf-kill-", dir="/tmp") as kill_dir:
         notice_s = time_to_notice_a_killed_server(kill_dir)
     if as_json:
@@ -359,12 +414,14 @@ def run_remote_bench(directory: str | None, sizes: list[int], repeat: int, as_js
     from rich.console import Console
     from rich.table import Table
     console = Console(width=None if os.isatty(1) else 120)
-    table = Table(title="remote data path (RPC over loopback TCP) vs a raw Python socket, same run")
-    for column in ("size", "operation", "median", "p99", "throughput", "vs raw, polls"):
+    table = Table(title=f"remote data path (RPC over loopback TCP, polling {busy_poll_us} us) vs a raw "
+                        "Python socket, same run; the ratio is to the raw socket that waits as the fabric does")
+    for column in ("size", "operation", "median", "p99", "throughput", "vs raw", "server CPU"):
         table.add_column(column, justify="right" if column != "operation" else "left")
     for r in data:
         table.add_row(format_size(r.size_bytes), r.name, f"{r.median_us:.1f} us", f"{r.p99_us:.1f} us",
-                      f"{r.throughput_gib_s:.2f} GiB/s", "-" if r.ratio_to_memcpy is None else f"{r.ratio_to_memcpy:.2f}")
+                      f"{r.throughput_gib_s:.2f} GiB/s", "-" if r.ratio_to_baseline is None else f"{r.ratio_to_baseline:.2f}",
+                      _cpu_cell(r))
     console.print(table)
     console.print(f"a killed server was seen dead by the cluster after {notice_s:.2f} s (liveness timeout 2 s)")
     return 0

@@ -19,6 +19,7 @@ from typing import Callable
 import tomli_w
 
 from .config import FABRIC_FILE
+from .limits import BUSY_POLL_US
 from .units import format_size
 
 READY_TIMEOUT_S = 60.0
@@ -36,7 +37,8 @@ def write_token(directory: str) -> str:
 
 
 def write_fabric(directory: str, servers: int, capacity_bytes: int, segment_bytes: int,
-                 liveness_timeout_s: float = 3.0, rpc_host: str = "127.0.0.1") -> list[str]:
+                 liveness_timeout_s: float = 3.0, rpc_host: str = "127.0.0.1",
+                 busy_poll_us: int = BUSY_POLL_US) -> list[str]:
     """Configuration for N servers sharing an embedded cluster service; returns the server configs.
 
     Servers listen for RPC on `rpc_host` at a port of the kernel's choosing; once they run,
@@ -53,7 +55,8 @@ def write_fabric(directory: str, servers: int, capacity_bytes: int, segment_byte
         socket_path = os.path.join(server_dir, "ipc.sock")
         config = {
             "server": {"data_dir": server_dir, "ipc_socket": socket_path, "rpc_listen": f"{rpc_host}:0",
-                       "segment_size": format_size(segment_bytes) if segment_bytes % 1024 == 0 else segment_bytes},
+                       "segment_size": format_size(segment_bytes) if segment_bytes % 1024 == 0 else segment_bytes,
+                       "busy_poll_us": busy_poll_us},
             "cluster": cluster,
             "pool": [{"name": "default", "medium": "dram", "capacity": capacity_bytes}],
         }
@@ -131,7 +134,8 @@ class LocalFabric:
     """`memfabric up` in a child process: a context manager for demos, benchmarks and tests."""
 
     def __init__(self, directory: str, servers: int = 2, capacity: str = "256MiB",
-                 segment_size: str | None = None, liveness_timeout_s: float | None = None) -> None:
+                 segment_size: str | None = None, liveness_timeout_s: float | None = None,
+                 busy_poll_us: int | None = None) -> None:
         self.directory = os.path.abspath(directory)
         self.args = [sys.executable, "-m", "memfabric", "up", "--dir", self.directory,
                      "--servers", str(servers), "--capacity", capacity]
@@ -139,6 +143,8 @@ class LocalFabric:
             self.args += ["--segment-size", segment_size]
         if liveness_timeout_s:
             self.args += ["--liveness-timeout", str(liveness_timeout_s)]
+        if busy_poll_us is not None:
+            self.args += ["--busy-poll-us", str(busy_poll_us)]
         self.proc: subprocess.Popen | None = None
         self.output: list[str] = []
 

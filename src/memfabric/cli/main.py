@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..limits import BUSY_POLL_US, MAX_BUSY_POLL_US
 from ..units import parse_size
 
 
@@ -13,6 +14,16 @@ def _size(text: str) -> int:
         return parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _busy_poll_us(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_BUSY_POLL_US:
+        raise argparse.ArgumentTypeError(f"must be a whole number of microseconds, 0 to {MAX_BUSY_POLL_US}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--segment-size", type=_size, default=4 << 20, help="segment size (default 4MiB)")
     up.add_argument("--liveness-timeout", type=float, default=3.0,
                     help="seconds without a heartbeat before a server counts as dead (default 3)")
+    up.add_argument("--busy-poll-us", type=_busy_poll_us, default=BUSY_POLL_US,
+                    help=f"how long servers poll for a client's next request before sleeping "
+                         f"(default {BUSY_POLL_US}; 0: never poll)")
 
     server = sub.add_parser("server", help="run one server from a TOML configuration")
     server.add_argument("--config", required=True)
@@ -46,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--remote", action="store_true",
                        help="over RPC (loopback TCP), against a raw socket doing the same transfers")
+    bench.add_argument("--busy-poll-us", type=_busy_poll_us, default=BUSY_POLL_US,
+                       help=f"polling window of the bench's servers and client (default {BUSY_POLL_US}; 0: never)")
     return parser
 
 
@@ -56,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             print("memfabric up: --servers must be at least 1", file=sys.stderr)
             return 2
         from .up import run_up
-        return run_up(args.dir, args.servers, args.capacity, args.segment_size, args.liveness_timeout)
+        return run_up(args.dir, args.servers, args.capacity, args.segment_size, args.liveness_timeout,
+                      args.busy_poll_us)
     if args.command == "server":
         from ..server.main import run_server
         return run_server(args.config)
@@ -69,5 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from ..bench import run_bench
         sizes = args.sizes or ("4KiB,64KiB,1MiB,16MiB" if args.remote else "4KiB,64KiB,1MiB,16MiB,64MiB")
-        return run_bench(args.dir, [parse_size(s) for s in sizes.split(",")], args.repeat, args.json, args.remote)
+        return run_bench(args.dir, [parse_size(s) for s in sizes.split(",")], args.repeat, args.json, args.remote,
+                         args.busy_poll_us)
     return 2

@@ -12,8 +12,9 @@ from ..launcher import (READY_TIMEOUT_S, STOP_TIMEOUT_S, die_with_parent, wait_f
 
 
 def run_up(directory: str, servers: int, capacity_bytes: int, segment_bytes: int,
-           liveness_timeout_s: float) -> int:
-    configs = write_fabric(directory, servers, capacity_bytes, segment_bytes, liveness_timeout_s)
+           liveness_timeout_s: float, busy_poll_us: int) -> int:
+    configs = write_fabric(directory, servers, capacity_bytes, segment_bytes, liveness_timeout_s,
+                           busy_poll_us=busy_poll_us)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -1,0 +1,55 @@
+"""`memfabric bench` runs end to end and reports every figure it promises (never a timing
+threshold: only that the figures are there and make sense)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+MF = [sys.executable, "-m", "memfabric"]
+
+
+def bench(*args: str) -> dict:
+    proc = subprocess.run(MF + ["bench", "--json", "--repeat", "20", *args], capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("busy_poll_us", [200, 0])
+def test_local_bench_reports_data_and_control_paths(busy_poll_us):
+    out = bench("--sizes", "4KiB,1MiB", "--busy-poll-us", str(busy_poll_us))
+    data = {(r["name"], r["size_bytes"]): r for r in out["data_path"]}
+    for size in (4096, 1 << 20):
+        assert data[("memcpy (numpy)", size)]["median_us"] > 0
+        for name in ("write (API)", "read into (API)", "write (mapping)", "read (mapping)"):
+            assert data[(name, size)]["ratio_to_baseline"] > 0
+    control = {r["name"]: r for r in out["control_path"]}
+    baselines = [name for name in control if name.startswith("raw Unix socket")]
+    assert len(baselines) == (2 if busy_poll_us else 1), "a polling baseline only when the fabric polls"
+    for name in ("alloc 4KiB", "free 4KiB", "alloc+free 4KiB", "alloc+free 4KiB, namespace empty",
+                 "map+unmap 1MiB", "namespace create", "namespace destroy"):
+        assert control[name]["median_us"] > 0
+    assert control["alloc+free 4KiB"]["server_cpu_us"] > 0, "the servers' CPU per alloc+free is measured"
+
+
+def test_remote_bench_compares_with_a_raw_socket_and_times_a_kill():
+    out = bench("--remote", "--sizes", "4KiB")
+    rows = {r["name"]: r for r in out["remote"]}
+    for op in ("write", "read"):
+        assert rows[f"raw socket {op}, sleeps"]["median_us"] > 0
+        assert rows[f"raw socket {op}, polls"]["median_us"] > 0
+        rpc = rows[f"{op} (RPC)"]
+        assert rpc["ratio_to_baseline"] == pytest.approx(rows[f"raw socket {op}, polls"]["median_us"] / rpc["median_us"])
+        assert rpc["server_cpu_us"] > 0
+    assert math.isfinite(out["killed_server_noticed_s"]) and out["killed_server_noticed_s"] > 0
+
+
+def test_bad_busy_poll_window_is_refused():
+    for command in (["up", "--dir", "/tmp/never-made"], ["bench"]):
+        proc = subprocess.run(MF + command + ["--busy-poll-us", "-5"], capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 2 and "--busy-poll-us" in proc.stderr
