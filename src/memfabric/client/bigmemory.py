@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 
 class BigMemory:
-    __slots__ = ("bm_id", "namespace", "_layout", "_home", "_links", "_extents", "__weakref__")
+    __slots__ = ("bm_id", "namespace", "_layout", "_home", "_links", "_extents", "_described_extents",
+                 "__weakref__")
 
     def __init__(self, namespace: "Namespace", described: dict[str, Any]) -> None:
         self.namespace = namespace
@@ -79,6 +80,17 @@ class BigMemory:
         layout = build_layout(bm_id, d["size"], d["generation"], slot, d["extents"], gens, view_of)
         self._layout, self._links = layout, links
         self._extents = [(e[0], e[3]) for e in d["extents"]]
+        self._described_extents = d["extents"]
+
+    def populate(self) -> None:
+        """Fault in this object's bytes in this process's mappings before they are written:
+        a new object's first write then runs at memcpy speed instead of faulting page by page
+        (about 4x slower). Costs ~300 us per 4 MiB, and nothing for remote extents."""
+        session = self.namespace.session
+        for server_id, segment, offset, length in self._described_extents:
+            link = session.cached_link(server_id)
+            if link is not None and link.is_local:
+                link.populate(self.namespace.creds, segment, offset, length)
 
     def home_link(self) -> Any:
         """The home server's link, rebound through the session if it broke (a timeout closes
@@ -229,6 +241,7 @@ class BigMemory:
     def expand(self, new_size: int) -> None:
         """Grow to `new_size` bytes; contents are kept, new bytes are zero."""
         self._adopt(self._call("expand", size=new_size))
+        self.populate()
 
     def copy_to(self, dst: "BigMemory", *, src_offset: int = 0, dst_offset: int = 0,
                 length: int | None = None) -> None:

@@ -194,7 +194,9 @@ class Namespace:
             link = self.session.link(affinity.server_id)   # its home is where its bytes are
         d = link.call("alloc", **self.wire_creds, size=size, policy=affinity.policy,
                       server_id=affinity.server_id)
-        return self._handle(d)
+        bm = self._handle(d)
+        bm.populate()          # a new object is about to be written
+        return bm
 
     def open(self, bm_id: str) -> BigMemory:
         """A handle on an object another client made (same namespace, same secId)."""

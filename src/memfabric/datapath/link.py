@@ -197,9 +197,16 @@ class ServerLink:
                     self._segments[(pool, segment)] = _Mapped(fd, reply["segment_bytes"], readonly=False,
                                                               pool=pool, ns=creds[1])
 
+    def populate(self, creds: Creds, segment: int, offset: int, length: int) -> None:
+        """Fault in a range of a segment this link has mapped, before it is written."""
+        mapped = self._segments.get((creds[0], segment))
+        if mapped is not None:
+            mapped.range.populate(offset, length)
+
     def map_object(self, pieces: list[tuple[int, int, int]], writable: bool, tag: tuple) -> SharedRange:
-        """A user's contiguous mapping made of this link's segments; revoked with them."""
-        shared = SharedRange(pieces, writable, tag=tag)
+        """A user's contiguous mapping made of this link's segments; revoked with them.
+        Populated at once: a mapping is made to be touched."""
+        shared = SharedRange(pieces, writable, tag=tag, populate=True)
         self._ranges.add(shared)
         return shared
 

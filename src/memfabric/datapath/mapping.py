@@ -23,11 +23,16 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                        ctypes.c_int, ctypes.c_long]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _MAP_FAILED = ctypes.c_void_p(-1).value
 # Linux values; Python 3.11's mmap module does not export these.
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 MAP_FIXED = getattr(mmap, "MAP_FIXED", 0x10)
 _RW = mmap.PROT_READ | mmap.PROT_WRITE
+# Linux >= 5.14. For shared memory it maps the pages writable without write faults: as fast
+# as MAP_POPULATE (~300 us per 4 MiB here), where a first write that faults page by page
+# took ~2 ms per 4 MiB.
+MADV_POPULATE_READ = 22
 
 
 class SharedRange:
@@ -35,7 +40,8 @@ class SharedRange:
 
     __slots__ = ("area", "base", "length", "writable", "revoked", "tag", "__weakref__")
 
-    def __init__(self, pieces: list[tuple[int, int, int]], writable: bool, tag: object = None) -> None:
+    def __init__(self, pieces: list[tuple[int, int, int]], writable: bool, tag: object = None,
+                 populate: bool = False) -> None:
         self.length = sum(length for _, _, length in pieces)
         self.writable = writable
         self.revoked = False
@@ -46,13 +52,14 @@ class SharedRange:
         self.base = ctypes.addressof(anchor)
         del anchor
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        # No MAP_POPULATE: pages fault in on first touch (the server pre-faulted them, so
-        # these are minor faults). A namespace that empties gives its segments back and maps
-        # them again on its next alloc; populating 4 MiB each time cost ~500 us a cycle.
+        # `populate`: fault every page in now, for a range that is about to be touched whole.
+        # Otherwise pages fault in on first touch, or through populate() below: a client maps
+        # whole segments, and a namespace that empties gives them back and maps them again on
+        # its next alloc; populating 4 MiB each time cost ~500 us of every such cycle.
+        flags = mmap.MAP_SHARED | MAP_FIXED | (mmap.MAP_POPULATE if populate else 0)
         position = 0
         for fd, offset, length in pieces:
-            self._map(self.base + position, length, prot, mmap.MAP_SHARED | MAP_FIXED,
-                      fd, offset)
+            self._map(self.base + position, length, prot, flags, fd, offset)
             position += length
 
     def _map(self, addr: int, length: int, prot: int, flags: int, fd: int, offset: int) -> None:
@@ -65,6 +72,15 @@ class SharedRange:
     def view(self) -> memoryview:
         whole = memoryview(self.area)
         return whole if self.writable else whole.toreadonly()
+
+    def populate(self, offset: int, length: int) -> None:
+        """Fault in [offset, offset + length) now, before it is written. A hint: an older
+        kernel without MADV_POPULATE_READ leaves the pages to fault in on first touch."""
+        if self.revoked or self.area.closed or length <= 0:
+            return
+        start = offset - offset % mmap.PAGESIZE
+        end = min(self.length, offset + length)
+        _libc.madvise(self.base + start, end - start, MADV_POPULATE_READ)
 
     def revoke(self) -> None:
         if self.revoked or self.area.closed:
