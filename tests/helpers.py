@@ -54,7 +54,26 @@ def stop_process(pid: int) -> None:
         except FileNotFoundError:     # a thread that just ended
             return False
         return True
-    wait_until(all_stopped, f"process {pid} to stop")
+    try:
+        wait_until(all_stopped, f"process {pid} to stop")
+    except BaseException:
+        os.kill(pid, signal.SIGCONT)     # never leave a server stopped behind a failed test
+        raise
+
+
+def resident_bytes(shared) -> int:
+    """Rss of the kernel mappings inside `shared` (pieces at non-adjacent file offsets are
+    mappings of their own), from /proc/self/smaps."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = shared.base <= start and end <= shared.base + shared.length
+            elif inside and head == "Rss:":
+                total += int(line.split()[1]) * 1024
+    return total
 
 
 def alloc_when_possible(ns: memfabric.Namespace, size: int, affinity: Affinity | None = None,

@@ -88,11 +88,18 @@ def channels():
     receiver.close()
 
 
+def never_block(channel: IpcChannel) -> None:
+    def fail():
+        raise AssertionError("waited in the kernel: the poll did not take the message")
+    channel._recv_blocking = fail
+
+
 def test_an_ipc_message_taken_by_the_poll_keeps_its_fds(channels):
     sender, receiver = channels
     r, w = os.pipe()
     try:
         sender.send({"op": "hello", "id": 7}, [w])
+        never_block(receiver)
         message, fds = receiver.recv()
         assert message == {"op": "hello", "id": 7} and len(fds) == 1
         os.write(fds[0], b"through the passed fd")
@@ -106,5 +113,6 @@ def test_an_ipc_message_taken_by_the_poll_keeps_its_fds(channels):
 def test_an_oversized_ipc_message_taken_by_the_poll_is_refused(channels):
     sender, receiver = channels
     sender.sock.send(bytes(MAX_MESSAGE_BYTES + 1))
+    never_block(receiver)
     with pytest.raises(ProtocolError):
         receiver.recv()

@@ -4,6 +4,7 @@ without polling, and deadlines kept although the kernel's bound is not reset per
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 import time
 
@@ -41,16 +42,55 @@ def test_a_kernel_bound_shorter_than_the_deadline_waits_again(frames):
     client, server = frames
     client._bound(0.3)          # left from an earlier receive; the deadline is later than it
     threading.Timer(0.5, server.send, args=({"id": 1},)).start()
-    header, _ = client.recv_header(time.monotonic() + 0.55)
+    header, _ = client.recv_header(time.monotonic() + WAIT_S)
     assert header == {"id": 1}
 
 
-def test_an_idle_connection_outlives_the_kernel_bound(frames):
+def test_a_kernel_bound_longer_than_the_deadline_is_cut_to_it(frames):
+    client, _ = frames
+    client._bound(WAIT_S)       # left from an earlier receive; this deadline is much nearer
+    started = time.monotonic()
+    with pytest.raises(socket.timeout):
+        client.recv_header(time.monotonic() + 0.2)
+    assert time.monotonic() - started < WAIT_S / 2, "the leftover bound stretched the deadline"
+
+
+def kernel_bound_s(sock: socket.socket) -> float:
+    seconds, micros = struct.unpack("ll", sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16))
+    return seconds + micros / 1e6
+
+
+def test_an_idle_connection_outlives_the_kernel_bound_and_drops_a_short_one(frames):
     client, server = frames
     server._bound(0.05)         # left from a payload receive; waiting for a request has no end
-    threading.Timer(0.4, client.send, args=({"id": 2, "op": "hello"},)).start()
+    seen = []
+
+    def look_then_send() -> None:
+        seen.append(kernel_bound_s(server.sock))
+        client.send({"id": 2, "op": "hello"})
+    threading.Timer(0.4, look_then_send).start()
     header, _ = server.recv_header(frame_timeout_s=WAIT_S)
     assert header == {"id": 2, "op": "hello"}
+    assert seen[0] == 0 or seen[0] >= rpc.IDLE_BOUND_MIN_S, "an idle wait kept waking up every 50 ms"
+
+
+def test_a_waiting_frame_is_taken_by_the_poll_without_blocking():
+    listener = rpc.listen("127.0.0.1:0", 1)
+    sender = rpc.connect("127.0.0.1:%d" % listener.getsockname()[1], None, WAIT_S)
+    receiver = rpc.FrameSocket(listener.accept()[0], busy_poll_s=0.05)
+    try:
+        sender.send({"id": 3, "op": "seg_read"})
+        time.sleep(0.05)                         # the frame is queued before the wait begins
+
+        def no_blocking_receive(*_args):
+            raise AssertionError("waited in the kernel: the poll did not take the frame")
+        receiver._recv_some = no_blocking_receive
+        header, _ = receiver.recv_header(frame_timeout_s=WAIT_S)
+        assert header == {"id": 3, "op": "seg_read"}
+    finally:
+        sender.close()
+        receiver.close()
+        listener.close()
 
 
 def test_the_deadline_holds_for_a_silent_peer(frames):

@@ -52,7 +52,7 @@ class IpcFront:
 
     def _refuse(self, channel: IpcChannel) -> None:
         try:
-            channel.sock.settimeout(1.0)
+            channel.set_deadline(1.0)
             request, fds = channel.recv()
             for fd in fds:
                 os.close(fd)

@@ -376,6 +376,11 @@ class Server:
         return {"server_id": self.server_id, "host": self.cfg.host,
                 "pools": sorted(self.pools), "page_bytes": PAGE_SIZE_BYTES}
 
+    def op_stats(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        """This server process's CPU time so far (all threads, ended ones included): what
+        the bench divides by the operations it ran, polling included."""
+        return {"server_id": self.server_id, "cpu_s": time.process_time()}
+
     def op_cluster_view(self, conn: Connection, m: dict[str, Any]) -> Reply:
         return {"servers": [s.to_wire() for s in self.view(fresh=True)]}
 
@@ -930,7 +935,8 @@ class Server:
         if record is None or not record.alive:
             raise ServerUnavailable(f"server {server_id} is not alive")
         link = connect_to(server_id, record.host, record.ipc_socket, record.rpc_address, local_host=self.cfg.host,
-                          token=self.token, tls=self.peer_tls, timeout_s=PEER_TIMEOUT_S, role="peer")
+                          token=self.token, tls=self.peer_tls, timeout_s=PEER_TIMEOUT_S, role="peer",
+                          busy_poll_s=self.cfg.busy_poll_us / 1e6)
         with self._peers_lock:
             old = self._peers.get(server_id)
             if old is not None and not old.closed:

@@ -93,6 +93,8 @@ class IpcChannel:
             raise
 
     def _recv_now(self) -> tuple[int, list, int, Any]:
+        # The socket must have no Python-level timeout (set_deadline bounds waits in the
+        # kernel instead): under one, CPython waits out the timeout even with MSG_DONTWAIT.
         return self.sock.recvmsg_into([self._buffer], _ANCILLARY_BYTES, socket.MSG_DONTWAIT)
 
     def _recv_blocking(self) -> tuple[int, list, int, Any]:

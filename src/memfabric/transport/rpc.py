@@ -36,9 +36,12 @@ PROTOCOL = "memfabric-rpc/1"
 FIRST_BLOCK = 256
 SMALL_PAYLOAD = 16 << 10
 _SCRATCH_BYTES = 1 << 20
-# A receive may outlast its deadline by at most this: the price of not resetting the
-# kernel's bound before every receive.
+# A receive may outlast its deadline by at most this, plus the kernel timer's own lateness
+# (a few ms): the price of not resetting the kernel's bound before every receive.
 DEADLINE_SLACK_S = 0.01
+# An idle wait (no deadline) keeps a bound left by an earlier receive if it is at least this
+# long, waking at most this often to wait again; a shorter one it drops.
+IDLE_BOUND_MIN_S = 1.0
 
 
 class FrameSocket:
@@ -47,7 +50,7 @@ class FrameSocket:
     Deadlines are absolute (time.monotonic()) and checked before each receive, so a peer
     that trickles a frame byte by byte cannot stretch a wait past its deadline. The kernel's
     own bound (SO_RCVTIMEO) is reset only when it would overshoot the deadline by more than
-    DEADLINE_SLACK_S: a receive does not pay two setsockopt calls. A bound that runs out
+    DEADLINE_SLACK_S: a receive does not pay a setsockopt call. A bound that runs out
     before the deadline just re-checks it and waits again.
 
     Waiting for a frame to begin polls first (busy_poll.py), on plain sockets only: an SSL
@@ -78,8 +81,8 @@ class FrameSocket:
         if not self._tls:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(seconds))
 
-    def _bound(self, timeout_s: float) -> None:
-        """Each receive may block at most `timeout_s`."""
+    def _bound(self, timeout_s: float | None) -> None:
+        """Each receive may block at most `timeout_s` (None: for as long as it takes)."""
         if timeout_s == self._timeout:
             return
         self._timeout = timeout_s
@@ -88,7 +91,7 @@ class FrameSocket:
             # so TLS sockets use the Python-level timeout (it bounds their sends too).
             self.sock.settimeout(timeout_s)
         else:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout_s))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout_s or 0.0))
 
     def _bound_until(self, deadline: float) -> None:
         remaining = deadline - time.monotonic()
@@ -160,10 +163,17 @@ class FrameSocket:
         while True:
             if deadline is not None:
                 self._bound_until(deadline)
+            elif self._timeout is not None and self._timeout < IDLE_BOUND_MIN_S:
+                self._bound(None)        # an idle wait must not wake up often for nothing
             try:
                 k = self.sock.recv_into(view)
-            except (BlockingIOError, socket.timeout):
-                continue                 # the kernel's bound ran out: check the deadline again
+            except BlockingIOError:
+                continue                 # SO_RCVTIMEO ran out: check the deadline again
+            except socket.timeout:
+                if self._tls:
+                    continue             # the TLS socket's timeout ran out: likewise
+                # On a plain socket this is ETIMEDOUT: TCP gave up on the peer.
+                raise ConnectionError("the connection timed out") from None
             if k == 0:
                 raise ConnectionError("peer closed the connection")
             return k
