@@ -32,7 +32,8 @@ def test_local_bench_reports_data_and_control_paths(busy_poll_us):
     baselines = [name for name in control if name.startswith("raw Unix socket")]
     assert len(baselines) == (2 if busy_poll_us else 1), "a polling baseline only when the fabric polls"
     for name in ("alloc 4KiB", "free 4KiB", "alloc+free 4KiB", "alloc+free 4KiB, namespace empty",
-                 "map+unmap 1MiB", "namespace create", "namespace destroy"):
+                 "map+unmap 1MiB", "map+write+unmap 1MiB", "alloc+write+free 1MiB, namespace empty",
+                 "namespace create", "namespace destroy"):
         assert control[name]["median_us"] > 0
     assert control["alloc+free 4KiB"]["server_cpu_us"] > 0, "the servers' CPU per alloc+free is measured"
 

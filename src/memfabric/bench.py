@@ -41,25 +41,17 @@ class Result:
 
 
 class ServerCpu:
-    """CPU time used by the fabric's server processes (all threads), from /proc/*/schedstat:
-    what an operation costs the servers, polling included."""
+    """CPU time used by the server behind a link (its whole process, as it reports it):
+    what an operation costs the server, polling included."""
 
-    def __init__(self, pids: list[int]) -> None:
-        self.pids = pids
+    def __init__(self, link) -> None:
+        self.link = link
 
     def used_us(self) -> float:
-        total_ns = 0
-        for pid in self.pids:
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                try:
-                    with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                        total_ns += int(f.read().split()[0])
-                except FileNotFoundError:    # a thread that just ended
-                    pass
-        return total_ns / 1000
+        return self.link.call("stats")["cpu_s"] * 1e6
 
     def per_call(self, fn: Callable[[], object]) -> tuple[Callable[[], object], Callable[[], float]]:
-        """`fn` counted, and a function giving the servers' CPU per call since this one."""
+        """`fn` counted, and a function giving the server's CPU per call since this one."""
         calls = [0]
         start = self.used_us()
 
@@ -191,6 +183,26 @@ def bench_control_path(session: Session, repeat: int, cpu: ServerCpu | None = No
             with bm.map():
                 pass
         results.append(summarize("map+unmap 1MiB", 1 << 20, measure(map_unmap, n), None))
+        # What a mapping or a new object costs when it is used: first touches included.
+        one_mib = np.ones(1 << 20, dtype=np.uint8)
+
+        def map_write_unmap() -> None:
+            with bm.map() as m:
+                m.view[:] = one_mib.data
+        results.append(summarize("map+write+unmap 1MiB", 1 << 20, measure(map_write_unmap, n), None))
+        empty = session.create_namespace(f"bench-ctl-empty-{time.monotonic_ns()}", sec_id="bench")
+
+        def alloc_write_free() -> None:
+            fresh = empty.alloc(1 << 20)
+            fresh.write(one_mib)
+            fresh.free()
+        try:
+            # Each free empties the namespace, so each alloc maps its segment afresh: the
+            # write lands on pages this process has not touched.
+            results.append(summarize("alloc+write+free 1MiB, namespace empty", 1 << 20,
+                                     measure(alloc_write_free, min(n, 200)), None))
+        finally:
+            empty.destroy()
         names = iter(range(10**9))
         created = []
 
@@ -274,16 +286,21 @@ class RawPeer:
         self._listener.close()
 
 
+# Longer than any polling window: the previous block's pollers have gone to sleep.
+BETWEEN_BLOCKS_S = 0.002
+
+
 def measure_interleaved(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, list[float]]:
     """Like measure(), for several fns whose figures are compared: they take turns in
     blocks, so slow stretches of a noisy machine fall on all of them alike. Each block
-    starts with untimed calls, which bring the block to steady state: a polling peer of
-    the previous block has gone back to sleep by then, and this one's is polling."""
+    starts after a pause (the previous block's pollers go back to sleep) and with untimed
+    calls, which bring this block's peers to steady state."""
     block = max(1, min(20, repeat // 3))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     clock = time.perf_counter_ns
     while len(samples[next(iter(fns))]) < repeat:
         for name, fn in fns.items():
+            time.sleep(BETWEEN_BLOCKS_S)
             for _ in range(3):
                 fn()
             for _ in range(block):
@@ -305,14 +322,15 @@ def bench_remote(session: Session, sizes: list[int], repeat: int, cpu: ServerCpu
             n = repeat or default_repeat(size) // 4 + 10
             src = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
             dst = np.empty(size, dtype=np.uint8)
-            src_view, dst_view = memoryview(src).cast("B"), memoryview(dst).cast("B")
+            # The raw reads land elsewhere: the check below must see what the RPC read.
+            src_view, raw_dst = memoryview(src).cast("B"), memoryview(bytearray(size))
             bm = ns.alloc(size)
             for op in ("write", "read"):
                 fns: dict[str, Callable[[], object]] = {}
                 for mode, _ in modes:
                     peer = peers[mode]
                     fns[f"raw socket {op}, {mode}"] = ((lambda p=peer: p.write(src_view)) if op == "write"
-                                                       else (lambda p=peer: p.read(dst_view)))
+                                                       else (lambda p=peer: p.read(raw_dst)))
                 rpc_op = (lambda: bm.write(src)) if op == "write" else (lambda: bm.read(0, into=dst))
                 # Only the RPC calls make the servers work: their CPU over the run, per call.
                 fns[f"{op} (RPC)"], cpu_per_call = cpu.per_call(rpc_op) if cpu else (rpc_op, None)
@@ -360,15 +378,12 @@ def run_bench(directory: str | None, sizes: list[int], repeat: int, as_json: boo
             run_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="mf-bench-", dir="/tmp"))
             largest = max(sizes)
             capacity = max(256 << 20, 4 * largest)
-            fabric = stack.enter_context(LocalFabric(run_dir, servers=1, capacity=f"{capacity >> 20}MiB",
-                                                     busy_poll_us=busy_poll_us))
-            cpu = ServerCpu(list(fabric.server_pids().values()))
+            stack.enter_context(LocalFabric(run_dir, servers=1, capacity=f"{capacity >> 20}MiB",
+                                            busy_poll_us=busy_poll_us))
             directory = run_dir
-        else:
-            cpu = None      # a fabric we did not start: its servers' CPU is not ours to read
         session = stack.enter_context(init(directory, busy_poll_us=busy_poll_us))
         data = bench_data_path(session, sizes, repeat)
-        control = bench_control_path(session, repeat, cpu)
+        control = bench_control_path(session, repeat, ServerCpu(session.local))
     if as_json:
         print(json.dumps({"data_path": [asdict(r) for r in data],
                           "control_path": [asdict(r) for r in control]}, indent=2))
@@ -399,13 +414,10 @@ def run_remote_bench(directory: str | None, sizes: list[int], repeat: int, as_js
         if directory is None:
             directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="mf-bench-", dir="/tmp"))
             capacity = max(256 << 20, 4 * max(sizes))
-            fabric = stack.enter_context(LocalFabric(directory, servers=1, capacity=f"{capacity >> 20}MiB",
-                                                     busy_poll_us=busy_poll_us))
-            cpu: ServerCpu | None = ServerCpu(list(fabric.server_pids().values()))
-        else:
-            cpu = None
+            stack.enter_context(LocalFabric(directory, servers=1, capacity=f"{capacity >> 20}MiB",
+                                            busy_poll_us=busy_poll_us))
         session = stack.enter_context(init(os.path.join(directory, "remote.toml"), busy_poll_us=busy_poll_us))
-        data = bench_remote(session, sizes, repeat, cpu)
+        data = bench_remote(session, sizes, repeat, ServerCpu(session.local))
     with tempfile.TemporaryDirectory(prefix="mf-kill-", dir="/tmp") as kill_dir:
         notice_s = time_to_notice_a_killed_server(kill_dir)
     if as_json:
