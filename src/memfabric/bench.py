@@ -286,23 +286,27 @@ class RawPeer:
         self._listener.close()
 
 
-# Longer than any polling window: the previous block's pollers have gone to sleep.
-BETWEEN_BLOCKS_S = 0.002
+# Each block warms up for at least this long, several polling windows: the previous
+# block's pollers are asleep by the time this one is timed. (A pause between blocks would
+# do that too, but it lets the machine go idle: the next calls then ran cold, 250 us.)
+BLOCK_WARMUP_S = 0.001
 
 
 def measure_interleaved(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, list[float]]:
     """Like measure(), for several fns whose figures are compared: they take turns in
     blocks, so slow stretches of a noisy machine fall on all of them alike. Each block
-    starts after a pause (the previous block's pollers go back to sleep) and with untimed
-    calls, which bring this block's peers to steady state."""
+    starts with untimed calls (BLOCK_WARMUP_S), which bring this block's peers to steady
+    state and outlast the previous block's polling."""
     block = max(1, min(20, repeat // 3))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     clock = time.perf_counter_ns
     while len(samples[next(iter(fns))]) < repeat:
         for name, fn in fns.items():
-            time.sleep(BETWEEN_BLOCKS_S)
-            for _ in range(3):
+            warm_until = time.perf_counter() + BLOCK_WARMUP_S
+            calls = 0
+            while calls < 3 or time.perf_counter() < warm_until:
                 fn()
+                calls += 1
             for _ in range(block):
                 t0 = clock()
                 fn()
