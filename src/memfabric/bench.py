@@ -73,6 +73,34 @@ def measure(fn: Callable[[], object], repeat: int, warmup: int = 3) -> list[floa
     return samples
 
 
+# Each block warms up for at least this long, several polling windows: the previous
+# block's pollers are asleep by the time this one is timed. (A pause between blocks would
+# do that too, but it lets the machine go idle: the next calls then ran cold, 250 us.)
+BLOCK_WARMUP_S = 0.001
+
+
+def measure_interleaved(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, list[float]]:
+    """Like measure(), for several fns whose figures are compared: they take turns in
+    blocks, so slow stretches of a noisy machine fall on all of them alike. Each block
+    starts with untimed calls (BLOCK_WARMUP_S), which bring this block's peers to steady
+    state and outlast the previous block's polling."""
+    block = max(1, min(20, repeat // 3))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    clock = time.perf_counter_ns
+    while len(samples[next(iter(fns))]) < repeat:
+        for name, fn in fns.items():
+            warm_until = time.perf_counter() + BLOCK_WARMUP_S
+            calls = 0
+            while calls < 3 or time.perf_counter() < warm_until:
+                fn()
+                calls += 1
+            for _ in range(block):
+                t0 = clock()
+                fn()
+                samples[name].append((clock() - t0) / 1000)
+    return samples
+
+
 def summarize(name: str, size: int, samples: list[float], memcpy_median_us: float | None) -> Result:
     samples.sort()
     median = statistics.median(samples)
@@ -87,28 +115,34 @@ def default_repeat(size: int) -> int:
 
 
 def bench_data_path(session: Session, sizes: list[int], repeat: int) -> list[Result]:
+    """Each size's memcpy and fabric copies take turns in blocks (measure_interleaved), so
+    their ratios compare the same stretches of a noisy machine."""
     ns = session.create_namespace(f"bench-{time.monotonic_ns()}", sec_id="bench")
     results: list[Result] = []
     try:
         for size in sizes:
             n = repeat or default_repeat(size)
             src = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
-            dst = np.empty(size, dtype=np.uint8)
-            dst[:] = 1   # fault it in: memcpy's baseline must not pay for page faults
-            base = summarize("memcpy (numpy)", size, measure(lambda: np.copyto(dst, src), n), None)
-            results.append(base)
+            # Each read lands in its own buffer, faulted in first: memcpy's baseline must not
+            # pay for page faults, and each check below proves its own path.
+            into_copy, into_api, into_map = (np.ones(size, dtype=np.uint8) for _ in range(3))
             bm = ns.alloc(size)
-            results.append(summarize("write (API)", size, measure(lambda: bm.write(src), n), base.median_us))
-            results.append(summarize("read into (API)", size, measure(lambda: bm.read(0, into=dst), n),
-                                     base.median_us))
-            assert np.array_equal(dst, src), "read back differs from what was written"
             with bm.map() as m:
                 mapped = [np.frombuffer(m.view, dtype=np.uint8)]   # dropped before the unmap
-                results.append(summarize("write (mapping)", size,
-                                         measure(lambda: np.copyto(mapped[0], src), n), base.median_us))
-                results.append(summarize("read (mapping)", size,
-                                         measure(lambda: np.copyto(dst, mapped[0]), n), base.median_us))
+                samples = measure_interleaved({
+                    "memcpy (numpy)": lambda: np.copyto(into_copy, src),
+                    "write (API)": lambda: bm.write(src),
+                    "read into (API)": lambda: bm.read(0, into=into_api),
+                    "write (mapping)": lambda: np.copyto(mapped[0], src),
+                    "read (mapping)": lambda: np.copyto(into_map, mapped[0]),
+                }, n)
                 mapped.clear()
+            assert np.array_equal(into_api, src) and np.array_equal(into_map, src), \
+                "read back differs from what was written"
+            base = summarize("memcpy (numpy)", size, samples.pop("memcpy (numpy)"), None)
+            results.append(base)
+            for name, taken in samples.items():
+                results.append(summarize(name, size, taken, base.median_us))
             bm.free()
     finally:
         ns.destroy()
@@ -284,34 +318,6 @@ class RawPeer:
         self._child.terminate()
         self._child.join(5)
         self._listener.close()
-
-
-# Each block warms up for at least this long, several polling windows: the previous
-# block's pollers are asleep by the time this one is timed. (A pause between blocks would
-# do that too, but it lets the machine go idle: the next calls then ran cold, 250 us.)
-BLOCK_WARMUP_S = 0.001
-
-
-def measure_interleaved(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, list[float]]:
-    """Like measure(), for several fns whose figures are compared: they take turns in
-    blocks, so slow stretches of a noisy machine fall on all of them alike. Each block
-    starts with untimed calls (BLOCK_WARMUP_S), which bring this block's peers to steady
-    state and outlast the previous block's polling."""
-    block = max(1, min(20, repeat // 3))
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    clock = time.perf_counter_ns
-    while len(samples[next(iter(fns))]) < repeat:
-        for name, fn in fns.items():
-            warm_until = time.perf_counter() + BLOCK_WARMUP_S
-            calls = 0
-            while calls < 3 or time.perf_counter() < warm_until:
-                fn()
-                calls += 1
-            for _ in range(block):
-                t0 = clock()
-                fn()
-                samples[name].append((clock() - t0) / 1000)
-    return samples
 
 
 def bench_remote(session: Session, sizes: list[int], repeat: int, cpu: ServerCpu | None = None) -> list[Result]:
