@@ -17,6 +17,7 @@ import pytest
 import memfabric
 from memfabric import Affinity, OutOfMemory
 
+KiB = 1 << 10
 MiB = 1 << 20
 WAIT_S = 10.0       # the bound on every wait for something the servers do asynchronously
 CHILD_WAIT_S = 15.0  # the bound on every wait for another process

@@ -10,9 +10,8 @@ import pytest
 
 from memfabric.datapath.mapping import SharedRange
 
-from ..helpers import resident_bytes
+from ..helpers import MiB, resident_bytes
 
-MiB = 1 << 20
 
 
 @pytest.fixture

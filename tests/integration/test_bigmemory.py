@@ -14,10 +14,8 @@ import pytest
 import memfabric
 from memfabric import Affinity, OperatorCode
 from memfabric.errors import BmError, InvalidArgument, IOError_, NoSuchObject, OutOfMemory, OutOfRange
-from ..helpers import ns_name, random_bytes, resident_bytes
+from ..helpers import KiB, MiB, ns_name, random_bytes, resident_bytes
 
-KiB = 1 << 10
-MiB = 1 << 20
 PLACEMENTS = ("local", "server", "spread")
 
 
@@ -60,12 +58,6 @@ def assert_same(got: bytes | np.ndarray, want: np.ndarray) -> None:
 # ---- fixtures ------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def ns(session, request):
-    name = ns_name(request)
-    handle = session.create_namespace(name, sec_id=f"sec-{name}")
-    yield handle
-    session.destroy_namespace(name, f"sec-{name}")
 
 
 # ---- placement, read, write ------------------------------------------------------------------
@@ -297,26 +289,16 @@ def test_overlapping_copy_within_one_extent(ns, direction):
     assert_same(bm.read(), want)
 
 
-def test_overlapping_copy_to_lower_offset_across_extents(ns):
-    bm = ns.alloc(3 * MiB)
+@pytest.mark.parametrize("size, src, dst, length, seed", [
+    (3 * MiB, MiB // 2 + 3, 100, 2 * MiB, 14),          # to a lower offset
+    (2 * MiB, 0, MiB // 2, MiB + MiB // 2, 15),         # to a higher offset
+], ids=["to-lower-offset", "to-higher-offset"])
+def test_overlapping_copy_across_extents(ns, size, src, dst, length, seed):
+    bm = ns.alloc(size)
     if len(bm.extents) < 2:
-        pytest.fail(f"a 3 MiB object should span several 1 MiB segments: {bm.extents}")
-    data = random_bytes(bm.size, seed=14)
+        pytest.fail(f"a {size >> 20} MiB object should span several 1 MiB segments: {bm.extents}")
+    data = random_bytes(bm.size, seed=seed)
     bm.write(data)
-    src, dst, length = MiB // 2 + 3, 100, 2 * MiB
-    bm.copy_to(bm, src_offset=src, dst_offset=dst, length=length)
-    want = data.copy()
-    want[dst:dst + length] = data[src:src + length]
-    assert_same(bm.read(), want)
-
-
-def test_overlapping_copy_to_higher_offset_across_extents(ns):
-    bm = ns.alloc(2 * MiB)
-    if len(bm.extents) < 2:
-        pytest.fail(f"a 2 MiB object should span two 1 MiB segments: {bm.extents}")
-    data = random_bytes(bm.size, seed=15)
-    bm.write(data)
-    src, dst, length = 0, MiB // 2, MiB + MiB // 2
     bm.copy_to(bm, src_offset=src, dst_offset=dst, length=length)
     want = data.copy()
     want[dst:dst + length] = data[src:src + length]

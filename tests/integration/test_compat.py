@@ -36,10 +36,8 @@ from memfabric.compat import (
     QueryNsCache,
 )
 
-from ..helpers import random_bytes
+from ..helpers import KiB, MiB, random_bytes
 
-KiB = 1 << 10
-MiB = 1 << 20
 OK = 0
 
 

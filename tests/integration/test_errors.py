@@ -27,11 +27,8 @@ from memfabric.errors import (
     PermissionDenied,
 )
 from memfabric.limits import MAX_MESSAGE_BYTES, MAX_OBJECT_BYTES
-from ..helpers import alloc_when_possible, ns_name, random_bytes, wait_until
+from ..helpers import KiB, MiB, WAIT_S, alloc_when_possible, ns_name, random_bytes, wait_until
 
-KiB = 1 << 10
-MiB = 1 << 20
-WAIT_S = 10.0       # the bound on every wait for something the servers do asynchronously
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -40,13 +37,6 @@ WAIT_S = 10.0       # the bound on every wait for something the servers do async
 def other_server(s: memfabric.Session) -> int:
     return next(x["server_id"] for x in s.servers() if x["alive"] and x["server_id"] != s.local.server_id)
 
-
-@pytest.fixture
-def ns(session, request):
-    name = ns_name(request)
-    handle = session.create_namespace(name, sec_id=f"sec-{name}")
-    yield handle
-    session.destroy_namespace(name, f"sec-{name}")
 
 
 # ---- capacity ------------------------------------------------------------------------------

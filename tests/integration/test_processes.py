@@ -19,10 +19,8 @@ from memfabric import Affinity
 from memfabric.errors import NoSuchObject, ServerUnavailable
 
 from ..conftest import run_client
-from ..helpers import Child, wait_until as _wait_until
+from ..helpers import CHILD_WAIT_S as WAIT_S, Child, MiB, wait_until as _wait_until
 
-MiB = 1 << 20
-WAIT_S = 15.0       # the bound on every wait for another process
 
 
 def wait_until(condition, what: str, timeout_s: float = WAIT_S):

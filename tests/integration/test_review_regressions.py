@@ -38,11 +38,8 @@ from memfabric.limits import (
     MAX_SEC_ID_BYTES,
 )
 
-from ..helpers import Child, alloc_when_possible, stop_process, wait_until
+from ..helpers import WAIT_S, Child, KiB, MiB, alloc_when_possible, stop_process, wait_until
 
-KiB = 1 << 10
-MiB = 1 << 20
-WAIT_S = 10.0       # the bound on every wait for something the servers do asynchronously
 
 
 # ---- helpers -------------------------------------------------------------------------------

@@ -17,9 +17,8 @@ from memfabric.datapath.rpc_link import RpcLink
 from memfabric.launcher import LocalFabric, wait_for_line
 
 from ..conftest import short_tmp_dir
-from ..helpers import stop_process
+from ..helpers import MiB, stop_process
 
-MiB = 1 << 20
 
 
 @pytest.fixture(scope="module")

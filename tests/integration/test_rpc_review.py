@@ -33,11 +33,9 @@ from memfabric.limits import DEFAULT_REQUEST_TIMEOUT_S, MAX_CLIENTS_PER_SERVER
 from memfabric.transport import rpc, wire
 
 from ..conftest import short_tmp_dir
-from ..helpers import alloc_when_possible, random_bytes, stop_process, wait_until
+from ..helpers import MiB, WAIT_S, alloc_when_possible, random_bytes, stop_process, wait_until
 from .test_rpc import _openssl_cert
 
-MiB = 1 << 20
-WAIT_S = 10.0                                   # the bound on any one wait for a server
 CLOSE_BOUND_S = 3 * DEFAULT_REQUEST_TIMEOUT_S   # a stalled frame must be cut off well before this
 CALL_BOUND_S = 10.0                             # a call with a 2 s deadline must end well before this
 
