@@ -250,6 +250,8 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert a.free_bytes() >= 0
         assert a.live_bytes() + a.resting_bytes() + a.free_bytes() == a.capacity_bytes
         assert a.capacity_bytes == self.seg_count * self.seg_size
+        for o in OWNERS:     # the allocator's index of owners agrees with the segments
+            assert a.segments_of(o) == [s for s in range(self.seg_count) if a.owner_of(s) == o]
 
     @invariant()
     def live_extents_disjoint_aligned_and_owned(self) -> None:
