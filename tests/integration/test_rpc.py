@@ -17,7 +17,7 @@ from memfabric.datapath.rpc_link import RpcLink
 from memfabric.launcher import LocalFabric, wait_for_line
 
 from ..conftest import short_tmp_dir
-from ..helpers import MiB, stop_process
+from ..helpers import MiB, stop_process, wait_until
 
 
 
@@ -198,6 +198,18 @@ def test_killed_server_fails_its_objects_only(fresh_fabric):
             doomed.read(0, 1)
         survivor.write(b"ok")
         assert survivor.read(0, 2) == b"ok"
+
+
+def test_a_remote_link_sees_its_server_die_without_a_call(fresh_fabric):
+    fab = fresh_fabric(servers=2, capacity="8MiB")
+    with memfabric.init(os.path.join(fab.directory, "remote.toml"), timeout_s=2.0) as s:
+        link = s.link(2)
+        assert not link.is_local and not link.peer_gone()
+        link.check_alive()
+        os.kill(fab.server_pids()[2], signal.SIGKILL)
+        wait_until(link.peer_gone, "the link to see its server's end hung up")
+        with pytest.raises(memfabric.ServerUnavailable):
+            link.check_alive()
 
 
 def _openssl_cert(directory: str) -> tuple[str, str]:

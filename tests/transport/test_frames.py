@@ -101,6 +101,20 @@ def test_the_deadline_holds_for_a_silent_peer(frames):
     assert time.monotonic() - started < WAIT_S
 
 
+def test_a_hang_up_is_seen_and_unread_data_is_not_one(frames):
+    client, server = frames
+    server.send({"id": 4})                       # a reply waiting, unread
+    time.sleep(0.05)
+    assert not client.peer_gone()
+    server.close()
+    deadline = time.monotonic() + WAIT_S
+    while not client.peer_gone():
+        assert time.monotonic() < deadline, "the hang-up was never seen"
+        time.sleep(0.01)
+    header, _ = client.recv_header(time.monotonic() + WAIT_S)   # what was sent still arrives
+    assert header == {"id": 4}
+
+
 def test_a_trickled_frame_cannot_stretch_the_deadline(frames):
     client, server = frames
     stop = threading.Event()

@@ -138,14 +138,19 @@ class ServerLink:
 
     # ---- liveness -------------------------------------------------------------------
 
+    def peer_gone(self) -> bool:
+        """Closed, or the server hung up (a restarted peer leaves our old link so)."""
+        if not self._closed and self._channel.peer_gone():
+            self._fail()
+        return self._closed
+
     def check_alive(self) -> None:
+        """peer_gone(), at most once per LIVENESS_CHECK_EVERY_S: reads and writes call this."""
         now = time.monotonic()
         if now - self._checked_at < LIVENESS_CHECK_EVERY_S and not self._closed:
             return
         self._checked_at = now
-        if self._closed or self._channel.peer_gone():
-            if not self._closed:
-                self._fail()
+        if self.peer_gone():
             raise ServerUnavailable(f"server {self.server_id} at {self.ipc_socket} is gone")
 
     # ---- memory it hands over -----------------------------------------------------------

@@ -20,7 +20,7 @@ from ..errors import (LimitExceeded, MemfabricError, ProtocolError, ServerUnavai
                       error_from_code)
 from ..limits import BUSY_POLL_US, DEFAULT_REQUEST_TIMEOUT_S, MAX_RPC_IN_FLIGHT
 from ..transport import rpc
-from .link import Creds
+from .link import LIVENESS_CHECK_EVERY_S, Creds
 
 
 class Pending:
@@ -56,6 +56,7 @@ class RpcLink:
         self._pending: dict[int, Pending] = {}
         self._next_id = 1
         self._closed = False
+        self._checked_at = 0.0
         hello = self.call("hello", role=role)
         self.host: str = hello["host"]
 
@@ -179,8 +180,19 @@ class RpcLink:
     def closed(self) -> bool:
         return self._closed
 
+    def peer_gone(self) -> bool:
+        """Closed, or the server hung up (a restarted peer leaves our old link so)."""
+        if not self._closed and self._frames.peer_gone():
+            self.close()
+        return self._closed
+
     def check_alive(self) -> None:
-        if self._closed:
+        """peer_gone(), at most once per LIVENESS_CHECK_EVERY_S: reads and writes call this."""
+        now = time.monotonic()
+        if now - self._checked_at < LIVENESS_CHECK_EVERY_S and not self._closed:
+            return
+        self._checked_at = now
+        if self.peer_gone():
             raise ServerUnavailable(f"server {self.server_id} at {self.address} is gone")
 
     def release_namespace(self, pool: str, ns: str) -> None:

@@ -144,10 +144,7 @@ class Server:
                            if parse_bm_id(b)[0] == home})
         alive: set[str] = set()
         for i in range(0, len(held), OBJECTS_PER_QUERY):
-            try:
-                reply = self._peer(home).call("objects_alive", ids=held[i:i + OBJECTS_PER_QUERY])
-            except ServerUnavailable:    # a link to the home's previous process: once more, afresh
-                reply = self._peer(home).call("objects_alive", ids=held[i:i + OBJECTS_PER_QUERY])
+            reply = self._peer(home).call("objects_alive", ids=held[i:i + OBJECTS_PER_QUERY])
             alive.update(reply["alive"])
         gone = set(held) - alive
         released = 0
@@ -925,12 +922,8 @@ class Server:
     def _peer(self, server_id: int) -> ServerLink:
         with self._peers_lock:
             link = self._peers.get(server_id)
-        if link is not None and not link.closed:
-            try:
-                link.check_alive()        # a restarted peer left our old link hung up
-                return link
-            except ServerUnavailable:
-                pass
+        if link is not None and not link.peer_gone():    # a restarted peer leaves it hung up
+            return link
         record = next((s for s in self.view(fresh=True) if s.server_id == server_id), None)
         if record is None or not record.alive:
             raise ServerUnavailable(f"server {server_id} is not alive")

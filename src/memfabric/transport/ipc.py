@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import array
 import os
-import select
 import socket
 import struct
 from typing import Any
@@ -18,6 +17,7 @@ from ..errors import ProtocolError, ServerUnavailable, Timeout
 from ..limits import CONNECT_TIMEOUT_S, MAX_FDS_PER_MESSAGE, MAX_MESSAGE_BYTES
 from . import wire
 from .busy_poll import BusyPoll
+from .hangup import HangUpWatch
 
 _ANCILLARY_BYTES = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
 
@@ -33,8 +33,7 @@ class IpcChannel:
         self.sock = sock
         self._busy_poll = BusyPoll(busy_poll_s)
         self._buffer = bytearray(MAX_MESSAGE_BYTES)    # received into: no allocation per message
-        self._poller = select.poll()
-        self._poller.register(sock.fileno(), select.POLLRDHUP)
+        self._hang_up = HangUpWatch(sock)
         for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             sock.setsockopt(socket.SOL_SOCKET, opt, MAX_MESSAGE_BYTES * 2)
 
@@ -104,17 +103,8 @@ class IpcChannel:
             raise socket.timeout("receive timed out") from None
 
     def peer_gone(self) -> bool:
-        """Cheap non-blocking check (one poll syscall) that the peer has not hung up.
-
-        Looks only at hang-up events, so a reply waiting to be read by another thread
-        is not mistaken for an end of stream.
-        """
-        try:
-            events = self._poller.poll(0)
-        except (OSError, ValueError):
-            return True
-        return any(ev & (select.POLLHUP | select.POLLRDHUP | select.POLLERR | select.POLLNVAL)
-                   for _, ev in events)
+        """The peer hung up (one non-blocking poll; see hangup.py)."""
+        return self._hang_up.peer_gone()
 
     def close(self) -> None:
         try:

@@ -30,6 +30,7 @@ from ..errors import PermissionDenied, ProtocolError, ServerUnavailable, Timeout
 from ..limits import HANDSHAKE_TIMEOUT_S, MAX_MESSAGE_BYTES, MAX_RPC_PAYLOAD_BYTES
 from . import wire
 from .busy_poll import BusyPoll
+from .hangup import HangUpWatch
 
 PREFIX = struct.Struct("!IQ")
 PROTOCOL = "memfabric-rpc/1"
@@ -61,6 +62,7 @@ class FrameSocket:
         self.sock = sock
         self._tls = isinstance(sock, ssl.SSLSocket)
         self._busy_poll = BusyPoll(0.0 if self._tls else busy_poll_s)
+        self._hang_up = HangUpWatch(sock)
         self._block = memoryview(bytearray(FIRST_BLOCK))
         self._send_timeout_s = 10.0
         if self._tls:
@@ -189,6 +191,10 @@ class FrameSocket:
             take = min(n, len(scratch))
             self.recv_into_exact(scratch[:take], deadline)
             n -= take
+
+    def peer_gone(self) -> bool:
+        """The peer hung up (one non-blocking poll; see hangup.py)."""
+        return self._hang_up.peer_gone()
 
     def close(self) -> None:
         try:
