@@ -463,19 +463,27 @@ def test_garbage_arguments_are_invalid_argument(fabric, session, ns):
     assert bm.read(0, 4) == bytes(4)
 
 
-def test_requests_missing_fields_are_invalid_argument(session, ns):
-    codes = []
-    for op, args in [("copy", {}),
-                     ("copy", {"src": "not a map", "dst": 5}),
-                     ("gather", {"operator": "concat",
-                                 "inputs": [{"pool": "default", "ns": ns.name, "sec": f"sec-{ns.name}",
-                                             "bm_id": ns.alloc(8).bm_id, "offset": 0, "length": 8}]})]:
-        try:
-            session.local.call(op, **args)
-            codes.append(0)
-        except memfabric.MemfabricError as exc:
-            codes.append(exc.code)
-    assert codes == [BmError.INVALID_ARGUMENT] * 3
+def test_requests_missing_fields_are_invalid_argument(fabric, session, ns):
+    sec = f"sec-{ns.name}".encode()
+    requests = [("copy", {}),
+                ("copy", {"src": "not a map", "dst": 5}),
+                ("gather", {"operator": "concat",
+                            "inputs": [{"pool": "default", "ns": ns.name, "sec": f"sec-{ns.name}",
+                                        "bm_id": ns.alloc(8).bm_id, "offset": 0, "length": 8}]}),
+                # Names that are not strings (once an INTERNAL_ERROR: they were used as dict keys).
+                ("alloc", {"pool": ["default"], "ns": ns.name, "sec": sec, "size": 8}),
+                ("alloc", {"pool": "default", "ns": {"n": 1}, "sec": sec, "size": 8})]
+    with memfabric.init(os.path.join(fabric.directory, "remote.toml")) as remote:
+        for link in (session.local, remote.local):          # IPC, then RPC
+            codes = []
+            for op, args in requests:
+                try:
+                    link.call(op, **dict(args))
+                    codes.append(0)
+                except memfabric.MemfabricError as exc:
+                    codes.append(exc.code)
+            assert codes == [BmError.INVALID_ARGUMENT] * len(requests), (link, codes)
+            assert link.call("hello", role="client")["server_id"], "the connection still serves"
 
 
 # ---- namespaces and pools -------------------------------------------------------------------

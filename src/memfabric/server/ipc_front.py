@@ -76,7 +76,7 @@ class IpcFront:
                     os.close(fd)
                 owned_fds = False
                 try:
-                    result = self.server.dispatch(conn, request)
+                    result = self.server.serve(conn, request)
                     if isinstance(result, Payload):
                         raise InvalidArgument(f"{request.get('op')!r} answers with raw bytes: RPC only")
                     if isinstance(result, tuple):
@@ -90,8 +90,8 @@ class IpcFront:
                     if isinstance(exc, ProtocolError):   # our reply would not fit in one message
                         exc = LimitExceeded(f"the reply to {request.get('op')!r} is too large: {exc}")
                     data, reply_fds = wire.encode(wire.error_reply(request["id"], exc)), []
-                except Exception as exc:   # a bug: report it, keep serving others
-                    log.exception("operation %r failed", request.get("op"))
+                except Exception as exc:   # a reply we could not encode: a bug; keep serving
+                    log.exception("the reply to %r could not be encoded", request.get("op"))
                     data, reply_fds = wire.encode(wire.error_reply(request["id"], InternalError(
                         f"internal error in {request.get('op')!r}: {exc!r}"))), []
                 try:

@@ -122,7 +122,7 @@ class RpcFront:
                 else:
                     if payload_len:
                         raise ProtocolError(f"{op!r} carries no payload")
-                    result = self.server.dispatch(conn, request)
+                    result = self.server.serve(conn, request)
                     if isinstance(result, tuple):
                         raise ProtocolError(f"{op!r} hands over file descriptors: same host only")
                     if isinstance(result, Payload):
@@ -134,7 +134,7 @@ class RpcFront:
             except (OSError, ConnectionError) as exc:   # the client stalled or went away mid-transfer
                 log.info("RPC connection %d closed during %r: %s", conn.id, op, exc)
                 return
-            except Exception as exc:   # a bug: report it, keep serving
+            except Exception as exc:   # a bug in the transfer path (serve() covers the rest): keep serving
                 log.exception("RPC operation %r failed", op)
                 reply, payload = wire.error_reply(request["id"], InternalError(f"internal error in {op!r}: {exc!r}")), None
             try:

@@ -31,8 +31,8 @@ from ..datapath import reduce
 from ..datapath.connect import connect_to
 from ..datapath.link import Creds, ServerLink
 from ..transport import rpc
-from ..errors import (InvalidArgument, MemfabricError, NoSuchNamespace, NoSuchObject, NoSuchPool, OutOfMemory,
-                      OutOfRange, PermissionDenied, ServerUnavailable)
+from ..errors import (InternalError, InvalidArgument, MemfabricError, NoSuchNamespace, NoSuchObject, NoSuchPool,
+                      OutOfMemory, OutOfRange, PermissionDenied, ServerUnavailable)
 from ..limits import (MAX_BATCH_IDS, MAX_EXTENTS_PER_OBJECT, MAX_FDS_PER_MESSAGE, MAX_OBJECT_BYTES,
                       PAGE_SIZE_BYTES, PEER_TIMEOUT_S, REUSE_GRACE_S)
 from ..config import ServerConfig
@@ -299,6 +299,17 @@ class Server:
             raise PermissionDenied(f"{op!r} is for servers of this cluster only")
         return handler(conn, message)
 
+    def serve(self, conn: Connection, message: dict[str, Any]) -> Reply:
+        """dispatch() as both front doors use it: an error outside the vocabulary is a bug,
+        logged and answered as INTERNAL_ERROR, and the connection and the server go on."""
+        try:
+            return self.dispatch(conn, message)
+        except MemfabricError:
+            raise
+        except Exception as exc:
+            log.exception("operation %r failed", message.get("op"))
+            raise InternalError(f"internal error in {message.get('op')!r}: {exc!r}") from None
+
     def disconnected(self, conn: Connection) -> None:
         """A client went away: its segments and mappings no longer keep memory from reuse."""
         to_release: list[tuple[NamespaceState, str, list[Placement], Creds | None]] = []
@@ -324,7 +335,8 @@ class Server:
     def _namespace(self, conn: Connection, m: dict[str, Any]) -> tuple[NamespaceState, Creds]:
         # Fast path: this connection already proved these exact credentials for this incarnation.
         key = (m.get("pool"), m.get("ns"))
-        proven = conn.verified.get(key)
+        # Only names can be keys: anything else goes the slow way, which says what is wrong.
+        proven = conn.verified.get(key) if type(key[0]) is str and type(key[1]) is str else None
         if proven is not None:
             state = self.namespaces.get(key)
             sec = m.get("sec")
