@@ -14,7 +14,6 @@ Buffers are anything with the buffer protocol; BM_ReadSec fills its buffer in pl
 from __future__ import annotations
 
 import functools
-import hmac
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -100,8 +99,7 @@ def _object(info: BmInfo) -> BigMemory:
         # The fast path never asks the server, so the secId presented is checked here,
         # against the one the cached handle proved to its server.
         ns = cached.namespace
-        sec = info.sec_id.encode() if isinstance(info.sec_id, str) else info.sec_id
-        if ns.name == info.ns and ns.pool == info.pool and hmac.compare_digest(ns.sec_id, sec):
+        if ns.name == info.ns and ns.pool == info.pool and ns.same_secret(info.sec_id):
             return cached
     return _namespace(info).open(info.bm_id)
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..datapath.layout import (Layout, RemoteSegment, always_live, as_bytes_view, build_layout, check_range,
+from ..datapath.layout import (Layout, RemoteSegment, as_bytes_view, described_layout, check_range,
                                read_bytes, read_into, write_at)
 from ..core.allocator import round_up
 from ..limits import PAGE_SIZE_BYTES
@@ -68,16 +68,14 @@ class BigMemory:
                 link.fetch_segments(creds, segments)
             links.append(link)
         home = self._home
-        gens = (home.gen_table(creds, d["incarnation"]) if home.is_local
-                else always_live(d["generation"], d["size"]))
+        gens = home.gen_table(creds, d["incarnation"]) if home.is_local else None
         bm_id = d["bm_id"]
 
         def view_of(server_id: int, segment: int) -> memoryview | RemoteSegment:
             link = session.link(server_id)
             return link.segment_view(creds, segment) if link.is_local else RemoteSegment(link, creds, bm_id, segment)
 
-        slot = d["slot"] if home.is_local else 0      # always_live has one slot's words
-        layout = build_layout(bm_id, d["size"], d["generation"], slot, d["extents"], gens, view_of)
+        layout = described_layout(d, gens, view_of)
         self._layout, self._links = layout, links
         self._extents = [(e[0], e[3]) for e in d["extents"]]
         self._described_extents = d["extents"]
@@ -112,8 +110,8 @@ class BigMemory:
         if gens[i] != lay.generation:    # revoked tables read 0: a destroyed namespace lands here too
             if not self._home.closed:
                 raise NoSuchObject(f"object {self.bm_id} was freed (or its namespace destroyed)")
-            # The link broke (and revoked its memory); a new one may still find the object.
-            self._home = self.namespace.session.link_for_object(self.bm_id)
+            # The link broke (and revoked its memory); a new one may still find the object
+            # (refresh() asks through home_link(), which rebinds a closed link).
             self.refresh()
             lay = self._layout
             gens, i = lay.gens, lay.gen_index
@@ -122,9 +120,8 @@ class BigMemory:
             lay = self._layout
         for link in self._links:
             if link.closed:
-                # A link broke earlier (timeout, lost server): rebind through the session, which
+                # A link broke earlier (timeout, lost server): describe again; the session
                 # reconnects or says the server is unavailable.
-                self._home = self.namespace.session.link_for_object(self.bm_id)
                 self.refresh()
                 return self._layout
             link.check_alive()

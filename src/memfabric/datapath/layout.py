@@ -46,15 +46,9 @@ class Layout:
         self.starts = [p[0] for p in pieces]
         self.local_single = len(pieces) == 1 and type(pieces[0][2]) is memoryview
 
-    def alive(self) -> bool:
-        return self.gens[self.gen_index] == self.generation
-
     def check_alive(self) -> None:
         if self.gens[self.gen_index] != self.generation:
             raise NoSuchObject(f"object {self.bm_id} was freed")
-
-    def resized(self) -> bool:
-        return self.gens[self.gen_index + 1] != self.size
 
     def spans(self, offset: int, length: int) -> Iterator[tuple[memoryview, int, int, int]]:
         """(segment view, segment start, segment end, position in the request) for a range."""
@@ -75,6 +69,17 @@ def check_range(bm_id: str, size: int, offset: object, length: object) -> None:
         raise InvalidArgument(f"offset and length must be ints, got {offset!r} and {length!r}")
     if offset < 0 or length < 0 or offset + length > size:
         raise OutOfRange(f"range [{offset}, {offset}+{length}) is outside object {bm_id} of {size} bytes")
+
+
+def described_layout(d: dict, gens: memoryview | None,
+                     view_of: Callable[[int, int], memoryview]) -> Layout:
+    """The layout a `describe` reply gives. `gens` is the home's generation table as this
+    process maps it, or None when the home is on another host (then always_live, one slot)."""
+    if gens is None:
+        gens, slot = always_live(d["generation"], d["size"]), 0
+    else:
+        slot = d["slot"]
+    return build_layout(d["bm_id"], d["size"], d["generation"], slot, d["extents"], gens, view_of)
 
 
 def build_layout(bm_id: str, size: int, generation: int, slot: int, extents: list[list[int]],

@@ -25,7 +25,7 @@ from ..core.allocator import Extent
 from ..core.namespaces import (check_attribute, check_name, check_sec_id, hash_sec_id,
                                sec_id_matches)
 from ..core.objects import ObjectRecord, Placement, parse_bm_id
-from ..datapath.layout import (Layout, RemoteSegment, always_live, build_layout, check_range, copy_between,
+from ..datapath.layout import (Layout, RemoteSegment, described_layout, check_range, copy_between,
                                write_at)
 from ..datapath import reduce
 from ..datapath.connect import connect_to
@@ -838,8 +838,7 @@ class Server:
         else:
             link = self._peer(home)
             d = link.call("describe", **m)
-            gens = (link.gen_table(creds, d["incarnation"]) if link.is_local
-                    else always_live(d["generation"], d["size"]))
+            gens = link.gen_table(creds, d["incarnation"]) if link.is_local else None
 
         def view_of(server_id: int, segment: int) -> memoryview | RemoteSegment:
             if server_id == self.server_id:
@@ -849,8 +848,7 @@ class Server:
                 return peer.segment_view(creds, segment)
             return RemoteSegment(peer, creds, bm_id, segment)
 
-        slot = d["slot"] if home == self.server_id or link.is_local else 0   # always_live: one slot
-        return build_layout(d["bm_id"], d["size"], d["generation"], slot, d["extents"], gens, view_of)
+        return described_layout(d, gens, view_of)
 
     def op_copy(self, conn: Connection, m: dict[str, Any]) -> Reply:
         src_m, dst_m = _object_arg(m, "src"), _object_arg(m, "dst")
