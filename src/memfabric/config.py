@@ -161,6 +161,15 @@ def parse_cluster(source: str, data: object, base_dir: str, client: bool = False
     return cfg
 
 
+def check_busy_poll_us(value: object) -> int:
+    """A polling window (transport/busy_poll.py) in microseconds; ValueError says what is wrong.
+    The one check for the server's config, init() and the command line."""
+    if type(value) is not int or not 0 <= value <= MAX_BUSY_POLL_US:
+        raise ValueError(f"must be a whole number of microseconds from 0 (never poll) to {MAX_BUSY_POLL_US}, "
+                         f"got {value!r}")
+    return value
+
+
 def load_server_config(path: str) -> ServerConfig:
     path = os.path.abspath(path)
     base_dir = os.path.dirname(path)
@@ -187,8 +196,10 @@ def load_server_config(path: str) -> ServerConfig:
         cluster=cluster,
         pools=[],
     )
-    if not 0 <= cfg.busy_poll_us <= MAX_BUSY_POLL_US:
-        raise s._fail("busy_poll_us", f"must be 0 (never poll) to {MAX_BUSY_POLL_US}, got {cfg.busy_poll_us}")
+    try:
+        check_busy_poll_us(cfg.busy_poll_us)
+    except ValueError as exc:
+        raise s._fail("busy_poll_us", str(exc)) from None
     if cfg.segment_bytes < PAGE_SIZE_BYTES or cfg.segment_bytes % PAGE_SIZE_BYTES:
         raise s._fail("segment_size", f"must be a positive multiple of {PAGE_SIZE_BYTES} bytes")
     if len(cfg.ipc_socket.encode()) > 107:

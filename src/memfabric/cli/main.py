@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..limits import BUSY_POLL_US, MAX_BUSY_POLL_US
+from ..config import check_busy_poll_us
+from ..limits import BUSY_POLL_US
 from ..units import parse_size
 
 
@@ -20,10 +21,11 @@ def _busy_poll_us(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = -1
-    if not 0 <= value <= MAX_BUSY_POLL_US:
-        raise argparse.ArgumentTypeError(f"must be a whole number of microseconds, 0 to {MAX_BUSY_POLL_US}")
-    return value
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    try:
+        return check_busy_poll_us(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

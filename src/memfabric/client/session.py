@@ -20,8 +20,8 @@ from ..datapath.link import Creds, ServerLink
 from ..datapath.rpc_link import RpcLink
 from ..transport import rpc
 from ..errors import InvalidArgument, MemfabricError, ServerUnavailable
-from ..limits import BUSY_POLL_US, DEFAULT_REQUEST_TIMEOUT_S, MAX_BUSY_POLL_US
-from ..config import ConfigError, load_fabric_config
+from ..limits import BUSY_POLL_US, DEFAULT_REQUEST_TIMEOUT_S
+from ..config import ConfigError, check_busy_poll_us, load_fabric_config
 from .bigmemory import BigMemory
 from .types import Affinity, NamespaceInfo, OperatorCode
 
@@ -42,8 +42,10 @@ class Session:
             raise InvalidArgument(str(exc)) from None
         _raise_fd_limit()
         self.timeout_s = timeout_s
-        if type(busy_poll_us) is not int or not 0 <= busy_poll_us <= MAX_BUSY_POLL_US:
-            raise InvalidArgument(f"busy_poll_us must be 0 (never poll) to {MAX_BUSY_POLL_US}, got {busy_poll_us!r}")
+        try:
+            check_busy_poll_us(busy_poll_us)
+        except ValueError as exc:
+            raise InvalidArgument(f"busy_poll_us {exc}") from None
         self.busy_poll_s = busy_poll_us / 1e6
         self._lock = threading.Lock()
         self._links: dict[int, ServerLink] = {}

@@ -49,7 +49,6 @@ class RpcLink:
         except BaseException:
             self._frames.close()
             raise
-        self._frames.send_timeout_s = timeout_s
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
         self._lock = threading.Lock()

@@ -63,8 +63,7 @@ class RpcFront:
             if self._tls is not None:
                 sock.settimeout(rpc.HANDSHAKE_TIMEOUT_S)
                 sock = self._tls.wrap_socket(sock, server_side=True)
-            frames = rpc.FrameSocket(sock, self.busy_poll_s)
-            frames.send_timeout_s = REQUEST_TIMEOUT_S
+            frames = rpc.FrameSocket(sock, self.busy_poll_s, send_timeout_s=REQUEST_TIMEOUT_S)
             rpc.server_handshake(frames, self._token, self.server.server_id)
             with self._lock:
                 if len(self._connections) >= self.max_clients:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import array
 import os
 import socket
-import struct
 from typing import Any
 
 from ..errors import ProtocolError, ServerUnavailable, Timeout
 from ..limits import CONNECT_TIMEOUT_S, MAX_FDS_PER_MESSAGE, MAX_MESSAGE_BYTES
 from . import wire
 from .busy_poll import BusyPoll
-from .hangup import HangUpWatch
+from .sockets import HangUpWatch, timeval
 
 _ANCILLARY_BYTES = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
 
@@ -41,10 +40,8 @@ class IpcChannel:
         """Bound each send and receive in the kernel (SO_SNDTIMEO/SO_RCVTIMEO) on a blocking
         socket: no poll() before every call, as a Python socket timeout would add."""
         self.sock.settimeout(None)
-        seconds = int(timeout_s)
-        timeval = struct.pack("ll", seconds, int((timeout_s - seconds) * 1e6))
         for opt in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
-            self.sock.setsockopt(socket.SOL_SOCKET, opt, timeval)
+            self.sock.setsockopt(socket.SOL_SOCKET, opt, timeval(timeout_s))
 
     @classmethod
     def connect(cls, path: str, timeout_s: float = CONNECT_TIMEOUT_S,

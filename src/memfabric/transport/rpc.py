@@ -30,7 +30,7 @@ from ..errors import PermissionDenied, ProtocolError, ServerUnavailable, Timeout
 from ..limits import HANDSHAKE_TIMEOUT_S, MAX_MESSAGE_BYTES, MAX_RPC_PAYLOAD_BYTES
 from . import wire
 from .busy_poll import BusyPoll
-from .hangup import HangUpWatch
+from .sockets import HangUpWatch, timeval
 
 PREFIX = struct.Struct("!IQ")
 PROTOCOL = "memfabric-rpc/1"
@@ -58,30 +58,20 @@ class FrameSocket:
     socket takes no MSG_DONTWAIT.
     """
 
-    def __init__(self, sock: socket.socket, busy_poll_s: float = 0.0) -> None:
+    def __init__(self, sock: socket.socket, busy_poll_s: float = 0.0, send_timeout_s: float = 10.0) -> None:
+        """A send fails after `send_timeout_s` when the peer stops reading."""
         self.sock = sock
         self._tls = isinstance(sock, ssl.SSLSocket)
         self._busy_poll = BusyPoll(0.0 if self._tls else busy_poll_s)
         self._hang_up = HangUpWatch(sock)
         self._block = memoryview(bytearray(FIRST_BLOCK))
-        self._send_timeout_s = 10.0
+        self._send_timeout_s = send_timeout_s
         if self._tls:
             self._timeout: float | None = sock.gettimeout()   # left from the TLS handshake
         else:
             sock.settimeout(None)
             self._timeout = None      # the kernel's bound on one receive (None: none)
-        self.send_timeout_s = self._send_timeout_s
-
-    @property
-    def send_timeout_s(self) -> float:
-        return self._send_timeout_s
-
-    @send_timeout_s.setter
-    def send_timeout_s(self, seconds: float) -> None:
-        """A peer that stops reading makes a send fail after this long."""
-        self._send_timeout_s = seconds
-        if not self._tls:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(seconds))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(send_timeout_s))
 
     def _bound(self, timeout_s: float | None) -> None:
         """Each receive may block at most `timeout_s` (None: for as long as it takes)."""
@@ -93,7 +83,7 @@ class FrameSocket:
             # so TLS sockets use the Python-level timeout (it bounds their sends too).
             self.sock.settimeout(timeout_s)
         else:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout_s or 0.0))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(timeout_s or 0.0))
 
     def _bound_until(self, deadline: float) -> None:
         remaining = deadline - time.monotonic()
@@ -204,10 +194,6 @@ class FrameSocket:
         self.sock.close()
 
 
-def _timeval(seconds: float) -> bytes:
-    return struct.pack("ll", int(seconds), int((seconds - int(seconds)) * 1e6))
-
-
 def _sendmsg_all(sock: socket.socket, parts: list) -> None:
     views = [memoryview(p).cast("B") for p in parts]
     while views:
@@ -291,7 +277,7 @@ def connect(address: str, tls: ssl.SSLContext | None, timeout_s: float,
         except (ssl.SSLError, OSError) as exc:
             sock.close()
             raise PermissionDenied(f"TLS with {address} failed: {exc}") from None
-    return FrameSocket(sock, busy_poll_s)
+    return FrameSocket(sock, busy_poll_s, send_timeout_s=timeout_s)
 
 
 def listen(address: str, backlog: int) -> socket.socket:
