@@ -203,8 +203,7 @@ class BigMemory:
                         raise IOError_(f"{path} shrank while being read")
                     done += got
                 if type(target) is not memoryview:
-                    target.link.wait(*target.link.submit_write(target.creds, target.bm_id, target.segment, a, dst),
-                                     "seg_write")
+                    target.write(a, dst)
         except OSError as exc:
             raise IOError_(f"reading {path}: {exc.strerror}") from None
         finally:

@@ -23,6 +23,22 @@ class RemoteSegment:
     def __init__(self, link: Any, creds: tuple, bm_id: str, segment: int) -> None:
         self.link, self.creds, self.bm_id, self.segment = link, creds, bm_id, segment
 
+    def submit_write(self, at: int, src: memoryview) -> Callable[[], object]:
+        """Start sending `src` to offset `at` of the segment; call the result to wait for it."""
+        request_id, pending = self.link.submit_write(self.creds, self.bm_id, self.segment, at, src)
+        return lambda: self.link.wait(request_id, pending, "seg_write")
+
+    def submit_read(self, at: int, dst: memoryview) -> Callable[[], object]:
+        """Start reading into `dst` from offset `at`; call the result to wait for it."""
+        request_id, pending = self.link.submit_read(self.creds, self.bm_id, self.segment, at, dst)
+        return lambda: self.link.wait(request_id, pending, "seg_read")
+
+    def write(self, at: int, src: memoryview) -> None:
+        self.submit_write(at, src)()
+
+    def read(self, at: int, dst: memoryview) -> None:
+        self.submit_read(at, dst)()
+
 
 def always_live(generation: int, size: int) -> memoryview:
     """The generation words of an object homed on another host: its servers check liveness
@@ -118,9 +134,9 @@ def as_bytes_view(buffer: object, writable: bool = False) -> memoryview:
     return view
 
 
-def _wait_all(pending: list) -> None:
-    for link, request_id, p, op in pending:
-        link.wait(request_id, p, op)
+def _wait_all(pending: list[Callable[[], object]]) -> None:
+    for wait in pending:
+        wait()
 
 
 def write_at(layout: Layout, offset: int, src: memoryview) -> None:
@@ -135,8 +151,7 @@ def write_at(layout: Layout, offset: int, src: memoryview) -> None:
         if type(target) is memoryview:
             target[a:b] = src[pos: pos + b - a]
         else:
-            rid, p = target.link.submit_write(target.creds, target.bm_id, target.segment, a, src[pos: pos + b - a])
-            pending.append((target.link, rid, p, "seg_write"))
+            pending.append(target.submit_write(a, src[pos: pos + b - a]))
     _wait_all(pending)
 
 
@@ -152,8 +167,7 @@ def read_into(layout: Layout, offset: int, dst: memoryview) -> None:
         if type(target) is memoryview:
             dst[pos: pos + b - a] = target[a:b]
         else:
-            rid, p = target.link.submit_read(target.creds, target.bm_id, target.segment, a, dst[pos: pos + b - a])
-            pending.append((target.link, rid, p, "seg_read"))
+            pending.append(target.submit_read(a, dst[pos: pos + b - a]))
     _wait_all(pending)
 
 
@@ -194,14 +208,11 @@ def copy_between(src: Layout, src_offset: int, dst: Layout, dst_offset: int, len
         if type(dview) is memoryview and type(sview) is memoryview:
             dview[da:db] = sview[sa:sb]    # memoryview assignment is memmove-safe within a piece
         elif type(dview) is memoryview:
-            sview.link.wait(*sview.link.submit_read(sview.creds, sview.bm_id, sview.segment, sa, dview[da:db]),
-                            "seg_read")
+            sview.read(sa, dview[da:db])
         else:
             if type(sview) is memoryview:
                 chunk = sview[sa:sb]
             else:
                 chunk = memoryview(bytearray(sb - sa))
-                sview.link.wait(*sview.link.submit_read(sview.creds, sview.bm_id, sview.segment, sa, chunk),
-                                "seg_read")
-            dview.link.wait(*dview.link.submit_write(dview.creds, dview.bm_id, dview.segment, da, chunk),
-                            "seg_write")
+                sview.read(sa, chunk)
+            dview.write(da, chunk)

@@ -598,8 +598,7 @@ class Server:
                     if link.is_local:
                         link.segment_view(creds, e.segment)[offset:offset + hi - lo] = bytes(hi - lo)
                     else:
-                        link.wait(*link.submit_write(creds, record.bm_id, e.segment, offset,
-                                                     memoryview(bytes(hi - lo))), "seg_write")
+                        RemoteSegment(link, creds, record.bm_id, e.segment).write(offset, memoryview(bytes(hi - lo)))
             position += e.length
 
     def _expand(self, state: NamespaceState, creds: Creds, bm_id: Any, new_size: int) -> dict[str, Any]:
