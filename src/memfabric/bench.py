@@ -111,7 +111,7 @@ def summarize(name: str, size: int, samples: list[float], memcpy_median_us: floa
 
 
 def default_repeat(size: int) -> int:
-    return max(10, min(3000, (256 << 20) // max(size, 1) // 2))
+    return max(30, min(3000, (256 << 20) // max(size, 1) // 2))   # with only 10, one slow stretch of a VM moved a median
 
 
 def bench_data_path(session: Session, sizes: list[int], repeat: int) -> list[Result]:
