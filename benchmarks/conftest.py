@@ -8,10 +8,10 @@ from memfabric.launcher import LocalFabric
 
 @pytest.fixture(scope="session")
 def session():
-    directory = tempfile.mkdtemp(prefix="mf-bench-", dir="/tmp")
-    with LocalFabric(directory, servers=1, capacity="512MiB"):
-        with memfabric.init(directory) as s:
-            yield s
+    with tempfile.TemporaryDirectory(prefix="mf-bench-", dir="/tmp") as directory:
+        with LocalFabric(directory, servers=1, capacity="512MiB"):
+            with memfabric.init(directory) as s:
+                yield s
 
 
 @pytest.fixture

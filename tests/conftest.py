@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -12,9 +13,23 @@ import pytest
 from memfabric.launcher import LocalFabric
 
 
+_made: list[str] = []
+
+
 def short_tmp_dir(prefix: str) -> str:
     # Unix socket paths are limited to 107 bytes; pytest's tmp_path can be long.
-    return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    directory = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    _made.append(directory)
+    return directory
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_short_tmp_dirs():
+    """Every directory short_tmp_dir made goes when the session ends, after every fabric
+    in it has stopped."""
+    yield
+    for directory in _made:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
