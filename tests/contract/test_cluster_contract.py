@@ -130,3 +130,23 @@ def test_namespace_limit(make_cluster, monkeypatch):
         a.create_namespace("default", f"n{i}", 0, "s", "h")
     with pytest.raises(LimitExceeded):
         a.create_namespace("default", "n3", 0, "s", "h")
+
+
+def test_epochs_strictly_increase_across_clients_and_reopens(make_cluster):
+    a, b = make_cluster(), make_cluster()
+    got: list[int] = []
+    lock = threading.Lock()
+
+    def take(cluster) -> None:
+        for _ in range(20):
+            epoch = cluster.next_epoch()
+            with lock:
+                got.append(epoch)
+    threads = [threading.Thread(target=take, args=(c,)) for c in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(got)) == 40 and min(got) >= 1
+    again = make_cluster()          # another client, as a restarted server would open
+    assert again.next_epoch() > max(got)

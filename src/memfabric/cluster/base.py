@@ -39,6 +39,11 @@ class ClusterService(Protocol):
                         pid: int) -> int:
         """Claim a server id for this node key (the data directory); the same key gets the same id."""
 
+    def next_epoch(self) -> int:
+        """A number this cluster never gave before: strictly larger than every earlier answer,
+        across restarts of any server and of the service itself. A server takes one each time
+        it starts, so that ids it makes (objects, segments) never repeat an earlier life's."""
+
     def heartbeat(self, server_id: int, pools: dict[str, dict[str, Any]]) -> None: ...
 
     def deregister_server(self, server_id: int) -> None: ...

@@ -96,6 +96,13 @@ class EmbeddedCluster:
             return int(cur.lastrowid)
         return self._run(txn)
 
+    def next_epoch(self) -> int:
+        def txn(db: sqlite3.Connection) -> int:
+            db.execute("INSERT INTO counters (name, value) VALUES ('epoch', 1) "
+                       "ON CONFLICT(name) DO UPDATE SET value = value + 1")
+            return db.execute("SELECT value FROM counters WHERE name='epoch'").fetchone()[0]
+        return self._run(txn)
+
     def heartbeat(self, server_id: int, pools: dict[str, dict[str, Any]]) -> None:
         self._run(lambda db: db.execute(
             "UPDATE servers SET heartbeat_s=?, pools=?, up=1 WHERE server_id=?",

@@ -5,6 +5,7 @@
     PREFIX/known/<n>          the server's last published record (persistent)
     PREFIX/live/<n>           the same, under the server's lease: present while it is alive
     PREFIX/ns/<pool>/<ns>     the namespace catalog; a key's create revision is its incarnation
+    PREFIX/epoch              a counter servers take a fresh number from at each start
 
 Liveness is the lease: the server refreshes it on every heartbeat; if it stops, etcd drops
 its live/ key within the TTL. The live set is kept current by a prefix watch. When etcd
@@ -36,6 +37,7 @@ ETCD_TIMEOUT_S = 3.0
 RECONNECT_EVERY_S = 0.2
 RETIRE_AFTER_S = 2 * ETCD_TIMEOUT_S     # longer than any call on a replaced client can last
 MAX_SERVER_IDS = 4096
+MAX_EPOCH_ATTEMPTS = 100
 
 
 _ETCD_ERRORS = (pyetcd.exceptions.Etcd3Exception, grpc.RpcError, ValueError)
@@ -146,6 +148,20 @@ class EtcdCluster:
         record = {**record, "heartbeat_s": time.time()}
         self._client.put(self._key("known", server_id), json.dumps({**record, "up": True}))
         self._client.put(self._key("live", server_id), json.dumps(record), lease=lease)
+
+    @_guard
+    def next_epoch(self) -> int:
+        """Compare-and-swap on the counter's value: concurrent starts each get their own."""
+        key = self._key("epoch")
+        t = self._client.transactions
+        for _ in range(MAX_EPOCH_ATTEMPTS):
+            value, _ = self._client.get(key)
+            current = int(value) if value is not None else 0
+            guard = t.create(key) == 0 if value is None else t.value(key) == str(current)
+            ok, _ = self._client.transaction(compare=[guard], success=[t.put(key, str(current + 1))], failure=[])
+            if ok:
+                return current + 1
+        raise ServerUnavailable(f"the epoch counter in etcd changed {MAX_EPOCH_ATTEMPTS} times under us")
 
     @_guard
     def heartbeat(self, server_id: int, pools: dict[str, dict[str, Any]]) -> None:

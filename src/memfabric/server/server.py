@@ -66,6 +66,7 @@ class Server:
         self.cfg = cfg
         self.cluster = cluster or open_cluster(cfg.cluster.backend, **cfg.cluster.settings())
         self.server_id = 0
+        self.epoch = 0          # this life's number from the cluster: ids made now never repeat
         self.lock = threading.RLock()
         self.pools: dict[str, PoolState] = {}
         self.namespaces: dict[tuple[str, str], NamespaceState] = {}
@@ -112,6 +113,7 @@ class Server:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
+        self.epoch = self.cluster.next_epoch()
         self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat",
                                                   daemon=True)
         self._heartbeat_thread.start()
