@@ -16,7 +16,7 @@ from .cluster import BACKENDS
 from .core.namespaces import check_name
 from .errors import InvalidArgument
 from .limits import (BUSY_POLL_US, HEARTBEAT_INTERVAL_S, LIVENESS_TIMEOUT_S, MAX_BUSY_POLL_US,
-                     MAX_CLIENTS_PER_SERVER, PAGE_SIZE_BYTES)
+                     MAX_CLIENTS_PER_SERVER, MIN_SEGMENT_BYTES, PAGE_SIZE_BYTES)
 from .media.base import MEDIA
 from .units import parse_size
 
@@ -71,6 +71,7 @@ class ServerConfig:
     rpc_listen: str
     host: str
     segment_bytes: int
+    min_segment_bytes: int
     tls_cert: str | None
     tls_key: str | None
     heartbeat_interval_s: float
@@ -188,6 +189,7 @@ def load_server_config(path: str) -> ServerConfig:
         rpc_listen=s.get("rpc_listen", str, ""),
         host=s.get("host", str, socket.gethostname()),
         segment_bytes=s.size("segment_size", DEFAULT_SEGMENT_BYTES),
+        min_segment_bytes=s.size("min_segment_size", MIN_SEGMENT_BYTES),
         tls_cert=_maybe_path(s.get("tls_cert", str, None), base_dir),
         tls_key=_maybe_path(s.get("tls_key", str, None), base_dir),
         heartbeat_interval_s=float(s.positive("heartbeat_interval_s", float, HEARTBEAT_INTERVAL_S)),
@@ -202,6 +204,10 @@ def load_server_config(path: str) -> ServerConfig:
         raise s._fail("busy_poll_us", str(exc)) from None
     if cfg.segment_bytes < PAGE_SIZE_BYTES or cfg.segment_bytes % PAGE_SIZE_BYTES:
         raise s._fail("segment_size", f"must be a positive multiple of {PAGE_SIZE_BYTES} bytes")
+    if cfg.min_segment_bytes < PAGE_SIZE_BYTES or cfg.min_segment_bytes % PAGE_SIZE_BYTES:
+        raise s._fail("min_segment_size", f"must be a positive multiple of {PAGE_SIZE_BYTES} bytes")
+    # The largest segment bounds the smallest (a pool of small segments needs no smaller start).
+    cfg.min_segment_bytes = min(cfg.min_segment_bytes, cfg.segment_bytes)
     if len(cfg.ipc_socket.encode()) > 107:
         raise s._fail("ipc_socket", "path is longer than the 107 bytes a Unix socket allows")
     if cfg.rpc_listen and not _is_host_port(cfg.rpc_listen):
@@ -229,9 +235,9 @@ def load_server_config(path: str) -> ServerConfig:
         if medium not in MEDIA:
             raise p._fail("medium", f"must be one of {', '.join(MEDIA)}, got {medium!r}")
         capacity = p.size("capacity")
-        if capacity < cfg.segment_bytes or capacity % cfg.segment_bytes:
-            raise p._fail("capacity", f"must be a positive multiple of the segment size "
-                                      f"({cfg.segment_bytes} bytes), got {capacity}")
+        if capacity < cfg.segment_bytes or capacity % PAGE_SIZE_BYTES:
+            raise p._fail("capacity", f"must be a multiple of {PAGE_SIZE_BYTES} bytes and at least the segment "
+                                      f"size ({cfg.segment_bytes} bytes), got {capacity}")
         pool_path = p.get("path", str, None)
         if medium != "dram" and pool_path is None:
             raise p._fail("path", f"is required for medium {medium!r} (the directory of its files)")

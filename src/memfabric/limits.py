@@ -22,6 +22,18 @@ CONNECT_TIMEOUT_S = 5.0
 # the client an error about that peer, not a timeout of its own request.
 PEER_TIMEOUT_S = 3.0
 
+# Segments: the largest size is configured (segment_size, 4 MiB by default); an owner's first
+# is this small, and each next doubles its holding (core/allocator.py).
+MIN_SEGMENT_BYTES = 64 << 10
+# Spares kept made off the request path (fresh memory costs ~0.5 ms per MiB on a VM): this
+# many of the largest and of the smallest size, within 1/DIVISOR of the pool's capacity.
+SPARE_TOP_SEGMENTS = 2
+SPARE_SMALL_SEGMENTS = 4
+SPARE_CAPACITY_DIVISOR = 8
+SEGMENT_KEEPER_INTERVAL_S = 0.05
+# An allocation short of memory that is resting or being destroyed waits for it this long at most.
+RESERVE_RETRY_S = 0.2
+
 # Freed extents rest this long before reuse, so that a client copy that passed its
 # generation check just before the free cannot land in the next object's bytes.
 REUSE_GRACE_S = 0.05

@@ -17,7 +17,7 @@ from hypothesis.stateful import (
 )
 
 from memfabric import errors
-from memfabric.core.objects import ObjectTable, Placement, format_bm_id, parse_bm_id
+from memfabric.core.objects import Generations, ObjectTable, Placement, format_bm_id, parse_bm_id
 from memfabric.limits import MAX_EXTENTS_PER_OBJECT
 
 SERVER = 7
@@ -41,7 +41,7 @@ class ObjectTableMachine(RuleBasedStateMachine):
                                  max_size=5))
     def setup(self, max_objects: int, initial: list[tuple[int, list[str]]]) -> None:
         self.max_objects = max_objects
-        self.t = ObjectTable(SERVER, max_objects)
+        self.t = ObjectTable(SERVER, max_objects, Generations(0))
         self.live: dict[str, dict] = {}          # bm_id -> {"size", "extents", "pins"}
         self.pinned_dead: dict[str, dict] = {}   # freed while pinned: extents wait
         self.dead: set[str] = set()              # ids that must never resolve again
@@ -315,7 +315,7 @@ def test_parse_bm_id_accepts_only_canonical_spelling(s):
 
 
 def test_free_by_alias_is_refused_and_unpin_by_id_still_releases():
-    t = ObjectTable(1, 4)
+    t = ObjectTable(1, 4, Generations(0))
     ext = [Placement(1, 0, 0, 4096)]
     rec = t.create(100, ext)
     assert rec.bm_id == "1-0-1"
@@ -348,7 +348,7 @@ def test_parse_bm_id_rejects_garbage(bad):
 @settings(max_examples=50, deadline=None)
 @given(st.integers(1, 8), st.integers(1, 20))
 def test_limit_exceeded_at_max_objects_and_ids_fresh_after_reuse(max_objects, rounds):
-    t = ObjectTable(3, max_objects)
+    t = ObjectTable(3, max_objects, Generations(0))
     seen = set()
     ids = []
     for _ in range(max_objects):
@@ -372,7 +372,7 @@ def test_limit_exceeded_at_max_objects_and_ids_fresh_after_reuse(max_objects, ro
 
 
 def test_ids_of_other_servers_do_not_resolve():
-    t = ObjectTable(3, 4)
+    t = ObjectTable(3, 4, Generations(0))
     r = t.create(10, [Placement(3, 0, 0, 10)])
     _, slot, gen = parse_bm_id(r.bm_id)
     with pytest.raises(errors.NoSuchObject):
@@ -384,7 +384,7 @@ def test_ids_of_other_servers_do_not_resolve():
 
 
 def test_pinned_free_releases_once_at_last_unpin():
-    t = ObjectTable(1, 2)
+    t = ObjectTable(1, 2, Generations(0))
     ext = [Placement(1, 0, 0, 4096), Placement(2, 3, 0, 4096)]
     r = t.create(5000, ext)
     t.pin(r.bm_id, "a")
@@ -405,7 +405,7 @@ def test_pinned_free_releases_once_at_last_unpin():
 
 
 def test_too_many_extents_is_limit_exceeded():
-    t = ObjectTable(1, 2)
+    t = ObjectTable(1, 2, Generations(0))
     many = [Placement(1, 0, i, 1) for i in range(MAX_EXTENTS_PER_OBJECT + 1)]
     with pytest.raises(errors.LimitExceeded):
         t.create(1, many)
@@ -417,7 +417,55 @@ def test_too_many_extents_is_limit_exceeded():
 
 @pytest.mark.parametrize("size", [0, -1])
 def test_create_rejects_non_positive_size(size):
-    t = ObjectTable(1, 2)
+    t = ObjectTable(1, 2, Generations(0))
     with pytest.raises(errors.InvalidArgument):
         t.create(size, [Placement(1, 0, 0, 1)])
     assert len(t) == 0
+
+
+# ---------------------------------------------------------------------------------------
+# Identity across namespaces and lives of a server (issue 7, item 4)
+# ---------------------------------------------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.booleans()), min_size=1, max_size=60), st.integers(0, 5))
+def test_an_id_names_one_object_forever(steps, first_epoch):
+    """Tables of one server (its namespaces) share a generation source; each restart takes a
+    new epoch. Whatever is created, freed, restored: no id is ever handed out twice, and an
+    id of an earlier life resolves only to the very object it named (restored), never to a
+    new one."""
+    issued: set[str] = set()
+    survivors: dict[str, tuple[int, int]] = {}     # bm_id -> (its table, its size)
+    epoch = first_epoch
+    for life in range(3):
+        gens = Generations(epoch)
+        tables = [ObjectTable(1, 8, gens) for _ in range(3)]
+        for bm_id, (i, size) in survivors.items():    # a persistent pool brings them back
+            tables[i].restore(bm_id, size, [Placement(1, 0, 0, size)])
+        live = [(i, bm_id) for bm_id, (i, _) in survivors.items()]
+        for which, free_one in steps:
+            if free_one and live:
+                i, bm_id = live.pop(0)
+                tables[i].free(bm_id)
+                continue
+            if len(tables[which]) >= 8:
+                continue
+            record = tables[which].create(10 + life, [Placement(1, 0, 0, 10 + life)])
+            assert record.bm_id not in issued, f"{record.bm_id} issued twice"
+            issued.add(record.bm_id)
+            live.append((which, record.bm_id))
+        for i, table in enumerate(tables):           # ids of earlier lives name only their own
+            for bm_id in issued:
+                if table.is_live(bm_id):
+                    assert (i, bm_id) in live
+        # The server restarts; only objects still live survive (as a journal would keep them).
+        survivors = {bm_id: (i, tables[i].lookup(bm_id).size_bytes) for i, bm_id in live}
+        epoch += 1
+
+
+def test_generations_of_a_later_epoch_are_all_larger():
+    early, late = Generations(3), Generations(4)
+    assert max(early.take() for _ in range(100)) < late.take()
+    with pytest.raises(errors.InvalidArgument):
+        Generations(-1)

@@ -249,13 +249,8 @@ class BigMemory:
                        src_offset=src_offset, dst_offset=dst_offset, length=length)
 
     def free(self) -> None:
-        reply = self._call("free")
+        self._call("free")
         self.namespace.session.forget(self.bm_id)
-        # Segments left with no live object go back, so other namespaces can have them.
-        for server_id, segments in reply.get("idle_segments", {}).items():
-            link = self.namespace.session.cached_link(int(server_id)) if segments else None
-            if link is not None:
-                link.release_idle(self.namespace.pool, segments)
 
     def info(self) -> dict[str, Any]:
         """All another process needs to open this object: pass it with the secId."""

@@ -1,9 +1,14 @@
 """The object table of one namespace on its home server. Pure: no I/O, no clock.
 
 A BigMemory object is a size and an ordered list of extents anywhere in the cluster.
-Its id names its home server, a slot and the slot's generation, so a handle to a freed
-object never matches the object that reuses the slot: clients compare the generation
-against the home server's shared table before and after each copy.
+Its id names its home server, a slot and a generation, so a handle to a freed object never
+matches the object that reuses the slot: clients compare the generation against the home
+server's shared table before and after each copy.
+
+An id names one object forever. Generations come from one counter per server, which starts
+each life of the server at `epoch << 32` (the epoch comes from the cluster service and never
+repeats): no two objects of a server ever share a generation, across namespaces, restarts
+and restores, so an id kept from before a restart can only ever name its own object.
 """
 
 from __future__ import annotations
@@ -64,14 +69,38 @@ def _parse_bm_id(bm_id: str) -> tuple[int, int, int]:
     return server_id, slot, generation
 
 
+GENERATIONS_PER_EPOCH = 1 << 32
+
+
+class Generations:
+    """The one source of generations of a server's life: strictly increasing, shared by all
+    its namespaces' tables."""
+
+    __slots__ = ("_next", "_end")
+
+    def __init__(self, epoch: int) -> None:
+        if type(epoch) is not int or epoch < 0:
+            raise InvalidArgument(f"an epoch is a non-negative int, got {epoch!r}")
+        self._next = epoch * GENERATIONS_PER_EPOCH + 1
+        self._end = (epoch + 1) * GENERATIONS_PER_EPOCH
+
+    def take(self) -> int:
+        if self._next >= self._end:
+            raise LimitExceeded("this server made 2**32 objects in one life: restart it for a new epoch")
+        generation = self._next
+        self._next += 1
+        return generation
+
+
 class ObjectTable:
-    def __init__(self, server_id: int, max_objects: int) -> None:
+    def __init__(self, server_id: int, max_objects: int, generations: Generations) -> None:
         self.server_id = server_id
         self.max_objects = max_objects
+        self._generations = generations
         self._live: dict[int, ObjectRecord] = {}          # slot -> record
-        self._generations: list[int] = []                  # last generation used per slot
+        self._slots = 0                                    # slots ever used
+        self._claimed_generation: dict[int, int] = {}     # slot -> generation, claimed not created
         self._free_slots: list[int] = []
-        self._claimed: set[int] = set()
         # Freed while a client still maps it: its extents wait for the last unpin.
         self._pinned_dead: dict[str, ObjectRecord] = {}
 
@@ -89,19 +118,19 @@ class ObjectTable:
         extents can know whose bytes they hold. `create` or `unclaim` must follow."""
         if self._free_slots:
             slot = self._free_slots.pop()
-        elif len(self._generations) < self.max_objects:
-            slot = len(self._generations)
-            self._generations.append(0)
+        elif self._slots < self.max_objects:
+            slot = self._slots
+            self._slots += 1
         else:
             raise LimitExceeded(f"namespace holds {self.max_objects} objects on this server, the most it may")
-        self._generations[slot] += 1
-        self._claimed.add(slot)
-        return format_bm_id(self.server_id, slot, self._generations[slot])
+        generation = self._generations.take()
+        self._claimed_generation[slot] = generation
+        return format_bm_id(self.server_id, slot, generation)
 
     def unclaim(self, bm_id: str) -> None:
         """Give a claimed id back unused; its generation is spent and never becomes live."""
         _, slot, _ = parse_bm_id(bm_id)
-        self._claimed.remove(slot)
+        del self._claimed_generation[slot]
         self._free_slots.append(slot)
 
     def create(self, size_bytes: int, extents: list[Placement], claimed: str | None = None) -> ObjectRecord:
@@ -113,8 +142,8 @@ class ObjectTable:
             raise LimitExceeded(f"an object may have at most {MAX_EXTENTS_PER_OBJECT} extents")
         bm_id = claimed if claimed is not None else self.claim()
         _, slot, generation = parse_bm_id(bm_id)
-        assert slot in self._claimed and self._generations[slot] == generation, f"{bm_id} was not claimed"
-        self._claimed.remove(slot)
+        assert self._claimed_generation.get(slot) == generation, f"{bm_id} was not claimed"
+        del self._claimed_generation[slot]
         record = ObjectRecord(bm_id, slot, generation, size_bytes, list(extents))
         self._live[slot] = record
         return record
@@ -124,11 +153,10 @@ class ObjectTable:
         server_id, slot, generation = parse_bm_id(bm_id)
         if server_id != self.server_id or slot >= self.max_objects or slot in self._live:
             raise InvalidArgument(f"cannot restore {bm_id} into this table")
-        while len(self._generations) <= slot:
-            self._free_slots.append(len(self._generations))
-            self._generations.append(0)
+        while self._slots <= slot:
+            self._free_slots.append(self._slots)
+            self._slots += 1
         self._free_slots.remove(slot)
-        self._generations[slot] = max(self._generations[slot], generation)
         record = ObjectRecord(bm_id, slot, generation, size_bytes, list(extents))
         self._live[slot] = record
         return record

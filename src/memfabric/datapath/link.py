@@ -2,10 +2,11 @@
 
 Calls are synchronous request/reply over one IPC channel (a lock keeps them whole when
 threads share a link). Segment fds and namespace generation tables arrive once, are mapped
-once (revocably, see mapping.py) and kept while the link lives: the server never lends a
-segment to another namespace while a link that holds it is open. Whenever this side lets
-go (namespace gone, idle segments, link closed or broken) it revokes first, so nothing in
-this process can reach memory the server may lend to someone else next.
+once (revocably, see mapping.py) and kept until the server says a segment is gone (a reply's
+"gone" list), its namespace goes, or the link closes. Safety does not depend on this side
+letting go: a segment belongs to one namespace for its whole life, and the server destroys a
+gone segment's memory, so a mapping kept too long reads zeros, never another tenant's bytes.
+Whenever this side lets go it revokes first, so stale views read zeros here too.
 """
 
 from __future__ import annotations
@@ -125,9 +126,11 @@ class ServerLink:
         if "error" in reply:
             for fd in fds:
                 os.close(fd)
-            if reply["error"] == BmError.NO_SUCH_NAMESPACE and op != "segments_release":
+            if reply["error"] == BmError.NO_SUCH_NAMESPACE:
                 self.release_namespace(str(args.get("pool")), str(args.get("ns")))
             raise error_from_code(reply["error"], str(reply.get("msg", "")))
+        if "gone" in reply:
+            self._forget_segments(reply.pop("gone"))
         return reply, fds
 
     def _fail(self) -> None:
@@ -198,9 +201,13 @@ class ServerLink:
                     for fd in fds:
                         os.close(fd)
                     raise ProtocolError(f"asked for {len(batch)} segments, got {len(fds)} fds")
-                for segment, fd in zip(batch, fds, strict=True):
-                    self._segments[(pool, segment)] = _Mapped(fd, reply["segment_bytes"], readonly=False,
-                                                              pool=pool, ns=creds[1])
+                sizes = reply.get("sizes")
+                if not isinstance(sizes, list) or len(sizes) != len(fds):
+                    for fd in fds:
+                        os.close(fd)
+                    raise ProtocolError(f"segments reply without a size for each of its {len(fds)} fds")
+                for segment, fd, size in zip(batch, fds, sizes, strict=True):
+                    self._segments[(pool, segment)] = _Mapped(fd, size, readonly=False, pool=pool, ns=creds[1])
 
     def populate(self, creds: Creds, segment: int, offset: int, length: int) -> None:
         """Fault in a range of a segment this link has mapped, before it is written."""
@@ -222,35 +229,27 @@ class ServerLink:
     # ---- letting go -------------------------------------------------------------------------
 
     def release_namespace(self, pool: str, ns: str) -> None:
-        """A namespace is gone: revoke every range of it here, then tell the server."""
+        """A namespace is gone: revoke every range of it here and close its fds."""
         with self._map_lock:
             for shared in list(self._ranges):
                 if shared.tag[:2] == (pool, ns):
                     shared.revoke()
-            gone = [key for key, m in self._segments.items() if key[0] == pool and m.ns == ns]
-            for key in gone:
+            for key in [key for key, m in self._segments.items() if key[0] == pool and m.ns == ns]:
                 self._segments.pop(key).close()
             for key in [k for k in self._gen_tables if k[:2] == (pool, ns)]:
                 self._gen_tables.pop(key)[0].close()
-        self._tell_released(pool, [seg for _, seg in gone])
 
-    def release_idle(self, pool: str, segments: list[int]) -> None:
-        """The server says these segments hold no live object: give them back, unless a
-        mapping of ours still covers them (it keeps them until it is closed)."""
+    def _forget_segments(self, gone: object) -> None:
+        """The server destroyed these segments ([pool, id] each): unmap them, close their fds.
+        No object lives in them any more, so no handle of ours reads them."""
+        if not isinstance(gone, list):
+            return
         with self._map_lock:
-            in_use = {seg for shared in self._ranges if not shared.revoked and shared.tag[0] == pool
-                      for seg in (shared.tag[2] or ())}
-            gone = [s for s in segments if (pool, s) in self._segments and s not in in_use]
-            for segment in gone:
-                self._segments.pop((pool, segment)).close()
-        self._tell_released(pool, gone)
-
-    def _tell_released(self, pool: str, segments: list[int]) -> None:
-        if segments and not self._closed:
-            try:
-                self.call("segments_release", pool=pool, segments=segments)
-            except MemfabricError:
-                pass   # the connection is gone: the server let go of everything already
+            for item in gone:
+                if isinstance(item, list) and len(item) == 2:
+                    mapped = self._segments.pop((item[0], item[1]), None)
+                    if mapped is not None:
+                        mapped.close()
 
     def _revoke_all(self) -> None:
         with self._map_lock:

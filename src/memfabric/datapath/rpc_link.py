@@ -197,9 +197,6 @@ class RpcLink:
     def release_namespace(self, pool: str, ns: str) -> None:
         """Nothing is mapped across hosts; nothing to give back."""
 
-    def release_idle(self, pool: str, segments: list[int]) -> None:
-        """Nothing is mapped across hosts; nothing to give back."""
-
     def close(self) -> None:
         with self._lock:
             if self._closed:

@@ -1,70 +1,189 @@
 """Media: where a server's segments live. One interface, three kinds.
 
-Every medium gives fixed-size segments, each an fd plus the server's own shared mapping,
-reserved and pre-faulted at start (MAP_POPULATE) so that a promised byte is a real byte.
+A pool reserves its whole capacity at start (so that a promised byte is a real byte), in a
+*reserve*: a memfd or file whose first `reserved` bytes are allocated. A segment is made
+from the reserve (its bytes punched out of the reserve's end, then allocated afresh in the
+segment's own memfd or file) and destroyed back into it (punched out, so that whoever still
+holds its fd sees zeros; then allocated again at the reserve's end). The reserve and the
+segments together always hold the capacity, never more.
+
+Server-side access to a segment goes through `SegmentMemory`: DRAM segments are sealed
+memfds, safe to map (no client can shrink them); file segments are read and written through
+their fd, never mapped, because a client holding the fd could truncate the file and a
+mapping of the vanished part would kill the server with SIGBUS.
 """
 
 from __future__ import annotations
 
-import mmap
+import ctypes
+import ctypes.util
 import os
-from dataclasses import dataclass, field
+import threading
+from typing import Callable
 
-import numpy as np
-
-from ..errors import IOError_
+from ..errors import IOError_, OutOfMemory, ServerUnavailable
 
 MEDIA = ("dram", "pmem", "ramdisk")
 
+# The reserve is allocated in steps of this size, so that a SIGTERM during a long
+# reservation is seen within one step.
+RESERVE_STEP_BYTES = 64 << 20
+# How long making a segment waits for memory another thread is giving back to the reserve.
+RESERVE_WAIT_S = 1.0
 
-@dataclass(eq=False)
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2); raises OSError (os.posix_fallocate has no modes)."""
+    if length <= 0:
+        return
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def punch(fd: int, offset: int, length: int) -> None:
+    """Free the pages (or blocks) of a range; it reads as zeros from then on, for everyone."""
+    fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+
+
+def allocate_space(fd: int, offset: int, length: int, what: str) -> None:
+    try:
+        fallocate(fd, 0, offset, length)
+    except OSError as exc:
+        raise OutOfMemory(f"cannot reserve {length} bytes for {what}: {exc.strerror}") from None
+
+
 class SegmentMemory:
-    index: int
-    fd: int
-    size_bytes: int
-    mapping: mmap.mmap
-    view: memoryview = field(init=False)
-    _bytes: np.ndarray = field(init=False, repr=False)
+    """One segment's memory as the server reaches it. Besides read/write/zero, it answers
+    submit_read/submit_write like datapath.layout.RemoteSegment, so server-side layouts treat
+    a piece they cannot map like a piece on another host."""
 
-    def __post_init__(self) -> None:
-        self.view = memoryview(self.mapping)
-        self._bytes = np.frombuffer(self.mapping, dtype=np.uint8)
+    view: memoryview | None = None     # set when the server may touch the memory directly
+
+    def __init__(self, segment_id: int, fd: int, size_bytes: int) -> None:
+        self.id = segment_id
+        self.fd = fd
+        self.size_bytes = size_bytes
+
+    def read(self, at: int, dst: memoryview) -> None:
+        raise NotImplementedError
+
+    def write(self, at: int, src: memoryview) -> None:
+        raise NotImplementedError
 
     def zero(self, offset: int, length: int) -> None:
-        self._bytes[offset:offset + length] = 0   # numpy fills with memset
+        raise NotImplementedError
+
+    def submit_read(self, at: int, dst: memoryview) -> Callable[[], None]:
+        self.read(at, dst)
+        return _done
+
+    def submit_write(self, at: int, src: memoryview) -> Callable[[], None]:
+        self.write(at, src)
+        return _done
+
+    def destroy(self) -> None:
+        """Free the memory for good (holders of the fd see zeros) and close it."""
+        raise NotImplementedError
 
     def close(self) -> None:
-        del self._bytes
-        self.view.release()
-        self.mapping.close()
-        os.close(self.fd)
-
-
-class Medium:
-    """Creates a pool's segments; `close` gives every byte back."""
-
-    kind = ""
-
-    def create_segments(self, count: int, size_bytes: int) -> list[SegmentMemory]:
-        segments: list[SegmentMemory] = []
-        try:
-            for index in range(count):
-                segments.append(map_segment(index, self.open_segment(index, size_bytes), size_bytes))
-        except BaseException:
-            for seg in segments:
-                seg.close()
-            raise
-        return segments
-
-    def open_segment(self, index: int, size_bytes: int) -> int:
+        """Let go of it without destroying it (the server stops)."""
         raise NotImplementedError
 
 
-def map_segment(index: int, fd: int, size_bytes: int) -> SegmentMemory:
+def _done() -> None:
+    return None
+
+
+class Medium:
+    """Makes a pool's reserve and segments; `close` gives every byte back."""
+
+    kind = ""
+
+    def __init__(self) -> None:
+        # The reserve's end moves one change at a time; a make waits (bounded) for a destroy
+        # another thread is finishing (the allocator counted that budget free already).
+        self._lock = threading.Condition()
+        self._reserve_fd = -1
+        self._reserved = 0
+
+    # ---- the reserve ------------------------------------------------------------------------
+
+    def reserve(self, size_bytes: int, stopping: threading.Event | None = None) -> None:
+        """Allocate the budget not in segments. Raises OutOfMemory when the machine lacks it
+        and ServerUnavailable when `stopping` is set meanwhile; either way it leaves nothing."""
+        self._reserve_fd = self._open_reserve()
+        try:
+            while self._reserved < size_bytes:
+                if stopping is not None and stopping.is_set():
+                    raise ServerUnavailable("stopped while reserving memory")
+                step = min(RESERVE_STEP_BYTES, size_bytes - self._reserved)
+                allocate_space(self._reserve_fd, self._reserved, step, f"the {self.kind} pool")
+                self._reserved += step
+        except BaseException:
+            self.close()
+            raise
+
+    def reserved_bytes(self) -> int:
+        return self._reserved
+
+    def _take(self, size_bytes: int) -> None:
+        with self._lock:
+            if not self._lock.wait_for(lambda: self._reserved >= size_bytes, RESERVE_WAIT_S):
+                raise OutOfMemory(f"the {self.kind} reserve holds {self._reserved} bytes, {size_bytes} asked "
+                                  "(the machine took memory the pool had given back?)")
+            self._reserved -= size_bytes
+            punch(self._reserve_fd, self._reserved, size_bytes)
+
+    def _give(self, size_bytes: int) -> None:
+        with self._lock:
+            try:
+                fallocate(self._reserve_fd, 0, self._reserved, size_bytes)
+            except OSError:
+                # The machine took the memory meanwhile: the pool is smaller until it returns.
+                return
+            self._reserved += size_bytes
+            self._lock.notify_all()
+
+    # ---- segments ---------------------------------------------------------------------------
+
+    def make(self, segment_id: int, size_bytes: int) -> SegmentMemory:
+        """A new segment of fresh memory, from the reserve."""
+        self._take(size_bytes)
+        try:
+            return self._make(segment_id, size_bytes)
+        except BaseException:
+            self._give(size_bytes)
+            raise
+
+    def destroy(self, seg: SegmentMemory) -> None:
+        seg.destroy()
+        self._give(seg.size_bytes)
+
+    def _make(self, segment_id: int, size_bytes: int) -> SegmentMemory:
+        raise NotImplementedError
+
+    def _open_reserve(self) -> int:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self._reserve_fd >= 0:
+            os.close(self._reserve_fd)
+            self._reserve_fd = -1
+        self._reserved = 0
+
+
+def check_io(what: str, fn: Callable[[], int], expected: int) -> None:
     try:
-        mapping = mmap.mmap(fd, size_bytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
-                            prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        done = fn()
     except OSError as exc:
-        os.close(fd)
-        raise IOError_(f"cannot map segment {index}: {exc.strerror}") from None
-    return SegmentMemory(index, fd, size_bytes, mapping)
+        raise IOError_(f"{what}: {exc.strerror}") from None
+    if done != expected:
+        raise IOError_(f"{what}: {done} of {expected} bytes (the file shrank?)")

@@ -1,40 +1,157 @@
-"""pmem and ramdisk segments: one file each under the pool's path.
+"""pmem and ramdisk segments: one file each under the pool's path, made from a reserve file.
 
 `pmem` is a file system on persistent memory (DAX) or any file system; `ramdisk` is
-tmpfs (survives a server crash, not a reboot). Files cannot be sealed like memfds, so
-space is reserved up front with posix_fallocate: a full file system fails at start,
-never later under a client's write.
+tmpfs (survives a server crash, not a reboot). Space is allocated up front (fallocate): a
+full file system fails at start, never later under a client's write.
+
+    <path>/reserve.mem            the budget not in segments
+    <path>/segment-<id>.mem       one segment; the journal says which hold live objects
+
+Files cannot be sealed: a client holding a segment's fd could truncate it. So the server
+never maps them; it reads and writes through the fd, and a file that shrank costs that
+request an IO_ERROR (and its own namespace the bytes), never the server a SIGBUS.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import threading
 
 from ..errors import IOError_, OutOfMemory
-from .base import Medium
+from .base import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE, Medium, SegmentMemory, allocate_space,
+                   check_io, fallocate, punch)
+
+_SEGMENT_FILE = re.compile(r"segment-(\d{1,20})\.mem")
+_ZEROS = bytes(1 << 20)
+
+
+class FileSegment(SegmentMemory):
+    def __init__(self, segment_id: int, fd: int, size_bytes: int, path: str) -> None:
+        super().__init__(segment_id, fd, size_bytes)
+        self.path = path
+        # Held for every access through the fd: destroy() waits for it, so an fd number is
+        # never used after it was closed (and perhaps reused for another file).
+        self._lock = threading.Lock()
+
+    def _open_fd(self) -> int:
+        if self.fd < 0:
+            raise IOError_(f"segment {self.id} was destroyed")
+        return self.fd
+
+    def read(self, at: int, dst: memoryview) -> None:
+        with self._lock:
+            fd = self._open_fd()
+            check_io(f"reading segment {self.id}", lambda: os.preadv(fd, [dst], at), len(dst))
+
+    def write(self, at: int, src: memoryview) -> None:
+        with self._lock:
+            fd = self._open_fd()
+            check_io(f"writing segment {self.id}", lambda: os.pwritev(fd, [src], at), len(src))
+
+    def zero(self, offset: int, length: int) -> None:
+        with self._lock:
+            fd = self._open_fd()
+            if offset + length > os.fstat(fd).st_size:
+                raise IOError_(f"segment {self.id} shrank below {offset + length} bytes")
+            try:   # keeps the blocks allocated (a punched hole could fail a later write)
+                fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+                return
+            except OSError:
+                pass   # tmpfs and some file systems: write the zeros
+            done = 0
+            while done < length:
+                n = min(len(_ZEROS), length - done)
+                check_io(f"zeroing segment {self.id}", lambda: os.pwrite(fd, _ZEROS[:n], offset + done), n)
+                done += n
+
+    def destroy(self) -> None:
+        with self._lock:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            try:
+                punch(self.fd, 0, max(self.size_bytes, os.fstat(self.fd).st_size))
+            except OSError:
+                pass     # a file system without holes: the unlinked file goes with its last fd
+            os.close(self.fd)
+            self.fd = -1
+
+    def close(self) -> None:
+        """Close without destroying (the server stops; the file keeps its objects)."""
+        with self._lock:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
 
 
 class FileMedium(Medium):
-    def __init__(self, kind: str, directory: str, keep_contents: bool = False) -> None:
+    def __init__(self, kind: str, directory: str) -> None:
+        super().__init__()
         self.kind = kind
         self.directory = directory
-        # With a journal to say what lives in them, the files are kept across restarts.
-        self.keep_contents = keep_contents
 
-    def open_segment(self, index: int, size_bytes: int) -> int:
-        os.makedirs(self.directory, exist_ok=True)
-        path = os.path.join(self.directory, f"segment-{index:05d}.mem")
+    def existing_segments(self) -> dict[int, int]:
+        """Segment files an earlier run left: id -> size."""
+        found = {}
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return found
+        for name in names:
+            m = _SEGMENT_FILE.fullmatch(name)
+            if m:
+                found[int(m.group(1))] = os.stat(os.path.join(self.directory, name)).st_size
+        return found
+
+    def adopt(self, segment_id: int) -> FileSegment:
+        path = self._path(segment_id)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
             raise IOError_(f"cannot open {path}: {exc.strerror}") from None
+        return FileSegment(segment_id, fd, os.fstat(fd).st_size, path)
+
+    def discard(self, segment_id: int) -> None:
+        """A segment file no live object needs any more (left by an earlier run)."""
         try:
-            # Without a journal, start empty: old bytes would otherwise be an earlier tenant's
-            # data handed out as "fresh" memory.
-            if not self.keep_contents:
-                os.ftruncate(fd, 0)
-            os.posix_fallocate(fd, 0, size_bytes)
+            os.unlink(self._path(segment_id))
+        except FileNotFoundError:
+            pass
+
+    def _path(self, segment_id: int) -> str:
+        return os.path.join(self.directory, f"segment-{segment_id}.mem")
+
+    def _open_reserve(self) -> int:
+        os.makedirs(self.directory, exist_ok=True)
+        path = os.path.join(self.directory, "reserve.mem")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            os.ftruncate(fd, 0)        # its old contents are nobody's any more
         except OSError as exc:
-            os.close(fd)
-            raise OutOfMemory(f"cannot reserve {size_bytes} bytes in {path}: {exc.strerror}") from None
+            raise IOError_(f"cannot open {path}: {exc.strerror}") from None
         return fd
+
+    def _make(self, segment_id: int, size_bytes: int) -> FileSegment:
+        path = self._path(segment_id)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise IOError_(f"cannot create {path}: {exc.strerror}") from None
+        try:
+            allocate_space(fd, 0, size_bytes, f"segment file {path}")
+        except OutOfMemory:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        return FileSegment(segment_id, fd, size_bytes, path)
+
+    def close(self) -> None:
+        """The reserve file goes: it holds nothing but space (a failed start leaves no
+        gigabytes behind, a stopped server keeps only the segments with objects)."""
+        super().close()
+        try:
+            os.unlink(os.path.join(self.directory, "reserve.mem"))
+        except FileNotFoundError:
+            pass

@@ -85,6 +85,9 @@ class IpcFront:
                     else:
                         reply, reply_fds = result, []
                     reply["id"] = request["id"]
+                    gone = self.server.take_gone(conn)
+                    if gone:       # segments destroyed since: the client unmaps them
+                        reply["gone"] = gone
                     data = wire.encode(reply)
                 except MemfabricError as exc:
                     if isinstance(exc, ProtocolError):   # our reply would not fit in one message

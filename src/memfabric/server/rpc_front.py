@@ -103,7 +103,7 @@ class RpcFront:
                 if op in ("seg_write", "seg_read"):
                     # The span is held for the transfer: a concurrent free or destroy cannot
                     # hand these bytes to anyone else until it is done.
-                    with self.server.span(conn, request) as target:
+                    with self.server.span(conn, request, writing=op == "seg_write") as target:
                         if op == "seg_write":
                             if payload_len != len(target):
                                 raise ProtocolError(f"seg_write of {len(target)} bytes carried {payload_len}")

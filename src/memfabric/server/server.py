@@ -21,10 +21,10 @@ import numpy as np
 
 from ..cluster import ClusterService, ServerRecord, open_cluster
 from ..core import placement
-from ..core.allocator import Extent
+from ..core.allocator import Extent, round_up
 from ..core.namespaces import (check_attribute, check_name, check_sec_id, hash_sec_id,
                                sec_id_matches)
-from ..core.objects import ObjectRecord, Placement, parse_bm_id
+from ..core.objects import Generations, ObjectRecord, Placement, parse_bm_id
 from ..datapath.layout import (Layout, RemoteSegment, described_layout, check_range, copy_between,
                                write_at)
 from ..datapath import reduce
@@ -34,7 +34,9 @@ from ..transport import rpc
 from ..errors import (InternalError, InvalidArgument, MemfabricError, NoSuchNamespace, NoSuchObject, NoSuchPool,
                       OutOfMemory, OutOfRange, PermissionDenied, ServerUnavailable)
 from ..limits import (MAX_BATCH_IDS, MAX_EXTENTS_PER_OBJECT, MAX_FDS_PER_MESSAGE, MAX_OBJECT_BYTES,
-                      PAGE_SIZE_BYTES, PEER_TIMEOUT_S, REUSE_GRACE_S)
+                      PAGE_SIZE_BYTES, PEER_TIMEOUT_S, RESERVE_RETRY_S, SEGMENT_KEEPER_INTERVAL_S,
+                      SPARE_CAPACITY_DIVISOR, SPARE_SMALL_SEGMENTS, SPARE_TOP_SEGMENTS)
+from ..media.base import SegmentMemory
 from ..config import ServerConfig
 from .state import NamespaceState, PoolState
 
@@ -56,6 +58,15 @@ class Connection:
         self.role = "client"
         # (pool, ns) -> (incarnation, secId) proven on this connection.
         self.verified: dict[tuple[str, str], tuple[int, bytes]] = {}
+        # Segments whose fds this client was handed, and those of them destroyed since: the
+        # next reply tells it, so it unmaps them (they read zeros now) and closes their fds.
+        self.segments: set[tuple[str, int]] = set()
+        self.gone: list[list] = []
+
+    @property
+    def can_take_fds(self) -> bool:
+        """Same host (IPC): the kernel told us its pid. RPC peers cannot receive fds."""
+        return self.peer_pid is not None
 
 
 Reply = dict[str, Any] | tuple[dict[str, Any], list[int]]
@@ -67,6 +78,7 @@ class Server:
         self.cluster = cluster or open_cluster(cfg.cluster.backend, **cfg.cluster.settings())
         self.server_id = 0
         self.epoch = 0          # this life's number from the cluster: ids made now never repeat
+        self.generations: Generations | None = None
         self.lock = threading.RLock()
         self.pools: dict[str, PoolState] = {}
         self.namespaces: dict[tuple[str, str], NamespaceState] = {}
@@ -76,6 +88,10 @@ class Server:
         self._view_at = 0.0
         self._stopping = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
+        self._keeper_thread: threading.Thread | None = None
+        self._keeper_wake = threading.Event()
+        # Connections handed each segment's fd: told when it is destroyed.
+        self._segment_holders: dict[tuple[str, int], set[Connection]] = defaultdict(set)
         self.token: bytes | None = None
         self.peer_tls = None
         self.rpc_listener = None
@@ -114,15 +130,25 @@ class Server:
                     raise
                 time.sleep(0.2)
         self.epoch = self.cluster.next_epoch()
+        self.generations = Generations(self.epoch)
         self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat",
                                                   daemon=True)
         self._heartbeat_thread.start()
         for pool_cfg in self.cfg.pools:
-            self.pools[pool_cfg.name] = PoolState(pool_cfg, self.cfg.segment_bytes, f"s{self.server_id}")
+            # Segment ids of this life start past every earlier life's (epochs never repeat).
+            self.pools[pool_cfg.name] = PoolState(pool_cfg, self.cfg.segment_bytes, self.cfg.min_segment_bytes,
+                                                  f"s{self.server_id}", first_segment_id=(self.epoch << 32) + 1)
         for pool in self.pools.values():
             if pool.journal is not None:
                 self._restore(pool)
+            pool.open(self._stopping)
+        self._keeper_thread = threading.Thread(target=self._keeper_loop, name="segment-keeper", daemon=True)
+        self._keeper_thread.start()
         self._publish()
+
+    def interrupt_start(self) -> None:
+        """A signal asked us to stop while starting: reserving memory gives up within a step."""
+        self._stopping.set()
 
     def announce(self) -> None:
         """Once this server answers requests: peers may hold extents for objects of ours that
@@ -200,24 +226,50 @@ class Server:
                 objects.pop(key, None)
                 held.pop(key, None)
         snapshot: list[list[Any]] = []
+        files = pool.existing_segments()
+
+        def take_back(owner: tuple, what: str, extents: list[Extent]) -> bool:
+            """Re-own `extents` in their segment files; False (and nothing taken) if any lies
+            in a file that is gone or does not fit."""
+            by_segment: dict[int, list[Extent]] = defaultdict(list)
+            for e in extents:
+                by_segment[e.segment].append(e)
+            missing = [seg for seg in by_segment if seg not in files]
+            if missing:
+                log.warning("%s of %s/%s lost: segment files %s are gone", what, pool.name, owner[1], missing)
+                return False
+            try:
+                for seg, mine in by_segment.items():
+                    pool.allocator.restore(owner, seg, files[seg], mine)
+            except InvalidArgument as exc:
+                log.error("%s of %s/%s not restored: %s", what, pool.name, owner[1], exc)
+                return False
+            for seg in by_segment:
+                if seg not in pool.segments:
+                    pool.adopt(seg)
+            return True
+
         for key in sorted(set(objects) | set(held)):
             ns, incarnation = key
             record = self.cluster.get_namespace(pool.name, ns)
             if record is None or record.incarnation != incarnation:
                 log.info("namespace %s/%s was destroyed while this server was down: not restored", pool.name, ns)
                 continue
-            state = self.namespaces.get((pool.name, ns)) or NamespaceState(record, self.server_id, f"s{self.server_id}")
+            state = self.namespaces.get((pool.name, ns)) or NamespaceState(
+                record, self.server_id, f"s{self.server_id}", self.generations)
             self.namespaces[(pool.name, ns)] = state
             for bm_id, (size, extents) in objects.get(key, {}).items():
                 placements = [Placement(*e) for e in extents]
+                mine = [Extent(e.segment, e.offset, e.length) for e in placements if e.server_id == self.server_id]
+                if not take_back(state.key, f"object {bm_id}", mine):
+                    continue
                 restored = state.table.restore(bm_id, size, placements)
-                pool.allocator.restore(state.key, [Extent(e.segment, e.offset, e.length) for e in placements
-                                                   if e.server_id == self.server_id])
                 state.publish(restored)
                 snapshot.append(["obj", ns, incarnation, bm_id, size, extents])
             for bm_id, extents in held.get(key, {}).items():
                 mine = [Extent(*e) for e in extents]
-                pool.allocator.restore(state.key, mine)
+                if not take_back(state.key, f"extents held for {bm_id}", mine):
+                    continue
                 state.lent_by_object[bm_id] = mine
                 snapshot.append(["held", ns, incarnation, bm_id, extents])
             log.info("restored %d objects of %s/%s from the journal", len(state.table), pool.name, ns)
@@ -233,8 +285,10 @@ class Server:
         self._stopping.set()
         if self.rpc_listener is not None:
             self.rpc_listener.close()
-        if self._heartbeat_thread:
-            self._heartbeat_thread.join(timeout=5)
+        self._keeper_wake.set()
+        for thread in (self._heartbeat_thread, self._keeper_thread):
+            if thread is not None:
+                thread.join(timeout=5)
         try:
             self.cluster.deregister_server(self.server_id)
         except MemfabricError as exc:
@@ -248,6 +302,9 @@ class Server:
                 state.close()
             self.namespaces.clear()
             for pool in self.pools.values():
+                if pool.journal is not None:     # files no object needs would outlive us
+                    pool.destroy([pool.segments.pop(i) for i in pool.allocator.unused_segments()
+                                  if i in pool.segments])
                 pool.close()
             self.pools.clear()
         self.cluster.close()
@@ -316,8 +373,13 @@ class Server:
         """A client went away: its segments and mappings no longer keep memory from reuse."""
         to_release: list[tuple[NamespaceState, str, list[Placement], Creds | None]] = []
         with self.lock:
-            for pool in self.pools.values():
-                pool.allocator.let_go(conn.id)
+            for key in conn.segments:
+                holders = self._segment_holders.get(key)
+                if holders is not None:
+                    holders.discard(conn)
+                    if not holders:
+                        del self._segment_holders[key]
+            conn.segments.clear()
             for (pool_name, ns), state in self.namespaces.items():
                 for bm_id, freed in state.table.unpin_all_by_object(conn.id):
                     # The secId this client proved lets us give back extents held by peers.
@@ -357,7 +419,7 @@ class Server:
             with self.lock:
                 state = self.namespaces.get((pool, ns))
                 if state is None or state.record.incarnation != record.incarnation:
-                    state = NamespaceState(record, self.server_id, f"s{self.server_id}")
+                    state = NamespaceState(record, self.server_id, f"s{self.server_id}", self.generations)
                     self.namespaces[(pool, ns)] = state
         proven = conn.verified.get((pool, ns))
         if proven is not None and proven[0] == state.record.incarnation and hmac.compare_digest(proven[1], sec):
@@ -443,6 +505,7 @@ class Server:
             state.table.drop_all()
             if pool in self.pools:
                 self.pools[pool].allocator.drop_owner(state.key)
+                self._keeper_wake.set()      # it destroys the dropped segments' memory
         # This server's own links to peers must not keep that namespace's segments from reuse.
         with self._peers_lock:
             peers = list(self._peers.values())
@@ -476,37 +539,48 @@ class Server:
         return answers
 
     def op_ns_open(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        _refuse_fds_over_rpc(conn, "ns_open")
         state, _ = self._namespace(conn, m)
-        with self.lock:   # a concurrent drop closes gen_fd; our duplicate is ours to close
+        with self.lock:   # a drop closes gen_fd under this lock; our duplicate is ours to close
+            if state.closed:
+                raise NoSuchNamespace(f"namespace {state.record.ns!r} in pool {state.record.pool!r} "
+                                      "was destroyed meanwhile")
             fd = os.dup(state.gen_fd)
         return ({"incarnation": state.record.incarnation, "table_bytes": state.table_bytes}, [fd], True)
 
     def op_segments(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        """The fds of segments of a namespace this connection proved the secId of. A segment is
+        one namespace's for its whole life, so its fd can never show another's bytes."""
+        _refuse_fds_over_rpc(conn, "segments")
         state, (pool, _, _) = self._namespace(conn, m)
         wanted = m.get("segments")
         if (not isinstance(wanted, list) or not 0 < len(wanted) <= MAX_FDS_PER_MESSAGE
                 or not all(type(s) is int for s in wanted)):
-            raise InvalidArgument(f"segments must be a list of 1-{MAX_FDS_PER_MESSAGE} segment numbers")
+            raise InvalidArgument(f"segments must be a list of 1-{MAX_FDS_PER_MESSAGE} segment ids")
         pool_state = self.pools[pool]
         with self.lock:
             for segment in wanted:
-                if not 0 <= segment < pool_state.allocator.segment_count \
-                        or pool_state.allocator.owner_of(segment) != state.key:
+                owner = pool_state.allocator.owner_of(segment)
+                if owner is None or segment not in pool_state.segments:
+                    raise NoSuchObject(f"segment {segment} of pool {pool!r} is gone (the objects in it "
+                                       "were freed)")
+                if owner != state.key:
                     raise PermissionDenied(f"segment {segment} is not lent to namespace {state.record.ns!r}")
+            memories = [pool_state.segments[s] for s in wanted]
             for segment in wanted:
-                pool_state.allocator.hold(segment, conn.id)
-        return ({"segment_bytes": self.cfg.segment_bytes},
-                [pool_state.segments[s].fd for s in wanted])
+                self._segment_holders[(pool, segment)].add(conn)
+                conn.segments.add((pool, segment))
+            # Duplicates, ours to close once sent: a concurrent destroy may close the originals.
+            fds = [os.dup(mem.fd) for mem in memories]
+        return ({"sizes": [mem.size_bytes for mem in memories]}, fds, True)
 
-    def op_segments_release(self, conn: Connection, m: dict[str, Any]) -> Reply:
-        pool = check_name("pool", m.get("pool"))
-        segments = m.get("segments")
-        if pool not in self.pools or not isinstance(segments, list) \
-                or not all(type(s) is int and 0 <= s < self.pools[pool].allocator.segment_count for s in segments):
-            raise InvalidArgument("segments_release takes a pool of this server and its segment numbers")
+    def take_gone(self, conn: Connection) -> list[list]:
+        """Segments destroyed since this connection was last told (see Connection.gone)."""
+        if not conn.gone:
+            return []
         with self.lock:
-            self.pools[pool].allocator.let_go(conn.id, segments)
-        return {}
+            gone, conn.gone = conn.gone, []
+        return gone
 
     # ---- objects ------------------------------------------------------------------------
 
@@ -514,38 +588,62 @@ class Server:
         state, creds = self._namespace(conn, m)
         size = _size_arg(m, "size")
         policy = m.get("policy", "local")
+        if policy not in placement.POLICIES:
+            raise InvalidArgument(f"policy must be one of {', '.join(placement.POLICIES)}, got {policy!r}")
         target = m.get("server_id")
-        if target is not None and type(target) is not int:
-            raise InvalidArgument(f"server_id must be an int, got {target!r}")
-        if policy == "server" and target == self.server_id:
-            policy = "local"
+        if (policy == "server") != (type(target) is int) or (target is not None and type(target) is not int):
+            raise InvalidArgument(f"server_id is an int with policy 'server', and only with it; got {target!r}")
         with self.lock:
             bm_id = state.table.claim()
         try:
-            extents = None
-            if policy == "local" and creds[0] in self.pools:
-                try:   # the common case: it fits here, and needs no cluster view
-                    extents = self._reserve(state, creds, [(self.server_id, size)], bm_id)
-                except OutOfMemory:
-                    pass
-            if extents is None:
-                try:
-                    shares = placement.plan(policy, size, self._free_by_server(creds[0]), self.server_id, target)
-                    extents = self._reserve(state, creds, shares, bm_id)
-                except (OutOfMemory, ServerUnavailable):
-                    # The view may be a moment old (a server just started, or just filled up).
-                    shares = placement.plan(policy, size, self._free_by_server(creds[0], fresh=True),
-                                            self.server_id, target)
-                    extents = self._reserve(state, creds, shares, bm_id)
+            extents = self._place(state, creds, policy, size, target, bm_id)
         except BaseException:
             with self.lock:
                 state.table.unclaim(bm_id)
             raise
         with self.lock:
-            record = state.table.create(size, extents, claimed=bm_id)
-            self._log(state, "obj", bm_id, size, [list(_placement(e)) for e in extents])
-            state.publish(record)
-        return _describe(record, state)
+            if not state.closed:
+                record = state.table.create(size, extents, claimed=bm_id)
+                self._log(state, "obj", bm_id, size, [list(_placement(e)) for e in extents])
+                state.publish(record)
+                return _describe(record, state)
+        # Destroyed while we placed it: our memory went with the namespace; peers get theirs back.
+        self._release(state, bm_id, extents, creds)
+        raise NoSuchNamespace(f"namespace {creds[1]!r} in pool {creds[0]!r} was destroyed meanwhile")
+
+    def _place(self, state: NamespaceState, creds: Creds, policy: str, size: int, target: int | None,
+               bm_id: str) -> list[Placement]:
+        """Reserve an object's memory as its affinity asks. `server`: there or OUT_OF_MEMORY
+        (a requirement, not a preference). `local`: here, else the whole object on the
+        roomiest other server. `spread`: striped over every live server of the pool."""
+        pool = creds[0]
+        if policy == "server":
+            return self._reserve(state, creds, [(target, size)], bm_id)
+        need = round_up(size, PAGE_SIZE_BYTES)
+        if policy == "local":
+            tried: set[int] = set()
+            if pool in self.pools:   # the common case: it fits here, and needs no cluster view
+                try:
+                    return self._reserve(state, creds, [(self.server_id, size)], bm_id)
+                except OutOfMemory:
+                    tried.add(self.server_id)
+            for fresh in (False, True):     # the view may be a moment old
+                free = self._free_by_server(pool, state.key, fresh)
+                for server_id in sorted(free, key=lambda s: -free[s]):
+                    if server_id in tried or free[server_id] < need:
+                        continue
+                    try:
+                        return self._reserve(state, creds, [(server_id, size)], bm_id)
+                    except (OutOfMemory, ServerUnavailable):
+                        tried.add(server_id)
+            raise OutOfMemory(f"no live server of pool {pool!r} has {need} bytes free for this namespace")
+        try:
+            shares = placement.plan(policy, size, self._free_by_server(pool, state.key), self.server_id)
+            return self._reserve(state, creds, shares, bm_id)
+        except (OutOfMemory, ServerUnavailable):
+            # The view may be a moment old (a server just started, or just filled up).
+            shares = placement.plan(policy, size, self._free_by_server(pool, state.key, fresh=True), self.server_id)
+            return self._reserve(state, creds, shares, bm_id)
 
     def op_describe(self, conn: Connection, m: dict[str, Any]) -> Reply:
         state, _ = self._namespace(conn, m)
@@ -554,7 +652,8 @@ class Server:
 
     def op_free(self, conn: Connection, m: dict[str, Any]) -> Reply:
         state, creds = self._namespace(conn, m)
-        return {"idle_segments": self._free(state, creds, m.get("bm_id"))}
+        self._free(state, creds, m.get("bm_id"))
+        return {}
 
     def op_batch_free(self, conn: Connection, m: dict[str, Any]) -> Reply:
         state, creds = self._namespace(conn, m)
@@ -570,13 +669,13 @@ class Server:
                 results.append(int(exc.code))
         return {"results": results}
 
-    def _free(self, state: NamespaceState, creds: Creds, bm_id: Any) -> dict[str, list[int]]:
+    def _free(self, state: NamespaceState, creds: Creds, bm_id: Any) -> None:
         with self.lock:
             record = self._lookup(state, bm_id)
             state.retract(record)       # clients' next generation check fails from here on
             extents = state.table.free(record.bm_id)
             self._log(state, "free", record.bm_id)
-        return self._release(state, record.bm_id, extents, creds)
+        self._release(state, record.bm_id, extents, creds)
 
     def op_expand(self, conn: Connection, m: dict[str, Any]) -> Reply:
         state, creds = self._namespace(conn, m)
@@ -613,15 +712,14 @@ class Server:
         self._zero_slack(state, creds, record, new_size)
         extents: list[Placement] = []
         if extra > 0:
-            free = self._free_by_server(creds[0])
             try:
-                shares = placement.plan("local", extra, free, self.server_id)
-                extents = self._reserve(state, creds, shares, record.bm_id)
+                extents = self._place(state, creds, "local", extra, None, record.bm_id)
             except OutOfMemory:
-                extents = self._reserve(state, creds, placement.plan("spread", extra, free, self.server_id),
-                                        record.bm_id)
+                extents = self._place(state, creds, "spread", extra, None, record.bm_id)
         try:
             with self.lock:
+                if state.closed:
+                    raise NoSuchNamespace(f"namespace {creds[1]!r} in pool {creds[0]!r} was destroyed meanwhile")
                 record = state.table.expand(record.bm_id, new_size, extents)
                 self._log(state, "obj", record.bm_id, new_size, [list(_placement(e)) for e in record.extents])
                 state.publish(record)
@@ -688,25 +786,30 @@ class Server:
                 state.lent_by_object.pop(bm_id, None)
             self._log(state, "held", bm_id, [[e.segment, e.offset, e.length] for e in remaining])
             self._give_back_locked(state, bm_id, extents)
-            return {"idle_segments": self.pools[pool].allocator.segments_to_give_back(state.key)}
+            return {}
 
     # ---- data from other hosts: one span of one extent per request -----------------------------
 
     @contextmanager
-    def span(self, conn: Connection, m: dict[str, Any]) -> Iterator[memoryview]:
-        """The segment bytes a remote read or write may touch, held for the transfer: the
-        segment cannot change namespace, and a free of the object defers giving its extents
-        back, until the transfer is over."""
-        view, state, allocator, segment, bm_id = self._span_view(conn, m)
-        holder = object()
-        with self.lock:
-            allocator.hold(segment, holder)
-            state.busy[bm_id] = state.busy.get(bm_id, 0) + 1
+    def span(self, conn: Connection, m: dict[str, Any], writing: bool) -> Iterator[memoryview]:
+        """The bytes a remote read or write touches, held for the transfer: the segment is not
+        destroyed, and a free of the object defers giving its extents back, until it is over.
+        A DRAM segment's bytes are lent in place; a file segment's go through a buffer (read
+        before, written after), since the server never maps files."""
+        mem, offset, length, state, allocator, segment, bm_id = self._span_view(conn, m)
         try:
-            yield view
+            if mem.view is not None:
+                yield mem.view[offset:offset + length]
+            else:
+                buffer = memoryview(bytearray(length))
+                if not writing:
+                    mem.read(offset, buffer)
+                yield buffer
+                if writing:
+                    mem.write(offset, buffer)
         finally:
             with self.lock:
-                allocator.let_go(holder, [segment])
+                allocator.let_go(segment)
                 state.busy[bm_id] -= 1
                 if not state.busy[bm_id]:
                     del state.busy[bm_id]
@@ -722,7 +825,8 @@ class Server:
             self.pools[state.record.pool].allocator.release(state.key, extents, time.monotonic())
 
     def _span_view(self, conn: Connection, m: dict[str, Any]):
-        """The checks of a span request; returns (view, state, allocator, segment, bm_id)."""
+        """The checks of a span request, and its hold; returns (segment memory, offset, length,
+        state, allocator, segment, bm_id)."""
         state, (pool, _, _) = self._namespace(conn, m)
         bm_id = m.get("bm_id")
         segment, offset, length = m.get("segment"), m.get("offset"), m.get("length")
@@ -743,39 +847,107 @@ class Server:
             if not owned:
                 raise OutOfRange(f"[{offset}, {offset}+{length}) of segment {segment} is not object "
                                  f"{bm_id}'s on server {self.server_id}")
-            return (self.pools[pool].segments[segment].view[offset:offset + length], state,
-                    self.pools[pool].allocator, segment, bm_id)
+            # Held from here, under the same lock as the check: not destroyed until span() ends.
+            allocator = self.pools[pool].allocator
+            allocator.hold(segment)
+            state.busy[bm_id] = state.busy.get(bm_id, 0) + 1
+            return self.pools[pool].segments[segment], offset, length, state, allocator, segment, bm_id
 
-    def _free_by_server(self, pool: str, fresh: bool = False) -> dict[int, int]:
-        free = {s.server_id: s.pools[pool]["free_bytes"] for s in self.view(fresh)
-                if s.alive and pool in s.pools}
+    def _free_by_server(self, pool: str, owner: tuple | None = None, fresh: bool = False) -> dict[int, int]:
+        """What each live server could give `owner` in `pool`: what a new namespace could get
+        there, as the servers last published it; here, exactly, with the owner's own room."""
+        free = {s.server_id: s.pools[pool].get("lendable_bytes", s.pools[pool].get("free_bytes", 0))
+                for s in self.view(fresh) if s.alive and pool in s.pools}
         if pool in self.pools:
             with self.lock:
-                free[self.server_id] = self.pools[pool].allocator.available_bytes()
+                allocator = self.pools[pool].allocator
+                free[self.server_id] = (allocator.lendable_bytes() if owner is None
+                                        else allocator.available_bytes(owner))
         return free
 
     def _reserve_local(self, state: NamespaceState, pool: str, size: int) -> list[Extent]:
         if pool not in self.pools:
             raise NoSuchPool(f"server {self.server_id} gives no memory to pool {pool!r}")
-        allocator = self.pools[pool].allocator
-        for attempt in range(2):
+        pool_state = self.pools[pool]
+        allocator = pool_state.allocator
+        deadline = time.monotonic() + RESERVE_RETRY_S
+        while True:
             with self.lock:
+                if state.closed:
+                    raise NoSuchNamespace(f"namespace {state.record.ns!r} was destroyed meanwhile")
                 try:
                     allocation = allocator.allocate(state.key, size, time.monotonic())
-                except OutOfMemory as exc:
-                    wait_s = None if exc.retry_at_s is None else exc.retry_at_s - time.monotonic()
-                    if attempt or wait_s is None or wait_s > REUSE_GRACE_S * 2:
-                        raise
-                    continue_after = wait_s
-                else:
-                    # A newly lent segment is zeroed whole before anyone else can carve from it;
-                    # our own extents nobody knows of yet, so they are zeroed outside the lock.
-                    whole = [z for z in allocation.zero if z.segment in allocation.clean_segments]
-                    self.pools[pool].zero(whole)
                     break
-            time.sleep(max(continue_after, 0))   # memory freed a moment ago becomes reusable
-        self.pools[pool].zero([z for z in allocation.zero if z.segment not in allocation.clean_segments])
+                except OutOfMemory as exc:
+                    # Memory freed a moment ago (resting) or being destroyed now is usable soon.
+                    wait_s = None if exc.retry_at_s is None else exc.retry_at_s - time.monotonic()
+                    if wait_s is None or time.monotonic() + wait_s > deadline:
+                        raise
+            time.sleep(max(wait_s, 0.001))
+        if allocation.retire:           # other owners' empty segments, taken back for this one
+            self._destroy_segments(pool_state, allocation.retire)
+        if allocation.make:
+            try:
+                memories = pool_state.make(allocation.make)
+            except BaseException:
+                with self.lock:
+                    allocator.abandon(state.key, allocation)
+                raise
+            with self.lock:
+                for mem in memories:
+                    pool_state.segments[mem.id] = mem
+                allocator.made(allocation)
+            self._keeper_wake.set()    # spares may be needed again, or dropped ones to destroy
+        pool_state.zero(allocation.zero)   # our extents: nobody knows of them yet
         return allocation.extents
+
+    def _destroy_segments(self, pool: PoolState, segment_ids: list[int]) -> None:
+        """Destroy segments' memory (whoever kept their fds sees zeros from now on), tell the
+        clients that were handed them, and free their budget."""
+        with self.lock:
+            memories = [pool.segments.pop(i) for i in segment_ids if i in pool.segments]
+            for segment_id in segment_ids:
+                for conn in self._segment_holders.pop((pool.name, segment_id), ()):
+                    conn.segments.discard((pool.name, segment_id))
+                    conn.gone.append([pool.name, segment_id])
+        try:
+            pool.destroy(memories)
+        finally:
+            with self.lock:
+                pool.allocator.retired(segment_ids)
+
+    def _keeper_loop(self) -> None:
+        """Off the request path: destroy retired segments, keep spares made."""
+        while not self._stopping.is_set():
+            self._keeper_wake.wait(SEGMENT_KEEPER_INTERVAL_S)
+            self._keeper_wake.clear()
+            for pool in list(self.pools.values()):
+                if self._stopping.is_set():
+                    return
+                try:
+                    self._keep(pool)
+                except MemfabricError as exc:
+                    log.warning("keeping pool %s's segments: %s", pool.name, exc)
+
+    def _keep(self, pool: PoolState) -> None:
+        with self.lock:
+            retiring = pool.allocator.take_retiring()
+        if retiring:
+            self._destroy_segments(pool, retiring)
+        with self.lock:
+            planned = pool.allocator.plan_spares(_spares_wanted(pool.allocator))
+        if not planned:
+            return
+        try:
+            memories = pool.make(planned)
+        except MemfabricError:
+            with self.lock:
+                pool.allocator.spares_failed([segment_id for segment_id, _ in planned])
+            raise
+        with self.lock:
+            for mem in memories:
+                pool.segments[mem.id] = mem
+            pool.allocator.spares_made([mem.id for mem in memories])
 
     def _reserve(self, state: NamespaceState, creds: Creds, shares: list[tuple[int, int]],
                  bm_id: str) -> list[Placement]:
@@ -796,10 +968,8 @@ class Server:
         return got
 
     def _release(self, state: NamespaceState, bm_id: str, extents: list[Placement],
-                 creds: Creds | None) -> dict[str, list[int]]:
-        """Give extents back here and on peers; returns, per server, the namespace's segments
-        that now hold no live object (clients may let go of those)."""
-        idle: dict[str, list[int]] = {}
+                 creds: Creds | None) -> None:
+        """Give extents back here and on peers."""
         by_server: dict[int, list[list[int]]] = defaultdict(list)
         local = []
         for e in extents:
@@ -812,19 +982,16 @@ class Server:
                 # A namespace destroyed meanwhile took all its memory back already.
                 if self.namespaces.get((state.record.pool, state.record.ns)) is state:
                     self._give_back_locked(state, bm_id, local)
-                    idle[str(self.server_id)] = self.pools[state.record.pool].allocator.segments_to_give_back(state.key)
         if by_server and creds is None:
             log.warning("cannot give back extents on peers %s without a secId; they return when "
                         "the namespace is destroyed", sorted(by_server))
-            return idle
+            return
         for server_id, items in by_server.items():
             try:
-                reply = self._peer(server_id).call("extent_free", pool=creds[0], ns=creds[1], sec=creds[2],
-                                                   bm_id=bm_id, extents=items)
-                idle[str(server_id)] = reply.get("idle_segments", [])
+                self._peer(server_id).call("extent_free", pool=creds[0], ns=creds[1], sec=creds[2],
+                                           bm_id=bm_id, extents=items)
             except MemfabricError as exc:
                 log.warning("server %d did not take back %d extents: %s", server_id, len(items), exc)
-        return idle
 
     # ---- data operations done here, near the data -------------------------------------------
 
@@ -841,9 +1008,13 @@ class Server:
             d = link.call("describe", **m)
             gens = link.gen_table(creds, d["incarnation"]) if link.is_local else None
 
-        def view_of(server_id: int, segment: int) -> memoryview | RemoteSegment:
+        def view_of(server_id: int, segment: int) -> memoryview | RemoteSegment | SegmentMemory:
             if server_id == self.server_id:
-                return self.pools[creds[0]].segments[segment].view
+                mem = self.pools[creds[0]].segments.get(segment)
+                if mem is None:
+                    raise NoSuchObject(f"object {bm_id}'s segment {segment} is gone (freed meanwhile)")
+                # A slice of its own: it outlives the segment's view if a destroy races us.
+                return mem.view[:] if mem.view is not None else mem
             peer = self._peer(server_id)
             if peer.is_local:
                 return peer.segment_view(creds, segment)
@@ -961,6 +1132,23 @@ def _describe(record: ObjectRecord, state: NamespaceState) -> dict[str, Any]:
     return {"bm_id": record.bm_id, "size": record.size_bytes, "generation": record.generation,
             "slot": record.slot, "incarnation": state.record.incarnation,
             "extents": [[e.server_id, e.segment, e.offset, e.length] for e in record.extents]}
+
+
+def _refuse_fds_over_rpc(conn: Connection, op: str) -> None:
+    """Checked before any fd is made: an fd that cannot be sent must never exist."""
+    if not conn.can_take_fds:
+        raise InvalidArgument(f"{op!r} hands over file descriptors: same host (IPC) only")
+
+
+def _spares_wanted(allocator: Any) -> dict[int, int]:
+    """Spares to keep made: a few of the largest size (large objects) and of the smallest
+    (a namespace's first segment), within a fraction of the capacity."""
+    top, small = allocator.max_segment_bytes, allocator.min_segment_bytes
+    budget = allocator.capacity_bytes // SPARE_CAPACITY_DIVISOR
+    wanted = {top: min(SPARE_TOP_SEGMENTS, budget // top)}
+    if small < top:
+        wanted[small] = min(SPARE_SMALL_SEGMENTS, (budget - wanted[top] * top) // small)
+    return {size: n for size, n in wanted.items() if n > 0}
 
 
 def _placement(e: Placement) -> tuple[int, int, int, int]:

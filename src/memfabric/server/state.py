@@ -1,4 +1,4 @@
-"""A server's memory: its pools (segments + allocator) and its namespaces' object tables.
+"""A server's memory: its pools (medium, allocator, segments) and its namespaces' object tables.
 
 Each namespace on its home server has a generation table in a sealed memfd: two words per
 slot, [generation, size]. The server writes it; clients map it read-only and check it
@@ -14,7 +14,7 @@ import os
 
 from ..core.allocator import Extent, SegmentAllocator
 from ..core.namespaces import NamespaceRecord
-from ..core.objects import ObjectRecord, ObjectTable
+from ..core.objects import Generations, ObjectRecord, ObjectTable
 from ..limits import MAX_OBJECTS_PER_NAMESPACE
 from ..media.base import Medium, SegmentMemory
 from ..media.dram import DramMedium
@@ -27,42 +27,82 @@ WORDS_PER_SLOT = 2
 
 
 class PoolState:
-    def __init__(self, cfg: PoolConfig, segment_bytes: int, label: str) -> None:
+    """One pool on this server: its medium, its allocator, and the memory of its segments.
+
+    Memory is made and destroyed outside the server's lock (it takes milliseconds); the
+    allocator, which says what to make and destroy, is touched only under it.
+    """
+
+    def __init__(self, cfg: PoolConfig, max_segment_bytes: int, min_segment_bytes: int, label: str,
+                 first_segment_id: int) -> None:
         self.name = cfg.name
         self.medium_kind = cfg.medium
+        self.capacity_bytes = cfg.capacity_bytes
         # Persistent media keep a journal of their objects next to their files.
         self.journal = None if cfg.medium == "dram" else Journal(cfg.path or "")
-        restarting = self.journal is not None and os.path.exists(self.journal.path)
-        medium: Medium = (DramMedium(f"{label}-{cfg.name}") if cfg.medium == "dram"
-                          else FileMedium(cfg.medium, cfg.path or "", keep_contents=restarting))
-        count = cfg.capacity_bytes // segment_bytes
-        self.segments: list[SegmentMemory] = medium.create_segments(count, segment_bytes)
-        self.allocator = SegmentAllocator(count, segment_bytes)
-        if restarting:
-            self.allocator.mark_all_dirty()
+        if cfg.medium != "dram":
+            os.makedirs(cfg.path or "", mode=0o700, exist_ok=True)
+        self.medium: Medium = (DramMedium(f"{label}-{cfg.name}") if cfg.medium == "dram"
+                               else FileMedium(cfg.medium, cfg.path or ""))
+        self.allocator = SegmentAllocator(cfg.capacity_bytes, max_segment_bytes, min_segment_bytes,
+                                          first_id=first_segment_id)
+        self.segments: dict[int, SegmentMemory] = {}
+
+    def existing_segments(self) -> dict[int, int]:
+        """Segment files an earlier run of this server left (file media): id -> size."""
+        return self.medium.existing_segments() if isinstance(self.medium, FileMedium) else {}
+
+    def adopt(self, segment_id: int) -> None:
+        assert isinstance(self.medium, FileMedium)
+        self.segments[segment_id] = self.medium.adopt(segment_id)
+
+    def open(self, stopping: threading.Event | None = None) -> None:
+        """Reserve the budget no restored segment holds; files no live object needs go."""
+        if isinstance(self.medium, FileMedium):
+            for segment_id in self.medium.existing_segments():
+                if segment_id not in self.segments:
+                    self.medium.discard(segment_id)
+        self.medium.reserve(self.capacity_bytes - self.allocator.committed_bytes(), stopping)
+
+    def make(self, wanted: list[tuple[int, int]]) -> list[SegmentMemory]:
+        """Memory for new segments (id, size), all or none."""
+        made: list[SegmentMemory] = []
+        try:
+            for segment_id, size in wanted:
+                made.append(self.medium.make(segment_id, size))
+        except BaseException:
+            for seg in made:
+                self.medium.destroy(seg)
+            raise
+        return made
+
+    def destroy(self, memories: list[SegmentMemory]) -> None:
+        for seg in memories:
+            self.medium.destroy(seg)
 
     def zero(self, extents: list[Extent]) -> None:
         for e in extents:
             self.segments[e.segment].zero(e.offset, e.length)
 
     def summary(self) -> dict:
-        a = self.allocator
-        return {"medium": self.medium_kind, "capacity_bytes": a.capacity_bytes,
-                "used_bytes": a.live_bytes(), "free_bytes": a.available_bytes(),
-                "segment_bytes": a.segment_size_bytes}
+        return {"medium": self.medium_kind, **self.allocator.figures(),
+                "segment_bytes": self.allocator.max_segment_bytes}
 
     def close(self) -> None:
-        for seg in self.segments:
-            seg.close()
+        for seg in self.segments.values():
+            seg.close()     # file segments' objects outlive us (the journal says which)
+        self.segments.clear()
+        self.medium.close()
         if self.journal is not None:
             self.journal.close()
 
 
 class NamespaceState:
-    def __init__(self, record: NamespaceRecord, server_id: int, label: str) -> None:
+    def __init__(self, record: NamespaceRecord, server_id: int, label: str, generations: Generations) -> None:
         self.record = record
         self.key = record.key
-        self.table = ObjectTable(server_id, MAX_OBJECTS_PER_NAMESPACE)
+        self.closed = False       # dropped: its generation table is gone, nothing may be added
+        self.table = ObjectTable(server_id, MAX_OBJECTS_PER_NAMESPACE, generations)
         # Extents this server holds for objects homed on other servers, by object id: a remote
         # read or write must name the object whose bytes it touches.
         self.lent_by_object: dict[str, list[Extent]] = {}
@@ -90,6 +130,7 @@ class NamespaceState:
         self.words[i + 1] = 0
 
     def close(self) -> None:
+        self.closed = True
         for record in self.table.records():
             self.retract(record)
         self.words.release()

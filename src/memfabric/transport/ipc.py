@@ -19,6 +19,9 @@ from .busy_poll import BusyPoll
 from .sockets import HangUpWatch, timeval
 
 _ANCILLARY_BYTES = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
+# Received fds are close-on-exec from the moment they exist: a program this process execs
+# must not inherit pool memory.
+_CLOEXEC = socket.MSG_CMSG_CLOEXEC
 
 
 class PeerClosed(Exception):
@@ -91,11 +94,11 @@ class IpcChannel:
     def _recv_now(self) -> tuple[int, list, int, Any]:
         # The socket must have no Python-level timeout (set_deadline bounds waits in the
         # kernel instead): under one, CPython waits out the timeout even with MSG_DONTWAIT.
-        return self.sock.recvmsg_into([self._buffer], _ANCILLARY_BYTES, socket.MSG_DONTWAIT)
+        return self.sock.recvmsg_into([self._buffer], _ANCILLARY_BYTES, socket.MSG_DONTWAIT | _CLOEXEC)
 
     def _recv_blocking(self) -> tuple[int, list, int, Any]:
         try:
-            return self.sock.recvmsg_into([self._buffer], _ANCILLARY_BYTES)
+            return self.sock.recvmsg_into([self._buffer], _ANCILLARY_BYTES, _CLOEXEC)
         except BlockingIOError:          # SO_RCVTIMEO ran out
             raise socket.timeout("receive timed out") from None
 
