@@ -19,15 +19,17 @@ MF = [sys.executable, "-m", "memfabric", "server", "--config"]
 
 
 class PersistentServer:
-    def __init__(self, medium: str) -> None:
+    def __init__(self, medium: str, cluster_db: str | None = None) -> None:
+        """`cluster_db`: join another server's cluster (its embedded database)."""
         self.dir = short_tmp_dir(f"mf-{medium}-")
         # ramdisk: a file on tmpfs; pmem: a file on an ordinary file system (no DAX here).
         pool_dir = f"/dev/shm/{os.path.basename(self.dir)}" if medium == "ramdisk" else f"{self.dir}/pmem"
         self.pool_dir = pool_dir
         self.config = os.path.join(self.dir, "server.toml")
+        self.cluster_db = cluster_db or f"{self.dir}/cluster.db"
         with open(self.config, "w") as f:
             f.write(f'[server]\ndata_dir = "{self.dir}/data"\nipc_socket = "{self.dir}/s.sock"\n'
-                    f'segment_size = "1MiB"\n\n[cluster]\nbackend = "embedded"\npath = "{self.dir}/cluster.db"\n'
+                    f'segment_size = "1MiB"\n\n[cluster]\nbackend = "embedded"\npath = "{self.cluster_db}"\n'
                     f'liveness_timeout_s = 2.0\n\n'
                     f'[[pool]]\nname = "keep"\nmedium = "{medium}"\ncapacity = "8MiB"\npath = "{pool_dir}"\n')
         self.proc: subprocess.Popen | None = None
@@ -132,3 +134,89 @@ def test_a_torn_journal_tail_is_cut_and_the_rest_restored(server):
     server.start()
     with memfabric.init(server.config) as s:
         assert s.namespace("torn", sec_id="k", pool="keep").open(bm_id).read(0, 5) == b"whole"
+
+
+def test_ids_never_repeat_across_restarts(server):
+    """An id names one object forever: objects made after a crash never take the id of one
+    from before (live or freed), freed ids stay dead, restored objects keep theirs."""
+    with memfabric.init(server.config) as s:
+        ns = s.create_namespace("ids", sec_id="k", pool="keep")
+        before = [ns.alloc(4096) for _ in range(20)]
+        for bm in before:
+            bm.write(bm.bm_id.encode())
+        freed = [bm.bm_id for bm in before[::2]]
+        for bm in before[::2]:
+            bm.free()
+        kept = [bm.bm_id for bm in before[1::2]]
+    server.kill()
+    server.start()
+    with memfabric.init(server.config) as s:
+        ns = s.namespace("ids", sec_id="k", pool="keep")
+        after = [ns.alloc(4096).bm_id for _ in range(20)]
+        assert not set(after) & (set(freed) | set(kept)), "a new object took an old id"
+        for bm_id in freed:
+            with pytest.raises(memfabric.NoSuchObject):
+                ns.open(bm_id)
+        for bm_id in kept:
+            assert ns.open(bm_id).read(0, len(bm_id)) == bm_id.encode()
+
+
+@pytest.mark.parametrize("home", ["this host's server", "another server"])
+def test_a_handle_kept_across_its_homes_restart_finds_its_object_again(server, home):
+    """While the home is down: SERVER_UNAVAILABLE (not 'freed'); once it is back, the next
+    call finds the object again, through the same handle and the same session."""
+    client_side = server
+    if home == "another server":
+        client_side = PersistentServer("ramdisk", cluster_db=server.cluster_db).start()
+    try:
+        _kept_across_restart(client_side, server)
+    finally:
+        if client_side is not server:
+            client_side.cleanup()
+
+
+def _kept_across_restart(client_side: PersistentServer, server: PersistentServer) -> None:
+    with memfabric.init(client_side.config) as s:
+        ns = s.create_namespace("again", sec_id="k", pool="keep")
+        bm = ns.alloc(8192, memfabric.Affinity("server", server.server_id))
+        bm.write(b"persisted")
+        server.kill()
+        for _ in range(3):
+            with pytest.raises(memfabric.ServerUnavailable):
+                bm.read(0, 9)
+        with pytest.raises(memfabric.ServerUnavailable):
+            bm.map()
+        server.start()
+        assert bm.read(0, 9) == b"persisted"
+        bm.write(b"again")
+        with bm.map() as m:
+            assert bytes(m.view[:5]) == b"again"
+
+
+def test_a_truncated_segment_file_costs_its_namespace_not_the_server(server):
+    """Files cannot be sealed: a client may truncate its segment file. The server reads and
+    writes files through their fd, so it answers IO_ERROR instead of dying of SIGBUS."""
+    code = (
+        "import os, sys, memfabric\n"
+        "s = memfabric.init(sys.argv[1])\n"
+        "ns = s.create_namespace('trunc', sec_id='k', pool='keep')\n"
+        "bm = ns.alloc(1 << 20)\n"
+        "bm.write(b'x' * (1 << 20))\n"
+        "for m in s.local._segments.values():\n"
+        "    os.ftruncate(m.fd, 0)\n"
+        "print(bm.bm_id, flush=True)\n"
+        "os._exit(0)\n")
+    import subprocess
+    out = subprocess.run([sys.executable, "-c", code, server.config], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    bm_id = out.stdout.split()[0]
+    with memfabric.init(server.config) as s:
+        victim = s.namespace("trunc", sec_id="k", pool="keep").open(bm_id)   # mapped, never touched
+        dst = s.namespace("trunc", sec_id="k", pool="keep").alloc(1 << 20)
+        with pytest.raises(memfabric.IOError_):
+            victim.copy_to(dst)              # done by the server, through the file's fd
+        other = s.create_namespace("bystander", sec_id="k", pool="keep")
+        ok = other.alloc(4096)
+        ok.write(b"fine")
+        assert ok.read(0, 4) == b"fine"
+    assert server.proc.poll() is None, "the server died"

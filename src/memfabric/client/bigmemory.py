@@ -258,7 +258,12 @@ class BigMemory:
 
 
 class Mapping:
-    """A contiguous mapping of one object. Use as a context manager, or call close()."""
+    """A contiguous mapping of one object. Use as a context manager, or call close().
+
+    If the server holding its memory is lost (or the namespace destroyed), the view is
+    revoked: it reads zeros and writes to it go nowhere, from the moment this process
+    notices; the next call on the mapping (flush, close) raises SERVER_UNAVAILABLE (or
+    NO_SUCH_NAMESPACE), as does the next call on its handle."""
 
     def __init__(self, bm: BigMemory, shared: Any, size: int, writable: bool) -> None:
         self.bm = bm
@@ -266,12 +271,21 @@ class Mapping:
         self.view: memoryview = shared.view()[:size]
         self.writable = writable
 
+    def _lost(self) -> Exception | None:
+        reason = self._shared.revoked_by if self._shared is not None else None
+        return type(reason)(str(reason)) if reason is not None else None
+
     def flush(self) -> None:
-        """Same-host mappings are the pool's memory itself: nothing to send back."""
+        """Same-host mappings are the pool's memory itself: nothing to send back. Raises if
+        the mapping was revoked (its server lost, its namespace destroyed)."""
+        lost = self._lost()
+        if lost is not None:
+            raise lost
 
     def close(self) -> None:
         if self._shared is None:
             return
+        lost = self._lost()
         try:
             self.view.release()
         except BufferError:
@@ -279,6 +293,8 @@ class Mapping:
                        "drop them before unmapping") from None
         self._shared.close()          # Busy too while other buffers of it live
         self._shared = None
+        if lost is not None:
+            raise lost                # its pin went with the server (or the namespace)
         _unpin(self.bm)
 
     def __enter__(self) -> "Mapping":

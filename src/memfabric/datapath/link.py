@@ -18,8 +18,8 @@ import time
 import weakref
 from typing import Any
 
-from ..errors import (BmError, LimitExceeded, MemfabricError, ProtocolError, ServerUnavailable, Timeout,
-                      error_from_code)
+from ..errors import (BmError, LimitExceeded, MemfabricError, NoSuchNamespace, ProtocolError, ServerUnavailable,
+                      Timeout, error_from_code)
 from ..limits import BUSY_POLL_US, DEFAULT_REQUEST_TIMEOUT_S, MAX_FDS_PER_MESSAGE
 from ..transport import wire
 from ..transport.ipc import IpcChannel, PeerClosed
@@ -137,7 +137,8 @@ class ServerLink:
         with self._lock:
             self._closed = True
             self._channel.close()
-        self._revoke_all()
+        self._revoke_all(ServerUnavailable(f"server {getattr(self, 'server_id', '?')} at {self.ipc_socket} "
+                                           "was lost: this mapping reads zeros since"))
 
     # ---- liveness -------------------------------------------------------------------
 
@@ -233,7 +234,8 @@ class ServerLink:
         with self._map_lock:
             for shared in list(self._ranges):
                 if shared.tag[:2] == (pool, ns):
-                    shared.revoke()
+                    shared.revoke(NoSuchNamespace(f"namespace {ns!r} in pool {pool!r} was destroyed: "
+                                                  "this mapping reads zeros since"))
             for key in [key for key, m in self._segments.items() if key[0] == pool and m.ns == ns]:
                 self._segments.pop(key).close()
             for key in [k for k in self._gen_tables if k[:2] == (pool, ns)]:
@@ -251,10 +253,10 @@ class ServerLink:
                     if mapped is not None:
                         mapped.close()
 
-    def _revoke_all(self) -> None:
+    def _revoke_all(self, reason: Exception | None = None) -> None:
         with self._map_lock:
             for shared in list(self._ranges):
-                shared.revoke()
+                shared.revoke(reason)
             for mapped in list(self._segments.values()) + [m for m, _ in self._gen_tables.values()]:
                 mapped.close()
             self._segments.clear()

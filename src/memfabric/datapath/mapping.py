@@ -38,13 +38,14 @@ MADV_POPULATE_READ = 22
 class SharedRange:
     """`pieces` are (fd, file offset, length), page-aligned, mapped back to back."""
 
-    __slots__ = ("area", "base", "length", "writable", "revoked", "tag", "__weakref__")
+    __slots__ = ("area", "base", "length", "writable", "revoked", "revoked_by", "tag", "__weakref__")
 
     def __init__(self, pieces: list[tuple[int, int, int]], writable: bool, tag: object = None,
                  populate: bool = False) -> None:
         self.length = sum(length for _, _, length in pieces)
         self.writable = writable
         self.revoked = False
+        self.revoked_by: Exception | None = None   # why, when something other than its owner revoked it
         self.tag = tag        # who this range belongs to, e.g. (pool, ns), for revoking by owner
         self.area = mmap.mmap(-1, self.length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE,
                               prot=_RW)
@@ -82,10 +83,13 @@ class SharedRange:
         end = min(self.length, offset + length)
         _libc.madvise(self.base + start, end - start, MADV_POPULATE_READ)
 
-    def revoke(self) -> None:
+    def revoke(self, reason: Exception | None = None) -> None:
+        """`reason`: the error its owner's next call on it raises (a lost server, a destroyed
+        namespace); None when the owner itself let go."""
         if self.revoked or self.area.closed:
             return
         self.revoked = True
+        self.revoked_by = reason
         got = _libc.mmap(self.base, self.length, _RW, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_FIXED, -1, 0)
         assert got == self.base, "could not lay zero pages over a revoked range"
 
