@@ -15,6 +15,7 @@ import memfabric
 from memfabric.launcher import LocalFabric, wait_for_line
 
 from .conftest import short_tmp_dir
+from .helpers import wait_until
 
 MF = [sys.executable, "-m", "memfabric"]
 
@@ -154,3 +155,27 @@ def test_demo_runs_every_operation():
                  "BM_BatchFreeSec", "BM_FreeSec", "BM_DestroyNSSec", "BM_Exit"):
         assert call in proc.stdout
     assert "every step gave the expected result" in proc.stdout
+
+
+def test_sigterm_while_reserving_memory_stops_the_server_promptly():
+    """A large pool takes seconds to reserve; SIGTERM meanwhile must stop it, not wait for the
+    whole reservation (nor ignore it), and leave no process or reserve behind."""
+    directory = short_tmp_dir("mf-term-")
+    pool = '[[pool]]\nname = "default"\nmedium = "dram"\ncapacity = "6GiB"\n'
+    path = write(os.path.join(directory, "server.toml"), server_toml(directory, pool))
+    proc = subprocess.Popen(MF + ["server", "--config", path], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        wait_for_line(proc, "reserving", 30, lines)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code != 0
+    # The reader thread may still be taking the last lines off the pipe.
+    wait_until(lambda: any("stopped while reserving memory" in line for line in lines),
+               "the server to say why it stopped")
+    assert not any(" ready " in line for line in lines)

@@ -24,9 +24,13 @@ def run_server(config_path: str) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s server %(levelname)s %(message)s")
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     server = Server(cfg)
+
+    def on_signal(*_: object) -> None:
+        stop.set()
+        server.interrupt_start()      # a start still reserving memory gives up within a step
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
     fronts: list = []
     try:
         server.start()

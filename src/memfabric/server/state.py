@@ -8,6 +8,7 @@ around every copy, so a freed handle fails on the client without asking the serv
 from __future__ import annotations
 
 import fcntl
+import logging
 import threading
 import mmap
 import os
@@ -22,6 +23,7 @@ from ..media.files import FileMedium
 from ..config import PoolConfig
 from .journal import Journal
 
+log = logging.getLogger("memfabric.server")
 F_SEAL_FUTURE_WRITE = 0x0010   # Linux >= 5.1: no new writable mappings, ours stays writable
 WORDS_PER_SLOT = 2
 
@@ -62,7 +64,9 @@ class PoolState:
             for segment_id in self.medium.existing_segments():
                 if segment_id not in self.segments:
                     self.medium.discard(segment_id)
-        self.medium.reserve(self.capacity_bytes - self.allocator.committed_bytes(), stopping)
+        size = self.capacity_bytes - self.allocator.committed_bytes()
+        log.info("reserving %d bytes of %s for pool %s", size, self.medium_kind, self.name)
+        self.medium.reserve(size, stopping)
 
     def make(self, wanted: list[tuple[int, int]]) -> list[SegmentMemory]:
         """Memory for new segments (id, size), all or none."""
