@@ -39,14 +39,15 @@ def run_status(path: str, as_json: bool = False) -> int:
         return 0
     console = Console(width=None if sys.stdout.isatty() else 120)
     table = Table(title="servers")
-    for column in ("id", "host", "alive", "pid", "pool", "medium", "capacity", "used", "free"):
+    for column in ("id", "host", "alive", "pid", "pool", "medium", "capacity", "used", "free", "lendable"):
         table.add_column(column)
     for s in state["servers"]:
         alive = "[green]alive[/]" if s["alive"] else "[red]dead[/]"
         rows = s["pools"].items() or [("-", {})]
         for name, p in rows:
             table.add_row(str(s["server_id"]), s["host"], alive, str(s["pid"]), name, p.get("medium", "-"),
-                          *(format_size(p[k]) if k in p else "-" for k in ("capacity_bytes", "used_bytes", "free_bytes")))
+                          *(format_size(p[k]) if k in p else "-"
+                            for k in ("capacity_bytes", "used_bytes", "free_bytes", "lendable_bytes")))
     console.print(table)
     ns_table = Table(title="namespaces")
     for column in ("pool", "namespace", "attribute"):
