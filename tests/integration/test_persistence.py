@@ -220,3 +220,32 @@ def test_a_truncated_segment_file_costs_its_namespace_not_the_server(server):
         ok.write(b"fine")
         assert ok.read(0, 4) == b"fine"
     assert server.proc.poll() is None, "the server died"
+
+
+def test_kept_file_segment_fds_never_show_another_namespace(server):
+    """As for DRAM (test_isolation.py): a file segment is one namespace's for its whole life,
+    and a destroyed one is punched out, so an fd kept by namespace A's client reads zeros."""
+    with memfabric.init(server.config) as s:
+        a = s.create_namespace("a", sec_id="a", pool="keep")
+        objs = [a.alloc(1 << 20) for _ in range(6)]
+        for bm in objs:
+            bm.write(b"\xaa" * (1 << 20))
+        kept = [(os.dup(m.fd), m.size) for m in s.local._segments.values()]
+        a.destroy()
+    try:
+        with memfabric.init(server.config) as s:
+            b = s.create_namespace("b", sec_id="b", pool="keep")
+            filled = 0
+            while True:
+                try:
+                    b.alloc(1 << 20).write(b"\xbb" * (1 << 20))
+                    filled += 1
+                except memfabric.OutOfMemory:
+                    break
+            assert filled >= 6
+            for fd, size in kept:
+                data = os.pread(fd, size, 0)
+                assert b"\xbb" * 4096 not in data, "namespace A's kept fd shows B's bytes"
+    finally:
+        for fd, _ in kept:
+            os.close(fd)
