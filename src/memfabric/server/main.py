@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -16,7 +17,26 @@ from .rpc_front import RpcFront
 from .server import Server
 
 
+PR_SET_DUMPABLE = 4
+
+
+def make_undumpable() -> None:
+    """Every namespace's memory is an fd of this process. A process of the same user could
+    open them as /proc/<pid>/fd/N (or read /proc/<pid>/mem, or ptrace us) and bypass every
+    secId; a process that is not dumpable the kernel opens to no one but a holder of
+    CAP_SYS_PTRACE. It also means no core dump, which would hold pool memory too."""
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"prctl(PR_SET_DUMPABLE, 0): {os.strerror(errno)}")
+
+
 def run_server(config_path: str) -> int:
+    # First of all: before any secret is read or any fd of pool memory exists.
+    try:
+        make_undumpable()
+    except OSError as exc:
+        print(f"memfabric server: cannot start: {exc}", file=sys.stderr)
+        return 1
     try:
         cfg = load_server_config(config_path)
     except ConfigError as exc:
