@@ -35,6 +35,12 @@ MAX_BUSY_POLL_US = 10_000
 HEARTBEAT_INTERVAL_S = 0.5
 LIVENESS_TIMEOUT_S = 3.0
 
+# The embedded catalog's write lock: a write waits this long for another process to let go
+# (healthy writes hold it for milliseconds), then fails saying so; while it stays held (a
+# process stopped inside a write), later writes wait only the retry time.
+CATALOG_LOCK_WAIT_S = 2.0
+CATALOG_LOCK_RETRY_S = 0.1
+
 # secIds are kept only as salted PBKDF2 hashes; verified once per connection.
 SEC_HASH_ITERATIONS = 2000
 

@@ -26,6 +26,7 @@ class NamespaceRecord:
     salt_hex: str
     sec_hash_hex: str
     incarnation: int     # differs each time the name is created, so old grants die with it
+    creator: str = ""    # the client that made it, as its server saw it ("" in older catalogs)
 
     @property
     def key(self) -> tuple[str, str, int]:
