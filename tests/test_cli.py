@@ -45,6 +45,15 @@ DRAM_POOL = '[[pool]]\nname = "default"\nmedium = "dram"\ncapacity = "8MiB"\n'
     (DRAM_POOL, 'busy_poll_us = -1', "server.busy_poll_us"),
     (DRAM_POOL, 'busy_poll_us = 0.5', "server.busy_poll_us"),
     (DRAM_POOL + DRAM_POOL, "", "pool[1].name"),
+    (DRAM_POOL, 'ipc_socket_mode = "0999"', "server.ipc_socket_mode"),
+    (DRAM_POOL, 'ipc_socket_mode = "0066"', "server.ipc_socket_mode"),      # the owner could not connect
+    (DRAM_POOL, 'ipc_socket_mode = "4660"', "server.ipc_socket_mode"),
+    (DRAM_POOL, 'ipc_socket_mode = 432', "server.ipc_socket_mode"),         # 0o660 as a decimal: ambiguous
+    (DRAM_POOL, 'ipc_socket_group = "no-such-group-here"', "server.ipc_socket_group"),
+    (DRAM_POOL, 'ipc_socket_group = 4000000000', "server.ipc_socket_group"),
+    (DRAM_POOL, 'max_namespaces_per_client = 0', "server.max_namespaces_per_client"),
+    (DRAM_POOL, 'max_namespaces_per_client = 100000', "server.max_namespaces_per_client"),
+    (DRAM_POOL, 'max_namespaces_per_client = "many"', "server.max_namespaces_per_client"),
 ])
 def test_bad_server_config_names_the_key_and_exits_2(pool, server_extra, key):
     directory = short_tmp_dir("mf-cfg-")

@@ -267,3 +267,16 @@ def test_ipc_socket_mode_and_group_open_it_to_a_group():
             out = subprocess.run([python, "-c", code, config], env=env, cwd="/", capture_output=True, text=True,
                                  preexec_fn=unprivileged.become(uid, gid, (gid,)), timeout=CHILD_WAIT_S * 4)
             assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr
+
+
+def test_a_socket_group_the_servers_user_is_not_in_is_refused_at_start():
+    uid, gid = unprivileged.ids()
+    python, env = unprivileged.python()
+    with scratch_dir(owner=(uid, gid)) as directory:
+        config = server_config(directory, server_extra='ipc_socket_group = "root"')
+        proc = subprocess.run([python, "-m", "memfabric", "server", "--config", config], env=env, cwd=directory,
+                              preexec_fn=unprivileged.become(uid, gid), capture_output=True, text=True,
+                              timeout=CHILD_WAIT_S * 4)
+        assert proc.returncode == 1
+        assert "cannot start" in proc.stderr and "not a member" in proc.stderr, proc.stderr
+        assert not os.path.exists(f"{directory}/data/s.sock")

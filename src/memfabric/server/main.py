@@ -50,7 +50,8 @@ def run_server(config_path: str) -> int:
     fronts: list = []
     try:
         server.start()
-        fronts.append(IpcFront(server, cfg.ipc_socket, cfg.max_clients, cfg.busy_poll_us / 1e6))
+        fronts.append(IpcFront(server, cfg.ipc_socket, cfg.max_clients, cfg.busy_poll_us / 1e6,
+                               cfg.ipc_socket_mode, cfg.ipc_socket_gid))
         if server.rpc_listener is not None:
             tls = rpc.server_tls(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
             fronts.append(RpcFront(server, server.rpc_listener, server.token, tls, cfg.max_clients,

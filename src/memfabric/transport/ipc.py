@@ -110,16 +110,33 @@ class IpcChannel:
             pass
 
 
-def listen(path: str, backlog: int) -> socket.socket:
+def listen(path: str, backlog: int, mode: int = 0o600, gid: int | None = None) -> socket.socket:
+    """Who may connect is who may write the socket file: it is made the owner's alone, then
+    given to `gid`, then opened to `mode`, all before it listens; it is never wider than asked."""
     if os.path.exists(path):
         os.unlink(path)   # a stale socket of a dead server; the cluster said the id is ours
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    old_umask = os.umask(0o077)   # only this user's processes may connect
+    bound = False
     try:
-        sock.bind(path)
-    finally:
-        os.umask(old_umask)
-    sock.listen(backlog)
+        old_umask = os.umask(0o077)   # only this user's processes may connect
+        try:
+            sock.bind(path)
+            bound = True
+        finally:
+            os.umask(old_umask)
+        if gid is not None:
+            try:
+                os.chown(path, -1, gid)
+            except PermissionError:
+                raise PermissionError(f"cannot give the socket {path} to group {gid}: the server's user is "
+                                      "not a member of it") from None
+        os.chmod(path, mode)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        if bound:
+            os.unlink(path)
+        raise
     return sock
 
 
