@@ -196,22 +196,27 @@ class EmbeddedCluster:
             return db.execute("SELECT value FROM counters WHERE name='epoch'").fetchone()[0]
         return self._run(txn)
 
-    def _pid_of(self, server_id: int) -> int:
+    def _pid_of(self, server_id: int) -> int | None:
+        """The registered pid (liveness files are only believed for it); None: no such server."""
         pid = self._pids.get(server_id)
         if pid is None:
             row = self._run(lambda db: db.execute("SELECT pid FROM servers WHERE server_id=?",
                                                   (server_id,)).fetchone(), write=False)
-            if row is None:
-                raise ServerUnavailable(f"server {server_id} is not registered")
-            pid = self._pids[server_id] = row[0]
+            if row is not None:
+                pid = self._pids[server_id] = row[0]
         return pid
 
     def heartbeat(self, server_id: int, pools: dict[str, dict[str, Any]]) -> None:
-        self._beat(server_id, self._pid_of(server_id), True, pools)
+        pid = self._pid_of(server_id)
+        if pid is None:
+            raise ServerUnavailable(f"server {server_id} is not registered")
+        self._beat(server_id, pid, True, pools)
 
     def deregister_server(self, server_id: int) -> None:
-        beat = self._liveness(server_id) or {}
-        self._beat(server_id, self._pid_of(server_id), False, beat.get("pools", {}))
+        pid = self._pid_of(server_id)
+        if pid is not None:        # a server that never registered has nothing to take back
+            beat = self._liveness(server_id) or {}
+            self._beat(server_id, pid, False, beat.get("pools", {}))
 
     def servers(self) -> list[ServerRecord]:
         rows = self._run(lambda db: db.execute(

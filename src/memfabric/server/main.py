@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 
+from ..capacity import NotEnoughCapacity, check_pools
 from ..errors import MemfabricError
 from ..config import ConfigError, load_server_config
 from ..transport import rpc
@@ -42,11 +43,20 @@ def run_server(config_path: str) -> int:
     except ConfigError as exc:
         print(f"memfabric server: bad configuration: {exc}", file=sys.stderr)
         return 2
+    try:
+        check_pools(cfg.pools, cfg.source)    # before anything is written or reserved
+    except NotEnoughCapacity as exc:
+        print(f"memfabric server: cannot start: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s server %(levelname)s %(message)s")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    server = Server(cfg)
+    try:
+        server = Server(cfg)
+    except MemfabricError as exc:      # the cluster service cannot be opened
+        print(f"memfabric server: cannot start: {exc}", file=sys.stderr)
+        return 1
     fronts: list = []
     try:
         server.start()
