@@ -51,6 +51,9 @@ DRAM_POOL = '[[pool]]\nname = "default"\nmedium = "dram"\ncapacity = "8MiB"\n'
     (DRAM_POOL, 'ipc_socket_mode = 432', "server.ipc_socket_mode"),         # 0o660 as a decimal: ambiguous
     (DRAM_POOL, 'ipc_socket_group = "no-such-group-here"', "server.ipc_socket_group"),
     (DRAM_POOL, 'ipc_socket_group = 4000000000', "server.ipc_socket_group"),
+    (DRAM_POOL, 'ipc_socket_group = -5', "server.ipc_socket_group"),
+    (DRAM_POOL, 'ipc_socket_group = 99999999999999999', "server.ipc_socket_group"),
+    (DRAM_POOL, 'ipc_socket_group = ["a"]', "server.ipc_socket_group"),
     (DRAM_POOL, 'max_namespaces_per_client = 0', "server.max_namespaces_per_client"),
     (DRAM_POOL, 'max_namespaces_per_client = 100000', "server.max_namespaces_per_client"),
     (DRAM_POOL, 'max_namespaces_per_client = "many"', "server.max_namespaces_per_client"),
