@@ -68,6 +68,19 @@ def test_a_right_sec_id_is_hashed_once_then_remembered(hashes):
     assert hashes["calls"] == 2
 
 
+def test_the_same_wrong_sec_id_again_is_refused_at_once_and_costs_no_budget(hashes):
+    checker = SecIdChecker(Clock())
+    rec = record(b"right")
+    for _ in range(SEC_ID_FAILURE_BURST * 3):                     # a client retrying a bad setting
+        assert not checker.matches(rec, b"stale-setting", "uid 1")
+    assert hashes["calls"] == 1
+    for i in range(SEC_ID_FAILURE_BURST - 2):                     # its budget is nearly whole
+        assert not checker.matches(rec, b"guess-%d" % i, "uid 1")
+    assert not checker.matches(record(b"x", incarnation=2), b"stale-setting", "uid 1")  # per incarnation
+    with pytest.raises(LimitExceeded):
+        checker.matches(rec, b"one-too-many", "uid 1")
+
+
 def test_a_created_namespace_needs_no_hash_to_open(hashes):
     checker = SecIdChecker()
     rec = record(b"made-here")

@@ -57,6 +57,10 @@ _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
 MAX_LIVENESS_FILE_BYTES = 1 << 20
 
 
+class CatalogLocked(ServerUnavailable):
+    """Another process holds the database's write lock for longer than a write waits."""
+
+
 class EmbeddedCluster:
     def __init__(self, path: str, liveness_timeout_s: float = LIVENESS_TIMEOUT_S) -> None:
         self.path = path
@@ -98,13 +102,14 @@ class EmbeddedCluster:
             # sits on it, each write waits only a moment before it says so, not the full wait.
             wait_s = CATALOG_LOCK_RETRY_S if self._lock_stuck else CATALOG_LOCK_WAIT_S
             self._writer.execute(f"PRAGMA busy_timeout = {int(wait_s * 1000)}")
+            stuck = False
             try:
-                result = self._transaction(self._writer, "BEGIN IMMEDIATE", fn)
-            except ServerUnavailable:
-                self._lock_stuck = True
+                return self._transaction(self._writer, "BEGIN IMMEDIATE", fn)
+            except CatalogLocked:
+                stuck = True
                 raise
-            self._lock_stuck = False
-            return result
+            finally:
+                self._lock_stuck = stuck
 
     def _transaction(self, db: sqlite3.Connection, begin: str, fn):
         try:
@@ -118,7 +123,7 @@ class EmbeddedCluster:
             return result
         except sqlite3.Error as exc:
             if getattr(exc, "sqlite_errorcode", None) in (_SQLITE_BUSY, _SQLITE_LOCKED):
-                raise ServerUnavailable(
+                raise CatalogLocked(
                     f"the cluster database {self.path} is locked by another process (a server stopped or "
                     f"stuck inside a write?): catalog changes wait until it lets go; liveness does not") from None
             raise IOError_(f"cluster database {self.path}: {exc}") from None
@@ -144,6 +149,10 @@ class EmbeddedCluster:
                 os.close(fd)
             os.replace(tmp, final)
         except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
             raise IOError_(f"cannot write the liveness file {final}: {exc.strerror}") from None
 
     def _liveness(self, server_id: int) -> dict[str, Any] | None:
@@ -153,7 +162,8 @@ class EmbeddedCluster:
                 beat = json.loads(f.read(MAX_LIVENESS_FILE_BYTES))
         except (OSError, ValueError):
             return None
-        if not isinstance(beat, dict) or not isinstance(beat.get("heartbeat_s"), (int, float)):
+        if not isinstance(beat, dict) or not isinstance(beat.get("heartbeat_s"), (int, float)) \
+                or not isinstance(beat.get("pools"), dict):
             return None
         return beat
 
@@ -230,7 +240,7 @@ class EmbeddedCluster:
                 out.append(ServerRecord(sid, host, ipc, rpc, pid, False, registered_s, json.loads(pools)))
             else:
                 out.append(ServerRecord(sid, host, ipc, rpc, pid, self._alive(beat, pid, now),
-                                        beat["heartbeat_s"], beat.get("pools") or {}))
+                                        beat["heartbeat_s"], beat["pools"]))
         return out
 
     # ---- namespaces ---------------------------------------------------------------

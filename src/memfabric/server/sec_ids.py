@@ -6,7 +6,9 @@ namespace incarnation after that: a secId that matched is remembered as an HMAC 
 a random key of this process (never the secId itself, nothing that outlives the process),
 and a later connection presenting it is let in after a constant-time compare.
 
-A wrong secId still pays the slow hash, so guessing online stays as slow as offline. And each
+A wrong secId still pays the slow hash, so guessing online stays as slow as offline; the same
+wrong secId again (a misconfigured client retrying) is remembered too and refused at once,
+since it tells a guesser nothing new. And each
 client (as the kernel or the transport names it, never as it claims) may fail only so often:
 SEC_ID_FAILURE_BURST failures, then one more per 1/SEC_ID_FAILURES_PER_S seconds; meanwhile
 its unproven secIds get LIMIT_EXCEEDED without being hashed, so a guesser cannot take the
@@ -32,6 +34,7 @@ from ..limits import (MAX_NAMESPACES, SEC_HASH_CONCURRENCY, SEC_HASH_WAIT_S, SEC
 
 MAX_REMEMBERED = 4 * MAX_NAMESPACES     # namespace incarnations; the least recently used go first
 MAX_CLIENTS_TRACKED = 4096              # failure budgets; a forgotten one starts full again
+MAX_REFUSED_REMEMBERED = 4096           # wrong secIds (as HMACs), the least recently seen go first
 
 
 class SecIdChecker:
@@ -41,6 +44,7 @@ class SecIdChecker:
         self._lock = threading.Lock()
         self._remembered: OrderedDict[tuple[str, str, int], bytes] = OrderedDict()
         self._budgets: OrderedDict[str, tuple[float, float]] = OrderedDict()   # client -> (tokens, at)
+        self._refused: OrderedDict[bytes, None] = OrderedDict()
         self._hashing = threading.BoundedSemaphore(SEC_HASH_CONCURRENCY)
 
     def matches(self, record: NamespaceRecord, sec: bytes, client: str | None) -> bool:
@@ -53,6 +57,10 @@ class SecIdChecker:
                 self._remembered.move_to_end(record.key)
         if known is not None and hmac.compare_digest(known, tag):
             return True
+        with self._lock:
+            if tag in self._refused:
+                self._refused.move_to_end(tag)
+                return False
         if client is not None:
             self._spend(client)
         with self._slot():
@@ -61,6 +69,11 @@ class SecIdChecker:
             self._remember(record.key, tag)
             if client is not None:
                 self._refund(client)
+        else:
+            with self._lock:
+                self._refused[tag] = None
+                while len(self._refused) > MAX_REFUSED_REMEMBERED:
+                    self._refused.popitem(last=False)
         return ok
 
     def hash(self, sec: bytes) -> tuple[str, str]:
