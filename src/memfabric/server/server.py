@@ -31,8 +31,8 @@ from ..datapath import reduce
 from ..datapath.connect import connect_to
 from ..datapath.link import Creds, ServerLink
 from ..transport import rpc
-from ..errors import (InternalError, InvalidArgument, MemfabricError, NamespaceExists, NoSuchNamespace, NoSuchObject,
-                      NoSuchPool, LimitExceeded, OutOfMemory, OutOfRange, PermissionDenied, ServerUnavailable)
+from ..errors import (InternalError, InvalidArgument, LimitExceeded, MemfabricError, NamespaceExists, NoSuchNamespace,
+                      NoSuchObject, NoSuchPool, OutOfMemory, OutOfRange, PermissionDenied, ServerUnavailable)
 from ..limits import (MAX_BATCH_IDS, MAX_EXTENTS_PER_OBJECT, MAX_FDS_PER_MESSAGE, MAX_OBJECT_BYTES,
                       PAGE_SIZE_BYTES, PEER_TIMEOUT_S, REUSE_GRACE_S)
 from ..config import ServerConfig
