@@ -46,6 +46,18 @@ DRAM_POOL = '[[pool]]\nname = "default"\nmedium = "dram"\ncapacity = "8MiB"\n'
     (DRAM_POOL, 'busy_poll_us = -1', "server.busy_poll_us"),
     (DRAM_POOL, 'busy_poll_us = 0.5', "server.busy_poll_us"),
     (DRAM_POOL + DRAM_POOL, "", "pool[1].name"),
+    (DRAM_POOL, 'ipc_socket_mode = "0999"', "server.ipc_socket_mode"),
+    (DRAM_POOL, 'ipc_socket_mode = "0066"', "server.ipc_socket_mode"),      # the owner could not connect
+    (DRAM_POOL, 'ipc_socket_mode = "4660"', "server.ipc_socket_mode"),
+    (DRAM_POOL, 'ipc_socket_mode = 432', "server.ipc_socket_mode"),         # 0o660 as a decimal: ambiguous
+    (DRAM_POOL, 'ipc_socket_group = "no-such-group-here"', "server.ipc_socket_group"),
+    (DRAM_POOL, 'ipc_socket_group = 4000000000', "server.ipc_socket_group"),
+    (DRAM_POOL, 'ipc_socket_group = -5', "server.ipc_socket_group"),
+    (DRAM_POOL, 'ipc_socket_group = 99999999999999999', "server.ipc_socket_group"),
+    (DRAM_POOL, 'ipc_socket_group = ["a"]', "server.ipc_socket_group"),
+    (DRAM_POOL, 'max_namespaces_per_client = 0', "server.max_namespaces_per_client"),
+    (DRAM_POOL, 'max_namespaces_per_client = 100000', "server.max_namespaces_per_client"),
+    (DRAM_POOL, 'max_namespaces_per_client = "many"', "server.max_namespaces_per_client"),
 ])
 def test_bad_server_config_names_the_key_and_exits_2(pool, server_extra, key):
     directory = short_tmp_dir("mf-cfg-")
@@ -179,3 +191,149 @@ def test_sigterm_while_reserving_memory_stops_the_server_promptly():
     wait_until(lambda: any("stopped while reserving memory" in line for line in lines),
                "the server to say why it stopped")
     assert not any(" ready " in line for line in lines)
+
+
+# ---- capacity beyond the machine, and a fabric already running (issue 7, item 14) -----------------
+
+
+def mem_available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
+
+
+def gib_above(n: int) -> int:
+    return (n // (1 << 30) + 1) << 30
+
+
+def test_up_refuses_more_dram_than_the_host_has_before_writing_anything():
+    parent = short_tmp_dir("mf-cap-")
+    directory = os.path.join(parent, "fabric")
+    too_much = gib_above(2 * mem_available_bytes())
+    proc = subprocess.run(MF + ["up", "--dir", directory, "--capacity", f"{too_much >> 30}GiB"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "MemAvailable" in proc.stderr and f"{too_much >> 30}GiB" in proc.stderr
+    assert proc.stderr.count("\n") == 1, "one clear message, not a traceback"
+    assert not os.path.exists(directory), "nothing written"
+    # Each server fits, all of them together do not.
+    each = gib_above(mem_available_bytes() // 2)
+    proc = subprocess.run(MF + ["up", "--dir", directory, "--servers", "3", "--capacity", f"{each >> 30}GiB"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "3 servers x" in proc.stderr, proc.stderr
+    assert not os.path.exists(directory)
+
+
+def test_server_refuses_more_dram_than_the_host_has_before_writing_anything():
+    directory = short_tmp_dir("mf-cap-")
+    too_much = gib_above(2 * mem_available_bytes())
+    pool = f'[[pool]]\nname = "default"\nmedium = "dram"\ncapacity = "{too_much >> 30}GiB"\n'
+    path = write(os.path.join(directory, "server.toml"), server_toml(directory, pool))
+    proc = subprocess.run(MF + ["server", "--config", path], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    assert "MemAvailable" in proc.stderr and "pool[0] 'default' (dram)" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert sorted(os.listdir(directory)) == ["server.toml"], "no data directory, no cluster database"
+
+
+@pytest.mark.parametrize("medium", ["pmem", "ramdisk"])
+def test_server_refuses_a_file_pool_larger_than_its_file_systems_free_space(medium):
+    directory = short_tmp_dir("mf-cap-")
+    st = os.statvfs(directory)
+    too_much = gib_above(2 * st.f_bavail * st.f_frsize)
+    pool = (f'[[pool]]\nname = "files"\nmedium = "{medium}"\ncapacity = "{too_much >> 30}GiB"\n'
+            f'path = "{directory}/{medium}"\n')
+    path = write(os.path.join(directory, "server.toml"), server_toml(directory, pool))
+    proc = subprocess.run(MF + ["server", "--config", path], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    assert "free" in proc.stderr and f"{too_much >> 30}GiB" in proc.stderr
+    assert sorted(os.listdir(directory)) == ["server.toml"], "no pool files, nothing else"
+
+
+@pytest.fixture
+def small_file_system():
+    """A 64 MiB tmpfs of our own: free space no other process moves."""
+    directory = short_tmp_dir("mf-fs-")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", directory],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", directory], check=True)
+
+
+def test_files_a_pool_already_holds_count_as_its_own(small_file_system):
+    """A restarted server reuses its files: only what they lack must be free."""
+    from memfabric.capacity import NotEnoughCapacity, check_pools
+    from memfabric.config import PoolConfig
+    MiB = 1 << 20
+    pool_dir = os.path.join(small_file_system, "pool")
+    os.mkdir(pool_dir)
+    with open(os.path.join(pool_dir, "segment-00000.mem"), "wb") as f:
+        f.write(b"\1" * (16 * MiB))                                       # 48 MiB left free
+    check_pools([PoolConfig("p", "pmem", 60 * MiB, pool_dir)], "test")     # 16 held + 44 more
+    with pytest.raises(NotEnoughCapacity) as err:
+        check_pools([PoolConfig("p", "pmem", 68 * MiB, pool_dir)], "test")  # 16 held + 52 more
+    assert "52MiB" in str(err.value) and "48MiB free" in str(err.value) and "tmpfs" in str(err.value)
+    check_pools([PoolConfig("a", "ramdisk", 30 * MiB, os.path.join(small_file_system, "a"))], "test")
+    with pytest.raises(NotEnoughCapacity):     # two pools on one file system add up
+        check_pools([PoolConfig("a", "ramdisk", 30 * MiB, os.path.join(small_file_system, "a")),
+                     PoolConfig("b", "pmem", 30 * MiB, os.path.join(small_file_system, "b"))], "test")
+
+
+def snapshot(paths: list[str]) -> dict[str, tuple[int, int, bytes]]:
+    out = {}
+    for p in paths:
+        st = os.stat(p)
+        with open(p, "rb") as f:
+            out[p] = (st.st_ino, st.st_mtime_ns, f.read())
+    return out
+
+
+def test_up_on_a_running_fabrics_directory_is_refused_and_rewrites_nothing():
+    directory = short_tmp_dir("mf-twice-")
+    with LocalFabric(directory, servers=2, capacity="4MiB", segment_size="1MiB") as fab:
+        files = [os.path.join(directory, p) for p in ("fabric.toml", "remote.toml", "server-1/server.toml",
+                                                      "server-2/server.toml", "token")]
+        before = snapshot(files)
+        proc = subprocess.run(MF + ["up", "--dir", directory, "--servers", "3", "--capacity", "8MiB"],
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "already running" in proc.stderr and f"pid {fab.proc.pid}" in proc.stderr
+        assert proc.stderr.count("\n") == 1
+        assert snapshot(files) == before
+        assert not os.path.exists(os.path.join(directory, "server-3"))
+        with memfabric.init(directory) as session:           # the running fabric is unharmed
+            session.create_namespace("still", sec_id="k").alloc(4096).write(b"fine")
+    # Stopped: the directory is free again.
+    with LocalFabric(directory, servers=2, capacity="4MiB", segment_size="1MiB"):
+        pass
+
+
+def test_up_is_refused_where_a_server_runs_without_its_up():
+    directory = short_tmp_dir("mf-hand-")
+    with LocalFabric(directory, servers=1, capacity="4MiB", segment_size="1MiB"):
+        pass
+    config = os.path.join(directory, "server-1", "server.toml")
+    server = subprocess.Popen(MF + ["server", "--config", config], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_line(server, " ready ", 30, [])
+        before = snapshot([config, os.path.join(directory, "fabric.toml")])
+        proc = subprocess.run(MF + ["up", "--dir", directory, "--capacity", "8MiB"], capture_output=True,
+                              text=True, timeout=30)
+        assert proc.returncode == 2 and "server-1" in proc.stderr and "running" in proc.stderr, proc.stderr
+        assert snapshot([config, os.path.join(directory, "fabric.toml")]) == before
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(15) == 0
+
+
+def test_a_child_that_exits_early_is_reported_as_such():
+    directory = short_tmp_dir("mf-early-")
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; print('no luck'); sys.exit(3)"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=directory)
+    with pytest.raises(RuntimeError) as err:
+        wait_for_line(proc, " ready ", 60, [])
+    assert "exited with status 3 before it was ready" in str(err.value) and "no luck" in str(err.value)

@@ -6,6 +6,7 @@ prints it and exits with status 2.
 
 from __future__ import annotations
 
+import grp
 import os
 import socket
 import tomllib
@@ -16,7 +17,8 @@ from .cluster import BACKENDS
 from .core.namespaces import check_name
 from .errors import InvalidArgument
 from .limits import (BUSY_POLL_US, HEARTBEAT_INTERVAL_S, LIVENESS_TIMEOUT_S, MAX_BUSY_POLL_US,
-                     MAX_CLIENTS_PER_SERVER, MIN_SEGMENT_BYTES, PAGE_SIZE_BYTES)
+                     MAX_CLIENTS_PER_SERVER, MAX_NAMESPACES, MAX_NAMESPACES_PER_CLIENT, MIN_SEGMENT_BYTES,
+                     PAGE_SIZE_BYTES)
 from .media.base import MEDIA
 from .units import parse_size
 
@@ -79,6 +81,11 @@ class ServerConfig:
     busy_poll_us: int
     cluster: ClusterConfig
     pools: list[PoolConfig]
+    # Who may connect to the IPC socket is who may be a client: by default the server's user
+    # alone; a group (and mode 0660) opens it to that group's members.
+    ipc_socket_mode: int = 0o600
+    ipc_socket_gid: int | None = None
+    max_namespaces_per_client: int = MAX_NAMESPACES_PER_CLIENT
 
 
 class _Table:
@@ -197,7 +204,13 @@ def load_server_config(path: str) -> ServerConfig:
         busy_poll_us=s.get("busy_poll_us", int, BUSY_POLL_US),
         cluster=cluster,
         pools=[],
+        ipc_socket_mode=_socket_mode(s),
+        ipc_socket_gid=_group(s),
+        max_namespaces_per_client=s.positive("max_namespaces_per_client", int, MAX_NAMESPACES_PER_CLIENT),
     )
+    if cfg.max_namespaces_per_client > MAX_NAMESPACES:
+        raise s._fail("max_namespaces_per_client", f"must be at most {MAX_NAMESPACES} (the cluster's limit), "
+                                                   f"got {cfg.max_namespaces_per_client}")
     try:
         check_busy_poll_us(cfg.busy_poll_us)
     except ValueError as exc:
@@ -247,6 +260,31 @@ def load_server_config(path: str) -> ServerConfig:
                                     None if pool_path is None else _absolute(pool_path, base_dir)))
         p.done()
     return cfg
+
+
+def _socket_mode(s: _Table) -> int:
+    """An octal string such as "0660" (a TOML integer would be read as decimal)."""
+    text = s.get("ipc_socket_mode", str, "0600")
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise s._fail("ipc_socket_mode", f'must be an octal mode such as "0660", got {text!r}') from None
+    if not 0 <= mode <= 0o777 or mode & 0o600 != 0o600:
+        raise s._fail("ipc_socket_mode", f"must give the owner read and write (the server's own peers connect "
+                                         f"as its user) and no bits beyond 0777, got {text!r}")
+    return mode
+
+
+def _group(s: _Table) -> int | None:
+    """A group name or number that exists on this host."""
+    value = s.get("ipc_socket_group", (str, int), None)
+    if value is None:
+        return None
+    try:
+        return grp.getgrnam(value).gr_gid if isinstance(value, str) and not value.isdigit() else \
+            grp.getgrgid(int(value)).gr_gid
+    except (KeyError, OverflowError):
+        raise s._fail("ipc_socket_group", f"no group {value!r} on this host") from None
 
 
 def _maybe_path(value: str | None, base_dir: str) -> str | None:

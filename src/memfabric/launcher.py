@@ -112,7 +112,7 @@ def wait_for_line(proc: subprocess.Popen, needle: str, timeout_s: float, lines: 
                   echo: Callable[[str], None] | None = None) -> None:
     """Read the child's output until a line contains `needle`; keep draining it after
     (into `lines`, and to `echo` when given), so the child never blocks on a full pipe."""
-    found = threading.Event()
+    seen, ended, wake = threading.Event(), threading.Event(), threading.Event()
 
     def pump() -> None:
         for line in proc.stdout:
@@ -120,14 +120,25 @@ def wait_for_line(proc: subprocess.Popen, needle: str, timeout_s: float, lines: 
             if echo is not None:
                 echo(line)
             if needle in line:
-                found.set()
-        found.set()
+                seen.set()
+                wake.set()
+        ended.set()
+        wake.set()
 
     threading.Thread(target=pump, daemon=True).start()
-    if not found.wait(timeout_s) or proc.poll() is not None:
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"{proc.args} did not become ready within {timeout_s}s:\n" + "".join(lines[-40:]))
+    wake.wait(timeout_s)
+    if seen.is_set() and proc.poll() is None:
+        return
+    if ended.is_set() or proc.poll() is not None:     # it exited without being ready: say so, at once
+        try:
+            code = proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+        raise RuntimeError(f"{proc.args} exited with status {code} before it was ready:\n" + "".join(lines[-40:]))
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"{proc.args} did not become ready within {timeout_s}s:\n" + "".join(lines[-40:]))
 
 
 class LocalFabric:

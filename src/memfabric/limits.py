@@ -47,8 +47,31 @@ MAX_BUSY_POLL_US = 10_000
 HEARTBEAT_INTERVAL_S = 0.5
 LIVENESS_TIMEOUT_S = 3.0
 
-# secIds are kept only as salted PBKDF2 hashes; verified once per connection.
-SEC_HASH_ITERATIONS = 2000
+# The embedded catalog's write lock: a write waits this long for another process to let go
+# (healthy writes hold it for milliseconds), then fails saying so; while it stays held (a
+# process stopped inside a write), later writes wait only the retry time.
+CATALOG_LOCK_WAIT_S = 2.0
+CATALOG_LOCK_RETRY_S = 0.1
+
+# secIds are kept only as salted scrypt hashes (core/namespaces.py). N=2**14, r=8, p=1 is the
+# scrypt paper's figure for interactive logins and Django's default: 16 MiB and about 47 ms of
+# one core per hash on this project's 2-vCPU test host (PBKDF2 with 2,000 rounds, used before:
+# 0.6 ms, and no memory to speak of). It is paid when a namespace is created and once per server
+# process per namespace (server/sec_ids.py remembers what matched), so it never shows per call;
+# an attacker with a copy of the catalog pays it per guess, in memory too.
+SEC_HASH_SCRYPT_N = 2 ** 14
+SEC_HASH_SCRYPT_R = 8
+SEC_HASH_SCRYPT_P = 1
+SEC_HASH_MAX_MEMORY_BYTES = 64 << 20     # a stored hash asking for more matches nothing
+SEC_HASH_LEGACY_PBKDF2_ROUNDS = 2000     # records written before scrypt: still verified
+SEC_HASH_CONCURRENCY = 4                 # slow hashes at once per server (16 MiB each)
+SEC_HASH_WAIT_S = 5.0                    # for one of those slots, then BUSY
+# Wrong secIds each client may give (as the kernel or the transport names it: a uid over IPC,
+# an address over RPC): a burst, then one more per 1/rate seconds; meanwhile LIMIT_EXCEEDED,
+# without hashing, so guessing cannot take the server's CPU.
+SEC_ID_FAILURE_BURST = 10
+SEC_ID_FAILURES_PER_S = 2.0
+MAX_NAMESPACES_PER_CLIENT = MAX_NAMESPACES // 4   # default of [server] max_namespaces_per_client
 
 # RPC between hosts. A payload is at most one extent's span, so one segment bounds it.
 MAX_RPC_PAYLOAD_BYTES = 64 << 20

@@ -18,7 +18,11 @@ from memfabric.core.namespaces import (
     hash_sec_id,
     sec_id_matches,
 )
-from memfabric.limits import MAX_NAME_CHARS, MAX_SEC_ID_BYTES
+from memfabric.limits import MAX_NAME_CHARS, MAX_SEC_ID_BYTES, SEC_HASH_SCRYPT_N
+
+# The properties below do not depend on scrypt's cost: they use a cheap one (the stored hash
+# names its cost, so the same check verifies it). The real cost has tests of its own.
+CHEAP_N = 16
 
 NAME_CHARS = string.ascii_letters + string.digits + "_.:-"
 
@@ -29,7 +33,7 @@ def name_is_valid(value: object) -> bool:
 
 
 def record_for(sec_id: bytes, salt: bytes | None = None) -> NamespaceRecord:
-    salt_hex, hash_hex = hash_sec_id(sec_id, salt)
+    salt_hex, hash_hex = hash_sec_id(sec_id, salt, scrypt_n=CHEAP_N)
     return NamespaceRecord(pool="p", ns="n", attribute=0, salt_hex=salt_hex,
                            sec_hash_hex=hash_hex, incarnation=1)
 
@@ -115,8 +119,8 @@ def test_sha256_of_a_long_sec_id_does_not_match(sec_id):
 @settings(max_examples=30, deadline=None)
 @given(st.binary(min_size=1, max_size=MAX_SEC_ID_BYTES))
 def test_hash_is_salted(sec_id):
-    salt1, hash1 = hash_sec_id(sec_id)
-    salt2, hash2 = hash_sec_id(sec_id)
+    salt1, hash1 = hash_sec_id(sec_id, scrypt_n=CHEAP_N)
+    salt2, hash2 = hash_sec_id(sec_id, scrypt_n=CHEAP_N)
     assert salt1 != salt2
     assert hash1 != hash2
     assert len(bytes.fromhex(salt1)) >= 16
@@ -129,16 +133,48 @@ def test_hash_is_salted(sec_id):
 @settings(max_examples=50, deadline=None)
 @given(st.binary(min_size=1, max_size=64), st.binary(min_size=16, max_size=16))
 def test_hash_is_deterministic_for_a_given_salt(sec_id, salt):
-    assert hash_sec_id(sec_id, salt) == hash_sec_id(sec_id, salt)
-    salt_hex, _ = hash_sec_id(sec_id, salt)
+    assert hash_sec_id(sec_id, salt, CHEAP_N) == hash_sec_id(sec_id, salt, CHEAP_N)
+    salt_hex, _ = hash_sec_id(sec_id, salt, CHEAP_N)
     assert salt_hex == salt.hex()
 
 
 def test_record_with_other_salt_does_not_match():
     rec = record_for(b"secret", salt=b"\x01" * 16)
-    _, hash_hex = hash_sec_id(b"secret", b"\x02" * 16)
+    _, hash_hex = hash_sec_id(b"secret", b"\x02" * 16, CHEAP_N)
     swapped = NamespaceRecord("p", "n", 0, rec.salt_hex, hash_hex, 1)
     assert not sec_id_matches(b"secret", swapped)
+
+
+def test_stored_hash_is_scrypt_at_the_configured_cost():
+    salt_hex, stored = hash_sec_id(b"s3cret")
+    scheme, n, r, p, digest = stored.split("$")
+    assert (scheme, int(n), int(r), int(p)) == ("scrypt", SEC_HASH_SCRYPT_N, 8, 1)
+    assert 128 * int(r) * int(n) >= 16 << 20, "memory-hard: 16 MiB per guess"
+    key = hashlib.sha256(len(b"s3cret").to_bytes(4, "big") + b"s3cret").digest()
+    assert digest == hashlib.scrypt(key, salt=bytes.fromhex(salt_hex), n=SEC_HASH_SCRYPT_N, r=8, p=1,
+                                    maxmem=64 << 20, dklen=32).hex()
+    record = NamespaceRecord("p", "n", 0, salt_hex, stored, 1)
+    assert sec_id_matches(b"s3cret", record) and not sec_id_matches(b"s3creT", record)
+
+
+def test_a_record_from_before_scrypt_still_verifies():
+    """What earlier versions stored: bare hex of PBKDF2-SHA256, 2,000 rounds, same key."""
+    salt = bytes(range(16))
+    key = hashlib.sha256(len(b"old").to_bytes(4, "big") + b"old").digest()
+    legacy = NamespaceRecord("p", "n", 0, salt.hex(), hashlib.pbkdf2_hmac("sha256", key, salt, 2000).hex(), 1)
+    assert sec_id_matches(b"old", legacy)
+    assert not sec_id_matches(b"old\x00", legacy) and not sec_id_matches(b"new", legacy)
+
+
+@pytest.mark.parametrize("stored", [
+    "", "zz" * 32, "ab" * 31, "scrypt$", "scrypt$16$8$1", "scrypt$16$8$1$" + "ab" * 31,
+    "scrypt$15$8$1$" + "ab" * 32,                 # N not a power of two
+    "scrypt$4194304$8$1$" + "ab" * 32,            # 4 GiB: a cost beyond bounds is refused, not run
+    "scrypt$16$0$1$" + "ab" * 32, "scrypt$16$8$9$" + "ab" * 32, "scrypt$x$8$1$" + "ab" * 32,
+    "bcrypt$16$8$1$" + "ab" * 32,
+])
+def test_a_hash_in_no_known_form_matches_nothing(stored):
+    assert not sec_id_matches(b"k", NamespaceRecord("p", "n", 0, "00" * 16, stored, 1))
 
 
 @settings(max_examples=200, deadline=None)

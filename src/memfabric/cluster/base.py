@@ -34,6 +34,11 @@ class ServerRecord:
         return cls(**d)
 
 
+def creator_limit_message(creator: str, count: int, limit: int) -> str:
+    return (f"{creator} has created {count} namespaces, the most one client may ({limit}): destroy one, "
+            f"or raise [server] max_namespaces_per_client in the servers' configuration")
+
+
 class ClusterService(Protocol):
     def register_server(self, node_key: str, host: str, ipc_socket: str, rpc_address: str,
                         pid: int) -> int:
@@ -51,8 +56,11 @@ class ClusterService(Protocol):
     def servers(self) -> list[ServerRecord]: ...
 
     def create_namespace(self, pool: str, ns: str, attribute: int, salt_hex: str,
-                         sec_hash_hex: str) -> NamespaceRecord:
-        """Raises NamespaceExists when (pool, ns) is taken."""
+                         sec_hash_hex: str, creator: str = "",
+                         creator_limit: int | None = None) -> NamespaceRecord:
+        """Raises NamespaceExists when (pool, ns) is taken, LimitExceeded when the cluster has
+        its most namespaces or `creator` (the client, as its server knows it) already made
+        `creator_limit` of those there are."""
 
     def get_namespace(self, pool: str, ns: str) -> NamespaceRecord | None: ...
 

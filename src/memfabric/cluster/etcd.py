@@ -30,7 +30,7 @@ import pyetcd.exceptions
 from ..core.namespaces import NamespaceRecord
 from ..errors import InvalidArgument, LimitExceeded, NamespaceExists, ServerUnavailable
 from ..limits import LIVENESS_TIMEOUT_S, MAX_NAMESPACES
-from .base import ServerRecord
+from .base import ServerRecord, creator_limit_message
 
 log = logging.getLogger("memfabric.cluster")
 ETCD_TIMEOUT_S = 3.0
@@ -240,13 +240,22 @@ class EtcdCluster:
     # ---- namespaces -------------------------------------------------------------------
 
     @_guard
-    def create_namespace(self, pool: str, ns: str, attribute: int, salt_hex: str, sec_hash_hex: str) -> NamespaceRecord:
-        count = sum(1 for _ in self._client.get_prefix(self._key("ns") + "/", keys_only=True))
+    def create_namespace(self, pool: str, ns: str, attribute: int, salt_hex: str, sec_hash_hex: str,
+                         creator: str = "", creator_limit: int | None = None) -> NamespaceRecord:
+        # Counted before the transaction, as the cluster-wide limit is: creates racing each
+        # other may pass a limit by as many as are in flight at once.
+        if creator_limit is None:
+            count = sum(1 for _ in self._client.get_prefix(self._key("ns") + "/", keys_only=True))
+        else:
+            creators = [json.loads(v).get("creator", "") for v, _ in self._client.get_prefix(self._key("ns") + "/")]
+            count = len(creators)
         if count >= MAX_NAMESPACES:
             raise LimitExceeded(f"the cluster has {count} namespaces, the most it may")
+        if creator_limit is not None and creators.count(creator) >= creator_limit:
+            raise LimitExceeded(creator_limit_message(creator, creators.count(creator), creator_limit))
         key = self._key("ns", pool, ns)
         t = self._client.transactions
-        value = json.dumps({"attribute": attribute, "salt": salt_hex, "sec_hash": sec_hash_hex})
+        value = json.dumps({"attribute": attribute, "salt": salt_hex, "sec_hash": sec_hash_hex, "creator": creator})
         ok, _ = self._client.transaction(compare=[t.create(key) == 0], success=[t.put(key, value)], failure=[])
         if not ok:
             raise NamespaceExists(f"namespace {ns!r} already exists in pool {pool!r}")
@@ -303,4 +312,5 @@ def _new_client(host: str, port: int) -> Any:
 
 def _ns_record(pool: str, ns: str, value: bytes, md: Any) -> NamespaceRecord:
     data = json.loads(value)
-    return NamespaceRecord(pool, ns, data["attribute"], data["salt"], data["sec_hash"], md.create_revision)
+    return NamespaceRecord(pool, ns, data["attribute"], data["salt"], data["sec_hash"], md.create_revision,
+                           data.get("creator", ""))

@@ -21,12 +21,13 @@ log = logging.getLogger("memfabric.server")
 
 
 class IpcFront:
-    def __init__(self, server: Server, path: str, max_clients: int, busy_poll_s: float) -> None:
+    def __init__(self, server: Server, path: str, max_clients: int, busy_poll_s: float,
+                 mode: int = 0o600, gid: int | None = None) -> None:
         self.server = server
         self.path = path
         self.max_clients = max_clients
         self.busy_poll_s = busy_poll_s
-        self._sock = listen(path, backlog=min(max_clients, 128))
+        self._sock = listen(path, backlog=min(max_clients, 128), mode=mode, gid=gid)
         self._connections: dict[int, IpcChannel] = {}
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._accept_loop, name="ipc-accept", daemon=True)
@@ -45,7 +46,8 @@ class IpcFront:
                 if len(self._connections) >= self.max_clients:
                     self._refuse(channel)
                     continue
-                conn = Connection(peer_pid=_peer_pid(sock))
+                pid, uid = _peer_creds(sock)
+                conn = Connection(peer_pid=pid, client=f"uid {uid}")
                 self._connections[conn.id] = channel
             threading.Thread(target=self._serve, args=(conn, channel), name=f"conn-{conn.id}",
                              daemon=True).start()
@@ -131,7 +133,8 @@ class IpcFront:
         self._thread.join(timeout=5)
 
 
-def _peer_pid(sock: socket.socket) -> int:
-    """The connecting process's pid, from the kernel (SO_PEERCRED): it cannot be forged."""
+def _peer_creds(sock: socket.socket) -> tuple[int, int]:
+    """The connecting process's pid and uid, from the kernel (SO_PEERCRED): they cannot be forged."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)[0]
+    pid, uid, _ = struct.unpack("3i", creds)
+    return pid, uid

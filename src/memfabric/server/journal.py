@@ -56,7 +56,13 @@ class Journal:
     def rewrite(self, records: list[list[Any]]) -> None:
         """Replace the journal by these records, atomically, then append after them."""
         tmp = self.path + ".tmp"
-        with open(tmp, "wb") as f:
+        try:
+            os.unlink(tmp)       # a crash's leftover may have any mode: ours is made 0600 below
+        except FileNotFoundError:
+            pass
+        # The owner's alone from creation, whatever the umask: it names every object and extent.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as f:
             for record in records:
                 f.write(_frame(record))
             f.flush()

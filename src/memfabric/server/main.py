@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
 import sys
 import threading
 
+from ..capacity import NotEnoughCapacity, check_pools
 from ..errors import MemfabricError
 from ..config import ConfigError, load_server_config
 from ..transport import rpc
@@ -16,15 +18,43 @@ from .rpc_front import RpcFront
 from .server import Server
 
 
+PR_SET_DUMPABLE = 4
+
+
+def make_undumpable() -> None:
+    """Every namespace's memory is an fd of this process. A process of the same user could
+    open them as /proc/<pid>/fd/N (or read /proc/<pid>/mem, or ptrace us) and bypass every
+    secId; a process that is not dumpable the kernel opens to no one but a holder of
+    CAP_SYS_PTRACE. It also means no core dump, which would hold pool memory too."""
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"prctl(PR_SET_DUMPABLE, 0): {os.strerror(errno)}")
+
+
 def run_server(config_path: str) -> int:
+    # First of all: before any secret is read or any fd of pool memory exists.
+    try:
+        make_undumpable()
+    except OSError as exc:
+        print(f"memfabric server: cannot start: {exc}", file=sys.stderr)
+        return 1
     try:
         cfg = load_server_config(config_path)
     except ConfigError as exc:
         print(f"memfabric server: bad configuration: {exc}", file=sys.stderr)
         return 2
+    try:
+        check_pools(cfg.pools, cfg.source)    # before anything is written or reserved
+    except NotEnoughCapacity as exc:
+        print(f"memfabric server: cannot start: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s server %(levelname)s %(message)s")
     stop = threading.Event()
-    server = Server(cfg)
+    try:
+        server = Server(cfg)
+    except MemfabricError as exc:      # the cluster service cannot be opened
+        print(f"memfabric server: cannot start: {exc}", file=sys.stderr)
+        return 1
 
     def on_signal(*_: object) -> None:
         stop.set()
@@ -34,7 +64,8 @@ def run_server(config_path: str) -> int:
     fronts: list = []
     try:
         server.start()
-        fronts.append(IpcFront(server, cfg.ipc_socket, cfg.max_clients, cfg.busy_poll_us / 1e6))
+        fronts.append(IpcFront(server, cfg.ipc_socket, cfg.max_clients, cfg.busy_poll_us / 1e6,
+                               cfg.ipc_socket_mode, cfg.ipc_socket_gid))
         if server.rpc_listener is not None:
             tls = rpc.server_tls(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
             fronts.append(RpcFront(server, server.rpc_listener, server.token, tls, cfg.max_clients,

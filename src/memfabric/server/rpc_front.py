@@ -51,7 +51,12 @@ class RpcFront:
             threading.Thread(target=self._serve, args=(sock,), name="rpc-conn", daemon=True).start()
 
     def _serve(self, sock: socket.socket) -> None:
-        conn = Connection()
+        try:
+            # A client over RPC is its address as TCP says it (the port changes per connection).
+            conn = Connection(client=f"host {sock.getpeername()[0]}")
+        except OSError:
+            sock.close()
+            return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # Strangers cost a bounded number of handshake slots, never a client's slot.
         with self._lock:

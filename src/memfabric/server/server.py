@@ -20,10 +20,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from ..cluster import ClusterService, ServerRecord, open_cluster
+from ..cluster.base import creator_limit_message
 from ..core import placement
 from ..core.allocator import Extent, round_up
-from ..core.namespaces import (check_attribute, check_name, check_sec_id, hash_sec_id,
-                               sec_id_matches)
+from ..core.namespaces import check_attribute, check_name, check_sec_id
 from ..core.objects import Generations, ObjectRecord, Placement, parse_bm_id
 from ..datapath.layout import (Layout, RemoteSegment, described_layout, check_range, copy_between,
                                write_at)
@@ -31,13 +31,14 @@ from ..datapath import reduce
 from ..datapath.connect import connect_to
 from ..datapath.link import Creds, ServerLink
 from ..transport import rpc
-from ..errors import (InternalError, InvalidArgument, MemfabricError, NoSuchNamespace, NoSuchObject, NoSuchPool,
-                      OutOfMemory, OutOfRange, PermissionDenied, ServerUnavailable)
+from ..errors import (InternalError, InvalidArgument, LimitExceeded, MemfabricError, NamespaceExists, NoSuchNamespace,
+                      NoSuchObject, NoSuchPool, OutOfMemory, OutOfRange, PermissionDenied, ServerUnavailable)
 from ..limits import (MAX_BATCH_IDS, MAX_EXTENTS_PER_OBJECT, MAX_FDS_PER_MESSAGE, MAX_OBJECT_BYTES,
                       PAGE_SIZE_BYTES, PEER_TIMEOUT_S, RESERVE_RETRY_S, SEGMENT_KEEPER_INTERVAL_S,
                       SPARE_CAPACITY_DIVISOR, SPARE_SMALL_SEGMENTS, SPARE_TOP_SEGMENTS)
 from ..media.base import SegmentMemory
 from ..config import ServerConfig
+from .sec_ids import SecIdChecker
 from .state import NamespaceState, PoolState
 
 log = logging.getLogger("memfabric.server")
@@ -51,9 +52,10 @@ class Connection:
 
     _ids = iter(range(1, 1 << 62))
 
-    def __init__(self, peer_pid: int | None = None) -> None:
+    def __init__(self, peer_pid: int | None = None, client: str = "") -> None:
         self.id = next(Connection._ids)
         self.peer_pid = peer_pid
+        self.client = client         # who, as the kernel or the transport says: "uid N", "host A"
         self.rpc_member = False      # proved the cluster token (RPC): may act as a peer
         self.role = "client"
         # (pool, ns) -> (incarnation, secId) proven on this connection.
@@ -82,6 +84,7 @@ class Server:
         self.lock = threading.RLock()
         self.pools: dict[str, PoolState] = {}
         self.namespaces: dict[tuple[str, str], NamespaceState] = {}
+        self.sec_ids = SecIdChecker()
         self._peers: dict[int, ServerLink] = {}
         self._peers_lock = threading.Lock()
         self._view: list[ServerRecord] = []
@@ -432,7 +435,7 @@ class Server:
             if record is None:
                 raise NoSuchNamespace(f"no namespace {ns!r} in pool {pool!r}")
             return self._namespace(conn, m)
-        if not sec_id_matches(sec, state.record):
+        if not self.sec_ids.matches(state.record, sec, None if conn.role == "peer" else conn.client):
             raise PermissionDenied(f"wrong secId for namespace {ns!r} in pool {pool!r}")
         conn.verified[(pool, ns)] = (state.record.incarnation, sec)
         return state, creds
@@ -462,8 +465,18 @@ class Server:
         attribute = check_attribute(m.get("attribute", 0))
         if not any(pool in s.pools for s in self.view(fresh=True) if s.alive) and pool not in self.pools:
             raise NoSuchPool(f"no live server gives memory to pool {pool!r}")
-        salt_hex, hash_hex = hash_sec_id(sec)
-        self.cluster.create_namespace(pool, ns, attribute, salt_hex, hash_hex)
+        # The slow hash only for a create that can succeed: a client cannot make us hash in a loop
+        # by naming a namespace that exists or by being at its limit (the create checks again).
+        if self.cluster.get_namespace(pool, ns) is not None:
+            raise NamespaceExists(f"namespace {ns!r} already exists in pool {pool!r}")
+        limit = self.cfg.max_namespaces_per_client
+        made = sum(1 for r in self.cluster.namespaces() if r.creator == conn.client)
+        if made >= limit:
+            raise LimitExceeded(creator_limit_message(conn.client, made, limit))
+        salt_hex, hash_hex = self.sec_ids.hash(sec)
+        record = self.cluster.create_namespace(pool, ns, attribute, salt_hex, hash_hex, creator=conn.client,
+                                               creator_limit=limit)
+        self.sec_ids.remember(record, sec)
         return {}
 
     def op_ns_destroy(self, conn: Connection, m: dict[str, Any]) -> Reply:
@@ -471,7 +484,7 @@ class Server:
         record = self.cluster.get_namespace(pool, ns)
         if record is None:
             raise NoSuchNamespace(f"no namespace {ns!r} in pool {pool!r}")
-        if not sec_id_matches(sec, record):
+        if not self.sec_ids.matches(record, sec, conn.client):
             raise PermissionDenied(f"wrong secId for namespace {ns!r} in pool {pool!r}")
         if not self.cluster.delete_namespace(pool, ns, record.incarnation):
             raise NoSuchNamespace(f"namespace {ns!r} in pool {pool!r} was destroyed meanwhile")
@@ -489,7 +502,7 @@ class Server:
         pool, ns, sec = self._creds(m)
         state = self.namespaces.get((pool, ns))
         if state is not None and state.record.incarnation == m.get("incarnation"):
-            if not sec_id_matches(sec, state.record):
+            if not self.sec_ids.matches(state.record, sec, None):
                 raise PermissionDenied(f"wrong secId for namespace {ns!r} in pool {pool!r}")
             self._drop_namespace(pool, ns, state.record.incarnation)
         return {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import array
 import os
 import socket
+import stat
 from typing import Any
 
 from ..errors import ProtocolError, ServerUnavailable, Timeout
@@ -113,17 +114,49 @@ class IpcChannel:
             pass
 
 
-def listen(path: str, backlog: int) -> socket.socket:
+def listen(path: str, backlog: int, mode: int = 0o600, gid: int | None = None) -> socket.socket:
+    """Who may connect is who may write the socket file. It is made the owner's alone, given
+    to `gid`, then opened to `mode`, all before it listens (nobody can connect to a socket
+    that does not listen), so it is never wider than asked."""
     if os.path.exists(path):
         os.unlink(path)   # a stale socket of a dead server; the cluster said the id is ours
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    old_umask = os.umask(0o077)   # only this user's processes may connect
+    bound = False
     try:
-        sock.bind(path)
-    finally:
-        os.umask(old_umask)
-    sock.listen(backlog)
+        old_umask = os.umask(0o077)   # only this user's processes may connect
+        try:
+            sock.bind(path)
+            bound = True
+        finally:
+            os.umask(old_umask)
+        _set_access(path, mode, gid)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        if bound:
+            os.unlink(path)
+        raise
     return sock
+
+
+def _set_access(path: str, mode: int, gid: int | None) -> None:
+    """chown and chmod the socket we bound, pinned by an O_PATH fd: were the path swapped
+    meanwhile for a link to another file, that file would not be touched."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
+            raise PermissionError(f"{path} was replaced while the server bound it")
+        pinned = f"/proc/self/fd/{fd}"
+        if gid is not None:
+            try:
+                os.chown(pinned, -1, gid)
+            except PermissionError:
+                raise PermissionError(f"cannot give the socket {path} to group {gid}: the server's user is "
+                                      "not a member of it") from None
+        os.chmod(pinned, mode)
+    finally:
+        os.close(fd)
 
 
 def _take_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
