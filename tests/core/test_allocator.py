@@ -175,6 +175,13 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert 0 <= figures["lendable_bytes"] <= self.capacity - figures["used_bytes"]
 
     @invariant()
+    def the_idle_index_is_what_a_walk_of_the_pool_finds(self) -> None:
+        walked = {sid for sid, seg in self.a._segments.items()
+                  if seg.state == "ready" and seg.owner is not None and seg.holds == 0
+                  and seg.free_bytes() + seg.resting_bytes == seg.size}
+        assert set(self.a._idle) == walked
+
+    @invariant()
     def live_extents_are_disjoint_and_owned(self) -> None:
         seen: set[tuple[int, int]] = set()
         for owner, extents in self.live:

@@ -66,7 +66,7 @@ class Allocation:
 
 
 class _Segment:
-    __slots__ = ("id", "size", "owner", "state", "free", "resting_bytes", "used_to", "holds")
+    __slots__ = ("id", "size", "owner", "state", "free", "live_bytes", "resting_bytes", "used_to", "holds")
 
     def __init__(self, segment_id: int, size: int, owner: Hashable | None, state: str) -> None:
         self.id = segment_id
@@ -74,6 +74,7 @@ class _Segment:
         self.owner = owner
         self.state = state
         self.free: list[tuple[int, int]] = [(0, size)]   # (offset, length), sorted, coalesced
+        self.live_bytes = 0         # in live objects' extents
         self.resting_bytes = 0      # quarantined bytes inside this segment
         self.used_to = 0            # bytes at or past this offset were never handed out: still zero
         self.holds = 0              # server-side transfers using its memory: not destroyed meanwhile
@@ -88,7 +89,7 @@ class _Segment:
     def unused(self) -> bool:
         """Nothing live in it: it may be destroyed (resting bytes are nobody's any more, and a
         late write into destroyed memory reaches no one)."""
-        return self.free_bytes() + self.resting_bytes == self.size
+        return self.live_bytes == 0
 
 
 def round_up(size: int, unit: int) -> int:
@@ -120,6 +121,9 @@ class SegmentAllocator:
         self._owned: dict[Hashable, dict[int, _Segment]] = {}
         self._spares: dict[int, list[_Segment]] = {}        # size -> ready, ownerless
         self._retiring: dict[int, _Segment] = {}           # not yet taken for destruction
+        # Owned segments with nothing live and no transfer: what other owners may take back.
+        # Kept as things change, so no figure or allocation walks the whole pool.
+        self._idle: dict[int, _Segment] = {}
         self._resting: deque[tuple[float, Hashable, Extent]] = deque()
         self._live_bytes_by_owner: dict[Hashable, int] = {}
 
@@ -151,7 +155,7 @@ class SegmentAllocator:
 
     def available_bytes(self, owner: Hashable) -> int:
         """What `owner` could get now: the lendable bytes plus room in its own segments."""
-        own_room = sum(s.free_bytes() for s in self._own(owner) if not s.unused())
+        own_room = sum(s.free_bytes() for s in self._own(owner) if s.live_bytes)
         return self.lendable_bytes() + own_room
 
     def figures(self) -> dict[str, int]:
@@ -179,18 +183,21 @@ class SegmentAllocator:
         """Segments that hold nothing live (spares, empty, being retired): what a persistent
         pool need not keep when its server stops."""
         return [s.id for s in self._segments.values() if s.state != MAKING and (s.owner is None
-                or s.state == RETIRING or s.unused())]
+                or s.state == RETIRING or s.live_bytes == 0)]
 
     # ---- server-side transfers -------------------------------------------------------------
 
     def hold(self, segment: int) -> None:
         """A server-side transfer uses this segment's memory: it is not destroyed meanwhile."""
-        self._segments[segment].holds += 1
+        seg = self._segments[segment]
+        seg.holds += 1
+        self._refresh(seg)
 
     def let_go(self, segment: int) -> None:
         seg = self._segments[segment]
         assert seg.holds > 0, f"segment {segment} let go more often than held"
         seg.holds -= 1
+        self._refresh(seg)
 
     # ---- allocate / release ------------------------------------------------------------------
 
@@ -291,6 +298,7 @@ class SegmentAllocator:
             seg = self._segments[segment_id]
             if seg.state == MAKING:
                 seg.state = READY
+                self._refresh(seg)
             else:       # its owner was dropped while it was being made: destroy it now
                 assert seg.state == RETIRING
                 self._retiring[segment_id] = seg
@@ -303,12 +311,15 @@ class SegmentAllocator:
             seg = self._segments.get(e.segment)
             if seg is not None and seg.state != MAKING:
                 self._insert_free(seg, e.offset, e.length)
+                seg.live_bytes -= e.length
+                self._refresh(seg)
         self._live_bytes_by_owner[owner] -= sum(e.length for e in alloc.extents)
         assert self._live_bytes_by_owner[owner] >= 0
         for segment_id, _ in alloc.make:
             seg = self._segments.pop(segment_id)
             self._committed -= seg.size
             self._set_owner(seg, None)
+            self._idle.pop(segment_id, None)
 
     def release(self, owner: Hashable, extents: list[Extent], now_s: float) -> None:
         """Extents of a freed object go to rest; reusable after the grace."""
@@ -318,6 +329,8 @@ class SegmentAllocator:
             assert seg is not None and seg.owner == owner and seg.state != RETIRING, \
                 f"extent {e} released by {owner!r}, segment is {seg and (seg.owner, seg.state)!r}"
             seg.resting_bytes += e.length
+            seg.live_bytes -= e.length
+            self._refresh(seg)
             self._resting.append((now_s + self.grace_s, owner, e))
             total += e.length
         self._live_bytes_by_owner[owner] = self._live_bytes_by_owner.get(owner, 0) - total
@@ -333,6 +346,7 @@ class SegmentAllocator:
             if seg.state != MAKING:  # one being made is retired once made (see made())
                 self._retiring[seg.id] = seg
             seg.state = RETIRING
+            self._idle.pop(seg.id, None)
             dropped.append(seg.id)
         self._resting = deque(r for r in self._resting if r[1] != owner)
         self._live_bytes_by_owner.pop(owner, None)
@@ -404,7 +418,9 @@ class SegmentAllocator:
             off, n = seg.free.pop(i)
             for piece in reversed([r for r in ((off, e.offset - off), (e.end, off + n - e.end)) if r[1]]):
                 seg.free.insert(i, piece)
+            seg.live_bytes += e.length
             self._count_live(owner, e.length)
+        self._refresh(seg)
 
     # ---- internals -------------------------------------------------------------------------------
 
@@ -441,9 +457,7 @@ class SegmentAllocator:
         spares, segments already being retired, then other owners' empty segments."""
         spares = [s for size in sorted(self._spares) for s in self._spares[size]]
         retiring = [s for s in self._retiring.values() if s.holds == 0]
-        idle = [s for o, mine in self._owned.items() if o != owner for s in mine.values()
-                if s.state == READY and s.holds == 0 and s.unused()]
-        idle.sort(key=lambda s: -s.size)
+        idle = sorted((s for s in self._idle.values() if s.owner != owner), key=lambda s: -s.size)
         return spares + retiring + idle
 
     def _reclaimable_bytes(self, owner: Hashable | None) -> int:
@@ -470,6 +484,7 @@ class SegmentAllocator:
             else:
                 self._set_owner(seg, None)
             del self._segments[seg.id]
+            self._idle.pop(seg.id, None)
             self._committed -= seg.size
             alloc.retire.append(seg.id)
             short -= seg.size
@@ -498,6 +513,15 @@ class SegmentAllocator:
         seg.owner = owner
         if owner is not None:
             self._owned.setdefault(owner, {})[seg.id] = seg
+        self._refresh(seg)
+
+    def _refresh(self, seg: _Segment) -> None:
+        """Keep _idle true for this segment."""
+        if seg.state == READY and seg.owner is not None and seg.holds == 0 and seg.live_bytes == 0 \
+                and seg.id in self._segments:
+            self._idle[seg.id] = seg
+        else:
+            self._idle.pop(seg.id, None)
 
     def _best_fit(self, own: list[_Segment], size: int) -> tuple[_Segment, int] | None:
         best = None
@@ -517,6 +541,8 @@ class SegmentAllocator:
             seg.free[i] = (off + size, length - size)
         extent = Extent(seg.id, off, size)
         alloc.extents.append(extent)
+        seg.live_bytes += size
+        self._idle.pop(seg.id, None)
         if off < seg.used_to:     # handed out before: an earlier object's bytes may be there
             alloc.zero.append(Extent(seg.id, off, min(size, seg.used_to - off)))
         seg.used_to = max(seg.used_to, off + size)
