@@ -138,9 +138,6 @@ class SegmentAllocator:
             return sum(self._live_bytes_by_owner.values())
         return self._live_bytes_by_owner.get(owner, 0)
 
-    def resting_bytes(self) -> int:
-        return sum(e.length for _, _, e in self._resting if e.segment in self._segments)
-
     def free_bytes(self) -> int:
         """Bytes holding no object now (resting ones are free again within the grace)."""
         return self.capacity_bytes - self.live_bytes()
@@ -168,16 +165,6 @@ class SegmentAllocator:
         """The owner of a live segment; None for a spare, a retired or an unknown id."""
         seg = self._segments.get(segment)
         return None if seg is None or seg.state == RETIRING else seg.owner
-
-    def size_of(self, segment: int) -> int:
-        return self._segments[segment].size
-
-    def segments_of(self, owner: Hashable) -> list[int]:
-        return [s.id for s in self._own(owner)]
-
-    def idle_segments(self, owner: Hashable) -> list[int]:
-        """The owner's segments that hold no object (free or resting only)."""
-        return [s.id for s in self._own(owner) if s.free_bytes() + s.resting_bytes == s.size]
 
     def unused_segments(self) -> list[int]:
         """Segments that hold nothing live (spares, empty, being retired): what a persistent
