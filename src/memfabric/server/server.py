@@ -36,6 +36,7 @@ from ..errors import (InternalError, InvalidArgument, MemfabricError, NoSuchName
 from ..limits import (MAX_BATCH_IDS, MAX_EXTENTS_PER_OBJECT, MAX_FDS_PER_MESSAGE, MAX_OBJECT_BYTES,
                       PAGE_SIZE_BYTES, PEER_TIMEOUT_S, REUSE_GRACE_S)
 from ..config import ServerConfig
+from .audit import audit_pools
 from .state import NamespaceState, PoolState
 
 log = logging.getLogger("memfabric.server")
@@ -391,6 +392,12 @@ class Server:
         """This server process's CPU time so far (all threads, ended ones included): what
         the bench divides by the operations it ran, polling included."""
         return {"server_id": self.server_id, "cpu_s": time.process_time()}
+
+    def op_audit(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        """Per pool, the allocator's live bytes against what objects, pins and holdings
+        account for (audit.py): a test's check that no operation leaked memory."""
+        with self.lock:
+            return {"server_id": self.server_id, "pools": audit_pools(self.server_id, self.pools, self.namespaces)}
 
     def op_cluster_view(self, conn: Connection, m: dict[str, Any]) -> Reply:
         return {"servers": [s.to_wire() for s in self.view(fresh=True)]}
