@@ -183,10 +183,11 @@ class FrameSocket:
             n -= take
 
     def peer_gone(self) -> bool:
-        """The peer hung up (one non-blocking poll; see hangup.py)."""
+        """The peer hung up (one non-blocking poll; see sockets.py)."""
         return self._hang_up.peer_gone()
 
     def close(self) -> None:
+        self._hang_up.close()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
