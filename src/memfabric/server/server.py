@@ -29,6 +29,7 @@ from ..datapath.layout import (Layout, RemoteSegment, described_layout, check_ra
                                write_at)
 from ..datapath import reduce
 from ..datapath.connect import connect_to
+from ..datapath.deadline import deadline_for, serving_until
 from ..datapath.link import Creds, ServerLink
 from ..transport import rpc
 from ..errors import (InternalError, InvalidArgument, MemfabricError, NoSuchNamespace, NoSuchObject, NoSuchPool,
@@ -304,9 +305,11 @@ class Server:
 
     def serve(self, conn: Connection, message: dict[str, Any]) -> Reply:
         """dispatch() as both front doors use it: an error outside the vocabulary is a bug,
-        logged and answered as INTERNAL_ERROR, and the connection and the server go on."""
+        logged and answered as INTERNAL_ERROR, and the connection and the server go on.
+        Calls to peers for the request end before the caller's budget does (deadline.py)."""
         try:
-            return self.dispatch(conn, message)
+            with serving_until(deadline_for(message.get("budget_s"))):
+                return self.dispatch(conn, message)
         except MemfabricError:
             raise
         except Exception as exc:
