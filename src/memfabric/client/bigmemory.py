@@ -18,7 +18,7 @@ from ..datapath.layout import (Layout, RemoteSegment, as_bytes_view, described_l
                                read_bytes, read_into, write_at)
 from ..core.allocator import round_up
 from ..limits import PAGE_SIZE_BYTES
-from ..errors import Busy, InvalidArgument, IOError_, NoSuchNamespace, NoSuchObject, OutOfRange
+from ..errors import Busy, InvalidArgument, IOError_, NoSuchNamespace, NoSuchObject, NotInitialized, OutOfRange
 
 # Copies larger than this go in chunks, with the object's generation checked in between.
 CHUNK_BYTES = 4 << 20
@@ -98,6 +98,7 @@ class BigMemory:
         return self._home
 
     def _call(self, op: str, **args: Any) -> dict[str, Any]:
+        self.namespace.session.check_open()
         return self.home_link().call(op, **self.namespace.wire_creds, bm_id=self.bm_id, **args)
 
     def refresh(self) -> None:
@@ -130,11 +131,19 @@ class BigMemory:
     # ---- data -------------------------------------------------------------------------
 
     def write(self, data: Any, offset: int = 0) -> None:
-        """Copy `data` (any buffer) into the object at `offset`; all of it or nothing."""
+        """Copy `data` (any buffer) into the object at `offset`.
+
+        The range is checked whole before a byte moves: a write out of range, to a freed
+        object or from a bad buffer changes nothing. Once the copy is under way it is not
+        undone: a write cut off midway (KeyboardInterrupt, TIMEOUT, a server lost, the object
+        freed meanwhile) has written every 4 MiB chunk before the one under way and nothing
+        after it, and part of that one (on this host, a prefix of it). Writing again finishes
+        the job. Readers may see a write in progress, as with memory."""
         self._copy(write_at, as_bytes_view(data), offset, "write")
 
     def read(self, offset: int = 0, length: int | None = None, *, into: Any = None) -> bytes | None:
-        """Bytes [offset, offset+length); with `into`, fill that buffer in place and return None."""
+        """Bytes [offset, offset+length); with `into`, fill that buffer in place and return None
+        (a read cut off midway may have filled part of it, as a write does the object)."""
         lay = self._checked()
         if into is None:
             if length is None:
@@ -156,8 +165,8 @@ class BigMemory:
         return None
 
     def _copy(self, copy: Any, buf: memoryview, offset: int, what: str, lay: Layout | None = None) -> None:
-        """`copy(layout, offset, buf)`, in chunks of CHUNK_BYTES when large, the range checked
-        whole first, so a copy is all of it or nothing."""
+        """`copy(layout, offset, buf)`, in chunks of CHUNK_BYTES when large, one after another,
+        the range checked whole first (see write())."""
         lay = lay or self._checked()
         n = buf.nbytes
         if n <= CHUNK_BYTES:
@@ -242,6 +251,7 @@ class BigMemory:
     def copy_to(self, dst: "BigMemory", *, src_offset: int = 0, dst_offset: int = 0,
                 length: int | None = None) -> None:
         """Copy between objects on the servers; no byte passes through this process."""
+        self.namespace.session.check_open()
         if length is None:
             length = self.size - src_offset
         dst.home_link().call("copy", src={**self.namespace.wire_creds, "bm_id": self.bm_id},
@@ -259,6 +269,7 @@ class BigMemory:
 
     def info(self) -> dict[str, Any]:
         """All another process needs to open this object: pass it with the secId."""
+        self.namespace.session.check_open()
         return {"bm_id": self.bm_id, "pool": self.namespace.pool, "ns": self.namespace.name, "size": self.size}
 
 
@@ -331,9 +342,15 @@ class RemoteMapping:
         return len(dirty)
 
     def close(self) -> None:
+        """Flush and unmap. On a closed session nothing can be sent: the mapping is released
+        all the same, and NOT_INITIALIZED says how many changed pages were lost."""
         if self._area is None:
             return
-        self.flush()
+        lost = 0
+        if self.bm.namespace.session.closed:
+            lost = int((self._pages != self._clean).any(axis=1).sum()) if self.writable else 0
+        else:
+            self.flush()
         try:
             self.view.release()
         except BufferError:
@@ -346,6 +363,9 @@ class RemoteMapping:
             raise Busy("buffers made from this mapping are still alive; drop them before unmapping") from None
         self._area = None
         _unpin(self.bm)
+        if lost:
+            raise NotInitialized(f"the session is closed: {lost} changed pages of this mapping of "
+                                 f"{self.bm.bm_id} were not written back")
 
     def __enter__(self) -> "RemoteMapping":
         return self
@@ -355,6 +375,8 @@ class RemoteMapping:
 
 
 def _unpin(bm: BigMemory) -> None:
+    if bm.namespace.session.closed:
+        return     # its connections closed: the servers dropped its pins with them
     try:
         bm._call("map_unpin")
     except (NoSuchObject, NoSuchNamespace):

@@ -19,7 +19,7 @@ from ..datapath.connect import connect_to
 from ..datapath.link import Creds, ServerLink
 from ..datapath.rpc_link import RpcLink
 from ..transport import rpc
-from ..errors import InvalidArgument, MemfabricError, ServerUnavailable
+from ..errors import InvalidArgument, MemfabricError, NotInitialized, ServerUnavailable
 from ..limits import BUSY_POLL_US, DEFAULT_REQUEST_TIMEOUT_S
 from ..config import ConfigError, check_busy_poll_us, load_fabric_config
 from .bigmemory import BigMemory
@@ -47,6 +47,7 @@ class Session:
         except ValueError as exc:
             raise InvalidArgument(f"busy_poll_us {exc}") from None
         self.busy_poll_s = busy_poll_us / 1e6
+        self.closed = False
         self._lock = threading.Lock()
         self._links: dict[int, ServerLink] = {}
         # Handles by id, so compat calls find the layout again; weak: a dropped handle goes.
@@ -84,7 +85,10 @@ class Session:
         if self.local is None:
             raise ServerUnavailable("no server of this fabric answers: " + "; ".join(errors))
         self._links[self.local.server_id] = self.local
-        self.closed = False
+
+    def check_open(self) -> None:
+        if self.closed:
+            raise NotInitialized("the session is closed")
 
     # ---- links ----------------------------------------------------------------------------
 
@@ -97,11 +101,12 @@ class Session:
         return None if link is None or link.closed else link
 
     def link(self, server_id: int) -> ServerLink:
-        """The link to a server, reconnected if it broke (a timeout closes a link for good)."""
+        """The link to a server, reconnected if it broke (never once the session is closed)."""
         link = self._links.get(server_id)
         if link is not None and not link.closed:
             return link
         with self._lock:
+            self.check_open()
             link = self._links.get(server_id)
             if link is not None and not link.closed:
                 return link
@@ -143,6 +148,7 @@ class Session:
 
     def namespace(self, ns: str, sec_id: str | bytes, *, pool: str = "default") -> "Namespace":
         """A handle on an existing namespace; the secId is checked on first use."""
+        self.check_open()
         return Namespace(self, pool, ns, sec_id)
 
     def destroy_namespace(self, ns: str, sec_id: str | bytes, *, pool: str = "default") -> None:
@@ -157,15 +163,21 @@ class Session:
     # ---- life ---------------------------------------------------------------------------------
 
     def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
+        """Close every connection (revoking every mapping made through them). From here on,
+        every call on this session, its namespaces and handles raises NOT_INITIALIZED; a call
+        under way in another thread ends with that or SERVER_UNAVAILABLE."""
+        with self._lock:           # a link() under way finishes first, and its link is closed too
+            if self.closed:
+                return
+            self.closed = True
+            links = list(self._links.values())
+            self._links.clear()
         self._handles.clear()
-        for link in self._links.values():
+        for link in links:
             link.close()
-        self._links.clear()
 
     def __enter__(self) -> "Session":
+        self.check_open()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -215,6 +227,7 @@ class Namespace:
 
     def batch_free(self, bm_ids: Iterable[str]) -> list[int]:
         """Free many objects; one result code per id (0 = freed), grouped by home server."""
+        self.session.check_open()
         ids = list(bm_ids)
         results = [0] * len(ids)
         by_home: dict[int, list[int]] = {}
