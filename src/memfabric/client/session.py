@@ -51,7 +51,9 @@ class Session:
         self._lock = threading.Lock()
         self._links: dict[int, ServerLink] = {}
         # Handles by id, so compat calls find the layout again; weak: a dropped handle goes.
+        # Threads add to it while another walks it (destroy): its own lock.
         self._handles: weakref.WeakValueDictionary[str, BigMemory] = weakref.WeakValueDictionary()
+        self._handles_lock = threading.Lock()
         sockets = self.fabric.ipc_sockets
         if server is not None:
             if type(server) is not int or not 0 <= server < len(sockets):
@@ -135,8 +137,24 @@ class Session:
     def link_for_object(self, bm_id: str) -> ServerLink:
         return self.link(parse_bm_id(bm_id)[0])
 
+    # ---- handles by id ------------------------------------------------------------------------
+
+    def remember(self, bm: BigMemory) -> None:
+        with self._handles_lock:
+            self._handles[bm.bm_id] = bm
+
+    def cached_handle(self, bm_id: str) -> BigMemory | None:
+        with self._handles_lock:
+            return self._handles.get(bm_id)
+
     def forget(self, bm_id: str) -> None:
-        self._handles.pop(bm_id, None)
+        with self._handles_lock:
+            self._handles.pop(bm_id, None)
+
+    def forget_namespace(self, pool: str, ns: str) -> None:
+        with self._handles_lock:
+            for bm_id in [i for i, bm in self._handles.items() if bm.namespace.creds[:2] == (pool, ns)]:
+                self._handles.pop(bm_id, None)
 
     # ---- namespaces -------------------------------------------------------------------------
 
@@ -172,7 +190,8 @@ class Session:
             self.closed = True
             links = list(self._links.values())
             self._links.clear()
-        self._handles.clear()
+        with self._handles_lock:
+            self._handles.clear()
         for link in links:
             link.close()
 
@@ -214,7 +233,7 @@ class Namespace:
 
     def open(self, bm_id: str) -> BigMemory:
         """A handle on an object another client made (same namespace, same secId)."""
-        cached = self.session._handles.get(bm_id)
+        cached = self.session.cached_handle(bm_id)
         if cached is not None and cached.namespace.creds == self.creds:
             return cached
         home = self.session.link_for_object(bm_id)
@@ -222,7 +241,7 @@ class Namespace:
 
     def _handle(self, described: dict[str, Any]) -> BigMemory:
         bm = BigMemory(self, described)
-        self.session._handles[bm.bm_id] = bm
+        self.session.remember(bm)
         return bm
 
     def batch_free(self, bm_ids: Iterable[str]) -> list[int]:
@@ -268,9 +287,7 @@ class Namespace:
     def destroy(self) -> None:
         """Destroy the namespace and every object in it, on every server."""
         self.session.home().call("ns_destroy", **self.wire_creds)
-        for bm_id, bm in list(self.session._handles.items()):
-            if bm.namespace.creds[:2] == self.creds[:2]:
-                self.session.forget(bm_id)
+        self.session.forget_namespace(self.pool, self.name)
         for link in list(self.session._links.values()):
             link.release_namespace(self.pool, self.name)   # so the servers may lend it again
 
