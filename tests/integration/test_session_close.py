@@ -5,7 +5,6 @@ NOT_INITIALIZED ("the session is closed"), opens no connection and leaks no fd; 
 from __future__ import annotations
 
 import os
-import sys
 import threading
 
 import numpy as np

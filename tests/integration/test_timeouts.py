@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -170,14 +169,15 @@ def _late_then_answer(server: FakeServer, sock, request) -> None:
 
 
 def _stall_mid_payload(server: FakeServer, sock, request) -> None:
-    """Half of the reply's payload, then nothing until stopped; then the rest."""
+    """Half of the reply's payload, then the rest once the test says so."""
     send_head(sock, {"id": request["id"]}, 8)
     sock.sendall(b"HALF")
-    server.stopped.wait(WAIT_S)
+    server.release.wait(WAIT_S)
     try:
         sock.sendall(b"REST")
     except OSError:
         pass
+    server.stopped.wait(WAIT_S)
 
 
 def test_a_reply_after_the_deadline_is_read_past():
@@ -198,6 +198,7 @@ def test_a_reply_after_the_deadline_is_read_past():
 
 def test_a_payload_stalled_part_way_breaks_the_link_and_never_lands_after():
     server = FakeServer(_stall_mid_payload)
+    server.release = threading.Event()
     link = RpcLink(server.address, FakeServer.TOKEN, timeout_s=0.5)
     try:
         buffer = bytearray(b"........")
@@ -206,10 +207,12 @@ def test_a_payload_stalled_part_way_breaks_the_link_and_never_lands_after():
             link.wait(rid, pending, "seg_read")
         assert link.closed, "a stream stopped part way through a frame cannot go on"
         seen = bytes(buffer)
-        server.stop()                                   # the rest of the payload goes out now
-        time.sleep(0.2)
-        assert bytes(buffer) == seen
+        server.release.set()                            # the rest of the payload goes out now
+        assert bytes(buffer) == seen                    # no reader is left to take it
+        with pytest.raises(memfabric.ServerUnavailable):
+            link.call("describe")
     finally:
+        server.release.set()
         server.stop()
         link.close()
 
@@ -254,3 +257,51 @@ def test_a_bad_budget_is_an_invalid_argument(patient_fabric, budget):
         assert not fds and reply["error"] == BmError.INVALID_ARGUMENT and "budget_s" in reply["msg"], reply
     finally:
         channel.close()
+
+
+def _stall_the_second_reply(server: FakeServer, sock, first) -> None:
+    """Never answers the first request; answers the second with half its payload, then the
+    rest once the test says so."""
+    second, _ = recv_frame_header(sock)
+    send_head(sock, {"id": second["id"]}, 8)
+    sock.sendall(b"HALF")
+    server.release.wait(WAIT_S)
+    try:
+        sock.sendall(b"REST")
+    except OSError:
+        pass
+    server.stopped.wait(WAIT_S)
+
+
+def test_a_caller_whose_reply_another_thread_is_reading_waits_for_it_to_stop():
+    """Thread R reads for everyone; it is part way through C's reply, into C's buffer, when
+    C's deadline passes. C must not have its buffer back while R may still write into it."""
+    server = FakeServer(_stall_the_second_reply)
+    server.release = threading.Event()
+    link = RpcLink(server.address, FakeServer.TOKEN, timeout_s=1.0)
+    reader_error: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            link.call("describe")
+        except BaseException as exc:        # noqa: BLE001 - handed to the test
+            reader_error.append(exc)
+    r = threading.Thread(target=reader)
+    try:
+        r.start()
+        wait_until(link._recv_lock.locked, "thread R to be the reader")
+        buffer = bytearray(b"........")
+        rid, pending = link.submit("seg_read", {}, into=memoryview(buffer))
+        with pytest.raises(memfabric.Timeout):
+            link.wait(rid, pending, "seg_read")
+        seen = bytes(buffer)
+        server.release.set()                # the rest of C's payload goes out now
+        r.join(WAIT_S)
+        assert not r.is_alive()
+        assert bytes(buffer) == seen, "bytes landed in a buffer its caller had back"
+        assert reader_error and isinstance(reader_error[0], memfabric.MemfabricError)
+    finally:
+        server.release.set()
+        server.stop()
+        r.join(WAIT_S)
+        link.close()
