@@ -17,6 +17,7 @@ MAX_OBJECT_BYTES = 1 << 40
 
 MAX_CLIENTS_PER_SERVER = 256
 DEFAULT_REQUEST_TIMEOUT_S = 10.0
+MAX_REQUEST_TIMEOUT_S = 24 * 3600.0
 CONNECT_TIMEOUT_S = 5.0
 # Server-to-server calls answer well within a client's own timeout, so a stuck peer costs
 # the client an error about that peer, not a timeout of its own request.

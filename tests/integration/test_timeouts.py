@@ -305,3 +305,15 @@ def test_a_caller_whose_reply_another_thread_is_reading_waits_for_it_to_stop():
         server.stop()
         r.join(WAIT_S)
         link.close()
+
+
+@pytest.mark.parametrize("timeout_s", [np.int64(2), np.float32(1.5), 2, 0.25])
+def test_a_timeout_is_any_positive_number(patient_fabric, timeout_s):
+    with memfabric.init(patient_fabric.directory, timeout_s=timeout_s) as s:
+        assert s.servers() and type(s.timeout_s) is float
+
+
+@pytest.mark.parametrize("timeout_s", [0, -1, float("nan"), float("inf"), "3", True, None])
+def test_a_timeout_that_is_not_a_positive_number_is_refused(patient_fabric, timeout_s):
+    with pytest.raises(memfabric.InvalidArgument, match="timeout_s"):
+        memfabric.init(patient_fabric.directory, timeout_s=timeout_s)

@@ -8,6 +8,7 @@ objects are BigMemory handles.
 from __future__ import annotations
 
 import hmac
+import numbers
 import resource
 import threading
 import weakref
@@ -20,7 +21,7 @@ from ..datapath.link import Creds, ServerLink
 from ..datapath.rpc_link import RpcLink
 from ..transport import rpc
 from ..errors import InvalidArgument, MemfabricError, NotInitialized, ServerUnavailable
-from ..limits import BUSY_POLL_US, DEFAULT_REQUEST_TIMEOUT_S
+from ..limits import BUSY_POLL_US, DEFAULT_REQUEST_TIMEOUT_S, MAX_REQUEST_TIMEOUT_S
 from ..config import ConfigError, check_busy_poll_us, load_fabric_config
 from .bigmemory import BigMemory
 from .types import Affinity, NamespaceInfo, OperatorCode
@@ -33,6 +34,17 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def _check_timeout(timeout_s: object) -> float:
+    """A request timeout: a positive number of seconds (numpy's too), at most a day. It rides
+    in every request as the caller's budget, so it must be a plain float."""
+    if isinstance(timeout_s, numbers.Real) and not isinstance(timeout_s, bool):
+        seconds = float(timeout_s)
+        if 0 < seconds <= MAX_REQUEST_TIMEOUT_S:
+            return seconds
+    raise InvalidArgument(f"timeout_s must be a number of seconds in (0, {MAX_REQUEST_TIMEOUT_S:g}], "
+                          f"got {timeout_s!r}")
+
+
 class Session:
     def __init__(self, ock_path: str, *, server: int | None = None,
                  timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, busy_poll_us: int = BUSY_POLL_US) -> None:
@@ -41,7 +53,7 @@ class Session:
         except ConfigError as exc:
             raise InvalidArgument(str(exc)) from None
         _raise_fd_limit()
-        self.timeout_s = timeout_s
+        self.timeout_s = _check_timeout(timeout_s)
         try:
             check_busy_poll_us(busy_poll_us)
         except ValueError as exc:
@@ -73,14 +85,14 @@ class Session:
         self.local: ServerLink | RpcLink | None = None
         for path in sockets:                              # a server on this host first
             try:
-                self.local = ServerLink(path, timeout_s, busy_poll_s=self.busy_poll_s)
+                self.local = ServerLink(path, self.timeout_s, busy_poll_s=self.busy_poll_s)
                 break
             except MemfabricError as exc:
                 errors.append(str(exc))
         if self.local is None and self._token is not None:
             for address in self.fabric.rpc_addresses:     # else any server, over the network
                 try:
-                    self.local = RpcLink(address, self._token, self._tls, timeout_s, busy_poll_s=self.busy_poll_s)
+                    self.local = RpcLink(address, self._token, self._tls, self.timeout_s, busy_poll_s=self.busy_poll_s)
                     break
                 except MemfabricError as exc:
                     errors.append(f"{address}: {exc}")
