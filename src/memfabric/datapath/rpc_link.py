@@ -175,7 +175,7 @@ class RpcLink:
         with self._lock:
             mine = self._pending.pop(request_id, None) is not None
             if mine:
-                self._abandoned[request_id] = pending
+                self._abandon(request_id, pending)
                 too_many = len(self._abandoned) > MAX_UNANSWERED_REQUESTS
         if mine:
             if too_many:
@@ -192,7 +192,7 @@ class RpcLink:
         with self._lock:
             mine = self._pending.pop(request_id, None) is not None
             if mine:
-                self._abandoned[request_id] = pending
+                self._abandon(request_id, pending)
         if not mine:
             try:
                 self._wait_out_reader(pending)
@@ -205,6 +205,12 @@ class RpcLink:
         if neither happens in time, shut the link, which stops the reader."""
         if not pending.event.wait(self.timeout_s + rpc.DEADLINE_SLACK_S):
             self._shut(Timeout(f"a reply from server at {self.address} stalled part way"))
+
+    def _abandon(self, request_id: int, pending: Pending) -> None:
+        """Under the lock: no reader took it, and none will write into its buffer now (its
+        reply is read past): let go of the buffer."""
+        pending.into = None
+        self._abandoned[request_id] = pending
 
     def _forget(self, request_id: int) -> None:
         with self._lock:
