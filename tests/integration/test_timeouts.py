@@ -317,3 +317,60 @@ def test_a_timeout_is_any_positive_number(patient_fabric, timeout_s):
 def test_a_timeout_that_is_not_a_positive_number_is_refused(patient_fabric, timeout_s):
     with pytest.raises(memfabric.InvalidArgument, match="timeout_s"):
         memfabric.init(patient_fabric.directory, timeout_s=timeout_s)
+
+
+INTERRUPTED_CALL = r"""
+import sys, time
+import memfabric
+from memfabric import Affinity
+from memfabric.load import audit, leak_figures
+
+s = memfabric.init(sys.argv[1], server=0, timeout_s=30)
+ns = s.create_namespace(sys.argv[2], "k")
+other = next(x["server_id"] for x in s.servers() if x["server_id"] != s.local.server_id)
+kept = ns.alloc(4096, Affinity("server", other))
+link = s.link(other)
+print("ready", other, flush=True)
+sys.stdin.readline()
+try:
+    ns.alloc(4096, Affinity("server", other))
+    print("finished", flush=True)
+except KeyboardInterrupt:
+    print("interrupted", link.closed, flush=True)
+sys.stdin.readline()
+kept.free()                     # reads past the interrupted request's late reply
+deadline = time.monotonic() + 10
+while leak_figures(audit(s), "default", [ns.name]) != (0, 0) and time.monotonic() < deadline:
+    time.sleep(0.05)
+print("after", s.link(other) is link, link.closed, leak_figures(audit(s), "default", [ns.name]), flush=True)
+ns.destroy()
+s.close()
+"""
+
+
+def test_ctrl_c_during_a_call_leaves_the_link_in_use(patient_fabric, request):
+    """A call interrupted by SIGINT while its server is stopped: the link stays; once the
+    server runs again its late reply is read past and the object it made for no one freed."""
+    from ..helpers import Child
+    child = Child(INTERRUPTED_CALL, patient_fabric.directory, ns_name(request))
+    try:
+        ready = child.expect()
+        pid = patient_fabric.server_pids()[int(ready.split()[1])]
+        stop_process(pid)
+        try:
+            child.send("go")
+            wait_until(lambda: _blocked_in_a_call(child.proc.pid), "the child to wait for its reply")
+            child.proc.send_signal(signal.SIGINT)
+            assert child.expect() == "interrupted False"
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        child.send("go")
+        assert child.expect() == "after True False (0, 0)"
+    finally:
+        child.close()
+
+
+def _blocked_in_a_call(pid: int) -> bool:
+    """The child's main thread sleeps waiting for a message on a socket (not for its stdin)."""
+    with open(f"/proc/{pid}/wchan") as f:
+        return "skb_wait" in f.read()

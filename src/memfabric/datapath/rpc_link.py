@@ -125,21 +125,28 @@ class RpcLink:
                     self._give_up(request_id, pending, op, timeout_s)
                     break
                 if self._recv_lock.acquire(blocking=False):
+                    failure: MemfabricError | None = None
+                    handled = False
                     try:
                         while not pending.event.is_set():
                             self._read_one(deadline)   # waits for a frame to begin until our deadline
+                        handled = True
                     except rpc.MidFrameTimeout:
-                        failure: MemfabricError | None = Timeout(f"a reply from server at {self.address} "
-                                                                  f"stalled part way ({op!r})")
+                        handled = True
+                        failure = Timeout(f"a reply from server at {self.address} stalled part way ({op!r})")
                     except socket.timeout:
-                        failure = None                 # no frame began: the stream is whole
+                        handled = True                 # no frame began: the stream is whole
                     except (OSError, ConnectionError, ValueError, MemfabricError) as exc:
+                        handled = True
                         failure = ServerUnavailable(f"server {self.server_id} at {self.address} is gone "
                                                     f"({exc.__class__.__name__})")
-                    else:
-                        failure = None
                     finally:
                         self._recv_lock.release()
+                        if not handled:
+                            # Interrupted (Ctrl-C) while reading, perhaps part way through a
+                            # frame: the stream's position is unknown.
+                            self._shut(ServerUnavailable(f"reading from {self.address} was interrupted"),
+                                       raise_it=False)
                     if failure is not None:
                         self._shut(failure)
                 else:
