@@ -58,6 +58,7 @@ class QueryNsCache:
 _session: Session | None = None
 _session_lock = threading.Lock()
 _mappings: dict[int, Mapping] = {}     # id(view) -> mapping, for BM_Unmap
+_mappings_lock = threading.Lock()      # threads map and unmap at once
 
 
 def _coded(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -94,7 +95,7 @@ def _namespace(info: BmInfo) -> Namespace:
 def _object(info: BmInfo) -> BigMemory:
     if not isinstance(info, BmInfo):
         raise InvalidArgument(f"expected a BmInfo, got {type(info).__name__}")
-    cached = _current()._handles.get(info.bm_id)
+    cached = _current().cached_handle(info.bm_id)
     if cached is not None:
         # The fast path never asks the server, so the secId presented is checked here,
         # against the one the cached handle proved to its server.
@@ -130,12 +131,14 @@ def BM_Exit() -> int:
         if _session is None:
             raise NotInitialized("BM_Exit without BM_Init")
         session, _session = _session, None
-    for mapping in list(_mappings.values()):
+    with _mappings_lock:
+        mappings = list(_mappings.values())
+        _mappings.clear()
+    for mapping in mappings:
         try:
             mapping.close()
         except MemfabricError:
             pass
-    _mappings.clear()
     session.close()
     return 0
 
@@ -194,17 +197,24 @@ def BM_MapSec(info: BmInfo, prot: int, flags: int) -> tuple[int, memoryview]:
     if prot & ~(PROT_READ | PROT_WRITE) or not prot & PROT_READ:
         raise InvalidArgument(f"prot must be PROT_READ or PROT_READ|PROT_WRITE, got {prot!r}")
     mapping = _object(info).map(writable=bool(prot & PROT_WRITE))
-    _mappings[id(mapping.view)] = mapping
+    with _mappings_lock:
+        _mappings[id(mapping.view)] = mapping
     return 0, mapping.view
 
 
 @_coded
 def BM_Unmap(bm_id: str, view: memoryview) -> int:
-    mapping = _mappings.get(id(view))
-    if mapping is None or mapping.view is not view or mapping.bm.bm_id != bm_id:
-        raise InvalidArgument(f"that view is not a live mapping of object {bm_id}")
-    mapping.close()
-    del _mappings[id(view)]
+    with _mappings_lock:     # taken out first: of two threads unmapping it, one does
+        mapping = _mappings.get(id(view))
+        if mapping is None or mapping.view is not view or mapping.bm.bm_id != bm_id:
+            raise InvalidArgument(f"that view is not a live mapping of object {bm_id}")
+        del _mappings[id(view)]
+    try:
+        mapping.close()
+    except BaseException:
+        with _mappings_lock:     # still mapped (BUSY: buffers of it live): unmap it later
+            _mappings[id(view)] = mapping
+        raise
     return 0
 
 

@@ -17,10 +17,19 @@ MAX_OBJECT_BYTES = 1 << 40
 
 MAX_CLIENTS_PER_SERVER = 256
 DEFAULT_REQUEST_TIMEOUT_S = 10.0
+MAX_REQUEST_TIMEOUT_S = 24 * 3600.0
 CONNECT_TIMEOUT_S = 5.0
 # Server-to-server calls answer well within a client's own timeout, so a stuck peer costs
 # the client an error about that peer, not a timeout of its own request.
 PEER_TIMEOUT_S = 3.0
+# Each request carries its caller's remaining time (`budget_s`). A server bounds the calls it
+# makes to peers for that request by the budget less this share of it (at most
+# DEADLINE_MARGIN_S): time for its own TIMEOUT answer to reach the caller before it gives up.
+DEADLINE_MARGIN_S = 0.2
+DEADLINE_MARGIN_SHARE = 0.25
+# A request whose caller timed out leaves its link in use: the reply that comes later is
+# dropped. A server that leaves this many requests of one link unanswered counts as gone.
+MAX_UNANSWERED_REQUESTS = 64
 
 # Segments: the largest size is configured (segment_size, 4 MiB by default); an owner's first
 # is this small, and each next doubles its holding (core/allocator.py).

@@ -128,7 +128,7 @@ def test_a_new_object_is_resident_before_its_first_write(session, ns):
     """A client maps whole segments lazily; alloc faults in just the new object's pages, so
     its first write runs at memcpy speed instead of faulting page by page."""
     bm = ns.alloc(16 * KiB, Affinity("server", session.local.server_id))
-    [(_, segment, offset, length)] = bm._described_extents
+    [(_, segment, offset, length)] = bm._described.raw_extents
     segment_range = session.local._segments[("default", segment)].range   # a namespace's first: 64 KiB
     resident = resident_bytes(segment_range)
     assert length <= resident < segment_range.length, "the object's pages, not the whole segment"

@@ -64,6 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="over RPC (loopback TCP), against a raw socket doing the same transfers")
     bench.add_argument("--busy-poll-us", type=_busy_poll_us, default=BUSY_POLL_US,
                        help=f"polling window of the bench's servers and client (default {BUSY_POLL_US}; 0: never)")
+
+    load = sub.add_parser("load", help="many clients at once for a while, then an audit of the servers' memory")
+    load.add_argument("--dir", help="use a running fabric at this ockPath instead of starting one")
+    load.add_argument("--clients", type=int, default=16, help="client processes (default 16)")
+    load.add_argument("--threads", type=int, default=1, help="threads per client, sharing its session (default 1)")
+    load.add_argument("--duration", type=float, default=60.0, help="seconds of load (default 60)")
+    load.add_argument("--servers", type=int, default=2, help="servers of the fabric it starts (default 2)")
+    load.add_argument("--capacity", default="256MiB", help="DRAM each of those servers gives (default 256MiB)")
+    load.add_argument("--json", action="store_true")
     return parser
 
 
@@ -90,4 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         sizes = args.sizes or ("4KiB,64KiB,1MiB,16MiB" if args.remote else "4KiB,64KiB,1MiB,16MiB,64MiB")
         return run_bench(args.dir, [parse_size(s) for s in sizes.split(",")], args.repeat, args.json, args.remote,
                          args.busy_poll_us)
+    if args.command == "load":
+        if args.clients < 1 or args.threads < 1 or not args.duration > 0 or args.servers < 1:
+            print("memfabric load: --clients, --threads, --servers and --duration must be positive", file=sys.stderr)
+            return 2
+        from ..load import run_load
+        return run_load(args.dir, args.clients, args.threads, args.duration, args.servers, args.capacity,
+                        args.json)
     return 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,7 +19,7 @@ from ..datapath.layout import (Layout, RemoteSegment, as_bytes_view, described_l
                                read_bytes, read_into, write_at)
 from ..core.allocator import round_up
 from ..limits import PAGE_SIZE_BYTES
-from ..errors import Busy, InvalidArgument, IOError_, NoSuchNamespace, NoSuchObject, OutOfRange
+from ..errors import Busy, InvalidArgument, IOError_, NoSuchNamespace, NoSuchObject, NotInitialized, OutOfRange
 
 # Copies larger than this go in chunks, with the object's generation checked in between.
 CHUNK_BYTES = 4 << 20
@@ -27,16 +28,32 @@ if TYPE_CHECKING:
     from .session import Namespace
 
 
+# One handle may be used by many threads: a description is adopted whole, under this lock,
+# and never over a newer one (held briefly, by adoptions only, so one lock serves all handles).
+_ADOPTING = threading.Lock()
+
+
+class _Described:
+    """What one description of the object says, taken as a whole: threads reading a handle
+    see one description's layout, links and extents, never a mix of two."""
+
+    __slots__ = ("layout", "links", "extents", "raw_extents")
+
+    def __init__(self, layout: Layout, links: list, raw_extents: list[list[int]]) -> None:
+        self.layout = layout
+        self.links = links                       # links to every server holding its bytes
+        self.extents = [(e[0], e[3]) for e in raw_extents]
+        self.raw_extents = raw_extents           # [server id, segment, offset, length]
+
+
 class BigMemory:
-    __slots__ = ("bm_id", "namespace", "_layout", "_home", "_links", "_extents", "_described_extents",
-                 "__weakref__")
+    __slots__ = ("bm_id", "namespace", "_described", "_home", "__weakref__")
 
     def __init__(self, namespace: "Namespace", described: dict[str, Any]) -> None:
         self.namespace = namespace
         self.bm_id: str = described["bm_id"]
         self._home = namespace.session.link_for_object(self.bm_id)
-        self._layout: Layout | None = None
-        self._links: list = []
+        self._described: _Described | None = None
         self._adopt(described)
 
     def __repr__(self) -> str:
@@ -44,17 +61,23 @@ class BigMemory:
 
     @property
     def size(self) -> int:
-        return self._layout.size
+        return self._described.layout.size
 
     @property
     def extents(self) -> list[tuple[int, int]]:
         """(server id, bytes) of each extent, for the curious and the tests."""
-        return self._extents
+        return self._described.extents
+
+    @property
+    def _layout(self) -> Layout:
+        return self._described.layout
 
     # ---- layout -----------------------------------------------------------------------
 
     def _adopt(self, d: dict[str, Any]) -> None:
-        """Take a fresh description; all of it or, on any error, none (the old state stays)."""
+        """Take a fresh description; all of it or, on any error, none (the old state stays).
+        An object never shrinks: a description smaller than the one held is older (another
+        thread adopted a newer one meanwhile) and is not taken."""
         ns = self.namespace
         creds = ns.creds
         session = ns.session
@@ -75,36 +98,39 @@ class BigMemory:
             link = session.link(server_id)
             return link.segment_view(creds, segment) if link.is_local else RemoteSegment(link, creds, bm_id, segment)
 
-        layout = described_layout(d, gens, view_of)
-        self._layout, self._links = layout, links
-        self._extents = [(e[0], e[3]) for e in d["extents"]]
-        self._described_extents = d["extents"]
+        described = _Described(described_layout(d, gens, view_of), links, d["extents"])
+        with _ADOPTING:
+            held = self._described
+            if held is None or described.layout.size >= held.layout.size:
+                self._described = described
 
     def populate(self) -> None:
         """Fault in this object's bytes in this process's mappings before they are written:
         a new object's first write then runs at memcpy speed instead of faulting page by page
         (about 4x slower). Costs ~300 us per 4 MiB, and nothing for remote extents."""
         session = self.namespace.session
-        for server_id, segment, offset, length in self._described_extents:
+        for server_id, segment, offset, length in self._described.raw_extents:
             link = session.cached_link(server_id)
             if link is not None and link.is_local:
                 link.populate(self.namespace.creds, segment, offset, length)
 
     def home_link(self) -> Any:
-        """The home server's link, rebound through the session if it broke (a timeout closes
-        a link for good; the session reconnects, or reports the server unavailable)."""
+        """The home server's link, rebound through the session if it broke (the session
+        reconnects, or reports the server unavailable)."""
         if self._home.closed:
             self._home = self.namespace.session.link_for_object(self.bm_id)
         return self._home
 
     def _call(self, op: str, **args: Any) -> dict[str, Any]:
+        self.namespace.session.check_open()
         return self.home_link().call(op, **self.namespace.wire_creds, bm_id=self.bm_id, **args)
 
     def refresh(self) -> None:
         self._adopt(self._call("describe"))
 
     def _checked(self) -> Layout:
-        lay = self._layout
+        described = self._described
+        lay = described.layout
         gens = lay.gens
         i = lay.gen_index
         if gens[i] != lay.generation:    # revoked tables read 0: a destroyed namespace lands here too
@@ -113,28 +139,38 @@ class BigMemory:
             # The link broke (and revoked its memory); a new one may still find the object
             # (refresh() asks through home_link(), which rebinds a closed link).
             self.refresh()
-            lay = self._layout
+            described = self._described
+            lay = described.layout
             gens, i = lay.gens, lay.gen_index
         if gens[i + 1] != lay.size:      # expanded by someone: pick up the new extents
             self.refresh()
-            lay = self._layout
-        for link in self._links:
+            described = self._described
+            lay = described.layout
+        for link in described.links:
             if link.closed:
-                # A link broke earlier (timeout, lost server): describe again; the session
+                # A link broke earlier (a lost server): describe again; the session
                 # reconnects or says the server is unavailable.
                 self.refresh()
-                return self._layout
+                return self._described.layout
             link.check_alive()
         return lay
 
     # ---- data -------------------------------------------------------------------------
 
     def write(self, data: Any, offset: int = 0) -> None:
-        """Copy `data` (any buffer) into the object at `offset`; all of it or nothing."""
+        """Copy `data` (any buffer) into the object at `offset`.
+
+        The range is checked whole before a byte moves: a write out of range, to a freed
+        object or from a bad buffer changes nothing. Once the copy is under way it is not
+        undone: a write cut off midway (KeyboardInterrupt, TIMEOUT, a server lost, the object
+        freed meanwhile) has written every 4 MiB chunk before the one under way and nothing
+        after it, and part of that one (on this host, a prefix of it). Writing again finishes
+        the job. Readers may see a write in progress, as with memory."""
         self._copy(write_at, as_bytes_view(data), offset, "write")
 
     def read(self, offset: int = 0, length: int | None = None, *, into: Any = None) -> bytes | None:
-        """Bytes [offset, offset+length); with `into`, fill that buffer in place and return None."""
+        """Bytes [offset, offset+length); with `into`, fill that buffer in place and return None
+        (a read cut off midway may have filled part of it, as a write does the object)."""
         lay = self._checked()
         if into is None:
             if length is None:
@@ -156,8 +192,8 @@ class BigMemory:
         return None
 
     def _copy(self, copy: Any, buf: memoryview, offset: int, what: str, lay: Layout | None = None) -> None:
-        """`copy(layout, offset, buf)`, in chunks of CHUNK_BYTES when large, the range checked
-        whole first, so a copy is all of it or nothing."""
+        """`copy(layout, offset, buf)`, in chunks of CHUNK_BYTES when large, one after another,
+        the range checked whole first (see write())."""
         lay = lay or self._checked()
         n = buf.nbytes
         if n <= CHUNK_BYTES:
@@ -242,6 +278,7 @@ class BigMemory:
     def copy_to(self, dst: "BigMemory", *, src_offset: int = 0, dst_offset: int = 0,
                 length: int | None = None) -> None:
         """Copy between objects on the servers; no byte passes through this process."""
+        self.namespace.session.check_open()
         if length is None:
             length = self.size - src_offset
         dst.home_link().call("copy", src={**self.namespace.wire_creds, "bm_id": self.bm_id},
@@ -254,6 +291,7 @@ class BigMemory:
 
     def info(self) -> dict[str, Any]:
         """All another process needs to open this object: pass it with the secId."""
+        self.namespace.session.check_open()
         return {"bm_id": self.bm_id, "pool": self.namespace.pool, "ns": self.namespace.name, "size": self.size}
 
 
@@ -342,9 +380,15 @@ class RemoteMapping:
         return len(dirty)
 
     def close(self) -> None:
+        """Flush and unmap. On a closed session nothing can be sent: the mapping is released
+        all the same, and NOT_INITIALIZED says how many changed pages were lost."""
         if self._area is None:
             return
-        self.flush()
+        lost = 0
+        if self.bm.namespace.session.closed:
+            lost = int((self._pages != self._clean).any(axis=1).sum()) if self.writable else 0
+        else:
+            self.flush()
         try:
             self.view.release()
         except BufferError:
@@ -357,6 +401,9 @@ class RemoteMapping:
             raise Busy("buffers made from this mapping are still alive; drop them before unmapping") from None
         self._area = None
         _unpin(self.bm)
+        if lost:
+            raise NotInitialized(f"the session is closed: {lost} changed pages of this mapping of "
+                                 f"{self.bm.bm_id} were not written back")
 
     def __enter__(self) -> "RemoteMapping":
         return self
@@ -366,6 +413,8 @@ class RemoteMapping:
 
 
 def _unpin(bm: BigMemory) -> None:
+    if bm.namespace.session.closed:
+        return     # its connections closed: the servers dropped its pins with them
     try:
         bm._call("map_unpin")
     except (NoSuchObject, NoSuchNamespace):

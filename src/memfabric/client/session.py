@@ -8,6 +8,7 @@ objects are BigMemory handles.
 from __future__ import annotations
 
 import hmac
+import numbers
 import resource
 import threading
 import weakref
@@ -19,8 +20,8 @@ from ..datapath.connect import connect_to
 from ..datapath.link import Creds, ServerLink
 from ..datapath.rpc_link import RpcLink
 from ..transport import rpc
-from ..errors import InvalidArgument, MemfabricError, ServerUnavailable
-from ..limits import BUSY_POLL_US, DEFAULT_REQUEST_TIMEOUT_S
+from ..errors import InvalidArgument, MemfabricError, NotInitialized, ServerUnavailable
+from ..limits import BUSY_POLL_US, DEFAULT_REQUEST_TIMEOUT_S, MAX_REQUEST_TIMEOUT_S
 from ..config import ConfigError, check_busy_poll_us, load_fabric_config
 from .bigmemory import BigMemory
 from .types import Affinity, NamespaceInfo, OperatorCode
@@ -33,6 +34,17 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def _check_timeout(timeout_s: object) -> float:
+    """A request timeout: a positive number of seconds (numpy's too), at most a day. It rides
+    in every request as the caller's budget, so it must be a plain float."""
+    if isinstance(timeout_s, numbers.Real) and not isinstance(timeout_s, bool):
+        seconds = float(timeout_s)
+        if 0 < seconds <= MAX_REQUEST_TIMEOUT_S:
+            return seconds
+    raise InvalidArgument(f"timeout_s must be a number of seconds in (0, {MAX_REQUEST_TIMEOUT_S:g}], "
+                          f"got {timeout_s!r}")
+
+
 class Session:
     def __init__(self, ock_path: str, *, server: int | None = None,
                  timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, busy_poll_us: int = BUSY_POLL_US) -> None:
@@ -41,16 +53,19 @@ class Session:
         except ConfigError as exc:
             raise InvalidArgument(str(exc)) from None
         _raise_fd_limit()
-        self.timeout_s = timeout_s
+        self.timeout_s = _check_timeout(timeout_s)
         try:
             check_busy_poll_us(busy_poll_us)
         except ValueError as exc:
             raise InvalidArgument(f"busy_poll_us {exc}") from None
         self.busy_poll_s = busy_poll_us / 1e6
+        self.closed = False
         self._lock = threading.Lock()
         self._links: dict[int, ServerLink] = {}
         # Handles by id, so compat calls find the layout again; weak: a dropped handle goes.
+        # Threads add to it while another walks it (destroy): its own lock.
         self._handles: weakref.WeakValueDictionary[str, BigMemory] = weakref.WeakValueDictionary()
+        self._handles_lock = threading.Lock()
         sockets = self.fabric.ipc_sockets
         if server is not None:
             if type(server) is not int or not 0 <= server < len(sockets):
@@ -70,21 +85,24 @@ class Session:
         self.local: ServerLink | RpcLink | None = None
         for path in sockets:                              # a server on this host first
             try:
-                self.local = ServerLink(path, timeout_s, busy_poll_s=self.busy_poll_s)
+                self.local = ServerLink(path, self.timeout_s, busy_poll_s=self.busy_poll_s)
                 break
             except MemfabricError as exc:
                 errors.append(str(exc))
         if self.local is None and self._token is not None:
             for address in self.fabric.rpc_addresses:     # else any server, over the network
                 try:
-                    self.local = RpcLink(address, self._token, self._tls, timeout_s, busy_poll_s=self.busy_poll_s)
+                    self.local = RpcLink(address, self._token, self._tls, self.timeout_s, busy_poll_s=self.busy_poll_s)
                     break
                 except MemfabricError as exc:
                     errors.append(f"{address}: {exc}")
         if self.local is None:
             raise ServerUnavailable("no server of this fabric answers: " + "; ".join(errors))
         self._links[self.local.server_id] = self.local
-        self.closed = False
+
+    def check_open(self) -> None:
+        if self.closed:
+            raise NotInitialized("the session is closed")
 
     # ---- links ----------------------------------------------------------------------------
 
@@ -97,11 +115,12 @@ class Session:
         return None if link is None or link.closed else link
 
     def link(self, server_id: int) -> ServerLink:
-        """The link to a server, reconnected if it broke (a timeout closes a link for good)."""
+        """The link to a server, reconnected if it broke (never once the session is closed)."""
         link = self._links.get(server_id)
         if link is not None and not link.closed:
             return link
         with self._lock:
+            self.check_open()
             link = self._links.get(server_id)
             if link is not None and not link.closed:
                 return link
@@ -130,8 +149,24 @@ class Session:
     def link_for_object(self, bm_id: str) -> ServerLink:
         return self.link(parse_bm_id(bm_id)[0])
 
+    # ---- handles by id ------------------------------------------------------------------------
+
+    def remember(self, bm: BigMemory) -> None:
+        with self._handles_lock:
+            self._handles[bm.bm_id] = bm
+
+    def cached_handle(self, bm_id: str) -> BigMemory | None:
+        with self._handles_lock:
+            return self._handles.get(bm_id)
+
     def forget(self, bm_id: str) -> None:
-        self._handles.pop(bm_id, None)
+        with self._handles_lock:
+            self._handles.pop(bm_id, None)
+
+    def forget_namespace(self, pool: str, ns: str) -> None:
+        with self._handles_lock:
+            for bm_id in [i for i, bm in self._handles.items() if bm.namespace.creds[:2] == (pool, ns)]:
+                self._handles.pop(bm_id, None)
 
     # ---- namespaces -------------------------------------------------------------------------
 
@@ -143,6 +178,7 @@ class Session:
 
     def namespace(self, ns: str, sec_id: str | bytes, *, pool: str = "default") -> "Namespace":
         """A handle on an existing namespace; the secId is checked on first use."""
+        self.check_open()
         return Namespace(self, pool, ns, sec_id)
 
     def destroy_namespace(self, ns: str, sec_id: str | bytes, *, pool: str = "default") -> None:
@@ -157,15 +193,22 @@ class Session:
     # ---- life ---------------------------------------------------------------------------------
 
     def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self._handles.clear()
-        for link in self._links.values():
+        """Close every connection (revoking every mapping made through them). From here on,
+        every call on this session, its namespaces and handles raises NOT_INITIALIZED; a call
+        under way in another thread ends with that or SERVER_UNAVAILABLE."""
+        with self._lock:           # a link() under way finishes first, and its link is closed too
+            if self.closed:
+                return
+            self.closed = True
+            links = list(self._links.values())
+            self._links.clear()
+        with self._handles_lock:
+            self._handles.clear()
+        for link in links:
             link.close()
-        self._links.clear()
 
     def __enter__(self) -> "Session":
+        self.check_open()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -202,7 +245,7 @@ class Namespace:
 
     def open(self, bm_id: str) -> BigMemory:
         """A handle on an object another client made (same namespace, same secId)."""
-        cached = self.session._handles.get(bm_id)
+        cached = self.session.cached_handle(bm_id)
         if cached is not None and cached.namespace.creds == self.creds:
             return cached
         home = self.session.link_for_object(bm_id)
@@ -210,11 +253,12 @@ class Namespace:
 
     def _handle(self, described: dict[str, Any]) -> BigMemory:
         bm = BigMemory(self, described)
-        self.session._handles[bm.bm_id] = bm
+        self.session.remember(bm)
         return bm
 
     def batch_free(self, bm_ids: Iterable[str]) -> list[int]:
         """Free many objects; one result code per id (0 = freed), grouped by home server."""
+        self.session.check_open()
         ids = list(bm_ids)
         results = [0] * len(ids)
         by_home: dict[int, list[int]] = {}
@@ -255,9 +299,7 @@ class Namespace:
     def destroy(self) -> None:
         """Destroy the namespace and every object in it, on every server."""
         self.session.home().call("ns_destroy", **self.wire_creds)
-        for bm_id, bm in list(self.session._handles.items()):
-            if bm.namespace.creds[:2] == self.creds[:2]:
-                self.session.forget(bm_id)
+        self.session.forget_namespace(self.pool, self.name)
         for link in list(self.session._links.values()):
             link.release_namespace(self.pool, self.name)   # so the servers may lend it again
 

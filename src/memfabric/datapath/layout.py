@@ -23,21 +23,37 @@ class RemoteSegment:
     def __init__(self, link: Any, creds: tuple, bm_id: str, segment: int) -> None:
         self.link, self.creds, self.bm_id, self.segment = link, creds, bm_id, segment
 
-    def submit_write(self, at: int, src: memoryview) -> Callable[[], object]:
-        """Start sending `src` to offset `at` of the segment; call the result to wait for it."""
-        request_id, pending = self.link.submit_write(self.creds, self.bm_id, self.segment, at, src)
-        return lambda: self.link.wait(request_id, pending, "seg_write")
+    def submit_write(self, at: int, src: memoryview) -> "Transfer":
+        """Start sending `src` to offset `at` of the segment."""
+        return Transfer(self.link, *self.link.submit_write(self.creds, self.bm_id, self.segment, at, src),
+                        "seg_write")
 
-    def submit_read(self, at: int, dst: memoryview) -> Callable[[], object]:
-        """Start reading into `dst` from offset `at`; call the result to wait for it."""
-        request_id, pending = self.link.submit_read(self.creds, self.bm_id, self.segment, at, dst)
-        return lambda: self.link.wait(request_id, pending, "seg_read")
+    def submit_read(self, at: int, dst: memoryview) -> "Transfer":
+        """Start reading into `dst` from offset `at`."""
+        return Transfer(self.link, *self.link.submit_read(self.creds, self.bm_id, self.segment, at, dst),
+                        "seg_read")
 
     def write(self, at: int, src: memoryview) -> None:
-        self.submit_write(at, src)()
+        _wait_all([self.submit_write(at, src)])
 
     def read(self, at: int, dst: memoryview) -> None:
-        self.submit_read(at, dst)()
+        _wait_all([self.submit_read(at, dst)])
+
+
+class Transfer:
+    """One request in flight on an RPC link: wait for it, or cancel it (after which no byte
+    lands in its buffer)."""
+
+    __slots__ = ("link", "request_id", "pending", "op")
+
+    def __init__(self, link: Any, request_id: int, pending: Any, op: str) -> None:
+        self.link, self.request_id, self.pending, self.op = link, request_id, pending, op
+
+    def wait(self) -> None:
+        self.link.wait(self.request_id, self.pending, self.op)
+
+    def cancel(self) -> None:
+        self.link.cancel(self.request_id, self.pending)
 
 
 def always_live(generation: int, size: int) -> memoryview:
@@ -134,9 +150,16 @@ def as_bytes_view(buffer: object, writable: bool = False) -> memoryview:
     return view
 
 
-def _wait_all(pending: list[Callable[[], object]]) -> None:
-    for wait in pending:
-        wait()
+def _wait_all(transfers: list[Transfer]) -> None:
+    """Wait for every transfer; when one fails, cancel the rest before raising, so no reply
+    lands in the caller's buffer once it has the error."""
+    for i, transfer in enumerate(transfers):
+        try:
+            transfer.wait()
+        except BaseException:
+            for rest in transfers[i + 1:]:
+                rest.cancel()
+            raise
 
 
 def write_at(layout: Layout, offset: int, src: memoryview) -> None:
@@ -146,13 +169,18 @@ def write_at(layout: Layout, offset: int, src: memoryview) -> None:
         _, _, view, base = layout.pieces[0]
         view[base + offset: base + offset + n] = src
         return
-    pending = []
-    for target, a, b, pos in layout.spans(offset, n):
-        if type(target) is memoryview:
-            target[a:b] = src[pos: pos + b - a]
-        else:
-            pending.append(target.submit_write(a, src[pos: pos + b - a]))
-    _wait_all(pending)
+    transfers: list[Transfer] = []
+    try:
+        for target, a, b, pos in layout.spans(offset, n):
+            if type(target) is memoryview:
+                target[a:b] = src[pos: pos + b - a]
+            else:
+                transfers.append(target.submit_write(a, src[pos: pos + b - a]))
+    except BaseException:
+        for transfer in transfers:
+            transfer.cancel()
+        raise
+    _wait_all(transfers)
 
 
 def read_into(layout: Layout, offset: int, dst: memoryview) -> None:
@@ -162,13 +190,18 @@ def read_into(layout: Layout, offset: int, dst: memoryview) -> None:
         _, _, view, base = layout.pieces[0]
         dst[:] = view[base + offset: base + offset + n]
         return
-    pending = []
-    for target, a, b, pos in layout.spans(offset, n):
-        if type(target) is memoryview:
-            dst[pos: pos + b - a] = target[a:b]
-        else:
-            pending.append(target.submit_read(a, dst[pos: pos + b - a]))
-    _wait_all(pending)
+    transfers: list[Transfer] = []
+    try:
+        for target, a, b, pos in layout.spans(offset, n):
+            if type(target) is memoryview:
+                dst[pos: pos + b - a] = target[a:b]
+            else:
+                transfers.append(target.submit_read(a, dst[pos: pos + b - a]))
+    except BaseException:
+        for transfer in transfers:       # no reply may land in `dst` once the caller has the error
+            transfer.cancel()
+        raise
+    _wait_all(transfers)
 
 
 def read_bytes(layout: Layout, offset: int, length: int) -> bytes:

@@ -1,16 +1,19 @@
 """A connection to one server on this host, and the memory it has handed over.
 
 Calls are synchronous request/reply over one IPC channel (a lock keeps them whole when
-threads share a link). Segment fds and namespace generation tables arrive once, are mapped
-once (revocably, see mapping.py) and kept until the server says a segment is gone (a reply's
-"gone" list), its namespace goes, or the link closes. Safety does not depend on this side
-letting go: a segment belongs to one namespace for its whole life, and the server destroys a
-gone segment's memory, so a mapping kept too long reads zeros, never another tenant's bytes.
-Whenever this side lets go it revokes first, so stale views read zeros here too.
+threads share a link; waiting for it counts against the call's timeout). A call that times
+out leaves the link in use; only a broken stream closes it. Segment fds and namespace
+generation tables arrive once, are mapped once (revocably, see mapping.py) and kept until
+the server says a segment is gone (a reply's "gone" list), its namespace goes, or the link
+closes. Safety does not depend on this side letting go: a segment belongs to one namespace
+for its whole life, and the server destroys a gone segment's memory, so a mapping kept too
+long reads zeros, never another tenant's bytes. Whenever this side lets go it revokes
+first, so stale views read zeros here too.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -18,12 +21,16 @@ import time
 import weakref
 from typing import Any
 
-from ..errors import (BmError, LimitExceeded, MemfabricError, NoSuchNamespace, ProtocolError, ServerUnavailable,
-                      Timeout, error_from_code)
-from ..limits import BUSY_POLL_US, DEFAULT_REQUEST_TIMEOUT_S, MAX_FDS_PER_MESSAGE
+from ..errors import (BmError, LimitExceeded, MemfabricError, NoSuchNamespace, NoSuchObject, ProtocolError,
+                      ServerUnavailable, Timeout, error_from_code)
+from ..limits import BUSY_POLL_US, DEFAULT_REQUEST_TIMEOUT_S, MAX_FDS_PER_MESSAGE, MAX_UNANSWERED_REQUESTS
 from ..transport import wire
 from ..transport.ipc import IpcChannel, PeerClosed
+from .deadline import call_timeout_s
+from .late_replies import undo_of
 from .mapping import SharedRange
+
+log = logging.getLogger("memfabric.link")
 
 # A same-host client reads memory without asking the server; how often it checks that
 # the server is still there (one non-blocking poll).
@@ -54,6 +61,13 @@ class _Mapped:
         os.close(self.fd)
 
 
+class _Broken(Exception):
+    """The stream is broken: the link closes, and the caller gets `error`."""
+
+    def __init__(self, error: MemfabricError) -> None:
+        self.error = error
+
+
 class ServerLink:
     is_local = True
 
@@ -71,9 +85,18 @@ class ServerLink:
         self._ranges: weakref.WeakSet[SharedRange] = weakref.WeakSet()
         self._checked_at = 0.0
         self._closed = False
+        # Requests given up on (id -> (op, args)): their replies are dropped when they come.
+        self._abandoned: dict[int, tuple[str, dict[str, Any]]] = {}
+        self._undos: list[dict[str, Any]] = []
+        self._late_gone: list = []       # "gone" lists of replies dropped as late
         self._channel = IpcChannel.connect(ipc_socket, timeout_s, busy_poll_s)
-        self._channel.set_deadline(timeout_s)
-        hello = self.call("hello", role=role, pid=os.getpid())
+        self._bound_s = 0.0
+        self._bound_waits(timeout_s)
+        try:
+            hello = self.call("hello", role=role, pid=os.getpid())
+        except BaseException:
+            self._channel.close()
+            raise
         self.server_id: int = hello["server_id"]
         self.host: str = hello["host"]
 
@@ -90,39 +113,31 @@ class ServerLink:
         return reply
 
     def call_with_fds(self, op: str, **args: Any) -> tuple[dict[str, Any], list[int]]:
+        """One request and its reply. A TIMEOUT leaves the link in use: the late reply is
+        dropped when it comes (late_replies.py). Only a broken stream closes the link."""
+        timeout_s = call_timeout_s(self.timeout_s)
+        if timeout_s <= 0:
+            raise Timeout(f"no time was left to ask server at {self.ipc_socket} for {op!r}")
         args["op"] = op
-        with self._lock:
-            if self._closed:
-                raise ServerUnavailable(f"the connection to {self.ipc_socket} is closed")
-            request_id = self._next_id
-            self._next_id += 1
-            args["id"] = request_id
-            try:
-                data = wire.encode(args)     # too large: refused here, the link stays up
-            except ProtocolError as exc:
-                raise LimitExceeded(f"request {op!r} is too large: {exc}") from None
-            try:
-                self._channel.send_encoded(data)
-                reply, fds = self._channel.recv()
-            except socket.timeout:
-                failure: MemfabricError = Timeout(f"server at {self.ipc_socket} did not answer {op!r} "
-                                                  f"within {self.timeout_s}s")
-            except (PeerClosed, ConnectionError, OSError) as exc:
-                failure = ServerUnavailable(f"server at {self.ipc_socket} is gone ({op!r}: "
-                                            f"{exc.__class__.__name__})")
-            except ProtocolError as exc:
-                failure = exc
-            else:
-                failure = None
+        args["budget_s"] = timeout_s
+        if not self._lock.acquire(timeout=timeout_s):
+            raise Timeout(f"server at {self.ipc_socket}: other requests of this process held the "
+                          f"connection for {timeout_s:.3g}s ({op!r})")
+        try:
+            reply, fds = self._exchange(op, args, timeout_s)
+        except _Broken as broken:
+            failure: MemfabricError | None = broken.error
+        else:
+            failure = None
+        finally:
+            self._lock.release()
         if failure is not None:
             # The stream's position is unknown now: this link is done (the session reconnects).
             self._fail()
             raise failure
-        if reply.get("id") != request_id:
-            for fd in fds:
-                os.close(fd)
-            self._fail()
-            raise ProtocolError(f"reply to request {request_id} carried id {reply.get('id')}")
+        if self._late_gone:    # outside the channel's lock: the map lock is taken before it
+            late_gone, self._late_gone = self._late_gone, []
+            self._forget_segments(late_gone)
         if "error" in reply:
             for fd in fds:
                 os.close(fd)
@@ -132,6 +147,101 @@ class ServerLink:
         if "gone" in reply:
             self._forget_segments(reply.pop("gone"))
         return reply, fds
+
+    def _exchange(self, op: str, args: dict[str, Any], timeout_s: float) -> tuple[dict[str, Any], list[int]]:
+        """Under the lock: send the request, then receive until its reply, dropping late
+        replies to requests given up on before. Raises _Broken when the link must close."""
+        if self._closed:
+            raise ServerUnavailable(f"the connection to {self.ipc_socket} is closed")
+        deadline = time.monotonic() + timeout_s
+        request_id = self._next_id
+        self._next_id += 1
+        args["id"] = request_id
+        try:
+            data = wire.encode(args)     # too large: refused here, the link stays up
+        except ProtocolError as exc:
+            raise LimitExceeded(f"request {op!r} is too large: {exc}") from None
+        self._bound_waits(timeout_s)
+        try:
+            self._channel.send_encoded(data)
+        except socket.timeout:
+            # A SEQPACKET message goes whole or not at all: nothing was sent.
+            raise Timeout(f"server at {self.ipc_socket} took no request for {timeout_s:.3g}s ({op!r})") from None
+        except (ConnectionError, OSError) as exc:
+            raise _Broken(self._gone(op, exc)) from None
+        except BaseException:
+            self._abandon(request_id, op, args, interrupted=True)   # perhaps sent: drop its reply
+            raise
+        while True:
+            try:
+                reply, fds = self._channel.recv()
+            except socket.timeout:
+                self._abandon(request_id, op, args)
+                raise Timeout(f"server at {self.ipc_socket} did not answer {op!r} within {timeout_s:.3g}s") from None
+            except (PeerClosed, ConnectionError, OSError) as exc:
+                raise _Broken(self._gone(op, exc)) from None
+            except ProtocolError as exc:
+                raise _Broken(exc) from None
+            except BaseException:
+                self._abandon(request_id, op, args, interrupted=True)
+                raise
+            reply_id = reply.get("id")
+            # The server answers one connection's requests in order: those before this reply
+            # that are still unanswered were never sent whole.
+            for earlier in [r for r in self._abandoned if type(reply_id) is int and r < reply_id]:
+                del self._abandoned[earlier]
+            if reply_id == request_id:
+                self._send_undos()
+                return reply, fds
+            self._drop_late(reply_id, reply, fds, request_id)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._abandon(request_id, op, args)
+                raise Timeout(f"server at {self.ipc_socket} did not answer {op!r} within {timeout_s:.3g}s")
+            self._bound_waits(remaining)
+
+    def _bound_waits(self, timeout_s: float) -> None:
+        """Each send and receive waits at most `timeout_s` (set only when it changes)."""
+        timeout_s = max(timeout_s, 0.001)      # 0 would mean "no bound" to the kernel
+        if timeout_s != self._bound_s:
+            self._channel.set_deadline(timeout_s)
+            self._bound_s = timeout_s
+
+    def _abandon(self, request_id: int, op: str, args: dict[str, Any], interrupted: bool = False) -> None:
+        """The caller gives up on a request it sent: its reply will be dropped. (Interrupted,
+        as by Ctrl-C, the link is checked on the next call: the interruption goes on up.)"""
+        self._abandoned[request_id] = (op, args)
+        if not interrupted and len(self._abandoned) > MAX_UNANSWERED_REQUESTS:
+            raise _Broken(Timeout(f"server at {self.ipc_socket} left {len(self._abandoned)} requests "
+                                  "unanswered"))
+
+    def _drop_late(self, reply_id: Any, reply: dict[str, Any], fds: list[int], request_id: int) -> None:
+        for fd in fds:
+            os.close(fd)
+        late = self._abandoned.pop(reply_id, None) if type(reply_id) is int else None
+        if late is None:
+            raise _Broken(ProtocolError(f"reply to request {request_id} carried id {reply_id!r}"))
+        if "gone" in reply:     # dropped, but what it says of our segments still holds
+            self._late_gone.extend(reply["gone"] if isinstance(reply["gone"], list) else [])
+        undo = undo_of(late[0], late[1], reply)
+        if undo is not None:
+            self._undos.append(undo)
+
+    def _send_undos(self) -> None:
+        """Send what undoes late replies' work, without waiting: the replies are dropped."""
+        while self._undos:
+            undo = self._undos.pop()
+            undo["id"] = request_id = self._next_id
+            self._next_id += 1
+            try:
+                self._channel.send_encoded(wire.encode(undo))
+            except (OSError, MemfabricError) as exc:
+                log.warning("could not send %r to undo a request given up on: %s", undo["op"], exc)
+                return
+            self._abandoned[request_id] = (undo["op"], undo)
+
+    def _gone(self, op: str, exc: BaseException) -> ServerUnavailable:
+        return ServerUnavailable(f"server at {self.ipc_socket} is gone ({op!r}: {exc.__class__.__name__})")
 
     def _fail(self) -> None:
         with self._lock:
@@ -177,16 +287,21 @@ class ServerLink:
                 self._gen_tables[(pool, ns, reply["incarnation"])] = entry
         return entry[1]
 
-    def segment_view(self, creds: Creds, segment: int) -> memoryview:
+    def _mapped(self, creds: Creds, segment: int) -> _Mapped:
         mapped = self._segments.get((creds[0], segment))
         if mapped is None:
             self.fetch_segments(creds, [segment])
-            mapped = self._segments[(creds[0], segment)]
-        return mapped.view
+            # Another thread may have heard it is gone meanwhile: then so is the object in it.
+            mapped = self._segments.get((creds[0], segment))
+            if mapped is None:
+                raise NoSuchObject(f"segment {segment} of pool {creds[0]!r} is gone (its objects were freed)")
+        return mapped
+
+    def segment_view(self, creds: Creds, segment: int) -> memoryview:
+        return self._mapped(creds, segment).view
 
     def segment_fd(self, creds: Creds, segment: int) -> int:
-        self.segment_view(creds, segment)
-        return self._segments[(creds[0], segment)].fd
+        return self._mapped(creds, segment).fd
 
     def fetch_segments(self, creds: Creds, segments: list[int]) -> None:
         pool = creds[0]

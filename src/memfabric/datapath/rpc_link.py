@@ -3,13 +3,18 @@
 Requests go out under a send lock. There is no reader thread: a waiting caller takes the
 receive lock and reads replies itself, handing each to the request it answers (its payload
 lands straight in the buffer that request registered) until its own arrives. A lone request
-so costs no thread hand-off; many in flight share one reader at a time. Every wait has a
-deadline: a server that stops answering costs TIMEOUT and the connection is shut down,
-never a hang.
+so costs no thread hand-off; many in flight share one reader at a time.
+
+Every wait has a deadline. A request that runs out of time gets TIMEOUT and the link stays
+in use: its entry is dropped, so its reply, when it comes, is read past (late_replies.py).
+A caller never gets its buffer back while a reader may still be receiving into it. The link
+closes only when the stream is broken: the peer is gone, a frame stalls part way, or a
+protocol error.
 """
 
 from __future__ import annotations
 
+import logging
 import ssl
 import socket
 import threading
@@ -18,20 +23,26 @@ from typing import Any
 
 from ..errors import (LimitExceeded, MemfabricError, ProtocolError, ServerUnavailable, Timeout,
                       error_from_code)
-from ..limits import BUSY_POLL_US, DEFAULT_REQUEST_TIMEOUT_S, MAX_RPC_IN_FLIGHT
+from ..limits import BUSY_POLL_US, DEFAULT_REQUEST_TIMEOUT_S, MAX_RPC_IN_FLIGHT, MAX_UNANSWERED_REQUESTS
 from ..transport import rpc
+from .deadline import call_timeout_s
+from .late_replies import undo_of
 from .link import LIVENESS_CHECK_EVERY_S, Creds
+
+log = logging.getLogger("memfabric.link")
 
 
 class Pending:
-    __slots__ = ("event", "reply", "into", "payload", "error")
+    __slots__ = ("event", "reply", "into", "payload", "error", "op", "args")
 
-    def __init__(self, into: memoryview | None) -> None:
+    def __init__(self, into: memoryview | None, op: str = "", args: dict[str, Any] | None = None) -> None:
         self.event = threading.Event()
         self.reply: dict[str, Any] | None = None
         self.into = into
         self.payload: bytes | None = None
         self.error: MemfabricError | None = None
+        self.op = op               # kept to undo what the request did if its caller gives up
+        self.args = args
 
 
 class RpcLink:
@@ -53,17 +64,27 @@ class RpcLink:
         self._recv_lock = threading.Lock()
         self._lock = threading.Lock()
         self._pending: dict[int, Pending] = {}
+        self._abandoned: dict[int, Pending] = {}    # given up on: their replies are read past
+        self._undos: list[dict[str, Any]] = []
         self._next_id = 1
         self._closed = False
         self._checked_at = 0.0
-        hello = self.call("hello", role=role)
+        try:
+            hello = self.call("hello", role=role)
+        except BaseException:
+            self.close()
+            raise
         self.host: str = hello["host"]
 
     # ---- requests ---------------------------------------------------------------------------
 
     def submit(self, op: str, args: dict[str, Any], payload: memoryview | None = None,
-               into: memoryview | None = None) -> tuple[int, Pending]:
-        pending = Pending(into)
+               into: memoryview | None = None, timeout_s: float | None = None) -> tuple[int, Pending]:
+        """Send a request; wait() for its reply. `timeout_s` bounds the send (default: the
+        link's timeout, or less under a request's deadline)."""
+        pending = Pending(into, op, args)
+        if timeout_s is None:
+            timeout_s = call_timeout_s(self.timeout_s)
         with self._lock:
             if self._closed:
                 raise ServerUnavailable(f"the connection to server {self.server_id} at {self.address} is closed")
@@ -74,40 +95,69 @@ class RpcLink:
             self._pending[request_id] = pending
         args["op"] = op
         args["id"] = request_id
+        if timeout_s <= 0 or not self._send_lock.acquire(timeout=timeout_s):
+            self._forget(request_id)
+            raise Timeout(f"no time was left to send {op!r} to server at {self.address}")
         try:
-            with self._send_lock:
-                self._frames.send(args, payload)
+            self._frames.send(args, payload)
+        except rpc.MidFrameTimeout:
+            self._shut(Timeout(f"server at {self.address} stopped taking {op!r} part way"))
         except socket.timeout:
-            self._shut(Timeout(f"server at {self.address} took no request for {self.timeout_s}s ({op!r})"))
+            self._forget(request_id)       # no byte went out: the stream is whole
+            raise Timeout(f"server at {self.address} took no request for {self.timeout_s}s ({op!r})") from None
         except (OSError, ValueError):
             self._shut(ServerUnavailable(f"server at {self.address} is gone (sending {op!r})"))
+        except BaseException:              # interrupted: a frame may be half sent
+            self._shut(ServerUnavailable(f"sending {op!r} to {self.address} was interrupted"), raise_it=False)
+            raise
+        finally:
+            self._send_lock.release()
         return request_id, pending
 
-    def wait(self, request_id: int, pending: Pending, op: str) -> dict[str, Any]:
-        deadline = time.monotonic() + self.timeout_s
-        while not pending.event.is_set():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self._shut(Timeout(f"server at {self.address} did not answer {op!r} within {self.timeout_s}s"))
-            if self._recv_lock.acquire(blocking=False):
-                try:
-                    while not pending.event.is_set():
-                        self._read_one(deadline)   # every receive checks the deadline
-                except socket.timeout:
-                    failure: MemfabricError = Timeout(f"server at {self.address} did not answer {op!r} "
-                                                      f"within {self.timeout_s}s")
-                except (OSError, ConnectionError, ValueError, MemfabricError) as exc:
-                    failure = ServerUnavailable(f"server {self.server_id} at {self.address} is gone "
-                                                f"({exc.__class__.__name__})")
+    def wait(self, request_id: int, pending: Pending, op: str, timeout_s: float | None = None) -> dict[str, Any]:
+        if timeout_s is None:
+            timeout_s = call_timeout_s(self.timeout_s)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not pending.event.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._give_up(request_id, pending, op, timeout_s)
+                    break
+                if self._recv_lock.acquire(blocking=False):
+                    failure: MemfabricError | None = None
+                    handled = False
+                    try:
+                        while not pending.event.is_set():
+                            self._read_one(deadline)   # waits for a frame to begin until our deadline
+                        handled = True
+                    except rpc.MidFrameTimeout:
+                        handled = True
+                        failure = Timeout(f"a reply from server at {self.address} stalled part way ({op!r})")
+                    except socket.timeout:
+                        handled = True                 # no frame began: the stream is whole
+                    except (OSError, ConnectionError, ValueError, MemfabricError) as exc:
+                        handled = True
+                        failure = ServerUnavailable(f"server {self.server_id} at {self.address} is gone "
+                                                    f"({exc.__class__.__name__})")
+                    finally:
+                        self._recv_lock.release()
+                        if not handled:
+                            # Interrupted (Ctrl-C) while reading, perhaps part way through a
+                            # frame: the stream's position is unknown.
+                            self._shut(ServerUnavailable(f"reading from {self.address} was interrupted"),
+                                       raise_it=False)
+                    if failure is not None:
+                        self._shut(failure)
                 else:
-                    failure = None
-                finally:
-                    self._recv_lock.release()
-                if failure is not None:
-                    self._shut(failure)
-            else:
-                # Another caller is reading; it hands us our reply, or we take over when it is done.
-                pending.event.wait(min(remaining, 0.0005))
+                    # Another caller is reading; it hands us our reply, or we take over when it is done.
+                    pending.event.wait(min(remaining, 0.0005))
+        except MemfabricError:
+            raise           # given up on (no reader will touch our buffer) or the link was shut
+        except BaseException:
+            self.cancel(request_id, pending)   # interrupted: our buffer must not be written after
+            raise
+        self._send_undos()
         if pending.error is not None:
             raise pending.error
         reply = pending.reply
@@ -116,11 +166,77 @@ class RpcLink:
         return reply
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
-        request_id, pending = self.submit(op, args)
-        return self.wait(request_id, pending, op)
+        timeout_s = call_timeout_s(self.timeout_s)
+        if timeout_s <= 0:
+            raise Timeout(f"no time was left to ask server at {self.address} for {op!r}")
+        args["budget_s"] = timeout_s
+        request_id, pending = self.submit(op, args, timeout_s=timeout_s)
+        return self.wait(request_id, pending, op, timeout_s)
 
     def call_with_fds(self, op: str, **args: Any) -> tuple[dict[str, Any], list[int]]:
         raise ProtocolError("file descriptors cannot cross hosts")
+
+    def _give_up(self, request_id: int, pending: Pending, op: str, timeout_s: float) -> None:
+        """Our deadline passed. Raises TIMEOUT, unless our reply landed meanwhile (then the
+        caller takes it). Leaves no reader able to write into our buffer."""
+        with self._lock:
+            mine = self._pending.pop(request_id, None) is not None
+            if mine:
+                self._abandon(request_id, pending)
+                too_many = len(self._abandoned) > MAX_UNANSWERED_REQUESTS
+        if mine:
+            if too_many:
+                self._shut(Timeout(f"server at {self.address} left {MAX_UNANSWERED_REQUESTS} requests unanswered"))
+            raise Timeout(f"server at {self.address} did not answer {op!r} within {timeout_s:.3g}s")
+        self._wait_out_reader(pending)
+
+    def cancel(self, request_id: int, pending: Pending) -> None:
+        """The caller will not wait for this request (a sibling transfer failed, or it was
+        interrupted): drop it, so its reply is read past, and return once no reader can
+        write into its buffer any more. Never raises."""
+        if pending.event.is_set():
+            return
+        with self._lock:
+            mine = self._pending.pop(request_id, None) is not None
+            if mine:
+                self._abandon(request_id, pending)
+        if not mine:
+            try:
+                self._wait_out_reader(pending)
+            except MemfabricError:
+                pass
+
+    def _wait_out_reader(self, pending: Pending) -> None:
+        """A reader took this request's entry: it is receiving the reply, into the caller's
+        buffer. It finishes the frame within its frame bound, or fails and shuts the link;
+        if neither happens in time, shut the link, which stops the reader."""
+        if not pending.event.wait(self.timeout_s + rpc.DEADLINE_SLACK_S):
+            self._shut(Timeout(f"a reply from server at {self.address} stalled part way"))
+
+    def _abandon(self, request_id: int, pending: Pending) -> None:
+        """Under the lock: no reader took it, and none will write into its buffer now (its
+        reply is read past): let go of the buffer."""
+        pending.into = None
+        self._abandoned[request_id] = pending
+
+    def _forget(self, request_id: int) -> None:
+        with self._lock:
+            self._pending.pop(request_id, None)
+
+    def _send_undos(self) -> None:
+        """Send what undoes late replies' work; their own replies are read past."""
+        while self._undos and not self._closed:
+            try:
+                undo = self._undos.pop()
+            except IndexError:
+                return
+            op = undo.pop("op")
+            try:
+                request_id, pending = self.submit(op, undo, timeout_s=self.timeout_s)
+            except MemfabricError as exc:
+                log.warning("could not send %r to undo a request given up on: %s", op, exc)
+                return
+            self.cancel(request_id, pending)
 
     # ---- data ---------------------------------------------------------------------------------
 
@@ -135,27 +251,50 @@ class RpcLink:
     # ---- reading (done by whichever caller holds the receive lock) -------------------------------
 
     def _read_one(self, deadline: float) -> None:
+        """One frame, handed to its request. Waits for it to begin until `deadline`
+        (socket.timeout: nothing began); once begun, it must end within the link's timeout
+        (MidFrameTimeout), whoever's deadline passes meanwhile."""
         frames = self._frames
-        header, payload_len = frames.recv_header(deadline)
+        header, payload_len = frames.recv_header(deadline, frame_timeout_s=self.timeout_s)
+        frame_deadline = time.monotonic() + self.timeout_s
+        reply_id = header.get("id")
         with self._lock:
-            pending = self._pending.pop(header.get("id"), None)
-        if pending is None:
-            frames.discard(payload_len, deadline)     # a reply nobody waits for any more
-            return
-        if payload_len:
-            if pending.into is not None and payload_len == len(pending.into) and "error" not in header:
-                frames.recv_into_exact(pending.into, deadline)
-            else:
-                frames.discard(payload_len, deadline)
-                if "error" not in header:
-                    pending.error = ProtocolError(f"a reply of {payload_len} bytes for a buffer of "
-                                                  f"{0 if pending.into is None else len(pending.into)}")
-        elif pending.into is not None and len(pending.into) and "error" not in header:
-            pending.error = ProtocolError("a reply without the bytes it should carry")
-        pending.reply = header
-        pending.event.set()
+            pending = self._pending.pop(reply_id, None)
+            late = None if pending is not None else self._abandoned.pop(reply_id, None)
+        try:
+            if pending is None:
+                if late is None:
+                    raise ProtocolError(f"a reply for request {reply_id!r}, which is not in flight")
+                frames.discard(payload_len, frame_deadline)     # its caller gave up on it
+                undo = undo_of(late.op, late.args or {}, header)
+                if undo is not None:
+                    self._undos.append(undo)
+                return
+            if payload_len:
+                if pending.into is not None and payload_len == len(pending.into) and "error" not in header:
+                    frames.recv_into_exact(pending.into, frame_deadline)
+                else:
+                    frames.discard(payload_len, frame_deadline)
+                    if "error" not in header:
+                        pending.error = ProtocolError(f"a reply of {payload_len} bytes for a buffer of "
+                                                      f"{0 if pending.into is None else len(pending.into)}")
+            elif pending.into is not None and len(pending.into) and "error" not in header:
+                pending.error = ProtocolError("a reply without the bytes it should carry")
+        except BaseException as exc:
+            if pending is not None:       # this reader writes into its buffer no more
+                pending.error = (Timeout(f"a reply from server at {self.address} stalled part way")
+                                 if isinstance(exc, socket.timeout) else
+                                 ServerUnavailable(f"server {self.server_id} at {self.address} is gone "
+                                                   f"({exc.__class__.__name__})"))
+                pending.event.set()
+            if isinstance(exc, socket.timeout) and not isinstance(exc, rpc.MidFrameTimeout):
+                raise rpc.MidFrameTimeout("a reply's payload stalled part way") from None
+            raise
+        if pending is not None:
+            pending.reply = header
+            pending.event.set()
 
-    def _shut(self, error: MemfabricError) -> None:
+    def _shut(self, error: MemfabricError, raise_it: bool = True) -> None:
         """Fail every request in flight and close; raises `error`. Callers hold no buffer of
         ours afterwards: only the holder of the receive lock writes into them, and it is us
         or it has let go."""
@@ -164,6 +303,7 @@ class RpcLink:
             self._closed = True
             pending = list(self._pending.values())
             self._pending.clear()
+            self._abandoned.clear()
         if not already:
             self._frames.close()
         with self._recv_lock:   # wait out a reader that may be mid-payload into a caller's buffer
@@ -171,7 +311,8 @@ class RpcLink:
         for p in pending:
             p.error = error
             p.event.set()
-        raise error
+        if raise_it:
+            raise error
 
     # ---- liveness and life ------------------------------------------------------------------------
 
@@ -198,13 +339,9 @@ class RpcLink:
         """Nothing is mapped across hosts; nothing to give back."""
 
     def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            pending = list(self._pending.values())
-            self._pending.clear()
-        self._frames.close()
-        for p in pending:
-            p.error = ServerUnavailable("connection closed")
-            p.event.set()
+        if self._closed:
+            return
+        try:
+            self._shut(ServerUnavailable("connection closed"), raise_it=False)
+        except MemfabricError:
+            pass

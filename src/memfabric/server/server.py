@@ -29,6 +29,7 @@ from ..datapath.layout import (Layout, RemoteSegment, described_layout, check_ra
                                write_at)
 from ..datapath import reduce
 from ..datapath.connect import connect_to
+from ..datapath.deadline import deadline_for, serving_until
 from ..datapath.link import Creds, ServerLink
 from ..transport import rpc
 from ..errors import (InternalError, InvalidArgument, LimitExceeded, MemfabricError, NamespaceExists, NoSuchNamespace,
@@ -38,6 +39,7 @@ from ..limits import (MAX_BATCH_IDS, MAX_EXTENTS_PER_OBJECT, MAX_FDS_PER_MESSAGE
                       SPARE_CAPACITY_DIVISOR, SPARE_SMALL_SEGMENTS, SPARE_TOP_SEGMENTS)
 from ..media.base import SegmentMemory
 from ..config import ServerConfig
+from .audit import audit_pools
 from .sec_ids import SecIdChecker
 from .state import NamespaceState, PoolState
 
@@ -363,9 +365,11 @@ class Server:
 
     def serve(self, conn: Connection, message: dict[str, Any]) -> Reply:
         """dispatch() as both front doors use it: an error outside the vocabulary is a bug,
-        logged and answered as INTERNAL_ERROR, and the connection and the server go on."""
+        logged and answered as INTERNAL_ERROR, and the connection and the server go on.
+        Calls to peers for the request end before the caller's budget does (deadline.py)."""
         try:
-            return self.dispatch(conn, message)
+            with serving_until(deadline_for(message.get("budget_s"))):
+                return self.dispatch(conn, message)
         except MemfabricError:
             raise
         except Exception as exc:
@@ -456,6 +460,12 @@ class Server:
         """This server process's CPU time so far (all threads, ended ones included): what
         the bench divides by the operations it ran, polling included."""
         return {"server_id": self.server_id, "cpu_s": time.process_time()}
+
+    def op_audit(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        """Per pool, the allocator's live bytes against what objects, pins and holdings
+        account for (audit.py): a test's check that no operation leaked memory."""
+        with self.lock:
+            return {"server_id": self.server_id, "pools": audit_pools(self.server_id, self.pools, self.namespaces)}
 
     def op_cluster_view(self, conn: Connection, m: dict[str, Any]) -> Reply:
         return {"servers": [s.to_wire() for s in self.view(fresh=True)]}

@@ -104,10 +104,11 @@ class IpcChannel:
             raise socket.timeout("receive timed out") from None
 
     def peer_gone(self) -> bool:
-        """The peer hung up (one non-blocking poll; see hangup.py)."""
+        """The peer hung up (one non-blocking poll; see sockets.py)."""
         return self._hang_up.peer_gone()
 
     def close(self) -> None:
+        self._hang_up.close()
         try:
             self.sock.close()
         except OSError:

@@ -45,6 +45,11 @@ DEADLINE_SLACK_S = 0.01
 IDLE_BOUND_MIN_S = 1.0
 
 
+class MidFrameTimeout(socket.timeout):
+    """A deadline ran out with a frame partly sent or received: the stream cannot go on.
+    (A plain socket.timeout from a FrameSocket means no byte of the frame moved.)"""
+
+
 class FrameSocket:
     """Whole frames over a stream socket (plain or TLS), every wait bounded by a deadline.
 
@@ -94,6 +99,7 @@ class FrameSocket:
             self._bound(max(remaining, 0.001))
 
     def send(self, header: dict[str, Any], payload: memoryview | bytes | None = None) -> None:
+        """One whole frame. socket.timeout: nothing was sent; MidFrameTimeout: part was."""
         head = wire.encode(header)
         n = 0 if payload is None else len(payload)
         if n > MAX_RPC_PAYLOAD_BYTES:
@@ -101,41 +107,46 @@ class FrameSocket:
         first = PREFIX.pack(len(head), n) + head
         if len(first) < FIRST_BLOCK:
             first += bytes(FIRST_BLOCK - len(first))
+        if n and n <= SMALL_PAYLOAD:
+            first += bytes(payload)
         if self._tls:
             self._bound(self._send_timeout_s)
-        try:
-            if not n:
+            try:
                 self.sock.sendall(first)
-            elif n <= SMALL_PAYLOAD:
-                self.sock.sendall(first + bytes(payload))
-            elif self._tls:
-                self.sock.sendall(first)
-                self.sock.sendall(payload)
-            else:
-                _sendmsg_all(self.sock, [first, payload])
-        except BlockingIOError:          # SO_SNDTIMEO ran out: the peer stopped reading
-            raise socket.timeout("send timed out") from None
+                if n > SMALL_PAYLOAD:
+                    self.sock.sendall(payload)
+            except socket.timeout:       # how much went out, SSL does not say
+                raise MidFrameTimeout("send timed out") from None
+            return
+        _sendmsg_all(self.sock, [first, payload] if n > SMALL_PAYLOAD else [first])
 
     def recv_header(self, deadline: float | None = None,
                     frame_timeout_s: float | None = None) -> tuple[dict[str, Any], int]:
         """The next frame's header and its payload length; the payload is still to be read.
 
-        With `frame_timeout_s`, waiting for a frame to begin is unbounded (an idle
-        connection), but once its first byte is in, the rest must come within that time.
+        `deadline` bounds the wait for the frame to begin (None: an idle connection may wait
+        for as long as it takes); socket.timeout then means no byte of it came. With
+        `frame_timeout_s`, once its first byte is in, the rest must come within that time
+        (else within `deadline`); running out then raises MidFrameTimeout.
         """
         block = self._block
         got = self._busy_poll.receive(lambda: self._recv_now(block),
                                       lambda: self._recv_some(block, deadline))
         if frame_timeout_s is not None:
             deadline = time.monotonic() + frame_timeout_s
-        self.recv_into_exact(block[got:], deadline)
-        head_len, payload_len = PREFIX.unpack_from(block)
-        if head_len > MAX_MESSAGE_BYTES or payload_len > MAX_RPC_PAYLOAD_BYTES:
-            raise ProtocolError(f"frame of {head_len}+{payload_len} bytes is over the limits")
-        if PREFIX.size + head_len <= FIRST_BLOCK:
-            head = bytes(block[PREFIX.size:PREFIX.size + head_len])
-        else:
-            head = bytes(block[PREFIX.size:]) + self.recv_exact(PREFIX.size + head_len - FIRST_BLOCK, deadline)
+        try:
+            self.recv_into_exact(block[got:], deadline)
+            head_len, payload_len = PREFIX.unpack_from(block)
+            if head_len > MAX_MESSAGE_BYTES or payload_len > MAX_RPC_PAYLOAD_BYTES:
+                raise ProtocolError(f"frame of {head_len}+{payload_len} bytes is over the limits")
+            if PREFIX.size + head_len <= FIRST_BLOCK:
+                head = bytes(block[PREFIX.size:PREFIX.size + head_len])
+            else:
+                head = bytes(block[PREFIX.size:]) + self.recv_exact(PREFIX.size + head_len - FIRST_BLOCK, deadline)
+        except MidFrameTimeout:
+            raise
+        except socket.timeout:
+            raise MidFrameTimeout("the frame stalled part way") from None
         return wire.decode(head), payload_len
 
     def recv_exact(self, n: int, deadline: float | None = None) -> bytes:
@@ -183,10 +194,11 @@ class FrameSocket:
             n -= take
 
     def peer_gone(self) -> bool:
-        """The peer hung up (one non-blocking poll; see hangup.py)."""
+        """The peer hung up (one non-blocking poll; see sockets.py)."""
         return self._hang_up.peer_gone()
 
     def close(self) -> None:
+        self._hang_up.close()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -195,9 +207,19 @@ class FrameSocket:
 
 
 def _sendmsg_all(sock: socket.socket, parts: list) -> None:
+    """Every byte of `parts`, in order. When SO_SNDTIMEO runs out: socket.timeout if none
+    went out, MidFrameTimeout if some did."""
     views = [memoryview(p).cast("B") for p in parts]
+    total = sum(len(v) for v in views)
+    left = total
     while views:
-        sent = sock.sendmsg(views)
+        try:
+            sent = sock.sendmsg(views)
+        except BlockingIOError:          # SO_SNDTIMEO ran out: the peer stopped reading
+            if left == total:
+                raise socket.timeout("send timed out") from None
+            raise MidFrameTimeout(f"send timed out after {total - left} of {total} bytes") from None
+        left -= sent
         while sent and views:
             if sent >= len(views[0]):
                 sent -= len(views[0])

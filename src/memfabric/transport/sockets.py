@@ -5,6 +5,7 @@ from __future__ import annotations
 import select
 import socket
 import struct
+import threading
 
 _GONE = select.POLLHUP | select.POLLRDHUP | select.POLLERR | select.POLLNVAL
 
@@ -20,15 +21,28 @@ class HangUpWatch:
     Looks only at hang-up events, so a reply waiting to be read (perhaps by another
     thread) is not mistaken for an end of stream. A peer whose host vanished without
     closing its end is not seen here; the next request's deadline catches it.
+
+    Links are shared by threads (every connection thread of a server asks the same peer
+    link), and a poll object refuses a second poll() while one runs: a lock takes turns
+    (each poll returns at once). Close the watch before its socket: the fd number may
+    then name another file, which must not be polled in its place.
     """
 
     def __init__(self, sock: socket.socket) -> None:
-        self._poller = select.poll()
+        self._poller: select.poll | None = select.poll()
         self._poller.register(sock.fileno(), select.POLLRDHUP)
+        self._lock = threading.Lock()
 
     def peer_gone(self) -> bool:
-        try:
-            events = self._poller.poll(0)
-        except (OSError, ValueError):
-            return True
+        with self._lock:
+            if self._poller is None:
+                return True
+            try:
+                events = self._poller.poll(0)
+            except (OSError, ValueError):
+                return True
         return any(ev & _GONE for _, ev in events)
+
+    def close(self) -> None:
+        with self._lock:
+            self._poller = None

@@ -1,0 +1,54 @@
+"""The deadline of the request being served, which bounds every call made for it.
+
+A server that calls a peer on a client's behalf must answer before the client gives up:
+otherwise the client sees its own TIMEOUT (and nothing about the stuck peer), and the
+server's late answer finds no one waiting. So each request carries its caller's remaining
+time (`budget_s`); the server serves it under `serving_until(deadline_for(budget_s))`, and a
+link asked to call a peer meanwhile waits at most until that deadline (`call_timeout_s`).
+The deadline is a context variable: each connection thread has its own.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterator
+
+from ..errors import InvalidArgument
+from ..limits import DEADLINE_MARGIN_S, DEADLINE_MARGIN_SHARE
+
+_deadline: ContextVar[float | None] = ContextVar("memfabric_request_deadline", default=None)
+
+
+def deadline_for(budget_s: object) -> float | None:
+    """The monotonic time by which the answer to a request with this budget must be on its
+    way (None: the request named no budget)."""
+    if budget_s is None:
+        return None
+    try:
+        seconds = float(budget_s) if type(budget_s) in (int, float) else math.nan
+    except OverflowError:
+        seconds = math.inf
+    if not seconds > 0:          # NaN too
+        raise InvalidArgument(f"budget_s must be a positive number of seconds, got {budget_s!r}")
+    return time.monotonic() + seconds - min(DEADLINE_MARGIN_S, seconds * DEADLINE_MARGIN_SHARE)
+
+
+@contextmanager
+def serving_until(deadline: float | None) -> Iterator[None]:
+    token = _deadline.set(deadline)
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+def call_timeout_s(link_timeout_s: float) -> float:
+    """How long a call may wait: the link's own timeout, or less when the request being
+    served must be answered sooner (zero or less: no time is left to ask)."""
+    deadline = _deadline.get()
+    if deadline is None:
+        return link_timeout_s
+    return min(link_timeout_s, deadline - time.monotonic())

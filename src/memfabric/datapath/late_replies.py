@@ -1,0 +1,39 @@
+"""What to do about a reply that comes after its caller gave up.
+
+A request whose caller timed out may still be carried out: its reply arrives on the link
+later and is dropped (fds closed). Where the work done would otherwise be lost for good, the
+link sends the request that undoes it, without waiting for the answer: an object allocated
+for no one (its id never reached a caller) is freed, a pin no mapping will drop is dropped,
+extents a peer reserved for an allocation its home abandoned are given back.
+
+Other late effects stand: an expand or a free that happened after all is what the caller
+asked for, and a late `segments` reply only costs its fds (closed): the server counting
+those segments as handed over means no more than a "gone" notice for them later.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_CREDS = ("pool", "ns", "sec")
+
+
+def undo_of(op: str, request: dict[str, Any], reply: dict[str, Any]) -> dict[str, Any] | None:
+    """The request (with its "op") that undoes what an abandoned request did, or None."""
+    if "error" in reply:
+        return None
+    if op == "gather":
+        dst = request.get("dst")
+        if not isinstance(dst, dict) or dst.get("bm_id"):
+            return None          # into an existing object: nothing to take back
+        creds = {k: dst.get(k) for k in _CREDS}
+    else:
+        creds = {k: request.get(k) for k in _CREDS}
+    if op in ("alloc", "gather") and isinstance(reply.get("bm_id"), str):
+        return {"op": "free", **creds, "bm_id": reply["bm_id"]}
+    if op == "map_pin":
+        return {"op": "map_unpin", **creds, "bm_id": request.get("bm_id")}
+    if op == "extent_alloc" and isinstance(reply.get("extents"), list):
+        extents = [e[1:] for e in reply["extents"] if isinstance(e, list) and len(e) == 4]
+        return {"op": "extent_free", **creds, "bm_id": request.get("bm_id"), "extents": extents}
+    return None
