@@ -36,6 +36,7 @@ from ..errors import (InternalError, InvalidArgument, MemfabricError, NoSuchName
 from ..limits import (MAX_BATCH_IDS, MAX_EXTENTS_PER_OBJECT, MAX_FDS_PER_MESSAGE, MAX_OBJECT_BYTES,
                       PAGE_SIZE_BYTES, PEER_TIMEOUT_S, REUSE_GRACE_S)
 from ..config import ServerConfig
+from .log_limit import LimitedLog
 from .state import NamespaceState, PoolState
 
 log = logging.getLogger("memfabric.server")
@@ -49,9 +50,10 @@ class Connection:
 
     _ids = iter(range(1, 1 << 62))
 
-    def __init__(self, peer_pid: int | None = None) -> None:
+    def __init__(self, peer_pid: int | None = None, carries_fds: bool = False) -> None:
         self.id = next(Connection._ids)
         self.peer_pid = peer_pid
+        self.carries_fds = carries_fds   # its transport can hand over file descriptors (IPC)
         self.rpc_member = False      # proved the cluster token (RPC): may act as a peer
         self.role = "client"
         # (pool, ns) -> (incarnation, secId) proven on this connection.
@@ -76,6 +78,9 @@ class Server:
         self._view_at = 0.0
         self._stopping = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
+        self._deaf_since: dict[str, float] = {}    # front door -> when it stopped accepting (monotonic)
+        self._deaf_lock = threading.Lock()
+        self.limited_log = LimitedLog(log)          # for lines clients can cause, by the front doors too
         self.token: bytes | None = None
         self.peer_tls = None
         self.rpc_listener = None
@@ -252,8 +257,34 @@ class Server:
             self.pools.clear()
         self.cluster.close()
 
+    def door_accepting(self, door: str, accepting: bool) -> None:
+        """A front door says whether it can take new connections. While one cannot for longer
+        than a heartbeat interval, this server sends no heartbeats: the cluster sees it dead
+        (it is, to anyone new) rather than alive and serving no one."""
+        with self._deaf_lock:
+            if accepting:
+                self._deaf_since.pop(door, None)
+            else:
+                self._deaf_since.setdefault(door, time.monotonic())
+
+    def _deaf_for_s(self) -> float:
+        with self._deaf_lock:
+            since = min(self._deaf_since.values(), default=None)
+        return 0.0 if since is None else time.monotonic() - since
+
     def _heartbeat_loop(self) -> None:
+        silent = False
         while not self._stopping.wait(self.cfg.heartbeat_interval_s):
+            deaf_s = self._deaf_for_s()
+            if deaf_s > self.cfg.heartbeat_interval_s:
+                if not silent:
+                    log.warning("a front door has not accepted connections for %.1f s: no heartbeats "
+                                "until it does, so the cluster sees this server dead", deaf_s)
+                silent = True
+                continue
+            if silent:
+                log.warning("the front doors accept connections again: heartbeats resume")
+                silent = False
             try:
                 self._publish()
             except Exception as exc:   # keep beating: the cluster service may come back
@@ -291,6 +322,9 @@ class Server:
     # ---- connections ----------------------------------------------------------------------
 
     PEER_OPS = frozenset({"extent_alloc", "extent_free", "ns_drop", "ns_usage", "home_restarted", "objects_alive"})
+    # Operations whose replies hand over file descriptors: refused, before they make or hold
+    # anything, on a connection that cannot carry them (RPC).
+    FD_OPS = frozenset({"ns_open", "segments"})
 
     def dispatch(self, conn: Connection, message: dict[str, Any]) -> Reply:
         op = message.get("op")
@@ -299,6 +333,8 @@ class Server:
             raise InvalidArgument(f"unknown operation {op!r}")
         if op in self.PEER_OPS and conn.role != "peer":
             raise PermissionDenied(f"{op!r} is for servers of this cluster only")
+        if op in self.FD_OPS and not conn.carries_fds:
+            raise InvalidArgument(f"{op!r} hands over file descriptors: same-host (IPC) connections only")
         return handler(conn, message)
 
     def serve(self, conn: Connection, message: dict[str, Any]) -> Reply:
@@ -309,7 +345,8 @@ class Server:
         except MemfabricError:
             raise
         except Exception as exc:
-            log.exception("operation %r failed", message.get("op"))
+            # dispatch() only gets here with a known operation's name: a bounded set of kinds.
+            self.limited_log.exception(f"bug in {message.get('op')}", "operation %r failed", message.get("op"))
             raise InternalError(f"internal error in {message.get('op')!r}: {exc!r}") from None
 
     def disconnected(self, conn: Connection) -> None:
