@@ -16,12 +16,13 @@ import msgpack
 import pytest
 
 import memfabric
-from memfabric import InvalidArgument
+from memfabric import InvalidArgument, LimitExceeded
 from memfabric.datapath.link import ServerLink
 from memfabric.datapath.rpc_link import RpcLink
-from memfabric.errors import MemfabricError
+from memfabric.errors import BmError, MemfabricError
+from memfabric.limits import MAX_CLIENTS_PER_SERVER
 
-from ..helpers import ns_name, wait_until
+from ..helpers import WAIT_S, ns_name, wait_until
 
 
 def server_fds(pid: int) -> int:
@@ -180,3 +181,38 @@ def test_a_server_out_of_fds_turns_clients_away_reads_dead_and_recovers(fresh_fa
             stopped = [line for line in lines if f"{door} door cannot accept" in line]
             started = [line for line in lines if f"{door} door accepts connections again" in line]
             assert 1 <= len(stopped) == len(started) < turned_away[door.lower()] / 2, (stopped, started)
+
+
+def test_clients_past_the_connection_limit_get_limit_exceeded_and_the_door_goes_on(fabric):
+    with memfabric.init(fabric.directory, server=0) as session:
+        path = session.local.ipc_socket
+        held: list[socket.socket] = []
+        try:
+            # The session's link and the other server's are some of them: fill the rest.
+            for _ in range(MAX_CLIENTS_PER_SERVER + 1):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                held.append(sock)
+                sock.settimeout(WAIT_S)
+                sock.connect(path)
+                sock.send(msgpack.packb({"op": "hello", "id": 1}))
+                reply = msgpack.unpackb(sock.recv(1 << 16))
+                if "error" in reply:
+                    assert reply["error"] == BmError.LIMIT_EXCEEDED, reply
+                    break
+            else:
+                pytest.fail(f"{len(held)} connections taken, past the limit of {MAX_CLIENTS_PER_SERVER}")
+            with pytest.raises(LimitExceeded):
+                ServerLink(path, timeout_s=WAIT_S)
+            assert session.local.call("stats")["server_id"] == session.local.server_id
+        finally:
+            for sock in held:
+                sock.close()
+        link = wait_until(lambda: _link_or_none(path), "a free connection slot")
+        link.close()
+
+
+def _link_or_none(path: str) -> ServerLink | None:
+    try:
+        return ServerLink(path, timeout_s=WAIT_S)
+    except LimitExceeded:
+        return None
