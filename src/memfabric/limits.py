@@ -16,6 +16,17 @@ MAX_GATHER_INPUTS = 1024
 MAX_OBJECT_BYTES = 1 << 40
 
 MAX_CLIENTS_PER_SERVER = 256
+# An error message quotes the input it refuses; past this it is cut, so that the error reply
+# to any request fits in one message.
+MAX_ERROR_MESSAGE_CHARS = 4096
+# A front door that cannot accept (out of fds or memory) retries after a pause that doubles
+# from the first to the last of these.
+ACCEPT_BACKOFF_MIN_S = 0.01
+ACCEPT_BACKOFF_MAX_S = 1.0
+# Log lines about what clients send (garbage, failed handshakes, bugs they trigger): at most
+# this many per kind in each interval; the next one after says how many were held back.
+LOG_LINES_PER_KIND = 10
+LOG_INTERVAL_S = 60.0
 DEFAULT_REQUEST_TIMEOUT_S = 10.0
 MAX_REQUEST_TIMEOUT_S = 24 * 3600.0
 CONNECT_TIMEOUT_S = 5.0

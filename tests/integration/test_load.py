@@ -7,8 +7,6 @@ short, so CI can afford them.
 
 from __future__ import annotations
 
-import pytest
-
 import memfabric
 from memfabric.load import audit, leak_figures, run_load_on, run_threads
 

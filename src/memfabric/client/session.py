@@ -283,6 +283,8 @@ class Namespace:
                dst: BigMemory | None = None, dtype: str = "uint8") -> tuple[BigMemory, int]:
         """Concatenate or reduce (object, offset, length) inputs into `dst`, or a new object here.
 
+        A reduction's `dtype` is a string naming an integer or float type of at most 8 bytes, as
+        numpy spells it ("float32", "<i8", "u2"); anything else is INVALID_ARGUMENT.
         Returns (the destination, the result's length in bytes).
         """
         wire_inputs = [{**bm.namespace.wire_creds, "bm_id": bm.bm_id, "offset": offset, "length": length}

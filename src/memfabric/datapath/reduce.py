@@ -5,6 +5,7 @@ Pure computation over buffers (numpy); where the bytes are and who asks is the s
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,13 @@ OPERATORS = {"concat": None, "sum": np.add, "min": np.minimum, "max": np.maximum
 
 Input = tuple[Layout, int, int]    # (object's layout, offset, length)
 
+# A reduction's element type is named by a string, as numpy spells plain types: "float32",
+# "<i8", "u2", "double". Only such spellings reach numpy's parser, which takes far more
+# (structured records, sub-arrays, comma lists, dicts of fields) and fails on much of it
+# with exceptions of its own choosing.
+_DTYPE_NAME = re.compile(r"[<>=|]?[A-Za-z_]{1,12}[0-9]{0,2}")
+MAX_DTYPE_BYTES = 8     # longer floats (float128) are the platform's own: not the same on every server
+
 
 def check_request(m: dict[str, Any], reduction_only: bool = False) -> tuple[str, np.dtype, list[dict[str, Any]]]:
     """The operator, dtype and raw inputs of a gather (or of a reduce_part) request."""
@@ -24,18 +32,27 @@ def check_request(m: dict[str, Any], reduction_only: bool = False) -> tuple[str,
     allowed = [o for o in OPERATORS if not (reduction_only and o == "concat")]
     if op not in allowed:
         raise InvalidArgument(f"operator must be one of {', '.join(allowed)}, got {op!r}")
-    try:
-        dtype = np.dtype(m.get("dtype", "uint8"))
-    except TypeError:
-        raise InvalidArgument(f"unknown dtype {m.get('dtype')!r}") from None
-    if dtype.kind not in "iuf":
-        raise InvalidArgument(f"dtype must be an integer or float type, got {dtype}")
+    dtype = check_dtype(m.get("dtype", "uint8"))
     inputs = m.get("inputs")
     if not isinstance(inputs, list) or not 0 < len(inputs) <= MAX_GATHER_INPUTS \
             or not all(isinstance(item, dict) for item in inputs):
         raise InvalidArgument(f"a gather takes 1-{MAX_GATHER_INPUTS} inputs, each "
                               "{pool, ns, sec, bm_id, offset, length}")
     return op, dtype, inputs
+
+
+def check_dtype(name: object) -> np.dtype:
+    """The numpy dtype a gather names: a plain integer or float type of at most 8 bytes."""
+    wrong = f"dtype must name an integer or float type, such as 'float32' or '<i8', got {name!r:.100}"
+    if type(name) is not str or not _DTYPE_NAME.fullmatch(name):
+        raise InvalidArgument(wrong)
+    try:
+        dtype = np.dtype(name)
+    except TypeError:          # what numpy raises for a name it does not know
+        raise InvalidArgument(wrong) from None
+    if dtype.kind not in "iuf" or dtype.itemsize > MAX_DTYPE_BYTES:
+        raise InvalidArgument(wrong)
+    return dtype
 
 
 def result_length(op: str, dtype: np.dtype, inputs: list[Input]) -> int:

@@ -6,7 +6,6 @@ nothing else is touched. Operating errors go back as error replies.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import struct
@@ -15,9 +14,8 @@ import threading
 from ..errors import InternalError, InvalidArgument, LimitExceeded, MemfabricError, ProtocolError
 from ..transport import wire
 from ..transport.ipc import IpcChannel, PeerClosed, listen
+from .accepting import AcceptLoop
 from .server import Connection, Payload, Server
-
-log = logging.getLogger("memfabric.server")
 
 
 class IpcFront:
@@ -30,27 +28,31 @@ class IpcFront:
         self._sock = listen(path, backlog=min(max_clients, 128), mode=mode, gid=gid)
         self._connections: dict[int, IpcChannel] = {}
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._accept_loop, name="ipc-accept", daemon=True)
+        self._accept = AcceptLoop("IPC", self._sock, self._take,
+                                  lambda accepting: server.door_accepting("ipc", accepting))
 
     def start(self) -> None:
-        self._thread.start()
+        self._accept.start()
 
-    def _accept_loop(self) -> None:
-        while True:
-            try:
-                sock, _ = self._sock.accept()
-            except OSError:
-                return   # listener closed: stopping
-            channel = IpcChannel(sock, self.busy_poll_s)
-            with self._lock:
-                if len(self._connections) >= self.max_clients:
-                    self._refuse(channel)
-                    continue
+    def _take(self, sock: socket.socket) -> None:
+        channel = IpcChannel(sock, self.busy_poll_s)
+        with self._lock:
+            full = len(self._connections) >= self.max_clients
+            if not full:
                 pid, uid = _peer_creds(sock)
-                conn = Connection(peer_pid=pid, client=f"uid {uid}")
+                conn = Connection(peer_pid=pid, client=f"uid {uid}", carries_fds=True)
                 self._connections[conn.id] = channel
+        if full:
+            self._refuse(channel)
+            return
+        try:
             threading.Thread(target=self._serve, args=(conn, channel), name=f"conn-{conn.id}",
                              daemon=True).start()
+        except BaseException:
+            with self._lock:
+                self._connections.pop(conn.id, None)
+            channel.close()
+            raise
 
     def _refuse(self, channel: IpcChannel) -> None:
         try:
@@ -72,20 +74,22 @@ class IpcFront:
                 except (PeerClosed, ConnectionError, OSError):
                     return
                 except ProtocolError as exc:
-                    log.warning("connection %d closed: %s", conn.id, exc)
+                    self.server.limited_log.warning("ipc malformed", "IPC connection %d closed: %s", conn.id, exc)
                     return
                 for fd in fds:   # clients have no reason to send fds
                     os.close(fd)
-                owned_fds = False
+                reply_fds: list[int] = []
+                owned_fds: list[int] = []    # made for this reply: closed once it is sent, or not
                 try:
                     result = self.server.serve(conn, request)
                     if isinstance(result, Payload):
                         raise InvalidArgument(f"{request.get('op')!r} answers with raw bytes: RPC only")
                     if isinstance(result, tuple):
                         reply, reply_fds, *rest = result
-                        owned_fds = bool(rest and rest[0])
+                        if rest and rest[0]:
+                            owned_fds = list(reply_fds)
                     else:
-                        reply, reply_fds = result, []
+                        reply = result
                     reply["id"] = request["id"]
                     gone = self.server.take_gone(conn)
                     if gone:       # segments destroyed since: the client unmaps them
@@ -96,7 +100,8 @@ class IpcFront:
                         exc = LimitExceeded(f"the reply to {request.get('op')!r} is too large: {exc}")
                     data, reply_fds = wire.encode(wire.error_reply(request["id"], exc)), []
                 except Exception as exc:   # a reply we could not encode: a bug; keep serving
-                    log.exception("the reply to %r could not be encoded", request.get("op"))
+                    self.server.limited_log.exception("ipc reply bug", "the reply to %r could not be encoded",
+                                                      request.get("op"))
                     data, reply_fds = wire.encode(wire.error_reply(request["id"], InternalError(
                         f"internal error in {request.get('op')!r}: {exc!r}"))), []
                 try:
@@ -104,9 +109,8 @@ class IpcFront:
                 except (OSError, MemfabricError):
                     return
                 finally:
-                    if owned_fds:
-                        for fd in reply_fds:
-                            os.close(fd)
+                    for fd in owned_fds:
+                        os.close(fd)
         finally:
             with self._lock:
                 self._connections.pop(conn.id, None)
@@ -114,6 +118,7 @@ class IpcFront:
             self.server.disconnected(conn)
 
     def stop(self) -> None:
+        self._accept.stop()
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -130,7 +135,7 @@ class IpcFront:
                 channel.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        self._thread.join(timeout=5)
+        self._accept.join(timeout_s=5)
 
 
 def _peer_creds(sock: socket.socket) -> tuple[int, int]:

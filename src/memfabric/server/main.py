@@ -83,7 +83,10 @@ def run_server(config_path: str) -> int:
     rpc_address = next((s.rpc_address for s in server.view(fresh=True) if s.server_id == server.server_id), "")
     print(f"memfabric server {server.server_id} ready pid={os.getpid()} ipc={cfg.ipc_socket} "
           f"rpc={rpc_address or '-'} pools: {pools}", flush=True)
-    stop.wait()
+    # A timed wait: a SIGTERM the kernel hands to another thread interrupts no wait here, and
+    # its handler runs only once this thread runs Python again (seen: a server that ignored it).
+    while not stop.wait(0.5):
+        pass
     for front in fronts:
         front.stop()
     server.stop()

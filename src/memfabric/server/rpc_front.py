@@ -9,6 +9,7 @@ payload is already on the wire has that payload drained, then gets its error rep
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -17,9 +18,9 @@ import time
 from ..errors import InternalError, LimitExceeded, MemfabricError, ProtocolError
 from ..limits import DEFAULT_REQUEST_TIMEOUT_S as REQUEST_TIMEOUT_S
 from ..transport import rpc, wire
+from .accepting import AcceptLoop
 from .server import Connection, Payload, Server
 
-log = logging.getLogger("memfabric.server")
 # Connections still proving the token, at once. Each handshake ends within HANDSHAKE_TIMEOUT_S;
 # a bound this high means idle strangers need thousands of sockets to crowd out a client.
 MAX_HANDSHAKING = 1024
@@ -37,18 +38,14 @@ class RpcFront:
         self._connections: dict[int, rpc.FrameSocket] = {}
         self._handshaking = 0
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._accept_loop, name="rpc-accept", daemon=True)
+        self._accept = AcceptLoop("RPC", listener, self._take,
+                                  lambda accepting: server.door_accepting("rpc", accepting))
 
     def start(self) -> None:
-        self._thread.start()
+        self._accept.start()
 
-    def _accept_loop(self) -> None:
-        while True:
-            try:
-                sock, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(sock,), name="rpc-conn", daemon=True).start()
+    def _take(self, sock: socket.socket) -> None:
+        threading.Thread(target=self._serve, args=(sock,), name="rpc-conn", daemon=True).start()
 
     def _serve(self, sock: socket.socket) -> None:
         try:
@@ -57,7 +54,6 @@ class RpcFront:
         except OSError:
             sock.close()
             return
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # Strangers cost a bounded number of handshake slots, never a client's slot.
         with self._lock:
             if self._handshaking >= MAX_HANDSHAKING:
@@ -65,6 +61,7 @@ class RpcFront:
                 return
             self._handshaking += 1
         try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._tls is not None:
                 sock.settimeout(rpc.HANDSHAKE_TIMEOUT_S)
                 sock = self._tls.wrap_socket(sock, server_side=True)
@@ -75,7 +72,7 @@ class RpcFront:
                     raise LimitExceeded(f"the server has {self.max_clients} RPC connections, the most it takes")
                 self._connections[conn.id] = frames
         except (OSError, ssl.SSLError, MemfabricError) as exc:
-            log.info("RPC connection refused: %s", exc)
+            self.server.limited_log.info("rpc refused", "RPC connection refused: %s", exc)
             sock.close()
             return
         finally:
@@ -99,7 +96,7 @@ class RpcFront:
             except (OSError, ConnectionError, ValueError):
                 return
             except ProtocolError as exc:
-                log.warning("RPC connection %d closed: %s", conn.id, exc)
+                self.server.limited_log.warning("rpc malformed", "RPC connection %d closed: %s", conn.id, exc)
                 return
             op = request.get("op")
             deadline = time.monotonic() + REQUEST_TIMEOUT_S
@@ -128,7 +125,12 @@ class RpcFront:
                         raise ProtocolError(f"{op!r} carries no payload")
                     result = self.server.serve(conn, request)
                     if isinstance(result, tuple):
-                        raise ProtocolError(f"{op!r} hands over file descriptors: same host only")
+                        # Server.FD_OPS should have refused it before it made any: a bug, but
+                        # not one that may cost an fd.
+                        _close_owned(result)
+                        self.server.limited_log.log(logging.ERROR, "rpc fd reply bug",
+                                                    "%.60r answered with file descriptors over RPC", op)
+                        raise InternalError(f"{op!r} answered with file descriptors over RPC")
                     if isinstance(result, Payload):
                         reply, payload = result.reply, result.data
                     else:
@@ -136,20 +138,26 @@ class RpcFront:
             except MemfabricError as exc:
                 reply, payload = wire.error_reply(request["id"], exc), None
             except (OSError, ConnectionError) as exc:   # the client stalled or went away mid-transfer
-                log.info("RPC connection %d closed during %r: %s", conn.id, op, exc)
+                self.server.limited_log.info("rpc transfer", "RPC connection %d closed during %.60r: %s",
+                                             conn.id, op, exc)
                 return
             except Exception as exc:   # a bug in the transfer path (serve() covers the rest): keep serving
-                log.exception("RPC operation %r failed", op)
+                self.server.limited_log.exception("rpc transfer bug", "RPC operation %.60r failed", op)
                 reply, payload = wire.error_reply(request["id"], InternalError(f"internal error in {op!r}: {exc!r}")), None
             try:
                 if payload_len:
                     frames.discard(payload_len, deadline)   # refused before its payload was read
                 reply["id"] = request["id"]
-                frames.send(reply, payload)
+                try:
+                    frames.send(reply, payload)
+                except ProtocolError as exc:     # too large to send: nothing went out yet
+                    frames.send(wire.error_reply(request["id"], LimitExceeded(
+                        f"the reply to {op!r} is too large: {exc}")))
             except (OSError, ConnectionError, MemfabricError):
                 return
 
     def stop(self) -> None:
+        self._accept.stop()
         try:
             self._listener.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -159,4 +167,12 @@ class RpcFront:
             frames = list(self._connections.values())
         for f in frames:
             f.close()
-        self._thread.join(timeout=5)
+        self._accept.join(timeout_s=5)
+
+
+def _close_owned(result: tuple) -> None:
+    """The fds of a (reply, fds, owned) result, if they were made for the reply."""
+    _, fds, *rest = result
+    if rest and rest[0]:
+        for fd in fds:
+            os.close(fd)

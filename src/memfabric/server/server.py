@@ -40,6 +40,7 @@ from ..limits import (MAX_BATCH_IDS, MAX_EXTENTS_PER_OBJECT, MAX_FDS_PER_MESSAGE
 from ..media.base import SegmentMemory
 from ..config import ServerConfig
 from .audit import audit_pools
+from .log_limit import LimitedLog
 from .sec_ids import SecIdChecker
 from .state import NamespaceState, PoolState
 
@@ -54,10 +55,11 @@ class Connection:
 
     _ids = iter(range(1, 1 << 62))
 
-    def __init__(self, peer_pid: int | None = None, client: str = "") -> None:
+    def __init__(self, peer_pid: int | None = None, client: str = "", carries_fds: bool = False) -> None:
         self.id = next(Connection._ids)
         self.peer_pid = peer_pid
         self.client = client         # who, as the kernel or the transport says: "uid N", "host A"
+        self.carries_fds = carries_fds   # its transport can hand over file descriptors (IPC)
         self.rpc_member = False      # proved the cluster token (RPC): may act as a peer
         self.role = "client"
         # (pool, ns) -> (incarnation, secId) proven on this connection.
@@ -66,11 +68,6 @@ class Connection:
         # next reply tells it, so it unmaps them (they read zeros now) and closes their fds.
         self.segments: set[tuple[str, int]] = set()
         self.gone: list[list] = []
-
-    @property
-    def can_take_fds(self) -> bool:
-        """Same host (IPC): the kernel told us its pid. RPC peers cannot receive fds."""
-        return self.peer_pid is not None
 
 
 Reply = dict[str, Any] | tuple[dict[str, Any], list[int]]
@@ -97,6 +94,9 @@ class Server:
         self._keeper_wake = threading.Event()
         # Connections handed each segment's fd: told when it is destroyed.
         self._segment_holders: dict[tuple[str, int], set[Connection]] = defaultdict(set)
+        self._deaf_since: dict[str, float] = {}    # front door -> when it stopped accepting (monotonic)
+        self._deaf_lock = threading.Lock()
+        self.limited_log = LimitedLog(log)          # for lines clients can cause, by the front doors too
         self.token: bytes | None = None
         self.peer_tls = None
         self.rpc_listener = None
@@ -314,8 +314,34 @@ class Server:
             self.pools.clear()
         self.cluster.close()
 
+    def door_accepting(self, door: str, accepting: bool) -> None:
+        """A front door says whether it can take new connections. While one cannot for longer
+        than a heartbeat interval, this server sends no heartbeats: the cluster sees it dead
+        (it is, to anyone new) rather than alive and serving no one."""
+        with self._deaf_lock:
+            if accepting:
+                self._deaf_since.pop(door, None)
+            else:
+                self._deaf_since.setdefault(door, time.monotonic())
+
+    def _deaf_for_s(self) -> float:
+        with self._deaf_lock:
+            since = min(self._deaf_since.values(), default=None)
+        return 0.0 if since is None else time.monotonic() - since
+
     def _heartbeat_loop(self) -> None:
+        silent = False
         while not self._stopping.wait(self.cfg.heartbeat_interval_s):
+            deaf_s = self._deaf_for_s()
+            if deaf_s > self.cfg.heartbeat_interval_s:
+                if not silent:
+                    log.warning("a front door has not accepted connections for %.1f s: no heartbeats "
+                                "until it does, so the cluster sees this server dead", deaf_s)
+                silent = True
+                continue
+            if silent:
+                log.warning("the front doors accept connections again: heartbeats resume")
+                silent = False
             try:
                 self._publish()
             except Exception as exc:   # keep beating: the cluster service may come back
@@ -353,6 +379,9 @@ class Server:
     # ---- connections ----------------------------------------------------------------------
 
     PEER_OPS = frozenset({"extent_alloc", "extent_free", "ns_drop", "ns_usage", "home_restarted", "objects_alive"})
+    # Operations whose replies hand over file descriptors: refused, before they make or hold
+    # anything, on a connection that cannot carry them (RPC).
+    FD_OPS = frozenset({"ns_open", "segments"})
 
     def dispatch(self, conn: Connection, message: dict[str, Any]) -> Reply:
         op = message.get("op")
@@ -361,6 +390,8 @@ class Server:
             raise InvalidArgument(f"unknown operation {op!r}")
         if op in self.PEER_OPS and conn.role != "peer":
             raise PermissionDenied(f"{op!r} is for servers of this cluster only")
+        if op in self.FD_OPS and not conn.carries_fds:
+            raise InvalidArgument(f"{op!r} hands over file descriptors: same-host (IPC) connections only")
         return handler(conn, message)
 
     def serve(self, conn: Connection, message: dict[str, Any]) -> Reply:
@@ -373,7 +404,8 @@ class Server:
         except MemfabricError:
             raise
         except Exception as exc:
-            log.exception("operation %r failed", message.get("op"))
+            # dispatch() only gets here with a known operation's name: a bounded set of kinds.
+            self.limited_log.exception(f"bug in {message.get('op')}", "operation %r failed", message.get("op"))
             raise InternalError(f"internal error in {message.get('op')!r}: {exc!r}") from None
 
     def disconnected(self, conn: Connection) -> None:
@@ -562,7 +594,6 @@ class Server:
         return answers
 
     def op_ns_open(self, conn: Connection, m: dict[str, Any]) -> Reply:
-        _refuse_fds_over_rpc(conn, "ns_open")
         state, _ = self._namespace(conn, m)
         with self.lock:   # a drop closes gen_fd under this lock; our duplicate is ours to close
             if state.closed:
@@ -574,7 +605,6 @@ class Server:
     def op_segments(self, conn: Connection, m: dict[str, Any]) -> Reply:
         """The fds of segments of a namespace this connection proved the secId of. A segment is
         one namespace's for its whole life, so its fd can never show another's bytes."""
-        _refuse_fds_over_rpc(conn, "segments")
         state, (pool, _, _) = self._namespace(conn, m)
         wanted = m.get("segments")
         if (not isinstance(wanted, list) or not 0 < len(wanted) <= MAX_FDS_PER_MESSAGE
@@ -789,6 +819,7 @@ class Server:
     def op_extent_free(self, conn: Connection, m: dict[str, Any]) -> Reply:
         state, (pool, _, _) = self._namespace(conn, m)
         bm_id = m.get("bm_id")
+        parse_bm_id(bm_id)          # a well-formed id, or INVALID_ARGUMENT
         raw = m.get("extents")
         if not isinstance(raw, list) or len(raw) > MAX_EXTENTS_PER_OBJECT:
             raise InvalidArgument("extents must be a list")
@@ -1155,12 +1186,6 @@ def _describe(record: ObjectRecord, state: NamespaceState) -> dict[str, Any]:
     return {"bm_id": record.bm_id, "size": record.size_bytes, "generation": record.generation,
             "slot": record.slot, "incarnation": state.record.incarnation,
             "extents": [[e.server_id, e.segment, e.offset, e.length] for e in record.extents]}
-
-
-def _refuse_fds_over_rpc(conn: Connection, op: str) -> None:
-    """Checked before any fd is made: an fd that cannot be sent must never exist."""
-    if not conn.can_take_fds:
-        raise InvalidArgument(f"{op!r} hands over file descriptors: same host (IPC) only")
 
 
 def _spares_wanted(allocator: Any) -> dict[int, int]:

@@ -11,7 +11,7 @@ from typing import Any
 import msgpack
 
 from ..errors import MemfabricError, ProtocolError
-from ..limits import MAX_MESSAGE_BYTES
+from ..limits import MAX_ERROR_MESSAGE_CHARS, MAX_MESSAGE_BYTES
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -32,4 +32,9 @@ def decode(data: bytes) -> dict[str, Any]:
 
 
 def error_reply(request_id: int, exc: MemfabricError) -> dict[str, Any]:
-    return {"id": request_id, "error": int(exc.code), "msg": exc.message}
+    # A message quotes the input it refuses, and a quote can be larger than the input (repr of
+    # bytes): cut, it cannot make the reply too large to send, leaving the client no answer.
+    message = exc.message
+    if len(message) > MAX_ERROR_MESSAGE_CHARS:
+        message = f"{message[:MAX_ERROR_MESSAGE_CHARS]}... ({len(message)} characters)"
+    return {"id": request_id, "error": int(exc.code), "msg": message}
