@@ -273,6 +273,41 @@ def test_a_client_keeps_no_generation_table_of_a_namespace_incarnation_gone(fres
         f"after 30 incarnations the client keeps {grown_tables} more tables and {grown_fds} more fds"
 
 
+# ---- file media are never mapped by a server ------------------------------------------------------------------
+
+@pytest.mark.parametrize("medium", ["ramdisk", "pmem"])
+def test_a_truncated_segment_file_does_not_kill_a_peer_server(medium):
+    """A server reads and writes its own file segments through their fds, but a server on the
+    same host reaches a peer's segments through its IPC link, which maps them
+    (ServerLink.segment_view): files included. A client truncates the file of a segment of its
+    own namespace on server 2, then asks server 1 for a gather of that object (no destination:
+    server 1 makes it, server 1 computes): server 1 dies of SIGBUS. Seen: exit status -7, for
+    the price of one namespace."""
+    one = PersistentServer(medium).start()
+    two = PersistentServer(medium, cluster_db=one.cluster_db).start()
+    try:
+        with memfabric.init(one.config) as s:
+            assert s.local.server_id == one.server_id
+            ns = s.create_namespace("trunc", sec_id="k", pool="keep")
+            src = ns.alloc(MiB, Affinity("server", two.server_id))
+            src.write(b"x" * MiB)
+            segment = src._described_extents[0][1]
+            os.ftruncate(s.link(two.server_id).segment_fd(ns.creds, segment), 0)
+            try:
+                ns.gather([(src, 0, MiB)], op=OperatorCode.SUM, dtype="float32")
+            except memfabric.MemfabricError as exc:
+                error = exc
+            else:
+                error = None
+        time.sleep(0.2)
+        assert one.proc.poll() is None, f"server {one.server_id} died (exit status {one.proc.returncode}); " \
+                                        f"the gather got {error!r}"
+        assert isinstance(error, memfabric.IOError_), error
+    finally:
+        two.cleanup()
+        one.cleanup()
+
+
 # ---- restarts ------------------------------------------------------------------------------------------------
 
 def test_a_segment_file_discarded_at_restart_gives_its_memory_back():
