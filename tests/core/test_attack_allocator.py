@@ -109,3 +109,25 @@ def test_a_small_allocation_does_not_walk_the_owners_segments():
         costs[n] = _lines_run(alloc_and_free)
     assert costs[1024] < 3 * costs[4], (f"a 4 KiB alloc+free ran {costs[4]} lines of the allocator in a "
                                         f"namespace of 4 segments, {costs[1024]} in one of 1,024")
+
+
+def test_a_new_segment_from_never_lent_budget_does_not_walk_the_pool():
+    """An allocation that needs a new segment (every namespace's first, and each growth) sums
+    the reclaimable segments of the whole pool (_reclaimable_bytes) before it looks at the
+    budget never lent, and _take_budget builds that list again even when nothing is short.
+    Under the server's lock: 1.3 ms with 1,024 segments in the pool, 13 ms with 8,192 (a
+    32 GiB pool of 4 MiB segments) measured here, for a pool with room to spare. figures()
+    (every heartbeat) and lendable_bytes() walk it the same way (0.7 ms and 5.6 ms)."""
+    top = 16 * PAGE
+    costs = {}
+    for n in (16, 1024):
+        a = SegmentAllocator((n + 64) * top, top, top, page_size_bytes=PAGE, grace_s=0.0)
+        for i in range(n):
+            a.made(a.allocate(f"o{i % 16}", top, 0.0))      # 16 namespaces, all full
+
+        def first_alloc(a=a):
+            a.made(a.allocate("newcomer", PAGE, 1.0))
+
+        costs[n] = _lines_run(first_alloc)
+    assert costs[1024] < 3 * costs[16], (f"a new namespace's first 4 KiB ran {costs[16]} lines of the allocator "
+                                         f"in a pool of 16 segments, {costs[1024]} in one of 1,024")
