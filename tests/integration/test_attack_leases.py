@@ -310,6 +310,51 @@ def test_a_truncated_segment_file_does_not_kill_a_peer_server(medium):
 
 # ---- restarts ------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("change", [('segment_size = "1MiB"', 'segment_size = "512KiB"'),
+                                    ('capacity = "8MiB"', 'capacity = "4MiB"')])
+def test_a_restart_with_a_smaller_setting_never_deletes_persisted_objects(change):
+    """_restore refuses segments larger than the segment size or beyond the capacity
+    ("was the segment size lowered?"), logs it, and goes on: PoolState.open() then unlinks
+    their files and the journal is rewritten without their objects. Seen: lowering
+    segment_size from 1 MiB to 512 KiB deleted all six 1 MiB objects of a pmem pool (the
+    capacity from 8 to 4 MiB, two of them), and setting it back did not bring them back. The
+    server should refuse to start (like a capacity beyond the host) or keep the objects."""
+    srv = PersistentServer("pmem").start()
+    try:
+        with memfabric.init(srv.config) as s:
+            ns = s.create_namespace("keep", sec_id="k", pool="keep")
+            objs = [ns.alloc(MiB) for _ in range(6)]
+            for i, bm in enumerate(objs):
+                bm.write(bytes([i + 1]) * MiB)
+            ids = [bm.bm_id for bm in objs]
+        srv.stop()
+        with open(srv.config) as f:
+            config = f.read()
+        assert change[0] in config
+        with open(srv.config, "w") as f:
+            f.write(config.replace(*change))
+        try:
+            srv.start()               # refusing to start is fine; deleting objects is not
+        except RuntimeError:
+            pass
+        srv.stop()
+        with open(srv.config, "w") as f:
+            f.write(config)
+        srv.start()
+        with memfabric.init(srv.config) as s:
+            ns = s.namespace("keep", sec_id="k", pool="keep")
+            lost = []
+            for i, bm_id in enumerate(ids):
+                try:
+                    if ns.open(bm_id).read() != bytes([i + 1]) * MiB:
+                        lost.append(bm_id)
+                except memfabric.NoSuchObject:
+                    lost.append(bm_id)
+        assert not lost, f"{len(lost)} of {len(ids)} persisted objects are gone after a restart with {change[1]}"
+    finally:
+        srv.cleanup()
+
+
 def test_a_segment_file_discarded_at_restart_gives_its_memory_back():
     """A ramdisk server that crashed left segment files no live object needs; at restart it
     unlinks them (FileMedium.discard) without punching them, so a client that kept their fds
