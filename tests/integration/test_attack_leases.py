@@ -286,7 +286,7 @@ def test_a_truncated_segment_file_does_not_kill_a_peer_server(medium):
             ns = s.create_namespace("trunc", sec_id="k", pool="keep")
             src = ns.alloc(MiB, Affinity("server", two.server_id))
             src.write(b"x" * MiB)
-            segment = src._described_extents[0][1]
+            segment = src._described.raw_extents[0][1]
             os.ftruncate(s.link(two.server_id).segment_fd(ns.creds, segment), 0)
             try:
                 ns.gather([(src, 0, MiB)], op=OperatorCode.SUM, dtype="float32")

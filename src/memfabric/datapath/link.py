@@ -28,6 +28,7 @@ from ..transport import wire
 from ..transport.ipc import IpcChannel, PeerClosed
 from .deadline import call_timeout_s
 from .late_replies import undo_of
+from ..media.files import FileSegment
 from .mapping import SharedRange
 
 log = logging.getLogger("memfabric.link")
@@ -61,6 +62,20 @@ class _Mapped:
         os.close(self.fd)
 
 
+class _FileSegment(FileSegment):
+    """A peer's file segment, as a server reaches it: through the fd, never mapped (a client
+    of that namespace could truncate the file, and a mapping of the lost part would kill this
+    server with SIGBUS). Answers like a layout piece on another host."""
+
+    def __init__(self, fd: int, size: int, ns: str) -> None:
+        super().__init__(-1, fd, size, path="")
+        self.ns = ns
+        self.view = self          # what segment_view() hands out
+
+    def destroy(self) -> None:   # never ours to destroy: a peer's segment
+        self.close()
+
+
 class _Broken(Exception):
     """The stream is broken: the link closes, and the caller gets `error`."""
 
@@ -74,6 +89,7 @@ class ServerLink:
     def __init__(self, ipc_socket: str, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
                  role: str = "client", busy_poll_s: float = BUSY_POLL_US / 1e6) -> None:
         self.ipc_socket = ipc_socket
+        self.role = role             # "peer": a server's own link, which never maps a peer's files
         self.busy_poll_s = busy_poll_s
         self.timeout_s = timeout_s
         self._lock = threading.Lock()          # one request at a time on the channel
@@ -110,6 +126,7 @@ class ServerLink:
         reply, fds = self.call_with_fds(op, **args)
         for fd in fds:
             os.close(fd)
+        self._forget_segments(reply.pop("gone", None))
         return reply
 
     def call_with_fds(self, op: str, **args: Any) -> tuple[dict[str, Any], list[int]]:
@@ -144,8 +161,6 @@ class ServerLink:
             if reply["error"] == BmError.NO_SUCH_NAMESPACE:
                 self.release_namespace(str(args.get("pool")), str(args.get("ns")))
             raise error_from_code(reply["error"], str(reply.get("msg", "")))
-        if "gone" in reply:
-            self._forget_segments(reply.pop("gone"))
         return reply, fds
 
     def _exchange(self, op: str, args: dict[str, Any], timeout_s: float) -> tuple[dict[str, Any], list[int]]:
@@ -284,7 +299,12 @@ class ServerLink:
                     raise ProtocolError(f"ns_open sent {len(fds)} fds, expected 1")
                 mapped = _Mapped(fds[0], reply["table_bytes"], readonly=True, pool=pool, ns=ns)
                 entry = (mapped, mapped.view.cast("Q"))
+                # A newer incarnation means the older ones are destroyed: their tables go (and
+                # read zeros for handles still holding them: NO_SUCH_OBJECT).
+                for key in [k for k in self._gen_tables if k[:2] == (pool, ns)]:
+                    self._gen_tables.pop(key)[0].close()
                 self._gen_tables[(pool, ns, reply["incarnation"])] = entry
+                self._forget_segments(reply.pop("gone", None))
         return entry[1]
 
     def _mapped(self, creds: Creds, segment: int) -> _Mapped:
@@ -322,13 +342,19 @@ class ServerLink:
                     for fd in fds:
                         os.close(fd)
                     raise ProtocolError(f"segments reply without a size for each of its {len(fds)} fds")
-                for segment, fd, size in zip(batch, fds, sizes, strict=True):
-                    self._segments[(pool, segment)] = _Mapped(fd, size, readonly=False, pool=pool, ns=creds[1])
+                mappable = reply.get("mappable") or [True] * len(fds)
+                for segment, fd, size, can_map in zip(batch, fds, sizes, mappable, strict=True):
+                    if can_map or self.role != "peer":
+                        self._segments[(pool, segment)] = _Mapped(fd, size, readonly=False, pool=pool, ns=creds[1])
+                    else:
+                        self._segments[(pool, segment)] = _FileSegment(fd, size, creds[1])
+                # After storing: a segment destroyed since it was handed over is named here.
+                self._forget_segments(reply.pop("gone", None))
 
     def populate(self, creds: Creds, segment: int, offset: int, length: int) -> None:
         """Fault in a range of a segment this link has mapped, before it is written."""
         mapped = self._segments.get((creds[0], segment))
-        if mapped is not None:
+        if isinstance(mapped, _Mapped):
             mapped.range.populate(offset, length)
 
     def map_object(self, pieces: list[tuple[int, int, int]], writable: bool, tag: tuple) -> SharedRange:
@@ -363,10 +389,17 @@ class ServerLink:
             return
         with self._map_lock:
             for item in gone:
-                if isinstance(item, list) and len(item) == 2:
-                    mapped = self._segments.pop((item[0], item[1]), None)
-                    if mapped is not None:
-                        mapped.close()
+                if not (isinstance(item, list) and len(item) == 2):
+                    continue
+                pool, segment = item
+                mapped = self._segments.pop((pool, segment), None)
+                if mapped is not None:
+                    mapped.close()
+                # A user's mapping pins its object, so its segments go only with the namespace.
+                for shared in list(self._ranges):
+                    if shared.tag[0] == pool and shared.tag[2] and segment in shared.tag[2]:
+                        shared.revoke(NoSuchNamespace(f"the namespace {shared.tag[1]!r} of this mapping was "
+                                                      "destroyed: it reads zeros since"))
 
     def _revoke_all(self, reason: Exception | None = None) -> None:
         with self._map_lock:

@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
+import logging
 import os
 import threading
 from typing import Callable
 
-from ..errors import IOError_, OutOfMemory, ServerUnavailable
+from ..errors import IOError_, LimitExceeded, MemfabricError, OutOfMemory, ServerUnavailable
+
+log = logging.getLogger("memfabric.server")
 
 MEDIA = ("dram", "pmem", "ramdisk")
 
@@ -53,6 +57,14 @@ def punch(fd: int, offset: int, length: int) -> None:
     fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
 
 
+def out_of(exc: OSError, what: str) -> MemfabricError:
+    """The error for a failed open or make: out of fds is a limit (it passes), else memory."""
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        return LimitExceeded(f"cannot {what}: this server has all the files open it may ({exc.strerror}); "
+                             "try again later, or raise its fd limit")
+    return OutOfMemory(f"cannot {what}: {exc.strerror}")
+
+
 def allocate_space(fd: int, offset: int, length: int, what: str) -> None:
     try:
         fallocate(fd, 0, offset, length)
@@ -71,6 +83,10 @@ class SegmentMemory:
         self.id = segment_id
         self.fd = fd
         self.size_bytes = size_bytes
+
+    def handout_fd(self) -> int:
+        """An fd of this memory for a client, the caller's to close."""
+        return os.dup(self.fd)
 
     def read(self, at: int, dst: memoryview) -> None:
         raise NotImplementedError
@@ -113,6 +129,8 @@ class Medium:
         self._lock = threading.Condition()
         self._reserve_fd = -1
         self._reserved = 0
+        self._owed = 0               # given back by destroyed segments, not yet in the reserve
+        self._short_logged = False
 
     # ---- the reserve ------------------------------------------------------------------------
 
@@ -144,13 +162,29 @@ class Medium:
 
     def _give(self, size_bytes: int) -> None:
         with self._lock:
+            self._owed += size_bytes
+        self.repay()
+
+    def repay(self) -> bool:
+        """Put back into the reserve what destroyed segments gave up. The machine may have
+        taken that memory meanwhile (fallocate fails): the pool is short of it until then,
+        and the keeper calls this again. True when nothing is owed."""
+        with self._lock:
+            if not self._owed:
+                return True
             try:
-                fallocate(self._reserve_fd, 0, self._reserved, size_bytes)
-            except OSError:
-                # The machine took the memory meanwhile: the pool is smaller until it returns.
-                return
-            self._reserved += size_bytes
+                fallocate(self._reserve_fd, 0, self._reserved, self._owed)
+            except OSError as exc:
+                if not self._short_logged:
+                    log.warning("the %s reserve is %d bytes short (%s): makes of that much wait for it",
+                                self.kind, self._owed, exc.strerror)
+                    self._short_logged = True
+                return False
+            self._reserved += self._owed
+            self._owed = 0
+            self._short_logged = False
             self._lock.notify_all()
+            return True
 
     # ---- segments ---------------------------------------------------------------------------
 

@@ -14,8 +14,8 @@ import os
 
 import numpy as np
 
-from ..errors import NoSuchObject, OutOfMemory
-from .base import Medium, SegmentMemory, allocate_space, punch
+from ..errors import NoSuchObject
+from .base import Medium, SegmentMemory, allocate_space, out_of, punch
 
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
@@ -74,15 +74,18 @@ class DramMedium(Medium):
         return os.memfd_create(f"memfabric-{self.label}-reserve", os.MFD_CLOEXEC)
 
     def _make(self, segment_id: int, size_bytes: int) -> DramSegment:
-        fd = os.memfd_create(f"memfabric-{self.label}-{segment_id}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            fd = os.memfd_create(f"memfabric-{self.label}-{segment_id}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except OSError as exc:
+            raise out_of(exc, f"make DRAM segment {segment_id}") from None
         try:
             os.ftruncate(fd, size_bytes)
             allocate_space(fd, 0, size_bytes, f"DRAM segment {segment_id}")
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
-            return DramSegment(segment_id, fd, size_bytes)
+            return DramSegment(segment_id, fd, size_bytes)     # its mapping dups the fd
         except OSError as exc:
             os.close(fd)
-            raise OutOfMemory(f"cannot make DRAM segment {segment_id}: {exc.strerror}") from None
+            raise out_of(exc, f"make DRAM segment {segment_id}") from None
         except BaseException:
             os.close(fd)
             raise

@@ -20,7 +20,7 @@ import threading
 
 from ..errors import IOError_, OutOfMemory
 from .base import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE, Medium, SegmentMemory, allocate_space,
-                   check_io, fallocate, punch)
+                   check_io, fallocate, out_of, punch)
 
 _SEGMENT_FILE = re.compile(r"segment-(\d{1,20})\.mem")
 _ZEROS = bytes(1 << 20)
@@ -38,6 +38,12 @@ class FileSegment(SegmentMemory):
         if self.fd < 0:
             raise IOError_(f"segment {self.id} was destroyed")
         return self.fd
+
+    def handout_fd(self) -> int:
+        """A file description of its own (not a dup of ours): flags a client sets on it, such
+        as O_APPEND, must not steer the server's own reads and writes."""
+        with self._lock:
+            return os.open(f"/proc/self/fd/{self._open_fd()}", os.O_RDWR | os.O_CLOEXEC)
 
     def read(self, at: int, dst: memoryview) -> None:
         with self._lock:
@@ -114,11 +120,20 @@ class FileMedium(Medium):
         return FileSegment(segment_id, fd, os.fstat(fd).st_size, path)
 
     def discard(self, segment_id: int) -> None:
-        """A segment file no live object needs any more (left by an earlier run)."""
+        """A segment file no live object needs any more (left by an earlier run): punched out
+        first, like any destroyed segment, so a client that kept its fd holds no space."""
+        path = self._path(segment_id)
         try:
-            os.unlink(self._path(segment_id))
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
-            pass
+            return
+        try:
+            punch(fd, 0, os.fstat(fd).st_size)
+        except OSError:
+            pass     # a file system without holes: the space goes with the last fd
+        finally:
+            os.close(fd)
+        os.unlink(path)
 
     def _path(self, segment_id: int) -> str:
         return os.path.join(self.directory, f"segment-{segment_id}.mem")
@@ -138,7 +153,7 @@ class FileMedium(Medium):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise IOError_(f"cannot create {path}: {exc.strerror}") from None
+            raise out_of(exc, f"create {path}") from None
         try:
             allocate_space(fd, 0, size_bytes, f"segment file {path}")
         except OutOfMemory:

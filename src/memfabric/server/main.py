@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import resource
 import signal
 import sys
 import threading
@@ -31,10 +32,20 @@ def make_undumpable() -> None:
         raise OSError(errno, f"prctl(PR_SET_DUMPABLE, 0): {os.strerror(errno)}")
 
 
+def raise_fd_limit() -> None:
+    """Each segment costs the server two fds (its memfd or file, and the mapping's own), each
+    client connection one: the common soft limit of 1,024 would cap a pool at a few hundred
+    small namespaces. Take what the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run_server(config_path: str) -> int:
     # First of all: before any secret is read or any fd of pool memory exists.
     try:
         make_undumpable()
+        raise_fd_limit()
     except OSError as exc:
         print(f"memfabric server: cannot start: {exc}", file=sys.stderr)
         return 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import hmac
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 import logging
 import os
 import threading
@@ -247,8 +247,9 @@ class Server:
                 for seg, mine in by_segment.items():
                     pool.allocator.restore(owner, seg, files[seg], mine)
             except InvalidArgument as exc:
-                log.error("%s of %s/%s not restored: %s", what, pool.name, owner[1], exc)
-                return False
+                # Never drop persisted objects for a setting: refuse to start, change nothing.
+                raise InvalidArgument(f"pool {pool.name}: cannot restore {what} of namespace {owner[1]!r}: {exc}; "
+                                      "nothing was changed") from None
             for seg in by_segment:
                 if seg not in pool.segments:
                     pool.adopt(seg)
@@ -278,6 +279,11 @@ class Server:
                 state.lent_by_object[bm_id] = mine
                 snapshot.append(["held", ns, incarnation, bm_id, extents])
             log.info("restored %d objects of %s/%s from the journal", len(state.table), pool.name, ns)
+        over = pool.allocator.over_capacity_bytes()
+        if over:
+            raise InvalidArgument(f"pool {pool.name}'s files hold {pool.allocator.committed_bytes()} bytes of live "
+                                  f"objects' segments, {over} more than its capacity of {pool.capacity_bytes}: "
+                                  "raise its capacity to start; nothing was changed")
         pool.journal.rewrite(snapshot)
 
     def _log(self, state: NamespaceState, kind: str, *fields: Any) -> None:
@@ -599,7 +605,11 @@ class Server:
             if state.closed:
                 raise NoSuchNamespace(f"namespace {state.record.ns!r} in pool {state.record.pool!r} "
                                       "was destroyed meanwhile")
-            fd = os.dup(state.gen_fd)
+            try:
+                fd = os.dup(state.gen_fd)
+            except OSError as exc:
+                raise LimitExceeded(f"server {self.server_id} cannot open more files ({exc.strerror}); "
+                                    "try again later") from None
         return ({"incarnation": state.record.incarnation, "table_bytes": state.table_bytes}, [fd], True)
 
     def op_segments(self, conn: Connection, m: dict[str, Any]) -> Reply:
@@ -620,12 +630,22 @@ class Server:
                 if owner != state.key:
                     raise PermissionDenied(f"segment {segment} is not lent to namespace {state.record.ns!r}")
             memories = [pool_state.segments[s] for s in wanted]
+            # Fds of their own, ours to close once sent: a concurrent destroy may close the
+            # originals. Out of fds, none is sent and none is kept.
+            fds: list[int] = []
+            try:
+                for mem in memories:
+                    fds.append(mem.handout_fd())
+            except OSError as exc:
+                for fd in fds:
+                    os.close(fd)
+                raise LimitExceeded(f"server {self.server_id} cannot open more files ({exc.strerror}); "
+                                    "try again later") from None
             for segment in wanted:
                 self._segment_holders[(pool, segment)].add(conn)
                 conn.segments.add((pool, segment))
-            # Duplicates, ours to close once sent: a concurrent destroy may close the originals.
-            fds = [os.dup(mem.fd) for mem in memories]
-        return ({"sizes": [mem.size_bytes for mem in memories]}, fds, True)
+        return ({"sizes": [mem.size_bytes for mem in memories],
+                 "mappable": [mem.view is not None for mem in memories]}, fds, True)
 
     def take_gone(self, conn: Connection) -> list[list]:
         """Segments destroyed since this connection was last told (see Connection.gone)."""
@@ -750,7 +770,11 @@ class Server:
                 else:
                     link = self._peer(e.server_id)
                     if link.is_local:
-                        link.segment_view(creds, e.segment)[offset:offset + hi - lo] = bytes(hi - lo)
+                        target = link.segment_view(creds, e.segment)
+                        if type(target) is memoryview:
+                            target[offset:offset + hi - lo] = bytes(hi - lo)
+                        else:        # a peer's file segment, reached through its fd
+                            target.zero(offset, hi - lo)
                     else:
                         RemoteSegment(link, creds, record.bm_id, e.segment).write(offset, memoryview(bytes(hi - lo)))
             position += e.length
@@ -952,7 +976,12 @@ class Server:
                     pool_state.segments[mem.id] = mem
                 allocator.made(allocation)
             self._keeper_wake.set()    # spares may be needed again, or dropped ones to destroy
-        pool_state.zero(allocation.zero)   # our extents: nobody knows of them yet
+        try:
+            pool_state.zero(allocation.zero)   # our extents: nobody knows of them yet
+        except NoSuchObject:
+            if state.closed:                   # destroyed meanwhile, our memory with it
+                raise NoSuchNamespace(f"namespace {state.record.ns!r} was destroyed meanwhile") from None
+            raise
         return allocation.extents
 
     def _destroy_segments(self, pool: PoolState, segment_ids: list[int]) -> None:
@@ -980,10 +1009,11 @@ class Server:
                     return
                 try:
                     self._keep(pool)
-                except MemfabricError as exc:
-                    log.warning("keeping pool %s's segments: %s", pool.name, exc)
+                except Exception as exc:      # out of fds, a bug: log it, try again next round
+                    self.limited_log.warning("keeper", "keeping pool %s's segments: %r", pool.name, exc)
 
     def _keep(self, pool: PoolState) -> None:
+        pool.medium.repay()
         with self.lock:
             retiring = pool.allocator.take_retiring()
         if retiring:
@@ -994,7 +1024,7 @@ class Server:
             return
         try:
             memories = pool.make(planned)
-        except MemfabricError:
+        except BaseException:
             with self.lock:
                 pool.allocator.spares_failed([segment_id for segment_id, _ in planned])
             raise
@@ -1049,17 +1079,28 @@ class Server:
 
     # ---- data operations done here, near the data -------------------------------------------
 
-    def _layout(self, creds: Creds, bm_id: Any, conn: Connection) -> Layout:
+    def _layout(self, pins: ExitStack, creds: Creds, bm_id: Any, conn: Connection,
+                seen: dict[tuple, Layout]) -> Layout:
+        """An object's layout, pinned at its home until `pins` closes: a free meanwhile keeps
+        its extents from reuse, so a server-side copy never lands in (or reads) the object
+        that takes its memory next. Each object is pinned once per operation (`seen`)."""
         home, _, _ = parse_bm_id(bm_id)
+        key = (creds, bm_id)
+        if key in seen:
+            return seen[key]
         m = {"pool": creds[0], "ns": creds[1], "sec": creds[2], "bm_id": bm_id}
         if home == self.server_id:
             state, _ = self._namespace(conn, m)
+            holder = object()
             with self.lock:
-                d = _describe(self._lookup(state, bm_id), state)
+                self._lookup(state, bm_id)
+                d = _describe(state.table.pin(bm_id, holder), state)
+            pins.callback(self._unpin_here, state, creds, bm_id, holder)
             gens = state.words
         else:
             link = self._peer(home)
-            d = link.call("describe", **m)
+            d = link.call("map_pin", **m)
+            pins.callback(self._unpin_there, link, m)
             gens = link.gen_table(creds, d["incarnation"]) if link.is_local else None
 
         def view_of(server_id: int, segment: int) -> memoryview | RemoteSegment | SegmentMemory:
@@ -1074,36 +1115,55 @@ class Server:
                 return peer.segment_view(creds, segment)
             return RemoteSegment(peer, creds, bm_id, segment)
 
-        return described_layout(d, gens, view_of)
+        seen[key] = layout = described_layout(d, gens, view_of)
+        return layout
+
+    def _unpin_here(self, state: NamespaceState, creds: Creds, bm_id: str, holder: object) -> None:
+        with self.lock:
+            try:
+                extents = state.table.unpin(bm_id, holder)
+            except (NoSuchObject, InvalidArgument):
+                return          # its namespace was destroyed meanwhile: nothing is left to give back
+        self._release(state, bm_id, extents, creds)
+
+    def _unpin_there(self, link: Any, m: dict[str, Any]) -> None:
+        try:
+            link.call("map_unpin", **m)
+        except MemfabricError as exc:     # the peer drops our pins when our link to it goes
+            log.info("unpinning %s on server %d: %s", m["bm_id"], link.server_id, exc)
 
     def op_copy(self, conn: Connection, m: dict[str, Any]) -> Reply:
         src_m, dst_m = _object_arg(m, "src"), _object_arg(m, "dst")
-        src = self._layout(self._creds(src_m), src_m.get("bm_id"), conn)
-        dst = self._layout(self._creds(dst_m), dst_m.get("bm_id"), conn)
-        copy_between(src, m.get("src_offset"), dst, m.get("dst_offset"), m.get("length"))
-        src.check_alive()
-        dst.check_alive()
+        with ExitStack() as pins:
+            seen: dict[tuple, Layout] = {}
+            src = self._layout(pins, self._creds(src_m), src_m.get("bm_id"), conn, seen)
+            dst = self._layout(pins, self._creds(dst_m), dst_m.get("bm_id"), conn, seen)
+            copy_between(src, m.get("src_offset"), dst, m.get("dst_offset"), m.get("length"))
+            src.check_alive()
+            dst.check_alive()
         return {}
 
     def op_gather(self, conn: Connection, m: dict[str, Any]) -> Reply:
         op, dtype, inputs = reduce.check_request(m)
-        resolved = self._resolve_inputs(conn, inputs)
-        total = reduce.result_length(op, dtype, resolved)
-        dst_m = _object_arg(m, "dst")
-        if not dst_m.get("bm_id"):
-            made = self.op_alloc(conn, {**dst_m, "size": max(total, 1), "policy": "local"})
-            dst_m = {**dst_m, "bm_id": made["bm_id"]}
-        dst = self._layout(self._creds(dst_m), dst_m.get("bm_id"), conn)
-        check_range(dst.bm_id, dst.size, 0, total)
-        if op == "concat":
-            position = 0
-            for layout, offset, length in resolved:
-                copy_between(layout, offset, dst, position, length)
-                position += length
-        else:
-            acc = self._reduce(op, dtype, [it for it in inputs], resolved, total)
-            write_at(dst, 0, memoryview(acc).cast("B"))
-        dst.check_alive()
+        with ExitStack() as pins:
+            seen: dict[tuple, Layout] = {}
+            resolved = self._resolve_inputs(pins, conn, inputs, seen)
+            total = reduce.result_length(op, dtype, resolved)
+            dst_m = _object_arg(m, "dst")
+            if not dst_m.get("bm_id"):
+                made = self.op_alloc(conn, {**dst_m, "size": max(total, 1), "policy": "local"})
+                dst_m = {**dst_m, "bm_id": made["bm_id"]}
+            dst = self._layout(pins, self._creds(dst_m), dst_m.get("bm_id"), conn, seen)
+            check_range(dst.bm_id, dst.size, 0, total)
+            if op == "concat":
+                position = 0
+                for layout, offset, length in resolved:
+                    copy_between(layout, offset, dst, position, length)
+                    position += length
+            else:
+                acc = self._reduce(op, dtype, [it for it in inputs], resolved, total)
+                write_at(dst, 0, memoryview(acc).cast("B"))
+            dst.check_alive()
         return {"bm_id": dst.bm_id, "size": dst.size, "length": total}
 
     def _reduce(self, op: str, dtype: np.dtype, inputs: list[dict[str, Any]],
@@ -1113,7 +1173,8 @@ class Server:
         here: list[reduce.Input] = []
         by_host: dict[int, list[dict[str, Any]]] = defaultdict(list)
         for item, (layout, offset, n) in zip(inputs, resolved, strict=True):
-            holders = {None if type(t) is memoryview else t.link.server_id for t, _, _, _ in layout.spans(offset, n)}
+            holders = {t.link.server_id if isinstance(t, RemoteSegment) else None
+                       for t, _, _, _ in layout.spans(offset, n)}
             holder = holders.pop() if len(holders) == 1 else None
             if holder is None:
                 here.append((layout, offset, n))
@@ -1138,17 +1199,19 @@ class Server:
     def op_reduce_part(self, conn: Connection, m: dict[str, Any]) -> Reply:
         """A destination server asks us to reduce the inputs we hold; the partial is the payload."""
         op, dtype, inputs = reduce.check_request(m, reduction_only=True)
-        resolved = self._resolve_inputs(conn, inputs)
-        reduce.result_length(op, dtype, resolved)
-        acc = None
-        for item in resolved:
-            acc = reduce.reduce_into(op, acc, reduce.values(item, dtype))
+        with ExitStack() as pins:
+            resolved = self._resolve_inputs(pins, conn, inputs, {})
+            reduce.result_length(op, dtype, resolved)
+            acc = None
+            for item in resolved:
+                acc = reduce.reduce_into(op, acc, reduce.values(item, dtype))
         return Payload({"length": acc.nbytes}, memoryview(acc).cast("B"))
 
-    def _resolve_inputs(self, conn: Connection, inputs: list[dict[str, Any]]) -> list[reduce.Input]:
+    def _resolve_inputs(self, pins: ExitStack, conn: Connection, inputs: list[dict[str, Any]],
+                        seen: dict[tuple, Layout]) -> list[reduce.Input]:
         resolved = []
         for item in inputs:
-            layout = self._layout(self._creds(item), item.get("bm_id"), conn)
+            layout = self._layout(pins, self._creds(item), item.get("bm_id"), conn, seen)
             check_range(layout.bm_id, layout.size, item.get("offset"), item.get("length"))
             resolved.append((layout, item["offset"], item["length"]))
         return resolved

@@ -16,6 +16,7 @@ import os
 from ..core.allocator import Extent, SegmentAllocator
 from ..core.namespaces import NamespaceRecord
 from ..core.objects import Generations, ObjectRecord, ObjectTable
+from ..errors import NoSuchObject
 from ..limits import MAX_OBJECTS_PER_NAMESPACE
 from ..media.base import Medium, SegmentMemory
 from ..media.dram import DramMedium
@@ -82,11 +83,17 @@ class PoolState:
 
     def destroy(self, memories: list[SegmentMemory]) -> None:
         for seg in memories:
-            self.medium.destroy(seg)
+            try:
+                self.medium.destroy(seg)
+            except OSError as exc:     # nothing to retry: the pages go when the fd does
+                log.warning("destroying segment %d of pool %s: %s", seg.id, self.name, exc)
 
     def zero(self, extents: list[Extent]) -> None:
         for e in extents:
-            self.segments[e.segment].zero(e.offset, e.length)
+            seg = self.segments.get(e.segment)
+            if seg is None:      # destroyed under us: its namespace went meanwhile
+                raise NoSuchObject(f"segment {e.segment} of pool {self.name!r} was destroyed")
+            seg.zero(e.offset, e.length)
 
     def summary(self) -> dict:
         return {"medium": self.medium_kind, **self.allocator.figures(),
@@ -137,9 +144,6 @@ class NamespaceState:
         self.closed = True
         for record in self.table.records():
             self.retract(record)
-        self.words.release()
-        try:
-            self._mapping.close()
-        except BufferError:
-            pass
+        # The words stay readable (all zeros now): a server-side copy racing the destroy may
+        # still check them. The mapping goes with the last reference to them.
         os.close(self.gen_fd)
