@@ -193,3 +193,28 @@ def test_a_guessing_client_is_cut_off_and_a_knowing_one_is_not(fresh_fabric):
         # The same uid, but a secId the server proved already: served as ever.
         with memfabric.init(fab.directory) as owner:
             owner.namespace("vault", "the-real-one").alloc(4096).write(b"more")
+
+
+def test_many_connections_with_the_right_sec_id_at_once_are_never_refused(hashes):
+    """A fleet of clients of one uid starting together, each a first check of the same right
+    secId: they wait for one hash, and none is taken for a guesser (the budget counted every
+    check under way as a failure: 16 clients of the load tool got LIMIT_EXCEEDED)."""
+    checker = SecIdChecker(Clock())
+    rec = record(b"right")
+    results: list[object] = []
+    lock = threading.Lock()
+
+    def check() -> None:
+        try:
+            ok = checker.matches(rec, b"right", "uid 0")
+        except Exception as exc:       # noqa: BLE001 (any error is the finding)
+            ok = exc
+        with lock:
+            results.append(ok)
+    threads = [threading.Thread(target=check) for _ in range(4 * SEC_ID_FAILURE_BURST)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == [True] * len(threads)
+    assert hashes["calls"] == 1

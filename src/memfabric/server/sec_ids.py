@@ -8,12 +8,14 @@ and a later connection presenting it is let in after a constant-time compare.
 
 A wrong secId still pays the slow hash, so guessing online stays as slow as offline; the same
 wrong secId again (a misconfigured client retrying) is remembered too and refused at once,
-since it tells a guesser nothing new. And each
-client (as the kernel or the transport names it, never as it claims) may fail only so often:
-SEC_ID_FAILURE_BURST failures, then one more per 1/SEC_ID_FAILURES_PER_S seconds; meanwhile
-its unproven secIds get LIMIT_EXCEEDED without being hashed, so a guesser cannot take the
-server's CPU. (Remembered secIds are never refused: a guesser cannot lock out a client whose
-secId this server already knows.) At most SEC_HASH_CONCURRENCY hashes run at once.
+since it tells a guesser nothing new. Connections presenting the same secId at once (a
+fleet of clients starting) wait for one hash. And each client (as the kernel or the
+transport names it, never as it claims) may fail only so often: SEC_ID_FAILURE_BURST
+failures, then one more per 1/SEC_ID_FAILURES_PER_S seconds; meanwhile its unproven secIds
+get LIMIT_EXCEEDED without being hashed, so a guesser cannot take the server's CPU. Only a
+failure spends from that budget: many right secIds at once never lock a client out (nor do
+remembered ones: a guesser cannot lock out a client whose secId this server already knows).
+At most SEC_HASH_CONCURRENCY hashes run at once.
 """
 
 from __future__ import annotations
@@ -46,35 +48,58 @@ class SecIdChecker:
         self._budgets: OrderedDict[str, tuple[float, float]] = OrderedDict()   # client -> (tokens, at)
         self._refused: OrderedDict[bytes, None] = OrderedDict()
         self._hashing = threading.BoundedSemaphore(SEC_HASH_CONCURRENCY)
+        # (incarnation key, tag) -> set when the one hash of that secId under way is done.
+        self._inflight: dict[tuple[tuple[str, str, int], bytes], threading.Event] = {}
 
     def matches(self, record: NamespaceRecord, sec: bytes, client: str | None) -> bool:
         """Whether `sec` is the namespace's secId. `client` names who asks, for its failure
         budget; None for this cluster's servers, which forward only secIds they checked."""
         tag = self._tag(record, sec)
+        while True:
+            known = self._known(record, tag)
+            if known is not None:
+                return known
+            with self._lock:
+                waiting = self._inflight.get((record.key, tag))
+                if waiting is None:
+                    mine = self._inflight[(record.key, tag)] = threading.Event()
+            if waiting is None:
+                break
+            # Someone is hashing this very secId: its answer is ours.
+            if not waiting.wait(SEC_HASH_WAIT_S):
+                raise Busy("the server is still checking this secId for another connection; try again")
+        try:
+            if client is not None:
+                self._check_budget(client)
+            with self._slot():
+                ok = sec_id_matches(sec, record)
+            if ok:
+                self._remember(record.key, tag)
+            else:
+                if client is not None:
+                    self._charge(client)
+                with self._lock:
+                    self._refused[tag] = None
+                    while len(self._refused) > MAX_REFUSED_REMEMBERED:
+                        self._refused.popitem(last=False)
+            return ok
+        finally:
+            with self._lock:
+                del self._inflight[(record.key, tag)]
+            mine.set()
+
+    def _known(self, record: NamespaceRecord, tag: bytes) -> bool | None:
+        """True: remembered as right; False: remembered as wrong; None: not known yet."""
         with self._lock:
             known = self._remembered.get(record.key)
             if known is not None:
                 self._remembered.move_to_end(record.key)
+            refused = tag in self._refused
+            if refused:
+                self._refused.move_to_end(tag)
         if known is not None and hmac.compare_digest(known, tag):
             return True
-        with self._lock:
-            if tag in self._refused:
-                self._refused.move_to_end(tag)
-                return False
-        if client is not None:
-            self._spend(client)
-        with self._slot():
-            ok = sec_id_matches(sec, record)
-        if ok:
-            self._remember(record.key, tag)
-            if client is not None:
-                self._refund(client)
-        else:
-            with self._lock:
-                self._refused[tag] = None
-                while len(self._refused) > MAX_REFUSED_REMEMBERED:
-                    self._refused.popitem(last=False)
-        return ok
+        return False if refused else None
 
     def hash(self, sec: bytes) -> tuple[str, str]:
         """(salt hex, stored hash) for a new namespace, in one of the bounded slots."""
@@ -105,23 +130,27 @@ class SecIdChecker:
         finally:
             self._hashing.release()
 
-    def _spend(self, client: str) -> None:
-        """Take one try from the client's budget before hashing; given back if it matched."""
-        now = self._clock()
-        with self._lock:
-            tokens, at = self._budgets.pop(client, (float(SEC_ID_FAILURE_BURST), now))
-            tokens = min(float(SEC_ID_FAILURE_BURST), tokens + (now - at) * SEC_ID_FAILURES_PER_S)
-            if tokens < 1.0:
-                self._budgets[client] = (tokens, now)
-                wait_s = (1.0 - tokens) / SEC_ID_FAILURES_PER_S
-                raise LimitExceeded(f"{client} gave too many wrong secIds ({SEC_ID_FAILURE_BURST}, then more than "
-                                    f"{SEC_ID_FAILURES_PER_S:g} a second): the next can be checked in {wait_s:.1f} s")
-            self._budgets[client] = (tokens - 1.0, now)
-            while len(self._budgets) > MAX_CLIENTS_TRACKED:
-                self._budgets.popitem(last=False)
+    def _tokens(self, client: str, now: float) -> float:
+        """The client's failure budget now (under the lock)."""
+        tokens, at = self._budgets.pop(client, (float(SEC_ID_FAILURE_BURST), now))
+        tokens = min(float(SEC_ID_FAILURE_BURST), tokens + (now - at) * SEC_ID_FAILURES_PER_S)
+        self._budgets[client] = (tokens, now)
+        while len(self._budgets) > MAX_CLIENTS_TRACKED:
+            self._budgets.popitem(last=False)
+        return tokens
 
-    def _refund(self, client: str) -> None:
+    def _check_budget(self, client: str) -> None:
+        """Refuse to hash for a client that failed too often lately."""
         with self._lock:
-            if client in self._budgets:
-                tokens, at = self._budgets[client]
-                self._budgets[client] = (min(float(SEC_ID_FAILURE_BURST), tokens + 1.0), at)
+            tokens = self._tokens(client, self._clock())
+        if tokens < 1.0:
+            wait_s = (1.0 - tokens) / SEC_ID_FAILURES_PER_S
+            raise LimitExceeded(f"{client} gave too many wrong secIds ({SEC_ID_FAILURE_BURST}, then more than "
+                                f"{SEC_ID_FAILURES_PER_S:g} a second): the next can be checked in {wait_s:.1f} s")
+
+    def _charge(self, client: str) -> None:
+        """A failure: one token less (the hashes a client may run at once are bounded by the
+        slots, so a burst of wrong guesses overshoots the budget by at most that many)."""
+        with self._lock:
+            now = self._clock()
+            self._budgets[client] = (self._tokens(client, now) - 1.0, now)
