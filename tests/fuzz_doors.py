@@ -38,6 +38,7 @@ import memfabric
 from memfabric.errors import BmError, MemfabricError
 from memfabric.launcher import LocalFabric
 from memfabric.limits import MAX_FDS_PER_MESSAGE, MAX_MESSAGE_BYTES
+from memfabric.bigmemory.service import BigMemoryService
 from memfabric.server.server import Server
 from memfabric.transport import rpc
 
@@ -46,7 +47,8 @@ CHECK_EVERY = 250               # messages between two checks that a normal clie
 REFRESH_EVERY = 1500            # messages between two fresh targets (the fuzz eats memory)
 RECONNECT_TRIES = 10            # a second apart
 RPC_ONLY_OPS = ("seg_read", "seg_write")
-SERVER_OPS = sorted(name[3:] for name in dir(Server) if name.startswith("op_"))
+# Every operation the server dispatches: its own and each semantic's.
+SERVER_OPS = sorted({name[3:] for cls in (Server, BigMemoryService) for name in dir(cls) if name.startswith("op_")})
 
 # ---- values ------------------------------------------------------------------------------------------
 

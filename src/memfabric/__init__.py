@@ -8,7 +8,7 @@
         assert bm.read(0, 5) == b"hello"
 """
 
-from .client.bigmemory import BigMemory, Mapping
+from .bigmemory.client import BigMemory, Mapping
 from .client.session import Namespace, Session, init
 from .client.types import Affinity, NamespaceInfo, OperatorCode
 from .errors import (AlreadyInitialized, BmError, Busy, InvalidArgument, IOError_, LimitExceeded,

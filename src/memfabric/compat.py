@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .client.bigmemory import BigMemory, Mapping
+from .bigmemory.client import BigMemory, Mapping
 from .client.session import Namespace, Session
 from .client.types import Affinity, OperatorCode
 from .errors import (AlreadyInitialized, BmError, InvalidArgument, MemfabricError, NotInitialized)

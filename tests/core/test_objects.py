@@ -1,4 +1,4 @@
-"""Property tests for memfabric.core.objects: the object table and bm_id parsing."""
+"""Property tests for memfabric.bigmemory.objects: the object table and bm_id parsing."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from hypothesis.stateful import (
 )
 
 from memfabric import errors
-from memfabric.core.objects import Generations, ObjectTable, Placement, format_bm_id, parse_bm_id
+from memfabric.bigmemory.objects import Generations, ObjectTable, Placement, format_bm_id, parse_bm_id
 from memfabric.limits import MAX_EXTENTS_PER_OBJECT
 
 SERVER = 7

@@ -1,4 +1,4 @@
-"""Property tests for memfabric.core.placement.plan."""
+"""Property tests for memfabric.bigmemory.placement.plan."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from memfabric import errors
 from memfabric.core.allocator import round_up
-from memfabric.core.placement import POLICIES, plan
+from memfabric.bigmemory.placement import POLICIES, plan
 
 SETTINGS = settings(max_examples=300, deadline=None)
 

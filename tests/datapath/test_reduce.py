@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from memfabric.datapath.reduce import check_dtype, check_request
+from memfabric.bigmemory.reduce import check_dtype, check_request
 from memfabric.errors import InvalidArgument
 
 ACCEPTED = {"uint8": np.uint8, "int32": np.int32, "float32": np.float32, "float64": np.float64,

@@ -150,7 +150,7 @@ INTERRUPTED_WRITE = r"""
 import os, signal, sys
 import numpy as np
 import memfabric
-from memfabric.client import bigmemory
+from memfabric.bigmemory import client as bigmemory
 
 path, ns_name, bm_id, after_chunks = sys.argv[1:5]
 session = memfabric.init(path)

@@ -15,7 +15,7 @@ import weakref
 from typing import Any, Iterable
 
 from ..core.namespaces import check_attribute, check_name, check_sec_id
-from ..core.objects import parse_bm_id
+from ..bigmemory.objects import parse_bm_id
 from ..datapath.connect import connect_to
 from ..datapath.link import Creds, ServerLink
 from ..datapath.rpc_link import RpcLink
@@ -23,7 +23,7 @@ from ..transport import rpc
 from ..errors import InvalidArgument, MemfabricError, NotInitialized, ServerUnavailable
 from ..limits import BUSY_POLL_US, DEFAULT_REQUEST_TIMEOUT_S, MAX_REQUEST_TIMEOUT_S
 from ..config import ConfigError, check_busy_poll_us, load_fabric_config
-from .bigmemory import BigMemory
+from ..bigmemory.client import BigMemory
 from .types import Affinity, NamespaceInfo, OperatorCode
 
 

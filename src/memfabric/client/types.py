@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 
-from ..core.placement import POLICIES
+from ..bigmemory.placement import POLICIES
 from ..errors import InvalidArgument
 
 

@@ -74,7 +74,7 @@ def allocate_space(fd: int, offset: int, length: int, what: str) -> None:
 
 class SegmentMemory:
     """One segment's memory as the server reaches it. Besides read/write/zero, it answers
-    submit_read/submit_write like datapath.layout.RemoteSegment, so server-side layouts treat
+    submit_read/submit_write like bigmemory.layout.RemoteSegment, so server-side layouts treat
     a piece they cannot map like a piece on another host."""
 
     view: memoryview | None = None     # set when the server may touch the memory directly

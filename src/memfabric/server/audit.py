@@ -23,15 +23,15 @@ def _local_bytes(extents: Any, server_id: int) -> int:
 
 def namespace_usage(state: NamespaceState, server_id: int) -> dict[str, int]:
     """The bytes of this server's memory a namespace's records account for, by kind."""
-    table = state.table
+    table = state.objects.table
     # The table keeps no public list of its pinned-dead records; reading its own field
     # keeps this audit out of the object table's code.
     pinned_dead = table._pinned_dead.values()
     return {
         "object_bytes": sum(_local_bytes(r.extents, server_id) for r in table.records()),
         "pinned_dead_bytes": sum(_local_bytes(r.extents, server_id) for r in pinned_dead),
-        "held_bytes": sum(e.length for extents in state.lent_by_object.values() for e in extents),
-        "deferred_bytes": sum(e.length for extents in state.deferred.values() for e in extents),
+        "held_bytes": sum(e.length for extents in state.objects.lent_by_object.values() for e in extents),
+        "deferred_bytes": sum(e.length for extents in state.objects.deferred.values() for e in extents),
     }
 
 

@@ -15,7 +15,8 @@ from ..errors import InternalError, InvalidArgument, LimitExceeded, MemfabricErr
 from ..transport import wire
 from ..transport.ipc import IpcChannel, PeerClosed, listen
 from .accepting import AcceptLoop
-from .server import Connection, Payload, Server
+from .requests import Connection, Payload
+from .server import Server
 
 
 class IpcFront:

@@ -19,7 +19,8 @@ from ..errors import InternalError, LimitExceeded, MemfabricError, ProtocolError
 from ..limits import DEFAULT_REQUEST_TIMEOUT_S as REQUEST_TIMEOUT_S
 from ..transport import rpc, wire
 from .accepting import AcceptLoop
-from .server import Connection, Payload, Server
+from .requests import Connection, Payload
+from .server import Server
 
 # Connections still proving the token, at once. Each handshake ends within HANDSHAKE_TIMEOUT_S;
 # a bound this high means idle strangers need thousands of sockets to crowd out a client.
@@ -105,7 +106,7 @@ class RpcFront:
                 if op in ("seg_write", "seg_read"):
                     # The span is held for the transfer: a concurrent free or destroy cannot
                     # hand these bytes to anyone else until it is done.
-                    with self.server.span(conn, request, writing=op == "seg_write") as target:
+                    with self.server.bigmemory.span(conn, request, writing=op == "seg_write") as target:
                         if op == "seg_write":
                             if payload_len != len(target):
                                 raise ProtocolError(f"seg_write of {len(target)} bytes carried {payload_len}")

@@ -1,32 +1,23 @@
-"""A server's memory: its pools (medium, allocator, segments) and its namespaces' object tables.
-
-Each namespace on its home server has a generation table in a sealed memfd: two words per
-slot, [generation, size]. The server writes it; clients map it read-only and check it
-around every copy, so a freed handle fails on the client without asking the server.
-"""
+"""A server's memory: its pools (medium, allocator, segments) and its namespaces (what each
+semantic keeps of one here)."""
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import threading
-import mmap
 import os
+import threading
 
 from ..core.allocator import Extent, SegmentAllocator
 from ..core.namespaces import NamespaceRecord
-from ..core.objects import Generations, ObjectRecord, ObjectTable
+from ..bigmemory.objects import Generations
+from ..bigmemory.space import ObjectSpace
 from ..errors import NoSuchObject
-from ..limits import MAX_OBJECTS_PER_NAMESPACE
 from ..media.base import Medium, SegmentMemory
 from ..media.dram import DramMedium
 from ..media.files import FileMedium
 from ..config import PoolConfig
-from .journal import Journal
 
 log = logging.getLogger("memfabric.server")
-F_SEAL_FUTURE_WRITE = 0x0010   # Linux >= 5.1: no new writable mappings, ours stays writable
-WORDS_PER_SLOT = 2
 
 
 class PoolState:
@@ -41,9 +32,9 @@ class PoolState:
         self.name = cfg.name
         self.medium_kind = cfg.medium
         self.capacity_bytes = cfg.capacity_bytes
-        # Persistent media keep a journal of their objects next to their files.
-        self.journal = None if cfg.medium == "dram" else Journal(cfg.path or "")
-        if cfg.medium != "dram":
+        self.path = cfg.path
+        self.persistent = cfg.medium != "dram"    # its segments are files that outlive the server
+        if self.persistent:
             os.makedirs(cfg.path or "", mode=0o700, exist_ok=True)
         self.medium: Medium = (DramMedium(f"{label}-{cfg.name}") if cfg.medium == "dram"
                                else FileMedium(cfg.medium, cfg.path or ""))
@@ -104,46 +95,17 @@ class PoolState:
             seg.close()     # file segments' objects outlive us (the journal says which)
         self.segments.clear()
         self.medium.close()
-        if self.journal is not None:
-            self.journal.close()
 
 
 class NamespaceState:
+    """One namespace incarnation on this server: what each semantic keeps of it here."""
+
     def __init__(self, record: NamespaceRecord, server_id: int, label: str, generations: Generations) -> None:
         self.record = record
         self.key = record.key
-        self.closed = False       # dropped: its generation table is gone, nothing may be added
-        self.table = ObjectTable(server_id, MAX_OBJECTS_PER_NAMESPACE, generations)
-        # Extents this server holds for objects homed on other servers, by object id: a remote
-        # read or write must name the object whose bytes it touches.
-        self.lent_by_object: dict[str, list[Extent]] = {}
-        self.expand_lock = threading.Lock()   # one expand at a time: each sizes what it adds
-        # Objects with an RPC transfer under way, and extents whose return waits for it.
-        self.busy: dict[str, int] = {}
-        self.deferred: dict[str, list[Extent]] = {}
-        self.table_bytes = MAX_OBJECTS_PER_NAMESPACE * WORDS_PER_SLOT * 8
-        self.gen_fd = os.memfd_create(f"memfabric-{label}-gens-{record.ns}",
-                                      os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        os.ftruncate(self.gen_fd, self.table_bytes)
-        self._mapping = mmap.mmap(self.gen_fd, self.table_bytes, flags=mmap.MAP_SHARED)
-        fcntl.fcntl(self.gen_fd, fcntl.F_ADD_SEALS,
-                    fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL)
-        self.words = memoryview(self._mapping).cast("Q")
-
-    def publish(self, record: ObjectRecord) -> None:
-        i = WORDS_PER_SLOT * record.slot
-        self.words[i + 1] = record.size_bytes
-        self.words[i] = record.generation
-
-    def retract(self, record: ObjectRecord) -> None:
-        i = WORDS_PER_SLOT * record.slot
-        self.words[i] = 0
-        self.words[i + 1] = 0
+        self.closed = False       # dropped: nothing may be added to it any more
+        self.objects = ObjectSpace(server_id, label, record.ns, generations)    # BigMemory
 
     def close(self) -> None:
         self.closed = True
-        for record in self.table.records():
-            self.retract(record)
-        # The words stay readable (all zeros now): a server-side copy racing the destroy may
-        # still check them. The mapping goes with the last reference to them.
-        os.close(self.gen_fd)
+        self.objects.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from ..errors import InvalidArgument, OutOfMemory, ServerUnavailable
-from .allocator import round_up
+from ..core.allocator import round_up
 
 POLICIES = ("local", "server", "spread")
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..datapath.layout import (Layout, RemoteSegment, as_bytes_view, described_layout, check_range,
+from .layout import (Layout, RemoteSegment, as_bytes_view, described_layout, check_range,
                                read_bytes, read_into, write_at)
 from ..core.allocator import round_up
 from ..limits import PAGE_SIZE_BYTES

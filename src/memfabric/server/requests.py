@@ -1,0 +1,35 @@
+"""What a request meets at the server: the connection it came on, and the shapes of replies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Connection:
+    """What the server remembers about one connected client or peer."""
+
+    _ids = iter(range(1, 1 << 62))
+
+    def __init__(self, peer_pid: int | None = None, client: str = "", carries_fds: bool = False) -> None:
+        self.id = next(Connection._ids)
+        self.peer_pid = peer_pid
+        self.client = client         # who, as the kernel or the transport says: "uid N", "host A"
+        self.carries_fds = carries_fds   # its transport can hand over file descriptors (IPC)
+        self.rpc_member = False      # proved the cluster token (RPC): may act as a peer
+        self.role = "client"
+        # (pool, ns) -> (incarnation, secId) proven on this connection.
+        self.verified: dict[tuple[str, str], tuple[int, bytes]] = {}
+        # Segments whose fds this client was handed, and those of them destroyed since: the
+        # next reply tells it, so it unmaps them (they read zeros now) and closes their fds.
+        self.segments: set[tuple[str, int]] = set()
+        self.gone: list[list] = []
+
+
+Reply = dict[str, Any] | tuple[dict[str, Any], list[int]]
+
+
+class Payload:
+    """A reply with raw bytes after it (RPC only: IPC peers read each other's memory)."""
+
+    def __init__(self, reply: dict[str, Any], data: memoryview) -> None:
+        self.reply, self.data = reply, data
