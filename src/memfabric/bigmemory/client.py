@@ -11,7 +11,7 @@ from __future__ import annotations
 import mmap
 import os
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
@@ -19,7 +19,10 @@ from .layout import (Layout, RemoteSegment, as_bytes_view, described_layout, che
                                read_bytes, read_into, write_at)
 from ..core.allocator import round_up
 from ..limits import PAGE_SIZE_BYTES
-from ..errors import Busy, InvalidArgument, IOError_, NoSuchNamespace, NoSuchObject, NotInitialized, OutOfRange
+from ..client.types import Affinity, OperatorCode
+from ..errors import (Busy, InvalidArgument, IOError_, MemfabricError, NoSuchNamespace, NoSuchObject, NotInitialized,
+                      OutOfRange)
+from .objects import parse_bm_id
 
 # Copies larger than this go in chunks, with the object's generation checked in between.
 CHUNK_BYTES = 4 << 20
@@ -419,3 +422,79 @@ def _unpin(bm: BigMemory) -> None:
         bm._call("map_unpin")
     except (NoSuchObject, NoSuchNamespace):
         pass   # the namespace went first: the pin went with it
+
+
+class NamespaceObjects:
+    """BigMemory's part of a client's Namespace: allocating, opening, freeing and gathering
+    objects. Mixed into client.session.Namespace, which gives it `session`, `creds` and
+    `wire_creds`."""
+
+    session: Any
+    creds: tuple[str, str, bytes]
+    wire_creds: dict[str, Any]
+
+    def alloc(self, size: int, affinity: Affinity | None = None) -> BigMemory:
+        affinity = affinity or Affinity()
+        link = self.session.home()
+        if affinity.policy == "server":
+            link = self.session.link(affinity.server_id)   # its home is where its bytes are
+        d = link.call("alloc", **self.wire_creds, size=size, policy=affinity.policy,
+                      server_id=affinity.server_id)
+        bm = self._handle(d)
+        bm.populate()          # a new object is about to be written
+        return bm
+
+    def open(self, bm_id: str) -> BigMemory:
+        """A handle on an object another client made (same namespace, same secId)."""
+        cached = self.session.cached_handle(bm_id)
+        if cached is not None and cached.namespace.creds == self.creds:
+            return cached
+        home = self.session.link_for_object(bm_id)
+        return self._handle(home.call("describe", **self.wire_creds, bm_id=bm_id))
+
+    def _handle(self, described: dict[str, Any]) -> BigMemory:
+        bm = BigMemory(self, described)
+        self.session.remember(bm)
+        return bm
+
+    def batch_free(self, bm_ids: Iterable[str]) -> list[int]:
+        """Free many objects; one result code per id (0 = freed), grouped by home server."""
+        self.session.check_open()
+        ids = list(bm_ids)
+        results = [0] * len(ids)
+        by_home: dict[int, list[int]] = {}
+        for i, bm_id in enumerate(ids):
+            try:
+                by_home.setdefault(parse_bm_id(bm_id)[0], []).append(i)
+            except MemfabricError as exc:
+                results[i] = int(exc.code)
+        for home, positions in by_home.items():
+            try:
+                codes = self.session.link(home).call(
+                    "batch_free", **self.wire_creds, bm_ids=[ids[i] for i in positions])["results"]
+            except MemfabricError as exc:
+                codes = [int(exc.code)] * len(positions)
+            for i, code in zip(positions, codes):
+                results[i] = code
+                if code == 0:
+                    self.session.forget(ids[i])
+        return results
+
+    def gather(self, inputs: list[tuple[BigMemory, int, int]], op: OperatorCode = OperatorCode.CONCAT,
+               dst: BigMemory | None = None, dtype: str = "uint8") -> tuple[BigMemory, int]:
+        """Concatenate or reduce (object, offset, length) inputs into `dst`, or a new object here.
+
+        A reduction's `dtype` is a string naming an integer or float type of at most 8 bytes, as
+        numpy spells it ("float32", "<i8", "u2"); anything else is INVALID_ARGUMENT.
+        Returns (the destination, the result's length in bytes).
+        """
+        wire_inputs = [{**bm.namespace.wire_creds, "bm_id": bm.bm_id, "offset": offset, "length": length}
+                       for bm, offset, length in inputs]
+        link = dst.home_link() if dst is not None else self.session.home()
+        target = {**(dst.namespace.wire_creds if dst else self.wire_creds), "bm_id": dst.bm_id if dst else ""}
+        reply = link.call("gather", inputs=wire_inputs, operator=OperatorCode(op).name.lower(),
+                          dtype=dtype, dst=target)
+        result = dst if dst is not None else self.open(reply["bm_id"])
+        if dst is not None and reply["size"] != dst.size:
+            dst.refresh()
+        return result, reply["length"]

@@ -12,7 +12,7 @@ import numbers
 import resource
 import threading
 import weakref
-from typing import Any, Iterable
+from typing import Any
 
 from ..core.namespaces import check_attribute, check_name, check_sec_id
 from ..bigmemory.objects import parse_bm_id
@@ -23,8 +23,8 @@ from ..transport import rpc
 from ..errors import InvalidArgument, MemfabricError, NotInitialized, ServerUnavailable
 from ..limits import BUSY_POLL_US, DEFAULT_REQUEST_TIMEOUT_S, MAX_REQUEST_TIMEOUT_S
 from ..config import ConfigError, check_busy_poll_us, load_fabric_config
-from ..bigmemory.client import BigMemory
-from .types import Affinity, NamespaceInfo, OperatorCode
+from ..bigmemory.client import BigMemory, NamespaceObjects
+from .types import NamespaceInfo
 
 
 def _raise_fd_limit() -> None:
@@ -215,8 +215,9 @@ class Session:
         self.close()
 
 
-class Namespace:
-    """(pool, ns) with its secId: where objects are allocated and opened."""
+class Namespace(NamespaceObjects):
+    """(pool, ns) with its secId: where every semantic's data lives (BigMemory objects:
+    bigmemory/client.py's NamespaceObjects)."""
 
     def __init__(self, session: Session, pool: str, ns: str, sec_id: str | bytes) -> None:
         self.session = session
@@ -231,72 +232,6 @@ class Namespace:
 
     def same_secret(self, sec_id: str | bytes) -> bool:
         return hmac.compare_digest(self.sec_id, check_sec_id(sec_id))
-
-    def alloc(self, size: int, affinity: Affinity | None = None) -> BigMemory:
-        affinity = affinity or Affinity()
-        link = self.session.home()
-        if affinity.policy == "server":
-            link = self.session.link(affinity.server_id)   # its home is where its bytes are
-        d = link.call("alloc", **self.wire_creds, size=size, policy=affinity.policy,
-                      server_id=affinity.server_id)
-        bm = self._handle(d)
-        bm.populate()          # a new object is about to be written
-        return bm
-
-    def open(self, bm_id: str) -> BigMemory:
-        """A handle on an object another client made (same namespace, same secId)."""
-        cached = self.session.cached_handle(bm_id)
-        if cached is not None and cached.namespace.creds == self.creds:
-            return cached
-        home = self.session.link_for_object(bm_id)
-        return self._handle(home.call("describe", **self.wire_creds, bm_id=bm_id))
-
-    def _handle(self, described: dict[str, Any]) -> BigMemory:
-        bm = BigMemory(self, described)
-        self.session.remember(bm)
-        return bm
-
-    def batch_free(self, bm_ids: Iterable[str]) -> list[int]:
-        """Free many objects; one result code per id (0 = freed), grouped by home server."""
-        self.session.check_open()
-        ids = list(bm_ids)
-        results = [0] * len(ids)
-        by_home: dict[int, list[int]] = {}
-        for i, bm_id in enumerate(ids):
-            try:
-                by_home.setdefault(parse_bm_id(bm_id)[0], []).append(i)
-            except MemfabricError as exc:
-                results[i] = int(exc.code)
-        for home, positions in by_home.items():
-            try:
-                codes = self.session.link(home).call(
-                    "batch_free", **self.wire_creds, bm_ids=[ids[i] for i in positions])["results"]
-            except MemfabricError as exc:
-                codes = [int(exc.code)] * len(positions)
-            for i, code in zip(positions, codes):
-                results[i] = code
-                if code == 0:
-                    self.session.forget(ids[i])
-        return results
-
-    def gather(self, inputs: list[tuple[BigMemory, int, int]], op: OperatorCode = OperatorCode.CONCAT,
-               dst: BigMemory | None = None, dtype: str = "uint8") -> tuple[BigMemory, int]:
-        """Concatenate or reduce (object, offset, length) inputs into `dst`, or a new object here.
-
-        A reduction's `dtype` is a string naming an integer or float type of at most 8 bytes, as
-        numpy spells it ("float32", "<i8", "u2"); anything else is INVALID_ARGUMENT.
-        Returns (the destination, the result's length in bytes).
-        """
-        wire_inputs = [{**bm.namespace.wire_creds, "bm_id": bm.bm_id, "offset": offset, "length": length}
-                       for bm, offset, length in inputs]
-        link = dst.home_link() if dst is not None else self.session.home()
-        target = {**(dst.namespace.wire_creds if dst else self.wire_creds), "bm_id": dst.bm_id if dst else ""}
-        reply = link.call("gather", inputs=wire_inputs, operator=OperatorCode(op).name.lower(),
-                          dtype=dtype, dst=target)
-        result = dst if dst is not None else self.open(reply["bm_id"])
-        if dst is not None and reply["size"] != dst.size:
-            dst.refresh()
-        return result, reply["length"]
 
     def destroy(self) -> None:
         """Destroy the namespace and every object in it, on every server."""
