@@ -1,0 +1,149 @@
+"""Where a namespace's KV records live on one server: a slab heap over pages of its segments.
+Pure: no I/O, no clock.
+
+A record is a key and its value (or a key and the table of extents a large value lies in).
+Records are small and many, and the pool lends memory in 4 KiB pages, so records share pages:
+each page (PAGE_BYTES, taken from the namespace's segments by the server) serves one size
+class, and a record takes the smallest class that fits it (memcached's slabs: classes a
+quarter apart, so at most a fifth of a record's chunk is slack). Freed records rest for
+`grace_s` before reuse, as BigMemory's extents do, so a reader that raced a delete sees the
+slot's sequence change before it could see another key's bytes where this record was. A
+page whose records are all free again goes back to the pool.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass
+
+from ..errors import InvalidArgument
+
+PAGE_BYTES = 64 << 10
+MIN_CHUNK_BYTES = 64
+GROWTH = 1.25
+
+
+def _classes() -> list[int]:
+    sizes = [MIN_CHUNK_BYTES]
+    while sizes[-1] < PAGE_BYTES:
+        nxt = min(PAGE_BYTES, max(sizes[-1] + 8, int(sizes[-1] * GROWTH) // 8 * 8))
+        sizes.append(nxt)
+    return sizes
+
+
+CLASSES = _classes()             # chunk sizes, bytes; the last is a whole page
+MAX_RECORD_BYTES = CLASSES[-1]
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    segment: int
+    offset: int
+    size: int                    # the class's chunk size
+
+
+class _Page:
+    __slots__ = ("segment", "offset", "cls", "free", "used", "resting", "carved", "listed")
+
+    def __init__(self, segment: int, offset: int, cls: int) -> None:
+        self.segment, self.offset, self.cls = segment, offset, cls
+        self.free: list[int] = []          # offsets of free chunks (reusable now)
+        self.used = 0                      # chunks holding records
+        self.resting = 0                   # chunks freed, within the grace
+        self.carved = 0                    # chunks ever carved (the rest of the page is untouched)
+        self.listed = True                 # in its class's list of pages with room
+
+
+class RecordHeap:
+    def __init__(self, grace_s: float) -> None:
+        self.grace_s = grace_s
+        self._pages: dict[tuple[int, int], _Page] = {}       # (segment, offset) -> page
+        self._starts: dict[int, list[int]] = {}               # segment -> its pages' offsets, sorted
+        self._with_room: list[list[_Page]] = [[] for _ in CLASSES]
+        self._resting: deque[tuple[float, Chunk]] = deque()
+        self.record_bytes = 0                                 # chunks holding records
+        self.page_count = 0
+
+    @staticmethod
+    def class_of(size: int) -> int:
+        if not 0 < size <= MAX_RECORD_BYTES:
+            raise InvalidArgument(f"a record of {size} bytes; records are 1 to {MAX_RECORD_BYTES} bytes")
+        return bisect.bisect_left(CLASSES, size)
+
+    def allocate(self, size: int, now_s: float) -> Chunk | None:
+        """A chunk for a record of `size` bytes, or None: give the heap a page (add_page) first."""
+        cls = self.class_of(size)
+        self._mature(now_s)
+        pages = self._with_room[cls]
+        chunk_bytes = CLASSES[cls]
+        while pages:
+            page = pages[-1]
+            if page.free:
+                offset = page.free.pop()
+            elif (page.carved + 1) * chunk_bytes <= PAGE_BYTES:
+                offset = page.offset + page.carved * chunk_bytes
+                page.carved += 1
+            else:
+                pages.pop()
+                page.listed = False
+                continue
+            page.used += 1
+            self.record_bytes += chunk_bytes
+            return Chunk(page.segment, offset, chunk_bytes)
+        return None
+
+    def add_page(self, segment: int, offset: int, size: int) -> None:
+        """A page (PAGE_BYTES of the namespace's memory at segment, offset) for records of `size`
+        bytes."""
+        key = (segment, offset)
+        assert key not in self._pages, f"page {key} given twice"
+        page = _Page(segment, offset, self.class_of(size))
+        self._pages[key] = page
+        bisect.insort(self._starts.setdefault(segment, []), offset)
+        self._with_room[page.cls].append(page)
+        self.page_count += 1
+
+    def free(self, chunk: Chunk, now_s: float) -> None:
+        """A record is gone: its chunk rests, then serves again."""
+        page = self._page_of(chunk)
+        page.used -= 1
+        page.resting += 1
+        self.record_bytes -= chunk.size
+        self._resting.append((now_s + self.grace_s, chunk))
+
+    def empty_pages(self, now_s: float) -> list[tuple[int, int]]:
+        """Pages with no record, resting or live: (segment, offset) each, forgotten here, for
+        the server to give back to the pool."""
+        self._mature(now_s)
+        empty = [key for key, page in self._pages.items() if page.used == 0 and page.resting == 0]
+        for segment, offset in empty:
+            page = self._pages.pop((segment, offset))
+            starts = self._starts[segment]
+            del starts[bisect.bisect_left(starts, offset)]
+            if not starts:
+                del self._starts[segment]
+            if page.listed:
+                self._with_room[page.cls].remove(page)
+            self.page_count -= 1
+        return empty
+
+    def page_bytes(self) -> int:
+        return self.page_count * PAGE_BYTES
+
+    def _page_of(self, chunk: Chunk) -> _Page:
+        starts = self._starts[chunk.segment]
+        offset = starts[bisect.bisect_right(starts, chunk.offset) - 1]
+        page = self._pages[(chunk.segment, offset)]
+        assert offset <= chunk.offset < offset + PAGE_BYTES, f"chunk {chunk} of no page"
+        return page
+
+    def _mature(self, now_s: float) -> None:
+        while self._resting and self._resting[0][0] <= now_s:
+            _, chunk = self._resting.popleft()
+            page = self._page_of(chunk)
+            page.resting -= 1
+            page.free.append(chunk.offset)
+            if not page.listed:
+                self._with_room[page.cls].append(page)
+                page.listed = True

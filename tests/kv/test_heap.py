@@ -1,0 +1,85 @@
+"""Property tests of the KV record heap (kv/heap.py): chunks never overlap, stay in their
+pages, rest before reuse, and pages come back when empty."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from memfabric.errors import InvalidArgument
+from memfabric.kv.heap import CLASSES, MAX_RECORD_BYTES, PAGE_BYTES, RecordHeap
+
+GRACE = 1.0
+
+
+class HeapMachine(RuleBasedStateMachine):
+    @initialize()
+    def setup(self) -> None:
+        self.heap = RecordHeap(GRACE)
+        self.now = 0.0
+        self.live: list = []
+        self.resting: list[tuple[float, object]] = []
+        self.pages: dict[tuple[int, int], int] = {}     # page -> its class size
+        self.next_page = 0
+
+    @rule(size=st.one_of(st.integers(1, 300), st.integers(1, MAX_RECORD_BYTES)))
+    def allocate(self, size: int) -> None:
+        chunk = self.heap.allocate(size, self.now)
+        if chunk is None:
+            # Pages at odd 4 KiB offsets of few segments, as the pool lends them.
+            segment, offset = self.next_page % 3, (self.next_page // 3) * (PAGE_BYTES + 4096)
+            self.next_page += 1
+            self.heap.add_page(segment, offset, size)
+            self.pages[(segment, offset)] = CLASSES[RecordHeap.class_of(size)]
+            chunk = self.heap.allocate(size, self.now)
+        assert chunk is not None and chunk.size >= size and chunk.size == CLASSES[RecordHeap.class_of(size)]
+        fresh = [c for t, c in self.resting if t > self.now]
+        assert all((c.segment, c.offset) != (chunk.segment, chunk.offset) for c in fresh), "reused within the grace"
+        self.live.append(chunk)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def free(self, data) -> None:
+        chunk = self.live.pop(data.draw(st.integers(0, len(self.live) - 1)))
+        self.heap.free(chunk, self.now)
+        self.resting.append((self.now + GRACE, chunk))
+
+    @rule(dt=st.sampled_from([0.0, 0.5, 1.0]))
+    def tick(self, dt: float) -> None:
+        self.now += dt
+
+    @rule()
+    def give_back(self) -> None:
+        for key in self.heap.empty_pages(self.now):
+            assert not any(c.segment == key[0] and key[1] <= c.offset < key[1] + PAGE_BYTES
+                           for c in self.live), "a page given back with records in it"
+            del self.pages[key]
+
+    @invariant()
+    def chunks_are_disjoint_and_inside_their_pages(self) -> None:
+        spans = sorted((c.segment, c.offset, c.offset + c.size) for c in self.live)
+        for a, b in zip(spans, spans[1:]):
+            assert a[0] != b[0] or a[2] <= b[1], f"{a} overlaps {b}"
+        for c in self.live:
+            page = [k for k in self.pages if k[0] == c.segment and k[1] <= c.offset < k[1] + PAGE_BYTES]
+            assert len(page) == 1 and c.offset + c.size <= page[0][1] + PAGE_BYTES
+            assert self.pages[page[0]] == c.size, "a chunk of another class"
+        assert self.heap.record_bytes == sum(c.size for c in self.live)
+
+
+TestHeap = HeapMachine.TestCase
+TestHeap.settings = settings(max_examples=150, stateful_step_count=60, deadline=None,
+                             suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.mark.parametrize("size", [0, -1, MAX_RECORD_BYTES + 1])
+def test_sizes_outside_the_classes_are_refused(size):
+    with pytest.raises(InvalidArgument):
+        RecordHeap(1.0).allocate(size, 0.0)
+
+
+def test_slack_is_at_most_a_fifth_of_a_chunk():
+    for small, big in zip(CLASSES, CLASSES[1:]):
+        assert (big - (small + 1)) / big <= 0.2 + 8 / big
