@@ -153,3 +153,228 @@ def test_home_restarted_never_frees_the_extents_of_an_object_being_allocated(fre
         assert released[0] == 0 and changed == 0, (
             f"home_restarted gave back {released[0]} extents of live objects; {changed} bytes of them "
             "were then overwritten by another object's write")
+
+
+# ---- numpy ints and wrong types at public calls: an error of the vocabulary, never a TypeError -----
+
+def _public_calls(s: memfabric.Session, ns: memfabric.Namespace, bm: memfabric.BigMemory,
+                  other: memfabric.BigMemory):
+    home = s.local.server_id if s is not None else 0
+    return {
+        "alloc(np.int64)": lambda: ns.alloc(np.int64(4096)),
+        "alloc(2**70)": lambda: ns.alloc(1 << 70),
+        "alloc(Affinity('server', np.int64))": lambda: ns.alloc(4096, Affinity("server", np.int64(home))),
+        "expand(np.int64)": lambda: bm.expand(np.int64(bm.size + 4096)),
+        "expand(2**70)": lambda: bm.expand(1 << 70),
+        "copy_to(length=np.int64)": lambda: bm.copy_to(other, length=np.int64(16)),
+        "copy_to(src_offset=np.int32)": lambda: bm.copy_to(other, src_offset=np.int32(0), length=16),
+        "copy_to(length=2**70)": lambda: bm.copy_to(other, length=1 << 70),
+        "gather offset np.int64": lambda: ns.gather([(bm, np.int64(0), 16)]),
+        "gather op=7": lambda: ns.gather([(bm, 0, 16)], op=7),
+        "gather dtype=np.float32": lambda: ns.gather([(bm, 0, 16)], op=OperatorCode.SUM, dtype=np.float32),
+        "compat BM_AllocSec(2**70)": lambda: C.BM_AllocSec(C.BmInfo(ns=ns.name, sec_id="k"), 1 << 70, 0, None),
+        "compat BM_CopySec(length=2**70)": lambda: C.BM_CopySec(
+            C.BmInfo(ns=ns.name, sec_id="k", bm_id=bm.bm_id), 0, C.BmInfo(ns=ns.name, sec_id="k", bm_id=other.bm_id),
+            0, 1 << 70, 0),
+    }
+
+
+CALLS = list(_public_calls(*([None] * 4)).keys())
+
+
+@pytest.mark.parametrize("what", CALLS)
+def test_numpy_ints_and_out_of_range_ints_get_an_error_of_the_vocabulary(fabric, request, what):
+    """The Pythonic API takes sizes and offsets as ints; numpy's (what arithmetic on arrays
+    gives) reach msgpack as they are: `TypeError: can not serialize 'numpy.int64' object`
+    from alloc, expand, copy_to, gather and Affinity('server', ...); an int past 64 bits gives
+    OverflowError (which compat's wrapper, catching TypeError and ValueError, lets out of a
+    BM_* call that should return a code); gather(op=7) a ValueError; gather(dtype=np.float32)
+    a TypeError. Each should work, or raise a MemfabricError (INVALID_ARGUMENT) as read and
+    write already do for a numpy offset."""
+    with memfabric.init(fabric.directory) as s:
+        ns = s.create_namespace(ns_name(request), "k")
+        try:
+            bm, other = ns.alloc(8 * KiB), ns.alloc(8 * KiB)
+            call = _public_calls(s, ns, bm, other)[what]
+            if what.startswith("compat"):
+                assert C.BM_Init(fabric.directory) == 0
+            try:
+                result = call()
+            except MemfabricError:
+                result = None
+            finally:
+                if what.startswith("compat"):
+                    C.BM_Exit()
+            if what.startswith("compat"):
+                assert isinstance(result, int), f"{what} returned {result!r}, not a code"
+        finally:
+            ns.destroy()
+
+
+def test_affinity_naming_a_server_by_a_string_is_an_invalid_argument(fabric, request):
+    """Affinity("server", "1") is accepted; the allocation then says SERVER_UNAVAILABLE, "the
+    cluster knows no server 1", about a server that is alive and well: the wrong code, and a
+    message that sends the user looking for a dead server."""
+    with memfabric.init(fabric.directory) as s:
+        ns = s.create_namespace(ns_name(request), "k")
+        try:
+            with pytest.raises(memfabric.InvalidArgument):
+                ns.alloc(4096, Affinity("server", str(s.local.server_id)))
+        finally:
+            ns.destroy()
+
+
+# ---- item 14: `up` stops promptly on SIGTERM, also while its servers start ----------------------
+
+def test_up_stops_on_sigterm_while_a_server_reserves_its_memory():
+    """`memfabric server` stops within a step of its reservation on SIGTERM; `memfabric up`
+    does not: its handler only sets an event, which nothing looks at until every server it
+    starts has said "ready" (wait_for_line, up to 60 s each). So a SIGTERM (or Ctrl-C) while
+    the first server pre-faults goes on to finish that reservation, start the next server and
+    reserve its memory too, print "fabric ready" and exit 0. Seen with 2 x 1 GiB: the first
+    server ready, then the second started, then "fabric ready", then the stop."""
+    directory = short_tmp_dir("mf-upterm-")
+    proc = subprocess.Popen([sys.executable, "-m", "memfabric", "up", "--dir", directory, "--servers", "2",
+                             "--capacity", "1GiB"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        wait_for_line(proc, "reserving", 30, lines)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    time.sleep(0.2)       # the reader thread takes the last lines off the pipe
+    output = "".join(lines)
+    assert "fabric ready" not in output, f"up said ready after a SIGTERM during the start:\n{output}"
+    assert output.count("reserving") == 1, f"up started another server after a SIGTERM:\n{output}"
+
+
+# ---- items 7, 15: work done for a caller who gave up is undone, even if it never calls again -----
+
+@pytest.mark.parametrize("door", ["ipc", "rpc"])
+def test_an_alloc_given_up_on_is_undone_when_the_session_closes(fresh_fabric, request, door):
+    """A request that times out (or is interrupted by Ctrl-C) is abandoned; its late reply is
+    dropped and its work undone (an object allocated for no one is freed): but only when the
+    link reads that reply, on a later call. A client that closes its session (or exits on the
+    KeyboardInterrupt) after the TIMEOUT never does: the object stays allocated forever, its
+    id known to no one. Seen: alloc of 1 MiB with timeout_s=0.5 against a SIGSTOPped server,
+    SIGCONT, close: the namespace holds 1 object of 1,048,576 bytes for good."""
+    fab = fresh_fabric(servers=1, capacity="16MiB")
+    path = fab.directory if door == "ipc" else os.path.join(fab.directory, "remote.toml")
+    (pid,) = fab.server_pids().values()
+    name = ns_name(request)
+    with memfabric.init(fab.directory) as admin:
+        admin.create_namespace(name, "k")
+        s = memfabric.init(path, timeout_s=0.5)
+        ns = s.namespace(name, "k")
+        ns.alloc(4 * KiB).free()             # the namespace proven on this link: the alloc is the wait
+        stop_process(pid)
+        try:
+            with pytest.raises(memfabric.Timeout):
+                ns.alloc(MiB)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        time.sleep(0.3)                      # the server answers the abandoned alloc
+        s.close()
+        deadline = time.monotonic() + 5.0
+        while True:
+            (row,) = [n for n in admin.namespaces() if n.ns == name]
+            if row.object_count == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert row.object_count == 0, (
+            f"an alloc abandoned before close left {row.object_count} object(s), {row.used_bytes} bytes, "
+            "allocated for no one")
+
+
+class TwoHosts:
+    """Two servers with different host labels on this machine: they reach each other by RPC,
+    as servers on two hosts do. A client uses remote.toml (RPC to the first)."""
+
+    def __init__(self, liveness_timeout_s: float = 60.0) -> None:
+        self.directory = short_tmp_dir("mf-2h-")
+        token = write_token(self.directory)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.rpc: dict[str, str] = {}
+        try:
+            for name in ("a", "b"):
+                data = os.path.join(self.directory, name)
+                os.makedirs(data)
+                config = os.path.join(data, "server.toml")
+                with open(config, "w") as f:
+                    f.write(f'[server]\nhost = "host-{name}"\ndata_dir = "{data}"\nipc_socket = "{data}/s.sock"\n'
+                            f'rpc_listen = "127.0.0.1:0"\nsegment_size = "1MiB"\n'
+                            f'[cluster]\nbackend = "embedded"\npath = "{self.directory}/cluster.db"\n'
+                            f'liveness_timeout_s = {liveness_timeout_s}\ntoken_file = "{token}"\n'
+                            '[[pool]]\nname = "default"\nmedium = "dram"\ncapacity = "16MiB"\n')
+                proc = subprocess.Popen([sys.executable, "-m", "memfabric", "server", "--config", config],
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                self.procs[name] = proc
+                lines: list[str] = []
+                wait_for_line(proc, " ready ", 30, lines)
+                self.rpc[name] = next(w[4:] for w in lines[-1].split() if w.startswith("rpc="))
+            self.remote = os.path.join(self.directory, "remote.toml")
+            with open(self.remote, "w") as f:
+                f.write(f'[cluster]\ntoken_file = "{token}"\n[[servers]]\nrpc_address = "{self.rpc["a"]}"\n')
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(CHILD_WAIT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def two_hosts():
+    hosts = TwoHosts()
+    yield hosts
+    hosts.stop()
+
+
+def test_a_server_meeting_a_stuck_peer_over_rpc_for_the_first_time_answers_before_the_deadline(two_hosts):
+    """The README: "a stuck server behind a healthy one costs the client a TIMEOUT that names
+    it, before the client's own deadline". The tests warm the servers' links up first
+    (_warm_up_peer_links), and between hosts that matters: a first RPC link to a peer waits
+    for the token handshake HANDSHAKE_TIMEOUT_S (5 s), whatever the request's budget. Seen:
+    client timeout 1.5 s, peer SIGSTOPped before the servers ever talked: the client's own
+    TIMEOUT ("did not answer 'alloc' within 1.5s") at 1.52 s, nothing about the stuck peer,
+    and the home's connection thread held for 5 s."""
+    with memfabric.init(two_hosts.remote, timeout_s=1.5) as s:
+        ns = s.create_namespace("n", "k")
+        stuck = two_hosts.procs["b"].pid
+        stop_process(stuck)
+        try:
+            with pytest.raises(memfabric.Timeout) as caught:
+                ns.alloc(4 * MiB, Affinity("spread"))
+        finally:
+            os.kill(stuck, signal.SIGCONT)
+        assert two_hosts.rpc["b"] in str(caught.value), (
+            f"the client's own deadline ran out, the server said nothing of its stuck peer: {caught.value}")
+
+
+def test_init_over_rpc_gives_up_on_a_stuck_server_within_its_timeout(fresh_fabric):
+    """init(timeout_s=1) against a SIGSTOPped server over RPC: the TCP connect succeeds (the
+    kernel accepts), then the token handshake waits HANDSHAKE_TIMEOUT_S (5 s), not the
+    session's timeout. Seen: "no handshake within 5.0s" after 5 s."""
+    fab = fresh_fabric(servers=1, capacity="16MiB")
+    (pid,) = fab.server_pids().values()
+    stop_process(pid)
+    started = time.monotonic()
+    try:
+        with pytest.raises(MemfabricError) as caught:
+            memfabric.init(os.path.join(fab.directory, "remote.toml"), timeout_s=1.0).close()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    waited_s = time.monotonic() - started
+    assert waited_s < 4.0, f"init with timeout_s=1 waited {waited_s:.1f} s: {caught.value}"
