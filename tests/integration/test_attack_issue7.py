@@ -378,3 +378,51 @@ def test_init_over_rpc_gives_up_on_a_stuck_server_within_its_timeout(fresh_fabri
         os.kill(pid, signal.SIGCONT)
     waited_s = time.monotonic() - started
     assert waited_s < 4.0, f"init with timeout_s=1 waited {waited_s:.1f} s: {caught.value}"
+
+
+# ---- item 13: Affinity("server", N) is a requirement, also when the object grows ------------------
+
+def test_an_object_placed_on_a_server_does_not_grow_onto_another(fresh_fabric, request):
+    """Affinity("server", N) is "there or OUT_OF_MEMORY (a requirement, not a preference)";
+    but the object does not remember it, and expand places what it adds "local", then
+    "spread" (Server._expand): an object asked for on server 2 grows onto server 1 when
+    server 2 is full. Seen: 12 MiB on server 2 of 16 MiB, expand to 24 MiB succeeds with
+    extents on servers [1, 2]."""
+    fab = fresh_fabric(servers=2, capacity="16MiB", segment_size="1MiB")
+    with memfabric.init(fab.directory) as s:
+        ns = s.create_namespace(ns_name(request), "k")
+        target = max(sv["server_id"] for sv in s.servers())
+        bm = ns.alloc(12 * MiB, Affinity("server", target))
+        try:
+            bm.expand(24 * MiB)
+        except memfabric.OutOfMemory:
+            pass
+        assert {server for server, _ in bm.extents} == {target}, (
+            f"an object placed with Affinity('server', {target}) grew onto servers "
+            f"{sorted({server for server, _ in bm.extents})}")
+
+
+# ---- item 10: what clients can cause is logged at a bounded rate -------------------------------
+
+def test_requests_with_no_time_left_for_peers_cannot_flood_the_log(fabric):
+    """A request carries its caller's budget (budget_s); ns_query asks every peer for its usage
+    within it, and a peer that does not answer in time is logged, one WARNING per request
+    (Server._ask_peers, not the LimitedLog). Any IPC client sending ns_query with budget_s of a
+    microsecond writes one line per request, and makes the server open (and drop) a connection
+    to each peer each time. Seen: 1,000 requests in 1.2 s -> 1,000 lines "server 2 did not
+    answer ns_usage: no time was left ... for 'hello'"."""
+    from memfabric.limits import LOG_LINES_PER_KIND
+    from memfabric.transport.ipc import IpcChannel
+    channel = IpcChannel.connect(load_fabric_config(fabric.directory).ipc_sockets[0])
+    try:
+        channel.set_deadline(WAIT_S)
+        before = len(fabric.output)
+        for i in range(200):
+            channel.send({"op": "ns_query", "id": i + 1, "budget_s": 1e-6})
+            channel.recv()
+    finally:
+        channel.close()
+    time.sleep(0.5)                 # up echoes its servers' lines through a pipe
+    lines = [line for line in fabric.output[before:] if "did not answer" in line]
+    assert len(lines) <= 2 * LOG_LINES_PER_KIND, (
+        f"200 requests wrote {len(lines)} log lines, e.g. {lines[0].strip()!r}")
