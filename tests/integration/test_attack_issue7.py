@@ -426,3 +426,54 @@ def test_requests_with_no_time_left_for_peers_cannot_flood_the_log(fabric):
     lines = [line for line in fabric.output[before:] if "did not answer" in line]
     assert len(lines) <= 2 * LOG_LINES_PER_KIND, (
         f"200 requests wrote {len(lines)} log lines, e.g. {lines[0].strip()!r}")
+
+
+# ---- items 13, 14: the capacity a server promises is capacity it can lend ------------------------
+
+def _limit_fds(limit: int):
+    def apply() -> None:
+        import resource
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+    return apply
+
+
+def test_a_server_whose_fd_limit_cannot_hold_its_segments_refuses_to_start_or_lends_them_all():
+    """Each DRAM segment costs the server two fds (its memfd and the mapping's dup), and a
+    namespace's segments may all be small (min_segment_bytes, 64 KiB): a pool of C bytes may
+    need 2 * C / 64 KiB fds. The server raises its soft limit to the hard one and starts
+    whatever that is; past it, allocations fail with LIMIT_EXCEEDED ("all the files open it
+    may") while status shows the memory lendable, and at the limit its doors turn deaf, so the
+    cluster sees it dead. Seen on this host (hard limit 20,000): a 1 GiB pool with 64 KiB
+    segments stopped lending at 576 MiB, status saying 384 MiB lendable. Here: a hard limit of
+    4,096 and 128 MiB of 64 KiB segments (4,096 fds for segments alone)."""
+    directory = short_tmp_dir("mf-fds-")
+    config = os.path.join(directory, "server.toml")
+    with open(config, "w") as f:
+        f.write(f'[server]\ndata_dir = "{directory}/data"\nipc_socket = "{directory}/s.sock"\n'
+                f'segment_size = "64KiB"\n[cluster]\nbackend = "embedded"\npath = "{directory}/cluster.db"\n'
+                '[[pool]]\nname = "default"\nmedium = "dram"\ncapacity = "128MiB"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "memfabric", "server", "--config", config],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_limit_fds(4096))
+    lines: list[str] = []
+    try:
+        try:
+            wait_for_line(proc, " ready ", 30, lines)
+        except RuntimeError:
+            assert proc.returncode == 2 and "fd" in "".join(lines), "".join(lines)
+            return                       # refused at start, with a word about fds: fine
+        with memfabric.init(config) as s:
+            ns = s.create_namespace("fill", "k")
+            got = 0
+            try:
+                while got < 128 * MiB:
+                    ns.alloc(8 * MiB)
+                    got += 8 * MiB
+            except MemfabricError as exc:
+                lendable = s.servers()[0]["pools"]["default"]["lendable_bytes"]
+                pytest.fail(f"the server started with 128 MiB and lent {got >> 20} MiB, then: {exc}; "
+                            f"it says {lendable >> 20} MiB are lendable")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(CHILD_WAIT_S)
