@@ -477,3 +477,36 @@ def test_a_server_whose_fd_limit_cannot_hold_its_segments_refuses_to_start_or_le
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(CHILD_WAIT_S)
+
+
+# ---- a server that keeps serving: one client cannot take every connection slot --------------------
+
+def test_one_client_holding_every_connection_slot_does_not_cut_servers_off_from_each_other(fresh_fabric, request):
+    """A server takes max_clients (256) IPC connections, and counts its peers' links among
+    them. One client that opens 256 connections (0.6 s here) makes it refuse everyone else
+    with LIMIT_EXCEEDED, servers included: a server that has no link to it yet cannot reserve
+    memory there, so spread and server-placed allocations through every other server fail.
+    (The namespace quota of item 13 has no counterpart for connections.) Seen: with server 2's
+    slots taken, Affinity("spread") and Affinity("server", 2) from a client of server 1:
+    "server has 256 connections, the most it takes"."""
+    from memfabric.transport.ipc import IpcChannel
+    fab = fresh_fabric(servers=2, capacity="16MiB")
+    sockets = load_fabric_config(fab.directory).ipc_sockets
+    with memfabric.init(fab.directory, server=0) as s:
+        ns = s.create_namespace(ns_name(request), "k")
+        other = next(sv["server_id"] for sv in s.servers() if sv["server_id"] != s.local.server_id)
+        hog: list[IpcChannel] = []
+        try:
+            for i in range(256):
+                channel = IpcChannel.connect(sockets[1])
+                hog.append(channel)
+                channel.set_deadline(WAIT_S)
+                channel.send({"op": "hello", "id": 1, "role": "client"})
+                reply, _ = channel.recv()
+                if "error" in reply:
+                    break
+            ns.alloc(4 * MiB, Affinity("spread")).free()
+            ns.alloc(MiB, Affinity("server", other)).free()
+        finally:
+            for channel in hog:
+                channel.close()
