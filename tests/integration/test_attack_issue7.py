@@ -551,3 +551,28 @@ def test_a_copy_that_outlasts_its_deadline_still_unpins_its_source_on_the_peer(f
                 break
             time.sleep(0.2)
         assert held == 0, f"after freeing every object the namespace still holds {held} bytes (pinned)"
+
+
+# ---- failures: a lost server costs its own objects only ----------------------------------------
+
+def test_objects_on_a_live_server_stay_reachable_after_this_hosts_server_dies(fresh_fabric, request):
+    """README, Failures: operations on objects with bytes on a lost server fail; "every other
+    object keeps working". But a session finds other servers only through its own: link()
+    first reconnects the local link if it is closed, and asks it for the cluster view. Once
+    the local server is dead, an object on a live server that this session had not linked
+    to yet (opened from an info() another process passed on) cannot be reached. Seen:
+    SERVER_UNAVAILABLE "server at .../server-1/ipc.sock is gone ('cluster_view':
+    BrokenPipeError)" for an object on server 2, alive and well."""
+    fab = fresh_fabric(servers=2, capacity="16MiB")
+    name = ns_name(request)
+    with memfabric.init(fab.directory, server=1) as maker:
+        bm = maker.create_namespace(name, "k").alloc(4 * KiB)
+        bm.write(b"on server 2")
+        info = bm.info()
+        with memfabric.init(fab.directory, server=0) as s:
+            local = s.local.server_id
+            assert info["bm_id"].split("-")[0] != str(local)
+            pid = fab.server_pids()[local]
+            os.kill(pid, signal.SIGKILL)
+            wait_until(lambda: not os.path.exists(f"/proc/{pid}"), "the local server to die")
+            assert s.namespace(name, "k").open(info["bm_id"]).read(0, 11) == b"on server 2"
