@@ -8,6 +8,7 @@ Found with real processes: a token holder or a plain IPC client guessing secIds,
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -22,9 +23,11 @@ from memfabric import Affinity, OperatorCode
 from memfabric import compat as C
 from memfabric.config import load_fabric_config
 from memfabric.datapath.rpc_link import RpcLink
-from memfabric.errors import LimitExceeded, MemfabricError, PermissionDenied
+from memfabric.errors import MemfabricError
 from memfabric.launcher import wait_for_line, write_token
-from memfabric.limits import SEC_ID_FAILURE_BURST
+from memfabric.limits import LOG_LINES_PER_KIND, SEC_ID_FAILURE_BURST
+from memfabric.load import audit, leak_figures
+from memfabric.transport.ipc import IpcChannel
 
 from ..conftest import short_tmp_dir
 from ..helpers import CHILD_WAIT_S, WAIT_S, KiB, MiB, ns_name, stop_process, wait_until
@@ -101,6 +104,18 @@ def test_a_client_guessing_through_a_copy_or_gather_homed_elsewhere_is_cut_off(f
 
 # ---- peers free what they hold only for objects that are gone -------------------------------------
 
+def _token_holder_as_peer(directory: str, server_id: int) -> RpcLink:
+    """An RPC link to `server_id` that says hello as a peer: what any holder of the cluster
+    token (every remote client) may open."""
+    cfg = load_fabric_config(directory)
+    for address in cfg.rpc_addresses:
+        link = RpcLink(address, cfg.cluster.token(), None, WAIT_S, role="peer")
+        if link.server_id == server_id:
+            return link
+        link.close()
+    raise AssertionError(f"no RPC address answers as server {server_id}")
+
+
 def test_home_restarted_never_frees_the_extents_of_an_object_being_allocated(fresh_fabric, request):
     """A spread allocation claims its id at the home, reserves extents on the peers
     (extent_alloc: the peer records them under that id), then on the home, and only then
@@ -113,13 +128,11 @@ def test_home_restarted_never_frees_the_extents_of_an_object_being_allocated(fre
     live 16 MiB spread object released by the very first allocation under a stream of
     home_restarted; the bytes of the spread object then changed under a write to another."""
     fab = fresh_fabric(servers=2, capacity="128MiB", segment_size="1MiB")
-    cfg = load_fabric_config(fab.directory)
-    token = cfg.cluster.token()
     with memfabric.init(fab.directory, server=1) as s:       # its home is the second server
         home = s.local.server_id
         ns = s.create_namespace(ns_name(request), "k")
-        peers = [RpcLink(a, token, None, WAIT_S, role="peer") for a in cfg.rpc_addresses]
-        peer = next(link for link in peers if link.server_id != home)
+        peer = _token_holder_as_peer(fab.directory, next(sv["server_id"] for sv in s.servers()
+                                                        if sv["server_id"] != home))
         released = [0]
         stop = threading.Event()
 
@@ -136,8 +149,7 @@ def test_home_restarted_never_frees_the_extents_of_an_object_being_allocated(fre
         finally:
             stop.set()
             sender.join(WAIT_S)
-            for link in peers:
-                link.close()
+            peer.close()
         for bm in spread:
             bm.write(np.full(bm.size, 0xAA, dtype=np.uint8))
         time.sleep(0.1)              # past the reuse grace: released extents are lendable again
@@ -153,6 +165,40 @@ def test_home_restarted_never_frees_the_extents_of_an_object_being_allocated(fre
         assert released[0] == 0 and changed == 0, (
             f"home_restarted gave back {released[0]} extents of live objects; {changed} bytes of them "
             "were then overwritten by another object's write")
+
+
+def test_home_restarted_never_frees_the_extents_of_an_object_still_mapped(fresh_fabric, request):
+    """README: "A freed object that some client still maps keeps its memory until the last
+    unmap." The home keeps such an object's record (pinned, dead) and so its extents; a peer
+    holding extents for it keeps them too, until the home's unpin gives them back. One
+    `home_restarted` reaching the peer meanwhile (any token holder may send it) makes the peer
+    ask the home whether the id is alive; it is not (freed), so the peer gives its extents
+    back while the mapping still shows them, and the next object there takes them: the old
+    mapping writes into the new object. Deterministic: map a spread object, free it, one
+    home_restarted, allocate on the peer."""
+    fab = fresh_fabric(servers=2, capacity="32MiB", segment_size="1MiB")
+    with memfabric.init(fab.directory, server=1) as s:
+        home = s.local.server_id
+        ns = s.create_namespace(ns_name(request), "k")
+        peer_id = next(sv["server_id"] for sv in s.servers() if sv["server_id"] != home)
+        spread = ns.alloc(8 * MiB, Affinity("spread"))
+        assert {server for server, _ in spread.extents} == {home, peer_id}
+        mapping = spread.map()
+        spread.free()                              # still mapped: its memory must stay its own
+        link = _token_holder_as_peer(fab.directory, peer_id)
+        try:
+            released = link.call("home_restarted", home=home)["released_extents"]
+        finally:
+            link.close()
+        time.sleep(0.1)                            # past the reuse grace
+        newcomer = ns.alloc(4 * MiB, Affinity("server", peer_id))
+        newcomer.write(np.full(newcomer.size, 0x55, dtype=np.uint8))
+        mapping.view[:] = b"\xaa" * len(mapping.view)          # the old mapping, written whole
+        changed = int((np.frombuffer(newcomer.read(), dtype=np.uint8) != 0x55).sum())
+        mapping.close()
+        assert released == 0 and changed == 0, (
+            f"home_restarted gave back {released} extents of a freed object still mapped; a write "
+            f"through that mapping then changed {changed} bytes of a new object")
 
 
 # ---- numpy ints and wrong types at public calls: an error of the vocabulary, never a TypeError -----
@@ -411,8 +457,6 @@ def test_requests_with_no_time_left_for_peers_cannot_flood_the_log(fabric):
     microsecond writes one line per request, and makes the server open (and drop) a connection
     to each peer each time. Seen: 1,000 requests in 1.2 s -> 1,000 lines "server 2 did not
     answer ns_usage: no time was left ... for 'hello'"."""
-    from memfabric.limits import LOG_LINES_PER_KIND
-    from memfabric.transport.ipc import IpcChannel
     channel = IpcChannel.connect(load_fabric_config(fabric.directory).ipc_sockets[0])
     try:
         channel.set_deadline(WAIT_S)
@@ -432,7 +476,6 @@ def test_requests_with_no_time_left_for_peers_cannot_flood_the_log(fabric):
 
 def _limit_fds(limit: int):
     def apply() -> None:
-        import resource
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
     return apply
 
@@ -489,7 +532,6 @@ def test_one_client_holding_every_connection_slot_does_not_cut_servers_off_from_
     (The namespace quota of item 13 has no counterpart for connections.) Seen: with server 2's
     slots taken, Affinity("spread") and Affinity("server", 2) from a client of server 1:
     "server has 256 connections, the most it takes"."""
-    from memfabric.transport.ipc import IpcChannel
     fab = fresh_fabric(servers=2, capacity="16MiB")
     sockets = load_fabric_config(fab.directory).ipc_sockets
     with memfabric.init(fab.directory, server=0) as s:
@@ -522,7 +564,6 @@ def test_a_copy_that_outlasts_its_deadline_still_unpins_its_source_on_the_peer(f
     its memory for as long as the two servers' link lives. Seen: 256 MiB copied from server 2
     to server 1 with timeout_s=0.05: the client got OK (34 and 48 ms) or TIMEOUT, and after
     both objects were freed the namespace still held 268,435,456 bytes on server 2."""
-    from memfabric.load import audit, leak_figures
     fab = fresh_fabric(servers=2, capacity="300MiB", segment_size="4MiB")
     name = ns_name(request)
     with memfabric.init(fab.directory, server=0) as s:
@@ -576,3 +617,4 @@ def test_objects_on_a_live_server_stay_reachable_after_this_hosts_server_dies(fr
             os.kill(pid, signal.SIGKILL)
             wait_until(lambda: not os.path.exists(f"/proc/{pid}"), "the local server to die")
             assert s.namespace(name, "k").open(info["bm_id"]).read(0, 11) == b"on server 2"
+
