@@ -31,6 +31,7 @@ from memfabric.transport.ipc import IpcChannel
 
 from ..conftest import short_tmp_dir
 from ..helpers import CHILD_WAIT_S, WAIT_S, KiB, MiB, ns_name, stop_process, wait_until
+from .test_failures import _restart
 
 GUESSES = 3 * SEC_ID_FAILURE_BURST     # well past the burst a client may get wrong
 
@@ -618,3 +619,44 @@ def test_objects_on_a_live_server_stay_reachable_after_this_hosts_server_dies(fr
             wait_until(lambda: not os.path.exists(f"/proc/{pid}"), "the local server to die")
             assert s.namespace(name, "k").open(info["bm_id"]).read(0, 11) == b"on server 2"
 
+
+
+def test_an_object_whose_bytes_a_restarted_dram_peer_lost_is_not_both_live_and_freed(fresh_fabric, request):
+    """A spread object homed on server 1 with extents on server 2; server 2 (DRAM) is killed
+    and restarted, its bytes gone. Its home never hears of it (announce() tells peers about
+    objects homed on the restarted server, not about extents it held), so the object stays
+    alive there: its home describes it, ns_query counts it; while opening or reading it says
+    NO_SUCH_OBJECT "segment ... is gone (the objects in it were freed)" over IPC and "server 2
+    holds nothing of object ... (freed, or never existed)" over RPC, the very confusion item 5
+    was about (and its free logs "did not take back 2 extents"). Either the object is gone (its home says so too), or
+    its lost bytes are SERVER_UNAVAILABLE (README, Failures); not "freed" and alive at once."""
+    fab = fresh_fabric(servers=2, capacity="16MiB")
+    name = ns_name(request)
+    with memfabric.init(fab.directory, server=0) as s:
+        home = s.local.server_id
+        peer_id = next(sv["server_id"] for sv in s.servers() if sv["server_id"] != home)
+        bm = s.create_namespace(name, "k").alloc(4 * MiB, Affinity("spread"))
+        assert {server for server, _ in bm.extents} == {home, peer_id}
+        pid = fab.server_pids()[peer_id]
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not os.path.exists(f"/proc/{pid}"), "the peer to die")
+        restarted = _restart(fab, peer_id)
+        try:
+            with memfabric.init(fab.directory, server=0) as later:
+                ns = later.namespace(name, "k")
+                try:
+                    ns.open(bm.bm_id).read(bm.size - 16, 16)
+                except memfabric.ServerUnavailable:
+                    return                              # the README's word for lost bytes: fine
+                except memfabric.NoSuchObject as exc:
+                    said = str(exc)
+                else:
+                    pytest.fail("read bytes a restarted DRAM server cannot have")
+                try:                                    # the home itself, asked without mapping anything
+                    later.local.call("describe", **ns.wire_creds, bm_id=bm.bm_id)
+                except memfabric.NoSuchObject:
+                    return
+                pytest.fail(f"its home describes the object as alive, while using it says: {said}")
+        finally:
+            restarted.send_signal(signal.SIGTERM)
+            restarted.wait(CHILD_WAIT_S)
