@@ -660,3 +660,29 @@ def test_an_object_whose_bytes_a_restarted_dram_peer_lost_is_not_both_live_and_f
         finally:
             restarted.send_signal(signal.SIGTERM)
             restarted.wait(CHILD_WAIT_S)
+
+
+# ---- item 15: after close every call raises; a write that went nowhere is never reported done -----
+
+def test_flushing_a_same_host_mapping_after_its_session_closed_raises(fabric, request):
+    """Session.close() revokes every mapping made through it: from then on the view reads
+    zeros and writes to it go nowhere. Over RPC, flush() then raises NOT_INITIALIZED and
+    close() says how many changed pages were lost; on the same host, flush() returns as if
+    all were well (the revocation by close() carries no reason, Mapping._lost() sees none):
+    a write made after the close is silently dropped. Seen: view[:2] = b"XY" after close,
+    flush() -> None, the object still reads b"hi"."""
+    name = ns_name(request)
+    s = memfabric.init(fabric.directory)
+    ns = s.create_namespace(name, "k")
+    bm = ns.alloc(8 * KiB)
+    mapping = bm.map()
+    mapping.view[:2] = b"hi"
+    s.close()
+    mapping.view[:2] = b"XY"                 # goes nowhere: the view was revoked
+    try:
+        with pytest.raises(memfabric.NotInitialized):
+            mapping.flush()
+    finally:
+        with memfabric.init(fabric.directory) as check:
+            assert check.namespace(name, "k").open(bm.bm_id).read(0, 2) == b"hi"
+            check.destroy_namespace(name, "k")
