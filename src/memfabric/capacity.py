@@ -11,12 +11,15 @@ reuses its own). The figures go into the message.
 from __future__ import annotations
 
 import os
+import resource
 from dataclasses import dataclass
 
 from .config import PoolConfig
 from .units import format_size
 
 MEMINFO = "/proc/meminfo"
+FDS_PER_SEGMENT = 2
+FD_RESERVE = 1024            # for connections (clients, handshakes, peers) and the server's own files
 MEMORY_FILE_SYSTEMS = ("tmpfs", "ramfs")
 
 
@@ -118,3 +121,25 @@ def _mount_of(path: str) -> tuple[str, str]:
     except OSError:
         pass
     return best
+
+
+def segment_slots(pools: list[PoolConfig], segment_bytes: int) -> dict[str, int]:
+    """How many segments each pool may have at once: each costs the server two fds (its memfd
+    or file, and its mapping's own), and the fd limit (the hard one: servers raise the soft
+    one to it) must leave room for connections. Shared by the pools in proportion to their
+    capacity. Raises NotEnoughCapacity when a pool could not be lent whole even in segments
+    of the largest size."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    limit = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    usable = max(0, limit - FD_RESERVE) // FDS_PER_SEGMENT
+    total = sum(p.capacity_bytes for p in pools) or 1
+    slots = {p.name: usable * p.capacity_bytes // total for p in pools}
+    for p in pools:
+        needed = -(-p.capacity_bytes // segment_bytes)
+        if needed > slots[p.name]:
+            raise NotEnoughCapacity(
+                f"pool {p.name!r}: {format_size(p.capacity_bytes)} in segments of at most {format_size(segment_bytes)} "
+                f"needs {needed} segments, {FDS_PER_SEGMENT} fds each, but the fd limit ({limit}, less {FD_RESERVE} "
+                f"for connections) leaves room for {slots[p.name]}: raise the fd limit (ulimit -n), raise "
+                "segment_size, or lower the capacity")
+    return slots

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import secrets
 import threading
+import time
 import tomllib
 from typing import Callable
 
@@ -23,6 +24,7 @@ from .limits import BUSY_POLL_US
 from .units import format_size
 
 READY_TIMEOUT_S = 60.0
+STOP_CHECK_S = 0.1           # how often a wait for a starting child looks for a stop request
 STOP_TIMEOUT_S = 15.0
 
 
@@ -108,10 +110,15 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+class StartStopped(RuntimeError):
+    """Asked to stop (a signal) while waiting for a child to be ready."""
+
+
 def wait_for_line(proc: subprocess.Popen, needle: str, timeout_s: float, lines: list[str],
-                  echo: Callable[[str], None] | None = None) -> None:
+                  echo: Callable[[str], None] | None = None, stop: threading.Event | None = None) -> None:
     """Read the child's output until a line contains `needle`; keep draining it after
-    (into `lines`, and to `echo` when given), so the child never blocks on a full pipe."""
+    (into `lines`, and to `echo` when given), so the child never blocks on a full pipe.
+    `stop` set meanwhile ends the wait with StartStopped (the caller stops the child)."""
     seen, ended, wake = threading.Event(), threading.Event(), threading.Event()
 
     def pump() -> None:
@@ -126,7 +133,12 @@ def wait_for_line(proc: subprocess.Popen, needle: str, timeout_s: float, lines: 
         wake.set()
 
     threading.Thread(target=pump, daemon=True).start()
-    wake.wait(timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while not wake.wait(min(STOP_CHECK_S, max(deadline - time.monotonic(), 0))):
+        if stop is not None and stop.is_set():
+            raise StartStopped(f"asked to stop while {proc.args} was starting")
+        if time.monotonic() >= deadline:
+            break
     if seen.is_set() and proc.poll() is None:
         return
     if ended.is_set() or proc.poll() is not None:     # it exited without being ready: say so, at once

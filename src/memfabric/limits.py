@@ -97,3 +97,12 @@ MAX_NAMESPACES_PER_CLIENT = MAX_NAMESPACES // 4   # default of [server] max_name
 MAX_RPC_PAYLOAD_BYTES = 64 << 20
 MAX_RPC_IN_FLIGHT = 256        # pipelined requests per connection
 HANDSHAKE_TIMEOUT_S = 5.0
+
+# MemKV.
+MAX_KV_KEY_BYTES = 64 << 10
+MAX_KV_VALUE_BYTES = 1 << 30        # "at least 512 MiB" asked; a value is copied once each side
+MAX_KV_REPLICAS = 8
+MAX_KV_BATCH = 4096                 # keys per batch call, per server
+# A link closing with requests given up on waits this long at most for their replies, to
+# undo what they did for no one (datapath/link.py settle).
+SETTLE_S = 1.0

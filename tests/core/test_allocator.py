@@ -343,3 +343,26 @@ def test_out_of_memory_only_when_the_pool_lacks_the_bytes(sizes):
         a.made(alloc)
         used += n * PAGE
         assert used <= 64 * PAGE
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(8, 16), st.lists(st.integers(1, 3), min_size=1, max_size=8))
+def test_few_segment_slots_still_hold_the_whole_capacity(slots, sizes):
+    """A server's fds bound its segments (capacity.segment_slots): segments grow past the
+    doubling rule when slots run short, so the whole capacity can still be lent."""
+    a = SegmentAllocator(64 * PAGE, 8 * PAGE, PAGE, page_size_bytes=PAGE, max_segments=slots)
+    owners = [f"o{i}" for i in range(len(sizes))]
+    lent = 0
+    for _ in range(200):
+        progress = False
+        for owner, pages in zip(owners, sizes):
+            try:
+                a.made(a.allocate(owner, pages * PAGE, 0.0))
+                lent += pages * PAGE
+                progress = True
+            except errors.OutOfMemory:
+                pass
+        if not progress:
+            break
+    assert len(a._segments) <= slots
+    assert lent > 64 * PAGE - 3 * PAGE * len(sizes), f"only {lent // PAGE} of 64 pages lent in {slots} segments"

@@ -252,6 +252,18 @@ class ObjectTableMachine(RuleBasedStateMachine):
             assert r.pins == dict(self.live[r.bm_id]["pins"])
 
     @invariant()
+    def the_counters_are_what_a_walk_finds(self) -> None:
+        if self.t is None:
+            return
+        assert self.t.live_bytes() == sum(obj["size"] for obj in self.live.values())
+        pinned: dict = {}
+        for bm_id, obj in list(self.live.items()) + list(self.pinned_dead.items()):
+            for holder, n in obj["pins"].items():
+                if n:
+                    pinned.setdefault(holder, set()).add(bm_id)
+        assert self.t._pinned_by == pinned
+
+    @invariant()
     def dead_ids_never_resolve(self) -> None:
         if self.t is None:
             return

@@ -318,10 +318,12 @@ class Mapping:
 
     def flush(self) -> None:
         """Same-host mappings are the pool's memory itself: nothing to send back. Raises if
-        the mapping was revoked (its server lost, its namespace destroyed)."""
+        the mapping was revoked (its server lost, its namespace destroyed), or its session
+        closed (which revokes it: writes since went nowhere)."""
         lost = self._lost()
         if lost is not None:
             raise lost
+        self.bm.namespace.session.check_open()
 
     def close(self) -> None:
         if self._shared is None:

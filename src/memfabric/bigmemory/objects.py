@@ -38,6 +38,11 @@ class ObjectRecord:
     size_bytes: int
     extents: list[Placement]
     pins: dict[Hashable, int] = field(default_factory=dict)
+    # A server the object was asked to live on (Affinity("server", N)): it grows there too.
+    required_server: int | None = None
+    # Servers that came back without the bytes they held of it (DRAM restarts): its data is
+    # gone there, and using it fails so, until it is freed.
+    lost_on: set[int] = field(default_factory=set)
 
     @property
     def reserved_bytes(self) -> int:
@@ -103,6 +108,10 @@ class ObjectTable:
         self._free_slots: list[int] = []
         # Freed while a client still maps it: its extents wait for the last unpin.
         self._pinned_dead: dict[str, ObjectRecord] = {}
+        # Kept as things change, so that a client going away or a usage figure does not walk
+        # every object under the server's lock.
+        self._pinned_by: dict[Hashable, set[str]] = {}
+        self._live_bytes = 0
 
     def __len__(self) -> int:
         return len(self._live)
@@ -111,7 +120,7 @@ class ObjectTable:
         return list(self._live.values())
 
     def live_bytes(self) -> int:
-        return sum(r.size_bytes for r in self._live.values())
+        return self._live_bytes
 
     def claim(self) -> str:
         """Take an id before the object's memory is reserved, so that servers holding its
@@ -146,6 +155,7 @@ class ObjectTable:
         del self._claimed_generation[slot]
         record = ObjectRecord(bm_id, slot, generation, size_bytes, list(extents))
         self._live[slot] = record
+        self._live_bytes += size_bytes
         return record
 
     def restore(self, bm_id: str, size_bytes: int, extents: list[Placement]) -> ObjectRecord:
@@ -159,6 +169,7 @@ class ObjectTable:
         self._free_slots.remove(slot)
         record = ObjectRecord(bm_id, slot, generation, size_bytes, list(extents))
         self._live[slot] = record
+        self._live_bytes += size_bytes
         return record
 
     def is_live(self, bm_id: str) -> bool:
@@ -167,6 +178,16 @@ class ObjectTable:
             return True
         except (NoSuchObject, InvalidArgument):
             return False
+
+    def is_known(self, bm_id: str) -> bool:
+        """Live, claimed by an allocation under way, or freed while still mapped: an id whose
+        extents, wherever they lie, are still this object's."""
+        try:
+            _, slot, generation = parse_bm_id(bm_id)
+        except InvalidArgument:
+            return False
+        return (self.is_live(bm_id) or self._claimed_generation.get(slot) == generation
+                or bm_id in self._pinned_dead)
 
     def lookup(self, bm_id: str) -> ObjectRecord:
         server_id, slot, generation = parse_bm_id(bm_id)
@@ -179,6 +200,7 @@ class ObjectTable:
         """Forget the object; returns the extents to release now (none while pinned)."""
         record = self.lookup(bm_id)
         del self._live[record.slot]
+        self._live_bytes -= record.size_bytes
         self._free_slots.append(record.slot)
         if record.pins:
             self._pinned_dead[bm_id] = record
@@ -194,12 +216,14 @@ class ObjectTable:
         if record.reserved_bytes + sum(e.length for e in more_extents) < new_size_bytes:
             raise InvalidArgument("extents do not cover the expanded object")
         record.extents.extend(more_extents)
+        self._live_bytes += new_size_bytes - record.size_bytes
         record.size_bytes = new_size_bytes
         return record
 
     def pin(self, bm_id: str, holder: Hashable) -> ObjectRecord:
         record = self.lookup(bm_id)
         record.pins[holder] = record.pins.get(holder, 0) + 1
+        self._pinned_by.setdefault(holder, set()).add(bm_id)
         return record
 
     def unpin(self, bm_id: str, holder: Hashable) -> list[Placement]:
@@ -212,6 +236,11 @@ class ObjectTable:
             raise InvalidArgument(f"object {bm_id} is not mapped by this client")
         if count == 1:
             del record.pins[holder]
+            mine = self._pinned_by.get(holder)
+            if mine is not None:
+                mine.discard(bm_id)
+                if not mine:
+                    del self._pinned_by[holder]
         else:
             record.pins[holder] = count - 1
         if not record.pins and bm_id in self._pinned_dead:
@@ -226,13 +255,18 @@ class ObjectTable:
     def unpin_all_by_object(self, holder: Hashable) -> list[tuple[str, list[Placement]]]:
         """Like unpin_all, with the id of the object each freed extent belonged to."""
         freed: list[tuple[str, list[Placement]]] = []
-        for record in list(self._live.values()):
-            record.pins.pop(holder, None)
-        for bm_id, record in list(self._pinned_dead.items()):
-            record.pins.pop(holder, None)
-            if not record.pins:
-                del self._pinned_dead[bm_id]
-                freed.append((bm_id, record.extents))
+        for bm_id in self._pinned_by.pop(holder, ()):
+            dead = self._pinned_dead.get(bm_id)
+            if dead is not None:
+                dead.pins.pop(holder, None)
+                if not dead.pins:
+                    del self._pinned_dead[bm_id]
+                    freed.append((bm_id, dead.extents))
+                continue
+            _, slot, _ = parse_bm_id(bm_id)
+            live = self._live.get(slot)
+            if live is not None and live.bm_id == bm_id:
+                live.pins.pop(holder, None)
         return freed
 
     def drop_all(self) -> list[ObjectRecord]:
@@ -241,4 +275,6 @@ class ObjectTable:
         self._free_slots.extend(self._live)
         self._live.clear()
         self._pinned_dead.clear()
+        self._pinned_by.clear()
+        self._live_bytes = 0
         return records

@@ -26,6 +26,7 @@ from ..media.base import SegmentMemory
 from ..server.requests import Connection, Payload, Reply
 from ..server.state import NamespaceState, PoolState
 from . import placement, reduce
+from ..datapath.deadline import unbounded
 from .journal import Journal
 from .layout import Layout, RemoteSegment, check_range, copy_between, described_layout, write_at
 from .objects import ObjectRecord, Placement, parse_bm_id
@@ -41,7 +42,7 @@ OBJECTS_PER_QUERY = 2000     # ids per objects_alive request: keeps it inside on
 
 class BigMemoryService:
     # Server-to-server operations (a peer's home asks for extents, checks what lives).
-    PEER_OPS = frozenset({"extent_alloc", "extent_free", "home_restarted", "objects_alive"})
+    PEER_OPS = frozenset({"extent_alloc", "extent_free", "home_restarted", "objects_alive", "extents_held"})
     FD_OPS = frozenset({"ns_open"})        # hands over the generation table's fd
 
     def __init__(self, server: "Server") -> None:
@@ -127,7 +128,47 @@ class BigMemoryService:
                     released += len(extents)
         if released:
             log.info("gave back %d extents held for objects server %d lost", released, home)
-        return {"released_extents": released}
+        damaged = self._check_bytes_on(home)
+        return {"released_extents": released, "damaged_objects": damaged}
+
+    def _check_bytes_on(self, server_id: int) -> int:
+        """A server came back: objects homed here with extents there keep their bytes only if
+        it still holds those extents (a pmem or ramdisk server restores them; a DRAM one lost
+        them). Those that lost some are marked: using them fails, saying so, until freed."""
+        with self.lock:
+            placed = {record.bm_id: (state, record) for state in self.namespaces.values()
+                      for record in state.objects.table.records()
+                      if any(e.server_id == server_id for e in record.extents)}
+        ids = sorted(placed)
+        held: dict[str, list] = {}
+        for i in range(0, len(ids), OBJECTS_PER_QUERY):
+            reply = self._peer(server_id).call("extents_held", ids=ids[i:i + OBJECTS_PER_QUERY])
+            held.update(reply["held"])
+        damaged = 0
+        with self.lock:
+            for bm_id, (state, record) in placed.items():
+                theirs = {(e.segment, e.offset, e.length) for e in record.extents if e.server_id == server_id}
+                if not theirs <= {tuple(e) for e in held.get(bm_id, [])}:
+                    record.lost_on.add(server_id)
+                    damaged += 1
+        if damaged:
+            log.warning("%d objects homed here lost their bytes on server %d, which restarted without them",
+                        damaged, server_id)
+        return damaged
+
+    def op_extents_held(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        """Which extents this server holds for these objects (a home asks after our restart)."""
+        ids = m.get("ids")
+        if not isinstance(ids, list) or len(ids) > OBJECTS_PER_QUERY:
+            raise InvalidArgument(f"extents_held takes at most {OBJECTS_PER_QUERY} ids")
+        with self.lock:
+            held: dict[str, list] = {}
+            for state in self.namespaces.values():
+                for bm_id in ids:
+                    extents = state.objects.lent_by_object.get(bm_id) if isinstance(bm_id, str) else None
+                    if extents:
+                        held.setdefault(bm_id, []).extend([e.segment, e.offset, e.length] for e in extents)
+            return {"held": held}
 
     def op_objects_alive(self, conn: Connection, m: dict[str, Any]) -> Reply:
         """Which of these ids name live objects here (a peer asks after our restart)."""
@@ -136,7 +177,8 @@ class BigMemoryService:
             raise InvalidArgument(f"objects_alive takes at most {OBJECTS_PER_QUERY} ids")
         with self.lock:
             tables = [st.objects.table for st in self.namespaces.values()]
-            return {"alive": [b for b in ids if isinstance(b, str) and any(t.is_live(b) for t in tables)]}
+            # Claimed (being allocated) and freed-but-mapped ids hold their extents too.
+            return {"alive": [b for b in ids if isinstance(b, str) and any(t.is_known(b) for t in tables)]}
 
     def restore(self, pool: PoolState) -> None:
         """Bring back a persistent pool's objects from its journal, for namespaces the catalog
@@ -254,6 +296,7 @@ class BigMemoryService:
         with self.lock:
             if not state.closed:
                 record = state.objects.table.create(size, extents, claimed=bm_id)
+                record.required_server = target if policy == "server" else None
                 self._log(state, "obj", bm_id, size, [list(_placement(e)) for e in extents])
                 state.objects.publish(record)
                 return _describe(record, state)
@@ -298,7 +341,7 @@ class BigMemoryService:
     def op_describe(self, conn: Connection, m: dict[str, Any]) -> Reply:
         state, _ = self._namespace(conn, m)
         with self.lock:
-            return _describe(self._lookup(state, m.get("bm_id")), state)
+            return _describe(self._usable(state, m.get("bm_id")), state)
 
     def op_free(self, conn: Connection, m: dict[str, Any]) -> Reply:
         state, creds = self._namespace(conn, m)
@@ -358,7 +401,7 @@ class BigMemoryService:
 
     def _expand(self, state: NamespaceState, creds: Creds, bm_id: Any, new_size: int) -> dict[str, Any]:
         with self.lock:
-            record = self._lookup(state, bm_id)
+            record = self._usable(state, bm_id)
             if new_size < record.size_bytes:
                 raise InvalidArgument(f"expand cannot shrink object {record.bm_id}: "
                                       f"{record.size_bytes} -> {new_size} bytes")
@@ -366,10 +409,13 @@ class BigMemoryService:
         self._zero_slack(state, creds, record, new_size)
         extents: list[Placement] = []
         if extra > 0:
-            try:
-                extents = self._place(state, creds, "local", extra, None, record.bm_id)
-            except OutOfMemory:
-                extents = self._place(state, creds, "spread", extra, None, record.bm_id)
+            if record.required_server is not None:    # a requirement, not a preference
+                extents = self._place(state, creds, "server", extra, record.required_server, record.bm_id)
+            else:
+                try:
+                    extents = self._place(state, creds, "local", extra, None, record.bm_id)
+                except OutOfMemory:
+                    extents = self._place(state, creds, "spread", extra, None, record.bm_id)
         try:
             with self.lock:
                 if state.closed:
@@ -385,7 +431,7 @@ class BigMemoryService:
     def op_map_pin(self, conn: Connection, m: dict[str, Any]) -> Reply:
         state, _ = self._namespace(conn, m)
         with self.lock:
-            self._lookup(state, m.get("bm_id"))
+            self._usable(state, m.get("bm_id"))
             return _describe(state.objects.table.pin(m["bm_id"], conn.id), state)
 
     def op_map_unpin(self, conn: Connection, m: dict[str, Any]) -> Reply:
@@ -402,6 +448,14 @@ class BigMemoryService:
         if home != self.server_id:
             raise InvalidArgument(f"object {bm_id} lives on server {home}, not on server {self.server_id}")
         return state.objects.table.lookup(bm_id)
+
+    def _usable(self, state: NamespaceState, bm_id: Any) -> ObjectRecord:
+        """_lookup, for using the object's bytes: one that lost some fails (free it)."""
+        record = self._lookup(state, bm_id)
+        if record.lost_on:
+            raise ServerUnavailable(f"object {record.bm_id} lost the bytes it had on server(s) "
+                                    f"{sorted(record.lost_on)}, which restarted without them; free it")
+        return record
 
     def op_extent_alloc(self, conn: Connection, m: dict[str, Any]) -> Reply:
         state, (pool, _, _) = self._namespace(conn, m)
@@ -488,7 +542,7 @@ class BigMemoryService:
             if parse_bm_id(bm_id)[0] == self.server_id:
                 me = self.server_id
                 owned = any(e.server_id == me and e.segment == segment and e.offset <= offset
-                            and end <= e.offset + e.length for e in self._lookup(state, bm_id).extents)
+                            and end <= e.offset + e.length for e in self._usable(state, bm_id).extents)
             else:
                 extents = state.objects.lent_by_object.get(bm_id)
                 if extents is None:
@@ -555,8 +609,9 @@ class BigMemoryService:
             return
         for server_id, items in by_server.items():
             try:
-                self._peer(server_id).call("extent_free", pool=creds[0], ns=creds[1], sec=creds[2],
-                                           bm_id=bm_id, extents=items)
+                with unbounded():         # memory given back must not wait for a next request
+                    self._peer(server_id).call("extent_free", pool=creds[0], ns=creds[1], sec=creds[2],
+                                               bm_id=bm_id, extents=items)
             except MemfabricError as exc:
                 log.warning("server %d did not take back %d extents: %s", server_id, len(items), exc)
 
@@ -574,11 +629,12 @@ class BigMemoryService:
             state, _ = self._namespace(conn, m)
             holder = object()
             with self.lock:
-                self._lookup(state, bm_id)
+                self._usable(state, bm_id)
                 d = _describe(state.objects.table.pin(bm_id, holder), state)
             pins.callback(self._unpin_here, state, creds, bm_id, holder)
             gens = state.objects.words
         else:
+            self.server.check_creds(conn, creds)      # never forward a secId unchecked
             link = self._peer(home)
             d = link.call("map_pin", **m)
             pins.callback(self._unpin_there, link, m)
@@ -609,7 +665,8 @@ class BigMemoryService:
 
     def _unpin_there(self, link: Any, m: dict[str, Any]) -> None:
         try:
-            link.call("map_unpin", **m)
+            with unbounded():             # however late the request: a pin must not stay
+                link.call("map_unpin", **m)
         except MemfabricError as exc:     # the peer drops our pins when our link to it goes
             log.info("unpinning %s on server %d: %s", m["bm_id"], link.server_id, exc)
 

@@ -10,7 +10,8 @@ import sys
 import threading
 
 from ..capacity import NotEnoughCapacity, check_memory
-from ..launcher import (READY_TIMEOUT_S, STOP_TIMEOUT_S, die_with_parent, wait_for_line, write_client_files,
+from ..launcher import (READY_TIMEOUT_S, STOP_TIMEOUT_S, StartStopped, die_with_parent, wait_for_line,
+                        write_client_files,
                         write_fabric)
 from ..units import format_size
 
@@ -99,7 +100,7 @@ def _run(directory: str, servers: int, capacity_bytes: int, segment_bytes: int,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      preexec_fn=die_with_parent)
             children.append(child)
-            wait_for_line(child, " ready ", READY_TIMEOUT_S, [], echo=_echo)
+            wait_for_line(child, " ready ", READY_TIMEOUT_S, [], echo=_echo, stop=stop)
         write_client_files(directory)
         print(f"memfabric fabric ready: {servers} server(s), ockPath={directory} "
               f"(remote clients: {directory}/remote.toml)", flush=True)
@@ -108,6 +109,9 @@ def _run(directory: str, servers: int, capacity_bytes: int, segment_bytes: int,
                 if child.poll() is not None and not getattr(child, "reported", False):
                     child.reported = True
                     print(f"memfabric: server process {child.pid} exited with {child.returncode}", flush=True)
+    except StartStopped:
+        print("memfabric up: stopped while starting", file=sys.stderr)
+        return 1
     except RuntimeError as exc:
         print(f"memfabric up: {exc}", file=sys.stderr)
         return 1

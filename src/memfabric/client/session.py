@@ -7,6 +7,7 @@ objects are BigMemory handles.
 
 from __future__ import annotations
 
+import atexit
 import hmac
 import numbers
 import resource
@@ -20,11 +21,25 @@ from ..datapath.connect import connect_to
 from ..datapath.link import Creds, ServerLink
 from ..datapath.rpc_link import RpcLink
 from ..transport import rpc
-from ..errors import InvalidArgument, MemfabricError, NotInitialized, ServerUnavailable
+from ..errors import InvalidArgument, MemfabricError, NotInitialized, ServerUnavailable, Timeout
 from ..limits import BUSY_POLL_US, DEFAULT_REQUEST_TIMEOUT_S, MAX_REQUEST_TIMEOUT_S
 from ..config import ConfigError, check_busy_poll_us, load_fabric_config
 from ..bigmemory.client import BigMemory, NamespaceObjects
 from .types import NamespaceInfo
+
+
+# Sessions still open when the interpreter exits are closed then (a Ctrl-C that ends a
+# program mid-call included): requests given up on are settled, nothing is left behind.
+_open_sessions: "weakref.WeakSet[Session]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_sessions() -> None:
+    for session in list(_open_sessions):
+        try:
+            session.close()
+        except Exception:       # noqa: BLE001 (exiting: nothing more to do about it)
+            pass
 
 
 def _raise_fd_limit() -> None:
@@ -60,6 +75,7 @@ class Session:
             raise InvalidArgument(f"busy_poll_us {exc}") from None
         self.busy_poll_s = busy_poll_us / 1e6
         self.closed = False
+        _open_sessions.add(self)
         self._lock = threading.Lock()
         self._links: dict[int, ServerLink] = {}
         # Handles by id, so compat calls find the layout again; weak: a dropped handle goes.
@@ -125,11 +141,16 @@ class Session:
             if link is not None and not link.closed:
                 return link
             if server_id == self.local.server_id or self.local.closed:
-                self.local = self._reconnect(self.local)
-                self._links[self.local.server_id] = self.local
+                try:
+                    self.local = self._reconnect(self.local)
+                    self._links[self.local.server_id] = self.local
+                except MemfabricError:
+                    if server_id == self.local.server_id:
+                        raise
+                    # This host's server is down: the others still serve; any open link knows them.
                 if server_id == self.local.server_id:
                     return self.local
-            for record in self.local.call("cluster_view")["servers"]:
+            for record in self._cluster_view(server_id):
                 if record["server_id"] == server_id:
                     if not record["alive"]:
                         raise ServerUnavailable(f"server {server_id} is not alive")
@@ -140,6 +161,32 @@ class Session:
                     self._links[server_id] = link
                     return link
         raise ServerUnavailable(f"the cluster knows no server {server_id}")
+
+    def _cluster_view(self, wanted: int) -> list[dict[str, Any]]:
+        """The cluster as a live server sees it: this host's, or any other this session has a
+        link to, or any the fabric's configuration names (under the session lock)."""
+        candidates = [self.local] + [ln for ln in self._links.values() if ln is not self.local]
+        for link in candidates:
+            if not link.closed:
+                try:
+                    return link.call("cluster_view")["servers"]
+                except (ServerUnavailable, Timeout):
+                    continue
+        for path in self.fabric.ipc_sockets:
+            try:
+                link = ServerLink(path, self.timeout_s, busy_poll_s=self.busy_poll_s)
+            except MemfabricError:
+                continue
+            self._links[link.server_id] = link
+            return link.call("cluster_view")["servers"]
+        for address in self.fabric.rpc_addresses if self._token is not None else []:
+            try:
+                link = RpcLink(address, self._token, self._tls, self.timeout_s, busy_poll_s=self.busy_poll_s)
+            except MemfabricError:
+                continue
+            self._links[link.server_id] = link
+            return link.call("cluster_view")["servers"]
+        raise ServerUnavailable(f"no server of this fabric answers (server {wanted} was asked for)")
 
     def _reconnect(self, link: ServerLink | RpcLink) -> ServerLink | RpcLink:
         if link.is_local:

@@ -43,6 +43,7 @@ MAKING, READY, RETIRING = "making", "ready", "retiring"
 # Destroying a segment takes a few ms: an allocation short by segments being destroyed now
 # is told to retry this much later.
 RETIRE_WAIT_S = 0.01
+SPARE_SLOT_MARGIN = 64      # segment slots (fds) spares leave free
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +113,7 @@ def round_up(size: int, unit: int) -> int:
 class SegmentAllocator:
     def __init__(self, capacity_bytes: int, max_segment_bytes: int, min_segment_bytes: int | None = None,
                  first_id: int = 1, page_size_bytes: int = PAGE_SIZE_BYTES,
-                 grace_s: float = REUSE_GRACE_S) -> None:
+                 grace_s: float = REUSE_GRACE_S, max_segments: int | None = None) -> None:
         min_segment_bytes = min(max_segment_bytes, min_segment_bytes or max_segment_bytes)
         for name, value in (("segment size", max_segment_bytes), ("smallest segment size", min_segment_bytes)):
             if type(value) is not int or value <= 0 or value % page_size_bytes:
@@ -123,6 +124,12 @@ class SegmentAllocator:
         if type(first_id) is not int or first_id < 1:
             raise InvalidArgument(f"segment ids start at a positive int, got {first_id!r}")
         self.capacity_bytes = capacity_bytes
+        # Each segment costs the server fds: at most this many at once (capacity.segment_slots),
+        # so segments grow past the doubling rule when slots run short (_next_size).
+        self.max_segments = max_segments if max_segments is not None else 1 << 62
+        if self.max_segments * max_segment_bytes < capacity_bytes:
+            raise InvalidArgument(f"{self.max_segments} segments of at most {max_segment_bytes} bytes cannot "
+                                  f"hold a capacity of {capacity_bytes} bytes")
         self.max_segment_bytes = max_segment_bytes
         self.min_segment_bytes = min_segment_bytes
         self.page_size_bytes = page_size_bytes
@@ -233,6 +240,9 @@ class SegmentAllocator:
             raise OutOfMemory(f"pool has {room + budget} bytes free for this namespace, {need} asked",
                               retry_at_s=self._retry_time(need - room - budget, now_s))
         whole, new_sizes, tail, fragments = self._plan(owner, rec, need, budget)
+        if len(self._segments) + len(new_sizes) > self.max_segments + self._reclaimable_count(owner):
+            raise OutOfMemory(f"this server holds {len(self._segments)} segments, as many as its fd limit allows; "
+                              "memory is free but in other namespaces' segments")
         extents = len(whole) + len(new_sizes) + (tail is not None) + len(fragments)
         if extents > MAX_EXTENTS_PER_OBJECT:      # refused before anything changed
             raise OutOfMemory(f"free memory is too fragmented: {extents} extents needed, "
@@ -398,7 +408,9 @@ class SegmentAllocator:
         for size, count in sorted(wanted.items()):
             have = len(self._spares.get(size, [])) + self._making_spares.get(size, 0)
             for _ in range(count - have):
-                if self.capacity_bytes - self._committed < size:
+                # Spares never take the last slots: those must hold the rest of the capacity.
+                if (self.capacity_bytes - self._committed < size
+                        or self.max_segments - len(self._segments) <= SPARE_SLOT_MARGIN):
                     return planned
                 seg = self._add_segment(size, owner=None, state=MAKING)
                 self._making_spares[size] = self._making_spares.get(size, 0) + 1
@@ -482,6 +494,10 @@ class SegmentAllocator:
         rec = self._owners.get(owner)
         held = rec.held_bytes if rec is not None else 0
         grown = min(self.max_segment_bytes, max(self.min_segment_bytes, held))
+        # Never so small that the segments left to make could not hold the rest of the capacity.
+        slots_left = max(1, self.max_segments - len(self._segments))
+        floor = round_up(-(-(self.capacity_bytes - self._committed) // slots_left), self.page_size_bytes)
+        grown = max(grown, min(self.max_segment_bytes, floor))
         return min(self.max_segment_bytes, max(round_up(need, self.page_size_bytes), grown))
 
     def _reclaimable_bytes(self, owner: Hashable | None) -> int:
@@ -490,6 +506,11 @@ class SegmentAllocator:
         rec = self._owners.get(owner) if owner is not None else None
         retiring = sum(s.size for s in self._retiring.values() if s.holds == 0)
         return self._spare_bytes + retiring + self._idle_bytes - (self._owner_idle_bytes(rec) if rec else 0)
+
+    def _reclaimable_count(self, owner: Hashable) -> int:
+        rec = self._owners.get(owner)
+        idle = sum(len(r.idle) for r in self._owners.values()) - (len(rec.idle) if rec else 0)
+        return sum(len(s) for s in self._spares.values()) + len(self._retiring) + idle
 
     @staticmethod
     def _owner_idle_bytes(rec: _Owner) -> int:

@@ -45,6 +45,18 @@ def serving_until(deadline: float | None) -> Iterator[None]:
         _deadline.reset(token)
 
 
+def unbounded() -> "contextmanager[None]":
+    """For work that must happen whatever the request's deadline: giving back what it held
+    (pins, extents). Such calls wait as long as their link allows, no longer."""
+    return serving_until(None)
+
+
+def time_left_s() -> float | None:
+    """What is left of the request's deadline (None: it named none)."""
+    deadline = _deadline.get()
+    return None if deadline is None else deadline - time.monotonic()
+
+
 def call_timeout_s(link_timeout_s: float) -> float:
     """How long a call may wait: the link's own timeout, or less when the request being
     served must be answered sooner (zero or less: no time is left to ask)."""

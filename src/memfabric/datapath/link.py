@@ -23,10 +23,10 @@ from typing import Any
 
 from ..errors import (BmError, LimitExceeded, MemfabricError, NoSuchNamespace, NoSuchObject, ProtocolError,
                       ServerUnavailable, Timeout, error_from_code)
-from ..limits import BUSY_POLL_US, DEFAULT_REQUEST_TIMEOUT_S, MAX_FDS_PER_MESSAGE, MAX_UNANSWERED_REQUESTS
+from ..limits import BUSY_POLL_US, DEFAULT_REQUEST_TIMEOUT_S, MAX_FDS_PER_MESSAGE, MAX_UNANSWERED_REQUESTS, SETTLE_S
 from ..transport import wire
 from ..transport.ipc import IpcChannel, PeerClosed
-from .deadline import call_timeout_s
+from .deadline import call_timeout_s, serving_until
 from .late_replies import undo_of
 from ..media.files import FileSegment
 from .mapping import SharedRange
@@ -411,7 +411,20 @@ class ServerLink:
             self._gen_tables.clear()
 
     def close(self) -> None:
+        if self._abandoned and not self._closed:
+            settle(self)
         with self._lock:
             self._closed = True
             self._channel.close()
         self._revoke_all()
+
+
+def settle(link: Any) -> None:
+    """Before a link closes with requests given up on: one last short call reads their late
+    replies, and sends what undoes their work (an object allocated for no one), so that
+    closing right after a TIMEOUT, or a Ctrl-C, leaves nothing behind."""
+    with serving_until(time.monotonic() + SETTLE_S):
+        try:
+            link.call("stats")
+        except MemfabricError:
+            pass

@@ -27,7 +27,7 @@ from ..limits import BUSY_POLL_US, DEFAULT_REQUEST_TIMEOUT_S, MAX_RPC_IN_FLIGHT,
 from ..transport import rpc
 from .deadline import call_timeout_s
 from .late_replies import undo_of
-from .link import LIVENESS_CHECK_EVERY_S, Creds
+from .link import LIVENESS_CHECK_EVERY_S, Creds, settle
 
 log = logging.getLogger("memfabric.link")
 
@@ -54,9 +54,17 @@ class RpcLink:
         self.address = address
         self.timeout_s = timeout_s
         self.busy_poll_s = busy_poll_s
-        self._frames = rpc.connect(address, tls, timeout_s, busy_poll_s)
+        # Connecting is bounded by the link's timeout and by the request being served, if any
+        # (a server meeting a stuck peer must still answer its client in time).
+        connect_s = call_timeout_s(timeout_s)
+        if connect_s <= 0:
+            raise Timeout(f"no time was left to connect to {address}")
+        self._frames = rpc.connect(address, tls, connect_s, busy_poll_s)
         try:
-            self.server_id = rpc.client_handshake(self._frames, token)
+            self.server_id = rpc.client_handshake(self._frames, token, call_timeout_s(timeout_s))
+        except Timeout as exc:
+            self._frames.close()
+            raise Timeout(f"server at {address}: {exc}") from None
         except BaseException:
             self._frames.close()
             raise
@@ -341,6 +349,8 @@ class RpcLink:
     def close(self) -> None:
         if self._closed:
             return
+        if self._abandoned:
+            settle(self)
         try:
             self._shut(ServerUnavailable("connection closed"), raise_it=False)
         except MemfabricError:

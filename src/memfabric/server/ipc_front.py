@@ -37,10 +37,13 @@ class IpcFront:
 
     def _take(self, sock: socket.socket) -> None:
         channel = IpcChannel(sock, self.busy_poll_s)
+        pid, uid = _peer_creds(sock)
+        # The cluster's own servers never count against the clients' slots: a client holding
+        # them all must not cut the servers off from each other.
+        is_peer = self.server.is_server_pid(pid)
         with self._lock:
-            full = len(self._connections) >= self.max_clients
+            full = len(self._connections) >= self.max_clients and not is_peer
             if not full:
-                pid, uid = _peer_creds(sock)
                 conn = Connection(peer_pid=pid, client=f"uid {uid}", carries_fds=True)
                 self._connections[conn.id] = channel
         if full:

@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 
-from ..capacity import NotEnoughCapacity, check_pools
+from ..capacity import NotEnoughCapacity, check_pools, segment_slots
 from ..errors import MemfabricError
 from ..config import ConfigError, load_server_config
 from ..transport import rpc
@@ -56,6 +56,7 @@ def run_server(config_path: str) -> int:
         return 2
     try:
         check_pools(cfg.pools, cfg.source)    # before anything is written or reserved
+        segment_slots(cfg.pools, cfg.segment_bytes)
     except NotEnoughCapacity as exc:
         print(f"memfabric server: cannot start: {exc}", file=sys.stderr)
         return 2

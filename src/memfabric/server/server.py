@@ -17,17 +17,18 @@ from collections import defaultdict
 from typing import Any, Callable
 
 
+from ..capacity import segment_slots
 from ..cluster import ClusterService, ServerRecord, open_cluster
 from ..cluster.base import creator_limit_message
 from ..core.allocator import Extent
 from ..core.namespaces import check_attribute, check_name, check_sec_id
 from ..bigmemory.objects import Generations
 from ..datapath.connect import connect_to
-from ..datapath.deadline import deadline_for, serving_until
+from ..datapath.deadline import deadline_for, serving_until, time_left_s
 from ..datapath.link import Creds, ServerLink
 from ..transport import rpc
 from ..errors import (InternalError, InvalidArgument, LimitExceeded, MemfabricError, NamespaceExists, NoSuchNamespace,
-                      NoSuchObject, NoSuchPool, OutOfMemory, PermissionDenied, ServerUnavailable)
+                      NoSuchObject, NoSuchPool, OutOfMemory, PermissionDenied, ServerUnavailable, Timeout)
 from ..limits import (MAX_FDS_PER_MESSAGE, PAGE_SIZE_BYTES, PEER_TIMEOUT_S, RESERVE_RETRY_S, SEGMENT_KEEPER_INTERVAL_S,
                       SPARE_CAPACITY_DIVISOR, SPARE_SMALL_SEGMENTS, SPARE_TOP_SEGMENTS)
 from ..config import ServerConfig
@@ -117,10 +118,12 @@ class Server:
         self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat",
                                                   daemon=True)
         self._heartbeat_thread.start()
+        slots = segment_slots(self.cfg.pools, self.cfg.segment_bytes)
         for pool_cfg in self.cfg.pools:
             # Segment ids of this life start past every earlier life's (epochs never repeat).
             self.pools[pool_cfg.name] = PoolState(pool_cfg, self.cfg.segment_bytes, self.cfg.min_segment_bytes,
-                                                  f"s{self.server_id}", first_segment_id=(self.epoch << 32) + 1)
+                                                  f"s{self.server_id}", first_segment_id=(self.epoch << 32) + 1,
+                                                  max_segments=slots[pool_cfg.name])
         for pool in self.pools.values():
             if pool.persistent:
                 self.bigmemory.restore(pool)
@@ -324,10 +327,37 @@ class Server:
             if record is None:
                 raise NoSuchNamespace(f"no namespace {ns!r} in pool {pool!r}")
             return self._namespace(conn, m)
-        if not self.sec_ids.matches(state.record, sec, None if conn.role == "peer" else conn.client):
+        # Peers too spend from a failure budget (theirs: the token is every remote client's, so
+        # "peer" proves no more than that). A server forwards only secIds it checked itself
+        # (check_creds), so an honest peer never fails.
+        if not self.sec_ids.matches(state.record, sec, conn.client):
             raise PermissionDenied(f"wrong secId for namespace {ns!r} in pool {pool!r}")
         conn.verified[(pool, ns)] = (state.record.incarnation, sec)
         return state, creds
+
+    def check_creds(self, conn: Connection, creds: Creds) -> None:
+        """Check a namespace's secId before passing it on to a peer (the namespace need not
+        have memory here), against this connection's failure budget."""
+        pool, ns, sec = creds
+        proven = conn.verified.get((pool, ns))
+        if proven is not None and hmac.compare_digest(proven[1], sec):
+            state = self.namespaces.get((pool, ns))
+            if state is None or state.record.incarnation == proven[0]:
+                return
+        record = self.cluster.get_namespace(pool, ns)
+        if record is None:
+            raise NoSuchNamespace(f"no namespace {ns!r} in pool {pool!r}")
+        if not self.sec_ids.matches(record, sec, conn.client):
+            raise PermissionDenied(f"wrong secId for namespace {ns!r} in pool {pool!r}")
+        conn.verified[(pool, ns)] = (record.incarnation, sec)
+
+    def is_server_pid(self, pid: int | None) -> bool:
+        """Whether a process on this host is a live server of the cluster (the view may be a
+        moment old: a server started just now is a client until the next look)."""
+        try:
+            return pid is not None and any(s.alive and s.pid == pid for s in self.view())
+        except MemfabricError:
+            return False
 
     def op_hello(self, conn: Connection, m: dict[str, Any]) -> Reply:
         if m.get("role") == "peer":
@@ -436,13 +466,16 @@ class Server:
                               for (pool, ns), s in self.namespaces.items()]}
 
     def _ask_peers(self, op: str) -> list[Any]:
+        left = time_left_s()
+        if left is not None and left <= 0:       # the caller has given up already: ask no one
+            raise Timeout(f"no time was left to ask the other servers ({op!r})")
         answers = []
         for server in self.view(fresh=True):
             if server.alive and server.server_id != self.server_id:
                 try:
                     answers.append(self._peer(server.server_id).call(op)["usage"])
                 except MemfabricError as exc:
-                    log.warning("server %d did not answer %s: %s", server.server_id, op, exc)
+                    self.limited_log.warning("ask peers", "server %d did not answer %s: %s", server.server_id, op, exc)
         return answers
 
     def op_segments(self, conn: Connection, m: dict[str, Any]) -> Reply:

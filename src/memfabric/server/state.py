@@ -28,7 +28,7 @@ class PoolState:
     """
 
     def __init__(self, cfg: PoolConfig, max_segment_bytes: int, min_segment_bytes: int, label: str,
-                 first_segment_id: int) -> None:
+                 first_segment_id: int, max_segments: int | None = None) -> None:
         self.name = cfg.name
         self.medium_kind = cfg.medium
         self.capacity_bytes = cfg.capacity_bytes
@@ -39,7 +39,7 @@ class PoolState:
         self.medium: Medium = (DramMedium(f"{label}-{cfg.name}") if cfg.medium == "dram"
                                else FileMedium(cfg.medium, cfg.path or ""))
         self.allocator = SegmentAllocator(cfg.capacity_bytes, max_segment_bytes, min_segment_bytes,
-                                          first_id=first_segment_id)
+                                          first_id=first_segment_id, max_segments=max_segments)
         self.segments: dict[int, SegmentMemory] = {}
 
     def existing_segments(self) -> dict[int, int]:

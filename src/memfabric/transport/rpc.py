@@ -251,9 +251,11 @@ def server_handshake(frames: FrameSocket, token: bytes, server_id: int) -> None:
     frames.send({"id": 0, "proof": _proof(token, b"server", client_nonce, server_nonce)})
 
 
-def client_handshake(frames: FrameSocket, token: bytes) -> int:
-    """Proves the token and checks the server's proof; returns the server's id."""
-    deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
+def client_handshake(frames: FrameSocket, token: bytes, timeout_s: float = HANDSHAKE_TIMEOUT_S) -> int:
+    """Proves the token and checks the server's proof; returns the server's id. Bounded by
+    `timeout_s` as well as HANDSHAKE_TIMEOUT_S: a caller with less time waits less."""
+    timeout_s = min(timeout_s, HANDSHAKE_TIMEOUT_S)
+    deadline = time.monotonic() + timeout_s
     try:
         hello, _ = frames.recv_header(deadline)
         if hello.get("hello") != PROTOCOL or not isinstance(hello.get("nonce"), bytes):
@@ -263,7 +265,7 @@ def client_handshake(frames: FrameSocket, token: bytes) -> int:
                      "proof": _proof(token, b"client", hello["nonce"], client_nonce)})
         verdict, _ = frames.recv_header(deadline)
     except socket.timeout:
-        raise Timeout(f"no handshake within {HANDSHAKE_TIMEOUT_S}s") from None
+        raise Timeout(f"no handshake within {timeout_s:.3g}s") from None
     except ConnectionError:
         raise PermissionDenied("the server closed the connection during the token challenge") from None
     if "error" in verdict:

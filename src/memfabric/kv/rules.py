@@ -1,0 +1,84 @@
+"""What a key, a value and a TTL may be, and where a key lives. Pure: no I/O, no clock (the
+caller passes the time).
+
+A key's homes are chosen by rendezvous (highest-random-weight) hashing over the live servers
+of its namespace's pool: every server gets a score from the key and its id, the highest R
+hold the key. Adding or losing a server moves only that server's share of the keys, and any
+client that sees the same servers computes the same homes, with no table to share.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import xxhash
+
+from ..errors import InvalidArgument
+from ..limits import MAX_KV_KEY_BYTES, MAX_KV_VALUE_BYTES, MAX_KV_REPLICAS
+from .index import fix_hash
+
+NO_EXPIRY = 0
+
+
+def check_key(key: object) -> bytes:
+    """A key as bytes: bytes-like, or str (UTF-8); 1 to MAX_KV_KEY_BYTES bytes."""
+    if isinstance(key, str):
+        key = key.encode()
+    elif isinstance(key, (bytearray, memoryview)):
+        key = bytes(key)
+    if not isinstance(key, bytes):
+        raise InvalidArgument(f"a key is bytes or str, got {type(key).__name__}")
+    if not 0 < len(key) <= MAX_KV_KEY_BYTES:
+        raise InvalidArgument(f"a key is 1 to {MAX_KV_KEY_BYTES} bytes, got {len(key)}")
+    return key
+
+
+def check_value_length(length: int) -> int:
+    if not 0 <= length <= MAX_KV_VALUE_BYTES:
+        raise InvalidArgument(f"a value is 0 to {MAX_KV_VALUE_BYTES} bytes, got {length}")
+    return length
+
+
+def key_hash(key: bytes) -> int:
+    """The key's hash in the index (never an empty or deleted slot's mark)."""
+    return fix_hash(xxhash.xxh3_64_intdigest(key))
+
+
+def homes(key: bytes, servers: list[int], replicas: int) -> list[int]:
+    """The servers that hold `key`, best first: the `replicas` highest rendezvous scores."""
+    scored = sorted(servers, key=lambda s: (xxhash.xxh3_64_intdigest(key, s), s), reverse=True)
+    return scored[:replicas]
+
+
+def check_replicas(replicas: object) -> int:
+    try:
+        r = operator.index(replicas)
+    except TypeError:
+        raise InvalidArgument(f"replicas is a whole number, got {replicas!r}") from None
+    if not 1 <= r <= MAX_KV_REPLICAS:
+        raise InvalidArgument(f"replicas is 1 to {MAX_KV_REPLICAS}, got {r}")
+    return r
+
+
+def expiry_ms(ttl_s: object, now_ms: int) -> int:
+    """The absolute expiry (ms of the wall clock) of a TTL in seconds; None: never."""
+    if ttl_s is None:
+        return NO_EXPIRY
+    if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) and not hasattr(ttl_s, "__float__"):
+        raise InvalidArgument(f"ttl_s is a number of seconds, got {ttl_s!r}")
+    ttl = float(ttl_s)
+    if not math.isfinite(ttl) or ttl <= 0:
+        raise InvalidArgument(f"ttl_s is a positive number of seconds, got {ttl_s!r}")
+    return now_ms + max(1, round(ttl * 1000))
+
+
+def expired(expiry: int, now_ms: int) -> bool:
+    return expiry != NO_EXPIRY and expiry <= now_ms
+
+
+def ttl_left_s(expiry: int, now_ms: int) -> float:
+    """As Redis's TTL, in seconds: -1.0 when the key never expires."""
+    if expiry == NO_EXPIRY:
+        return -1.0
+    return max(0.0, (expiry - now_ms) / 1000)
