@@ -261,3 +261,18 @@ def test_a_catalog_written_before_creators_is_still_read(make_cluster, tmp_path)
     assert new.incarnation != old.incarnation
     assert [(r.ns, r.creator) for r in cluster.namespaces()] == [("new", "uid 3"), ("old", "")]
     assert cluster.delete_namespace("default", "old", old.incarnation)
+
+
+def test_namespace_settings_live_and_die_with_their_incarnation(make_cluster):
+    a, b = make_cluster(), make_cluster()
+    rec = a.create_namespace("p", "settled", 0, "00", "11")
+    assert a.get_settings("p", "settled", rec.incarnation, "kv") is None
+    assert a.set_settings("p", "settled", rec.incarnation, "kv", {"memory_limit": 1024, "eviction": "lru"})
+    assert b.get_settings("p", "settled", rec.incarnation, "kv") == {"memory_limit": 1024, "eviction": "lru"}
+    assert b.set_settings("p", "settled", rec.incarnation, "kv", {"replicas": 2})
+    assert a.get_settings("p", "settled", rec.incarnation, "kv") == {"replicas": 2}
+    assert not a.set_settings("p", "settled", rec.incarnation + 999, "kv", {"x": 1})   # no such incarnation
+    assert a.delete_namespace("p", "settled", rec.incarnation)
+    assert a.get_settings("p", "settled", rec.incarnation, "kv") is None
+    again = a.create_namespace("p", "settled", 0, "00", "11")
+    assert a.get_settings("p", "settled", again.incarnation, "kv") is None

@@ -68,4 +68,10 @@ class ClusterService(Protocol):
 
     def namespaces(self) -> list[NamespaceRecord]: ...
 
+    def set_settings(self, pool: str, ns: str, incarnation: int, name: str, value: dict[str, Any]) -> bool:
+        """Keep a namespace incarnation's settings of one kind (e.g. "kv"); False when that
+        incarnation is gone. They go with the namespace."""
+
+    def get_settings(self, pool: str, ns: str, incarnation: int, name: str) -> dict[str, Any] | None: ...
+
     def close(self) -> None: ...

@@ -51,6 +51,14 @@ CREATE TABLE IF NOT EXISTS namespaces (
     PRIMARY KEY (pool, ns)
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS ns_settings (
+    pool        TEXT NOT NULL,
+    ns          TEXT NOT NULL,
+    incarnation INTEGER NOT NULL,
+    name        TEXT NOT NULL,
+    value       TEXT NOT NULL,
+    PRIMARY KEY (pool, ns, incarnation, name)
+);
 """
 _NS_COLUMNS = "pool, ns, attribute, salt, sec_hash, incarnation, creator"
 _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
@@ -272,9 +280,27 @@ class EmbeddedCluster:
         return None if row is None else NamespaceRecord(*row)
 
     def delete_namespace(self, pool: str, ns: str, incarnation: int) -> bool:
-        cur = self._run(lambda db: db.execute(
-            "DELETE FROM namespaces WHERE pool=? AND ns=? AND incarnation=?", (pool, ns, incarnation)))
-        return cur.rowcount == 1
+        def txn(db: sqlite3.Connection) -> bool:
+            cur = db.execute("DELETE FROM namespaces WHERE pool=? AND ns=? AND incarnation=?", (pool, ns, incarnation))
+            db.execute("DELETE FROM ns_settings WHERE pool=? AND ns=? AND incarnation=?", (pool, ns, incarnation))
+            return cur.rowcount == 1
+        return self._run(txn)
+
+    def set_settings(self, pool: str, ns: str, incarnation: int, name: str, value: dict[str, Any]) -> bool:
+        def txn(db: sqlite3.Connection) -> bool:
+            if not db.execute("SELECT 1 FROM namespaces WHERE pool=? AND ns=? AND incarnation=?",
+                              (pool, ns, incarnation)).fetchone():
+                return False
+            db.execute("INSERT INTO ns_settings VALUES (?, ?, ?, ?, ?) ON CONFLICT(pool, ns, incarnation, name) "
+                       "DO UPDATE SET value = excluded.value", (pool, ns, incarnation, name, json.dumps(value)))
+            return True
+        return self._run(txn)
+
+    def get_settings(self, pool: str, ns: str, incarnation: int, name: str) -> dict[str, Any] | None:
+        row = self._run(lambda db: db.execute(
+            "SELECT value FROM ns_settings WHERE pool=? AND ns=? AND incarnation=? AND name=?",
+            (pool, ns, incarnation, name)).fetchone(), write=False)
+        return None if row is None else json.loads(row[0])
 
     def namespaces(self) -> list[NamespaceRecord]:
         rows = self._run(lambda db: db.execute(

@@ -273,7 +273,24 @@ class EtcdCluster:
         key = self._key("ns", pool, ns)
         t = self._client.transactions
         ok, _ = self._client.transaction(compare=[t.create(key) == incarnation], success=[t.delete(key)], failure=[])
+        if ok:
+            self._client.delete_prefix(self._key("nsset", pool, ns, incarnation) + "/")
         return bool(ok)
+
+    @_guard
+    def set_settings(self, pool: str, ns: str, incarnation: int, name: str, value: dict[str, Any]) -> bool:
+        """Put only while the namespace's incarnation lives (one transaction)."""
+        ns_key = self._key("ns", pool, ns)
+        t = self._client.transactions
+        ok, _ = self._client.transaction(
+            compare=[t.create(ns_key) == incarnation],
+            success=[t.put(self._key("nsset", pool, ns, incarnation, name), json.dumps(value))], failure=[])
+        return bool(ok)
+
+    @_guard
+    def get_settings(self, pool: str, ns: str, incarnation: int, name: str) -> dict[str, Any] | None:
+        value, _ = self._client.get(self._key("nsset", pool, ns, incarnation, name))
+        return None if value is None else json.loads(value)
 
     @_guard
     def namespaces(self) -> list[NamespaceRecord]:
