@@ -145,6 +145,10 @@ class Maker:
             return os.getpid()
         if kind == "attribute":
             return r.choice([0, 1])
+        if kind == "exist_ok":
+            return r.choice([False, True])
+        if kind == "after":
+            return r.choice([-1, -1, 0, 3, 999, 65535])
         if kind == "incarnation":
             return v.incarnation
         if kind == "operator":
@@ -274,7 +278,7 @@ CREDS = ["pool", "ns", "sec"]
 FIELDS: dict[str, list[str]] = {
     "hello": ["role", "pid"],
     "stats": [], "cluster_view": [], "ns_query": [], "ns_usage": [],
-    "ns_create": CREDS + ["attribute"],
+    "ns_create": CREDS + ["attribute", "exist_ok"],
     "ns_destroy": CREDS,
     "ns_drop": CREDS + ["incarnation"],
     "ns_open": CREDS,
@@ -294,6 +298,7 @@ FIELDS: dict[str, list[str]] = {
     "reduce_part": ["operator", "dtype", "inputs"],
     "home_restarted": ["home"],
     "objects_alive": ["ids"],
+    "objects": CREDS + ["after"],
     "seg_read": CREDS + ["bm_id", "segment", "offset", "length"],
     "seg_write": CREDS + ["bm_id", "segment", "offset", "length"],
 }

@@ -45,34 +45,43 @@ class MemfabricError(Exception):
 
 
 class InvalidArgument(MemfabricError):
+    """An argument of the wrong type or value (the message names it)."""
     code = BmError.INVALID_ARGUMENT
 
 
 class NotInitialized(MemfabricError):
+    """The session is closed (or, in compat, BM_Init was not called)."""
     code = BmError.NOT_INITIALIZED
 
 
 class NoSuchPool(MemfabricError):
+    """No live server gives memory to that pool (`memfabric status` lists the pools)."""
     code = BmError.NO_SUCH_POOL
 
 
 class NoSuchNamespace(MemfabricError):
+    """No such namespace in that pool (never created, or destroyed)."""
     code = BmError.NO_SUCH_NAMESPACE
 
 
 class NamespaceExists(MemfabricError):
+    """create_namespace of a name that exists (exist_ok=True opens it instead)."""
     code = BmError.NAMESPACE_EXISTS
 
 
 class PermissionDenied(MemfabricError):
+    """A wrong secId for the namespace, or an operation for servers only."""
     code = BmError.PERMISSION_DENIED
 
 
 class NoSuchObject(MemfabricError):
+    """No such object: freed, its namespace destroyed, or never made."""
     code = BmError.NO_SUCH_OBJECT
 
 
 class OutOfMemory(MemfabricError):
+    """No room for an allocation where its affinity allows it (the message gives the figures,
+    and what would fit)."""
     code = BmError.OUT_OF_MEMORY
 
     def __init__(self, message: str = "", retry_at_s: float | None = None) -> None:
@@ -82,34 +91,47 @@ class OutOfMemory(MemfabricError):
 
 
 class OutOfRange(MemfabricError):
+    """A range outside an object, a file or a buffer."""
     code = BmError.OUT_OF_RANGE
 
 
 class ServerUnavailable(MemfabricError):
+    """A server is dead, unreachable or not running (the message says which)."""
     code = BmError.SERVER_UNAVAILABLE
 
 
 class Timeout(MemfabricError):
+    """A request ran out of time (`timeout_s`); its connection stays usable."""
     code = BmError.TIMEOUT
 
 
-class IOError_(MemfabricError):
+class MemfabricIOError(MemfabricError):
+    """A file or a mapping failed (swap_in's file, a pool's segment file, mmap). Not named
+    `IoError`: one letter's case from the builtin `IOError` (an OSError), which an `except
+    IOError:` would catch instead of this."""
     code = BmError.IO_ERROR
 
 
+IOError_ = MemfabricIOError     # its first name, kept for code written against it
+
+
 class Busy(MemfabricError):
+    """Not now: buffers of a mapping still live, or a server is busy checking a secId."""
     code = BmError.BUSY
 
 
 class ProtocolError(MemfabricError):
+    """A message that is not memfabric's protocol (a bug, or not a memfabric server)."""
     code = BmError.PROTOCOL_ERROR
 
 
 class LimitExceeded(MemfabricError):
+    """A limit of limits.py reached (objects, namespaces, wrong secIds, open files)."""
     code = BmError.LIMIT_EXCEEDED
 
 
 class AlreadyInitialized(MemfabricError):
+    """compat's BM_Init while a session is open."""
     code = BmError.ALREADY_INITIALIZED
 
 
@@ -123,7 +145,7 @@ _BY_CODE: dict[int, type[MemfabricError]] = {
     for cls in (
         InvalidArgument, NotInitialized, NoSuchPool, NoSuchNamespace, NamespaceExists,
         PermissionDenied, NoSuchObject, OutOfMemory, OutOfRange, ServerUnavailable,
-        Timeout, IOError_, Busy, ProtocolError, LimitExceeded, AlreadyInitialized, InternalError,
+        Timeout, MemfabricIOError, Busy, ProtocolError, LimitExceeded, AlreadyInitialized, InternalError,
     )
 }
 

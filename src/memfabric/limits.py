@@ -12,6 +12,7 @@ MAX_SEC_ID_BYTES = 256
 MAX_EXTENTS_PER_OBJECT = 4096
 MAX_OBJECTS_PER_NAMESPACE = 65536   # per home server; sizes the shared generation table
 MAX_BATCH_IDS = 4096           # BM_BatchFreeSec
+MAX_OBJECTS_PER_LISTING = 1000  # objects per page of a namespace's listing (well inside one message)
 MAX_GATHER_INPUTS = 1024
 MAX_OBJECT_BYTES = 1 << 40
 

@@ -6,7 +6,8 @@ operation they describe is answered. Replay stops at the first torn or corrupt r
 snapshot of what lives (temporary file, fsync, rename, fsync of the directory), so it
 stays as small as the live set plus one run's changes.
 
-    ["obj",  ns, incarnation, bm_id, size, [[server, segment, offset, length], ...]]
+    ["obj",  ns, incarnation, bm_id, size, [[server, segment, offset, length], ...], created_s]
+                                            (created_s: wall-clock seconds; absent in older journals)
     ["free", ns, incarnation, bm_id]
     ["held", ns, incarnation, bm_id, [[segment, offset, length], ...]]   # [] = none any more
     ["drop", ns, incarnation]

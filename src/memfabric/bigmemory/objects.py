@@ -43,6 +43,7 @@ class ObjectRecord:
     # Servers that came back without the bytes they held of it (DRAM restarts): its data is
     # gone there, and using it fails so, until it is freed.
     lost_on: set[int] = field(default_factory=set)
+    created_s: float = 0.0       # wall-clock time of its allocation, as its caller gave it
 
     @property
     def reserved_bytes(self) -> int:
@@ -142,7 +143,8 @@ class ObjectTable:
         del self._claimed_generation[slot]
         self._free_slots.append(slot)
 
-    def create(self, size_bytes: int, extents: list[Placement], claimed: str | None = None) -> ObjectRecord:
+    def create(self, size_bytes: int, extents: list[Placement], claimed: str | None = None,
+               created_s: float = 0.0) -> ObjectRecord:
         if size_bytes <= 0:
             raise InvalidArgument(f"size must be positive, got {size_bytes}")
         if sum(e.length for e in extents) < size_bytes:
@@ -153,12 +155,13 @@ class ObjectTable:
         _, slot, generation = parse_bm_id(bm_id)
         assert self._claimed_generation.get(slot) == generation, f"{bm_id} was not claimed"
         del self._claimed_generation[slot]
-        record = ObjectRecord(bm_id, slot, generation, size_bytes, list(extents))
+        record = ObjectRecord(bm_id, slot, generation, size_bytes, list(extents), created_s=created_s)
         self._live[slot] = record
         self._live_bytes += size_bytes
         return record
 
-    def restore(self, bm_id: str, size_bytes: int, extents: list[Placement]) -> ObjectRecord:
+    def restore(self, bm_id: str, size_bytes: int, extents: list[Placement],
+                created_s: float = 0.0) -> ObjectRecord:
         """Bring back an object that lived before a restart, with its very id."""
         server_id, slot, generation = parse_bm_id(bm_id)
         if server_id != self.server_id or slot >= self.max_objects or slot in self._live:
@@ -167,10 +170,28 @@ class ObjectTable:
             self._free_slots.append(self._slots)
             self._slots += 1
         self._free_slots.remove(slot)
-        record = ObjectRecord(bm_id, slot, generation, size_bytes, list(extents))
+        record = ObjectRecord(bm_id, slot, generation, size_bytes, list(extents), created_s=created_s)
         self._live[slot] = record
         self._live_bytes += size_bytes
         return record
+
+    def page(self, after_slot: int, limit: int) -> tuple[list[ObjectRecord], int | None]:
+        """Up to `limit` live records in slot order, from the slot after `after_slot`; and
+        the slot to continue after, or None at the end. Pages walk slots, not a sorted copy:
+        a whole listing costs one pass over the table however many pages it takes."""
+        if type(after_slot) is not int or type(limit) is not int or limit < 1:
+            raise InvalidArgument(f"a page starts after a slot (an int) and has at least one record, "
+                                  f"got after {after_slot!r}, limit {limit!r}")
+        records: list[ObjectRecord] = []
+        slot = max(after_slot + 1, 0)
+        while slot < self._slots:
+            record = self._live.get(slot)
+            if record is not None:
+                records.append(record)
+                if len(records) == limit:
+                    return records, slot if slot + 1 < self._slots else None
+            slot += 1
+        return records, None
 
     def is_live(self, bm_id: str) -> bool:
         try:

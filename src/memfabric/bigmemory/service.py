@@ -21,7 +21,8 @@ import numpy as np
 from ..core.allocator import Extent, round_up
 from ..errors import (InvalidArgument, LimitExceeded, MemfabricError, NoSuchNamespace, NoSuchObject, OutOfMemory,
                       OutOfRange, ServerUnavailable)
-from ..limits import MAX_BATCH_IDS, MAX_EXTENTS_PER_OBJECT, MAX_OBJECT_BYTES, PAGE_SIZE_BYTES
+from ..limits import (MAX_BATCH_IDS, MAX_EXTENTS_PER_OBJECT, MAX_OBJECT_BYTES, MAX_OBJECTS_PER_LISTING,
+                      PAGE_SIZE_BYTES)
 from ..media.base import SegmentMemory
 from ..server.requests import Connection, Payload, Reply
 from ..server.state import NamespaceState, PoolState
@@ -184,13 +185,14 @@ class BigMemoryService:
         """Bring back a persistent pool's objects from its journal, for namespaces the catalog
         still has (the same incarnation); then compact the journal to what lives."""
         journal = self.journals[pool.name] = Journal(pool.path or "")
-        objects: dict[tuple[str, int], dict[str, tuple[int, list]]] = defaultdict(dict)
+        objects: dict[tuple[str, int], dict[str, tuple[int, list, float]]] = defaultdict(dict)
         held: dict[tuple[str, int], dict[str, list]] = defaultdict(dict)
         for record in journal.replay():
             kind, ns, incarnation, *rest = record
             key = (ns, incarnation)
             if kind == "obj":
-                objects[key][rest[0]] = (rest[1], rest[2])
+                # Records of earlier versions have no creation time: "now" (restored) stands in.
+                objects[key][rest[0]] = (rest[1], rest[2], rest[3] if len(rest) > 3 else time.time())
             elif kind == "free":
                 objects[key].pop(rest[0], None)
             elif kind == "held":
@@ -235,14 +237,14 @@ class BigMemoryService:
             state = self.namespaces.get((pool.name, ns)) or NamespaceState(
                 record, self.server_id, f"s{self.server_id}", self.server.generations)
             self.namespaces[(pool.name, ns)] = state
-            for bm_id, (size, extents) in objects.get(key, {}).items():
+            for bm_id, (size, extents, created_s) in objects.get(key, {}).items():
                 placements = [Placement(*e) for e in extents]
                 mine = [Extent(e.segment, e.offset, e.length) for e in placements if e.server_id == self.server_id]
                 if not take_back(state.key, f"object {bm_id}", mine):
                     continue
-                restored = state.objects.table.restore(bm_id, size, placements)
+                restored = state.objects.table.restore(bm_id, size, placements, created_s)
                 state.objects.publish(restored)
-                snapshot.append(["obj", ns, incarnation, bm_id, size, extents])
+                snapshot.append(["obj", ns, incarnation, bm_id, size, extents, created_s])
             for bm_id, extents in held.get(key, {}).items():
                 mine = [Extent(*e) for e in extents]
                 if not take_back(state.key, f"extents held for {bm_id}", mine):
@@ -295,9 +297,9 @@ class BigMemoryService:
             raise
         with self.lock:
             if not state.closed:
-                record = state.objects.table.create(size, extents, claimed=bm_id)
+                record = state.objects.table.create(size, extents, claimed=bm_id, created_s=time.time())
                 record.required_server = target if policy == "server" else None
-                self._log(state, "obj", bm_id, size, [list(_placement(e)) for e in extents])
+                self._log(state, "obj", bm_id, size, [list(_placement(e)) for e in extents], record.created_s)
                 state.objects.publish(record)
                 return _describe(record, state)
         # Destroyed while we placed it: our memory went with the namespace; peers get theirs back.
@@ -329,7 +331,7 @@ class BigMemoryService:
                         return self._reserve(state, creds, [(server_id, size)], bm_id)
                     except (OutOfMemory, ServerUnavailable):
                         tried.add(server_id)
-            raise OutOfMemory(f"no live server of pool {pool!r} has {need} bytes free for this namespace")
+            raise OutOfMemory(_too_large_for_one_server(pool, need, free))
         try:
             shares = placement.plan(policy, size, self._free_by_server(pool, state.key), self.server_id)
             return self._reserve(state, creds, shares, bm_id)
@@ -342,6 +344,21 @@ class BigMemoryService:
         state, _ = self._namespace(conn, m)
         with self.lock:
             return _describe(self._usable(state, m.get("bm_id")), state)
+
+    def op_objects(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        """A page of the namespace's objects homed here, in slot order: [bm_id, size, age_s]
+        each, from the slot after `after` (-1: the first page); `next` continues, None at
+        the end. Objects homed on other servers are theirs to list."""
+        state, _ = self._namespace(conn, m)
+        after = m.get("after", -1)
+        if type(after) is not int or after < -1:
+            raise InvalidArgument(f"after must be a slot (an int >= -1), got {after!r:.100}")
+        with self.lock:
+            records, next_slot = state.objects.table.page(after, MAX_OBJECTS_PER_LISTING)
+            now = time.time()
+            # A clock set back since an allocation would give a negative age: none is younger than 0.
+            rows = [[r.bm_id, r.size_bytes, max(0.0, now - r.created_s)] for r in records]
+        return {"objects": rows, "next": next_slot}
 
     def op_free(self, conn: Connection, m: dict[str, Any]) -> Reply:
         state, creds = self._namespace(conn, m)
@@ -421,7 +438,8 @@ class BigMemoryService:
                 if state.closed:
                     raise NoSuchNamespace(f"namespace {creds[1]!r} in pool {creds[0]!r} was destroyed meanwhile")
                 record = state.objects.table.expand(record.bm_id, new_size, extents)
-                self._log(state, "obj", record.bm_id, new_size, [list(_placement(e)) for e in record.extents])
+                self._log(state, "obj", record.bm_id, new_size, [list(_placement(e)) for e in record.extents],
+                          record.created_s)
                 state.objects.publish(record)
         except MemfabricError:
             self._release(state, record.bm_id, extents, creds)   # outside the lock: peers may be slow
@@ -753,6 +771,17 @@ class BigMemoryService:
             check_range(layout.bm_id, layout.size, item.get("offset"), item.get("length"))
             resolved.append((layout, item["offset"], item["length"]))
         return resolved
+
+
+def _too_large_for_one_server(pool: str, need: int, free: dict[int, int]) -> str:
+    """What an OUT_OF_MEMORY of a local allocation says: the figures, and what would fit."""
+    most, total = max(free.values(), default=0), sum(free.values())
+    message = (f"no live server of pool {pool!r} has {need} bytes free for this namespace "
+               f"(the most one has is {most})")
+    if total >= need:
+        return message + (f"; all {len(free)} together have {total}: Affinity(\"spread\") stripes an object "
+                          "over every server")
+    return message + f"; all {len(free)} together have {total}: free objects or add servers"
 
 
 def _describe(record: ObjectRecord, state: NamespaceState) -> dict[str, Any]:

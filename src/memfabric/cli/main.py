@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..config import check_busy_poll_us
@@ -52,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--config", help="a fabric.toml or a server's configuration")
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
+    ls = sub.add_parser("ls", help="a namespace's objects: id, size, home server, age")
+    ls.add_argument("--dir", required=True, help="the fabric's ockPath (a fabric directory, or a .toml)")
+    ls.add_argument("--ns", required=True, help="the namespace")
+    ls.add_argument("--sec", default=os.environ.get("MEMFABRIC_SEC_ID"),
+                    help="its secId (default: $MEMFABRIC_SEC_ID, which other users' `ps` does not show)")
+    ls.add_argument("--pool", default="default", help="its pool (default: default)")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+
     demo = sub.add_parser("demo", help="start a local fabric, run every BigMemory operation, stop")
     demo.add_argument("--dir", help="run directory (default: a temporary one)")
 
@@ -91,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         from .status import run_status
         return run_status(args.dir or args.config, as_json=args.json)
+    if args.command == "ls":
+        if args.sec is None:
+            print("memfabric ls: give the namespace's secId with --sec or $MEMFABRIC_SEC_ID", file=sys.stderr)
+            return 2
+        from .ls import run_ls
+        return run_ls(args.dir, args.ns, args.sec, args.pool, as_json=args.json)
     if args.command == "demo":
         from .demo import run_demo
         return run_demo(args.dir)

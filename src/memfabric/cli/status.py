@@ -16,6 +16,9 @@ from ..units import format_size
 
 def collect(path: str) -> dict:
     fabric = load_fabric_config(path)
+    if fabric.cluster is None or (fabric.cluster.backend == "embedded" and fabric.cluster.path is None):
+        raise ConfigError(f"{fabric.source}: names no cluster service (cluster.path or an etcd backend): "
+                          "give the fabric's directory, its fabric.toml or a server's configuration")
     cluster = open_cluster(fabric.cluster.backend, **fabric.cluster.settings())
     try:
         servers = [s.to_wire() for s in cluster.servers()]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import hmac
 import numbers
+import os
 import resource
 import threading
 import weakref
@@ -23,8 +24,9 @@ from ..datapath.rpc_link import RpcLink
 from ..transport import rpc
 from ..errors import InvalidArgument, MemfabricError, NotInitialized, ServerUnavailable, Timeout
 from ..limits import BUSY_POLL_US, DEFAULT_REQUEST_TIMEOUT_S, MAX_REQUEST_TIMEOUT_S
-from ..config import ConfigError, check_busy_poll_us, load_fabric_config
+from ..config import FABRIC_FILE, ConfigError, check_busy_poll_us, load_fabric_config
 from ..bigmemory.client import BigMemory, NamespaceObjects
+from .arguments import as_bool, as_int, as_path
 from .types import NamespaceInfo
 
 
@@ -60,17 +62,46 @@ def _check_timeout(timeout_s: object) -> float:
                           f"got {timeout_s!r}")
 
 
+def _load_fabric(ock_path: object) -> Any:
+    """The fabric configuration at an ockPath; a missing one says how to start a fabric."""
+    path = os.fsdecode(as_path(ock_path, "ock_path"))
+    try:
+        return load_fabric_config(path)
+    except ConfigError as exc:
+        message = str(exc)
+    if os.path.isdir(path) or not os.path.exists(path) and not path.endswith(".toml"):
+        if not os.path.exists(os.path.join(path, FABRIC_FILE)):
+            message = f"no fabric at {path} (no {FABRIC_FILE}): start one with `memfabric up --dir {path}`"
+    elif not os.path.exists(path):
+        message += " (an ockPath is a fabric directory, its fabric.toml, or a server's configuration file)"
+    raise InvalidArgument(message)
+
+
+def _how_to_start(source: str) -> str:
+    """What to run when no server of a fabric answers."""
+    if os.path.basename(source) == FABRIC_FILE:
+        return f"is the fabric running? `memfabric up --dir {os.path.dirname(source)}` starts it"
+    if os.path.basename(source) == "remote.toml":
+        return "are its servers running, and reachable from here?"
+    return f"is the server running? `memfabric server --config {source}` starts it"
+
+
 class Session:
+    """A client's connection to one fabric: namespaces are created, opened, listed and
+    destroyed here; their objects are BigMemory handles. `memfabric.init(ock_path, server=,
+    timeout_s=, busy_poll_us=)` makes one; see it for the arguments and errors.
+
+    `timeout_s` is every request's timeout. One session may be shared by any number of
+    threads. Use it as a context manager, or call close(): every call on it, its
+    namespaces and handles raises NOT_INITIALIZED after that."""
+
     def __init__(self, ock_path: str, *, server: int | None = None,
                  timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, busy_poll_us: int = BUSY_POLL_US) -> None:
-        try:
-            self.fabric = load_fabric_config(ock_path)
-        except ConfigError as exc:
-            raise InvalidArgument(str(exc)) from None
+        self.fabric = _load_fabric(ock_path)
         _raise_fd_limit()
         self.timeout_s = _check_timeout(timeout_s)
         try:
-            check_busy_poll_us(busy_poll_us)
+            busy_poll_us = check_busy_poll_us(as_int(busy_poll_us, "busy_poll_us"))
         except ValueError as exc:
             raise InvalidArgument(f"busy_poll_us {exc}") from None
         self.busy_poll_s = busy_poll_us / 1e6
@@ -84,7 +115,8 @@ class Session:
         self._handles_lock = threading.Lock()
         sockets = self.fabric.ipc_sockets
         if server is not None:
-            if type(server) is not int or not 0 <= server < len(sockets):
+            server = as_int(server, "server")
+            if not 0 <= server < len(sockets):
                 raise InvalidArgument(f"server must be an index into the {len(sockets)} configured servers")
             sockets = [sockets[server]]
         self._token: bytes | None = None
@@ -113,12 +145,14 @@ class Session:
                 except MemfabricError as exc:
                     errors.append(f"{address}: {exc}")
         if self.local is None:
-            raise ServerUnavailable("no server of this fabric answers: " + "; ".join(errors))
+            raise ServerUnavailable("no server of this fabric answers (" + "; ".join(errors) + "): "
+                                    + _how_to_start(self.fabric.source))
         self._links[self.local.server_id] = self.local
 
     def check_open(self) -> None:
+        """Raises NOT_INITIALIZED once the session is closed."""
         if self.closed:
-            raise NotInitialized("the session is closed")
+            raise NotInitialized("the session is closed: open another with memfabric.init(ock_path)")
 
     # ---- links ----------------------------------------------------------------------------
 
@@ -126,12 +160,13 @@ class Session:
         """This client's own server (reconnected if the link broke)."""
         return self.link(self.local.server_id)
 
-    def cached_link(self, server_id: int) -> ServerLink | None:
+    def _cached_link(self, server_id: int) -> ServerLink | None:
         link = self._links.get(server_id)
         return None if link is None or link.closed else link
 
     def link(self, server_id: int) -> ServerLink:
-        """The link to a server, reconnected if it broke (never once the session is closed)."""
+        """The link to server `server_id`, reconnected if it broke (never once the session is
+        closed). Raises SERVER_UNAVAILABLE for a server that is not alive or not known."""
         link = self._links.get(server_id)
         if link is not None and not link.closed:
             return link
@@ -193,24 +228,24 @@ class Session:
             return ServerLink(link.ipc_socket, self.timeout_s, busy_poll_s=self.busy_poll_s)
         return RpcLink(link.address, self._token, self._tls, self.timeout_s, busy_poll_s=self.busy_poll_s)
 
-    def link_for_object(self, bm_id: str) -> ServerLink:
+    def _link_for_object(self, bm_id: str) -> ServerLink:
         return self.link(parse_bm_id(bm_id)[0])
 
     # ---- handles by id ------------------------------------------------------------------------
 
-    def remember(self, bm: BigMemory) -> None:
+    def _remember(self, bm: BigMemory) -> None:
         with self._handles_lock:
             self._handles[bm.bm_id] = bm
 
-    def cached_handle(self, bm_id: str) -> BigMemory | None:
+    def _cached_handle(self, bm_id: str) -> BigMemory | None:
         with self._handles_lock:
             return self._handles.get(bm_id)
 
-    def forget(self, bm_id: str) -> None:
+    def _forget(self, bm_id: str) -> None:
         with self._handles_lock:
             self._handles.pop(bm_id, None)
 
-    def forget_namespace(self, pool: str, ns: str) -> None:
+    def _forget_namespace(self, pool: str, ns: str) -> None:
         with self._handles_lock:
             for bm_id in [i for i, bm in self._handles.items() if bm.namespace.creds[:2] == (pool, ns)]:
                 self._handles.pop(bm_id, None)
@@ -218,23 +253,47 @@ class Session:
     # ---- namespaces -------------------------------------------------------------------------
 
     def create_namespace(self, ns: str, sec_id: str | bytes, *, pool: str = "default",
-                         attribute: int = 0) -> "Namespace":
+                         attribute: int = 0, exist_ok: bool = False) -> "Namespace":
+        """Create namespace `ns` (1-64 of A-Z a-z 0-9 _ . : -) in `pool`, guarded by `sec_id`
+        (1-256 bytes, or a str as UTF-8: every later use must present it), with `attribute`
+        (an integer in [0, 2**31) the fabric keeps for you).
+
+        With `exist_ok=True`, a namespace of that name is opened instead, if `sec_id` is its
+        own: a script can run again. Returns its Namespace. Raises NAMESPACE_EXISTS (without
+        exist_ok, or with a different attribute), PERMISSION_DENIED (exist_ok and another
+        secId), NO_SUCH_POOL, LIMIT_EXCEEDED (this client's or the cluster's namespace limit),
+        INVALID_ARGUMENT for a bad name, secId or attribute."""
         handle = Namespace(self, pool, ns, sec_id)
-        self.home().call("ns_create", **handle.wire_creds, attribute=check_attribute(attribute))
+        attribute = check_attribute(as_int(attribute, "attribute"))
+        self.home().call("ns_create", **handle.wire_creds, attribute=attribute,
+                         exist_ok=as_bool(exist_ok, "exist_ok"))
         return handle
 
     def namespace(self, ns: str, sec_id: str | bytes, *, pool: str = "default") -> "Namespace":
-        """A handle on an existing namespace; the secId is checked on first use."""
+        """A handle on the existing namespace `ns` of `pool`, with its `sec_id`. No server is
+        asked: the secId is checked on first use (PERMISSION_DENIED then), and a namespace
+        that does not exist fails then with NO_SUCH_NAMESPACE. Raises INVALID_ARGUMENT for a
+        bad name or secId, NOT_INITIALIZED on a closed session."""
         self.check_open()
         return Namespace(self, pool, ns, sec_id)
 
     def destroy_namespace(self, ns: str, sec_id: str | bytes, *, pool: str = "default") -> None:
+        """Destroy namespace `ns` of `pool` and every object in it, on every server; its
+        memory goes back to the pool and its name is free again. Every handle and mapping of
+        it dies (mappings read zeros). Returns None. Raises NO_SUCH_NAMESPACE,
+        PERMISSION_DENIED for a wrong `sec_id`."""
         self.namespace(ns, sec_id, pool=pool).destroy()
 
     def namespaces(self) -> list[NamespaceInfo]:
+        """Every namespace of the cluster, each a NamespaceInfo (pool, ns, attribute, and its
+        objects' count and bytes over the live servers). Needs no secId: names and figures
+        only. Raises NOT_INITIALIZED, SERVER_UNAVAILABLE."""
         return [NamespaceInfo(**row) for row in self.home().call("ns_query")["namespaces"]]
 
     def servers(self) -> list[dict[str, Any]]:
+        """The cluster's servers as its service knows them: per server a dict with
+        `server_id`, `host`, `alive`, `pid`, `pools` (figures per pool), and its addresses.
+        Raises NOT_INITIALIZED, SERVER_UNAVAILABLE."""
         return self.home().call("cluster_view")["servers"]
 
     # ---- life ---------------------------------------------------------------------------------
@@ -258,13 +317,17 @@ class Session:
         self.check_open()
         return self
 
+    def __repr__(self) -> str:
+        return f"Session({self.fabric.source!r}{', closed' if self.closed else ''})"
+
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
 class Namespace(NamespaceObjects):
-    """(pool, ns) with its secId: where every semantic's data lives (BigMemory objects:
-    bigmemory/client.py's NamespaceObjects)."""
+    """A namespace, (pool, ns) with its secId: where objects live (`alloc`, `open`,
+    `objects`, `batch_free`, `gather`; bigmemory/client.py's NamespaceObjects). Made by
+    `Session.create_namespace` or `Session.namespace`; `pool` and `name` name it."""
 
     def __init__(self, session: Session, pool: str, ns: str, sec_id: str | bytes) -> None:
         self.session = session
@@ -277,23 +340,30 @@ class Namespace(NamespaceObjects):
     def __repr__(self) -> str:
         return f"Namespace({self.pool!r}/{self.name!r})"
 
-    def same_secret(self, sec_id: str | bytes) -> bool:
+    def _same_secret(self, sec_id: str | bytes) -> bool:
         return hmac.compare_digest(self.sec_id, check_sec_id(sec_id))
 
     def destroy(self) -> None:
-        """Destroy the namespace and every object in it, on every server."""
+        """Destroy the namespace and every object in it, on every server (as
+        Session.destroy_namespace). Returns None. Raises NO_SUCH_NAMESPACE, PERMISSION_DENIED."""
         self.session.home().call("ns_destroy", **self.wire_creds)
-        self.session.forget_namespace(self.pool, self.name)
+        self.session._forget_namespace(self.pool, self.name)
         for link in list(self.session._links.values()):
             link.release_namespace(self.pool, self.name)   # so the servers may lend it again
 
 
 def init(ock_path: str, *, server: int | None = None, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
          busy_poll_us: int = BUSY_POLL_US) -> Session:
-    """Start a client session on the fabric described at `ock_path` (a fabric directory,
-    its fabric.toml, or a server's configuration file).
+    """Start a client session on the fabric described at `ock_path` (a fabric directory as
+    `memfabric up` makes it, its fabric.toml, a server's configuration file, or a
+    remote.toml for a host without a server). Returns the Session.
 
-    `busy_poll_us`: how long a call polls for its reply before sleeping (0: never poll).
-    Polling saves the wake-up, most of a control call's latency; it costs this thread's CPU
-    only while the server answers within the window."""
+    `server`: the index of the configured server to connect to (default: the first on this
+    host that answers, else any over the network). `timeout_s`: each request's timeout, in
+    (0, 86400] seconds (10 by default). `busy_poll_us`: how long a call polls for its reply
+    before sleeping, 0 to 10000 (0: never poll). Polling saves the wake-up, most of a control
+    call's latency; it costs this thread's CPU only while the server answers within the window.
+
+    Raises INVALID_ARGUMENT for a missing or wrong configuration (no fabric there says how to
+    start one) or a bad argument, SERVER_UNAVAILABLE when no server of the fabric answers."""
     return Session(ock_path, server=server, timeout_s=timeout_s, busy_poll_us=busy_poll_us)

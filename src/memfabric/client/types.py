@@ -7,10 +7,12 @@ from enum import IntEnum
 
 from ..bigmemory.placement import POLICIES
 from ..errors import InvalidArgument
+from .arguments import as_int
 
 
 class OperatorCode(IntEnum):
-    """What BM_GatherSec does with its inputs. Reductions are element-wise over a dtype."""
+    """What a gather does with its inputs: CONCAT appends them; the others reduce them
+    element-wise over a dtype (all inputs of one length)."""
     CONCAT = 0
     SUM = 1
     MIN = 2
@@ -20,21 +22,61 @@ class OperatorCode(IntEnum):
 
 @dataclass(frozen=True)
 class Affinity:
-    """Placement: `local` (this client's server first), `server` (server_id), `spread` (all servers)."""
+    """Where an allocation's bytes go.
+
+    `policy`: "local" (this client's server, else the whole object on the roomiest other
+    one), "server" (on `server_id` or OUT_OF_MEMORY: a requirement, not a preference), or
+    "spread" (striped over every live server of the pool: objects larger than one server).
+    `server_id`: an integer (numpy's too), with policy "server" and only with it.
+    Raises INVALID_ARGUMENT for any other policy or a server_id that does not fit it.
+    """
     policy: str = "local"
     server_id: int | None = None
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
+        if not isinstance(self.policy, str) or self.policy not in POLICIES:
             raise InvalidArgument(f"affinity policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.server_id is not None:
+            # Frozen: the plain int replaces whatever integer type it came as.
+            object.__setattr__(self, "server_id", as_int(self.server_id, "server_id"))
         if (self.policy == "server") != (self.server_id is not None):
             raise InvalidArgument("server_id goes with policy 'server', and only with it")
 
 
+def affinity_of(value: object) -> Affinity:
+    """An alloc's affinity argument: None (local), an Affinity, or a policy's name as
+    shorthand for Affinity(name) ("spread", "local"; "server" needs its server_id)."""
+    if value is None:
+        return _LOCAL
+    if isinstance(value, Affinity):
+        return value
+    if isinstance(value, str):
+        return Affinity(value)
+    raise InvalidArgument(f"affinity must be an Affinity, a policy name ({', '.join(POLICIES)}) or None, "
+                          f"got {type(value).__name__}")
+
+
+_LOCAL = Affinity()
+
+
 @dataclass(frozen=True)
 class NamespaceInfo:
+    """One namespace as `Session.namespaces()` lists it: its `pool` and name (`ns`), its
+    `attribute`, and its objects' count (`object_count`) and bytes (`used_bytes`) over every
+    live server."""
     pool: str
     ns: str
     attribute: int
     object_count: int
     used_bytes: int
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object as `Namespace.objects()` lists it: its id (`bm_id`), its `size` in bytes,
+    its `home` server's id (the home keeps its metadata; its bytes may be elsewhere too) and
+    its age in seconds (`age_s`: since it was allocated, by its home server's clock)."""
+    bm_id: str
+    size: int
+    home: int
+    age_s: float

@@ -82,6 +82,9 @@ class EmbeddedCluster:
         self._lock_stuck = False             # the last write found the lock held for long
         try:
             _create_private(path)
+        except OSError as exc:
+            raise IOError_(f"cannot make the cluster database {path}: {exc.strerror}") from None
+        try:
             self._writer = self._connect()
             self._reader = self._connect()
             self._writer.execute("PRAGMA journal_mode=WAL")
@@ -316,7 +319,9 @@ class EmbeddedCluster:
 
 def _create_private(path: str) -> None:
     """Make the database file 0600 before SQLite opens it, so it is never wider, whatever the
-    umask; SQLite gives its -wal and -shm files the same mode."""
+    umask; SQLite gives its -wal and -shm files the same mode. Its directory is made if
+    missing (as a server makes its data_dir), so a first start needs nothing made by hand."""
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
     os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
 
 

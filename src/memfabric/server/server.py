@@ -21,7 +21,7 @@ from ..capacity import segment_slots
 from ..cluster import ClusterService, ServerRecord, open_cluster
 from ..cluster.base import creator_limit_message
 from ..core.allocator import Extent
-from ..core.namespaces import check_attribute, check_name, check_sec_id
+from ..core.namespaces import NamespaceRecord, check_attribute, check_name, check_sec_id
 from ..bigmemory.objects import Generations
 from ..datapath.connect import connect_to
 from ..datapath.deadline import deadline_for, serving_until, time_left_s
@@ -310,7 +310,7 @@ class Server:
         if state is None:
             record = self.cluster.get_namespace(pool, ns)
             if record is None:
-                raise NoSuchNamespace(f"no namespace {ns!r} in pool {pool!r}")
+                raise NoSuchNamespace(_no_namespace(pool, ns))
             with self.lock:
                 state = self.namespaces.get((pool, ns))
                 if state is None or state.record.incarnation != record.incarnation:
@@ -325,13 +325,13 @@ class Server:
         if record is None or record.incarnation != state.record.incarnation:
             self._drop_namespace(pool, ns, state.record.incarnation)
             if record is None:
-                raise NoSuchNamespace(f"no namespace {ns!r} in pool {pool!r}")
+                raise NoSuchNamespace(_no_namespace(pool, ns))
             return self._namespace(conn, m)
         # Peers too spend from a failure budget (theirs: the token is every remote client's, so
         # "peer" proves no more than that). A server forwards only secIds it checked itself
         # (check_creds), so an honest peer never fails.
         if not self.sec_ids.matches(state.record, sec, conn.client):
-            raise PermissionDenied(f"wrong secId for namespace {ns!r} in pool {pool!r}")
+            raise PermissionDenied(_wrong_sec_id(pool, ns))
         conn.verified[(pool, ns)] = (state.record.incarnation, sec)
         return state, creds
 
@@ -386,31 +386,57 @@ class Server:
         return {"servers": [s.to_wire() for s in self.view(fresh=True)]}
 
     def op_ns_create(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        """Create (pool, ns). With `exist_ok`, a namespace of that name is opened instead when
+        the secId is its own (and the attribute the same): {"created": False}."""
         pool, ns, sec = self._creds(m)
         attribute = check_attribute(m.get("attribute", 0))
+        exist_ok = m.get("exist_ok", False)
+        if type(exist_ok) is not bool:
+            raise InvalidArgument(f"exist_ok must be true or false, got {exist_ok!r:.100}")
         if not any(pool in s.pools for s in self.view(fresh=True) if s.alive) and pool not in self.pools:
             raise NoSuchPool(f"no live server gives memory to pool {pool!r}")
         # The slow hash only for a create that can succeed: a client cannot make us hash in a loop
         # by naming a namespace that exists or by being at its limit (the create checks again).
-        if self.cluster.get_namespace(pool, ns) is not None:
-            raise NamespaceExists(f"namespace {ns!r} already exists in pool {pool!r}")
+        # (exist_ok checks the secId against the existing one: wrong ones are counted and limited.)
+        existing = self.cluster.get_namespace(pool, ns)
+        if existing is not None:
+            return self._existing_namespace(conn, existing, sec, attribute, exist_ok)
         limit = self.cfg.max_namespaces_per_client
         made = sum(1 for r in self.cluster.namespaces() if r.creator == conn.client)
         if made >= limit:
             raise LimitExceeded(creator_limit_message(conn.client, made, limit))
         salt_hex, hash_hex = self.sec_ids.hash(sec)
-        record = self.cluster.create_namespace(pool, ns, attribute, salt_hex, hash_hex, creator=conn.client,
-                                               creator_limit=limit)
+        try:
+            record = self.cluster.create_namespace(pool, ns, attribute, salt_hex, hash_hex, creator=conn.client,
+                                                   creator_limit=limit)
+        except NamespaceExists:
+            existing = self.cluster.get_namespace(pool, ns)     # another client made it meanwhile
+            if existing is None:
+                raise
+            return self._existing_namespace(conn, existing, sec, attribute, exist_ok)
         self.sec_ids.remember(record, sec)
-        return {}
+        return {"created": True}
+
+    def _existing_namespace(self, conn: Connection, record: NamespaceRecord, sec: bytes, attribute: int,
+                            exist_ok: bool) -> Reply:
+        pool, ns = record.pool, record.ns
+        if not exist_ok:
+            raise NamespaceExists(f"namespace {ns!r} already exists in pool {pool!r} "
+                                  "(create_namespace(..., exist_ok=True) opens it with its secId)")
+        if not self.sec_ids.matches(record, sec, conn.client):
+            raise PermissionDenied(_wrong_sec_id(pool, ns))
+        if record.attribute != attribute:
+            raise NamespaceExists(f"namespace {ns!r} exists in pool {pool!r} with attribute {record.attribute}, "
+                                  f"not {attribute}")
+        return {"created": False}
 
     def op_ns_destroy(self, conn: Connection, m: dict[str, Any]) -> Reply:
         pool, ns, sec = self._creds(m)
         record = self.cluster.get_namespace(pool, ns)
         if record is None:
-            raise NoSuchNamespace(f"no namespace {ns!r} in pool {pool!r}")
+            raise NoSuchNamespace(_no_namespace(pool, ns))
         if not self.sec_ids.matches(record, sec, conn.client):
-            raise PermissionDenied(f"wrong secId for namespace {ns!r} in pool {pool!r}")
+            raise PermissionDenied(_wrong_sec_id(pool, ns))
         if not self.cluster.delete_namespace(pool, ns, record.incarnation):
             raise NoSuchNamespace(f"namespace {ns!r} in pool {pool!r} was destroyed meanwhile")
         self._drop_namespace(pool, ns, record.incarnation)
@@ -428,7 +454,7 @@ class Server:
         state = self.namespaces.get((pool, ns))
         if state is not None and state.record.incarnation == m.get("incarnation"):
             if not self.sec_ids.matches(state.record, sec, None):
-                raise PermissionDenied(f"wrong secId for namespace {ns!r} in pool {pool!r}")
+                raise PermissionDenied(_wrong_sec_id(pool, ns))
             self._drop_namespace(pool, ns, state.record.incarnation)
         return {}
 
@@ -639,6 +665,15 @@ class Server:
                 return old
             self._peers[server_id] = link
         return link
+
+
+def _no_namespace(pool: str, ns: str) -> str:
+    return (f"no namespace {ns!r} in pool {pool!r}: create_namespace makes it "
+            "(Session.namespaces() lists those there are)")
+
+
+def _wrong_sec_id(pool: str, ns: str) -> str:
+    return f"wrong secId for namespace {ns!r} in pool {pool!r}: give the secId it was created with"
 
 
 def _spares_wanted(allocator: Any) -> dict[int, int]:
