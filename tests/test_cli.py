@@ -58,6 +58,9 @@ DRAM_POOL = '[[pool]]\nname = "default"\nmedium = "dram"\ncapacity = "8MiB"\n'
     (DRAM_POOL, 'max_namespaces_per_client = 0', "server.max_namespaces_per_client"),
     (DRAM_POOL, 'max_namespaces_per_client = 100000', "server.max_namespaces_per_client"),
     (DRAM_POOL, 'max_namespaces_per_client = "many"', "server.max_namespaces_per_client"),
+    (DRAM_POOL, 'metrics_listen = "9400"', "server.metrics_listen"),
+    (DRAM_POOL, 'metrics_listen = 9400', "server.metrics_listen"),
+    (DRAM_POOL, 'metrics_listen = "127.0.0.1:http"', "server.metrics_listen"),
 ])
 def test_bad_server_config_names_the_key_and_exits_2(pool, server_extra, key):
     directory = short_tmp_dir("mf-cfg-")
