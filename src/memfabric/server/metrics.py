@@ -2,10 +2,12 @@
 
 Two kinds, two mechanisms. The request path (`Server.serve`, the one place every semantic's
 operations pass) observes a latency histogram per operation and counts errors by operation
-and code: prometheus_client's histogram costs about 2 us per request, against the hundreds a
-request takes. Everything else (pools, namespaces, clients, peers) is read from the server's
-state by a collector when a scrape asks for it: no thread polls, and an idle server does no
-work for its metrics.
+and code. The histogram is a lean one of our own (one lock, a C bisect: about 1 us a request
+here), exposed as a Prometheus histogram: prometheus_client's own took about 3 us (two locks
+and a Python loop over the buckets), several per cent of a same-host alloc+free's server time.
+Everything else (pools, namespaces, clients, peers) is read from the server's state by a
+collector when a scrape asks for it: no thread polls, and an idle server does no work for its
+metrics.
 
 Every label set is bounded: operation names come from the dispatcher's table (anything else a
 client sends counts as "unknown"), error codes from BmError, namespaces from the cluster's
@@ -22,14 +24,17 @@ import logging
 import socket
 import threading
 import time
+from bisect import bisect_left
+from itertools import accumulate
 from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, make_wsgi_app
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from ..errors import BmError
 from ..limits import MAX_METRICS_SCRAPES, METRICS_SCRAPE_TIMEOUT_S
@@ -48,29 +53,57 @@ LATENCY_BUCKETS_S = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 1
 CODE_NAMES = {int(code): code.name for code in BmError}
 
 
-class RequestMetrics:
+class OperationTimes:
+    """One operation's latency histogram: a count per bucket (the last for anything slower than
+    every bound) and the sum, under one lock."""
+
+    __slots__ = ("_lock", "_counts", "_sum_s")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
+        self._sum_s = 0.0
+
+    def observe(self, seconds: float) -> None:
+        slot = bisect_left(LATENCY_BUCKETS_S, seconds)      # the first bound >= seconds: Prometheus's le
+        with self._lock:
+            self._counts[slot] += 1
+            self._sum_s += seconds
+
+    def snapshot(self) -> tuple[list[int], float]:
+        with self._lock:
+            return list(self._counts), self._sum_s
+
+
+class RequestMetrics(Collector):
     """The request path's figures, in a registry of this server's own (two servers in one
     process, as some tests run them, keep theirs apart)."""
 
     def __init__(self, operations: Iterable[str]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._latency = Histogram("memfabric_operation_seconds",
-                                  "Time the server took to answer a control operation, by operation "
-                                  "(its _count counts them all, errors included)",
-                                  ["op"], buckets=LATENCY_BUCKETS_S, registry=self.registry)
+        self._by_op = {op: OperationTimes() for op in sorted(operations)}
+        self._unknown = OperationTimes()
+        self.registry.register(self)
         self._errors = Counter("memfabric_operation_errors",
                                "Operations answered with an error, by operation and error code",
                                ["op", "code"], registry=self.registry)
-        # Children made once: the request path does a dict lookup, not a labels() call.
-        self._by_op = {op: self._latency.labels(op) for op in sorted(operations)}
-        self._unknown = self._latency.labels(UNKNOWN_OP)
 
     def observe(self, op: Any, code: int | None, seconds: float) -> None:
-        child = self._by_op.get(op) if type(op) is str else None
-        (child or self._unknown).observe(seconds)
+        times = self._by_op.get(op) if type(op) is str else None
+        (times or self._unknown).observe(seconds)
         if code is not None:
-            self._errors.labels(op if child is not None else UNKNOWN_OP,
+            self._errors.labels(op if times is not None else UNKNOWN_OP,
                                 CODE_NAMES.get(int(code), "INTERNAL_ERROR")).inc()
+
+    def collect(self) -> Iterable[Any]:
+        family = HistogramMetricFamily("memfabric_operation_seconds",
+                                       "Time the server took to answer a control operation, by operation "
+                                       "(its _count counts them all, errors included)", labels=["op"])
+        bounds = [floatToGoString(b) for b in LATENCY_BUCKETS_S] + ["+Inf"]
+        for op, times in [*self._by_op.items(), (UNKNOWN_OP, self._unknown)]:
+            counts, sum_s = times.snapshot()
+            family.add_metric([op], list(zip(bounds, accumulate(counts))), sum_s)
+        yield family
 
 
 class StateCollector(Collector):
