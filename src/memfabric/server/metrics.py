@@ -115,6 +115,9 @@ class StateCollector(Collector):
         self.started_s = time.time()
         self._started_monotonic_s = time.monotonic()
 
+    def describe(self) -> Iterable[Any]:
+        return []         # else registering would collect: a cluster read before the server starts
+
     def collect(self) -> Iterable[Any]:
         server = self.server
         yield InfoMetricFamily("memfabric_server", "This server: its id and host label",
