@@ -148,3 +148,27 @@ class Child:
             except subprocess.TimeoutExpired:
                 self.kill()
         return self.proc.returncode
+
+
+def free_ports(count: int) -> int:
+    """A first port P such that P .. P + count - 1 are free on 127.0.0.1 now (`up` gives server i
+    port P + i - 1). Another process may take one before it is used: a test that starts with a
+    taken port fails saying so, it does not hang."""
+    import random
+    import socket
+    rng = random.Random()
+    for _ in range(200):
+        first = rng.randrange(20000, 60000 - count)
+        held = []
+        try:
+            for port in range(first, first + count):
+                sock = socket.socket()
+                held.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in held:
+                sock.close()
+    pytest.fail(f"found no {count} free ports in a row")

@@ -58,6 +58,9 @@ DRAM_POOL = '[[pool]]\nname = "default"\nmedium = "dram"\ncapacity = "8MiB"\n'
     (DRAM_POOL, 'max_namespaces_per_client = 0', "server.max_namespaces_per_client"),
     (DRAM_POOL, 'max_namespaces_per_client = 100000', "server.max_namespaces_per_client"),
     (DRAM_POOL, 'max_namespaces_per_client = "many"', "server.max_namespaces_per_client"),
+    (DRAM_POOL, 'metrics_listen = "9400"', "server.metrics_listen"),
+    (DRAM_POOL, 'metrics_listen = 9400', "server.metrics_listen"),
+    (DRAM_POOL, 'metrics_listen = "127.0.0.1:http"', "server.metrics_listen"),
 ])
 def test_bad_server_config_names_the_key_and_exits_2(pool, server_extra, key):
     directory = short_tmp_dir("mf-cfg-")
@@ -123,7 +126,8 @@ def test_up_status_and_clean_stop():
         assert [s["server_id"] for s in state["servers"]] == [1, 2, 3]
         assert all(s["alive"] for s in state["servers"])
         assert all(s["pools"]["default"]["capacity_bytes"] == 8 << 20 for s in state["servers"])
-        assert state["namespaces"] == [{"pool": "default", "ns": "shown", "attribute": 7}]
+        assert state["namespaces"] == [{"pool": "default", "ns": "shown", "attribute": 7, "object_count": 0,
+                                        "used_bytes": 0}]
         table = subprocess.run(MF + ["status", "--dir", directory], capture_output=True, text=True, timeout=30)
         assert table.returncode == 0 and "shown" in table.stdout and "alive" in table.stdout
     finally:

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import zipfile
 
-import pytest
 
 import memfabric
 from memfabric import compat, config

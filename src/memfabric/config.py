@@ -86,6 +86,7 @@ class ServerConfig:
     ipc_socket_mode: int = 0o600
     ipc_socket_gid: int | None = None
     max_namespaces_per_client: int = MAX_NAMESPACES_PER_CLIENT
+    metrics_listen: str = ""        # HOST:PORT of the Prometheus endpoint; empty: none
 
 
 class _Table:
@@ -207,6 +208,7 @@ def load_server_config(path: str) -> ServerConfig:
         ipc_socket_mode=_socket_mode(s),
         ipc_socket_gid=_group(s),
         max_namespaces_per_client=s.positive("max_namespaces_per_client", int, MAX_NAMESPACES_PER_CLIENT),
+        metrics_listen=s.get("metrics_listen", str, ""),
     )
     if cfg.max_namespaces_per_client > MAX_NAMESPACES:
         raise s._fail("max_namespaces_per_client", f"must be at most {MAX_NAMESPACES} (the cluster's limit), "
@@ -225,6 +227,8 @@ def load_server_config(path: str) -> ServerConfig:
         raise s._fail("ipc_socket", "path is longer than the 107 bytes a Unix socket allows")
     if cfg.rpc_listen and not _is_host_port(cfg.rpc_listen):
         raise s._fail("rpc_listen", f"must be HOST:PORT, got {cfg.rpc_listen!r}")
+    if cfg.metrics_listen and not _is_host_port(cfg.metrics_listen):
+        raise s._fail("metrics_listen", f'must be HOST:PORT (such as "127.0.0.1:9400"), got {cfg.metrics_listen!r}')
     if cfg.rpc_listen and cluster.token_file is None:
         raise ConfigError(f"{path}: cluster.token_file: is required when server.rpc_listen is set")
     if (cfg.tls_cert is None) != (cfg.tls_key is None):

@@ -15,6 +15,7 @@ import secrets
 import threading
 import time
 import tomllib
+from dataclasses import dataclass
 from typing import Callable
 
 import tomli_w
@@ -38,29 +39,58 @@ def write_token(directory: str) -> str:
     return path
 
 
+@dataclass(frozen=True)
+class PoolSpec:
+    """A pool each server of a local fabric gives (`memfabric up --pool NAME:MEDIUM:SIZE`)."""
+    name: str
+    medium: str
+    capacity_bytes: int
+
+    def path(self, directory: str, server: int) -> str | None:
+        """Where server `server`'s files of this pool live; None for DRAM."""
+        return None if self.medium == "dram" else os.path.join(directory, POOLS_DIR, f"{self.name}-server-{server}")
+
+
+POOLS_DIR = "pools"
+
+
+def host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def write_fabric(directory: str, servers: int, capacity_bytes: int, segment_bytes: int,
                  liveness_timeout_s: float = 3.0, rpc_host: str = "127.0.0.1",
-                 busy_poll_us: int = BUSY_POLL_US) -> list[str]:
+                 busy_poll_us: int = BUSY_POLL_US, rpc_port: int = 0, metrics_port: int | None = None,
+                 pools: list[PoolSpec] | None = None) -> list[str]:
     """Configuration for N servers sharing an embedded cluster service; returns the server configs.
 
-    Servers listen for RPC on `rpc_host` at a port of the kernel's choosing; once they run,
-    `write_client_files` records the real addresses for clients.
+    Servers listen for RPC on `rpc_host`, server i at `rpc_port` + i - 1 (at a port of the
+    kernel's choosing when `rpc_port` is 0); once they run, `write_client_files` records the
+    real addresses for clients. With `metrics_port`, server i serves its metrics on
+    127.0.0.1:`metrics_port` + i - 1. `pools` (default: one DRAM pool "default" of
+    `capacity_bytes`) is what each server gives; file pools live under directory/pools.
     """
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
     cluster = {"backend": "embedded", "path": os.path.join(directory, "cluster.db"),
                "liveness_timeout_s": liveness_timeout_s, "token_file": write_token(directory)}
+    pools = pools if pools is not None else [PoolSpec("default", "dram", capacity_bytes)]
     configs, entries = [], []
     for i in range(1, servers + 1):
         server_dir = os.path.join(directory, f"server-{i}")
         os.makedirs(server_dir, exist_ok=True)
         socket_path = os.path.join(server_dir, "ipc.sock")
+        server = {"data_dir": server_dir, "ipc_socket": socket_path,
+                  "rpc_listen": host_port(rpc_host, rpc_port + i - 1 if rpc_port else 0),
+                  "segment_size": format_size(segment_bytes) if segment_bytes % 1024 == 0 else segment_bytes,
+                  "busy_poll_us": busy_poll_us}
+        if metrics_port is not None:
+            server["metrics_listen"] = host_port("127.0.0.1", metrics_port + i - 1)
         config = {
-            "server": {"data_dir": server_dir, "ipc_socket": socket_path, "rpc_listen": f"{rpc_host}:0",
-                       "segment_size": format_size(segment_bytes) if segment_bytes % 1024 == 0 else segment_bytes,
-                       "busy_poll_us": busy_poll_us},
+            "server": server,
             "cluster": cluster,
-            "pool": [{"name": "default", "medium": "dram", "capacity": capacity_bytes}],
+            "pool": [{"name": p.name, "medium": p.medium, "capacity": p.capacity_bytes,
+                      **({"path": p.path(directory, i)} if p.medium != "dram" else {})} for p in pools],
         }
         path = os.path.join(server_dir, "server.toml")
         with open(path, "wb") as f:
@@ -92,7 +122,12 @@ def write_client_files(directory: str) -> None:
         if addresses.get(entry["ipc_socket"]):
             entry["rpc_address"] = addresses[entry["ipc_socket"]]
     _write_atomically(path, fabric)
-    remote = {"cluster": {"token_file": fabric["cluster"]["token_file"]},
+    # The token's path relative to remote.toml: the two files copied into one directory of
+    # another host make a working client configuration there.
+    token_file = fabric["cluster"]["token_file"]
+    if os.path.dirname(token_file) == directory:
+        token_file = os.path.basename(token_file)
+    remote = {"cluster": {"token_file": token_file},
               "servers": [{"rpc_address": e["rpc_address"]} for e in fabric["servers"] if "rpc_address" in e]}
     _write_atomically(os.path.join(directory, REMOTE_FILE), remote)
 
@@ -156,18 +191,20 @@ def wait_for_line(proc: subprocess.Popen, needle: str, timeout_s: float, lines: 
 class LocalFabric:
     """`memfabric up` in a child process: a context manager for demos, benchmarks and tests."""
 
-    def __init__(self, directory: str, servers: int = 2, capacity: str = "256MiB",
+    def __init__(self, directory: str, servers: int = 2, capacity: str | None = "256MiB",
                  segment_size: str | None = None, liveness_timeout_s: float | None = None,
-                 busy_poll_us: int | None = None) -> None:
+                 busy_poll_us: int | None = None, extra_args: list[str] | None = None) -> None:
         self.directory = os.path.abspath(directory)
-        self.args = [sys.executable, "-m", "memfabric", "up", "--dir", self.directory,
-                     "--servers", str(servers), "--capacity", capacity]
+        self.args = [sys.executable, "-m", "memfabric", "up", "--dir", self.directory, "--servers", str(servers)]
+        if capacity is not None:          # None: a --pool in extra_args replaces the default pool
+            self.args += ["--capacity", capacity]
         if segment_size:
             self.args += ["--segment-size", segment_size]
         if liveness_timeout_s:
             self.args += ["--liveness-timeout", str(liveness_timeout_s)]
         if busy_poll_us is not None:
             self.args += ["--busy-poll-us", str(busy_poll_us)]
+        self.args += extra_args or []     # --metrics-port, --pool, --rpc-port ...
         self.proc: subprocess.Popen | None = None
         self.output: list[str] = []
 

@@ -65,6 +65,16 @@ REUSE_GRACE_S = 0.05
 BUSY_POLL_US = 200
 MAX_BUSY_POLL_US = 10_000
 
+# The metrics endpoint ([server] metrics_listen): scrapes served at once (more are closed at
+# once), and how long one may take to send its request.
+MAX_METRICS_SCRAPES = 4
+METRICS_SCRAPE_TIMEOUT_S = 5.0
+
+# `memfabric up`'s log (up.log): past this it moves to up.log.1 and a new one begins.
+UP_LOG_MAX_BYTES = 64 << 20
+# How long `memfabric down` waits for the fabric to stop, by default.
+DOWN_TIMEOUT_S = 60.0
+
 HEARTBEAT_INTERVAL_S = 0.5
 LIVENESS_TIMEOUT_S = 3.0
 

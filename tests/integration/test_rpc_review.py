@@ -52,7 +52,8 @@ def remote_config(fab) -> tuple[str, bytes, list[str]]:
     path = os.path.join(fab.directory, "remote.toml")
     with open(path, "rb") as f:
         cfg = tomllib.load(f)
-    with open(cfg["cluster"]["token_file"], "rb") as f:
+    # Relative to the file, as the client reads it.
+    with open(os.path.join(os.path.dirname(path), cfg["cluster"]["token_file"]), "rb") as f:
         token = f.read().strip()
     return path, token, [s["rpc_address"] for s in cfg["servers"]]
 

@@ -6,9 +6,16 @@ import argparse
 import os
 import sys
 
+from .. import __version__
 from ..config import check_busy_poll_us
-from ..limits import BUSY_POLL_US
-from ..units import parse_size
+from ..core.namespaces import check_name
+from ..errors import InvalidArgument
+from ..launcher import PoolSpec
+from ..limits import BUSY_POLL_US, DOWN_TIMEOUT_S, MAX_REQUEST_TIMEOUT_S, PAGE_SIZE_BYTES
+from ..media.base import MEDIA
+from ..units import format_size, parse_size
+
+DEFAULT_CAPACITY_BYTES = 256 << 20
 
 
 def _size(text: str) -> int:
@@ -29,20 +36,69 @@ def _busy_poll_us(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a whole number from 1 to 65535, got {text!r}")
+    return int(text)
+
+
+def _pool(text: str) -> PoolSpec:
+    """NAME:MEDIUM:SIZE, e.g. cache:pmem:1GiB (the name may hold colons: split from the right)."""
+    parts = text.rsplit(":", 2)
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"a pool is NAME:MEDIUM:SIZE (such as cache:pmem:1GiB), got {text!r}")
+    name, medium, size = parts
+    try:
+        check_name("pool", name)
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+    if medium not in MEDIA:
+        raise argparse.ArgumentTypeError(f"a pool's medium is one of {', '.join(MEDIA)}, got {medium!r} in {text!r}")
+    return PoolSpec(name, medium, _size(size))
+
+
+def _timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= MAX_REQUEST_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(f"a number of seconds above 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memfabric", description="A distributed memory pool.")
+    parser.add_argument("--version", action="version", version=f"memfabric {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="run a local fabric (embedded cluster service + N servers) in the foreground")
     up.add_argument("--dir", required=True, help="run directory; it becomes the clients' ockPath")
     up.add_argument("--servers", type=int, default=1, help="number of servers (default 1)")
-    up.add_argument("--capacity", type=_size, default=256 << 20, help="DRAM each server gives (default 256MiB)")
+    up.add_argument("--capacity", type=_size, default=None,
+                    help=f"DRAM each server gives to the pool 'default' (default {format_size(DEFAULT_CAPACITY_BYTES)})")
     up.add_argument("--segment-size", type=_size, default=4 << 20, help="segment size (default 4MiB)")
     up.add_argument("--liveness-timeout", type=float, default=3.0,
                     help="seconds without a heartbeat before a server counts as dead (default 3)")
     up.add_argument("--busy-poll-us", type=_busy_poll_us, default=BUSY_POLL_US,
                     help=f"how long servers poll for a client's next request before sleeping "
                          f"(default {BUSY_POLL_US}; 0: never poll)")
+    up.add_argument("--pool", type=_pool, action="append", default=[], metavar="NAME:MEDIUM:SIZE",
+                    help="a pool each server gives, such as cache:pmem:1GiB (repeatable); pmem and ramdisk "
+                         "files go under DIR/pools; one named 'default' replaces the DRAM pool of --capacity")
+    up.add_argument("--rpc-host", default="127.0.0.1",
+                    help="address the servers listen on for other hosts, written into remote.toml "
+                         "(default 127.0.0.1: this host only)")
+    up.add_argument("--rpc-port", type=_port, default=None,
+                    help="server i listens for RPC on PORT + i - 1 (default: ports of the kernel's choosing, "
+                         "new at each start)")
+    up.add_argument("--metrics-port", type=_port, default=None,
+                    help="server i serves Prometheus metrics on 127.0.0.1:PORT + i - 1 (default: none)")
+
+    down = sub.add_parser("down", help="stop the fabric `memfabric up` runs in a directory")
+    down.add_argument("--dir", required=True, help="the directory given to memfabric up")
+    down.add_argument("--timeout", type=_timeout, default=DOWN_TIMEOUT_S,
+                      help=f"seconds to wait for it to stop (default {DOWN_TIMEOUT_S:g})")
 
     server = sub.add_parser("server", help="run one server from a TOML configuration")
     server.add_argument("--config", required=True)
@@ -85,15 +141,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _up_pools(args: argparse.Namespace) -> list[PoolSpec] | str:
+    """The pools each server of `up` gives, or what is wrong with the options."""
+    if args.servers < 1:
+        return "--servers must be at least 1"
+    for option, port in (("--rpc-port", args.rpc_port), ("--metrics-port", args.metrics_port)):
+        if port is not None and port + args.servers - 1 > 65535:
+            return f"{option} {port} with {args.servers} servers would go past port 65535"
+    if args.rpc_port is not None and args.metrics_port is not None and \
+            abs(args.rpc_port - args.metrics_port) < args.servers:
+        return "--rpc-port and --metrics-port ranges overlap"
+    names = [p.name for p in args.pool]
+    for name in names:
+        if names.count(name) > 1:
+            return f"pool {name!r} is given twice"
+    if "default" in names and args.capacity is not None:
+        return ("--capacity sizes the DRAM pool 'default', which --pool default:... replaces: give one of them")
+    for p in args.pool:
+        if p.capacity_bytes < args.segment_size or p.capacity_bytes % PAGE_SIZE_BYTES:
+            return (f"pool {p.name!r}: its size must be a multiple of {PAGE_SIZE_BYTES} bytes and at least the "
+                    f"segment size ({format_size(args.segment_size)}), got {format_size(p.capacity_bytes)}")
+    capacity = args.capacity or DEFAULT_CAPACITY_BYTES
+    default = [] if "default" in names else [PoolSpec("default", "dram", capacity)]
+    return default + args.pool
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "up":
-        if args.servers < 1:
-            print("memfabric up: --servers must be at least 1", file=sys.stderr)
+        pools = _up_pools(args)
+        if isinstance(pools, str):
+            print(f"memfabric up: {pools}", file=sys.stderr)
             return 2
         from .up import run_up
-        return run_up(args.dir, args.servers, args.capacity, args.segment_size, args.liveness_timeout,
-                      args.busy_poll_us)
+        return run_up(args.dir, args.servers, args.capacity or DEFAULT_CAPACITY_BYTES, args.segment_size,
+                      args.liveness_timeout, args.busy_poll_us, pools=pools, rpc_host=args.rpc_host,
+                      rpc_port=args.rpc_port or 0, metrics_port=args.metrics_port)
+    if args.command == "down":
+        from .down import run_down
+        try:
+            return run_down(args.dir, args.timeout)
+        except OSError as exc:
+            print(f"memfabric down: {exc}", file=sys.stderr)
+            return 1
     if args.command == "server":
         from ..server.main import run_server
         return run_server(args.config)

@@ -1,31 +1,76 @@
-"""`memfabric status`: what the cluster service knows, as a table or JSON."""
+"""`memfabric status`: the fabric's servers, pools and namespaces, as a table or JSON.
+
+It asks a live server, as any client would (IPC on this host, else RPC: a `remote.toml` is
+enough): the server's cluster view, with each server's age by that server's clock, and the
+objects and bytes of every namespace summed over the live servers (`ns_query`). When no
+server answers, it reads what it can from the cluster service itself, if the configuration
+names one (`fabric.toml`, a server's TOML): the servers, and the namespaces without figures.
+
+Exit status: 0 when every server the cluster knows is alive; 3 when any is not (stopped,
+killed or cut off); 1 when nothing answers; 2 for a bad configuration.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+import time
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from ..client.session import Session
 from ..cluster import open_cluster
-from ..errors import MemfabricError
-from ..config import ConfigError, load_fabric_config
+from ..config import ConfigError, FabricConfig, load_fabric_config
+from ..errors import MemfabricError, ServerUnavailable, Timeout
 from ..units import format_size
 
+STATUS_TIMEOUT_S = 5.0     # per request to a server: a stopped one must not hold status up
+EXIT_SERVER_DEAD = 3
 
-def collect(path: str) -> dict:
+
+def collect(path: str) -> dict[str, Any]:
     fabric = load_fabric_config(path)
-    if fabric.cluster is None or (fabric.cluster.backend == "embedded" and fabric.cluster.path is None):
-        raise ConfigError(f"{fabric.source}: names no cluster service (cluster.path or an etcd backend): "
-                          "give the fabric's directory, its fabric.toml or a server's configuration")
+    try:
+        session = Session(path, timeout_s=STATUS_TIMEOUT_S)
+    except (ServerUnavailable, Timeout) as exc:
+        if not _names_cluster_service(fabric):
+            raise ServerUnavailable(f"{exc}; {fabric.source} names no cluster service to read instead") from None
+        return _from_cluster_service(fabric, str(exc))
+    try:
+        servers = session.servers()
+        namespaces = [{"pool": n.pool, "ns": n.ns, "attribute": n.attribute, "object_count": n.object_count,
+                       "used_bytes": n.used_bytes} for n in session.namespaces()]
+        asked = session.local.server_id
+    finally:
+        session.close()
+    return {"asked": f"server {asked}", "servers": [_server_row(s, s["seen_s_ago"]) for s in servers],
+            "namespaces": namespaces}
+
+
+def _names_cluster_service(fabric: FabricConfig) -> bool:
+    cluster = fabric.cluster
+    return cluster is not None and bool(cluster.path if cluster.backend == "embedded" else cluster.endpoints)
+
+
+def _from_cluster_service(fabric: FabricConfig, why: str) -> dict[str, Any]:
     cluster = open_cluster(fabric.cluster.backend, **fabric.cluster.settings())
     try:
-        servers = [s.to_wire() for s in cluster.servers()]
-        namespaces = [{"pool": r.pool, "ns": r.ns, "attribute": r.attribute} for r in cluster.namespaces()]
+        records = cluster.servers()
+        namespaces = [{"pool": r.pool, "ns": r.ns, "attribute": r.attribute, "object_count": None,
+                       "used_bytes": None} for r in cluster.namespaces()]
     finally:
         cluster.close()
-    return {"servers": servers, "namespaces": namespaces}
+    now = time.time()
+    return {"asked": f"the cluster service (no server answered: {why})",
+            "servers": [_server_row(r.to_wire(), max(0.0, now - r.last_seen_s)) for r in records],
+            "namespaces": namespaces}
+
+
+def _server_row(record: dict[str, Any], seen_s_ago: float) -> dict[str, Any]:
+    keep = ("server_id", "host", "alive", "pid", "ipc_socket", "rpc_address", "pools")
+    return {**{k: record[k] for k in keep}, "seen_s_ago": round(seen_s_ago, 3)}
 
 
 def run_status(path: str, as_json: bool = False) -> int:
@@ -37,25 +82,35 @@ def run_status(path: str, as_json: bool = False) -> int:
     except MemfabricError as exc:
         print(f"memfabric status: {exc}", file=sys.stderr)
         return 1
+    dead = [s for s in state["servers"] if not s["alive"]]
     if as_json:
         print(json.dumps(state, indent=2))
-        return 0
+        return EXIT_SERVER_DEAD if dead else 0
     console = Console(width=None if sys.stdout.isatty() else 120)
     table = Table(title="servers")
-    for column in ("id", "host", "alive", "pid", "pool", "medium", "capacity", "used", "free", "lendable"):
+    for column in ("id", "host", "alive", "seen", "pid", "pool", "medium", "capacity", "used", "free",
+                   "lendable"):
         table.add_column(column)
     for s in state["servers"]:
         alive = "[green]alive[/]" if s["alive"] else "[red]dead[/]"
         rows = s["pools"].items() or [("-", {})]
         for name, p in rows:
-            table.add_row(str(s["server_id"]), s["host"], alive, str(s["pid"]), name, p.get("medium", "-"),
+            table.add_row(str(s["server_id"]), s["host"], alive, f"{s['seen_s_ago']:.1f}s ago", str(s["pid"]),
+                          name, p.get("medium", "-"),
                           *(format_size(p[k]) if k in p else "-"
                             for k in ("capacity_bytes", "used_bytes", "free_bytes", "lendable_bytes")))
     console.print(table)
     ns_table = Table(title="namespaces")
-    for column in ("pool", "namespace", "attribute"):
+    for column in ("pool", "namespace", "attribute", "objects", "bytes"):
         ns_table.add_column(column)
     for n in state["namespaces"]:
-        ns_table.add_row(n["pool"], n["ns"], str(n["attribute"]))
+        figures = ("-", "-") if n["object_count"] is None else (str(n["object_count"]), format_size(n["used_bytes"]))
+        ns_table.add_row(n["pool"], n["ns"], str(n["attribute"]), *figures)
     console.print(ns_table)
+    console.print(f"asked {state['asked']}", markup=False, highlight=False)
+    if dead:
+        console.print(f"{len(dead)} of {len(state['servers'])} servers not alive: "
+                      f"{', '.join(str(s['server_id']) for s in dead)} (exit status {EXIT_SERVER_DEAD})",
+                      markup=False, highlight=False)
+        return EXIT_SERVER_DEAD
     return 0

@@ -32,8 +32,14 @@ class IpcFront:
         self._accept = AcceptLoop("IPC", self._sock, self._take,
                                   lambda accepting: server.door_accepting("ipc", accepting))
 
+    door = "ipc"
+
     def start(self) -> None:
         self._accept.start()
+
+    def connected(self) -> int:
+        """Connections served now (the metrics' clients)."""
+        return len(self._connections)
 
     def _take(self, sock: socket.socket) -> None:
         channel = IpcChannel(sock, self.busy_poll_s)

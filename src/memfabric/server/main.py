@@ -15,6 +15,7 @@ from ..errors import MemfabricError
 from ..config import ConfigError, load_server_config
 from ..transport import rpc
 from .ipc_front import IpcFront
+from .metrics import MetricsEndpoint
 from .rpc_front import RpcFront
 from .server import Server
 
@@ -74,7 +75,16 @@ def run_server(config_path: str) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     fronts: list = []
+    metrics = None
     try:
+        if cfg.metrics_listen:       # bound before memory is reserved: a taken port fails at once
+            try:
+                metrics = MetricsEndpoint(cfg.metrics_listen, server,
+                                          lambda: {front.door: front.connected() for front in fronts})
+            except OSError as exc:
+                raise OSError(exc.errno, f"server.metrics_listen {cfg.metrics_listen}: "
+                                         f"{exc.strerror or exc}") from None
+            metrics.start()
         server.start()
         fronts.append(IpcFront(server, cfg.ipc_socket, cfg.max_clients, cfg.busy_poll_us / 1e6,
                                cfg.ipc_socket_mode, cfg.ipc_socket_gid))
@@ -88,19 +98,23 @@ def run_server(config_path: str) -> int:
         print(f"memfabric server: cannot start: {exc}", file=sys.stderr)
         for front in fronts:
             front.stop()
+        if metrics is not None:
+            metrics.stop()
         server.stop()
         return 2 if isinstance(exc, ConfigError) else 1
     pools = ", ".join(f"{p.name}={p.capacity_bytes}B {p.medium}" for p in cfg.pools)
     server.announce()
     rpc_address = next((s.rpc_address for s in server.view(fresh=True) if s.server_id == server.server_id), "")
     print(f"memfabric server {server.server_id} ready pid={os.getpid()} ipc={cfg.ipc_socket} "
-          f"rpc={rpc_address or '-'} pools: {pools}", flush=True)
+          f"rpc={rpc_address or '-'} metrics={metrics.address if metrics else '-'} pools: {pools}", flush=True)
     # A timed wait: a SIGTERM the kernel hands to another thread interrupts no wait here, and
     # its handler runs only once this thread runs Python again (seen: a server that ignored it).
     while not stop.wait(0.5):
         pass
     for front in fronts:
         front.stop()
+    if metrics is not None:
+        metrics.stop()
     server.stop()
     print(f"memfabric server {server.server_id} stopped", flush=True)
     return 0

@@ -42,8 +42,14 @@ class RpcFront:
         self._accept = AcceptLoop("RPC", listener, self._take,
                                   lambda accepting: server.door_accepting("rpc", accepting))
 
+    door = "rpc"
+
     def start(self) -> None:
         self._accept.start()
+
+    def connected(self) -> int:
+        """Connections served now (the metrics' clients)."""
+        return len(self._connections)
 
     def _take(self, sock: socket.socket) -> None:
         threading.Thread(target=self._serve, args=(sock,), name="rpc-conn", daemon=True).start()

@@ -35,6 +35,7 @@ from ..config import ServerConfig
 from ..bigmemory.service import BigMemoryService
 from .audit import audit_pools
 from .log_limit import LimitedLog
+from .metrics import RequestMetrics
 from .sec_ids import SecIdChecker
 from .requests import Connection, Reply
 from .state import NamespaceState, PoolState
@@ -81,6 +82,7 @@ class Server:
             self.handlers.update(service.handlers())
         self.peer_ops = self.PEER_OPS | self.bigmemory.PEER_OPS
         self.fd_ops = self.FD_OPS | self.bigmemory.FD_OPS
+        self.metrics = RequestMetrics(self.handlers)
 
     # ---- life ---------------------------------------------------------------------------
 
@@ -261,16 +263,23 @@ class Server:
     def serve(self, conn: Connection, message: dict[str, Any]) -> Reply:
         """dispatch() as both front doors use it: an error outside the vocabulary is a bug,
         logged and answered as INTERNAL_ERROR, and the connection and the server go on.
-        Calls to peers for the request end before the caller's budget does (deadline.py)."""
+        Calls to peers for the request end before the caller's budget does (deadline.py).
+        Every answer is counted here, once, for the metrics (metrics.py)."""
+        started_s = time.perf_counter()
+        code = None
         try:
             with serving_until(deadline_for(message.get("budget_s"))):
                 return self.dispatch(conn, message)
-        except MemfabricError:
+        except MemfabricError as exc:
+            code = exc.code
             raise
         except Exception as exc:
+            code = InternalError.code
             # dispatch() only gets here with a known operation's name: a bounded set of kinds.
             self.limited_log.exception(f"bug in {message.get('op')}", "operation %r failed", message.get("op"))
             raise InternalError(f"internal error in {message.get('op')!r}: {exc!r}") from None
+        finally:
+            self.metrics.observe(message.get("op"), code, time.perf_counter() - started_s)
 
     def disconnected(self, conn: Connection) -> None:
         """A client went away: it holds no segment any more, and its mappings no memory."""
@@ -383,7 +392,10 @@ class Server:
             return {"server_id": self.server_id, "pools": audit_pools(self.server_id, self.pools, self.namespaces)}
 
     def op_cluster_view(self, conn: Connection, m: dict[str, Any]) -> Reply:
-        return {"servers": [s.to_wire() for s in self.view(fresh=True)]}
+        # The age by this server's clock, the one nearest the heartbeats: a client's may be off.
+        now = time.time()
+        return {"servers": [{**s.to_wire(), "seen_s_ago": max(0.0, now - s.last_seen_s)}
+                            for s in self.view(fresh=True)]}
 
     def op_ns_create(self, conn: Connection, m: dict[str, Any]) -> Reply:
         """Create (pool, ns). With `exist_ok`, a namespace of that name is opened instead when
