@@ -117,3 +117,7 @@ MAX_KV_BATCH = 4096                 # keys per batch call, per server
 # A link closing with requests given up on waits this long at most for their replies, to
 # undo what they did for no one (datapath/link.py settle).
 SETTLE_S = 1.0
+MAX_KV_CLIENTS = 256                # clients of one keyspace on one server that count their own gets
+KV_INLINE_BYTES = 192 << 10         # a key and value ride in a request up to this; larger: reserve, fill, commit
+MAX_KV_PENDING_PER_CLIENT = 16      # large values one connection is filling at once
+MAX_KV_HOLDS_PER_CLIENT = 64        # large values one connection is reading at once (each held from reuse)

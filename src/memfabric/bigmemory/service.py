@@ -67,6 +67,12 @@ class BigMemoryService:
     def handlers(self) -> dict[str, Callable[[Connection, dict[str, Any]], Reply]]:
         return {name[3:]: getattr(self, name) for name in dir(self) if name.startswith("op_")}
 
+    def transfers(self) -> dict[str, Callable[[Connection, dict[str, Any]], Any]]:
+        return {}         # seg_write and seg_read: the RPC door's own fast path (span())
+
+    def tick(self) -> None:
+        """Housekeeping from the server's keeper: none (freed extents rest in the allocator)."""
+
     # ---- the server's life ------------------------------------------------------------------
 
     def announce(self) -> None:

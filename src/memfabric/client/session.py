@@ -26,6 +26,7 @@ from ..errors import InvalidArgument, MemfabricError, NotInitialized, ServerUnav
 from ..limits import BUSY_POLL_US, DEFAULT_REQUEST_TIMEOUT_S, MAX_REQUEST_TIMEOUT_S
 from ..config import FABRIC_FILE, ConfigError, check_busy_poll_us, load_fabric_config
 from ..bigmemory.client import BigMemory, NamespaceObjects
+from ..kv.client import KV
 from .arguments import as_bool, as_int, as_path
 from .types import NamespaceInfo
 
@@ -342,6 +343,14 @@ class Namespace(NamespaceObjects):
 
     def _same_secret(self, sec_id: str | bytes) -> bool:
         return hmac.compare_digest(self.sec_id, check_sec_id(sec_id))
+
+    def kv(self) -> KV:
+        """The namespace's key-value store (MemKV): one keyspace per namespace, guarded by its
+        secId. See memfabric.kv.client.KV."""
+        kv = self.__dict__.get("_kv")
+        if kv is None:
+            kv = self.__dict__.setdefault("_kv", KV(self))
+        return kv
 
     def destroy(self) -> None:
         """Destroy the namespace and every object in it, on every server (as

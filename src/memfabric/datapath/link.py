@@ -97,6 +97,9 @@ class ServerLink:
         self._next_id = 1
         self._segments: dict[tuple[str, int], _Mapped] = {}
         self._gen_tables: dict[tuple[str, str, int], tuple[_Mapped, memoryview]] = {}
+        # What a semantic mapped through this link for a namespace ((pool, ns, what) -> an
+        # object with close()): MemKV's index, say. Closed with the namespace or the link.
+        self.attached: dict[tuple[str, str, str], Any] = {}
         # Users' object mappings made from this link's fds: revoked with it.
         self._ranges: weakref.WeakSet[SharedRange] = weakref.WeakSet()
         self._checked_at = 0.0
@@ -381,6 +384,8 @@ class ServerLink:
                 self._segments.pop(key).close()
             for key in [k for k in self._gen_tables if k[:2] == (pool, ns)]:
                 self._gen_tables.pop(key)[0].close()
+            for key in [k for k in self.attached if k[:2] == (pool, ns)]:
+                self.attached.pop(key).close()
 
     def _forget_segments(self, gone: object) -> None:
         """The server destroyed these segments ([pool, id] each): unmap them, close their fds.
@@ -405,10 +410,12 @@ class ServerLink:
         with self._map_lock:
             for shared in list(self._ranges):
                 shared.revoke(reason)
-            for mapped in list(self._segments.values()) + [m for m, _ in self._gen_tables.values()]:
+            for mapped in list(self._segments.values()) + [m for m, _ in self._gen_tables.values()] + \
+                    list(self.attached.values()):
                 mapped.close()
             self._segments.clear()
             self._gen_tables.clear()
+            self.attached.clear()
 
     def close(self) -> None:
         if self._abandoned and not self._closed:

@@ -278,6 +278,11 @@ class RpcLink:
                 if undo is not None:
                     self._undos.append(undo)
                 return
+            if callable(pending.into):      # sized by the reply: the caller makes the buffer
+                pending.into = pending.into(payload_len) if payload_len and "error" not in header else None
+                if pending.into is None and payload_len and "error" not in header:
+                    frames.discard(payload_len, frame_deadline)
+                    payload_len = 0
             if payload_len:
                 if pending.into is not None and payload_len == len(pending.into) and "error" not in header:
                     frames.recv_into_exact(pending.into, frame_deadline)

@@ -26,20 +26,19 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any
 
 from ..core.allocator import Extent
-from ..errors import InvalidArgument, LimitExceeded, OutOfMemory
 from ..limits import MAX_KV_CLIENTS, REUSE_GRACE_S
 from . import index as ix
-from .heap import MAX_RECORD_BYTES, PAGE_BYTES, Chunk, RecordHeap
-from .rules import NO_EXPIRY, expired
+from .heap import RecordHeap
 
 F_SEAL_FUTURE_WRITE = 0x0010
 SEALS_READ_ONLY = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL
 SEALS_SIZE = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 EXTENT = struct.Struct("<QQQ")       # a large value's extent in its record: segment, offset, length
 STATS_WORDS_PER_CLIENT = 2           # hits, misses
+KEY_LOCK_STRIPES = 64
 
 
 def _memfd(name: str, size: int, seals: int) -> tuple[int, mmap.mmap]:
@@ -100,7 +99,11 @@ class Table:
 class KeySpace:
     def __init__(self, label: str, ns: str, grace_s: float = REUSE_GRACE_S) -> None:
         self.label, self.ns = label, ns
-        self.lock = threading.RLock()         # one writer of this keyspace at a time
+        # Two levels: a key's writes (and their replication, which calls other servers) one
+        # at a time under its stripe; the table and the heap under `lock`, never held while
+        # calling out, so two servers replicating to each other cannot wait on each other.
+        self.lock = threading.RLock()
+        self.key_locks = [threading.RLock() for _ in range(KEY_LOCK_STRIPES)]
         self.heap = RecordHeap(grace_s)
         self.grace_s = grace_s
         self.table = Table(label, ns, ix.MIN_SLOTS, generation=1)
@@ -110,18 +113,35 @@ class KeySpace:
         self._free_client_slots = list(range(MAX_KV_CLIENTS - 1, -1, -1))
         self.settings = KvSettings()
         self.counters = Counters()
-        self.large_bytes = 0                  # values in extents of their own
+        # The extents of each large value, by its record's place: the server's own copy. The
+        # table in the record is for same-host readers; the server never trusts memory a
+        # client can write to say where bytes are.
+        self.large: dict[tuple[int, int], list[Extent]] = {}
+        self.large_bytes = 0                  # bytes of those extents
+        self.reserved_bytes = 0               # extents reserved for large values being filled
         self.primary_keys = 0                 # keys this server holds as their first home
         self.clock_hand = 0
+        self.sweep_hand = 0
+        self._last_version = 0
         self.closed = False
-        # Chunks (and large values) a transfer still reads: freed when it is done.
+        self.store: Any = None                # its Store (store.py), made with it by the service
+        # Records a transfer still reads (a hold), and whether they were let go meanwhile.
         self.busy: dict[tuple[int, int], int] = {}
-        self.deferred: dict[tuple[int, int], list] = {}
+        self.deferred: dict[tuple[int, int], tuple] = {}
+
+    def next_version(self) -> int:
+        """A write's version: a hybrid logical clock (ms << 20, then a counter), so that a
+        key's versions grow even across a change of its first home (failover)."""
+        self._last_version = max(self._last_version + 1, time.time_ns() // 1_000_000 << 20)
+        return self._last_version
+
+    def key_lock(self, key_hash: int) -> threading.RLock:
+        return self.key_locks[key_hash % KEY_LOCK_STRIPES]
 
     # ---- figures ----------------------------------------------------------------------------
 
     def used_bytes(self) -> int:
-        return self.heap.record_bytes + self.large_bytes
+        return self.heap.record_bytes + self.large_bytes + self.reserved_bytes
 
     def keys(self) -> int:
         return self.table.writer.keys
@@ -156,43 +176,6 @@ class KeySpace:
         os.close(self.stats_fd)
 
 
-# ---- records: a key and its value, or a key and the extents its value lies in -----------------------
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """Where a key's record is and what it holds (a slot's fields, decoded)."""
-    chunk: Chunk
-    key_length: int
-    value_length: int
-    expiry: int
-    extents: int                      # 0: the value follows the key in the chunk
-    version: int
-
-    @property
-    def inline(self) -> bool:
-        return self.extents == 0
-
-
-def record_size(key_length: int, value_length: int) -> tuple[int, bool]:
-    """(bytes the record takes in the heap, whether the value is in it): a value that does not
-    fit a heap chunk beside its key goes to extents of its own, listed in the record."""
-    if key_length + value_length <= MAX_RECORD_BYTES:
-        return max(1, key_length + value_length), True
-    return key_length, False          # the extent table's size is added once it is known
-
-
-def fits_limit(space: KeySpace, share: int | None, more: int) -> bool:
-    return share is None or space.used_bytes() + more <= share
-
-
-def is_expired(expiry: int, now_ms: int) -> bool:
-    return expired(expiry, now_ms)
-
-
 def now_ms() -> int:
+    """The wall clock in ms: expiry times are absolute, shared by the processes of a host."""
     return time.time_ns() // 1_000_000
-
-
-__all__ = ["Counters", "EXTENT", "KeySpace", "KvSettings", "NO_EXPIRY", "PAGE_BYTES", "Record", "Table",
-           "fits_limit", "is_expired", "now_ms", "record_size", "Extent", "Callable", "InvalidArgument",
-           "LimitExceeded", "OutOfMemory"]

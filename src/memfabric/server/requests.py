@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 
 class Connection:
@@ -23,13 +23,18 @@ class Connection:
         # next reply tells it, so it unmaps them (they read zeros now) and closes their fds.
         self.segments: set[tuple[str, int]] = set()
         self.gone: list[list] = []
+        # What each semantic keeps for this connection (its name -> its own record).
+        self.services: dict[str, Any] = {}
 
 
 Reply = dict[str, Any] | tuple[dict[str, Any], list[int]]
 
 
 class Payload:
-    """A reply with raw bytes after it (RPC only: IPC peers read each other's memory)."""
+    """A reply with raw bytes after it (RPC only: IPC peers read each other's memory): one
+    buffer, or several sent as one. `done` runs once they are sent, or could not be: memory
+    lent to the send is let go then."""
 
-    def __init__(self, reply: dict[str, Any], data: memoryview) -> None:
-        self.reply, self.data = reply, data
+    def __init__(self, reply: dict[str, Any], data: memoryview | list[memoryview],
+                 done: Callable[[], None] | None = None) -> None:
+        self.reply, self.data, self.done = reply, data, done

@@ -108,6 +108,7 @@ class RpcFront:
             op = request.get("op")
             deadline = time.monotonic() + REQUEST_TIMEOUT_S
             payload = None
+            done = None          # a Payload's: runs once it is sent, or cannot be
             try:
                 if op in ("seg_write", "seg_read"):
                     # The span is held for the transfer: a concurrent free or destroy cannot
@@ -127,6 +128,24 @@ class RpcFront:
                                 return
                             continue
                     reply = {}
+                elif op in self.server.transfers:
+                    # A semantic's transfer: bytes received into, or sent from, pool memory it
+                    # holds for the duration.
+                    with self.server.transfers[op](conn, request) as (target, incoming):
+                        if incoming:
+                            if payload_len != len(target):
+                                raise ProtocolError(f"{op} of {len(target)} bytes carried {payload_len}")
+                            frames.recv_into_exact(target, deadline)
+                            payload_len = 0
+                        elif payload_len:
+                            raise ProtocolError(f"{op} carries no payload")
+                        else:
+                            try:
+                                frames.send({"id": request["id"]}, target)
+                            except (OSError, ConnectionError, MemfabricError):
+                                return
+                            continue
+                    reply = {}
                 else:
                     if payload_len:
                         raise ProtocolError(f"{op!r} carries no payload")
@@ -139,7 +158,7 @@ class RpcFront:
                                                     "%.60r answered with file descriptors over RPC", op)
                         raise InternalError(f"{op!r} answered with file descriptors over RPC")
                     if isinstance(result, Payload):
-                        reply, payload = result.reply, result.data
+                        reply, payload, done = result.reply, result.data, result.done
                     else:
                         reply = result
             except MemfabricError as exc:
@@ -162,6 +181,9 @@ class RpcFront:
                         f"the reply to {op!r} is too large: {exc}")))
             except (OSError, ConnectionError, MemfabricError):
                 return
+            finally:
+                if done is not None:
+                    done()
 
     def stop(self) -> None:
         self._accept.stop()

@@ -33,6 +33,7 @@ from ..limits import (MAX_FDS_PER_MESSAGE, PAGE_SIZE_BYTES, PEER_TIMEOUT_S, RESE
                       SPARE_CAPACITY_DIVISOR, SPARE_SMALL_SEGMENTS, SPARE_TOP_SEGMENTS)
 from ..config import ServerConfig
 from ..bigmemory.service import BigMemoryService
+from ..kv.service import KeyValueService
 from .audit import audit_pools
 from .log_limit import LimitedLog
 from .metrics import RequestMetrics
@@ -75,13 +76,19 @@ class Server:
         self.rpc_listener = None
         # The semantics: each registers its operations with the dispatcher.
         self.bigmemory = BigMemoryService(self)
+        self.kv = KeyValueService(self)
+        self.services = (self.bigmemory, self.kv)
         self.handlers: dict[str, Callable[[Connection, dict[str, Any]], Reply]] = {
             name[3:]: getattr(self, name) for name in dir(self) if name.startswith("op_")}
-        for service in (self.bigmemory,):
+        self.peer_ops, self.fd_ops = set(self.PEER_OPS), set(self.FD_OPS)
+        # Operations whose payload the RPC door moves straight to or from pool memory.
+        self.transfers: dict[str, Callable[[Connection, dict[str, Any]], Any]] = {}
+        for service in self.services:
             assert not set(service.handlers()) & set(self.handlers), "two semantics claim one operation"
             self.handlers.update(service.handlers())
-        self.peer_ops = self.PEER_OPS | self.bigmemory.PEER_OPS
-        self.fd_ops = self.FD_OPS | self.bigmemory.FD_OPS
+            self.peer_ops |= service.PEER_OPS
+            self.fd_ops |= service.FD_OPS
+            self.transfers.update(service.transfers())
         self.metrics = RequestMetrics(self.handlers)
 
     # ---- life ---------------------------------------------------------------------------
@@ -291,7 +298,8 @@ class Server:
                     if not holders:
                         del self._segment_holders[key]
             conn.segments.clear()
-        self.bigmemory.disconnected(conn)
+        for service in self.services:
+            service.disconnected(conn)
 
     # ---- namespaces ---------------------------------------------------------------------
 
@@ -633,6 +641,11 @@ class Server:
                     self._keep(pool)
                 except Exception as exc:      # out of fds, a bug: log it, try again next round
                     self.limited_log.warning("keeper", "keeping pool %s's segments: %r", pool.name, exc)
+            for service in self.services:
+                try:
+                    service.tick()
+                except Exception as exc:
+                    self.limited_log.warning("keeper", "%s's housekeeping: %r", type(service).__name__, exc)
 
     def _keep(self, pool: PoolState) -> None:
         pool.medium.repay()

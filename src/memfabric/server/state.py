@@ -11,6 +11,7 @@ from ..core.allocator import Extent, SegmentAllocator
 from ..core.namespaces import NamespaceRecord
 from ..bigmemory.objects import Generations
 from ..bigmemory.space import ObjectSpace
+from ..kv.space import KeySpace
 from ..errors import NoSuchObject
 from ..media.base import Medium, SegmentMemory
 from ..media.dram import DramMedium
@@ -105,7 +106,10 @@ class NamespaceState:
         self.key = record.key
         self.closed = False       # dropped: nothing may be added to it any more
         self.objects = ObjectSpace(server_id, label, record.ns, generations)    # BigMemory
+        self.kv: KeySpace | None = None                                         # MemKV, made on first use
 
     def close(self) -> None:
         self.closed = True
         self.objects.close()
+        if self.kv is not None:
+            self.kv.close()

@@ -98,27 +98,30 @@ class FrameSocket:
         if bound is None or bound > remaining + DEADLINE_SLACK_S or bound < remaining / 2:
             self._bound(max(remaining, 0.001))
 
-    def send(self, header: dict[str, Any], payload: memoryview | bytes | None = None) -> None:
-        """One whole frame. socket.timeout: nothing was sent; MidFrameTimeout: part was."""
+    def send(self, header: dict[str, Any], payload: memoryview | bytes | list[memoryview] | None = None) -> None:
+        """One whole frame; a payload of several buffers goes as one. socket.timeout: nothing
+        was sent; MidFrameTimeout: part was."""
         head = wire.encode(header)
-        n = 0 if payload is None else len(payload)
+        parts = [] if payload is None else payload if isinstance(payload, list) else [payload]
+        n = sum(len(p) for p in parts)
         if n > MAX_RPC_PAYLOAD_BYTES:
             raise ProtocolError(f"payload of {n} bytes exceeds {MAX_RPC_PAYLOAD_BYTES}")
         first = PREFIX.pack(len(head), n) + head
         if len(first) < FIRST_BLOCK:
             first += bytes(FIRST_BLOCK - len(first))
         if n and n <= SMALL_PAYLOAD:
-            first += bytes(payload)
+            first += b"".join(bytes(p) for p in parts)
+            parts = []
         if self._tls:
             self._bound(self._send_timeout_s)
             try:
                 self.sock.sendall(first)
-                if n > SMALL_PAYLOAD:
-                    self.sock.sendall(payload)
+                for part in parts:
+                    self.sock.sendall(part)
             except socket.timeout:       # how much went out, SSL does not say
                 raise MidFrameTimeout("send timed out") from None
             return
-        _sendmsg_all(self.sock, [first, payload] if n > SMALL_PAYLOAD else [first])
+        _sendmsg_all(self.sock, [first, *parts])
 
     def recv_header(self, deadline: float | None = None,
                     frame_timeout_s: float | None = None) -> tuple[dict[str, Any], int]:

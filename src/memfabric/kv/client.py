@@ -1,0 +1,605 @@
+"""The client's MemKV: `ns.kv()`.
+
+A key's homes come from rendezvous hashing over the pool's live servers, which every client
+computes alike (rules.py). Writes go to the first home, which numbers them and passes them
+on to the others. A get is served by a home on this host when there is one, without asking
+it: the client maps that server's key index and the namespace's segments, and reads the
+slot, the key and the value itself under the slot's sequence number (index.py), retrying
+when the server changed it meanwhile. A key on other hosts costs one request; a batch one
+request per server. Large values move once on each side (transfer.py).
+
+Where a key's only home died: its gets fail SERVER_UNAVAILABLE until the cluster sees that
+server dead (cluster.liveness_timeout_s), then they miss (the key is gone with it). With
+replicas, a get that misses at one home, or cannot reach it, asks the next.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
+
+from ..bigmemory.layout import as_bytes_view
+from ..client.arguments import as_bool, as_int
+from ..errors import InvalidArgument, MemfabricError, ProtocolError, ServerUnavailable, Timeout
+from ..limits import KV_INLINE_BYTES, MAX_KV_BATCH
+from . import index as ix
+from .rules import check_key, check_replicas, homes, key_hash
+from .space import EXTENT
+from .transfer import put_large, read_held
+
+if TYPE_CHECKING:
+    from ..client.session import Namespace
+
+VIEW_TTL_S = 1.0           # how long a client trusts its list of the pool's servers, and the replica count
+READ_RETRIES = 64          # a same-host read that keeps meeting writes asks the server instead
+EXTENTS_MASK = (1 << 32) - 1
+_MISS = object()
+_ASK = object()            # the lock-free read cannot answer: ask the server
+
+
+class _LocalIndex:
+    """A same-host server's key index of one namespace, as this process maps it; attached to
+    the link, so it goes with the namespace or the link."""
+
+    def __init__(self, link: Any, creds: tuple[str, str, bytes]) -> None:
+        from ..datapath.link import _Mapped
+        reply, fds = link.call_with_fds("kv_open", pool=creds[0], ns=creds[1], sec=creds[2])
+        mapped: list[Any] = []
+        try:
+            if len(fds) != 3:
+                raise ProtocolError(f"kv_open sent {len(fds)} fds, expected 3")
+            for fd, size, readonly in ((fds[0], reply["index_bytes"], True), (fds[1], reply["slots"], False),
+                                       (fds[2], reply["stats_bytes"], False)):
+                mapped.append(_Mapped(fd, size, readonly=readonly, pool=creds[0], ns=creds[1]))
+        except BaseException:
+            for m in mapped:
+                m.close()
+            for fd in fds[len(mapped):]:
+                os.close(fd)
+            raise
+        self.index, self.refs, self.stats = mapped
+        self.words = self.index.view.cast("Q")
+        self.ref_bytes = self.refs.view
+        self.stats_words = self.stats.view.cast("Q")
+        self.slot = reply["client_slot"]
+        self.lock_free = bool(reply["lock_free"])
+        self.mask = self.words[ix.H_SLOTS] - 1
+        self.hits = 0
+        self.misses = 0
+        self._count_lock = threading.Lock()
+
+    def count(self, hit: bool) -> None:
+        """Gets the server never sees still count in its stats: this client's own words."""
+        if self.slot is None:
+            return
+        with self._count_lock:
+            if hit:
+                self.hits += 1
+                self.stats_words[self.slot * 2] = self.hits
+            else:
+                self.misses += 1
+                self.stats_words[self.slot * 2 + 1] = self.misses
+
+    def stale(self) -> bool:
+        """Replaced by a larger table, or revoked (reads zeros)."""
+        return self.words[ix.H_MOVED] != 0 or self.words[ix.H_MAGIC] != ix.MAGIC
+
+    def close(self) -> None:
+        for mapped in (self.index, self.refs, self.stats):
+            mapped.close()
+
+
+class KV:
+    """A namespace's keyspace (`ns.kv()`). Keys: bytes or str (UTF-8), 1 to 64 KiB. Values:
+    any buffer (bytes, bytearray, memoryview, numpy arrays), 0 bytes to 1 GiB. Safe to share
+    between threads."""
+
+    def __init__(self, namespace: "Namespace") -> None:
+        self._namespace = namespace
+        self._session = namespace.session
+        self._creds = namespace.creds
+        self._wire = namespace.wire_creds
+        self._lock = threading.Lock()
+        self._servers: list[int] = []
+        self._servers_at = -VIEW_TTL_S
+        self._replicas = 1
+        self._replicas_at = -VIEW_TTL_S
+
+    def __repr__(self) -> str:
+        return f"KV({self._namespace.pool!r}/{self._namespace.name!r})"
+
+    # ---- where keys live ----------------------------------------------------------------------
+
+    def _pool_servers(self, fresh: bool = False) -> list[int]:
+        now = time.monotonic()
+        if fresh or now - self._servers_at > VIEW_TTL_S:
+            pool = self._namespace.pool
+            servers = sorted(s["server_id"] for s in self._session.servers() if s["alive"] and pool in s["pools"])
+            if not servers:
+                raise ServerUnavailable(f"no live server gives memory to pool {pool!r}")
+            self._servers, self._servers_at = servers, now
+        return self._servers
+
+    def _replica_count(self) -> int:
+        """The namespace's replicas, as last heard (a stale count costs a request, never a
+        wrong answer: the first home always holds the key)."""
+        now = time.monotonic()
+        if now - self._replicas_at > VIEW_TTL_S:
+            servers = self._pool_servers()
+            reply = self._call(servers[0], "kv_stats")
+            self._replicas, self._replicas_at = reply["settings"]["replicas"], now
+        return self._replicas
+
+    def _homes(self, key: bytes) -> list[int]:
+        return homes(key, self._pool_servers(), self._replica_count())
+
+    def _call(self, server_id: int, op: str, **args: Any) -> dict[str, Any]:
+        return self._session.link(server_id).call(op, **self._wire, **args)
+
+    def _at_first_home(self, key: bytes, op: str, retry: bool = True, **args: Any) -> dict[str, Any]:
+        """`op` at the key's first home; if that server cannot be reached, once more with a
+        fresh view of the pool (a dead server's keys have a new first home)."""
+        try:
+            return self._call(self._homes(key)[0], op, key=key, **args)
+        except ServerUnavailable:
+            if not retry:
+                raise
+            self._pool_servers(fresh=True)
+            return self._call(self._homes(key)[0], op, key=key, **args)
+
+    def _local_link(self, server_id: int) -> Any:
+        try:
+            link = self._session.link(server_id)
+        except MemfabricError:
+            return None
+        return link if link.is_local else None
+
+    # ---- settings ------------------------------------------------------------------------------
+
+    def configure(self, *, memory_limit: Any = ..., eviction: Any = ..., replicas: Any = ...) -> dict[str, Any]:
+        """Set any of: memory_limit (a size like "1GiB" or bytes, the namespace's whole over its
+        servers; None: no limit), eviction ("lru": evict the least recently used, approximately,
+        as Redis's; "refuse": a write past the limit fails OUT_OF_MEMORY), replicas (servers
+        that hold each key, 1 to 8). Kept by the cluster for the namespace; every server and
+        client follows within a second. Returns the settings now. Raises INVALID_ARGUMENT."""
+        args: dict[str, Any] = {}
+        if memory_limit is not ...:
+            args["memory_limit"] = None if memory_limit is None else (
+                memory_limit if isinstance(memory_limit, str) else as_int(memory_limit, "memory_limit"))
+        if eviction is not ...:
+            args["eviction"] = eviction
+        if replicas is not ...:
+            args["replicas"] = check_replicas(replicas)
+        reply = self._call(self._pool_servers()[0], "kv_configure", **args)
+        self._replicas, self._replicas_at = reply["settings"]["replicas"], time.monotonic()
+        return reply["settings"]
+
+    # ---- single keys -----------------------------------------------------------------------------
+
+    def put(self, key: Any, value: Any, *, ttl_s: float | None = None, replicas: int | None = None,
+            nx: bool = False, xx: bool = False) -> bool:
+        """Store `value` (any buffer, or a str as UTF-8) under `key`. ttl_s: seconds (sub-second allowed) until it
+        expires; replicas: servers to hold this key (default: the namespace's); nx: only if
+        absent; xx: only if present. Returns False when nx or xx said no. Raises
+        INVALID_ARGUMENT, OUT_OF_MEMORY (the limit with eviction "refuse", or a full pool)."""
+        key = check_key(key)
+        view = _value_view(value)
+        options = {"ttl_ms": _ttl_ms(ttl_s), "nx": as_bool(nx, "nx"), "xx": as_bool(xx, "xx"),
+                   "replicas": None if replicas is None else check_replicas(replicas)}
+        if options["nx"] and options["xx"]:
+            raise InvalidArgument("nx and xx exclude each other")
+        return bool(self._put(key, view, options)["stored"])
+
+    def _put(self, key: bytes, view: memoryview, options: dict[str, Any]) -> dict[str, Any]:
+        if len(key) + view.nbytes <= KV_INLINE_BYTES:
+            return self._at_first_home(key, "kv_put", value=view.tobytes(), **options)
+        try:
+            server_id = self._homes(key)[0]
+            return put_large(self._session.link(server_id), self._creds, key, [view], view.nbytes, options)
+        except ServerUnavailable:
+            server_id = homes(key, self._pool_servers(fresh=True), self._replica_count())[0]
+            return put_large(self._session.link(server_id), self._creds, key, [view], view.nbytes, options)
+
+    def get(self, key: Any) -> bytes | None:
+        """The value, or None when the key is missing or expired."""
+        got = self._get(check_key(key), None)
+        return None if got is _MISS else got
+
+    def get_into(self, key: Any, buffer: Any) -> int | None:
+        """Fill `buffer` (any writable buffer) with the value, in place; returns its length, or
+        None when the key is missing. A buffer too small: INVALID_ARGUMENT, buffer untouched."""
+        key = check_key(key)
+        got = self._get(key, as_bytes_view(buffer, writable=True))
+        return None if got is _MISS else got
+
+    def _get(self, key: bytes, into: memoryview | None) -> Any:
+        ranked = self._homes(key)
+        for server_id in ranked:
+            link = self._local_link(server_id)
+            if link is not None:
+                got = self._local_get(link, key, into)
+                # A replica may lack the key (evicted there, or written while it was away).
+                if got is not _ASK and (got is not _MISS or server_id == ranked[0]):
+                    return got
+                break
+        return self._remote_get(ranked, key, into)
+
+    def _remote_get(self, ranked: list[int], key: bytes, into: memoryview | None) -> Any:
+        reached = False
+        for server_id in ranked:
+            try:
+                got = self._get_at(server_id, key, into)
+            except ServerUnavailable:
+                continue               # a dead home: the next may hold the key
+            reached = True
+            if got is not _MISS:
+                return got
+        if reached:
+            return _MISS
+        if len(ranked) == 1:
+            # Its only home is gone. Once the cluster sees it dead, the key's home is another.
+            fresh = homes(key, self._pool_servers(fresh=True), 1)
+            if fresh != ranked:
+                return self._get_at(fresh[0], key, into)
+        raise ServerUnavailable(f"no home of key {key[:40]!r} answers (servers {ranked})")
+
+    def _get_at(self, server_id: int, key: bytes, into: memoryview | None) -> Any:
+        """A get asked of a server: inline, or sent as the reply's payload, or held for us."""
+        link = self._session.link(server_id)
+        made: list[bytearray] = []
+
+        def buffer(length: int) -> memoryview | None:
+            if into is not None:
+                return into[:length] if into.nbytes >= length else None   # None: dropped, untouched
+            made.append(bytearray(length))
+            return memoryview(made[-1])
+
+        if link.is_local:
+            reply = link.call("kv_get", **self._wire, key=key)
+        else:
+            request_id, pending = link.submit("kv_get", {**self._wire, "key": key}, into=buffer)
+            reply = link.wait(request_id, pending, "kv_get")
+        if not reply["found"]:
+            return _MISS
+        if "value" in reply:
+            value = reply["value"]
+            if into is None:
+                return value
+            _check_room(len(value), into)
+            into[:len(value)] = value
+            return len(value)
+        length = reply["length"]
+        if "hold" not in reply:                 # it came as the payload
+            _check_room(length, into)
+            return length if into is not None else bytes(made[0])
+        if into is not None and into.nbytes < length:
+            read_held(link, self._creds, {**reply, "pieces": []}, into)    # just let go
+            _check_room(length, into)
+        target = into if into is not None else memoryview(bytearray(length))
+        read_held(link, self._creds, reply, target)
+        return length if into is not None else bytes(target)
+
+    def _index(self, link: Any) -> _LocalIndex:
+        key = (self._namespace.pool, self._namespace.name, "kv")
+        idx = link.attached.get(key)
+        if idx is None or idx.stale():
+            with self._lock:
+                idx = link.attached.get(key)
+                if idx is None or idx.stale():
+                    if idx is not None:
+                        link.attached.pop(key, None)
+                        idx.close()
+                    idx = link.attached[key] = _LocalIndex(link, self._creds)
+        return idx
+
+    def _local_get(self, link: Any, key: bytes, into: memoryview | None) -> Any:
+        """The lock-free read (index.py): the value, _MISS, or _ASK when it cannot be done here."""
+        try:
+            idx = self._index(link)
+        except MemfabricError:
+            return _ASK
+        if not idx.lock_free:
+            return _ASK
+        h = key_hash(key)
+        klen = len(key)
+        for _ in range(READ_RETRIES):
+            if idx.stale():
+                try:
+                    idx = self._index(link)
+                except MemfabricError:
+                    return _ASK
+            link.check_alive()
+            words = idx.words
+            mask = idx.mask
+            slot = h & mask
+            for _ in range(mask + 1):
+                base = ix.HEADER_WORDS + slot * ix.SLOT_WORDS
+                seq = words[base]
+                if seq & 1:
+                    break                                   # being written: again
+                stored = words[base + ix.HASH]
+                if stored == ix.EMPTY:
+                    if words[base] != seq or idx.stale():
+                        break
+                    idx.count(False)
+                    return _MISS
+                if stored != h:
+                    slot = (slot + 1) & mask
+                    continue
+                packed = words[base + ix.OFFSET_KLEN]
+                segment, offset = words[base + ix.SEGMENT], packed & ix.OFFSET_MASK
+                vlen, expiry, extents = words[base + ix.VLEN], words[base + ix.EXPIRY], words[base + ix.EXTENTS]
+                if words[base] != seq:
+                    break
+                if packed >> 32 != klen:
+                    slot = (slot + 1) & mask
+                    continue
+                try:
+                    view = link.segment_view(self._creds, segment)
+                except MemfabricError:
+                    return _ASK
+                if view[offset:offset + klen] != key:
+                    if words[base] != seq:
+                        break
+                    slot = (slot + 1) & mask
+                    continue
+                if expiry and expiry <= time.time_ns() // 1_000_000:
+                    result: Any = _MISS
+                else:
+                    if into is not None and into.nbytes < vlen:
+                        if words[base] != seq:
+                            break
+                        _check_room(vlen, into)
+                    result = self._copy_value(link, words, base, seq, view, offset + klen, vlen,
+                                              extents & EXTENTS_MASK, into)
+                    if result is _ASK:
+                        return _ASK
+                if result is None or words[base] != seq or idx.stale():
+                    break                                   # changed while we read: again
+                idx.count(result is not _MISS)
+                if result is not _MISS:
+                    idx.ref_bytes[slot] = 1                 # recency, for the eviction clock
+                return result
+        return _ASK
+
+    def _copy_value(self, link: Any, words: memoryview, base: int, seq: int, view: memoryview, at: int,
+                    vlen: int, extents: int, into: memoryview | None) -> Any:
+        """The value's bytes (or its length, copied into `into`); None when the slot changed
+        meanwhile; _ASK when its memory cannot be reached here."""
+        if extents == 0:
+            if at + vlen > len(view):
+                return None
+            if into is None:
+                return bytes(view[at:at + vlen])
+            into[:vlen] = view[at:at + vlen]
+            return vlen
+        table = bytes(view[at:at + EXTENT.size * extents])
+        if words[base] != seq or len(table) != EXTENT.size * extents:
+            return None
+        out = into if into is not None else memoryview(bytearray(vlen))
+        position = 0
+        for i in range(extents):
+            segment, offset, length = EXTENT.unpack_from(table, i * EXTENT.size)
+            take = min(length, vlen - position)
+            try:
+                source = link.segment_view(self._creds, segment)
+            except MemfabricError:
+                return _ASK
+            if offset + take > len(source):
+                return None
+            out[position:position + take] = source[offset:offset + take]
+            position += take
+        return vlen if into is not None else bytes(out)
+
+    def exists(self, key: Any) -> bool:
+        """Whether the key is there (and not expired)."""
+        return self.exists_many([key])[0]
+
+    def delete(self, key: Any) -> bool:
+        """Delete the key; True when it was there."""
+        return bool(self._at_first_home(check_key(key), "kv_delete")["deleted"])
+
+    def expire(self, key: Any, ttl_s: float) -> bool:
+        """Give the key `ttl_s` seconds more to live; False when it is missing."""
+        return bool(self._at_first_home(check_key(key), "kv_expire", ttl_ms=_ttl_ms(ttl_s, required=True))["set"])
+
+    def ttl(self, key: Any) -> float:
+        """Seconds left; -1.0 when the key never expires, -2.0 when it is missing (as Redis)."""
+        ms = self._at_first_home(check_key(key), "kv_ttl")["ttl_ms"]
+        return float(ms) if ms < 0 else ms / 1000
+
+    def incr(self, key: Any, by: int = 1) -> int:
+        """Add `by` to the integer the key holds as decimal text (a missing key counts 0);
+        the new value. INVALID_ARGUMENT when the value is not an integer, or on overflow."""
+        step = as_int(by, "by")
+        # Never sent twice: a lost reply may have been applied.
+        return int(self._at_first_home(check_key(key), "kv_incr", retry=False, by=step)["value"])
+
+    # ---- many keys: one request per server ---------------------------------------------------------
+
+    def _by_first_home(self, keys: list[bytes]) -> dict[int, list[int]]:
+        groups: dict[int, list[int]] = {}
+        servers, replicas = self._pool_servers(), self._replica_count()
+        for i, key in enumerate(keys):
+            groups.setdefault(homes(key, servers, replicas)[0], []).append(i)
+        return groups
+
+    def put_many(self, items: Mapping[Any, Any] | Iterable[tuple[Any, Any]], *, ttl_s: float | None = None,
+                 replicas: int | None = None) -> None:
+        """Store many keys: a mapping, or (key, value) pairs. One request per server (per
+        batch of 4,096 keys or 192 KiB); large values each on their own."""
+        if isinstance(items, Mapping):
+            items = items.items()
+        pairs = [(check_key(k), _value_view(v)) for k, v in items]
+        options = {"ttl_ms": _ttl_ms(ttl_s), "replicas": None if replicas is None else check_replicas(replicas)}
+        keys = [k for k, _ in pairs]
+        for server_id, positions in self._by_first_home(keys).items():
+            small = [i for i in positions if len(keys[i]) + pairs[i][1].nbytes <= KV_INLINE_BYTES]
+            for i in positions:
+                if len(keys[i]) + pairs[i][1].nbytes > KV_INLINE_BYTES:
+                    self._put(keys[i], pairs[i][1], options)
+            for chunk in _batches(small, [len(keys[i]) + pairs[i][1].nbytes for i in small]):
+                self._call(server_id, "kv_put_many", keys=[keys[i] for i in chunk],
+                           values=[pairs[i][1].tobytes() for i in chunk], **options)
+
+    def get_many(self, keys: Iterable[Any]) -> list[bytes | None]:
+        """The values of many keys (None for each missing): read in place for keys homed on
+        this host, one request per other server."""
+        keys = [check_key(k) for k in keys]
+        return [None if v is _MISS else v for v in self._get_many(keys, None)]
+
+    def get_many_into(self, keys: Iterable[Any], buffers: Iterable[Any]) -> list[int | None]:
+        """Fill one buffer per key; each value's length, None for a missing key. A buffer too
+        small: INVALID_ARGUMENT (that buffer untouched; those before it may be filled)."""
+        keys = [check_key(k) for k in keys]
+        views = [as_bytes_view(b, writable=True) for b in buffers]
+        if len(keys) != len(views):
+            raise InvalidArgument(f"{len(keys)} keys and {len(views)} buffers: one buffer per key")
+        return [None if v is _MISS else v for v in self._get_many(keys, views)]
+
+    def _get_many(self, keys: list[bytes], into: list[memoryview] | None) -> list[Any]:
+        out: list[Any] = [_MISS] * len(keys)
+        servers, replicas = self._pool_servers(), self._replica_count()
+        ask: dict[int, list[int]] = {}
+        for i, key in enumerate(keys):
+            ranked = homes(key, servers, replicas)
+            local = next((s for s in ranked if self._local_link(s) is not None), None)
+            if local is not None:
+                got = self._local_get(self._session.link(local), key, None if into is None else into[i])
+                if got is not _ASK and (got is not _MISS or local == ranked[0]):
+                    out[i] = got
+                    continue
+            ask.setdefault(ranked[0], []).append(i)
+        for server_id, positions in ask.items():
+            for chunk in _batches(positions, [len(keys[i]) for i in positions]):
+                try:
+                    reply = self._call(server_id, "kv_get_many", keys=[keys[i] for i in chunk])
+                except ServerUnavailable:
+                    for i in chunk:
+                        out[i] = self._remote_get(homes(keys[i], servers, replicas), keys[i],
+                                                  None if into is None else into[i])
+                    continue
+                blob, position = memoryview(reply["values"]), 0
+                for i, length in zip(chunk, reply["lengths"], strict=True):
+                    if length == -2:              # too large to ride along: on its own
+                        out[i] = self._get(keys[i], None if into is None else into[i])
+                    elif length >= 0:
+                        value = blob[position:position + length]
+                        position += length
+                        if into is None:
+                            out[i] = bytes(value)
+                        else:
+                            _check_room(length, into[i])
+                            into[i][:length] = value
+                            out[i] = length
+                    elif replicas > 1:
+                        out[i] = self._remote_get(homes(keys[i], servers, replicas)[1:], keys[i],
+                                                  None if into is None else into[i])
+        return out
+
+    def exists_many(self, keys: Iterable[Any]) -> list[bool]:
+        """Whether each key is there; one request per server."""
+        keys = [check_key(k) for k in keys]
+        out = [False] * len(keys)
+        for server_id, positions in self._by_first_home(keys).items():
+            for chunk in _batches(positions, [len(keys[i]) for i in positions]):
+                reply = self._call(server_id, "kv_exists", keys=[keys[i] for i in chunk])
+                for i, there in zip(chunk, reply["exists"], strict=True):
+                    out[i] = bool(there)
+        return out
+
+    def delete_many(self, keys: Iterable[Any]) -> int:
+        """Delete many keys; how many were there. One request per server."""
+        keys = [check_key(k) for k in keys]
+        deleted = 0
+        for server_id, positions in self._by_first_home(keys).items():
+            for chunk in _batches(positions, [len(keys[i]) for i in positions]):
+                deleted += self._call(server_id, "kv_delete_many", keys=[keys[i] for i in chunk])["deleted"]
+        return deleted
+
+    # ---- the whole keyspace ------------------------------------------------------------------------
+
+    def scan(self, prefix: Any = b"", *, batch: int = 1000) -> Iterator[bytes]:
+        """Every key (with `prefix`) once, across servers, `batch` keys per request. Keys
+        written or deleted during the scan may or may not be seen."""
+        prefix = b"" if prefix in (b"", "") else check_key(prefix)
+        batch = as_int(batch, "batch")
+        servers = self._pool_servers(fresh=True)
+        for server_id in servers:
+            cursor, generation = 0, None
+            seen: set[bytes] = set()        # keys given, should the table move under us
+            while True:
+                reply = self._call(server_id, "kv_scan", cursor=cursor, batch=batch, prefix=prefix, servers=servers)
+                if generation is not None and reply["generation"] != generation and cursor:
+                    cursor, generation = 0, reply["generation"]      # the table grew: from the start
+                    continue
+                generation = reply["generation"]
+                for key in reply["keys"]:
+                    if key not in seen:
+                        seen.add(key)
+                        yield key
+                cursor = reply["cursor"]
+                if cursor == 0:
+                    break
+
+    def __len__(self) -> int:
+        return self.stats()["keys"]
+
+    def stats(self) -> dict[str, Any]:
+        """The namespace's keys, bytes (keys and values held, replicas included), memory_limit,
+        hits, misses, evictions and expired, summed over the pool's servers; and `settings`."""
+        total: dict[str, Any] = {}
+        settings: dict[str, Any] = {}
+        for server_id in self._pool_servers(fresh=True):
+            reply = self._call(server_id, "kv_stats")
+            settings = reply["settings"]
+            for name, value in reply["stats"].items():
+                total[name] = value if name == "memory_limit" else total.get(name, 0) + (value or 0)
+        total["settings"] = settings
+        self._replicas, self._replicas_at = settings.get("replicas", self._replicas), time.monotonic()
+        return total
+
+    def flush(self) -> int:
+        """Delete every key of the namespace, on every server; how many there were
+        (replicas included)."""
+        return sum(self._call(s, "kv_flush")["flushed"] for s in self._pool_servers(fresh=True))
+
+
+def _value_view(value: Any) -> memoryview:
+    """A value's bytes: any buffer as it is, a str as UTF-8 (as a key)."""
+    return memoryview(value.encode()) if isinstance(value, str) else as_bytes_view(value)
+
+
+def _check_room(length: int, into: memoryview | None) -> None:
+    if into is not None and into.nbytes < length:
+        raise InvalidArgument(f"the value has {length} bytes; the buffer holds {into.nbytes} (left untouched)")
+
+
+def _ttl_ms(ttl_s: Any, required: bool = False) -> int | None:
+    if ttl_s is None and not required:
+        return None
+    if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) and not hasattr(ttl_s, "__float__"):
+        raise InvalidArgument(f"ttl_s is a number of seconds, got {ttl_s!r:.40}")
+    seconds = float(ttl_s)
+    if not 0 < seconds <= 10 ** 12:
+        raise InvalidArgument(f"ttl_s is a positive number of seconds, got {ttl_s!r:.40}")
+    return max(1, round(seconds * 1000))
+
+
+def _batches(positions: list[int], sizes: list[int]) -> Iterator[list[int]]:
+    """Runs of positions within MAX_KV_BATCH keys and KV_INLINE_BYTES of keys and values."""
+    chunk: list[int] = []
+    total = 0
+    for position, size in zip(positions, sizes, strict=True):
+        if chunk and (len(chunk) >= MAX_KV_BATCH or total + size > KV_INLINE_BYTES):
+            yield chunk
+            chunk, total = [], 0
+        chunk.append(position)
+        total += size
+    if chunk:
+        yield chunk
+
+
+__all__ = ["KV", "Timeout"]

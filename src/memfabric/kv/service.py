@@ -1,0 +1,796 @@
+"""The server's MemKV operations: what a request may ask of a keyspace, checked, ordered and
+passed on to the key's other homes.
+
+The server process owns pools, namespaces, secIds, peers and dispatch; this owns each
+namespace's keyspace on this server (space.py) and what requests do with it (store.py).
+
+Order of a write: the key's stripe lock (one write of a key at a time, its replication
+included), then the keyspace's lock for the record and the slot, released before the
+replicas are called, so two servers writing to each other never wait on each other. Each
+write carries a version (a hybrid clock, space.next_version); a replica keeps the newest.
+
+Values up to KV_INLINE_BYTES (with their key) ride in the request and the reply. Larger ones
+are reserved (kv_reserve), filled in place (same host: the client copies into the mapped
+extents; other hosts: kv_fill, whose payload the RPC door receives straight into them) and
+committed (kv_commit). A large get over RPC is sent straight from the record's extents,
+which are held (not reused, even if the key is deleted) until the send is over.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from ..core.allocator import Extent
+from ..errors import (InvalidArgument, LimitExceeded, MemfabricError, NoSuchNamespace, NoSuchObject, OutOfMemory,
+                      ServerUnavailable)
+from ..limits import (KV_INLINE_BYTES, MAX_KV_BATCH, MAX_KV_HOLDS_PER_CLIENT, MAX_KV_PENDING_PER_CLIENT,
+                      MAX_RPC_PAYLOAD_BYTES)
+from ..server.requests import Connection, Payload, Reply
+from ..server.state import NamespaceState
+from ..units import parse_size
+from . import index as ix
+from .rules import NO_EXPIRY, check_key, check_replicas, check_value_length, homes, key_hash
+from .space import KeySpace, KvSettings, now_ms
+from .store import Fields, Store, inline_fits, replicas_of
+from .transfer import put_large_from
+
+if TYPE_CHECKING:
+    from ..server.server import Server
+
+log = logging.getLogger("memfabric.server")
+
+Creds = tuple[str, str, bytes]
+SCAN_BATCH_MAX = 10_000
+SETTINGS_NAME = "kv"
+SETTINGS_TTL_S = 1.0             # a keyspace re-reads its settings from the cluster this often
+SWEEP_EVERY_S = 0.1              # expired keys are looked for this often, per keyspace...
+SWEEP_SLOTS = 2048               # ...this many slots at a time
+_tokens = itertools.count(1)
+
+
+@dataclass
+class _Reserved:
+    """Extents reserved for a large value, being filled by a client."""
+    state: NamespaceState
+    space: KeySpace
+    store: Store
+    extents: list[Extent]
+    length: int
+
+
+@dataclass
+class _Held:
+    space: KeySpace
+    store: Store
+    place: tuple[int, int]
+    pieces: list[tuple[int, int, int]]
+
+
+@dataclass
+class _ClientKv:
+    """What one connection has of the keyspaces: counter slots, reservations, holds."""
+    slots: dict[tuple[str, str], int] = field(default_factory=dict)
+    reserved: dict[int, _Reserved] = field(default_factory=dict)
+    held: dict[int, _Held] = field(default_factory=dict)
+
+
+class KeyValueService:
+    PEER_OPS = frozenset({"kv_replicate", "kv_settings_changed"})
+    FD_OPS = frozenset({"kv_open"})
+
+    def __init__(self, server: "Server") -> None:
+        self.server = server
+        self.lock = server.lock
+        self._settings_read: dict[tuple, float] = {}
+        self._swept_at = 0.0
+
+    @property
+    def server_id(self) -> int:
+        return self.server.server_id
+
+    def handlers(self) -> dict[str, Callable[[Connection, dict[str, Any]], Reply]]:
+        return {name[3:]: getattr(self, name) for name in dir(self) if name.startswith("op_")}
+
+    def transfers(self) -> dict[str, Callable[[Connection, dict[str, Any]], Any]]:
+        """Operations whose payload the RPC door moves straight to or from pool memory."""
+        return {"kv_fill": self.fill_span, "kv_read": self.read_span}
+
+    # ---- keyspaces -------------------------------------------------------------------------------
+
+    def _space(self, conn: Connection, m: dict[str, Any]) -> tuple[NamespaceState, Creds, KeySpace, Store]:
+        state, creds = self.server._namespace(conn, m)
+        space = state.kv
+        if space is None:
+            with self.lock:
+                if state.closed:
+                    raise NoSuchNamespace(f"namespace {creds[1]!r} in pool {creds[0]!r} was destroyed meanwhile")
+                space = state.kv
+                if space is None:
+                    space = state.kv = KeySpace(f"s{self.server_id}", creds[1])
+                    space.store = self._store(state, space, creds[0])
+        self._refresh_settings(state, space)
+        return state, creds, space, space.store
+
+    def _store(self, state: NamespaceState, space: KeySpace, pool: str) -> Store:
+        server = self.server
+
+        def memory(segment: int) -> Any:
+            mem = server.pools[pool].segments.get(segment)
+            if mem is None:
+                raise NoSuchObject(f"segment {segment} of pool {pool!r} is gone")
+            return mem
+
+        def release(extents: list[Extent]) -> None:
+            with self.lock:
+                if server.namespaces.get((pool, state.record.ns)) is state:
+                    server.pools[pool].allocator.release(state.key, extents, time.monotonic())
+
+        return Store(space, memory, lambda n: server._reserve_local(state, pool, n), release,
+                     lambda: self._share(space, pool), state.record.ns)
+
+    def _refresh_settings(self, state: NamespaceState, space: KeySpace, force: bool = False) -> None:
+        key = state.key
+        now = time.monotonic()
+        if not force and now - self._settings_read.get(key, 0.0) < SETTINGS_TTL_S:
+            return
+        self._settings_read[key] = now
+        record = state.record
+        stored = self.server.cluster.get_settings(record.pool, record.ns, record.incarnation, SETTINGS_NAME) or {}
+        space.settings = KvSettings(memory_limit=stored.get("memory_limit"), eviction=stored.get("eviction", "lru"),
+                                    replicas=stored.get("replicas", 1))
+
+    def _share(self, space: KeySpace, pool: str) -> int | None:
+        """This server's part of the namespace's memory limit: rendezvous hashing spreads keys
+        evenly over the pool's live servers, so each keeps limit / servers."""
+        limit = space.settings.memory_limit
+        if limit is None:
+            return None
+        return limit // max(1, len(self._pool_servers(pool)))
+
+    def _pool_servers(self, pool: str) -> list[int]:
+        return sorted(s.server_id for s in self.server.view() if s.alive and pool in s.pools)
+
+    @staticmethod
+    def _client(conn: Connection) -> _ClientKv:
+        mine = conn.services.get("kv")
+        if mine is None:
+            mine = conn.services["kv"] = _ClientKv()
+        return mine
+
+    def disconnected(self, conn: Connection) -> None:
+        mine = conn.services.pop("kv", None)
+        if mine is None:
+            return
+        for reserved in mine.reserved.values():
+            self._unreserve(reserved)
+        for held in mine.held.values():
+            with held.space.lock:
+                held.store.let_go(held.place)
+        with self.lock:
+            for key, slot in mine.slots.items():
+                state = self.server.namespaces.get(key)
+                if state is not None and state.kv is not None and not state.kv.closed:
+                    state.kv.give_client_slot(slot)
+
+    def tick(self) -> None:
+        """From the server's keeper: expired keys give their memory back without a reader."""
+        now = time.monotonic()
+        if now - self._swept_at < SWEEP_EVERY_S:
+            return
+        self._swept_at = now
+        with self.lock:
+            spaces = [s.kv for s in self.server.namespaces.values() if s.kv is not None]
+        for space in spaces:
+            with space.lock:
+                if not space.closed:
+                    space.store.sweep(SWEEP_SLOTS, now_ms())
+
+    # ---- same-host clients: the memory to read keys without asking ----------------------------------
+
+    def op_kv_open(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        state, creds, space, _ = self._space(conn, m)
+        slots = self._client(conn).slots
+        with space.lock:
+            key = (creds[0], creds[1])
+            slot = slots.get(key)
+            if slot is None:
+                slot = space.take_client_slot()
+                if slot is not None:
+                    slots[key] = slot
+            table = space.table
+            fds: list[int] = []
+            try:
+                for fd in (table.index_fd, table.refs_fd, space.stats_fd):
+                    fds.append(os.dup(fd))
+            except OSError as exc:
+                for fd in fds:
+                    os.close(fd)
+                raise LimitExceeded(f"server {self.server_id} cannot open more files ({exc.strerror})") from None
+            reply = {"generation": table.generation, "slots": table.slots, "index_bytes": table.index_bytes,
+                     "stats_bytes": space.stats_bytes, "client_slot": slot, "lock_free": ix.lock_free_reads(),
+                     "incarnation": state.record.incarnation}
+        return reply, fds, True
+
+    # ---- writes ----------------------------------------------------------------------------------
+
+    def op_kv_put(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        state, creds, space, store = self._space(conn, m)
+        key = check_key(m.get("key"))
+        value = m.get("value")
+        if not isinstance(value, bytes):
+            raise InvalidArgument("a put's value is bytes")
+        if len(key) + len(value) > KV_INLINE_BYTES:
+            raise InvalidArgument(f"a key and value of {len(key) + len(value)} bytes exceed the "
+                                  f"{KV_INLINE_BYTES} bytes a request carries: reserve, fill and commit it")
+        nx, xx, keepttl, get_old = _flags(m)
+        expiry = _expiry(m.get("ttl_ms"), keepttl)
+        return self._write(state, creds, space, store, key, memoryview(value), None, len(value), expiry,
+                           nx=nx, xx=xx, keepttl=keepttl, get_old=get_old, replicas=_replicas(m))
+
+    def op_kv_put_many(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        state, creds, space, store = self._space(conn, m)
+        keys = _keys(m)
+        values = m.get("values")
+        if not isinstance(values, list) or len(values) != len(keys) or not all(isinstance(v, bytes) for v in values):
+            raise InvalidArgument("put_many takes values: one bytes per key")
+        if sum(map(len, values)) + sum(map(len, keys)) > KV_INLINE_BYTES:
+            raise InvalidArgument(f"a batch carries at most {KV_INLINE_BYTES} bytes of keys and values")
+        expiry = _expiry(m.get("ttl_ms"), False)
+        replicas = _replicas(m)
+        for key, value in zip(keys, values, strict=True):
+            self._write(state, creds, space, store, key, memoryview(value), None, len(value), expiry,
+                        replicas=replicas)
+        return {"stored": len(keys)}
+
+    def _write(self, state: NamespaceState, creds: Creds, space: KeySpace, store: Store, key: bytes,
+               value: memoryview | None, extents: list[Extent] | None, length: int, expiry: int, *,
+               nx: bool = False, xx: bool = False, keepttl: bool = False, get_old: bool = False,
+               version: int | None = None, replicas: int = 0) -> dict[str, Any]:
+        """A put of `value` (inline) or of the filled `extents` (large; released if not
+        stored). As first home (version None) it numbers the write and passes it on to the
+        key's other homes; as a replica it keeps the newest version."""
+        h = key_hash(key)
+        primary = version is None
+        with space.key_lock(h):
+            with space.lock:
+                if space.closed:
+                    raise NoSuchNamespace(f"namespace {state.record.ns!r} was destroyed meanwhile")
+                found = store.live(key, h, now_ms())
+                old = store.read(found[1]) if get_old and found is not None else None
+                refused = (nx and found is not None) or (xx and found is None) or \
+                    (not primary and found is not None and found[1][6] >= version)
+                if refused:
+                    if extents is not None:
+                        self._give_back(store, space, extents)
+                    return {"stored": False, **({"old": old} if get_old else {})}
+                if keepttl and found is not None:
+                    expiry = found[1][4]
+                version = space.next_version() if primary else version
+                if extents is None:
+                    fields = store.write_inline(key, h, value, expiry, version, found, primary, replicas)
+                else:
+                    try:
+                        fields = store.write_large(key, h, extents, length, expiry, version, found, primary,
+                                                   replicas)
+                    except BaseException:
+                        self._give_back(store, space, extents)
+                        raise
+                evicted, store.evicted = store.evicted, []
+                copies = replicas or space.settings.replicas
+                held = store.hold(fields) if primary and extents is not None and copies > 1 else None
+            if primary:
+                self._pass_on(state, creds, space, store, key, fields, value, held, evicted)
+        return {"stored": True, **({"old": old} if get_old else {})}
+
+    def _give_back(self, store: Store, space: KeySpace, extents: list[Extent]) -> None:
+        space.reserved_bytes -= sum(e.length for e in extents)
+        store.release(extents)
+
+    def _pass_on(self, state: NamespaceState, creds: Creds, space: KeySpace, store: Store, key: bytes,
+                 fields: Fields, value: memoryview | None, held: tuple[int, int] | None,
+                 evicted: list[bytes]) -> None:
+        """A first home's write goes to the key's other homes; keys it evicted leave theirs."""
+        try:
+            for gone in evicted:
+                self._replicate(creds, space, gone, {"value": None, "version": space.next_version()})
+            copies = replicas_of(fields)
+            targets = self._replica_targets(space, creds[0], key, copies)
+            if not targets:
+                return
+            if held is None:
+                self._replicate(creds, space, key, {"value": bytes(value), "expiry": fields[4], "version": fields[6],
+                                                    "replicas": copies}, targets)
+                return
+            for server_id in targets:       # large values: reserved, filled and committed there
+                try:
+                    pieces = [(store.memory(s), o, n) for s, o, n in store.pieces(fields)]
+                    put_large_from(self.server._peer(server_id), creds, key, pieces, fields[3], fields[4],
+                                   version=fields[6], replicas=copies)
+                except MemfabricError as exc:
+                    self._missed(server_id, exc)
+        finally:
+            if held is not None:
+                with space.lock:
+                    store.let_go(held)
+
+    def _replica_targets(self, space: KeySpace, pool: str, key: bytes, replicas: int = 0) -> list[int]:
+        """The key's other homes: `replicas` (0: the namespace's setting) servers in all."""
+        copies = replicas or space.settings.replicas
+        if copies <= 1:
+            return []
+        return [s for s in homes(key, self._pool_servers(pool), copies) if s != self.server_id]
+
+    def _replicate(self, creds: Creds, space: KeySpace, key: bytes, change: dict[str, Any],
+                   targets: list[int] | None = None) -> None:
+        if targets is None:
+            targets = self._replica_targets(space, creds[0], key)
+        for server_id in targets:
+            try:
+                self.server._peer(server_id).call("kv_replicate", pool=creds[0], ns=creds[1], sec=creds[2], key=key,
+                                                  **change)
+            except MemfabricError as exc:
+                self._missed(server_id, exc)
+
+    def _missed(self, server_id: int, exc: MemfabricError) -> None:
+        # A dead replica: the key has one copy fewer until it is written again.
+        self.server.limited_log.warning("kv replicate", "replica on server %d missed a write: %s", server_id, exc)
+
+    def op_kv_replicate(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        """A first home's change to a key this server holds a copy of."""
+        state, creds, space, store = self._space(conn, m)
+        key = check_key(m.get("key"))
+        version, value = m.get("version"), m.get("value", ...)
+        if type(version) is not int or version <= 0:
+            raise InvalidArgument(f"a replicated change has a version, got {version!r}")
+        h = key_hash(key)
+        if value is None:                                   # a delete (or eviction) there
+            with space.lock:
+                found = store.live(key, h, now_ms())
+                if found is not None and found[1][6] < version:
+                    store.delete_slot(found[0], primary=False)
+            return {}
+        if "expire" in m:                                   # a new expiry
+            with space.lock:
+                found = store.live(key, h, now_ms())
+                if found is not None:
+                    store.set_expiry(found[0], _replica_expiry(m.get("expire")))
+            return {}
+        if not isinstance(value, bytes) or len(key) + len(value) > KV_INLINE_BYTES:
+            raise InvalidArgument("a replicated value is bytes within the inline limit")
+        self._write(state, creds, space, store, key, memoryview(value), None, len(value),
+                    _replica_expiry(m.get("expiry")), version=version, replicas=_replicas(m))
+        return {}
+
+    # ---- large values: reserve, fill, commit --------------------------------------------------------
+
+    def op_kv_reserve(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        state, creds, space, store = self._space(conn, m)
+        length = m.get("length")
+        if type(length) is not int:
+            raise InvalidArgument(f"a reservation has a length in bytes, got {length!r}")
+        check_value_length(length)
+        mine = self._client(conn)
+        if len(mine.reserved) >= MAX_KV_PENDING_PER_CLIENT:
+            raise LimitExceeded(f"a client fills at most {MAX_KV_PENDING_PER_CLIENT} large values at once")
+        with space.lock:
+            store.make_room(length, b"")
+            space.reserved_bytes += length            # counted before: concurrent reservations see it
+        try:
+            extents = store.reserve(length)
+        except BaseException:
+            with space.lock:
+                space.reserved_bytes -= length
+            raise
+        with space.lock:
+            space.reserved_bytes += sum(e.length for e in extents) - length
+        token = next(_tokens)
+        mine.reserved[token] = _Reserved(state, space, store, extents, length)
+        return {"token": token, "extents": [[e.segment, e.offset, e.length] for e in extents]}
+
+    def _unreserve(self, reserved: _Reserved) -> None:
+        with reserved.space.lock:
+            if not reserved.space.closed:
+                self._give_back(reserved.store, reserved.space, reserved.extents)
+
+    def _reservation(self, conn: Connection, m: dict[str, Any], take: bool) -> _Reserved:
+        mine = self._client(conn)
+        token = m.get("token")
+        reserved = mine.reserved.pop(token, None) if take else mine.reserved.get(token)
+        if reserved is None:
+            raise InvalidArgument(f"no reservation {token!r:.40} of this connection (committed, aborted, or never)")
+        state, creds = self.server._namespace(conn, m)
+        if state is not reserved.state:
+            if take:
+                mine.reserved[token] = reserved
+            raise InvalidArgument("a reservation is committed in the namespace it was made in")
+        return reserved
+
+    @contextmanager
+    def fill_span(self, conn: Connection, m: dict[str, Any]) -> Iterator[tuple[memoryview, bool]]:
+        """kv_fill over RPC: the bytes at `at` of a reserved value, received in place."""
+        reserved = self._reservation(conn, m, take=False)
+        at, length = m.get("at"), m.get("length")
+        if type(at) is not int or type(length) is not int or at < 0 or length <= 0 or at + length > reserved.length:
+            raise InvalidArgument(f"a fill is within the {reserved.length} reserved bytes, got {at!r}+{length!r}")
+        piece = _piece_at(reserved.extents, at, length)
+        if piece is None:
+            raise InvalidArgument("a fill lies within one extent of its reservation")
+        segment, offset = piece
+        mem = reserved.store.memory(segment)
+        if mem.view is not None:
+            yield mem.view[offset:offset + length], True
+        else:
+            buffer = memoryview(bytearray(length))
+            yield buffer, True
+            mem.write(offset, buffer)
+
+    def op_kv_fill(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        raise InvalidArgument("kv_fill carries its bytes as a payload: RPC only (on this host, write the "
+                              "reserved extents through their mapping)")
+
+    def op_kv_commit(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        reserved = self._reservation(conn, m, take=True)
+        try:
+            state, creds, space, store = self._space(conn, m)
+            key = check_key(m.get("key"))
+            nx, xx, keepttl, get_old = _flags(m)
+            replicas = _replicas(m)
+            version = m.get("version")
+            if version is not None:
+                if conn.role != "peer":
+                    raise InvalidArgument("only a key's first home numbers its writes")
+                if type(version) is not int or version <= 0:
+                    raise InvalidArgument(f"a version is a positive int, got {version!r}")
+                expiry = _replica_expiry(m.get("expiry"))
+            else:
+                expiry = _expiry(m.get("ttl_ms"), keepttl)
+        except BaseException:
+            self._unreserve(reserved)
+            raise
+        if inline_fits(len(key), reserved.length):
+            # Small enough for a record after all: copy it there (the reservation goes back).
+            value = bytearray(reserved.length)
+            position = 0
+            for e in reserved.extents:
+                take = min(e.length, reserved.length - position)
+                store.memory(e.segment).read(e.offset, memoryview(value)[position:position + take])
+                position += take
+            self._unreserve(reserved)
+            return self._write(state, creds, space, store, key, memoryview(value), None, len(value), expiry,
+                               nx=nx, xx=xx, keepttl=keepttl, get_old=get_old, version=version, replicas=replicas)
+        return self._write(state, creds, space, store, key, None, reserved.extents, reserved.length, expiry,
+                           nx=nx, xx=xx, keepttl=keepttl, get_old=get_old, version=version, replicas=replicas)
+
+    def op_kv_abort(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        self._unreserve(self._reservation(conn, m, take=True))
+        return {}
+
+    # ---- deletes, expiry ---------------------------------------------------------------------------
+
+    def op_kv_delete(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        state, creds, space, store = self._space(conn, m)
+        return {"deleted": self._delete(creds, space, store, check_key(m.get("key")))}
+
+    def op_kv_delete_many(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        state, creds, space, store = self._space(conn, m)
+        return {"deleted": sum(self._delete(creds, space, store, k) for k in _keys(m))}
+
+    def _delete(self, creds: Creds, space: KeySpace, store: Store, key: bytes) -> bool:
+        h = key_hash(key)
+        with space.key_lock(h):
+            with space.lock:
+                found = store.live(key, h, now_ms())
+                if found is not None:
+                    store.delete_slot(found[0])
+                version = space.next_version()
+            # Replicas hear of it even when this home had lost the key (evicted, restarted).
+            copies = replicas_of(found[1]) if found is not None else 0
+            self._replicate(creds, space, key, {"value": None, "version": version},
+                            self._replica_targets(space, creds[0], key, copies))
+        return found is not None
+
+    def op_kv_expire(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        state, creds, space, store = self._space(conn, m)
+        key = check_key(m.get("key"))
+        expiry = _expiry(m.get("ttl_ms"), False)
+        h = key_hash(key)
+        with space.key_lock(h):
+            with space.lock:
+                found = store.live(key, h, now_ms())
+                if found is None:
+                    return {"set": False}
+                store.set_expiry(found[0], expiry)
+            self._replicate(creds, space, key, {"expire": expiry, "version": space.next_version()},
+                            self._replica_targets(space, creds[0], key, replicas_of(found[1])))
+        return {"set": True}
+
+    def op_kv_ttl(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        state, creds, space, store = self._space(conn, m)
+        key = check_key(m.get("key"))
+        with space.lock:
+            found = store.live(key, key_hash(key), now_ms())
+        if found is None:
+            return {"ttl_ms": -2}
+        expiry = found[1][4]
+        return {"ttl_ms": -1 if expiry == NO_EXPIRY else max(0, expiry - now_ms())}
+
+    def op_kv_incr(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        state, creds, space, store = self._space(conn, m)
+        key = check_key(m.get("key"))
+        by = m.get("by", 1)
+        if type(by) is not int or not -(1 << 63) <= by < (1 << 63):
+            raise InvalidArgument(f"incr takes a 64-bit integer step, got {by!r:.40}")
+        h = key_hash(key)
+        with space.key_lock(h):        # read, add and write as one: no increment is lost
+            with space.lock:
+                found = store.live(key, h, now_ms())
+                current, copies = 0, 0
+                if found is not None:
+                    current = _integer(store.read(found[1]) if found[1][3] <= 20 else b"x")
+                    copies = replicas_of(found[1])
+            result = current + by
+            if not -(1 << 63) <= result < (1 << 63):
+                raise InvalidArgument("increment or decrement would overflow")
+            self._write(state, creds, space, store, key, memoryview(str(result).encode()), None,
+                        len(str(result)), NO_EXPIRY, keepttl=True, replicas=copies)
+        return {"value": result}
+
+    # ---- reads ------------------------------------------------------------------------------------
+
+    def op_kv_get(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        """A key's value: inline when small; larger, over RPC, as the reply's payload sent
+        straight from the record's memory; else (same host, or beyond one payload) as a hold
+        on it, read in place (kv_read, or the mapping), then let go (kv_let_go)."""
+        state, creds, space, store = self._space(conn, m)
+        key = check_key(m.get("key"))
+        with space.lock:
+            found = store.live(key, key_hash(key), now_ms())
+            if found is None:
+                space.counters.misses += 1
+                return {"found": False}
+            space.counters.hits += 1
+            fields = found[1]
+            if fields[3] <= KV_INLINE_BYTES:
+                return {"found": True, "value": store.read(fields)}
+            mine = self._client(conn)
+            if len(mine.held) >= MAX_KV_HOLDS_PER_CLIENT:
+                raise LimitExceeded(f"a client holds at most {MAX_KV_HOLDS_PER_CLIENT} values at once (kv_let_go)")
+            place = store.hold(fields)
+            pieces = store.pieces(fields)
+        if not conn.carries_fds and fields[3] <= MAX_RPC_PAYLOAD_BYTES and all(
+                store.memory(s).view is not None for s, _, _ in pieces):
+            def done() -> None:
+                with space.lock:
+                    store.let_go(place)
+            views = [store.memory(s).view[o:o + n] for s, o, n in pieces]
+            return Payload({"found": True, "length": fields[3]}, views, done)
+        token = next(_tokens)
+        mine.held[token] = _Held(space, store, place, pieces)
+        return {"found": True, "length": fields[3], "hold": token, "pieces": [list(p) for p in pieces]}
+
+    @contextmanager
+    def read_span(self, conn: Connection, m: dict[str, Any]) -> Iterator[tuple[memoryview, bool]]:
+        """kv_read over RPC: `length` bytes at `at` of a held value, sent from where they are."""
+        held = self._held(conn, m, take=False)
+        at, length = m.get("at"), m.get("length")
+        total = sum(n for _, _, n in held.pieces)
+        if type(at) is not int or type(length) is not int or at < 0 or length <= 0 or at + length > total:
+            raise InvalidArgument(f"a read is within the value's {total} bytes, got {at!r}+{length!r}")
+        piece = _piece_at([Extent(*p) for p in held.pieces], at, length)
+        if piece is None:
+            raise InvalidArgument("a read lies within one piece of the value")
+        mem = held.store.memory(piece[0])
+        if mem.view is not None:
+            yield mem.view[piece[1]:piece[1] + length], False
+        else:
+            buffer = memoryview(bytearray(length))
+            mem.read(piece[1], buffer)
+            yield buffer, False
+
+    def op_kv_read(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        raise InvalidArgument("kv_read answers with a payload: RPC only (on this host, read the mapping)")
+
+    def _held(self, conn: Connection, m: dict[str, Any], take: bool) -> _Held:
+        mine = self._client(conn)
+        token = m.get("hold")
+        held = mine.held.pop(token, None) if take else mine.held.get(token)
+        if held is None:
+            raise InvalidArgument(f"no hold {token!r:.40} of this connection (let go, or never)")
+        self.server._namespace(conn, m)      # still its namespace's, with the right secId
+        return held
+
+    def op_kv_let_go(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        held = self._held(conn, m, take=True)
+        with held.space.lock:
+            held.store.let_go(held.place)
+        return {}
+
+    def op_kv_get_many(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        """Values of many keys in one reply: lengths (-1: missing; -2: too large to ride
+        along, get it alone) and their bytes, concatenated."""
+        state, creds, space, store = self._space(conn, m)
+        keys = _keys(m)
+        lengths: list[int] = []
+        parts: list[bytes] = []
+        room = KV_INLINE_BYTES
+        with space.lock:
+            now = now_ms()
+            for key in keys:
+                found = store.live(key, key_hash(key), now)
+                if found is None:
+                    space.counters.misses += 1
+                    lengths.append(-1)
+                    continue
+                space.counters.hits += 1
+                vlen = found[1][3]
+                if vlen > room:
+                    lengths.append(-2)
+                    continue
+                parts.append(store.read(found[1]))
+                lengths.append(vlen)
+                room -= vlen
+        return {"lengths": lengths, "values": b"".join(parts)}
+
+    def op_kv_exists(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        state, creds, space, store = self._space(conn, m)
+        keys = _keys(m)
+        with space.lock:
+            now = now_ms()
+            return {"exists": [store.live(k, key_hash(k), now) is not None for k in keys]}
+
+    # ---- the whole keyspace -------------------------------------------------------------------------
+
+    def op_kv_scan(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        """Up to `batch` keys from slot `cursor` on, with `prefix`, that this server holds as
+        first of `servers` (the client's view of the pool: every key once, across servers).
+        The next cursor, 0 at the end; `generation` changes when the table was replaced (the
+        client starts over: keys moved)."""
+        state, creds, space, store = self._space(conn, m)
+        cursor, batch, prefix = m.get("cursor", 0), m.get("batch", 1000), m.get("prefix", b"")
+        servers = m.get("servers")
+        if type(cursor) is not int or cursor < 0 or type(batch) is not int or not 0 < batch <= SCAN_BATCH_MAX:
+            raise InvalidArgument(f"scan takes a cursor >= 0 and a batch of 1 to {SCAN_BATCH_MAX}")
+        if not isinstance(prefix, bytes) or len(prefix) > 65536:
+            raise InvalidArgument("a scan's prefix is bytes, at most a key long")
+        if not isinstance(servers, list) or not all(type(s) is int for s in servers) or len(servers) > 4096:
+            raise InvalidArgument("a scan names the pool's servers it sees (a list of ids)")
+        keys: list[bytes] = []
+        with space.lock:
+            writer = space.table.writer
+            generation = space.table.generation
+            slot, now, looked = cursor, now_ms(), 0
+            while slot < writer.slots and len(keys) < batch and looked < 16 * batch:
+                if writer.hash_at(slot) > ix.TOMBSTONE:
+                    fields = writer.fields(slot)
+                    if not (fields[4] != NO_EXPIRY and fields[4] <= now):
+                        key = store.read_key(fields)
+                        if key.startswith(prefix) and (not servers or homes(key, servers, 1) == [self.server_id]):
+                            keys.append(key)
+                slot += 1
+                looked += 1
+        return {"keys": keys, "cursor": 0 if slot >= writer.slots else slot, "generation": generation}
+
+    def op_kv_stats(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        _, _, space, _ = self._space(conn, m)
+        with space.lock:
+            return {"stats": space.stats(), "settings": space.settings.to_wire()}
+
+    def op_kv_flush(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        _, _, space, store = self._space(conn, m)
+        with space.lock:
+            return {"flushed": store.flush()}
+
+    def op_kv_configure(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        """Keep the namespace's KV settings in the cluster; every server reads them."""
+        state, creds, space, _ = self._space(conn, m)
+        settings = space.settings.to_wire()
+        if "memory_limit" in m:
+            settings["memory_limit"] = _memory_limit(m["memory_limit"])
+        if "eviction" in m:
+            if m["eviction"] not in ("lru", "refuse"):
+                raise InvalidArgument(f"eviction is 'lru' or 'refuse', got {m['eviction']!r:.40}")
+            settings["eviction"] = m["eviction"]
+        if "replicas" in m:
+            settings["replicas"] = check_replicas(m["replicas"])
+        record = state.record
+        if not self.server.cluster.set_settings(record.pool, record.ns, record.incarnation, SETTINGS_NAME, settings):
+            raise NoSuchNamespace(f"namespace {record.ns!r} in pool {record.pool!r} was destroyed meanwhile")
+        self._refresh_settings(state, space, force=True)
+        for server in self.server.view():
+            if server.alive and server.server_id != self.server_id and record.pool in server.pools:
+                try:
+                    self.server._peer(server.server_id).call("kv_settings_changed", pool=creds[0], ns=creds[1],
+                                                             sec=creds[2])
+                except MemfabricError as exc:       # it re-reads within SETTINGS_TTL_S anyway
+                    self.server.limited_log.info("kv settings", "server %d: %s", server.server_id, exc)
+        return {"settings": settings}
+
+    def op_kv_settings_changed(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        state, _, space, _ = self._space(conn, m)
+        self._refresh_settings(state, space, force=True)
+        return {}
+
+
+def _piece_at(extents: list[Extent], at: int, length: int) -> tuple[int, int] | None:
+    """(segment, offset) of byte `at` of a value laid over `extents`, if `length` bytes from
+    there stay within that extent."""
+    position = 0
+    for e in extents:
+        if position <= at < position + e.length:
+            return (e.segment, e.offset + at - position) if at + length <= position + e.length else None
+        position += e.length
+    return None
+
+
+def _replicas(m: dict[str, Any]) -> int:
+    """A write's own count of servers to hold the key; 0: the namespace's setting."""
+    replicas = m.get("replicas")
+    return 0 if replicas in (None, 0) else check_replicas(replicas)
+
+
+def _flags(m: dict[str, Any]) -> tuple[bool, bool, bool, bool]:
+    flags = [m.get(name, False) for name in ("nx", "xx", "keepttl", "get")]
+    if not all(type(f) is bool for f in flags):
+        raise InvalidArgument("nx, xx, keepttl and get are booleans")
+    nx, xx, keepttl, get_old = flags
+    if nx and xx:
+        raise InvalidArgument("nx and xx exclude each other")
+    return nx, xx, keepttl, get_old
+
+
+def _expiry(ttl_ms: object, keepttl: bool) -> int:
+    if ttl_ms is None:
+        return NO_EXPIRY
+    if type(ttl_ms) is not int or not 0 < ttl_ms <= 10 ** 15:
+        raise InvalidArgument(f"ttl_ms is a positive number of milliseconds, got {ttl_ms!r:.40}")
+    if keepttl:
+        raise InvalidArgument("a ttl and keepttl exclude each other")
+    return now_ms() + ttl_ms
+
+
+def _replica_expiry(expiry: object) -> int:
+    if type(expiry) is not int or expiry < 0:
+        raise InvalidArgument(f"an expiry is ms of the wall clock (0: none), got {expiry!r:.40}")
+    return expiry
+
+
+def _integer(raw: bytes) -> int:
+    """A value as Redis's INCR reads it: a base-10 64-bit integer, nothing around it."""
+    try:
+        if not raw or len(raw) > 20 or raw != raw.strip() or raw.startswith(b"+") or \
+                (len(raw) > 1 and raw.lstrip(b"-").startswith(b"0")):
+            raise ValueError
+        value = int(raw)
+    except ValueError:
+        raise InvalidArgument("value is not an integer or out of range") from None
+    if not -(1 << 63) <= value < (1 << 63):
+        raise InvalidArgument("value is not an integer or out of range")
+    return value
+
+
+def _memory_limit(limit: object) -> int | None:
+    if limit is None:
+        return None
+    try:
+        value = parse_size(limit)
+    except ValueError as exc:
+        raise InvalidArgument(f"memory_limit: {exc}") from None
+    if value <= 0:
+        raise InvalidArgument(f"memory_limit is a positive size (\"1GiB\", bytes) or None, got {limit!r:.40}")
+    return value
+
+
+def _keys(m: dict[str, Any]) -> list[bytes]:
+    keys = m.get("keys")
+    if not isinstance(keys, list) or not 0 < len(keys) <= MAX_KV_BATCH:
+        raise InvalidArgument(f"a batch names 1 to {MAX_KV_BATCH} keys")
+    return [check_key(k) for k in keys]
+
+
+__all__ = ["KeyValueService", "OutOfMemory", "ServerUnavailable"]

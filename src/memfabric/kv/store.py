@@ -1,0 +1,358 @@
+"""What a write, a read, a delete, an eviction and an expiry do to one keyspace on its
+server: records in the namespace's memory, slots in the index. The caller holds the
+keyspace's lock for every call here; nothing here calls another server.
+
+A record is the key, then the value (inline), or the key, then the table of the extents a
+large value lies in. Records are written whole before a slot names them and are never
+changed after: a new value is a new record, the slot switches to it (index.py), and the old
+record rests before its memory serves again, so a same-host reader racing the change sees the
+slot's sequence move, never another key's bytes. A record a transfer still reads (a hold) is
+let go only when the transfer is over.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from ..core.allocator import Extent
+from ..errors import OutOfMemory
+from ..media.base import SegmentMemory
+from . import index as ix
+from .heap import CLASSES, MAX_RECORD_BYTES, PAGE_BYTES, Chunk, RecordHeap
+from .rules import check_value_length, expired
+from .space import EXTENT, KeySpace, Table
+
+EVICTION_TRIES = 64          # keys the clock hand may evict to make room for one write
+
+Fields = tuple[int, int, int, int, int, int, int]   # segment, offset, key length, value length, expiry, extents, version
+
+# A slot's extents word: the count of a large value's extents, and above it the replicas the
+# key was written with (0: the namespace's setting).
+EXTENTS_MASK = (1 << 32) - 1
+
+
+def extents_of(fields: Fields) -> int:
+    return fields[5] & EXTENTS_MASK
+
+
+def replicas_of(fields: Fields) -> int:
+    return fields[5] >> 32
+
+
+def record_key(fields: Fields) -> tuple[int, int]:
+    return fields[0], fields[1]
+
+
+def inline_fits(key_length: int, value_length: int) -> bool:
+    """Whether a value lives in its record, beside its key (else in extents of its own)."""
+    return key_length + value_length <= MAX_RECORD_BYTES
+
+
+def chunk_bytes(size: int) -> int:
+    return CLASSES[RecordHeap.class_of(max(1, size))]
+
+
+class Store:
+    """One keyspace's records and slots, with the pool's memory reached through the server."""
+
+    def __init__(self, space: KeySpace, memory: Callable[[int], SegmentMemory],
+                 reserve: Callable[[int], list[Extent]], release: Callable[[list[Extent]], None],
+                 share: Callable[[], int | None], namespace: str) -> None:
+        self.space = space
+        self.memory = memory          # segment id -> its memory (NO_SUCH_OBJECT when gone)
+        self.reserve = reserve        # bytes -> extents of the namespace's memory, zeroed
+        self.release = release        # extents back to the pool (they rest first)
+        self.share = share            # this server's part of the memory limit, None: no limit
+        self.namespace = namespace
+        self.evicted: list[bytes] = []  # keys evicted since the service last looked (their replicas follow)
+
+    # ---- finding ----------------------------------------------------------------------------
+
+    def is_key(self, key: bytes) -> Callable[[int], bool]:
+        writer = self.space.table.writer
+
+        def compare(slot: int) -> bool:
+            segment, offset, klen, _, _, _, _ = writer.fields(slot)
+            if klen != len(key):
+                return False
+            got = bytearray(klen)
+            self.memory(segment).read(offset, memoryview(got))
+            return got == key
+        return compare
+
+    def live(self, key: bytes, h: int, now_ms: int) -> tuple[int, Fields] | None:
+        """(slot, fields) of `key`, or None when missing or expired (an expired key is deleted
+        on sight, and counted)."""
+        writer = self.space.table.writer
+        slot = writer.find(h, self.is_key(key))
+        if slot is None:
+            return None
+        fields = writer.fields(slot)
+        if expired(fields[4], now_ms):
+            self.delete_slot(slot, counted="expired")
+            return None
+        return slot, fields
+
+    # ---- writing ----------------------------------------------------------------------------
+
+    def write_inline(self, key: bytes, h: int, value: memoryview, expiry: int, version: int,
+                     replacing: tuple[int, Fields] | None, primary: bool, replicas: int = 0) -> Fields:
+        """`key` = `value` (which fits a record beside it), in place of `replacing`."""
+        klen, vlen = len(key), check_value_length(value.nbytes)
+        assert inline_fits(klen, vlen)
+        size = max(1, klen + vlen)
+        self.make_room(chunk_bytes(size) - (self.cost(replacing[1]) if replacing else 0), key)
+        chunk = self._chunk(size)
+        mem = self.memory(chunk.segment)
+        mem.write(chunk.offset, memoryview(key))
+        if vlen:
+            mem.write(chunk.offset + klen, value)
+        fields = (chunk.segment, chunk.offset, klen, vlen, expiry, replicas << 32, version)
+        self._publish(key, h, fields, replacing, primary)
+        return fields
+
+    def write_large(self, key: bytes, h: int, extents: list[Extent], length: int, expiry: int, version: int,
+                    replacing: tuple[int, Fields] | None, primary: bool, replicas: int = 0) -> Fields:
+        """`key` = the `length` bytes already in `extents` (reserved and filled for it: their
+        bytes count from here as the value's, no longer as reserved)."""
+        klen = len(key)
+        table = b"".join(EXTENT.pack(e.segment, e.offset, e.length) for e in extents)
+        size = klen + len(table)
+        if size > MAX_RECORD_BYTES:
+            raise OutOfMemory(f"free memory is too fragmented for a value of {length} bytes "
+                              f"({len(extents)} pieces)")
+        self.make_room(chunk_bytes(size) - (self.cost(replacing[1]) if replacing else 0), key)
+        chunk = self._chunk(size)
+        mem = self.memory(chunk.segment)
+        mem.write(chunk.offset, memoryview(key))
+        mem.write(chunk.offset + klen, memoryview(table))
+        space = self.space
+        space.large[(chunk.segment, chunk.offset)] = list(extents)
+        moved = sum(e.length for e in extents)
+        space.reserved_bytes -= moved
+        space.large_bytes += moved
+        fields = (chunk.segment, chunk.offset, klen, length, expiry, len(extents) | replicas << 32, version)
+        self._publish(key, h, fields, replacing, primary)
+        return fields
+
+    def _publish(self, key: bytes, h: int, fields: Fields, replacing: tuple[int, Fields] | None,
+                 primary: bool) -> None:
+        space = self.space
+        if replacing is None:
+            if space.table.writer.full():
+                self.grow()
+            slot, exists = space.table.writer.place(h, self.is_key(key))
+            assert not exists, "a key written as new is there already"
+        else:
+            slot = replacing[0]
+        space.table.writer.write(slot, h, fields, new=replacing is None)
+        if replacing is None and primary:
+            space.primary_keys += 1
+        if replacing is not None:
+            self.free_record(replacing[1])
+
+    def set_expiry(self, slot: int, expiry: int) -> None:
+        self.space.table.writer.set_expiry(slot, expiry)
+
+    def _chunk(self, size: int) -> Chunk:
+        heap = self.space.heap
+        now = time.monotonic()
+        chunk = heap.allocate(size, now)
+        if chunk is None:
+            page = self.reserve(PAGE_BYTES)
+            if len(page) != 1:          # a page must be one piece: give the pieces back
+                self.release(page)
+                raise OutOfMemory(f"no {PAGE_BYTES}-byte piece of memory is free for namespace "
+                                  f"{self.namespace!r}'s keys")
+            heap.add_page(page[0].segment, page[0].offset, size)
+            chunk = heap.allocate(size, now)
+            assert chunk is not None
+        return chunk
+
+    # ---- reading ----------------------------------------------------------------------------
+
+    def pieces(self, fields: Fields) -> list[tuple[int, int, int]]:
+        """Where a value's bytes are: (segment, offset, length) each, in order."""
+        segment, offset, klen, vlen = fields[:4]
+        if extents_of(fields) == 0:
+            return [(segment, offset + klen, vlen)] if vlen else []
+        out, left = [], vlen
+        for e in self.space.large[(segment, offset)]:
+            take = min(e.length, left)
+            if take:
+                out.append((e.segment, e.offset, take))
+            left -= take
+        return out
+
+    def read_into(self, fields: Fields, into: memoryview) -> None:
+        position = 0
+        for segment, offset, length in self.pieces(fields):
+            self.memory(segment).read(offset, into[position:position + length])
+            position += length
+
+    def read(self, fields: Fields) -> bytes:
+        out = bytearray(fields[3])
+        self.read_into(fields, memoryview(out))
+        return bytes(out)
+
+    def read_key(self, fields: Fields) -> bytes:
+        got = bytearray(fields[2])
+        self.memory(fields[0]).read(fields[1], memoryview(got))
+        return bytes(got)
+
+    # ---- holds: a record read by a transfer outlives a delete until the transfer is over -------------
+
+    def hold(self, fields: Fields) -> tuple[int, int]:
+        place = record_key(fields)
+        self.space.busy[place] = self.space.busy.get(place, 0) + 1
+        return place
+
+    def let_go(self, place: tuple[int, int]) -> None:
+        busy = self.space.busy
+        left = busy.get(place, 0) - 1
+        if left > 0:
+            busy[place] = left
+            return
+        busy.pop(place, None)
+        fields = self.space.deferred.pop(place, None)
+        if fields is not None:
+            self.free_record(fields)
+
+    # ---- deleting -----------------------------------------------------------------------------
+
+    def delete_slot(self, slot: int, counted: str | None = None, primary: bool = True) -> Fields:
+        space = self.space
+        fields = space.table.writer.fields(slot)
+        space.table.writer.delete(slot)
+        if primary:
+            space.primary_keys = max(0, space.primary_keys - 1)
+        self.free_record(fields)
+        if counted == "expired":
+            space.counters.expired += 1
+        elif counted == "evictions":
+            space.counters.evictions += 1
+        return fields
+
+    def cost(self, fields: Fields) -> int:
+        """Bytes a record and its value take (what deleting it gives back)."""
+        klen, vlen, n_extents = fields[2], fields[3], extents_of(fields)
+        if n_extents == 0:
+            return chunk_bytes(klen + vlen)
+        return chunk_bytes(klen + EXTENT.size * n_extents) + sum(
+            e.length for e in self.space.large.get(record_key(fields), ()))
+
+    def free_record(self, fields: Fields) -> None:
+        """A record left its slot: it rests, then its memory serves again; a large value's
+        extents and emptied heap pages go back to the pool. Held: when let go."""
+        space = self.space
+        place = record_key(fields)
+        if space.busy.get(place):
+            space.deferred[place] = fields
+            return
+        segment, offset, klen, vlen = fields[:4]
+        n_extents = extents_of(fields)
+        size = klen + vlen if n_extents == 0 else klen + EXTENT.size * n_extents
+        now = time.monotonic()
+        if n_extents:
+            extents = space.large.pop(place)
+            space.large_bytes -= sum(e.length for e in extents)
+            self.release(extents)
+        space.heap.free(Chunk(segment, offset, chunk_bytes(size)), now)
+        pages = space.heap.empty_pages(now)
+        if pages:
+            self.release([Extent(s, o, PAGE_BYTES) for s, o in pages])
+
+    # ---- room: the memory limit, eviction ----------------------------------------------------------
+
+    def make_room(self, more: int, writing: bytes) -> None:
+        """Keep the keyspace within its share of the namespace's memory limit: evict (CLOCK)
+        or refuse, as configured."""
+        share = self.share()
+        space = self.space
+        if share is None or more <= 0 or space.used_bytes() + more <= share:
+            return
+        if space.settings.eviction == "refuse":
+            raise OutOfMemory(f"namespace {self.namespace!r} holds {space.used_bytes()} bytes of keys and values "
+                              f"on this server, its share of memory_limit {space.settings.memory_limit} is "
+                              f"{share}; eviction is 'refuse'")
+        for _ in range(EVICTION_TRIES):
+            if not self.evict_one(writing):
+                break
+            if space.used_bytes() + more <= share:
+                return
+        if space.used_bytes() + more > share:
+            raise OutOfMemory(f"{more} more bytes do not fit namespace {self.namespace!r}'s share of its "
+                              f"memory_limit on this server ({share} bytes), even after evicting "
+                              f"{EVICTION_TRIES} keys")
+
+    def evict_one(self, keep: bytes) -> bool:
+        """The CLOCK hand: a key read since the hand last passed keeps its place (its byte is
+        cleared); the first that was not is evicted. An approximation of LRU, as Redis's is."""
+        space = self.space
+        table = space.table
+        writer = table.writer
+        is_keep = self.is_key(keep)
+        for _ in range(2 * table.slots):
+            slot = space.clock_hand
+            space.clock_hand = (slot + 1) % table.slots
+            if writer.hash_at(slot) <= ix.TOMBSTONE:
+                continue
+            if table.refs[slot]:
+                table.refs[slot] = 0
+                continue
+            if is_keep(slot):
+                continue
+            self.evicted.append(self.read_key(writer.fields(slot)))
+            self.delete_slot(slot, counted="evictions")
+            return True
+        return False
+
+    # ---- the table ------------------------------------------------------------------------------------
+
+    def grow(self) -> None:
+        """Replace the full table by one twice its size (or as large, when tombstones filled
+        it): records stay, only slots move. Readers of the old one are sent on."""
+        space = self.space
+        old = space.table
+        writer = old.writer
+        slots = max(old.slots, ix.slots_for(writer.keys + 1))
+        new = Table(space.label, space.ns, slots, old.generation + 1)
+        try:
+            for slot in writer.occupied():
+                h = writer.hash_at(slot)
+                target, _ = new.writer.place(h, lambda _: False)
+                new.writer.write(target, h, writer.fields(slot), new=True)
+                if old.refs[slot]:
+                    new.refs[target] = 1
+        except BaseException:
+            new.close()
+            raise
+        space.table = new
+        writer.moved_to(new.generation)
+        space.clock_hand = 0
+        space.sweep_hand = 0
+        old.close()
+
+    def sweep(self, slots: int, now_ms: int) -> int:
+        """Delete the expired keys among the next `slots` slots (memory back without waiting for
+        a reader to trip on them); how many."""
+        space = self.space
+        writer = space.table.writer
+        gone = 0
+        for _ in range(min(slots, space.table.slots)):
+            slot = space.sweep_hand
+            space.sweep_hand = (slot + 1) % space.table.slots
+            if writer.hash_at(slot) > ix.TOMBSTONE and expired(writer.fields(slot)[4], now_ms):
+                self.delete_slot(slot, counted="expired")
+                gone += 1
+        return gone
+
+    def flush(self) -> int:
+        writer = self.space.table.writer
+        slots = writer.occupied()
+        for slot in slots:
+            self.delete_slot(slot)
+        self.space.primary_keys = 0
+        return len(slots)
+
