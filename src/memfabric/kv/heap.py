@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ..errors import InvalidArgument
 
-PAGE_BYTES = 64 << 10
+PAGE_BYTES = 128 << 10          # a record holds a key of 64 KiB and a large value's extent table
 MIN_CHUNK_BYTES = 64
 GROWTH = 1.25
 

@@ -272,6 +272,9 @@ class KeyValueService:
                 if keepttl and found is not None:
                     expiry = found[1][4]
                 version = space.next_version() if primary else version
+                if extents is None and not inline_fits(len(key), length):
+                    # Carried in the request, too large for a record beside its key: extents.
+                    extents = self._stage(store, space, value)
                 if extents is None:
                     fields = store.write_inline(key, h, value, expiry, version, found, primary, replicas)
                 else:
@@ -283,10 +286,23 @@ class KeyValueService:
                         raise
                 evicted, store.evicted = store.evicted, []
                 copies = replicas or space.settings.replicas
-                held = store.hold(fields) if primary and extents is not None and copies > 1 else None
+                # A value that came in the request goes on the same way; a filled one, from its record.
+                held = store.hold(fields) if primary and value is None and copies > 1 else None
             if primary:
                 self._pass_on(state, creds, space, store, key, fields, value, held, evicted)
         return {"stored": True, **({"old": old} if get_old else {})}
+
+    def _stage(self, store: Store, space: KeySpace, value: memoryview) -> list[Extent]:
+        """Extents holding a copy of `value`, counted as reserved (write_large takes them)."""
+        store.make_room(value.nbytes, b"")
+        extents = store.reserve(value.nbytes)
+        space.reserved_bytes += sum(e.length for e in extents)
+        position = 0
+        for e in extents:
+            take = min(e.length, value.nbytes - position)
+            store.memory(e.segment).write(e.offset, value[position:position + take])
+            position += take
+        return extents
 
     def _give_back(self, store: Store, space: KeySpace, extents: list[Extent]) -> None:
         space.reserved_bytes -= sum(e.length for e in extents)
