@@ -103,6 +103,7 @@ class FrameSocket:
         was sent; MidFrameTimeout: part was."""
         head = wire.encode(header)
         parts = [] if payload is None else payload if isinstance(payload, list) else [payload]
+        parts = [p for p in parts if len(p)]     # an empty buffer would never be "sent"
         n = sum(len(p) for p in parts)
         if n > MAX_RPC_PAYLOAD_BYTES:
             raise ProtocolError(f"payload of {n} bytes exceeds {MAX_RPC_PAYLOAD_BYTES}")
