@@ -39,6 +39,7 @@ from memfabric.errors import BmError, MemfabricError
 from memfabric.launcher import LocalFabric
 from memfabric.limits import MAX_FDS_PER_MESSAGE, MAX_MESSAGE_BYTES
 from memfabric.bigmemory.service import BigMemoryService
+from memfabric.kv.service import KeyValueService
 from memfabric.server.server import Server
 from memfabric.transport import rpc
 
@@ -46,9 +47,10 @@ REPLY_TIMEOUT_S = 30.0          # far above the server's own request and peer ti
 CHECK_EVERY = 250               # messages between two checks that a normal client is served
 REFRESH_EVERY = 1500            # messages between two fresh targets (the fuzz eats memory)
 RECONNECT_TRIES = 10            # a second apart
-RPC_ONLY_OPS = ("seg_read", "seg_write")
+RPC_ONLY_OPS = ("seg_read", "seg_write", "kv_fill", "kv_read")
 # Every operation the server dispatches: its own and each semantic's.
-SERVER_OPS = sorted({name[3:] for cls in (Server, BigMemoryService) for name in dir(cls) if name.startswith("op_")})
+SERVER_OPS = sorted({name[3:] for cls in (Server, BigMemoryService, KeyValueService) for name in dir(cls)
+                     if name.startswith("op_")})
 
 # ---- values ------------------------------------------------------------------------------------------
 
@@ -165,6 +167,37 @@ class Maker:
             return [self.valid("bm_id") for _ in range(r.randint(0, 4))]
         if kind == "extents":
             return r.sample(v.extents, r.randint(1, len(v.extents))) if v.extents else [[0, 0, 4096]]
+        # MemKV's fields
+        if kind in ("key", "prefix"):
+            return r.choice([b"k", b"key-1", b"key-2", b"n", "text", b"x" * 70_000, b"", b"k" * 65536])
+        if kind == "keys":
+            return [self.valid("key") for _ in range(r.randint(0, 5))]
+        if kind == "value":
+            return r.choice([b"", b"v", b"12", r.randbytes(5000), b"x" * (200 << 10)])
+        if kind == "values":
+            return [self.valid("value") for _ in range(r.randint(0, 5))]
+        if kind in ("ttl_ms", "expiry", "expire"):
+            return r.choice([None, 1, 50, 10_000, 10 ** 15, 0, -1])
+        if kind in ("nx", "xx", "keepttl", "get"):
+            return r.random() < 0.2
+        if kind in ("token", "hold"):
+            return r.choice([1, 2, 3, r.randint(1, 1000)])
+        if kind in ("at", "cursor"):
+            return r.choice([0, 0, 1, 4096, 1 << 20])
+        if kind == "batch":
+            return r.choice([1, 10, 1000, 10_000, 0])
+        if kind == "servers":
+            return r.choice([[], v.server_ids or [1], [1, 2, 3]])
+        if kind == "memory_limit":
+            return r.choice([None, "1MiB", "64KiB", 1 << 20, "lots"])
+        if kind == "eviction":
+            return r.choice(["lru", "refuse", "random"])
+        if kind == "replicas":
+            return r.choice([None, 1, 2, 3, 0, 9])
+        if kind == "by":
+            return r.choice([1, -1, 2 ** 62, -(2 ** 63)])
+        if kind == "version":
+            return r.choice([1, 2 ** 40, 0])
         return self.wrong()
 
     def wrong(self) -> Any:
@@ -258,7 +291,7 @@ class Maker:
         op = r.choices(self.ops, [OP_WEIGHTS.get(o, 1.0) for o in self.ops])[0]
         message = self.structured(op, r.choice([0.0, 0.05, 0.2, 0.5]))
         payload = b""
-        if self.door == "rpc" and (op == "seg_write" or r.random() < 0.02):
+        if self.door == "rpc" and (op in ("seg_write", "kv_fill") or r.random() < 0.02):
             want = message.get("length")
             n = want if type(want) is int and 0 <= want <= (1 << 20) and r.random() < 0.8 \
                 else r.choice([0, 1, 4096, 70_000])
@@ -301,10 +334,33 @@ FIELDS: dict[str, list[str]] = {
     "objects": CREDS + ["after"],
     "seg_read": CREDS + ["bm_id", "segment", "offset", "length"],
     "seg_write": CREDS + ["bm_id", "segment", "offset", "length"],
+    "kv_open": CREDS,
+    "kv_put": CREDS + ["key", "value", "ttl_ms", "nx", "xx", "keepttl", "get", "replicas"],
+    "kv_put_many": CREDS + ["keys", "values", "ttl_ms", "replicas"],
+    "kv_get": CREDS + ["key"],
+    "kv_get_many": CREDS + ["keys"],
+    "kv_exists": CREDS + ["keys"],
+    "kv_delete": CREDS + ["key"],
+    "kv_delete_many": CREDS + ["keys"],
+    "kv_expire": CREDS + ["key", "ttl_ms"],
+    "kv_ttl": CREDS + ["key"],
+    "kv_incr": CREDS + ["key", "by"],
+    "kv_scan": CREDS + ["cursor", "batch", "prefix", "servers"],
+    "kv_stats": CREDS,
+    "kv_flush": CREDS,
+    "kv_configure": CREDS + ["memory_limit", "eviction", "replicas"],
+    "kv_settings_changed": CREDS,
+    "kv_replicate": CREDS + ["key", "value", "expiry", "version", "replicas"],
+    "kv_reserve": CREDS + ["length"],
+    "kv_fill": CREDS + ["token", "at", "length"],
+    "kv_commit": CREDS + ["token", "key", "ttl_ms", "nx", "xx", "keepttl", "get", "replicas", "version", "expiry"],
+    "kv_abort": CREDS + ["token"],
+    "kv_read": CREDS + ["hold", "at", "length"],
+    "kv_let_go": CREDS + ["hold"],
 }
 ALL_FIELDS = sorted({k for kinds in FIELDS.values() for k in kinds})
 # Operations that end the target namespace are drawn less often, so most messages reach deep.
-OP_WEIGHTS = {"ns_destroy": 0.3, "ns_drop": 0.3, "home_restarted": 0.5}
+OP_WEIGHTS = {"ns_destroy": 0.3, "ns_drop": 0.3, "home_restarted": 0.5, "kv_flush": 0.3}
 
 
 def _show(value: Any, limit: int = 300) -> str:

@@ -417,6 +417,8 @@ class KeyValueService:
     def _reservation(self, conn: Connection, m: dict[str, Any], take: bool) -> _Reserved:
         mine = self._client(conn)
         token = m.get("token")
+        if type(token) is not int:
+            raise InvalidArgument(f"a reservation's token is an int, got {token!r:.40}")
         reserved = mine.reserved.pop(token, None) if take else mine.reserved.get(token)
         if reserved is None:
             raise InvalidArgument(f"no reservation {token!r:.40} of this connection (committed, aborted, or never)")
@@ -615,6 +617,8 @@ class KeyValueService:
     def _held(self, conn: Connection, m: dict[str, Any], take: bool) -> _Held:
         mine = self._client(conn)
         token = m.get("hold")
+        if type(token) is not int:
+            raise InvalidArgument(f"a hold is an int, got {token!r:.40}")
         held = mine.held.pop(token, None) if take else mine.held.get(token)
         if held is None:
             raise InvalidArgument(f"no hold {token!r:.40} of this connection (let go, or never)")

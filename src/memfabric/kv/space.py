@@ -39,6 +39,10 @@ SEALS_SIZE = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 EXTENT = struct.Struct("<QQQ")       # a large value's extent in its record: segment, offset, length
 STATS_WORDS_PER_CLIENT = 2           # hits, misses
 KEY_LOCK_STRIPES = 64
+# Clients write their own counts, and may lie: a word counts at most this, so that the sum
+# stays a 64-bit number whatever they write (2**48 gets at 1 per ns: three days).
+CLIENT_COUNT_MAX = 1 << 48
+RETIRED_MAX = 1 << 60
 
 
 def _memfd(name: str, size: int, seals: int) -> tuple[int, mmap.mmap]:
@@ -150,8 +154,8 @@ class KeySpace:
         hits, misses = self.counters.hits + self.counters.retired[0], self.counters.misses + self.counters.retired[1]
         words = self.stats_words
         for slot in range(MAX_KV_CLIENTS):
-            hits += words[slot * 2]
-            misses += words[slot * 2 + 1]
+            hits += min(words[slot * 2], CLIENT_COUNT_MAX)
+            misses += min(words[slot * 2 + 1], CLIENT_COUNT_MAX)
         return {"keys": self.primary_keys, "held_keys": self.keys(), "bytes": self.used_bytes(),
                 "memory_limit": self.settings.memory_limit, "hits": hits, "misses": misses,
                 "evictions": self.counters.evictions, "expired": self.counters.expired,
@@ -164,8 +168,8 @@ class KeySpace:
 
     def give_client_slot(self, slot: int) -> None:
         """A client went away: what it counted stays counted."""
-        self.counters.retired[0] += self.stats_words[slot * 2]
-        self.counters.retired[1] += self.stats_words[slot * 2 + 1]
+        self.counters.retired[0] = min(self.counters.retired[0] + self.stats_words[slot * 2], RETIRED_MAX)
+        self.counters.retired[1] = min(self.counters.retired[1] + self.stats_words[slot * 2 + 1], RETIRED_MAX)
         self.stats_words[slot * 2] = 0
         self.stats_words[slot * 2 + 1] = 0
         self._free_client_slots.append(slot)

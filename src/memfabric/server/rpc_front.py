@@ -128,7 +128,7 @@ class RpcFront:
                                 return
                             continue
                     reply = {}
-                elif op in self.server.transfers:
+                elif isinstance(op, str) and op in self.server.transfers:
                     # A semantic's transfer: bytes received into, or sent from, pool memory it
                     # holds for the duration.
                     with self.server.transfers[op](conn, request) as (target, incoming):
