@@ -294,8 +294,14 @@ class Session:
     def servers(self) -> list[dict[str, Any]]:
         """The cluster's servers as its service knows them: per server a dict with
         `server_id`, `host`, `alive`, `pid`, `pools` (figures per pool), and its addresses.
-        Raises NOT_INITIALIZED, SERVER_UNAVAILABLE."""
-        return self.home().call("cluster_view")["servers"]
+        Raises NOT_INITIALIZED, SERVER_UNAVAILABLE (no server of the fabric answers)."""
+        try:
+            return self.home().call("cluster_view")["servers"]
+        except (ServerUnavailable, Timeout):
+            # This session's own server is gone: any other live one knows the cluster.
+            with self._lock:
+                self.check_open()
+                return self._cluster_view(self.local.server_id)
 
     # ---- life ---------------------------------------------------------------------------------
 
