@@ -13,6 +13,9 @@ MAX_EXTENTS_PER_OBJECT = 4096
 MAX_OBJECTS_PER_NAMESPACE = 65536   # per home server; sizes the shared generation table
 MAX_BATCH_IDS = 4096           # BM_BatchFreeSec
 MAX_GATHER_INPUTS = 1024
+# memfabric.compat keeps the handles (layouts) of this many objects it used most recently, so
+# their BM_ReadSec/BM_WriteSec ask no server; each holds its layout, about a KiB.
+COMPAT_HANDLES_KEPT = 8192
 MAX_OBJECT_BYTES = 1 << 40
 
 MAX_CLIENTS_PER_SERVER = 256

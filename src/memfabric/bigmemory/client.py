@@ -188,8 +188,10 @@ class BigMemory:
             return bytes(into)
         dst = as_bytes_view(into, writable=True)
         if length is not None:
-            if type(length) is not int or not 0 <= length <= dst.nbytes:
-                raise InvalidArgument(f"length {length!r} does not fit the {dst.nbytes}-byte buffer")
+            if type(length) is not int:
+                raise InvalidArgument(f"length must be an int, got {length!r}")
+            if not 0 <= length <= dst.nbytes:
+                raise OutOfRange(f"length {length} does not fit the {dst.nbytes}-byte buffer")
             dst = dst[:length]
         self._copy(read_into, dst, offset, "read", lay)
         return None
