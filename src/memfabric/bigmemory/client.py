@@ -173,19 +173,18 @@ class BigMemory:
 
     def read(self, offset: int = 0, length: int | None = None, *, into: Any = None) -> bytes | None:
         """Bytes [offset, offset+length); with `into`, fill that buffer in place and return None
-        (a read cut off midway may have filled part of it, as a write does the object)."""
+        (a read cut off midway may have filled part of it, as a write does the object).
+
+        Without `into`, the bytes are made in one copy from the pool (bytes of other hosts
+        are received into a buffer first). They are checked once, after the copy: nobody
+        sees them unless the object lived through it, so they need no chunking."""
         lay = self._checked()
         if into is None:
             if length is None:
                 length = lay.size - offset if type(offset) is int else 0
-            if type(length) is int and 0 <= length <= CHUNK_BYTES:
-                data = read_bytes(lay, offset, length)
-                self._still_alive(lay, "read")
-                return data
-            check_range(self.bm_id, lay.size, offset, length)
-            into = bytearray(length)
-            self.read(offset, into=into)
-            return bytes(into)
+            data = read_bytes(lay, offset, length)
+            self._still_alive(lay, "read")
+            return data
         dst = as_bytes_view(into, writable=True)
         if length is not None:
             if type(length) is not int:
