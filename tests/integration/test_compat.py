@@ -555,3 +555,39 @@ def test_last_error_without_a_session():
     assert BM_GetLastError().startswith("BM_Exit: ")
     assert BM_Init("/no/such/fabric") == BmError.INVALID_ARGUMENT
     assert "/no/such/fabric" in BM_GetLastError()
+
+
+def test_threads_share_the_known_handles(ns, monkeypatch):
+    """Readers and writers on many threads while another frees and allocates: every call
+    answers OK or NO_SUCH_OBJECT (the object went), and the known handles stay within their
+    bound."""
+    import threading
+    import memfabric.compat as compat
+    monkeypatch.setattr(compat, "COMPAT_HANDLES_KEPT", 4)
+    live = [alloc(ns, 8 * KiB) for _ in range(6)]
+    codes: set[int] = set()
+    stop = threading.Event()
+
+    def worker(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        back = bytearray(4 * KiB)
+        while not stop.is_set():
+            info = live[int(rng.integers(len(live)))]
+            fill = bytes([int(rng.integers(256))]) * (4 * KiB)
+            codes.add(BM_WriteSec(info, 0, len(fill), fill, 0))
+            codes.add(BM_ReadSec(info, 0, len(back), back, 0))
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(30):
+            slot = i % len(live)
+            gone, live[slot] = live[slot], alloc(ns, 8 * KiB)
+            assert BM_FreeSec(gone, 0) == OK
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    assert codes <= {OK, BmError.NO_SUCH_OBJECT}, codes
+    assert len(compat._known._handles) <= 4
