@@ -176,17 +176,13 @@ def _object(info: BmInfo) -> BigMemory:
     return bm
 
 
-def _forgetting_if_freed(bm: BigMemory, action: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """`action(*args, **kwargs)` on a known handle: one found freed, or its namespace gone,
-    is forgotten (the next call asks the server, which says so)."""
-    try:
-        return action(*args, **kwargs)
-    except NoSuchObject:
+def _forget_if_gone(bm: BigMemory, exc: MemfabricError) -> None:
+    """A known handle whose call failed: forgotten if its object was found freed, or its
+    namespace gone (the next call asks the server, which says so)."""
+    if isinstance(exc, NoSuchObject):
         _known.drop(bm.bm_id)
-        raise
-    except NoSuchNamespace:
+    elif isinstance(exc, NoSuchNamespace):
         _known.drop_namespace(bm.namespace.pool, bm.namespace.name)
-        raise
 
 
 def _code_name(code: int) -> str:
@@ -265,7 +261,11 @@ def BM_AllocSec(info: BmInfo, size: int, flags: int, affinity: Affinity | None) 
 @_coded
 def BM_FreeSec(info: BmInfo, flags: int) -> int:
     bm = _object(info)
-    _forgetting_if_freed(bm, bm.free)
+    try:
+        bm.free()
+    except MemfabricError as exc:
+        _forget_if_gone(bm, exc)
+        raise
     _known.drop(bm.bm_id)
     return 0
 
@@ -292,7 +292,11 @@ def BM_BatchFreeSec(bm_ids: list[str], num: int, flags: int, ns: str, sec_id: st
 @_coded
 def BM_ExpandSec(info: BmInfo, new_size: int, flags: int) -> int:
     bm = _object(info)
-    _forgetting_if_freed(bm, bm.expand, new_size)
+    try:
+        bm.expand(new_size)
+    except MemfabricError as exc:
+        _forget_if_gone(bm, exc)
+        raise
     info.size = bm.size
     return 0
 
@@ -338,7 +342,11 @@ def BM_SpecificObjSwapInSec(file: DiskFileDesc, info: BmInfo, flags: int, offset
 @_coded
 def BM_ReadSec(info: BmInfo, offset: int, length: int, buffer: Any, flags: int) -> int:
     bm = _object(info)
-    _forgetting_if_freed(bm, bm.read, offset, length, into=buffer)
+    try:
+        bm.read(offset, length, into=buffer)
+    except MemfabricError as exc:
+        _forget_if_gone(bm, exc)
+        raise
     return 0
 
 
@@ -350,7 +358,11 @@ def BM_WriteSec(info: BmInfo, offset: int, length: int, buffer: Any, flags: int)
     if not 0 <= length <= view.nbytes:
         raise OutOfRange(f"length {length} does not fit the {view.nbytes}-byte buffer")
     bm = _object(info)
-    _forgetting_if_freed(bm, bm.write, view[:length] if length != view.nbytes else view, offset)
+    try:
+        bm.write(view[:length] if length != view.nbytes else view, offset)
+    except MemfabricError as exc:
+        _forget_if_gone(bm, exc)
+        raise
     return 0
 
 
