@@ -192,8 +192,9 @@ def _code_name(code: int) -> str:
         return str(code)
 
 
+@_coded
 def BM_Init(ock_path: str, flags: int = 0) -> int:
-    return BM_InitWithExtAttr(ock_path, flags, None)
+    return BM_InitWithExtAttr.__wrapped__(ock_path, flags, None)    # its failure is BM_Init's
 
 
 @_coded
