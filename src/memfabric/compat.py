@@ -306,7 +306,12 @@ def BM_ExpandSec(info: BmInfo, new_size: int, flags: int) -> int:
 def BM_MapSec(info: BmInfo, prot: int, flags: int) -> tuple[int, memoryview]:
     if prot & ~(PROT_READ | PROT_WRITE) or not prot & PROT_READ:
         raise InvalidArgument(f"prot must be PROT_READ or PROT_READ|PROT_WRITE, got {prot!r}")
-    mapping = _object(info).map(writable=bool(prot & PROT_WRITE))
+    bm = _object(info)
+    try:
+        mapping = bm.map(writable=bool(prot & PROT_WRITE))
+    except MemfabricError as exc:
+        _forget_if_gone(bm, exc)
+        raise
     with _mappings_lock:
         _mappings[id(mapping.view)] = mapping
     return 0, mapping.view
@@ -330,13 +335,24 @@ def BM_Unmap(bm_id: str, view: memoryview) -> int:
 
 @_coded
 def BM_CopySec(src: BmInfo, src_offset: int, dst: BmInfo, dst_offset: int, length: int, flags: int) -> int:
-    _object(src).copy_to(_object(dst), src_offset=src_offset, dst_offset=dst_offset, length=length)
+    source, target = _object(src), _object(dst)
+    try:
+        source.copy_to(target, src_offset=src_offset, dst_offset=dst_offset, length=length)
+    except MemfabricError as exc:
+        _forget_if_gone(source, exc)      # either may be the one gone: both are asked again
+        _forget_if_gone(target, exc)
+        raise
     return 0
 
 
 @_coded
 def BM_SpecificObjSwapInSec(file: DiskFileDesc, info: BmInfo, flags: int, offset: int, length: int) -> int:
-    _object(info).swap_in(file.path, file_offset=file.offset, offset=offset, length=length)
+    bm = _object(info)
+    try:
+        bm.swap_in(file.path, file_offset=file.offset, offset=offset, length=length)
+    except MemfabricError as exc:
+        _forget_if_gone(bm, exc)
+        raise
     return 0
 
 

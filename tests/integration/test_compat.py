@@ -477,6 +477,14 @@ def test_freed_objects_are_forgotten(fabric, ns, round_trips):
     batch = [alloc(ns, 4 * KiB) for _ in range(2)]
     assert BM_BatchFreeSec([b.bm_id for b in batch], 2, 0, ns, "sec") == OK
     assert round_trips(lambda: BM_ReadSec(batch[0], 0, 1, bytearray(1), 0)) == 1
+    # Found freed by any call, not only reads and writes: forgotten too.
+    for found_freed in (lambda i: BM_MapSec(i, PROT_READ, 0)[0], lambda i: BM_ExpandSec(i, 16 * KiB, 0),
+                        lambda i: BM_CopySec(i, 0, i, 8, 8, 0)):
+        info = alloc(ns, 8 * KiB)
+        with memfabric.init(fabric.directory) as session:
+            session.namespace(ns, "sec").open(info.bm_id).free()
+        assert found_freed(info) == BmError.NO_SUCH_OBJECT
+        assert round_trips(lambda: BM_ReadSec(info, 0, 1, bytearray(1), 0)) == 1, "asked again"
 
 
 # ---- why a call failed: BM_GetLastError -------------------------------------------------------
