@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 
 from . import compat
+from .bigmemory.client import CHUNK_BYTES
 from .client.session import Session, init
 from .errors import BmError, error_from_code
 from .launcher import LocalFabric
@@ -182,7 +183,6 @@ def bench_vs_shared_memory(session: Session, size: int, repeat: int) -> list[Res
     chunks, each followed by a generation check): the gap between the one-call copy and
     that one is what the piece size costs, whatever memory it lands in (README, "Large
     copies")."""
-    from .bigmemory.client import CHUNK_BYTES
     n = repeat or default_repeat(size)
     ns = session.create_namespace(f"bench-shm-{time.monotonic_ns()}", sec_id="bench")
     shm = shared_memory.SharedMemory(create=True, size=size)
