@@ -20,14 +20,26 @@ def bench(*args: str) -> dict:
     return json.loads(proc.stdout)
 
 
-@pytest.mark.parametrize("busy_poll_us", [200, 0])
-def test_local_bench_reports_data_and_control_paths(busy_poll_us):
-    out = bench("--sizes", "4KiB,1MiB", "--busy-poll-us", str(busy_poll_us))
+@pytest.mark.parametrize("busy_poll_us, shm_size", [(200, "8MiB"), (0, "0")])
+def test_local_bench_reports_data_and_control_paths(busy_poll_us, shm_size):
+    out = bench("--sizes", "4KiB,1MiB", "--busy-poll-us", str(busy_poll_us), "--shm-size", shm_size)
     data = {(r["name"], r["size_bytes"]): r for r in out["data_path"]}
     for size in (4096, 1 << 20):
         assert data[("memcpy (numpy)", size)]["median_us"] > 0
-        for name in ("write (API)", "read into (API)", "write (mapping)", "read (mapping)"):
-            assert data[(name, size)]["ratio_to_baseline"] > 0
+        for name in ("write (API)", "read into (API)", "read, new bytes (API)", "write (mapping)",
+                     "read (mapping)", "write (compat BM_WriteSec)", "read into (compat BM_ReadSec)"):
+            row = data[(name, size)]
+            assert row["ratio_to_baseline"] == pytest.approx(data[("memcpy (numpy)", size)]["median_us"]
+                                                             / row["median_us"])
+    shm = {r["name"]: r for r in out["vs_shared_memory"]}
+    if shm_size == "0":
+        assert not shm
+    else:
+        assert shm["copy into shared_memory, one call"]["ratio_to_baseline"] is None
+        for name in ("memcpy (numpy)", "copy into shared_memory, in 4 MiB pieces", "write (API)",
+                     "copy out of shared_memory, one call", "copy out of shared_memory, in 4 MiB pieces",
+                     "read into (API)"):
+            assert shm[name]["size_bytes"] == 8 << 20 and shm[name]["ratio_to_baseline"] > 0
     control = {r["name"]: r for r in out["control_path"]}
     baselines = [name for name in control if name.startswith("raw Unix socket")]
     assert len(baselines) == (2 if busy_poll_us else 1), "a polling baseline only when the fabric polls"

@@ -205,16 +205,28 @@ def read_into(layout: Layout, offset: int, dst: memoryview) -> None:
 
 
 def read_bytes(layout: Layout, offset: int, length: int) -> bytes:
+    """A new bytes, made in one copy from the mapped pieces (join allocates it once); pieces
+    on other hosts are received into buffers of their own first."""
     if layout.local_single:
         check_range(layout.bm_id, layout.size, offset, length)
         _, _, view, base = layout.pieces[0]
         return bytes(view[base + offset: base + offset + length])
-    spans = list(layout.spans(offset, length))
-    if all(type(t) is memoryview for t, _, _, _ in spans):
-        return b"".join([view[a:b] for view, a, b, _ in spans])
-    buf = bytearray(length)
-    read_into(layout, offset, memoryview(buf))
-    return bytes(buf)
+    parts: list[memoryview] = []
+    transfers: list[Transfer] = []
+    try:
+        for target, a, b, _ in layout.spans(offset, length):
+            if type(target) is memoryview:
+                parts.append(target[a:b])
+            else:
+                received = memoryview(bytearray(b - a))
+                transfers.append(target.submit_read(a, received))
+                parts.append(received)
+    except BaseException:
+        for transfer in transfers:
+            transfer.cancel()
+        raise
+    _wait_all(transfers)
+    return b"".join(parts)
 
 
 def copy_between(src: Layout, src_offset: int, dst: Layout, dst_offset: int, length: int) -> None:

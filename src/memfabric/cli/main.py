@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="over RPC (loopback TCP), against a raw socket doing the same transfers")
     bench.add_argument("--busy-poll-us", type=_busy_poll_us, default=BUSY_POLL_US,
                        help=f"polling window of the bench's servers and client (default {BUSY_POLL_US}; 0: never)")
+    bench.add_argument("--shm-size", type=_size, default=256 << 20,
+                       help="the size whose copies are compared with multiprocessing.shared_memory "
+                            "(default 256MiB; 0: skip)")
 
     load = sub.add_parser("load", help="many clients at once for a while, then an audit of the servers' memory")
     load.add_argument("--dir", help="use a running fabric at this ockPath instead of starting one")
@@ -203,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         from ..bench import run_bench
         sizes = args.sizes or ("4KiB,64KiB,1MiB,16MiB" if args.remote else "4KiB,64KiB,1MiB,16MiB,64MiB")
         return run_bench(args.dir, [parse_size(s) for s in sizes.split(",")], args.repeat, args.json, args.remote,
-                         args.busy_poll_us)
+                         args.busy_poll_us, args.shm_size)
     if args.command == "load":
         if args.clients < 1 or args.threads < 1 or not args.duration > 0 or args.servers < 1:
             print("memfabric load: --clients, --threads, --servers and --duration must be positive", file=sys.stderr)
