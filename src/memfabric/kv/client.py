@@ -16,6 +16,7 @@ replicas, a get that misses at one home, or cannot reach it, asks the next.
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
@@ -23,8 +24,9 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 from ..bigmemory.layout import as_bytes_view
 from ..client.arguments import as_bool, as_int
 from ..errors import InvalidArgument, MemfabricError, ProtocolError, ServerUnavailable, Timeout
-from ..limits import KV_INLINE_BYTES, MAX_KV_BATCH
+from ..limits import KV_INLINE_BYTES, MAX_KV_BATCH, MAX_KV_KEY_BYTES
 from . import index as ix
+from .index import EMPTY, H_MAGIC, H_MOVED, HEADER_WORDS, MAGIC, OFFSET_MASK, SLOT_WORDS
 from .rules import check_key, check_replicas, homes, key_hash
 from .space import EXTENT
 from .transfer import put_large, read_held
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 VIEW_TTL_S = 1.0           # how long a client trusts its list of the pool's servers, and the replica count
 READ_RETRIES = 64          # a same-host read that keeps meeting writes asks the server instead
 EXTENTS_MASK = (1 << 32) - 1
+_SLOT = struct.Struct("<8Q")
 _MISS = object()
 _ASK = object()            # the lock-free read cannot answer: ask the server
 
@@ -61,6 +64,7 @@ class _LocalIndex:
             raise
         self.index, self.refs, self.stats = mapped
         self.words = self.index.view.cast("Q")
+        self.raw = self.index.view
         self.ref_bytes = self.refs.view
         self.stats_words = self.stats.view.cast("Q")
         self.slot = reply["client_slot"]
@@ -101,8 +105,10 @@ class KV:
         self._session = namespace.session
         self._creds = namespace.creds
         self._wire = namespace.wire_creds
+        self._index_key = (namespace.pool, namespace.name, "kv")
         self._lock = threading.Lock()
         self._servers: list[int] = []
+        self._local: frozenset[int] = frozenset()     # those of them on this host (reached by IPC)
         self._servers_at = -VIEW_TTL_S
         self._replicas = 1
         self._replicas_at = -VIEW_TTL_S
@@ -116,10 +122,13 @@ class KV:
         now = time.monotonic()
         if fresh or now - self._servers_at > VIEW_TTL_S:
             pool = self._namespace.pool
-            servers = sorted(s["server_id"] for s in self._session.servers() if s["alive"] and pool in s["pools"])
-            if not servers:
+            live = [s for s in self._session.servers() if s["alive"] and pool in s["pools"]]
+            if not live:
                 raise ServerUnavailable(f"no live server gives memory to pool {pool!r}")
-            self._servers, self._servers_at = servers, now
+            home = self._session.local
+            here = home.host if home.is_local else None
+            self._local = frozenset(s["server_id"] for s in live if s["host"] == here)
+            self._servers, self._servers_at = sorted(s["server_id"] for s in live), now
         return self._servers
 
     def _replica_count(self) -> int:
@@ -133,7 +142,8 @@ class KV:
         return self._replicas
 
     def _homes(self, key: bytes) -> list[int]:
-        return homes(key, self._pool_servers(), self._replica_count())
+        servers = self._pool_servers()
+        return servers if len(servers) == 1 else homes(key, servers, self._replica_count())
 
     def _call(self, server_id: int, op: str, **args: Any) -> dict[str, Any]:
         return self._session.link(server_id).call(op, **self._wire, **args)
@@ -150,6 +160,8 @@ class KV:
             return self._call(self._homes(key)[0], op, key=key, **args)
 
     def _local_link(self, server_id: int) -> Any:
+        if server_id not in self._local:
+            return None
         try:
             link = self._session.link(server_id)
         except MemfabricError:
@@ -204,7 +216,9 @@ class KV:
 
     def get(self, key: Any) -> bytes | None:
         """The value, or None when the key is missing or expired."""
-        got = self._get(check_key(key), None)
+        if type(key) is not bytes or not 0 < len(key) <= MAX_KV_KEY_BYTES:
+            key = check_key(key)
+        got = self._get(key, None)
         return None if got is _MISS else got
 
     def get_into(self, key: Any, buffer: Any) -> int | None:
@@ -217,7 +231,11 @@ class KV:
     def _get(self, key: bytes, into: memoryview | None) -> Any:
         ranked = self._homes(key)
         for server_id in ranked:
-            link = self._local_link(server_id)
+            if server_id not in self._local:
+                continue
+            link = self._session._links.get(server_id)      # the common case, without a call
+            if link is None or link.closed or not link.is_local:
+                link = self._local_link(server_id)
             if link is not None:
                 got = self._local_get(link, key, into)
                 # A replica may lack the key (evicted there, or written while it was away).
@@ -282,7 +300,7 @@ class KV:
         return length if into is not None else bytes(target)
 
     def _index(self, link: Any) -> _LocalIndex:
-        key = (self._namespace.pool, self._namespace.name, "kv")
+        key = self._index_key
         idx = link.attached.get(key)
         if idx is None or idx.stale():
             with self._lock:
@@ -295,7 +313,10 @@ class KV:
         return idx
 
     def _local_get(self, link: Any, key: bytes, into: memoryview | None) -> Any:
-        """The lock-free read (index.py): the value, _MISS, or _ASK when it cannot be done here."""
+        """The lock-free read (index.py): the value, _MISS, or _ASK when it cannot be done here.
+
+        A slot is read between two reads of its sequence: the first alone, then the fields
+        in one unpack, then the sequence again, in program order (x86's loads keep it)."""
         try:
             idx = self._index(link)
         except MemfabricError:
@@ -304,42 +325,42 @@ class KV:
             return _ASK
         h = key_hash(key)
         klen = len(key)
-        for _ in range(READ_RETRIES):
-            if idx.stale():
+        segments = link._segments
+        pool = self._creds[0]
+        for attempt in range(READ_RETRIES):
+            if attempt and idx.stale():
                 try:
                     idx = self._index(link)
                 except MemfabricError:
                     return _ASK
             link.check_alive()
-            words = idx.words
-            mask = idx.mask
+            words, raw, mask = idx.words, idx.raw, idx.mask
             slot = h & mask
             for _ in range(mask + 1):
-                base = ix.HEADER_WORDS + slot * ix.SLOT_WORDS
+                base = HEADER_WORDS + slot * SLOT_WORDS
                 seq = words[base]
                 if seq & 1:
                     break                                   # being written: again
-                stored = words[base + ix.HASH]
-                if stored == ix.EMPTY:
-                    if words[base] != seq or idx.stale():
+                _, stored, segment, packed, vlen, expiry, extents, _ = _SLOT.unpack_from(raw, base * 8)
+                if stored == EMPTY:
+                    if words[base] != seq or words[H_MOVED]:
                         break
                     idx.count(False)
                     return _MISS
-                if stored != h:
+                if stored != h or packed >> 32 != klen:
                     slot = (slot + 1) & mask
                     continue
-                packed = words[base + ix.OFFSET_KLEN]
-                segment, offset = words[base + ix.SEGMENT], packed & ix.OFFSET_MASK
-                vlen, expiry, extents = words[base + ix.VLEN], words[base + ix.EXPIRY], words[base + ix.EXTENTS]
                 if words[base] != seq:
                     break
-                if packed >> 32 != klen:
-                    slot = (slot + 1) & mask
-                    continue
-                try:
-                    view = link.segment_view(self._creds, segment)
-                except MemfabricError:
-                    return _ASK
+                mapped = segments.get((pool, segment))
+                if mapped is None:
+                    try:
+                        view = link.segment_view(self._creds, segment)
+                    except MemfabricError:
+                        return _ASK
+                else:
+                    view = mapped.view
+                offset = packed & OFFSET_MASK
                 if view[offset:offset + klen] != key:
                     if words[base] != seq:
                         break
@@ -356,7 +377,7 @@ class KV:
                                               extents & EXTENTS_MASK, into)
                     if result is _ASK:
                         return _ASK
-                if result is None or words[base] != seq or idx.stale():
+                if result is None or words[base] != seq or words[H_MOVED] or words[H_MAGIC] != MAGIC:
                     break                                   # changed while we read: again
                 idx.count(result is not _MISS)
                 if result is not _MISS:
