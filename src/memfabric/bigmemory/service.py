@@ -70,6 +70,11 @@ class BigMemoryService:
     def transfers(self) -> dict[str, Callable[[Connection, dict[str, Any]], Any]]:
         return {}         # seg_write and seg_read: the RPC door's own fast path (span())
 
+    def usage(self, state: NamespaceState) -> dict[str, int]:
+        """The namespace's figures here, for ns_query and `memfabric status`."""
+        with self.lock:
+            return {"object_count": len(state.objects.table), "used_bytes": state.objects.table.live_bytes()}
+
     def tick(self) -> None:
         """Housekeeping from the server's keeper: none (freed extents rest in the allocator)."""
 

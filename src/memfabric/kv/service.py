@@ -178,6 +178,17 @@ class KeyValueService:
                 if state is not None and state.kv is not None and not state.kv.closed:
                     state.kv.give_client_slot(slot)
 
+    def usage(self, state: NamespaceState) -> dict[str, int]:
+        """The keyspace's figures here, for ns_query and `memfabric status` (none: no keyspace)."""
+        space = state.kv
+        if space is None:
+            return {}
+        with space.lock:
+            if space.closed:
+                return {}
+            stats = space.stats()
+        return {f"kv_{name}": stats[name] for name in ("keys", "bytes", "hits", "misses", "evictions", "expired")}
+
     def tick(self) -> None:
         """From the server's keeper: expired keys give their memory back without a reader."""
         now = time.monotonic()
