@@ -63,8 +63,8 @@ _LOCAL = Affinity()
 class NamespaceInfo:
     """One namespace as `Session.namespaces()` lists it: its `pool` and name (`ns`), its
     `attribute`, and its objects' count (`object_count`) and bytes (`used_bytes`) over every
-    live server; and its keyspace's (MemKV) keys, bytes, hits, misses, evictions and expired
-    keys (`kv_keys`... `kv_expired`), 0 without one."""
+    live server; and its keyspace's (MemKV) figures, 0 without one: `kv_keys`, `kv_bytes`,
+    `kv_hits`, `kv_misses`, `kv_evictions`, `kv_expired`."""
     pool: str
     ns: str
     attribute: int

@@ -449,8 +449,9 @@ class KV:
 
     def put_many(self, items: Mapping[Any, Any] | Iterable[tuple[Any, Any]], *, ttl_s: float | None = None,
                  replicas: int | None = None) -> None:
-        """Store many keys: a mapping, or (key, value) pairs. One request per server (per
-        batch of 4,096 keys or 192 KiB); large values each on their own."""
+        """Store `items` (a mapping, or (key, value) pairs), each with `ttl_s` and `replicas` as
+        put's. One request per server (per batch of 4,096 keys or 192 KiB); large values each
+        on their own. Raises as put."""
         if isinstance(items, Mapping):
             items = items.items()
         pairs = [(check_key(k), _value_view(v)) for k, v in items]
@@ -472,8 +473,9 @@ class KV:
         return [None if v is _MISS else v for v in self._get_many(keys, None)]
 
     def get_many_into(self, keys: Iterable[Any], buffers: Iterable[Any]) -> list[int | None]:
-        """Fill one buffer per key; each value's length, None for a missing key. A buffer too
-        small: INVALID_ARGUMENT (that buffer untouched; those before it may be filled)."""
+        """Fill `buffers` (one per key of `keys`) in place; each value's length, None for a
+        missing key. A buffer too small: INVALID_ARGUMENT (that buffer untouched; those before
+        it may be filled)."""
         keys = [check_key(k) for k in keys]
         views = [as_bytes_view(b, writable=True) for b in buffers]
         if len(keys) != len(views):
@@ -521,7 +523,7 @@ class KV:
         return out
 
     def exists_many(self, keys: Iterable[Any]) -> list[bool]:
-        """Whether each key is there; one request per server."""
+        """Whether each of `keys` is there; one request per server."""
         keys = [check_key(k) for k in keys]
         out = [False] * len(keys)
         for server_id, positions in self._by_first_home(keys).items():
