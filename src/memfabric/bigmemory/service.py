@@ -13,14 +13,14 @@ import logging
 import os
 import time
 from collections import defaultdict
-from contextlib import ExitStack, contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from contextlib import ExitStack
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from ..core.allocator import Extent, round_up
 from ..errors import (InvalidArgument, LimitExceeded, MemfabricError, NoSuchNamespace, NoSuchObject, OutOfMemory,
-                      OutOfRange, ServerUnavailable)
+                      OutOfRange, ProtocolError, ServerUnavailable)
 from ..limits import MAX_BATCH_IDS, MAX_EXTENTS_PER_OBJECT, MAX_OBJECT_BYTES, PAGE_SIZE_BYTES
 from ..media.base import SegmentMemory
 from ..server.requests import Connection, Payload, Reply
@@ -441,32 +441,50 @@ class BigMemoryService:
             self._give_back_locked(state, bm_id, extents)
             return {}
 
-    @contextmanager
-    def span(self, conn: Connection, m: dict[str, Any], writing: bool) -> Iterator[memoryview]:
-        """The bytes a remote read or write touches, held for the transfer: the segment is not
-        destroyed, and a free of the object defers giving its extents back, until it is over.
-        A DRAM segment's bytes are lent in place; a file segment's go through a buffer (read
-        before, written after), since the server never maps files."""
-        mem, offset, length, state, allocator, segment, bm_id = self._span_view(conn, m)
+    # ---- transfers: requests whose payload moves straight between the socket and pool memory ----
+
+    def transfers(self) -> dict[str, Callable[..., None]]:
+        """Operations the RPC front hands the frame to (see rpc_front.py): each is called
+        with the request's header, its payload still unread, and answers by itself. A
+        MemfabricError it raises means it read no byte of the payload (the front drains it
+        and answers with the error); an OSError means the stream is broken."""
+        return {"seg_write": self.transfer_seg_write, "seg_read": self.transfer_seg_read}
+
+    def transfer_seg_write(self, conn: Connection, m: dict[str, Any], payload_len: int, frames: Any,
+                           deadline: float) -> None:
+        """The payload lands straight in the segment bytes the request was checked against,
+        held meanwhile (see _hold_span); the reply goes before the hold is let go."""
+        held = self._hold_span(conn, m)
         try:
+            mem, offset, length = held[0], held[1], held[2]
+            if payload_len != length:
+                raise ProtocolError(f"seg_write of {length} bytes carried {payload_len}")
             if mem.view is not None:
-                yield mem.view[offset:offset + length]
+                frames.recv_into_exact(mem.view[offset:offset + length], deadline)
+            else:                        # a file segment: the server never maps files
+                buffer = memoryview(bytearray(length))
+                frames.recv_into_exact(buffer, deadline)
+                mem.write(offset, buffer)
+            frames.send({"id": m["id"]})
+        finally:
+            self._let_go_span(held)
+
+    def transfer_seg_read(self, conn: Connection, m: dict[str, Any], payload_len: int, frames: Any,
+                          deadline: float) -> None:
+        """The reply is sent straight from the held segment bytes."""
+        held = self._hold_span(conn, m)
+        try:
+            mem, offset, length = held[0], held[1], held[2]
+            if payload_len:
+                raise ProtocolError("seg_read carries no payload")
+            if mem.view is not None:
+                frames.send({"id": m["id"]}, mem.view[offset:offset + length])
             else:
                 buffer = memoryview(bytearray(length))
-                if not writing:
-                    mem.read(offset, buffer)
-                yield buffer
-                if writing:
-                    mem.write(offset, buffer)
+                mem.read(offset, buffer)
+                frames.send({"id": m["id"]}, buffer)
         finally:
-            with self.lock:
-                allocator.let_go(segment)
-                state.objects.busy[bm_id] -= 1
-                if not state.objects.busy[bm_id]:
-                    del state.objects.busy[bm_id]
-                    deferred = state.objects.deferred.pop(bm_id, [])
-                    if deferred and self.namespaces.get((state.record.pool, state.record.ns)) is state:
-                        allocator.release(state.key, deferred, time.monotonic())
+            self._let_go_span(held)
 
     def _give_back_locked(self, state: NamespaceState, bm_id: str, extents: list[Extent]) -> None:
         """Return extents to the allocator, or later if a transfer still uses the object."""
@@ -475,34 +493,64 @@ class BigMemoryService:
         else:
             self.pools[state.record.pool].allocator.release(state.key, extents, time.monotonic())
 
-    def _span_view(self, conn: Connection, m: dict[str, Any]):
-        """The checks of a span request, and its hold; returns (segment memory, offset, length,
-        state, allocator, segment, bm_id)."""
-        state, (pool, _, _) = self._namespace(conn, m)
+    def _hold_span(self, conn: Connection, m: dict[str, Any]) -> tuple:
+        """The checks of a span request (segment, offset, length of object bm_id), and its
+        hold: until _let_go_span, the segment is not destroyed and a free of the object
+        defers giving its extents back. Returns (segment memory, offset, length, state,
+        allocator, segment, bm_id)."""
+        state, creds = self._namespace(conn, m)
         bm_id = m.get("bm_id")
         segment, offset, length = m.get("segment"), m.get("offset"), m.get("length")
-        if not all(type(v) is int for v in (segment, offset, length)) or offset < 0 or length <= 0:
+        if type(segment) is not int or type(offset) is not int or type(length) is not int \
+                or offset < 0 or length <= 0:
             raise InvalidArgument("a span is segment, offset, length: ints, length > 0")
-        end = offset + length
+        home = parse_bm_id(bm_id)[0]
         with self.lock:
-            if parse_bm_id(bm_id)[0] == self.server_id:
-                me = self.server_id
-                owned = any(e.server_id == me and e.segment == segment and e.offset <= offset
-                            and end <= e.offset + e.length for e in self._lookup(state, bm_id).extents)
-            else:
-                extents = state.objects.lent_by_object.get(bm_id)
-                if extents is None:
-                    raise NoSuchObject(f"server {self.server_id} holds nothing of object {bm_id} "
-                                       "(freed, or never existed)")
-                owned = any(e.segment == segment and e.offset <= offset and end <= e.end for e in extents)
-            if not owned:
-                raise OutOfRange(f"[{offset}, {offset}+{length}) of segment {segment} is not object "
-                                 f"{bm_id}'s on server {self.server_id}")
-            # Held from here, under the same lock as the check: not destroyed until span() ends.
-            allocator = self.pools[pool].allocator
+            self._check_owned(state, bm_id, home, segment, offset, offset + length)
+            # Held from here, under the same lock as the check.
+            pool = self.pools[creds[0]]
+            allocator = pool.allocator
             allocator.hold(segment)
-            state.objects.busy[bm_id] = state.objects.busy.get(bm_id, 0) + 1
-            return self.pools[pool].segments[segment], offset, length, state, allocator, segment, bm_id
+            busy = state.objects.busy
+            busy[bm_id] = busy.get(bm_id, 0) + 1
+            return pool.segments[segment], offset, length, state, allocator, segment, bm_id
+
+    def _check_owned(self, state: NamespaceState, bm_id: str, home: int, segment: int, offset: int,
+                     end: int) -> None:
+        """Under the lock: [offset, end) of `segment` here is object bm_id's (homed at `home`)."""
+        if home == self.server_id:
+            me = self.server_id
+            for e in state.objects.table.lookup(bm_id).extents:
+                if e.segment == segment and e.server_id == me and e.offset <= offset and end <= e.offset + e.length:
+                    return
+        else:
+            extents = state.objects.lent_by_object.get(bm_id)
+            if extents is None:
+                raise NoSuchObject(f"server {self.server_id} holds nothing of object {bm_id} "
+                                   "(freed, or never existed)")
+            for e in extents:
+                if e.segment == segment and e.offset <= offset and end <= e.end:
+                    return
+        raise OutOfRange(f"[{offset}, {end}) of segment {segment} is not object {bm_id}'s on server "
+                         f"{self.server_id}")
+
+    def _let_go_span(self, held: tuple) -> None:
+        _, _, _, state, allocator, segment, bm_id = held
+        with self.lock:
+            allocator.let_go(segment)
+            self._not_busy_locked(state, allocator, bm_id)
+
+    def _not_busy_locked(self, state: NamespaceState, allocator: Any, bm_id: str) -> None:
+        """One transfer of the object is over; the last one gives back what a free deferred."""
+        busy = state.objects.busy
+        count = busy[bm_id] - 1
+        if count:
+            busy[bm_id] = count
+            return
+        del busy[bm_id]
+        deferred = state.objects.deferred.pop(bm_id, None)
+        if deferred and self.namespaces.get((state.record.pool, state.record.ns)) is state:
+            allocator.release(state.key, deferred, time.monotonic())
 
     def _free_by_server(self, pool: str, owner: tuple | None = None, fresh: bool = False) -> dict[int, int]:
         """What each live server could give `owner` in `pool`: what a new namespace could get
