@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from ..core.allocator import Extent, round_up
-from ..errors import (InvalidArgument, LimitExceeded, MemfabricError, NoSuchNamespace, NoSuchObject, OutOfMemory,
+from ..errors import (BmError, InvalidArgument, LimitExceeded, MemfabricError, NoSuchNamespace, NoSuchObject, OutOfMemory,
                       OutOfRange, ProtocolError, ServerUnavailable)
-from ..limits import MAX_BATCH_IDS, MAX_EXTENTS_PER_OBJECT, MAX_OBJECT_BYTES, PAGE_SIZE_BYTES
+from ..limits import (MAX_BATCH_IDS, MAX_BATCH_REQUEST_BYTES, MAX_BATCH_SPANS_PER_REQUEST, MAX_EXTENTS_PER_OBJECT,
+                      MAX_OBJECT_BYTES, PAGE_SIZE_BYTES)
 from ..media.base import SegmentMemory
 from ..server.requests import Connection, Payload, Reply
 from ..server.state import NamespaceState, PoolState
@@ -448,7 +449,8 @@ class BigMemoryService:
         with the request's header, its payload still unread, and answers by itself. A
         MemfabricError it raises means it read no byte of the payload (the front drains it
         and answers with the error); an OSError means the stream is broken."""
-        return {"seg_write": self.transfer_seg_write, "seg_read": self.transfer_seg_read}
+        return {"seg_write": self.transfer_seg_write, "seg_read": self.transfer_seg_read,
+                "seg_write_many": self.transfer_seg_write_many, "seg_read_many": self.transfer_seg_read_many}
 
     def transfer_seg_write(self, conn: Connection, m: dict[str, Any], payload_len: int, frames: Any,
                            deadline: float) -> None:
@@ -492,6 +494,145 @@ class BigMemoryService:
             state.objects.deferred.setdefault(bm_id, []).extend(extents)
         else:
             self.pools[state.record.pool].allocator.release(state.key, extents, time.monotonic())
+
+    def transfer_seg_read_many(self, conn: Connection, m: dict[str, Any], payload_len: int, frames: Any,
+                               deadline: float) -> None:
+        """Many spans of many objects in one request (bigmemory/batch.py): each checked and
+        held as a lone span is; the reply names the spans that failed and why, and its
+        payload is the others' bytes back to back, sent straight from the held segments."""
+        if payload_len:
+            raise ProtocolError("seg_read_many carries no payload")
+        spans = _many_spans(m)
+        batch = _HeldSpans()
+        try:
+            self._hold_spans(conn, m, spans, batch)
+            payload = []
+            for mem, offset, length in batch.spans:
+                if mem is None:
+                    continue
+                if mem.view is not None:
+                    payload.append(mem.view[offset:offset + length])
+                else:                      # a file segment: through a buffer
+                    buffer = memoryview(bytearray(length))
+                    mem.read(offset, buffer)
+                    payload.append(buffer)
+            frames.send({"id": m["id"], "failed": batch.failed, "codes": batch.codes}, payload)
+        finally:
+            self._let_go_spans(batch)
+
+    def transfer_seg_write_many(self, conn: Connection, m: dict[str, Any], payload_len: int, frames: Any,
+                                deadline: float) -> None:
+        """Many spans in one request; its payload is their bytes back to back, received
+        straight into the held segments (the bytes of spans that failed are read past)."""
+        spans = _many_spans(m)
+        total = sum(spans[3::4])
+        if payload_len != total:
+            raise ProtocolError(f"seg_write_many of {total} bytes carried {payload_len}")
+        batch = _HeldSpans()
+        try:
+            self._hold_spans(conn, m, spans, batch)
+            run: list[memoryview] = []          # consecutive spans that land, received at once
+            written_back = []
+            for mem, offset, length in batch.spans:
+                if mem is None:                 # failed: its bytes are read past
+                    if run:
+                        frames.recv_into_views(run, deadline)
+                        run = []
+                    frames.discard(length, deadline)
+                elif mem.view is not None:
+                    run.append(mem.view[offset:offset + length])
+                else:
+                    buffer = memoryview(bytearray(length))
+                    run.append(buffer)
+                    written_back.append((mem, offset, buffer))
+            if run:
+                frames.recv_into_views(run, deadline)
+            for mem, offset, buffer in written_back:
+                mem.write(offset, buffer)
+            frames.send({"id": m["id"], "failed": batch.failed, "codes": batch.codes})
+        finally:
+            self._let_go_spans(batch)
+
+    def _hold_spans(self, conn: Connection, m: dict[str, Any], spans: list[int], batch: "_HeldSpans") -> None:
+        """Check and hold every span of a batch request (see _hold_span), filling `batch`:
+        (segment memory, offset, length) per span, memory None for one that failed, whose
+        index and error code go to batch.failed and batch.codes."""
+        creds_list, objects = m.get("creds"), m.get("objects")
+        if not isinstance(creds_list, list) or not isinstance(objects, list) \
+                or len(creds_list) > MAX_BATCH_SPANS_PER_REQUEST or len(objects) > MAX_BATCH_SPANS_PER_REQUEST:
+            raise InvalidArgument(f"a batch names at most {MAX_BATCH_SPANS_PER_REQUEST} namespaces and objects, "
+                                  "in lists")
+        # Each namespace's secId is checked as for any request; one that fails fails its spans.
+        namespaces: list[tuple[NamespaceState | None, Any, int]] = []
+        for creds in creds_list:
+            if not (isinstance(creds, list) and len(creds) == 3):
+                raise InvalidArgument("a batch's creds are [pool, ns, secId] each")
+            try:
+                state, (pool, _, _) = self._namespace(conn, {"pool": creds[0], "ns": creds[1], "sec": creds[2]})
+                namespaces.append((state, self.pools[pool], 0))
+            except MemfabricError as exc:
+                namespaces.append((None, None, int(exc.code)))
+        targets: list[tuple[int, str, int]] = []       # namespace index, bm_id, home
+        for item in objects:
+            if not (isinstance(item, list) and len(item) == 2 and type(item[0]) is int
+                    and 0 <= item[0] < len(namespaces)):
+                raise InvalidArgument("a batch's objects are [creds index, bm_id] each")
+            targets.append((item[0], item[1], parse_bm_id(item[1])[0]))
+        if max(spans[0::4]) >= len(targets) or min(spans[0::4]) < 0:
+            raise InvalidArgument(f"a span names an object beyond the {len(targets)} listed")
+        me = self.server_id
+        failed, codes, out = batch.failed, batch.codes, batch.spans
+        held_segments, held_objects = batch.segments, batch.objects
+        with self.lock:
+            # Each object looked up once: the extents of it here, or why there are none.
+            resolved: list[tuple[Any, Any, Any, int]] = []      # (state, pool, extents, code)
+            for ni, bm_id, home in targets:
+                state, pool, code = namespaces[ni]
+                extents = None
+                if not code:
+                    try:
+                        if home == me:
+                            extents = [e for e in state.objects.table.lookup(bm_id).extents if e.server_id == me]
+                        else:
+                            extents = state.objects.lent_by_object.get(bm_id)
+                            if extents is None:
+                                raise NoSuchObject(f"server {me} holds nothing of object {bm_id} "
+                                                   "(freed, or never existed)")
+                    except MemfabricError as exc:
+                        code = int(exc.code)
+                resolved.append((state, pool, extents, code))
+            for k in range(0, len(spans), 4):
+                oi, segment, offset, length = spans[k], spans[k + 1], spans[k + 2], spans[k + 3]
+                state, pool, extents, code = resolved[oi]
+                if not code:
+                    end = offset + length
+                    for e in extents:
+                        if e.segment == segment and e.offset <= offset and end <= e.offset + e.length:
+                            break
+                    else:
+                        code = int(BmError.OUT_OF_RANGE)
+                if code:
+                    failed.append(k // 4)
+                    codes.append(code)
+                    out.append((None, offset, length))
+                    continue
+                # Held from here, under the same lock as the check; each segment and object once.
+                if (pool, segment) not in held_segments:
+                    pool.allocator.hold(segment)
+                    held_segments[(pool, segment)] = pool.allocator
+                if oi not in held_objects:
+                    busy = state.objects.busy
+                    bm_id = targets[oi][1]
+                    busy[bm_id] = busy.get(bm_id, 0) + 1
+                    held_objects[oi] = (state, pool.allocator, bm_id)
+                out.append((pool.segments[segment], offset, length))
+
+    def _let_go_spans(self, batch: "_HeldSpans") -> None:
+        with self.lock:
+            for (_, segment), allocator in batch.segments.items():
+                allocator.let_go(segment)
+            for state, allocator, bm_id in batch.objects.values():
+                self._not_busy_locked(state, allocator, bm_id)
 
     def _hold_span(self, conn: Connection, m: dict[str, Any]) -> tuple:
         """The checks of a span request (segment, offset, length of object bm_id), and its
@@ -768,3 +909,36 @@ def _size_arg(m: dict[str, Any], key: str) -> int:
     if type(size) is not int or not 0 < size <= MAX_OBJECT_BYTES:
         raise InvalidArgument(f"{key} must be an int in [1, {MAX_OBJECT_BYTES}], got {size!r}")
     return size
+
+
+class _HeldSpans:
+    """What a batch request holds (segments, objects: released once it is answered) and what
+    each of its spans came to."""
+
+    __slots__ = ("segments", "objects", "spans", "failed", "codes")
+
+    def __init__(self) -> None:
+        self.segments: dict[tuple[PoolState, int], Any] = {}   # (pool, segment) -> its allocator
+        self.objects: dict[int, tuple[NamespaceState, Any, str]] = {}   # object index -> (state, allocator, bm_id)
+        self.spans: list[tuple[SegmentMemory | None, int, int]] = []
+        self.failed: list[int] = []
+        self.codes: list[int] = []
+
+
+def _many_spans(m: dict[str, Any]) -> list[int]:
+    """A batch request's spans (object index, segment, offset, length; flat), checked for
+    shape and bounds before anything is held or a payload byte read."""
+    spans = m.get("spans")
+    if not isinstance(spans, list) or len(spans) % 4 or not spans:
+        raise InvalidArgument("a batch's spans are a flat list of object, segment, offset, length")
+    if len(spans) > 4 * MAX_BATCH_SPANS_PER_REQUEST:
+        raise LimitExceeded(f"a batch request holds at most {MAX_BATCH_SPANS_PER_REQUEST} spans, "
+                            f"got {len(spans) // 4}")
+    if not set(map(type, spans)) <= {int}:
+        raise InvalidArgument("a batch's spans are ints")
+    lengths = spans[3::4]
+    if min(spans[2::4]) < 0 or min(lengths) <= 0:
+        raise InvalidArgument("a span has offset >= 0 and length > 0")
+    if sum(lengths) > MAX_BATCH_REQUEST_BYTES:
+        raise LimitExceeded(f"a batch request moves at most {MAX_BATCH_REQUEST_BYTES} bytes, got {sum(lengths)}")
+    return spans
