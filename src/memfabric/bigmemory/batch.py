@@ -69,14 +69,19 @@ def _run(session: "Session", items: Iterable[Any], writing: bool) -> list[int]:
     remote = _Requests(writing)
     local, others = _check(session, items, writing, results, remote)
     _copy_local(local, writing, results)
+    homes = []
     for i, lay, offset, view in others:
         results[i] = _spans(i, lay, offset, view, writing, remote)
-        remote.homes.append((i, lay.gens, lay.gen_index, lay.generation))
+        homes.append((lay.gens, lay.gen_index, lay.generation, i))
+    remote.take_queued()
     if remote.links:
         remote.run(results)
     # A home on this host says whether the object lived throughout (for a home elsewhere,
     # whose servers checked every span, the word always says yes).
-    for i, gens, gi, generation in remote.homes:
+    for gens, gi, generation, i in homes:
+        if gens[gi] != generation and not results[i]:
+            results[i] = _FREED
+    for _, _, _, i, gens, gi, generation in remote.queued:
         if gens[gi] != generation and not results[i]:
             results[i] = _FREED
     return results
@@ -141,8 +146,7 @@ def _check(session: "Session", items: list | tuple, writing: bool, results: list
                         continue
                 else:
                     if length:
-                        remote.add(segment, base + offset, view, i)
-                        remote.homes.append((i, gens, gi, generation))
+                        remote.queued.append((segment, base + offset, view, i, gens, gi, generation))
                     continue
         if bm.namespace.session is not session:
             raise InvalidArgument(f"item {i}: object {bm.bm_id} belongs to another session")
@@ -218,15 +222,15 @@ def _spans(i: int, lay: Any, offset: int, view: memoryview, writing: bool, remot
 
 
 class _Request:
-    """One request's worth of spans for one server."""
+    """One request's worth of spans for one server. Each span names its own entry of
+    `objects` (an object named twice is looked up twice: cheaper than finding out here)."""
 
-    __slots__ = ("creds", "creds_index", "objects", "object_index", "spans", "views", "items", "nbytes")
+    __slots__ = ("creds", "last_creds", "objects", "spans", "views", "items", "nbytes")
 
     def __init__(self) -> None:
         self.creds: list[list] = []
-        self.creds_index: dict[tuple, int] = {}
-        self.objects: list[list] = []
-        self.object_index: dict[tuple, int] = {}
+        self.last_creds: tuple | None = None
+        self.objects: list[list] = []         # [creds index, bm_id] per span
         self.spans: list[int] = []            # object index, segment, offset, length; flat
         self.views: list[memoryview] = []
         self.items: list[int] = []            # the item each span belongs to
@@ -242,7 +246,27 @@ class _Requests:
     def __init__(self, writing: bool) -> None:
         self.writing = writing
         self.links: dict[Any, list[_Request]] = {}
-        self.homes: list[tuple] = []    # (item, generation words, index, generation) to look at after
+        # Items in one piece on another host, as _check found them: (segment, offset in it,
+        # buffer view, item, generation words, index in them, generation).
+        self.queued: list[tuple] = []
+
+    def take_queued(self) -> None:
+        """The queued items into requests (add(), inlined for the common case)."""
+        links = self.links
+        for segment, at, view, item, _, _, _ in self.queued:
+            n = view.nbytes
+            requests = links.get(segment.link)
+            request = requests[-1] if requests is not None else None
+            if request is None or n > MAX_BATCH_REQUEST_BYTES or len(request.objects) == MAX_BATCH_SPANS_PER_REQUEST \
+                    or request.nbytes + n > MAX_BATCH_REQUEST_BYTES or segment.creds is not request.last_creds:
+                self.add(segment, at, view, item)
+                continue
+            objects = request.objects
+            objects.append([request.creds.index(segment.creds) if len(request.creds) > 1 else 0, segment.bm_id])
+            request.spans += (len(objects) - 1, segment.segment, at, n)
+            request.views.append(view)
+            request.items.append(item)
+            request.nbytes += n
 
     def add(self, segment: RemoteSegment, at: int, view: memoryview, item: int) -> None:
         n = view.nbytes
@@ -254,20 +278,18 @@ class _Requests:
         if requests is None:
             requests = self.links[segment.link] = [_Request()]
         request = requests[-1]
-        if len(request.views) == MAX_BATCH_SPANS_PER_REQUEST or request.nbytes + n > MAX_BATCH_REQUEST_BYTES:
+        objects = request.objects
+        if len(objects) == MAX_BATCH_SPANS_PER_REQUEST or request.nbytes + n > MAX_BATCH_REQUEST_BYTES:
             request = _Request()
             requests.append(request)
-        key = (segment.creds, segment.bm_id)
-        oi = request.object_index.get(key)
-        if oi is None:
-            creds = segment.creds
-            ci = request.creds_index.get(creds)
-            if ci is None:
-                ci = request.creds_index[creds] = len(request.creds)
-                request.creds.append(list(creds))
-            oi = request.object_index[key] = len(request.objects)
-            request.objects.append([ci, segment.bm_id])
-        request.spans += (oi, segment.segment, at, n)
+            objects = request.objects
+        creds = segment.creds
+        if creds is not request.last_creds:
+            if creds not in request.creds:
+                request.creds.append(creds)
+            request.last_creds = creds
+        objects.append([request.creds.index(creds) if len(request.creds) > 1 else 0, segment.bm_id])
+        request.spans += (len(objects) - 1, segment.segment, at, n)
         request.views.append(view)
         request.items.append(item)
         request.nbytes += n

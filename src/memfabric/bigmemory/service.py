@@ -572,59 +572,62 @@ class BigMemoryService:
                 namespaces.append((state, self.pools[pool], 0))
             except MemfabricError as exc:
                 namespaces.append((None, None, int(exc.code)))
-        targets: list[tuple[int, str, int]] = []       # namespace index, bm_id, home
-        for item in objects:
-            if not (isinstance(item, list) and len(item) == 2 and type(item[0]) is int
-                    and 0 <= item[0] < len(namespaces)):
-                raise InvalidArgument("a batch's objects are [creds index, bm_id] each")
-            targets.append((item[0], item[1], parse_bm_id(item[1])[0]))
-        if max(spans[0::4]) >= len(targets) or min(spans[0::4]) < 0:
-            raise InvalidArgument(f"a span names an object beyond the {len(targets)} listed")
+        if max(spans[0::4]) >= len(objects) or min(spans[0::4]) < 0:
+            raise InvalidArgument(f"a span names an object beyond the {len(objects)} listed")
         me = self.server_id
+        count = len(namespaces)
         failed, codes, out = batch.failed, batch.codes, batch.spans
         held_segments, held_objects = batch.segments, batch.objects
+        out_of_range = int(BmError.OUT_OF_RANGE)
+        no_object = int(BmError.NO_SUCH_OBJECT)
         with self.lock:
-            # Each object looked up once: the extents of it here, or why there are none.
-            resolved: list[tuple[Any, Any, Any, int]] = []      # (state, pool, extents, code)
-            for ni, bm_id, home in targets:
-                state, pool, code = namespaces[ni]
-                extents = None
-                if not code:
-                    try:
+            # Each object looked up once (the first time a span names it): its extents here and
+            # the pool it is held in, or the code that fails its spans. A malformed entry
+            # raises (what was held so far is let go by the caller; no payload byte was read).
+            resolved: dict[int, tuple[bool, Any, Any, int]] = {}
+            for k in range(0, len(spans), 4):
+                oi = spans[k]
+                found = resolved.get(oi)
+                if found is None:
+                    item = objects[oi]
+                    if not (type(item) is list and len(item) == 2 and type(item[0]) is int and 0 <= item[0] < count):
+                        raise InvalidArgument("a batch's objects are [creds index, bm_id] each")
+                    bm_id = item[1]
+                    home, slot, generation = parse_bm_id(bm_id)
+                    state, pool, code = namespaces[item[0]]
+                    extents = None
+                    if not code:
                         if home == me:
-                            extents = [e for e in state.objects.table.lookup(bm_id).extents if e.server_id == me]
+                            record = state.objects.table.live(slot, generation)
+                            extents = record.extents if record is not None else None
                         else:
                             extents = state.objects.lent_by_object.get(bm_id)
-                            if extents is None:
-                                raise NoSuchObject(f"server {me} holds nothing of object {bm_id} "
-                                                   "(freed, or never existed)")
-                    except MemfabricError as exc:
-                        code = int(exc.code)
-                resolved.append((state, pool, extents, code))
-            for k in range(0, len(spans), 4):
-                oi, segment, offset, length = spans[k], spans[k + 1], spans[k + 2], spans[k + 3]
-                state, pool, extents, code = resolved[oi]
+                        if extents is None:
+                            code = no_object
+                        else:      # held from here, under the same lock as the checks below
+                            busy = state.objects.busy
+                            busy[bm_id] = busy.get(bm_id, 0) + 1
+                            held_objects[oi] = (state, pool.allocator, bm_id)
+                    found = resolved[oi] = (home == me, pool, extents, code)
+                mine, pool, extents, code = found
+                segment, offset, length = spans[k + 1], spans[k + 2], spans[k + 3]
                 if not code:
                     end = offset + length
                     for e in extents:
-                        if e.segment == segment and e.offset <= offset and end <= e.offset + e.length:
+                        if e.segment == segment and e.offset <= offset and end <= e.offset + e.length \
+                                and (not mine or e.server_id == me):
                             break
                     else:
-                        code = int(BmError.OUT_OF_RANGE)
+                        code = out_of_range
                 if code:
                     failed.append(k // 4)
                     codes.append(code)
                     out.append((None, offset, length))
                     continue
-                # Held from here, under the same lock as the check; each segment and object once.
-                if (pool, segment) not in held_segments:
+                key = (pool, segment)
+                if key not in held_segments:
                     pool.allocator.hold(segment)
-                    held_segments[(pool, segment)] = pool.allocator
-                if oi not in held_objects:
-                    busy = state.objects.busy
-                    bm_id = targets[oi][1]
-                    busy[bm_id] = busy.get(bm_id, 0) + 1
-                    held_objects[oi] = (state, pool.allocator, bm_id)
+                    held_segments[key] = pool.allocator
                 out.append((pool.segments[segment], offset, length))
 
     def _let_go_spans(self, batch: "_HeldSpans") -> None:
@@ -632,7 +635,12 @@ class BigMemoryService:
             for (_, segment), allocator in batch.segments.items():
                 allocator.let_go(segment)
             for state, allocator, bm_id in batch.objects.values():
-                self._not_busy_locked(state, allocator, bm_id)
+                busy = state.objects.busy
+                count = busy[bm_id] - 1
+                if count:
+                    busy[bm_id] = count
+                else:
+                    self._not_busy_locked(state, allocator, bm_id)     # the last: what a free deferred
 
     def _hold_span(self, conn: Connection, m: dict[str, Any]) -> tuple:
         """The checks of a span request (segment, offset, length of object bm_id), and its

@@ -257,7 +257,8 @@ def _sendmsg_all(sock: socket.socket, parts: list, total: int) -> None:
             return
     else:
         sent = 0
-    views = [memoryview(p).cast("B") for p in parts]
+    views = [p if type(p) is memoryview and p.format == "B" and p.ndim == 1 else memoryview(p).cast("B")
+             for p in parts]
     left = total - sent
     while sent and views:                # drop what went out already
         if sent >= len(views[0]):
