@@ -646,16 +646,32 @@ class BigMemoryService:
         """The checks of a span request (segment, offset, length of object bm_id), and its
         hold: until _let_go_span, the segment is not destroyed and a free of the object
         defers giving its extents back. Returns (segment memory, offset, length, state,
-        allocator, segment, bm_id)."""
+        allocator, segment, bm_id). On every remote read and write: kept to one call."""
         state, creds = self._namespace(conn, m)
         bm_id = m.get("bm_id")
         segment, offset, length = m.get("segment"), m.get("offset"), m.get("length")
         if type(segment) is not int or type(offset) is not int or type(length) is not int \
                 or offset < 0 or length <= 0:
             raise InvalidArgument("a span is segment, offset, length: ints, length > 0")
-        home = parse_bm_id(bm_id)[0]
+        home, slot, generation = parse_bm_id(bm_id)
+        end = offset + length
+        me = self.server.server_id
         with self.lock:
-            self._check_owned(state, bm_id, home, segment, offset, offset + length)
+            if home == me:
+                record = state.objects.table.live(slot, generation)
+                if record is None:
+                    raise NoSuchObject(f"no object {bm_id} in this namespace (freed, or never existed)")
+                extents = record.extents
+            else:
+                extents = state.objects.lent_by_object.get(bm_id)
+                if extents is None:
+                    raise NoSuchObject(f"server {me} holds nothing of object {bm_id} (freed, or never existed)")
+            for e in extents:
+                if e.segment == segment and e.offset <= offset and end <= e.offset + e.length \
+                        and (home != me or e.server_id == me):
+                    break
+            else:
+                raise OutOfRange(f"[{offset}, {end}) of segment {segment} is not object {bm_id}'s on server {me}")
             # Held from here, under the same lock as the check.
             pool = self.pools[creds[0]]
             allocator = pool.allocator
@@ -664,30 +680,16 @@ class BigMemoryService:
             busy[bm_id] = busy.get(bm_id, 0) + 1
             return pool.segments[segment], offset, length, state, allocator, segment, bm_id
 
-    def _check_owned(self, state: NamespaceState, bm_id: str, home: int, segment: int, offset: int,
-                     end: int) -> None:
-        """Under the lock: [offset, end) of `segment` here is object bm_id's (homed at `home`)."""
-        if home == self.server_id:
-            me = self.server_id
-            for e in state.objects.table.lookup(bm_id).extents:
-                if e.segment == segment and e.server_id == me and e.offset <= offset and end <= e.offset + e.length:
-                    return
-        else:
-            extents = state.objects.lent_by_object.get(bm_id)
-            if extents is None:
-                raise NoSuchObject(f"server {self.server_id} holds nothing of object {bm_id} "
-                                   "(freed, or never existed)")
-            for e in extents:
-                if e.segment == segment and e.offset <= offset and end <= e.end:
-                    return
-        raise OutOfRange(f"[{offset}, {end}) of segment {segment} is not object {bm_id}'s on server "
-                         f"{self.server_id}")
-
     def _let_go_span(self, held: tuple) -> None:
         _, _, _, state, allocator, segment, bm_id = held
         with self.lock:
             allocator.let_go(segment)
-            self._not_busy_locked(state, allocator, bm_id)
+            busy = state.objects.busy
+            count = busy[bm_id] - 1
+            if count:
+                busy[bm_id] = count
+            else:
+                self._not_busy_locked(state, allocator, bm_id)     # the last: what a free deferred
 
     def _not_busy_locked(self, state: NamespaceState, allocator: Any, bm_id: str) -> None:
         """One transfer of the object is over; the last one gives back what a free deferred."""

@@ -201,6 +201,16 @@ class FrameSocket:
 
     def recv_into_exact(self, view: memoryview, deadline: float | None = None) -> None:
         got, n = 0, len(view)
+        if n and not self._tls:
+            # A payload mostly follows its header at once: take what is there without waiting
+            # (and without setting a bound), then wait for the rest as below.
+            try:
+                got = self.sock.recv_into(view, n, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                got = 0
+            else:
+                if not got:
+                    raise ConnectionError("peer closed the connection")
         while got < n:
             got += self._recv_some(view[got:] if got else view, deadline)
 
