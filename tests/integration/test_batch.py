@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -24,7 +26,7 @@ from memfabric.limits import MAX_BATCH_ITEMS, MAX_BATCH_REQUEST_BYTES, MAX_BATCH
 
 from ..conftest import short_tmp_dir
 from ..helpers import KiB, MiB, WAIT_S, random_bytes, stop_process
-from memfabric.launcher import LocalFabric
+from memfabric.launcher import LocalFabric, wait_for_line
 
 FREED = int(BmError.NO_SUCH_OBJECT)
 GONE = int(BmError.SERVER_UNAVAILABLE)
@@ -374,3 +376,44 @@ def test_threads_share_a_session_for_batches_while_objects_come_and_go(batch_fab
             assert not errors, errors[:5]
         finally:
             ns.destroy()
+
+
+@pytest.mark.parametrize("medium", ["ramdisk", "pmem"])
+def test_batches_over_rpc_to_file_segments(medium):
+    """A server never maps its file segments: a batch's spans there go through buffers
+    (read before the reply, written after the payload), with the same bytes as single calls."""
+    from .test_persistence import PersistentServer
+    srv = PersistentServer(medium)
+    token = os.path.join(srv.dir, "token")
+    with open(token, "w") as f:
+        f.write("t" * 64 + "\n")
+    os.chmod(token, 0o600)
+    with open(srv.config) as f:
+        config = f.read()
+    config = config.replace("[server]\n", '[server]\nrpc_listen = "127.0.0.1:0"\n')
+    config = config.replace("[cluster]\n", f'[cluster]\ntoken_file = "{token}"\n')
+    with open(srv.config, "w") as f:
+        f.write(config)
+    srv.proc = subprocess.Popen([sys.executable, "-m", "memfabric", "server", "--config", srv.config],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        wait_for_line(srv.proc, " ready ", 30, lines)
+        address = next(part.split("=", 1)[1] for part in lines[-1].split() if part.startswith("rpc="))
+        remote = os.path.join(srv.dir, "remote.toml")
+        with open(remote, "w") as f:
+            f.write(f'[cluster]\ntoken_file = "{token}"\n\n[[servers]]\nrpc_address = "{address}"\n')
+        with memfabric.init(remote) as s:
+            assert not s.local.is_local
+            ns = s.create_namespace("files", sec_id="k", pool="keep")
+            objs = [ns.alloc(size) for size in (4 * KiB, 10_000, 2 * MiB + 3)]
+            data = [random_bytes(bm.size, i) for i, bm in enumerate(objs)]
+            items = [(bm, 0, None, d) for bm, d in zip(objs, data)] + [(objs[2], 5, 7, b"seven77")]
+            assert s.write_many(items[:3]) == [0, 0, 0]
+            assert all(bm.read() == d.tobytes() for bm, d in zip(objs, data))
+            outs = [bytearray(bm.size) for bm in objs]
+            assert s.read_many([(bm, 0, None, out) for bm, out in zip(objs, outs)]) == [0, 0, 0]
+            assert all(out == d.tobytes() for out, d in zip(outs, data))
+            assert s.write_many(items[3:]) == [0] and objs[2].read(5, 7) == b"seven77"
+    finally:
+        srv.cleanup()
