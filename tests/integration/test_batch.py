@@ -5,6 +5,7 @@ result per item, and the limits."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -378,10 +379,10 @@ def test_threads_share_a_session_for_batches_while_objects_come_and_go(batch_fab
             ns.destroy()
 
 
-@pytest.mark.parametrize("medium", ["ramdisk", "pmem"])
-def test_batches_over_rpc_to_file_segments(medium):
-    """A server never maps its file segments: a batch's spans there go through buffers
-    (read before the reply, written after the payload), with the same bytes as single calls."""
+@contextlib.contextmanager
+def file_pool_over_rpc(medium: str):
+    """A server with a `keep` pool of `medium` that also listens for RPC; yields (the
+    server, the path of a remote.toml for it)."""
     from .test_persistence import PersistentServer
     srv = PersistentServer(medium)
     token = os.path.join(srv.dir, "token")
@@ -403,6 +404,16 @@ def test_batches_over_rpc_to_file_segments(medium):
         remote = os.path.join(srv.dir, "remote.toml")
         with open(remote, "w") as f:
             f.write(f'[cluster]\ntoken_file = "{token}"\n\n[[servers]]\nrpc_address = "{address}"\n')
+        yield srv, remote
+    finally:
+        srv.cleanup()
+
+
+@pytest.mark.parametrize("medium", ["ramdisk", "pmem"])
+def test_batches_over_rpc_to_file_segments(medium):
+    """A server never maps its file segments: a batch's spans there go through buffers
+    (read before the reply, written after the payload), with the same bytes as single calls."""
+    with file_pool_over_rpc(medium) as (_, remote):
         with memfabric.init(remote) as s:
             assert not s.local.is_local
             ns = s.create_namespace("files", sec_id="k", pool="keep")
@@ -415,5 +426,30 @@ def test_batches_over_rpc_to_file_segments(medium):
             assert s.read_many([(bm, 0, None, out) for bm, out in zip(objs, outs)]) == [0, 0, 0]
             assert all(out == d.tobytes() for out, d in zip(outs, data))
             assert s.write_many(items[3:]) == [0] and objs[2].read(5, 7) == b"seven77"
-    finally:
-        srv.cleanup()
+
+
+def test_a_file_cut_short_fails_its_spans_and_the_connection_goes_on():
+    """A same-host client of a ramdisk pool truncates a segment file it was handed: a remote
+    batch read of an object there gets IO_ERROR for that item (the others are read), a lone
+    remote read gets IO_ERROR, and the connection serves on."""
+    with file_pool_over_rpc("ramdisk") as (srv, remote):
+        with memfabric.init(srv.config) as here, memfabric.init(remote) as there:
+            ns = here.create_namespace("cut", sec_id="k", pool="keep")
+            cut = ns.alloc(4 * KiB)
+            whole = ns.alloc(1 * MiB)            # a segment of its own
+            cut.write(b"c" * 4096)
+            whole.write(b"w" * MiB)
+            (server, segment, _, _), = cut._described.raw_extents
+            assert segment not in {e[1] for e in whole._described.raw_extents}
+            os.ftruncate(here.link(server).segment_fd(ns.creds, segment), 0)
+            theirs = there.namespace("cut", sec_id="k", pool="keep")
+            far_cut, far_whole = theirs.open(cut.bm_id), theirs.open(whole.bm_id)
+            outs = [bytearray(4096), bytearray(4096)]
+            assert there.read_many([(far_cut, 0, None, outs[0]), (far_whole, 0, None, outs[1])]) \
+                == [int(BmError.IO_ERROR), 0]
+            assert outs[1] == b"w" * 4096
+            with pytest.raises(memfabric.errors.IOError_):
+                far_cut.read(0, 16)
+            assert far_whole.read(MiB - 4, 4) == b"wwww" and not there.local.closed
+
+

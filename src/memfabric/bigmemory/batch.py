@@ -18,7 +18,9 @@ read filled part of its buffer, a write changed part of its range), as read() an
 do when they fail; its code says it did not finish. Items move in no promised order.
 
 Paths. Bytes on this host are copied at once from the mapped segments (memcpy), with the
-object's generation checked before and after each copy: no round trip at all. Bytes on
+object's generation checked before and after each copy (for the batch's first CHUNK_BYTES,
+the check before is the one of the checking pass, moments earlier): no round trip at all.
+Bytes on
 other hosts go as one request per server, to all servers at once: its header lists the
 spans (object, segment, offset, length) and its payload is their bytes back to back, sent
 straight from the callers' buffers (a gathering sendmsg) or received straight into them (a

@@ -26,6 +26,7 @@ from ..limits import (MAX_BATCH_IDS, MAX_BATCH_REQUEST_BYTES, MAX_BATCH_SPANS_PE
 from ..media.base import SegmentMemory
 from ..server.requests import Connection, Payload, Reply
 from ..server.state import NamespaceState, PoolState
+from ..transport import wire
 from . import placement, reduce
 from .journal import Journal
 from .layout import Layout, RemoteSegment, check_range, copy_between, described_layout, write_at
@@ -461,13 +462,17 @@ class BigMemoryService:
             mem, offset, length = held[0], held[1], held[2]
             if payload_len != length:
                 raise ProtocolError(f"seg_write of {length} bytes carried {payload_len}")
+            reply: dict[str, Any] = {"id": m["id"]}
             if mem.view is not None:
                 frames.recv_into_exact(mem.view[offset:offset + length], deadline)
             else:                        # a file segment: the server never maps files
                 buffer = memoryview(bytearray(length))
                 frames.recv_into_exact(buffer, deadline)
-                mem.write(offset, buffer)
-            frames.send({"id": m["id"]})
+                try:
+                    mem.write(offset, buffer)
+                except MemfabricError as exc:     # the payload is read: answer here
+                    reply = wire.error_reply(m["id"], exc)
+            frames.send(reply)
         finally:
             self._let_go_span(held)
 
@@ -507,15 +512,19 @@ class BigMemoryService:
         try:
             self._hold_spans(conn, m, spans, batch)
             payload = []
-            for mem, offset, length in batch.spans:
+            for k, (mem, offset, length) in enumerate(batch.spans):
                 if mem is None:
                     continue
                 if mem.view is not None:
                     payload.append(mem.view[offset:offset + length])
-                else:                      # a file segment: through a buffer
-                    buffer = memoryview(bytearray(length))
+                    continue
+                buffer = memoryview(bytearray(length))      # a file segment: through a buffer
+                try:
                     mem.read(offset, buffer)
-                    payload.append(buffer)
+                except MemfabricError as exc:              # a file cut short: this span fails
+                    batch.fail(k, int(exc.code))
+                    continue
+                payload.append(buffer)
             frames.send({"id": m["id"], "failed": batch.failed, "codes": batch.codes}, payload)
         finally:
             self._let_go_spans(batch)
@@ -533,7 +542,7 @@ class BigMemoryService:
             self._hold_spans(conn, m, spans, batch)
             run: list[memoryview] = []          # consecutive spans that land, received at once
             written_back = []
-            for mem, offset, length in batch.spans:
+            for k, (mem, offset, length) in enumerate(batch.spans):
                 if mem is None:                 # failed: its bytes are read past
                     if run:
                         frames.recv_into_views(run, deadline)
@@ -544,11 +553,14 @@ class BigMemoryService:
                 else:
                     buffer = memoryview(bytearray(length))
                     run.append(buffer)
-                    written_back.append((mem, offset, buffer))
+                    written_back.append((k, mem, offset, buffer))
             if run:
                 frames.recv_into_views(run, deadline)
-            for mem, offset, buffer in written_back:
-                mem.write(offset, buffer)
+            for k, mem, offset, buffer in written_back:
+                try:
+                    mem.write(offset, buffer)
+                except MemfabricError as exc:        # the payload is read: this span fails
+                    batch.fail(k, int(exc.code))
             frames.send({"id": m["id"], "failed": batch.failed, "codes": batch.codes})
         finally:
             self._let_go_spans(batch)
@@ -933,6 +945,10 @@ class _HeldSpans:
         self.spans: list[tuple[SegmentMemory | None, int, int]] = []
         self.failed: list[int] = []
         self.codes: list[int] = []
+
+    def fail(self, span: int, code: int) -> None:
+        self.failed.append(span)
+        self.codes.append(code)
 
 
 def _many_spans(m: dict[str, Any]) -> list[int]:
