@@ -111,20 +111,21 @@ class RpcFront:
                     # It moves the payload between the socket and pool memory, and answers.
                     transfer(conn, request, payload_len, frames, deadline)
                     continue
-                if payload_len:
-                    raise ProtocolError(f"{op!r} carries no payload")
-                result = self.server.serve(conn, request)
-                if isinstance(result, tuple):
-                    # Server.FD_OPS should have refused it before it made any: a bug, but
-                    # not one that may cost an fd.
-                    _close_owned(result)
-                    self.server.limited_log.log(logging.ERROR, "rpc fd reply bug",
-                                                "%.60r answered with file descriptors over RPC", op)
-                    raise InternalError(f"{op!r} answered with file descriptors over RPC")
-                if isinstance(result, Payload):
-                    reply, payload = result.reply, result.data
                 else:
-                    reply = result
+                    if payload_len:
+                        raise ProtocolError(f"{op!r} carries no payload")
+                    result = self.server.serve(conn, request)
+                    if isinstance(result, tuple):
+                        # Server.FD_OPS should have refused it before it made any: a bug, but
+                        # not one that may cost an fd.
+                        _close_owned(result)
+                        self.server.limited_log.log(logging.ERROR, "rpc fd reply bug",
+                                                    "%.60r answered with file descriptors over RPC", op)
+                        raise InternalError(f"{op!r} answered with file descriptors over RPC")
+                    if isinstance(result, Payload):
+                        reply, payload = result.reply, result.data
+                    else:
+                        reply = result
             except MemfabricError as exc:
                 reply, payload = wire.error_reply(request["id"], exc), None
             except (OSError, ConnectionError) as exc:   # the client stalled or went away mid-transfer
