@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 
 from . import compat
+from .bench_batch import BATCH_ITEM_BYTES, BATCH_ITEMS, bench_batch_local, bench_batch_remote
 from .bigmemory.client import CHUNK_BYTES
 from .client.session import Session, init
 from .errors import BmError, error_from_code
@@ -38,11 +39,12 @@ from .units import format_size
 class Result:
     name: str
     size_bytes: int
-    median_us: float
-    p99_us: float
+    median_us: float | None                # None: not measured (see note)
+    p99_us: float | None
     throughput_gib_s: float | None
     ratio_to_baseline: float | None
     server_cpu_us: float | None = None     # CPU the fabric's servers spent per operation
+    note: str | None = None                # why a row was not measured
 
 
 class ServerCpu:
@@ -433,6 +435,34 @@ def bench_remote(session: Session, sizes: list[int], repeat: int, cpu: ServerCpu
     return results
 
 
+def batch_rows(samples: dict[str, list[float]], skipped: dict[str, str], baseline_of: Callable[[str], str]
+               ) -> list[Result]:
+    """Rows of a batch table: each with its ratio to the baseline `baseline_of(name)` names
+    (none when that one was skipped); skipped baselines as rows that say so."""
+    size = BATCH_ITEMS * BATCH_ITEM_BYTES
+    rows = {name: summarize(name, size, taken, None) for name, taken in samples.items()}
+    for name, row in rows.items():
+        base = rows.get(baseline_of(name))
+        if base is not None and not name.endswith("(baseline)"):
+            row.ratio_to_baseline = base.median_us / row.median_us
+    out = [Result(name, size, None, None, None, None, note=why) for name, why in skipped.items()]
+    return out + list(rows.values())
+
+
+def _batch_table(title: str, rows: list[Result]):
+    from rich.table import Table
+    table = Table(title=title)
+    for column in ("operation", "median", "p99", "throughput", "vs baseline"):
+        table.add_column(column, justify="right" if column != "operation" else "left")
+    for r in rows:
+        if r.median_us is None:
+            table.add_row(r.name, r.note or "-", "-", "-", "-")
+            continue
+        table.add_row(r.name, f"{r.median_us:.0f} us", f"{r.p99_us:.0f} us", f"{r.throughput_gib_s:.2f} GiB/s",
+                      "-" if r.ratio_to_baseline is None else f"{r.ratio_to_baseline:.2f}")
+    return table
+
+
 def time_to_notice_a_killed_server(directory: str) -> float:
     """SIGKILL the fabric's last server; seconds until the cluster says it is dead."""
     with LocalFabric(directory, servers=2, capacity="16MiB", liveness_timeout_s=2.0) as fab:
@@ -483,9 +513,12 @@ def run_bench(directory: str | None, sizes: list[int], repeat: int, as_json: boo
         data = bench_data_path(session, sizes, repeat, compat_session=with_compat)
         vs_shm = bench_vs_shared_memory(session, shm_size, repeat) if shm_size else []
         control = bench_control_path(session, repeat, ServerCpu(session.local))
+        batch = batch_rows(bench_batch_local(session, repeat), {},
+                           lambda name: "1,000 memoryview copies of 4KiB (baseline)")
     if as_json:
         print(json.dumps({"data_path": [asdict(r) for r in data], "vs_shared_memory": [asdict(r) for r in vs_shm],
-                          "control_path": [asdict(r) for r in control]}, indent=2))
+                          "control_path": [asdict(r) for r in control],
+                          "batch": [asdict(r) for r in batch]}, indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -514,6 +547,8 @@ def run_bench(directory: str | None, sizes: list[int], repeat: int, as_json: boo
     for r in control:
         ctl.add_row(r.name, f"{r.median_us:.1f} us", f"{r.p99_us:.1f} us", _cpu_cell(r))
     console.print(ctl)
+    console.print(_batch_table("batches across objects (same host): one call for 1,000 objects; the ratio is "
+                               "to 1,000 memoryview copies", batch))
     return 0
 
 
@@ -527,10 +562,14 @@ def run_remote_bench(directory: str | None, sizes: list[int], repeat: int, as_js
                                             busy_poll_us=busy_poll_us))
         session = stack.enter_context(init(os.path.join(directory, "remote.toml"), busy_poll_us=busy_poll_us))
         data = bench_remote(session, sizes, repeat, ServerCpu(session.local))
+        batch_samples, skipped = bench_batch_remote(session, repeat)
+        batch = batch_rows(batch_samples, skipped, lambda name: "Redis MSET 1,000 x 4KiB (baseline)"
+                           if "write" in name else "Redis MGET 1,000 x 4KiB (baseline)")
     with tempfile.TemporaryDirectory(prefix="mf-kill-", dir="/tmp") as kill_dir:
         notice_s = time_to_notice_a_killed_server(kill_dir)
     if as_json:
-        print(json.dumps({"remote": [asdict(r) for r in data], "killed_server_noticed_s": notice_s}, indent=2))
+        print(json.dumps({"remote": [asdict(r) for r in data], "batch": [asdict(r) for r in batch],
+                          "killed_server_noticed_s": notice_s}, indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -544,5 +583,7 @@ def run_remote_bench(directory: str | None, sizes: list[int], repeat: int, as_js
                       f"{r.throughput_gib_s:.2f} GiB/s", "-" if r.ratio_to_baseline is None else f"{r.ratio_to_baseline:.2f}",
                       _cpu_cell(r))
     console.print(table)
+    console.print(_batch_table("batches across objects over RPC: one call for 1,000 objects; the ratio is to "
+                               "Redis (a real redis-server on loopback, redis-py with hiredis), same run", batch))
     console.print(f"a killed server was seen dead by the cluster after {notice_s:.2f} s (liveness timeout 2 s)")
     return 0

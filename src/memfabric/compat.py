@@ -435,6 +435,76 @@ def BM_WriteSec(info: BmInfo, offset: int, length: int, buffer: Any, flags: int)
     return 0
 
 
+@dataclass
+class BmBatchItem:
+    """One item of BM_BatchReadSec/BM_BatchWriteSec: `length` bytes at `offset` of the object
+    `info` names, to or from `buffer` (any buffer; written into in place by a read)."""
+    info: BmInfo
+    offset: int
+    length: int
+    buffer: Any
+
+
+def _batch(items: list, num: int, results: list | None, write: bool) -> int:
+    """Items [:num] resolved to handles and moved in one batch (Session.read_many/write_many):
+    one request per server, all servers at once; on this host, no round trip at all."""
+    if results is not None and not isinstance(results, list):
+        raise InvalidArgument(f"results must be a list (or None), got {type(results).__name__}")
+    try:
+        codes = _batch_codes(items, num, write)
+    except MemfabricError as exc:        # a bad item: nothing moved
+        if results is not None:
+            results[:] = [int(exc.code)] * (num if type(num) is int and num >= 0 else 0)
+        raise
+    if results is not None:
+        results[:] = codes
+    return next((code for code in codes if code), 0)
+
+
+def _batch_codes(items: list, num: int, write: bool) -> list[int]:
+    if not isinstance(items, (list, tuple)) or type(num) is not int or not 0 <= num <= len(items):
+        raise InvalidArgument(f"items must be a list and num in [0, its length], got {num!r}")
+    codes = [0] * num
+    resolved, positions = [], []
+    for i, item in enumerate(items[:num]):
+        if isinstance(item, BmBatchItem):
+            item = (item.info, item.offset, item.length, item.buffer)
+        try:
+            info, offset, length, buffer = item
+        except (TypeError, ValueError):
+            raise InvalidArgument(f"item {i}: expected a BmBatchItem or (BmInfo, offset, length, buffer)") from None
+        try:
+            bm = _object(info)       # an object that is gone fails its item, not the batch
+        except MemfabricError as exc:
+            if isinstance(exc, (InvalidArgument, NotInitialized)):
+                raise
+            codes[i] = int(exc.code)
+            continue
+        resolved.append((bm, offset, length, buffer))
+        positions.append(i)
+    moved = _current().write_many(resolved) if write else _current().read_many(resolved)
+    for i, code in zip(positions, moved):
+        codes[i] = code
+    return codes
+
+
+@_coded
+def BM_BatchReadSec(items: list, num: int, flags: int, results: list | None = None) -> int:
+    """Reads items[:num] (BmBatchItem or (BmInfo, offset, length, buffer)), each into its
+    buffer in place. Every item is checked first: a bad one (a range outside its object, a
+    buffer too small or read-only) returns its error and nothing moves. Otherwise returns 0
+    when every item was read, else the first failed item's code (the rest still go);
+    `results`, a list when given, gets every item's code (0: done)."""
+    return _batch(items, num, results, write=False)
+
+
+@_coded
+def BM_BatchWriteSec(items: list, num: int, flags: int, results: list | None = None) -> int:
+    """Writes items[:num] (BmBatchItem or (BmInfo, offset, length, buffer)) to their objects;
+    checked, answered and reported as BM_BatchReadSec is."""
+    return _batch(items, num, results, write=True)
+
+
 @_coded
 def BM_GatherSec(inputs: list[tuple[BmInfo, int, int]], op: OperatorCode, flags: int, info: BmInfo,
                  *, dtype: str = "uint8") -> tuple[int, int]:
@@ -454,5 +524,5 @@ def BM_GatherSec(inputs: list[tuple[BmInfo, int, int]], op: OperatorCode, flags:
 
 
 __all__ = [name for name in globals() if name.startswith("BM_")] + [
-    "BmAffinity", "BmError", "BmInfo", "BmOperatorCode", "DiskFileDesc", "PROT_READ", "PROT_WRITE",
+    "BmAffinity", "BmBatchItem", "BmError", "BmInfo", "BmOperatorCode", "DiskFileDesc", "PROT_READ", "PROT_WRITE",
     "QueryNsCache"]

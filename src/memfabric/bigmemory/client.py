@@ -44,13 +44,19 @@ class _Described:
     """What one description of the object says, taken as a whole: threads reading a handle
     see one description's layout, links and extents, never a mix of two."""
 
-    __slots__ = ("layout", "links", "extents", "raw_extents")
+    __slots__ = ("layout", "links", "extents", "raw_extents", "single")
 
     def __init__(self, layout: Layout, links: list, raw_extents: list[list[int]]) -> None:
         self.layout = layout
         self.links = links                       # links to every server holding its bytes
         self.extents = [(e[0], e[3]) for e in raw_extents]
         self.raw_extents = raw_extents           # [server id, segment, offset, length]
+        # All a batch needs of an object in one piece, at one look (batch.py): (generation
+        # words, index, generation, size, segment: a view on this host, else a RemoteSegment,
+        # its base, link).
+        self.single = ((layout.gens, layout.gen_index, layout.generation, layout.size,
+                        layout.pieces[0][2], layout.pieces[0][3], links[0])
+                       if len(layout.pieces) == 1 and len(links) == 1 else None)
 
 
 class BigMemory:

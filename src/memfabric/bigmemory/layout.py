@@ -34,10 +34,12 @@ class RemoteSegment:
                         "seg_read")
 
     def write(self, at: int, src: memoryview) -> None:
-        _wait_all([self.submit_write(at, src)])
+        link = self.link
+        link.wait(*link.submit_write(self.creds, self.bm_id, self.segment, at, src), "seg_write")
 
     def read(self, at: int, dst: memoryview) -> None:
-        _wait_all([self.submit_read(at, dst)])
+        link = self.link
+        link.wait(*link.submit_read(self.creds, self.bm_id, self.segment, at, dst), "seg_read")
 
 
 class Transfer:
@@ -65,7 +67,8 @@ def always_live(generation: int, size: int) -> memoryview:
 class Layout:
     """Where an object's bytes are, plus the generation word that says it still lives."""
 
-    __slots__ = ("bm_id", "size", "generation", "gens", "gen_index", "starts", "pieces", "local_single")
+    __slots__ = ("bm_id", "size", "generation", "gens", "gen_index", "starts", "pieces", "local_single",
+                 "remote_single")
 
     def __init__(self, bm_id: str, size: int, generation: int, gens: memoryview, slot: int,
                  pieces: list[tuple[int, int, memoryview, int]]) -> None:
@@ -77,6 +80,7 @@ class Layout:
         self.pieces = pieces             # (object start, object end, segment view, segment offset)
         self.starts = [p[0] for p in pieces]
         self.local_single = len(pieces) == 1 and type(pieces[0][2]) is memoryview
+        self.remote_single = len(pieces) == 1 and type(pieces[0][2]) is RemoteSegment
 
     def check_alive(self) -> None:
         if self.gens[self.gen_index] != self.generation:
@@ -169,6 +173,12 @@ def write_at(layout: Layout, offset: int, src: memoryview) -> None:
         _, _, view, base = layout.pieces[0]
         view[base + offset: base + offset + n] = src
         return
+    if layout.remote_single:            # one request, nothing to gather
+        check_range(layout.bm_id, layout.size, offset, n)
+        _, _, segment, base = layout.pieces[0]
+        if n:
+            segment.write(base + offset, src)
+        return
     transfers: list[Transfer] = []
     try:
         for target, a, b, pos in layout.spans(offset, n):
@@ -189,6 +199,12 @@ def read_into(layout: Layout, offset: int, dst: memoryview) -> None:
         check_range(layout.bm_id, layout.size, offset, n)
         _, _, view, base = layout.pieces[0]
         dst[:] = view[base + offset: base + offset + n]
+        return
+    if layout.remote_single:
+        check_range(layout.bm_id, layout.size, offset, n)
+        _, _, segment, base = layout.pieces[0]
+        if n:
+            segment.read(base + offset, dst)
         return
     transfers: list[Transfer] = []
     try:
