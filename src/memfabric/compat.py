@@ -494,14 +494,15 @@ def BM_BatchReadSec(items: list, num: int, flags: int, results: list | None = No
     buffer in place. Every item is checked first: a bad one (a range outside its object, a
     buffer too small or read-only) returns its error and nothing moves. Otherwise returns 0
     when every item was read, else the first failed item's code (the rest still go);
-    `results`, a list when given, gets every item's code (0: done)."""
+    `results`, a list when given, gets every item's code (0: done). `flags` is ignored."""
     return _batch(items, num, results, write=False)
 
 
 @_coded
 def BM_BatchWriteSec(items: list, num: int, flags: int, results: list | None = None) -> int:
     """Writes items[:num] (BmBatchItem or (BmInfo, offset, length, buffer)) to their objects;
-    checked, answered and reported as BM_BatchReadSec is."""
+    checked and answered as BM_BatchReadSec is; `results`, a list when given, gets every
+    item's code (0: done). `flags` is ignored."""
     return _batch(items, num, results, write=True)
 
 
