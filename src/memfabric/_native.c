@@ -115,7 +115,8 @@ static PyObject *lookup(Index *ix, uint64_t h, const char *key, Py_ssize_t klen,
         if (load_acquire(&w[H_MAGIC]) != MAGIC || load_acquire(&w[H_MOVED]) != 0)
             return PyLong_FromLong(ASK);                 /* revoked, or replaced: reopen it */
         uint64_t slots = load_relaxed(&w[H_SLOTS]);
-        if (slots == 0 || (slots & (slots - 1)) || HEADER_WORDS + slots * SLOT_WORDS > ix->nwords)
+        if (slots == 0 || (slots & (slots - 1)) || slots > ix->nwords / SLOT_WORDS ||
+                HEADER_WORDS + slots * SLOT_WORDS > ix->nwords)
             return PyLong_FromLong(ASK);
         uint64_t mask = slots - 1, slot = h & mask;
         int again = 0;
@@ -142,7 +143,7 @@ static PyObject *lookup(Index *ix, uint64_t h, const char *key, Py_ssize_t klen,
             if (mapped == 0) return PyLong_FromLong(ASK);
             const char *base = (const char *)seg->buf;
             uint64_t seglen = (uint64_t)seg->len;
-            if (offset + (uint64_t)klen + vlen > seglen || offset + (uint64_t)klen < offset) {
+            if (offset > seglen || (uint64_t)klen > seglen - offset || vlen > seglen - offset - (uint64_t)klen) {
                 again = 1;                               /* fields of a record being replaced */
                 break;
             }
