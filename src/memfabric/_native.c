@@ -266,9 +266,223 @@ done:
     return out;
 }
 
+/* ---- BigMemory's same-host batches (bigmemory/batch.py) --------------------------------------
+ *
+ * plan_copies(items, alive, writing, chunk_bytes) -> (Plan, rest): every item that is an
+ * object in one piece on this host, whose link is in `alive` (this session's links, checked
+ * alive for this batch), still of the generation its handle knows, with a range inside the
+ * object and its buffer, of at most chunk_bytes, is planned; the indices of all others are in
+ * `rest`, for the Python checks (which raise on a bad item before any byte moves). Nothing is
+ * copied until Plan.run(results, freed_code), which copies each planned item as
+ * _copy_local does: the generation read again after the copy (and before it, past the first
+ * chunk_bytes of the batch), an item whose object went meanwhile getting freed_code. The
+ * buffers stay held (exported) from the plan until run() or release(). */
+
+static PyObject *str_described, *str_single;      /* attribute names, made once */
+
+typedef struct {
+    Py_ssize_t index;
+    char *object;                 /* the item's bytes in the pool's mapping */
+    char *buffer;                 /* the caller's */
+    Py_ssize_t length;
+    const uint64_t *generation_word;
+    uint64_t generation;
+} Copy;
+
+typedef struct {
+    PyObject_HEAD
+    int writing;
+    Py_ssize_t chunk_bytes;
+    Py_ssize_t count, room;
+    Copy *copies;
+    Py_buffer *held;              /* three per copy: the caller's buffer, the segment, the generations */
+} Plan;
+
+static void plan_release(Plan *plan) {
+    for (Py_ssize_t i = 0; i < plan->count * 3; i++) PyBuffer_Release(&plan->held[i]);
+    plan->count = 0;
+}
+
+static void plan_dealloc(Plan *plan) {
+    plan_release(plan);
+    PyMem_Free(plan->copies);
+    PyMem_Free(plan->held);
+    Py_TYPE(plan)->tp_free((PyObject *)plan);
+}
+
+static PyObject *plan_release_method(Plan *plan, PyObject *Py_UNUSED(ignored)) {
+    plan_release(plan);
+    Py_RETURN_NONE;
+}
+
+static PyObject *plan_run(Plan *plan, PyObject *args) {
+    PyObject *results, *freed;
+    if (!PyArg_ParseTuple(args, "O!O", &PyList_Type, &results, &freed)) return NULL;
+    Py_ssize_t done = 0;
+    for (Py_ssize_t i = 0; i < plan->count; i++) {
+        Copy *c = &plan->copies[i];
+        if (c->index >= PyList_GET_SIZE(results)) {
+            PyErr_SetString(PyExc_ValueError, "results is shorter than the batch");
+            plan_release(plan);
+            return NULL;
+        }
+        int gone = done > plan->chunk_bytes && load_acquire(c->generation_word) != c->generation;
+        if (!gone) {
+            if (plan->writing) memcpy(c->object, c->buffer, (size_t)c->length);
+            else memcpy(c->buffer, c->object, (size_t)c->length);
+            __atomic_thread_fence(__ATOMIC_ACQUIRE);
+            gone = load_relaxed(c->generation_word) != c->generation;
+            if (done <= plan->chunk_bytes) done += c->length;
+        }
+        if (gone) {
+            Py_INCREF(freed);
+            if (PyList_SetItem(results, c->index, freed) < 0) {
+                plan_release(plan);
+                return NULL;
+            }
+        }
+    }
+    plan_release(plan);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef plan_methods[] = {
+    {"run", (PyCFunction)plan_run, METH_VARARGS, "run(results, freed_code): copy every planned item"},
+    {"release", (PyCFunction)plan_release_method, METH_NOARGS, "let the buffers go without copying"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject PlanType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "memfabric._native.Plan",
+    .tp_basicsize = sizeof(Plan),
+    .tp_dealloc = (destructor)plan_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "copies planned by plan_copies, done by run()",
+    .tp_methods = plan_methods,
+};
+
+static int as_size(PyObject *o, Py_ssize_t *out) {
+    if (!PyLong_CheckExact(o)) return 0;
+    *out = PyLong_AsSsize_t(o);
+    if (*out == -1 && PyErr_Occurred()) { PyErr_Clear(); return 0; }
+    return 1;
+}
+
+/* Item i planned (1), or left to Python (0); -1 with an exception (out of memory). */
+static int plan_item(Plan *plan, PyObject *item, Py_ssize_t i, PyObject *alive) {
+    if (!(PyTuple_CheckExact(item) || PyList_CheckExact(item)) || PySequence_Fast_GET_SIZE(item) != 4) return 0;
+    PyObject **f = PySequence_Fast_ITEMS(item);
+    PyObject *described = PyObject_GetAttr(f[0], str_described);
+    if (described == NULL) { PyErr_Clear(); return 0; }
+    PyObject *single = PyObject_GetAttr(described, str_single);
+    Py_DECREF(described);
+    if (single == NULL) { PyErr_Clear(); return 0; }
+    int planned = 0;
+    Py_ssize_t offset, length = -1, gi, size, base;
+    unsigned long long generation;
+    if (!PyTuple_CheckExact(single) || PyTuple_GET_SIZE(single) != 7) goto out;
+    PyObject *gens = PyTuple_GET_ITEM(single, 0), *segment = PyTuple_GET_ITEM(single, 4);
+    int is_alive = PySet_Contains(alive, PyTuple_GET_ITEM(single, 6));
+    if (is_alive <= 0) { PyErr_Clear(); goto out; }
+    if (!PyMemoryView_Check(segment) || !as_size(f[1], &offset) || offset < 0 ||
+            (f[2] != Py_None && (!as_size(f[2], &length) || length < 0)) ||
+            !as_size(PyTuple_GET_ITEM(single, 1), &gi) || gi < 0 || !as_size(PyTuple_GET_ITEM(single, 3), &size) ||
+            !as_size(PyTuple_GET_ITEM(single, 5), &base) || base < 0 || !PyLong_CheckExact(PyTuple_GET_ITEM(single, 2)))
+        goto out;
+    generation = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(single, 2));
+    if (generation == (unsigned long long)-1 && PyErr_Occurred()) { PyErr_Clear(); goto out; }
+    if (plan->count == plan->room) {
+        Py_ssize_t room = plan->room ? plan->room * 2 : 64;
+        Copy *copies = PyMem_Realloc(plan->copies, sizeof(Copy) * (size_t)room);
+        if (copies == NULL) { PyErr_NoMemory(); planned = -1; goto out; }
+        plan->copies = copies;
+        Py_buffer *held = PyMem_Realloc(plan->held, sizeof(Py_buffer) * 3 * (size_t)room);
+        if (held == NULL) { PyErr_NoMemory(); planned = -1; goto out; }
+        plan->held = held;
+        plan->room = room;
+    }
+    Py_buffer *b = &plan->held[plan->count * 3];
+    if (PyObject_GetBuffer(f[3], &b[0], plan->writing ? PyBUF_SIMPLE : PyBUF_WRITABLE) < 0) {
+        PyErr_Clear();          /* not a flat buffer (or read-only for a read): Python says why */
+        goto out;
+    }
+    if (length < 0) length = b[0].len;
+    if (length > b[0].len || length > plan->chunk_bytes || offset > size - length ||
+            PyObject_GetBuffer(gens, &b[1], PyBUF_SIMPLE) < 0) {
+        PyErr_Clear();
+        PyBuffer_Release(&b[0]);
+        goto out;
+    }
+    const uint64_t *word = (const uint64_t *)b[1].buf + gi;
+    if (((uintptr_t)b[1].buf % 8) || gi >= b[1].len / 8 || load_acquire(word) != generation ||
+            PyObject_GetBuffer(segment, &b[2], plan->writing ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) {
+        PyErr_Clear();
+        PyBuffer_Release(&b[0]);
+        PyBuffer_Release(&b[1]);
+        goto out;
+    }
+    if (base > b[2].len || offset > b[2].len - base || length > b[2].len - base - offset) {
+        for (int k = 0; k < 3; k++) PyBuffer_Release(&b[k]);
+        goto out;
+    }
+    plan->copies[plan->count++] = (Copy){i, (char *)b[2].buf + base + offset, (char *)b[0].buf, length, word,
+                                         (uint64_t)generation};
+    planned = 1;
+out:
+    Py_DECREF(single);
+    return planned;
+}
+
+static PyObject *plan_copies(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *items, *alive;
+    int writing;
+    Py_ssize_t chunk_bytes;
+    if (!PyArg_ParseTuple(args, "OO!pn", &items, &PySet_Type, &alive, &writing, &chunk_bytes)) return NULL;
+    PyObject *seq = PySequence_Fast(items, "items must be a sequence");
+    if (seq == NULL) return NULL;
+    Plan *plan = PyObject_New(Plan, &PlanType);
+    if (plan != NULL) {
+        plan->writing = writing;
+        plan->chunk_bytes = chunk_bytes;
+        plan->count = plan->room = 0;
+        plan->copies = NULL;
+        plan->held = NULL;
+    }
+    PyObject *rest = PyList_New(0);
+    if (plan == NULL || rest == NULL) goto fail_early;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int planned = plan_item(plan, PySequence_Fast_GET_ITEM(seq, i), i, alive);
+        if (planned < 0) goto fail;
+        if (!planned) {
+            PyObject *index = PyLong_FromSsize_t(i);
+            if (index == NULL || PyList_Append(rest, index) < 0) { Py_XDECREF(index); goto fail; }
+            Py_DECREF(index);
+        }
+    }
+    Py_DECREF(seq);
+    PyObject *out = PyTuple_Pack(2, (PyObject *)plan, rest);
+    Py_DECREF(plan);
+    Py_DECREF(rest);
+    return out;
+fail:
+    Py_DECREF(plan);
+    Py_DECREF(rest);
+    Py_DECREF(seq);
+    return NULL;
+fail_early:
+    Py_XDECREF(plan);
+    Py_XDECREF(rest);
+    Py_DECREF(seq);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"probe", probe, METH_VARARGS,
      "probe(index, refs, hash, pool, segments, key, into) -> value | length | None | ASK | TOO_SMALL"},
+    {"plan_copies", plan_copies, METH_VARARGS,
+     "plan_copies(items, alive, writing, chunk_bytes) -> (Plan, indices left to Python)"},
     {"probe_many", probe_many, METH_VARARGS,
      "probe_many(index, refs, hashes, keys, pool, segments, buffers) -> [probe's result per key]"},
     {NULL, NULL, 0, NULL},
@@ -279,6 +493,10 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "memfabric._native",
                                     NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__native(void) {
+    if (PyType_Ready(&PlanType) < 0) return NULL;
+    str_described = PyUnicode_InternFromString("_described");
+    str_single = PyUnicode_InternFromString("single");
+    if (str_described == NULL || str_single == NULL) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     if (PyModule_AddIntConstant(m, "ASK", ASK) < 0 || PyModule_AddIntConstant(m, "TOO_SMALL", TOO_SMALL) < 0) {
