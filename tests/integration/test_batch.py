@@ -46,11 +46,15 @@ def open_session(fab, path: str):
     return memfabric.init(fab.directory if path == "ipc" else os.path.join(fab.directory, "remote.toml"))
 
 
-@pytest.fixture(scope="module", params=["ipc", "rpc"])
+@pytest.fixture(scope="module", params=["ipc", "ipc-python", "rpc"])
 def objects(batch_fabric, request):
     """A session (same host, or over RPC) with objects of every shape: small ones on each
-    server, one larger than a segment, one spread over both servers (several pieces)."""
-    with open_session(batch_fabric, request.param) as s:
+    server, one larger than a segment, one spread over both servers (several pieces).
+    "ipc-python": the same host without the compiled copies (_native.c), the Python way."""
+    path = request.param.removesuffix("-python")
+    with open_session(batch_fabric, path) as s, pytest.MonkeyPatch.context() as patch:
+        if request.param.endswith("-python"):
+            patch.setattr(batch, "_native", None)
         name = f"objects-{request.param}"
         ns = s.create_namespace(name, sec_id="k")
         try:
@@ -60,7 +64,7 @@ def objects(batch_fabric, request):
             assert {server for server, _ in objs[-1].extents} == {1, 2}
             for i, bm in enumerate(objs):
                 bm.write(random_bytes(bm.size, i))
-            yield request.param, s, ns, objs
+            yield path, s, ns, objs
         finally:
             ns.destroy()
 
@@ -161,6 +165,19 @@ def test_every_item_is_checked_before_anything_moves(objects):
         assert out == b"\xee" * 4, f"{bad!r} let a read through"
     with pytest.raises(InvalidArgument, match="list"):
         s.read_many(5)
+
+
+def test_a_refused_batch_lets_its_buffers_go(objects):
+    """The compiled plan holds the callers' buffers from its checks to its copies: a batch
+    refused in between gives them back at once (a bytearray can grow again)."""
+    _, s, _, objs = objects
+    out = bytearray(16)
+    with pytest.raises(OutOfRange):
+        s.read_many([(objs[0], 0, 16, out), (objs[1], 4096, 1, bytearray(1))])
+    out.extend(b"x")
+    assert s.read_many([(objs[0], 0, 16, out)]) == [0] and out[:16] == objs[0].read(0, 16)
+    out.extend(b"y")
+    assert s.read_many([[objs[0], 0, None, np.zeros(2, dtype=np.float64)]]) == [0]
 
 
 def test_a_handle_of_another_session_is_refused(batch_fabric, objects):

@@ -39,6 +39,11 @@ from ..limits import (BATCH_REQUESTS_IN_FLIGHT, MAX_BATCH_ITEMS, MAX_BATCH_REQUE
 from .client import CHUNK_BYTES, BigMemory
 from .layout import RemoteSegment, as_bytes_view
 
+try:           # the compiled same-host copies (src/memfabric/_native.c); without it, the same in Python
+    from .. import _native
+except ImportError:        # pragma: no cover - a machine that could not build it
+    _native = None
+
 if TYPE_CHECKING:
     from ..client.session import Session
 
@@ -69,7 +74,15 @@ def _run(session: "Session", items: Iterable[Any], writing: bool) -> list[int]:
         raise LimitExceeded(f"a batch takes at most {MAX_BATCH_ITEMS} items, got {len(items)}")
     results = [0] * len(items)
     remote = _Requests(writing)
-    local, others = _check(session, items, writing, results, remote)
+    plan, rest = _plan(session, items, writing)
+    try:
+        local, others = _check(session, items, writing, results, remote, rest)
+    except BaseException:
+        if plan is not None:
+            plan.release()          # the callers' buffers are theirs again at once
+        raise
+    if plan is not None:
+        plan.run(results, _FREED)
     _copy_local(local, writing, results)
     homes = []
     for i, lay, offset, view in others:
@@ -87,6 +100,23 @@ def _run(session: "Session", items: Iterable[Any], writing: bool) -> list[int]:
         if gens[gi] != generation and not results[i]:
             results[i] = _FREED
     return results
+
+
+def _plan(session: "Session", items: list | tuple, writing: bool) -> tuple[Any, Any]:
+    """The compiled plan of the items _check would find in one piece on this host, and the
+    indices of the others (_native.c, plan_copies: the same checks, the same copies); without
+    it, (None, every index)."""
+    if _native is None:
+        return None, range(len(items))
+    alive = set()
+    for link in list(session._links.values()):
+        if link.is_local and not link.closed:
+            try:
+                link.check_alive()
+            except MemfabricError:
+                continue
+            alive.add(link)
+    return _native.plan_copies(items, alive, writing, CHUNK_BYTES)
 
 
 def _copy_local(local: list, writing: bool, results: list[int]) -> None:
@@ -110,7 +140,7 @@ def _copy_local(local: list, writing: bool, results: list[int]) -> None:
 
 
 def _check(session: "Session", items: list | tuple, writing: bool, results: list[int],
-           remote: "_Requests") -> tuple[list, list]:
+           remote: "_Requests", indices: Iterable[int]) -> tuple[list, list]:
     """Every item checked before a byte moves (raises on a bad one). Returns the plan: items
     in one piece on this host, (index, generation words, index in them, generation, its bytes
     in the segment, buffer view), and the items in several pieces, (index, layout, offset,
@@ -118,7 +148,8 @@ def _check(session: "Session", items: list | tuple, writing: bool, results: list
     object is gone gets its code in `results` and is in none of them."""
     local, others = [], []
     alive: set = set()         # links checked alive during this batch: once each is enough
-    for i, item in enumerate(items):
+    for i in indices:
+        item = items[i]
         try:
             bm, offset, length, buffer = item
             single = bm._described.single

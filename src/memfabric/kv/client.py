@@ -19,17 +19,23 @@ import os
 import struct
 import threading
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 from ..bigmemory.layout import as_bytes_view
 from ..client.arguments import as_bool, as_int
 from ..errors import InvalidArgument, MemfabricError, ProtocolError, ServerUnavailable, Timeout
-from ..limits import KV_INLINE_BYTES, MAX_KV_BATCH, MAX_KV_KEY_BYTES
+from ..limits import BATCH_REQUESTS_IN_FLIGHT, KV_INLINE_BYTES, MAX_KV_BATCH, MAX_KV_KEY_BYTES
 from . import index as ix
 from .index import EMPTY, H_MAGIC, H_MOVED, HEADER_WORDS, MAGIC, OFFSET_MASK, SLOT_WORDS
-from .rules import check_key, check_replicas, homes, key_hash
+from .rules import MANY_AGAIN, MANY_ALONE, check_key, check_replicas, homes, key_hash
 from .space import EXTENT
 from .transfer import put_large, read_held
+
+try:           # the compiled lookup (src/memfabric/_native.c); without it, the same in Python
+    from .. import _native
+except ImportError:        # pragma: no cover - a machine that could not build it
+    _native = None
 
 if TYPE_CHECKING:
     from ..client.session import Namespace
@@ -85,6 +91,15 @@ class _LocalIndex:
             else:
                 self.misses += 1
                 self.stats_words[self.slot * 2 + 1] = self.misses
+
+    def count_many(self, hits: int, misses: int) -> None:
+        if self.slot is None or not (hits or misses):
+            return
+        with self._count_lock:
+            self.hits += hits
+            self.misses += misses
+            self.stats_words[self.slot * 2] = self.hits
+            self.stats_words[self.slot * 2 + 1] = self.misses
 
     def stale(self) -> bool:
         """Replaced by a larger table, or revoked (reads zeros)."""
@@ -314,6 +329,27 @@ class KV:
 
     def _local_get(self, link: Any, key: bytes, into: memoryview | None) -> Any:
         """The lock-free read (index.py): the value, _MISS, or _ASK when it cannot be done here.
+        Compiled when it can be (_native.probe); what it cannot answer (a segment not mapped
+        yet, a large value, a table replaced) goes the Python way, which can."""
+        if _native is not None:
+            try:
+                idx = self._index(link)
+            except MemfabricError:
+                return _ASK
+            if not idx.lock_free:
+                return _ASK
+            link.check_alive()
+            got = _native.probe(idx.raw, idx.ref_bytes, key_hash(key), self._creds[0], link._segments, key, into)
+            if got is None:
+                idx.count(False)
+                return _MISS
+            if type(got) is bytes or got >= 0:
+                idx.count(True)
+                return got
+        return self._local_get_python(link, key, into)
+
+    def _local_get_python(self, link: Any, key: bytes, into: memoryview | None) -> Any:
+        """The lock-free read in Python.
 
         A slot is read between two reads of its sequence: the first alone, then the fields
         in one unpack, then the sequence again, in program order (x86's loads keep it)."""
@@ -414,6 +450,26 @@ class KV:
             position += take
         return vlen if into is not None else bytes(out)
 
+    def _local_get_many(self, link: Any, keys: list[bytes], into: list[memoryview] | None) -> list[Any]:
+        """_local_get for many keys of one server on this host: one compiled call for all."""
+        if _native is None:
+            return [self._local_get(link, k, None if into is None else into[i]) for i, k in enumerate(keys)]
+        try:
+            idx = self._index(link)
+        except MemfabricError:
+            return [_ASK] * len(keys)
+        if not idx.lock_free:
+            return [_ASK] * len(keys)
+        link.check_alive()
+        results = _native.probe_many(idx.raw, idx.ref_bytes, list(map(key_hash, keys)), keys, self._creds[0],
+                                     link._segments, into)
+        misses = results.count(None)
+        asked = [i for i, got in enumerate(results) if type(got) is int and got < 0]
+        idx.count_many(len(results) - misses - len(asked), misses)
+        for i in asked:         # ASK or TOO_SMALL: the Python way answers (or raises) for these
+            results[i] = self._local_get_python(link, keys[i], None if into is None else into[i])
+        return [_MISS if got is None else got for got in results]
+
     def exists(self, key: Any) -> bool:
         """Whether the key is there (and not expired)."""
         return self.exists_many([key])[0]
@@ -469,14 +525,14 @@ class KV:
     def get_many(self, keys: Iterable[Any]) -> list[bytes | None]:
         """The values of many keys (None for each missing): read in place for keys homed on
         this host, one request per other server."""
-        keys = [check_key(k) for k in keys]
+        keys = _checked_keys(keys)
         return [None if v is _MISS else v for v in self._get_many(keys, None)]
 
     def get_many_into(self, keys: Iterable[Any], buffers: Iterable[Any]) -> list[int | None]:
         """Fill `buffers` (one per key of `keys`) in place; each value's length, None for a
         missing key. A buffer too small: INVALID_ARGUMENT (that buffer untouched; those before
         it may be filled)."""
-        keys = [check_key(k) for k in keys]
+        keys = _checked_keys(keys)
         views = [as_bytes_view(b, writable=True) for b in buffers]
         if len(keys) != len(views):
             raise InvalidArgument(f"{len(keys)} keys and {len(views)} buffers: one buffer per key")
@@ -486,45 +542,115 @@ class KV:
         out: list[Any] = [_MISS] * len(keys)
         servers, replicas = self._pool_servers(), self._replica_count()
         ask: dict[int, list[int]] = {}
-        for i, key in enumerate(keys):
-            ranked = homes(key, servers, replicas)
-            local = next((s for s in ranked if self._local_link(s) is not None), None)
-            if local is not None:
-                got = self._local_get(self._session.link(local), key, None if into is None else into[i])
-                if got is not _ASK and (got is not _MISS or local == ranked[0]):
+        here: dict[int, list[int]] = {}         # server on this host -> the keys it is asked for
+        if len(servers) == 1:                   # the common case of one server: no placement
+            firsts = [servers[0]] * len(keys)
+            (here if servers[0] in self._local else ask)[servers[0]] = list(range(len(keys)))
+        else:
+            firsts = []
+            local_servers = self._local
+            for i, key in enumerate(keys):
+                ranked = homes(key, servers, replicas)
+                firsts.append(ranked[0])
+                local = next((s for s in ranked if s in local_servers), None)
+                if local is not None:
+                    here.setdefault(local, []).append(i)
+                else:
+                    ask.setdefault(ranked[0], []).append(i)
+        for server_id, positions in here.items():
+            link = self._local_link(server_id)
+            if link is None:
+                for i in positions:
+                    ask.setdefault(firsts[i], []).append(i)
+                continue
+            for i, got in zip(positions, self._local_get_many(link, [keys[i] for i in positions],
+                                                               None if into is None else [into[i] for i in positions]),
+                              strict=True):
+                if got is not _ASK and (got is not _MISS or server_id == firsts[i]):
                     out[i] = got
-                    continue
-            ask.setdefault(ranked[0], []).append(i)
-        for server_id, positions in ask.items():
-            for chunk in _batches(positions, [len(keys[i]) for i in positions]):
-                try:
-                    reply = self._call(server_id, "kv_get_many", keys=[keys[i] for i in chunk])
-                except ServerUnavailable:
-                    for i in chunk:
-                        out[i] = self._remote_get(homes(keys[i], servers, replicas), keys[i],
-                                                  None if into is None else into[i])
-                    continue
-                blob, position = memoryview(reply["values"]), 0
-                for i, length in zip(chunk, reply["lengths"], strict=True):
-                    if length == -2:              # too large to ride along: on its own
-                        out[i] = self._get(keys[i], None if into is None else into[i])
-                    elif length >= 0:
-                        value = blob[position:position + length]
-                        position += length
-                        if into is None:
-                            out[i] = bytes(value)
-                        else:
-                            _check_room(length, into[i])
-                            into[i][:length] = value
-                            out[i] = length
-                    elif replicas > 1:
-                        out[i] = self._remote_get(homes(keys[i], servers, replicas)[1:], keys[i],
-                                                  None if into is None else into[i])
+                else:
+                    ask.setdefault(firsts[i], []).append(i)
+        while ask:                   # the keys a reply had no room for are asked again
+            ask = self._ask_many(ask, keys, into, out, servers, replicas)
         return out
+
+    def _ask_many(self, ask: dict[int, list[int]], keys: list[bytes], into: list[memoryview] | None,
+                  out: list[Any], servers: list[int], replicas: int) -> dict[int, list[int]]:
+        """kv_get_many of the keys at `ask` (server -> positions), their values put in `out`.
+        Over RPC every request is sent before a reply is waited for (at most
+        BATCH_REQUESTS_IN_FLIGHT per server), each reply's values landing in one buffer.
+        Returns the keys to ask again (a reply ran out of room for them)."""
+        again: dict[int, list[int]] = {}
+        queue = [(server_id, chunk) for server_id, positions in ask.items()
+                 for chunk in _batches(positions, [len(keys[i]) for i in positions])]
+        in_flight: list[tuple[int, list[int], Any, int, Any]] = []
+        try:
+            while queue or in_flight:
+                while queue and sum(1 for f in in_flight if f[0] == queue[0][0]) < BATCH_REQUESTS_IN_FLIGHT:
+                    server_id, chunk = queue.pop(0)
+                    try:
+                        link = self._session.link(server_id)
+                        if link.is_local:
+                            in_flight.append((server_id, chunk, link, 0, None))
+                        else:
+                            landed: list[memoryview] = []    # the reply's values, back to back
+                            request_id, pending = link.submit("kv_get_many", {**self._wire, "keys": [
+                                keys[i] for i in chunk]}, into=partial(_landing_buffer, landed))
+                            in_flight.append((server_id, chunk, link, request_id, (pending, landed)))
+                    except ServerUnavailable:
+                        self._ask_others(chunk, keys, into, out, servers, replicas)
+                if not in_flight:
+                    continue
+                server_id, chunk, link, request_id, pending = in_flight.pop(0)
+                try:
+                    if pending is None:
+                        reply = link.call("kv_get_many", **self._wire, keys=[keys[i] for i in chunk])
+                        blob = memoryview(reply["values"])
+                    else:
+                        reply = link.wait(request_id, pending[0], "kv_get_many")
+                        blob = pending[1][0] if pending[1] else memoryview(b"")
+                except ServerUnavailable:
+                    self._ask_others(chunk, keys, into, out, servers, replicas)
+                    continue
+                self._take_many(server_id, chunk, reply["lengths"], blob, keys, into, out, again, servers, replicas)
+        except BaseException:
+            for _, _, link, request_id, pending in in_flight:
+                if pending is not None:
+                    link.cancel(request_id, pending[0])
+            raise
+        return again
+
+    def _ask_others(self, chunk: list[int], keys: list[bytes], into: list[memoryview] | None, out: list[Any],
+                    servers: list[int], replicas: int) -> None:
+        """A server that cannot be reached: each of its keys from its other homes, or fresh ones."""
+        for i in chunk:
+            out[i] = self._remote_get(homes(keys[i], servers, replicas), keys[i], None if into is None else into[i])
+
+    def _take_many(self, server_id: int, chunk: list[int], lengths: list[int], blob: memoryview, keys: list[bytes],
+                   into: list[memoryview] | None, out: list[Any], again: dict[int, list[int]], servers: list[int],
+                   replicas: int) -> None:
+        position = 0
+        for i, length in zip(chunk, lengths, strict=True):
+            if length >= 0:
+                value = blob[position:position + length]
+                position += length
+                if into is None:
+                    out[i] = bytes(value)
+                else:
+                    _check_room(length, into[i])
+                    into[i][:length] = value
+                    out[i] = length
+            elif length == MANY_AGAIN:
+                again.setdefault(server_id, []).append(i)
+            elif length == MANY_ALONE:       # too large to ride along: on its own
+                out[i] = self._get(keys[i], None if into is None else into[i])
+            elif replicas > 1:
+                out[i] = self._remote_get(homes(keys[i], servers, replicas)[1:], keys[i],
+                                          None if into is None else into[i])
 
     def exists_many(self, keys: Iterable[Any]) -> list[bool]:
         """Whether each of `keys` is there; one request per server."""
-        keys = [check_key(k) for k in keys]
+        keys = _checked_keys(keys)
         out = [False] * len(keys)
         for server_id, positions in self._by_first_home(keys).items():
             for chunk in _batches(positions, [len(keys[i]) for i in positions]):
@@ -535,7 +661,7 @@ class KV:
 
     def delete_many(self, keys: Iterable[Any]) -> int:
         """Delete many keys; how many were there. One request per server."""
-        keys = [check_key(k) for k in keys]
+        keys = _checked_keys(keys)
         deleted = 0
         for server_id, positions in self._by_first_home(keys).items():
             for chunk in _batches(positions, [len(keys[i]) for i in positions]):
@@ -590,6 +716,11 @@ class KV:
         return sum(self._call(s, "kv_flush")["flushed"] for s in self._pool_servers(fresh=True))
 
 
+def _checked_keys(keys: Iterable[Any]) -> list[bytes]:
+    """check_key of each, without a call for the keys that are bytes already."""
+    return [k if type(k) is bytes and 0 < len(k) <= MAX_KV_KEY_BYTES else check_key(k) for k in keys]
+
+
 def _value_view(value: Any) -> memoryview:
     """A value's bytes: any buffer as it is, a str as UTF-8 (as a key)."""
     return memoryview(value.encode()) if isinstance(value, str) else as_bytes_view(value)
@@ -609,6 +740,11 @@ def _ttl_ms(ttl_s: Any, required: bool = False) -> int | None:
     if not 0 < seconds <= 10 ** 12:
         raise InvalidArgument(f"ttl_s is a positive number of seconds, got {ttl_s!r:.40}")
     return max(1, round(seconds * 1000))
+
+
+def _landing_buffer(landed: list[memoryview], length: int) -> memoryview:
+    landed.append(memoryview(bytearray(length)))
+    return landed[-1]
 
 
 def _batches(positions: list[int], sizes: list[int]) -> Iterator[list[int]]:
