@@ -419,14 +419,17 @@ class KeyValueService:
         token = m.get("token")
         if type(token) is not int:
             raise InvalidArgument(f"a reservation's token is an int, got {token!r:.40}")
-        reserved = mine.reserved.pop(token, None) if take else mine.reserved.get(token)
+        reserved = mine.reserved.get(token)
         if reserved is None:
             raise InvalidArgument(f"no reservation {token!r:.40} of this connection (committed, aborted, or never)")
+        # Checked before it is taken out: a request with wrong credentials (or a namespace that
+        # is not there) leaves the reservation to be committed, aborted or given back at
+        # disconnection, never forgotten with its memory counted.
         state, creds = self.server._namespace(conn, m)
         if state is not reserved.state:
-            if take:
-                mine.reserved[token] = reserved
             raise InvalidArgument("a reservation is committed in the namespace it was made in")
+        if take and mine.reserved.pop(token, None) is None:
+            raise InvalidArgument(f"no reservation {token!r:.40} of this connection (committed or aborted meanwhile)")
         return reserved
 
     @contextmanager
@@ -619,10 +622,16 @@ class KeyValueService:
         token = m.get("hold")
         if type(token) is not int:
             raise InvalidArgument(f"a hold is an int, got {token!r:.40}")
-        held = mine.held.pop(token, None) if take else mine.held.get(token)
+        held = mine.held.get(token)
         if held is None:
             raise InvalidArgument(f"no hold {token!r:.40} of this connection (let go, or never)")
-        self.server._namespace(conn, m)      # still its namespace's, with the right secId
+        # Still its namespace's, with the right secId; checked before the hold is taken out, so
+        # a request with wrong credentials leaves it to be let go (here or at disconnection).
+        state, _ = self.server._namespace(conn, m)
+        if state.kv is not held.space:
+            raise InvalidArgument("a hold is let go in the namespace it was taken in")
+        if take and mine.held.pop(token, None) is None:
+            raise InvalidArgument(f"no hold {token!r:.40} of this connection (let go meanwhile)")
         return held
 
     def op_kv_let_go(self, conn: Connection, m: dict[str, Any]) -> Reply:

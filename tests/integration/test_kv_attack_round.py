@@ -1,0 +1,76 @@
+"""MemKV attacked as an adversary and used as a newcomer would: requests with the wrong
+credentials, counter slots outliving their namespace, requests given up on, bad arguments of
+every kind, the memory limit, and servers that stop or restart under replicas. Each test is a
+finding of the attack round: it failed before its fix."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import memfabric
+from memfabric.errors import InvalidArgument, NoSuchNamespace, PermissionDenied
+from memfabric.kv.rules import homes
+from memfabric.limits import KV_INLINE_BYTES
+
+from ..helpers import MiB, ns_name, wait_until
+
+
+def _servers(session: memfabric.Session) -> list[int]:
+    return sorted(s["server_id"] for s in session.servers() if s["alive"])
+
+
+def _key_homed_on(session: memfabric.Session, server_id: int, prefix: str = "k") -> str:
+    servers = _servers(session)
+    return next(f"{prefix}{i}" for i in range(10_000) if homes(f"{prefix}{i}".encode(), servers, 1)[0] == server_id)
+
+
+def _bytes_held(directory: str, name: str, sec: str) -> int:
+    """The namespace's KV bytes on every server, asked by a session of its own."""
+    with memfabric.init(directory, server=0) as s:
+        return s.namespace(name, sec).kv().stats()["bytes"]
+
+
+def test_a_commit_abort_or_let_go_with_wrong_credentials_loses_nothing(fabric, request):
+    """A kv_commit or kv_abort naming a wrong secId or another namespace failed, and its
+    reservation was forgotten with its memory still counted: held until the namespace went,
+    not even given back when the client disconnected. A kv_let_go so made lost the hold: the
+    value's memory stayed after its key was deleted."""
+    name = ns_name(request)
+    with memfabric.init(fabric.directory, server=0) as s:
+        ns = s.create_namespace(name, sec_id="k")
+        try:
+            link, wire = s.local, dict(ns.wire_creds)
+            key = _key_homed_on(s, link.server_id)
+            first = link.call("kv_reserve", **wire, length=2 * MiB)["token"]
+            second = link.call("kv_reserve", **wire, length=2 * MiB)["token"]
+            with pytest.raises(PermissionDenied):
+                link.call("kv_commit", **{**wire, "sec": b"wrong"}, token=first, key=key.encode())
+            with pytest.raises(NoSuchNamespace):
+                link.call("kv_commit", **{**wire, "ns": name + "-none"}, token=first, key=key.encode())
+            with pytest.raises(NoSuchNamespace):
+                link.call("kv_abort", **{**wire, "ns": name + "-none"}, token=second)
+            link.call("kv_commit", **wire, token=first, key=key.encode())     # still there
+            assert ns.kv().get(key) == bytes(2 * MiB)
+            link.call("kv_abort", **wire, token=second)
+
+            ns.kv().put(key, b"H" * (KV_INLINE_BYTES + 1))
+            reply = link.call("kv_get", **wire, key=key.encode())            # a hold (IPC)
+            assert "hold" in reply
+            with pytest.raises(PermissionDenied):
+                link.call("kv_let_go", **{**wire, "sec": b"wrong"}, hold=reply["hold"])
+            ns.kv().delete(key)
+            assert _bytes_held(fabric.directory, name, "k") > KV_INLINE_BYTES     # held: not reused
+            link.call("kv_let_go", **wire, hold=reply["hold"])
+            assert _bytes_held(fabric.directory, name, "k") == 0
+            reserved = link.call("kv_reserve", **wire, length=MiB)["token"]
+            with pytest.raises(PermissionDenied):
+                link.call("kv_abort", **{**wire, "sec": b"wrong"}, token=reserved)
+            s.close()
+            # The session went: what it still had reserved went back with it.
+            assert _bytes_held(fabric.directory, name, "k") == 0
+        finally:
+            s.close()
+            with memfabric.init(fabric.directory, server=0) as admin:
+                admin.destroy_namespace(name, "k")
