@@ -74,3 +74,59 @@ def test_a_commit_abort_or_let_go_with_wrong_credentials_loses_nothing(fabric, r
             s.close()
             with memfabric.init(fabric.directory, server=0) as admin:
                 admin.destroy_namespace(name, "k")
+
+
+def test_counter_slots_stay_with_their_keyspace_across_a_destroy(fabric, request):
+    """A client's counter slot was given back by namespace name: a client of a destroyed
+    namespace that went away gave its slot to the namespace made again under that name, where
+    another client held it, and the next client was handed it too. Two clients then wrote one
+    pair of counters: same-host hits were lost and others counted twice."""
+    name = ns_name(request)
+    with memfabric.init(fabric.directory, server=0) as admin:
+        old = memfabric.init(fabric.directory, server=0)
+        try:
+            key = _key_homed_on(admin, admin.local.server_id)
+            old_kv = old.create_namespace(name, sec_id="k").kv()
+            old_kv.put(key, b"v")
+            assert old_kv.get(key) == b"v"            # lock-free: it has its counter slot
+            admin.destroy_namespace(name, "k")
+            kv = admin.create_namespace(name, sec_id="k").kv()
+            kv.put(key, b"v")
+            with memfabric.init(fabric.directory, server=0) as a:
+                a_kv = a.namespace(name, "k").kv()
+                base = kv.stats()
+                for _ in range(5):
+                    assert a_kv.get(key) == b"v"
+                old.close()                          # gives back the slot it had
+                with memfabric.init(fabric.directory, server=0) as b:
+                    b_kv = b.namespace(name, "k").kv()
+                    for _ in range(3):
+                        assert b_kv.get(key) == b"v"
+                    for _ in range(2):
+                        assert a_kv.get(key) == b"v"
+                    assert kv.stats()["hits"] - base["hits"] == 10
+        finally:
+            old.close()
+            admin.destroy_namespace(name, "k")
+
+
+def test_a_same_host_reader_of_a_destroyed_keyspace_is_told_at_once(fabric, request):
+    """A same-host client kept reading the index of a keyspace destroyed by another client:
+    its gets said "missing" where every other client got NO_SUCH_NAMESPACE, and once the
+    namespace was made again they still missed keys that `exists` said were there."""
+    name = ns_name(request)
+    with memfabric.init(fabric.directory, server=0) as admin, \
+            memfabric.init(fabric.directory, server=0) as reader:
+        key = _key_homed_on(admin, admin.local.server_id)
+        admin.create_namespace(name, sec_id="k").kv().put(key, b"old")
+        kv = reader.namespace(name, "k").kv()
+        assert kv.get(key) == b"old"
+        admin.destroy_namespace(name, "k")
+        with pytest.raises(NoSuchNamespace):
+            kv.get(key)
+        admin.create_namespace(name, sec_id="k").kv().put(key, b"new")
+        try:
+            assert kv.exists(key)
+            assert kv.get(key) == b"new"
+        finally:
+            admin.destroy_namespace(name, "k")

@@ -13,7 +13,8 @@ grows, so a change is never missed. Hash 0 marks an empty slot and 1 a deleted o
 tombstone); key hashes are made >= 2. Linear probing with tombstones never moves an entry
 within a table, so a reader walking a probe chain meets each entry before or after a
 change, never elsewhere. A table that fills is replaced whole: the server builds the next,
-then sets `moved` in this one, and readers that see it go to the next.
+then sets `moved` in this one, and readers that see it go to the next. A table whose keyspace
+is gone (its namespace destroyed) says CLOSED there: readers ask the server, which says why.
 
 The record a slot names holds the key, then the value (`extents` == 0), or then a table of
 `extents` (segment, offset, length) triples the value lies in, for values larger than one
@@ -47,6 +48,7 @@ MAX_LOAD = 0.5            # keys + tombstones per slot before the table is repla
 MIN_SLOTS = 1024
 MAX_SLOTS = 1 << 26       # 4 GiB of table: far beyond any one namespace on one server
 OFFSET_MASK = (1 << 32) - 1
+CLOSED = (1 << 64) - 1    # in H_MOVED: no table follows this one (its keyspace is gone)
 
 
 def lock_free_reads() -> bool:

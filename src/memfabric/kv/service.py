@@ -75,7 +75,9 @@ class _Held:
 @dataclass
 class _ClientKv:
     """What one connection has of the keyspaces: counter slots, reservations, holds."""
-    slots: dict[tuple[str, str], int] = field(default_factory=dict)
+    # By keyspace, not by name: a slot is a number in one keyspace's stats memfd, and a
+    # namespace destroyed and made again has a new keyspace with slots of its own.
+    slots: dict[KeySpace, int] = field(default_factory=dict)
     reserved: dict[int, _Reserved] = field(default_factory=dict)
     held: dict[int, _Held] = field(default_factory=dict)
 
@@ -172,11 +174,10 @@ class KeyValueService:
         for held in mine.held.values():
             with held.space.lock:
                 held.store.let_go(held.place)
-        with self.lock:
-            for key, slot in mine.slots.items():
-                state = self.server.namespaces.get(key)
-                if state is not None and state.kv is not None and not state.kv.closed:
-                    state.kv.give_client_slot(slot)
+        for space, slot in mine.slots.items():
+            with space.lock:
+                if not space.closed:
+                    space.give_client_slot(slot)
 
     def tick(self) -> None:
         """From the server's keeper: expired keys give their memory back without a reader."""
@@ -196,22 +197,26 @@ class KeyValueService:
     def op_kv_open(self, conn: Connection, m: dict[str, Any]) -> Reply:
         state, creds, space, _ = self._space(conn, m)
         slots = self._client(conn).slots
+        for gone in [s for s in slots if s.closed]:
+            del slots[gone]
         with space.lock:
-            key = (creds[0], creds[1])
-            slot = slots.get(key)
+            slot = slots.get(space)
             if slot is None:
                 slot = space.take_client_slot()
                 if slot is not None:
-                    slots[key] = slot
+                    slots[space] = slot
             table = space.table
             fds: list[int] = []
-            try:
-                for fd in (table.index_fd, table.refs_fd, space.stats_fd):
-                    fds.append(os.dup(fd))
-            except OSError as exc:
-                for fd in fds:
-                    os.close(fd)
-                raise LimitExceeded(f"server {self.server_id} cannot open more files ({exc.strerror})") from None
+            with space.fd_lock:         # a destroy closes them: never dup a closed (or reused) number
+                if space.closed:
+                    raise NoSuchNamespace(f"namespace {creds[1]!r} in pool {creds[0]!r} was destroyed meanwhile")
+                try:
+                    for fd in (table.index_fd, table.refs_fd, space.stats_fd):
+                        fds.append(os.dup(fd))
+                except OSError as exc:
+                    for fd in fds:
+                        os.close(fd)
+                    raise LimitExceeded(f"server {self.server_id} cannot open more files ({exc.strerror})") from None
             reply = {"generation": table.generation, "slots": table.slots, "index_bytes": table.index_bytes,
                      "stats_bytes": space.stats_bytes, "client_slot": slot, "lock_free": ix.lock_free_reads(),
                      "incarnation": state.record.incarnation}

@@ -107,6 +107,10 @@ class KeySpace:
         # at a time under its stripe; the table and the heap under `lock`, never held while
         # calling out, so two servers replicating to each other cannot wait on each other.
         self.lock = threading.RLock()
+        # The memfds' numbers: closed by a destroy, which holds the server's lock and so cannot
+        # wait for `lock` (held while memory is reserved from the server). Taken for a dup, a
+        # table's replacement and the close, and nothing is taken under it.
+        self.fd_lock = threading.Lock()
         self.key_locks = [threading.RLock() for _ in range(KEY_LOCK_STRIPES)]
         self.heap = RecordHeap(grace_s)
         self.grace_s = grace_s
@@ -175,9 +179,15 @@ class KeySpace:
         self._free_client_slots.append(slot)
 
     def close(self) -> None:
-        self.closed = True
-        self.table.close()
-        os.close(self.stats_fd)
+        """The namespace is gone. Same-host readers that still map the index are sent to the
+        server (which says so) rather than read a keyspace that is no more."""
+        with self.fd_lock:
+            if self.closed:
+                return
+            self.closed = True
+            self.table.writer.moved_to(ix.CLOSED)
+            self.table.close()
+            os.close(self.stats_fd)
 
 
 def now_ms() -> int:

@@ -16,7 +16,7 @@ import time
 from typing import Callable
 
 from ..core.allocator import Extent
-from ..errors import OutOfMemory
+from ..errors import NoSuchNamespace, OutOfMemory
 from ..media.base import SegmentMemory
 from . import index as ix
 from .heap import CLASSES, MAX_RECORD_BYTES, PAGE_BYTES, Chunk, RecordHeap
@@ -328,11 +328,15 @@ class Store:
         except BaseException:
             new.close()
             raise
-        space.table = new
-        writer.moved_to(new.generation)
+        with space.fd_lock:
+            if space.closed:            # destroyed meanwhile: its fds are closed, the new ones go too
+                new.close()
+                raise NoSuchNamespace(f"namespace {self.namespace!r} was destroyed meanwhile")
+            space.table = new
+            writer.moved_to(new.generation)
+            old.close()
         space.clock_hand = 0
         space.sweep_hand = 0
-        old.close()
 
     def sweep(self, slots: int, now_ms: int) -> int:
         """Delete the expired keys among the next `slots` slots (memory back without waiting for
