@@ -6,16 +6,17 @@ finding of the attack round: it failed before its fix."""
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
 import memfabric
-from memfabric.errors import InvalidArgument, NoSuchNamespace, PermissionDenied
+from memfabric.errors import InvalidArgument, NoSuchNamespace, PermissionDenied, Timeout
 from memfabric.kv.rules import homes
 from memfabric.limits import KV_INLINE_BYTES
 from memfabric.load import audit, leak_figures
 
-from ..helpers import MiB, ns_name, wait_until
+from ..helpers import MiB, ns_name, stop_process, wait_until
 
 
 def _servers(session: memfabric.Session) -> list[int]:
@@ -156,3 +157,36 @@ def test_the_audit_accounts_for_kv_memory(fabric, request):
             assert leak_figures(audit(s), "default", [name])[1] == 0
         finally:
             ns.destroy()
+
+
+@pytest.mark.parametrize("where", ["same-host", "remote"])
+def test_a_large_put_or_get_given_up_on_gives_back_what_the_server_kept(fresh_fabric, where):
+    """A kv_reserve (a large put) or a kv_get answered with a hold, whose caller timed out,
+    was carried out when the server came back: the reservation or the hold lasted as long as
+    the session, its memory counted (and 16 of them stopped the session's large puts)."""
+    fab = fresh_fabric(servers=2, capacity="64MiB", segment_size="1MiB")
+    path = fab.directory if where == "same-host" else os.path.join(fab.directory, "remote.toml")
+    with memfabric.init(fab.directory, server=0) as admin, \
+            memfabric.init(path, timeout_s=0.5, **({"server": 0} if where == "same-host" else {})) as s:
+        ns = admin.create_namespace("late", sec_id="k")
+        kv = s.namespace("late", "k").kv()
+        home = admin.local.server_id
+        big, held = _key_homed_on(admin, home, "big"), _key_homed_on(admin, home, "held")
+        kv.put(held, b"H" * (KV_INLINE_BYTES + 1))
+        assert kv.get(big) is None                 # the links are up, the view is known
+        pid = fab.server_pids()[home]
+        stop_process(pid)
+        try:
+            with pytest.raises(Timeout):
+                kv.put(big, b"B" * (2 * MiB))
+            if where == "same-host":               # a hold: what a same-host get the index cannot answer asks
+                with pytest.raises(Timeout):
+                    s.link(home).call("kv_get", **ns.wire_creds, key=held.encode())
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        ns.kv().delete(held)
+        # The late replies come with the link's next answer; what undoes them goes then.
+        wait_until(lambda: kv.get("nothing") is None and _bytes_held(fab.directory, "late", "k") == 0,
+                   "the reservation and the hold to be given back")
+        kv.put(big, b"B" * (2 * MiB))
+        assert kv.get(big) == b"B" * (2 * MiB)
