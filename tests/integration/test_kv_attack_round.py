@@ -190,3 +190,87 @@ def test_a_large_put_or_get_given_up_on_gives_back_what_the_server_kept(fresh_fa
                    "the reservation and the hold to be given back")
         kv.put(big, b"B" * (2 * MiB))
         assert kv.get(big) == b"B" * (2 * MiB)
+
+
+def _bad_calls(kv) -> dict[str, object]:
+    """Calls a newcomer (or a fuzzer) makes that must each be INVALID_ARGUMENT, touching nothing."""
+    import decimal
+
+    import numpy as np
+    return {
+        "a str key with a lone surrogate": lambda: kv.put("\ud800", b"v"),
+        "a str value with a lone surrogate": lambda: kv.put("k", "\udfff"),
+        "a scan prefix with a lone surrogate": lambda: list(kv.scan("p\ud800")),
+        "ttl_s numpy bool": lambda: kv.put("k", b"v", ttl_s=np.bool_(True)),
+        "ttl_s Decimal sNaN": lambda: kv.put("k", b"v", ttl_s=decimal.Decimal("sNaN")),
+        "ttl_s an array": lambda: kv.put("k", b"v", ttl_s=np.array([1.0, 2.0])),
+        "ttl_s past a float": lambda: kv.put("k", b"v", ttl_s=10 ** 400),
+        "expire numpy bool": lambda: kv.expire("k", np.bool_(True)),
+        "put_many ttl_s past a float": lambda: kv.put_many({"k": b"v"}, ttl_s=10 ** 400),
+        "replicas True": lambda: kv.put("k", b"v", replicas=True),
+        "configure replicas True": lambda: kv.configure(replicas=True),
+        "incr by past 64 bits": lambda: kv.incr("n", 2 ** 70),
+        "memory_limit past 64 bits": lambda: kv.configure(memory_limit=2 ** 70),
+        "memory_limit str past 64 bits": lambda: kv.configure(memory_limit="99999999999999999999999GiB"),
+        "get_many None": lambda: kv.get_many(None),
+        "get_many one str key": lambda: kv.get_many("abc"),
+        "get_many one bytes key": lambda: kv.get_many(b"abc"),
+        "exists_many 5": lambda: kv.exists_many(5),
+        "delete_many None": lambda: kv.delete_many(None),
+        "delete_many one str key": lambda: kv.delete_many("abc"),
+        "get_many_into buffers None": lambda: kv.get_many_into(["k"], None),
+        "get_many_into one buffer": lambda: kv.get_many_into(["k"], bytearray(8)),
+        "put_many None": lambda: kv.put_many(None),
+        "put_many 5": lambda: kv.put_many(5),
+        "put_many triples": lambda: kv.put_many([("a", b"1", 3)]),
+        "put_many two-letter strs": lambda: kv.put_many(["ab", "cd"]),
+        "put_many one str": lambda: kv.put_many("ab"),
+    }
+
+
+def test_bad_arguments_are_invalid_argument_and_touch_nothing(fabric, request):
+    """Each of these raised a raw UnicodeEncodeError, ValueError, TypeError or OverflowError,
+    was taken for something else (a numpy bool as one second, True as one replica, "abc" as
+    three keys, ["ab", "cd"] as a=b and c=d), or, for a memory_limit past 64 bits, was kept
+    by the cluster and made every later kv_stats, put and get of the namespace INTERNAL_ERROR."""
+    name = ns_name(request)
+    with memfabric.init(fabric.directory, server=0) as s:
+        ns = s.create_namespace(name, sec_id="k")
+        try:
+            kv = ns.kv()
+            kv.put("k", b"before")
+            kv.put("n", b"7")
+            wrong = {}
+            for what, call in _bad_calls(kv).items():
+                try:
+                    call()
+                    wrong[what] = "accepted"
+                except InvalidArgument:
+                    pass
+                except Exception as exc:     # noqa: BLE001 -- what it raised is the finding
+                    wrong[what] = f"{type(exc).__name__}: {exc}"[:160]
+            assert not wrong, wrong
+            assert kv.get("k") == b"before" and kv.get("n") == b"7"
+            assert kv.get_many(["a", "c", "\ud800".encode("utf-8", "surrogatepass")]) == [None, None, None]
+            stats = kv.stats()
+            assert stats["keys"] == 2 and stats["settings"]["memory_limit"] is None
+        finally:
+            ns.destroy()
+
+
+@pytest.mark.parametrize("text", [b"1_0", b"\xd9\xa1", b" 1", b"1 ", b"+1", b"01", b"-0", b"0x1", b"", b"1e3"])
+def test_incr_takes_only_ascii_decimal_integers_as_redis_does(fabric, request, text):
+    """INCR read the value with Python's int(): "1_0" was 10, and incremented to 11."""
+    name = ns_name(request)
+    with memfabric.init(fabric.directory, server=0) as s:
+        ns = s.create_namespace(name, sec_id="k")
+        try:
+            kv = ns.kv()
+            kv.put("n", text)
+            with pytest.raises(InvalidArgument):
+                kv.incr("n")
+            assert kv.get("n") == text
+            kv.put("m", b"-12")
+            assert kv.incr("m", 12) == 0 and kv.incr("m") == 1
+        finally:
+            ns.destroy()

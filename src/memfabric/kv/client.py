@@ -25,7 +25,7 @@ from ..client.arguments import as_bool, as_int
 from ..errors import InvalidArgument, MemfabricError, ProtocolError, ServerUnavailable, Timeout
 from ..limits import KV_INLINE_BYTES, MAX_KV_BATCH
 from . import index as ix
-from .rules import check_key, check_replicas, homes, key_hash
+from .rules import check_key, check_replicas, homes, key_hash, ttl_ms, utf8
 from .space import EXTENT
 from .transfer import put_large, read_held
 
@@ -167,7 +167,7 @@ class KV:
         args: dict[str, Any] = {}
         if memory_limit is not ...:
             args["memory_limit"] = None if memory_limit is None else (
-                memory_limit if isinstance(memory_limit, str) else as_int(memory_limit, "memory_limit"))
+                memory_limit if isinstance(memory_limit, str) else _int64(memory_limit, "memory_limit"))
         if eviction is not ...:
             args["eviction"] = eviction
         if replicas is not ...:
@@ -413,7 +413,7 @@ class KV:
     def incr(self, key: Any, by: int = 1) -> int:
         """Add `by` to the integer the key holds as decimal text (a missing key counts 0);
         the new value. INVALID_ARGUMENT when the value is not an integer, or on overflow."""
-        step = as_int(by, "by")
+        step = _int64(by, "by")
         # Never sent twice: a lost reply may have been applied.
         return int(self._at_first_home(check_key(key), "kv_incr", retry=False, by=step)["value"])
 
@@ -430,9 +430,7 @@ class KV:
                  replicas: int | None = None) -> None:
         """Store many keys: a mapping, or (key, value) pairs. One request per server (per
         batch of 4,096 keys or 192 KiB); large values each on their own."""
-        if isinstance(items, Mapping):
-            items = items.items()
-        pairs = [(check_key(k), _value_view(v)) for k, v in items]
+        pairs = [(check_key(k), _value_view(v)) for k, v in _pairs(items)]
         options = {"ttl_ms": _ttl_ms(ttl_s), "replicas": None if replicas is None else check_replicas(replicas)}
         keys = [k for k, _ in pairs]
         for server_id, positions in self._by_first_home(keys).items():
@@ -447,14 +445,14 @@ class KV:
     def get_many(self, keys: Iterable[Any]) -> list[bytes | None]:
         """The values of many keys (None for each missing): read in place for keys homed on
         this host, one request per other server."""
-        keys = [check_key(k) for k in keys]
+        keys = _keys(keys)
         return [None if v is _MISS else v for v in self._get_many(keys, None)]
 
     def get_many_into(self, keys: Iterable[Any], buffers: Iterable[Any]) -> list[int | None]:
         """Fill one buffer per key; each value's length, None for a missing key. A buffer too
         small: INVALID_ARGUMENT (that buffer untouched; those before it may be filled)."""
-        keys = [check_key(k) for k in keys]
-        views = [as_bytes_view(b, writable=True) for b in buffers]
+        keys = _keys(keys)
+        views = [as_bytes_view(b, writable=True) for b in _many(buffers, "buffers", "buffer")]
         if len(keys) != len(views):
             raise InvalidArgument(f"{len(keys)} keys and {len(views)} buffers: one buffer per key")
         return [None if v is _MISS else v for v in self._get_many(keys, views)]
@@ -501,7 +499,7 @@ class KV:
 
     def exists_many(self, keys: Iterable[Any]) -> list[bool]:
         """Whether each key is there; one request per server."""
-        keys = [check_key(k) for k in keys]
+        keys = _keys(keys)
         out = [False] * len(keys)
         for server_id, positions in self._by_first_home(keys).items():
             for chunk in _batches(positions, [len(keys[i]) for i in positions]):
@@ -512,7 +510,7 @@ class KV:
 
     def delete_many(self, keys: Iterable[Any]) -> int:
         """Delete many keys; how many were there. One request per server."""
-        keys = [check_key(k) for k in keys]
+        keys = _keys(keys)
         deleted = 0
         for server_id, positions in self._by_first_home(keys).items():
             for chunk in _batches(positions, [len(keys[i]) for i in positions]):
@@ -569,7 +567,41 @@ class KV:
 
 def _value_view(value: Any) -> memoryview:
     """A value's bytes: any buffer as it is, a str as UTF-8 (as a key)."""
-    return memoryview(value.encode()) if isinstance(value, str) else as_bytes_view(value)
+    return memoryview(utf8(value, "a value")) if isinstance(value, str) else as_bytes_view(value)
+
+
+def _many(items: Any, what: str, one: str) -> list[Any]:
+    """An iterable's items as a list. A str or a buffer is one thing, not many: a batch of
+    the characters of a key (or of the bytes of a value) is never what was meant."""
+    if isinstance(items, (str, bytes, bytearray, memoryview)):
+        raise InvalidArgument(f"{what} is an iterable of them (a list, say), got one {one}: {items!r:.40}")
+    try:
+        return list(items)
+    except TypeError:
+        raise InvalidArgument(f"{what} is an iterable of them (a list, say), got {type(items).__name__}") from None
+
+
+def _keys(keys: Any) -> list[bytes]:
+    return [check_key(k) for k in _many(keys, "keys", "key")]
+
+
+def _pairs(items: Any) -> list[tuple[Any, Any]]:
+    """put_many's items: a mapping, or (key, value) pairs, each a tuple or a list of two."""
+    if isinstance(items, Mapping):
+        return list(items.items())
+    pairs = _many(items, "items", "value")
+    for pair in pairs:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise InvalidArgument(f"items are a mapping or (key, value) pairs, got {pair!r:.40}")
+    return pairs
+
+
+def _int64(value: Any, what: str) -> int:
+    """An integer that travels as a signed 64-bit one (the wire's and Redis's)."""
+    number = as_int(value, what)
+    if not -(1 << 63) <= number < (1 << 63):
+        raise InvalidArgument(f"{what} is a 64-bit integer, got {number}")
+    return number
 
 
 def _check_room(length: int, into: memoryview | None) -> None:
@@ -580,12 +612,7 @@ def _check_room(length: int, into: memoryview | None) -> None:
 def _ttl_ms(ttl_s: Any, required: bool = False) -> int | None:
     if ttl_s is None and not required:
         return None
-    if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) and not hasattr(ttl_s, "__float__"):
-        raise InvalidArgument(f"ttl_s is a number of seconds, got {ttl_s!r:.40}")
-    seconds = float(ttl_s)
-    if not 0 < seconds <= 10 ** 12:
-        raise InvalidArgument(f"ttl_s is a positive number of seconds, got {ttl_s!r:.40}")
-    return max(1, round(seconds * 1000))
+    return ttl_ms(ttl_s)
 
 
 def _batches(positions: list[int], sizes: list[int]) -> Iterator[list[int]]:

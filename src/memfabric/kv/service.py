@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from ..core.allocator import Extent
 from ..errors import (InvalidArgument, LimitExceeded, MemfabricError, NoSuchNamespace, NoSuchObject, OutOfMemory,
                       ServerUnavailable)
 from ..limits import (KV_INLINE_BYTES, MAX_KV_BATCH, MAX_KV_HOLDS_PER_CLIENT, MAX_KV_PENDING_PER_CLIENT,
-                      MAX_RPC_PAYLOAD_BYTES)
+                      MAX_KV_REPLICAS, MAX_RPC_PAYLOAD_BYTES)
 from ..server.requests import Connection, Payload, Reply
 from ..server.state import NamespaceState
 from ..units import parse_size
@@ -47,11 +48,15 @@ log = logging.getLogger("memfabric.server")
 
 Creds = tuple[str, str, bytes]
 SCAN_BATCH_MAX = 10_000
+# Settings ride in replies as 64-bit integers: a larger limit, once kept, made every reply
+# carrying the settings (kv_stats, which every client asks) fail to encode.
+MAX_MEMORY_LIMIT_BYTES = (1 << 63) - 1
 SETTINGS_NAME = "kv"
 SETTINGS_TTL_S = 1.0             # a keyspace re-reads its settings from the cluster this often
 SWEEP_EVERY_S = 0.1              # expired keys are looked for this often, per keyspace...
 SWEEP_SLOTS = 2048               # ...this many slots at a time
 _tokens = itertools.count(1)
+_INTEGER = re.compile(rb"0|-?[1-9][0-9]*")
 
 
 @dataclass
@@ -144,8 +149,7 @@ class KeyValueService:
         self._settings_read[key] = now
         record = state.record
         stored = self.server.cluster.get_settings(record.pool, record.ns, record.incarnation, SETTINGS_NAME) or {}
-        space.settings = KvSettings(memory_limit=stored.get("memory_limit"), eviction=stored.get("eviction", "lru"),
-                                    replicas=stored.get("replicas", 1))
+        space.settings = _settings(stored)
 
     def _share(self, space: KeySpace, pool: str) -> int | None:
         """This server's part of the namespace's memory limit: rendezvous hashing spreads keys
@@ -751,6 +755,17 @@ class KeyValueService:
         return {}
 
 
+def _settings(stored: dict[str, Any]) -> KvSettings:
+    """Settings as the cluster keeps them, each checked as kv_configure checks it: one kept
+    by an older server that checked less reads as the default, never as a value that breaks
+    every reply carrying it."""
+    limit, eviction, replicas = stored.get("memory_limit"), stored.get("eviction"), stored.get("replicas")
+    return KvSettings(
+        memory_limit=limit if type(limit) is int and 0 < limit <= MAX_MEMORY_LIMIT_BYTES else None,
+        eviction=eviction if eviction in ("lru", "refuse") else "lru",
+        replicas=replicas if type(replicas) is int and 1 <= replicas <= MAX_KV_REPLICAS else 1)
+
+
 def _piece_at(extents: list[Extent], at: int, length: int) -> tuple[int, int] | None:
     """(segment, offset) of byte `at` of a value laid over `extents`, if `length` bytes from
     there stay within that extent."""
@@ -795,14 +810,11 @@ def _replica_expiry(expiry: object) -> int:
 
 
 def _integer(raw: bytes) -> int:
-    """A value as Redis's INCR reads it: a base-10 64-bit integer, nothing around it."""
-    try:
-        if not raw or len(raw) > 20 or raw != raw.strip() or raw.startswith(b"+") or \
-                (len(raw) > 1 and raw.lstrip(b"-").startswith(b"0")):
-            raise ValueError
-        value = int(raw)
-    except ValueError:
-        raise InvalidArgument("value is not an integer or out of range") from None
+    """A value as Redis's INCR reads it: a base-10 64-bit integer in ASCII digits, nothing
+    around or between them (Python's int() also takes "1_000", " 1" and other scripts' digits)."""
+    if len(raw) > 20 or not _INTEGER.fullmatch(raw):
+        raise InvalidArgument("value is not an integer or out of range")
+    value = int(raw)
     if not -(1 << 63) <= value < (1 << 63):
         raise InvalidArgument("value is not an integer or out of range")
     return value
@@ -815,8 +827,9 @@ def _memory_limit(limit: object) -> int | None:
         value = parse_size(limit)
     except ValueError as exc:
         raise InvalidArgument(f"memory_limit: {exc}") from None
-    if value <= 0:
-        raise InvalidArgument(f"memory_limit is a positive size (\"1GiB\", bytes) or None, got {limit!r:.40}")
+    if not 0 < value <= MAX_MEMORY_LIMIT_BYTES:
+        raise InvalidArgument(f"memory_limit is a positive size (\"1GiB\", bytes) up to {MAX_MEMORY_LIMIT_BYTES} "
+                              f"bytes, or None; got {limit!r:.40}")
     return value
 
 
