@@ -274,3 +274,27 @@ def test_incr_takes_only_ascii_decimal_integers_as_redis_does(fabric, request, t
             assert kv.incr("m", 12) == 0 and kv.incr("m") == 1
         finally:
             ns.destroy()
+
+
+@pytest.mark.parametrize("size", [KV_INLINE_BYTES - 1000, 3 * MiB])
+def test_a_value_larger_than_its_share_of_the_limit_evicts_nothing(fabric, request, size):
+    """With eviction "lru", a value that could never fit its server's share of memory_limit
+    evicted up to 64 keys, then failed OUT_OF_MEMORY anyway: those keys were lost for nothing."""
+    name = ns_name(request)
+    with memfabric.init(fabric.directory, server=0) as s:
+        ns = s.create_namespace(name, sec_id="k")
+        try:
+            kv = ns.kv()
+            share = (KV_INLINE_BYTES - 2000) * len(_servers(s)) if size < MiB else 4 * MiB
+            kv.configure(memory_limit=share, eviction="lru")
+            home = s.local.server_id
+            keys = [_key_homed_on(s, home, f"keep{i}-") for i in range(20)]
+            for key in keys:
+                kv.put(key, b"k" * 1000)
+            with pytest.raises(memfabric.OutOfMemory) as err:
+                kv.put(_key_homed_on(s, home, "huge"), b"h" * size)
+            assert "share" in str(err.value)
+            assert kv.get_many(keys) == [b"k" * 1000] * len(keys)
+            assert kv.stats()["evictions"] == 0
+        finally:
+            ns.destroy()

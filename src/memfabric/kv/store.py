@@ -272,19 +272,22 @@ class Store:
         space = self.space
         if share is None or more <= 0 or space.used_bytes() + more <= share:
             return
+        if more > share:
+            # No eviction can make room: refused before any key is lost for it.
+            raise OutOfMemory(f"a write of {more} bytes is larger than namespace {self.namespace!r}'s share of "
+                              f"its memory_limit {space.settings.memory_limit} on this server ({share} bytes: "
+                              f"the limit is shared evenly by the pool's servers)")
         if space.settings.eviction == "refuse":
             raise OutOfMemory(f"namespace {self.namespace!r} holds {space.used_bytes()} bytes of keys and values "
                               f"on this server, its share of memory_limit {space.settings.memory_limit} is "
                               f"{share}; eviction is 'refuse'")
-        for _ in range(EVICTION_TRIES):
-            if not self.evict_one(writing):
-                break
+        evicted = 0
+        while evicted < EVICTION_TRIES and self.evict_one(writing):
+            evicted += 1
             if space.used_bytes() + more <= share:
                 return
-        if space.used_bytes() + more > share:
-            raise OutOfMemory(f"{more} more bytes do not fit namespace {self.namespace!r}'s share of its "
-                              f"memory_limit on this server ({share} bytes), even after evicting "
-                              f"{EVICTION_TRIES} keys")
+        raise OutOfMemory(f"{more} more bytes do not fit namespace {self.namespace!r}'s share of its "
+                          f"memory_limit on this server ({share} bytes), even after evicting {evicted} keys")
 
     def evict_one(self, keep: bytes) -> bool:
         """The CLOCK hand: a key read since the hand last passed keeps its place (its byte is
