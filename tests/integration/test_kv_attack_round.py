@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
 import memfabric
 from memfabric.errors import InvalidArgument, NoSuchNamespace, PermissionDenied, Timeout
 from memfabric.kv.rules import homes
+from memfabric.launcher import die_with_parent, wait_for_line
 from memfabric.limits import KV_INLINE_BYTES
 from memfabric.load import audit, leak_figures
 
@@ -298,3 +301,104 @@ def test_a_value_larger_than_its_share_of_the_limit_evicts_nothing(fabric, reque
             assert kv.stats()["evictions"] == 0
         finally:
             ns.destroy()
+
+
+def _alive(session: memfabric.Session, server_id: int) -> bool:
+    return any(s["server_id"] == server_id and s["alive"] for s in session.servers())
+
+
+def _restart(fab, server_id: int) -> subprocess.Popen:
+    config = os.path.join(fab.directory, f"server-{server_id}", "server.toml")
+    proc = subprocess.Popen([sys.executable, "-m", "memfabric", "server", "--config", config],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=die_with_parent)
+    wait_for_line(proc, " ready ", 30, [])
+    return proc
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_a_server_back_from_a_stop_the_cluster_took_for_death_never_serves_an_old_value(fresh_fabric, replicas):
+    """A key's first home was stopped (SIGSTOP) until the cluster saw it dead; a put of the
+    key went to the next server and was acknowledged. When the stopped server came back, every
+    client (same-host, lock-free; and remote) read the value from before that put: an
+    acknowledged write lost, an old value served. Now the server forgets its keys before it
+    says it is alive again, and same-host readers stop at its index's lease: the key reads as
+    the acknowledged value where a replica holds it, else as missing, never as the old one."""
+    fab = fresh_fabric(servers=2, capacity="32MiB", segment_size="1MiB")
+    with memfabric.init(fab.directory, server=0) as s, \
+            memfabric.init(os.path.join(fab.directory, "remote.toml")) as r:
+        kv = s.create_namespace("stale", sec_id="k").kv()
+        remote = r.namespace("stale", "k").kv()
+        kv.configure(replicas=replicas)
+        me = s.local.server_id
+        other = next(x for x in _servers(s) if x != me)
+        key = _key_homed_on(s, other)
+        big = _key_homed_on(s, other, "big")
+        kv.put(key, b"old")
+        kv.put(big, b"O" * (2 * MiB))
+        assert kv.get(key) == remote.get(key) == b"old"
+        # A same-host client whose view of the pool is a moment old when it reads (pinned here,
+        # as a slow refresh leaves it): it still takes the stopped server for the key's home.
+        late = s.namespace("stale", "k").kv()
+        assert late.get(key) == b"old"
+        late._servers_at = late._replicas_at = float("inf")
+        pid = fab.server_pids()[other]
+        stop_process(pid)
+        try:
+            wait_until(lambda: not _alive(s, other), "the cluster to see the stopped server dead")
+            assert kv.put(key, b"new") and kv.put(big, b"N" * (2 * MiB))     # at the next server
+            assert kv.get(key) == remote.get(key) == b"new"
+            assert late.get(key) == b"new"           # not the stopped server's index: its lease ran out
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_until(lambda: _alive(s, other), "the server to be alive again")
+        # Without a replica, the new value stays on the server that took the key over, which
+        # no longer is its home: the key is missing (never old). stats() takes a fresh view.
+        new, new_big = b"new", b"N" * (2 * MiB)
+        allowed, allowed_big = ({new}, {new_big}) if replicas > 1 else ({None}, {None})
+        for client in (kv, remote):
+            client.stats()
+            assert client.get(key) in allowed
+            assert client.get(big) in allowed_big
+            got, got_big = client.get_many([key, big])
+            assert got in allowed and got_big in allowed_big
+            if replicas > 1:
+                assert client.exists(key)
+        kv.put(key, b"newest")                     # its first home again, and the replicas follow
+        assert kv.get(key) == remote.get(key) == b"newest"
+
+
+def test_a_restarted_first_home_does_not_hide_what_its_replica_holds(fresh_fabric):
+    """With replicas=2, the first home of some keys was killed and restarted (DRAM: empty).
+    A remote client still read those keys from their replica, but a same-host client read
+    them as missing, and exists and ttl said missing to everyone."""
+    fab = fresh_fabric(servers=2, capacity="32MiB", segment_size="1MiB")
+    restarted = None
+    with memfabric.init(fab.directory, server=0) as s, \
+            memfabric.init(os.path.join(fab.directory, "remote.toml")) as r:
+        kv = s.create_namespace("restart", sec_id="k").kv()
+        remote = r.namespace("restart", "k").kv()
+        kv.configure(replicas=2)
+        me = s.local.server_id
+        other = next(x for x in _servers(s) if x != me)
+        keys = [_key_homed_on(s, other, f"r{i}-") for i in range(5)]
+        kv.put_many({k: k.encode() for k in keys}, ttl_s=1000)
+        kv.put(keys[0] + "-big", b"B" * (2 * MiB))
+        os.kill(fab.server_pids()[other], signal.SIGKILL)
+        wait_until(lambda: not _alive(s, other), "the cluster to see the killed server dead")
+        try:
+            restarted = _restart(fab, other)
+            wait_until(lambda: _alive(s, other), "the restarted server to be seen alive")
+            for client in (kv, remote):
+                assert client.get_many(keys) == [k.encode() for k in keys]
+                assert client.get(keys[0]) == keys[0].encode()
+                assert client.get(keys[0] + "-big") == b"B" * (2 * MiB)
+                buffer = bytearray(64)
+                assert client.get_into(keys[1], buffer) == len(keys[1])
+                assert client.exists_many(keys) == [True] * len(keys)
+                assert 990 < client.ttl(keys[2]) <= 1000
+                assert client.get("never-written") is None and client.ttl("never-written") == -2.0
+        finally:
+            if restarted is not None:
+                restarted.send_signal(signal.SIGTERM)
+                restarted.wait(15)

@@ -10,7 +10,10 @@ request per server. Large values move once on each side (transfer.py).
 
 Where a key's only home died: its gets fail SERVER_UNAVAILABLE until the cluster sees that
 server dead (cluster.liveness_timeout_s), then they miss (the key is gone with it). With
-replicas, a get that misses at one home, or cannot reach it, asks the next.
+replicas, a get (or exists, or ttl) that misses at one home, or cannot reach it, asks the
+next: a home that restarted, or came back from a silence the cluster took for death, has
+forgotten its keys, and its replicas still hold them. A same-host home whose index lease ran
+out (index.py: stopped, or cut off from the cluster) is not read; the other homes are asked.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ READ_RETRIES = 64          # a same-host read that keeps meeting writes asks the
 EXTENTS_MASK = (1 << 32) - 1
 _MISS = object()
 _ASK = object()            # the lock-free read cannot answer: ask the server
+_AWAY = object()           # the server's lease ran out: neither its index nor it may be current
 
 
 class _LocalIndex:
@@ -220,14 +224,21 @@ class KV:
             link = self._local_link(server_id)
             if link is not None:
                 got = self._local_get(link, key, into)
+                if got is _AWAY:
+                    return self._remote_get([s for s in ranked if s != server_id], key, into, tried=[server_id])
+                if got is _MISS and server_id == ranked[0]:
+                    # The first home may have lost it (restarted, or forgot it coming back):
+                    # its other homes are asked (none when the key has no replica).
+                    return self._remote_get(ranked[1:], key, into, tried=[server_id], reached=True)
                 # A replica may lack the key (evicted there, or written while it was away).
-                if got is not _ASK and (got is not _MISS or server_id == ranked[0]):
+                if got is not _ASK and got is not _MISS:
                     return got
                 break
         return self._remote_get(ranked, key, into)
 
-    def _remote_get(self, ranked: list[int], key: bytes, into: memoryview | None) -> Any:
-        reached = False
+    def _remote_get(self, ranked: list[int], key: bytes, into: memoryview | None, tried: list[int] | None = None,
+                    reached: bool = False) -> Any:
+        """Ask `ranked` in turn; `tried`: homes asked already (`reached`: one answered)."""
         for server_id in ranked:
             try:
                 got = self._get_at(server_id, key, into)
@@ -238,12 +249,13 @@ class KV:
                 return got
         if reached:
             return _MISS
-        if len(ranked) == 1:
-            # Its only home is gone. Once the cluster sees it dead, the key's home is another.
-            fresh = homes(key, self._pool_servers(fresh=True), 1)
-            if fresh != ranked:
-                return self._get_at(fresh[0], key, into)
-        raise ServerUnavailable(f"no home of key {key[:40]!r} answers (servers {ranked})")
+        # No home answers. Once the cluster sees them dead, the key's homes are others.
+        asked = set(ranked) | set(tried or ())
+        fresh = [s for s in homes(key, self._pool_servers(fresh=True), self._replica_count()) if s not in asked]
+        if fresh:
+            return self._remote_get(fresh, key, into, tried=list(asked))
+        raise ServerUnavailable(f"no home of key {key[:40]!r} answers (servers {sorted(asked)}: stopped, "
+                                "or cut off from the cluster, which does not see them dead yet)")
 
     def _get_at(self, server_id: int, key: bytes, into: memoryview | None) -> Any:
         """A get asked of a server: inline, or sent as the reply's payload, or held for us."""
@@ -312,6 +324,8 @@ class KV:
                     return _ASK
             link.check_alive()
             words = idx.words
+            if words[ix.H_LEASE] <= time.time_ns() // 1_000_000:
+                return _AWAY
             mask = idx.mask
             slot = h & mask
             for _ in range(mask + 1):
@@ -407,7 +421,15 @@ class KV:
 
     def ttl(self, key: Any) -> float:
         """Seconds left; -1.0 when the key never expires, -2.0 when it is missing (as Redis)."""
-        ms = self._at_first_home(check_key(key), "kv_ttl")["ttl_ms"]
+        key = check_key(key)
+        ms = self._at_first_home(key, "kv_ttl")["ttl_ms"]
+        for server_id in self._homes(key)[1:] if ms == -2 else ():     # the first home may have lost it
+            try:
+                ms = self._call(server_id, "kv_ttl", key=key)["ttl_ms"]
+            except ServerUnavailable:
+                continue
+            if ms != -2:
+                break
         return float(ms) if ms < 0 else ms / 1000
 
     def incr(self, key: Any, by: int = 1) -> int:
@@ -465,8 +487,15 @@ class KV:
             ranked = homes(key, servers, replicas)
             local = next((s for s in ranked if self._local_link(s) is not None), None)
             if local is not None:
-                got = self._local_get(self._session.link(local), key, None if into is None else into[i])
-                if got is not _ASK and (got is not _MISS or local == ranked[0]):
+                buffer = None if into is None else into[i]
+                got = self._local_get(self._session.link(local), key, buffer)
+                if got is _AWAY:
+                    out[i] = self._remote_get([s for s in ranked if s != local], key, buffer, tried=[local])
+                    continue
+                if got is _MISS and local == ranked[0]:
+                    out[i] = self._remote_get(ranked[1:], key, buffer, tried=[local], reached=True)
+                    continue
+                if got is not _ASK and got is not _MISS:
                     out[i] = got
                     continue
             ask.setdefault(ranked[0], []).append(i)
@@ -501,11 +530,31 @@ class KV:
         """Whether each key is there; one request per server."""
         keys = _keys(keys)
         out = [False] * len(keys)
-        for server_id, positions in self._by_first_home(keys).items():
-            for chunk in _batches(positions, [len(keys[i]) for i in positions]):
-                reply = self._call(server_id, "kv_exists", keys=[keys[i] for i in chunk])
-                for i, there in zip(chunk, reply["exists"], strict=True):
-                    out[i] = bool(there)
+        servers, replicas = self._pool_servers(), self._replica_count()
+        ranked = [homes(key, servers, replicas) for key in keys]
+        answered = [False] * len(keys)
+        missing = list(range(len(keys)))
+        unavailable: ServerUnavailable | None = None
+        # The first homes, then (for keys they lack) each next home: see the module's docstring.
+        for rank in range(replicas):
+            groups: dict[int, list[int]] = {}
+            for i in missing:
+                if rank < len(ranked[i]):
+                    groups.setdefault(ranked[i][rank], []).append(i)
+            for server_id, positions in groups.items():
+                for chunk in _batches(positions, [len(keys[i]) for i in positions]):
+                    try:
+                        reply = self._call(server_id, "kv_exists", keys=[keys[i] for i in chunk])
+                    except ServerUnavailable as exc:
+                        unavailable = exc
+                        continue
+                    for i, there in zip(chunk, reply["exists"], strict=True):
+                        out[i], answered[i] = bool(there), True
+            missing = [i for i in missing if not out[i]]
+            if not missing:
+                break
+        if unavailable is not None and not all(answered[i] for i in missing):
+            raise unavailable
         return out
 
     def delete_many(self, keys: Iterable[Any]) -> int:

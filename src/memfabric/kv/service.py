@@ -4,6 +4,15 @@ passed on to the key's other homes.
 The server process owns pools, namespaces, secIds, peers and dispatch; this owns each
 namespace's keyspace on this server (space.py) and what requests do with it (store.py).
 
+A server trusts its keys only while the cluster cannot have taken it for dead: a write to a
+key goes to its first home among the servers the cluster sees alive, so while a server is
+stopped or cut off past its liveness timeout, its keys' writes go to others, and what it
+holds is stale when it comes back. So KV requests are refused (SERVER_UNAVAILABLE) once no
+heartbeat reached the cluster for TRUSTED_SHARE of the liveness timeout, same-host readers
+stop at the index's lease (index.py) at the same moment, and before the next heartbeat says
+it is alive the server forgets every key: a key with a replica elsewhere is read there, one
+without is a miss, never an old value.
+
 Order of a write: the key's stripe lock (one write of a key at a time, its replication
 included), then the keyspace's lock for the record and the slot, released before the
 replicas are called, so two servers writing to each other never wait on each other. Each
@@ -22,6 +31,7 @@ import itertools
 import logging
 import os
 import re
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -55,6 +65,9 @@ SETTINGS_NAME = "kv"
 SETTINGS_TTL_S = 1.0             # a keyspace re-reads its settings from the cluster this often
 SWEEP_EVERY_S = 0.1              # expired keys are looked for this often, per keyspace...
 SWEEP_SLOTS = 2048               # ...this many slots at a time
+# The part of the liveness timeout a server's keys are trusted after its last heartbeat was
+# sent: the cluster takes it for dead no sooner than the whole timeout after that.
+TRUSTED_SHARE = 0.9
 _tokens = itertools.count(1)
 _INTEGER = re.compile(rb"0|-?[1-9][0-9]*")
 
@@ -96,6 +109,8 @@ class KeyValueService:
         self.lock = server.lock
         self._settings_read: dict[tuple, float] = {}
         self._swept_at = 0.0
+        self._lease_ms = 0          # what same-host readers are told to trust the indexes until
+        self._beats = threading.Condition()     # notified when a heartbeat got through
 
     @property
     def server_id(self) -> int:
@@ -112,6 +127,7 @@ class KeyValueService:
 
     def _space(self, conn: Connection, m: dict[str, Any]) -> tuple[NamespaceState, Creds, KeySpace, Store]:
         state, creds = self.server._namespace(conn, m)
+        self._check_trusted()
         space = state.kv
         if space is None:
             with self.lock:
@@ -121,6 +137,7 @@ class KeyValueService:
                 if space is None:
                     space = state.kv = KeySpace(f"s{self.server_id}", creds[1])
                     space.store = self._store(state, space, creds[0])
+                    space.set_lease(self._lease_ms)
         self._refresh_settings(state, space)
         return state, creds, space, space.store
 
@@ -182,6 +199,57 @@ class KeyValueService:
             with space.lock:
                 if not space.closed:
                     space.give_client_slot(slot)
+
+    # ---- the cluster's view of this server: how long its keys are trusted ------------------------
+
+    def _trusted_s(self) -> float:
+        return self.server.cfg.cluster.liveness_timeout_s * TRUSTED_SHARE
+
+    def _silent_s(self) -> float:
+        """Seconds since the last heartbeat the cluster took was sent (0 before the first)."""
+        sent = self.server.beat_sent_s
+        return 0.0 if sent is None else time.monotonic() - sent
+
+    def _check_trusted(self) -> None:
+        """SERVER_UNAVAILABLE while the cluster may take this server for dead. A request that
+        comes as the server wakes from a stop waits (a little) for the heartbeat under way."""
+        trusted_s = self._trusted_s()
+        if self._silent_s() <= trusted_s:
+            return
+        with self._beats:
+            self._beats.wait_for(lambda: self._silent_s() <= trusted_s, 2 * self.server.cfg.heartbeat_interval_s)
+        silent_s = self._silent_s()
+        if silent_s > trusted_s:
+            raise ServerUnavailable(f"server {self.server_id} has not reached the cluster for {silent_s:.1f}s: it "
+                                    "may be taken for dead and its keys written elsewhere (it serves keys again, "
+                                    "having forgotten them, once a heartbeat gets through)")
+
+    def _spaces(self) -> list[KeySpace]:
+        with self.lock:
+            return [s.kv for s in self.server.namespaces.values() if s.kv is not None]
+
+    def rejoining(self, sending_s: float) -> None:
+        """Before a heartbeat is sent at `sending_s` (monotonic): after a silence the cluster
+        may have taken for death, forget every key (see the module's docstring)."""
+        last = self.server.beat_sent_s
+        if last is None or sending_s - last <= self._trusted_s():
+            return
+        forgotten = 0
+        for space in self._spaces():
+            with space.lock:
+                if not space.closed:
+                    forgotten += space.store.flush()
+        log.warning("no heartbeat reached the cluster for %.1f s: forgot %d keys, which others may have "
+                    "written meanwhile", sending_s - last, forgotten)
+
+    def beat(self, sent_wall_s: float) -> None:
+        """A heartbeat sent at `sent_wall_s` (wall clock) reached the cluster: same-host readers
+        may trust the indexes until the cluster could next take this server for dead."""
+        self._lease_ms = int((sent_wall_s + self._trusted_s()) * 1000)
+        for space in self._spaces():
+            space.set_lease(self._lease_ms)
+        with self._beats:
+            self._beats.notify_all()
 
     def tick(self) -> None:
         """From the server's keeper: expired keys give their memory back without a reader."""

@@ -132,6 +132,7 @@ class KeySpace:
         self.sweep_hand = 0
         self._last_version = 0
         self.closed = False
+        self.lease_ms = 0                     # the index's lease (index.py), renewed with each heartbeat
         self.store: Any = None                # its Store (store.py), made with it by the service
         # Records a transfer still reads (a hold), and whether they were let go meanwhile.
         self.busy: dict[tuple[int, int], int] = {}
@@ -177,6 +178,11 @@ class KeySpace:
         self.stats_words[slot * 2] = 0
         self.stats_words[slot * 2 + 1] = 0
         self._free_client_slots.append(slot)
+
+    def set_lease(self, until_ms: int) -> None:
+        with self.fd_lock:          # the table may be being replaced: the new one gets it too
+            self.lease_ms = until_ms
+            self.table.writer.set_lease(until_ms)
 
     def close(self) -> None:
         """The namespace is gone. Same-host readers that still map the index are sent to the

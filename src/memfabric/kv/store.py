@@ -335,6 +335,7 @@ class Store:
             if space.closed:            # destroyed meanwhile: its fds are closed, the new ones go too
                 new.close()
                 raise NoSuchNamespace(f"namespace {self.namespace!r} was destroyed meanwhile")
+            new.writer.set_lease(space.lease_ms)
             space.table = new
             writer.moved_to(new.generation)
             old.close()
