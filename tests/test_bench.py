@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 
@@ -20,14 +22,26 @@ def bench(*args: str) -> dict:
     return json.loads(proc.stdout)
 
 
-@pytest.mark.parametrize("busy_poll_us", [200, 0])
-def test_local_bench_reports_data_and_control_paths(busy_poll_us):
-    out = bench("--sizes", "4KiB,1MiB", "--busy-poll-us", str(busy_poll_us))
+@pytest.mark.parametrize("busy_poll_us, shm_size", [(200, "8MiB"), (0, "0")])
+def test_local_bench_reports_data_and_control_paths(busy_poll_us, shm_size):
+    out = bench("--sizes", "4KiB,1MiB", "--busy-poll-us", str(busy_poll_us), "--shm-size", shm_size)
     data = {(r["name"], r["size_bytes"]): r for r in out["data_path"]}
     for size in (4096, 1 << 20):
         assert data[("memcpy (numpy)", size)]["median_us"] > 0
-        for name in ("write (API)", "read into (API)", "write (mapping)", "read (mapping)"):
-            assert data[(name, size)]["ratio_to_baseline"] > 0
+        for name in ("write (API)", "read into (API)", "read, new bytes (API)", "write (mapping)",
+                     "read (mapping)", "write (compat BM_WriteSec)", "read into (compat BM_ReadSec)"):
+            row = data[(name, size)]
+            assert row["ratio_to_baseline"] == pytest.approx(data[("memcpy (numpy)", size)]["median_us"]
+                                                             / row["median_us"])
+    shm = {r["name"]: r for r in out["vs_shared_memory"]}
+    if shm_size == "0":
+        assert not shm
+    else:
+        assert shm["copy into shared_memory, one call"]["ratio_to_baseline"] is None
+        for name in ("memcpy (numpy)", "copy into shared_memory, in 4 MiB pieces", "write (API)",
+                     "copy out of shared_memory, one call", "copy out of shared_memory, in 4 MiB pieces",
+                     "read into (API)"):
+            assert shm[name]["size_bytes"] == 8 << 20 and shm[name]["ratio_to_baseline"] > 0
     control = {r["name"]: r for r in out["control_path"]}
     baselines = [name for name in control if name.startswith("raw Unix socket")]
     assert len(baselines) == (2 if busy_poll_us else 1), "a polling baseline only when the fabric polls"
@@ -36,6 +50,10 @@ def test_local_bench_reports_data_and_control_paths(busy_poll_us):
                  "namespace create", "namespace destroy"):
         assert control[name]["median_us"] > 0
     assert control["alloc+free 4KiB"]["server_cpu_us"] > 0, "the servers' CPU per alloc+free is measured"
+    batch = {r["name"]: r for r in out["batch"]}
+    assert batch["1,000 memoryview copies of 4KiB (baseline)"]["median_us"] > 0
+    for name in ("read_many 1,000 x 4KiB", "write_many 1,000 x 4KiB", "1,000 x read(into=) 4KiB, one by one"):
+        assert batch[name]["ratio_to_baseline"] > 0
 
 
 def test_remote_bench_compares_with_a_raw_socket_and_times_a_kill():
@@ -48,6 +66,31 @@ def test_remote_bench_compares_with_a_raw_socket_and_times_a_kill():
         assert rpc["ratio_to_baseline"] == pytest.approx(rows[f"raw socket {op}, polls"]["median_us"] / rpc["median_us"])
         assert rpc["server_cpu_us"] > 0
     assert math.isfinite(out["killed_server_noticed_s"]) and out["killed_server_noticed_s"] > 0
+    batch = {r["name"]: r for r in out["batch"]}
+    for name in ("read_many 1,000 x 4KiB (RPC)", "write_many 1,000 x 4KiB (RPC)",
+                 "1,000 x read(into=) 4KiB (RPC), one by one"):
+        assert batch[name]["median_us"] > 0
+    for name in ("Redis MGET 1,000 x 4KiB (baseline)", "Redis MSET 1,000 x 4KiB (baseline)"):
+        if shutil.which("redis-server"):      # ./dev test installs it, as CI does
+            assert batch[name]["median_us"] > 0
+            assert batch[name.replace("Redis MGET", "read_many").replace("Redis MSET", "write_many")
+                         .replace(" (baseline)", " (RPC)")]["ratio_to_baseline"] > 0
+        else:
+            assert batch[name]["median_us"] is None and "skipped" in batch[name]["note"]
+
+
+def test_remote_bench_without_redis_says_its_rows_were_skipped(tmp_path):
+    """No redis-server on the PATH: the bench still runs, and its Redis rows say so."""
+    python_dir = os.path.dirname(sys.executable)
+    proc = subprocess.run(MF + ["bench", "--json", "--repeat", "3", "--remote", "--sizes", "4KiB"],
+                          capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "PATH": f"{python_dir}:{tmp_path}"})
+    assert proc.returncode == 0, proc.stderr
+    batch = {r["name"]: r for r in json.loads(proc.stdout)["batch"]}
+    row = batch["Redis MGET 1,000 x 4KiB (baseline)"]
+    assert row["median_us"] is None and "no redis-server" in row["note"]
+    assert batch["read_many 1,000 x 4KiB (RPC)"]["median_us"] > 0
+    assert batch["read_many 1,000 x 4KiB (RPC)"]["ratio_to_baseline"] is None
 
 
 def test_bad_busy_poll_window_is_refused():

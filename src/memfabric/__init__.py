@@ -16,6 +16,7 @@ from .bigmemory.arrays import ArrayMapping
 from .bigmemory.client import BigMemory, Mapping, RemoteMapping
 from .client.session import Namespace, Session, init
 from .client.types import Affinity, NamespaceInfo, ObjectInfo, OperatorCode
+from .kv.client import KV
 from .errors import (AlreadyInitialized, BmError, Busy, InternalError, InvalidArgument, IOError_, LimitExceeded,
                      MemfabricError, MemfabricIOError, NamespaceExists, NoSuchNamespace, NoSuchObject, NoSuchPool,
                      NotInitialized, OutOfMemory, OutOfRange, PermissionDenied, ProtocolError, ServerUnavailable,
@@ -25,7 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Affinity", "AlreadyInitialized", "ArrayMapping", "BigMemory", "BmError", "Busy", "IOError_", "InternalError",
-    "InvalidArgument", "LimitExceeded", "Mapping", "MemfabricError", "MemfabricIOError", "Namespace",
+    "InvalidArgument", "KV", "LimitExceeded", "Mapping", "MemfabricError", "MemfabricIOError", "Namespace",
     "NamespaceExists", "NamespaceInfo", "NoSuchNamespace", "NoSuchObject", "NoSuchPool", "NotInitialized",
     "ObjectInfo", "OperatorCode", "OutOfMemory", "OutOfRange", "PermissionDenied", "ProtocolError",
     "RemoteMapping", "ServerUnavailable", "Session", "Timeout", "init",

@@ -2,7 +2,8 @@
 
 Every figure is a median or p99 over repeated operations; throughput is size / median.
 A ratio is the baseline's median time over the operation's (1.0: as fast as the baseline):
-numpy's memcpy on one host, a raw Python socket that waits as the fabric does for RPC.
+numpy's memcpy on one host (and, for one large size, a copy into `multiprocessing.shared_memory`),
+a raw Python socket that waits as the fabric does for RPC.
 """
 
 from __future__ import annotations
@@ -18,11 +19,16 @@ import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
+from multiprocessing import shared_memory
 from typing import Callable
 
 import numpy as np
 
+from . import compat
+from .bench_batch import BATCH_ITEM_BYTES, BATCH_ITEMS, bench_batch_local, bench_batch_remote
+from .bigmemory.client import CHUNK_BYTES
 from .client.session import Session, init
+from .errors import BmError, error_from_code
 from .launcher import LocalFabric
 from .limits import BUSY_POLL_US
 from .transport.busy_poll import BusyPoll
@@ -33,11 +39,12 @@ from .units import format_size
 class Result:
     name: str
     size_bytes: int
-    median_us: float
-    p99_us: float
+    median_us: float | None                # None: not measured (see note)
+    p99_us: float | None
     throughput_gib_s: float | None
     ratio_to_baseline: float | None
     server_cpu_us: float | None = None     # CPU the fabric's servers spent per operation
+    note: str | None = None                # why a row was not measured
 
 
 class ServerCpu:
@@ -114,9 +121,16 @@ def default_repeat(size: int) -> int:
     return max(30, min(3000, (256 << 20) // max(size, 1) // 2))   # with only 10, one slow stretch of a VM moved a median
 
 
-def bench_data_path(session: Session, sizes: list[int], repeat: int) -> list[Result]:
+def _compat_ok(rc: int) -> None:
+    if rc:
+        raise error_from_code(rc, compat.BM_GetLastError())
+
+
+def bench_data_path(session: Session, sizes: list[int], repeat: int, compat_session: bool = False) -> list[Result]:
     """Each size's memcpy and fabric copies take turns in blocks (measure_interleaved), so
-    their ratios compare the same stretches of a noisy machine."""
+    their ratios compare the same stretches of a noisy machine. With `compat_session` (the
+    process's memfabric.compat session is open on the same fabric), the seed's
+    BM_WriteSec/BM_ReadSec take their turns too, on the same object."""
     ns = session.create_namespace(f"bench-{time.monotonic_ns()}", sec_id="bench")
     results: list[Result] = []
     try:
@@ -125,26 +139,88 @@ def bench_data_path(session: Session, sizes: list[int], repeat: int) -> list[Res
             src = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
             # Each read lands in its own buffer, faulted in first: memcpy's baseline must not
             # pay for page faults, and each check below proves its own path.
-            into_copy, into_api, into_map = (np.ones(size, dtype=np.uint8) for _ in range(3))
+            into_copy, into_api, into_map, into_compat = (np.ones(size, dtype=np.uint8) for _ in range(4))
+            got_bytes = [b""]
             bm = ns.alloc(size)
+            info = compat.BmInfo(ns=ns.name, sec_id="bench", bm_id=bm.bm_id, size=bm.size)
+
+            def read_new_bytes() -> None:
+                got_bytes[0] = bm.read()
             with bm.map() as m:
                 mapped = [np.frombuffer(m.view, dtype=np.uint8)]   # dropped before the unmap
-                samples = measure_interleaved({
+                fns: dict[str, Callable[[], object]] = {
                     "memcpy (numpy)": lambda: np.copyto(into_copy, src),
                     "write (API)": lambda: bm.write(src),
                     "read into (API)": lambda: bm.read(0, into=into_api),
+                    # What a user who does not bring a buffer gets: a new bytes each time.
+                    "read, new bytes (API)": read_new_bytes,
                     "write (mapping)": lambda: np.copyto(mapped[0], src),
                     "read (mapping)": lambda: np.copyto(into_map, mapped[0]),
-                }, n)
+                }
+                if compat_session:
+                    fns["write (compat BM_WriteSec)"] = lambda: _compat_ok(compat.BM_WriteSec(info, 0, size, src, 0))
+                    fns["read into (compat BM_ReadSec)"] = lambda: _compat_ok(
+                        compat.BM_ReadSec(info, 0, size, into_compat, 0))
+                samples = measure_interleaved(fns, n)
                 mapped.clear()
             assert np.array_equal(into_api, src) and np.array_equal(into_map, src), \
                 "read back differs from what was written"
+            assert got_bytes[0] == memoryview(src), "read() returned other bytes than were written"
+            assert not compat_session or np.array_equal(into_compat, src), "BM_ReadSec read other bytes"
             base = summarize("memcpy (numpy)", size, samples.pop("memcpy (numpy)"), None)
             results.append(base)
             for name, taken in samples.items():
                 results.append(summarize(name, size, taken, base.median_us))
             bm.free()
     finally:
+        ns.destroy()
+    return results
+
+
+def bench_vs_shared_memory(session: Session, size: int, repeat: int) -> list[Result]:
+    """One large size: the fabric's copies against the same copies into and out of
+    `multiprocessing.shared_memory` (a mapping of a /dev/shm file: the same kind of memory
+    as the fabric's memfds), all in the same blocks. "in 4 MiB pieces" copies as the fabric
+    does (an object's extents are segments of at most 4 MiB, and larger copies go in 4 MiB
+    chunks, each followed by a generation check): the gap between the one-call copy and
+    that one is what the piece size costs, whatever memory it lands in (README, "Large
+    copies")."""
+    n = repeat or default_repeat(size)
+    ns = session.create_namespace(f"bench-shm-{time.monotonic_ns()}", sec_id="bench")
+    shm = shared_memory.SharedMemory(create=True, size=size)
+    shared: list[np.ndarray] = []
+    results: list[Result] = []
+    try:
+        src = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
+        into_copy, into_api, into_shm_out = (np.ones(size, dtype=np.uint8) for _ in range(3))
+        shared.append(np.ndarray(size, dtype=np.uint8, buffer=shm.buf))     # dropped before the close
+        shared[0][:] = 1                     # faulted in first, as the fabric's segments are
+        bm = ns.alloc(size)
+
+        def in_pieces(dst: np.ndarray, source: np.ndarray) -> None:
+            for start in range(0, size, CHUNK_BYTES):
+                np.copyto(dst[start:start + CHUNK_BYTES], source[start:start + CHUNK_BYTES])
+        samples = measure_interleaved({
+            "copy into shared_memory, one call": lambda: np.copyto(shared[0], src),
+            "memcpy (numpy)": lambda: np.copyto(into_copy, src),
+            "copy into shared_memory, in 4 MiB pieces": lambda: in_pieces(shared[0], src),
+            "write (API)": lambda: bm.write(src),
+            "copy out of shared_memory, one call": lambda: np.copyto(into_shm_out, shared[0]),
+            "copy out of shared_memory, in 4 MiB pieces": lambda: in_pieces(into_shm_out, shared[0]),
+            "read into (API)": lambda: bm.read(0, into=into_api),
+        }, n)
+        assert np.array_equal(into_api, src) and np.array_equal(into_shm_out, src), \
+            "read back differs from what was written"
+        base = summarize("copy into shared_memory, one call", size,
+                         samples.pop("copy into shared_memory, one call"), None)
+        results.append(base)
+        for name, taken in samples.items():
+            results.append(summarize(name, size, taken, base.median_us))
+        bm.free()
+    finally:
+        shared.clear()
+        shm.close()
+        shm.unlink()
         ns.destroy()
     return results
 
@@ -359,6 +435,34 @@ def bench_remote(session: Session, sizes: list[int], repeat: int, cpu: ServerCpu
     return results
 
 
+def batch_rows(samples: dict[str, list[float]], skipped: dict[str, str], baseline_of: Callable[[str], str]
+               ) -> list[Result]:
+    """Rows of a batch table: each with its ratio to the baseline `baseline_of(name)` names
+    (none when that one was skipped); skipped baselines as rows that say so."""
+    size = BATCH_ITEMS * BATCH_ITEM_BYTES
+    rows = {name: summarize(name, size, taken, None) for name, taken in samples.items()}
+    for name, row in rows.items():
+        base = rows.get(baseline_of(name))
+        if base is not None and not name.endswith("(baseline)"):
+            row.ratio_to_baseline = base.median_us / row.median_us
+    out = [Result(name, size, None, None, None, None, note=why) for name, why in skipped.items()]
+    return out + list(rows.values())
+
+
+def _batch_table(title: str, rows: list[Result]):
+    from rich.table import Table
+    table = Table(title=title)
+    for column in ("operation", "median", "p99", "throughput", "vs baseline"):
+        table.add_column(column, justify="right" if column != "operation" else "left")
+    for r in rows:
+        if r.median_us is None:
+            table.add_row(r.name, r.note or "-", "-", "-", "-")
+            continue
+        table.add_row(r.name, f"{r.median_us:.0f} us", f"{r.p99_us:.0f} us", f"{r.throughput_gib_s:.2f} GiB/s",
+                      "-" if r.ratio_to_baseline is None else f"{r.ratio_to_baseline:.2f}")
+    return table
+
+
 def time_to_notice_a_killed_server(directory: str) -> float:
     """SIGKILL the fabric's last server; seconds until the cluster says it is dead."""
     with LocalFabric(directory, servers=2, capacity="16MiB", liveness_timeout_s=2.0) as fab:
@@ -377,26 +481,44 @@ def _cpu_cell(r: Result) -> str:
     return "-" if r.server_cpu_us is None else f"{r.server_cpu_us:.1f} us"
 
 
+def _open_compat(stack: ExitStack, directory: str, busy_poll_us: int) -> bool:
+    """Opens the process's memfabric.compat session on the bench's fabric, closed with the
+    stack. False when this process has one open already (perhaps on another fabric): then
+    the compat rows are left out."""
+    rc = compat.BM_InitWithExtAttr(directory, 0, {"busy_poll_us": busy_poll_us})
+    if rc == BmError.ALREADY_INITIALIZED:
+        return False
+    _compat_ok(rc)
+    stack.callback(compat.BM_Exit)
+    return True
+
+
 def run_bench(directory: str | None, sizes: list[int], repeat: int, as_json: bool, remote: bool = False,
-              busy_poll_us: int = BUSY_POLL_US) -> int:
+              busy_poll_us: int = BUSY_POLL_US, shm_size: int = 256 << 20) -> int:
     """With `directory`, a running fabric: its servers poll as they were configured to;
-    `busy_poll_us` sets this client's window and those of the fabric the bench starts."""
+    `busy_poll_us` sets this client's window and those of the fabric the bench starts.
+    `shm_size`: the size compared with multiprocessing.shared_memory (0: none)."""
     if remote:
         return run_remote_bench(directory, sizes, repeat, as_json, busy_poll_us)
     with ExitStack() as stack:
         if directory is None:
             run_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="mf-bench-", dir="/tmp"))
             largest = max(sizes)
-            capacity = max(256 << 20, 4 * largest)
+            capacity = max(256 << 20, 4 * largest, 2 * shm_size)
             stack.enter_context(LocalFabric(run_dir, servers=1, capacity=f"{capacity >> 20}MiB",
                                             busy_poll_us=busy_poll_us))
             directory = run_dir
         session = stack.enter_context(init(directory, busy_poll_us=busy_poll_us))
-        data = bench_data_path(session, sizes, repeat)
+        with_compat = _open_compat(stack, directory, busy_poll_us)
+        data = bench_data_path(session, sizes, repeat, compat_session=with_compat)
+        vs_shm = bench_vs_shared_memory(session, shm_size, repeat) if shm_size else []
         control = bench_control_path(session, repeat, ServerCpu(session.local))
+        batch = batch_rows(bench_batch_local(session, repeat), {},
+                           lambda name: "1,000 memoryview copies of 4KiB (baseline)")
     if as_json:
-        print(json.dumps({"data_path": [asdict(r) for r in data],
-                          "control_path": [asdict(r) for r in control]}, indent=2))
+        print(json.dumps({"data_path": [asdict(r) for r in data], "vs_shared_memory": [asdict(r) for r in vs_shm],
+                          "control_path": [asdict(r) for r in control],
+                          "batch": [asdict(r) for r in batch]}, indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -409,12 +531,24 @@ def run_bench(directory: str | None, sizes: list[int], repeat: int, as_json: boo
                       f"{r.throughput_gib_s:.2f} GiB/s",
                       "-" if r.ratio_to_baseline is None else f"{r.ratio_to_baseline:.2f}")
     console.print(table)
+    if vs_shm:
+        shm_table = Table(title=f"{format_size(shm_size)} copies against multiprocessing.shared_memory "
+                                "(the ratio is to one copy into it), same run")
+        for column in ("operation", "median", "p99", "throughput", "vs shared_memory"):
+            shm_table.add_column(column, justify="right" if column != "operation" else "left")
+        for r in vs_shm:
+            shm_table.add_row(r.name, f"{r.median_us / 1000:.2f} ms", f"{r.p99_us / 1000:.2f} ms",
+                              f"{r.throughput_gib_s:.2f} GiB/s",
+                              "-" if r.ratio_to_baseline is None else f"{r.ratio_to_baseline:.2f}")
+        console.print(shm_table)
     ctl = Table(title=f"control path (client and server poll {busy_poll_us} us)")
     for column in ("operation", "median", "p99", "server CPU"):
         ctl.add_column(column, justify="right" if column != "operation" else "left")
     for r in control:
         ctl.add_row(r.name, f"{r.median_us:.1f} us", f"{r.p99_us:.1f} us", _cpu_cell(r))
     console.print(ctl)
+    console.print(_batch_table("batches across objects (same host): one call for 1,000 objects; the ratio is "
+                               "to 1,000 memoryview copies", batch))
     return 0
 
 
@@ -428,10 +562,14 @@ def run_remote_bench(directory: str | None, sizes: list[int], repeat: int, as_js
                                             busy_poll_us=busy_poll_us))
         session = stack.enter_context(init(os.path.join(directory, "remote.toml"), busy_poll_us=busy_poll_us))
         data = bench_remote(session, sizes, repeat, ServerCpu(session.local))
+        batch_samples, skipped = bench_batch_remote(session, repeat)
+        batch = batch_rows(batch_samples, skipped, lambda name: "Redis MSET 1,000 x 4KiB (baseline)"
+                           if "write" in name else "Redis MGET 1,000 x 4KiB (baseline)")
     with tempfile.TemporaryDirectory(prefix="mf-kill-", dir="/tmp") as kill_dir:
         notice_s = time_to_notice_a_killed_server(kill_dir)
     if as_json:
-        print(json.dumps({"remote": [asdict(r) for r in data], "killed_server_noticed_s": notice_s}, indent=2))
+        print(json.dumps({"remote": [asdict(r) for r in data], "batch": [asdict(r) for r in batch],
+                          "killed_server_noticed_s": notice_s}, indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -445,5 +583,7 @@ def run_remote_bench(directory: str | None, sizes: list[int], repeat: int, as_js
                       f"{r.throughput_gib_s:.2f} GiB/s", "-" if r.ratio_to_baseline is None else f"{r.ratio_to_baseline:.2f}",
                       _cpu_cell(r))
     console.print(table)
+    console.print(_batch_table("batches across objects over RPC: one call for 1,000 objects; the ratio is to "
+                               "Redis (a real redis-server on loopback, redis-py with hiredis), same run", batch))
     console.print(f"a killed server was seen dead by the cluster after {notice_s:.2f} s (liveness timeout 2 s)")
     return 0

@@ -13,20 +13,29 @@ BigMemory), and returns the code of the error that call would raise.
     info = BmInfo(ns="cache", sec_id="s3cret")
     BM_AllocSec(info, 1 << 20, 0, None)        # fills info.bm_id and info.size
     BM_WriteSec(info, 0, 5, b"hello", 0)
+
+Once this process knows an object's layout (it allocated the object, or used it once), its
+BM_ReadSec and BM_WriteSec ask no server: compat keeps the handles it used, the most recent
+COMPAT_HANDLES_KEPT of them, until the object is freed. A call that fails returns a negative
+code; BM_GetLastError() then says why, for the calling thread.
 """
 
 from __future__ import annotations
 
 import functools
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from .bigmemory.client import BigMemory, Mapping
+from .bigmemory.layout import as_bytes_view
 from .client.arguments import as_id_list, as_int
 from .client.session import Namespace, Session
 from .client.types import Affinity, OperatorCode
-from .errors import (AlreadyInitialized, BmError, InvalidArgument, MemfabricError, NotInitialized)
+from .errors import (AlreadyInitialized, BmError, InvalidArgument, MemfabricError, NoSuchNamespace, NoSuchObject,
+                     NotInitialized, OutOfRange, error_from_code)
+from .limits import COMPAT_HANDLES_KEPT
 
 BmAffinity = Affinity
 BmOperatorCode = OperatorCode
@@ -66,25 +75,81 @@ class QueryNsCache:
     used_bytes: int
 
 
+class _KnownHandles:
+    """The handles this session used, by bm_id, least recently used first: a BmInfo carries
+    no layout, so without them every BM_ReadSec/BM_WriteSec would ask the home server to
+    describe its object again. Bounded (COMPAT_HANDLES_KEPT); a handle goes when its object
+    is freed through compat, or a call finds it freed (or its namespace gone).
+
+    Each handle is kept with the secId its server accepted, as the caller gave it (a str or
+    bytes, which cannot change): a BmInfo presenting that very object is let through without
+    comparing bytes again."""
+
+    def __init__(self) -> None:
+        self._handles: OrderedDict[str, tuple[BigMemory, str | bytes | None]] = OrderedDict()
+        self._lock = threading.Lock()       # threads call BM_* at once
+
+    def get(self, bm_id: str) -> tuple[BigMemory, str | bytes | None] | None:
+        with self._lock:
+            entry = self._handles.get(bm_id)
+            if entry is not None:
+                self._handles.move_to_end(bm_id)
+        return entry
+
+    def keep(self, bm: BigMemory, sec_id: object) -> None:
+        accepted = sec_id if type(sec_id) in (str, bytes) else None    # a bytearray may change
+        with self._lock:
+            self._handles[bm.bm_id] = (bm, accepted)
+            self._handles.move_to_end(bm.bm_id)
+            while len(self._handles) > COMPAT_HANDLES_KEPT:
+                self._handles.popitem(last=False)
+
+    def drop(self, bm_id: str) -> None:
+        with self._lock:
+            self._handles.pop(bm_id, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._handles.clear()
+
+    def drop_namespace(self, pool: str, ns: str) -> None:
+        with self._lock:
+            for bm_id in [i for i, (bm, _) in self._handles.items() if bm.namespace.creds[:2] == (pool, ns)]:
+                del self._handles[bm_id]
+
+
 _session: Session | None = None
+_known = _KnownHandles()               # of _session; emptied when it ends
 _session_lock = threading.Lock()
 _mappings: dict[int, Mapping] = {}     # id(view) -> mapping, for BM_Unmap
 _mappings_lock = threading.Lock()      # threads map and unmap at once
+_last_error = threading.local()        # .message: why this thread's last failed call failed
+
+
+def BM_GetLastError() -> str:
+    """Why the calling thread's last failed BM_* call failed ("" if none has): the call's
+    name and the error's message. Like errno, a call that succeeds leaves it as it was, so
+    read it right after a call returned a negative code."""
+    return getattr(_last_error, "message", "")
 
 
 def _coded(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn memfabric exceptions into the seed's negative return codes."""
+    """Turn memfabric exceptions into the seed's negative return codes, and keep the reason
+    for BM_GetLastError."""
+    name = fn.__name__
+    paired = name in _PAIRED
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            result = fn(*args, **kwargs)
+            return fn(*args, **kwargs)
         except MemfabricError as exc:
             code = int(exc.code)
-            return (code, None) if fn.__name__ in _PAIRED else code
-        except (TypeError, ValueError):
+            _last_error.message = f"{name}: {exc.message}"
+        except (TypeError, ValueError) as exc:
             code = int(BmError.INVALID_ARGUMENT)
-            return (code, None) if fn.__name__ in _PAIRED else code
-        return result
+            _last_error.message = f"{name}: {exc}"
+        return (code, None) if paired else code
     return wrapper
 
 
@@ -106,21 +171,44 @@ def _namespace(info: BmInfo) -> Namespace:
 def _object(info: BmInfo) -> BigMemory:
     if not isinstance(info, BmInfo):
         raise InvalidArgument(f"expected a BmInfo, got {type(info).__name__}")
-    cached = _current()._cached_handle(info.bm_id)
-    if cached is not None:
+    session = _current()
+    entry = _known.get(info.bm_id) if type(info.bm_id) is str else None
+    if entry is not None:
         # The fast path never asks the server, so the secId presented is checked here,
-        # against the one the cached handle proved to its server.
-        ns = cached.namespace
-        if ns.name == info.ns and ns.pool == info.pool and ns._same_secret(info.sec_id):
-            return cached
-    return _namespace(info).open(info.bm_id)
+        # against the one the known handle proved to its server.
+        bm, accepted = entry
+        ns = bm.namespace
+        sec_id = info.sec_id
+        if (ns.session is session and ns.name == info.ns and ns.pool == info.pool
+                and ((sec_id is accepted and accepted is not None) or ns._same_secret(sec_id))):
+            return bm
+    bm = _namespace(info).open(info.bm_id)
+    _known.keep(bm, info.sec_id)
+    return bm
 
 
+def _forget_if_gone(bm: BigMemory, exc: MemfabricError) -> None:
+    """A known handle whose call failed: forgotten if its object was found freed, or its
+    namespace gone (the next call asks the server, which says so)."""
+    if isinstance(exc, NoSuchObject):
+        _known.drop(bm.bm_id)
+    elif isinstance(exc, NoSuchNamespace):
+        _known.drop_namespace(bm.namespace.pool, bm.namespace.name)
+
+
+def _code_name(code: int) -> str:
+    try:
+        return BmError(code).name
+    except ValueError:
+        return str(code)
+
+
+@_coded
 def BM_Init(ock_path: str, flags: int = 0) -> int:
     """Open the process's session on the fabric at `ock_path` (as memfabric.init). Returns 0;
     ALREADY_INITIALIZED if one is open, INVALID_ARGUMENT for a missing or wrong
     configuration, SERVER_UNAVAILABLE when no server answers. `flags` is ignored."""
-    return BM_InitWithExtAttr(ock_path, flags, None)
+    return BM_InitWithExtAttr.__wrapped__(ock_path, flags, None)    # its failure is BM_Init's
 
 
 @_coded
@@ -149,6 +237,7 @@ def BM_Exit() -> int:
         if _session is None:
             raise NotInitialized("BM_Exit without BM_Init")
         session, _session = _session, None
+        _known.clear()
     with _mappings_lock:
         mappings = list(_mappings.values())
         _mappings.clear()
@@ -175,6 +264,7 @@ def BM_DestroyNSSec(pool_name: str, ns: str, sec_id: str | bytes) -> int:
     """Destroy namespace `ns` of pool `pool_name` and every object in it. Returns 0;
     NO_SUCH_NAMESPACE, PERMISSION_DENIED for a wrong `sec_id`."""
     _current().destroy_namespace(ns, sec_id, pool=pool_name)
+    _known.drop_namespace(pool_name, ns)
     return 0
 
 
@@ -191,6 +281,7 @@ def BM_AllocSec(info: BmInfo, size: int, flags: int, affinity: Affinity | None) 
     policy's name, or None for local); fills info.bm_id and info.size. Returns 0;
     OUT_OF_MEMORY, LIMIT_EXCEEDED, PERMISSION_DENIED, INVALID_ARGUMENT. `flags` is ignored."""
     bm = _namespace(info).alloc(size, affinity)
+    _known.keep(bm, info.sec_id)
     info.bm_id, info.size = bm.bm_id, bm.size
     return 0
 
@@ -198,7 +289,13 @@ def BM_AllocSec(info: BmInfo, size: int, flags: int, affinity: Affinity | None) 
 @_coded
 def BM_FreeSec(info: BmInfo, flags: int) -> int:
     """Free info's object. Returns 0; NO_SUCH_OBJECT, PERMISSION_DENIED. `flags` is ignored."""
-    _object(info).free()
+    bm = _object(info)
+    try:
+        bm.free()
+    except MemfabricError as exc:
+        _forget_if_gone(bm, exc)
+        raise
+    _known.drop(bm.bm_id)
     return 0
 
 
@@ -206,14 +303,24 @@ def BM_FreeSec(info: BmInfo, flags: int) -> int:
 def BM_BatchFreeSec(bm_ids: list[str], num: int, flags: int, ns: str, sec_id: str | bytes,
                     pool: str = "default") -> int:
     """Free bm_ids[:num] (a list of ids) in namespace `ns` of `pool` with `sec_id`. Returns 0
-    when all were freed, else the first failure's code (the rest still go); INVALID_ARGUMENT
-    for a `num` outside [0, len(bm_ids)] or a str for `bm_ids`. `flags` is ignored."""
+    when all were freed, else the first failure's code (the rest still go; BM_GetLastError says
+    which id); INVALID_ARGUMENT for a `num` outside [0, len(bm_ids)] or a str for `bm_ids`.
+    `flags` is ignored."""
     num = as_int(num, "num")
-    ids = as_id_list(bm_ids)
-    if not 0 <= num <= len(ids):
-        raise InvalidArgument(f"num must be in [0, {len(ids)}], got {num!r}")
-    results = _current().namespace(ns, sec_id, pool=pool).batch_free(ids[:num])
-    return next((code for code in results if code), 0)
+    all_ids = as_id_list(bm_ids)
+    if not 0 <= num <= len(all_ids):
+        raise InvalidArgument(f"num must be in [0, {len(all_ids)}], got {num!r}")
+    ids = all_ids[:num]
+    results = _current().namespace(ns, sec_id, pool=pool).batch_free(ids)
+    for bm_id, code in zip(ids, results):
+        if code in (0, BmError.NO_SUCH_OBJECT):
+            _known.drop(bm_id)
+    failed = next((i for i, code in enumerate(results) if code), None)
+    if failed is not None:
+        code = results[failed]
+        raise error_from_code(code, f"{ids[failed]!r}: {_code_name(code)} (of {len(ids)} ids, "
+                                    f"{results.count(0)} were freed)")
+    return 0
 
 
 @_coded
@@ -221,7 +328,11 @@ def BM_ExpandSec(info: BmInfo, new_size: int, flags: int) -> int:
     """Grow info's object to `new_size` bytes (new bytes zero); updates info.size. Returns 0;
     INVALID_ARGUMENT for a smaller size, OUT_OF_MEMORY. `flags` is ignored."""
     bm = _object(info)
-    bm.expand(new_size)
+    try:
+        bm.expand(new_size)
+    except MemfabricError as exc:
+        _forget_if_gone(bm, exc)
+        raise
     info.size = bm.size
     return 0
 
@@ -234,7 +345,12 @@ def BM_MapSec(info: BmInfo, prot: int, flags: int) -> tuple[int, memoryview]:
     prot = as_int(prot, "prot")
     if prot & ~(PROT_READ | PROT_WRITE) or not prot & PROT_READ:
         raise InvalidArgument(f"prot must be PROT_READ or PROT_READ|PROT_WRITE, got {prot!r}")
-    mapping = _object(info).map(writable=bool(prot & PROT_WRITE))
+    bm = _object(info)
+    try:
+        mapping = bm.map(writable=bool(prot & PROT_WRITE))
+    except MemfabricError as exc:
+        _forget_if_gone(bm, exc)
+        raise
     with _mappings_lock:
         _mappings[id(mapping.view)] = mapping
     return 0, mapping.view
@@ -263,7 +379,13 @@ def BM_Unmap(bm_id: str, view: memoryview) -> int:
 def BM_CopySec(src: BmInfo, src_offset: int, dst: BmInfo, dst_offset: int, length: int, flags: int) -> int:
     """Copy `length` bytes from src's object at `src_offset` to dst's at `dst_offset`, on the
     servers. Returns 0; OUT_OF_RANGE, NO_SUCH_OBJECT, PERMISSION_DENIED. `flags` is ignored."""
-    _object(src).copy_to(_object(dst), src_offset=src_offset, dst_offset=dst_offset, length=length)
+    source, target = _object(src), _object(dst)
+    try:
+        source.copy_to(target, src_offset=src_offset, dst_offset=dst_offset, length=length)
+    except MemfabricError as exc:
+        _forget_if_gone(source, exc)      # either may be the one gone: both are asked again
+        _forget_if_gone(target, exc)
+        raise
     return 0
 
 
@@ -273,7 +395,12 @@ def BM_SpecificObjSwapInSec(file: DiskFileDesc, info: BmInfo, flags: int, offset
     object at `offset`. Returns 0; IO_ERROR when the file cannot be read, OUT_OF_RANGE. `flags` is ignored."""
     if not isinstance(file, DiskFileDesc):
         raise InvalidArgument(f"file must be a DiskFileDesc, got {type(file).__name__}")
-    _object(info).swap_in(file.path, file_offset=file.offset, offset=offset, length=length)
+    bm = _object(info)
+    try:
+        bm.swap_in(file.path, file_offset=file.offset, offset=offset, length=length)
+    except MemfabricError as exc:
+        _forget_if_gone(bm, exc)
+        raise
     return 0
 
 
@@ -281,21 +408,102 @@ def BM_SpecificObjSwapInSec(file: DiskFileDesc, info: BmInfo, flags: int, offset
 def BM_ReadSec(info: BmInfo, offset: int, length: int, buffer: Any, flags: int) -> int:
     """Read `length` bytes of info's object from `offset` into `buffer` (writable, at least
     `length` bytes), in place. Returns 0; OUT_OF_RANGE, INVALID_ARGUMENT, NO_SUCH_OBJECT. `flags` is ignored."""
-    _object(info).read(offset, length, into=buffer)
+    bm = _object(info)
+    try:
+        bm.read(offset, length, into=buffer)
+    except MemfabricError as exc:
+        _forget_if_gone(bm, exc)
+        raise
     return 0
 
 
 @_coded
 def BM_WriteSec(info: BmInfo, offset: int, length: int, buffer: Any, flags: int) -> int:
     """Write the first `length` bytes of `buffer` into info's object at `offset`. Returns 0;
-    OUT_OF_RANGE, INVALID_ARGUMENT, NO_SUCH_OBJECT. `flags` is ignored."""
-    view = memoryview(buffer).cast("B") if not isinstance(buffer, memoryview) else buffer.cast("B")
+    OUT_OF_RANGE (also for a `length` past the buffer), INVALID_ARGUMENT, NO_SUCH_OBJECT. `flags` is ignored."""
+    view = as_bytes_view(buffer)
     if type(length) is not int:
         length = as_int(length, "length")
     if not 0 <= length <= view.nbytes:
-        raise InvalidArgument(f"length {length!r} does not fit the {view.nbytes}-byte buffer")
-    _object(info).write(view[:length], offset)
+        raise OutOfRange(f"length {length} does not fit the {view.nbytes}-byte buffer")
+    bm = _object(info)
+    try:
+        bm.write(view[:length] if length != view.nbytes else view, offset)
+    except MemfabricError as exc:
+        _forget_if_gone(bm, exc)
+        raise
     return 0
+
+
+@dataclass
+class BmBatchItem:
+    """One item of BM_BatchReadSec/BM_BatchWriteSec: `length` bytes at `offset` of the object
+    `info` names, to or from `buffer` (any buffer; written into in place by a read)."""
+    info: BmInfo
+    offset: int
+    length: int
+    buffer: Any
+
+
+def _batch(items: list, num: int, results: list | None, write: bool) -> int:
+    """Items [:num] resolved to handles and moved in one batch (Session.read_many/write_many):
+    one request per server, all servers at once; on this host, no round trip at all."""
+    if results is not None and not isinstance(results, list):
+        raise InvalidArgument(f"results must be a list (or None), got {type(results).__name__}")
+    try:
+        codes = _batch_codes(items, num, write)
+    except MemfabricError as exc:        # a bad item: nothing moved
+        if results is not None:
+            results[:] = [int(exc.code)] * (num if type(num) is int and num >= 0 else 0)
+        raise
+    if results is not None:
+        results[:] = codes
+    return next((code for code in codes if code), 0)
+
+
+def _batch_codes(items: list, num: int, write: bool) -> list[int]:
+    if not isinstance(items, (list, tuple)) or type(num) is not int or not 0 <= num <= len(items):
+        raise InvalidArgument(f"items must be a list and num in [0, its length], got {num!r}")
+    codes = [0] * num
+    resolved, positions = [], []
+    for i, item in enumerate(items[:num]):
+        if isinstance(item, BmBatchItem):
+            item = (item.info, item.offset, item.length, item.buffer)
+        try:
+            info, offset, length, buffer = item
+        except (TypeError, ValueError):
+            raise InvalidArgument(f"item {i}: expected a BmBatchItem or (BmInfo, offset, length, buffer)") from None
+        try:
+            bm = _object(info)       # an object that is gone fails its item, not the batch
+        except MemfabricError as exc:
+            if isinstance(exc, (InvalidArgument, NotInitialized)):
+                raise
+            codes[i] = int(exc.code)
+            continue
+        resolved.append((bm, offset, length, buffer))
+        positions.append(i)
+    moved = _current().write_many(resolved) if write else _current().read_many(resolved)
+    for i, code in zip(positions, moved):
+        codes[i] = code
+    return codes
+
+
+@_coded
+def BM_BatchReadSec(items: list, num: int, flags: int, results: list | None = None) -> int:
+    """Reads items[:num] (BmBatchItem or (BmInfo, offset, length, buffer)), each into its
+    buffer in place. Every item is checked first: a bad one (a range outside its object, a
+    buffer too small or read-only) returns its error and nothing moves. Otherwise returns 0
+    when every item was read, else the first failed item's code (the rest still go);
+    `results`, a list when given, gets every item's code (0: done). `flags` is ignored."""
+    return _batch(items, num, results, write=False)
+
+
+@_coded
+def BM_BatchWriteSec(items: list, num: int, flags: int, results: list | None = None) -> int:
+    """Writes items[:num] (BmBatchItem or (BmInfo, offset, length, buffer)) to their objects;
+    checked and answered as BM_BatchReadSec is; `results`, a list when given, gets every
+    item's code (0: done). `flags` is ignored."""
+    return _batch(items, num, results, write=True)
 
 
 @_coded
@@ -311,10 +519,11 @@ def BM_GatherSec(inputs: list[tuple[BmInfo, int, int]], op: OperatorCode, flags:
     ns = _namespace(info)
     dst = _object(info) if info.bm_id else None
     result, length = ns.gather(resolved, OperatorCode(op), dst=dst, dtype=dtype)
+    _known.keep(result, info.sec_id)
     info.bm_id, info.size = result.bm_id, result.size
     return 0, length
 
 
 __all__ = [name for name in globals() if name.startswith("BM_")] + [
-    "BmAffinity", "BmError", "BmInfo", "BmOperatorCode", "DiskFileDesc", "PROT_READ", "PROT_WRITE",
+    "BmAffinity", "BmBatchItem", "BmError", "BmInfo", "BmOperatorCode", "DiskFileDesc", "PROT_READ", "PROT_WRITE",
     "QueryNsCache"]

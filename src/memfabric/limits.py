@@ -13,7 +13,18 @@ MAX_EXTENTS_PER_OBJECT = 4096
 MAX_OBJECTS_PER_NAMESPACE = 65536   # per home server; sizes the shared generation table
 MAX_BATCH_IDS = 4096           # BM_BatchFreeSec
 MAX_OBJECTS_PER_LISTING = 1000  # objects per page of a namespace's listing (well inside one message)
+# Batches of reads and writes across objects (Session.read_many/write_many, BM_BatchReadSec):
+# items per call; per request to one server, spans and payload bytes (a larger share for one
+# server goes as several requests, at most BATCH_REQUESTS_IN_FLIGHT per server at once).
+MAX_BATCH_ITEMS = 4096
+MAX_BATCH_SPANS_PER_REQUEST = 1024
+MAX_BATCH_REQUEST_BYTES = 16 << 20
+BATCH_REQUESTS_IN_FLIGHT = 8
 MAX_GATHER_INPUTS = 1024
+# memfabric.compat keeps the handles (layouts) of this many objects it used most recently, so
+# their BM_ReadSec/BM_WriteSec ask no server: about 2 KiB each for a one-extent object (measured
+# with tracemalloc), plus about 0.5 KiB per further extent.
+COMPAT_HANDLES_KEPT = 8192
 MAX_OBJECT_BYTES = 1 << 40
 
 MAX_CLIENTS_PER_SERVER = 256

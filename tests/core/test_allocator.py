@@ -10,7 +10,7 @@ retired segment's id never comes back.
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -347,6 +347,7 @@ def test_out_of_memory_only_when_the_pool_lacks_the_bytes(sizes):
 
 @settings(max_examples=50, deadline=None)
 @given(st.integers(8, 16), st.lists(st.integers(1, 3), min_size=1, max_size=8))
+@example(9, [1, 2, 3])       # its last slot went to a 1-page segment, 3 pages beside it never lent
 def test_few_segment_slots_still_hold_the_whole_capacity(slots, sizes):
     """A server's fds bound its segments (capacity.segment_slots): segments grow past the
     doubling rule when slots run short, so the whole capacity can still be lent."""

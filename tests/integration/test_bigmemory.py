@@ -6,6 +6,7 @@ Placements: `local` (the session's own server), `server` (the other server) and 
 
 from __future__ import annotations
 
+import tracemalloc
 import uuid
 
 import numpy as np
@@ -107,6 +108,31 @@ def test_write_read_roundtrip(session, ns, kind):
     back = np.empty(1000, np.int32)
     bm.read(MiB - 2000, into=back)
     assert np.array_equal(back, words)
+
+
+@pytest.mark.parametrize("kind", PLACEMENTS)
+def test_read_without_a_buffer_copies_once(session, ns, kind):
+    """read() with no `into` builds its bytes in one copy from the pool: at its peak it holds
+    the result and nothing else of that size (tracemalloc sees every Python allocation).
+    Reads larger than one 4 MiB chunk used to fill a bytearray first, then copy it."""
+    affinity, _ = affinity_for(session, kind)
+    size = 9 * MiB + 5
+    bm = ns.alloc(size, affinity)
+    data = random_bytes(size, seed=11)
+    bm.write(data)
+    for offset, length in [(0, None), (MiB - 3, 6 * MiB), (5, 3 * MiB)]:
+        tracemalloc.start()
+        try:
+            got = bm.read(offset, length)
+            peak_bytes = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        want = data[offset:] if length is None else data[offset:offset + length]
+        assert type(got) is bytes
+        assert_same(got, want)
+        assert hash(got) == hash(want.tobytes()), "a bytes like any other"
+        n = len(got)
+        assert n <= peak_bytes < n + MiB, f"{peak_bytes} bytes held at once to read {n}"
 
 
 def test_open_from_another_session_sees_the_same_bytes(fabric, session, ns):

@@ -193,8 +193,8 @@ def test_alloc_write_read_free(fabric, ns, placement):
     assert BM_ReadSec(info, MiB - 2, 4, buf, 0) == OK
     assert buf == b"\x01\x02\x03\x04" + b"\xee" * 6
 
-    assert BM_WriteSec(info, 0, 11, b"0123456789", 0) == BmError.INVALID_ARGUMENT
-    assert BM_ReadSec(info, 0, 11, bytearray(10), 0) == BmError.INVALID_ARGUMENT
+    assert BM_WriteSec(info, 0, 11, b"0123456789", 0) == BmError.OUT_OF_RANGE
+    assert BM_ReadSec(info, 0, 11, bytearray(10), 0) == BmError.OUT_OF_RANGE
     assert BM_WriteSec(info, info.size - 1, 2, b"xx", 0) == BmError.OUT_OF_RANGE
     assert BM_ReadSec(info, info.size - 1, 2, bytearray(2), 0) == BmError.OUT_OF_RANGE
     assert BM_ReadSec(info, 0, 4, b"ro!!", 0) == BmError.INVALID_ARGUMENT
@@ -370,3 +370,232 @@ def test_gather(fabric, ns):
     assert BM_GatherSec([(inputs[0], MiB - 1, 2)], BmOperatorCode.CONCAT, 0,
                         BmInfo(ns=ns, sec_id="sec")) == (BmError.OUT_OF_RANGE, None)
     assert BM_GatherSec(items, 99, 0, dst) == (BmError.INVALID_ARGUMENT, None)
+
+
+# ---- the fast path: no server round trip once the layout is known ------------------------------
+
+
+@pytest.fixture
+def round_trips(monkeypatch):
+    """Counts every request this process sends a server (each link's calls go through
+    ServerLink.call_with_fds or RpcLink.call): reads and writes themselves never do."""
+    from memfabric.datapath.link import ServerLink
+    from memfabric.datapath.rpc_link import RpcLink
+    count = [0]
+    for cls, name in ((ServerLink, "call_with_fds"), (RpcLink, "call")):
+        real = getattr(cls, name)
+
+        def counted(self, *args, _real=real, **kwargs):
+            count[0] += 1
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(cls, name, counted)
+
+    def since(fn) -> int:
+        before = count[0]
+        fn()
+        return count[0] - before
+    return since
+
+
+def read_write_many(info: BmInfo, times: int = 20) -> None:
+    data = random_bytes(4 * KiB, seed=20)
+    back = bytearray(4 * KiB)
+    for i in range(times):
+        assert BM_WriteSec(info, i * 8, 4 * KiB, data, 0) == OK
+        assert BM_ReadSec(info, i * 8, 4 * KiB, back, 0) == OK
+        assert back == data.tobytes()
+
+
+@pytest.mark.parametrize("placement", ["local", "server", "spread"])
+def test_read_and_write_ask_no_server_once_the_layout_is_known(fabric, ns, round_trips, placement):
+    me, other = server_ids(fabric)
+    affinity = {"local": None, "server": BmAffinity("server", server_id=other),
+                "spread": BmAffinity("spread")}[placement]
+    info = alloc(ns, 2 * MiB + 3, affinity)
+    assert round_trips(lambda: read_write_many(info)) == 0, "BM_AllocSec already knows the layout"
+    # A fresh BmInfo with the same identity: the same object, known already.
+    same = BmInfo(ns=ns, sec_id="sec", bm_id=info.bm_id, size=info.size)
+    assert round_trips(lambda: read_write_many(same)) == 0
+    # An object another client made: the first call learns its layout, no later one asks.
+    with memfabric.init(fabric.directory) as session:
+        made = session.namespace(ns, "sec").alloc(2 * MiB + 3, affinity)
+        theirs = BmInfo(ns=ns, sec_id="sec", bm_id=made.bm_id, size=made.size)
+    assert round_trips(lambda: read_write_many(theirs, times=1)) >= 1
+    assert round_trips(lambda: read_write_many(theirs)) == 0
+    # The secId presented is checked on the fast path too, against the one the server accepted.
+    wrong = BmInfo(ns=ns, sec_id="wrong", bm_id=info.bm_id, size=info.size)
+    assert BM_ReadSec(wrong, 0, 1, bytearray(1), 0) == BmError.PERMISSION_DENIED
+    assert BM_WriteSec(wrong, 0, 1, b"x", 0) == BmError.PERMISSION_DENIED
+    other_ns = BmInfo(ns=ns + "x", sec_id="sec", bm_id=info.bm_id, size=info.size)
+    assert BM_ReadSec(other_ns, 0, 1, bytearray(1), 0) == BmError.NO_SUCH_NAMESPACE
+    assert round_trips(lambda: read_write_many(info)) == 0, "a refused secId leaves the known handle alone"
+
+
+def test_the_fast_path_checks_every_kind_of_secid(ns):
+    # Known under a secId given as a bytearray, which can change after it was accepted.
+    mutable = bytearray(b"sec")
+    info = BmInfo(ns=ns, sec_id=mutable)
+    assert BM_AllocSec(info, 4 * KiB, 0, None) == OK
+    assert BM_WriteSec(info, 0, 3, b"abc", 0) == OK
+    mutable[:] = b"bad"
+    assert BM_ReadSec(info, 0, 3, bytearray(3), 0) == BmError.PERMISSION_DENIED
+    for bad in (None, "", 7, b"se", "sec\0"):
+        refused = BmInfo(ns=ns, sec_id=bad, bm_id=info.bm_id)
+        assert BM_ReadSec(refused, 0, 3, bytearray(3), 0) in (BmError.INVALID_ARGUMENT, BmError.PERMISSION_DENIED), bad
+    for good in ("sec", b"sec", bytearray(b"sec")):
+        back = bytearray(3)
+        assert BM_ReadSec(BmInfo(ns=ns, sec_id=good, bm_id=info.bm_id), 0, 3, back, 0) == OK
+        assert back == b"abc"
+    for bad_id in (None, 7, ["x"], info.bm_id + "0"):
+        assert BM_ReadSec(BmInfo(ns=ns, sec_id="sec", bm_id=bad_id), 0, 3, bytearray(3), 0) in (
+            BmError.INVALID_ARGUMENT, BmError.NO_SUCH_OBJECT), bad_id
+
+
+def test_known_layouts_are_bounded_least_recently_used_first(ns, round_trips, monkeypatch):
+    import memfabric.compat as compat
+    monkeypatch.setattr(compat, "COMPAT_HANDLES_KEPT", 4)
+    infos = [alloc(ns, 8 * KiB) for _ in range(6)]
+    # The two oldest were pushed out by the four after them: each asks once, then is known again.
+    for info in infos[2:]:
+        assert round_trips(lambda: read_write_many(info, times=2)) == 0
+    assert round_trips(lambda: read_write_many(infos[0], times=2)) == 1
+    assert round_trips(lambda: read_write_many(infos[0], times=2)) == 0
+    assert round_trips(lambda: read_write_many(infos[5], times=2)) == 0, "used recently: still known"
+
+
+def test_freed_objects_are_forgotten(fabric, ns, round_trips):
+    info, other = alloc(ns, 8 * KiB), alloc(ns, 8 * KiB)
+    assert BM_FreeSec(info, 0) == OK
+    # Dropped at the free: the next call asks the server, which says the object is gone.
+    assert round_trips(lambda: BM_ReadSec(info, 0, 1, bytearray(1), 0) == BmError.NO_SUCH_OBJECT) == 1
+    # Freed by another client: found freed without a round trip, then forgotten.
+    with memfabric.init(fabric.directory) as session:
+        session.namespace(ns, "sec").open(other.bm_id).free()
+    assert round_trips(lambda: BM_ReadSec(other, 0, 1, bytearray(1), 0)) == 0
+    assert BM_ReadSec(other, 0, 1, bytearray(1), 0) == BmError.NO_SUCH_OBJECT
+    assert round_trips(lambda: BM_WriteSec(other, 0, 1, b"x", 0)) == 1
+    batch = [alloc(ns, 4 * KiB) for _ in range(2)]
+    assert BM_BatchFreeSec([b.bm_id for b in batch], 2, 0, ns, "sec") == OK
+    assert round_trips(lambda: BM_ReadSec(batch[0], 0, 1, bytearray(1), 0)) == 1
+    # Found freed by any call, not only reads and writes: forgotten too.
+    for found_freed in (lambda i: BM_MapSec(i, PROT_READ, 0)[0], lambda i: BM_ExpandSec(i, 16 * KiB, 0),
+                        lambda i: BM_CopySec(i, 0, i, 8, 8, 0)):
+        info = alloc(ns, 8 * KiB)
+        with memfabric.init(fabric.directory) as session:
+            session.namespace(ns, "sec").open(info.bm_id).free()
+        assert found_freed(info) == BmError.NO_SUCH_OBJECT
+        assert round_trips(lambda: BM_ReadSec(info, 0, 1, bytearray(1), 0)) == 1, "asked again"
+
+
+# ---- why a call failed: BM_GetLastError -------------------------------------------------------
+
+
+def test_every_failure_says_why(fabric, ns, tmp_path):
+    """Each refused call leaves its reason for BM_GetLastError, naming the call; the code is
+    the most precise one BmError has."""
+    from memfabric.compat import BM_GetLastError
+    info = alloc(ns, 8 * KiB)
+    failures = [
+        (lambda: BM_ReadSec(info, 0, 4, b"ro!!", 0), BmError.INVALID_ARGUMENT, "BM_ReadSec", "read-only"),
+        (lambda: BM_ReadSec(info, 0, 11, bytearray(10), 0), BmError.OUT_OF_RANGE, "BM_ReadSec", "10-byte buffer"),
+        (lambda: BM_WriteSec(info, 0, 11, b"0123456789", 0), BmError.OUT_OF_RANGE, "BM_WriteSec", "10-byte buffer"),
+        (lambda: BM_WriteSec(info, 0, -1, b"0123456789", 0), BmError.OUT_OF_RANGE, "BM_WriteSec", "-1"),
+        (lambda: BM_WriteSec(info, 0, 4, 1234, 0), BmError.INVALID_ARGUMENT, "BM_WriteSec", "buffer"),
+        (lambda: BM_ReadSec(info, 0, 4, "text", 0), BmError.INVALID_ARGUMENT, "BM_ReadSec", "buffer"),
+        (lambda: BM_ReadSec(info, info.size - 1, 2, bytearray(2), 0), BmError.OUT_OF_RANGE, "BM_ReadSec",
+         "outside object"),
+        (lambda: BM_ReadSec("nope", 0, 1, bytearray(1), 0), BmError.INVALID_ARGUMENT, "BM_ReadSec", "BmInfo"),
+        (lambda: BM_ExpandSec(info, 10, 0), BmError.INVALID_ARGUMENT, "BM_ExpandSec", "shrink"),
+        (lambda: BM_ExpandSec(info, 0, 0), BmError.INVALID_ARGUMENT, "BM_ExpandSec", "size"),
+        (lambda: BM_AllocSec(BmInfo(ns=ns, sec_id="sec"), 0, 0, None), BmError.INVALID_ARGUMENT, "BM_AllocSec",
+         "size"),
+        (lambda: BM_AllocSec(BmInfo(ns=ns, sec_id="nope"), 10, 0, None), BmError.PERMISSION_DENIED,
+         "BM_AllocSec", "secId"),
+        (lambda: BM_FreeSec(BmInfo(ns=ns, sec_id="sec", bm_id="junk"), 0), BmError.INVALID_ARGUMENT,
+         "BM_FreeSec", "junk"),
+        (lambda: BM_BatchFreeSec([info.bm_id], 2, 0, ns, "sec"), BmError.INVALID_ARGUMENT, "BM_BatchFreeSec",
+         "num"),
+        (lambda: BM_MapSec(info, PROT_WRITE, 0)[0], BmError.INVALID_ARGUMENT, "BM_MapSec", "prot"),
+        (lambda: BM_Unmap(info.bm_id, memoryview(bytearray(4))), BmError.INVALID_ARGUMENT, "BM_Unmap",
+         "not a live mapping"),
+        (lambda: BM_CreateNSSec("default", "bad name", 0, "sec"), BmError.INVALID_ARGUMENT, "BM_CreateNSSec",
+         "name"),
+        (lambda: BM_CreateNSSec("default", ns, 0, "sec"), BmError.NAMESPACE_EXISTS, "BM_CreateNSSec", ns),
+        (lambda: BM_SpecificObjSwapInSec(DiskFileDesc(str(tmp_path / "none")), info, 0, 0, 1), BmError.IO_ERROR,
+         "BM_SpecificObjSwapInSec", "none"),
+        (lambda: BM_GatherSec([(info, 0, 8)], 99, 0, info)[0], BmError.INVALID_ARGUMENT, "BM_GatherSec", "99"),
+        (lambda: BM_GatherSec([(info, 0, 8)], BmOperatorCode.SUM, 0, info, dtype="int33")[0],
+         BmError.INVALID_ARGUMENT, "BM_GatherSec", "int33"),
+        (lambda: BM_InitWithExtAttr(fabric.directory, 0, None), BmError.ALREADY_INITIALIZED,
+         "BM_InitWithExtAttr", "BM_Exit"),
+    ]
+    for call, code, name, reason in failures:
+        assert call() == code, (name, reason)
+        message = BM_GetLastError()
+        assert message.startswith(name + ": ") and reason in message, (message, reason)
+    assert BM_ReadSec(info, 0, 1, bytearray(1), 0) == OK
+    assert reason in BM_GetLastError(), "as errno: a success leaves the last failure's message"
+    assert read_all(info) == bytes(info.size), "no failure above wrote a byte"
+
+
+def test_last_error_is_per_thread(ns):
+    import threading
+    from memfabric.compat import BM_GetLastError
+    info = alloc(ns, 4 * KiB)
+    assert BM_ReadSec(info, 0, 5, bytearray(4), 0) == BmError.OUT_OF_RANGE
+    seen = []
+
+    def other() -> None:
+        seen.append(BM_GetLastError())
+        seen.append(BM_ExpandSec(info, 1, 0))
+        seen.append(BM_GetLastError())
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join(30)
+    assert seen[0] == "", "a thread that never failed has no message"
+    assert seen[1] == BmError.INVALID_ARGUMENT and "BM_ExpandSec" in seen[2]
+    assert "4-byte buffer" in BM_GetLastError(), "another thread's failure leaves this thread's message"
+
+
+def test_last_error_without_a_session():
+    from memfabric.compat import BM_GetLastError
+    assert BM_Exit() == BmError.NOT_INITIALIZED
+    assert BM_GetLastError().startswith("BM_Exit: ")
+    assert BM_Init("/no/such/fabric") == BmError.INVALID_ARGUMENT
+    assert BM_GetLastError().startswith("BM_Init: ") and "/no/such/fabric" in BM_GetLastError()
+
+
+def test_threads_share_the_known_handles(ns, monkeypatch):
+    """Readers and writers on many threads while another frees and allocates: every call
+    answers OK or NO_SUCH_OBJECT (the object went), and the known handles stay within their
+    bound."""
+    import threading
+    import memfabric.compat as compat
+    monkeypatch.setattr(compat, "COMPAT_HANDLES_KEPT", 4)
+    live = [alloc(ns, 8 * KiB) for _ in range(6)]
+    codes: set[int] = set()
+    stop = threading.Event()
+
+    def worker(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        back = bytearray(4 * KiB)
+        while not stop.is_set():
+            info = live[int(rng.integers(len(live)))]
+            fill = bytes([int(rng.integers(256))]) * (4 * KiB)
+            codes.add(BM_WriteSec(info, 0, len(fill), fill, 0))
+            codes.add(BM_ReadSec(info, 0, len(back), back, 0))
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(30):
+            slot = i % len(live)
+            gone, live[slot] = live[slot], alloc(ns, 8 * KiB)
+            assert BM_FreeSec(gone, 0) == OK
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    assert codes <= {OK, BmError.NO_SUCH_OBJECT}, codes
+    assert len(compat._known._handles) <= 4

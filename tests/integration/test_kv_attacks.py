@@ -160,8 +160,10 @@ def test_a_server_restart_takes_the_keys_and_kept_fds_show_nothing_of_the_next_t
                                  preexec_fn=die_with_parent)
     try:
         wait_for_line(restarted, " ready ", 30, [])
-        with pytest.raises(memfabric.MemfabricError):
-            a.kv().get("a1")                       # the old session's links are gone
+        try:            # the old link is gone: unavailable, or (reconnected) a miss; never old bytes
+            assert a.kv().get("a1") is None
+        except memfabric.MemfabricError:
+            pass
         s.close()
         with memfabric.init(fab.directory) as again:
             kv = again.namespace("a", "a-secret").kv()

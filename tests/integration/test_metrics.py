@@ -192,3 +192,28 @@ def test_up_refuses_metrics_ports_past_the_last():
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "--metrics-port 65535 with 2 servers" in proc.stderr, proc.stderr
     assert not os.path.exists(directory)
+
+
+def test_kv_counters_are_scraped_per_namespace(metrics_fabric):
+    fab, (one, two) = metrics_fabric
+    with memfabric.init(fab.directory, server=0) as session:
+        kv = session.create_namespace("kvmetered", sec_id="k").kv()
+        kv.put_many({f"k{i}": b"v" * 100 for i in range(40)})
+        kv.put("short", b"x", ttl_s=0.05)
+        for i in range(10):
+            kv.get(f"k{i}")                      # same host: counted by the client itself
+        kv.get("missing")
+        kv.configure(memory_limit="8MiB")
+        stats = kv.stats()
+        wait_until(lambda: kv.stats()["expired"] == 1, "the sweep to expire the short key")
+        labels = {"pool": "default", "ns": "kvmetered"}
+        both = [scrape(one), scrape(two)]
+        total = {name: sum(value(s, name, **labels) for s in both)
+                 for name in ("memfabric_kv_keys", "memfabric_kv_hits_total", "memfabric_kv_misses_total",
+                              "memfabric_kv_expired_total", "memfabric_kv_evictions_total", "memfabric_kv_bytes")}
+        assert total["memfabric_kv_keys"] == 40
+        assert total["memfabric_kv_hits_total"] == stats["hits"] >= 10
+        assert total["memfabric_kv_misses_total"] == stats["misses"] >= 1
+        assert total["memfabric_kv_expired_total"] == 1 and total["memfabric_kv_evictions_total"] == 0
+        assert total["memfabric_kv_bytes"] >= 40 * 100
+        assert value(both[0], "memfabric_kv_memory_limit_bytes", **labels) == 8 << 20

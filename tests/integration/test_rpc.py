@@ -161,7 +161,7 @@ def test_pipelined_requests_on_one_connection(remote_fabric):
                 seg = bm._layout.pieces[0][2]
                 pending.append(link.submit_write(ns.creds, bm.bm_id, seg.segment, bm._layout.pieces[0][3],
                                                  memoryview(bytes([i]) * 4096)))
-            assert len(link._pending) > 1 or all(p.event.is_set() for _, p in pending)
+            assert len(link._pending) > 1 or all(p.done for _, p in pending)
             for rid, p in pending:
                 link.wait(rid, p, "seg_write")
             assert all(bm.read(0, 4096) == bytes([i]) * 4096 for i, bm in enumerate(objs))

@@ -133,3 +133,22 @@ def test_a_trickled_frame_cannot_stretch_the_deadline(frames):
     finally:
         stop.set()
     assert time.monotonic() - started < WAIT_S
+
+
+def test_a_gathered_payload_lands_in_scattered_buffers(frames):
+    """A list payload goes as its parts back to back, and recv_into_views fills a list of
+    buffers in order: more parts than one sendmsg or recvmsg_into takes (MAX_IOV), parts of
+    every size, empty ones too, small frames (copied next to the header) and large ones."""
+    client, server = frames
+    for count, part in ((3, 10), (rpc.MAX_IOV + 5, 7), (rpc.MAX_IOV * 2 + 1, 4096), (5, 1 << 20)):
+        parts = [memoryview(bytes([i % 251]) * (part + i % 3)) for i in range(count)]
+        parts[1] = memoryview(b"")
+        total = sum(len(p) for p in parts)
+        sender = threading.Thread(target=client.send, args=({"id": count}, parts))
+        sender.start()                           # a large frame fills the socket: receive meanwhile
+        header, payload_len = server.recv_header(frame_timeout_s=WAIT_S)
+        assert header == {"id": count} and payload_len == total
+        into = [memoryview(bytearray(len(p))) for p in parts]
+        server.recv_into_views(into, time.monotonic() + WAIT_S)
+        sender.join(WAIT_S)
+        assert [bytes(v) for v in into] == [bytes(p) for p in parts]

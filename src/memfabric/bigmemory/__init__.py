@@ -9,6 +9,7 @@ read, write, copy and gather.
     space.py      a namespace's objects on one server: the table, its shared generation words
     service.py    the server's BigMemory operations, registered with its dispatcher
     client.py     the client's handles: BigMemory, Mapping
+    batch.py      reads and writes of many objects at once (Session.read_many, write_many)
 
 Segments, namespaces, secIds and the server process are shared by every semantic and live
 outside this package.

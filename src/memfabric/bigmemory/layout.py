@@ -34,10 +34,12 @@ class RemoteSegment:
                         "seg_read")
 
     def write(self, at: int, src: memoryview) -> None:
-        _wait_all([self.submit_write(at, src)])
+        link = self.link
+        link.wait(*link.submit_write(self.creds, self.bm_id, self.segment, at, src), "seg_write")
 
     def read(self, at: int, dst: memoryview) -> None:
-        _wait_all([self.submit_read(at, dst)])
+        link = self.link
+        link.wait(*link.submit_read(self.creds, self.bm_id, self.segment, at, dst), "seg_read")
 
 
 class Transfer:
@@ -65,7 +67,8 @@ def always_live(generation: int, size: int) -> memoryview:
 class Layout:
     """Where an object's bytes are, plus the generation word that says it still lives."""
 
-    __slots__ = ("bm_id", "size", "generation", "gens", "gen_index", "starts", "pieces", "local_single")
+    __slots__ = ("bm_id", "size", "generation", "gens", "gen_index", "starts", "pieces", "local_single",
+                 "remote_single")
 
     def __init__(self, bm_id: str, size: int, generation: int, gens: memoryview, slot: int,
                  pieces: list[tuple[int, int, memoryview, int]]) -> None:
@@ -77,6 +80,7 @@ class Layout:
         self.pieces = pieces             # (object start, object end, segment view, segment offset)
         self.starts = [p[0] for p in pieces]
         self.local_single = len(pieces) == 1 and type(pieces[0][2]) is memoryview
+        self.remote_single = len(pieces) == 1 and type(pieces[0][2]) is RemoteSegment
 
     def check_alive(self) -> None:
         if self.gens[self.gen_index] != self.generation:
@@ -169,6 +173,12 @@ def write_at(layout: Layout, offset: int, src: memoryview) -> None:
         _, _, view, base = layout.pieces[0]
         view[base + offset: base + offset + n] = src
         return
+    if layout.remote_single:            # one request, nothing to gather
+        check_range(layout.bm_id, layout.size, offset, n)
+        _, _, segment, base = layout.pieces[0]
+        if n:
+            segment.write(base + offset, src)
+        return
     transfers: list[Transfer] = []
     try:
         for target, a, b, pos in layout.spans(offset, n):
@@ -190,6 +200,12 @@ def read_into(layout: Layout, offset: int, dst: memoryview) -> None:
         _, _, view, base = layout.pieces[0]
         dst[:] = view[base + offset: base + offset + n]
         return
+    if layout.remote_single:
+        check_range(layout.bm_id, layout.size, offset, n)
+        _, _, segment, base = layout.pieces[0]
+        if n:
+            segment.read(base + offset, dst)
+        return
     transfers: list[Transfer] = []
     try:
         for target, a, b, pos in layout.spans(offset, n):
@@ -205,16 +221,28 @@ def read_into(layout: Layout, offset: int, dst: memoryview) -> None:
 
 
 def read_bytes(layout: Layout, offset: int, length: int) -> bytes:
+    """A new bytes, made in one copy from the mapped pieces (join allocates it once); pieces
+    on other hosts are received into buffers of their own first."""
     if layout.local_single:
         check_range(layout.bm_id, layout.size, offset, length)
         _, _, view, base = layout.pieces[0]
         return bytes(view[base + offset: base + offset + length])
-    spans = list(layout.spans(offset, length))
-    if all(type(t) is memoryview for t, _, _, _ in spans):
-        return b"".join([view[a:b] for view, a, b, _ in spans])
-    buf = bytearray(length)
-    read_into(layout, offset, memoryview(buf))
-    return bytes(buf)
+    parts: list[memoryview] = []
+    transfers: list[Transfer] = []
+    try:
+        for target, a, b, _ in layout.spans(offset, length):
+            if type(target) is memoryview:
+                parts.append(target[a:b])
+            else:
+                received = memoryview(bytearray(b - a))
+                transfers.append(target.submit_read(a, received))
+                parts.append(received)
+    except BaseException:
+        for transfer in transfers:
+            transfer.cancel()
+        raise
+    _wait_all(transfers)
+    return b"".join(parts)
 
 
 def copy_between(src: Layout, src_offset: int, dst: Layout, dst_offset: int, length: int) -> None:

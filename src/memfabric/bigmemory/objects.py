@@ -217,6 +217,12 @@ class ObjectTable:
             raise NoSuchObject(f"no object {bm_id} in this namespace (freed, or never existed)")
         return record
 
+    def live(self, slot: int, generation: int) -> ObjectRecord | None:
+        """The live object of a parsed id's slot and generation, or None (a batch looks up
+        many objects at once and fails each on its own)."""
+        record = self._live.get(slot)
+        return record if record is not None and record.generation == generation else None
+
     def free(self, bm_id: str) -> list[Placement]:
         """Forget the object; returns the extents to release now (none while pinned)."""
         record = self.lookup(bm_id)

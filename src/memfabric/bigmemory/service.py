@@ -13,19 +13,20 @@ import logging
 import os
 import time
 from collections import defaultdict
-from contextlib import ExitStack, contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from contextlib import ExitStack
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from ..core.allocator import Extent, round_up
-from ..errors import (InvalidArgument, LimitExceeded, MemfabricError, NoSuchNamespace, NoSuchObject, OutOfMemory,
-                      OutOfRange, ServerUnavailable)
-from ..limits import (MAX_BATCH_IDS, MAX_EXTENTS_PER_OBJECT, MAX_OBJECT_BYTES, MAX_OBJECTS_PER_LISTING,
-                      PAGE_SIZE_BYTES)
+from ..errors import (BmError, InvalidArgument, LimitExceeded, MemfabricError, NoSuchNamespace, NoSuchObject,
+                      OutOfMemory, OutOfRange, ProtocolError, ServerUnavailable)
+from ..limits import (MAX_BATCH_IDS, MAX_BATCH_REQUEST_BYTES, MAX_BATCH_SPANS_PER_REQUEST, MAX_EXTENTS_PER_OBJECT,
+                      MAX_OBJECT_BYTES, MAX_OBJECTS_PER_LISTING, PAGE_SIZE_BYTES)
 from ..media.base import SegmentMemory
 from ..server.requests import Connection, Payload, Reply
 from ..server.state import NamespaceState, PoolState
+from ..transport import wire
 from . import placement, reduce
 from ..datapath.deadline import unbounded
 from .journal import Journal
@@ -67,8 +68,10 @@ class BigMemoryService:
     def handlers(self) -> dict[str, Callable[[Connection, dict[str, Any]], Reply]]:
         return {name[3:]: getattr(self, name) for name in dir(self) if name.startswith("op_")}
 
-    def transfers(self) -> dict[str, Callable[[Connection, dict[str, Any]], Any]]:
-        return {}         # seg_write and seg_read: the RPC door's own fast path (span())
+    def usage(self, state: NamespaceState) -> dict[str, int]:
+        """The namespace's figures here, for ns_query and `memfabric status`."""
+        with self.lock:
+            return {"object_count": len(state.objects.table), "used_bytes": state.objects.table.live_bytes()}
 
     def tick(self) -> None:
         """Housekeeping from the server's keeper: none (freed extents rest in the allocator)."""
@@ -519,32 +522,55 @@ class BigMemoryService:
             self._give_back_locked(state, bm_id, extents)
             return {}
 
-    @contextmanager
-    def span(self, conn: Connection, m: dict[str, Any], writing: bool) -> Iterator[memoryview]:
-        """The bytes a remote read or write touches, held for the transfer: the segment is not
-        destroyed, and a free of the object defers giving its extents back, until it is over.
-        A DRAM segment's bytes are lent in place; a file segment's go through a buffer (read
-        before, written after), since the server never maps files."""
-        mem, offset, length, state, allocator, segment, bm_id = self._span_view(conn, m)
+    # ---- transfers: requests whose payload moves straight between the socket and pool memory ----
+
+    def transfers(self) -> dict[str, Callable[..., None]]:
+        """Operations the RPC front hands the frame to (see rpc_front.py): each is called
+        with the request's header, its payload still unread, and answers by itself. A
+        MemfabricError it raises means it read no byte of the payload (the front drains it
+        and answers with the error); an OSError means the stream is broken."""
+        return {"seg_write": self.transfer_seg_write, "seg_read": self.transfer_seg_read,
+                "seg_write_many": self.transfer_seg_write_many, "seg_read_many": self.transfer_seg_read_many}
+
+    def transfer_seg_write(self, conn: Connection, m: dict[str, Any], payload_len: int, frames: Any,
+                           deadline: float) -> None:
+        """The payload lands straight in the segment bytes the request was checked against,
+        held meanwhile (see _hold_span); the reply goes before the hold is let go."""
+        held = self._hold_span(conn, m)
         try:
+            mem, offset, length = held[0], held[1], held[2]
+            if payload_len != length:
+                raise ProtocolError(f"seg_write of {length} bytes carried {payload_len}")
+            reply: dict[str, Any] = {"id": m["id"]}
             if mem.view is not None:
-                yield mem.view[offset:offset + length]
+                frames.recv_into_exact(mem.view[offset:offset + length], deadline)
+            else:                        # a file segment: the server never maps files
+                buffer = memoryview(bytearray(length))
+                frames.recv_into_exact(buffer, deadline)
+                try:
+                    mem.write(offset, buffer)
+                except MemfabricError as exc:     # the payload is read: answer here
+                    reply = wire.error_reply(m["id"], exc)
+            frames.send(reply)
+        finally:
+            self._let_go_span(held)
+
+    def transfer_seg_read(self, conn: Connection, m: dict[str, Any], payload_len: int, frames: Any,
+                          deadline: float) -> None:
+        """The reply is sent straight from the held segment bytes."""
+        held = self._hold_span(conn, m)
+        try:
+            mem, offset, length = held[0], held[1], held[2]
+            if payload_len:
+                raise ProtocolError("seg_read carries no payload")
+            if mem.view is not None:
+                frames.send({"id": m["id"]}, mem.view[offset:offset + length])
             else:
                 buffer = memoryview(bytearray(length))
-                if not writing:
-                    mem.read(offset, buffer)
-                yield buffer
-                if writing:
-                    mem.write(offset, buffer)
+                mem.read(offset, buffer)
+                frames.send({"id": m["id"]}, buffer)
         finally:
-            with self.lock:
-                allocator.let_go(segment)
-                state.objects.busy[bm_id] -= 1
-                if not state.objects.busy[bm_id]:
-                    del state.objects.busy[bm_id]
-                    deferred = state.objects.deferred.pop(bm_id, [])
-                    if deferred and self.namespaces.get((state.record.pool, state.record.ns)) is state:
-                        allocator.release(state.key, deferred, time.monotonic())
+            self._let_go_span(held)
 
     def _give_back_locked(self, state: NamespaceState, bm_id: str, extents: list[Extent]) -> None:
         """Return extents to the allocator, or later if a transfer still uses the object."""
@@ -553,34 +579,218 @@ class BigMemoryService:
         else:
             self.pools[state.record.pool].allocator.release(state.key, extents, time.monotonic())
 
-    def _span_view(self, conn: Connection, m: dict[str, Any]):
-        """The checks of a span request, and its hold; returns (segment memory, offset, length,
-        state, allocator, segment, bm_id)."""
-        state, (pool, _, _) = self._namespace(conn, m)
+    def transfer_seg_read_many(self, conn: Connection, m: dict[str, Any], payload_len: int, frames: Any,
+                               deadline: float) -> None:
+        """Many spans of many objects in one request (bigmemory/batch.py): each checked and
+        held as a lone span is; the reply names the spans that failed and why, and its
+        payload is the others' bytes back to back, sent straight from the held segments."""
+        if payload_len:
+            raise ProtocolError("seg_read_many carries no payload")
+        spans = _many_spans(m)
+        batch = _HeldSpans()
+        try:
+            self._hold_spans(conn, m, spans, batch)
+            payload = []
+            for k, (mem, offset, length) in enumerate(batch.spans):
+                if mem is None:
+                    continue
+                if mem.view is not None:
+                    payload.append(mem.view[offset:offset + length])
+                    continue
+                buffer = memoryview(bytearray(length))      # a file segment: through a buffer
+                try:
+                    mem.read(offset, buffer)
+                except MemfabricError as exc:              # a file cut short: this span fails
+                    batch.fail(k, int(exc.code))
+                    continue
+                payload.append(buffer)
+            frames.send({"id": m["id"], "failed": batch.failed, "codes": batch.codes}, payload)
+        finally:
+            self._let_go_spans(batch)
+
+    def transfer_seg_write_many(self, conn: Connection, m: dict[str, Any], payload_len: int, frames: Any,
+                                deadline: float) -> None:
+        """Many spans in one request; its payload is their bytes back to back, received
+        straight into the held segments (the bytes of spans that failed are read past)."""
+        spans = _many_spans(m)
+        total = sum(spans[3::4])
+        if payload_len != total:
+            raise ProtocolError(f"seg_write_many of {total} bytes carried {payload_len}")
+        batch = _HeldSpans()
+        try:
+            self._hold_spans(conn, m, spans, batch)
+            run: list[memoryview] = []          # consecutive spans that land, received at once
+            written_back = []
+            for k, (mem, offset, length) in enumerate(batch.spans):
+                if mem is None:                 # failed: its bytes are read past
+                    if run:
+                        frames.recv_into_views(run, deadline)
+                        run = []
+                    frames.discard(length, deadline)
+                elif mem.view is not None:
+                    run.append(mem.view[offset:offset + length])
+                else:
+                    buffer = memoryview(bytearray(length))
+                    run.append(buffer)
+                    written_back.append((k, mem, offset, buffer))
+            if run:
+                frames.recv_into_views(run, deadline)
+            for k, mem, offset, buffer in written_back:
+                try:
+                    mem.write(offset, buffer)
+                except MemfabricError as exc:        # the payload is read: this span fails
+                    batch.fail(k, int(exc.code))
+            frames.send({"id": m["id"], "failed": batch.failed, "codes": batch.codes})
+        finally:
+            self._let_go_spans(batch)
+
+    def _hold_spans(self, conn: Connection, m: dict[str, Any], spans: list[int], batch: "_HeldSpans") -> None:
+        """Check and hold every span of a batch request (see _hold_span), filling `batch`:
+        (segment memory, offset, length) per span, memory None for one that failed, whose
+        index and error code go to batch.failed and batch.codes."""
+        creds_list, objects = m.get("creds"), m.get("objects")
+        if not isinstance(creds_list, list) or not isinstance(objects, list) \
+                or len(creds_list) > MAX_BATCH_SPANS_PER_REQUEST or len(objects) > MAX_BATCH_SPANS_PER_REQUEST:
+            raise InvalidArgument(f"a batch names at most {MAX_BATCH_SPANS_PER_REQUEST} namespaces and objects, "
+                                  "in lists")
+        # Each namespace's secId is checked as for any request; one that fails fails its spans.
+        namespaces: list[tuple[NamespaceState | None, Any, int]] = []
+        for creds in creds_list:
+            if not (isinstance(creds, list) and len(creds) == 3):
+                raise InvalidArgument("a batch's creds are [pool, ns, secId] each")
+            try:
+                state, (pool, _, _) = self._namespace(conn, {"pool": creds[0], "ns": creds[1], "sec": creds[2]})
+                namespaces.append((state, self.pools[pool], 0))
+            except MemfabricError as exc:
+                namespaces.append((None, None, int(exc.code)))
+        if max(spans[0::4]) >= len(objects) or min(spans[0::4]) < 0:
+            raise InvalidArgument(f"a span names an object beyond the {len(objects)} listed")
+        me = self.server_id
+        count = len(namespaces)
+        failed, codes, out = batch.failed, batch.codes, batch.spans
+        held_segments, held_objects = batch.segments, batch.objects
+        out_of_range = int(BmError.OUT_OF_RANGE)
+        no_object = int(BmError.NO_SUCH_OBJECT)
+        with self.lock:
+            # Each object looked up once (the first time a span names it): its extents here and
+            # the pool it is held in, or the code that fails its spans. A malformed entry
+            # raises (what was held so far is let go by the caller; no payload byte was read).
+            resolved: dict[int, tuple[bool, Any, Any, int]] = {}
+            for k in range(0, len(spans), 4):
+                oi = spans[k]
+                found = resolved.get(oi)
+                if found is None:
+                    item = objects[oi]
+                    if not (type(item) is list and len(item) == 2 and type(item[0]) is int and 0 <= item[0] < count):
+                        raise InvalidArgument("a batch's objects are [creds index, bm_id] each")
+                    bm_id = item[1]
+                    home, slot, generation = parse_bm_id(bm_id)
+                    state, pool, code = namespaces[item[0]]
+                    extents = None
+                    if not code:
+                        if home == me:
+                            record = state.objects.table.live(slot, generation)
+                            extents = record.extents if record is not None else None
+                        else:
+                            extents = state.objects.lent_by_object.get(bm_id)
+                        if extents is None:
+                            code = no_object
+                        else:      # held from here, under the same lock as the checks below
+                            busy = state.objects.busy
+                            busy[bm_id] = busy.get(bm_id, 0) + 1
+                            held_objects[oi] = (state, pool.allocator, bm_id)
+                    found = resolved[oi] = (home == me, pool, extents, code)
+                mine, pool, extents, code = found
+                segment, offset, length = spans[k + 1], spans[k + 2], spans[k + 3]
+                if not code:
+                    end = offset + length
+                    for e in extents:
+                        if e.segment == segment and e.offset <= offset and end <= e.offset + e.length \
+                                and (not mine or e.server_id == me):
+                            break
+                    else:
+                        code = out_of_range
+                if code:
+                    failed.append(k // 4)
+                    codes.append(code)
+                    out.append((None, offset, length))
+                    continue
+                key = (pool, segment)
+                if key not in held_segments:
+                    pool.allocator.hold(segment)
+                    held_segments[key] = pool.allocator
+                out.append((pool.segments[segment], offset, length))
+
+    def _let_go_spans(self, batch: "_HeldSpans") -> None:
+        with self.lock:
+            for (_, segment), allocator in batch.segments.items():
+                allocator.let_go(segment)
+            for state, allocator, bm_id in batch.objects.values():
+                busy = state.objects.busy
+                count = busy[bm_id] - 1
+                if count:
+                    busy[bm_id] = count
+                else:
+                    self._not_busy_locked(state, allocator, bm_id)     # the last: what a free deferred
+
+    def _hold_span(self, conn: Connection, m: dict[str, Any]) -> tuple:
+        """The checks of a span request (segment, offset, length of object bm_id), and its
+        hold: until _let_go_span, the segment is not destroyed and a free of the object
+        defers giving its extents back. Returns (segment memory, offset, length, state,
+        allocator, segment, bm_id). On every remote read and write: kept to one call."""
+        state, creds = self._namespace(conn, m)
         bm_id = m.get("bm_id")
         segment, offset, length = m.get("segment"), m.get("offset"), m.get("length")
-        if not all(type(v) is int for v in (segment, offset, length)) or offset < 0 or length <= 0:
+        if type(segment) is not int or type(offset) is not int or type(length) is not int \
+                or offset < 0 or length <= 0:
             raise InvalidArgument("a span is segment, offset, length: ints, length > 0")
+        home, slot, generation = parse_bm_id(bm_id)
         end = offset + length
+        me = self.server.server_id
         with self.lock:
-            if parse_bm_id(bm_id)[0] == self.server_id:
-                me = self.server_id
-                owned = any(e.server_id == me and e.segment == segment and e.offset <= offset
-                            and end <= e.offset + e.length for e in self._usable(state, bm_id).extents)
+            if home == me:
+                # Alive, and not lost on a restarted peer (its bytes there are gone).
+                extents = self._usable(state, bm_id).extents
             else:
                 extents = state.objects.lent_by_object.get(bm_id)
                 if extents is None:
-                    raise NoSuchObject(f"server {self.server_id} holds nothing of object {bm_id} "
-                                       "(freed, or never existed)")
-                owned = any(e.segment == segment and e.offset <= offset and end <= e.end for e in extents)
-            if not owned:
-                raise OutOfRange(f"[{offset}, {offset}+{length}) of segment {segment} is not object "
-                                 f"{bm_id}'s on server {self.server_id}")
-            # Held from here, under the same lock as the check: not destroyed until span() ends.
-            allocator = self.pools[pool].allocator
+                    raise NoSuchObject(f"server {me} holds nothing of object {bm_id} (freed, or never existed)")
+            for e in extents:
+                if e.segment == segment and e.offset <= offset and end <= e.offset + e.length \
+                        and (home != me or e.server_id == me):
+                    break
+            else:
+                raise OutOfRange(f"[{offset}, {end}) of segment {segment} is not object {bm_id}'s on server {me}")
+            # Held from here, under the same lock as the check.
+            pool = self.pools[creds[0]]
+            allocator = pool.allocator
             allocator.hold(segment)
-            state.objects.busy[bm_id] = state.objects.busy.get(bm_id, 0) + 1
-            return self.pools[pool].segments[segment], offset, length, state, allocator, segment, bm_id
+            busy = state.objects.busy
+            busy[bm_id] = busy.get(bm_id, 0) + 1
+            return pool.segments[segment], offset, length, state, allocator, segment, bm_id
+
+    def _let_go_span(self, held: tuple) -> None:
+        _, _, _, state, allocator, segment, bm_id = held
+        with self.lock:
+            allocator.let_go(segment)
+            busy = state.objects.busy
+            count = busy[bm_id] - 1
+            if count:
+                busy[bm_id] = count
+            else:
+                self._not_busy_locked(state, allocator, bm_id)     # the last: what a free deferred
+
+    def _not_busy_locked(self, state: NamespaceState, allocator: Any, bm_id: str) -> None:
+        """One transfer of the object is over; the last one gives back what a free deferred."""
+        busy = state.objects.busy
+        count = busy[bm_id] - 1
+        if count:
+            busy[bm_id] = count
+            return
+        del busy[bm_id]
+        deferred = state.objects.deferred.pop(bm_id, None)
+        if deferred and self.namespaces.get((state.record.pool, state.record.ns)) is state:
+            allocator.release(state.key, deferred, time.monotonic())
 
     def _free_by_server(self, pool: str, owner: tuple | None = None, fresh: bool = False) -> dict[int, int]:
         """What each live server could give `owner` in `pool`: what a new namespace could get
@@ -812,3 +1022,40 @@ def _size_arg(m: dict[str, Any], key: str) -> int:
     if type(size) is not int or not 0 < size <= MAX_OBJECT_BYTES:
         raise InvalidArgument(f"{key} must be an int in [1, {MAX_OBJECT_BYTES}], got {size!r}")
     return size
+
+
+class _HeldSpans:
+    """What a batch request holds (segments, objects: released once it is answered) and what
+    each of its spans came to."""
+
+    __slots__ = ("segments", "objects", "spans", "failed", "codes")
+
+    def __init__(self) -> None:
+        self.segments: dict[tuple[PoolState, int], Any] = {}   # (pool, segment) -> its allocator
+        self.objects: dict[int, tuple[NamespaceState, Any, str]] = {}   # object index -> (state, allocator, bm_id)
+        self.spans: list[tuple[SegmentMemory | None, int, int]] = []
+        self.failed: list[int] = []
+        self.codes: list[int] = []
+
+    def fail(self, span: int, code: int) -> None:
+        self.failed.append(span)
+        self.codes.append(code)
+
+
+def _many_spans(m: dict[str, Any]) -> list[int]:
+    """A batch request's spans (object index, segment, offset, length; flat), checked for
+    shape and bounds before anything is held or a payload byte read."""
+    spans = m.get("spans")
+    if not isinstance(spans, list) or len(spans) % 4 or not spans:
+        raise InvalidArgument("a batch's spans are a flat list of object, segment, offset, length")
+    if len(spans) > 4 * MAX_BATCH_SPANS_PER_REQUEST:
+        raise LimitExceeded(f"a batch request holds at most {MAX_BATCH_SPANS_PER_REQUEST} spans, "
+                            f"got {len(spans) // 4}")
+    if not set(map(type, spans)) <= {int}:
+        raise InvalidArgument("a batch's spans are ints")
+    lengths = spans[3::4]
+    if min(spans[2::4]) < 0 or min(lengths) <= 0:
+        raise InvalidArgument("a span has offset >= 0 and length > 0")
+    if sum(lengths) > MAX_BATCH_REQUEST_BYTES:
+        raise LimitExceeded(f"a batch request moves at most {MAX_BATCH_REQUEST_BYTES} bytes, got {sum(lengths)}")
+    return spans

@@ -129,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="over RPC (loopback TCP), against a raw socket doing the same transfers")
     bench.add_argument("--busy-poll-us", type=_busy_poll_us, default=BUSY_POLL_US,
                        help=f"polling window of the bench's servers and client (default {BUSY_POLL_US}; 0: never)")
+    bench.add_argument("--kv", action="store_true",
+                       help="MemKV: gets and puts (same host and remote) against redis-server, memcpy and a raw socket")
+    bench.add_argument("--scale-keys", type=int, default=1_000_000,
+                       help="--kv: the keys of the large keyspace whose get latency is compared with 1,000 keys")
+    bench.add_argument("--shm-size", type=_size, default=256 << 20,
+                       help="the size whose copies are compared with multiprocessing.shared_memory "
+                            "(default 256MiB; 0: skip)")
 
     load = sub.add_parser("load", help="many clients at once for a while, then an audit of the servers' memory")
     load.add_argument("--dir", help="use a running fabric at this ockPath instead of starting one")
@@ -200,10 +207,14 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_demo
         return run_demo(args.dir)
     if args.command == "bench":
+        if args.kv:
+            from ..kv.bench import run_kv_bench
+            return run_kv_bench(args.dir, [parse_size(s) for s in args.sizes.split(",")] if args.sizes else None,
+                                args.repeat, args.json, args.busy_poll_us, args.scale_keys)
         from ..bench import run_bench
         sizes = args.sizes or ("4KiB,64KiB,1MiB,16MiB" if args.remote else "4KiB,64KiB,1MiB,16MiB,64MiB")
         return run_bench(args.dir, [parse_size(s) for s in sizes.split(",")], args.repeat, args.json, args.remote,
-                         args.busy_poll_us)
+                         args.busy_poll_us, args.shm_size)
     if args.command == "load":
         if args.clients < 1 or args.threads < 1 or not args.duration > 0 or args.servers < 1:
             print("memfabric load: --clients, --threads, --servers and --duration must be positive", file=sys.stderr)

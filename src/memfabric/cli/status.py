@@ -12,6 +12,7 @@ killed or cut off); 1 when nothing answers; 2 for a bad configuration.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -40,8 +41,7 @@ def collect(path: str) -> dict[str, Any]:
         return _from_cluster_service(fabric, str(exc))
     try:
         servers = session.servers()
-        namespaces = [{"pool": n.pool, "ns": n.ns, "attribute": n.attribute, "object_count": n.object_count,
-                       "used_bytes": n.used_bytes} for n in session.namespaces()]
+        namespaces = [dataclasses.asdict(n) for n in session.namespaces()]
         asked = session.local.server_id
     finally:
         session.close()
@@ -59,7 +59,9 @@ def _from_cluster_service(fabric: FabricConfig, why: str) -> dict[str, Any]:
     try:
         records = cluster.servers()
         namespaces = [{"pool": r.pool, "ns": r.ns, "attribute": r.attribute, "object_count": None,
-                       "used_bytes": None} for r in cluster.namespaces()]
+                       "used_bytes": None, **{f"kv_{k}": None for k in ("keys", "bytes", "hits", "misses",
+                                                                         "evictions", "expired")}}
+                      for r in cluster.namespaces()]
     finally:
         cluster.close()
     now = time.time()
@@ -101,10 +103,15 @@ def run_status(path: str, as_json: bool = False) -> int:
                             for k in ("capacity_bytes", "used_bytes", "free_bytes", "lendable_bytes")))
     console.print(table)
     ns_table = Table(title="namespaces")
-    for column in ("pool", "namespace", "attribute", "objects", "bytes"):
+    for column in ("pool", "namespace", "attribute", "objects", "bytes", "keys", "key bytes", "hits", "misses",
+                   "evictions"):
         ns_table.add_column(column)
     for n in state["namespaces"]:
-        figures = ("-", "-") if n["object_count"] is None else (str(n["object_count"]), format_size(n["used_bytes"]))
+        if n["object_count"] is None:
+            figures = ("-",) * 7
+        else:
+            figures = (str(n["object_count"]), format_size(n["used_bytes"]), str(n["kv_keys"]),
+                       format_size(n["kv_bytes"]), str(n["kv_hits"]), str(n["kv_misses"]), str(n["kv_evictions"]))
         ns_table.add_row(n["pool"], n["ns"], str(n["attribute"]), *figures)
     console.print(ns_table)
     console.print(f"asked {state['asked']}", markup=False, highlight=False)

@@ -14,7 +14,7 @@ import os
 import resource
 import threading
 import weakref
-from typing import Any
+from typing import Any, Iterable
 
 from ..core.namespaces import check_attribute, check_name, check_sec_id
 from ..bigmemory.objects import parse_bm_id
@@ -25,6 +25,7 @@ from ..transport import rpc
 from ..errors import InvalidArgument, MemfabricError, NotInitialized, ServerUnavailable, Timeout
 from ..limits import BUSY_POLL_US, DEFAULT_REQUEST_TIMEOUT_S, MAX_REQUEST_TIMEOUT_S
 from ..config import FABRIC_FILE, ConfigError, check_busy_poll_us, load_fabric_config
+from ..bigmemory import batch
 from ..bigmemory.client import BigMemory, NamespaceObjects
 from ..kv.client import KV
 from .arguments import as_bool, as_int, as_path
@@ -294,8 +295,35 @@ class Session:
     def servers(self) -> list[dict[str, Any]]:
         """The cluster's servers as its service knows them: per server a dict with
         `server_id`, `host`, `alive`, `pid`, `pools` (figures per pool), and its addresses.
-        Raises NOT_INITIALIZED, SERVER_UNAVAILABLE."""
-        return self.home().call("cluster_view")["servers"]
+        Raises NOT_INITIALIZED, SERVER_UNAVAILABLE (no server of the fabric answers)."""
+        try:
+            return self.home().call("cluster_view")["servers"]
+        except (ServerUnavailable, Timeout):
+            # This session's own server is gone: any other live one knows the cluster.
+            with self._lock:
+                self.check_open()
+                return self._cluster_view(self.local.server_id)
+
+    # ---- batches across objects -------------------------------------------------------------
+
+    def read_many(self, items: Iterable[tuple[BigMemory, int, int | None, Any]]) -> list[int]:
+        """Read many (object, offset, length, buffer) items at once: each buffer[:length] is
+        filled in place from [offset, offset+length) of its object (length None: the whole
+        buffer). Bytes on this host are copied with no round trip; bytes elsewhere go as one
+        request per server, all servers at once, straight into the buffers.
+
+        Every item is checked first; a bad one (not this session's object, a range outside
+        the object, a buffer too small or read-only) raises and nothing moves. Then returns
+        one error code per item, 0 when done: a freed object, a lost server or a timeout
+        fails only its items (which may have filled part of their buffers). See
+        bigmemory/batch.py."""
+        return batch.read_many(self, items)
+
+    def write_many(self, items: Iterable[tuple[BigMemory, int, int | None, Any]]) -> list[int]:
+        """Write many (object, offset, length, buffer) items at once: buffer[:length] (any
+        buffer) goes to [offset, offset+length) of its object. Checked and answered as
+        read_many is: a failed item may have written part of its range."""
+        return batch.write_many(self, items)
 
     # ---- life ---------------------------------------------------------------------------------
 

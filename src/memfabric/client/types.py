@@ -63,12 +63,19 @@ _LOCAL = Affinity()
 class NamespaceInfo:
     """One namespace as `Session.namespaces()` lists it: its `pool` and name (`ns`), its
     `attribute`, and its objects' count (`object_count`) and bytes (`used_bytes`) over every
-    live server."""
+    live server; and its keyspace's (MemKV) figures, 0 without one: `kv_keys`, `kv_bytes`,
+    `kv_hits`, `kv_misses`, `kv_evictions`, `kv_expired`."""
     pool: str
     ns: str
     attribute: int
     object_count: int
     used_bytes: int
+    kv_keys: int = 0
+    kv_bytes: int = 0
+    kv_hits: int = 0
+    kv_misses: int = 0
+    kv_evictions: int = 0
+    kv_expired: int = 0
 
 
 @dataclass(frozen=True)

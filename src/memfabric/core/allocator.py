@@ -298,7 +298,10 @@ class SegmentAllocator:
             return whole, new_sizes, tail, []
         size = self._next_size(owner, remaining)
         if size > budget:
-            size = round_up(remaining, self.page_size_bytes)
+            # What is still uncommitted, up to the size wanted: a last segment slot must not
+            # be spent on the need alone while capacity lies beside it (no slot may be left).
+            free_now = (self.capacity_bytes - self._committed) // self.page_size_bytes * self.page_size_bytes
+            size = max(round_up(remaining, self.page_size_bytes), min(size, free_now))
         if size <= budget:
             return whole, new_sizes + [size], None, []
         # Short of budget: the owner's fragments, largest first, and a new segment for what

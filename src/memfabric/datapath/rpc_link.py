@@ -33,16 +33,35 @@ log = logging.getLogger("memfabric.link")
 
 
 class Pending:
-    __slots__ = ("event", "reply", "into", "payload", "error", "op", "args")
+    """One request in flight. Its reply lands here (its payload straight in `into`: one
+    buffer, or a list of them filled in order), and then `done` is set. The caller that
+    waits while another thread reads sleeps on `waker`, which is made only then: most
+    callers read their own reply and never need one."""
 
-    def __init__(self, into: memoryview | None, op: str = "", args: dict[str, Any] | None = None) -> None:
-        self.event = threading.Event()
+    __slots__ = ("done", "waker", "reply", "into", "error", "op", "args")
+
+    def __init__(self, into: memoryview | list | None, op: str = "", args: dict[str, Any] | None = None) -> None:
+        self.done = False
+        self.waker: threading.Event | None = None
         self.reply: dict[str, Any] | None = None
         self.into = into
-        self.payload: bytes | None = None
         self.error: MemfabricError | None = None
         self.op = op               # kept to undo what the request did if its caller gives up
         self.args = args
+
+    def finish(self) -> None:
+        self.done = True
+        waker = self.waker         # read after `done` is set: a sleeper that made it sees one or the other
+        if waker is not None:
+            waker.set()
+
+    def sleep(self, timeout_s: float) -> bool:
+        """Wait until done, at most `timeout_s`; returns whether it is done."""
+        if self.waker is None:
+            self.waker = threading.Event()
+        if not self.done:
+            self.waker.wait(timeout_s)
+        return self.done
 
 
 class RpcLink:
@@ -86,10 +105,14 @@ class RpcLink:
 
     # ---- requests ---------------------------------------------------------------------------
 
-    def submit(self, op: str, args: dict[str, Any], payload: memoryview | None = None,
-               into: memoryview | None = None, timeout_s: float | None = None) -> tuple[int, Pending]:
+    def submit(self, op: str, args: dict[str, Any], payload: memoryview | list | None = None,
+               into: memoryview | list | None = None, timeout_s: float | None = None) -> tuple[int, Pending]:
         """Send a request; wait() for its reply. `timeout_s` bounds the send (default: the
-        link's timeout, or less under a request's deadline)."""
+        link's timeout, or less under a request's deadline).
+
+        `payload` is sent after the header (a list: its parts back to back); the reply's
+        payload is received into `into` (a list: filled in order, skipping the buffers the
+        reply names in its `failed` list of indices, for which it carries no bytes)."""
         pending = Pending(into, op, args)
         if timeout_s is None:
             timeout_s = call_timeout_s(self.timeout_s)
@@ -103,7 +126,7 @@ class RpcLink:
             self._pending[request_id] = pending
         args["op"] = op
         args["id"] = request_id
-        if timeout_s <= 0 or not self._send_lock.acquire(timeout=timeout_s):
+        if timeout_s <= 0 or not (self._send_lock.acquire(False) or self._send_lock.acquire(timeout=timeout_s)):
             self._forget(request_id)
             raise Timeout(f"no time was left to send {op!r} to server at {self.address}")
         try:
@@ -127,7 +150,7 @@ class RpcLink:
             timeout_s = call_timeout_s(self.timeout_s)
         deadline = time.monotonic() + timeout_s
         try:
-            while not pending.event.is_set():
+            while not pending.done:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self._give_up(request_id, pending, op, timeout_s)
@@ -136,7 +159,7 @@ class RpcLink:
                     failure: MemfabricError | None = None
                     handled = False
                     try:
-                        while not pending.event.is_set():
+                        while not pending.done:
                             self._read_one(deadline)   # waits for a frame to begin until our deadline
                         handled = True
                     except rpc.MidFrameTimeout:
@@ -159,13 +182,14 @@ class RpcLink:
                         self._shut(failure)
                 else:
                     # Another caller is reading; it hands us our reply, or we take over when it is done.
-                    pending.event.wait(min(remaining, 0.0005))
+                    pending.sleep(min(remaining, 0.0005))
         except MemfabricError:
             raise           # given up on (no reader will touch our buffer) or the link was shut
         except BaseException:
             self.cancel(request_id, pending)   # interrupted: our buffer must not be written after
             raise
-        self._send_undos()
+        if self._undos:
+            self._send_undos()
         if pending.error is not None:
             raise pending.error
         reply = pending.reply
@@ -202,7 +226,7 @@ class RpcLink:
         """The caller will not wait for this request (a sibling transfer failed, or it was
         interrupted): drop it, so its reply is read past, and return once no reader can
         write into its buffer any more. Never raises."""
-        if pending.event.is_set():
+        if pending.done:
             return
         with self._lock:
             mine = self._pending.pop(request_id, None) is not None
@@ -218,7 +242,7 @@ class RpcLink:
         """A reader took this request's entry: it is receiving the reply, into the caller's
         buffer. It finishes the frame within its frame bound, or fails and shuts the link;
         if neither happens in time, shut the link, which stops the reader."""
-        if not pending.event.wait(self.timeout_s + rpc.DEADLINE_SLACK_S):
+        if not pending.sleep(self.timeout_s + rpc.DEADLINE_SLACK_S):
             self._shut(Timeout(f"a reply from server at {self.address} stalled part way"))
 
     def _abandon(self, request_id: int, pending: Pending) -> None:
@@ -278,20 +302,32 @@ class RpcLink:
                 if undo is not None:
                     self._undos.append(undo)
                 return
-            if callable(pending.into):      # sized by the reply: the caller makes the buffer
-                pending.into = pending.into(payload_len) if payload_len and "error" not in header else None
-                if pending.into is None and payload_len and "error" not in header:
+            into = pending.into
+            if callable(into):          # sized by the reply: the caller makes the buffer (None: drop it)
+                into = pending.into = into(payload_len) if payload_len and "error" not in header else None
+                if into is None and payload_len and "error" not in header:
                     frames.discard(payload_len, frame_deadline)
                     payload_len = 0
-            if payload_len:
-                if pending.into is not None and payload_len == len(pending.into) and "error" not in header:
-                    frames.recv_into_exact(pending.into, frame_deadline)
+            if "error" in header:
+                if payload_len:
+                    frames.discard(payload_len, frame_deadline)
+            elif type(into) is list:
+                views = _landing(into, header)
+                expected = sum(len(v) for v in views)
+                if payload_len == expected:
+                    if payload_len:
+                        frames.recv_into_views(views, frame_deadline)
                 else:
                     frames.discard(payload_len, frame_deadline)
-                    if "error" not in header:
-                        pending.error = ProtocolError(f"a reply of {payload_len} bytes for a buffer of "
-                                                      f"{0 if pending.into is None else len(pending.into)}")
-            elif pending.into is not None and len(pending.into) and "error" not in header:
+                    pending.error = ProtocolError(f"a reply of {payload_len} bytes for buffers of {expected}")
+            elif payload_len:
+                if into is not None and payload_len == len(into):
+                    frames.recv_into_exact(into, frame_deadline)
+                else:
+                    frames.discard(payload_len, frame_deadline)
+                    pending.error = ProtocolError(f"a reply of {payload_len} bytes for a buffer of "
+                                                  f"{0 if into is None else len(into)}")
+            elif into is not None and len(into):
                 pending.error = ProtocolError("a reply without the bytes it should carry")
         except BaseException as exc:
             if pending is not None:       # this reader writes into its buffer no more
@@ -299,13 +335,13 @@ class RpcLink:
                                  if isinstance(exc, socket.timeout) else
                                  ServerUnavailable(f"server {self.server_id} at {self.address} is gone "
                                                    f"({exc.__class__.__name__})"))
-                pending.event.set()
+                pending.finish()
             if isinstance(exc, socket.timeout) and not isinstance(exc, rpc.MidFrameTimeout):
                 raise rpc.MidFrameTimeout("a reply's payload stalled part way") from None
             raise
         if pending is not None:
             pending.reply = header
-            pending.event.set()
+            pending.finish()
 
     def _shut(self, error: MemfabricError, raise_it: bool = True) -> None:
         """Fail every request in flight and close; raises `error`. Callers hold no buffer of
@@ -323,7 +359,7 @@ class RpcLink:
             pass
         for p in pending:
             p.error = error
-            p.event.set()
+            p.finish()
         if raise_it:
             raise error
 
@@ -360,3 +396,15 @@ class RpcLink:
             self._shut(ServerUnavailable("connection closed"), raise_it=False)
         except MemfabricError:
             pass
+
+
+def _landing(into: list, header: dict[str, Any]) -> list:
+    """The buffers of a scatter read that its reply carries bytes for: all but those it
+    names in `failed` (indices into the list)."""
+    failed = header.get("failed")
+    if not failed:
+        return into
+    if not isinstance(failed, list) or not all(type(i) is int and 0 <= i < len(into) for i in failed):
+        raise ProtocolError("a reply's 'failed' must list indices of its request's buffers")
+    skip = set(failed)
+    return [view for i, view in enumerate(into) if i not in skip]

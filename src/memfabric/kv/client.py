@@ -19,6 +19,7 @@ out (index.py: stopped, or cut off from the cluster) is not read; the other home
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
@@ -26,11 +27,17 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 from ..bigmemory.layout import as_bytes_view
 from ..client.arguments import as_bool, as_int
 from ..errors import InvalidArgument, MemfabricError, ProtocolError, ServerUnavailable, Timeout
-from ..limits import KV_INLINE_BYTES, MAX_KV_BATCH
+from ..limits import KV_INLINE_BYTES, MAX_KV_BATCH, MAX_KV_KEY_BYTES
 from . import index as ix
+from .index import EMPTY, H_LEASE, H_MAGIC, H_MOVED, HEADER_WORDS, MAGIC, OFFSET_MASK, SLOT_WORDS
 from .rules import check_key, check_replicas, homes, key_hash, ttl_ms, utf8
 from .space import EXTENT
 from .transfer import put_large, read_held
+
+try:           # the compiled lookup (src/memfabric/_native.c); without it, the same in Python
+    from .. import _native
+except ImportError:        # pragma: no cover - a machine that could not build it
+    _native = None
 
 if TYPE_CHECKING:
     from ..client.session import Namespace
@@ -38,6 +45,7 @@ if TYPE_CHECKING:
 VIEW_TTL_S = 1.0           # how long a client trusts its list of the pool's servers, and the replica count
 READ_RETRIES = 64          # a same-host read that keeps meeting writes asks the server instead
 EXTENTS_MASK = (1 << 32) - 1
+_SLOT = struct.Struct("<8Q")
 _MISS = object()
 _ASK = object()            # the lock-free read cannot answer: ask the server
 _AWAY = object()           # the server's lease ran out: neither its index nor it may be current
@@ -65,6 +73,7 @@ class _LocalIndex:
             raise
         self.index, self.refs, self.stats = mapped
         self.words = self.index.view.cast("Q")
+        self.raw = self.index.view
         self.ref_bytes = self.refs.view
         self.stats_words = self.stats.view.cast("Q")
         self.slot = reply["client_slot"]
@@ -86,6 +95,15 @@ class _LocalIndex:
                 self.misses += 1
                 self.stats_words[self.slot * 2 + 1] = self.misses
 
+    def count_many(self, hits: int, misses: int) -> None:
+        if self.slot is None or not (hits or misses):
+            return
+        with self._count_lock:
+            self.hits += hits
+            self.misses += misses
+            self.stats_words[self.slot * 2] = self.hits
+            self.stats_words[self.slot * 2 + 1] = self.misses
+
     def stale(self) -> bool:
         """Replaced by a larger table, or revoked (reads zeros)."""
         return self.words[ix.H_MOVED] != 0 or self.words[ix.H_MAGIC] != ix.MAGIC
@@ -105,8 +123,10 @@ class KV:
         self._session = namespace.session
         self._creds = namespace.creds
         self._wire = namespace.wire_creds
+        self._index_key = (namespace.pool, namespace.name, "kv")
         self._lock = threading.Lock()
         self._servers: list[int] = []
+        self._local: frozenset[int] = frozenset()     # those of them on this host (reached by IPC)
         self._servers_at = -VIEW_TTL_S
         self._replicas = 1
         self._replicas_at = -VIEW_TTL_S
@@ -120,10 +140,13 @@ class KV:
         now = time.monotonic()
         if fresh or now - self._servers_at > VIEW_TTL_S:
             pool = self._namespace.pool
-            servers = sorted(s["server_id"] for s in self._session.servers() if s["alive"] and pool in s["pools"])
-            if not servers:
+            live = [s for s in self._session.servers() if s["alive"] and pool in s["pools"]]
+            if not live:
                 raise ServerUnavailable(f"no live server gives memory to pool {pool!r}")
-            self._servers, self._servers_at = servers, now
+            home = self._session.local
+            here = home.host if home.is_local else None
+            self._local = frozenset(s["server_id"] for s in live if s["host"] == here)
+            self._servers, self._servers_at = sorted(s["server_id"] for s in live), now
         return self._servers
 
     def _replica_count(self) -> int:
@@ -137,7 +160,8 @@ class KV:
         return self._replicas
 
     def _homes(self, key: bytes) -> list[int]:
-        return homes(key, self._pool_servers(), self._replica_count())
+        servers = self._pool_servers()
+        return servers if len(servers) == 1 else homes(key, servers, self._replica_count())
 
     def _call(self, server_id: int, op: str, **args: Any) -> dict[str, Any]:
         return self._session.link(server_id).call(op, **self._wire, **args)
@@ -154,6 +178,8 @@ class KV:
             return self._call(self._homes(key)[0], op, key=key, **args)
 
     def _local_link(self, server_id: int) -> Any:
+        if server_id not in self._local:
+            return None
         try:
             link = self._session.link(server_id)
         except MemfabricError:
@@ -208,7 +234,9 @@ class KV:
 
     def get(self, key: Any) -> bytes | None:
         """The value, or None when the key is missing or expired."""
-        got = self._get(check_key(key), None)
+        if type(key) is not bytes or not 0 < len(key) <= MAX_KV_KEY_BYTES:
+            key = check_key(key)
+        got = self._get(key, None)
         return None if got is _MISS else got
 
     def get_into(self, key: Any, buffer: Any) -> int | None:
@@ -221,7 +249,11 @@ class KV:
     def _get(self, key: bytes, into: memoryview | None) -> Any:
         ranked = self._homes(key)
         for server_id in ranked:
-            link = self._local_link(server_id)
+            if server_id not in self._local:
+                continue
+            link = self._session._links.get(server_id)      # the common case, without a call
+            if link is None or link.closed or not link.is_local:
+                link = self._local_link(server_id)
             if link is not None:
                 got = self._local_get(link, key, into)
                 if got is _AWAY:
@@ -294,7 +326,7 @@ class KV:
         return length if into is not None else bytes(target)
 
     def _index(self, link: Any) -> _LocalIndex:
-        key = (self._namespace.pool, self._namespace.name, "kv")
+        key = self._index_key
         idx = link.attached.get(key)
         if idx is None or idx.stale():
             with self._lock:
@@ -307,7 +339,31 @@ class KV:
         return idx
 
     def _local_get(self, link: Any, key: bytes, into: memoryview | None) -> Any:
-        """The lock-free read (index.py): the value, _MISS, or _ASK when it cannot be done here."""
+        """The lock-free read (index.py): the value, _MISS, or _ASK when it cannot be done here.
+        Compiled when it can be (_native.probe); what it cannot answer (a segment not mapped
+        yet, a large value, a table replaced) goes the Python way, which can."""
+        if _native is not None:
+            try:
+                idx = self._index(link)
+            except MemfabricError:
+                return _ASK
+            if not idx.lock_free:
+                return _ASK
+            link.check_alive()
+            got = _native.probe(idx.raw, idx.ref_bytes, key_hash(key), self._creds[0], link._segments, key, into)
+            if got is None:
+                idx.count(False)
+                return _MISS
+            if type(got) is bytes or got >= 0:
+                idx.count(True)
+                return got
+        return self._local_get_python(link, key, into)
+
+    def _local_get_python(self, link: Any, key: bytes, into: memoryview | None) -> Any:
+        """The lock-free read in Python.
+
+        A slot is read between two reads of its sequence: the first alone, then the fields
+        in one unpack, then the sequence again, in program order (x86's loads keep it)."""
         try:
             idx = self._index(link)
         except MemfabricError:
@@ -316,44 +372,44 @@ class KV:
             return _ASK
         h = key_hash(key)
         klen = len(key)
-        for _ in range(READ_RETRIES):
-            if idx.stale():
+        segments = link._segments
+        pool = self._creds[0]
+        for attempt in range(READ_RETRIES):
+            if attempt and idx.stale():
                 try:
                     idx = self._index(link)
                 except MemfabricError:
                     return _ASK
             link.check_alive()
-            words = idx.words
-            if words[ix.H_LEASE] <= time.time_ns() // 1_000_000:
+            words, raw, mask = idx.words, idx.raw, idx.mask
+            if words[H_LEASE] <= time.time_ns() // 1_000_000:
                 return _AWAY
-            mask = idx.mask
             slot = h & mask
             for _ in range(mask + 1):
-                base = ix.HEADER_WORDS + slot * ix.SLOT_WORDS
+                base = HEADER_WORDS + slot * SLOT_WORDS
                 seq = words[base]
                 if seq & 1:
                     break                                   # being written: again
-                stored = words[base + ix.HASH]
-                if stored == ix.EMPTY:
-                    if words[base] != seq or idx.stale():
+                _, stored, segment, packed, vlen, expiry, extents, _ = _SLOT.unpack_from(raw, base * 8)
+                if stored == EMPTY:
+                    if words[base] != seq or words[H_MOVED]:
                         break
                     idx.count(False)
                     return _MISS
-                if stored != h:
+                if stored != h or packed >> 32 != klen:
                     slot = (slot + 1) & mask
                     continue
-                packed = words[base + ix.OFFSET_KLEN]
-                segment, offset = words[base + ix.SEGMENT], packed & ix.OFFSET_MASK
-                vlen, expiry, extents = words[base + ix.VLEN], words[base + ix.EXPIRY], words[base + ix.EXTENTS]
                 if words[base] != seq:
                     break
-                if packed >> 32 != klen:
-                    slot = (slot + 1) & mask
-                    continue
-                try:
-                    view = link.segment_view(self._creds, segment)
-                except MemfabricError:
-                    return _ASK
+                mapped = segments.get((pool, segment))
+                if mapped is None:
+                    try:
+                        view = link.segment_view(self._creds, segment)
+                    except MemfabricError:
+                        return _ASK
+                else:
+                    view = mapped.view
+                offset = packed & OFFSET_MASK
                 if view[offset:offset + klen] != key:
                     if words[base] != seq:
                         break
@@ -370,7 +426,7 @@ class KV:
                                               extents & EXTENTS_MASK, into)
                     if result is _ASK:
                         return _ASK
-                if result is None or words[base] != seq or idx.stale():
+                if result is None or words[base] != seq or words[H_MOVED] or words[H_MAGIC] != MAGIC:
                     break                                   # changed while we read: again
                 idx.count(result is not _MISS)
                 if result is not _MISS:
@@ -406,6 +462,26 @@ class KV:
             out[position:position + take] = source[offset:offset + take]
             position += take
         return vlen if into is not None else bytes(out)
+
+    def _local_get_many(self, link: Any, keys: list[bytes], into: list[memoryview] | None) -> list[Any]:
+        """_local_get for many keys of one server on this host: one compiled call for all."""
+        if _native is None:
+            return [self._local_get(link, k, None if into is None else into[i]) for i, k in enumerate(keys)]
+        try:
+            idx = self._index(link)
+        except MemfabricError:
+            return [_ASK] * len(keys)
+        if not idx.lock_free:
+            return [_ASK] * len(keys)
+        link.check_alive()
+        results = _native.probe_many(idx.raw, idx.ref_bytes, list(map(key_hash, keys)), keys, self._creds[0],
+                                     link._segments, into)
+        misses = results.count(None)
+        asked = [i for i, got in enumerate(results) if type(got) is int and got < 0]
+        idx.count_many(len(results) - misses - len(asked), misses)
+        for i in asked:         # ASK or TOO_SMALL: the Python way answers (or raises) for these
+            results[i] = self._local_get_python(link, keys[i], None if into is None else into[i])
+        return [_MISS if got is None else got for got in results]
 
     def exists(self, key: Any) -> bool:
         """Whether the key is there (and not expired)."""
@@ -450,8 +526,9 @@ class KV:
 
     def put_many(self, items: Mapping[Any, Any] | Iterable[tuple[Any, Any]], *, ttl_s: float | None = None,
                  replicas: int | None = None) -> None:
-        """Store many keys: a mapping, or (key, value) pairs. One request per server (per
-        batch of 4,096 keys or 192 KiB); large values each on their own."""
+        """Store `items` (a mapping, or (key, value) pairs), each with `ttl_s` and `replicas` as
+        put's. One request per server (per batch of 4,096 keys or 192 KiB); large values each
+        on their own. Raises as put."""
         pairs = [(check_key(k), _value_view(v)) for k, v in _pairs(items)]
         options = {"ttl_ms": _ttl_ms(ttl_s), "replicas": None if replicas is None else check_replicas(replicas)}
         keys = [k for k, _ in pairs]
@@ -471,8 +548,9 @@ class KV:
         return [None if v is _MISS else v for v in self._get_many(keys, None)]
 
     def get_many_into(self, keys: Iterable[Any], buffers: Iterable[Any]) -> list[int | None]:
-        """Fill one buffer per key; each value's length, None for a missing key. A buffer too
-        small: INVALID_ARGUMENT (that buffer untouched; those before it may be filled)."""
+        """Fill `buffers` (one per key of `keys`) in place; each value's length, None for a
+        missing key. A buffer too small: INVALID_ARGUMENT (that buffer untouched; those before
+        it may be filled)."""
         keys = _keys(keys)
         views = [as_bytes_view(b, writable=True) for b in _many(buffers, "buffers", "buffer")]
         if len(keys) != len(views):
@@ -483,22 +561,42 @@ class KV:
         out: list[Any] = [_MISS] * len(keys)
         servers, replicas = self._pool_servers(), self._replica_count()
         ask: dict[int, list[int]] = {}
-        for i, key in enumerate(keys):
-            ranked = homes(key, servers, replicas)
-            local = next((s for s in ranked if self._local_link(s) is not None), None)
-            if local is not None:
-                buffer = None if into is None else into[i]
-                got = self._local_get(self._session.link(local), key, buffer)
+        here: dict[int, list[int]] = {}         # server on this host -> the keys it is asked for
+        if len(servers) == 1:                   # the common case of one server: no placement
+            ranks = [servers] * len(keys)
+            (here if servers[0] in self._local else ask)[servers[0]] = list(range(len(keys)))
+        else:
+            ranks = []
+            local_servers = self._local
+            for i, key in enumerate(keys):
+                ranked = homes(key, servers, replicas)
+                ranks.append(ranked)
+                local = next((s for s in ranked if s in local_servers), None)
+                if local is not None:
+                    here.setdefault(local, []).append(i)
+                else:
+                    ask.setdefault(ranked[0], []).append(i)
+        for server_id, positions in here.items():
+            link = self._local_link(server_id)
+            if link is None:
+                for i in positions:
+                    ask.setdefault(ranks[i][0], []).append(i)
+                continue
+            for i, got in zip(positions, self._local_get_many(link, [keys[i] for i in positions],
+                                                               None if into is None else [into[i] for i in positions]),
+                              strict=True):
+                # As _get: a server whose lease ran out is not asked; a first home's miss
+                # asks the other homes; a replica's miss asks the first home.
                 if got is _AWAY:
-                    out[i] = self._remote_get([s for s in ranked if s != local], key, buffer, tried=[local])
-                    continue
-                if got is _MISS and local == ranked[0]:
-                    out[i] = self._remote_get(ranked[1:], key, buffer, tried=[local], reached=True)
-                    continue
-                if got is not _ASK and got is not _MISS:
+                    out[i] = self._remote_get([s for s in ranks[i] if s != server_id], keys[i],
+                                              None if into is None else into[i], tried=[server_id])
+                elif got is _MISS and server_id == ranks[i][0]:
+                    out[i] = self._remote_get(ranks[i][1:], keys[i], None if into is None else into[i],
+                                              tried=[server_id], reached=True)
+                elif got is not _ASK and got is not _MISS:
                     out[i] = got
-                    continue
-            ask.setdefault(ranked[0], []).append(i)
+                else:
+                    ask.setdefault(ranks[i][0], []).append(i)
         for server_id, positions in ask.items():
             for chunk in _batches(positions, [len(keys[i]) for i in positions]):
                 try:
@@ -527,7 +625,7 @@ class KV:
         return out
 
     def exists_many(self, keys: Iterable[Any]) -> list[bool]:
-        """Whether each key is there; one request per server."""
+        """Whether each of `keys` is there; one request per server."""
         keys = _keys(keys)
         out = [False] * len(keys)
         servers, replicas = self._pool_servers(), self._replica_count()
@@ -631,7 +729,9 @@ def _many(items: Any, what: str, one: str) -> list[Any]:
 
 
 def _keys(keys: Any) -> list[bytes]:
-    return [check_key(k) for k in _many(keys, "keys", "key")]
+    """check_key of each, without a call for the keys that are bytes already."""
+    return [k if type(k) is bytes and 0 < len(k) <= MAX_KV_KEY_BYTES else check_key(k)
+            for k in _many(keys, "keys", "key")]
 
 
 def _pairs(items: Any) -> list[tuple[Any, Any]]:

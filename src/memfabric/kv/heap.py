@@ -62,6 +62,7 @@ class RecordHeap:
         self._starts: dict[int, list[int]] = {}               # segment -> its pages' offsets, sorted
         self._with_room: list[list[_Page]] = [[] for _ in CLASSES]
         self._resting: deque[tuple[float, Chunk]] = deque()
+        self._emptied: set[tuple[int, int]] = set()          # pages whose last chunk came back
         self.record_bytes = 0                                 # chunks holding records
         self.page_count = 0
 
@@ -116,7 +117,9 @@ class RecordHeap:
         """Pages with no record, resting or live: (segment, offset) each, forgotten here, for
         the server to give back to the pool."""
         self._mature(now_s)
-        empty = [key for key, page in self._pages.items() if page.used == 0 and page.resting == 0]
+        empty = [key for key in self._emptied if (page := self._pages.get(key)) is not None
+                 and page.used == 0 and page.resting == 0]
+        self._emptied.clear()
         for segment, offset in empty:
             page = self._pages.pop((segment, offset))
             starts = self._starts[segment]
@@ -144,6 +147,8 @@ class RecordHeap:
             page = self._page_of(chunk)
             page.resting -= 1
             page.free.append(chunk.offset)
+            if page.used == 0 and page.resting == 0:
+                self._emptied.add((page.segment, page.offset))
             if not page.listed:
                 self._with_room[page.cls].append(page)
                 page.listed = True

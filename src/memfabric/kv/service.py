@@ -33,17 +33,17 @@ import os
 import re
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..core.allocator import Extent
 from ..errors import (InvalidArgument, LimitExceeded, MemfabricError, NoSuchNamespace, NoSuchObject, OutOfMemory,
-                      ServerUnavailable)
+                      ProtocolError, ServerUnavailable)
 from ..limits import (KV_INLINE_BYTES, MAX_KV_BATCH, MAX_KV_HOLDS_PER_CLIENT, MAX_KV_PENDING_PER_CLIENT,
                       MAX_KV_REPLICAS, MAX_RPC_PAYLOAD_BYTES)
 from ..server.requests import Connection, Payload, Reply
 from ..server.state import NamespaceState
+from ..transport import wire
 from ..units import parse_size
 from . import index as ix
 from .rules import NO_EXPIRY, check_key, check_replicas, check_value_length, homes, key_hash
@@ -84,6 +84,7 @@ class _Reserved:
 
 @dataclass
 class _Held:
+    state: NamespaceState
     space: KeySpace
     store: Store
     place: tuple[int, int]
@@ -119,9 +120,10 @@ class KeyValueService:
     def handlers(self) -> dict[str, Callable[[Connection, dict[str, Any]], Reply]]:
         return {name[3:]: getattr(self, name) for name in dir(self) if name.startswith("op_")}
 
-    def transfers(self) -> dict[str, Callable[[Connection, dict[str, Any]], Any]]:
-        """Operations whose payload the RPC door moves straight to or from pool memory."""
-        return {"kv_fill": self.fill_span, "kv_read": self.read_span}
+    def transfers(self) -> dict[str, Callable[..., None]]:
+        """Operations the RPC door hands the frame to (its payload unread): each moves the
+        payload straight between the socket and pool memory and answers (rpc_front.py)."""
+        return {"kv_fill": self.transfer_kv_fill, "kv_read": self.transfer_kv_read}
 
     # ---- keyspaces -------------------------------------------------------------------------------
 
@@ -250,6 +252,17 @@ class KeyValueService:
             space.set_lease(self._lease_ms)
         with self._beats:
             self._beats.notify_all()
+
+    def usage(self, state: NamespaceState) -> dict[str, int]:
+        """The keyspace's figures here, for ns_query and `memfabric status` (none: no keyspace)."""
+        space = state.kv
+        if space is None:
+            return {}
+        with space.lock:
+            if space.closed:
+                return {}
+            stats = space.stats()
+        return {f"kv_{name}": stats[name] for name in ("keys", "bytes", "hits", "misses", "evictions", "expired")}
 
     def tick(self) -> None:
         """From the server's keeper: expired keys give their memory back without a reader."""
@@ -509,24 +522,61 @@ class KeyValueService:
             raise InvalidArgument(f"no reservation {token!r:.40} of this connection (committed or aborted meanwhile)")
         return reserved
 
-    @contextmanager
-    def fill_span(self, conn: Connection, m: dict[str, Any]) -> Iterator[tuple[memoryview, bool]]:
-        """kv_fill over RPC: the bytes at `at` of a reserved value, received in place."""
+    def transfer_kv_fill(self, conn: Connection, m: dict[str, Any], payload_len: int, frames: Any,
+                         deadline: float) -> None:
+        """kv_fill over RPC: the payload is `length` bytes at `at` of a reserved value,
+        received straight into the reserved extent (its segment held meanwhile)."""
         reserved = self._reservation(conn, m, take=False)
         at, length = m.get("at"), m.get("length")
         if type(at) is not int or type(length) is not int or at < 0 or length <= 0 or at + length > reserved.length:
-            raise InvalidArgument(f"a fill is within the {reserved.length} reserved bytes, got {at!r}+{length!r}")
+            raise InvalidArgument(f"a fill is within the {reserved.length} reserved bytes, got {at!r:.30}+{length!r:.30}")
         piece = _piece_at(reserved.extents, at, length)
         if piece is None:
             raise InvalidArgument("a fill lies within one extent of its reservation")
+        if payload_len != length:
+            raise ProtocolError(f"kv_fill of {length} bytes carried {payload_len}")
         segment, offset = piece
-        mem = reserved.store.memory(segment)
-        if mem.view is not None:
-            yield mem.view[offset:offset + length], True
-        else:
-            buffer = memoryview(bytearray(length))
-            yield buffer, True
-            mem.write(offset, buffer)
+        mem = self._hold_segments(reserved.state, [segment])[0]
+        try:
+            reply: dict[str, Any] = {"id": m["id"]}
+            if mem.view is not None:
+                frames.recv_into_exact(mem.view[offset:offset + length], deadline)
+            else:                        # a file segment: the server never maps files
+                buffer = memoryview(bytearray(length))
+                frames.recv_into_exact(buffer, deadline)
+                try:
+                    mem.write(offset, buffer)
+                except MemfabricError as exc:     # the payload is read: answer here
+                    reply = wire.error_reply(m["id"], exc)
+            frames.send(reply)
+        finally:
+            self._let_go_segments(reserved.state, [segment])
+
+    def _hold_segments(self, state: NamespaceState, segments: list[int]) -> list[Any]:
+        """Keep these segments of the namespace from being destroyed while a transfer uses
+        them (a destroy of the namespace meanwhile waits for them); their memories."""
+        pool = self.server.pools[state.record.pool]
+        held: list[int] = []
+        with self.lock:
+            try:
+                for segment in segments:
+                    if state.closed or segment not in pool.segments or \
+                            pool.allocator.owner_of(segment) != state.key:
+                        raise NoSuchNamespace(f"namespace {state.record.ns!r} was destroyed meanwhile")
+                    pool.allocator.hold(segment)
+                    held.append(segment)
+            except BaseException:
+                for segment in held:
+                    pool.allocator.let_go(segment)
+                raise
+            return [pool.segments[s] for s in segments]
+
+    def _let_go_segments(self, state: NamespaceState, segments: list[int]) -> None:
+        pool = self.server.pools[state.record.pool]
+        with self.lock:
+            for segment in segments:
+                pool.allocator.let_go(segment)
+        self.server._keeper_wake.set()       # a destroy may have waited for them
 
     def op_kv_fill(self, conn: Connection, m: dict[str, Any]) -> Reply:
         raise InvalidArgument("kv_fill carries its bytes as a payload: RPC only (on this host, write the "
@@ -663,33 +713,48 @@ class KeyValueService:
             pieces = store.pieces(fields)
         if not conn.carries_fds and fields[3] <= MAX_RPC_PAYLOAD_BYTES and all(
                 store.memory(s).view is not None for s, _, _ in pieces):
-            def done() -> None:
+            segments = sorted({s for s, _, _ in pieces})
+            try:
+                self._hold_segments(state, segments)
+            except BaseException:
+                with space.lock:
+                    store.let_go(place)
+                raise
+
+            def done() -> None:          # sent (or not): the record and its segments go free
+                self._let_go_segments(state, segments)
                 with space.lock:
                     store.let_go(place)
             views = [store.memory(s).view[o:o + n] for s, o, n in pieces]
             return Payload({"found": True, "length": fields[3]}, views, done)
         token = next(_tokens)
-        mine.held[token] = _Held(space, store, place, pieces)
+        mine.held[token] = _Held(state, space, store, place, pieces)
         return {"found": True, "length": fields[3], "hold": token, "pieces": [list(p) for p in pieces]}
 
-    @contextmanager
-    def read_span(self, conn: Connection, m: dict[str, Any]) -> Iterator[tuple[memoryview, bool]]:
+    def transfer_kv_read(self, conn: Connection, m: dict[str, Any], payload_len: int, frames: Any,
+                         deadline: float) -> None:
         """kv_read over RPC: `length` bytes at `at` of a held value, sent from where they are."""
+        if payload_len:
+            raise ProtocolError("kv_read carries no payload")
         held = self._held(conn, m, take=False)
         at, length = m.get("at"), m.get("length")
         total = sum(n for _, _, n in held.pieces)
         if type(at) is not int or type(length) is not int or at < 0 or length <= 0 or at + length > total:
-            raise InvalidArgument(f"a read is within the value's {total} bytes, got {at!r}+{length!r}")
+            raise InvalidArgument(f"a read is within the value's {total} bytes, got {at!r:.30}+{length!r:.30}")
         piece = _piece_at([Extent(*p) for p in held.pieces], at, length)
         if piece is None:
             raise InvalidArgument("a read lies within one piece of the value")
-        mem = held.store.memory(piece[0])
-        if mem.view is not None:
-            yield mem.view[piece[1]:piece[1] + length], False
-        else:
-            buffer = memoryview(bytearray(length))
-            mem.read(piece[1], buffer)
-            yield buffer, False
+        segment, offset = piece
+        mem = self._hold_segments(held.state, [segment])[0]
+        try:
+            if mem.view is not None:
+                frames.send({"id": m["id"]}, mem.view[offset:offset + length])
+            else:
+                buffer = memoryview(bytearray(length))
+                mem.read(offset, buffer)
+                frames.send({"id": m["id"]}, buffer)
+        finally:
+            self._let_go_segments(held.state, [segment])
 
     def op_kv_read(self, conn: Connection, m: dict[str, Any]) -> Reply:
         raise InvalidArgument("kv_read answers with a payload: RPC only (on this host, read the mapping)")

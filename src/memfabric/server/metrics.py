@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, make_wsgi_app
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -162,6 +162,37 @@ class StateCollector(Collector):
         yield namespaces
         yield objects
         yield held
+        yield from self._keyspaces()
+
+    def _keyspaces(self) -> Iterable[Any]:
+        """MemKV, per namespace with a keyspace here: what its stats() says, summed by clients."""
+        families = {
+            "keys": GaugeMetricFamily("memfabric_kv_keys", "Keys whose first home is this server", labels=["pool", "ns"]),
+            "held_keys": GaugeMetricFamily("memfabric_kv_held_keys", "Keys this server holds, replicas included",
+                                           labels=["pool", "ns"]),
+            "bytes": GaugeMetricFamily("memfabric_kv_bytes", "Bytes of keys and values held here (records, large "
+                                       "values, reservations)", labels=["pool", "ns"]),
+            "memory_limit": GaugeMetricFamily("memfabric_kv_memory_limit_bytes", "The namespace's whole memory "
+                                              "limit (0: none)", labels=["pool", "ns"]),
+        }
+        counters = {name: CounterMetricFamily(f"memfabric_kv_{name}", text, labels=["pool", "ns"]) for name, text in (
+            ("hits", "Gets that found their key here, the clients' own lock-free ones included"),
+            ("misses", "Gets that did not"),
+            ("evictions", "Keys evicted to keep the namespace within its memory limit"),
+            ("expired", "Keys deleted because their TTL ran out"))}
+        with self.server.lock:
+            spaces = [(pool, ns, s.kv) for (pool, ns), s in self.server.namespaces.items() if s.kv is not None]
+        for pool, ns, space in spaces:
+            with space.lock:
+                if space.closed:
+                    continue
+                stats = space.stats()
+            for name, family in families.items():
+                family.add_metric([pool, ns], stats[name] or 0)
+            for name, family in counters.items():
+                family.add_metric([pool, ns], stats[name])
+        yield from families.values()
+        yield from counters.values()
 
     def _peers(self) -> Iterable[Any]:
         up = GaugeMetricFamily("memfabric_peer_up", "1 if the cluster view this server has counts the server "

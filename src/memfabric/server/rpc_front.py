@@ -39,6 +39,8 @@ class RpcFront:
         self._connections: dict[int, rpc.FrameSocket] = {}
         self._handshaking = 0
         self._lock = threading.Lock()
+        # Operations that move a payload themselves (BigMemory's span reads and writes).
+        self._transfers = server.transfers      # every semantic's
         self._accept = AcceptLoop("RPC", listener, self._take,
                                   lambda accepting: server.door_accepting("rpc", accepting))
 
@@ -109,43 +111,13 @@ class RpcFront:
             deadline = time.monotonic() + REQUEST_TIMEOUT_S
             payload = None
             done = None          # a Payload's: runs once it is sent, or cannot be
+            transfer = None
             try:
-                if op in ("seg_write", "seg_read"):
-                    # The span is held for the transfer: a concurrent free or destroy cannot
-                    # hand these bytes to anyone else until it is done.
-                    with self.server.bigmemory.span(conn, request, writing=op == "seg_write") as target:
-                        if op == "seg_write":
-                            if payload_len != len(target):
-                                raise ProtocolError(f"seg_write of {len(target)} bytes carried {payload_len}")
-                            frames.recv_into_exact(target, deadline)
-                            payload_len = 0
-                        elif payload_len:
-                            raise ProtocolError("seg_read carries no payload")
-                        else:
-                            try:      # sent from the held bytes, before they are let go
-                                frames.send({"id": request["id"]}, target)
-                            except (OSError, ConnectionError, MemfabricError):
-                                return
-                            continue
-                    reply = {}
-                elif isinstance(op, str) and op in self.server.transfers:
-                    # A semantic's transfer: bytes received into, or sent from, pool memory it
-                    # holds for the duration.
-                    with self.server.transfers[op](conn, request) as (target, incoming):
-                        if incoming:
-                            if payload_len != len(target):
-                                raise ProtocolError(f"{op} of {len(target)} bytes carried {payload_len}")
-                            frames.recv_into_exact(target, deadline)
-                            payload_len = 0
-                        elif payload_len:
-                            raise ProtocolError(f"{op} carries no payload")
-                        else:
-                            try:
-                                frames.send({"id": request["id"]}, target)
-                            except (OSError, ConnectionError, MemfabricError):
-                                return
-                            continue
-                    reply = {}
+                transfer = self._transfers.get(op) if type(op) is str else None
+                if transfer is not None:
+                    # It moves the payload between the socket and pool memory, and answers.
+                    transfer(conn, request, payload_len, frames, deadline)
+                    continue
                 else:
                     if payload_len:
                         raise ProtocolError(f"{op!r} carries no payload")
@@ -167,8 +139,10 @@ class RpcFront:
                 self.server.limited_log.info("rpc transfer", "RPC connection %d closed during %.60r: %s",
                                              conn.id, op, exc)
                 return
-            except Exception as exc:   # a bug in the transfer path (serve() covers the rest): keep serving
+            except Exception as exc:   # a bug in the transfer path (serve() covers the rest)
                 self.server.limited_log.exception("rpc transfer bug", "RPC operation %.60r failed", op)
+                if transfer is not None:
+                    return             # perhaps part way through its payload: the stream cannot go on
                 reply, payload = wire.error_reply(request["id"], InternalError(f"internal error in {op!r}: {exc!r}")), None
             try:
                 if payload_len:

@@ -503,20 +503,27 @@ class Server:
             link.release_namespace(pool, ns)
 
     def op_ns_query(self, conn: Connection, m: dict[str, Any]) -> Reply:
-        usage: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+        """Every namespace of the cluster with its figures summed over the live servers: each
+        semantic's own (objects and bytes; keys, hits...)."""
+        usage: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: {"object_count": 0, "used_bytes": 0})
         for rows in [self.op_ns_usage(conn, m)["usage"]] + self._ask_peers("ns_usage"):
-            for pool, ns, count, used in rows:
-                usage[(pool, ns)][0] += count
-                usage[(pool, ns)][1] += used
-        return {"namespaces": [
-            {"pool": r.pool, "ns": r.ns, "attribute": r.attribute,
-             "object_count": usage[(r.pool, r.ns)][0], "used_bytes": usage[(r.pool, r.ns)][1]}
-            for r in self.cluster.namespaces()]}
+            for pool, ns, figures in rows:
+                mine = usage[(pool, ns)]
+                for name, number in figures.items():
+                    mine[name] = mine.get(name, 0) + number
+        return {"namespaces": [{"pool": r.pool, "ns": r.ns, "attribute": r.attribute, **usage[(r.pool, r.ns)]}
+                               for r in self.cluster.namespaces()]}
 
     def op_ns_usage(self, conn: Connection, m: dict[str, Any]) -> Reply:
         with self.lock:
-            return {"usage": [[pool, ns, len(s.objects.table), s.objects.table.live_bytes()]
-                              for (pool, ns), s in self.namespaces.items()]}
+            states = list(self.namespaces.items())
+        rows = []
+        for (pool, ns), state in states:      # outside the server's lock: a semantic takes its own
+            figures: dict[str, int] = {}
+            for service in self.services:
+                figures.update(service.usage(state))
+            rows.append([pool, ns, figures])
+        return {"usage": rows}
 
     def _ask_peers(self, op: str) -> list[Any]:
         left = time_left_s()

@@ -27,20 +27,20 @@ class BusyPoll:
         self.window_s = window_s
         self._worth_it = window_s > 0
 
-    def receive(self, try_now: Callable[[], T], block: Callable[[], T]) -> T:
-        """`try_now` returns a result or raises BlockingIOError when nothing is there yet;
-        `block` waits in the kernel."""
+    def receive(self, try_now: Callable[..., T], block: Callable[..., T], *args: object) -> T:
+        """`try_now(*args)` returns a result or raises BlockingIOError when nothing is there
+        yet; `block(*args)` waits in the kernel."""
         start = time.perf_counter()
         if self._worth_it:
             end = start + self.window_s
             while True:
                 try:
-                    return try_now()
+                    return try_now(*args)
                 except BlockingIOError:
                     pass
                 if time.perf_counter() >= end:
                     break
                 os.sched_yield()
-        result = block()
+        result = block(*args)
         self._worth_it = self.window_s > 0 and time.perf_counter() - start <= self.window_s
         return result

@@ -22,7 +22,10 @@ from .sockets import HangUpWatch, timeval
 _ANCILLARY_BYTES = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
 # Received fds are close-on-exec from the moment they exist: a program this process execs
 # must not inherit pool memory.
-_CLOEXEC = socket.MSG_CMSG_CLOEXEC
+_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+# Plain ints, made once: an enum's `|` costs microseconds on every message.
+_RECV_NOW_FLAGS = int(socket.MSG_DONTWAIT | _CLOEXEC)
+_TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 
 
 class PeerClosed(Exception):
@@ -80,7 +83,7 @@ class IpcChannel:
         """One whole message and the fds that came with it. Raises PeerClosed on EOF."""
         n, ancillary, flags, _ = self._busy_poll.receive(self._recv_now, self._recv_blocking)
         fds = _take_fds(ancillary)
-        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        if flags & _TRUNCATED:
             _close_all(fds)
             raise ProtocolError(f"message over {MAX_MESSAGE_BYTES} bytes or {MAX_FDS_PER_MESSAGE} fds")
         if not n:
@@ -95,7 +98,7 @@ class IpcChannel:
     def _recv_now(self) -> tuple[int, list, int, Any]:
         # The socket must have no Python-level timeout (set_deadline bounds waits in the
         # kernel instead): under one, CPython waits out the timeout even with MSG_DONTWAIT.
-        return self.sock.recvmsg_into([self._buffer], _ANCILLARY_BYTES, socket.MSG_DONTWAIT | _CLOEXEC)
+        return self.sock.recvmsg_into([self._buffer], _ANCILLARY_BYTES, _RECV_NOW_FLAGS)
 
     def _recv_blocking(self) -> tuple[int, list, int, Any]:
         try:

@@ -37,6 +37,9 @@ PROTOCOL = "memfabric-rpc/1"
 FIRST_BLOCK = 256
 SMALL_PAYLOAD = 16 << 10
 _SCRATCH_BYTES = 1 << 20
+_PADDING = memoryview(bytes(FIRST_BLOCK))
+# sendmsg and recvmsg_into take at most this many buffers at once (the kernel's IOV_MAX).
+MAX_IOV = 1024
 # A receive may outlast its deadline by at most this, plus the kernel timer's own lateness
 # (a few ms): the price of not resetting the kernel's bound before every receive.
 DEADLINE_SLACK_S = 0.01
@@ -98,31 +101,40 @@ class FrameSocket:
         if bound is None or bound > remaining + DEADLINE_SLACK_S or bound < remaining / 2:
             self._bound(max(remaining, 0.001))
 
-    def send(self, header: dict[str, Any], payload: memoryview | bytes | list[memoryview] | None = None) -> None:
-        """One whole frame; a payload of several buffers goes as one. socket.timeout: nothing
-        was sent; MidFrameTimeout: part was."""
+    def send(self, header: dict[str, Any], payload: memoryview | bytes | list | None = None) -> None:
+        """One whole frame. socket.timeout: nothing was sent; MidFrameTimeout: part was.
+        A list payload is sent as its parts back to back (a gather: no copy)."""
         head = wire.encode(header)
-        parts = [] if payload is None else payload if isinstance(payload, list) else [payload]
-        parts = [p for p in parts if len(p)]     # an empty buffer would never be "sent"
-        n = sum(len(p) for p in parts)
+        if payload is None:
+            n = 0
+        elif type(payload) is list:
+            n = sum(p.nbytes if type(p) is memoryview else len(p) for p in payload)
+        else:
+            n = payload.nbytes if type(payload) is memoryview else len(payload)
         if n > MAX_RPC_PAYLOAD_BYTES:
             raise ProtocolError(f"payload of {n} bytes exceeds {MAX_RPC_PAYLOAD_BYTES}")
-        first = PREFIX.pack(len(head), n) + head
-        if len(first) < FIRST_BLOCK:
-            first += bytes(FIRST_BLOCK - len(first))
+        pad = FIRST_BLOCK - PREFIX.size - len(head)
+        # One join, one copy: prefix, header, padding and a small payload go as one buffer.
         if n and n <= SMALL_PAYLOAD:
-            first += b"".join(bytes(p) for p in parts)
-            parts = []
+            small = payload if type(payload) is list else [payload]
+            first = b"".join([PREFIX.pack(len(head), n), head, _PADDING[:pad] if pad > 0 else b"", *small])
+            rest: list = []
+        else:
+            first = b"".join((PREFIX.pack(len(head), n), head, _PADDING[:pad] if pad > 0 else b""))
+            rest = [] if not n else [p for p in payload if len(p)] if type(payload) is list else [payload]
         if self._tls:
             self._bound(self._send_timeout_s)
             try:
                 self.sock.sendall(first)
-                for part in parts:
+                for part in rest:
                     self.sock.sendall(part)
             except socket.timeout:       # how much went out, SSL does not say
                 raise MidFrameTimeout("send timed out") from None
             return
-        _sendmsg_all(self.sock, [first, *parts])
+        if not rest:
+            _sendmsg_all(self.sock, [first], len(first))
+        else:
+            _sendmsg_all(self.sock, [first, *rest], len(first) + n)
 
     def recv_header(self, deadline: float | None = None,
                     frame_timeout_s: float | None = None) -> tuple[dict[str, Any], int]:
@@ -134,17 +146,17 @@ class FrameSocket:
         (else within `deadline`); running out then raises MidFrameTimeout.
         """
         block = self._block
-        got = self._busy_poll.receive(lambda: self._recv_now(block),
-                                      lambda: self._recv_some(block, deadline))
+        got = self._busy_poll.receive(self._recv_now, self._recv_some, block, deadline)
         if frame_timeout_s is not None:
             deadline = time.monotonic() + frame_timeout_s
         try:
-            self.recv_into_exact(block[got:], deadline)
+            if got < FIRST_BLOCK:
+                self.recv_into_exact(block[got:], deadline)
             head_len, payload_len = PREFIX.unpack_from(block)
             if head_len > MAX_MESSAGE_BYTES or payload_len > MAX_RPC_PAYLOAD_BYTES:
                 raise ProtocolError(f"frame of {head_len}+{payload_len} bytes is over the limits")
             if PREFIX.size + head_len <= FIRST_BLOCK:
-                head = bytes(block[PREFIX.size:PREFIX.size + head_len])
+                head = block[PREFIX.size:PREFIX.size + head_len]    # decoded at once: no copy needed
             else:
                 head = bytes(block[PREFIX.size:]) + self.recv_exact(PREFIX.size + head_len - FIRST_BLOCK, deadline)
         except MidFrameTimeout:
@@ -158,22 +170,24 @@ class FrameSocket:
         self.recv_into_exact(memoryview(buf), deadline)
         return bytes(buf)
 
-    def _recv_now(self, view: memoryview) -> int:
-        """What has arrived, without waiting (BlockingIOError: nothing yet)."""
+    def _recv_now(self, view: memoryview, deadline: float | None = None) -> int:
+        """What has arrived, without waiting (BlockingIOError: nothing yet); `deadline` is
+        not needed here: it is taken for the sake of BusyPoll.receive."""
         k = self.sock.recv_into(view, 0, socket.MSG_DONTWAIT)
         if k == 0:
             raise ConnectionError("peer closed the connection")
         return k
 
-    def _recv_some(self, view: memoryview, deadline: float | None) -> int:
-        """At least one byte, waiting until `deadline` (None: for as long as it takes)."""
+    def _recv_some(self, view: memoryview | list, deadline: float | None, scatter: bool = False) -> int:
+        """At least one byte, waiting until `deadline` (None: for as long as it takes).
+        With `scatter`, `view` is a list of buffers, filled in order (plain sockets only)."""
         while True:
             if deadline is not None:
                 self._bound_until(deadline)
             elif self._timeout is not None and self._timeout < IDLE_BOUND_MIN_S:
                 self._bound(None)        # an idle wait must not wake up often for nothing
             try:
-                k = self.sock.recv_into(view)
+                k = self.sock.recvmsg_into(view)[0] if scatter else self.sock.recv_into(view)
             except BlockingIOError:
                 continue                 # SO_RCVTIMEO ran out: check the deadline again
             except socket.timeout:
@@ -187,8 +201,39 @@ class FrameSocket:
 
     def recv_into_exact(self, view: memoryview, deadline: float | None = None) -> None:
         got, n = 0, len(view)
+        if n and not self._tls:
+            # A payload mostly follows its header at once: take what is there without waiting
+            # (and without setting a bound), then wait for the rest as below.
+            try:
+                got = self.sock.recv_into(view, n, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                got = 0
+            else:
+                if not got:
+                    raise ConnectionError("peer closed the connection")
         while got < n:
             got += self._recv_some(view[got:] if got else view, deadline)
+
+    def recv_into_views(self, views: list, deadline: float | None = None) -> None:
+        """Fill every buffer of `views`, in order, from the stream (a scatter: no copy).
+        Plain sockets take up to MAX_IOV buffers per receive (recvmsg_into); TLS sockets
+        take one buffer at a time."""
+        if self._tls:
+            for view in views:
+                self.recv_into_exact(view, deadline)
+            return
+        views = [v for v in views if len(v)]
+        first = 0                       # views[first:] are still to fill
+        while first < len(views):
+            got = self._recv_some(views[first:first + MAX_IOV], deadline, scatter=True)
+            while got:
+                head = views[first]
+                if got >= len(head):
+                    got -= len(head)
+                    first += 1
+                else:
+                    views[first] = head[got:]
+                    got = 0
 
     def discard(self, n: int, deadline: float | None = None) -> None:
         scratch = memoryview(bytearray(min(n, _SCRATCH_BYTES)))
@@ -210,26 +255,42 @@ class FrameSocket:
         self.sock.close()
 
 
-def _sendmsg_all(sock: socket.socket, parts: list) -> None:
-    """Every byte of `parts`, in order. When SO_SNDTIMEO runs out: socket.timeout if none
-    went out, MidFrameTimeout if some did."""
-    views = [memoryview(p).cast("B") for p in parts]
-    total = sum(len(v) for v in views)
-    left = total
-    while views:
+def _sendmsg_all(sock: socket.socket, parts: list, total: int) -> None:
+    """Every byte of `parts` (`total` bytes), in order. When SO_SNDTIMEO runs out:
+    socket.timeout if none went out, MidFrameTimeout if some did."""
+    if len(parts) <= MAX_IOV:
         try:
-            sent = sock.sendmsg(views)
+            sent = sock.sendmsg(parts)
         except BlockingIOError:          # SO_SNDTIMEO ran out: the peer stopped reading
+            raise socket.timeout("send timed out") from None
+        if sent == total:                # the common case: all of it at once
+            return
+    else:
+        sent = 0
+    views = [p if type(p) is memoryview and p.format == "B" and p.ndim == 1 else memoryview(p).cast("B")
+             for p in parts]
+    left = total - sent
+    while sent and views:                # drop what went out already
+        if sent >= len(views[0]):
+            sent -= len(views.pop(0))
+        else:
+            views[0] = views[0][sent:]
+            sent = 0
+    first = 0                            # views[first:] are still to go
+    while first < len(views):
+        try:
+            sent = sock.sendmsg(views[first:first + MAX_IOV])
+        except BlockingIOError:
             if left == total:
                 raise socket.timeout("send timed out") from None
             raise MidFrameTimeout(f"send timed out after {total - left} of {total} bytes") from None
         left -= sent
-        while sent and views:
-            if sent >= len(views[0]):
-                sent -= len(views[0])
-                views.pop(0)
+        while sent and first < len(views):
+            if sent >= len(views[first]):
+                sent -= len(views[first])
+                first += 1
             else:
-                views[0] = views[0][sent:]
+                views[first] = views[first][sent:]
                 sent = 0
 
 

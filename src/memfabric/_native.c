@@ -1,0 +1,289 @@
+/* memfabric._native: the same-host hot paths of MemKV, compiled.
+ *
+ * A same-host client reads a server's key index (a hash table in shared memory, see
+ * kv/index.py) and the records it names without asking the server. In Python each lookup
+ * costs dozens of interpreter steps; here it is one call. The protocol is index.py's seqlock:
+ * read a slot's sequence (odd: being written), its fields, the key and the value, then the
+ * sequence again; any change means "again". Loads of the sequence are acquire loads, and a
+ * fence orders the copy before the second read, so a torn copy is always caught.
+ *
+ * Results of probe() (and of each item of probe_many()):
+ *   None            the key is not there (or expired): a validated miss
+ *   bytes           its value (no buffer given)
+ *   int >= 0        its length, copied into the buffer given
+ *   ASK (-1)        this path cannot answer: the caller asks the server (a record in a
+ *                   segment not mapped yet, a large value, a table being replaced, writes
+ *                   that kept coming)
+ *   TOO_SMALL (-2)  the buffer cannot hold the value (nothing was copied)
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+#define HEADER_WORDS 8
+#define SLOT_WORDS 8
+#define H_MAGIC 0
+#define H_SLOTS 2
+#define H_MOVED 3
+#define W_SEQ 0
+#define W_HASH 1
+#define W_SEGMENT 2
+#define W_OFFSET_KLEN 3
+#define W_VLEN 4
+#define W_EXPIRY 5
+#define W_EXTENTS 6
+#define EMPTY 0
+#define MAGIC 0x31584449564B464DULL /* b"MFKVIDX1", little-endian */
+#define LOW32 0xFFFFFFFFULL
+#define RETRIES 64
+#define ASK (-1)
+#define TOO_SMALL (-2)
+
+static inline uint64_t load_acquire(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline uint64_t load_relaxed(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+
+static uint64_t now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+#define CACHED_SEGMENTS 8
+
+typedef struct {
+    const uint64_t *words;
+    uint64_t nwords;
+    unsigned char *refs;          /* one byte per slot: recency for the server's eviction clock */
+    Py_ssize_t nrefs;
+    PyObject *pool;               /* the pool's name: segments are keyed (pool, segment id) */
+    PyObject *segments;           /* the link's dict (pool, segment) -> mapped (with .view) */
+    /* Segments looked up during this call (a batch's records share few): their buffers are
+     * held until close_index. */
+    int cached;
+    uint64_t cached_id[CACHED_SEGMENTS];
+    Py_buffer cached_buf[CACHED_SEGMENTS];
+} Index;
+
+/* The bytes of segment `segment` as this process maps it: 1 and `out` filled (a buffer to
+ * release), 0 when it is not mapped here, -1 with an exception set. */
+static int segment_lookup(Index *ix, uint64_t segment, Py_buffer *out) {
+    PyObject *id = PyLong_FromUnsignedLongLong(segment);
+    if (id == NULL) return -1;
+    PyObject *key = PyTuple_Pack(2, ix->pool, id);
+    Py_DECREF(id);
+    if (key == NULL) return -1;
+    PyObject *mapped = PyDict_GetItemWithError(ix->segments, key);     /* borrowed */
+    Py_DECREF(key);
+    if (mapped == NULL) return PyErr_Occurred() ? -1 : 0;
+    PyObject *view = PyObject_GetAttrString(mapped, "view");
+    if (view == NULL) { PyErr_Clear(); return 0; }
+    int got = PyObject_GetBuffer(view, out, PyBUF_SIMPLE);
+    Py_DECREF(view);
+    if (got < 0) { PyErr_Clear(); return 0; }
+    return 1;
+}
+
+/* segment_lookup through the call's small cache: the buffer returned stays valid until
+ * close_index (the caller does not release it). */
+static int segment_buffer(Index *ix, uint64_t segment, Py_buffer **out) {
+    for (int i = 0; i < ix->cached; i++)
+        if (ix->cached_id[i] == segment) { *out = &ix->cached_buf[i]; return 1; }
+    if (ix->cached == CACHED_SEGMENTS) {            /* full: the oldest makes room */
+        PyBuffer_Release(&ix->cached_buf[0]);
+        memmove(&ix->cached_id[0], &ix->cached_id[1], sizeof(uint64_t) * (CACHED_SEGMENTS - 1));
+        memmove(&ix->cached_buf[0], &ix->cached_buf[1], sizeof(Py_buffer) * (CACHED_SEGMENTS - 1));
+        ix->cached--;
+    }
+    int found = segment_lookup(ix, segment, &ix->cached_buf[ix->cached]);
+    if (found <= 0) return found;
+    ix->cached_id[ix->cached] = segment;
+    *out = &ix->cached_buf[ix->cached++];
+    return 1;
+}
+
+static void close_index(Index *ix) {
+    for (int i = 0; i < ix->cached; i++) PyBuffer_Release(&ix->cached_buf[i]);
+    ix->cached = 0;
+}
+
+/* One lookup. Returns a new reference (see the header), or NULL with an exception set. */
+static PyObject *lookup(Index *ix, uint64_t h, const char *key, Py_ssize_t klen, Py_buffer *into) {
+    const uint64_t *w = ix->words;
+    for (int attempt = 0; attempt < RETRIES; attempt++) {
+        if (load_acquire(&w[H_MAGIC]) != MAGIC || load_acquire(&w[H_MOVED]) != 0)
+            return PyLong_FromLong(ASK);                 /* revoked, or replaced: reopen it */
+        uint64_t slots = load_relaxed(&w[H_SLOTS]);
+        if (slots == 0 || (slots & (slots - 1)) || slots > ix->nwords / SLOT_WORDS ||
+                HEADER_WORDS + slots * SLOT_WORDS > ix->nwords)
+            return PyLong_FromLong(ASK);
+        uint64_t mask = slots - 1, slot = h & mask;
+        int again = 0;
+        for (uint64_t probes = 0; probes < slots && !again; probes++, slot = (slot + 1) & mask) {
+            const uint64_t *s = w + HEADER_WORDS + slot * SLOT_WORDS;
+            uint64_t seq = load_acquire(&s[W_SEQ]);
+            if (seq & 1) { again = 1; break; }
+            uint64_t stored = load_relaxed(&s[W_HASH]);
+            uint64_t segment = load_relaxed(&s[W_SEGMENT]), packed = load_relaxed(&s[W_OFFSET_KLEN]);
+            uint64_t vlen = load_relaxed(&s[W_VLEN]), expiry = load_relaxed(&s[W_EXPIRY]);
+            uint64_t extents = load_relaxed(&s[W_EXTENTS]) & LOW32;
+            __atomic_thread_fence(__ATOMIC_ACQUIRE);
+            if (load_relaxed(&s[W_SEQ]) != seq) { again = 1; break; }
+            if (stored == EMPTY) {
+                if (load_acquire(&w[H_MOVED]) != 0) return PyLong_FromLong(ASK);
+                Py_RETURN_NONE;
+            }
+            if (stored != h || (packed >> 32) != (uint64_t)klen) continue;
+            if (extents) return PyLong_FromLong(ASK);    /* a large value: the caller's path */
+            uint64_t offset = packed & LOW32;
+            Py_buffer *seg;
+            int mapped = segment_buffer(ix, segment, &seg);
+            if (mapped < 0) return NULL;
+            if (mapped == 0) return PyLong_FromLong(ASK);
+            const char *base = (const char *)seg->buf;
+            uint64_t seglen = (uint64_t)seg->len;
+            if (offset > seglen || (uint64_t)klen > seglen - offset || vlen > seglen - offset - (uint64_t)klen) {
+                again = 1;                               /* fields of a record being replaced */
+                break;
+            }
+            int same = memcmp(base + offset, key, (size_t)klen) == 0;
+            __atomic_thread_fence(__ATOMIC_ACQUIRE);
+            if (load_relaxed(&s[W_SEQ]) != seq) { again = 1; break; }
+            if (!same) continue;
+            if (expiry && expiry <= now_ms()) Py_RETURN_NONE;
+            PyObject *result;
+            if (into != NULL) {
+                if ((uint64_t)into->len < vlen) return PyLong_FromLong(TOO_SMALL);
+                memcpy(into->buf, base + offset + klen, (size_t)vlen);
+                result = PyLong_FromUnsignedLongLong(vlen);
+            } else {
+                result = PyBytes_FromStringAndSize(base + offset + klen, (Py_ssize_t)vlen);
+            }
+            if (result == NULL) return NULL;
+            __atomic_thread_fence(__ATOMIC_ACQUIRE);
+            if (load_relaxed(&s[W_SEQ]) != seq || load_relaxed(&w[H_MOVED]) != 0 ||
+                    load_relaxed(&w[H_MAGIC]) != MAGIC) {
+                Py_DECREF(result);                       /* changed while we copied: again */
+                again = 1;
+                break;
+            }
+            if (ix->refs != NULL && (Py_ssize_t)slot < ix->nrefs) ix->refs[slot] = 1;
+            return result;
+        }
+        if (!again) return PyLong_FromLong(ASK);         /* probed every slot: not our table */
+    }
+    return PyLong_FromLong(ASK);
+}
+
+static int open_index(Index *ix, Py_buffer *words, Py_buffer *refs, PyObject *pool, PyObject *segments) {
+    if (words->len % 8 || ((uintptr_t)words->buf % 8)) {
+        PyErr_SetString(PyExc_ValueError, "an index is 64-bit words, aligned");
+        return -1;
+    }
+    if (!PyDict_Check(segments)) {
+        PyErr_SetString(PyExc_TypeError, "segments must be a dict");
+        return -1;
+    }
+    ix->words = (const uint64_t *)words->buf;
+    ix->nwords = (uint64_t)words->len / 8;
+    ix->refs = refs->buf != NULL && !refs->readonly ? (unsigned char *)refs->buf : NULL;
+    ix->nrefs = refs->len;
+    ix->pool = pool;
+    ix->segments = segments;
+    ix->cached = 0;
+    if (ix->nwords < HEADER_WORDS) {
+        PyErr_SetString(PyExc_ValueError, "an index has at least its header");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *probe(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer words, refs, keybuf, into = {0};
+    unsigned long long h;
+    PyObject *pool, *segments, *into_obj;
+    if (!PyArg_ParseTuple(args, "y*w*KOOy*O", &words, &refs, &h, &pool, &segments, &keybuf, &into_obj))
+        return NULL;
+    PyObject *result = NULL;
+    Py_buffer *target = NULL;
+    if (into_obj != Py_None) {
+        if (PyObject_GetBuffer(into_obj, &into, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) goto done;
+        target = &into;
+    }
+    Index ix;
+    if (open_index(&ix, &words, &refs, pool, segments) == 0) {
+        result = lookup(&ix, (uint64_t)h, (const char *)keybuf.buf, keybuf.len, target);
+        close_index(&ix);
+    }
+    if (target != NULL) PyBuffer_Release(&into);
+done:
+    PyBuffer_Release(&words);
+    PyBuffer_Release(&refs);
+    PyBuffer_Release(&keybuf);
+    return result;
+}
+
+static PyObject *probe_many(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer words, refs;
+    PyObject *hashes, *keys, *pool, *segments, *buffers;
+    if (!PyArg_ParseTuple(args, "y*w*O!O!OOO", &words, &refs, &PyList_Type, &hashes, &PyList_Type, &keys,
+                          &pool, &segments, &buffers))
+        return NULL;
+    PyObject *out = NULL;
+    Index ix = {0};
+    Py_ssize_t n = PyList_GET_SIZE(keys);
+    if (open_index(&ix, &words, &refs, pool, segments) < 0) goto done;
+    if (PyList_GET_SIZE(hashes) != n || (buffers != Py_None && (!PyList_Check(buffers) || PyList_GET_SIZE(buffers) != n))) {
+        PyErr_SetString(PyExc_ValueError, "one hash (and one buffer) per key");
+        goto done;
+    }
+    out = PyList_New(n);
+    if (out == NULL) goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *key = PyList_GET_ITEM(keys, i);
+        if (!PyBytes_Check(key)) { PyErr_SetString(PyExc_TypeError, "keys are bytes"); goto fail; }
+        unsigned long long h = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(hashes, i));
+        if (h == (unsigned long long)-1 && PyErr_Occurred()) goto fail;
+        Py_buffer into, *target = NULL;
+        if (buffers != Py_None) {
+            if (PyObject_GetBuffer(PyList_GET_ITEM(buffers, i), &into, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+                goto fail;
+            target = &into;
+        }
+        PyObject *r = lookup(&ix, (uint64_t)h, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), target);
+        if (target != NULL) PyBuffer_Release(&into);
+        if (r == NULL) goto fail;
+        PyList_SET_ITEM(out, i, r);
+    }
+    goto done;
+fail:
+    Py_CLEAR(out);
+done:
+    close_index(&ix);
+    PyBuffer_Release(&words);
+    PyBuffer_Release(&refs);
+    return out;
+}
+
+static PyMethodDef methods[] = {
+    {"probe", probe, METH_VARARGS,
+     "probe(index, refs, hash, pool, segments, key, into) -> value | length | None | ASK | TOO_SMALL"},
+    {"probe_many", probe_many, METH_VARARGS,
+     "probe_many(index, refs, hashes, keys, pool, segments, buffers) -> [probe's result per key]"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "memfabric._native",
+                                    "memfabric's compiled hot paths (see _native.c)", -1, methods,
+                                    NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    if (PyModule_AddIntConstant(m, "ASK", ASK) < 0 || PyModule_AddIntConstant(m, "TOO_SMALL", TOO_SMALL) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

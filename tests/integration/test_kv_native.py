@@ -1,0 +1,100 @@
+"""The compiled same-host lookup (src/memfabric/_native.c) against the Python one it stands in
+for: ./dev builds it, and both give the same answers for the same keys."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+import memfabric
+from memfabric.errors import InvalidArgument
+from memfabric.kv import client as kv_client
+from memfabric.launcher import LocalFabric
+from memfabric.limits import KV_INLINE_BYTES
+
+from ..conftest import short_tmp_dir
+
+
+def test_dev_builds_the_compiled_part():
+    from memfabric import _native       # ./dev installs with it; a machine with gcc must have it
+
+    assert _native.ASK < 0 and _native.TOO_SMALL < 0
+    assert kv_client._native is _native
+
+
+def _values() -> dict[bytes, bytes]:
+    rng = np.random.default_rng(7)
+    sizes = [0, 1, 7, 4096, 60_000, KV_INLINE_BYTES - 1, KV_INLINE_BYTES + 1, 300_000, 3 << 20]
+    out = {}
+    for i in range(400):
+        size = sizes[i % len(sizes)] if i < 60 else int(rng.integers(0, 9000))
+        out[f"key-{i}".encode() * (1 + i % 5)] = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+    return out
+
+
+@pytest.fixture(scope="module")
+def filled():
+    fab = LocalFabric(short_tmp_dir("mf-native-"), servers=1, capacity="256MiB", segment_size="4MiB").start()
+    try:
+        with memfabric.init(fab.directory) as s:
+            ns = s.create_namespace("n", sec_id="n-secret")
+            kv = ns.kv()
+            values = _values()
+            kv.put_many(values)
+            kv.put("gone-soon", b"x" * 100, ttl_s=0.05)
+            for k in list(values)[::7]:
+                kv.delete(k)
+                del values[k]
+            time.sleep(0.1)
+            yield kv, values
+    finally:
+        assert fab.stop() == 0, "".join(fab.output[-30:])
+
+
+def _both(monkeypatch, run):
+    native = run()
+    with monkeypatch.context() as m:
+        m.setattr(kv_client, "_native", None)
+        python = run()
+    return native, python
+
+
+def test_get_and_get_many_agree_with_the_python_lookup(filled, monkeypatch):
+    kv, values = filled
+    keys = list(values) + [b"never-put", b"gone-soon", b"key-7key-7x"]
+    native, python = _both(monkeypatch, lambda: ([kv.get(k) for k in keys], kv.get_many(keys)))
+    assert native == python
+    assert native[0] == native[1] == [values.get(k) for k in keys]
+
+
+def test_get_into_agrees_with_the_python_lookup(filled, monkeypatch):
+    kv, values = filled
+    keys = list(values)[:80] + [b"never-put"]
+
+    def run():
+        bufs = [bytearray(4 << 20) for _ in keys]
+        one = [kv.get_into(k, b) for k, b in zip(keys, bufs)]
+        many_bufs = [bytearray(4 << 20) for _ in keys]
+        many = kv.get_many_into(keys, many_bufs)
+        return one, many, [bytes(b[:n or 0]) for b, n in zip(bufs, one)], \
+            [bytes(b[:n or 0]) for b, n in zip(many_bufs, many)]
+
+    native, python = _both(monkeypatch, run)
+    assert native == python
+    assert native[2] == [values.get(k, b"") for k in keys]
+
+
+def test_a_buffer_too_small_is_refused_untouched_either_way(filled, monkeypatch):
+    kv, values = filled
+    key = next(k for k, v in values.items() if 10 < len(v) < KV_INLINE_BYTES)
+
+    def run():
+        buf = bytearray(b"\x55" * (len(values[key]) - 1))
+        with pytest.raises(InvalidArgument):
+            kv.get_into(key, buf)
+        return bytes(buf)
+
+    native, python = _both(monkeypatch, run)
+    assert native == python == b"\x55" * (len(values[key]) - 1)
