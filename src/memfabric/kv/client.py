@@ -339,9 +339,10 @@ class KV:
         return idx
 
     def _local_get(self, link: Any, key: bytes, into: memoryview | None) -> Any:
-        """The lock-free read (index.py): the value, _MISS, or _ASK when it cannot be done here.
-        Compiled when it can be (_native.probe); what it cannot answer (a segment not mapped
-        yet, a large value, a table replaced) goes the Python way, which can."""
+        """The lock-free read (index.py): the value, _MISS, _ASK when it cannot be done here, or
+        _AWAY when the index's lease ran out. Compiled when it can be (_native.probe); what it
+        cannot answer (a segment not mapped yet, a large value, a table replaced) goes the
+        Python way, which can."""
         if _native is not None:
             try:
                 idx = self._index(link)
@@ -357,6 +358,8 @@ class KV:
             if type(got) is bytes or got >= 0:
                 idx.count(True)
                 return got
+            if got == _native.AWAY:
+                return _AWAY
         return self._local_get_python(link, key, into)
 
     def _local_get_python(self, link: Any, key: bytes, into: memoryview | None) -> Any:
@@ -479,8 +482,12 @@ class KV:
         misses = results.count(None)
         asked = [i for i, got in enumerate(results) if type(got) is int and got < 0]
         idx.count_many(len(results) - misses - len(asked), misses)
+        away = _native.AWAY
         for i in asked:         # ASK or TOO_SMALL: the Python way answers (or raises) for these
-            results[i] = self._local_get_python(link, keys[i], None if into is None else into[i])
+            if results[i] == away:
+                results[i] = _AWAY
+            else:
+                results[i] = self._local_get_python(link, keys[i], None if into is None else into[i])
         return [_MISS if got is None else got for got in results]
 
     def exists(self, key: Any) -> bool:
