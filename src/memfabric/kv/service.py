@@ -8,10 +8,14 @@ A server trusts its keys only while the cluster cannot have taken it for dead: a
 key goes to its first home among the servers the cluster sees alive, so while a server is
 stopped or cut off past its liveness timeout, its keys' writes go to others, and what it
 holds is stale when it comes back. So KV requests are refused (SERVER_UNAVAILABLE) once no
-heartbeat reached the cluster for TRUSTED_SHARE of the liveness timeout, same-host readers
-stop at the index's lease (index.py) at the same moment, and before the next heartbeat says
-it is alive the server forgets every key: a key with a replica elsewhere is read there, one
-without is a miss, never an old value.
+heartbeat reached the cluster for TRUSTED_SHARE of the liveness timeout, and same-host readers
+stop at the index's lease (index.py) at the same moment. When a heartbeat lands the whole
+timeout or more after the last one was sent (the cluster may have seen the server dead), the
+server forgets every key before it serves again: a key with a replica elsewhere is read
+there, one without is a miss, never an old value. A server that is merely slow (a beat late
+by less than the timeout: the cluster never saw it dead) keeps its keys; at most it refused
+requests for a moment. Heartbeats come at least MIN_BEATS_PER_LIVENESS_TIMEOUT times per
+timeout (config.py), so one late beat does neither.
 
 Order of a write: the key's stripe lock (one write of a key at a time, its replication
 included), then the keyspace's lock for the record and the slot, released before the
@@ -230,11 +234,14 @@ class KeyValueService:
         with self.lock:
             return [s.kv for s in self.server.namespaces.values() if s.kv is not None]
 
-    def rejoining(self, sending_s: float) -> None:
-        """Before a heartbeat is sent at `sending_s` (monotonic): after a silence the cluster
-        may have taken for death, forget every key (see the module's docstring)."""
-        last = self.server.beat_sent_s
-        if last is None or sending_s - last <= self._trusted_s():
+    def rejoined(self, last_sent_s: float | None, landed_s: float) -> None:
+        """A heartbeat reached the cluster by `landed_s` (monotonic); the one before it was
+        sent at `last_sent_s`. If the cluster may have taken this server for dead in between
+        (it does so a whole liveness timeout after a beat, which it got no sooner than it was
+        sent), forget every key: others may have written them meanwhile. Called before the
+        server serves keys again (requests wait for beat()); see the module's docstring."""
+        if last_sent_s is None or not may_have_been_dead(last_sent_s, landed_s,
+                                                         self.server.cfg.cluster.liveness_timeout_s):
             return
         forgotten = 0
         for space in self._spaces():
@@ -242,7 +249,7 @@ class KeyValueService:
                 if not space.closed:
                     forgotten += space.store.flush()
         log.warning("no heartbeat reached the cluster for %.1f s: forgot %d keys, which others may have "
-                    "written meanwhile", sending_s - last, forgotten)
+                    "written meanwhile", landed_s - last_sent_s, forgotten)
 
     def beat(self, sent_wall_s: float) -> None:
         """A heartbeat sent at `sent_wall_s` (wall clock) reached the cluster: same-host readers
@@ -886,6 +893,12 @@ class KeyValueService:
         state, _, space, _ = self._space(conn, m)
         self._refresh_settings(state, space, force=True)
         return {}
+
+
+def may_have_been_dead(last_sent_s: float, landed_s: float, liveness_timeout_s: float) -> bool:
+    """Whether the cluster may have taken a server for dead between a heartbeat sent at
+    `last_sent_s` and the next, which reached it by `landed_s` (both monotonic)."""
+    return landed_s - last_sent_s >= liveness_timeout_s
 
 
 def _settings(stored: dict[str, Any]) -> KvSettings:
