@@ -135,4 +135,7 @@ SETTLE_S = 1.0
 MAX_KV_CLIENTS = 256                # clients of one keyspace on one server that count their own gets
 KV_INLINE_BYTES = 192 << 10         # a key and value ride in a request up to this; larger: reserve, fill, commit
 MAX_KV_PENDING_PER_CLIENT = 16      # large values one connection is filling at once
+# A kv_get_many reply over RPC carries values as its payload, sent from where they lie, up to
+# this in all; the keys that did not fit are asked again (one more request, not one per key).
+KV_GET_MANY_PAYLOAD_BYTES = 8 << 20
 MAX_KV_HOLDS_PER_CLIENT = 64        # large values one connection is reading at once (each held from reuse)

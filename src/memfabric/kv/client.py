@@ -22,15 +22,16 @@ import os
 import struct
 import threading
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 from ..bigmemory.layout import as_bytes_view
 from ..client.arguments import as_bool, as_int
 from ..errors import InvalidArgument, MemfabricError, ProtocolError, ServerUnavailable, Timeout
-from ..limits import KV_INLINE_BYTES, MAX_KV_BATCH, MAX_KV_KEY_BYTES
+from ..limits import BATCH_REQUESTS_IN_FLIGHT, KV_INLINE_BYTES, MAX_KV_BATCH, MAX_KV_KEY_BYTES
 from . import index as ix
 from .index import EMPTY, H_LEASE, H_MAGIC, H_MOVED, HEADER_WORDS, MAGIC, OFFSET_MASK, SLOT_WORDS
-from .rules import check_key, check_replicas, homes, key_hash, ttl_ms, utf8
+from .rules import MANY_AGAIN, MANY_ALONE, check_key, check_replicas, homes, key_hash, ttl_ms, utf8
 from .space import EXTENT
 from .transfer import put_large, read_held
 
@@ -604,32 +605,83 @@ class KV:
                     out[i] = got
                 else:
                     ask.setdefault(ranks[i][0], []).append(i)
-        for server_id, positions in ask.items():
-            for chunk in _batches(positions, [len(keys[i]) for i in positions]):
-                try:
-                    reply = self._call(server_id, "kv_get_many", keys=[keys[i] for i in chunk])
-                except ServerUnavailable:
-                    for i in chunk:
-                        out[i] = self._remote_get(homes(keys[i], servers, replicas), keys[i],
-                                                  None if into is None else into[i])
-                    continue
-                blob, position = memoryview(reply["values"]), 0
-                for i, length in zip(chunk, reply["lengths"], strict=True):
-                    if length == -2:              # too large to ride along: on its own
-                        out[i] = self._get(keys[i], None if into is None else into[i])
-                    elif length >= 0:
-                        value = blob[position:position + length]
-                        position += length
-                        if into is None:
-                            out[i] = bytes(value)
-                        else:
-                            _check_room(length, into[i])
-                            into[i][:length] = value
-                            out[i] = length
-                    elif replicas > 1:
-                        out[i] = self._remote_get(homes(keys[i], servers, replicas)[1:], keys[i],
-                                                  None if into is None else into[i])
+        while ask:                   # the keys a reply had no room for are asked again
+            ask = self._ask_many(ask, keys, into, out, servers, replicas)
         return out
+
+    def _ask_many(self, ask: dict[int, list[int]], keys: list[bytes], into: list[memoryview] | None,
+                  out: list[Any], servers: list[int], replicas: int) -> dict[int, list[int]]:
+        """kv_get_many of the keys at `ask` (server -> positions), their values put in `out`.
+        Over RPC every request is sent before a reply is waited for (at most
+        BATCH_REQUESTS_IN_FLIGHT per server), each reply's values landing in one buffer.
+        Returns the keys to ask again (a reply ran out of room for them)."""
+        again: dict[int, list[int]] = {}
+        queue = [(server_id, chunk) for server_id, positions in ask.items()
+                 for chunk in _batches(positions, [len(keys[i]) for i in positions])]
+        in_flight: list[tuple[int, list[int], Any, int, Any]] = []
+        try:
+            while queue or in_flight:
+                while queue and sum(1 for f in in_flight if f[0] == queue[0][0]) < BATCH_REQUESTS_IN_FLIGHT:
+                    server_id, chunk = queue.pop(0)
+                    try:
+                        link = self._session.link(server_id)
+                        if link.is_local:
+                            in_flight.append((server_id, chunk, link, 0, None))
+                        else:
+                            landed: list[memoryview] = []    # the reply's values, back to back
+                            request_id, pending = link.submit("kv_get_many", {**self._wire, "keys": [
+                                keys[i] for i in chunk]}, into=partial(_landing_buffer, landed))
+                            in_flight.append((server_id, chunk, link, request_id, (pending, landed)))
+                    except ServerUnavailable:
+                        self._ask_others(chunk, keys, into, out, servers, replicas)
+                if not in_flight:
+                    continue
+                server_id, chunk, link, request_id, pending = in_flight.pop(0)
+                try:
+                    if pending is None:
+                        reply = link.call("kv_get_many", **self._wire, keys=[keys[i] for i in chunk])
+                        blob = memoryview(reply["values"])
+                    else:
+                        reply = link.wait(request_id, pending[0], "kv_get_many")
+                        blob = pending[1][0] if pending[1] else memoryview(b"")
+                except ServerUnavailable:
+                    self._ask_others(chunk, keys, into, out, servers, replicas)
+                    continue
+                self._take_many(server_id, chunk, reply["lengths"], blob, keys, into, out, again, servers, replicas)
+        except BaseException:
+            for _, _, link, request_id, pending in in_flight:
+                if pending is not None:
+                    link.cancel(request_id, pending[0])
+            raise
+        return again
+
+    def _ask_others(self, chunk: list[int], keys: list[bytes], into: list[memoryview] | None, out: list[Any],
+                    servers: list[int], replicas: int) -> None:
+        """A server that cannot be reached: each of its keys from its other homes, or fresh ones."""
+        for i in chunk:
+            out[i] = self._remote_get(homes(keys[i], servers, replicas), keys[i], None if into is None else into[i])
+
+    def _take_many(self, server_id: int, chunk: list[int], lengths: list[int], blob: memoryview, keys: list[bytes],
+                   into: list[memoryview] | None, out: list[Any], again: dict[int, list[int]], servers: list[int],
+                   replicas: int) -> None:
+        position = 0
+        for i, length in zip(chunk, lengths, strict=True):
+            if length >= 0:
+                value = blob[position:position + length]
+                position += length
+                if into is None:
+                    out[i] = bytes(value)
+                else:
+                    _check_room(length, into[i])
+                    into[i][:length] = value
+                    out[i] = length
+            elif length == MANY_AGAIN:
+                again.setdefault(server_id, []).append(i)
+            elif length == MANY_ALONE:       # too large to ride along: on its own
+                out[i] = self._get(keys[i], None if into is None else into[i])
+            elif replicas > 1:
+                out[i] = self._remote_get(homes(keys[i], servers, replicas)[1:], keys[i],
+                                          None if into is None else into[i])
 
     def exists_many(self, keys: Iterable[Any]) -> list[bool]:
         """Whether each of `keys` is there; one request per server."""
@@ -769,6 +821,11 @@ def _ttl_ms(ttl_s: Any, required: bool = False) -> int | None:
     if ttl_s is None and not required:
         return None
     return ttl_ms(ttl_s)
+
+
+def _landing_buffer(landed: list[memoryview], length: int) -> memoryview:
+    landed.append(memoryview(bytearray(length)))
+    return landed[-1]
 
 
 def _batches(positions: list[int], sizes: list[int]) -> Iterator[list[int]]:

@@ -20,6 +20,9 @@ from ..limits import MAX_KV_KEY_BYTES, MAX_KV_VALUE_BYTES, MAX_KV_REPLICAS
 from .index import fix_hash
 
 NO_EXPIRY = 0
+# A kv_get_many reply's length for a key it carries no bytes for: missing; too large to ride
+# along (get it alone); no room left in this reply (ask again).
+MANY_MISSING, MANY_ALONE, MANY_AGAIN = -1, -2, -3
 
 
 def check_key(key: object) -> bytes:

@@ -43,14 +43,14 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..core.allocator import Extent
 from ..errors import (InvalidArgument, LimitExceeded, MemfabricError, NoSuchNamespace, NoSuchObject, OutOfMemory,
                       ProtocolError, ServerUnavailable)
-from ..limits import (KV_INLINE_BYTES, MAX_KV_BATCH, MAX_KV_HOLDS_PER_CLIENT, MAX_KV_PENDING_PER_CLIENT,
-                      MAX_KV_REPLICAS, MAX_RPC_PAYLOAD_BYTES)
+from ..limits import (KV_GET_MANY_PAYLOAD_BYTES, KV_INLINE_BYTES, MAX_KV_BATCH, MAX_KV_HOLDS_PER_CLIENT,
+                      MAX_KV_PENDING_PER_CLIENT, MAX_KV_REPLICAS, MAX_RPC_PAYLOAD_BYTES)
 from ..server.requests import Connection, Payload, Reply
 from ..server.state import NamespaceState
 from ..transport import wire
 from ..units import parse_size
 from . import index as ix
-from .rules import NO_EXPIRY, check_key, check_replicas, check_value_length, homes, key_hash
+from .rules import MANY_AGAIN, MANY_ALONE, MANY_MISSING, NO_EXPIRY, check_key, check_replicas, check_value_length, homes, key_hash
 from .space import KeySpace, KvSettings, now_ms
 from .store import Fields, Store, inline_fits, replicas_of
 from .transfer import put_large_from
@@ -790,30 +790,61 @@ class KeyValueService:
         return {}
 
     def op_kv_get_many(self, conn: Connection, m: dict[str, Any]) -> Reply:
-        """Values of many keys in one reply: lengths (-1: missing; -2: too large to ride
-        along, get it alone) and their bytes, concatenated."""
+        """Values of many keys in one reply: their lengths (MANY_MISSING; MANY_ALONE: too large
+        to ride along, get it alone; MANY_AGAIN: no room left in this reply, ask again) and
+        their bytes, back to back: over RPC as the reply's payload, sent from the records'
+        memory (held until sent), up to KV_GET_MANY_PAYLOAD_BYTES; on this host, inline."""
         state, creds, space, store = self._space(conn, m)
         keys = _keys(m)
         lengths: list[int] = []
+        by_payload = not conn.carries_fds
+        limit = KV_GET_MANY_PAYLOAD_BYTES if by_payload else KV_INLINE_BYTES
+        room = limit
         parts: list[bytes] = []
-        room = KV_INLINE_BYTES
+        places: list[tuple[int, int]] = []
+        pieces: list[tuple[int, int, int]] = []
         with space.lock:
             now = now_ms()
             for key in keys:
                 found = store.live(key, key_hash(key), now)
                 if found is None:
                     space.counters.misses += 1
-                    lengths.append(-1)
+                    lengths.append(MANY_MISSING)
+                    continue
+                fields = found[1]
+                vlen = fields[3]
+                if vlen > room:
+                    lengths.append(MANY_ALONE if vlen > limit else MANY_AGAIN)
                     continue
                 space.counters.hits += 1
-                vlen = found[1][3]
-                if vlen > room:
-                    lengths.append(-2)
-                    continue
-                parts.append(store.read(found[1]))
+                where = store.pieces(fields)
+                if by_payload and all(store.memory(s).view is not None for s, _, _ in where):
+                    places.append(store.hold(fields))
+                    pieces.extend(where)
+                else:
+                    parts.append(store.read(fields))
+                    if by_payload:              # no mapping to send from: a copy, in order
+                        pieces.append((-1, len(parts) - 1, vlen))
                 lengths.append(vlen)
                 room -= vlen
-        return {"lengths": lengths, "values": b"".join(parts)}
+        if not by_payload:
+            return {"lengths": lengths, "values": b"".join(parts)}
+        segments = sorted({s for s, _, _ in pieces if s >= 0})
+        try:
+            self._hold_segments(state, segments)
+        except BaseException:
+            with space.lock:
+                for place in places:
+                    store.let_go(place)
+            raise
+
+        def done() -> None:              # sent (or not): the records and their segments go free
+            self._let_go_segments(state, segments)
+            with space.lock:
+                for place in places:
+                    store.let_go(place)
+        views = [memoryview(parts[o]) if s < 0 else store.memory(s).view[o:o + n] for s, o, n in pieces]
+        return Payload({"lengths": lengths}, views, done)
 
     def op_kv_exists(self, conn: Connection, m: dict[str, Any]) -> Reply:
         state, creds, space, store = self._space(conn, m)
