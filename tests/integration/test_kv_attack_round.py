@@ -13,7 +13,7 @@ import sys
 import pytest
 
 import memfabric
-from memfabric.errors import InvalidArgument, NoSuchNamespace, PermissionDenied, Timeout
+from memfabric.errors import InvalidArgument, NoSuchNamespace, PermissionDenied, ServerUnavailable, Timeout
 from memfabric.kv.rules import homes
 from memfabric.launcher import die_with_parent, wait_for_line
 from memfabric.limits import KV_INLINE_BYTES
@@ -322,8 +322,9 @@ def test_a_server_back_from_a_stop_the_cluster_took_for_death_never_serves_an_ol
     key went to the next server and was acknowledged. When the stopped server came back, every
     client (same-host, lock-free; and remote) read the value from before that put: an
     acknowledged write lost, an old value served. Now the server forgets its keys before it
-    says it is alive again, and same-host readers stop at its index's lease: the key reads as
-    the acknowledged value where a replica holds it, else as missing, never as the old one."""
+    serves them again, and same-host readers (compiled lookup or not, get or get_many) stop at
+    its index's lease: the key reads as the acknowledged value where a replica holds it, else
+    as missing, never as the old one."""
     fab = fresh_fabric(servers=2, capacity="32MiB", segment_size="1MiB")
     with memfabric.init(fab.directory, server=0) as s, \
             memfabric.init(os.path.join(fab.directory, "remote.toml")) as r:
@@ -413,3 +414,59 @@ def test_a_restarted_first_home_does_not_hide_what_its_replica_holds(fresh_fabri
             if restarted is not None:
                 restarted.send_signal(signal.SIGTERM)
                 restarted.wait(15)
+
+
+def _refused(link, wire: dict, key: str) -> bool:
+    try:
+        link.call("kv_get", **wire, key=key.encode())
+    except ServerUnavailable as exc:
+        assert "has not reached the cluster" in str(exc)
+        return True
+    return False
+
+
+def test_a_server_cut_off_from_the_cluster_refuses_its_keys_then_forgets_them(fresh_fabric):
+    """A server whose heartbeats cannot reach the cluster (here its liveness file is made
+    immutable: the process runs on and answers) refuses MemKV requests before the cluster can
+    take it for dead, and its same-host readers stop at its index's lease; once it is seen
+    dead, writes of its keys go to the next server; when its heartbeats land again it has
+    forgotten its keys (this key has no replica: a miss, never the old value)."""
+    fab = fresh_fabric(servers=2, capacity="32MiB", segment_size="1MiB")
+    with memfabric.init(fab.directory, server=0) as s, \
+            memfabric.init(os.path.join(fab.directory, "remote.toml")) as r:
+        ns = s.create_namespace("cut", sec_id="k")
+        kv, remote = ns.kv(), r.namespace("cut", "k").kv()
+        other = next(x for x in _servers(s) if x != s.local.server_id)
+        key = _key_homed_on(s, other)
+        kv.put(key, b"old")
+        late = s.namespace("cut", "k").kv()     # a same-host client whose view stays as it was
+        assert late.get(key) == b"old"
+        view = late._servers, late._local
+
+        def pin() -> None:
+            late._servers, late._local = view
+            late._servers_at = late._replicas_at = float("inf")
+
+        link, wire = s.link(other), dict(ns.wire_creds)
+        liveness = os.path.join(fab.directory, "cluster.db-liveness", f"server-{other}.json")
+        if subprocess.run(["chattr", "+i", liveness], capture_output=True).returncode != 0:
+            pytest.skip("chattr +i is not available here (it needs root and a file system with it)")
+        try:
+            wait_until(lambda: _refused(link, wire, key), "the cut-off server to refuse its keys")
+            wait_until(lambda: not _alive(s, other), "the cluster to see the cut-off server dead")
+            assert kv.put(key, b"new")                       # at the next server
+            assert kv.get(key) == remote.get(key) == b"new"
+            pin()
+            assert late.get(key) == b"new"                   # not the index whose lease ran out
+            pin()
+            assert late.get_many([key]) == [b"new"]
+            assert _refused(link, wire, key)
+        finally:
+            subprocess.run(["chattr", "-i", liveness], check=True)
+        wait_until(lambda: _alive(s, other), "the server to be seen alive again")
+        assert link.call("kv_get", **wire, key=key.encode())["found"] is False      # forgotten
+        for client in (kv, remote, late):
+            client.stats()                                   # a fresh view: its home again
+            assert client.get(key) is None and client.get_many([key]) == [None]
+        kv.put(key, b"newest")
+        assert kv.get(key) == remote.get(key) == late.get(key) == b"newest"
