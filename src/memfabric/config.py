@@ -17,8 +17,8 @@ from .cluster import BACKENDS
 from .core.namespaces import check_name
 from .errors import InvalidArgument
 from .limits import (BUSY_POLL_US, HEARTBEAT_INTERVAL_S, LIVENESS_TIMEOUT_S, MAX_BUSY_POLL_US,
-                     MAX_CLIENTS_PER_SERVER, MAX_NAMESPACES, MAX_NAMESPACES_PER_CLIENT, MIN_SEGMENT_BYTES,
-                     PAGE_SIZE_BYTES)
+                     MAX_CLIENTS_PER_SERVER, MAX_NAMESPACES, MAX_NAMESPACES_PER_CLIENT, MIN_BEATS_PER_LIVENESS_TIMEOUT,
+                     MIN_SEGMENT_BYTES, PAGE_SIZE_BYTES)
 from .media.base import MEDIA
 from .units import parse_size
 
@@ -200,7 +200,8 @@ def load_server_config(path: str) -> ServerConfig:
         min_segment_bytes=s.size("min_segment_size", MIN_SEGMENT_BYTES),
         tls_cert=_maybe_path(s.get("tls_cert", str, None), base_dir),
         tls_key=_maybe_path(s.get("tls_key", str, None), base_dir),
-        heartbeat_interval_s=float(s.positive("heartbeat_interval_s", float, HEARTBEAT_INTERVAL_S)),
+        heartbeat_interval_s=float(s.positive("heartbeat_interval_s", float, min(
+            HEARTBEAT_INTERVAL_S, cluster.liveness_timeout_s / MIN_BEATS_PER_LIVENESS_TIMEOUT))),
         max_clients=s.positive("max_clients", int, MAX_CLIENTS_PER_SERVER),
         busy_poll_us=s.get("busy_poll_us", int, BUSY_POLL_US),
         cluster=cluster,
@@ -229,6 +230,11 @@ def load_server_config(path: str) -> ServerConfig:
         raise s._fail("rpc_listen", f"must be HOST:PORT, got {cfg.rpc_listen!r}")
     if cfg.metrics_listen and not _is_host_port(cfg.metrics_listen):
         raise s._fail("metrics_listen", f'must be HOST:PORT (such as "127.0.0.1:9400"), got {cfg.metrics_listen!r}')
+    if cfg.heartbeat_interval_s * MIN_BEATS_PER_LIVENESS_TIMEOUT > cluster.liveness_timeout_s:
+        raise s._fail("heartbeat_interval_s", f"must be at most cluster.liveness_timeout_s / "
+                                              f"{MIN_BEATS_PER_LIVENESS_TIMEOUT} ({cluster.liveness_timeout_s:g} s / "
+                                              f"{MIN_BEATS_PER_LIVENESS_TIMEOUT}), got {cfg.heartbeat_interval_s:g}: "
+                                              "one late heartbeat would have the server taken for dead")
     if cfg.rpc_listen and cluster.token_file is None:
         raise ConfigError(f"{path}: cluster.token_file: is required when server.rpc_listen is set")
     if (cfg.tls_cert is None) != (cfg.tls_key is None):

@@ -88,6 +88,10 @@ DOWN_TIMEOUT_S = 60.0
 
 HEARTBEAT_INTERVAL_S = 0.5
 LIVENESS_TIMEOUT_S = 3.0
+# A server beats at least this often per liveness timeout: one late beat (a busy server) must
+# not make the cluster take it for dead, nor MemKV refuse requests and forget its keys
+# (kv/service.py). Without server.heartbeat_interval_s, the interval is derived to keep it.
+MIN_BEATS_PER_LIVENESS_TIMEOUT = 4
 
 # The embedded catalog's write lock: a write waits this long for another process to let go
 # (healthy writes hold it for milliseconds), then fails saying so; while it stays held (a
