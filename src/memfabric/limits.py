@@ -132,3 +132,17 @@ MAX_KV_CLIENTS = 256                # clients of one keyspace on one server that
 KV_INLINE_BYTES = 192 << 10         # a key and value ride in a request up to this; larger: reserve, fill, commit
 MAX_KV_PENDING_PER_CLIENT = 16      # large values one connection is filling at once
 MAX_KV_HOLDS_PER_CLIENT = 64        # large values one connection is reading at once (each held from reuse)
+
+# The Redis-protocol door (kv/resp/). Redis's own limits, so that a client sees the same
+# errors at the same sizes: an inline line or a length line of at most 64 KiB, a bulk of at
+# most 512 MiB (proto-max-bulk-len), a query buffer of at most 1 GiB (client-query-buffer-limit).
+RESP_INLINE_MAX_BYTES = 64 << 10
+RESP_BULK_MAX_BYTES = 512 << 20
+RESP_QUERY_BUFFER_MAX_BYTES = 1 << 30
+RESP_MAX_ARGS = 1 << 20             # arguments of one command (Redis allows INT_MAX; each costs us ~60 bytes)
+RESP_UNAUTH_MAX_ARGS = 10           # before AUTH, where AUTH is required (as Redis)
+RESP_UNAUTH_BULK_MAX_BYTES = 16384
+RESP_RECV_BYTES = 16 << 10          # one read, as Redis's PROTO_IOBUF_LEN
+RESP_MAX_CLIENTS = 10_000           # door connections at once (Redis's maxclients)
+RESP_REPLY_BUFFER_BYTES = 64 << 10  # replies gathered before they are sent
+RESP_SEND_TIMEOUT_S = 60.0          # a client that reads nothing for this long is dropped

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "new at each start)")
     up.add_argument("--metrics-port", type=_port, default=None,
                     help="server i serves Prometheus metrics on 127.0.0.1:PORT + i - 1 (default: none)")
+    up.add_argument("--resp-port", type=_port, default=None,
+                    help="the first server speaks the Redis protocol on 127.0.0.1:PORT, serving namespace "
+                         "'default' of pool 'default' without AUTH (its secId: DIR/resp.secid)")
 
     down = sub.add_parser("down", help="stop the fabric `memfabric up` runs in a directory")
     down.add_argument("--dir", required=True, help="the directory given to memfabric up")
@@ -183,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         from .up import run_up
         return run_up(args.dir, args.servers, args.capacity or DEFAULT_CAPACITY_BYTES, args.segment_size,
                       args.liveness_timeout, args.busy_poll_us, pools=pools, rpc_host=args.rpc_host,
-                      rpc_port=args.rpc_port or 0, metrics_port=args.metrics_port)
+                      rpc_port=args.rpc_port or 0, metrics_port=args.metrics_port,
+                      resp_port=args.resp_port)
     if args.command == "down":
         from .down import run_down
         try:
