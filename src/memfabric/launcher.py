@@ -75,14 +75,15 @@ def host_port(host: str, port: int) -> str:
 def write_fabric(directory: str, servers: int, capacity_bytes: int, segment_bytes: int,
                  liveness_timeout_s: float = 3.0, rpc_host: str = "127.0.0.1",
                  busy_poll_us: int = BUSY_POLL_US, rpc_port: int = 0, metrics_port: int | None = None,
-                 pools: list[PoolSpec] | None = None, resp_port: int | None = None) -> list[str]:
+                 pools: list[PoolSpec] | None = None, resp_port: int | None = None,
+                 resp_host: str = "127.0.0.1") -> list[str]:
     """Configuration for N servers sharing an embedded cluster service; returns the server configs.
 
     Servers listen for RPC on `rpc_host`, server i at `rpc_port` + i - 1 (at a port of the
     kernel's choosing when `rpc_port` is 0); once they run, `write_client_files` records the
     real addresses for clients. With `metrics_port`, server i serves its metrics on
     127.0.0.1:`metrics_port` + i - 1. With `resp_port`, server 1 opens the Redis-protocol door on
-    127.0.0.1:`resp_port` (namespace "default" of pool "default", secId in resp.secid). `pools` (default: one DRAM pool "default" of
+    `resp_host`:`resp_port` (namespace "default" of pool "default", secId in resp.secid). `pools` (default: one DRAM pool "default" of
     `capacity_bytes`) is what each server gives; file pools live under directory/pools.
     """
     directory = os.path.abspath(directory)
@@ -100,7 +101,7 @@ def write_fabric(directory: str, servers: int, capacity_bytes: int, segment_byte
                   "segment_size": format_size(segment_bytes) if segment_bytes % 1024 == 0 else segment_bytes,
                   "busy_poll_us": busy_poll_us}
         if resp_port is not None and i == 1:
-            server["resp_listen"] = host_port("127.0.0.1", resp_port)
+            server["resp_listen"] = host_port(resp_host, resp_port)
             server["resp_sec_id_file"] = write_resp_sec_id(directory)
         if metrics_port is not None:
             server["metrics_listen"] = host_port("127.0.0.1", metrics_port + i - 1)

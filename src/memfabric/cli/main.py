@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--resp-port", type=_port, default=None,
                     help="the first server speaks the Redis protocol on 127.0.0.1:PORT, serving namespace "
                          "'default' of pool 'default' without AUTH (its secId: DIR/resp.secid)")
+    up.add_argument("--resp-host", default="127.0.0.1",
+                    help="the address of that door (default 127.0.0.1; any but loopback requires AUTH)")
 
     down = sub.add_parser("down", help="stop the fabric `memfabric up` runs in a directory")
     down.add_argument("--dir", required=True, help="the directory given to memfabric up")
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_up(args.dir, args.servers, args.capacity or DEFAULT_CAPACITY_BYTES, args.segment_size,
                       args.liveness_timeout, args.busy_poll_us, pools=pools, rpc_host=args.rpc_host,
                       rpc_port=args.rpc_port or 0, metrics_port=args.metrics_port,
-                      resp_port=args.resp_port)
+                      resp_port=args.resp_port, resp_host=args.resp_host)
     if args.command == "down":
         from .down import run_down
         try:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 REDIS_VERSION = "7.0.15"     # what the door answers as (clients pick features by it)
 SYNTAX = "syntax error"
 NOT_INTEGER = "value is not an integer or out of range"
+SCAN_CALLS = 64             # table reads one SCAN makes at most
 SCAN_SERVER_BITS = 12        # a SCAN cursor: slot << 12 | the server's place in the pool's list
 
 
@@ -183,7 +184,7 @@ def cmd_hello(c: Client, a: list[bytes]) -> bytes:
     if len(a) >= 2:
         version = _int(a[1], "Protocol version is not an integer or out of range")
         j = 2
-        if version != 2:               # RESP3 is not spoken (yet): as Redis answers an unknown one
+        if not 2 <= version <= 3:
             raise RedisError("-NOPROTO unsupported protocol version")
     auth: tuple[bytes, bytes] | None = None
     name: bytes | None = None
@@ -199,6 +200,8 @@ def cmd_hello(c: Client, a: list[bytes]) -> bytes:
         else:
             raise RedisError(f"Syntax error in HELLO option '{_text(a[j])}'")
         j += 1
+    if version == 3:                   # RESP3 is not spoken (yet): as Redis answers an unknown one
+        raise RedisError("-NOPROTO unsupported protocol version")
     if auth is not None:
         c.front.authenticate(c, None if auth[0] == b"default" else auth[0], auth[1])
     if c.keys is None:
@@ -597,12 +600,19 @@ def cmd_scan(c: Client, a: list[bytes]) -> bytes:
     place, slot = cursor & ((1 << SCAN_SERVER_BITS) - 1), cursor >> SCAN_SERVER_BITS
     if place >= len(servers) or len(servers) >= 1 << SCAN_SERVER_BITS:
         return p.array([p.bulk(b"0"), p.EMPTY_ARRAY])
-    keys, slot = _scan_server(ks, servers[place], servers, slot, min(count, 10_000), pattern)
-    if slot == 0:
-        place += 1
-        next_cursor = 0 if place >= len(servers) else place
-    else:
-        next_cursor = slot << SCAN_SERVER_BITS | place
+    # Like Redis's, a call returns about `count` keys; it goes on past empty stretches of the
+    # tables (bounded), so that a small keyspace is done in one call, as with Redis.
+    keys: list[bytes] = []
+    for _ in range(SCAN_CALLS):
+        got, slot = _scan_server(ks, servers[place], servers, slot, min(count, 10_000), pattern)
+        keys += got
+        if slot == 0:
+            place += 1
+            if place >= len(servers):
+                break
+        if len(keys) >= count:
+            break
+    next_cursor = 0 if place >= len(servers) else slot << SCAN_SERVER_BITS | place
     return p.array([p.bulk(str(next_cursor).encode()), p.bulks(keys if only_strings else [])])
 
 
