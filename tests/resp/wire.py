@@ -3,12 +3,8 @@ byte for byte (never parsed into values: the tests compare Redis's bytes with th
 
 from __future__ import annotations
 
-import shutil
 import socket
 
-import pytest
-
-from memfabric.kv.bench import RedisServer
 from memfabric.kv.resp.protocol import split_args
 
 READ_S = 10.0          # the bound on every read
@@ -96,12 +92,3 @@ class Raw:
             return out, False
         except ConnectionResetError:
             return out, True
-
-
-@pytest.fixture(scope="module")
-def redis_server():
-    if shutil.which("redis-server") is None:
-        pytest.fail("redis-server is not installed: ./dev test installs it")
-    server = RedisServer()
-    yield server
-    server.close()

@@ -12,20 +12,7 @@ import socket
 
 import pytest
 
-from memfabric.launcher import LocalFabric
-
-from ..conftest import short_tmp_dir
-from ..helpers import free_ports
-from .resp_wire import Raw, command, encode, redis_server  # noqa: F401  (a fixture)
-
-
-@pytest.fixture(scope="module")
-def door_port():
-    port = free_ports(1)
-    fab = LocalFabric(short_tmp_dir("mf-resp-"), servers=2, capacity="64MiB", segment_size="1MiB",
-                      liveness_timeout_s=2.0, extra_args=["--resp-port", str(port)]).start()
-    yield port
-    assert fab.stop() == 0, "memfabric up did not stop cleanly:\n" + "".join(fab.output[-30:])
+from .wire import Raw, command, encode
 
 
 @pytest.fixture
