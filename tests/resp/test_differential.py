@@ -152,9 +152,21 @@ CASES: dict[str, list[str]] = {
 }
 
 
+@pytest.mark.parametrize("resp", [2, 3])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_commands_answer_as_redis(pair, case):
+def test_commands_answer_as_redis(pair, case, resp):
+    """Each case in RESP2 and, after HELLO 3, in RESP3 (nulls, maps, sets of their own)."""
+    if resp == 3:
+        _hello(pair, "HELLO 3")
     same(pair, CASES[case])
+
+
+def _hello(pair, line: str) -> None:
+    """HELLO on both: the replies alike but for the connection's id (each numbers its own)."""
+    redis, door = pair
+    want, got = redis.run([line])[0], door.run([line])[0]
+    assert want.split(b"$2\r\nid\r\n")[0] == got.split(b"$2\r\nid\r\n")[0]
+    assert want.split(b"$4\r\nmode\r\n")[1] == got.split(b"$4\r\nmode\r\n")[1]
 
 
 def test_large_values_answer_as_redis(pair):
@@ -224,10 +236,8 @@ def test_time_to_live_in_milliseconds(pair):
 def test_hello_and_client_id(pair):
     """HELLO 2 answers as Redis's, but for the connection's id (each numbers its own)."""
     redis, door = pair
-    for lines in (["HELLO"], ["HELLO 2"], ["HELLO 2 SETNAME me"]):
-        want, got = redis.run(lines)[0], door.run(lines)[0]
-        assert want.split(b"$2\r\nid\r\n")[0] == got.split(b"$2\r\nid\r\n")[0]
-        assert want.split(b"$4\r\nmode\r\n")[1] == got.split(b"$4\r\nmode\r\n")[1]
+    for line in ("HELLO", "HELLO 2", "HELLO 3", "HELLO", "HELLO 2 SETNAME me"):
+        _hello(pair, line)
     assert door.run(["CLIENT GETNAME"]) == [b"$2\r\nme\r\n"]
     assert door.run(["CLIENT ID"])[0].startswith(b":")
     assert b"redis_version:" in door.run(["INFO"])[0] and b"# Keyspace" in door.run(["INFO keyspace"])[0]

@@ -53,16 +53,16 @@ class Raw:
         end = self._line_end(at)
         kind, head = self.buffer[at:at + 1], self.buffer[at + 1:end]
         at = end + 2
-        if kind in (b"+", b"-", b":"):
+        if kind in (b"+", b"-", b":", b"_", b",", b"#", b"("):
             return at
         n = int(head)
-        if kind == b"$":
+        if kind in (b"$", b"=", b"!"):
             if n < 0:
                 return at
             while len(self.buffer) < at + n + 2:
                 self._fill()
             return at + n + 2
-        assert kind in (b"*", b"%"), f"not a reply: {self.buffer[at - 40:at + 40]!r}"
+        assert kind in (b"*", b"%", b"~", b">"), f"not a reply: {self.buffer[at - 40:at + 40]!r}"
         for _ in range(n * (2 if kind == b"%" else 1) if n > 0 else 0):
             at = self._skip_reply(at)
         return at

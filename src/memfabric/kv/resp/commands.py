@@ -3,7 +3,7 @@ errors (argument checks in Redis's order, its texts). The keys' operations run a
 first homes (keys.py); this file only reads arguments and writes replies.
 
 Not here: data types other than strings, transactions, pub/sub, scripting, databases
-other than 0 (a namespace is one keyspace), RESP3.
+other than 0 (a namespace is one keyspace).
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ class Client:
     lib_name: bytes = b""
     lib_ver: bytes = b""
     since_s: float = field(default_factory=time.monotonic)
+    resp: int = 2                  # the protocol's version (HELLO 3: RESP3)
     conn: Any = None               # its server.requests.Connection
     sock: Any = None
 
@@ -179,7 +180,7 @@ def cmd_auth(c: Client, a: list[bytes]) -> bytes:
 
 
 def cmd_hello(c: Client, a: list[bytes]) -> bytes:
-    version = 2
+    version = c.resp
     j = 1
     if len(a) >= 2:
         version = _int(a[1], "Protocol version is not an integer or out of range")
@@ -200,8 +201,6 @@ def cmd_hello(c: Client, a: list[bytes]) -> bytes:
         else:
             raise RedisError(f"Syntax error in HELLO option '{_text(a[j])}'")
         j += 1
-    if version == 3:                   # RESP3 is not spoken (yet): as Redis answers an unknown one
-        raise RedisError("-NOPROTO unsupported protocol version")
     if auth is not None:
         c.front.authenticate(c, None if auth[0] == b"default" else auth[0], auth[1])
     if c.keys is None:
@@ -210,9 +209,11 @@ def cmd_hello(c: Client, a: list[bytes]) -> bytes:
                          "select the RESP protocol version at the same time")
     if name is not None:
         _set_name(c, name)
-    return p.array([p.bulk(b"server"), p.bulk(b"redis"), p.bulk(b"version"), p.bulk(REDIS_VERSION.encode()),
-                    p.bulk(b"proto"), p.integer(2), p.bulk(b"id"), p.integer(c.id), p.bulk(b"mode"),
-                    p.bulk(b"standalone"), p.bulk(b"role"), p.bulk(b"master"), p.bulk(b"modules"), p.EMPTY_ARRAY])
+    c.resp = version
+    return p.mapping([(p.bulk(b"server"), p.bulk(b"redis")), (p.bulk(b"version"), p.bulk(REDIS_VERSION.encode())),
+                      (p.bulk(b"proto"), p.integer(version)), (p.bulk(b"id"), p.integer(c.id)),
+                      (p.bulk(b"mode"), p.bulk(b"standalone")), (p.bulk(b"role"), p.bulk(b"master")),
+                      (p.bulk(b"modules"), p.EMPTY_ARRAY)], version)
 
 
 def _valid_attribute(value: bytes) -> bool:
@@ -230,7 +231,7 @@ def client_id(c: Client, a: list[bytes]) -> bytes:
 
 
 def client_getname(c: Client, a: list[bytes]) -> bytes:
-    return p.bulk(c.name)
+    return p.value(c.name, c.resp)
 
 
 def client_setname(c: Client, a: list[bytes]) -> bytes:
@@ -253,11 +254,11 @@ def client_setinfo(c: Client, a: list[bytes]) -> bytes:
 
 
 def client_info(c: Client, a: list[bytes]) -> bytes:
-    return p.bulk(c.front.client_line(c) + b"\n")
+    return p.verbatim(c.front.client_line(c) + b"\n", c.resp)
 
 
 def client_list(c: Client, a: list[bytes]) -> bytes:
-    return p.bulk(b"".join(line + b"\n" for line in c.front.client_lines()))
+    return p.verbatim(b"".join(line + b"\n" for line in c.front.client_lines()), c.resp)
 
 
 # ---- server ---------------------------------------------------------------------------------------
@@ -275,14 +276,14 @@ def _config_values(c: Client) -> dict[bytes, bytes]:
 
 def config_get(c: Client, a: list[bytes]) -> bytes:
     values = _config_values(c)
-    out: list[bytes] = []
+    out: list[tuple[bytes, bytes]] = []
     seen: set[bytes] = set()
     for pattern in a[2:]:
         for name, value in values.items():
             if name not in seen and matches(pattern.lower(), name):
                 seen.add(name)
-                out += [p.bulk(name), p.bulk(value)]
-    return p.array(out)
+                out.append((p.bulk(name), p.bulk(value)))
+    return p.mapping(out, c.resp)
 
 
 def config_resetstat(c: Client, a: list[bytes]) -> bytes:
@@ -310,7 +311,7 @@ def cmd_info(c: Client, a: list[bytes]) -> bytes:
     else:
         sections = [s for s in INFO_DEFAULT if s in wanted]
     parts = [c.front.info_section(c, s) for s in sections]
-    return p.bulk(b"\r\n".join(parts))
+    return p.verbatim(b"\r\n".join(parts), c.resp)
 
 
 def server_info(c: Client) -> list[tuple[str, Any]]:
@@ -323,9 +324,9 @@ def server_info(c: Client) -> list[tuple[str, Any]]:
 
 # ---- COMMAND ---------------------------------------------------------------------------------------
 
-def _command_info(cmd: Command, name: str | None = None) -> bytes:
-    flags = p.array([p.simple(f) for f in cmd.flags])
-    subs = p.array([_command_info(s, f"{cmd.name}|{n}") for n, s in cmd.subcommands.items()])
+def _command_info(cmd: Command, resp: int, name: str | None = None) -> bytes:
+    flags = p.set_of([p.simple(f) for f in cmd.flags], resp)
+    subs = p.array([_command_info(s, resp, f"{cmd.name}|{n}") for n, s in cmd.subcommands.items()])
     return p.array([p.bulk((name or cmd.name).encode()), p.integer(cmd.arity), flags, p.integer(cmd.first_key),
                     p.integer(cmd.last_key), p.integer(cmd.key_step), p.EMPTY_ARRAY, p.EMPTY_ARRAY, p.EMPTY_ARRAY,
                     subs])
@@ -333,7 +334,7 @@ def _command_info(cmd: Command, name: str | None = None) -> bytes:
 
 def cmd_command(c: Client, a: list[bytes]) -> bytes:
     if len(a) == 1:
-        return p.array([_command_info(cmd) for cmd in COMMANDS.values()])
+        return p.array([_command_info(cmd, c.resp) for cmd in COMMANDS.values()])
     raise AssertionError("subcommands dispatch before")
 
 
@@ -343,8 +344,8 @@ def command_count(c: Client, a: list[bytes]) -> bytes:
 
 def command_info(c: Client, a: list[bytes]) -> bytes:
     names = a[2:] or [n.encode() for n in COMMANDS]
-    return p.array([_command_info(COMMANDS[n.lower().decode("latin-1")]) if n.lower().decode("latin-1") in COMMANDS
-                    else p.NIL_ARRAY for n in names])
+    return p.array([_command_info(COMMANDS[n.lower().decode("latin-1")], c.resp)
+                    if n.lower().decode("latin-1") in COMMANDS else p.nil(c.resp) for n in names])
 
 
 def command_docs(c: Client, a: list[bytes]) -> bytes:
@@ -366,8 +367,8 @@ def cmd_set(c: Client, a: list[bytes]) -> bytes:
     options = _set_options(a, "set", getex=False)
     reply = _put(c, a[1], a[2], options)
     if options["get"]:
-        return p.bulk(reply.get("old"))
-    return p.OK if reply["stored"] else p.NIL
+        return p.value(reply.get("old"), c.resp)
+    return p.OK if reply["stored"] else p.nil(c.resp)
 
 
 def cmd_setnx(c: Client, a: list[bytes]) -> bytes:
@@ -389,16 +390,16 @@ def cmd_psetex(c: Client, a: list[bytes]) -> bytes:
 
 
 def cmd_getset(c: Client, a: list[bytes]) -> bytes:
-    return p.bulk(c.keyspace().put(a[1], a[2], get=True).get("old"))
+    return p.value(c.keyspace().put(a[1], a[2], get=True).get("old"), c.resp)
 
 
 def cmd_get(c: Client, a: list[bytes]) -> bytes:
-    return p.bulk(c.keyspace().get(a[1]))
+    return p.value(c.keyspace().get(a[1]), c.resp)
 
 
 def cmd_getdel(c: Client, a: list[bytes]) -> bytes:
     reply = c.keyspace().call(a[1], "kv_take")
-    return p.bulk(reply["value"] if reply["found"] else None)
+    return p.value(reply["value"] if reply["found"] else None, c.resp)
 
 
 def cmd_getex(c: Client, a: list[bytes]) -> bytes:
@@ -407,7 +408,7 @@ def cmd_getex(c: Client, a: list[bytes]) -> bytes:
         return cmd_get(c, a)
     at = 0 if options["persist"] else options["expire_at"]
     reply = c.keyspace().call(a[1], "kv_get_expire", expire_at_ms=at)
-    return p.bulk(reply["value"] if reply["found"] else None)
+    return p.value(reply["value"] if reply["found"] else None, c.resp)
 
 
 def cmd_mget(c: Client, a: list[bytes]) -> bytes:
@@ -423,7 +424,7 @@ def cmd_mget(c: Client, a: list[bytes]) -> bytes:
                 at += length
             elif length == -2:                  # too large to ride along
                 values[i] = ks.get(keys[i])
-    return p.bulks(values)
+    return p.values(values, c.resp)
 
 
 def _pairs(a: list[bytes], command: str) -> list[tuple[bytes, bytes]]:
@@ -617,7 +618,7 @@ def cmd_scan(c: Client, a: list[bytes]) -> bytes:
 
 
 def cmd_randomkey(c: Client, a: list[bytes]) -> bytes:
-    return p.bulk(c.keyspace().random_key())
+    return p.value(c.keyspace().random_key(), c.resp)
 
 
 def _move(c: Client, a: list[bytes], nx: bool, keep: bool) -> dict[str, Any]:

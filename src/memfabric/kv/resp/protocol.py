@@ -286,3 +286,37 @@ def array(items: list[bytes]) -> bytes:
 
 def bulks(values: list[bytes | None]) -> bytes:
     return array([bulk(v) for v in values])
+
+
+# RESP3 (after HELLO 3) differs for the replies the door gives only in these: a null, a map,
+# a set and a verbatim string (INFO, CLIENT INFO) have types of their own.
+
+NULL3 = b"_\r\n"
+
+
+def nil(resp: int) -> bytes:
+    return NULL3 if resp == 3 else NIL
+
+
+def value(v: bytes | None, resp: int) -> bytes:
+    """A bulk, or the protocol's null."""
+    return nil(resp) if v is None else bulk(v)
+
+
+def values(vs: list[bytes | None], resp: int) -> bytes:
+    return array([value(v, resp) for v in vs])
+
+
+def mapping(pairs: list[tuple[bytes, bytes]], resp: int) -> bytes:
+    """A map of already encoded keys and values (RESP2: a flat array)."""
+    if resp == 3:
+        return b"%%%d\r\n" % len(pairs) + b"".join(k + v for k, v in pairs)
+    return array([x for pair in pairs for x in pair])
+
+
+def set_of(items: list[bytes], resp: int) -> bytes:
+    return (b"~%d\r\n" % len(items) + b"".join(items)) if resp == 3 else array(items)
+
+
+def verbatim(text: bytes, resp: int) -> bytes:
+    return b"=%d\r\ntxt:%s\r\n" % (len(text) + 4, text) if resp == 3 else bulk(text)
