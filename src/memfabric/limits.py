@@ -143,6 +143,6 @@ RESP_MAX_ARGS = 1 << 20             # arguments of one command (Redis allows INT
 RESP_UNAUTH_MAX_ARGS = 10           # before AUTH, where AUTH is required (as Redis)
 RESP_UNAUTH_BULK_MAX_BYTES = 16384
 RESP_RECV_BYTES = 16 << 10          # one read, as Redis's PROTO_IOBUF_LEN
-RESP_MAX_CLIENTS = 10_000           # door connections at once (Redis's maxclients)
+RESP_MAX_CLIENTS = 4096             # door connections at once (a thread each; Redis allows 10,000)
 RESP_REPLY_BUFFER_BYTES = 64 << 10  # replies gathered before they are sent
 RESP_SEND_TIMEOUT_S = 60.0          # a client that reads nothing for this long is dropped

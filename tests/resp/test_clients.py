@@ -160,7 +160,7 @@ def test_a_door_off_loopback_requires_auth_and_reveals_nothing(remote_door):
     try:
         assert raw.run(["AUTH other other-sec", "GET o", "GET a", "AUTH default " + sec, "GET a", "GET o"]) == [
             b"+OK\r\n", b"$7\r\nother's\r\n", b"$-1\r\n", b"+OK\r\n", b"$1\r\n1\r\n", b"$-1\r\n"]
-        helloed = raw.run([f"HELLO 2 AUTH other other-sec SETNAME n"])[0]
+        helloed = raw.run(["HELLO 2 AUTH other other-sec SETNAME n"])[0]
         assert helloed.startswith(b"*14\r\n$6\r\nserver\r\n$5\r\nredis\r\n")
         assert raw.run(["GET o", "CLIENT GETNAME"]) == [b"$7\r\nother's\r\n", b"$1\r\nn\r\n"]
     finally:

@@ -90,6 +90,7 @@ class KeyValueService(KeyEdits):
         self.server = server
         self.lock = server.lock
         self._settings_read: dict[tuple, float] = {}
+        self.door: Any = None        # the Redis-protocol door of this server, if it has one (kv/resp/front.py)
         self._swept_at = 0.0
 
     @property
@@ -180,6 +181,11 @@ class KeyValueService(KeyEdits):
                 state = self.server.namespaces.get(key)
                 if state is not None and state.kv is not None and not state.kv.closed:
                     state.kv.give_client_slot(slot)
+
+    def op_kv_door(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        """This server's Redis-protocol door's figures (`memfabric status`); None: it has none."""
+        door = self.door
+        return {"door": None if door is None else door.figures()}
 
     def usage(self, state: NamespaceState) -> dict[str, int]:
         """The keyspace's figures here, for ns_query and `memfabric status` (none: no keyspace)."""

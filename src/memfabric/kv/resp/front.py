@@ -23,7 +23,10 @@ import socket
 import threading
 import time
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Iterable
+
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from ...core.namespaces import check_name
 from ...errors import MemfabricError
@@ -51,6 +54,34 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+class DoorCollector(Collector):
+    """The door's figures for Prometheus, read when scraped. Labels are bounded: command names
+    come from the command table, anything else counts as "unknown" (or "protocol", "quit")."""
+
+    def __init__(self, front: "RespFront") -> None:
+        self.front = front
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+    def collect(self) -> Iterable[Any]:
+        f = self.front.figures()
+        yield CounterMetricFamily("memfabric_resp_connections", "Connections the Redis-protocol door took",
+                                  value=f["connections_total"])
+        yield CounterMetricFamily("memfabric_resp_rejected_connections", "Connections the door turned away "
+                                  "(at its limit of clients)", value=f["rejected_total"])
+        commands = CounterMetricFamily("memfabric_resp_commands", "Commands the door answered, by command",
+                                       labels=["command"])
+        for name, count in sorted(f["commands"].items()):
+            commands.add_metric([name], count)
+        yield commands
+        errors = CounterMetricFamily("memfabric_resp_errors", "Commands the door answered with an error "
+                                     "(\"protocol\": malformed requests), by command", labels=["command"])
+        for name, count in sorted(f["errors"].items()):
+            errors.add_metric([name], count)
+        yield errors
+
+
 class RespFront:
     door = "resp"
 
@@ -74,6 +105,8 @@ class RespFront:
         self.errors = Counter[str]()
         self._accept = AcceptLoop("RESP", self._listener, self._take,
                                   lambda accepting: server.door_accepting("resp", accepting))
+        server.kv.door = self
+        server.metrics.registry.register(DoorCollector(self))
 
     @property
     def address(self) -> str:
@@ -97,6 +130,15 @@ class RespFront:
 
     def connected(self) -> int:
         return len(self._clients)
+
+    def figures(self) -> dict:
+        """What `memfabric status` and the metrics show of the door."""
+        with self._lock:
+            commands, errors = dict(self.commands), dict(self.errors)
+            connected = len(self._clients)
+        return {"address": self.address, "pool": self.pool, "ns": self.namespace, "auth_required": self.require_auth,
+                "connected": connected, "connections_total": self.connections_total,
+                "rejected_total": self.rejected_total, "commands": commands, "errors": errors}
 
     def stop(self) -> None:
         self._accept.stop()
