@@ -49,13 +49,13 @@ class KeyEdits:
 
     # ---- helpers ----------------------------------------------------------------------------
 
-    def _current(self, space: Any, store: Any, key: bytes, h: int) -> tuple[bytes, int, int] | None:
-        """The key's (value, expiry, replicas), or None; under its stripe lock."""
+    def _current(self, space: Any, store: Any, key: bytes, h: int) -> tuple[bytes, int, int, int] | None:
+        """The key's (value, expiry, replicas, version), or None; under its stripe lock."""
         with space.lock:
             found = store.live(key, h, now_ms())
             if found is None:
                 return None
-            return store.read(found[1]), found[1][4], replicas_of(found[1])
+            return store.read(found[1]), found[1][4], replicas_of(found[1]), found[1][6]
 
     def _put_here(self, state: Any, creds: Any, space: Any, store: Any, key: bytes, value: bytes, expiry: int,
                   replicas: int, nx: bool = False) -> bool:
@@ -128,7 +128,7 @@ class KeyEdits:
 
         def append(state, creds, space, store, key, h):
             current = self._current(space, store, key, h)
-            value, expiry, replicas = current if current is not None else (b"", NO_EXPIRY, 0)
+            value, expiry, replicas, _ = current if current is not None else (b"", NO_EXPIRY, 0, 0)
             if len(value) + len(more) > MAX_STRING_BYTES:
                 raise InvalidArgument(TOO_LONG)
             new = value + more
@@ -146,7 +146,7 @@ class KeyEdits:
             current = self._current(space, store, key, h)
             if current is None and not part:
                 return {"length": 0}
-            value, expiry, replicas = current if current is not None else (b"", NO_EXPIRY, 0)
+            value, expiry, replicas, _ = current if current is not None else (b"", NO_EXPIRY, 0, 0)
             if not part:
                 return {"length": len(value)}
             if offset + len(part) > MAX_STRING_BYTES:
@@ -167,7 +167,7 @@ class KeyEdits:
 
         def incr(state, creds, space, store, key, h):
             current = self._current(space, store, key, h)
-            value, expiry, replicas = current if current is not None else (None, NO_EXPIRY, 0)
+            value, expiry, replicas, _ = current if current is not None else (None, NO_EXPIRY, 0, 0)
             start = longdouble.parse(value) if value is not None else longdouble.parse(b"0")
             by = longdouble.parse(by_text)
             if start is None or by is None:
@@ -225,9 +225,14 @@ class KeyEdits:
 
     def op_kv_move(self, conn: Connection, m: dict[str, Any]) -> Reply:
         """RENAME (nx: RENAMENX) and, with keep, COPY: `key`'s value and expiry under `to`,
-        written at `to`'s first home (this server, or forwarded to it). {"moved": False} when
-        nx and `to` exists. NO_SUCH_OBJECT: no `key`. Both keys' stripes are held (in stripe
-        order: two moves the other way round never wait on each other) when `to` is here too."""
+        written at `to`'s first home. {"moved": False} when nx and `to` exists. NO_SUCH_OBJECT:
+        no `key`.
+
+        `to` here too: both keys' stripes are held (in stripe order, so two moves the other way
+        round never wait on each other) and the move is atomic. `to` elsewhere: no stripe is
+        held while that server is asked (it may be asking us the same the other way round);
+        `key` is deleted after, unless it was written meanwhile (then that write stands, as if
+        it came after the rename)."""
         state, creds, space, store = self._space(conn, m)
         key, to = check_key(m.get("key")), check_key(m.get("to"))
         nx, keep = m.get("nx", False), m.get("keep", False)
@@ -236,31 +241,39 @@ class KeyEdits:
         h, h_to = key_hash(key), key_hash(to)
         servers = self._pool_servers(creds[0])
         home = homes(to, servers, 1)[0] if servers else self.server_id
-        stripes = sorted({h % KEY_LOCK_STRIPES, h_to % KEY_LOCK_STRIPES}) if home == self.server_id \
-            else [h % KEY_LOCK_STRIPES]
-        locks = [space.key_locks[s] for s in stripes]
-        for lock in locks:
-            lock.acquire()
-        try:
-            current = self._current(space, store, key, h)
-            if current is None:
-                raise NoSuchObject("no such key")
-            value, expiry, replicas = current
-            if key == to:
-                return {"moved": not nx}
-            if home == self.server_id:
+        if home == self.server_id:
+            locks = [space.key_locks[s] for s in sorted({h % KEY_LOCK_STRIPES, h_to % KEY_LOCK_STRIPES})]
+            for lock in locks:
+                lock.acquire()
+            try:
+                current = self._current(space, store, key, h)
+                if current is None:
+                    raise NoSuchObject("no such key")
+                if key == to:
+                    return {"moved": not nx}
+                value, expiry, replicas, _ = current
                 moved = self._put_here(state, creds, space, store, to, value, expiry, replicas, nx=nx)
-            else:
-                commit = {"expire_at_ms": expiry, "nx": nx, "replicas": replicas or None}
-                link = self.server._peer(home)
-                if len(to) + len(value) <= KV_INLINE_BYTES:
-                    moved = link.call("kv_put", pool=creds[0], ns=creds[1], sec=creds[2], key=to, value=value,
-                                      **commit)["stored"]
-                else:
-                    moved = put_large(link, creds, to, [memoryview(value)], len(value), commit)["stored"]
-            if moved and not keep:
-                self._delete(creds, space, store, key)
-            return {"moved": moved}
-        finally:
-            for lock in reversed(locks):
-                lock.release()
+                if moved and not keep:
+                    self._delete(creds, space, store, key)
+                return {"moved": moved}
+            finally:
+                for lock in reversed(locks):
+                    lock.release()
+        with space.key_lock(h):
+            current = self._current(space, store, key, h)
+        if current is None:
+            raise NoSuchObject("no such key")
+        value, expiry, replicas, version = current
+        commit = {"expire_at_ms": expiry, "nx": nx, "replicas": replicas or None}
+        link = self.server._peer(home)
+        if len(to) + len(value) <= KV_INLINE_BYTES:
+            moved = link.call("kv_put", pool=creds[0], ns=creds[1], sec=creds[2], key=to, value=value,
+                              **commit)["stored"]
+        else:
+            moved = put_large(link, creds, to, [memoryview(value)], len(value), commit)["stored"]
+        if moved and not keep:
+            with space.key_lock(h):
+                now = self._current(space, store, key, h)
+                if now is not None and now[3] == version:
+                    self._delete(creds, space, store, key)
+        return {"moved": moved}

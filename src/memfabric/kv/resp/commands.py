@@ -32,7 +32,14 @@ REDIS_VERSION = "7.0.15"     # what the door answers as (clients pick features b
 SYNTAX = "syntax error"
 NOT_INTEGER = "value is not an integer or out of range"
 SCAN_CALLS = 64             # table reads one SCAN makes at most
-SCAN_SERVER_BITS = 12        # a SCAN cursor: slot << 12 | the server's place in the pool's list
+# A SCAN cursor: slot << 20 | the server's table generation (8 bits) << 12 | the server's place
+# in the pool's list, and bit 62 once that server's table was read again. A table replaced
+# since (grown: keys moved) is read again from its start, once per pass: keys may come twice,
+# as Redis's SCAN allows, and none present all along is missed unless the table is replaced
+# twice during one pass (a keyspace that doubles during every pass must still end).
+SCAN_SERVER_BITS = 12
+SCAN_GENERATION_BITS = 8
+SCAN_REREAD = 1 << 62
 
 
 class RedisError(Exception):
@@ -542,27 +549,36 @@ def cmd_type(c: Client, a: list[bytes]) -> bytes:
 
 
 def _scan_server(ks: Keyspace, server_id: int, servers: list[int], cursor: int, count: int,
-                 pattern: bytes | None) -> tuple[list[bytes], int]:
+                 pattern: bytes | None, generation: int | None, reread: bool) -> tuple[list[bytes], int, int, bool]:
+    """Keys from slot `cursor` of a server's table (of `generation`, None: any; from its start
+    if it was replaced since, unless it was read again once already): the keys, the next slot
+    (0: the end), the generation read, whether the table is being read again."""
     reply = ks.call_at(server_id, "kv_scan", cursor=cursor, batch=count, servers=servers)
+    read = reply["generation"] & ((1 << SCAN_GENERATION_BITS) - 1)
+    if cursor and generation is not None and read != generation and not reread:
+        reply = ks.call_at(server_id, "kv_scan", cursor=0, batch=count, servers=servers)
+        read = reply["generation"] & ((1 << SCAN_GENERATION_BITS) - 1)
+        reread = True
     keys = reply["keys"]
     if pattern is not None:
         keys = [k for k in keys if matches(pattern, k)]
-    return keys, reply["cursor"]
+    return keys, reply["cursor"], read, reread
 
 
 def cmd_keys(c: Client, a: list[bytes]) -> bytes:
     ks = c.keyspace()
     servers = ks.servers()
     pattern = None if a[1] == b"*" else a[1]
-    found: list[bytes] = []
+    found: dict[bytes, None] = {}          # ordered, and a key read twice (a table replaced) once
     for server_id in servers:
-        cursor = 0
+        cursor, generation = 0, None
         while True:
-            keys, cursor = _scan_server(ks, server_id, servers, cursor, 10_000, pattern)
-            found += keys
+            keys, cursor, generation, _ = _scan_server(ks, server_id, servers, cursor, 10_000, pattern,
+                                                       generation, False)
+            found.update(dict.fromkeys(keys))
             if cursor == 0:
                 break
-    return p.bulks(found)
+    return p.bulks(list(found))
 
 
 def _scan_cursor(raw: bytes) -> int:
@@ -598,22 +614,28 @@ def cmd_scan(c: Client, a: list[bytes]) -> bytes:
             raise RedisError(SYNTAX)
     ks = c.keyspace()
     servers = ks.servers()
-    place, slot = cursor & ((1 << SCAN_SERVER_BITS) - 1), cursor >> SCAN_SERVER_BITS
+    reread = bool(cursor & SCAN_REREAD)
+    cursor &= SCAN_REREAD - 1
+    place = cursor & ((1 << SCAN_SERVER_BITS) - 1)
+    generation: int | None = (cursor >> SCAN_SERVER_BITS) & ((1 << SCAN_GENERATION_BITS) - 1)
+    slot = cursor >> (SCAN_SERVER_BITS + SCAN_GENERATION_BITS)
     if place >= len(servers) or len(servers) >= 1 << SCAN_SERVER_BITS:
         return p.array([p.bulk(b"0"), p.EMPTY_ARRAY])
     # Like Redis's, a call returns about `count` keys; it goes on past empty stretches of the
     # tables (bounded), so that a small keyspace is done in one call, as with Redis.
     keys: list[bytes] = []
     for _ in range(SCAN_CALLS):
-        got, slot = _scan_server(ks, servers[place], servers, slot, min(count, 10_000), pattern)
+        got, slot, generation, reread = _scan_server(ks, servers[place], servers, slot, min(count, 10_000),
+                                                     pattern, generation, reread)
         keys += got
         if slot == 0:
-            place += 1
+            place, generation, reread = place + 1, None, False
             if place >= len(servers):
                 break
         if len(keys) >= count:
             break
-    next_cursor = 0 if place >= len(servers) else slot << SCAN_SERVER_BITS | place
+    next_cursor = 0 if place >= len(servers) else \
+        (slot << SCAN_GENERATION_BITS | (generation or 0)) << SCAN_SERVER_BITS | place | (SCAN_REREAD if reread else 0)
     return p.array([p.bulk(str(next_cursor).encode()), p.bulks(keys if only_strings else [])])
 
 
