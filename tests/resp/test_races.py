@@ -161,3 +161,31 @@ def _served(r: redis.Redis, key: str) -> bool:
         return True
     except redis.ResponseError:
         return False
+
+
+def test_moves_started_on_two_servers_at_once_do_not_wait_on_each_other(door_fabric, door_port):
+    """The door copies a -> b at a's server while a client asks b's server to copy b -> a:
+    each server asks the other. Neither may hold its key's stripe while it asks (each would
+    wait for the other's until a TIMEOUT)."""
+    import memfabric
+    a = next(f"x:a{i}" for i in range(100) if homes(f"x:a{i}".encode(), [1, 2], 1) == [1])
+    b = next(f"x:b{i}" for i in range(100) if homes(f"x:b{i}".encode(), [1, 2], 1) == [2])
+    sec = open(os.path.join(door_fabric.directory, "resp.secid")).read().strip()
+    r = _client(door_port)
+    r.set(a, "v")
+    r.set(b, "v")
+    with memfabric.init(door_fabric.directory, server=0) as session:
+        link = session.link(2)
+        creds = {"pool": "default", "ns": "default", "sec": sec.encode()}
+
+        def door_side():
+            client = _client(door_port)
+            for _ in range(200):
+                assert client.copy(a, b, replace=True)
+            client.close()
+
+        def server_two_side():
+            for _ in range(200):
+                assert link.call("kv_move", **creds, key=b.encode(), to=a.encode(), keep=True)["moved"]
+        _run([door_side, server_two_side])
+    assert r.mget(a, b) == [b"v", b"v"]
