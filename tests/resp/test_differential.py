@@ -333,3 +333,16 @@ def test_door_survives_many_connections_closing_abruptly(door_port):
         assert raw.run(["PING"]) == [b"+PONG\r\n"]
     finally:
         raw.close()
+
+
+def test_commands_of_many_keys_answer_as_redis(pair):
+    """More keys than one batch to a server (MAX_KV_BATCH), values that fit a batch and one
+    that does not, a key set twice: as Redis's."""
+    keys = [f"many:{i}" for i in range(10_000)]
+    big = "B" * 250_000
+    same(pair, [b"MSET " + b" ".join(f"{k} {i}".encode() for i, k in enumerate(keys)),
+                f"MSET dup 1 dup {big} dup 3 dup2 {big}", "GET dup", "STRLEN dup2",
+                b"MGET " + b" ".join(k.encode() for k in keys[::-1]) + b" nope",
+                b"EXISTS " + b" ".join(k.encode() for k in keys) + b" nope many:1",
+                b"MSETNX " + b" ".join(f"{k} x".encode() for k in keys[:5000]) + b" fresh 1",
+                "GET fresh", b"DEL " + b" ".join(k.encode() for k in keys[:7000]) + b" nope", "DBSIZE"])

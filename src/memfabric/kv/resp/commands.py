@@ -422,7 +422,7 @@ def cmd_mget(c: Client, a: list[bytes]) -> bytes:
     keys = a[1:]
     values: list[bytes | None] = [None] * len(keys)
     ks = c.keyspace()
-    for server_id, positions in ks.by_home(keys).items():
+    for server_id, positions in ks.by_home(keys):
         reply = ks.call_at(server_id, "kv_get_many", keys=[keys[i] for i in positions])
         at = 0
         for i, length in zip(positions, reply["lengths"]):
@@ -441,9 +441,7 @@ def _pairs(a: list[bytes], command: str) -> list[tuple[bytes, bytes]]:
 
 
 def cmd_mset(c: Client, a: list[bytes]) -> bytes:
-    ks = c.keyspace()
-    for key, value in _pairs(a, "mset"):
-        ks.put(key, value)
+    c.keyspace().put_pairs(_pairs(a, "mset"))
     return p.OK
 
 
@@ -452,8 +450,7 @@ def cmd_msetnx(c: Client, a: list[bytes]) -> bytes:
     ks = c.keyspace()
     if _exists(ks, [k for k, _ in pairs]):
         return p.integer(0)
-    for key, value in pairs:
-        ks.put(key, value)
+    ks.put_pairs(pairs)
     return p.integer(1)
 
 
@@ -526,7 +523,7 @@ def cmd_incrbyfloat(c: Client, a: list[bytes]) -> bytes:
 
 def _exists(ks: Keyspace, keys: list[bytes]) -> int:
     count = 0
-    for server_id, positions in ks.by_home(keys).items():
+    for server_id, positions in ks.by_home(keys):
         count += sum(ks.call_at(server_id, "kv_exists", keys=[keys[i] for i in positions])["exists"])
     return count
 
@@ -539,7 +536,7 @@ def cmd_del(c: Client, a: list[bytes]) -> bytes:
     ks = c.keyspace()
     keys = a[1:]
     deleted = 0
-    for server_id, positions in ks.by_home(keys).items():
+    for server_id, positions in ks.by_home(keys):
         deleted += ks.call_at(server_id, "kv_delete_many", keys=[keys[i] for i in positions])["deleted"]
     return p.integer(deleted)
 

@@ -11,7 +11,7 @@ import random
 from typing import TYPE_CHECKING, Any
 
 from ...errors import ServerUnavailable
-from ...limits import KV_INLINE_BYTES
+from ...limits import KV_INLINE_BYTES, MAX_KV_BATCH
 from ...server.requests import Connection, Payload
 from ..rules import homes
 from ..transfer import put_large, read_held
@@ -45,14 +45,41 @@ class Keyspace:
         servers = self.servers(fresh)
         return servers[0] if len(servers) == 1 else homes(key, servers, 1)[0]
 
-    def by_home(self, keys: list[bytes]) -> dict[int, list[int]]:
-        """Positions of `keys` grouped by their first home."""
+    def by_home(self, keys: list[bytes]) -> list[tuple[int, list[int]]]:
+        """Positions of `keys` grouped by their first home, in order, at most a batch
+        (MAX_KV_BATCH) in each group."""
         servers = self.servers()
         groups: dict[int, list[int]] = {}
         for i, key in enumerate(keys):
             home = servers[0] if len(servers) == 1 else homes(key, servers, 1)[0]
             groups.setdefault(home, []).append(i)
-        return groups
+        return [(server_id, positions[at:at + MAX_KV_BATCH]) for server_id, positions in groups.items()
+                for at in range(0, len(positions), MAX_KV_BATCH)]
+
+    def put_pairs(self, pairs: list[tuple[bytes, bytes]]) -> None:
+        """MSET: each home's pairs in order, as few requests as fit (kv_put_many), a pair too
+        large to ride along alone."""
+        for server_id, positions in self.by_home([k for k, _ in pairs]):
+            batch: list[tuple[bytes, bytes]] = []
+            size = 0
+
+            def flush() -> None:
+                if batch:
+                    self.call_at(server_id, "kv_put_many", keys=[k for k, _ in batch], values=[v for _, v in batch])
+                    batch.clear()
+            for i in positions:
+                key, value = pairs[i]
+                if len(key) + len(value) > KV_INLINE_BYTES:
+                    flush()
+                    size = 0
+                    self.put(key, value)
+                    continue
+                if size + len(key) + len(value) > KV_INLINE_BYTES:
+                    flush()
+                    size = 0
+                batch.append((key, value))
+                size += len(key) + len(value)
+            flush()
 
     # ---- calls ---------------------------------------------------------------------------------
 
