@@ -189,3 +189,40 @@ def test_moves_started_on_two_servers_at_once_do_not_wait_on_each_other(door_fab
                 assert link.call("kv_move", **creds, key=b.encode(), to=a.encode(), keep=True)["moved"]
         _run([door_side, server_two_side])
     assert r.mget(a, b) == [b"v", b"v"]
+
+
+def test_a_stopped_server_holds_up_only_its_own_keys(fresh_fabric):
+    """SIGSTOP the server without the door: a command on one of its keys answers an error once
+    the peer call times out; meanwhile other connections' keys on the door's server are served."""
+    port = free_ports(1)
+    fab = LocalFabric(short_tmp_dir("mf-resp-stop-"), servers=2, capacity="32MiB", segment_size="1MiB",
+                      liveness_timeout_s=30.0, extra_args=["--resp-port", str(port)]).start()
+    pid = fab.server_pids()[2]
+    try:
+        keys = _keys_on_both("stop:", 20)
+        theirs = next(k for k in keys if homes(k.encode(), [1, 2], 1) == [2])
+        ours = [k for k in keys if homes(k.encode(), [1, 2], 1) == [1]]
+        r = _client(port)
+        for k in keys:
+            r.set(k, "v")
+        os.kill(pid, signal.SIGSTOP)
+        outcome: list[BaseException | bytes] = []
+
+        def blocked():
+            try:
+                outcome.append(_client(port).get(theirs))
+            except redis.ResponseError as exc:
+                outcome.append(exc)
+        t = threading.Thread(target=blocked)
+        t.start()
+        served = 0
+        while t.is_alive() and served < 2000:
+            assert r.mget(ours) == [b"v"] * len(ours)
+            served += 1
+        t.join(WAIT_S * 3)
+        assert not t.is_alive()
+        assert isinstance(outcome[0], redis.ResponseError) and "TIMEOUT" in str(outcome[0]), outcome
+        assert served > 0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        fab.stop()
