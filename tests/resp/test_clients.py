@@ -165,3 +165,4 @@ def test_a_door_off_loopback_requires_auth_and_reveals_nothing(remote_door):
         assert raw.run(["GET o", "CLIENT GETNAME"]) == [b"$7\r\nother's\r\n", b"$1\r\nn\r\n"]
     finally:
         raw.close()
+

@@ -355,11 +355,6 @@ def command_info(c: Client, a: list[bytes]) -> bytes:
                     if n.lower().decode("latin-1") in COMMANDS else p.nil(c.resp) for n in names])
 
 
-def command_docs(c: Client, a: list[bytes]) -> bytes:
-    # Names and summaries would do for redis-cli's hints; none are kept: it falls back to its own.
-    return p.EMPTY_ARRAY
-
-
 # ---- strings ----------------------------------------------------------------------------------------
 
 def _put(c: Client, key: bytes, value: bytes, options: dict[str, Any]) -> dict[str, Any]:
@@ -796,8 +791,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
         "setname": _cmd("setname", 3, client_setname), "setinfo": _cmd("setinfo", 4, client_setinfo),
         "info": _cmd("info", 2, client_info), "list": _cmd("list", -2, client_list)}),
     _cmd("command", -1, cmd_command, subcommands={
-        "count": _cmd("count", 2, command_count), "info": _cmd("info", -2, command_info),
-        "docs": _cmd("docs", -2, command_docs)}),
+        "count": _cmd("count", 2, command_count), "info": _cmd("info", -2, command_info)}),   # no DOCS: as with Redis 6, redis-cli then helps from its own table
     _cmd("config", -2, None, subcommands={
         "get": _cmd("get", -3, config_get), "resetstat": _cmd("resetstat", 2, config_resetstat)}),
     _cmd("info", -1, cmd_info), _cmd("dbsize", 1, cmd_dbsize, _R),
