@@ -346,3 +346,12 @@ def test_commands_of_many_keys_answer_as_redis(pair):
                 b"EXISTS " + b" ".join(k.encode() for k in keys) + b" nope many:1",
                 b"MSETNX " + b" ".join(f"{k} x".encode() for k in keys[:5000]) + b" fresh 1",
                 "GET fresh", b"DEL " + b" ".join(k.encode() for k in keys[:7000]) + b" nope", "DBSIZE"])
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_commands_written_inline_answer_as_redis(redis_server, door_port, case):
+    """The same cases as telnet would send them (inline: split as Redis splits them, quotes and
+    \\x escapes), the whole exchange compared until the server closes."""
+    data = b"FLUSHALL\r\n" + b"".join((line.encode() if isinstance(line, str) else line) + b"\r\n"
+                                      for line in CASES[case])
+    assert raw_exchange(door_port, data) == raw_exchange(redis_server.port, data)
