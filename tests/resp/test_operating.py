@@ -61,3 +61,17 @@ def test_status_and_metrics_show_the_door():
         assert fab.stop() == 0
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", resp_port)) != 0, "the door is still open after the fabric stopped"
+
+
+def test_a_taken_door_port_fails_the_start_in_one_line():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        directory = short_tmp_dir("mf-resp-taken-")
+        proc = subprocess.run(MF + ["up", "--dir", directory, "--servers", "1", "--capacity", "32MiB",
+                                    "--resp-port", str(port)], capture_output=True, text=True, timeout=WAIT_S * 6)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"server.resp_listen 127.0.0.1:{port}: Address already in use" in out
+    assert "Traceback" not in out, out

@@ -86,6 +86,11 @@ def run_server(config_path: str) -> int:
                 raise OSError(exc.errno, f"server.metrics_listen {cfg.metrics_listen}: "
                                          f"{exc.strerror or exc}") from None
             metrics.start()
+        if cfg.resp_listen:          # bound before memory is reserved too
+            try:
+                fronts.append(RespFront(server, cfg.resp_listen, cfg.resp_pool, cfg.resp_namespace, cfg.resp_sec_id))
+            except OSError as exc:
+                raise OSError(exc.errno, f"server.resp_listen {cfg.resp_listen}: {exc.strerror or exc}") from None
         server.start()
         fronts.append(IpcFront(server, cfg.ipc_socket, cfg.max_clients, cfg.busy_poll_us / 1e6,
                                cfg.ipc_socket_mode, cfg.ipc_socket_gid))
@@ -93,11 +98,6 @@ def run_server(config_path: str) -> int:
             tls = rpc.server_tls(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
             fronts.append(RpcFront(server, server.rpc_listener, server.token, tls, cfg.max_clients,
                                    cfg.busy_poll_us / 1e6))
-        if cfg.resp_listen:
-            try:
-                fronts.append(RespFront(server, cfg.resp_listen, cfg.resp_pool, cfg.resp_namespace, cfg.resp_sec_id))
-            except OSError as exc:
-                raise OSError(exc.errno, f"server.resp_listen {cfg.resp_listen}: {exc.strerror or exc}") from None
         for front in fronts:
             front.start()
     except (MemfabricError, ConfigError, OSError) as exc:
