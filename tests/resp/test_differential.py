@@ -355,3 +355,9 @@ def test_commands_written_inline_answer_as_redis(redis_server, door_port, case):
     data = b"FLUSHALL\r\n" + b"".join((line.encode() if isinstance(line, str) else line) + b"\r\n"
                                       for line in CASES[case])
     assert raw_exchange(door_port, data) == raw_exchange(redis_server.port, data)
+
+
+def test_scan_of_an_emptied_large_keyspace_ends_at_once(pair):
+    """After FLUSHALL of many keys (the door's tables stay large), SCAN 0 says 0, as Redis."""
+    same(pair, [b"MSET " + b" ".join(b"e%d 1" % i for i in range(20_000)), "FLUSHALL", "SCAN 0", "SCAN 0 COUNT 1",
+                "KEYS *", "RANDOMKEY", "DBSIZE"])

@@ -617,6 +617,13 @@ def cmd_scan(c: Client, a: list[bytes]) -> bytes:
     # tables (bounded), so that a small keyspace is done in one call, as with Redis.
     keys: list[bytes] = []
     for _ in range(SCAN_CALLS):
+        if slot == 0 and not ks.call_at(servers[place], "kv_stats")["stats"]["keys"]:
+            # No key is first at home there: nothing to walk (its table may be large and empty,
+            # after a FLUSHDB, where Redis's would have shrunk).
+            place, generation, reread = place + 1, None, False
+            if place >= len(servers):
+                break
+            continue
         got, slot, generation, reread = _scan_server(ks, servers[place], servers, slot, min(count, 10_000),
                                                      pattern, generation, reread)
         keys += got
