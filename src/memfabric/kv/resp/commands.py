@@ -340,9 +340,9 @@ def _command_info(cmd: Command, resp: int, name: str | None = None) -> bytes:
 
 
 def cmd_command(c: Client, a: list[bytes]) -> bytes:
-    if len(a) == 1:
-        return p.array([_command_info(cmd, c.resp) for cmd in COMMANDS.values()])
-    raise AssertionError("subcommands dispatch before")
+    """COMMAND alone (with a subcommand, lookup() ran the subcommand's handler instead)."""
+    assert len(a) == 1, "COMMAND's subcommands dispatch in lookup()"
+    return p.array([_command_info(cmd, c.resp) for cmd in COMMANDS.values()])
 
 
 def command_count(c: Client, a: list[bytes]) -> bytes:
