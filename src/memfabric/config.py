@@ -87,6 +87,28 @@ class ServerConfig:
     ipc_socket_gid: int | None = None
     max_namespaces_per_client: int = MAX_NAMESPACES_PER_CLIENT
     metrics_listen: str = ""        # HOST:PORT of the Prometheus endpoint; empty: none
+    # The Redis-protocol door (kv/resp/): HOST:PORT, empty: none. It serves namespace
+    # resp_namespace of pool resp_pool, whose secId is resp_sec_id (from resp_sec_id_file):
+    # without AUTH on loopback, with AUTH elsewhere (or without a secId configured).
+    resp_listen: str = ""
+    resp_pool: str = "default"
+    resp_namespace: str = "default"
+    resp_sec_id: bytes | None = None
+
+
+def _resp_sec_id(s: "_Table", base_dir: str) -> bytes | None:
+    """The door's default namespace's secId: resp_sec_id_file (its first line), or none."""
+    path = _maybe_path(s.get("resp_sec_id_file", str, None), base_dir)
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            sec = f.read(4096).split(b"\n", 1)[0].strip()
+    except OSError as exc:
+        raise s._fail("resp_sec_id_file", f"cannot read {path}: {exc.strerror}") from None
+    if not sec:
+        raise s._fail("resp_sec_id_file", f"{path} is empty")
+    return sec
 
 
 class _Table:
@@ -210,6 +232,10 @@ def load_server_config(path: str) -> ServerConfig:
         ipc_socket_gid=_group(s),
         max_namespaces_per_client=s.positive("max_namespaces_per_client", int, MAX_NAMESPACES_PER_CLIENT),
         metrics_listen=s.get("metrics_listen", str, ""),
+        resp_listen=s.get("resp_listen", str, ""),
+        resp_pool=s.get("resp_pool", str, "default"),
+        resp_namespace=s.get("resp_namespace", str, "default"),
+        resp_sec_id=_resp_sec_id(s, base_dir),
     )
     if cfg.max_namespaces_per_client > MAX_NAMESPACES:
         raise s._fail("max_namespaces_per_client", f"must be at most {MAX_NAMESPACES} (the cluster's limit), "
@@ -235,6 +261,8 @@ def load_server_config(path: str) -> ServerConfig:
                                               f"{MIN_BEATS_PER_LIVENESS_TIMEOUT} ({cluster.liveness_timeout_s:g} s / "
                                               f"{MIN_BEATS_PER_LIVENESS_TIMEOUT}), got {cfg.heartbeat_interval_s:g}: "
                                               "one late heartbeat would have the server taken for dead")
+    if cfg.resp_listen and not _is_host_port(cfg.resp_listen):
+        raise s._fail("resp_listen", f'must be HOST:PORT (such as "127.0.0.1:6390"), got {cfg.resp_listen!r}')
     if cfg.rpc_listen and cluster.token_file is None:
         raise ConfigError(f"{path}: cluster.token_file: is required when server.rpc_listen is set")
     if (cfg.tls_cert is None) != (cfg.tls_key is None):

@@ -139,3 +139,17 @@ MAX_KV_PENDING_PER_CLIENT = 16      # large values one connection is filling at 
 # this in all; the keys that did not fit are asked again (one more request, not one per key).
 KV_GET_MANY_PAYLOAD_BYTES = 8 << 20
 MAX_KV_HOLDS_PER_CLIENT = 64        # large values one connection is reading at once (each held from reuse)
+
+# The Redis-protocol door (kv/resp/). Redis's own limits, so that a client sees the same
+# errors at the same sizes: an inline line or a length line of at most 64 KiB, a bulk of at
+# most 512 MiB (proto-max-bulk-len), a query buffer of at most 1 GiB (client-query-buffer-limit).
+RESP_INLINE_MAX_BYTES = 64 << 10
+RESP_BULK_MAX_BYTES = 512 << 20
+RESP_QUERY_BUFFER_MAX_BYTES = 1 << 30
+RESP_MAX_ARGS = 1 << 20             # arguments of one command (Redis allows INT_MAX; each costs us ~60 bytes)
+RESP_UNAUTH_MAX_ARGS = 10           # before AUTH, where AUTH is required (as Redis)
+RESP_UNAUTH_BULK_MAX_BYTES = 16384
+RESP_RECV_BYTES = 256 << 10         # one read at most: as Redis, whatever is there (a long inline line sent at once is whole)
+RESP_MAX_CLIENTS = 4096             # door connections at once (a thread each; Redis allows 10,000)
+RESP_REPLY_BUFFER_BYTES = 64 << 10  # replies gathered before they are sent
+RESP_SEND_TIMEOUT_S = 60.0          # a client that reads nothing for this long is dropped

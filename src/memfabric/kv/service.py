@@ -50,7 +50,9 @@ from ..server.state import NamespaceState
 from ..transport import wire
 from ..units import parse_size
 from . import index as ix
-from .rules import MANY_AGAIN, MANY_ALONE, MANY_MISSING, NO_EXPIRY, check_key, check_replicas, check_value_length, homes, key_hash
+from .edits import KeyEdits
+from .rules import (MANY_AGAIN, MANY_ALONE, MANY_MISSING, NO_EXPIRY, check_key, check_replicas, check_value_length,
+                    homes, key_hash)
 from .space import KeySpace, KvSettings, now_ms
 from .store import Fields, Store, inline_fits, replicas_of
 from .transfer import put_large_from
@@ -105,7 +107,7 @@ class _ClientKv:
     held: dict[int, _Held] = field(default_factory=dict)
 
 
-class KeyValueService:
+class KeyValueService(KeyEdits):
     PEER_OPS = frozenset({"kv_replicate", "kv_settings_changed"})
     FD_OPS = frozenset({"kv_open"})
 
@@ -113,6 +115,7 @@ class KeyValueService:
         self.server = server
         self.lock = server.lock
         self._settings_read: dict[tuple, float] = {}
+        self.door: Any = None        # the Redis-protocol door of this server, if it has one (kv/resp/front.py)
         self._swept_at = 0.0
         self._lease_ms = 0          # what same-host readers are told to trust the indexes until
         self._beats = threading.Condition()     # notified when a heartbeat got through
@@ -260,6 +263,11 @@ class KeyValueService:
         with self._beats:
             self._beats.notify_all()
 
+    def op_kv_door(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        """This server's Redis-protocol door's figures (`memfabric status`); None: it has none."""
+        door = self.door
+        return {"door": None if door is None else door.figures()}
+
     def usage(self, state: NamespaceState) -> dict[str, int]:
         """The keyspace's figures here, for ns_query and `memfabric status` (none: no keyspace)."""
         space = state.kv
@@ -326,7 +334,7 @@ class KeyValueService:
             raise InvalidArgument(f"a key and value of {len(key) + len(value)} bytes exceed the "
                                   f"{KV_INLINE_BYTES} bytes a request carries: reserve, fill and commit it")
         nx, xx, keepttl, get_old = _flags(m)
-        expiry = _expiry(m.get("ttl_ms"), keepttl)
+        expiry = _expiry_of(m, keepttl)
         return self._write(state, creds, space, store, key, memoryview(value), None, len(value), expiry,
                            nx=nx, xx=xx, keepttl=keepttl, get_old=get_old, replicas=_replicas(m))
 
@@ -604,7 +612,7 @@ class KeyValueService:
                     raise InvalidArgument(f"a version is a positive int, got {version!r}")
                 expiry = _replica_expiry(m.get("expiry"))
             else:
-                expiry = _expiry(m.get("ttl_ms"), keepttl)
+                expiry = _expiry_of(m, keepttl)
         except BaseException:
             self._unreserve(reserved)
             raise
@@ -978,6 +986,18 @@ def _expiry(ttl_ms: object, keepttl: bool) -> int:
     if keepttl:
         raise InvalidArgument("a ttl and keepttl exclude each other")
     return now_ms() + ttl_ms
+
+
+def _expiry_of(m: dict[str, Any], keepttl: bool) -> int:
+    """A write's expiry: `ttl_ms` from now, or `expire_at_ms` (ms of the wall clock; 0: none;
+    in the past: the key is written expired, as Redis's SET ... PXAT does)."""
+    if "expire_at_ms" not in m:
+        return _expiry(m.get("ttl_ms"), keepttl)
+    at = m["expire_at_ms"]
+    if type(at) is not int or not 0 <= at < 1 << 63 or m.get("ttl_ms") is not None or (keepttl and at):
+        raise InvalidArgument(f"expire_at_ms is ms of the wall clock (0: none), without ttl_ms or keepttl, "
+                              f"got {at!r:.40}")
+    return at
 
 
 def _replica_expiry(expiry: object) -> int:
