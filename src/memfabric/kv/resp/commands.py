@@ -418,14 +418,8 @@ def cmd_mget(c: Client, a: list[bytes]) -> bytes:
     values: list[bytes | None] = [None] * len(keys)
     ks = c.keyspace()
     for server_id, positions in ks.by_home(keys):
-        reply = ks.call_at(server_id, "kv_get_many", keys=[keys[i] for i in positions])
-        at = 0
-        for i, length in zip(positions, reply["lengths"]):
-            if length >= 0:
-                values[i] = reply["values"][at:at + length]
-                at += length
-            elif length == -2:                  # too large to ride along
-                values[i] = ks.get(keys[i])
+        for i, value in zip(positions, ks.get_many_at(server_id, [keys[i] for i in positions]), strict=True):
+            values[i] = value
     return p.values(values, c.resp)
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ...errors import ServerUnavailable
 from ...limits import KV_INLINE_BYTES, MAX_KV_BATCH
 from ...server.requests import Connection, Payload
-from ..rules import homes
+from ..rules import MANY_AGAIN, MANY_ALONE, homes
 from ..transfer import put_large, read_held
 
 if TYPE_CHECKING:
@@ -124,6 +124,49 @@ class Keyspace:
             self.call_at(server_id, "kv_abort", token=token)
             raise
         return self.call_at(server_id, "kv_commit", token=token, key=key, **options)
+
+    def get_many_at(self, server_id: int, keys: list[bytes]) -> list[bytes | None]:
+        """kv_get_many at one server (at most MAX_KV_BATCH keys): values of the keys its replies
+        had no room for are asked again, those too large to ride along alone."""
+        out: list[bytes | None] = [None] * len(keys)
+        ask = list(range(len(keys)))
+        while ask:
+            lengths, blob = self._get_many_once(server_id, [keys[i] for i in ask])
+            again, at = [], 0
+            for i, length in zip(ask, lengths, strict=True):
+                if length >= 0:
+                    out[i] = bytes(blob[at:at + length])
+                    at += length
+                elif length == MANY_AGAIN:
+                    again.append(i)
+                elif length == MANY_ALONE:
+                    out[i] = self.get(keys[i])
+            ask = again
+        return out
+
+    def _get_many_once(self, server_id: int, keys: list[bytes]) -> tuple[list[int], memoryview]:
+        if server_id == self.server.server_id:
+            reply = self.call_at(server_id, "kv_get_many", keys=keys)
+            if isinstance(reply, Payload):        # values lent from pool memory until done
+                try:
+                    data = reply.data if isinstance(reply.data, list) else [reply.data]
+                    return reply.reply["lengths"], memoryview(b"".join(data))
+                finally:
+                    if reply.done is not None:
+                        reply.done()
+            return reply["lengths"], memoryview(reply["values"])
+        link = self.server._peer(server_id)
+        if link.is_local:
+            reply = link.call("kv_get_many", **self.wire, keys=keys)
+            return reply["lengths"], memoryview(reply["values"])
+        made: list[memoryview] = []
+
+        def buffer(length: int) -> memoryview:
+            made.append(memoryview(bytearray(length)))
+            return made[-1]
+        request_id, pending = link.submit("kv_get_many", {**self.wire, "keys": keys}, into=buffer)
+        reply = link.wait(request_id, pending, "kv_get_many")
+        return reply["lengths"], made[0] if made else memoryview(b"")
 
     def get(self, key: bytes) -> bytes | None:
         server_id = self.home(key)
