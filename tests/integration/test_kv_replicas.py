@@ -94,3 +94,44 @@ def test_a_key_without_a_replica_is_unavailable_then_a_miss_never_wrong_bytes(fr
             assert values[i] == (None if key in lost else _value(i))
         assert kv.get("three-copies") == b"precious"
         assert kv.put(next(iter(lost)), b"new home") and kv.get(next(iter(lost))) == b"new home"
+
+
+def test_two_servers_replicating_to_each_other_at_once_never_wait_on_each_other(fresh_fabric):
+    """A first home held its key's lock stripe while its replica took the same stripe there:
+    two servers writing, each to the other, keys of one stripe waited for each other until
+    the peer call timed out. A replica's write takes no stripe (versions order it)."""
+    from memfabric.kv.rules import key_hash
+    from memfabric.kv.space import KEY_LOCK_STRIPES
+    import threading
+
+    fab = fresh_fabric(servers=2, capacity="64MiB", segment_size="4MiB")
+    with memfabric.init(fab.directory, server=0) as s:
+        s.create_namespace("cross", sec_id="k").kv().configure(replicas=2)
+        servers = sorted(x["server_id"] for x in s.servers())
+        by_home: dict[int, list[bytes]] = {server: [] for server in servers}
+        i = 0
+        while min(len(v) for v in by_home.values()) < 8:         # keys of stripe 0 homed on each
+            key = f"cross-{i}".encode()
+            i += 1
+            if key_hash(key) % KEY_LOCK_STRIPES == 0:
+                by_home[homes(key, servers, 1)[0]].append(key)
+        errors: list[BaseException] = []
+
+        def writer(keys: list[bytes]) -> None:
+            try:
+                with memfabric.init(os.path.join(fab.directory, "remote.toml")) as mine:
+                    kv = mine.namespace("cross", "k").kv()
+                    for n in range(150):
+                        kv.put(keys[n % len(keys)], f"{n}".encode())
+            except BaseException as exc:          # noqa: BLE001 - the test reports it
+                errors.append(exc)
+
+        threads = [threading.Thread(target=writer, args=(keys,)) for keys in by_home.values()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads)
+        assert errors == []
+        missed = [line for line in fab.output if "missed a write" in line]
+        assert missed == [], missed[:3]          # each write reached its replica

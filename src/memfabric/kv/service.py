@@ -17,9 +17,10 @@ by less than the timeout: the cluster never saw it dead) keeps its keys; at most
 requests for a moment. Heartbeats come at least MIN_BEATS_PER_LIVENESS_TIMEOUT times per
 timeout (config.py), so one late beat does neither.
 
-Order of a write: the key's stripe lock (one write of a key at a time, its replication
-included), then the keyspace's lock for the record and the slot, released before the
-replicas are called, so two servers writing to each other never wait on each other. Each
+Order of a write: at its first home, the key's stripe lock (one write of a key at a time,
+its replication included), then the keyspace's lock for the record and the slot, released
+before the replicas are called; a replica takes only the keyspace's lock, so two servers
+writing to each other never wait on each other. Each
 write carries a version (a hybrid clock, space.next_version); a replica keeps the newest.
 
 Values up to KV_INLINE_BYTES (with their key) ride in the request and the reply. Larger ones
@@ -37,6 +38,7 @@ import os
 import re
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -362,7 +364,10 @@ class KeyValueService(KeyEdits):
         key's other homes; as a replica it keeps the newest version."""
         h = key_hash(key)
         primary = version is None
-        with space.key_lock(h):
+        # A replica's write takes no stripe: its first home holds that stripe there while it
+        # waits for us, and two servers replicating to each other would wait on each other.
+        # The version, compared under the keyspace's lock, orders it.
+        with space.key_lock(h) if primary else nullcontext():
             with space.lock:
                 if space.closed:
                     raise NoSuchNamespace(f"namespace {state.record.ns!r} was destroyed meanwhile")
