@@ -55,6 +55,16 @@ class FileSegment(SegmentMemory):
             fd = self._open_fd()
             check_io(f"writing segment {self.id}", lambda: os.pwritev(fd, [src], at), len(src))
 
+    def sync(self) -> None:
+        """What was written reaches the file system's storage (fdatasync): a plog's append on
+        pmem is answered after this."""
+        with self._lock:
+            fd = self._open_fd()
+            try:
+                os.fdatasync(fd)
+            except OSError as exc:
+                raise IOError_(f"flushing segment {self.id}: {exc.strerror}") from None
+
     def zero(self, offset: int, length: int) -> None:
         with self._lock:
             fd = self._open_fd()

@@ -82,6 +82,11 @@ class PlogLog:
         self._committed_records = bisect_right(self.starts, end - 1)
         assert self._committed_records == len(self.starts) or self.starts[self._committed_records] == end
 
+    @property
+    def next_index(self) -> int:
+        """The index the next planned record gets (records written so far)."""
+        return len(self.starts)
+
     def seal(self) -> None:
         self.state = SEALED
 
