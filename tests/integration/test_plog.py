@@ -241,3 +241,49 @@ def test_delete_frees_the_memory(plog_fabric, where, request):
             log.delete()
         audit = s.home().call("audit")["pools"]["logs"]
         assert audit["live_bytes"] == audit["accounted_bytes"]
+
+
+PLOG_OPS = ["plog_create", "plog_info", "plog_list", "plog_append", "plog_stage", "plog_read", "plog_records",
+            "plog_seal", "plog_delete"]
+
+
+@pytest.mark.parametrize("where, seed", [("same-host", 11), ("remote", 12)])
+def test_fuzzed_plog_requests_get_precise_errors(plog_fabric, where, seed, request):
+    """Random and wrong fields for every plog operation, aimed at a real plog of a ramdisk
+    namespace (tests/fuzz_doors.py aims at a dram namespace, where plogs are refused early):
+    never INTERNAL_ERROR, and the plog's records stay whole."""
+    from .. import fuzz_doors
+    with session(plog_fabric, where) as s:
+        ns = s.create_namespace(ns_name(request), sec_id="fuzz-secret", pool="logs")
+        values = fuzz_doors.Values()
+        values.pool, values.ns, values.sec = "logs", ns.name, ns.sec_id
+        maker = fuzz_doors.Maker(seed, "ipc" if where == "same-host" else "rpc", values)
+        link = s.home()
+        ops = PLOG_OPS + ([] if link.is_local else ["plog_append_payload"])
+        codes: dict[str, int] = {}
+        for i in range(1500):
+            if i % 300 == 0:
+                try:
+                    ns.create_plog("fuzz", 1 << 20)
+                except memfabric.MemfabricError:
+                    pass
+            op = maker.rng.choice(ops)
+            message = maker.structured(op, maker.rng.choice([0.0, 0.05, 0.2, 0.5]))
+            del message["op"], message["id"]
+            try:
+                if op == "plog_append_payload":
+                    lengths = message.get("lengths")
+                    n = sum(lengths) if isinstance(lengths, list) and all(type(x) is int and 0 <= x < 1 << 20
+                                                                          for x in lengths) else 7
+                    request_id, pending = link.submit(op, message, payload=memoryview(bytes(n)) if n else None)
+                    link.wait(request_id, pending, op)
+                else:
+                    link.call(op, **message)
+                codes["OK"] = codes.get("OK", 0) + 1
+            except memfabric.MemfabricError as exc:
+                assert exc.code != BmError.INTERNAL_ERROR, f"{op} {message!r:.300}: {exc}"
+                codes[exc.code.name] = codes.get(exc.code.name, 0) + 1
+        assert codes.get("OK", 0) > 50, codes            # the fuzz reached past the checks
+        for info in ns.plogs():
+            log = ns.plog(info["name"])
+            assert sum(1 for _ in log.records()) == log.info()["records"]
