@@ -379,7 +379,7 @@ FIELDS: dict[str, list[str]] = {
     "plog_list": CREDS,
     "plog_append": CREDS + ["name", "records", "stage", "lengths"],
     "plog_append_payload": CREDS + ["name", "lengths"],
-    "plog_stage": ["stage", "length", "at", "data"],
+    "plog_stage": CREDS + ["stage", "length", "at", "data"],
     "plog_read": CREDS + ["name", "offset", "length"],
     "plog_records": CREDS + ["name", "start", "count", "data"],
     "plog_seal": CREDS + ["name"],

@@ -145,4 +145,5 @@ PLOG_INLINE_BYTES = 192 << 10         # records (and read replies) ride in an IP
 PLOG_RPC_READ_BYTES = 16 << 20        # the most one read or records reply carries over RPC
 MAX_PLOG_STAGED_BYTES = 64 << 20      # bytes one connection has staged (large records over IPC) at once
 MAX_PLOG_STAGES_PER_CLIENT = 16
+MAX_PLOG_BUFFERED_BYTES = 256 << 20   # record bytes a server holds being sent (stages, RPC payloads), in all
 MAX_PLOG_REPLICAS = 1                 # replicas on other servers are not built yet

@@ -98,7 +98,7 @@ class Plog:
         stage = None
         for at in range(0, total, STAGE_PIECE_BYTES):
             piece = joined[at:at + STAGE_PIECE_BYTES].tobytes()
-            args = {"at": at, "data": piece}
+            args = {**self.namespace.wire_creds, "at": at, "data": piece}
             args.update({"length": total} if stage is None else {"stage": stage})
             stage = link.call("plog_stage", **args)["stage"]
         return link.call("plog_append", **creds, stage=stage, lengths=lengths)["offsets"]

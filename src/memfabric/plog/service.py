@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import threading
 import time
@@ -32,7 +33,7 @@ from ..core.allocator import Extent
 from ..core.namespaces import check_name
 from ..errors import (InvalidArgument, LimitExceeded, MemfabricError, NoSuchNamespace, NoSuchObject, ProtocolError)
 from ..limits import (MAX_PLOG_BATCH, MAX_PLOG_CAPACITY_BYTES, MAX_PLOG_RECORD_BYTES, MAX_PLOG_REPLICAS,
-                      MAX_PLOG_STAGED_BYTES, MAX_PLOG_STAGES_PER_CLIENT, MAX_PLOGS_PER_NAMESPACE, MAX_RPC_PAYLOAD_BYTES,
+                      MAX_PLOG_BUFFERED_BYTES, MAX_PLOG_STAGED_BYTES, MAX_PLOG_STAGES_PER_CLIENT, MAX_PLOGS_PER_NAMESPACE, MAX_RPC_PAYLOAD_BYTES,
                       PLOG_INLINE_BYTES, PLOG_RPC_READ_BYTES)
 from ..server.requests import Connection, Payload, Reply
 from ..server.state import NamespaceState, PoolState
@@ -80,6 +81,41 @@ class _Plog:
                 "pool": self.state.record.pool, "ns": self.state.record.ns}
 
 
+_META_FILE = re.compile(r"\d{1,20}\.plog")
+
+
+def _meta_ok(meta: dict[str, Any]) -> bool:
+    """A metadata file's fields have the types a plog needs (a damaged one is not restored)."""
+    extents = meta.get("extents")
+    return (isinstance(meta.get("ns"), str) and type(meta.get("incarnation")) is int
+            and isinstance(meta.get("name"), str) and type(meta.get("capacity")) is int and meta["capacity"] > 0
+            and type(meta.get("nonce")) is int and meta.get("state") in STATES
+            and isinstance(extents, list) and bool(extents)
+            and all(isinstance(e, list) and len(e) == 3 and all(type(x) is int and x >= 0 for x in e)
+                    for e in extents)
+            and sum(e[2] for e in extents) >= meta["capacity"])
+
+
+class _Window:
+    """Reads for the recovery scan, a MiB of the log at a time (not two preads per record)."""
+
+    SIZE_BYTES = 1 << 20
+
+    def __init__(self, data: LogBytes) -> None:
+        self.data = data
+        self.start = 0
+        self.bytes = b""
+
+    def read(self, offset: int, length: int) -> bytes | memoryview:
+        if not (self.start <= offset and offset + length <= self.start + len(self.bytes)):
+            if length > self.SIZE_BYTES:
+                return self.data.read_bytes(offset, length)
+            self.start = offset
+            self.bytes = self.data.read_bytes(offset, min(self.SIZE_BYTES, self.data.capacity_bytes - offset))
+        at = offset - self.start
+        return memoryview(self.bytes)[at:at + length]
+
+
 class _Stage:
     """A record batch being sent over IPC in pieces (too large for one message)."""
 
@@ -102,6 +138,21 @@ class PlogService:
         self.appended_bytes = 0
         self.flushes = 0
         self._counts_lock = threading.Lock()
+        # Record bytes held in this server's own memory before they are appended (stages, RPC
+        # payloads): bounded for the whole server, so many connections cannot take its RAM.
+        self._buffered_bytes = 0
+
+    def _take_buffer(self, n: int) -> None:
+        with self._counts_lock:
+            if self._buffered_bytes + n > MAX_PLOG_BUFFERED_BYTES:
+                raise LimitExceeded(f"server {self.server.server_id} holds {self._buffered_bytes} bytes of records "
+                                    f"being sent, {n} more would pass its {MAX_PLOG_BUFFERED_BYTES}: try again soon")
+            self._buffered_bytes += n
+
+    def _give_buffer(self, n: int) -> None:
+        with self._counts_lock:
+            self._buffered_bytes -= n
+            assert self._buffered_bytes >= 0
 
     def handlers(self) -> dict[str, Callable[[Connection, dict[str, Any]], Reply]]:
         return {name[3:]: getattr(self, name) for name in dir(self) if name.startswith("op_")}
@@ -118,8 +169,8 @@ class PlogService:
         server = self.server
         files = pool.existing_segments()
         for path, meta in read_metas(pool.path or ""):
-            if meta is None:
-                log.warning("plog metadata %s does not read: skipped (left in place)", path)
+            if meta is None or not _META_FILE.fullmatch(os.path.basename(path)) or not _meta_ok(meta):
+                log.warning("plog metadata %s does not read as one: skipped (left in place)", path)
                 continue
             ns, incarnation, name = meta.get("ns"), meta.get("incarnation"), meta.get("name")
             record = server.cluster.get_namespace(pool.name, ns) if isinstance(ns, str) else None
@@ -154,7 +205,7 @@ class PlogService:
             data = LogBytes(pool, [(e.segment, e.offset, e.length) for e in extents], ns,
                             flushes=pool.medium_kind == "pmem")
             core = PlogLog(name, meta["capacity"], meta["nonce"], meta["state"])
-            found = list(rec.scan(data.read_bytes, core.capacity, core.nonce, MAX_PLOG_RECORD_BYTES))
+            found = list(rec.scan(_Window(data).read, core.capacity, core.nonce, MAX_PLOG_RECORD_BYTES))
             core.recovered(found)
             self._zero_tail(data, core.committed, core.capacity)
             plog = _Plog(plog_id, core, state, data, path, meta.get("replicas", 1), meta.get("created_s", 0.0))
@@ -186,7 +237,9 @@ class PlogService:
         return None
 
     def disconnected(self, conn: Connection) -> None:
-        conn.services.pop("plog", None)      # staged bytes go with the connection
+        stages = conn.services.pop("plog", None) or {}     # staged bytes go with the connection
+        for stage in stages.values():
+            self._give_buffer(len(stage.buffer))
 
     def dropped(self, state: NamespaceState) -> None:
         """The namespace is destroyed (under the server's lock): its plogs go, for good."""
@@ -318,10 +371,13 @@ class PlogService:
         stage_token = m.get("stage")
         if stage_token is not None:
             stage = self._take_stage(conn, stage_token)
-            lengths = _lengths(m.get("lengths"), len(stage.buffer))
-            if stage.filled != len(stage.buffer):
-                raise InvalidArgument(f"stage {stage_token} holds {stage.filled} of its {len(stage.buffer)} bytes")
-            return {"offsets": self._append(plog, memoryview(stage.buffer), lengths)}
+            try:
+                lengths = _lengths(m.get("lengths"), len(stage.buffer))
+                if stage.filled != len(stage.buffer):
+                    raise InvalidArgument(f"stage {stage_token} holds {stage.filled} of its {len(stage.buffer)} bytes")
+                return {"offsets": self._append(plog, memoryview(stage.buffer), lengths)}
+            finally:
+                self._give_buffer(len(stage.buffer))
         records = m.get("records")
         if not isinstance(records, list) or not all(type(r) is bytes for r in records):
             raise InvalidArgument("records must be a list of bytes")
@@ -334,12 +390,16 @@ class PlogService:
         one buffer, then appended like any other."""
         plog = self._plog(conn, m)
         lengths = _lengths(m.get("lengths"), payload_len)
-        buffer = bytearray(payload_len)
-        frames.recv_into_exact(memoryview(buffer), deadline)
+        self._take_buffer(payload_len)
         try:
-            reply: dict[str, Any] = {"id": m["id"], "offsets": self._append(plog, memoryview(buffer), lengths)}
-        except MemfabricError as exc:         # the payload is read: answer here
-            reply = wire.error_reply(m["id"], exc)
+            buffer = bytearray(payload_len)
+            frames.recv_into_exact(memoryview(buffer), deadline)
+            try:
+                reply: dict[str, Any] = {"id": m["id"], "offsets": self._append(plog, memoryview(buffer), lengths)}
+            except MemfabricError as exc:         # the payload is read: answer here
+                reply = wire.error_reply(m["id"], exc)
+        finally:
+            self._give_buffer(payload_len)
         frames.send(reply)
 
     def op_plog_append_payload(self, conn: Connection, m: dict[str, Any]) -> Reply:
@@ -356,13 +416,22 @@ class PlogService:
             starts = core.plan(lengths)
             total = sum(rec.frame_bytes(n) for n in lengths)
             parts = _frames(core.nonce, core.next_index, data, lengths)
-            if total <= JOIN_BELOW_BYTES:
-                plog.data.write(starts[0], memoryview(b"".join(parts)), plog.touched)
-            else:
-                at = starts[0]
-                for part in parts:
-                    plog.data.write(at, memoryview(part), plog.touched)
-                    at += len(part)
+            try:
+                if total <= JOIN_BELOW_BYTES:
+                    plog.data.write(starts[0], memoryview(b"".join(parts)), plog.touched)
+                else:
+                    at = starts[0]
+                    for part in parts:
+                        plog.data.write(at, memoryview(part), plog.touched)
+                        at += len(part)
+            except BaseException:
+                # Part of the batch may be in: its first header goes, so no scan after a crash
+                # finds a record of an append that failed (the next append writes over it anyway).
+                try:
+                    plog.data.write(starts[0], memoryview(bytes(rec.HEADER_BYTES)), plog.touched)
+                except MemfabricError:
+                    pass
+                raise
             end = core.mark_written(starts, lengths)
         self._flush_to(plog, end)
         with self._counts_lock:
@@ -403,6 +472,7 @@ class PlogService:
     def op_plog_stage(self, conn: Connection, m: dict[str, Any]) -> Reply:
         """Stage a piece of a batch of records: `length` (total, with no `stage`: a new one) or
         `stage`, then `at` and `data`. The stage is this connection's until an append takes it."""
+        self.server._namespace(conn, m)     # only a client of a namespace stages, with its secId
         stages = self._stages(conn)
         token = m.get("stage")
         if token is None:
@@ -413,6 +483,7 @@ class PlogService:
             if len(stages) >= MAX_PLOG_STAGES_PER_CLIENT or staged + length > MAX_PLOG_STAGED_BYTES:
                 raise LimitExceeded(f"this connection has {len(stages)} stages of {staged} bytes: at most "
                                     f"{MAX_PLOG_STAGES_PER_CLIENT} of {MAX_PLOG_STAGED_BYTES} bytes in all")
+            self._take_buffer(length)
             token = max(stages, default=0) + 1
             stages[token] = _Stage(length)
         elif type(token) is not int or token not in stages:
@@ -422,6 +493,7 @@ class PlogService:
         if type(at) is not int or type(data) is not bytes or at != stage.filled \
                 or at + len(data) > len(stage.buffer):
             del stages[token]
+            self._give_buffer(len(stage.buffer))
             raise InvalidArgument(f"a stage is filled in order: at {stage.filled}, at most "
                                   f"{len(stage.buffer) - stage.filled} bytes (the stage was dropped)")
         stage.buffer[at:at + len(data)] = data
