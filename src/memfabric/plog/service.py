@@ -259,7 +259,8 @@ class PlogService:
             plogs = [p for p in self._plogs.get(state.key, {}).values() if p is not None]
         if not plogs:
             return {}
-        return {"plogs": len(plogs), "plog_bytes": sum(p.core.committed for p in plogs)}
+        return {"plogs": len(plogs), "plogs_sealed": sum(p.core.state != OPEN for p in plogs),
+                "plog_records": sum(p.core.records for p in plogs), "plog_bytes": sum(p.core.committed for p in plogs)}
 
     def held_bytes(self, state: NamespaceState) -> int:
         """The bytes of this server's memory the namespace's plogs hold (audit.py)."""
