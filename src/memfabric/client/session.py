@@ -386,16 +386,19 @@ class Namespace(NamespaceObjects):
         """Create plog `name` (MemPlog: an append-only log of `capacity` bytes, records
         framed and checksummed) in this namespace, on a pmem or ramdisk pool: this namespace's
         (pool None), or the namespace of this name and secId in `pool`. Its home is this
-        client's server when it gives the pool. Raises INVALID_ARGUMENT for a dram pool, a
+        client's server when it gives the pool. `replicas`: copies on other servers; only 1
+        (the home alone) for now. Raises INVALID_ARGUMENT for a dram pool, a
         name taken or a bad argument, OUT_OF_MEMORY, PERMISSION_DENIED. See plog/client.py."""
         return plog_client.create_plog(self, name, capacity, replicas=replicas, pool=pool)
 
     def plog(self, name: str, *, pool: str | None = None) -> Plog:
-        """The existing plog `name` (NO_SUCH_OBJECT when no live server has it)."""
+        """The existing plog `name` (NO_SUCH_OBJECT when no live server has it); `pool` as for
+        create_plog."""
         return plog_client.open_plog(self, name, pool=pool)
 
     def plogs(self, *, pool: str | None = None) -> list[dict]:
-        """info() of each of the namespace's plogs, on every live server, by name."""
+        """info() of each of the namespace's plogs, on every live server, by name; `pool` as
+        for create_plog."""
         return plog_client.list_plogs(self, pool=pool)
 
     def destroy(self) -> None:

@@ -65,7 +65,7 @@ class Plog:
     # ---- appends ----------------------------------------------------------------------------
 
     def append(self, data: Any) -> int:
-        """Append one record (any buffer: bytes, bytearray, memoryview, numpy array; 0 to
+        """Append one record, `data` (any buffer: bytes, bytearray, memoryview, numpy array; 0 to
         MAX_PLOG_RECORD_BYTES bytes). Returns the offset of its payload in the log. Atomic:
         the whole record is there once this returns, and survives a crash of the server
         (on pmem, of the host); or it raises and nothing of it is visible. Raises
