@@ -245,3 +245,42 @@ def test_sigkill_of_an_idle_server_keeps_plogs(server, request):
     with memfabric.init(server.config) as s:
         log = s.namespace(name, "k", pool="keep").plog("wal")
         assert [log.read(o, 40_000) for o in offsets] == [bytes([i]) * 40_000 for i in range(50)]
+
+
+def test_seal_while_processes_append_fences_them_all(two_servers, request):
+    """BookKeeper's fencing: once seal returns, no append from anyone succeeds, and every
+    append that was acknowledged is in the sealed log."""
+    name = ns_name(request)
+    with memfabric.init(two_servers.directory) as s:
+        ns = s.create_namespace(name, sec_id="k", pool="logs")
+        log = ns.create_plog("shared", 48 << 20)
+        remote = os.path.join(two_servers.directory, "remote.toml")
+        procs = [subprocess.Popen([sys.executable, "-c", APPENDER, remote if tag % 2 else two_servers.directory,
+                                   name, str(tag), "1000000", "logs"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for tag in range(3)]
+        try:
+            deadline = time.monotonic() + 60
+            while log.info()["records"] < 200 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            sealed = log.seal()
+            outputs = [p.communicate(timeout=60) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait(10)
+        assert sealed["state"] == "sealed" and sealed["records"] >= 200
+        for (out, err), p in zip(outputs, procs):
+            assert p.returncode != 0 and "Sealed" in err, err      # each appender was refused in the end
+        records = list(log.records())
+        assert len(records) == sealed["records"] == log.info()["records"]   # nothing got in after seal returned
+        place = {}
+        at = 0
+        for payload in records:
+            place[_check_record(payload)] = at + rec.HEADER_BYTES
+            at += rec.frame_bytes(len(payload))
+        for tag, (out, _) in enumerate(outputs):
+            for line in out.splitlines():
+                _, seq, offset = line.split()
+                assert place[(tag, int(seq))] == int(offset)    # every acknowledged append is in
