@@ -287,3 +287,14 @@ def test_fuzzed_plog_requests_get_precise_errors(plog_fabric, where, seed, reque
         for info in ns.plogs():
             log = ns.plog(info["name"])
             assert sum(1 for _ in log.records()) == log.info()["records"]
+
+
+def test_many_small_records_come_back_in_replies_that_fit(ns):
+    """4,096 records of 40 bytes (the most a batch asks for, and near the inline budget):
+    the records reply is split to stay one message."""
+    log = ns.create_plog("many", 1 << 20)
+    records = [b"%039d" % i + b"\n" for i in range(4096)]
+    log.append_many(records)
+    assert list(log.records()) == records
+    assert list(log.records(4000, 200)) == records[4000:]
+    log.delete()

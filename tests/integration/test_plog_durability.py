@@ -90,6 +90,7 @@ def test_concurrent_appenders_in_several_processes(two_servers, where, request):
             assert acked[tag][seq] == at + rec.HEADER_BYTES
             at += rec.frame_bytes(len(payload))
         assert log.info()["length"] == at
+        log.delete()
 
 
 @pytest.fixture(params=["ramdisk", "pmem"])
@@ -253,7 +254,7 @@ def test_seal_while_processes_append_fences_them_all(two_servers, request):
     name = ns_name(request)
     with memfabric.init(two_servers.directory) as s:
         ns = s.create_namespace(name, sec_id="k", pool="logs")
-        log = ns.create_plog("shared", 48 << 20)
+        log = ns.create_plog("shared", 24 << 20)
         remote = os.path.join(two_servers.directory, "remote.toml")
         procs = [subprocess.Popen([sys.executable, "-c", APPENDER, remote if tag % 2 else two_servers.directory,
                                    name, str(tag), "1000000", "logs"],
@@ -284,3 +285,4 @@ def test_seal_while_processes_append_fences_them_all(two_servers, request):
             for line in out.splitlines():
                 _, seq, offset = line.split()
                 assert place[(tag, int(seq))] == int(offset)    # every acknowledged append is in
+        log.delete()

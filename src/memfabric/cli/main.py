@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"polling window of the bench's servers and client (default {BUSY_POLL_US}; 0: never)")
     bench.add_argument("--kv", action="store_true",
                        help="MemKV: gets and puts (same host and remote) against redis-server, memcpy and a raw socket")
+    bench.add_argument("--plog", action="store_true",
+                       help="measure MemPlog's appends and reads beside write + fsync and a Python list")
     bench.add_argument("--scale-keys", type=int, default=1_000_000,
                        help="--kv: the keys of the large keyspace whose get latency is compared with 1,000 keys")
     bench.add_argument("--shm-size", type=_size, default=256 << 20,
@@ -207,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_demo
         return run_demo(args.dir)
     if args.command == "bench":
+        if args.plog:
+            from ..plog.bench import run_plog_bench
+            return run_plog_bench(args.json)
         if args.kv:
             from ..kv.bench import run_kv_bench
             return run_kv_bench(args.dir, [parse_size(s) for s in args.sizes.split(",")] if args.sizes else None,

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("memfabric.server")
 
 JOIN_BELOW_BYTES = 1 << 20     # a batch this small is joined into one buffer: one write per extent
+RECORD_OVERHEAD_BYTES = 32     # a record's place ([offset, length]) and framing in a records reply
 
 
 class _Plog:
@@ -219,19 +220,20 @@ class PlogService:
                                   "start; nothing was changed")
 
     @staticmethod
-    def _zero_tail(data: LogBytes, start: int, end: int) -> None:
+    def _zero_tail(data: LogBytes, start: int, end: int, force: bool = False) -> None:
         """Zero a recovered log past its last whole record (a torn record, garbage), where it is
-        not zero already, so that no later scan can take old bytes for records."""
+        not zero already (`force`: everywhere), so that no later scan can take old bytes for
+        records."""
         chunk = 1 << 20
+        zeros = memoryview(bytes(chunk))
+        touched: set[int] = set()
         at = start
         while at < end:
             n = min(chunk, end - at)
-            old = data.read_bytes(at, n)
-            if old.count(0) != n:
-                touched: set[int] = set()
-                data.write(at, memoryview(bytes(n)), touched)
-                data.flush(touched)
+            if force or data.read_bytes(at, n).count(0) != n:
+                data.write(at, zeros[:n], touched)
             at += n
+        data.flush(touched)
 
     def announce(self) -> None:
         return None
@@ -326,6 +328,12 @@ class PlogService:
             try:
                 data = LogBytes(pool, [(e.segment, e.offset, e.length) for e in extents], state.record.ns,
                                 flushes=pool.medium_kind == "pmem")
+                if data.flushes:
+                    # Blocks fallocate'd but never written are "unwritten" to the file system:
+                    # the first write to each turns it written, a metadata change that every
+                    # append's fdatasync would wait for. Written (zeros) and flushed once here,
+                    # appends' flushes carry data alone.
+                    self._zero_tail(data, 0, capacity, force=True)
                 core = PlogLog(name, capacity, secrets.randbits(64))
                 plog = _Plog(plog_id, core, state, data, meta_path(pool.path or "", plog_id), replicas, time.time())
                 write_meta(plog.path, plog.meta())
@@ -554,10 +562,11 @@ class PlogService:
             size = 0
             for index in range(start, min(start + count, total)):
                 offset, length = plog.core.record_at(index)
-                if places and size + length > budget:
+                # Each record costs its place and msgpack's framing too: the reply stays one message.
+                if places and size + length + RECORD_OVERHEAD_BYTES > budget:
                     break
                 places.append((offset, length))
-                size += length
+                size += length + RECORD_OVERHEAD_BYTES
         reply: dict[str, Any] = {"records": total, "places": [list(p) for p in places]}
         if not places or not m.get("data", True) or size > budget:
             return reply
