@@ -298,3 +298,34 @@ def test_many_small_records_come_back_in_replies_that_fit(ns):
     assert list(log.records()) == records
     assert list(log.records(4000, 200)) == records[4000:]
     log.delete()
+
+
+def test_threads_of_one_session_append_small_and_staged_records_at_once(ns):
+    """One session's link shared by threads: inline appends and staged (large) ones interleave
+    on the connection, each stage kept apart by its token."""
+    import threading
+    log = ns.create_plog("threads", 24 * MiB)
+    errors: list[BaseException] = []
+
+    def work(tag: int) -> None:
+        try:
+            for i in range(6):
+                size = 300_000 if (tag + i) % 3 == 0 else 100          # 300 KB: staged on this host
+                log.append(bytes([tag]) * size + b"%d" % i)
+        except BaseException as exc:        # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(tag,)) for tag in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    seen: dict[int, list[int]] = {}
+    for payload in log.records():
+        tag = payload[0]
+        body_size = 300_000 if (tag + len(seen.get(tag, []))) % 3 == 0 else 100
+        assert payload[:body_size] == bytes([tag]) * body_size
+        seen.setdefault(tag, []).append(int(payload[body_size:]))
+    assert seen == {tag: list(range(6)) for tag in range(6)}
+    log.delete()
