@@ -286,3 +286,18 @@ def test_seal_while_processes_append_fences_them_all(two_servers, request):
                 _, seq, offset = line.split()
                 assert place[(tag, int(seq))] == int(offset)    # every acknowledged append is in
         log.delete()
+
+
+def test_a_handle_outlives_a_restart_of_its_home(server, request):
+    """The same Plog handle, across a SIGKILL and restart of its server: calls while it is
+    down fail SERVER_UNAVAILABLE (not a hang, not a wrong answer); after it, the handle goes on."""
+    name = ns_name(request)
+    with memfabric.init(server.config, timeout_s=5) as s:
+        log = s.create_namespace(name, sec_id="k", pool="keep").create_plog("wal", 64 << 10)
+        log.append(b"one")
+        server.kill()
+        with pytest.raises(memfabric.ServerUnavailable):
+            log.append(b"lost")
+        server.start()
+        log.append(b"two")
+        assert list(log.records()) == [b"one", b"two"]
