@@ -329,3 +329,28 @@ def test_threads_of_one_session_append_small_and_staged_records_at_once(ns):
         seen.setdefault(tag, []).append(int(payload[body_size:]))
     assert seen == {tag: list(range(6)) for tag in range(6)}
     log.delete()
+
+
+def test_record_reads_of_this_host_and_a_deleted_plog(ns):
+    """Same host, record(i) reads committed records from the mapped segments (no round trip)
+    once their places are known; a handle of a deleted plog gets NO_SUCH_OBJECT, never the
+    old records (the memory is zeroed at delete)."""
+    log = ns.create_plog("indexed", 4 * MiB)
+    records = [bytes([i % 251]) * (i * 37 % 5000) for i in range(600)]
+    log.append_many(records[:300])
+    for i in (0, 299, 150, 7):
+        assert log.record(i) == records[i]
+    log.append_many(records[300:])
+    assert [log.record(i) for i in range(600)] == records
+    other = ns.plog("indexed")
+    assert other.record(599) == records[599]
+    log.delete()
+    for handle in (log, other):
+        with pytest.raises(NoSuchObject):
+            handle.record(5)
+    again = ns.create_plog("indexed", 4 * MiB)          # may take the same memory back
+    again.append(b"new")
+    with pytest.raises(NoSuchObject):
+        other.record(0)
+    assert again.record(0) == b"new"
+    again.delete()

@@ -10,6 +10,8 @@ payload (RPC, straight into the caller's buffer).
 
 from __future__ import annotations
 
+from bisect import bisect_right
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from ..bigmemory.layout import as_bytes_view
@@ -17,6 +19,8 @@ from ..client.arguments import as_int
 from ..core.namespaces import check_name
 from ..datapath.deadline import call_timeout_s
 from ..errors import InvalidArgument, MemfabricError, NoSuchObject, OutOfRange, ProtocolError, ServerUnavailable
+from . import record as rec
+from .log import pieces
 from ..limits import (MAX_PLOG_BATCH, MAX_PLOG_CAPACITY_BYTES, MAX_PLOG_RECORD_BYTES, MAX_PLOG_STAGED_BYTES,
                       MAX_RPC_PAYLOAD_BYTES, PLOG_INLINE_BYTES, PLOG_RPC_READ_BYTES)
 
@@ -47,10 +51,23 @@ class Plog:
     """A handle on one plog (MemPlog): an append-only log of records in a namespace's
     persistent memory. Made by `Namespace.create_plog` or `Namespace.plog`."""
 
-    def __init__(self, namespace: "Namespace", name: str, home: int) -> None:
+    def __init__(self, namespace: "Namespace", name: str, home: int, plog_id: int | None = None) -> None:
         self.namespace = namespace
         self.name = name
         self.home = home
+        # This plog's own id: once it is deleted, its handles get NO_SUCH_OBJECT, even when a
+        # new plog of the same name is made.
+        self.plog_id = plog_id
+        self._wire = {**namespace.wire_creds, "name": name}
+        if plog_id is not None:
+            self._wire["plog_id"] = plog_id
+        # Same host: where the plog's bytes lie (extents, nonce) and the places (payload offset,
+        # length) of committed records 0..n-1 as learned from the server. Committed records never
+        # change, so record(i) of a known place is read from the mapped segments with no round
+        # trip, its frame checked (a deleted plog's reused memory, or a destroyed namespace's
+        # zeros, fail the check: then the server is asked, and says what happened).
+        self._layout: tuple[list[tuple[int, int, int]], list[int], int] | None = None
+        self._places: list[tuple[int, int]] = []
 
     def __repr__(self) -> str:
         return f"Plog({self.namespace.pool!r}/{self.namespace.name!r}/{self.name!r} on server {self.home})"
@@ -60,7 +77,7 @@ class Plog:
         return self.namespace.session.link(self.home)
 
     def _call(self, op: str, **args: Any) -> dict[str, Any]:
-        return self._link().call(op, **self.namespace.wire_creds, name=self.name, **args)
+        return self._link().call(op, **self._wire, **args)
 
     # ---- appends ----------------------------------------------------------------------------
 
@@ -79,7 +96,7 @@ class Plog:
         lengths = [v.nbytes for v in views]
         total = sum(lengths)
         link = self._link()
-        creds = {**self.namespace.wire_creds, "name": self.name}
+        creds = dict(self._wire)
         if not link.is_local:
             if total > MAX_RPC_PAYLOAD_BYTES:
                 raise InvalidArgument(f"one append_many carries at most {MAX_RPC_PAYLOAD_BYTES} bytes to another "
@@ -126,7 +143,7 @@ class Plog:
 
     def _read_into(self, offset: int, into: memoryview) -> None:
         link = self._link()
-        creds = {**self.namespace.wire_creds, "name": self.name}
+        creds = dict(self._wire)
         if into.nbytes == 0:
             link.call("plog_read", **creds, offset=offset, length=0)     # still checked: past the end?
             return
@@ -153,9 +170,59 @@ class Plog:
         index = as_int(index, "index")
         if index < 0:
             raise OutOfRange(f"record index {index} is negative")
+        link = self._link()
+        if link.is_local:
+            if index >= len(self._places):
+                self._learn_places(index)
+            payload = self._local_record(link, index)
+            if payload is not None:
+                return payload
         for payload in self.records(index, 1):
             return payload
         raise OutOfRange(f"record {index} is not among plog {self.name!r}'s committed records")
+
+    def _learn_places(self, index: int) -> None:
+        """Ask for the places of committed records from the first unknown one up to `index`
+        (a round trip per 4,096), so later record() calls up to it ask no server."""
+        while len(self._places) <= index:
+            known = len(self._places)
+            reply = self._call("plog_records", start=known, count=min(MAX_PLOG_BATCH, index + 1 - known), data=False)
+            places = reply["places"]
+            if not places or len(self._places) != known:
+                return
+            self._places.extend((int(o), int(n)) for o, n in places)
+
+    def _local_record(self, link: Any, index: int) -> bytes | None:
+        """Record `index` read from the mapped segments, if its place is known and its frame
+        checks; None: ask the server."""
+        if index >= len(self._places):
+            return None
+        if self._layout is None:
+            reply = self._call("plog_info", layout=True)
+            extents = [tuple(e) for e in reply["extents"]]
+            self._layout = (extents, list(accumulate(e[2] for e in extents)), reply["nonce"])
+        extents, ends, nonce = self._layout
+        offset, length = self._places[index]
+        start = offset - rec.HEADER_BYTES
+        end = offset + length
+        creds = self.namespace.creds
+        try:
+            i = bisect_right(ends, start)
+            if end <= ends[i]:                  # the common case: the frame lies in one extent
+                segment, at, n = extents[i]
+                at += start - (ends[i] - n)
+                frame = link.segment_view(creds, segment)[at:at + end - start].tobytes()
+            else:
+                frame = b"".join(link.segment_view(creds, segment)[at:at + n]
+                                 for segment, at, n in pieces(extents, start, end - start))
+        except MemfabricError:
+            return None
+        magic, stored_length, low_index, crc = rec.HEADER.unpack_from(frame)
+        payload = frame[rec.HEADER_BYTES:]
+        if magic != rec.MAGIC or stored_length != length or low_index != index & 0xFFFFFFFF \
+                or rec.checksum(nonce, index, payload) != crc:
+            return None
+        return payload
 
     def records(self, start: int = 0, count: int | None = None) -> Iterator[bytes]:
         """Committed records from index `start`, `count` of them (None: to the end as it is
@@ -242,14 +309,15 @@ def create_plog(namespace: "Namespace", name: str, capacity: int, *, replicas: i
     home = servers[0]
     reply = ns.session.link(home).call("plog_create", **ns.wire_creds, name=name, capacity=capacity,
                                        replicas=replicas)
-    return Plog(ns, name, reply["info"]["home"])
+    return Plog(ns, name, reply["info"]["home"], reply["info"]["id"])
 
 
-def _find(ns: "Namespace", name: str, servers: list[int]) -> int | None:
+def _find(ns: "Namespace", name: str, servers: list[int]) -> tuple[int, int] | None:
+    """(home, plog id) of the plog of this name, asking these servers in turn."""
     for server_id in servers:
         try:
-            ns.session.link(server_id).call("plog_info", **ns.wire_creds, name=name)
-            return server_id
+            info = ns.session.link(server_id).call("plog_info", **ns.wire_creds, name=name)["info"]
+            return server_id, info["id"]
         except NoSuchObject:
             continue
         except ServerUnavailable:
@@ -260,11 +328,11 @@ def _find(ns: "Namespace", name: str, servers: list[int]) -> int | None:
 def open_plog(namespace: "Namespace", name: str, *, pool: Any = None) -> Plog:
     ns = _pool_namespace(namespace, pool)
     name = check_name("plog", name)
-    home = _find(ns, name, _servers_of(ns))
-    if home is None:
+    found = _find(ns, name, _servers_of(ns))
+    if found is None:
         raise NoSuchObject(f"no plog {name!r} in namespace {ns.name!r} of pool {ns.pool!r} on a live server "
                            "(ns.plogs() lists them)")
-    return Plog(ns, name, home)
+    return Plog(ns, name, *found)
 
 
 def list_plogs(namespace: "Namespace", *, pool: Any = None) -> list[dict[str, Any]]:

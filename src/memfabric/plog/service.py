@@ -79,7 +79,7 @@ class _Plog:
 
     def info(self, server_id: int) -> dict[str, Any]:
         return {**self.core.info(), "replicas": self.replicas, "dead_replicas": [], "home": server_id,
-                "pool": self.state.record.pool, "ns": self.state.record.ns}
+                "pool": self.state.record.pool, "ns": self.state.record.ns, "id": self.id}
 
 
 _META_FILE = re.compile(r"\d{1,20}\.plog")
@@ -290,6 +290,10 @@ class PlogService:
         if plog is None or plog.deleted:
             raise NoSuchObject(f"no plog {name!r} in namespace {state.record.ns!r} on server "
                                f"{self.server.server_id}")
+        wanted = m.get("plog_id")
+        if wanted is not None and wanted != plog.id:
+            raise NoSuchObject(f"plog {name!r} this handle named was deleted (the one of that name now is "
+                               "another: ns.plog(name) opens it)")
         return plog
 
     # ---- operations -----------------------------------------------------------------------------
@@ -358,9 +362,15 @@ class PlogService:
                 server.pools[pool_name].allocator.release(state.key, extents, time.monotonic())
 
     def op_plog_info(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        """The plog's info; with `layout`, where its bytes lie (extents of the namespace's
+        segments) and its nonce: a same-host client reads committed records there itself."""
         plog = self._plog(conn, m)
         with plog.lock:
-            return {"info": plog.info(self.server.server_id)}
+            reply: dict[str, Any] = {"info": plog.info(self.server.server_id)}
+        if m.get("layout") is True:
+            reply["extents"] = [list(e) for e in plog.data.extents]
+            reply["nonce"] = plog.core.nonce
+        return reply
 
     def op_plog_list(self, conn: Connection, m: dict[str, Any]) -> Reply:
         state, _ = self._namespace(conn, m)
@@ -556,6 +566,7 @@ class PlogService:
             raise InvalidArgument(f"start is an index >= 0 and count 1 to {MAX_PLOG_BATCH}, got "
                                   f"{start!r:.30} and {count!r:.30}")
         budget = PLOG_INLINE_BYTES
+        want_data = m.get("data", True) is not False
         with plog.lock:
             total = plog.core.records
             places = []
@@ -563,12 +574,13 @@ class PlogService:
             for index in range(start, min(start + count, total)):
                 offset, length = plog.core.record_at(index)
                 # Each record costs its place and msgpack's framing too: the reply stays one message.
-                if places and size + length + RECORD_OVERHEAD_BYTES > budget:
+                cost = (length if want_data else 0) + RECORD_OVERHEAD_BYTES
+                if places and size + cost > budget:
                     break
                 places.append((offset, length))
-                size += length + RECORD_OVERHEAD_BYTES
+                size += cost
         reply: dict[str, Any] = {"records": total, "places": [list(p) for p in places]}
-        if not places or not m.get("data", True) or size > budget:
+        if not places or not want_data or size > budget:
             return reply
         # Records are contiguous: one read from the first payload to the end of the last.
         first, last = places[0][0], places[-1][0] + places[-1][1]
@@ -616,6 +628,12 @@ class PlogService:
 
     def _free(self, plog: _Plog) -> None:
         extents = [Extent(*e) for e in plog.data.extents]
+        # Zeroed first: a same-host handle that kept the plog's layout reads its records from
+        # the mapped segments, and must find frames that fail their check, not the old records.
+        try:
+            self.server.pools[plog.state.record.pool].zero(extents)
+        except MemfabricError as exc:       # its namespace is being destroyed: its memory with it
+            log.info("plog %r's memory was not zeroed: %s", plog.core.name, exc)
         self._release_extents(plog.state, plog.state.record.pool, extents)
 
 
