@@ -354,3 +354,19 @@ def test_record_reads_of_this_host_and_a_deleted_plog(ns):
         other.record(0)
     assert again.record(0) == b"new"
     again.delete()
+
+
+def test_the_most_plogs_a_namespace_has_on_a_server_list_in_one_reply(plog_fabric, request):
+    from memfabric.errors import LimitExceeded
+    from memfabric.limits import MAX_PLOGS_PER_NAMESPACE
+    with memfabric.init(plog_fabric.directory, server=0) as s:
+        ns = s.create_namespace(ns_name(request), sec_id="k", pool="logs")
+        link = s.home()
+        names = [f"{i:04d}-" + "n" * 59 for i in range(MAX_PLOGS_PER_NAMESPACE)]    # 64 characters each
+        for name in names:
+            link.call("plog_create", **ns.wire_creds, name=name, capacity=16, replicas=1)
+        with pytest.raises(LimitExceeded):
+            link.call("plog_create", **ns.wire_creds, name="one-more", capacity=16, replicas=1)
+        listed = link.call("plog_list", **ns.wire_creds)["plogs"]       # one message, under the limit
+        assert [p["name"] for p in listed] == names
+        ns.destroy()

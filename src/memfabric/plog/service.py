@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..core.allocator import Extent
 from ..core.namespaces import check_name
-from ..errors import (InvalidArgument, LimitExceeded, MemfabricError, NoSuchNamespace, NoSuchObject, ProtocolError)
+from ..errors import (IOError_, InvalidArgument, LimitExceeded, MemfabricError, NoSuchNamespace, NoSuchObject, ProtocolError)
 from ..limits import (MAX_PLOG_BATCH, MAX_PLOG_CAPACITY_BYTES, MAX_PLOG_RECORD_BYTES, MAX_PLOG_REPLICAS,
                       MAX_PLOG_BUFFERED_BYTES, MAX_PLOG_STAGED_BYTES, MAX_PLOG_STAGES_PER_CLIENT, MAX_PLOGS_PER_NAMESPACE, MAX_RPC_PAYLOAD_BYTES,
                       PLOG_INLINE_BYTES, PLOG_RPC_READ_BYTES)
@@ -69,6 +69,9 @@ class _Plog:
         self.readers = 0                      # reads under way: a delete frees the bytes after them
         self.deleted = False
         self.released = False
+        # A flush that failed (EIO from fdatasync): what was written since is of unknown fate on
+        # the disk, so no more appends are taken until the server restarts and scans the log.
+        self.broken: str | None = None
 
     def meta(self) -> dict[str, Any]:
         record = self.state.record
@@ -432,6 +435,9 @@ class PlogService:
         with plog.lock:
             if plog.deleted:
                 raise NoSuchObject(f"plog {core.name!r} was deleted")
+            if plog.broken is not None:
+                raise IOError_(f"plog {core.name!r} takes no appends: a flush failed ({plog.broken}); "
+                               "its committed records can be read, and a restart of its server scans it again")
             starts = core.plan(lengths)
             total = sum(rec.frame_bytes(n) for n in lengths)
             parts = _frames(core.nonce, core.next_index, data, lengths)
@@ -464,11 +470,18 @@ class PlogService:
         with plog.flush_lock:
             if plog.core.committed >= end:
                 return                 # another appender's flush covered ours
+            if plog.broken is not None:
+                raise IOError_(f"plog {plog.core.name!r}: a flush failed ({plog.broken}); this append's fate "
+                               "on the disk is unknown")
             with plog.lock:
                 target = plog.core.written
                 touched, plog.touched = plog.touched, set()
             try:
                 flushed = plog.data.flush(touched)
+            except MemfabricError as exc:
+                with plog.lock:
+                    plog.broken = str(exc)
+                raise
             except BaseException:
                 with plog.lock:
                     plog.touched |= touched
