@@ -12,6 +12,7 @@ import time
 import pytest
 
 import memfabric
+from memfabric.config import load_server_config
 from memfabric.launcher import LocalFabric, wait_for_line
 
 from .conftest import short_tmp_dir
@@ -61,6 +62,8 @@ DRAM_POOL = '[[pool]]\nname = "default"\nmedium = "dram"\ncapacity = "8MiB"\n'
     (DRAM_POOL, 'metrics_listen = "9400"', "server.metrics_listen"),
     (DRAM_POOL, 'metrics_listen = 9400', "server.metrics_listen"),
     (DRAM_POOL, 'metrics_listen = "127.0.0.1:http"', "server.metrics_listen"),
+    # One late beat would have the server taken for dead (the default timeout is 3 s).
+    (DRAM_POOL, 'heartbeat_interval_s = 1.0', "server.heartbeat_interval_s"),
 ])
 def test_bad_server_config_names_the_key_and_exits_2(pool, server_extra, key):
     directory = short_tmp_dir("mf-cfg-")
@@ -69,6 +72,17 @@ def test_bad_server_config_names_the_key_and_exits_2(pool, server_extra, key):
     assert proc.returncode == 2, proc.stderr
     assert key in proc.stderr
     assert proc.stderr.count("\n") == 1, "one clear message, not a traceback"
+
+
+def test_the_heartbeat_interval_follows_a_short_liveness_timeout():
+    """With a liveness timeout of 1 s, the default interval (0.5 s) let one late heartbeat
+    have the server taken for dead (and MemKV forget its keys): it is derived instead."""
+    directory = short_tmp_dir("mf-cfg-")
+    text = server_toml(directory, DRAM_POOL).replace("[cluster]\n", "[cluster]\nliveness_timeout_s = 1.0\n")
+    cfg = load_server_config(write(os.path.join(directory, "server.toml"), text))
+    assert cfg.cluster.liveness_timeout_s == 1.0 and cfg.heartbeat_interval_s == 0.25
+    cfg = load_server_config(write(os.path.join(directory, "server.toml"), server_toml(directory, DRAM_POOL)))
+    assert cfg.heartbeat_interval_s == 0.5
 
 
 def test_unparseable_and_missing_config_exit_2():

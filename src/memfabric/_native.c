@@ -15,6 +15,9 @@
  *                   segment not mapped yet, a large value, a table being replaced, writes
  *                   that kept coming)
  *   TOO_SMALL (-2)  the buffer cannot hold the value (nothing was copied)
+ *   AWAY (-3)       the index's lease (header word H_LEASE, wall-clock ms) ran out: the
+ *                   server may be stopped or cut off, and its keys written elsewhere; the
+ *                   caller reads the key's other homes (kv/index.py, kv/service.py)
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -27,6 +30,7 @@
 #define H_MAGIC 0
 #define H_SLOTS 2
 #define H_MOVED 3
+#define H_LEASE 7
 #define W_SEQ 0
 #define W_HASH 1
 #define W_SEGMENT 2
@@ -40,6 +44,7 @@
 #define RETRIES 64
 #define ASK (-1)
 #define TOO_SMALL (-2)
+#define AWAY (-3)
 
 static inline uint64_t load_acquire(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline uint64_t load_relaxed(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
@@ -114,6 +119,8 @@ static PyObject *lookup(Index *ix, uint64_t h, const char *key, Py_ssize_t klen,
     for (int attempt = 0; attempt < RETRIES; attempt++) {
         if (load_acquire(&w[H_MAGIC]) != MAGIC || load_acquire(&w[H_MOVED]) != 0)
             return PyLong_FromLong(ASK);                 /* revoked, or replaced: reopen it */
+        if (load_acquire(&w[H_LEASE]) <= now_ms())
+            return PyLong_FromLong(AWAY);                /* not vouched for: maybe stale */
         uint64_t slots = load_relaxed(&w[H_SLOTS]);
         if (slots == 0 || (slots & (slots - 1)) || slots > ix->nwords / SLOT_WORDS ||
                 HEADER_WORDS + slots * SLOT_WORDS > ix->nwords)
@@ -480,7 +487,7 @@ fail_early:
 
 static PyMethodDef methods[] = {
     {"probe", probe, METH_VARARGS,
-     "probe(index, refs, hash, pool, segments, key, into) -> value | length | None | ASK | TOO_SMALL"},
+     "probe(index, refs, hash, pool, segments, key, into) -> value | length | None | ASK | TOO_SMALL | AWAY"},
     {"plan_copies", plan_copies, METH_VARARGS,
      "plan_copies(items, alive, writing, chunk_bytes) -> (Plan, indices left to Python)"},
     {"probe_many", probe_many, METH_VARARGS,
@@ -499,7 +506,8 @@ PyMODINIT_FUNC PyInit__native(void) {
     if (str_described == NULL || str_single == NULL) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
-    if (PyModule_AddIntConstant(m, "ASK", ASK) < 0 || PyModule_AddIntConstant(m, "TOO_SMALL", TOO_SMALL) < 0) {
+    if (PyModule_AddIntConstant(m, "ASK", ASK) < 0 || PyModule_AddIntConstant(m, "TOO_SMALL", TOO_SMALL) < 0 ||
+            PyModule_AddIntConstant(m, "AWAY", AWAY) < 0) {
         Py_DECREF(m);
         return NULL;
     }

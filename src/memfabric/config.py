@@ -17,8 +17,8 @@ from .cluster import BACKENDS
 from .core.namespaces import check_name
 from .errors import InvalidArgument
 from .limits import (BUSY_POLL_US, HEARTBEAT_INTERVAL_S, LIVENESS_TIMEOUT_S, MAX_BUSY_POLL_US,
-                     MAX_CLIENTS_PER_SERVER, MAX_NAMESPACES, MAX_NAMESPACES_PER_CLIENT, MIN_SEGMENT_BYTES,
-                     PAGE_SIZE_BYTES)
+                     MAX_CLIENTS_PER_SERVER, MAX_NAMESPACES, MAX_NAMESPACES_PER_CLIENT, MIN_BEATS_PER_LIVENESS_TIMEOUT,
+                     MIN_SEGMENT_BYTES, PAGE_SIZE_BYTES)
 from .media.base import MEDIA
 from .units import parse_size
 
@@ -87,6 +87,28 @@ class ServerConfig:
     ipc_socket_gid: int | None = None
     max_namespaces_per_client: int = MAX_NAMESPACES_PER_CLIENT
     metrics_listen: str = ""        # HOST:PORT of the Prometheus endpoint; empty: none
+    # The Redis-protocol door (kv/resp/): HOST:PORT, empty: none. It serves namespace
+    # resp_namespace of pool resp_pool, whose secId is resp_sec_id (from resp_sec_id_file):
+    # without AUTH on loopback, with AUTH elsewhere (or without a secId configured).
+    resp_listen: str = ""
+    resp_pool: str = "default"
+    resp_namespace: str = "default"
+    resp_sec_id: bytes | None = None
+
+
+def _resp_sec_id(s: "_Table", base_dir: str) -> bytes | None:
+    """The door's default namespace's secId: resp_sec_id_file (its first line), or none."""
+    path = _maybe_path(s.get("resp_sec_id_file", str, None), base_dir)
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            sec = f.read(4096).split(b"\n", 1)[0].strip()
+    except OSError as exc:
+        raise s._fail("resp_sec_id_file", f"cannot read {path}: {exc.strerror}") from None
+    if not sec:
+        raise s._fail("resp_sec_id_file", f"{path} is empty")
+    return sec
 
 
 class _Table:
@@ -200,7 +222,8 @@ def load_server_config(path: str) -> ServerConfig:
         min_segment_bytes=s.size("min_segment_size", MIN_SEGMENT_BYTES),
         tls_cert=_maybe_path(s.get("tls_cert", str, None), base_dir),
         tls_key=_maybe_path(s.get("tls_key", str, None), base_dir),
-        heartbeat_interval_s=float(s.positive("heartbeat_interval_s", float, HEARTBEAT_INTERVAL_S)),
+        heartbeat_interval_s=float(s.positive("heartbeat_interval_s", float, min(
+            HEARTBEAT_INTERVAL_S, cluster.liveness_timeout_s / MIN_BEATS_PER_LIVENESS_TIMEOUT))),
         max_clients=s.positive("max_clients", int, MAX_CLIENTS_PER_SERVER),
         busy_poll_us=s.get("busy_poll_us", int, BUSY_POLL_US),
         cluster=cluster,
@@ -209,6 +232,10 @@ def load_server_config(path: str) -> ServerConfig:
         ipc_socket_gid=_group(s),
         max_namespaces_per_client=s.positive("max_namespaces_per_client", int, MAX_NAMESPACES_PER_CLIENT),
         metrics_listen=s.get("metrics_listen", str, ""),
+        resp_listen=s.get("resp_listen", str, ""),
+        resp_pool=s.get("resp_pool", str, "default"),
+        resp_namespace=s.get("resp_namespace", str, "default"),
+        resp_sec_id=_resp_sec_id(s, base_dir),
     )
     if cfg.max_namespaces_per_client > MAX_NAMESPACES:
         raise s._fail("max_namespaces_per_client", f"must be at most {MAX_NAMESPACES} (the cluster's limit), "
@@ -229,6 +256,13 @@ def load_server_config(path: str) -> ServerConfig:
         raise s._fail("rpc_listen", f"must be HOST:PORT, got {cfg.rpc_listen!r}")
     if cfg.metrics_listen and not _is_host_port(cfg.metrics_listen):
         raise s._fail("metrics_listen", f'must be HOST:PORT (such as "127.0.0.1:9400"), got {cfg.metrics_listen!r}')
+    if cfg.heartbeat_interval_s * MIN_BEATS_PER_LIVENESS_TIMEOUT > cluster.liveness_timeout_s:
+        raise s._fail("heartbeat_interval_s", f"must be at most cluster.liveness_timeout_s / "
+                                              f"{MIN_BEATS_PER_LIVENESS_TIMEOUT} ({cluster.liveness_timeout_s:g} s / "
+                                              f"{MIN_BEATS_PER_LIVENESS_TIMEOUT}), got {cfg.heartbeat_interval_s:g}: "
+                                              "one late heartbeat would have the server taken for dead")
+    if cfg.resp_listen and not _is_host_port(cfg.resp_listen):
+        raise s._fail("resp_listen", f'must be HOST:PORT (such as "127.0.0.1:6390"), got {cfg.resp_listen!r}')
     if cfg.rpc_listen and cluster.token_file is None:
         raise ConfigError(f"{path}: cluster.token_file: is required when server.rpc_listen is set")
     if (cfg.tls_cert is None) != (cfg.tls_key is None):

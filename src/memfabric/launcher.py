@@ -29,6 +29,20 @@ STOP_CHECK_S = 0.1           # how often a wait for a starting child looks for a
 STOP_TIMEOUT_S = 15.0
 
 
+def write_resp_sec_id(directory: str) -> str:
+    """The secId of the namespace the Redis-protocol door serves (`AUTH <secId>`; library
+    clients open that namespace with it). Kept if one exists, as the token."""
+    path = os.path.join(directory, RESP_SEC_ID_FILE)
+    if not os.path.exists(path):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(16) + "\n")
+    return path
+
+
+RESP_SEC_ID_FILE = "resp.secid"
+
+
 def write_token(directory: str) -> str:
     """The cluster token (kept if one exists: a restarted fabric keeps its clients' config)."""
     path = os.path.join(directory, "token")
@@ -61,13 +75,15 @@ def host_port(host: str, port: int) -> str:
 def write_fabric(directory: str, servers: int, capacity_bytes: int, segment_bytes: int,
                  liveness_timeout_s: float = 3.0, rpc_host: str = "127.0.0.1",
                  busy_poll_us: int = BUSY_POLL_US, rpc_port: int = 0, metrics_port: int | None = None,
-                 pools: list[PoolSpec] | None = None) -> list[str]:
+                 pools: list[PoolSpec] | None = None, resp_port: int | None = None,
+                 resp_host: str = "127.0.0.1") -> list[str]:
     """Configuration for N servers sharing an embedded cluster service; returns the server configs.
 
     Servers listen for RPC on `rpc_host`, server i at `rpc_port` + i - 1 (at a port of the
     kernel's choosing when `rpc_port` is 0); once they run, `write_client_files` records the
     real addresses for clients. With `metrics_port`, server i serves its metrics on
-    127.0.0.1:`metrics_port` + i - 1. `pools` (default: one DRAM pool "default" of
+    127.0.0.1:`metrics_port` + i - 1. With `resp_port`, server 1 opens the Redis-protocol door on
+    `resp_host`:`resp_port` (namespace "default" of pool "default", secId in resp.secid). `pools` (default: one DRAM pool "default" of
     `capacity_bytes`) is what each server gives; file pools live under directory/pools.
     """
     directory = os.path.abspath(directory)
@@ -84,6 +100,9 @@ def write_fabric(directory: str, servers: int, capacity_bytes: int, segment_byte
                   "rpc_listen": host_port(rpc_host, rpc_port + i - 1 if rpc_port else 0),
                   "segment_size": format_size(segment_bytes) if segment_bytes % 1024 == 0 else segment_bytes,
                   "busy_poll_us": busy_poll_us}
+        if resp_port is not None and i == 1:
+            server["resp_listen"] = host_port(resp_host, resp_port)
+            server["resp_sec_id_file"] = write_resp_sec_id(directory)
         if metrics_port is not None:
             server["metrics_listen"] = host_port("127.0.0.1", metrics_port + i - 1)
         config = {

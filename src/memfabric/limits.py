@@ -88,6 +88,10 @@ DOWN_TIMEOUT_S = 60.0
 
 HEARTBEAT_INTERVAL_S = 0.5
 LIVENESS_TIMEOUT_S = 3.0
+# A server beats at least this often per liveness timeout: one late beat (a busy server) must
+# not make the cluster take it for dead, nor MemKV refuse requests and forget its keys
+# (kv/service.py). Without server.heartbeat_interval_s, the interval is derived to keep it.
+MIN_BEATS_PER_LIVENESS_TIMEOUT = 4
 
 # The embedded catalog's write lock: a write waits this long for another process to let go
 # (healthy writes hold it for milliseconds), then fails saying so; while it stays held (a
@@ -147,3 +151,16 @@ MAX_PLOG_STAGED_BYTES = 64 << 20      # bytes one connection has staged (large r
 MAX_PLOG_STAGES_PER_CLIENT = 16
 MAX_PLOG_BUFFERED_BYTES = 256 << 20   # record bytes a server holds being sent (stages, RPC payloads), in all
 MAX_PLOG_REPLICAS = 1                 # replicas on other servers are not built yet
+# The Redis-protocol door (kv/resp/). Redis's own limits, so that a client sees the same
+# errors at the same sizes: an inline line or a length line of at most 64 KiB, a bulk of at
+# most 512 MiB (proto-max-bulk-len), a query buffer of at most 1 GiB (client-query-buffer-limit).
+RESP_INLINE_MAX_BYTES = 64 << 10
+RESP_BULK_MAX_BYTES = 512 << 20
+RESP_QUERY_BUFFER_MAX_BYTES = 1 << 30
+RESP_MAX_ARGS = 1 << 20             # arguments of one command (Redis allows INT_MAX; each costs us ~60 bytes)
+RESP_UNAUTH_MAX_ARGS = 10           # before AUTH, where AUTH is required (as Redis)
+RESP_UNAUTH_BULK_MAX_BYTES = 16384
+RESP_RECV_BYTES = 256 << 10         # one read at most: as Redis, whatever is there (a long inline line sent at once is whole)
+RESP_MAX_CLIENTS = 4096             # door connections at once (a thread each; Redis allows 10,000)
+RESP_REPLY_BUFFER_BYTES = 64 << 10  # replies gathered before they are sent
+RESP_SEND_TIMEOUT_S = 60.0          # a client that reads nothing for this long is dropped

@@ -11,6 +11,8 @@ import pytest
 import memfabric
 from memfabric.errors import InvalidArgument
 from memfabric.kv import client as kv_client
+from memfabric.kv import index as ix
+from memfabric.kv.rules import key_hash
 from memfabric.launcher import LocalFabric
 from memfabric.limits import KV_INLINE_BYTES
 
@@ -20,8 +22,45 @@ from ..conftest import short_tmp_dir
 def test_dev_builds_the_compiled_part():
     from memfabric import _native       # ./dev installs with it; a machine with gcc must have it
 
-    assert _native.ASK < 0 and _native.TOO_SMALL < 0
+    assert _native.ASK < 0 and _native.TOO_SMALL < 0 and _native.AWAY < 0
+    assert len({_native.ASK, _native.TOO_SMALL, _native.AWAY}) == 3
     assert kv_client._native is _native
+
+
+class _Segment:
+    def __init__(self, data: bytearray) -> None:
+        self.view = memoryview(data)
+
+
+def test_a_table_whose_lease_ran_out_is_not_read():
+    """The compiled lookup read a table whatever its lease (index.py's H_LEASE): a server
+    stopped past its liveness timeout had its old values read by same-host clients."""
+    from memfabric import _native
+
+    slots = ix.MIN_SLOTS
+    words = memoryview(bytearray(ix.words_for(slots) * 8)).cast("Q")
+    writer = ix.IndexWriter(words, slots, generation=1)
+    key, value = b"a key", b"its value"
+    record = bytearray(4096)
+    record[64:64 + len(key) + len(value)] = key + value
+    h = key_hash(key)
+    writer.write(writer.place(h, lambda slot: False)[0], h, (3, 64, len(key), len(value), 0, 0, 1), new=True)
+    refs, segments = bytearray(slots), {("p", 3): _Segment(record)}
+
+    def probe(k: bytes, into=None):
+        return _native.probe(words.cast("B"), refs, key_hash(k), "p", segments, k, into)
+
+    def probe_many(ks: list[bytes]):
+        return _native.probe_many(words.cast("B"), refs, [key_hash(k) for k in ks], ks, "p", segments, None)
+
+    now_ms = time.time_ns() // 1_000_000
+    writer.set_lease(now_ms + 60_000)
+    assert probe(key) == value and probe(b"another") is None
+    assert probe_many([key, b"another"]) == [value, None]
+    for lease in (now_ms - 1, 0):
+        writer.set_lease(lease)
+        assert probe(key) == probe(b"another") == probe(key, bytearray(64)) == _native.AWAY
+        assert probe_many([key, b"another"]) == [_native.AWAY, _native.AWAY]
 
 
 def _values() -> dict[bytes, bytes]:

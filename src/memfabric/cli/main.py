@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "new at each start)")
     up.add_argument("--metrics-port", type=_port, default=None,
                     help="server i serves Prometheus metrics on 127.0.0.1:PORT + i - 1 (default: none)")
+    up.add_argument("--resp-port", type=_port, default=None,
+                    help="the first server speaks the Redis protocol on 127.0.0.1:PORT, serving namespace "
+                         "'default' of pool 'default' without AUTH (its secId: DIR/resp.secid)")
+    up.add_argument("--resp-host", default="127.0.0.1",
+                    help="the address of that door (default 127.0.0.1; any but loopback requires AUTH)")
 
     down = sub.add_parser("down", help="stop the fabric `memfabric up` runs in a directory")
     down.add_argument("--dir", required=True, help="the directory given to memfabric up")
@@ -133,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="MemKV: gets and puts (same host and remote) against redis-server, memcpy and a raw socket")
     bench.add_argument("--plog", action="store_true",
                        help="measure MemPlog's appends and reads beside write + fsync and a Python list")
+    bench.add_argument("--resp", action="store_true",
+                       help="the Redis-protocol door against redis-server, both driven by redis-benchmark")
     bench.add_argument("--scale-keys", type=int, default=1_000_000,
                        help="--kv: the keys of the large keyspace whose get latency is compared with 1,000 keys")
     bench.add_argument("--shm-size", type=_size, default=256 << 20,
@@ -185,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         from .up import run_up
         return run_up(args.dir, args.servers, args.capacity or DEFAULT_CAPACITY_BYTES, args.segment_size,
                       args.liveness_timeout, args.busy_poll_us, pools=pools, rpc_host=args.rpc_host,
-                      rpc_port=args.rpc_port or 0, metrics_port=args.metrics_port)
+                      rpc_port=args.rpc_port or 0, metrics_port=args.metrics_port,
+                      resp_port=args.resp_port, resp_host=args.resp_host)
     if args.command == "down":
         from .down import run_down
         try:
@@ -212,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.plog:
             from ..plog.bench import run_plog_bench
             return run_plog_bench(args.json)
+        if args.resp:
+            from ..kv.resp.bench import run_resp_bench
+            return run_resp_bench(args.json)
         if args.kv:
             from ..kv.bench import run_kv_bench
             return run_kv_bench(args.dir, [parse_size(s) for s in args.sizes.split(",")] if args.sizes else None,

@@ -43,10 +43,26 @@ def collect(path: str) -> dict[str, Any]:
         servers = session.servers()
         namespaces = [dataclasses.asdict(n) for n in session.namespaces()]
         asked = session.local.server_id
+        doors = _doors(session, servers)
     finally:
         session.close()
     return {"asked": f"server {asked}", "servers": [_server_row(s, s["seen_s_ago"]) for s in servers],
-            "namespaces": namespaces}
+            "namespaces": namespaces, "doors": doors}
+
+
+def _doors(session: Session, servers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The Redis-protocol doors of the live servers, with their figures."""
+    doors = []
+    for s in servers:
+        if not s["alive"]:
+            continue
+        try:
+            door = session.link(s["server_id"]).call("kv_door")["door"]
+        except MemfabricError:
+            continue                  # gone meanwhile, or a server from before doors
+        if door is not None:
+            doors.append({"server_id": s["server_id"], **door})
+    return doors
 
 
 def _names_cluster_service(fabric: FabricConfig) -> bool:
@@ -68,7 +84,7 @@ def _from_cluster_service(fabric: FabricConfig, why: str) -> dict[str, Any]:
     now = time.time()
     return {"asked": f"the cluster service (no server answered: {why})",
             "servers": [_server_row(r.to_wire(), max(0.0, now - r.last_seen_s)) for r in records],
-            "namespaces": namespaces}
+            "namespaces": namespaces, "doors": []}
 
 
 def _server_row(record: dict[str, Any], seen_s_ago: float) -> dict[str, Any]:
@@ -118,6 +134,18 @@ def run_status(path: str, as_json: bool = False) -> int:
                        if plogs else "0", format_size(n.get("plog_bytes", 0)))
         ns_table.add_row(n["pool"], n["ns"], str(n["attribute"]), *figures)
     console.print(ns_table)
+    if state["doors"]:
+        door_table = Table(title="Redis-protocol doors")
+        for column in ("server", "address", "namespace", "auth", "clients", "connections", "commands", "errors",
+                       "most asked"):
+            door_table.add_column(column)
+        for d in state["doors"]:
+            top = sorted(d["commands"].items(), key=lambda item: -item[1])[:3]
+            door_table.add_row(str(d["server_id"]), d["address"], f"{d['pool']}/{d['ns']}",
+                               "required" if d["auth_required"] else "loopback: none", str(d["connected"]),
+                               str(d["connections_total"]), str(sum(d["commands"].values())),
+                               str(sum(d["errors"].values())), " ".join(f"{k}={v}" for k, v in top))
+        console.print(door_table)
     console.print(f"asked {state['asked']}", markup=False, highlight=False)
     if dead:
         console.print(f"{len(dead)} of {len(state['servers'])} servers not alive: "

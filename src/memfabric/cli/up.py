@@ -34,7 +34,8 @@ class FabricRunning(Exception):
 
 def run_up(directory: str, servers: int, capacity_bytes: int, segment_bytes: int,
            liveness_timeout_s: float, busy_poll_us: int, *, pools: list[PoolSpec] | None = None,
-           rpc_host: str = "127.0.0.1", rpc_port: int = 0, metrics_port: int | None = None) -> int:
+           rpc_host: str = "127.0.0.1", rpc_port: int = 0, metrics_port: int | None = None,
+           resp_port: int | None = None, resp_host: str = "127.0.0.1") -> int:
     pools = pools if pools is not None else [PoolSpec("default", "dram", capacity_bytes)]
     directory = os.path.abspath(directory)
     # Refusals come before anything is written: a running fabric's files stay as they are.
@@ -63,7 +64,7 @@ def run_up(directory: str, servers: int, capacity_bytes: int, segment_bytes: int
             up_log.say(f"memfabric up: pid {os.getpid()} starting {servers} server(s) in {directory} "
                        f"at {time.strftime('%Y-%m-%d %H:%M:%S %z')}", echo=False)
             return _run(directory, servers, capacity_bytes, segment_bytes, liveness_timeout_s, busy_poll_us,
-                        pools, rpc_host, rpc_port, metrics_port, up_log)
+                        pools, rpc_host, rpc_port, metrics_port, up_log, resp_port, resp_host)
     finally:
         _remove_pid_file(directory)
         os.close(lock_fd)      # the kernel would drop the lock with us anyway
@@ -172,10 +173,11 @@ class UpLog:
 
 def _run(directory: str, servers: int, capacity_bytes: int, segment_bytes: int, liveness_timeout_s: float,
          busy_poll_us: int, pools: list[PoolSpec], rpc_host: str, rpc_port: int, metrics_port: int | None,
-         up_log: UpLog) -> int:
+         up_log: UpLog, resp_port: int | None = None, resp_host: str = "127.0.0.1") -> int:
     configs = write_fabric(directory, servers, capacity_bytes, segment_bytes, liveness_timeout_s,
                            rpc_host=rpc_host, busy_poll_us=busy_poll_us, rpc_port=rpc_port,
-                           metrics_port=metrics_port, pools=pools)
+                           metrics_port=metrics_port, pools=pools, resp_port=resp_port,
+                           resp_host=resp_host)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -4,7 +4,9 @@ A request whose caller timed out may still be carried out: its reply arrives on 
 later and is dropped (fds closed). Where the work done would otherwise be lost for good, the
 link sends the request that undoes it, without waiting for the answer: an object allocated
 for no one (its id never reached a caller) is freed, a pin no mapping will drop is dropped,
-extents a peer reserved for an allocation its home abandoned are given back.
+extents a peer reserved for an allocation its home abandoned are given back, and MemKV's
+reservation for a large value no one will fill is aborted and its hold of a value no one
+will read let go (else both last as long as the connection, and count against its limits).
 
 Other late effects stand: an expand or a free that happened after all is what the caller
 asked for, and a late `segments` reply only costs its fds (closed): the server counting
@@ -33,6 +35,10 @@ def undo_of(op: str, request: dict[str, Any], reply: dict[str, Any]) -> dict[str
         return {"op": "free", **creds, "bm_id": reply["bm_id"]}
     if op == "map_pin":
         return {"op": "map_unpin", **creds, "bm_id": request.get("bm_id")}
+    if op == "kv_reserve" and type(reply.get("token")) is int:
+        return {"op": "kv_abort", **creds, "token": reply["token"]}
+    if op == "kv_get" and type(reply.get("hold")) is int:
+        return {"op": "kv_let_go", **creds, "hold": reply["hold"]}
     if op == "extent_alloc" and isinstance(reply.get("extents"), list):
         extents = [e[1:] for e in reply["extents"] if isinstance(e, list) and len(e) == 4]
         return {"op": "extent_free", **creds, "bm_id": request.get("bm_id"), "extents": extents}

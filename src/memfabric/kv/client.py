@@ -10,7 +10,10 @@ request per server. Large values move once on each side (transfer.py).
 
 Where a key's only home died: its gets fail SERVER_UNAVAILABLE until the cluster sees that
 server dead (cluster.liveness_timeout_s), then they miss (the key is gone with it). With
-replicas, a get that misses at one home, or cannot reach it, asks the next.
+replicas, a get (or exists, or ttl) that misses at one home, or cannot reach it, asks the
+next: a home that restarted, or came back from a silence the cluster took for death, has
+forgotten its keys, and its replicas still hold them. A same-host home whose index lease ran
+out (index.py: stopped, or cut off from the cluster) is not read; the other homes are asked.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ from ..client.arguments import as_bool, as_int
 from ..errors import InvalidArgument, MemfabricError, ProtocolError, ServerUnavailable, Timeout
 from ..limits import BATCH_REQUESTS_IN_FLIGHT, KV_INLINE_BYTES, MAX_KV_BATCH, MAX_KV_KEY_BYTES
 from . import index as ix
-from .index import EMPTY, H_MAGIC, H_MOVED, HEADER_WORDS, MAGIC, OFFSET_MASK, SLOT_WORDS
-from .rules import MANY_AGAIN, MANY_ALONE, check_key, check_replicas, homes, key_hash
+from .index import EMPTY, H_LEASE, H_MAGIC, H_MOVED, HEADER_WORDS, MAGIC, OFFSET_MASK, SLOT_WORDS
+from .rules import MANY_AGAIN, MANY_ALONE, check_key, check_replicas, homes, key_hash, ttl_ms, utf8
 from .space import EXTENT
 from .transfer import put_large, read_held
 
@@ -46,6 +49,7 @@ EXTENTS_MASK = (1 << 32) - 1
 _SLOT = struct.Struct("<8Q")
 _MISS = object()
 _ASK = object()            # the lock-free read cannot answer: ask the server
+_AWAY = object()           # the server's lease ran out: neither its index nor it may be current
 
 
 class _LocalIndex:
@@ -194,7 +198,7 @@ class KV:
         args: dict[str, Any] = {}
         if memory_limit is not ...:
             args["memory_limit"] = None if memory_limit is None else (
-                memory_limit if isinstance(memory_limit, str) else as_int(memory_limit, "memory_limit"))
+                memory_limit if isinstance(memory_limit, str) else _int64(memory_limit, "memory_limit"))
         if eviction is not ...:
             args["eviction"] = eviction
         if replicas is not ...:
@@ -253,14 +257,21 @@ class KV:
                 link = self._local_link(server_id)
             if link is not None:
                 got = self._local_get(link, key, into)
+                if got is _AWAY:
+                    return self._remote_get([s for s in ranked if s != server_id], key, into, tried=[server_id])
+                if got is _MISS and server_id == ranked[0]:
+                    # The first home may have lost it (restarted, or forgot it coming back):
+                    # its other homes are asked (none when the key has no replica).
+                    return self._remote_get(ranked[1:], key, into, tried=[server_id], reached=True)
                 # A replica may lack the key (evicted there, or written while it was away).
-                if got is not _ASK and (got is not _MISS or server_id == ranked[0]):
+                if got is not _ASK and got is not _MISS:
                     return got
                 break
         return self._remote_get(ranked, key, into)
 
-    def _remote_get(self, ranked: list[int], key: bytes, into: memoryview | None) -> Any:
-        reached = False
+    def _remote_get(self, ranked: list[int], key: bytes, into: memoryview | None, tried: list[int] | None = None,
+                    reached: bool = False) -> Any:
+        """Ask `ranked` in turn; `tried`: homes asked already (`reached`: one answered)."""
         for server_id in ranked:
             try:
                 got = self._get_at(server_id, key, into)
@@ -271,12 +282,13 @@ class KV:
                 return got
         if reached:
             return _MISS
-        if len(ranked) == 1:
-            # Its only home is gone. Once the cluster sees it dead, the key's home is another.
-            fresh = homes(key, self._pool_servers(fresh=True), 1)
-            if fresh != ranked:
-                return self._get_at(fresh[0], key, into)
-        raise ServerUnavailable(f"no home of key {key[:40]!r} answers (servers {ranked})")
+        # No home answers. Once the cluster sees them dead, the key's homes are others.
+        asked = set(ranked) | set(tried or ())
+        fresh = [s for s in homes(key, self._pool_servers(fresh=True), self._replica_count()) if s not in asked]
+        if fresh:
+            return self._remote_get(fresh, key, into, tried=list(asked))
+        raise ServerUnavailable(f"no home of key {key[:40]!r} answers (servers {sorted(asked)}: stopped, "
+                                "or cut off from the cluster, which does not see them dead yet)")
 
     def _get_at(self, server_id: int, key: bytes, into: memoryview | None) -> Any:
         """A get asked of a server: inline, or sent as the reply's payload, or held for us."""
@@ -328,9 +340,10 @@ class KV:
         return idx
 
     def _local_get(self, link: Any, key: bytes, into: memoryview | None) -> Any:
-        """The lock-free read (index.py): the value, _MISS, or _ASK when it cannot be done here.
-        Compiled when it can be (_native.probe); what it cannot answer (a segment not mapped
-        yet, a large value, a table replaced) goes the Python way, which can."""
+        """The lock-free read (index.py): the value, _MISS, _ASK when it cannot be done here, or
+        _AWAY when the index's lease ran out. Compiled when it can be (_native.probe); what it
+        cannot answer (a segment not mapped yet, a large value, a table replaced) goes the
+        Python way, which can."""
         if _native is not None:
             try:
                 idx = self._index(link)
@@ -346,6 +359,8 @@ class KV:
             if type(got) is bytes or got >= 0:
                 idx.count(True)
                 return got
+            if got == _native.AWAY:
+                return _AWAY
         return self._local_get_python(link, key, into)
 
     def _local_get_python(self, link: Any, key: bytes, into: memoryview | None) -> Any:
@@ -371,6 +386,8 @@ class KV:
                     return _ASK
             link.check_alive()
             words, raw, mask = idx.words, idx.raw, idx.mask
+            if words[H_LEASE] <= time.time_ns() // 1_000_000:
+                return _AWAY
             slot = h & mask
             for _ in range(mask + 1):
                 base = HEADER_WORDS + slot * SLOT_WORDS
@@ -466,8 +483,12 @@ class KV:
         misses = results.count(None)
         asked = [i for i, got in enumerate(results) if type(got) is int and got < 0]
         idx.count_many(len(results) - misses - len(asked), misses)
+        away = _native.AWAY
         for i in asked:         # ASK or TOO_SMALL: the Python way answers (or raises) for these
-            results[i] = self._local_get_python(link, keys[i], None if into is None else into[i])
+            if results[i] == away:
+                results[i] = _AWAY
+            else:
+                results[i] = self._local_get_python(link, keys[i], None if into is None else into[i])
         return [_MISS if got is None else got for got in results]
 
     def exists(self, key: Any) -> bool:
@@ -484,13 +505,21 @@ class KV:
 
     def ttl(self, key: Any) -> float:
         """Seconds left; -1.0 when the key never expires, -2.0 when it is missing (as Redis)."""
-        ms = self._at_first_home(check_key(key), "kv_ttl")["ttl_ms"]
+        key = check_key(key)
+        ms = self._at_first_home(key, "kv_ttl")["ttl_ms"]
+        for server_id in self._homes(key)[1:] if ms == -2 else ():     # the first home may have lost it
+            try:
+                ms = self._call(server_id, "kv_ttl", key=key)["ttl_ms"]
+            except ServerUnavailable:
+                continue
+            if ms != -2:
+                break
         return float(ms) if ms < 0 else ms / 1000
 
     def incr(self, key: Any, by: int = 1) -> int:
         """Add `by` to the integer the key holds as decimal text (a missing key counts 0);
         the new value. INVALID_ARGUMENT when the value is not an integer, or on overflow."""
-        step = as_int(by, "by")
+        step = _int64(by, "by")
         # Never sent twice: a lost reply may have been applied.
         return int(self._at_first_home(check_key(key), "kv_incr", retry=False, by=step)["value"])
 
@@ -508,9 +537,7 @@ class KV:
         """Store `items` (a mapping, or (key, value) pairs), each with `ttl_s` and `replicas` as
         put's. One request per server (per batch of 4,096 keys or 192 KiB); large values each
         on their own. Raises as put."""
-        if isinstance(items, Mapping):
-            items = items.items()
-        pairs = [(check_key(k), _value_view(v)) for k, v in items]
+        pairs = [(check_key(k), _value_view(v)) for k, v in _pairs(items)]
         options = {"ttl_ms": _ttl_ms(ttl_s), "replicas": None if replicas is None else check_replicas(replicas)}
         keys = [k for k, _ in pairs]
         for server_id, positions in self._by_first_home(keys).items():
@@ -525,15 +552,15 @@ class KV:
     def get_many(self, keys: Iterable[Any]) -> list[bytes | None]:
         """The values of many keys (None for each missing): read in place for keys homed on
         this host, one request per other server."""
-        keys = _checked_keys(keys)
+        keys = _keys(keys)
         return [None if v is _MISS else v for v in self._get_many(keys, None)]
 
     def get_many_into(self, keys: Iterable[Any], buffers: Iterable[Any]) -> list[int | None]:
         """Fill `buffers` (one per key of `keys`) in place; each value's length, None for a
         missing key. A buffer too small: INVALID_ARGUMENT (that buffer untouched; those before
         it may be filled)."""
-        keys = _checked_keys(keys)
-        views = [as_bytes_view(b, writable=True) for b in buffers]
+        keys = _keys(keys)
+        views = [as_bytes_view(b, writable=True) for b in _many(buffers, "buffers", "buffer")]
         if len(keys) != len(views):
             raise InvalidArgument(f"{len(keys)} keys and {len(views)} buffers: one buffer per key")
         return [None if v is _MISS else v for v in self._get_many(keys, views)]
@@ -544,14 +571,14 @@ class KV:
         ask: dict[int, list[int]] = {}
         here: dict[int, list[int]] = {}         # server on this host -> the keys it is asked for
         if len(servers) == 1:                   # the common case of one server: no placement
-            firsts = [servers[0]] * len(keys)
+            ranks = [servers] * len(keys)
             (here if servers[0] in self._local else ask)[servers[0]] = list(range(len(keys)))
         else:
-            firsts = []
+            ranks = []
             local_servers = self._local
             for i, key in enumerate(keys):
                 ranked = homes(key, servers, replicas)
-                firsts.append(ranked[0])
+                ranks.append(ranked)
                 local = next((s for s in ranked if s in local_servers), None)
                 if local is not None:
                     here.setdefault(local, []).append(i)
@@ -561,15 +588,23 @@ class KV:
             link = self._local_link(server_id)
             if link is None:
                 for i in positions:
-                    ask.setdefault(firsts[i], []).append(i)
+                    ask.setdefault(ranks[i][0], []).append(i)
                 continue
             for i, got in zip(positions, self._local_get_many(link, [keys[i] for i in positions],
                                                                None if into is None else [into[i] for i in positions]),
                               strict=True):
-                if got is not _ASK and (got is not _MISS or server_id == firsts[i]):
+                # As _get: a server whose lease ran out is not asked; a first home's miss
+                # asks the other homes; a replica's miss asks the first home.
+                if got is _AWAY:
+                    out[i] = self._remote_get([s for s in ranks[i] if s != server_id], keys[i],
+                                              None if into is None else into[i], tried=[server_id])
+                elif got is _MISS and server_id == ranks[i][0]:
+                    out[i] = self._remote_get(ranks[i][1:], keys[i], None if into is None else into[i],
+                                              tried=[server_id], reached=True)
+                elif got is not _ASK and got is not _MISS:
                     out[i] = got
                 else:
-                    ask.setdefault(firsts[i], []).append(i)
+                    ask.setdefault(ranks[i][0], []).append(i)
         while ask:                   # the keys a reply had no room for are asked again
             ask = self._ask_many(ask, keys, into, out, servers, replicas)
         return out
@@ -650,18 +685,38 @@ class KV:
 
     def exists_many(self, keys: Iterable[Any]) -> list[bool]:
         """Whether each of `keys` is there; one request per server."""
-        keys = _checked_keys(keys)
+        keys = _keys(keys)
         out = [False] * len(keys)
-        for server_id, positions in self._by_first_home(keys).items():
-            for chunk in _batches(positions, [len(keys[i]) for i in positions]):
-                reply = self._call(server_id, "kv_exists", keys=[keys[i] for i in chunk])
-                for i, there in zip(chunk, reply["exists"], strict=True):
-                    out[i] = bool(there)
+        servers, replicas = self._pool_servers(), self._replica_count()
+        ranked = [homes(key, servers, replicas) for key in keys]
+        answered = [False] * len(keys)
+        missing = list(range(len(keys)))
+        unavailable: ServerUnavailable | None = None
+        # The first homes, then (for keys they lack) each next home: see the module's docstring.
+        for rank in range(replicas):
+            groups: dict[int, list[int]] = {}
+            for i in missing:
+                if rank < len(ranked[i]):
+                    groups.setdefault(ranked[i][rank], []).append(i)
+            for server_id, positions in groups.items():
+                for chunk in _batches(positions, [len(keys[i]) for i in positions]):
+                    try:
+                        reply = self._call(server_id, "kv_exists", keys=[keys[i] for i in chunk])
+                    except ServerUnavailable as exc:
+                        unavailable = exc
+                        continue
+                    for i, there in zip(chunk, reply["exists"], strict=True):
+                        out[i], answered[i] = bool(there), True
+            missing = [i for i in missing if not out[i]]
+            if not missing:
+                break
+        if unavailable is not None and not all(answered[i] for i in missing):
+            raise unavailable
         return out
 
     def delete_many(self, keys: Iterable[Any]) -> int:
         """Delete many keys; how many were there. One request per server."""
-        keys = _checked_keys(keys)
+        keys = _keys(keys)
         deleted = 0
         for server_id, positions in self._by_first_home(keys).items():
             for chunk in _batches(positions, [len(keys[i]) for i in positions]):
@@ -716,14 +771,45 @@ class KV:
         return sum(self._call(s, "kv_flush")["flushed"] for s in self._pool_servers(fresh=True))
 
 
-def _checked_keys(keys: Iterable[Any]) -> list[bytes]:
-    """check_key of each, without a call for the keys that are bytes already."""
-    return [k if type(k) is bytes and 0 < len(k) <= MAX_KV_KEY_BYTES else check_key(k) for k in keys]
-
-
 def _value_view(value: Any) -> memoryview:
     """A value's bytes: any buffer as it is, a str as UTF-8 (as a key)."""
-    return memoryview(value.encode()) if isinstance(value, str) else as_bytes_view(value)
+    return memoryview(utf8(value, "a value")) if isinstance(value, str) else as_bytes_view(value)
+
+
+def _many(items: Any, what: str, one: str) -> list[Any]:
+    """An iterable's items as a list. A str or a buffer is one thing, not many: a batch of
+    the characters of a key (or of the bytes of a value) is never what was meant."""
+    if isinstance(items, (str, bytes, bytearray, memoryview)):
+        raise InvalidArgument(f"{what} is an iterable of them (a list, say), got one {one}: {items!r:.40}")
+    try:
+        return list(items)
+    except TypeError:
+        raise InvalidArgument(f"{what} is an iterable of them (a list, say), got {type(items).__name__}") from None
+
+
+def _keys(keys: Any) -> list[bytes]:
+    """check_key of each, without a call for the keys that are bytes already."""
+    return [k if type(k) is bytes and 0 < len(k) <= MAX_KV_KEY_BYTES else check_key(k)
+            for k in _many(keys, "keys", "key")]
+
+
+def _pairs(items: Any) -> list[tuple[Any, Any]]:
+    """put_many's items: a mapping, or (key, value) pairs, each a tuple or a list of two."""
+    if isinstance(items, Mapping):
+        return list(items.items())
+    pairs = _many(items, "items", "value")
+    for pair in pairs:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise InvalidArgument(f"items are a mapping or (key, value) pairs, got {pair!r:.40}")
+    return pairs
+
+
+def _int64(value: Any, what: str) -> int:
+    """An integer that travels as a signed 64-bit one (the wire's and Redis's)."""
+    number = as_int(value, what)
+    if not -(1 << 63) <= number < (1 << 63):
+        raise InvalidArgument(f"{what} is a 64-bit integer, got {number}")
+    return number
 
 
 def _check_room(length: int, into: memoryview | None) -> None:
@@ -734,12 +820,7 @@ def _check_room(length: int, into: memoryview | None) -> None:
 def _ttl_ms(ttl_s: Any, required: bool = False) -> int | None:
     if ttl_s is None and not required:
         return None
-    if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) and not hasattr(ttl_s, "__float__"):
-        raise InvalidArgument(f"ttl_s is a number of seconds, got {ttl_s!r:.40}")
-    seconds = float(ttl_s)
-    if not 0 < seconds <= 10 ** 12:
-        raise InvalidArgument(f"ttl_s is a positive number of seconds, got {ttl_s!r:.40}")
-    return max(1, round(seconds * 1000))
+    return ttl_ms(ttl_s)
 
 
 def _landing_buffer(landed: list[memoryview], length: int) -> memoryview:

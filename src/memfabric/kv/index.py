@@ -4,7 +4,7 @@ Pure: it works on a buffer of 64-bit words it is given, and knows nothing of seg
 The server writes the table; same-host clients map it read-only and look keys up without
 asking the server (the idea of Pilaf and FaRM: a one-sided read replaces the server's CPU).
 
-    header: MAGIC, VERSION, slot count, moved, keys, tombstones, generation, spare
+    header: MAGIC, VERSION, slot count, moved, keys, tombstones, generation, lease
     slot i: seq, hash, segment, offset | key length << 32, value length, expiry, extents, version
 
 A slot's `seq` is odd while the server writes it. A reader reads the seq, the slot, the key
@@ -13,7 +13,13 @@ grows, so a change is never missed. Hash 0 marks an empty slot and 1 a deleted o
 tombstone); key hashes are made >= 2. Linear probing with tombstones never moves an entry
 within a table, so a reader walking a probe chain meets each entry before or after a
 change, never elsewhere. A table that fills is replaced whole: the server builds the next,
-then sets `moved` in this one, and readers that see it go to the next.
+then sets `moved` in this one, and readers that see it go to the next. A table whose keyspace
+is gone (its namespace destroyed) says CLOSED there: readers ask the server, which says why.
+
+`lease` is the wall-clock ms until which the server vouches for the table: renewed with each
+heartbeat that reaches the cluster, it runs out before the cluster could take the server for
+dead (and give its keys' writes to others). A reader trusts the table only within its lease,
+so a stopped or cut-off server's table is never read as current (see kv/service.py).
 
 The record a slot names holds the key, then the value (`extents` == 0), or then a table of
 `extents` (segment, offset, length) triples the value lies in, for values larger than one
@@ -37,7 +43,7 @@ MAGIC = int.from_bytes(b"MFKVIDX1", "little")     # a table, not some other memo
 VERSION = 1
 
 HEADER_WORDS = 8
-H_MAGIC, H_VERSION, H_SLOTS, H_MOVED, H_KEYS, H_TOMBSTONES, H_GENERATION = range(7)
+H_MAGIC, H_VERSION, H_SLOTS, H_MOVED, H_KEYS, H_TOMBSTONES, H_GENERATION, H_LEASE = range(8)
 
 SLOT_WORDS = 8
 SEQ, HASH, SEGMENT, OFFSET_KLEN, VLEN, EXPIRY, EXTENTS, VERSION_WORD = range(8)
@@ -47,6 +53,7 @@ MAX_LOAD = 0.5            # keys + tombstones per slot before the table is repla
 MIN_SLOTS = 1024
 MAX_SLOTS = 1 << 26       # 4 GiB of table: far beyond any one namespace on one server
 OFFSET_MASK = (1 << 32) - 1
+CLOSED = (1 << 64) - 1    # in H_MOVED: no table follows this one (its keyspace is gone)
 
 
 def lock_free_reads() -> bool:
@@ -198,6 +205,9 @@ class IndexWriter:
         self.tombstones += 1
         w[H_KEYS] = self.keys
         w[H_TOMBSTONES] = self.tombstones
+
+    def set_lease(self, until_ms: int) -> None:
+        self.words[H_LEASE] = until_ms
 
     def moved_to(self, generation: int) -> None:
         """This table is replaced by the one of `generation`: readers go there."""

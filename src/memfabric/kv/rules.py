@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import operator
 
+import numpy as np
 import xxhash
 
 from ..errors import InvalidArgument
@@ -27,7 +28,7 @@ MANY_MISSING, MANY_ALONE, MANY_AGAIN = -1, -2, -3
 def check_key(key: object) -> bytes:
     """A key as bytes: bytes-like, or str (UTF-8); 1 to MAX_KV_KEY_BYTES bytes."""
     if isinstance(key, str):
-        key = key.encode()
+        key = utf8(key, "a key")
     elif isinstance(key, (bytearray, memoryview)):
         key = bytes(key)
     if not isinstance(key, bytes):
@@ -35,6 +36,15 @@ def check_key(key: object) -> bytes:
     if not 0 < len(key) <= MAX_KV_KEY_BYTES:
         raise InvalidArgument(f"a key is 1 to {MAX_KV_KEY_BYTES} bytes, got {len(key)}")
     return key
+
+
+def utf8(text: str, what: str) -> bytes:
+    """A str as UTF-8; INVALID_ARGUMENT for one that has none (lone surrogates)."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument(f"{what} given as str is stored as UTF-8, and {text[:20]!r} cannot be: "
+                              f"{exc.reason}") from None
 
 
 def check_value_length(length: int) -> int:
@@ -55,6 +65,8 @@ def homes(key: bytes, servers: list[int], replicas: int) -> list[int]:
 
 
 def check_replicas(replicas: object) -> int:
+    if isinstance(replicas, (bool, np.bool_)):
+        raise InvalidArgument(f"replicas is a whole number, not a bool ({replicas!r})")
     try:
         r = operator.index(replicas)
     except TypeError:
@@ -64,16 +76,28 @@ def check_replicas(replicas: object) -> int:
     return r
 
 
+MAX_TTL_S = 10 ** 12          # 31,000 years: within the wire's 64-bit ms, and clearly "no expiry" meant
+
+
+def ttl_ms(ttl_s: object) -> int:
+    """A TTL in seconds (any real number: int, float, numpy's, Fraction...) as whole ms, at
+    least 1; INVALID_ARGUMENT for anything else (bools, NaN, infinities, <= 0, huge)."""
+    if isinstance(ttl_s, (bool, np.bool_)) or not isinstance(ttl_s, (int, float)) and not hasattr(ttl_s, "__float__"):
+        raise InvalidArgument(f"ttl_s is a number of seconds, got {ttl_s!r:.40}")
+    try:
+        ttl = float(ttl_s)       # an int past a float's range, a Decimal sNaN, an array: no number
+    except (TypeError, ValueError, OverflowError, ArithmeticError):
+        raise InvalidArgument(f"ttl_s is a number of seconds, got {ttl_s!r:.40}") from None
+    if not (math.isfinite(ttl) and 0 < ttl <= MAX_TTL_S):
+        raise InvalidArgument(f"ttl_s is a positive number of seconds, at most {MAX_TTL_S}, got {ttl_s!r:.40}")
+    return max(1, round(ttl * 1000))
+
+
 def expiry_ms(ttl_s: object, now_ms: int) -> int:
     """The absolute expiry (ms of the wall clock) of a TTL in seconds; None: never."""
     if ttl_s is None:
         return NO_EXPIRY
-    if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) and not hasattr(ttl_s, "__float__"):
-        raise InvalidArgument(f"ttl_s is a number of seconds, got {ttl_s!r}")
-    ttl = float(ttl_s)
-    if not math.isfinite(ttl) or ttl <= 0:
-        raise InvalidArgument(f"ttl_s is a positive number of seconds, got {ttl_s!r}")
-    return now_ms + max(1, round(ttl * 1000))
+    return now_ms + ttl_ms(ttl_s)
 
 
 def expired(expiry: int, now_ms: int) -> bool:

@@ -4,6 +4,19 @@ passed on to the key's other homes.
 The server process owns pools, namespaces, secIds, peers and dispatch; this owns each
 namespace's keyspace on this server (space.py) and what requests do with it (store.py).
 
+A server trusts its keys only while the cluster cannot have taken it for dead: a write to a
+key goes to its first home among the servers the cluster sees alive, so while a server is
+stopped or cut off past its liveness timeout, its keys' writes go to others, and what it
+holds is stale when it comes back. So KV requests are refused (SERVER_UNAVAILABLE) once no
+heartbeat reached the cluster for TRUSTED_SHARE of the liveness timeout, and same-host readers
+stop at the index's lease (index.py) at the same moment. When a heartbeat lands the whole
+timeout or more after the last one was sent (the cluster may have seen the server dead), the
+server forgets every key before it serves again: a key with a replica elsewhere is read
+there, one without is a miss, never an old value. A server that is merely slow (a beat late
+by less than the timeout: the cluster never saw it dead) keeps its keys; at most it refused
+requests for a moment. Heartbeats come at least MIN_BEATS_PER_LIVENESS_TIMEOUT times per
+timeout (config.py), so one late beat does neither.
+
 Order of a write: the key's stripe lock (one write of a key at a time, its replication
 included), then the keyspace's lock for the record and the slot, released before the
 replicas are called, so two servers writing to each other never wait on each other. Each
@@ -21,6 +34,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -28,14 +43,16 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..core.allocator import Extent
 from ..errors import (InvalidArgument, LimitExceeded, MemfabricError, NoSuchNamespace, NoSuchObject, OutOfMemory,
                       ProtocolError, ServerUnavailable)
-from ..limits import (KV_GET_MANY_PAYLOAD_BYTES, KV_INLINE_BYTES, MAX_KV_BATCH, MAX_KV_HOLDS_PER_CLIENT, MAX_KV_PENDING_PER_CLIENT,
-                      MAX_RPC_PAYLOAD_BYTES)
+from ..limits import (KV_GET_MANY_PAYLOAD_BYTES, KV_INLINE_BYTES, MAX_KV_BATCH, MAX_KV_HOLDS_PER_CLIENT,
+                      MAX_KV_PENDING_PER_CLIENT, MAX_KV_REPLICAS, MAX_RPC_PAYLOAD_BYTES)
 from ..server.requests import Connection, Payload, Reply
 from ..server.state import NamespaceState
 from ..transport import wire
 from ..units import parse_size
 from . import index as ix
-from .rules import MANY_AGAIN, MANY_ALONE, MANY_MISSING, NO_EXPIRY, check_key, check_replicas, check_value_length, homes, key_hash
+from .edits import KeyEdits
+from .rules import (MANY_AGAIN, MANY_ALONE, MANY_MISSING, NO_EXPIRY, check_key, check_replicas, check_value_length,
+                    homes, key_hash)
 from .space import KeySpace, KvSettings, now_ms
 from .store import Fields, Store, inline_fits, replicas_of
 from .transfer import put_large_from
@@ -47,11 +64,18 @@ log = logging.getLogger("memfabric.server")
 
 Creds = tuple[str, str, bytes]
 SCAN_BATCH_MAX = 10_000
+# Settings ride in replies as 64-bit integers: a larger limit, once kept, made every reply
+# carrying the settings (kv_stats, which every client asks) fail to encode.
+MAX_MEMORY_LIMIT_BYTES = (1 << 63) - 1
 SETTINGS_NAME = "kv"
 SETTINGS_TTL_S = 1.0             # a keyspace re-reads its settings from the cluster this often
 SWEEP_EVERY_S = 0.1              # expired keys are looked for this often, per keyspace...
 SWEEP_SLOTS = 2048               # ...this many slots at a time
+# The part of the liveness timeout a server's keys are trusted after its last heartbeat was
+# sent: the cluster takes it for dead no sooner than the whole timeout after that.
+TRUSTED_SHARE = 0.9
 _tokens = itertools.count(1)
+_INTEGER = re.compile(rb"0|-?[1-9][0-9]*")
 
 
 @dataclass
@@ -76,12 +100,14 @@ class _Held:
 @dataclass
 class _ClientKv:
     """What one connection has of the keyspaces: counter slots, reservations, holds."""
-    slots: dict[tuple[str, str], int] = field(default_factory=dict)
+    # By keyspace, not by name: a slot is a number in one keyspace's stats memfd, and a
+    # namespace destroyed and made again has a new keyspace with slots of its own.
+    slots: dict[KeySpace, int] = field(default_factory=dict)
     reserved: dict[int, _Reserved] = field(default_factory=dict)
     held: dict[int, _Held] = field(default_factory=dict)
 
 
-class KeyValueService:
+class KeyValueService(KeyEdits):
     PEER_OPS = frozenset({"kv_replicate", "kv_settings_changed"})
     FD_OPS = frozenset({"kv_open"})
 
@@ -89,7 +115,10 @@ class KeyValueService:
         self.server = server
         self.lock = server.lock
         self._settings_read: dict[tuple, float] = {}
+        self.door: Any = None        # the Redis-protocol door of this server, if it has one (kv/resp/front.py)
         self._swept_at = 0.0
+        self._lease_ms = 0          # what same-host readers are told to trust the indexes until
+        self._beats = threading.Condition()     # notified when a heartbeat got through
 
     @property
     def server_id(self) -> int:
@@ -107,6 +136,7 @@ class KeyValueService:
 
     def _space(self, conn: Connection, m: dict[str, Any]) -> tuple[NamespaceState, Creds, KeySpace, Store]:
         state, creds = self.server._namespace(conn, m)
+        self._check_trusted()
         space = state.kv
         if space is None:
             with self.lock:
@@ -116,6 +146,7 @@ class KeyValueService:
                 if space is None:
                     space = state.kv = KeySpace(f"s{self.server_id}", creds[1])
                     space.store = self._store(state, space, creds[0])
+                    space.set_lease(self._lease_ms)
         self._refresh_settings(state, space)
         return state, creds, space, space.store
 
@@ -144,8 +175,7 @@ class KeyValueService:
         self._settings_read[key] = now
         record = state.record
         stored = self.server.cluster.get_settings(record.pool, record.ns, record.incarnation, SETTINGS_NAME) or {}
-        space.settings = KvSettings(memory_limit=stored.get("memory_limit"), eviction=stored.get("eviction", "lru"),
-                                    replicas=stored.get("replicas", 1))
+        space.settings = _settings(stored)
 
     def _share(self, space: KeySpace, pool: str) -> int | None:
         """This server's part of the namespace's memory limit: rendezvous hashing spreads keys
@@ -174,11 +204,69 @@ class KeyValueService:
         for held in mine.held.values():
             with held.space.lock:
                 held.store.let_go(held.place)
+        for space, slot in mine.slots.items():
+            with space.lock:
+                if not space.closed:
+                    space.give_client_slot(slot)
+
+    # ---- the cluster's view of this server: how long its keys are trusted ------------------------
+
+    def _trusted_s(self) -> float:
+        return self.server.cfg.cluster.liveness_timeout_s * TRUSTED_SHARE
+
+    def _silent_s(self) -> float:
+        """Seconds since the last heartbeat the cluster took was sent (0 before the first)."""
+        sent = self.server.beat_sent_s
+        return 0.0 if sent is None else time.monotonic() - sent
+
+    def _check_trusted(self) -> None:
+        """SERVER_UNAVAILABLE while the cluster may take this server for dead. A request that
+        comes as the server wakes from a stop waits (a little) for the heartbeat under way."""
+        trusted_s = self._trusted_s()
+        if self._silent_s() <= trusted_s:
+            return
+        with self._beats:
+            self._beats.wait_for(lambda: self._silent_s() <= trusted_s, 2 * self.server.cfg.heartbeat_interval_s)
+        silent_s = self._silent_s()
+        if silent_s > trusted_s:
+            raise ServerUnavailable(f"server {self.server_id} has not reached the cluster for {silent_s:.1f}s: it "
+                                    "may be taken for dead and its keys written elsewhere (it serves keys again, "
+                                    "having forgotten them, once a heartbeat gets through)")
+
+    def _spaces(self) -> list[KeySpace]:
         with self.lock:
-            for key, slot in mine.slots.items():
-                state = self.server.namespaces.get(key)
-                if state is not None and state.kv is not None and not state.kv.closed:
-                    state.kv.give_client_slot(slot)
+            return [s.kv for s in self.server.namespaces.values() if s.kv is not None]
+
+    def rejoined(self, last_sent_s: float | None, landed_s: float) -> None:
+        """A heartbeat reached the cluster by `landed_s` (monotonic); the one before it was
+        sent at `last_sent_s`. If the cluster may have taken this server for dead in between
+        (it does so a whole liveness timeout after a beat, which it got no sooner than it was
+        sent), forget every key: others may have written them meanwhile. Called before the
+        server serves keys again (requests wait for beat()); see the module's docstring."""
+        if last_sent_s is None or not may_have_been_dead(last_sent_s, landed_s,
+                                                         self.server.cfg.cluster.liveness_timeout_s):
+            return
+        forgotten = 0
+        for space in self._spaces():
+            with space.lock:
+                if not space.closed:
+                    forgotten += space.store.flush()
+        log.warning("no heartbeat reached the cluster for %.1f s: forgot %d keys, which others may have "
+                    "written meanwhile", landed_s - last_sent_s, forgotten)
+
+    def beat(self, sent_wall_s: float) -> None:
+        """A heartbeat sent at `sent_wall_s` (wall clock) reached the cluster: same-host readers
+        may trust the indexes until the cluster could next take this server for dead."""
+        self._lease_ms = int((sent_wall_s + self._trusted_s()) * 1000)
+        for space in self._spaces():
+            space.set_lease(self._lease_ms)
+        with self._beats:
+            self._beats.notify_all()
+
+    def op_kv_door(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        """This server's Redis-protocol door's figures (`memfabric status`); None: it has none."""
+        door = self.door
+        return {"door": None if door is None else door.figures()}
 
     def usage(self, state: NamespaceState) -> dict[str, int]:
         """The keyspace's figures here, for ns_query and `memfabric status` (none: no keyspace)."""
@@ -209,22 +297,26 @@ class KeyValueService:
     def op_kv_open(self, conn: Connection, m: dict[str, Any]) -> Reply:
         state, creds, space, _ = self._space(conn, m)
         slots = self._client(conn).slots
+        for gone in [s for s in slots if s.closed]:
+            del slots[gone]
         with space.lock:
-            key = (creds[0], creds[1])
-            slot = slots.get(key)
+            slot = slots.get(space)
             if slot is None:
                 slot = space.take_client_slot()
                 if slot is not None:
-                    slots[key] = slot
+                    slots[space] = slot
             table = space.table
             fds: list[int] = []
-            try:
-                for fd in (table.index_fd, table.refs_fd, space.stats_fd):
-                    fds.append(os.dup(fd))
-            except OSError as exc:
-                for fd in fds:
-                    os.close(fd)
-                raise LimitExceeded(f"server {self.server_id} cannot open more files ({exc.strerror})") from None
+            with space.fd_lock:         # a destroy closes them: never dup a closed (or reused) number
+                if space.closed:
+                    raise NoSuchNamespace(f"namespace {creds[1]!r} in pool {creds[0]!r} was destroyed meanwhile")
+                try:
+                    for fd in (table.index_fd, table.refs_fd, space.stats_fd):
+                        fds.append(os.dup(fd))
+                except OSError as exc:
+                    for fd in fds:
+                        os.close(fd)
+                    raise LimitExceeded(f"server {self.server_id} cannot open more files ({exc.strerror})") from None
             reply = {"generation": table.generation, "slots": table.slots, "index_bytes": table.index_bytes,
                      "stats_bytes": space.stats_bytes, "client_slot": slot, "lock_free": ix.lock_free_reads(),
                      "incarnation": state.record.incarnation}
@@ -242,7 +334,7 @@ class KeyValueService:
             raise InvalidArgument(f"a key and value of {len(key) + len(value)} bytes exceed the "
                                   f"{KV_INLINE_BYTES} bytes a request carries: reserve, fill and commit it")
         nx, xx, keepttl, get_old = _flags(m)
-        expiry = _expiry(m.get("ttl_ms"), keepttl)
+        expiry = _expiry_of(m, keepttl)
         return self._write(state, creds, space, store, key, memoryview(value), None, len(value), expiry,
                            nx=nx, xx=xx, keepttl=keepttl, get_old=get_old, replicas=_replicas(m))
 
@@ -432,14 +524,17 @@ class KeyValueService:
         token = m.get("token")
         if type(token) is not int:
             raise InvalidArgument(f"a reservation's token is an int, got {token!r:.40}")
-        reserved = mine.reserved.pop(token, None) if take else mine.reserved.get(token)
+        reserved = mine.reserved.get(token)
         if reserved is None:
             raise InvalidArgument(f"no reservation {token!r:.40} of this connection (committed, aborted, or never)")
+        # Checked before it is taken out: a request with wrong credentials (or a namespace that
+        # is not there) leaves the reservation to be committed, aborted or given back at
+        # disconnection, never forgotten with its memory counted.
         state, creds = self.server._namespace(conn, m)
         if state is not reserved.state:
-            if take:
-                mine.reserved[token] = reserved
             raise InvalidArgument("a reservation is committed in the namespace it was made in")
+        if take and mine.reserved.pop(token, None) is None:
+            raise InvalidArgument(f"no reservation {token!r:.40} of this connection (committed or aborted meanwhile)")
         return reserved
 
     def transfer_kv_fill(self, conn: Connection, m: dict[str, Any], payload_len: int, frames: Any,
@@ -517,7 +612,7 @@ class KeyValueService:
                     raise InvalidArgument(f"a version is a positive int, got {version!r}")
                 expiry = _replica_expiry(m.get("expiry"))
             else:
-                expiry = _expiry(m.get("ttl_ms"), keepttl)
+                expiry = _expiry_of(m, keepttl)
         except BaseException:
             self._unreserve(reserved)
             raise
@@ -684,10 +779,16 @@ class KeyValueService:
         token = m.get("hold")
         if type(token) is not int:
             raise InvalidArgument(f"a hold is an int, got {token!r:.40}")
-        held = mine.held.pop(token, None) if take else mine.held.get(token)
+        held = mine.held.get(token)
         if held is None:
             raise InvalidArgument(f"no hold {token!r:.40} of this connection (let go, or never)")
-        self.server._namespace(conn, m)      # still its namespace's, with the right secId
+        # Still its namespace's, with the right secId; checked before the hold is taken out, so
+        # a request with wrong credentials leaves it to be let go (here or at disconnection).
+        state, _ = self.server._namespace(conn, m)
+        if state.kv is not held.space:
+            raise InvalidArgument("a hold is let go in the namespace it was taken in")
+        if take and mine.held.pop(token, None) is None:
+            raise InvalidArgument(f"no hold {token!r:.40} of this connection (let go meanwhile)")
         return held
 
     def op_kv_let_go(self, conn: Connection, m: dict[str, Any]) -> Reply:
@@ -833,6 +934,23 @@ class KeyValueService:
         return {}
 
 
+def may_have_been_dead(last_sent_s: float, landed_s: float, liveness_timeout_s: float) -> bool:
+    """Whether the cluster may have taken a server for dead between a heartbeat sent at
+    `last_sent_s` and the next, which reached it by `landed_s` (both monotonic)."""
+    return landed_s - last_sent_s >= liveness_timeout_s
+
+
+def _settings(stored: dict[str, Any]) -> KvSettings:
+    """Settings as the cluster keeps them, each checked as kv_configure checks it: one kept
+    by an older server that checked less reads as the default, never as a value that breaks
+    every reply carrying it."""
+    limit, eviction, replicas = stored.get("memory_limit"), stored.get("eviction"), stored.get("replicas")
+    return KvSettings(
+        memory_limit=limit if type(limit) is int and 0 < limit <= MAX_MEMORY_LIMIT_BYTES else None,
+        eviction=eviction if eviction in ("lru", "refuse") else "lru",
+        replicas=replicas if type(replicas) is int and 1 <= replicas <= MAX_KV_REPLICAS else 1)
+
+
 def _piece_at(extents: list[Extent], at: int, length: int) -> tuple[int, int] | None:
     """(segment, offset) of byte `at` of a value laid over `extents`, if `length` bytes from
     there stay within that extent."""
@@ -870,6 +988,18 @@ def _expiry(ttl_ms: object, keepttl: bool) -> int:
     return now_ms() + ttl_ms
 
 
+def _expiry_of(m: dict[str, Any], keepttl: bool) -> int:
+    """A write's expiry: `ttl_ms` from now, or `expire_at_ms` (ms of the wall clock; 0: none;
+    in the past: the key is written expired, as Redis's SET ... PXAT does)."""
+    if "expire_at_ms" not in m:
+        return _expiry(m.get("ttl_ms"), keepttl)
+    at = m["expire_at_ms"]
+    if type(at) is not int or not 0 <= at < 1 << 63 or m.get("ttl_ms") is not None or (keepttl and at):
+        raise InvalidArgument(f"expire_at_ms is ms of the wall clock (0: none), without ttl_ms or keepttl, "
+                              f"got {at!r:.40}")
+    return at
+
+
 def _replica_expiry(expiry: object) -> int:
     if type(expiry) is not int or expiry < 0:
         raise InvalidArgument(f"an expiry is ms of the wall clock (0: none), got {expiry!r:.40}")
@@ -877,14 +1007,11 @@ def _replica_expiry(expiry: object) -> int:
 
 
 def _integer(raw: bytes) -> int:
-    """A value as Redis's INCR reads it: a base-10 64-bit integer, nothing around it."""
-    try:
-        if not raw or len(raw) > 20 or raw != raw.strip() or raw.startswith(b"+") or \
-                (len(raw) > 1 and raw.lstrip(b"-").startswith(b"0")):
-            raise ValueError
-        value = int(raw)
-    except ValueError:
-        raise InvalidArgument("value is not an integer or out of range") from None
+    """A value as Redis's INCR reads it: a base-10 64-bit integer in ASCII digits, nothing
+    around or between them (Python's int() also takes "1_000", " 1" and other scripts' digits)."""
+    if len(raw) > 20 or not _INTEGER.fullmatch(raw):
+        raise InvalidArgument("value is not an integer or out of range")
+    value = int(raw)
     if not -(1 << 63) <= value < (1 << 63):
         raise InvalidArgument("value is not an integer or out of range")
     return value
@@ -897,8 +1024,9 @@ def _memory_limit(limit: object) -> int | None:
         value = parse_size(limit)
     except ValueError as exc:
         raise InvalidArgument(f"memory_limit: {exc}") from None
-    if value <= 0:
-        raise InvalidArgument(f"memory_limit is a positive size (\"1GiB\", bytes) or None, got {limit!r:.40}")
+    if not 0 < value <= MAX_MEMORY_LIMIT_BYTES:
+        raise InvalidArgument(f"memory_limit is a positive size (\"1GiB\", bytes) up to {MAX_MEMORY_LIMIT_BYTES} "
+                              f"bytes, or None; got {limit!r:.40}")
     return value
 
 

@@ -107,6 +107,10 @@ class KeySpace:
         # at a time under its stripe; the table and the heap under `lock`, never held while
         # calling out, so two servers replicating to each other cannot wait on each other.
         self.lock = threading.RLock()
+        # The memfds' numbers: closed by a destroy, which holds the server's lock and so cannot
+        # wait for `lock` (held while memory is reserved from the server). Taken for a dup, a
+        # table's replacement and the close, and nothing is taken under it.
+        self.fd_lock = threading.Lock()
         self.key_locks = [threading.RLock() for _ in range(KEY_LOCK_STRIPES)]
         self.heap = RecordHeap(grace_s)
         self.grace_s = grace_s
@@ -128,6 +132,7 @@ class KeySpace:
         self.sweep_hand = 0
         self._last_version = 0
         self.closed = False
+        self.lease_ms = 0                     # the index's lease (index.py), renewed with each heartbeat
         self.store: Any = None                # its Store (store.py), made with it by the service
         # Records a transfer still reads (a hold), and whether they were let go meanwhile.
         self.busy: dict[tuple[int, int], int] = {}
@@ -174,10 +179,21 @@ class KeySpace:
         self.stats_words[slot * 2 + 1] = 0
         self._free_client_slots.append(slot)
 
+    def set_lease(self, until_ms: int) -> None:
+        with self.fd_lock:          # the table may be being replaced: the new one gets it too
+            self.lease_ms = until_ms
+            self.table.writer.set_lease(until_ms)
+
     def close(self) -> None:
-        self.closed = True
-        self.table.close()
-        os.close(self.stats_fd)
+        """The namespace is gone. Same-host readers that still map the index are sent to the
+        server (which says so) rather than read a keyspace that is no more."""
+        with self.fd_lock:
+            if self.closed:
+                return
+            self.closed = True
+            self.table.writer.moved_to(ix.CLOSED)
+            self.table.close()
+            os.close(self.stats_fd)
 
 
 def now_ms() -> int:

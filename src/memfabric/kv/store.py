@@ -16,7 +16,7 @@ import time
 from typing import Callable
 
 from ..core.allocator import Extent
-from ..errors import OutOfMemory
+from ..errors import NoSuchNamespace, OutOfMemory
 from ..media.base import SegmentMemory
 from . import index as ix
 from .heap import CLASSES, MAX_RECORD_BYTES, PAGE_BYTES, Chunk, RecordHeap
@@ -272,19 +272,22 @@ class Store:
         space = self.space
         if share is None or more <= 0 or space.used_bytes() + more <= share:
             return
+        if more > share:
+            # No eviction can make room: refused before any key is lost for it.
+            raise OutOfMemory(f"a write of {more} bytes is larger than namespace {self.namespace!r}'s share of "
+                              f"its memory_limit {space.settings.memory_limit} on this server ({share} bytes: "
+                              f"the limit is shared evenly by the pool's servers)")
         if space.settings.eviction == "refuse":
             raise OutOfMemory(f"namespace {self.namespace!r} holds {space.used_bytes()} bytes of keys and values "
                               f"on this server, its share of memory_limit {space.settings.memory_limit} is "
                               f"{share}; eviction is 'refuse'")
-        for _ in range(EVICTION_TRIES):
-            if not self.evict_one(writing):
-                break
+        evicted = 0
+        while evicted < EVICTION_TRIES and self.evict_one(writing):
+            evicted += 1
             if space.used_bytes() + more <= share:
                 return
-        if space.used_bytes() + more > share:
-            raise OutOfMemory(f"{more} more bytes do not fit namespace {self.namespace!r}'s share of its "
-                              f"memory_limit on this server ({share} bytes), even after evicting "
-                              f"{EVICTION_TRIES} keys")
+        raise OutOfMemory(f"{more} more bytes do not fit namespace {self.namespace!r}'s share of its "
+                          f"memory_limit on this server ({share} bytes), even after evicting {evicted} keys")
 
     def evict_one(self, keep: bytes) -> bool:
         """The CLOCK hand: a key read since the hand last passed keeps its place (its byte is
@@ -328,11 +331,16 @@ class Store:
         except BaseException:
             new.close()
             raise
-        space.table = new
-        writer.moved_to(new.generation)
+        with space.fd_lock:
+            if space.closed:            # destroyed meanwhile: its fds are closed, the new ones go too
+                new.close()
+                raise NoSuchNamespace(f"namespace {self.namespace!r} was destroyed meanwhile")
+            new.writer.set_lease(space.lease_ms)
+            space.table = new
+            writer.moved_to(new.generation)
+            old.close()
         space.clock_hand = 0
         space.sweep_hand = 0
-        old.close()
 
     def sweep(self, slots: int, now_ms: int) -> int:
         """Delete the expired keys among the next `slots` slots (memory back without waiting for

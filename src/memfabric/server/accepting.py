@@ -60,7 +60,8 @@ class AcceptLoop:
         self._stopped.set()
 
     def join(self, timeout_s: float) -> None:
-        self._thread.join(timeout_s)
+        if self._thread.ident is not None:     # a door made but never started (the start failed)
+            self._thread.join(timeout_s)
         if self._spare is not None and not self._thread.is_alive():
             os.close(self._spare)
             self._spare = None

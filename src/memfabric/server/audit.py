@@ -3,8 +3,10 @@
 Every byte the allocator counts as live on this server belongs to one of: a live object homed
 here (its extents on this server), an object freed while a client still maps it (kept until
 the last unmap), extents this server holds for objects homed elsewhere (`lent_by_object`),
-and extents whose return waits for a transfer to end (`deferred`). A difference is memory an
-operation reserved and then forgot: leaked until its namespace is destroyed.
+extents whose return waits for a transfer to end (`deferred`), and the namespace's MemKV
+keyspace (its record pages, large values' extents, held ones included, and reservations
+being filled). A difference is memory an operation reserved and then forgot: leaked until
+its namespace is destroyed.
 
 Exact when nothing is under way: an alloc or expand in progress has reserved extents that no
 record names yet. Callers audit a quiet server.
@@ -27,11 +29,13 @@ def namespace_usage(state: NamespaceState, server_id: int) -> dict[str, int]:
     # The table keeps no public list of its pinned-dead records; reading its own field
     # keeps this audit out of the object table's code.
     pinned_dead = table._pinned_dead.values()
+    kv = state.kv
     return {
         "object_bytes": sum(_local_bytes(r.extents, server_id) for r in table.records()),
         "pinned_dead_bytes": sum(_local_bytes(r.extents, server_id) for r in pinned_dead),
         "held_bytes": sum(e.length for extents in state.objects.lent_by_object.values() for e in extents),
         "deferred_bytes": sum(e.length for extents in state.objects.deferred.values() for e in extents),
+        "kv_bytes": 0 if kv is None else kv.heap.page_bytes() + kv.large_bytes + kv.reserved_bytes,
     }
 
 

@@ -17,6 +17,7 @@ from ..transport import rpc
 from .ipc_front import IpcFront
 from .metrics import MetricsEndpoint
 from .rpc_front import RpcFront
+from ..kv.resp.front import RespFront
 from .server import Server
 
 
@@ -85,6 +86,11 @@ def run_server(config_path: str) -> int:
                 raise OSError(exc.errno, f"server.metrics_listen {cfg.metrics_listen}: "
                                          f"{exc.strerror or exc}") from None
             metrics.start()
+        if cfg.resp_listen:          # bound before memory is reserved too
+            try:
+                fronts.append(RespFront(server, cfg.resp_listen, cfg.resp_pool, cfg.resp_namespace, cfg.resp_sec_id))
+            except OSError as exc:
+                raise OSError(exc.errno, f"server.resp_listen {cfg.resp_listen}: {exc.strerror or exc}") from None
         server.start()
         fronts.append(IpcFront(server, cfg.ipc_socket, cfg.max_clients, cfg.busy_poll_us / 1e6,
                                cfg.ipc_socket_mode, cfg.ipc_socket_gid))
@@ -104,9 +110,11 @@ def run_server(config_path: str) -> int:
         return 2 if isinstance(exc, ConfigError) else 1
     pools = ", ".join(f"{p.name}={p.capacity_bytes}B {p.medium}" for p in cfg.pools)
     server.announce()
+    resp = next((f for f in fronts if f.door == "resp"), None)
     rpc_address = next((s.rpc_address for s in server.view(fresh=True) if s.server_id == server.server_id), "")
     print(f"memfabric server {server.server_id} ready pid={os.getpid()} ipc={cfg.ipc_socket} "
-          f"rpc={rpc_address or '-'} metrics={metrics.address if metrics else '-'} pools: {pools}", flush=True)
+          f"rpc={rpc_address or '-'} metrics={metrics.address if metrics else '-'} "
+          f"{f'resp={resp.address} ' if resp else ''}pools: {pools}", flush=True)
     # A timed wait: a SIGTERM the kernel hands to another thread interrupts no wait here, and
     # its handler runs only once this thread runs Python again (seen: a server that ignored it).
     while not stop.wait(0.5):

@@ -65,6 +65,7 @@ class Server:
         self._view_at = 0.0
         self._stopping = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
+        self.beat_sent_s: float | None = None     # when the last heartbeat the cluster took was sent (monotonic)
         self._keeper_thread: threading.Thread | None = None
         self._keeper_wake = threading.Event()
         # Connections handed each segment's fd: told when it is destroyed.
@@ -226,7 +227,13 @@ class Server:
     def _publish(self) -> None:
         with self.lock:
             pools = {name: pool.summary() for name, pool in self.pools.items()}
+        sent_s, sent_wall_s = time.monotonic(), time.time()
         self.cluster.heartbeat(self.server_id, pools)
+        # Back from a silence the cluster may have taken for death: MemKV forgets the keys
+        # others may have written since, before it serves them again (kv/service.py).
+        self.kv.rejoined(self.beat_sent_s, time.monotonic())
+        self.beat_sent_s = sent_s
+        self.kv.beat(sent_wall_s)
         self._reconcile()
 
     def _reconcile(self) -> None:

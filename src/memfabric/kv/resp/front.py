@@ -1,0 +1,322 @@
+"""The Redis-protocol door: a front of the server, like IPC and RPC, for stock Redis clients.
+
+One thread per connection (as the RPC door). It reads what the client sent, answers every
+whole command in it in order (pipelining: the replies go out together, at most
+RESP_REPLY_BUFFER_BYTES at a time), then reads again. A malformed request gets Redis's error
+after the replies before it, and the connection is closed, as Redis closes it; a client
+leaving more than RESP_QUERY_BUFFER_MAX_BYTES unparsed is closed without a word, as Redis
+does. Nothing one connection sends reaches another.
+
+Who may use which namespace: a door on a loopback address serves its default namespace
+without AUTH (Redis's protected mode lets loopback in too); on any other address every
+connection starts unauthenticated and must AUTH ns secId (or AUTH secId, for the default
+namespace). A wrong secId, a namespace that does not exist and a name that cannot be all
+get the same WRONGPASS: AUTH reveals nothing; guesses spend the failure budget of the
+client's address (server/sec_ids.py), as RPC's do.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any, Iterable
+
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from ...core.namespaces import check_name
+from ...errors import MemfabricError
+from ...limits import RESP_MAX_CLIENTS, RESP_RECV_BYTES, RESP_REPLY_BUFFER_BYTES, RESP_SEND_TIMEOUT_S
+from ...server.accepting import AcceptLoop
+from ...server.requests import Connection
+from ...transport import rpc
+from . import commands
+from . import protocol as p
+from .commands import Client, Quit, RedisError
+from .keys import Keyspace
+
+if TYPE_CHECKING:
+    from ...server.server import Server
+
+log = logging.getLogger("memfabric.server")
+
+WRONGPASS = "-WRONGPASS invalid username-password pair or user is disabled."
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class DoorCollector(Collector):
+    """The door's figures for Prometheus, read when scraped. Labels are bounded: command names
+    come from the command table, anything else counts as "unknown" (or "protocol", "quit")."""
+
+    def __init__(self, front: "RespFront") -> None:
+        self.front = front
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+    def collect(self) -> Iterable[Any]:
+        f = self.front.figures()
+        yield CounterMetricFamily("memfabric_resp_connections", "Connections the Redis-protocol door took",
+                                  value=f["connections_total"])
+        yield CounterMetricFamily("memfabric_resp_rejected_connections", "Connections the door turned away "
+                                  "(at its limit of clients)", value=f["rejected_total"])
+        commands = CounterMetricFamily("memfabric_resp_commands", "Commands the door answered, by command",
+                                       labels=["command"])
+        for name, count in sorted(f["commands"].items()):
+            commands.add_metric([name], count)
+        yield commands
+        errors = CounterMetricFamily("memfabric_resp_errors", "Commands the door answered with an error "
+                                     "(\"protocol\": malformed requests), by command", labels=["command"])
+        for name, count in sorted(f["errors"].items()):
+            errors.add_metric([name], count)
+        yield errors
+
+
+class RespFront:
+    door = "resp"
+
+    def __init__(self, server: "Server", listen: str, pool: str, namespace: str, sec_id: bytes | None,
+                 max_clients: int = RESP_MAX_CLIENTS) -> None:
+        self.server = server
+        self._listener = rpc.listen(listen, backlog=511)
+        self.host, self.port = self._listener.getsockname()[:2]
+        self.pool, self.namespace, self.sec_id = pool, namespace, sec_id
+        # Loopback and a secId to serve it with: the default namespace without AUTH.
+        self.require_auth = not is_loopback(self.host) or sec_id is None
+        self.max_clients = max_clients
+        self.started_s = time.monotonic()
+        self._lock = threading.Lock()
+        self._clients: dict[int, tuple[Client, Connection]] = {}
+        # Figures for `memfabric status` and the metrics: bounded labels (the command table's
+        # names and "unknown").
+        self.connections_total = 0
+        self.rejected_total = 0
+        self.commands = Counter[str]()
+        self.errors = Counter[str]()
+        self._accept = AcceptLoop("RESP", self._listener, self._take,
+                                  lambda accepting: server.door_accepting("resp", accepting))
+        server.kv.door = self
+        server.metrics.registry.register(DoorCollector(self))
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> None:
+        if self.sec_id is not None:
+            self._open_default()
+        self._accept.start()
+
+    def _open_default(self) -> None:
+        """The default namespace exists (made with the configured secId if it did not)."""
+        conn = Connection(client="resp door")
+        try:
+            self.server.serve(conn, {"op": "ns_create", "pool": self.pool, "ns": self.namespace,
+                                     "sec": self.sec_id, "exist_ok": True})
+        except MemfabricError as exc:
+            log.warning("RESP door: namespace %r of pool %r cannot be served without AUTH: %s",
+                        self.namespace, self.pool, exc)
+            self.require_auth = True
+
+    def connected(self) -> int:
+        return len(self._clients)
+
+    def figures(self) -> dict:
+        """What `memfabric status` and the metrics show of the door."""
+        with self._lock:
+            commands, errors = dict(self.commands), dict(self.errors)
+            connected = len(self._clients)
+        return {"address": self.address, "pool": self.pool, "ns": self.namespace, "auth_required": self.require_auth,
+                "connected": connected, "connections_total": self.connections_total,
+                "rejected_total": self.rejected_total, "commands": commands, "errors": errors}
+
+    def stop(self) -> None:
+        self._accept.stop()
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._listener.close()
+        with self._lock:
+            conns = [c for c, _ in self._clients.values()]
+        for client in conns:
+            try:
+                client.sock.shutdown(socket.SHUT_RDWR)       # its thread wakes and ends
+            except OSError:
+                pass
+        self._accept.join(timeout_s=5)
+
+    # ---- connections ----------------------------------------------------------------------------
+
+    def _take(self, sock: socket.socket) -> None:
+        threading.Thread(target=self._serve, args=(sock,), name="resp-conn", daemon=True).start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        try:
+            peer = sock.getpeername()
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(RESP_SEND_TIMEOUT_S)
+        except OSError:
+            sock.close()
+            return
+        conn = Connection(client=f"host {peer[0]}")
+        keys = None if self.require_auth else Keyspace(self.server, conn, (self.pool, self.namespace, self.sec_id))
+        client = Client(commands.next_client_id(), f"{peer[0]}:{peer[1]}", self, keys, conn=conn, sock=sock)
+        with self._lock:
+            if len(self._clients) >= self.max_clients:
+                self.rejected_total += 1
+                full = True
+            else:
+                self._clients[client.id] = (client, conn)
+                self.connections_total += 1
+                full = False
+        if full:
+            try:
+                sock.sendall(p.error("max number of clients reached"))
+            except OSError:
+                pass
+            sock.close()
+            return
+        try:
+            self._loop(client, sock)
+        except OSError:
+            pass                      # the client went away, or read nothing for too long
+        finally:
+            with self._lock:
+                self._clients.pop(client.id, None)
+            sock.close()
+            self.server.disconnected(conn)
+
+    def _loop(self, client: Client, sock: socket.socket) -> None:
+        parser = p.RequestParser()
+        while True:
+            parser.auth_required = client.keys is None
+            try:
+                data = sock.recv(RESP_RECV_BYTES)
+            except socket.timeout:
+                continue              # idle is fine (Redis's timeout 0)
+            if not data:
+                return
+            try:
+                parser.feed(data)
+            except p.QueryBufferFull as exc:
+                self.server.limited_log.warning("resp buffer", "RESP connection %s closed: %s", client.address, exc)
+                return
+            out: list[bytes] = []
+            size = 0
+            closing = False
+            while True:
+                try:
+                    args = parser.next()
+                except p.RespProtocolError as exc:
+                    out.append(p.error(str(exc)))
+                    self._count("protocol", True)
+                    closing = True
+                    break
+                if args is None:
+                    break
+                reply = self._execute(client, args)
+                if reply is None:          # QUIT
+                    out.append(p.OK)
+                    closing = True
+                    break
+                out.append(reply)
+                size += len(reply)
+                parser.auth_required = client.keys is None
+                if size >= RESP_REPLY_BUFFER_BYTES:
+                    sock.sendall(b"".join(out))
+                    out, size = [], 0
+            if out:
+                sock.sendall(b"".join(out))
+            if closing:
+                return
+
+    def _execute(self, client: Client, args: list[bytes]) -> bytes | None:
+        try:
+            reply, label = commands.execute(client, args)
+        except Quit:
+            self._count("quit", False)
+            return None
+        except Exception as exc:       # a bug: the client hears of it, the connection goes on
+            self.server.limited_log.exception("resp bug", "RESP command %.40r failed", args[0])
+            self._count("internal", True)
+            return p.error(f"internal error: {exc!r}"[:200])
+        self._count(label, reply[:1] == b"-")
+        return reply
+
+    def _count(self, label: str, failed: bool) -> None:
+        # Counter updates under the GIL are not atomic across threads: a lock keeps them exact.
+        with self._lock:
+            self.commands[label] += 1
+            if failed:
+                self.errors[label] += 1
+
+    # ---- AUTH ------------------------------------------------------------------------------------
+
+    def authenticate(self, client: Client, ns: bytes | None, sec: bytes) -> None:
+        conn: Connection = client.conn
+        try:
+            name = self.namespace if ns is None else check_name("namespace", ns.decode("utf-8"))
+            creds = (self.pool, name, bytes(sec))
+            if not creds[2]:
+                raise RedisError(WRONGPASS)
+            self.server.check_creds(conn, creds)
+        except (MemfabricError, UnicodeDecodeError):
+            raise RedisError(WRONGPASS) from None
+        client.keys = Keyspace(self.server, conn, creds)
+
+    # ---- what INFO and CLIENT LIST show --------------------------------------------------------------
+
+    def client_line(self, client: Client) -> bytes:
+        age = int(time.monotonic() - client.since_s)
+        ns = client.keys.creds[1] if client.keys is not None else ""
+        return (f"id={client.id} addr={client.address} laddr={self.host}:{self.port} name="
+                f"{(client.name or b'').decode('latin-1')} age={age} db=0 ns={ns} "
+                f"lib-name={client.lib_name.decode('latin-1')} lib-ver={client.lib_ver.decode('latin-1')}").encode()
+
+    def client_lines(self) -> list[bytes]:
+        with self._lock:
+            clients = [c for c, _ in self._clients.values()]
+        return [self.client_line(c) for c in clients]
+
+    def info_section(self, client: Client, section: str) -> bytes:
+        if section == "server":
+            fields = commands.server_info(client)
+        elif section == "clients":
+            fields = [("connected_clients", self.connected()), ("maxclients", self.max_clients)]
+        elif section == "memory":
+            used = self._keyspace_figure(client, "bytes")
+            fields = [("used_memory", used), ("maxmemory", 0), ("maxmemory_policy", "noeviction")]
+        elif section == "stats":
+            with self._lock:
+                total, errors = sum(self.commands.values()), sum(self.errors.values())
+            fields = [("total_connections_received", self.connections_total), ("total_commands_processed", total),
+                      ("rejected_connections", self.rejected_total), ("total_error_replies", errors),
+                      ("keyspace_hits", self._keyspace_figure(client, "hits")),
+                      ("keyspace_misses", self._keyspace_figure(client, "misses")),
+                      ("expired_keys", self._keyspace_figure(client, "expired")),
+                      ("evicted_keys", self._keyspace_figure(client, "evictions"))]
+        else:
+            keys = self._keyspace_figure(client, "keys")
+            fields = [("db0", f"keys={keys},expires=0,avg_ttl=0")] if keys else []
+        title = section.capitalize() if section != "keyspace" else "Keyspace"
+        lines = [f"# {title}"] + [f"{k}:{v}" for k, v in fields]
+        return ("\r\n".join(lines) + "\r\n").encode()
+
+    def _keyspace_figure(self, client: Client, name: str) -> int:
+        if client.keys is None:
+            return 0
+        try:
+            return sum(r["stats"][name] for r in client.keys.everywhere("kv_stats"))
+        except MemfabricError:
+            return 0

@@ -1,0 +1,204 @@
+"""The door's way to a namespace's keys: each operation at the key's first home, which is
+this server (the operation runs here, through Server.serve, as an IPC or RPC request's
+would) or another (the request goes on over this server's link to it, as MemKV's
+replication does). The first home is the same rendezvous choice every client makes
+(rules.homes), so door writes and library writes of a key are ordered by one server.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING, Any
+
+from ...errors import ServerUnavailable
+from ...limits import KV_INLINE_BYTES, MAX_KV_BATCH
+from ...server.requests import Connection, Payload
+from ..rules import homes
+from ..transfer import put_large, read_held
+
+if TYPE_CHECKING:
+    from ...server.server import Server
+
+Creds = tuple[str, str, bytes]
+RANDOM_KEY_CALLS = 4096      # scans of a server's table for RANDOMKEY, at most
+
+
+class Keyspace:
+    """One door connection's namespace (pool, ns, secId), reached from this server."""
+
+    def __init__(self, server: "Server", conn: Connection, creds: Creds) -> None:
+        self.server = server
+        self.conn = conn
+        self.creds = creds
+        self.wire = {"pool": creds[0], "ns": creds[1], "sec": creds[2]}
+
+    # ---- where ---------------------------------------------------------------------------------
+
+    def servers(self, fresh: bool = False) -> list[int]:
+        pool = self.creds[0]
+        live = sorted(s.server_id for s in self.server.view(fresh=fresh) if s.alive and pool in s.pools)
+        if not live:
+            raise ServerUnavailable(f"no live server gives memory to pool {pool!r}")
+        return live
+
+    def home(self, key: bytes, fresh: bool = False) -> int:
+        servers = self.servers(fresh)
+        return servers[0] if len(servers) == 1 else homes(key, servers, 1)[0]
+
+    def by_home(self, keys: list[bytes]) -> list[tuple[int, list[int]]]:
+        """Positions of `keys` grouped by their first home, in order, at most a batch
+        (MAX_KV_BATCH) in each group."""
+        servers = self.servers()
+        groups: dict[int, list[int]] = {}
+        for i, key in enumerate(keys):
+            home = servers[0] if len(servers) == 1 else homes(key, servers, 1)[0]
+            groups.setdefault(home, []).append(i)
+        return [(server_id, positions[at:at + MAX_KV_BATCH]) for server_id, positions in groups.items()
+                for at in range(0, len(positions), MAX_KV_BATCH)]
+
+    def put_pairs(self, pairs: list[tuple[bytes, bytes]]) -> None:
+        """MSET: each home's pairs in order, as few requests as fit (kv_put_many), a pair too
+        large to ride along alone."""
+        for server_id, positions in self.by_home([k for k, _ in pairs]):
+            batch: list[tuple[bytes, bytes]] = []
+            size = 0
+
+            def flush() -> None:
+                if batch:
+                    self.call_at(server_id, "kv_put_many", keys=[k for k, _ in batch], values=[v for _, v in batch])
+                    batch.clear()
+            for i in positions:
+                key, value = pairs[i]
+                if len(key) + len(value) > KV_INLINE_BYTES:
+                    flush()
+                    size = 0
+                    self.put(key, value)
+                    continue
+                if size + len(key) + len(value) > KV_INLINE_BYTES:
+                    flush()
+                    size = 0
+                batch.append((key, value))
+                size += len(key) + len(value)
+            flush()
+
+    # ---- calls ---------------------------------------------------------------------------------
+
+    def call_at(self, server_id: int, op: str, **args: Any) -> Any:
+        """`op` at a server: here through the dispatcher (the reply may be a Payload), else
+        over the link to it."""
+        if server_id == self.server.server_id:
+            return self.server.serve(self.conn, {"op": op, **self.wire, **args})
+        return self.server._peer(server_id).call(op, **self.wire, **args)
+
+    def call(self, key: bytes, op: str, **args: Any) -> Any:
+        """`op` on `key` at its first home; once more with a fresh view if that server is gone."""
+        try:
+            return self.call_at(self.home(key), op, key=key, **args)
+        except ServerUnavailable:
+            return self.call_at(self.home(key, fresh=True), op, key=key, **args)
+
+    def everywhere(self, op: str, **args: Any) -> list[dict[str, Any]]:
+        """`op` at every live server of the pool (FLUSHDB, DBSIZE)."""
+        return [self.call_at(s, op, **args) for s in self.servers()]
+
+    # ---- values of any size ------------------------------------------------------------------------
+
+    def put(self, key: bytes, value: bytes, **options: Any) -> dict[str, Any]:
+        """kv_put, or for a value too large to ride in a request, reserve, fill and commit."""
+        if len(key) + len(value) <= KV_INLINE_BYTES:
+            return self.call(key, "kv_put", value=value, **options)
+        server_id = self.home(key)
+        if server_id != self.server.server_id:
+            return put_large(self.server._peer(server_id), self.creds, key, [memoryview(value)], len(value), options)
+        reply = self.call_at(server_id, "kv_reserve", length=len(value))
+        token = reply["token"]
+        try:
+            segments = self.server.pools[self.creds[0]].segments
+            position = 0
+            for segment, offset, length in reply["extents"]:
+                take = min(length, len(value) - position)
+                if take:
+                    segments[segment].write(offset, memoryview(value)[position:position + take])
+                position += take
+        except BaseException:
+            self.call_at(server_id, "kv_abort", token=token)
+            raise
+        return self.call_at(server_id, "kv_commit", token=token, key=key, **options)
+
+    def get(self, key: bytes) -> bytes | None:
+        server_id = self.home(key)
+        try:
+            return self._get_at(server_id, key)
+        except ServerUnavailable:
+            return self._get_at(self.home(key, fresh=True), key)
+
+    def _get_at(self, server_id: int, key: bytes) -> bytes | None:
+        if server_id == self.server.server_id:
+            reply = self.call_at(server_id, "kv_get", key=key)
+            if isinstance(reply, Payload):        # a large value, lent from pool memory until done
+                try:
+                    data = reply.data if isinstance(reply.data, list) else [reply.data]
+                    return b"".join(data)
+                finally:
+                    if reply.done is not None:
+                        reply.done()
+            if not reply["found"]:
+                return None
+            if "value" in reply:
+                return reply["value"]
+            return self._read_held_here(reply)
+        link = self.server._peer(server_id)
+        made: list[bytearray] = []
+
+        def buffer(length: int) -> memoryview:
+            made.append(bytearray(length))
+            return memoryview(made[-1])
+        if link.is_local:
+            reply = link.call("kv_get", **self.wire, key=key)
+        else:
+            request_id, pending = link.submit("kv_get", {**self.wire, "key": key}, into=buffer)
+            reply = link.wait(request_id, pending, "kv_get")
+        if not reply["found"]:
+            return None
+        if "value" in reply:
+            return reply["value"]
+        if "hold" not in reply:
+            return bytes(made[0])
+        target = memoryview(bytearray(reply["length"]))
+        read_held(link, self.creds, reply, target)
+        return bytes(target)
+
+    def _read_held_here(self, reply: dict[str, Any]) -> bytes:
+        """A value larger than one payload, held for this connection: read where it lies."""
+        token = reply["hold"]
+        try:
+            segments = self.server.pools[self.creds[0]].segments
+            out = bytearray(reply["length"])
+            position = 0
+            for segment, offset, length in reply["pieces"]:
+                segments[segment].read(offset, memoryview(out)[position:position + length])
+                position += length
+            return bytes(out)
+        finally:
+            self.call_at(self.server.server_id, "kv_let_go", hold=token)
+
+    def random_key(self) -> bytes | None:
+        """Some live key, or None: from a random slot on of a random server holding keys."""
+        servers = self.servers()
+        for server_id in random.sample(servers, len(servers)):
+            if not self.call_at(server_id, "kv_stats")["stats"]["keys"]:
+                continue
+            start = cursor = random.randrange(1024)        # within the smallest table
+            wrapped = False
+            for _ in range(RANDOM_KEY_CALLS):
+                reply = self.call_at(server_id, "kv_scan", cursor=cursor, batch=16, servers=servers)
+                if reply["keys"]:
+                    return random.choice(reply["keys"])
+                cursor = reply["cursor"]
+                if cursor == 0:
+                    if wrapped:
+                        break
+                    wrapped = True
+                elif wrapped and cursor >= start:
+                    break
+        return None
