@@ -40,6 +40,7 @@ from memfabric.launcher import LocalFabric
 from memfabric.limits import MAX_FDS_PER_MESSAGE, MAX_MESSAGE_BYTES
 from memfabric.bigmemory.service import BigMemoryService
 from memfabric.kv.service import KeyValueService
+from memfabric.plog.service import PlogService
 from memfabric.server.server import Server
 from memfabric.transport import rpc
 
@@ -47,9 +48,10 @@ REPLY_TIMEOUT_S = 30.0          # far above the server's own request and peer ti
 CHECK_EVERY = 250               # messages between two checks that a normal client is served
 REFRESH_EVERY = 1500            # messages between two fresh targets (the fuzz eats memory)
 RECONNECT_TRIES = 10            # a second apart
-RPC_ONLY_OPS = ("seg_read", "seg_write", "kv_fill", "kv_read")
+RPC_ONLY_OPS = ("seg_read", "seg_write", "kv_fill", "kv_read", "plog_append_payload")
 # Every operation the server dispatches: its own and each semantic's.
-SERVER_OPS = sorted({name[3:] for cls in (Server, BigMemoryService, KeyValueService) for name in dir(cls)
+SERVER_OPS = sorted({name[3:] for cls in (Server, BigMemoryService, KeyValueService, PlogService)
+                     for name in dir(cls)
                      if name.startswith("op_")})
 
 # ---- values ------------------------------------------------------------------------------------------
@@ -198,6 +200,21 @@ class Maker:
             return r.choice([1, -1, 2 ** 62, -(2 ** 63)])
         if kind == "version":
             return r.choice([1, 2 ** 40, 0])
+        # MemPlog's fields
+        if kind == "name":
+            return r.choice(["fuzz", "wal", "fuzz", "x" * 65])
+        if kind == "capacity":
+            return r.choice([16, 4096, 1 << 20, 0, 15])
+        if kind == "records":
+            return [r.choice([b"", b"r", r.randbytes(100)]) for _ in range(r.randint(0, 4))]
+        if kind == "lengths":
+            return [r.choice([0, 1, 100, 4096]) for _ in range(r.randint(0, 4))]
+        if kind == "stage":
+            return r.choice([None, 1, 2])
+        if kind == "data":
+            return r.choice([b"", b"d", r.randbytes(5000)])
+        if kind in ("start", "count"):
+            return r.choice([0, 1, 5, 4096, 4097])
         return self.wrong()
 
     def wrong(self) -> Any:
@@ -291,7 +308,7 @@ class Maker:
         op = r.choices(self.ops, [OP_WEIGHTS.get(o, 1.0) for o in self.ops])[0]
         message = self.structured(op, r.choice([0.0, 0.05, 0.2, 0.5]))
         payload = b""
-        if self.door == "rpc" and (op in ("seg_write", "kv_fill") or r.random() < 0.02):
+        if self.door == "rpc" and (op in ("seg_write", "kv_fill", "plog_append_payload") or r.random() < 0.02):
             want = message.get("length")
             n = want if type(want) is int and 0 <= want <= (1 << 20) and r.random() < 0.8 \
                 else r.choice([0, 1, 4096, 70_000])
@@ -357,10 +374,20 @@ FIELDS: dict[str, list[str]] = {
     "kv_abort": CREDS + ["token"],
     "kv_read": CREDS + ["hold", "at", "length"],
     "kv_let_go": CREDS + ["hold"],
+    "plog_create": CREDS + ["name", "capacity", "replicas"],
+    "plog_info": CREDS + ["name"],
+    "plog_list": CREDS,
+    "plog_append": CREDS + ["name", "records", "stage", "lengths"],
+    "plog_append_payload": CREDS + ["name", "lengths"],
+    "plog_stage": CREDS + ["stage", "length", "at", "data"],
+    "plog_read": CREDS + ["name", "offset", "length"],
+    "plog_records": CREDS + ["name", "start", "count", "data"],
+    "plog_seal": CREDS + ["name"],
+    "plog_delete": CREDS + ["name"],
 }
 ALL_FIELDS = sorted({k for kinds in FIELDS.values() for k in kinds})
 # Operations that end the target namespace are drawn less often, so most messages reach deep.
-OP_WEIGHTS = {"ns_destroy": 0.3, "ns_drop": 0.3, "home_restarted": 0.5, "kv_flush": 0.3}
+OP_WEIGHTS = {"ns_destroy": 0.3, "ns_drop": 0.3, "home_restarted": 0.5, "kv_flush": 0.3, "plog_delete": 0.3}
 
 
 def _show(value: Any, limit: int = 300) -> str:

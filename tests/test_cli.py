@@ -142,7 +142,8 @@ def test_up_status_and_clean_stop():
         assert all(s["pools"]["default"]["capacity_bytes"] == 8 << 20 for s in state["servers"])
         assert state["namespaces"] == [{"pool": "default", "ns": "shown", "attribute": 7, "object_count": 0,
                                         "used_bytes": 0, "kv_keys": 0, "kv_bytes": 0, "kv_hits": 0,
-                                        "kv_misses": 0, "kv_evictions": 0, "kv_expired": 0}]
+                                        "kv_misses": 0, "kv_evictions": 0, "kv_expired": 0, "plogs": 0,
+                                        "plogs_sealed": 0, "plog_records": 0, "plog_bytes": 0}]
         table = subprocess.run(MF + ["status", "--dir", directory], capture_output=True, text=True, timeout=30)
         assert table.returncode == 0 and "shown" in table.stdout and "alive" in table.stdout
     finally:

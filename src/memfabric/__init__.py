@@ -17,10 +17,11 @@ from .bigmemory.client import BigMemory, Mapping, RemoteMapping
 from .client.session import Namespace, Session, init
 from .client.types import Affinity, NamespaceInfo, ObjectInfo, OperatorCode
 from .kv.client import KV
+from .plog.client import Plog
 from .errors import (AlreadyInitialized, BmError, Busy, InternalError, InvalidArgument, IOError_, LimitExceeded,
                      MemfabricError, MemfabricIOError, NamespaceExists, NoSuchNamespace, NoSuchObject, NoSuchPool,
-                     NotInitialized, OutOfMemory, OutOfRange, PermissionDenied, ProtocolError, ServerUnavailable,
-                     Timeout)
+                     NotInitialized, OutOfMemory, OutOfRange, OutOfSpace, PermissionDenied, ProtocolError, Sealed,
+                     ServerUnavailable, Timeout)
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,6 @@ __all__ = [
     "Affinity", "AlreadyInitialized", "ArrayMapping", "BigMemory", "BmError", "Busy", "IOError_", "InternalError",
     "InvalidArgument", "KV", "LimitExceeded", "Mapping", "MemfabricError", "MemfabricIOError", "Namespace",
     "NamespaceExists", "NamespaceInfo", "NoSuchNamespace", "NoSuchObject", "NoSuchPool", "NotInitialized",
-    "ObjectInfo", "OperatorCode", "OutOfMemory", "OutOfRange", "PermissionDenied", "ProtocolError",
-    "RemoteMapping", "ServerUnavailable", "Session", "Timeout", "init",
+    "ObjectInfo", "OperatorCode", "OutOfMemory", "OutOfRange", "OutOfSpace", "PermissionDenied", "Plog",
+    "ProtocolError", "RemoteMapping", "Sealed", "ServerUnavailable", "Session", "Timeout", "init",
 ]

@@ -29,6 +29,8 @@ class BmError(IntEnum):
     LIMIT_EXCEEDED = -15
     ALREADY_INITIALIZED = -16
     INTERNAL_ERROR = -17
+    OUT_OF_SPACE = -18
+    SEALED = -19
 
 
 class MemfabricError(Exception):
@@ -140,12 +142,23 @@ class InternalError(MemfabricError):
     code = BmError.INTERNAL_ERROR
 
 
+class OutOfSpace(MemfabricError):
+    """A plog (MemPlog) has no room for the records: nothing of them was written."""
+    code = BmError.OUT_OF_SPACE
+
+
+class Sealed(MemfabricError):
+    """A plog (MemPlog) is sealed: no append succeeds after seal; reads go on."""
+    code = BmError.SEALED
+
+
 _BY_CODE: dict[int, type[MemfabricError]] = {
     cls.code: cls
     for cls in (
         InvalidArgument, NotInitialized, NoSuchPool, NoSuchNamespace, NamespaceExists,
         PermissionDenied, NoSuchObject, OutOfMemory, OutOfRange, ServerUnavailable,
         Timeout, MemfabricIOError, Busy, ProtocolError, LimitExceeded, AlreadyInitialized, InternalError,
+        OutOfSpace, Sealed,
     )
 }
 

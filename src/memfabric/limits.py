@@ -140,6 +140,17 @@ MAX_KV_PENDING_PER_CLIENT = 16      # large values one connection is filling at 
 KV_GET_MANY_PAYLOAD_BYTES = 8 << 20
 MAX_KV_HOLDS_PER_CLIENT = 64        # large values one connection is reading at once (each held from reuse)
 
+# MemPlog.
+MAX_PLOG_RECORD_BYTES = 32 << 20      # one record's payload: within one RPC payload, header and all
+MAX_PLOG_BATCH = 4096                 # records per append_many
+MAX_PLOG_CAPACITY_BYTES = 1 << 40
+MAX_PLOGS_PER_NAMESPACE = 512         # per server: ns.plogs() gets one server's in one message
+PLOG_INLINE_BYTES = 192 << 10         # records (and read replies) ride in an IPC message up to this
+PLOG_RPC_READ_BYTES = 16 << 20        # the most one read or records reply carries over RPC
+MAX_PLOG_STAGED_BYTES = 64 << 20      # bytes one connection has staged (large records over IPC) at once
+MAX_PLOG_STAGES_PER_CLIENT = 16
+MAX_PLOG_BUFFERED_BYTES = 256 << 20   # record bytes a server holds being sent (stages, RPC payloads), in all
+MAX_PLOG_REPLICAS = 1                 # replicas on other servers are not built yet
 # The Redis-protocol door (kv/resp/). Redis's own limits, so that a client sees the same
 # errors at the same sizes: an inline line or a length line of at most 64 KiB, a bulk of at
 # most 512 MiB (proto-max-bulk-len), a query buffer of at most 1 GiB (client-query-buffer-limit).

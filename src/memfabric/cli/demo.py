@@ -19,6 +19,7 @@ from .. import compat as bm
 from ..compat import BmAffinity, BmInfo, BmOperatorCode, DiskFileDesc
 from ..errors import BmError
 from ..launcher import LocalFabric
+from ..plog import demo as plog_demo
 
 console = Console(width=None if os.isatty(1) else 120)
 
@@ -45,9 +46,11 @@ def run_demo(directory: str | None = None) -> int:
     with ExitStack() as stack:
         if directory is None:
             directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="mf-demo-", dir="/tmp"))
-        console.print(f"starting a local fabric in {directory} (embedded cluster service, 2 servers x 256MiB) ...")
+        console.print(f"starting a local fabric in {directory} (embedded cluster service, 2 servers x 256MiB, "
+                      f"and {plog_demo.POOL}:pmem:64MiB for MemPlog) ...")
         t0 = time.perf_counter()
-        stack.enter_context(LocalFabric(directory, servers=2, capacity="256MiB"))
+        stack.enter_context(LocalFabric(directory, servers=2, capacity="256MiB",
+                                        extra_args=["--pool", f"{plog_demo.POOL}:pmem:64MiB"]))
         console.print(f"fabric ready in {time.perf_counter() - t0:.2f} s")
         scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="mf-demo-files-"))
 
@@ -127,6 +130,8 @@ def run_demo(directory: str | None = None) -> int:
              lambda: bm.BM_ReadSec(spread, 0, 16, bytearray(16), 0), expect=BmError.NO_SUCH_OBJECT)
         step("BM_DestroyNSSec", "namespace and all it holds", lambda: bm.BM_DestroyNSSec("default", "demo", "demo-secret"))
         step("BM_Exit", "end the session", bm.BM_Exit)
+        table.add_row("[bold]MemPlog[/]", "persistent append-only logs (the Pythonic API)", "", "")
+        plog_demo.run(directory, step, lambda line: table.add_row("", line, "", ""))
         stack.pop_all().close()   # also stops the fabric: servers deregister, memory is released
     console.print(table)
     if failures:

@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"polling window of the bench's servers and client (default {BUSY_POLL_US}; 0: never)")
     bench.add_argument("--kv", action="store_true",
                        help="MemKV: gets and puts (same host and remote) against redis-server, memcpy and a raw socket")
+    bench.add_argument("--plog", action="store_true",
+                       help="measure MemPlog's appends and reads beside write + fsync and a Python list")
     bench.add_argument("--resp", action="store_true",
                        help="the Redis-protocol door against redis-server, both driven by redis-benchmark")
     bench.add_argument("--scale-keys", type=int, default=1_000_000,
@@ -215,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_demo
         return run_demo(args.dir)
     if args.command == "bench":
+        if args.plog:
+            from ..plog.bench import run_plog_bench
+            return run_plog_bench(args.json)
         if args.resp:
             from ..kv.resp.bench import run_resp_bench
             return run_resp_bench(args.json)

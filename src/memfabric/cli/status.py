@@ -76,7 +76,8 @@ def _from_cluster_service(fabric: FabricConfig, why: str) -> dict[str, Any]:
         records = cluster.servers()
         namespaces = [{"pool": r.pool, "ns": r.ns, "attribute": r.attribute, "object_count": None,
                        "used_bytes": None, **{f"kv_{k}": None for k in ("keys", "bytes", "hits", "misses",
-                                                                         "evictions", "expired")}}
+                                                                         "evictions", "expired")},
+                       **{k: None for k in ("plogs", "plogs_sealed", "plog_records", "plog_bytes")}}
                       for r in cluster.namespaces()]
     finally:
         cluster.close()
@@ -120,14 +121,17 @@ def run_status(path: str, as_json: bool = False) -> int:
     console.print(table)
     ns_table = Table(title="namespaces")
     for column in ("pool", "namespace", "attribute", "objects", "bytes", "keys", "key bytes", "hits", "misses",
-                   "evictions"):
+                   "evictions", "plogs", "plog bytes"):
         ns_table.add_column(column)
     for n in state["namespaces"]:
         if n["object_count"] is None:
-            figures = ("-",) * 7
+            figures = ("-",) * 9
         else:
+            plogs = n.get("plogs", 0)
             figures = (str(n["object_count"]), format_size(n["used_bytes"]), str(n["kv_keys"]),
-                       format_size(n["kv_bytes"]), str(n["kv_hits"]), str(n["kv_misses"]), str(n["kv_evictions"]))
+                       format_size(n["kv_bytes"]), str(n["kv_hits"]), str(n["kv_misses"]), str(n["kv_evictions"]),
+                       f"{plogs} ({n.get('plogs_sealed', 0)} sealed)"
+                       if plogs else "0", format_size(n.get("plog_bytes", 0)))
         ns_table.add_row(n["pool"], n["ns"], str(n["attribute"]), *figures)
     console.print(ns_table)
     if state["doors"]:

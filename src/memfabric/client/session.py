@@ -28,6 +28,8 @@ from ..config import FABRIC_FILE, ConfigError, check_busy_poll_us, load_fabric_c
 from ..bigmemory import batch
 from ..bigmemory.client import BigMemory, NamespaceObjects
 from ..kv.client import KV
+from ..plog import client as plog_client
+from ..plog.client import Plog
 from .arguments import as_bool, as_int, as_path
 from .types import NamespaceInfo
 
@@ -379,6 +381,25 @@ class Namespace(NamespaceObjects):
         if kv is None:
             kv = self.__dict__.setdefault("_kv", KV(self))
         return kv
+
+    def create_plog(self, name: str, capacity: int, *, replicas: int = 1, pool: str | None = None) -> Plog:
+        """Create plog `name` (MemPlog: an append-only log of `capacity` bytes, records
+        framed and checksummed) in this namespace, on a pmem or ramdisk pool: this namespace's
+        (pool None), or the namespace of this name and secId in `pool`. Its home is this
+        client's server when it gives the pool. `replicas`: copies on other servers; only 1
+        (the home alone) for now. Raises INVALID_ARGUMENT for a dram pool, a
+        name taken or a bad argument, OUT_OF_MEMORY, PERMISSION_DENIED. See plog/client.py."""
+        return plog_client.create_plog(self, name, capacity, replicas=replicas, pool=pool)
+
+    def plog(self, name: str, *, pool: str | None = None) -> Plog:
+        """The existing plog `name` (NO_SUCH_OBJECT when no live server has it); `pool` as for
+        create_plog."""
+        return plog_client.open_plog(self, name, pool=pool)
+
+    def plogs(self, *, pool: str | None = None) -> list[dict]:
+        """info() of each of the namespace's plogs, on every live server, by name; `pool` as
+        for create_plog."""
+        return plog_client.list_plogs(self, pool=pool)
 
     def destroy(self) -> None:
         """Destroy the namespace and every object in it, on every server (as

@@ -64,7 +64,8 @@ class NamespaceInfo:
     """One namespace as `Session.namespaces()` lists it: its `pool` and name (`ns`), its
     `attribute`, and its objects' count (`object_count`) and bytes (`used_bytes`) over every
     live server; and its keyspace's (MemKV) figures, 0 without one: `kv_keys`, `kv_bytes`,
-    `kv_hits`, `kv_misses`, `kv_evictions`, `kv_expired`."""
+    `kv_hits`, `kv_misses`, `kv_evictions`, `kv_expired`; and its plogs' (MemPlog), 0 without:
+    `plogs`, `plogs_sealed`, `plog_records`, `plog_bytes` (committed)."""
     pool: str
     ns: str
     attribute: int
@@ -76,6 +77,10 @@ class NamespaceInfo:
     kv_misses: int = 0
     kv_evictions: int = 0
     kv_expired: int = 0
+    plogs: int = 0
+    plogs_sealed: int = 0
+    plog_records: int = 0
+    plog_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,23 @@ class FileSegment(SegmentMemory):
             fd = self._open_fd()
             check_io(f"writing segment {self.id}", lambda: os.pwritev(fd, [src], at), len(src))
 
+    def sync(self) -> None:
+        """What was written reaches the file system's storage (fdatasync): a plog's append on
+        pmem is answered after this. Not under the segment's lock, which writes take: they go
+        on while the flush waits for the disk (group commit depends on it); our own fd keeps
+        the file open meanwhile."""
+        with self._lock:
+            try:
+                fd = os.dup(self._open_fd())
+            except OSError as exc:
+                raise IOError_(f"flushing segment {self.id}: {exc.strerror}") from None
+        try:
+            os.fdatasync(fd)
+        except OSError as exc:
+            raise IOError_(f"flushing segment {self.id}: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+
     def zero(self, offset: int, length: int) -> None:
         with self._lock:
             fd = self._open_fd()

@@ -14,7 +14,7 @@ record names yet. Callers audit a quiet server.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from .state import NamespaceState, PoolState
 
@@ -40,7 +40,8 @@ def namespace_usage(state: NamespaceState, server_id: int) -> dict[str, int]:
 
 
 def audit_pools(server_id: int, pools: dict[str, PoolState],
-                namespaces: dict[tuple[str, str], NamespaceState]) -> dict[str, Any]:
+                namespaces: dict[tuple[str, str], NamespaceState],
+                more: Callable[[NamespaceState], dict[str, int]] | None = None) -> dict[str, Any]:
     """Per pool: the allocator's live bytes, the bytes the records account for, and both per
     namespace. Call with the server's lock held."""
     report: dict[str, Any] = {}
@@ -51,6 +52,8 @@ def audit_pools(server_id: int, pools: dict[str, PoolState],
             if pool_name != name:
                 continue
             usage = namespace_usage(state, server_id)
+            if more is not None:          # other semantics' bytes (a plog's extents)
+                usage.update(more(state))
             rows.append({"ns": ns, "live_bytes": allocator.live_bytes(state.key),
                          "accounted_bytes": sum(usage.values()), **usage})
         report[name] = {"live_bytes": allocator.live_bytes(),

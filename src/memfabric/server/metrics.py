@@ -163,6 +163,29 @@ class StateCollector(Collector):
         yield objects
         yield held
         yield from self._keyspaces()
+        yield from self._plogs()
+
+    def _plogs(self) -> Iterable[Any]:
+        """MemPlog: plogs homed here per namespace, and this server's appends since it started."""
+        plog = self.server.plog
+        yield CounterMetricFamily("memfabric_plog_appends", "Records appended to plogs homed here",
+                                  value=plog.appends)
+        yield CounterMetricFamily("memfabric_plog_appended_bytes", "Payload bytes of those records",
+                                  value=plog.appended_bytes)
+        yield CounterMetricFamily("memfabric_plog_flushes", "Flushes that made appends durable (pmem: "
+                                  "fdatasync rounds, each shared by the appends waiting then)", value=plog.flushes)
+        count = GaugeMetricFamily("memfabric_plogs", "Plogs homed here", labels=["pool", "ns"])
+        length = GaugeMetricFamily("memfabric_plog_bytes", "Committed bytes of the plogs homed here",
+                                   labels=["pool", "ns"])
+        with self.server.lock:
+            states = list(self.server.namespaces.items())
+        for (pool, ns), state in states:
+            usage = plog.usage(state)
+            if usage:
+                count.add_metric([pool, ns], usage["plogs"])
+                length.add_metric([pool, ns], usage["plog_bytes"])
+        yield count
+        yield length
 
     def _keyspaces(self) -> Iterable[Any]:
         """MemKV, per namespace with a keyspace here: what its stats() says, summed by clients."""

@@ -34,6 +34,7 @@ from ..limits import (MAX_FDS_PER_MESSAGE, PAGE_SIZE_BYTES, PEER_TIMEOUT_S, RESE
 from ..config import ServerConfig
 from ..bigmemory.service import BigMemoryService
 from ..kv.service import KeyValueService
+from ..plog.service import PlogService
 from .audit import audit_pools
 from .log_limit import LimitedLog
 from .metrics import RequestMetrics
@@ -78,7 +79,8 @@ class Server:
         # The semantics: each registers its operations with the dispatcher.
         self.bigmemory = BigMemoryService(self)
         self.kv = KeyValueService(self)
-        self.services = (self.bigmemory, self.kv)
+        self.plog = PlogService(self)
+        self.services = (self.bigmemory, self.kv, self.plog)
         self.handlers: dict[str, Callable[[Connection, dict[str, Any]], Reply]] = {
             name[3:]: getattr(self, name) for name in dir(self) if name.startswith("op_")}
         self.peer_ops, self.fd_ops = set(self.PEER_OPS), set(self.FD_OPS)
@@ -137,6 +139,7 @@ class Server:
         for pool in self.pools.values():
             if pool.persistent:
                 self.bigmemory.restore(pool)
+                self.plog.restore(pool)      # before open(): it discards segment files no one claimed
             pool.open(self._stopping)
         self._keeper_thread = threading.Thread(target=self._keeper_loop, name="segment-keeper", daemon=True)
         self._keeper_thread.start()
@@ -404,7 +407,8 @@ class Server:
         """Per pool, the allocator's live bytes against what objects, pins and holdings
         account for (audit.py): a test's check that no operation leaked memory."""
         with self.lock:
-            return {"server_id": self.server_id, "pools": audit_pools(self.server_id, self.pools, self.namespaces)}
+            return {"server_id": self.server_id, "pools": audit_pools(
+                self.server_id, self.pools, self.namespaces, lambda st: {"plog_bytes": self.plog.held_bytes(st)})}
 
     def op_cluster_view(self, conn: Connection, m: dict[str, Any]) -> Reply:
         # The age by this server's clock, the one nearest the heartbeats: a client's may be off.
@@ -492,6 +496,7 @@ class Server:
                 return
             del self.namespaces[(pool, ns)]
             self.bigmemory.dropped(state)
+            self.plog.dropped(state)
             state.close()   # generation words go to 0 first: every handle's check fails from now on
             if pool in self.pools:
                 self.pools[pool].allocator.drop_owner(state.key)

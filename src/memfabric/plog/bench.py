@@ -1,0 +1,143 @@
+"""`memfabric bench --plog`: MemPlog's appends and reads, beside their baselines, in one run.
+
+One server with a ramdisk pool and a pmem pool (a file on the disk under the bench's
+directory) is started; a client on its host (IPC) and one over RPC (remote.toml) append
+records of 64 B, 4 KiB and 1 MiB, one at a time and 100 at once, and read records back by
+index. Baselines in the same run: `os.write` + `os.fsync` of the same records to a file on
+the same disk as the pmem pool, and appends to a Python list (the floor). Then 8 processes
+append 4 KiB records to one pmem plog at once (group commit) against one process doing
+write + fsync. Medians and 99th percentiles in microseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+from ..client.session import init
+from ..launcher import LocalFabric
+
+SIZES = (64, 4096, 1 << 20)
+APPENDERS = 8
+CONCURRENT_S = 3.0
+
+_APPENDER = r"""
+import sys, time
+import memfabric
+ock, seconds = sys.argv[1], float(sys.argv[2])
+with memfabric.init(ock) as s:
+    log = s.namespace("bench", "bench-secret", pool="pmem").plog("shared")
+    record = b"r" * 4096
+    log.append(record)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    n, end = 0, time.monotonic() + seconds
+    while time.monotonic() < end:
+        log.append(record)
+        n += 1
+    print(n, flush=True)
+"""
+
+
+def _times_us(fn: Callable[[], Any], repeat: int) -> dict[str, float]:
+    fn()
+    samples = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e6)
+    samples.sort()
+    return {"median_us": statistics.median(samples), "p99_us": samples[min(len(samples) - 1, int(len(samples) * 0.99))],
+            "n": repeat}
+
+
+def _repeat(size: int) -> int:
+    return 100 if size >= 1 << 20 else 2000
+
+
+def run_plog_bench(as_json: bool = False) -> int:
+    rows: list[dict[str, Any]] = []
+
+    def row(what: str, where: str, figures: dict[str, float]) -> None:
+        rows.append({"what": what, "where": where, **figures})
+        if not as_json:
+            print(f"{what:<36} {where:<22} median {figures['median_us']:>10,.1f} us   "
+                  f"p99 {figures['p99_us']:>10,.1f} us", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="mf-plogbench-", dir="/tmp") as directory:
+        # `up` puts the pmem pool's files under `directory`: the write + fsync baseline's file
+        # goes there too, on the same disk. (The ramdisk pool's files are there as well; the
+        # medium only decides whether appends are flushed.)
+        fab = LocalFabric(directory, servers=1, capacity="64MiB", segment_size="4MiB",
+                          extra_args=["--pool", "ramdisk:ramdisk:512MiB", "--pool", "pmem:pmem:512MiB"])
+        with fab:
+            sessions = {"same host": init(directory), "remote (RPC)": init(os.path.join(directory, "remote.toml"))}
+            try:
+                for pool in ("ramdisk", "pmem"):
+                    sessions["same host"].create_namespace("bench", sec_id="bench-secret", pool=pool)
+                for where, session in sessions.items():
+                    for pool in ("ramdisk", "pmem"):
+                        if where != "same host" and pool == "pmem":
+                            continue
+                        ns = session.namespace("bench", "bench-secret", pool=pool)
+                        log = ns.create_plog(f"lat-{where[:4]}", 400 << 20)
+                        for size in SIZES:
+                            record = b"r" * size
+                            row(f"append {size:,} B ({pool})", where, _times_us(lambda: log.append(record),
+                                                                                 _repeat(size)))
+                        batch = [b"b" * 4096] * 100
+                        row(f"append_many 100 x 4 KiB ({pool})", where,
+                            _times_us(lambda: log.append_many(batch), 200))
+                        row(f"record(i) of 4 KiB ({pool})", where, _times_us(lambda: log.record(2001), 2000))
+                        log.delete()
+                pmem = sessions["same host"].namespace("bench", "bench-secret", pool="pmem")
+                pmem.create_plog("shared", 400 << 20)
+                procs = [subprocess.Popen([sys.executable, "-c", _APPENDER, directory, str(CONCURRENT_S)],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                         for _ in range(APPENDERS)]
+                for p in procs:
+                    assert p.stdout.readline().strip() == "ready"
+                for p in procs:
+                    p.stdin.write("go\n")
+                    p.stdin.flush()
+                counts = [int(p.communicate(timeout=60)[0].strip()) for p in procs]
+                plog_rate = sum(counts) / CONCURRENT_S
+            finally:
+                for session in sessions.values():
+                    session.close()
+        # Baselines, same records, same disk as the pmem pool's files.
+        path = os.path.join(directory, "baseline.log")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            for size in SIZES:
+                record = b"r" * size
+                row(f"os.write + os.fsync {size:,} B", "same disk as pmem",
+                    _times_us(lambda: (os.write(fd, record), os.fsync(fd)), _repeat(size) // 4))
+            n, end = 0, time.monotonic() + CONCURRENT_S
+            record = b"r" * 4096
+            while time.monotonic() < end:
+                os.write(fd, record)
+                os.fsync(fd)
+                n += 1
+            fsync_rate = n / CONCURRENT_S
+        finally:
+            os.close(fd)
+            os.unlink(path)
+        floor: list[bytes] = []
+        record = b"r" * 4096
+        row("list.append 4 KiB (the floor)", "in process", _times_us(lambda: floor.append(record), 2000))
+    summary = {"pmem_appenders": APPENDERS, "pmem_records_per_s": plog_rate,
+               "write_fsync_records_per_s": fsync_rate, "ratio": plog_rate / fsync_rate if fsync_rate else None}
+    if as_json:
+        print(json.dumps({"rows": rows, "group_commit": summary}, indent=2))
+    else:
+        print(f"{APPENDERS} processes appending 4 KiB to one pmem plog: {plog_rate:,.0f} records/s; "
+              f"one process doing write + fsync: {fsync_rate:,.0f} records/s "
+              f"({summary['ratio']:.1f}x)")
+    return 0

@@ -1,0 +1,348 @@
+"""The client's MemPlog: `ns.create_plog(name, capacity)`, `ns.plog(name)`, `ns.plogs()`.
+
+A plog lives on one server, its home (the one that created it: this client's own server when
+it gives the pool, else another that does); every call goes to the home, which orders the
+appends. Records travel in the request when they are small; larger batches go as the RPC
+payload (other hosts), or are staged in pieces over IPC first (this host), then appended in
+one request. Reads come in the reply (IPC, up to PLOG_INLINE_BYTES a request) or as its
+payload (RPC, straight into the caller's buffer).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from itertools import accumulate
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
+
+from ..bigmemory.layout import as_bytes_view
+from ..client.arguments import as_int
+from ..core.namespaces import check_name
+from ..datapath.deadline import call_timeout_s
+from ..errors import InvalidArgument, MemfabricError, NoSuchObject, OutOfRange, ProtocolError, ServerUnavailable
+from . import record as rec
+from .log import pieces
+from ..limits import (MAX_PLOG_BATCH, MAX_PLOG_CAPACITY_BYTES, MAX_PLOG_RECORD_BYTES, MAX_PLOG_STAGED_BYTES,
+                      MAX_RPC_PAYLOAD_BYTES, PLOG_INLINE_BYTES, PLOG_RPC_READ_BYTES)
+
+if TYPE_CHECKING:
+    from ..client.session import Namespace
+
+STAGE_PIECE_BYTES = PLOG_INLINE_BYTES      # bytes per plog_stage request
+INLINE_SLACK_BYTES = 1024                  # the request's other fields, and msgpack's framing
+
+
+def _as_records(records: Iterable[Any]) -> list[memoryview]:
+    if isinstance(records, (bytes, bytearray, memoryview, str)):
+        raise InvalidArgument("append_many takes a list of records (buffers), not one buffer; "
+                              "append(data) appends one")
+    try:
+        views = [as_bytes_view(r) for r in records]
+    except TypeError:
+        raise InvalidArgument(f"records must be an iterable of buffers, got {type(records).__name__}") from None
+    if not 0 < len(views) <= MAX_PLOG_BATCH:
+        raise InvalidArgument(f"append_many takes 1 to {MAX_PLOG_BATCH} records, got {len(views)}")
+    for v in views:
+        if v.nbytes > MAX_PLOG_RECORD_BYTES:
+            raise InvalidArgument(f"a record is at most {MAX_PLOG_RECORD_BYTES} bytes, got {v.nbytes}")
+    return views
+
+
+class Plog:
+    """A handle on one plog (MemPlog): an append-only log of records in a namespace's
+    persistent memory. Made by `Namespace.create_plog` or `Namespace.plog`."""
+
+    def __init__(self, namespace: "Namespace", name: str, home: int, plog_id: int | None = None) -> None:
+        self.namespace = namespace
+        self.name = name
+        self.home = home
+        # This plog's own id: once it is deleted, its handles get NO_SUCH_OBJECT, even when a
+        # new plog of the same name is made.
+        self.plog_id = plog_id
+        self._wire = {**namespace.wire_creds, "name": name}
+        if plog_id is not None:
+            self._wire["plog_id"] = plog_id
+        # Same host: where the plog's bytes lie (extents, nonce) and the places (payload offset,
+        # length) of committed records 0..n-1 as learned from the server. Committed records never
+        # change, so record(i) of a known place is read from the mapped segments with no round
+        # trip, its frame checked (a deleted plog's reused memory, or a destroyed namespace's
+        # zeros, fail the check: then the server is asked, and says what happened).
+        self._layout: tuple[list[tuple[int, int, int]], list[int], int] | None = None
+        self._places: list[tuple[int, int]] = []
+
+    def __repr__(self) -> str:
+        return f"Plog({self.namespace.pool!r}/{self.namespace.name!r}/{self.name!r} on server {self.home})"
+
+    def _link(self) -> Any:
+        self.namespace.session.check_open()
+        return self.namespace.session.link(self.home)
+
+    def _call(self, op: str, **args: Any) -> dict[str, Any]:
+        return self._link().call(op, **self._wire, **args)
+
+    # ---- appends ----------------------------------------------------------------------------
+
+    def append(self, data: Any) -> int:
+        """Append one record, `data` (any buffer: bytes, bytearray, memoryview, numpy array; 0 to
+        MAX_PLOG_RECORD_BYTES bytes). Returns the offset of its payload in the log. Atomic:
+        the whole record is there once this returns, and survives a crash of the server
+        (on pmem, of the host); or it raises and nothing of it is visible. Raises
+        OUT_OF_SPACE (the plog is full), SEALED, NO_SUCH_OBJECT (deleted), PERMISSION_DENIED."""
+        return self.append_many([data])[0]
+
+    def append_many(self, records: Iterable[Any]) -> list[int]:
+        """Append records in order, in one request and one flush. The offsets of their
+        payloads. All of them fit or none is written (OUT_OF_SPACE)."""
+        views = _as_records(records)
+        lengths = [v.nbytes for v in views]
+        total = sum(lengths)
+        link = self._link()
+        creds = dict(self._wire)
+        if not link.is_local:
+            if total > MAX_RPC_PAYLOAD_BYTES:
+                raise InvalidArgument(f"one append_many carries at most {MAX_RPC_PAYLOAD_BYTES} bytes to another "
+                                      f"host, got {total}: append fewer at a time")
+            timeout_s = call_timeout_s(link.timeout_s)
+            request_id, pending = link.submit("plog_append_payload", {**creds, "lengths": lengths,
+                                                                      "budget_s": timeout_s},
+                                              payload=[v for v in views if v.nbytes], timeout_s=timeout_s)
+            return link.wait(request_id, pending, "plog_append_payload", timeout_s)["offsets"]
+        if total + 8 * len(views) + INLINE_SLACK_BYTES <= PLOG_INLINE_BYTES:
+            return link.call("plog_append", **creds, records=[v.tobytes() for v in views])["offsets"]
+        if total > MAX_PLOG_STAGED_BYTES:
+            raise InvalidArgument(f"one append_many carries at most {MAX_PLOG_STAGED_BYTES} bytes, got {total}: "
+                                  "append fewer at a time")
+        joined = memoryview(b"".join(views))
+        stage = None
+        for at in range(0, total, STAGE_PIECE_BYTES):
+            piece = joined[at:at + STAGE_PIECE_BYTES].tobytes()
+            args = {**self.namespace.wire_creds, "at": at, "data": piece}
+            args.update({"length": total} if stage is None else {"stage": stage})
+            stage = link.call("plog_stage", **args)["stage"]
+        return link.call("plog_append", **creds, stage=stage, lengths=lengths)["offsets"]
+
+    # ---- reads ------------------------------------------------------------------------------
+
+    def read(self, offset: int, length: int, *, into: Any = None) -> bytes | None:
+        """The log's raw bytes [offset, offset + length) (committed ones only: OUT_OF_RANGE
+        past the committed length, or for a negative offset or length). Returns them as
+        bytes, or fills `into` (any writable buffer of at least `length` bytes) and returns
+        None."""
+        offset = as_int(offset, "offset")
+        length = as_int(length, "length")
+        if offset < 0 or length < 0:
+            raise OutOfRange(f"offset {offset} and length {length} must not be negative")
+        if into is None:
+            out = bytearray(length)
+            self._read_into(offset, memoryview(out))
+            return bytes(out)
+        view = as_bytes_view(into, writable=True)
+        if view.nbytes < length:
+            raise InvalidArgument(f"into holds {view.nbytes} bytes, {length} asked")
+        self._read_into(offset, view[:length])
+        return None
+
+    def _read_into(self, offset: int, into: memoryview) -> None:
+        link = self._link()
+        creds = dict(self._wire)
+        if into.nbytes == 0:
+            link.call("plog_read", **creds, offset=offset, length=0)     # still checked: past the end?
+            return
+        step = PLOG_INLINE_BYTES if link.is_local else PLOG_RPC_READ_BYTES
+        for at in range(0, into.nbytes, step):
+            n = min(step, into.nbytes - at)
+            if link.is_local:
+                data = link.call("plog_read", **creds, offset=offset + at, length=n)["data"]
+                if len(data) != n:
+                    raise ProtocolError(f"plog_read of {n} bytes answered {len(data)}")
+                into[at:at + n] = data
+            else:
+                timeout_s = call_timeout_s(link.timeout_s)
+                request_id, pending = link.submit("plog_read", {**creds, "offset": offset + at, "length": n,
+                                                                "budget_s": timeout_s},
+                                                  into=into[at:at + n], timeout_s=timeout_s)
+                reply = link.wait(request_id, pending, "plog_read", timeout_s)
+                if reply.get("length") != n:
+                    raise ProtocolError(f"plog_read of {n} bytes answered {reply.get('length')!r}")
+
+    def record(self, index: int) -> bytes:
+        """Committed record `index` (0 is the first). Raises OUT_OF_RANGE past the committed
+        records or for a negative index."""
+        index = as_int(index, "index")
+        if index < 0:
+            raise OutOfRange(f"record index {index} is negative")
+        link = self._link()
+        if link.is_local:
+            if index >= len(self._places):
+                self._learn_places(index)
+            payload = self._local_record(link, index)
+            if payload is not None:
+                return payload
+        for payload in self.records(index, 1):
+            return payload
+        raise OutOfRange(f"record {index} is not among plog {self.name!r}'s committed records")
+
+    def _learn_places(self, index: int) -> None:
+        """Ask for the places of committed records from the first unknown one up to `index`
+        (a round trip per 4,096), so later record() calls up to it ask no server."""
+        while len(self._places) <= index:
+            known = len(self._places)
+            reply = self._call("plog_records", start=known, count=min(MAX_PLOG_BATCH, index + 1 - known), data=False)
+            places = reply["places"]
+            if not places or len(self._places) != known:
+                return
+            self._places.extend((int(o), int(n)) for o, n in places)
+
+    def _local_record(self, link: Any, index: int) -> bytes | None:
+        """Record `index` read from the mapped segments, if its place is known and its frame
+        checks; None: ask the server."""
+        if index >= len(self._places):
+            return None
+        if self._layout is None:
+            reply = self._call("plog_info", layout=True)
+            extents = [tuple(e) for e in reply["extents"]]
+            self._layout = (extents, list(accumulate(e[2] for e in extents)), reply["nonce"])
+        extents, ends, nonce = self._layout
+        offset, length = self._places[index]
+        start = offset - rec.HEADER_BYTES
+        end = offset + length
+        creds = self.namespace.creds
+        try:
+            i = bisect_right(ends, start)
+            if end <= ends[i]:                  # the common case: the frame lies in one extent
+                segment, at, n = extents[i]
+                at += start - (ends[i] - n)
+                frame = link.segment_view(creds, segment)[at:at + end - start].tobytes()
+            else:
+                frame = b"".join(link.segment_view(creds, segment)[at:at + n]
+                                 for segment, at, n in pieces(extents, start, end - start))
+        except MemfabricError:
+            return None
+        magic, stored_length, low_index, crc = rec.HEADER.unpack_from(frame)
+        payload = frame[rec.HEADER_BYTES:]
+        if magic != rec.MAGIC or stored_length != length or low_index != index & 0xFFFFFFFF \
+                or rec.checksum(nonce, index, payload) != crc:
+            return None
+        return payload
+
+    def records(self, start: int = 0, count: int | None = None) -> Iterator[bytes]:
+        """Committed records from index `start`, `count` of them (None: to the end as it is
+        when each batch is asked), in order, fetched in batches."""
+        start = as_int(start, "start")
+        if start < 0:
+            raise OutOfRange(f"record index {start} is negative")
+        if count is not None:
+            count = as_int(count, "count")
+            if count < 0:
+                raise InvalidArgument(f"count must not be negative, got {count}")
+        return self._records(start, count)
+
+    def _records(self, start: int, count: int | None) -> Iterator[bytes]:
+        left = count
+        while left is None or left > 0:
+            asked = MAX_PLOG_BATCH if left is None else min(left, MAX_PLOG_BATCH)
+            reply = self._call("plog_records", start=start, count=asked)
+            places = reply["places"]
+            if not places:
+                return
+            data = reply.get("data")
+            if data is None:                 # one record too large for a reply: read by offset
+                offset, length = places[0]
+                data = [self.read(offset, length)]
+            for payload in data:
+                yield payload
+            start += len(places)
+            if left is not None:
+                left -= len(places)
+
+    # ---- the rest --------------------------------------------------------------------------
+
+    def seal(self) -> dict[str, Any]:
+        """No append from anyone succeeds after this (SEALED); reads go on. Appends answered
+        before it are in. Returns info(). Sealing a sealed plog is no error."""
+        return self._call("plog_seal")["info"]
+
+    def delete(self) -> None:
+        """Delete the plog: its memory goes back to the namespace. Its handles get
+        NO_SUCH_OBJECT from then on."""
+        self._call("plog_delete")
+
+    def info(self) -> dict[str, Any]:
+        """name, capacity, length (committed bytes), records (committed), state ("open" or
+        "sealed"), replicas, dead_replicas; and home (its server), pool, ns."""
+        return self._call("plog_info")["info"]
+
+    def __len__(self) -> int:
+        return self.info()["records"]
+
+
+# ---- the namespace's side -----------------------------------------------------------------------
+
+def _pool_namespace(namespace: "Namespace", pool: Any) -> "Namespace":
+    """The namespace a plog of `pool` lives in: this one, or (another pool named) the
+    namespace of the same name and secId in that pool, which must exist."""
+    if pool is None or pool == namespace.pool:
+        return namespace
+    check_name("pool", pool)
+    return namespace.session.namespace(namespace.name, namespace.sec_id, pool=pool)
+
+
+def _servers_of(namespace: "Namespace") -> list[int]:
+    """Live servers that give memory to the namespace's pool, this client's own first."""
+    session = namespace.session
+    servers = [s for s in session.servers() if s.get("alive") and namespace.pool in (s.get("pools") or {})]
+    own = session.home().server_id
+    return sorted((s["server_id"] for s in servers), key=lambda sid: (sid != own, sid))
+
+
+def create_plog(namespace: "Namespace", name: str, capacity: int, *, replicas: int = 1, pool: Any = None) -> Plog:
+    ns = _pool_namespace(namespace, pool)
+    name = check_name("plog", name)
+    capacity = as_int(capacity, "capacity")
+    if not 0 < capacity <= MAX_PLOG_CAPACITY_BYTES:
+        raise InvalidArgument(f"capacity must be 1 to {MAX_PLOG_CAPACITY_BYTES} bytes, got {capacity}")
+    replicas = as_int(replicas, "replicas")
+    servers = _servers_of(ns)
+    if not servers:
+        raise InvalidArgument(f"no live server gives memory to pool {ns.pool!r}")
+    if _find(ns, name, servers) is not None:
+        raise InvalidArgument(f"plog {name!r} already exists in namespace {ns.name!r} (ns.plog(name) opens it)")
+    home = servers[0]
+    reply = ns.session.link(home).call("plog_create", **ns.wire_creds, name=name, capacity=capacity,
+                                       replicas=replicas)
+    return Plog(ns, name, reply["info"]["home"], reply["info"]["id"])
+
+
+def _find(ns: "Namespace", name: str, servers: list[int]) -> tuple[int, int] | None:
+    """(home, plog id) of the plog of this name, asking these servers in turn."""
+    for server_id in servers:
+        try:
+            info = ns.session.link(server_id).call("plog_info", **ns.wire_creds, name=name)["info"]
+            return server_id, info["id"]
+        except NoSuchObject:
+            continue
+        except ServerUnavailable:
+            continue
+    return None
+
+
+def open_plog(namespace: "Namespace", name: str, *, pool: Any = None) -> Plog:
+    ns = _pool_namespace(namespace, pool)
+    name = check_name("plog", name)
+    found = _find(ns, name, _servers_of(ns))
+    if found is None:
+        raise NoSuchObject(f"no plog {name!r} in namespace {ns.name!r} of pool {ns.pool!r} on a live server "
+                           "(ns.plogs() lists them)")
+    return Plog(ns, name, *found)
+
+
+def list_plogs(namespace: "Namespace", *, pool: Any = None) -> list[dict[str, Any]]:
+    ns = _pool_namespace(namespace, pool)
+    infos: list[dict[str, Any]] = []
+    for server_id in _servers_of(ns):
+        try:
+            infos.extend(ns.session.link(server_id).call("plog_list", **ns.wire_creds)["plogs"])
+        except ServerUnavailable:
+            continue
+        except MemfabricError:
+            raise
+    return sorted(infos, key=lambda i: i["name"])

@@ -1,0 +1,679 @@
+"""The server's MemPlog operations: create, append, read, seal, delete and list a namespace's
+plogs whose home is this server, and bring them back after a restart.
+
+The home is the plog's sequencer: its lock orders appends from every client, so records
+never interleave and offsets only grow. An append plans its records' places (log.py), writes
+them (header, payload, padding) into the plog's extents, and lets go of the lock; then it
+waits for its bytes to be flushed (store.py says when a medium needs one). Flushes are
+shared (group commit): one appender at a time flushes every segment written since the last
+flush and commits everything written before it started, so appenders that wrote meanwhile
+find their records committed without a flush of their own. Readers see committed bytes only.
+
+Record bytes arrive in the request (small records), as the RPC payload (plog_append_payload:
+received straight into one buffer, then written), or staged over IPC in pieces first
+(plog_stage: records too large for one IPC message).
+
+Where a plog is: on the server that created it (the client's own server). A client finds a
+plog by asking its servers (client.py); names are unique per namespace on one server, and
+the client checks the others before a create (two creates of one name at once on two
+servers could both succeed: there is no cluster-wide claim yet).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..core.allocator import Extent
+from ..core.namespaces import check_name
+from ..errors import (IOError_, InvalidArgument, LimitExceeded, MemfabricError, NoSuchNamespace, NoSuchObject, ProtocolError)
+from ..limits import (MAX_PLOG_BATCH, MAX_PLOG_CAPACITY_BYTES, MAX_PLOG_RECORD_BYTES, MAX_PLOG_REPLICAS,
+                      MAX_PLOG_BUFFERED_BYTES, MAX_PLOG_STAGED_BYTES, MAX_PLOG_STAGES_PER_CLIENT, MAX_PLOGS_PER_NAMESPACE, MAX_RPC_PAYLOAD_BYTES,
+                      PLOG_INLINE_BYTES, PLOG_RPC_READ_BYTES)
+from ..server.requests import Connection, Payload, Reply
+from ..server.state import NamespaceState, PoolState
+from ..transport import wire
+from . import record as rec
+from .log import OPEN, STATES, PlogLog
+from .store import LogBytes, meta_path, read_metas, remove_meta, write_meta
+
+if TYPE_CHECKING:
+    from ..server.server import Server
+
+log = logging.getLogger("memfabric.server")
+
+JOIN_BELOW_BYTES = 1 << 20     # a batch this small is joined into one buffer: one write per extent
+RECORD_OVERHEAD_BYTES = 32     # a record's place ([offset, length]) and framing in a records reply
+
+
+class _Plog:
+    """One plog homed here: its rules (log.py), its bytes (store.py), its locks."""
+
+    def __init__(self, plog_id: int, core: PlogLog, state: NamespaceState, data: LogBytes, path: str,
+                 replicas: int, created_s: float) -> None:
+        self.id = plog_id
+        self.core = core
+        self.state = state
+        self.data = data
+        self.path = path
+        self.replicas = replicas
+        self.created_s = created_s
+        self.lock = threading.Lock()          # the sequencer: plans, writes, commits, seal
+        self.flush_lock = threading.Lock()    # one flusher at a time (group commit)
+        self.touched: set[int] = set()        # segments written since the last flush started
+        self.readers = 0                      # reads under way: a delete frees the bytes after them
+        self.deleted = False
+        self.released = False
+        # A flush that failed (EIO from fdatasync): what was written since is of unknown fate on
+        # the disk, so no more appends are taken until the server restarts and scans the log.
+        self.broken: str | None = None
+
+    def meta(self) -> dict[str, Any]:
+        record = self.state.record
+        return {"name": self.core.name, "ns": record.ns, "incarnation": record.incarnation,
+                "capacity": self.core.capacity, "nonce": self.core.nonce,
+                "extents": [list(e) for e in self.data.extents], "state": self.core.state,
+                "replicas": self.replicas, "created_s": self.created_s}
+
+    def info(self, server_id: int) -> dict[str, Any]:
+        return {**self.core.info(), "replicas": self.replicas, "dead_replicas": [], "home": server_id,
+                "pool": self.state.record.pool, "ns": self.state.record.ns, "id": self.id}
+
+
+_META_FILE = re.compile(r"\d{1,20}\.plog")
+
+
+def _meta_ok(meta: dict[str, Any]) -> bool:
+    """A metadata file's fields have the types a plog needs (a damaged one is not restored)."""
+    extents = meta.get("extents")
+    return (isinstance(meta.get("ns"), str) and type(meta.get("incarnation")) is int
+            and isinstance(meta.get("name"), str) and type(meta.get("capacity")) is int and meta["capacity"] > 0
+            and type(meta.get("nonce")) is int and meta.get("state") in STATES
+            and isinstance(extents, list) and bool(extents)
+            and all(isinstance(e, list) and len(e) == 3 and all(type(x) is int and x >= 0 for x in e)
+                    for e in extents)
+            and sum(e[2] for e in extents) >= meta["capacity"])
+
+
+class _Window:
+    """Reads for the recovery scan, a MiB of the log at a time (not two preads per record)."""
+
+    SIZE_BYTES = 1 << 20
+
+    def __init__(self, data: LogBytes) -> None:
+        self.data = data
+        self.start = 0
+        self.bytes = b""
+
+    def read(self, offset: int, length: int) -> bytes | memoryview:
+        if not (self.start <= offset and offset + length <= self.start + len(self.bytes)):
+            if length > self.SIZE_BYTES:
+                return self.data.read_bytes(offset, length)
+            self.start = offset
+            self.bytes = self.data.read_bytes(offset, min(self.SIZE_BYTES, self.data.capacity_bytes - offset))
+        at = offset - self.start
+        return memoryview(self.bytes)[at:at + length]
+
+
+class _Stage:
+    """A record batch being sent over IPC in pieces (too large for one message)."""
+
+    def __init__(self, length: int) -> None:
+        self.buffer = bytearray(length)
+        self.filled = 0
+
+
+class PlogService:
+    PEER_OPS: frozenset[str] = frozenset()
+    FD_OPS: frozenset[str] = frozenset()
+
+    def __init__(self, server: "Server") -> None:
+        self.server = server
+        self._lock = threading.Lock()         # the registry below; never held while doing I/O
+        self._plogs: dict[tuple[str, str, int], dict[str, _Plog]] = {}
+        self._next_id = 0
+        # Counters for the metrics (metrics.py reads them when scraped).
+        self.appends = 0
+        self.appended_bytes = 0
+        self.flushes = 0
+        self._counts_lock = threading.Lock()
+        # Record bytes held in this server's own memory before they are appended (stages, RPC
+        # payloads): bounded for the whole server, so many connections cannot take its RAM.
+        self._buffered_bytes = 0
+
+    def _take_buffer(self, n: int) -> None:
+        with self._counts_lock:
+            if self._buffered_bytes + n > MAX_PLOG_BUFFERED_BYTES:
+                raise LimitExceeded(f"server {self.server.server_id} holds {self._buffered_bytes} bytes of records "
+                                    f"being sent, {n} more would pass its {MAX_PLOG_BUFFERED_BYTES}: try again soon")
+            self._buffered_bytes += n
+
+    def _give_buffer(self, n: int) -> None:
+        with self._counts_lock:
+            self._buffered_bytes -= n
+            assert self._buffered_bytes >= 0
+
+    def handlers(self) -> dict[str, Callable[[Connection, dict[str, Any]], Reply]]:
+        return {name[3:]: getattr(self, name) for name in dir(self) if name.startswith("op_")}
+
+    def transfers(self) -> dict[str, Callable[..., None]]:
+        return {"plog_append_payload": self.transfer_append}
+
+    # ---- the server's life ----------------------------------------------------------------------
+
+    def restore(self, pool: PoolState) -> None:
+        """Bring back a persistent pool's plogs (before the pool discards segment files no one
+        claimed): their extents re-owned, their bytes scanned up to the first record that does
+        not check, everything after it zeroed."""
+        server = self.server
+        files = pool.existing_segments()
+        for path, meta in read_metas(pool.path or ""):
+            if meta is None or not _META_FILE.fullmatch(os.path.basename(path)) or not _meta_ok(meta):
+                log.warning("plog metadata %s does not read as one: skipped (left in place)", path)
+                continue
+            ns, incarnation, name = meta.get("ns"), meta.get("incarnation"), meta.get("name")
+            record = server.cluster.get_namespace(pool.name, ns) if isinstance(ns, str) else None
+            if record is None or record.incarnation != incarnation:
+                log.info("plog %r of %s/%s: its namespace was destroyed while this server was down", name,
+                         pool.name, ns)
+                remove_meta(path)
+                continue
+            extents = [Extent(*e) for e in meta["extents"]]
+            missing = sorted({e.segment for e in extents} - set(files))
+            if missing:
+                log.warning("plog %r of %s/%s lost: segment files %s are gone", name, pool.name, ns, missing)
+                remove_meta(path)
+                continue
+            state = server.namespaces.get((pool.name, ns))
+            if state is None:
+                state = server.namespaces[(pool.name, ns)] = NamespaceState(
+                    record, server.server_id, f"s{server.server_id}", server.generations)
+            by_segment: dict[int, list[Extent]] = {}
+            for e in extents:
+                by_segment.setdefault(e.segment, []).append(e)
+            for segment, mine in by_segment.items():
+                try:
+                    pool.allocator.restore(state.key, segment, files[segment], mine)
+                except InvalidArgument as exc:
+                    raise InvalidArgument(f"pool {pool.name}: cannot restore plog {name!r} of namespace {ns!r}: "
+                                          f"{exc}; nothing was changed") from None
+                if segment not in pool.segments:
+                    pool.adopt(segment)
+            plog_id = int(os.path.basename(path).split(".")[0])
+            self._next_id = max(self._next_id, plog_id & 0xFFFFFFFF)
+            data = LogBytes(pool, [(e.segment, e.offset, e.length) for e in extents], ns,
+                            flushes=pool.medium_kind == "pmem")
+            core = PlogLog(name, meta["capacity"], meta["nonce"], meta["state"])
+            found = list(rec.scan(_Window(data).read, core.capacity, core.nonce, MAX_PLOG_RECORD_BYTES))
+            core.recovered(found)
+            self._zero_tail(data, core.committed, core.capacity)
+            plog = _Plog(plog_id, core, state, data, path, meta.get("replicas", 1), meta.get("created_s", 0.0))
+            self._plogs.setdefault(state.key, {})[name] = plog
+            log.info("restored plog %r of %s/%s: %d records, %d bytes, %s", name, pool.name, ns, core.records,
+                     core.committed, core.state)
+        over = pool.allocator.over_capacity_bytes()
+        if over:
+            raise InvalidArgument(f"pool {pool.name}'s files hold {over} bytes more than its capacity of "
+                                  f"{pool.capacity_bytes} (objects' and plogs' segments): raise its capacity to "
+                                  "start; nothing was changed")
+
+    @staticmethod
+    def _zero_tail(data: LogBytes, start: int, end: int, force: bool = False) -> None:
+        """Zero a recovered log past its last whole record (a torn record, garbage), where it is
+        not zero already (`force`: everywhere), so that no later scan can take old bytes for
+        records."""
+        chunk = 1 << 20
+        zeros = memoryview(bytes(chunk))
+        touched: set[int] = set()
+        at = start
+        while at < end:
+            n = min(chunk, end - at)
+            if force or data.read_bytes(at, n).count(0) != n:
+                data.write(at, zeros[:n], touched)
+            at += n
+        data.flush(touched)
+
+    def announce(self) -> None:
+        return None
+
+    def disconnected(self, conn: Connection) -> None:
+        stages = conn.services.pop("plog", None) or {}     # staged bytes go with the connection
+        for stage in stages.values():
+            self._give_buffer(len(stage.buffer))
+
+    def dropped(self, state: NamespaceState) -> None:
+        """The namespace is destroyed (under the server's lock): its plogs go, for good."""
+        with self._lock:
+            plogs = self._plogs.pop(state.key, {})
+        for plog in plogs.values():
+            if plog is None:
+                continue
+            plog.deleted = True
+            try:
+                remove_meta(plog.path)
+            except MemfabricError as exc:
+                log.warning("%s", exc)
+
+    def usage(self, state: NamespaceState) -> dict[str, int]:
+        with self._lock:
+            plogs = [p for p in self._plogs.get(state.key, {}).values() if p is not None]
+        if not plogs:
+            return {}
+        return {"plogs": len(plogs), "plogs_sealed": sum(p.core.state != OPEN for p in plogs),
+                "plog_records": sum(p.core.records for p in plogs), "plog_bytes": sum(p.core.committed for p in plogs)}
+
+    def held_bytes(self, state: NamespaceState) -> int:
+        """The bytes of this server's memory the namespace's plogs hold (audit.py)."""
+        with self._lock:
+            plogs = [p for p in self._plogs.get(state.key, {}).values() if p is not None]
+        return sum(e[2] for p in plogs if not p.released for e in p.data.extents)
+
+    def tick(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+    # ---- finding plogs --------------------------------------------------------------------------
+
+    def _namespace(self, conn: Connection, m: dict[str, Any]) -> tuple[NamespaceState, str]:
+        state, (pool, _, _) = self.server._namespace(conn, m)
+        return state, pool
+
+    def _plog(self, conn: Connection, m: dict[str, Any]) -> _Plog:
+        state, _ = self._namespace(conn, m)
+        name = check_name("plog", m.get("name"))
+        with self._lock:
+            plog = self._plogs.get(state.key, {}).get(name)
+        if plog is None or plog.deleted:
+            raise NoSuchObject(f"no plog {name!r} in namespace {state.record.ns!r} on server "
+                               f"{self.server.server_id}")
+        wanted = m.get("plog_id")
+        if wanted is not None and wanted != plog.id:
+            raise NoSuchObject(f"plog {name!r} this handle named was deleted (the one of that name now is "
+                               "another: ns.plog(name) opens it)")
+        return plog
+
+    # ---- operations -----------------------------------------------------------------------------
+
+    def op_plog_create(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        state, pool_name = self._namespace(conn, m)
+        name = check_name("plog", m.get("name"))
+        capacity = m.get("capacity")
+        if type(capacity) is not int or not rec.HEADER_BYTES <= capacity <= MAX_PLOG_CAPACITY_BYTES:
+            raise InvalidArgument(f"a plog's capacity is an integer of {rec.HEADER_BYTES} to "
+                                  f"{MAX_PLOG_CAPACITY_BYTES} bytes, got {capacity!r:.40}")
+        replicas = m.get("replicas", 1)
+        if type(replicas) is not int or not 1 <= replicas:
+            raise InvalidArgument(f"replicas is a positive integer, got {replicas!r:.40}")
+        if replicas > MAX_PLOG_REPLICAS:
+            raise InvalidArgument(f"a plog has at most {MAX_PLOG_REPLICAS} replica for now (copies on other "
+                                  f"servers are not built yet), got {replicas}")
+        pool = self.server.pools[pool_name]
+        if not pool.persistent:
+            raise InvalidArgument(f"pool {pool_name!r} is {pool.medium_kind}: a plog must survive its server, so it "
+                                  "lives on a pmem or ramdisk pool (create the namespace in one, e.g. "
+                                  "`memfabric up --pool logs:pmem:256MiB`)")
+        with self._lock:
+            mine = self._plogs.setdefault(state.key, {})
+            if name in mine:
+                raise InvalidArgument(f"plog {name!r} already exists in namespace {state.record.ns!r} "
+                                      "(ns.plog(name) opens it)")
+            if len(mine) >= MAX_PLOGS_PER_NAMESPACE:
+                raise LimitExceeded(f"namespace {state.record.ns!r} has {len(mine)} plogs on server "
+                                    f"{self.server.server_id}, the most it may")
+            self._next_id += 1
+            plog_id = (self.server.epoch << 32) + self._next_id
+            mine[name] = None  # type: ignore[assignment]   # claimed while its memory is made
+        try:
+            extents = self.server._reserve_local(state, pool_name, capacity)
+            try:
+                data = LogBytes(pool, [(e.segment, e.offset, e.length) for e in extents], state.record.ns,
+                                flushes=pool.medium_kind == "pmem")
+                if data.flushes:
+                    # Blocks fallocate'd but never written are "unwritten" to the file system:
+                    # the first write to each turns it written, a metadata change that every
+                    # append's fdatasync would wait for. Written (zeros) and flushed once here,
+                    # appends' flushes carry data alone.
+                    self._zero_tail(data, 0, capacity, force=True)
+                core = PlogLog(name, capacity, secrets.randbits(64))
+                plog = _Plog(plog_id, core, state, data, meta_path(pool.path or "", plog_id), replicas, time.time())
+                write_meta(plog.path, plog.meta())
+            except BaseException:
+                self._release_extents(state, pool_name, extents)
+                raise
+        except BaseException:
+            with self._lock:
+                self._plogs.get(state.key, {}).pop(name, None)
+            raise
+        with self._lock:
+            if self._plogs.get(state.key) is mine and not state.closed:
+                mine[name] = plog
+                return {"info": plog.info(self.server.server_id)}
+        remove_meta(plog.path)          # the namespace was destroyed meanwhile
+        raise NoSuchNamespace(f"namespace {state.record.ns!r} was destroyed meanwhile")
+
+    def _release_extents(self, state: NamespaceState, pool_name: str, extents: list[Extent]) -> None:
+        server = self.server
+        with server.lock:
+            if server.namespaces.get((pool_name, state.record.ns)) is state and not state.closed:
+                server.pools[pool_name].allocator.release(state.key, extents, time.monotonic())
+
+    def op_plog_info(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        """The plog's info; with `layout`, where its bytes lie (extents of the namespace's
+        segments) and its nonce: a same-host client reads committed records there itself."""
+        plog = self._plog(conn, m)
+        with plog.lock:
+            reply: dict[str, Any] = {"info": plog.info(self.server.server_id)}
+        if m.get("layout") is True:
+            reply["extents"] = [list(e) for e in plog.data.extents]
+            reply["nonce"] = plog.core.nonce
+        return reply
+
+    def op_plog_list(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        state, _ = self._namespace(conn, m)
+        with self._lock:
+            plogs = [p for p in self._plogs.get(state.key, {}).values() if p is not None and not p.deleted]
+        infos = []
+        for plog in sorted(plogs, key=lambda p: p.core.name):
+            with plog.lock:
+                infos.append(plog.info(self.server.server_id))
+        return {"plogs": infos}
+
+    # ---- appends ----------------------------------------------------------------------------
+
+    def op_plog_append(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        """Records in the request (`records`, a list of bytes), or staged before (`stage`)."""
+        plog = self._plog(conn, m)
+        stage_token = m.get("stage")
+        if stage_token is not None:
+            stage = self._take_stage(conn, stage_token)
+            try:
+                lengths = _lengths(m.get("lengths"), len(stage.buffer))
+                if stage.filled != len(stage.buffer):
+                    raise InvalidArgument(f"stage {stage_token} holds {stage.filled} of its {len(stage.buffer)} bytes")
+                return {"offsets": self._append(plog, memoryview(stage.buffer), lengths)}
+            finally:
+                self._give_buffer(len(stage.buffer))
+        records = m.get("records")
+        if not isinstance(records, list) or not all(type(r) is bytes for r in records):
+            raise InvalidArgument("records must be a list of bytes")
+        lengths = _lengths([len(r) for r in records], None)
+        return {"offsets": self._append(plog, memoryview(b"".join(records)), lengths)}
+
+    def transfer_append(self, conn: Connection, m: dict[str, Any], payload_len: int, frames: Any,
+                        deadline: float) -> None:
+        """plog_append_payload over RPC: the records back to back as the payload, received into
+        one buffer, then appended like any other."""
+        plog = self._plog(conn, m)
+        lengths = _lengths(m.get("lengths"), payload_len)
+        self._take_buffer(payload_len)
+        try:
+            buffer = bytearray(payload_len)
+            frames.recv_into_exact(memoryview(buffer), deadline)
+            try:
+                reply: dict[str, Any] = {"id": m["id"], "offsets": self._append(plog, memoryview(buffer), lengths)}
+            except MemfabricError as exc:         # the payload is read: answer here
+                reply = wire.error_reply(m["id"], exc)
+        finally:
+            self._give_buffer(payload_len)
+        frames.send(reply)
+
+    def op_plog_append_payload(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        raise InvalidArgument("plog_append_payload carries its records as a payload: RPC only "
+                              "(on this host: plog_append, or plog_stage for large records)")
+
+    def _append(self, plog: _Plog, data: memoryview, lengths: list[int]) -> list[int]:
+        """Write records (`data`: their payloads back to back) at the end of the log, durably;
+        the offsets of their payloads."""
+        core = plog.core
+        with plog.lock:
+            if plog.deleted:
+                raise NoSuchObject(f"plog {core.name!r} was deleted")
+            if plog.broken is not None:
+                raise IOError_(f"plog {core.name!r} takes no appends: a flush failed ({plog.broken}); "
+                               "its committed records can be read, and a restart of its server scans it again")
+            starts = core.plan(lengths)
+            total = sum(rec.frame_bytes(n) for n in lengths)
+            parts = _frames(core.nonce, core.next_index, data, lengths)
+            try:
+                if total <= JOIN_BELOW_BYTES:
+                    plog.data.write(starts[0], memoryview(b"".join(parts)), plog.touched)
+                else:
+                    at = starts[0]
+                    for part in parts:
+                        plog.data.write(at, memoryview(part), plog.touched)
+                        at += len(part)
+            except BaseException:
+                # Part of the batch may be in: its first header goes, so no scan after a crash
+                # finds a record of an append that failed (the next append writes over it anyway).
+                try:
+                    plog.data.write(starts[0], memoryview(bytes(rec.HEADER_BYTES)), plog.touched)
+                except MemfabricError:
+                    pass
+                raise
+            end = core.mark_written(starts, lengths)
+        self._flush_to(plog, end)
+        with self._counts_lock:
+            self.appends += len(lengths)
+            self.appended_bytes += data.nbytes
+        return [s + rec.HEADER_BYTES for s in starts]
+
+    def _flush_to(self, plog: _Plog, end: int) -> None:
+        """Return once bytes up to `end` are committed: flushed by us, or by a flusher that
+        started after they were written (group commit)."""
+        with plog.flush_lock:
+            if plog.core.committed >= end:
+                return                 # another appender's flush covered ours
+            if plog.broken is not None:
+                raise IOError_(f"plog {plog.core.name!r}: a flush failed ({plog.broken}); this append's fate "
+                               "on the disk is unknown")
+            with plog.lock:
+                target = plog.core.written
+                touched, plog.touched = plog.touched, set()
+            try:
+                flushed = plog.data.flush(touched)
+            except MemfabricError as exc:
+                with plog.lock:
+                    plog.broken = str(exc)
+                raise
+            except BaseException:
+                with plog.lock:
+                    plog.touched |= touched
+                raise
+            with plog.lock:
+                plog.core.commit(target)
+            if flushed:
+                with self._counts_lock:
+                    self.flushes += 1
+
+    # ---- large records over IPC: staged in pieces ---------------------------------------------------
+
+    @staticmethod
+    def _stages(conn: Connection) -> dict[int, _Stage]:
+        mine = conn.services.get("plog")
+        if mine is None:
+            mine = conn.services["plog"] = {}
+        return mine
+
+    def op_plog_stage(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        """Stage a piece of a batch of records: `length` (total, with no `stage`: a new one) or
+        `stage`, then `at` and `data`. The stage is this connection's until an append takes it."""
+        self.server._namespace(conn, m)     # only a client of a namespace stages, with its secId
+        stages = self._stages(conn)
+        token = m.get("stage")
+        if token is None:
+            length = m.get("length")
+            if type(length) is not int or not 0 < length <= MAX_PLOG_STAGED_BYTES:
+                raise InvalidArgument(f"a stage holds 1 to {MAX_PLOG_STAGED_BYTES} bytes, got {length!r:.40}")
+            staged = sum(len(s.buffer) for s in stages.values())
+            if len(stages) >= MAX_PLOG_STAGES_PER_CLIENT or staged + length > MAX_PLOG_STAGED_BYTES:
+                raise LimitExceeded(f"this connection has {len(stages)} stages of {staged} bytes: at most "
+                                    f"{MAX_PLOG_STAGES_PER_CLIENT} of {MAX_PLOG_STAGED_BYTES} bytes in all")
+            self._take_buffer(length)
+            token = max(stages, default=0) + 1
+            stages[token] = _Stage(length)
+        elif type(token) is not int or token not in stages:
+            raise InvalidArgument(f"no stage {token!r:.40} on this connection")
+        stage = stages[token]
+        at, data = m.get("at", 0), m.get("data", b"")
+        if type(at) is not int or type(data) is not bytes or at != stage.filled \
+                or at + len(data) > len(stage.buffer):
+            del stages[token]
+            self._give_buffer(len(stage.buffer))
+            raise InvalidArgument(f"a stage is filled in order: at {stage.filled}, at most "
+                                  f"{len(stage.buffer) - stage.filled} bytes (the stage was dropped)")
+        stage.buffer[at:at + len(data)] = data
+        stage.filled += len(data)
+        return {"stage": token}
+
+    def _take_stage(self, conn: Connection, token: Any) -> _Stage:
+        stage = self._stages(conn).pop(token, None) if type(token) is int else None
+        if stage is None:
+            raise InvalidArgument(f"no stage {token!r:.40} on this connection")
+        return stage
+
+    # ---- reads ----------------------------------------------------------------------------------
+
+    def _read(self, plog: _Plog, offset: int, length: int) -> bytes:
+        with plog.lock:
+            plog.core.check_read(offset, length)
+            plog.readers += 1
+        try:
+            return plog.data.read_bytes(offset, length)
+        finally:
+            self._done_reading(plog)
+
+    def _done_reading(self, plog: _Plog) -> None:
+        with plog.lock:
+            plog.readers -= 1
+            release = plog.deleted and plog.readers == 0 and not plog.released
+            if release:
+                plog.released = True
+        if release:
+            self._free(plog)
+
+    def op_plog_read(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        plog = self._plog(conn, m)
+        offset, length = m.get("offset"), m.get("length")
+        limit = PLOG_INLINE_BYTES if conn.carries_fds else PLOG_RPC_READ_BYTES
+        if type(length) is int and length > limit:
+            raise InvalidArgument(f"one plog_read reads at most {limit} bytes on this connection, got {length}")
+        data = self._read(plog, offset, length)
+        if conn.carries_fds:
+            return {"data": data}
+        return Payload({"length": length}, memoryview(data))
+
+    def op_plog_records(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        """Committed records from `start`: up to `count`, and up to the reply's budget. Each
+        record's (payload offset, length); with `data`, the payloads too, as long as they fit
+        (a record larger than the budget comes alone, without its bytes: read it by offset)."""
+        plog = self._plog(conn, m)
+        start, count = m.get("start"), m.get("count")
+        if type(start) is not int or type(count) is not int or start < 0 or not 0 < count <= MAX_PLOG_BATCH:
+            raise InvalidArgument(f"start is an index >= 0 and count 1 to {MAX_PLOG_BATCH}, got "
+                                  f"{start!r:.30} and {count!r:.30}")
+        budget = PLOG_INLINE_BYTES
+        want_data = m.get("data", True) is not False
+        with plog.lock:
+            total = plog.core.records
+            places = []
+            size = 0
+            for index in range(start, min(start + count, total)):
+                offset, length = plog.core.record_at(index)
+                # Each record costs its place and msgpack's framing too: the reply stays one message.
+                cost = (length if want_data else 0) + RECORD_OVERHEAD_BYTES
+                if places and size + cost > budget:
+                    break
+                places.append((offset, length))
+                size += cost
+        reply: dict[str, Any] = {"records": total, "places": [list(p) for p in places]}
+        if not places or not want_data or size > budget:
+            return reply
+        # Records are contiguous: one read from the first payload to the end of the last.
+        first, last = places[0][0], places[-1][0] + places[-1][1]
+        blob = self._read(plog, first, last - first)
+        reply["data"] = [blob[o - first:o - first + n] for o, n in places]
+        return reply
+
+    # ---- seal and delete -------------------------------------------------------------------------
+
+    def op_plog_seal(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        """No append succeeds after this (appends planned before it finish); durable before
+        it is answered. Sealing a sealed plog is no error."""
+        plog = self._plog(conn, m)
+        with plog.lock:
+            if plog.core.state == OPEN:
+                plog.core.seal()
+                try:
+                    write_meta(plog.path, plog.meta())
+                except BaseException:
+                    plog.core.state = OPEN
+                    raise
+            end = plog.core.written
+        self._flush_to(plog, end)
+        with plog.lock:
+            return {"info": plog.info(self.server.server_id)}
+
+    def op_plog_delete(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        plog = self._plog(conn, m)
+        state = plog.state
+        with plog.lock:
+            if plog.deleted:
+                raise NoSuchObject(f"plog {plog.core.name!r} was deleted")
+            remove_meta(plog.path)
+            plog.deleted = True
+            release = plog.readers == 0 and not plog.released
+            if release:
+                plog.released = True
+        with self._lock:
+            mine = self._plogs.get(state.key, {})
+            if mine.get(plog.core.name) is plog:
+                del mine[plog.core.name]
+        if release:
+            self._free(plog)
+        return {}
+
+    def _free(self, plog: _Plog) -> None:
+        extents = [Extent(*e) for e in plog.data.extents]
+        # Zeroed first: a same-host handle that kept the plog's layout reads its records from
+        # the mapped segments, and must find frames that fail their check, not the old records.
+        try:
+            self.server.pools[plog.state.record.pool].zero(extents)
+        except MemfabricError as exc:       # its namespace is being destroyed: its memory with it
+            log.info("plog %r's memory was not zeroed: %s", plog.core.name, exc)
+        self._release_extents(plog.state, plog.state.record.pool, extents)
+
+
+def _lengths(lengths: Any, total: int | None) -> list[int]:
+    if not isinstance(lengths, list) or not 0 < len(lengths) <= MAX_PLOG_BATCH:
+        raise InvalidArgument(f"an append takes 1 to {MAX_PLOG_BATCH} records, got "
+                              f"{len(lengths) if isinstance(lengths, list) else repr(lengths)[:40]}")
+    for n in lengths:
+        if type(n) is not int or not 0 <= n <= MAX_PLOG_RECORD_BYTES:
+            raise InvalidArgument(f"a record is 0 to {MAX_PLOG_RECORD_BYTES} bytes, got {n!r:.40}")
+    if total is not None and sum(lengths) != total:
+        raise ProtocolError(f"records of {sum(lengths)} bytes in all, {total} bytes sent")
+    if total is not None and total > max(MAX_PLOG_STAGED_BYTES, MAX_RPC_PAYLOAD_BYTES):
+        raise InvalidArgument(f"an append carries at most {MAX_RPC_PAYLOAD_BYTES} bytes")
+    return lengths
+
+
+def _frames(nonce: int, first_index: int, data: memoryview, lengths: list[int]) -> list[bytes | memoryview]:
+    """The parts of the records' frames, in order: header, payload, padding for each."""
+    parts: list[bytes | memoryview] = []
+    at = 0
+    for i, n in enumerate(lengths):
+        payload = data[at:at + n]
+        parts.append(rec.header(nonce, first_index + i, payload))
+        parts.append(payload)
+        pad = rec.frame_bytes(n) - rec.HEADER_BYTES - n
+        if pad:
+            parts.append(bytes(pad))
+        at += n
+    return parts

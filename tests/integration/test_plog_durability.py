@@ -1,0 +1,303 @@
+"""MemPlog under crashes and contention, with real processes: appenders in several processes
+at once, a server SIGKILLed in the middle of a stream of appends and restarted, torn and
+garbage frames written into a plog's file on purpose, metadata (state) across restarts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import msgpack
+import pytest
+
+import memfabric
+from memfabric.errors import NoSuchObject, Sealed
+from memfabric.launcher import LocalFabric
+from memfabric.plog import record as rec
+from memfabric.plog.log import pieces
+
+from ..conftest import short_tmp_dir
+from ..helpers import ns_name
+from .test_persistence import PersistentServer
+
+APPENDER = r"""
+import struct, sys
+import memfabric
+ock, ns_name, tag, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+with memfabric.init(ock) as s:
+    log = s.namespace(ns_name, "k", pool=sys.argv[5]).plog("shared")
+    for seq in range(count):
+        # A record names its writer and its number, and is long enough to tear.
+        body = struct.pack("<II", tag, seq) * (1 + (seq * 7 + tag) % 300)
+        offset = log.append(body)
+        print("ack", seq, offset, flush=True)
+"""
+
+
+def _check_record(payload: bytes) -> tuple[int, int]:
+    """(writer, seq) of a record the appender made; asserts it is whole and unmixed."""
+    assert len(payload) % 8 == 0 and payload
+    tag, seq = struct.unpack_from("<II", payload)
+    assert payload == struct.pack("<II", tag, seq) * (1 + (seq * 7 + tag) % 300), "a record is not whole"
+    return tag, seq
+
+
+@pytest.fixture(scope="module")
+def two_servers():
+    fab = LocalFabric(short_tmp_dir("mf-plogc-"), servers=2, capacity="16MiB", segment_size="1MiB",
+                      liveness_timeout_s=2.0, extra_args=["--pool", "logs:ramdisk:64MiB"]).start()
+    yield fab
+    assert fab.stop() == 0, "memfabric up did not stop cleanly:\n" + "".join(fab.output[-30:])
+
+
+@pytest.mark.parametrize("where", ["same-host", "mixed"])
+def test_concurrent_appenders_in_several_processes(two_servers, where, request):
+    name = ns_name(request)
+    writers, count = 4, 150
+    with memfabric.init(two_servers.directory) as s:
+        ns = s.create_namespace(name, sec_id="k", pool="logs")
+        log = ns.create_plog("shared", 32 << 20)
+        remote = os.path.join(two_servers.directory, "remote.toml")
+        procs = []
+        for tag in range(writers):
+            # mixed: half the writers come over RPC, half over IPC (through either server's link)
+            ock = remote if where == "mixed" and tag % 2 else two_servers.directory
+            procs.append(subprocess.Popen([sys.executable, "-c", APPENDER, ock, name, str(tag), str(count), "logs"],
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        acked: dict[int, list[int]] = {}
+        for tag, proc in enumerate(procs):
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+            offsets = [int(line.split()[2]) for line in out.splitlines()]
+            assert len(offsets) == count
+            assert offsets == sorted(offsets), "one writer's offsets only grow"
+            acked[tag] = offsets
+        everyone = sorted(o for offsets in acked.values() for o in offsets)
+        assert len(set(everyone)) == writers * count
+        records = list(log.records())
+        assert len(records) == writers * count
+        next_seq = {tag: 0 for tag in range(writers)}
+        at = 0
+        for payload in records:
+            tag, seq = _check_record(payload)
+            assert seq == next_seq[tag], "each writer's records are in its order, none lost"
+            next_seq[tag] += 1
+            # The record's place is one its writer was told, in log order.
+            assert acked[tag][seq] == at + rec.HEADER_BYTES
+            at += rec.frame_bytes(len(payload))
+        assert log.info()["length"] == at
+        log.delete()
+
+
+@pytest.fixture(params=["ramdisk", "pmem"])
+def server(request):
+    srv = PersistentServer(request.param).start()
+    yield srv
+    srv.cleanup()
+
+
+def test_sigkill_mid_stream_keeps_every_acknowledged_append(server, request):
+    name = ns_name(request)
+    with memfabric.init(server.config) as s:
+        s.create_namespace(name, sec_id="k", pool="keep").create_plog("shared", 6 << 20)
+    proc = subprocess.Popen([sys.executable, "-c", APPENDER, server.config, name, "7", "1000000", "keep"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    acked: list[tuple[int, int]] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(acked) < 300 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            acked.append(tuple(int(x) for x in line.split()[1:]))
+        assert len(acked) >= 300, proc.stderr.read()
+        server.kill()                      # SIGKILL while the appender is still appending
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    acked += [tuple(int(x) for x in line.split()[1:]) for line in out.splitlines() if line.startswith("ack")]
+    assert proc.returncode != 0            # it lost its server mid-stream
+    server.start()
+    with memfabric.init(server.config) as s:
+        log = s.namespace(name, "k", pool="keep").plog("shared")
+        records = list(log.records())
+        # Every acknowledged record is there, whole, where it was acknowledged; what is after
+        # them (appended, not yet acknowledged) is whole too, and in order.
+        assert len(records) >= len(acked)
+        at = 0
+        for seq, payload in enumerate(records):
+            assert _check_record(payload) == (7, seq)
+            if seq < len(acked):
+                assert acked[seq] == (seq, at + rec.HEADER_BYTES)
+            at += rec.frame_bytes(len(payload))
+        assert log.info()["length"] == at and log.info()["state"] == "open"
+        # The log goes on where it stopped.
+        offset = log.append(b"after the crash")
+        assert offset == at + rec.HEADER_BYTES and log.record(len(records)) == b"after the crash"
+
+
+def _plog_file(server: PersistentServer) -> tuple[dict, list[tuple[int, int, int]]]:
+    directory = os.path.join(server.pool_dir, "plogs")
+    (name,) = [n for n in os.listdir(directory) if n.endswith(".plog")]
+    with open(os.path.join(directory, name), "rb") as f:
+        meta = msgpack.unpackb(f.read())
+    return meta, [tuple(e) for e in meta["extents"]]
+
+
+def _write_log(server: PersistentServer, extents: list, offset: int, data: bytes) -> None:
+    """Write into a plog's bytes behind the server's back, as a crash or a disk might."""
+    at = 0
+    for segment, seg_offset, length in pieces(extents, offset, len(data)):
+        with open(os.path.join(server.pool_dir, f"segment-{segment}.mem"), "r+b") as f:
+            f.seek(seg_offset)
+            f.write(data[at:at + length])
+        at += length
+
+
+@pytest.mark.parametrize("damage", ["torn record", "garbage", "bit flip in the last record", "valid frame, wrong index"])
+def test_a_damaged_tail_is_cut_off_cleanly_at_restart(server, request, damage):
+    name = ns_name(request)
+    with memfabric.init(server.config) as s:
+        log = s.create_namespace(name, sec_id="k", pool="keep").create_plog("wal", 1 << 20)
+        kept = [b"record %d " % i * (i + 1) for i in range(50)]
+        log.append_many(kept[:25])
+        for r in kept[25:]:
+            log.append(r)
+        end = log.info()["length"]
+    server.stop()
+    meta, extents = _plog_file(server)
+    nonce = meta["nonce"]
+    if damage == "torn record":        # a whole header, half of its payload: the crash mid-append
+        frame = rec.encode(nonce, 50, b"T" * 5000)
+        _write_log(server, extents, end, frame[:2000])
+    elif damage == "garbage":
+        _write_log(server, extents, end, os.urandom(3000))
+    elif damage == "bit flip in the last record":
+        last_start = end - rec.frame_bytes(len(kept[-1]))
+        _write_log(server, extents, last_start + rec.HEADER_BYTES + 3, b"\xff")
+        kept = kept[:-1]
+    else:                              # a frame that checks, but for index 60: not the next record
+        _write_log(server, extents, end, rec.encode(nonce, 60, b"out of place"))
+    server.start()
+    with memfabric.init(server.config) as s:
+        log = s.namespace(name, "k", pool="keep").plog("wal")
+        assert list(log.records()) == kept
+        length = log.info()["length"]
+        assert length == sum(rec.frame_bytes(len(r)) for r in kept)
+        log.append(b"new")
+    server.stop()
+    server.start()                     # the tail was zeroed: nothing of the damage comes back
+    with memfabric.init(server.config) as s:
+        log = s.namespace(name, "k", pool="keep").plog("wal")
+        assert list(log.records()) == kept + [b"new"]
+        log.delete()
+
+
+def test_seal_and_delete_survive_a_restart(server, request):
+    name = ns_name(request)
+    with memfabric.init(server.config) as s:
+        ns = s.create_namespace(name, sec_id="k", pool="keep")
+        sealed = ns.create_plog("sealed", 64 << 10)
+        sealed.append(b"before seal")
+        sealed.seal()
+        gone = ns.create_plog("gone", 64 << 10)
+        gone.append(b"x")
+        gone.delete()
+        ns.create_plog("empty", 4096)
+    server.kill()
+    server.start()
+    with memfabric.init(server.config) as s:
+        ns = s.namespace(name, "k", pool="keep")
+        infos = {p["name"]: p for p in ns.plogs()}
+        assert set(infos) == {"sealed", "empty"}
+        assert infos["sealed"]["state"] == "sealed" and infos["sealed"]["records"] == 1
+        assert infos["empty"]["capacity"] == 4096 and infos["empty"]["records"] == 0
+        with pytest.raises(Sealed):
+            ns.plog("sealed").append(b"after")
+        with pytest.raises(NoSuchObject):
+            ns.plog("gone")
+        assert ns.plog("sealed").record(0) == b"before seal"
+        audit = s.home().call("audit")["pools"]["keep"]
+        assert audit["live_bytes"] == audit["accounted_bytes"]
+        ns.destroy()
+    server.stop()
+    assert not [n for n in os.listdir(os.path.join(server.pool_dir, "plogs")) if n.endswith(".plog")]
+    server.start()
+    with memfabric.init(server.config) as s:
+        with pytest.raises(memfabric.NoSuchNamespace):
+            s.namespace(name, "k", pool="keep").plogs()
+
+
+def test_sigkill_of_an_idle_server_keeps_plogs(server, request):
+    """The plain case, pmem and ramdisk: answered appends, then a SIGKILL, nothing lost."""
+    name = ns_name(request)
+    with memfabric.init(server.config) as s:
+        log = s.create_namespace(name, sec_id="k", pool="keep").create_plog("wal", 3 << 20)
+        offsets = log.append_many([bytes([i]) * 40_000 for i in range(50)])
+    os.kill(server.proc.pid, signal.SIGKILL)
+    server.proc.wait(10)
+    server.start()
+    with memfabric.init(server.config) as s:
+        log = s.namespace(name, "k", pool="keep").plog("wal")
+        assert [log.read(o, 40_000) for o in offsets] == [bytes([i]) * 40_000 for i in range(50)]
+
+
+def test_seal_while_processes_append_fences_them_all(two_servers, request):
+    """BookKeeper's fencing: once seal returns, no append from anyone succeeds, and every
+    append that was acknowledged is in the sealed log."""
+    name = ns_name(request)
+    with memfabric.init(two_servers.directory) as s:
+        ns = s.create_namespace(name, sec_id="k", pool="logs")
+        log = ns.create_plog("shared", 24 << 20)
+        remote = os.path.join(two_servers.directory, "remote.toml")
+        procs = [subprocess.Popen([sys.executable, "-c", APPENDER, remote if tag % 2 else two_servers.directory,
+                                   name, str(tag), "1000000", "logs"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for tag in range(3)]
+        try:
+            deadline = time.monotonic() + 60
+            while log.info()["records"] < 200 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            sealed = log.seal()
+            outputs = [p.communicate(timeout=60) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait(10)
+        assert sealed["state"] == "sealed" and sealed["records"] >= 200
+        for (out, err), p in zip(outputs, procs):
+            assert p.returncode != 0 and "Sealed" in err, err      # each appender was refused in the end
+        records = list(log.records())
+        assert len(records) == sealed["records"] == log.info()["records"]   # nothing got in after seal returned
+        place = {}
+        at = 0
+        for payload in records:
+            place[_check_record(payload)] = at + rec.HEADER_BYTES
+            at += rec.frame_bytes(len(payload))
+        for tag, (out, _) in enumerate(outputs):
+            for line in out.splitlines():
+                _, seq, offset = line.split()
+                assert place[(tag, int(seq))] == int(offset)    # every acknowledged append is in
+        log.delete()
+
+
+def test_a_handle_outlives_a_restart_of_its_home(server, request):
+    """The same Plog handle, across a SIGKILL and restart of its server: calls while it is
+    down fail SERVER_UNAVAILABLE (not a hang, not a wrong answer); after it, the handle goes on."""
+    name = ns_name(request)
+    with memfabric.init(server.config, timeout_s=5) as s:
+        log = s.create_namespace(name, sec_id="k", pool="keep").create_plog("wal", 64 << 10)
+        log.append(b"one")
+        server.kill()
+        with pytest.raises(memfabric.ServerUnavailable):
+            log.append(b"lost")
+        server.start()
+        log.append(b"two")
+        assert list(log.records()) == [b"one", b"two"]

@@ -1,0 +1,206 @@
+"""Property tests of MemPlog's pure core: record framing, the recovery scan, the log's rules.
+
+The scan's promise: whatever happened to the log's bytes after the appends (a crash part way
+through a record, garbage, bit flips), it returns exactly a prefix of the appended records,
+each one whole, and never a record that was not appended."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from memfabric.errors import InvalidArgument, OutOfRange, OutOfSpace, Sealed
+from memfabric.limits import MAX_PLOG_RECORD_BYTES
+from memfabric.plog import record as rec
+from memfabric.plog.log import PlogLog, pieces
+
+NONCE = 0x1234_5678_9ABC_DEF0
+payloads = st.lists(st.binary(min_size=0, max_size=300), min_size=0, max_size=40)
+
+
+def build(records: list[bytes], capacity: int, nonce: int = NONCE) -> bytearray:
+    log = bytearray(capacity)
+    at = 0
+    for i, p in enumerate(records):
+        frame = rec.encode(nonce, i, p)
+        log[at:at + len(frame)] = frame
+        at += len(frame)
+    return log
+
+
+def scanned(log: bytes | bytearray, nonce: int = NONCE) -> list[bytes]:
+    view = memoryview(log)
+    found = []
+    for start, length in rec.scan(lambda o, n: view[o:o + n], len(log), nonce, MAX_PLOG_RECORD_BYTES):
+        payload = bytes(view[start + rec.HEADER_BYTES:start + rec.HEADER_BYTES + length])
+        found.append(payload)
+    return found
+
+
+def used(records: list[bytes]) -> int:
+    return sum(rec.frame_bytes(len(p)) for p in records)
+
+
+@given(payloads)
+def test_a_whole_log_scans_back_to_its_records(records):
+    log = build(records, used(records) + 64)
+    assert scanned(log) == records
+
+
+@given(payloads, st.data())
+def test_a_log_cut_anywhere_scans_to_a_prefix(records, data):
+    """A crash part way: the bytes after some point never made it (zeros, as fresh memory)."""
+    log = build(records, used(records) + 64)
+    cut = data.draw(st.integers(0, used(records)))
+    zeroed = bytearray(log)
+    zeroed[cut:] = bytes(len(log) - cut)
+    found = scanned(zeroed)
+    assert found == records[:len(found)]
+    found = scanned(log[:cut])            # the bytes past the cut are not there at all
+    whole = 0
+    at = 0
+    for p in records:                     # every record wholly before the cut survives
+        at += rec.frame_bytes(len(p))
+        if at <= cut:
+            whole += 1
+    assert found == records[:whole]
+
+
+@given(payloads, st.data())
+def test_bit_flips_and_garbage_never_make_a_record_that_was_not_appended(records, data):
+    log = build(records, used(records) + 64)
+    for _ in range(data.draw(st.integers(1, 4))):
+        if data.draw(st.booleans()):
+            bit = data.draw(st.integers(0, len(log) * 8 - 1))
+            log[bit // 8] ^= 1 << (bit % 8)
+        else:
+            at = data.draw(st.integers(0, len(log) - 1))
+            junk = data.draw(st.binary(min_size=1, max_size=32))
+            log[at:at + len(junk)] = junk[:len(log) - at]
+    found = scanned(log)
+    assert found == records[:len(found)]
+
+
+@given(payloads)
+def test_frames_of_another_plog_in_the_same_memory_do_not_check(records):
+    """Memory reused within a namespace may hold an earlier plog's frames: another nonce."""
+    log = build(records, used(records) + 64, nonce=NONCE + 1)
+    assert scanned(log) == []
+
+
+def test_zeros_and_a_zero_length_record():
+    assert scanned(bytes(4096)) == []
+    log = build([b"", b"x", b""], 4096)
+    assert scanned(log) == [b"", b"x", b""]
+
+
+def test_a_record_out_of_place_does_not_check():
+    """A frame copied to where the next index belongs fails: the index is in the CRC."""
+    first = rec.encode(NONCE, 0, b"hello")
+    log = bytearray(4096)
+    log[:len(first)] = first
+    log[len(first):2 * len(first)] = first
+    assert scanned(log) == [b"hello"]
+
+
+def test_frame_sizes():
+    assert rec.frame_bytes(0) == 16 and rec.frame_bytes(1) == 24 and rec.frame_bytes(8) == 24
+    assert rec.frame_bytes(4096) == 16 + 4096
+
+
+# ---- the log's rules -----------------------------------------------------------------------------
+
+@given(st.lists(st.lists(st.integers(0, 500), min_size=1, max_size=5), max_size=30),
+       st.integers(16, 8192))
+def test_appends_fill_a_log_in_order_and_the_full_one_changes_nothing(batches, capacity):
+    log = PlogLog("l", capacity, NONCE)
+    expected_starts = []
+    for lengths in batches:
+        before = (log.written, list(log.starts))
+        try:
+            starts = log.plan(lengths)
+        except OutOfSpace:
+            assert (log.written, list(log.starts)) == before
+            assert log.written + sum(rec.frame_bytes(n) for n in lengths) > capacity
+            continue
+        assert starts[0] == log.written
+        end = log.mark_written(starts, lengths)
+        expected_starts += starts
+        assert end <= capacity
+        log.commit(end)
+    assert list(log.starts) == expected_starts
+    assert log.records == len(expected_starts)
+    assert all(a < b for a, b in zip(expected_starts, expected_starts[1:]))
+
+
+def test_commit_shows_only_flushed_records():
+    log = PlogLog("l", 4096, NONCE)
+    s1 = log.plan([10])
+    log.mark_written(s1, [10])
+    s2 = log.plan([20, 30])
+    end = log.mark_written(s2, [20, 30])
+    assert log.records == 0 and log.committed == 0
+    with pytest.raises(OutOfRange):
+        log.record_at(0)
+    log.commit(rec.frame_bytes(10))
+    assert log.records == 1 and log.record_at(0) == (16, 10)
+    with pytest.raises(OutOfRange):
+        log.check_read(0, rec.frame_bytes(10) + 1)
+    log.commit(end)
+    assert log.records == 3
+    assert log.record_at(2) == (s2[1] + 16, 30)
+
+
+def test_a_sealed_log_plans_no_append():
+    log = PlogLog("l", 4096, NONCE)
+    log.seal()
+    with pytest.raises(Sealed):
+        log.plan([1])
+    assert log.written == 0
+
+
+def test_bad_reads_and_indexes():
+    log = PlogLog("l", 4096, NONCE)
+    log.mark_written(log.plan([8]), [8])
+    log.commit(24)
+    for offset, length in [(-1, 1), (0, -1)]:
+        with pytest.raises(OutOfRange):
+            log.check_read(offset, length)
+    with pytest.raises(InvalidArgument):
+        log.check_read(1.5, 1)
+    with pytest.raises(InvalidArgument):
+        log.record_at("0")
+    with pytest.raises(OutOfRange):
+        log.record_at(-1)
+    with pytest.raises(InvalidArgument):
+        log.plan([])
+
+
+@given(st.lists(st.integers(1, 50), min_size=1, max_size=8), st.data())
+def test_pieces_cover_exactly_the_range(lengths, data):
+    extents = [(i + 1, random.Random(i).randrange(0, 100), n) for i, n in enumerate(lengths)]
+    total = sum(lengths)
+    offset = data.draw(st.integers(0, total))
+    length = data.draw(st.integers(0, total - offset))
+    flat = [(seg, off + k) for seg, off, n in extents for k in range(n)]
+    got = [(seg, off + k) for seg, off, n in pieces(extents, offset, length) for k in range(n)]
+    assert got == flat[offset:offset + length]
+    with pytest.raises(OutOfRange):
+        pieces(extents, offset, total - offset + 1)
+
+
+@settings(max_examples=30)
+@given(payloads)
+def test_recovered_log_matches_what_was_appended(records):
+    capacity = used(records) + 64
+    data = build(records, capacity)
+    view = memoryview(data)
+    log = PlogLog("l", capacity, NONCE)
+    log.recovered(list(rec.scan(lambda o, n: view[o:o + n], capacity, NONCE, MAX_PLOG_RECORD_BYTES)))
+    assert log.records == len(records) and log.committed == used(records)
+    for i, p in enumerate(records):
+        offset, length = log.record_at(i)
+        assert bytes(view[offset:offset + length]) == p
