@@ -348,6 +348,18 @@ def test_commands_of_many_keys_answer_as_redis(pair):
                 "GET fresh", b"DEL " + b" ".join(k.encode() for k in keys[:7000]) + b" nope", "DBSIZE"])
 
 
+def test_commands_of_many_long_keys_answer_as_redis(pair):
+    """Keys whose bytes alone pass what one request to a server carries (60 keys of 60 KB):
+    MGET, EXISTS and DEL went to a server as one request and got LIMIT_EXCEEDED back."""
+    keys = [(f"{i:05d}" * 12_000).encode() for i in range(60)]
+    redis, door = pair
+    for raw in (redis, door):
+        raw.send(b"".join(encode("SET", k, b"v") for k in keys))
+        assert [raw.reply() for _ in keys] == [b"+OK\r\n"] * len(keys)
+    same(pair, [b"MGET " + b" ".join(keys) + b" nope", b"EXISTS " + b" ".join(keys),
+                b"DEL " + b" ".join(keys[:30]), b"MGET " + b" ".join(keys[25:35]), "DBSIZE"])
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_commands_written_inline_answer_as_redis(redis_server, door_port, case):
     """The same cases as telnet would send them (inline: split as Redis splits them, quotes and

@@ -46,15 +46,25 @@ class Keyspace:
         return servers[0] if len(servers) == 1 else homes(key, servers, 1)[0]
 
     def by_home(self, keys: list[bytes]) -> list[tuple[int, list[int]]]:
-        """Positions of `keys` grouped by their first home, in order, at most a batch
-        (MAX_KV_BATCH) in each group."""
+        """Positions of `keys` grouped by their first home, in order, each group a batch one
+        request carries: at most MAX_KV_BATCH keys and KV_INLINE_BYTES of them."""
         servers = self.servers()
         groups: dict[int, list[int]] = {}
         for i, key in enumerate(keys):
             home = servers[0] if len(servers) == 1 else homes(key, servers, 1)[0]
             groups.setdefault(home, []).append(i)
-        return [(server_id, positions[at:at + MAX_KV_BATCH]) for server_id, positions in groups.items()
-                for at in range(0, len(positions), MAX_KV_BATCH)]
+        out: list[tuple[int, list[int]]] = []
+        for server_id, positions in groups.items():
+            batch: list[int] = []
+            size = 0
+            for i in positions:
+                if batch and (len(batch) == MAX_KV_BATCH or size + len(keys[i]) > KV_INLINE_BYTES):
+                    out.append((server_id, batch))
+                    batch, size = [], 0
+                batch.append(i)
+                size += len(keys[i])
+            out.append((server_id, batch))
+        return out
 
     def put_pairs(self, pairs: list[tuple[bytes, bytes]]) -> None:
         """MSET: each home's pairs in order, as few requests as fit (kv_put_many), a pair too
