@@ -1,0 +1,66 @@
+"""Found by attacking MemPlog and the link under it: Ctrl-C at any point of an IPC call,
+plog arguments too large for any plog, and staged appends interrupted half-way."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+import memfabric
+from memfabric.datapath.link import ServerLink
+from memfabric.errors import OutOfRange
+
+from ..conftest import short_tmp_dir
+from ..helpers import ns_name
+from memfabric.launcher import LocalFabric
+
+
+@pytest.fixture(scope="module")
+def plog_fabric():
+    fab = LocalFabric(short_tmp_dir("mf-atk3-"), servers=1, capacity="16MiB", segment_size="1MiB",
+                      liveness_timeout_s=2.0, extra_args=["--pool", "logs:ramdisk:32MiB"]).start()
+    yield fab
+    assert fab.stop() == 0, "memfabric up did not stop cleanly:\n" + "".join(fab.output[-30:])
+
+
+def _interrupt_at_line(line: int):
+    """A tracer that raises KeyboardInterrupt (as SIGINT's handler would) the first time
+    ServerLink._exchange reaches `line`."""
+    code = ServerLink._exchange.__code__
+    fired = []
+
+    def local(frame, event, arg):
+        if event == "line" and frame.f_lineno == line and not fired:
+            fired.append(line)
+            raise KeyboardInterrupt
+        return local
+
+    def tracer(frame, event, arg):
+        return local if frame.f_code is code else None
+    return tracer, fired
+
+
+def test_ctrl_c_at_any_line_of_an_ipc_call_leaves_the_link_working(plog_fabric):
+    """Before the fix, a Ctrl-C landing just after the request was sent (between the send and
+    the receive loop) left the request unmarked: the next call read its reply, failed with
+    PROTOCOL_ERROR and the link was closed (its mappings revoked)."""
+    code = ServerLink._exchange.__code__
+    first = code.co_firstlineno
+    last = max(line for _, _, line in code.co_lines() if line is not None)
+    with memfabric.init(plog_fabric.directory) as s:
+        link = s.link(s.home().server_id)
+        interrupted = 0
+        for line in range(first, last + 1):
+            tracer, fired = _interrupt_at_line(line)
+            sys.settrace(tracer)
+            try:
+                link.call("stats")
+            except KeyboardInterrupt:
+                interrupted += 1
+            finally:
+                sys.settrace(None)
+            for _ in range(3):          # later calls answer, on the same link
+                assert "id" in link.call("stats"), f"after Ctrl-C at line {line}"
+            assert not link.closed, f"Ctrl-C at line {line} closed the link"
+        assert interrupted > 5
