@@ -64,3 +64,22 @@ def test_ctrl_c_at_any_line_of_an_ipc_call_leaves_the_link_working(plog_fabric):
                 assert "id" in link.call("stats"), f"after Ctrl-C at line {line}"
             assert not link.closed, f"Ctrl-C at line {line} closed the link"
         assert interrupted > 5
+
+
+@pytest.mark.parametrize("where", ["same-host", "remote"])
+def test_offsets_and_indexes_past_any_plog_get_out_of_range(plog_fabric, where, request):
+    """Before the fix: OverflowError (msgpack's, or bytearray's) for 2**64 and up."""
+    import os
+    config = plog_fabric.directory if where == "same-host" else os.path.join(plog_fabric.directory, "remote.toml")
+    with memfabric.init(config) as s:
+        ns = s.create_namespace(ns_name(request), sec_id="s", pool="logs")
+        log = ns.create_plog("big", 4096)
+        log.append(b"abc")
+        huge = 1 << 70
+        for call in (lambda: log.read(huge, 1), lambda: log.read(0, huge), lambda: log.read(huge, huge),
+                     lambda: log.read(-huge, 1), lambda: log.record(huge), lambda: list(log.records(huge)),
+                     lambda: log.read(0, huge, into=bytearray(4))):
+            with pytest.raises((OutOfRange, memfabric.errors.InvalidArgument)):
+                call()
+        assert list(log.records(0, huge)) == [b"abc"]
+        ns.destroy()

@@ -131,6 +131,9 @@ class Plog:
         length = as_int(length, "length")
         if offset < 0 or length < 0:
             raise OutOfRange(f"offset {offset} and length {length} must not be negative")
+        if offset > MAX_PLOG_CAPACITY_BYTES or length > MAX_PLOG_CAPACITY_BYTES:
+            raise OutOfRange(f"[{offset}, {offset + length}) reaches past any plog ({MAX_PLOG_CAPACITY_BYTES} bytes "
+                             "at most)")
         if into is None:
             out = bytearray(length)
             self._read_into(offset, memoryview(out))
@@ -170,6 +173,8 @@ class Plog:
         index = as_int(index, "index")
         if index < 0:
             raise OutOfRange(f"record index {index} is negative")
+        if index > MAX_PLOG_CAPACITY_BYTES:         # no plog holds that many: not worth asking
+            raise OutOfRange(f"record {index} is not among plog {self.name!r}'s committed records")
         link = self._link()
         if link.is_local:
             if index >= len(self._places):
@@ -230,6 +235,8 @@ class Plog:
         start = as_int(start, "start")
         if start < 0:
             raise OutOfRange(f"record index {start} is negative")
+        if start > MAX_PLOG_CAPACITY_BYTES:
+            raise OutOfRange(f"record index {start} is past any plog's records")
         if count is not None:
             count = as_int(count, "count")
             if count < 0:
