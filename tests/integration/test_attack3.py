@@ -83,3 +83,51 @@ def test_offsets_and_indexes_past_any_plog_get_out_of_range(plog_fabric, where, 
                 call()
         assert list(log.records(0, huge)) == [b"abc"]
         ns.destroy()
+
+
+def _interrupt_where(function, text: str, nth: int, op: str | None = None):
+    """A tracer raising KeyboardInterrupt the `nth` time (from 0) `function` reaches a line
+    containing `text` (in a call of `op`, for ServerLink._exchange)."""
+    import linecache
+    code = function.__code__
+    seen = []
+
+    def local(frame, event, arg):
+        if event == "line" and text in linecache.getline(code.co_filename, frame.f_lineno) \
+                and (op is None or frame.f_locals.get("op") == op):
+            seen.append(frame.f_lineno)
+            if len(seen) == nth + 1:
+                raise KeyboardInterrupt
+        return local
+
+    def tracer(frame, event, arg):
+        return local if frame.f_code is code else None
+    return tracer
+
+
+@pytest.mark.parametrize("between_calls", [False, True])
+def test_staged_appends_interrupted_half_way_leave_no_stage_behind(plog_fabric, between_calls, request):
+    """Before the fix: each append_many of large records interrupted (Ctrl-C) after its first
+    piece was staged left that stage on the connection; after 16 of them, every staged
+    append of the session failed with LIMIT_EXCEEDED."""
+    from memfabric.plog.client import Plog
+    from memfabric.limits import MAX_PLOG_STAGES_PER_CLIENT, PLOG_INLINE_BYTES
+    with memfabric.init(plog_fabric.directory) as s:
+        ns = s.create_namespace(ns_name(request), sec_id="s", pool="logs")
+        log = ns.create_plog("staged", 16 << 20)
+        record = b"r" * (3 * PLOG_INLINE_BYTES)
+        for _ in range(MAX_PLOG_STAGES_PER_CLIENT + 2):
+            if between_calls:
+                tracer = _interrupt_where(Plog.append_many, 'link.call("plog_stage", **args)', 1)
+            else:
+                tracer = _interrupt_where(ServerLink._exchange, "self._channel.recv()", 0, op="plog_stage")
+            sys.settrace(tracer)
+            try:
+                with pytest.raises(KeyboardInterrupt):
+                    log.append_many([record])
+            finally:
+                sys.settrace(None)
+        assert log.info()["records"] == 0
+        assert len(log.append_many([record, record])) == 2
+        assert list(log.records()) == [record, record]
+        ns.destroy()

@@ -47,6 +47,14 @@ def _as_records(records: Iterable[Any]) -> list[memoryview]:
     return views
 
 
+def _drop_stage(link: Any, wire_creds: dict[str, Any], stage: int) -> None:
+    """Drop a stage of this connection: a piece out of order drops it (the server's answer)."""
+    try:
+        link.call("plog_stage", **wire_creds, stage=stage, at=-1, data=b"")
+    except MemfabricError:
+        pass
+
+
 class Plog:
     """A handle on one plog (MemPlog): an append-only log of records in a namespace's
     persistent memory. Made by `Namespace.create_plog` or `Namespace.plog`."""
@@ -113,11 +121,19 @@ class Plog:
                                   "append fewer at a time")
         joined = memoryview(b"".join(views))
         stage = None
-        for at in range(0, total, STAGE_PIECE_BYTES):
-            piece = joined[at:at + STAGE_PIECE_BYTES].tobytes()
-            args = {**self.namespace.wire_creds, "at": at, "data": piece}
-            args.update({"length": total} if stage is None else {"stage": stage})
-            stage = link.call("plog_stage", **args)["stage"]
+        try:
+            for at in range(0, total, STAGE_PIECE_BYTES):
+                piece = joined[at:at + STAGE_PIECE_BYTES].tobytes()
+                args = {**self.namespace.wire_creds, "at": at, "data": piece}
+                args.update({"length": total} if stage is None else {"stage": stage})
+                stage = link.call("plog_stage", **args)["stage"]
+        except BaseException:
+            # Stopped half-way (Ctrl-C): the stage would stay on the connection, and 16 of them
+            # refuse every later stage. (A stage made by a call given up on: its late reply
+            # drops it, late_replies.py; the server never reuses a connection's stage numbers.)
+            if stage is not None:
+                _drop_stage(link, self.namespace.wire_creds, stage)
+            raise
         return link.call("plog_append", **creds, stage=stage, lengths=lengths)["offsets"]
 
     # ---- reads ------------------------------------------------------------------------------
