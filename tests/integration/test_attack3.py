@@ -131,3 +131,44 @@ def test_staged_appends_interrupted_half_way_leave_no_stage_behind(plog_fabric, 
         assert len(log.append_many([record, record])) == 2
         assert list(log.records()) == [record, record]
         ns.destroy()
+
+
+def test_two_servers_creating_one_plog_name_at_once_leave_one_plog(request):
+    """Before the fix: clients of two servers creating the same name at once both succeeded
+    (28 times in 30), each on its own server: two plogs of one name, ns.plog(name) opening
+    either, two writers of one "log" each writing its own."""
+    import threading
+    from memfabric.errors import MemfabricError
+    fab = LocalFabric(short_tmp_dir("mf-atk3-"), servers=2, capacity="16MiB", segment_size="1MiB",
+                      liveness_timeout_s=2.0, extra_args=["--pool", "logs:ramdisk:16MiB"]).start()
+    try:
+        with memfabric.init(fab.directory, server=0) as s0, memfabric.init(fab.directory, server=1) as s1:
+            assert s0.home().server_id != s1.home().server_id
+            name = ns_name(request)
+            namespaces = [s0.create_namespace(name, sec_id="s", pool="logs"),
+                          s1.create_namespace(name, sec_id="s", pool="logs", exist_ok=True)]
+            for round_ in range(20):
+                made: list[object] = [None, None]
+
+                def create(k: int) -> None:
+                    try:
+                        made[k] = namespaces[k].create_plog(f"race{round_}", 4096)
+                    except MemfabricError as exc:
+                        made[k] = exc
+                threads = [threading.Thread(target=create, args=(k,)) for k in (0, 1)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(60)
+                logs = [m for m in made if not isinstance(m, MemfabricError)]
+                assert len(logs) <= 1, f"round {round_}: both created it"
+                for m in made:
+                    if isinstance(m, MemfabricError):
+                        assert isinstance(m, memfabric.errors.InvalidArgument) and "exists" in str(m)
+                listed = [p["name"] for p in namespaces[0].plogs() if p["name"] == f"race{round_}"]
+                assert len(listed) == len(logs)
+                if logs:
+                    logs[0].append(b"x")
+                    assert namespaces[1 - made.index(logs[0])].plog(f"race{round_}").record(0) == b"x"
+    finally:
+        assert fab.stop() == 0

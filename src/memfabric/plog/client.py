@@ -332,7 +332,18 @@ def create_plog(namespace: "Namespace", name: str, capacity: int, *, replicas: i
     home = servers[0]
     reply = ns.session.link(home).call("plog_create", **ns.wire_creds, name=name, capacity=capacity,
                                        replicas=replicas)
-    return Plog(ns, name, reply["info"]["home"], reply["info"]["id"])
+    made = Plog(ns, name, reply["info"]["home"], reply["info"]["id"])
+    # Another server may have made one of this name meanwhile (a name is checked per server).
+    # Each creator looks again after making its own: of two racing, at least one sees the
+    # other's (and both may), and whoever sees another deletes its own: never two of one name.
+    if _find(ns, name, [s for s in servers if s != made.home]) is not None:
+        try:
+            made.delete()
+        except MemfabricError:
+            pass
+        raise InvalidArgument(f"plog {name!r} already exists in namespace {ns.name!r} (made on another server "
+                              "at the same time; ns.plog(name) opens it)")
+    return made
 
 
 def _find(ns: "Namespace", name: str, servers: list[int]) -> tuple[int, int] | None:
