@@ -1,5 +1,6 @@
 """Found by attacking MemPlog and the link under it: Ctrl-C at any point of an IPC call,
-plog arguments too large for any plog, and staged appends interrupted half-way."""
+plog arguments too large for any plog, staged appends interrupted half-way, and one plog
+name created from two servers at once."""
 
 from __future__ import annotations
 

@@ -127,11 +127,12 @@ class Plog:
                 args = {**self.namespace.wire_creds, "at": at, "data": piece}
                 args.update({"length": total} if stage is None else {"stage": stage})
                 stage = link.call("plog_stage", **args)["stage"]
-        except BaseException:
+        except BaseException as exc:
             # Stopped half-way (Ctrl-C): the stage would stay on the connection, and 16 of them
-            # refuse every later stage. (A stage made by a call given up on: its late reply
-            # drops it, late_replies.py; the server never reuses a connection's stage numbers.)
-            if stage is not None:
+            # refuse every later stage. (A stage of a call given up on, timed out or interrupted:
+            # its late reply drops it, late_replies.py; a piece refused drops its stage there.
+            # The server never reuses a connection's stage numbers.)
+            if stage is not None and not isinstance(exc, MemfabricError):
                 _drop_stage(link, self.namespace.wire_creds, stage)
             raise
         return link.call("plog_append", **creds, stage=stage, lengths=lengths)["offsets"]
