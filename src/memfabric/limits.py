@@ -164,3 +164,4 @@ RESP_RECV_BYTES = 256 << 10         # one read at most: as Redis, whatever is th
 RESP_MAX_CLIENTS = 4096             # door connections at once (a thread each; Redis allows 10,000)
 RESP_REPLY_BUFFER_BYTES = 64 << 10  # replies gathered before they are sent
 RESP_SEND_TIMEOUT_S = 60.0          # a client that reads nothing for this long is dropped
+RESP_MGET_REPLY_MAX_BYTES = 512 << 20   # the values of one MGET: the door holds them all before it answers

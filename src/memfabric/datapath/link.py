@@ -180,10 +180,14 @@ class ServerLink:
         except ProtocolError as exc:
             raise LimitExceeded(f"request {op!r} is too large: {exc}") from None
         self._bound_waits(timeout_s)
+        # Marked given up on until its reply is read: a Ctrl-C anywhere from here on (even
+        # between two lines) leaves its late reply to be dropped, not read as another's.
+        self._abandoned[request_id] = (op, args)
         try:
             self._channel.send_encoded(data)
         except socket.timeout:
             # A SEQPACKET message goes whole or not at all: nothing was sent.
+            self._abandoned.pop(request_id, None)
             raise Timeout(f"server at {self.ipc_socket} took no request for {timeout_s:.3g}s ({op!r})") from None
         except (ConnectionError, OSError) as exc:
             raise _Broken(self._gone(op, exc)) from None
@@ -209,6 +213,7 @@ class ServerLink:
             for earlier in [r for r in self._abandoned if type(reply_id) is int and r < reply_id]:
                 del self._abandoned[earlier]
             if reply_id == request_id:
+                self._abandoned.pop(request_id, None)
                 self._send_undos()
                 return reply, fds
             self._drop_late(reply_id, reply, fds, request_id)

@@ -47,6 +47,14 @@ def _as_records(records: Iterable[Any]) -> list[memoryview]:
     return views
 
 
+def _drop_stage(link: Any, wire_creds: dict[str, Any], stage: int) -> None:
+    """Drop a stage of this connection: a piece out of order drops it (the server's answer)."""
+    try:
+        link.call("plog_stage", **wire_creds, stage=stage, at=-1, data=b"")
+    except MemfabricError:
+        pass
+
+
 class Plog:
     """A handle on one plog (MemPlog): an append-only log of records in a namespace's
     persistent memory. Made by `Namespace.create_plog` or `Namespace.plog`."""
@@ -113,11 +121,20 @@ class Plog:
                                   "append fewer at a time")
         joined = memoryview(b"".join(views))
         stage = None
-        for at in range(0, total, STAGE_PIECE_BYTES):
-            piece = joined[at:at + STAGE_PIECE_BYTES].tobytes()
-            args = {**self.namespace.wire_creds, "at": at, "data": piece}
-            args.update({"length": total} if stage is None else {"stage": stage})
-            stage = link.call("plog_stage", **args)["stage"]
+        try:
+            for at in range(0, total, STAGE_PIECE_BYTES):
+                piece = joined[at:at + STAGE_PIECE_BYTES].tobytes()
+                args = {**self.namespace.wire_creds, "at": at, "data": piece}
+                args.update({"length": total} if stage is None else {"stage": stage})
+                stage = link.call("plog_stage", **args)["stage"]
+        except BaseException as exc:
+            # Stopped half-way (Ctrl-C): the stage would stay on the connection, and 16 of them
+            # refuse every later stage. (A stage of a call given up on, timed out or interrupted:
+            # its late reply drops it, late_replies.py; a piece refused drops its stage there.
+            # The server never reuses a connection's stage numbers.)
+            if stage is not None and not isinstance(exc, MemfabricError):
+                _drop_stage(link, self.namespace.wire_creds, stage)
+            raise
         return link.call("plog_append", **creds, stage=stage, lengths=lengths)["offsets"]
 
     # ---- reads ------------------------------------------------------------------------------
@@ -131,6 +148,9 @@ class Plog:
         length = as_int(length, "length")
         if offset < 0 or length < 0:
             raise OutOfRange(f"offset {offset} and length {length} must not be negative")
+        if offset > MAX_PLOG_CAPACITY_BYTES or length > MAX_PLOG_CAPACITY_BYTES:
+            raise OutOfRange(f"[{offset}, {offset + length}) reaches past any plog ({MAX_PLOG_CAPACITY_BYTES} bytes "
+                             "at most)")
         if into is None:
             out = bytearray(length)
             self._read_into(offset, memoryview(out))
@@ -170,6 +190,8 @@ class Plog:
         index = as_int(index, "index")
         if index < 0:
             raise OutOfRange(f"record index {index} is negative")
+        if index > MAX_PLOG_CAPACITY_BYTES:         # no plog holds that many: not worth asking
+            raise OutOfRange(f"record {index} is not among plog {self.name!r}'s committed records")
         link = self._link()
         if link.is_local:
             if index >= len(self._places):
@@ -230,6 +252,8 @@ class Plog:
         start = as_int(start, "start")
         if start < 0:
             raise OutOfRange(f"record index {start} is negative")
+        if start > MAX_PLOG_CAPACITY_BYTES:
+            raise OutOfRange(f"record index {start} is past any plog's records")
         if count is not None:
             count = as_int(count, "count")
             if count < 0:
@@ -309,7 +333,18 @@ def create_plog(namespace: "Namespace", name: str, capacity: int, *, replicas: i
     home = servers[0]
     reply = ns.session.link(home).call("plog_create", **ns.wire_creds, name=name, capacity=capacity,
                                        replicas=replicas)
-    return Plog(ns, name, reply["info"]["home"], reply["info"]["id"])
+    made = Plog(ns, name, reply["info"]["home"], reply["info"]["id"])
+    # Another server may have made one of this name meanwhile (a name is checked per server).
+    # Each creator looks again after making its own: of two racing, at least one sees the
+    # other's (and both may), and whoever sees another deletes its own: never two of one name.
+    if _find(ns, name, [s for s in servers if s != made.home]) is not None:
+        try:
+            made.delete()
+        except MemfabricError:
+            pass
+        raise InvalidArgument(f"plog {name!r} already exists in namespace {ns.name!r} (made on another server "
+                              "at the same time; ns.plog(name) opens it)")
+    return made
 
 
 def _find(ns: "Namespace", name: str, servers: list[int]) -> tuple[int, int] | None:

@@ -516,7 +516,9 @@ class PlogService:
                 raise LimitExceeded(f"this connection has {len(stages)} stages of {staged} bytes: at most "
                                     f"{MAX_PLOG_STAGES_PER_CLIENT} of {MAX_PLOG_STAGED_BYTES} bytes in all")
             self._take_buffer(length)
-            token = max(stages, default=0) + 1
+            # Never reused on a connection: a client dropping a stage it gave up on twice (its
+            # own drop, and its late reply's) must not drop a newer one.
+            token = conn.services["plog_stage_count"] = conn.services.get("plog_stage_count", 0) + 1
             stages[token] = _Stage(length)
         elif type(token) is not int or token not in stages:
             raise InvalidArgument(f"no stage {token!r:.40} on this connection")

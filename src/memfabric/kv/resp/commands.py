@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ... import __version__
 from ...errors import (InvalidArgument, LimitExceeded, MemfabricError, NoSuchNamespace, NoSuchObject, NoSuchPool,
                        OutOfMemory, PermissionDenied)
-from ...limits import RESP_BULK_MAX_BYTES, RESP_MAX_CLIENTS, RESP_QUERY_BUFFER_MAX_BYTES
+from ...limits import RESP_BULK_MAX_BYTES, RESP_MAX_CLIENTS, RESP_MGET_REPLY_MAX_BYTES, RESP_QUERY_BUFFER_MAX_BYTES
 from ..space import now_ms
 from . import protocol as p
 from .glob import matches
@@ -414,13 +414,31 @@ def cmd_getex(c: Client, a: list[bytes]) -> bytes:
 
 
 def cmd_mget(c: Client, a: list[bytes]) -> bytes:
-    keys = a[1:]
-    values: list[bytes | None] = [None] * len(keys)
+    # Each key is fetched once however often it is named, and the reply is bounded: a short
+    # MGET naming a large value many times made the server hold a copy per naming.
+    keys = list(dict.fromkeys(a[1:]))
+    found: dict[bytes, bytes | None] = {}
     ks = c.keyspace()
+    left = RESP_MGET_REPLY_MAX_BYTES
     for server_id, positions in ks.by_home(keys):
-        for i, value in zip(positions, ks.get_many_at(server_id, [keys[i] for i in positions]), strict=True):
-            values[i] = value
+        asked = [keys[i] for i in positions]
+        try:
+            got = ks.get_many_at(server_id, asked, max_bytes=left)
+        except LimitExceeded:
+            raise LimitExceeded(_mget_too_large(RESP_MGET_REPLY_MAX_BYTES)) from None
+        for key, value in zip(asked, got, strict=True):
+            found[key] = value
+            left -= len(value or b"")
+    values = [found[key] for key in a[1:]]
+    total = sum(len(v) for v in values if v is not None)
+    if total > RESP_MGET_REPLY_MAX_BYTES:
+        raise LimitExceeded(_mget_too_large(total))
     return p.values(values, c.resp)
+
+
+def _mget_too_large(total: int) -> str:
+    return (f"MGET's values are {total} bytes or more, at most {RESP_MGET_REPLY_MAX_BYTES} in one reply: "
+            "ask for fewer keys at a time")
 
 
 def _pairs(a: list[bytes], command: str) -> list[tuple[bytes, bytes]]:

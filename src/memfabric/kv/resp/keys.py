@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING, Any
 
-from ...errors import ServerUnavailable
+from ...errors import LimitExceeded, ServerUnavailable
 from ...limits import KV_INLINE_BYTES, MAX_KV_BATCH
 from ...server.requests import Connection, Payload
 from ..rules import MANY_AGAIN, MANY_ALONE, homes
@@ -135,11 +135,13 @@ class Keyspace:
             raise
         return self.call_at(server_id, "kv_commit", token=token, key=key, **options)
 
-    def get_many_at(self, server_id: int, keys: list[bytes]) -> list[bytes | None]:
+    def get_many_at(self, server_id: int, keys: list[bytes], max_bytes: int | None = None) -> list[bytes | None]:
         """kv_get_many at one server (at most MAX_KV_BATCH keys): values of the keys its replies
-        had no room for are asked again, those too large to ride along alone."""
+        had no room for are asked again, those too large to ride along alone. LIMIT_EXCEEDED
+        once the values come to more than `max_bytes` (it stops fetching then)."""
         out: list[bytes | None] = [None] * len(keys)
         ask = list(range(len(keys)))
+        held = 0
         while ask:
             lengths, blob = self._get_many_once(server_id, [keys[i] for i in ask])
             again, at = [], 0
@@ -151,6 +153,9 @@ class Keyspace:
                     again.append(i)
                 elif length == MANY_ALONE:
                     out[i] = self.get(keys[i])
+                held += len(out[i] or b"")
+                if max_bytes is not None and held > max_bytes:
+                    raise LimitExceeded(f"the values asked come to more than {max_bytes} bytes")
             ask = again
         return out
 
