@@ -9,6 +9,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 import msgpack
@@ -116,7 +117,15 @@ def test_sigkill_mid_stream_keeps_every_acknowledged_append(server, request):
             acked.append(tuple(int(x) for x in line.split()[1:]))
         assert len(acked) >= 300, proc.stderr.read()
         server.kill()                      # SIGKILL while the appender is still appending
-        out, _ = proc.communicate(timeout=60)
+        # The rest through the same reader: communicate() reads the pipe itself and would lose
+        # the lines readline() already buffered (acks seen missing). A timer bounds the wait.
+        stop = threading.Timer(60, proc.kill)
+        stop.start()
+        try:
+            out = proc.stdout.read()
+            proc.wait(10)
+        finally:
+            stop.cancel()
     finally:
         if proc.poll() is None:
             proc.kill()
