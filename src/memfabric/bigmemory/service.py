@@ -40,6 +40,7 @@ log = logging.getLogger("memfabric.server")
 
 Creds = tuple[str, str, bytes]   # (pool, ns, secId)
 OBJECTS_PER_QUERY = 2000     # ids per objects_alive request: keeps it inside one message
+SPREAD_RETRY_S = 0.05       # a spread placement refused by a stale view asks again this often
 
 
 class BigMemoryService:
@@ -345,9 +346,19 @@ class BigMemoryService:
             shares = placement.plan(policy, size, self._free_by_server(pool, state.key), self.server_id)
             return self._reserve(state, creds, shares, bm_id)
         except (OutOfMemory, ServerUnavailable):
-            # The view may be a moment old (a server just started, or just filled up).
-            shares = placement.plan(policy, size, self._free_by_server(pool, state.key, fresh=True), self.server_id)
-            return self._reserve(state, creds, shares, bm_id)
+            pass
+        # The view may be a moment old: a server just started or filled up, or freed memory it
+        # publishes with its next heartbeat. Fresh views until then, then the refusal stands.
+        deadline = time.monotonic() + 2 * self.server.cfg.heartbeat_interval_s
+        while True:
+            try:
+                shares = placement.plan(policy, size, self._free_by_server(pool, state.key, fresh=True),
+                                        self.server_id)
+                return self._reserve(state, creds, shares, bm_id)
+            except (OutOfMemory, ServerUnavailable):
+                if time.monotonic() >= deadline:
+                    raise
+            time.sleep(SPREAD_RETRY_S)
 
     def op_describe(self, conn: Connection, m: dict[str, Any]) -> Reply:
         state, _ = self._namespace(conn, m)
