@@ -24,9 +24,8 @@ from ..errors import (BmError, InvalidArgument, LimitExceeded, MemfabricError, N
 from ..limits import (MAX_BATCH_IDS, MAX_BATCH_REQUEST_BYTES, MAX_BATCH_SPANS_PER_REQUEST, MAX_EXTENTS_PER_OBJECT,
                       MAX_OBJECT_BYTES, MAX_OBJECTS_PER_LISTING, PAGE_SIZE_BYTES)
 from ..media.base import SegmentMemory
-from ..server.requests import Connection, Payload, Reply
+from ..server.requests import Connection, Payload, Reply, receive_into_segment, send_from_segment
 from ..server.state import NamespaceState, PoolState
-from ..transport import wire
 from . import placement, reduce
 from ..datapath.deadline import unbounded
 from .journal import Journal
@@ -552,17 +551,7 @@ class BigMemoryService:
             mem, offset, length = held[0], held[1], held[2]
             if payload_len != length:
                 raise ProtocolError(f"seg_write of {length} bytes carried {payload_len}")
-            reply: dict[str, Any] = {"id": m["id"]}
-            if mem.view is not None:
-                frames.recv_into_exact(mem.view[offset:offset + length], deadline)
-            else:                        # a file segment: the server never maps files
-                buffer = memoryview(bytearray(length))
-                frames.recv_into_exact(buffer, deadline)
-                try:
-                    mem.write(offset, buffer)
-                except MemfabricError as exc:     # the payload is read: answer here
-                    reply = wire.error_reply(m["id"], exc)
-            frames.send(reply)
+            receive_into_segment(frames, m["id"], mem, offset, length, deadline)
         finally:
             self._let_go_span(held)
 
@@ -574,12 +563,7 @@ class BigMemoryService:
             mem, offset, length = held[0], held[1], held[2]
             if payload_len:
                 raise ProtocolError("seg_read carries no payload")
-            if mem.view is not None:
-                frames.send({"id": m["id"]}, mem.view[offset:offset + length])
-            else:
-                buffer = memoryview(bytearray(length))
-                mem.read(offset, buffer)
-                frames.send({"id": m["id"]}, buffer)
+            send_from_segment(frames, m["id"], mem, offset, length)
         finally:
             self._let_go_span(held)
 

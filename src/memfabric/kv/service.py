@@ -47,9 +47,8 @@ from ..errors import (InvalidArgument, LimitExceeded, MemfabricError, NoSuchName
                       ProtocolError, ServerUnavailable)
 from ..limits import (KV_GET_MANY_PAYLOAD_BYTES, KV_INLINE_BYTES, MAX_KV_BATCH, MAX_KV_HOLDS_PER_CLIENT,
                       MAX_KV_PENDING_PER_CLIENT, MAX_KV_REPLICAS, MAX_RPC_PAYLOAD_BYTES)
-from ..server.requests import Connection, Payload, Reply
+from ..server.requests import Connection, Payload, Reply, receive_into_segment, send_from_segment
 from ..server.state import NamespaceState
-from ..transport import wire
 from ..units import parse_size
 from . import index as ix
 from .edits import KeyEdits
@@ -558,17 +557,7 @@ class KeyValueService(KeyEdits):
         segment, offset = piece
         mem = self._hold_segments(reserved.state, [segment])[0]
         try:
-            reply: dict[str, Any] = {"id": m["id"]}
-            if mem.view is not None:
-                frames.recv_into_exact(mem.view[offset:offset + length], deadline)
-            else:                        # a file segment: the server never maps files
-                buffer = memoryview(bytearray(length))
-                frames.recv_into_exact(buffer, deadline)
-                try:
-                    mem.write(offset, buffer)
-                except MemfabricError as exc:     # the payload is read: answer here
-                    reply = wire.error_reply(m["id"], exc)
-            frames.send(reply)
+            receive_into_segment(frames, m["id"], mem, offset, length, deadline)
         finally:
             self._let_go_segments(reserved.state, [segment])
 
@@ -767,12 +756,7 @@ class KeyValueService(KeyEdits):
         segment, offset = piece
         mem = self._hold_segments(held.state, [segment])[0]
         try:
-            if mem.view is not None:
-                frames.send({"id": m["id"]}, mem.view[offset:offset + length])
-            else:
-                buffer = memoryview(bytearray(length))
-                mem.read(offset, buffer)
-                frames.send({"id": m["id"]}, buffer)
+            send_from_segment(frames, m["id"], mem, offset, length)
         finally:
             self._let_go_segments(held.state, [segment])
 

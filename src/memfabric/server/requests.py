@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from ..errors import MemfabricError
+from ..transport import wire
+
 
 class Connection:
     """What the server remembers about one connected client or peer."""
@@ -38,3 +41,31 @@ class Payload:
     def __init__(self, reply: dict[str, Any], data: memoryview | list[memoryview],
                  done: Callable[[], None] | None = None) -> None:
         self.reply, self.data, self.done = reply, data, done
+
+
+def receive_into_segment(frames: Any, request_id: int, mem: Any, offset: int, length: int,
+                         deadline: float) -> None:
+    """A transfer's payload received into segment memory, then its reply: straight into the
+    mapping, or (a file segment: the server never maps files) through a buffer and the fd."""
+    reply: dict[str, Any] = {"id": request_id}
+    if mem.view is not None:
+        frames.recv_into_exact(mem.view[offset:offset + length], deadline)
+    else:
+        buffer = memoryview(bytearray(length))
+        frames.recv_into_exact(buffer, deadline)
+        try:
+            mem.write(offset, buffer)
+        except MemfabricError as exc:     # the payload is read: answer here
+            reply = wire.error_reply(request_id, exc)
+    frames.send(reply)
+
+
+def send_from_segment(frames: Any, request_id: int, mem: Any, offset: int, length: int) -> None:
+    """A transfer's reply with segment bytes as its payload: from the mapping, or read from a
+    file segment first."""
+    if mem.view is not None:
+        frames.send({"id": request_id}, mem.view[offset:offset + length])
+    else:
+        buffer = memoryview(bytearray(length))
+        mem.read(offset, buffer)
+        frames.send({"id": request_id}, buffer)
