@@ -196,6 +196,35 @@ def test_a_reply_after_the_deadline_is_read_past():
         link.close()
 
 
+def _answer_out_of_order(server: FakeServer, sock, request) -> None:
+    """Answers the second request first: a connection's replies must come in order."""
+    second, _ = recv_frame_header(sock)
+    send_frame(sock, {"id": second["id"]}, b"SECOND!!")
+    send_frame(sock, {"id": request["id"]}, b"FIRST!!!")
+    server.stopped.wait(WAIT_S)
+
+
+def test_a_reply_out_of_order_breaks_the_link():
+    """A lone reader's payload may land with its header (_frames.c): the next frame must then
+    be its reply. One that is not is a broken stream: every request fails, none succeeds with
+    another's bytes."""
+    server = FakeServer(_answer_out_of_order)
+    link = RpcLink(server.address, FakeServer.TOKEN, timeout_s=WAIT_S)
+    try:
+        first, second = bytearray(8), bytearray(8)
+        rid1, p1 = link.submit("seg_read", {}, into=memoryview(first))
+        rid2, p2 = link.submit("seg_read", {}, into=memoryview(second))
+        with pytest.raises(memfabric.ServerUnavailable):
+            link.wait(rid1, p1, "seg_read")
+        with pytest.raises(memfabric.ServerUnavailable):
+            link.wait(rid2, p2, "seg_read")
+        assert link.closed
+        assert second == bytearray(8), "the second request's buffer was written by a broken stream"
+    finally:
+        server.stop()
+        link.close()
+
+
 def test_a_payload_stalled_part_way_breaks_the_link_and_never_lands_after():
     server = FakeServer(_stall_mid_payload)
     server.release = threading.Event()

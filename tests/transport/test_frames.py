@@ -3,6 +3,7 @@ without polling, and deadlines kept although the kernel's bound is not reset per
 
 from __future__ import annotations
 
+import signal
 import socket
 import struct
 import threading
@@ -15,12 +16,33 @@ from memfabric.transport import rpc
 WAIT_S = 5.0   # a generous bound for "does not hang"; never a performance threshold
 
 
-@pytest.fixture(params=[0.0, 0.05], ids=["sleeps", "polls"])
+# Each test runs on the Python receive path and on the compiled one (_frames.c), sleeping
+# and polling.
+@pytest.fixture(params=[(0.0, False), (0.05, False), (0.0, True), (0.05, True)],
+                ids=["sleeps", "polls", "compiled-sleeps", "compiled-polls"])
 def frames(request):
+    poll_s, compiled = request.param
+    if compiled and rpc._frames is None:
+        pytest.fail("the compiled receive path (memfabric._frames) was not built: run ./dev setup")
+    listener = rpc.listen("127.0.0.1:0", 1)
+    client = rpc.connect("127.0.0.1:%d" % listener.getsockname()[1], None, WAIT_S, poll_s)
+    server_sock, _ = listener.accept()
+    server = rpc.FrameSocket(server_sock, poll_s)
+    client.compiled = server.compiled = compiled
+    yield client, server
+    client.close()
+    server.close()
+    listener.close()
+
+
+@pytest.fixture(params=[0.0, 0.05], ids=["sleeps", "polls"])
+def python_frames(request):
+    """The Python path's own machinery: the kernel's receive bound (SO_RCVTIMEO), which the
+    compiled path does not use (it waits in poll(2) with the deadline's timeout)."""
     listener = rpc.listen("127.0.0.1:0", 1)
     client = rpc.connect("127.0.0.1:%d" % listener.getsockname()[1], None, WAIT_S, request.param)
-    server_sock, _ = listener.accept()
-    server = rpc.FrameSocket(server_sock, request.param)
+    server = rpc.FrameSocket(listener.accept()[0], request.param)
+    client.compiled = server.compiled = False
     yield client, server
     client.close()
     server.close()
@@ -38,16 +60,16 @@ def test_a_frame_and_its_payload_arrive_whole(frames):
         assert header == {"id": size, "op": "seg_write"} and bytes(into) == payload
 
 
-def test_a_kernel_bound_shorter_than_the_deadline_waits_again(frames):
-    client, server = frames
+def test_a_kernel_bound_shorter_than_the_deadline_waits_again(python_frames):
+    client, server = python_frames
     client._bound(0.3)          # left from an earlier receive; the deadline is later than it
     threading.Timer(0.5, server.send, args=({"id": 1},)).start()
     header, _ = client.recv_header(time.monotonic() + WAIT_S)
     assert header == {"id": 1}
 
 
-def test_a_kernel_bound_longer_than_the_deadline_is_cut_to_it(frames):
-    client, _ = frames
+def test_a_kernel_bound_longer_than_the_deadline_is_cut_to_it(python_frames):
+    client, _ = python_frames
     client._bound(WAIT_S)       # left from an earlier receive; this deadline is much nearer
     started = time.monotonic()
     with pytest.raises(socket.timeout):
@@ -60,8 +82,8 @@ def kernel_bound_s(sock: socket.socket) -> float:
     return seconds + micros / 1e6
 
 
-def test_an_idle_connection_outlives_the_kernel_bound_and_drops_a_short_one(frames):
-    client, server = frames
+def test_an_idle_connection_outlives_the_kernel_bound_and_drops_a_short_one(python_frames):
+    client, server = python_frames
     server._bound(0.05)         # left from a payload receive; waiting for a request has no end
     seen = []
 
@@ -152,3 +174,81 @@ def test_a_gathered_payload_lands_in_scattered_buffers(frames):
         server.recv_into_views(into, time.monotonic() + WAIT_S)
         sender.join(WAIT_S)
         assert [bytes(v) for v in into] == [bytes(p) for p in parts]
+
+
+# ---- a payload landing with its header (recv_frame's `into`, the lone-reply fast path) -------------
+
+def test_a_payload_of_the_expected_size_lands_with_its_header(frames):
+    client, server = frames
+    for size in (1, rpc.SMALL_PAYLOAD + 1, 1 << 20):
+        payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+        sender = threading.Thread(target=server.send, args=({"id": size}, memoryview(payload)))
+        sender.start()
+        into = memoryview(bytearray(size))
+        header, payload_len, landed = client.recv_frame(time.monotonic() + WAIT_S, WAIT_S, into)
+        sender.join(WAIT_S)
+        assert header == {"id": size} and payload_len == size
+        assert landed == client.compiled      # the Python path leaves it to the caller
+        if not landed:
+            client.recv_into_exact(into, time.monotonic() + WAIT_S)
+        assert bytes(into) == payload
+
+
+def test_a_payload_of_another_size_or_a_long_header_is_left_unread(frames):
+    """The buffer stays untouched and the stream whole: the next read takes the payload."""
+    client, server = frames
+    long_message = "x" * (rpc.FIRST_BLOCK * 2)
+    for header, payload in (({"id": 1}, b"abc"), ({"id": 2, "error": 3, "msg": long_message}, b"0123456789"),
+                            ({"id": 3, "error": 3, "msg": "short"}, b"")):
+        server.send(header, memoryview(payload) if payload else None)
+        into = memoryview(bytearray(b"\xee" * 10))
+        got, payload_len, landed = client.recv_frame(time.monotonic() + WAIT_S, WAIT_S, into)
+        assert got == header and payload_len == len(payload) and not landed
+        assert bytes(into) == b"\xee" * 10, "a frame not for this buffer wrote into it"
+        assert client.recv_exact(payload_len, time.monotonic() + WAIT_S) == payload
+    server.send({"id": 4})
+    assert client.recv_header(time.monotonic() + WAIT_S) == ({"id": 4}, 0)
+
+
+def test_a_payload_that_stalls_part_way_is_a_mid_frame_timeout(frames):
+    client, server = frames
+    head = rpc.wire.encode({"id": 7})
+    frame = rpc.PREFIX.pack(len(head), 1000) + head.ljust(rpc.FIRST_BLOCK - rpc.PREFIX.size, b"\0")
+    server.sock.sendall(frame + b"y" * 500)          # half the payload, then silence
+    into = memoryview(bytearray(1000))
+    started = time.monotonic()
+    with pytest.raises(socket.timeout) as raised:
+        header, _, landed = client.recv_frame(time.monotonic() + WAIT_S, 0.3, into)
+        if not landed:                               # the Python path: the caller reads it
+            client.recv_into_exact(into, time.monotonic() + 0.3)
+    assert time.monotonic() - started < WAIT_S
+    if client.compiled:       # the Python path's caller knows it was mid-frame (rpc_link.py)
+        assert isinstance(raised.value, rpc.MidFrameTimeout)
+
+
+def test_a_peer_that_hangs_up_mid_wait_is_a_connection_error(frames):
+    client, server = frames
+    threading.Timer(0.2, server.close).start()
+    with pytest.raises(ConnectionError):
+        client.recv_frame(time.monotonic() + WAIT_S, WAIT_S, memoryview(bytearray(10)))
+
+
+def test_a_signal_handler_that_raises_stops_a_wait(frames):
+    """Ctrl-C during an idle wait (no deadline) is seen at once, as in a Python receive."""
+    client, _ = frames
+
+    class Interrupted(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Interrupted()
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        started = time.monotonic()
+        with pytest.raises(Interrupted):
+            client.recv_frame(None, None, None)
+        assert time.monotonic() - started < WAIT_S
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

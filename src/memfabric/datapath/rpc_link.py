@@ -3,7 +3,9 @@
 Requests go out under a send lock. There is no reader thread: a waiting caller takes the
 receive lock and reads replies itself, handing each to the request it answers (its payload
 lands straight in the buffer that request registered) until its own arrives. A lone request
-so costs no thread hand-off; many in flight share one reader at a time.
+so costs no thread hand-off; many in flight share one reader at a time. Replies come in the
+order of the requests (rpc.py), so a reader whose own request is the oldest unanswered one
+takes its reply's payload straight into its buffer, with the header, in one receive.
 
 Every wait has a deadline. A request that runs out of time gets TIMEOUT and the link stays
 in use: its entry is dropped, so its reply, when it comes, is read past (late_replies.py).
@@ -160,7 +162,8 @@ class RpcLink:
                     handled = False
                     try:
                         while not pending.done:
-                            self._read_one(deadline)   # waits for a frame to begin until our deadline
+                            # Waits for a frame to begin until our deadline.
+                            self._read_one(deadline, request_id, pending)
                         handled = True
                     except rpc.MidFrameTimeout:
                         handled = True
@@ -282,14 +285,32 @@ class RpcLink:
 
     # ---- reading (done by whichever caller holds the receive lock) -------------------------------
 
-    def _read_one(self, deadline: float) -> None:
+    def _read_one(self, deadline: float, own_id: int = 0, own: Pending | None = None) -> None:
         """One frame, handed to its request. Waits for it to begin until `deadline`
         (socket.timeout: nothing began); once begun, it must end within the link's timeout
-        (MidFrameTimeout), whoever's deadline passes meanwhile."""
+        (MidFrameTimeout), whoever's deadline passes meanwhile.
+
+        When the reader's own request (`own_id`) is the oldest unanswered one, the next frame
+        is its reply (a connection's requests are answered in order), so its payload may land
+        in the reader's buffer in the same receive as the header."""
         frames = self._frames
-        header, payload_len = frames.recv_header(deadline, frame_timeout_s=self.timeout_s)
-        frame_deadline = time.monotonic() + self.timeout_s
+        land = None
+        if own is not None and frames.compiled and type(own.into) is memoryview and own.into.nbytes:
+            with self._lock:
+                oldest = next(iter(self._pending), None)
+                if oldest == own_id and (not self._abandoned or min(self._abandoned) > own_id):
+                    land = own.into
+        header, payload_len, landed = frames.recv_frame(deadline, self.timeout_s, land)
         reply_id = header.get("id")
+        if landed:
+            with self._lock:
+                mine = self._pending.pop(reply_id, None) if reply_id == own_id else None
+            if mine is None:        # not its reply after all: the stream is not what it should be
+                raise ProtocolError(f"a reply for request {reply_id!r} came before that of {own_id}")
+            own.reply = header
+            own.finish()
+            return
+        frame_deadline = time.monotonic() + self.timeout_s
         with self._lock:
             pending = self._pending.pop(reply_id, None)
             late = None if pending is not None else self._abandoned.pop(reply_id, None)

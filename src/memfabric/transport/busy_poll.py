@@ -44,3 +44,12 @@ class BusyPoll:
         result = block(*args)
         self._worth_it = self.window_s > 0 and time.perf_counter() - start <= self.window_s
         return result
+
+    # The same rule for a compiled receive that polls and blocks by itself (_frames.c):
+    def window(self) -> float:
+        """How long the next wait may poll."""
+        return self.window_s if self._worth_it else 0.0
+
+    def waited(self, taken_s: float) -> None:
+        """A wait took `taken_s`: poll next time only if that was within the window."""
+        self._worth_it = self.window_s > 0 and taken_s <= self.window_s

@@ -10,6 +10,13 @@ straight from it (sendmsg with the segment view); only payloads of at most SMALL
 bytes are copied next to their header first, because one contiguous send of a small
 frame is measurably faster on loopback than a two-piece sendmsg.
 
+A server answers a connection's requests in the order they came (rpc_front.py): a client
+that knows its request is the oldest unanswered one knows the next frame is its reply.
+
+Plain sockets receive through the compiled _frames.c (a wait polls and sleeps without the
+GIL and raises nothing per empty poll; a reply's payload can land with its header in one
+call); TLS sockets, and a build without the extension, take the Python path below.
+
 A connection starts with a mutual challenge: each side proves it holds the cluster token
 by an HMAC over both sides' fresh nonces; the token itself never crosses the wire. A peer
 that fails is refused before it can send a single request.
@@ -31,6 +38,11 @@ from ..limits import HANDSHAKE_TIMEOUT_S, MAX_MESSAGE_BYTES, MAX_RPC_PAYLOAD_BYT
 from . import wire
 from .busy_poll import BusyPoll
 from .sockets import HangUpWatch, timeval
+
+try:    # the compiled receive path (_frames.c); without it, the Python one below
+    from .. import _frames
+except ImportError:      # pragma: no cover - ./dev builds it
+    _frames = None
 
 PREFIX = struct.Struct("!IQ")
 PROTOCOL = "memfabric-rpc/1"
@@ -71,6 +83,8 @@ class FrameSocket:
         self.sock = sock
         self._tls = isinstance(sock, ssl.SSLSocket)
         self._busy_poll = BusyPoll(0.0 if self._tls else busy_poll_s)
+        # Plain sockets receive through _frames.c: a wait holds no GIL, a poll raises nothing.
+        self.compiled = _frames is not None and not self._tls
         self._hang_up = HangUpWatch(sock)
         self._block = memoryview(bytearray(FIRST_BLOCK))
         self._send_timeout_s = send_timeout_s
@@ -145,6 +159,47 @@ class FrameSocket:
         `frame_timeout_s`, once its first byte is in, the rest must come within that time
         (else within `deadline`); running out then raises MidFrameTimeout.
         """
+        header, payload_len, _ = self.recv_frame(deadline, frame_timeout_s)
+        return header, payload_len
+
+    def recv_frame(self, deadline: float | None = None, frame_timeout_s: float | None = None,
+                   into: memoryview | None = None) -> tuple[dict[str, Any], int, bool]:
+        """recv_header(), and with `into`, perhaps the payload too: when the frame's payload
+        is exactly len(into) bytes, it lands there in the same call (the third result says
+        whether it did). Only a caller that knows the next frame is the one `into` is for
+        may pass it: its bytes land before the header is decoded."""
+        if not self.compiled:
+            header, payload_len = self._recv_header_python(deadline, frame_timeout_s)
+            return header, payload_len, False
+        block = self._block
+        poll = self._busy_poll
+        start = time.perf_counter()
+        outcome = _frames.recv_frame(self.sock.fileno(), block, poll.window(),
+                                     None if deadline is None else deadline - time.monotonic(),
+                                     frame_timeout_s, into)
+        poll.waited(time.perf_counter() - start)
+        if outcome == _frames.NOTHING:
+            raise socket.timeout("the frame did not arrive in time")
+        if outcome == _frames.STALLED:
+            raise MidFrameTimeout("the frame stalled part way")
+        head_len, payload_len = PREFIX.unpack_from(block)
+        if head_len > MAX_MESSAGE_BYTES or payload_len > MAX_RPC_PAYLOAD_BYTES:
+            raise ProtocolError(f"frame of {head_len}+{payload_len} bytes is over the limits")
+        if PREFIX.size + head_len <= FIRST_BLOCK:
+            head = block[PREFIX.size:PREFIX.size + head_len]
+        else:
+            frame_deadline = deadline if frame_timeout_s is None else time.monotonic() + frame_timeout_s
+            try:
+                head = bytes(block[PREFIX.size:]) + self.recv_exact(PREFIX.size + head_len - FIRST_BLOCK,
+                                                                    frame_deadline)
+            except MidFrameTimeout:
+                raise
+            except socket.timeout:
+                raise MidFrameTimeout("the frame stalled part way") from None
+        return wire.decode(head), payload_len, outcome == _frames.LANDED
+
+    def _recv_header_python(self, deadline: float | None,
+                            frame_timeout_s: float | None) -> tuple[dict[str, Any], int]:
         block = self._block
         got = self._busy_poll.receive(self._recv_now, self._recv_some, block, deadline)
         if frame_timeout_s is not None:
@@ -200,6 +255,14 @@ class FrameSocket:
             return k
 
     def recv_into_exact(self, view: memoryview, deadline: float | None = None) -> None:
+        if self.compiled:
+            outcome = _frames.recv_exact(self.sock.fileno(), view, self._busy_poll.window(),
+                                         None if deadline is None else deadline - time.monotonic())
+            if outcome == _frames.NOTHING:
+                raise socket.timeout("the bytes did not arrive in time")
+            if outcome == _frames.STALLED:
+                raise MidFrameTimeout("the bytes stalled part way")
+            return
         got, n = 0, len(view)
         if n and not self._tls:
             # A payload mostly follows its header at once: take what is there without waiting

@@ -6,6 +6,7 @@ or {"id": int, "error": code, "msg": text}. Anything else is a protocol error.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import msgpack
@@ -14,8 +15,19 @@ from ..errors import MemfabricError, ProtocolError
 from ..limits import MAX_ERROR_MESSAGE_CHARS, MAX_MESSAGE_BYTES
 
 
+_local = threading.local()     # a Packer per thread: packb() would make one per message
+
+
 def encode(message: dict[str, Any]) -> bytes:
-    data = msgpack.packb(message, use_bin_type=True)
+    try:
+        packer = _local.packer
+    except AttributeError:
+        packer = _local.packer = msgpack.Packer(use_bin_type=True)
+    try:
+        data = packer.pack(message)
+    except BaseException:
+        _local.packer = msgpack.Packer(use_bin_type=True)   # its buffer may hold a part message
+        raise
     if len(data) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message of {len(data)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
     return data

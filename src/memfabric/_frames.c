@@ -1,0 +1,263 @@
+/* memfabric._frames: receiving RPC frames (transport/rpc.py), compiled.
+ *
+ * A remote read or write of a mid-size span spends most of its software time waiting for
+ * and taking in one frame: polling for its first bytes, reading its first block, reading its
+ * payload. In Python each poll that finds nothing raises (and formats) a BlockingIOError and
+ * each step is a few interpreter calls; here the whole of it is one call that holds no GIL
+ * while it waits. The frame layout and the deadline rules are rpc.py's:
+ *
+ *     frame = u32 header length | u64 payload length | header [| padding] | payload
+ *
+ * recv_frame(fd, block, poll_s, begin_timeout_s, frame_timeout_s, into) fills `block` (the
+ * frame's first FIRST_BLOCK bytes) and, when `into` is given and the frame's header fits the
+ * block and its payload is exactly len(into) bytes, the payload too. Returns:
+ *   LANDED (1)      the block and the payload are in
+ *   BLOCK (0)       the block is in; the payload (if any) is still to be read
+ *   NOTHING (-1)    no byte of a frame came before begin_timeout_s (the stream is whole)
+ *   STALLED (-2)    a frame began but did not end within frame_timeout_s (the stream is not)
+ * A closed peer raises ConnectionError; other socket errors raise OSError. A signal that
+ * interrupts a wait runs its Python handler; if it raises (Ctrl-C), so does the call, and the
+ * stream's position is unknown (the caller closes it, as after any interrupted receive).
+ *
+ * recv_exact(fd, view, poll_s, timeout_s) fills `view`: DONE (0), or NOTHING/STALLED as above.
+ *
+ * Waiting: non-blocking receives with sched_yield between them for at most poll_s, then
+ * poll(2) until the deadline. The socket itself may stay blocking: every receive here says
+ * MSG_DONTWAIT.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <poll.h>
+#include <sched.h>
+#include <stdint.h>
+#include <sys/socket.h>
+#include <time.h>
+
+#define FIRST_BLOCK 256
+#define PREFIX_BYTES 12
+#define LANDED 1
+#define BLOCK 0
+#define DONE 0
+#define NOTHING (-1)
+#define STALLED (-2)
+#define FOREVER (-1.0)
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+typedef enum { GOT, TIMED_OUT, CLOSED, FAILED, INTERRUPTED } Outcome;
+
+/* Receive into buf[*got:n] until it is full or `deadline` (FOREVER: none) passes, polling
+ * without sleeping until `poll_until` first. With `one`, returns as soon as any byte came.
+ * Called without the GIL; takes it only to run signal handlers. */
+static Outcome receive(int fd, char *buf, Py_ssize_t n, Py_ssize_t *got, double poll_until,
+                       double deadline, int one, int *err, PyThreadState **save) {
+    while (*got < n) {
+        ssize_t k = recv(fd, buf + *got, (size_t)(n - *got), MSG_DONTWAIT);
+        if (k > 0) {
+            *got += k;
+            if (one)
+                return GOT;
+            continue;
+        }
+        if (k == 0)
+            return CLOSED;
+        if (errno == EINTR)
+            continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK) {
+            *err = errno;
+            return FAILED;
+        }
+        double now = now_s();
+        if (now < poll_until) {
+            sched_yield();
+            continue;
+        }
+        int timeout_ms = -1;
+        if (deadline != FOREVER) {
+            if (now >= deadline)
+                return TIMED_OUT;
+            timeout_ms = (int)((deadline - now) * 1000.0) + 1;
+        }
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        int r = poll(&p, 1, timeout_ms);
+        if (r < 0) {
+            if (errno != EINTR) {
+                *err = errno;
+                return FAILED;
+            }
+            PyEval_RestoreThread(*save);
+            int failed = PyErr_CheckSignals();
+            *save = PyEval_SaveThread();
+            if (failed)
+                return INTERRUPTED;
+        }
+    }
+    return GOT;
+}
+
+/* Raises for CLOSED, FAILED and INTERRUPTED (with the GIL held); returns 0 if it did. */
+static int raise_for(Outcome outcome, int err) {
+    if (outcome == CLOSED) {
+        PyErr_SetString(PyExc_ConnectionError, "peer closed the connection");
+        return 0;
+    }
+    if (outcome == FAILED) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return 0;
+    }
+    if (outcome == INTERRUPTED)
+        return 0;           /* the handler's exception is set */
+    return 1;
+}
+
+static int writable(PyObject *o, Py_buffer *view) {
+    return PyObject_GetBuffer(o, view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) == 0;
+}
+
+static double deadline_after(double now, PyObject *timeout, int *ok) {
+    *ok = 1;
+    if (timeout == Py_None)
+        return FOREVER;
+    double t = PyFloat_AsDouble(timeout);
+    if (t == -1.0 && PyErr_Occurred()) {
+        *ok = 0;
+        return 0;
+    }
+    return now + (t > 0 ? t : 0);
+}
+
+static PyObject *recv_frame(PyObject *Py_UNUSED(self), PyObject *args) {
+    int fd;
+    PyObject *block_obj, *begin_obj, *frame_obj, *into_obj;
+    double poll_s;
+    if (!PyArg_ParseTuple(args, "iOdOOO", &fd, &block_obj, &poll_s, &begin_obj, &frame_obj, &into_obj))
+        return NULL;
+    Py_buffer block, into;
+    if (!writable(block_obj, &block))
+        return NULL;
+    if (block.len != FIRST_BLOCK) {
+        PyBuffer_Release(&block);
+        PyErr_SetString(PyExc_ValueError, "the block must be FIRST_BLOCK bytes");
+        return NULL;
+    }
+    int has_into = into_obj != Py_None;
+    if (has_into && !writable(into_obj, &into)) {
+        PyBuffer_Release(&block);
+        return NULL;
+    }
+    double start = now_s();
+    int ok_begin, ok_frame;
+    double begin_deadline = deadline_after(start, begin_obj, &ok_begin);
+    double frame_s = frame_obj == Py_None ? 0 : PyFloat_AsDouble(frame_obj);
+    ok_frame = !(frame_obj != Py_None && frame_s == -1.0 && PyErr_Occurred());
+    if (!ok_begin || !ok_frame) {
+        PyBuffer_Release(&block);
+        if (has_into)
+            PyBuffer_Release(&into);
+        return NULL;
+    }
+    int err = 0, result = BLOCK;
+    Outcome outcome;
+    Py_ssize_t got = 0;
+    char *b = (char *)block.buf;
+    PyThreadState *save = PyEval_SaveThread();
+    outcome = receive(fd, b, FIRST_BLOCK, &got, start + poll_s, begin_deadline, 1, &err, &save);
+    if (outcome == TIMED_OUT) {
+        result = NOTHING;
+        goto out;
+    }
+    if (outcome != GOT)
+        goto out;
+    /* Begun: the rest must come within the frame's own bound (else the begin deadline). */
+    double frame_deadline = frame_obj == Py_None ? begin_deadline : now_s() + (frame_s > 0 ? frame_s : 0);
+    double poll_until = now_s() + poll_s;
+    outcome = receive(fd, b, FIRST_BLOCK, &got, poll_until, frame_deadline, 0, &err, &save);
+    if (outcome == TIMED_OUT) {
+        result = STALLED;
+        goto out;
+    }
+    if (outcome != GOT)
+        goto out;
+    const unsigned char *u = (const unsigned char *)b;
+    uint32_t head_len = ((uint32_t)u[0] << 24) | ((uint32_t)u[1] << 16) | ((uint32_t)u[2] << 8) | u[3];
+    uint64_t payload_len = 0;
+    for (int i = 4; i < PREFIX_BYTES; i++)
+        payload_len = (payload_len << 8) | u[i];
+    if (has_into && into.len > 0 && PREFIX_BYTES + (uint64_t)head_len <= FIRST_BLOCK
+            && payload_len == (uint64_t)into.len) {
+        Py_ssize_t landed = 0;
+        outcome = receive(fd, (char *)into.buf, into.len, &landed, poll_until, frame_deadline, 0, &err, &save);
+        if (outcome == TIMED_OUT) {
+            result = STALLED;
+            goto out;
+        }
+        if (outcome == GOT)
+            result = LANDED;
+    }
+out:
+    PyEval_RestoreThread(save);
+    PyBuffer_Release(&block);
+    if (has_into)
+        PyBuffer_Release(&into);
+    if (outcome != TIMED_OUT && !raise_for(outcome, err))
+        return NULL;
+    return PyLong_FromLong(result);
+}
+
+static PyObject *recv_exact(PyObject *Py_UNUSED(self), PyObject *args) {
+    int fd;
+    PyObject *view_obj, *timeout_obj;
+    double poll_s;
+    if (!PyArg_ParseTuple(args, "iOdO", &fd, &view_obj, &poll_s, &timeout_obj))
+        return NULL;
+    Py_buffer view;
+    if (!writable(view_obj, &view))
+        return NULL;
+    double start = now_s();
+    int ok;
+    double deadline = deadline_after(start, timeout_obj, &ok);
+    if (!ok) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    int err = 0;
+    Py_ssize_t got = 0;
+    PyThreadState *save = PyEval_SaveThread();
+    Outcome outcome = receive(fd, (char *)view.buf, view.len, &got, start + poll_s, deadline, 0, &err, &save);
+    PyEval_RestoreThread(save);
+    PyBuffer_Release(&view);
+    if (outcome == TIMED_OUT)
+        return PyLong_FromLong(got ? STALLED : NOTHING);
+    if (!raise_for(outcome, err))
+        return NULL;
+    return PyLong_FromLong(DONE);
+}
+
+static PyMethodDef methods[] = {
+    {"recv_frame", recv_frame, METH_VARARGS,
+     "recv_frame(fd, block, poll_s, begin_timeout_s, frame_timeout_s, into) -> LANDED|BLOCK|NOTHING|STALLED"},
+    {"recv_exact", recv_exact, METH_VARARGS, "recv_exact(fd, view, poll_s, timeout_s) -> DONE|NOTHING|STALLED"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "memfabric._frames",
+                                    "Receiving RPC frames, compiled (see transport/rpc.py).", -1, methods};
+
+PyMODINIT_FUNC PyInit__frames(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddIntConstant(m, "FIRST_BLOCK", FIRST_BLOCK) < 0 || PyModule_AddIntConstant(m, "LANDED", LANDED) < 0
+            || PyModule_AddIntConstant(m, "BLOCK", BLOCK) < 0 || PyModule_AddIntConstant(m, "DONE", DONE) < 0
+            || PyModule_AddIntConstant(m, "NOTHING", NOTHING) < 0 || PyModule_AddIntConstant(m, "STALLED", STALLED) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
