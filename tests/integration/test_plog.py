@@ -370,3 +370,12 @@ def test_the_most_plogs_a_namespace_has_on_a_server_list_in_one_reply(plog_fabri
         listed = link.call("plog_list", **ns.wire_creds)["plogs"]       # one message, under the limit
         assert [p["name"] for p in listed] == names
         ns.destroy()
+
+
+def test_a_pool_no_server_has_is_no_such_pool(ns):
+    """ns.plog(name, pool="nosuch") said NO_SUCH_OBJECT (no such plog): the pool is what is
+    missing, and the error says so, for every plog call that takes a pool."""
+    for call in (lambda: ns.plog("p", pool="nosuch"), lambda: ns.plogs(pool="nosuch"),
+                 lambda: ns.create_plog("p", 4096, pool="nosuch")):
+        with pytest.raises(memfabric.NoSuchPool, match="nosuch"):
+            call()

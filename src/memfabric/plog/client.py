@@ -18,7 +18,8 @@ from ..bigmemory.layout import as_bytes_view
 from ..client.arguments import as_int
 from ..core.namespaces import check_name
 from ..datapath.deadline import call_timeout_s
-from ..errors import InvalidArgument, MemfabricError, NoSuchObject, OutOfRange, ProtocolError, ServerUnavailable
+from ..errors import (InvalidArgument, MemfabricError, NoSuchObject, NoSuchPool, OutOfRange, ProtocolError,
+                      ServerUnavailable)
 from . import record as rec
 from .log import pieces
 from ..limits import (MAX_PLOG_BATCH, MAX_PLOG_CAPACITY_BYTES, MAX_PLOG_RECORD_BYTES, MAX_PLOG_STAGED_BYTES,
@@ -311,9 +312,13 @@ def _pool_namespace(namespace: "Namespace", pool: Any) -> "Namespace":
 
 
 def _servers_of(namespace: "Namespace") -> list[int]:
-    """Live servers that give memory to the namespace's pool, this client's own first."""
+    """Live servers that give memory to the namespace's pool, this client's own first.
+    NO_SUCH_POOL when no server of the cluster, live or not, has that pool."""
     session = namespace.session
-    servers = [s for s in session.servers() if s.get("alive") and namespace.pool in (s.get("pools") or {})]
+    having = [s for s in session.servers() if namespace.pool in (s.get("pools") or {})]
+    if not having:
+        raise NoSuchPool(f"no server of the fabric gives memory to pool {namespace.pool!r}")
+    servers = [s for s in having if s.get("alive")]
     own = session.home().server_id
     return sorted((s["server_id"] for s in servers), key=lambda sid: (sid != own, sid))
 
