@@ -33,6 +33,7 @@
 #include <stdint.h>
 #include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 
 #define FIRST_BLOCK 256
 #define PREFIX_BYTES 12
@@ -239,7 +240,105 @@ static PyObject *recv_exact(PyObject *Py_UNUSED(self), PyObject *args) {
     return PyLong_FromLong(DONE);
 }
 
+/* recv_packet(fd, buffer, max_fds, poll_s) -> (n, fds, flags): one SEQPACKET message
+ * (transport/ipc.py) and the fds that came with it, received close-on-exec. Polls without
+ * sleeping for poll_s, then blocks in recvmsg, bounded by the socket's SO_RCVTIMEO: n is -1
+ * when that ran out (the socket must be blocking: no Python-level timeout). */
+static PyObject *recv_packet(PyObject *Py_UNUSED(self), PyObject *args) {
+    int fd, max_fds;
+    PyObject *buffer_obj;
+    double poll_s;
+    if (!PyArg_ParseTuple(args, "iOid", &fd, &buffer_obj, &max_fds, &poll_s))
+        return NULL;
+    if (max_fds < 0 || max_fds > 253) {
+        PyErr_SetString(PyExc_ValueError, "max_fds must be 0 to 253 (SCM_MAX_FD)");
+        return NULL;
+    }
+    Py_buffer buffer;
+    if (!writable(buffer_obj, &buffer))
+        return NULL;
+    union {
+        struct cmsghdr align;
+        char space[CMSG_SPACE(253 * sizeof(int))];
+    } control;
+    struct iovec iov = {.iov_base = buffer.buf, .iov_len = (size_t)buffer.len};
+    struct msghdr msg;
+    ssize_t n = -1;
+    int err = 0, failed_signal = 0;
+    double poll_until = now_s() + poll_s;
+    PyThreadState *save = PyEval_SaveThread();
+    for (;;) {
+        memset(&msg, 0, sizeof msg);
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.space;
+        msg.msg_controllen = CMSG_SPACE((size_t)max_fds * sizeof(int));
+        int polling = now_s() < poll_until;
+        n = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC | (polling ? MSG_DONTWAIT : 0));
+        if (n >= 0)
+            break;
+        if (errno == EINTR) {
+            PyEval_RestoreThread(save);
+            failed_signal = PyErr_CheckSignals();
+            save = PyEval_SaveThread();
+            if (failed_signal)
+                break;
+            continue;
+        }
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            if (polling) {
+                sched_yield();
+                continue;
+            }
+            break;          /* SO_RCVTIMEO ran out: n stays -1 */
+        }
+        err = errno;
+        break;
+    }
+    PyEval_RestoreThread(save);
+    PyBuffer_Release(&buffer);
+    if (failed_signal)
+        return NULL;
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    PyObject *fds = PyList_New(0);
+    if (fds == NULL)
+        return NULL;
+    if (n >= 0) {
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
+            if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+                continue;
+            size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+            const int *got = (const int *)CMSG_DATA(c);
+            for (size_t i = 0; i < count; i++) {
+                int one;
+                memcpy(&one, got + i, sizeof one);
+                PyObject *o = PyLong_FromLong(one);
+                if (o == NULL || PyList_Append(fds, o) < 0) {
+                    /* Out of memory: close this and the fds not listed yet; the caller
+                       closes those it gets. */
+                    Py_XDECREF(o);
+                    for (size_t j = i; j < count; j++) {
+                        memcpy(&one, got + j, sizeof one);
+                        close(one);
+                    }
+                    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(fds); k++)
+                        close((int)PyLong_AsLong(PyList_GET_ITEM(fds, k)));
+                    Py_DECREF(fds);
+                    return NULL;
+                }
+                Py_DECREF(o);
+            }
+        }
+    }
+    PyObject *result = Py_BuildValue("(nNi)", (Py_ssize_t)n, fds, n >= 0 ? msg.msg_flags : 0);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"recv_packet", recv_packet, METH_VARARGS, "recv_packet(fd, buffer, max_fds, poll_s) -> (n, fds, flags)"},
     {"recv_frame", recv_frame, METH_VARARGS,
      "recv_frame(fd, block, poll_s, begin_timeout_s, frame_timeout_s, into) -> LANDED|BLOCK|NOTHING|STALLED"},
     {"recv_exact", recv_exact, METH_VARARGS, "recv_exact(fd, view, poll_s, timeout_s) -> DONE|NOTHING|STALLED"},

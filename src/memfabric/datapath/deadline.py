@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Iterator
 
 from ..errors import InvalidArgument
 from ..limits import DEADLINE_MARGIN_S, DEADLINE_MARGIN_SHARE
@@ -36,16 +34,24 @@ def deadline_for(budget_s: object) -> float | None:
     return time.monotonic() + seconds - min(DEADLINE_MARGIN_S, seconds * DEADLINE_MARGIN_SHARE)
 
 
-@contextmanager
-def serving_until(deadline: float | None) -> Iterator[None]:
-    token = _deadline.set(deadline)
-    try:
-        yield
-    finally:
-        _deadline.reset(token)
+class serving_until:
+    """`with serving_until(deadline):` calls made inside wait at most until `deadline`.
+    A class, not a @contextmanager generator: every request enters one, and a generator's
+    machinery cost several times the rest of it."""
+
+    __slots__ = ("_deadline_s", "_token")
+
+    def __init__(self, deadline: float | None) -> None:
+        self._deadline_s = deadline
+
+    def __enter__(self) -> None:
+        self._token = _deadline.set(self._deadline_s)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _deadline.reset(self._token)
 
 
-def unbounded() -> "contextmanager[None]":
+def unbounded() -> serving_until:
     """For work that must happen whatever the request's deadline: giving back what it held
     (pins, extents). Such calls wait as long as their link allows, no longer."""
     return serving_until(None)

@@ -11,6 +11,7 @@ import array
 import os
 import socket
 import stat
+import time
 from typing import Any
 
 from ..errors import ProtocolError, ServerUnavailable, Timeout
@@ -18,6 +19,11 @@ from ..limits import CONNECT_TIMEOUT_S, MAX_FDS_PER_MESSAGE, MAX_MESSAGE_BYTES
 from . import wire
 from .busy_poll import BusyPoll
 from .sockets import HangUpWatch, timeval
+
+try:    # the compiled receive (_frames.c): a wait holds no GIL, a poll raises nothing
+    from .. import _frames
+except ImportError:      # pragma: no cover - ./dev builds it
+    _frames = None
 
 _ANCILLARY_BYTES = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
 # Received fds are close-on-exec from the moment they exist: a program this process execs
@@ -40,6 +46,7 @@ class IpcChannel:
         self._busy_poll = BusyPoll(busy_poll_s)
         self._buffer = bytearray(MAX_MESSAGE_BYTES)    # received into: no allocation per message
         self._hang_up = HangUpWatch(sock)
+        self.compiled = _frames is not None
         for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             sock.setsockopt(socket.SOL_SOCKET, opt, MAX_MESSAGE_BYTES * 2)
 
@@ -81,8 +88,17 @@ class IpcChannel:
 
     def recv(self) -> tuple[dict[str, Any], list[int]]:
         """One whole message and the fds that came with it. Raises PeerClosed on EOF."""
-        n, ancillary, flags, _ = self._busy_poll.receive(self._recv_now, self._recv_blocking)
-        fds = _take_fds(ancillary)
+        if self.compiled and self.sock.gettimeout() is None:
+            poll = self._busy_poll
+            start = time.perf_counter()
+            n, fds, flags = _frames.recv_packet(self.sock.fileno(), self._buffer, MAX_FDS_PER_MESSAGE,
+                                                poll.window())
+            poll.waited(time.perf_counter() - start)
+            if n < 0:
+                raise socket.timeout("receive timed out")
+        else:
+            n, ancillary, flags, _ = self._busy_poll.receive(self._recv_now, self._recv_blocking)
+            fds = _take_fds(ancillary)
         if flags & _TRUNCATED:
             _close_all(fds)
             raise ProtocolError(f"message over {MAX_MESSAGE_BYTES} bytes or {MAX_FDS_PER_MESSAGE} fds")
