@@ -82,7 +82,8 @@ static Outcome receive(int fd, char *buf, Py_ssize_t n, Py_ssize_t *got, double 
         if (deadline != FOREVER) {
             if (now >= deadline)
                 return TIMED_OUT;
-            timeout_ms = (int)((deadline - now) * 1000.0) + 1;
+            double ms = (deadline - now) * 1000.0 + 1;
+            timeout_ms = ms < 1e9 ? (int)ms : 1000000000;   /* a far deadline: wait, then look again */
         }
         struct pollfd p = {.fd = fd, .events = POLLIN};
         int r = poll(&p, 1, timeout_ms);
