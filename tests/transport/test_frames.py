@@ -3,7 +3,6 @@ without polling, and deadlines kept although the kernel's bound is not reset per
 
 from __future__ import annotations
 
-import signal
 import socket
 import struct
 import threading
@@ -13,13 +12,14 @@ import pytest
 
 from memfabric.transport import rpc
 
+from .paths import RECEIVE_PATH_IDS, RECEIVE_PATHS, Interrupted, interrupted_after
+
 WAIT_S = 5.0   # a generous bound for "does not hang"; never a performance threshold
 
 
 # Each test runs on the Python receive path and on the compiled one (_frames.c), sleeping
 # and polling.
-@pytest.fixture(params=[(0.0, False), (0.05, False), (0.0, True), (0.05, True)],
-                ids=["sleeps", "polls", "compiled-sleeps", "compiled-polls"])
+@pytest.fixture(params=RECEIVE_PATHS, ids=RECEIVE_PATH_IDS)
 def frames(request):
     poll_s, compiled = request.param
     if compiled and rpc._frames is None:
@@ -237,18 +237,8 @@ def test_a_signal_handler_that_raises_stops_a_wait(frames):
     """Ctrl-C during an idle wait (no deadline) is seen at once, as in a Python receive."""
     client, _ = frames
 
-    class Interrupted(Exception):
-        pass
-
-    def handler(signum, frame):
-        raise Interrupted()
-    previous = signal.signal(signal.SIGALRM, handler)
-    try:
-        signal.setitimer(signal.ITIMER_REAL, 0.3)
+    with interrupted_after(0.3):
         started = time.monotonic()
         with pytest.raises(Interrupted):
             client.recv_frame(None, None, None)
         assert time.monotonic() - started < WAIT_S
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import signal
 import socket
 import time
 
@@ -17,11 +16,12 @@ from memfabric.errors import ProtocolError
 from memfabric.limits import MAX_FDS_PER_MESSAGE, MAX_MESSAGE_BYTES
 from memfabric.transport import ipc, wire
 
+from .paths import RECEIVE_PATH_IDS, RECEIVE_PATHS, Interrupted, interrupted_after
+
 WAIT_S = 5.0   # a generous bound for "does not hang"; never a performance threshold
 
 
-@pytest.fixture(params=[(0.0, False), (0.05, False), (0.0, True), (0.05, True)],
-                ids=["sleeps", "polls", "compiled-sleeps", "compiled-polls"])
+@pytest.fixture(params=RECEIVE_PATHS, ids=RECEIVE_PATH_IDS)
 def channels(request):
     poll_s, compiled = request.param
     if compiled and ipc._frames is None:
@@ -109,18 +109,8 @@ def test_a_signal_handler_that_raises_stops_a_wait(channels):
     """Ctrl-C while a client waits for its reply is seen at once."""
     _, receiver = channels
 
-    class Interrupted(Exception):
-        pass
-
-    def handler(signum, frame):
-        raise Interrupted()
-    previous = signal.signal(signal.SIGALRM, handler)
-    try:
-        signal.setitimer(signal.ITIMER_REAL, 0.3)
+    with interrupted_after(0.3):
         started = time.monotonic()
         with pytest.raises(Interrupted):
             receiver.recv()
         assert time.monotonic() - started < WAIT_S
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
