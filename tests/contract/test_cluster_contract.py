@@ -111,6 +111,26 @@ def test_silent_server_is_dead_within_the_liveness_timeout(make_cluster):
     assert not {s.server_id: s for s in b.servers()}[sid].alive
 
 
+def test_a_heartbeat_says_whether_the_server_stayed_alive_throughout(make_cluster):
+    """MemKV forgets its keys only when members may have seen the server dead (kv/service.py
+    rejoined): etcd knows (was the lease refreshed, or gone?); the embedded catalog leaves it
+    to the time between beats (None)."""
+    a, b = make_cluster(liveness_timeout_s=2.0), make_cluster(liveness_timeout_s=2.0)
+    sid = register(a, "beating")
+    if make_cluster.backend == "embedded":
+        assert a.heartbeat(sid, {}) is None
+        return
+    assert a.heartbeat(sid, {}) is True
+    a._client.revoke_lease(a._leases[sid])          # what a lease running out does
+    assert not {s.server_id: s for s in b.servers()}[sid].alive
+    assert a.heartbeat(sid, {}) is False             # registered again, under a new lease
+    assert a.heartbeat(sid, {}) is True
+    deadline = time.monotonic() + 5           # b's watch hears of it soon: a bounded wait
+    while time.monotonic() < deadline and not {s.server_id: s for s in b.servers()}[sid].alive:
+        time.sleep(0.05)
+    assert {s.server_id: s for s in b.servers()}[sid].alive
+
+
 def test_namespace_catalog(make_cluster):
     a, b = make_cluster(), make_cluster()
     first = a.create_namespace("default", "kv", 3, "aa", "bb")

@@ -66,6 +66,30 @@ out(local=len(local_keys), requests=link._next_id - before, ok=got == [value(KEY
     assert r["requests"] <= 2           # the view of the pool and the replica count, at most; no get asked
 
 
+def test_an_etcd_outage_the_leases_outlive_costs_no_key(hosts):
+    """etcd stopped for longer than the liveness timeout, then started again: it extends its
+    leases when it comes back, so each server's lease lived on, no member ever saw a server
+    dead, and no key need be forgotten. Before, every server forgot all its keys (keys
+    without replicas were lost) because its heartbeat had been silent past the timeout."""
+    hosts.etcd.stop()
+    time.sleep(3)                        # past the 2 s liveness timeout: KV requests are refused
+    hosts.bed.procs.append(hosts.etcd.start().proc)
+    (r,) = run(hosts, CLIENT, """
+kv = s.namespace("kv1", "k").kv()
+deadline = time.monotonic() + 60
+while True:
+    try:
+        got = kv.get_many(KEYS)
+        break
+    except memfabric.MemfabricError:     # refused until each server's next beat lands
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.3)
+out(lost=sum(v is None for v in got), wrong=sum(v is not None and v != value(i) for i, v in enumerate(got)))
+""")
+    assert r == {"lost": 0, "wrong": 0}
+
+
 def test_killing_a_hosts_server_loses_no_key_that_had_a_replica(hosts):
     hosts.servers[3].send_signal(signal.SIGKILL)
     killed_at = time.monotonic()

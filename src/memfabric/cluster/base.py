@@ -49,7 +49,12 @@ class ClusterService(Protocol):
         across restarts of any server and of the service itself. A server takes one each time
         it starts, so that ids it makes (objects, segments) never repeat an earlier life's."""
 
-    def heartbeat(self, server_id: int, pools: dict[str, dict[str, Any]]) -> None: ...
+    def heartbeat(self, server_id: int, pools: dict[str, dict[str, Any]]) -> bool | None:
+        """Publish that the server lives, with its pools' figures. Returns whether the server
+        stayed alive in the cluster's eyes since its last beat: True (it did: etcd refreshed
+        the same lease, so no member could have seen it dead, however long the beat took),
+        False (it did not: the lease ran out and it registered again), None (the backend
+        cannot tell: judge by the time between beats)."""
 
     def deregister_server(self, server_id: int) -> None: ...
 

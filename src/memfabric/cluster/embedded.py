@@ -227,11 +227,12 @@ class EmbeddedCluster:
                 pid = self._pids[server_id] = row[0]
         return pid
 
-    def heartbeat(self, server_id: int, pools: dict[str, dict[str, Any]]) -> None:
+    def heartbeat(self, server_id: int, pools: dict[str, dict[str, Any]]) -> bool | None:
         pid = self._pid_of(server_id)
         if pid is None:
             raise ServerUnavailable(f"server {server_id} is not registered")
         self._beat(server_id, pid, True, pools)
+        return None      # members judge liveness by each beat's time: so must the server
 
     def deregister_server(self, server_id: int) -> None:
         pid = self._pid_of(server_id)

@@ -164,7 +164,7 @@ class EtcdCluster:
         raise ServerUnavailable(f"the epoch counter in etcd changed {MAX_EPOCH_ATTEMPTS} times under us")
 
     @_guard
-    def heartbeat(self, server_id: int, pools: dict[str, dict[str, Any]]) -> None:
+    def heartbeat(self, server_id: int, pools: dict[str, dict[str, Any]]) -> bool | None:
         with self._lock:
             lease = self._leases.get(server_id)
             record = self._records[server_id]
@@ -177,10 +177,12 @@ class EtcdCluster:
             # The lease ran out while etcd was away: same id, new lease.
             log.warning("server %d lost its etcd lease; registering again", server_id)
             self._go_live(server_id, record)
-            return
+            return False     # its live key was gone: members may have seen it dead
         payload = json.dumps({**record, "heartbeat_s": time.time()})
         self._client.put(self._key("live", server_id), payload, lease=lease)
         self._client.put(self._key("known", server_id), json.dumps({**json.loads(payload), "up": True}))
+        # The same lease lived on: the live key was never deleted, so no member saw it dead.
+        return True
 
     @_guard
     def deregister_server(self, server_id: int) -> None:

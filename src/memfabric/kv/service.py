@@ -9,9 +9,10 @@ key goes to its first home among the servers the cluster sees alive, so while a 
 stopped or cut off past its liveness timeout, its keys' writes go to others, and what it
 holds is stale when it comes back. So KV requests are refused (SERVER_UNAVAILABLE) once no
 heartbeat reached the cluster for TRUSTED_SHARE of the liveness timeout, and same-host readers
-stop at the index's lease (index.py) at the same moment. When a heartbeat lands the whole
-timeout or more after the last one was sent (the cluster may have seen the server dead), the
-server forgets every key before it serves again: a key with a replica elsewhere is read
+stop at the index's lease (index.py) at the same moment. When the cluster may have seen the
+server dead meanwhile (etcd: its lease ran out; the embedded catalog: a heartbeat landed the
+whole timeout or more after the last one was sent), the server forgets every key before it
+serves again: a key with a replica elsewhere is read
 there, one without is a miss, never an old value. A server that is merely slow (a beat late
 by less than the timeout: the cluster never saw it dead) keeps its keys; at most it refused
 requests for a moment. Heartbeats come at least MIN_BEATS_PER_LIVENESS_TIMEOUT times per
@@ -238,14 +239,19 @@ class KeyValueService(KeyEdits):
         with self.lock:
             return [s.kv for s in self.server.namespaces.values() if s.kv is not None]
 
-    def rejoined(self, last_sent_s: float | None, landed_s: float) -> None:
+    def rejoined(self, last_sent_s: float | None, landed_s: float, stayed_alive: bool | None = None) -> None:
         """A heartbeat reached the cluster by `landed_s` (monotonic); the one before it was
-        sent at `last_sent_s`. If the cluster may have taken this server for dead in between
-        (it does so a whole liveness timeout after a beat, which it got no sooner than it was
-        sent), forget every key: others may have written them meanwhile. Called before the
-        server serves keys again (requests wait for beat()); see the module's docstring."""
-        if last_sent_s is None or not may_have_been_dead(last_sent_s, landed_s,
-                                                         self.server.cfg.cluster.liveness_timeout_s):
+        sent at `last_sent_s`. If the cluster may have taken this server for dead in between,
+        forget every key: others may have written them meanwhile. The cluster says so when it
+        can (`stayed_alive`: etcd's lease lived on, or ran out); else time says (it does so a
+        whole liveness timeout after a beat, which it got no sooner than it was sent). So an
+        etcd outage that every server waits out with its lease intact costs no key. Called
+        before the server serves keys again (requests wait for beat()); see the module's
+        docstring."""
+        if last_sent_s is None or stayed_alive is True:
+            return
+        if stayed_alive is None and not may_have_been_dead(last_sent_s, landed_s,
+                                                           self.server.cfg.cluster.liveness_timeout_s):
             return
         forgotten = 0
         for space in self._spaces():
