@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from ... import __version__
-from ...errors import (InvalidArgument, LimitExceeded, MemfabricError, NoSuchNamespace, NoSuchObject, NoSuchPool,
-                       OutOfMemory, PermissionDenied)
+from ...errors import LimitExceeded, MemfabricError, NoSuchObject
 from ...limits import RESP_BULK_MAX_BYTES, RESP_MAX_CLIENTS, RESP_MGET_REPLY_MAX_BYTES, RESP_QUERY_BUFFER_MAX_BYTES
 from ..space import now_ms
 from . import protocol as p
+from .failures import error_reply
 from .glob import matches
 from .keys import Keyspace
 from .protocol import LLONG_MAX, LLONG_MIN, string2ll
@@ -140,17 +140,6 @@ def _set_options(args: list[bytes], command: str, getex: bool) -> dict[str, Any]
     if expire is not None:
         expire_at = _expire_ms(expire, command, unit in ("ex", "exat"), unit in ("ex", "px"))
     return {"nx": nx, "xx": xx, "get": get, "keepttl": keepttl, "persist": persist, "expire_at": expire_at}
-
-
-def _kv_errors(exc: MemfabricError) -> bytes:
-    """A MemKV error as a Redis client expects it."""
-    if isinstance(exc, OutOfMemory):
-        return p.error("-OOM command not allowed when used memory > 'maxmemory'.")
-    if isinstance(exc, NoSuchObject):
-        return p.error(str(exc))
-    if isinstance(exc, InvalidArgument):
-        return p.error(str(exc))
-    return p.error(f"{exc.code.name} {exc}")
 
 
 # ---- connection ------------------------------------------------------------------------------------
@@ -895,7 +884,5 @@ def execute(c: Client, args: list[bytes]) -> tuple[bytes, str]:
         return cmd.handler(c, args), label
     except RedisError as exc:
         return p.error(str(exc)), label
-    except (NoSuchNamespace, NoSuchPool, PermissionDenied, LimitExceeded) as exc:
-        return p.error(f"{exc.code.name} {exc}"), label
     except MemfabricError as exc:
-        return _kv_errors(exc), label
+        return error_reply(exc, c.front.server.limited_log), label

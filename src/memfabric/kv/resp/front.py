@@ -37,6 +37,7 @@ from ...transport import rpc
 from . import commands
 from . import protocol as p
 from .commands import Client, Quit, RedisError
+from .failures import internal_error_reply
 from .keys import Keyspace
 
 if TYPE_CHECKING:
@@ -247,10 +248,10 @@ class RespFront:
         except Quit:
             self._count("quit", False)
             return None
-        except Exception as exc:       # a bug: the client hears of it, the connection goes on
+        except Exception:              # a bug: the client hears that it happened, the connection goes on
             self.server.limited_log.exception("resp bug", "RESP command %.40r failed", args[0])
             self._count("internal", True)
-            return p.error(f"internal error: {exc!r}"[:200])
+            return internal_error_reply()
         self._count(label, reply[:1] == b"-")
         return reply
 
