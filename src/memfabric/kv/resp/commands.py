@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ... import __version__
 from ...errors import LimitExceeded, MemfabricError, NoSuchObject
-from ...limits import RESP_BULK_MAX_BYTES, RESP_MAX_CLIENTS, RESP_MGET_REPLY_MAX_BYTES, RESP_QUERY_BUFFER_MAX_BYTES
+from ...limits import RESP_BULK_MAX_BYTES, RESP_MGET_REPLY_MAX_BYTES, RESP_QUERY_BUFFER_MAX_BYTES
 from ..space import now_ms
 from . import protocol as p
 from .failures import error_reply
@@ -262,7 +262,7 @@ def client_list(c: Client, a: list[bytes]) -> bytes:
 def _config_values(c: Client) -> dict[bytes, bytes]:
     front = c.front
     return {b"maxmemory": b"0", b"maxmemory-policy": b"noeviction", b"save": b"", b"appendonly": b"no",
-            b"databases": b"1", b"maxclients": str(RESP_MAX_CLIENTS).encode(),
+            b"databases": b"1", b"maxclients": str(front.max_clients).encode(),
             b"proto-max-bulk-len": str(RESP_BULK_MAX_BYTES).encode(),
             b"client-query-buffer-limit": str(RESP_QUERY_BUFFER_MAX_BYTES).encode(),
             b"timeout": b"0", b"port": str(front.port).encode(), b"bind": front.host.encode(),

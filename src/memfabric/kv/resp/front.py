@@ -12,7 +12,10 @@ without AUTH (Redis's protected mode lets loopback in too); on any other address
 connection starts unauthenticated and must AUTH ns secId (or AUTH secId, for the default
 namespace). A wrong secId, a namespace that does not exist and a name that cannot be all
 get the same WRONGPASS: AUTH reveals nothing; guesses spend the failure budget of the
-client's address (server/sec_ids.py), as RPC's do.
+client's address (server/sec_ids.py), as RPC's do. Anyone who reaches such a door can open
+connections, so those not authenticated yet are bounded apart from the rest: at most a share
+of maxclients (a newcomer past it, or past maxclients, closes the oldest of them, never an
+authenticated client), each closed when it has not authenticated within auth_timeout_s.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from prometheus_client.registry import Collector
 
 from ...core.namespaces import check_name
 from ...errors import MemfabricError
-from ...limits import RESP_MAX_CLIENTS, RESP_RECV_BYTES, RESP_REPLY_BUFFER_BYTES, RESP_SEND_TIMEOUT_S
+from ...limits import (RESP_AUTH_TIMEOUT_S, RESP_MAX_CLIENTS, RESP_RECV_BYTES, RESP_REPLY_BUDGET_BYTES,
+                       RESP_REPLY_BUFFER_BYTES, RESP_SEND_TIMEOUT_S, RESP_UNAUTH_CLIENTS_SHARE)
 from ...server.accepting import AcceptLoop
 from ...server.requests import Connection
 from ...transport import rpc
@@ -87,7 +91,8 @@ class RespFront:
     door = "resp"
 
     def __init__(self, server: "Server", listen: str, pool: str, namespace: str, sec_id: bytes | None,
-                 max_clients: int = RESP_MAX_CLIENTS) -> None:
+                 max_clients: int = RESP_MAX_CLIENTS, auth_timeout_s: float = RESP_AUTH_TIMEOUT_S,
+                 reply_budget_bytes: int = RESP_REPLY_BUDGET_BYTES) -> None:
         self.server = server
         self._listener = rpc.listen(listen, backlog=511)
         self.host, self.port = self._listener.getsockname()[:2]
@@ -95,9 +100,12 @@ class RespFront:
         # Loopback and a secId to serve it with: the default namespace without AUTH.
         self.require_auth = not is_loopback(self.host) or sec_id is None
         self.max_clients = max_clients
+        self.max_unauthenticated = max(1, int(max_clients * RESP_UNAUTH_CLIENTS_SHARE))
+        self.auth_timeout_s = auth_timeout_s
         self.started_s = time.monotonic()
         self._lock = threading.Lock()
         self._clients: dict[int, tuple[Client, Connection]] = {}
+        self._unauthenticated: dict[int, Client] = {}     # oldest first
         # Figures for `memfabric status` and the metrics: bounded labels (the command table's
         # names and "unknown").
         self.connections_total = 0
@@ -173,14 +181,24 @@ class RespFront:
         conn = Connection(client=f"host {peer[0]}")
         keys = None if self.require_auth else Keyspace(self.server, conn, (self.pool, self.namespace, self.sec_id))
         client = Client(commands.next_client_id(), f"{peer[0]}:{peer[1]}", self, keys, conn=conn, sock=sock)
+        unauthenticated = keys is None
+        evicted: Client | None = None
         with self._lock:
+            if unauthenticated and self._unauthenticated and (len(self._unauthenticated) >= self.max_unauthenticated
+                                                              or len(self._clients) >= self.max_clients):
+                evicted = self._unauthenticated.pop(next(iter(self._unauthenticated)))
+                self._clients.pop(evicted.id, None)       # its slot is free now; its thread ends soon
             if len(self._clients) >= self.max_clients:
                 self.rejected_total += 1
                 full = True
             else:
                 self._clients[client.id] = (client, conn)
+                if unauthenticated:
+                    self._unauthenticated[client.id] = client
                 self.connections_total += 1
                 full = False
+        if evicted is not None:
+            _close_with(evicted.sock, "closed: too many connections are waiting to authenticate")
         if full:
             try:
                 sock.sendall(p.error("max number of clients reached"))
@@ -195,17 +213,30 @@ class RespFront:
         finally:
             with self._lock:
                 self._clients.pop(client.id, None)
+                self._unauthenticated.pop(client.id, None)
             sock.close()
             self.server.disconnected(conn)
 
     def _loop(self, client: Client, sock: socket.socket) -> None:
         parser = p.RequestParser()
+        # Until it authenticates, a connection has until this to (None: authenticated at once).
+        deadline_s = time.monotonic() + self.auth_timeout_s if client.keys is None else None
         while True:
             parser.auth_required = client.keys is None
+            if deadline_s is not None:
+                if client.keys is not None:
+                    deadline_s = None
+                    sock.settimeout(RESP_SEND_TIMEOUT_S)
+                else:
+                    left_s = deadline_s - time.monotonic()
+                    if left_s <= 0:
+                        _close_with(sock, f"closed: no AUTH within {self.auth_timeout_s:g} seconds")
+                        return
+                    sock.settimeout(min(left_s, RESP_SEND_TIMEOUT_S))
             try:
                 data = sock.recv(RESP_RECV_BYTES)
             except socket.timeout:
-                continue              # idle is fine (Redis's timeout 0)
+                continue              # idle is fine once authenticated (Redis's timeout 0)
             if not data:
                 return
             try:
@@ -275,6 +306,8 @@ class RespFront:
         except (MemfabricError, UnicodeDecodeError):
             raise RedisError(WRONGPASS) from None
         client.keys = Keyspace(self.server, conn, creds)
+        with self._lock:
+            self._unauthenticated.pop(client.id, None)
 
     # ---- what INFO and CLIENT LIST show --------------------------------------------------------------
 
@@ -321,3 +354,16 @@ class RespFront:
             return sum(r["stats"][name] for r in client.keys.everywhere("kv_stats"))
         except MemfabricError:
             return 0
+
+
+def _close_with(sock: socket.socket, why: str) -> None:
+    """Tell a connection why it is closed, if it can take the line now (it may read nothing),
+    and close it: its thread wakes from its read and ends."""
+    try:
+        sock.send(p.error(why), socket.MSG_DONTWAIT)
+    except OSError:
+        pass
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
