@@ -19,7 +19,7 @@ from .errors import InvalidArgument
 from .limits import (BUSY_POLL_US, HEARTBEAT_INTERVAL_S, LIVENESS_TIMEOUT_S, MAX_BUSY_POLL_US,
                      MAX_CLIENTS_PER_SERVER, MAX_NAMESPACES, MAX_NAMESPACES_PER_CLIENT, MIN_BEATS_PER_LIVENESS_TIMEOUT,
                      MIN_SEGMENT_BYTES, PAGE_SIZE_BYTES)
-from .limits import RESP_AUTH_TIMEOUT_S, RESP_MAX_CLIENTS, RESP_REPLY_BUDGET_BYTES
+from .limits import RESP_AUTH_TIMEOUT_S, RESP_MAX_CLIENTS, RESP_REPLY_BUDGET_BYTES, RESP_REPLY_BUDGET_MIN_BYTES
 from .media.base import MEDIA
 from .units import parse_size
 
@@ -270,6 +270,9 @@ def load_server_config(path: str) -> ServerConfig:
                                               "one late heartbeat would have the server taken for dead")
     if cfg.resp_listen and not _is_host_port(cfg.resp_listen):
         raise s._fail("resp_listen", f'must be HOST:PORT (such as "127.0.0.1:6390"), got {cfg.resp_listen!r}')
+    if cfg.resp_reply_budget_bytes < RESP_REPLY_BUDGET_MIN_BYTES:
+        raise s._fail("resp_reply_budget", f"must be at least {RESP_REPLY_BUDGET_MIN_BYTES} bytes (two batches of "
+                                            f"values), got {cfg.resp_reply_budget_bytes}")
     if cfg.rpc_listen and cluster.token_file is None:
         raise ConfigError(f"{path}: cluster.token_file: is required when server.rpc_listen is set")
     if (cfg.tls_cert is None) != (cfg.tls_key is None):

@@ -170,5 +170,10 @@ RESP_UNAUTH_CLIENTS_SHARE = 0.25
 RESP_AUTH_TIMEOUT_S = 10.0
 RESP_REPLY_BUFFER_BYTES = 64 << 10  # replies gathered before they are sent
 RESP_SEND_TIMEOUT_S = 60.0          # a client that reads nothing for this long is dropped
-RESP_MGET_REPLY_MAX_BYTES = 512 << 20   # the values of one MGET: the door holds them all before it answers
-RESP_REPLY_BUDGET_BYTES = 1 << 30       # values all the door's replies hold at once (server.resp_reply_budget)
+RESP_MGET_REPLY_MAX_BYTES = 512 << 20   # the values of one MGET (it holds a few batches of them at a time)
+# Bytes of values all the door's MGET replies hold at once (server.resp_reply_budget), and how
+# long one waits for room before it is refused (or, half sent, its connection closed). A reply
+# takes a batch's most (KV_GET_MANY_PAYLOAD_BYTES) before it asks: the budget is at least two.
+RESP_REPLY_BUDGET_BYTES = 1 << 30
+RESP_REPLY_BUDGET_MIN_BYTES = 2 * KV_GET_MANY_PAYLOAD_BYTES
+RESP_REPLY_BUDGET_WAIT_S = 10.0

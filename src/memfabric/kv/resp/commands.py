@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from ... import __version__
-from ...errors import LimitExceeded, MemfabricError, NoSuchObject
-from ...limits import RESP_BULK_MAX_BYTES, RESP_MGET_REPLY_MAX_BYTES, RESP_QUERY_BUFFER_MAX_BYTES
+from ...errors import MemfabricError, NoSuchObject
+from ...limits import RESP_BULK_MAX_BYTES, RESP_QUERY_BUFFER_MAX_BYTES
 from ..space import now_ms
 from . import protocol as p
 from .failures import error_reply
 from .glob import matches
 from .keys import Keyspace
+from .mget import MgetReply
 from .protocol import LLONG_MAX, LLONG_MIN, string2ll
 
 if TYPE_CHECKING:
@@ -70,7 +71,7 @@ class Client:
         return self.keys
 
 
-Handler = Callable[[Client, list[bytes]], bytes]
+Handler = Callable[[Client, list[bytes]], Any]     # bytes, or an MgetReply to stream
 
 
 @dataclass(frozen=True)
@@ -402,32 +403,12 @@ def cmd_getex(c: Client, a: list[bytes]) -> bytes:
     return p.value(reply["value"] if reply["found"] else None, c.resp)
 
 
-def cmd_mget(c: Client, a: list[bytes]) -> bytes:
-    # Each key is fetched once however often it is named, and the reply is bounded: a short
-    # MGET naming a large value many times made the server hold a copy per naming.
-    keys = list(dict.fromkeys(a[1:]))
-    found: dict[bytes, bytes | None] = {}
-    ks = c.keyspace()
-    left = RESP_MGET_REPLY_MAX_BYTES
-    for server_id, positions in ks.by_home(keys):
-        asked = [keys[i] for i in positions]
-        try:
-            got = ks.get_many_at(server_id, asked, max_bytes=left)
-        except LimitExceeded:
-            raise LimitExceeded(_mget_too_large(RESP_MGET_REPLY_MAX_BYTES)) from None
-        for key, value in zip(asked, got, strict=True):
-            found[key] = value
-            left -= len(value or b"")
-    values = [found[key] for key in a[1:]]
-    total = sum(len(v) for v in values if v is not None)
-    if total > RESP_MGET_REPLY_MAX_BYTES:
-        raise LimitExceeded(_mget_too_large(total))
-    return p.values(values, c.resp)
-
-
-def _mget_too_large(total: int) -> str:
-    return (f"MGET's values are {total} bytes or more, at most {RESP_MGET_REPLY_MAX_BYTES} in one reply: "
-            "ask for fewer keys at a time")
+def cmd_mget(c: Client, a: list[bytes]) -> bytes | MgetReply:
+    # The values are sent as they are fetched, their bytes taken from the door's reply budget
+    # (mget.py): one reply holding them all at once made the server hold about three times it.
+    reply = MgetReply(c, a[1:])
+    whole = reply.prepare()
+    return whole if whole is not None else reply
 
 
 def _pairs(a: list[bytes], command: str) -> list[tuple[bytes, bytes]]:
@@ -869,8 +850,9 @@ def next_client_id() -> int:
     return next(_client_ids)
 
 
-def execute(c: Client, args: list[bytes]) -> tuple[bytes, str]:
-    """A command's reply, and the name it is counted under ("unknown": no such command)."""
+def execute(c: Client, args: list[bytes]) -> tuple[bytes | MgetReply, str]:
+    """A command's reply (or an MGET's to stream), and the name it is counted under
+    ("unknown": no such command)."""
     cmd, problem = lookup(args)
     if cmd is None:
         assert problem is not None

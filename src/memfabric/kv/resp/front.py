@@ -41,7 +41,9 @@ from ...transport import rpc
 from . import commands
 from . import protocol as p
 from .commands import Client, Quit, RedisError
+from .budget import ReplyBudget
 from .failures import internal_error_reply
+from .mget import MgetReply, ReplyCut
 from .keys import Keyspace
 
 if TYPE_CHECKING:
@@ -106,6 +108,7 @@ class RespFront:
         self._lock = threading.Lock()
         self._clients: dict[int, tuple[Client, Connection]] = {}
         self._unauthenticated: dict[int, Client] = {}     # oldest first
+        self.reply_budget = ReplyBudget(reply_budget_bytes)
         # Figures for `memfabric status` and the metrics: bounded labels (the command table's
         # names and "unknown").
         self.connections_total = 0
@@ -262,6 +265,20 @@ class RespFront:
                     out.append(p.OK)
                     closing = True
                     break
+                if isinstance(reply, MgetReply):       # sent as its values are fetched
+                    try:
+                        if out:
+                            sock.sendall(b"".join(out))
+                            out, size = [], 0
+                        reply.send(sock)
+                    except ReplyCut as exc:
+                        self.server.limited_log.warning("resp cut", "RESP connection %s closed half-way "
+                                                        "through an MGET reply: %s", client.address, exc)
+                        self._count("mget", True)
+                        return
+                    finally:
+                        reply.close()                  # its budget, however it ended
+                    continue
                 out.append(reply)
                 size += len(reply)
                 parser.auth_required = client.keys is None
@@ -273,7 +290,7 @@ class RespFront:
             if closing:
                 return
 
-    def _execute(self, client: Client, args: list[bytes]) -> bytes | None:
+    def _execute(self, client: Client, args: list[bytes]) -> bytes | MgetReply | None:
         try:
             reply, label = commands.execute(client, args)
         except Quit:
@@ -283,7 +300,7 @@ class RespFront:
             self.server.limited_log.exception("resp bug", "RESP command %.40r failed", args[0])
             self._count("internal", True)
             return internal_error_reply()
-        self._count(label, reply[:1] == b"-")
+        self._count(label, isinstance(reply, bytes) and reply[:1] == b"-")
         return reply
 
     def _count(self, label: str, failed: bool) -> None:
@@ -330,7 +347,13 @@ class RespFront:
             fields = [("connected_clients", self.connected()), ("maxclients", self.max_clients)]
         elif section == "memory":
             used = self._keyspace_figure(client, "bytes")
-            fields = [("used_memory", used), ("maxmemory", 0), ("maxmemory_policy", "noeviction")]
+            # mem_clients_normal: what Redis counts there, the clients' reply buffers (here:
+            # the bytes of values MGET replies hold of the door's reply budget).
+            fields = [("used_memory", used), ("maxmemory", 0), ("maxmemory_policy", "noeviction"),
+                      ("mem_clients_normal", self.reply_budget.used_bytes),
+                      ("reply_budget", self.reply_budget.limit_bytes),
+                      ("reply_budget_peak", self.reply_budget.peak_bytes),
+                      ("reply_budget_refused", self.reply_budget.refused)]
         elif section == "stats":
             with self._lock:
                 total, errors = sum(self.commands.values()), sum(self.errors.values())
