@@ -9,7 +9,10 @@ import random
 import socket
 import threading
 
+import pytest
 import redis
+
+from memfabric.config import ConfigError, load_server_config
 
 from ..helpers import WAIT_S, wait_until
 from .one_door import one_door
@@ -166,3 +169,12 @@ def test_readers_that_stall_hold_only_the_budget_and_others_hear_so():
         wait_until(lambda: r.info("memory")["mem_clients_normal"] == 0, "the stalled replies to give back their bytes")
         assert r.mget(keys) == [b"v" * MiB] * VALUES
         r.close()
+
+
+def test_a_budget_too_small_for_two_batches_is_refused_in_one_line(tmp_path):
+    config = tmp_path / "server.toml"
+    config.write_text(f'[server]\ndata_dir = "{tmp_path}/d"\nresp_listen = "127.0.0.1:0"\nresp_reply_budget = "1MiB"\n'
+                      f'[cluster]\nbackend = "embedded"\npath = "{tmp_path}/c.db"\n'
+                      '[[pool]]\nname = "default"\nmedium = "dram"\ncapacity = "8MiB"\n')
+    with pytest.raises(ConfigError, match=r"resp_reply_budget: must be at least 16777216 bytes .* got 1048576"):
+        load_server_config(str(config))

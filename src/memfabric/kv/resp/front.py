@@ -276,6 +276,12 @@ class RespFront:
                                                         "through an MGET reply: %s", client.address, exc)
                         self._count("mget", True)
                         return
+                    except OSError:
+                        raise                          # the client went away, or read nothing for too long
+                    except Exception:                  # a bug, half-way through a reply: it is closed
+                        self.server.limited_log.exception("resp bug", "RESP MGET reply to %s failed", client.address)
+                        self._count("internal", True)
+                        return
                     finally:
                         reply.close()                  # its budget, however it ended
                     continue
