@@ -5,7 +5,9 @@ Redis's, or an error."""
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import socket
 import threading
 
@@ -14,7 +16,11 @@ import redis
 
 from memfabric.config import ConfigError, load_server_config
 
-from ..helpers import WAIT_S, wait_until
+from memfabric.kv.rules import homes
+from memfabric.launcher import LocalFabric
+
+from ..conftest import short_tmp_dir
+from ..helpers import WAIT_S, free_ports, wait_until
 from .one_door import one_door
 from .wire import READ_S, Raw, encode
 
@@ -178,3 +184,34 @@ def test_a_budget_too_small_for_two_batches_is_refused_in_one_line(tmp_path):
                       '[[pool]]\nname = "default"\nmedium = "dram"\ncapacity = "8MiB"\n')
     with pytest.raises(ConfigError, match=r"resp_reply_budget: must be at least 16777216 bytes .* got 1048576"):
         load_server_config(str(config))
+
+
+def test_a_server_stopping_half_way_through_a_streamed_mget_closes_that_connection_only(fresh_fabric):
+    """SIGSTOP the server without the door: an MGET whose first values (on the door's server)
+    are sent before it reaches a key of the stopped one is cut (the connection closes: a reply
+    half sent cannot become an error), its bytes go back, and the door serves on. An MGET that
+    meets the stopped server before it sends anything gets the error instead."""
+    port = free_ports(1)
+    fab = LocalFabric(short_tmp_dir("mf-resp-cut-"), servers=2, capacity="32MiB", segment_size="1MiB",
+                      liveness_timeout_s=30.0, extra_args=["--resp-port", str(port)]).start()
+    pid = fab.server_pids()[2]
+    try:
+        ours = [k for k in (f"cut:{i}" for i in range(200)) if homes(k.encode(), [1, 2], 1) == [1]][:8]
+        theirs = next(k for k in (f"cut:t{i}" for i in range(200)) if homes(k.encode(), [1, 2], 1) == [2])
+        r = redis.Redis(port=port, socket_timeout=READ_S * 3)
+        for k in ours + [theirs]:
+            r.set(k, b"o" * (256 << 10))
+        os.kill(pid, signal.SIGSTOP)
+        cut = Raw(port)
+        cut.sock.settimeout(READ_S * 3)
+        cut.send(encode("MGET", *ours, theirs))
+        said, closed = cut.until_closed()
+        assert closed and said.startswith(b"*9\r\n$262144\r\n") and len(said) < 9 * (256 << 10), len(said)
+        cut.close()
+        with pytest.raises(redis.ResponseError, match="TIMEOUT"):
+            r.mget([theirs] + ours)
+        assert r.mget(ours) == [b"o" * (256 << 10)] * len(ours)
+        assert r.info("memory")["mem_clients_normal"] == 0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        fab.stop()

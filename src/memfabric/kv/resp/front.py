@@ -274,13 +274,13 @@ class RespFront:
                     except ReplyCut as exc:
                         self.server.limited_log.warning("resp cut", "RESP connection %s closed half-way "
                                                         "through an MGET reply: %s", client.address, exc)
-                        self._count("mget", True)
+                        self._count_error("mget")      # counted as a command already
                         return
                     except OSError:
                         raise                          # the client went away, or read nothing for too long
                     except Exception:                  # a bug, half-way through a reply: it is closed
                         self.server.limited_log.exception("resp bug", "RESP MGET reply to %s failed", client.address)
-                        self._count("internal", True)
+                        self._count_error("mget")
                         return
                     finally:
                         reply.close()                  # its budget, however it ended
@@ -308,6 +308,10 @@ class RespFront:
             return internal_error_reply()
         self._count(label, isinstance(reply, bytes) and reply[:1] == b"-")
         return reply
+
+    def _count_error(self, label: str) -> None:
+        with self._lock:
+            self.errors[label] += 1
 
     def _count(self, label: str, failed: bool) -> None:
         # Counter updates under the GIL are not atomic across threads: a lock keeps them exact.
