@@ -19,6 +19,7 @@ from .errors import InvalidArgument
 from .limits import (BUSY_POLL_US, HEARTBEAT_INTERVAL_S, LIVENESS_TIMEOUT_S, MAX_BUSY_POLL_US,
                      MAX_CLIENTS_PER_SERVER, MAX_NAMESPACES, MAX_NAMESPACES_PER_CLIENT, MIN_BEATS_PER_LIVENESS_TIMEOUT,
                      MIN_SEGMENT_BYTES, PAGE_SIZE_BYTES)
+from .limits import RESP_AUTH_TIMEOUT_S, RESP_MAX_CLIENTS, RESP_REPLY_BUDGET_BYTES, RESP_REPLY_BUDGET_MIN_BYTES
 from .media.base import MEDIA
 from .units import parse_size
 
@@ -94,6 +95,9 @@ class ServerConfig:
     resp_pool: str = "default"
     resp_namespace: str = "default"
     resp_sec_id: bytes | None = None
+    resp_max_clients: int = RESP_MAX_CLIENTS
+    resp_auth_timeout_s: float = RESP_AUTH_TIMEOUT_S
+    resp_reply_budget_bytes: int = RESP_REPLY_BUDGET_BYTES
 
 
 def _resp_sec_id(s: "_Table", base_dir: str) -> bytes | None:
@@ -236,6 +240,9 @@ def load_server_config(path: str) -> ServerConfig:
         resp_pool=s.get("resp_pool", str, "default"),
         resp_namespace=s.get("resp_namespace", str, "default"),
         resp_sec_id=_resp_sec_id(s, base_dir),
+        resp_max_clients=s.positive("resp_max_clients", int, RESP_MAX_CLIENTS),
+        resp_auth_timeout_s=float(s.positive("resp_auth_timeout_s", float, RESP_AUTH_TIMEOUT_S)),
+        resp_reply_budget_bytes=s.size("resp_reply_budget", RESP_REPLY_BUDGET_BYTES),
     )
     if cfg.max_namespaces_per_client > MAX_NAMESPACES:
         raise s._fail("max_namespaces_per_client", f"must be at most {MAX_NAMESPACES} (the cluster's limit), "
@@ -263,6 +270,9 @@ def load_server_config(path: str) -> ServerConfig:
                                               "one late heartbeat would have the server taken for dead")
     if cfg.resp_listen and not _is_host_port(cfg.resp_listen):
         raise s._fail("resp_listen", f'must be HOST:PORT (such as "127.0.0.1:6390"), got {cfg.resp_listen!r}')
+    if cfg.resp_reply_budget_bytes < RESP_REPLY_BUDGET_MIN_BYTES:
+        raise s._fail("resp_reply_budget", f"must be at least {RESP_REPLY_BUDGET_MIN_BYTES} bytes (two batches of "
+                                            f"values), got {cfg.resp_reply_budget_bytes}")
     if cfg.rpc_listen and cluster.token_file is None:
         raise ConfigError(f"{path}: cluster.token_file: is required when server.rpc_listen is set")
     if (cfg.tls_cert is None) != (cfg.tls_key is None):

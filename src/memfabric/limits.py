@@ -162,6 +162,18 @@ RESP_UNAUTH_MAX_ARGS = 10           # before AUTH, where AUTH is required (as Re
 RESP_UNAUTH_BULK_MAX_BYTES = 16384
 RESP_RECV_BYTES = 256 << 10         # one read at most: as Redis, whatever is there (a long inline line sent at once is whole)
 RESP_MAX_CLIENTS = 4096             # door connections at once (a thread each; Redis allows 10,000)
+# Where AUTH is required: at most this share of the clients may be connections that have not
+# authenticated yet (a newcomer past it closes the oldest of them), each closed when it has not
+# authenticated within RESP_AUTH_TIMEOUT_S. Anyone who reaches the door can open connections:
+# they must never take the slots of the clients that can AUTH.
+RESP_UNAUTH_CLIENTS_SHARE = 0.25
+RESP_AUTH_TIMEOUT_S = 10.0
 RESP_REPLY_BUFFER_BYTES = 64 << 10  # replies gathered before they are sent
 RESP_SEND_TIMEOUT_S = 60.0          # a client that reads nothing for this long is dropped
-RESP_MGET_REPLY_MAX_BYTES = 512 << 20   # the values of one MGET: the door holds them all before it answers
+RESP_MGET_REPLY_MAX_BYTES = 512 << 20   # the values of one MGET (it holds a few batches of them at a time)
+# Bytes of values all the door's MGET replies hold at once (server.resp_reply_budget), and how
+# long one waits for room before it is refused (or, half sent, its connection closed). A reply
+# takes a batch's most (KV_GET_MANY_PAYLOAD_BYTES) before it asks: the budget is at least two.
+RESP_REPLY_BUDGET_BYTES = 1 << 30
+RESP_REPLY_BUDGET_MIN_BYTES = 2 * KV_GET_MANY_PAYLOAD_BYTES
+RESP_REPLY_BUDGET_WAIT_S = 10.0

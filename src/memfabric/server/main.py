@@ -88,7 +88,8 @@ def run_server(config_path: str) -> int:
             metrics.start()
         if cfg.resp_listen:          # bound before memory is reserved too
             try:
-                fronts.append(RespFront(server, cfg.resp_listen, cfg.resp_pool, cfg.resp_namespace, cfg.resp_sec_id))
+                fronts.append(RespFront(server, cfg.resp_listen, cfg.resp_pool, cfg.resp_namespace, cfg.resp_sec_id,
+                                        cfg.resp_max_clients, cfg.resp_auth_timeout_s, cfg.resp_reply_budget_bytes))
             except OSError as exc:
                 raise OSError(exc.errno, f"server.resp_listen {cfg.resp_listen}: {exc.strerror or exc}") from None
         server.start()

@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from ... import __version__
-from ...errors import (InvalidArgument, LimitExceeded, MemfabricError, NoSuchNamespace, NoSuchObject, NoSuchPool,
-                       OutOfMemory, PermissionDenied)
-from ...limits import RESP_BULK_MAX_BYTES, RESP_MAX_CLIENTS, RESP_MGET_REPLY_MAX_BYTES, RESP_QUERY_BUFFER_MAX_BYTES
+from ...errors import MemfabricError, NoSuchObject
+from ...limits import RESP_BULK_MAX_BYTES, RESP_QUERY_BUFFER_MAX_BYTES
 from ..space import now_ms
 from . import protocol as p
+from .failures import error_reply
 from .glob import matches
 from .keys import Keyspace
+from .mget import MgetReply
 from .protocol import LLONG_MAX, LLONG_MIN, string2ll
 
 if TYPE_CHECKING:
@@ -70,7 +71,7 @@ class Client:
         return self.keys
 
 
-Handler = Callable[[Client, list[bytes]], bytes]
+Handler = Callable[[Client, list[bytes]], Any]     # bytes, or an MgetReply to stream
 
 
 @dataclass(frozen=True)
@@ -140,17 +141,6 @@ def _set_options(args: list[bytes], command: str, getex: bool) -> dict[str, Any]
     if expire is not None:
         expire_at = _expire_ms(expire, command, unit in ("ex", "exat"), unit in ("ex", "px"))
     return {"nx": nx, "xx": xx, "get": get, "keepttl": keepttl, "persist": persist, "expire_at": expire_at}
-
-
-def _kv_errors(exc: MemfabricError) -> bytes:
-    """A MemKV error as a Redis client expects it."""
-    if isinstance(exc, OutOfMemory):
-        return p.error("-OOM command not allowed when used memory > 'maxmemory'.")
-    if isinstance(exc, NoSuchObject):
-        return p.error(str(exc))
-    if isinstance(exc, InvalidArgument):
-        return p.error(str(exc))
-    return p.error(f"{exc.code.name} {exc}")
 
 
 # ---- connection ------------------------------------------------------------------------------------
@@ -273,7 +263,7 @@ def client_list(c: Client, a: list[bytes]) -> bytes:
 def _config_values(c: Client) -> dict[bytes, bytes]:
     front = c.front
     return {b"maxmemory": b"0", b"maxmemory-policy": b"noeviction", b"save": b"", b"appendonly": b"no",
-            b"databases": b"1", b"maxclients": str(RESP_MAX_CLIENTS).encode(),
+            b"databases": b"1", b"maxclients": str(front.max_clients).encode(),
             b"proto-max-bulk-len": str(RESP_BULK_MAX_BYTES).encode(),
             b"client-query-buffer-limit": str(RESP_QUERY_BUFFER_MAX_BYTES).encode(),
             b"timeout": b"0", b"port": str(front.port).encode(), b"bind": front.host.encode(),
@@ -413,32 +403,12 @@ def cmd_getex(c: Client, a: list[bytes]) -> bytes:
     return p.value(reply["value"] if reply["found"] else None, c.resp)
 
 
-def cmd_mget(c: Client, a: list[bytes]) -> bytes:
-    # Each key is fetched once however often it is named, and the reply is bounded: a short
-    # MGET naming a large value many times made the server hold a copy per naming.
-    keys = list(dict.fromkeys(a[1:]))
-    found: dict[bytes, bytes | None] = {}
-    ks = c.keyspace()
-    left = RESP_MGET_REPLY_MAX_BYTES
-    for server_id, positions in ks.by_home(keys):
-        asked = [keys[i] for i in positions]
-        try:
-            got = ks.get_many_at(server_id, asked, max_bytes=left)
-        except LimitExceeded:
-            raise LimitExceeded(_mget_too_large(RESP_MGET_REPLY_MAX_BYTES)) from None
-        for key, value in zip(asked, got, strict=True):
-            found[key] = value
-            left -= len(value or b"")
-    values = [found[key] for key in a[1:]]
-    total = sum(len(v) for v in values if v is not None)
-    if total > RESP_MGET_REPLY_MAX_BYTES:
-        raise LimitExceeded(_mget_too_large(total))
-    return p.values(values, c.resp)
-
-
-def _mget_too_large(total: int) -> str:
-    return (f"MGET's values are {total} bytes or more, at most {RESP_MGET_REPLY_MAX_BYTES} in one reply: "
-            "ask for fewer keys at a time")
+def cmd_mget(c: Client, a: list[bytes]) -> bytes | MgetReply:
+    # The values are sent as they are fetched, their bytes taken from the door's reply budget
+    # (mget.py): one reply holding them all at once made the server hold about three times it.
+    reply = MgetReply(c, a[1:])
+    whole = reply.prepare()
+    return whole if whole is not None else reply
 
 
 def _pairs(a: list[bytes], command: str) -> list[tuple[bytes, bytes]]:
@@ -880,8 +850,9 @@ def next_client_id() -> int:
     return next(_client_ids)
 
 
-def execute(c: Client, args: list[bytes]) -> tuple[bytes, str]:
-    """A command's reply, and the name it is counted under ("unknown": no such command)."""
+def execute(c: Client, args: list[bytes]) -> tuple[bytes | MgetReply, str]:
+    """A command's reply (or an MGET's to stream), and the name it is counted under
+    ("unknown": no such command)."""
     cmd, problem = lookup(args)
     if cmd is None:
         assert problem is not None
@@ -895,7 +866,5 @@ def execute(c: Client, args: list[bytes]) -> tuple[bytes, str]:
         return cmd.handler(c, args), label
     except RedisError as exc:
         return p.error(str(exc)), label
-    except (NoSuchNamespace, NoSuchPool, PermissionDenied, LimitExceeded) as exc:
-        return p.error(f"{exc.code.name} {exc}"), label
     except MemfabricError as exc:
-        return _kv_errors(exc), label
+        return error_reply(exc, c.front.server.limited_log), label

@@ -12,7 +12,10 @@ without AUTH (Redis's protected mode lets loopback in too); on any other address
 connection starts unauthenticated and must AUTH ns secId (or AUTH secId, for the default
 namespace). A wrong secId, a namespace that does not exist and a name that cannot be all
 get the same WRONGPASS: AUTH reveals nothing; guesses spend the failure budget of the
-client's address (server/sec_ids.py), as RPC's do.
+client's address (server/sec_ids.py), as RPC's do. Anyone who reaches such a door can open
+connections, so those not authenticated yet are bounded apart from the rest: at most a share
+of maxclients (a newcomer past it, or past maxclients, closes the oldest of them, never an
+authenticated client), each closed when it has not authenticated within auth_timeout_s.
 """
 
 from __future__ import annotations
@@ -30,13 +33,17 @@ from prometheus_client.registry import Collector
 
 from ...core.namespaces import check_name
 from ...errors import MemfabricError
-from ...limits import RESP_MAX_CLIENTS, RESP_RECV_BYTES, RESP_REPLY_BUFFER_BYTES, RESP_SEND_TIMEOUT_S
+from ...limits import (RESP_AUTH_TIMEOUT_S, RESP_MAX_CLIENTS, RESP_RECV_BYTES, RESP_REPLY_BUDGET_BYTES,
+                       RESP_REPLY_BUFFER_BYTES, RESP_SEND_TIMEOUT_S, RESP_UNAUTH_CLIENTS_SHARE)
 from ...server.accepting import AcceptLoop
 from ...server.requests import Connection
 from ...transport import rpc
 from . import commands
 from . import protocol as p
 from .commands import Client, Quit, RedisError
+from .budget import ReplyBudget
+from .failures import internal_error_reply
+from .mget import MgetReply, ReplyCut
 from .keys import Keyspace
 
 if TYPE_CHECKING:
@@ -86,7 +93,8 @@ class RespFront:
     door = "resp"
 
     def __init__(self, server: "Server", listen: str, pool: str, namespace: str, sec_id: bytes | None,
-                 max_clients: int = RESP_MAX_CLIENTS) -> None:
+                 max_clients: int = RESP_MAX_CLIENTS, auth_timeout_s: float = RESP_AUTH_TIMEOUT_S,
+                 reply_budget_bytes: int = RESP_REPLY_BUDGET_BYTES) -> None:
         self.server = server
         self._listener = rpc.listen(listen, backlog=511)
         self.host, self.port = self._listener.getsockname()[:2]
@@ -94,9 +102,13 @@ class RespFront:
         # Loopback and a secId to serve it with: the default namespace without AUTH.
         self.require_auth = not is_loopback(self.host) or sec_id is None
         self.max_clients = max_clients
+        self.max_unauthenticated = max(1, int(max_clients * RESP_UNAUTH_CLIENTS_SHARE))
+        self.auth_timeout_s = auth_timeout_s
         self.started_s = time.monotonic()
         self._lock = threading.Lock()
         self._clients: dict[int, tuple[Client, Connection]] = {}
+        self._unauthenticated: dict[int, Client] = {}     # oldest first
+        self.reply_budget = ReplyBudget(reply_budget_bytes)
         # Figures for `memfabric status` and the metrics: bounded labels (the command table's
         # names and "unknown").
         self.connections_total = 0
@@ -172,14 +184,24 @@ class RespFront:
         conn = Connection(client=f"host {peer[0]}")
         keys = None if self.require_auth else Keyspace(self.server, conn, (self.pool, self.namespace, self.sec_id))
         client = Client(commands.next_client_id(), f"{peer[0]}:{peer[1]}", self, keys, conn=conn, sock=sock)
+        unauthenticated = keys is None
+        evicted: Client | None = None
         with self._lock:
+            if unauthenticated and self._unauthenticated and (len(self._unauthenticated) >= self.max_unauthenticated
+                                                              or len(self._clients) >= self.max_clients):
+                evicted = self._unauthenticated.pop(next(iter(self._unauthenticated)))
+                self._clients.pop(evicted.id, None)       # its slot is free now; its thread ends soon
             if len(self._clients) >= self.max_clients:
                 self.rejected_total += 1
                 full = True
             else:
                 self._clients[client.id] = (client, conn)
+                if unauthenticated:
+                    self._unauthenticated[client.id] = client
                 self.connections_total += 1
                 full = False
+        if evicted is not None:
+            _close_with(evicted.sock, "closed: too many connections are waiting to authenticate")
         if full:
             try:
                 sock.sendall(p.error("max number of clients reached"))
@@ -194,17 +216,30 @@ class RespFront:
         finally:
             with self._lock:
                 self._clients.pop(client.id, None)
+                self._unauthenticated.pop(client.id, None)
             sock.close()
             self.server.disconnected(conn)
 
     def _loop(self, client: Client, sock: socket.socket) -> None:
         parser = p.RequestParser()
+        # Until it authenticates, a connection has until this to (None: authenticated at once).
+        deadline_s = time.monotonic() + self.auth_timeout_s if client.keys is None else None
         while True:
             parser.auth_required = client.keys is None
+            if deadline_s is not None:
+                if client.keys is not None:
+                    deadline_s = None
+                    sock.settimeout(RESP_SEND_TIMEOUT_S)
+                else:
+                    left_s = deadline_s - time.monotonic()
+                    if left_s <= 0:
+                        _close_with(sock, f"closed: no AUTH within {self.auth_timeout_s:g} seconds")
+                        return
+                    sock.settimeout(min(left_s, RESP_SEND_TIMEOUT_S))
             try:
                 data = sock.recv(RESP_RECV_BYTES)
             except socket.timeout:
-                continue              # idle is fine (Redis's timeout 0)
+                continue              # idle is fine once authenticated (Redis's timeout 0)
             if not data:
                 return
             try:
@@ -230,6 +265,26 @@ class RespFront:
                     out.append(p.OK)
                     closing = True
                     break
+                if isinstance(reply, MgetReply):       # sent as its values are fetched
+                    try:
+                        if out:
+                            sock.sendall(b"".join(out))
+                            out, size = [], 0
+                        reply.send(sock)
+                    except ReplyCut as exc:
+                        self.server.limited_log.warning("resp cut", "RESP connection %s closed half-way "
+                                                        "through an MGET reply: %s", client.address, exc)
+                        self._count_error("mget")      # counted as a command already
+                        return
+                    except OSError:
+                        raise                          # the client went away, or read nothing for too long
+                    except Exception:                  # a bug, half-way through a reply: it is closed
+                        self.server.limited_log.exception("resp bug", "RESP MGET reply to %s failed", client.address)
+                        self._count_error("mget")
+                        return
+                    finally:
+                        reply.close()                  # its budget, however it ended
+                    continue
                 out.append(reply)
                 size += len(reply)
                 parser.auth_required = client.keys is None
@@ -241,18 +296,22 @@ class RespFront:
             if closing:
                 return
 
-    def _execute(self, client: Client, args: list[bytes]) -> bytes | None:
+    def _execute(self, client: Client, args: list[bytes]) -> bytes | MgetReply | None:
         try:
             reply, label = commands.execute(client, args)
         except Quit:
             self._count("quit", False)
             return None
-        except Exception as exc:       # a bug: the client hears of it, the connection goes on
+        except Exception:              # a bug: the client hears that it happened, the connection goes on
             self.server.limited_log.exception("resp bug", "RESP command %.40r failed", args[0])
             self._count("internal", True)
-            return p.error(f"internal error: {exc!r}"[:200])
-        self._count(label, reply[:1] == b"-")
+            return internal_error_reply()
+        self._count(label, isinstance(reply, bytes) and reply[:1] == b"-")
         return reply
+
+    def _count_error(self, label: str) -> None:
+        with self._lock:
+            self.errors[label] += 1
 
     def _count(self, label: str, failed: bool) -> None:
         # Counter updates under the GIL are not atomic across threads: a lock keeps them exact.
@@ -274,6 +333,8 @@ class RespFront:
         except (MemfabricError, UnicodeDecodeError):
             raise RedisError(WRONGPASS) from None
         client.keys = Keyspace(self.server, conn, creds)
+        with self._lock:
+            self._unauthenticated.pop(client.id, None)
 
     # ---- what INFO and CLIENT LIST show --------------------------------------------------------------
 
@@ -296,7 +357,13 @@ class RespFront:
             fields = [("connected_clients", self.connected()), ("maxclients", self.max_clients)]
         elif section == "memory":
             used = self._keyspace_figure(client, "bytes")
-            fields = [("used_memory", used), ("maxmemory", 0), ("maxmemory_policy", "noeviction")]
+            # mem_clients_normal: what Redis counts there, the clients' reply buffers (here:
+            # the bytes of values MGET replies hold of the door's reply budget).
+            fields = [("used_memory", used), ("maxmemory", 0), ("maxmemory_policy", "noeviction"),
+                      ("mem_clients_normal", self.reply_budget.used_bytes),
+                      ("reply_budget", self.reply_budget.limit_bytes),
+                      ("reply_budget_peak", self.reply_budget.peak_bytes),
+                      ("reply_budget_refused", self.reply_budget.refused)]
         elif section == "stats":
             with self._lock:
                 total, errors = sum(self.commands.values()), sum(self.errors.values())
@@ -320,3 +387,16 @@ class RespFront:
             return sum(r["stats"][name] for r in client.keys.everywhere("kv_stats"))
         except MemfabricError:
             return 0
+
+
+def _close_with(sock: socket.socket, why: str) -> None:
+    """Tell a connection why it is closed, if it can take the line now (it may read nothing),
+    and close it: its thread wakes from its read and ends."""
+    try:
+        sock.send(p.error(why), socket.MSG_DONTWAIT)
+    except OSError:
+        pass
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass

@@ -7,13 +7,14 @@ replication does). The first home is the same rendezvous choice every client mak
 
 from __future__ import annotations
 
+import mmap
 import random
 from typing import TYPE_CHECKING, Any
 
-from ...errors import LimitExceeded, ServerUnavailable
-from ...limits import KV_INLINE_BYTES, MAX_KV_BATCH
+from ...errors import ServerUnavailable
+from ...limits import KV_GET_MANY_PAYLOAD_BYTES, KV_INLINE_BYTES, MAX_KV_BATCH
 from ...server.requests import Connection, Payload
-from ..rules import MANY_AGAIN, MANY_ALONE, homes
+from ..rules import homes
 from ..transfer import put_large, read_held
 
 if TYPE_CHECKING:
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 
 Creds = tuple[str, str, bytes]
 RANDOM_KEY_CALLS = 4096      # scans of a server's table for RANDOMKEY, at most
+OWN_MAPPING_BYTES = 1 << 20  # a batch of values this large gets a mapping of its own (_buffer)
 
 
 class Keyspace:
@@ -135,37 +137,28 @@ class Keyspace:
             raise
         return self.call_at(server_id, "kv_commit", token=token, key=key, **options)
 
-    def get_many_at(self, server_id: int, keys: list[bytes], max_bytes: int | None = None) -> list[bytes | None]:
-        """kv_get_many at one server (at most MAX_KV_BATCH keys): values of the keys its replies
-        had no room for are asked again, those too large to ride along alone. LIMIT_EXCEEDED
-        once the values come to more than `max_bytes` (it stops fetching then)."""
-        out: list[bytes | None] = [None] * len(keys)
-        ask = list(range(len(keys)))
-        held = 0
-        while ask:
-            lengths, blob = self._get_many_once(server_id, [keys[i] for i in ask])
-            again, at = [], 0
-            for i, length in zip(ask, lengths, strict=True):
-                if length >= 0:
-                    out[i] = bytes(blob[at:at + length])
-                    at += length
-                elif length == MANY_AGAIN:
-                    again.append(i)
-                elif length == MANY_ALONE:
-                    out[i] = self.get(keys[i])
-                held += len(out[i] or b"")
-                if max_bytes is not None and held > max_bytes:
-                    raise LimitExceeded(f"the values asked come to more than {max_bytes} bytes")
-            ask = again
-        return out
+    def homes_of(self, keys: list[bytes], servers: list[int]) -> list[int]:
+        """Each key's first home among `servers`."""
+        if len(servers) == 1:
+            return [servers[0]] * len(keys)
+        return [homes(key, servers, 1)[0] for key in keys]
 
-    def _get_many_once(self, server_id: int, keys: list[bytes]) -> tuple[list[int], memoryview]:
+    def get_many_reply_max(self, server_id: int) -> int:
+        """The most bytes of values one kv_get_many at that server answers: by payload (this
+        server, or one over RPC), or inline (a peer on this host)."""
+        if server_id != self.server.server_id and self.server._peer(server_id).is_local:
+            return KV_INLINE_BYTES
+        return KV_GET_MANY_PAYLOAD_BYTES
+
+    def get_many_once(self, server_id: int, keys: list[bytes]) -> tuple[list[int], memoryview]:
+        """kv_get_many at one server (at most MAX_KV_BATCH keys): the lengths (MANY_*: see
+        kv/service.py) and the values back to back."""
         if server_id == self.server.server_id:
             reply = self.call_at(server_id, "kv_get_many", keys=keys)
             if isinstance(reply, Payload):        # values lent from pool memory until done
                 try:
                     data = reply.data if isinstance(reply.data, list) else [reply.data]
-                    return reply.reply["lengths"], memoryview(b"".join(data))
+                    return reply.reply["lengths"], _gather(data)
                 finally:
                     if reply.done is not None:
                         reply.done()
@@ -177,7 +170,7 @@ class Keyspace:
         made: list[memoryview] = []
 
         def buffer(length: int) -> memoryview:
-            made.append(memoryview(bytearray(length)))
+            made.append(_buffer(length))
             return made[-1]
         request_id, pending = link.submit("kv_get_many", {**self.wire, "keys": keys}, into=buffer)
         reply = link.wait(request_id, pending, "kv_get_many")
@@ -260,3 +253,22 @@ class Keyspace:
                 elif wrapped and cursor >= start:
                     break
         return None
+
+
+def _buffer(length: int) -> memoryview:
+    """Memory for a batch of values. A large one is mapped on its own, so that it goes back to
+    the system the moment it is let go: from malloc, glibc keeps such buffers (its mmap
+    threshold rises past them) in each thread's arena, and a door with many clients held
+    tens of MiB past its reply budget."""
+    if length < OWN_MAPPING_BYTES:
+        return memoryview(bytearray(length))
+    return memoryview(mmap.mmap(-1, length))
+
+
+def _gather(parts: list[memoryview]) -> memoryview:
+    out = _buffer(sum(len(part) for part in parts))
+    at = 0
+    for part in parts:
+        out[at:at + len(part)] = part
+        at += len(part)
+    return out
