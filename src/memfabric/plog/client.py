@@ -6,6 +6,11 @@ appends. Records travel in the request when they are small; larger batches go as
 payload (other hosts), or are staged in pieces over IPC first (this host), then appended in
 one request. Reads come in the reply (IPC, up to PLOG_INLINE_BYTES a request) or as its
 payload (RPC, straight into the caller's buffer).
+
+A plog of several replicas has copies on other servers (service.py). Appends go to the home
+only; when the home does not answer, a handle's reads, records, info and seal go to a copy
+(found by asking the pool's live servers, as the home is found): seal then seals every copy
+that answers, which fences the plog for good.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from ..bigmemory.layout import as_bytes_view
 from ..client.arguments import as_int
 from ..core.namespaces import check_name
 from ..datapath.deadline import call_timeout_s
-from ..errors import InvalidArgument, MemfabricError, NoSuchObject, OutOfRange, ProtocolError, ServerUnavailable
+from ..errors import InvalidArgument, MemfabricError, NoSuchObject, OutOfRange, ProtocolError, ServerUnavailable, Timeout
 from . import record as rec
 from .log import pieces
 from ..limits import (MAX_PLOG_BATCH, MAX_PLOG_CAPACITY_BYTES, MAX_PLOG_RECORD_BYTES, MAX_PLOG_STAGED_BYTES,
@@ -28,6 +33,8 @@ if TYPE_CHECKING:
     from ..client.session import Namespace
 
 STAGE_PIECE_BYTES = PLOG_INLINE_BYTES      # bytes per plog_stage request
+READ_OPS = frozenset({"plog_info", "plog_records", "plog_read"})   # a copy answers these when the home does not
+HOME_AWAY = (ServerUnavailable, Timeout)
 INLINE_SLACK_BYTES = 1024                  # the request's other fields, and msgpack's framing
 
 
@@ -85,7 +92,38 @@ class Plog:
         return self.namespace.session.link(self.home)
 
     def _call(self, op: str, **args: Any) -> dict[str, Any]:
+        try:
+            return self._link().call(op, **self._wire, **args)
+        except HOME_AWAY:
+            if op not in READ_OPS or not self._fail_over():
+                raise
         return self._link().call(op, **self._wire, **args)
+
+    def _holders(self) -> list[tuple[int, dict[str, Any]]]:
+        """The servers that answer for this plog now (home or copy), and their info."""
+        found = []
+        for server_id in _servers_of(self.namespace):
+            try:
+                info = self.namespace.session.link(server_id).call("plog_info", **self._wire)["info"]
+            except (NoSuchObject, *HOME_AWAY):
+                continue
+            found.append((server_id, info))
+        return found
+
+    def _fail_over(self) -> bool:
+        """Talk to another server holding this plog from now on (its home, else a copy that is
+        not stale, else a stale one, which says so): whether there is one."""
+        ranked = sorted(((info.get("role") != "home", bool(info.get("stale")), server_id)
+                         for server_id, info in self._holders() if server_id != self.home))
+        if not ranked:
+            return False
+        self._go_to(ranked[0][2])
+        return True
+
+    def _go_to(self, server_id: int) -> None:
+        self.home = server_id
+        self._layout = None          # a copy's bytes lie elsewhere (same offsets and records)
+        self._places = []
 
     # ---- appends ----------------------------------------------------------------------------
 
@@ -153,13 +191,21 @@ class Plog:
                              "at most)")
         if into is None:
             out = bytearray(length)
-            self._read_into(offset, memoryview(out))
+            self._read_over(offset, memoryview(out))
             return bytes(out)
         view = as_bytes_view(into, writable=True)
         if view.nbytes < length:
             raise InvalidArgument(f"into holds {view.nbytes} bytes, {length} asked")
-        self._read_into(offset, view[:length])
+        self._read_over(offset, view[:length])
         return None
+
+    def _read_over(self, offset: int, into: memoryview) -> None:
+        try:
+            self._read_into(offset, into)
+        except HOME_AWAY:
+            if not self._fail_over():
+                raise
+            self._read_into(offset, into)
 
     def _read_into(self, offset: int, into: memoryview) -> None:
         link = self._link()
@@ -192,6 +238,14 @@ class Plog:
             raise OutOfRange(f"record index {index} is negative")
         if index > MAX_PLOG_CAPACITY_BYTES:         # no plog holds that many: not worth asking
             raise OutOfRange(f"record {index} is not among plog {self.name!r}'s committed records")
+        try:
+            return self._record(index)
+        except HOME_AWAY:
+            if not self._fail_over():
+                raise
+            return self._record(index)
+
+    def _record(self, index: int) -> bytes:
         link = self._link()
         if link.is_local:
             if index >= len(self._places):
@@ -282,8 +336,26 @@ class Plog:
 
     def seal(self) -> dict[str, Any]:
         """No append from anyone succeeds after this (SEALED); reads go on. Appends answered
-        before it are in. Returns info(). Sealing a sealed plog is no error."""
-        return self._call("plog_seal")["info"]
+        before it are in. Returns info(). Sealing a sealed plog is no error. When the home
+        does not answer, every copy that does is sealed (the home, should it come back, seals
+        itself at its next append), and this handle reads from one of them from then on."""
+        try:
+            return self._call("plog_seal")["info"]
+        except HOME_AWAY:
+            holders = [(info.get("role") != "home", bool(info.get("stale")), server_id)
+                       for server_id, info in self._holders() if server_id != self.home]
+            if not holders:
+                raise
+        sealed: list[tuple[tuple[bool, bool, int], dict[str, Any]]] = []
+        for rank in sorted(holders):
+            try:
+                sealed.append((rank, self.namespace.session.link(rank[2]).call("plog_seal", **self._wire)["info"]))
+            except HOME_AWAY:
+                continue
+        if not sealed:
+            raise ServerUnavailable(f"no server holding plog {self.name!r} answers: it was not sealed")
+        self._go_to(sealed[0][0][2])
+        return sealed[0][1]
 
     def delete(self) -> None:
         """Delete the plog: its memory goes back to the namespace. Its handles get
@@ -314,7 +386,7 @@ def _servers_of(namespace: "Namespace") -> list[int]:
     """Live servers that give memory to the namespace's pool, this client's own first."""
     session = namespace.session
     servers = [s for s in session.servers() if s.get("alive") and namespace.pool in (s.get("pools") or {})]
-    own = session.home().server_id
+    own = session.local.server_id        # (the home link may be down: its server dead)
     return sorted((s["server_id"] for s in servers), key=lambda sid: (sid != own, sid))
 
 
@@ -337,7 +409,8 @@ def create_plog(namespace: "Namespace", name: str, capacity: int, *, replicas: i
     # Another server may have made one of this name meanwhile (a name is checked per server).
     # Each creator looks again after making its own: of two racing, at least one sees the
     # other's (and both may), and whoever sees another deletes its own: never two of one name.
-    if _find(ns, name, [s for s in servers if s != made.home]) is not None:
+    found = _find(ns, name, [s for s in servers if s != made.home])
+    if found is not None and found[1] != made.plog_id:      # (not one of its own copies)
         try:
             made.delete()
         except MemfabricError:
@@ -348,15 +421,27 @@ def create_plog(namespace: "Namespace", name: str, capacity: int, *, replicas: i
 
 
 def _find(ns: "Namespace", name: str, servers: list[int]) -> tuple[int, int] | None:
-    """(home, plog id) of the plog of this name, asking these servers in turn."""
-    for server_id in servers:
+    """(server, plog id) of the plog of this name, asking these servers in turn: its home when
+    one of them is it, else a copy (one that is not stale first)."""
+    copies = []
+    queue, asked = list(servers), set()
+    while queue:
+        server_id = queue.pop(0)
+        if server_id in asked:
+            continue
+        asked.add(server_id)
         try:
             info = ns.session.link(server_id).call("plog_info", **ns.wire_creds, name=name)["info"]
+        except (NoSuchObject, *HOME_AWAY):
+            continue
+        if info.get("role", "home") == "home":
             return server_id, info["id"]
-        except NoSuchObject:
-            continue
-        except ServerUnavailable:
-            continue
+        copies.append((bool(info.get("stale")), server_id, info["id"]))
+        if info.get("home") in servers:
+            queue.insert(0, info["home"])        # ask its home next
+    if copies:
+        _, server_id, plog_id = min(copies)
+        return server_id, plog_id
     return None
 
 
@@ -380,4 +465,8 @@ def list_plogs(namespace: "Namespace", *, pool: Any = None) -> list[dict[str, An
             continue
         except MemfabricError:
             raise
-    return sorted(infos, key=lambda i: i["name"])
+    # Each plog once: its home's info, or (its home away) a copy's, one not stale first.
+    best: dict[Any, dict[str, Any]] = {}
+    for info in sorted(infos, key=lambda i: (i.get("role", "home") != "home", bool(i.get("stale")))):
+        best.setdefault(info.get("id"), info)
+    return sorted(best.values(), key=lambda i: i["name"])
