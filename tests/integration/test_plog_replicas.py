@@ -9,13 +9,17 @@ from __future__ import annotations
 import os
 import signal
 import struct
+import subprocess
+import sys
 import threading
 
 import pytest
 
 import memfabric
-from memfabric.errors import InvalidArgument, NoSuchObject, Sealed, ServerUnavailable
+from memfabric.datapath.connect import connect_to
+from memfabric.errors import InvalidArgument, NoSuchObject, PermissionDenied, Sealed, ServerUnavailable
 from memfabric.launcher import LocalFabric
+from memfabric.plog import record as rec
 from memfabric.plog.client import Plog
 from memfabric.plog.record import HEADER_BYTES, frame_bytes
 
@@ -177,6 +181,82 @@ def test_more_replicas_than_live_servers_is_refused(three_servers, request):
         with pytest.raises(NoSuchObject):
             ns.plog("wal")
         assert ns.create_plog("wal", MiB, replicas=3).info()["dead_replicas"] == []
+
+
+APPENDER = r"""
+import struct, sys
+import memfabric
+ock, ns_name, tag, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+with memfabric.init(ock) as s:
+    log = s.namespace(ns_name, "k", pool="logs").plog("shared")
+    for seq in range(count):
+        log.append(struct.pack("<II", tag, seq) * (1 + (seq * 7 + tag) % 300))
+"""
+
+
+def test_appenders_in_several_processes_leave_identical_copies(three_servers, request):
+    name = ns_name(request)
+    writers, count = 4, 100
+    with _session(three_servers, "same-host") as s:
+        log = s.create_namespace(name, sec_id="k", pool="logs").create_plog("shared", 8 * MiB, replicas=3)
+        remote = os.path.join(three_servers.directory, "remote.toml")
+        procs = [subprocess.Popen([sys.executable, "-c", APPENDER, remote if tag % 2 else three_servers.directory,
+                                   name, str(tag), str(count)], stderr=subprocess.PIPE, text=True)
+                 for tag in range(writers)]
+        for proc in procs:
+            try:
+                _, err = proc.communicate(timeout=120)
+            finally:
+                proc.kill()
+            assert proc.returncode == 0, err
+        info = log.info()
+        assert info["records"] == writers * count and info["dead_replicas"] == []
+        whole = log.read(0, info["length"])
+        for server_id in info["replica_servers"]:
+            copy = _copy(log, server_id)
+            assert copy.info()["records"] == writers * count
+            assert copy.read(0, info["length"]) == whole
+        seen = {tag: 0 for tag in range(writers)}
+        for payload in log.records():
+            tag, seq = struct.unpack_from("<II", payload)
+            assert seq == seen[tag] and payload == struct.pack("<II", tag, seq) * (1 + (seq * 7 + tag) % 300)
+            seen[tag] += 1
+
+
+def test_a_copy_takes_bytes_only_at_its_end_and_only_records_that_check(three_servers, request):
+    with _session(three_servers, "remote") as s:
+        ns = s.create_namespace(ns_name(request), sec_id="k", pool="logs")
+        log = ns.create_plog("wal", MiB, replicas=2)
+        log.append(b"one")
+        (server_id,) = log.info()["replica_servers"]
+        copy = _copy(log, server_id)
+        nonce = log._call("plog_info", layout=True)["nonce"]
+        where = next(x for x in s.servers() if x["server_id"] == server_id)
+        # What a server of the cluster may send (the cluster token makes a peer over RPC).
+        peer = connect_to(server_id, where["host"], "", where["rpc_address"], local_host=None, token=s._token,
+                          tls=None, timeout_s=10, role="peer")
+        try:
+            args = {**ns.wire_creds, "name": "wal", "plog_id": log.plog_id}
+            end = log.info()["length"]
+            with pytest.raises(InvalidArgument, match="no gaps"):
+                peer.call("plog_replica_append", **args, at=end + 8, data=rec.encode(nonce, 1, b"two"), last=True)
+            for bad in (rec.encode(nonce, 5, b"two"),                   # out of place
+                        rec.encode(nonce ^ 1, 1, b"two"),               # another plog's
+                        rec.encode(nonce, 1, b"two")[:-8],              # torn
+                        rec.encode(nonce, 1, b"two") + b"\1" * 8):      # garbage after it
+                with pytest.raises(InvalidArgument, match="not whole records"):
+                    peer.call("plog_replica_append", **args, at=end, data=bad, last=True)
+            frame = rec.encode(nonce, 1, b"two")
+            peer.call("plog_replica_append", **args, at=end, data=frame[:8], last=False)   # a forward cut off
+            assert copy.info()["records"] == 1 and list(copy.records()) == [b"one"]
+        finally:
+            peer.close()
+        # Nothing refused was kept: the home's next append lands on the copy, in step.
+        log.append(b"two")
+        assert log.info()["dead_replicas"] == []
+        assert list(copy.records()) == [b"one", b"two"]
+        with pytest.raises(PermissionDenied):                 # a client is no server of the cluster
+            s.link(server_id).call("plog_replica_append", **args, at=0, data=b"", last=True)
 
 
 @pytest.mark.parametrize("where", ["same-host", "remote"])

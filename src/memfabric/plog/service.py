@@ -339,11 +339,12 @@ class PlogService:
         return state, pool
 
     def _info(self, plog: _Plog) -> dict[str, Any]:
-        try:
+        try:      # (outside the plog's lock: the view may ask the cluster service)
             alive: set[int] | None = {s.server_id for s in self.server.view() if s.alive}
         except MemfabricError:
             alive = None
-        return plog.info(self.server.server_id, alive)
+        with plog.lock:
+            return plog.info(self.server.server_id, alive)
 
     def _plog(self, conn: Connection, m: dict[str, Any]) -> _Plog:
         state, creds = self.server._namespace(conn, m)
@@ -422,9 +423,11 @@ class PlogService:
                 self._plogs.get(state.key, {}).pop(name, None)
             raise
         with self._lock:
-            if self._plogs.get(state.key) is mine and not state.closed:
+            made = self._plogs.get(state.key) is mine and not state.closed
+            if made:
                 mine[name] = plog
-                return {"info": self._info(plog)}
+        if made:
+            return {"info": self._info(plog)}
         remove_meta(plog.path)          # the namespace was destroyed meanwhile
         raise NoSuchNamespace(f"namespace {state.record.ns!r} was destroyed meanwhile")
 
@@ -539,8 +542,8 @@ class PlogService:
                                         "(it restarted and may lack appends)")
             if core.state != OPEN:
                 raise Sealed(f"plog {core.name!r} was sealed (its copy on server {self.server.server_id})")
-            if plog.receiving < core.written:
-                plog.receiving = core.written
+            if plog.receiving < core.written or at == core.written:
+                plog.receiving = core.written      # (a forward from the log's end drops unfinished pieces)
             if at != plog.receiving or at + len(data) > core.capacity:
                 received, plog.receiving = plog.receiving, core.written
                 raise InvalidArgument(f"the copy of plog {core.name!r} on server {self.server.server_id} takes bytes "
@@ -583,8 +586,7 @@ class PlogService:
         """The plog's info; with `layout`, where its bytes lie (extents of the namespace's
         segments) and its nonce: a same-host client reads committed records there itself."""
         plog = self._plog(conn, m)
-        with plog.lock:
-            reply: dict[str, Any] = {"info": self._info(plog)}
+        reply: dict[str, Any] = {"info": self._info(plog)}
         if m.get("layout") is True:
             self._check_whole(plog)
             reply["extents"] = [list(e) for e in plog.data.extents]
@@ -597,8 +599,7 @@ class PlogService:
             plogs = [p for p in self._plogs.get(state.key, {}).values() if p is not None and not p.deleted]
         infos = []
         for plog in sorted(plogs, key=lambda p: p.core.name):
-            with plog.lock:
-                infos.append(self._info(plog))
+            infos.append(self._info(plog))
         return {"plogs": infos}
 
     # ---- appends ----------------------------------------------------------------------------
@@ -926,6 +927,12 @@ class PlogService:
         it is answered. Sealing a sealed plog is no error."""
         plog = self._plog(conn, m)
         with plog.lock:
+            if plog.role == REPLICA and plog.receiving > plog.core.written:
+                # Pieces of a forward its home never finished: not records of the sealed log,
+                # and no scan after a restart may take them for some.
+                self._zero_tail(plog.data, plog.core.written,
+                                min(plog.core.capacity, plog.core.written + rec.HEADER_BYTES))
+                plog.receiving = plog.core.written
             if plog.core.state == OPEN:
                 plog.core.seal()
                 try:
@@ -943,8 +950,7 @@ class PlogService:
                             self.server._peer(server_id).call("plog_seal", **self._copy_args(plog))
                     except MemfabricError as exc:
                         self._mark_dead(plog, server_id, f"seal not taken: {exc}")
-        with plog.lock:
-            return {"info": self._info(plog)}
+        return {"info": self._info(plog)}
 
     def op_plog_delete(self, conn: Connection, m: dict[str, Any]) -> Reply:
         plog = self._plog(conn, m)
