@@ -150,8 +150,9 @@ class _Window:
 
     SIZE_BYTES = 1 << 20
 
-    def __init__(self, data: LogBytes) -> None:
+    def __init__(self, data: LogBytes, end: int | None = None) -> None:
         self.data = data
+        self.end = data.capacity_bytes if end is None else end      # never read past this
         self.start = 0
         self.bytes = b""
 
@@ -160,7 +161,7 @@ class _Window:
             if length > self.SIZE_BYTES:
                 return self.data.read_bytes(offset, length)
             self.start = offset
-            self.bytes = self.data.read_bytes(offset, min(self.SIZE_BYTES, self.data.capacity_bytes - offset))
+            self.bytes = self.data.read_bytes(offset, max(length, min(self.SIZE_BYTES, self.end - offset)))
         at = offset - self.start
         return memoryview(self.bytes)[at:at + length]
 
@@ -557,7 +558,12 @@ class PlogService:
                     plog.touched |= touched
                     return {}
                 start, end = core.written, plog.receiving
-                found = list(rec.scan(_Window(plog.data).read, end, core.nonce, MAX_PLOG_RECORD_BYTES,
+                if at == start:       # the whole forward came in this message: checked in memory
+                    view = memoryview(data)
+                    read = lambda o, n: view[o - start:o - start + n]      # noqa: E731
+                else:
+                    read = _Window(plog.data, end).read
+                found = list(rec.scan(read, end, core.nonce, MAX_PLOG_RECORD_BYTES,
                                       start=start, first_index=core.next_index))
                 if not found or found[-1][0] + rec.frame_bytes(found[-1][1]) != end:
                     raise InvalidArgument(f"the bytes [{start}, {end}) sent to the copy of plog {core.name!r} are "
