@@ -320,6 +320,38 @@ def test_the_home_killed_mid_stream_sealed_and_read_from_the_copy(fresh, where, 
         assert [p["server"] for p in ns.plogs()] == [survivor]
 
 
+def test_a_copy_stopped_mid_stream_is_dropped_then_told_it_is_stale(fresh, request):
+    """SIGSTOP: the copy does not answer (the append waits for the peer timeout, then goes on
+    without it); SIGCONT: the copy may have taken an append or two more than it was counted for,
+    but fewer than the home: its home tells it it is stale, and it never serves its log as whole.
+    The home killed then, the plog is read from the copy that kept up."""
+    fab = fresh()
+    with _session(fab, "same-host") as s:
+        ns = s.create_namespace(ns_name(request), sec_id="k", pool="logs")
+        log = ns.create_plog("wal", 4 * MiB, replicas=3)
+        home, (stopped, kept_up) = log.info()["home"], log.info()["replica_servers"]
+        acked = [log.append(_body(i)) for i in range(20)]
+        pid = fab.server_pids()[stopped]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            acked += [log.append(_body(i)) for i in range(20, 40)]
+            assert log.info()["dead_replicas"] == [stopped]
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        acked += [log.append(_body(i)) for i in range(40, 50)]
+        stopped_copy = _copy(log, stopped)
+        wait_until(lambda: stopped_copy.info()["stale"], "the stopped copy to be told it is stale", WAIT_S)
+        assert stopped_copy.info()["records"] < 50
+        with pytest.raises(ServerUnavailable, match="stale"):
+            stopped_copy.read(0, 16)
+        assert _copy(log, kept_up).info()["records"] == 50
+        _kill(fab, home)
+        again = ns.plog("wal")
+        assert again.home == kept_up
+        assert again.seal()["state"] == "sealed"
+        _assert_holds(again, acked)
+
+
 # ---- restarts: servers of one cluster run one by one (PersistentServer) ------------------------
 
 @pytest.fixture

@@ -99,25 +99,29 @@ class Plog:
                 raise
         return self._link().call(op, **self._wire, **args)
 
-    def _holders(self) -> list[tuple[int, dict[str, Any]]]:
-        """The servers that answer for this plog now (home or copy), and their info."""
+    def _holders(self) -> list[tuple[tuple[bool, bool, int, int], int]]:
+        """The other servers that answer for this plog now, best first: its home, then copies
+        that are not stale, the longest first (a copy its home stopped forwarding to and could
+        not tell yet may be shorter)."""
         found = []
         for server_id in _servers_of(self.namespace):
+            if server_id == self.home:           # the one that did not answer
+                continue
             try:
                 info = self.namespace.session.link(server_id).call("plog_info", **self._wire)["info"]
             except (NoSuchObject, *HOME_AWAY):
                 continue
-            found.append((server_id, info))
-        return found
+            found.append(((info.get("role") != "home", bool(info.get("stale")), -int(info.get("length", 0)),
+                           server_id), server_id))
+        return sorted(found)
 
     def _fail_over(self) -> bool:
         """Talk to another server holding this plog from now on (its home, else a copy that is
         not stale, else a stale one, which says so): whether there is one."""
-        ranked = sorted(((info.get("role") != "home", bool(info.get("stale")), server_id)
-                         for server_id, info in self._holders() if server_id != self.home))
+        ranked = self._holders()
         if not ranked:
             return False
-        self._go_to(ranked[0][2])
+        self._go_to(ranked[0][1])
         return True
 
     def _go_to(self, server_id: int) -> None:
@@ -342,19 +346,18 @@ class Plog:
         try:
             return self._call("plog_seal")["info"]
         except HOME_AWAY:
-            holders = [(info.get("role") != "home", bool(info.get("stale")), server_id)
-                       for server_id, info in self._holders() if server_id != self.home]
+            holders = self._holders()
             if not holders:
                 raise
-        sealed: list[tuple[tuple[bool, bool, int], dict[str, Any]]] = []
-        for rank in sorted(holders):
+        sealed: list[tuple[int, dict[str, Any]]] = []
+        for _, server_id in holders:            # best first
             try:
-                sealed.append((rank, self.namespace.session.link(rank[2]).call("plog_seal", **self._wire)["info"]))
+                sealed.append((server_id, self.namespace.session.link(server_id).call("plog_seal", **self._wire)["info"]))
             except HOME_AWAY:
                 continue
         if not sealed:
             raise ServerUnavailable(f"no server holding plog {self.name!r} answers: it was not sealed")
-        self._go_to(sealed[0][0][2])
+        self._go_to(sealed[0][0])
         return sealed[0][1]
 
     def delete(self) -> None:
@@ -422,7 +425,7 @@ def create_plog(namespace: "Namespace", name: str, capacity: int, *, replicas: i
 
 def _find(ns: "Namespace", name: str, servers: list[int]) -> tuple[int, int] | None:
     """(server, plog id) of the plog of this name, asking these servers in turn: its home when
-    one of them is it, else a copy (one that is not stale first)."""
+    one of them is it, else a copy (one that is not stale first, the longest first)."""
     copies = []
     queue, asked = list(servers), set()
     while queue:
@@ -436,11 +439,11 @@ def _find(ns: "Namespace", name: str, servers: list[int]) -> tuple[int, int] | N
             continue
         if info.get("role", "home") == "home":
             return server_id, info["id"]
-        copies.append((bool(info.get("stale")), server_id, info["id"]))
+        copies.append((bool(info.get("stale")), -int(info.get("length", 0)), server_id, info["id"]))
         if info.get("home") in servers:
             queue.insert(0, info["home"])        # ask its home next
     if copies:
-        _, server_id, plog_id = min(copies)
+        _, _, server_id, plog_id = min(copies)
         return server_id, plog_id
     return None
 

@@ -30,7 +30,9 @@ is marked dead for that plog (info()'s dead_replicas) and gets nothing more: app
 with the live ones (availability over copy count, as a KV key's replicas do; the info says
 how many copies an append had). A copy that comes back after a restart is stale (it may lack
 appends made while it was away): it refuses reads and says so, and the home never forwards
-to it again. Seal is fencing: a copy that was sealed (by a client, its home being dead or cut
+to it again. A dead copy whose server did not restart (stopped a while, cut off) is told it
+is stale by its home as soon as it answers again (tick); until then, a client that must read
+a copy (the home away) takes the longest one. Seal is fencing: a copy that was sealed (by a client, its home being dead or cut
 off) refuses the home's forward with SEALED, and the home then seals itself, drops the
 uncommitted appends and refuses them: no append succeeds after a seal anywhere. A home that
 restarts asks its copies before its first append: one sealed seals it, one not in step
@@ -69,6 +71,7 @@ log = logging.getLogger("memfabric.server")
 
 JOIN_BELOW_BYTES = 1 << 20     # a batch this small is joined into one buffer: one write per extent
 RECORD_OVERHEAD_BYTES = 32     # a record's place ([offset, length]) and framing in a records reply
+STALE_NOTICE_RETRY_S = 1.0     # how often a home tries again to tell its dead copies they are stale
 HOME, REPLICA = "home", "replica"
 
 
@@ -102,6 +105,7 @@ class _Plog:
         self.home = home
         self.replica_servers = list(replica_servers or [])
         self.dead: set[int] = set()
+        self.untold: set[int] = set()       # dead copies not yet told they are stale (_tell_stale)
         self.forwarded = 0
         self.resync = False
         self.receiving = 0
@@ -175,7 +179,7 @@ class _Stage:
 
 
 class PlogService:
-    PEER_OPS: frozenset[str] = frozenset({"plog_replica_create", "plog_replica_append"})
+    PEER_OPS: frozenset[str] = frozenset({"plog_replica_create", "plog_replica_append", "plog_replica_stale"})
     FD_OPS: frozenset[str] = frozenset()
 
     def __init__(self, server: "Server") -> None:
@@ -191,6 +195,8 @@ class PlogService:
         # Record bytes held in this server's own memory before they are appended (stages, RPC
         # payloads): bounded for the whole server, so many connections cannot take its RAM.
         self._buffered_bytes = 0
+        self._notifier_busy = False
+        self._notify_after_s = 0.0
 
     def _take_buffer(self, n: int) -> None:
         with self._counts_lock:
@@ -328,7 +334,46 @@ class PlogService:
         return sum(e[2] for p in plogs if not p.released for e in p.data.extents)
 
     def tick(self) -> None:
-        return None
+        """Tell dead copies they are stale, off the request path, one notifier at a time."""
+        now = time.monotonic()
+        if self._notifier_busy or now < self._notify_after_s:
+            return
+        with self._lock:
+            untold = [p for plogs in self._plogs.values() for p in plogs.values()
+                      if p is not None and p.untold and not p.deleted]
+        if untold:
+            self._notifier_busy = True
+            self._notify_after_s = now + STALE_NOTICE_RETRY_S
+            threading.Thread(target=self._tell_stale, args=(untold,), name="plog-stale-notices", daemon=True).start()
+
+    def _tell_stale(self, plogs: list[_Plog]) -> None:
+        try:
+            for plog in plogs:
+                if plog.creds is None:
+                    continue
+                for server_id in sorted(plog.untold):
+                    try:
+                        with unbounded():
+                            self.server._peer(server_id).call("plog_replica_stale", **self._copy_args(plog))
+                    except NoSuchObject:
+                        pass                       # gone there: nothing to serve
+                    except MemfabricError:
+                        continue                   # not reachable yet: the next round asks again
+                    plog.untold.discard(server_id)
+        finally:
+            self._notifier_busy = False
+
+    def op_plog_replica_stale(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        """The home stopped forwarding to this copy: it may lack appends, and says so from now on."""
+        plog = self._plog(conn, m)
+        if plog.role != REPLICA:
+            raise InvalidArgument(f"plog {plog.core.name!r} is homed on server {self.server.server_id}, not a copy")
+        with plog.lock:
+            if not plog.stale:
+                log.warning("plog %r: this copy is stale (its home, server %d, stopped forwarding to it)",
+                            plog.core.name, plog.home)
+            plog.stale = True
+        return {}
 
     def close(self) -> None:
         return None
@@ -739,6 +784,7 @@ class PlogService:
 
     def _mark_dead(self, plog: _Plog, server_id: int, why: str) -> None:
         plog.dead.add(server_id)
+        plog.untold.add(server_id)
         log.warning("plog %r: its copy on server %d is dead (%s); appends go on with %d of %d copies",
                     plog.core.name, server_id, why, plog.replicas - len(plog.dead), plog.replicas)
 
