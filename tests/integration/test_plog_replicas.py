@@ -395,6 +395,9 @@ def test_a_restarted_replica_is_stale_never_short(two_persistent, request):
         assert copy.info()["records"] == 20
         _assert_holds(log, acked)
         assert log.namespace.plog("wal").home == home_server.server_id        # found at its home
+        log.delete()                               # the copy goes too: its server answers
+        with pytest.raises(NoSuchObject):
+            copy.info()
 
 
 def test_a_replica_restarted_before_its_home_noticed_is_dropped_at_the_next_append(two_persistent, request):

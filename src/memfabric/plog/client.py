@@ -470,6 +470,7 @@ def list_plogs(namespace: "Namespace", *, pool: Any = None) -> list[dict[str, An
             raise
     # Each plog once: its home's info, or (its home away) a copy's, one not stale first.
     best: dict[Any, dict[str, Any]] = {}
-    for info in sorted(infos, key=lambda i: (i.get("role", "home") != "home", bool(i.get("stale")))):
+    for info in sorted(infos, key=lambda i: (i.get("role", "home") != "home", bool(i.get("stale")),
+                                             -int(i.get("length", 0)))):
         best.setdefault(info.get("id"), info)
     return sorted(best.values(), key=lambda i: i["name"])
