@@ -352,6 +352,26 @@ def test_a_copy_stopped_mid_stream_is_dropped_then_told_it_is_stale(fresh, reque
         _assert_holds(again, acked)
 
 
+def test_reads_go_to_a_copy_while_the_home_is_stopped_and_appends_to_the_home_after(fresh, request):
+    fab = fresh()
+    with memfabric.init(fab.directory, server=0, timeout_s=2.0) as s:
+        ns = s.create_namespace(ns_name(request), sec_id="k", pool="logs")
+        log = ns.create_plog("wal", 4 * MiB, replicas=2)
+        home, (copy,) = log.info()["home"], log.info()["replica_servers"]
+        acked = [log.append(_body(i)) for i in range(30)]
+        pid = fab.server_pids()[home]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            assert list(log.records()) == [_body(i) for i in range(30)]      # from the copy
+            assert log.home == copy and log.info()["server"] == copy
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        acked.append(log.append(_body(30)))               # to the home, not to the copy it reads
+        assert log.info()["records"] == 31
+        _assert_holds(_copy(log, home), acked)
+        _assert_holds(log, acked)
+
+
 # ---- restarts: servers of one cluster run one by one (PersistentServer) ------------------------
 
 @pytest.fixture

@@ -66,10 +66,14 @@ class Plog:
     """A handle on one plog (MemPlog): an append-only log of records in a namespace's
     persistent memory. Made by `Namespace.create_plog` or `Namespace.plog`."""
 
-    def __init__(self, namespace: "Namespace", name: str, home: int, plog_id: int | None = None) -> None:
+    def __init__(self, namespace: "Namespace", name: str, home: int, plog_id: int | None = None,
+                 sequencer: int | None = None) -> None:
         self.namespace = namespace
         self.name = name
-        self.home = home
+        self.home = home            # the server this handle reads from: the plog's home, or a copy
+        # Where appends go, always: the plog's home (a handle that reads a copy, its home away
+        # or slow for a moment, appends there again once it answers).
+        self._sequencer = home if sequencer is None else sequencer
         # This plog's own id: once it is deleted, its handles get NO_SUCH_OBJECT, even when a
         # new plog of the same name is made.
         self.plog_id = plog_id
@@ -145,7 +149,8 @@ class Plog:
         views = _as_records(records)
         lengths = [v.nbytes for v in views]
         total = sum(lengths)
-        link = self._link()
+        self.namespace.session.check_open()
+        link = self.namespace.session.link(self._sequencer)
         creds = dict(self._wire)
         if not link.is_local:
             if total > MAX_RPC_PAYLOAD_BYTES:
@@ -423,8 +428,8 @@ def create_plog(namespace: "Namespace", name: str, capacity: int, *, replicas: i
     return made
 
 
-def _find(ns: "Namespace", name: str, servers: list[int]) -> tuple[int, int] | None:
-    """(server, plog id) of the plog of this name, asking these servers in turn: its home when
+def _find(ns: "Namespace", name: str, servers: list[int]) -> tuple[int, int, int] | None:
+    """(server, plog id, its home) of the plog of this name, asking these servers in turn: its home when
     one of them is it, else a copy (one that is not stale first, the longest first)."""
     copies = []
     queue, asked = list(servers), set()
@@ -438,13 +443,13 @@ def _find(ns: "Namespace", name: str, servers: list[int]) -> tuple[int, int] | N
         except (NoSuchObject, *HOME_AWAY):
             continue
         if info.get("role", "home") == "home":
-            return server_id, info["id"]
-        copies.append((bool(info.get("stale")), -int(info.get("length", 0)), server_id, info["id"]))
+            return server_id, info["id"], server_id
+        copies.append((bool(info.get("stale")), -int(info.get("length", 0)), server_id, info["id"], info["home"]))
         if info.get("home") in servers:
             queue.insert(0, info["home"])        # ask its home next
     if copies:
-        _, _, server_id, plog_id = min(copies)
-        return server_id, plog_id
+        _, _, server_id, plog_id, home = min(copies)
+        return server_id, plog_id, home
     return None
 
 
