@@ -529,7 +529,8 @@ class PlogService:
         capacity, nonce, plog_id, home = m.get("capacity"), m.get("nonce"), m.get("plog_id"), m.get("home")
         replica_servers, replicas = m.get("replica_servers"), m.get("replicas")
         if not (type(capacity) is int and rec.HEADER_BYTES <= capacity <= MAX_PLOG_CAPACITY_BYTES
-                and type(nonce) is int and type(plog_id) is int and type(home) is int
+                and type(nonce) is int and 0 <= nonce < 1 << 64 and type(plog_id) is int and plog_id > 0
+                and type(home) is int
                 and isinstance(replica_servers, list) and all(type(x) is int for x in replica_servers)
                 and type(replicas) is int and 1 < replicas <= MAX_PLOG_REPLICAS):
             raise InvalidArgument("plog_replica_create: capacity, nonce, plog_id, home, replica_servers, replicas")
