@@ -246,6 +246,10 @@ def test_a_copy_takes_bytes_only_at_its_end_and_only_records_that_check(three_se
                         rec.encode(nonce, 1, b"two") + b"\1" * 8):      # garbage after it
                 with pytest.raises(InvalidArgument, match="not whole records"):
                     peer.call("plog_replica_append", **args, at=end, data=bad, last=True)
+            for bad_nonce in (-1, "1", None):
+                with pytest.raises(InvalidArgument):
+                    peer.call("plog_replica_create", **{**args, "name": "other"}, capacity=4096, nonce=bad_nonce,
+                              home=1, replica_servers=[server_id], replicas=2)
             frame = rec.encode(nonce, 1, b"two")
             peer.call("plog_replica_append", **args, at=end, data=frame[:8], last=False)   # a forward cut off
             assert copy.info()["records"] == 1 and list(copy.records()) == [b"one"]
