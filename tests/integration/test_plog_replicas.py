@@ -356,6 +356,30 @@ def test_a_copy_stopped_mid_stream_is_dropped_then_told_it_is_stale(fresh, reque
         _assert_holds(again, acked)
 
 
+def test_a_dead_copy_sealed_later_fences_its_home(fresh, request):
+    """The two sides of a cut: the home goes on without a copy it could not reach; a client
+    that cannot reach the home seals that copy. Once the home reaches the copy again, it
+    seals itself: no append succeeds after the seal."""
+    fab = fresh()
+    with _session(fab, "same-host") as s:
+        ns = s.create_namespace(ns_name(request), sec_id="k", pool="logs")
+        log = ns.create_plog("wal", 4 * MiB, replicas=2)
+        (copy,) = log.info()["replica_servers"]
+        [log.append(_body(i)) for i in range(10)]
+        pid = fab.server_pids()[copy]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            log.append(_body(10))                  # waits for the peer timeout, then goes on alone
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert log.info()["dead_replicas"] == [copy]
+        assert _copy(log, copy).seal()["state"] == "sealed"
+        wait_until(lambda: log.info()["state"] == "sealed", "the home to learn of the seal", WAIT_S)
+        with pytest.raises(Sealed):
+            log.append(b"after the seal")
+        assert log.info()["records"] == 11
+
+
 def test_reads_go_to_a_copy_while_the_home_is_stopped_and_appends_to_the_home_after(fresh, request):
     fab = fresh()
     with memfabric.init(fab.directory, server=0, timeout_s=2.0) as s:

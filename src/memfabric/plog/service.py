@@ -31,8 +31,9 @@ with the live ones (availability over copy count, as a KV key's replicas do; the
 how many copies an append had). A copy that comes back after a restart is stale (it may lack
 appends made while it was away): it refuses reads and says so, and the home never forwards
 to it again. A dead copy whose server did not restart (stopped a while, cut off) is told it
-is stale by its home as soon as it answers again (tick); until then, a client that must read
-a copy (the home away) takes the longest one. Seal is fencing: a copy that was sealed (by a client, its home being dead or cut
+is stale by its home once it answers again (tick, once a second); until then, a client that
+must read a copy (the home away) takes the longest one. The same round learns whether a dead
+copy was sealed (a client on the other side of a cut sealed it): the home then fences itself. Seal is fencing: a copy that was sealed (by a client, its home being dead or cut
 off) refuses the home's forward with SEALED, and the home then seals itself, drops the
 uncommitted appends and refuses them: no append succeeds after a seal anywhere. A home that
 restarts asks its copies before its first append: one sealed seals it, one not in step
@@ -105,7 +106,7 @@ class _Plog:
         self.home = home
         self.replica_servers = list(replica_servers or [])
         self.dead: set[int] = set()
-        self.untold: set[int] = set()       # dead copies not yet told they are stale (_tell_stale)
+        self.watched: set[int] = set()      # dead copies the home tells they are stale, and watches for a seal
         self.forwarded = 0
         self.resync = False
         self.receiving = 0
@@ -334,37 +335,47 @@ class PlogService:
         return sum(e[2] for p in plogs if not p.released for e in p.data.extents)
 
     def tick(self) -> None:
-        """Tell dead copies they are stale, off the request path, one notifier at a time."""
+        """Once a second, off the request path (one watcher at a time): tell the dead copies of
+        open plogs homed here that they are stale, and learn whether one was sealed meanwhile."""
         now = time.monotonic()
         if self._notifier_busy or now < self._notify_after_s:
             return
         with self._lock:
-            untold = [p for plogs in self._plogs.values() for p in plogs.values()
-                      if p is not None and p.untold and not p.deleted]
-        if untold:
+            watched = [p for plogs in self._plogs.values() for p in plogs.values()
+                       if p is not None and p.watched and not p.deleted and p.creds is not None]
+        if watched:
             self._notifier_busy = True
             self._notify_after_s = now + STALE_NOTICE_RETRY_S
-            threading.Thread(target=self._tell_stale, args=(untold,), name="plog-stale-notices", daemon=True).start()
+            threading.Thread(target=self._watch_dead_copies, args=(watched,), name="plog-dead-copies",
+                             daemon=True).start()
 
-    def _tell_stale(self, plogs: list[_Plog]) -> None:
+    def _watch_dead_copies(self, plogs: list[_Plog]) -> None:
         try:
             for plog in plogs:
-                if plog.creds is None:
-                    continue
-                for server_id in sorted(plog.untold):
+                for server_id in sorted(plog.watched):
+                    if plog.core.state != OPEN or plog.deleted:
+                        plog.watched.clear()       # sealed or gone here: nothing more to learn
+                        break
                     try:
                         with unbounded():
-                            self.server._peer(server_id).call("plog_replica_stale", **self._copy_args(plog))
+                            reply = self.server._peer(server_id).call("plog_replica_stale", **self._copy_args(plog))
                     except NoSuchObject:
-                        pass                       # gone there: nothing to serve
+                        plog.watched.discard(server_id)      # gone there: it serves nothing
+                        continue
                     except MemfabricError:
-                        continue                   # not reachable yet: the next round asks again
-                    plog.untold.discard(server_id)
+                        continue                   # not reachable now: the next round asks again
+                    if reply.get("state") == SEALED:
+                        # A client sealed the copy (this home away or cut off from it): fencing.
+                        with plog.flush_lock:
+                            self._fence(plog)
+                        log.warning("plog %r: its copy on server %d was sealed; sealed here too", plog.core.name,
+                                    server_id)
         finally:
             self._notifier_busy = False
 
     def op_plog_replica_stale(self, conn: Connection, m: dict[str, Any]) -> Reply:
-        """The home stopped forwarding to this copy: it may lack appends, and says so from now on."""
+        """The home stopped forwarding to this copy: it may lack appends, and says so from now on.
+        Answers the copy's state: a sealed copy fences its home."""
         plog = self._plog(conn, m)
         if plog.role != REPLICA:
             raise InvalidArgument(f"plog {plog.core.name!r} is homed on server {self.server.server_id}, not a copy")
@@ -373,7 +384,7 @@ class PlogService:
                 log.warning("plog %r: this copy is stale (its home, server %d, stopped forwarding to it)",
                             plog.core.name, plog.home)
             plog.stale = True
-        return {}
+            return {"state": plog.core.state}
 
     def close(self) -> None:
         return None
@@ -785,7 +796,7 @@ class PlogService:
 
     def _mark_dead(self, plog: _Plog, server_id: int, why: str) -> None:
         plog.dead.add(server_id)
-        plog.untold.add(server_id)
+        plog.watched.add(server_id)
         log.warning("plog %r: its copy on server %d is dead (%s); appends go on with %d of %d copies",
                     plog.core.name, server_id, why, plog.replicas - len(plog.dead), plog.replicas)
 
