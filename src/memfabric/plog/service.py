@@ -33,9 +33,12 @@ appends made while it was away): it refuses reads and says so, and the home neve
 to it again. A dead copy whose server did not restart (stopped a while, cut off) is told it
 is stale by its home once it answers again (tick, once a second); until then, a client that
 must read a copy (the home away) takes the longest one. The same round learns whether a dead
-copy was sealed (a client on the other side of a cut sealed it): the home then fences itself. Seal is fencing: a copy that was sealed (by a client, its home being dead or cut
-off) refuses the home's forward with SEALED, and the home then seals itself, drops the
-uncommitted appends and refuses them: no append succeeds after a seal anywhere. A home that
+copy was sealed (a client on the other side of a cut sealed it): the home then fences itself.
+Seal is fencing: a copy that was sealed (by a client, its home being dead or cut off)
+refuses the home's forward with SEALED, and the home then seals itself, drops the
+uncommitted appends and refuses them: after that, no append succeeds anywhere. (A home cut
+off from every copy appends alone until it reaches one again: the price of going on with
+the live copies.) A home that
 restarts asks its copies before its first append: one sealed seals it, one not in step
 (shorter, stale, unreachable) is dead.
 """
@@ -77,7 +80,7 @@ HOME, REPLICA = "home", "replica"
 
 
 class _Plog:
-    """One plog homed here: its rules (log.py), its bytes (store.py), its locks."""
+    """One plog homed here, or a copy of one: its rules (log.py), its bytes (store.py), its locks."""
 
     def __init__(self, plog_id: int, core: PlogLog, state: NamespaceState, data: LogBytes, path: str,
                  replicas: int, created_s: float, role: str = HOME, home: int = 0,
