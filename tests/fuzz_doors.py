@@ -384,6 +384,9 @@ FIELDS: dict[str, list[str]] = {
     "plog_records": CREDS + ["name", "start", "count", "data"],
     "plog_seal": CREDS + ["name"],
     "plog_delete": CREDS + ["name"],
+    "plog_replica_create": CREDS + ["name", "capacity", "nonce", "plog_id", "home", "replica_servers", "replicas"],
+    "plog_replica_append": CREDS + ["name", "plog_id", "at", "data", "last"],
+    "plog_replica_stale": CREDS + ["name", "plog_id"],
 }
 ALL_FIELDS = sorted({k for kinds in FIELDS.values() for k in kinds})
 # Operations that end the target namespace are drawn less often, so most messages reach deep.

@@ -150,7 +150,8 @@ PLOG_RPC_READ_BYTES = 16 << 20        # the most one read or records reply carri
 MAX_PLOG_STAGED_BYTES = 64 << 20      # bytes one connection has staged (large records over IPC) at once
 MAX_PLOG_STAGES_PER_CLIENT = 16
 MAX_PLOG_BUFFERED_BYTES = 256 << 20   # record bytes a server holds being sent (stages, RPC payloads), in all
-MAX_PLOG_REPLICAS = 1                 # replicas on other servers are not built yet
+MAX_PLOG_REPLICAS = 8                 # copies of a plog (its home's included), each on its own server
+PLOG_REPLICA_PIECE_BYTES = 128 << 10  # log bytes a home forwards to a replica per message (within MAX_MESSAGE_BYTES)
 # The Redis-protocol door (kv/resp/). Redis's own limits, so that a client sees the same
 # errors at the same sizes: an inline line or a length line of at most 64 KiB, a bulk of at
 # most 512 MiB (proto-max-bulk-len), a query buffer of at most 1 GiB (client-query-buffer-limit).

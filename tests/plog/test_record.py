@@ -204,3 +204,30 @@ def test_recovered_log_matches_what_was_appended(records):
     for i, p in enumerate(records):
         offset, length = log.record_at(i)
         assert bytes(view[offset:offset + length]) == p
+
+
+@given(payloads, st.data())
+def test_a_scan_from_a_record_boundary_finds_the_rest(records, data):
+    """What a replica checks: the records a home sent, from where the replica's log ends."""
+    log = build(records, used(records) + 64)
+    first = data.draw(st.integers(0, len(records)))
+    start = used(records[:first])
+    view = memoryview(log)
+    found = [bytes(view[s + rec.HEADER_BYTES:s + rec.HEADER_BYTES + n])
+             for s, n in rec.scan(lambda o, n: view[o:o + n], len(log), NONCE, MAX_PLOG_RECORD_BYTES,
+                                  start=start, first_index=first)]
+    assert found == records[first:]
+    if first < len(records):              # the same bytes taken for other records' do not check
+        assert list(rec.scan(lambda o, n: view[o:o + n], len(log), NONCE, MAX_PLOG_RECORD_BYTES,
+                             start=start, first_index=first + 1)) == []
+
+
+def test_abandon_forgets_the_records_not_committed():
+    log = PlogLog("l", 4096, NONCE)
+    first = log.mark_written(log.plan([10]), [10])
+    log.commit(first)
+    log.mark_written(log.plan([20, 30]), [20, 30])
+    assert log.abandon() == 2
+    assert (log.written, log.committed, log.records, log.next_index) == (first, first, 1, 1)
+    assert log.plan([5]) == [first]          # the next append goes where they were
+    assert log.abandon() == 0

@@ -1,9 +1,9 @@
 """`memfabric bench --plog`: MemPlog's appends and reads, beside their baselines, in one run.
 
-One server with a ramdisk pool and a pmem pool (a file on the disk under the bench's
-directory) is started; a client on its host (IPC) and one over RPC (remote.toml) append
-records of 64 B, 4 KiB and 1 MiB, one at a time and 100 at once, and read records back by
-index. Baselines in the same run: `os.write` + `os.fsync` of the same records to a file on
+Two servers with a ramdisk pool and a pmem pool each (files on the disk under the bench's
+directory) are started; a client on their host (IPC) and one over RPC (remote.toml) append
+records of 64 B, 4 KiB and 1 MiB, one at a time and 100 at once, to a plog of one replica and
+to one of two (its copy on the other server), and read records back by index. Baselines in the same run: `os.write` + `os.fsync` of the same records to a file on
 the same disk as the pmem pool, and appends to a Python list (the floor). Then 8 processes
 append 4 KiB records to one pmem plog at once (group commit) against one process doing
 write + fsync. Medians and 99th percentiles in microseconds.
@@ -67,14 +67,14 @@ def run_plog_bench(as_json: bool = False) -> int:
     def row(what: str, where: str, figures: dict[str, float]) -> None:
         rows.append({"what": what, "where": where, **figures})
         if not as_json:
-            print(f"{what:<36} {where:<22} median {figures['median_us']:>10,.1f} us   "
+            print(f"{what:<46} {where:<22} median {figures['median_us']:>10,.1f} us   "
                   f"p99 {figures['p99_us']:>10,.1f} us", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="mf-plogbench-", dir="/tmp") as directory:
         # `up` puts the pmem pool's files under `directory`: the write + fsync baseline's file
         # goes there too, on the same disk. (The ramdisk pool's files are there as well; the
         # medium only decides whether appends are flushed.)
-        fab = LocalFabric(directory, servers=1, capacity="64MiB", segment_size="4MiB",
+        fab = LocalFabric(directory, servers=2, capacity="64MiB", segment_size="4MiB",
                           extra_args=["--pool", "ramdisk:ramdisk:512MiB", "--pool", "pmem:pmem:512MiB"])
         with fab:
             sessions = {"same host": init(directory), "remote (RPC)": init(os.path.join(directory, "remote.toml"))}
@@ -86,16 +86,19 @@ def run_plog_bench(as_json: bool = False) -> int:
                         if where != "same host" and pool == "pmem":
                             continue
                         ns = session.namespace("bench", "bench-secret", pool=pool)
-                        log = ns.create_plog(f"lat-{where[:4]}", 400 << 20)
-                        for size in SIZES:
-                            record = b"r" * size
-                            row(f"append {size:,} B ({pool})", where, _times_us(lambda: log.append(record),
-                                                                                 _repeat(size)))
-                        batch = [b"b" * 4096] * 100
-                        row(f"append_many 100 x 4 KiB ({pool})", where,
-                            _times_us(lambda: log.append_many(batch), 200))
-                        row(f"record(i) of 4 KiB ({pool})", where, _times_us(lambda: log.record(2001), 2000))
-                        log.delete()
+                        for replicas in (1, 2):
+                            copies = "" if replicas == 1 else ", 2 replicas"
+                            log = ns.create_plog(f"lat-{where[:4]}", 400 << 20, replicas=replicas)
+                            for size in SIZES:
+                                record = b"r" * size
+                                row(f"append {size:,} B ({pool}{copies})", where,
+                                    _times_us(lambda: log.append(record), _repeat(size)))
+                            batch = [b"b" * 4096] * 100
+                            row(f"append_many 100 x 4 KiB ({pool}{copies})", where,
+                                _times_us(lambda: log.append_many(batch), 200))
+                            if replicas == 1:
+                                row(f"record(i) of 4 KiB ({pool})", where, _times_us(lambda: log.record(2001), 2000))
+                            log.delete()
                 pmem = sessions["same host"].namespace("bench", "bench-secret", pool="pmem")
                 pmem.create_plog("shared", 400 << 20)
                 procs = [subprocess.Popen([sys.executable, "-c", _APPENDER, directory, str(CONCURRENT_S)],

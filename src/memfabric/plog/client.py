@@ -6,6 +6,11 @@ appends. Records travel in the request when they are small; larger batches go as
 payload (other hosts), or are staged in pieces over IPC first (this host), then appended in
 one request. Reads come in the reply (IPC, up to PLOG_INLINE_BYTES a request) or as its
 payload (RPC, straight into the caller's buffer).
+
+A plog of several replicas has copies on other servers (service.py). Appends go to the home
+only; when the home does not answer, a handle's reads, records, info and seal go to a copy
+(found by asking the pool's live servers, as the home is found): seal then seals every copy
+that answers, which fences the plog for good.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from ..client.arguments import as_int
 from ..core.namespaces import check_name
 from ..datapath.deadline import call_timeout_s
 from ..errors import (InvalidArgument, MemfabricError, NoSuchObject, NoSuchPool, OutOfRange, ProtocolError,
-                      ServerUnavailable)
+                      ServerUnavailable, Timeout)
 from . import record as rec
 from .log import pieces
 from ..limits import (MAX_PLOG_BATCH, MAX_PLOG_CAPACITY_BYTES, MAX_PLOG_RECORD_BYTES, MAX_PLOG_STAGED_BYTES,
@@ -29,6 +34,8 @@ if TYPE_CHECKING:
     from ..client.session import Namespace
 
 STAGE_PIECE_BYTES = PLOG_INLINE_BYTES      # bytes per plog_stage request
+READ_OPS = frozenset({"plog_info", "plog_records", "plog_read"})   # a copy answers these when the home does not
+HOME_AWAY = (ServerUnavailable, Timeout)
 INLINE_SLACK_BYTES = 1024                  # the request's other fields, and msgpack's framing
 
 
@@ -60,10 +67,14 @@ class Plog:
     """A handle on one plog (MemPlog): an append-only log of records in a namespace's
     persistent memory. Made by `Namespace.create_plog` or `Namespace.plog`."""
 
-    def __init__(self, namespace: "Namespace", name: str, home: int, plog_id: int | None = None) -> None:
+    def __init__(self, namespace: "Namespace", name: str, home: int, plog_id: int | None = None,
+                 sequencer: int | None = None) -> None:
         self.namespace = namespace
         self.name = name
-        self.home = home
+        self.home = home            # the server this handle reads from: the plog's home, or a copy
+        # Where appends go, always: the plog's home (a handle that reads a copy, its home away
+        # or slow for a moment, appends there again once it answers).
+        self._sequencer = home if sequencer is None else sequencer
         # This plog's own id: once it is deleted, its handles get NO_SUCH_OBJECT, even when a
         # new plog of the same name is made.
         self.plog_id = plog_id
@@ -86,7 +97,42 @@ class Plog:
         return self.namespace.session.link(self.home)
 
     def _call(self, op: str, **args: Any) -> dict[str, Any]:
+        try:
+            return self._link().call(op, **self._wire, **args)
+        except HOME_AWAY:
+            if op not in READ_OPS or not self._fail_over():
+                raise
         return self._link().call(op, **self._wire, **args)
+
+    def _holders(self) -> list[tuple[tuple[bool, bool, int, int], int]]:
+        """The other servers that answer for this plog now, best first: its home, then copies
+        that are not stale, the longest first (a copy its home stopped forwarding to and could
+        not tell yet may be shorter)."""
+        found = []
+        for server_id in _servers_of(self.namespace):
+            if server_id == self.home:           # the one that did not answer
+                continue
+            try:
+                info = self.namespace.session.link(server_id).call("plog_info", **self._wire)["info"]
+            except (NoSuchObject, *HOME_AWAY):
+                continue
+            found.append(((info.get("role") != "home", bool(info.get("stale")), -int(info.get("length", 0)),
+                           server_id), server_id))
+        return sorted(found)
+
+    def _fail_over(self) -> bool:
+        """Talk to another server holding this plog from now on (its home, else a copy that is
+        not stale, else a stale one, which says so): whether there is one."""
+        ranked = self._holders()
+        if not ranked:
+            return False
+        self._go_to(ranked[0][1])
+        return True
+
+    def _go_to(self, server_id: int) -> None:
+        self.home = server_id
+        self._layout = None          # a copy's bytes lie elsewhere (same offsets and records)
+        self._places = []
 
     # ---- appends ----------------------------------------------------------------------------
 
@@ -104,7 +150,8 @@ class Plog:
         views = _as_records(records)
         lengths = [v.nbytes for v in views]
         total = sum(lengths)
-        link = self._link()
+        self.namespace.session.check_open()
+        link = self.namespace.session.link(self._sequencer)
         creds = dict(self._wire)
         if not link.is_local:
             if total > MAX_RPC_PAYLOAD_BYTES:
@@ -154,13 +201,21 @@ class Plog:
                              "at most)")
         if into is None:
             out = bytearray(length)
-            self._read_into(offset, memoryview(out))
+            self._read_over(offset, memoryview(out))
             return bytes(out)
         view = as_bytes_view(into, writable=True)
         if view.nbytes < length:
             raise InvalidArgument(f"into holds {view.nbytes} bytes, {length} asked")
-        self._read_into(offset, view[:length])
+        self._read_over(offset, view[:length])
         return None
+
+    def _read_over(self, offset: int, into: memoryview) -> None:
+        try:
+            self._read_into(offset, into)
+        except HOME_AWAY:
+            if not self._fail_over():
+                raise
+            self._read_into(offset, into)
 
     def _read_into(self, offset: int, into: memoryview) -> None:
         link = self._link()
@@ -193,6 +248,14 @@ class Plog:
             raise OutOfRange(f"record index {index} is negative")
         if index > MAX_PLOG_CAPACITY_BYTES:         # no plog holds that many: not worth asking
             raise OutOfRange(f"record {index} is not among plog {self.name!r}'s committed records")
+        try:
+            return self._record(index)
+        except HOME_AWAY:
+            if not self._fail_over():
+                raise
+            return self._record(index)
+
+    def _record(self, index: int) -> bytes:
         link = self._link()
         if link.is_local:
             if index >= len(self._places):
@@ -283,8 +346,25 @@ class Plog:
 
     def seal(self) -> dict[str, Any]:
         """No append from anyone succeeds after this (SEALED); reads go on. Appends answered
-        before it are in. Returns info(). Sealing a sealed plog is no error."""
-        return self._call("plog_seal")["info"]
+        before it are in. Returns info(). Sealing a sealed plog is no error. When the home
+        does not answer, every copy that does is sealed (the home, should it come back, seals
+        itself at its next append), and this handle reads from one of them from then on."""
+        try:
+            return self._call("plog_seal")["info"]
+        except HOME_AWAY:
+            holders = self._holders()
+            if not holders:
+                raise
+        sealed: list[tuple[int, dict[str, Any]]] = []
+        for _, server_id in holders:            # best first
+            try:
+                sealed.append((server_id, self.namespace.session.link(server_id).call("plog_seal", **self._wire)["info"]))
+            except HOME_AWAY:
+                continue
+        if not sealed:
+            raise ServerUnavailable(f"no server holding plog {self.name!r} answers: it was not sealed")
+        self._go_to(sealed[0][0])
+        return sealed[0][1]
 
     def delete(self) -> None:
         """Delete the plog: its memory goes back to the namespace. Its handles get
@@ -319,7 +399,7 @@ def _servers_of(namespace: "Namespace") -> list[int]:
     if not having:
         raise NoSuchPool(f"no server of the fabric gives memory to pool {namespace.pool!r}")
     servers = [s for s in having if s.get("alive")]
-    own = session.home().server_id
+    own = session.local.server_id        # (the home link may be down: its server dead)
     return sorted((s["server_id"] for s in servers), key=lambda sid: (sid != own, sid))
 
 
@@ -342,7 +422,8 @@ def create_plog(namespace: "Namespace", name: str, capacity: int, *, replicas: i
     # Another server may have made one of this name meanwhile (a name is checked per server).
     # Each creator looks again after making its own: of two racing, at least one sees the
     # other's (and both may), and whoever sees another deletes its own: never two of one name.
-    if _find(ns, name, [s for s in servers if s != made.home]) is not None:
+    found = _find(ns, name, [s for s in servers if s != made.home])
+    if found is not None and found[1] != made.plog_id:      # (not one of its own copies)
         try:
             made.delete()
         except MemfabricError:
@@ -352,16 +433,28 @@ def create_plog(namespace: "Namespace", name: str, capacity: int, *, replicas: i
     return made
 
 
-def _find(ns: "Namespace", name: str, servers: list[int]) -> tuple[int, int] | None:
-    """(home, plog id) of the plog of this name, asking these servers in turn."""
-    for server_id in servers:
+def _find(ns: "Namespace", name: str, servers: list[int]) -> tuple[int, int, int] | None:
+    """(server, plog id, its home) of the plog of this name, asking these servers in turn: its home when
+    one of them is it, else a copy (one that is not stale first, the longest first)."""
+    copies = []
+    queue, asked = list(servers), set()
+    while queue:
+        server_id = queue.pop(0)
+        if server_id in asked:
+            continue
+        asked.add(server_id)
         try:
             info = ns.session.link(server_id).call("plog_info", **ns.wire_creds, name=name)["info"]
-            return server_id, info["id"]
-        except NoSuchObject:
+        except (NoSuchObject, *HOME_AWAY):
             continue
-        except ServerUnavailable:
-            continue
+        if info.get("role", "home") == "home":
+            return server_id, info["id"], server_id
+        copies.append((bool(info.get("stale")), -int(info.get("length", 0)), server_id, info["id"], info["home"]))
+        if info.get("home") in servers:
+            queue.insert(0, info["home"])        # ask its home next
+    if copies:
+        _, _, server_id, plog_id, home = min(copies)
+        return server_id, plog_id, home
     return None
 
 
@@ -385,4 +478,9 @@ def list_plogs(namespace: "Namespace", *, pool: Any = None) -> list[dict[str, An
             continue
         except MemfabricError:
             raise
-    return sorted(infos, key=lambda i: i["name"])
+    # Each plog once: its home's info, or (its home away) a copy's, one not stale first.
+    best: dict[Any, dict[str, Any]] = {}
+    for info in sorted(infos, key=lambda i: (i.get("role", "home") != "home", bool(i.get("stale")),
+                                             -int(i.get("length", 0)))):
+        best.setdefault(info.get("id"), info)
+    return sorted(best.values(), key=lambda i: i["name"])

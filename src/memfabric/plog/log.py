@@ -82,6 +82,16 @@ class PlogLog:
         self._committed_records = bisect_right(self.starts, end - 1)
         assert self._committed_records == len(self.starts) or self.starts[self._committed_records] == end
 
+    def abandon(self) -> int:
+        """Forget the records written but not committed (their append failed: a replica fenced
+        the plog); the next append goes where they were. How many were forgotten."""
+        kept = self._committed_records
+        dropped = len(self.starts) - kept
+        del self.starts[kept:]
+        del self._lengths[kept:]
+        self.written = self.committed
+        return dropped
+
     @property
     def next_index(self) -> int:
         """The index the next planned record gets (records written so far)."""

@@ -57,11 +57,12 @@ def encode(nonce: int, index: int, payload: bytes | memoryview) -> bytes:
 
 
 def scan(read: Callable[[int, int], bytes | memoryview], size: int, nonce: int,
-         max_record_bytes: int) -> Iterator[tuple[int, int]]:
-    """The records whose frames check, from offset 0 of a log of `size` bytes, in order:
+         max_record_bytes: int, start: int = 0, first_index: int = 0) -> Iterator[tuple[int, int]]:
+    """The records whose frames check, from offset `start` (record `first_index`; a replica
+    checks what its home sent from where its log ends) of a log of `size` bytes, in order:
     (start of the frame, payload length). Stops at the first frame that does not check.
     `read(offset, length)` gives the log's bytes there (never past `size`)."""
-    at, index = 0, 0
+    at, index = start, first_index
     while at + HEADER_BYTES <= size:
         magic, length, low_index, crc = HEADER.unpack(read(at, HEADER_BYTES))
         if magic != MAGIC or low_index != index & 0xFFFFFFFF or length > max_record_bytes:

@@ -17,6 +17,30 @@ Where a plog is: on the server that created it (the client's own server). A clie
 plog by asking its servers (client.py); names are unique per namespace on one server, and
 the client checks the others before a create (two creates of one name at once on two
 servers could both succeed: there is no cluster-wide claim yet).
+
+Replicas. A plog of R replicas has its home and R - 1 copies on other live servers of its
+pool, chosen by the home at create (fewer live servers than R: INVALID_ARGUMENT). The home
+forwards the log's bytes to every live copy in order, at the same offsets, as part of the
+shared flush (one forward carries every append written since the last), and commits (answers
+the appends, shows them to readers) only once each live copy holds them durably. A copy
+applies bytes strictly at the end of its log (a gap is refused), checks every frame (nonce,
+index, CRC) before it commits them, and serves reads and seal like a home, but no appends.
+A copy that does not answer within PEER_TIMEOUT_S, refuses, or that the cluster sees dead,
+is marked dead for that plog (info()'s dead_replicas) and gets nothing more: appends go on
+with the live ones (availability over copy count, as a KV key's replicas do; the info says
+how many copies an append had). A copy that comes back after a restart is stale (it may lack
+appends made while it was away): it refuses reads and says so, and the home never forwards
+to it again. A dead copy whose server did not restart (stopped a while, cut off) is told it
+is stale by its home once it answers again (tick, once a second); until then, a client that
+must read a copy (the home away) takes the longest one. The same round learns whether a dead
+copy was sealed (a client on the other side of a cut sealed it): the home then fences itself.
+Seal is fencing: a copy that was sealed (by a client, its home being dead or cut off)
+refuses the home's forward with SEALED, and the home then seals itself, drops the
+uncommitted appends and refuses them: after that, no append succeeds anywhere. (A home cut
+off from every copy appends alone until it reaches one again: the price of going on with
+the live copies.) A home that
+restarts asks its copies before its first append: one sealed seals it, one not in step
+(shorter, stale, unreachable) is dead.
 """
 
 from __future__ import annotations
@@ -31,15 +55,17 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..core.allocator import Extent
 from ..core.namespaces import check_name
-from ..errors import (IOError_, InvalidArgument, LimitExceeded, MemfabricError, NoSuchNamespace, NoSuchObject, ProtocolError)
+from ..datapath.deadline import unbounded
+from ..errors import (IOError_, InvalidArgument, LimitExceeded, MemfabricError, NoSuchNamespace, NoSuchObject, ProtocolError,
+                      Sealed, ServerUnavailable)
 from ..limits import (MAX_PLOG_BATCH, MAX_PLOG_CAPACITY_BYTES, MAX_PLOG_RECORD_BYTES, MAX_PLOG_REPLICAS,
                       MAX_PLOG_BUFFERED_BYTES, MAX_PLOG_STAGED_BYTES, MAX_PLOG_STAGES_PER_CLIENT, MAX_PLOGS_PER_NAMESPACE, MAX_RPC_PAYLOAD_BYTES,
-                      PLOG_INLINE_BYTES, PLOG_RPC_READ_BYTES)
+                      PLOG_INLINE_BYTES, PLOG_REPLICA_PIECE_BYTES, PLOG_RPC_READ_BYTES)
 from ..server.requests import Connection, Payload, Reply
 from ..server.state import NamespaceState, PoolState
 from ..transport import wire
 from . import record as rec
-from .log import OPEN, STATES, PlogLog
+from .log import OPEN, SEALED, STATES, PlogLog
 from .store import LogBytes, meta_path, read_metas, remove_meta, write_meta
 
 if TYPE_CHECKING:
@@ -49,13 +75,16 @@ log = logging.getLogger("memfabric.server")
 
 JOIN_BELOW_BYTES = 1 << 20     # a batch this small is joined into one buffer: one write per extent
 RECORD_OVERHEAD_BYTES = 32     # a record's place ([offset, length]) and framing in a records reply
+STALE_NOTICE_RETRY_S = 1.0     # how often a home tries again to tell its dead copies they are stale
+HOME, REPLICA = "home", "replica"
 
 
 class _Plog:
-    """One plog homed here: its rules (log.py), its bytes (store.py), its locks."""
+    """One plog homed here, or a copy of one: its rules (log.py), its bytes (store.py), its locks."""
 
     def __init__(self, plog_id: int, core: PlogLog, state: NamespaceState, data: LogBytes, path: str,
-                 replicas: int, created_s: float) -> None:
+                 replicas: int, created_s: float, role: str = HOME, home: int = 0,
+                 replica_servers: list[int] | None = None) -> None:
         self.id = plog_id
         self.core = core
         self.state = state
@@ -72,17 +101,38 @@ class _Plog:
         # A flush that failed (EIO from fdatasync): what was written since is of unknown fate on
         # the disk, so no more appends are taken until the server restarts and scans the log.
         self.broken: str | None = None
+        # Replicas (see the module's docstring). The home: the copies' servers, those it
+        # stopped forwarding to, how far it has forwarded, and whether it must ask its copies
+        # before the next append (after its restart). A copy: bytes received past its log's end
+        # (a forward comes in pieces), and whether it came back from a restart (stale).
+        self.role = role
+        self.home = home
+        self.replica_servers = list(replica_servers or [])
+        self.dead: set[int] = set()
+        self.watched: set[int] = set()      # dead copies the home tells they are stale, and watches for a seal
+        self.forwarded = 0
+        self.resync = False
+        self.receiving = 0
+        self.stale = False
+        self.creds: tuple[str, str, bytes] | None = None     # the secId a client proved: what forwards present
 
     def meta(self) -> dict[str, Any]:
         record = self.state.record
         return {"name": self.core.name, "ns": record.ns, "incarnation": record.incarnation,
                 "capacity": self.core.capacity, "nonce": self.core.nonce,
                 "extents": [list(e) for e in self.data.extents], "state": self.core.state,
-                "replicas": self.replicas, "created_s": self.created_s}
+                "replicas": self.replicas, "created_s": self.created_s, "role": self.role, "home": self.home,
+                "replica_servers": self.replica_servers}
 
-    def info(self, server_id: int) -> dict[str, Any]:
-        return {**self.core.info(), "replicas": self.replicas, "dead_replicas": [], "home": server_id,
-                "pool": self.state.record.pool, "ns": self.state.record.ns, "id": self.id}
+    def info(self, server_id: int, alive: set[int] | None) -> dict[str, Any]:
+        """`alive`: the servers the cluster sees alive (None: not known now)."""
+        holders = [s for s in [self.home, *self.replica_servers] if s != server_id]
+        dead = {s for s in holders if alive is not None and s not in alive}
+        if self.role == HOME:
+            dead |= self.dead
+        return {**self.core.info(), "replicas": self.replicas, "dead_replicas": sorted(dead), "home": self.home,
+                "replica_servers": self.replica_servers, "role": self.role, "stale": self.stale,
+                "server": server_id, "pool": self.state.record.pool, "ns": self.state.record.ns, "id": self.id}
 
 
 _META_FILE = re.compile(r"\d{1,20}\.plog")
@@ -97,7 +147,10 @@ def _meta_ok(meta: dict[str, Any]) -> bool:
             and isinstance(extents, list) and bool(extents)
             and all(isinstance(e, list) and len(e) == 3 and all(type(x) is int and x >= 0 for x in e)
                     for e in extents)
-            and sum(e[2] for e in extents) >= meta["capacity"])
+            and sum(e[2] for e in extents) >= meta["capacity"]
+            and meta.get("role", HOME) in (HOME, REPLICA) and type(meta.get("home", 0)) is int
+            and isinstance(meta.get("replica_servers", []), list)
+            and all(type(x) is int for x in meta.get("replica_servers", [])))
 
 
 class _Window:
@@ -105,8 +158,9 @@ class _Window:
 
     SIZE_BYTES = 1 << 20
 
-    def __init__(self, data: LogBytes) -> None:
+    def __init__(self, data: LogBytes, end: int | None = None) -> None:
         self.data = data
+        self.end = data.capacity_bytes if end is None else end      # never read past this
         self.start = 0
         self.bytes = b""
 
@@ -115,7 +169,7 @@ class _Window:
             if length > self.SIZE_BYTES:
                 return self.data.read_bytes(offset, length)
             self.start = offset
-            self.bytes = self.data.read_bytes(offset, min(self.SIZE_BYTES, self.data.capacity_bytes - offset))
+            self.bytes = self.data.read_bytes(offset, max(length, min(self.SIZE_BYTES, self.end - offset)))
         at = offset - self.start
         return memoryview(self.bytes)[at:at + length]
 
@@ -129,7 +183,7 @@ class _Stage:
 
 
 class PlogService:
-    PEER_OPS: frozenset[str] = frozenset()
+    PEER_OPS: frozenset[str] = frozenset({"plog_replica_create", "plog_replica_append", "plog_replica_stale"})
     FD_OPS: frozenset[str] = frozenset()
 
     def __init__(self, server: "Server") -> None:
@@ -145,6 +199,8 @@ class PlogService:
         # Record bytes held in this server's own memory before they are appended (stages, RPC
         # payloads): bounded for the whole server, so many connections cannot take its RAM.
         self._buffered_bytes = 0
+        self._notifier_busy = False
+        self._notify_after_s = 0.0
 
     def _take_buffer(self, n: int) -> None:
         with self._counts_lock:
@@ -212,7 +268,15 @@ class PlogService:
             found = list(rec.scan(_Window(data).read, core.capacity, core.nonce, MAX_PLOG_RECORD_BYTES))
             core.recovered(found)
             self._zero_tail(data, core.committed, core.capacity)
-            plog = _Plog(plog_id, core, state, data, path, meta.get("replicas", 1), meta.get("created_s", 0.0))
+            role = meta.get("role", HOME)
+            plog = _Plog(plog_id, core, state, data, path, meta.get("replicas", 1), meta.get("created_s", 0.0),
+                         role, meta.get("home", server.server_id) if role == REPLICA else server.server_id,
+                         meta.get("replica_servers", []))
+            plog.forwarded = core.committed
+            # A copy may have missed appends while it was away; a home may hold appends its
+            # copies never got, and a copy may have been sealed meanwhile: see _resync.
+            plog.stale = role == REPLICA
+            plog.resync = role == HOME and bool(plog.replica_servers)
             self._plogs.setdefault(state.key, {})[name] = plog
             log.info("restored plog %r of %s/%s: %d records, %d bytes, %s", name, pool.name, ns, core.records,
                      core.committed, core.state)
@@ -260,8 +324,8 @@ class PlogService:
                 log.warning("%s", exc)
 
     def usage(self, state: NamespaceState) -> dict[str, int]:
-        with self._lock:
-            plogs = [p for p in self._plogs.get(state.key, {}).values() if p is not None]
+        with self._lock:     # each plog once, at its home (copies: held_bytes)
+            plogs = [p for p in self._plogs.get(state.key, {}).values() if p is not None and p.role == HOME]
         if not plogs:
             return {}
         return {"plogs": len(plogs), "plogs_sealed": sum(p.core.state != OPEN for p in plogs),
@@ -274,7 +338,56 @@ class PlogService:
         return sum(e[2] for p in plogs if not p.released for e in p.data.extents)
 
     def tick(self) -> None:
-        return None
+        """Once a second, off the request path (one watcher at a time): tell the dead copies of
+        open plogs homed here that they are stale, and learn whether one was sealed meanwhile."""
+        now = time.monotonic()
+        if self._notifier_busy or now < self._notify_after_s:
+            return
+        with self._lock:
+            watched = [p for plogs in self._plogs.values() for p in plogs.values()
+                       if p is not None and p.watched and not p.deleted and p.creds is not None]
+        if watched:
+            self._notifier_busy = True
+            self._notify_after_s = now + STALE_NOTICE_RETRY_S
+            threading.Thread(target=self._watch_dead_copies, args=(watched,), name="plog-dead-copies",
+                             daemon=True).start()
+
+    def _watch_dead_copies(self, plogs: list[_Plog]) -> None:
+        try:
+            for plog in plogs:
+                for server_id in sorted(plog.watched):
+                    if plog.core.state != OPEN or plog.deleted:
+                        plog.watched.clear()       # sealed or gone here: nothing more to learn
+                        break
+                    try:
+                        with unbounded():
+                            reply = self.server._peer(server_id).call("plog_replica_stale", **self._copy_args(plog))
+                    except NoSuchObject:
+                        plog.watched.discard(server_id)      # gone there: it serves nothing
+                        continue
+                    except MemfabricError:
+                        continue                   # not reachable now: the next round asks again
+                    if reply.get("state") == SEALED:
+                        # A client sealed the copy (this home away or cut off from it): fencing.
+                        with plog.flush_lock:
+                            self._fence(plog)
+                        log.warning("plog %r: its copy on server %d was sealed; sealed here too", plog.core.name,
+                                    server_id)
+        finally:
+            self._notifier_busy = False
+
+    def op_plog_replica_stale(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        """The home stopped forwarding to this copy: it may lack appends, and says so from now on.
+        Answers the copy's state: a sealed copy fences its home."""
+        plog = self._plog(conn, m)
+        if plog.role != REPLICA:
+            raise InvalidArgument(f"plog {plog.core.name!r} is homed on server {self.server.server_id}, not a copy")
+        with plog.lock:
+            if not plog.stale:
+                log.warning("plog %r: this copy is stale (its home, server %d, stopped forwarding to it)",
+                            plog.core.name, plog.home)
+            plog.stale = True
+            return {"state": plog.core.state}
 
     def close(self) -> None:
         return None
@@ -285,8 +398,16 @@ class PlogService:
         state, (pool, _, _) = self.server._namespace(conn, m)
         return state, pool
 
+    def _info(self, plog: _Plog) -> dict[str, Any]:
+        try:      # (outside the plog's lock: the view may ask the cluster service)
+            alive: set[int] | None = {s.server_id for s in self.server.view() if s.alive}
+        except MemfabricError:
+            alive = None
+        with plog.lock:
+            return plog.info(self.server.server_id, alive)
+
     def _plog(self, conn: Connection, m: dict[str, Any]) -> _Plog:
-        state, _ = self._namespace(conn, m)
+        state, creds = self.server._namespace(conn, m)
         name = check_name("plog", m.get("name"))
         with self._lock:
             plog = self._plogs.get(state.key, {}).get(name)
@@ -297,12 +418,15 @@ class PlogService:
         if wanted is not None and wanted != plog.id:
             raise NoSuchObject(f"plog {name!r} this handle named was deleted (the one of that name now is "
                                "another: ns.plog(name) opens it)")
+        if plog.role == HOME and conn.role != "peer":
+            plog.creds = creds
         return plog
 
     # ---- operations -----------------------------------------------------------------------------
 
     def op_plog_create(self, conn: Connection, m: dict[str, Any]) -> Reply:
-        state, pool_name = self._namespace(conn, m)
+        state, creds = self.server._namespace(conn, m)
+        pool_name = creds[0]
         name = check_name("plog", m.get("name"))
         capacity = m.get("capacity")
         if type(capacity) is not int or not rec.HEADER_BYTES <= capacity <= MAX_PLOG_CAPACITY_BYTES:
@@ -312,13 +436,13 @@ class PlogService:
         if type(replicas) is not int or not 1 <= replicas:
             raise InvalidArgument(f"replicas is a positive integer, got {replicas!r:.40}")
         if replicas > MAX_PLOG_REPLICAS:
-            raise InvalidArgument(f"a plog has at most {MAX_PLOG_REPLICAS} replica for now (copies on other "
-                                  f"servers are not built yet), got {replicas}")
+            raise InvalidArgument(f"a plog has at most {MAX_PLOG_REPLICAS} replicas, got {replicas}")
         pool = self.server.pools[pool_name]
         if not pool.persistent:
             raise InvalidArgument(f"pool {pool_name!r} is {pool.medium_kind}: a plog must survive its server, so it "
                                   "lives on a pmem or ramdisk pool (create the namespace in one, e.g. "
                                   "`memfabric up --pool logs:pmem:256MiB`)")
+        replica_servers = self._replica_servers(pool_name, replicas)
         with self._lock:
             mine = self._plogs.setdefault(state.key, {})
             if name in mine:
@@ -342,7 +466,110 @@ class PlogService:
                     # appends' flushes carry data alone.
                     self._zero_tail(data, 0, capacity, force=True)
                 core = PlogLog(name, capacity, secrets.randbits(64))
-                plog = _Plog(plog_id, core, state, data, meta_path(pool.path or "", plog_id), replicas, time.time())
+                plog = _Plog(plog_id, core, state, data, meta_path(pool.path or "", plog_id), replicas, time.time(),
+                             HOME, self.server.server_id, replica_servers)
+                plog.creds = creds
+                write_meta(plog.path, plog.meta())
+                try:
+                    self._make_copies(plog)
+                except BaseException:
+                    remove_meta(plog.path)
+                    raise
+            except BaseException:
+                self._release_extents(state, pool_name, extents)
+                raise
+        except BaseException:
+            with self._lock:
+                self._plogs.get(state.key, {}).pop(name, None)
+            raise
+        with self._lock:
+            made = self._plogs.get(state.key) is mine and not state.closed
+            if made:
+                mine[name] = plog
+        if made:
+            return {"info": self._info(plog)}
+        remove_meta(plog.path)          # the namespace was destroyed meanwhile
+        raise NoSuchNamespace(f"namespace {state.record.ns!r} was destroyed meanwhile")
+
+    def _replica_servers(self, pool_name: str, replicas: int) -> list[int]:
+        """Where the copies of a new plog of `replicas` go: other live servers of the pool, the
+        ones with the most free memory in it first."""
+        if replicas == 1:
+            return []
+        others = [s for s in self.server.view(fresh=True)
+                  if s.alive and s.server_id != self.server.server_id and pool_name in s.pools]
+        if len(others) < replicas - 1:
+            raise InvalidArgument(f"replicas={replicas} needs {replicas} live servers giving memory to pool "
+                                  f"{pool_name!r}, each holding one copy; it has {len(others) + 1}")
+        others.sort(key=lambda s: (-int(s.pools[pool_name].get("free_bytes", 0) or 0), s.server_id))
+        return [s.server_id for s in others[:replicas - 1]]
+
+    def _copy_args(self, plog: _Plog) -> dict[str, Any]:
+        assert plog.creds is not None
+        pool, ns, sec = plog.creds
+        return {"pool": pool, "ns": ns, "sec": sec, "name": plog.core.name, "plog_id": plog.id}
+
+    def _make_copies(self, plog: _Plog) -> None:
+        """Create the plog's copies on its replica servers; all of them, or none (and raise)."""
+        made = []
+        try:
+            for server_id in plog.replica_servers:
+                self.server._peer(server_id).call(
+                    "plog_replica_create", **self._copy_args(plog), capacity=plog.core.capacity,
+                    nonce=plog.core.nonce, home=plog.home, replica_servers=plog.replica_servers,
+                    replicas=plog.replicas)
+                made.append(server_id)
+        except MemfabricError as exc:
+            self._drop_copies(plog, made)
+            raise type(exc)(f"cannot make a copy of plog {plog.core.name!r} on server {server_id}: "
+                            f"{exc.message}") from None
+        except BaseException:
+            self._drop_copies(plog, made)
+            raise
+
+    def _drop_copies(self, plog: _Plog, servers: list[int]) -> None:
+        for server_id in servers:
+            try:
+                with unbounded():
+                    self.server._peer(server_id).call("plog_delete", **self._copy_args(plog))
+            except MemfabricError as exc:
+                log.info("copy of plog %r on server %d not deleted: %s", plog.core.name, server_id, exc)
+
+    def op_plog_replica_create(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        """A home's new plog: its copy here, empty, with the home's nonce and id."""
+        state, creds = self.server._namespace(conn, m)
+        pool_name = creds[0]
+        name = check_name("plog", m.get("name"))
+        capacity, nonce, plog_id, home = m.get("capacity"), m.get("nonce"), m.get("plog_id"), m.get("home")
+        replica_servers, replicas = m.get("replica_servers"), m.get("replicas")
+        if not (type(capacity) is int and rec.HEADER_BYTES <= capacity <= MAX_PLOG_CAPACITY_BYTES
+                and type(nonce) is int and 0 <= nonce < 1 << 64 and type(plog_id) is int and plog_id > 0
+                and type(home) is int
+                and isinstance(replica_servers, list) and all(type(x) is int for x in replica_servers)
+                and type(replicas) is int and 1 < replicas <= MAX_PLOG_REPLICAS):
+            raise InvalidArgument("plog_replica_create: capacity, nonce, plog_id, home, replica_servers, replicas")
+        pool = self.server.pools[pool_name]
+        if not pool.persistent:
+            raise InvalidArgument(f"pool {pool_name!r} is {pool.medium_kind} on server {self.server.server_id}")
+        with self._lock:
+            mine = self._plogs.setdefault(state.key, {})
+            if name in mine:
+                raise InvalidArgument(f"plog {name!r} already exists in namespace {state.record.ns!r} on server "
+                                      f"{self.server.server_id}")
+            if len(mine) >= MAX_PLOGS_PER_NAMESPACE:
+                raise LimitExceeded(f"namespace {state.record.ns!r} has {len(mine)} plogs on server "
+                                    f"{self.server.server_id}, the most it may")
+            mine[name] = None  # type: ignore[assignment]
+        try:
+            extents = self.server._reserve_local(state, pool_name, capacity)
+            try:
+                data = LogBytes(pool, [(e.segment, e.offset, e.length) for e in extents], state.record.ns,
+                                flushes=pool.medium_kind == "pmem")
+                if data.flushes:
+                    self._zero_tail(data, 0, capacity, force=True)
+                plog = _Plog(plog_id, PlogLog(name, capacity, nonce), state, data,
+                             meta_path(pool.path or "", plog_id), replicas, time.time(), REPLICA, home,
+                             replica_servers)
                 write_meta(plog.path, plog.meta())
             except BaseException:
                 self._release_extents(state, pool_name, extents)
@@ -354,9 +581,66 @@ class PlogService:
         with self._lock:
             if self._plogs.get(state.key) is mine and not state.closed:
                 mine[name] = plog
-                return {"info": plog.info(self.server.server_id)}
-        remove_meta(plog.path)          # the namespace was destroyed meanwhile
+                return {}
+        remove_meta(plog.path)
         raise NoSuchNamespace(f"namespace {state.record.ns!r} was destroyed meanwhile")
+
+    def op_plog_replica_append(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        """A piece of the home's log, `data` at `at` (where the pieces received so far end);
+        with `last`, the pieces since this copy's log end are whole records: checked, written
+        durably, committed. A gap, or a frame that does not check, is refused (and the pieces
+        since the log end dropped)."""
+        plog = self._plog(conn, m)
+        at, data, last = m.get("at"), m.get("data"), m.get("last") is True
+        if type(at) is not int or type(data) is not bytes:
+            raise InvalidArgument("plog_replica_append takes at (int) and data (bytes)")
+        core = plog.core
+        with plog.lock:
+            if plog.role != REPLICA:
+                raise InvalidArgument(f"plog {core.name!r} is homed on server {self.server.server_id}, not a copy")
+            if plog.stale:
+                raise ServerUnavailable(f"the copy of plog {core.name!r} on server {self.server.server_id} is stale "
+                                        "(it restarted and may lack appends)")
+            if core.state != OPEN:
+                raise Sealed(f"plog {core.name!r} was sealed (its copy on server {self.server.server_id})")
+            if plog.receiving < core.written or at == core.written:
+                plog.receiving = core.written      # (a forward from the log's end drops unfinished pieces)
+            if at != plog.receiving or at + len(data) > core.capacity:
+                received, plog.receiving = plog.receiving, core.written
+                raise InvalidArgument(f"the copy of plog {core.name!r} on server {self.server.server_id} takes bytes "
+                                      f"at {received}, got {len(data)} at {at}: no gaps")
+            touched: set[int] = set()
+            try:
+                if data:
+                    plog.data.write(at, memoryview(data), touched)
+                plog.receiving = at + len(data)
+                if not last:
+                    plog.touched |= touched
+                    return {}
+                start, end = core.written, plog.receiving
+                if at == start:       # the whole forward came in this message: checked in memory
+                    view = memoryview(data)
+                    read = lambda o, n: view[o - start:o - start + n]      # noqa: E731
+                else:
+                    read = _Window(plog.data, end).read
+                found = list(rec.scan(read, end, core.nonce, MAX_PLOG_RECORD_BYTES,
+                                      start=start, first_index=core.next_index))
+                if not found or found[-1][0] + rec.frame_bytes(found[-1][1]) != end:
+                    raise InvalidArgument(f"the bytes [{start}, {end}) sent to the copy of plog {core.name!r} are "
+                                          "not whole records that check")
+                core.mark_written([f[0] for f in found], [f[1] for f in found])
+                plog.data.flush(touched | plog.touched)
+                plog.touched = set()
+                core.commit(end)
+            except BaseException:
+                # Nothing of it may look like a record to a later scan or check.
+                plog.receiving = core.written
+                try:
+                    plog.data.write(core.written, memoryview(bytes(rec.HEADER_BYTES)), set())
+                except MemfabricError:
+                    pass
+                raise
+        return {"length": core.committed}
 
     def _release_extents(self, state: NamespaceState, pool_name: str, extents: list[Extent]) -> None:
         server = self.server
@@ -368,9 +652,9 @@ class PlogService:
         """The plog's info; with `layout`, where its bytes lie (extents of the namespace's
         segments) and its nonce: a same-host client reads committed records there itself."""
         plog = self._plog(conn, m)
-        with plog.lock:
-            reply: dict[str, Any] = {"info": plog.info(self.server.server_id)}
+        reply: dict[str, Any] = {"info": self._info(plog)}
         if m.get("layout") is True:
+            self._check_whole(plog)
             reply["extents"] = [list(e) for e in plog.data.extents]
             reply["nonce"] = plog.core.nonce
         return reply
@@ -381,8 +665,7 @@ class PlogService:
             plogs = [p for p in self._plogs.get(state.key, {}).values() if p is not None and not p.deleted]
         infos = []
         for plog in sorted(plogs, key=lambda p: p.core.name):
-            with plog.lock:
-                infos.append(plog.info(self.server.server_id))
+            infos.append(self._info(plog))
         return {"plogs": infos}
 
     # ---- appends ----------------------------------------------------------------------------
@@ -435,6 +718,10 @@ class PlogService:
         with plog.lock:
             if plog.deleted:
                 raise NoSuchObject(f"plog {core.name!r} was deleted")
+            if plog.role != HOME:
+                raise ServerUnavailable(f"server {self.server.server_id} holds a copy of plog {core.name!r}; appends go "
+                                        f"to its home, server {plog.home} (when it is dead, seal the plog and read "
+                                        "it here)")
             if plog.broken is not None:
                 raise IOError_(f"plog {core.name!r} takes no appends: a flush failed ({plog.broken}); "
                                "its committed records can be read, and a restart of its server scans it again")
@@ -473,6 +760,9 @@ class PlogService:
             if plog.broken is not None:
                 raise IOError_(f"plog {plog.core.name!r}: a flush failed ({plog.broken}); this append's fate "
                                "on the disk is unknown")
+            if end > plog.core.written:
+                raise Sealed(f"plog {plog.core.name!r} was sealed by a replica (fenced) before this append was "
+                             "committed: it was not")
             with plog.lock:
                 target = plog.core.written
                 touched, plog.touched = plog.touched, set()
@@ -486,11 +776,95 @@ class PlogService:
                 with plog.lock:
                     plog.touched |= touched
                 raise
+            if plog.replica_servers and target > plog.forwarded:
+                self._forward(plog, target)
             with plog.lock:
                 plog.core.commit(target)
             if flushed:
                 with self._counts_lock:
                     self.flushes += 1
+
+    # ---- replicas ---------------------------------------------------------------------------------
+
+    def _live_copies(self, plog: _Plog) -> list[int]:
+        """The copies still forwarded to; those the cluster sees dead are marked dead here."""
+        try:
+            alive = {s.server_id for s in self.server.view() if s.alive}
+        except MemfabricError:
+            alive = None
+        for server_id in plog.replica_servers:
+            if alive is not None and server_id not in alive and server_id not in plog.dead:
+                self._mark_dead(plog, server_id, "the cluster sees its server dead")
+        return [s for s in plog.replica_servers if s not in plog.dead]
+
+    def _mark_dead(self, plog: _Plog, server_id: int, why: str) -> None:
+        plog.dead.add(server_id)
+        plog.watched.add(server_id)
+        log.warning("plog %r: its copy on server %d is dead (%s); appends go on with %d of %d copies",
+                    plog.core.name, server_id, why, plog.replicas - len(plog.dead), plog.replicas)
+
+    def _forward(self, plog: _Plog, target: int) -> None:
+        """Bring every live copy to `target` (under the plog's flush lock): the log's bytes from
+        where the last forward ended, in pieces, at the same offsets. A copy that fails is dead;
+        one that says SEALED fences the plog (_fence), and this raises SEALED."""
+        if plog.resync:
+            self._resync(plog)
+        start = plog.forwarded
+        for server_id in self._live_copies(plog):
+            try:
+                with unbounded():               # bounded by the peer link's timeout, not one client's budget
+                    link = self.server._peer(server_id)
+                    at = start
+                    while True:
+                        n = min(PLOG_REPLICA_PIECE_BYTES, target - at)
+                        link.call("plog_replica_append", **self._copy_args(plog), at=at,
+                                  data=plog.data.read_bytes(at, n), last=at + n == target)
+                        at += n
+                        if at == target:
+                            break
+            except Sealed:
+                self._fence(plog)
+                raise Sealed(f"plog {plog.core.name!r} was sealed (its copy on server {server_id} was: a client "
+                             "sealed it there): this append was not committed, and no more are taken") from None
+            except MemfabricError as exc:
+                self._mark_dead(plog, server_id, str(exc))
+        plog.forwarded = target
+
+    def _fence(self, plog: _Plog) -> None:
+        """A copy was sealed: seal here too and drop the appends not committed (their callers
+        get SEALED), so that nothing appended after the seal is ever read anywhere."""
+        with plog.lock:
+            dropped_from = plog.core.committed
+            plog.core.abandon()
+            plog.forwarded = min(plog.forwarded, dropped_from)
+            if plog.core.state == OPEN:
+                plog.core.seal()
+                try:
+                    write_meta(plog.path, plog.meta())
+                except MemfabricError as exc:
+                    log.warning("plog %r: seal not written: %s", plog.core.name, exc)
+            try:      # the first dropped header: no scan after a restart finds them
+                self._zero_tail(plog.data, dropped_from, min(plog.core.capacity, dropped_from + rec.HEADER_BYTES))
+            except MemfabricError as exc:
+                log.warning("plog %r: dropped appends not zeroed: %s", plog.core.name, exc)
+
+    def _resync(self, plog: _Plog) -> None:
+        """After this home's restart, before it forwards again: a copy that was sealed seals it
+        (fencing); one whose log is not this one's (shorter, stale, gone) is dead."""
+        plog.resync = False
+        for server_id in self._live_copies(plog):
+            try:
+                with unbounded():
+                    info = self.server._peer(server_id).call("plog_info", **self._copy_args(plog))["info"]
+            except MemfabricError as exc:
+                self._mark_dead(plog, server_id, f"not reached after the home restarted: {exc}")
+                continue
+            if info.get("state") == SEALED:
+                self._fence(plog)
+                raise Sealed(f"plog {plog.core.name!r} was sealed on server {server_id} while its home was away")
+            if info.get("stale") or info.get("length") != plog.forwarded:
+                self._mark_dead(plog, server_id, f"its copy holds {info.get('length')} bytes, the home "
+                                f"{plog.forwarded}{' (stale)' if info.get('stale') else ''}")
 
     # ---- large records over IPC: staged in pieces ---------------------------------------------------
 
@@ -542,8 +916,17 @@ class PlogService:
 
     # ---- reads ----------------------------------------------------------------------------------
 
+    def _check_whole(self, plog: _Plog) -> None:
+        """A copy that restarted may lack appends made while it was away: it never serves its
+        log as if it were whole."""
+        if plog.stale:
+            raise ServerUnavailable(f"the copy of plog {plog.core.name!r} on server {self.server.server_id} is stale: "
+                                    "its server restarted, and it may lack appends made meanwhile; read the plog "
+                                    f"at its home (server {plog.home}) or another copy")
+
     def _read(self, plog: _Plog, offset: int, length: int) -> bytes:
         with plog.lock:
+            self._check_whole(plog)
             plog.core.check_read(offset, length)
             plog.readers += 1
         try:
@@ -583,6 +966,7 @@ class PlogService:
         budget = PLOG_INLINE_BYTES
         want_data = m.get("data", True) is not False
         with plog.lock:
+            self._check_whole(plog)
             total = plog.core.records
             places = []
             size = 0
@@ -610,6 +994,12 @@ class PlogService:
         it is answered. Sealing a sealed plog is no error."""
         plog = self._plog(conn, m)
         with plog.lock:
+            if plog.role == REPLICA and plog.receiving > plog.core.written:
+                # Pieces of a forward its home never finished: not records of the sealed log,
+                # and no scan after a restart may take them for some.
+                self._zero_tail(plog.data, plog.core.written,
+                                min(plog.core.capacity, plog.core.written + rec.HEADER_BYTES))
+                plog.receiving = plog.core.written
             if plog.core.state == OPEN:
                 plog.core.seal()
                 try:
@@ -619,8 +1009,15 @@ class PlogService:
                     raise
             end = plog.core.written
         self._flush_to(plog, end)
-        with plog.lock:
-            return {"info": plog.info(self.server.server_id)}
+        if plog.role == HOME and plog.replica_servers:
+            with plog.flush_lock:            # after any forward under way: a copy sealed last
+                for server_id in self._live_copies(plog):
+                    try:
+                        with unbounded():
+                            self.server._peer(server_id).call("plog_seal", **self._copy_args(plog))
+                    except MemfabricError as exc:
+                        self._mark_dead(plog, server_id, f"seal not taken: {exc}")
+        return {"info": self._info(plog)}
 
     def op_plog_delete(self, conn: Connection, m: dict[str, Any]) -> Reply:
         plog = self._plog(conn, m)
@@ -639,6 +1036,14 @@ class PlogService:
                 del mine[plog.core.name]
         if release:
             self._free(plog)
+        if plog.role == HOME and plog.replica_servers and plog.creds is not None:
+            try:
+                alive = {s.server_id for s in self.server.view() if s.alive}
+            except MemfabricError:
+                alive = set()
+            # A copy on a server away now stays in its files until its namespace goes (it is
+            # stale when the server comes back, and serves nothing).
+            self._drop_copies(plog, [s for s in plog.replica_servers if s in alive])
         return {}
 
     def _free(self, plog: _Plog) -> None:

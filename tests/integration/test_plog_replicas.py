@@ -1,0 +1,488 @@
+"""MemPlog replicas on one host's servers (issue 11): appends land on every copy at the same
+offsets; a copy killed mid-stream is reported dead and appends go on; the home killed, the plog
+is sealed and read whole (every acknowledged record) from a copy; a copy that restarts is
+stale and never serves a shorter log as if whole; a sealed copy fences its home; more replicas
+than live servers is refused. (tests/multihost/test_plog_hosts.py does the kill across hosts.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import memfabric
+from memfabric.datapath.connect import connect_to
+from memfabric.errors import InvalidArgument, NoSuchObject, PermissionDenied, Sealed, ServerUnavailable
+from memfabric.launcher import LocalFabric
+from memfabric.plog import record as rec
+from memfabric.plog.client import Plog
+from memfabric.plog.record import HEADER_BYTES, frame_bytes
+
+from ..conftest import short_tmp_dir
+from ..helpers import ns_name, wait_until
+from .test_persistence import PersistentServer
+
+MiB = 1 << 20
+WAIT_S = 60
+
+
+def _body(seq: int) -> bytes:
+    return struct.pack("<I", seq) * (1 + seq % 200)
+
+
+def _check(payload: bytes) -> int:
+    seq = struct.unpack_from("<I", payload)[0]
+    assert payload == _body(seq), "a record is whole"
+    return seq
+
+
+def _fabric(servers: int) -> LocalFabric:
+    return LocalFabric(short_tmp_dir("mf-plogr-"), servers=servers, capacity="16MiB", segment_size="1MiB",
+                       liveness_timeout_s=2.0, extra_args=["--pool", "logs:ramdisk:32MiB"]).start()
+
+
+@pytest.fixture(scope="module")
+def three_servers():
+    fab = _fabric(3)
+    yield fab
+    assert fab.stop() == 0, "memfabric up did not stop cleanly:\n" + "".join(fab.output[-30:])
+
+
+@pytest.fixture
+def fresh():
+    fabs = []
+
+    def make(servers: int = 3) -> LocalFabric:
+        fabs.append(_fabric(servers))
+        return fabs[-1]
+
+    yield make
+    for fab in fabs:
+        fab.stop()
+
+
+def _session(fab: LocalFabric, where: str) -> memfabric.Session:
+    if where == "remote":
+        return memfabric.init(os.path.join(fab.directory, "remote.toml"))
+    return memfabric.init(fab.directory, server=0)
+
+
+def _copy(log: Plog, server_id: int) -> Plog:
+    """A handle that talks to this one server only (home or copy): its copy, read directly."""
+    handle = Plog(log.namespace, log.name, server_id, log.plog_id)
+    handle._fail_over = lambda: False       # type: ignore[method-assign]   # never another server
+    return handle
+
+
+def _info_once_up(handle: Plog) -> dict:
+    """info() from the handle's server, once its link (broken by the server's restart) is made
+    again."""
+    def ask():
+        try:
+            return handle.info()
+        except ServerUnavailable:
+            return None
+    return wait_until(ask, "the restarted server to answer", WAIT_S)
+
+
+def _kill(fab: LocalFabric, server_id: int) -> None:
+    pid = fab.server_pids()[server_id]
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not os.path.exists(f"/proc/{pid}"), "the server to die")
+
+
+class _Appender(threading.Thread):
+    """Appends _body(0), _body(1), ... until stopped or an append fails; `acked` holds the
+    offsets appends returned, in order."""
+
+    def __init__(self, log: Plog) -> None:
+        super().__init__(daemon=True)
+        self.log = log
+        self.acked: list[int] = []
+        self.error: Exception | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                self.acked.append(self.log.append(_body(len(self.acked))))
+        except Exception as exc:       # noqa: BLE001 - the test looks at it
+            self.error = exc
+
+    def wait_for(self, count: int) -> None:
+        wait_until(lambda: len(self.acked) >= count or self.error is not None, f"{count} appends", WAIT_S)
+        assert self.error is None, self.error
+
+    def end(self) -> None:
+        self.stop.set()
+        self.join(WAIT_S)
+        assert not self.is_alive(), "the appender did not stop"
+
+
+def _assert_holds(log: Plog, acked: list[int]) -> None:
+    """The log's records start with every acknowledged one, whole, at the offsets returned."""
+    records = list(log.records())
+    assert len(records) >= len(acked)
+    at = 0
+    for seq, payload in enumerate(records):
+        assert _check(payload) == seq
+        if seq < len(acked):
+            assert acked[seq] == at + HEADER_BYTES
+        at += frame_bytes(len(payload))
+
+
+@pytest.mark.parametrize("where", ["same-host", "remote"])
+def test_appends_land_on_both_copies(three_servers, where, request):
+    with _session(three_servers, where) as s:
+        ns = s.create_namespace(ns_name(request), sec_id="k", pool="logs")
+        log = ns.create_plog("wal", 4 * MiB, replicas=2)
+        info = log.info()
+        assert info["replicas"] == 2 and info["dead_replicas"] == [] and info["role"] == "home"
+        (other,) = info["replica_servers"]
+        assert other != info["home"]
+        offsets = [log.append(_body(i)) for i in range(50)]
+        offsets += log.append_many([_body(i) for i in range(50, 150)])
+        big = b"L" * (600 << 10)                          # forwarded in several pieces
+        offsets.append(log.append(big))
+        home_copy, replica_copy = _copy(log, info["home"]), _copy(log, other)
+        length = log.info()["length"]
+        assert replica_copy.info()["length"] == length and replica_copy.info()["records"] == 151
+        assert replica_copy.info()["role"] == "replica" and replica_copy.info()["stale"] is False
+        assert replica_copy.read(0, length) == home_copy.read(0, length)      # byte for byte
+        assert replica_copy.record(150) == big
+        assert [replica_copy.record(i) for i in (0, 77, 149)] == [_body(0), _body(77), _body(149)]
+        assert list(replica_copy.records(0, 150)) == [_body(i) for i in range(150)]
+        # One plog in the listing (not its copy too), and appends go to the home only.
+        assert [p["name"] for p in ns.plogs()] == ["wal"]
+        with pytest.raises(ServerUnavailable, match="appends go to its home"):
+            replica_copy.append(b"not here")
+        # Seal reaches the copy; delete takes the copy away too.
+        assert log.seal()["state"] == "sealed"
+        assert replica_copy.info()["state"] == "sealed"
+        log.delete()
+        with pytest.raises(NoSuchObject):
+            replica_copy.info()
+        assert ns.create_plog("wal", MiB, replicas=3).info()["replicas"] == 3     # the name is free again
+
+
+def test_more_replicas_than_live_servers_is_refused(three_servers, request):
+    with _session(three_servers, "same-host") as s:
+        ns = s.create_namespace(ns_name(request), sec_id="k", pool="logs")
+        with pytest.raises(InvalidArgument, match=r"replicas=4 needs 4 live servers .* it has 3"):
+            ns.create_plog("wal", MiB, replicas=4)
+        with pytest.raises(InvalidArgument, match="at most 8 replicas"):
+            ns.create_plog("wal", MiB, replicas=9)
+        assert ns.plogs() == []
+        with pytest.raises(NoSuchObject):
+            ns.plog("wal")
+        assert ns.create_plog("wal", MiB, replicas=3).info()["dead_replicas"] == []
+
+
+APPENDER = r"""
+import struct, sys
+import memfabric
+ock, ns_name, tag, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+with memfabric.init(ock) as s:
+    log = s.namespace(ns_name, "k", pool="logs").plog("shared")
+    for seq in range(count):
+        log.append(struct.pack("<II", tag, seq) * (1 + (seq * 7 + tag) % 300))
+"""
+
+
+def test_appenders_in_several_processes_leave_identical_copies(three_servers, request):
+    name = ns_name(request)
+    writers, count = 4, 100
+    with _session(three_servers, "same-host") as s:
+        log = s.create_namespace(name, sec_id="k", pool="logs").create_plog("shared", 8 * MiB, replicas=3)
+        remote = os.path.join(three_servers.directory, "remote.toml")
+        procs = [subprocess.Popen([sys.executable, "-c", APPENDER, remote if tag % 2 else three_servers.directory,
+                                   name, str(tag), str(count)], stderr=subprocess.PIPE, text=True)
+                 for tag in range(writers)]
+        for proc in procs:
+            try:
+                _, err = proc.communicate(timeout=120)
+            finally:
+                proc.kill()
+            assert proc.returncode == 0, err
+        info = log.info()
+        assert info["records"] == writers * count and info["dead_replicas"] == []
+        whole = log.read(0, info["length"])
+        for server_id in info["replica_servers"]:
+            copy = _copy(log, server_id)
+            assert copy.info()["records"] == writers * count
+            assert copy.read(0, info["length"]) == whole
+        seen = {tag: 0 for tag in range(writers)}
+        for payload in log.records():
+            tag, seq = struct.unpack_from("<II", payload)
+            assert seq == seen[tag] and payload == struct.pack("<II", tag, seq) * (1 + (seq * 7 + tag) % 300)
+            seen[tag] += 1
+
+
+def test_a_copy_takes_bytes_only_at_its_end_and_only_records_that_check(three_servers, request):
+    with _session(three_servers, "remote") as s:
+        ns = s.create_namespace(ns_name(request), sec_id="k", pool="logs")
+        log = ns.create_plog("wal", MiB, replicas=2)
+        log.append(b"one")
+        (server_id,) = log.info()["replica_servers"]
+        copy = _copy(log, server_id)
+        nonce = log._call("plog_info", layout=True)["nonce"]
+        where = next(x for x in s.servers() if x["server_id"] == server_id)
+        # What a server of the cluster may send (the cluster token makes a peer over RPC).
+        peer = connect_to(server_id, where["host"], "", where["rpc_address"], local_host=None, token=s._token,
+                          tls=None, timeout_s=10, role="peer")
+        try:
+            args = {**ns.wire_creds, "name": "wal", "plog_id": log.plog_id}
+            end = log.info()["length"]
+            with pytest.raises(InvalidArgument, match="no gaps"):
+                peer.call("plog_replica_append", **args, at=end + 8, data=rec.encode(nonce, 1, b"two"), last=True)
+            for bad in (rec.encode(nonce, 5, b"two"),                   # out of place
+                        rec.encode(nonce ^ 1, 1, b"two"),               # another plog's
+                        rec.encode(nonce, 1, b"two")[:-8],              # torn
+                        rec.encode(nonce, 1, b"two") + b"\1" * 8):      # garbage after it
+                with pytest.raises(InvalidArgument, match="not whole records"):
+                    peer.call("plog_replica_append", **args, at=end, data=bad, last=True)
+            for bad_nonce in (-1, "1", None):
+                with pytest.raises(InvalidArgument):
+                    peer.call("plog_replica_create", **{**args, "name": "other"}, capacity=4096, nonce=bad_nonce,
+                              home=1, replica_servers=[server_id], replicas=2)
+            frame = rec.encode(nonce, 1, b"two")
+            peer.call("plog_replica_append", **args, at=end, data=frame[:8], last=False)   # a forward cut off
+            assert copy.info()["records"] == 1 and list(copy.records()) == [b"one"]
+        finally:
+            peer.close()
+        # Nothing refused was kept: the home's next append lands on the copy, in step.
+        log.append(b"two")
+        assert log.info()["dead_replicas"] == []
+        assert list(copy.records()) == [b"one", b"two"]
+        with pytest.raises(PermissionDenied):                 # a client is no server of the cluster
+            s.link(server_id).call("plog_replica_append", **args, at=0, data=b"", last=True)
+
+
+@pytest.mark.parametrize("where", ["same-host", "remote"])
+def test_a_replica_killed_mid_stream(fresh, where, request):
+    fab = fresh()
+    with _session(fab, where) as s:
+        ns = s.create_namespace(ns_name(request), sec_id="k", pool="logs")
+        log = ns.create_plog("wal", 8 * MiB, replicas=2)
+        (victim,) = log.info()["replica_servers"]
+        appender = _Appender(log)
+        appender.start()
+        try:
+            appender.wait_for(100)
+            _kill(fab, victim)
+            at_kill = len(appender.acked)
+            appender.wait_for(at_kill + 100)          # appends go on with the home alone
+        finally:
+            appender.end()
+        assert appender.error is None
+        info = log.info()
+        assert info["dead_replicas"] == [victim] and info["state"] == "open"
+        _assert_holds(log, appender.acked)
+        assert log.info()["records"] == len(appender.acked)
+        # Sealed and read from the survivor (the home here).
+        assert log.seal()["state"] == "sealed"
+        with pytest.raises(Sealed):
+            log.append(b"after the seal")
+        _assert_holds(ns.plog("wal"), appender.acked)
+
+
+@pytest.mark.parametrize("where", ["same-host", "remote"])
+def test_the_home_killed_mid_stream_sealed_and_read_from_the_copy(fresh, where, request):
+    fab = fresh()
+    with _session(fab, where) as s:
+        ns = s.create_namespace(ns_name(request), sec_id="k", pool="logs")
+        log = ns.create_plog("wal", 8 * MiB, replicas=2)
+        home = log.info()["home"]
+        (survivor,) = log.info()["replica_servers"]
+        appender = _Appender(log)
+        appender.start()
+        try:
+            appender.wait_for(100)
+            _kill(fab, home)
+            wait_until(lambda: appender.error is not None, "the appends to fail", WAIT_S)
+        finally:
+            appender.end()
+        acked = appender.acked
+        # The same handle: seal goes to the copy (its home does not answer), reads follow it.
+        info = log.seal()
+        assert info["state"] == "sealed" and info["server"] == survivor and info["role"] == "replica"
+        # A copy reports its home dead once the cluster sees it dead (its liveness timeout).
+        wait_until(lambda: home in log.info()["dead_replicas"], "the copy to report its home dead", WAIT_S)
+        _assert_holds(log, acked)
+        # A new handle finds the copy too, as the home is found.
+        again = ns.plog("wal")
+        assert again.home == survivor
+        _assert_holds(again, acked)
+        assert again.info()["state"] == "sealed"
+        with pytest.raises(ServerUnavailable):
+            again.append(b"no home to take it")
+        assert [p["server"] for p in ns.plogs()] == [survivor]
+
+
+def test_a_copy_stopped_mid_stream_is_dropped_then_told_it_is_stale(fresh, request):
+    """SIGSTOP: the copy does not answer (the append waits for the peer timeout, then goes on
+    without it); SIGCONT: the copy may have taken an append or two more than it was counted for,
+    but fewer than the home: its home tells it it is stale, and it never serves its log as whole.
+    The home killed then, the plog is read from the copy that kept up."""
+    fab = fresh()
+    with _session(fab, "same-host") as s:
+        ns = s.create_namespace(ns_name(request), sec_id="k", pool="logs")
+        log = ns.create_plog("wal", 4 * MiB, replicas=3)
+        home, (stopped, kept_up) = log.info()["home"], log.info()["replica_servers"]
+        acked = [log.append(_body(i)) for i in range(20)]
+        pid = fab.server_pids()[stopped]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            acked += [log.append(_body(i)) for i in range(20, 40)]
+            assert log.info()["dead_replicas"] == [stopped]
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        acked += [log.append(_body(i)) for i in range(40, 50)]
+        stopped_copy = _copy(log, stopped)
+        wait_until(lambda: stopped_copy.info()["stale"], "the stopped copy to be told it is stale", WAIT_S)
+        assert stopped_copy.info()["records"] < 50
+        with pytest.raises(ServerUnavailable, match="stale"):
+            stopped_copy.read(0, 16)
+        assert _copy(log, kept_up).info()["records"] == 50
+        _kill(fab, home)
+        again = ns.plog("wal")
+        assert again.home == kept_up
+        assert again.seal()["state"] == "sealed"
+        _assert_holds(again, acked)
+
+
+def test_a_dead_copy_sealed_later_fences_its_home(fresh, request):
+    """The two sides of a cut: the home goes on without a copy it could not reach; a client
+    that cannot reach the home seals that copy. Once the home reaches the copy again, it
+    seals itself: no append succeeds after the seal."""
+    fab = fresh()
+    with _session(fab, "same-host") as s:
+        ns = s.create_namespace(ns_name(request), sec_id="k", pool="logs")
+        log = ns.create_plog("wal", 4 * MiB, replicas=2)
+        (copy,) = log.info()["replica_servers"]
+        [log.append(_body(i)) for i in range(10)]
+        pid = fab.server_pids()[copy]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            log.append(_body(10))                  # waits for the peer timeout, then goes on alone
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert log.info()["dead_replicas"] == [copy]
+        assert _copy(log, copy).seal()["state"] == "sealed"
+        wait_until(lambda: log.info()["state"] == "sealed", "the home to learn of the seal", WAIT_S)
+        with pytest.raises(Sealed):
+            log.append(b"after the seal")
+        assert log.info()["records"] == 11
+
+
+def test_reads_go_to_a_copy_while_the_home_is_stopped_and_appends_to_the_home_after(fresh, request):
+    fab = fresh()
+    with memfabric.init(fab.directory, server=0, timeout_s=2.0) as s:
+        ns = s.create_namespace(ns_name(request), sec_id="k", pool="logs")
+        log = ns.create_plog("wal", 4 * MiB, replicas=2)
+        home, (copy,) = log.info()["home"], log.info()["replica_servers"]
+        acked = [log.append(_body(i)) for i in range(30)]
+        pid = fab.server_pids()[home]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            assert list(log.records()) == [_body(i) for i in range(30)]      # from the copy
+            assert log.home == copy and log.info()["server"] == copy
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        acked.append(log.append(_body(30)))               # to the home, not to the copy it reads
+        assert log.info()["records"] == 31
+        _assert_holds(_copy(log, home), acked)
+        _assert_holds(log, acked)
+
+
+# ---- restarts: servers of one cluster run one by one (PersistentServer) ------------------------
+
+@pytest.fixture
+def two_persistent():
+    first = PersistentServer("ramdisk")
+    second = PersistentServer("ramdisk", cluster_db=first.cluster_db)
+    first.start()
+    second.start()
+    yield first, second
+    second.cleanup()
+    first.cleanup()
+
+
+def _replicated(s: memfabric.Session, name: str) -> Plog:
+    ns = s.create_namespace(name, sec_id="k", pool="keep")
+    log = ns.create_plog("wal", 2 * MiB, replicas=2)
+    assert log.info()["home"] == s.local.server_id
+    return log
+
+
+def test_a_restarted_replica_is_stale_never_short(two_persistent, request):
+    home_server, replica_server = two_persistent
+    with memfabric.init(home_server.config) as s:
+        log = _replicated(s, ns_name(request))
+        acked = [log.append(_body(i)) for i in range(20)]
+        replica_server.kill()
+        acked += [log.append(_body(i)) for i in range(20, 40)]      # the copy misses these
+        assert log.info()["dead_replicas"] == [replica_server.server_id]
+        replica_server.start()
+        wait_until(lambda: any(x["alive"] for x in s.servers() if x["server_id"] == replica_server.server_id),
+                   "the restarted server to be seen alive", WAIT_S)
+        copy = _copy(log, replica_server.server_id)
+        info = _info_once_up(copy)
+        assert info["stale"] is True and info["records"] == 20, info        # shorter, and it says so
+        for read in (lambda: copy.read(0, 16), lambda: copy.record(0), lambda: list(copy.records())):
+            with pytest.raises(ServerUnavailable, match="stale"):
+                read()
+        # The home never forwards to it again; appends go on, the copy stays dead.
+        acked += [log.append(_body(i)) for i in range(40, 50)]
+        assert log.info()["dead_replicas"] == [replica_server.server_id]
+        assert copy.info()["records"] == 20
+        _assert_holds(log, acked)
+        assert log.namespace.plog("wal").home == home_server.server_id        # found at its home
+        log.delete()                               # the copy goes too: its server answers
+        with pytest.raises(NoSuchObject):
+            copy.info()
+
+
+def test_a_replica_restarted_before_its_home_noticed_is_dropped_at_the_next_append(two_persistent, request):
+    home_server, replica_server = two_persistent
+    with memfabric.init(home_server.config) as s:
+        log = _replicated(s, ns_name(request))
+        acked = [log.append(_body(i)) for i in range(10)]
+        replica_server.kill()
+        replica_server.start()                     # back before any append went to it
+        acked.append(log.append(_body(10)))        # the stale copy refuses it: dead, the append goes on
+        assert log.info()["dead_replicas"] == [replica_server.server_id]
+        copy = _copy(log, replica_server.server_id)
+        info = _info_once_up(copy)
+        assert info["stale"] is True and info["records"] == 10
+        _assert_holds(log, acked)
+
+
+def test_a_copy_sealed_while_its_home_was_away_fences_the_home(two_persistent, request):
+    home_server, replica_server = two_persistent
+    name = ns_name(request)
+    with memfabric.init(home_server.config) as s:
+        log = _replicated(s, name)
+        acked = [log.append(_body(i)) for i in range(10)]
+    home_server.kill()
+    with memfabric.init(replica_server.config) as s:
+        ns = s.namespace(name, "k", pool="keep")
+        found = ns.plog("wal")
+        assert found.home == replica_server.server_id
+        assert found.seal()["state"] == "sealed"
+        _assert_holds(found, acked)
+    home_server.start()
+    with memfabric.init(home_server.config) as s:
+        log = s.namespace(name, "k", pool="keep").plog("wal")
+        assert log.home == home_server.server_id
+        with pytest.raises(Sealed):
+            log.append(b"after the seal")
+        assert log.info()["state"] == "sealed" and log.info()["records"] == 10
+        with pytest.raises(Sealed):
+            log.append(b"still sealed")
+        _assert_holds(log, acked)

@@ -1,0 +1,97 @@
+"""MemPlog replicas across hosts (network namespaces, etcd on host 1, a client-only host 4 over
+RPC, a ramdisk pool on each server's host): the copy's host's server SIGKILLed in the middle of
+a stream of appends; the appends go on, the plog's info reports the copy dead, and the plog is
+sealed and read whole from the survivor."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from memfabric.launcher import wait_for_line
+
+from .test_hosts import CLIENT, RPC_PORT, Fabric
+
+PRELUDE = """
+import json, os, signal, struct, sys, time
+import memfabric
+from memfabric.plog.client import Plog
+s = memfabric.init(sys.argv[1], timeout_s=5.0)
+def out(**kw): print(json.dumps(kw)); sys.stdout.flush()
+def body(i): return struct.pack("<I", i) * (1 + i % 300)
+"""
+
+
+class PlogFabric(Fabric):
+    """Fabric's servers, each with a ramdisk pool "logs" besides its dram pool."""
+
+    def start_server(self, host: int) -> None:
+        config = os.path.join(self.dir, f"server-{host}.toml")
+        with open(config, "w") as f:
+            f.write(f'[server]\nhost = "h{host}"\ndata_dir = "{self.dir}/data-{host}"\n'
+                    f'ipc_socket = "{self.dir}/ipc-{host}.sock"\nrpc_listen = "{self.bed.address(host)}:{RPC_PORT}"\n'
+                    f'segment_size = "1MiB"\n\n[cluster]\nbackend = "etcd"\nendpoints = ["{self.etcd.endpoint}"]\n'
+                    f'liveness_timeout_s = 2.0\ntoken_file = "{self.dir}/token"\n\n'
+                    f'[[pool]]\nname = "default"\nmedium = "dram"\ncapacity = "16MiB"\n\n'
+                    f'[[pool]]\nname = "logs"\nmedium = "ramdisk"\ncapacity = "32MiB"\n'
+                    f'path = "{self._ramdisk(host)}"\n')
+        proc = self.bed.run(host, [sys.executable, "-m", "memfabric", "server", "--config", config],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_for_line(proc, " ready ", 60, [])
+        self.servers[host] = proc
+
+    def _ramdisk(self, host: int) -> str:
+        return f"/dev/shm/{os.path.basename(self.dir)}-h{host}"
+
+    def close(self) -> None:
+        super().close()
+        for host in self.servers:
+            shutil.rmtree(self._ramdisk(host), ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    if os.geteuid() != 0:
+        pytest.fail("the multi-host tests make network namespaces and need root (CI runs as root)")
+    fab = PlogFabric()
+    yield fab
+    fab.close()
+
+
+def run(fab: Fabric, code: str) -> list[dict]:
+    result = fab.bed.python(CLIENT, PRELUDE + code, os.path.join(fab.dir, "remote.toml"), timeout_s=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def test_a_copy_killed_mid_stream_then_sealed_and_read_from_the_survivor(hosts):
+    (r,) = run(hosts, """
+ns = s.create_namespace("plogs", sec_id="k", pool="logs")
+log = ns.create_plog("wal", 8 << 20, replicas=2)
+info = log.info()
+victim = info["replica_servers"][0]
+pid = next(x["pid"] for x in s.servers() if x["server_id"] == victim)
+host = next(x["host"] for x in s.servers() if x["server_id"] == victim)
+acked, copy_before = [], None
+for i in range(400):
+    if i == 200:                      # mid-stream: the copy's server dies (one pid namespace for all hosts)
+        copy_before = Plog(ns, "wal", victim, log.plog_id).info()["records"]
+        os.kill(pid, signal.SIGKILL)
+    acked.append(log.append(body(i)))
+after = log.info()
+sealed = log.seal()
+records = list(ns.plog("wal").records())
+whole = all(p == body(i) for i, p in enumerate(records))
+out(victim=victim, host=host, home=info["home"], copy_before=copy_before, dead=after["dead_replicas"],
+    records=len(records), whole=whole, state=sealed["state"], acked=len(acked))
+""")
+    assert r["copy_before"] == 200                       # the copy held every append before the kill
+    assert r["acked"] == 400 and r["dead"] == [r["victim"]]
+    assert r["state"] == "sealed" and r["records"] == 400 and r["whole"]
+    victim_host = int(r["host"][1:])
+    assert hosts.servers[victim_host].wait(30) is not None
