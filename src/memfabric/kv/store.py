@@ -86,7 +86,8 @@ class Store:
 
     def live(self, key: bytes, h: int, now_ms: int) -> tuple[int, Fields] | None:
         """(slot, fields) of `key`, or None when missing or expired (an expired key is deleted
-        on sight, and counted)."""
+        on sight, and counted). A key found was used: the eviction clock keeps it a round
+        (as a same-host reader's hit does, see space.py's refs)."""
         slot = self.find(key, h)
         if slot is None:
             return None
@@ -94,6 +95,7 @@ class Store:
         if expired(fields[4], now_ms):
             self.delete_slot(slot, counted="expired")
             return None
+        self.space.table.refs[slot] = 1
         return slot, fields
 
     def find(self, key: bytes, h: int) -> int | None:
@@ -374,7 +376,8 @@ class Store:
 
     def _evict_draining(self, keep: bytes) -> bool:
         """The CLOCK hand over the draining table's next slots (at most EVICTION_DRAIN_SLOTS): a
-        key read since is moved on (its byte cleared), the first that was not is evicted."""
+        key used since it was last passed is moved on (its byte with it: the current table's
+        hand passes it next), the first that was not is evicted."""
         space = self.space
         old = space.draining
         assert old is not None
@@ -389,7 +392,6 @@ class Store:
                 self.evicted.append(self.read_key(writer.fields(slot)))
                 self.delete_slot(slot, counted="evictions", writer=writer)
                 return True
-            old.refs[slot] = 0
             self._move(slot)
             space.drain_hand = slot + 1
         return False
