@@ -150,8 +150,8 @@ static PyObject *probe_table(Index *ix, int draining, uint64_t h, const char *ke
         uint64_t extents = load_relaxed(&s[W_EXTENTS]) & LOW32;
         __atomic_thread_fence(__ATOMIC_ACQUIRE);
         if (load_relaxed(&s[W_SEQ]) != seq) return AGAIN;
-        if (stored == EMPTY) {
-            if (!draining && load_acquire(&w[H_MOVED]) != 0) return AGAIN;
+        if (stored == EMPTY) {                          /* a miss, unless the table moved on or was revoked */
+            if ((!draining && load_acquire(&w[H_MOVED]) != 0) || load_acquire(&w[H_MAGIC]) != MAGIC) return AGAIN;
             return NOT_HERE;
         }
         if (stored != h || (packed >> 32) != (uint64_t)klen) continue;

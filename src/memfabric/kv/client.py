@@ -444,8 +444,8 @@ class KV:
             if seq & 1:
                 return _AGAIN                               # being written
             _, stored, segment, packed, vlen, expiry, extents, _ = _SLOT.unpack_from(raw, base * 8)
-            if stored == EMPTY:
-                if words[base] != seq or (not draining and words[H_MOVED]):
+            if stored == EMPTY:             # a miss, unless the table moved on or was revoked (zeros)
+                if words[base] != seq or (not draining and words[H_MOVED]) or words[H_MAGIC] != MAGIC:
                     return _AGAIN
                 return _NOT_HERE
             if stored != h or packed >> 32 != klen:

@@ -65,7 +65,7 @@ SLOT_WORDS = 8
 SEQ, HASH, SEGMENT, OFFSET_KLEN, VLEN, EXPIRY, EXTENTS, VERSION_WORD = range(8)
 
 EMPTY, TOMBSTONE = 0, 1
-MAX_LOAD = 0.5            # keys + tombstones per slot before the table is replaced
+MAX_LOAD = 0.5            # keys + tombstones per slot before a larger table follows
 MIGRATE_SLOTS_PER_WRITE = 8   # old slots a write moves while a table drains (see growth_slots)
 MIN_SLOTS = 1024
 MAX_SLOTS = 1 << 26       # 4 GiB of table: far beyond any one namespace on one server

@@ -874,8 +874,8 @@ class KeyValueService(KeyEdits):
     def op_kv_scan(self, conn: Connection, m: dict[str, Any]) -> Reply:
         """Up to `batch` keys from slot `cursor` on, with `prefix`, that this server holds as
         first of `servers` (the client's view of the pool: every key once, across servers).
-        The next cursor, 0 at the end; `generation` changes when the table was replaced (the
-        client starts over: keys moved)."""
+        The next cursor, 0 at the end; `generation` changes when a new table followed (the
+        client starts over: keys move). While a table drains, it is read first (Store.scan)."""
         state, creds, space, store = self._space(conn, m)
         cursor, batch, prefix = m.get("cursor", 0), m.get("batch", 1000), m.get("prefix", b"")
         servers = m.get("servers")
