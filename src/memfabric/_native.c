@@ -12,12 +12,16 @@
  *   bytes           its value (no buffer given)
  *   int >= 0        its length, copied into the buffer given
  *   ASK (-1)        this path cannot answer: the caller asks the server (a record in a
- *                   segment not mapped yet, a large value, a table being replaced, writes
- *                   that kept coming)
+ *                   segment not mapped yet, a large value, a table followed by another or
+ *                   one draining that the caller did not give, writes that kept coming)
  *   TOO_SMALL (-2)  the buffer cannot hold the value (nothing was copied)
- *   AWAY (-3)       the index's lease (header word H_LEASE, wall-clock ms) ran out: the
- *                   server may be stopped or cut off, and its keys written elsewhere; the
- *                   caller reads the key's other homes (kv/index.py, kv/service.py)
+ *   AWAY (-3)       the index's lease (header word H_LEASE, CLOCK_MONOTONIC ms) ran out:
+ *                   the server may be stopped or cut off, and its keys written elsewhere;
+ *                   the caller reads the key's other homes (kv/index.py, kv/service.py)
+ *
+ * While a table drains into the current one (header word H_DRAINING names its generation),
+ * the caller gives both (old_words, old_refs): the draining table is probed first, then the
+ * current one, as kv/index.py explains.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -25,12 +29,16 @@
 #include <string.h>
 #include <time.h>
 
-#define HEADER_WORDS 8
+#define HEADER_WORDS 16
 #define SLOT_WORDS 8
 #define H_MAGIC 0
+#define H_VERSION 1
 #define H_SLOTS 2
 #define H_MOVED 3
+#define H_GENERATION 6
 #define H_LEASE 7
+#define H_DRAINING 8
+#define VERSION 2
 #define W_SEQ 0
 #define W_HASH 1
 #define W_SEGMENT 2
@@ -49,11 +57,16 @@
 static inline uint64_t load_acquire(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline uint64_t load_relaxed(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
 
-static uint64_t now_ms(void) {
+static uint64_t ms_of(clockid_t clock) {
     struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
+    clock_gettime(clock, &ts);
     return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
+
+/* Expiry times are wall-clock ms (absolute, shared by hosts); leases are CLOCK_MONOTONIC ms
+ * (shared by the processes of a host, blind to wall-clock changes). */
+static uint64_t now_ms(void) { return ms_of(CLOCK_REALTIME); }
+static uint64_t lease_now_ms(void) { return ms_of(CLOCK_MONOTONIC); }
 
 #define CACHED_SEGMENTS 8
 
@@ -113,72 +126,95 @@ static void close_index(Index *ix) {
     ix->cached = 0;
 }
 
-/* One lookup. Returns a new reference (see the header), or NULL with an exception set. */
-static PyObject *lookup(Index *ix, uint64_t h, const char *key, Py_ssize_t klen, Py_buffer *into) {
+#define NOT_HERE ((PyObject *)1)    /* probe_table: a validated miss in this table */
+#define AGAIN ((PyObject *)2)       /* probe_table: the table changed under the read */
+
+/* One table's probe chain for a key: a new reference (see the header; None: there but
+ * expired), NOT_HERE, AGAIN, or NULL with an exception set. `draining`: the table drains into
+ * the current one, so its H_MOVED is set by design and only its slots' sequences count. */
+static PyObject *probe_table(Index *ix, int draining, uint64_t h, const char *key, Py_ssize_t klen,
+                             Py_buffer *into) {
+    const uint64_t *w = ix->words;
+    uint64_t slots = load_relaxed(&w[H_SLOTS]);
+    if (slots == 0 || (slots & (slots - 1)) || slots > ix->nwords / SLOT_WORDS ||
+            HEADER_WORDS + slots * SLOT_WORDS > ix->nwords)
+        return PyLong_FromLong(ASK);
+    uint64_t mask = slots - 1, slot = h & mask;
+    for (uint64_t probes = 0; probes < slots; probes++, slot = (slot + 1) & mask) {
+        const uint64_t *s = w + HEADER_WORDS + slot * SLOT_WORDS;
+        uint64_t seq = load_acquire(&s[W_SEQ]);
+        if (seq & 1) return AGAIN;
+        uint64_t stored = load_relaxed(&s[W_HASH]);
+        uint64_t segment = load_relaxed(&s[W_SEGMENT]), packed = load_relaxed(&s[W_OFFSET_KLEN]);
+        uint64_t vlen = load_relaxed(&s[W_VLEN]), expiry = load_relaxed(&s[W_EXPIRY]);
+        uint64_t extents = load_relaxed(&s[W_EXTENTS]) & LOW32;
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (load_relaxed(&s[W_SEQ]) != seq) return AGAIN;
+        if (stored == EMPTY) {                          /* a miss, unless the table moved on or was revoked */
+            if ((!draining && load_acquire(&w[H_MOVED]) != 0) || load_acquire(&w[H_MAGIC]) != MAGIC) return AGAIN;
+            return NOT_HERE;
+        }
+        if (stored != h || (packed >> 32) != (uint64_t)klen) continue;
+        if (extents) return PyLong_FromLong(ASK);        /* a large value: the caller's path */
+        uint64_t offset = packed & LOW32;
+        Py_buffer *seg;
+        int mapped = segment_buffer(ix, segment, &seg);
+        if (mapped < 0) return NULL;
+        if (mapped == 0) return PyLong_FromLong(ASK);
+        const char *base = (const char *)seg->buf;
+        uint64_t seglen = (uint64_t)seg->len;
+        if (offset > seglen || (uint64_t)klen > seglen - offset || vlen > seglen - offset - (uint64_t)klen)
+            return AGAIN;                                /* fields of a record being replaced */
+        int same = memcmp(base + offset, key, (size_t)klen) == 0;
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (load_relaxed(&s[W_SEQ]) != seq) return AGAIN;
+        if (!same) continue;
+        if (expiry && expiry <= now_ms()) Py_RETURN_NONE;
+        PyObject *result;
+        if (into != NULL) {
+            if ((uint64_t)into->len < vlen) return PyLong_FromLong(TOO_SMALL);
+            memcpy(into->buf, base + offset + klen, (size_t)vlen);
+            result = PyLong_FromUnsignedLongLong(vlen);
+        } else {
+            result = PyBytes_FromStringAndSize(base + offset + klen, (Py_ssize_t)vlen);
+        }
+        if (result == NULL) return NULL;
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (load_relaxed(&s[W_SEQ]) != seq || (!draining && load_relaxed(&w[H_MOVED]) != 0) ||
+                load_relaxed(&w[H_MAGIC]) != MAGIC) {
+            Py_DECREF(result);                           /* changed while we copied: again */
+            return AGAIN;
+        }
+        if (ix->refs != NULL && (Py_ssize_t)slot < ix->nrefs) ix->refs[slot] = 1;
+        return result;
+    }
+    return PyLong_FromLong(ASK);                         /* probed every slot: not our table */
+}
+
+/* One lookup in the current table `ix` (and `old`, the table draining into it, if given).
+ * Returns a new reference (see the header), or NULL with an exception set. */
+static PyObject *lookup(Index *ix, Index *old, uint64_t h, const char *key, Py_ssize_t klen, Py_buffer *into) {
     const uint64_t *w = ix->words;
     for (int attempt = 0; attempt < RETRIES; attempt++) {
-        if (load_acquire(&w[H_MAGIC]) != MAGIC || load_acquire(&w[H_MOVED]) != 0)
-            return PyLong_FromLong(ASK);                 /* revoked, or replaced: reopen it */
-        if (load_acquire(&w[H_LEASE]) <= now_ms())
+        if (load_acquire(&w[H_MAGIC]) != MAGIC || load_acquire(&w[H_VERSION]) != VERSION ||
+                load_acquire(&w[H_MOVED]) != 0)
+            return PyLong_FromLong(ASK);                 /* revoked, or followed by another: reopen it */
+        if (load_acquire(&w[H_LEASE]) <= lease_now_ms())
             return PyLong_FromLong(AWAY);                /* not vouched for: maybe stale */
-        uint64_t slots = load_relaxed(&w[H_SLOTS]);
-        if (slots == 0 || (slots & (slots - 1)) || slots > ix->nwords / SLOT_WORDS ||
-                HEADER_WORDS + slots * SLOT_WORDS > ix->nwords)
-            return PyLong_FromLong(ASK);
-        uint64_t mask = slots - 1, slot = h & mask;
-        int again = 0;
-        for (uint64_t probes = 0; probes < slots && !again; probes++, slot = (slot + 1) & mask) {
-            const uint64_t *s = w + HEADER_WORDS + slot * SLOT_WORDS;
-            uint64_t seq = load_acquire(&s[W_SEQ]);
-            if (seq & 1) { again = 1; break; }
-            uint64_t stored = load_relaxed(&s[W_HASH]);
-            uint64_t segment = load_relaxed(&s[W_SEGMENT]), packed = load_relaxed(&s[W_OFFSET_KLEN]);
-            uint64_t vlen = load_relaxed(&s[W_VLEN]), expiry = load_relaxed(&s[W_EXPIRY]);
-            uint64_t extents = load_relaxed(&s[W_EXTENTS]) & LOW32;
-            __atomic_thread_fence(__ATOMIC_ACQUIRE);
-            if (load_relaxed(&s[W_SEQ]) != seq) { again = 1; break; }
-            if (stored == EMPTY) {
-                if (load_acquire(&w[H_MOVED]) != 0) return PyLong_FromLong(ASK);
-                Py_RETURN_NONE;
-            }
-            if (stored != h || (packed >> 32) != (uint64_t)klen) continue;
-            if (extents) return PyLong_FromLong(ASK);    /* a large value: the caller's path */
-            uint64_t offset = packed & LOW32;
-            Py_buffer *seg;
-            int mapped = segment_buffer(ix, segment, &seg);
-            if (mapped < 0) return NULL;
-            if (mapped == 0) return PyLong_FromLong(ASK);
-            const char *base = (const char *)seg->buf;
-            uint64_t seglen = (uint64_t)seg->len;
-            if (offset > seglen || (uint64_t)klen > seglen - offset || vlen > seglen - offset - (uint64_t)klen) {
-                again = 1;                               /* fields of a record being replaced */
-                break;
-            }
-            int same = memcmp(base + offset, key, (size_t)klen) == 0;
-            __atomic_thread_fence(__ATOMIC_ACQUIRE);
-            if (load_relaxed(&s[W_SEQ]) != seq) { again = 1; break; }
-            if (!same) continue;
-            if (expiry && expiry <= now_ms()) Py_RETURN_NONE;
-            PyObject *result;
-            if (into != NULL) {
-                if ((uint64_t)into->len < vlen) return PyLong_FromLong(TOO_SMALL);
-                memcpy(into->buf, base + offset + klen, (size_t)vlen);
-                result = PyLong_FromUnsignedLongLong(vlen);
-            } else {
-                result = PyBytes_FromStringAndSize(base + offset + klen, (Py_ssize_t)vlen);
-            }
-            if (result == NULL) return NULL;
-            __atomic_thread_fence(__ATOMIC_ACQUIRE);
-            if (load_relaxed(&s[W_SEQ]) != seq || load_relaxed(&w[H_MOVED]) != 0 ||
-                    load_relaxed(&w[H_MAGIC]) != MAGIC) {
-                Py_DECREF(result);                       /* changed while we copied: again */
-                again = 1;
-                break;
-            }
-            if (ix->refs != NULL && (Py_ssize_t)slot < ix->nrefs) ix->refs[slot] = 1;
-            return result;
+        uint64_t draining = load_acquire(&w[H_DRAINING]);
+        PyObject *got;
+        if (draining) {
+            if (old == NULL || load_acquire(&old->words[H_MAGIC]) != MAGIC ||
+                    load_acquire(&old->words[H_GENERATION]) != draining)
+                return PyLong_FromLong(ASK);             /* a drain the caller does not map: reopen */
+            got = probe_table(old, 1, h, key, klen, into);
+            if (got == AGAIN) continue;
+            if (got != NOT_HERE) return got;
         }
-        if (!again) return PyLong_FromLong(ASK);         /* probed every slot: not our table */
+        got = probe_table(ix, 0, h, key, klen, into);
+        if (got == AGAIN) continue;
+        if (got == NOT_HERE) Py_RETURN_NONE;
+        return got;
     }
     return PyLong_FromLong(ASK);
 }
@@ -206,23 +242,51 @@ static int open_index(Index *ix, Py_buffer *words, Py_buffer *refs, PyObject *po
     return 0;
 }
 
+/* The draining table's index and refs (None, None: none given): 1 and `oix` opened (release
+ * with close_old), 0 for none, -1 with an exception set. */
+static int open_old(PyObject *words_obj, PyObject *refs_obj, Py_buffer *words, Py_buffer *refs, Index *oix,
+                    PyObject *pool, PyObject *segments) {
+    if (words_obj == Py_None && refs_obj == Py_None) return 0;
+    if (PyObject_GetBuffer(words_obj, words, PyBUF_SIMPLE) < 0) return -1;
+    if (PyObject_GetBuffer(refs_obj, refs, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(words);
+        return -1;
+    }
+    if (open_index(oix, words, refs, pool, segments) < 0) {
+        PyBuffer_Release(words);
+        PyBuffer_Release(refs);
+        return -1;
+    }
+    return 1;
+}
+
+static void close_old(Index *oix, Py_buffer *words, Py_buffer *refs) {
+    close_index(oix);
+    PyBuffer_Release(words);
+    PyBuffer_Release(refs);
+}
+
 static PyObject *probe(PyObject *Py_UNUSED(self), PyObject *args) {
-    Py_buffer words, refs, keybuf, into = {0};
+    Py_buffer words, refs, keybuf, into = {0}, old_words, old_refs;
     unsigned long long h;
-    PyObject *pool, *segments, *into_obj;
-    if (!PyArg_ParseTuple(args, "y*w*KOOy*O", &words, &refs, &h, &pool, &segments, &keybuf, &into_obj))
+    PyObject *pool, *segments, *into_obj, *old_words_obj = Py_None, *old_refs_obj = Py_None;
+    if (!PyArg_ParseTuple(args, "y*w*KOOy*O|OO", &words, &refs, &h, &pool, &segments, &keybuf, &into_obj,
+                          &old_words_obj, &old_refs_obj))
         return NULL;
     PyObject *result = NULL;
     Py_buffer *target = NULL;
+    Index ix, oix;
+    int has_old = 0;
     if (into_obj != Py_None) {
         if (PyObject_GetBuffer(into_obj, &into, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) goto done;
         target = &into;
     }
-    Index ix;
-    if (open_index(&ix, &words, &refs, pool, segments) == 0) {
-        result = lookup(&ix, (uint64_t)h, (const char *)keybuf.buf, keybuf.len, target);
+    has_old = open_old(old_words_obj, old_refs_obj, &old_words, &old_refs, &oix, pool, segments);
+    if (has_old >= 0 && open_index(&ix, &words, &refs, pool, segments) == 0) {
+        result = lookup(&ix, has_old ? &oix : NULL, (uint64_t)h, (const char *)keybuf.buf, keybuf.len, target);
         close_index(&ix);
     }
+    if (has_old > 0) close_old(&oix, &old_words, &old_refs);
     if (target != NULL) PyBuffer_Release(&into);
 done:
     PyBuffer_Release(&words);
@@ -232,14 +296,19 @@ done:
 }
 
 static PyObject *probe_many(PyObject *Py_UNUSED(self), PyObject *args) {
-    Py_buffer words, refs;
-    PyObject *hashes, *keys, *pool, *segments, *buffers;
-    if (!PyArg_ParseTuple(args, "y*w*O!O!OOO", &words, &refs, &PyList_Type, &hashes, &PyList_Type, &keys,
-                          &pool, &segments, &buffers))
+    Py_buffer words, refs, old_words, old_refs;
+    PyObject *hashes, *keys, *pool, *segments, *buffers, *old_words_obj = Py_None, *old_refs_obj = Py_None;
+    if (!PyArg_ParseTuple(args, "y*w*O!O!OOO|OO", &words, &refs, &PyList_Type, &hashes, &PyList_Type, &keys,
+                          &pool, &segments, &buffers, &old_words_obj, &old_refs_obj))
         return NULL;
     PyObject *out = NULL;
-    Index ix = {0};
+    Index ix = {0}, oix = {0};
     Py_ssize_t n = PyList_GET_SIZE(keys);
+    int has_old = open_old(old_words_obj, old_refs_obj, &old_words, &old_refs, &oix, pool, segments);
+    if (has_old < 0) {
+        has_old = 0;
+        goto done;
+    }
     if (open_index(&ix, &words, &refs, pool, segments) < 0) goto done;
     if (PyList_GET_SIZE(hashes) != n || (buffers != Py_None && (!PyList_Check(buffers) || PyList_GET_SIZE(buffers) != n))) {
         PyErr_SetString(PyExc_ValueError, "one hash (and one buffer) per key");
@@ -258,7 +327,8 @@ static PyObject *probe_many(PyObject *Py_UNUSED(self), PyObject *args) {
                 goto fail;
             target = &into;
         }
-        PyObject *r = lookup(&ix, (uint64_t)h, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), target);
+        PyObject *r = lookup(&ix, has_old ? &oix : NULL, (uint64_t)h, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key),
+                             target);
         if (target != NULL) PyBuffer_Release(&into);
         if (r == NULL) goto fail;
         PyList_SET_ITEM(out, i, r);
@@ -268,6 +338,7 @@ fail:
     Py_CLEAR(out);
 done:
     close_index(&ix);
+    if (has_old) close_old(&oix, &old_words, &old_refs);
     PyBuffer_Release(&words);
     PyBuffer_Release(&refs);
     return out;

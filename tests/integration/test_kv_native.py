@@ -53,7 +53,7 @@ def test_a_table_whose_lease_ran_out_is_not_read():
     def probe_many(ks: list[bytes]):
         return _native.probe_many(words.cast("B"), refs, [key_hash(k) for k in ks], ks, "p", segments, None)
 
-    now_ms = time.time_ns() // 1_000_000
+    now_ms = time.monotonic_ns() // 1_000_000         # leases are CLOCK_MONOTONIC ms (index.py)
     writer.set_lease(now_ms + 60_000)
     assert probe(key) == value and probe(b"another") is None
     assert probe_many([key, b"another"]) == [value, None]
@@ -61,6 +61,26 @@ def test_a_table_whose_lease_ran_out_is_not_read():
         writer.set_lease(lease)
         assert probe(key) == probe(b"another") == probe(key, bytearray(64)) == _native.AWAY
         assert probe_many([key, b"another"]) == [_native.AWAY, _native.AWAY]
+
+
+def test_a_lease_is_read_against_clock_monotonic_not_the_wall_clock():
+    """A lease was wall-clock ms: setting the clock back a minute made readers trust a table
+    a minute past its lease, and forward, distrust a live one. Now it is CLOCK_MONOTONIC, which
+    the processes of a host share: a lease in the wall clock's future but the monotonic
+    clock's past is out, one in the monotonic clock's future is trusted, whatever the wall
+    clock says."""
+    from memfabric import _native
+
+    slots = ix.MIN_SLOTS
+    words = memoryview(bytearray(ix.words_for(slots) * 8)).cast("Q")
+    writer = ix.IndexWriter(words, slots, generation=1)
+    refs = bytearray(slots)
+    wall_ms, mono_ms = time.time_ns() // 1_000_000, time.monotonic_ns() // 1_000_000
+    assert wall_ms - mono_ms > 120_000          # the clocks differ (boot was long after 1970)
+    writer.set_lease(wall_ms - 60_000)          # a minute ago by the wall clock, long after now by CLOCK_MONOTONIC
+    assert _native.probe(words.cast("B"), refs, key_hash(b"k"), "p", {}, b"k", None) is None
+    writer.set_lease(mono_ms - 1)               # just past by CLOCK_MONOTONIC (1970 by the wall clock)
+    assert _native.probe(words.cast("B"), refs, key_hash(b"k"), "p", {}, b"k", None) == _native.AWAY
 
 
 def _values() -> dict[bytes, bytes]:

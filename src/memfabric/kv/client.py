@@ -30,9 +30,10 @@ from ..client.arguments import as_bool, as_int
 from ..errors import InvalidArgument, MemfabricError, ProtocolError, ServerUnavailable, Timeout
 from ..limits import BATCH_REQUESTS_IN_FLIGHT, KV_INLINE_BYTES, MAX_KV_BATCH, MAX_KV_KEY_BYTES
 from . import index as ix
-from .index import EMPTY, H_LEASE, H_MAGIC, H_MOVED, HEADER_WORDS, MAGIC, OFFSET_MASK, SLOT_WORDS
+from .index import (EMPTY, H_DRAINING, H_GENERATION, H_LEASE, H_MAGIC, H_MOVED, H_VERSION, HEADER_WORDS, MAGIC,
+                    OFFSET_MASK, SLOT_WORDS, VERSION)
 from .rules import MANY_AGAIN, MANY_ALONE, check_key, check_replicas, homes, key_hash, ttl_ms, utf8
-from .space import EXTENT
+from .space import EXTENT, monotonic_ms
 from .transfer import put_large, read_held
 
 try:           # the compiled lookup (src/memfabric/_native.c); without it, the same in Python
@@ -50,6 +51,8 @@ _SLOT = struct.Struct("<8Q")
 _MISS = object()
 _ASK = object()            # the lock-free read cannot answer: ask the server
 _AWAY = object()           # the server's lease ran out: neither its index nor it may be current
+_AGAIN = object()          # a table changed under the read: read again
+_NOT_HERE = object()       # a validated miss in one table
 
 
 class _LocalIndex:
@@ -60,11 +63,15 @@ class _LocalIndex:
         from ..datapath.link import _Mapped
         reply, fds = link.call_with_fds("kv_open", pool=creds[0], ns=creds[1], sec=creds[2])
         mapped: list[Any] = []
+        # While a table drains into the current one (index.py), its index and refs come too.
+        draining = reply.get("draining")
         try:
-            if len(fds) != 3:
-                raise ProtocolError(f"kv_open sent {len(fds)} fds, expected 3")
-            for fd, size, readonly in ((fds[0], reply["index_bytes"], True), (fds[1], reply["slots"], False),
-                                       (fds[2], reply["stats_bytes"], False)):
+            if len(fds) != (3 if draining is None else 5):
+                raise ProtocolError(f"kv_open sent {len(fds)} fds, expected {3 if draining is None else 5}")
+            sizes = [(reply["index_bytes"], True), (reply["slots"], False), (reply["stats_bytes"], False)]
+            if draining is not None:
+                sizes += [(draining["index_bytes"], True), (draining["slots"], False)]
+            for fd, (size, readonly) in zip(fds, sizes, strict=True):
                 mapped.append(_Mapped(fd, size, readonly=readonly, pool=creds[0], ns=creds[1]))
         except BaseException:
             for m in mapped:
@@ -72,7 +79,12 @@ class _LocalIndex:
             for fd in fds[len(mapped):]:
                 os.close(fd)
             raise
-        self.index, self.refs, self.stats = mapped
+        self.index, self.refs, self.stats = mapped[:3]
+        self.old, self.old_refs = (mapped[3], mapped[4]) if draining is not None else (None, None)
+        self.old_raw = None if self.old is None else self.old.view
+        self.old_words = None if self.old is None else self.old.view.cast("Q")
+        self.old_ref_bytes = None if self.old_refs is None else self.old_refs.view
+        self.old_mask = 0 if self.old_words is None else self.old_words[ix.H_SLOTS] - 1
         self.words = self.index.view.cast("Q")
         self.raw = self.index.view
         self.ref_bytes = self.refs.view
@@ -106,12 +118,17 @@ class _LocalIndex:
             self.stats_words[self.slot * 2 + 1] = self.misses
 
     def stale(self) -> bool:
-        """Replaced by a larger table, or revoked (reads zeros)."""
-        return self.words[ix.H_MOVED] != 0 or self.words[ix.H_MAGIC] != ix.MAGIC
+        """Followed by a larger table, or revoked (reads zeros); or the table draining into it
+        is drained (its memory is let go), or one drains that this process does not map."""
+        words = self.words
+        if words[ix.H_MOVED] != 0 or words[ix.H_MAGIC] != ix.MAGIC:
+            return True
+        return (words[H_DRAINING] != 0) != (self.old is not None)
 
     def close(self) -> None:
-        for mapped in (self.index, self.refs, self.stats):
-            mapped.close()
+        for mapped in (self.index, self.refs, self.stats, self.old, self.old_refs):
+            if mapped is not None:
+                mapped.close()
 
 
 class KV:
@@ -352,7 +369,8 @@ class KV:
             if not idx.lock_free:
                 return _ASK
             link.check_alive()
-            got = _native.probe(idx.raw, idx.ref_bytes, key_hash(key), self._creds[0], link._segments, key, into)
+            got = _native.probe(idx.raw, idx.ref_bytes, key_hash(key), self._creds[0], link._segments, key, into,
+                                idx.old_raw, idx.old_ref_bytes)
             if got is None:
                 idx.count(False)
                 return _MISS
@@ -364,10 +382,9 @@ class KV:
         return self._local_get_python(link, key, into)
 
     def _local_get_python(self, link: Any, key: bytes, into: memoryview | None) -> Any:
-        """The lock-free read in Python.
-
-        A slot is read between two reads of its sequence: the first alone, then the fields
-        in one unpack, then the sequence again, in program order (x86's loads keep it)."""
+        """The lock-free read in Python. While a table drains into the current one, the
+        draining table is probed first, then the current one (index.py says why no key is
+        missed between them)."""
         try:
             idx = self._index(link)
         except MemfabricError:
@@ -375,9 +392,6 @@ class KV:
         if not idx.lock_free:
             return _ASK
         h = key_hash(key)
-        klen = len(key)
-        segments = link._segments
-        pool = self._creds[0]
         for attempt in range(READ_RETRIES):
             if attempt and idx.stale():
                 try:
@@ -385,57 +399,91 @@ class KV:
                 except MemfabricError:
                     return _ASK
             link.check_alive()
-            words, raw, mask = idx.words, idx.raw, idx.mask
-            if words[H_LEASE] <= time.time_ns() // 1_000_000:
+            words = idx.words
+            if words[H_MAGIC] != MAGIC or words[H_VERSION] != VERSION:
+                return _ASK                                 # revoked, or a layout this reader does not know
+            if words[H_LEASE] <= monotonic_ms():
                 return _AWAY
-            slot = h & mask
-            for _ in range(mask + 1):
-                base = HEADER_WORDS + slot * SLOT_WORDS
-                seq = words[base]
-                if seq & 1:
-                    break                                   # being written: again
-                _, stored, segment, packed, vlen, expiry, extents, _ = _SLOT.unpack_from(raw, base * 8)
-                if stored == EMPTY:
-                    if words[base] != seq or words[H_MOVED]:
-                        break
-                    idx.count(False)
-                    return _MISS
-                if stored != h or packed >> 32 != klen:
-                    slot = (slot + 1) & mask
+            if words[H_MOVED]:
+                continue                                    # followed by another table: open it
+            draining = words[H_DRAINING]
+            if draining:
+                old = idx.old_words
+                if old is None or old[H_GENERATION] != draining:
+                    continue                                # a drain this mapping does not know: open again
+                got = self._probe_python(link, idx, old, idx.old_raw, idx.old_mask, idx.old_ref_bytes, True, key,
+                                         h, into)
+                if got is _AGAIN:
                     continue
+                if got is not _NOT_HERE:
+                    return got
+            got = self._probe_python(link, idx, words, idx.raw, idx.mask, idx.ref_bytes, False, key, h, into)
+            if got is _AGAIN:
+                continue
+            if got is _NOT_HERE:
+                idx.count(False)
+                return _MISS
+            return got
+        return _ASK
+
+    def _probe_python(self, link: Any, idx: _LocalIndex, words: memoryview, raw: memoryview, mask: int,
+                      ref_bytes: memoryview, draining: bool, key: bytes, h: int, into: memoryview | None) -> Any:
+        """One table's probe chain for `key`: its value (or length), _MISS (there but expired),
+        _NOT_HERE, _AGAIN (changed meanwhile) or _ASK. `draining`: the table drains into the
+        current one, so its `moved` is set by design and only its slots' sequences count.
+
+        A slot is read between two reads of its sequence: the first alone, then the fields
+        in one unpack, then the sequence again, in program order (x86's loads keep it)."""
+        klen = len(key)
+        segments = link._segments
+        pool = self._creds[0]
+        slot = h & mask
+        for _ in range(mask + 1):
+            base = HEADER_WORDS + slot * SLOT_WORDS
+            seq = words[base]
+            if seq & 1:
+                return _AGAIN                               # being written
+            _, stored, segment, packed, vlen, expiry, extents, _ = _SLOT.unpack_from(raw, base * 8)
+            if stored == EMPTY:             # a miss, unless the table moved on or was revoked (zeros)
+                if words[base] != seq or (not draining and words[H_MOVED]) or words[H_MAGIC] != MAGIC:
+                    return _AGAIN
+                return _NOT_HERE
+            if stored != h or packed >> 32 != klen:
+                slot = (slot + 1) & mask
+                continue
+            if words[base] != seq:
+                return _AGAIN
+            mapped = segments.get((pool, segment))
+            if mapped is None:
+                try:
+                    view = link.segment_view(self._creds, segment)
+                except MemfabricError:
+                    return _ASK
+            else:
+                view = mapped.view
+            offset = packed & OFFSET_MASK
+            if view[offset:offset + klen] != key:
                 if words[base] != seq:
-                    break
-                mapped = segments.get((pool, segment))
-                if mapped is None:
-                    try:
-                        view = link.segment_view(self._creds, segment)
-                    except MemfabricError:
-                        return _ASK
-                else:
-                    view = mapped.view
-                offset = packed & OFFSET_MASK
-                if view[offset:offset + klen] != key:
+                    return _AGAIN
+                slot = (slot + 1) & mask
+                continue
+            if expiry and expiry <= time.time_ns() // 1_000_000:
+                result: Any = _MISS
+            else:
+                if into is not None and into.nbytes < vlen:
                     if words[base] != seq:
-                        break
-                    slot = (slot + 1) & mask
-                    continue
-                if expiry and expiry <= time.time_ns() // 1_000_000:
-                    result: Any = _MISS
-                else:
-                    if into is not None and into.nbytes < vlen:
-                        if words[base] != seq:
-                            break
-                        _check_room(vlen, into)
-                    result = self._copy_value(link, words, base, seq, view, offset + klen, vlen,
-                                              extents & EXTENTS_MASK, into)
-                    if result is _ASK:
-                        return _ASK
-                if result is None or words[base] != seq or words[H_MOVED] or words[H_MAGIC] != MAGIC:
-                    break                                   # changed while we read: again
-                idx.count(result is not _MISS)
-                if result is not _MISS:
-                    idx.ref_bytes[slot] = 1                 # recency, for the eviction clock
-                return result
+                        return _AGAIN
+                    _check_room(vlen, into)
+                result = self._copy_value(link, words, base, seq, view, offset + klen, vlen,
+                                          extents & EXTENTS_MASK, into)
+                if result is _ASK:
+                    return _ASK
+            if result is None or words[base] != seq or (not draining and words[H_MOVED]) or words[H_MAGIC] != MAGIC:
+                return _AGAIN                               # changed while we read: again
+            idx.count(result is not _MISS)
+            if result is not _MISS:
+                ref_bytes[slot] = 1                         # recency, for the eviction clock
+            return result
         return _ASK
 
     def _copy_value(self, link: Any, words: memoryview, base: int, seq: int, view: memoryview, at: int,
@@ -479,7 +527,7 @@ class KV:
             return [_ASK] * len(keys)
         link.check_alive()
         results = _native.probe_many(idx.raw, idx.ref_bytes, list(map(key_hash, keys)), keys, self._creds[0],
-                                     link._segments, into)
+                                     link._segments, into, idx.old_raw, idx.old_ref_bytes)
         misses = results.count(None)
         asked = [i for i, got in enumerate(results) if type(got) is int and got < 0]
         idx.count_many(len(results) - misses - len(asked), misses)

@@ -4,7 +4,8 @@ Pure: it works on a buffer of 64-bit words it is given, and knows nothing of seg
 The server writes the table; same-host clients map it read-only and look keys up without
 asking the server (the idea of Pilaf and FaRM: a one-sided read replaces the server's CPU).
 
-    header: MAGIC, VERSION, slot count, moved, keys, tombstones, generation, lease
+    header: MAGIC, VERSION, slot count, moved, keys, tombstones, generation, lease, draining,
+            then words kept for later (HEADER_WORDS in all)
     slot i: seq, hash, segment, offset | key length << 32, value length, expiry, extents, version
 
 A slot's `seq` is odd while the server writes it. A reader reads the seq, the slot, the key
@@ -12,11 +13,26 @@ and the value, then the seq again, and retries on a change (a seqlock). A slot's
 grows, so a change is never missed. Hash 0 marks an empty slot and 1 a deleted one (a
 tombstone); key hashes are made >= 2. Linear probing with tombstones never moves an entry
 within a table, so a reader walking a probe chain meets each entry before or after a
-change, never elsewhere. A table that fills is replaced whole: the server builds the next,
-then sets `moved` in this one, and readers that see it go to the next. A table whose keyspace
-is gone (its namespace destroyed) says CLOSED there: readers ask the server, which says why.
+change, never elsewhere. A table whose keyspace is gone (its namespace destroyed) says
+CLOSED in `moved`: readers ask the server, which says why.
 
-`lease` is the wall-clock ms until which the server vouches for the table: renewed with each
+Growth is incremental, so that no write waits for a whole table to be copied. A table that
+fills (MAX_LOAD) is followed by a larger one, the server's from then on: new keys go there,
+and the old table is drained into it a few slots at a time (each write moves at most
+MIGRATE_SLOTS_PER_WRITE slots, and the server's keeper moves more in the background). While
+it drains, the new table's `draining` names the old one's generation and the old one's `moved`
+names the new one's; a key the server touches is moved first, so writes land in the new
+table only, and the old one only loses entries. Moving an entry writes it into the new table,
+then deletes it from the old (a tombstone). A reader of both (the server gives both tables'
+memory while one drains) probes the old table first and the new one second: an entry it does
+not meet in the old table (moved before the reader got there, or never there) is already in
+the new one when the reader gets there, since it was written there first. Once drained, the
+new table's `draining` goes back to 0 and readers forget the old table. A reader that maps
+only a table whose `moved` is set opens the current ones again; a reader of two tables whose
+new one starts draining itself (its `moved` is set) opens again too.
+
+`lease` is the CLOCK_MONOTONIC ms (time.monotonic(), shared by the processes of a host and
+blind to changes of the wall clock) until which the server vouches for the table: renewed with each
 heartbeat that reaches the cluster, it runs out before the cluster could take the server for
 dead (and give its keys' writes to others). A reader trusts the table only within its lease,
 so a stopped or cut-off server's table is never read as current (see kv/service.py).
@@ -40,16 +56,17 @@ from typing import Callable
 from ..errors import InvalidArgument, LimitExceeded
 
 MAGIC = int.from_bytes(b"MFKVIDX1", "little")     # a table, not some other memory
-VERSION = 1
+VERSION = 2                # 2: 16 header words, `draining`, a monotonic lease
 
-HEADER_WORDS = 8
-H_MAGIC, H_VERSION, H_SLOTS, H_MOVED, H_KEYS, H_TOMBSTONES, H_GENERATION, H_LEASE = range(8)
+HEADER_WORDS = 16
+H_MAGIC, H_VERSION, H_SLOTS, H_MOVED, H_KEYS, H_TOMBSTONES, H_GENERATION, H_LEASE, H_DRAINING = range(9)
 
 SLOT_WORDS = 8
 SEQ, HASH, SEGMENT, OFFSET_KLEN, VLEN, EXPIRY, EXTENTS, VERSION_WORD = range(8)
 
 EMPTY, TOMBSTONE = 0, 1
-MAX_LOAD = 0.5            # keys + tombstones per slot before the table is replaced
+MAX_LOAD = 0.5            # keys + tombstones per slot before a larger table follows
+MIGRATE_SLOTS_PER_WRITE = 8   # old slots a write moves while a table drains (see growth_slots)
 MIN_SLOTS = 1024
 MAX_SLOTS = 1 << 26       # 4 GiB of table: far beyond any one namespace on one server
 OFFSET_MASK = (1 << 32) - 1
@@ -64,6 +81,17 @@ def lock_free_reads() -> bool:
 def fix_hash(h: int) -> int:
     """A key's hash as the table stores it: never EMPTY or TOMBSTONE."""
     return h if h > TOMBSTONE else h + 2
+
+
+def growth_slots(slots: int, keys: int) -> int:
+    """The size of the table that follows a full one of `slots` holding `keys`: room for all
+    of them plus a new key per write until the old table is drained (each write moves
+    MIGRATE_SLOTS_PER_WRITE of its slots), so the new table never fills while the old drains."""
+    need = keys + -(-slots // MIGRATE_SLOTS_PER_WRITE) + 1
+    grown = max(slots, slots_for(need))
+    if grown > MAX_SLOTS:
+        raise LimitExceeded(f"an index of {keys} keys would need more than {MAX_SLOTS} slots")
+    return grown
 
 
 def words_for(slots: int) -> int:
@@ -103,6 +131,7 @@ class IndexWriter:
             words[H_SLOTS] = slots
             words[H_MOVED] = 0
             words[H_GENERATION] = generation
+            words[H_DRAINING] = 0
             words[H_MAGIC] = MAGIC       # last: a reader checks it before anything else
 
     # ---- finding ----------------------------------------------------------------------------
@@ -210,8 +239,25 @@ class IndexWriter:
         self.words[H_LEASE] = until_ms
 
     def moved_to(self, generation: int) -> None:
-        """This table is replaced by the one of `generation`: readers go there."""
+        """This table is followed by the one of `generation` (or CLOSED): readers go there."""
         self.words[H_MOVED] = generation
+
+    def set_draining(self, generation: int) -> None:
+        """The table of `generation` drains into this one (0: none does, readers look here only)."""
+        self.words[H_DRAINING] = generation
+
+    def move_to(self, slot: int, into: "IndexWriter") -> int | None:
+        """Move the entry at `slot` (if any) into the table `into` follows this one with: written
+        there first, then deleted here, so a reader probing this table, then that one, meets it
+        at least once (see the module's docstring). Its slot there, or None (nothing here)."""
+        h = self.hash_at(slot)
+        if h <= TOMBSTONE:
+            return None
+        target, exists = into.place(h, lambda _: False)
+        assert not exists
+        into.write(target, h, self.fields(slot), new=True)
+        self.delete(slot)
+        return target
 
     def occupied(self) -> list[int]:
         """Slots holding keys, in table order (a scan's cursor is a slot number)."""
@@ -236,10 +282,11 @@ def read_slot(words: memoryview, slot: int) -> tuple[int, int, Fields]:
                                      words[base + EXPIRY], words[base + EXTENTS], words[base + VERSION_WORD])
 
 
-def unchanged(words: memoryview, slot: int, seq: int) -> bool:
+def unchanged(words: memoryview, slot: int, seq: int, draining: bool = False) -> bool:
     """After reading a slot and what it names: nothing changed meanwhile, and the table was
-    not replaced (a replaced table is no longer written, so its answer may be old)."""
-    return words[HEADER_WORDS + slot * SLOT_WORDS + SEQ] == seq and words[H_MOVED] == 0
+    not replaced (a replaced table is no longer written, so its answer may be old). A table
+    read as the one `draining` into the current one (moved by design) checks the slot only."""
+    return words[HEADER_WORDS + slot * SLOT_WORDS + SEQ] == seq and (draining or words[H_MOVED] == 0)
 
 
 def probe(words: memoryview, h: int) -> int:

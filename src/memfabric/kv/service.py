@@ -73,6 +73,7 @@ SETTINGS_NAME = "kv"
 SETTINGS_TTL_S = 1.0             # a keyspace re-reads its settings from the cluster this often
 SWEEP_EVERY_S = 0.1              # expired keys are looked for this often, per keyspace...
 SWEEP_SLOTS = 2048               # ...this many slots at a time
+MIGRATE_SLOTS_PER_TICK = 1024   # slots of a draining index (index.py) the keeper moves each round
 # The part of the liveness timeout a server's keys are trusted after its last heartbeat was
 # sent: the cluster takes it for dead no sooner than the whole timeout after that.
 TRUSTED_SHARE = 0.9
@@ -261,10 +262,12 @@ class KeyValueService(KeyEdits):
         log.warning("no heartbeat reached the cluster for %.1f s: forgot %d keys, which others may have "
                     "written meanwhile", landed_s - last_sent_s, forgotten)
 
-    def beat(self, sent_wall_s: float) -> None:
-        """A heartbeat sent at `sent_wall_s` (wall clock) reached the cluster: same-host readers
-        may trust the indexes until the cluster could next take this server for dead."""
-        self._lease_ms = int((sent_wall_s + self._trusted_s()) * 1000)
+    def beat(self, sent_s: float) -> None:
+        """A heartbeat sent at `sent_s` (time.monotonic(): CLOCK_MONOTONIC, which the processes
+        of a host share and a change of the wall clock leaves alone) reached the cluster:
+        same-host readers may trust the indexes until the cluster could next take this server
+        for dead."""
+        self._lease_ms = int((sent_s + self._trusted_s()) * 1000)
         for space in self._spaces():
             space.set_lease(self._lease_ms)
         with self._beats:
@@ -287,13 +290,19 @@ class KeyValueService(KeyEdits):
         return {f"kv_{name}": stats[name] for name in ("keys", "bytes", "hits", "misses", "evictions", "expired")}
 
     def tick(self) -> None:
-        """From the server's keeper: expired keys give their memory back without a reader."""
+        """From the server's keeper: draining indexes move on without writes (index.py), and
+        expired keys give their memory back without a reader."""
+        with self.lock:
+            spaces = [s.kv for s in self.server.namespaces.values() if s.kv is not None]
+        for space in spaces:
+            if space.draining is not None:
+                with space.lock:
+                    if not space.closed:
+                        space.store.migrate(MIGRATE_SLOTS_PER_TICK)
         now = time.monotonic()
         if now - self._swept_at < SWEEP_EVERY_S:
             return
         self._swept_at = now
-        with self.lock:
-            spaces = [s.kv for s in self.server.namespaces.values() if s.kv is not None]
         for space in spaces:
             with space.lock:
                 if not space.closed:
@@ -312,13 +321,15 @@ class KeyValueService(KeyEdits):
                 slot = space.take_client_slot()
                 if slot is not None:
                     slots[space] = slot
-            table = space.table
+            table, old = space.table, space.draining
             fds: list[int] = []
             with space.fd_lock:         # a destroy closes them: never dup a closed (or reused) number
                 if space.closed:
                     raise NoSuchNamespace(f"namespace {creds[1]!r} in pool {creds[0]!r} was destroyed meanwhile")
                 try:
-                    for fd in (table.index_fd, table.refs_fd, space.stats_fd):
+                    # While a table drains into the current one, readers read both (index.py).
+                    for fd in (table.index_fd, table.refs_fd, space.stats_fd) + (
+                            () if old is None else (old.index_fd, old.refs_fd)):
                         fds.append(os.dup(fd))
                 except OSError as exc:
                     for fd in fds:
@@ -326,7 +337,9 @@ class KeyValueService(KeyEdits):
                     raise LimitExceeded(f"server {self.server_id} cannot open more files ({exc.strerror})") from None
             reply = {"generation": table.generation, "slots": table.slots, "index_bytes": table.index_bytes,
                      "stats_bytes": space.stats_bytes, "client_slot": slot, "lock_free": ix.lock_free_reads(),
-                     "incarnation": state.record.incarnation}
+                     "incarnation": state.record.incarnation,
+                     "draining": None if old is None else {"generation": old.generation, "slots": old.slots,
+                                                           "index_bytes": old.index_bytes}}
         return reply, fds, True
 
     # ---- writes ----------------------------------------------------------------------------------
@@ -861,8 +874,8 @@ class KeyValueService(KeyEdits):
     def op_kv_scan(self, conn: Connection, m: dict[str, Any]) -> Reply:
         """Up to `batch` keys from slot `cursor` on, with `prefix`, that this server holds as
         first of `servers` (the client's view of the pool: every key once, across servers).
-        The next cursor, 0 at the end; `generation` changes when the table was replaced (the
-        client starts over: keys moved)."""
+        The next cursor, 0 at the end; `generation` changes when a new table followed (the
+        client starts over: keys move). While a table drains, it is read first (Store.scan)."""
         state, creds, space, store = self._space(conn, m)
         cursor, batch, prefix = m.get("cursor", 0), m.get("batch", 1000), m.get("prefix", b"")
         servers = m.get("servers")
@@ -874,19 +887,15 @@ class KeyValueService(KeyEdits):
             raise InvalidArgument("a scan names the pool's servers it sees (a list of ids)")
         keys: list[bytes] = []
         with space.lock:
-            writer = space.table.writer
             generation = space.table.generation
-            slot, now, looked = cursor, now_ms(), 0
-            while slot < writer.slots and len(keys) < batch and looked < 16 * batch:
-                if writer.hash_at(slot) > ix.TOMBSTONE:
-                    fields = writer.fields(slot)
-                    if not (fields[4] != NO_EXPIRY and fields[4] <= now):
-                        key = store.read_key(fields)
-                        if key.startswith(prefix) and (not servers or homes(key, servers, 1) == [self.server_id]):
-                            keys.append(key)
-                slot += 1
-                looked += 1
-        return {"keys": keys, "cursor": 0 if slot >= writer.slots else slot, "generation": generation}
+            found, cursor = store.scan(cursor, batch, 16 * batch)
+            now = now_ms()
+            for fields in found:
+                if not (fields[4] != NO_EXPIRY and fields[4] <= now):
+                    key = store.read_key(fields)
+                    if key.startswith(prefix) and (not servers or homes(key, servers, 1) == [self.server_id]):
+                        keys.append(key)
+        return {"keys": keys, "cursor": cursor, "generation": generation}
 
     def op_kv_stats(self, conn: Connection, m: dict[str, Any]) -> Reply:
         _, _, space, _ = self._space(conn, m)

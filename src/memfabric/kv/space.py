@@ -11,7 +11,8 @@ Three memfds per keyspace, each a different trust:
     stats   a pair of counters (hits, misses) per client, which each client writes alone: the
             gets the server never sees still count in `stats()`
 
-The index and refs are replaced together when the table fills (a new generation); stats stay.
+The index and refs are followed together by larger ones when the table fills (a new
+generation, into which the old drains a few slots at a time: index.py); stats stay.
 Records (key and value, or key and the extents of a large value) live in the namespace's
 segments: small ones in the record heap (heap.py), values too large for a heap chunk in
 extents of their own. A record is never changed in place: a new value is a new record.
@@ -115,6 +116,8 @@ class KeySpace:
         self.heap = RecordHeap(grace_s)
         self.grace_s = grace_s
         self.table = Table(label, ns, ix.MIN_SLOTS, generation=1)
+        self.draining: Table | None = None   # the table `table` followed, until drained into it
+        self.drain_hand = 0                   # its slots below this are drained
         self.stats_bytes = MAX_KV_CLIENTS * STATS_WORDS_PER_CLIENT * 8
         self.stats_fd, self._stats_map = _memfd(f"memfabric-{label}-kvstats-{ns}", self.stats_bytes, SEALS_SIZE)
         self.stats_words = memoryview(self._stats_map).cast("Q")
@@ -153,7 +156,7 @@ class KeySpace:
         return self.heap.record_bytes + self.large_bytes + self.reserved_bytes
 
     def keys(self) -> int:
-        return self.table.writer.keys
+        return self.table.writer.keys + (self.draining.writer.keys if self.draining is not None else 0)
 
     def stats(self) -> dict:
         hits, misses = self.counters.hits + self.counters.retired[0], self.counters.misses + self.counters.retired[1]
@@ -164,7 +167,8 @@ class KeySpace:
         return {"keys": self.primary_keys, "held_keys": self.keys(), "bytes": self.used_bytes(),
                 "memory_limit": self.settings.memory_limit, "hits": hits, "misses": misses,
                 "evictions": self.counters.evictions, "expired": self.counters.expired,
-                "index_bytes": self.table.index_bytes + self.table.slots, "pages": self.heap.page_count}
+                "index_bytes": sum(t.index_bytes + t.slots for t in (self.table, self.draining) if t is not None),
+                "pages": self.heap.page_count}
 
     # ---- clients' counter slots ----------------------------------------------------------------
 
@@ -191,11 +195,19 @@ class KeySpace:
             if self.closed:
                 return
             self.closed = True
-            self.table.writer.moved_to(ix.CLOSED)
-            self.table.close()
+            for table in (self.table, self.draining):
+                if table is not None:
+                    table.writer.moved_to(ix.CLOSED)
+                    table.close()
             os.close(self.stats_fd)
 
 
 def now_ms() -> int:
     """The wall clock in ms: expiry times are absolute, shared by the processes of a host."""
     return time.time_ns() // 1_000_000
+
+
+def monotonic_ms() -> int:
+    """CLOCK_MONOTONIC in ms, the clock of index leases: shared by the processes of a host
+    (time.monotonic() is CLOCK_MONOTONIC on Linux) and unmoved when the wall clock jumps."""
+    return time.monotonic_ns() // 1_000_000

@@ -24,6 +24,9 @@ from .rules import check_value_length, expired
 from .space import EXTENT, KeySpace, Table
 
 EVICTION_TRIES = 64          # keys the clock hand may evict to make room for one write
+EVICTION_DRAIN_SLOTS = 256   # slots of a draining table one eviction looks at (moving the recently read)
+# A scan's cursor in a draining table (index.py) is its slot | SCAN_DRAINING (slots < 2**26).
+SCAN_DRAINING = 1 << 32
 
 Fields = tuple[int, int, int, int, int, int, int]   # segment, offset, key length, value length, expiry, extents, version
 
@@ -69,8 +72,8 @@ class Store:
 
     # ---- finding ----------------------------------------------------------------------------
 
-    def is_key(self, key: bytes) -> Callable[[int], bool]:
-        writer = self.space.table.writer
+    def is_key(self, key: bytes, writer: ix.IndexWriter | None = None) -> Callable[[int], bool]:
+        writer = writer if writer is not None else self.space.table.writer
 
         def compare(slot: int) -> bool:
             segment, offset, klen, _, _, _, _ = writer.fields(slot)
@@ -83,16 +86,68 @@ class Store:
 
     def live(self, key: bytes, h: int, now_ms: int) -> tuple[int, Fields] | None:
         """(slot, fields) of `key`, or None when missing or expired (an expired key is deleted
-        on sight, and counted)."""
-        writer = self.space.table.writer
-        slot = writer.find(h, self.is_key(key))
+        on sight, and counted). A key found was used: the eviction clock keeps it a round
+        (as a same-host reader's hit does, see space.py's refs)."""
+        slot = self.find(key, h)
         if slot is None:
             return None
-        fields = writer.fields(slot)
+        fields = self.space.table.writer.fields(slot)
         if expired(fields[4], now_ms):
             self.delete_slot(slot, counted="expired")
             return None
+        self.space.table.refs[slot] = 1
         return slot, fields
+
+    def find(self, key: bytes, h: int) -> int | None:
+        """`key`'s slot in the current table. Found in the table draining into it, it is moved
+        first: the server writes the current table only, and the draining one only shrinks."""
+        space = self.space
+        slot = space.table.writer.find(h, self.is_key(key))
+        old = space.draining
+        if slot is None and old is not None:
+            at = old.writer.find(h, self.is_key(key, old.writer))
+            if at is not None:
+                slot = self._move(at)
+        return slot
+
+    # ---- growth: the draining table moves into the current one a few slots at a time -----------
+
+    def _move(self, slot: int) -> int | None:
+        old, new = self.space.draining, self.space.table
+        assert old is not None
+        target = old.writer.move_to(slot, new.writer)
+        if target is not None and old.refs[slot]:
+            new.refs[target] = 1
+        return target
+
+    def migrate(self, slots: int) -> int:
+        """Move the entries of the draining table's next `slots` slots into the current table;
+        once it is drained, let it go. How many entries moved."""
+        space = self.space
+        old = space.draining
+        if old is None:
+            return 0
+        moved = 0
+        end = min(old.slots, space.drain_hand + slots)
+        for slot in range(space.drain_hand, end):
+            if old.writer.hash_at(slot) > ix.TOMBSTONE:
+                self._move(slot)
+                moved += 1
+        space.drain_hand = end
+        if end >= old.slots:
+            self._drained()
+        return moved
+
+    def _drained(self) -> None:
+        space = self.space
+        old = space.draining
+        assert old is not None and old.writer.keys == 0, "a table let go with keys in it"
+        space.table.writer.set_draining(0)       # from now readers look in the current table only
+        with space.fd_lock:
+            if not space.closed:                 # else closed with the keyspace
+                old.close()
+            space.draining = None
+        space.drain_hand = 0
 
     # ---- writing ----------------------------------------------------------------------------
 
@@ -139,11 +194,12 @@ class Store:
     def _publish(self, key: bytes, h: int, fields: Fields, replacing: tuple[int, Fields] | None,
                  primary: bool) -> None:
         space = self.space
+        self.migrate(ix.MIGRATE_SLOTS_PER_WRITE)
         if replacing is None:
             if space.table.writer.full():
                 self.grow()
             slot, exists = space.table.writer.place(h, self.is_key(key))
-            assert not exists, "a key written as new is there already"
+            assert not exists, "a key written as new is there already"   # nor in a draining table: live() moved it
         else:
             slot = replacing[0]
         space.table.writer.write(slot, h, fields, new=replacing is None)
@@ -221,10 +277,13 @@ class Store:
 
     # ---- deleting -----------------------------------------------------------------------------
 
-    def delete_slot(self, slot: int, counted: str | None = None, primary: bool = True) -> Fields:
+    def delete_slot(self, slot: int, counted: str | None = None, primary: bool = True,
+                    writer: ix.IndexWriter | None = None) -> Fields:
+        """Delete the key at `slot` of the current table (or of `writer`'s, the draining one)."""
         space = self.space
-        fields = space.table.writer.fields(slot)
-        space.table.writer.delete(slot)
+        writer = writer if writer is not None else space.table.writer
+        fields = writer.fields(slot)
+        writer.delete(slot)
         if primary:
             space.primary_keys = max(0, space.primary_keys - 1)
         self.free_record(fields)
@@ -293,6 +352,8 @@ class Store:
         """The CLOCK hand: a key read since the hand last passed keeps its place (its byte is
         cleared); the first that was not is evicted. An approximation of LRU, as Redis's is."""
         space = self.space
+        if space.draining is not None and self._evict_draining(keep):
+            return True
         table = space.table
         writer = table.writer
         is_keep = self.is_key(keep)
@@ -311,36 +372,79 @@ class Store:
             return True
         return False
 
+    def _evict_draining(self, keep: bytes) -> bool:
+        """The CLOCK hand over the draining table's next slots (at most EVICTION_DRAIN_SLOTS): a
+        key used since it was last passed is moved on (its byte with it: the current table's
+        hand passes it next), the first that was not is evicted."""
+        space = self.space
+        old = space.draining
+        assert old is not None
+        writer = old.writer
+        is_keep = self.is_key(keep, writer)
+        for _ in range(EVICTION_DRAIN_SLOTS):
+            if space.drain_hand >= old.slots:
+                self._drained()
+                return False
+            slot = space.drain_hand
+            if writer.hash_at(slot) > ix.TOMBSTONE and not old.refs[slot] and not is_keep(slot):
+                self.evicted.append(self.read_key(writer.fields(slot)))
+                self.delete_slot(slot, counted="evictions", writer=writer)
+                return True
+            self._move(slot)
+            space.drain_hand = slot + 1
+        return False
+
     # ---- the table ------------------------------------------------------------------------------------
 
     def grow(self) -> None:
-        """Replace the full table by one twice its size (or as large, when tombstones filled
-        it): records stay, only slots move. Readers of the old one are sent on."""
+        """Follow the full table by a larger one (or one as large, when tombstones filled it),
+        into which it drains a few slots per write (migrate): no write waits for the whole
+        table to be copied. Records stay, only slots move. Readers of the old table alone are
+        sent on (index.py)."""
         space = self.space
+        if space.draining is not None:    # not expected (growth_slots leaves room): finish it first
+            self.migrate(space.draining.slots)
         old = space.table
-        writer = old.writer
-        slots = max(old.slots, ix.slots_for(writer.keys + 1))
-        new = Table(space.label, space.ns, slots, old.generation + 1)
-        try:
-            for slot in writer.occupied():
-                h = writer.hash_at(slot)
-                target, _ = new.writer.place(h, lambda _: False)
-                new.writer.write(target, h, writer.fields(slot), new=True)
-                if old.refs[slot]:
-                    new.refs[target] = 1
-        except BaseException:
-            new.close()
-            raise
+        new = Table(space.label, space.ns, ix.growth_slots(old.slots, old.writer.keys), old.generation + 1)
+        new.writer.set_draining(old.generation)
         with space.fd_lock:
             if space.closed:            # destroyed meanwhile: its fds are closed, the new ones go too
                 new.close()
                 raise NoSuchNamespace(f"namespace {self.namespace!r} was destroyed meanwhile")
             new.writer.set_lease(space.lease_ms)
-            space.table = new
-            writer.moved_to(new.generation)
-            old.close()
+            space.table, space.draining, space.drain_hand = new, old, 0
+            old.writer.moved_to(new.generation)
         space.clock_hand = 0
         space.sweep_hand = 0
+
+    def scan(self, cursor: int, batch: int, looks: int) -> tuple[list[Fields], int]:
+        """The fields of up to `batch` keys from `cursor` on (at most `looks` slots looked at),
+        and the next cursor (0: the end). A draining table is read first (its cursors marked
+        SCAN_DRAINING), then the current one: a key moved meanwhile is met again in the
+        current table, never missed; a draining table gone meanwhile was moved whole into it."""
+        space = self.space
+        out: list[Fields] = []
+        if cursor & SCAN_DRAINING or (cursor == 0 and space.draining is not None):
+            slot = cursor & (SCAN_DRAINING - 1)
+            old = space.draining
+            if old is not None:
+                writer = old.writer
+                while slot < old.slots and len(out) < batch and looks > 0:
+                    if writer.hash_at(slot) > ix.TOMBSTONE:
+                        out.append(writer.fields(slot))
+                    slot += 1
+                    looks -= 1
+                if slot < old.slots or len(out) >= batch or looks <= 0:
+                    return out, SCAN_DRAINING | slot
+            cursor = 0
+        writer = space.table.writer
+        slot = cursor
+        while slot < writer.slots and len(out) < batch and looks > 0:
+            if writer.hash_at(slot) > ix.TOMBSTONE:
+                out.append(writer.fields(slot))
+            slot += 1
+            looks -= 1
+        return out, 0 if slot >= writer.slots else slot
 
     def sweep(self, slots: int, now_ms: int) -> int:
         """Delete the expired keys among the next `slots` slots (memory back without waiting for
@@ -357,10 +461,18 @@ class Store:
         return gone
 
     def flush(self) -> int:
-        writer = self.space.table.writer
+        space = self.space
+        flushed = 0
+        if space.draining is not None:
+            old = space.draining.writer
+            for slot in old.occupied():
+                self.delete_slot(slot, writer=old)
+                flushed += 1
+            self._drained()
+        writer = space.table.writer
         slots = writer.occupied()
         for slot in slots:
             self.delete_slot(slot)
-        self.space.primary_keys = 0
-        return len(slots)
+        space.primary_keys = 0
+        return flushed + len(slots)
 

@@ -227,13 +227,13 @@ class Server:
     def _publish(self) -> None:
         with self.lock:
             pools = {name: pool.summary() for name, pool in self.pools.items()}
-        sent_s, sent_wall_s = time.monotonic(), time.time()
+        sent_s = time.monotonic()
         stayed_alive = self.cluster.heartbeat(self.server_id, pools)
         # Back from a silence the cluster may have taken for death: MemKV forgets the keys
         # others may have written since, before it serves them again (kv/service.py).
         self.kv.rejoined(self.beat_sent_s, time.monotonic(), stayed_alive)
         self.beat_sent_s = sent_s
-        self.kv.beat(sent_wall_s)
+        self.kv.beat(sent_s)            # the index leases are CLOCK_MONOTONIC (kv/index.py)
         self._reconcile()
 
     def _reconcile(self) -> None:
