@@ -118,31 +118,35 @@ class RpcLink:
         pending = Pending(into, op, args)
         if timeout_s is None:
             timeout_s = call_timeout_s(self.timeout_s)
-        with self._lock:
-            if self._closed:
-                raise ServerUnavailable(f"the connection to server {self.server_id} at {self.address} is closed")
-            if len(self._pending) >= MAX_RPC_IN_FLIGHT:
-                raise LimitExceeded(f"{MAX_RPC_IN_FLIGHT} requests already in flight to {self.address}")
-            request_id = self._next_id
-            self._next_id += 1
-            self._pending[request_id] = pending
-        args["op"] = op
-        args["id"] = request_id
+        if self._closed:
+            raise ServerUnavailable(f"the connection to server {self.server_id} at {self.address} is closed")
         if timeout_s <= 0 or not (self._send_lock.acquire(False) or self._send_lock.acquire(timeout=timeout_s)):
-            self._forget(request_id)
             raise Timeout(f"no time was left to send {op!r} to server at {self.address}")
         try:
-            self._frames.send(args, payload)
-        except rpc.MidFrameTimeout:
-            self._shut(Timeout(f"server at {self.address} stopped taking {op!r} part way"))
-        except socket.timeout:
-            self._forget(request_id)       # no byte went out: the stream is whole
-            raise Timeout(f"server at {self.address} took no request for {self.timeout_s}s ({op!r})") from None
-        except (OSError, ValueError):
-            self._shut(ServerUnavailable(f"server at {self.address} is gone (sending {op!r})"))
-        except BaseException:              # interrupted: a frame may be half sent
-            self._shut(ServerUnavailable(f"sending {op!r} to {self.address} was interrupted"), raise_it=False)
-            raise
+            # Ids are taken under the send lock, so they ascend in the order requests go out,
+            # which is the order of their replies: _read_one's fast path relies on it.
+            with self._lock:
+                if self._closed:
+                    raise ServerUnavailable(f"the connection to server {self.server_id} at {self.address} is closed")
+                if len(self._pending) >= MAX_RPC_IN_FLIGHT:
+                    raise LimitExceeded(f"{MAX_RPC_IN_FLIGHT} requests already in flight to {self.address}")
+                request_id = self._next_id
+                self._next_id += 1
+                self._pending[request_id] = pending
+            args["op"] = op
+            args["id"] = request_id
+            try:
+                self._frames.send(args, payload)
+            except rpc.MidFrameTimeout:
+                self._shut(Timeout(f"server at {self.address} stopped taking {op!r} part way"))
+            except socket.timeout:
+                self._forget(request_id)       # no byte went out: the stream is whole
+                raise Timeout(f"server at {self.address} took no request for {self.timeout_s}s ({op!r})") from None
+            except (OSError, ValueError):
+                self._shut(ServerUnavailable(f"server at {self.address} is gone (sending {op!r})"))
+            except BaseException:              # interrupted: a frame may be half sent
+                self._shut(ServerUnavailable(f"sending {op!r} to {self.address} was interrupted"), raise_it=False)
+                raise
         finally:
             self._send_lock.release()
         return request_id, pending
