@@ -289,3 +289,25 @@ def test_a_socket_closed_under_a_waiting_reader_never_lends_it_another_connectio
             theirs.close()
     server.close()
     assert not stolen, f"{len(stolen)} of 20 readers read another connection's frame: {stolen[0]}"
+
+
+def test_a_signal_that_comes_while_the_wait_polls_still_stops_it():
+    """Ctrl-C that arrives while a wait busy-polls (no syscall there blocks, so none returns
+    EINTR) must still stop the wait when it goes on to sleep; it must not be held until a
+    frame comes."""
+    listener = rpc.listen("127.0.0.1:0", 1)
+    client = rpc.connect("127.0.0.1:%d" % listener.getsockname()[1], None, WAIT_S, 0.5)   # a long poll
+    server = rpc.FrameSocket(listener.accept()[0])
+    unblock = threading.Timer(2 * WAIT_S, server.send, args=({"id": 1},))   # ends the wait on any path
+    unblock.start()
+    try:
+        with interrupted_after(0.1):                     # within the poll
+            started = time.monotonic()
+            with pytest.raises(Interrupted):
+                client.recv_frame(None, None, None)
+            assert time.monotonic() - started < WAIT_S, "the signal waited for a frame"
+    finally:
+        unblock.cancel()
+        client.close()
+        server.close()
+        listener.close()
