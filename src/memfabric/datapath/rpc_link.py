@@ -89,8 +89,10 @@ class RpcLink:
         except BaseException:
             self._frames.close()
             raise
-        self._send_lock = threading.Lock()
-        self._recv_lock = threading.Lock()
+        # RLocks for their _is_owned(): a Ctrl-C right after an acquire, before the try that
+        # releases it, must not leave the lock taken for ever (every later call would hang).
+        self._send_lock = threading.RLock()
+        self._recv_lock = threading.RLock()
         self._lock = threading.Lock()
         self._pending: dict[int, Pending] = {}
         self._abandoned: dict[int, Pending] = {}    # given up on: their replies are read past
@@ -120,9 +122,9 @@ class RpcLink:
             timeout_s = call_timeout_s(self.timeout_s)
         if self._closed:
             raise ServerUnavailable(f"the connection to server {self.server_id} at {self.address} is closed")
-        if timeout_s <= 0 or not (self._send_lock.acquire(False) or self._send_lock.acquire(timeout=timeout_s)):
-            raise Timeout(f"no time was left to send {op!r} to server at {self.address}")
         try:
+            if timeout_s <= 0 or not (self._send_lock.acquire(False) or self._send_lock.acquire(timeout=timeout_s)):
+                raise Timeout(f"no time was left to send {op!r} to server at {self.address}")
             # Ids are taken under the send lock, so they ascend in the order requests go out,
             # which is the order of their replies: _read_one's fast path relies on it.
             with self._lock:
@@ -148,7 +150,8 @@ class RpcLink:
                 self._shut(ServerUnavailable(f"sending {op!r} to {self.address} was interrupted"), raise_it=False)
                 raise
         finally:
-            self._send_lock.release()
+            if self._send_lock._is_owned():
+                self._send_lock.release()
         return request_id, pending
 
     def wait(self, request_id: int, pending: Pending, op: str, timeout_s: float | None = None) -> dict[str, Any]:
@@ -193,6 +196,9 @@ class RpcLink:
         except MemfabricError:
             raise           # given up on (no reader will touch our buffer) or the link was shut
         except BaseException:
+            if self._recv_lock._is_owned():    # interrupted between taking it and the try
+                self._recv_lock.release()
+                self._shut(ServerUnavailable(f"reading from {self.address} was interrupted"), raise_it=False)
             self.cancel(request_id, pending)   # interrupted: our buffer must not be written after
             raise
         if self._undos:
@@ -380,8 +386,12 @@ class RpcLink:
             self._abandoned.clear()
         if not already:
             self._frames.close()
-        with self._recv_lock:   # wait out a reader that may be mid-payload into a caller's buffer
-            pass
+        # Wait out a reader that may be mid-payload into a caller's buffer: the close above
+        # ends its receive at once.
+        if self._recv_lock.acquire(timeout=self.timeout_s + rpc.DEADLINE_SLACK_S):
+            self._recv_lock.release()
+        else:
+            log.warning("a reader of the link to %s did not let go after it closed", self.address)
         for p in pending:
             p.error = error
             p.finish()
