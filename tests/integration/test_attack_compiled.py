@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import collections
 import os
+import signal
 import threading
 
 import numpy as np
+import pytest
 
 import memfabric
 
@@ -112,13 +114,127 @@ with memfabric.init(sys.argv[1]) as s:
 """
 
 
-def test_ctrl_c_at_random_moments_of_remote_reads_and_writes_leaves_a_working_session(fabric, request):
-    """A signal whose handler raises (Ctrl-C) lands anywhere in remote reads and writes,
-    hundreds of times. No read may return wrong bytes, no call may hang (a lock taken just
-    before the interruption must not stay taken), and afterwards the session works."""
+@pytest.mark.parametrize("door", ["rpc", "ipc"])
+def test_ctrl_c_at_random_moments_of_reads_and_writes_leaves_a_working_session(fabric, request, door):
+    """A signal whose handler raises (Ctrl-C) lands anywhere in reads and writes, remote or
+    same-host, hundreds of times. No read may return wrong bytes, no call may hang (a lock
+    taken just before the interruption must not stay taken), and afterwards the session works."""
     from ..conftest import run_client
+    path = os.path.join(fabric.directory, "remote.toml") if door == "rpc" else fabric.directory
     for seed in (1, 2):
-        done = run_client(_CTRL_C_STORM, os.path.join(fabric.directory, "remote.toml"),
+        done = run_client(_CTRL_C_STORM, path,
                           f"{ns_name(request)}-{seed}", str(seed), timeout_s=90)
         assert done.returncode == 0, done.stderr[-3000:]
         assert "after True wrong 0" in done.stdout, done.stdout + done.stderr[-3000:]
+
+
+def test_replies_late_past_a_sigstop_never_land_in_buffers_their_callers_got_back(request):
+    """Threads read 64 KiB spans over one link while its server is SIGSTOPped past their
+    timeout, then SIGCONTed: its replies come late. A read that raised TIMEOUT got its buffer
+    back: no late reply may write into it. Reads that succeed have exactly their own bytes."""
+    from memfabric import Affinity
+    from memfabric.launcher import LocalFabric
+
+    from ..conftest import short_tmp_dir
+    from ..helpers import stop_process
+    fab = LocalFabric(short_tmp_dir("mf-atk-"), servers=2, capacity="16MiB", segment_size="1MiB",
+                      liveness_timeout_s=60.0).start()
+    try:
+        with memfabric.init(os.path.join(fab.directory, "remote.toml"), timeout_s=1.0) as s:
+            ns = s.create_namespace(ns_name(request), "k")
+            target = s.servers()[-1]["server_id"]
+            span, spans = 64 << 10, 32
+            bm = ns.alloc(span * spans, Affinity("server", target))
+            data = np.random.default_rng(3).integers(0, 255, span * spans, dtype=np.uint8).tobytes()
+            bm.write(data)
+            stop, given_back, wrong = threading.Event(), [], []
+            errors: collections.Counter = collections.Counter()
+
+            def reader(t: int) -> None:
+                i = 0
+                while not stop.is_set():
+                    k = (t * 5 + i) % spans
+                    i += 1
+                    buf = bytearray(b"\xff" * span)        # 0xff: no byte of the data
+                    try:
+                        bm.read(k * span, span, into=memoryview(buf))
+                    except memfabric.MemfabricError as exc:
+                        errors[exc.__class__.__name__] += 1
+                        given_back.append(buf)
+                        continue
+                    if bytes(buf) != data[k * span:(k + 1) * span]:
+                        wrong.append(k)
+
+            threads = [threading.Thread(target=reader, args=(t,)) for t in range(4)]
+            for t in threads:
+                t.start()
+            pid = fab.server_pids()[target]
+            threading.Event().wait(0.3)
+            stop_process(pid)
+            try:
+                threading.Event().wait(2.5)                # past every reader's timeout
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            threading.Event().wait(1.0)                    # late replies come and are read past
+            stop.set()
+            for t in threads:
+                t.join(WAIT_S * 3)
+            assert not any(t.is_alive() for t in threads)
+            assert errors, "no read timed out while the server was stopped"
+            assert not wrong, f"{len(wrong)} reads returned other bytes"
+            assert all(buf == b"\xff" * span for buf in given_back), "a late reply wrote into a buffer given back"
+            got = bytearray(span)
+            bm.read(0, span, into=memoryview(got))
+            assert bytes(got) == data[:span]
+    finally:
+        fab.stop()
+
+
+def test_kill_9_of_a_server_mid_transfer_fails_reads_cleanly(fresh_fabric, request):
+    """Threads read and write 1 MiB spans over one link when its server is killed (-9) part
+    way through transfers: each call ends (no hang) with its own bytes or a clean
+    ServerUnavailable/Timeout; no read returns other bytes."""
+    from memfabric import Affinity
+    fab = fresh_fabric(capacity="32MiB")
+    with memfabric.init(os.path.join(fab.directory, "remote.toml"), timeout_s=2.0) as s:
+        ns = s.create_namespace(ns_name(request), "k")
+        target = s.servers()[-1]["server_id"]
+        span, spans = 1 << 20, 8
+        bm = ns.alloc(span * spans, Affinity("server", target))
+        data = np.random.default_rng(4).integers(0, 256, span * spans, dtype=np.uint8).tobytes()
+        bm.write(data)
+        stop, wrong, started = threading.Event(), [], threading.Barrier(5)
+        errors: collections.Counter = collections.Counter()
+
+        def worker(t: int) -> None:
+            started.wait(WAIT_S)
+            i = 0
+            while not stop.is_set():
+                k = (t + i) % spans
+                i += 1
+                buf = bytearray(span)
+                try:
+                    if t % 2:
+                        bm.write(data[k * span:(k + 1) * span], offset=k * span)
+                    else:
+                        bm.read(k * span, span, into=memoryview(buf))
+                        if bytes(buf) != data[k * span:(k + 1) * span]:
+                            wrong.append(k)
+                except (memfabric.ServerUnavailable, memfabric.Timeout) as exc:
+                    errors[exc.__class__.__name__] += 1
+                except memfabric.MemfabricError as exc:
+                    errors[f"{exc.__class__.__name__}: {exc}"] += 1
+
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+        for t in threads:
+            t.start()
+        started.wait(WAIT_S)
+        threading.Event().wait(0.3)
+        os.kill(fab.server_pids()[target], signal.SIGKILL)
+        threading.Event().wait(1.0)
+        stop.set()
+        for t in threads:
+            t.join(WAIT_S * 3)
+        assert not any(t.is_alive() for t in threads), "a call hung after its server was killed"
+        assert not wrong, f"{len(wrong)} reads returned other bytes"
+        assert errors, "no call failed although the server was killed"
