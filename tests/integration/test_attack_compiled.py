@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import os
 import signal
+import socket
 import threading
 
 import numpy as np
@@ -64,7 +65,7 @@ def test_threads_reading_spans_of_one_size_over_one_link_each_get_their_own_byte
 
 
 _CTRL_C_STORM = r"""
-import collections, random, signal, sys, time
+import collections, os, random, signal, sys, time
 import numpy as np
 import memfabric
 
@@ -77,6 +78,8 @@ with memfabric.init(sys.argv[1]) as s:
     bm = ns.alloc(size)
     data = np.random.default_rng(2).integers(0, 256, size, dtype=np.uint8).tobytes()
     bm.write(data)
+    bm.read(0, 1)
+    fds_before = len(os.listdir("/proc/self/fd"))
     signal.signal(signal.SIGALRM, interrupt)
     rng = random.Random(int(sys.argv[3]))
     seen, wrong = collections.Counter(), 0
@@ -110,6 +113,8 @@ with memfabric.init(sys.argv[1]) as s:
         except memfabric.ServerUnavailable:
             pass
     print("after", bytes(buf) == data[:len(buf)], "wrong", wrong, dict(seen))
+    fds_after = len(os.listdir("/proc/self/fd"))
+    print("fds", "kept" if fds_after <= fds_before else f"leaked: {fds_before} then {fds_after}")
     ns.destroy()
 """
 
@@ -118,7 +123,8 @@ with memfabric.init(sys.argv[1]) as s:
 def test_ctrl_c_at_random_moments_of_reads_and_writes_leaves_a_working_session(fabric, request, door):
     """A signal whose handler raises (Ctrl-C) lands anywhere in reads and writes, remote or
     same-host, hundreds of times. No read may return wrong bytes, no call may hang (a lock
-    taken just before the interruption must not stay taken), and afterwards the session works."""
+    taken just before the interruption must not stay taken), afterwards the session works,
+    and the process holds no more fds than before (links closed on the way are closed)."""
     from ..conftest import run_client
     path = os.path.join(fabric.directory, "remote.toml") if door == "rpc" else fabric.directory
     for seed in (1, 2):
@@ -126,6 +132,7 @@ def test_ctrl_c_at_random_moments_of_reads_and_writes_leaves_a_working_session(f
                           f"{ns_name(request)}-{seed}", str(seed), timeout_s=90)
         assert done.returncode == 0, done.stderr[-3000:]
         assert "after True wrong 0" in done.stdout, done.stdout + done.stderr[-3000:]
+        assert "fds kept" in done.stdout, done.stdout
 
 
 def test_replies_late_past_a_sigstop_never_land_in_buffers_their_callers_got_back(request):
@@ -238,3 +245,38 @@ def test_kill_9_of_a_server_mid_transfer_fails_reads_cleanly(fresh_fabric, reque
         assert not any(t.is_alive() for t in threads), "a call hung after its server was killed"
         assert not wrong, f"{len(wrong)} reads returned other bytes"
         assert errors, "no call failed although the server was killed"
+
+
+def _fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_fds_a_same_host_server_is_sent_beyond_its_limits_do_not_stay_open_in_it(fabric):
+    """A client sends a real same-host server more fds than a message takes, and fds with a
+    message over the size limit, many times: the server drops each connection and keeps
+    none of those fds (its fd count comes back to what it was)."""
+    from memfabric.limits import MAX_FDS_PER_MESSAGE, MAX_MESSAGE_BYTES
+
+    from ..helpers import wait_until
+    with memfabric.init(fabric.directory) as s:
+        server = next(x for x in s.servers() if x["server_id"] == s.local.server_id)
+        pid = fabric.server_pids()[server["server_id"]]
+        before = _fd_count(pid)
+        r, w = os.pipe()
+        try:
+            for fds, message in (([r] * (MAX_FDS_PER_MESSAGE + 10), b"\x81\xa2id\x01"),
+                                 ([r, w] * 8, b"x" * (MAX_MESSAGE_BYTES + 1))):
+                for _ in range(20):
+                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                    sock.settimeout(WAIT_S)
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MAX_MESSAGE_BYTES)
+                        sock.connect(server["ipc_socket"])
+                        socket.send_fds(sock, [message], fds)
+                        assert sock.recv(1) == b""        # the server hangs up
+                    finally:
+                        sock.close()
+        finally:
+            os.close(r)
+            os.close(w)
+        wait_until(lambda: _fd_count(pid) <= before, f"server {pid} to hold no more fds than before")
