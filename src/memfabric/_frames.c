@@ -52,11 +52,29 @@ static double now_s(void) {
 
 typedef enum { GOT, TIMED_OUT, CLOSED, FAILED, INTERRUPTED } Outcome;
 
+/* Signal handlers run in the main thread only. A signal that came while a wait polled made
+ * no syscall fail with EINTR (none blocked), so before such a wait goes to sleep the main
+ * thread runs the handlers itself: else Ctrl-C would wait for the data or the deadline. */
+static unsigned long main_thread_ident;
+
+static int in_main_thread(void) {   /* with the GIL */
+    return PyThread_get_thread_ident() == main_thread_ident;
+}
+
+/* Without the GIL: runs pending signal handlers; returns whether one raised. */
+static int handlers_raised(PyThreadState **save) {
+    PyEval_RestoreThread(*save);
+    int failed = PyErr_CheckSignals();
+    *save = PyEval_SaveThread();
+    return failed;
+}
+
 /* Receive into buf[*got:n] until it is full or `deadline` (FOREVER: none) passes, polling
  * without sleeping until `poll_until` first. With `one`, returns as soon as any byte came.
  * Called without the GIL; takes it only to run signal handlers. */
 static Outcome receive(int fd, char *buf, Py_ssize_t n, Py_ssize_t *got, double poll_until,
-                       double deadline, int one, int *err, PyThreadState **save) {
+                       double deadline, int one, int *err, PyThreadState **save, int main_thread) {
+    int polled = 0;
     while (*got < n) {
         ssize_t k = recv(fd, buf + *got, (size_t)(n - *got), MSG_DONTWAIT);
         if (k > 0) {
@@ -75,8 +93,14 @@ static Outcome receive(int fd, char *buf, Py_ssize_t n, Py_ssize_t *got, double 
         }
         double now = now_s();
         if (now < poll_until) {
+            polled = main_thread;
             sched_yield();
             continue;
+        }
+        if (polled) {
+            polled = 0;
+            if (handlers_raised(save))
+                return INTERRUPTED;
         }
         int timeout_ms = -1;
         if (deadline != FOREVER) {
@@ -92,10 +116,7 @@ static Outcome receive(int fd, char *buf, Py_ssize_t n, Py_ssize_t *got, double 
                 *err = errno;
                 return FAILED;
             }
-            PyEval_RestoreThread(*save);
-            int failed = PyErr_CheckSignals();
-            *save = PyEval_SaveThread();
-            if (failed)
+            if (handlers_raised(save))
                 return INTERRUPTED;
         }
     }
@@ -168,8 +189,9 @@ static PyObject *recv_frame(PyObject *Py_UNUSED(self), PyObject *args) {
     Outcome outcome;
     Py_ssize_t got = 0;
     char *b = (char *)block.buf;
+    int main_thread = in_main_thread();
     PyThreadState *save = PyEval_SaveThread();
-    outcome = receive(fd, b, FIRST_BLOCK, &got, start + poll_s, begin_deadline, 1, &err, &save);
+    outcome = receive(fd, b, FIRST_BLOCK, &got, start + poll_s, begin_deadline, 1, &err, &save, main_thread);
     if (outcome == TIMED_OUT) {
         result = NOTHING;
         goto out;
@@ -179,7 +201,7 @@ static PyObject *recv_frame(PyObject *Py_UNUSED(self), PyObject *args) {
     /* Begun: the rest must come within the frame's own bound (else the begin deadline). */
     double frame_deadline = frame_obj == Py_None ? begin_deadline : now_s() + (frame_s > 0 ? frame_s : 0);
     double poll_until = now_s() + poll_s;
-    outcome = receive(fd, b, FIRST_BLOCK, &got, poll_until, frame_deadline, 0, &err, &save);
+    outcome = receive(fd, b, FIRST_BLOCK, &got, poll_until, frame_deadline, 0, &err, &save, main_thread);
     if (outcome == TIMED_OUT) {
         result = STALLED;
         goto out;
@@ -194,7 +216,8 @@ static PyObject *recv_frame(PyObject *Py_UNUSED(self), PyObject *args) {
     if (has_into && into.len > 0 && PREFIX_BYTES + (uint64_t)head_len <= FIRST_BLOCK
             && payload_len == (uint64_t)into.len) {
         Py_ssize_t landed = 0;
-        outcome = receive(fd, (char *)into.buf, into.len, &landed, poll_until, frame_deadline, 0, &err, &save);
+        outcome = receive(fd, (char *)into.buf, into.len, &landed, poll_until, frame_deadline, 0, &err, &save,
+                          main_thread);
         if (outcome == TIMED_OUT) {
             result = STALLED;
             goto out;
@@ -230,8 +253,10 @@ static PyObject *recv_exact(PyObject *Py_UNUSED(self), PyObject *args) {
     }
     int err = 0;
     Py_ssize_t got = 0;
+    int main_thread = in_main_thread();
     PyThreadState *save = PyEval_SaveThread();
-    Outcome outcome = receive(fd, (char *)view.buf, view.len, &got, start + poll_s, deadline, 0, &err, &save);
+    Outcome outcome = receive(fd, (char *)view.buf, view.len, &got, start + poll_s, deadline, 0, &err, &save,
+                              main_thread);
     PyEval_RestoreThread(save);
     PyBuffer_Release(&view);
     if (outcome == TIMED_OUT)
@@ -267,6 +292,7 @@ static PyObject *recv_packet(PyObject *Py_UNUSED(self), PyObject *args) {
     ssize_t n = -1;
     int err = 0, failed_signal = 0;
     double poll_until = now_s() + poll_s;
+    int polled = 0, main_thread = in_main_thread();
     PyThreadState *save = PyEval_SaveThread();
     for (;;) {
         memset(&msg, 0, sizeof msg);
@@ -275,19 +301,24 @@ static PyObject *recv_packet(PyObject *Py_UNUSED(self), PyObject *args) {
         msg.msg_control = control.space;
         msg.msg_controllen = CMSG_SPACE((size_t)max_fds * sizeof(int));
         int polling = now_s() < poll_until;
+        if (polled && !polling) {
+            polled = 0;
+            failed_signal = handlers_raised(&save);
+            if (failed_signal)
+                break;
+        }
         n = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC | (polling ? MSG_DONTWAIT : 0));
         if (n >= 0)
             break;
         if (errno == EINTR) {
-            PyEval_RestoreThread(save);
-            failed_signal = PyErr_CheckSignals();
-            save = PyEval_SaveThread();
+            failed_signal = handlers_raised(&save);
             if (failed_signal)
                 break;
             continue;
         }
         if (errno == EAGAIN || errno == EWOULDBLOCK) {
             if (polling) {
+                polled = main_thread;
                 sched_yield();
                 continue;
             }
@@ -350,6 +381,21 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "memfabric._frames",
                                     "Receiving RPC frames, compiled (see transport/rpc.py).", -1, methods};
 
 PyMODINIT_FUNC PyInit__frames(void) {
+    PyObject *threading = PyImport_ImportModule("threading");
+    if (threading == NULL)
+        return NULL;
+    PyObject *main = PyObject_CallMethod(threading, "main_thread", NULL);
+    Py_DECREF(threading);
+    if (main == NULL)
+        return NULL;
+    PyObject *ident = PyObject_GetAttrString(main, "ident");
+    Py_DECREF(main);
+    if (ident == NULL)
+        return NULL;
+    main_thread_ident = PyLong_AsUnsignedLong(ident);
+    Py_DECREF(ident);
+    if (PyErr_Occurred())
+        return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;

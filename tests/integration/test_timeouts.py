@@ -318,7 +318,8 @@ def test_a_caller_whose_reply_another_thread_is_reading_waits_for_it_to_stop():
     r = threading.Thread(target=reader)
     try:
         r.start()
-        wait_until(link._recv_lock.locked, "thread R to be the reader")
+        wait_until(lambda: not link._recv_lock.acquire(blocking=False) or link._recv_lock.release(),
+                   "thread R to be the reader")     # an RLock: no locked()
         buffer = bytearray(b"........")
         rid, pending = link.submit("seg_read", {}, into=memoryview(buffer))
         with pytest.raises(memfabric.Timeout):

@@ -242,3 +242,72 @@ def test_a_signal_handler_that_raises_stops_a_wait(frames):
         with pytest.raises(Interrupted):
             client.recv_frame(None, None, None)
         assert time.monotonic() - started < WAIT_S
+
+
+def test_a_socket_closed_under_a_waiting_reader_never_lends_it_another_connection(frames):
+    """Another thread closes the FrameSocket while a reader waits in it (RpcLink._shut does,
+    from any thread), and a new connection then takes the lowest free fd number, the closed
+    one. The reader must fail; it must not read the new connection's frame (the compiled
+    receive works on the fd number, not on the Python socket)."""
+    client, server = frames
+    stolen = []
+    for i in range(20):
+        if i:        # a fresh connection each round: the last one is closed
+            listener = rpc.listen("127.0.0.1:0", 1)
+            client = rpc.connect("127.0.0.1:%d" % listener.getsockname()[1], None, WAIT_S, server._busy_poll.window_s)
+            client.compiled = server.compiled
+            server.close()
+            server = rpc.FrameSocket(listener.accept()[0])
+            listener.close()
+        waiting, outcome = threading.Event(), []
+
+        def read() -> None:
+            waiting.set()
+            try:
+                outcome.append(client.recv_frame(time.monotonic() + WAIT_S, WAIT_S, None))
+            except (ConnectionError, OSError) as exc:
+                outcome.append(exc)
+        reader = threading.Thread(target=read)
+        reader.start()
+        waiting.wait(WAIT_S)
+        time.sleep(0.01)                       # in its wait
+        client.close()
+        mine, theirs = socket.socketpair()     # takes the fd number just closed, if it is free
+        try:
+            head = rpc.wire.encode({"id": 777})
+            frame = rpc.PREFIX.pack(len(head), 0) + head.ljust(rpc.FIRST_BLOCK - rpc.PREFIX.size, b"\0")
+            theirs.sendall(frame)
+            reader.join(WAIT_S)
+            assert not reader.is_alive()
+            if not isinstance(outcome[0], BaseException):
+                stolen.append(outcome[0])
+            else:
+                mine.settimeout(WAIT_S)
+                assert mine.recv(len(frame), socket.MSG_WAITALL) == frame
+        finally:
+            mine.close()
+            theirs.close()
+    server.close()
+    assert not stolen, f"{len(stolen)} of 20 readers read another connection's frame: {stolen[0]}"
+
+
+def test_a_signal_that_comes_while_the_wait_polls_still_stops_it():
+    """Ctrl-C that arrives while a wait busy-polls (no syscall there blocks, so none returns
+    EINTR) must still stop the wait when it goes on to sleep; it must not be held until a
+    frame comes."""
+    listener = rpc.listen("127.0.0.1:0", 1)
+    client = rpc.connect("127.0.0.1:%d" % listener.getsockname()[1], None, WAIT_S, 0.5)   # a long poll
+    server = rpc.FrameSocket(listener.accept()[0])
+    unblock = threading.Timer(2 * WAIT_S, server.send, args=({"id": 1},))   # ends the wait on any path
+    unblock.start()
+    try:
+        with interrupted_after(0.1):                     # within the poll
+            started = time.monotonic()
+            with pytest.raises(Interrupted):
+                client.recv_frame(None, None, None)
+            assert time.monotonic() - started < WAIT_S, "the signal waited for a frame"
+    finally:
+        unblock.cancel()
+        client.close()
+        server.close()
+        listener.close()

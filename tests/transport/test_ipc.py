@@ -114,3 +114,19 @@ def test_a_signal_handler_that_raises_stops_a_wait(channels):
         with pytest.raises(Interrupted):
             receiver.recv()
         assert time.monotonic() - started < WAIT_S
+
+def test_a_signal_that_comes_while_the_wait_polls_still_stops_it():
+    """Ctrl-C that arrives while the receive busy-polls (no syscall there blocks, so none
+    returns EINTR) must stop the wait when it goes on to sleep, not at its kernel bound."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sender, receiver = ipc.IpcChannel(a), ipc.IpcChannel(b, 0.5)     # a long poll
+    receiver.set_deadline(3 * WAIT_S)
+    try:
+        with interrupted_after(0.1):                     # within the poll
+            started = time.monotonic()
+            with pytest.raises(Interrupted):
+                receiver.recv()
+            assert time.monotonic() - started < WAIT_S, "the signal waited for the kernel bound"
+    finally:
+        sender.close()
+        receiver.close()

@@ -89,8 +89,10 @@ class RpcLink:
         except BaseException:
             self._frames.close()
             raise
-        self._send_lock = threading.Lock()
-        self._recv_lock = threading.Lock()
+        # RLocks for their _is_owned(): a Ctrl-C right after an acquire, before the try that
+        # releases it, must not leave the lock taken for ever (every later call would hang).
+        self._send_lock = threading.RLock()
+        self._recv_lock = threading.RLock()
         self._lock = threading.Lock()
         self._pending: dict[int, Pending] = {}
         self._abandoned: dict[int, Pending] = {}    # given up on: their replies are read past
@@ -118,33 +120,38 @@ class RpcLink:
         pending = Pending(into, op, args)
         if timeout_s is None:
             timeout_s = call_timeout_s(self.timeout_s)
-        with self._lock:
-            if self._closed:
-                raise ServerUnavailable(f"the connection to server {self.server_id} at {self.address} is closed")
-            if len(self._pending) >= MAX_RPC_IN_FLIGHT:
-                raise LimitExceeded(f"{MAX_RPC_IN_FLIGHT} requests already in flight to {self.address}")
-            request_id = self._next_id
-            self._next_id += 1
-            self._pending[request_id] = pending
-        args["op"] = op
-        args["id"] = request_id
-        if timeout_s <= 0 or not (self._send_lock.acquire(False) or self._send_lock.acquire(timeout=timeout_s)):
-            self._forget(request_id)
-            raise Timeout(f"no time was left to send {op!r} to server at {self.address}")
+        if self._closed:
+            raise ServerUnavailable(f"the connection to server {self.server_id} at {self.address} is closed")
         try:
-            self._frames.send(args, payload)
-        except rpc.MidFrameTimeout:
-            self._shut(Timeout(f"server at {self.address} stopped taking {op!r} part way"))
-        except socket.timeout:
-            self._forget(request_id)       # no byte went out: the stream is whole
-            raise Timeout(f"server at {self.address} took no request for {self.timeout_s}s ({op!r})") from None
-        except (OSError, ValueError):
-            self._shut(ServerUnavailable(f"server at {self.address} is gone (sending {op!r})"))
-        except BaseException:              # interrupted: a frame may be half sent
-            self._shut(ServerUnavailable(f"sending {op!r} to {self.address} was interrupted"), raise_it=False)
-            raise
+            if timeout_s <= 0 or not (self._send_lock.acquire(False) or self._send_lock.acquire(timeout=timeout_s)):
+                raise Timeout(f"no time was left to send {op!r} to server at {self.address}")
+            # Ids are taken under the send lock, so they ascend in the order requests go out,
+            # which is the order of their replies: _read_one's fast path relies on it.
+            with self._lock:
+                if self._closed:
+                    raise ServerUnavailable(f"the connection to server {self.server_id} at {self.address} is closed")
+                if len(self._pending) >= MAX_RPC_IN_FLIGHT:
+                    raise LimitExceeded(f"{MAX_RPC_IN_FLIGHT} requests already in flight to {self.address}")
+                request_id = self._next_id
+                self._next_id += 1
+                self._pending[request_id] = pending
+            args["op"] = op
+            args["id"] = request_id
+            try:
+                self._frames.send(args, payload)
+            except rpc.MidFrameTimeout:
+                self._shut(Timeout(f"server at {self.address} stopped taking {op!r} part way"))
+            except socket.timeout:
+                self._forget(request_id)       # no byte went out: the stream is whole
+                raise Timeout(f"server at {self.address} took no request for {self.timeout_s}s ({op!r})") from None
+            except (OSError, ValueError):
+                self._shut(ServerUnavailable(f"server at {self.address} is gone (sending {op!r})"))
+            except BaseException:              # interrupted: a frame may be half sent
+                self._shut(ServerUnavailable(f"sending {op!r} to {self.address} was interrupted"), raise_it=False)
+                raise
         finally:
-            self._send_lock.release()
+            if self._send_lock._is_owned():
+                self._send_lock.release()
         return request_id, pending
 
     def wait(self, request_id: int, pending: Pending, op: str, timeout_s: float | None = None) -> dict[str, Any]:
@@ -189,6 +196,9 @@ class RpcLink:
         except MemfabricError:
             raise           # given up on (no reader will touch our buffer) or the link was shut
         except BaseException:
+            if self._recv_lock._is_owned():    # interrupted between taking it and the try
+                self._recv_lock.release()
+                self._shut(ServerUnavailable(f"reading from {self.address} was interrupted"), raise_it=False)
             self.cancel(request_id, pending)   # interrupted: our buffer must not be written after
             raise
         if self._undos:
@@ -376,8 +386,12 @@ class RpcLink:
             self._abandoned.clear()
         if not already:
             self._frames.close()
-        with self._recv_lock:   # wait out a reader that may be mid-payload into a caller's buffer
-            pass
+        # Wait out a reader that may be mid-payload into a caller's buffer: the close above
+        # ends its receive at once.
+        if self._recv_lock.acquire(timeout=self.timeout_s + rpc.DEADLINE_SLACK_S):
+            self._recv_lock.release()
+        else:
+            log.warning("a reader of the link to %s did not let go after it closed", self.address)
         for p in pending:
             p.error = error
             p.finish()

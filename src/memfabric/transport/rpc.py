@@ -24,12 +24,14 @@ that fails is refused before it can send a single request.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import os
 import socket
 import ssl
 import struct
+import threading
 import time
 from typing import Any
 
@@ -85,6 +87,11 @@ class FrameSocket:
         self._busy_poll = BusyPoll(0.0 if self._tls else busy_poll_s)
         # Plain sockets receive through _frames.c: a wait holds no GIL, a poll raises nothing.
         self.compiled = _frames is not None and not self._tls
+        # Compiled receives use the fd number without the GIL: close() must not free that
+        # number (for another connection to take) while one runs. The last one out closes.
+        self._fd_users = 0
+        self._fd_lock = threading.Lock()
+        self._closing = False
         self._hang_up = HangUpWatch(sock)
         self._block = memoryview(bytearray(FIRST_BLOCK))
         self._send_timeout_s = send_timeout_s
@@ -174,9 +181,13 @@ class FrameSocket:
         block = self._block
         poll = self._busy_poll
         start = time.perf_counter()
-        outcome = _frames.recv_frame(self.sock.fileno(), block, poll.window(),
-                                     None if deadline is None else deadline - time.monotonic(),
-                                     frame_timeout_s, into)
+        fd = self._take_fd()
+        try:
+            outcome = _frames.recv_frame(fd, block, poll.window(),
+                                         None if deadline is None else deadline - time.monotonic(),
+                                         frame_timeout_s, into)
+        finally:
+            self._give_fd()
         poll.waited(time.perf_counter() - start)
         if outcome == _frames.NOTHING:
             raise socket.timeout("the frame did not arrive in time")
@@ -256,8 +267,12 @@ class FrameSocket:
 
     def recv_into_exact(self, view: memoryview, deadline: float | None = None) -> None:
         if self.compiled:
-            outcome = _frames.recv_exact(self.sock.fileno(), view, self._busy_poll.window(),
-                                         None if deadline is None else deadline - time.monotonic())
+            fd = self._take_fd()
+            try:
+                outcome = _frames.recv_exact(fd, view, self._busy_poll.window(),
+                                             None if deadline is None else deadline - time.monotonic())
+            finally:
+                self._give_fd()
             if outcome == _frames.NOTHING:
                 raise socket.timeout("the bytes did not arrive in time")
             if outcome == _frames.STALLED:
@@ -309,13 +324,34 @@ class FrameSocket:
         """The peer hung up (one non-blocking poll; see sockets.py)."""
         return self._hang_up.peer_gone()
 
+    def _take_fd(self) -> int:
+        """The fd, for a compiled receive; _give_fd() after it. Closed: EBADF."""
+        with self._fd_lock:
+            if self._closing:
+                raise OSError(errno.EBADF, "the connection is closed")
+            self._fd_users += 1
+        return self.sock.fileno()
+
+    def _give_fd(self) -> None:
+        with self._fd_lock:
+            self._fd_users -= 1
+            last = self._closing and not self._fd_users
+        if last:
+            self.sock.close()
+
     def close(self) -> None:
+        """Shuts the connection down at once (a receive waiting in another thread sees its
+        end); the fd is closed now, or by the last compiled receive still using it."""
         self._hang_up.close()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        self.sock.close()
+        with self._fd_lock:
+            self._closing = True
+            busy = self._fd_users
+        if not busy:
+            self.sock.close()
 
 
 def _sendmsg_all(sock: socket.socket, parts: list, total: int) -> None:
