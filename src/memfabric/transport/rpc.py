@@ -175,15 +175,22 @@ class FrameSocket:
         is exactly len(into) bytes, it lands there in the same call (the third result says
         whether it did). Only a caller that knows the next frame is the one `into` is for
         may pass it: its bytes land before the header is decoded."""
-        if not self.compiled:
-            header, payload_len = self._recv_header_python(deadline, frame_timeout_s)
-            return header, payload_len, False
-        block = self._block
+        if self.compiled:
+            landed = self._recv_block_compiled(deadline, frame_timeout_s, into)
+            frame_deadline = deadline if frame_timeout_s is None else time.monotonic() + frame_timeout_s
+        else:
+            frame_deadline, landed = self._recv_block_python(deadline, frame_timeout_s), False
+        header, payload_len = self._header_in_block(frame_deadline)
+        return header, payload_len, landed
+
+    def _recv_block_compiled(self, deadline: float | None, frame_timeout_s: float | None,
+                             into: memoryview | None) -> bool:
+        """The frame's first block (and perhaps its payload: the result says) through _frames.c."""
         poll = self._busy_poll
         start = time.perf_counter()
         fd = self._take_fd()
         try:
-            outcome = _frames.recv_frame(fd, block, poll.window(),
+            outcome = _frames.recv_frame(fd, self._block, poll.window(),
                                          None if deadline is None else deadline - time.monotonic(),
                                          frame_timeout_s, into)
         finally:
@@ -193,13 +200,33 @@ class FrameSocket:
             raise socket.timeout("the frame did not arrive in time")
         if outcome == _frames.STALLED:
             raise MidFrameTimeout("the frame stalled part way")
+        return outcome == _frames.LANDED
+
+    def _recv_block_python(self, deadline: float | None, frame_timeout_s: float | None) -> float | None:
+        """The frame's first block; returns the deadline the rest of the frame must meet."""
+        block = self._block
+        got = self._busy_poll.receive(self._recv_now, self._recv_some, block, deadline)
+        if frame_timeout_s is not None:
+            deadline = time.monotonic() + frame_timeout_s
+        if got < FIRST_BLOCK:
+            try:
+                self.recv_into_exact(block[got:], deadline)
+            except MidFrameTimeout:
+                raise
+            except socket.timeout:
+                raise MidFrameTimeout("the frame stalled part way") from None
+        return deadline
+
+    def _header_in_block(self, frame_deadline: float | None) -> tuple[dict[str, Any], int]:
+        """The header of the frame whose first block is in, read on past the block if it is
+        longer, and the payload's length."""
+        block = self._block
         head_len, payload_len = PREFIX.unpack_from(block)
         if head_len > MAX_MESSAGE_BYTES or payload_len > MAX_RPC_PAYLOAD_BYTES:
             raise ProtocolError(f"frame of {head_len}+{payload_len} bytes is over the limits")
         if PREFIX.size + head_len <= FIRST_BLOCK:
-            head = block[PREFIX.size:PREFIX.size + head_len]
+            head = block[PREFIX.size:PREFIX.size + head_len]    # decoded at once: no copy needed
         else:
-            frame_deadline = deadline if frame_timeout_s is None else time.monotonic() + frame_timeout_s
             try:
                 head = bytes(block[PREFIX.size:]) + self.recv_exact(PREFIX.size + head_len - FIRST_BLOCK,
                                                                     frame_deadline)
@@ -207,28 +234,6 @@ class FrameSocket:
                 raise
             except socket.timeout:
                 raise MidFrameTimeout("the frame stalled part way") from None
-        return wire.decode(head), payload_len, outcome == _frames.LANDED
-
-    def _recv_header_python(self, deadline: float | None,
-                            frame_timeout_s: float | None) -> tuple[dict[str, Any], int]:
-        block = self._block
-        got = self._busy_poll.receive(self._recv_now, self._recv_some, block, deadline)
-        if frame_timeout_s is not None:
-            deadline = time.monotonic() + frame_timeout_s
-        try:
-            if got < FIRST_BLOCK:
-                self.recv_into_exact(block[got:], deadline)
-            head_len, payload_len = PREFIX.unpack_from(block)
-            if head_len > MAX_MESSAGE_BYTES or payload_len > MAX_RPC_PAYLOAD_BYTES:
-                raise ProtocolError(f"frame of {head_len}+{payload_len} bytes is over the limits")
-            if PREFIX.size + head_len <= FIRST_BLOCK:
-                head = block[PREFIX.size:PREFIX.size + head_len]    # decoded at once: no copy needed
-            else:
-                head = bytes(block[PREFIX.size:]) + self.recv_exact(PREFIX.size + head_len - FIRST_BLOCK, deadline)
-        except MidFrameTimeout:
-            raise
-        except socket.timeout:
-            raise MidFrameTimeout("the frame stalled part way") from None
         return wire.decode(head), payload_len
 
     def recv_exact(self, n: int, deadline: float | None = None) -> bytes:
