@@ -59,12 +59,15 @@ class Fabric:
             f.write(f'[server]\nhost = "h{host}"\ndata_dir = "{self.dir}/data-{host}"\n'
                     f'ipc_socket = "{self.dir}/ipc-{host}.sock"\nrpc_listen = "{self.bed.address(host)}:{RPC_PORT}"\n'
                     f'segment_size = "1MiB"\n\n[cluster]\nbackend = "etcd"\nendpoints = ["{self.etcd.endpoint}"]\n'
-                    f'liveness_timeout_s = 2.0\ntoken_file = "{self.dir}/token"\n\n'
-                    f'[[pool]]\nname = "default"\nmedium = "dram"\ncapacity = "32MiB"\n')
+                    f'liveness_timeout_s = 2.0\ntoken_file = "{self.dir}/token"\n\n' + self.pools_toml(host))
         proc = self.bed.run(host, [sys.executable, "-m", "memfabric", "server", "--config", config],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         wait_for_line(proc, " ready ", 60, [])
         self.servers[host] = proc
+
+    def pools_toml(self, host: int) -> str:
+        """The [[pool]] tables of the server on `host` (a subclass gives it more pools)."""
+        return '[[pool]]\nname = "default"\nmedium = "dram"\ncapacity = "32MiB"\n'
 
     def client(self, code: str, *args: str, timeout_s: float = 120) -> list[dict]:
         result = self.bed.python(CLIENT, CLIENT_PRELUDE + code, os.path.join(self.dir, "remote.toml"), *args,

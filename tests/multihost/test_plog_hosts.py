@@ -8,14 +8,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from memfabric.launcher import wait_for_line
-
-from .test_hosts import CLIENT, RPC_PORT, Fabric
+from .test_hosts import CLIENT, Fabric
 
 PRELUDE = """
 import json, os, signal, struct, sys, time
@@ -30,20 +26,10 @@ def body(i): return struct.pack("<I", i) * (1 + i % 300)
 class PlogFabric(Fabric):
     """Fabric's servers, each with a ramdisk pool "logs" besides its dram pool."""
 
-    def start_server(self, host: int) -> None:
-        config = os.path.join(self.dir, f"server-{host}.toml")
-        with open(config, "w") as f:
-            f.write(f'[server]\nhost = "h{host}"\ndata_dir = "{self.dir}/data-{host}"\n'
-                    f'ipc_socket = "{self.dir}/ipc-{host}.sock"\nrpc_listen = "{self.bed.address(host)}:{RPC_PORT}"\n'
-                    f'segment_size = "1MiB"\n\n[cluster]\nbackend = "etcd"\nendpoints = ["{self.etcd.endpoint}"]\n'
-                    f'liveness_timeout_s = 2.0\ntoken_file = "{self.dir}/token"\n\n'
-                    f'[[pool]]\nname = "default"\nmedium = "dram"\ncapacity = "16MiB"\n\n'
-                    f'[[pool]]\nname = "logs"\nmedium = "ramdisk"\ncapacity = "32MiB"\n'
-                    f'path = "{self._ramdisk(host)}"\n')
-        proc = self.bed.run(host, [sys.executable, "-m", "memfabric", "server", "--config", config],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        wait_for_line(proc, " ready ", 60, [])
-        self.servers[host] = proc
+    def pools_toml(self, host: int) -> str:
+        return (f'[[pool]]\nname = "default"\nmedium = "dram"\ncapacity = "16MiB"\n\n'
+                f'[[pool]]\nname = "logs"\nmedium = "ramdisk"\ncapacity = "32MiB"\n'
+                f'path = "{self._ramdisk(host)}"\n')
 
     def _ramdisk(self, host: int) -> str:
         return f"/dev/shm/{os.path.basename(self.dir)}-h{host}"
