@@ -18,7 +18,7 @@ from memfabric import Affinity
 from memfabric.launcher import LocalFabric
 
 from ..conftest import short_tmp_dir
-from ..helpers import CHILD_WAIT_S, free_ports, wait_until
+from ..helpers import CHILD_WAIT_S, free_ports, stop_process, wait_until
 
 MF = [sys.executable, "-m", "memfabric"]
 
@@ -98,7 +98,7 @@ def test_status_of_a_stopped_server_does_not_hang():
                       liveness_timeout_s=2.0).start()
     pid = fab.server_pids()[1]
     try:
-        os.kill(pid, signal.SIGSTOP)
+        stop_process(pid)
         started = time.monotonic()
         code, state = status("--dir", fab.directory)
         assert time.monotonic() - started < 30

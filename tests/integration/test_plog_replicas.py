@@ -24,7 +24,7 @@ from memfabric.plog.client import Plog
 from memfabric.plog.record import HEADER_BYTES, frame_bytes
 
 from ..conftest import short_tmp_dir
-from ..helpers import ns_name, wait_until
+from ..helpers import ns_name, stop_process, wait_until
 from .test_persistence import PersistentServer
 
 MiB = 1 << 20
@@ -336,7 +336,7 @@ def test_a_copy_stopped_mid_stream_is_dropped_then_told_it_is_stale(fresh, reque
         home, (stopped, kept_up) = log.info()["home"], log.info()["replica_servers"]
         acked = [log.append(_body(i)) for i in range(20)]
         pid = fab.server_pids()[stopped]
-        os.kill(pid, signal.SIGSTOP)
+        stop_process(pid)
         try:
             acked += [log.append(_body(i)) for i in range(20, 40)]
             assert log.info()["dead_replicas"] == [stopped]
@@ -367,7 +367,7 @@ def test_a_dead_copy_sealed_later_fences_its_home(fresh, request):
         (copy,) = log.info()["replica_servers"]
         [log.append(_body(i)) for i in range(10)]
         pid = fab.server_pids()[copy]
-        os.kill(pid, signal.SIGSTOP)
+        stop_process(pid)
         try:
             log.append(_body(10))                  # waits for the peer timeout, then goes on alone
         finally:
@@ -388,7 +388,7 @@ def test_reads_go_to_a_copy_while_the_home_is_stopped_and_appends_to_the_home_af
         home, (copy,) = log.info()["home"], log.info()["replica_servers"]
         acked = [log.append(_body(i)) for i in range(30)]
         pid = fab.server_pids()[home]
-        os.kill(pid, signal.SIGSTOP)
+        stop_process(pid)
         try:
             assert list(log.records()) == [_body(i) for i in range(30)]      # from the copy
             assert log.home == copy and log.info()["server"] == copy

@@ -16,7 +16,7 @@ from memfabric.kv.rules import homes
 from memfabric.launcher import LocalFabric
 
 from ..conftest import short_tmp_dir
-from ..helpers import WAIT_S, free_ports, wait_until
+from ..helpers import WAIT_S, free_ports, stop_process, wait_until
 from .wire import Raw
 
 THREADS = 6
@@ -215,7 +215,7 @@ def test_a_stopped_server_holds_up_only_its_own_keys(fresh_fabric):
         r = _client(port)
         for k in keys:
             r.set(k, "v")
-        os.kill(pid, signal.SIGSTOP)
+        stop_process(pid)
         outcome: list[BaseException | bytes] = []
 
         def blocked():

@@ -20,7 +20,7 @@ from memfabric.kv.rules import homes
 from memfabric.launcher import LocalFabric
 
 from ..conftest import short_tmp_dir
-from ..helpers import WAIT_S, free_ports, wait_until
+from ..helpers import WAIT_S, free_ports, stop_process, wait_until
 from .one_door import one_door
 from .wire import READ_S, Raw, encode
 
@@ -201,7 +201,7 @@ def test_a_server_stopping_half_way_through_a_streamed_mget_closes_that_connecti
         r = redis.Redis(port=port, socket_timeout=READ_S * 3)
         for k in ours + [theirs]:
             r.set(k, b"o" * (256 << 10))
-        os.kill(pid, signal.SIGSTOP)
+        stop_process(pid)
         cut = Raw(port)
         cut.sock.settimeout(READ_S * 3)
         cut.send(encode("MGET", *ours, theirs))
