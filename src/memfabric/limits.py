@@ -139,6 +139,8 @@ MAX_KV_PENDING_PER_CLIENT = 16      # large values one connection is filling at 
 # this in all; the keys that did not fit are asked again (one more request, not one per key).
 KV_GET_MANY_PAYLOAD_BYTES = 8 << 20
 MAX_KV_HOLDS_PER_CLIENT = 64        # large values one connection is reading at once (each held from reuse)
+# ... and one server's link to another, which carries the reads of all its door's clients.
+MAX_KV_HOLDS_PER_PEER = 4096
 
 # MemPlog.
 MAX_PLOG_RECORD_BYTES = 32 << 20      # one record's payload: within one RPC payload, header and all
@@ -178,3 +180,6 @@ RESP_MGET_REPLY_MAX_BYTES = 512 << 20   # the values of one MGET (it holds a few
 RESP_REPLY_BUDGET_BYTES = 1 << 30
 RESP_REPLY_BUDGET_MIN_BYTES = 2 * KV_GET_MANY_PAYLOAD_BYTES
 RESP_REPLY_BUDGET_WAIT_S = 10.0
+# A large value's reply (GET, GETDEL, ...) is read from where it lies this many bytes at a time,
+# into one buffer taken from the budget for as long as the reply is sent (kv/resp/held.py).
+RESP_VALUE_PIECE_BYTES = 1 << 20

@@ -87,14 +87,29 @@ class KeyEdits:
 
     # ---- reads that change ---------------------------------------------------------------------
 
+    def _handed(self, conn: Connection, state: Any, space: Any, store: Any, key: bytes, h: int
+                ) -> tuple[dict[str, Any], int, int] | None:
+        """The key's value as a reply hands it back (inline, or held: _value_or_hold), its
+        expiry and replicas; None: no such key. Under its stripe lock."""
+        with space.lock:
+            found = store.live(key, h, now_ms())
+            if found is None:
+                return None
+            return self._value_or_hold(conn, state, space, store, found[1]), found[1][4], replicas_of(found[1])
+
     def op_kv_take(self, conn: Connection, m: dict[str, Any]) -> Reply:
-        """GETDEL: the value, and the key is gone."""
+        """GETDEL: the value, and the key is gone (a large value is held: read after the delete)."""
         def take(state, creds, space, store, key, h):
-            current = self._current(space, store, key, h)
+            current = self._handed(conn, state, space, store, key, h)
             if current is None:
                 return {"found": False}
-            self._delete(creds, space, store, key)
-            return {"found": True, "value": current[0]}
+            try:
+                self._delete(creds, space, store, key)
+            except BaseException:
+                with space.lock:
+                    self._unhand(conn, current[0])
+                raise
+            return {"found": True, **current[0]}
         return self._edit(conn, m, take)
 
     def op_kv_get_expire(self, conn: Connection, m: dict[str, Any]) -> Reply:
@@ -102,12 +117,17 @@ class KeyEdits:
         expiry = _expire_at(m)
 
         def get_expire(state, creds, space, store, key, h):
-            current = self._current(space, store, key, h)
+            current = self._handed(conn, state, space, store, key, h)
             if current is None:
                 return {"found": False}
             if expiry != current[1]:
-                self._new_expiry(creds, space, store, key, h, expiry, current[2])
-            return {"found": True, "value": current[0]}
+                try:
+                    self._new_expiry(creds, space, store, key, h, expiry, current[2])
+                except BaseException:
+                    with space.lock:
+                        self._unhand(conn, current[0])
+                    raise
+            return {"found": True, **current[0]}
         return self._edit(conn, m, get_expire)
 
     def op_kv_describe(self, conn: Connection, m: dict[str, Any]) -> Reply:

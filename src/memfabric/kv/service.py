@@ -47,7 +47,7 @@ from ..core.allocator import Extent
 from ..errors import (InvalidArgument, LimitExceeded, MemfabricError, NoSuchNamespace, NoSuchObject, OutOfMemory,
                       ProtocolError, ServerUnavailable)
 from ..limits import (KV_GET_MANY_PAYLOAD_BYTES, KV_INLINE_BYTES, MAX_KV_BATCH, MAX_KV_HOLDS_PER_CLIENT,
-                      MAX_KV_PENDING_PER_CLIENT, MAX_KV_REPLICAS, MAX_RPC_PAYLOAD_BYTES)
+                      MAX_KV_HOLDS_PER_PEER, MAX_KV_PENDING_PER_CLIENT, MAX_KV_REPLICAS, MAX_RPC_PAYLOAD_BYTES)
 from ..server.requests import Connection, Payload, Reply, receive_into_segment, send_from_segment
 from ..server.state import NamespaceState
 from ..units import parse_size
@@ -356,7 +356,7 @@ class KeyValueService(KeyEdits):
         nx, xx, keepttl, get_old = _flags(m)
         expiry = _expiry_of(m, keepttl)
         return self._write(state, creds, space, store, key, memoryview(value), None, len(value), expiry,
-                           nx=nx, xx=xx, keepttl=keepttl, get_old=get_old, replicas=_replicas(m))
+                           nx=nx, xx=xx, keepttl=keepttl, get_old=get_old, replicas=_replicas(m), conn=conn)
 
     def op_kv_put_many(self, conn: Connection, m: dict[str, Any]) -> Reply:
         state, creds, space, store = self._space(conn, m)
@@ -376,9 +376,10 @@ class KeyValueService(KeyEdits):
     def _write(self, state: NamespaceState, creds: Creds, space: KeySpace, store: Store, key: bytes,
                value: memoryview | None, extents: list[Extent] | None, length: int, expiry: int, *,
                nx: bool = False, xx: bool = False, keepttl: bool = False, get_old: bool = False,
-               version: int | None = None, replicas: int = 0) -> dict[str, Any]:
+               version: int | None = None, replicas: int = 0, conn: Connection | None = None) -> dict[str, Any]:
         """A put of `value` (inline) or of the filled `extents` (large; released if not
-        stored). As first home (version None) it numbers the write and passes it on to the
+        stored). get_old: the reply's "old" is the value it replaced (None: there was none) as
+        _value_or_hold hands it to `conn`. As first home (version None) it numbers the write and passes it on to the
         key's other homes; as a replica it keeps the newest version."""
         h = key_hash(key)
         primary = version is None
@@ -390,7 +391,11 @@ class KeyValueService(KeyEdits):
                 if space.closed:
                     raise NoSuchNamespace(f"namespace {state.record.ns!r} was destroyed meanwhile")
                 found = store.live(key, h, now_ms())
-                old = store.read(found[1]) if get_old and found is not None else None
+                # The old value (GETSET): inline, or held to be read after the write.
+                old = None
+                if get_old and found is not None:
+                    assert conn is not None, "the old value is handed to a connection"
+                    old = self._value_or_hold(conn, state, space, store, found[1])
                 refused = (nx and found is not None) or (xx and found is None) or \
                     (not primary and found is not None and found[1][6] >= version)
                 if refused:
@@ -400,18 +405,22 @@ class KeyValueService(KeyEdits):
                 if keepttl and found is not None:
                     expiry = found[1][4]
                 version = space.next_version() if primary else version
-                if extents is None and not inline_fits(len(key), length):
-                    # Carried in the request, too large for a record beside its key: extents.
-                    extents = self._stage(store, space, value)
-                if extents is None:
-                    fields = store.write_inline(key, h, value, expiry, version, found, primary, replicas)
-                else:
-                    try:
-                        fields = store.write_large(key, h, extents, length, expiry, version, found, primary,
-                                                   replicas)
-                    except BaseException:
-                        self._give_back(store, space, extents)
-                        raise
+                try:
+                    if extents is None and not inline_fits(len(key), length):
+                        # Carried in the request, too large for a record beside its key: extents.
+                        extents = self._stage(store, space, value)
+                    if extents is None:
+                        fields = store.write_inline(key, h, value, expiry, version, found, primary, replicas)
+                    else:
+                        try:
+                            fields = store.write_large(key, h, extents, length, expiry, version, found, primary,
+                                                       replicas)
+                        except BaseException:
+                            self._give_back(store, space, extents)
+                            raise
+                except BaseException:
+                    self._unhand(conn, old)            # not written: nobody reads the old value
+                    raise
                 evicted, store.evicted = store.evicted, []
                 copies = replicas or space.settings.replicas
                 # A value that came in the request goes on the same way; a filled one, from its record.
@@ -639,9 +648,11 @@ class KeyValueService(KeyEdits):
                 position += take
             self._unreserve(reserved)
             return self._write(state, creds, space, store, key, memoryview(value), None, len(value), expiry,
-                               nx=nx, xx=xx, keepttl=keepttl, get_old=get_old, version=version, replicas=replicas)
+                               nx=nx, xx=xx, keepttl=keepttl, get_old=get_old, version=version, replicas=replicas,
+                               conn=conn)
         return self._write(state, creds, space, store, key, None, reserved.extents, reserved.length, expiry,
-                           nx=nx, xx=xx, keepttl=keepttl, get_old=get_old, version=version, replicas=replicas)
+                           nx=nx, xx=xx, keepttl=keepttl, get_old=get_old, version=version, replicas=replicas,
+                           conn=conn)
 
     def op_kv_abort(self, conn: Connection, m: dict[str, Any]) -> Reply:
         self._unreserve(self._reservation(conn, m, take=True))
@@ -721,10 +732,14 @@ class KeyValueService(KeyEdits):
 
     def op_kv_get(self, conn: Connection, m: dict[str, Any]) -> Reply:
         """A key's value: inline when small; larger, over RPC, as the reply's payload sent
-        straight from the record's memory; else (same host, or beyond one payload) as a hold
-        on it, read in place (kv_read, or the mapping), then let go (kv_let_go)."""
+        straight from the record's memory; else (same host, beyond one payload, or asked
+        `as_hold`: the door, which streams it) as a hold on it, read in place (kv_read, or the
+        mapping), then let go (kv_let_go)."""
         state, creds, space, store = self._space(conn, m)
         key = check_key(m.get("key"))
+        as_hold = m.get("as_hold", False)
+        if type(as_hold) is not bool:
+            raise InvalidArgument(f"as_hold is a boolean, got {as_hold!r:.40}")
         with space.lock:
             found = store.live(key, key_hash(key), now_ms())
             if found is None:
@@ -732,11 +747,9 @@ class KeyValueService(KeyEdits):
                 return {"found": False}
             space.counters.hits += 1
             fields = found[1]
-            if fields[3] <= KV_INLINE_BYTES:
-                return {"found": True, "value": store.read(fields)}
-            mine = self._client(conn)
-            if len(mine.held) >= MAX_KV_HOLDS_PER_CLIENT:
-                raise LimitExceeded(f"a client holds at most {MAX_KV_HOLDS_PER_CLIENT} values at once (kv_let_go)")
+            if fields[3] <= KV_INLINE_BYTES or as_hold:
+                return {"found": True, **self._value_or_hold(conn, state, space, store, fields)}
+            mine = self._may_hold(conn)
             place = store.hold(fields)
             pieces = store.pieces(fields)
         if not conn.carries_fds and fields[3] <= MAX_RPC_PAYLOAD_BYTES and all(
@@ -758,6 +771,38 @@ class KeyValueService(KeyEdits):
         token = next(_tokens)
         mine.held[token] = _Held(state, space, store, place, pieces)
         return {"found": True, "length": fields[3], "hold": token, "pieces": [list(p) for p in pieces]}
+
+    def _value_or_hold(self, conn: Connection, state: NamespaceState, space: KeySpace, store: Store,
+                       fields: Any) -> dict[str, Any]:
+        """Under the keyspace's lock: a value to hand back in a reply. Inline when small ("value");
+        larger, a hold on its record ("length", "hold", "pieces"): the caller reads it where it
+        lies (kv_read, or the mapping) and lets it go (kv_let_go). The record outlives a delete
+        or an overwrite until then, so GETDEL's or GETSET's value is read whole after the
+        change. A reply never carries a large value itself: no message limit cuts it."""
+        if fields[3] <= KV_INLINE_BYTES:
+            return {"value": store.read(fields)}
+        mine = self._may_hold(conn)
+        pieces = store.pieces(fields)
+        token = next(_tokens)
+        mine.held[token] = _Held(state, space, store, store.hold(fields), pieces)
+        return {"length": fields[3], "hold": token, "pieces": [list(p) for p in pieces]}
+
+    def _may_hold(self, conn: Connection) -> Any:
+        """The connection's own state, if it may hold one more value: a client a few at once;
+        another server's link, which carries the reads of all its door's clients, more."""
+        mine = self._client(conn)
+        most = MAX_KV_HOLDS_PER_PEER if conn.role == "peer" else MAX_KV_HOLDS_PER_CLIENT
+        if len(mine.held) >= most:
+            raise LimitExceeded(f"a {'server' if conn.role == 'peer' else 'client'} holds at most {most} values at "
+                                "once (kv_let_go)")
+        return mine
+
+    def _unhand(self, conn: Connection | None, handed: dict[str, Any] | None) -> None:
+        """Under the keyspace's lock: let go what _value_or_hold held for a reply that failed."""
+        if conn is not None and handed is not None and "hold" in handed:
+            held = self._client(conn).held.pop(handed["hold"], None)
+            if held is not None:
+                held.store.let_go(held.place)
 
     def transfer_kv_read(self, conn: Connection, m: dict[str, Any], payload_len: int, frames: Any,
                          deadline: float) -> None:

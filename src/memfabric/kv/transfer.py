@@ -52,7 +52,7 @@ def _copy_into_segment(target: Any, offset: int, src: memoryview) -> None:
         target.write(offset, src)
 
 
-def _copy_from_segment(source: Any, offset: int, dst: memoryview) -> None:
+def copy_from_segment(source: Any, offset: int, dst: memoryview) -> None:
     if isinstance(source, memoryview):
         dst[:] = source[offset:offset + dst.nbytes]
     else:
@@ -135,7 +135,7 @@ def read_held(link: Any, creds: Creds, reply: dict[str, Any], into: memoryview) 
         try:
             for segment, offset, length in reply["pieces"]:
                 if link.is_local:
-                    _copy_from_segment(link.segment_view(creds, segment), offset, into[position:position + length])
+                    copy_from_segment(link.segment_view(creds, segment), offset, into[position:position + length])
                     position += length
                     continue
                 done = 0

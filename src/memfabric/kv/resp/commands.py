@@ -22,6 +22,7 @@ from ..space import now_ms
 from . import protocol as p
 from .failures import error_reply
 from .glob import matches
+from .held import HeldValue, take_piece
 from .keys import Keyspace
 from .mget import MgetReply
 from .protocol import LLONG_MAX, LLONG_MIN, string2ll
@@ -71,7 +72,7 @@ class Client:
         return self.keys
 
 
-Handler = Callable[[Client, list[bytes]], Any]     # bytes, or an MgetReply to stream
+Handler = Callable[[Client, list[bytes]], Any]     # bytes, or an MgetReply or HeldValue to stream
 
 
 @dataclass(frozen=True)
@@ -347,20 +348,70 @@ def command_info(c: Client, a: list[bytes]) -> bytes:
 
 # ---- strings ----------------------------------------------------------------------------------------
 
-def _put(c: Client, key: bytes, value: bytes, options: dict[str, Any]) -> dict[str, Any]:
+def _put(c: Client, key: bytes, value: bytes, options: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     args: dict[str, Any] = {"nx": options["nx"], "xx": options["xx"], "keepttl": options["keepttl"],
                             "get": options["get"]}
     if options["expire_at"] is not None:
         args["expire_at_ms"] = options["expire_at"]
-    return c.keyspace().put(key, value, **args)
+    return c.keyspace().put_where(key, value, **args)
 
 
-def cmd_set(c: Client, a: list[bytes]) -> bytes:
+# A value a command hands back: {"value": bytes} when small, else a hold on it at the server
+# that answered, streamed from there (held.py).
+Handed = tuple[int, "dict[str, Any] | None"]
+
+
+def _found(answer: tuple[int, dict[str, Any]]) -> Handed:
+    server_id, reply = answer
+    return server_id, reply if reply["found"] else None
+
+
+def _old(answer: tuple[int, dict[str, Any]]) -> Handed:
+    server_id, reply = answer
+    return server_id, reply.get("old")
+
+
+def _value_reply(c: Client, handed: Handed, command: str, charge: int = 0) -> bytes | HeldValue:
+    """The value as a bulk (None: the protocol's null); a held one streamed, with a piece of
+    the reply budget: `charge`, taken already, or taken now (the hold let go if none comes)."""
+    server_id, value = handed
+    if value is None or "hold" not in value:
+        c.front.reply_budget.give_back(charge)
+        return p.value(None if value is None else value["value"], c.resp)
+    return _held(c, server_id, value, 0, value["length"], command, charge)
+
+
+def _held(c: Client, server_id: int, value: dict[str, Any], start: int, length: int, command: str,
+          charge: int) -> HeldValue:
+    ks = c.keyspace()
+    if not charge:
+        try:
+            charge = take_piece(c.front.reply_budget, command)
+        except BaseException:
+            ks.let_go(server_id, value["hold"])
+            raise
+    return HeldValue(ks, server_id, value, start, length, c.front.reply_budget, charge, command)
+
+
+def _taking(c: Client, command: str, run: Callable[[], Handed]) -> bytes | HeldValue:
+    """A command that takes a value away or replaces it (GETDEL, GETSET, SET ... GET): its
+    reply memory is taken before it runs, so that a reply short of memory is refused before
+    the value is gone, never after."""
+    budget = c.front.reply_budget
+    charge = take_piece(budget, command)
+    try:
+        handed = run()
+    except BaseException:
+        budget.give_back(charge)
+        raise
+    return _value_reply(c, handed, command, charge)
+
+
+def cmd_set(c: Client, a: list[bytes]) -> bytes | HeldValue:
     options = _set_options(a, "set", getex=False)
-    reply = _put(c, a[1], a[2], options)
     if options["get"]:
-        return p.value(reply.get("old"), c.resp)
-    return p.OK if reply["stored"] else p.nil(c.resp)
+        return _taking(c, "set", lambda: _old(_put(c, a[1], a[2], options)))
+    return p.OK if _put(c, a[1], a[2], options)[1]["stored"] else p.nil(c.resp)
 
 
 def cmd_setnx(c: Client, a: list[bytes]) -> bytes:
@@ -381,26 +432,24 @@ def cmd_psetex(c: Client, a: list[bytes]) -> bytes:
     return _setex(c, a, "psetex", False)
 
 
-def cmd_getset(c: Client, a: list[bytes]) -> bytes:
-    return p.value(c.keyspace().put(a[1], a[2], get=True).get("old"), c.resp)
+def cmd_getset(c: Client, a: list[bytes]) -> bytes | HeldValue:
+    return _taking(c, "getset", lambda: _old(c.keyspace().put_where(a[1], a[2], get=True)))
 
 
-def cmd_get(c: Client, a: list[bytes]) -> bytes:
-    return p.value(c.keyspace().get(a[1]), c.resp)
+def cmd_get(c: Client, a: list[bytes]) -> bytes | HeldValue:
+    return _value_reply(c, _found(c.keyspace().call_where(a[1], "kv_get", as_hold=True)), "get")
 
 
-def cmd_getdel(c: Client, a: list[bytes]) -> bytes:
-    reply = c.keyspace().call(a[1], "kv_take")
-    return p.value(reply["value"] if reply["found"] else None, c.resp)
+def cmd_getdel(c: Client, a: list[bytes]) -> bytes | HeldValue:
+    return _taking(c, "getdel", lambda: _found(c.keyspace().call_where(a[1], "kv_take")))
 
 
-def cmd_getex(c: Client, a: list[bytes]) -> bytes:
+def cmd_getex(c: Client, a: list[bytes]) -> bytes | HeldValue:
     options = _set_options(a, "getex", getex=True)
     if options["expire_at"] is None and not options["persist"]:
         return cmd_get(c, a)
     at = 0 if options["persist"] else options["expire_at"]
-    reply = c.keyspace().call(a[1], "kv_get_expire", expire_at_ms=at)
-    return p.value(reply["value"] if reply["found"] else None, c.resp)
+    return _value_reply(c, _found(c.keyspace().call_where(a[1], "kv_get_expire", expire_at_ms=at)), "getex")
 
 
 def cmd_mget(c: Client, a: list[bytes]) -> bytes | MgetReply:
@@ -449,14 +498,26 @@ def cmd_setrange(c: Client, a: list[bytes]) -> bytes:
     return p.integer(c.keyspace().call(a[1], "kv_setrange", offset=offset, value=a[3])["length"])
 
 
-def cmd_getrange(c: Client, a: list[bytes]) -> bytes:
+def cmd_getrange(c: Client, a: list[bytes]) -> bytes | HeldValue:
     start, end = _int(a[2]), _int(a[3])
-    value = c.keyspace().get(a[1])
+    server_id, value = _found(c.keyspace().call_where(a[1], "kv_get", as_hold=True))
     if value is None:
         return p.bulk(b"")
-    n = len(value)
-    if start < 0 and end < 0 and start > end:
+    held = "hold" in value
+    span = _range(value["length"] if held else len(value["value"]), start, end)
+    if not held:
+        return p.bulk(b"" if span is None else value["value"][span[0]:span[1]])
+    if span is None:
+        c.keyspace().let_go(server_id, value["hold"])
         return p.bulk(b"")
+    return _held(c, server_id, value, span[0], span[1] - span[0], "getrange", 0)
+
+
+def _range(n: int, start: int, end: int) -> tuple[int, int] | None:
+    """GETRANGE's [start, end] of a value of n bytes, as Redis reads it: [begin, stop), or None
+    (empty)."""
+    if start < 0 and end < 0 and start > end:
+        return None
     if start < 0:
         start = n + start
     if end < 0:
@@ -465,8 +526,8 @@ def cmd_getrange(c: Client, a: list[bytes]) -> bytes:
     if end >= n:
         end = n - 1
     if start > end or n == 0:
-        return p.bulk(b"")
-    return p.bulk(value[start:end + 1])
+        return None
+    return start, end + 1
 
 
 def _incr(c: Client, key: bytes, by: int) -> bytes:
@@ -850,7 +911,7 @@ def next_client_id() -> int:
     return next(_client_ids)
 
 
-def execute(c: Client, args: list[bytes]) -> tuple[bytes | MgetReply, str]:
+def execute(c: Client, args: list[bytes]) -> tuple[bytes | MgetReply | HeldValue, str]:
     """A command's reply (or an MGET's to stream), and the name it is counted under
     ("unknown": no such command)."""
     cmd, problem = lookup(args)

@@ -43,6 +43,7 @@ from . import protocol as p
 from .commands import Client, Quit, RedisError
 from .budget import ReplyBudget
 from .failures import internal_error_reply
+from .held import HeldValue
 from .mget import MgetReply, ReplyCut
 from .keys import Keyspace
 
@@ -265,7 +266,7 @@ class RespFront:
                     out.append(p.OK)
                     closing = True
                     break
-                if isinstance(reply, MgetReply):       # sent as its values are fetched
+                if isinstance(reply, (MgetReply, HeldValue)):   # sent as its values are read
                     try:
                         if out:
                             sock.sendall(b"".join(out))
@@ -273,17 +274,19 @@ class RespFront:
                         reply.send(sock)
                     except ReplyCut as exc:
                         self.server.limited_log.warning("resp cut", "RESP connection %s closed half-way "
-                                                        "through an MGET reply: %s", client.address, exc)
-                        self._count_error("mget")      # counted as a command already
+                                                        "through a %s reply: %s", client.address,
+                                                        reply.label.upper(), exc)
+                        self._count_error(reply.label)      # counted as a command already
                         return
                     except OSError:
                         raise                          # the client went away, or read nothing for too long
                     except Exception:                  # a bug, half-way through a reply: it is closed
-                        self.server.limited_log.exception("resp bug", "RESP MGET reply to %s failed", client.address)
-                        self._count_error("mget")
+                        self.server.limited_log.exception("resp bug", "RESP %s reply to %s failed",
+                                                          reply.label.upper(), client.address)
+                        self._count_error(reply.label)
                         return
                     finally:
-                        reply.close()                  # its budget, however it ended
+                        reply.close()                  # its budget and holds, however it ended
                     continue
                 out.append(reply)
                 size += len(reply)
@@ -296,7 +299,7 @@ class RespFront:
             if closing:
                 return
 
-    def _execute(self, client: Client, args: list[bytes]) -> bytes | MgetReply | None:
+    def _execute(self, client: Client, args: list[bytes]) -> bytes | MgetReply | HeldValue | None:
         try:
             reply, label = commands.execute(client, args)
         except Quit:

@@ -11,11 +11,11 @@ import mmap
 import random
 from typing import TYPE_CHECKING, Any
 
-from ...errors import ServerUnavailable
+from ...errors import MemfabricError, ServerUnavailable
 from ...limits import KV_GET_MANY_PAYLOAD_BYTES, KV_INLINE_BYTES, MAX_KV_BATCH
 from ...server.requests import Connection, Payload
 from ..rules import homes
-from ..transfer import put_large, read_held
+from ..transfer import copy_from_segment, put_large, read_held
 
 if TYPE_CHECKING:
     from ...server.server import Server
@@ -115,13 +115,27 @@ class Keyspace:
 
     # ---- values of any size ------------------------------------------------------------------------
 
+    def call_where(self, key: bytes, op: str, **args: Any) -> tuple[int, Any]:
+        """call(), and which server answered (a reply that holds a value: where to read it)."""
+        server_id = self.home(key)
+        try:
+            return server_id, self.call_at(server_id, op, key=key, **args)
+        except ServerUnavailable:
+            server_id = self.home(key, fresh=True)
+            return server_id, self.call_at(server_id, op, key=key, **args)
+
     def put(self, key: bytes, value: bytes, **options: Any) -> dict[str, Any]:
-        """kv_put, or for a value too large to ride in a request, reserve, fill and commit."""
+        return self.put_where(key, value, **options)[1]
+
+    def put_where(self, key: bytes, value: bytes, **options: Any) -> tuple[int, dict[str, Any]]:
+        """kv_put, or for a value too large to ride in a request, reserve, fill and commit; and
+        the server that took it."""
         if len(key) + len(value) <= KV_INLINE_BYTES:
-            return self.call(key, "kv_put", value=value, **options)
+            return self.call_where(key, "kv_put", value=value, **options)
         server_id = self.home(key)
         if server_id != self.server.server_id:
-            return put_large(self.server._peer(server_id), self.creds, key, [memoryview(value)], len(value), options)
+            return server_id, put_large(self.server._peer(server_id), self.creds, key, [memoryview(value)],
+                                        len(value), options)
         reply = self.call_at(server_id, "kv_reserve", length=len(value))
         token = reply["token"]
         try:
@@ -135,7 +149,7 @@ class Keyspace:
         except BaseException:
             self.call_at(server_id, "kv_abort", token=token)
             raise
-        return self.call_at(server_id, "kv_commit", token=token, key=key, **options)
+        return server_id, self.call_at(server_id, "kv_commit", token=token, key=key, **options)
 
     def homes_of(self, keys: list[bytes], servers: list[int]) -> list[int]:
         """Each key's first home among `servers`."""
@@ -218,6 +232,39 @@ class Keyspace:
         target = memoryview(bytearray(reply["length"]))
         read_held(link, self.creds, reply, target)
         return bytes(target)
+
+    # ---- values a server holds for this door (kv_get as_hold, GETDEL, GETEX, GETSET) ----------------
+
+    def read_held(self, server_id: int, hold: int, pieces: list[tuple[int, int, int]], at: int,
+                  into: memoryview) -> None:
+        """len(into) bytes at `at` of a held value whose `pieces` lie on `server_id`: here or on a
+        peer of this host, from the segments; over RPC, kv_read (within one piece)."""
+        position = 0
+        for segment, offset, n in pieces:
+            if position <= at < position + n:
+                break
+            position += n
+        else:
+            raise ValueError(f"position {at} is past the held value")
+        offset += at - position
+        assert at + len(into) <= position + n, "a read of a held value lies within one of its pieces"
+        if server_id == self.server.server_id:
+            self.server.pools[self.creds[0]].segments[segment].read(offset, into)
+            return
+        link = self.server._peer(server_id)
+        if link.is_local:
+            copy_from_segment(link.segment_view(self.creds, segment), offset, into)
+            return
+        request_id, pending = link.submit("kv_read", {**self.wire, "hold": hold, "at": at, "length": len(into)},
+                                          into=into)
+        link.wait(request_id, pending, "kv_read")
+
+    def let_go(self, server_id: int, hold: int) -> None:
+        """The hold is let go (a server that cannot be told lets go when the link closes)."""
+        try:
+            self.call_at(server_id, "kv_let_go", hold=hold)
+        except MemfabricError:
+            pass
 
     def _read_held_here(self, reply: dict[str, Any]) -> bytes:
         """A value larger than one payload, held for this connection: read where it lies."""

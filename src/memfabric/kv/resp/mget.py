@@ -53,6 +53,8 @@ def too_large(total: int) -> str:
 class MgetReply:
     """One MGET's reply: prepare() answers it whole when it can; send() streams the rest."""
 
+    label = "mget"                 # the command, for the door's error count
+
     def __init__(self, c: "Client", keys: list[bytes]) -> None:
         self.ks = c.keyspace()
         self.resp = c.resp
