@@ -443,16 +443,34 @@ class PlogService:
                                   "lives on a pmem or ramdisk pool (create the namespace in one, e.g. "
                                   "`memfabric up --pool logs:pmem:256MiB`)")
         replica_servers = self._replica_servers(pool_name, replicas)
+
+        def make(data: LogBytes) -> _Plog:
+            with self._lock:
+                self._next_id += 1
+                plog_id = (self.server.epoch << 32) + self._next_id
+            plog = _Plog(plog_id, PlogLog(name, capacity, secrets.randbits(64)), state, data,
+                         meta_path(pool.path or "", plog_id), replicas, time.time(), HOME, self.server.server_id,
+                         replica_servers)
+            plog.creds = creds
+            return plog
+        plog = self._new_plog(state, pool_name, name, capacity, make, copies=self._make_copies)
+        return {"info": self._info(plog)}
+
+    def _new_plog(self, state: NamespaceState, pool_name: str, name: str, capacity: int,
+                  make: Callable[[LogBytes], _Plog], copies: Callable[[_Plog], None] | None = None) -> _Plog:
+        """A plog here, home or copy: `name` claimed in the namespace, `capacity` bytes of the
+        pool reserved, the plog made over them (`make`), its meta file written, then its
+        copies made elsewhere (`copies`, a home's). Any step that fails undoes the others; a
+        namespace destroyed meanwhile is NO_SUCH_NAMESPACE."""
+        pool = self.server.pools[pool_name]
         with self._lock:
             mine = self._plogs.setdefault(state.key, {})
             if name in mine:
-                raise InvalidArgument(f"plog {name!r} already exists in namespace {state.record.ns!r} "
-                                      "(ns.plog(name) opens it)")
+                raise InvalidArgument(f"plog {name!r} already exists in namespace {state.record.ns!r} on server "
+                                      f"{self.server.server_id} (ns.plog(name) opens it)")
             if len(mine) >= MAX_PLOGS_PER_NAMESPACE:
                 raise LimitExceeded(f"namespace {state.record.ns!r} has {len(mine)} plogs on server "
                                     f"{self.server.server_id}, the most it may")
-            self._next_id += 1
-            plog_id = (self.server.epoch << 32) + self._next_id
             mine[name] = None  # type: ignore[assignment]   # claimed while its memory is made
         try:
             extents = self.server._reserve_local(state, pool_name, capacity)
@@ -465,16 +483,14 @@ class PlogService:
                     # append's fdatasync would wait for. Written (zeros) and flushed once here,
                     # appends' flushes carry data alone.
                     self._zero_tail(data, 0, capacity, force=True)
-                core = PlogLog(name, capacity, secrets.randbits(64))
-                plog = _Plog(plog_id, core, state, data, meta_path(pool.path or "", plog_id), replicas, time.time(),
-                             HOME, self.server.server_id, replica_servers)
-                plog.creds = creds
+                plog = make(data)
                 write_meta(plog.path, plog.meta())
-                try:
-                    self._make_copies(plog)
-                except BaseException:
-                    remove_meta(plog.path)
-                    raise
+                if copies is not None:
+                    try:
+                        copies(plog)
+                    except BaseException:
+                        remove_meta(plog.path)
+                        raise
             except BaseException:
                 self._release_extents(state, pool_name, extents)
                 raise
@@ -487,7 +503,7 @@ class PlogService:
             if made:
                 mine[name] = plog
         if made:
-            return {"info": self._info(plog)}
+            return plog
         remove_meta(plog.path)          # the namespace was destroyed meanwhile
         raise NoSuchNamespace(f"namespace {state.record.ns!r} was destroyed meanwhile")
 
@@ -551,39 +567,10 @@ class PlogService:
         pool = self.server.pools[pool_name]
         if not pool.persistent:
             raise InvalidArgument(f"pool {pool_name!r} is {pool.medium_kind} on server {self.server.server_id}")
-        with self._lock:
-            mine = self._plogs.setdefault(state.key, {})
-            if name in mine:
-                raise InvalidArgument(f"plog {name!r} already exists in namespace {state.record.ns!r} on server "
-                                      f"{self.server.server_id}")
-            if len(mine) >= MAX_PLOGS_PER_NAMESPACE:
-                raise LimitExceeded(f"namespace {state.record.ns!r} has {len(mine)} plogs on server "
-                                    f"{self.server.server_id}, the most it may")
-            mine[name] = None  # type: ignore[assignment]
-        try:
-            extents = self.server._reserve_local(state, pool_name, capacity)
-            try:
-                data = LogBytes(pool, [(e.segment, e.offset, e.length) for e in extents], state.record.ns,
-                                flushes=pool.medium_kind == "pmem")
-                if data.flushes:
-                    self._zero_tail(data, 0, capacity, force=True)
-                plog = _Plog(plog_id, PlogLog(name, capacity, nonce), state, data,
-                             meta_path(pool.path or "", plog_id), replicas, time.time(), REPLICA, home,
-                             replica_servers)
-                write_meta(plog.path, plog.meta())
-            except BaseException:
-                self._release_extents(state, pool_name, extents)
-                raise
-        except BaseException:
-            with self._lock:
-                self._plogs.get(state.key, {}).pop(name, None)
-            raise
-        with self._lock:
-            if self._plogs.get(state.key) is mine and not state.closed:
-                mine[name] = plog
-                return {}
-        remove_meta(plog.path)
-        raise NoSuchNamespace(f"namespace {state.record.ns!r} was destroyed meanwhile")
+        self._new_plog(state, pool_name, name, capacity, lambda data: _Plog(
+            plog_id, PlogLog(name, capacity, nonce), state, data, meta_path(pool.path or "", plog_id), replicas,
+            time.time(), REPLICA, home, replica_servers))
+        return {}
 
     def op_plog_replica_append(self, conn: Connection, m: dict[str, Any]) -> Reply:
         """A piece of the home's log, `data` at `at` (where the pieces received so far end);
