@@ -59,6 +59,15 @@ class AcceptLoop:
         """Call before closing the listener: the loop then takes the error for the end."""
         self._stopped.set()
 
+    def close(self) -> None:
+        """Stop, and close the listener: shut down first, which wakes a loop blocked in accept()."""
+        self.stop()
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._listener.close()
+
     def join(self, timeout_s: float) -> None:
         if self._thread.ident is not None:     # a door made but never started (the start failed)
             self._thread.join(timeout_s)

@@ -128,12 +128,7 @@ class IpcFront:
             self.server.disconnected(conn)
 
     def stop(self) -> None:
-        self._accept.stop()
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._sock.close()
+        self._accept.close()
         try:
             os.unlink(self.path)
         except FileNotFoundError:

@@ -160,12 +160,7 @@ class RpcFront:
                     done()
 
     def stop(self) -> None:
-        self._accept.stop()
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._listener.close()
+        self._accept.close()
         with self._lock:
             frames = list(self._connections.values())
         for f in frames:

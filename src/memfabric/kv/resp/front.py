@@ -154,12 +154,7 @@ class RespFront:
                 "rejected_total": self.rejected_total, "commands": commands, "errors": errors}
 
     def stop(self) -> None:
-        self._accept.stop()
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._listener.close()
+        self._accept.close()
         with self._lock:
             conns = [c for c, _ in self._clients.values()]
         for client in conns:
