@@ -1,0 +1,118 @@
+"""Found by attacking the streamed large values (test_large_values.py): a value the door
+gave up on stayed held at its home for good, and a namespace destroyed while a value was
+streamed completed the reply with zeros."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+
+import memfabric
+import pytest
+import redis
+
+from memfabric.kv.rules import homes
+from memfabric.launcher import LocalFabric
+from memfabric.limits import PEER_TIMEOUT_S
+
+from ..conftest import short_tmp_dir
+from ..helpers import free_ports, stop_process, wait_until
+from .wire import READ_S, Raw, encode
+
+MiB = 1 << 20
+WARM_BYTES = 300_000          # a value that makes the keyspace's first pages, once
+
+
+def _key_on(server_id: int, prefix: str) -> str:
+    return next(k for k in (f"{prefix}:{i}" for i in range(1000)) if homes(k.encode(), [1, 2], 1) == [server_id])
+
+
+@pytest.fixture(scope="module")
+def patient_door():
+    """Two servers, the first with the door, that wait long before calling a stopped one
+    dead: a peer stopped for longer than the door waits for it keeps its link."""
+    port = free_ports(1)
+    fab = LocalFabric(short_tmp_dir("mf-resp-held-"), servers=2, capacity="96MiB", segment_size="1MiB",
+                      liveness_timeout_s=8 * PEER_TIMEOUT_S, extra_args=["--resp-port", str(port)]).start()
+    fab.resp_port = port
+    fab.sec_id = open(os.path.join(fab.directory, "resp.secid")).read().strip()
+    yield fab
+    assert fab.stop() == 0, "memfabric up did not stop cleanly:\n" + "".join(fab.output[-30:])
+
+
+def _used(r: redis.Redis) -> int:
+    return r.info("memory")["used_memory"]
+
+
+def test_a_value_handed_back_to_a_door_that_gave_up_is_let_go(patient_door):
+    """The key's home is stopped for longer than the door waits: GETDEL, GETEX, GETSET and
+    SET ... GET answer TIMEOUT, and the home carries them out once it goes on, handing the
+    large value back as a hold no one reads. Before: only kv_get's late hold was let go (the
+    link's late_replies.py), so these held the value's record for the life of the link
+    between the servers: deleted, its 4 MiB never came back."""
+    r = redis.Redis(port=patient_door.resp_port, socket_timeout=READ_S * 3)
+    home = patient_door.server_pids()[2]
+    key = _key_on(2, "late")
+    r.set(key, b"w" * WARM_BYTES)
+    r.delete(key)
+    before = _used(r)
+    commands = {"getdel": lambda: r.getdel(key), "getex": lambda: r.getex(key, ex=100),
+                "getset": lambda: r.getset(key, b"new"), "set get": lambda: r.set(key, b"new", get=True)}
+    for name, command in commands.items():
+        r.set(key, b"v" * (4 * MiB))
+        stop_process(home)
+        try:
+            with pytest.raises(redis.ResponseError, match="TIMEOUT"):
+                command()
+        finally:
+            os.kill(home, signal.SIGCONT)
+        r.delete(key)
+        wait_until(lambda: _used(r) - before < WARM_BYTES, f"the memory of the value {name} took to come back")
+    r.close()
+
+
+def _read_until_closed_or(sock: socket.socket, got: bytearray, total: int) -> None:
+    while len(got) < total:
+        data = sock.recv(1 << 20)
+        if not data:
+            return
+        got += data
+
+
+def test_a_value_streamed_while_its_namespace_is_destroyed_is_never_answered_wrong(patient_door):
+    """A slow reader's large GET, and the door's namespace destroyed meanwhile: the reply is
+    the value whole, or the connection closes before the reply is complete; never a whole
+    reply of other bytes. Before: from the other server (its memory mapped by the door's
+    server, which had never served that namespace itself and so kept the mapping), the rest
+    of the value came as zeros in a complete reply; from the door's own server, the reply
+    failed on a KeyError, logged as a bug with its traceback."""
+    fab = patient_door
+    log = os.path.join(fab.directory, "up.log")
+    log_before = os.path.getsize(log)
+    r = redis.Redis(port=fab.resp_port, socket_timeout=READ_S * 3)
+    value = bytes(range(256)) * (12 * MiB // 256)
+    expected = b"$%d\r\n%s\r\n" % (len(value), value)
+    for server_id in (2, 1):
+        with memfabric.init(fab.directory) as session:
+            session.create_namespace("default", fab.sec_id, exist_ok=True)
+            key = _key_on(server_id, "gone")
+            r.set(key, value)
+            slow = Raw(fab.resp_port)
+            slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+            slow.send(encode("GET", key))
+            got = bytearray(slow.sock.recv(64))          # the reply has begun
+            session.destroy_namespace("default", fab.sec_id)
+        _read_until_closed_or(slow.sock, got, len(expected))
+        slow.close()
+        wrong = len(got) == len(expected) and got != expected
+        assert not wrong, f"from server {server_id}, a complete reply that is not the value: first " \
+                          f"difference at byte {next(i for i in range(len(got)) if got[i] != expected[i])}"
+    with memfabric.init(fab.directory) as session:
+        session.create_namespace("default", fab.sec_id, exist_ok=True)
+    assert r.set("after", "1") and r.get("after") == b"1"
+    r.close()
+    with open(log, errors="replace") as f:
+        f.seek(log_before)
+        written = f.read()
+    assert "Traceback" not in written, written[-3000:]
