@@ -14,7 +14,7 @@ import redis
 
 from memfabric.kv.rules import homes
 from memfabric.launcher import LocalFabric
-from memfabric.limits import PEER_TIMEOUT_S
+from memfabric.limits import KV_INLINE_BYTES, MAX_KV_HOLDS_PER_CLIENT, PEER_TIMEOUT_S
 
 from ..conftest import short_tmp_dir
 from ..helpers import free_ports, stop_process, wait_until
@@ -116,3 +116,26 @@ def test_a_value_streamed_while_its_namespace_is_destroyed_is_never_answered_wro
         f.seek(log_before)
         written = f.read()
     assert "Traceback" not in written, written[-3000:]
+
+
+def test_holds_of_a_destroyed_namespace_leave_the_connection(patient_door):
+    """A connection's hold on a large value, its namespace destroyed before it was let go:
+    kv_let_go names a namespace that is no more, and was refused with the hold kept. Before:
+    kept for the connection's life, so after MAX_KV_HOLDS_PER_CLIENT of them the connection
+    could read no large value of any namespace (a server's link to a peer, which carries its
+    door's streamed values, after MAX_KV_HOLDS_PER_PEER)."""
+    with memfabric.init(patient_door.directory) as session:
+        link = session.link(1)
+        creds = {"pool": "default", "ns": "held-then-gone", "sec": b"k"}
+        key = _key_on(1, "held").encode()
+        for _ in range(MAX_KV_HOLDS_PER_CLIENT + 1):
+            session.create_namespace(creds["ns"], "k").kv().put(key, b"x" * (KV_INLINE_BYTES + 1))
+            hold = link.call("kv_get", **creds, key=key)["hold"]
+            session.destroy_namespace(creds["ns"], "k")
+            with pytest.raises(memfabric.NoSuchNamespace):
+                link.call("kv_let_go", **creds, hold=hold)
+        ns = session.create_namespace(creds["ns"], "k")
+        ns.kv().put(key, b"y" * (KV_INLINE_BYTES + 1))
+        assert ns.kv().get(key) == b"y" * (KV_INLINE_BYTES + 1)
+        link.call("kv_let_go", **creds, hold=link.call("kv_get", **creds, key=key)["hold"])
+        session.destroy_namespace(creds["ns"], "k")
