@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import threading
 
 import memfabric
 import pytest
@@ -139,3 +140,55 @@ def test_holds_of_a_destroyed_namespace_leave_the_connection(patient_door):
         assert ns.kv().get(key) == b"y" * (KV_INLINE_BYTES + 1)
         link.call("kv_let_go", **creds, hold=link.call("kv_get", **creds, key=key)["hold"])
         session.destroy_namespace(creds["ns"], "k")
+
+
+def _drain(raw: Raw, until: bytes) -> bytes:
+    """Read until `until` ends what was read, or the door closes the connection."""
+    got = bytearray()
+    while not got.endswith(until):
+        data = raw.sock.recv(1 << 20)
+        if not data:
+            break
+        got += data
+    return bytes(got)
+
+
+def test_holds_a_stopped_home_could_not_be_told_to_let_go_are_let_go_once_it_goes_on(patient_door):
+    """Four slow readers of large values of the other server, which is stopped before they
+    finish: each reply's let-go waits for it on the one link between the servers, one at a
+    time, and gives up (TIMEOUT). Before: only the first had been sent, so once the home went
+    on it let that one go and kept the others for the life of the link: deleted, 8 to 12 MiB
+    of them never came back."""
+    fab = patient_door
+    r = redis.Redis(port=fab.resp_port, socket_timeout=READ_S * 3)
+    keys = [k for k in (f"stuck:{i}" for i in range(200)) if homes(k.encode(), [1, 2], 1) == [2]][:4]
+    r.set(keys[0], b"w" * WARM_BYTES)
+    r.delete(keys[0])
+    before = _used(r)
+    for k in keys:
+        r.set(k, b"v" * (4 * MiB))
+    readers = []
+    for k in keys:
+        raw = Raw(fab.resp_port)
+        raw.sock.settimeout(READ_S * 3)
+        raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        raw.send(encode("GET", k) + encode("PING"))      # PONG: the GET's reply let its hold go
+        assert raw.sock.recv(64).startswith(b"$%d\r\n" % (4 * MiB))
+        readers.append(raw)
+    home = fab.server_pids()[2]
+    stop_process(home)
+    try:
+        threads = [threading.Thread(target=_drain, args=(raw, b"+PONG\r\n")) for raw in readers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(READ_S * 4)
+        assert not any(t.is_alive() for t in threads), "a reader of a stopped home's value hung"
+    finally:
+        os.kill(home, signal.SIGCONT)
+    for raw in readers:
+        raw.close()
+    for k in keys:
+        r.delete(k)
+    wait_until(lambda: _used(r) - before < WARM_BYTES, "the deleted values' memory to come back")
+    r.close()

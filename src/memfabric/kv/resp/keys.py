@@ -11,7 +11,7 @@ import mmap
 import random
 from typing import TYPE_CHECKING, Any
 
-from ...errors import MemfabricError, NoSuchObject, ServerUnavailable
+from ...errors import MemfabricError, NoSuchObject, ServerUnavailable, Timeout
 from ...limits import KV_GET_MANY_PAYLOAD_BYTES, KV_INLINE_BYTES, MAX_KV_BATCH
 from ...server.requests import Connection, Payload
 from ..rules import homes
@@ -269,6 +269,15 @@ class Keyspace:
         destroyed, its link to this server lost) or cannot say."""
         try:
             self.call_at(server_id, "kv_let_go", hold=hold)
+        except Timeout:
+            # Perhaps never sent: the link to a stuck server is taken by another's request.
+            if server_id != self.server.server_id:
+                try:
+                    self.server._peer(server_id).send_later("kv_let_go", **self.wire, hold=hold)
+                except MemfabricError:
+                    pass                # gone: it lets go when the link closes
+            if confirm:
+                raise
         except MemfabricError:
             if confirm:
                 raise
