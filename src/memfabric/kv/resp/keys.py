@@ -268,15 +268,17 @@ class Keyspace:
         confirm: MemfabricError if the server did not hold it any more (its namespace
         destroyed, its link to this server lost) or cannot say."""
         try:
-            self.call_at(server_id, "kv_let_go", hold=hold)
-        except Timeout:
-            # Perhaps never sent: the link to a stuck server is taken by another's request.
-            if server_id != self.server.server_id:
-                try:
-                    self.server._peer(server_id).send_later("kv_let_go", **self.wire, hold=hold)
-                except MemfabricError:
-                    pass                # gone: it lets go when the link closes
-            if confirm:
+            if server_id == self.server.server_id:
+                self.call_at(server_id, "kv_let_go", hold=hold)
+                return
+            link = self.server._peer(server_id)
+            try:
+                link.call("kv_let_go", **self.wire, hold=hold)
+            except Timeout:
+                # Perhaps never sent: a same-host link carries one exchange at a time, and a
+                # stuck server's holds it. Sent again with that link's next request (to the
+                # server that gave the hold, never to one restarted since).
+                link.send_later("kv_let_go", **self.wire, hold=hold)
                 raise
         except MemfabricError:
             if confirm:
