@@ -19,6 +19,7 @@ from memfabric.limits import KV_INLINE_BYTES, MAX_KV_HOLDS_PER_CLIENT, PEER_TIME
 
 from ..conftest import short_tmp_dir
 from ..helpers import free_ports, stop_process, wait_until
+from .one_door import one_door
 from .wire import READ_S, Raw, encode
 
 MiB = 1 << 20
@@ -192,3 +193,27 @@ def test_holds_a_stopped_home_could_not_be_told_to_let_go_are_let_go_once_it_goe
         r.delete(k)
     wait_until(lambda: _used(r) - before < WARM_BYTES, "the deleted values' memory to come back")
     r.close()
+
+
+def test_a_getex_without_options_refused_for_reply_memory_names_getex():
+    """GETEX with no option reads as GET does, and was answered as one: refused for want of
+    reply memory, it said "get: ..." (and a reply of it cut half-way was counted as a GET's
+    error, memfabric_resp_errors{command="get"}, while the command was counted as GETEX)."""
+    with one_door("127.0.0.1", "127.0.0.1", capacity="96MiB", resp_reply_budget="16MiB") as door:
+        r = redis.Redis(port=door.port, socket_timeout=READ_S * 6)
+        r.set("big", b"b" * (4 * MiB))
+        keys = [f"fill:{i}" for i in range(24)]
+        for k in keys:
+            r.set(k, b"v" * MiB)
+        stalled = []
+        for _ in range(2):                      # each holds one batch of 8 MiB being sent
+            raw = Raw(door.port)
+            raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            raw.send(encode("MGET", *keys))
+            stalled.append(raw)
+        wait_until(lambda: r.info("memory")["mem_clients_normal"] == 16 * MiB, "the stalled replies to hold the budget")
+        with pytest.raises(redis.ResponseError, match="^LIMIT_EXCEEDED getex: "):
+            r.getex("big")
+        for raw in stalled:
+            raw.close()
+        r.close()
