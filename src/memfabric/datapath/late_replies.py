@@ -6,8 +6,8 @@ link sends the request that undoes it, without waiting for the answer: an object
 for no one (its id never reached a caller) is freed, a pin no mapping will drop is dropped,
 extents a peer reserved for an allocation its home abandoned are given back, and MemKV's
 reservation for a large value no one will fill is aborted and its hold of a value no one
-will read let go (kv_get's, and those of GETDEL, GETEX, GETSET and SET ... GET, which hand
-a large value back held too) (else both last as long as the connection, and count against
+will read let go: kv_get's, and those of GETDEL, GETEX, GETSET and SET ... GET, which hand
+a large value back held too (else both last as long as the connection, and count against
 its limits).
 
 Other late effects stand: an expand or a free that happened after all is what the caller
