@@ -6,7 +6,9 @@ link sends the request that undoes it, without waiting for the answer: an object
 for no one (its id never reached a caller) is freed, a pin no mapping will drop is dropped,
 extents a peer reserved for an allocation its home abandoned are given back, and MemKV's
 reservation for a large value no one will fill is aborted and its hold of a value no one
-will read let go (else both last as long as the connection, and count against its limits).
+will read let go: kv_get's, and those of GETDEL, GETEX, GETSET and SET ... GET, which hand
+a large value back held too (else both last as long as the connection, and count against
+its limits).
 
 Other late effects stand: an expand or a free that happened after all is what the caller
 asked for, and a late `segments` reply only costs its fds (closed): the server counting
@@ -37,8 +39,12 @@ def undo_of(op: str, request: dict[str, Any], reply: dict[str, Any]) -> dict[str
         return {"op": "map_unpin", **creds, "bm_id": request.get("bm_id")}
     if op == "kv_reserve" and type(reply.get("token")) is int:
         return {"op": "kv_abort", **creds, "token": reply["token"]}
-    if op == "kv_get" and type(reply.get("hold")) is int:
+    if op in ("kv_get", "kv_take", "kv_get_expire") and type(reply.get("hold")) is int:
         return {"op": "kv_let_go", **creds, "hold": reply["hold"]}
+    # A write asked for the value it replaced (GETSET, SET ... GET): a large one is held too.
+    old = reply.get("old")
+    if op in ("kv_put", "kv_commit") and isinstance(old, dict) and type(old.get("hold")) is int:
+        return {"op": "kv_let_go", **creds, "hold": old["hold"]}
     if op == "plog_stage" and type(reply.get("stage")) is int:
         # A stage given up on would stay on the connection: a piece out of order drops it.
         return {"op": "plog_stage", **creds, "stage": reply["stage"], "at": -1, "data": b""}

@@ -250,6 +250,12 @@ class ServerLink:
         if undo is not None:
             self._undos.append(undo)
 
+    def send_later(self, op: str, **args: Any) -> None:
+        """`op`, unanswered, with the next request that gets through: a let-go that timed out
+        (perhaps never sent) must still reach the server, else what it held stays held for
+        the link's life. One that did get there is refused the second time, harmlessly."""
+        self._undos.append({"op": op, **args})
+
     def _send_undos(self) -> None:
         """Send what undoes late replies' work, without waiting: the replies are dropped."""
         while self._undos:

@@ -268,6 +268,12 @@ class RpcLink:
         with self._lock:
             self._pending.pop(request_id, None)
 
+    def send_later(self, op: str, **args: Any) -> None:
+        """`op`, unanswered, with the next request that gets through: a let-go that timed out
+        (perhaps never sent) must still reach the server, else what it held stays held for
+        the link's life. One that did get there is refused the second time, harmlessly."""
+        self._undos.append({"op": op, **args})
+
     def _send_undos(self) -> None:
         """Send what undoes late replies' work; their own replies are read past."""
         while self._undos and not self._closed:

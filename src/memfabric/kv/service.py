@@ -835,6 +835,12 @@ class KeyValueService(KeyEdits):
         held = mine.held.get(token)
         if held is None:
             raise InvalidArgument(f"no hold {token!r:.40} of this connection (let go, or never)")
+        if held.space.closed:
+            # Its namespace was destroyed, the value's memory with it: nothing is left to hold,
+            # and no request can name that namespace any more to let it go.
+            if take:
+                mine.held.pop(token, None)
+            raise NoSuchNamespace(f"the namespace of hold {token} was destroyed")
         # Still its namespace's, with the right secId; checked before the hold is taken out, so
         # a request with wrong credentials leaves it to be let go (here or at disconnection).
         state, _ = self.server._namespace(conn, m)

@@ -436,8 +436,8 @@ def cmd_getset(c: Client, a: list[bytes]) -> bytes | HeldValue:
     return _taking(c, "getset", lambda: _old(c.keyspace().put_where(a[1], a[2], get=True)))
 
 
-def cmd_get(c: Client, a: list[bytes]) -> bytes | HeldValue:
-    return _value_reply(c, _found(c.keyspace().call_where(a[1], "kv_get", as_hold=True)), "get")
+def cmd_get(c: Client, a: list[bytes], command: str = "get") -> bytes | HeldValue:
+    return _value_reply(c, _found(c.keyspace().call_where(a[1], "kv_get", as_hold=True)), command)
 
 
 def cmd_getdel(c: Client, a: list[bytes]) -> bytes | HeldValue:
@@ -447,7 +447,7 @@ def cmd_getdel(c: Client, a: list[bytes]) -> bytes | HeldValue:
 def cmd_getex(c: Client, a: list[bytes]) -> bytes | HeldValue:
     options = _set_options(a, "getex", getex=True)
     if options["expire_at"] is None and not options["persist"]:
-        return cmd_get(c, a)
+        return cmd_get(c, a, "getex")
     at = 0 if options["persist"] else options["expire_at"]
     return _value_reply(c, _found(c.keyspace().call_where(a[1], "kv_get_expire", expire_at_ms=at)), "getex")
 

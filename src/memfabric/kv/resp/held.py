@@ -10,6 +10,10 @@ the command runs, so that a reply that cannot get reply memory is refused before
 changes; the others take it once they know the value is large, and let the hold go if they
 cannot. Once the reply's first bytes are sent, a failure (its home gone) can only cut the
 connection (ReplyCut), as a streamed MGET's does.
+
+The hold is let go before the last piece is sent, and the reply completed only if the home
+says it still held the value then: bytes read from a mapping of the home's memory are the
+value's only while the home keeps it (its namespace destroyed meanwhile, they read zeros).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ class HeldValue:
         self.budget, self.charge = budget, charge
         self.label = label                    # the command, for the door's error count
         self._open = True
+        self._holding = True
 
     def send(self, sock: socket.socket) -> None:
         """Header, the bytes piece by piece, CRLF. ReplyCut (or OSError: the client went away)
@@ -58,9 +63,12 @@ class HeldValue:
         try:
             buffer = memoryview(bytearray(min(RESP_VALUE_PIECE_BYTES, max(self.length, 1))))
             sock.sendall(b"$%d\r\n" % self.length)
-            for at, n in self._steps(len(buffer)):
+            steps = self._steps(len(buffer))
+            for i, (at, n) in enumerate(steps):
                 try:
                     self.ks.read_held(self.server_id, self.hold, self.pieces, at, buffer[:n])
+                    if i == len(steps) - 1:
+                        self._let_go_confirmed()
                 except MemfabricError as exc:
                     raise ReplyCut(f"{exc.code.name} {exc}") from None
                 sock.sendall(buffer[:n])
@@ -83,10 +91,18 @@ class HeldValue:
             position += n
         return steps
 
+    def _let_go_confirmed(self) -> None:
+        """Let the hold go; MemfabricError if the home no longer held the value (then what
+        was read may not be it). Asked once, whatever the answer."""
+        self._holding = False
+        self.ks.let_go(self.server_id, self.hold, confirm=True)
+
     def close(self) -> None:
         if not self._open:
             return
         self._open = False
         self.budget.give_back(self.charge)
         self.charge = 0
-        self.ks.let_go(self.server_id, self.hold)
+        if self._holding:
+            self._holding = False
+            self.ks.let_go(self.server_id, self.hold)

@@ -11,7 +11,7 @@ import mmap
 import random
 from typing import TYPE_CHECKING, Any
 
-from ...errors import MemfabricError, ServerUnavailable
+from ...errors import MemfabricError, NoSuchObject, ServerUnavailable, Timeout
 from ...limits import KV_GET_MANY_PAYLOAD_BYTES, KV_INLINE_BYTES, MAX_KV_BATCH
 from ...server.requests import Connection, Payload
 from ..rules import homes
@@ -249,7 +249,11 @@ class Keyspace:
         offset += at - position
         assert at + len(into) <= position + n, "a read of a held value lies within one of its pieces"
         if server_id == self.server.server_id:
-            self.server.pools[self.creds[0]].segments[segment].read(offset, into)
+            memory = self.server.pools[self.creds[0]].segments.get(segment)
+            if memory is None:          # the namespace was destroyed, its segments with it
+                raise NoSuchObject(f"segment {segment} of pool {self.creds[0]!r} is gone (its namespace was "
+                                   "destroyed)")
+            memory.read(offset, into)
             return
         link = self.server._peer(server_id)
         if link.is_local:
@@ -259,12 +263,26 @@ class Keyspace:
                                           into=into)
         link.wait(request_id, pending, "kv_read")
 
-    def let_go(self, server_id: int, hold: int) -> None:
-        """The hold is let go (a server that cannot be told lets go when the link closes)."""
+    def let_go(self, server_id: int, hold: int, confirm: bool = False) -> None:
+        """The hold is let go (a server that cannot be told lets go when the link closes).
+        confirm: MemfabricError if the server did not hold it any more (its namespace
+        destroyed, its link to this server lost) or cannot say."""
         try:
-            self.call_at(server_id, "kv_let_go", hold=hold)
+            if server_id == self.server.server_id:
+                self.call_at(server_id, "kv_let_go", hold=hold)
+                return
+            link = self.server._peer(server_id)
+            try:
+                link.call("kv_let_go", **self.wire, hold=hold)
+            except Timeout:
+                # Perhaps never sent: a same-host link carries one exchange at a time, and a
+                # stuck server's holds it. Sent again with that link's next request (to the
+                # server that gave the hold, never to one restarted since).
+                link.send_later("kv_let_go", **self.wire, hold=hold)
+                raise
         except MemfabricError:
-            pass
+            if confirm:
+                raise
 
     def _read_held_here(self, reply: dict[str, Any]) -> bytes:
         """A value larger than one payload, held for this connection: read where it lies."""
