@@ -183,6 +183,43 @@ class FrameSocket:
         header, payload_len = self._header_in_block(frame_deadline)
         return header, payload_len, landed
 
+    def header_in_block(self, frame_timeout_s: float | None) -> tuple[dict[str, Any], int]:
+        """The header of the frame whose first block a compiled span call left in the block
+        (serve_spans, call_span), and its payload's length; the payload is still to be read."""
+        return self._header_in_block(None if frame_timeout_s is None else time.monotonic() + frame_timeout_s)
+
+    def serve_spans(self, grants: Any, frame_timeout_s: float) -> tuple[int, str | None]:
+        """Serve span requests that `grants` cover in _spans.c until one needs Python: returns
+        (FALLBACK, None) with a frame's first block in (header_in_block() reads it), (OWED,
+        None) when a revoked grant's transfer is over, (TRANSFER_FAILED, what) when a
+        transfer broke the stream. A frame that stalls raises MidFrameTimeout."""
+        poll = self._busy_poll
+        fd = self._take_fd()
+        try:
+            status, poll.polling, info = _frames.serve_spans(fd, self._block, grants, poll.window_s,
+                                                             poll.polling, frame_timeout_s, MAX_RPC_PAYLOAD_BYTES)
+        finally:
+            self._give_fd()
+        if status == _frames.STALLED:
+            raise MidFrameTimeout("the frame stalled part way")
+        return status, info
+
+    def call_span(self, head: bytes, entries: int, offset: int, length: int, request_id: int,
+                  payload: memoryview | None, into: memoryview | None, timeout_s: float,
+                  frame_timeout_s: float) -> int:
+        """One span request and its reply through _spans.c (see call_span there); the caller
+        knows the reply is the next frame. Returns its status."""
+        poll = self._busy_poll
+        fd = self._take_fd()
+        try:
+            status, waited_s = _frames.call_span(fd, self._block, head, entries, offset, length, request_id,
+                                                 payload, into, poll.window(), timeout_s, frame_timeout_s)
+        finally:
+            self._give_fd()
+        if status != _frames.UNSENT:
+            poll.waited(waited_s)
+        return status
+
     def _recv_block_compiled(self, deadline: float | None, frame_timeout_s: float | None,
                              into: memoryview | None) -> bool:
         """The frame's first block (and perhaps its payload: the result says) through _frames.c."""
