@@ -282,6 +282,7 @@ typedef struct {
     Grant *buckets[BUCKETS];
     Grant *owed;
     Py_ssize_t count;
+    unsigned long long served;   /* transfers serve_spans() completed */
     int serving;                 /* a serve_spans() runs on these grants (with the GIL: checked) */
 } SpanGrants;
 
@@ -620,6 +621,18 @@ static PyMethodDef grants_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyObject *grants_served(SpanGrants *t, void *Py_UNUSED(closure)) {
+    pthread_mutex_lock(&t->mu);
+    unsigned long long n = t->served;
+    pthread_mutex_unlock(&t->mu);
+    return PyLong_FromUnsignedLongLong(n);
+}
+
+static PyGetSetDef grants_getset[] = {
+    {"served", (getter)grants_served, NULL, "span transfers serve_spans() completed on these grants", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
 static PySequenceMethods grants_sequence = {.sq_length = (lenfunc)grants_len};
 
 static PyTypeObject SpanGrantsType = {
@@ -631,6 +644,7 @@ static PyTypeObject SpanGrantsType = {
     .tp_new = grants_new,
     .tp_dealloc = (destructor)grants_dealloc,
     .tp_methods = grants_methods,
+    .tp_getset = grants_getset,
     .tp_as_sequence = &grants_sequence,
 };
 
@@ -792,6 +806,8 @@ static PyObject *serve_spans(PyObject *Py_UNUSED(self), PyObject *args) {
         pthread_mutex_lock(&t->mu);
         g->in_flight = 0;
         int owed = g->revoked;
+        if (outcome == GOT)
+            t->served++;
         pthread_mutex_unlock(&t->mu);
         if (outcome != GOT) {
             status = outcome == INTERRUPTED ? FALLBACK : TRANSFER_FAILED;

@@ -809,10 +809,16 @@ class BigMemoryService:
     def open_span_grants(self, conn: Connection) -> ConnectionGrants | None:
         """Grants for an RPC connection whose loop serves them (rpc_front.py); None when the
         compiled part is not built. Its checked span requests fill them."""
-        grants = self.grants.open()
-        if grants is not None:
-            conn.services["span_grants"] = grants
+        with self.lock:
+            grants = self.grants.open()
+            if grants is not None:
+                conn.services["span_grants"] = grants
         return grants
+
+    def spans_served_compiled(self) -> int:
+        """Remote span reads and writes served in compiled code so far (for `stats`)."""
+        with self.lock:
+            return self.grants.served()
 
     def settle_span_grants(self, conn: Connection) -> None:
         """Transfers that were under way when their grants were revoked are over: let go of

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..limits import MAX_SPAN_GRANTS_PER_CONNECTION
+from ..limits import MAX_EXTENTS_PER_SPAN_GRANT, MAX_SPAN_GRANTS_PER_CONNECTION
 
 try:
     from .. import _frames
@@ -51,20 +51,28 @@ class SpanGrantRegistry:
 
     def __init__(self) -> None:
         self._holders: dict[tuple[str, str], dict[str, set[ConnectionGrants]]] = {}
+        self._open: set[ConnectionGrants] = set()
+        self._served_by_closed = 0
 
-    @staticmethod
-    def open() -> ConnectionGrants | None:
+    def open(self) -> ConnectionGrants | None:
         """A connection's grants; None when the compiled part is not built."""
         if _frames is None or not hasattr(_frames, "SpanGrants"):
             return None
-        return ConnectionGrants()
+        grants = ConnectionGrants()
+        self._open.add(grants)
+        return grants
+
+    def served(self) -> int:
+        """Span transfers served in compiled code so far, by every connection."""
+        return self._served_by_closed + sum(grants.table.served for grants in self._open)
 
     def grant(self, grants: ConnectionGrants, key: Key, sec: bytes, spans: list[tuple[int, int, int, Any]],
               gens: memoryview | None, slot: int, generation: int, token: Any) -> None:
         """Grant `key`'s object to the connection: `spans` (segment, offset, length, segment
         view) are its bytes here; `gens` the home's generation words (None: homed elsewhere);
         `token` comes back with a transfer that was under way when the grant was revoked."""
-        if not spans or len(key[0]) + len(key[1]) + len(key[2]) + len(sec) > GRANTED_NAMES_MAX_BYTES:
+        if not spans or len(spans) > MAX_EXTENTS_PER_SPAN_GRANT \
+                or len(key[0]) + len(key[1]) + len(key[2]) + len(sec) > GRANTED_NAMES_MAX_BYTES:
             return
         if key not in grants.keys and len(grants.keys) >= MAX_SPAN_GRANTS_PER_CONNECTION:
             oldest = next(iter(grants.keys))
@@ -105,6 +113,9 @@ class SpanGrantRegistry:
         for key in list(grants.keys):
             self._unlist(grants, key)
         grants.keys.clear()
+        if grants in self._open:
+            self._open.discard(grants)
+            self._served_by_closed += grants.table.served
         return grants.table.close()
 
     def _unlist(self, grants: ConnectionGrants, key: Key) -> None:

@@ -106,6 +106,7 @@ class RpcLink:
         self._next_id = 1
         self._closed = False
         self._checked_at = 0.0
+        self.compiled_spans = 0        # span requests that went through call_span()
         try:
             hello = self.call("hello", role=role)
         except BaseException:
@@ -336,11 +337,11 @@ class RpcLink:
             except BaseException:        # interrupted (Ctrl-C): the stream's position is unknown
                 self._shut(ServerUnavailable(f"{op!r} to {self.address} was interrupted"), raise_it=False)
                 raise
-            if status == _frames.OK:
-                return True
             if status == _frames.UNSENT:
                 return False
-            self._span_outcome(op, status, request_id, into, timeout_s)
+            self.compiled_spans += 1
+            if status != _frames.OK:
+                self._span_outcome(op, status, request_id, into, timeout_s)
             return True
         finally:
             if recv_lock._is_owned():
