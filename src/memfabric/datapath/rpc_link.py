@@ -331,7 +331,7 @@ class RpcLink:
             try:
                 status = frames.call_span(head, SPAN_HEAD_ENTRIES, offset, length, request_id, payload, into,
                                           timeout_s, self.timeout_s)
-            except (OSError, ValueError) as exc:     # ConnectionError too
+            except OSError as exc:       # ConnectionError too
                 self._shut(ServerUnavailable(f"server {self.server_id} at {self.address} is gone "
                                              f"({exc.__class__.__name__})"))
             except BaseException:        # interrupted (Ctrl-C): the stream's position is unknown
