@@ -34,12 +34,13 @@
  * (OWED) and take_owed() hands back. A grant's memory is freed only with the GIL.
  *
  * The client: call_span(fd, block, head, entries, offset, length, request_id, payload, into,
- * poll_s, timeout_s, frame_timeout_s) -> (status, waited_s) sends one request (prefix, the
- * msgpack map of `head`'s `entries` pairs plus offset, length and id, padding, and for a
- * write the payload) and receives its reply into `block` (its first FIRST_BLOCK bytes), a
- * read's payload straight into `into`; waited_s is how long the reply took to come (for the
- * caller's polling rule). The caller must know the reply is the next frame (rpc_link.py: no
- * other request in flight, both its locks held). Statuses:
+ * window_s, polling, timeout_s, frame_timeout_s) -> (status, polling) sends one request
+ * (prefix, the msgpack map of `head`'s `entries` pairs plus offset, length and id, padding,
+ * and for a write the payload) and receives its reply into `block` (its first FIRST_BLOCK
+ * bytes), a read's payload straight into `into`, polling for it first while `polling` (the
+ * polling that follows from this wait is returned, BusyPoll's rule). The caller must know
+ * the reply is the next frame (rpc_link.py: no other request in flight, both its locks
+ * held). Statuses:
  *   OK (2)                the reply is {"id": request_id} and its payload (if any) landed
  *   LANDED (1), BLOCK (0) the reply's first block is in `block` (and its payload, with
  *                         LANDED): for Python to read as any reply (an error, say)
@@ -51,6 +52,7 @@
  * A closed peer raises ConnectionError; a signal handler that raises (Ctrl-C) raises through.
  */
 #include "_frames.h"
+#include <fcntl.h>
 #include <pthread.h>
 #include <string.h>
 #include <sys/uio.h>
@@ -282,7 +284,7 @@ typedef struct {
     Grant *buckets[BUCKETS];
     Grant *owed;
     Py_ssize_t count;
-    unsigned long long served;   /* transfers serve_spans() completed */
+    unsigned long long served;   /* span requests serve_spans() took (before it answers them) */
     int serving;                 /* a serve_spans() runs on these grants (with the GIL: checked) */
 } SpanGrants;
 
@@ -629,7 +631,7 @@ static PyObject *grants_served(SpanGrants *t, void *Py_UNUSED(closure)) {
 }
 
 static PyGetSetDef grants_getset[] = {
-    {"served", (getter)grants_served, NULL, "span transfers serve_spans() completed on these grants", NULL},
+    {"served", (getter)grants_served, NULL, "span requests serve_spans() took on these grants", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -771,6 +773,7 @@ static PyObject *serve_spans(PyObject *Py_UNUSED(self), PyObject *args) {
             if (at != NULL) {
                 g->in_flight = 1;
                 g->in_flight_segment = q.segment;
+                t->served++;
             }
         }
         pthread_mutex_unlock(&t->mu);
@@ -806,8 +809,6 @@ static PyObject *serve_spans(PyObject *Py_UNUSED(self), PyObject *args) {
         pthread_mutex_lock(&t->mu);
         g->in_flight = 0;
         int owed = g->revoked;
-        if (outcome == GOT)
-            t->served++;
         pthread_mutex_unlock(&t->mu);
         if (outcome != GOT) {
             status = outcome == INTERRUPTED ? FALLBACK : TRANSFER_FAILED;
@@ -835,15 +836,81 @@ static PyObject *serve_spans(PyObject *Py_UNUSED(self), PyObject *args) {
 
 /* ---- the client's call ------------------------------------------------------------------------ */
 
+/* SpanFd(fd): a duplicate of a connection's fd for call_span, owned from the moment it is made
+ * (a duplicate made in Python could be lost, unclosed, to a signal between two statements),
+ * closed by close() or when the object goes. */
+typedef struct {
+    PyObject_HEAD
+    int fd;
+} SpanFd;
+
+static PyObject *span_fd_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    int fd;
+    if (!PyArg_ParseTuple(args, "i", &fd))
+        return NULL;
+    SpanFd *self = (SpanFd *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (self->fd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static PyObject *span_fd_close(SpanFd *self, PyObject *Py_UNUSED(ignored)) {
+    if (self->fd >= 0) {
+        close(self->fd);
+        self->fd = -1;
+    }
+    Py_RETURN_NONE;
+}
+
+static void span_fd_dealloc(SpanFd *self) {
+    if (self->fd >= 0)
+        close(self->fd);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *span_fd_fileno(SpanFd *self, void *Py_UNUSED(closure)) {
+    return PyLong_FromLong(self->fd);
+}
+
+static PyMethodDef span_fd_methods[] = {
+    {"close", (PyCFunction)span_fd_close, METH_NOARGS, "close the duplicate (fd becomes -1)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef span_fd_getset[] = {
+    {"fd", (getter)span_fd_fileno, NULL, "the duplicate's number, -1 once closed", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject SpanFdType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "memfabric._frames.SpanFd",
+    .tp_basicsize = sizeof(SpanFd),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A duplicate of a connection's fd, owned (see _spans.c).",
+    .tp_new = span_fd_new,
+    .tp_dealloc = (destructor)span_fd_dealloc,
+    .tp_methods = span_fd_methods,
+    .tp_getset = span_fd_getset,
+};
+
 static PyObject *call_span(PyObject *Py_UNUSED(self), PyObject *args) {
     int fd, entries;
     Py_buffer head;
     Py_ssize_t offset, length, request_id;
     PyObject *block_obj, *payload_obj, *into_obj;
-    double poll_s, timeout_s, frame_timeout_s;
-    if (!PyArg_ParseTuple(args, "iOy*innnOOddd", &fd, &block_obj, &head, &entries, &offset, &length, &request_id,
-                          &payload_obj, &into_obj, &poll_s, &timeout_s, &frame_timeout_s))
+    double window_s, timeout_s, frame_timeout_s;
+    int polling;
+    if (!PyArg_ParseTuple(args, "iOy*innnOOdpdd", &fd, &block_obj, &head, &entries, &offset, &length, &request_id,
+                          &payload_obj, &into_obj, &window_s, &polling, &timeout_s, &frame_timeout_s))
         return NULL;
+    double poll_s = polling ? window_s : 0.0;
     Py_buffer block = {0}, payload = {0}, into = {0};
     int has_payload = payload_obj != Py_None, has_into = into_obj != Py_None;
     PyObject *result = NULL;
@@ -869,7 +936,7 @@ static PyObject *call_span(PyObject *Py_UNUSED(self), PyObject *args) {
     unsigned char request[FIRST_BLOCK];
     unsigned char *h = request + PREFIX_BYTES;
     if (PREFIX_BYTES + 1 + (size_t)head.len + 3 * 8 + 3 * 9 > FIRST_BLOCK) {
-        result = Py_BuildValue("(id)", UNSENT, 0.0);
+        result = Py_BuildValue("(iO)", UNSENT, polling ? Py_True : Py_False);
         goto out;
     }
     size_t n = 0;
@@ -951,8 +1018,11 @@ done:
     PyEval_RestoreThread(save);
     if (outcome == INTERRUPTED || outcome == CLOSED || outcome == FAILED)
         raise_for(outcome, err);
-    else
-        result = Py_BuildValue("(id)", status, waited);
+    else {
+        if (status != SEND_TIMEOUT && status != SEND_STALLED)   /* BusyPoll's rule (busy_poll.py) */
+            polling = window_s > 0 && waited <= window_s;
+        result = Py_BuildValue("(iO)", status, polling ? Py_True : Py_False);
+    }
 out:
     PyBuffer_Release(&head);
     PyBuffer_Release(&block);
@@ -967,14 +1037,19 @@ static PyMethodDef span_functions[] = {
     {"serve_spans", serve_spans, METH_VARARGS,
      "serve_spans(fd, block, grants, window_s, polling, frame_timeout_s, max_payload) -> (status, polling, info)"},
     {"call_span", call_span, METH_VARARGS,
-     "call_span(fd, block, head, entries, offset, length, request_id, payload, into, poll_s, timeout_s, "
-     "frame_timeout_s) -> (status, waited_s)"},
+     "call_span(fd, block, head, entries, offset, length, request_id, payload, into, window_s, polling, "
+     "timeout_s, frame_timeout_s) -> (status, polling)"},
     {NULL, NULL, 0, NULL},
 };
 
 int spans_add_to_module(PyObject *m) {
-    if (PyType_Ready(&SpanGrantsType) < 0)
+    if (PyType_Ready(&SpanGrantsType) < 0 || PyType_Ready(&SpanFdType) < 0)
         return -1;
+    Py_INCREF(&SpanFdType);
+    if (PyModule_AddObject(m, "SpanFd", (PyObject *)&SpanFdType) < 0) {
+        Py_DECREF(&SpanFdType);
+        return -1;
+    }
     Py_INCREF(&SpanGrantsType);
     if (PyModule_AddObject(m, "SpanGrants", (PyObject *)&SpanGrantsType) < 0) {
         Py_DECREF(&SpanGrantsType);

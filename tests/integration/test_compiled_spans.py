@@ -199,9 +199,11 @@ def test_a_stalled_compiled_read_never_sends_the_next_namespaces_bytes(fresh_fab
         _, segment, offset, length = x._call("describe")["extents"][0]
         with raw_client(addresses[0], token, rcvbuf=4096) as sock:
             _granted_raw_connection(sock, a, x, segment, offset)
+            before = compiled_served(s, 1)
             send_frame(sock, span_request("seg_read", a, x, segment, offset, length))
             header, n = recv_frame_header(sock)
             assert "error" not in header and n == length, header
+            assert compiled_served(s, 1) == before + 1    # the compiled loop took it
             got = recv_exactly(sock, 64 << 10)
 
             x.free()
@@ -211,11 +213,9 @@ def test_a_stalled_compiled_read_never_sends_the_next_namespaces_bytes(fresh_fab
             assert mine and len(mine) < 4, "the segment under a compiled read was lent to another namespace"
             for bm in mine:
                 bm.write(b"S" * segment_bytes)
-            before = compiled_served(s, 1)
             got += recv_exactly(sock, n - len(got))      # the read goes on from the segment it holds
             send_frame(sock, {"op": "hello", "id": 7})
             assert reply(sock)[0]["id"] == 7
-            assert compiled_served(s, 1) == before + 1    # it was the compiled loop's
         assert got.count(b"a") == len(got), "a read begun on a freed object returned bytes not its own"
         alloc_when_possible(b, segment_bytes)      # the held segment came back once the read was over
         b.destroy()

@@ -316,9 +316,11 @@ def answer(server: socket.socket, header: dict, payload: bytes = b"") -> dict:
     return got
 
 
-def call(client, into=None, payload=None, request_id=7, timeout_s=WAIT_S) -> int:
+def call(client, into=None, payload=None, request_id=7, timeout_s=WAIT_S, frame_timeout_s=WAIT_S) -> int:
     n = len(into if into is not None else payload)
-    return client.call_span(HEAD, 6, 4096, n, request_id, payload, into, timeout_s, WAIT_S)
+    status, _ = _frames.call_span(client.sock.fileno(), client._block, HEAD, 6, 4096, n, request_id, payload, into,
+                                  0.0001, True, timeout_s, frame_timeout_s)
+    return status
 
 
 def test_call_span_sends_the_request_and_lands_the_reply(pair):
@@ -347,7 +349,7 @@ def test_call_span_leaves_any_other_reply_to_python(pair, reply, payload, status
     t.start()
     assert call(client, into=into) == status
     t.join(WAIT_S)
-    header, payload_len = client.header_in_block(WAIT_S)
+    header, payload_len = client.header_in_block(WAIT_S, client._block)
     assert header == reply and payload_len == len(payload)
 
 
@@ -356,15 +358,14 @@ def test_call_span_says_when_nothing_came_or_a_reply_stalled(pair):
     assert call(client, into=memoryview(bytearray(10)), timeout_s=0.1) == _frames.NOTHING
     recv_exactly(server, rpc.FIRST_BLOCK)
     server.sendall(block_of(wire.encode({"id": 7}), 10)[:50])
-    client.compiled = True
-    status = client.call_span(HEAD, 6, 0, 10, 8, None, memoryview(bytearray(10)), WAIT_S, 0.1)
-    assert status == _frames.STALLED
+    assert call(client, into=memoryview(bytearray(10)), request_id=8, frame_timeout_s=0.1) == _frames.STALLED
 
 
 def test_call_span_with_a_header_too_long_sends_nothing(pair):
     client, server = pair
     head = msgpack.packb({"ns": "n" * 250}, use_bin_type=True)[1:]
-    assert client.call_span(head, 1, 0, 10, 1, b"x" * 10, None, WAIT_S, WAIT_S) == _frames.UNSENT
+    assert _frames.call_span(client.sock.fileno(), client._block, head, 1, 0, 10, 1, b"x" * 10, None, 0.0, False,
+                             WAIT_S, WAIT_S) == (_frames.UNSENT, False)
     server.setblocking(False)
     with pytest.raises(BlockingIOError):
         server.recv(1)
@@ -372,7 +373,9 @@ def test_call_span_with_a_header_too_long_sends_nothing(pair):
 
 def test_call_span_refuses_a_buffer_of_another_length(pair):
     client, _ = pair
+    fd, block = client.sock.fileno(), client._block
     with pytest.raises(ValueError):
-        client.call_span(HEAD, 6, 0, 11, 1, b"x" * 10, None, WAIT_S, WAIT_S)
+        _frames.call_span(fd, block, HEAD, 6, 0, 11, 1, b"x" * 10, None, 0.0, False, WAIT_S, WAIT_S)
     with pytest.raises(ValueError):
-        client.call_span(HEAD, 6, 0, 10, 1, b"x" * 10, memoryview(bytearray(10)), WAIT_S, WAIT_S)
+        _frames.call_span(fd, block, HEAD, 6, 0, 10, 1, b"x" * 10, memoryview(bytearray(10)), 0.0, False, WAIT_S,
+                          WAIT_S)

@@ -107,6 +107,15 @@ class RpcLink:
         self._closed = False
         self._checked_at = 0.0
         self.compiled_spans = 0        # span requests that went through call_span()
+        # call_span()'s own handle on the socket (plain TCP, _frames built): a duplicate, so a
+        # close() by another thread never frees the fd number under a compiled call; it is
+        # closed under the receive lock, which every such call holds. Its polling is its own.
+        self._span_dup = (_frames.SpanFd(self._frames.sock.fileno())
+                           if self._frames.compiled and hasattr(_frames, "SpanFd") else None)
+        self._span_fd = -1 if self._span_dup is None else self._span_dup.fd
+        self._span_block = memoryview(bytearray(rpc.FIRST_BLOCK))
+        self._span_window_s = busy_poll_s
+        self._span_polling = busy_poll_s > 0
         try:
             hello = self.call("hello", role=role)
         except BaseException:
@@ -311,8 +320,7 @@ class RpcLink:
         """A span read (`into`) or write (`payload`) through the compiled path, when this link
         is idle: done (True), or not taken (False: nothing was sent; submit() it). Raises as
         wait() does."""
-        frames = self._frames
-        if not frames.compiled or self._closed:
+        if self._span_fd < 0:
             return False
         send_lock, recv_lock = self._send_lock, self._recv_lock
         if send_lock._is_owned() or recv_lock._is_owned():
@@ -329,8 +337,9 @@ class RpcLink:
             if timeout_s <= 0:
                 raise Timeout(f"no time was left to send {op!r} to server at {self.address}")
             try:
-                status = frames.call_span(head, SPAN_HEAD_ENTRIES, offset, length, request_id, payload, into,
-                                          timeout_s, self.timeout_s)
+                status, self._span_polling = _frames.call_span(
+                    self._span_fd, self._span_block, head, SPAN_HEAD_ENTRIES, offset, length, request_id, payload,
+                    into, self._span_window_s, self._span_polling, timeout_s, self.timeout_s)
             except OSError as exc:       # ConnectionError too
                 self._shut(ServerUnavailable(f"server {self.server_id} at {self.address} is gone "
                                              f"({exc.__class__.__name__})"))
@@ -345,9 +354,17 @@ class RpcLink:
             return True
         finally:
             if recv_lock._is_owned():
+                if self._closed:
+                    self._close_span_dup()
                 recv_lock.release()
             if send_lock._is_owned():
                 send_lock.release()
+
+    def _close_span_dup(self) -> None:
+        """With the receive lock: no compiled call uses the duplicate any more."""
+        dup, self._span_dup, self._span_fd = self._span_dup, None, -1
+        if dup is not None:
+            dup.close()
 
     def _span_outcome(self, op: str, status: int, request_id: int, into: memoryview | None,
                       timeout_s: float) -> None:
@@ -365,7 +382,7 @@ class RpcLink:
         if status == _frames.NOTHING:
             self._give_up(request_id, pending, op, timeout_s)    # raises, and reads its reply past later
         try:
-            header, payload_len = self._frames.header_in_block(self.timeout_s)
+            header, payload_len = self._frames.header_in_block(self.timeout_s, self._span_block)
             self._deliver(header, payload_len, status == _frames.LANDED, request_id, pending)
         except rpc.MidFrameTimeout:
             self._shut(Timeout(f"a reply from server at {self.address} stalled part way ({op!r})"))
@@ -481,6 +498,7 @@ class RpcLink:
         # Wait out a reader that may be mid-payload into a caller's buffer: the close above
         # ends its receive at once.
         if self._recv_lock.acquire(timeout=self.timeout_s + rpc.DEADLINE_SLACK_S):
+            self._close_span_dup()
             self._recv_lock.release()
         else:
             log.warning("a reader of the link to %s did not let go after it closed", self.address)

@@ -183,10 +183,12 @@ class FrameSocket:
         header, payload_len = self._header_in_block(frame_deadline)
         return header, payload_len, landed
 
-    def header_in_block(self, frame_timeout_s: float | None) -> tuple[dict[str, Any], int]:
-        """The header of the frame whose first block a compiled span call left in the block
-        (serve_spans, call_span), and its payload's length; the payload is still to be read."""
-        return self._header_in_block(None if frame_timeout_s is None else time.monotonic() + frame_timeout_s)
+    def header_in_block(self, frame_timeout_s: float | None, block: memoryview | None = None
+                        ) -> tuple[dict[str, Any], int]:
+        """The header of the frame whose first block a compiled call left in our block
+        (serve_spans) or in `block` (a link's call_span), and its payload's length; the
+        payload is still to be read."""
+        return self._header_in_block(None if frame_timeout_s is None else time.monotonic() + frame_timeout_s, block)
 
     def serve_spans(self, grants: Any, frame_timeout_s: float) -> tuple[int, str | None]:
         """Serve span requests that `grants` cover in _spans.c until one needs Python: returns
@@ -203,22 +205,6 @@ class FrameSocket:
         if status == _frames.STALLED:
             raise MidFrameTimeout("the frame stalled part way")
         return status, info
-
-    def call_span(self, head: bytes, entries: int, offset: int, length: int, request_id: int,
-                  payload: memoryview | None, into: memoryview | None, timeout_s: float,
-                  frame_timeout_s: float) -> int:
-        """One span request and its reply through _spans.c (see call_span there); the caller
-        knows the reply is the next frame. Returns its status."""
-        poll = self._busy_poll
-        fd = self._take_fd()
-        try:
-            status, waited_s = _frames.call_span(fd, self._block, head, entries, offset, length, request_id,
-                                                 payload, into, poll.window(), timeout_s, frame_timeout_s)
-        finally:
-            self._give_fd()
-        if status != _frames.UNSENT:
-            poll.waited(waited_s)
-        return status
 
     def _recv_block_compiled(self, deadline: float | None, frame_timeout_s: float | None,
                              into: memoryview | None) -> bool:
@@ -254,10 +240,12 @@ class FrameSocket:
                 raise MidFrameTimeout("the frame stalled part way") from None
         return deadline
 
-    def _header_in_block(self, frame_deadline: float | None) -> tuple[dict[str, Any], int]:
-        """The header of the frame whose first block is in, read on past the block if it is
-        longer, and the payload's length."""
-        block = self._block
+    def _header_in_block(self, frame_deadline: float | None,
+                         block: memoryview | None = None) -> tuple[dict[str, Any], int]:
+        """The header of the frame whose first block is in (in our block, or `block`), read
+        on past the block if it is longer, and the payload's length."""
+        if block is None:
+            block = self._block
         head_len, payload_len = PREFIX.unpack_from(block)
         if head_len > MAX_MESSAGE_BYTES or payload_len > MAX_RPC_PAYLOAD_BYTES:
             raise ProtocolError(f"frame of {head_len}+{payload_len} bytes is over the limits")
