@@ -185,7 +185,8 @@ def write_at(layout: Layout, offset: int, src: memoryview) -> None:
         view[base + offset: base + offset + n] = src
         return
     if layout.remote_single:            # one request, nothing to gather
-        check_range(layout.bm_id, layout.size, offset, n)
+        if type(offset) is not int or offset < 0 or offset + n > layout.size:
+            check_range(layout.bm_id, layout.size, offset, n)
         _, _, segment, base = layout.pieces[0]
         if n:
             segment.write(base + offset, src)
@@ -212,7 +213,8 @@ def read_into(layout: Layout, offset: int, dst: memoryview) -> None:
         dst[:] = view[base + offset: base + offset + n]
         return
     if layout.remote_single:
-        check_range(layout.bm_id, layout.size, offset, n)
+        if type(offset) is not int or offset < 0 or offset + n > layout.size:
+            check_range(layout.bm_id, layout.size, offset, n)
         _, _, segment, base = layout.pieces[0]
         if n:
             segment.read(base + offset, dst)

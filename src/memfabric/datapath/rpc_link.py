@@ -324,10 +324,17 @@ class RpcLink:
             return False
         send_lock, recv_lock = self._send_lock, self._recv_lock
         if send_lock._is_owned() or recv_lock._is_owned():
-            return False                 # re-entered from a reader: the stream is not ours alone
+            return False                 # re-entered (a signal handler): the stream is not ours alone
+        taken = 0
         try:
-            if not (send_lock.acquire(False) and recv_lock.acquire(False)):
+            # `taken` says what to release; a Ctrl-C between an acquire and its count is
+            # caught by _is_owned() below.
+            if not send_lock.acquire(False):
                 return False
+            taken = 1
+            if not recv_lock.acquire(False):
+                return False
+            taken = 2
             with self._lock:
                 if self._closed or self._pending or self._abandoned:
                     return False
@@ -353,11 +360,11 @@ class RpcLink:
                 self._span_outcome(op, status, request_id, into, timeout_s)
             return True
         finally:
-            if recv_lock._is_owned():
+            if taken == 2 or recv_lock._is_owned():
                 if self._closed:
                     self._close_span_dup()
                 recv_lock.release()
-            if send_lock._is_owned():
+            if taken or send_lock._is_owned():
                 send_lock.release()
 
     def _close_span_dup(self) -> None:
