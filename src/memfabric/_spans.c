@@ -679,6 +679,10 @@ static Outcome send_all(int fd, struct iovec *iov, int n, size_t *sent, int *err
         if (n > 0) {
             iov->iov_base = (char *)iov->iov_base + k;
             iov->iov_len -= (size_t)k;
+            /* Part went: a signal may have cut the send short (no EINTR then). Python's own
+             * sendmsg returns here and runs its handler: so do we, in the main thread. */
+            if (main_thread && handlers_raised(save))
+                return INTERRUPTED;
         }
     }
     return GOT;

@@ -18,6 +18,8 @@ import pytest
 
 from memfabric.transport import rpc, wire
 
+from .paths import Interrupted, interrupted_after
+
 _frames = rpc._frames
 if _frames is None or not hasattr(_frames, "serve_spans"):
     pytest.fail("the compiled span paths (memfabric._frames) were not built: run ./dev setup", allow_module_level=True)
@@ -379,3 +381,17 @@ def test_call_span_refuses_a_buffer_of_another_length(pair):
     with pytest.raises(ValueError):
         _frames.call_span(fd, block, HEAD, 6, 0, 10, 1, b"x" * 10, memoryview(bytearray(10)), 0.0, False, WAIT_S,
                           WAIT_S)
+
+
+def test_ctrl_c_while_a_call_span_send_is_blocked_raises_at_once(pair):
+    """The peer takes no more bytes: the send blocks, bounded only by SO_SNDTIMEO (long here).
+    A signal whose handler raises (Ctrl-C) must raise at once, as it does in Python's own
+    sendmsg, also after part of the payload went out."""
+    client, server = pair
+    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, rpc.timeval(60.0))
+    payload = memoryview(bytearray(64 << 20))
+    started = time.monotonic()
+    with pytest.raises(Interrupted):
+        with interrupted_after(0.3):
+            call(client, payload=payload)
+    assert time.monotonic() - started < 30, "the interrupt waited for the send's own bound"
