@@ -15,7 +15,9 @@ that knows its request is the oldest unanswered one knows the next frame is its 
 
 Plain sockets receive through the compiled _frames.c (a wait polls and sleeps without the
 GIL and raises nothing per empty poll; a reply's payload can land with its header in one
-call); TLS sockets, and a build without the extension, take the Python path below.
+call); TLS sockets, and a build without the extension, take the Python path below. On plain
+sockets a server connection may also wait in _spans.c, which serves granted span requests by
+itself (serve_spans) and leaves every other frame's first block here (header_in_block).
 
 A connection starts with a mutual challenge: each side proves it holds the cluster token
 by an HMAC over both sides' fresh nonces; the token itself never crosses the wire. A peer
