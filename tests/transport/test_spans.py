@@ -395,3 +395,34 @@ def test_ctrl_c_while_a_call_span_send_is_blocked_raises_at_once(pair):
         with interrupted_after(0.3):
             call(client, payload=payload)
     assert time.monotonic() - started < 30, "the interrupt waited for the send's own bound"
+
+
+# ---- the registry of grants (bigmemory/span_grants.py) ------------------------------------------
+
+
+def test_a_connection_holds_a_bounded_number_of_grants_and_revocation_finds_them(monkeypatch):
+    from memfabric.bigmemory import span_grants
+    monkeypatch.setattr(span_grants, "MAX_SPAN_GRANTS_PER_CONNECTION", 4)
+    segment = mmap.mmap(-1, SEG_BYTES)
+    view = memoryview(segment)
+    registry = span_grants.SpanGrantRegistry()
+    a, b = registry.open(), registry.open()
+    for i in range(6):
+        for grants in (a, b):
+            registry.grant(grants, ("pool", "ns", f"1-{i}-1"), SEC, [(SEGMENT, 4096 * i, 4096, view)], None, i, 1,
+                           ("token", i))
+    assert len(a.table) == len(b.table) == 4 and list(a.keys) == [("pool", "ns", f"1-{i}-1") for i in range(2, 6)]
+    assert registry.revoke("pool", "ns", "1-0-1") == []          # forgotten by both: nothing left to revoke
+    assert registry.revoke("pool", "ns", "1-3-1") == [] and len(a.table) == len(b.table) == 3
+    assert registry.revoke_namespace("pool", "ns") == [] and len(a.table) == len(b.table) == 0
+    registry.grant(a, ("pool", "ns", "1-9-1"), SEC, [(SEGMENT, 0, 4096, view)], None, 9, 1, None)
+    assert registry.close(a) == [] and registry.close(b) == [] and registry._holders == {}
+    # A grant for an object with more extents than a grant holds is not made (Python serves it).
+    c = registry.open()
+    registry.grant(c, ("pool", "ns", "1-10-1"), SEC,
+                   [(SEGMENT, 4096 * i, 4096, view) for i in range(span_grants.MAX_EXTENTS_PER_SPAN_GRANT + 1)],
+                   None, 10, 1, None)
+    assert len(c.table) == 0
+    registry.close(c)
+    view.release()
+    segment.close()

@@ -770,24 +770,36 @@ class BigMemoryService:
                     break
             else:
                 raise OutOfRange(f"[{offset}, {end}) of segment {segment} is not object {bm_id}'s on server {me}")
-            # Held from here, under the same lock as the check.
             pool = self.pools[creds[0]]
             allocator = pool.allocator
+            grants = conn.services.get("span_grants")
+            if grants is not None and type(m.get("sec")) is bytes:
+                # Checked as above, under the same lock: the connection's next requests for
+                # the object need no Python (span_grants.py).
+                self._grant_locked(grants, state, pool, creds, bm_id, home, slot, generation, extents)
+            # Held from here, under the same lock as the check.
             allocator.hold(segment)
             busy = state.objects.busy
             busy[bm_id] = busy.get(bm_id, 0) + 1
-            grants = conn.services.get("span_grants")
-            if grants is not None and type(m.get("sec")) is bytes:
-                # Checked as above: the connection's next requests for the object need no Python.
-                mine = extents if home != me else [e for e in extents if e.server_id == me]
-                mems = [pool.segments.get(e.segment) for e in mine]
-                spans = [(e.segment, e.offset, e.length, mem.view) for e, mem in zip(mine, mems)
-                         if mem is not None and mem.view is not None]
-                if len(spans) == len(mine):      # file segments (no view) stay Python's
-                    self.grants.grant(grants, (creds[0], creds[1], bm_id), creds[2], spans,
-                                      state.objects.words if home == me else None, slot, generation,
-                                      (state, allocator, bm_id))
             return pool.segments[segment], offset, length, state, allocator, segment, bm_id
+
+    def _grant_locked(self, grants: ConnectionGrants, state: NamespaceState, pool: PoolState, creds: Creds,
+                      bm_id: str, home: int, slot: int, generation: int, extents: list) -> None:
+        """Grant the connection the object whose span request passed every check. A grant
+        only saves time: one that cannot be made leaves the request to go on as it is."""
+        me = self.server_id
+        mine = extents if home != me else [e for e in extents if e.server_id == me]
+        mems = [pool.segments.get(e.segment) for e in mine]
+        spans = [(e.segment, e.offset, e.length, mem.view) for e, mem in zip(mine, mems)
+                 if mem is not None and mem.view is not None]
+        if len(spans) != len(mine):          # file segments (no view) stay Python's
+            return
+        try:
+            self.grants.grant(grants, (creds[0], creds[1], bm_id), creds[2], spans,
+                              state.objects.words if home == me else None, slot, generation,
+                              (state, pool.allocator, bm_id))
+        except (MemoryError, ValueError, BufferError) as exc:
+            self.server.limited_log.warning("span grant", "could not grant object %s: %r", bm_id, exc)
 
     def _let_go_span(self, held: tuple) -> None:
         _, _, _, state, allocator, segment, bm_id = held
