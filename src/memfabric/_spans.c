@@ -49,7 +49,9 @@
  *   SEND_TIMEOUT (-3)     the peer took no byte of the request (SO_SNDTIMEO; the stream is whole)
  *   SEND_STALLED (-4)     the peer took part of it
  *   UNSENT (-5)           the header does not fit one block: nothing was sent
- * A closed peer raises ConnectionError; a signal handler that raises (Ctrl-C) raises through.
+ * A closed peer raises ConnectionError; a signal handler that raises (Ctrl-C) raises through,
+ * also one that cut a blocked send short. A link calls it on a duplicate of its connection's
+ * fd (SpanFd), so that a close by another thread cannot free the number under the call.
  */
 #include "_frames.h"
 #include <fcntl.h>
