@@ -110,8 +110,12 @@ class RpcLink:
         # call_span()'s own handle on the socket (plain TCP, _frames built): a duplicate, so a
         # close() by another thread never frees the fd number under a compiled call; it is
         # closed under the receive lock, which every such call holds. Its polling is its own.
-        self._span_dup = (_frames.SpanFd(self._frames.sock.fileno())
-                           if self._frames.compiled and hasattr(_frames, "SpanFd") else None)
+        self._span_dup = None
+        if self._frames.compiled and hasattr(_frames, "SpanFd"):
+            try:
+                self._span_dup = _frames.SpanFd(self._frames.sock.fileno())
+            except OSError:          # out of fds: this link just goes without it
+                pass
         self._span_fd = -1 if self._span_dup is None else self._span_dup.fd
         self._span_block = memoryview(bytearray(rpc.FIRST_BLOCK))
         self._span_window_s = busy_poll_s
