@@ -25,44 +25,25 @@
  * poll(2) until the deadline. The socket itself may stay blocking: every receive here says
  * MSG_DONTWAIT.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <errno.h>
-#include <poll.h>
-#include <sched.h>
-#include <stdint.h>
-#include <sys/socket.h>
-#include <time.h>
-#include <unistd.h>
+#include "_frames.h"
 
-#define FIRST_BLOCK 256
-#define PREFIX_BYTES 12
-#define LANDED 1
-#define BLOCK 0
-#define DONE 0
-#define NOTHING (-1)
-#define STALLED (-2)
-#define FOREVER (-1.0)
-
-static double now_s(void) {
+double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
-
-typedef enum { GOT, TIMED_OUT, CLOSED, FAILED, INTERRUPTED } Outcome;
 
 /* Signal handlers run in the main thread only. A signal that came while a wait polled made
  * no syscall fail with EINTR (none blocked), so before such a wait goes to sleep the main
  * thread runs the handlers itself: else Ctrl-C would wait for the data or the deadline. */
 static unsigned long main_thread_ident;
 
-static int in_main_thread(void) {   /* with the GIL */
+int in_main_thread(void) {   /* with the GIL */
     return PyThread_get_thread_ident() == main_thread_ident;
 }
 
 /* Without the GIL: runs pending signal handlers; returns whether one raised. */
-static int handlers_raised(PyThreadState **save) {
+int handlers_raised(PyThreadState **save) {
     PyEval_RestoreThread(*save);
     int failed = PyErr_CheckSignals();
     *save = PyEval_SaveThread();
@@ -72,8 +53,8 @@ static int handlers_raised(PyThreadState **save) {
 /* Receive into buf[*got:n] until it is full or `deadline` (FOREVER: none) passes, polling
  * without sleeping until `poll_until` first. With `one`, returns as soon as any byte came.
  * Called without the GIL; takes it only to run signal handlers. */
-static Outcome receive(int fd, char *buf, Py_ssize_t n, Py_ssize_t *got, double poll_until,
-                       double deadline, int one, int *err, PyThreadState **save, int main_thread) {
+Outcome receive(int fd, char *buf, Py_ssize_t n, Py_ssize_t *got, double poll_until,
+                double deadline, int one, int *err, PyThreadState **save, int main_thread) {
     int polled = 0;
     while (*got < n) {
         ssize_t k = recv(fd, buf + *got, (size_t)(n - *got), MSG_DONTWAIT);
@@ -124,7 +105,7 @@ static Outcome receive(int fd, char *buf, Py_ssize_t n, Py_ssize_t *got, double 
 }
 
 /* Raises for CLOSED, FAILED and INTERRUPTED (with the GIL held); returns 0 if it did. */
-static int raise_for(Outcome outcome, int err) {
+int raise_for(Outcome outcome, int err) {
     if (outcome == CLOSED) {
         PyErr_SetString(PyExc_ConnectionError, "peer closed the connection");
         return 0;
@@ -139,7 +120,7 @@ static int raise_for(Outcome outcome, int err) {
     return 1;
 }
 
-static int writable(PyObject *o, Py_buffer *view) {
+int writable(PyObject *o, Py_buffer *view) {
     return PyObject_GetBuffer(o, view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) == 0;
 }
 
@@ -401,7 +382,8 @@ PyMODINIT_FUNC PyInit__frames(void) {
         return NULL;
     if (PyModule_AddIntConstant(m, "FIRST_BLOCK", FIRST_BLOCK) < 0 || PyModule_AddIntConstant(m, "LANDED", LANDED) < 0
             || PyModule_AddIntConstant(m, "BLOCK", BLOCK) < 0 || PyModule_AddIntConstant(m, "DONE", DONE) < 0
-            || PyModule_AddIntConstant(m, "NOTHING", NOTHING) < 0 || PyModule_AddIntConstant(m, "STALLED", STALLED) < 0) {
+            || PyModule_AddIntConstant(m, "NOTHING", NOTHING) < 0 || PyModule_AddIntConstant(m, "STALLED", STALLED) < 0
+            || spans_add_to_module(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

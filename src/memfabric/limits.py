@@ -122,6 +122,12 @@ MAX_NAMESPACES_PER_CLIENT = MAX_NAMESPACES // 4   # default of [server] max_name
 # RPC between hosts. A payload is at most one extent's span, so one segment bounds it.
 MAX_RPC_PAYLOAD_BYTES = 64 << 20
 MAX_RPC_IN_FLIGHT = 256        # pipelined requests per connection
+# Objects one RPC connection may have span grants for (bigmemory/span_grants.py): its span
+# reads and writes of those are served in compiled code; past this, the oldest is forgotten.
+# An object with more extents on one server than this is served there by Python: a grant
+# costs memory per extent (MAX_SPAN_GRANTS_PER_CONNECTION of them bound a connection's).
+MAX_SPAN_GRANTS_PER_CONNECTION = 1024
+MAX_EXTENTS_PER_SPAN_GRANT = 16
 HANDSHAKE_TIMEOUT_S = 5.0
 
 # MemKV.

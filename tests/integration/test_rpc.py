@@ -244,6 +244,10 @@ def test_tls_between_client_and_server():
             bm = ns.alloc(MiB)
             bm.write(b"over tls" * 1000)
             assert bm.read(0, 8000) == b"over tls" * 1000
+            for i in range(5):        # a connection's later span requests too: never the compiled path
+                bm.write(bytes([i]) * 65536, 4096)
+                assert bm.read(4096, 65536) == bytes([i]) * 65536
+            assert s.home().compiled_spans == 0 and s.home().call("stats")["compiled_spans"] == 0
         with pytest.raises((memfabric.ServerUnavailable, memfabric.PermissionDenied)):
             memfabric.init(os.path.join(directory, "plain.toml"), timeout_s=2.0)
     finally:

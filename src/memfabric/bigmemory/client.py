@@ -250,7 +250,8 @@ class BigMemory:
             for start in range(0, n, CHUNK_BYTES):
                 copy(lay, offset + start, buf[start:start + CHUNK_BYTES])
                 self._still_alive(lay, what)
-        self._still_alive(lay, what)
+        if lay.gens[lay.gen_index] != lay.generation:      # _still_alive(), on every call: inline
+            self._still_alive(lay, what)
 
     def _still_alive(self, lay: Layout, what: str) -> None:
         # Checked after every chunk: freed memory rests REUSE_GRACE_S before reuse, far longer

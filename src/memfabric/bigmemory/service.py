@@ -31,6 +31,7 @@ from ..datapath.deadline import unbounded
 from .journal import Journal
 from .layout import Layout, RemoteSegment, check_range, copy_between, described_layout, write_at
 from .objects import ObjectRecord, Placement, parse_bm_id
+from .span_grants import ConnectionGrants, SpanGrantRegistry
 
 if TYPE_CHECKING:
     from ..server.server import Server
@@ -60,6 +61,8 @@ class BigMemoryService:
         self._peer = server._peer
         self.view = server.view
         self._reserve_local = server._reserve_local
+        # Objects RPC connections may read and write in compiled code (span_grants.py).
+        self.grants = SpanGrantRegistry()
 
     @property
     def server_id(self) -> int:
@@ -90,9 +93,14 @@ class BigMemoryService:
                                 server.server_id, exc)
 
     def disconnected(self, conn: Connection) -> None:
-        """A client went away: its mappings no longer keep freed objects' memory."""
+        """A client went away: its mappings no longer keep freed objects' memory, nor its
+        span grants anything."""
         to_release: list[tuple[NamespaceState, str, list[Placement], Creds | None]] = []
         with self.lock:
+            grants = conn.services.pop("span_grants", None)
+            if grants is not None:
+                for token, segment in self.grants.close(grants):
+                    self._let_go_locked(token, segment)
             for (pool_name, ns), state in self.namespaces.items():
                 for bm_id, freed in state.objects.table.unpin_all_by_object(conn.id):
                     # The secId this client proved lets us give back extents held by peers.
@@ -104,7 +112,10 @@ class BigMemoryService:
 
     def dropped(self, state: NamespaceState) -> None:
         """The namespace is being destroyed (under the server's lock): no object of it comes
-        back after a restart."""
+        back after a restart, and no connection serves its objects from compiled code."""
+        allocator = self.pools[state.record.pool].allocator if state.record.pool in self.pools else None
+        for bm_id, segment in self.grants.revoke_namespace(state.record.pool, state.record.ns):
+            self._take_over_locked(state, allocator, bm_id, segment)
         self._log(state, "drop")
 
     def close(self) -> None:
@@ -160,6 +171,7 @@ class BigMemoryService:
                 theirs = {(e.segment, e.offset, e.length) for e in record.extents if e.server_id == server_id}
                 if not theirs <= {tuple(e) for e in held.get(bm_id, [])}:
                     record.lost_on.add(server_id)
+                    self._revoke_grants_locked(state, bm_id)    # using it fails from now on
                     damaged += 1
         if damaged:
             log.warning("%d objects homed here lost their bytes on server %d, which restarted without them",
@@ -402,6 +414,7 @@ class BigMemoryService:
         with self.lock:
             record = self._lookup(state, bm_id)
             state.objects.retract(record)       # clients' next generation check fails from here on
+            self._revoke_grants_locked(state, record.bm_id)
             extents = state.objects.table.free(record.bm_id)
             self._log(state, "free", record.bm_id)
         self._release(state, record.bm_id, extents, creds)
@@ -569,6 +582,7 @@ class BigMemoryService:
 
     def _give_back_locked(self, state: NamespaceState, bm_id: str, extents: list[Extent]) -> None:
         """Return extents to the allocator, or later if a transfer still uses the object."""
+        self._revoke_grants_locked(state, bm_id)     # a grant must not outlive the bytes
         if state.objects.busy.get(bm_id):
             state.objects.deferred.setdefault(bm_id, []).extend(extents)
         else:
@@ -756,24 +770,93 @@ class BigMemoryService:
                     break
             else:
                 raise OutOfRange(f"[{offset}, {end}) of segment {segment} is not object {bm_id}'s on server {me}")
-            # Held from here, under the same lock as the check.
             pool = self.pools[creds[0]]
             allocator = pool.allocator
+            grants = conn.services.get("span_grants")
+            if grants is not None and type(m.get("sec")) is bytes:
+                # Checked as above, under the same lock: the connection's next requests for
+                # the object need no Python (span_grants.py).
+                self._grant_locked(grants, state, pool, creds, bm_id, home, slot, generation, extents)
+            # Held from here, under the same lock as the check.
             allocator.hold(segment)
             busy = state.objects.busy
             busy[bm_id] = busy.get(bm_id, 0) + 1
             return pool.segments[segment], offset, length, state, allocator, segment, bm_id
 
+    def _grant_locked(self, grants: ConnectionGrants, state: NamespaceState, pool: PoolState, creds: Creds,
+                      bm_id: str, home: int, slot: int, generation: int, extents: list) -> None:
+        """Grant the connection the object whose span request passed every check. A grant
+        only saves time: one that cannot be made leaves the request to go on as it is."""
+        me = self.server_id
+        mine = extents if home != me else [e for e in extents if e.server_id == me]
+        mems = [pool.segments.get(e.segment) for e in mine]
+        spans = [(e.segment, e.offset, e.length, mem.view) for e, mem in zip(mine, mems)
+                 if mem is not None and mem.view is not None]
+        if len(spans) != len(mine):          # file segments (no view) stay Python's
+            return
+        try:
+            self.grants.grant(grants, (creds[0], creds[1], bm_id), creds[2], spans,
+                              state.objects.words if home == me else None, slot, generation,
+                              (state, pool.allocator, bm_id))
+        except (MemoryError, ValueError, BufferError) as exc:
+            self.server.limited_log.warning("span grant", "could not grant object %s: %r", bm_id, exc)
+
     def _let_go_span(self, held: tuple) -> None:
         _, _, _, state, allocator, segment, bm_id = held
         with self.lock:
-            allocator.let_go(segment)
-            busy = state.objects.busy
-            count = busy[bm_id] - 1
-            if count:
-                busy[bm_id] = count
-            else:
-                self._not_busy_locked(state, allocator, bm_id)     # the last: what a free deferred
+            self._let_go_locked((state, allocator, bm_id), segment)
+
+    def _let_go_locked(self, token: tuple, segment: int) -> None:
+        state, allocator, bm_id = token
+        allocator.let_go(segment)
+        busy = state.objects.busy
+        count = busy[bm_id] - 1
+        if count:
+            busy[bm_id] = count
+        else:
+            self._not_busy_locked(state, allocator, bm_id)     # the last: what a free deferred
+
+    # ---- span grants: span reads and writes served in compiled code (span_grants.py) ----------
+
+    def open_span_grants(self, conn: Connection) -> ConnectionGrants | None:
+        """Grants for an RPC connection whose loop serves them (rpc_front.py); None when the
+        compiled part is not built. Its checked span requests fill them."""
+        with self.lock:
+            grants = self.grants.open()
+            if grants is not None:
+                conn.services["span_grants"] = grants
+        return grants
+
+    def spans_served_compiled(self) -> int:
+        """Remote span reads and writes served in compiled code so far (for `stats`)."""
+        with self.lock:
+            return self.grants.served()
+
+    def settle_span_grants(self, conn: Connection) -> None:
+        """Transfers that were under way when their grants were revoked are over: let go of
+        what was held for them."""
+        grants = conn.services.get("span_grants")
+        if grants is None:
+            return
+        owed = grants.table.take_owed()
+        if owed:
+            with self.lock:
+                for token, segment in owed:
+                    self._let_go_locked(token, segment)
+
+    def _revoke_grants_locked(self, state: NamespaceState, bm_id: str) -> None:
+        """No connection reads or writes the object in compiled code from now on; transfers
+        under way are held as Python's own are, until their loop reports them over."""
+        pool = state.record.pool
+        for segment in self.grants.revoke(pool, state.record.ns, bm_id):
+            self._take_over_locked(state, self.pools[pool].allocator, bm_id, segment)
+
+    @staticmethod
+    def _take_over_locked(state: NamespaceState, allocator: Any, bm_id: str, segment: int) -> None:
+        """Hold for a compiled transfer under way what _hold_span holds for a Python one."""
+        allocator.hold(segment)
+        busy = state.objects.busy
+        busy[bm_id] = busy.get(bm_id, 0) + 1
 
     def _not_busy_locked(self, state: NamespaceState, allocator: Any, bm_id: str) -> None:
         """One transfer of the object is over; the last one gives back what a free deferred."""

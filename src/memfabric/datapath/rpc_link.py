@@ -7,6 +7,10 @@ so costs no thread hand-off; many in flight share one reader at a time. Replies 
 order of the requests (rpc.py), so a reader whose own request is the oldest unanswered one
 takes its reply's payload straight into its buffer, with the header, in one receive.
 
+A lone span read or write on an idle link (no other request in flight, both locks free) goes
+through compiled code (_spans.c: send, wait and receive in one call, the payload straight
+into the caller's buffer); anything unusual in its reply is read here as any reply is.
+
 Every wait has a deadline. A request that runs out of time gets TIMEOUT and the link stays
 in use: its entry is dropped, so its reply, when it comes, is read past (late_replies.py).
 A caller never gets its buffer back while a reader may still be receiving into it. The link
@@ -26,12 +30,14 @@ from typing import Any
 from ..errors import (LimitExceeded, MemfabricError, ProtocolError, ServerUnavailable, Timeout,
                       error_from_code)
 from ..limits import BUSY_POLL_US, DEFAULT_REQUEST_TIMEOUT_S, MAX_RPC_IN_FLIGHT, MAX_UNANSWERED_REQUESTS
-from ..transport import rpc
+from ..transport import rpc, wire
+from ..transport.rpc import _frames
 from .deadline import call_timeout_s
 from .late_replies import undo_of
 from .link import LIVENESS_CHECK_EVERY_S, Creds, settle
 
 log = logging.getLogger("memfabric.link")
+SPAN_HEAD_ENTRIES = 6         # pool, ns, sec, bm_id, segment, op: span_head()
 
 
 class Pending:
@@ -100,6 +106,20 @@ class RpcLink:
         self._next_id = 1
         self._closed = False
         self._checked_at = 0.0
+        self.compiled_spans = 0        # span requests that went through call_span()
+        # call_span()'s own handle on the socket (plain TCP, _frames built): a duplicate, so a
+        # close() by another thread never frees the fd number under a compiled call; it is
+        # closed under the receive lock, which every such call holds. Its polling is its own.
+        self._span_dup = None
+        if self._frames.compiled and hasattr(_frames, "SpanFd"):
+            try:
+                self._span_dup = _frames.SpanFd(self._frames.sock.fileno())
+            except OSError:          # out of fds: this link just goes without it
+                pass
+        self._span_fd = -1 if self._span_dup is None else self._span_dup.fd
+        self._span_block = memoryview(bytearray(rpc.FIRST_BLOCK))
+        self._span_window_s = busy_poll_s
+        self._span_polling = busy_poll_s > 0
         try:
             hello = self.call("hello", role=role)
         except BaseException:
@@ -299,6 +319,99 @@ class RpcLink:
         return self.submit("seg_read", {"pool": creds[0], "ns": creds[1], "sec": creds[2], "bm_id": bm_id,
                                         "segment": segment, "offset": offset, "length": len(dst)}, into=dst)
 
+    def span_head(self, creds: Creds, bm_id: str, segment: int, op: str) -> bytes:
+        """What call_span() sends of a span request besides offset, length and id: the pairs
+        of its msgpack map (SPAN_HEAD_ENTRIES of them), encoded once per segment and op."""
+        return wire.encode({"pool": creds[0], "ns": creds[1], "sec": creds[2], "bm_id": bm_id,
+                            "segment": segment, "op": op})[1:]     # past the map's one-byte header
+
+    def call_span(self, op: str, head: bytes, offset: int, length: int, payload: memoryview | None,
+                  into: memoryview | None) -> bool:
+        """A span read (`into`) or write (`payload`) through the compiled path, when this link
+        is idle: done (True), or not taken (False: nothing was sent; submit() it). Raises as
+        wait() does."""
+        if self._span_fd < 0:
+            return False
+        send_lock, recv_lock = self._send_lock, self._recv_lock
+        if send_lock._is_owned() or recv_lock._is_owned():
+            return False                 # re-entered (a signal handler): the stream is not ours alone
+        taken = 0
+        try:
+            # `taken` says what to release; a Ctrl-C between an acquire and its count is
+            # caught by _is_owned() below.
+            if not send_lock.acquire(False):
+                return False
+            taken = 1
+            if not recv_lock.acquire(False):
+                return False
+            taken = 2
+            with self._lock:
+                if self._closed or self._pending or self._abandoned:
+                    return False
+                request_id = self._next_id
+                self._next_id += 1
+            timeout_s = call_timeout_s(self.timeout_s)
+            if timeout_s <= 0:
+                raise Timeout(f"no time was left to send {op!r} to server at {self.address}")
+            try:
+                status, self._span_polling = _frames.call_span(
+                    self._span_fd, self._span_block, head, SPAN_HEAD_ENTRIES, offset, length, request_id, payload,
+                    into, self._span_window_s, self._span_polling, timeout_s, self.timeout_s)
+            except OSError as exc:       # ConnectionError too
+                self._shut(ServerUnavailable(f"server {self.server_id} at {self.address} is gone "
+                                             f"({exc.__class__.__name__})"))
+            except BaseException:        # interrupted (Ctrl-C): the stream's position is unknown
+                self._shut(ServerUnavailable(f"{op!r} to {self.address} was interrupted"), raise_it=False)
+                raise
+            if status == _frames.UNSENT:
+                return False
+            self.compiled_spans += 1
+            if status != _frames.OK:
+                self._span_outcome(op, status, request_id, into, timeout_s)
+            return True
+        finally:
+            if taken == 2 or recv_lock._is_owned():
+                if self._closed:
+                    self._close_span_dup()
+                recv_lock.release()
+            if taken or send_lock._is_owned():
+                send_lock.release()
+
+    def _close_span_dup(self) -> None:
+        """With the receive lock: no compiled call uses the duplicate any more."""
+        dup, self._span_dup, self._span_fd = self._span_dup, None, -1
+        if dup is not None:
+            dup.close()
+
+    def _span_outcome(self, op: str, status: int, request_id: int, into: memoryview | None,
+                      timeout_s: float) -> None:
+        """What call_span() got short of a plain answer, read as wait() reads a reply: the
+        reply's error raised, a timeout given up on, a broken stream shut."""
+        if status == _frames.SEND_TIMEOUT:       # no byte went out: the stream is whole
+            raise Timeout(f"server at {self.address} took no request for {self.timeout_s}s ({op!r})")
+        if status == _frames.SEND_STALLED:
+            self._shut(Timeout(f"server at {self.address} stopped taking {op!r} part way"))
+        if status == _frames.STALLED:
+            self._shut(Timeout(f"a reply from server at {self.address} stalled part way ({op!r})"))
+        pending = Pending(into, op)
+        with self._lock:
+            self._pending[request_id] = pending
+        if status == _frames.NOTHING:
+            self._give_up(request_id, pending, op, timeout_s)    # raises, and reads its reply past later
+        try:
+            header, payload_len = self._frames.header_in_block(self.timeout_s, self._span_block)
+            self._deliver(header, payload_len, status == _frames.LANDED, request_id, pending)
+        except rpc.MidFrameTimeout:
+            self._shut(Timeout(f"a reply from server at {self.address} stalled part way ({op!r})"))
+        except (OSError, ConnectionError, ValueError, MemfabricError) as exc:
+            self._shut(ServerUnavailable(f"server {self.server_id} at {self.address} is gone "
+                                         f"({exc.__class__.__name__})"))
+        if pending.error is not None:
+            raise pending.error
+        reply = pending.reply
+        if "error" in reply:
+            raise error_from_code(reply["error"], str(reply.get("msg", "")))
+
     # ---- reading (done by whichever caller holds the receive lock) -------------------------------
 
     def _read_one(self, deadline: float, own_id: int = 0, own: Pending | None = None) -> None:
@@ -317,6 +430,13 @@ class RpcLink:
                 if oldest == own_id and (not self._abandoned or min(self._abandoned) > own_id):
                     land = own.into
         header, payload_len, landed = frames.recv_frame(deadline, self.timeout_s, land)
+        self._deliver(header, payload_len, landed, own_id, own)
+
+    def _deliver(self, header: dict[str, Any], payload_len: int, landed: bool, own_id: int,
+                 own: Pending | None) -> None:
+        """A reply's header is in (and its payload, if `landed` in the reader's own buffer):
+        hand it to its request, its payload read into that request's buffer."""
+        frames = self._frames
         reply_id = header.get("id")
         if landed:
             with self._lock:
@@ -395,6 +515,7 @@ class RpcLink:
         # Wait out a reader that may be mid-payload into a caller's buffer: the close above
         # ends its receive at once.
         if self._recv_lock.acquire(timeout=self.timeout_s + rpc.DEADLINE_SLACK_S):
+            self._close_span_dup()
             self._recv_lock.release()
         else:
             log.warning("a reader of the link to %s did not let go after it closed", self.address)

@@ -4,6 +4,10 @@ Requests on one connection are handled in order (the client pipelines them). Dat
 in place: a write's payload is received straight into the segment bytes the request was
 checked against, and a read's reply is sent straight from them. A bad request whose
 payload is already on the wire has that payload drained, then gets its error reply.
+
+On plain TCP, the connection waits for its requests in compiled code (_spans.c), which
+serves the span reads and writes of objects the connection was granted (span_grants.py)
+by itself and hands every other frame to the loop here.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import time
 from ..errors import InternalError, LimitExceeded, MemfabricError, ProtocolError
 from ..limits import DEFAULT_REQUEST_TIMEOUT_S as REQUEST_TIMEOUT_S
 from ..transport import rpc, wire
+from ..transport.rpc import _frames
 from .accepting import AcceptLoop
 from .requests import Connection, Payload
 from .server import Server
@@ -98,10 +103,14 @@ class RpcFront:
             self.server.disconnected(conn)
 
     def _loop(self, conn: Connection, frames: rpc.FrameSocket) -> None:
+        grants = self.server.bigmemory.open_span_grants(conn) if frames.compiled else None
         while True:
             try:
                 # An idle connection may wait for its next request; a begun frame must finish.
-                request, payload_len = frames.recv_header(frame_timeout_s=REQUEST_TIMEOUT_S)
+                if grants is not None:
+                    request, payload_len = self._next_request(conn, frames, grants)
+                else:
+                    request, payload_len = frames.recv_header(frame_timeout_s=REQUEST_TIMEOUT_S)
             except (OSError, ConnectionError, ValueError):
                 return
             except ProtocolError as exc:
@@ -158,6 +167,19 @@ class RpcFront:
             finally:
                 if done is not None:
                     done()
+
+    def _next_request(self, conn: Connection, frames: rpc.FrameSocket, grants) -> tuple[dict, int]:
+        """The next request the compiled loop leaves to us: it serves granted span reads and
+        writes itself (OSError: the stream broke)."""
+        while True:
+            status, failure = frames.serve_spans(grants.table, REQUEST_TIMEOUT_S)
+            if status == _frames.OWED:
+                self.server.bigmemory.settle_span_grants(conn)
+                continue
+            if status == _frames.TRANSFER_FAILED:
+                self.server.limited_log.info("rpc transfer", "RPC connection %d closed during %s", conn.id, failure)
+                raise ConnectionError(failure)
+            return frames.header_in_block(REQUEST_TIMEOUT_S)
 
     def stop(self) -> None:
         self._accept.close()

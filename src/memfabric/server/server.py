@@ -400,8 +400,10 @@ class Server:
 
     def op_stats(self, conn: Connection, m: dict[str, Any]) -> Reply:
         """This server process's CPU time so far (all threads, ended ones included): what
-        the bench divides by the operations it ran, polling included."""
-        return {"server_id": self.server_id, "cpu_s": time.process_time()}
+        the bench divides by the operations it ran, polling included; and how many remote
+        span reads and writes its RPC connections served in compiled code."""
+        return {"server_id": self.server_id, "cpu_s": time.process_time(),
+                "compiled_spans": self.bigmemory.spans_served_compiled()}
 
     def op_audit(self, conn: Connection, m: dict[str, Any]) -> Reply:
         """Per pool, the allocator's live bytes against what objects, pins and holdings

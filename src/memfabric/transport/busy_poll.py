@@ -50,6 +50,16 @@ class BusyPoll:
         """How long the next wait may poll."""
         return self.window_s if self._worth_it else 0.0
 
+    @property
+    def polling(self) -> bool:
+        """Whether the next wait polls. A compiled loop that waits many times (_spans.c's
+        serve_spans) applies the rule itself, and leaves its outcome here."""
+        return self._worth_it
+
+    @polling.setter
+    def polling(self, polling: bool) -> None:
+        self._worth_it = bool(polling) and self.window_s > 0
+
     def waited(self, taken_s: float) -> None:
         """A wait took `taken_s`: poll next time only if that was within the window."""
         self._worth_it = self.window_s > 0 and taken_s <= self.window_s

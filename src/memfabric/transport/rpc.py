@@ -15,7 +15,9 @@ that knows its request is the oldest unanswered one knows the next frame is its 
 
 Plain sockets receive through the compiled _frames.c (a wait polls and sleeps without the
 GIL and raises nothing per empty poll; a reply's payload can land with its header in one
-call); TLS sockets, and a build without the extension, take the Python path below.
+call); TLS sockets, and a build without the extension, take the Python path below. On plain
+sockets a server connection may also wait in _spans.c, which serves granted span requests by
+itself (serve_spans) and leaves every other frame's first block here (header_in_block).
 
 A connection starts with a mutual challenge: each side proves it holds the cluster token
 by an HMAC over both sides' fresh nonces; the token itself never crosses the wire. A peer
@@ -183,6 +185,29 @@ class FrameSocket:
         header, payload_len = self._header_in_block(frame_deadline)
         return header, payload_len, landed
 
+    def header_in_block(self, frame_timeout_s: float | None, block: memoryview | None = None
+                        ) -> tuple[dict[str, Any], int]:
+        """The header of the frame whose first block a compiled call left in our block
+        (serve_spans) or in `block` (a link's call_span), and its payload's length; the
+        payload is still to be read."""
+        return self._header_in_block(None if frame_timeout_s is None else time.monotonic() + frame_timeout_s, block)
+
+    def serve_spans(self, grants: Any, frame_timeout_s: float) -> tuple[int, str | None]:
+        """Serve span requests that `grants` cover in _spans.c until one needs Python: returns
+        (FALLBACK, None) with a frame's first block in (header_in_block() reads it), (OWED,
+        None) when a revoked grant's transfer is over, (TRANSFER_FAILED, what) when a
+        transfer broke the stream. A frame that stalls raises MidFrameTimeout."""
+        poll = self._busy_poll
+        fd = self._take_fd()
+        try:
+            status, poll.polling, info = _frames.serve_spans(fd, self._block, grants, poll.window_s,
+                                                             poll.polling, frame_timeout_s, MAX_RPC_PAYLOAD_BYTES)
+        finally:
+            self._give_fd()
+        if status == _frames.STALLED:
+            raise MidFrameTimeout("the frame stalled part way")
+        return status, info
+
     def _recv_block_compiled(self, deadline: float | None, frame_timeout_s: float | None,
                              into: memoryview | None) -> bool:
         """The frame's first block (and perhaps its payload: the result says) through _frames.c."""
@@ -217,10 +242,12 @@ class FrameSocket:
                 raise MidFrameTimeout("the frame stalled part way") from None
         return deadline
 
-    def _header_in_block(self, frame_deadline: float | None) -> tuple[dict[str, Any], int]:
-        """The header of the frame whose first block is in, read on past the block if it is
-        longer, and the payload's length."""
-        block = self._block
+    def _header_in_block(self, frame_deadline: float | None,
+                         block: memoryview | None = None) -> tuple[dict[str, Any], int]:
+        """The header of the frame whose first block is in (in our block, or `block`), read
+        on past the block if it is longer, and the payload's length."""
+        if block is None:
+            block = self._block
         head_len, payload_len = PREFIX.unpack_from(block)
         if head_len > MAX_MESSAGE_BYTES or payload_len > MAX_RPC_PAYLOAD_BYTES:
             raise ProtocolError(f"frame of {head_len}+{payload_len} bytes is over the limits")
