@@ -124,10 +124,11 @@ def run_interrupted(hook: CtrlC, call: Callable[[], Any]) -> BaseException | Non
 
 
 def holding(hook: CtrlC) -> list[str]:
-    """Requests the interrupted call made that are neither answered nor let go of: their
-    buffer is still theirs to land a reply in (or a waiter for them would wait in vain)."""
-    return [f"{getattr(p, 'op', '?')!r}" for p in hook.made           # (one cut off half made is not)
-            if not getattr(p, "done", True) and getattr(p, "into", None) is not None]
+    """Requests the interrupted call sent that are neither answered nor let go of: their
+    buffer is still theirs to land a reply in (or a waiter for them would wait in vain).
+    (One cut off half made, or never sent, is not: no reader can reach it.)"""
+    return [f"{getattr(p, 'op', '?')!r}" for p in hook.made
+            if not getattr(p, "done", True) and getattr(p, "into", None) is not None and getattr(p, "id", None) != 0]
 
 
 def again(call: Callable[[], Any]) -> Any:
@@ -376,10 +377,22 @@ def test_a_same_host_call_interrupted_anywhere_leaves_its_link_free(remote_fabri
         session.servers()
         kept = []
 
+        def free_for_another_thread() -> bool:
+            free: list[bool] = []
+
+            def try_it() -> None:
+                free.append(link._lock.acquire(timeout=0))
+                if free[0]:
+                    link._lock.release()
+            helper = threading.Thread(target=try_it)
+            helper.start()
+            helper.join(WAIT_S)
+            return free == [True]
+
         def check(hook: CtrlC, buf: bytearray) -> None:
-            if link._lock.locked():
+            if not free_for_another_thread():
                 kept.append(hook.delivered_at)
-                link._lock.release()      # so the sweep goes on
+                link._lock.release()      # (this thread took it) so the sweep goes on
             again(session.servers)
 
         points = sweep(lambda buf: session.servers(), 0, check)

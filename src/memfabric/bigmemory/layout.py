@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from ..datapath.rpc_link import InFlight, segment_args
 from ..errors import InvalidArgument, NoSuchObject, OutOfRange
 
 
@@ -23,39 +24,22 @@ class RemoteSegment:
     def __init__(self, link: Any, creds: tuple, bm_id: str, segment: int) -> None:
         self.link, self.creds, self.bm_id, self.segment = link, creds, bm_id, segment
 
-    def submit_write(self, at: int, src: memoryview) -> "Transfer":
-        """Start sending `src` to offset `at` of the segment."""
-        return Transfer(self.link, *self.link.submit_write(self.creds, self.bm_id, self.segment, at, src),
-                        "seg_write")
+    def submit_write(self, at: int, src: memoryview, flight: InFlight) -> None:
+        """Start sending `src` to offset `at` of the segment, as one of `flight`."""
+        flight.submit(self.link, "seg_write", segment_args(self.creds, self.bm_id, self.segment, at, len(src)),
+                      payload=src)
 
-    def submit_read(self, at: int, dst: memoryview) -> "Transfer":
-        """Start reading into `dst` from offset `at`."""
-        return Transfer(self.link, *self.link.submit_read(self.creds, self.bm_id, self.segment, at, dst),
-                        "seg_read")
+    def submit_read(self, at: int, dst: memoryview, flight: InFlight) -> None:
+        """Start reading into `dst` from offset `at`, as one of `flight`."""
+        flight.submit(self.link, "seg_read", segment_args(self.creds, self.bm_id, self.segment, at, len(dst)),
+                      into=dst)
 
     def write(self, at: int, src: memoryview) -> None:
-        link = self.link
-        link.wait(*link.submit_write(self.creds, self.bm_id, self.segment, at, src), "seg_write")
+        self.link.request("seg_write", segment_args(self.creds, self.bm_id, self.segment, at, len(src)),
+                          payload=src)
 
     def read(self, at: int, dst: memoryview) -> None:
-        link = self.link
-        link.wait(*link.submit_read(self.creds, self.bm_id, self.segment, at, dst), "seg_read")
-
-
-class Transfer:
-    """One request in flight on an RPC link: wait for it, or cancel it (after which no byte
-    lands in its buffer)."""
-
-    __slots__ = ("link", "request_id", "pending", "op")
-
-    def __init__(self, link: Any, request_id: int, pending: Any, op: str) -> None:
-        self.link, self.request_id, self.pending, self.op = link, request_id, pending, op
-
-    def wait(self) -> None:
-        self.link.wait(self.request_id, self.pending, self.op)
-
-    def cancel(self) -> None:
-        self.link.cancel(self.request_id, self.pending)
+        self.link.request("seg_read", segment_args(self.creds, self.bm_id, self.segment, at, len(dst)), into=dst)
 
 
 def always_live(generation: int, size: int) -> memoryview:
@@ -154,18 +138,6 @@ def as_bytes_view(buffer: object, writable: bool = False) -> memoryview:
     return view
 
 
-def _wait_all(transfers: list[Transfer]) -> None:
-    """Wait for every transfer; when one fails, cancel the rest before raising, so no reply
-    lands in the caller's buffer once it has the error."""
-    for i, transfer in enumerate(transfers):
-        try:
-            transfer.wait()
-        except BaseException:
-            for rest in transfers[i + 1:]:
-                rest.cancel()
-            raise
-
-
 def write_at(layout: Layout, offset: int, src: memoryview) -> None:
     n = src.nbytes
     if layout.local_single:
@@ -179,18 +151,13 @@ def write_at(layout: Layout, offset: int, src: memoryview) -> None:
         if n:
             segment.write(base + offset, src)
         return
-    transfers: list[Transfer] = []
-    try:
+    with InFlight() as flight:          # however this ends, no reply lands after it
         for target, a, b, pos in layout.spans(offset, n):
             if type(target) is memoryview:
                 target[a:b] = src[pos: pos + b - a]
             else:
-                transfers.append(target.submit_write(a, src[pos: pos + b - a]))
-    except BaseException:
-        for transfer in transfers:
-            transfer.cancel()
-        raise
-    _wait_all(transfers)
+                target.submit_write(a, src[pos: pos + b - a], flight)
+        flight.wait_all()
 
 
 def read_into(layout: Layout, offset: int, dst: memoryview) -> None:
@@ -206,18 +173,13 @@ def read_into(layout: Layout, offset: int, dst: memoryview) -> None:
         if n:
             segment.read(base + offset, dst)
         return
-    transfers: list[Transfer] = []
-    try:
+    with InFlight() as flight:          # no reply may land in `dst` once this has returned or raised
         for target, a, b, pos in layout.spans(offset, n):
             if type(target) is memoryview:
                 dst[pos: pos + b - a] = target[a:b]
             else:
-                transfers.append(target.submit_read(a, dst[pos: pos + b - a]))
-    except BaseException:
-        for transfer in transfers:       # no reply may land in `dst` once the caller has the error
-            transfer.cancel()
-        raise
-    _wait_all(transfers)
+                target.submit_read(a, dst[pos: pos + b - a], flight)
+        flight.wait_all()
 
 
 def read_bytes(layout: Layout, offset: int, length: int) -> bytes:
@@ -228,20 +190,15 @@ def read_bytes(layout: Layout, offset: int, length: int) -> bytes:
         _, _, view, base = layout.pieces[0]
         return bytes(view[base + offset: base + offset + length])
     parts: list[memoryview] = []
-    transfers: list[Transfer] = []
-    try:
+    with InFlight() as flight:
         for target, a, b, _ in layout.spans(offset, length):
             if type(target) is memoryview:
                 parts.append(target[a:b])
             else:
                 received = memoryview(bytearray(b - a))
-                transfers.append(target.submit_read(a, received))
+                target.submit_read(a, received, flight)
                 parts.append(received)
-    except BaseException:
-        for transfer in transfers:
-            transfer.cancel()
-        raise
-    _wait_all(transfers)
+        flight.wait_all()
     return b"".join(parts)
 
 

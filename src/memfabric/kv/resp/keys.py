@@ -172,8 +172,7 @@ class Keyspace:
         def buffer(length: int) -> memoryview:
             made.append(_buffer(length))
             return made[-1]
-        request_id, pending = link.submit("kv_get_many", {**self.wire, "keys": keys}, into=buffer)
-        reply = link.wait(request_id, pending, "kv_get_many")
+        reply = link.request("kv_get_many", {**self.wire, "keys": keys}, into=buffer)
         return reply["lengths"], made[0] if made else memoryview(b"")
 
     def get(self, key: bytes) -> bytes | None:
@@ -207,8 +206,7 @@ class Keyspace:
         if link.is_local:
             reply = link.call("kv_get", **self.wire, key=key)
         else:
-            request_id, pending = link.submit("kv_get", {**self.wire, "key": key}, into=buffer)
-            reply = link.wait(request_id, pending, "kv_get")
+            reply = link.request("kv_get", {**self.wire, "key": key}, into=buffer)
         if not reply["found"]:
             return None
         if "value" in reply:
