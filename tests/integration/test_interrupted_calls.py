@@ -326,12 +326,13 @@ def test_other_threads_on_the_link_go_on_while_one_is_interrupted_at_every_line(
             wrote_late.append(hook.delivered_at)
 
     try:
-        sweep(read, size, check)
+        points = sweep(read, size, check)
     finally:
         stop.set()
         for t in threads:
             t.join(WAIT_S)
     assert not any(t.is_alive() for t in threads)
+    assert points > 10
     assert not wrote_late, wrote_late
     assert not wrong, f"{len(wrong)} reads of other threads got other bytes"
     assert not errors, errors[:5]

@@ -34,12 +34,16 @@ class RemoteSegment:
         flight.submit(self.link, "seg_read", segment_args(self.creds, self.bm_id, self.segment, at, len(dst)),
                       into=dst)
 
+    # write and read build segment_args' request in place: one call fewer on the hot path.
     def write(self, at: int, src: memoryview) -> None:
-        self.link.request("seg_write", segment_args(self.creds, self.bm_id, self.segment, at, len(src)),
-                          payload=src)
+        creds = self.creds
+        self.link.request("seg_write", {"pool": creds[0], "ns": creds[1], "sec": creds[2], "bm_id": self.bm_id,
+                                        "segment": self.segment, "offset": at, "length": len(src)}, payload=src)
 
     def read(self, at: int, dst: memoryview) -> None:
-        self.link.request("seg_read", segment_args(self.creds, self.bm_id, self.segment, at, len(dst)), into=dst)
+        creds = self.creds
+        self.link.request("seg_read", {"pool": creds[0], "ns": creds[1], "sec": creds[2], "bm_id": self.bm_id,
+                                       "segment": self.segment, "offset": at, "length": len(dst)}, into=dst)
 
 
 def always_live(generation: int, size: int) -> memoryview:
