@@ -127,7 +127,16 @@ class RpcLink:
             return self.wait(pending.id, pending, op, timeout_s)
         finally:
             if not pending.done:
-                self._let_go(pending)
+                # _let_go() in place: no call (where a signal's handler runs) before its try.
+                interrupted = None
+                while True:
+                    try:
+                        self.cancel(pending.id, pending)
+                        break
+                    except BaseException as exc:
+                        interrupted = exc
+                if interrupted is not None:
+                    raise interrupted
 
     def submit(self, op: str, args: dict[str, Any], payload: memoryview | list | None = None,
                into: memoryview | list | None = None, timeout_s: float | None = None) -> tuple[int, Pending]:
@@ -503,7 +512,8 @@ class InFlight:
     """The requests one operation has in flight at once, on one link or several. Each is
     noted here before it is sent, and close() (the end of a `with`) lets go of every one
     not answered: however the operation ends (an error, a sibling's failure, Ctrl-C at any
-    line), no reply lands in its buffers once it has returned or raised."""
+    line), no reply lands in its buffers once it has returned or raised. (Left: a second
+    interruption at the very entry of __exit__, after an error or a first one.)"""
 
     __slots__ = ("requests",)
 
@@ -514,7 +524,22 @@ class InFlight:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        self.close()
+        """Let go of every request not answered; an interruption meanwhile (Ctrl-C) goes on
+        up once all are let go. (In here, not in a call from here: one call fewer where a
+        signal's handler could run first.)"""
+        interrupted = None
+        requests = self.requests
+        while requests:
+            try:
+                while requests:
+                    link, pending = requests[-1]
+                    if not (pending.done or pending.given_up):
+                        link._let_go(pending)
+                    requests.pop()
+            except BaseException as exc:
+                interrupted = exc
+        if interrupted is not None:
+            raise interrupted
 
     def submit(self, link: RpcLink, op: str, args: dict[str, Any], payload: memoryview | list | None = None,
                into: Any = None) -> Pending:
@@ -534,21 +559,7 @@ class InFlight:
             link.wait(pending.id, pending, pending.op)
 
     def close(self) -> None:
-        """Let go of every request not answered; an interruption meanwhile (Ctrl-C) goes on
-        up once all are let go."""
-        interrupted = None
-        requests = self.requests
-        while requests:
-            try:
-                while requests:
-                    link, pending = requests[-1]
-                    if not (pending.done or pending.given_up):
-                        link._let_go(pending)
-                    requests.pop()
-            except BaseException as exc:
-                interrupted = exc
-        if interrupted is not None:
-            raise interrupted
+        self.__exit__(None, None, None)
 
 
 def _landing(into: list, header: dict[str, Any]) -> list:
