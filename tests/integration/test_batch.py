@@ -218,13 +218,13 @@ def test_large_shares_go_as_several_requests(objects, monkeypatch):
     monkeypatch.setattr(batch, "MAX_BATCH_SPANS_PER_REQUEST", 7)
     monkeypatch.setattr(batch, "MAX_BATCH_REQUEST_BYTES", 100 * KiB)
     sent = []
-    real_submit = RpcLink.submit
+    real_send = RpcLink._send
 
-    def counting_submit(self, op, args, *rest, **kwargs):
-        if op in (batch.READ_OP, batch.WRITE_OP):
-            sent.append((self.server_id, op, len(args["spans"]) // 4))
-        return real_submit(self, op, args, *rest, **kwargs)
-    monkeypatch.setattr(RpcLink, "submit", counting_submit)
+    def counting_send(self, pending, *rest, **kwargs):
+        if pending.op in (batch.READ_OP, batch.WRITE_OP):
+            sent.append((self.server_id, pending.op, len(pending.args["spans"]) // 4))
+        return real_send(self, pending, *rest, **kwargs)
+    monkeypatch.setattr(RpcLink, "_send", counting_send)
     small = [(objs[k % 2], (k * 64) % 4000, 64) for k in range(30)]          # 15 spans per server
     big = [(objs[4], 0, 3 * MiB + 5), (objs[5], 17, 5 * MiB - 17)]          # > 100 KiB each
     items = small + big

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterable
 
+from ..datapath.rpc_link import InFlight
 from ..errors import BmError, InvalidArgument, LimitExceeded, MemfabricError, OutOfRange
 from ..limits import (BATCH_REQUESTS_IN_FLIGHT, MAX_BATCH_ITEMS, MAX_BATCH_REQUEST_BYTES,
                       MAX_BATCH_SPANS_PER_REQUEST)
@@ -333,8 +334,8 @@ class _Requests:
         flight before going on up, so no reply lands in a caller's buffer afterwards."""
         op = WRITE_OP if self.writing else READ_OP
         queues = {link: list(reversed(requests)) for link, requests in self.links.items()}
-        in_flight: list[tuple[Any, int, Any, _Request]] = []
-        try:
+        in_flight: list[tuple[Any, Any, _Request]] = []
+        with InFlight() as flight:      # however this ends, no reply lands after it
             while queues or in_flight:
                 for link in list(queues):
                     waiting = queues[link]
@@ -342,28 +343,24 @@ class _Requests:
                         request = waiting.pop()
                         try:
                             if self.writing:
-                                rid, pending = link.submit(op, request.header(), payload=request.views)
+                                pending = flight.submit(link, op, request.header(), payload=request.views)
                             else:
-                                rid, pending = link.submit(op, request.header(), into=request.views)
+                                pending = flight.submit(link, op, request.header(), into=request.views)
                         except MemfabricError as exc:
                             _fail(results, request.items, int(exc.code))
                             continue
-                        in_flight.append((link, rid, pending, request))
+                        in_flight.append((link, pending, request))
                     if not waiting:
                         del queues[link]
                 if not in_flight:
                     continue
-                link, rid, pending, request = in_flight.pop(0)
+                link, pending, request = in_flight.pop(0)
                 try:
-                    reply = link.wait(rid, pending, op)
+                    reply = flight.wait(link, pending)
                 except MemfabricError as exc:
                     _fail(results, request.items, int(exc.code))
                     continue
                 _take_reply(results, request, reply)
-        except BaseException:
-            for link, rid, pending, _ in in_flight:
-                link.cancel(rid, pending)
-            raise
 
 
 def _fail(results: list[int], items: list[int], code: int) -> None:

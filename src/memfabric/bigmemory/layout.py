@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from ..datapath.rpc_link import InFlight, segment_args
 from ..errors import InvalidArgument, NoSuchObject, OutOfRange
 
 
@@ -26,23 +27,26 @@ class RemoteSegment:
         self.link, self.creds, self.bm_id, self.segment = link, creds, bm_id, segment
         self._read_head = self._write_head = None
 
-    def submit_write(self, at: int, src: memoryview) -> "Transfer":
-        """Start sending `src` to offset `at` of the segment."""
-        return Transfer(self.link, *self.link.submit_write(self.creds, self.bm_id, self.segment, at, src),
-                        "seg_write")
+    def submit_write(self, at: int, src: memoryview, flight: InFlight) -> None:
+        """Start sending `src` to offset `at` of the segment, as one of `flight`."""
+        flight.submit(self.link, "seg_write", segment_args(self.creds, self.bm_id, self.segment, at, len(src)),
+                      payload=src)
 
-    def submit_read(self, at: int, dst: memoryview) -> "Transfer":
-        """Start reading into `dst` from offset `at`."""
-        return Transfer(self.link, *self.link.submit_read(self.creds, self.bm_id, self.segment, at, dst),
-                        "seg_read")
+    def submit_read(self, at: int, dst: memoryview, flight: InFlight) -> None:
+        """Start reading into `dst` from offset `at`, as one of `flight`."""
+        flight.submit(self.link, "seg_read", segment_args(self.creds, self.bm_id, self.segment, at, len(dst)),
+                      into=dst)
 
+    # write and read build segment_args' request in place: one call fewer on the hot path.
     def write(self, at: int, src: memoryview) -> None:
         link = self.link
         head = self._write_head
         if head is None:
             head = self._write_head = link.span_head(self.creds, self.bm_id, self.segment, "seg_write")
         if not link.call_span("seg_write", head, at, len(src), src, None):
-            link.wait(*link.submit_write(self.creds, self.bm_id, self.segment, at, src), "seg_write")
+            creds = self.creds
+            link.request("seg_write", {"pool": creds[0], "ns": creds[1], "sec": creds[2], "bm_id": self.bm_id,
+                                       "segment": self.segment, "offset": at, "length": len(src)}, payload=src)
 
     def read(self, at: int, dst: memoryview) -> None:
         link = self.link
@@ -50,23 +54,9 @@ class RemoteSegment:
         if head is None:
             head = self._read_head = link.span_head(self.creds, self.bm_id, self.segment, "seg_read")
         if not link.call_span("seg_read", head, at, len(dst), None, dst):
-            link.wait(*link.submit_read(self.creds, self.bm_id, self.segment, at, dst), "seg_read")
-
-
-class Transfer:
-    """One request in flight on an RPC link: wait for it, or cancel it (after which no byte
-    lands in its buffer)."""
-
-    __slots__ = ("link", "request_id", "pending", "op")
-
-    def __init__(self, link: Any, request_id: int, pending: Any, op: str) -> None:
-        self.link, self.request_id, self.pending, self.op = link, request_id, pending, op
-
-    def wait(self) -> None:
-        self.link.wait(self.request_id, self.pending, self.op)
-
-    def cancel(self) -> None:
-        self.link.cancel(self.request_id, self.pending)
+            creds = self.creds
+            link.request("seg_read", {"pool": creds[0], "ns": creds[1], "sec": creds[2], "bm_id": self.bm_id,
+                                      "segment": self.segment, "offset": at, "length": len(dst)}, into=dst)
 
 
 def always_live(generation: int, size: int) -> memoryview:
@@ -165,18 +155,6 @@ def as_bytes_view(buffer: object, writable: bool = False) -> memoryview:
     return view
 
 
-def _wait_all(transfers: list[Transfer]) -> None:
-    """Wait for every transfer; when one fails, cancel the rest before raising, so no reply
-    lands in the caller's buffer once it has the error."""
-    for i, transfer in enumerate(transfers):
-        try:
-            transfer.wait()
-        except BaseException:
-            for rest in transfers[i + 1:]:
-                rest.cancel()
-            raise
-
-
 def write_at(layout: Layout, offset: int, src: memoryview) -> None:
     n = src.nbytes
     if layout.local_single:
@@ -191,18 +169,13 @@ def write_at(layout: Layout, offset: int, src: memoryview) -> None:
         if n:
             segment.write(base + offset, src)
         return
-    transfers: list[Transfer] = []
-    try:
+    with InFlight() as flight:          # however this ends, no reply lands after it
         for target, a, b, pos in layout.spans(offset, n):
             if type(target) is memoryview:
                 target[a:b] = src[pos: pos + b - a]
             else:
-                transfers.append(target.submit_write(a, src[pos: pos + b - a]))
-    except BaseException:
-        for transfer in transfers:
-            transfer.cancel()
-        raise
-    _wait_all(transfers)
+                target.submit_write(a, src[pos: pos + b - a], flight)
+        flight.wait_all()
 
 
 def read_into(layout: Layout, offset: int, dst: memoryview) -> None:
@@ -219,18 +192,13 @@ def read_into(layout: Layout, offset: int, dst: memoryview) -> None:
         if n:
             segment.read(base + offset, dst)
         return
-    transfers: list[Transfer] = []
-    try:
+    with InFlight() as flight:          # no reply may land in `dst` once this has returned or raised
         for target, a, b, pos in layout.spans(offset, n):
             if type(target) is memoryview:
                 dst[pos: pos + b - a] = target[a:b]
             else:
-                transfers.append(target.submit_read(a, dst[pos: pos + b - a]))
-    except BaseException:
-        for transfer in transfers:       # no reply may land in `dst` once the caller has the error
-            transfer.cancel()
-        raise
-    _wait_all(transfers)
+                target.submit_read(a, dst[pos: pos + b - a], flight)
+        flight.wait_all()
 
 
 def read_bytes(layout: Layout, offset: int, length: int) -> bytes:
@@ -241,20 +209,15 @@ def read_bytes(layout: Layout, offset: int, length: int) -> bytes:
         _, _, view, base = layout.pieces[0]
         return bytes(view[base + offset: base + offset + length])
     parts: list[memoryview] = []
-    transfers: list[Transfer] = []
-    try:
+    with InFlight() as flight:
         for target, a, b, _ in layout.spans(offset, length):
             if type(target) is memoryview:
                 parts.append(target[a:b])
             else:
                 received = memoryview(bytearray(b - a))
-                transfers.append(target.submit_read(a, received))
+                target.submit_read(a, received, flight)
                 parts.append(received)
-    except BaseException:
-        for transfer in transfers:
-            transfer.cancel()
-        raise
-    _wait_all(transfers)
+        flight.wait_all()
     return b"".join(parts)
 
 

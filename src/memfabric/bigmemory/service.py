@@ -28,6 +28,7 @@ from ..server.requests import Connection, Payload, Reply, receive_into_segment, 
 from ..server.state import NamespaceState, PoolState
 from . import placement, reduce
 from ..datapath.deadline import unbounded
+from ..datapath.rpc_link import InFlight
 from .journal import Journal
 from .layout import Layout, RemoteSegment, check_range, copy_between, described_layout, write_at
 from .objects import ObjectRecord, Placement, parse_bm_id
@@ -1030,19 +1031,20 @@ class BigMemoryService:
                 here.append((layout, offset, n))
             else:
                 by_host[holder].append(item)
-        pending = []
-        for server_id, items in by_host.items():   # all hosts reduce at once
-            link = self._peer(server_id)
-            partial = np.empty(length // dtype.itemsize, dtype=dtype)
-            rid, p = link.submit("reduce_part", {"inputs": items, "operator": op, "dtype": dtype.str},
-                                 into=memoryview(partial).cast("B"))
-            pending.append((link, rid, p, partial))
+        partials = []
         acc = None
-        for item in here:
-            acc = reduce.reduce_into(op, acc, reduce.values(item, dtype))
-        for link, rid, p, partial in pending:
-            link.wait(rid, p, "reduce_part")
-            acc = reduce.reduce_into(op, acc, partial)
+        with InFlight() as flight:                 # a peer failing: the others' replies are read past
+            for server_id, items in by_host.items():   # all hosts reduce at once
+                link = self._peer(server_id)
+                partial = np.empty(length // dtype.itemsize, dtype=dtype)
+                partials.append((link, flight.submit(link, "reduce_part", {"inputs": items, "operator": op,
+                                                                           "dtype": dtype.str},
+                                                     into=memoryview(partial).cast("B")), partial))
+            for item in here:
+                acc = reduce.reduce_into(op, acc, reduce.values(item, dtype))
+            for link, p, partial in partials:
+                flight.wait(link, p)
+                acc = reduce.reduce_into(op, acc, partial)
         assert acc is not None
         return acc
 

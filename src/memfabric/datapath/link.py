@@ -92,7 +92,9 @@ class ServerLink:
         self.role = role             # "peer": a server's own link, which never maps a peer's files
         self.busy_poll_s = busy_poll_s
         self.timeout_s = timeout_s
-        self._lock = threading.Lock()          # one request at a time on the channel
+        # One request at a time on the channel. An RLock for its _is_owned(): a Ctrl-C right
+        # after the acquire, before the try that releases it, must not leave it taken for ever.
+        self._lock = threading.RLock()
         self._map_lock = threading.RLock()     # one mapping decision at a time
         self._next_id = 1
         self._segments: dict[tuple[str, int], _Mapped] = {}
@@ -140,17 +142,20 @@ class ServerLink:
             raise Timeout(f"no time was left to ask server at {self.ipc_socket} for {op!r}")
         args["op"] = op
         args["budget_s"] = timeout_s
-        if not self._lock.acquire(timeout=timeout_s):
-            raise Timeout(f"server at {self.ipc_socket}: other requests of this process held the "
-                          f"connection for {timeout_s:.3g}s ({op!r})")
         try:
+            if not self._lock.acquire(timeout=timeout_s):
+                raise Timeout(f"server at {self.ipc_socket}: other requests of this process held the "
+                              f"connection for {timeout_s:.3g}s ({op!r})")
             reply, fds = self._exchange(op, args, timeout_s)
         except _Broken as broken:
             failure: MemfabricError | None = broken.error
         else:
             failure = None
         finally:
-            self._lock.release()
+            try:
+                self._lock.release()     # no call (where a signal's handler runs) before it
+            except RuntimeError:
+                pass                     # not ours: the wait for it timed out or was interrupted
         if failure is not None:
             # The stream's position is unknown now: this link is done (the session reconnects).
             self._fail()

@@ -16,6 +16,11 @@ in use: its entry is dropped, so its reply, when it comes, is read past (late_re
 A caller never gets its buffer back while a reader may still be receiving into it. The link
 closes only when the stream is broken: the peer is gone, a frame stalls part way, or a
 protocol error.
+
+A caller interrupted (Ctrl-C) between sending a request and waiting for it would leave the
+request's entry, and so its buffer, to the next reader: callers go through request() (one
+request) or InFlight (several at once), which know the request before it is sent and let go
+of it however the call ends.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ class Pending:
     waits while another thread reads sleeps on `waker`, which is made only then: most
     callers read their own reply and never need one."""
 
-    __slots__ = ("done", "waker", "reply", "into", "error", "op", "args")
+    __slots__ = ("done", "waker", "reply", "into", "error", "op", "args", "id", "given_up")
 
     def __init__(self, into: memoryview | list | None, op: str = "", args: dict[str, Any] | None = None) -> None:
         self.done = False
@@ -56,6 +61,8 @@ class Pending:
         self.error: MemfabricError | None = None
         self.op = op               # kept to undo what the request did if its caller gives up
         self.args = args
+        self.id = 0                # set as it is sent: until then no reader can reach it
+        self.given_up = False      # its caller let go: no reply lands in `into` (now None)
 
     def finish(self) -> None:
         self.done = True
@@ -129,15 +136,49 @@ class RpcLink:
 
     # ---- requests ---------------------------------------------------------------------------
 
+    def request(self, op: str, args: dict[str, Any], payload: memoryview | list | None = None,
+                into: memoryview | list | None = None, timeout_s: float | None = None) -> dict[str, Any]:
+        """Send a request and wait for its reply (submit() and wait() in one): however this
+        ends, by a reply, an error or an interruption at any line, no reply lands in `into`
+        once it has returned or raised."""
+        pending = Pending(into, op, args)
+        try:
+            self._send(pending, payload, timeout_s)
+            return self.wait(pending.id, pending, op, timeout_s)
+        finally:
+            if not pending.done:
+                # _let_go() in place: no call (where a signal's handler runs) before its try.
+                interrupted = None
+                while True:
+                    try:
+                        self.cancel(pending.id, pending)
+                        break
+                    except BaseException as exc:
+                        interrupted = exc
+                if interrupted is not None:
+                    raise interrupted
+
     def submit(self, op: str, args: dict[str, Any], payload: memoryview | list | None = None,
                into: memoryview | list | None = None, timeout_s: float | None = None) -> tuple[int, Pending]:
-        """Send a request; wait() for its reply. `timeout_s` bounds the send (default: the
-        link's timeout, or less under a request's deadline).
+        """Send a request; wait() for its reply or cancel() it. `timeout_s` bounds the send
+        (default: the link's timeout, or less under a request's deadline). A caller
+        interrupted before it waits leaves `into` to the next reader: request() and InFlight
+        do not.
 
         `payload` is sent after the header (a list: its parts back to back); the reply's
         payload is received into `into` (a list: filled in order, skipping the buffers the
         reply names in its `failed` list of indices, for which it carries no bytes)."""
         pending = Pending(into, op, args)
+        try:
+            self._send(pending, payload, timeout_s)
+        except BaseException:
+            self._let_go(pending)
+            raise
+        return pending.id, pending
+
+    def _send(self, pending: Pending, payload: memoryview | list | None, timeout_s: float | None) -> None:
+        """Register `pending` (its id set) and send its request."""
+        op, args = pending.op, pending.args
         if timeout_s is None:
             timeout_s = call_timeout_s(self.timeout_s)
         if self._closed:
@@ -155,6 +196,7 @@ class RpcLink:
                 request_id = self._next_id
                 self._next_id += 1
                 self._pending[request_id] = pending
+                pending.id = request_id
             args["op"] = op
             args["id"] = request_id
             try:
@@ -162,7 +204,7 @@ class RpcLink:
             except rpc.MidFrameTimeout:
                 self._shut(Timeout(f"server at {self.address} stopped taking {op!r} part way"))
             except socket.timeout:
-                self._forget(request_id)       # no byte went out: the stream is whole
+                self._forget(pending)          # no byte went out: the stream is whole
                 raise Timeout(f"server at {self.address} took no request for {self.timeout_s}s ({op!r})") from None
             except (OSError, ValueError):
                 self._shut(ServerUnavailable(f"server at {self.address} is gone (sending {op!r})"))
@@ -170,9 +212,10 @@ class RpcLink:
                 self._shut(ServerUnavailable(f"sending {op!r} to {self.address} was interrupted"), raise_it=False)
                 raise
         finally:
-            if self._send_lock._is_owned():
-                self._send_lock.release()
-        return request_id, pending
+            try:
+                self._send_lock.release()    # no call (where a signal's handler runs) before it
+            except RuntimeError:
+                pass                         # not ours: the wait for it timed out or was interrupted
 
     def wait(self, request_id: int, pending: Pending, op: str, timeout_s: float | None = None) -> dict[str, Any]:
         if timeout_s is None:
@@ -202,12 +245,17 @@ class RpcLink:
                         failure = ServerUnavailable(f"server {self.server_id} at {self.address} is gone "
                                                     f"({exc.__class__.__name__})")
                     finally:
-                        self._recv_lock.release()
                         if not handled:
                             # Interrupted (Ctrl-C) while reading, perhaps part way through a
-                            # frame: the stream's position is unknown.
+                            # frame: the stream's position is unknown. Shut while no other
+                            # reader can start; then no reader touches our request again
+                            # (we may have taken its entry, and not finished it).
                             self._shut(ServerUnavailable(f"reading from {self.address} was interrupted"),
                                        raise_it=False)
+                            if not pending.done:
+                                pending.error = ServerUnavailable(f"reading from {self.address} was interrupted")
+                                pending.finish()
+                        self._recv_lock.release()
                     if failure is not None:
                         self._shut(failure)
                 else:
@@ -235,8 +283,7 @@ class RpcLink:
         if timeout_s <= 0:
             raise Timeout(f"no time was left to ask server at {self.address} for {op!r}")
         args["budget_s"] = timeout_s
-        request_id, pending = self.submit(op, args, timeout_s=timeout_s)
-        return self.wait(request_id, pending, op, timeout_s)
+        return self.request(op, args, timeout_s=timeout_s)
 
     def call_with_fds(self, op: str, **args: Any) -> tuple[dict[str, Any], list[int]]:
         raise ProtocolError("file descriptors cannot cross hosts")
@@ -245,7 +292,7 @@ class RpcLink:
         """Our deadline passed. Raises TIMEOUT, unless our reply landed meanwhile (then the
         caller takes it). Leaves no reader able to write into our buffer."""
         with self._lock:
-            mine = self._pending.pop(request_id, None) is not None
+            mine = self._pending.get(request_id) is pending
             if mine:
                 self._abandon(request_id, pending)
                 too_many = len(self._abandoned) > MAX_UNANSWERED_REQUESTS
@@ -258,18 +305,35 @@ class RpcLink:
     def cancel(self, request_id: int, pending: Pending) -> None:
         """The caller will not wait for this request (a sibling transfer failed, or it was
         interrupted): drop it, so its reply is read past, and return once no reader can
-        write into its buffer any more. Never raises."""
-        if pending.done:
+        write into its buffer any more; at once for a request answered, given up on or
+        never sent. Raises nothing but an interruption while a reader finishes a frame."""
+        if pending.done or pending.given_up:
             return
         with self._lock:
-            mine = self._pending.pop(request_id, None) is not None
-            if mine:
-                self._abandon(request_id, pending)
-        if not mine:
+            if not pending.id:                                 # never sent: no reader knows it
+                pending.given_up = True
+                pending.into = None
+            elif self._pending.get(pending.id) is pending:     # no reader took it
+                self._abandon(pending.id, pending)
+        if pending.done or pending.given_up:
+            return
+        try:
+            self._wait_out_reader(pending)     # a reader took it: it is landing the reply
+        except MemfabricError:
+            pass
+
+    def _let_go(self, pending: Pending) -> None:
+        """cancel(), carried through to its end however often it is interrupted meanwhile
+        (a second Ctrl-C): the last interruption goes on up once it is done."""
+        interrupted = None
+        while True:
             try:
-                self._wait_out_reader(pending)
-            except MemfabricError:
-                pass
+                self.cancel(pending.id, pending)
+                break
+            except BaseException as exc:
+                interrupted = exc
+        if interrupted is not None:
+            raise interrupted
 
     def _wait_out_reader(self, pending: Pending) -> None:
         """A reader took this request's entry: it is receiving the reply, into the caller's
@@ -279,14 +343,21 @@ class RpcLink:
             self._shut(Timeout(f"a reply from server at {self.address} stalled part way"))
 
     def _abandon(self, request_id: int, pending: Pending) -> None:
-        """Under the lock: no reader took it, and none will write into its buffer now (its
-        reply is read past): let go of the buffer."""
+        """Under the lock, `pending` still in _pending: no reader took it, and none will
+        write into its buffer now (its reply is read past): let go of the buffer. Only
+        stores, which no signal handler can come between."""
+        pending.given_up = True
         pending.into = None
         self._abandoned[request_id] = pending
+        del self._pending[request_id]
 
-    def _forget(self, request_id: int) -> None:
+    def _forget(self, pending: Pending) -> None:
+        """A request that did not go out: no reply will come."""
         with self._lock:
-            self._pending.pop(request_id, None)
+            if self._pending.get(pending.id) is pending:
+                del self._pending[pending.id]
+            pending.given_up = True
+            pending.into = None
 
     def send_later(self, op: str, **args: Any) -> None:
         """`op`, unanswered, with the next request that gets through: a let-go that timed out
@@ -312,12 +383,10 @@ class RpcLink:
     # ---- data ---------------------------------------------------------------------------------
 
     def submit_write(self, creds: Creds, bm_id: str, segment: int, offset: int, src: memoryview):
-        return self.submit("seg_write", {"pool": creds[0], "ns": creds[1], "sec": creds[2], "bm_id": bm_id,
-                                         "segment": segment, "offset": offset, "length": len(src)}, payload=src)
+        return self.submit("seg_write", segment_args(creds, bm_id, segment, offset, len(src)), payload=src)
 
     def submit_read(self, creds: Creds, bm_id: str, segment: int, offset: int, dst: memoryview):
-        return self.submit("seg_read", {"pool": creds[0], "ns": creds[1], "sec": creds[2], "bm_id": bm_id,
-                                        "segment": segment, "offset": offset, "length": len(dst)}, into=dst)
+        return self.submit("seg_read", segment_args(creds, bm_id, segment, offset, len(dst)), into=dst)
 
     def span_head(self, creds: Creds, bm_id: str, segment: int, op: str) -> bytes:
         """What call_span() sends of a span request besides offset, length and id: the pairs
@@ -558,6 +627,66 @@ class RpcLink:
             self._shut(ServerUnavailable("connection closed"), raise_it=False)
         except MemfabricError:
             pass
+
+
+def segment_args(creds: Creds, bm_id: str, segment: int, offset: int, length: int) -> dict[str, Any]:
+    """A seg_read's or seg_write's request."""
+    return {"pool": creds[0], "ns": creds[1], "sec": creds[2], "bm_id": bm_id, "segment": segment,
+            "offset": offset, "length": length}
+
+
+class InFlight:
+    """The requests one operation has in flight at once, on one link or several. Each is
+    noted here before it is sent, and close() (the end of a `with`) lets go of every one
+    not answered: however the operation ends (an error, a sibling's failure, Ctrl-C at any
+    line), no reply lands in its buffers once it has returned or raised. (Left: a second
+    interruption at the very entry of __exit__, after an error or a first one.)"""
+
+    __slots__ = ("requests",)
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[RpcLink, Pending]] = []
+
+    def __enter__(self) -> "InFlight":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        """Let go of every request not answered; an interruption meanwhile (Ctrl-C) goes on
+        up once all are let go. (In here, not in a call from here: one call fewer where a
+        signal's handler could run first.)"""
+        interrupted = None
+        requests = self.requests
+        while requests:
+            try:
+                while requests:
+                    link, pending = requests[-1]
+                    if not (pending.done or pending.given_up):
+                        link._let_go(pending)
+                    requests.pop()
+            except BaseException as exc:
+                interrupted = exc
+        if interrupted is not None:
+            raise interrupted
+
+    def submit(self, link: RpcLink, op: str, args: dict[str, Any], payload: memoryview | list | None = None,
+               into: Any = None) -> Pending:
+        """Send a request (see RpcLink.submit); wait for it with wait()."""
+        pending = Pending(into, op, args)
+        self.requests.append((link, pending))
+        link._send(pending, payload, None)
+        return pending
+
+    @staticmethod
+    def wait(link: RpcLink, pending: Pending) -> dict[str, Any]:
+        return link.wait(pending.id, pending, pending.op)
+
+    def wait_all(self) -> None:
+        """Every reply, in the order sent; the first error raised."""
+        for link, pending in self.requests:
+            link.wait(pending.id, pending, pending.op)
+
+    def close(self) -> None:
+        self.__exit__(None, None, None)
 
 
 def _landing(into: list, header: dict[str, Any]) -> list:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 from ..bigmemory.layout import as_bytes_view
 from ..client.arguments import as_bool, as_int
+from ..datapath.rpc_link import InFlight
 from ..errors import InvalidArgument, MemfabricError, ProtocolError, ServerUnavailable, Timeout
 from ..limits import BATCH_REQUESTS_IN_FLIGHT, KV_INLINE_BYTES, MAX_KV_BATCH, MAX_KV_KEY_BYTES
 from . import index as ix
@@ -321,8 +322,7 @@ class KV:
         if link.is_local:
             reply = link.call("kv_get", **self._wire, key=key)
         else:
-            request_id, pending = link.submit("kv_get", {**self._wire, "key": key}, into=buffer)
-            reply = link.wait(request_id, pending, "kv_get")
+            reply = link.request("kv_get", {**self._wire, "key": key}, into=buffer)
         if not reply["found"]:
             return _MISS
         if "value" in reply:
@@ -666,41 +666,36 @@ class KV:
         again: dict[int, list[int]] = {}
         queue = [(server_id, chunk) for server_id, positions in ask.items()
                  for chunk in _batches(positions, [len(keys[i]) for i in positions])]
-        in_flight: list[tuple[int, list[int], Any, int, Any]] = []
-        try:
+        in_flight: list[tuple[int, list[int], Any, Any]] = []
+        with InFlight() as flight:      # however this ends, no reply lands after it
             while queue or in_flight:
                 while queue and sum(1 for f in in_flight if f[0] == queue[0][0]) < BATCH_REQUESTS_IN_FLIGHT:
                     server_id, chunk = queue.pop(0)
                     try:
                         link = self._session.link(server_id)
                         if link.is_local:
-                            in_flight.append((server_id, chunk, link, 0, None))
+                            in_flight.append((server_id, chunk, link, None))
                         else:
                             landed: list[memoryview] = []    # the reply's values, back to back
-                            request_id, pending = link.submit("kv_get_many", {**self._wire, "keys": [
+                            pending = flight.submit(link, "kv_get_many", {**self._wire, "keys": [
                                 keys[i] for i in chunk]}, into=partial(_landing_buffer, landed))
-                            in_flight.append((server_id, chunk, link, request_id, (pending, landed)))
+                            in_flight.append((server_id, chunk, link, (pending, landed)))
                     except ServerUnavailable:
                         self._ask_others(chunk, keys, into, out, servers, replicas)
                 if not in_flight:
                     continue
-                server_id, chunk, link, request_id, pending = in_flight.pop(0)
+                server_id, chunk, link, pending = in_flight.pop(0)
                 try:
                     if pending is None:
                         reply = link.call("kv_get_many", **self._wire, keys=[keys[i] for i in chunk])
                         blob = memoryview(reply["values"])
                     else:
-                        reply = link.wait(request_id, pending[0], "kv_get_many")
+                        reply = flight.wait(link, pending[0])
                         blob = pending[1][0] if pending[1] else memoryview(b"")
                 except ServerUnavailable:
                     self._ask_others(chunk, keys, into, out, servers, replicas)
                     continue
                 self._take_many(server_id, chunk, reply["lengths"], blob, keys, into, out, again, servers, replicas)
-        except BaseException:
-            for _, _, link, request_id, pending in in_flight:
-                if pending is not None:
-                    link.cancel(request_id, pending[0])
-            raise
         return again
 
     def _ask_others(self, chunk: list[int], keys: list[bytes], into: list[memoryview] | None, out: list[Any],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
+from ..datapath.rpc_link import InFlight
 from ..errors import InvalidArgument, MemfabricError, ProtocolError
 from ..limits import MAX_RPC_PAYLOAD_BYTES
 
@@ -59,18 +60,6 @@ def copy_from_segment(source: Any, offset: int, dst: memoryview) -> None:
         source.read(offset, dst)
 
 
-def _finish(link: Any, pending: list[tuple[int, Any, str]]) -> None:
-    """Wait for every request in flight; when one fails, cancel the rest before raising."""
-    for i, (request_id, p, op) in enumerate(pending):
-        try:
-            link.wait(request_id, p, op)
-        except BaseException:
-            for rest_id, rest, _ in pending[i + 1:]:
-                link.cancel(rest_id, rest)
-            raise
-    pending.clear()
-
-
 def put_large(link: Any, creds: Creds, key: bytes, sources: list[memoryview], length: int,
               commit: dict[str, Any]) -> dict[str, Any]:
     """Reserve `length` bytes at the server of `link`, fill them from `sources` (memoryviews
@@ -88,20 +77,13 @@ def put_large(link: Any, creds: Creds, key: bytes, sources: list[memoryview], le
             for _, segment, offset, src in _spans(targets, sources):
                 _copy_into_segment(link.segment_view(creds, segment), offset, src)
         else:
-            pending: list[tuple[int, Any, str]] = []
-            try:
-                for at, _, _, src in _spans(targets, sources):
-                    if len(pending) >= IN_FLIGHT:
-                        request_id, p, op = pending.pop(0)
-                        link.wait(request_id, p, op)
-                    request_id, p = link.submit("kv_fill", {**_wire(creds), "token": token, "at": at,
-                                                            "length": src.nbytes}, payload=src)
-                    pending.append((request_id, p, "kv_fill"))
-                _finish(link, pending)
-            except BaseException:
-                for request_id, p, _ in pending:
-                    link.cancel(request_id, p)
-                raise
+            with InFlight() as flight:      # however this ends, no request is left in flight
+                for i, (at, _, _, src) in enumerate(_spans(targets, sources)):
+                    if i >= IN_FLIGHT:
+                        flight.wait(link, flight.requests[i - IN_FLIGHT][1])
+                    flight.submit(link, "kv_fill", {**_wire(creds), "token": token, "at": at, "length": src.nbytes},
+                                  payload=src)
+                flight.wait_all()
     except BaseException:
         try:
             link.call("kv_abort", **_wire(creds), token=token)
@@ -131,8 +113,7 @@ def read_held(link: Any, creds: Creds, reply: dict[str, Any], into: memoryview) 
     `into` (its first `length` bytes); the hold is let go whatever happens."""
     try:
         position = 0
-        pending: list[tuple[int, Any, str]] = []
-        try:
+        with InFlight() as flight:          # no reply may land in `into` once this has returned or raised
             for segment, offset, length in reply["pieces"]:
                 if link.is_local:
                     copy_from_segment(link.segment_view(creds, segment), offset, into[position:position + length])
@@ -141,20 +122,14 @@ def read_held(link: Any, creds: Creds, reply: dict[str, Any], into: memoryview) 
                 done = 0
                 while done < length:
                     take = min(CHUNK_BYTES, length - done)
-                    if len(pending) >= IN_FLIGHT:
-                        request_id, p, op = pending.pop(0)
-                        link.wait(request_id, p, op)
-                    request_id, p = link.submit("kv_read", {**_wire(creds), "hold": reply["hold"],
-                                                            "at": position + done, "length": take},
-                                                into=into[position + done:position + done + take])
-                    pending.append((request_id, p, "kv_read"))
+                    sent = len(flight.requests)
+                    if sent >= IN_FLIGHT:
+                        flight.wait(link, flight.requests[sent - IN_FLIGHT][1])
+                    flight.submit(link, "kv_read", {**_wire(creds), "hold": reply["hold"], "at": position + done,
+                                                    "length": take}, into=into[position + done:position + done + take])
                     done += take
                 position += length
-            _finish(link, pending)
-        except BaseException:
-            for request_id, p, _ in pending:
-                link.cancel(request_id, p)
-            raise
+            flight.wait_all()
     finally:
         try:
             link.call("kv_let_go", **_wire(creds), hold=reply["hold"])

@@ -21,7 +21,7 @@ import errno
 import logging
 import os
 import threading
-from typing import Callable
+from typing import Any, Callable
 
 from ..errors import IOError_, LimitExceeded, MemfabricError, OutOfMemory, ServerUnavailable
 
@@ -97,13 +97,11 @@ class SegmentMemory:
     def zero(self, offset: int, length: int) -> None:
         raise NotImplementedError
 
-    def submit_read(self, at: int, dst: memoryview) -> Callable[[], None]:
-        self.read(at, dst)
-        return _done
+    def submit_read(self, at: int, dst: memoryview, flight: Any) -> None:
+        self.read(at, dst)           # done at once: nothing in flight
 
-    def submit_write(self, at: int, src: memoryview) -> Callable[[], None]:
+    def submit_write(self, at: int, src: memoryview, flight: Any) -> None:
         self.write(at, src)
-        return _done
 
     def destroy(self) -> None:
         """Free the memory for good (holders of the fd see zeros) and close it."""
@@ -112,10 +110,6 @@ class SegmentMemory:
     def close(self) -> None:
         """Let go of it without destroying it (the server stops)."""
         raise NotImplementedError
-
-
-def _done() -> None:
-    return None
 
 
 class Medium:

@@ -158,10 +158,8 @@ class Plog:
                 raise InvalidArgument(f"one append_many carries at most {MAX_RPC_PAYLOAD_BYTES} bytes to another "
                                       f"host, got {total}: append fewer at a time")
             timeout_s = call_timeout_s(link.timeout_s)
-            request_id, pending = link.submit("plog_append_payload", {**creds, "lengths": lengths,
-                                                                      "budget_s": timeout_s},
-                                              payload=[v for v in views if v.nbytes], timeout_s=timeout_s)
-            return link.wait(request_id, pending, "plog_append_payload", timeout_s)["offsets"]
+            return link.request("plog_append_payload", {**creds, "lengths": lengths, "budget_s": timeout_s},
+                                payload=[v for v in views if v.nbytes], timeout_s=timeout_s)["offsets"]
         if total + 8 * len(views) + INLINE_SLACK_BYTES <= PLOG_INLINE_BYTES:
             return link.call("plog_append", **creds, records=[v.tobytes() for v in views])["offsets"]
         if total > MAX_PLOG_STAGED_BYTES:
@@ -233,10 +231,8 @@ class Plog:
                 into[at:at + n] = data
             else:
                 timeout_s = call_timeout_s(link.timeout_s)
-                request_id, pending = link.submit("plog_read", {**creds, "offset": offset + at, "length": n,
-                                                                "budget_s": timeout_s},
-                                                  into=into[at:at + n], timeout_s=timeout_s)
-                reply = link.wait(request_id, pending, "plog_read", timeout_s)
+                reply = link.request("plog_read", {**creds, "offset": offset + at, "length": n, "budget_s": timeout_s},
+                                     into=into[at:at + n], timeout_s=timeout_s)
                 if reply.get("length") != n:
                     raise ProtocolError(f"plog_read of {n} bytes answered {reply.get('length')!r}")
 

@@ -186,8 +186,7 @@ class Keyspace:
         def buffer(length: int) -> memoryview:
             made.append(_buffer(length))
             return made[-1]
-        request_id, pending = link.submit("kv_get_many", {**self.wire, "keys": keys}, into=buffer)
-        reply = link.wait(request_id, pending, "kv_get_many")
+        reply = link.request("kv_get_many", {**self.wire, "keys": keys}, into=buffer)
         return reply["lengths"], made[0] if made else memoryview(b"")
 
     def get(self, key: bytes) -> bytes | None:
@@ -221,8 +220,7 @@ class Keyspace:
         if link.is_local:
             reply = link.call("kv_get", **self.wire, key=key)
         else:
-            request_id, pending = link.submit("kv_get", {**self.wire, "key": key}, into=buffer)
-            reply = link.wait(request_id, pending, "kv_get")
+            reply = link.request("kv_get", {**self.wire, "key": key}, into=buffer)
         if not reply["found"]:
             return None
         if "value" in reply:
@@ -259,9 +257,7 @@ class Keyspace:
         if link.is_local:
             copy_from_segment(link.segment_view(self.creds, segment), offset, into)
             return
-        request_id, pending = link.submit("kv_read", {**self.wire, "hold": hold, "at": at, "length": len(into)},
-                                          into=into)
-        link.wait(request_id, pending, "kv_read")
+        link.request("kv_read", {**self.wire, "hold": hold, "at": at, "length": len(into)}, into=into)
 
     def let_go(self, server_id: int, hold: int, confirm: bool = False) -> None:
         """The hold is let go (a server that cannot be told lets go when the link closes).
