@@ -272,6 +272,9 @@ def test_ctrl_c_as_a_read_begins_to_wait_for_a_stopped_server_leaves_its_buffer_
     data = _data(SPAN, 4)
     bm.write(data)
     link = session.link(target)
+    # A lone read on an idle link waits in compiled code (call_span), where a Ctrl-C shuts the
+    # link (test_a_ctrl_c_while_a_compiled_read_waits_...); this one is Python's wait's.
+    link._span_fd = -1
     pid = fab.server_pids()[target]
     buf = bytearray(SPAN)
     stop_process(pid)
@@ -286,6 +289,40 @@ def test_ctrl_c_as_a_read_begins_to_wait_for_a_stopped_server_leaves_its_buffer_
     assert got == data
     assert buf == bytes([MARK]) * SPAN, "the late reply landed in the buffer the interrupted read gave back"
     assert session.link(target) is link, "the link was closed: an interruption before a frame is read need not"
+
+
+def test_a_ctrl_c_while_a_compiled_read_waits_for_a_stopped_server_leaves_its_buffer_alone(remote_fabric, request):
+    """The same through the compiled path (call_span): a real SIGINT-like signal while it
+    polls for the reply of a stopped server raises at once; the link is shut (its stream's
+    position is unknown), and the late reply never lands in the buffer given back."""
+    fab, session = remote_fabric
+    ns = session.create_namespace("int-stopped-c", "k")
+    target = session.servers()[-1]["server_id"]
+    bm = ns.alloc(SPAN, Affinity("server", target))
+    data = _data(SPAN, 5)
+    bm.write(data)
+    link = session.link(target)
+    pid = fab.server_pids()[target]
+    buf = bytearray(SPAN)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    stop_process(pid)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(KeyboardInterrupt):
+            bm.read(0, SPAN, into=buf)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        os.kill(pid, signal.SIGCONT)
+    assert session.link(target) is not link, "the link stayed: the read did not wait in call_span"
+    buf[:] = bytes([MARK]) * SPAN
+    got = bytearray(SPAN)
+    again(lambda: bm.read(0, SPAN, into=got))
+    assert got == data
+    assert buf == bytes([MARK]) * SPAN, "the late reply landed in the buffer the interrupted read gave back"
 
 
 def test_other_threads_on_the_link_go_on_while_one_is_interrupted_at_every_line(remote_fabric):
