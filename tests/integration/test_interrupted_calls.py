@@ -407,19 +407,31 @@ def test_cancel_of_a_request_given_up_on_returns_at_once(remote_fabric):
 def test_a_same_host_call_interrupted_anywhere_leaves_its_link_free(remote_fabric):
     """Over IPC (same host) a call holds the link's lock from its send to its reply. At
     each point in turn: interrupted there, the call raises and leaves the lock free (else
-    every later call of every thread waits it out and times out), and the next call works."""
+    every later call of every thread waits it out and times out), and the next call works;
+    another thread calling over the same link all the while never fails."""
     fab, _ = remote_fabric
     with memfabric.init(fab.directory, timeout_s=2.0) as session:
         link = session.home()
         assert link.is_local
         session.servers()
-        kept = []
+        stop = threading.Event()
+        errors: list[str] = []
+
+        def caller() -> None:
+            while not stop.is_set():
+                try:
+                    session.servers()
+                except memfabric.MemfabricError as exc:
+                    errors.append(f"{exc.__class__.__name__}: {exc}")
+                    return
 
         def free_for_another_thread() -> bool:
+            """Whether another thread gets the lock (the caller thread holds it only for
+            a call: at most the link's timeout)."""
             free: list[bool] = []
 
             def try_it() -> None:
-                free.append(link._lock.acquire(timeout=0))
+                free.append(link._lock.acquire(timeout=5 * session.timeout_s))
                 if free[0]:
                     link._lock.release()
             helper = threading.Thread(target=try_it)
@@ -429,10 +441,16 @@ def test_a_same_host_call_interrupted_anywhere_leaves_its_link_free(remote_fabri
 
         def check(hook: CtrlC, buf: bytearray) -> None:
             if not free_for_another_thread():
-                kept.append(hook.delivered_at)
-                link._lock.release()      # (this thread took it) so the sweep goes on
+                pytest.fail(f"the link's lock stayed taken after a call interrupted at {hook.delivered_at}")
             again(session.servers)
 
-        points = sweep(lambda buf: session.servers(), 0, check)
+        other = threading.Thread(target=caller)
+        other.start()
+        try:
+            points = sweep(lambda buf: session.servers(), 0, check)
+        finally:
+            stop.set()
+            other.join(WAIT_S)
+        assert not other.is_alive()
         assert points > 10
-        assert not kept, f"the link's lock stayed taken after a call interrupted at {kept}"
+        assert not errors, f"another thread's call failed: {errors}"
