@@ -50,8 +50,10 @@ class CtrlC:
     bytecodes run. Records every Pending made, to check afterwards that none still holds
     a buffer."""
 
-    def __init__(self, at: tuple | None = None, function: str = "", record: list | None = None) -> None:
+    def __init__(self, at: tuple | None = None, function: str = "", record: list | None = None,
+                 after: str = "") -> None:
         self.at, self.function, self.record = at, function, record
+        self.after = after            # count (and record) only from the first bytecode of this function on
         self.seen = 0
         self.tripped = False
         self.delivered_at: str | None = None
@@ -74,6 +76,10 @@ class CtrlC:
         if event != "opcode":
             return self._opcode
         code = frame.f_code
+        if self.after:
+            if code.co_name != self.after:
+                return self._opcode
+            self.after = ""
         if self.record is not None:
             self.record.append((code, frame.f_lasti))
             return self._opcode
@@ -140,14 +146,20 @@ def again(call: Callable[[], Any]) -> Any:
         return call()
 
 
-def sweep(call: Callable[[Any], Any], size: int, check: Callable[[CtrlC, bytearray], None]) -> int:
-    """Interrupt `call(buffer)` at each point in turn, then run `check`; returns how many
-    points there were. A run without interruption lists its bytecodes first; each try makes
-    SIGINT pending before one of them, and the next try before the one after where that
-    signal was taken (those between all lead there)."""
+def sweep(call: Callable[[Any], Any], size: int, check: Callable[[CtrlC, bytearray], None],
+          after: str = "", ends: type[BaseException] | None = None, settle: Callable[[], Any] = lambda: None) -> int:
+    """Interrupt `call(buffer)` at each point in turn (from the first bytecode of function
+    `after` on), then run `check`; returns how many points there were. A run without
+    interruption (which raises `ends`, or nothing) lists its bytecodes first; each try
+    makes SIGINT pending before one of them, and the next try before the one after where
+    that signal was taken (those between all lead there). `settle` runs after each run
+    that `check` does not follow."""
     trace: list = []
-    if run_interrupted(CtrlC(record=trace), lambda: call(bytearray(size))) is not None:
-        pytest.fail("the call failed without being interrupted")
+    raised = run_interrupted(CtrlC(record=trace, after=after), lambda: call(bytearray(size)))
+    settle()
+    if (raised is None) != (ends is None) or (ends is not None and not isinstance(raised, ends)):
+        pytest.fail(f"the call, not interrupted, raised {raised!r}")
+    assert trace, f"the call never ran {after}()"
     runs: collections.Counter = collections.Counter()
     at = []
     for key in trace:
@@ -156,11 +168,12 @@ def sweep(call: Callable[[Any], Any], size: int, check: Callable[[CtrlC, bytearr
     i, points = 0, 0
     while i < len(at):
         buf = bytearray(size)
-        hook = CtrlC(at[i])
+        hook = CtrlC(at[i], after=after)
         raised = run_interrupted(hook, lambda: call(buf))
         if not hook.tripped:          # this run went another way, and never came there
-            if raised is not None:
+            if raised is not None and not (ends is not None and isinstance(raised, ends)):
                 raise raised
+            settle()
             i += 1
             continue
         points += 1
@@ -323,6 +336,52 @@ def test_a_ctrl_c_while_a_compiled_read_waits_for_a_stopped_server_leaves_its_bu
     again(lambda: bm.read(0, SPAN, into=got))
     assert got == data
     assert buf == bytes([MARK]) * SPAN, "the late reply landed in the buffer the interrupted read gave back"
+
+
+def test_a_compiled_read_that_timed_out_interrupted_anywhere_leaves_its_buffer_alone(remote_fabric):
+    """A lone read on an idle link waits in compiled code (call_span); its server stopped,
+    the wait ends with nothing (TIMEOUT), and Python gives the request up. Interrupted at
+    each point from there on: the call raises, and the late reply (once the server goes
+    on) never lands in the buffer given back."""
+    fab, _ = remote_fabric
+    with memfabric.init(os.path.join(fab.directory, "remote.toml"), timeout_s=0.3) as session:
+        ns = session.create_namespace("int-span-timeout", "k")
+        target = session.servers()[-1]["server_id"]
+        bm = ns.alloc(SPAN, Affinity("server", target))
+        data = _data(SPAN, 6)
+        bm.write(data)
+        pid = fab.server_pids()[target]
+        wrote_late = []
+
+        def read_stopped(buf: Any) -> None:
+            assert not session.link(target)._pending, "the link is not idle: the read would not be compiled"
+            stop_process(pid)
+            try:
+                bm.read(0, SPAN, into=buf)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+
+        def read_past_late_replies() -> bytearray:
+            """A read that reads the late reply past (the link idle again after it)."""
+            got = bytearray(SPAN)
+            for _ in range(3):            # the late reply may come after this read's timeout
+                try:
+                    bm.read(0, SPAN, into=got)
+                    break
+                except (memfabric.ServerUnavailable, memfabric.Timeout):
+                    continue
+            return got
+
+        def check(hook: CtrlC, buf: bytearray) -> None:
+            buf[:] = bytes([MARK]) * SPAN
+            assert read_past_late_replies() == data
+            if buf != bytes([MARK]) * SPAN:
+                wrote_late.append(hook.delivered_at)
+
+        points = sweep(read_stopped, SPAN, check, after="_span_outcome", ends=memfabric.Timeout,
+                       settle=read_past_late_replies)
+        assert points > 3
+        assert not wrote_late, f"a late reply landed in the buffer after the read raised, interrupted at {wrote_late}"
 
 
 def test_other_threads_on_the_link_go_on_while_one_is_interrupted_at_every_line(remote_fabric):
