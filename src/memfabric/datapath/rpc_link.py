@@ -426,17 +426,23 @@ class RpcLink:
                 status, self._span_polling = _frames.call_span(
                     self._span_fd, self._span_block, head, SPAN_HEAD_ENTRIES, offset, length, request_id, payload,
                     into, self._span_window_s, self._span_polling, timeout_s, self.timeout_s)
+                if status == _frames.UNSENT:
+                    return False
+                self.compiled_spans += 1
+                if status != _frames.OK:
+                    self._span_outcome(op, status, request_id, into, timeout_s)
+            except MemfabricError:
+                raise                    # the outcome's: a reply's error, a timeout given up on, a link shut
             except OSError as exc:       # ConnectionError too
                 self._shut(ServerUnavailable(f"server {self.server_id} at {self.address} is gone "
                                              f"({exc.__class__.__name__})"))
-            except BaseException:        # interrupted (Ctrl-C): the stream's position is unknown
+            except BaseException:
+                # Interrupted (Ctrl-C) in the call, or before its outcome is settled (the
+                # caller's buffer registered for a reply not given up on yet, or a reply half
+                # read): the stream's position is unknown, and only a shut link keeps the
+                # late reply out of the buffer the caller gets back now.
                 self._shut(ServerUnavailable(f"{op!r} to {self.address} was interrupted"), raise_it=False)
                 raise
-            if status == _frames.UNSENT:
-                return False
-            self.compiled_spans += 1
-            if status != _frames.OK:
-                self._span_outcome(op, status, request_id, into, timeout_s)
             return True
         finally:
             if taken == 2 or recv_lock._is_owned():
