@@ -157,6 +157,10 @@ PLOG_INLINE_BYTES = 192 << 10         # records (and read replies) ride in an IP
 PLOG_RPC_READ_BYTES = 16 << 20        # the most one read or records reply carries over RPC
 MAX_PLOG_STAGED_BYTES = 64 << 20      # bytes one connection has staged (large records over IPC) at once
 MAX_PLOG_STAGES_PER_CLIENT = 16
+# The slowest a server may make a new plog's memory ready (a pmem file's blocks written with
+# zeros and flushed, on a disk under load): creating a plog waits for the home and each copy
+# this long per byte beyond the usual timeouts, so a large plog is not refused as a dead peer.
+PLOG_PREPARE_BYTES_PER_S = 32 << 20
 MAX_PLOG_BUFFERED_BYTES = 256 << 20   # record bytes a server holds being sent (stages, RPC payloads), in all
 MAX_PLOG_REPLICAS = 8                 # copies of a plog (its home's included), each on its own server
 PLOG_REPLICA_PIECE_BYTES = 128 << 10  # log bytes a home forwards to a replica per message (within MAX_MESSAGE_BYTES)

@@ -183,6 +183,39 @@ def test_more_replicas_than_live_servers_is_refused(three_servers, request):
         assert ns.create_plog("wal", MiB, replicas=3).info()["dead_replicas"] == []
 
 
+def test_a_copy_slower_to_make_ready_than_the_peer_timeout_still_gets_its_plog(request):
+    """Making a large plog's memory ready takes time in proportion to its size (a pmem file
+    zeroed and flushed: seconds on a disk under load). A copy that takes longer than the
+    peer timeout (3 s; here it is stopped for 4.5 s) still gets its copy made within the
+    time allowed for the size, and the create succeeds: before, the home gave up on it with
+    TIMEOUT "cannot make a copy" (as `memfabric bench --plog` did for 400 MiB on a loaded
+    disk). The request goes to the home directly: create_plog itself first asks every server
+    whether the name is taken, which would wait for the stopped copy before the home is asked."""
+    fab = LocalFabric(short_tmp_dir("mf-plogr-"), servers=2, capacity="16MiB", segment_size="4MiB",
+                      liveness_timeout_s=30.0, extra_args=["--pool", "logs:ramdisk:200MiB"]).start()
+    try:
+        with _session(fab, "same-host") as s:
+            ns = s.create_namespace(ns_name(request), sec_id="k", pool="logs")
+            small = ns.create_plog("first", MiB, replicas=2)    # the home's link to its copy is made
+            home, copy = small.home, small.info()["replica_servers"][0]
+            pid = fab.server_pids()[copy]
+            stop_process(pid)
+            timer = threading.Timer(4.5, os.kill, (pid, signal.SIGCONT))
+            timer.start()
+            try:   # 192 MiB: 6 s allowed for the copy; the home's request has the client's 10 s
+                info = s.link(home).call("plog_create", **ns.wire_creds, name="large", capacity=192 * MiB,
+                                         replicas=2)["info"]
+            finally:
+                timer.join()
+                os.kill(pid, signal.SIGCONT)
+            assert info["replica_servers"] == [copy] and info["dead_replicas"] == []
+            log = ns.plog("large")
+            at = log.append(b"kept on both")
+            assert _copy(log, copy).read(at, 12) == b"kept on both"
+    finally:
+        assert fab.stop() == 0, "memfabric up did not stop cleanly:\n" + "".join(fab.output[-30:])
+
+
 APPENDER = r"""
 import struct, sys
 import memfabric

@@ -18,6 +18,9 @@ from ..errors import InvalidArgument
 from ..limits import DEADLINE_MARGIN_S, DEADLINE_MARGIN_SHARE
 
 _deadline: ContextVar[float | None] = ContextVar("memfabric_request_deadline", default=None)
+# Seconds beyond a link's own timeout that the calls made now may wait: work that takes time
+# in proportion to its size (a persistent plog's memory zeroed and flushed) says so.
+_allowance: ContextVar[float] = ContextVar("memfabric_call_allowance", default=0.0)
 
 
 def deadline_for(budget_s: object) -> float | None:
@@ -57,6 +60,22 @@ def unbounded() -> serving_until:
     return serving_until(None)
 
 
+class allowing:
+    """`with allowing(extra_s):` calls made inside may wait `extra_s` more than their link's
+    timeout (still no later than the request's deadline). A class, as serving_until is."""
+
+    __slots__ = ("_extra_s", "_token")
+
+    def __init__(self, extra_s: float) -> None:
+        self._extra_s = extra_s
+
+    def __enter__(self) -> None:
+        self._token = _allowance.set(self._extra_s)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _allowance.reset(self._token)
+
+
 def time_left_s() -> float | None:
     """What is left of the request's deadline (None: it named none)."""
     deadline = _deadline.get()
@@ -66,6 +85,7 @@ def time_left_s() -> float | None:
 def call_timeout_s(link_timeout_s: float) -> float:
     """How long a call may wait: the link's own timeout, or less when the request being
     served must be answered sooner (zero or less: no time is left to ask)."""
+    link_timeout_s += _allowance.get()
     deadline = _deadline.get()
     if deadline is None:
         return link_timeout_s

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 from ..bigmemory.layout import as_bytes_view
 from ..client.arguments import as_int
 from ..core.namespaces import check_name
-from ..datapath.deadline import call_timeout_s
+from ..datapath.deadline import allowing, call_timeout_s
 from ..errors import (InvalidArgument, MemfabricError, NoSuchObject, NoSuchPool, OutOfRange, ProtocolError,
                       ServerUnavailable, Timeout)
 from . import record as rec
-from .log import pieces
+from .log import pieces, prepare_allowance_s
 from ..limits import (MAX_PLOG_BATCH, MAX_PLOG_CAPACITY_BYTES, MAX_PLOG_RECORD_BYTES, MAX_PLOG_STAGED_BYTES,
                       MAX_RPC_PAYLOAD_BYTES, PLOG_INLINE_BYTES, PLOG_RPC_READ_BYTES)
 
@@ -412,8 +412,9 @@ def create_plog(namespace: "Namespace", name: str, capacity: int, *, replicas: i
     if _find(ns, name, servers) is not None:
         raise InvalidArgument(f"plog {name!r} already exists in namespace {ns.name!r} (ns.plog(name) opens it)")
     home = servers[0]
-    reply = ns.session.link(home).call("plog_create", **ns.wire_creds, name=name, capacity=capacity,
-                                       replicas=replicas)
+    with allowing(prepare_allowance_s(capacity, max(replicas, 1))):   # its memory made ready, copy by copy
+        reply = ns.session.link(home).call("plog_create", **ns.wire_creds, name=name, capacity=capacity,
+                                           replicas=replicas)
     made = Plog(ns, name, reply["info"]["home"], reply["info"]["id"])
     # Another server may have made one of this name meanwhile (a name is checked per server).
     # Each creator looks again after making its own: of two racing, at least one sees the

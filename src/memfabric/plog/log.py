@@ -19,11 +19,17 @@ from bisect import bisect_right
 from itertools import accumulate
 
 from ..errors import InvalidArgument, OutOfRange, OutOfSpace, Sealed
-from ..limits import MAX_PLOG_BATCH, MAX_PLOG_RECORD_BYTES
+from ..limits import MAX_PLOG_BATCH, MAX_PLOG_RECORD_BYTES, PLOG_PREPARE_BYTES_PER_S
 from .record import HEADER_BYTES, frame_bytes
 
 OPEN, SEALED = "open", "sealed"
 STATES = (OPEN, SEALED)
+
+
+def prepare_allowance_s(capacity: int, copies: int = 1) -> float:
+    """The time beyond the usual timeouts that making `copies` copies of a plog of `capacity`
+    bytes may take, one after another (a home's, then each of its copies')."""
+    return copies * capacity / PLOG_PREPARE_BYTES_PER_S
 
 
 class PlogLog:

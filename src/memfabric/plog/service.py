@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..core.allocator import Extent
 from ..core.namespaces import check_name
-from ..datapath.deadline import unbounded
+from ..datapath.deadline import allowing, unbounded
 from ..errors import (IOError_, InvalidArgument, LimitExceeded, MemfabricError, NoSuchNamespace, NoSuchObject, ProtocolError,
                       Sealed, ServerUnavailable)
 from ..limits import (MAX_PLOG_BATCH, MAX_PLOG_CAPACITY_BYTES, MAX_PLOG_RECORD_BYTES, MAX_PLOG_REPLICAS,
@@ -65,7 +65,7 @@ from ..server.requests import Connection, Payload, Reply
 from ..server.state import NamespaceState, PoolState
 from ..transport import wire
 from . import record as rec
-from .log import OPEN, SEALED, STATES, PlogLog
+from .log import OPEN, SEALED, STATES, PlogLog, prepare_allowance_s
 from .store import LogBytes, meta_path, read_metas, remove_meta, write_meta
 
 if TYPE_CHECKING:
@@ -530,10 +530,11 @@ class PlogService:
         made = []
         try:
             for server_id in plog.replica_servers:
-                self.server._peer(server_id).call(
-                    "plog_replica_create", **self._copy_args(plog), capacity=plog.core.capacity,
-                    nonce=plog.core.nonce, home=plog.home, replica_servers=plog.replica_servers,
-                    replicas=plog.replicas)
+                with allowing(prepare_allowance_s(plog.core.capacity)):   # the copy zeroes and flushes it
+                    self.server._peer(server_id).call(
+                        "plog_replica_create", **self._copy_args(plog), capacity=plog.core.capacity,
+                        nonce=plog.core.nonce, home=plog.home, replica_servers=plog.replica_servers,
+                        replicas=plog.replicas)
                 made.append(server_id)
         except MemfabricError as exc:
             self._drop_copies(plog, made)
