@@ -21,7 +21,8 @@
  *
  * While a table drains into the current one (header word H_DRAINING names its generation),
  * the caller gives both (old_words, old_refs): the draining table is probed first, then the
- * current one, as kv/index.py explains.
+ * current one, as kv/index.py explains. Given the client's stats words and its slot, probe()
+ * counts a hit or a miss there itself (count() adds the others' counts).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -266,12 +267,43 @@ static void close_old(Index *oix, Py_buffer *words, Py_buffer *refs) {
     PyBuffer_Release(refs);
 }
 
+/* A client's own hit and miss counters (kv/space.py's stats memfd: a pair of words per
+ * client): added to with the GIL held, so the threads of the process that share them lose
+ * no count, and no lock is taken. */
+static int add_counts(PyObject *stats_obj, Py_ssize_t slot, unsigned long long hits, unsigned long long misses) {
+    if (stats_obj == Py_None || slot < 0 || (hits == 0 && misses == 0))
+        return 0;
+    Py_buffer stats;
+    if (PyObject_GetBuffer(stats_obj, &stats, PyBUF_WRITABLE) < 0)
+        return -1;
+    if ((size_t)stats.len / (2 * sizeof(uint64_t)) > (size_t)slot) {
+        uint64_t *pair = (uint64_t *)stats.buf + 2 * slot;
+        pair[0] += hits;
+        pair[1] += misses;
+    }
+    PyBuffer_Release(&stats);
+    return 0;
+}
+
+/* count(stats, slot, hits, misses): add to a client's counters (see add_counts). */
+static PyObject *count(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *stats_obj;
+    Py_ssize_t slot;
+    unsigned long long hits, misses;
+    if (!PyArg_ParseTuple(args, "OnKK", &stats_obj, &slot, &hits, &misses))
+        return NULL;
+    if (add_counts(stats_obj, slot, hits, misses) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyObject *probe(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_buffer words, refs, keybuf, into = {0}, old_words, old_refs;
     unsigned long long h;
-    PyObject *pool, *segments, *into_obj, *old_words_obj = Py_None, *old_refs_obj = Py_None;
-    if (!PyArg_ParseTuple(args, "y*w*KOOy*O|OO", &words, &refs, &h, &pool, &segments, &keybuf, &into_obj,
-                          &old_words_obj, &old_refs_obj))
+    PyObject *pool, *segments, *into_obj, *old_words_obj = Py_None, *old_refs_obj = Py_None, *stats_obj = Py_None;
+    Py_ssize_t stats_slot = -1;
+    if (!PyArg_ParseTuple(args, "y*w*KOOy*O|OOOn", &words, &refs, &h, &pool, &segments, &keybuf, &into_obj,
+                          &old_words_obj, &old_refs_obj, &stats_obj, &stats_slot))
         return NULL;
     PyObject *result = NULL;
     Py_buffer *target = NULL;
@@ -288,6 +320,11 @@ static PyObject *probe(PyObject *Py_UNUSED(self), PyObject *args) {
     }
     if (has_old > 0) close_old(&oix, &old_words, &old_refs);
     if (target != NULL) PyBuffer_Release(&into);
+    if (result != NULL) {            /* a validated hit or miss counts (ASK and AWAY do not) */
+        int hit = PyBytes_Check(result) || (PyLong_Check(result) && PyLong_AsLong(result) >= 0);
+        if ((hit || result == Py_None) && add_counts(stats_obj, stats_slot, hit, !hit) < 0)
+            Py_CLEAR(result);
+    }
 done:
     PyBuffer_Release(&words);
     PyBuffer_Release(&refs);
@@ -557,8 +594,10 @@ fail_early:
 }
 
 static PyMethodDef methods[] = {
+    {"count", count, METH_VARARGS, "count(stats, slot, hits, misses): add to a client's own counters"},
     {"probe", probe, METH_VARARGS,
-     "probe(index, refs, hash, pool, segments, key, into) -> value | length | None | ASK | TOO_SMALL | AWAY"},
+     "probe(index, refs, hash, pool, segments, key, into[, old_index, old_refs, stats, slot]) -> value | length | "
+     "None | ASK | TOO_SMALL | AWAY"},
     {"plan_copies", plan_copies, METH_VARARGS,
      "plan_copies(items, alive, writing, chunk_bytes) -> (Plan, indices left to Python)"},
     {"probe_many", probe_many, METH_VARARGS,

@@ -5,6 +5,7 @@ size class, TTLs, the memory limit with eviction and refusal, counters, wrong se
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import numpy as np
@@ -286,6 +287,30 @@ def test_stats_count_hits_misses_keys_and_bytes(kv):
     assert stats["keys"] == 2 and stats["bytes"] >= 1001
     assert stats["memory_limit"] is None and stats["evictions"] == 0
     assert stats["settings"] == {"memory_limit": None, "eviction": "lru", "replicas": 1}
+
+
+def test_gets_of_threads_sharing_a_kv_are_each_counted_once(kv):
+    """Same-host gets count in the client's own stats words, added by the compiled probe and
+    by batches with the GIL held: threads sharing them lose no count and add none."""
+    kv.put("shared", b"v" * 100)
+    base = kv.stats()
+    threads, each = 4, 300
+
+    def reader():
+        for i in range(each):
+            kv.get("shared")
+            kv.get(f"missing-{i}")
+        kv.get_many(["shared", "missing"] * 5)
+
+    workers = [threading.Thread(target=reader) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert not any(w.is_alive() for w in workers)
+    stats = kv.stats()
+    assert stats["hits"] - base["hits"] == threads * (each + 5)
+    assert stats["misses"] - base["misses"] == threads * (each + 5)
 
 
 def test_flush(kv):

@@ -91,32 +91,26 @@ class _LocalIndex:
         self.ref_bytes = self.refs.view
         self.stats_words = self.stats.view.cast("Q")
         self.slot = reply["client_slot"]
+        # The stats words and slot for _native.probe, which counts the gets it answers (-1: none).
+        self.stats_view = None if self.slot is None else self.stats.view
+        self.stats_slot = -1 if self.slot is None else self.slot
         self.lock_free = bool(reply["lock_free"])
         self.mask = self.words[ix.H_SLOTS] - 1
-        self.hits = 0
-        self.misses = 0
         self._count_lock = threading.Lock()
 
     def count(self, hit: bool) -> None:
         """Gets the server never sees still count in its stats: this client's own words."""
-        if self.slot is None:
-            return
-        with self._count_lock:
-            if hit:
-                self.hits += 1
-                self.stats_words[self.slot * 2] = self.hits
-            else:
-                self.misses += 1
-                self.stats_words[self.slot * 2 + 1] = self.misses
+        self.count_many(int(hit), int(not hit))
 
     def count_many(self, hits: int, misses: int) -> None:
         if self.slot is None or not (hits or misses):
             return
+        if _native is not None:        # adds with the GIL held: no count lost to the compiled probe's
+            _native.count(self.stats_view, self.slot, hits, misses)
+            return
         with self._count_lock:
-            self.hits += hits
-            self.misses += misses
-            self.stats_words[self.slot * 2] = self.hits
-            self.stats_words[self.slot * 2 + 1] = self.misses
+            self.stats_words[self.slot * 2] += hits
+            self.stats_words[self.slot * 2 + 1] += misses
 
     def stale(self) -> bool:
         """Followed by a larger table, or revoked (reads zeros); or the table draining into it
@@ -370,12 +364,10 @@ class KV:
                 return _ASK
             link.check_alive()
             got = _native.probe(idx.raw, idx.ref_bytes, key_hash(key), self._creds[0], link._segments, key, into,
-                                idx.old_raw, idx.old_ref_bytes)
+                                idx.old_raw, idx.old_ref_bytes, idx.stats_view, idx.stats_slot)   # counted
             if got is None:
-                idx.count(False)
                 return _MISS
             if type(got) is bytes or got >= 0:
-                idx.count(True)
                 return got
             if got == _native.AWAY:
                 return _AWAY
