@@ -157,6 +157,7 @@ PLOG_INLINE_BYTES = 192 << 10         # records (and read replies) ride in an IP
 PLOG_RPC_READ_BYTES = 16 << 20        # the most one read or records reply carries over RPC
 MAX_PLOG_STAGED_BYTES = 64 << 20      # bytes one connection has staged (large records over IPC) at once
 MAX_PLOG_STAGES_PER_CLIENT = 16
+PLOG_SHARED_STAGE_MIN_BYTES = 1 << 20  # a same-host client's shared stage (plog_share_stage), at the least
 # The slowest a server may make a new plog's memory ready (a pmem file's blocks written with
 # zeros and flushed, on a disk under load): creating a plog waits for the home and each copy
 # this long per byte beyond the usual timeouts, so a large plog is not refused as a dead peer.

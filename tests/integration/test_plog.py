@@ -243,8 +243,8 @@ def test_delete_frees_the_memory(plog_fabric, where, request):
         assert audit["live_bytes"] == audit["accounted_bytes"]
 
 
-PLOG_OPS = ["plog_create", "plog_info", "plog_list", "plog_append", "plog_stage", "plog_read", "plog_records",
-            "plog_seal", "plog_delete"]
+PLOG_OPS = ["plog_create", "plog_info", "plog_list", "plog_append", "plog_share_stage", "plog_drop_stage", "plog_read",
+            "plog_records", "plog_seal", "plog_delete"]
 
 
 @pytest.mark.parametrize("where, seed", [("same-host", 11), ("remote", 12)])
@@ -379,3 +379,136 @@ def test_a_pool_no_server_has_is_no_such_pool(ns):
                  lambda: ns.create_plog("p", 4096, pool="nosuch")):
         with pytest.raises(memfabric.NoSuchPool, match="nosuch"):
             call()
+
+
+# ---- large batches from this host: the shared stage ------------------------------------------
+
+
+@pytest.fixture
+def local_ns(plog_fabric, request):
+    """A same-host session and a namespace of the logs pool, destroyed after (the pool is
+    small, and the module's tests share it)."""
+    with session(plog_fabric, "same-host") as s:
+        ns = s.create_namespace(ns_name(request), sec_id="k", pool="logs")
+        yield s, ns
+        ns.destroy()
+
+
+def test_large_batches_from_this_host_go_through_one_shared_stage(local_ns):
+    """Batches too large for one message are written into memory the server maps: one
+    request each, the stage kept for the next batches, a larger one made when one does not
+    fit; every record comes back whole, at the offsets returned."""
+    s, ns = local_ns
+    log = ns.create_plog("big", 12 << 20)
+    link = s.home()
+    rng = np.random.default_rng(5)
+    batches = [[rng.bytes(int(n)) for n in rng.integers(0, 8192, count)] for count in (100, 300, 50)]
+    batches.append([rng.bytes(3 << 20)])           # larger than the first stage: a new one
+    offsets, expected = [], []
+    for batch in batches:
+        offsets += log.append_many(batch)
+        expected += batch
+    holder = link.attached[(ns.pool, ns.name, "plog_stage")]
+    assert holder.mapped is not None and holder.mapped.size >= 3 << 20
+    assert list(log.records()) == expected
+    for offset, record in zip(offsets, expected):
+        assert log.read(offset, len(record)) == record
+
+
+def test_a_shared_stage_cannot_be_shrunk_under_the_server(local_ns):
+    """The stage is a sealed memfd: a client cannot truncate it (which would make the server's
+    read of it a SIGBUS); it can only write it."""
+    s, ns = local_ns
+    log = ns.create_plog("sealed", 1 << 20)
+    reply, fds = s.home().call_with_fds("plog_share_stage", **ns.wire_creds, length=4096)
+    try:
+        with pytest.raises(PermissionError):
+            os.ftruncate(fds[0], 0)
+        os.pwrite(fds[0], b"abc", 0)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    offsets = s.home().call("plog_append", **log._wire, shared=reply["stage"], lengths=[3])["offsets"]
+    assert log.read(offsets[0], 3) == b"abc"
+
+
+@pytest.mark.parametrize("bad", ["unknown stage", "longer than the stage", "lengths not a list", "negative length"])
+def test_bad_shared_batches_are_invalid_argument_and_append_nothing(local_ns, bad):
+    s, ns = local_ns
+    log = ns.create_plog("bad", 1 << 20)
+    reply, fds = s.home().call_with_fds("plog_share_stage", **ns.wire_creds, length=4096)
+    for fd in fds:
+        os.close(fd)
+    stage, size = reply["stage"], reply["size"]
+    args = {"unknown stage": {"shared": stage + 1000, "lengths": [1]},
+            "longer than the stage": {"shared": stage, "lengths": [size, 1]},
+            "lengths not a list": {"shared": stage, "lengths": 5},
+            "negative length": {"shared": stage, "lengths": [-1, 2]}}[bad]
+    with pytest.raises(InvalidArgument):
+        s.home().call("plog_append", **log._wire, **args)
+    assert log.info()["records"] == 0
+    log.append(b"still works")
+    assert list(log.records()) == [b"still works"]
+
+
+def test_shared_stages_are_same_host_only(plog_fabric, request):
+    with session(plog_fabric, "remote") as s:
+        ns = s.create_namespace(ns_name(request), sec_id="k", pool="logs")
+        with pytest.raises(InvalidArgument, match="same-host"):
+            s.home().call("plog_share_stage", **ns.wire_creds, length=4096)
+
+
+def test_a_client_scribbling_on_its_stage_during_appends_leaves_the_log_whole(local_ns):
+    """The client may write its stage while the server reads it. The server copies a batch
+    out before it checks and frames it (plog/service.py _shared_batch), so each record is
+    framed over the bytes it writes: whatever the client had there at that moment, the log
+    holds every record of every batch, of its length, and the server goes on."""
+    import threading
+    s, ns = local_ns
+    log = ns.create_plog("scribbled", 16 << 20)
+    log.append_many([b"x" * 4096] * 100)            # makes the stage
+    holder = s.home().attached[(ns.pool, ns.name, "plog_stage")]
+    view = holder.mapped.view
+    stop = threading.Event()
+
+    def scribble():
+        i = 0
+        while not stop.is_set():
+            view[(i * 4096) % (400 * 1024):(i * 4096) % (400 * 1024) + 4096] = bytes([i % 251]) * 4096
+            i += 1
+    t = threading.Thread(target=scribble)
+    t.start()
+    try:
+        for _ in range(30):
+            log.append_many([b"y" * 4096] * 100)
+    finally:
+        stop.set()
+        t.join(30)
+    records = list(log.records())
+    assert len(records) == log.info()["records"] == 3100
+    assert all(len(r) == 4096 for r in records)
+
+
+def test_threads_sharing_a_session_append_large_batches_at_once(local_ns):
+    import threading
+    s, ns = local_ns
+    log = ns.create_plog("threads", 8 << 20)
+    errors = []
+
+    def writer(tag: int):
+        try:
+            for i in range(20):
+                log.append_many([bytes([tag, i]) * 512] * 60)
+        except Exception as exc:      # noqa: BLE001 - the test looks at it
+            errors.append(exc)
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and not any(t.is_alive() for t in threads)
+    records = list(log.records())
+    assert len(records) == 4 * 20 * 60
+    batches = [records[i:i + 60] for i in range(0, len(records), 60)]
+    assert all(len(set(b)) == 1 for b in batches), "a batch's records stay together, whole"
+    assert sorted(b[0][:2] for b in batches) == sorted(bytes([k, i]) for k in range(4) for i in range(20))

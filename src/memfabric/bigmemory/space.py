@@ -7,16 +7,14 @@ every copy, so a freed handle fails on the client without asking the server.
 
 from __future__ import annotations
 
-import fcntl
-import mmap
 import os
 import threading
 
 from ..core.allocator import Extent
 from ..limits import MAX_OBJECTS_PER_NAMESPACE
+from ..media.memfd import SEALS_READ_ONLY, sealed_memfd
 from .objects import Generations, ObjectRecord, ObjectTable
 
-F_SEAL_FUTURE_WRITE = 0x0010   # Linux >= 5.1: no new writable mappings, ours stays writable
 WORDS_PER_SLOT = 2
 
 
@@ -31,15 +29,7 @@ class ObjectSpace:
         self.busy: dict[str, int] = {}
         self.deferred: dict[str, list[Extent]] = {}
         self.table_bytes = MAX_OBJECTS_PER_NAMESPACE * WORDS_PER_SLOT * 8
-        self.gen_fd = os.memfd_create(f"memfabric-{label}-gens-{ns}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        try:
-            os.ftruncate(self.gen_fd, self.table_bytes)
-            self._mapping = mmap.mmap(self.gen_fd, self.table_bytes, flags=mmap.MAP_SHARED)
-            fcntl.fcntl(self.gen_fd, fcntl.F_ADD_SEALS,
-                        fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL)
-        except BaseException:
-            os.close(self.gen_fd)
-            raise
+        self.gen_fd, self._mapping = sealed_memfd(f"memfabric-{label}-gens-{ns}", self.table_bytes, SEALS_READ_ONLY)
         self.words = memoryview(self._mapping).cast("Q")
 
     def publish(self, record: ObjectRecord) -> None:

@@ -45,9 +45,9 @@ def undo_of(op: str, request: dict[str, Any], reply: dict[str, Any]) -> dict[str
     old = reply.get("old")
     if op in ("kv_put", "kv_commit") and isinstance(old, dict) and type(old.get("hold")) is int:
         return {"op": "kv_let_go", **creds, "hold": old["hold"]}
-    if op == "plog_stage" and type(reply.get("stage")) is int:
-        # A stage given up on would stay on the connection: a piece out of order drops it.
-        return {"op": "plog_stage", **creds, "stage": reply["stage"], "at": -1, "data": b""}
+    if op == "plog_share_stage" and type(reply.get("stage")) is int:
+        # A stage given up on would stay on the connection (and count against its stages).
+        return {"op": "plog_drop_stage", **creds, "stage": reply["stage"]}
     if op == "extent_alloc" and isinstance(reply.get("extents"), list):
         extents = [e[1:] for e in reply["extents"] if isinstance(e, list) and len(e) == 4]
         return {"op": "extent_free", **creds, "bm_id": request.get("bm_id"), "extents": extents}

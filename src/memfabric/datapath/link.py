@@ -403,6 +403,11 @@ class ServerLink:
             for key in [k for k in self.attached if k[:2] == (pool, ns)]:
                 self.attached.pop(key).close()
 
+    def map_shared(self, fd: int, size: int, pool: str, ns: str) -> _Mapped:
+        """Map writable memory the server handed over for this namespace (a plog's shared
+        stage); closed, it is revoked first, so a thread still writing it writes nowhere."""
+        return _Mapped(fd, size, readonly=False, pool=pool, ns=ns)
+
     def _forget_segments(self, gone: object) -> None:
         """The server destroyed these segments ([pool, id] each): unmap them, close their fds.
         No object lives in them any more, so no handle of ours reads them."""

@@ -20,8 +20,6 @@ extents of their own. A record is never changed in place: a new value is a new r
 
 from __future__ import annotations
 
-import fcntl
-import mmap
 import os
 import struct
 import threading
@@ -33,10 +31,8 @@ from ..core.allocator import Extent
 from ..limits import MAX_KV_CLIENTS, REUSE_GRACE_S
 from . import index as ix
 from .heap import RecordHeap
+from ..media.memfd import SEALS_READ_ONLY, SEALS_SIZE, sealed_memfd
 
-F_SEAL_FUTURE_WRITE = 0x0010
-SEALS_READ_ONLY = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL
-SEALS_SIZE = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 EXTENT = struct.Struct("<QQQ")       # a large value's extent in its record: segment, offset, length
 STATS_WORDS_PER_CLIENT = 2           # hits, misses
 KEY_LOCK_STRIPES = 64
@@ -44,18 +40,6 @@ KEY_LOCK_STRIPES = 64
 # stays a 64-bit number whatever they write (2**48 gets at 1 per ns: three days).
 CLIENT_COUNT_MAX = 1 << 48
 RETIRED_MAX = 1 << 60
-
-
-def _memfd(name: str, size: int, seals: int) -> tuple[int, mmap.mmap]:
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        os.ftruncate(fd, size)
-        mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, mapping
 
 
 @dataclass
@@ -84,10 +68,10 @@ class Table:
         self.slots = slots
         self.generation = generation
         self.index_bytes = ix.words_for(slots) * 8
-        self.index_fd, self._index_map = _memfd(f"memfabric-{label}-kv-{ns}-{generation}", self.index_bytes,
+        self.index_fd, self._index_map = sealed_memfd(f"memfabric-{label}-kv-{ns}-{generation}", self.index_bytes,
                                                 SEALS_READ_ONLY)
         try:
-            self.refs_fd, self._refs_map = _memfd(f"memfabric-{label}-kvrefs-{ns}-{generation}", slots, SEALS_SIZE)
+            self.refs_fd, self._refs_map = sealed_memfd(f"memfabric-{label}-kvrefs-{ns}-{generation}", slots, SEALS_SIZE)
         except BaseException:
             os.close(self.index_fd)
             raise
@@ -119,7 +103,7 @@ class KeySpace:
         self.draining: Table | None = None   # the table `table` followed, until drained into it
         self.drain_hand = 0                   # its slots below this are drained
         self.stats_bytes = MAX_KV_CLIENTS * STATS_WORDS_PER_CLIENT * 8
-        self.stats_fd, self._stats_map = _memfd(f"memfabric-{label}-kvstats-{ns}", self.stats_bytes, SEALS_SIZE)
+        self.stats_fd, self._stats_map = sealed_memfd(f"memfabric-{label}-kvstats-{ns}", self.stats_bytes, SEALS_SIZE)
         self.stats_words = memoryview(self._stats_map).cast("Q")
         self._free_client_slots = list(range(MAX_KV_CLIENTS - 1, -1, -1))
         self.settings = KvSettings()

@@ -15,6 +15,8 @@ that answers, which fences the plog for good.
 
 from __future__ import annotations
 
+import os
+import threading
 from bisect import bisect_right
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
@@ -33,7 +35,6 @@ from ..limits import (MAX_PLOG_BATCH, MAX_PLOG_CAPACITY_BYTES, MAX_PLOG_RECORD_B
 if TYPE_CHECKING:
     from ..client.session import Namespace
 
-STAGE_PIECE_BYTES = PLOG_INLINE_BYTES      # bytes per plog_stage request
 READ_OPS = frozenset({"plog_info", "plog_records", "plog_read"})   # a copy answers these when the home does not
 HOME_AWAY = (ServerUnavailable, Timeout)
 INLINE_SLACK_BYTES = 1024                  # the request's other fields, and msgpack's framing
@@ -55,12 +56,51 @@ def _as_records(records: Iterable[Any]) -> list[memoryview]:
     return views
 
 
-def _drop_stage(link: Any, wire_creds: dict[str, Any], stage: int) -> None:
-    """Drop a stage of this connection: a piece out of order drops it (the server's answer)."""
-    try:
-        link.call("plog_stage", **wire_creds, stage=stage, at=-1, data=b"")
-    except MemfabricError:
-        pass
+class _StageHolder:
+    """A same-host link's shared stage for one namespace's record batches (the server's
+    plog_share_stage): memory both map, which a batch is written into, so that it costs one
+    request and no copy into messages. Attached to the link: it goes with the link or the
+    namespace (close). One batch at a time (`lock`)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.token: int | None = None       # the server's number for it: the last one, kept after a discard
+        self.mapped: Any = None
+
+    def stage_for(self, link: Any, wire_creds: dict[str, Any], length: int) -> Any:
+        """The stage mapped, at least `length` bytes (a larger one asked for in its place)."""
+        if self.mapped is None or self.mapped.size < length:
+            self.discard()
+            reply, fds = link.call_with_fds("plog_share_stage", **wire_creds, length=length, replaces=self.token)
+            if len(fds) != 1 or type(reply.get("stage")) is not int or type(reply.get("size")) is not int \
+                    or reply["size"] < length:
+                for fd in fds:
+                    os.close(fd)
+                raise ProtocolError(f"plog_share_stage answered {reply!r:.80} with {len(fds)} fds")
+            self.mapped = link.map_shared(fds[0], reply["size"], wire_creds["pool"], wire_creds["ns"])
+            self.token = reply["stage"]
+        return self.mapped
+
+    def discard(self) -> None:
+        if self.mapped is not None:
+            self.mapped.close()          # revoked: a thread still writing it writes nowhere
+            self.mapped = None
+
+    close = discard
+
+
+_HOLDERS_LOCK = threading.Lock()
+
+
+def _stage_holder(link: Any, wire: dict[str, Any]) -> _StageHolder:
+    key = (wire["pool"], wire["ns"], "plog_stage")
+    holder = link.attached.get(key)
+    if holder is None:
+        with _HOLDERS_LOCK:
+            holder = link.attached.get(key)
+            if holder is None:
+                holder = link.attached[key] = _StageHolder()
+    return holder
 
 
 class Plog:
@@ -165,23 +205,21 @@ class Plog:
         if total > MAX_PLOG_STAGED_BYTES:
             raise InvalidArgument(f"one append_many carries at most {MAX_PLOG_STAGED_BYTES} bytes, got {total}: "
                                   "append fewer at a time")
-        joined = memoryview(b"".join(views))
-        stage = None
-        try:
-            for at in range(0, total, STAGE_PIECE_BYTES):
-                piece = joined[at:at + STAGE_PIECE_BYTES].tobytes()
-                args = {**self.namespace.wire_creds, "at": at, "data": piece}
-                args.update({"length": total} if stage is None else {"stage": stage})
-                stage = link.call("plog_stage", **args)["stage"]
-        except BaseException as exc:
-            # Stopped half-way (Ctrl-C): the stage would stay on the connection, and 16 of them
-            # refuse every later stage. (A stage of a call given up on, timed out or interrupted:
-            # its late reply drops it, late_replies.py; a piece refused drops its stage there.
-            # The server never reuses a connection's stage numbers.)
-            if stage is not None and not isinstance(exc, MemfabricError):
-                _drop_stage(link, self.namespace.wire_creds, stage)
-            raise
-        return link.call("plog_append", **creds, stage=stage, lengths=lengths)["offsets"]
+        holder = _stage_holder(link, self._wire)
+        with holder.lock:
+            stage = holder.stage_for(link, self.namespace.wire_creds, total)
+            try:
+                at = 0
+                for v in views:                 # straight into memory the server maps
+                    stage.view[at:at + v.nbytes] = v
+                    at += v.nbytes
+                return link.call("plog_append", **creds, shared=holder.token, lengths=lengths)["offsets"]
+            except BaseException:
+                # Given up on (a timeout, Ctrl-C) the server may still be reading it: it is not
+                # written again; the next batch asks for another in its place (the server
+                # serves a connection's requests in order, so by then this one is done).
+                holder.discard()
+                raise
 
     # ---- reads ------------------------------------------------------------------------------
 

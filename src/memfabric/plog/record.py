@@ -51,6 +51,30 @@ def padding(payload_bytes: int) -> bytes:
     return bytes(frame_bytes(payload_bytes) - HEADER_BYTES - payload_bytes)
 
 
+_PADDINGS = tuple(bytes(n) for n in range(ALIGN_BYTES))
+
+
+def frames(nonce: int, first_index: int, data: memoryview, lengths: list[int]) -> list[bytes | memoryview]:
+    """The parts of the frames of records `first_index`, ... whose payloads lie back to back in
+    `data` (of these `lengths`), in order: header, payload, padding for each. The same bytes as
+    header() and padding() make, in one loop with no call per record beyond the CRC and the
+    header's pack: a batch of 100 records is framed in a fraction of the time."""
+    parts: list[bytes | memoryview] = []
+    append = parts.append
+    seed, pack, magic = _SEED.pack, HEADER.pack, MAGIC
+    at, index = 0, first_index
+    for n in lengths:
+        payload = data[at:at + n]
+        append(pack(magic, n, index & 0xFFFFFFFF, crc32c(payload, crc32c(seed(nonce, index, n)))))
+        append(payload)
+        pad = -n % ALIGN_BYTES
+        if pad:
+            append(_PADDINGS[pad])
+        at += n
+        index += 1
+    return parts
+
+
 def encode(nonce: int, index: int, payload: bytes | memoryview) -> bytes:
     """One whole frame (tests and small records; the server writes the parts without joining)."""
     return header(nonce, index, payload) + bytes(payload) + padding(len(payload))

@@ -10,8 +10,9 @@ flush and commits everything written before it started, so appenders that wrote 
 find their records committed without a flush of their own. Readers see committed bytes only.
 
 Record bytes arrive in the request (small records), as the RPC payload (plog_append_payload:
-received straight into one buffer, then written), or staged over IPC in pieces first
-(plog_stage: records too large for one IPC message).
+received straight into one buffer, then written), or, from a same-host client's larger
+batches, in a shared stage: memory the client writes and the server maps (plog_share_stage),
+so that a batch costs one request and no bytes in messages.
 
 Where a plog is: on the server that created it (the client's own server). A client finds a
 plog by asking its servers (client.py); names are unique per namespace on one server, and
@@ -60,7 +61,8 @@ from ..errors import (IOError_, InvalidArgument, LimitExceeded, MemfabricError, 
                       Sealed, ServerUnavailable)
 from ..limits import (MAX_PLOG_BATCH, MAX_PLOG_CAPACITY_BYTES, MAX_PLOG_RECORD_BYTES, MAX_PLOG_REPLICAS,
                       MAX_PLOG_BUFFERED_BYTES, MAX_PLOG_STAGED_BYTES, MAX_PLOG_STAGES_PER_CLIENT, MAX_PLOGS_PER_NAMESPACE, MAX_RPC_PAYLOAD_BYTES,
-                      PLOG_INLINE_BYTES, PLOG_REPLICA_PIECE_BYTES, PLOG_RPC_READ_BYTES)
+                      PLOG_INLINE_BYTES, PLOG_REPLICA_PIECE_BYTES, PLOG_RPC_READ_BYTES, PLOG_SHARED_STAGE_MIN_BYTES)
+from ..media.memfd import SEALS_SIZE, sealed_memfd
 from ..server.requests import Connection, Payload, Reply
 from ..server.state import NamespaceState, PoolState
 from ..transport import wire
@@ -174,17 +176,27 @@ class _Window:
         return memoryview(self.bytes)[at:at + length]
 
 
-class _Stage:
-    """A record batch being sent over IPC in pieces (too large for one message)."""
+class _SharedStage:
+    """Memory a same-host client writes its record batches into, and the server reads them
+    from (plog_share_stage): a batch then costs one request, with no bytes in messages. A
+    sealed memfd, so the client cannot shrink it under the server's mapping; the client can
+    write it at any time, so an append copies the batch out before it checks or frames a
+    byte. Kept by the connection for its next batches, until it asks for a larger one."""
 
-    def __init__(self, length: int) -> None:
-        self.buffer = bytearray(length)
-        self.filled = 0
+    def __init__(self, size: int, label: str) -> None:
+        self.fd, self.mapping = sealed_memfd(label, size, SEALS_SIZE)
+        self.size = size
+
+    def close(self) -> None:
+        self.mapping.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class PlogService:
     PEER_OPS: frozenset[str] = frozenset({"plog_replica_create", "plog_replica_append", "plog_replica_stale"})
-    FD_OPS: frozenset[str] = frozenset()
+    FD_OPS: frozenset[str] = frozenset({"plog_share_stage"})      # hands over the stage's memfd
 
     def __init__(self, server: "Server") -> None:
         self.server = server
@@ -308,7 +320,8 @@ class PlogService:
     def disconnected(self, conn: Connection) -> None:
         stages = conn.services.pop("plog", None) or {}     # staged bytes go with the connection
         for stage in stages.values():
-            self._give_buffer(len(stage.buffer))
+            stage.close()
+            self._give_buffer(stage.size)
 
     def dropped(self, state: NamespaceState) -> None:
         """The namespace is destroyed (under the server's lock): its plogs go, for good."""
@@ -659,18 +672,13 @@ class PlogService:
     # ---- appends ----------------------------------------------------------------------------
 
     def op_plog_append(self, conn: Connection, m: dict[str, Any]) -> Reply:
-        """Records in the request (`records`, a list of bytes), or staged before (`stage`)."""
+        """Records in the request (`records`, a list of bytes), or written into the
+        connection's shared stage `shared` (their `lengths`)."""
         plog = self._plog(conn, m)
-        stage_token = m.get("stage")
-        if stage_token is not None:
-            stage = self._take_stage(conn, stage_token)
-            try:
-                lengths = _lengths(m.get("lengths"), len(stage.buffer))
-                if stage.filled != len(stage.buffer):
-                    raise InvalidArgument(f"stage {stage_token} holds {stage.filled} of its {len(stage.buffer)} bytes")
-                return {"offsets": self._append(plog, memoryview(stage.buffer), lengths)}
-            finally:
-                self._give_buffer(len(stage.buffer))
+        shared = m.get("shared")
+        if shared is not None:
+            data, lengths = self._shared_batch(conn, shared, m.get("lengths"))
+            return {"offsets": self._append(plog, data, lengths)}
         records = m.get("records")
         if not isinstance(records, list) or not all(type(r) is bytes for r in records):
             raise InvalidArgument("records must be a list of bytes")
@@ -697,7 +705,7 @@ class PlogService:
 
     def op_plog_append_payload(self, conn: Connection, m: dict[str, Any]) -> Reply:
         raise InvalidArgument("plog_append_payload carries its records as a payload: RPC only "
-                              "(on this host: plog_append, or plog_stage for large records)")
+                              "(on this host: plog_append, with a shared stage for large batches)")
 
     def _append(self, plog: _Plog, data: memoryview, lengths: list[int]) -> list[int]:
         """Write records (`data`: their payloads back to back) at the end of the log, durably;
@@ -715,7 +723,7 @@ class PlogService:
                                "its committed records can be read, and a restart of its server scans it again")
             starts = core.plan(lengths)
             total = sum(rec.frame_bytes(n) for n in lengths)
-            parts = _frames(core.nonce, core.next_index, data, lengths)
+            parts = rec.frames(core.nonce, core.next_index, data, lengths)
             try:
                 if total <= JOIN_BELOW_BYTES:
                     plog.data.write(starts[0], memoryview(b"".join(parts)), plog.touched)
@@ -854,53 +862,81 @@ class PlogService:
                 self._mark_dead(plog, server_id, f"its copy holds {info.get('length')} bytes, the home "
                                 f"{plog.forwarded}{' (stale)' if info.get('stale') else ''}")
 
-    # ---- large records over IPC: staged in pieces ---------------------------------------------------
+    # ---- large batches over IPC: shared stages ---------------------------------------------------
 
     @staticmethod
-    def _stages(conn: Connection) -> dict[int, _Stage]:
+    def _stages(conn: Connection) -> dict[int, _SharedStage]:
         mine = conn.services.get("plog")
         if mine is None:
             mine = conn.services["plog"] = {}
         return mine
 
-    def op_plog_stage(self, conn: Connection, m: dict[str, Any]) -> Reply:
-        """Stage a piece of a batch of records: `length` (total, with no `stage`: a new one) or
-        `stage`, then `at` and `data`. The stage is this connection's until an append takes it."""
+    @staticmethod
+    def _room_for_stage(stages: dict[int, _SharedStage], length: int) -> None:
+        staged = sum(s.size for s in stages.values())
+        if len(stages) >= MAX_PLOG_STAGES_PER_CLIENT or staged + length > MAX_PLOG_STAGED_BYTES:
+            raise LimitExceeded(f"this connection has {len(stages)} stages of {staged} bytes: at most "
+                                f"{MAX_PLOG_STAGES_PER_CLIENT} of {MAX_PLOG_STAGED_BYTES} bytes in all")
+
+    @staticmethod
+    def _stage_token(conn: Connection) -> int:
+        """A new stage's number. Never reused on a connection: a client dropping a stage it
+        gave up on twice (its own drop, and its late reply's) must not drop a newer one."""
+        token = conn.services["plog_stage_count"] = conn.services.get("plog_stage_count", 0) + 1
+        return token
+
+    def op_plog_share_stage(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        """A shared stage of at least `length` bytes for this connection's record batches
+        (same host only: its memfd is handed over), in place of the one numbered `replaces`
+        (dropped first, if the connection has it)."""
         self.server._namespace(conn, m)     # only a client of a namespace stages, with its secId
         stages = self._stages(conn)
-        token = m.get("stage")
-        if token is None:
-            length = m.get("length")
-            if type(length) is not int or not 0 < length <= MAX_PLOG_STAGED_BYTES:
-                raise InvalidArgument(f"a stage holds 1 to {MAX_PLOG_STAGED_BYTES} bytes, got {length!r:.40}")
-            staged = sum(len(s.buffer) for s in stages.values())
-            if len(stages) >= MAX_PLOG_STAGES_PER_CLIENT or staged + length > MAX_PLOG_STAGED_BYTES:
-                raise LimitExceeded(f"this connection has {len(stages)} stages of {staged} bytes: at most "
-                                    f"{MAX_PLOG_STAGES_PER_CLIENT} of {MAX_PLOG_STAGED_BYTES} bytes in all")
-            self._take_buffer(length)
-            # Never reused on a connection: a client dropping a stage it gave up on twice (its
-            # own drop, and its late reply's) must not drop a newer one.
-            token = conn.services["plog_stage_count"] = conn.services.get("plog_stage_count", 0) + 1
-            stages[token] = _Stage(length)
-        elif type(token) is not int or token not in stages:
-            raise InvalidArgument(f"no stage {token!r:.40} on this connection")
-        stage = stages[token]
-        at, data = m.get("at", 0), m.get("data", b"")
-        if type(at) is not int or type(data) is not bytes or at != stage.filled \
-                or at + len(data) > len(stage.buffer):
-            del stages[token]
-            self._give_buffer(len(stage.buffer))
-            raise InvalidArgument(f"a stage is filled in order: at {stage.filled}, at most "
-                                  f"{len(stage.buffer) - stage.filled} bytes (the stage was dropped)")
-        stage.buffer[at:at + len(data)] = data
-        stage.filled += len(data)
-        return {"stage": token}
+        length, replaces = m.get("length"), m.get("replaces")
+        if type(length) is not int or not 0 < length <= MAX_PLOG_STAGED_BYTES:
+            raise InvalidArgument(f"a stage holds 1 to {MAX_PLOG_STAGED_BYTES} bytes, got {length!r:.40}")
+        if replaces is not None:
+            if type(replaces) is not int:
+                raise InvalidArgument(f"replaces names a stage by its number, got {replaces!r:.40}")
+            old = stages.pop(replaces, None)
+            if old is not None:
+                old.close()
+                self._give_buffer(old.size)
+        # Whole pages, and room to grow: a client whose batches grow asks again rarely.
+        size = min(MAX_PLOG_STAGED_BYTES, (max(length, PLOG_SHARED_STAGE_MIN_BYTES) + 4095) & ~4095)
+        self._room_for_stage(stages, size)
+        self._take_buffer(size)
+        try:
+            stage = _SharedStage(size, f"memfabric-plog-stage-{conn.id}")
+        except BaseException:
+            self._give_buffer(size)
+            raise
+        token = self._stage_token(conn)
+        stages[token] = stage
+        fd, stage.fd = stage.fd, -1            # ours is closed once sent: the mapping holds the memory
+        return {"stage": token, "size": size}, [fd], True
 
-    def _take_stage(self, conn: Connection, token: Any) -> _Stage:
+    def op_plog_drop_stage(self, conn: Connection, m: dict[str, Any]) -> Reply:
+        """Drop stage `stage` of this connection, if it has it (a client that gave up on the
+        call that made it)."""
+        self.server._namespace(conn, m)
+        token = m.get("stage")
         stage = self._stages(conn).pop(token, None) if type(token) is int else None
+        if stage is not None:
+            stage.close()
+            self._give_buffer(stage.size)
+        return {"dropped": stage is not None}
+
+    def _shared_batch(self, conn: Connection, token: Any, lengths: Any) -> tuple[memoryview, list[int]]:
+        """The batch a client wrote into its shared stage `token`, copied out (the client may
+        write the stage again at any moment: what is checked and framed must not change)."""
+        stage = self._stages(conn).get(token) if type(token) is int else None
         if stage is None:
-            raise InvalidArgument(f"no stage {token!r:.40} on this connection")
-        return stage
+            raise InvalidArgument(f"no shared stage {token!r:.40} on this connection")
+        if not isinstance(lengths, list) or not all(type(n) is int and n >= 0 for n in lengths) \
+                or sum(lengths) > stage.size:
+            raise InvalidArgument(f"lengths: a list of record lengths whose sum fits the stage's {stage.size} bytes")
+        total = sum(lengths)
+        return memoryview(stage.mapping[:total]), _lengths(lengths, total)
 
     # ---- reads ----------------------------------------------------------------------------------
 
@@ -1059,16 +1095,3 @@ def _lengths(lengths: Any, total: int | None) -> list[int]:
     return lengths
 
 
-def _frames(nonce: int, first_index: int, data: memoryview, lengths: list[int]) -> list[bytes | memoryview]:
-    """The parts of the records' frames, in order: header, payload, padding for each."""
-    parts: list[bytes | memoryview] = []
-    at = 0
-    for i, n in enumerate(lengths):
-        payload = data[at:at + n]
-        parts.append(rec.header(nonce, first_index + i, payload))
-        parts.append(payload)
-        pad = rec.frame_bytes(n) - rec.HEADER_BYTES - n
-        if pad:
-            parts.append(bytes(pad))
-        at += n
-    return parts
