@@ -231,3 +231,51 @@ def test_abandon_forgets_the_records_not_committed():
     assert (log.written, log.committed, log.records, log.next_index) == (first, first, 1, 1)
     assert log.plan([5]) == [first]          # the next append goes where they were
     assert log.abandon() == 0
+
+
+# ---- batches framed in one call (_records.c) -----------------------------------------------------
+
+
+def test_frames_of_a_batch_are_the_frames_of_each_record():
+    rng = random.Random(7)
+    for _ in range(100):
+        lengths = [rng.choice([0, 1, 7, 8, 9, 15, 16, 17, rng.randrange(5000)]) for _ in range(rng.randrange(1, 40))]
+        data = memoryview(rng.randbytes(sum(lengths)))
+        nonce, first = rng.getrandbits(64), rng.getrandbits(40)
+        expected, at = b"", 0
+        for i, n in enumerate(lengths):
+            expected += rec.encode(nonce, first + i, data[at:at + n])
+            at += n
+        assert b"".join(rec.frames(nonce, first, data, lengths)) == expected
+
+
+@pytest.fixture
+def compiled():
+    return pytest.importorskip("memfabric._records")      # ./dev builds it; Python frames where it cannot
+
+
+def test_the_compiled_batch_frames_the_same_bytes(compiled):
+    rng = random.Random(8)
+    for _ in range(200):
+        lengths = [rng.choice([0, 1, 7, 8, 9, 15, 16, 17, rng.randrange(5000)]) for _ in range(rng.randrange(1, 40))]
+        data = rng.randbytes(sum(lengths))
+        nonce, first = rng.getrandbits(64), rng.getrandbits(40)
+        assert compiled.frame_batch(nonce, first, data, lengths) == b"".join(
+            rec.frames(nonce, first, memoryview(data), lengths))
+
+
+def test_the_compiled_crc_is_crc32c_both_ways(compiled):
+    from crc32c import crc32c
+    rng = random.Random(9)
+    for n in list(range(0, 40)) + [4096, 4099, 100_000]:
+        data = rng.randbytes(n)
+        start = rng.getrandbits(32)
+        for table in (False, True):
+            assert compiled.crc32c_of(data, 0, table) == crc32c(data)
+            assert compiled.crc32c_of(data, start, table) == crc32c(data, start)
+
+
+@pytest.mark.parametrize("lengths, data", [([5], b"1234"), ([-1, 5], b"1234"), ([1 << 40], b""), (["4"], b"1234")])
+def test_the_compiled_batch_refuses_lengths_that_do_not_fit(compiled, lengths, data):
+    with pytest.raises((ValueError, OverflowError, TypeError)):
+        compiled.frame_batch(1, 0, data, lengths)

@@ -75,7 +75,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("memfabric.server")
 
-JOIN_BELOW_BYTES = 1 << 20     # a batch this small is joined into one buffer: one write per extent
+JOIN_BELOW_BYTES = 1 << 20     # a batch this small is framed into one buffer: one write per extent
 RECORD_OVERHEAD_BYTES = 32     # a record's place ([offset, length]) and framing in a records reply
 STALE_NOTICE_RETRY_S = 1.0     # how often a home tries again to tell its dead copies they are stale
 HOME, REPLICA = "home", "replica"
@@ -723,13 +723,13 @@ class PlogService:
                                "its committed records can be read, and a restart of its server scans it again")
             starts = core.plan(lengths)
             total = sum(rec.frame_bytes(n) for n in lengths)
-            parts = rec.frames(core.nonce, core.next_index, data, lengths)
             try:
                 if total <= JOIN_BELOW_BYTES:
-                    plog.data.write(starts[0], memoryview(b"".join(parts)), plog.touched)
+                    framed = rec.framed(core.nonce, core.next_index, data, lengths)
+                    plog.data.write(starts[0], memoryview(framed), plog.touched)
                 else:
                     at = starts[0]
-                    for part in parts:
+                    for part in rec.frames(core.nonce, core.next_index, data, lengths):
                         plog.data.write(at, memoryview(part), plog.touched)
                         at += len(part)
             except BaseException:
