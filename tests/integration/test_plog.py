@@ -408,7 +408,7 @@ def test_large_batches_from_this_host_go_through_one_shared_stage(local_ns):
     for batch in batches:
         offsets += log.append_many(batch)
         expected += batch
-    holder = link.attached[(ns.pool, ns.name, "plog_stage")]
+    holder = link.attached[("", "", "plog_stage")]
     assert holder.mapped is not None and holder.mapped.size >= 3 << 20
     assert list(log.records()) == expected
     for offset, record in zip(offsets, expected):
@@ -467,7 +467,7 @@ def test_a_client_scribbling_on_its_stage_during_appends_leaves_the_log_whole(lo
     s, ns = local_ns
     log = ns.create_plog("scribbled", 16 << 20)
     log.append_many([b"x" * 4096] * 100)            # makes the stage
-    holder = s.home().attached[(ns.pool, ns.name, "plog_stage")]
+    holder = s.home().attached[("", "", "plog_stage")]
     view = holder.mapped.view
     stop = threading.Event()
 
@@ -512,3 +512,21 @@ def test_threads_sharing_a_session_append_large_batches_at_once(local_ns):
     batches = [records[i:i + 60] for i in range(0, len(records), 60)]
     assert all(len(set(b)) == 1 for b in batches), "a batch's records stay together, whole"
     assert sorted(b[0][:2] for b in batches) == sorted(bytes([k, i]) for k in range(4) for i in range(20))
+
+
+def test_large_batches_of_more_namespaces_than_a_connection_has_stages(plog_fabric, request):
+    """One shared stage serves every namespace of a link: a process appending large batches to
+    plogs of more namespaces than a connection may have stages gets no LIMIT_EXCEEDED."""
+    from memfabric.limits import MAX_PLOG_STAGES_PER_CLIENT, PLOG_INLINE_BYTES
+    with session(plog_fabric, "same-host") as s:
+        spaces = [s.create_namespace(f"{ns_name(request)}-{i}", sec_id="k", pool="logs")
+                  for i in range(MAX_PLOG_STAGES_PER_CLIENT + 2)]
+        try:
+            batch = [b"s" * 4096] * (PLOG_INLINE_BYTES // 4096 + 10)
+            for ns in spaces:
+                log = ns.create_plog("wal", 1 << 20)
+                log.append_many(batch)
+                assert log.info()["records"] == len(batch)
+        finally:
+            for ns in spaces:
+                ns.destroy()

@@ -57,10 +57,10 @@ def _as_records(records: Iterable[Any]) -> list[memoryview]:
 
 
 class _StageHolder:
-    """A same-host link's shared stage for one namespace's record batches (the server's
-    plog_share_stage): memory both map, which a batch is written into, so that it costs one
-    request and no copy into messages. Attached to the link: it goes with the link or the
-    namespace (close). One batch at a time (`lock`)."""
+    """A same-host link's shared stage for record batches (the server's plog_share_stage):
+    memory both map, which a batch is written into, so that it costs one request and no copy
+    into messages. One per link, whatever the namespace (the server counts a connection's
+    stages), attached to it: it goes with the link. One batch at a time (`lock`)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -92,14 +92,16 @@ class _StageHolder:
 _HOLDERS_LOCK = threading.Lock()
 
 
-def _stage_holder(link: Any, wire: dict[str, Any]) -> _StageHolder:
-    key = (wire["pool"], wire["ns"], "plog_stage")
-    holder = link.attached.get(key)
+_HOLDER_KEY = ("", "", "plog_stage")       # the link's, not a namespace's: no namespace release closes it
+
+
+def _stage_holder(link: Any) -> _StageHolder:
+    holder = link.attached.get(_HOLDER_KEY)
     if holder is None:
         with _HOLDERS_LOCK:
-            holder = link.attached.get(key)
+            holder = link.attached.get(_HOLDER_KEY)
             if holder is None:
-                holder = link.attached[key] = _StageHolder()
+                holder = link.attached[_HOLDER_KEY] = _StageHolder()
     return holder
 
 
@@ -205,7 +207,7 @@ class Plog:
         if total > MAX_PLOG_STAGED_BYTES:
             raise InvalidArgument(f"one append_many carries at most {MAX_PLOG_STAGED_BYTES} bytes, got {total}: "
                                   "append fewer at a time")
-        holder = _stage_holder(link, self._wire)
+        holder = _stage_holder(link)
         with holder.lock:
             stage = holder.stage_for(link, self.namespace.wire_creds, total)
             try:
