@@ -185,3 +185,17 @@ def test_a_value_read_while_it_is_overwritten_and_deleted_comes_whole(door_port)
         assert got == expected
         slow.close()
     r.close()
+
+
+def test_a_short_range_of_a_large_value_takes_only_its_bytes_of_the_reply_memory():
+    """GETRANGE of a few bytes of a large value holds those bytes of the reply budget while it
+    is sent, not a whole piece (1 MiB): before, the door's peak was a piece per such reply."""
+    with one_door("127.0.0.1", "127.0.0.1", capacity="64MiB") as door:
+        r = redis.Redis(port=door.port, socket_timeout=READ_S * 6)
+        value = bytes(range(256)) * (3 * MiB // 256)
+        r.set("large", value)
+        assert r.getrange("large", 1000, 1009) == value[1000:1010]
+        assert r.info("memory")["reply_budget_peak"] == 10
+        assert r.getrange("large", 0, -1) == value             # a whole value: a piece at a time
+        assert r.info("memory")["reply_budget_peak"] == MiB
+        r.close()

@@ -386,7 +386,7 @@ def _held(c: Client, server_id: int, value: dict[str, Any], start: int, length: 
     ks = c.keyspace()
     if not charge:
         try:
-            charge = take_piece(c.front.reply_budget, command)
+            charge = take_piece(c.front.reply_budget, command, length)
         except BaseException:
             ks.let_go(server_id, value["hold"])
             raise

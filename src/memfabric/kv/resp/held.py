@@ -32,12 +32,14 @@ if TYPE_CHECKING:
 CRLF = b"\r\n"
 
 
-def take_piece(budget: "ReplyBudget", command: str) -> int:
-    """A piece's bytes of the reply budget, waiting a bounded while: what was taken."""
-    if not budget.take(RESP_VALUE_PIECE_BYTES, RESP_REPLY_BUDGET_WAIT_S):
+def take_piece(budget: "ReplyBudget", command: str, length: int = RESP_VALUE_PIECE_BYTES) -> int:
+    """The reply budget for a value of `length` bytes (a piece at most: what its buffer
+    takes), waiting a bounded while: what was taken."""
+    want = min(RESP_VALUE_PIECE_BYTES, max(length, 1))
+    if not budget.take(want, RESP_REPLY_BUDGET_WAIT_S):
         raise LimitExceeded(f"{command}: the door's reply memory (server.resp_reply_budget) is taken by other "
                             "replies; try again")
-    return RESP_VALUE_PIECE_BYTES
+    return want
 
 
 class HeldValue:
