@@ -32,6 +32,7 @@ from typing import Any
 from ..core.allocator import Extent
 from ..limits import MAX_KV_CLIENTS, REUSE_GRACE_S
 from . import index as ix
+from .get_grants import Grantees
 from .heap import RecordHeap
 
 F_SEAL_FUTURE_WRITE = 0x0010
@@ -102,8 +103,10 @@ class Table:
 
 
 class KeySpace:
-    def __init__(self, label: str, ns: str, grace_s: float = REUSE_GRACE_S) -> None:
+    def __init__(self, label: str, ns: str, grace_s: float = REUSE_GRACE_S, pool: str = "") -> None:
         self.label, self.ns = label, ns
+        # RPC connections answering this keyspace's gets in compiled code (get_grants.py).
+        self.get_grants = Grantees(pool, ns)
         # Two levels: a key's writes (and their replication, which calls other servers) one
         # at a time under its stripe; the table and the heap under `lock`, never held while
         # calling out, so two servers replicating to each other cannot wait on each other.
@@ -191,6 +194,7 @@ class KeySpace:
     def close(self) -> None:
         """The namespace is gone. Same-host readers that still map the index are sent to the
         server (which says so) rather than read a keyspace that is no more."""
+        self.get_grants.revoke(close=True)
         with self.fd_lock:
             if self.closed:
                 return
