@@ -407,3 +407,46 @@ def _get_or_none(kv, key):
         return kv.get(key)
     except memfabric.MemfabricError:
         return None
+
+
+def test_a_namespace_destroyed_under_compiled_readers(fresh_fabric, request):
+    """Readers get (in compiled code) while the namespace is destroyed: each get is its value
+    or NO_SUCH_NAMESPACE, the server stays up, and its memory comes back whole."""
+    fab = fresh_fabric(servers=1, capacity="16MiB")
+    name = ns_name(request)
+    with remote(fab) as owner, remote(fab) as reader_session:
+        kv = owner.create_namespace(name, sec_id="k").kv()
+        values = {f"d{i}".encode(): os.urandom(4096) for i in range(200)}
+        kv.put_many(values)
+        rkv = reader_session.namespace(name, sec_id="k").kv()
+        errors: list[BaseException] = []
+        ended = threading.Event()
+
+        def reader() -> None:
+            try:
+                while not ended.is_set():
+                    for k, v in values.items():
+                        try:
+                            got = rkv.get(k)
+                        except memfabric.NoSuchNamespace:
+                            ended.set()
+                            return
+                        assert got == v
+            except BaseException as exc:      # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=reader) for _ in range(2)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: compiled_gets(owner, 1) > 100, "compiled gets")
+        owner.namespace(name, sec_id="k").destroy()
+        for t in threads:
+            t.join(WAIT_S)
+        assert not errors, errors[:3]
+        assert ended.is_set()
+        again = owner.create_namespace(name + "-2", sec_id="k")
+        big = again.alloc(12 << 20)          # the destroyed keyspace's memory is free again
+        big.free()
+        kv2 = again.kv()
+        kv2.put(b"x", b"y")
+        assert kv2.get(b"x") == b"y" and kv2.get(b"x") == b"y"

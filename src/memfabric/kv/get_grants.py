@@ -22,6 +22,7 @@ import threading
 from typing import Any
 
 from ..limits import KV_COMPILED_GET_MAX_BYTES, MAX_GET_GRANTS_PER_CONNECTION, MAX_SEGMENTS_PER_GET_GRANT
+from .index import lock_free_reads
 
 try:
     from .. import _frames
@@ -111,8 +112,9 @@ class Grantees:
 
 
 def open_grants() -> ConnectionGetGrants | None:
-    """A connection's grants; None when the compiled part is not built or hashes otherwise."""
-    return ConnectionGetGrants() if compiled_hash() else None
+    """A connection's grants; None when the compiled part is not built or hashes otherwise,
+    or where the index may not be read beside its writer without a lock (index.py)."""
+    return ConnectionGetGrants() if compiled_hash() and lock_free_reads() else None
 
 
 def close_grants(grants: ConnectionGetGrants) -> None:
