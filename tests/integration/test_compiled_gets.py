@@ -450,3 +450,35 @@ def test_a_namespace_destroyed_under_compiled_readers(fresh_fabric, request):
         kv2 = again.kv()
         kv2.put(b"x", b"y")
         assert kv2.get(b"x") == b"y" and kv2.get(b"x") == b"y"
+
+
+def test_a_ctrl_c_while_a_compiled_get_waits_for_a_stopped_server(fresh_fabric, request):
+    """A signal whose handler raises (Ctrl-C) while a compiled get polls for a stopped
+    server's reply raises at once; the link is shut (its stream's position is unknown), the
+    late reply never lands in the buffer given back, and the next get is answered."""
+    fab = fresh_fabric(servers=1)
+    pid = fab.server_pids()[1]
+    with remote(fab) as s:
+        kv = s.create_namespace(ns_name(request), sec_id="k").kv()
+        kv.put(b"k", b"v" * 4096)
+        assert kv.get(b"k") == b"v" * 4096
+        link = s.link(1)
+        buf = bytearray(4096)
+
+        def interrupt(signum: int, frame: object) -> None:
+            raise KeyboardInterrupt
+        previous = signal.signal(signal.SIGALRM, interrupt)
+        stop_process(pid)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            with pytest.raises(KeyboardInterrupt):
+                kv.get_into(b"k", buf)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+            os.kill(pid, signal.SIGCONT)
+        # Python's wait leaves the link as it is (test_interrupted_calls.py): shut, it waited in call_get.
+        assert s.link(1) is not link, "the link stayed: the get did not wait in call_get"
+        buf[:] = b"M" * 4096
+        wait_until(lambda: _get_or_none(kv, b"k") == b"v" * 4096, "a get after the stop")
+        assert buf == b"M" * 4096
