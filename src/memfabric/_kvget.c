@@ -13,14 +13,14 @@
  * constant time). The key is looked up in the grant's index as same-host clients do
  * (_kvlookup.h, the same code): a validated miss is answered {"found": False}, a hit of a
  * small value {"found": True, "value": ...}: the reply Python would send, byte for byte. Its
- * refs byte is set (CLOCK recency) and it is counted in the connection's counter words of
- * the keyspace's stats memfd (space.py), which stats() sums, as it does same-host clients'.
+ * refs byte is set (CLOCK recency) and it is counted in two counter words (hits, misses) the
+ * grant names, which stats() sums (kv/get_grants.py says why not the stats memfd's slots).
  * Anything else (an expired key, which Python deletes and counts; a large value or one held
  * in extents; a draining or replaced table; a closed keyspace; a lease run out; a segment
  * the grant does not name; a bad request) goes to Python, which answers with today's errors.
  *
  * A grant (KvGrants.add, made by Python after it served a kv_get of the connection with the
- * secId checked) holds exports of the index, refs and stats buffers and of the segments its
+ * secId checked) holds exports of the index, refs and counter buffers and of the segments its
  * records were seen in, so no mapping goes while it lives. The loop uses a grant only under
  * the grants' lock: from finding it, through the lookup and the copy of the value into the
  * reply, to counting it; the reply is sent from that copy after the lock is let go. A revoke
@@ -81,7 +81,7 @@ typedef struct KvGrant {
     uint64_t *counts;            /* the connection's hits word; misses follow it */
     Segment *segments;
     Py_ssize_t n_segments;
-    Py_buffer *buffers;          /* exports: index, refs, stats, then the segments' */
+    Py_buffer *buffers;          /* exports: index, refs, counters, then the segments' */
     Py_ssize_t n_buffers;
 } KvGrant;
 
@@ -186,15 +186,15 @@ static char *hold(KvGrant *g, PyObject *o, int writable_too, Py_ssize_t *len) {
     return (char *)b->buf;
 }
 
-/* add(pool, ns, sec, index, refs, stats, slot, segments): `index` the keyspace's current
- * table (64-bit words), `refs` its reference bytes, `stats` the stats memfd's words with this
- * connection's counters at 2 * slot, `segments` [(id, view)] the segments the loop may read
+/* add(pool, ns, sec, index, refs, counts, slot, segments): `index` the keyspace's current
+ * table (64-bit words), `refs` its reference bytes, `counts` 64-bit words with the counters
+ * (hits, misses) at 2 * slot, `segments` [(id, view)] the segments the loop may read
  * records in. Replaces the grant of the same names. */
 static PyObject *grants_add(KvGrants *t, PyObject *args) {
-    PyObject *pool_o, *ns_o, *index_o, *refs_o, *stats_o, *segments_o;
+    PyObject *pool_o, *ns_o, *index_o, *refs_o, *counts_o, *segments_o;
     Py_buffer sec;
     Py_ssize_t slot;
-    if (!PyArg_ParseTuple(args, "UUy*OOOnO!", &pool_o, &ns_o, &sec, &index_o, &refs_o, &stats_o, &slot,
+    if (!PyArg_ParseTuple(args, "UUy*OOOnO!", &pool_o, &ns_o, &sec, &index_o, &refs_o, &counts_o, &slot,
                           &PyList_Type, &segments_o))
         return NULL;
     const char *pool, *ns;
@@ -228,14 +228,14 @@ static PyObject *grants_add(KvGrants *t, PyObject *args) {
     if (g->table.refs == NULL)
         goto fail;
     g->table.nrefs = len;
-    char *stats = hold(g, stats_o, 1, &len);
-    if (stats == NULL)
+    char *counters = hold(g, counts_o, 1, &len);
+    if (counters == NULL)
         goto fail;
-    if ((uintptr_t)stats % 8 || slot < 0 || (slot * 2 + 2) * 8 > len) {
-        PyErr_SetString(PyExc_ValueError, "the counters' slot lies outside the stats words");
+    if ((uintptr_t)counters % 8 || slot < 0 || (slot * 2 + 2) * 8 > len) {
+        PyErr_SetString(PyExc_ValueError, "the counters' slot lies outside the counter words");
         goto fail;
     }
-    g->counts = (uint64_t *)stats + slot * 2;
+    g->counts = (uint64_t *)counters + slot * 2;
     for (Py_ssize_t i = 0; i < n_segments; i++) {
         unsigned long long id;
         PyObject *view;
@@ -319,7 +319,7 @@ static PyObject *grants_served(KvGrants *t, void *Py_UNUSED(closure)) {
 }
 
 static PyMethodDef grants_methods[] = {
-    {"add", (PyCFunction)grants_add, METH_VARARGS, "add(pool, ns, sec, index, refs, stats, slot, segments)"},
+    {"add", (PyCFunction)grants_add, METH_VARARGS, "add(pool, ns, sec, index, refs, counts, slot, segments)"},
     {"revoke", (PyCFunction)grants_revoke, METH_VARARGS, "revoke(pool, ns) -> whether there was one"},
     {"close", (PyCFunction)grants_close, METH_NOARGS, "close(): forgets every grant"},
     {NULL, NULL, 0, NULL},

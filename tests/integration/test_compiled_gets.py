@@ -96,8 +96,8 @@ def test_stats_count_compiled_gets(fabric, request):
         assert after["misses"] - before["misses"] == 50
     with remote(fabric) as s2:
         kv2 = s2.namespace(name, sec_id="k").kv()
-        assert kv2.stats()["hits"] >= after["hits"]
-        assert kv2.stats()["misses"] >= after["misses"]
+        assert kv2.stats()["hits"] == after["hits"]         # the connection gone, its gets stay counted
+        assert kv2.stats()["misses"] == after["misses"]
 
 
 def test_expired_keys_go_to_python(fabric, request):

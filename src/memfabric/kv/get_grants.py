@@ -3,11 +3,14 @@ small values with no Python per request, and what takes that back.
 
 Once Python has served a kv_get of a connection with the namespace's secId checked (the
 keyspace's current table not draining, the keyspace open), the connection is granted the
-keyspace: its current index and refs, the connection's counter words in the stats memfd
-(the slot same-host clients count in, so stats() sees these gets too), the secId it proved,
-and the segments its records were seen in (a record in another segment is Python's, which
+keyspace: its current index and refs, two counter words (hits, misses) of the connection's
+that stats() sums, the secId it proved, and the segments its records were seen in (a record in another segment is Python's, which
 grants again with that segment too). The loop then answers that connection's gets itself,
 hits and misses alike, and leaves everything else to Python (see _kvget.c).
+
+The counters are Python's memory, not the connection's slot in the stats memfd: those slots
+(MAX_KV_CLIENTS a keyspace) are same-host clients', and remote connections taking them would
+leave same-host clients that came later uncounted.
 
 A grant holds exports of that memory, and the loop reads it only under the grant's lock. It
 is revoked (waiting out a lookup under way, which is bounded) before any of it can go or
@@ -19,6 +22,7 @@ connection gone.
 from __future__ import annotations
 
 import threading
+from array import array
 from typing import Any
 
 from ..limits import KV_COMPILED_GET_MAX_BYTES, MAX_GET_GRANTS_PER_CONNECTION, MAX_SEGMENTS_PER_GET_GRANT
@@ -54,11 +58,12 @@ def compiled_hash() -> bool:
 class ConnectionGetGrants:
     """One connection's grants: the compiled table, and the segments granted per keyspace."""
 
-    __slots__ = ("table", "segments")
+    __slots__ = ("table", "segments", "counted")
 
     def __init__(self) -> None:
         self.table = _frames.KvGrants(KV_COMPILED_GET_MAX_BYTES)
         self.segments: dict[Grantees, dict[int, memoryview]] = {}     # by keyspace: {segment: view}
+        self.counted: set[Grantees] = set()        # keyspaces it has counters in (granted now or before)
 
 
 class Grantees:
@@ -70,9 +75,13 @@ class Grantees:
         self._lock = threading.Lock()
         self._holders: set[ConnectionGetGrants] = set()
         self._closed = False
+        # Each connection's hits and misses, which the loop counts (kept across revokes), and
+        # those of connections gone.
+        self._counts: dict[ConnectionGetGrants, array] = {}
+        self._retired = [0, 0]
 
-    def grant(self, grants: ConnectionGetGrants, space: Any, sec: bytes, slot: int,
-              segment: int | None, view: memoryview | None) -> None:
+    def grant(self, grants: ConnectionGetGrants, space: Any, sec: bytes, segment: int | None,
+              view: memoryview | None) -> None:
         """Grant `space` to the connection (with `segment` among its segments, if given).
         A grant only saves time: one that cannot be made leaves gets to Python."""
         if len(self.pool) + len(self.ns) + len(sec) > GRANTED_NAMES_MAX_BYTES:
@@ -90,9 +99,16 @@ class Grantees:
                 if len(segments) >= MAX_SEGMENTS_PER_GET_GRANT:
                     segments.clear()
                 segments[segment] = view
+            counts = self._counts.get(grants)
+            if counts is None:
+                counts = self._counts[grants] = array("Q", [0, 0])
+                grants.counted.add(self)
             table = space.table
-            grants.table.add(self.pool, self.ns, sec, table.words, table.refs, space.stats_words, slot,
-                             list(segments.items()))
+            try:
+                grants.table.add(self.pool, self.ns, sec, table.words, table.refs, counts, 0,
+                                 list(segments.items()))
+            except (ValueError, BufferError):     # a segment's view released meanwhile (destroyed)
+                return
             grants.segments[self] = segments
             self._holders.add(grants)
 
@@ -105,10 +121,21 @@ class Grantees:
                 grants.segments.pop(self, None)
             self._holders.clear()
 
+    def counts(self) -> tuple[int, int]:
+        """Hits and misses the loop answered for this keyspace, by every connection."""
+        with self._lock:
+            return (self._retired[0] + sum(c[0] for c in self._counts.values()),
+                    self._retired[1] + sum(c[1] for c in self._counts.values()))
+
     def forget(self, grants: ConnectionGetGrants) -> None:
+        """The connection is gone, its loop stopped: what it counted stays counted."""
         with self._lock:
             self._holders.discard(grants)
             grants.segments.pop(self, None)
+            counts = self._counts.pop(grants, None)
+            if counts is not None:
+                self._retired[0] += counts[0]
+                self._retired[1] += counts[1]
 
 
 def open_grants() -> ConnectionGetGrants | None:
@@ -119,6 +146,7 @@ def open_grants() -> ConnectionGetGrants | None:
 
 def close_grants(grants: ConnectionGetGrants) -> None:
     """The connection is gone (its loop has stopped): forget its grants."""
-    for grantees in list(grants.segments):
+    for grantees in set(grants.segments) | grants.counted:
         grantees.forget(grants)
+    grants.counted.clear()
     grants.table.close()

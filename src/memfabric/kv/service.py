@@ -799,14 +799,7 @@ class KeyValueService(KeyEdits):
             view = store.memory(segment).view
             if view is None:             # a file segment: Python's
                 return
-        mine = self._client(conn)
-        slot = mine.slots.get(space)
-        if slot is None:
-            slot = space.take_client_slot()
-            if slot is None:
-                return
-            mine.slots[space] = slot
-        space.get_grants.grant(grants, space, creds[2], slot, segment, view)
+        space.get_grants.grant(grants, space, creds[2], segment, view)
 
     def open_get_grants(self, conn: Connection) -> Any:
         """Grants for an RPC connection whose loop answers gets (rpc_front.py); None when

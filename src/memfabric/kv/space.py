@@ -163,6 +163,8 @@ class KeySpace:
 
     def stats(self) -> dict:
         hits, misses = self.counters.hits + self.counters.retired[0], self.counters.misses + self.counters.retired[1]
+        compiled = self.get_grants.counts()          # remote gets the RPC loop answered
+        hits, misses = hits + compiled[0], misses + compiled[1]
         words = self.stats_words
         for slot in range(MAX_KV_CLIENTS):
             hits += min(words[slot * 2], CLIENT_COUNT_MAX)
