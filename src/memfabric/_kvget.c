@@ -92,7 +92,8 @@ typedef struct {
     Py_ssize_t count;
     unsigned long long served;   /* gets kv_serve() answered */
     uint64_t max_value;          /* larger values are Python's */
-    unsigned char *reply;        /* the loop's reply: VALUE_AT + max_value + REPLY_TAIL, at least FIRST_BLOCK */
+    unsigned char *reply;        /* the loop's reply: VALUE_AT + max_value + REPLY_TAIL, at least FIRST_BLOCK
+                                    (made with the first grant) */
 } KvGrants;
 
 static void free_grant(KvGrant *g) {     /* with the GIL */
@@ -138,12 +139,6 @@ static PyObject *grants_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
     KvGrants *t = (KvGrants *)type->tp_alloc(type, 0);
     if (t == NULL)
         return NULL;
-    size_t room = VALUE_AT + (size_t)max_value + REPLY_TAIL;
-    t->reply = PyMem_Malloc(room < FIRST_BLOCK ? FIRST_BLOCK : room);
-    if (t->reply == NULL) {
-        Py_DECREF(t);
-        return PyErr_NoMemory();
-    }
     t->max_value = max_value;
     pthread_mutex_init(&t->mu, NULL);
     return (PyObject *)t;
@@ -163,11 +158,9 @@ static void forget_all(KvGrants *t) {     /* with the GIL */
 }
 
 static void grants_dealloc(KvGrants *t) {
-    if (t->reply != NULL) {      /* made whole: its lock too */
-        forget_all(t);
-        pthread_mutex_destroy(&t->mu);
-        PyMem_Free(t->reply);
-    }
+    forget_all(t);
+    pthread_mutex_destroy(&t->mu);
+    PyMem_Free(t->reply);
     Py_TYPE(t)->tp_free((PyObject *)t);
 }
 
@@ -251,6 +244,16 @@ static PyObject *grants_add(KvGrants *t, PyObject *args) {
         g->segments[g->n_segments++] = (Segment){id, base, (uint64_t)len};
     }
     PyBuffer_Release(&sec);
+    sec.buf = NULL;
+    if (t->reply == NULL) {      /* made with the first grant: connections that never get pay nothing */
+        size_t room = VALUE_AT + (size_t)t->max_value + REPLY_TAIL;
+        unsigned char *reply = PyMem_Malloc(room < FIRST_BLOCK ? FIRST_BLOCK : room);
+        if (reply == NULL)
+            goto nomem;
+        pthread_mutex_lock(&t->mu);
+        t->reply = reply;
+        pthread_mutex_unlock(&t->mu);
+    }
     pthread_mutex_lock(&t->mu);
     KvGrant **at = find(t, (const unsigned char *)pool, (size_t)pool_n, (const unsigned char *)ns, (size_t)ns_n);
     KvGrant *replaced = NULL;
@@ -269,7 +272,8 @@ static PyObject *grants_add(KvGrants *t, PyObject *args) {
 nomem:
     PyErr_NoMemory();
 fail:
-    PyBuffer_Release(&sec);
+    if (sec.buf != NULL)
+        PyBuffer_Release(&sec);
     if (g != NULL)
         free_grant(g);
     return NULL;
