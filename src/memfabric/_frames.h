@@ -10,6 +10,7 @@
 #include <sched.h>
 #include <stdint.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -34,5 +35,16 @@ int writable(PyObject *o, Py_buffer *view);
 
 /* _spans.c: adds its type and functions to the module; -1 on failure. */
 int spans_add_to_module(PyObject *module);
+/* _spans.c: all of iov[0..n) sent, without the GIL (TIMED_OUT: SO_SNDTIMEO ran out). */
+Outcome send_all(int fd, struct iovec *iov, int n, size_t *sent, int *err, PyThreadState **save, int main_thread);
+
+/* _kvget.c: remote MemKV gets answered in the server's loop. KvGrantsType is its grants'
+ * type; kv_serve() answers the frame whose first block is `block` if it is a get those
+ * grants cover: 1 answered (*outcome GOT), 1 with another *outcome (the reply's send
+ * failed), 0 not ours (nothing was sent). Without the GIL. */
+extern PyTypeObject KvGrantsType;
+int kv_serve(PyObject *grants, int fd, const unsigned char *block, Outcome *outcome, int *err,
+             PyThreadState **save, int main_thread);
+int kvget_add_to_module(PyObject *module);
 
 #endif

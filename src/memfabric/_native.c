@@ -28,46 +28,14 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
-#include <time.h>
+#include "_kvlookup.h"
 
-#define HEADER_WORDS 16
-#define SLOT_WORDS 8
-#define H_MAGIC 0
-#define H_VERSION 1
-#define H_SLOTS 2
-#define H_MOVED 3
-#define H_GENERATION 6
-#define H_LEASE 7
-#define H_DRAINING 8
-#define VERSION 2
-#define W_SEQ 0
-#define W_HASH 1
-#define W_SEGMENT 2
-#define W_OFFSET_KLEN 3
-#define W_VLEN 4
-#define W_EXPIRY 5
-#define W_EXTENTS 6
-#define EMPTY 0
-#define MAGIC 0x31584449564B464DULL /* b"MFKVIDX1", little-endian */
-#define LOW32 0xFFFFFFFFULL
-#define RETRIES 64
-#define ASK (-1)
-#define TOO_SMALL (-2)
-#define AWAY (-3)
+#define ASK KV_ASK
+#define TOO_SMALL KV_TOO_SMALL
+#define AWAY KV_AWAY
 
 static inline uint64_t load_acquire(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline uint64_t load_relaxed(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
-
-static uint64_t ms_of(clockid_t clock) {
-    struct timespec ts;
-    clock_gettime(clock, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
-/* Expiry times are wall-clock ms (absolute, shared by hosts); leases are CLOCK_MONOTONIC ms
- * (shared by the processes of a host, blind to wall-clock changes). */
-static uint64_t now_ms(void) { return ms_of(CLOCK_REALTIME); }
-static uint64_t lease_now_ms(void) { return ms_of(CLOCK_MONOTONIC); }
 
 #define CACHED_SEGMENTS 8
 
@@ -127,97 +95,53 @@ static void close_index(Index *ix) {
     ix->cached = 0;
 }
 
-#define NOT_HERE ((PyObject *)1)    /* probe_table: a validated miss in this table */
-#define AGAIN ((PyObject *)2)       /* probe_table: the table changed under the read */
+/* kv_lookup's reader for a same-host client (with the GIL): segments through the link's
+ * mappings, the value into a new bytes object or the caller's buffer. */
+typedef struct {
+    Index *ix;
+    Py_buffer *into;
+    PyObject *result;
+} Probe;
 
-/* One table's probe chain for a key: a new reference (see the header; None: there but
- * expired), NOT_HERE, AGAIN, or NULL with an exception set. `draining`: the table drains into
- * the current one, so its H_MOVED is set by design and only its slots' sequences count. */
-static PyObject *probe_table(Index *ix, int draining, uint64_t h, const char *key, Py_ssize_t klen,
-                             Py_buffer *into) {
-    const uint64_t *w = ix->words;
-    uint64_t slots = load_relaxed(&w[H_SLOTS]);
-    if (slots == 0 || (slots & (slots - 1)) || slots > ix->nwords / SLOT_WORDS ||
-            HEADER_WORDS + slots * SLOT_WORDS > ix->nwords)
-        return PyLong_FromLong(ASK);
-    uint64_t mask = slots - 1, slot = h & mask;
-    for (uint64_t probes = 0; probes < slots; probes++, slot = (slot + 1) & mask) {
-        const uint64_t *s = w + HEADER_WORDS + slot * SLOT_WORDS;
-        uint64_t seq = load_acquire(&s[W_SEQ]);
-        if (seq & 1) return AGAIN;
-        uint64_t stored = load_relaxed(&s[W_HASH]);
-        uint64_t segment = load_relaxed(&s[W_SEGMENT]), packed = load_relaxed(&s[W_OFFSET_KLEN]);
-        uint64_t vlen = load_relaxed(&s[W_VLEN]), expiry = load_relaxed(&s[W_EXPIRY]);
-        uint64_t extents = load_relaxed(&s[W_EXTENTS]) & LOW32;
-        __atomic_thread_fence(__ATOMIC_ACQUIRE);
-        if (load_relaxed(&s[W_SEQ]) != seq) return AGAIN;
-        if (stored == EMPTY) {                          /* a miss, unless the table moved on or was revoked */
-            if ((!draining && load_acquire(&w[H_MOVED]) != 0) || load_acquire(&w[H_MAGIC]) != MAGIC) return AGAIN;
-            return NOT_HERE;
-        }
-        if (stored != h || (packed >> 32) != (uint64_t)klen) continue;
-        if (extents) return PyLong_FromLong(ASK);        /* a large value: the caller's path */
-        uint64_t offset = packed & LOW32;
-        Py_buffer *seg;
-        int mapped = segment_buffer(ix, segment, &seg);
-        if (mapped < 0) return NULL;
-        if (mapped == 0) return PyLong_FromLong(ASK);
-        const char *base = (const char *)seg->buf;
-        uint64_t seglen = (uint64_t)seg->len;
-        if (offset > seglen || (uint64_t)klen > seglen - offset || vlen > seglen - offset - (uint64_t)klen)
-            return AGAIN;                                /* fields of a record being replaced */
-        int same = memcmp(base + offset, key, (size_t)klen) == 0;
-        __atomic_thread_fence(__ATOMIC_ACQUIRE);
-        if (load_relaxed(&s[W_SEQ]) != seq) return AGAIN;
-        if (!same) continue;
-        if (expiry && expiry <= now_ms()) Py_RETURN_NONE;
-        PyObject *result;
-        if (into != NULL) {
-            if ((uint64_t)into->len < vlen) return PyLong_FromLong(TOO_SMALL);
-            memcpy(into->buf, base + offset + klen, (size_t)vlen);
-            result = PyLong_FromUnsignedLongLong(vlen);
-        } else {
-            result = PyBytes_FromStringAndSize(base + offset + klen, (Py_ssize_t)vlen);
-        }
-        if (result == NULL) return NULL;
-        __atomic_thread_fence(__ATOMIC_ACQUIRE);
-        if (load_relaxed(&s[W_SEQ]) != seq || (!draining && load_relaxed(&w[H_MOVED]) != 0) ||
-                load_relaxed(&w[H_MAGIC]) != MAGIC) {
-            Py_DECREF(result);                           /* changed while we copied: again */
-            return AGAIN;
-        }
-        if (ix->refs != NULL && (Py_ssize_t)slot < ix->nrefs) ix->refs[slot] = 1;
-        return result;
-    }
-    return PyLong_FromLong(ASK);                         /* probed every slot: not our table */
+static int probe_segment(void *ctx, uint64_t segment, const char **base, uint64_t *len) {
+    Py_buffer *seg;
+    int mapped = segment_buffer(((Probe *)ctx)->ix, segment, &seg);
+    if (mapped <= 0) return mapped;
+    *base = (const char *)seg->buf;
+    *len = (uint64_t)seg->len;
+    return 1;
 }
 
-/* One lookup in the current table `ix` (and `old`, the table draining into it, if given).
- * Returns a new reference (see the header), or NULL with an exception set. */
-static PyObject *lookup(Index *ix, Index *old, uint64_t h, const char *key, Py_ssize_t klen, Py_buffer *into) {
-    const uint64_t *w = ix->words;
-    for (int attempt = 0; attempt < RETRIES; attempt++) {
-        if (load_acquire(&w[H_MAGIC]) != MAGIC || load_acquire(&w[H_VERSION]) != VERSION ||
-                load_acquire(&w[H_MOVED]) != 0)
-            return PyLong_FromLong(ASK);                 /* revoked, or followed by another: reopen it */
-        if (load_acquire(&w[H_LEASE]) <= lease_now_ms())
-            return PyLong_FromLong(AWAY);                /* not vouched for: maybe stale */
-        uint64_t draining = load_acquire(&w[H_DRAINING]);
-        PyObject *got;
-        if (draining) {
-            if (old == NULL || load_acquire(&old->words[H_MAGIC]) != MAGIC ||
-                    load_acquire(&old->words[H_GENERATION]) != draining)
-                return PyLong_FromLong(ASK);             /* a drain the caller does not map: reopen */
-            got = probe_table(old, 1, h, key, klen, into);
-            if (got == AGAIN) continue;
-            if (got != NOT_HERE) return got;
-        }
-        got = probe_table(ix, 0, h, key, klen, into);
-        if (got == AGAIN) continue;
-        if (got == NOT_HERE) Py_RETURN_NONE;
-        return got;
+static int probe_copy(void *ctx, const char *value, uint64_t vlen) {
+    Probe *p = ctx;
+    if (p->into != NULL) {
+        if ((uint64_t)p->into->len < vlen) return KV_TOO_SMALL;
+        memcpy(p->into->buf, value, (size_t)vlen);
+        p->result = PyLong_FromUnsignedLongLong(vlen);
+    } else {
+        p->result = PyBytes_FromStringAndSize(value, (Py_ssize_t)vlen);
     }
-    return PyLong_FromLong(ASK);
+    return p->result == NULL ? KV_ERROR : KV_FOUND;
+}
+
+static void probe_drop(void *ctx) { Py_CLEAR(((Probe *)ctx)->result); }
+
+/* One lookup in the current table `ix` (and `old`, the table draining into it, if given).
+ * Returns a new reference (see the header), or NULL with an exception set. Segments are
+ * looked up in the table's Index (both tables' records lie in the same segments). */
+static PyObject *lookup(Index *ix, Index *old, uint64_t h, const char *key, Py_ssize_t klen, Py_buffer *into) {
+    Probe p = {ix, into, NULL};
+    KvReader reader = {probe_segment, probe_copy, probe_drop, &p};
+    KvTable t = {ix->words, ix->nwords, ix->refs, ix->nrefs}, o;
+    if (old != NULL) o = (KvTable){old->words, old->nwords, old->refs, old->nrefs};
+    int got = kv_lookup(&t, old != NULL ? &o : NULL, h, key, (uint64_t)klen, &reader);
+    switch (got) {
+    case KV_FOUND: return p.result;
+    case KV_MISSING:
+    case KV_EXPIRED: Py_RETURN_NONE;
+    case KV_ERROR: return NULL;
+    default: return PyLong_FromLong(got);           /* ASK, TOO_SMALL, AWAY */
+    }
 }
 
 static int open_index(Index *ix, Py_buffer *words, Py_buffer *refs, PyObject *pool, PyObject *segments) {
@@ -236,7 +160,7 @@ static int open_index(Index *ix, Py_buffer *words, Py_buffer *refs, PyObject *po
     ix->pool = pool;
     ix->segments = segments;
     ix->cached = 0;
-    if (ix->nwords < HEADER_WORDS) {
+    if (ix->nwords < KV_HEADER_WORDS) {
         PyErr_SetString(PyExc_ValueError, "an index has at least its header");
         return -1;
     }

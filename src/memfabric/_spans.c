@@ -54,6 +54,7 @@
  * fd (SpanFd), so that a close by another thread cannot free the number under the call.
  */
 #include "_frames.h"
+#include "_msgpack.h"
 #include <fcntl.h>
 #include <pthread.h>
 #include <string.h>
@@ -69,89 +70,6 @@
 #define BUCKETS 256
 #define OP_READ 1
 #define OP_WRITE 2
-
-/* ---- msgpack, the little of it a span request and its reply use ------------------------------ */
-
-typedef struct {
-    const unsigned char *p, *end;
-} Reader;
-
-static int take(Reader *r, size_t n, const unsigned char **at) {
-    if ((size_t)(r->end - r->p) < n)
-        return 0;
-    *at = r->p;
-    r->p += n;
-    return 1;
-}
-
-static uint64_t big_endian(const unsigned char *p, int n) {
-    uint64_t v = 0;
-    for (int i = 0; i < n; i++)
-        v = (v << 8) | p[i];
-    return v;
-}
-
-/* A str (kind 's') or bin (kind 'b'); 0 if the next item is not one. */
-static int read_bytes(Reader *r, int kind, const unsigned char **s, size_t *n) {
-    const unsigned char *c, *len;
-    if (!take(r, 1, &c))
-        return 0;
-    size_t size;
-    if (kind == 's' && (*c & 0xe0) == 0xa0)
-        size = *c & 0x1f;
-    else {
-        int width = kind == 's' ? (*c == 0xd9 ? 1 : *c == 0xda ? 2 : *c == 0xdb ? 4 : 0)
-                                : (*c == 0xc4 ? 1 : *c == 0xc5 ? 2 : *c == 0xc6 ? 4 : 0);
-        if (!width || !take(r, width, &len))
-            return 0;
-        size = (size_t)big_endian(len, width);
-    }
-    *n = size;
-    return take(r, size, s);
-}
-
-/* An int: its encoding's bytes in *raw (for an id echoed back), its value if it is >= 0
- * (*negative set otherwise). 0 if the next item is not an int. */
-static int read_int(Reader *r, const unsigned char **raw, size_t *raw_n, uint64_t *value, int *negative) {
-    const unsigned char *c, *body;
-    if (!take(r, 1, &c))
-        return 0;
-    *raw = c;
-    *negative = 0;
-    if (*c <= 0x7f) {
-        *value = *c;
-        *raw_n = 1;
-        return 1;
-    }
-    if (*c >= 0xe0) {
-        *negative = 1;
-        *raw_n = 1;
-        return 1;
-    }
-    int width = 0, is_signed = 0;
-    switch (*c) {
-    case 0xcc: width = 1; break;
-    case 0xcd: width = 2; break;
-    case 0xce: width = 4; break;
-    case 0xcf: width = 8; break;
-    case 0xd0: width = 1; is_signed = 1; break;
-    case 0xd1: width = 2; is_signed = 1; break;
-    case 0xd2: width = 4; is_signed = 1; break;
-    case 0xd3: width = 8; is_signed = 1; break;
-    default: return 0;
-    }
-    if (!take(r, width, &body))
-        return 0;
-    *value = big_endian(body, width);
-    if (is_signed && (body[0] & 0x80))
-        *negative = 1;
-    *raw_n = 1 + (size_t)width;
-    return 1;
-}
-
-static int key_is(const unsigned char *s, size_t n, const char *name) {
-    return strlen(name) == n && memcmp(s, name, n) == 0;
-}
 
 typedef struct {
     const unsigned char *pool, *ns, *sec, *bm_id, *id;
@@ -229,32 +147,6 @@ static int parse_request(const unsigned char *head, size_t n, SpanRequest *q) {
         seen |= 1u << k;
     }
     return r.p == r.end && seen == (1u << K_COUNT) - 1;
-}
-
-static void put_prefix(unsigned char *b, uint32_t head_len, uint64_t payload_len) {
-    for (int i = 0; i < 4; i++)
-        b[i] = (unsigned char)(head_len >> (8 * (3 - i)));
-    for (int i = 0; i < 8; i++)
-        b[4 + i] = (unsigned char)(payload_len >> (8 * (7 - i)));
-}
-
-static size_t put_uint(unsigned char *p, uint64_t v) {
-    if (v <= 0x7f) {
-        p[0] = (unsigned char)v;
-        return 1;
-    }
-    int width = v <= 0xff ? 1 : v <= 0xffff ? 2 : v <= 0xffffffffu ? 4 : 8;
-    p[0] = width == 1 ? 0xcc : width == 2 ? 0xcd : width == 4 ? 0xce : 0xcf;
-    for (int i = 0; i < width; i++)
-        p[1 + i] = (unsigned char)(v >> (8 * (width - 1 - i)));
-    return 1 + (size_t)width;
-}
-
-static size_t put_key(unsigned char *p, const char *key) {
-    size_t n = strlen(key);
-    p[0] = (unsigned char)(0xa0 | n);
-    memcpy(p + 1, key, n);
-    return 1 + n;
 }
 
 /* ---- grants ----------------------------------------------------------------------------------- */
@@ -656,7 +548,7 @@ static PyTypeObject SpanGrantsType = {
 
 /* All of iov[0..n) (the socket blocks, bounded by SO_SNDTIMEO); *sent counts what went.
  * Without the GIL. TIMED_OUT: SO_SNDTIMEO ran out. */
-static Outcome send_all(int fd, struct iovec *iov, int n, size_t *sent, int *err, PyThreadState **save,
+Outcome send_all(int fd, struct iovec *iov, int n, size_t *sent, int *err, PyThreadState **save,
                         int main_thread) {
     while (n > 0) {
         struct msghdr msg = {.msg_iov = iov, .msg_iovlen = (size_t)n};
@@ -706,9 +598,14 @@ static PyObject *serve_spans(PyObject *Py_UNUSED(self), PyObject *args) {
     SpanGrants *t;
     double window_s, frame_timeout_s;
     unsigned long long max_payload;
-    if (!PyArg_ParseTuple(args, "iOO!dpdK", &fd, &block_obj, &SpanGrantsType, &t, &window_s, &polling,
-                          &frame_timeout_s, &max_payload))
+    PyObject *kv = Py_None;
+    if (!PyArg_ParseTuple(args, "iOO!dpdK|O", &fd, &block_obj, &SpanGrantsType, &t, &window_s, &polling,
+                          &frame_timeout_s, &max_payload, &kv))
         return NULL;
+    if (kv != Py_None && !PyObject_TypeCheck(kv, &KvGrantsType)) {
+        PyErr_SetString(PyExc_TypeError, "kv is a KvGrants or None");
+        return NULL;
+    }
     Py_buffer block;
     if (!writable(block_obj, &block))
         return NULL;
@@ -752,9 +649,19 @@ static PyObject *serve_spans(PyObject *Py_UNUSED(self), PyObject *args) {
         uint32_t head_len = (uint32_t)big_endian(b, 4);
         uint64_t payload_len = big_endian(b + 4, 8);
         SpanRequest q;
-        if ((uint64_t)PREFIX_BYTES + head_len > FIRST_BLOCK || !parse_request(b + PREFIX_BYTES, head_len, &q)
-                || q.length == 0 || q.length > max_payload || q.id_n > 9
-                || payload_len != (q.op == OP_WRITE ? q.length : 0))
+        if ((uint64_t)PREFIX_BYTES + head_len > FIRST_BLOCK || !parse_request(b + PREFIX_BYTES, head_len, &q)) {
+            /* Not a span request: a granted get (_kvget.c) is answered here too. */
+            if (kv == Py_None || !kv_serve(kv, fd, b, &outcome, &err, &save, main_thread))
+                break;                               /* FALLBACK: Python's */
+            if (outcome != GOT) {
+                status = outcome == INTERRUPTED ? FALLBACK : TRANSFER_FAILED;
+                info = what_failed(outcome, err);
+                op_name = "kv_get";
+                break;
+            }
+            continue;
+        }
+        if (q.length == 0 || q.length > max_payload || q.id_n > 9 || payload_len != (q.op == OP_WRITE ? q.length : 0))
             break;                                   /* FALLBACK: Python's */
         /* Checked and held under the grants' lock: a revoke sees the hold, or we see it. */
         char *at = NULL;
@@ -1041,7 +948,8 @@ out:
 
 static PyMethodDef span_functions[] = {
     {"serve_spans", serve_spans, METH_VARARGS,
-     "serve_spans(fd, block, grants, window_s, polling, frame_timeout_s, max_payload) -> (status, polling, info)"},
+     "serve_spans(fd, block, grants, window_s, polling, frame_timeout_s, max_payload, kv=None) -> (status, polling, "
+     "info)"},
     {"call_span", call_span, METH_VARARGS,
      "call_span(fd, block, head, entries, offset, length, request_id, payload, into, window_s, polling, "
      "timeout_s, frame_timeout_s) -> (status, polling)"},

@@ -128,6 +128,13 @@ MAX_RPC_IN_FLIGHT = 256        # pipelined requests per connection
 # costs memory per extent (MAX_SPAN_GRANTS_PER_CONNECTION of them bound a connection's).
 MAX_SPAN_GRANTS_PER_CONNECTION = 1024
 MAX_EXTENTS_PER_SPAN_GRANT = 16
+# Remote gets of values up to this many bytes are answered in compiled code (_kvget.c) on a
+# connection granted their keyspace (kv/get_grants.py): a reply buffer of this size per
+# connection. Larger ones, and keyspaces beyond the first few, segments beyond the first
+# few of a keyspace, are Python's.
+KV_COMPILED_GET_MAX_BYTES = 64 << 10
+MAX_GET_GRANTS_PER_CONNECTION = 64
+MAX_SEGMENTS_PER_GET_GRANT = 64
 HANDSHAKE_TIMEOUT_S = 5.0
 
 # MemKV.

@@ -248,6 +248,11 @@ def test_tls_between_client_and_server():
                 bm.write(bytes([i]) * 65536, 4096)
                 assert bm.read(4096, 65536) == bytes([i]) * 65536
             assert s.home().compiled_spans == 0 and s.home().call("stats")["compiled_spans"] == 0
+            kv = ns.kv()
+            kv.put(b"k", b"v" * 4096)
+            for _ in range(5):        # nor gets (_kvget.c)
+                assert kv.get(b"k") == b"v" * 4096 and kv.get(b"missing") is None
+            assert s.home().compiled_gets == 0 and s.home().call("stats")["compiled_gets"] == 0
         with pytest.raises((memfabric.ServerUnavailable, memfabric.PermissionDenied)):
             memfabric.init(os.path.join(directory, "plain.toml"), timeout_s=2.0)
     finally:

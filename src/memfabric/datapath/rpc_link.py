@@ -7,9 +7,10 @@ so costs no thread hand-off; many in flight share one reader at a time. Replies 
 order of the requests (rpc.py), so a reader whose own request is the oldest unanswered one
 takes its reply's payload straight into its buffer, with the header, in one receive.
 
-A lone span read or write on an idle link (no other request in flight, both locks free) goes
-through compiled code (_spans.c: send, wait and receive in one call, the payload straight
-into the caller's buffer); anything unusual in its reply is read here as any reply is.
+A lone span read or write, or a lone kv_get, on an idle link (no other request in flight,
+both locks free) goes through compiled code (_spans.c, _kvget.c: send, wait and receive in
+one call, a read's payload straight into the caller's buffer); anything unusual in its
+reply is read here as any reply is.
 
 Every wait has a deadline. A request that runs out of time gets TIMEOUT and the link stays
 in use: its entry is dropped, so its reply, when it comes, is read past (late_replies.py).
@@ -114,6 +115,7 @@ class RpcLink:
         self._closed = False
         self._checked_at = 0.0
         self.compiled_spans = 0        # span requests that went through call_span()
+        self.compiled_gets = 0         # gets that went through call_get()
         # call_span()'s own handle on the socket (plain TCP, _frames built): a duplicate, so a
         # close() by another thread never frees the fd number under a compiled call; it is
         # closed under the receive lock, which every such call holds. Its polling is its own.
@@ -277,6 +279,7 @@ class RpcLink:
         if "error" in reply:
             raise error_from_code(reply["error"], str(reply.get("msg", "")))
         return reply
+        return reply
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
         timeout_s = call_timeout_s(self.timeout_s)
@@ -399,38 +402,69 @@ class RpcLink:
         """A span read (`into`) or write (`payload`) through the compiled path, when this link
         is idle: done (True), or not taken (False: nothing was sent; submit() it). Raises as
         wait() does."""
+        def call(request_id: int, timeout_s: float) -> bool | None:
+            status, self._span_polling = _frames.call_span(
+                self._span_fd, self._span_block, head, SPAN_HEAD_ENTRIES, offset, length, request_id, payload,
+                into, self._span_window_s, self._span_polling, timeout_s, self.timeout_s)
+            if status == _frames.UNSENT:
+                return None
+            self.compiled_spans += 1
+            if status != _frames.OK:
+                self._span_outcome(op, status, request_id, into, timeout_s)
+            return True
+        return self._idle_call(op, call) is not None
+
+    def call_get(self, head: bytes, entries: int, into: Any, max_value: int) -> dict[str, Any] | None:
+        """A kv_get through the compiled path (_kvget.c), when this link is idle: `head` the
+        request's `entries` pairs but its id; `into` what request() would take for the reply's
+        payload. Its reply, or None when not taken (nothing was sent: request() it). Raises
+        as wait() does."""
+        def call(request_id: int, timeout_s: float) -> dict[str, Any] | None:
+            status, self._span_polling, value = _frames.call_get(
+                self._span_fd, self._span_block, head, entries, request_id, self._span_window_s,
+                self._span_polling, timeout_s, self.timeout_s, max_value)
+            if status == _frames.UNSENT:
+                return None
+            self.compiled_gets += 1
+            if status == _frames.OK:
+                return {"found": False} if value is None else {"found": True, "value": value}
+            if status == _frames.MISMATCH:
+                self._shut(ProtocolError(f"a reply from server at {self.address} was not the get it began as"))
+            return self._span_outcome("kv_get", status, request_id, into, timeout_s)
+        if not hasattr(_frames, "call_get"):
+            return None
+        return self._idle_call("kv_get", call)
+
+    def _idle_call(self, op: str, call: Any) -> Any:
+        """`call(request_id, timeout_s)`, a compiled call that sends, waits and receives in one,
+        when this link is idle (no other request in flight, both locks free), holding both
+        locks: its result, or None when not taken (nothing was sent; `call` says so with None
+        too). Raises as wait() does."""
         if self._span_fd < 0:
-            return False
+            return None
         send_lock, recv_lock = self._send_lock, self._recv_lock
         if send_lock._is_owned() or recv_lock._is_owned():
-            return False                 # re-entered (a signal handler): the stream is not ours alone
+            return None                  # re-entered (a signal handler): the stream is not ours alone
         taken = 0
         try:
             # `taken` says what to release; a Ctrl-C between an acquire and its count is
             # caught by _is_owned() below.
             if not send_lock.acquire(False):
-                return False
+                return None
             taken = 1
             if not recv_lock.acquire(False):
-                return False
+                return None
             taken = 2
             with self._lock:
                 if self._closed or self._pending or self._abandoned:
-                    return False
+                    return None
                 request_id = self._next_id
                 self._next_id += 1
             timeout_s = call_timeout_s(self.timeout_s)
             if timeout_s <= 0:
                 raise Timeout(f"no time was left to send {op!r} to server at {self.address}")
             try:
-                status, self._span_polling = _frames.call_span(
-                    self._span_fd, self._span_block, head, SPAN_HEAD_ENTRIES, offset, length, request_id, payload,
-                    into, self._span_window_s, self._span_polling, timeout_s, self.timeout_s)
-                if status == _frames.UNSENT:
-                    return False
-                self.compiled_spans += 1
-                if status != _frames.OK:
-                    self._span_outcome(op, status, request_id, into, timeout_s)
+                return call(request_id, timeout_s)
             except MemfabricError:
                 raise                    # the outcome's: a reply's error, a timeout given up on, a link shut
             except OSError as exc:       # ConnectionError too
@@ -443,7 +477,6 @@ class RpcLink:
                 # late reply out of the buffer the caller gets back now.
                 self._shut(ServerUnavailable(f"{op!r} to {self.address} was interrupted"), raise_it=False)
                 raise
-            return True
         finally:
             if taken == 2 or recv_lock._is_owned():
                 if self._closed:
@@ -458,10 +491,11 @@ class RpcLink:
         if dup is not None:
             dup.close()
 
-    def _span_outcome(self, op: str, status: int, request_id: int, into: memoryview | None,
-                      timeout_s: float) -> None:
-        """What call_span() got short of a plain answer, read as wait() reads a reply: the
-        reply's error raised, a timeout given up on, a broken stream shut."""
+    def _span_outcome(self, op: str, status: int, request_id: int, into: Any,
+                      timeout_s: float) -> dict[str, Any]:
+        """What call_span() (or call_get()) got short of a plain answer, read as wait() reads a
+        reply: the reply's error raised, a timeout given up on, a broken stream shut; else
+        the reply."""
         if status == _frames.SEND_TIMEOUT:       # no byte went out: the stream is whole
             raise Timeout(f"server at {self.address} took no request for {self.timeout_s}s ({op!r})")
         if status == _frames.SEND_STALLED:
@@ -486,6 +520,7 @@ class RpcLink:
         reply = pending.reply
         if "error" in reply:
             raise error_from_code(reply["error"], str(reply.get("msg", "")))
+        return reply
 
     # ---- reading (done by whichever caller holds the receive lock) -------------------------------
 

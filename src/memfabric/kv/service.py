@@ -51,12 +51,13 @@ from ..limits import (KV_GET_MANY_PAYLOAD_BYTES, KV_INLINE_BYTES, MAX_KV_BATCH, 
 from ..server.requests import Connection, Payload, Reply, receive_into_segment, send_from_segment
 from ..server.state import NamespaceState
 from ..units import parse_size
+from . import get_grants
 from . import index as ix
 from .edits import KeyEdits
 from .rules import (MANY_AGAIN, MANY_ALONE, MANY_MISSING, NO_EXPIRY, check_key, check_replicas, check_value_length,
                     homes, key_hash)
 from .space import KeySpace, KvSettings, now_ms
-from .store import Fields, Store, inline_fits, replicas_of
+from .store import Fields, Store, extents_of, inline_fits, replicas_of
 from .transfer import put_large_from
 
 if TYPE_CHECKING:
@@ -122,6 +123,8 @@ class KeyValueService(KeyEdits):
         self._swept_at = 0.0
         self._lease_ms = 0          # what same-host readers are told to trust the indexes until
         self._beats = threading.Condition()     # notified when a heartbeat got through
+        self._get_grants_open: set = set()      # RPC connections' get grants (get_grants.py)
+        self._gets_served_by_closed = 0
 
     @property
     def server_id(self) -> int:
@@ -147,7 +150,7 @@ class KeyValueService(KeyEdits):
                     raise NoSuchNamespace(f"namespace {creds[1]!r} in pool {creds[0]!r} was destroyed meanwhile")
                 space = state.kv
                 if space is None:
-                    space = state.kv = KeySpace(f"s{self.server_id}", creds[1])
+                    space = state.kv = KeySpace(f"s{self.server_id}", creds[1], pool=creds[0])
                     space.store = self._store(state, space, creds[0])
                     space.set_lease(self._lease_ms)
         self._refresh_settings(state, space)
@@ -163,6 +166,7 @@ class KeyValueService(KeyEdits):
             return mem
 
         def release(extents: list[Extent]) -> None:
+            space.get_grants.revoke()        # a segment left unused may be destroyed
             with self.lock:
                 if server.namespaces.get((pool, state.record.ns)) is state:
                     server.pools[pool].allocator.release(state.key, extents, time.monotonic())
@@ -199,6 +203,12 @@ class KeyValueService(KeyEdits):
         return mine
 
     def disconnected(self, conn: Connection) -> None:
+        grants = conn.services.pop("kv_get_grants", None)
+        if grants is not None:           # its loop has stopped: before its counter slots go
+            get_grants.close_grants(grants)
+            with self.lock:
+                self._get_grants_open.discard(grants)
+                self._gets_served_by_closed += grants.table.served
         mine = conn.services.pop("kv", None)
         if mine is None:
             return
@@ -744,10 +754,14 @@ class KeyValueService(KeyEdits):
             found = store.live(key, key_hash(key), now_ms())
             if found is None:
                 space.counters.misses += 1
+                if not as_hold:
+                    self._grant_gets(conn, creds, space, store, None)
                 return {"found": False}
             space.counters.hits += 1
             fields = found[1]
             if fields[3] <= KV_INLINE_BYTES or as_hold:
+                if not as_hold and extents_of(fields) == 0:
+                    self._grant_gets(conn, creds, space, store, fields[0])
                 return {"found": True, **self._value_or_hold(conn, state, space, store, fields)}
             mine = self._may_hold(conn)
             place = store.hold(fields)
@@ -771,6 +785,36 @@ class KeyValueService(KeyEdits):
         token = next(_tokens)
         mine.held[token] = _Held(state, space, store, place, pieces)
         return {"found": True, "length": fields[3], "hold": token, "pieces": [list(p) for p in pieces]}
+
+    def _grant_gets(self, conn: Connection, creds: Creds, space: KeySpace, store: Store,
+                    segment: int | None) -> None:
+        """Under the keyspace's lock, with the secId checked: the connection's next gets of
+        this keyspace may be answered in compiled code (get_grants.py), with `segment` (the
+        record's, if any) among those it reads."""
+        grants = conn.services.get("kv_get_grants")
+        if grants is None or space.draining is not None or space.closed or type(creds[2]) is not bytes:
+            return
+        view = None
+        if segment is not None:
+            view = store.memory(segment).view
+            if view is None:             # a file segment: Python's
+                return
+        space.get_grants.grant(grants, space, creds[2], segment, view)
+
+    def open_get_grants(self, conn: Connection) -> Any:
+        """Grants for an RPC connection whose loop answers gets (rpc_front.py); None when
+        the compiled part is not built. Its checked gets fill them."""
+        grants = get_grants.open_grants()
+        if grants is not None:
+            with self.lock:
+                conn.services["kv_get_grants"] = grants
+                self._get_grants_open.add(grants)
+        return grants
+
+    def gets_served_compiled(self) -> int:
+        """Remote gets answered in compiled code so far (for `stats`)."""
+        with self.lock:
+            return self._gets_served_by_closed + sum(g.table.served for g in self._get_grants_open)
 
     def _value_or_hold(self, conn: Connection, state: NamespaceState, space: KeySpace, store: Store,
                        fields: Any) -> dict[str, Any]:

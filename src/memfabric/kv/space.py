@@ -30,6 +30,7 @@ from typing import Any
 from ..core.allocator import Extent
 from ..limits import MAX_KV_CLIENTS, REUSE_GRACE_S
 from . import index as ix
+from .get_grants import Grantees
 from .heap import RecordHeap
 from ..media.memfd import SEALS_READ_ONLY, SEALS_SIZE, sealed_memfd
 
@@ -86,8 +87,10 @@ class Table:
 
 
 class KeySpace:
-    def __init__(self, label: str, ns: str, grace_s: float = REUSE_GRACE_S) -> None:
+    def __init__(self, label: str, ns: str, grace_s: float = REUSE_GRACE_S, pool: str = "") -> None:
         self.label, self.ns = label, ns
+        # RPC connections answering this keyspace's gets in compiled code (get_grants.py).
+        self.get_grants = Grantees(pool, ns)
         # Two levels: a key's writes (and their replication, which calls other servers) one
         # at a time under its stripe; the table and the heap under `lock`, never held while
         # calling out, so two servers replicating to each other cannot wait on each other.
@@ -144,6 +147,8 @@ class KeySpace:
 
     def stats(self) -> dict:
         hits, misses = self.counters.hits + self.counters.retired[0], self.counters.misses + self.counters.retired[1]
+        compiled = self.get_grants.counts()          # remote gets the RPC loop answered
+        hits, misses = hits + compiled[0], misses + compiled[1]
         words = self.stats_words
         for slot in range(MAX_KV_CLIENTS):
             hits += min(words[slot * 2], CLIENT_COUNT_MAX)
@@ -175,6 +180,7 @@ class KeySpace:
     def close(self) -> None:
         """The namespace is gone. Same-host readers that still map the index are sent to the
         server (which says so) rather than read a keyspace that is no more."""
+        self.get_grants.revoke(close=True)
         with self.fd_lock:
             if self.closed:
                 return

@@ -402,6 +402,7 @@ class Store:
         table to be copied. Records stay, only slots move. Readers of the old table alone are
         sent on (index.py)."""
         space = self.space
+        space.get_grants.revoke()         # its gets read the table being followed
         if space.draining is not None:    # not expected (growth_slots leaves room): finish it first
             self.migrate(space.draining.slots)
         old = space.table
@@ -462,6 +463,7 @@ class Store:
 
     def flush(self) -> int:
         space = self.space
+        space.get_grants.revoke()
         flushed = 0
         if space.draining is not None:
             old = space.draining.writer

@@ -6,8 +6,9 @@ checked against, and a read's reply is sent straight from them. A bad request wh
 payload is already on the wire has that payload drained, then gets its error reply.
 
 On plain TCP, the connection waits for its requests in compiled code (_spans.c), which
-serves the span reads and writes of objects the connection was granted (span_grants.py)
-by itself and hands every other frame to the loop here.
+serves the span reads and writes of objects the connection was granted (span_grants.py),
+and the gets of small values of keyspaces it was granted (kv/get_grants.py), by itself and
+hands every other frame to the loop here.
 """
 
 from __future__ import annotations
@@ -104,11 +105,12 @@ class RpcFront:
 
     def _loop(self, conn: Connection, frames: rpc.FrameSocket) -> None:
         grants = self.server.bigmemory.open_span_grants(conn) if frames.compiled else None
+        kv_grants = self.server.kv.open_get_grants(conn) if grants is not None else None
         while True:
             try:
                 # An idle connection may wait for its next request; a begun frame must finish.
                 if grants is not None:
-                    request, payload_len = self._next_request(conn, frames, grants)
+                    request, payload_len = self._next_request(conn, frames, grants, kv_grants)
                 else:
                     request, payload_len = frames.recv_header(frame_timeout_s=REQUEST_TIMEOUT_S)
             except (OSError, ConnectionError, ValueError):
@@ -168,11 +170,12 @@ class RpcFront:
                 if done is not None:
                     done()
 
-    def _next_request(self, conn: Connection, frames: rpc.FrameSocket, grants) -> tuple[dict, int]:
+    def _next_request(self, conn: Connection, frames: rpc.FrameSocket, grants, kv_grants) -> tuple[dict, int]:
         """The next request the compiled loop leaves to us: it serves granted span reads and
-        writes itself (OSError: the stream broke)."""
+        writes, and granted gets, itself (OSError: the stream broke)."""
+        kv_table = None if kv_grants is None else kv_grants.table
         while True:
-            status, failure = frames.serve_spans(grants.table, REQUEST_TIMEOUT_S)
+            status, failure = frames.serve_spans(grants.table, REQUEST_TIMEOUT_S, kv_table)
             if status == _frames.OWED:
                 self.server.bigmemory.settle_span_grants(conn)
                 continue

@@ -192,8 +192,9 @@ class FrameSocket:
         payload is still to be read."""
         return self._header_in_block(None if frame_timeout_s is None else time.monotonic() + frame_timeout_s, block)
 
-    def serve_spans(self, grants: Any, frame_timeout_s: float) -> tuple[int, str | None]:
-        """Serve span requests that `grants` cover in _spans.c until one needs Python: returns
+    def serve_spans(self, grants: Any, frame_timeout_s: float, kv_grants: Any = None) -> tuple[int, str | None]:
+        """Serve span requests that `grants` cover in _spans.c (and gets that `kv_grants`
+        cover, _kvget.c) until one needs Python: returns
         (FALLBACK, None) with a frame's first block in (header_in_block() reads it), (OWED,
         None) when a revoked grant's transfer is over, (TRANSFER_FAILED, what) when a
         transfer broke the stream. A frame that stalls raises MidFrameTimeout."""
@@ -201,7 +202,8 @@ class FrameSocket:
         fd = self._take_fd()
         try:
             status, poll.polling, info = _frames.serve_spans(fd, self._block, grants, poll.window_s,
-                                                             poll.polling, frame_timeout_s, MAX_RPC_PAYLOAD_BYTES)
+                                                             poll.polling, frame_timeout_s, MAX_RPC_PAYLOAD_BYTES,
+                                                             kv_grants)
         finally:
             self._give_fd()
         if status == _frames.STALLED:

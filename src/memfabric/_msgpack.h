@@ -1,0 +1,118 @@
+/* The little of msgpack that the compiled request paths read (_spans.c: span requests and
+ * their replies; _kvget.c: remote gets and theirs): str, bin and int items read, checked
+ * against the end of the bytes they are read from; a frame's prefix, ints and keys written. */
+#ifndef MEMFABRIC_MSGPACK_H
+#define MEMFABRIC_MSGPACK_H
+
+#include <stdint.h>
+#include <string.h>
+
+typedef struct {
+    const unsigned char *p, *end;
+} Reader;
+
+static inline int take(Reader *r, size_t n, const unsigned char **at) {
+    if ((size_t)(r->end - r->p) < n)
+        return 0;
+    *at = r->p;
+    r->p += n;
+    return 1;
+}
+
+static inline uint64_t big_endian(const unsigned char *p, int n) {
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+/* A str (kind 's') or bin (kind 'b'); 0 if the next item is not one. */
+static inline int read_bytes(Reader *r, int kind, const unsigned char **s, size_t *n) {
+    const unsigned char *c, *len;
+    if (!take(r, 1, &c))
+        return 0;
+    size_t size;
+    if (kind == 's' && (*c & 0xe0) == 0xa0)
+        size = *c & 0x1f;
+    else {
+        int width = kind == 's' ? (*c == 0xd9 ? 1 : *c == 0xda ? 2 : *c == 0xdb ? 4 : 0)
+                                : (*c == 0xc4 ? 1 : *c == 0xc5 ? 2 : *c == 0xc6 ? 4 : 0);
+        if (!width || !take(r, width, &len))
+            return 0;
+        size = (size_t)big_endian(len, width);
+    }
+    *n = size;
+    return take(r, size, s);
+}
+
+/* An int: its encoding's bytes in *raw (for an id echoed back), its value if it is >= 0
+ * (*negative set otherwise). 0 if the next item is not an int. */
+static inline int read_int(Reader *r, const unsigned char **raw, size_t *raw_n, uint64_t *value, int *negative) {
+    const unsigned char *c, *body;
+    if (!take(r, 1, &c))
+        return 0;
+    *raw = c;
+    *negative = 0;
+    if (*c <= 0x7f) {
+        *value = *c;
+        *raw_n = 1;
+        return 1;
+    }
+    if (*c >= 0xe0) {
+        *negative = 1;
+        *raw_n = 1;
+        return 1;
+    }
+    int width = 0, is_signed = 0;
+    switch (*c) {
+    case 0xcc: width = 1; break;
+    case 0xcd: width = 2; break;
+    case 0xce: width = 4; break;
+    case 0xcf: width = 8; break;
+    case 0xd0: width = 1; is_signed = 1; break;
+    case 0xd1: width = 2; is_signed = 1; break;
+    case 0xd2: width = 4; is_signed = 1; break;
+    case 0xd3: width = 8; is_signed = 1; break;
+    default: return 0;
+    }
+    if (!take(r, width, &body))
+        return 0;
+    *value = big_endian(body, width);
+    if (is_signed && (body[0] & 0x80))
+        *negative = 1;
+    *raw_n = 1 + (size_t)width;
+    return 1;
+}
+
+static inline int key_is(const unsigned char *s, size_t n, const char *name) {
+    return strlen(name) == n && memcmp(s, name, n) == 0;
+}
+
+
+static inline void put_prefix(unsigned char *b, uint32_t head_len, uint64_t payload_len) {
+    for (int i = 0; i < 4; i++)
+        b[i] = (unsigned char)(head_len >> (8 * (3 - i)));
+    for (int i = 0; i < 8; i++)
+        b[4 + i] = (unsigned char)(payload_len >> (8 * (7 - i)));
+}
+
+static inline size_t put_uint(unsigned char *p, uint64_t v) {
+    if (v <= 0x7f) {
+        p[0] = (unsigned char)v;
+        return 1;
+    }
+    int width = v <= 0xff ? 1 : v <= 0xffff ? 2 : v <= 0xffffffffu ? 4 : 8;
+    p[0] = width == 1 ? 0xcc : width == 2 ? 0xcd : width == 4 ? 0xce : 0xcf;
+    for (int i = 0; i < width; i++)
+        p[1 + i] = (unsigned char)(v >> (8 * (width - 1 - i)));
+    return 1 + (size_t)width;
+}
+
+static inline size_t put_key(unsigned char *p, const char *key) {
+    size_t n = strlen(key);
+    p[0] = (unsigned char)(0xa0 | n);
+    memcpy(p + 1, key, n);
+    return 1 + n;
+}
+
+#endif
