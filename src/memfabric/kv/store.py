@@ -12,6 +12,7 @@ let go only when the transfer is over.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Callable
 
@@ -52,6 +53,7 @@ def inline_fits(key_length: int, value_length: int) -> bool:
     return key_length + value_length <= MAX_RECORD_BYTES
 
 
+@functools.lru_cache(maxsize=4096)   # every write asks for one or two: a lookup, not a bisect
 def chunk_bytes(size: int) -> int:
     return CLASSES[RecordHeap.class_of(max(1, size))]
 
