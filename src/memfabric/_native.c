@@ -53,6 +53,7 @@
 #define ASK (-1)
 #define TOO_SMALL (-2)
 #define AWAY (-3)
+#define MISSING (-4)   /* find_slot: not in the table (ASK there: Python looks) */
 
 static inline uint64_t load_acquire(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline uint64_t load_relaxed(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
@@ -556,11 +557,85 @@ fail_early:
     return NULL;
 }
 
+/* find_slot(index, hash, key, memory) -> slot | MISSING | ASK: the server's own lookup of a key
+ * in its current table (kv/store.py Store.find), as IndexWriter.find does it in Python: the
+ * probe chain from `hash`, a slot of that hash whose record holds exactly `key` (its bytes read
+ * through memory(segment).view). The server is the table's one writer and holds the keyspace's
+ * lock, so no slot changes under this read and no seqlock is needed. MISSING (-1): not in this
+ * table. ASK: a record this path cannot read (its memory has no view, or the slot's fields do
+ * not fit it): the caller looks in Python, which says what is wrong. An exception of memory()
+ * (a segment gone) goes up as it would from Python. */
+static PyObject *find_slot(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer words, key;
+    unsigned long long h;
+    PyObject *memory;
+    if (!PyArg_ParseTuple(args, "y*Ky*O", &words, &h, &key, &memory))
+        return NULL;
+    long long result = MISSING;
+    PyObject *failed = NULL;             /* set (to anything) when an exception is pending */
+    const uint64_t *w = (const uint64_t *)words.buf;
+    uint64_t nwords = (uint64_t)words.len / 8;
+    if (words.len % 8 || ((uintptr_t)words.buf % 8) || nwords < HEADER_WORDS) {
+        PyErr_SetString(PyExc_ValueError, "an index is 64-bit words, aligned, with its header");
+        failed = Py_None;
+        goto done;
+    }
+    uint64_t slots = w[H_SLOTS];
+    if (slots == 0 || (slots & (slots - 1)) || slots > (nwords - HEADER_WORDS) / SLOT_WORDS) {
+        result = ASK;
+        goto done;
+    }
+    uint64_t mask = slots - 1, slot = (uint64_t)h & mask;
+    for (uint64_t probes = 0; probes < slots; probes++, slot = (slot + 1) & mask) {
+        const uint64_t *s = w + HEADER_WORDS + slot * SLOT_WORDS;
+        uint64_t stored = s[W_HASH];
+        if (stored == EMPTY)
+            break;
+        if (stored != (uint64_t)h || (s[W_OFFSET_KLEN] >> 32) != (uint64_t)key.len)
+            continue;
+        uint64_t offset = s[W_OFFSET_KLEN] & LOW32;
+        PyObject *mem = PyObject_CallFunction(memory, "K", (unsigned long long)s[W_SEGMENT]);
+        if (mem == NULL) {
+            failed = Py_None;
+            goto done;
+        }
+        PyObject *view = PyObject_GetAttrString(mem, "view");
+        Py_DECREF(mem);
+        Py_buffer seg;
+        if (view == NULL || view == Py_None || PyObject_GetBuffer(view, &seg, PyBUF_SIMPLE) < 0) {
+            PyErr_Clear();       /* no view, or a released one (a destroyed segment): Python's to say */
+            Py_XDECREF(view);
+            result = ASK;
+            goto done;
+        }
+        Py_DECREF(view);
+        int fits = offset <= (uint64_t)seg.len && (uint64_t)key.len <= (uint64_t)seg.len - offset;
+        int same = fits && memcmp((const char *)seg.buf + offset, key.buf, (size_t)key.len) == 0;
+        PyBuffer_Release(&seg);
+        if (!fits) {
+            result = ASK;
+            goto done;
+        }
+        if (same) {
+            result = (long long)slot;
+            goto done;
+        }
+    }
+done:
+    PyBuffer_Release(&words);
+    PyBuffer_Release(&key);
+    if (failed != NULL)
+        return NULL;
+    return PyLong_FromLongLong(result);
+}
+
 static PyMethodDef methods[] = {
     {"probe", probe, METH_VARARGS,
      "probe(index, refs, hash, pool, segments, key, into) -> value | length | None | ASK | TOO_SMALL | AWAY"},
     {"plan_copies", plan_copies, METH_VARARGS,
      "plan_copies(items, alive, writing, chunk_bytes) -> (Plan, indices left to Python)"},
+    {"find_slot", find_slot, METH_VARARGS,
+     "find_slot(index, hash, key, memory) -> slot | MISSING | ASK: the server's lookup (kv/store.py)"},
     {"probe_many", probe_many, METH_VARARGS,
      "probe_many(index, refs, hashes, keys, pool, segments, buffers) -> [probe's result per key]"},
     {NULL, NULL, 0, NULL},
@@ -578,7 +653,7 @@ PyMODINIT_FUNC PyInit__native(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     if (PyModule_AddIntConstant(m, "ASK", ASK) < 0 || PyModule_AddIntConstant(m, "TOO_SMALL", TOO_SMALL) < 0 ||
-            PyModule_AddIntConstant(m, "AWAY", AWAY) < 0) {
+            PyModule_AddIntConstant(m, "AWAY", AWAY) < 0 || PyModule_AddIntConstant(m, "MISSING", MISSING) < 0) {
         Py_DECREF(m);
         return NULL;
     }
