@@ -33,6 +33,7 @@
 #define ASK KV_ASK
 #define TOO_SMALL KV_TOO_SMALL
 #define AWAY KV_AWAY
+#define MISSING (-4)   /* find_slot: not in the table (ASK there: Python looks) */
 
 static inline uint64_t load_acquire(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline uint64_t load_relaxed(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
@@ -517,6 +518,78 @@ fail_early:
     return NULL;
 }
 
+/* find_slot(index, hash, key, memory) -> slot | MISSING | ASK: the server's own lookup of a key
+ * in its current table (kv/store.py Store.find), as IndexWriter.find does it in Python: the
+ * probe chain from `hash`, a slot of that hash whose record holds exactly `key` (its bytes read
+ * through memory(segment).view). The server is the table's one writer and holds the keyspace's
+ * lock, so no slot changes under this read and no seqlock is needed. MISSING: not in this
+ * table. ASK: a record this path cannot read (its memory has no view, or the slot's fields do
+ * not fit it): the caller looks in Python, which says what is wrong. An exception of memory()
+ * (a segment gone) goes up as it would from Python. */
+static PyObject *find_slot(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer words, key;
+    unsigned long long h;
+    PyObject *memory;
+    if (!PyArg_ParseTuple(args, "y*Ky*O", &words, &h, &key, &memory))
+        return NULL;
+    long long result = MISSING;
+    PyObject *failed = NULL;             /* set (to anything) when an exception is pending */
+    const uint64_t *w = (const uint64_t *)words.buf;
+    uint64_t nwords = (uint64_t)words.len / 8;
+    if (words.len % 8 || ((uintptr_t)words.buf % 8) || nwords < KV_HEADER_WORDS) {
+        PyErr_SetString(PyExc_ValueError, "an index is 64-bit words, aligned, with its header");
+        failed = Py_None;
+        goto done;
+    }
+    uint64_t slots = w[KV_H_SLOTS];
+    if (slots == 0 || (slots & (slots - 1)) || slots > (nwords - KV_HEADER_WORDS) / KV_SLOT_WORDS) {
+        result = ASK;
+        goto done;
+    }
+    uint64_t mask = slots - 1, slot = (uint64_t)h & mask;
+    for (uint64_t probes = 0; probes < slots; probes++, slot = (slot + 1) & mask) {
+        const uint64_t *s = w + KV_HEADER_WORDS + slot * KV_SLOT_WORDS;
+        uint64_t stored = s[KV_W_HASH];
+        if (stored == KV_EMPTY)
+            break;
+        if (stored != (uint64_t)h || (s[KV_W_OFFSET_KLEN] >> 32) != (uint64_t)key.len)
+            continue;
+        uint64_t offset = s[KV_W_OFFSET_KLEN] & KV_LOW32;
+        PyObject *mem = PyObject_CallFunction(memory, "K", (unsigned long long)s[KV_W_SEGMENT]);
+        if (mem == NULL) {
+            failed = Py_None;
+            goto done;
+        }
+        PyObject *view = PyObject_GetAttrString(mem, "view");
+        Py_DECREF(mem);
+        Py_buffer seg;
+        if (view == NULL || view == Py_None || PyObject_GetBuffer(view, &seg, PyBUF_SIMPLE) < 0) {
+            PyErr_Clear();       /* no view, or a released one (a destroyed segment): Python's to say */
+            Py_XDECREF(view);
+            result = ASK;
+            goto done;
+        }
+        Py_DECREF(view);
+        int fits = offset <= (uint64_t)seg.len && (uint64_t)key.len <= (uint64_t)seg.len - offset;
+        int same = fits && memcmp((const char *)seg.buf + offset, key.buf, (size_t)key.len) == 0;
+        PyBuffer_Release(&seg);
+        if (!fits) {
+            result = ASK;
+            goto done;
+        }
+        if (same) {
+            result = (long long)slot;
+            goto done;
+        }
+    }
+done:
+    PyBuffer_Release(&words);
+    PyBuffer_Release(&key);
+    if (failed != NULL)
+        return NULL;
+    return PyLong_FromLongLong(result);
+}
+
 static PyMethodDef methods[] = {
     {"count", count, METH_VARARGS, "count(stats, slot, hits, misses): add to a client's own counters"},
     {"probe", probe, METH_VARARGS,
@@ -524,6 +597,8 @@ static PyMethodDef methods[] = {
      "None | ASK | TOO_SMALL | AWAY"},
     {"plan_copies", plan_copies, METH_VARARGS,
      "plan_copies(items, alive, writing, chunk_bytes) -> (Plan, indices left to Python)"},
+    {"find_slot", find_slot, METH_VARARGS,
+     "find_slot(index, hash, key, memory) -> slot | MISSING | ASK: the server's lookup (kv/store.py)"},
     {"probe_many", probe_many, METH_VARARGS,
      "probe_many(index, refs, hashes, keys, pool, segments, buffers) -> [probe's result per key]"},
     {NULL, NULL, 0, NULL},
@@ -541,7 +616,7 @@ PyMODINIT_FUNC PyInit__native(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     if (PyModule_AddIntConstant(m, "ASK", ASK) < 0 || PyModule_AddIntConstant(m, "TOO_SMALL", TOO_SMALL) < 0 ||
-            PyModule_AddIntConstant(m, "AWAY", AWAY) < 0) {
+            PyModule_AddIntConstant(m, "AWAY", AWAY) < 0 || PyModule_AddIntConstant(m, "MISSING", MISSING) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -480,3 +480,16 @@ def test_status_and_namespaces_show_the_keyspaces_figures(kv_fabric, request):
             assert table.returncode == 0 and "evictions" in table.stdout
         finally:
             s.namespace(name, "k").destroy()
+
+
+def test_a_put_whose_flags_are_not_booleans_is_refused_by_the_server(kv):
+    """The server checks a put's flags itself (a client of its own may send anything): each of
+    nx, xx, keepttl and get is a bool or absent, and nx with xx is refused; nothing is written."""
+    home = kv._homes(b"flags")[0]
+    for flags in ({"nx": 1}, {"xx": 0}, {"keepttl": "yes"}, {"get": None}, {"nx": True, "xx": True}):
+        with pytest.raises(InvalidArgument, match="booleans|exclude"):
+            kv._call(home, "kv_put", key=b"flags", value=b"v", **flags)
+        assert kv.get(b"flags") is None
+    assert kv._call(home, "kv_put", key=b"flags", value=b"v", nx=True, get=False)["stored"] is True
+    assert kv._call(home, "kv_put", key=b"flags", value=b"w", nx=True)["stored"] is False
+    assert kv.get(b"flags") == b"v"

@@ -117,6 +117,8 @@ class RecordHeap:
         """Pages with no record, resting or live: (segment, offset) each, forgotten here, for
         the server to give back to the pool."""
         self._mature(now_s)
+        if not self._emptied:          # the common case: every write's free asks
+            return []
         empty = [key for key in self._emptied if (page := self._pages.get(key)) is not None
                  and page.used == 0 and page.resting == 0]
         self._emptied.clear()
