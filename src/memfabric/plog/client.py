@@ -30,7 +30,7 @@ from ..errors import (InvalidArgument, MemfabricError, NoSuchObject, NoSuchPool,
 from . import record as rec
 from .log import pieces, prepare_allowance_s
 from ..limits import (MAX_PLOG_BATCH, MAX_PLOG_CAPACITY_BYTES, MAX_PLOG_RECORD_BYTES, MAX_PLOG_STAGED_BYTES,
-                      MAX_RPC_PAYLOAD_BYTES, PLOG_INLINE_BYTES, PLOG_RPC_READ_BYTES)
+                      MAX_RPC_PAYLOAD_BYTES, PLOG_INLINE_BYTES, PLOG_RPC_READ_BYTES, PLOG_SHARED_STAGE_MIN_BYTES)
 
 if TYPE_CHECKING:
     from ..client.session import Namespace
@@ -215,13 +215,17 @@ class Plog:
                 for v in views:                 # straight into memory the server maps
                     stage.view[at:at + v.nbytes] = v
                     at += v.nbytes
-                return link.call("plog_append", **creds, shared=holder.token, lengths=lengths)["offsets"]
+                offsets = link.call("plog_append", **creds, shared=holder.token, lengths=lengths)["offsets"]
             except BaseException:
                 # Given up on (a timeout, Ctrl-C) the server may still be reading it: it is not
                 # written again; the next batch asks for another in its place (the server
                 # serves a connection's requests in order, so by then this one is done).
                 holder.discard()
                 raise
+            finally:
+                if stage.size > PLOG_SHARED_STAGE_MIN_BYTES:
+                    holder.discard()     # a large stage serves one batch: the server drops it (service.py)
+            return offsets
 
     # ---- reads ------------------------------------------------------------------------------
 

@@ -677,7 +677,10 @@ class PlogService:
         plog = self._plog(conn, m)
         shared = m.get("shared")
         if shared is not None:
-            data, lengths = self._shared_batch(conn, shared, m.get("lengths"))
+            try:
+                data, lengths = self._shared_batch(conn, shared, m.get("lengths"))
+            finally:
+                self._drop_if_large(conn, shared)
             return {"offsets": self._append(plog, data, lengths)}
         records = m.get("records")
         if not isinstance(records, list) or not all(type(r) is bytes for r in records):
@@ -925,6 +928,17 @@ class PlogService:
             stage.close()
             self._give_buffer(stage.size)
         return {"dropped": stage is not None}
+
+    def _drop_if_large(self, conn: Connection, token: Any) -> None:
+        """A stage larger than the least one serves one batch (client.py drops its side too):
+        kept by an idle connection, it would count against what this server holds being
+        sent for as long as that connection lives, and a few such refuse every other batch."""
+        stages = self._stages(conn)
+        stage = stages.get(token) if type(token) is int else None
+        if stage is not None and stage.size > PLOG_SHARED_STAGE_MIN_BYTES:
+            del stages[token]
+            stage.close()
+            self._give_buffer(stage.size)
 
     def _shared_batch(self, conn: Connection, token: Any, lengths: Any) -> tuple[memoryview, list[int]]:
         """The batch a client wrote into its shared stage `token`, copied out (the client may
