@@ -53,3 +53,62 @@ def test_idle_sessions_that_once_appended_a_large_batch_do_not_starve_others(plo
     finally:
         for s in holders:
             s.close()
+
+
+def _lines(function) -> list[int]:
+    code = function.__code__
+    return sorted({line for _, _, line in code.co_lines() if line is not None and line > code.co_firstlineno})
+
+
+def _interrupt_at(function, line: int):
+    """A tracer raising KeyboardInterrupt the first time `function` reaches `line`."""
+    code = function.__code__
+    fired = []
+
+    def local(frame, event, arg):
+        if event == "line" and frame.f_lineno == line and not fired:
+            fired.append(line)
+            raise KeyboardInterrupt
+        return local
+
+    def tracer(frame, event, arg):
+        return local if frame.f_code is code else None
+    return tracer, fired
+
+
+@pytest.mark.parametrize("where", ["append_many", "_append_shared", "stage_for", "_keep_token", "discard"])
+def test_ctrl_c_at_every_line_of_a_shared_append_leaves_whole_batches(plog_fabric, where, request):
+    """Ctrl-C at each line of the same-host path of a large batch: the batch is appended
+    whole or not at all, the link stays up, and the next large batches (of both sizes of
+    stage) are appended as they were given; no stage is left behind (more interruptions
+    than a connection has stages)."""
+    import sys
+    from memfabric.plog.client import Plog, _StageHolder
+    function = getattr(Plog, where, None) or getattr(_StageHolder, where)
+    with memfabric.init(plog_fabric.directory) as s:
+        ns = s.create_namespace(ns_name(request), sec_id="s", pool="logs")
+        n = 0
+        for line in _lines(function):
+            for first in ("small", "large"):
+                n += 1
+                small = [bytes([n % 256]) * 4096] * 100        # the least stage, kept
+                large = [bytes([n % 256]) * (1 << 20)] * 2     # a stage for one batch
+                batch = small if first == "small" else large
+                log = ns.create_plog(f"ctrl-c-{n}", 8 << 20)
+                tracer, fired = _interrupt_at(function, line)
+                sys.settrace(tracer)
+                try:
+                    log.append_many(batch)
+                except KeyboardInterrupt:
+                    pass
+                finally:
+                    sys.settrace(None)
+                got = list(log.records())
+                assert got in ([], batch), f"Ctrl-C at line {line}: {len(got)} records"
+                assert not s.home().closed, f"Ctrl-C at line {line} closed the link"
+                for again in (large, small, large, small):
+                    log.append_many(again)
+                    got += again
+                assert list(log.records()) == got, f"after Ctrl-C at line {line}"
+                log.delete()
+        ns.destroy()
