@@ -92,9 +92,9 @@ def test_ctrl_c_at_every_line_of_a_shared_append_leaves_whole_batches(plog_fabri
             for first in ("small", "large"):
                 n += 1
                 small = [bytes([n % 256]) * 4096] * 100        # the least stage, kept
-                large = [bytes([n % 256]) * (1 << 20)] * 2     # a stage for one batch
+                large = [bytes([n % 256]) * (5 << 20)]         # a stage for one batch
                 batch = small if first == "small" else large
-                log = ns.create_plog(f"ctrl-c-{n}", 8 << 20)
+                log = ns.create_plog(f"ctrl-c-{n}", 24 << 20)
                 tracer, fired = _interrupt_at(function, line)
                 sys.settrace(tracer)
                 try:

@@ -397,8 +397,7 @@ def local_ns(plog_fabric, request):
 def test_large_batches_from_this_host_go_through_one_shared_stage(local_ns):
     """Batches too large for one message are written into memory the server maps: one
     request each, the stage kept for the next batches, a larger one made when one does not
-    fit (for that batch only); every record comes back whole, at the offsets returned."""
-    from memfabric.limits import PLOG_SHARED_STAGE_MIN_BYTES
+    fit; every record comes back whole, at the offsets returned."""
     s, ns = local_ns
     log = ns.create_plog("big", 12 << 20)
     link = s.home()
@@ -410,10 +409,11 @@ def test_large_batches_from_this_host_go_through_one_shared_stage(local_ns):
         offsets += log.append_many(batch)
         expected += batch
     holder = link.attached[("", "", "plog_stage")]
-    assert holder.mapped is None, "a stage larger than the least one serves one batch"
-    offsets += log.append_many(batches[0])          # a least one again, kept
-    expected += batches[0]
-    assert holder.mapped is not None and holder.mapped.size == PLOG_SHARED_STAGE_MIN_BYTES
+    assert holder.mapped is not None and holder.mapped.size >= 3 << 20
+    large = rng.bytes(5 << 20)           # past PLOG_SHARED_STAGE_KEPT_BYTES: a stage of its own, for it only
+    offsets += log.append_many([large])
+    expected.append(large)
+    assert holder.mapped is None
     assert list(log.records()) == expected
     for offset, record in zip(offsets, expected):
         assert log.read(offset, len(record)) == record

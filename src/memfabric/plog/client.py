@@ -30,7 +30,7 @@ from ..errors import (InvalidArgument, MemfabricError, NoSuchObject, NoSuchPool,
 from . import record as rec
 from .log import pieces, prepare_allowance_s
 from ..limits import (MAX_PLOG_BATCH, MAX_PLOG_CAPACITY_BYTES, MAX_PLOG_RECORD_BYTES, MAX_PLOG_STAGED_BYTES,
-                      MAX_RPC_PAYLOAD_BYTES, PLOG_INLINE_BYTES, PLOG_RPC_READ_BYTES, PLOG_SHARED_STAGE_MIN_BYTES)
+                      MAX_RPC_PAYLOAD_BYTES, PLOG_INLINE_BYTES, PLOG_RPC_READ_BYTES, PLOG_SHARED_STAGE_KEPT_BYTES)
 
 if TYPE_CHECKING:
     from ..client.session import Namespace
@@ -237,7 +237,7 @@ class Plog:
     def _append_shared(self, link: Any, holder: _StageHolder, creds: dict[str, Any], views: list[memoryview],
                        lengths: list[int], total: int) -> list[int]:
         stage = holder.stage_for(link, self.namespace.wire_creds, total)
-        one_batch = stage.size > PLOG_SHARED_STAGE_MIN_BYTES
+        one_batch = stage.size > PLOG_SHARED_STAGE_KEPT_BYTES
         if one_batch:
             holder.mapped = None     # a large stage serves this batch only: the server drops it after
         try:
