@@ -79,11 +79,26 @@ static void put64(unsigned char *at, uint64_t v) {
 }
 
 static PyObject *frame_batch(PyObject *Py_UNUSED(self), PyObject *args) {
-    unsigned long long nonce, first_index;
+    PyObject *nonce_obj, *first_obj, *lengths;
     Py_buffer data;
-    PyObject *lengths;
-    if (!PyArg_ParseTuple(args, "KKy*O!", &nonce, &first_index, &data, &PyList_Type, &lengths))
+    if (!PyArg_ParseTuple(args, "OOy*O!", &nonce_obj, &first_obj, &data, &PyList_Type, &lengths))
         return NULL;
+    /* Not "K": it wraps -1 or 2**64 round to a number without a word, where record.frames
+     * refuses them (struct.error); here an OverflowError, and a TypeError for a non-int. */
+    unsigned long long nonce = PyLong_Check(nonce_obj) ? PyLong_AsUnsignedLongLong(nonce_obj) : (unsigned long long)-1;
+    if (nonce == (unsigned long long)-1 && (PyErr_Occurred() || !PyLong_Check(nonce_obj))) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "nonce: an int from 0 to 2**64 - 1");
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    unsigned long long first_index = PyLong_Check(first_obj) ? PyLong_AsUnsignedLongLong(first_obj) : (unsigned long long)-1;
+    if (first_index == (unsigned long long)-1 && (PyErr_Occurred() || !PyLong_Check(first_obj))) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "first_index: an int from 0 to 2**64 - 1");
+        PyBuffer_Release(&data);
+        return NULL;
+    }
     PyObject *out = NULL;
     Py_ssize_t count = PyList_GET_SIZE(lengths);
     size_t *sizes = PyMem_Malloc(sizeof(size_t) * (size_t)(count ? count : 1));

@@ -122,7 +122,7 @@ def test_staged_appends_interrupted_half_way_leave_no_stage_behind(plog_fabric, 
         record = b"r" * (3 * PLOG_INLINE_BYTES)
         for _ in range(MAX_PLOG_STAGES_PER_CLIENT + 2):
             if where_interrupted == "writing the batch":
-                tracer = _interrupt_where(Plog.append_many, "stage.view[at:at + v.nbytes] = v", 0)
+                tracer = _interrupt_where(Plog._append_shared, "stage.view[at:at + v.nbytes] = v", 0)
             else:
                 tracer = _interrupt_where(ServerLink._exchange, "self._channel.recv()", 0, op="plog_share_stage")
             sys.settrace(tracer)

@@ -410,6 +410,10 @@ def test_large_batches_from_this_host_go_through_one_shared_stage(local_ns):
         expected += batch
     holder = link.attached[("", "", "plog_stage")]
     assert holder.mapped is not None and holder.mapped.size >= 3 << 20
+    large = rng.bytes(5 << 20)           # past PLOG_SHARED_STAGE_KEPT_BYTES: a stage of its own, for it only
+    offsets += log.append_many([large])
+    expected.append(large)
+    assert holder.mapped is None
     assert list(log.records()) == expected
     for offset, record in zip(offsets, expected):
         assert log.read(offset, len(record)) == record

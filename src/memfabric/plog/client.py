@@ -30,7 +30,7 @@ from ..errors import (InvalidArgument, MemfabricError, NoSuchObject, NoSuchPool,
 from . import record as rec
 from .log import pieces, prepare_allowance_s
 from ..limits import (MAX_PLOG_BATCH, MAX_PLOG_CAPACITY_BYTES, MAX_PLOG_RECORD_BYTES, MAX_PLOG_STAGED_BYTES,
-                      MAX_RPC_PAYLOAD_BYTES, PLOG_INLINE_BYTES, PLOG_RPC_READ_BYTES)
+                      MAX_RPC_PAYLOAD_BYTES, PLOG_INLINE_BYTES, PLOG_RPC_READ_BYTES, PLOG_SHARED_STAGE_KEPT_BYTES)
 
 if TYPE_CHECKING:
     from ..client.session import Namespace
@@ -63,7 +63,7 @@ class _StageHolder:
     stages), attached to it: it goes with the link. One batch at a time (`lock`)."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.token: int | None = None       # the server's number for it: the last one, kept after a discard
         self.mapped: Any = None
 
@@ -71,20 +71,32 @@ class _StageHolder:
         """The stage mapped, at least `length` bytes (a larger one asked for in its place)."""
         if self.mapped is None or self.mapped.size < length:
             self.discard()
-            reply, fds = link.call_with_fds("plog_share_stage", **wire_creds, length=length, replaces=self.token)
-            if len(fds) != 1 or type(reply.get("stage")) is not int or type(reply.get("size")) is not int \
-                    or reply["size"] < length:
+            # Its number is kept in the same line as the reply comes: a Ctrl-C after it would
+            # leave a stage on the connection that no later request replaces.
+            reply, fds = self._keep_token(*link.call_with_fds("plog_share_stage", **wire_creds, length=length,
+                                                               replaces=self.token))
+            try:
+                if len(fds) != 1 or type(reply.get("size")) is not int or reply["size"] < length:
+                    raise ProtocolError(f"plog_share_stage answered {reply!r:.80} with {len(fds)} fds")
+                self.mapped = link.map_shared(fds.pop(), reply["size"], wire_creds["pool"], wire_creds["ns"])
+            finally:
                 for fd in fds:
                     os.close(fd)
-                raise ProtocolError(f"plog_share_stage answered {reply!r:.80} with {len(fds)} fds")
-            self.mapped = link.map_shared(fds[0], reply["size"], wire_creds["pool"], wire_creds["ns"])
-            self.token = reply["stage"]
         return self.mapped
 
+    def _keep_token(self, reply: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        if type(reply.get("stage")) is int:
+            self.token = reply["stage"]
+        else:
+            reply = {**reply, "size": None}       # refused below
+        return reply, fds
+
     def discard(self) -> None:
-        if self.mapped is not None:
-            self.mapped.close()          # revoked: a thread still writing it writes nowhere
-            self.mapped = None
+        # Forgotten first: a Ctrl-C between the two leaves a mapping open, never a revoked
+        # one that the next batch would be written into (the server reading the last one).
+        mapped, self.mapped = self.mapped, None
+        if mapped is not None:
+            mapped.close()          # revoked: a thread still writing it writes nowhere
 
     close = discard
 
@@ -208,20 +220,41 @@ class Plog:
             raise InvalidArgument(f"one append_many carries at most {MAX_PLOG_STAGED_BYTES} bytes, got {total}: "
                                   "append fewer at a time")
         holder = _stage_holder(link)
-        with holder.lock:
-            stage = holder.stage_for(link, self.namespace.wire_creds, total)
+        wait_s = call_timeout_s(link.timeout_s)
+        try:
+            # Taken inside the try, given back in its finally (an RLock: release() tells
+            # whether it is ours): a Ctrl-C as a `with` leaves it must not keep it taken,
+            # and every later large batch of the link waiting for ever.
+            if not holder.lock.acquire(timeout=wait_s):
+                raise Timeout(f"other batches of this process held the link's shared stage for {wait_s:.3g}s")
+            return self._append_shared(link, holder, creds, views, lengths, total)
+        finally:
             try:
-                at = 0
-                for v in views:                 # straight into memory the server maps
-                    stage.view[at:at + v.nbytes] = v
-                    at += v.nbytes
-                return link.call("plog_append", **creds, shared=holder.token, lengths=lengths)["offsets"]
-            except BaseException:
-                # Given up on (a timeout, Ctrl-C) the server may still be reading it: it is not
-                # written again; the next batch asks for another in its place (the server
-                # serves a connection's requests in order, so by then this one is done).
-                holder.discard()
-                raise
+                holder.lock.release()     # no call (where a signal's handler runs) before it
+            except RuntimeError:
+                pass                      # not ours: the wait timed out or was interrupted
+
+    def _append_shared(self, link: Any, holder: _StageHolder, creds: dict[str, Any], views: list[memoryview],
+                       lengths: list[int], total: int) -> list[int]:
+        stage = holder.stage_for(link, self.namespace.wire_creds, total)
+        one_batch = stage.size > PLOG_SHARED_STAGE_KEPT_BYTES
+        if one_batch:
+            holder.mapped = None     # a large stage serves this batch only: the server drops it after
+        try:
+            at = 0
+            for v in views:                 # straight into memory the server maps
+                stage.view[at:at + v.nbytes] = v
+                at += v.nbytes
+            return link.call("plog_append", **creds, shared=holder.token, lengths=lengths)["offsets"]
+        except BaseException:
+            # Given up on (a timeout, Ctrl-C) the server may still be reading it: it is not
+            # written again; the next batch asks for another in its place (the server
+            # serves a connection's requests in order, so by then this one is done).
+            holder.discard()
+            raise
+        finally:
+            if one_batch:
+                stage.close()
 
     # ---- reads ------------------------------------------------------------------------------
 

@@ -61,7 +61,8 @@ from ..errors import (IOError_, InvalidArgument, LimitExceeded, MemfabricError, 
                       Sealed, ServerUnavailable)
 from ..limits import (MAX_PLOG_BATCH, MAX_PLOG_CAPACITY_BYTES, MAX_PLOG_RECORD_BYTES, MAX_PLOG_REPLICAS,
                       MAX_PLOG_BUFFERED_BYTES, MAX_PLOG_STAGED_BYTES, MAX_PLOG_STAGES_PER_CLIENT, MAX_PLOGS_PER_NAMESPACE, MAX_RPC_PAYLOAD_BYTES,
-                      PLOG_INLINE_BYTES, PLOG_REPLICA_PIECE_BYTES, PLOG_RPC_READ_BYTES, PLOG_SHARED_STAGE_MIN_BYTES)
+                      PLOG_INLINE_BYTES, PLOG_REPLICA_PIECE_BYTES, PLOG_RPC_READ_BYTES, PLOG_SHARED_STAGE_KEPT_BYTES,
+                      PLOG_SHARED_STAGE_MIN_BYTES)
 from ..media.memfd import SEALS_SIZE, sealed_memfd
 from ..server.requests import Connection, Payload, Reply
 from ..server.state import NamespaceState, PoolState
@@ -677,7 +678,10 @@ class PlogService:
         plog = self._plog(conn, m)
         shared = m.get("shared")
         if shared is not None:
-            data, lengths = self._shared_batch(conn, shared, m.get("lengths"))
+            try:
+                data, lengths = self._shared_batch(conn, shared, m.get("lengths"))
+            finally:
+                self._drop_if_large(conn, shared)
             return {"offsets": self._append(plog, data, lengths)}
         records = m.get("records")
         if not isinstance(records, list) or not all(type(r) is bytes for r in records):
@@ -925,6 +929,17 @@ class PlogService:
             stage.close()
             self._give_buffer(stage.size)
         return {"dropped": stage is not None}
+
+    def _drop_if_large(self, conn: Connection, token: Any) -> None:
+        """A stage larger than PLOG_SHARED_STAGE_KEPT_BYTES serves one batch (client.py drops its side too):
+        kept by an idle connection, it would count against what this server holds being
+        sent for as long as that connection lives, and a few such refuse every other batch."""
+        stages = self._stages(conn)
+        stage = stages.get(token) if type(token) is int else None
+        if stage is not None and stage.size > PLOG_SHARED_STAGE_KEPT_BYTES:
+            del stages[token]
+            stage.close()
+            self._give_buffer(stage.size)
 
     def _shared_batch(self, conn: Connection, token: Any, lengths: Any) -> tuple[memoryview, list[int]]:
         """The batch a client wrote into its shared stage `token`, copied out (the client may

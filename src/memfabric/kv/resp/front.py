@@ -41,6 +41,7 @@ from ...transport import rpc
 from ...transport.sockets import timeval
 from . import commands
 from . import protocol as p
+from .sending import send_all
 from .commands import Client, Quit, RedisError
 from .budget import ReplyBudget
 from .failures import internal_error_reply
@@ -276,7 +277,7 @@ class RespFront:
                 if isinstance(reply, (MgetReply, HeldValue)):   # sent as its values are read
                     try:
                         if out:
-                            sock.sendall(b"".join(out))
+                            send_all(sock, b"".join(out))
                             out, size = [], 0
                         reply.send(sock)
                     except ReplyCut as exc:
@@ -299,10 +300,10 @@ class RespFront:
                 size += len(reply)
                 parser.auth_required = client.keys is None
                 if size >= RESP_REPLY_BUFFER_BYTES:
-                    sock.sendall(b"".join(out))
+                    send_all(sock, b"".join(out))
                     out, size = [], 0
             if out:
-                sock.sendall(b"".join(out))
+                send_all(sock, b"".join(out))
             if closing:
                 return
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ...errors import LimitExceeded, MemfabricError
 from ...limits import RESP_REPLY_BUDGET_WAIT_S, RESP_VALUE_PIECE_BYTES
 from .mget import ReplyCut
+from .sending import send_all
 
 if TYPE_CHECKING:
     from .budget import ReplyBudget
@@ -64,7 +65,7 @@ class HeldValue:
         leaves the reply part sent: the connection must be closed."""
         try:
             buffer = memoryview(bytearray(min(RESP_VALUE_PIECE_BYTES, max(self.length, 1))))
-            sock.sendall(b"$%d\r\n" % self.length)
+            send_all(sock, b"$%d\r\n" % self.length)
             steps = self._steps(len(buffer))
             for i, (at, n) in enumerate(steps):
                 try:
@@ -73,8 +74,8 @@ class HeldValue:
                         self._let_go_confirmed()
                 except MemfabricError as exc:
                     raise ReplyCut(f"{exc.code.name} {exc}") from None
-                sock.sendall(buffer[:n])
-            sock.sendall(CRLF)
+                send_all(sock, buffer[:n])
+            send_all(sock, CRLF)
         finally:
             self.close()
 

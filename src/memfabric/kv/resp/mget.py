@@ -24,6 +24,7 @@ from ...limits import (KV_INLINE_BYTES, MAX_KV_BATCH, RESP_MGET_REPLY_MAX_BYTES,
                        RESP_REPLY_BUFFER_BYTES)
 from ..rules import MANY_AGAIN, MANY_ALONE, MANY_MISSING
 from . import protocol as p
+from .sending import send_all
 
 if TYPE_CHECKING:
     from .budget import ReplyBudget
@@ -262,16 +263,16 @@ class MgetReply:
         for piece in self.pieces:
             if len(piece) >= RESP_REPLY_BUFFER_BYTES:
                 if buffer:
-                    sock.sendall(buffer)
+                    send_all(sock, buffer)
                     buffer.clear()
-                sock.sendall(piece)
+                send_all(sock, piece)
             else:
                 buffer += piece
                 if len(buffer) >= RESP_REPLY_BUFFER_BYTES:
-                    sock.sendall(buffer)
+                    send_all(sock, buffer)
                     buffer.clear()
         if buffer:
-            sock.sendall(buffer)
+            send_all(sock, buffer)
         self.pieces = []
         self.pending_bytes = 0
         self._give_back(self.releasing)

@@ -1,0 +1,44 @@
+"""memfabric._records.frame_batch given what it must refuse (found by fuzzing it)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from memfabric.plog import record as rec
+
+_records = pytest.importorskip("memfabric._records")
+
+
+@pytest.mark.parametrize("nonce, first", [(-1, 0), (1 << 64, 0), (0, -1), (0, 1 << 64), (-(1 << 70), 0)])
+def test_numbers_without_a_word_are_refused_as_record_frames_refuses_them(nonce, first):
+    """Before the fix: frame_batch framed nonce -1 as 2**64 - 1 and 2**64 as 0 (PyArg "K"
+    wraps), where record.frames raises struct.error: the same call, two answers."""
+    with pytest.raises(Exception):
+        rec.frames(nonce, first, memoryview(b"abc"), [3])
+    with pytest.raises(OverflowError):
+        _records.frame_batch(nonce, first, b"abc", [3])
+
+
+@pytest.mark.parametrize("bad", [1.5, "1", None, np.float64(1)])
+def test_a_nonce_or_index_not_an_int_is_a_type_error(bad):
+    with pytest.raises(TypeError):
+        _records.frame_batch(bad, 0, b"abc", [3])
+    with pytest.raises(TypeError):
+        _records.frame_batch(0, bad, b"abc", [3])
+
+
+def test_bad_lengths_and_buffers_are_precise_errors():
+    for data, lengths, error in [(b"abc", [1 << 64], OverflowError), (b"abc", [-1, 4], ValueError),
+                                 (b"a" * 10, [(1 << 32) - 1] * 2, ValueError), (b"abc", (3,), TypeError),
+                                 (b"abc", [np.int64(3)], ValueError), (memoryview(b"abcdef")[::2], [3], BufferError),
+                                 ("abc", [3], TypeError), (b"abc", [2], ValueError)]:
+        with pytest.raises(error):
+            _records.frame_batch(0, 0, data, lengths)
+
+
+def test_the_largest_numbers_frame_as_record_frames_does():
+    top = (1 << 64) - 1
+    assert _records.frame_batch(top, top - 1, b"abcd", [2, 2]) == \
+        b"".join(rec.frames(top, top - 1, memoryview(b"abcd"), [2, 2]))
+    assert len(_records.frame_batch(0, 0, b"", [0] * 100_000)) == 100_000 * rec.HEADER_BYTES
