@@ -154,3 +154,43 @@ def test_a_reader_racing_deletes_and_reuse_never_sees_another_keys_bytes(race_fa
             assert sum(int(out[3]) for out in results[1:]) > 0, "the reader never met the victim: no race ran"
         finally:
             ns.destroy()
+
+
+def test_the_first_requests_to_a_new_keyspace_at_once_all_see_it_whole(race_fabric, request):
+    """A namespace's keyspace is made by the first KV request that reaches a server. Before,
+    it was published (state.kv) before its store was set: another connection's request in
+    that moment found the keyspace and a store of None, INTERNAL_ERROR ("'NoneType' object
+    has no attribute 'live'"; seen once in a full run, as a remote kv_put of
+    test_concurrent_writers_of_one_key_never_tear_it_and_the_last_wins_whole)."""
+    import threading
+    from memfabric.errors import BmError, MemfabricError
+    threads_per_round, rounds = 6, 40
+    failures: list[str] = []
+    with memfabric.init(race_fabric.directory, server=0) as s:
+        links = []     # a connection each: one connection's requests are served one at a time
+        for _ in range(threads_per_round):
+            links.append(memfabric.init(race_fabric.directory, server=0))
+        try:
+            for r in range(rounds):
+                ns = s.create_namespace(f"{ns_name(request)}-{r}", sec_id="k")
+                barrier = threading.Barrier(threads_per_round)
+
+                def first(session, i: int) -> None:
+                    link = session.home()
+                    barrier.wait(30)
+                    try:      # the keyspace's first request itself (kv.put asks kv_stats first)
+                        link.call("kv_put", **ns.wire_creds, key=f"k{i}".encode(), value=b"v")
+                    except MemfabricError as exc:
+                        if exc.code == BmError.INTERNAL_ERROR:
+                            failures.append(str(exc))
+                workers = [threading.Thread(target=first, args=(links[i], i)) for i in range(threads_per_round)]
+                for w in workers:
+                    w.start()
+                for w in workers:
+                    w.join(60)
+                assert len(ns.kv()) == threads_per_round
+                ns.destroy()
+        finally:
+            for link in links:
+                link.close()
+    assert not failures, failures[:3]

@@ -150,9 +150,16 @@ class KeyValueService(KeyEdits):
                     raise NoSuchNamespace(f"namespace {creds[1]!r} in pool {creds[0]!r} was destroyed meanwhile")
                 space = state.kv
                 if space is None:
-                    space = state.kv = KeySpace(f"s{self.server_id}", creds[1], pool=creds[0])
-                    space.store = self._store(state, space, creds[0])
-                    space.set_lease(self._lease_ms)
+                    # Made whole, then published: a request of another connection that finds
+                    # state.kv set takes no lock, and must find its store there.
+                    space = KeySpace(f"s{self.server_id}", creds[1], pool=creds[0])
+                    try:
+                        space.store = self._store(state, space, creds[0])
+                        space.set_lease(self._lease_ms)
+                    except BaseException:
+                        space.close()
+                        raise
+                    state.kv = space
         self._refresh_settings(state, space)
         return state, creds, space, space.store
 
