@@ -62,6 +62,23 @@ def stop_process(pid: int) -> None:
         raise
 
 
+def interrupt_at(function, line: int):
+    """(tracer, fired): a sys.settrace tracer that raises KeyboardInterrupt (as SIGINT's handler
+    would) the first time `function` reaches `line`; `fired` holds the line once it did."""
+    code = function.__code__
+    fired: list[int] = []
+
+    def local(frame, event, arg):
+        if event == "line" and frame.f_lineno == line and not fired:
+            fired.append(line)
+            raise KeyboardInterrupt
+        return local
+
+    def tracer(frame, event, arg):
+        return local if frame.f_code is code else None
+    return tracer, fired
+
+
 def resident_bytes(shared) -> int:
     """Rss of the kernel mappings inside `shared` (pieces at non-adjacent file offsets are
     mappings of their own), from /proc/self/smaps."""

@@ -38,6 +38,21 @@ int spans_add_to_module(PyObject *module);
 /* _spans.c: all of iov[0..n) sent, without the GIL (TIMED_OUT: SO_SNDTIMEO ran out). */
 Outcome send_all(int fd, struct iovec *iov, int n, size_t *sent, int *err, PyThreadState **save, int main_thread);
 
+/* A client's compiled call (_spans.c call_span, _kvget.c call_get): its statuses beside
+ * LANDED, BLOCK, NOTHING and STALLED. */
+#define OK 2
+#define SEND_TIMEOUT (-3)
+#define SEND_STALLED (-4)
+#define UNSENT (-5)
+/* _spans.c: the part of a call both share: the request (iov[0..n)) sent, then the first block
+ * of its reply received into `b`, its first byte within timeout_s (polling until poll_s),
+ * the rest of the block within frame_timeout_s of *began (when it began). TIMED_OUT: *status
+ * says where (SEND_TIMEOUT, SEND_STALLED, NOTHING, STALLED). *waited: how long the reply took
+ * to come (BusyPoll's rule). Without the GIL. */
+Outcome call_first_block(int fd, struct iovec *iov, int n, unsigned char *b, double poll_s, double timeout_s,
+                         double frame_timeout_s, int *status, double *began, double *waited, int *err,
+                         PyThreadState **save, int main_thread);
+
 /* _kvget.c: remote MemKV gets answered in the server's loop. KvGrantsType is its grants'
  * type; kv_serve() answers the frame whose first block is `block` if it is a get those
  * grants cover: 1 answered (*outcome GOT), 1 with another *outcome (the reply's send

@@ -47,10 +47,6 @@
 #include <pthread.h>
 #include <string.h>
 
-#define OK 2
-#define SEND_TIMEOUT (-3)
-#define SEND_STALLED (-4)
-#define UNSENT (-5)
 #define MISMATCH (-6)
 #define MAX_ID_BYTES 9
 /* found, value, a bin32 header, id: what an inline value's reply adds to the value */
@@ -545,41 +541,18 @@ static PyObject *call_get(PyObject *Py_UNUSED(self), PyObject *args) {
     memset(h + n, 0, FIRST_BLOCK - PREFIX_BYTES - n);
     put_prefix(request, (uint32_t)n, 0);
     int err = 0, status = BLOCK, main_thread = in_main_thread(), found = 0;
-    size_t sent = 0, value_at = 0;
+    size_t value_at = 0;
     uint64_t vlen = 0;
     Outcome outcome;
-    double waited = 0.0, poll_s = polling ? window_s : 0.0;
+    double waited = 0.0, began = 0.0, poll_s = polling ? window_s : 0.0;
     unsigned char *b = (unsigned char *)block.buf;
     PyThreadState *save = PyEval_SaveThread();
     struct iovec iov[1] = {{request, FIRST_BLOCK}};
-    outcome = send_all(fd, iov, 1, &sent, &err, &save, main_thread);
-    if (outcome == TIMED_OUT) {
-        status = sent ? SEND_STALLED : SEND_TIMEOUT;
-        goto done;
-    }
+    outcome = call_first_block(fd, iov, 1, b, poll_s, timeout_s, frame_timeout_s, &status, &began, &waited, &err, &save,
+                               main_thread);
     if (outcome != GOT)
         goto done;
-    double start = now_s();
-    Py_ssize_t got = 0;
-    outcome = receive(fd, (char *)b, FIRST_BLOCK, &got, start + poll_s, start + (timeout_s > 0 ? timeout_s : 0), 1,
-                      &err, &save, main_thread);
-    waited = now_s() - start;
-    if (outcome == TIMED_OUT) {
-        status = NOTHING;
-        goto done;
-    }
-    if (outcome != GOT)
-        goto done;
-    double began = now_s();
     double frame_deadline = began + (frame_timeout_s > 0 ? frame_timeout_s : 0);
-    outcome = receive(fd, (char *)b, FIRST_BLOCK, &got, began + poll_s, frame_deadline, 0, &err, &save, main_thread);
-    waited = now_s() - start;
-    if (outcome == TIMED_OUT) {
-        status = STALLED;
-        goto done;
-    }
-    if (outcome != GOT)
-        goto done;
     uint64_t head_len = big_endian(b, 4), payload_len = big_endian(b + 4, 8);
     if (payload_len != 0)
         goto done;                                       /* BLOCK: Python's */

@@ -63,10 +63,6 @@
 #define OWED 1
 #define FALLBACK 0
 #define TRANSFER_FAILED (-3)
-#define OK 2
-#define SEND_TIMEOUT (-3)
-#define SEND_STALLED (-4)
-#define UNSENT (-5)
 #define BUCKETS 256
 #define OP_READ 1
 #define OP_WRITE 2
@@ -582,6 +578,33 @@ Outcome send_all(int fd, struct iovec *iov, int n, size_t *sent, int *err, PyThr
     return GOT;
 }
 
+Outcome call_first_block(int fd, struct iovec *iov, int n, unsigned char *b, double poll_s, double timeout_s,
+                         double frame_timeout_s, int *status, double *began, double *waited, int *err,
+                         PyThreadState **save, int main_thread) {
+    size_t sent = 0;
+    Outcome outcome = send_all(fd, iov, n, &sent, err, save, main_thread);
+    if (outcome == TIMED_OUT)
+        *status = sent ? SEND_STALLED : SEND_TIMEOUT;
+    if (outcome != GOT)
+        return outcome;
+    double start = now_s();
+    Py_ssize_t got = 0;
+    outcome = receive(fd, (char *)b, FIRST_BLOCK, &got, start + poll_s, start + (timeout_s > 0 ? timeout_s : 0), 1,
+                      err, save, main_thread);
+    *waited = now_s() - start;
+    if (outcome == TIMED_OUT)
+        *status = NOTHING;
+    if (outcome != GOT)
+        return outcome;
+    *began = now_s();
+    outcome = receive(fd, (char *)b, FIRST_BLOCK, &got, *began + poll_s,
+                      *began + (frame_timeout_s > 0 ? frame_timeout_s : 0), 0, err, save, main_thread);
+    *waited = now_s() - start;
+    if (outcome == TIMED_OUT)
+        *status = STALLED;
+    return outcome;
+}
+
 /* ---- the server's loop -------------------------------------------------------------------- */
 
 static const char *what_failed(Outcome outcome, int err) {
@@ -865,41 +888,17 @@ static PyObject *call_span(PyObject *Py_UNUSED(self), PyObject *args) {
     memset(h + n, 0, FIRST_BLOCK - PREFIX_BYTES - n);
     put_prefix(request, (uint32_t)n, has_payload ? (uint64_t)length : 0);
     int err = 0, status = BLOCK, main_thread = in_main_thread();
-    size_t sent = 0;
     Outcome outcome;
-    double waited = 0.0;
+    double waited = 0.0, began = 0.0;
     unsigned char *b = (unsigned char *)block.buf;
     PyThreadState *save = PyEval_SaveThread();
     struct iovec iov[2] = {{request, FIRST_BLOCK}, {payload.buf, has_payload ? (size_t)payload.len : 0}};
-    outcome = send_all(fd, iov, has_payload ? 2 : 1, &sent, &err, &save, main_thread);
-    if (outcome == TIMED_OUT) {
-        status = sent ? SEND_STALLED : SEND_TIMEOUT;
-        goto done;
-    }
-    if (outcome != GOT)
-        goto done;
     /* The reply: its first block, and a read's payload straight into `into` (recv_frame's way). */
-    double start = now_s();
-    Py_ssize_t got = 0;
-    outcome = receive(fd, (char *)b, FIRST_BLOCK, &got, start + poll_s, start + (timeout_s > 0 ? timeout_s : 0), 1,
-                      &err, &save, main_thread);
-    waited = now_s() - start;
-    if (outcome == TIMED_OUT) {
-        status = NOTHING;
-        goto done;
-    }
+    outcome = call_first_block(fd, iov, has_payload ? 2 : 1, b, poll_s, timeout_s, frame_timeout_s, &status, &began,
+                               &waited, &err, &save, main_thread);
     if (outcome != GOT)
         goto done;
-    double began = now_s();
     double frame_deadline = began + (frame_timeout_s > 0 ? frame_timeout_s : 0);
-    outcome = receive(fd, (char *)b, FIRST_BLOCK, &got, began + poll_s, frame_deadline, 0, &err, &save, main_thread);
-    waited = now_s() - start;
-    if (outcome == TIMED_OUT) {
-        status = STALLED;
-        goto done;
-    }
-    if (outcome != GOT)
-        goto done;
     uint32_t head_len = (uint32_t)big_endian(b, 4);
     uint64_t payload_len = big_endian(b + 4, 8);
     int fits = PREFIX_BYTES + (uint64_t)head_len <= FIRST_BLOCK;

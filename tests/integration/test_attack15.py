@@ -7,7 +7,7 @@ import pytest
 import memfabric
 
 from ..conftest import short_tmp_dir
-from ..helpers import ns_name
+from ..helpers import interrupt_at, ns_name
 from memfabric.launcher import LocalFabric
 
 
@@ -60,22 +60,6 @@ def _lines(function) -> list[int]:
     return sorted({line for _, _, line in code.co_lines() if line is not None and line > code.co_firstlineno})
 
 
-def _interrupt_at(function, line: int):
-    """A tracer raising KeyboardInterrupt the first time `function` reaches `line`."""
-    code = function.__code__
-    fired = []
-
-    def local(frame, event, arg):
-        if event == "line" and frame.f_lineno == line and not fired:
-            fired.append(line)
-            raise KeyboardInterrupt
-        return local
-
-    def tracer(frame, event, arg):
-        return local if frame.f_code is code else None
-    return tracer, fired
-
-
 @pytest.mark.parametrize("where", ["append_many", "_append_shared", "stage_for", "_keep_token", "discard"])
 def test_ctrl_c_at_every_line_of_a_shared_append_leaves_whole_batches(plog_fabric, where, request):
     """Ctrl-C at each line of the same-host path of a large batch: the batch is appended
@@ -95,7 +79,7 @@ def test_ctrl_c_at_every_line_of_a_shared_append_leaves_whole_batches(plog_fabri
                 large = [bytes([n % 256]) * (5 << 20)]         # a stage for one batch
                 batch = small if first == "small" else large
                 log = ns.create_plog(f"ctrl-c-{n}", 24 << 20)
-                tracer, fired = _interrupt_at(function, line)
+                tracer, fired = interrupt_at(function, line)
                 sys.settrace(tracer)
                 try:
                     log.append_many(batch)

@@ -13,7 +13,7 @@ from memfabric.datapath.link import ServerLink
 from memfabric.errors import OutOfRange
 
 from ..conftest import short_tmp_dir
-from ..helpers import ns_name
+from ..helpers import interrupt_at, ns_name
 from memfabric.launcher import LocalFabric
 
 
@@ -23,23 +23,6 @@ def plog_fabric():
                       liveness_timeout_s=2.0, extra_args=["--pool", "logs:ramdisk:32MiB"]).start()
     yield fab
     assert fab.stop() == 0, "memfabric up did not stop cleanly:\n" + "".join(fab.output[-30:])
-
-
-def _interrupt_at_line(line: int):
-    """A tracer that raises KeyboardInterrupt (as SIGINT's handler would) the first time
-    ServerLink._exchange reaches `line`."""
-    code = ServerLink._exchange.__code__
-    fired = []
-
-    def local(frame, event, arg):
-        if event == "line" and frame.f_lineno == line and not fired:
-            fired.append(line)
-            raise KeyboardInterrupt
-        return local
-
-    def tracer(frame, event, arg):
-        return local if frame.f_code is code else None
-    return tracer, fired
 
 
 def test_ctrl_c_at_any_line_of_an_ipc_call_leaves_the_link_working(plog_fabric):
@@ -53,7 +36,7 @@ def test_ctrl_c_at_any_line_of_an_ipc_call_leaves_the_link_working(plog_fabric):
         link = s.link(s.home().server_id)
         interrupted = 0
         for line in range(first, last + 1):
-            tracer, fired = _interrupt_at_line(line)
+            tracer, fired = interrupt_at(ServerLink._exchange, line)
             sys.settrace(tracer)
             try:
                 link.call("stats")
