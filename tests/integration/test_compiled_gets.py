@@ -24,6 +24,7 @@ from memfabric.errors import BmError
 from memfabric.kv import get_grants
 
 from ..helpers import CHILD_WAIT_S, WAIT_S, ns_name, stop_process, wait_until
+from ..transport.paths import interrupted_after
 from .test_rpc_review import (raw_client, recv_exactly, recv_frame_header, remote, remote_config, rpc_address,
                               send_frame)
 
@@ -465,17 +466,11 @@ def test_a_ctrl_c_while_a_compiled_get_waits_for_a_stopped_server(fresh_fabric, 
         link = s.link(1)
         buf = bytearray(4096)
 
-        def interrupt(signum: int, frame: object) -> None:
-            raise KeyboardInterrupt
-        previous = signal.signal(signal.SIGALRM, interrupt)
         stop_process(pid)
         try:
-            signal.setitimer(signal.ITIMER_REAL, 0.3)
-            with pytest.raises(KeyboardInterrupt):
+            with interrupted_after(0.3, KeyboardInterrupt), pytest.raises(KeyboardInterrupt):
                 kv.get_into(b"k", buf)
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
             os.kill(pid, signal.SIGCONT)
         # Python's wait leaves the link as it is (test_interrupted_calls.py): shut, it waited in call_get.
         assert s.link(1) is not link, "the link stayed: the get did not wait in call_get"

@@ -34,6 +34,7 @@ from memfabric.launcher import LocalFabric
 
 from ..conftest import short_tmp_dir
 from ..helpers import WAIT_S, stop_process
+from ..transport.paths import interrupted_after
 
 PACKAGE_DIR = os.path.dirname(memfabric.__file__) + os.sep
 SPAN = 64 << 10
@@ -318,17 +319,11 @@ def test_a_ctrl_c_while_a_compiled_read_waits_for_a_stopped_server_leaves_its_bu
     pid = fab.server_pids()[target]
     buf = bytearray(SPAN)
 
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGALRM, interrupt)
     stop_process(pid)
     try:
-        signal.setitimer(signal.ITIMER_REAL, 0.3)
-        with pytest.raises(KeyboardInterrupt):
+        with interrupted_after(0.3, KeyboardInterrupt), pytest.raises(KeyboardInterrupt):
             bm.read(0, SPAN, into=buf)
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
         os.kill(pid, signal.SIGCONT)
     assert session.link(target) is not link, "the link stayed: the read did not wait in call_span"
     buf[:] = bytes([MARK]) * SPAN

@@ -20,7 +20,7 @@ from memfabric.limits import KV_INLINE_BYTES, MAX_KV_HOLDS_PER_CLIENT, PEER_TIME
 from ..conftest import short_tmp_dir
 from ..helpers import free_ports, stop_process, wait_until
 from .one_door import one_door
-from .wire import READ_S, Raw, encode
+from .wire import READ_S, Raw, encode, stall_reply_budget
 
 MiB = 1 << 20
 WARM_BYTES = 300_000          # a value that makes the keyspace's first pages, once
@@ -202,16 +202,7 @@ def test_a_getex_without_options_refused_for_reply_memory_names_getex():
     with one_door("127.0.0.1", "127.0.0.1", capacity="96MiB", resp_reply_budget="16MiB") as door:
         r = redis.Redis(port=door.port, socket_timeout=READ_S * 6)
         r.set("big", b"b" * (4 * MiB))
-        keys = [f"fill:{i}" for i in range(24)]
-        for k in keys:
-            r.set(k, b"v" * MiB)
-        stalled = []
-        for _ in range(2):                      # each holds one batch of 8 MiB being sent
-            raw = Raw(door.port)
-            raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            raw.send(encode("MGET", *keys))
-            stalled.append(raw)
-        wait_until(lambda: r.info("memory")["mem_clients_normal"] == 16 * MiB, "the stalled replies to hold the budget")
+        stalled = stall_reply_budget(door.port, r)       # two readers hold 8 MiB each: the whole budget
         with pytest.raises(redis.ResponseError, match="^LIMIT_EXCEEDED getex: "):
             r.getex("big")
         for raw in stalled:

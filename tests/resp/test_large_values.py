@@ -17,7 +17,7 @@ from memfabric.limits import KV_INLINE_BYTES
 from ..helpers import WAIT_S, wait_until
 from .one_door import one_door
 from .test_reply_memory import PeakResident
-from .wire import READ_S, Raw, encode
+from .wire import READ_S, Raw, encode, stall_reply_budget
 
 MiB = 1 << 20
 
@@ -109,16 +109,7 @@ def test_a_value_taken_away_is_not_lost_when_the_reply_memory_is_taken():
         big = b"b" * (4 * MiB)
         r.set("taken", big)
         r.set("small", b"s" * 100)
-        keys = [f"fill:{i}" for i in range(24)]
-        for k in keys:
-            r.set(k, b"v" * MiB)
-        stalled = []
-        for _ in range(2):                      # each holds one batch of 8 MiB being sent
-            raw = Raw(door.port)
-            raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            raw.send(encode("MGET", *keys))
-            stalled.append(raw)
-        wait_until(lambda: r.info("memory")["mem_clients_normal"] == 16 * MiB, "the stalled replies to hold the budget")
+        stalled = stall_reply_budget(door.port, r)       # two readers hold 8 MiB each: the whole budget
         for refused in (lambda: r.getdel("taken"), lambda: r.getset("taken", b"new")):
             try:
                 refused()

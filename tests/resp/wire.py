@@ -7,6 +7,8 @@ import socket
 
 from memfabric.kv.resp.protocol import split_args
 
+from ..helpers import wait_until
+
 READ_S = 10.0          # the bound on every read
 
 
@@ -92,3 +94,21 @@ class Raw:
             return out, False
         except ConnectionResetError:
             return out, True
+
+
+def stall_reply_budget(port: int, r, readers: int = 2, values: int = 24, value_bytes: int = 1 << 20) -> list[Raw]:
+    """Readers that read nothing, each with an MGET of `values` values of `value_bytes` whose
+    first batch (8 MiB) the door holds of its reply budget while it waits to send it; returns
+    them (close them to let the budget go) once `r` (a redis-py client) sees it all held."""
+    keys = [f"fill:{i}" for i in range(values)]
+    for k in keys:
+        r.set(k, b"v" * value_bytes)
+    stalled = []
+    for _ in range(readers):
+        raw = Raw(port)
+        raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.send(encode("MGET", *keys))
+        stalled.append(raw)
+    held = readers * 8 * value_bytes
+    wait_until(lambda: r.info("memory")["mem_clients_normal"] == held, "the stalled replies to hold the budget")
+    return stalled

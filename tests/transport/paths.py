@@ -18,10 +18,11 @@ class Interrupted(Exception):
 
 
 @contextmanager
-def interrupted_after(seconds: float) -> Iterator[None]:
-    """A handler that raises Interrupted runs `seconds` from now, as Ctrl-C's does."""
+def interrupted_after(seconds: float, raising: type[BaseException] = Interrupted) -> Iterator[None]:
+    """A handler that raises `raising` runs `seconds` from now, as Ctrl-C's does (tests that
+    expect it with pytest.raises may raise KeyboardInterrupt itself)."""
     def handler(signum, frame):
-        raise Interrupted()
+        raise raising()
     previous = signal.signal(signal.SIGALRM, handler)
     try:
         signal.setitimer(signal.ITIMER_REAL, seconds)
