@@ -250,13 +250,21 @@ static PyObject *recv_exact(PyObject *Py_UNUSED(self), PyObject *args) {
 /* recv_packet(fd, buffer, max_fds, poll_s) -> (n, fds, flags): one SEQPACKET message
  * (transport/ipc.py) and the fds that came with it, received close-on-exec. Polls without
  * sleeping for poll_s, then blocks in recvmsg, bounded by the socket's SO_RCVTIMEO: n is -1
- * when that ran out (the socket must be blocking: no Python-level timeout). */
-static PyObject *recv_packet(PyObject *Py_UNUSED(self), PyObject *args) {
-    int fd, max_fds;
-    PyObject *buffer_obj;
-    double poll_s;
-    if (!PyArg_ParseTuple(args, "iOid", &fd, &buffer_obj, &max_fds, &poll_s))
-        return NULL;
+ * when that ran out (the socket must be blocking: no Python-level timeout).
+ *
+ * serve_packets(fd, buffer, max_fds, poll_s, window_s, puts) -> (n, fds, flags, waited_s):
+ * the same for a server's connection whose MemKV puts may be answered here (_kvput.c,
+ * `puts` the connection's grants): each packet that is such a put is answered, and the wait
+ * goes on (polling for window_s after a wait no longer than that, as BusyPoll's rule), until
+ * a packet that is Python's. waited_s: how long the wait for that one took. n is -2 when an
+ * answer could not be sent (the connection is done).
+ *
+ * call_packet(fd, request, buffer, max_fds, poll_s) -> (n, fds, flags, waited_s): a client's
+ * request sent, then recv_packet's receive, in one call (no Python between the two). n is
+ * -3 when the request could not be sent within SO_SNDTIMEO (a SEQPACKET message goes whole or
+ * not at all: nothing was sent). */
+static PyObject *receive_packet(int fd, PyObject *buffer_obj, int max_fds, double poll_s, double window_s,
+                                PyObject *puts, double *waited, const char *request, size_t request_n) {
     if (max_fds < 0 || max_fds > 253) {
         PyErr_SetString(PyExc_ValueError, "max_fds must be 0 to 253 (SCM_MAX_FD)");
         return NULL;
@@ -270,12 +278,31 @@ static PyObject *recv_packet(PyObject *Py_UNUSED(self), PyObject *args) {
     } control;
     struct iovec iov = {.iov_base = buffer.buf, .iov_len = (size_t)buffer.len};
     struct msghdr msg;
+    unsigned char reply[PUT_REPLY_ROOM];
     ssize_t n = -1;
     int err = 0, failed_signal = 0;
-    double poll_until = now_s() + poll_s;
+    double began = now_s(), poll_until = began + poll_s;
     int polled = 0, main_thread = in_main_thread();
     PyThreadState *save = PyEval_SaveThread();
-    for (;;) {
+    while (request != NULL) {
+        ssize_t sent = send(fd, request, request_n, MSG_NOSIGNAL);
+        if (sent >= 0)
+            break;
+        if (errno == EINTR) {
+            failed_signal = handlers_raised(&save);    /* nothing was sent: the caller knows */
+            if (failed_signal)
+                break;
+            continue;
+        }
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            n = -3;
+        else
+            err = errno;
+        break;
+    }
+    began = now_s();
+    poll_until = began + poll_s;
+    for (; request == NULL || (!failed_signal && !err && n != -3);) {
         memset(&msg, 0, sizeof msg);
         msg.msg_iov = &iov;
         msg.msg_iovlen = 1;
@@ -289,6 +316,26 @@ static PyObject *recv_packet(PyObject *Py_UNUSED(self), PyObject *args) {
                 break;
         }
         n = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC | (polling ? MSG_DONTWAIT : 0));
+        if (n > 0 && puts != NULL && msg.msg_controllen == 0 && !(msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC))) {
+            size_t reply_n = 0;
+            PyEval_RestoreThread(save);
+            int served = kv_put_serve(puts, (const unsigned char *)buffer.buf, (size_t)n, reply, &reply_n);
+            save = PyEval_SaveThread();
+            if (served) {
+                ssize_t sent;
+                do
+                    sent = send(fd, reply, reply_n, MSG_NOSIGNAL);
+                while (sent < 0 && errno == EINTR);
+                if (sent != (ssize_t)reply_n) {
+                    n = -2;              /* timed out (SO_SNDTIMEO) or gone: the connection is done */
+                    break;
+                }
+                double now = now_s();
+                poll_until = now + (now - began <= window_s ? window_s : 0.0);
+                began = now;
+                continue;
+            }
+        }
         if (n >= 0)
             break;
         if (errno == EINTR) {
@@ -310,6 +357,7 @@ static PyObject *recv_packet(PyObject *Py_UNUSED(self), PyObject *args) {
     }
     PyEval_RestoreThread(save);
     PyBuffer_Release(&buffer);
+    *waited = now_s() - began;
     if (failed_signal)
         return NULL;
     if (err) {
@@ -346,12 +394,57 @@ static PyObject *recv_packet(PyObject *Py_UNUSED(self), PyObject *args) {
             }
         }
     }
-    PyObject *result = Py_BuildValue("(nNi)", (Py_ssize_t)n, fds, n >= 0 ? msg.msg_flags : 0);
-    return result;
+    return Py_BuildValue("(nNi)", (Py_ssize_t)n, fds, n >= 0 ? msg.msg_flags : 0);
+}
+
+static PyObject *recv_packet(PyObject *Py_UNUSED(self), PyObject *args) {
+    int fd, max_fds;
+    PyObject *buffer_obj;
+    double poll_s, waited;
+    if (!PyArg_ParseTuple(args, "iOid", &fd, &buffer_obj, &max_fds, &poll_s))
+        return NULL;
+    return receive_packet(fd, buffer_obj, max_fds, poll_s, 0.0, NULL, &waited, NULL, 0);
+}
+
+static PyObject *call_packet(PyObject *Py_UNUSED(self), PyObject *args) {
+    int fd, max_fds;
+    PyObject *buffer_obj;
+    Py_buffer request;
+    double poll_s, waited = 0.0;
+    if (!PyArg_ParseTuple(args, "iy*Oid", &fd, &request, &buffer_obj, &max_fds, &poll_s))
+        return NULL;
+    PyObject *got = receive_packet(fd, buffer_obj, max_fds, poll_s, 0.0, NULL, &waited, request.buf,
+                                   (size_t)request.len);
+    PyBuffer_Release(&request);
+    if (got == NULL)
+        return NULL;
+    PyObject *out = Py_BuildValue("(OOOd)", PyTuple_GET_ITEM(got, 0), PyTuple_GET_ITEM(got, 1),
+                                  PyTuple_GET_ITEM(got, 2), waited);
+    Py_DECREF(got);
+    return out;
+}
+
+static PyObject *serve_packets(PyObject *Py_UNUSED(self), PyObject *args) {
+    int fd, max_fds;
+    PyObject *buffer_obj, *puts;
+    double poll_s, window_s, waited = 0.0;
+    if (!PyArg_ParseTuple(args, "iOiddO!", &fd, &buffer_obj, &max_fds, &poll_s, &window_s, &PyList_Type, &puts))
+        return NULL;
+    PyObject *got = receive_packet(fd, buffer_obj, max_fds, poll_s, window_s, puts, &waited, NULL, 0);
+    if (got == NULL)
+        return NULL;
+    PyObject *out = Py_BuildValue("(OOOd)", PyTuple_GET_ITEM(got, 0), PyTuple_GET_ITEM(got, 1),
+                                  PyTuple_GET_ITEM(got, 2), waited);
+    Py_DECREF(got);
+    return out;
 }
 
 static PyMethodDef methods[] = {
     {"recv_packet", recv_packet, METH_VARARGS, "recv_packet(fd, buffer, max_fds, poll_s) -> (n, fds, flags)"},
+    {"serve_packets", serve_packets, METH_VARARGS,
+     "serve_packets(fd, buffer, max_fds, poll_s, window_s, puts) -> (n, fds, flags, waited_s)"},
+    {"call_packet", call_packet, METH_VARARGS,
+     "call_packet(fd, request, buffer, max_fds, poll_s) -> (n, fds, flags, waited_s)"},
     {"recv_frame", recv_frame, METH_VARARGS,
      "recv_frame(fd, block, poll_s, begin_timeout_s, frame_timeout_s, into) -> LANDED|BLOCK|NOTHING|STALLED"},
     {"recv_exact", recv_exact, METH_VARARGS, "recv_exact(fd, view, poll_s, timeout_s) -> DONE|NOTHING|STALLED"},
@@ -383,7 +476,8 @@ PyMODINIT_FUNC PyInit__frames(void) {
     if (PyModule_AddIntConstant(m, "FIRST_BLOCK", FIRST_BLOCK) < 0 || PyModule_AddIntConstant(m, "LANDED", LANDED) < 0
             || PyModule_AddIntConstant(m, "BLOCK", BLOCK) < 0 || PyModule_AddIntConstant(m, "DONE", DONE) < 0
             || PyModule_AddIntConstant(m, "NOTHING", NOTHING) < 0 || PyModule_AddIntConstant(m, "STALLED", STALLED) < 0
-            || spans_add_to_module(m) < 0 || kvget_add_to_module(m) < 0) {
+            || spans_add_to_module(m) < 0 || kvget_add_to_module(m) < 0
+            || kvput_add_to_module(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

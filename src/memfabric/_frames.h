@@ -61,5 +61,17 @@ extern PyTypeObject KvGrantsType;
 int kv_serve(PyObject *grants, int fd, const unsigned char *block, Outcome *outcome, int *err,
              PyThreadState **save, int main_thread);
 int kvget_add_to_module(PyObject *module);
+/* _kvget.c: the index's key hash (xxh3 of the key, never EMPTY or TOMBSTONE), once
+ * kv_hash_setup found it; and a comparison of secrets in constant time. */
+int kv_hash_ready(void);
+uint64_t kv_key_hash(const unsigned char *key, size_t n);
+int kv_same_secret(const unsigned char *a, size_t a_n, const unsigned char *b, size_t b_n);
+
+/* _kvput.c: same-host MemKV puts answered in the IPC loop (recv_packet's serve_packets).
+ * kv_put_serve() answers the packet if it is a put the grants (a list) cover: 1 with the
+ * reply in `reply` (PUT_REPLY_ROOM bytes), 0 when it is Python's. With the GIL. */
+#define PUT_REPLY_ROOM 32
+int kv_put_serve(PyObject *grants, const unsigned char *packet, size_t n, unsigned char *reply, size_t *reply_n);
+int kvput_add_to_module(PyObject *module);
 
 #endif

@@ -56,10 +56,12 @@
 typedef uint64_t (*Xxh3)(const void *, size_t);
 static Xxh3 xxh3 = NULL;
 
-static uint64_t key_hash(const unsigned char *key, size_t n) {
+uint64_t kv_key_hash(const unsigned char *key, size_t n) {
     uint64_t h = xxh3(key, n);
     return h > 1 ? h : h + 2;                /* never EMPTY or TOMBSTONE (index.py fix_hash) */
 }
+
+int kv_hash_ready(void) { return xxh3 != NULL; }
 
 /* ---- grants ----------------------------------------------------------------------------------- */
 
@@ -115,7 +117,7 @@ static KvGrant **find(KvGrants *t, const unsigned char *pool, size_t pool_n, con
     return NULL;
 }
 
-static int same_secret(const unsigned char *a, size_t a_n, const unsigned char *b, size_t b_n) {
+int kv_same_secret(const unsigned char *a, size_t a_n, const unsigned char *b, size_t b_n) {
     if (a_n != b_n)
         return 0;
     volatile unsigned char differ = 0;
@@ -459,7 +461,7 @@ int kv_serve(PyObject *grants, int fd, const unsigned char *block, Outcome *outc
     if (xxh3 == NULL || payload_len != 0 || (uint64_t)PREFIX_BYTES + head_len > FIRST_BLOCK
             || !parse_get(block + PREFIX_BYTES, head_len, &q) || q.id_n > MAX_ID_BYTES || q.key_n == 0)
         return 0;
-    uint64_t h = key_hash(q.key, q.key_n);
+    uint64_t h = kv_key_hash(q.key, q.key_n);
     Answer a = {NULL, t, 0, 0};
     KvReader reader = {answer_segment, answer_copy, answer_drop, &a};
     int got = KV_ASK;
@@ -468,7 +470,7 @@ int kv_serve(PyObject *grants, int fd, const unsigned char *block, Outcome *outc
     if (found != NULL) {
         KvGrant *g = *found;
         const unsigned char *sec = (const unsigned char *)g->names + g->pool_n + g->ns_n;
-        if (same_secret(sec, g->sec_n, q.sec, q.sec_n)) {
+        if (kv_same_secret(sec, g->sec_n, q.sec, q.sec_n)) {
             a.g = g;
             got = kv_lookup(&g->table, NULL, h, (const char *)q.key, q.key_n, &reader);
             if (got == KV_FOUND || got == KV_MISSING) {
@@ -657,7 +659,7 @@ static PyObject *kv_hash(PyObject *Py_UNUSED(self), PyObject *args) {
         PyErr_SetString(PyExc_RuntimeError, "kv_hash_setup() found no xxh3");
         return NULL;
     }
-    uint64_t h = key_hash(key.buf, (size_t)key.len);
+    uint64_t h = kv_key_hash(key.buf, (size_t)key.len);
     PyBuffer_Release(&key);
     return PyLong_FromUnsignedLongLong(h);
 }

@@ -81,7 +81,7 @@ static inline uint64_t kv_lease_now_ms(void) { return kv_ms_of(CLOCK_MONOTONIC);
 
 /* One table's probe chain for a key. `draining`: the table drains into the current one, so
  * its H_MOVED is set by design and only its slots' sequences count. */
-static int kv_probe_table(const KvTable *t, int draining, uint64_t h, const char *key, uint64_t klen,
+static inline int kv_probe_table(const KvTable *t, int draining, uint64_t h, const char *key, uint64_t klen,
                           const KvReader *r) {
     const uint64_t *w = t->words;
     uint64_t slots = kv_load_relaxed(&w[KV_H_SLOTS]);
@@ -135,7 +135,7 @@ static int kv_probe_table(const KvTable *t, int draining, uint64_t h, const char
 
 /* One lookup in the current table `t` (and `old`, the table draining into it, if given):
  * KV_FOUND, KV_MISSING, KV_EXPIRED, KV_ASK, KV_TOO_SMALL, KV_AWAY or KV_ERROR. */
-static int kv_lookup(const KvTable *t, const KvTable *old, uint64_t h, const char *key, uint64_t klen,
+static inline int kv_lookup(const KvTable *t, const KvTable *old, uint64_t h, const char *key, uint64_t klen,
                      const KvReader *r) {
     const uint64_t *w = t->words;
     for (int attempt = 0; attempt < KV_RETRIES; attempt++) {

@@ -25,7 +25,7 @@ from ..errors import (BmError, LimitExceeded, MemfabricError, NoSuchNamespace, N
                       ServerUnavailable, Timeout, error_from_code)
 from ..limits import BUSY_POLL_US, DEFAULT_REQUEST_TIMEOUT_S, MAX_FDS_PER_MESSAGE, MAX_UNANSWERED_REQUESTS, SETTLE_S
 from ..transport import wire
-from ..transport.ipc import IpcChannel, PeerClosed
+from ..transport.ipc import IpcChannel, PeerClosed, SendTimeout
 from .deadline import call_timeout_s, serving_until
 from .late_replies import undo_of
 from ..media.files import FileSegment
@@ -188,20 +188,15 @@ class ServerLink:
         # Marked given up on until its reply is read: a Ctrl-C anywhere from here on (even
         # between two lines) leaves its late reply to be dropped, not read as another's.
         self._abandoned[request_id] = (op, args)
-        try:
-            self._channel.send_encoded(data)
-        except socket.timeout:
-            # A SEQPACKET message goes whole or not at all: nothing was sent.
-            self._abandoned.pop(request_id, None)
-            raise Timeout(f"server at {self.ipc_socket} took no request for {timeout_s:.3g}s ({op!r})") from None
-        except (ConnectionError, OSError) as exc:
-            raise _Broken(self._gone(op, exc)) from None
-        except BaseException:
-            self._abandon(request_id, op, args, interrupted=True)   # perhaps sent: drop its reply
-            raise
+        sending = True
         while True:
             try:
-                reply, fds = self._channel.recv()
+                # The request goes and the first reply comes in one call (ipc.py).
+                reply, fds = self._channel.call(data) if sending else self._channel.recv()
+            except SendTimeout:
+                # A SEQPACKET message goes whole or not at all: nothing was sent.
+                self._abandoned.pop(request_id, None)
+                raise Timeout(f"server at {self.ipc_socket} took no request for {timeout_s:.3g}s ({op!r})") from None
             except socket.timeout:
                 self._abandon(request_id, op, args)
                 raise Timeout(f"server at {self.ipc_socket} did not answer {op!r} within {timeout_s:.3g}s") from None
@@ -210,8 +205,9 @@ class ServerLink:
             except ProtocolError as exc:
                 raise _Broken(exc) from None
             except BaseException:
-                self._abandon(request_id, op, args, interrupted=True)
+                self._abandon(request_id, op, args, interrupted=True)   # perhaps sent: drop its reply
                 raise
+            sending = False
             reply_id = reply.get("id")
             # The server answers one connection's requests in order: those before this reply
             # that are still unanswered were never sent whole.

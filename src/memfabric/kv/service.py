@@ -51,7 +51,7 @@ from ..limits import (KV_GET_MANY_PAYLOAD_BYTES, KV_INLINE_BYTES, MAX_KV_BATCH, 
 from ..server.requests import Connection, Payload, Reply, receive_into_segment, send_from_segment
 from ..server.state import NamespaceState
 from ..units import parse_size
-from . import get_grants
+from . import get_grants, put_grants
 from . import index as ix
 from .edits import KeyEdits
 from .rules import (MANY_AGAIN, MANY_ALONE, MANY_MISSING, NO_EXPIRY, check_key, check_replicas, check_value_length,
@@ -125,6 +125,8 @@ class KeyValueService(KeyEdits):
         self._beats = threading.Condition()     # notified when a heartbeat got through
         self._get_grants_open: set = set()      # RPC connections' get grants (get_grants.py)
         self._gets_served_by_closed = 0
+        self._put_grants_open: set = set()      # IPC connections' put grants (put_grants.py)
+        self._puts_served_by_closed = 0
 
     @property
     def server_id(self) -> int:
@@ -174,6 +176,7 @@ class KeyValueService(KeyEdits):
 
         def release(extents: list[Extent]) -> None:
             space.get_grants.revoke()        # a segment left unused may be destroyed
+            put_grants.pause(space)
             with self.lock:
                 if server.namespaces.get((pool, state.record.ns)) is state:
                     server.pools[pool].allocator.release(state.key, extents, time.monotonic())
@@ -190,6 +193,8 @@ class KeyValueService(KeyEdits):
         record = state.record
         stored = self.server.cluster.get_settings(record.pool, record.ns, record.incarnation, SETTINGS_NAME) or {}
         space.settings = _settings(stored)
+        if force:                # changed here: compiled puts follow at once, not within SETTINGS_TTL_S
+            put_grants.pause(space)
 
     def _share(self, space: KeySpace, pool: str) -> int | None:
         """This server's part of the namespace's memory limit: rendezvous hashing spreads keys
@@ -210,6 +215,13 @@ class KeyValueService(KeyEdits):
         return mine
 
     def disconnected(self, conn: Connection) -> None:
+        puts = conn.services.pop("kv_put_grants", None)
+        if puts is not None:             # its loop has stopped
+            put_grants.close_grants(puts)
+            served = put_grants.served(puts)
+            with self.lock:
+                self._put_grants_open.discard(puts)
+                self._puts_served_by_closed += served
         grants = conn.services.pop("kv_get_grants", None)
         if grants is not None:           # its loop has stopped: before its counter slots go
             get_grants.close_grants(grants)
@@ -312,6 +324,10 @@ class KeyValueService(KeyEdits):
         with self.lock:
             spaces = [s.kv for s in self.server.namespaces.values() if s.kv is not None]
         for space in spaces:
+            if space.put_grants:         # what compiled puts replaced is freed
+                with space.lock:
+                    if not space.closed:
+                        put_grants.settle_all(space)
             if space.draining is not None:
                 with space.lock:
                     if not space.closed:
@@ -372,8 +388,43 @@ class KeyValueService(KeyEdits):
                                   f"{KV_INLINE_BYTES} bytes a request carries: reserve, fill and commit it")
         nx, xx, keepttl, get_old = _flags(m)
         expiry = _expiry_of(m, keepttl)
-        return self._write(state, creds, space, store, key, memoryview(value), None, len(value), expiry,
-                           nx=nx, xx=xx, keepttl=keepttl, get_old=get_old, replicas=_replicas(m), conn=conn)
+        replicas = _replicas(m)
+        reply = self._write(state, creds, space, store, key, memoryview(value), None, len(value), expiry,
+                            nx=nx, xx=xx, keepttl=keepttl, get_old=get_old, replicas=replicas, conn=conn)
+        puts = conn.services.get("kv_put_grants")
+        if puts is not None and not (nx or xx or keepttl or get_old or replicas) and "expire_at_ms" not in m:
+            self._grant_puts(puts, state, creds, space, store, key, len(key) + len(value))
+        return reply
+
+    def _grant_puts(self, puts: Any, state: NamespaceState, creds: Creds, space: KeySpace, store: Store,
+                    key: bytes, size: int) -> None:
+        """After a put of the kind the connection's loop answers (put_grants.py), served here
+        with the secId checked: grant the keyspace (or refill it), with the segment the key's
+        record is in now."""
+        if space.settings.replicas != 1 or type(creds[2]) is not bytes or not inline_fits(len(key), size - len(key)):
+            return
+        with space.lock:
+            found = store.find(key, key_hash(key)) if not space.closed else None
+            if found is None or space.draining is not None:
+                return
+            settings_s = self._settings_read.get(state.key, 0.0) + SETTINGS_TTL_S
+            put_grants.grant(puts, space, store, creds, size, space.table.writer.fields(found)[0], store.share(),
+                             min(settings_s, time.monotonic() + SETTINGS_TTL_S))
+
+    def open_put_grants(self, conn: Connection) -> Any:
+        """Grants for an IPC connection whose loop answers puts (ipc_front.py); None when the
+        compiled part is not built. Its checked puts fill them."""
+        grants = put_grants.open_grants(conn)
+        if grants is not None:
+            with self.lock:
+                conn.services["kv_put_grants"] = grants
+                self._put_grants_open.add(grants)
+        return grants
+
+    def puts_served_compiled(self) -> int:
+        """Same-host puts answered in compiled code so far (for `stats`)."""
+        with self.lock:
+            return self._puts_served_by_closed + sum(put_grants.served(g) for g in self._put_grants_open)
 
     def op_kv_put_many(self, conn: Connection, m: dict[str, Any]) -> Reply:
         state, creds, space, store = self._space(conn, m)

@@ -31,6 +31,7 @@ from ..core.allocator import Extent
 from ..limits import MAX_KV_CLIENTS, REUSE_GRACE_S
 from . import index as ix
 from .get_grants import Grantees
+from .put_grants import close_space as close_put_grants
 from .heap import RecordHeap
 from ..media.memfd import SEALS_READ_ONLY, SEALS_SIZE, sealed_memfd
 
@@ -91,6 +92,10 @@ class KeySpace:
         self.label, self.ns = label, ns
         # RPC connections answering this keyspace's gets in compiled code (get_grants.py).
         self.get_grants = Grantees(pool, ns)
+        # Same-host connections answering this keyspace's puts in compiled code (put_grants.py):
+        # each grant and its connection's grants; the chunks they hold in stock, in bytes.
+        self.put_grants: dict[Any, Any] = {}
+        self.stocked_bytes = 0
         # Two levels: a key's writes (and their replication, which calls other servers) one
         # at a time under its stripe; the table and the heap under `lock`, never held while
         # calling out, so two servers replicating to each other cannot wait on each other.
@@ -140,7 +145,8 @@ class KeySpace:
     # ---- figures ----------------------------------------------------------------------------
 
     def used_bytes(self) -> int:
-        return self.heap.record_bytes + self.large_bytes + self.reserved_bytes
+        # Chunks stocked for compiled puts are the heap's, not yet any key's.
+        return self.heap.record_bytes - self.stocked_bytes + self.large_bytes + self.reserved_bytes
 
     def keys(self) -> int:
         return self.table.writer.keys + (self.draining.writer.keys if self.draining is not None else 0)
@@ -181,6 +187,7 @@ class KeySpace:
         """The namespace is gone. Same-host readers that still map the index are sent to the
         server (which says so) rather than read a keyspace that is no more."""
         self.get_grants.revoke(close=True)
+        close_put_grants(self)
         with self.fd_lock:
             if self.closed:
                 return

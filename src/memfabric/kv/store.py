@@ -178,7 +178,7 @@ class Store:
         assert inline_fits(klen, vlen)
         size = max(1, klen + vlen)
         self.make_room(chunk_bytes(size) - (self.cost(replacing[1]) if replacing else 0), key)
-        chunk = self._chunk(size)
+        chunk = self.chunk(size)
         mem = self.memory(chunk.segment)
         mem.write(chunk.offset, memoryview(key))
         if vlen:
@@ -198,7 +198,7 @@ class Store:
             raise OutOfMemory(f"free memory is too fragmented for a value of {length} bytes "
                               f"({len(extents)} pieces)")
         self.make_room(chunk_bytes(size) - (self.cost(replacing[1]) if replacing else 0), key)
-        chunk = self._chunk(size)
+        chunk = self.chunk(size)
         mem = self.memory(chunk.segment)
         mem.write(chunk.offset, memoryview(key))
         mem.write(chunk.offset + klen, memoryview(table))
@@ -231,7 +231,7 @@ class Store:
     def set_expiry(self, slot: int, expiry: int) -> None:
         self.space.table.writer.set_expiry(slot, expiry)
 
-    def _chunk(self, size: int) -> Chunk:
+    def chunk(self, size: int) -> Chunk:
         heap = self.space.heap
         now = time.monotonic()
         chunk = heap.allocate(size, now)
@@ -245,6 +245,16 @@ class Store:
             chunk = heap.allocate(size, now)
             assert chunk is not None
         return chunk
+
+    def give_back_chunks(self, chunks: list[tuple[int, int]], size: int) -> None:
+        """Chunks of `size` bytes taken (chunk()) but never written a record into: they rest
+        like any freed chunk (cheaper than telling them apart), then serve again."""
+        now = time.monotonic()
+        for segment, offset in chunks:
+            self.space.heap.free(Chunk(segment, offset, size), now)
+        pages = self.space.heap.empty_pages(now)
+        if pages:
+            self.release([Extent(s, o, PAGE_BYTES) for s, o in pages])
 
     # ---- reading ----------------------------------------------------------------------------
 

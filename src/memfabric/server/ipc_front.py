@@ -77,10 +77,14 @@ class IpcFront:
         channel.close()
 
     def _serve(self, conn: Connection, channel: IpcChannel) -> None:
+        # Clients' puts of small values may be answered in the receive itself (kv/put_grants.py);
+        # peers' connections carry no such puts.
+        grants = None if self.server.is_server_pid(conn.peer_pid) else self.server.kv.open_put_grants(conn)
+        puts = grants.table if grants is not None else None
         try:
             while True:
                 try:
-                    request, fds = channel.recv()
+                    request, fds = channel.recv(puts)
                 except (PeerClosed, ConnectionError, OSError):
                     return
                 except ProtocolError as exc:

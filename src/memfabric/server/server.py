@@ -404,7 +404,7 @@ class Server:
         span reads and writes its RPC connections served in compiled code."""
         return {"server_id": self.server_id, "cpu_s": time.process_time(),
                 "compiled_spans": self.bigmemory.spans_served_compiled(),
-                "compiled_gets": self.kv.gets_served_compiled()}
+                "compiled_gets": self.kv.gets_served_compiled(), "compiled_puts": self.kv.puts_served_compiled()}
 
     def op_audit(self, conn: Connection, m: dict[str, Any]) -> Reply:
         """Per pool, the allocator's live bytes against what objects, pins and holdings

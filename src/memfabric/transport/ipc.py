@@ -38,6 +38,10 @@ class PeerClosed(Exception):
     """The other end closed the connection (EOF)."""
 
 
+class SendTimeout(socket.timeout):
+    """A request could not be sent within the socket's bound: nothing of it went."""
+
+
 class IpcChannel:
     """One connected SEQPACKET socket: send and receive whole messages with fds."""
 
@@ -86,19 +90,50 @@ class IpcChannel:
         except BlockingIOError:          # SO_SNDTIMEO ran out
             raise socket.timeout("send timed out") from None
 
-    def recv(self) -> tuple[dict[str, Any], list[int]]:
-        """One whole message and the fds that came with it. Raises PeerClosed on EOF."""
+    def recv(self, puts: list | None = None) -> tuple[dict[str, Any], list[int]]:
+        """One whole message and the fds that came with it. Raises PeerClosed on EOF.
+        `puts`: a server's grants for MemKV puts (kv/put_grants.py), which the compiled
+        receive answers itself until a message comes that is not one of them."""
         if self.compiled and self.sock.gettimeout() is None:
             poll = self._busy_poll
-            start = time.perf_counter()
-            n, fds, flags = _frames.recv_packet(self.sock.fileno(), self._buffer, MAX_FDS_PER_MESSAGE,
-                                                poll.window())
-            poll.waited(time.perf_counter() - start)
+            if puts is not None:
+                n, fds, flags, waited_s = _frames.serve_packets(self.sock.fileno(), self._buffer, MAX_FDS_PER_MESSAGE,
+                                                                poll.window(), poll.window_s, puts)
+                if n == -2:          # an answer could not be sent: the peer is gone or stuck
+                    raise PeerClosed()
+            else:
+                start = time.perf_counter()
+                n, fds, flags = _frames.recv_packet(self.sock.fileno(), self._buffer, MAX_FDS_PER_MESSAGE,
+                                                    poll.window())
+                waited_s = time.perf_counter() - start
+            poll.waited(waited_s)
             if n < 0:
                 raise socket.timeout("receive timed out")
         else:
             n, ancillary, flags, _ = self._busy_poll.receive(self._recv_now, self._recv_blocking)
             fds = _take_fds(ancillary)
+        return self._message(n, fds, flags)
+
+    def call(self, data: bytes) -> tuple[dict[str, Any], list[int]]:
+        """send_encoded(data), then recv(): one compiled call where it can be (no Python
+        between the request going and the wait for its reply). SendTimeout: nothing was sent."""
+        if not self.compiled or self.sock.gettimeout() is not None:
+            try:
+                self.send_encoded(data)
+            except socket.timeout:
+                raise SendTimeout("send timed out") from None
+            return self.recv()
+        poll = self._busy_poll
+        n, fds, flags, waited_s = _frames.call_packet(self.sock.fileno(), data, self._buffer, MAX_FDS_PER_MESSAGE,
+                                                      poll.window())
+        if n == -3:
+            raise SendTimeout("send timed out")
+        poll.waited(waited_s)
+        if n < 0:
+            raise socket.timeout("receive timed out")
+        return self._message(n, fds, flags)
+
+    def _message(self, n: int, fds: list[int], flags: int) -> tuple[dict[str, Any], list[int]]:
         if flags & _TRUNCATED:
             _close_all(fds)
             raise ProtocolError(f"message over {MAX_MESSAGE_BYTES} bytes or {MAX_FDS_PER_MESSAGE} fds")

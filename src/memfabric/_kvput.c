@@ -1,0 +1,785 @@
+/* memfabric._frames, part four: same-host MemKV puts of small values, answered in the
+ * server's IPC loop with no Python bytecode per request.
+ *
+ * A same-host put of 4 KiB spent some 50 us in the server's Python (decoding, the namespace
+ * check, the keyspace's lock, the lookup, the heap, the slot, the reply) around a round trip
+ * of some 15 us. Here the connection's receive loop (recv_packet, _frames.c, given the
+ * connection's grants) answers the common put itself and hands every other packet to Python
+ * unchanged.
+ *
+ * Unlike the RPC loop's gets (_kvget.c), a put changes the keyspace, whose state is Python's
+ * (the heap, the counters, the version clock, the table's writer). So the put runs with the
+ * GIL held, under the keyspace's own lock (`space.lock`, taken without waiting: held by
+ * another thread, the packet is Python's, which waits), and changes the Python state it must
+ * directly: the version clock, the key counts. What it cannot do cheaply it is given or
+ * leaves behind:
+ *   - memory: a stock of chunks of one size class, allocated from the heap by Python (counted
+ *     aside, in space.stocked_bytes, until used);
+ *   - the record a put replaces: queued here for Python to free (kv/put_grants.py settles the
+ *     queue; its memory then rests before reuse, as any freed record's);
+ *   - settings: a grant lasts until `until_ms` (CLOCK_MONOTONIC), the settings' time to live.
+ *
+ * A packet is a put of this loop's when its map is exactly op "kv_put", id, pool, ns, sec,
+ * key, value, and optionally ttl_ms (nil or 1..10**15), nx and xx (false), replicas (nil or 0)
+ * and budget_s (a positive number), each once; a grant of the connection names (pool, ns) and
+ * the same secId (compared in constant time); the connection has no segment news to hear
+ * (conn.gone); the table is current (not moved, closed or draining) and within its lease; a
+ * new key leaves it under MAX_LOAD; the record (key + value) fits the stock's class; a key
+ * that is there is live, holds an inline value, and lies in a segment the grant names; the
+ * memory limit's share (if any) has room without evicting. Anything else: Python's.
+ *
+ * The slot is written as IndexWriter.write writes it (kv/index.py): seq odd, the fields, the
+ * hash, seq even, with release stores, so same-host readers (seqlock) never see it torn.
+ */
+#include "_frames.h"
+#include "_kvlookup.h"
+#include "_msgpack.h"
+#include <string.h>
+
+#define PUT_STOCK_MAX 64           /* chunks a grant holds at most */
+#define PUT_REPLACED_MAX 64        /* replaced records a grant queues at most */
+#define PUT_SEGMENTS_MAX 8         /* segments a grant writes or reads keys in */
+#define PUT_MAX_KEY 65536          /* MAX_KV_KEY_BYTES */
+#define PUT_MAX_TTL_MS 1000000000000000ULL
+#define KV_H_KEYS 4
+#define KV_H_TOMBSTONES 5
+#define KV_W_VERSION 7
+#define KV_TOMBSTONE 1
+#define PUT_CLASSES_MAX 128
+
+/* The heap's chunk sizes (kv/heap.py CLASSES), set once (kv_put_setup): a replaced record's cost. */
+static uint64_t classes[PUT_CLASSES_MAX];
+static int n_classes = 0;
+
+static uint64_t chunk_of(uint64_t size) {      /* 0: no class holds it */
+    for (int i = 0; i < n_classes; i++)
+        if (classes[i] >= size)
+            return classes[i];
+    return 0;
+}
+
+typedef struct {
+    uint64_t id;
+    char *base;
+    uint64_t len;
+} PutSegment;
+
+typedef struct {
+    uint64_t segment, offset;
+} Stocked;
+
+typedef struct {
+    uint64_t segment, offset, klen, vlen, expiry, extents, version;
+} Replaced;
+
+typedef struct {
+    PyObject_HEAD
+    char *names;                 /* pool, ns, sec back to back */
+    size_t pool_n, ns_n, sec_n;
+    PyObject *space, *lock, *writer, *conn;   /* set by refill; NULL: nothing granted */
+    Py_buffer words_buf, refs_buf;
+    uint64_t *words;
+    uint64_t nwords;
+    unsigned char *refs;
+    Py_ssize_t nrefs;
+    PutSegment segments[PUT_SEGMENTS_MAX];
+    Py_buffer segment_bufs[PUT_SEGMENTS_MAX];
+    int n_segments;
+    Stocked stock[PUT_STOCK_MAX];
+    int n_stock;
+    uint64_t chunk_bytes;        /* the stock's class */
+    uint64_t min_record;         /* records of min_record..chunk_bytes bytes take that class */
+    Replaced replaced[PUT_REPLACED_MAX];
+    int n_replaced;
+    long long share;             /* the memory limit's share here; -1: no limit */
+    uint64_t until_ms;           /* CLOCK_MONOTONIC ms the grant holds until */
+    unsigned long long served;
+} KvPutGrant;
+
+static PyObject *s_acquire, *s_release, *s_last_version, *s_primary_keys, *s_stocked_bytes, *s_keys,
+    *s_tombstones, *s_gone, *s_heap, *s_record_bytes, *s_large_bytes, *s_reserved_bytes;
+
+static void drop_views(KvPutGrant *g) {         /* with the GIL */
+    for (int i = 0; i < g->n_segments; i++)
+        PyBuffer_Release(&g->segment_bufs[i]);
+    g->n_segments = 0;
+}
+
+static void drop_table(KvPutGrant *g) {
+    if (g->words != NULL) {
+        PyBuffer_Release(&g->words_buf);
+        PyBuffer_Release(&g->refs_buf);
+        g->words = NULL;
+        g->refs = NULL;
+    }
+    Py_CLEAR(g->space);
+    Py_CLEAR(g->lock);
+    Py_CLEAR(g->writer);
+    Py_CLEAR(g->conn);
+}
+
+static PyObject *grant_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    PyObject *pool_o, *ns_o;
+    Py_buffer sec;
+    if (!PyArg_ParseTuple(args, "UUy*", &pool_o, &ns_o, &sec))
+        return NULL;
+    Py_ssize_t pool_n, ns_n;
+    const char *pool = PyUnicode_AsUTF8AndSize(pool_o, &pool_n), *ns = pool == NULL ? NULL
+                       : PyUnicode_AsUTF8AndSize(ns_o, &ns_n);
+    KvPutGrant *g = NULL;
+    if (ns != NULL && (g = (KvPutGrant *)type->tp_alloc(type, 0)) != NULL) {
+        g->names = PyMem_Malloc((size_t)(pool_n + ns_n + sec.len) + 1);
+        if (g->names == NULL) {
+            Py_CLEAR(g);
+            PyErr_NoMemory();
+        } else {
+            memcpy(g->names, pool, (size_t)pool_n);
+            memcpy(g->names + pool_n, ns, (size_t)ns_n);
+            memcpy(g->names + pool_n + ns_n, sec.buf, (size_t)sec.len);
+            g->pool_n = (size_t)pool_n;
+            g->ns_n = (size_t)ns_n;
+            g->sec_n = (size_t)sec.len;
+            g->share = -1;
+        }
+    }
+    PyBuffer_Release(&sec);
+    return (PyObject *)g;
+}
+
+static void grant_dealloc(KvPutGrant *g) {
+    drop_views(g);
+    drop_table(g);
+    PyMem_Free(g->names);
+    Py_TYPE(g)->tp_free((PyObject *)g);
+}
+
+/* refill(space, writer, index, refs, conn, chunk_bytes, min_record, stock, segments, share,
+ * until_ms): the grant covers `space` (its lock, its table's `writer`, `index` words and
+ * `refs`) for `conn`, with `stock` [(segment, offset)] more chunks of chunk_bytes for records
+ * of min_record..chunk_bytes bytes (a stock of another class must have been taken back), and
+ * `segments` [(id, view)] (replacing those it had). Python calls it under the keyspace's lock. */
+static PyObject *grant_refill(KvPutGrant *g, PyObject *args) {
+    PyObject *space, *writer, *index_o, *refs_o, *conn, *stock, *segments;
+    unsigned long long chunk_bytes, min_record, until_ms;
+    long long share;
+    if (!PyArg_ParseTuple(args, "OOOOOKKO!O!LK", &space, &writer, &index_o, &refs_o, &conn, &chunk_bytes,
+                          &min_record, &PyList_Type, &stock, &PyList_Type, &segments, &share, &until_ms))
+        return NULL;
+    if (PyList_GET_SIZE(segments) > PUT_SEGMENTS_MAX || (g->n_stock && chunk_bytes != g->chunk_bytes)
+            || g->n_stock + PyList_GET_SIZE(stock) > PUT_STOCK_MAX || min_record == 0 || min_record > chunk_bytes) {
+        PyErr_SetString(PyExc_ValueError, "a refill beyond the grant's bounds, or of another class");
+        return NULL;
+    }
+    PyObject *lock = PyObject_GetAttrString(space, "lock");
+    if (lock == NULL)
+        return NULL;
+    Py_buffer words, refs;
+    if (PyObject_GetBuffer(index_o, &words, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        Py_DECREF(lock);
+        return NULL;
+    }
+    if (words.len % 8 || (uintptr_t)words.buf % 8 || words.len / 8 < KV_HEADER_WORDS
+            || PyObject_GetBuffer(refs_o, &refs, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "an index is aligned 64-bit words, at least its header");
+        PyBuffer_Release(&words);
+        Py_DECREF(lock);
+        return NULL;
+    }
+    /* The new segments first: a failure leaves the grant as it was. */
+    PutSegment segs[PUT_SEGMENTS_MAX];
+    Py_buffer bufs[PUT_SEGMENTS_MAX];
+    int n = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(segments); i++) {
+        unsigned long long id;
+        PyObject *view;
+        PyObject *item = PyList_GET_ITEM(segments, i);
+        if (!PyTuple_Check(item) || !PyArg_ParseTuple(item, "KO", &id, &view)
+                || PyObject_GetBuffer(view, &bufs[n], PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError, "a segment is (id, view)");
+            for (int k = 0; k < n; k++)
+                PyBuffer_Release(&bufs[k]);
+            PyBuffer_Release(&words);
+            PyBuffer_Release(&refs);
+            Py_DECREF(lock);
+            return NULL;
+        }
+        segs[n] = (PutSegment){id, bufs[n].buf, (uint64_t)bufs[n].len};
+        n++;
+    }
+    Stocked more[PUT_STOCK_MAX];
+    Py_ssize_t n_more = PyList_GET_SIZE(stock);
+    for (Py_ssize_t i = 0; i < n_more; i++) {
+        unsigned long long segment, offset;
+        PyObject *item = PyList_GET_ITEM(stock, i);
+        int known = 0;
+        if (PyTuple_Check(item) && PyArg_ParseTuple(item, "KK", &segment, &offset))
+            for (int k = 0; k < n; k++)
+                known |= segs[k].id == segment && offset <= segs[k].len && chunk_bytes <= segs[k].len - offset;
+        if (!known) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "a stocked chunk outside the segments given");
+            for (int k = 0; k < n; k++)
+                PyBuffer_Release(&bufs[k]);
+            PyBuffer_Release(&words);
+            PyBuffer_Release(&refs);
+            Py_DECREF(lock);
+            return NULL;
+        }
+        more[i] = (Stocked){segment, offset};
+    }
+    for (int i = 0; i < g->n_stock; i++) {      /* the stock it keeps must stay reachable too */
+        int known = 0;
+        for (int k = 0; k < n; k++)
+            known |= segs[k].id == g->stock[i].segment;
+        if (!known) {
+            PyErr_SetString(PyExc_ValueError, "a stocked chunk outside the segments given");
+            for (int k = 0; k < n; k++)
+                PyBuffer_Release(&bufs[k]);
+            PyBuffer_Release(&words);
+            PyBuffer_Release(&refs);
+            Py_DECREF(lock);
+            return NULL;
+        }
+    }
+    drop_views(g);
+    drop_table(g);
+    memcpy(g->segments, segs, sizeof(PutSegment) * (size_t)n);
+    memcpy(g->segment_bufs, bufs, sizeof(Py_buffer) * (size_t)n);
+    g->n_segments = n;
+    memcpy(g->stock + g->n_stock, more, sizeof(Stocked) * (size_t)n_more);
+    g->n_stock += (int)n_more;
+    g->words_buf = words;
+    g->refs_buf = refs;
+    g->words = (uint64_t *)words.buf;
+    g->nwords = (uint64_t)words.len / 8;
+    g->refs = (unsigned char *)refs.buf;
+    g->nrefs = refs.len;
+    g->lock = lock;
+    Py_INCREF(space);
+    g->space = space;
+    Py_INCREF(writer);
+    g->writer = writer;
+    Py_INCREF(conn);
+    g->conn = conn;
+    g->chunk_bytes = chunk_bytes;
+    g->min_record = min_record;
+    g->share = share;
+    g->until_ms = until_ms;
+    Py_RETURN_NONE;
+}
+
+/* take_stock() -> [(segment, offset)]: the chunks not used, no longer the grant's. */
+static PyObject *grant_take_stock(KvPutGrant *g, PyObject *Py_UNUSED(ignored)) {
+    PyObject *out = PyList_New(g->n_stock);
+    if (out == NULL)
+        return NULL;
+    for (int i = 0; i < g->n_stock; i++) {
+        PyObject *item = Py_BuildValue("(KK)", (unsigned long long)g->stock[i].segment,
+                                       (unsigned long long)g->stock[i].offset);
+        if (item == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, item);
+    }
+    g->n_stock = 0;
+    return out;
+}
+
+/* take_replaced() -> [fields]: the records puts replaced since, for Python to free. */
+static PyObject *grant_take_replaced(KvPutGrant *g, PyObject *Py_UNUSED(ignored)) {
+    PyObject *out = PyList_New(g->n_replaced);
+    if (out == NULL)
+        return NULL;
+    for (int i = 0; i < g->n_replaced; i++) {
+        Replaced *r = &g->replaced[i];
+        PyObject *item = Py_BuildValue("(KKKKKKK)", (unsigned long long)r->segment, (unsigned long long)r->offset,
+                                       (unsigned long long)r->klen, (unsigned long long)r->vlen,
+                                       (unsigned long long)r->expiry, (unsigned long long)r->extents,
+                                       (unsigned long long)r->version);
+        if (item == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, item);
+    }
+    g->n_replaced = 0;
+    return out;
+}
+
+/* drop_views(): no segment's memory is reached through the grant any more (one may be
+ * destroyed); it serves again once refilled. */
+static PyObject *grant_drop_views(KvPutGrant *g, PyObject *Py_UNUSED(ignored)) {
+    drop_views(g);
+    Py_RETURN_NONE;
+}
+
+/* close(): nothing is granted; the stock and the queue are forgotten (take them first). */
+static PyObject *grant_close(KvPutGrant *g, PyObject *Py_UNUSED(ignored)) {
+    drop_views(g);
+    drop_table(g);
+    g->n_stock = 0;
+    g->n_replaced = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *grant_served(KvPutGrant *g, void *Py_UNUSED(closure)) {
+    return PyLong_FromUnsignedLongLong(g->served);
+}
+
+static PyObject *grant_chunk_bytes(KvPutGrant *g, void *Py_UNUSED(closure)) {
+    return PyLong_FromUnsignedLongLong(g->chunk_bytes);
+}
+
+static PyObject *grant_stocked(KvPutGrant *g, void *Py_UNUSED(closure)) {
+    return PyLong_FromLong(g->n_stock);
+}
+
+static PyObject *grant_queued(KvPutGrant *g, void *Py_UNUSED(closure)) {
+    return PyLong_FromLong(g->n_replaced);
+}
+
+static PyObject *grant_stock_segments(KvPutGrant *g, void *Py_UNUSED(closure)) {
+    PyObject *out = PySet_New(NULL);
+    for (int i = 0; out != NULL && i < g->n_stock; i++) {
+        PyObject *id = PyLong_FromUnsignedLongLong(g->stock[i].segment);
+        if (id == NULL || PySet_Add(out, id) < 0)
+            Py_CLEAR(out);
+        Py_XDECREF(id);
+    }
+    return out;
+}
+
+static PyMethodDef grant_methods[] = {
+    {"refill", (PyCFunction)grant_refill, METH_VARARGS, "refill(space, writer, index, refs, conn, chunk_bytes, "
+     "min_record, stock, segments, share, until_ms)"},
+    {"take_stock", (PyCFunction)grant_take_stock, METH_NOARGS, "take_stock() -> [(segment, offset)]"},
+    {"take_replaced", (PyCFunction)grant_take_replaced, METH_NOARGS, "take_replaced() -> [fields]"},
+    {"drop_views", (PyCFunction)grant_drop_views, METH_NOARGS, "drop_views()"},
+    {"close", (PyCFunction)grant_close, METH_NOARGS, "close()"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef grant_getset[] = {
+    {"served", (getter)grant_served, NULL, "puts answered here", NULL},
+    {"stocked", (getter)grant_stocked, NULL, "chunks in stock", NULL},
+    {"queued", (getter)grant_queued, NULL, "replaced records waiting for Python", NULL},
+    {"stock_segments", (getter)grant_stock_segments, NULL, "the segments of the chunks in stock", NULL},
+    {"chunk_bytes", (getter)grant_chunk_bytes, NULL, "the stock's chunk size", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+PyTypeObject KvPutGrantType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "memfabric._frames.KvPutGrant",
+    .tp_basicsize = sizeof(KvPutGrant),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "KvPutGrant(pool, ns, sec): one IPC connection's puts into one keyspace, answered compiled",
+    .tp_new = grant_new,
+    .tp_dealloc = (destructor)grant_dealloc,
+    .tp_methods = grant_methods,
+    .tp_getset = grant_getset,
+};
+
+/* ---- the request ---------------------------------------------------------------------------- */
+
+typedef struct {
+    const unsigned char *pool, *ns, *sec, *key, *value, *id;
+    size_t pool_n, ns_n, sec_n, key_n, value_n, id_n;
+    uint64_t ttl_ms;             /* 0: none */
+} PutRequest;
+
+enum { P_OP, P_ID, P_POOL, P_NS, P_SEC, P_KEY, P_VALUE, P_TTL, P_NX, P_XX, P_REPLICAS, P_BUDGET, P_COUNT };
+#define P_REQUIRED ((1u << P_OP) | (1u << P_ID) | (1u << P_POOL) | (1u << P_NS) | (1u << P_SEC) | (1u << P_KEY) \
+                    | (1u << P_VALUE))
+
+static int read_positive_number(Reader *r) {     /* a float or int > 0 (a budget) */
+    const unsigned char *c, *body;
+    if (r->p < r->end && (*r->p == 0xcb || *r->p == 0xca)) {
+        int wide = *r->p == 0xcb;
+        take(r, 1, &c);
+        if (!take(r, wide ? 8 : 4, &body))
+            return 0;
+        double d;
+        if (wide) {
+            uint64_t bits = big_endian(body, 8);
+            memcpy(&d, &bits, 8);
+        } else {
+            uint32_t bits = (uint32_t)big_endian(body, 4);
+            float f;
+            memcpy(&f, &bits, 4);
+            d = f;
+        }
+        return d > 0;            /* NaN too: not ours */
+    }
+    const unsigned char *raw;
+    size_t raw_n;
+    uint64_t v;
+    int negative;
+    return read_int(r, &raw, &raw_n, &v, &negative) && !negative && v > 0;
+}
+
+/* Whether `b` is exactly a put this loop serves (see the header), its parts in `q`. */
+static int parse_put(const unsigned char *b, size_t n, PutRequest *q) {
+    Reader r = {b, b + n};
+    const unsigned char *c;
+    if (!take(&r, 1, &c) || (*c & 0xf0) != 0x80)
+        return 0;
+    int entries = *c & 0x0f;
+    unsigned seen = 0;
+    for (int i = 0; i < entries; i++) {
+        const unsigned char *key, *s;
+        size_t key_n, s_n;
+        uint64_t v;
+        int negative, k;
+        if (!read_bytes(&r, 's', &key, &key_n))
+            return 0;
+        if (key_is(key, key_n, "op")) {
+            k = P_OP;
+            if (!read_bytes(&r, 's', &s, &s_n) || !key_is(s, s_n, "kv_put"))
+                return 0;
+        } else if (key_is(key, key_n, "id")) {
+            k = P_ID;
+            if (!read_int(&r, &q->id, &q->id_n, &v, &negative))
+                return 0;
+        } else if (key_is(key, key_n, "pool")) {
+            k = P_POOL;
+            if (!read_bytes(&r, 's', &q->pool, &q->pool_n))
+                return 0;
+        } else if (key_is(key, key_n, "ns")) {
+            k = P_NS;
+            if (!read_bytes(&r, 's', &q->ns, &q->ns_n))
+                return 0;
+        } else if (key_is(key, key_n, "sec")) {
+            k = P_SEC;
+            if (!read_bytes(&r, 'b', &q->sec, &q->sec_n))
+                return 0;
+        } else if (key_is(key, key_n, "key")) {
+            k = P_KEY;
+            if (!read_bytes(&r, 'b', &q->key, &q->key_n))
+                return 0;
+        } else if (key_is(key, key_n, "value")) {
+            k = P_VALUE;
+            if (!read_bytes(&r, 'b', &q->value, &q->value_n))
+                return 0;
+        } else if (key_is(key, key_n, "ttl_ms")) {
+            k = P_TTL;
+            if (r.p < r.end && *r.p == 0xc0)
+                r.p++;
+            else {
+                const unsigned char *raw;
+                size_t raw_n;
+                if (!read_int(&r, &raw, &raw_n, &v, &negative) || negative || v == 0 || v > PUT_MAX_TTL_MS)
+                    return 0;
+                q->ttl_ms = v;
+            }
+        } else if (key_is(key, key_n, "nx") || key_is(key, key_n, "xx")) {
+            k = key[0] == 'n' ? P_NX : P_XX;
+            if (!take(&r, 1, &c) || *c != 0xc2)          /* false only */
+                return 0;
+        } else if (key_is(key, key_n, "replicas")) {
+            k = P_REPLICAS;
+            if (!take(&r, 1, &c) || (*c != 0xc0 && *c != 0x00))   /* nil or 0: the namespace's */
+                return 0;
+        } else if (key_is(key, key_n, "budget_s")) {
+            k = P_BUDGET;
+            if (!read_positive_number(&r))
+                return 0;
+        } else
+            return 0;
+        if (seen & (1u << k))
+            return 0;
+        seen |= 1u << k;
+    }
+    return r.p == r.end && (seen & P_REQUIRED) == P_REQUIRED && q->id_n <= 9 && q->key_n > 0
+           && q->key_n <= PUT_MAX_KEY;
+}
+
+/* ---- the put ----------------------------------------------------------------------------------- */
+
+static PutSegment *segment_of(KvPutGrant *g, uint64_t id) {
+    for (int i = 0; i < g->n_segments; i++)
+        if (g->segments[i].id == id)
+            return &g->segments[i];
+    return NULL;
+}
+
+/* An int attribute as a 64-bit number; -1 (with nothing set) when it is not one. */
+static long long int_attr(PyObject *o, PyObject *name) {
+    PyObject *v = PyObject_GetAttr(o, name);
+    if (v == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    long long n = PyLong_Check(v) ? PyLong_AsLongLong(v) : -1;
+    Py_DECREF(v);
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+        return -1;
+    }
+    return n;
+}
+
+static int set_int_attr(PyObject *o, PyObject *name, long long n) {
+    PyObject *v = PyLong_FromLongLong(n);
+    if (v == NULL)
+        return -1;
+    int failed = PyObject_SetAttr(o, name, v);
+    Py_DECREF(v);
+    return failed;
+}
+
+static inline void store_release(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+
+/* Where `key` is in the table: its slot (*found 1), or the slot a new entry takes (*found
+ * 0); -1: Python's (a record in a segment the grant does not name, or no room). With the
+ * keyspace's lock held: nothing changes the table meanwhile. */
+static long long place(KvPutGrant *g, uint64_t h, const unsigned char *key, size_t klen, int *found) {
+    uint64_t *w = g->words, slots = w[KV_H_SLOTS];
+    if (slots == 0 || (slots & (slots - 1)) || slots > (g->nwords - KV_HEADER_WORDS) / KV_SLOT_WORDS
+            || (Py_ssize_t)slots > g->nrefs)
+        return -1;
+    uint64_t mask = slots - 1, slot = h & mask;
+    long long free_slot = -1;
+    for (uint64_t probes = 0; probes < slots; probes++, slot = (slot + 1) & mask) {
+        uint64_t *s = w + KV_HEADER_WORDS + slot * KV_SLOT_WORDS;
+        uint64_t stored = s[KV_W_HASH];
+        if (stored == KV_EMPTY) {
+            *found = 0;
+            return free_slot >= 0 ? free_slot : (long long)slot;
+        }
+        if (stored == KV_TOMBSTONE) {
+            if (free_slot < 0)
+                free_slot = (long long)slot;
+            continue;
+        }
+        if (stored != h || (s[KV_W_OFFSET_KLEN] >> 32) != klen)
+            continue;
+        PutSegment *seg = segment_of(g, s[KV_W_SEGMENT]);
+        uint64_t offset = s[KV_W_OFFSET_KLEN] & KV_LOW32;
+        if (seg == NULL || offset > seg->len || klen > seg->len - offset)
+            return -1;
+        if (memcmp(seg->base + offset, key, klen) == 0) {
+            *found = 1;
+            return (long long)slot;
+        }
+    }
+    return -1;
+}
+
+/* Bytes the keyspace holds as Python counts them (KeySpace.used_bytes); -1: unknown. */
+static long long used_bytes(KvPutGrant *g) {
+    PyObject *heap = PyObject_GetAttr(g->space, s_heap);
+    if (heap == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    long long records = int_attr(heap, s_record_bytes);
+    Py_DECREF(heap);
+    long long large = int_attr(g->space, s_large_bytes), reserved = int_attr(g->space, s_reserved_bytes),
+              stocked = int_attr(g->space, s_stocked_bytes);
+    if (records < 0 || large < 0 || reserved < 0 || stocked < 0)
+        return -1;
+    return records + large + reserved - stocked;
+}
+
+/* The put, with the GIL and the keyspace's lock held: 1 done, 0 Python's (nothing changed). */
+static int put_locked(KvPutGrant *g, const PutRequest *q, uint64_t h) {
+    uint64_t *w = g->words;
+    if (w[KV_H_MAGIC] != KV_MAGIC || w[KV_H_VERSION] != KV_VERSION || w[KV_H_MOVED] != 0 || w[KV_H_DRAINING] != 0
+            || w[KV_H_LEASE] <= kv_lease_now_ms())
+        return 0;                /* closed, followed, draining, or not vouched for */
+    uint64_t size = (uint64_t)(q->key_n + q->value_n);
+    if (size < g->min_record || size > g->chunk_bytes || g->n_stock == 0 || g->n_replaced == PUT_REPLACED_MAX)
+        return 0;
+    int found = 0;
+    long long at = place(g, h, q->key, q->key_n, &found);
+    if (at < 0)
+        return 0;
+    uint64_t slot = (uint64_t)at, *s = w + KV_HEADER_WORDS + slot * KV_SLOT_WORDS;
+    uint64_t now_ms = kv_now_ms();
+    Replaced old = {0};
+    if (found) {
+        old = (Replaced){s[KV_W_SEGMENT], s[KV_W_OFFSET_KLEN] & KV_LOW32, s[KV_W_OFFSET_KLEN] >> 32, s[KV_W_VLEN],
+                         s[KV_W_EXPIRY], s[KV_W_EXTENTS], s[KV_W_VERSION]};
+        if ((old.extents & KV_LOW32) != 0 || (old.expiry && old.expiry <= now_ms))
+            return 0;            /* a large value's, or expired (Python deletes and counts it) */
+    }
+    uint64_t keys = w[KV_H_KEYS], tombstones = w[KV_H_TOMBSTONES], slots = w[KV_H_SLOTS];
+    int was_tombstone = !found && s[KV_W_HASH] == KV_TOMBSTONE;
+    if (!found && (keys + tombstones + 1) * 2 > slots)
+        return 0;                /* MAX_LOAD: Python grows the table */
+    if (g->share >= 0) {
+        uint64_t freed = found ? chunk_of(old.klen + old.vlen) : 0;
+        long long used = used_bytes(g);
+        if (used < 0 || (found && freed == 0))
+            return 0;
+        if (g->chunk_bytes > freed && used + (long long)(g->chunk_bytes - freed) > g->share)
+            return 0;            /* Python evicts, or refuses */
+    }
+    /* Everything Python's that may fail, before anything changes. */
+    long long last = int_attr(g->space, s_last_version), primary = int_attr(g->space, s_primary_keys),
+              stocked = int_attr(g->space, s_stocked_bytes);
+    if (last < 0 || primary < 0 || stocked < (long long)g->chunk_bytes)
+        return 0;
+    uint64_t version = (uint64_t)last + 1, clock = kv_now_ms() << 20;
+    if (clock > version)
+        version = clock;
+    PyObject *version_o = PyLong_FromUnsignedLongLong(version);
+    if (version_o == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    Stocked chunk = g->stock[g->n_stock - 1];
+    PutSegment *seg = segment_of(g, chunk.segment);
+    if (seg == NULL) {
+        Py_DECREF(version_o);
+        return 0;                /* its view was dropped: refilled first */
+    }
+    g->n_stock--;
+    memcpy(seg->base + chunk.offset, q->key, q->key_n);
+    if (q->value_n)
+        memcpy(seg->base + chunk.offset + q->key_n, q->value, q->value_n);
+    uint64_t expiry = q->ttl_ms ? now_ms + q->ttl_ms : 0;
+    uint64_t seq = s[KV_W_SEQ];
+    store_release(&s[KV_W_SEQ], seq + 1);
+    store_release(&s[KV_W_SEGMENT], chunk.segment);
+    store_release(&s[KV_W_OFFSET_KLEN], chunk.offset | (uint64_t)q->key_n << 32);
+    store_release(&s[KV_W_VLEN], q->value_n);
+    store_release(&s[KV_W_EXPIRY], expiry);
+    store_release(&s[KV_W_EXTENTS], 0);          /* inline, the namespace's replicas */
+    store_release(&s[KV_W_VERSION], version);
+    store_release(&s[KV_W_HASH], h);
+    store_release(&s[KV_W_SEQ], seq + 2);
+    /* Python's figures follow; a failure to set one (memory) leaves a count off, not the table. */
+    int failed = PyObject_SetAttr(g->space, s_last_version, version_o) < 0;
+    Py_DECREF(version_o);
+    failed |= set_int_attr(g->space, s_stocked_bytes, stocked - (long long)g->chunk_bytes) < 0;
+    if (found) {
+        g->replaced[g->n_replaced++] = old;
+        g->refs[slot] = 1;       /* used: the eviction clock keeps it a round (as Store.live) */
+    } else {
+        keys++;
+        if (was_tombstone)
+            tombstones--;
+        store_release(&w[KV_H_KEYS], keys);
+        store_release(&w[KV_H_TOMBSTONES], tombstones);
+        failed |= set_int_attr(g->writer, s_keys, (long long)keys) < 0;
+        failed |= set_int_attr(g->writer, s_tombstones, (long long)tombstones) < 0;
+        failed |= set_int_attr(g->space, s_primary_keys, primary + 1) < 0;
+    }
+    if (failed)
+        PyErr_Clear();
+    g->served++;
+    return 1;
+}
+
+/* kv_put_serve(grants, packet, n, reply, &reply_n), with the GIL: 1 when the packet was a
+ * put of the grants' and is done, the reply's bytes in `reply` (REPLY_ROOM at least); 0 when
+ * it is Python's (nothing changed). */
+int kv_put_serve(PyObject *grants, const unsigned char *packet, size_t n, unsigned char *reply, size_t *reply_n) {
+    PutRequest q = {0};
+    if (!PyList_Check(grants) || PyList_GET_SIZE(grants) == 0 || !kv_hash_ready() || !parse_put(packet, n, &q))
+        return 0;
+    KvPutGrant *g = NULL;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(grants); i++) {
+        PyObject *item = PyList_GET_ITEM(grants, i);
+        if (Py_TYPE(item) != &KvPutGrantType)
+            continue;
+        KvPutGrant *c = (KvPutGrant *)item;
+        if (c->pool_n == q.pool_n && c->ns_n == q.ns_n && memcmp(c->names, q.pool, q.pool_n) == 0
+                && memcmp(c->names + c->pool_n, q.ns, q.ns_n) == 0) {
+            g = c;
+            break;
+        }
+    }
+    if (g == NULL || g->words == NULL || !kv_same_secret((const unsigned char *)g->names + g->pool_n + g->ns_n,
+                                                         g->sec_n, q.sec, q.sec_n)
+            || kv_lease_now_ms() >= g->until_ms)
+        return 0;
+    PyObject *gone = PyObject_GetAttr(g->conn, s_gone);    /* segment news go in Python's reply */
+    int news = gone == NULL || !PyList_Check(gone) || PyList_GET_SIZE(gone) != 0;
+    Py_XDECREF(gone);
+    if (news) {
+        PyErr_Clear();
+        return 0;
+    }
+    uint64_t h = kv_key_hash(q.key, q.key_n);
+    Py_INCREF(g);                /* the grant outlives the put, whatever Python does meanwhile */
+    PyObject *took = PyObject_CallMethodOneArg(g->lock, s_acquire, Py_False);
+    int done = 0;
+    if (took == Py_True) {
+        done = g->words != NULL && put_locked(g, &q, h);
+        PyObject *released = PyObject_CallMethodNoArgs(g->lock, s_release);
+        Py_XDECREF(released);
+    }
+    Py_XDECREF(took);
+    Py_DECREF(g);
+    PyErr_Clear();
+    if (!done)
+        return 0;
+    size_t k = 0;
+    reply[k++] = 0x82;
+    k += put_key(reply + k, "stored");
+    reply[k++] = 0xc3;
+    k += put_key(reply + k, "id");
+    memcpy(reply + k, q.id, q.id_n);
+    *reply_n = k + q.id_n;
+    return 1;
+}
+
+/* kv_put_setup(classes): the heap's chunk sizes, ascending (kv/heap.py CLASSES). */
+static PyObject *kv_put_setup(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *sizes;
+    if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &sizes))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(sizes);
+    if (n == 0 || n > PUT_CLASSES_MAX) {
+        PyErr_SetString(PyExc_ValueError, "1 to 128 chunk sizes");
+        return NULL;
+    }
+    uint64_t got[PUT_CLASSES_MAX];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        got[i] = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(sizes, i));
+        if (PyErr_Occurred())
+            return NULL;
+        if (i && got[i] <= got[i - 1]) {
+            PyErr_SetString(PyExc_ValueError, "chunk sizes ascend");
+            return NULL;
+        }
+    }
+    memcpy(classes, got, sizeof(uint64_t) * (size_t)n);
+    n_classes = (int)n;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef kvput_functions[] = {
+    {"kv_put_setup", kv_put_setup, METH_VARARGS, "kv_put_setup(classes): the heap's chunk sizes"},
+    {NULL, NULL, 0, NULL},
+};
+
+int kvput_add_to_module(PyObject *m) {
+    struct { PyObject **at; const char *name; } names[] = {
+        {&s_acquire, "acquire"}, {&s_release, "release"}, {&s_last_version, "_last_version"},
+        {&s_primary_keys, "primary_keys"}, {&s_stocked_bytes, "stocked_bytes"}, {&s_keys, "keys"},
+        {&s_tombstones, "tombstones"}, {&s_gone, "gone"}, {&s_heap, "heap"}, {&s_record_bytes, "record_bytes"},
+        {&s_large_bytes, "large_bytes"}, {&s_reserved_bytes, "reserved_bytes"},
+    };
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if ((*names[i].at = PyUnicode_InternFromString(names[i].name)) == NULL)
+            return -1;
+    if (PyType_Ready(&KvPutGrantType) < 0)
+        return -1;
+    Py_INCREF(&KvPutGrantType);
+    if (PyModule_AddObject(m, "KvPutGrant", (PyObject *)&KvPutGrantType) < 0) {
+        Py_DECREF(&KvPutGrantType);
+        return -1;
+    }
+    if (PyModule_AddFunctions(m, kvput_functions) < 0
+            || PyModule_AddIntConstant(m, "PUT_STOCK_MAX", PUT_STOCK_MAX) < 0
+            || PyModule_AddIntConstant(m, "PUT_SEGMENTS_MAX", PUT_SEGMENTS_MAX) < 0)
+        return -1;
+    return 0;
+}

@@ -1,0 +1,174 @@
+"""Put grants: what lets a same-host connection's receive loop (_kvput.c) answer puts of small
+values with no Python bytecode per request, and what Python does for it.
+
+Once Python has served a kv_put of an IPC connection with the secId checked, of the common
+kind (no NX/XX/GET/KEEPTTL, the namespace's one replica, a value that fits a heap chunk
+beside its key, no table draining), the connection is granted the keyspace: a stock of heap
+chunks of that put's size class, the keyspace's current table, the segments its stock and
+that record lie in, the memory limit's share here, and a time the grant holds until (the
+settings' time to live: Python reads the settings that often too). The loop then answers the
+connection's puts of that class itself, under the keyspace's lock, and leaves everything
+else to Python (_kvput.c says what), which grants again as it serves.
+
+What the loop leaves behind, Python takes up, under the keyspace's lock:
+  - the records its puts replaced: freed (they rest, then serve again) when Python grants
+    again, on the keeper's tick, and when the grant goes (`settle`);
+  - the stock: counted aside (space.stocked_bytes, not among the keyspace's bytes) until used,
+    and given back to the heap when the grant goes or changes class.
+
+A grant stops serving by itself when the table is followed by another, closed or draining,
+when its lease runs out or its time is up. It is told when a segment may go (memory given
+back to the pool) and when the settings change here (`pause`: it reaches no segment until
+Python grants again), when the namespace is destroyed (`close_space`) and when the
+connection goes (`close_grants`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..limits import KV_PUT_STOCK_BYTES, KV_PUT_STOCK_CHUNKS, MAX_PUT_GRANTS_PER_CONNECTION
+from .get_grants import compiled_hash
+from .heap import CLASSES, MAX_RECORD_BYTES, RecordHeap
+from .index import lock_free_reads
+
+try:
+    from .. import _frames
+except ImportError:      # pragma: no cover - ./dev builds it
+    _frames = None
+
+_ready: bool | None = None
+
+
+def compiled_puts() -> bool:
+    """Whether the loop can answer puts: the compiled part built, hashing as the index does,
+    on a machine whose readers need no lock (index.py)."""
+    global _ready
+    if _ready is None:
+        _ready = _frames is not None and hasattr(_frames, "KvPutGrant") and compiled_hash() and lock_free_reads()
+        if _ready:
+            _frames.kv_put_setup(list(CLASSES))
+    return _ready
+
+
+class ConnectionPutGrants:
+    """One IPC connection's grants: `table`, the list its loop scans, and each by keyspace."""
+
+    __slots__ = ("conn", "table", "by_space", "retired")
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.table: list[Any] = []                  # _frames.KvPutGrant each
+        self.by_space: dict[Any, Any] = {}          # KeySpace -> its grant
+        self.retired = 0                            # puts answered under grants gone since
+
+
+def open_grants(conn: Any) -> ConnectionPutGrants | None:
+    return ConnectionPutGrants(conn) if compiled_puts() else None
+
+
+def grant(grants: ConnectionPutGrants, space: Any, store: Any, creds: tuple, size: int, record_segment: int,
+          share: int | None, until_s: float) -> None:
+    """Under the keyspace's lock, after a put of a `size`-byte record (key and value) into
+    `record_segment` was served with the secId checked: grant the keyspace, or refill it."""
+    if space.closed or space.draining is not None or not 0 < size <= MAX_RECORD_BYTES:
+        return
+    g = grants.by_space.get(space)
+    if g is None:
+        if len(grants.by_space) >= MAX_PUT_GRANTS_PER_CONNECTION:
+            return
+        g = _frames.KvPutGrant(creds[0], creds[1], creds[2])
+        grants.by_space[space] = g
+        grants.table.append(g)
+        space.put_grants[g] = grants
+    settle(space, store, g)
+    cls = RecordHeap.class_of(size)
+    chunk = CLASSES[cls]
+    if g.stocked and g.chunk_bytes != chunk:        # another class: its stock goes back
+        _give_back(space, store, g.take_stock(), g.chunk_bytes)
+    fresh: list[tuple[int, int]] = []
+    try:
+        for _ in range(min(KV_PUT_STOCK_CHUNKS, max(1, KV_PUT_STOCK_BYTES // chunk)) - g.stocked):
+            c = store.chunk(size)
+            fresh.append((c.segment, c.offset))
+            space.stocked_bytes += chunk
+    except Exception:        # no memory for more (OUT_OF_MEMORY...): what there is serves
+        pass
+    if not fresh and not g.stocked:
+        return
+    # The segments of its stock, and of the record just written (a key put again is there).
+    segments = g.stock_segments | {s for s, _ in fresh}
+    if len(segments) < _frames.PUT_SEGMENTS_MAX:
+        segments.add(record_segment)
+    views = []
+    for segment in sorted(segments):
+        view = store.memory(segment).view
+        if view is None:                 # a file segment: its puts stay Python's
+            _give_back(space, store, fresh, chunk)
+            return
+        views.append((segment, view))
+    try:
+        g.refill(space, space.table.writer, space.table.words, space.table.refs, grants.conn, chunk,
+                 (CLASSES[cls - 1] + 1) if cls else 1, fresh, views, -1 if share is None else share,
+                 int(until_s * 1000))
+    except (ValueError, TypeError, BufferError):
+        _give_back(space, store, fresh, chunk)       # not granted: its puts stay Python's
+
+
+def settle(space: Any, store: Any, g: Any) -> None:
+    """Under the keyspace's lock: the records the loop's puts replaced are freed."""
+    if g.queued:
+        for fields in g.take_replaced():
+            store.free_record(fields)
+
+
+def _give_back(space: Any, store: Any, chunks: list[tuple[int, int]], chunk: int) -> None:
+    if chunks:
+        space.stocked_bytes -= chunk * len(chunks)
+        store.give_back_chunks(chunks, chunk)
+
+
+def settle_all(space: Any) -> None:
+    """Under the keyspace's lock (the keeper's tick): every grant's replaced records freed."""
+    for g in list(space.put_grants):
+        settle(space, space.store, g)
+
+
+def pause(space: Any) -> None:
+    """No grant of the keyspace reaches a segment's memory (one may go) or serves until Python
+    grants again."""
+    for g in list(space.put_grants):
+        g.drop_views()
+
+
+def close_space(space: Any) -> None:
+    """The keyspace is gone (its memory with it): its grants serve nothing more."""
+    for g, grants in list(space.put_grants.items()):
+        g.close()
+        _forget(grants, space, g)
+    space.put_grants.clear()
+
+
+def close_grants(grants: ConnectionPutGrants) -> None:
+    """The connection is gone (its loop has stopped): what its grants replaced is freed, their
+    stock given back, and they go."""
+    for space, g in list(grants.by_space.items()):
+        with space.lock:
+            if space.put_grants.pop(g, None) is not None and not space.closed:
+                settle(space, space.store, g)
+                _give_back(space, space.store, g.take_stock(), g.chunk_bytes)
+            g.close()
+            _forget(grants, space, g)
+
+
+def _forget(grants: ConnectionPutGrants, space: Any, g: Any) -> None:
+    if grants.by_space.get(space) is g:
+        del grants.by_space[space]
+    if g in grants.table:
+        grants.table.remove(g)
+        grants.retired += g.served
+
+
+def served(grants: ConnectionPutGrants) -> int:
+    """Puts the connection's loop answered."""
+    return grants.retired + sum(g.served for g in grants.table)

@@ -1,0 +1,448 @@
+"""Same-host MemKV puts answered in the server's IPC loop in compiled code (_kvput.c,
+kv/put_grants.py), with real servers, processes and sockets: that they are; that what they
+write is what the Python path writes (values, versions, counts, bytes, expiry, the memory
+limit, replicas); and attacks on them (a wrong secId on a granted connection, garbage
+packets, several processes writing one key, readers racing overwrites, threads sharing a
+session, a namespace destroyed or flushed under a stream of puts, a client killed mid-stream,
+a stopped server, Ctrl-C).
+
+Every wait is bounded; no test asserts how fast anything was.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+import memfabric
+from memfabric.errors import BmError, NoSuchNamespace, OutOfMemory, PermissionDenied, Timeout
+from memfabric.kv import put_grants
+from memfabric.transport import wire
+from memfabric.transport.ipc import IpcChannel
+
+from ..helpers import WAIT_S, Child, ns_name, stop_process, wait_until
+from ..transport.paths import interrupted_after
+
+KiB = 1 << 10
+pytestmark = pytest.mark.skipif(not put_grants.compiled_puts(), reason="the compiled part is not built")
+
+
+def compiled_puts(session: memfabric.Session) -> int:
+    """Puts the servers answered in compiled code so far."""
+    return sum(session.link(s["server_id"]).call("stats")["compiled_puts"] for s in session.servers())
+
+
+def local(fabric) -> memfabric.Session:
+    return memfabric.init(fabric.directory, server=0)
+
+
+def settled_bytes(kv, expected: int) -> None:
+    """The keyspace's bytes come to `expected` (records compiled puts replaced are freed by
+    the server's keeper, a tick later)."""
+    wait_until(lambda: kv.stats()["bytes"] == expected, f"the keyspace to hold {expected} bytes")
+
+
+def test_puts_are_answered_in_compiled_code_and_read_back_everywhere(fabric, request):
+    """After a connection's first put of a size, its next puts of that size are answered by
+    the server's loop; same-host and remote readers get exactly what was put."""
+    name = ns_name(request)
+    with local(fabric) as s, memfabric.init(os.path.join(fabric.directory, "remote.toml")) as far:
+        kv = s.create_namespace(name, sec_id="k").kv()
+        remote_kv = far.namespace(name, "k").kv()
+        kv.put(b"warm", os.urandom(4 * KiB))
+        before = compiled_puts(s)
+        values = {f"key-{i}".encode(): os.urandom(4 * KiB - 6) for i in range(300)}
+        for key, value in values.items():
+            assert kv.put(key, value) is True
+        assert compiled_puts(s) - before >= 250      # a refill now and then is Python's
+        for key, value in values.items():
+            assert kv.get(key) == value
+            assert remote_kv.get(key) == value
+        assert len(kv) == 301
+        assert sorted(kv.scan()) == sorted([*values, b"warm"])
+        assert kv.stats()["keys"] == 301
+
+
+def test_overwrites_free_what_they_replace(fabric, request):
+    """A key put again and again through the compiled path leaves one record's bytes (the
+    replaced ones go back to the heap), and the last value."""
+    with local(fabric) as s:
+        kv = s.create_namespace(ns_name(request), sec_id="k").kv()
+        kv.put(b"k", b"0" * 4000)
+        one = kv.stats()["bytes"]
+        for i in range(2000):
+            kv.put(b"k", str(i % 10).encode() * 4000)
+        assert kv.get(b"k") == b"9" * 4000
+        settled_bytes(kv, one)
+        assert kv.stats()["keys"] == 1 and len(kv) == 1
+
+
+def test_many_new_keys_grow_the_table(fabric, request):
+    """New keys through the compiled path fill the table; Python grows it (the loop never
+    fills past the table's load), and every key stays readable."""
+    with local(fabric) as s:
+        kv = s.create_namespace(ns_name(request), sec_id="k").kv()
+        keys = [f"grow-{i}".encode() for i in range(3000)]
+        for key in keys:
+            kv.put(key, key * 10)
+        assert len(kv) == 3000
+        for key in keys:
+            assert kv.get(key) == key * 10
+        assert compiled_puts(s) > 0
+
+
+def test_options_and_other_shapes_stay_python_and_right(fabric, request):
+    """TTLs, NX/XX, explicit replicas, str and numpy values: each put means what it says,
+    whichever path answered it."""
+    import numpy as np
+
+    with local(fabric) as s:
+        kv = s.create_namespace(ns_name(request), sec_id="k").kv()
+        kv.put(b"a", b"x" * 100)
+        kv.put(b"a", b"y" * 100)                    # compiled
+        assert kv.put(b"a", b"z" * 100, nx=True) is False
+        assert kv.get(b"a") == b"y" * 100
+        assert kv.put(b"b", b"z" * 100, xx=True) is False
+        assert kv.get(b"b") is None
+        kv.put(b"t", b"t" * 100, ttl_s=0.3)
+        assert 0 < kv.ttl(b"t") <= 0.3
+        wait_until(lambda: kv.get(b"t") is None, "the key to expire")
+        kv.put(b"s", "é" * 50)
+        assert kv.get(b"s") == "é".encode() * 50
+        kv.put(b"n", np.arange(25, dtype=np.int32))
+        assert kv.get(b"n") == np.arange(25, dtype=np.int32).tobytes()
+        kv.put(b"a", bytearray(b"w" * 100))
+        assert kv.get(b"a") == b"w" * 100
+        assert kv.ttl(b"a") == -1.0
+
+
+def test_the_memory_limit_holds_with_compiled_puts(fabric, request):
+    """With a memory limit, puts past it evict (counted) or are refused, as in Python."""
+    with local(fabric) as s:
+        ns = s.create_namespace(ns_name(request), sec_id="k")
+        kv = ns.kv()
+        kv.configure(memory_limit=512 * KiB, eviction="lru")
+        for i in range(600):
+            kv.put(f"e{i}".encode(), b"e" * 4000)
+        stats = kv.stats()
+        assert stats["evictions"] > 0
+        assert stats["bytes"] <= 512 * KiB
+        assert kv.get(b"e599") == b"e" * 4000
+        kv.flush()
+        kv.configure(eviction="refuse")
+        with pytest.raises(OutOfMemory):
+            for i in range(600):
+                kv.put(f"r{i}".encode(), b"r" * 4000)
+        assert kv.stats()["bytes"] <= 512 * KiB
+
+
+def test_replicated_keyspaces_stay_python(fabric, request):
+    """With two replicas, puts go to Python, which passes them on: both servers hold the key."""
+    with local(fabric) as s:
+        kv = s.create_namespace(ns_name(request), sec_id="k").kv()
+        kv.put(b"r0", b"v" * 1000)
+        kv.put(b"r0", b"w" * 1000)
+        kv.configure(replicas=2)
+        before = compiled_puts(s)
+        for i in range(50):
+            kv.put(f"r{i}".encode(), b"v" * 1000)
+        assert compiled_puts(s) == before
+        held = [s.link(x["server_id"]).call("kv_stats", **kv._wire)["stats"]["held_keys"]
+                for x in s.servers()]
+        assert held == [50, 50]
+
+
+def test_a_wrong_sec_id_on_a_granted_connection_changes_nothing(fabric, request):
+    """On a connection granted a keyspace, a put with another secId is refused
+    (PERMISSION_DENIED) and the key keeps its value."""
+    name = ns_name(request)
+    with local(fabric) as s:
+        kv = s.create_namespace(name, sec_id="right").kv()
+        kv.put(b"k", b"1" * 4000)
+        kv.put(b"k", b"2" * 4000)
+        wrong = s.namespace(name, "wrong").kv()
+        with pytest.raises(PermissionDenied):
+            wrong.put(b"k", b"3" * 4000)
+        with pytest.raises(PermissionDenied):
+            wrong.put(b"new", b"3" * 4000)
+        assert kv.get(b"k") == b"2" * 4000
+        assert kv.get(b"new") is None
+        # And on a raw connection its loop answers puts on (a client asks the server nothing
+        # else first, such as the replica count a KV object asks for with its own secId).
+        channel, put = _granted_channel(fabric, name, sec=b"right")
+        try:
+            for key in (b"raw", b"fresh"):
+                channel.send({**put, "id": 3, "key": key, "sec": b"wrong", "value": b"w" * 4000})
+                answer = channel.recv()[0]
+                assert answer["error"] == BmError.PERMISSION_DENIED, answer
+        finally:
+            channel.close()
+        assert kv.get(b"raw") == b"v" * 4000 and kv.get(b"fresh") is None
+
+
+def _granted_channel(fabric, name: str, sec: bytes = b"k") -> tuple[IpcChannel, dict]:
+    """A raw same-host connection to server 1 that has put once into `name` (so it is
+    granted), and that put's request."""
+    path = os.path.join(fabric.directory, "server-1", "ipc.sock")
+    channel = IpcChannel.connect(path)
+    channel.set_deadline(WAIT_S)
+    channel.send({"op": "hello", "id": 1, "role": "client", "pid": os.getpid()})
+    channel.recv()
+    request = {"op": "kv_put", "id": 2, "pool": "default", "ns": name, "sec": sec, "key": b"raw",
+               "value": b"v" * 4000, "budget_s": 5.0}
+    channel.send(request)
+    assert channel.recv()[0] == {"stored": True, "id": 2}
+    return channel, request
+
+
+def test_garbage_packets_on_a_granted_connection(fabric, request):
+    """Mangled puts on a granted connection (every byte flipped in turn, cut short, grown,
+    odd types) get Python's answer or a closed connection: the server stays up, and the
+    keyspace holds exactly what was stored."""
+    name = ns_name(request)
+    with local(fabric) as s:
+        kv = s.create_namespace(name, sec_id="k").kv()
+        kv.put(b"keep", b"k" * 4000)
+        channel, put = _granted_channel(fabric, name)
+        packet = wire.encode(put)
+        variants = [packet[:n] for n in range(0, len(packet) - 4000, 3)]
+        variants += [packet[:i] + bytes([packet[i] ^ 0xff]) + packet[i + 1:] for i in range(0, 120)]
+        variants += [packet + b"\x00", wire.encode({**put, "nx": 1}), wire.encode({**put, "replicas": 2}),
+                     wire.encode({**put, "ttl_ms": -5}), wire.encode({**put, "ttl_ms": 0}),
+                     wire.encode({**put, "budget_s": -1.0}), wire.encode({**put, "key": "str"}),
+                     wire.encode({**put, "value": "str"}), wire.encode({**put, "extra": 1}),
+                     wire.encode({**put, "key": b""}), wire.encode({**put, "key": b"k" * 70000})]
+        answered = 0
+        for i, data in enumerate(variants):
+            try:
+                channel.send_encoded(data)
+                channel.recv()
+                answered += 1
+            except Exception:
+                channel.close()
+                channel, _ = _granted_channel(fabric, name)
+        channel.close()
+        assert answered > 0
+        assert kv.get(b"keep") == b"k" * 4000
+        values = {kv.get(b"raw")} | {kv.get(k) for k in kv.scan() if k not in (b"keep", b"raw")}
+        for value in values:               # whatever stored, stored whole
+            assert value is None or set(value) <= {ord("v")} or len(set(value)) == 1
+        kv.put(b"after", b"a" * 4000)
+        assert kv.get(b"after") == b"a" * 4000
+
+
+_WRITER = r"""
+import sys, memfabric
+directory, name, mark, rounds = sys.argv[1], sys.argv[2], sys.argv[3].encode(), int(sys.argv[4])
+with memfabric.init(directory, server=0) as s:
+    kv = s.namespace(name, "k").kv()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    for i in range(rounds):
+        kv.put(b"shared", mark * 4000)
+        kv.put(b"own-" + mark, mark * (1000 + i % 3000))
+    print("done", flush=True)
+"""
+
+
+def test_writers_of_one_key_in_several_processes_never_tear_it(fabric, request):
+    """Four processes put one key (and one each of their own) over and over while this one
+    reads: every read is one writer's value whole, never a mix, never another key's bytes."""
+    name = ns_name(request)
+    with local(fabric) as s:
+        kv = s.create_namespace(name, sec_id="k").kv()
+        kv.put(b"shared", b"0" * 4000)
+        writers = [Child(_WRITER, fabric.directory, name, mark, "1500") for mark in "ABCD"]
+        try:
+            for w in writers:
+                assert w.expect() == "ready"
+            for w in writers:
+                w.send("go")
+            seen = set()
+            done = 0
+            while done < len(writers):
+                value = kv.get(b"shared")
+                assert value is not None and len(value) == 4000 and len(set(value)) == 1, value[:40]
+                seen.add(value[:1])
+                for mark in "ABCD":
+                    own = kv.get(b"own-" + mark.encode())
+                    assert own is None or set(own) == {ord(mark)}
+                done = sum(1 for w in writers if w.proc.poll() is not None or _said_done(w))
+            assert len(seen - {b"0"}) >= 1
+        finally:
+            for w in writers:
+                w.close()
+        assert compiled_puts(s) > 0
+
+
+def _said_done(w: Child) -> bool:
+    import select
+
+    if getattr(w, "finished", False):
+        return True
+    if select.select([w.proc.stdout], [], [], 0)[0] or b"\n" in w._buf:
+        w.finished = w.expect() == "done"
+        return w.finished
+    return False
+
+
+def test_threads_sharing_a_session_put_and_read_right(fabric, request):
+    """Eight threads put into one session (one link per server) at once: every key holds
+    its own thread's last value."""
+    with local(fabric) as s:
+        kv = s.create_namespace(ns_name(request), sec_id="k").kv()
+        failures: list[BaseException] = []
+
+        def work(t: int) -> None:
+            try:
+                for i in range(300):
+                    kv.put(f"t{t}-{i % 20}".encode(), f"{t}:{i}".encode() * 200)
+            except BaseException as exc:      # noqa: BLE001 - reported below
+                failures.append(exc)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT_S * 4)
+        assert not failures and not any(t.is_alive() for t in threads)
+        for t in range(8):
+            for k in range(20):
+                last = max(i for i in range(300) if i % 20 == k)
+                assert kv.get(f"t{t}-{k}".encode()) == f"{t}:{last}".encode() * 200
+
+
+def test_destroy_and_flush_under_a_stream_of_puts(fabric, request):
+    """A namespace flushed, then destroyed, while another thread puts into it: the puts
+    succeed or fail with NO_SUCH_NAMESPACE, the server stays up, and a namespace made again
+    with that name starts empty."""
+    name = ns_name(request)
+    with local(fabric) as s:
+        ns = s.create_namespace(name, sec_id="k")
+        kv = ns.kv()
+        kv.put(b"x", b"x" * 4000)
+        errors: list[BaseException] = []
+        stop = threading.Event()
+
+        def stream() -> None:
+            i = 0
+            while not stop.is_set():
+                try:
+                    kv.put(f"s{i % 200}".encode(), b"s" * 4000)
+                except (NoSuchNamespace, PermissionDenied):    # destroyed; made again with another secId
+                    pass
+                except BaseException as exc:  # noqa: BLE001 - reported below
+                    errors.append(exc)
+                    return
+                i += 1
+
+        t = threading.Thread(target=stream)
+        t.start()
+        try:
+            wait_until(lambda: len(kv) > 50, "puts to land")
+            kv.flush()
+            wait_until(lambda: len(kv) > 20, "puts to land after the flush")
+            ns.destroy()
+            ns2 = s.create_namespace(name, sec_id="other")
+            kv2 = ns2.kv()
+            assert kv2.get(b"s1") is None
+            kv2.put(b"y", b"y" * 4000)
+            kv2.put(b"y", b"z" * 4000)
+            assert kv2.get(b"y") == b"z" * 4000
+            wait_until(lambda: kv2.put(b"y", b"z" * 4000) and len(kv2) == 1, "a few puts into the new namespace")
+        finally:
+            stop.set()
+            t.join(WAIT_S)
+        assert not errors, errors
+        assert list(kv2.scan()) == [b"y"]       # the old secId's stream never landed in it
+
+
+_KILLED = r"""
+import sys, memfabric
+directory, name = sys.argv[1], sys.argv[2]
+with memfabric.init(directory, server=0) as s:
+    kv = s.namespace(name, "k").kv()
+    i = 0
+    while True:
+        kv.put(b"doomed-%d" % (i % 50), b"d" * 4000)
+        i += 1
+        if i == 500:
+            print("streaming", flush=True)
+"""
+
+
+def test_a_client_killed_mid_stream_gives_its_stock_back(fresh_fabric, request):
+    """A client killed while its puts stream leaves the keyspace whole: its keys readable,
+    and the chunks its connection held in stock given back (the bytes are the keys' only)."""
+    fab = fresh_fabric(servers=1)
+    name = ns_name(request)
+    with local(fab) as s:
+        kv = s.create_namespace(name, sec_id="k").kv()
+        child = Child(_KILLED, fab.directory, name)
+        try:
+            assert child.expect() == "streaming"
+        finally:
+            child.kill()
+        wait_until(lambda: s.link(s.servers()[0]["server_id"]).call("kv_stats", **kv._wire)["stats"]["keys"] == 50,
+                   "the keys to be there")
+        for i in range(50):
+            assert kv.get(b"doomed-%d" % i) == b"d" * 4000
+        kv.put(b"mine", b"m" * 4000)           # this connection's own grant and stock
+        s.close()
+    with local(fab) as s:
+        kv = s.namespace(name, "k").kv()
+        one = kv.stats()["bytes"] // 51
+        settled_bytes(kv, 51 * one)
+
+
+def test_a_stopped_server_times_compiled_puts_out(fresh_fabric, request):
+    """A server stopped (SIGSTOP) under a stream of puts: the put waiting then times out, and
+    once it goes on, puts work again."""
+    fab = fresh_fabric(servers=1)
+    with memfabric.init(fab.directory, server=0, timeout_s=1.0) as s:
+        kv = s.create_namespace(ns_name(request), sec_id="k").kv()
+        kv.put(b"a", b"1" * 4000)
+        kv.put(b"a", b"2" * 4000)
+        pid = fab.server_pids()[1]
+        stop_process(pid)
+        try:
+            with pytest.raises((Timeout, memfabric.ServerUnavailable)):
+                kv.put(b"a", b"3" * 4000)
+        finally:
+            os.kill(pid, 18)            # SIGCONT
+        wait_until(lambda: _put_works(kv), "puts to work again")
+        assert kv.get(b"a") == b"4" * 4000
+
+
+def _put_works(kv) -> bool:
+    try:
+        kv.put(b"a", b"4" * 4000)
+        return True
+    except (Timeout, memfabric.MemfabricError):
+        return False
+
+
+def test_ctrl_c_in_a_stream_of_puts_leaves_the_session_usable(fabric, request):
+    """Ctrl-C lands somewhere in a stream of compiled puts: the session's next calls work,
+    and every key holds a value that was put whole."""
+    with local(fabric) as s:
+        kv = s.create_namespace(ns_name(request), sec_id="k").kv()
+        kv.put(b"c", b"0" * 4000)
+        for delay in (0.001, 0.003, 0.007, 0.02):
+            with pytest.raises(KeyboardInterrupt):
+                with interrupted_after(delay, KeyboardInterrupt):
+                    for i in range(100000):
+                        kv.put(b"c", str(i % 10).encode() * 4000)
+            wait_until(lambda: _put_c_works(kv), "puts to work again after Ctrl-C")
+            value = kv.get(b"c")
+            assert len(value) == 4000 and len(set(value)) == 1
+
+
+def _put_c_works(kv) -> bool:
+    try:
+        kv.put(b"c", b"7" * 4000)
+        return kv.get(b"c") == b"7" * 4000
+    except memfabric.MemfabricError:
+        return False
