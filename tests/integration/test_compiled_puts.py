@@ -446,3 +446,42 @@ def _put_c_works(kv) -> bool:
         return kv.get(b"c") == b"7" * 4000
     except memfabric.MemfabricError:
         return False
+
+
+def test_a_compiled_put_waits_for_a_write_of_its_key_under_way(fresh_fabric, request):
+    """A write of a key holds the key's stripe until it is passed on to the key's other homes
+    (and an INCR or APPEND from its read to its write). A compiled put of that key meanwhile
+    wrote at once (it took only the keyspace's lock): a write in the middle of another's. Now
+    it waits its turn: it returns only after the write under way is done."""
+    fab = fresh_fabric(servers=2)
+    name = ns_name(request)
+    with memfabric.init(fab.directory, server=0, timeout_s=30.0) as a, \
+            memfabric.init(fab.directory, server=0, timeout_s=30.0) as b:
+        kv_a = a.create_namespace(name, sec_id="k").kv()
+        kv_b = b.namespace(name, "k").kv()
+        key = next(k for k in (b"k%d" % i for i in range(1000)) if kv_a._homes(k)[0] == 1)
+        kv_a.put(key, b"0" * 4000)
+        kv_a.put(key, b"1" * 4000)               # granted: the next is answered in compiled code
+        before = compiled_puts(a)
+        stop_process(fab.server_pids()[2])      # the key's other home, for the replicated write
+        slow_done = threading.Event()
+
+        def slow() -> None:
+            try:
+                kv_b.put(key, b"s" * 4000, replicas=2)
+            except memfabric.MemfabricError:
+                pass
+            finally:
+                slow_done.set()
+        t = threading.Thread(target=slow)
+        try:
+            t.start()
+            wait_until(lambda: kv_a.get(key) == b"s" * 4000, "the replicated write to land here")
+            assert not slow_done.is_set()          # still passing it on to the stopped server
+            kv_a.put(key, b"f" * 4000)
+            assert slow_done.is_set()              # the fast put waited for the write under way
+        finally:
+            os.kill(fab.server_pids()[2], 18)    # SIGCONT
+            t.join(WAIT_S * 4)
+        assert kv_a.get(key) == b"f" * 4000
+        assert compiled_puts(a) >= before
