@@ -139,7 +139,7 @@ MAX_SEGMENTS_PER_GET_GRANT = 64
 # grants for, and the chunks a grant is stocked with (at most this many bytes of them: what
 # a connection that stops putting keeps from the pool until it goes or the keeper takes it back).
 MAX_PUT_GRANTS_PER_CONNECTION = 4
-KV_PUT_STOCK_CHUNKS = 32
+KV_PUT_STOCK_CHUNKS = 64
 KV_PUT_STOCK_BYTES = 512 << 10
 HANDSHAKE_TIMEOUT_S = 5.0
 

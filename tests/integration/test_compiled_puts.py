@@ -464,7 +464,7 @@ def test_a_compiled_put_waits_for_a_write_of_its_key_under_way(fresh_fabric, req
         kv_a.put(key, b"1" * 4000)               # granted: the next is answered in compiled code
         before = compiled_puts(a)
         stop_process(fab.server_pids()[2])      # the key's other home, for the replicated write
-        slow_done = threading.Event()
+        slow_done, fast_done = threading.Event(), threading.Event()
 
         def slow() -> None:
             try:
@@ -473,15 +473,24 @@ def test_a_compiled_put_waits_for_a_write_of_its_key_under_way(fresh_fabric, req
                 pass
             finally:
                 slow_done.set()
-        t = threading.Thread(target=slow)
-        try:
-            t.start()
-            wait_until(lambda: kv_a.get(key) == b"s" * 4000, "the replicated write to land here")
-            assert not slow_done.is_set()          # still passing it on to the stopped server
+
+        def fast() -> None:
             kv_a.put(key, b"f" * 4000)
-            assert slow_done.is_set()              # the fast put waited for the write under way
+            fast_done.set()
+        threads = [threading.Thread(target=slow), threading.Thread(target=fast)]
+        try:
+            threads[0].start()
+            wait_until(lambda: kv_a.get(key) == b"s" * 4000, "the replicated write to land here")
+            if not slow_done.is_set():             # still passing it on to the stopped server
+                threads[1].start()
+                # It waits for the write under way: done, so is that write (whose answer went
+                # first), not seconds later (answered at once, it was in the middle of it).
+                assert not fast_done.wait(0.5) or slow_done.wait(1.0)
         finally:
             os.kill(fab.server_pids()[2], 18)    # SIGCONT
-            t.join(WAIT_S * 4)
+            for t in threads:
+                if t.ident is not None:
+                    t.join(WAIT_S * 4)
+        assert slow_done.is_set() and fast_done.is_set()
         assert kv_a.get(key) == b"f" * 4000
         assert compiled_puts(a) >= before

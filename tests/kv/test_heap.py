@@ -39,6 +39,17 @@ class HeapMachine(RuleBasedStateMachine):
         assert all((c.segment, c.offset) != (chunk.segment, chunk.offset) for c in fresh), "reused within the grace"
         self.live.append(chunk)
 
+    @rule(size=st.integers(1, 9000), count=st.integers(1, 40))
+    def allocate_many(self, size: int, count: int) -> None:
+        """A batch (a compiled put's stock): what allocate gives, up to `count` at once."""
+        chunks = self.heap.allocate_many(size, count, self.now)
+        assert len(chunks) <= count
+        fresh = [c for t, c in self.resting if t > self.now]
+        for chunk in chunks:
+            assert chunk.size == CLASSES[RecordHeap.class_of(size)]
+            assert all((c.segment, c.offset) != (chunk.segment, chunk.offset) for c in fresh), "reused within the grace"
+        self.live.extend(chunks)
+
     @precondition(lambda self: self.live)
     @rule(data=st.data())
     def free(self, data) -> None:

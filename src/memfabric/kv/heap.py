@@ -94,6 +94,16 @@ class RecordHeap:
             return Chunk(page.segment, offset, chunk_bytes)
         return None
 
+    def allocate_many(self, size: int, count: int, now_s: float) -> list[Chunk]:
+        """Up to `count` chunks for records of `size` bytes (fewer: give the heap a page)."""
+        out: list[Chunk] = []
+        while len(out) < count:
+            chunk = self.allocate(size, now_s)
+            if chunk is None:
+                break
+            out.append(chunk)
+        return out
+
     def add_page(self, segment: int, offset: int, size: int) -> None:
         """A page (PAGE_BYTES of the namespace's memory at segment, offset) for records of `size`
         bytes."""

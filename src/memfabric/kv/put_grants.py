@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import MemfabricError
 from ..limits import KV_PUT_STOCK_BYTES, KV_PUT_STOCK_CHUNKS, MAX_PUT_GRANTS_PER_CONNECTION
 from .get_grants import compiled_hash
 from .heap import CLASSES, MAX_RECORD_BYTES, RecordHeap
@@ -87,13 +88,13 @@ def grant(grants: ConnectionPutGrants, space: Any, store: Any, creds: tuple, siz
     if g.stocked and g.chunk_bytes != chunk:        # another class: its stock goes back
         _give_back(space, store, g.take_stock(), g.chunk_bytes)
     fresh: list[tuple[int, int]] = []
-    try:
-        for _ in range(min(KV_PUT_STOCK_CHUNKS, max(1, KV_PUT_STOCK_BYTES // chunk)) - g.stocked):
-            c = store.chunk(size)
-            fresh.append((c.segment, c.offset))
-            space.stocked_bytes += chunk
-    except Exception:        # no memory for more (OUT_OF_MEMORY...): what there is serves
-        pass
+    want = min(KV_PUT_STOCK_CHUNKS, max(1, KV_PUT_STOCK_BYTES // chunk)) - g.stocked
+    if want > 0:
+        try:
+            fresh = [(c.segment, c.offset) for c in store.chunks(size, want)]
+        except MemfabricError:      # no memory for more (OUT_OF_MEMORY...): what there is serves
+            pass
+        space.stocked_bytes += chunk * len(fresh)
     if not fresh and not g.stocked:
         return
     # The segments of its stock, and of the record just written (a key put again is there).
@@ -118,8 +119,7 @@ def grant(grants: ConnectionPutGrants, space: Any, store: Any, creds: tuple, siz
 def settle(space: Any, store: Any, g: Any) -> None:
     """Under the keyspace's lock: the records the loop's puts replaced are freed."""
     if g.queued:
-        for fields in g.take_replaced():
-            store.free_record(fields)
+        store.free_records(g.take_replaced())
 
 
 def _give_back(space: Any, store: Any, chunks: list[tuple[int, int]], chunk: int) -> None:

@@ -246,6 +246,19 @@ class Store:
             assert chunk is not None
         return chunk
 
+    def chunks(self, size: int, count: int) -> list[Chunk]:
+        """Up to `count` chunks for records of `size` bytes (at least one, or OUT_OF_MEMORY)."""
+        out = self.space.heap.allocate_many(size, count, time.monotonic())
+        while len(out) < count:
+            try:
+                out.append(self.chunk(size))          # a new page, then what it holds
+            except OutOfMemory:
+                if out:
+                    break
+                raise
+            out += self.space.heap.allocate_many(size, count - len(out), time.monotonic())
+        return out
+
     def give_back_chunks(self, chunks: list[tuple[int, int]], size: int) -> None:
         """Chunks of `size` bytes taken (chunk()) but never written a record into: they rest
         like any freed chunk (cheaper than telling them apart), then serve again."""
@@ -331,9 +344,18 @@ class Store:
         return chunk_bytes(klen + EXTENT.size * n_extents) + sum(
             e.length for e in self.space.large.get(record_key(fields), ()))
 
-    def free_record(self, fields: Fields) -> None:
+    def free_records(self, records: list[Fields]) -> None:
+        """free_record of each, with one look for emptied pages at the end."""
+        for fields in records:
+            self.free_record(fields, release_pages=False)
+        pages = self.space.heap.empty_pages(time.monotonic())
+        if pages:
+            self.release([Extent(s, o, PAGE_BYTES) for s, o in pages])
+
+    def free_record(self, fields: Fields, release_pages: bool = True) -> None:
         """A record left its slot: it rests, then its memory serves again; a large value's
-        extents and emptied heap pages go back to the pool. Held: when let go."""
+        extents and emptied heap pages go back to the pool (`release_pages`: now; else the caller
+        looks for emptied pages itself). Held: when let go."""
         space = self.space
         place = record_key(fields)
         if space.busy.get(place):
@@ -348,6 +370,8 @@ class Store:
             space.large_bytes -= sum(e.length for e in extents)
             self.release(extents)
         space.heap.free(Chunk(segment, offset, chunk_bytes(size)), now)
+        if not release_pages:
+            return
         pages = space.heap.empty_pages(now)
         if pages:
             self.release([Extent(s, o, PAGE_BYTES) for s, o in pages])
