@@ -263,8 +263,8 @@ static PyObject *recv_exact(PyObject *Py_UNUSED(self), PyObject *args) {
  * request sent, then recv_packet's receive, in one call (no Python between the two). n is
  * -3 when the request could not be sent within SO_SNDTIMEO (a SEQPACKET message goes whole or
  * not at all: nothing was sent). */
-static PyObject *receive_packet(int fd, PyObject *buffer_obj, int max_fds, double poll_s, double window_s,
-                                PyObject *puts, double *waited, const char *request, size_t request_n) {
+PyObject *receive_packet(int fd, PyObject *buffer_obj, int max_fds, double poll_s, double window_s, PyObject *puts,
+                         double *waited, const char *request, size_t request_n) {
     if (max_fds < 0 || max_fds > 253) {
         PyErr_SetString(PyExc_ValueError, "max_fds must be 0 to 253 (SCM_MAX_FD)");
         return NULL;

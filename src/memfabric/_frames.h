@@ -71,6 +71,11 @@ int kv_same_secret(const unsigned char *a, size_t a_n, const unsigned char *b, s
  * kv_put_serve() answers the packet if it is a put the grants (a list) cover: 1 with the
  * reply in `reply` (PUT_REPLY_ROOM bytes), 0 when it is Python's. With the GIL. */
 #define PUT_REPLY_ROOM 32
+/* _frames.c: one SEQPACKET message received into `buffer_obj` (after `request` is sent, if
+ * given), answering the puts `puts` covers meanwhile (if given): (n, fds, flags), see
+ * recv_packet, serve_packets and call_packet there. */
+PyObject *receive_packet(int fd, PyObject *buffer_obj, int max_fds, double poll_s, double window_s, PyObject *puts,
+                         double *waited, const char *request, size_t request_n);
 int kv_put_serve(PyObject *grants, const unsigned char *packet, size_t n, unsigned char *reply, size_t *reply_n);
 int kvput_add_to_module(PyObject *module);
 

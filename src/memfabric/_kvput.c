@@ -32,6 +32,12 @@
  *
  * The slot is written as IndexWriter.write writes it (kv/index.py): seq odd, the fields, the
  * hash, seq even, with release stores, so same-host readers (seqlock) never see it torn.
+ *
+ * The client: call_put(fd, head, entries, key, value, request_id, budget_s, buffer, max_fds,
+ * poll_s) -> (n, fds, flags, waited_s) builds {<head's `entries` pairs: op, pool, ns, sec>,
+ * "key", "value", "id", "budget_s"} as msgpack would, sends it and receives the reply as
+ * call_packet does (n -3: not sent; -1: no reply in time). n is PUT_STORED (-4) when the
+ * reply was exactly {"stored": True, "id": request_id}: nothing left for Python to read.
  */
 #include "_frames.h"
 #include "_kvlookup.h"
@@ -755,6 +761,102 @@ int kv_put_serve(PyObject *grants, const unsigned char *packet, size_t n, unsign
     return 1;
 }
 
+/* ---- the client's call ----------------------------------------------------------------------- */
+
+#define PUT_STORED (-4)
+
+static size_t put_bin_header(unsigned char *p, size_t n) {
+    if (n <= 0xff) {
+        p[0] = 0xc4;
+        p[1] = (unsigned char)n;
+        return 2;
+    }
+    if (n <= 0xffff) {
+        p[0] = 0xc5;
+        p[1] = (unsigned char)(n >> 8);
+        p[2] = (unsigned char)n;
+        return 3;
+    }
+    p[0] = 0xc6;
+    for (int i = 0; i < 4; i++)
+        p[1 + i] = (unsigned char)(n >> (8 * (3 - i)));
+    return 5;
+}
+
+static PyObject *call_put(PyObject *Py_UNUSED(self), PyObject *args) {
+    int fd, entries, max_fds;
+    Py_buffer head, key, value;
+    unsigned long long request_id;
+    double budget_s, poll_s, waited = 0.0;
+    PyObject *buffer_obj;
+    if (!PyArg_ParseTuple(args, "iy*iy*y*KdOid", &fd, &head, &entries, &key, &value, &request_id, &budget_s,
+                          &buffer_obj, &max_fds, &poll_s))
+        return NULL;
+    PyObject *result = NULL;
+    unsigned char *request = NULL;
+    if (entries < 0 || entries > 11 || key.len > UINT32_MAX || value.len > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "a put's head has at most 11 pairs; keys and values under 4 GiB");
+        goto out;
+    }
+    size_t room = 1 + (size_t)head.len + 4 + 5 + (size_t)key.len + 6 + 5 + (size_t)value.len + 3 + 9 + 9 + 9;
+    request = PyMem_Malloc(room);
+    if (request == NULL) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    size_t n = 0;
+    request[n++] = (unsigned char)(0x80 | (entries + 4));
+    memcpy(request + n, head.buf, (size_t)head.len);
+    n += (size_t)head.len;
+    n += put_key(request + n, "key");
+    n += put_bin_header(request + n, (size_t)key.len);
+    memcpy(request + n, key.buf, (size_t)key.len);
+    n += (size_t)key.len;
+    n += put_key(request + n, "value");
+    n += put_bin_header(request + n, (size_t)value.len);
+    memcpy(request + n, value.buf, (size_t)value.len);
+    n += (size_t)value.len;
+    n += put_key(request + n, "id");
+    n += put_uint(request + n, request_id);
+    n += put_key(request + n, "budget_s");
+    uint64_t bits;
+    memcpy(&bits, &budget_s, 8);
+    request[n++] = 0xcb;
+    for (int i = 0; i < 8; i++)
+        request[n++] = (unsigned char)(bits >> (8 * (7 - i)));
+    PyObject *got = receive_packet(fd, buffer_obj, max_fds, poll_s, 0.0, NULL, &waited, (const char *)request, n);
+    if (got == NULL)
+        goto out;
+    Py_ssize_t got_n = PyLong_AsSsize_t(PyTuple_GET_ITEM(got, 0));
+    unsigned char expected[PUT_REPLY_ROOM];
+    size_t k = 0;
+    expected[k++] = 0x82;
+    k += put_key(expected + k, "stored");
+    expected[k++] = 0xc3;
+    k += put_key(expected + k, "id");
+    k += put_uint(expected + k, request_id);
+    Py_buffer reply;
+    int stored = 0;
+    if (got_n == (Py_ssize_t)k && PyList_GET_SIZE(PyTuple_GET_ITEM(got, 1)) == 0
+            && PyObject_GetBuffer(buffer_obj, &reply, PyBUF_SIMPLE) == 0) {
+        stored = reply.len >= (Py_ssize_t)k && memcmp(reply.buf, expected, k) == 0;
+        PyBuffer_Release(&reply);
+    }
+    PyErr_Clear();
+    if (stored)
+        result = Py_BuildValue("(iOid)", PUT_STORED, PyTuple_GET_ITEM(got, 1), 0, waited);
+    else
+        result = Py_BuildValue("(OOOd)", PyTuple_GET_ITEM(got, 0), PyTuple_GET_ITEM(got, 1), PyTuple_GET_ITEM(got, 2),
+                               waited);
+    Py_DECREF(got);
+out:
+    PyMem_Free(request);
+    PyBuffer_Release(&head);
+    PyBuffer_Release(&key);
+    PyBuffer_Release(&value);
+    return result;
+}
+
 /* kv_put_setup(classes): the heap's chunk sizes, ascending (kv/heap.py CLASSES). */
 static PyObject *kv_put_setup(PyObject *Py_UNUSED(self), PyObject *args) {
     PyObject *sizes;
@@ -782,6 +884,8 @@ static PyObject *kv_put_setup(PyObject *Py_UNUSED(self), PyObject *args) {
 
 static PyMethodDef kvput_functions[] = {
     {"kv_put_setup", kv_put_setup, METH_VARARGS, "kv_put_setup(classes): the heap's chunk sizes"},
+    {"call_put", call_put, METH_VARARGS, "call_put(fd, head, entries, key, value, request_id, budget_s, buffer, "
+     "max_fds, poll_s) -> (n, fds, flags, waited_s)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -804,7 +908,8 @@ int kvput_add_to_module(PyObject *m) {
     }
     if (PyModule_AddFunctions(m, kvput_functions) < 0
             || PyModule_AddIntConstant(m, "PUT_STOCK_MAX", PUT_STOCK_MAX) < 0
-            || PyModule_AddIntConstant(m, "PUT_SEGMENTS_MAX", PUT_SEGMENTS_MAX) < 0)
+            || PyModule_AddIntConstant(m, "PUT_SEGMENTS_MAX", PUT_SEGMENTS_MAX) < 0
+            || PyModule_AddIntConstant(m, "PUT_STORED", PUT_STORED) < 0)
         return -1;
     return 0;
 }

@@ -134,9 +134,25 @@ class ServerLink:
         self._forget_segments(reply.pop("gone", None))
         return reply
 
+    def call_put(self, head: bytes, entries: int, key: bytes, value: bytes, creds: dict[str, Any]) -> dict[str, Any]:
+        """call("kv_put", key=key, value=value, **creds) with its request built, sent and its
+        plain reply read in one compiled call (ipc.py call_put): `head` the request's op and
+        creds pairs, encoded (`entries` of them)."""
+        if not self._channel.compiled_calls:
+            return self.call("kv_put", key=key, value=value, **creds)
+        reply, fds = self._call_with_fds("kv_put", {}, (head, entries, key, value))
+        for fd in fds:
+            os.close(fd)
+        self._forget_segments(reply.pop("gone", None))
+        return reply
+
     def call_with_fds(self, op: str, **args: Any) -> tuple[dict[str, Any], list[int]]:
         """One request and its reply. A TIMEOUT leaves the link in use: the late reply is
         dropped when it comes (late_replies.py). Only a broken stream closes the link."""
+        return self._call_with_fds(op, args)
+
+    def _call_with_fds(self, op: str, args: dict[str, Any],
+                       put: tuple[bytes, int, bytes, bytes] | None = None) -> tuple[dict[str, Any], list[int]]:
         timeout_s = call_timeout_s(self.timeout_s)
         if timeout_s <= 0:
             raise Timeout(f"no time was left to ask server at {self.ipc_socket} for {op!r}")
@@ -146,7 +162,7 @@ class ServerLink:
             if not self._lock.acquire(timeout=timeout_s):
                 raise Timeout(f"server at {self.ipc_socket}: other requests of this process held the "
                               f"connection for {timeout_s:.3g}s ({op!r})")
-            reply, fds = self._exchange(op, args, timeout_s)
+            reply, fds = self._exchange(op, args, timeout_s, put)
         except _Broken as broken:
             failure: MemfabricError | None = broken.error
         else:
@@ -171,9 +187,11 @@ class ServerLink:
             raise error_from_code(reply["error"], str(reply.get("msg", "")))
         return reply, fds
 
-    def _exchange(self, op: str, args: dict[str, Any], timeout_s: float) -> tuple[dict[str, Any], list[int]]:
+    def _exchange(self, op: str, args: dict[str, Any], timeout_s: float,
+                  put: tuple[bytes, int, bytes, bytes] | None = None) -> tuple[dict[str, Any], list[int]]:
         """Under the lock: send the request, then receive until its reply, dropping late
-        replies to requests given up on before. Raises _Broken when the link must close."""
+        replies to requests given up on before. Raises _Broken when the link must close.
+        `put`: a kv_put built by the compiled call (call_put), `args` its stand-in."""
         if self._closed:
             raise ServerUnavailable(f"the connection to {self.ipc_socket} is closed")
         deadline = time.monotonic() + timeout_s
@@ -181,7 +199,7 @@ class ServerLink:
         self._next_id += 1
         args["id"] = request_id
         try:
-            data = wire.encode(args)     # too large: refused here, the link stays up
+            data = b"" if put is not None else wire.encode(args)     # too large: refused here, the link stays up
         except ProtocolError as exc:
             raise LimitExceeded(f"request {op!r} is too large: {exc}") from None
         self._bound_waits(timeout_s)
@@ -192,7 +210,12 @@ class ServerLink:
         while True:
             try:
                 # The request goes and the first reply comes in one call (ipc.py).
-                reply, fds = self._channel.call(data) if sending else self._channel.recv()
+                if not sending:
+                    reply, fds = self._channel.recv()
+                elif put is None:
+                    reply, fds = self._channel.call(data)
+                else:
+                    reply, fds = self._channel.call_put(*put, request_id, args["budget_s"])
             except SendTimeout:
                 # A SEQPACKET message goes whole or not at all: nothing was sent.
                 self._abandoned.pop(request_id, None)
@@ -211,11 +234,13 @@ class ServerLink:
             reply_id = reply.get("id")
             # The server answers one connection's requests in order: those before this reply
             # that are still unanswered were never sent whole.
-            for earlier in [r for r in self._abandoned if type(reply_id) is int and r < reply_id]:
-                del self._abandoned[earlier]
+            if len(self._abandoned) > 1:
+                for earlier in [r for r in self._abandoned if type(reply_id) is int and r < reply_id]:
+                    del self._abandoned[earlier]
             if reply_id == request_id:
                 self._abandoned.pop(request_id, None)
-                self._send_undos()
+                if self._undos:
+                    self._send_undos()
                 return reply, fds
             self._drop_late(reply_id, reply, fds, request_id)
             remaining = deadline - time.monotonic()

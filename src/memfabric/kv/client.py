@@ -139,6 +139,7 @@ class KV:
         self._wire = namespace.wire_creds
         # A get's pairs but its key and id (call_get's head): op, pool, ns, sec.
         self._get_head = wire.encode({"op": "kv_get", **self._wire})[1:]
+        self._put_head = wire.encode({"op": "kv_put", **self._wire})[1:]     # call_put's, likewise
         self._index_key = (namespace.pool, namespace.name, "kv")
         self._lock = threading.Lock()
         self._servers: list[int] = []
@@ -254,7 +255,7 @@ class KV:
         if link is None or not link.is_local or link.closed:
             return None
         try:
-            return bool(link.call("kv_put", key=key, value=value, **self._wire)["stored"])
+            return bool(link.call_put(self._put_head, len(self._wire) + 1, key, value, self._wire)["stored"])
         except ServerUnavailable:
             return None          # once more the long way, with a fresh view of the pool
 

@@ -114,10 +114,15 @@ class IpcChannel:
             fds = _take_fds(ancillary)
         return self._message(n, fds, flags)
 
+    @property
+    def compiled_calls(self) -> bool:
+        """Whether calls are compiled here: built, and no Python-level timeout on the socket."""
+        return self.compiled and self.sock.gettimeout() is None
+
     def call(self, data: bytes) -> tuple[dict[str, Any], list[int]]:
         """send_encoded(data), then recv(): one compiled call where it can be (no Python
         between the request going and the wait for its reply). SendTimeout: nothing was sent."""
-        if not self.compiled or self.sock.gettimeout() is not None:
+        if not self.compiled_calls:
             try:
                 self.send_encoded(data)
             except socket.timeout:
@@ -129,6 +134,23 @@ class IpcChannel:
         if n == -3:
             raise SendTimeout("send timed out")
         poll.waited(waited_s)
+        if n < 0:
+            raise socket.timeout("receive timed out")
+        return self._message(n, fds, flags)
+
+    def call_put(self, head: bytes, entries: int, key: bytes, value: bytes, request_id: int,
+                 budget_s: float) -> tuple[dict[str, Any], list[int]]:
+        """call() of a kv_put (`head`: its op, pool, ns and sec pairs, encoded, `entries` of
+        them), built, sent and answered in one compiled call (_kvput.c call_put): a plain
+        "stored" reply is not even decoded. Only where `compiled_calls`."""
+        poll = self._busy_poll
+        n, fds, flags, waited_s = _frames.call_put(self.sock.fileno(), head, entries, key, value, request_id,
+                                                   budget_s, self._buffer, MAX_FDS_PER_MESSAGE, poll.window())
+        if n == -3:
+            raise SendTimeout("send timed out")
+        poll.waited(waited_s)
+        if n == _frames.PUT_STORED:
+            return {"stored": True, "id": request_id}, fds
         if n < 0:
             raise socket.timeout("receive timed out")
         return self._message(n, fds, flags)
