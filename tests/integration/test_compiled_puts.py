@@ -395,6 +395,24 @@ def test_a_client_killed_mid_stream_gives_its_stock_back(fresh_fabric, request):
         kv = s.namespace(name, "k").kv()
         one = kv.stats()["bytes"] // 51
         settled_bytes(kv, 51 * one)
+        wait_until(lambda: kv.stats()["put_stock_bytes"] == 0, "the connections' stock to be given back")
+
+
+def test_an_idle_connection_gives_its_stock_back(fabric, request):
+    """A connection's stock grows with its puts; once it puts nothing for a while, the
+    keeper takes the stock back (a connection that stopped putting holds no memory for it),
+    and its next puts start a small one."""
+    with local(fabric) as s:
+        kv = s.create_namespace(ns_name(request), sec_id="k").kv()
+        for i in range(300):
+            kv.put(b"k%d" % (i % 7), b"x" * 4000)
+        assert kv.stats()["put_stock_bytes"] > 0
+        wait_until(lambda: kv.stats()["put_stock_bytes"] == 0, "the idle stock to be given back")
+        before = compiled_puts(s)
+        for i in range(100):
+            kv.put(b"k%d" % (i % 7), b"y" * 4000)
+        assert compiled_puts(s) - before >= 80
+        assert all(kv.get(b"k%d" % i) == b"y" * 4000 for i in range(7))
 
 
 def test_a_stopped_server_times_compiled_puts_out(fresh_fabric, request):

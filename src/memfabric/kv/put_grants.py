@@ -14,7 +14,9 @@ What the loop leaves behind, Python takes up, under the keyspace's lock:
   - the records its puts replaced: freed (they rest, then serve again) when Python grants
     again, on the keeper's tick, and when the grant goes (`settle`);
   - the stock: counted aside (space.stocked_bytes, not among the keyspace's bytes) until used,
-    and given back to the heap when the grant goes or changes class.
+    and given back to the heap when the grant goes or changes class, or has served no put
+    for STOCK_IDLE_S. A stock starts small and doubles with each refill (up to
+    KV_PUT_STOCK_CHUNKS): a connection that puts now and then holds a few chunks, not many.
 
 A grant stops serving by itself when the table is followed by another, closed or draining,
 when its lease runs out or its time is up. It is told when a segment may go (memory given
@@ -39,6 +41,8 @@ except ImportError:      # pragma: no cover - ./dev builds it
     _frames = None
 
 _ready: bool | None = None
+FIRST_STOCK_CHUNKS = 4
+STOCK_IDLE_S = 1.0          # a grant that served no put for this long gives its stock back
 
 
 def compiled_puts() -> bool:
@@ -50,6 +54,19 @@ def compiled_puts() -> bool:
         if _ready:
             _frames.kv_put_setup(list(CLASSES))
     return _ready
+
+
+class _Held:
+    """What the keyspace knows of one of its grants: whose it is, how large its next stock
+    is, and since when it has served nothing."""
+
+    __slots__ = ("grants", "next_stock", "served", "idle_since")
+
+    def __init__(self, grants: "ConnectionPutGrants") -> None:
+        self.grants = grants
+        self.next_stock = FIRST_STOCK_CHUNKS
+        self.served = 0
+        self.idle_since: float | None = None
 
 
 class ConnectionPutGrants:
@@ -81,15 +98,17 @@ def grant(grants: ConnectionPutGrants, space: Any, store: Any, creds: tuple, siz
         g = _frames.KvPutGrant(creds[0], creds[1], creds[2])
         grants.by_space[space] = g
         grants.table.append(g)
-        space.put_grants[g] = grants
+        space.put_grants[g] = _Held(grants)
+    held = space.put_grants[g]
     settle(space, store, g)
     cls = RecordHeap.class_of(size)
     chunk = CLASSES[cls]
     if g.stocked and g.chunk_bytes != chunk:        # another class: its stock goes back
         _give_back(space, store, g.take_stock(), g.chunk_bytes)
     fresh: list[tuple[int, int]] = []
-    want = min(KV_PUT_STOCK_CHUNKS, max(1, KV_PUT_STOCK_BYTES // chunk)) - g.stocked
+    want = min(held.next_stock, KV_PUT_STOCK_CHUNKS, max(1, KV_PUT_STOCK_BYTES // chunk)) - g.stocked
     if want > 0:
+        held.next_stock = min(2 * held.next_stock, KV_PUT_STOCK_CHUNKS)
         try:
             fresh = [(c.segment, c.offset) for c in store.chunks(size, want)]
         except MemfabricError:      # no memory for more (OUT_OF_MEMORY...): what there is serves
@@ -128,10 +147,18 @@ def _give_back(space: Any, store: Any, chunks: list[tuple[int, int]], chunk: int
         store.give_back_chunks(chunks, chunk)
 
 
-def settle_all(space: Any) -> None:
-    """Under the keyspace's lock (the keeper's tick): every grant's replaced records freed."""
-    for g in list(space.put_grants):
+def settle_all(space: Any, now_s: float) -> None:
+    """Under the keyspace's lock (the keeper's tick): every grant's replaced records freed, and
+    the stock of grants idle for STOCK_IDLE_S given back (the next put refills it, small)."""
+    for g, held in list(space.put_grants.items()):
         settle(space, space.store, g)
+        if g.served != held.served:
+            held.served, held.idle_since = g.served, None
+        elif held.idle_since is None:
+            held.idle_since = now_s
+        elif now_s - held.idle_since >= STOCK_IDLE_S and g.stocked:
+            _give_back(space, space.store, g.take_stock(), g.chunk_bytes)
+            held.next_stock = FIRST_STOCK_CHUNKS
 
 
 def pause(space: Any) -> None:
@@ -143,9 +170,9 @@ def pause(space: Any) -> None:
 
 def close_space(space: Any) -> None:
     """The keyspace is gone (its memory with it): its grants serve nothing more."""
-    for g, grants in list(space.put_grants.items()):
+    for g, held in list(space.put_grants.items()):
         g.close()
-        _forget(grants, space, g)
+        _forget(held.grants, space, g)
     space.put_grants.clear()
 
 

@@ -327,7 +327,7 @@ class KeyValueService(KeyEdits):
             if space.put_grants:         # what compiled puts replaced is freed
                 with space.lock:
                     if not space.closed:
-                        put_grants.settle_all(space)
+                        put_grants.settle_all(space, time.monotonic())
             if space.draining is not None:
                 with space.lock:
                     if not space.closed:

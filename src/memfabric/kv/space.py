@@ -163,7 +163,7 @@ class KeySpace:
                 "memory_limit": self.settings.memory_limit, "hits": hits, "misses": misses,
                 "evictions": self.counters.evictions, "expired": self.counters.expired,
                 "index_bytes": sum(t.index_bytes + t.slots for t in (self.table, self.draining) if t is not None),
-                "pages": self.heap.page_count}
+                "pages": self.heap.page_count, "put_stock_bytes": self.stocked_bytes}
 
     # ---- clients' counter slots ----------------------------------------------------------------
 
