@@ -477,7 +477,7 @@ PyMODINIT_FUNC PyInit__frames(void) {
             || PyModule_AddIntConstant(m, "BLOCK", BLOCK) < 0 || PyModule_AddIntConstant(m, "DONE", DONE) < 0
             || PyModule_AddIntConstant(m, "NOTHING", NOTHING) < 0 || PyModule_AddIntConstant(m, "STALLED", STALLED) < 0
             || spans_add_to_module(m) < 0 || kvget_add_to_module(m) < 0
-            || kvput_add_to_module(m) < 0) {
+            || kvput_add_to_module(m) < 0 || resp_add_to_module(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

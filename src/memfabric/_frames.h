@@ -61,6 +61,12 @@ extern PyTypeObject KvGrantsType;
 int kv_serve(PyObject *grants, int fd, const unsigned char *block, Outcome *outcome, int *err,
              PyThreadState **save, int main_thread);
 int kvget_add_to_module(PyObject *module);
+/* _kvget.c: a door GET (_resp.c) looked up in a grant of `grants` (a KvGrants) for (pool,
+ * ns) with that secret: 1 with its RESP2 reply ($len value, or $-1) in out[0..*out_n), counted;
+ * 0 when it is Python's (nothing written or counted). Without the GIL. */
+int kv_door_get(PyObject *grants, const unsigned char *pool, size_t pool_n, const unsigned char *ns, size_t ns_n,
+                const unsigned char *sec, size_t sec_n, const unsigned char *key, size_t key_n, unsigned char *out,
+                size_t room, size_t *out_n);
 /* _kvget.c: the index's key hash (xxh3 of the key, never EMPTY or TOMBSTONE), once
  * kv_hash_setup found it; and a comparison of secrets in constant time. */
 int kv_hash_ready(void);
@@ -71,6 +77,12 @@ int kv_same_secret(const unsigned char *a, size_t a_n, const unsigned char *b, s
  * kv_put_serve() answers the packet if it is a put the grants (a list) cover: 1 with the
  * reply in `reply` (PUT_REPLY_ROOM bytes), 0 when it is Python's. With the GIL. */
 #define PUT_REPLY_ROOM 32
+typedef struct {
+    const unsigned char *pool, *ns, *sec, *key, *value, *id;
+    size_t pool_n, ns_n, sec_n, key_n, value_n, id_n;
+    uint64_t ttl_ms;             /* 0: none */
+} KvPutRequest;
+int kv_put_apply(PyObject *grants, const KvPutRequest *q);
 /* _frames.c: one SEQPACKET message received into `buffer_obj` (after `request` is sent, if
  * given), answering the puts `puts` covers meanwhile (if given): (n, fds, flags), see
  * recv_packet, serve_packets and call_packet there. */
@@ -78,5 +90,7 @@ PyObject *receive_packet(int fd, PyObject *buffer_obj, int max_fds, double poll_
                          double *waited, const char *request, size_t request_n);
 int kv_put_serve(PyObject *grants, const unsigned char *packet, size_t n, unsigned char *reply, size_t *reply_n);
 int kvput_add_to_module(PyObject *module);
+/* _resp.c: the Redis-protocol door's GET and SET (resp_serve). */
+int resp_add_to_module(PyObject *module);
 
 #endif

@@ -505,6 +505,72 @@ int kv_serve(PyObject *grants, int fd, const unsigned char *block, Outcome *outc
     return 1;
 }
 
+/* ---- the Redis-protocol door's GET (_resp.c) --------------------------------------------------- */
+
+/* kv_lookup's reader for the door: the value as a RESP bulk string into `out`. */
+typedef struct {
+    const KvGrant *g;
+    unsigned char *out;
+    size_t room, n;
+} Bulk;
+
+static int bulk_segment(void *ctx, uint64_t segment, const char **base, uint64_t *len) {
+    Answer a = {((Bulk *)ctx)->g, NULL, 0, 0};
+    return answer_segment(&a, segment, base, len);
+}
+
+static int bulk_copy(void *ctx, const char *value, uint64_t vlen) {
+    Bulk *b = ctx;
+    char head[24];
+    int head_n = snprintf(head, sizeof head, "$%llu\r\n", (unsigned long long)vlen);
+    if ((size_t)head_n + vlen + 2 > b->room)
+        return KV_ASK;
+    memcpy(b->out, head, (size_t)head_n);
+    memcpy(b->out + head_n, value, (size_t)vlen);
+    memcpy(b->out + head_n + vlen, "\r\n", 2);
+    b->n = (size_t)head_n + (size_t)vlen + 2;
+    return KV_FOUND;
+}
+
+static void bulk_drop(void *ctx) { ((Bulk *)ctx)->n = 0; }
+
+int kv_door_get(PyObject *grants, const unsigned char *pool, size_t pool_n, const unsigned char *ns, size_t ns_n,
+                const unsigned char *sec, size_t sec_n, const unsigned char *key, size_t key_n, unsigned char *out,
+                size_t room, size_t *out_n) {
+    KvGrants *t = (KvGrants *)grants;
+    if (xxh3 == NULL || key_n == 0 || Py_TYPE(grants) != &KvGrantsType)
+        return 0;
+    uint64_t h = kv_key_hash(key, key_n);
+    Bulk b = {NULL, out, room < t->max_value + 32 ? room : t->max_value + 32, 0};
+    KvReader reader = {bulk_segment, bulk_copy, bulk_drop, &b};
+    int got = KV_ASK;
+    pthread_mutex_lock(&t->mu);
+    KvGrant **found = find(t, pool, pool_n, ns, ns_n);
+    if (found != NULL) {
+        KvGrant *g = *found;
+        if (kv_same_secret((const unsigned char *)g->names + g->pool_n + g->ns_n, g->sec_n, sec, sec_n)) {
+            b.g = g;
+            got = kv_lookup(&g->table, NULL, h, (const char *)key, key_n, &reader);
+            if (got == KV_FOUND || got == KV_MISSING) {
+                __atomic_fetch_add(&g->counts[got == KV_FOUND ? 0 : 1], 1, __ATOMIC_RELAXED);
+                t->served++;
+            }
+        }
+    }
+    pthread_mutex_unlock(&t->mu);
+    if (got == KV_MISSING) {
+        if (room < 5)
+            return 0;
+        memcpy(out, "$-1\r\n", 5);
+        *out_n = 5;
+        return 1;
+    }
+    if (got != KV_FOUND)
+        return 0;
+    *out_n = b.n;
+    return 1;
+}
+
 /* ---- the client's call ------------------------------------------------------------------------ */
 
 static PyObject *call_get(PyObject *Py_UNUSED(self), PyObject *args) {

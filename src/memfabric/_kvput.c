@@ -408,11 +408,7 @@ PyTypeObject KvPutGrantType = {
 
 /* ---- the request ---------------------------------------------------------------------------- */
 
-typedef struct {
-    const unsigned char *pool, *ns, *sec, *key, *value, *id;
-    size_t pool_n, ns_n, sec_n, key_n, value_n, id_n;
-    uint64_t ttl_ms;             /* 0: none */
-} PutRequest;
+typedef KvPutRequest PutRequest;
 
 enum { P_OP, P_ID, P_POOL, P_NS, P_SEC, P_KEY, P_VALUE, P_TTL, P_NX, P_XX, P_REPLICAS, P_BUDGET, P_COUNT };
 #define P_REQUIRED ((1u << P_OP) | (1u << P_ID) | (1u << P_POOL) | (1u << P_NS) | (1u << P_SEC) | (1u << P_KEY) \
@@ -699,12 +695,12 @@ static int put_locked(KvPutGrant *g, const PutRequest *q, uint64_t h) {
     return 1;
 }
 
-/* kv_put_serve(grants, packet, n, reply, &reply_n), with the GIL: 1 when the packet was a
- * put of the grants' and is done, the reply's bytes in `reply` (REPLY_ROOM at least); 0 when
- * it is Python's (nothing changed). */
-int kv_put_serve(PyObject *grants, const unsigned char *packet, size_t n, unsigned char *reply, size_t *reply_n) {
-    PutRequest q = {0};
-    if (!PyList_Check(grants) || PyList_GET_SIZE(grants) == 0 || !kv_hash_ready() || !parse_put(packet, n, &q))
+/* kv_put_apply(grants, q), with the GIL: 1 when the put `q` was one the grants (a list)
+ * cover and is done, 0 when it is Python's (nothing changed). */
+int kv_put_apply(PyObject *grants, const KvPutRequest *q_) {
+    const PutRequest q = *q_;
+    if (!PyList_Check(grants) || PyList_GET_SIZE(grants) == 0 || !kv_hash_ready() || q.key_n == 0
+            || q.key_n > PUT_MAX_KEY)
         return 0;
     KvPutGrant *g = NULL;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(grants); i++) {
@@ -749,7 +745,15 @@ int kv_put_serve(PyObject *grants, const unsigned char *packet, size_t n, unsign
     Py_DECREF(stripe);
     Py_DECREF(g);
     PyErr_Clear();
-    if (!done)
+    return done;
+}
+
+/* kv_put_serve(grants, packet, n, reply, &reply_n), with the GIL: 1 when the packet was a
+ * put of the grants' and is done, the reply's bytes in `reply` (PUT_REPLY_ROOM at least); 0
+ * when it is Python's (nothing changed). */
+int kv_put_serve(PyObject *grants, const unsigned char *packet, size_t n, unsigned char *reply, size_t *reply_n) {
+    PutRequest q = {0};
+    if (!parse_put(packet, n, &q) || !kv_put_apply(grants, &q))
         return 0;
     size_t k = 0;
     reply[k++] = 0x82;

@@ -813,13 +813,12 @@ class KeyValueService(KeyEdits):
             found = store.live(key, key_hash(key), now_ms())
             if found is None:
                 space.counters.misses += 1
-                if not as_hold:
-                    self._grant_gets(conn, creds, space, store, None)
+                self._grant_gets(conn, creds, space, store, None)
                 return {"found": False}
             space.counters.hits += 1
             fields = found[1]
             if fields[3] <= KV_INLINE_BYTES or as_hold:
-                if not as_hold and extents_of(fields) == 0:
+                if extents_of(fields) == 0:
                     self._grant_gets(conn, creds, space, store, fields[0])
                 return {"found": True, **self._value_or_hold(conn, state, space, store, fields)}
             mine = self._may_hold(conn)

@@ -66,6 +66,7 @@ class Client:
     resp: int = 2                  # the protocol's version (HELLO 3: RESP3)
     conn: Any = None               # its server.requests.Connection
     sock: Any = None
+    buffer: Any = None             # the compiled GET and SET's (front.py), made with its first use
 
     def keyspace(self) -> Keyspace:
         assert self.keys is not None, "a command needing keys ran before AUTH"

@@ -39,6 +39,11 @@ from ...server.accepting import AcceptLoop
 from ...server.requests import Connection
 from ...transport import rpc
 from ...transport.sockets import timeval
+
+try:    # the compiled GET and SET (_resp.c)
+    from ... import _frames
+except ImportError:      # pragma: no cover - ./dev builds it
+    _frames = None
 from . import commands
 from . import protocol as p
 from .sending import send_all
@@ -55,6 +60,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("memfabric.server")
 
 WRONGPASS = "-WRONGPASS invalid username-password pair or user is disabled."
+# Commands one compiled read answers before it returns (the door's counters catch up then).
+DOOR_COMMANDS_PER_CALL = 4096
 
 
 def _bound_waits(sock: socket.socket, seconds: float) -> None:
@@ -191,6 +198,11 @@ class RespFront:
             sock.close()
             return
         conn = Connection(client=f"host {peer[0]}")
+        # Its GETs and SETs may be answered in compiled code (_resp.c) once Python has served
+        # one of each with the secId checked (kv/get_grants.py, kv/put_grants.py).
+        if _frames is not None and hasattr(_frames, "resp_serve"):
+            self.server.kv.open_get_grants(conn)
+            self.server.kv.open_put_grants(conn)
         keys = None if self.require_auth else Keyspace(self.server, conn, (self.pool, self.namespace, self.sec_id))
         client = Client(commands.next_client_id(), f"{peer[0]}:{peer[1]}", self, keys, conn=conn, sock=sock)
         unauthenticated = keys is None
@@ -245,12 +257,21 @@ class RespFront:
                         _close_with(sock, f"closed: no AUTH within {self.auth_timeout_s:g} seconds")
                         return
                     _bound_waits(sock, min(left_s, RESP_SEND_TIMEOUT_S))
-            try:
-                data = sock.recv(RESP_RECV_BYTES)
-            except (socket.timeout, BlockingIOError):      # SO_RCVTIMEO ran out
-                continue              # idle is fine once authenticated (Redis's timeout 0)
-            if not data:
-                return
+            compiled = self._compiled(client, parser)
+            if compiled is not None:
+                status, data, gets, sets = _frames.resp_serve(sock.fileno(), *compiled, DOOR_COMMANDS_PER_CALL)
+                self._count_compiled(gets, sets)
+                if status == _frames.DOOR_CLOSED:
+                    return            # what it left unfinished goes with it, as with Redis
+                if not data:
+                    continue          # idle, or a batch answered: read on
+            else:
+                try:
+                    data = sock.recv(RESP_RECV_BYTES)
+                except (socket.timeout, BlockingIOError):      # SO_RCVTIMEO ran out
+                    continue              # idle is fine once authenticated (Redis's timeout 0)
+                if not data:
+                    return
             try:
                 parser.feed(data)
             except p.QueryBufferFull as exc:
@@ -306,6 +327,30 @@ class RespFront:
                 send_all(sock, b"".join(out))
             if closing:
                 return
+
+    def _compiled(self, client: Client, parser: p.RequestParser) -> tuple | None:
+        """resp_serve's arguments for this connection's next read, when its GETs and SETs may
+        be answered in compiled code: authenticated, RESP2, nothing of the parser's pending,
+        grants open, and every key homed here (the pool's one live server); else None."""
+        keys = client.keys
+        grants = client.conn.services
+        if keys is None or client.resp != 2 or not parser.idle() or "kv_get_grants" not in grants:
+            return None
+        try:
+            if keys.servers() != [self.server.server_id]:
+                return None
+        except MemfabricError:
+            return None
+        if client.buffer is None:
+            client.buffer = bytearray(_frames.DOOR_BUFFER_BYTES)
+        pool, ns, sec = keys.creds
+        return (client.buffer, grants["kv_get_grants"].table, grants["kv_put_grants"].table, pool, ns, sec)
+
+    def _count_compiled(self, gets: int, sets: int) -> None:
+        if gets or sets:
+            with self._lock:
+                self.commands["get"] += gets
+                self.commands["set"] += sets
 
     def _execute(self, client: Client, args: list[bytes]) -> bytes | MgetReply | HeldValue | None:
         try:

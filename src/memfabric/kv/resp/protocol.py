@@ -142,6 +142,10 @@ class RequestParser:
     def buffered_bytes(self) -> int:
         return len(self._buffer) - self._pos
 
+    def idle(self) -> bool:
+        """Nothing buffered, no request half read: the next bytes may be read by someone else."""
+        return self._pos >= len(self._buffer) and self._count == 0 and self._bulk == -1
+
     def feed(self, data: bytes) -> None:
         if self._pos:
             del self._buffer[:self._pos]

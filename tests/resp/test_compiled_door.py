@@ -1,0 +1,158 @@
+"""The door's GET and SET answered in compiled code (_resp.c): on a one-server pool (every key
+homed where the door is), against a real redis-server, byte for byte: pipelines mixing them
+with everything else, every split of a request across reads, keys and values with CR LF in
+them, wrong arity, options, case; the counters INFO shows; that the compiled path is taken.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+
+import pytest
+
+import memfabric
+from memfabric.launcher import LocalFabric
+
+from ..conftest import short_tmp_dir
+from ..helpers import free_ports
+from .wire import Raw, encode
+
+_frames = pytest.importorskip("memfabric._frames")
+pytestmark = pytest.mark.skipif(not hasattr(_frames, "resp_serve"), reason="the compiled part is not built")
+
+
+@pytest.fixture(scope="module")
+def one_server_door():
+    port = free_ports(1)
+    fab = LocalFabric(short_tmp_dir("mf-resp-c-"), servers=1, capacity="64MiB", segment_size="1MiB",
+                      liveness_timeout_s=2.0, extra_args=["--resp-port", str(port)]).start()
+    fab.resp_port = port
+    yield fab
+    assert fab.stop() == 0, "memfabric up did not stop cleanly:\n" + "".join(fab.output[-30:])
+
+
+@pytest.fixture
+def pair(redis_server, one_server_door):
+    door, redis = Raw(one_server_door.resp_port), Raw(redis_server.port)
+    for r in (door, redis):
+        r.send(encode("FLUSHALL"))
+        assert r.reply() == b"+OK\r\n"
+    yield door, redis
+    door.close()
+    redis.close()
+
+
+def compiled(fab) -> tuple[int, int]:
+    with memfabric.init(fab.directory) as s:
+        stats = s.link(1).call("stats")
+    return stats["compiled_gets"], stats["compiled_puts"]
+
+
+def replies(r: Raw, data: bytes, count: int, split: list[int] | None = None) -> bytes:
+    """Send `data` (in pieces ending at `split`, if given), then read `count` replies."""
+    if split is None:
+        r.send(data)
+    else:
+        at = 0
+        for end in [*split, len(data)]:
+            if end > at:
+                r.send(data[at:end])
+                at = end
+    return b"".join(r.reply() for _ in range(count))
+
+
+def mixed(rng: random.Random, n: int) -> list[bytes]:
+    keys = [b"k", b"key:1", b"\r\n", b"a b", bytes(range(256))[:40], b"K"]
+    out = []
+    for _ in range(n):
+        key = rng.choice(keys)
+        value = rng.choice([b"", b"v", b"\r\n\r\n", b"x" * rng.randint(1, 5000), bytes(rng.randrange(256)
+                                                                                      for _ in range(50))])
+        out.append(rng.choice([
+            encode(rng.choice(["SET", "set", "SeT"]), key, value),
+            encode(rng.choice(["GET", "get", "gEt"]), key),
+            encode("GET", key + b"-missing"),
+            encode("SET", key, value, "EX", "100"),
+            encode("SET", key, value, "NX"),
+            encode("SET", key, value, "GET"),
+            encode("GET", key, b"extra"),
+            encode("SET", key),
+            encode("APPEND", key, b"+"),
+            encode("STRLEN", key),
+            encode("DEL", key),
+            encode("EXISTS", key),
+            encode("TYPE", key),
+            encode("GETSET", key, value),
+            encode("NOSUCHCOMMAND", key),
+            b"GET " + rng.choice([b"k", b"key:1", b"K"]) + b"\r\n",                 # inline
+        ]))
+    return out
+
+
+def test_pipelines_of_get_and_set_answer_as_redis(pair, one_server_door):
+    door, redis = pair
+    before = compiled(one_server_door)
+    rng = random.Random(7)
+    for round_ in range(30):
+        batch = mixed(rng, rng.randint(1, 40))
+        data = b"".join(batch)
+        assert replies(door, data, len(batch)) == replies(redis, data, len(batch)), f"round {round_}"
+    for _ in range(200):                      # plain GET and SET runs: what the compiled path takes
+        key, value = b"plain:%d" % rng.randrange(20), b"v" * rng.randrange(1000, 1100)
+        data = encode("SET", key, value) + encode("GET", key) + encode("GET", b"nope")
+        assert replies(door, data, 3) == replies(redis, data, 3)
+    after = compiled(one_server_door)
+    assert after[0] - before[0] > 100 and after[1] - before[1] > 100, (before, after)
+
+
+def test_requests_split_at_every_byte_answer_as_redis(pair):
+    door, redis = pair
+    batch = [encode("SET", b"s", b"one\r\ntwo"), encode("GET", b"s"), encode("get", b"none"), encode("SET", b"t", b""),
+             encode("GET", b"t"), encode("STRLEN", b"s"), encode("SET", b"s", b"x" * 300), encode("GET", b"s")]
+    data = b"".join(batch)
+    expected = replies(redis, data, len(batch))
+    for cut in range(1, len(data)):
+        assert replies(door, data, len(batch), split=[cut]) == expected, f"cut at {cut}"
+    assert replies(door, data, len(batch), split=list(range(1, len(data)))) == expected
+
+
+def test_values_around_the_compiled_limits_answer_as_redis(pair):
+    door, redis = pair
+    for size in (0, 1, 64 * 1024 - 10, 64 * 1024, 64 * 1024 + 1, 100 * 1024, 200 * 1024, 300 * 1024):
+        value = bytes(random.Random(size).randrange(256) for _ in range(min(size, 1000))) * (size // 1000 + 1)
+        value = value[:size]
+        data = encode("SET", b"big", value) + encode("GET", b"big") + encode("SET", b"big", value) + encode("GET", b"big")
+        assert replies(door, data, 4) == replies(redis, data, 4), size
+
+
+def test_counters_count_compiled_commands_as_redis_does(pair):
+    """INFO's commands processed, hits and misses move as Redis's do."""
+    door, redis = pair
+
+    def figures(r: Raw) -> dict[bytes, int]:
+        r.send(encode("INFO", "stats"))
+        lines = r.reply().split(b"\r\n")
+        return {k: int(v) for k, _, v in (line.partition(b":") for line in lines)
+                if k in (b"total_commands_processed", b"keyspace_hits", b"keyspace_misses")}
+    data = b"".join(encode("SET", b"c%d" % (i % 5), b"v") + encode("GET", b"c%d" % (i % 7)) for i in range(300))
+    deltas = []
+    for r in (door, redis):
+        first = figures(r)
+        replies(r, data, 600)
+        last = figures(r)
+        deltas.append({k: last[k] - first[k] for k in first})
+    assert deltas[0] == deltas[1]
+
+
+def test_a_client_that_leaves_mid_request_leaves_the_door_up(one_server_door):
+    for cut in (3, 10, 25):
+        with socket.create_connection(("127.0.0.1", one_server_door.resp_port), timeout=10) as s:
+            s.sendall(encode("SET", b"a", b"1") + encode("SET", b"half", b"x" * 100)[:cut])
+            assert s.recv(100) == b"+OK\r\n"
+    r = Raw(one_server_door.resp_port)
+    try:
+        r.send(encode("GET", b"half") + encode("GET", b"a"))
+        assert r.reply() == b"$-1\r\n" and r.reply() == b"$1\r\n1\r\n"
+    finally:
+        r.close()
