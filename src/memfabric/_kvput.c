@@ -9,11 +9,12 @@
  *
  * Unlike the RPC loop's gets (_kvget.c), a put changes the keyspace, whose state is Python's
  * (the heap, the counters, the version clock, the table's writer). So the put runs with the
- * GIL held, under the keyspace's own lock (`space.lock`, taken without waiting: held by
- * another thread, the packet is Python's, which waits), and changes the Python state it must
+ * GIL held, under the keyspace's own lock (`space.lock`, waited for as Python waits: the GIL
+ * let go meanwhile), and changes the Python state it must
  * directly: the version clock, the key counts. It takes the key's stripe lock first, as
  * Python's writes do (an INCR or APPEND reads, then writes, under it: a put between the
- * two would be lost). What it cannot do cheaply it is given or
+ * two would be lost); the locks' order is Python's, so waiting cannot deadlock. What it
+ * cannot do cheaply it is given or
  * leaves behind:
  *   - memory: a stock of chunks of one size class, allocated from the heap by Python (counted
  *     aside, in space.stocked_bytes, until used);
@@ -727,21 +728,27 @@ int kv_put_apply(PyObject *grants, const KvPutRequest *q_) {
     }
     uint64_t h = kv_key_hash(q.key, q.key_n);
     Py_INCREF(g);                /* the grant outlives the put, whatever Python does meanwhile */
-    /* The key's stripe, then the keyspace's lock, as Python's writes take them; neither waits. */
+    /* The key's stripe, then the keyspace's lock, in the order Python's writes take them (so
+     * waiting for them is safe), and waiting as Python's do (the GIL let go meanwhile): a put
+     * that left for Python whenever another thread held one made a busy keyspace's puts
+     * queue up in Python, where they hold the locks longer. */
     PyObject *stripe = PyList_GET_ITEM(g->key_locks, (Py_ssize_t)(h % (uint64_t)PyList_GET_SIZE(g->key_locks)));
     Py_INCREF(stripe);
     int done = 0;
-    PyObject *took_stripe = PyObject_CallMethodOneArg(stripe, s_acquire, Py_False);
+    PyObject *lock = g->lock;    /* ours: a close while we wait (GIL let go) clears the grant's */
+    Py_INCREF(lock);
+    PyObject *took_stripe = PyObject_CallMethodNoArgs(stripe, s_acquire);
     if (took_stripe == Py_True) {
-        PyObject *took = PyObject_CallMethodOneArg(g->lock, s_acquire, Py_False);
+        PyObject *took = PyObject_CallMethodNoArgs(lock, s_acquire);
         if (took == Py_True) {
-            done = g->words != NULL && put_locked(g, &q, h);
-            Py_XDECREF(PyObject_CallMethodNoArgs(g->lock, s_release));
+            done = g->words != NULL && put_locked(g, &q, h);     /* rechecked: it may be closed now */
+            Py_XDECREF(PyObject_CallMethodNoArgs(lock, s_release));
         }
         Py_XDECREF(took);
         Py_XDECREF(PyObject_CallMethodNoArgs(stripe, s_release));
     }
     Py_XDECREF(took_stripe);
+    Py_DECREF(lock);
     Py_DECREF(stripe);
     Py_DECREF(g);
     PyErr_Clear();
