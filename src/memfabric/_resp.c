@@ -18,8 +18,10 @@
  * pending, for an authenticated client of a one-server pool (so every key is homed here),
  * speaking RESP2.
  *
- * resp_serve(fd, buffer, get_grants, put_grants, pool, ns, sec, max_commands) -> (status,
- * rest, gets, sets), `buffer` the connection's (DOOR_BUFFER_BYTES, writable): status DOOR_PYTHON (rest: the bytes for Python, maybe partial), DOOR_CLOSED
+ * resp_serve(fd, buffer, get_grants, put_grants, pool, ns, sec, pending, max_commands) ->
+ * (status, rest, gets, sets), `buffer` the connection's (DOOR_BUFFER_BYTES, writable),
+ * `pending` bytes already received to answer first (what Python's parser had left after the
+ * command it answered: a pipeline goes on here, not in Python): status DOOR_PYTHON (rest: the bytes for Python, maybe partial), DOOR_CLOSED
  * (the client closed; rest: bytes it left unfinished), DOOR_IDLE (SO_RCVTIMEO ran out with
  * nothing pending), DOOR_MORE (max_commands answered: call again; rest: what is pending).
  * gets and sets: the commands it answered (the door counts them). An error sending raises
@@ -129,27 +131,30 @@ static int send_out(int fd, const unsigned char *out, size_t n, int *err) {
 static PyObject *resp_serve(PyObject *Py_UNUSED(self), PyObject *args) {
     int fd;
     PyObject *buffer_obj, *get_grants, *put_grants;
-    Py_buffer buffer, pool, ns, sec;
+    Py_buffer buffer, pool, ns, sec, pending;
     Py_ssize_t max_commands;
-    if (!PyArg_ParseTuple(args, "iOOO!s*s*y*n", &fd, &buffer_obj, &get_grants, &PyList_Type, &put_grants, &pool, &ns,
-                          &sec, &max_commands))
+    if (!PyArg_ParseTuple(args, "iOOO!s*s*y*y*n", &fd, &buffer_obj, &get_grants, &PyList_Type, &put_grants, &pool,
+                          &ns, &sec, &pending, &max_commands))
         return NULL;
     PyObject *result = NULL;
     if (!writable(buffer_obj, &buffer)) {
+        PyBuffer_Release(&pending);
         PyBuffer_Release(&pool);
         PyBuffer_Release(&ns);
         PyBuffer_Release(&sec);
         return NULL;
     }
     unsigned char *in = buffer.buf, *out = in + DOOR_IN_BYTES;
-    if (buffer.len < DOOR_BUFFER_BYTES) {
-        PyErr_SetString(PyExc_ValueError, "the door's buffer is DOOR_BUFFER_BYTES");
+    if (buffer.len < DOOR_BUFFER_BYTES || pending.len > DOOR_IN_BYTES) {
+        PyErr_SetString(PyExc_ValueError, "the door's buffer is DOOR_BUFFER_BYTES, and holds what is pending");
         goto done;
     }
-    size_t have = 0, start = 0, out_n = 0;
+    size_t have = (size_t)pending.len, start = 0, out_n = 0;
+    memcpy(in, pending.buf, have);
     Py_ssize_t gets = 0, sets = 0;
     int status = DOOR_PYTHON, err = 0;
     PyThreadState *save = PyEval_SaveThread();
+    int holding = 0;             /* the GIL, taken for a SET and kept for the batch's next ones */
     for (;;) {
         /* Answer the whole commands pending. */
         int stop = 0;
@@ -163,6 +168,10 @@ static PyObject *resp_serve(PyObject *Py_UNUSED(self), PyObject *args) {
             }
             size_t reply_room = DOOR_OUT_BYTES - out_n;
             if (reply_room < 64 * 1024 + 32 && out_n) {          /* room for any reply first */
+                if (holding) {       /* never wait for a client with the GIL */
+                    save = PyEval_SaveThread();
+                    holding = 0;
+                }
                 if (!send_out(fd, out, out_n, &err))
                     break;
                 out_n = 0;
@@ -176,9 +185,11 @@ static PyObject *resp_serve(PyObject *Py_UNUSED(self), PyObject *args) {
             } else {
                 KvPutRequest q = {pool.buf, ns.buf, sec.buf, c.arg[1], c.arg[2], NULL, (size_t)pool.len,
                                   (size_t)ns.len, (size_t)sec.len, c.len[1], c.len[2], 0, 0};
-                PyEval_RestoreThread(save);
+                if (!holding) {
+                    PyEval_RestoreThread(save);
+                    holding = 1;
+                }
                 answered = kv_put_apply(put_grants, &q);
-                save = PyEval_SaveThread();
                 if (answered) {
                     memcpy(out + out_n, "+OK\r\n", 5);
                     n = 5;
@@ -194,6 +205,10 @@ static PyObject *resp_serve(PyObject *Py_UNUSED(self), PyObject *args) {
                 gets++;
             else
                 sets++;
+        }
+        if (holding) {               /* let go before anything waits */
+            save = PyEval_SaveThread();
+            holding = 0;
         }
         if (err)
             break;
@@ -246,6 +261,7 @@ static PyObject *resp_serve(PyObject *Py_UNUSED(self), PyObject *args) {
     result = Py_BuildValue("(iy#nn)", status, (const char *)in + start, (Py_ssize_t)(have - start), gets, sets);
 done:
     PyBuffer_Release(&buffer);
+    PyBuffer_Release(&pending);
     PyBuffer_Release(&pool);
     PyBuffer_Release(&ns);
     PyBuffer_Release(&sec);
@@ -254,7 +270,8 @@ done:
 
 static PyMethodDef resp_functions[] = {
     {"resp_serve", resp_serve, METH_VARARGS,
-     "resp_serve(fd, buffer, get_grants, put_grants, pool, ns, sec, max_commands) -> (status, rest, gets, sets)"},
+     "resp_serve(fd, buffer, get_grants, put_grants, pool, ns, sec, pending, max_commands) -> "
+     "(status, rest, gets, sets)"},
     {NULL, NULL, 0, NULL},
 };
 

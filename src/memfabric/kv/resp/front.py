@@ -62,6 +62,7 @@ log = logging.getLogger("memfabric.server")
 WRONGPASS = "-WRONGPASS invalid username-password pair or user is disabled."
 # Commands one compiled read answers before it returns (the door's counters catch up then).
 DOOR_COMMANDS_PER_CALL = 4096
+DOOR_PENDING_MAX_BYTES = 128 << 10     # a pipeline's rest the compiled path takes from the parser
 
 
 def _bound_waits(sock: socket.socket, seconds: float) -> None:
@@ -243,6 +244,7 @@ class RespFront:
 
     def _loop(self, client: Client, sock: socket.socket) -> None:
         parser = p.RequestParser()
+        pending = b""                 # received, for the compiled path to answer first
         # Until it authenticates, a connection has until this to (None: authenticated at once).
         deadline_s = time.monotonic() + self.auth_timeout_s if client.keys is None else None
         while True:
@@ -259,7 +261,9 @@ class RespFront:
                     _bound_waits(sock, min(left_s, RESP_SEND_TIMEOUT_S))
             compiled = self._compiled(client, parser)
             if compiled is not None:
-                status, data, gets, sets = _frames.resp_serve(sock.fileno(), *compiled, DOOR_COMMANDS_PER_CALL)
+                status, data, gets, sets = _frames.resp_serve(sock.fileno(), *compiled, pending,
+                                                              DOOR_COMMANDS_PER_CALL)
+                pending = b""
                 self._count_compiled(gets, sets)
                 if status == _frames.DOOR_CLOSED:
                     return            # what it left unfinished goes with it, as with Redis
@@ -323,6 +327,10 @@ class RespFront:
                 if size >= RESP_REPLY_BUFFER_BYTES:
                     send_all(sock, b"".join(out))
                     out, size = [], 0
+                # More of a pipeline after this command: back to the compiled path with it.
+                if parser.buffered_bytes() and 0 < len(rest := self._hand_back(client, parser)):
+                    pending = rest
+                    break
             if out:
                 send_all(sock, b"".join(out))
             if closing:
@@ -345,6 +353,18 @@ class RespFront:
             client.buffer = bytearray(_frames.DOOR_BUFFER_BYTES)
         pool, ns, sec = keys.creds
         return (client.buffer, grants["kv_get_grants"].table, grants["kv_put_grants"].table, pool, ns, sec)
+
+    def _hand_back(self, client: Client, parser: p.RequestParser) -> bytes:
+        """What the parser has left between two requests, taken from it for the compiled
+        path (b"": the parser keeps it: that path does not serve this connection, or the
+        parser is in the middle of a request, or it is more than that path's buffer)."""
+        if parser.buffered_bytes() > DOOR_PENDING_MAX_BYTES:
+            return b""
+        rest = parser.take_rest()
+        if rest and self._compiled(client, parser) is None:
+            parser.feed(rest)            # not ours to hand on after all
+            return b""
+        return rest
 
     def _count_compiled(self, gets: int, sets: int) -> None:
         if gets or sets:

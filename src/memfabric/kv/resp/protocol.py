@@ -146,6 +146,16 @@ class RequestParser:
         """Nothing buffered, no request half read: the next bytes may be read by someone else."""
         return self._pos >= len(self._buffer) and self._count == 0 and self._bulk == -1
 
+    def take_rest(self) -> bytes:
+        """Between two requests: the bytes not parsed yet, no longer the parser's (b"" in the
+        middle of one)."""
+        if self._count or self._bulk != -1 or self._pos >= len(self._buffer):
+            return b""
+        rest = bytes(self._buffer[self._pos:])
+        del self._buffer[:]
+        self._pos = 0
+        return rest
+
     def feed(self, data: bytes) -> None:
         if self._pos:
             del self._buffer[:self._pos]
