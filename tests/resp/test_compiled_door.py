@@ -156,3 +156,43 @@ def test_a_client_that_leaves_mid_request_leaves_the_door_up(one_server_door):
         assert r.reply() == b"$-1\r\n" and r.reply() == b"$1\r\n1\r\n"
     finally:
         r.close()
+
+
+def test_shared_grants_keep_namespaces_apart(one_server_door):
+    """The door's grants are shared by its connections (a new connection's GETs and SETs are
+    compiled at once), and hold several namespaces: a client of one never reads or writes
+    another's keys through them, whatever it sends."""
+    with memfabric.init(one_server_door.directory) as s:
+        s.create_namespace("tenant-b", sec_id="b-secret").kv().put(b"shared-name", b"b's value")
+    a, b = Raw(one_server_door.resp_port), Raw(one_server_door.resp_port)
+    try:
+        b.send(encode("AUTH", "tenant-b", "b-secret"))
+        assert b.reply() == b"+OK\r\n"
+        for r, value in ((a, b"a's value"), (b, b"b's value 2")):
+            for _ in range(3):                         # the first ones grant; the rest are compiled
+                r.send(encode("SET", b"shared-name", value) + encode("GET", b"shared-name"))
+                assert r.reply() == b"+OK\r\n" and r.reply() == b"$%d\r\n%s\r\n" % (len(value), value)
+        before = compiled(one_server_door)
+        fresh = Raw(one_server_door.resp_port)         # a new connection: compiled from its first GET
+        try:
+            fresh.send(encode("GET", b"shared-name") + encode("SET", b"other", b"x"))
+            assert fresh.reply() == b"$9\r\na's value\r\n" and fresh.reply() == b"+OK\r\n"
+            wrong = Raw(one_server_door.resp_port)
+            try:
+                wrong.send(encode("AUTH", "tenant-b", "not-b") + encode("GET", b"shared-name"))
+                assert wrong.reply().startswith(b"-WRONGPASS")
+                assert wrong.reply() == b"$9\r\na's value\r\n"      # still the default namespace's
+            finally:
+                wrong.close()
+        finally:
+            fresh.close()
+        after = compiled(one_server_door)
+        assert after[0] > before[0] and after[1] > before[1]
+        b.send(encode("GET", b"shared-name") + encode("GET", b"other"))
+        assert b.reply() == b"$11\r\nb's value 2\r\n" and b.reply() == b"$-1\r\n"
+    finally:
+        a.close()
+        b.close()
+    with memfabric.init(one_server_door.directory) as s:
+        kv_b = s.namespace("tenant-b", "b-secret").kv()
+        assert kv_b.get(b"shared-name") == b"b's value 2" and kv_b.get(b"other") is None

@@ -139,6 +139,14 @@ class RespFront:
         self.errors = Counter[str]()
         self._accept = AcceptLoop("RESP", self._listener, self._take,
                                   lambda accepting: server.door_accepting("resp", accepting))
+        # The grants its connections' GETs and SETs are answered in compiled code under
+        # (_resp.c), the door's, shared: a client that connects for a few commands (as
+        # redis-benchmark's do) finds them made by those before it.
+        self._grants_conn = Connection(client="resp door")
+        self._grants: tuple[Any, Any] | None = None
+        if _frames is not None and hasattr(_frames, "resp_serve"):
+            gets, puts = server.kv.open_get_grants(self._grants_conn), server.kv.open_put_grants(self._grants_conn)
+            self._grants = (gets, puts) if gets is not None and puts is not None else None
         server.kv.door = self
         server.metrics.registry.register(DoorCollector(self))
 
@@ -184,6 +192,7 @@ class RespFront:
             except OSError:
                 pass
         self._accept.join(timeout_s=5)
+        self.server.disconnected(self._grants_conn)          # the shared grants go
 
     # ---- connections ----------------------------------------------------------------------------
 
@@ -199,11 +208,11 @@ class RespFront:
             sock.close()
             return
         conn = Connection(client=f"host {peer[0]}")
-        # Its GETs and SETs may be answered in compiled code (_resp.c) once Python has served
-        # one of each with the secId checked (kv/get_grants.py, kv/put_grants.py).
-        if _frames is not None and hasattr(_frames, "resp_serve"):
-            self.server.kv.open_get_grants(conn)
-            self.server.kv.open_put_grants(conn)
+        # Its GETs and SETs may be answered in compiled code (_resp.c) under the door's grants,
+        # which Python's GETs and SETs make with the secId checked (kv/get_grants.py,
+        # kv/put_grants.py).
+        if self._grants is not None:
+            conn.services["kv_get_grants"], conn.services["kv_put_grants"] = self._grants
         keys = None if self.require_auth else Keyspace(self.server, conn, (self.pool, self.namespace, self.sec_id))
         client = Client(commands.next_client_id(), f"{peer[0]}:{peer[1]}", self, keys, conn=conn, sock=sock)
         unauthenticated = keys is None
@@ -240,6 +249,8 @@ class RespFront:
                 self._clients.pop(client.id, None)
                 self._unauthenticated.pop(client.id, None)
             sock.close()
+            conn.services.pop("kv_get_grants", None)       # the door's: they stay
+            conn.services.pop("kv_put_grants", None)
             self.server.disconnected(conn)
 
     def _loop(self, client: Client, sock: socket.socket) -> None:
