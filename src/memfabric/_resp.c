@@ -18,8 +18,9 @@
  * pending, for an authenticated client of a one-server pool (so every key is homed here),
  * speaking RESP2.
  *
- * resp_serve(fd, buffer, get_grants, put_grants, pool, ns, sec, pending, max_commands) ->
- * (status, rest, gets, sets), `buffer` the connection's (DOOR_BUFFER_BYTES, writable),
+ * resp_serve(fd, buffer, get_grants, put_grants, pool, ns, sec, pending, max_commands,
+ * send_timeout_s) -> (status, rest, gets, sets), `buffer` the connection's (DOOR_BUFFER_BYTES,
+ * writable), send_timeout_s the bound on sending one batch of replies,
  * `pending` bytes already received to answer first (what Python's parser had left after the
  * command it answered: a pipeline goes on here, not in Python): status DOOR_PYTHON (rest: the bytes for Python, maybe partial), DOOR_CLOSED
  * (the client closed; rest: bytes it left unfinished), DOOR_IDLE (SO_RCVTIMEO ran out with
@@ -112,9 +113,12 @@ static int parse_command(const unsigned char *b, size_t n, Command *c, size_t *n
     return 1;
 }
 
-/* Without the GIL: all of out[0..n) sent (the socket's SO_SNDTIMEO bounds each wait). */
-static int send_out(int fd, const unsigned char *out, size_t n, int *err) {
+/* Without the GIL: all of out[0..n) sent within timeout_s (the socket's SO_SNDTIMEO bounds
+ * each wait; this, the whole: a client reading a byte now and then must not hold a thread
+ * for a send() bound per byte, as kv/resp/sending.py says). */
+static int send_out(int fd, const unsigned char *out, size_t n, double timeout_s, int *err) {
     size_t sent = 0;
+    double deadline = now_s() + timeout_s;
     while (sent < n) {
         ssize_t k = send(fd, out + sent, n - sent, MSG_NOSIGNAL);
         if (k < 0) {
@@ -124,6 +128,10 @@ static int send_out(int fd, const unsigned char *out, size_t n, int *err) {
             return 0;
         }
         sent += (size_t)k;
+        if (sent < n && now_s() > deadline) {
+            *err = ETIMEDOUT;
+            return 0;
+        }
     }
     return 1;
 }
@@ -133,8 +141,9 @@ static PyObject *resp_serve(PyObject *Py_UNUSED(self), PyObject *args) {
     PyObject *buffer_obj, *get_grants, *put_grants;
     Py_buffer buffer, pool, ns, sec, pending;
     Py_ssize_t max_commands;
-    if (!PyArg_ParseTuple(args, "iOOO!s*s*y*y*n", &fd, &buffer_obj, &get_grants, &PyList_Type, &put_grants, &pool,
-                          &ns, &sec, &pending, &max_commands))
+    double send_timeout_s;
+    if (!PyArg_ParseTuple(args, "iOOO!s*s*y*y*nd", &fd, &buffer_obj, &get_grants, &PyList_Type, &put_grants, &pool,
+                          &ns, &sec, &pending, &max_commands, &send_timeout_s))
         return NULL;
     PyObject *result = NULL;
     if (!writable(buffer_obj, &buffer)) {
@@ -172,7 +181,7 @@ static PyObject *resp_serve(PyObject *Py_UNUSED(self), PyObject *args) {
                     save = PyEval_SaveThread();
                     holding = 0;
                 }
-                if (!send_out(fd, out, out_n, &err))
+                if (!send_out(fd, out, out_n, send_timeout_s, &err))
                     break;
                 out_n = 0;
                 reply_room = DOOR_OUT_BYTES;
@@ -213,7 +222,7 @@ static PyObject *resp_serve(PyObject *Py_UNUSED(self), PyObject *args) {
         if (err)
             break;
         if (out_n) {                 /* the replies go before anything else is read or handed on */
-            if (!send_out(fd, out, out_n, &err))
+            if (!send_out(fd, out, out_n, send_timeout_s, &err))
                 break;
             out_n = 0;
         }
@@ -270,7 +279,7 @@ done:
 
 static PyMethodDef resp_functions[] = {
     {"resp_serve", resp_serve, METH_VARARGS,
-     "resp_serve(fd, buffer, get_grants, put_grants, pool, ns, sec, pending, max_commands) -> "
+     "resp_serve(fd, buffer, get_grants, put_grants, pool, ns, sec, pending, max_commands, send_timeout_s) -> "
      "(status, rest, gets, sets)"},
     {NULL, NULL, 0, NULL},
 };

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import mmap
 import socket
 import threading
 import time
@@ -249,6 +250,8 @@ class RespFront:
                 self._clients.pop(client.id, None)
                 self._unauthenticated.pop(client.id, None)
             sock.close()
+            if client.buffer is not None:
+                client.buffer.close()
             conn.services.pop("kv_get_grants", None)       # the door's: they stay
             conn.services.pop("kv_put_grants", None)
             self.server.disconnected(conn)
@@ -273,7 +276,7 @@ class RespFront:
             compiled = self._compiled(client, parser)
             if compiled is not None:
                 status, data, gets, sets = _frames.resp_serve(sock.fileno(), *compiled, pending,
-                                                              DOOR_COMMANDS_PER_CALL)
+                                                              DOOR_COMMANDS_PER_CALL, RESP_SEND_TIMEOUT_S)
                 pending = b""
                 self._count_compiled(gets, sets)
                 if status == _frames.DOOR_CLOSED:
@@ -360,8 +363,8 @@ class RespFront:
                 return None
         except MemfabricError:
             return None
-        if client.buffer is None:
-            client.buffer = bytearray(_frames.DOOR_BUFFER_BYTES)
+        if client.buffer is None:     # an anonymous mapping: memory only as far as a client's reads reach
+            client.buffer = mmap.mmap(-1, _frames.DOOR_BUFFER_BYTES)
         pool, ns, sec = keys.creds
         return (client.buffer, grants["kv_get_grants"].table, grants["kv_put_grants"].table, pool, ns, sec)
 
