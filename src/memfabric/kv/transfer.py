@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from ..datapath.rpc_link import InFlight
-from ..errors import InvalidArgument, MemfabricError, ProtocolError
+from ..errors import InvalidArgument, MemfabricError, ProtocolError, Timeout
 from ..limits import MAX_RPC_PAYLOAD_BYTES
 
 Creds = tuple[str, str, bytes]
@@ -85,10 +85,7 @@ def put_large(link: Any, creds: Creds, key: bytes, sources: list[memoryview], le
                                   payload=src)
                 flight.wait_all()
     except BaseException:
-        try:
-            link.call("kv_abort", **_wire(creds), token=token)
-        except MemfabricError:
-            pass                   # the server gives it back when this connection closes
+        _let_go(link, "kv_abort", **_wire(creds), token=token)
         raise
     return link.call("kv_commit", **_wire(creds), token=token, key=key, **commit)
 
@@ -131,7 +128,17 @@ def read_held(link: Any, creds: Creds, reply: dict[str, Any], into: memoryview) 
                 position += length
             flight.wait_all()
     finally:
-        try:
-            link.call("kv_let_go", **_wire(creds), hold=reply["hold"])
-        except MemfabricError:
-            pass                   # the server lets go when this connection closes
+        _let_go(link, "kv_let_go", **_wire(creds), hold=reply["hold"])
+
+
+def _let_go(link: Any, op: str, **args: Any) -> None:
+    """`op` (giving back what the server holds for us), answered or not: on a link too busy to
+    send it in time it goes with the link's next request (else what it holds stayed held for
+    the link's life: a server's link to a peer lives as long as both); on a link that failed,
+    the server gives it back when the connection closes."""
+    try:
+        link.call(op, **args)
+    except Timeout:
+        link.send_later(op, **args)
+    except MemfabricError:
+        pass
