@@ -512,3 +512,21 @@ def test_a_compiled_put_waits_for_a_write_of_its_key_under_way(fresh_fabric, req
         assert slow_done.is_set() and fast_done.is_set()
         assert kv_a.get(key) == b"f" * 4000
         assert compiled_puts(a) >= before
+
+
+def test_a_full_namespace_takes_the_stock_back_before_refusing_a_write(fresh_fabric, request):
+    """Chunks stocked for one connection's compiled puts are nobody's keys yet: when the
+    memory runs out, a write takes them back before it is refused OUT_OF_MEMORY."""
+    fab = fresh_fabric(servers=1, capacity="16MiB")
+    name = ns_name(request)
+    with local(fab) as a, local(fab) as b:
+        kv_a = a.create_namespace(name, sec_id="k").kv()
+        kv_b = b.namespace(name, "k").kv()
+        for i in range(300):
+            kv_a.put(b"a%d" % (i % 3), b"a" * 4000)      # a stock grows
+        assert kv_a.stats()["put_stock_bytes"] > 0
+        with pytest.raises(OutOfMemory):
+            for i in range(10_000):
+                kv_b.put(b"b%d" % i, b"b" * 4000, ttl_s=3600)   # Python's puts (a TTL), until full
+                kv_a.put(b"a0", b"a" * 4000)                    # and the stock kept in use
+        assert kv_a.stats()["put_stock_bytes"] == 0

@@ -52,6 +52,13 @@ class HeapMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.live)
     @rule(data=st.data())
+    def unallocate(self, data) -> None:
+        """A chunk given (a compiled put's stock) and given back unwritten: free again at once."""
+        chunk = self.live.pop(data.draw(st.integers(0, len(self.live) - 1)))
+        self.heap.unallocate(chunk)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
     def free(self, data) -> None:
         chunk = self.live.pop(data.draw(st.integers(0, len(self.live) - 1)))
         self.heap.free(chunk, self.now)

@@ -115,6 +115,19 @@ class RecordHeap:
         self._with_room[page.cls].append(page)
         self.page_count += 1
 
+    def unallocate(self, chunk: Chunk) -> None:
+        """A chunk allocate() gave that no record was ever written into: free again at once
+        (it rested before it was given; nobody can be reading it)."""
+        page = self._page_of(chunk)
+        page.used -= 1
+        self.record_bytes -= chunk.size
+        page.free.append(chunk.offset)
+        if page.used == 0 and page.resting == 0:
+            self._emptied.add((page.segment, page.offset))
+        if not page.listed:
+            self._with_room[page.cls].append(page)
+            page.listed = True
+
     def free(self, chunk: Chunk, now_s: float) -> None:
         """A record is gone: its chunk rests, then serves again."""
         page = self._page_of(chunk)

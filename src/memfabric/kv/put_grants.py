@@ -161,6 +161,19 @@ def settle_all(space: Any, now_s: float) -> None:
             held.next_stock = FIRST_STOCK_CHUNKS
 
 
+def reclaim_stock(space: Any) -> bool:
+    """Under the keyspace's lock, when its memory ran out: every grant's stock back to the heap
+    (their puts refill, or go to Python); whether there was any."""
+    took = False
+    for g in list(space.put_grants):
+        if g.stocked:
+            chunk, chunks = g.chunk_bytes, g.take_stock()
+            space.stocked_bytes -= chunk * len(chunks)
+            space.store.give_back_chunks(chunks, chunk, release_pages=False)
+            took = True
+    return took
+
+
 def pause(space: Any) -> None:
     """No grant of the keyspace reaches a segment's memory (one may go) or serves until Python
     grants again."""

@@ -20,6 +20,7 @@ from ..core.allocator import Extent
 from ..errors import NoSuchNamespace, OutOfMemory
 from ..media.base import SegmentMemory
 from . import index as ix
+from .put_grants import reclaim_stock
 from .heap import CLASSES, MAX_RECORD_BYTES, PAGE_BYTES, Chunk, RecordHeap
 from .rules import check_value_length, expired
 from .space import EXTENT, KeySpace, Table
@@ -231,27 +232,36 @@ class Store:
     def set_expiry(self, slot: int, expiry: int) -> None:
         self.space.table.writer.set_expiry(slot, expiry)
 
-    def chunk(self, size: int) -> Chunk:
+    def chunk(self, size: int, reclaim: bool = True) -> Chunk:
+        """A chunk for a record of `size` bytes: from the heap, else from a new page, else from
+        the chunks compiled puts hold in stock (`reclaim`), else OUT_OF_MEMORY."""
         heap = self.space.heap
         now = time.monotonic()
         chunk = heap.allocate(size, now)
         if chunk is None:
-            page = self.reserve(PAGE_BYTES)
-            if len(page) != 1:          # a page must be one piece: give the pieces back
-                self.release(page)
-                raise OutOfMemory(f"no {PAGE_BYTES}-byte piece of memory is free for namespace "
-                                  f"{self.namespace!r}'s keys")
+            try:
+                page = self.reserve(PAGE_BYTES)
+                if len(page) != 1:          # a page must be one piece: give the pieces back
+                    self.release(page)
+                    raise OutOfMemory(f"no {PAGE_BYTES}-byte piece of memory is free for namespace "
+                                      f"{self.namespace!r}'s keys")
+            except OutOfMemory:
+                # Memory stocked for compiled puts is no key's yet: a write must not fail for it.
+                if not reclaim or not reclaim_stock(self.space):
+                    raise
+                return self.chunk(size, reclaim=False)
             heap.add_page(page[0].segment, page[0].offset, size)
             chunk = heap.allocate(size, now)
             assert chunk is not None
         return chunk
 
     def chunks(self, size: int, count: int) -> list[Chunk]:
-        """Up to `count` chunks for records of `size` bytes (at least one, or OUT_OF_MEMORY)."""
+        """Up to `count` chunks for records of `size` bytes, for a compiled put's stock (at
+        least one, or OUT_OF_MEMORY; never taken from other stocks)."""
         out = self.space.heap.allocate_many(size, count, time.monotonic())
         while len(out) < count:
             try:
-                out.append(self.chunk(size))          # a new page, then what it holds
+                out.append(self.chunk(size, reclaim=False))          # a new page, then what it holds
             except OutOfMemory:
                 if out:
                     break
@@ -259,13 +269,15 @@ class Store:
             out += self.space.heap.allocate_many(size, count - len(out), time.monotonic())
         return out
 
-    def give_back_chunks(self, chunks: list[tuple[int, int]], size: int) -> None:
-        """Chunks of `size` bytes taken (chunk()) but never written a record into: they rest
-        like any freed chunk (cheaper than telling them apart), then serve again."""
-        now = time.monotonic()
+    def give_back_chunks(self, chunks: list[tuple[int, int]], size: int, release_pages: bool = True) -> None:
+        """Chunks of `size` bytes taken (chunk()) but never written a record into: free again
+        at once (heap.unallocate). `release_pages`: pages left empty go back to the pool now
+        (not when memory ran out: the pool would keep them resting, out of the write's reach)."""
         for segment, offset in chunks:
-            self.space.heap.free(Chunk(segment, offset, size), now)
-        pages = self.space.heap.empty_pages(now)
+            self.space.heap.unallocate(Chunk(segment, offset, size))
+        if not release_pages:
+            return
+        pages = self.space.heap.empty_pages(time.monotonic())
         if pages:
             self.release([Extent(s, o, PAGE_BYTES) for s, o in pages])
 
