@@ -140,7 +140,7 @@ MAX_SEGMENTS_PER_GET_GRANT = 64
 # a connection that stops putting keeps from the pool until it goes or the keeper takes it back).
 MAX_PUT_GRANTS_PER_CONNECTION = 4
 KV_PUT_STOCK_CHUNKS = 64
-KV_PUT_STOCK_BYTES = 512 << 10
+KV_PUT_STOCK_BYTES = 1 << 20
 HANDSHAKE_TIMEOUT_S = 5.0
 
 # MemKV.
