@@ -406,6 +406,16 @@ static PyObject *recv_packet(PyObject *Py_UNUSED(self), PyObject *args) {
     return receive_packet(fd, buffer_obj, max_fds, poll_s, 0.0, NULL, &waited, NULL, 0);
 }
 
+/* receive_packet's (n, fds, flags) and how long its wait took: (n, fds, flags, waited_s). */
+static PyObject *with_wait(PyObject *got, double waited) {
+    if (got == NULL)
+        return NULL;
+    PyObject *out = Py_BuildValue("(OOOd)", PyTuple_GET_ITEM(got, 0), PyTuple_GET_ITEM(got, 1),
+                                  PyTuple_GET_ITEM(got, 2), waited);
+    Py_DECREF(got);
+    return out;
+}
+
 static PyObject *call_packet(PyObject *Py_UNUSED(self), PyObject *args) {
     int fd, max_fds;
     PyObject *buffer_obj;
@@ -416,12 +426,7 @@ static PyObject *call_packet(PyObject *Py_UNUSED(self), PyObject *args) {
     PyObject *got = receive_packet(fd, buffer_obj, max_fds, poll_s, 0.0, NULL, &waited, request.buf,
                                    (size_t)request.len);
     PyBuffer_Release(&request);
-    if (got == NULL)
-        return NULL;
-    PyObject *out = Py_BuildValue("(OOOd)", PyTuple_GET_ITEM(got, 0), PyTuple_GET_ITEM(got, 1),
-                                  PyTuple_GET_ITEM(got, 2), waited);
-    Py_DECREF(got);
-    return out;
+    return with_wait(got, waited);
 }
 
 static PyObject *serve_packets(PyObject *Py_UNUSED(self), PyObject *args) {
@@ -430,13 +435,7 @@ static PyObject *serve_packets(PyObject *Py_UNUSED(self), PyObject *args) {
     double poll_s, window_s, waited = 0.0;
     if (!PyArg_ParseTuple(args, "iOiddO!", &fd, &buffer_obj, &max_fds, &poll_s, &window_s, &PyList_Type, &puts))
         return NULL;
-    PyObject *got = receive_packet(fd, buffer_obj, max_fds, poll_s, window_s, puts, &waited, NULL, 0);
-    if (got == NULL)
-        return NULL;
-    PyObject *out = Py_BuildValue("(OOOd)", PyTuple_GET_ITEM(got, 0), PyTuple_GET_ITEM(got, 1),
-                                  PyTuple_GET_ITEM(got, 2), waited);
-    Py_DECREF(got);
-    return out;
+    return with_wait(receive_packet(fd, buffer_obj, max_fds, poll_s, window_s, puts, &waited, NULL, 0), waited);
 }
 
 static PyMethodDef methods[] = {

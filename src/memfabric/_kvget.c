@@ -354,54 +354,15 @@ typedef struct {
     size_t pool_n, ns_n, sec_n, key_n, id_n;
 } GetRequest;
 
-enum { G_OP, G_ID, G_POOL, G_NS, G_SEC, G_KEY, G_COUNT };
-
 /* Whether `head` is exactly a get as kv/client.py sends it: these six keys, each once, of
  * the right types, and nothing after them. Anything else is Python's to judge. */
 static int parse_get(const unsigned char *head, size_t n, GetRequest *q) {
-    Reader r = {head, head + n};
-    const unsigned char *c;
-    if (!take(&r, 1, &c) || *c != (0x80 | G_COUNT))
+    Field f[] = {{"op", F_IS, 1, "kv_get"}, {"id", F_INT, 1}, {"pool", F_STR, 1}, {"ns", F_STR, 1},
+                 {"sec", F_BIN, 1}, {"key", F_BIN, 1}};
+    if (!read_request(head, n, f, 6))
         return 0;
-    unsigned seen = 0;
-    for (int i = 0; i < G_COUNT; i++) {
-        const unsigned char *key, *s;
-        size_t key_n, s_n;
-        uint64_t v;
-        int negative, k;
-        if (!read_bytes(&r, 's', &key, &key_n))
-            return 0;
-        if (key_is(key, key_n, "op")) {
-            k = G_OP;
-            if (!read_bytes(&r, 's', &s, &s_n) || !key_is(s, s_n, "kv_get"))
-                return 0;
-        } else if (key_is(key, key_n, "id")) {
-            k = G_ID;
-            if (!read_int(&r, &q->id, &q->id_n, &v, &negative))
-                return 0;
-        } else if (key_is(key, key_n, "pool")) {
-            k = G_POOL;
-            if (!read_bytes(&r, 's', &q->pool, &q->pool_n))
-                return 0;
-        } else if (key_is(key, key_n, "ns")) {
-            k = G_NS;
-            if (!read_bytes(&r, 's', &q->ns, &q->ns_n))
-                return 0;
-        } else if (key_is(key, key_n, "sec")) {
-            k = G_SEC;
-            if (!read_bytes(&r, 'b', &q->sec, &q->sec_n))
-                return 0;
-        } else if (key_is(key, key_n, "key")) {
-            k = G_KEY;
-            if (!read_bytes(&r, 'b', &q->key, &q->key_n))
-                return 0;
-        } else
-            return 0;
-        if (seen & (1u << k))
-            return 0;
-        seen |= 1u << k;
-    }
-    return r.p == r.end && seen == (1u << G_COUNT) - 1;
+    *q = (GetRequest){f[2].at, f[3].at, f[4].at, f[5].at, f[1].at, f[2].n, f[3].n, f[4].n, f[5].n, f[1].n};
+    return 1;
 }
 
 /* kv_lookup's reader for the loop: segments the grant names, the value straight into the

@@ -294,43 +294,40 @@ static PyObject *grant_refill(KvPutGrant *g, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *stocked_item(KvPutGrant *g, int i) {
+    return Py_BuildValue("(KK)", (unsigned long long)g->stock[i].segment, (unsigned long long)g->stock[i].offset);
+}
+
+static PyObject *replaced_item(KvPutGrant *g, int i) {
+    Replaced *r = &g->replaced[i];
+    return Py_BuildValue("(KKKKKKK)", (unsigned long long)r->segment, (unsigned long long)r->offset,
+                         (unsigned long long)r->klen, (unsigned long long)r->vlen, (unsigned long long)r->expiry,
+                         (unsigned long long)r->extents, (unsigned long long)r->version);
+}
+
+/* [item(g, i) for i < *count], and *count set to 0: what the grant hands over. */
+static PyObject *hand_over(KvPutGrant *g, int *count, PyObject *(*item)(KvPutGrant *, int)) {
+    PyObject *out = PyList_New(*count);
+    for (int i = 0; out != NULL && i < *count; i++) {
+        PyObject *one = item(g, i);
+        if (one == NULL)
+            Py_CLEAR(out);
+        else
+            PyList_SET_ITEM(out, i, one);
+    }
+    if (out != NULL)
+        *count = 0;
+    return out;
+}
+
 /* take_stock() -> [(segment, offset)]: the chunks not used, no longer the grant's. */
 static PyObject *grant_take_stock(KvPutGrant *g, PyObject *Py_UNUSED(ignored)) {
-    PyObject *out = PyList_New(g->n_stock);
-    if (out == NULL)
-        return NULL;
-    for (int i = 0; i < g->n_stock; i++) {
-        PyObject *item = Py_BuildValue("(KK)", (unsigned long long)g->stock[i].segment,
-                                       (unsigned long long)g->stock[i].offset);
-        if (item == NULL) {
-            Py_DECREF(out);
-            return NULL;
-        }
-        PyList_SET_ITEM(out, i, item);
-    }
-    g->n_stock = 0;
-    return out;
+    return hand_over(g, &g->n_stock, stocked_item);
 }
 
 /* take_replaced() -> [fields]: the records puts replaced since, for Python to free. */
 static PyObject *grant_take_replaced(KvPutGrant *g, PyObject *Py_UNUSED(ignored)) {
-    PyObject *out = PyList_New(g->n_replaced);
-    if (out == NULL)
-        return NULL;
-    for (int i = 0; i < g->n_replaced; i++) {
-        Replaced *r = &g->replaced[i];
-        PyObject *item = Py_BuildValue("(KKKKKKK)", (unsigned long long)r->segment, (unsigned long long)r->offset,
-                                       (unsigned long long)r->klen, (unsigned long long)r->vlen,
-                                       (unsigned long long)r->expiry, (unsigned long long)r->extents,
-                                       (unsigned long long)r->version);
-        if (item == NULL) {
-            Py_DECREF(out);
-            return NULL;
-        }
-        PyList_SET_ITEM(out, i, item);
-    }
-    g->n_replaced = 0;
-    return out;
+    return hand_over(g, &g->n_replaced, replaced_item);
 }
 
 /* drop_views(): no segment's memory is reached through the grant any more (one may be
@@ -411,110 +408,17 @@ PyTypeObject KvPutGrantType = {
 
 typedef KvPutRequest PutRequest;
 
-enum { P_OP, P_ID, P_POOL, P_NS, P_SEC, P_KEY, P_VALUE, P_TTL, P_NX, P_XX, P_REPLICAS, P_BUDGET, P_COUNT };
-#define P_REQUIRED ((1u << P_OP) | (1u << P_ID) | (1u << P_POOL) | (1u << P_NS) | (1u << P_SEC) | (1u << P_KEY) \
-                    | (1u << P_VALUE))
-
-static int read_positive_number(Reader *r) {     /* a float or int > 0 (a budget) */
-    const unsigned char *c, *body;
-    if (r->p < r->end && (*r->p == 0xcb || *r->p == 0xca)) {
-        int wide = *r->p == 0xcb;
-        take(r, 1, &c);
-        if (!take(r, wide ? 8 : 4, &body))
-            return 0;
-        double d;
-        if (wide) {
-            uint64_t bits = big_endian(body, 8);
-            memcpy(&d, &bits, 8);
-        } else {
-            uint32_t bits = (uint32_t)big_endian(body, 4);
-            float f;
-            memcpy(&f, &bits, 4);
-            d = f;
-        }
-        return d > 0;            /* NaN too: not ours */
-    }
-    const unsigned char *raw;
-    size_t raw_n;
-    uint64_t v;
-    int negative;
-    return read_int(r, &raw, &raw_n, &v, &negative) && !negative && v > 0;
-}
-
 /* Whether `b` is exactly a put this loop serves (see the header), its parts in `q`. */
 static int parse_put(const unsigned char *b, size_t n, PutRequest *q) {
-    Reader r = {b, b + n};
-    const unsigned char *c;
-    if (!take(&r, 1, &c) || (*c & 0xf0) != 0x80)
+    Field f[] = {{"op", F_IS, 1, "kv_put"}, {"id", F_INT, 1}, {"pool", F_STR, 1}, {"ns", F_STR, 1},
+                 {"sec", F_BIN, 1}, {"key", F_BIN, 1}, {"value", F_BIN, 1},
+                 {"ttl_ms", F_NIL_OR_UPTO, 0, NULL, PUT_MAX_TTL_MS}, {"nx", F_FALSE}, {"xx", F_FALSE},
+                 {"replicas", F_NIL_OR_ZERO}, {"budget_s", F_POSITIVE}};
+    if (!read_request(b, n, f, 12) || f[1].n > 9 || f[5].n == 0 || f[5].n > PUT_MAX_KEY)
         return 0;
-    int entries = *c & 0x0f;
-    unsigned seen = 0;
-    for (int i = 0; i < entries; i++) {
-        const unsigned char *key, *s;
-        size_t key_n, s_n;
-        uint64_t v;
-        int negative, k;
-        if (!read_bytes(&r, 's', &key, &key_n))
-            return 0;
-        if (key_is(key, key_n, "op")) {
-            k = P_OP;
-            if (!read_bytes(&r, 's', &s, &s_n) || !key_is(s, s_n, "kv_put"))
-                return 0;
-        } else if (key_is(key, key_n, "id")) {
-            k = P_ID;
-            if (!read_int(&r, &q->id, &q->id_n, &v, &negative))
-                return 0;
-        } else if (key_is(key, key_n, "pool")) {
-            k = P_POOL;
-            if (!read_bytes(&r, 's', &q->pool, &q->pool_n))
-                return 0;
-        } else if (key_is(key, key_n, "ns")) {
-            k = P_NS;
-            if (!read_bytes(&r, 's', &q->ns, &q->ns_n))
-                return 0;
-        } else if (key_is(key, key_n, "sec")) {
-            k = P_SEC;
-            if (!read_bytes(&r, 'b', &q->sec, &q->sec_n))
-                return 0;
-        } else if (key_is(key, key_n, "key")) {
-            k = P_KEY;
-            if (!read_bytes(&r, 'b', &q->key, &q->key_n))
-                return 0;
-        } else if (key_is(key, key_n, "value")) {
-            k = P_VALUE;
-            if (!read_bytes(&r, 'b', &q->value, &q->value_n))
-                return 0;
-        } else if (key_is(key, key_n, "ttl_ms")) {
-            k = P_TTL;
-            if (r.p < r.end && *r.p == 0xc0)
-                r.p++;
-            else {
-                const unsigned char *raw;
-                size_t raw_n;
-                if (!read_int(&r, &raw, &raw_n, &v, &negative) || negative || v == 0 || v > PUT_MAX_TTL_MS)
-                    return 0;
-                q->ttl_ms = v;
-            }
-        } else if (key_is(key, key_n, "nx") || key_is(key, key_n, "xx")) {
-            k = key[0] == 'n' ? P_NX : P_XX;
-            if (!take(&r, 1, &c) || *c != 0xc2)          /* false only */
-                return 0;
-        } else if (key_is(key, key_n, "replicas")) {
-            k = P_REPLICAS;
-            if (!take(&r, 1, &c) || (*c != 0xc0 && *c != 0x00))   /* nil or 0: the namespace's */
-                return 0;
-        } else if (key_is(key, key_n, "budget_s")) {
-            k = P_BUDGET;
-            if (!read_positive_number(&r))
-                return 0;
-        } else
-            return 0;
-        if (seen & (1u << k))
-            return 0;
-        seen |= 1u << k;
-    }
-    return r.p == r.end && (seen & P_REQUIRED) == P_REQUIRED && q->id_n <= 9 && q->key_n > 0
-           && q->key_n <= PUT_MAX_KEY;
+    *q = (PutRequest){f[2].at, f[3].at, f[4].at, f[5].at, f[6].at, f[1].at, f[2].n, f[3].n, f[4].n, f[5].n, f[6].n,
+                      f[1].n, f[7].value};
+    return 1;
 }
 
 /* ---- the put ----------------------------------------------------------------------------------- */

@@ -88,6 +88,101 @@ static inline int key_is(const unsigned char *s, size_t n, const char *name) {
     return strlen(name) == n && memcmp(s, name, n) == 0;
 }
 
+/* A request map as a compiled path takes it (read_request): its fields, and what each may hold. */
+typedef enum {
+    F_STR,              /* a str: at, n */
+    F_BIN,              /* a bin: at, n */
+    F_INT,              /* an int >= 0: value, and its encoding in at, n (an id echoed back) */
+    F_IS,               /* a str, exactly `is` */
+    F_FALSE,            /* false */
+    F_NIL_OR_ZERO,      /* nil or 0 */
+    F_NIL_OR_UPTO,      /* nil (value 0), or an int 1..max (value) */
+    F_POSITIVE,         /* a float or an int, > 0 (NaN is not) */
+} FieldKind;
+
+typedef struct {
+    const char *name;
+    FieldKind kind;
+    int required;
+    const char *is;                  /* F_IS */
+    uint64_t max;                    /* F_NIL_OR_UPTO */
+    const unsigned char *at;         /* what was read */
+    size_t n;
+    uint64_t value;
+} Field;
+
+static inline int read_field(Reader *r, Field *f) {
+    const unsigned char *c, *body;
+    int negative;
+    switch (f->kind) {
+    case F_STR:
+        return read_bytes(r, 's', &f->at, &f->n);
+    case F_BIN:
+        return read_bytes(r, 'b', &f->at, &f->n);
+    case F_INT:
+        return read_int(r, &f->at, &f->n, &f->value, &negative) && !negative;
+    case F_IS:
+        return read_bytes(r, 's', &f->at, &f->n) && key_is(f->at, f->n, f->is);
+    case F_FALSE:
+        return take(r, 1, &c) && *c == 0xc2;
+    case F_NIL_OR_ZERO:
+        return take(r, 1, &c) && (*c == 0xc0 || *c == 0x00);
+    case F_NIL_OR_UPTO:
+        if (r->p < r->end && *r->p == 0xc0) {
+            r->p++;
+            f->value = 0;
+            return 1;
+        }
+        return read_int(r, &f->at, &f->n, &f->value, &negative) && !negative && f->value >= 1 && f->value <= f->max;
+    case F_POSITIVE:
+        if (r->p < r->end && (*r->p == 0xcb || *r->p == 0xca)) {
+            int wide = *r->p == 0xcb;
+            double d;
+            take(r, 1, &c);
+            if (!take(r, wide ? 8 : 4, &body))
+                return 0;
+            if (wide) {
+                uint64_t bits = big_endian(body, 8);
+                memcpy(&d, &bits, 8);
+            } else {
+                uint32_t bits = (uint32_t)big_endian(body, 4);
+                float fl;
+                memcpy(&fl, &bits, 4);
+                d = fl;
+            }
+            return d > 0;
+        }
+        return read_int(r, &f->at, &f->n, &f->value, &negative) && !negative && f->value > 0;
+    }
+    return 0;
+}
+
+/* Whether b[0..n) is a map of `fields` (at most 32) only: each at most once and as its kind
+ * says, the required ones all there, nothing after it. What each held is in it. */
+static inline int read_request(const unsigned char *b, size_t n, Field *fields, int count) {
+    Reader r = {b, b + n};
+    const unsigned char *c;
+    if (count > 32 || !take(&r, 1, &c) || (*c & 0xf0) != 0x80)
+        return 0;
+    uint32_t seen = 0, required = 0;
+    for (int i = 0; i < count; i++)
+        if (fields[i].required)
+            required |= 1u << i;
+    for (int e = 0, entries = *c & 0x0f; e < entries; e++) {
+        const unsigned char *key;
+        size_t key_n;
+        if (!read_bytes(&r, 's', &key, &key_n))
+            return 0;
+        int k = 0;
+        while (k < count && !key_is(key, key_n, fields[k].name))
+            k++;
+        if (k == count || (seen & (1u << k)) || !read_field(&r, &fields[k]))
+            return 0;
+        seen |= 1u << k;
+    }
+    return r.p == r.end && (seen & required) == required;
+}
+
 
 static inline void put_prefix(unsigned char *b, uint32_t head_len, uint64_t payload_len) {
     for (int i = 0; i < 4; i++)

@@ -121,7 +121,10 @@ class RecordHeap:
         page = self._page_of(chunk)
         page.used -= 1
         self.record_bytes -= chunk.size
-        page.free.append(chunk.offset)
+        self._serves_again(page, chunk.offset)
+
+    def _serves_again(self, page: _Page, offset: int) -> None:
+        page.free.append(offset)
         if page.used == 0 and page.resting == 0:
             self._emptied.add((page.segment, page.offset))
         if not page.listed:
@@ -171,9 +174,4 @@ class RecordHeap:
             _, chunk = self._resting.popleft()
             page = self._page_of(chunk)
             page.resting -= 1
-            page.free.append(chunk.offset)
-            if page.used == 0 and page.resting == 0:
-                self._emptied.add((page.segment, page.offset))
-            if not page.listed:
-                self._with_room[page.cls].append(page)
-                page.listed = True
+            self._serves_again(page, chunk.offset)
