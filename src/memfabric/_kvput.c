@@ -180,36 +180,32 @@ static PyObject *grant_refill(KvPutGrant *g, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "a refill beyond the grant's bounds, or of another class");
         return NULL;
     }
-    PyObject *lock = PyObject_GetAttrString(space, "lock");
-    if (lock == NULL)
-        return NULL;
-    PyObject *key_locks = PyObject_GetAttrString(space, "key_locks");
-    if (key_locks == NULL || !PyList_Check(key_locks) || PyList_GET_SIZE(key_locks) == 0) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_TypeError, "a keyspace's key_locks is a list of locks");
-        Py_XDECREF(key_locks);
-        Py_DECREF(lock);
-        return NULL;
-    }
-    Py_buffer words, refs;
-    if (PyObject_GetBuffer(index_o, &words, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
-        Py_DECREF(lock);
-        Py_DECREF(key_locks);
-        return NULL;
-    }
-    if (words.len % 8 || (uintptr_t)words.buf % 8 || words.len / 8 < KV_HEADER_WORDS
-            || PyObject_GetBuffer(refs_o, &refs, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "an index is aligned 64-bit words, at least its header");
-        PyBuffer_Release(&words);
-        Py_DECREF(lock);
-        Py_DECREF(key_locks);
-        return NULL;
-    }
-    /* The new segments first: a failure leaves the grant as it was. */
+    /* All that is new first, into these: a failure leaves the grant as it was. */
+    PyObject *lock = NULL, *key_locks = NULL;
+    Py_buffer words = {0}, refs = {0}, bufs[PUT_SEGMENTS_MAX];
     PutSegment segs[PUT_SEGMENTS_MAX];
-    Py_buffer bufs[PUT_SEGMENTS_MAX];
+    Stocked more[PUT_STOCK_MAX];
     int n = 0;
+    Py_ssize_t n_more = PyList_GET_SIZE(stock);
+    if ((lock = PyObject_GetAttrString(space, "lock")) == NULL
+            || (key_locks = PyObject_GetAttrString(space, "key_locks")) == NULL)
+        goto fail;
+    if (!PyList_Check(key_locks) || PyList_GET_SIZE(key_locks) == 0) {
+        PyErr_SetString(PyExc_TypeError, "a keyspace's key_locks is a list of locks");
+        goto fail;
+    }
+    if (PyObject_GetBuffer(index_o, &words, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        words.buf = NULL;
+        goto fail;
+    }
+    if (words.len % 8 || (uintptr_t)words.buf % 8 || words.len / 8 < KV_HEADER_WORDS) {
+        PyErr_SetString(PyExc_ValueError, "an index is aligned 64-bit words, at least its header");
+        goto fail;
+    }
+    if (PyObject_GetBuffer(refs_o, &refs, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        refs.buf = NULL;
+        goto fail;
+    }
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(segments); i++) {
         unsigned long long id;
         PyObject *view;
@@ -218,52 +214,29 @@ static PyObject *grant_refill(KvPutGrant *g, PyObject *args) {
                 || PyObject_GetBuffer(view, &bufs[n], PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
             if (!PyErr_Occurred())
                 PyErr_SetString(PyExc_TypeError, "a segment is (id, view)");
-            for (int k = 0; k < n; k++)
-                PyBuffer_Release(&bufs[k]);
-            PyBuffer_Release(&words);
-            PyBuffer_Release(&refs);
-            Py_DECREF(lock);
-        Py_DECREF(key_locks);
-            return NULL;
+            goto fail;
         }
         segs[n] = (PutSegment){id, bufs[n].buf, (uint64_t)bufs[n].len};
         n++;
     }
-    Stocked more[PUT_STOCK_MAX];
-    Py_ssize_t n_more = PyList_GET_SIZE(stock);
-    for (Py_ssize_t i = 0; i < n_more; i++) {
+    /* Every chunk of the stock, new and kept, must lie in a segment given. */
+    for (Py_ssize_t i = 0; i < n_more + g->n_stock; i++) {
         unsigned long long segment, offset;
-        PyObject *item = PyList_GET_ITEM(stock, i);
         int known = 0;
-        if (PyTuple_Check(item) && PyArg_ParseTuple(item, "KK", &segment, &offset))
-            for (int k = 0; k < n; k++)
-                known |= segs[k].id == segment && offset <= segs[k].len && chunk_bytes <= segs[k].len - offset;
-        if (!known) {
-            if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_ValueError, "a stocked chunk outside the segments given");
-            for (int k = 0; k < n; k++)
-                PyBuffer_Release(&bufs[k]);
-            PyBuffer_Release(&words);
-            PyBuffer_Release(&refs);
-            Py_DECREF(lock);
-        Py_DECREF(key_locks);
-            return NULL;
+        if (i < n_more) {
+            PyObject *item = PyList_GET_ITEM(stock, i);
+            if (!PyTuple_Check(item) || !PyArg_ParseTuple(item, "KK", &segment, &offset))
+                goto fail;
+            more[i] = (Stocked){segment, offset};
+        } else {
+            segment = g->stock[i - n_more].segment;
+            offset = g->stock[i - n_more].offset;
         }
-        more[i] = (Stocked){segment, offset};
-    }
-    for (int i = 0; i < g->n_stock; i++) {      /* the stock it keeps must stay reachable too */
-        int known = 0;
         for (int k = 0; k < n; k++)
-            known |= segs[k].id == g->stock[i].segment;
+            known |= segs[k].id == segment && offset <= segs[k].len && chunk_bytes <= segs[k].len - offset;
         if (!known) {
             PyErr_SetString(PyExc_ValueError, "a stocked chunk outside the segments given");
-            for (int k = 0; k < n; k++)
-                PyBuffer_Release(&bufs[k]);
-            PyBuffer_Release(&words);
-            PyBuffer_Release(&refs);
-            Py_DECREF(lock);
-        Py_DECREF(key_locks);
-            return NULL;
+            goto fail;
         }
     }
     drop_views(g);
@@ -292,6 +265,18 @@ static PyObject *grant_refill(KvPutGrant *g, PyObject *args) {
     g->share = share;
     g->until_ms = until_ms;
     Py_RETURN_NONE;
+fail:
+    if (!PyErr_Occurred())
+        PyErr_SetString(PyExc_TypeError, "a stocked chunk is (segment, offset)");
+    for (int k = 0; k < n; k++)
+        PyBuffer_Release(&bufs[k]);
+    if (words.buf != NULL)
+        PyBuffer_Release(&words);
+    if (refs.buf != NULL)
+        PyBuffer_Release(&refs);
+    Py_XDECREF(lock);
+    Py_XDECREF(key_locks);
+    return NULL;
 }
 
 static PyObject *stocked_item(KvPutGrant *g, int i) {
