@@ -46,13 +46,12 @@ _EXTENT = struct.Struct("=QQ")    # an extent's end in the log, and its offset i
 class FastGrant:
     """What append_one needs to append to one plog for one connection (read by name in C)."""
 
-    __slots__ = ("plog", "core", "sec", "plog_id", "vkey", "proven", "capacity", "flushes", "extents",
+    __slots__ = ("plog", "sec", "plog_id", "vkey", "proven", "capacity", "flushes", "extents",
                  "segments", "seg_ids")
 
     def __init__(self, plog: "_Plog", sec: bytes, vkey: tuple[str, str], proven: Any,
                  segments: list[FileSegment]) -> None:
         self.plog = plog
-        self.core = plog.core
         self.sec = sec
         self.plog_id = plog.id
         self.vkey = vkey
