@@ -7,6 +7,7 @@ A server's Prometheus counter memfabric_plog_compiled_appends says which path se
 from __future__ import annotations
 
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -22,7 +23,9 @@ from memfabric.transport import wire
 from memfabric.transport.ipc import IpcChannel
 
 from ..conftest import short_tmp_dir
-from ..helpers import CHILD_WAIT_S, free_ports, ns_name
+from ..helpers import CHILD_WAIT_S, free_ports, ns_name, stop_process
+from ..transport.paths import interrupted_after
+from .test_interrupted_calls import again, sweep
 from .test_metrics import scrape, value
 
 MiB = 1 << 20
@@ -300,3 +303,91 @@ def test_appenders_in_several_processes_on_pmem_and_ramdisk(fab, pool, request):
             seen[tag] += 1
             at += rec.frame_bytes(len(payload))
         assert seen == {t: count for t in range(writers)}
+
+
+# ---- the client's side: one record sent and answered in one compiled call (call_append) ----
+
+def _stream(log) -> list[bytes]:
+    return list(log.records())
+
+
+def test_the_client_appends_in_one_compiled_call(fab, pool, request):
+    name = ns_name(request)
+    with memfabric.init(fab.directory) as s:
+        log = s.create_namespace(name, sec_id="k", pool=pool).create_plog("wal", MiB)
+        link = s.link(log.home)
+        before = link.compiled_appends
+        offsets = [log.append(p) for p in (b"a", b"", b"x" * 5000, bytearray(b"ba"), memoryview(b"mv"))]
+        assert link.compiled_appends - before == 5
+        assert offsets == [16, 16 + 24, 16 + 24 + 16, 16 + 24 + 16 + 5016, 16 + 24 + 16 + 5016 + 24]
+        assert _stream(log) == [b"a", b"", b"x" * 5000, b"ba", b"mv"]
+        # Errors come back as the Python path raises them, the link stays.
+        log.seal()
+        with pytest.raises(Sealed):
+            log.append(b"sealed")
+        assert s.link(log.home) is link and link.compiled_appends - before == 6
+        # What it does not take goes the Python way: too large for one message, not a buffer.
+        with pytest.raises(memfabric.InvalidArgument):
+            log.append(12)
+
+
+def test_a_compiled_append_that_times_out_leaves_the_link_working(fab, request):
+    """Its server stopped (SIGSTOP), the append gives up (TIMEOUT); once the server goes on,
+    it appends what it was sent, and the late reply is dropped by the next call."""
+    name = ns_name(request)
+    with memfabric.init(fab.directory, timeout_s=1.0) as s:
+        log = s.create_namespace(name, sec_id="k", pool="ram").create_plog("wal", MiB)
+        log.append(b"first")
+        link = s.link(log.home)
+        pid = fab.server_pids()[log.home]
+        stop_process(pid)
+        try:
+            with pytest.raises(memfabric.Timeout):
+                log.append(b"given up")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert log.append(b"next") == log.info()["length"] - rec.frame_bytes(4) + rec.HEADER_BYTES
+        assert s.link(log.home) is link
+        assert _stream(log) == [b"first", b"given up", b"next"]
+        calls = link.compiled_appends
+        log.append(b"compiled again")
+        assert link.compiled_appends == calls + 1
+
+
+def test_ctrl_c_while_a_compiled_append_waits_for_a_stopped_server(fab, request):
+    name = ns_name(request)
+    with memfabric.init(fab.directory) as s:
+        log = s.create_namespace(name, sec_id="k", pool="ram").create_plog("wal", MiB)
+        log.append(b"first")
+        link = s.link(log.home)
+        pid = fab.server_pids()[log.home]
+        calls = link.compiled_appends
+        stop_process(pid)
+        try:
+            with interrupted_after(0.3, KeyboardInterrupt), pytest.raises(KeyboardInterrupt):
+                log.append(b"interrupted")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert link.compiled_appends == calls + 1, "the append did not wait in call_append"
+        log.append(b"next")
+        assert _stream(log) == [b"first", b"interrupted", b"next"]
+
+
+def test_ctrl_c_anywhere_in_a_compiled_append(fab, request):
+    """Interrupted at each bytecode of call_compiled and what it runs: the link goes on (or
+    is replaced), and the log holds whole records only, each interrupted one at most once."""
+    name = ns_name(request)
+    with memfabric.init(fab.directory) as s:
+        log = s.create_namespace(name, sec_id="k", pool="ram").create_plog("wal", 4 * MiB)
+        log.append(b"first")
+        checks = []
+
+        def check(hook, _buffer) -> None:
+            again(lambda: log.append(b"after %d" % len(checks)))
+            checks.append(hook)
+        points = sweep(lambda _buffer: log.append(b"tried"), 16, check, after="call_compiled")
+        assert points > 10
+        records = _stream(log)
+        assert records[0] == b"first"
+        assert [r for r in records if r.startswith(b"after")] == [b"after %d" % i for i in range(len(checks))]
+        assert set(records[1:]) <= {b"tried"} | {b"after %d" % i for i in range(len(checks))}

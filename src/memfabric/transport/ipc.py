@@ -180,6 +180,18 @@ class IpcChannel:
             raise PeerClosed()
         return memoryview(self._buffer)[:n], fds
 
+    def compiled_call_args(self) -> tuple[int, bytearray, float] | None:
+        """What a compiled send-and-receive on this channel needs (the fd, the buffer replies
+        are received into, how long to poll), or None when it cannot take one (no compiled
+        module, or a Python-level timeout on the socket)."""
+        if not self.compiled_calls:
+            return None
+        return self.sock.fileno(), self._buffer, self._busy_poll.window()
+
+    def waited(self, taken_s: float) -> None:
+        """A compiled call's wait for its reply took `taken_s` (BusyPoll's rule)."""
+        self._busy_poll.waited(taken_s)
+
     def _recv_now(self) -> tuple[int, list, int, Any]:
         # The socket must have no Python-level timeout (set_deadline bounds waits in the
         # kernel instead): under one, CPython waits out the timeout even with MSG_DONTWAIT.
