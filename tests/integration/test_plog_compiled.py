@@ -27,6 +27,7 @@ from ..helpers import CHILD_WAIT_S, free_ports, ns_name, stop_process
 from ..transport.paths import interrupted_after
 from .test_interrupted_calls import again, sweep
 from .test_metrics import scrape, value
+from .test_persistence import PersistentServer
 
 MiB = 1 << 20
 
@@ -391,3 +392,75 @@ def test_ctrl_c_anywhere_in_a_compiled_append(fab, request):
         assert records[0] == b"first"
         assert [r for r in records if r.startswith(b"after")] == [b"after %d" % i for i in range(len(checks))]
         assert set(records[1:]) <= {b"tried"} | {b"after %d" % i for i in range(len(checks))}
+
+
+@pytest.fixture(params=["ramdisk", "pmem"])
+def persistent(request):
+    """A server whose pool survives it, with its metrics served (to see which path served)."""
+    srv = PersistentServer(request.param)
+    port = free_ports(1)
+    with open(srv.config) as f:
+        text = f.read().replace("[server]\n", f'[server]\nmetrics_listen = "127.0.0.1:{port}"\n', 1)
+    with open(srv.config, "w") as f:
+        f.write(text)
+    srv.metrics = f"127.0.0.1:{port}"
+    yield srv.start()
+    srv.cleanup()
+
+
+KILLED_APPENDER = r"""
+import struct, sys
+import memfabric
+ock, name = sys.argv[1], sys.argv[2]
+with memfabric.init(ock) as s:
+    log = s.namespace(name, "k", pool="keep").plog("wal")
+    link = s.link(log.home)
+    for seq in range(1_000_000):
+        offset = log.append(struct.pack("<I", seq) * (1 + seq % 300))
+        print("ack", seq, offset, link.compiled_calls, flush=True)
+"""
+
+
+def test_sigkill_mid_stream_of_compiled_appends_keeps_every_acknowledged_one(persistent, request):
+    name = ns_name(request)
+    with memfabric.init(persistent.config) as s:
+        s.create_namespace(name, sec_id="k", pool="keep").create_plog("wal", 6 * MiB)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_APPENDER, persistent.config, name],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    acked = []
+    try:
+        while len(acked) < 300:
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()
+            acked.append(tuple(int(x) for x in line.split()[1:]))
+        served = compiled(persistent)
+        persistent.kill()                 # SIGKILL while the appender goes on
+        stop = threading.Timer(CHILD_WAIT_S * 4, proc.kill)
+        stop.start()
+        try:
+            out = proc.stdout.read()
+            proc.wait(CHILD_WAIT_S)
+        finally:
+            stop.cancel()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(CHILD_WAIT_S)
+    acked += [tuple(int(x) for x in line.split()[1:]) for line in out.splitlines() if line.startswith("ack")]
+    # Both compiled paths served them: every one the client's (its link's count), and the
+    # server's, all but the first (Python's, which granted the connection).
+    assert [a[2] for a in acked] == list(range(1, len(acked) + 1))
+    assert served >= 299
+    persistent.start()
+    with memfabric.init(persistent.config) as s:
+        log = s.namespace(name, "k", pool="keep").plog("wal")
+        records = list(log.records())
+        assert len(records) >= len(acked)
+        at = 0
+        for seq, payload in enumerate(records):
+            assert payload == struct.pack("<I", seq) * (1 + seq % 300), "a record is not whole"
+            if seq < len(acked):
+                assert acked[seq][:2] == (seq, at + rec.HEADER_BYTES)
+            at += rec.frame_bytes(len(payload))
+        assert log.info()["length"] == at
+        assert log.append(b"after") == at + rec.HEADER_BYTES
