@@ -417,7 +417,7 @@ with memfabric.init(ock) as s:
     link = s.link(log.home)
     for seq in range(1_000_000):
         offset = log.append(struct.pack("<I", seq) * (1 + seq % 300))
-        print("ack", seq, offset, link.compiled_calls, flush=True)
+        print("ack", seq, offset, link.compiled_appends, flush=True)
 """
 
 
