@@ -11,11 +11,23 @@
  *
  * The CRC is the CPU's CRC32 instruction where it has one (SSE 4.2), else a table; both are
  * CRC-32C as the `crc32c` package computes it (initial and final inversion).
+ *
+ * append_one(packet, grants, conn): a same-host client's plog_append of one inline record,
+ * served from the IPC connection's thread with the GIL held (plog/fast_append.py says when
+ * and why; below, what it checks).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <sched.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "_msgpack.h"
 
 #define HEADER_BYTES 16
 #define ALIGN_BYTES 8
@@ -166,8 +178,653 @@ static PyObject *crc32c_of(PyObject *Py_UNUSED(self), PyObject *args) {
     return PyLong_FromUnsignedLong(crc);
 }
 
+/* ---- append_one: the common same-host append, served without Python ------------------------
+ *
+ * Python stays the authority (plog/service.py): it grants a connection a plog after serving an
+ * append of it there with the secId checked (plog/fast_append.py: FastGrant), and every rule
+ * is read from its objects on each call, under the plog's own lock (taken without waiting: a
+ * lock held elsewhere sends the request to Python, which waits). Only the common case is
+ * served here: a map of exactly op = "plog_append", pool, ns, sec, name, plog_id, records (one
+ * bin), id and optionally budget_s; the plog open, not deleted, not broken; the connection owes
+ * no "gone" notice; the frame inside one extent and the capacity. Anything else returns None,
+ * having changed nothing, and Python serves the request as it always did.
+ *
+ * The frame (header, payload straight from the packet, zeros) is written with one pwritev
+ * under the segment's lock, then marked written in the plog's rules (PlogLog: starts,
+ * _lengths, written) and its segment touched. On a medium that needs no flush, with nothing
+ * else awaiting commit, it is committed here too; else Python's _flush_to commits it (group
+ * commit on pmem: the flush runs without the GIL).
+ *
+ * Returns None, or (reply: bytes, grant, end, committed, payload_bytes, request_id). */
+
+static PyObject *s_acquire, *s_release, *s_append, *s_plog, *s_core, *s_sec, *s_plog_id, *s_proven, *s_verified,
+    *s_vkey, *s_deleted, *s_broken, *s_state, *s_open, *s_written, *s_committed, *s_committed_records, *s_starts,
+    *s_lengths, *s_nonce, *s_capacity, *s_extents, *s_segments, *s_fd, *s_lock, *s_touched, *s_flushes,
+    *s_gone, *s_seg_ids, *s_seg_lock;
+
+static int intern_names(void) {
+#define NAME(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return -1;
+    NAME(s_acquire, "acquire") NAME(s_release, "release") NAME(s_append, "append") NAME(s_plog, "plog")
+    NAME(s_core, "core") NAME(s_sec, "sec") NAME(s_plog_id, "plog_id") NAME(s_proven, "proven")
+    NAME(s_verified, "verified") NAME(s_vkey, "vkey") NAME(s_deleted, "deleted") NAME(s_broken, "broken")
+    NAME(s_state, "state") NAME(s_open, "open") NAME(s_written, "written") NAME(s_committed, "committed")
+    NAME(s_committed_records, "_committed_records") NAME(s_starts, "starts") NAME(s_lengths, "_lengths")
+    NAME(s_nonce, "nonce") NAME(s_capacity, "capacity") NAME(s_extents, "extents") NAME(s_segments, "segments")
+    NAME(s_fd, "fd") NAME(s_lock, "lock") NAME(s_touched, "touched") NAME(s_flushes, "flushes")
+    NAME(s_gone, "gone") NAME(s_seg_ids, "seg_ids")
+    NAME(s_seg_lock, "_lock")
+#undef NAME
+    return 0;
+}
+
+/* An item skipped: only the kinds a plog_append's budget may be (float, int). */
+static int skip_number(Reader *r) {
+    const unsigned char *c, *body;
+    if (r->p >= r->end)
+        return 0;
+    if (*r->p == 0xcb || *r->p == 0xca) {
+        take(r, 1, &c);
+        return take(r, *c == 0xcb ? 8 : 4, &body);
+    }
+    const unsigned char *raw;
+    size_t raw_n;
+    uint64_t v;
+    int neg;
+    return read_int(r, &raw, &raw_n, &v, &neg);
+}
+
+static int read_container(Reader *r, unsigned char fix, unsigned char fix_mask, unsigned char b16,
+                          unsigned char b32, size_t *count) {
+    const unsigned char *c, *len;
+    if (!take(r, 1, &c))
+        return 0;
+    if ((*c & fix_mask) == fix) {
+        *count = *c & 0x0f;
+        return 1;
+    }
+    int width = *c == b16 ? 2 : *c == b32 ? 4 : 0;
+    if (!width || !take(r, width, &len))
+        return 0;
+    *count = (size_t)big_endian(len, width);
+    return 1;
+}
+
+/* A Python lock taken without waiting: 1 taken, 0 held elsewhere, -1 error. */
+static int try_lock(PyObject *lock) {
+    PyObject *got = PyObject_CallMethodOneArg(lock, s_acquire, Py_False);
+    if (got == NULL)
+        return -1;
+    int taken = PyObject_IsTrue(got);
+    Py_DECREF(got);
+    return taken;
+}
+
+static void unlock(PyObject *lock) {
+    PyObject *r = PyObject_CallMethodNoArgs(lock, s_release);
+    Py_XDECREF(r);
+    if (r == NULL)
+        PyErr_Clear();      /* ours, taken above: cannot fail */
+}
+
+static PyObject *get(PyObject *o, PyObject *name) {
+    return o == NULL ? NULL : PyObject_GetAttr(o, name);
+}
+
+/* Is attribute `name` of `o` an int, and which: -1 when it is not (an error set or not). */
+static long long attr_ll(PyObject *o, PyObject *name) {
+    PyObject *v = PyObject_GetAttr(o, name);
+    if (v == NULL)
+        return -1;
+    long long x = PyLong_Check(v) ? PyLong_AsLongLong(v) : -1;
+    Py_DECREF(v);
+    return x;
+}
+
+static int set_ll(PyObject *o, PyObject *name, long long x) {
+    PyObject *v = PyLong_FromLongLong(x);
+    if (v == NULL)
+        return -1;
+    int rc = PyObject_SetAttr(o, name, v);
+    Py_DECREF(v);
+    return rc;
+}
+
+static PyObject *append_one(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer packet;
+    PyObject *grants, *conn;
+    if (!PyArg_ParseTuple(args, "y*O!O", &packet, &PyDict_Type, &grants, &conn))
+        return NULL;
+    PyObject *result = NULL;           /* NULL with no error set: answer None */
+    PyObject *grant = NULL, *plog = NULL, *core = NULL, *plog_lock = NULL, *seg_lock = NULL;
+    int plog_locked = 0, seg_locked = 0;
+
+    /* The request: exactly the keys of the common case, each once. */
+    Reader r = {packet.buf, (const unsigned char *)packet.buf + packet.len};
+    size_t keys;
+    const unsigned char *pool = NULL, *ns = NULL, *sec = NULL, *name = NULL, *record = NULL, *id_raw = NULL;
+    size_t pool_n = 0, ns_n = 0, sec_n = 0, name_n = 0, record_n = 0, id_n = 0;
+    uint64_t plog_id = 0, request_id = 0;
+    int have_op = 0, have_plog_id = 0, have_budget = 0;
+    if (!read_container(&r, 0x80, 0xf0, 0xde, 0xdf, &keys) || keys < 8 || keys > 9)
+        goto done;
+    for (size_t k = 0; k < keys; k++) {
+        const unsigned char *key, *raw;
+        size_t key_n, raw_n;
+        int neg;
+        if (!read_bytes(&r, 's', &key, &key_n))
+            goto done;
+        if (key_is(key, key_n, "op")) {
+            const unsigned char *op;
+            size_t op_n;
+            if (have_op || !read_bytes(&r, 's', &op, &op_n) || !key_is(op, op_n, "plog_append"))
+                goto done;
+            have_op = 1;
+        } else if (key_is(key, key_n, "pool")) {
+            if (pool || !read_bytes(&r, 's', &pool, &pool_n))
+                goto done;
+        } else if (key_is(key, key_n, "ns")) {
+            if (ns || !read_bytes(&r, 's', &ns, &ns_n))
+                goto done;
+        } else if (key_is(key, key_n, "sec")) {
+            if (sec || !read_bytes(&r, 'b', &sec, &sec_n))
+                goto done;
+        } else if (key_is(key, key_n, "name")) {
+            if (name || !read_bytes(&r, 's', &name, &name_n))
+                goto done;
+        } else if (key_is(key, key_n, "plog_id")) {
+            if (have_plog_id || !read_int(&r, &raw, &raw_n, &plog_id, &neg) || neg)
+                goto done;
+            have_plog_id = 1;
+        } else if (key_is(key, key_n, "records")) {
+            size_t count;
+            if (record || !read_container(&r, 0x90, 0xf0, 0xdc, 0xdd, &count) || count != 1
+                    || !read_bytes(&r, 'b', &record, &record_n))
+                goto done;
+        } else if (key_is(key, key_n, "id")) {
+            if (id_raw || !read_int(&r, &id_raw, &id_n, &request_id, &neg) || neg)
+                goto done;
+        } else if (key_is(key, key_n, "budget_s")) {
+            if (have_budget || !skip_number(&r))
+                goto done;
+            have_budget = 1;
+        } else {
+            goto done;
+        }
+    }
+    if (r.p != r.end || !have_op || !pool || !ns || !sec || !name || !have_plog_id || !record || !id_raw
+            || keys != 8u + (size_t)have_budget || record_n > UINT32_MAX)
+        goto done;
+
+    /* The grant: this connection proved the secId for this plog (Python). */
+    PyObject *key = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(pool_n + ns_n + name_n + 2));
+    if (key == NULL)
+        goto done;
+    char *kp = PyBytes_AS_STRING(key);
+    memcpy(kp, pool, pool_n);
+    kp[pool_n] = 0;
+    memcpy(kp + pool_n + 1, ns, ns_n);
+    kp[pool_n + 1 + ns_n] = 0;
+    memcpy(kp + pool_n + ns_n + 2, name, name_n);
+    grant = PyDict_GetItemWithError(grants, key);
+    Py_DECREF(key);
+    if (grant == NULL)
+        goto done;
+    Py_INCREF(grant);
+    {
+        PyObject *want_sec = PyObject_GetAttr(grant, s_sec);
+        if (want_sec == NULL)
+            goto done;
+        int same = PyBytes_Check(want_sec) && (size_t)PyBytes_GET_SIZE(want_sec) == sec_n;
+        if (same) {        /* every byte compared: no timing says how much of a guess was right */
+            unsigned char diff = 0;
+            const unsigned char *w = (const unsigned char *)PyBytes_AS_STRING(want_sec);
+            for (size_t i = 0; i < sec_n; i++)
+                diff |= (unsigned char)(w[i] ^ sec[i]);
+            same = diff == 0;
+        }
+        Py_DECREF(want_sec);
+        if (!same)
+            goto done;
+    }
+    if ((uint64_t)attr_ll(grant, s_plog_id) != plog_id || PyErr_Occurred())
+        goto done;
+    {   /* The proof still stands: the connection's verified entry is the one the grant saw. */
+        PyObject *verified = get(conn, s_verified), *vkey = get(grant, s_vkey), *proven = get(grant, s_proven);
+        PyObject *now = verified && vkey && PyDict_Check(verified) ? PyDict_GetItemWithError(verified, vkey) : NULL;
+        int stands = now != NULL && now == proven;
+        Py_XDECREF(verified);
+        Py_XDECREF(vkey);
+        Py_XDECREF(proven);
+        if (!stands)
+            goto done;
+        PyObject *gone = get(conn, s_gone);
+        int owes = gone == NULL || !PyList_Check(gone) || PyList_GET_SIZE(gone) != 0;
+        Py_XDECREF(gone);
+        if (owes)
+            goto done;
+    }
+    plog = get(grant, s_plog);
+    core = get(plog, s_core);
+    plog_lock = get(plog, s_lock);
+    if (core == NULL || plog_lock == NULL)
+        goto done;
+    int taken = try_lock(plog_lock);
+    if (taken <= 0)
+        goto done;
+    plog_locked = 1;
+
+    /* The plog's rules, read under its lock. */
+    {
+        PyObject *deleted = get(plog, s_deleted), *broken = get(plog, s_broken), *state = get(core, s_state);
+        int ok = deleted == Py_False && broken == Py_None && state != NULL && PyUnicode_Check(state)
+                 && PyUnicode_Compare(state, s_open) == 0;
+        Py_XDECREF(deleted);
+        Py_XDECREF(broken);
+        Py_XDECREF(state);
+        if (!ok)
+            goto done;
+    }
+    long long written = attr_ll(core, s_written), committed = attr_ll(core, s_committed);
+    long long capacity = attr_ll(grant, s_capacity);
+    PyObject *nonce_obj = get(core, s_nonce);
+    unsigned long long nonce = nonce_obj && PyLong_Check(nonce_obj) ? PyLong_AsUnsignedLongLong(nonce_obj)
+                                                                     : (unsigned long long)-1;
+    Py_XDECREF(nonce_obj);
+    if (written < 0 || committed < 0 || capacity < 0 || PyErr_Occurred())
+        goto done;
+    size_t padded = (record_n + ALIGN_BYTES - 1) / ALIGN_BYTES * ALIGN_BYTES;
+    long long frame = HEADER_BYTES + (long long)padded;
+    if (written + frame > capacity)
+        goto done;                        /* OUT_OF_SPACE: Python says so */
+
+    /* Where: the extent holding the frame's first byte (grant.extents: (end, file offset) pairs
+     * as u64, in log order), which must hold all of it. */
+    Py_ssize_t index_now;
+    int fd;
+    long long file_at, seg_index;
+    {
+        PyObject *extents = get(grant, s_extents);
+        if (extents == NULL || !PyBytes_Check(extents)) {
+            Py_XDECREF(extents);
+            goto done;
+        }
+        const uint64_t *e = (const uint64_t *)PyBytes_AS_STRING(extents);
+        Py_ssize_t count = PyBytes_GET_SIZE(extents) / 16;
+        Py_ssize_t lo = 0, hi = count;
+        while (lo < hi) {                  /* the first extent ending past `written` */
+            Py_ssize_t mid = (lo + hi) / 2;
+            if (e[2 * mid] <= (uint64_t)written)
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        int fits = lo < count && (uint64_t)(written + frame) <= e[2 * lo];
+        uint64_t start = lo == 0 ? 0 : e[2 * (lo - 1)];
+        file_at = fits ? (long long)(e[2 * lo + 1] + ((uint64_t)written - start)) : -1;
+        seg_index = lo;
+        Py_DECREF(extents);
+        if (!fits)
+            goto done;
+    }
+    PyObject *segments = get(grant, s_segments);
+    if (segments == NULL || !PyList_Check(segments) || seg_index >= PyList_GET_SIZE(segments)) {
+        Py_XDECREF(segments);
+        goto done;
+    }
+    PyObject *segment = PyList_GET_ITEM(segments, seg_index);
+    Py_INCREF(segment);
+    Py_DECREF(segments);
+    seg_lock = get(segment, s_seg_lock);     /* FileSegment's: its fd stays open meanwhile */
+    if (seg_lock == NULL || (taken = try_lock(seg_lock)) <= 0) {
+        Py_DECREF(segment);
+        goto done;
+    }
+    seg_locked = 1;
+    fd = (int)attr_ll(segment, s_fd);
+    Py_DECREF(segment);
+    if (fd < 0 || PyErr_Occurred())
+        goto done;                         /* destroyed: Python says what happened */
+    PyObject *starts = get(core, s_starts);
+    index_now = starts == NULL ? -1 : PyObject_Length(starts);
+    if (index_now < 0) {
+        Py_XDECREF(starts);
+        goto done;
+    }
+
+    /* The frame, written in one call: header, payload from the packet, zeros. */
+    unsigned char header[HEADER_BYTES], seed[20];
+    static const unsigned char zeros[HEADER_BYTES];
+    uint64_t index = (uint64_t)index_now;
+    put64(seed, nonce);
+    put64(seed + 8, index);
+    put32(seed + 16, (uint32_t)record_n);
+    memcpy(header, "PLG1", 4);
+    put32(header + 4, (uint32_t)record_n);
+    put32(header + 8, (uint32_t)(index & 0xFFFFFFFFu));
+    put32(header + 12, crc32c(crc32c(0, seed, sizeof seed), record, record_n));
+    struct iovec parts[3] = {{header, HEADER_BYTES}, {(void *)record, record_n}, {(void *)zeros, padded - record_n}};
+    ssize_t done_n;
+    do
+        done_n = pwritev(fd, parts, 3, (off_t)file_at);
+    while (done_n < 0 && errno == EINTR);
+    if (done_n != (ssize_t)frame) {
+        /* Part of it may be in: no header that checks stays (Python writes it again, and says
+         * what failed if it fails again). */
+        ssize_t ignored = pwrite(fd, zeros, HEADER_BYTES, (off_t)file_at);
+        (void)ignored;
+        Py_DECREF(starts);
+        goto done;
+    }
+
+    /* Marked written, as PlogLog.mark_written does; the segment touched for the next flush. */
+    long long end = written + frame;
+    {
+        PyObject *lengths = get(core, s_lengths), *at = PyLong_FromLongLong(written), *n = PyLong_FromSize_t(record_n);
+        PyObject *end_obj = PyLong_FromLongLong(end);
+        int failed = lengths == NULL || at == NULL || n == NULL || end_obj == NULL;
+        PyObject *got = failed ? NULL : PyObject_CallMethodOneArg(starts, s_append, at);
+        failed = failed || got == NULL;
+        Py_XDECREF(got);
+        if (!failed) {
+            got = PyObject_CallMethodOneArg(lengths, s_append, n);
+            if (got == NULL) {             /* undone: the rules stay as they were */
+                PyObject *popped = PyObject_CallMethod(starts, "pop", NULL);
+                Py_XDECREF(popped);
+                failed = 1;
+            }
+            Py_XDECREF(got);
+        }
+        if (!failed && PyObject_SetAttr(core, s_written, end_obj) < 0) {
+            PyObject *popped = PyObject_CallMethod(starts, "pop", NULL);
+            Py_XDECREF(popped);
+            popped = PyObject_CallMethod(lengths, "pop", NULL);
+            Py_XDECREF(popped);
+            failed = 1;
+        }
+        Py_XDECREF(lengths);
+        Py_XDECREF(at);
+        Py_XDECREF(n);
+        Py_XDECREF(end_obj);
+        if (failed) {
+            /* (A MemoryError.) Not marked: its header goes, as a failed write's does. */
+            ssize_t ignored = pwrite(fd, zeros, HEADER_BYTES, (off_t)file_at);
+            (void)ignored;
+            Py_DECREF(starts);
+            goto done;
+        }
+    }
+    unlock(seg_lock);
+    seg_locked = 0;
+    int commit_here = 0;
+    {
+        PyObject *touched = get(plog, s_touched), *seg_ids = get(grant, s_seg_ids);
+        PyObject *seg_id = seg_ids && PyList_Check(seg_ids) && seg_index < PyList_GET_SIZE(seg_ids)
+                               ? PyList_GET_ITEM(seg_ids, seg_index) : NULL;
+        int ok = touched != NULL && seg_id != NULL && PySet_Check(touched) && PySet_Add(touched, seg_id) == 0;
+        Py_XDECREF(touched);
+        Py_XDECREF(seg_ids);
+        /* With nothing else written and not committed, no flusher is between taking its target
+         * and committing it (_flush_to): committing here cannot undercut one. */
+        PyObject *flushes = get(grant, s_flushes);
+        commit_here = ok && flushes == Py_False && committed == written;
+        Py_XDECREF(flushes);
+        if (commit_here) {
+            Py_ssize_t records = PyObject_Length(starts);
+            if (records < 0 || set_ll(core, s_committed, end) < 0 || set_ll(core, s_committed_records, records) < 0)
+                commit_here = 0;
+        }
+        PyErr_Clear();     /* not committed here: Python's flush commits it */
+    }
+    Py_DECREF(starts);
+
+    /* {"offsets": [payload offset], "id": id} */
+    unsigned char reply[64];
+    size_t at = 0;
+    reply[at++] = 0x82;
+    at += put_key(reply + at, "offsets");
+    reply[at++] = 0x91;
+    at += put_uint(reply + at, (uint64_t)written + HEADER_BYTES);
+    at += put_key(reply + at, "id");
+    memcpy(reply + at, id_raw, id_n);
+    at += id_n;
+    result = Py_BuildValue("(y#OLiKK)", (const char *)reply, (Py_ssize_t)at, grant, end, commit_here,
+                           (unsigned long long)record_n, (unsigned long long)request_id);
+done:
+    if (seg_locked)
+        unlock(seg_lock);
+    if (plog_locked)
+        unlock(plog_lock);
+    Py_XDECREF(seg_lock);
+    Py_XDECREF(plog_lock);
+    Py_XDECREF(core);
+    Py_XDECREF(plog);
+    Py_XDECREF(grant);
+    PyBuffer_Release(&packet);
+    if (result == NULL && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_MemoryError) && !PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
+            PyErr_Clear();                 /* a rule not as expected: Python serves it, and says */
+        else
+            return NULL;
+    }
+    if (result == NULL)
+        Py_RETURN_NONE;
+    return result;
+}
+
+/* ---- call_append: a same-host client's append of one record, sent and answered in one call ----
+ *
+ * call_append(fd, head, record, budget_s, request_id, buffer, poll_s) -> (status, value, waited_s)
+ *
+ * The request is `head` (plog/client.py: the map's header and every entry but the record's
+ * bytes, budget_s and id, ending with "records" and its one-item array), the record as a bin,
+ * then budget_s and id: sent as one SEQPACKET message straight from the caller's buffer, then
+ * the reply received into `buffer` (polling without sleeping until poll_s, then blocking,
+ * bounded by the socket's SO_RCVTIMEO and SO_SNDTIMEO), all without the GIL. The link
+ * (datapath/link.py call_compiled) keeps its rules: one request at a time, ids, replies given
+ * up on. Statuses:
+ *   CALL_OK          the reply was {"offsets": [value], "id": request_id}
+ *   CALL_REPLY       another reply (an error, a "gone" notice): value bytes of it in `buffer`
+ *   CALL_UNSENT      SO_SNDTIMEO ran out: nothing was sent
+ *   CALL_TIMEOUT     sent; no reply within SO_RCVTIMEO
+ *   CALL_CLOSED      the server closed the connection
+ *   CALL_BAD         a reply over the buffer, or with fds: the stream cannot be trusted
+ * A signal's handler that raises (Ctrl-C) raises here, the request perhaps sent. */
+
+#define CALL_OK 0
+#define CALL_REPLY 1
+#define CALL_UNSENT 2
+#define CALL_TIMEOUT 3
+#define CALL_CLOSED 4
+#define CALL_BAD 5
+
+static double clock_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+/* Run the signal handlers (the GIL taken for it): -1 when one raised. */
+static int signals_raised(PyThreadState **save) {
+    PyEval_RestoreThread(*save);
+    int raised = PyErr_CheckSignals() < 0;
+    *save = PyEval_SaveThread();
+    return raised ? -1 : 0;
+}
+
+static void put_be64(unsigned char *p, uint64_t v) {
+    for (int i = 0; i < 8; i++)
+        p[i] = (unsigned char)(v >> (8 * (7 - i)));
+}
+
+static PyObject *call_append(PyObject *Py_UNUSED(self), PyObject *args) {
+    int fd;
+    Py_buffer head, record, buffer;
+    double budget_s, poll_s;
+    unsigned long long request_id;
+    if (!PyArg_ParseTuple(args, "iy*y*dKw*d", &fd, &head, &record, &budget_s, &request_id, &buffer, &poll_s))
+        return NULL;
+    PyObject *result = NULL;
+    unsigned char bin[5], tail[32];
+    size_t bin_n, tail_n = 0;
+    uint64_t n = (uint64_t)record.len;
+    if (n <= 0xff) {
+        bin[0] = 0xc4;
+        bin[1] = (unsigned char)n;
+        bin_n = 2;
+    } else if (n <= 0xffff) {
+        bin[0] = 0xc5;
+        bin[1] = (unsigned char)(n >> 8);
+        bin[2] = (unsigned char)n;
+        bin_n = 3;
+    } else {
+        bin[0] = 0xc6;
+        for (int i = 0; i < 4; i++)
+            bin[1 + i] = (unsigned char)(n >> (8 * (3 - i)));
+        bin_n = 5;
+    }
+    tail_n += put_key(tail, "budget_s");
+    tail[tail_n++] = 0xcb;
+    uint64_t bits;
+    memcpy(&bits, &budget_s, sizeof bits);
+    put_be64(tail + tail_n, bits);
+    tail_n += 8;
+    tail_n += put_key(tail + tail_n, "id");
+    tail[tail_n++] = 0xcf;                 /* the id as 8 bytes: the reply echoes it as msgpack does */
+    put_be64(tail + tail_n, request_id);
+    tail_n += 8;
+    struct iovec out[4] = {{head.buf, (size_t)head.len}, {bin, bin_n}, {record.buf, (size_t)record.len},
+                           {tail, tail_n}};
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = out;
+    msg.msg_iovlen = 4;
+    int status = -1, err = 0, interrupted = 0;
+    ssize_t got = -1;
+    double waited_s = 0.0;
+    PyThreadState *save = PyEval_SaveThread();
+    for (;;) {
+        if (sendmsg(fd, &msg, MSG_NOSIGNAL) >= 0)
+            break;
+        if (errno == EINTR) {
+            if (signals_raised(&save) < 0) {
+                interrupted = 1;
+                break;
+            }
+            continue;
+        }
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            status = CALL_UNSENT;
+        else if (errno == EPIPE || errno == ECONNRESET)
+            status = CALL_CLOSED;
+        else
+            err = errno;
+        break;
+    }
+    if (status < 0 && !err && !interrupted) {
+        union {
+            struct cmsghdr align;
+            char space[CMSG_SPACE(4 * sizeof(int))];
+        } control;
+        struct iovec in = {buffer.buf, (size_t)buffer.len};
+        double began = clock_s(), poll_until = began + poll_s;
+        int polled = 0;
+        for (;;) {
+            memset(&msg, 0, sizeof msg);
+            msg.msg_iov = &in;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.space;
+            msg.msg_controllen = sizeof control.space;
+            int polling = clock_s() < poll_until;
+            if (polled && !polling) {      /* a signal that came while polling raises before the wait */
+                polled = 0;
+                if (signals_raised(&save) < 0) {
+                    interrupted = 1;
+                    break;
+                }
+            }
+            got = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC | (polling ? MSG_DONTWAIT : 0));
+            if (got >= 0)
+                break;
+            if (errno == EINTR) {
+                if (signals_raised(&save) < 0) {
+                    interrupted = 1;
+                    break;
+                }
+                continue;
+            }
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                if (polling) {
+                    polled = 1;
+                    sched_yield();
+                    continue;
+                }
+                status = CALL_TIMEOUT;
+                break;
+            }
+            if (errno == ECONNRESET)
+                status = CALL_CLOSED;
+            else
+                err = errno;
+            break;
+        }
+        waited_s = clock_s() - began;
+        if (got >= 0) {
+            int fds = 0;
+            for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
+                if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+                    continue;
+                size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+                for (size_t i = 0; i < count; i++) {
+                    int one;
+                    memcpy(&one, CMSG_DATA(c) + i * sizeof(int), sizeof one);
+                    close(one);
+                    fds++;
+                }
+            }
+            if (got == 0)
+                status = CALL_CLOSED;
+            else if (fds || (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)))
+                status = CALL_BAD;
+            else
+                status = CALL_REPLY;
+        }
+    }
+    PyEval_RestoreThread(save);
+    uint64_t offset = 0;
+    if (status == CALL_REPLY) {            /* the common reply, read here: 82 "offsets" [n] "id" id */
+        static const unsigned char prefix[] = {0x82, 0xa7, 'o', 'f', 'f', 's', 'e', 't', 's', 0x91};
+        Reader r = {buffer.buf, (const unsigned char *)buffer.buf + got};
+        const unsigned char *at, *raw, *key;
+        size_t raw_n, key_n;
+        uint64_t id;
+        int neg;
+        if (take(&r, sizeof prefix, &at) && memcmp(at, prefix, sizeof prefix) == 0
+                && read_int(&r, &raw, &raw_n, &offset, &neg) && !neg && read_bytes(&r, 's', &key, &key_n)
+                && key_is(key, key_n, "id") && read_int(&r, &raw, &raw_n, &id, &neg) && !neg
+                && id == request_id && r.p == r.end)
+            status = CALL_OK;
+    }
+    if (interrupted) {
+        /* the handler's exception is set */
+    } else if (err) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+    } else {
+        result = Py_BuildValue("(iKd)", status, status == CALL_OK ? (unsigned long long)offset
+                               : status == CALL_REPLY ? (unsigned long long)got : 0ULL, waited_s);
+    }
+    PyBuffer_Release(&head);
+    PyBuffer_Release(&record);
+    PyBuffer_Release(&buffer);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"call_append", call_append, METH_VARARGS,
+     "call_append(fd, head, record, budget_s, request_id, buffer, poll_s) -> (status, value, waited_s)"},
     {"crc32c_of", crc32c_of, METH_VARARGS, "crc32c_of(data, value=0, table=False) -> int"},
+    {"append_one", append_one, METH_VARARGS,
+     "append_one(packet, grants, conn) -> None | (reply, grant, end, committed, payload_bytes, request_id)"},
     {"frame_batch", frame_batch, METH_VARARGS,
      "frame_batch(nonce, first_index, data, lengths) -> bytes: the records' frames, back to back"},
     {NULL, NULL, 0, NULL},
@@ -182,5 +839,18 @@ PyMODINIT_FUNC PyInit__records(void) {
     __builtin_cpu_init();
     hardware = __builtin_cpu_supports("sse4.2");
 #endif
-    return PyModule_Create(&module);
+    if (intern_names() < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddIntConstant(m, "CALL_OK", CALL_OK) < 0 || PyModule_AddIntConstant(m, "CALL_REPLY", CALL_REPLY) < 0
+            || PyModule_AddIntConstant(m, "CALL_UNSENT", CALL_UNSENT) < 0
+            || PyModule_AddIntConstant(m, "CALL_TIMEOUT", CALL_TIMEOUT) < 0
+            || PyModule_AddIntConstant(m, "CALL_CLOSED", CALL_CLOSED) < 0
+            || PyModule_AddIntConstant(m, "CALL_BAD", CALL_BAD) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

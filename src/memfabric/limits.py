@@ -182,6 +182,7 @@ PLOG_SHARED_STAGE_KEPT_BYTES = 4 << 20
 PLOG_PREPARE_BYTES_PER_S = 32 << 20
 MAX_PLOG_BUFFERED_BYTES = 256 << 20   # record bytes a server holds being sent (stages, RPC payloads), in all
 MAX_PLOG_REPLICAS = 8                 # copies of a plog (its home's included), each on its own server
+MAX_PLOG_FAST_GRANTS_PER_CONNECTION = 64   # plogs one IPC connection appends to through the compiled path
 PLOG_REPLICA_PIECE_BYTES = 128 << 10  # log bytes a home forwards to a replica per message (within MAX_MESSAGE_BYTES)
 # The Redis-protocol door (kv/resp/). Redis's own limits, so that a client sees the same
 # errors at the same sizes: an inline line or a length line of at most 64 KiB, a bulk of at

@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import (BmError, LimitExceeded, MemfabricError, NoSuchNamespace, NoSuchObject, ProtocolError,
                       ServerUnavailable, Timeout, error_from_code)
@@ -30,6 +30,11 @@ from .deadline import call_timeout_s, serving_until
 from .late_replies import undo_of
 from ..media.files import FileSegment
 from .mapping import SharedRange
+
+try:    # a plog append's compiled call (_records.c call_append): ./dev builds it
+    from .. import _records
+except ImportError:      # pragma: no cover
+    _records = None
 
 log = logging.getLogger("memfabric.link")
 
@@ -110,6 +115,7 @@ class ServerLink:
         self._abandoned: dict[int, tuple[str, dict[str, Any]]] = {}
         self._undos: list[dict[str, Any]] = []
         self._late_gone: list = []       # "gone" lists of replies dropped as late
+        self.compiled_appends = 0        # plog appends sent by call_compiled
         self._channel = IpcChannel.connect(ipc_socket, timeout_s, busy_poll_s)
         self._bound_s = 0.0
         self._bound_waits(timeout_s)
@@ -186,6 +192,75 @@ class ServerLink:
                 self.release_namespace(str(args.get("pool")), str(args.get("ns")))
             raise error_from_code(reply["error"], str(reply.get("msg", "")))
         return reply, fds
+
+    def call_compiled(self, op: str, args: dict[str, Any], call: Callable[..., tuple[int, int, float]]) -> Any:
+        """One request sent and answered by a compiled call (_records.c call_append:
+        `call(fd, buffer, poll_s, request_id, timeout_s)` -> (status, value, waited_s)) when
+        this link is idle (no other request under way, none given up on): `value` when the
+        reply was the common one (CALL_OK), else the reply as call() returns it (raising its
+        error); None when not taken (nothing was sent: call() it). The rules of _exchange
+        hold: a TIMEOUT or a Ctrl-C leaves the request given up on, its late reply dropped;
+        a broken stream closes the link."""
+        if self._closed or self._abandoned or self._undos or self._late_gone or self._lock._is_owned():
+            return None              # (owned: re-entered from a signal's handler)
+        timeout_s = call_timeout_s(self.timeout_s)
+        if timeout_s <= 0:
+            return None
+        failure: MemfabricError | None = None
+        try:
+            if not self._lock.acquire(False):
+                return None          # busy: call() waits its turn
+            channel_args = self._channel.compiled_call_args()
+            if self._closed or self._abandoned or self._undos or channel_args is None:
+                return None
+            fd, buffer, poll_s = channel_args
+            request_id = self._next_id
+            self._next_id += 1
+            self._bound_waits(timeout_s)
+            # Given up on until its reply is read: a Ctrl-C in the call leaves its reply to be dropped.
+            self._abandoned[request_id] = (op, args)
+            self.compiled_appends += 1
+            try:
+                status, value, waited_s = call(fd, buffer, poll_s, request_id, timeout_s)
+            except OSError as exc:
+                raise _Broken(self._gone(op, exc)) from None
+            self._channel.waited(waited_s)
+            if status == _records.CALL_OK:
+                del self._abandoned[request_id]
+                return value
+            if status == _records.CALL_UNSENT:
+                del self._abandoned[request_id]          # a SEQPACKET message goes whole or not at all
+                raise Timeout(f"server at {self.ipc_socket} took no request for {timeout_s:.3g}s ({op!r})")
+            if status == _records.CALL_TIMEOUT:
+                self._abandon(request_id, op, args)
+                raise Timeout(f"server at {self.ipc_socket} did not answer {op!r} within {timeout_s:.3g}s")
+            if status == _records.CALL_CLOSED:
+                raise _Broken(self._gone(op, PeerClosed()))
+            if status != _records.CALL_REPLY:
+                raise _Broken(ProtocolError(f"the reply to {op!r} was over {len(buffer)} bytes or carried fds"))
+            try:
+                reply = wire.decode(memoryview(buffer)[:value])
+            except ProtocolError as exc:
+                raise _Broken(exc) from None
+            if reply["id"] != request_id:        # nothing was given up on: no late reply can come
+                raise _Broken(ProtocolError(f"reply to request {request_id} carried id {reply['id']!r}"))
+            del self._abandoned[request_id]
+        except _Broken as broken:
+            failure = broken.error
+        finally:
+            try:
+                self._lock.release()     # no call (where a signal's handler runs) before it
+            except RuntimeError:
+                pass                     # not ours: not taken, or interrupted before it was
+        if failure is not None:
+            self._fail()
+            raise failure
+        if "error" in reply:
+            if reply["error"] == BmError.NO_SUCH_NAMESPACE:
+                self.release_namespace(str(args.get("pool")), str(args.get("ns")))
+            raise error_from_code(reply["error"], str(reply.get("msg", "")))
+        self._forget_segments(reply.pop("gone", None))
+        return reply
 
     def _exchange(self, op: str, args: dict[str, Any], timeout_s: float,
                   put: tuple[bytes, int, bytes, bytes] | None = None) -> tuple[dict[str, Any], list[int]]:

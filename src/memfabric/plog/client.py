@@ -21,6 +21,8 @@ from bisect import bisect_right
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
+import msgpack
+
 from ..bigmemory.layout import as_bytes_view
 from ..client.arguments import as_int
 from ..core.namespaces import check_name
@@ -34,6 +36,11 @@ from ..limits import (MAX_PLOG_BATCH, MAX_PLOG_CAPACITY_BYTES, MAX_PLOG_RECORD_B
 
 if TYPE_CHECKING:
     from ..client.session import Namespace
+
+try:    # one record appended on this host in one compiled call: ./dev builds it
+    from .. import _records
+except ImportError:      # pragma: no cover
+    _records = None
 
 READ_OPS = frozenset({"plog_info", "plog_records", "plog_read"})   # a copy answers these when the home does not
 HOME_AWAY = (ServerUnavailable, Timeout)
@@ -54,6 +61,16 @@ def _as_records(records: Iterable[Any]) -> list[memoryview]:
         if v.nbytes > MAX_PLOG_RECORD_BYTES:
             raise InvalidArgument(f"a record is at most {MAX_PLOG_RECORD_BYTES} bytes, got {v.nbytes}")
     return views
+
+
+def _append_head(wire_args: dict[str, Any]) -> bytes:
+    """What _records.call_append sends before a record: a map of `wire_args`, "op", then
+    "records" and its one-item array's header (it adds the record's bin, "budget_s" and "id")."""
+    entries = len(wire_args) + 4
+    assert entries <= 15, "a fixmap's header"
+    pack = msgpack.Packer(use_bin_type=True).pack
+    return (bytes([0x80 | entries]) + b"".join(pack(k) + pack(v) for k, v in wire_args.items())
+            + pack("op") + pack("plog_append") + pack("records") + b"\x91")
 
 
 class _StageHolder:
@@ -142,6 +159,7 @@ class Plog:
         # zeros, fail the check: then the server is asked, and says what happened).
         self._layout: tuple[list[tuple[int, int, int]], list[int], int] | None = None
         self._places: list[tuple[int, int]] = []
+        self._head: bytes | None = None      # a compiled append's request, but its record, budget and id
 
     def __repr__(self) -> str:
         return f"Plog({self.namespace.pool!r}/{self.namespace.name!r}/{self.name!r} on server {self.home})"
@@ -196,7 +214,30 @@ class Plog:
         the whole record is there once this returns, and survives a crash of the server
         (on pmem, of the host); or it raises and nothing of it is visible. Raises
         OUT_OF_SPACE (the plog is full), SEALED, NO_SUCH_OBJECT (deleted), PERMISSION_DENIED."""
+        offset = self._append_compiled(data)
+        if offset is not None:
+            return offset
         return self.append_many([data])[0]
+
+    def _append_compiled(self, data: Any) -> int | None:
+        """append() of one record to a server on this host in one compiled call (_records.c
+        call_append: the request written from `data` itself, the reply read without Python),
+        when the link is idle; None when not taken (nothing was sent)."""
+        if _records is None:
+            return None
+        view = as_bytes_view(data)        # (not a buffer: INVALID_ARGUMENT, as append_many says)
+        if view.nbytes + 8 + INLINE_SLACK_BYTES > PLOG_INLINE_BYTES:
+            return None
+        self.namespace.session.check_open()
+        call_compiled = getattr(self.namespace.session.link(self._sequencer), "call_compiled", None)
+        if call_compiled is None:    # another host's server
+            return None
+        head = self._head
+        if head is None:
+            head = self._head = _append_head(self._wire)
+        got = call_compiled("plog_append", self._wire, lambda fd, buffer, poll_s, request_id, timeout_s:
+                            _records.call_append(fd, head, view, timeout_s, request_id, buffer, poll_s))
+        return got["offsets"][0] if isinstance(got, dict) else got
 
     def append_many(self, records: Iterable[Any]) -> list[int]:
         """Append records in order, in one request and one flush. The offsets of their

@@ -145,10 +145,14 @@ class PlogLog:
         self.commit(self.written)
 
 
-def pieces(extents: list[tuple[int, int, int]], offset: int, length: int) -> list[tuple[int, int, int]]:
+def pieces(extents: list[tuple[int, int, int]], offset: int, length: int,
+           ends: list[int] | None = None) -> list[tuple[int, int, int]]:
     """Where logical bytes [offset, offset + length) of a log laid over `extents` (segment,
-    offset, length; in order) lie: (segment, offset in it, length) runs."""
-    ends = list(accumulate(e[2] for e in extents))
+    offset, length; in order) lie: (segment, offset in it, length) runs. `ends`: the
+    extents' running ends (extent_ends), when the caller keeps them: an append then costs
+    no walk over every extent of the log."""
+    if ends is None:
+        ends = extent_ends(extents)
     if offset < 0 or length < 0 or offset + length > (ends[-1] if ends else 0):
         raise OutOfRange(f"[{offset}, {offset + length}) is outside the log's {ends[-1] if ends else 0} bytes")
     out = []
@@ -163,3 +167,8 @@ def pieces(extents: list[tuple[int, int, int]], offset: int, length: int) -> lis
         length -= take
         i += 1
     return out
+
+
+def extent_ends(extents: list[tuple[int, int, int]]) -> list[int]:
+    """Where each extent ends in the log's logical bytes (what pieces() bisects)."""
+    return list(accumulate(e[2] for e in extents))

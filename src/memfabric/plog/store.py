@@ -111,10 +111,11 @@ class LogBytes:
     """A plog's bytes as laid over its extents in the pool's segment files."""
 
     def __init__(self, pool: Any, extents: list[tuple[int, int, int]], ns: str, flushes: bool) -> None:
-        from .log import pieces
+        from .log import extent_ends, pieces
         self._pieces = pieces
         self.pool = pool                     # server.state.PoolState
         self.extents = extents
+        self._ends = extent_ends(extents)    # kept: a log of many extents is not walked per append
         self.ns = ns
         self.flushes = flushes               # pmem: fdatasync before an append is answered
         self.capacity_bytes = sum(e[2] for e in extents)
@@ -127,14 +128,14 @@ class LogBytes:
 
     def write(self, offset: int, data: memoryview, touched: set[int]) -> None:
         at = 0
-        for segment, seg_offset, length in self._pieces(self.extents, offset, data.nbytes):
+        for segment, seg_offset, length in self._pieces(self.extents, offset, data.nbytes, self._ends):
             self._memory(segment).write(seg_offset, data[at:at + length])
             touched.add(segment)
             at += length
 
     def read(self, offset: int, into: memoryview) -> None:
         at = 0
-        for segment, seg_offset, length in self._pieces(self.extents, offset, into.nbytes):
+        for segment, seg_offset, length in self._pieces(self.extents, offset, into.nbytes, self._ends):
             self._memory(segment).read(seg_offset, into[at:at + length])
             at += length
 

@@ -29,6 +29,9 @@ class IpcFront:
         self._sock = listen(path, backlog=min(max_clients, 128), mode=mode, gid=gid)
         self._connections: dict[int, IpcChannel] = {}
         self._lock = threading.Lock()
+        # Compiled paths for the common requests (a service's fast_reply(conn, packet): the
+        # reply's bytes, or None when Python serves the packet as usual).
+        self._fast = tuple(s.fast_reply for s in server.services if hasattr(s, "fast_reply"))
         self._accept = AcceptLoop("IPC", self._sock, self._take,
                                   lambda accepting: server.door_accepting("ipc", accepting))
 
@@ -84,12 +87,25 @@ class IpcFront:
         try:
             while True:
                 try:
-                    request, fds = channel.recv(puts)
+                    packet, fds = channel.recv_packet(puts)
+                    fast = None
+                    for fast_reply in () if fds else self._fast:
+                        fast = fast_reply(conn, packet)
+                        if fast is not None:
+                            break
+                    if fast is None:
+                        request, fds = channel.decode(packet, fds)
                 except (PeerClosed, ConnectionError, OSError):
                     return
                 except ProtocolError as exc:
                     self.server.limited_log.warning("ipc malformed", "IPC connection %d closed: %s", conn.id, exc)
                     return
+                if fast is not None:
+                    try:
+                        channel.send_encoded(fast)
+                    except (OSError, MemfabricError):
+                        return
+                    continue
                 for fd in fds:   # clients have no reason to send fds
                     os.close(fd)
                 reply_fds: list[int] = []

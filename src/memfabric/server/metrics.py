@@ -172,6 +172,8 @@ class StateCollector(Collector):
                                   value=plog.appends)
         yield CounterMetricFamily("memfabric_plog_appended_bytes", "Payload bytes of those records",
                                   value=plog.appended_bytes)
+        yield CounterMetricFamily("memfabric_plog_compiled_appends", "Of those, appends served by the compiled "
+                                  "same-host path (plog/fast_append.py)", value=plog.fast_appends)
         yield CounterMetricFamily("memfabric_plog_flushes", "Flushes that made appends durable (pmem: "
                                   "fdatasync rounds, each shared by the appends waiting then)", value=plog.flushes)
         count = GaugeMetricFamily("memfabric_plogs", "Plogs homed here", labels=["pool", "ns"])

@@ -94,6 +94,19 @@ class IpcChannel:
         """One whole message and the fds that came with it. Raises PeerClosed on EOF.
         `puts`: a server's grants for MemKV puts (kv/put_grants.py), which the compiled
         receive answers itself until a message comes that is not one of them."""
+        return self.decode(*self.recv_packet(puts))
+
+    def decode(self, packet: memoryview, fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        """A packet of recv_packet() decoded (its fds closed if it does not decode)."""
+        try:
+            return wire.decode(packet), fds
+        except ProtocolError:
+            _close_all(fds)
+            raise
+
+    def recv_packet(self, puts: list | None = None) -> tuple[memoryview, list[int]]:
+        """recv(), the message not decoded: a view of this channel's buffer, valid until the
+        next receive (a server's compiled paths read it as it came, plog/fast_append.py)."""
         if self.compiled and self.sock.gettimeout() is None:
             poll = self._busy_poll
             if puts is not None:
@@ -112,7 +125,7 @@ class IpcChannel:
         else:
             n, ancillary, flags, _ = self._busy_poll.receive(self._recv_now, self._recv_blocking)
             fds = _take_fds(ancillary)
-        return self._message(n, fds, flags)
+        return self._packet(n, fds, flags)
 
     @property
     def compiled_calls(self) -> bool:
@@ -156,17 +169,28 @@ class IpcChannel:
         return self._message(n, fds, flags)
 
     def _message(self, n: int, fds: list[int], flags: int) -> tuple[dict[str, Any], list[int]]:
+        return self.decode(*self._packet(n, fds, flags))
+
+    def _packet(self, n: int, fds: list[int], flags: int) -> tuple[memoryview, list[int]]:
         if flags & _TRUNCATED:
             _close_all(fds)
             raise ProtocolError(f"message over {MAX_MESSAGE_BYTES} bytes or {MAX_FDS_PER_MESSAGE} fds")
         if not n:
             _close_all(fds)
             raise PeerClosed()
-        try:
-            return wire.decode(memoryview(self._buffer)[:n]), fds
-        except ProtocolError:
-            _close_all(fds)
-            raise
+        return memoryview(self._buffer)[:n], fds
+
+    def compiled_call_args(self) -> tuple[int, bytearray, float] | None:
+        """What a compiled send-and-receive on this channel needs (the fd, the buffer replies
+        are received into, how long to poll), or None when it cannot take one (no compiled
+        module, or a Python-level timeout on the socket)."""
+        if not self.compiled_calls:
+            return None
+        return self.sock.fileno(), self._buffer, self._busy_poll.window()
+
+    def waited(self, taken_s: float) -> None:
+        """A compiled call's wait for its reply took `taken_s` (BusyPoll's rule)."""
+        self._busy_poll.waited(taken_s)
 
     def _recv_now(self) -> tuple[int, list, int, Any]:
         # The socket must have no Python-level timeout (set_deadline bounds waits in the
