@@ -92,7 +92,7 @@ def _interrupt_where(function, text: str, nth: int, op: str | None = None):
 @pytest.mark.parametrize("where_interrupted", ["making the stage", "writing the batch"])
 def test_staged_appends_interrupted_half_way_leave_no_stage_behind(plog_fabric, where_interrupted, request):
     """Each append_many of a large batch interrupted (Ctrl-C) while its shared stage was made
-    (the server made it, its reply not read yet) or while the batch was written into it leaves
+    (the server made it, its reply not taken yet) or while the batch was written into it leaves
     no stage behind: a stage whose reply came late is dropped (late_replies.py), one given up
     on is replaced by the next. (Before the shared stages, a batch was staged in pieces, and
     each interrupted one left its stage: after 16, every large batch of the session failed
@@ -107,7 +107,8 @@ def test_staged_appends_interrupted_half_way_leave_no_stage_behind(plog_fabric, 
             if where_interrupted == "writing the batch":
                 tracer = _interrupt_where(Plog._append_shared, "stage.view[at:at + v.nbytes] = v", 0)
             else:
-                tracer = _interrupt_where(ServerLink._exchange, "self._channel.recv()", 0, op="plog_share_stage")
+                # Its reply read (the compiled call sends and receives in one) and not taken yet.
+                tracer = _interrupt_where(ServerLink._exchange, "sending = False", 0, op="plog_share_stage")
             sys.settrace(tracer)
             try:
                 with pytest.raises(KeyboardInterrupt):

@@ -305,19 +305,26 @@ class ServerLink:
             except BaseException:
                 self._abandon(request_id, op, args, interrupted=True)   # perhaps sent: drop its reply
                 raise
-            sending = False
-            reply_id = reply.get("id")
-            # The server answers one connection's requests in order: those before this reply
-            # that are still unanswered were never sent whole.
-            if len(self._abandoned) > 1:
-                for earlier in [r for r in self._abandoned if type(reply_id) is int and r < reply_id]:
-                    del self._abandoned[earlier]
-            if reply_id == request_id:
-                self._abandoned.pop(request_id, None)
-                if self._undos:
-                    self._send_undos()
-                return reply, fds
-            self._drop_late(reply_id, reply, fds, request_id)
+            try:
+                sending = False
+                reply_id = reply.get("id")
+                # The server answers one connection's requests in order: those before this reply
+                # that are still unanswered were never sent whole.
+                if len(self._abandoned) > 1:
+                    for earlier in [r for r in self._abandoned if type(reply_id) is int and r < reply_id]:
+                        del self._abandoned[earlier]
+                if reply_id == request_id:
+                    self._abandoned.pop(request_id, None)
+                    if self._undos:
+                        self._send_undos()
+                    return reply, fds
+                self._drop_late(reply_id, reply, fds, request_id)
+            except BaseException:
+                # Interrupted (Ctrl-C) with our reply read but not taken: it comes no more, so
+                # it is dropped here as a late one would be, its work undone.
+                if request_id in self._abandoned and reply.get("id") == request_id:
+                    self._drop_late(request_id, reply, fds, request_id)
+                raise
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self._abandon(request_id, op, args)
