@@ -9,7 +9,8 @@
  *
  * Unlike the RPC loop's gets (_kvget.c), a put changes the keyspace, whose state is Python's
  * (the heap, the counters, the version clock, the table's writer). So the put runs with the
- * GIL held, under the keyspace's own lock (`space.lock`, taken without waiting: held by
+ * GIL held, under the key's stripe lock and the keyspace's own lock (`space.key_lock(h)`,
+ * then `space.lock`, as every write of a key takes them; each taken without waiting: held by
  * another thread, the packet is Python's, which waits), and changes the Python state it must
  * directly: the version clock, the key counts. What it cannot do cheaply it is given or
  * leaves behind:
@@ -77,6 +78,7 @@ typedef struct {
     char *names;                 /* pool, ns, sec back to back */
     size_t pool_n, ns_n, sec_n;
     PyObject *space, *lock, *writer, *conn;   /* set by refill; NULL: nothing granted */
+    PyObject *key_locks;         /* space.key_locks: a read-modify-write (INCR...) holds its key's */
     Py_buffer words_buf, refs_buf;
     uint64_t *words;
     uint64_t nwords;
@@ -114,6 +116,7 @@ static void drop_table(KvPutGrant *g) {
     }
     Py_CLEAR(g->space);
     Py_CLEAR(g->lock);
+    Py_CLEAR(g->key_locks);
     Py_CLEAR(g->writer);
     Py_CLEAR(g->conn);
 }
@@ -170,12 +173,22 @@ static PyObject *grant_refill(KvPutGrant *g, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "a refill beyond the grant's bounds, or of another class");
         return NULL;
     }
-    PyObject *lock = PyObject_GetAttrString(space, "lock");
-    if (lock == NULL)
+    PyObject *key_locks = PyObject_GetAttrString(space, "key_locks");
+    if (key_locks == NULL || !PyList_Check(key_locks) || PyList_GET_SIZE(key_locks) == 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "a keyspace's key_locks is a list of locks");
+        Py_XDECREF(key_locks);
         return NULL;
+    }
+    PyObject *lock = PyObject_GetAttrString(space, "lock");
+    if (lock == NULL) {
+        Py_DECREF(key_locks);
+        return NULL;
+    }
     Py_buffer words, refs;
     if (PyObject_GetBuffer(index_o, &words, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
         Py_DECREF(lock);
+        Py_DECREF(key_locks);
         return NULL;
     }
     if (words.len % 8 || (uintptr_t)words.buf % 8 || words.len / 8 < KV_HEADER_WORDS
@@ -184,6 +197,7 @@ static PyObject *grant_refill(KvPutGrant *g, PyObject *args) {
             PyErr_SetString(PyExc_ValueError, "an index is aligned 64-bit words, at least its header");
         PyBuffer_Release(&words);
         Py_DECREF(lock);
+        Py_DECREF(key_locks);
         return NULL;
     }
     /* The new segments first: a failure leaves the grant as it was. */
@@ -203,6 +217,7 @@ static PyObject *grant_refill(KvPutGrant *g, PyObject *args) {
             PyBuffer_Release(&words);
             PyBuffer_Release(&refs);
             Py_DECREF(lock);
+            Py_DECREF(key_locks);
             return NULL;
         }
         segs[n] = (PutSegment){id, bufs[n].buf, (uint64_t)bufs[n].len};
@@ -225,6 +240,7 @@ static PyObject *grant_refill(KvPutGrant *g, PyObject *args) {
             PyBuffer_Release(&words);
             PyBuffer_Release(&refs);
             Py_DECREF(lock);
+            Py_DECREF(key_locks);
             return NULL;
         }
         more[i] = (Stocked){segment, offset};
@@ -240,6 +256,7 @@ static PyObject *grant_refill(KvPutGrant *g, PyObject *args) {
             PyBuffer_Release(&words);
             PyBuffer_Release(&refs);
             Py_DECREF(lock);
+            Py_DECREF(key_locks);
             return NULL;
         }
     }
@@ -257,6 +274,7 @@ static PyObject *grant_refill(KvPutGrant *g, PyObject *args) {
     g->refs = (unsigned char *)refs.buf;
     g->nrefs = refs.len;
     g->lock = lock;
+    g->key_locks = key_locks;
     Py_INCREF(space);
     g->space = space;
     Py_INCREF(writer);
@@ -707,15 +725,29 @@ int kv_put_serve(PyObject *grants, const unsigned char *packet, size_t n, unsign
         return 0;
     }
     uint64_t h = kv_key_hash(q.key, q.key_n);
+    if (g->key_locks == NULL)    /* closed meanwhile (asking for `gone` may have run Python) */
+        return 0;
     Py_INCREF(g);                /* the grant outlives the put, whatever Python does meanwhile */
-    PyObject *took = PyObject_CallMethodOneArg(g->lock, s_acquire, Py_False);
+    /* The key's stripe, then the keyspace's lock, as every write of a key takes them: an
+     * INCR, APPEND or GETDEL reads the key and writes it back under its stripe alone between
+     * the two, and a put in that gap would be undone. */
+    PyObject *stripe = PyList_GET_ITEM(g->key_locks, (Py_ssize_t)(h % (uint64_t)PyList_GET_SIZE(g->key_locks)));
+    Py_INCREF(stripe);
+    PyObject *took_stripe = PyObject_CallMethodOneArg(stripe, s_acquire, Py_False);
     int done = 0;
-    if (took == Py_True) {
-        done = g->words != NULL && put_locked(g, &q, h);
-        PyObject *released = PyObject_CallMethodNoArgs(g->lock, s_release);
+    if (took_stripe == Py_True) {
+        PyObject *took = PyObject_CallMethodOneArg(g->lock, s_acquire, Py_False);
+        if (took == Py_True) {
+            done = g->words != NULL && put_locked(g, &q, h);
+            PyObject *released = PyObject_CallMethodNoArgs(g->lock, s_release);
+            Py_XDECREF(released);
+        }
+        Py_XDECREF(took);
+        PyObject *released = PyObject_CallMethodNoArgs(stripe, s_release);
         Py_XDECREF(released);
     }
-    Py_XDECREF(took);
+    Py_XDECREF(took_stripe);
+    Py_DECREF(stripe);
     Py_DECREF(g);
     PyErr_Clear();
     if (!done)

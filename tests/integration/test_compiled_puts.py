@@ -446,3 +446,53 @@ def _put_c_works(kv) -> bool:
         return kv.get(b"c") == b"7" * 4000
     except memfabric.MemfabricError:
         return False
+
+
+_INCREMENTER = r"""
+import sys, memfabric
+directory, name = sys.argv[1], sys.argv[2]
+with memfabric.init(directory, server=0) as s:
+    kv = s.namespace(name, "k").kv()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    while True:
+        kv._at_first_home(b"counter", "kv_incr_float", retry=False, by=b"1")
+"""
+
+
+def _switching_often(tmp_path, monkeypatch) -> None:
+    """Servers started from here switch threads every microsecond (sitecustomize), as a busy
+    server's threads do now and then: a window of a few bytecodes between two of a thread's
+    steps is met in seconds rather than in days."""
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.setswitchinterval(1e-6)\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+
+
+def test_a_compiled_put_is_never_lost_to_a_read_modify_write(fresh_fabric, request, tmp_path, monkeypatch):
+    """INCRBYFLOAT (like INCR, APPEND, SETRANGE, GETDEL, RENAME) reads the key and writes it
+    back under the key's stripe lock, the lock every write of the key takes: a compiled put
+    of the key never lands between the read and the write (where the write would undo it).
+    So a value read back after a put is that value or one incremented from it, never an
+    increment of what was there before."""
+    _switching_often(tmp_path, monkeypatch)
+    fab = fresh_fabric(servers=1)
+    name = ns_name(request)
+    with local(fab) as s:
+        kv = s.create_namespace(name, sec_id="k").kv()
+        kv.put(b"counter", b"0")
+        incrementers = [Child(_INCREMENTER, fab.directory, name) for _ in range(2)]
+        try:
+            for incrementer in incrementers:
+                assert incrementer.expect() == "ready"
+            for incrementer in incrementers:
+                incrementer.send("go")
+            before = compiled_puts(s)
+            for round_ in range(1, 5001):
+                base = round_ * 10 ** 9
+                kv.put(b"counter", str(base).encode())
+                got = float(kv.get(b"counter"))
+                assert got >= base, f"round {round_}: the put of {base} was undone by an increment ({got})"
+            assert compiled_puts(s) - before > 1000
+        finally:
+            for incrementer in incrementers:
+                incrementer.kill()
