@@ -496,3 +496,26 @@ def test_a_compiled_put_is_never_lost_to_a_read_modify_write(fresh_fabric, reque
         finally:
             for incrementer in incrementers:
                 incrementer.kill()
+
+
+def test_overwrites_leave_room_for_new_keys_under_the_limit(fresh_fabric, request):
+    """With the memory limit's eviction "refuse" and room for one more key, a stream of
+    compiled overwrites of another key (each record it replaces freed) leaves that room: the
+    new key is stored, and the keyspace's bytes say what its keys hold, at once."""
+    fab = fresh_fabric(servers=1)
+    with local(fab) as s:
+        kv = s.create_namespace(ns_name(request), sec_id="k").kv()
+        kv.configure(memory_limit=256 * KiB, eviction="refuse")
+        keys = 0
+        with pytest.raises(OutOfMemory):
+            for keys in range(1000):
+                kv.put(b"fill-%d" % keys, b"f" * 4000)
+        assert kv.delete(b"fill-0")             # room for one key now
+        full = kv.stats()["bytes"]
+        for attempt in range(5):
+            for i in range(40):
+                kv.put(b"fill-1", str(i % 10).encode() * 4000)
+            assert kv.stats()["bytes"] == full, f"attempt {attempt}"
+            kv.put(b"new", b"n" * 4000)         # OUT_OF_MEMORY here: replaced records counted
+            assert kv.delete(b"new")
+        assert kv.get(b"fill-1") == b"9" * 4000 and len(kv) == keys - 1

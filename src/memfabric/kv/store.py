@@ -20,6 +20,7 @@ from ..core.allocator import Extent
 from ..errors import NoSuchNamespace, OutOfMemory
 from ..media.base import SegmentMemory
 from . import index as ix
+from .put_grants import settle_all as settle_put_grants
 from .heap import CLASSES, MAX_RECORD_BYTES, PAGE_BYTES, Chunk, RecordHeap
 from .rules import check_value_length, expired
 from .space import EXTENT, KeySpace, Table
@@ -361,6 +362,10 @@ class Store:
         space = self.space
         if share is None or more <= 0 or space.used_bytes() + more <= share:
             return
+        if space.put_grants:    # records compiled puts replaced still count until freed
+            settle_put_grants(space)
+            if space.used_bytes() + more <= share:
+                return
         if more > share:
             # No eviction can make room: refused before any key is lost for it.
             raise OutOfMemory(f"a write of {more} bytes is larger than namespace {self.namespace!r}'s share of "
