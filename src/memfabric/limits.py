@@ -137,10 +137,12 @@ MAX_GET_GRANTS_PER_CONNECTION = 64
 MAX_SEGMENTS_PER_GET_GRANT = 64
 # Same-host puts answered in the IPC loop (kv/put_grants.py): keyspaces one connection has
 # grants for, and the chunks a grant is stocked with (at most this many bytes of them: what
-# a connection that stops putting keeps from the pool until it goes or the keeper takes it back).
+# a connection that stops putting keeps from the pool until it goes or the keeper takes it back,
+# once the grant has answered no put for KV_PUT_STOCK_IDLE_S).
 MAX_PUT_GRANTS_PER_CONNECTION = 4
 KV_PUT_STOCK_CHUNKS = 32
 KV_PUT_STOCK_BYTES = 512 << 10
+KV_PUT_STOCK_IDLE_S = 1.0
 HANDSHAKE_TIMEOUT_S = 5.0
 
 # MemKV.

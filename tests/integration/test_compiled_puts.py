@@ -519,3 +519,31 @@ def test_overwrites_leave_room_for_new_keys_under_the_limit(fresh_fabric, reques
             kv.put(b"new", b"n" * 4000)         # OUT_OF_MEMORY here: replaced records counted
             assert kv.delete(b"new")
         assert kv.get(b"fill-1") == b"9" * 4000 and len(kv) == keys - 1
+
+
+def test_stock_idle_connections_hold_goes_back_to_the_pool(fresh_fabric, request):
+    """Connections that put once and then stay idle do not keep their stock of chunks from
+    the pool: another tenant's put that needs that memory is stored (within a bounded wait)."""
+    fab = fresh_fabric(servers=1, capacity="4MiB")
+    name = ns_name(request)
+    value = b"v" * (100 * KiB)
+    with local(fab) as s:
+        s.create_namespace(name, sec_id="k")
+        idle = [local(fab) for _ in range(6)]
+        try:
+            for i, session in enumerate(idle):
+                session.namespace(name, "k").kv().put(b"idle-%d" % i, value)
+            other = s.create_namespace(name + "-other", sec_id="k").kv()
+            wait_until(lambda: _stored(other, b"mine", value), "the idle connections' stock to go back")
+            for i in range(6):
+                assert s.namespace(name, "k").kv().get(b"idle-%d" % i) == value
+        finally:
+            for session in idle:
+                session.close()
+
+
+def _stored(kv, key: bytes, value: bytes) -> bool:
+    try:
+        return kv.put(key, value)
+    except OutOfMemory:
+        return False

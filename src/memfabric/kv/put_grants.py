@@ -14,7 +14,9 @@ What the loop leaves behind, Python takes up, under the keyspace's lock:
   - the records its puts replaced: freed (they rest, then serve again) when Python grants
     again, on the keeper's tick, and when the grant goes (`settle`);
   - the stock: counted aside (space.stocked_bytes, not among the keyspace's bytes) until used,
-    and given back to the heap when the grant goes or changes class.
+    and given back to the heap when the grant goes or changes class, and when it answered no
+    put for KV_PUT_STOCK_IDLE_S (the keeper's `take_back_idle`: a connection that put once
+    and stays idle would keep that memory from the pool's other tenants).
 
 A grant stops serving by itself when the table is followed by another, closed or draining,
 when its lease runs out or its time is up. It is told when a segment may go (memory given
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..limits import KV_PUT_STOCK_BYTES, KV_PUT_STOCK_CHUNKS, MAX_PUT_GRANTS_PER_CONNECTION
+from ..limits import KV_PUT_STOCK_BYTES, KV_PUT_STOCK_CHUNKS, KV_PUT_STOCK_IDLE_S, MAX_PUT_GRANTS_PER_CONNECTION
 from .get_grants import compiled_hash
 from .heap import CLASSES, MAX_RECORD_BYTES, RecordHeap
 from .index import lock_free_reads
@@ -54,13 +56,14 @@ def compiled_puts() -> bool:
 class ConnectionPutGrants:
     """One IPC connection's grants: `table`, the list its loop scans, and each by keyspace."""
 
-    __slots__ = ("conn", "table", "by_space", "retired")
+    __slots__ = ("conn", "table", "by_space", "retired", "idle")
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
         self.table: list[Any] = []                  # _frames.KvPutGrant each
         self.by_space: dict[Any, Any] = {}          # KeySpace -> its grant
         self.retired = 0                            # puts answered under grants gone since
+        self.idle: dict[Any, tuple[int, float]] = {}  # grant -> (puts answered, when that count was new)
 
 
 def open_grants(conn: Any) -> ConnectionPutGrants | None:
@@ -134,6 +137,18 @@ def settle_all(space: Any) -> None:
         settle(space, space.store, g)
 
 
+def take_back_idle(space: Any, now_s: float) -> None:
+    """Under the keyspace's lock (the keeper's tick): grants that answered no put for
+    KV_PUT_STOCK_IDLE_S give their stock back (they stock again when Python grants again)."""
+    for g, grants in list(space.put_grants.items()):
+        served, since = grants.idle.get(g, (-1, now_s))
+        if g.served != served:
+            grants.idle[g] = (g.served, now_s)
+        elif g.stocked and now_s - since >= KV_PUT_STOCK_IDLE_S:
+            _give_back(space, space.store, g.take_stock(), g.chunk_bytes)
+    space.store.release_empty_pages()       # the pages of a stock given back, once rested
+
+
 def pause(space: Any) -> None:
     """No grant of the keyspace reaches a segment's memory (one may go) or serves until Python
     grants again."""
@@ -164,6 +179,7 @@ def close_grants(grants: ConnectionPutGrants) -> None:
 def _forget(grants: ConnectionPutGrants, space: Any, g: Any) -> None:
     if grants.by_space.get(space) is g:
         del grants.by_space[space]
+    grants.idle.pop(g, None)
     if g in grants.table:
         grants.table.remove(g)
         grants.retired += g.served

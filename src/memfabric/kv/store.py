@@ -253,7 +253,11 @@ class Store:
         now = time.monotonic()
         for segment, offset in chunks:
             self.space.heap.free(Chunk(segment, offset, size), now)
-        pages = self.space.heap.empty_pages(now)
+        self.release_empty_pages()
+
+    def release_empty_pages(self) -> None:
+        """Pages whose chunks are all free and rested go back to the pool."""
+        pages = self.space.heap.empty_pages(time.monotonic())
         if pages:
             self.release([Extent(s, o, PAGE_BYTES) for s, o in pages])
 
