@@ -11,6 +11,7 @@ Every wait is bounded; no test asserts how fast anything was.
 
 from __future__ import annotations
 
+import ast
 import os
 import threading
 
@@ -547,3 +548,48 @@ def _stored(kv, key: bytes, value: bytes) -> bool:
         return kv.put(key, value)
     except OutOfMemory:
         return False
+
+
+_DESTROYED_WRITER = r"""
+import collections, select, sys, memfabric
+directory, name = sys.argv[1], sys.argv[2]
+errors = collections.Counter()
+with memfabric.init(directory, server=0) as s:
+    print("ready", flush=True)
+    while not select.select([sys.stdin], [], [], 0)[0]:
+        try:
+            kv = s.namespace(name, "k").kv()
+            for j in range(100):
+                kv.put(b"w%d" % (j % 50), b"w" * (4000 if j % 3 else 100))
+        except memfabric.MemfabricError as exc:
+            errors[type(exc).__name__ if type(exc).__name__ != "NoSuchObject" else str(exc)] += 1
+print(dict(errors), flush=True)
+"""
+
+
+def test_puts_racing_destroys_hear_no_such_namespace(fresh_fabric, request, tmp_path, monkeypatch):
+    """Puts (compiled, and Python's granting the connection) into a namespace destroyed and
+    made again and again: each is stored or fails NO_SUCH_NAMESPACE, never NO_SUCH_OBJECT
+    for one of the destroyed namespace's segments."""
+    _switching_often(tmp_path, monkeypatch)
+    fab = fresh_fabric(servers=1)
+    name = ns_name(request)
+    with local(fab) as s:
+        s.create_namespace(name, sec_id="k")
+        writers = [Child(_DESTROYED_WRITER, fab.directory, name) for _ in range(3)]
+        try:
+            for w in writers:
+                assert w.expect() == "ready"
+            for _ in range(60):
+                wait_until(lambda: compiled_puts(s) > 0, "puts to be answered")
+                s.namespace(name, "k").destroy()
+                s.create_namespace(name, sec_id="k")
+            said = []
+            for w in writers:
+                w.send("stop")
+                said.append(w.expect())
+        finally:
+            for w in writers:
+                w.kill()
+        for errors in said:
+            assert set(ast.literal_eval(errors)) <= {"NoSuchNamespace", "PermissionDenied"}, errors
