@@ -593,3 +593,45 @@ def test_puts_racing_destroys_hear_no_such_namespace(fresh_fabric, request, tmp_
                 w.kill()
         for errors in said:
             assert set(ast.literal_eval(errors)) <= {"NoSuchNamespace", "PermissionDenied"}, errors
+
+
+_OVERWRITER = r"""
+import sys, memfabric
+directory, name, me = sys.argv[1], sys.argv[2], sys.argv[3].encode()
+refused = 0
+with memfabric.init(directory, server=0) as s:
+    kv = s.namespace(name, "k").kv()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    for j in range(300):
+        try:
+            kv.put(b"%s-%d" % (me, j % 4), me * 100000)
+        except memfabric.OutOfMemory:
+            refused += 1
+print(refused, flush=True)
+"""
+
+
+def test_connections_stocking_chunks_do_not_starve_each_others_puts(fresh_fabric, request):
+    """Six connections overwrite four 100 KiB keys each (24 records, 3 MiB of an 8 MiB pool):
+    the chunks each connection holds in stock are taken back when the pool is full, so no
+    put is refused (as none is when Python answers them all)."""
+    fab = fresh_fabric(servers=1, capacity="8MiB")
+    name = ns_name(request)
+    with local(fab) as s:
+        kv = s.create_namespace(name, sec_id="k").kv()
+        writers = [Child(_OVERWRITER, fab.directory, name, str(i)) for i in range(6)]
+        try:
+            for w in writers:
+                assert w.expect() == "ready"
+            for w in writers:
+                w.send("go")
+            refused = [int(w.expect()) for w in writers]
+        finally:
+            for w in writers:
+                w.kill()
+        assert refused == [0] * 6
+        for i in range(6):
+            for j in range(4):
+                assert kv.get(b"%d-%d" % (i, j)) == str(i).encode() * 100000
+        assert compiled_puts(s) > 0

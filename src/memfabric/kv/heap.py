@@ -113,6 +113,19 @@ class RecordHeap:
         self.record_bytes -= chunk.size
         self._resting.append((now_s + self.grace_s, chunk))
 
+    def unallocate(self, chunk: Chunk) -> None:
+        """A chunk allocated but never written (no slot ever named it, no reader saw it): free
+        at once, no rest."""
+        page = self._page_of(chunk)
+        page.used -= 1
+        self.record_bytes -= chunk.size
+        page.free.append(chunk.offset)
+        if page.used == 0 and page.resting == 0:
+            self._emptied.add((page.segment, page.offset))
+        if not page.listed:
+            self._with_room[page.cls].append(page)
+            page.listed = True
+
     def empty_pages(self, now_s: float) -> list[tuple[int, int]]:
         """Pages with no record, resting or live: (segment, offset) each, forgotten here, for
         the server to give back to the pool."""

@@ -27,6 +27,7 @@ connection goes (`close_grants`).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from ..limits import KV_PUT_STOCK_BYTES, KV_PUT_STOCK_CHUNKS, KV_PUT_STOCK_IDLE_S, MAX_PUT_GRANTS_PER_CONNECTION
@@ -92,7 +93,12 @@ def grant(grants: ConnectionPutGrants, space: Any, store: Any, creds: tuple, siz
     fresh: list[tuple[int, int]] = []
     try:
         for _ in range(min(KV_PUT_STOCK_CHUNKS, max(1, KV_PUT_STOCK_BYTES // chunk)) - g.stocked):
-            c = store.chunk(size)
+            # A page more from the pool for the first chunk only (the rest come from pages the
+            # heap has): a stock never waits for the pool, nor takes another grant's.
+            c = store.chunk(size, stock_back=False) if not fresh and not g.stocked \
+                else space.heap.allocate(size, time.monotonic())
+            if c is None:
+                break
             fresh.append((c.segment, c.offset))
             space.stocked_bytes += chunk
     except Exception:        # no memory for more (OUT_OF_MEMORY...): what there is serves
@@ -147,6 +153,18 @@ def take_back_idle(space: Any, now_s: float) -> None:
         elif g.stocked and now_s - since >= KV_PUT_STOCK_IDLE_S:
             _give_back(space, space.store, g.take_stock(), g.chunk_bytes)
     space.store.release_empty_pages()       # the pages of a stock given back, once rested
+
+
+def take_back_stock(space: Any) -> bool:
+    """Under the keyspace's lock, the pool full: every grant's stock goes back to the heap
+    (and what their puts replaced is freed). Whether any chunk came back."""
+    gave = False
+    for g in list(space.put_grants):
+        settle(space, space.store, g)
+        if g.stocked:
+            _give_back(space, space.store, g.take_stock(), g.chunk_bytes)
+            gave = True
+    return gave
 
 
 def pause(space: Any) -> None:

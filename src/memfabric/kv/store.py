@@ -20,7 +20,7 @@ from ..core.allocator import Extent
 from ..errors import NoSuchNamespace, OutOfMemory
 from ..media.base import SegmentMemory
 from . import index as ix
-from .put_grants import settle_all as settle_put_grants
+from .put_grants import settle_all as settle_put_grants, take_back_stock
 from .heap import CLASSES, MAX_RECORD_BYTES, PAGE_BYTES, Chunk, RecordHeap
 from .rules import check_value_length, expired
 from .space import EXTENT, KeySpace, Table
@@ -232,12 +232,19 @@ class Store:
     def set_expiry(self, slot: int, expiry: int) -> None:
         self.space.table.writer.set_expiry(slot, expiry)
 
-    def chunk(self, size: int) -> Chunk:
+    def chunk(self, size: int, stock_back: bool = True) -> Chunk:
+        """A chunk for a record of `size` bytes. The pool full, chunks stocked for compiled
+        puts (put_grants.py) are taken back first (stock_back), and serve."""
         heap = self.space.heap
         now = time.monotonic()
         chunk = heap.allocate(size, now)
         if chunk is None:
-            page = self.reserve(PAGE_BYTES)
+            try:
+                page = self.reserve(PAGE_BYTES)
+            except OutOfMemory:
+                if not stock_back or not take_back_stock(self.space):
+                    raise
+                return self.chunk(size, stock_back=False)
             if len(page) != 1:          # a page must be one piece: give the pieces back
                 self.release(page)
                 raise OutOfMemory(f"no {PAGE_BYTES}-byte piece of memory is free for namespace "
@@ -248,11 +255,10 @@ class Store:
         return chunk
 
     def give_back_chunks(self, chunks: list[tuple[int, int]], size: int) -> None:
-        """Chunks of `size` bytes taken (chunk()) but never written a record into: they rest
-        like any freed chunk (cheaper than telling them apart), then serve again."""
-        now = time.monotonic()
+        """Chunks of `size` bytes taken (chunk()) but never written a record into: no reader
+        ever saw them, they serve again at once."""
         for segment, offset in chunks:
-            self.space.heap.free(Chunk(segment, offset, size), now)
+            self.space.heap.unallocate(Chunk(segment, offset, size))
         self.release_empty_pages()
 
     def release_empty_pages(self) -> None:
