@@ -12,11 +12,14 @@ else to Python (_kvput.c says what), which grants again as it serves.
 
 What the loop leaves behind, Python takes up, under the keyspace's lock:
   - the records its puts replaced: freed (they rest, then serve again) when Python grants
-    again, on the keeper's tick, and when the grant goes (`settle`);
+    again, on the keeper's tick, when the grant goes (`settle`), and before the memory limit
+    or the keyspace's bytes are measured (they are no key's);
   - the stock: counted aside (space.stocked_bytes, not among the keyspace's bytes) until used,
-    and given back to the heap when the grant goes or changes class, and when it answered no
-    put for KV_PUT_STOCK_IDLE_S (the keeper's `take_back_idle`: a connection that put once
-    and stays idle would keep that memory from the pool's other tenants).
+    and given back to the heap (never written: it serves again at once) when the grant goes
+    or changes class, when it answered no put for KV_PUT_STOCK_IDLE_S (the keeper's
+    `take_back_idle`: a connection that put once and stays idle would keep that memory from
+    the pool's other tenants), and when the pool is full (`take_back_stock`: a write is
+    refused only once every grant's stock is back).
 
 A grant stops serving by itself when the table is followed by another, closed or draining,
 when its lease runs out or its time is up. It is told when a segment may go (memory given
