@@ -11,6 +11,7 @@ Every wait is bounded; no test asserts how fast anything was.
 
 from __future__ import annotations
 
+import ast
 import os
 import threading
 
@@ -530,3 +531,191 @@ def test_a_full_namespace_takes_the_stock_back_before_refusing_a_write(fresh_fab
                 kv_b.put(b"b%d" % i, b"b" * 4000, ttl_s=3600)   # Python's puts (a TTL), until full
                 kv_a.put(b"a0", b"a" * 4000)                    # and the stock kept in use
         assert kv_a.stats()["put_stock_bytes"] == 0
+
+
+_INCREMENTER = r"""
+import sys, memfabric
+directory, name = sys.argv[1], sys.argv[2]
+with memfabric.init(directory, server=0) as s:
+    kv = s.namespace(name, "k").kv()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    while True:
+        kv._at_first_home(b"counter", "kv_incr_float", retry=False, by=b"1")
+"""
+
+
+def _switching_often(tmp_path, monkeypatch) -> None:
+    """Servers started from here switch threads every microsecond (sitecustomize), as a busy
+    server's threads do now and then: a window of a few bytecodes between two of a thread's
+    steps is met in seconds rather than in days."""
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.setswitchinterval(1e-6)\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+
+
+def test_a_compiled_put_is_never_lost_to_a_read_modify_write(fresh_fabric, request, tmp_path, monkeypatch):
+    """INCRBYFLOAT (like INCR, APPEND, SETRANGE, GETDEL, RENAME) reads the key and writes it
+    back under the key's stripe lock, the lock every write of the key takes: a compiled put
+    of the key never lands between the read and the write (where the write would undo it).
+    So a value read back after a put is that value or one incremented from it, never an
+    increment of what was there before."""
+    _switching_often(tmp_path, monkeypatch)
+    fab = fresh_fabric(servers=1)
+    name = ns_name(request)
+    with local(fab) as s:
+        kv = s.create_namespace(name, sec_id="k").kv()
+        kv.put(b"counter", b"0")
+        incrementers = [Child(_INCREMENTER, fab.directory, name) for _ in range(2)]
+        try:
+            for incrementer in incrementers:
+                assert incrementer.expect() == "ready"
+            for incrementer in incrementers:
+                incrementer.send("go")
+            before = compiled_puts(s)
+            for round_ in range(1, 5001):
+                base = round_ * 10 ** 9
+                kv.put(b"counter", str(base).encode())
+                got = float(kv.get(b"counter"))
+                assert got >= base, f"round {round_}: the put of {base} was undone by an increment ({got})"
+            assert compiled_puts(s) - before > 1000
+        finally:
+            for incrementer in incrementers:
+                incrementer.kill()
+
+
+def test_overwrites_leave_room_for_new_keys_under_the_limit(fresh_fabric, request):
+    """With the memory limit's eviction "refuse" and room for one more key, a stream of
+    compiled overwrites of another key (each record it replaces freed) leaves that room: the
+    new key is stored, and the keyspace's bytes say what its keys hold, at once."""
+    fab = fresh_fabric(servers=1)
+    with local(fab) as s:
+        kv = s.create_namespace(ns_name(request), sec_id="k").kv()
+        kv.configure(memory_limit=256 * KiB, eviction="refuse")
+        keys = 0
+        with pytest.raises(OutOfMemory):
+            for keys in range(1000):
+                kv.put(b"fill-%d" % keys, b"f" * 4000)
+        assert kv.delete(b"fill-0")             # room for one key now
+        full = kv.stats()["bytes"]
+        for attempt in range(5):
+            for i in range(40):
+                kv.put(b"fill-1", str(i % 10).encode() * 4000)
+            assert kv.stats()["bytes"] == full, f"attempt {attempt}"
+            kv.put(b"new", b"n" * 4000)         # OUT_OF_MEMORY here: replaced records counted
+            assert kv.delete(b"new")
+        assert kv.get(b"fill-1") == b"9" * 4000 and len(kv) == keys - 1
+
+
+def test_stock_idle_connections_hold_goes_back_to_the_pool(fresh_fabric, request):
+    """Connections that put once and then stay idle do not keep their stock of chunks from
+    the pool: another tenant's put that needs that memory is stored (within a bounded wait)."""
+    fab = fresh_fabric(servers=1, capacity="4MiB")
+    name = ns_name(request)
+    value = b"v" * (100 * KiB)
+    with local(fab) as s:
+        s.create_namespace(name, sec_id="k")
+        idle = [local(fab) for _ in range(6)]
+        try:
+            for i, session in enumerate(idle):
+                session.namespace(name, "k").kv().put(b"idle-%d" % i, value)
+            other = s.create_namespace(name + "-other", sec_id="k").kv()
+            wait_until(lambda: _stored(other, b"mine", value), "the idle connections' stock to go back")
+            for i in range(6):
+                assert s.namespace(name, "k").kv().get(b"idle-%d" % i) == value
+        finally:
+            for session in idle:
+                session.close()
+
+
+def _stored(kv, key: bytes, value: bytes) -> bool:
+    try:
+        return kv.put(key, value)
+    except OutOfMemory:
+        return False
+
+
+_DESTROYED_WRITER = r"""
+import collections, select, sys, memfabric
+directory, name = sys.argv[1], sys.argv[2]
+errors = collections.Counter()
+with memfabric.init(directory, server=0) as s:
+    print("ready", flush=True)
+    while not select.select([sys.stdin], [], [], 0)[0]:
+        try:
+            kv = s.namespace(name, "k").kv()
+            for j in range(100):
+                kv.put(b"w%d" % (j % 50), b"w" * (4000 if j % 3 else 100))
+        except memfabric.MemfabricError as exc:
+            errors[type(exc).__name__ if type(exc).__name__ != "NoSuchObject" else str(exc)] += 1
+print(dict(errors), flush=True)
+"""
+
+
+def test_puts_racing_destroys_hear_no_such_namespace(fresh_fabric, request, tmp_path, monkeypatch):
+    """Puts (compiled, and Python's granting the connection) into a namespace destroyed and
+    made again and again: each is stored or fails NO_SUCH_NAMESPACE, never NO_SUCH_OBJECT
+    for one of the destroyed namespace's segments."""
+    _switching_often(tmp_path, monkeypatch)
+    fab = fresh_fabric(servers=1)
+    name = ns_name(request)
+    with local(fab) as s:
+        s.create_namespace(name, sec_id="k")
+        writers = [Child(_DESTROYED_WRITER, fab.directory, name) for _ in range(3)]
+        try:
+            for w in writers:
+                assert w.expect() == "ready"
+            for _ in range(60):
+                wait_until(lambda: compiled_puts(s) > 0, "puts to be answered")
+                s.namespace(name, "k").destroy()
+                s.create_namespace(name, sec_id="k")
+            said = []
+            for w in writers:
+                w.send("stop")
+                said.append(w.expect())
+        finally:
+            for w in writers:
+                w.kill()
+        for errors in said:
+            assert set(ast.literal_eval(errors)) <= {"NoSuchNamespace", "PermissionDenied"}, errors
+
+
+_OVERWRITER = r"""
+import sys, memfabric
+directory, name, me = sys.argv[1], sys.argv[2], sys.argv[3].encode()
+refused = 0
+with memfabric.init(directory, server=0) as s:
+    kv = s.namespace(name, "k").kv()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    for j in range(300):
+        try:
+            kv.put(b"%s-%d" % (me, j % 4), me * 100000)
+        except memfabric.OutOfMemory:
+            refused += 1
+print(refused, flush=True)
+"""
+
+
+def test_connections_stocking_chunks_do_not_starve_each_others_puts(fresh_fabric, request):
+    """Six connections overwrite four 100 KiB keys each (24 records, 3 MiB of an 8 MiB pool):
+    the chunks each connection holds in stock are taken back when the pool is full, so no
+    put is refused (as none is when Python answers them all)."""
+    fab = fresh_fabric(servers=1, capacity="8MiB")
+    name = ns_name(request)
+    with local(fab) as s:
+        kv = s.create_namespace(name, sec_id="k").kv()
+        writers = [Child(_OVERWRITER, fab.directory, name, str(i)) for i in range(6)]
+        try:
+            for w in writers:
+                assert w.expect() == "ready"
+            for w in writers:
+                w.send("go")
+            refused = [int(w.expect()) for w in writers]
+        finally:
+            for w in writers:
+                w.kill()
+        assert refused == [0] * 6
+        for i in range(6):
+            for j in range(4):
+                assert kv.get(b"%d-%d" % (i, j)) == str(i).encode() * 100000
+        assert compiled_puts(s) > 0

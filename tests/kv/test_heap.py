@@ -1,5 +1,5 @@
 """Property tests of the KV record heap (kv/heap.py): chunks never overlap, stay in their
-pages, rest before reuse, and pages come back when empty."""
+pages, rest before reuse (unless never written), and pages come back when empty."""
 
 from __future__ import annotations
 
@@ -101,3 +101,12 @@ def test_sizes_outside_the_classes_are_refused(size):
 def test_slack_is_at_most_a_fifth_of_a_chunk():
     for small, big in zip(CLASSES, CLASSES[1:]):
         assert (big - (small + 1)) / big <= 0.2 + 8 / big
+
+
+def test_a_chunk_never_written_serves_again_at_once():
+    heap = RecordHeap(1.0)
+    heap.add_page(0, 0, 100)
+    chunk = heap.allocate(100, 0.0)
+    heap.unallocate(chunk)
+    assert heap.record_bytes == 0
+    assert heap.empty_pages(0.0) == [(0, 0)]          # its page back, no rest

@@ -12,7 +12,8 @@ else to Python (_kvput.c says what), which grants again as it serves.
 
 What the loop leaves behind, Python takes up, under the keyspace's lock:
   - the records its puts replaced: freed (they rest, then serve again) when Python grants
-    again, on the keeper's tick, and when the grant goes (`settle`);
+    again, on the keeper's tick, when the grant goes (`settle`), and before the memory limit
+    or the keyspace's bytes are measured (they are no key's);
   - the stock: counted aside (space.stocked_bytes, not among the keyspace's bytes) until used,
     and given back to the heap when the grant goes or changes class, or has served no put
     for STOCK_IDLE_S. A stock starts small and doubles with each refill (up to
@@ -72,13 +73,14 @@ class _Held:
 class ConnectionPutGrants:
     """One IPC connection's grants: `table`, the list its loop scans, and each by keyspace."""
 
-    __slots__ = ("conn", "table", "by_space", "retired")
+    __slots__ = ("conn", "table", "by_space", "retired", "idle")
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
         self.table: list[Any] = []                  # _frames.KvPutGrant each
         self.by_space: dict[Any, Any] = {}          # KeySpace -> its grant
         self.retired = 0                            # puts answered under grants gone since
+        self.idle: dict[Any, tuple[int, float]] = {}  # grant -> (puts answered, when that count was new)
 
 
 def open_grants(conn: Any) -> ConnectionPutGrants | None:
@@ -147,11 +149,17 @@ def _give_back(space: Any, store: Any, chunks: list[tuple[int, int]], chunk: int
         store.give_back_chunks(chunks, chunk)
 
 
-def settle_all(space: Any, now_s: float) -> None:
-    """Under the keyspace's lock (the keeper's tick): every grant's replaced records freed, and
-    the stock of grants idle for STOCK_IDLE_S given back (the next put refills it, small)."""
-    for g, held in list(space.put_grants.items()):
+def settle_all(space: Any) -> None:
+    """Under the keyspace's lock: every grant's replaced records freed (the keeper's tick, and
+    before the keyspace's bytes are measured: for the memory limit, for stats)."""
+    for g in list(space.put_grants):
         settle(space, space.store, g)
+
+
+def take_back_idle(space: Any, now_s: float) -> None:
+    """Under the keyspace's lock (the keeper's tick): the stock of grants that answered no put
+    for STOCK_IDLE_S goes back (the next put refills it, small)."""
+    for g, held in list(space.put_grants.items()):
         if g.served != held.served:
             held.served, held.idle_since = g.served, None
         elif held.idle_since is None:
@@ -163,9 +171,11 @@ def settle_all(space: Any, now_s: float) -> None:
 
 def reclaim_stock(space: Any) -> bool:
     """Under the keyspace's lock, when its memory ran out: every grant's stock back to the heap
-    (their puts refill, or go to Python); whether there was any."""
+    (their puts refill, or go to Python), and what their puts replaced freed; whether any
+    stock came back."""
     took = False
     for g in list(space.put_grants):
+        settle(space, space.store, g)
         if g.stocked:
             chunk, chunks = g.chunk_bytes, g.take_stock()
             space.stocked_bytes -= chunk * len(chunks)
@@ -204,6 +214,7 @@ def close_grants(grants: ConnectionPutGrants) -> None:
 def _forget(grants: ConnectionPutGrants, space: Any, g: Any) -> None:
     if grants.by_space.get(space) is g:
         del grants.by_space[space]
+    grants.idle.pop(g, None)
     if g in grants.table:
         grants.table.remove(g)
         grants.retired += g.served

@@ -171,6 +171,8 @@ class KeyValueService(KeyEdits):
         def memory(segment: int) -> Any:
             mem = server.pools[pool].segments.get(segment)
             if mem is None:
+                if space.closed or state.closed:      # its segments went with it
+                    raise NoSuchNamespace(f"namespace {state.record.ns!r} was destroyed meanwhile")
                 raise NoSuchObject(f"segment {segment} of pool {pool!r} is gone")
             return mem
 
@@ -324,10 +326,11 @@ class KeyValueService(KeyEdits):
         with self.lock:
             spaces = [s.kv for s in self.server.namespaces.values() if s.kv is not None]
         for space in spaces:
-            if space.put_grants:         # what compiled puts replaced is freed
+            if space.put_grants:         # what compiled puts replaced is freed, idle stock goes back
                 with space.lock:
                     if not space.closed:
-                        put_grants.settle_all(space, time.monotonic())
+                        put_grants.settle_all(space)
+                        put_grants.take_back_idle(space, time.monotonic())
             if space.draining is not None:
                 with space.lock:
                     if not space.closed:
@@ -486,8 +489,10 @@ class KeyValueService(KeyEdits):
                         except BaseException:
                             self._give_back(store, space, extents)
                             raise
-                except BaseException:
+                except BaseException as exc:
                     self._unhand(conn, old)            # not written: nobody reads the old value
+                    if isinstance(exc, NoSuchObject) and space.closed:    # a segment went with it
+                        raise NoSuchNamespace(f"namespace {state.record.ns!r} was destroyed meanwhile") from None
                     raise
                 evicted, store.evicted = store.evicted, []
                 copies = replicas or space.settings.replicas

@@ -31,7 +31,7 @@ from ..core.allocator import Extent
 from ..limits import MAX_KV_CLIENTS, REUSE_GRACE_S
 from . import index as ix
 from .get_grants import Grantees
-from .put_grants import close_space as close_put_grants
+from .put_grants import close_space as close_put_grants, settle_all as settle_put_grants
 from .heap import RecordHeap
 from ..media.memfd import SEALS_READ_ONLY, SEALS_SIZE, sealed_memfd
 
@@ -152,6 +152,8 @@ class KeySpace:
         return self.table.writer.keys + (self.draining.writer.keys if self.draining is not None else 0)
 
     def stats(self) -> dict:
+        if self.put_grants:     # records compiled puts replaced are no key's: freed, they count no more
+            settle_put_grants(self)
         hits, misses = self.counters.hits + self.counters.retired[0], self.counters.misses + self.counters.retired[1]
         compiled = self.get_grants.counts()          # remote gets the RPC loop answered
         hits, misses = hits + compiled[0], misses + compiled[1]

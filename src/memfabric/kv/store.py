@@ -20,7 +20,7 @@ from ..core.allocator import Extent
 from ..errors import NoSuchNamespace, OutOfMemory
 from ..media.base import SegmentMemory
 from . import index as ix
-from .put_grants import reclaim_stock
+from .put_grants import reclaim_stock, settle_all as settle_put_grants
 from .heap import CLASSES, MAX_RECORD_BYTES, PAGE_BYTES, Chunk, RecordHeap
 from .rules import check_value_length, expired
 from .space import EXTENT, KeySpace, Table
@@ -256,17 +256,13 @@ class Store:
         return chunk
 
     def chunks(self, size: int, count: int) -> list[Chunk]:
-        """Up to `count` chunks for records of `size` bytes, for a compiled put's stock (at
-        least one, or OUT_OF_MEMORY; never taken from other stocks)."""
+        """Up to `count` chunks for records of `size` bytes, for a compiled put's stock: those
+        the heap has, else one new page's (at least one chunk, or OUT_OF_MEMORY; never taken
+        from other stocks)."""
         out = self.space.heap.allocate_many(size, count, time.monotonic())
-        while len(out) < count:
-            try:
-                out.append(self.chunk(size, reclaim=False))          # a new page, then what it holds
-            except OutOfMemory:
-                if out:
-                    break
-                raise
-            out += self.space.heap.allocate_many(size, count - len(out), time.monotonic())
+        if not out:      # a page more from the pool for the first chunk only: a stock never grabs many
+            out.append(self.chunk(size, reclaim=False))
+            out += self.space.heap.allocate_many(size, count - 1, time.monotonic())
         return out
 
     def give_back_chunks(self, chunks: list[tuple[int, int]], size: int, release_pages: bool = True) -> None:
@@ -397,6 +393,10 @@ class Store:
         space = self.space
         if share is None or more <= 0 or space.used_bytes() + more <= share:
             return
+        if space.put_grants:    # records compiled puts replaced still count until freed
+            settle_put_grants(space)
+            if space.used_bytes() + more <= share:
+                return
         if more > share:
             # No eviction can make room: refused before any key is lost for it.
             raise OutOfMemory(f"a write of {more} bytes is larger than namespace {self.namespace!r}'s share of "
