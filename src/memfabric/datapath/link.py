@@ -140,12 +140,12 @@ class ServerLink:
         self._forget_segments(reply.pop("gone", None))
         return reply
 
-    def call_put(self, head: bytes, entries: int, key: bytes, value: bytes, creds: dict[str, Any]) -> dict[str, Any]:
+    def call_put(self, head: bytes, entries: int, key: bytes, value: Any, creds: dict[str, Any]) -> dict[str, Any]:
         """call("kv_put", key=key, value=value, **creds) with its request built, sent and its
         plain reply read in one compiled call (ipc.py call_put): `head` the request's op and
         creds pairs, encoded (`entries` of them)."""
         if not self._channel.compiled_calls:
-            return self.call("kv_put", key=key, value=value, **creds)
+            return self.call("kv_put", key=key, value=bytes(value), **creds)
         reply, fds = self._call_with_fds("kv_put", {}, (head, entries, key, value))
         for fd in fds:
             os.close(fd)
