@@ -256,13 +256,19 @@ class Store:
         return chunk
 
     def chunks(self, size: int, count: int) -> list[Chunk]:
-        """Up to `count` chunks for records of `size` bytes, for a compiled put's stock: those
-        the heap has, else one new page's (at least one chunk, or OUT_OF_MEMORY; never taken
-        from other stocks)."""
+        """Up to `count` chunks for records of `size` bytes, for a compiled put's stock (at
+        least one, or OUT_OF_MEMORY; never taken from other stocks). New pages as they are
+        needed: a value's class may hold one chunk a page (64 KiB values), and a stock of one
+        sends every other put to Python; a full pool takes stocks back (chunk())."""
         out = self.space.heap.allocate_many(size, count, time.monotonic())
-        if not out:      # a page more from the pool for the first chunk only: a stock never grabs many
-            out.append(self.chunk(size, reclaim=False))
-            out += self.space.heap.allocate_many(size, count - 1, time.monotonic())
+        while len(out) < count:
+            try:
+                out.append(self.chunk(size, reclaim=False))          # a new page, then what it holds
+            except OutOfMemory:
+                if out:
+                    break
+                raise
+            out += self.space.heap.allocate_many(size, count - len(out), time.monotonic())
         return out
 
     def give_back_chunks(self, chunks: list[tuple[int, int]], size: int, release_pages: bool = True) -> None:
