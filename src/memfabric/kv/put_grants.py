@@ -28,6 +28,7 @@ connection goes (`close_grants`).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from ..errors import MemfabricError
@@ -44,6 +45,7 @@ except ImportError:      # pragma: no cover - ./dev builds it
 _ready: bool | None = None
 FIRST_STOCK_CHUNKS = 4
 STOCK_IDLE_S = 1.0          # a grant that served no put for this long gives its stock back
+STOCK_LEAN_S = 1.0          # after memory ran short, stocks take one new page a refill for this long
 
 
 def compiled_puts() -> bool:
@@ -174,6 +176,7 @@ def reclaim_stock(space: Any) -> bool:
     (their puts refill, or go to Python), and what their puts replaced freed; whether any
     stock came back."""
     took = False
+    space.stock_lean_until = time.monotonic() + STOCK_LEAN_S
     for g in list(space.put_grants):
         settle(space, space.store, g)
         if g.stocked:

@@ -96,6 +96,7 @@ class KeySpace:
         # each grant and its connection's grants; the chunks they hold in stock, in bytes.
         self.put_grants: dict[Any, Any] = {}
         self.stocked_bytes = 0
+        self.stock_lean_until = 0.0           # monotonic s: stocks grow slowly until then (put_grants.py)
         # Two levels: a key's writes (and their replication, which calls other servers) one
         # at a time under its stripe; the table and the heap under `lock`, never held while
         # calling out, so two servers replicating to each other cannot wait on each other.

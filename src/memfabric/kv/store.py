@@ -258,16 +258,21 @@ class Store:
     def chunks(self, size: int, count: int) -> list[Chunk]:
         """Up to `count` chunks for records of `size` bytes, for a compiled put's stock (at
         least one, or OUT_OF_MEMORY; never taken from other stocks). New pages as they are
-        needed: a value's class may hold one chunk a page (64 KiB values), and a stock of one
-        sends every other put to Python; a full pool takes stocks back (chunk())."""
-        out = self.space.heap.allocate_many(size, count, time.monotonic())
-        while len(out) < count:
+        needed (a value's class may hold one chunk a page, 64 KiB values: a stock of one sends
+        every other put to Python), but one at most for a while after memory ran short."""
+        now = time.monotonic()
+        out = self.space.heap.allocate_many(size, count, now)
+        # Short of memory lately (stocks were taken back for a write): one new page at most,
+        # or stocks and writes would take pages from each other round and round.
+        pages = 1 if now < self.space.stock_lean_until else count
+        while len(out) < count and pages > 0:
             try:
                 out.append(self.chunk(size, reclaim=False))          # a new page, then what it holds
             except OutOfMemory:
                 if out:
                     break
                 raise
+            pages -= 1
             out += self.space.heap.allocate_many(size, count - len(out), time.monotonic())
         return out
 
