@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -11,6 +12,12 @@ import tempfile
 import pytest
 
 from memfabric.launcher import LocalFabric
+
+# A run started in the background of a shell (`./dev test &`, nohup) has SIGINT ignored, and
+# every child process inherits that: the tests that interrupt a child with a real SIGINT
+# (Ctrl-C) then saw it carry on. They need SIGINT as a terminal would deliver it.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 _made: list[str] = []
