@@ -23,14 +23,20 @@ def redis_server():
     server.close()
 
 
-@pytest.fixture(scope="module")
-def door_fabric():
+def door_fabric_of(servers: int):
+    """A fabric of `servers` whose first server opens the door (its port: fab.resp_port),
+    stopped cleanly after use."""
     port = free_ports(1)
-    fab = LocalFabric(short_tmp_dir("mf-resp-"), servers=2, capacity="64MiB", segment_size="1MiB",
+    fab = LocalFabric(short_tmp_dir("mf-resp-"), servers=servers, capacity="64MiB", segment_size="1MiB",
                       liveness_timeout_s=2.0, extra_args=["--resp-port", str(port)]).start()
     fab.resp_port = port
     yield fab
     assert fab.stop() == 0, "memfabric up did not stop cleanly:\n" + "".join(fab.output[-30:])
+
+
+@pytest.fixture(scope="module")
+def door_fabric():
+    yield from door_fabric_of(2)
 
 
 @pytest.fixture(scope="module")

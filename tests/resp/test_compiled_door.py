@@ -12,10 +12,7 @@ import socket
 import pytest
 
 import memfabric
-from memfabric.launcher import LocalFabric
-
-from ..conftest import short_tmp_dir
-from ..helpers import free_ports
+from .conftest import door_fabric_of
 from .wire import Raw, encode
 
 _frames = pytest.importorskip("memfabric._frames")
@@ -24,12 +21,7 @@ pytestmark = pytest.mark.skipif(not hasattr(_frames, "resp_serve"), reason="the 
 
 @pytest.fixture(scope="module")
 def one_server_door():
-    port = free_ports(1)
-    fab = LocalFabric(short_tmp_dir("mf-resp-c-"), servers=1, capacity="64MiB", segment_size="1MiB",
-                      liveness_timeout_s=2.0, extra_args=["--resp-port", str(port)]).start()
-    fab.resp_port = port
-    yield fab
-    assert fab.stop() == 0, "memfabric up did not stop cleanly:\n" + "".join(fab.output[-30:])
+    yield from door_fabric_of(1)
 
 
 @pytest.fixture
