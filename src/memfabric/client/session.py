@@ -179,7 +179,10 @@ class Session:
             link = self._links.get(server_id)
             if link is not None and not link.closed:
                 return link
+            if link is not None:
+                link.close()        # finishes a close an interruption (Ctrl-C) cut short
             if server_id == self.local.server_id or self.local.closed:
+                self.local.close()
                 try:
                     self.local = self._reconnect(self.local)
                     self._links[self.local.server_id] = self.local

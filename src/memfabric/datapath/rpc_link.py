@@ -158,7 +158,10 @@ class RpcLink:
                     except BaseException as exc:
                         interrupted = exc
                 if interrupted is not None:
-                    raise interrupted
+                    try:
+                        raise interrupted
+                    finally:
+                        interrupted = None  # no cycle (frame, traceback) kept for the collector
 
     def submit(self, op: str, args: dict[str, Any], payload: memoryview | list | None = None,
                into: memoryview | list | None = None, timeout_s: float | None = None) -> tuple[int, Pending]:
@@ -336,7 +339,10 @@ class RpcLink:
             except BaseException as exc:
                 interrupted = exc
         if interrupted is not None:
-            raise interrupted
+            try:
+                raise interrupted
+            finally:
+                interrupted = None
 
     def _wait_out_reader(self, pending: Pending) -> None:
         """A reader took this request's entry: it is receiving the reply, into the caller's
@@ -615,13 +621,13 @@ class RpcLink:
         ours afterwards: only the holder of the receive lock writes into them, and it is us
         or it has let go."""
         with self._lock:
-            already = self._closed
             self._closed = True
             pending = list(self._pending.values())
             self._pending.clear()
             self._abandoned.clear()
-        if not already:
-            self._frames.close()
+        # Every time, not only the first: a close an interruption cut short after the mark
+        # above is finished by the next (the session's, as it lets this link go).
+        self._frames.close()
         # Wait out a reader that may be mid-payload into a caller's buffer: the close above
         # ends its receive at once.
         if self._recv_lock.acquire(timeout=self.timeout_s + rpc.DEADLINE_SLACK_S):
@@ -660,9 +666,9 @@ class RpcLink:
         """Nothing is mapped across hosts; nothing to give back."""
 
     def close(self) -> None:
-        if self._closed:
+        if self._closed and self._frames.closed and self._span_dup is None:
             return
-        if self._abandoned:
+        if self._abandoned and not self._closed:
             settle(self)
         try:
             self._shut(ServerUnavailable("connection closed"), raise_it=False)
@@ -707,7 +713,10 @@ class InFlight:
             except BaseException as exc:
                 interrupted = exc
         if interrupted is not None:
-            raise interrupted
+            try:
+                raise interrupted
+            finally:
+                interrupted = None
 
     def submit(self, link: RpcLink, op: str, args: dict[str, Any], payload: memoryview | list | None = None,
                into: Any = None) -> Pending:

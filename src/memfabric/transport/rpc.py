@@ -373,6 +373,10 @@ class FrameSocket:
         if last:
             self.sock.close()
 
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
     def close(self) -> None:
         """Shuts the connection down at once (a receive waiting in another thread sees its
         end); the fd is closed now, or by the last compiled receive still using it."""
