@@ -86,12 +86,13 @@ def measure(fn: Callable[[], object], repeat: int, warmup: int = 3) -> list[floa
 BLOCK_WARMUP_S = 0.001
 
 
-def measure_interleaved(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, list[float]]:
+def measure_interleaved(fns: dict[str, Callable[[], object]], repeat: int,
+                        block: int | None = None) -> dict[str, list[float]]:
     """Like measure(), for several fns whose figures are compared: they take turns in
-    blocks, so slow stretches of a noisy machine fall on all of them alike. Each block
-    starts with untimed calls (BLOCK_WARMUP_S), which bring this block's peers to steady
-    state and outlast the previous block's polling."""
-    block = max(1, min(20, repeat // 3))
+    blocks (`block` calls each; default up to 20), so slow stretches of a noisy machine fall
+    on all of them alike. Each block starts with untimed calls (BLOCK_WARMUP_S), which bring
+    this block's peers to steady state and outlast the previous block's polling."""
+    block = block or max(1, min(20, repeat // 3))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     clock = time.perf_counter_ns
     while len(samples[next(iter(fns))]) < repeat:
