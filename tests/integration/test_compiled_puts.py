@@ -25,6 +25,7 @@ from memfabric.transport.ipc import IpcChannel
 
 from ..helpers import WAIT_S, Child, ns_name, stop_process, wait_until
 from ..transport.paths import interrupted_after
+from .test_interrupted_calls import again, sweep
 
 KiB = 1 << 10
 pytestmark = pytest.mark.skipif(not put_grants.compiled_puts(), reason="the compiled part is not built")
@@ -457,6 +458,30 @@ def test_ctrl_c_in_a_stream_of_puts_leaves_the_session_usable(fabric, request):
             wait_until(lambda: _put_c_works(kv), "puts to work again after Ctrl-C")
             value = kv.get(b"c")
             assert len(value) == 4000 and len(set(value)) == 1
+
+
+def test_ctrl_c_anywhere_in_a_compiled_put(fabric, request):
+    """Interrupted at each bytecode of call_compiled and what it runs (the client's put on an
+    idle link): the link goes on (or is replaced), the key holds a value put whole, and the
+    next puts and gets are right."""
+    with local(fabric) as s:
+        kv = s.create_namespace(ns_name(request), sec_id="k").kv()
+        kv.put(b"c", b"0" * 4000)
+        link = s.link(kv._homes(b"c")[0])
+        calls = link.compiled_calls
+        kv.put(b"c", b"1" * 4000)
+        assert link.compiled_calls == calls + 1, "the put did not go through call_compiled"
+        checks = []
+
+        def check(hook, _buffer) -> None:
+            value = kv.get(b"c")
+            assert value in (b"1" * 4000, b"2" * 4000, b"3" * 4000), (hook, value[:8])
+            again(lambda: kv.put(b"c", b"3" * 4000))
+            assert kv.get(b"c") == b"3" * 4000
+            checks.append(hook)
+        points = sweep(lambda _buffer: kv.put(b"c", b"2" * 4000), 16, check, after="call_compiled")
+        assert points > 10
+        assert kv.put(b"c", b"4" * 4000) and kv.get(b"c") == b"4" * 4000
 
 
 def _put_c_works(kv) -> bool:

@@ -317,16 +317,16 @@ def test_the_client_appends_in_one_compiled_call(fab, pool, request):
     with memfabric.init(fab.directory) as s:
         log = s.create_namespace(name, sec_id="k", pool=pool).create_plog("wal", MiB)
         link = s.link(log.home)
-        before = link.compiled_appends
+        before = link.compiled_calls
         offsets = [log.append(p) for p in (b"a", b"", b"x" * 5000, bytearray(b"ba"), memoryview(b"mv"))]
-        assert link.compiled_appends - before == 5
+        assert link.compiled_calls - before == 5
         assert offsets == [16, 16 + 24, 16 + 24 + 16, 16 + 24 + 16 + 5016, 16 + 24 + 16 + 5016 + 24]
         assert _stream(log) == [b"a", b"", b"x" * 5000, b"ba", b"mv"]
         # Errors come back as the Python path raises them, the link stays.
         log.seal()
         with pytest.raises(Sealed):
             log.append(b"sealed")
-        assert s.link(log.home) is link and link.compiled_appends - before == 6
+        assert s.link(log.home) is link and link.compiled_calls - before == 6
         # What it does not take goes the Python way: too large for one message, not a buffer.
         with pytest.raises(memfabric.InvalidArgument):
             log.append(12)
@@ -350,9 +350,9 @@ def test_a_compiled_append_that_times_out_leaves_the_link_working(fab, request):
         assert log.append(b"next") == log.info()["length"] - rec.frame_bytes(4) + rec.HEADER_BYTES
         assert s.link(log.home) is link
         assert _stream(log) == [b"first", b"given up", b"next"]
-        calls = link.compiled_appends
+        calls = link.compiled_calls
         log.append(b"compiled again")
-        assert link.compiled_appends == calls + 1
+        assert link.compiled_calls == calls + 1
 
 
 def test_ctrl_c_while_a_compiled_append_waits_for_a_stopped_server(fab, request):
@@ -362,14 +362,14 @@ def test_ctrl_c_while_a_compiled_append_waits_for_a_stopped_server(fab, request)
         log.append(b"first")
         link = s.link(log.home)
         pid = fab.server_pids()[log.home]
-        calls = link.compiled_appends
+        calls = link.compiled_calls
         stop_process(pid)
         try:
             with interrupted_after(0.3, KeyboardInterrupt), pytest.raises(KeyboardInterrupt):
                 log.append(b"interrupted")
         finally:
             os.kill(pid, signal.SIGCONT)
-        assert link.compiled_appends == calls + 1, "the append did not wait in call_append"
+        assert link.compiled_calls == calls + 1, "the append did not wait in call_append"
         log.append(b"next")
         assert _stream(log) == [b"first", b"interrupted", b"next"]
 
@@ -417,7 +417,7 @@ with memfabric.init(ock) as s:
     link = s.link(log.home)
     for seq in range(1_000_000):
         offset = log.append(struct.pack("<I", seq) * (1 + seq % 300))
-        print("ack", seq, offset, link.compiled_appends, flush=True)
+        print("ack", seq, offset, link.compiled_calls, flush=True)
 """
 
 

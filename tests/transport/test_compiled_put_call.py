@@ -5,7 +5,9 @@ without Python; every other reply is handed back whole."""
 
 from __future__ import annotations
 
+import os
 import socket
+import struct
 import threading
 
 import msgpack
@@ -87,3 +89,49 @@ def test_the_channel_call_reads_a_plain_reply_without_decoding():
     finally:
         channel.close()
         theirs.close()
+
+
+def _put_call_against(serve) -> tuple[tuple[int, int, float], bytearray]:
+    """IpcChannel.put_call's call (ServerLink.call_compiled's terms) on one end of a pair;
+    `serve(theirs, request)` plays the server on the other."""
+    _records = pytest.importorskip("memfabric._records")
+    assert _records
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        mine.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 200_000))
+        t = threading.Thread(target=lambda: serve(theirs, msgpack.unpackb(theirs.recv(MAX_MESSAGE_BYTES))))
+        t.start()
+        head = wire.encode({"op": "kv_put", **CREDS})[1:]
+        buffer = bytearray(MAX_MESSAGE_BYTES)
+        result = IpcChannel.put_call(head, len(CREDS) + 1, b"k", b"v")(mine.fileno(), buffer, 0.0, 9, 1.0)
+        t.join(10)
+        return result, buffer
+    finally:
+        mine.close()
+        theirs.close()
+
+
+def test_the_link_call_takes_a_plain_reply_as_done():
+    _records = pytest.importorskip("memfabric._records")
+    (status, value, _), _ = _put_call_against(lambda s, m: s.send(msgpack.packb({"stored": True, "id": m["id"]})))
+    assert (status, value) == (_records.CALL_OK, 1)
+
+
+def test_the_link_call_hands_back_any_other_reply_for_python_to_read():
+    _records = pytest.importorskip("memfabric._records")
+    reply = msgpack.packb({"error": 5, "msg": "permission denied", "id": 9})
+    (status, value, _), buffer = _put_call_against(lambda s, m: s.send(reply))
+    assert (status, value, bytes(buffer[:value])) == (_records.CALL_REPLY, len(reply), reply)
+
+
+def test_the_link_call_says_closed_timed_out_or_untrusted():
+    _records = pytest.importorskip("memfabric._records")
+    (status, _, _), _ = _put_call_against(lambda s, m: s.shutdown(socket.SHUT_RDWR))
+    assert status == _records.CALL_CLOSED
+    (status, _, _), _ = _put_call_against(lambda s, m: None)          # no reply within SO_RCVTIMEO
+    assert status == _records.CALL_TIMEOUT
+    before = len(os.listdir("/proc/self/fd"))
+    with open(os.devnull) as f:      # a reply carrying an fd: the stream is not to be trusted, the fd closed
+        (status, _, _), _ = _put_call_against(lambda s, m: socket.send_fds(s, [msgpack.packb({"id": 9})], [f.fileno()]))
+        assert status == _records.CALL_BAD
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -12,7 +12,7 @@ import os
 import socket
 import stat
 import time
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import ProtocolError, ServerUnavailable, Timeout
 from ..limits import CONNECT_TIMEOUT_S, MAX_FDS_PER_MESSAGE, MAX_MESSAGE_BYTES
@@ -21,9 +21,9 @@ from .busy_poll import BusyPoll
 from .sockets import HangUpWatch, timeval
 
 try:    # the compiled receive (_frames.c): a wait holds no GIL, a poll raises nothing
-    from .. import _frames
+    from .. import _frames, _records
 except ImportError:      # pragma: no cover - ./dev builds it
-    _frames = None
+    _frames = _records = None
 
 _ANCILLARY_BYTES = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
 # Received fds are close-on-exec from the moment they exist: a program this process execs
@@ -167,6 +167,26 @@ class IpcChannel:
         if n < 0:
             raise socket.timeout("receive timed out")
         return self._message(n, fds, flags)
+
+    @staticmethod
+    def put_call(head: bytes, entries: int, key: bytes, value: Any) -> Callable[..., tuple[int, int, float]]:
+        """call_put() as ServerLink.call_compiled takes a compiled call: `(fd, buffer, poll_s,
+        request_id, timeout_s) -> (status, value, waited_s)` in _records' CALL_* terms (a plain
+        "stored" reply: CALL_OK; another: CALL_REPLY, its length)."""
+        def call(fd: int, buffer: bytearray, poll_s: float, request_id: int, timeout_s: float) -> tuple[int, int, float]:
+            n, fds, flags, waited_s = _frames.call_put(fd, head, entries, key, value, request_id, timeout_s, buffer,
+                                                       MAX_FDS_PER_MESSAGE, poll_s)
+            if n == _frames.PUT_STORED:
+                return _records.CALL_OK, 1, waited_s
+            if fds or (n > 0 and flags & _TRUNCATED):
+                _close_all(fds)
+                return _records.CALL_BAD, 0, waited_s
+            if n > 0:
+                return _records.CALL_REPLY, n, waited_s
+            if n == -3:
+                return _records.CALL_UNSENT, 0, waited_s
+            return (_records.CALL_CLOSED if n == 0 else _records.CALL_TIMEOUT), 0, waited_s
+        return call
 
     def _message(self, n: int, fds: list[int], flags: int) -> tuple[dict[str, Any], list[int]]:
         return self.decode(*self._packet(n, fds, flags))
