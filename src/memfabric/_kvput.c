@@ -43,6 +43,7 @@
 #include "_frames.h"
 #include "_kvlookup.h"
 #include "_msgpack.h"
+#include "_pyattr.h"
 #include <string.h>
 
 #define PUT_STOCK_MAX 64           /* chunks a grant holds at most */
@@ -415,31 +416,6 @@ static PutSegment *segment_of(KvPutGrant *g, uint64_t id) {
     return NULL;
 }
 
-/* An int attribute as a 64-bit number; -1 (with nothing set) when it is not one. */
-static long long int_attr(PyObject *o, PyObject *name) {
-    PyObject *v = PyObject_GetAttr(o, name);
-    if (v == NULL) {
-        PyErr_Clear();
-        return -1;
-    }
-    long long n = PyLong_Check(v) ? PyLong_AsLongLong(v) : -1;
-    Py_DECREF(v);
-    if (PyErr_Occurred()) {
-        PyErr_Clear();
-        return -1;
-    }
-    return n;
-}
-
-static int set_int_attr(PyObject *o, PyObject *name, long long n) {
-    PyObject *v = PyLong_FromLongLong(n);
-    if (v == NULL)
-        return -1;
-    int failed = PyObject_SetAttr(o, name, v);
-    Py_DECREF(v);
-    return failed;
-}
-
 static inline void store_release(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
 
 /* Where `key` is in the table: its slot (*found 1), or the slot a new entry takes (*found
@@ -485,10 +461,10 @@ static long long used_bytes(KvPutGrant *g) {
         PyErr_Clear();
         return -1;
     }
-    long long records = int_attr(heap, s_record_bytes);
+    long long records = attr_ll_or_minus_one(heap, s_record_bytes);
     Py_DECREF(heap);
-    long long large = int_attr(g->space, s_large_bytes), reserved = int_attr(g->space, s_reserved_bytes),
-              stocked = int_attr(g->space, s_stocked_bytes);
+    long long large = attr_ll_or_minus_one(g->space, s_large_bytes), reserved = attr_ll_or_minus_one(g->space, s_reserved_bytes),
+              stocked = attr_ll_or_minus_one(g->space, s_stocked_bytes);
     if (records < 0 || large < 0 || reserved < 0 || stocked < 0)
         return -1;
     return records + large + reserved - stocked;
@@ -529,8 +505,8 @@ static int put_locked(KvPutGrant *g, const PutRequest *q, uint64_t h) {
             return 0;            /* Python evicts, or refuses */
     }
     /* Everything Python's that may fail, before anything changes. */
-    long long last = int_attr(g->space, s_last_version), primary = int_attr(g->space, s_primary_keys),
-              stocked = int_attr(g->space, s_stocked_bytes);
+    long long last = attr_ll_or_minus_one(g->space, s_last_version), primary = attr_ll_or_minus_one(g->space, s_primary_keys),
+              stocked = attr_ll_or_minus_one(g->space, s_stocked_bytes);
     if (last < 0 || primary < 0 || stocked < (long long)g->chunk_bytes)
         return 0;
     uint64_t version = (uint64_t)last + 1, clock = kv_now_ms() << 20;
@@ -565,7 +541,7 @@ static int put_locked(KvPutGrant *g, const PutRequest *q, uint64_t h) {
     /* Python's figures follow; a failure to set one (memory) leaves a count off, not the table. */
     int failed = PyObject_SetAttr(g->space, s_last_version, version_o) < 0;
     Py_DECREF(version_o);
-    failed |= set_int_attr(g->space, s_stocked_bytes, stocked - (long long)g->chunk_bytes) < 0;
+    failed |= set_ll(g->space, s_stocked_bytes, stocked - (long long)g->chunk_bytes) < 0;
     if (found) {
         g->replaced[g->n_replaced++] = old;
         g->refs[slot] = 1;       /* used: the eviction clock keeps it a round (as Store.live) */
@@ -575,9 +551,9 @@ static int put_locked(KvPutGrant *g, const PutRequest *q, uint64_t h) {
             tombstones--;
         store_release(&w[KV_H_KEYS], keys);
         store_release(&w[KV_H_TOMBSTONES], tombstones);
-        failed |= set_int_attr(g->writer, s_keys, (long long)keys) < 0;
-        failed |= set_int_attr(g->writer, s_tombstones, (long long)tombstones) < 0;
-        failed |= set_int_attr(g->space, s_primary_keys, primary + 1) < 0;
+        failed |= set_ll(g->writer, s_keys, (long long)keys) < 0;
+        failed |= set_ll(g->writer, s_tombstones, (long long)tombstones) < 0;
+        failed |= set_ll(g->space, s_primary_keys, primary + 1) < 0;
     }
     if (failed)
         PyErr_Clear();

@@ -28,6 +28,7 @@
 #include <unistd.h>
 
 #include "_msgpack.h"
+#include "_pyattr.h"
 
 #define HEADER_BYTES 16
 #define ALIGN_BYTES 8
@@ -268,25 +269,6 @@ static void unlock(PyObject *lock) {
 
 static PyObject *get(PyObject *o, PyObject *name) {
     return o == NULL ? NULL : PyObject_GetAttr(o, name);
-}
-
-/* Is attribute `name` of `o` an int, and which: -1 when it is not (an error set or not). */
-static long long attr_ll(PyObject *o, PyObject *name) {
-    PyObject *v = PyObject_GetAttr(o, name);
-    if (v == NULL)
-        return -1;
-    long long x = PyLong_Check(v) ? PyLong_AsLongLong(v) : -1;
-    Py_DECREF(v);
-    return x;
-}
-
-static int set_ll(PyObject *o, PyObject *name, long long x) {
-    PyObject *v = PyLong_FromLongLong(x);
-    if (v == NULL)
-        return -1;
-    int rc = PyObject_SetAttr(o, name, v);
-    Py_DECREF(v);
-    return rc;
 }
 
 static PyObject *append_one(PyObject *Py_UNUSED(self), PyObject *args) {
