@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import InvalidArgument
 
@@ -36,8 +36,7 @@ CLASSES = _classes()             # chunk sizes, bytes; the last is a whole page
 MAX_RECORD_BYTES = CLASSES[-1]
 
 
-@dataclass(frozen=True, slots=True)
-class Chunk:
+class Chunk(NamedTuple):        # not a frozen dataclass: a refill makes and frees dozens (3x the cost)
     segment: int
     offset: int
     size: int                    # the class's chunk size
@@ -61,7 +60,7 @@ class RecordHeap:
         self._pages: dict[tuple[int, int], _Page] = {}       # (segment, offset) -> page
         self._starts: dict[int, list[int]] = {}               # segment -> its pages' offsets, sorted
         self._with_room: list[list[_Page]] = [[] for _ in CLASSES]
-        self._resting: deque[tuple[float, Chunk]] = deque()
+        self._resting: deque[tuple[float, _Page, int]] = deque()    # (until, page, offset)
         self._emptied: set[tuple[int, int]] = set()          # pages whose last chunk came back
         self.record_bytes = 0                                 # chunks holding records
         self.page_count = 0
@@ -74,11 +73,17 @@ class RecordHeap:
 
     def allocate(self, size: int, now_s: float) -> Chunk | None:
         """A chunk for a record of `size` bytes, or None: give the heap a page (add_page) first."""
+        got = self.allocate_many(size, 1, now_s)
+        return got[0] if got else None
+
+    def allocate_many(self, size: int, count: int, now_s: float) -> list[Chunk]:
+        """Up to `count` chunks for records of `size` bytes (fewer: give the heap a page)."""
         cls = self.class_of(size)
         self._mature(now_s)
         pages = self._with_room[cls]
         chunk_bytes = CLASSES[cls]
-        while pages:
+        out: list[Chunk] = []
+        while len(out) < count and pages:
             page = pages[-1]
             if page.free:
                 offset = page.free.pop()
@@ -90,18 +95,8 @@ class RecordHeap:
                 page.listed = False
                 continue
             page.used += 1
-            self.record_bytes += chunk_bytes
-            return Chunk(page.segment, offset, chunk_bytes)
-        return None
-
-    def allocate_many(self, size: int, count: int, now_s: float) -> list[Chunk]:
-        """Up to `count` chunks for records of `size` bytes (fewer: give the heap a page)."""
-        out: list[Chunk] = []
-        while len(out) < count:
-            chunk = self.allocate(size, now_s)
-            if chunk is None:
-                break
-            out.append(chunk)
+            out.append(Chunk(page.segment, offset, chunk_bytes))
+        self.record_bytes += chunk_bytes * len(out)
         return out
 
     def add_page(self, segment: int, offset: int, size: int) -> None:
@@ -137,7 +132,7 @@ class RecordHeap:
         page.used -= 1
         page.resting += 1
         self.record_bytes -= chunk.size
-        self._resting.append((now_s + self.grace_s, chunk))
+        self._resting.append((now_s + self.grace_s, page, chunk.offset))
 
     def empty_pages(self, now_s: float) -> list[tuple[int, int]]:
         """Pages with no record, resting or live: (segment, offset) each, forgotten here, for
@@ -170,8 +165,8 @@ class RecordHeap:
         return page
 
     def _mature(self, now_s: float) -> None:
-        while self._resting and self._resting[0][0] <= now_s:
-            _, chunk = self._resting.popleft()
-            page = self._page_of(chunk)
+        resting = self._resting
+        while resting and resting[0][0] <= now_s:
+            _, page, offset = resting.popleft()     # a page with chunks resting is never let go
             page.resting -= 1
-            self._serves_again(page, chunk.offset)
+            self._serves_again(page, offset)
