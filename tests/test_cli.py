@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -300,6 +301,26 @@ def test_files_a_pool_already_holds_count_as_its_own(small_file_system):
     with pytest.raises(NotEnoughCapacity):     # two pools on one file system add up
         check_pools([PoolConfig("a", "ramdisk", 30 * MiB, os.path.join(small_file_system, "a")),
                      PoolConfig("b", "pmem", 30 * MiB, os.path.join(small_file_system, "b"))], "test")
+
+
+def test_a_ramdisk_pool_on_a_disk_is_allowed_with_a_note(small_file_system):
+    """A ramdisk pool's files on a disk work, but are not what the medium says: the server
+    warns (check_pools' notes); on tmpfs, no note."""
+    from memfabric.capacity import check_pools
+    from memfabric.config import PoolConfig
+    on_tmpfs = check_pools([PoolConfig("r", "ramdisk", 1 << 20, os.path.join(small_file_system, "r"))], "test")
+    assert on_tmpfs == []
+    from memfabric.capacity import MEMORY_FILE_SYSTEMS, mount_of
+    here = os.path.dirname(os.path.abspath(__file__))            # the checkout: on a disk, most likely
+    if mount_of(here)[1] in MEMORY_FILE_SYSTEMS:
+        pytest.skip("the checkout is on tmpfs here: no disk to try")
+    disk = tempfile.mkdtemp(prefix="mf-disk-", dir=here)
+    try:
+        notes = check_pools([PoolConfig("r", "ramdisk", 1 << 20, os.path.join(disk, "r")),
+                             PoolConfig("p", "pmem", 1 << 20, os.path.join(disk, "p"))], "test")
+    finally:
+        os.rmdir(disk)
+    assert len(notes) == 1 and "'r' (ramdisk" in notes[0] and "tmpfs" in notes[0], notes
 
 
 def snapshot(paths: list[str]) -> dict[str, tuple[int, int, bytes]]:

@@ -51,8 +51,10 @@ class _FileSystem:
     asked_bytes: int = 0
 
 
-def check_pools(pools: list[PoolConfig], source: str) -> None:
-    """Every pool of one server against this host's memory and file systems."""
+def check_pools(pools: list[PoolConfig], source: str) -> list[str]:
+    """Every pool of one server against this host's memory and file systems. Returns what is
+    allowed but likely not meant (a ramdisk pool whose files are on a disk), for a warning."""
+    notes: list[str] = []
     memory_asked = 0
     memory_pools: list[str] = []
     file_systems: dict[int, _FileSystem] = {}
@@ -65,11 +67,16 @@ def check_pools(pools: list[PoolConfig], source: str) -> None:
         existing = os.path.realpath(_nearest_existing(pool.path))
         st = os.statvfs(existing)
         device = os.stat(existing).st_dev
-        mount, kind = _mount_of(existing)
+        mount, kind = mount_of(existing)
         needed = max(0, pool.capacity_bytes - _held_by_files(pool.path))
         if kind in MEMORY_FILE_SYSTEMS:
             memory_asked += needed
             memory_pools.append(f"{name} on {kind} at {mount})")
+        elif pool.medium == "ramdisk":
+            # Allowed (a test, a host without tmpfs), but a disk: each append into space never
+            # written costs its file system's bookkeeping (some 20 us on ext4).
+            notes.append(f"{name}) has its files on {kind} at {mount}, not in memory: a ramdisk pool "
+                         "belongs on tmpfs (such as /dev/shm)")
         fs = file_systems.setdefault(device, _FileSystem(mount, kind, st.f_bavail * st.f_frsize))
         fs.asked_bytes += needed
     for fs in file_systems.values():
@@ -79,6 +86,7 @@ def check_pools(pools: list[PoolConfig], source: str) -> None:
                 f"more than their files hold already, but it has {format_size(fs.free_bytes)} free")
     if memory_asked:
         check_memory(memory_asked, f"{source}: {', '.join(memory_pools)}")
+    return notes
 
 
 def _nearest_existing(path: str) -> str:
@@ -105,7 +113,7 @@ def _held_by_files(directory: str) -> int:
     return held
 
 
-def _mount_of(path: str) -> tuple[str, str]:
+def mount_of(path: str) -> tuple[str, str]:
     """(mount point, file system type) of the longest mount that holds `path`."""
     best = ("/", "?")
     try:

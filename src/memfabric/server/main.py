@@ -57,12 +57,14 @@ def run_server(config_path: str) -> int:
         print(f"memfabric server: bad configuration: {exc}", file=sys.stderr)
         return 2
     try:
-        check_pools(cfg.pools, cfg.source)    # before anything is written or reserved
+        notes = check_pools(cfg.pools, cfg.source)    # before anything is written or reserved
         segment_slots(cfg.pools, cfg.segment_bytes)
     except NotEnoughCapacity as exc:
         print(f"memfabric server: cannot start: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s server %(levelname)s %(message)s")
+    for note in notes:
+        logging.getLogger("memfabric.server").warning("%s: %s", cfg.source, note)
     stop = threading.Event()
     try:
         server = Server(cfg)
