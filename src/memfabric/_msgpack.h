@@ -84,6 +84,40 @@ static inline int read_int(Reader *r, const unsigned char **raw, size_t *raw_n, 
     return 1;
 }
 
+/* An int or a float, skipped (read_field's F_NUMBER). */
+static inline int skip_number(Reader *r) {
+    const unsigned char *c, *body;
+    if (r->p >= r->end)
+        return 0;
+    if (*r->p == 0xcb || *r->p == 0xca) {
+        take(r, 1, &c);
+        return take(r, *c == 0xcb ? 8 : 4, &body);
+    }
+    const unsigned char *raw;
+    size_t raw_n;
+    uint64_t v;
+    int neg;
+    return read_int(r, &raw, &raw_n, &v, &neg);
+}
+
+/* A map's or an array's header (fix form: `fix` under `fix_mask`; 16- and 32-bit forms: b16,
+ * b32): its entry count. */
+static inline int read_container(Reader *r, unsigned char fix, unsigned char fix_mask, unsigned char b16,
+                                 unsigned char b32, size_t *count) {
+    const unsigned char *c, *len;
+    if (!take(r, 1, &c))
+        return 0;
+    if ((*c & fix_mask) == fix) {
+        *count = *c & 0x0f;
+        return 1;
+    }
+    int width = *c == b16 ? 2 : *c == b32 ? 4 : 0;
+    if (!width || !take(r, width, &len))
+        return 0;
+    *count = (size_t)big_endian(len, width);
+    return 1;
+}
+
 static inline int key_is(const unsigned char *s, size_t n, const char *name) {
     return strlen(name) == n && memcmp(s, name, n) == 0;
 }
@@ -98,6 +132,8 @@ typedef enum {
     F_NIL_OR_ZERO,      /* nil or 0 */
     F_NIL_OR_UPTO,      /* nil (value 0), or an int 1..max (value) */
     F_POSITIVE,         /* a float or an int, > 0 (NaN is not) */
+    F_NUMBER,           /* a float or an int, any */
+    F_ONE_BIN,          /* an array of exactly one bin: at, n */
 } FieldKind;
 
 typedef struct {
@@ -153,22 +189,29 @@ static inline int read_field(Reader *r, Field *f) {
             return d > 0;
         }
         return read_int(r, &f->at, &f->n, &f->value, &negative) && !negative && f->value > 0;
+    case F_NUMBER:
+        return skip_number(r);
+    case F_ONE_BIN: {
+        size_t count;
+        return read_container(r, 0x90, 0xf0, 0xdc, 0xdd, &count) && count == 1 && read_bytes(r, 'b', &f->at, &f->n);
+    }
     }
     return 0;
 }
 
-/* Whether b[0..n) is a map of `fields` (at most 32) only: each at most once and as its kind
- * says, the required ones all there, nothing after it. What each held is in it. */
+/* Whether b[0..n) is a map (any of msgpack's three headers) of `fields` (at most 32) only: each
+ * at most once and as its kind says, the required ones all there, nothing after it. What each
+ * held is in it. */
 static inline int read_request(const unsigned char *b, size_t n, Field *fields, int count) {
     Reader r = {b, b + n};
-    const unsigned char *c;
-    if (count > 32 || !take(&r, 1, &c) || (*c & 0xf0) != 0x80)
+    size_t entries;
+    if (count > 32 || !read_container(&r, 0x80, 0xf0, 0xde, 0xdf, &entries) || entries > (size_t)count)
         return 0;
     uint32_t seen = 0, required = 0;
     for (int i = 0; i < count; i++)
         if (fields[i].required)
             required |= 1u << i;
-    for (int e = 0, entries = *c & 0x0f; e < entries; e++) {
+    for (size_t e = 0; e < entries; e++) {
         const unsigned char *key;
         size_t key_n;
         if (!read_bytes(&r, 's', &key, &key_n))

@@ -218,38 +218,6 @@ static int intern_names(void) {
     return 0;
 }
 
-/* An item skipped: only the kinds a plog_append's budget may be (float, int). */
-static int skip_number(Reader *r) {
-    const unsigned char *c, *body;
-    if (r->p >= r->end)
-        return 0;
-    if (*r->p == 0xcb || *r->p == 0xca) {
-        take(r, 1, &c);
-        return take(r, *c == 0xcb ? 8 : 4, &body);
-    }
-    const unsigned char *raw;
-    size_t raw_n;
-    uint64_t v;
-    int neg;
-    return read_int(r, &raw, &raw_n, &v, &neg);
-}
-
-static int read_container(Reader *r, unsigned char fix, unsigned char fix_mask, unsigned char b16,
-                          unsigned char b32, size_t *count) {
-    const unsigned char *c, *len;
-    if (!take(r, 1, &c))
-        return 0;
-    if ((*c & fix_mask) == fix) {
-        *count = *c & 0x0f;
-        return 1;
-    }
-    int width = *c == b16 ? 2 : *c == b32 ? 4 : 0;
-    if (!width || !take(r, width, &len))
-        return 0;
-    *count = (size_t)big_endian(len, width);
-    return 1;
-}
-
 /* A Python lock taken without waiting: 1 taken, 0 held elsewhere, -1 error. */
 static int try_lock(PyObject *lock) {
     PyObject *got = PyObject_CallMethodOneArg(lock, s_acquire, Py_False);
@@ -281,61 +249,18 @@ static PyObject *append_one(PyObject *Py_UNUSED(self), PyObject *args) {
     int plog_locked = 0, seg_locked = 0;
 
     /* The request: exactly the keys of the common case, each once. */
-    Reader r = {packet.buf, (const unsigned char *)packet.buf + packet.len};
-    size_t keys;
-    const unsigned char *pool = NULL, *ns = NULL, *sec = NULL, *name = NULL, *record = NULL, *id_raw = NULL;
-    size_t pool_n = 0, ns_n = 0, sec_n = 0, name_n = 0, record_n = 0, id_n = 0;
-    uint64_t plog_id = 0, request_id = 0;
-    int have_op = 0, have_plog_id = 0, have_budget = 0;
-    if (!read_container(&r, 0x80, 0xf0, 0xde, 0xdf, &keys) || keys < 8 || keys > 9)
+    Field f[] = {
+        {"op", F_IS, 1, "plog_append"}, {"pool", F_STR, 1}, {"ns", F_STR, 1}, {"sec", F_BIN, 1},
+        {"name", F_STR, 1}, {"plog_id", F_INT, 1}, {"records", F_ONE_BIN, 1}, {"id", F_INT, 1},
+        {"budget_s", F_NUMBER, 0},
+    };
+    if (!read_request(packet.buf, (size_t)packet.len, f, 9) || f[6].n > UINT32_MAX)
         goto done;
-    for (size_t k = 0; k < keys; k++) {
-        const unsigned char *key, *raw;
-        size_t key_n, raw_n;
-        int neg;
-        if (!read_bytes(&r, 's', &key, &key_n))
-            goto done;
-        if (key_is(key, key_n, "op")) {
-            const unsigned char *op;
-            size_t op_n;
-            if (have_op || !read_bytes(&r, 's', &op, &op_n) || !key_is(op, op_n, "plog_append"))
-                goto done;
-            have_op = 1;
-        } else if (key_is(key, key_n, "pool")) {
-            if (pool || !read_bytes(&r, 's', &pool, &pool_n))
-                goto done;
-        } else if (key_is(key, key_n, "ns")) {
-            if (ns || !read_bytes(&r, 's', &ns, &ns_n))
-                goto done;
-        } else if (key_is(key, key_n, "sec")) {
-            if (sec || !read_bytes(&r, 'b', &sec, &sec_n))
-                goto done;
-        } else if (key_is(key, key_n, "name")) {
-            if (name || !read_bytes(&r, 's', &name, &name_n))
-                goto done;
-        } else if (key_is(key, key_n, "plog_id")) {
-            if (have_plog_id || !read_int(&r, &raw, &raw_n, &plog_id, &neg) || neg)
-                goto done;
-            have_plog_id = 1;
-        } else if (key_is(key, key_n, "records")) {
-            size_t count;
-            if (record || !read_container(&r, 0x90, 0xf0, 0xdc, 0xdd, &count) || count != 1
-                    || !read_bytes(&r, 'b', &record, &record_n))
-                goto done;
-        } else if (key_is(key, key_n, "id")) {
-            if (id_raw || !read_int(&r, &id_raw, &id_n, &request_id, &neg) || neg)
-                goto done;
-        } else if (key_is(key, key_n, "budget_s")) {
-            if (have_budget || !skip_number(&r))
-                goto done;
-            have_budget = 1;
-        } else {
-            goto done;
-        }
-    }
-    if (r.p != r.end || !have_op || !pool || !ns || !sec || !name || !have_plog_id || !record || !id_raw
-            || keys != 8u + (size_t)have_budget || record_n > UINT32_MAX)
-        goto done;
+    const unsigned char *pool = f[1].at, *ns = f[2].at, *sec = f[3].at, *name = f[4].at, *record = f[6].at;
+    size_t pool_n = f[1].n, ns_n = f[2].n, sec_n = f[3].n, name_n = f[4].n, record_n = f[6].n;
+    const unsigned char *id_raw = f[7].at;
+    size_t id_n = f[7].n;
+    uint64_t plog_id = f[5].value, request_id = f[7].value;
 
     /* The grant: this connection proved the secId for this plog (Python). */
     PyObject *key = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(pool_n + ns_n + name_n + 2));

@@ -189,6 +189,12 @@ def test_garbage_and_near_miss_packets_append_nothing_and_break_nothing(fab, poo
         reply = client.call({**good, "records": [b"fast"]})
         expected.append(b"fast")
         assert compiled(fab) == before + 1 and "offsets" in reply
+        # The same map with msgpack's 16-bit map header (as another encoder may write it): compiled too.
+        packet = wire.encode({**good, "records": [b"map16"], "id": 10**6 - 1})
+        assert packet[0] & 0xF0 == 0x80
+        reply = client.send_raw(b"\xde" + (packet[0] & 0x0F).to_bytes(2, "big") + packet[1:])
+        expected.append(b"map16")
+        assert compiled(fab) == before + 2 and "offsets" in reply, reply
         # Near misses: each is Python's, answered as it always was (an error, or appended).
         cases = [
             ({**args, "sec": b"wrong"}, "error"),                         # wrong secId
