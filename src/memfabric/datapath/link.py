@@ -29,6 +29,7 @@ from ..transport.ipc import IpcChannel, PeerClosed, SendTimeout
 from .deadline import call_timeout_s, serving_until
 from .late_replies import undo_of
 from ..media.files import FileSegment
+from . import forks
 from .mapping import SharedRange
 
 try:    # a plog append's compiled call (_records.c call_append): ./dev builds it
@@ -126,10 +127,20 @@ class ServerLink:
             raise
         self.server_id: int = hello["server_id"]
         self.host: str = hello["host"]
+        forks.track(self)
 
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def forked(self) -> None:
+        """In a forked child: the parent's connection, never used here (forks.py). Its
+        close() then closes this process's fds only."""
+        self._lock = threading.RLock()         # a thread of the parent's may have held them:
+        self._map_lock = threading.RLock()     # none is here to let go
+        self._closed = True
+        self._abandoned.clear()                # the parent's to settle, on its connection
+        self._undos.clear()
 
     # ---- requests ---------------------------------------------------------------------
 

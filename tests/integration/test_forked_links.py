@@ -1,0 +1,100 @@
+"""A client forks while its session holds links (a granted same-host put link, a remote
+one), then parent and child both use the session at once. The child inherits each link's
+socket and its next request ids: had both used them, a reply could be taken by the wrong
+process (an INCR answering with the other's count, a put's "stored" read as a delete's
+answer). Each process must get its own answers, and the parent's links must go on.
+
+Every wait is bounded; no test asserts how fast anything was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import time
+
+import pytest
+
+import memfabric
+
+from ..helpers import CHILD_WAIT_S, ns_name
+
+ROUNDS = 300
+
+
+def _work(kv, me: bytes) -> dict:
+    """INCRs of this process's own counter, and puts and gets of its own keys: how many
+    answers were right, wrong, or errors."""
+    counts = {"right": 0, "wrong": 0, "errors": []}
+    expect = int(kv.get(me + b"-count")) + 1
+    for i in range(ROUNDS):
+        try:
+            got = kv.incr(me + b"-count")
+            counts["right" if got == expect else "wrong"] += 1
+            expect = got + 1
+            key, value = me + b"-%d" % (i % 20), me * 2000 + b"%d" % i
+            counts["right" if kv.put(key, value) is True else "wrong"] += 1
+            counts["right" if kv.get(key) == value else "wrong"] += 1
+        except Exception as exc:     # noqa: BLE001 - counted, and the test fails on it
+            counts["errors"].append(f"{exc.__class__.__name__}: {exc}"[:200])
+    return counts
+
+
+def _read_to_end(fd: int) -> bytes:
+    """What the child writes until its end closes (it exits), within CHILD_WAIT_S * 4."""
+    deadline, got = time.monotonic() + CHILD_WAIT_S * 4, b""
+    while select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return got
+        got += chunk
+    raise AssertionError(f"the child said only {got[:200]!r} in time")
+
+
+def _waited(pid: int) -> tuple[int, int]:
+    deadline = time.monotonic() + CHILD_WAIT_S
+    while time.monotonic() < deadline:
+        done = os.waitpid(pid, os.WNOHANG)
+        if done[0]:
+            return done
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    return os.waitpid(pid, 0)
+
+
+@pytest.mark.parametrize("door", ["ipc", "rpc"])
+def test_a_forked_child_and_its_parent_each_get_their_own_replies(fabric, request, door):
+    path = fabric.directory if door == "ipc" else os.path.join(fabric.directory, "remote.toml")
+    r, w = os.pipe()
+    with memfabric.init(path) as s:
+        kv = s.create_namespace(ns_name(request), sec_id="k").kv()
+        kv.put(b"parent-count", b"1000000")
+        kv.put(b"child-count", b"0")
+        for i in range(3):                  # the put link granted: the next puts are compiled
+            kv.put(b"warm", b"w" * 2000)
+        links = dict(s._links)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(r)
+                os.write(w, json.dumps(_work(kv, b"child")).encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        try:
+            mine = _work(kv, b"parent")
+            theirs = _read_to_end(r)
+        finally:
+            os.close(r)
+            _, status = _waited(pid)
+        assert status == 0
+        theirs = json.loads(theirs)
+        for who, counts in (("parent", mine), ("child", theirs)):
+            assert counts["wrong"] == 0 and not counts["errors"], (who, counts)
+            assert counts["right"] == 3 * ROUNDS, (who, counts)
+        # The parent's connections went on: the child never spoke on them, nor shut them.
+        assert all(s._links.get(sid) is link and not link.closed for sid, link in links.items())
+        assert int(kv.get(b"child-count")) == ROUNDS
+        assert int(kv.get(b"parent-count")) == 1000000 + ROUNDS
