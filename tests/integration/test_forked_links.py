@@ -98,3 +98,33 @@ def test_a_forked_child_and_its_parent_each_get_their_own_replies(fabric, reques
         assert all(s._links.get(sid) is link and not link.closed for sid, link in links.items())
         assert int(kv.get(b"child-count")) == ROUNDS
         assert int(kv.get(b"parent-count")) == 1000000 + ROUNDS
+
+
+_CHILD_EXITS = r"""
+import os, sys
+import memfabric
+with memfabric.init(sys.argv[1]) as s:
+    kv = s.create_namespace(sys.argv[2], sec_id="k").kv()
+    keys = [b"k%d" % i for i in range(20)]
+    for key in keys:
+        kv.put(key, key * 50)
+    links = dict(s._links)
+    pid = os.fork()
+    if pid == 0:
+        sys.exit(0)          # exits as programs do: atexit closes the session it inherited
+    os.waitpid(pid, 0)
+    print("links", "kept" if all(not link.closed and not link.peer_gone() for link in links.values()) else "lost")
+    print("values", "right" if all(kv.get(key) == key * 50 for key in keys) else "wrong")
+"""
+
+
+@pytest.mark.parametrize("door", ["ipc", "rpc"])
+def test_a_forked_child_that_exits_leaves_its_parents_connections_alone(fabric, request, door):
+    """A forked child that exits normally closes its session (atexit): only its own copies of
+    the inherited links' fds. A shutdown of a remote link's socket ended the parent's
+    connection too."""
+    from ..conftest import run_client
+    path = fabric.directory if door == "ipc" else os.path.join(fabric.directory, "remote.toml")
+    done = run_client(_CHILD_EXITS, path, ns_name(request), timeout_s=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "links kept" in done.stdout and "values right" in done.stdout, done.stdout + done.stderr[-3000:]
