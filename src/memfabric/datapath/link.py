@@ -13,6 +13,7 @@ first, so stale views read zeros here too.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import socket
@@ -49,23 +50,30 @@ Creds = tuple[str, str, bytes]   # (pool, ns, secId)
 class _Mapped:
     """One fd the server handed over, mapped once (revocably), kept for the link's life."""
 
-    __slots__ = ("fd", "range", "view", "size", "ns")
+    __slots__ = ("fd", "_file", "range", "view", "size", "ns")
 
     def __init__(self, fd: int, size: int, readonly: bool, pool: str, ns: str) -> None:
         self.fd = fd
         self.size = size
         self.ns = ns
         try:
-            self.range = SharedRange([(fd, 0, size)], writable=not readonly, tag=(pool, ns, None))
+            # Closes the fd once, in one step, however often close() is called: a close cut
+            # short (Ctrl-C) is done again, and by then the number may name another file.
+            self._file = io.FileIO(fd, "r", closefd=True)
         except BaseException:
             os.close(fd)
+            raise
+        try:
+            self.range = SharedRange([(fd, 0, size)], writable=not readonly, tag=(pool, ns, None))
+        except BaseException:
+            self._file.close()
             raise
         self.view = self.range.view()
 
     def close(self) -> None:
         self.range.revoke()          # first: from here on nothing in this process reaches it
         self.range.close_or_revoke()
-        os.close(self.fd)
+        self._file.close()
 
 
 class _FileSegment(FileSegment):
