@@ -23,7 +23,10 @@ def track(link: Any) -> None:
 
 def _forked() -> None:
     for link in list(_links):
-        link.forked()
+        try:
+            link.forked()
+        except Exception:        # noqa: BLE001 - one link's trouble must leave no other shared
+            link._closed = True
     _links.clear()
 
 

@@ -142,13 +142,14 @@ class ServerLink:
         return self._closed
 
     def forked(self) -> None:
-        """In a forked child: the parent's connection, never used here (forks.py). Its
-        close() then closes this process's fds only."""
+        """In a forked child: the parent's connection, never used here (forks.py); this
+        process's copy of its fd is closed, what it mapped stays until close()."""
         self._lock = threading.RLock()         # a thread of the parent's may have held them:
         self._map_lock = threading.RLock()     # none is here to let go
         self._closed = True
         self._abandoned.clear()                # the parent's to settle, on its connection
         self._undos.clear()
+        self._channel.forget()
 
     # ---- requests ---------------------------------------------------------------------
 

@@ -380,8 +380,7 @@ class FrameSocket:
     def forget(self) -> None:
         """In a forked child: this process's copy of the fd closed, the connection left as
         it is (the parent's; a shutdown would end it for both)."""
-        self._hang_up = HangUpWatch(self.sock)     # a new one, closed: the old one's lock may
-        self._hang_up.close()                      # be held by a thread of the parent's
+        self._hang_up.forked()
         self._fd_lock = threading.Lock()
         self._closing = True
         self._fd_users = 0
