@@ -143,3 +143,37 @@ def test_a_forked_child_that_exits_leaves_its_parents_connections_alone(fabric, 
     done = run_client(_CHILD_EXITS, path, ns_name(request), timeout_s=60)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "links kept" in done.stdout and "values right" in done.stdout, done.stdout + done.stderr[-3000:]
+
+
+def test_a_forked_childs_inherited_mappings_stay_as_its_session_moves_on(fabric, request):
+    """A parent maps an object and forks: the child reads it through the inherited mapping,
+    also after its session let go of the inherited link for one of its own. The parent still
+    holds that mapping; the child's copy must not turn to zeros because the child moved on."""
+    r, w = os.pipe()
+    with memfabric.init(fabric.directory) as s:
+        ns = s.create_namespace(ns_name(request), sec_id="k")
+        bm = ns.alloc(1 << 20)
+        bm.write(b"m" * (1 << 20))
+        mapping = bm.map()
+        kv = ns.kv()
+        kv.put(b"k", b"v" * 100)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(r)
+                got = [kv.get(b"k") == b"v" * 100, bytes(bm.read(0, 4)) == b"mmmm",
+                       bytes(mapping.view[:4]) == b"mmmm" and bytes(mapping.view[-4:]) == b"mmmm"]
+                os.write(w, json.dumps(got).encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        try:
+            theirs = _read_to_end(r)
+        finally:
+            os.close(r)
+            _, status = _waited(pid)
+        assert status == 0
+        assert json.loads(theirs) == [True, True, True]
+        assert bytes(mapping.view[:4]) == b"mmmm"
+        mapping.close()
+        ns.destroy()

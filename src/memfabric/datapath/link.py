@@ -143,13 +143,16 @@ class ServerLink:
 
     def forked(self) -> None:
         """In a forked child: the parent's connection, never used here (forks.py); this
-        process's copy of its fd is closed, what it mapped stays until close()."""
+        process's copy of its fd is closed, its own maps stay until close()."""
         self._lock = threading.RLock()         # a thread of the parent's may have held them:
         self._map_lock = threading.RLock()     # none is here to let go
         self._closed = True
         self._abandoned.clear()                # the parent's to settle, on its connection
         self._undos.clear()
         self._channel.forget()
+        # Users' mappings stay as the parent's do: the parent still holds them (and what the
+        # server lets go of later reads zeros), so this close must not revoke them here.
+        self._ranges = weakref.WeakSet()
 
     # ---- requests ---------------------------------------------------------------------
 
