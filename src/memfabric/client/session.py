@@ -337,15 +337,16 @@ class Session:
         every call on this session, its namespaces and handles raises NOT_INITIALIZED; a call
         under way in another thread ends with that or SERVER_UNAVAILABLE."""
         with self._lock:           # a link() under way finishes first, and its link is closed too
-            if self.closed:
-                return
             self.closed = True
             links = list(self._links.values())
-            self._links.clear()
         with self._handles_lock:
             self._handles.clear()
+        # Let go of only once all are closed: a close cut short (Ctrl-C) is finished by the
+        # next close() (a program's, or atexit's), not left to the collector.
         for link in links:
             link.close()
+        with self._lock:
+            self._links.clear()
 
     def __enter__(self) -> "Session":
         self.check_open()

@@ -13,6 +13,7 @@ first, so stale views read zeros here too.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import socket
@@ -29,6 +30,7 @@ from ..transport.ipc import IpcChannel, PeerClosed, SendTimeout
 from .deadline import call_timeout_s, serving_until
 from .late_replies import undo_of
 from ..media.files import FileSegment
+from . import forks
 from .mapping import SharedRange
 
 try:    # a plog append's compiled call (_records.c call_append): ./dev builds it
@@ -48,23 +50,30 @@ Creds = tuple[str, str, bytes]   # (pool, ns, secId)
 class _Mapped:
     """One fd the server handed over, mapped once (revocably), kept for the link's life."""
 
-    __slots__ = ("fd", "range", "view", "size", "ns")
+    __slots__ = ("fd", "_file", "range", "view", "size", "ns")
 
     def __init__(self, fd: int, size: int, readonly: bool, pool: str, ns: str) -> None:
         self.fd = fd
         self.size = size
         self.ns = ns
         try:
-            self.range = SharedRange([(fd, 0, size)], writable=not readonly, tag=(pool, ns, None))
+            # Closes the fd once, in one step, however often close() is called: a close cut
+            # short (Ctrl-C) is done again, and by then the number may name another file.
+            self._file = io.FileIO(fd, "r", closefd=True)
         except BaseException:
             os.close(fd)
+            raise
+        try:
+            self.range = SharedRange([(fd, 0, size)], writable=not readonly, tag=(pool, ns, None))
+        except BaseException:
+            self._file.close()
             raise
         self.view = self.range.view()
 
     def close(self) -> None:
         self.range.revoke()          # first: from here on nothing in this process reaches it
         self.range.close_or_revoke()
-        os.close(self.fd)
+        self._file.close()
 
 
 class _FileSegment(FileSegment):
@@ -126,10 +135,24 @@ class ServerLink:
             raise
         self.server_id: int = hello["server_id"]
         self.host: str = hello["host"]
+        forks.track(self)
 
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def forked(self) -> None:
+        """In a forked child: the parent's connection, never used here (forks.py); this
+        process's copy of its fd is closed, its own maps stay until close()."""
+        self._lock = threading.RLock()         # a thread of the parent's may have held them:
+        self._map_lock = threading.RLock()     # none is here to let go
+        self._closed = True
+        self._abandoned.clear()                # the parent's to settle, on its connection
+        self._undos.clear()
+        self._channel.forget()
+        # Users' mappings stay as the parent's do: the parent still holds them (and what the
+        # server lets go of later reads zeros), so this close must not revoke them here.
+        self._ranges = weakref.WeakSet()
 
     # ---- requests ---------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from ..errors import (LimitExceeded, MemfabricError, ProtocolError, ServerUnavai
 from ..limits import BUSY_POLL_US, DEFAULT_REQUEST_TIMEOUT_S, MAX_RPC_IN_FLIGHT, MAX_UNANSWERED_REQUESTS
 from ..transport import rpc, wire
 from ..transport.rpc import _frames
+from . import forks
 from .deadline import call_timeout_s
 from .late_replies import undo_of
 from .link import LIVENESS_CHECK_EVERY_S, Creds, settle
@@ -135,6 +136,22 @@ class RpcLink:
             self.close()
             raise
         self.host: str = hello["host"]
+        forks.track(self)
+
+    def forked(self) -> None:
+        """In a forked child: the parent's connection, never used nor shut down here
+        (forks.py); this process's copies of its fds are closed."""
+        self._send_lock = threading.RLock()     # a thread of the parent's may have held them:
+        self._recv_lock = threading.RLock()     # none is here to let go
+        self._lock = threading.Lock()
+        self._closed = True
+        self._pending.clear()
+        self._abandoned.clear()
+        self._undos.clear()
+        self._frames.forget()
+        dup, self._span_dup, self._span_fd = self._span_dup, None, -1
+        if dup is not None:
+            dup.close()
 
     # ---- requests ---------------------------------------------------------------------------
 

@@ -234,6 +234,12 @@ class IpcChannel:
         except OSError:
             pass
 
+    def forget(self) -> None:
+        """In a forked child: this process's copy of the fd closed (the connection is the
+        parent's, and ends when the parent closes it)."""
+        self._hang_up.forked()
+        self.sock.close()
+
 
 def listen(path: str, backlog: int, mode: int = 0o600, gid: int | None = None) -> socket.socket:
     """Who may connect is who may write the socket file. It is made the owner's alone, given

@@ -377,6 +377,15 @@ class FrameSocket:
     def closed(self) -> bool:
         return self._closing
 
+    def forget(self) -> None:
+        """In a forked child: this process's copy of the fd closed, the connection left as
+        it is (the parent's; a shutdown would end it for both)."""
+        self._hang_up.forked()
+        self._fd_lock = threading.Lock()
+        self._closing = True
+        self._fd_users = 0
+        self.sock.close()
+
     def close(self) -> None:
         """Shuts the connection down at once (a receive waiting in another thread sees its
         end); the fd is closed now, or by the last compiled receive still using it."""

@@ -46,3 +46,9 @@ class HangUpWatch:
     def close(self) -> None:
         with self._lock:
             self._poller = None
+
+    def forked(self) -> None:
+        """In a forked child: closed, without the lock (a thread of the parent's may have
+        held it, and none is here to let go)."""
+        self._lock = threading.Lock()
+        self._poller = None

@@ -1,0 +1,33 @@
+"""Links a forked child inherits: its parent's connections, not its own.
+
+A child shares each inherited link's socket with its parent, and the link's next request
+ids: had both used it, a reply could be read by the wrong process and taken as its own (an
+INCR answered with the other's count). So in the child every inherited link is closed as far
+as the child goes, without a word on the connection (no request, no shutdown: the parent's
+goes on), and the child's session opens links of its own as it needs them.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Any
+
+_links: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def track(link: Any) -> None:
+    """`link` (with a forked() method) is let go in a child forked from here on."""
+    _links.add(link)
+
+
+def _forked() -> None:
+    for link in list(_links):
+        try:
+            link.forked()
+        except Exception:        # noqa: BLE001 - one link's trouble must leave no other shared
+            link._closed = True
+    _links.clear()
+
+
+os.register_at_fork(after_in_child=_forked)
