@@ -378,3 +378,11 @@ def test_a_child_that_exits_early_is_reported_as_such():
     with pytest.raises(RuntimeError) as err:
         wait_for_line(proc, " ready ", 60, [])
     assert "exited with status 3 before it was ready" in str(err.value) and "no luck" in str(err.value)
+
+
+@pytest.mark.parametrize("keys", ["0", "-5", "many"])
+def test_bench_refuses_a_scale_of_no_keys_in_one_line(keys):
+    """Before: --scale-keys 0 ran the bench and died in numpy (a ValueError's traceback)."""
+    proc = subprocess.run(MF + ["bench", "--kv", "--scale-keys", keys], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--scale-keys" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -36,6 +36,12 @@ def _busy_poll_us(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _keys(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a number of keys, 1 or more, got {text!r}")
+    return int(text)
+
+
 def _port(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"a port is a whole number from 1 to 65535, got {text!r}")
@@ -140,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="measure MemPlog's appends and reads beside write + fsync and a Python list")
     bench.add_argument("--resp", action="store_true",
                        help="the Redis-protocol door against redis-server, both driven by redis-benchmark")
-    bench.add_argument("--scale-keys", type=int, default=1_000_000,
+    bench.add_argument("--scale-keys", type=_keys, default=1_000_000,
                        help="--kv: the keys of the large keyspace whose get latency is compared with 1,000 keys")
     bench.add_argument("--shm-size", type=_size, default=256 << 20,
                        help="the size whose copies are compared with multiprocessing.shared_memory "
