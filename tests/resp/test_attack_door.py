@@ -1,0 +1,102 @@
+"""An adversary's round on the door's compiled GET and SET (_resp.c): what it answers must stay
+what Python would answer while the pool around it changes, whatever a client sends."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+import memfabric
+from memfabric.kv.resp.front import DOOR_CALL_MAX_S
+from memfabric.kv.rules import homes
+from memfabric.launcher import LocalFabric
+
+from ..conftest import short_tmp_dir
+from ..helpers import free_ports, stop_process, wait_until
+from .wire import Raw, encode
+
+_frames = pytest.importorskip("memfabric._frames")
+pytestmark = pytest.mark.skipif(not hasattr(_frames, "resp_serve"), reason="the compiled part is not built")
+
+
+def _compiled_puts(fab: LocalFabric) -> int:
+    with memfabric.init(fab.directory, server=0) as s:
+        return s.link(1).call("stats")["compiled_puts"]
+
+
+def test_a_connection_in_the_compiled_path_follows_a_server_joining_the_pool():
+    """The compiled path answers only while every key is homed at the door (a one-server
+    pool). A connection that entered it then must not go on writing there once a second
+    server serves the pool: its SET of a key homed on the other server lands there, where
+    every other client reads it. (Before: the connection stayed in one compiled call as long
+    as it sent something within RESP_SEND_TIMEOUT_S, up to 4096 commands, and wrote every
+    key at the door's server: a fresh connection read the key from its home and missed it.)"""
+    port = free_ports(1)
+    fab = LocalFabric(short_tmp_dir("mf-resp-join-"), servers=2, capacity="32MiB", segment_size="1MiB",
+                      liveness_timeout_s=2.0, extra_args=["--resp-port", str(port)]).start()
+    pid = fab.server_pids()[2]
+    stopped = False
+    old = None
+    try:
+        theirs = next(b"join:%d" % i for i in range(100) if homes(b"join:%d" % i, [1, 2], 1) == [2])
+        ours = next(b"join:%d" % i for i in range(100) if homes(b"join:%d" % i, [1, 2], 1) == [1])
+        stop_process(pid)
+        stopped = True
+
+        def compiled_now() -> bool:
+            """A fresh connection's SETs are answered compiled: the door sees one server."""
+            before = _compiled_puts(fab)
+            r = Raw(port)
+            try:
+                for i in range(3):
+                    r.send(encode("SET", ours, b"%d" % i))
+                    assert r.reply() == b"+OK\r\n"
+            finally:
+                r.close()
+            return _compiled_puts(fab) > before
+        wait_until(compiled_now, "the door to see the second server gone", timeout_s=30)
+        old = Raw(port)                        # enters the compiled path, and waits there
+        old.send(encode("SET", ours, b"1") + encode("GET", ours) + encode("SET", theirs, b"stale")
+                 + encode("GET", theirs))
+        assert [old.reply() for _ in range(4)] == [b"+OK\r\n", b"$1\r\n1\r\n", b"+OK\r\n", b"$5\r\nstale\r\n"]
+        os.kill(pid, signal.SIGCONT)
+        stopped = False
+        serial = iter(range(1000))
+        written: list[bytes] = []
+
+        def routed_home() -> bool:
+            """A fresh connection's SET of `theirs` lands on server 2: the door sees it back."""
+            value = b"fresh-%d" % next(serial)
+            written.append(value)
+            r = Raw(port)
+            try:
+                r.send(encode("SET", theirs, value))
+                if r.reply() != b"+OK\r\n":
+                    return False
+            finally:
+                r.close()
+            with memfabric.init(fab.directory, server=0) as s:
+                sec = open(os.path.join(fab.directory, "resp.secid")).read().strip().encode()
+                reply = s.link(2).call("kv_get", pool="default", ns="default", sec=sec, key=theirs)
+            return reply.get("found") and reply.get("value") == value
+        wait_until(routed_home, "the door to route the second server's keys to it", timeout_s=30)
+        time.sleep(2 * DOOR_CALL_MAX_S)        # the longest a compiled call answers under the view it began with
+        old.send(encode("GET", theirs))      # its home's value, not the one the door's server kept
+        assert old.reply() == b"$%d\r\n%s\r\n" % (len(written[-1]), written[-1])
+        old.send(encode("SET", theirs, b"from-old") + encode("GET", theirs))
+        assert old.reply() == b"+OK\r\n" and old.reply() == b"$8\r\nfrom-old\r\n"
+        fresh = Raw(port)
+        try:
+            fresh.send(encode("GET", theirs))
+            assert fresh.reply() == b"$8\r\nfrom-old\r\n"
+        finally:
+            fresh.close()
+    finally:
+        if old is not None:
+            old.close()
+        if stopped:
+            os.kill(pid, signal.SIGCONT)
+        assert fab.stop() == 0, "".join(fab.output[-30:])
