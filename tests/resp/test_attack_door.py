@@ -16,6 +16,7 @@ from memfabric.launcher import LocalFabric
 
 from ..conftest import short_tmp_dir
 from ..helpers import free_ports, stop_process, wait_until
+from .conftest import door_fabric_of
 from .wire import Raw, encode
 
 _frames = pytest.importorskip("memfabric._frames")
@@ -100,3 +101,50 @@ def test_a_connection_in_the_compiled_path_follows_a_server_joining_the_pool():
         if stopped:
             os.kill(pid, signal.SIGCONT)
         assert fab.stop() == 0, "".join(fab.output[-30:])
+
+
+@pytest.fixture(scope="module")
+def one_server_door():
+    yield from door_fabric_of(1)
+
+
+def _compiled_counts(fab: LocalFabric) -> tuple[int, int]:
+    with memfabric.init(fab.directory) as s:
+        stats = s.link(1).call("stats")
+    return stats["compiled_gets"], stats["compiled_puts"]
+
+
+def test_resp3_clients_get_the_compiled_path_and_redis_bytes(redis_server, one_server_door):
+    """redis-py 8 speaks RESP3 unless told otherwise (HELLO 3 on connecting): its GETs and SETs
+    are answered compiled too, a miss as RESP3's null, every reply Redis's byte for byte.
+    (Before: only RESP2 connections took the compiled path; redis-py's default never did.)"""
+    door, redis = Raw(one_server_door.resp_port), Raw(redis_server.port)
+    try:
+        for r in (door, redis):
+            r.send(encode("HELLO", "3") + encode("FLUSHALL"))
+            r.reply()
+            assert r.reply() == b"+OK\r\n"
+        before = _compiled_counts(one_server_door)
+        data = b"".join(encode("SET", b"r3:%d" % (i % 7), b"v" * (i % 300)) + encode("GET", b"r3:%d" % (i % 11))
+                        + encode("GET", b"r3:none") for i in range(300))
+        data += encode("HELLO", "2") + encode("GET", b"r3:none") + encode("GET", b"r3:1") + encode("HELLO", "3") \
+            + encode("GET", b"r3:none") + encode("GET", b"r3:1")
+        count = 900 + 6
+        for cut in (None, 1000, 5000):
+            replies = []
+            for r in (door, redis):
+                if cut is None:
+                    r.send(data)
+                else:
+                    r.send(data[:cut])
+                    r.send(data[cut:])
+                replies.append([r.reply() for _ in range(count)])
+            hellos = [i for i in range(count) if replies[1][i].startswith((b"%", b"*"))]
+            for i in hellos:         # HELLO's map: the door's server and version are its own
+                replies[0][i] = replies[1][i] = b"hello"
+            assert replies[0] == replies[1]
+        after = _compiled_counts(one_server_door)
+        assert after[0] - before[0] > 500 and after[1] - before[1] > 500, (before, after)
+    finally:
+        door.close()
+        redis.close()

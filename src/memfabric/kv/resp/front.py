@@ -281,7 +281,7 @@ class RespFront:
             if compiled is not None:
                 status, data, gets, sets = _frames.resp_serve(sock.fileno(), *compiled, pending,
                                                               DOOR_COMMANDS_PER_CALL, RESP_SEND_TIMEOUT_S,
-                                                              DOOR_CALL_MAX_S)
+                                                              DOOR_CALL_MAX_S, client.resp == 3)
                 pending = b""
                 self._count_compiled(gets, sets)
                 if status == _frames.DOOR_CLOSED:
@@ -357,11 +357,11 @@ class RespFront:
 
     def _compiled(self, client: Client, parser: p.RequestParser) -> tuple | None:
         """resp_serve's arguments for this connection's next read, when its GETs and SETs may
-        be answered in compiled code: authenticated, RESP2, nothing of the parser's pending,
+        be answered in compiled code: authenticated, nothing of the parser's pending,
         grants open, and every key homed here (the pool's one live server); else None."""
         keys = client.keys
         grants = client.conn.services
-        if keys is None or client.resp != 2 or not parser.idle() or "kv_get_grants" not in grants:
+        if keys is None or not parser.idle() or "kv_get_grants" not in grants:
             return None
         try:
             if keys.servers() != [self.server.server_id]:
