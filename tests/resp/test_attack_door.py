@@ -148,3 +148,20 @@ def test_resp3_clients_get_the_compiled_path_and_redis_bytes(redis_server, one_s
     finally:
         door.close()
         redis.close()
+
+
+def test_error_replies_echo_a_clients_bytes_as_redis_does(redis_server, one_server_door):
+    """An unknown command (or subcommand) named in bytes past ASCII is echoed in the error as
+    sent, as Redis does. (Before: as UTF-8 of their latin-1 reading, 'g\\xc3\\x85t' for 'g\\xc5t'.)"""
+    door, redis = Raw(one_server_door.resp_port), Raw(redis_server.port)
+    try:
+        data = (encode(b"g\xc5t", b"k\xff") + encode("CLIENT", b"\xe9t\xe9") + encode(b"\xff\xfe", b"\x80")
+                + encode("GET", b"k"))
+        got = []
+        for r in (door, redis):
+            r.send(data)
+            got.append([r.reply() for _ in range(4)])
+        assert got[0] == got[1]
+    finally:
+        door.close()
+        redis.close()
