@@ -4,6 +4,7 @@ what Python would answer while the pool around it changes, whatever a client sen
 from __future__ import annotations
 
 import os
+import random
 import signal
 import time
 
@@ -185,3 +186,61 @@ def test_a_key_past_the_limit_gets_the_doors_error_on_either_path(one_server_doo
             assert got == [b"+OK\r\n", b"$1\r\n1\r\n", error, error], n
     finally:
         r.close()
+
+
+def test_auth_switching_mid_pipeline_answers_each_get_from_its_namespace(one_server_door):
+    """GET, AUTH to another namespace, a wrong AUTH, GET, SET, ... in one write (and byte by
+    byte): the compiled path hands each AUTH to Python and answers what follows under the
+    namespace it chose; a wrong secId changes nothing."""
+    fab = one_server_door
+    door_sec = open(os.path.join(fab.directory, "resp.secid")).read().strip()
+    with memfabric.init(fab.directory) as s:
+        for name in ("sw2", "sw3"):
+            s.create_namespace(name, sec_id=name + "-sec")
+    auth = {"default": ("AUTH", door_sec), "sw2": ("AUTH", "sw2", "sw2-sec"), "sw3": ("AUTH", "sw3", "sw3-sec")}
+    model: dict[str, bytes | None] = {n: None for n in auth}
+    rng = random.Random(17)
+    r = Raw(fab.resp_port)
+    before = _compiled_counts(fab)
+    try:
+        r.send(encode("DEL", b"sw"))
+        r.reply()
+        for round_ in range(40):
+            current, batch, expected, serial = "default", [], [], 0
+            if round_ % 3 == 2:
+                batch.append(encode("HELLO", "3"))
+                expected.append(None)
+            for _ in range(rng.randint(2, 12)):
+                step = rng.choice(["default", "sw2", "sw3", "wrong", "get", "get", "set"])
+                if step in auth:
+                    batch.append(encode(*auth[step]))
+                    expected.append(b"+OK\r\n")
+                    current = step
+                elif step == "wrong":
+                    batch.append(encode("AUTH", "sw2", "not-its-secret"))
+                    expected.append(b"-WRONGPASS invalid username-password pair or user is disabled.\r\n")
+                elif step == "get":
+                    batch.append(encode("GET", b"sw"))
+                    v = model[current]
+                    miss = b"_\r\n" if round_ % 3 == 2 else b"$-1\r\n"
+                    expected.append(miss if v is None else b"$%d\r\n%s\r\n" % (len(v), v))
+                else:
+                    serial += 1
+                    model[current] = b"%s-%d-%d" % (current.encode(), round_, serial)
+                    batch.append(encode("SET", b"sw", model[current]))
+                    expected.append(b"+OK\r\n")
+            batch += [encode("HELLO", "2"), encode(*auth["default"])]
+            expected += [None, b"+OK\r\n"]
+            data = b"".join(batch)
+            if round_ % 2:
+                for i in range(len(data)):
+                    r.send(data[i:i + 1])
+            else:
+                r.send(data)
+            got = [r.reply() for _ in expected]
+            assert [g for g, e in zip(got, expected) if e is not None] == [e for e in expected if e is not None], \
+                (round_, data)
+    finally:
+        r.close()
+    after = _compiled_counts(fab)
+    assert after[0] > before[0] and after[1] > before[1], (before, after)      # the compiled path answered
