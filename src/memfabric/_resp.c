@@ -29,8 +29,9 @@
  * (the client closed; rest: bytes it left unfinished), DOOR_IDLE (SO_RCVTIMEO ran out with
  * nothing pending), DOOR_MORE (max_commands answered, or max_s gone by: call again; rest: what
  * is pending).
- * gets and sets: the commands it answered (the door counts them). An error sending raises
- * OSError (the client is gone or reads nothing).
+ * gets and sets: the commands it answered (the door counts them). An error sending or
+ * receiving (the client is gone, or reads nothing) is DOOR_CLOSED too: the commands answered
+ * before it are counted all the same.
  */
 #include "_frames.h"
 #include <string.h>
@@ -276,10 +277,9 @@ static PyObject *resp_serve(PyObject *Py_UNUSED(self), PyObject *args) {
         }
     }
     PyEval_RestoreThread(save);
-    if (err) {
-        errno = err;
-        PyErr_SetFromErrno(PyExc_OSError);
-        goto done;
+    if (err) {                   /* the client is gone, or reads nothing: what was answered still counts */
+        status = DOOR_CLOSED;
+        start = have;
     }
     result = Py_BuildValue("(iy#nn)", status, (const char *)in + start, (Py_ssize_t)(have - start), gets, sets);
 done:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import time
 
 import pytest
@@ -244,3 +245,46 @@ def test_auth_switching_mid_pipeline_answers_each_get_from_its_namespace(one_ser
         r.close()
     after = _compiled_counts(fab)
     assert after[0] > before[0] and after[1] > before[1], (before, after)      # the compiled path answered
+
+
+def test_commands_answered_before_a_client_vanishes_are_counted(one_server_door):
+    """A client pipelines GETs of 60 KiB values, reads nothing, and resets the connection: the
+    compiled call's send fails. The GETs it answered (each a keyspace hit) are counted in INFO's
+    commands processed all the same. (Before: the call raised, its counts lost: hits moved,
+    total_commands_processed did not.)"""
+    import struct
+
+    infos = [0]
+
+    def figures(r: Raw) -> dict[bytes, int]:
+        infos[0] += 1
+        r.send(encode("INFO", "stats"))
+        lines = r.reply().split(b"\r\n")
+        return {k: int(v) for k, _, v in (line.partition(b":") for line in lines)
+                if k in (b"total_commands_processed", b"keyspace_hits")}
+    r = Raw(one_server_door.resp_port)
+    try:
+        r.send(encode("SET", b"vanish", b"v" * (60 << 10)) + encode("GET", b"vanish") + encode("GET", b"vanish"))
+        assert [r.reply()[:5] for _ in range(3)] == [b"+OK\r\n", b"$6144", b"$6144"]
+        first = figures(r)
+        infos[0] = 0
+        s = socket.create_connection(("127.0.0.1", one_server_door.resp_port), timeout=10)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(encode("GET", b"vanish") * 200)          # some 12 MiB of replies nobody reads
+        wait_until(lambda: figures(r)[b"keyspace_hits"] > first[b"keyspace_hits"] + 1, "GETs answered")
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()                                          # a reset: the door's send fails
+
+        def settled() -> dict[bytes, int] | None:
+            a = figures(r)
+            time.sleep(0.2)
+            b = figures(r)
+            return b if b[b"keyspace_hits"] == a[b"keyspace_hits"] and \
+                b[b"total_commands_processed"] == a[b"total_commands_processed"] + 1 else None
+        last = wait_until(settled, "the door to let the client go")
+        hits = last[b"keyspace_hits"] - first[b"keyspace_hits"]
+        commands = last[b"total_commands_processed"] - first[b"total_commands_processed"]
+        # Counted since `first`: its own INFO and every one after but the last, and the GETs.
+        assert hits > 1 and commands == hits + infos[0], (hits, commands, infos[0])
+    finally:
+        r.close()
