@@ -495,12 +495,14 @@ static int bulk_copy(void *ctx, const char *value, uint64_t vlen) {
 
 static void bulk_drop(void *ctx) { ((Bulk *)ctx)->n = 0; }
 
+#define DOOR_MAX_KEY 65536         /* MAX_KV_KEY_BYTES */
+
 int kv_door_get(PyObject *grants, const unsigned char *pool, size_t pool_n, const unsigned char *ns, size_t ns_n,
                 const unsigned char *sec, size_t sec_n, const unsigned char *key, size_t key_n, unsigned char *out,
                 size_t room, size_t *out_n) {
     KvGrants *t = (KvGrants *)grants;
-    if (xxh3 == NULL || key_n == 0 || Py_TYPE(grants) != &KvGrantsType)
-        return 0;
+    if (xxh3 == NULL || key_n == 0 || key_n > DOOR_MAX_KEY || Py_TYPE(grants) != &KvGrantsType)
+        return 0;                /* no key, or one too long: Python's error */
     uint64_t h = kv_key_hash(key, key_n);
     Bulk b = {NULL, out, room < t->max_value + 32 ? room : t->max_value + 32, 0};
     KvReader reader = {bulk_segment, bulk_copy, bulk_drop, &b};

@@ -15,18 +15,23 @@
  * malformed one, a key the grants do not answer, a value too large for the buffer) stops the
  * call: the replies so far are sent, and the bytes from that command on go back to Python,
  * which answers them as it always has. Python only calls this with nothing of its own
- * pending, for an authenticated client of a one-server pool (so every key is homed here),
- * speaking RESP2.
+ * pending, for an authenticated client of a one-server pool (so every key is homed here).
  *
  * resp_serve(fd, buffer, get_grants, put_grants, pool, ns, sec, pending, max_commands,
- * send_timeout_s) -> (status, rest, gets, sets), `buffer` the connection's (DOOR_BUFFER_BYTES,
- * writable), send_timeout_s the bound on sending one batch of replies,
+ * send_timeout_s, max_s, resp3) -> (status, rest, gets, sets), `buffer` the connection's
+ * (DOOR_BUFFER_BYTES, writable), resp3 whether the client speaks RESP3 (HELLO 3, redis-py's
+ * default: a miss is then `_`, every other reply here the same), send_timeout_s the bound on
+ * sending one batch of replies, max_s how long the call answers what it reads (what Python
+ * checked before the call, that every key is homed here, may change: a server joining the
+ * pool; a read after max_s goes back to Python),
  * `pending` bytes already received to answer first (what Python's parser had left after the
  * command it answered: a pipeline goes on here, not in Python): status DOOR_PYTHON (rest: the bytes for Python, maybe partial), DOOR_CLOSED
  * (the client closed; rest: bytes it left unfinished), DOOR_IDLE (SO_RCVTIMEO ran out with
- * nothing pending), DOOR_MORE (max_commands answered: call again; rest: what is pending).
- * gets and sets: the commands it answered (the door counts them). An error sending raises
- * OSError (the client is gone or reads nothing).
+ * nothing pending), DOOR_MORE (max_commands answered, or max_s gone by: call again; rest: what
+ * is pending).
+ * gets and sets: the commands it answered (the door counts them). An error sending or
+ * receiving (the client is gone, or reads nothing) is DOOR_CLOSED too: the commands answered
+ * before it are counted all the same.
  */
 #include "_frames.h"
 #include <string.h>
@@ -141,9 +146,10 @@ static PyObject *resp_serve(PyObject *Py_UNUSED(self), PyObject *args) {
     PyObject *buffer_obj, *get_grants, *put_grants;
     Py_buffer buffer, pool, ns, sec, pending;
     Py_ssize_t max_commands;
-    double send_timeout_s;
-    if (!PyArg_ParseTuple(args, "iOOO!s*s*y*y*nd", &fd, &buffer_obj, &get_grants, &PyList_Type, &put_grants, &pool,
-                          &ns, &sec, &pending, &max_commands, &send_timeout_s))
+    double send_timeout_s, max_s;
+    int resp3;
+    if (!PyArg_ParseTuple(args, "iOOO!s*s*y*y*nddp", &fd, &buffer_obj, &get_grants, &PyList_Type, &put_grants,
+                          &pool, &ns, &sec, &pending, &max_commands, &send_timeout_s, &max_s, &resp3))
         return NULL;
     PyObject *result = NULL;
     if (!writable(buffer_obj, &buffer)) {
@@ -162,6 +168,7 @@ static PyObject *resp_serve(PyObject *Py_UNUSED(self), PyObject *args) {
     memcpy(in, pending.buf, have);
     Py_ssize_t gets = 0, sets = 0;
     int status = DOOR_PYTHON, err = 0;
+    double until_s = now_s() + max_s;
     PyThreadState *save = PyEval_SaveThread();
     int holding = 0;             /* the GIL, taken for a SET and kept for the batch's next ones */
     for (;;) {
@@ -207,6 +214,10 @@ static PyObject *resp_serve(PyObject *Py_UNUSED(self), PyObject *args) {
             if (!answered) {
                 stop = 1;
                 break;
+            }
+            if (resp3 && c.argc == 2 && n == 5 && memcmp(out + out_n, "$-1\r\n", 5) == 0) {
+                memcpy(out + out_n, "_\r\n", 3);      /* RESP3's null: the only reply here that differs */
+                n = 3;
             }
             out_n += n;
             start += c.size;
@@ -260,12 +271,15 @@ static PyObject *resp_serve(PyObject *Py_UNUSED(self), PyObject *args) {
             break;
         }
         have += (size_t)k;
+        if (now_s() > until_s) {
+            status = DOOR_MORE;      /* answered by Python's checks again (the pool may have changed) */
+            break;
+        }
     }
     PyEval_RestoreThread(save);
-    if (err) {
-        errno = err;
-        PyErr_SetFromErrno(PyExc_OSError);
-        goto done;
+    if (err) {                   /* the client is gone, or reads nothing: what was answered still counts */
+        status = DOOR_CLOSED;
+        start = have;
     }
     result = Py_BuildValue("(iy#nn)", status, (const char *)in + start, (Py_ssize_t)(have - start), gets, sets);
 done:
@@ -279,7 +293,8 @@ done:
 
 static PyMethodDef resp_functions[] = {
     {"resp_serve", resp_serve, METH_VARARGS,
-     "resp_serve(fd, buffer, get_grants, put_grants, pool, ns, sec, pending, max_commands, send_timeout_s) -> "
+     "resp_serve(fd, buffer, get_grants, put_grants, pool, ns, sec, pending, max_commands, send_timeout_s, max_s, "
+     "resp3) -> "
      "(status, rest, gets, sets)"},
     {NULL, NULL, 0, NULL},
 };

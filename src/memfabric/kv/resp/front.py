@@ -63,6 +63,10 @@ log = logging.getLogger("memfabric.server")
 WRONGPASS = "-WRONGPASS invalid username-password pair or user is disabled."
 # Commands one compiled read answers before it returns (the door's counters catch up then).
 DOOR_COMMANDS_PER_CALL = 4096
+# How long one compiled call answers what it reads: it answers only while every key is homed
+# here (_compiled), which a server joining the pool changes; Python's view of the pool is as
+# old as this (server.py VIEW_TTL_S).
+DOOR_CALL_MAX_S = 0.25
 DOOR_PENDING_MAX_BYTES = 128 << 10     # a pipeline's rest the compiled path takes from the parser
 
 
@@ -276,7 +280,8 @@ class RespFront:
             compiled = self._compiled(client, parser)
             if compiled is not None:
                 status, data, gets, sets = _frames.resp_serve(sock.fileno(), *compiled, pending,
-                                                              DOOR_COMMANDS_PER_CALL, RESP_SEND_TIMEOUT_S)
+                                                              DOOR_COMMANDS_PER_CALL, RESP_SEND_TIMEOUT_S,
+                                                              DOOR_CALL_MAX_S, client.resp == 3)
                 pending = b""
                 self._count_compiled(gets, sets)
                 if status == _frames.DOOR_CLOSED:
@@ -352,11 +357,11 @@ class RespFront:
 
     def _compiled(self, client: Client, parser: p.RequestParser) -> tuple | None:
         """resp_serve's arguments for this connection's next read, when its GETs and SETs may
-        be answered in compiled code: authenticated, RESP2, nothing of the parser's pending,
+        be answered in compiled code: authenticated, nothing of the parser's pending,
         grants open, and every key homed here (the pool's one live server); else None."""
         keys = client.keys
         grants = client.conn.services
-        if keys is None or client.resp != 2 or not parser.idle() or "kv_get_grants" not in grants:
+        if keys is None or not parser.idle() or "kv_get_grants" not in grants:
             return None
         try:
             if keys.servers() != [self.server.server_id]:

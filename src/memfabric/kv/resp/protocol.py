@@ -279,8 +279,12 @@ def simple(text: str | bytes) -> bytes:
 def error(text: str) -> bytes:
     """An error reply, as Redis's addReplyError: "ERR " before it unless it starts with "-"
     and its own code ("-WRONGTYPE ..."); no line break may break the line."""
-    line = text[1:] if text.startswith("-") else "ERR " + text
-    return b"-" + line.replace("\r", " ").replace("\n", " ").encode() + b"\r\n"
+    line = (text[1:] if text.startswith("-") else "ERR " + text).replace("\r", " ").replace("\n", " ")
+    try:        # a client's bytes in it (commands.py _text decodes them as latin-1) go back as sent
+        raw = line.encode("latin-1")
+    except UnicodeEncodeError:
+        raw = line.encode()
+    return b"-" + raw + b"\r\n"
 
 
 def integer(value: int) -> bytes:
