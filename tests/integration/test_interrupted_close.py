@@ -38,6 +38,18 @@ def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def _interrupted(tracer, call) -> bool:
+    """call() with `tracer` set (sys.settrace); whether a KeyboardInterrupt ended it."""
+    sys.settrace(tracer)
+    try:
+        call()
+    except KeyboardInterrupt:
+        return True
+    finally:
+        sys.settrace(None)
+    return False
+
+
 def _socket_closed(link) -> bool:
     if isinstance(link, RpcLink):
         return link._frames.sock.fileno() == -1 and link._span_dup is None
@@ -58,13 +70,7 @@ def test_a_close_cut_short_at_any_line_is_finished_when_the_session_moves_on(fab
             old.call("stats")
             before = _fds()
             tracer, fired = interrupt_at(function, line)
-            sys.settrace(tracer)
-            try:
-                old.close()
-            except KeyboardInterrupt:
-                interrupted += 1
-            finally:
-                sys.settrace(None)
+            interrupted += _interrupted(tracer, old.close)
             where = f"Ctrl-C at {function.__qualname__} line {line}"
             new = s.link(server_id)                 # the session reconnects, or keeps a link not closed
             assert "id" in new.call("stats"), where
@@ -101,13 +107,7 @@ def test_a_session_close_cut_short_at_any_line_is_finished_by_the_next(fabric, r
                 s.link(server["server_id"]).call("stats")
             links = list(s._links.values())
             tracer, fired = interrupt_at(function, line)
-            sys.settrace(tracer)
-            try:
-                s.close()
-            except KeyboardInterrupt:
-                interrupted += 1
-            finally:
-                sys.settrace(None)
+            interrupted += _interrupted(tracer, s.close)
             s.close()
             where = f"Ctrl-C at {function.__qualname__} line {line}"
             assert all(_socket_closed(link) for link in links), where + ": a link still holds its socket"
@@ -151,13 +151,7 @@ def test_a_same_host_close_cut_short_as_it_lets_a_mapping_go_is_finished_once(fa
             kv.put(b"k", b"v" * 3000)
             assert kv.get(b"k") == b"v" * 3000      # maps the keyspace's index through `old`
             tracer, fired = interrupt_at(function, line) if line != "return" else _interrupt_on_return(function)
-            sys.settrace(tracer)
-            try:
-                old.close()
-            except KeyboardInterrupt:
-                interrupted += 1
-            finally:
-                sys.settrace(None)
+            interrupted += _interrupted(tracer, old.close)
             where = f"Ctrl-C at {function.__qualname__} line {line}"
             new = s.link(server_id)
             assert new is not old and "id" in new.call("stats"), where
