@@ -21,7 +21,7 @@ from ...launcher import LocalFabric
 from ..bench import RedisServer
 
 # (value bytes, pipeline depth, requests, the fraction of Redis's rate the issue asks for)
-CONFIGS = ((100, 1, 20_000, 0.5), (100, 16, 200_000, 0.25), (65536, 1, 5_000, 0.5))
+CONFIGS = ((100, 1, 50_000, 0.5), (100, 16, 500_000, 0.25), (65536, 1, 10_000, 0.5))
 CLIENTS = 50
 BENCH_TIMEOUT_S = 600.0
 
@@ -52,9 +52,10 @@ def run_redis_benchmark(port: int, value_bytes: int, pipeline: int, requests: in
 def measure(door_port: int, redis_port: int) -> list[Row]:
     rows = []
     for value_bytes, pipeline, requests, target in CONFIGS:
+        # The same requests to both: with a tenth of Redis's (40 a connection at -P 1), the door's
+        # figure was mostly its 50 connections' start (a thread, the first command in Python).
         redis = run_redis_benchmark(redis_port, value_bytes, pipeline, requests)
-        # The door is slower: fewer requests take as long (the rate is what is compared).
-        door = run_redis_benchmark(door_port, value_bytes, pipeline, max(CLIENTS * pipeline, requests // 10))
+        door = run_redis_benchmark(door_port, value_bytes, pipeline, requests)
         for test in ("SET", "GET"):
             ratio = door[test][0] / redis[test][0]
             rows.append(Row(test, value_bytes, pipeline, door[test][0], redis[test][0], ratio, target,
