@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import select
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -61,6 +63,16 @@ def stop_process(pid: int) -> None:
         os.kill(pid, signal.SIGCONT)     # never leave a server stopped behind a failed test
         raise
 
+
+
+@contextlib.contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    """`pid` SIGSTOPped (stop_process) for the block, and SIGCONTed after it however it ends."""
+    stop_process(pid)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 def interrupt_at(function, line: int):
     """(tracer, fired): a sys.settrace tracer that raises KeyboardInterrupt (as SIGINT's handler

@@ -7,7 +7,6 @@ A server's Prometheus counter memfabric_plog_compiled_appends says which path se
 from __future__ import annotations
 
 import os
-import signal
 import struct
 import subprocess
 import sys
@@ -23,11 +22,12 @@ from memfabric.transport import wire
 from memfabric.transport.ipc import IpcChannel
 
 from ..conftest import short_tmp_dir
-from ..helpers import CHILD_WAIT_S, free_ports, ns_name, stop_process
+from ..helpers import CHILD_WAIT_S, free_ports, ns_name, stopped
 from ..transport.paths import interrupted_after
 from .test_interrupted_calls import again, sweep
 from .test_metrics import scrape, value
 from .test_persistence import PersistentServer
+from .test_plog_durability import acknowledged_are_whole
 
 MiB = 1 << 20
 
@@ -347,12 +347,9 @@ def test_a_compiled_append_that_times_out_leaves_the_link_working(fab, request):
         log.append(b"first")
         link = s.link(log.home)
         pid = fab.server_pids()[log.home]
-        stop_process(pid)
-        try:
+        with stopped(pid):
             with pytest.raises(memfabric.Timeout):
                 log.append(b"given up")
-        finally:
-            os.kill(pid, signal.SIGCONT)
         assert log.append(b"next") == log.info()["length"] - rec.frame_bytes(4) + rec.HEADER_BYTES
         assert s.link(log.home) is link
         assert _stream(log) == [b"first", b"given up", b"next"]
@@ -369,12 +366,9 @@ def test_ctrl_c_while_a_compiled_append_waits_for_a_stopped_server(fab, request)
         link = s.link(log.home)
         pid = fab.server_pids()[log.home]
         calls = link.compiled_calls
-        stop_process(pid)
-        try:
+        with stopped(pid):
             with interrupted_after(0.3, KeyboardInterrupt), pytest.raises(KeyboardInterrupt):
                 log.append(b"interrupted")
-        finally:
-            os.kill(pid, signal.SIGCONT)
         assert link.compiled_calls == calls + 1, "the append did not wait in call_append"
         log.append(b"next")
         assert _stream(log) == [b"first", b"interrupted", b"next"]
@@ -461,12 +455,7 @@ def test_sigkill_mid_stream_of_compiled_appends_keeps_every_acknowledged_one(per
     with memfabric.init(persistent.config) as s:
         log = s.namespace(name, "k", pool="keep").plog("wal")
         records = list(log.records())
-        assert len(records) >= len(acked)
-        at = 0
-        for seq, payload in enumerate(records):
-            assert payload == struct.pack("<I", seq) * (1 + seq % 300), "a record is not whole"
-            if seq < len(acked):
-                assert acked[seq][:2] == (seq, at + rec.HEADER_BYTES)
-            at += rec.frame_bytes(len(payload))
+        at = acknowledged_are_whole(records, acked,
+                                    lambda seq, payload: payload == struct.pack("<I", seq) * (1 + seq % 300))
         assert log.info()["length"] == at
         assert log.append(b"after") == at + rec.HEADER_BYTES

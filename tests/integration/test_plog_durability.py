@@ -39,6 +39,21 @@ with memfabric.init(ock) as s:
 """
 
 
+
+def acknowledged_are_whole(records: list[bytes], acked: list[tuple], whole) -> int:
+    """After a crash and a restart: every acknowledged append `(seq, offset, ...)` is there, in
+    order, at its offset, and every record (acknowledged or not) is `whole(seq, payload)`.
+    Returns where the last record ends."""
+    assert len(records) >= len(acked)
+    at = 0
+    for seq, payload in enumerate(records):
+        assert whole(seq, payload), f"record {seq} is not whole"
+        if seq < len(acked):
+            assert tuple(acked[seq][:2]) == (seq, at + rec.HEADER_BYTES)
+        at += rec.frame_bytes(len(payload))
+    return at
+
+
 def _check_record(payload: bytes) -> tuple[int, int]:
     """(writer, seq) of a record the appender made; asserts it is whole and unmixed."""
     assert len(payload) % 8 == 0 and payload
@@ -138,13 +153,7 @@ def test_sigkill_mid_stream_keeps_every_acknowledged_append(server, request):
         records = list(log.records())
         # Every acknowledged record is there, whole, where it was acknowledged; what is after
         # them (appended, not yet acknowledged) is whole too, and in order.
-        assert len(records) >= len(acked)
-        at = 0
-        for seq, payload in enumerate(records):
-            assert _check_record(payload) == (7, seq)
-            if seq < len(acked):
-                assert acked[seq] == (seq, at + rec.HEADER_BYTES)
-            at += rec.frame_bytes(len(payload))
+        at = acknowledged_are_whole(records, acked, lambda seq, payload: _check_record(payload) == (7, seq))
         assert log.info()["length"] == at and log.info()["state"] == "open"
         # The log goes on where it stopped.
         offset = log.append(b"after the crash")

@@ -17,7 +17,7 @@ from memfabric.datapath.rpc_link import RpcLink
 from memfabric.launcher import LocalFabric, wait_for_line
 
 from ..conftest import short_tmp_dir
-from ..helpers import MiB, stop_process, wait_until
+from ..helpers import MiB, stopped, wait_until
 
 
 
@@ -174,12 +174,9 @@ def test_a_stopped_server_costs_a_timeout_not_a_hang(remote_fabric):
         ns = s.create_namespace("stopped", sec_id="k")
         bm = ns.alloc(4096, Affinity("server", 2))
         pid = remote_fabric.server_pids()[2]
-        stop_process(pid)
-        try:
+        with stopped(pid):
             with pytest.raises(memfabric.Timeout):
                 bm.write(b"x")
-        finally:
-            os.kill(pid, signal.SIGCONT)
         bm = ns.open(bm.bm_id)           # a new connection once the server answers again
         bm.write(b"y")
         assert bm.read(0, 1) == b"y"
