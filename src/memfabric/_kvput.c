@@ -18,8 +18,10 @@
  * leaves behind:
  *   - memory: a stock of chunks of one size class, allocated from the heap by Python (counted
  *     aside, in space.stocked_bytes, until used);
- *   - the record a put replaces: queued here for Python to free (kv/put_grants.py settles the
- *     queue; its memory then rests before reuse, as any freed record's);
+ *   - the record a put replaces: it rests in the grant's queue for the heap's grace (as any
+ *     freed record's memory does), then its chunk serves a later put of the stock's class
+ *     here, with no Python: a stream of puts replacing keys needs no refill. What is not
+ *     reused, Python frees (kv/put_grants.py settles the queue);
  *   - settings: a grant lasts until `until_ms` (CLOCK_MONOTONIC), the settings' time to live.
  *
  * A packet is a put of this loop's when its map is exactly op "kv_put", id, pool, ns, sec,
@@ -47,8 +49,11 @@
 #include <string.h>
 
 #define PUT_STOCK_MAX 64           /* chunks a grant holds at most */
-#define PUT_REPLACED_MAX 64        /* replaced records a grant queues at most */
-#define PUT_SEGMENTS_MAX 8         /* segments a grant writes or reads keys in */
+#define PUT_REPLACED_FIRST 64      /* the replaced queue's first room; it doubles as needed, */
+#define PUT_REPLACED_MAX 16384     /* up to this many records */
+#define PUT_REPLACED_BYTES (64ULL << 20)    /* and these chunk bytes (a grace's worth of puts) */
+#define PUT_SEGMENTS_MAX 64        /* segments a grant writes or reads keys in (a grace of 64 KiB puts
+                                      * replaces records in dozens of the pool's segments) */
 #define PUT_MAX_KEY 65536          /* MAX_KV_KEY_BYTES */
 #define PUT_MAX_TTL_MS 1000000000000000ULL
 #define KV_H_KEYS 4
@@ -80,6 +85,8 @@ typedef struct {
 
 typedef struct {
     uint64_t segment, offset, klen, vlen, expiry, extents, version;
+    uint64_t until_ms;           /* CLOCK_MONOTONIC ms its grace ends: it may serve again after */
+    uint64_t chunk;              /* its chunk's bytes */
 } Replaced;
 
 typedef struct {
@@ -99,15 +106,17 @@ typedef struct {
     int n_stock;
     uint64_t chunk_bytes;        /* the stock's class */
     uint64_t min_record;         /* records of min_record..chunk_bytes bytes take that class */
-    Replaced replaced[PUT_REPLACED_MAX];
-    int n_replaced;
+    Replaced *replaced;          /* a ring, oldest first: what puts replaced, resting */
+    uint32_t replaced_room, replaced_head, n_replaced;
+    uint64_t replaced_bytes;     /* their chunks' bytes */
+    uint64_t grace_ms;           /* how long a replaced record rests before its chunk serves again */
     long long share;             /* the memory limit's share here; -1: no limit */
     uint64_t until_ms;           /* CLOCK_MONOTONIC ms the grant holds until */
-    unsigned long long served;
+    unsigned long long served, reused;
 } KvPutGrant;
 
 static PyObject *s_acquire, *s_release, *s_last_version, *s_primary_keys, *s_stocked_bytes, *s_keys,
-    *s_tombstones, *s_gone, *s_heap, *s_record_bytes, *s_large_bytes, *s_reserved_bytes;
+    *s_tombstones, *s_gone, *s_heap, *s_record_bytes, *s_large_bytes, *s_reserved_bytes, *s_busy;
 
 static void drop_views(KvPutGrant *g) {         /* with the GIL */
     for (int i = 0; i < g->n_segments; i++)
@@ -161,20 +170,23 @@ static void grant_dealloc(KvPutGrant *g) {
     drop_views(g);
     drop_table(g);
     PyMem_Free(g->names);
+    PyMem_Free(g->replaced);
     Py_TYPE(g)->tp_free((PyObject *)g);
 }
 
 /* refill(space, writer, index, refs, conn, chunk_bytes, min_record, stock, segments, share,
- * until_ms): the grant covers `space` (its lock, its table's `writer`, `index` words and
- * `refs`) for `conn`, with `stock` [(segment, offset)] more chunks of chunk_bytes for records
- * of min_record..chunk_bytes bytes (a stock of another class must have been taken back), and
- * `segments` [(id, view)] (replacing those it had). Python calls it under the keyspace's lock. */
+ * until_ms, grace_ms): the grant covers `space` (its lock, its table's `writer`, `index` words
+ * and `refs`) for `conn`, with `stock` [(segment, offset)] more chunks of chunk_bytes for
+ * records of min_record..chunk_bytes bytes (a stock of another class must have been taken
+ * back), and `segments` [(id, view)] (replacing those it had); a record its puts replace rests
+ * grace_ms (the heap's grace) before its chunk serves again. Python calls it under the
+ * keyspace's lock. */
 static PyObject *grant_refill(KvPutGrant *g, PyObject *args) {
     PyObject *space, *writer, *index_o, *refs_o, *conn, *stock, *segments;
-    unsigned long long chunk_bytes, min_record, until_ms;
+    unsigned long long chunk_bytes, min_record, until_ms, grace_ms;
     long long share;
-    if (!PyArg_ParseTuple(args, "OOOOOKKO!O!LK", &space, &writer, &index_o, &refs_o, &conn, &chunk_bytes,
-                          &min_record, &PyList_Type, &stock, &PyList_Type, &segments, &share, &until_ms))
+    if (!PyArg_ParseTuple(args, "OOOOOKKO!O!LKK", &space, &writer, &index_o, &refs_o, &conn, &chunk_bytes,
+                          &min_record, &PyList_Type, &stock, &PyList_Type, &segments, &share, &until_ms, &grace_ms))
         return NULL;
     if (PyList_GET_SIZE(segments) > PUT_SEGMENTS_MAX || (g->n_stock && chunk_bytes != g->chunk_bytes)
             || g->n_stock + PyList_GET_SIZE(stock) > PUT_STOCK_MAX || min_record == 0 || min_record > chunk_bytes) {
@@ -265,6 +277,7 @@ static PyObject *grant_refill(KvPutGrant *g, PyObject *args) {
     g->min_record = min_record;
     g->share = share;
     g->until_ms = until_ms;
+    g->grace_ms = grace_ms;
     Py_RETURN_NONE;
 fail:
     if (!PyErr_Occurred())
@@ -285,7 +298,7 @@ static PyObject *stocked_item(KvPutGrant *g, int i) {
 }
 
 static PyObject *replaced_item(KvPutGrant *g, int i) {
-    Replaced *r = &g->replaced[i];
+    Replaced *r = &g->replaced[(g->replaced_head + (uint32_t)i) % g->replaced_room];
     return Py_BuildValue("(KKKKKKK)", (unsigned long long)r->segment, (unsigned long long)r->offset,
                          (unsigned long long)r->klen, (unsigned long long)r->vlen, (unsigned long long)r->expiry,
                          (unsigned long long)r->extents, (unsigned long long)r->version);
@@ -311,9 +324,17 @@ static PyObject *grant_take_stock(KvPutGrant *g, PyObject *Py_UNUSED(ignored)) {
     return hand_over(g, &g->n_stock, stocked_item);
 }
 
-/* take_replaced() -> [fields]: the records puts replaced since, for Python to free. */
+/* take_replaced() -> [fields]: the records puts replaced and did not reuse, oldest first,
+ * for Python to free. */
 static PyObject *grant_take_replaced(KvPutGrant *g, PyObject *Py_UNUSED(ignored)) {
-    return hand_over(g, &g->n_replaced, replaced_item);
+    int n = (int)g->n_replaced;
+    PyObject *out = hand_over(g, &n, replaced_item);
+    if (out != NULL) {
+        g->n_replaced = 0;
+        g->replaced_head = 0;
+        g->replaced_bytes = 0;
+    }
+    return out;
 }
 
 /* drop_views(): no segment's memory is reached through the grant any more (one may be
@@ -329,11 +350,17 @@ static PyObject *grant_close(KvPutGrant *g, PyObject *Py_UNUSED(ignored)) {
     drop_table(g);
     g->n_stock = 0;
     g->n_replaced = 0;
+    g->replaced_head = 0;
+    g->replaced_bytes = 0;
     Py_RETURN_NONE;
 }
 
 static PyObject *grant_served(KvPutGrant *g, void *Py_UNUSED(closure)) {
     return PyLong_FromUnsignedLongLong(g->served);
+}
+
+static PyObject *grant_reused(KvPutGrant *g, void *Py_UNUSED(closure)) {
+    return PyLong_FromUnsignedLongLong(g->reused);
 }
 
 static PyObject *grant_chunk_bytes(KvPutGrant *g, void *Py_UNUSED(closure)) {
@@ -345,7 +372,13 @@ static PyObject *grant_stocked(KvPutGrant *g, void *Py_UNUSED(closure)) {
 }
 
 static PyObject *grant_queued(KvPutGrant *g, void *Py_UNUSED(closure)) {
-    return PyLong_FromLong(g->n_replaced);
+    return PyLong_FromUnsignedLong(g->n_replaced);
+}
+
+static PyObject *grant_oldest_replaced_ms(KvPutGrant *g, void *Py_UNUSED(closure)) {
+    if (g->n_replaced == 0)
+        Py_RETURN_NONE;
+    return PyLong_FromUnsignedLongLong(g->replaced[g->replaced_head].until_ms - g->grace_ms);
 }
 
 static PyObject *grant_stock_segments(KvPutGrant *g, void *Py_UNUSED(closure)) {
@@ -359,9 +392,31 @@ static PyObject *grant_stock_segments(KvPutGrant *g, void *Py_UNUSED(closure)) {
     return out;
 }
 
+/* queued_segments: the segments of the replaced records, in the queue's order (the oldest's
+ * first: the next to serve again), each once, at most PUT_SEGMENTS_MAX. */
+static PyObject *grant_queued_segments(KvPutGrant *g, void *Py_UNUSED(closure)) {
+    uint64_t seen[PUT_SEGMENTS_MAX];
+    int n = 0;
+    PyObject *out = PyList_New(0);
+    for (uint32_t i = 0; out != NULL && i < g->n_replaced && n < PUT_SEGMENTS_MAX; i++) {
+        uint64_t id = g->replaced[(g->replaced_head + i) % g->replaced_room].segment;
+        int known = 0;
+        for (int k = 0; k < n; k++)
+            known |= seen[k] == id;
+        if (known)
+            continue;
+        seen[n++] = id;
+        PyObject *o = PyLong_FromUnsignedLongLong(id);
+        if (o == NULL || PyList_Append(out, o) < 0)
+            Py_CLEAR(out);
+        Py_XDECREF(o);
+    }
+    return out;
+}
+
 static PyMethodDef grant_methods[] = {
     {"refill", (PyCFunction)grant_refill, METH_VARARGS, "refill(space, writer, index, refs, conn, chunk_bytes, "
-     "min_record, stock, segments, share, until_ms)"},
+     "min_record, stock, segments, share, until_ms, grace_ms)"},
     {"take_stock", (PyCFunction)grant_take_stock, METH_NOARGS, "take_stock() -> [(segment, offset)]"},
     {"take_replaced", (PyCFunction)grant_take_replaced, METH_NOARGS, "take_replaced() -> [fields]"},
     {"drop_views", (PyCFunction)grant_drop_views, METH_NOARGS, "drop_views()"},
@@ -371,9 +426,14 @@ static PyMethodDef grant_methods[] = {
 
 static PyGetSetDef grant_getset[] = {
     {"served", (getter)grant_served, NULL, "puts answered here", NULL},
+    {"reused", (getter)grant_reused, NULL, "puts answered in a chunk a replaced record rested in", NULL},
     {"stocked", (getter)grant_stocked, NULL, "chunks in stock", NULL},
-    {"queued", (getter)grant_queued, NULL, "replaced records waiting for Python", NULL},
+    {"queued", (getter)grant_queued, NULL, "replaced records resting in the grant (reused, or freed by Python)", NULL},
+    {"oldest_replaced_ms", (getter)grant_oldest_replaced_ms, NULL,
+     "when the oldest of them was replaced (CLOCK_MONOTONIC ms; None: none)", NULL},
     {"stock_segments", (getter)grant_stock_segments, NULL, "the segments of the chunks in stock", NULL},
+    {"queued_segments", (getter)grant_queued_segments, NULL,
+     "the segments of the replaced records, the oldest's first (at most PUT_SEGMENTS_MAX)", NULL},
     {"chunk_bytes", (getter)grant_chunk_bytes, NULL, "the stock's chunk size", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
@@ -470,18 +530,71 @@ static long long used_bytes(KvPutGrant *g) {
     return records + large + reserved - stocked;
 }
 
-/* The put, with the GIL and the keyspace's lock held: 1 done, 0 Python's (nothing changed). */
+/* Room in the replaced queue for `n` records (grown as needed, within its bounds). */
+static int replaced_room_for(KvPutGrant *g, uint32_t n) {
+    if (n <= g->replaced_room)
+        return 1;
+    if (g->replaced_room >= PUT_REPLACED_MAX)
+        return 0;
+    uint32_t room = g->replaced_room ? 2 * g->replaced_room : PUT_REPLACED_FIRST;
+    Replaced *ring = PyMem_Malloc(sizeof(Replaced) * room);
+    if (ring == NULL)
+        return 0;
+    for (uint32_t i = 0; i < g->n_replaced; i++)
+        ring[i] = g->replaced[(g->replaced_head + i) % g->replaced_room];
+    PyMem_Free(g->replaced);
+    g->replaced = ring;
+    g->replaced_room = room;
+    g->replaced_head = 0;
+    return n <= room;
+}
+
+/* The segment of the oldest replaced record, when its chunk may serve this put again: it has
+ * rested its grace (readers that raced its replacement have seen the slot change), is of the
+ * stock's class, inline, in a segment the grant reaches, and no reply is being sent from it
+ * (space.busy: Python holds records a slow reply reads); NULL otherwise. */
+static PutSegment *reusable(KvPutGrant *g, uint64_t now_ms) {
+    if (g->n_replaced == 0)
+        return NULL;
+    Replaced *r = &g->replaced[g->replaced_head];
+    if (r->until_ms > now_ms || r->chunk != g->chunk_bytes || (r->extents & KV_LOW32) != 0)
+        return NULL;
+    PutSegment *seg = segment_of(g, r->segment);
+    if (seg == NULL || r->offset > seg->len || g->chunk_bytes > seg->len - r->offset)
+        return NULL;
+    PyObject *busy = PyObject_GetAttr(g->space, s_busy);
+    int held = busy == NULL || !PyDict_Check(busy);
+    if (!held && PyDict_GET_SIZE(busy)) {
+        PyObject *place = Py_BuildValue("(KK)", (unsigned long long)r->segment, (unsigned long long)r->offset);
+        held = place == NULL || PyDict_Contains(busy, place) != 0;
+        Py_XDECREF(place);
+    }
+    Py_XDECREF(busy);
+    if (held) {
+        PyErr_Clear();
+        return NULL;
+    }
+    return seg;
+}
+
+/* The put, with the GIL and the keyspace's lock held: 1 done, 0 Python's (nothing changed).
+ * Its chunk is the oldest replaced record's when that may serve again (no memory taken: it
+ * was counted as a record all along), else one of the stock's. */
 static int put_locked(KvPutGrant *g, const PutRequest *q, uint64_t h) {
     uint64_t *w = g->words;
     if (w[KV_H_MAGIC] != KV_MAGIC || w[KV_H_VERSION] != KV_VERSION || w[KV_H_MOVED] != 0 || w[KV_H_DRAINING] != 0
             || w[KV_H_LEASE] <= kv_lease_now_ms())
         return 0;                /* closed, followed, draining, or not vouched for */
     uint64_t size = (uint64_t)(q->key_n + q->value_n);
-    if (size < g->min_record || size > g->chunk_bytes || g->n_stock == 0 || g->n_replaced == PUT_REPLACED_MAX)
+    if (size < g->min_record || size > g->chunk_bytes)
         return 0;
     int found = 0;
     long long at = place(g, h, q->key, q->key_n, &found);
     if (at < 0)
+        return 0;
+    uint64_t mono_ms = kv_lease_now_ms();
+    PutSegment *reuse = reusable(g, mono_ms);
+    if (reuse == NULL && g->n_stock == 0)
         return 0;
     uint64_t slot = (uint64_t)at, *s = w + KV_HEADER_WORDS + slot * KV_SLOT_WORDS;
     uint64_t now_ms = kv_now_ms();
@@ -491,12 +604,17 @@ static int put_locked(KvPutGrant *g, const PutRequest *q, uint64_t h) {
                          s[KV_W_EXPIRY], s[KV_W_EXTENTS], s[KV_W_VERSION]};
         if ((old.extents & KV_LOW32) != 0 || (old.expiry && old.expiry <= now_ms))
             return 0;            /* a large value's, or expired (Python deletes and counts it) */
+        old.until_ms = mono_ms + g->grace_ms;
+        old.chunk = chunk_of(old.klen + old.vlen);
+        if (old.chunk == 0 || g->replaced_bytes + old.chunk > PUT_REPLACED_BYTES
+                || !replaced_room_for(g, g->n_replaced + (reuse == NULL)))
+            return 0;            /* the queue is full: Python frees it */
     }
     uint64_t keys = w[KV_H_KEYS], tombstones = w[KV_H_TOMBSTONES], slots = w[KV_H_SLOTS];
     int was_tombstone = !found && s[KV_W_HASH] == KV_TOMBSTONE;
     if (!found && (keys + tombstones + 1) * 2 > slots)
         return 0;                /* MAX_LOAD: Python grows the table */
-    if (g->share >= 0) {
+    if (g->share >= 0 && reuse == NULL) {      /* a reused chunk takes no more memory */
         uint64_t freed = found ? chunk_of(old.klen + old.vlen) : 0;
         long long used = used_bytes(g);
         if (used < 0 || (found && freed == 0))
@@ -507,7 +625,7 @@ static int put_locked(KvPutGrant *g, const PutRequest *q, uint64_t h) {
     /* Everything Python's that may fail, before anything changes. */
     long long last = attr_ll_or_minus_one(g->space, s_last_version), primary = attr_ll_or_minus_one(g->space, s_primary_keys),
               stocked = attr_ll_or_minus_one(g->space, s_stocked_bytes);
-    if (last < 0 || primary < 0 || stocked < (long long)g->chunk_bytes)
+    if (last < 0 || primary < 0 || (reuse == NULL && stocked < (long long)g->chunk_bytes))
         return 0;
     uint64_t version = (uint64_t)last + 1, clock = kv_now_ms() << 20;
     if (clock > version)
@@ -517,13 +635,24 @@ static int put_locked(KvPutGrant *g, const PutRequest *q, uint64_t h) {
         PyErr_Clear();
         return 0;
     }
-    Stocked chunk = g->stock[g->n_stock - 1];
-    PutSegment *seg = segment_of(g, chunk.segment);
-    if (seg == NULL) {
-        Py_DECREF(version_o);
-        return 0;                /* its view was dropped: refilled first */
+    Stocked chunk;
+    PutSegment *seg = reuse;
+    if (reuse != NULL) {
+        Replaced *r = &g->replaced[g->replaced_head];
+        chunk = (Stocked){r->segment, r->offset};
+        g->replaced_bytes -= r->chunk;
+        g->replaced_head = (g->replaced_head + 1) % g->replaced_room;
+        g->n_replaced--;
+        g->reused++;
+    } else {
+        chunk = g->stock[g->n_stock - 1];
+        seg = segment_of(g, chunk.segment);
+        if (seg == NULL) {
+            Py_DECREF(version_o);
+            return 0;            /* its view was dropped: refilled first */
+        }
+        g->n_stock--;
     }
-    g->n_stock--;
     memcpy(seg->base + chunk.offset, q->key, q->key_n);
     if (q->value_n)
         memcpy(seg->base + chunk.offset + q->key_n, q->value, q->value_n);
@@ -541,9 +670,12 @@ static int put_locked(KvPutGrant *g, const PutRequest *q, uint64_t h) {
     /* Python's figures follow; a failure to set one (memory) leaves a count off, not the table. */
     int failed = PyObject_SetAttr(g->space, s_last_version, version_o) < 0;
     Py_DECREF(version_o);
-    failed |= set_ll(g->space, s_stocked_bytes, stocked - (long long)g->chunk_bytes) < 0;
+    if (reuse == NULL)
+        failed |= set_ll(g->space, s_stocked_bytes, stocked - (long long)g->chunk_bytes) < 0;
     if (found) {
-        g->replaced[g->n_replaced++] = old;
+        g->replaced[(g->replaced_head + g->n_replaced) % g->replaced_room] = old;
+        g->n_replaced++;
+        g->replaced_bytes += old.chunk;
         g->refs[slot] = 1;       /* used: the eviction clock keeps it a round (as Store.live) */
     } else {
         keys++;
@@ -770,7 +902,7 @@ int kvput_add_to_module(PyObject *m) {
         {&s_acquire, "acquire"}, {&s_release, "release"}, {&s_last_version, "_last_version"},
         {&s_primary_keys, "primary_keys"}, {&s_stocked_bytes, "stocked_bytes"}, {&s_keys, "keys"},
         {&s_tombstones, "tombstones"}, {&s_gone, "gone"}, {&s_heap, "heap"}, {&s_record_bytes, "record_bytes"},
-        {&s_large_bytes, "large_bytes"}, {&s_reserved_bytes, "reserved_bytes"},
+        {&s_large_bytes, "large_bytes"}, {&s_reserved_bytes, "reserved_bytes"}, {&s_busy, "busy"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if ((*names[i].at = PyUnicode_InternFromString(names[i].name)) == NULL)

@@ -14,12 +14,14 @@ from __future__ import annotations
 import ast
 import os
 import threading
+import time
 
 import pytest
 
 import memfabric
 from memfabric.errors import BmError, NoSuchNamespace, OutOfMemory, PermissionDenied, Timeout
 from memfabric.kv import put_grants
+from memfabric.limits import REUSE_GRACE_S
 from memfabric.transport import wire
 from memfabric.transport.ipc import IpcChannel
 
@@ -79,6 +81,34 @@ def test_overwrites_free_what_they_replace(fabric, request):
         assert kv.get(b"k") == b"9" * 4000
         settled_bytes(kv, one)
         assert kv.stats()["keys"] == 1 and len(kv) == 1
+
+
+@pytest.mark.parametrize("value_bytes", [4 * KiB - 1, 64 * KiB])
+def test_a_stream_of_overwrites_reuses_what_it_replaced(fresh_fabric, request, value_bytes):
+    """The records a connection's compiled puts replaced serve its later puts once they have
+    rested the heap's grace: a steady stream of overwrites needs no refill from Python. Before,
+    every stock's worth of puts (64, or 12 of 64 KiB) sent one to Python; then a grace's worth
+    of 64 KiB records lay in more segments than a grant reached."""
+    fab = fresh_fabric(servers=1, capacity="128MiB")
+    with local(fab) as s:
+        kv = s.create_namespace(ns_name(request), sec_id="k").kv()
+        value = os.urandom(value_bytes)
+        kv.put(b"k", value)
+        one = kv.stats()["bytes"]
+        for _attempt in range(3):       # a stall past REPLACED_IDLE_S lets the keeper free them
+            for _ in range(300):
+                kv.put(b"k", value)
+            time.sleep(3 * REUSE_GRACE_S)
+            before = compiled_puts(s)
+            for _ in range(300):
+                kv.put(b"k", value)
+            in_python = 300 - (compiled_puts(s) - before)
+            if in_python == 0:
+                break
+        assert in_python == 0
+        assert kv.get(b"k") == value
+        settled_bytes(kv, one)        # what was replaced and rests in the grant counts no more
+    assert 3 * REUSE_GRACE_S < put_grants.REPLACED_IDLE_S
 
 
 def test_many_new_keys_grow_the_table(fabric, request):

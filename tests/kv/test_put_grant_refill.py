@@ -16,7 +16,7 @@ class _Space:
 
 def refill(g, stock, segments):
     words = memoryview(bytearray((16 + 8 * 1024) * 8)).cast("Q")
-    g.refill(_Space(), _Space(), words, bytearray(1024), _Space(), 4096, 1, stock, segments, -1, 0)
+    g.refill(_Space(), _Space(), words, bytearray(1024), _Space(), 4096, 1, stock, segments, -1, 0, 50)
 
 
 @pytest.mark.parametrize("stock, segments", [

@@ -11,9 +11,12 @@ connection's puts of that class itself, under the keyspace's lock, and leaves ev
 else to Python (_kvput.c says what), which grants again as it serves.
 
 What the loop leaves behind, Python takes up, under the keyspace's lock:
-  - the records its puts replaced: freed (they rest, then serve again) when Python grants
-    again, on the keeper's tick, when the grant goes (`settle`), and before the memory limit
-    or the keyspace's bytes are measured (they are no key's);
+  - the records its puts replaced: they rest in the grant for the heap's grace, then their
+    chunks serve the loop's later puts of the same class (a stream of puts replacing keys
+    needs no refill, no Python). Those not reused are freed (they rest, then serve again)
+    when Python grants again, when the grant goes (`settle`), on the keeper's tick once the
+    oldest has waited REPLACED_IDLE_S, and before the memory limit or the keyspace's bytes
+    are measured (they are no key's);
   - the stock: counted aside (space.stocked_bytes, not among the keyspace's bytes) until used,
     and given back to the heap when the grant goes or changes class, or has served no put
     for STOCK_IDLE_S. A stock starts small and doubles with each refill (up to
@@ -46,6 +49,9 @@ _ready: bool | None = None
 FIRST_STOCK_CHUNKS = 4
 STOCK_IDLE_S = 1.0          # a grant that served no put for this long gives its stock back
 STOCK_LEAN_S = 1.0          # after memory ran short, stocks take one new page a refill for this long
+# A replaced record not reused by then is freed by the keeper (puts stopped, or went to
+# another class): several graces, so a busy grant's queue is left to reuse its records.
+REPLACED_IDLE_S = 0.5
 
 
 def compiled_puts() -> bool:
@@ -104,7 +110,7 @@ def grant(grants: ConnectionPutGrants, space: Any, store: Any, creds: tuple, siz
         grants.table.append(g)
         space.put_grants[g] = _Held(grants)
     held = space.put_grants[g]
-    settle(space, store, g)
+    _settle_stale(space, g, time.monotonic())     # the rest its puts reuse
     cls = RecordHeap.class_of(size)
     chunk = CLASSES[cls]
     if g.stocked and g.chunk_bytes != chunk:        # another class: its stock goes back
@@ -120,10 +126,12 @@ def grant(grants: ConnectionPutGrants, space: Any, store: Any, creds: tuple, siz
         space.stocked_bytes += chunk * len(fresh)
     if not fresh and not g.stocked:
         return
-    # The segments of its stock, and of the record just written (a key put again is there).
+    # The segments of its stock, of the record just written (a key put again is there), and of
+    # the replaced records it will reuse, the oldest's first, as many as it holds.
     segments = g.stock_segments | {s for s, _ in fresh}
-    if len(segments) < _frames.PUT_SEGMENTS_MAX:
-        segments.add(record_segment)
+    for segment in [record_segment, *g.queued_segments]:
+        if len(segments) < _frames.PUT_SEGMENTS_MAX:
+            segments.add(segment)
     views = []
     for segment in sorted(segments):
         view = store.memory(segment).view
@@ -134,7 +142,7 @@ def grant(grants: ConnectionPutGrants, space: Any, store: Any, creds: tuple, siz
     try:
         g.refill(space, space.table.writer, space.table.words, space.table.refs, grants.conn, chunk,
                  (CLASSES[cls - 1] + 1) if cls else 1, fresh, views, -1 if share is None else share,
-                 int(until_s * 1000))
+                 int(until_s * 1000), int(space.grace_s * 1000))
     except (ValueError, TypeError, BufferError):
         _give_back(space, store, fresh, chunk)       # not granted: its puts stay Python's
 
@@ -155,6 +163,19 @@ def settle_all(space: Any) -> None:
     """Under the keyspace's lock: every grant's replaced records freed (the keeper's tick, and
     before the keyspace's bytes are measured: for the memory limit, for stats)."""
     for g in list(space.put_grants):
+        settle(space, space.store, g)
+
+
+def settle_idle(space: Any, now_s: float) -> None:
+    """Under the keyspace's lock (the keeper's tick): the replaced records a grant has held for
+    REPLACED_IDLE_S are freed (its puts would have reused them by then)."""
+    for g in list(space.put_grants):
+        _settle_stale(space, g, now_s)
+
+
+def _settle_stale(space: Any, g: Any, now_s: float) -> None:
+    oldest_ms = g.oldest_replaced_ms
+    if oldest_ms is not None and now_s * 1000 - oldest_ms >= REPLACED_IDLE_S * 1000:
         settle(space, space.store, g)
 
 

@@ -326,10 +326,10 @@ class KeyValueService(KeyEdits):
         with self.lock:
             spaces = [s.kv for s in self.server.namespaces.values() if s.kv is not None]
         for space in spaces:
-            if space.put_grants:         # what compiled puts replaced is freed, idle stock goes back
+            if space.put_grants:         # what compiled puts replaced and left is freed, idle stock goes back
                 with space.lock:
                     if not space.closed:
-                        put_grants.settle_all(space)
+                        put_grants.settle_idle(space, time.monotonic())
                         put_grants.take_back_idle(space, time.monotonic())
             if space.draining is not None:
                 with space.lock:
