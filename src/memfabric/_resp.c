@@ -51,6 +51,7 @@ static pthread_mutex_t setters = PTHREAD_MUTEX_INITIALIZER;
 #define DOOR_IN_BYTES (256 * 1024 + 512)     /* a 64 KiB SET pipelined a few deep, and more */
 #define DOOR_OUT_BYTES (64 * 1024 + 64)      /* RESP_REPLY_BUFFER_BYTES, and one GET's reply */
 #define DOOR_BUFFER_BYTES (DOOR_IN_BYTES + DOOR_OUT_BYTES)
+#define DOOR_WAIT_ALL_BYTES 4096                /* a command's rest this long is received whole */
 
 /* A number of at most `max_digits` digits, then "\r\n" at p[0..]: its value and where the
  * line ends; 0 if it is not (a sign, a leading zero, anything else: Python's). -1: more bytes
@@ -266,7 +267,18 @@ static PyObject *resp_serve(PyObject *Py_UNUSED(self), PyObject *args) {
             status = DOOR_PYTHON;    /* a command larger than the buffer: Python's */
             break;
         }
+        /* The rest of a large command, known long: the thread is woken once it is all here
+         * (SO_RCVLOWAT; SO_RCVTIMEO still bounds the wait, and a timeout returns what came),
+         * not for each piece that lands: a 64 KiB SET woke its thread some four times. */
+        int low = need > have + DOOR_WAIT_ALL_BYTES ? (int)(need - have) : 0;
+        if (low)
+            setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &low, sizeof low);
         ssize_t k = recv(fd, in + have, DOOR_IN_BYTES - have, 0);
+        if (low) {
+            int e = errno, one = 1;
+            setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &one, sizeof one);
+            errno = e;
+        }
         if (k == 0) {
             status = DOOR_CLOSED;
             break;

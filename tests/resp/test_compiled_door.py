@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import socket
+import time
 
 import pytest
 
@@ -135,6 +136,33 @@ def test_counters_count_compiled_commands_as_redis_does(pair):
         last = figures(r)
         deltas.append({k: last[k] - first[k] for k in first})
     assert deltas[0] == deltas[1]
+
+
+def test_a_command_pending_when_a_compiled_call_ends_stays_compiled(one_server_door):
+    """A compiled call answers for DOOR_CALL_MAX_S, then Python checks the pool again: a
+    command received whole or in part by then goes back to the compiled path, not to Python
+    (a 64 KiB SET was nearly always half-received then: one in a few dozen went to Python)."""
+    from memfabric.kv.resp.front import DOOR_CALL_MAX_S
+    from memfabric.kv.service import SETTINGS_TTL_S
+
+    assert 1.5 * DOOR_CALL_MAX_S < SETTINGS_TTL_S
+
+    r = Raw(one_server_door.resp_port)
+    try:
+        set_ = encode("SET", b"pending", b"v" * 1000)
+        for cut in (10, len(set_) // 2, len(set_) - 1):
+            # The door's grant covers this size, for the settings' time to live from now (once
+            # it is out, the next SET is Python's, which reads the settings and grants again).
+            time.sleep(SETTINGS_TTL_S)
+            assert replies(r, set_ * 3, 3) == b"+OK\r\n" * 3
+            before = compiled(one_server_door)[1]
+            r.send(set_[:cut])
+            time.sleep(1.5 * DOOR_CALL_MAX_S)
+            r.send(set_[cut:])
+            assert r.reply() == b"+OK\r\n"
+            assert compiled(one_server_door)[1] - before == 1
+    finally:
+        r.close()
 
 
 def test_a_client_that_leaves_mid_request_leaves_the_door_up(one_server_door):

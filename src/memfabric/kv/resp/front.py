@@ -286,8 +286,13 @@ class RespFront:
                 self._count_compiled(gets, sets)
                 if status == _frames.DOOR_CLOSED:
                     return            # what it left unfinished goes with it, as with Redis
+                if status == _frames.DOOR_MORE:
+                    pending = data    # checked again, then back to the compiled path with it
+                    continue
                 if not data:
                     continue          # idle, or a batch answered: read on
+            elif pending:             # the compiled path's rest, no longer its to answer
+                data, pending = pending, b""
             else:
                 try:
                     data = sock.recv(RESP_RECV_BYTES)
