@@ -5,9 +5,13 @@
  * for a batch of 100, more than the rest of its append. Here the batch becomes one buffer of
  * frames, ready to write, for the cost of its CRCs and one copy.
  *
- * frame_batch(nonce, first_index, data, lengths) -> bytes: the frames of records first_index,
- * first_index + 1, ... whose payloads lie back to back in `data` with these `lengths`; the same
- * bytes as b"".join(record.frames(...)) (tests/plog/test_record.py compares them).
+ * frame_batch(nonce, first_index, data, lengths, into=None) -> bytes | int: the frames of records
+ * first_index, first_index + 1, ... whose payloads lie back to back in `data` with these
+ * `lengths`; the same bytes as b"".join(record.frames(...)) (tests/plog/test_record.py compares
+ * them). Into `into` (a writable buffer; the frames' length returned) when given: a buffer kept
+ * for the next batch, not 400 KB of new pages to fault in for each. Each payload is copied
+ * first, then its CRC computed over the copy: `data` may be memory a client writes at will (its
+ * shared stage), and a frame's CRC is always that of the bytes in the frame.
  *
  * The CRC is the CPU's CRC32 instruction where it has one (SSE 4.2), else a table; both are
  * CRC-32C as the `crc32c` package computes it (initial and final inversion).
@@ -92,9 +96,9 @@ static void put64(unsigned char *at, uint64_t v) {
 }
 
 static PyObject *frame_batch(PyObject *Py_UNUSED(self), PyObject *args) {
-    PyObject *nonce_obj, *first_obj, *lengths;
-    Py_buffer data;
-    if (!PyArg_ParseTuple(args, "OOy*O!", &nonce_obj, &first_obj, &data, &PyList_Type, &lengths))
+    PyObject *nonce_obj, *first_obj, *lengths, *into_obj = Py_None;
+    Py_buffer data, into = {0};
+    if (!PyArg_ParseTuple(args, "OOy*O!|O", &nonce_obj, &first_obj, &data, &PyList_Type, &lengths, &into_obj))
         return NULL;
     /* Not "K": it wraps -1 or 2**64 round to a number without a word, where record.frames
      * refuses them (struct.error); here an OverflowError, and a TypeError for a non-int. */
@@ -136,10 +140,20 @@ static PyObject *frame_batch(PyObject *Py_UNUSED(self), PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "the lengths do not add up to the data's length");
         goto done;
     }
-    out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
-    if (out == NULL)
-        goto done;
-    unsigned char *at = (unsigned char *)PyBytes_AS_STRING(out);
+    unsigned char *at;
+    if (into_obj != Py_None) {
+        if (PyObject_GetBuffer(into_obj, &into, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+            goto done;
+        if ((size_t)into.len < total) {
+            PyErr_SetString(PyExc_ValueError, "the frames do not fit the buffer given");
+            goto done;
+        }
+        at = into.buf;
+    } else {
+        if ((out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total)) == NULL)
+            goto done;
+        at = (unsigned char *)PyBytes_AS_STRING(out);
+    }
     const unsigned char *payload = (const unsigned char *)data.buf;
     for (Py_ssize_t i = 0; i < count; i++) {
         size_t n = sizes[i];
@@ -148,20 +162,66 @@ static PyObject *frame_batch(PyObject *Py_UNUSED(self), PyObject *args) {
         put64(seed, nonce);
         put64(seed + 8, index);
         put32(seed + 16, (uint32_t)n);
-        uint32_t crc = crc32c(crc32c(0, seed, sizeof seed), payload, n);
+        memcpy(at + HEADER_BYTES, payload, n);                 /* copied, then checked: see above */
+        uint32_t crc = crc32c(crc32c(0, seed, sizeof seed), at + HEADER_BYTES, n);
         memcpy(at, "PLG1", 4);
         put32(at + 4, (uint32_t)n);
         put32(at + 8, (uint32_t)(index & 0xFFFFFFFFu));
         put32(at + 12, crc);
-        memcpy(at + HEADER_BYTES, payload, n);
         size_t padded = (n + ALIGN_BYTES - 1) / ALIGN_BYTES * ALIGN_BYTES;
         memset(at + HEADER_BYTES + n, 0, padded - n);
         at += HEADER_BYTES + padded;
         payload += n;
     }
+    if (into.buf != NULL)
+        out = PyLong_FromSize_t(total);
 done:
     PyMem_Free(sizes);
     PyBuffer_Release(&data);
+    if (into.buf != NULL)
+        PyBuffer_Release(&into);
+    return out;
+}
+
+/* gather_into(dst, parts) -> int: the buffers of the list `parts` copied back to back into
+ * the writable `dst` (what fits is checked first: nothing is copied if they do not); their
+ * length. A client's append_many fills its shared stage so: a Python slice assignment per
+ * record cost 0.4 us, 40 us for a batch of 100. */
+static PyObject *gather_into(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *dst_obj, *parts;
+    if (!PyArg_ParseTuple(args, "OO!", &dst_obj, &PyList_Type, &parts))
+        return NULL;
+    Py_buffer dst;
+    if (PyObject_GetBuffer(dst_obj, &dst, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    PyObject *out = NULL;
+    Py_ssize_t count = PyList_GET_SIZE(parts), got = 0;
+    Py_buffer *views = PyMem_Calloc((size_t)(count ? count : 1), sizeof(Py_buffer));
+    if (views == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    size_t total = 0;
+    for (; got < count; got++) {
+        if (PyObject_GetBuffer(PyList_GET_ITEM(parts, got), &views[got], PyBUF_C_CONTIGUOUS) < 0)
+            goto done;
+        total += (size_t)views[got].len;
+    }
+    if (total > (size_t)dst.len) {
+        PyErr_SetString(PyExc_ValueError, "the parts do not fit the buffer given");
+        goto done;
+    }
+    unsigned char *at = dst.buf;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        memcpy(at, views[i].buf, (size_t)views[i].len);
+        at += views[i].len;
+    }
+    out = PyLong_FromSize_t(total);
+done:
+    for (Py_ssize_t i = 0; i < got; i++)
+        PyBuffer_Release(&views[i]);
+    PyMem_Free(views);
+    PyBuffer_Release(&dst);
     return out;
 }
 
@@ -729,11 +789,13 @@ static PyObject *call_append(PyObject *Py_UNUSED(self), PyObject *args) {
 static PyMethodDef methods[] = {
     {"call_append", call_append, METH_VARARGS,
      "call_append(fd, head, record, budget_s, request_id, buffer, poll_s) -> (status, value, waited_s)"},
+    {"gather_into", gather_into, METH_VARARGS, "gather_into(dst, parts) -> int: the parts copied back to back"},
     {"crc32c_of", crc32c_of, METH_VARARGS, "crc32c_of(data, value=0, table=False) -> int"},
     {"append_one", append_one, METH_VARARGS,
      "append_one(packet, grants, conn) -> None | (reply, grant, end, committed, payload_bytes, request_id)"},
     {"frame_batch", frame_batch, METH_VARARGS,
-     "frame_batch(nonce, first_index, data, lengths) -> bytes: the records' frames, back to back"},
+     "frame_batch(nonce, first_index, data, lengths, into=None) -> bytes | int: the records' frames, back to "
+     "back (into `into`: their length)"},
     {NULL, NULL, 0, NULL},
 };
 

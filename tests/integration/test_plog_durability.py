@@ -22,7 +22,7 @@ from memfabric.plog import record as rec
 from memfabric.plog.log import pieces
 
 from ..conftest import short_tmp_dir
-from ..helpers import ns_name
+from ..helpers import WAIT_S, ns_name
 from .test_persistence import PersistentServer
 
 APPENDER = r"""
@@ -264,6 +264,47 @@ def test_sigkill_of_an_idle_server_keeps_plogs(server, request):
     with memfabric.init(server.config) as s:
         log = s.namespace(name, "k", pool="keep").plog("wal")
         assert [log.read(o, 40_000) for o in offsets] == [bytes([i]) * 40_000 for i in range(50)]
+
+
+def test_a_stage_scribbled_on_while_its_batch_is_framed_leaves_whole_records(server, request):
+    """The server frames a same-host batch straight from the client's shared stage, which the
+    client may write at any moment: each payload is copied, then its CRC computed over the
+    copy, so a client scribbling over its stage mid-append gets records of whatever bytes were
+    there, every one whole: a restart's scan finds them all (a CRC of other bytes than its
+    frame's would end the log there, losing every later append of every client)."""
+    from memfabric.plog.client import _stage_holder
+
+    name = ns_name(request)
+    with memfabric.init(server.config) as s:
+        log = s.create_namespace(name, sec_id="k", pool="keep").create_plog("scribbled", 6 << 20)
+        batch = [bytes([i]) * 4096 for i in range(50)]        # 200 KB: through the shared stage
+        log.append_many(batch)
+        view = _stage_holder(s.link(log.home)).mapped.view
+        patterns = [os.urandom(len(view)), bytes(len(view))]
+        stop = threading.Event()
+
+        def scribble() -> None:
+            for n in range(1_000_000):
+                if stop.is_set():
+                    return
+                view[:] = patterns[n % 2]
+
+        scribbler = threading.Thread(target=scribble)
+        scribbler.start()
+        try:
+            for _ in range(25):
+                log.append_many(batch)
+        finally:
+            stop.set()
+            scribbler.join(WAIT_S)
+        records = log.info()["records"]
+        assert records == 26 * 50
+    server.kill()
+    server.start()
+    with memfabric.init(server.config) as s:
+        log = s.namespace(name, "k", pool="keep").plog("scribbled")
+        assert log.info()["records"] == records
+        assert all(len(r) == 4096 for r in log.records())
 
 
 def test_seal_while_processes_append_fences_them_all(two_servers, request):

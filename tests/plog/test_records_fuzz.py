@@ -42,3 +42,41 @@ def test_the_largest_numbers_frame_as_record_frames_does():
     assert _records.frame_batch(top, top - 1, b"abcd", [2, 2]) == \
         b"".join(rec.frames(top, top - 1, memoryview(b"abcd"), [2, 2]))
     assert len(_records.frame_batch(0, 0, b"", [0] * 100_000)) == 100_000 * rec.HEADER_BYTES
+
+
+def test_frames_into_a_buffer_are_the_frames_it_returns():
+    """frame_batch(..., into): the same bytes, written into a buffer kept for the next batch
+    (the rest of it untouched), their length returned; a buffer too small (or read-only) is
+    refused with nothing written."""
+    rng = np.random.default_rng(7)
+    lengths = [int(n) for n in rng.integers(0, 5000, 40)]
+    data = rng.integers(0, 256, sum(lengths), dtype=np.uint8).tobytes()
+    frames = _records.frame_batch(3, 10, data, lengths)
+    into = bytearray(b"\xee" * (len(frames) + 100))
+    assert _records.frame_batch(3, 10, data, lengths, into) == len(frames)
+    assert into[:len(frames)] == frames and into[len(frames):] == b"\xee" * 100
+    small = bytearray(b"\xee" * (len(frames) - 1))
+    with pytest.raises(ValueError):
+        _records.frame_batch(3, 10, data, lengths, small)
+    assert small == b"\xee" * (len(frames) - 1)
+    with pytest.raises((TypeError, BufferError)):
+        _records.frame_batch(3, 10, data, lengths, bytes(len(frames)))
+    assert rec.frame_into(3, 10, memoryview(data), lengths, into) == len(frames)
+
+
+def test_gather_into_copies_the_parts_back_to_back_or_nothing():
+    parts = [b"abc", memoryview(b"defgh"), bytearray(b""), np.arange(4, dtype=np.uint8)]
+    into = bytearray(b"-" * 16)
+    assert _records.gather_into(into, parts) == 12
+    assert into == b"abcdefgh\x00\x01\x02\x03----"
+    small = bytearray(b"-" * 11)
+    with pytest.raises(ValueError):
+        _records.gather_into(small, parts)
+    assert small == b"-" * 11
+    for bad in ([b"ab", "cd"], [b"ab", memoryview(b"abcdef")[::2]]):
+        with pytest.raises((TypeError, BufferError)):
+            _records.gather_into(into, bad)
+    with pytest.raises(BufferError):
+        _records.gather_into(bytes(16), [b"a"])
+    with pytest.raises(TypeError):
+        _records.gather_into(into, (b"a",))

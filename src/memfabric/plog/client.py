@@ -52,7 +52,8 @@ def _as_records(records: Iterable[Any]) -> list[memoryview]:
         raise InvalidArgument("append_many takes a list of records (buffers), not one buffer; "
                               "append(data) appends one")
     try:
-        views = [as_bytes_view(r) for r in records]
+        # bytes, the common case, straight to a view (as_bytes_view's checks cost 0.5 us a record)
+        views = [memoryview(r) if type(r) is bytes else as_bytes_view(r) for r in records]
     except TypeError:
         raise InvalidArgument(f"records must be an iterable of buffers, got {type(records).__name__}") from None
     if not 0 < len(views) <= MAX_PLOG_BATCH:
@@ -282,10 +283,13 @@ class Plog:
         if one_batch:
             holder.mapped = None     # a large stage serves this batch only: the server drops it after
         try:
-            at = 0
-            for v in views:                 # straight into memory the server maps
-                stage.view[at:at + v.nbytes] = v
-                at += v.nbytes
+            if _records is not None:        # straight into memory the server maps
+                _records.gather_into(stage.view, views)
+            else:
+                at = 0
+                for v in views:
+                    stage.view[at:at + v.nbytes] = v
+                    at += v.nbytes
             return link.call("plog_append", **creds, shared=holder.token, lengths=lengths)["offsets"]
         except BaseException:
             # Given up on (a timeout, Ctrl-C) the server may still be reading it: it is not

@@ -19,8 +19,8 @@ from bisect import bisect_right
 from itertools import accumulate
 
 from ..errors import InvalidArgument, OutOfRange, OutOfSpace, Sealed
-from ..limits import MAX_PLOG_BATCH, MAX_PLOG_RECORD_BYTES, PLOG_PREPARE_BYTES_PER_S
-from .record import HEADER_BYTES, frame_bytes
+from ..limits import MAX_PLOG_BATCH, PLOG_PREPARE_BYTES_PER_S
+from .record import ALIGN_BYTES, HEADER_BYTES, frame_bytes
 
 OPEN, SEALED = "open", "sealed"
 STATES = (OPEN, SEALED)
@@ -59,11 +59,11 @@ class PlogLog:
         if not 0 < len(lengths) <= MAX_PLOG_BATCH:
             raise InvalidArgument(f"an append takes 1 to {MAX_PLOG_BATCH} records, got {len(lengths)}")
         starts = []
+        append = starts.append
         at = self.written
-        for n in lengths:
-            assert type(n) is int and 0 <= n <= MAX_PLOG_RECORD_BYTES
-            starts.append(at)
-            at += frame_bytes(n)
+        for n in lengths:               # checked by the caller: ints of 0..MAX_PLOG_RECORD_BYTES
+            append(at)
+            at += HEADER_BYTES + ((n + ALIGN_BYTES - 1) & -ALIGN_BYTES)     # frame_bytes(n), inline
         if at > self.capacity:
             raise OutOfSpace(f"plog {self.name!r} has {self.capacity - self.written} of {self.capacity} bytes "
                              f"free, these {len(lengths)} records need {at - self.written} "

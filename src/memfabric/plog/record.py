@@ -88,6 +88,20 @@ def framed(nonce: int, first_index: int, data: memoryview, lengths: list[int]) -
     return b"".join(frames(nonce, first_index, data, lengths))
 
 
+def compiled() -> bool:
+    """Whether batches are framed in compiled code (frame_into works)."""
+    return _records is not None
+
+
+def frame_into(nonce: int, first_index: int, data: memoryview, lengths: list[int], into: bytearray) -> int | None:
+    """The frames of the batch written into `into` (a buffer kept for the next batch), each
+    CRC computed over the bytes in the frame (so `data` may change meanwhile: a client's
+    shared stage); their length. None where the compiled part is not built."""
+    if _records is None:
+        return None
+    return _records.frame_batch(nonce, first_index, data, lengths, into)
+
+
 def encode(nonce: int, index: int, payload: bytes | memoryview) -> bytes:
     """One whole frame (tests and small records; the server writes the parts without joining)."""
     return header(nonce, index, payload) + bytes(payload) + padding(len(payload))
