@@ -243,8 +243,8 @@ static PyObject *crc32c_of(PyObject *Py_UNUSED(self), PyObject *args) {
  *
  * Python stays the authority (plog/service.py): it grants a connection a plog after serving an
  * append of it there with the secId checked (plog/fast_append.py: FastGrant), and every rule
- * is read from its objects on each call, under the plog's own lock (taken without waiting: a
- * lock held elsewhere sends the request to Python, which waits). Only the common case is
+ * is read from its objects on each call, under the plog's own lock (waited for as Python
+ * waits, the GIL let go; the grant checked again after a wait). Only the common case is
  * served here: a map of exactly op = "plog_append", pool, ns, sec, name, plog_id, records (one
  * bin), id and optionally budget_s; the plog open, not deleted, not broken; the connection owes
  * no "gone" notice; the frame inside one extent and the capacity. Anything else returns None,
@@ -288,6 +288,16 @@ static int try_lock(PyObject *lock) {
     return taken;
 }
 
+/* A Python lock waited for as Python waits (the GIL let go meanwhile): 1 taken, -1 error. */
+static int wait_lock(PyObject *lock) {
+    PyObject *got = PyObject_CallMethodNoArgs(lock, s_acquire);
+    if (got == NULL)
+        return -1;
+    int taken = PyObject_IsTrue(got);
+    Py_DECREF(got);
+    return taken == 1 ? 1 : -1;
+}
+
 static void unlock(PyObject *lock) {
     PyObject *r = PyObject_CallMethodNoArgs(lock, s_release);
     Py_XDECREF(r);
@@ -299,13 +309,30 @@ static PyObject *get(PyObject *o, PyObject *name) {
     return o == NULL ? NULL : PyObject_GetAttr(o, name);
 }
 
+/* Whether the grant's proof still stands: the connection's verified entry is the one the
+ * grant saw, and the connection owes no "gone" notice. */
+static int proof_stands(PyObject *conn, PyObject *grant) {
+    PyObject *verified = get(conn, s_verified), *vkey = get(grant, s_vkey), *proven = get(grant, s_proven);
+    PyObject *now = verified && vkey && PyDict_Check(verified) ? PyDict_GetItemWithError(verified, vkey) : NULL;
+    int stands = now != NULL && now == proven;
+    Py_XDECREF(verified);
+    Py_XDECREF(vkey);
+    Py_XDECREF(proven);
+    if (!stands)
+        return 0;
+    PyObject *gone = get(conn, s_gone);
+    int owes = gone == NULL || !PyList_Check(gone) || PyList_GET_SIZE(gone) != 0;
+    Py_XDECREF(gone);
+    return !owes;
+}
+
 static PyObject *append_one(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_buffer packet;
     PyObject *grants, *conn;
     if (!PyArg_ParseTuple(args, "y*O!O", &packet, &PyDict_Type, &grants, &conn))
         return NULL;
     PyObject *result = NULL;           /* NULL with no error set: answer None */
-    PyObject *grant = NULL, *plog = NULL, *core = NULL, *plog_lock = NULL, *seg_lock = NULL;
+    PyObject *grant = NULL, *plog = NULL, *core = NULL, *plog_lock = NULL, *seg_lock = NULL, *key = NULL;
     int plog_locked = 0, seg_locked = 0;
 
     /* The request: exactly the keys of the common case, each once. */
@@ -323,7 +350,7 @@ static PyObject *append_one(PyObject *Py_UNUSED(self), PyObject *args) {
     uint64_t plog_id = f[5].value, request_id = f[7].value;
 
     /* The grant: this connection proved the secId for this plog (Python). */
-    PyObject *key = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(pool_n + ns_n + name_n + 2));
+    key = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(pool_n + ns_n + name_n + 2));
     if (key == NULL)
         goto done;
     char *kp = PyBytes_AS_STRING(key);
@@ -333,7 +360,6 @@ static PyObject *append_one(PyObject *Py_UNUSED(self), PyObject *args) {
     kp[pool_n + 1 + ns_n] = 0;
     memcpy(kp + pool_n + ns_n + 2, name, name_n);
     grant = PyDict_GetItemWithError(grants, key);
-    Py_DECREF(key);
     if (grant == NULL)
         goto done;
     Py_INCREF(grant);
@@ -355,27 +381,25 @@ static PyObject *append_one(PyObject *Py_UNUSED(self), PyObject *args) {
     }
     if ((uint64_t)attr_ll(grant, s_plog_id) != plog_id || PyErr_Occurred())
         goto done;
-    {   /* The proof still stands: the connection's verified entry is the one the grant saw. */
-        PyObject *verified = get(conn, s_verified), *vkey = get(grant, s_vkey), *proven = get(grant, s_proven);
-        PyObject *now = verified && vkey && PyDict_Check(verified) ? PyDict_GetItemWithError(verified, vkey) : NULL;
-        int stands = now != NULL && now == proven;
-        Py_XDECREF(verified);
-        Py_XDECREF(vkey);
-        Py_XDECREF(proven);
-        if (!stands)
-            goto done;
-        PyObject *gone = get(conn, s_gone);
-        int owes = gone == NULL || !PyList_Check(gone) || PyList_GET_SIZE(gone) != 0;
-        Py_XDECREF(gone);
-        if (owes)
-            goto done;
-    }
+    if (!proof_stands(conn, grant))
+        goto done;
     plog = get(grant, s_plog);
     core = get(plog, s_core);
     plog_lock = get(plog, s_lock);
     if (core == NULL || plog_lock == NULL)
         goto done;
     int taken = try_lock(plog_lock);
+    if (taken == 0) {
+        /* Another appender holds it: waited for as Python waits (sending the request to
+         * Python instead, with 8 appenders on pmem, sent a fifth of them there, where each
+         * holds the lock longer), then the grant and its proof checked again: they may have
+         * gone meanwhile. */
+        taken = wait_lock(plog_lock);
+        if (taken == 1 && (PyDict_GetItemWithError(grants, key) != grant || !proof_stands(conn, grant))) {
+            plog_locked = 1;
+            goto done;
+        }
+    }
     if (taken <= 0)
         goto done;
     plog_locked = 1;
@@ -442,7 +466,7 @@ static PyObject *append_one(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_INCREF(segment);
     Py_DECREF(segments);
     seg_lock = get(segment, s_seg_lock);     /* FileSegment's: its fd stays open meanwhile */
-    if (seg_lock == NULL || (taken = try_lock(seg_lock)) <= 0) {
+    if (seg_lock == NULL || (taken = wait_lock(seg_lock)) <= 0) {     /* in Python's order: plog, segment */
         Py_DECREF(segment);
         goto done;
     }
@@ -566,6 +590,7 @@ done:
     Py_XDECREF(core);
     Py_XDECREF(plog);
     Py_XDECREF(grant);
+    Py_XDECREF(key);
     PyBuffer_Release(&packet);
     if (result == NULL && PyErr_Occurred()) {
         if (!PyErr_ExceptionMatches(PyExc_MemoryError) && !PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))

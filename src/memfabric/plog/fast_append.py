@@ -13,9 +13,9 @@ append of it on that connection (its secId checked there, by Server._namespace);
 holds what was proven (the connection's `verified` entry, the secId, the plog's id), and
 append_one checks each of these against the request and the connection's state on every
 call, and every rule of the plog (open, not deleted, not broken, its capacity) under the
-plog's own lock. What is not the common case goes to Python: a secId that differs, a sealed,
-deleted or full plog, a frame across two extents, a connection owed a "gone" notice, a lock
-held by another thread.
+plog's own lock (waited for as Python waits, then the grant checked again). What is not the
+common case goes to Python: a secId that differs, a sealed, deleted or full plog, a frame
+across two extents, a connection owed a "gone" notice.
 
 Durability is Python's too: on pmem (and whenever something else awaits commit) the record
 is marked written in C and committed by PlogService._flush_to, whose flush runs without the
