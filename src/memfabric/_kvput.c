@@ -614,11 +614,14 @@ static int put_locked(KvPutGrant *g, const PutRequest *q, uint64_t h) {
     int was_tombstone = !found && s[KV_W_HASH] == KV_TOMBSTONE;
     if (!found && (keys + tombstones + 1) * 2 > slots)
         return 0;                /* MAX_LOAD: Python grows the table */
-    if (g->share >= 0 && reuse == NULL) {      /* a reused chunk takes no more memory */
+    if (g->share >= 0) {
+        /* The keys' bytes after the put, whichever chunk it takes: a reused one was counted
+         * all along, but as no key's (the records resting here are not the keys'). */
         uint64_t freed = found ? chunk_of(old.klen + old.vlen) : 0;
         long long used = used_bytes(g);
         if (used < 0 || (found && freed == 0))
             return 0;
+        used -= (long long)g->replaced_bytes;
         if (g->chunk_bytes > freed && used + (long long)(g->chunk_bytes - freed) > g->share)
             return 0;            /* Python evicts, or refuses */
     }

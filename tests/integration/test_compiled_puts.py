@@ -661,6 +661,41 @@ def test_overwrites_leave_room_for_new_keys_under_the_limit(fresh_fabric, reques
         assert kv.get(b"fill-1") == b"9" * 4000 and len(kv) == keys - 1
 
 
+@pytest.mark.parametrize("eviction", ["refuse", "lru"])
+def test_new_keys_in_reused_chunks_stay_within_the_limit(fresh_fabric, request, eviction):
+    """A full keyspace's overwrites leave the records they replaced resting in the grant; once
+    rested, a new key's compiled put reuses one. That chunk was counted all along, but as no
+    key's: the new key still needs room under the memory limit (refused, or another evicted).
+    Before, a new key in a reused chunk skipped the limit: 100 new keys were stored in a full
+    keyspace with eviction "refuse", and none was evicted with "lru"."""
+    fab = fresh_fabric(servers=1)
+    limit = 256 * KiB
+    with local(fab) as s:
+        kv = s.create_namespace(ns_name(request), sec_id="k").kv()
+        kv.configure(memory_limit=limit, eviction="refuse")
+        with pytest.raises(OutOfMemory):
+            for keys in range(1000):
+                kv.put(b"fill-%d" % keys, b"f" * 4000)
+        kv.configure(eviction=eviction)
+        stored = 0
+        for i in range(300):           # replaced records rest in the grant (stats() would free them)
+            kv.put(b"fill-1", str(i % 10).encode() * 4000)
+        time.sleep(3 * REUSE_GRACE_S)  # ... and have rested: the next puts may reuse them
+        for i in range(100):
+            try:
+                kv.put(b"new-%d" % i, b"n" * 4000)
+            except OutOfMemory:
+                break
+            stored += 1
+        stats = kv.stats()
+        assert stats["bytes"] <= limit
+        if eviction == "refuse":
+            assert stored == 0
+        else:
+            assert stored == 100 and stats["evictions"] >= 100
+            assert kv.get(b"new-99") == b"n" * 4000
+
+
 def test_stock_idle_connections_hold_goes_back_to_the_pool(fresh_fabric, request):
     """Connections that put once and then stay idle do not keep their stock of chunks from
     the pool: another tenant's put that needs that memory is stored (within a bounded wait)."""
