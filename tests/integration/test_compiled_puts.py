@@ -588,6 +588,37 @@ def test_a_full_namespace_takes_the_stock_back_before_refusing_a_write(fresh_fab
         assert kv_a.stats()["put_stock_bytes"] == 0
 
 
+def test_a_full_pool_takes_what_rested_in_a_grant_at_once(fresh_fabric, request):
+    """The records a stream of overwrites left resting in its grant have rested their grace
+    there: when the pool is full and a write takes them back (reclaim), they serve it at once,
+    not after a second grace. Before, every one of them rested again: a full pool refused
+    writes for the memory of records that had rested already."""
+    fab = fresh_fabric(servers=1, capacity="16MiB")
+    value = b"v" * (64 * KiB)             # a record a page: the pool holds about 120
+    with local(fab) as s:
+        kv = s.create_namespace(ns_name(request), sec_id="k").kv()
+        filled = 0
+        with pytest.raises(OutOfMemory):
+            for filled in range(1000):
+                kv.put(b"fill-%d" % filled, value, nx=True)     # Python's puts (NX)
+        freed = 20
+        for i in range(freed):
+            assert kv.delete(b"fill-%d" % i)
+        time.sleep(3 * REUSE_GRACE_S)     # their memory has rested
+        for _ in range(freed - 2):        # within what was freed: the replaced rest in the grant
+            kv.put(b"a", value)
+        time.sleep(3 * REUSE_GRACE_S)     # ... and have rested their grace there
+        stored = 0
+        for i in range(freed - 1):        # what "a" does not hold
+            try:
+                kv.put(b"new-%d" % i, value, nx=True)
+            except OutOfMemory:
+                break
+            stored += 1
+        assert stored == freed - 1
+        assert kv.get(b"a") == value and kv.get(b"new-%d" % (freed - 2)) == value
+
+
 _INCREMENTER = r"""
 import sys, memfabric
 directory, name = sys.argv[1], sys.argv[2]
