@@ -110,9 +110,11 @@ def grant(grants: ConnectionPutGrants, space: Any, store: Any, creds: tuple, siz
         grants.table.append(g)
         space.put_grants[g] = _Held(grants)
     held = space.put_grants[g]
-    _settle_stale(space, g, time.monotonic())     # the rest its puts reuse
     cls = RecordHeap.class_of(size)
     chunk = CLASSES[cls]
+    if g.queued and g.chunk_bytes != chunk:         # another class: what it kept serves none of its puts
+        settle(space, store, g)
+    _settle_stale(space, g, time.monotonic())     # the rest its puts reuse
     if g.stocked and g.chunk_bytes != chunk:        # another class: its stock goes back
         _give_back(space, store, g.take_stock(), g.chunk_bytes)
     fresh: list[tuple[int, int]] = []
