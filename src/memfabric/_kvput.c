@@ -617,13 +617,14 @@ static int put_locked(KvPutGrant *g, const PutRequest *q, uint64_t h) {
     if (!found && (keys + tombstones + 1) * 2 > slots)
         return 0;                /* MAX_LOAD: Python grows the table */
     if (g->share >= 0) {
-        /* The keys' bytes after the put, whichever chunk it takes: a reused one was counted
-         * all along, but as no key's (the records resting here are not the keys'). */
+        /* Whichever chunk the put takes: a reused one was counted all along, but as no key's,
+         * and the key needs room all the same. The records resting here still count (as in
+         * Python's figure: one held by a reply stays counted when freed), so a put near the
+         * limit is Python's, which frees them first. */
         uint64_t freed = found ? chunk_of(old.klen + old.vlen) : 0;
         long long used = used_bytes(g);
         if (used < 0 || (found && freed == 0))
             return 0;
-        used -= (long long)g->replaced_bytes;
         if (g->chunk_bytes > freed && used + (long long)(g->chunk_bytes - freed) > g->share)
             return 0;            /* Python evicts, or refuses */
     }
