@@ -299,9 +299,10 @@ static PyObject *stocked_item(KvPutGrant *g, int i) {
 
 static PyObject *replaced_item(KvPutGrant *g, int i) {
     Replaced *r = &g->replaced[(g->replaced_head + (uint32_t)i) % g->replaced_room];
-    return Py_BuildValue("(KKKKKKK)", (unsigned long long)r->segment, (unsigned long long)r->offset,
+    return Py_BuildValue("((KKKKKKK)K)", (unsigned long long)r->segment, (unsigned long long)r->offset,
                          (unsigned long long)r->klen, (unsigned long long)r->vlen, (unsigned long long)r->expiry,
-                         (unsigned long long)r->extents, (unsigned long long)r->version);
+                         (unsigned long long)r->extents, (unsigned long long)r->version,
+                         (unsigned long long)r->until_ms);
 }
 
 /* [item(g, i) for i < *count], and *count set to 0: what the grant hands over. */
@@ -324,8 +325,9 @@ static PyObject *grant_take_stock(KvPutGrant *g, PyObject *Py_UNUSED(ignored)) {
     return hand_over(g, &g->n_stock, stocked_item);
 }
 
-/* take_replaced() -> [fields]: the records puts replaced and did not reuse, oldest first,
- * for Python to free. */
+/* take_replaced() -> [(fields, until_ms)]: the records puts replaced and did not reuse,
+ * oldest first, for Python to free, each with the CLOCK_MONOTONIC ms its grace ends (it
+ * rested here since it was replaced). */
 static PyObject *grant_take_replaced(KvPutGrant *g, PyObject *Py_UNUSED(ignored)) {
     int n = (int)g->n_replaced;
     PyObject *out = hand_over(g, &n, replaced_item);
@@ -418,7 +420,7 @@ static PyMethodDef grant_methods[] = {
     {"refill", (PyCFunction)grant_refill, METH_VARARGS, "refill(space, writer, index, refs, conn, chunk_bytes, "
      "min_record, stock, segments, share, until_ms, grace_ms)"},
     {"take_stock", (PyCFunction)grant_take_stock, METH_NOARGS, "take_stock() -> [(segment, offset)]"},
-    {"take_replaced", (PyCFunction)grant_take_replaced, METH_NOARGS, "take_replaced() -> [fields]"},
+    {"take_replaced", (PyCFunction)grant_take_replaced, METH_NOARGS, "take_replaced() -> [(fields, until_ms)]"},
     {"drop_views", (PyCFunction)grant_drop_views, METH_NOARGS, "drop_views()"},
     {"close", (PyCFunction)grant_close, METH_NOARGS, "close()"},
     {NULL, NULL, 0, NULL},
@@ -614,7 +616,11 @@ static int put_locked(KvPutGrant *g, const PutRequest *q, uint64_t h) {
     int was_tombstone = !found && s[KV_W_HASH] == KV_TOMBSTONE;
     if (!found && (keys + tombstones + 1) * 2 > slots)
         return 0;                /* MAX_LOAD: Python grows the table */
-    if (g->share >= 0 && reuse == NULL) {      /* a reused chunk takes no more memory */
+    if (g->share >= 0) {
+        /* Whichever chunk the put takes: a reused one was counted all along, but as no key's,
+         * and the key needs room all the same. The records resting here still count (as in
+         * Python's figure: one held by a reply stays counted when freed), so a put near the
+         * limit is Python's, which frees them first. */
         uint64_t freed = found ? chunk_of(old.klen + old.vlen) : 0;
         long long used = used_bytes(g);
         if (used < 0 || (found && freed == 0))

@@ -588,6 +588,37 @@ def test_a_full_namespace_takes_the_stock_back_before_refusing_a_write(fresh_fab
         assert kv_a.stats()["put_stock_bytes"] == 0
 
 
+def test_a_full_pool_takes_what_rested_in_a_grant_at_once(fresh_fabric, request):
+    """The records a stream of overwrites left resting in its grant have rested their grace
+    there: when the pool is full and a write takes them back (reclaim), they serve it at once,
+    not after a second grace. Before, every one of them rested again: a full pool refused
+    writes for the memory of records that had rested already."""
+    fab = fresh_fabric(servers=1, capacity="16MiB")
+    value = b"v" * (64 * KiB)             # a record a page: the pool holds about 120
+    with local(fab) as s:
+        kv = s.create_namespace(ns_name(request), sec_id="k").kv()
+        filled = 0
+        with pytest.raises(OutOfMemory):
+            for filled in range(1000):
+                kv.put(b"fill-%d" % filled, value, nx=True)     # Python's puts (NX)
+        freed = 20
+        for i in range(freed):
+            assert kv.delete(b"fill-%d" % i)
+        time.sleep(3 * REUSE_GRACE_S)     # their memory has rested
+        for _ in range(freed - 2):        # within what was freed: the replaced rest in the grant
+            kv.put(b"a", value)
+        time.sleep(3 * REUSE_GRACE_S)     # ... and have rested their grace there
+        stored = 0
+        for i in range(freed - 1):        # what "a" does not hold
+            try:
+                kv.put(b"new-%d" % i, value, nx=True)
+            except OutOfMemory:
+                break
+            stored += 1
+        assert stored == freed - 1
+        assert kv.get(b"a") == value and kv.get(b"new-%d" % (freed - 2)) == value
+
+
 _INCREMENTER = r"""
 import sys, memfabric
 directory, name = sys.argv[1], sys.argv[2]
@@ -659,6 +690,41 @@ def test_overwrites_leave_room_for_new_keys_under_the_limit(fresh_fabric, reques
             kv.put(b"new", b"n" * 4000)         # OUT_OF_MEMORY here: replaced records counted
             assert kv.delete(b"new")
         assert kv.get(b"fill-1") == b"9" * 4000 and len(kv) == keys - 1
+
+
+@pytest.mark.parametrize("eviction", ["refuse", "lru"])
+def test_new_keys_in_reused_chunks_stay_within_the_limit(fresh_fabric, request, eviction):
+    """A full keyspace's overwrites leave the records they replaced resting in the grant; once
+    rested, a new key's compiled put reuses one. That chunk was counted all along, but as no
+    key's: the new key still needs room under the memory limit (refused, or another evicted).
+    Before, a new key in a reused chunk skipped the limit: 100 new keys were stored in a full
+    keyspace with eviction "refuse", and none was evicted with "lru"."""
+    fab = fresh_fabric(servers=1)
+    limit = 256 * KiB
+    with local(fab) as s:
+        kv = s.create_namespace(ns_name(request), sec_id="k").kv()
+        kv.configure(memory_limit=limit, eviction="refuse")
+        with pytest.raises(OutOfMemory):
+            for keys in range(1000):
+                kv.put(b"fill-%d" % keys, b"f" * 4000)
+        kv.configure(eviction=eviction)
+        stored = 0
+        for i in range(300):           # replaced records rest in the grant (stats() would free them)
+            kv.put(b"fill-1", str(i % 10).encode() * 4000)
+        time.sleep(3 * REUSE_GRACE_S)  # ... and have rested: the next puts may reuse them
+        for i in range(100):
+            try:
+                kv.put(b"new-%d" % i, b"n" * 4000)
+            except OutOfMemory:
+                break
+            stored += 1
+        stats = kv.stats()
+        assert stats["bytes"] <= limit
+        if eviction == "refuse":
+            assert stored == 0
+        else:
+            assert stored == 100 and stats["evictions"] >= 100
+            assert kv.get(b"new-99") == b"n" * 4000
 
 
 def test_stock_idle_connections_hold_goes_back_to_the_pool(fresh_fabric, request):

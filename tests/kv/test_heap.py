@@ -64,6 +64,20 @@ class HeapMachine(RuleBasedStateMachine):
         self.heap.free(chunk, self.now)
         self.resting.append((self.now + GRACE, chunk))
 
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def free_rested(self, data) -> None:
+        """Records a compiled put's grant kept since they were replaced (put_grants.settle):
+        each rests what is left of its grace, no more, and never less."""
+        batch = []
+        for _ in range(data.draw(st.integers(1, min(5, len(self.live))))):
+            chunk = self.live.pop(data.draw(st.integers(0, len(self.live) - 1)))
+            replaced = self.now - data.draw(st.sampled_from([0.0, 0.5, 1.0, 1.5]))
+            batch.append((chunk, replaced + GRACE))
+        batch.sort(key=lambda b: b[1])         # a grant's are oldest first
+        self.heap.free_rested(batch, self.now)
+        self.resting += [(until, chunk) for chunk, until in batch]
+
     @rule(dt=st.sampled_from([0.0, 0.5, 1.0]))
     def tick(self, dt: float) -> None:
         self.now += dt
@@ -110,3 +124,16 @@ def test_a_chunk_never_written_serves_again_at_once():
     heap.unallocate(chunk)
     assert heap.record_bytes == 0
     assert heap.empty_pages(0.0) == [(0, 0)]          # its page back, no rest
+
+
+def test_a_record_that_rested_elsewhere_serves_again_when_its_rest_ends():
+    """A compiled put's grant kept a replaced record since it was replaced: freed after its
+    grace, it serves again at once, and a younger one only when its own grace ends."""
+    heap = RecordHeap(1.0)
+    heap.add_page(0, 0, 100)
+    old, young = heap.allocate(100, 0.0), heap.allocate(100, 0.0)
+    heap.free(heap.allocate(100, 0.0), 5.0)               # a record freed here, resting till 6.0
+    heap.free_rested([(old, 4.5), (young, 5.5)], 5.0)      # rested since 3.5 and 4.5
+    assert heap.allocate(100, 5.0) == old
+    assert heap.allocate(100, 5.0).offset not in (young.offset, old.offset)   # a fresh chunk
+    assert heap.allocate(100, 5.5) == young

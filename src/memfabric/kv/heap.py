@@ -14,7 +14,9 @@ page whose records are all free again goes back to the pool.
 from __future__ import annotations
 
 import bisect
+import heapq
 from collections import deque
+from operator import itemgetter
 from typing import NamedTuple
 
 from ..errors import InvalidArgument
@@ -133,6 +135,22 @@ class RecordHeap:
         page.resting += 1
         self.record_bytes -= chunk.size
         self._resting.append((now_s + self.grace_s, page, chunk.offset))
+
+    def free_rested(self, chunks: list[tuple[Chunk, float]], now_s: float) -> None:
+        """Records gone that have rested since they left their slots (a compiled put's grant
+        kept them: put_grants.py), each until its own time (monotonic s, in order): they serve
+        again then (a grace from now at the latest), not a new grace later."""
+        entries = []
+        for chunk, until_s in chunks:
+            page = self._page_of(chunk)
+            page.used -= 1
+            page.resting += 1
+            self.record_bytes -= chunk.size
+            entries.append((min(until_s, now_s + self.grace_s), page, chunk.offset))
+        if self._resting and entries and entries[0][0] < self._resting[-1][0]:    # in order of time
+            self._resting = deque(heapq.merge(self._resting, entries, key=itemgetter(0)))
+        else:
+            self._resting.extend(entries)
 
     def empty_pages(self, now_s: float) -> list[tuple[int, int]]:
         """Pages with no record, resting or live: (segment, offset) each, forgotten here, for

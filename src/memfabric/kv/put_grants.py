@@ -110,9 +110,11 @@ def grant(grants: ConnectionPutGrants, space: Any, store: Any, creds: tuple, siz
         grants.table.append(g)
         space.put_grants[g] = _Held(grants)
     held = space.put_grants[g]
-    _settle_stale(space, g, time.monotonic())     # the rest its puts reuse
     cls = RecordHeap.class_of(size)
     chunk = CLASSES[cls]
+    if g.queued and g.chunk_bytes != chunk:         # another class: what it kept serves none of its puts
+        settle(space, store, g)
+    _settle_stale(space, g, time.monotonic())     # the rest its puts reuse
     if g.stocked and g.chunk_bytes != chunk:        # another class: its stock goes back
         _give_back(space, store, g.take_stock(), g.chunk_bytes)
     fresh: list[tuple[int, int]] = []
@@ -148,9 +150,12 @@ def grant(grants: ConnectionPutGrants, space: Any, store: Any, creds: tuple, siz
 
 
 def settle(space: Any, store: Any, g: Any) -> None:
-    """Under the keyspace's lock: the records the loop's puts replaced are freed."""
+    """Under the keyspace's lock: the records the loop's puts replaced are freed, each resting
+    what is left of its grace (not a new one: a full pool's writes, which settle them, would
+    wait twice as long for their memory)."""
     if g.queued:
-        store.free_records(g.take_replaced())
+        taken = g.take_replaced()
+        store.free_records([fields for fields, _ in taken], [until_ms / 1000 for _, until_ms in taken])
 
 
 def _give_back(space: Any, store: Any, chunks: list[tuple[int, int]], chunk: int) -> None:
@@ -195,10 +200,11 @@ def take_back_idle(space: Any, now_s: float) -> None:
 def reclaim_stock(space: Any) -> bool:
     """Under the keyspace's lock, when its memory ran out: every grant's stock back to the heap
     (their puts refill, or go to Python), and what their puts replaced freed; whether any
-    stock came back."""
+    came back (what rested its grace in a grant serves at once)."""
     took = False
     space.stock_lean_until = time.monotonic() + STOCK_LEAN_S
     for g in list(space.put_grants):
+        took |= g.queued > 0
         settle(space, space.store, g)
         if g.stocked:
             chunk, chunks = g.chunk_bytes, g.take_stock()

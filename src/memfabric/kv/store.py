@@ -363,11 +363,21 @@ class Store:
         return chunk_bytes(klen + EXTENT.size * n_extents) + sum(
             e.length for e in self.space.large.get(record_key(fields), ()))
 
-    def free_records(self, records: list[Fields]) -> None:
-        """free_record of each, with one look for emptied pages at the end."""
-        for fields in records:
-            self.free_record(fields, release_pages=False)
-        pages = self.space.heap.empty_pages(time.monotonic())
+    def free_records(self, records: list[Fields], rest_until_s: list[float] | None = None) -> None:
+        """free_record of each, with one look for emptied pages at the end. `rest_until_s`: they
+        rested since they left their slots (a compiled put's grant kept them), each until then
+        (monotonic s, in order): what is left of that rest, not a new grace."""
+        rested: list[tuple[Chunk, float]] = []
+        busy = self.space.busy
+        for i, fields in enumerate(records):
+            if rest_until_s is not None and extents_of(fields) == 0 and not busy.get(record_key(fields)):
+                rested.append((Chunk(fields[0], fields[1], chunk_bytes(fields[2] + fields[3])), rest_until_s[i]))
+            else:
+                self.free_record(fields, release_pages=False)
+        now = time.monotonic()
+        if rested:
+            self.space.heap.free_rested(rested, now)
+        pages = self.space.heap.empty_pages(now)
         if pages:
             self.release([Extent(s, o, PAGE_BYTES) for s, o in pages])
 
