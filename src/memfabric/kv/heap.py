@@ -172,6 +172,12 @@ class RecordHeap:
             self.page_count -= 1
         return empty
 
+    def rested_by_s(self, size: int) -> float | None:
+        """When (monotonic s) the first chunk of the class of a `size`-byte record that rests
+        serves again; None: none of that class rests."""
+        cls = self.class_of(size)
+        return next((until for until, page, _ in self._resting if page.cls == cls), None)
+
     def page_bytes(self) -> int:
         return self.page_count * PAGE_BYTES
 

@@ -232,9 +232,10 @@ class Store:
     def set_expiry(self, slot: int, expiry: int) -> None:
         self.space.table.writer.set_expiry(slot, expiry)
 
-    def chunk(self, size: int, reclaim: bool = True) -> Chunk:
+    def chunk(self, size: int, reclaim: bool = True, wait_rest: bool = True) -> Chunk:
         """A chunk for a record of `size` bytes: from the heap, else from a new page, else from
-        the chunks compiled puts hold in stock (`reclaim`), else OUT_OF_MEMORY."""
+        the chunks compiled puts hold in stock (`reclaim`), else one of its class that rests
+        (`wait_rest`: waited for, a grace at most), else OUT_OF_MEMORY."""
         heap = self.space.heap
         now = time.monotonic()
         chunk = heap.allocate(size, now)
@@ -247,9 +248,16 @@ class Store:
                                       f"{self.namespace!r}'s keys")
             except OutOfMemory:
                 # Memory stocked for compiled puts is no key's yet: a write must not fail for it.
-                if not reclaim or not reclaim_stock(self.space):
+                if reclaim and reclaim_stock(self.space):
+                    return self.chunk(size, reclaim=False, wait_rest=wait_rest)
+                # Records replaced a moment ago rest a grace before their memory serves again
+                # (a stream of overwrites keeps rate x grace of it resting): a write waits for
+                # the first of its class rather than be refused with memory about to free.
+                rested_s = heap.rested_by_s(size) if wait_rest else None
+                if rested_s is None or rested_s - time.monotonic() > self.space.grace_s:
                     raise
-                return self.chunk(size, reclaim=False)
+                time.sleep(max(0.0, rested_s - time.monotonic()))
+                return self.chunk(size, reclaim=False, wait_rest=False)
             heap.add_page(page[0].segment, page[0].offset, size)
             chunk = heap.allocate(size, now)
             assert chunk is not None
@@ -267,7 +275,7 @@ class Store:
         pages = 1 if now < self.space.stock_lean_until else count
         while len(out) < count and pages > 0:
             try:
-                out.append(self.chunk(size, reclaim=False))          # a new page, then what it holds
+                out.append(self.chunk(size, reclaim=False, wait_rest=False))     # a new page, then what it holds
             except OutOfMemory:
                 if out:
                     break
