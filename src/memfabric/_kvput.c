@@ -112,7 +112,7 @@ typedef struct {
     uint64_t grace_ms;           /* how long a replaced record rests before its chunk serves again */
     long long share;             /* the memory limit's share here; -1: no limit */
     uint64_t until_ms;           /* CLOCK_MONOTONIC ms the grant holds until */
-    unsigned long long served, reused;
+    unsigned long long served;
 } KvPutGrant;
 
 static PyObject *s_acquire, *s_release, *s_last_version, *s_primary_keys, *s_stocked_bytes, *s_keys,
@@ -361,10 +361,6 @@ static PyObject *grant_served(KvPutGrant *g, void *Py_UNUSED(closure)) {
     return PyLong_FromUnsignedLongLong(g->served);
 }
 
-static PyObject *grant_reused(KvPutGrant *g, void *Py_UNUSED(closure)) {
-    return PyLong_FromUnsignedLongLong(g->reused);
-}
-
 static PyObject *grant_chunk_bytes(KvPutGrant *g, void *Py_UNUSED(closure)) {
     return PyLong_FromUnsignedLongLong(g->chunk_bytes);
 }
@@ -428,7 +424,6 @@ static PyMethodDef grant_methods[] = {
 
 static PyGetSetDef grant_getset[] = {
     {"served", (getter)grant_served, NULL, "puts answered here", NULL},
-    {"reused", (getter)grant_reused, NULL, "puts answered in a chunk a replaced record rested in", NULL},
     {"stocked", (getter)grant_stocked, NULL, "chunks in stock", NULL},
     {"queued", (getter)grant_queued, NULL, "replaced records resting in the grant (reused, or freed by Python)", NULL},
     {"oldest_replaced_ms", (getter)grant_oldest_replaced_ms, NULL,
@@ -621,7 +616,7 @@ static int put_locked(KvPutGrant *g, const PutRequest *q, uint64_t h) {
          * and the key needs room all the same. The records resting here still count (as in
          * Python's figure: one held by a reply stays counted when freed), so a put near the
          * limit is Python's, which frees them first. */
-        uint64_t freed = found ? chunk_of(old.klen + old.vlen) : 0;
+        uint64_t freed = found ? old.chunk : 0;
         long long used = used_bytes(g);
         if (used < 0 || (found && freed == 0))
             return 0;
@@ -649,7 +644,6 @@ static int put_locked(KvPutGrant *g, const PutRequest *q, uint64_t h) {
         g->replaced_bytes -= r->chunk;
         g->replaced_head = (g->replaced_head + 1) % g->replaced_room;
         g->n_replaced--;
-        g->reused++;
     } else {
         chunk = g->stock[g->n_stock - 1];
         seg = segment_of(g, chunk.segment);

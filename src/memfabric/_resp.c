@@ -44,6 +44,17 @@
  * alone did 100k. Taken before the GIL is, never while it is held. */
 static pthread_mutex_t setters = PTHREAD_MUTEX_INITIALIZER;
 
+static void take_for_sets(PyThreadState *save) {
+    pthread_mutex_lock(&setters);
+    PyEval_RestoreThread(save);
+}
+
+static PyThreadState *let_go_after_sets(void) {
+    PyThreadState *save = PyEval_SaveThread();
+    pthread_mutex_unlock(&setters);
+    return save;
+}
+
 #define DOOR_PYTHON 0
 #define DOOR_CLOSED 1
 #define DOOR_IDLE 2
@@ -51,7 +62,7 @@ static pthread_mutex_t setters = PTHREAD_MUTEX_INITIALIZER;
 #define DOOR_IN_BYTES (256 * 1024 + 512)     /* a 64 KiB SET pipelined a few deep, and more */
 #define DOOR_OUT_BYTES (64 * 1024 + 64)      /* RESP_REPLY_BUFFER_BYTES, and one GET's reply */
 #define DOOR_BUFFER_BYTES (DOOR_IN_BYTES + DOOR_OUT_BYTES)
-#define DOOR_WAIT_ALL_BYTES 4096                /* a command's rest this long is received whole */
+#define DOOR_LOW_WATER_BYTES 4096               /* a command's rest this long is received whole */
 
 /* A number of at most `max_digits` digits, then "\r\n" at p[0..]: its value and where the
  * line ends; 0 if it is not (a sign, a leading zero, anything else: Python's). -1: more bytes
@@ -194,8 +205,7 @@ static PyObject *resp_serve(PyObject *Py_UNUSED(self), PyObject *args) {
             size_t reply_room = DOOR_OUT_BYTES - out_n;
             if (reply_room < 64 * 1024 + 32 && out_n) {          /* room for any reply first */
                 if (holding) {       /* never wait for a client with the GIL */
-                    save = PyEval_SaveThread();
-                    pthread_mutex_unlock(&setters);
+                    save = let_go_after_sets();
                     holding = 0;
                 }
                 if (!send_out(fd, out, out_n, send_timeout_s, &err))
@@ -212,8 +222,7 @@ static PyObject *resp_serve(PyObject *Py_UNUSED(self), PyObject *args) {
                 KvPutRequest q = {pool.buf, ns.buf, sec.buf, c.arg[1], c.arg[2], NULL, (size_t)pool.len,
                                   (size_t)ns.len, (size_t)sec.len, c.len[1], c.len[2], 0, 0};
                 if (!holding) {
-                    pthread_mutex_lock(&setters);
-                    PyEval_RestoreThread(save);
+                    take_for_sets(save);
                     holding = 1;
                 }
                 answered = kv_put_apply(put_grants, &q);
@@ -238,8 +247,7 @@ static PyObject *resp_serve(PyObject *Py_UNUSED(self), PyObject *args) {
                 sets++;
         }
         if (holding) {               /* let go before anything waits */
-            save = PyEval_SaveThread();
-            pthread_mutex_unlock(&setters);
+            save = let_go_after_sets();
             holding = 0;
         }
         if (err)
@@ -269,8 +277,8 @@ static PyObject *resp_serve(PyObject *Py_UNUSED(self), PyObject *args) {
         }
         /* The rest of a large command, known long: the thread is woken once it is all here
          * (SO_RCVLOWAT; SO_RCVTIMEO still bounds the wait, and a timeout returns what came),
-         * not for each piece that lands: a 64 KiB SET woke its thread some four times. */
-        int low = need > have + DOOR_WAIT_ALL_BYTES ? (int)(need - have) : 0;
+         * not for each piece that lands. */
+        int low = need > have + DOOR_LOW_WATER_BYTES ? (int)(need - have) : 0;
         if (low)
             setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &low, sizeof low);
         ssize_t k = recv(fd, in + have, DOOR_IN_BYTES - have, 0);

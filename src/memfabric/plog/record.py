@@ -93,12 +93,10 @@ def compiled() -> bool:
     return _records is not None
 
 
-def frame_into(nonce: int, first_index: int, data: memoryview, lengths: list[int], into: bytearray) -> int | None:
+def frame_into(nonce: int, first_index: int, data: memoryview, lengths: list[int], into: bytearray) -> int:
     """The frames of the batch written into `into` (a buffer kept for the next batch), each
     CRC computed over the bytes in the frame (so `data` may change meanwhile: a client's
-    shared stage); their length. None where the compiled part is not built."""
-    if _records is None:
-        return None
+    shared stage); their length. Only where compiled() is true."""
     return _records.frame_batch(nonce, first_index, data, lengths, into)
 
 

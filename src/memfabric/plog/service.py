@@ -780,7 +780,10 @@ class PlogService:
             starts = core.plan(lengths)
             total = starts[-1] + rec.frame_bytes(lengths[-1]) - starts[0]
             try:
-                if total <= JOIN_BELOW_BYTES and (buffer := self._frame_buffer()) is not None:
+                buffer = self._frame_buffer() if total <= JOIN_BELOW_BYTES else None
+                if buffer is None and shared:     # Python frames it below: from a copy that cannot change
+                    data = memoryview(data.tobytes())
+                if buffer is not None:
                     try:
                         rec.frame_into(core.nonce, core.next_index, data, lengths, buffer)
                         plog.data.write(starts[0], memoryview(buffer)[:total], plog.touched)
@@ -788,11 +791,9 @@ class PlogService:
                         if len(self._frame_buffers) < FRAME_BUFFERS_KEPT:
                             self._frame_buffers.append(buffer)
                 elif total <= JOIN_BELOW_BYTES:
-                    data = memoryview(data.tobytes()) if shared else data
                     framed = rec.framed(core.nonce, core.next_index, data, lengths)
                     plog.data.write(starts[0], memoryview(framed), plog.touched)
                 else:
-                    data = memoryview(data.tobytes()) if shared else data
                     at = starts[0]
                     for part in rec.frames(core.nonce, core.next_index, data, lengths):
                         plog.data.write(at, memoryview(part), plog.touched)
