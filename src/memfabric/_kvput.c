@@ -50,10 +50,14 @@
 
 #define PUT_STOCK_MAX 64           /* chunks a grant holds at most */
 #define PUT_REPLACED_FIRST 64      /* the replaced queue's first room; it doubles as needed, */
-#define PUT_REPLACED_MAX 16384     /* up to this many records */
-#define PUT_REPLACED_BYTES (64ULL << 20)    /* and these chunk bytes (a grace's worth of puts) */
-#define PUT_SEGMENTS_MAX 64        /* segments a grant writes or reads keys in (a grace of 64 KiB puts
-                                      * replaces records in dozens of the pool's segments) */
+/* The replaced records rest here or in Python's heap alike (rate x grace of them: a grace of
+ * 64 KiB overwrites at 25k a second is 100 MiB): a queue too short to hold a grace sent every
+ * put past it to Python, under the GIL, until the oldest had rested (a door's 64 KiB SETs
+ * went there by the thousand, 8k a second where the grant alone does 26k). */
+#define PUT_REPLACED_MAX 65536     /* up to this many records */
+#define PUT_REPLACED_BYTES (256ULL << 20)   /* and these chunk bytes */
+#define PUT_SEGMENTS_MAX 128       /* segments a grant writes or reads keys in (a grace of 64 KiB puts
+                                      * replaces records in dozens of the pool's 4 MiB segments) */
 #define PUT_MAX_KEY 65536          /* MAX_KV_KEY_BYTES */
 #define PUT_MAX_TTL_MS 1000000000000000ULL
 #define KV_H_KEYS 4

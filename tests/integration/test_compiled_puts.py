@@ -23,7 +23,8 @@ import pytest
 import memfabric
 from memfabric.errors import BmError, NoSuchNamespace, OutOfMemory, PermissionDenied, Timeout
 from memfabric.kv import put_grants
-from memfabric.limits import REUSE_GRACE_S
+from memfabric.kv.heap import CLASSES, RecordHeap
+from memfabric.limits import KV_PUT_STOCK_BYTES, REUSE_GRACE_S
 from memfabric.transport import wire
 from memfabric.transport.ipc import IpcChannel
 
@@ -141,6 +142,34 @@ def test_overwrites_faster_than_a_grace_frees_memory_are_not_refused(fresh_fabri
                              text=True, timeout=CHILD_WAIT_S * 8)
         assert got.returncode == 0, got.stderr
         assert got.stdout.split() == ["0", "True"]
+
+
+def test_a_grace_of_64_KiB_overwrites_stays_compiled(fresh_fabric, request, tmp_path, monkeypatch):
+    """What a grace of overwrites replaces rests in the grant (or in Python's heap: the same
+    memory) until it serves again: 1500 overwrites of 64 KiB within one grace (3 s here, so
+    the machine's speed does not matter) are all compiled but for the stock's refills. Before,
+    the grant held 64 MiB of them at most (1012) and sent every put past that to Python until the
+    oldest had rested: the door's 64 KiB SETs fell there by the thousand."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import memfabric.kv.space, memfabric.kv.put_grants\n"
+        "memfabric.kv.space.REUSE_GRACE_S = 3.0\n"
+        "memfabric.kv.put_grants.REPLACED_IDLE_S = 30.0\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    fab = fresh_fabric(servers=1, capacity="256MiB", segment_size="4MiB")
+    with local(fab) as s:
+        kv = s.create_namespace(ns_name(request), sec_id="k").kv()
+        value = os.urandom(64 * KiB)
+        kv.put(b"k", value)
+        before, began = compiled_puts(s), time.monotonic()
+        for _ in range(1500):
+            kv.put(b"k", value)
+        took_s = time.monotonic() - began
+        compiled = compiled_puts(s) - before
+    if took_s >= 3.0:
+        pytest.skip(f"1500 puts took {took_s:.1f} s, past the grace: records served again meanwhile")
+    # A stock holds 15 chunks of this class (KV_PUT_STOCK_BYTES): one put in 16 refills it.
+    stock = KV_PUT_STOCK_BYTES // CLASSES[RecordHeap.class_of(64 * KiB + 1)]
+    assert compiled >= 1500 * stock // (stock + 1) - 5, f"{1500 - compiled} of 1500 puts went to Python"
 
 
 def test_many_new_keys_grow_the_table(fabric, request):

@@ -8,7 +8,11 @@ class, and a record takes the smallest class that fits it (memcached's slabs: cl
 quarter apart, so at most a fifth of a record's chunk is slack). Freed records rest for
 `grace_s` before reuse, as BigMemory's extents do, so a reader that raced a delete sees the
 slot's sequence change before it could see another key's bytes where this record was. A
-page whose records are all free again goes back to the pool.
+page whose records are all free again is kept aside, empty, for the next page any class needs
+(up to SPARE_PAGES_MAX of them); one kept SPARE_IDLE_S unused goes back to the pool. Giving a
+page back and taking a new one costs the keyspace's same-host grants (the server revokes them:
+a segment it left may be destroyed) and fresh memory's page faults: a stream of overwrites of
+64 KiB values, a record a page, did both for a quarter of its writes.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from ..errors import InvalidArgument
 PAGE_BYTES = 128 << 10          # a record holds a key of 64 KiB and a large value's extent table
 MIN_CHUNK_BYTES = 64
 GROWTH = 1.25
+SPARE_PAGES_MAX = 256           # 32 MiB of empty pages kept for reuse, at most
+SPARE_IDLE_S = 2.0              # an empty page kept this long unused goes back to the pool
 
 
 def _classes() -> list[int]:
@@ -45,7 +51,7 @@ class Chunk(NamedTuple):        # not a frozen dataclass: a refill makes and fre
 
 
 class _Page:
-    __slots__ = ("segment", "offset", "cls", "free", "used", "resting", "carved", "listed")
+    __slots__ = ("segment", "offset", "cls", "free", "used", "resting", "carved", "listed", "spare")
 
     def __init__(self, segment: int, offset: int, cls: int) -> None:
         self.segment, self.offset, self.cls = segment, offset, cls
@@ -54,6 +60,7 @@ class _Page:
         self.resting = 0                   # chunks freed, within the grace
         self.carved = 0                    # chunks ever carved (the rest of the page is untouched)
         self.listed = True                 # in its class's list of pages with room
+        self.spare = False                 # empty, kept aside for any class (RecordHeap._spare)
 
 
 class RecordHeap:
@@ -64,6 +71,7 @@ class RecordHeap:
         self._with_room: list[list[_Page]] = [[] for _ in CLASSES]
         self._resting: deque[tuple[float, _Page, int]] = deque()    # (until, page, offset)
         self._emptied: set[tuple[int, int]] = set()          # pages whose last chunk came back
+        self._spare: deque[tuple[float, _Page]] = deque()    # (emptied at, page), oldest first
         self.record_bytes = 0                                 # chunks holding records
         self.page_count = 0
 
@@ -85,7 +93,9 @@ class RecordHeap:
         pages = self._with_room[cls]
         chunk_bytes = CLASSES[cls]
         out: list[Chunk] = []
-        while len(out) < count and pages:
+        while len(out) < count and (pages or self._spare):
+            if not pages:            # an empty page kept aside serves this class now
+                self._reuse_spare(cls)
             page = pages[-1]
             if page.free:
                 offset = page.free.pop()
@@ -152,25 +162,54 @@ class RecordHeap:
         else:
             self._resting.extend(entries)
 
-    def empty_pages(self, now_s: float) -> list[tuple[int, int]]:
-        """Pages with no record, resting or live: (segment, offset) each, forgotten here, for
-        the server to give back to the pool."""
+    def empty_pages(self, now_s: float, keep: bool = True) -> list[tuple[int, int]]:
+        """Pages for the server to give back to the pool, (segment, offset) each, forgotten
+        here: those kept aside empty past SPARE_PAGES_MAX or SPARE_IDLE_S (`keep` False: every
+        empty page)."""
         self._mature(now_s)
-        if not self._emptied:          # the common case: every write's free asks
+        if self._emptied:
+            for key in self._emptied:
+                page = self._pages.get(key)
+                if page is not None and page.used == 0 and page.resting == 0 and not page.spare:
+                    if page.listed:
+                        self._with_room[page.cls].remove(page)
+                        page.listed = False
+                    page.spare = True
+                    self._spare.append((now_s, page))
+            self._emptied.clear()
+        spare = self._spare
+        if not spare:                  # the common case: every write's free asks
             return []
-        empty = [key for key in self._emptied if (page := self._pages.get(key)) is not None
-                 and page.used == 0 and page.resting == 0]
-        self._emptied.clear()
-        for segment, offset in empty:
-            page = self._pages.pop((segment, offset))
-            starts = self._starts[segment]
-            del starts[bisect.bisect_left(starts, offset)]
+        idle_before = now_s - SPARE_IDLE_S
+        empty = []
+        while spare and (not keep or len(spare) > SPARE_PAGES_MAX or spare[0][0] <= idle_before):
+            _, page = spare.popleft()
+            key = (page.segment, page.offset)
+            del self._pages[key]
+            starts = self._starts[page.segment]
+            del starts[bisect.bisect_left(starts, page.offset)]
             if not starts:
-                del self._starts[segment]
-            if page.listed:
-                self._with_room[page.cls].remove(page)
+                del self._starts[page.segment]
             self.page_count -= 1
+            empty.append(key)
         return empty
+
+    def spare_count(self) -> int:
+        return len(self._spare)
+
+    def has_emptied(self) -> bool:
+        """Pages emptied or records resting: empty_pages may find pages to keep or give back."""
+        return bool(self._emptied or self._resting)
+
+    def _reuse_spare(self, cls: int) -> None:
+        """The empty page kept aside last (its memory the warmest) serves class `cls`."""
+        _, page = self._spare.pop()
+        page.spare = False
+        page.cls = cls
+        page.free = []
+        page.carved = 0
+        page.listed = True
+        self._with_room[cls].append(page)
 
     def rested_by_s(self, size: int) -> float | None:
         """When (monotonic s) the first chunk of the class of a `size`-byte record that rests

@@ -322,10 +322,15 @@ class KeyValueService(KeyEdits):
 
     def tick(self) -> None:
         """From the server's keeper: draining indexes move on without writes (index.py), and
-        expired keys give their memory back without a reader."""
+        expired keys and heap pages left empty give their memory back without a reader or a
+        writer."""
         with self.lock:
             spaces = [s.kv for s in self.server.namespaces.values() if s.kv is not None]
         for space in spaces:
+            if space.heap.spare_count() or space.heap.has_emptied():
+                with space.lock:
+                    if not space.closed:
+                        space.store.release_empty_pages(time.monotonic())
             if space.put_grants:         # what compiled puts replaced and left is freed, idle stock goes back
                 with space.lock:
                     if not space.closed:

@@ -88,8 +88,9 @@ class Table:
 
 
 class KeySpace:
-    def __init__(self, label: str, ns: str, grace_s: float = REUSE_GRACE_S, pool: str = "") -> None:
+    def __init__(self, label: str, ns: str, grace_s: float | None = None, pool: str = "") -> None:
         self.label, self.ns = label, ns
+        grace_s = REUSE_GRACE_S if grace_s is None else grace_s     # the module's, when made (tests set it)
         # RPC connections answering this keyspace's gets in compiled code (get_grants.py).
         self.get_grants = Grantees(pool, ns)
         # Same-host connections answering this keyspace's puts in compiled code (put_grants.py):

@@ -290,9 +290,13 @@ class Store:
         (not when memory ran out: the pool would keep them resting, out of the write's reach)."""
         for segment, offset in chunks:
             self.space.heap.unallocate(Chunk(segment, offset, size))
-        if not release_pages:
-            return
-        pages = self.space.heap.empty_pages(time.monotonic())
+        if release_pages:
+            self.release_empty_pages(time.monotonic())
+
+    def release_empty_pages(self, now: float) -> None:
+        """Heap pages left empty too long (or past the number kept: heap.empty_pages) go back
+        to the pool. Every write's free asks, and the keeper's tick (a keyspace no one writes)."""
+        pages = self.space.heap.empty_pages(now)
         if pages:
             self.release([Extent(s, o, PAGE_BYTES) for s, o in pages])
 
@@ -385,9 +389,7 @@ class Store:
         now = time.monotonic()
         if rested:
             self.space.heap.free_rested(rested, now)
-        pages = self.space.heap.empty_pages(now)
-        if pages:
-            self.release([Extent(s, o, PAGE_BYTES) for s, o in pages])
+        self.release_empty_pages(now)
 
     def free_record(self, fields: Fields, release_pages: bool = True) -> None:
         """A record left its slot: it rests, then its memory serves again; a large value's
@@ -407,11 +409,8 @@ class Store:
             space.large_bytes -= sum(e.length for e in extents)
             self.release(extents)
         space.heap.free(Chunk(segment, offset, chunk_bytes(size)), now)
-        if not release_pages:
-            return
-        pages = space.heap.empty_pages(now)
-        if pages:
-            self.release([Extent(s, o, PAGE_BYTES) for s, o in pages])
+        if release_pages:
+            self.release_empty_pages(now)
 
     # ---- room: the memory limit, eviction ----------------------------------------------------------
 
