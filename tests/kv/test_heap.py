@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from memfabric.errors import InvalidArgument
-from memfabric.kv.heap import CLASSES, MAX_RECORD_BYTES, PAGE_BYTES, SPARE_IDLE_S, SPARE_PAGES_MAX, RecordHeap
+from memfabric.kv.heap import (CLASSES, MAX_RECORD_BYTES, PAGE_BYTES, SPARE_IDLE_S, SPARE_PAGES_MAX, SPARE_PAGES_MIN,
+                               SPARE_SHARE, RecordHeap)
 
 GRACE = 1.0
 
@@ -157,16 +158,25 @@ def test_an_empty_page_is_kept_for_any_class_then_goes_back_when_idle():
 
 
 def test_empty_pages_kept_are_bounded():
+    """At most a quarter of the pages in use (SPARE_PAGES_MIN of an emptied keyspace: another
+    namespace may need the pool), SPARE_PAGES_MAX at most."""
     heap = RecordHeap(0.0)
-    count = SPARE_PAGES_MAX + 10
+    count = 5 * SPARE_PAGES_MAX
     for i in range(count):
         heap.add_page(i, 0, 70_000)
     chunks = heap.allocate_many(70_000, count, 0.0)
-    for chunk in chunks:
+    for chunk in chunks[:100]:
+        heap.free(chunk, 0.0)
+    assert len(heap.empty_pages(0.0)) == 0 and heap.spare_count() == 100
+    for chunk in chunks[100:2 * SPARE_PAGES_MAX]:
         heap.free(chunk, 0.0)
     given = heap.empty_pages(0.0)
-    assert len(given) == 10 and heap.spare_count() == SPARE_PAGES_MAX
-    assert heap.page_count == SPARE_PAGES_MAX
+    assert heap.spare_count() + len(given) == 2 * SPARE_PAGES_MAX
+    assert heap.spare_count() == int((count - 2 * SPARE_PAGES_MAX) * SPARE_SHARE)
+    for chunk in chunks[2 * SPARE_PAGES_MAX:]:
+        heap.free(chunk, 0.0)
+    heap.empty_pages(0.0)
+    assert heap.spare_count() == SPARE_PAGES_MIN and heap.page_count == SPARE_PAGES_MIN
 
 
 def test_a_record_that_rested_elsewhere_serves_again_when_its_rest_ends():

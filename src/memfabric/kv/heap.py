@@ -9,7 +9,8 @@ quarter apart, so at most a fifth of a record's chunk is slack). Freed records r
 `grace_s` before reuse, as BigMemory's extents do, so a reader that raced a delete sees the
 slot's sequence change before it could see another key's bytes where this record was. A
 page whose records are all free again is kept aside, empty, for the next page any class needs
-(up to SPARE_PAGES_MAX of them); one kept SPARE_IDLE_S unused goes back to the pool. Giving a
+(up to a quarter of the pages in use, SPARE_PAGES_MAX at most); one kept SPARE_IDLE_S unused
+goes back to the pool. Giving a
 page back and taking a new one costs the keyspace's same-host grants (the server revokes them:
 a segment it left may be destroyed) and fresh memory's page faults: a stream of overwrites of
 64 KiB values, a record a page, did both for a quarter of its writes.
@@ -28,7 +29,9 @@ from ..errors import InvalidArgument
 PAGE_BYTES = 128 << 10          # a record holds a key of 64 KiB and a large value's extent table
 MIN_CHUNK_BYTES = 64
 GROWTH = 1.25
-SPARE_PAGES_MAX = 256           # 32 MiB of empty pages kept for reuse, at most
+SPARE_PAGES_MAX = 256           # 32 MiB of empty pages kept for reuse, at most,
+SPARE_SHARE = 0.25              # and a quarter of the pages in use (an emptied keyspace keeps
+SPARE_PAGES_MIN = 4             # this many: another namespace's writes may need the pool)
 SPARE_IDLE_S = 2.0              # an empty page kept this long unused goes back to the pool
 
 
@@ -181,8 +184,9 @@ class RecordHeap:
         if not spare:                  # the common case: every write's free asks
             return []
         idle_before = now_s - SPARE_IDLE_S
+        kept = min(SPARE_PAGES_MAX, max(SPARE_PAGES_MIN, int((self.page_count - len(spare)) * SPARE_SHARE)))
         empty = []
-        while spare and (not keep or len(spare) > SPARE_PAGES_MAX or spare[0][0] <= idle_before):
+        while spare and (not keep or len(spare) > kept or spare[0][0] <= idle_before):
             _, page = spare.popleft()
             key = (page.segment, page.offset)
             del self._pages[key]
