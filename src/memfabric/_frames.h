@@ -63,7 +63,8 @@ int kv_serve(PyObject *grants, int fd, const unsigned char *block, Outcome *outc
 int kvget_add_to_module(PyObject *module);
 /* _kvget.c: a door GET (_resp.c) looked up in a grant of `grants` (a KvGrants) for (pool,
  * ns) with that secret: 1 with its RESP2 reply ($len value, or $-1) in out[0..*out_n), counted;
- * 0 when it is Python's (nothing written or counted). Without the GIL. */
+ * 0 when it is Python's (nothing written or counted); -1 when its reply needs more than `room`
+ * (nothing written or counted: send what is in the buffer, then ask again). Without the GIL. */
 int kv_door_get(PyObject *grants, const unsigned char *pool, size_t pool_n, const unsigned char *ns, size_t ns_n,
                 const unsigned char *sec, size_t sec_n, const unsigned char *key, size_t key_n, unsigned char *out,
                 size_t room, size_t *out_n);
@@ -90,7 +91,7 @@ PyObject *receive_packet(int fd, PyObject *buffer_obj, int max_fds, double poll_
                          double *waited, const char *request, size_t request_n);
 int kv_put_serve(PyObject *grants, const unsigned char *packet, size_t n, unsigned char *reply, size_t *reply_n);
 int kvput_add_to_module(PyObject *module);
-/* _resp.c: the Redis-protocol door's GET and SET (resp_serve). */
+/* _resp.c: the Redis-protocol door's GET and SET (RespLoop). */
 int resp_add_to_module(PyObject *module);
 
 #endif

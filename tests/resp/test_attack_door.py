@@ -23,7 +23,7 @@ from .conftest import door_fabric_of
 from .wire import Raw, encode
 
 _frames = pytest.importorskip("memfabric._frames")
-pytestmark = pytest.mark.skipif(not hasattr(_frames, "resp_serve"), reason="the compiled part is not built")
+pytestmark = pytest.mark.skipif(not hasattr(_frames, "RespLoop"), reason="the compiled part is not built")
 
 
 def _compiled_puts(fab: LocalFabric) -> int:

@@ -17,7 +17,7 @@ from .conftest import door_fabric_of
 from .wire import Raw, encode
 
 _frames = pytest.importorskip("memfabric._frames")
-pytestmark = pytest.mark.skipif(not hasattr(_frames, "resp_serve"), reason="the compiled part is not built")
+pytestmark = pytest.mark.skipif(not hasattr(_frames, "RespLoop"), reason="the compiled part is not built")
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +216,55 @@ def test_shared_grants_keep_namespaces_apart(one_server_door):
     with memfabric.init(one_server_door.directory) as s:
         kv_b = s.namespace("tenant-b", "b-secret").kv()
         assert kv_b.get(b"shared-name") == b"b's value 2" and kv_b.get(b"other") is None
+
+
+def test_a_client_that_reads_nothing_holds_up_no_one(one_server_door):
+    """One thread answers every connection's GETs and SETs (RespLoop): a client that sends a
+    pipeline of 64 KiB GETs and reads none of the replies fills its socket, and the loop
+    goes on with the others (its replies wait for it; it sends nothing more meanwhile)."""
+    big = b"v" * (64 << 10)
+    r = Raw(one_server_door.resp_port)
+    try:
+        r.send(encode("SET", b"big", big))
+        assert r.reply() == b"+OK\r\n"
+    finally:
+        r.close()
+    stuck = socket.create_connection(("127.0.0.1", one_server_door.resp_port), timeout=10)
+    try:
+        stuck.sendall(encode("GET", b"big") * 800)        # 52 MB of replies (past the sockets' buffers), none read
+        others = [Raw(one_server_door.resp_port) for _ in range(3)]
+        try:
+            for i in range(50):
+                for n, o in enumerate(others):
+                    o.send(encode("SET", b"o%d" % n, b"%d" % i) + encode("GET", b"o%d" % n) + encode("GET", b"big"))
+                    assert o.reply() == b"+OK\r\n" and o.reply() == b"$%d\r\n%d\r\n" % (len(b"%d" % i), i)
+                    assert o.reply() == b"$%d\r\n%s\r\n" % (len(big), big)
+        finally:
+            for o in others:
+                o.close()
+        # Then it reads: every reply, whole and in order.
+        stuck.settimeout(30)
+        want, got = (b"$%d\r\n%s\r\n" % (len(big), big)) * 800, bytearray()
+        while len(got) < len(want):
+            chunk = stuck.recv(1 << 20)
+            assert chunk, "closed before every reply came"
+            got += chunk
+        assert got == want
+    finally:
+        stuck.close()
+
+
+@pytest.mark.parametrize("value_bytes", [100, 30_000, 64 << 10])
+def test_pipelines_of_small_and_large_gets_answer_as_redis(pair, value_bytes):
+    """A pipeline's replies go out together, the reply buffer sent when a GET's value does
+    not fit what is left of it (before, room for a 64 KiB reply was kept, so each reply
+    of a pipeline went out alone): GETs of small and large values by turns, hits and
+    misses, answered as Redis does."""
+    door, redis = pair
+    setup = encode("SET", b"small", b"s" * 7) + encode("SET", b"large", b"L" * value_bytes)
+    rng = random.Random(value_bytes)
+    keys = [rng.choice([b"small", b"large", b"missing"]) for _ in range(300)]
+    data = b"".join(encode("GET", k) for k in keys)
+    for r in (door, redis):
+        assert replies(r, setup, 2) == b"+OK\r\n" * 2
+    assert replies(door, data, len(keys)) == replies(redis, data, len(keys))

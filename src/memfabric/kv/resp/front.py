@@ -2,7 +2,9 @@
 
 One thread per connection (as the RPC door). It reads what the client sent, answers every
 whole command in it in order (pipelining: the replies go out together, at most
-RESP_REPLY_BUFFER_BYTES at a time), then reads again. A malformed request gets Redis's error
+RESP_REPLY_BUFFER_BYTES at a time), then reads again. GETs and SETs of an authenticated client
+are answered in compiled code by one thread for all connections (_resp.c RespLoop, with
+epoll), the connection's thread waiting meanwhile; anything else comes back to it. A malformed request gets Redis's error
 after the replies before it, and the connection is closed, as Redis closes it; a client
 leaving more than RESP_QUERY_BUFFER_MAX_BYTES unparsed is closed without a word, as Redis
 does. Nothing one connection sends reaches another.
@@ -61,11 +63,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("memfabric.server")
 
 WRONGPASS = "-WRONGPASS invalid username-password pair or user is disabled."
-# Commands one compiled read answers before it returns (the door's counters catch up then).
+# Commands the door's loop answers for a connection before handing it back to its thread
+# (the door's counters catch up then).
 DOOR_COMMANDS_PER_CALL = 4096
-# How long one compiled call answers what it reads: it answers only while every key is homed
-# here (_compiled), which a server joining the pool changes; Python's view of the pool is as
-# old as this (server.py VIEW_TTL_S).
+# How long the door's loop answers what a connection sends before Python checks it again: it
+# answers only while every key is homed here (_compiled), which a server joining the pool
+# changes; Python's view of the pool is as old as this (server.py VIEW_TTL_S).
 DOOR_CALL_MAX_S = 0.25
 DOOR_PENDING_MAX_BYTES = 128 << 10     # a pipeline's rest the compiled path takes from the parser
 
@@ -149,9 +152,15 @@ class RespFront:
         # redis-benchmark's do) finds them made by those before it.
         self._grants_conn = Connection(client="resp door")
         self._grants: tuple[Any, Any] | None = None
-        if _frames is not None and hasattr(_frames, "resp_serve"):
+        # One thread answers every connection's GETs and SETs in compiled code, as they come
+        # (_resp.c RespLoop); a connection's own thread waits meanwhile, for everything else.
+        self._door_loop: Any = None
+        self._door_thread: threading.Thread | None = None
+        if _frames is not None and hasattr(_frames, "RespLoop"):
             gets, puts = server.kv.open_get_grants(self._grants_conn), server.kv.open_put_grants(self._grants_conn)
-            self._grants = (gets, puts) if gets is not None and puts is not None else None
+            if gets is not None and puts is not None:
+                self._grants = (gets, puts)
+                self._door_loop = _frames.RespLoop(RESP_SEND_TIMEOUT_S)
         server.kv.door = self
         server.metrics.registry.register(DoorCollector(self))
 
@@ -162,6 +171,9 @@ class RespFront:
     def start(self) -> None:
         if self.sec_id is not None:
             self._open_default()
+        if self._door_loop is not None:
+            self._door_thread = threading.Thread(target=self._door_loop.run, name="resp-loop", daemon=True)
+            self._door_thread.start()
         self._accept.start()
 
     def _open_default(self) -> None:
@@ -197,6 +209,10 @@ class RespFront:
             except OSError:
                 pass
         self._accept.join(timeout_s=5)
+        if self._door_loop is not None:
+            self._door_loop.stop()                           # what it holds goes back, closed
+            if self._door_thread is not None:
+                self._door_thread.join(timeout=5)
         self.server.disconnected(self._grants_conn)          # the shared grants go
 
     # ---- connections ----------------------------------------------------------------------------
@@ -279,9 +295,9 @@ class RespFront:
                     _bound_waits(sock, min(left_s, RESP_SEND_TIMEOUT_S))
             compiled = self._compiled(client, parser)
             if compiled is not None:
-                status, data, gets, sets = _frames.resp_serve(sock.fileno(), *compiled, pending,
-                                                              DOOR_COMMANDS_PER_CALL, RESP_SEND_TIMEOUT_S,
-                                                              DOOR_CALL_MAX_S, client.resp == 3)
+                status, data, gets, sets = self._door_loop.serve(sock.fileno(), *compiled, pending,
+                                                                 DOOR_COMMANDS_PER_CALL, DOOR_CALL_MAX_S,
+                                                                 client.resp == 3)
                 pending = b""
                 self._count_compiled(gets, sets)
                 if status == _frames.DOOR_CLOSED:
@@ -361,12 +377,12 @@ class RespFront:
                 return
 
     def _compiled(self, client: Client, parser: p.RequestParser) -> tuple | None:
-        """resp_serve's arguments for this connection's next read, when its GETs and SETs may
+        """RespLoop.serve's arguments for this connection's next read, when its GETs and SETs may
         be answered in compiled code: authenticated, nothing of the parser's pending,
         grants open, and every key homed here (the pool's one live server); else None."""
         keys = client.keys
         grants = client.conn.services
-        if keys is None or not parser.idle() or "kv_get_grants" not in grants:
+        if keys is None or not parser.idle() or "kv_get_grants" not in grants or self._door_loop is None:
             return None
         try:
             if keys.servers() != [self.server.server_id]:
