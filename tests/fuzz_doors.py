@@ -362,7 +362,7 @@ FIELDS: dict[str, list[str]] = {
     "kv_expire": CREDS + ["key", "ttl_ms"],
     "kv_ttl": CREDS + ["key"],
     "kv_incr": CREDS + ["key", "by"],
-    "kv_scan": CREDS + ["cursor", "batch", "prefix", "servers"],
+    "kv_scan": CREDS + ["cursor", "batch", "prefix", "servers", "generation", "restart"],
     "kv_stats": CREDS,
     "kv_flush": CREDS,
     "kv_configure": CREDS + ["memory_limit", "eviction", "replicas"],

@@ -195,22 +195,30 @@ class GrowthMachine(RuleBasedStateMachine):
             store.evicted.clear()
             del self.model[gone]
 
-    @rule(cursor_steps=st.integers(1, 6))
-    def scan_misses_nothing(self, cursor_steps: int) -> None:
-        """A scan in small batches, writes between them: every key present all along is met."""
+    @rule(cursor_steps=st.integers(1, 40), per_step=st.integers(1, 4), migrate=st.integers(0, 8))
+    def scan_misses_nothing(self, cursor_steps: int, per_step: int, migrate: int) -> None:
+        """A scan in small batches, writes (and the keeper's moves) between them, the table
+        replaced once or several times under it: every key present all along is met. It goes
+        on where its table's keys went (Store.resume, as op_kv_scan does), from the start only
+        when that table is gone."""
         store = self.ks.store
         before = set(self.model)
         seen: set[bytes] = set()
         cursor, generation, first = 0, self.ks.space.table.generation, True
-        while first or cursor:
+        for _ in range(10_000):
+            if not (first or cursor):
+                break
             first = False
-            found, cursor = store.scan(cursor, 3, 48)
+            resumed = store.resume(cursor, generation) if cursor else 0
+            generation = self.ks.space.table.generation
+            found, cursor = store.scan(resumed or 0, 3, 48)
             seen.update(store.read_key(f) for f in found)
             if cursor_steps:
                 cursor_steps -= 1
-                self.put(b"scan-extra-%d" % cursor_steps, b"x")
-            if self.ks.space.table.generation != generation:      # the client starts over
-                cursor, generation, first = 0, self.ks.space.table.generation, True
+                for i in range(per_step):
+                    self.put(b"scan-extra-%d-%d" % (cursor_steps, i), b"x")
+                store.migrate(migrate)
+        assert not cursor
         assert before & set(self.model) <= seen
 
     @invariant()

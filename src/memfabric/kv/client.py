@@ -796,7 +796,8 @@ class KV:
 
     def scan(self, prefix: Any = b"", *, batch: int = 1000) -> Iterator[bytes]:
         """Every key (with `prefix`) once, across servers, `batch` keys per request. Keys
-        written or deleted during the scan may or may not be seen."""
+        written or deleted during the scan may or may not be seen; every key there all along
+        is (a server's table grown meanwhile is read on where its keys went)."""
         prefix = b"" if prefix in (b"", "") else check_key(prefix)
         batch = as_int(batch, "batch")
         servers = self._pool_servers(fresh=True)
@@ -804,10 +805,8 @@ class KV:
             cursor, generation = 0, None
             seen: set[bytes] = set()        # keys given, should the table move under us
             while True:
-                reply = self._call(server_id, "kv_scan", cursor=cursor, batch=batch, prefix=prefix, servers=servers)
-                if generation is not None and reply["generation"] != generation and cursor:
-                    cursor, generation = 0, reply["generation"]      # the table grew: from the start
-                    continue
+                reply = self._call(server_id, "kv_scan", cursor=cursor, batch=batch, prefix=prefix, servers=servers,
+                                   generation=generation)
                 generation = reply["generation"]
                 for key in reply["keys"]:
                     if key not in seen:

@@ -57,7 +57,7 @@ from .edits import KeyEdits
 from .rules import (MANY_AGAIN, MANY_ALONE, MANY_MISSING, NO_EXPIRY, check_key, check_replicas, check_value_length,
                     homes, key_hash)
 from .space import KeySpace, KvSettings, now_ms
-from .store import Fields, Store, extents_of, inline_fits, replicas_of
+from .store import SCAN_DRAINING, Fields, Store, extents_of, inline_fits, replicas_of
 from .transfer import put_large_from
 
 if TYPE_CHECKING:
@@ -1037,13 +1037,18 @@ class KeyValueService(KeyEdits):
     def op_kv_scan(self, conn: Connection, m: dict[str, Any]) -> Reply:
         """Up to `batch` keys from slot `cursor` on, with `prefix`, that this server holds as
         first of `servers` (the client's view of the pool: every key once, across servers).
-        The next cursor, 0 at the end; `generation` changes when a new table followed (the
-        client starts over: keys move). While a table drains, it is read first (Store.scan)."""
+        The next cursor, 0 at the end, and the `generation` of the table it is a cursor of.
+        Given the generation of the table `cursor` is of, the scan goes on where that table's
+        keys are now (Store.resume: a new table followed, keys moved); `restarted` when that
+        table is gone and the scan begins again (keys may come twice, as Redis's SCAN allows;
+        `restart` False: it goes on in the current table instead). While a table drains, it is read first (Store.scan)."""
         state, creds, space, store = self._space(conn, m)
         cursor, batch, prefix = m.get("cursor", 0), m.get("batch", 1000), m.get("prefix", b"")
-        servers = m.get("servers")
+        servers, of = m.get("servers"), m.get("generation")
         if type(cursor) is not int or cursor < 0 or type(batch) is not int or not 0 < batch <= SCAN_BATCH_MAX:
             raise InvalidArgument(f"scan takes a cursor >= 0 and a batch of 1 to {SCAN_BATCH_MAX}")
+        if of is not None and (type(of) is not int or of < 0):
+            raise InvalidArgument("a scan's generation is an int >= 0 (the reply's), or none")
         if not isinstance(prefix, bytes) or len(prefix) > 65536:
             raise InvalidArgument("a scan's prefix is bytes, at most a key long")
         if not isinstance(servers, list) or not all(type(s) is int for s in servers) or len(servers) > 4096:
@@ -1051,14 +1056,17 @@ class KeyValueService(KeyEdits):
         keys: list[bytes] = []
         with space.lock:
             generation = space.table.generation
-            found, cursor = store.scan(cursor, batch, 16 * batch)
+            resumed = store.resume(cursor, of) if cursor else 0
+            if resumed is None and m.get("restart", True) is False:
+                resumed = cursor & (SCAN_DRAINING - 1)    # read once again already: on, to the end
+            found, cursor = store.scan(resumed or 0, batch, 16 * batch)
             now = now_ms()
             for fields in found:
                 if not (fields[4] != NO_EXPIRY and fields[4] <= now):
                     key = store.read_key(fields)
                     if key.startswith(prefix) and (not servers or homes(key, servers, 1) == [self.server_id]):
                         keys.append(key)
-        return {"keys": keys, "cursor": cursor, "generation": generation}
+        return {"keys": keys, "cursor": cursor, "generation": generation, "restarted": resumed is None}
 
     def op_kv_stats(self, conn: Connection, m: dict[str, Any]) -> Reply:
         _, _, space, _ = self._space(conn, m)

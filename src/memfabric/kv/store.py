@@ -512,6 +512,23 @@ class Store:
         space.clock_hand = 0
         space.sweep_hand = 0
 
+    def resume(self, cursor: int, generation: int | None) -> int | None:
+        """Where a scan at `cursor` of the table of `generation` (None: the current one) goes
+        on now: the same cursor while that table is current; once it drains into a new table,
+        the same slot of it as it drains (what it had before that slot was read, what it
+        moved from after it is in the new table, read next, whole); None when that table is
+        gone (two tables followed it): from the start. Generations grow by one a growth (26
+        at most: slots < 2**26), so the door's 8 bits of one name it."""
+        space = self.space
+        mask = (1 << 8) - 1
+        if generation is None or (space.table.generation ^ generation) & mask == 0:
+            return cursor
+        old = space.draining
+        if old is not None and (old.generation ^ generation) & mask == 0:
+            # Its cursor may be of the table that drained into it, gone now: from its start.
+            return SCAN_DRAINING | (0 if cursor & SCAN_DRAINING else cursor)
+        return None
+
     def scan(self, cursor: int, batch: int, looks: int) -> tuple[list[Fields], int]:
         """The fields of up to `batch` keys from `cursor` on (at most `looks` slots looked at),
         and the next cursor (0: the end). A draining table is read first (its cursors marked
