@@ -922,3 +922,34 @@ def test_a_keyspace_emptied_leaves_the_pool_to_another_namespace(fresh_fabric, r
         for i in range(80):
             second.put(b"%d" % i, value)
         assert all(second.get(b"%d" % i) == value for i in range(80))
+
+
+def test_a_full_pool_takes_back_the_empty_pages_another_keyspace_keeps(fresh_fabric, request):
+    """A keyspace keeps empty heap pages (and its compiled puts chunks in stock) for its next
+    writes, each in a segment no other namespace can have: a pool short of memory takes them
+    back first. One namespace fills a 16 MiB pool with 64 KiB values (a page each), deletes all
+    but one and writes that one again; another then writes as many: all but those two segments'
+    worth fit (before, 4 spare pages and the stock kept a segment each: a fifth refused)."""
+    fab = fresh_fabric(servers=1, capacity="16MiB")
+    with local(fab) as s:
+        first = s.create_namespace(ns_name(request) + "-a", sec_id="k").kv()
+        second = s.create_namespace(ns_name(request) + "-b", sec_id="k").kv()
+        value = os.urandom(64 * KiB)
+        count = 0
+        with pytest.raises(OutOfMemory):
+            while count < 1000:
+                first.put(b"%d" % count, value)
+                count += 1
+        for i in range(1, count):
+            first.delete(b"%d" % i)
+        time.sleep(6 * REUSE_GRACE_S)       # the records rest, then their pages are empty
+        first.put(b"0", value)              # its free keeps empty pages aside
+        time.sleep(6 * REUSE_GRACE_S)
+        written = 0
+        with pytest.raises(OutOfMemory):
+            while written < count:
+                second.put(b"%d" % written, value)
+                written += 1
+        # The key and the record it replaced hold two of the pool's 1 MiB segments at most.
+        assert written >= count - 2 * (1 << 20) // (128 * KiB), f"{written} of {count} fit"
+        assert all(second.get(b"%d" % i) == value for i in range(written))

@@ -349,6 +349,30 @@ class KeyValueService(KeyEdits):
                 if not space.closed:
                     space.store.sweep(SWEEP_SLOTS, now_ms())
 
+    def give_back_empty_pages(self, pool: str, asking: KeySpace | None = None) -> bool:
+        """The pool refused memory: the empty heap pages the pool's keyspaces keep for their next
+        writes (kv/heap.py), and the chunks their compiled puts keep in stock, go back now, for
+        another namespace (a page held keeps a whole segment from every other owner) or a large
+        value. Whether any did. A keyspace whose lock another thread holds keeps them: the
+        caller may hold its own, and two writers short at once must not wait for each other.
+        The asking keyspace's stock is its own writes' to take (Store.chunk), not a refill's."""
+        with self.lock:
+            spaces = [s.kv for (p, _), s in self.server.namespaces.items() if p == pool and s.kv is not None]
+        gave = False
+        for space in spaces:
+            if not (space.put_grants or space.heap.spare_count() or space.heap.has_emptied()):
+                continue
+            if not space.lock.acquire(blocking=False):
+                continue
+            try:
+                if not space.closed:
+                    if space.put_grants and space is not asking:
+                        put_grants.reclaim_stock(space)
+                    gave = space.store.release_empty_pages(time.monotonic(), keep=False) or gave
+            finally:
+                space.lock.release()
+        return gave
+
     # ---- same-host clients: the memory to read keys without asking ----------------------------------
 
     def op_kv_open(self, conn: Connection, m: dict[str, Any]) -> Reply:

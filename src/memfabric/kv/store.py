@@ -293,12 +293,14 @@ class Store:
         if release_pages:
             self.release_empty_pages(time.monotonic())
 
-    def release_empty_pages(self, now: float) -> None:
-        """Heap pages left empty too long (or past the number kept: heap.empty_pages) go back
-        to the pool. Every write's free asks, and the keeper's tick (a keyspace no one writes)."""
-        pages = self.space.heap.empty_pages(now)
+    def release_empty_pages(self, now: float, keep: bool = True) -> bool:
+        """Heap pages left empty too long (or past the number kept: heap.empty_pages; `keep`
+        False: all) go back to the pool. Every write's free asks, the keeper's tick (a keyspace
+        no one writes), and a pool short of memory (all). Whether any did."""
+        pages = self.space.heap.empty_pages(now, keep)
         if pages:
             self.release([Extent(s, o, PAGE_BYTES) for s, o in pages])
+        return bool(pages)
 
     # ---- reading ----------------------------------------------------------------------------
 
