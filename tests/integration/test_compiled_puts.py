@@ -953,3 +953,31 @@ def test_a_full_pool_takes_back_the_empty_pages_another_keyspace_keeps(fresh_fab
         # The key and the record it replaced hold two of the pool's 1 MiB segments at most.
         assert written >= count - 2 * (1 << 20) // (128 * KiB), f"{written} of {count} fit"
         assert all(second.get(b"%d" % i) == value for i in range(written))
+
+
+def test_a_large_value_is_not_refused_for_chunks_in_stock(fresh_fabric, request):
+    """Chunks stocked for compiled puts are no key's yet: a record's write takes them back
+    before it is refused (Store.chunk), and so does a large value's reservation. A 16 MiB pool
+    filled with 64 KiB values, half of them deleted and one written again (its stock refilled
+    from the emptied pages), then large values of 1 MiB until refused: none is refused with
+    chunks left in stock (before, 7 of 64 KiB stayed there)."""
+    fab = fresh_fabric(servers=1, capacity="16MiB")
+    with local(fab) as s:
+        kv = s.create_namespace(ns_name(request), sec_id="k").kv()
+        value = os.urandom(64 * KiB)
+        count = 0
+        with pytest.raises(OutOfMemory):
+            while count < 1000:
+                kv.put(b"%d" % count, value)
+                count += 1
+        for i in range(0, count, 2):
+            kv.delete(b"%d" % i)
+        time.sleep(6 * REUSE_GRACE_S)       # the records rest, then their pages are empty
+        kv.put(b"1", value)
+        large = 0
+        with pytest.raises(OutOfMemory):
+            while large < 64:
+                kv.put(b"large%d" % large, os.urandom(1 << 20))
+                large += 1
+        assert kv.stats()["put_stock_bytes"] == 0
+        assert all(kv.get(b"%d" % i) == value for i in range(1, count, 2))

@@ -535,7 +535,7 @@ class KeyValueService(KeyEdits):
     def _stage(self, store: Store, space: KeySpace, value: memoryview) -> list[Extent]:
         """Extents holding a copy of `value`, counted as reserved (write_large takes them)."""
         store.make_room(value.nbytes, b"")
-        extents = store.reserve(value.nbytes)
+        extents = store.reserve_value(value.nbytes)
         space.reserved_bytes += sum(e.length for e in extents)
         position = 0
         for e in extents:
@@ -638,7 +638,7 @@ class KeyValueService(KeyEdits):
             store.make_room(length, b"")
             space.reserved_bytes += length            # counted before: concurrent reservations see it
         try:
-            extents = store.reserve(length)
+            extents = store.reserve_value(length)
         except BaseException:
             with space.lock:
                 space.reserved_bytes -= length
