@@ -981,3 +981,25 @@ def test_a_large_value_is_not_refused_for_chunks_in_stock(fresh_fabric, request)
                 large += 1
         assert kv.stats()["put_stock_bytes"] == 0
         assert all(kv.get(b"%d" % i) == value for i in range(1, count, 2))
+
+
+def test_a_write_waits_for_a_page_of_another_class_about_to_empty(fresh_fabric, request):
+    """A write that finds the pool full waits for memory about to come back rather than be
+    refused (Store.chunk): a record of its class that rests, and now a page whose records all
+    rest, which then serves any class. 64 KiB values fill a 16 MiB pool, ten are deleted, and
+    ten small keys are written at once: before, all ten were refused (no small record rested)."""
+    fab = fresh_fabric(servers=1, capacity="16MiB")
+    with local(fab) as s:
+        kv = s.create_namespace(ns_name(request), sec_id="k").kv()
+        value = os.urandom(64 * KiB)
+        count = 0
+        with pytest.raises(OutOfMemory):
+            while count < 1000:
+                kv.put(b"%d" % count, value)
+                count += 1
+        for i in range(10):
+            kv.delete(b"%d" % i)
+        for i in range(10):
+            kv.put(b"small%d" % i, b"x" * 100)
+        assert all(kv.get(b"small%d" % i) == b"x" * 100 for i in range(10))
+        assert all(kv.get(b"%d" % i) == value for i in range(10, count))
