@@ -922,3 +922,84 @@ def test_a_keyspace_emptied_leaves_the_pool_to_another_namespace(fresh_fabric, r
         for i in range(80):
             second.put(b"%d" % i, value)
         assert all(second.get(b"%d" % i) == value for i in range(80))
+
+
+def test_a_full_pool_takes_back_the_empty_pages_another_keyspace_keeps(fresh_fabric, request):
+    """A keyspace keeps empty heap pages (and its compiled puts chunks in stock) for its next
+    writes, each in a segment no other namespace can have: a pool short of memory takes them
+    back first. One namespace fills a 16 MiB pool with 64 KiB values (a page each), deletes all
+    but one and writes that one again; another then writes as many: all but those two segments'
+    worth fit (before, 4 spare pages and the stock kept a segment each: a fifth refused)."""
+    fab = fresh_fabric(servers=1, capacity="16MiB")
+    with local(fab) as s:
+        first = s.create_namespace(ns_name(request) + "-a", sec_id="k").kv()
+        second = s.create_namespace(ns_name(request) + "-b", sec_id="k").kv()
+        value = os.urandom(64 * KiB)
+        count = 0
+        with pytest.raises(OutOfMemory):
+            while count < 1000:
+                first.put(b"%d" % count, value)
+                count += 1
+        for i in range(1, count):
+            first.delete(b"%d" % i)
+        time.sleep(6 * REUSE_GRACE_S)       # the records rest, then their pages are empty
+        first.put(b"0", value)              # its free keeps empty pages aside
+        time.sleep(6 * REUSE_GRACE_S)
+        written = 0
+        with pytest.raises(OutOfMemory):
+            while written < count:
+                second.put(b"%d" % written, value)
+                written += 1
+        # The key and the record it replaced hold two of the pool's 1 MiB segments at most.
+        assert written >= count - 2 * (1 << 20) // (128 * KiB), f"{written} of {count} fit"
+        assert all(second.get(b"%d" % i) == value for i in range(written))
+
+
+def test_a_large_value_is_not_refused_for_chunks_in_stock(fresh_fabric, request):
+    """Chunks stocked for compiled puts are no key's yet: a record's write takes them back
+    before it is refused (Store.chunk), and so does a large value's reservation. A 16 MiB pool
+    filled with 64 KiB values, half of them deleted and one written again (its stock refilled
+    from the emptied pages), then large values of 1 MiB until refused: none is refused with
+    chunks left in stock (before, 7 of 64 KiB stayed there)."""
+    fab = fresh_fabric(servers=1, capacity="16MiB")
+    with local(fab) as s:
+        kv = s.create_namespace(ns_name(request), sec_id="k").kv()
+        value = os.urandom(64 * KiB)
+        count = 0
+        with pytest.raises(OutOfMemory):
+            while count < 1000:
+                kv.put(b"%d" % count, value)
+                count += 1
+        for i in range(0, count, 2):
+            kv.delete(b"%d" % i)
+        time.sleep(6 * REUSE_GRACE_S)       # the records rest, then their pages are empty
+        kv.put(b"1", value)
+        large = 0
+        with pytest.raises(OutOfMemory):
+            while large < 64:
+                kv.put(b"large%d" % large, os.urandom(1 << 20))
+                large += 1
+        assert kv.stats()["put_stock_bytes"] == 0
+        assert all(kv.get(b"%d" % i) == value for i in range(1, count, 2))
+
+
+def test_a_write_waits_for_a_page_of_another_class_about_to_empty(fresh_fabric, request):
+    """A write that finds the pool full waits for memory about to come back rather than be
+    refused (Store.chunk): a record of its class that rests, and now a page whose records all
+    rest, which then serves any class. 64 KiB values fill a 16 MiB pool, ten are deleted, and
+    ten small keys are written at once: before, all ten were refused (no small record rested)."""
+    fab = fresh_fabric(servers=1, capacity="16MiB")
+    with local(fab) as s:
+        kv = s.create_namespace(ns_name(request), sec_id="k").kv()
+        value = os.urandom(64 * KiB)
+        count = 0
+        with pytest.raises(OutOfMemory):
+            while count < 1000:
+                kv.put(b"%d" % count, value)
+                count += 1
+        for i in range(10):
+            kv.delete(b"%d" % i)
+        for i in range(10):
+            kv.put(b"small%d" % i, b"x" * 100)
+        assert all(kv.get(b"small%d" % i) == b"x" * 100 for i in range(10))
+        assert all(kv.get(b"%d" % i) == value for i in range(10, count))

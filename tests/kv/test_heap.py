@@ -190,3 +190,20 @@ def test_a_record_that_rested_elsewhere_serves_again_when_its_rest_ends():
     assert heap.allocate(100, 5.0) == old
     assert heap.allocate(100, 5.0).offset not in (young.offset, old.offset)   # a fresh chunk
     assert heap.allocate(100, 5.5) == young
+
+
+def test_a_page_emptying_serves_another_class_when_its_records_have_rested():
+    """A write short of memory waits for what rests (Store.chunk): a page whose records rest
+    and nothing else serves any class once they have, with no look for emptied pages between
+    (the write that waited allocates next); a page that keeps a record serves its class only."""
+    heap = RecordHeap(1.0)
+    heap.add_page(0, 0, 70_000)
+    big = heap.allocate(70_000, 0.0)
+    heap.free(big, 0.5)
+    assert heap.rested_by_s(100) == 1.5          # another class: when its page is empty
+    assert heap.allocate(100, 1.0) is None       # not before
+    small, stays = heap.allocate_many(100, 2, 1.5)
+    assert (small.segment, small.offset) == (0, 0) and stays.segment == 0
+    heap.free(small, 2.0)
+    assert heap.rested_by_s(5_000) is None       # `stays` keeps the page its class's
+    assert heap.rested_by_s(100) == 3.0

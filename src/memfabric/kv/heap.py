@@ -96,8 +96,12 @@ class RecordHeap:
         pages = self._with_room[cls]
         chunk_bytes = CLASSES[cls]
         out: list[Chunk] = []
-        while len(out) < count and (pages or self._spare):
+        while len(out) < count:
             if not pages:            # an empty page kept aside serves this class now
+                if not self._spare and self._emptied:
+                    self._keep_emptied(now_s)       # one just emptied, too (another class's)
+                if not self._spare:
+                    break
                 self._reuse_spare(cls)
             page = pages[-1]
             if page.free:
@@ -171,15 +175,7 @@ class RecordHeap:
         empty page)."""
         self._mature(now_s)
         if self._emptied:
-            for key in self._emptied:
-                page = self._pages.get(key)
-                if page is not None and page.used == 0 and page.resting == 0 and not page.spare:
-                    if page.listed:
-                        self._with_room[page.cls].remove(page)
-                        page.listed = False
-                    page.spare = True
-                    self._spare.append((now_s, page))
-            self._emptied.clear()
+            self._keep_emptied(now_s)
         spare = self._spare
         if not spare:                  # the common case: every write's free asks
             return []
@@ -197,6 +193,18 @@ class RecordHeap:
             self.page_count -= 1
             empty.append(key)
         return empty
+
+    def _keep_emptied(self, now_s: float) -> None:
+        """Pages whose last chunk came back (and are empty still) are kept aside for any class."""
+        for key in self._emptied:
+            page = self._pages.get(key)
+            if page is not None and page.used == 0 and page.resting == 0 and not page.spare:
+                if page.listed:
+                    self._with_room[page.cls].remove(page)
+                    page.listed = False
+                page.spare = True
+                self._spare.append((now_s, page))
+        self._emptied.clear()
 
     def spare_count(self) -> int:
         return len(self._spare)
@@ -216,10 +224,16 @@ class RecordHeap:
         self._with_room[cls].append(page)
 
     def rested_by_s(self, size: int) -> float | None:
-        """When (monotonic s) the first chunk of the class of a `size`-byte record that rests
-        serves again; None: none of that class rests."""
+        """When (monotonic s) a chunk for a `size`-byte record serves again, of those that rest:
+        the first of its class, or the last of a page that holds no record (then empty, it
+        serves any class); None: none rests."""
         cls = self.class_of(size)
-        return next((until for until, page, _ in self._resting if page.cls == cls), None)
+        first = next((until for until, page, _ in self._resting if page.cls == cls), None)
+        emptied: dict[_Page, float] = {}
+        for until, page, _ in self._resting:         # in order of time: the last one stays
+            if page.used == 0:
+                emptied[page] = until
+        return min([t for t in (first, *emptied.values()) if t is not None], default=None)
 
     def page_bytes(self) -> int:
         return self.page_count * PAGE_BYTES

@@ -75,6 +75,9 @@ SETTINGS_TTL_S = 1.0             # a keyspace re-reads its settings from the clu
 SWEEP_EVERY_S = 0.1              # expired keys are looked for this often, per keyspace...
 SWEEP_SLOTS = 2048               # ...this many slots at a time
 MIGRATE_SLOTS_PER_TICK = 1024   # slots of a draining index (index.py) the keeper moves each round
+# A pool short of memory waits this long at most, in all, for other keyspaces' locks to take
+# back their empty pages (the keeper holds one a moment each tick).
+GIVE_BACK_WAIT_S = 0.05
 # The part of the liveness timeout a server's keys are trusted after its last heartbeat was
 # sent: the cluster takes it for dead no sooner than the whole timeout after that.
 TRUSTED_SHARE = 0.9
@@ -349,6 +352,32 @@ class KeyValueService(KeyEdits):
                 if not space.closed:
                     space.store.sweep(SWEEP_SLOTS, now_ms())
 
+    def give_back_empty_pages(self, pool: str, asking: KeySpace | None = None) -> bool:
+        """The pool refused memory: the empty heap pages the pool's keyspaces keep for their next
+        writes (kv/heap.py), and the chunks their compiled puts keep in stock, go back now, for
+        another namespace (a page held keeps a whole segment from every other owner) or a large
+        value. Whether any did. A keyspace whose lock another thread holds past GIVE_BACK_WAIT_S
+        keeps them: the caller may hold its own, and two writers short at once must not wait
+        for each other for long. The asking keyspace's stock is its own writes' to take
+        (Store.chunk), not a refill's."""
+        with self.lock:
+            spaces = [s.kv for (p, _), s in self.server.namespaces.items() if p == pool and s.kv is not None]
+        gave = False
+        until = time.monotonic() + GIVE_BACK_WAIT_S
+        for space in spaces:
+            if not (space.put_grants or space.heap.spare_count() or space.heap.has_emptied()):
+                continue
+            if not space.lock.acquire(timeout=max(0.0, until - time.monotonic())):
+                continue
+            try:
+                if not space.closed:
+                    if space.put_grants and space is not asking:
+                        put_grants.reclaim_stock(space)
+                    gave = space.store.release_empty_pages(time.monotonic(), keep=False) or gave
+            finally:
+                space.lock.release()
+        return gave
+
     # ---- same-host clients: the memory to read keys without asking ----------------------------------
 
     def op_kv_open(self, conn: Connection, m: dict[str, Any]) -> Reply:
@@ -511,7 +540,7 @@ class KeyValueService(KeyEdits):
     def _stage(self, store: Store, space: KeySpace, value: memoryview) -> list[Extent]:
         """Extents holding a copy of `value`, counted as reserved (write_large takes them)."""
         store.make_room(value.nbytes, b"")
-        extents = store.reserve(value.nbytes)
+        extents = store.reserve_value(value.nbytes)
         space.reserved_bytes += sum(e.length for e in extents)
         position = 0
         for e in extents:
@@ -614,7 +643,7 @@ class KeyValueService(KeyEdits):
             store.make_room(length, b"")
             space.reserved_bytes += length            # counted before: concurrent reservations see it
         try:
-            extents = store.reserve(length)
+            extents = store.reserve_value(length)
         except BaseException:
             with space.lock:
                 space.reserved_bytes -= length

@@ -284,6 +284,18 @@ class Store:
             out += self.space.heap.allocate_many(size, count - len(out), time.monotonic())
         return out
 
+    def reserve_value(self, length: int) -> list[Extent]:
+        """Extents for a large value's `length` bytes. Memory stocked for compiled puts is no
+        key's yet: taken back before the value is refused, as it is for a record (chunk()).
+        Takes the keyspace's lock for that (a reservation may come without it)."""
+        try:
+            return self.reserve(length)
+        except OutOfMemory:
+            with self.space.lock:
+                if not reclaim_stock(self.space):
+                    raise
+        return self.reserve(length)        # its pages left empty go back first (_reserve_local)
+
     def give_back_chunks(self, chunks: list[tuple[int, int]], size: int, release_pages: bool = True) -> None:
         """Chunks of `size` bytes taken (chunk()) but never written a record into: free again
         at once (heap.unallocate). `release_pages`: pages left empty go back to the pool now
@@ -293,12 +305,14 @@ class Store:
         if release_pages:
             self.release_empty_pages(time.monotonic())
 
-    def release_empty_pages(self, now: float) -> None:
-        """Heap pages left empty too long (or past the number kept: heap.empty_pages) go back
-        to the pool. Every write's free asks, and the keeper's tick (a keyspace no one writes)."""
-        pages = self.space.heap.empty_pages(now)
+    def release_empty_pages(self, now: float, keep: bool = True) -> bool:
+        """Heap pages left empty too long (or past the number kept: heap.empty_pages; `keep`
+        False: all) go back to the pool. Every write's free asks, the keeper's tick (a keyspace
+        no one writes), and a pool short of memory (all). Whether any did."""
+        pages = self.space.heap.empty_pages(now, keep)
         if pages:
             self.release([Extent(s, o, PAGE_BYTES) for s, o in pages])
+        return bool(pages)
 
     # ---- reading ----------------------------------------------------------------------------
 

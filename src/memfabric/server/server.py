@@ -601,7 +601,9 @@ class Server:
         pool_state = self.pools[pool]
         allocator = pool_state.allocator
         deadline = time.monotonic() + RESERVE_RETRY_S
+        gave_back = False
         while True:
+            refused = None
             with self.lock:
                 if state.closed:
                     raise NoSuchNamespace(f"namespace {state.record.ns!r} was destroyed meanwhile")
@@ -612,7 +614,17 @@ class Server:
                     # Memory freed a moment ago (resting) or being destroyed now is usable soon.
                     wait_s = None if exc.retry_at_s is None else exc.retry_at_s - time.monotonic()
                     if wait_s is None or time.monotonic() + wait_s > deadline:
-                        raise
+                        if gave_back:
+                            raise
+                        refused = exc
+            if refused is not None:
+                # Keyspaces keep empty heap pages for their next writes: the pool takes them
+                # back first (outside the lock: giving back takes it), then they rest a grace.
+                gave_back = True
+                if not self.kv.give_back_empty_pages(pool, state.kv):
+                    raise refused
+                deadline = time.monotonic() + RESERVE_RETRY_S
+                continue
             time.sleep(max(wait_s, 0.001))
         if allocation.retire:           # other owners' empty segments, taken back for this one
             self._destroy_segments(pool_state, allocation.retire)
