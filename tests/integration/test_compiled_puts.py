@@ -144,6 +144,16 @@ def test_overwrites_faster_than_a_grace_frees_memory_are_not_refused(fresh_fabri
         assert got.stdout.split() == ["0", "True"]
 
 
+def fill(kv, value: bytes) -> int:
+    """Keys b"0", b"1"... of `value` until the pool refuses one (bounded): how many fit."""
+    count = 0
+    with pytest.raises(OutOfMemory):
+        while count < 1000:
+            kv.put(b"%d" % count, value)
+            count += 1
+    return count
+
+
 def test_a_grace_of_64_KiB_overwrites_stays_compiled(fresh_fabric, request, tmp_path, monkeypatch):
     """What a grace of overwrites replaces rests in the grant (or in Python's heap: the same
     memory) until it serves again: 1500 overwrites of 64 KiB within one grace (3 s here, so
@@ -935,11 +945,7 @@ def test_a_full_pool_takes_back_the_empty_pages_another_keyspace_keeps(fresh_fab
         first = s.create_namespace(ns_name(request) + "-a", sec_id="k").kv()
         second = s.create_namespace(ns_name(request) + "-b", sec_id="k").kv()
         value = os.urandom(64 * KiB)
-        count = 0
-        with pytest.raises(OutOfMemory):
-            while count < 1000:
-                first.put(b"%d" % count, value)
-                count += 1
+        count = fill(first, value)
         for i in range(1, count):
             first.delete(b"%d" % i)
         time.sleep(6 * REUSE_GRACE_S)       # the records rest, then their pages are empty
@@ -965,11 +971,7 @@ def test_a_large_value_is_not_refused_for_chunks_in_stock(fresh_fabric, request)
     with local(fab) as s:
         kv = s.create_namespace(ns_name(request), sec_id="k").kv()
         value = os.urandom(64 * KiB)
-        count = 0
-        with pytest.raises(OutOfMemory):
-            while count < 1000:
-                kv.put(b"%d" % count, value)
-                count += 1
+        count = fill(kv, value)
         for i in range(0, count, 2):
             kv.delete(b"%d" % i)
         time.sleep(6 * REUSE_GRACE_S)       # the records rest, then their pages are empty
@@ -992,11 +994,7 @@ def test_a_write_waits_for_a_page_of_another_class_about_to_empty(fresh_fabric, 
     with local(fab) as s:
         kv = s.create_namespace(ns_name(request), sec_id="k").kv()
         value = os.urandom(64 * KiB)
-        count = 0
-        with pytest.raises(OutOfMemory):
-            while count < 1000:
-                kv.put(b"%d" % count, value)
-                count += 1
+        count = fill(kv, value)
         for i in range(10):
             kv.delete(b"%d" % i)
         for i in range(10):
