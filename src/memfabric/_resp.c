@@ -201,6 +201,7 @@ static int flush_out(Parked *p) {
         p->out_sent += (size_t)k;
     }
     p->out_n = p->out_sent = 0;
+    p->send_deadline_s = 0;      /* taken whole: the next replies have send_timeout_s of their own */
     return 1;
 }
 

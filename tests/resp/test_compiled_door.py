@@ -6,6 +6,7 @@ them, wrong arity, options, case; the counters INFO shows; that the compiled pat
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import time
@@ -268,3 +269,60 @@ def test_pipelines_of_small_and_large_gets_answer_as_redis(pair, value_bytes):
     for r in (door, redis):
         assert replies(r, setup, 2) == b"+OK\r\n" * 2
     assert replies(door, data, len(keys)) == replies(redis, data, len(keys))
+
+
+@pytest.fixture
+def door_with_short_send_bound(tmp_path, monkeypatch):
+    """A one-server door whose replies must be taken within 1 s (RESP_SEND_TIMEOUT_S, 60 s
+    otherwise), set in the server by a sitecustomize."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import memfabric.kv.resp.front as front\nfront.RESP_SEND_TIMEOUT_S = 1.0\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    yield from door_fabric_of(1)
+
+
+def _read_until_closed(sock: socket.socket, pause_s: float, limit: int) -> tuple[int, bool]:
+    """Read, `pause_s` between reads, until `limit` bytes came or the door closed the
+    connection (bounded by the socket's timeout): the bytes read, whether it was closed."""
+    got = 0
+    while got < limit:
+        try:
+            piece = sock.recv(1 << 20)
+        except ConnectionResetError:
+            return got, True
+        if not piece:
+            return got, True
+        got += len(piece)
+        time.sleep(pause_s)
+    return got, False
+
+
+def test_replies_wait_for_a_slow_reader_but_not_for_one_that_reads_nothing(door_with_short_send_bound):
+    """The loop waits for a client to take its replies, send_timeout_s at most for each batch:
+    a client reading 256 KiB every 50 ms (52 MB in about 10 s, ten times the bound) gets
+    every reply; one that reads nothing for twice the bound is closed (its replies are not
+    held past it). Before, the bound ran from the first reply that had to wait, however much
+    was taken since."""
+    port = door_with_short_send_bound.resp_port
+    big = b"v" * (64 << 10)
+    r = Raw(port)
+    try:
+        r.send(encode("SET", b"big", big))
+        assert r.reply() == b"+OK\r\n"
+    finally:
+        r.close()
+    reply_bytes = len(b"$%d\r\n" % len(big)) + len(big) + 2
+    slow = socket.create_connection(("127.0.0.1", port), timeout=10)
+    idle = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 << 10)
+        slow.sendall(encode("GET", b"big") * 800)
+        idle.sendall(encode("GET", b"big") * 800)
+        got, closed = _read_until_closed(slow, 0.05, 800 * reply_bytes)
+        assert (got, closed) == (800 * reply_bytes, False)
+        time.sleep(2.0)
+        got, closed = _read_until_closed(idle, 0.0, 800 * reply_bytes)
+        assert closed and got < 800 * reply_bytes
+    finally:
+        slow.close()
+        idle.close()
