@@ -551,10 +551,13 @@ static PyObject *loop_serve(RespLoop *loop, PyObject *args) {
                 pthread_cond_wait(&p.cv, &p.mu);
             pthread_mutex_unlock(&p.mu);
         }
-        if (p.low) {             /* never parked: what advance() set here goes */
-            int one = 1;
-            setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &one, sizeof one);
-        }
+    }
+    /* Never parked (or parked and released: p.low is 0): what advance() set here goes, handed
+     * back at once too. A mark left set hid the client's next commands from the loop's epoll
+     * for good (the next serve starts at p.low 0 and never sets it back). */
+    if (p.low) {
+        int one = 1;
+        setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &one, sizeof one);
     }
     PyEval_RestoreThread(save);
     pthread_cond_destroy(&p.cv);
