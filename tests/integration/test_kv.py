@@ -493,3 +493,14 @@ def test_a_put_whose_flags_are_not_booleans_is_refused_by_the_server(kv):
     assert kv._call(home, "kv_put", key=b"flags", value=b"v", nx=True, get=False)["stored"] is True
     assert kv._call(home, "kv_put", key=b"flags", value=b"w", nx=True)["stored"] is False
     assert kv.get(b"flags") == b"v"
+
+
+@pytest.mark.parametrize("field, bad", [("generation", "1"), ("generation", 1.5), ("generation", -1),
+                                        ("generation", True), ("generation", [1]), ("restart", "no"),
+                                        ("restart", 0), ("restart", None), ("restart", [])])
+def test_a_scan_s_generation_and_restart_of_a_wrong_type_are_invalid_argument(kv, field, bad):
+    """kv_scan's fields from a client of its own: `restart` of any type but bool was taken as
+    True or False by chance ("no": True) instead of refused."""
+    servers = kv._pool_servers(fresh=True)
+    with pytest.raises(InvalidArgument):
+        kv._call(servers[0], "kv_scan", cursor=0, batch=10, prefix=b"", servers=servers, **{field: bad})

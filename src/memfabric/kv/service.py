@@ -1078,6 +1078,9 @@ class KeyValueService(KeyEdits):
             raise InvalidArgument(f"scan takes a cursor >= 0 and a batch of 1 to {SCAN_BATCH_MAX}")
         if of is not None and (type(of) is not int or of < 0):
             raise InvalidArgument("a scan's generation is an int >= 0 (the reply's), or none")
+        restart = m.get("restart", True)
+        if type(restart) is not bool:     # "no" or 0 read as True (or not) by chance: said so
+            raise InvalidArgument("a scan's restart is a bool")
         if not isinstance(prefix, bytes) or len(prefix) > 65536:
             raise InvalidArgument("a scan's prefix is bytes, at most a key long")
         if not isinstance(servers, list) or not all(type(s) is int for s in servers) or len(servers) > 4096:
@@ -1086,7 +1089,7 @@ class KeyValueService(KeyEdits):
         with space.lock:
             generation = space.table.generation
             resumed = store.resume(cursor, of) if cursor else 0
-            if resumed is None and m.get("restart", True) is False:
+            if resumed is None and not restart:
                 resumed = cursor & (SCAN_DRAINING - 1)    # read once again already: on, to the end
             found, cursor = store.scan(resumed or 0, batch, 16 * batch)
             now = now_ms()
