@@ -153,9 +153,11 @@ static int parse_command(const unsigned char *b, size_t n, Command *c, size_t *n
  * idle two thirds of the time at 17k a second (redis-server: 40k).
  *
  * The loop never waits on a client: it receives and sends with MSG_DONTWAIT; a reply the
- * client does not take at once waits for EPOLLOUT (nothing more is read from that client
- * meanwhile, as Redis does), at most send_timeout_s, then the connection is handed back
- * closed. */
+ * client does not take at once waits for EPOLLOUT, send_timeout_s at most for each batch the
+ * client takes, then the connection is handed back closed. Nothing more is read from that
+ * client meanwhile, as the door's Python path does too: what a client holds here is bounded
+ * by its buffer (Redis reads on into an output buffer, up to its limit, so a client that
+ * sends a pipeline of millions before reading any reply gets them from Redis, not here). */
 
 #define WAIT_IN 0                /* advance(): wait until the client sends */
 #define WAIT_OUT 1               /* wait until the client takes the replies */

@@ -1,4 +1,4 @@
-"""The door's event loop (_resp.c RespLoop) attacked: the socket options it sets for a
+"""The door's event loop (_resp.c RespLoop) driven directly: the socket options it sets for a
 connection go with the connection when it is handed back, however that happens."""
 
 from __future__ import annotations
