@@ -24,6 +24,9 @@ from .server import Server
 PR_SET_DUMPABLE = 4
 
 
+SWITCH_INTERVAL_S = 0.0005
+
+
 def make_undumpable() -> None:
     """Every namespace's memory is an fd of this process. A process of the same user could
     open them as /proc/<pid>/fd/N (or read /proc/<pid>/mem, or ptrace us) and bypass every
@@ -63,6 +66,12 @@ def run_server(config_path: str) -> int:
         print(f"memfabric server: cannot start: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s server %(levelname)s %(message)s")
+    # A thread waiting for the GIL asks its holder to let go after the switch interval (5 ms by
+    # default): the compiled loops take the GIL a moment per put and again at once, so a
+    # request Python serves meanwhile waited about that at each of its waits, and held the
+    # keyspace's locks meanwhile (a door's 64 KiB SETs served by Python took 5 ms each, the
+    # others stalled behind them).
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     for note in notes:
         logging.getLogger("memfabric.server").warning("%s: %s", cfg.source, note)
     stop = threading.Event()
