@@ -1001,3 +1001,21 @@ def test_a_write_waits_for_a_page_of_another_class_about_to_empty(fresh_fabric, 
             kv.put(b"small%d" % i, b"x" * 100)
         assert all(kv.get(b"small%d" % i) == b"x" * 100 for i in range(10))
         assert all(kv.get(b"%d" % i) == value for i in range(10, count))
+
+
+def test_a_keyspace_no_one_writes_gives_its_empty_pages_back(fresh_fabric, request):
+    """The pages a keyspace keeps empty for its next writes go back to the pool after
+    SPARE_IDLE_S unused, with no write to ask (the server's keeper looks); before, an emptied
+    keyspace kept them until its next write."""
+    from memfabric.kv.heap import SPARE_IDLE_S
+    fab = fresh_fabric(servers=1, capacity="64MiB")
+    with local(fab) as s:
+        kv = s.create_namespace(ns_name(request), sec_id="k").kv()
+        value = os.urandom(64 * KiB)
+        for i in range(40):
+            kv.put(b"%d" % i, value)
+        for i in range(40):
+            kv.delete(b"%d" % i)
+        assert kv.stats()["pages"] > 0
+        time.sleep(SPARE_IDLE_S)
+        wait_until(lambda: kv.stats()["pages"] == 0, "the keyspace's empty pages to go back to the pool")

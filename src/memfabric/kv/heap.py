@@ -10,10 +10,10 @@ quarter apart, so at most a fifth of a record's chunk is slack). Freed records r
 slot's sequence change before it could see another key's bytes where this record was. A
 page whose records are all free again is kept aside, empty, for the next page any class needs
 (up to a quarter of the pages in use, SPARE_PAGES_MAX at most); one kept SPARE_IDLE_S unused
-goes back to the pool. Giving a
-page back and taking a new one costs the keyspace's same-host grants (the server revokes them:
-a segment it left may be destroyed) and fresh memory's page faults: a stream of overwrites of
-64 KiB values, a record a page, did both for a quarter of its writes.
+goes back to the pool. Giving a page back and taking a new one costs the keyspace's same-host
+grants (the server revokes them: a segment it left may be destroyed) and fresh memory's page
+faults: a stream of overwrites of 64 KiB values, a record a page, did both for a quarter of
+its writes.
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ class RecordHeap:
     def spare_count(self) -> int:
         return len(self._spare)
 
-    def has_emptied(self) -> bool:
+    def may_empty(self) -> bool:
         """Pages emptied or records resting: empty_pages may find pages to keep or give back."""
         return bool(self._emptied or self._resting)
 
@@ -228,12 +228,14 @@ class RecordHeap:
         the first of its class, or the last of a page that holds no record (then empty, it
         serves any class); None: none rests."""
         cls = self.class_of(size)
-        first = next((until for until, page, _ in self._resting if page.cls == cls), None)
-        emptied: dict[_Page, float] = {}
-        for until, page, _ in self._resting:         # in order of time: the last one stays
+        first: float | None = None
+        emptied: dict[_Page, float] = {}            # a page holding no record -> its last rest's end
+        for until, page, _ in self._resting:         # in order of time
+            if first is None and page.cls == cls:
+                first = until
             if page.used == 0:
                 emptied[page] = until
-        return min([t for t in (first, *emptied.values()) if t is not None], default=None)
+        return min([*emptied.values(), *([] if first is None else [first])], default=None)
 
     def page_bytes(self) -> int:
         return self.page_count * PAGE_BYTES

@@ -330,15 +330,13 @@ class KeyValueService(KeyEdits):
         with self.lock:
             spaces = [s.kv for s in self.server.namespaces.values() if s.kv is not None]
         for space in spaces:
-            if space.heap.spare_count() or space.heap.has_emptied():
+            if space.put_grants or space.heap.spare_count() or space.heap.may_empty():
                 with space.lock:
                     if not space.closed:
+                        if space.put_grants:     # what compiled puts replaced and left is freed, idle stock goes back
+                            put_grants.settle_idle(space, time.monotonic())
+                            put_grants.take_back_idle(space, time.monotonic())
                         space.store.release_empty_pages(time.monotonic())
-            if space.put_grants:         # what compiled puts replaced and left is freed, idle stock goes back
-                with space.lock:
-                    if not space.closed:
-                        put_grants.settle_idle(space, time.monotonic())
-                        put_grants.take_back_idle(space, time.monotonic())
             if space.draining is not None:
                 with space.lock:
                     if not space.closed:
@@ -365,7 +363,7 @@ class KeyValueService(KeyEdits):
         gave = False
         until = time.monotonic() + GIVE_BACK_WAIT_S
         for space in spaces:
-            if not (space.put_grants or space.heap.spare_count() or space.heap.has_emptied()):
+            if not (space.put_grants or space.heap.spare_count() or space.heap.may_empty()):
                 continue
             if not space.lock.acquire(timeout=max(0.0, until - time.monotonic())):
                 continue
@@ -1070,7 +1068,8 @@ class KeyValueService(KeyEdits):
         Given the generation of the table `cursor` is of, the scan goes on where that table's
         keys are now (Store.resume: a new table followed, keys moved); `restarted` when that
         table is gone and the scan begins again (keys may come twice, as Redis's SCAN allows;
-        `restart` False: it goes on in the current table instead). While a table drains, it is read first (Store.scan)."""
+        `restart` False: it goes on in the current table instead). While a table drains, it is
+        read first (Store.scan)."""
         state, creds, space, store = self._space(conn, m)
         cursor, batch, prefix = m.get("cursor", 0), m.get("batch", 1000), m.get("prefix", b"")
         servers, of = m.get("servers"), m.get("generation")

@@ -4,8 +4,8 @@ One thread per connection (as the RPC door). It reads what the client sent, answ
 whole command in it in order (pipelining: the replies go out together, at most
 RESP_REPLY_BUFFER_BYTES at a time), then reads again. GETs and SETs of an authenticated client
 are answered in compiled code by one thread for all connections (_resp.c RespLoop, with
-epoll), the connection's thread waiting meanwhile; anything else comes back to it. A malformed request gets Redis's error
-after the replies before it, and the connection is closed, as Redis closes it; a client
+epoll), the connection's thread waiting meanwhile; anything else comes back to it. A
+malformed request gets Redis's error after the replies before it, and the connection is closed, as Redis closes it; a client
 leaving more than RESP_QUERY_BUFFER_MAX_BYTES unparsed is closed without a word, as Redis
 does. Nothing one connection sends reaches another.
 
