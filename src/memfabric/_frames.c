@@ -252,18 +252,29 @@ static PyObject *recv_exact(PyObject *Py_UNUSED(self), PyObject *args) {
  * sleeping for poll_s, then blocks in recvmsg, bounded by the socket's SO_RCVTIMEO: n is -1
  * when that ran out (the socket must be blocking: no Python-level timeout).
  *
- * serve_packets(fd, buffer, max_fds, poll_s, window_s, puts) -> (n, fds, flags, waited_s):
- * the same for a server's connection whose MemKV puts may be answered here (_kvput.c,
- * `puts` the connection's grants): each packet that is such a put is answered, and the wait
- * goes on (polling for window_s after a wait no longer than that, as BusyPoll's rule), until
- * a packet that is Python's. waited_s: how long the wait for that one took. n is -2 when an
- * answer could not be sent (the connection is done).
+ * serve_packets(fd, buffer, max_fds, poll_s, window_s, puts, plogs=None, conn=None)
+ * -> (n, fds, flags, waited_s): the same for a server's connection whose MemKV puts (_kvput.c,
+ * `puts` the connection's grants, or None) and MemPlog appends (_records.c serve_append,
+ * `plogs` the connection's grants, a dict, or None) may be answered here: each packet that is
+ * such a put, or an append committed at once, is answered, and the wait goes on (polling for
+ * window_s after a wait no longer than that, as BusyPoll's rule), until a packet that is
+ * Python's. waited_s: how long the wait for that one took. n is -2 when an answer could not be
+ * sent (the connection is done); n is -4 when an append was written that Python must commit
+ * (a flush): `fds` is then append_one's tuple for it (plog/fast_append.py).
  *
  * call_packet(fd, request, buffer, max_fds, poll_s) -> (n, fds, flags, waited_s): a client's
  * request sent, then recv_packet's receive, in one call (no Python between the two). n is
  * -3 when the request could not be sent within SO_SNDTIMEO (a SEQPACKET message goes whole or
  * not at all: nothing was sent). */
-PyObject *receive_packet(int fd, PyObject *buffer_obj, int max_fds, double poll_s, double window_s, PyObject *puts,
+/* _records.c's serve_append (its capsule SERVE_APPEND), loaded on the first serve_packets
+ * given plogs. */
+typedef int (*serve_append_fn)(const unsigned char *, size_t, PyObject *, PyObject *, unsigned char *, size_t,
+                               size_t *, PyObject **);
+static serve_append_fn serve_append;
+#define SERVED_REPLY_ROOM 64
+#define APPEND_PENDING (-4)
+
+PyObject *receive_packet(int fd, PyObject *buffer_obj, int max_fds, double poll_s, double window_s, Served *served,
                          double *waited, const char *request, size_t request_n) {
     if (max_fds < 0 || max_fds > 253) {
         PyErr_SetString(PyExc_ValueError, "max_fds must be 0 to 253 (SCM_MAX_FD)");
@@ -278,7 +289,7 @@ PyObject *receive_packet(int fd, PyObject *buffer_obj, int max_fds, double poll_
     } control;
     struct iovec iov = {.iov_base = buffer.buf, .iov_len = (size_t)buffer.len};
     struct msghdr msg;
-    unsigned char reply[PUT_REPLY_ROOM];
+    unsigned char reply[SERVED_REPLY_ROOM > PUT_REPLY_ROOM ? SERVED_REPLY_ROOM : PUT_REPLY_ROOM];
     ssize_t n = -1;
     int err = 0, failed_signal = 0;
     double began = now_s(), poll_until = began + poll_s;
@@ -316,12 +327,25 @@ PyObject *receive_packet(int fd, PyObject *buffer_obj, int max_fds, double poll_
                 break;
         }
         n = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC | (polling ? MSG_DONTWAIT : 0));
-        if (n > 0 && puts != NULL && msg.msg_controllen == 0 && !(msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC))) {
+        if (n > 0 && served != NULL && msg.msg_controllen == 0 && !(msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC))) {
             size_t reply_n = 0;
+            const unsigned char *packet = (const unsigned char *)buffer.buf;
             PyEval_RestoreThread(save);
-            int served = kv_put_serve(puts, (const unsigned char *)buffer.buf, (size_t)n, reply, &reply_n);
+            int answered = served->puts != NULL && kv_put_serve(served->puts, packet, (size_t)n, reply, &reply_n);
+            if (!answered && served->plogs != NULL && PyDict_GET_SIZE(served->plogs) > 0) {
+                answered = serve_append(packet, (size_t)n, served->plogs, served->conn, reply, sizeof reply, &reply_n,
+                                        &served->pending);
+                if (answered < 0)
+                    err = -1;                /* MemoryError, KeyboardInterrupt: raised below */
+            }
             save = PyEval_SaveThread();
-            if (served) {
+            if (err)
+                break;
+            if (answered == 2) {
+                n = APPEND_PENDING;          /* Python commits it, and answers */
+                break;
+            }
+            if (answered) {
                 ssize_t sent;
                 do
                     sent = send(fd, reply, reply_n, MSG_NOSIGNAL);
@@ -358,11 +382,16 @@ PyObject *receive_packet(int fd, PyObject *buffer_obj, int max_fds, double poll_
     PyEval_RestoreThread(save);
     PyBuffer_Release(&buffer);
     *waited = now_s() - began;
-    if (failed_signal)
+    if (failed_signal || err == -1)
         return NULL;
     if (err) {
         errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (n == APPEND_PENDING) {
+        PyObject *out = Py_BuildValue("(nOi)", (Py_ssize_t)n, served->pending, 0);
+        Py_CLEAR(served->pending);
+        return out;
     }
     PyObject *fds = PyList_New(0);
     if (fds == NULL)
@@ -431,17 +460,29 @@ static PyObject *call_packet(PyObject *Py_UNUSED(self), PyObject *args) {
 
 static PyObject *serve_packets(PyObject *Py_UNUSED(self), PyObject *args) {
     int fd, max_fds;
-    PyObject *buffer_obj, *puts;
+    PyObject *buffer_obj, *puts, *plogs = Py_None, *conn = Py_None;
     double poll_s, window_s, waited = 0.0;
-    if (!PyArg_ParseTuple(args, "iOiddO!", &fd, &buffer_obj, &max_fds, &poll_s, &window_s, &PyList_Type, &puts))
+    if (!PyArg_ParseTuple(args, "iOiddO|OO", &fd, &buffer_obj, &max_fds, &poll_s, &window_s, &puts, &plogs, &conn))
         return NULL;
-    return with_wait(receive_packet(fd, buffer_obj, max_fds, poll_s, window_s, puts, &waited, NULL, 0), waited);
+    if ((puts != Py_None && !PyList_Check(puts)) || (plogs != Py_None && !PyDict_Check(plogs))) {
+        PyErr_SetString(PyExc_TypeError, "serve_packets: puts is a list or None, plogs a dict or None");
+        return NULL;
+    }
+    if (plogs != Py_None && serve_append == NULL) {
+        serve_append = (serve_append_fn)PyCapsule_Import("memfabric._records.SERVE_APPEND", 0);
+        if (serve_append == NULL)
+            return NULL;
+    }
+    Served served = {puts == Py_None ? NULL : puts, plogs == Py_None ? NULL : plogs, conn, NULL};
+    PyObject *got = receive_packet(fd, buffer_obj, max_fds, poll_s, window_s, &served, &waited, NULL, 0);
+    Py_XDECREF(served.pending);
+    return with_wait(got, waited);
 }
 
 static PyMethodDef methods[] = {
     {"recv_packet", recv_packet, METH_VARARGS, "recv_packet(fd, buffer, max_fds, poll_s) -> (n, fds, flags)"},
     {"serve_packets", serve_packets, METH_VARARGS,
-     "serve_packets(fd, buffer, max_fds, poll_s, window_s, puts) -> (n, fds, flags, waited_s)"},
+     "serve_packets(fd, buffer, max_fds, poll_s, window_s, puts, plogs=None, conn=None) -> (n, fds, flags, waited_s)"},
     {"call_packet", call_packet, METH_VARARGS,
      "call_packet(fd, request, buffer, max_fds, poll_s) -> (n, fds, flags, waited_s)"},
     {"recv_frame", recv_frame, METH_VARARGS,

@@ -84,10 +84,18 @@ typedef struct {
     uint64_t ttl_ms;             /* 0: none */
 } KvPutRequest;
 int kv_put_apply(PyObject *grants, const KvPutRequest *q);
-/* _frames.c: one SEQPACKET message received into `buffer_obj` (after `request` is sent, if
- * given), answering the puts `puts` covers meanwhile (if given): (n, fds, flags), see
- * recv_packet, serve_packets and call_packet there. */
-PyObject *receive_packet(int fd, PyObject *buffer_obj, int max_fds, double poll_s, double window_s, PyObject *puts,
+/* _frames.c: what a server's receive loop answers itself (serve_packets): MemKV puts the
+ * list `puts` covers, MemPlog appends the dict `plogs` covers (for connection `conn`), each
+ * NULL when none. An append that Python must commit (a flush) ends the loop: `pending` holds
+ * what _records' append_one gave for it. */
+typedef struct {
+    PyObject *puts, *plogs, *conn;
+    PyObject *pending;
+} Served;
+/* One SEQPACKET message received into `buffer_obj` (after `request` is sent, if given),
+ * answering what `served` covers meanwhile (if given): (n, fds, flags), see recv_packet,
+ * serve_packets and call_packet there. */
+PyObject *receive_packet(int fd, PyObject *buffer_obj, int max_fds, double poll_s, double window_s, Served *served,
                          double *waited, const char *request, size_t request_n);
 int kv_put_serve(PyObject *grants, const unsigned char *packet, size_t n, unsigned char *reply, size_t *reply_n);
 int kvput_add_to_module(PyObject *module);

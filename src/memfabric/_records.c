@@ -225,6 +225,96 @@ done:
     return out;
 }
 
+/* ---- a batch's arithmetic, one call instead of a Python loop per record --------------------- */
+
+/* lengths_total(lengths, most) -> int: the sum of a list of record lengths, each an int from 0
+ * to `most`; -1 when one is not (Python then says which, and why). */
+static PyObject *lengths_total(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *lengths;
+    long long most;
+    if (!PyArg_ParseTuple(args, "O!L", &PyList_Type, &lengths, &most))
+        return NULL;
+    long long total = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(lengths); i++) {
+        PyObject *item = PyList_GET_ITEM(lengths, i);
+        if (!PyLong_CheckExact(item))
+            return PyLong_FromLong(-1);
+        long long n = PyLong_AsLongLong(item);
+        if (n == -1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return PyLong_FromLong(-1);
+        }
+        if (n < 0 || n > most)
+            return PyLong_FromLong(-1);
+        total += n;
+    }
+    return PyLong_FromLongLong(total);
+}
+
+/* frame_starts(at, lengths) -> (starts, end): where the frames of records of these lengths
+ * (ints of 0 to 2**32 - 1: lengths_total checked them) begin, the first at `at`, and where the
+ * last ends (record.frame_bytes: header, payload, padding to 8). */
+static PyObject *frame_starts(PyObject *Py_UNUSED(self), PyObject *args) {
+    unsigned long long at;
+    PyObject *lengths;
+    if (!PyArg_ParseTuple(args, "KO!", &at, &PyList_Type, &lengths))
+        return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(lengths);
+    PyObject *starts = PyList_New(count);
+    if (starts == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        unsigned long long n = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(lengths, i));
+        PyObject *start = n == (unsigned long long)-1 && PyErr_Occurred() ? NULL : PyLong_FromUnsignedLongLong(at);
+        if (start == NULL || n > UINT32_MAX) {
+            if (start != NULL)
+                PyErr_SetString(PyExc_ValueError, "a record's length is below 2**32");
+            Py_XDECREF(start);
+            Py_DECREF(starts);
+            return NULL;
+        }
+        PyList_SET_ITEM(starts, i, start);
+        at += HEADER_BYTES + (n + ALIGN_BYTES - 1) / ALIGN_BYTES * ALIGN_BYTES;
+    }
+    return Py_BuildValue("(NK)", starts, at);
+}
+
+/* buffer_lengths(parts) -> list[int] | None: the length in bytes of each part (a list), when
+ * every one is a C-contiguous buffer; None when one is not (Python's as_bytes_view then takes
+ * them one by one, and says what is wrong). */
+static PyObject *buffer_lengths(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *parts;
+    if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &parts))
+        return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(parts);
+    PyObject *out = PyList_New(count);
+    if (out == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *part = PyList_GET_ITEM(parts, i), *n;
+        if (PyBytes_CheckExact(part)) {
+            n = PyLong_FromSsize_t(PyBytes_GET_SIZE(part));
+        } else {
+            Py_buffer view;
+            if (PyObject_GetBuffer(part, &view, PyBUF_C_CONTIGUOUS) < 0) {
+                Py_DECREF(out);
+                if (PyErr_ExceptionMatches(PyExc_MemoryError))
+                    return NULL;
+                PyErr_Clear();
+                Py_RETURN_NONE;
+            }
+            n = PyLong_FromSsize_t(view.len);
+            PyBuffer_Release(&view);
+        }
+        if (n == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, n);
+    }
+    return out;
+}
+
 /* crc32c_of(data, value=0, table=False): the CRC as frame_batch computes it; `table` takes the
  * table's way even where the CPU has the instruction (for the tests: both ways agree). */
 static PyObject *crc32c_of(PyObject *Py_UNUSED(self), PyObject *args) {
@@ -326,11 +416,9 @@ static int proof_stands(PyObject *conn, PyObject *grant) {
     return !owes;
 }
 
-static PyObject *append_one(PyObject *Py_UNUSED(self), PyObject *args) {
-    Py_buffer packet;
-    PyObject *grants, *conn;
-    if (!PyArg_ParseTuple(args, "y*O!O", &packet, &PyDict_Type, &grants, &conn))
-        return NULL;
+/* append_one's work on a received packet: a new reference to its tuple, or NULL (with an
+ * error set only for MemoryError and KeyboardInterrupt: otherwise Python's to serve). */
+static PyObject *append_packet(const unsigned char *packet_buf, size_t packet_len, PyObject *grants, PyObject *conn) {
     PyObject *result = NULL;           /* NULL with no error set: answer None */
     PyObject *grant = NULL, *plog = NULL, *core = NULL, *plog_lock = NULL, *seg_lock = NULL, *key = NULL;
     int plog_locked = 0, seg_locked = 0;
@@ -341,7 +429,7 @@ static PyObject *append_one(PyObject *Py_UNUSED(self), PyObject *args) {
         {"name", F_STR, 1}, {"plog_id", F_INT, 1}, {"records", F_ONE_BIN, 1}, {"id", F_INT, 1},
         {"budget_s", F_NUMBER, 0},
     };
-    if (!read_request(packet.buf, (size_t)packet.len, f, 9) || f[6].n > UINT32_MAX)
+    if (!read_request(packet_buf, packet_len, f, 9) || f[6].n > UINT32_MAX)
         goto done;
     const unsigned char *pool = f[1].at, *ns = f[2].at, *sec = f[3].at, *name = f[4].at, *record = f[6].at;
     size_t pool_n = f[1].n, ns_n = f[2].n, sec_n = f[3].n, name_n = f[4].n, record_n = f[6].n;
@@ -578,7 +666,7 @@ static PyObject *append_one(PyObject *Py_UNUSED(self), PyObject *args) {
     at += put_key(reply + at, "id");
     memcpy(reply + at, id_raw, id_n);
     at += id_n;
-    result = Py_BuildValue("(y#OLiKK)", (const char *)reply, (Py_ssize_t)at, grant, end, commit_here,
+    result = Py_BuildValue("(y#OLNKK)", (const char *)reply, (Py_ssize_t)at, grant, end, PyBool_FromLong(commit_here),
                            (unsigned long long)record_n, (unsigned long long)request_id);
 done:
     if (seg_locked)
@@ -591,16 +679,72 @@ done:
     Py_XDECREF(plog);
     Py_XDECREF(grant);
     Py_XDECREF(key);
+    if (result == NULL && PyErr_Occurred()
+            && !PyErr_ExceptionMatches(PyExc_MemoryError) && !PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
+        PyErr_Clear();                     /* a rule not as expected: Python serves it, and says */
+    return result;
+}
+
+static PyObject *append_one(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer packet;
+    PyObject *grants, *conn;
+    if (!PyArg_ParseTuple(args, "y*O!O", &packet, &PyDict_Type, &grants, &conn))
+        return NULL;
+    PyObject *result = append_packet((const unsigned char *)packet.buf, (size_t)packet.len, grants, conn);
     PyBuffer_Release(&packet);
-    if (result == NULL && PyErr_Occurred()) {
-        if (!PyErr_ExceptionMatches(PyExc_MemoryError) && !PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
-            PyErr_Clear();                 /* a rule not as expected: Python serves it, and says */
-        else
-            return NULL;
-    }
-    if (result == NULL)
+    if (result == NULL && !PyErr_Occurred())
         Py_RETURN_NONE;
     return result;
+}
+
+/* ---- serve_append: append_one inside a connection's receive loop (_frames.c serve_packets) ----
+ *
+ * Exported as the capsule memfabric._records.SERVE_APPEND (a SERVE_APPEND_FN): the loop hands it
+ * each packet; a plain append committed here (a medium that needs no flush) is answered by the
+ * loop without a return to Python, and counted in the grant's `counts` (an array of two u64:
+ * appends, payload bytes; PlogService adds them to its own). Returns, with the GIL:
+ *   0  not one of append_one's: Python serves it (nothing changed)
+ *   1  appended and committed: the reply's bytes in `reply` (`room` bytes at least 64)
+ *   2  appended, to be committed by Python (a flush: pmem): *pending holds append_one's tuple
+ *  -1  MemoryError or KeyboardInterrupt, set. */
+typedef int (*serve_append_fn)(const unsigned char *, size_t, PyObject *, PyObject *, unsigned char *, size_t,
+                               size_t *, PyObject **);
+
+static int count_served(PyObject *grant, uint64_t payload_bytes) {
+    PyObject *counts = PyObject_GetAttrString(grant, "counts");
+    Py_buffer view;
+    if (counts == NULL || PyObject_GetBuffer(counts, &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        Py_XDECREF(counts);
+        PyErr_Clear();
+        return 0;
+    }
+    if (view.len >= 16) {
+        uint64_t *c = view.buf;
+        c[0] += 1;
+        c[1] += payload_bytes;
+    }
+    PyBuffer_Release(&view);
+    Py_DECREF(counts);
+    return 1;
+}
+
+static int serve_append(const unsigned char *packet, size_t n, PyObject *grants, PyObject *conn, unsigned char *reply,
+                        size_t room, size_t *reply_n, PyObject **pending) {
+    *pending = NULL;
+    PyObject *got = append_packet(packet, n, grants, conn);
+    if (got == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    /* (reply, grant, end, committed, payload_bytes, request_id), as built above */
+    PyObject *reply_obj = PyTuple_GET_ITEM(got, 0);
+    if (PyTuple_GET_ITEM(got, 3) == Py_True && (size_t)PyBytes_GET_SIZE(reply_obj) <= room
+            && count_served(PyTuple_GET_ITEM(got, 1), PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(got, 4)))) {
+        *reply_n = (size_t)PyBytes_GET_SIZE(reply_obj);
+        memcpy(reply, PyBytes_AS_STRING(reply_obj), *reply_n);
+        Py_DECREF(got);
+        return 1;
+    }
+    *pending = got;
+    return 2;
 }
 
 /* ---- call_append: a same-host client's append of one record, sent and answered in one call ----
@@ -815,6 +959,9 @@ static PyMethodDef methods[] = {
     {"call_append", call_append, METH_VARARGS,
      "call_append(fd, head, record, budget_s, request_id, buffer, poll_s) -> (status, value, waited_s)"},
     {"gather_into", gather_into, METH_VARARGS, "gather_into(dst, parts) -> int: the parts copied back to back"},
+    {"lengths_total", lengths_total, METH_VARARGS, "lengths_total(lengths, most) -> int: their sum, or -1"},
+    {"frame_starts", frame_starts, METH_VARARGS, "frame_starts(at, lengths) -> (starts, end)"},
+    {"buffer_lengths", buffer_lengths, METH_VARARGS, "buffer_lengths(parts) -> list[int] | None"},
     {"crc32c_of", crc32c_of, METH_VARARGS, "crc32c_of(data, value=0, table=False) -> int"},
     {"append_one", append_one, METH_VARARGS,
      "append_one(packet, grants, conn) -> None | (reply, grant, end, committed, payload_bytes, request_id)"},
@@ -842,7 +989,9 @@ PyMODINIT_FUNC PyInit__records(void) {
             || PyModule_AddIntConstant(m, "CALL_UNSENT", CALL_UNSENT) < 0
             || PyModule_AddIntConstant(m, "CALL_TIMEOUT", CALL_TIMEOUT) < 0
             || PyModule_AddIntConstant(m, "CALL_CLOSED", CALL_CLOSED) < 0
-            || PyModule_AddIntConstant(m, "CALL_BAD", CALL_BAD) < 0) {
+            || PyModule_AddIntConstant(m, "CALL_BAD", CALL_BAD) < 0
+            || PyModule_AddObject(m, "SERVE_APPEND", PyCapsule_New((void *)serve_append, "memfabric._records.SERVE_APPEND",
+                                                                   NULL)) < 0) {
         Py_DECREF(m);
         return NULL;
     }

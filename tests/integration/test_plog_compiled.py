@@ -25,7 +25,7 @@ from ..conftest import short_tmp_dir
 from ..helpers import CHILD_WAIT_S, free_ports, ns_name, stopped
 from ..transport.paths import interrupted_after
 from .test_interrupted_calls import again, sweep
-from .test_metrics import scrape, value
+from .test_metrics import ops, scrape, value
 from .test_persistence import PersistentServer
 from .test_plog_durability import acknowledged_are_whole
 
@@ -85,6 +85,50 @@ def test_compiled_appends_are_the_python_paths_to_the_byte(fab, pool, request):
         link = s.link(fast.home)
         frames_check(fast, link, payloads)
         frames_check(slow, link, payloads)
+
+
+def test_a_ramdisk_append_is_answered_in_the_receive_loop_and_counted(fab, pool, request):
+    """On ramdisk (nothing to flush) the connection's receive loop answers a granted append
+    without handing the request to Python (_frames.c serve_packets): Python's operation
+    histogram does not see it, the plog counters do. On pmem the loop writes it and Python
+    commits it (a flush), so Python's histogram counts each."""
+    name = ns_name(request)
+    with memfabric.init(fab.directory) as s:
+        log = s.create_namespace(name, sec_id="k", pool=pool).create_plog("wal", 2 * MiB)
+        log.append(b"granted")            # Python's: it grants the rest
+        before = scrape(fab.metrics)
+        payloads = records_of(40)
+        offsets = [log.append(p) for p in payloads]
+        after = scrape(fab.metrics)
+        assert value(after, "memfabric_plog_compiled_appends_total") - value(
+            before, "memfabric_plog_compiled_appends_total") == len(payloads)
+        assert value(after, "memfabric_plog_appends_total") - value(before, "memfabric_plog_appends_total") == len(
+            payloads)
+        assert value(after, "memfabric_plog_appended_bytes_total") - value(
+            before, "memfabric_plog_appended_bytes_total") == sum(map(len, payloads))
+        in_python = ops(after, "plog_append") - ops(before, "plog_append")
+        assert in_python == (0 if pool == "ram" else len(payloads))
+        assert list(log.records(1)) == payloads
+        assert [log.read(o, len(p)) for o, p in zip(offsets, payloads)] == payloads
+
+
+def test_puts_and_appends_answered_in_one_loop_interleave(fab, pool, request):
+    """A connection whose loop answers MemKV puts and plog appends: each goes where it belongs,
+    in order, whatever the mix."""
+    name = ns_name(request)
+    with memfabric.init(fab.directory) as s:
+        log = s.create_namespace(name, sec_id="k", pool=pool).create_plog("wal", 2 * MiB)
+        kv = s.create_namespace(name, sec_id="k").kv()           # the default (dram) pool's
+        log.append(b"granted")
+        expected = [b"granted"]
+        for i in range(300):
+            if i % 3 == 0:
+                kv.put(f"k{i}".encode(), b"v%d" % i)
+            record = b"r%d" % i * (i % 7)
+            log.append(record)
+            expected.append(record)
+        assert list(log.records()) == expected
+        assert all(kv.get(f"k{i}".encode()) == b"v%d" % i for i in range(0, 300, 3))
 
 
 def test_a_plog_refuses_through_the_compiled_path_as_through_python(fab, pool, request):

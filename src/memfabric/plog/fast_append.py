@@ -20,11 +20,19 @@ across two extents, a connection owed a "gone" notice.
 Durability is Python's too: on pmem (and whenever something else awaits commit) the record
 is marked written in C and committed by PlogService._flush_to, whose flush runs without the
 GIL and is shared by every appender waiting (group commit).
+
+Where. The connection's receive loop (_frames.c serve_packets) hands each packet to
+append_one's C entry (_records.c serve_append) before Python sees it: an append committed at
+once (ramdisk) is answered there and counted in the grant's `counts` (the service's
+served_counts), and the loop goes on receiving; one that needs a flush comes back to Python
+with append_one's tuple (PlogService.fast_finish). Those answered in the loop are not timed
+in the operations' latency histogram (as MemKV's compiled puts are not).
 """
 
 from __future__ import annotations
 
 import struct
+from array import array
 from typing import TYPE_CHECKING, Any
 
 from ..limits import MAX_PLOG_FAST_GRANTS_PER_CONNECTION
@@ -47,10 +55,10 @@ class FastGrant:
     """What append_one needs to append to one plog for one connection (read by name in C)."""
 
     __slots__ = ("plog", "sec", "plog_id", "vkey", "proven", "capacity", "flushes", "extents",
-                 "segments", "seg_ids")
+                 "segments", "seg_ids", "counts")
 
     def __init__(self, plog: "_Plog", sec: bytes, vkey: tuple[str, str], proven: Any,
-                 segments: list[FileSegment]) -> None:
+                 segments: list[FileSegment], counts: array) -> None:
         self.plog = plog
         self.sec = sec
         self.plog_id = plog.id
@@ -62,13 +70,22 @@ class FastGrant:
         self.extents = b"".join(_EXTENT.pack(end, e[1]) for end, e in zip(ends, plog.data.extents))
         self.segments = segments
         self.seg_ids = [e[0] for e in plog.data.extents]
+        self.counts = counts           # appends and payload bytes answered in the receive loop
 
 
 def grant_key(pool: str, ns: str, name: str) -> bytes:
     return b"\0".join(x.encode() for x in (pool, ns, name))
 
 
-def grant(conn: Connection, plog: "_Plog", m: dict[str, Any]) -> None:
+def grants_of(conn: Connection) -> dict[bytes, FastGrant] | None:
+    """The connection's grants (filled by grant()), for its receive loop; None where it has
+    none to take (no compiled part, another server's connection, one carrying no fds)."""
+    if _records is None or not conn.carries_fds:
+        return None
+    return conn.services.setdefault(GRANTS, {})
+
+
+def grant(conn: Connection, plog: "_Plog", m: dict[str, Any], counts: array) -> None:
     """After Python served an append of `plog` from `conn` (request `m`): let later ones of the
     common case go through append_one, when the plog is one it can serve."""
     if _records is None or not conn.carries_fds or plog.replica_servers or plog.role != "home":
@@ -87,11 +104,11 @@ def grant(conn: Connection, plog: "_Plog", m: dict[str, Any]) -> None:
         grants = conn.services[GRANTS] = {}
     key = grant_key(pool, ns, name)
     held = grants.get(key)
-    if held is not None and held.plog is plog and held.proven is proven and held.sec == sec:
+    if held is not None and held.plog is plog and held.proven is proven and held.sec == sec and held.counts is counts:
         return
     if key not in grants and len(grants) >= MAX_PLOG_FAST_GRANTS_PER_CONNECTION:
         grants.pop(next(iter(grants)))        # the oldest: it appends through Python again, and is granted again
-    grants[key] = FastGrant(plog, sec, (pool, ns), proven, segments)
+    grants[key] = FastGrant(plog, sec, (pool, ns), proven, segments, counts)
 
 
 def try_append(conn: Connection, packet: memoryview) -> tuple[bytes, FastGrant, int, bool, int, int] | None:

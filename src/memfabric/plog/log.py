@@ -22,6 +22,11 @@ from ..errors import InvalidArgument, OutOfRange, OutOfSpace, Sealed
 from ..limits import MAX_PLOG_BATCH, PLOG_PREPARE_BYTES_PER_S
 from .record import ALIGN_BYTES, HEADER_BYTES, frame_bytes
 
+try:    # a batch's starts in one call (_records.c): ./dev builds it
+    from .._records import frame_starts as _compiled_frame_starts
+except ImportError:      # pragma: no cover
+    _compiled_frame_starts = None
+
 OPEN, SEALED = "open", "sealed"
 STATES = (OPEN, SEALED)
 
@@ -58,12 +63,7 @@ class PlogLog:
                          "(its records can still be read)")
         if not 0 < len(lengths) <= MAX_PLOG_BATCH:
             raise InvalidArgument(f"an append takes 1 to {MAX_PLOG_BATCH} records, got {len(lengths)}")
-        starts = []
-        append = starts.append
-        at = self.written
-        for n in lengths:               # checked by the caller: ints of 0..MAX_PLOG_RECORD_BYTES
-            append(at)
-            at += HEADER_BYTES + ((n + ALIGN_BYTES - 1) & -ALIGN_BYTES)     # frame_bytes(n), inline
+        starts, at = frame_starts(self.written, lengths)
         if at > self.capacity:
             raise OutOfSpace(f"plog {self.name!r} has {self.capacity - self.written} of {self.capacity} bytes "
                              f"free, these {len(lengths)} records need {at - self.written} "
@@ -143,6 +143,20 @@ class PlogLog:
         for start, length in records:
             self.mark_written([start], [length])
         self.commit(self.written)
+
+
+def frame_starts(at: int, lengths: list[int]) -> tuple[list[int], int]:
+    """Where the frames of records of these payload lengths (ints of 0..MAX_PLOG_RECORD_BYTES,
+    checked by the caller) begin, the first at `at`, and where the last ends. Shifted by
+    HEADER_BYTES: where their payloads begin."""
+    if _compiled_frame_starts is not None:
+        return _compiled_frame_starts(at, lengths)
+    starts = []
+    append = starts.append
+    for n in lengths:
+        append(at)
+        at += HEADER_BYTES + ((n + ALIGN_BYTES - 1) & -ALIGN_BYTES)     # frame_bytes(n), inline
+    return starts, at
 
 
 def pieces(extents: list[tuple[int, int, int]], offset: int, length: int,

@@ -52,6 +52,7 @@ import re
 import secrets
 import threading
 import time
+from array import array
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..core.allocator import Extent
@@ -69,8 +70,13 @@ from ..server.state import NamespaceState, PoolState
 from ..transport import wire
 from . import fast_append
 from . import record as rec
-from .log import OPEN, SEALED, STATES, PlogLog, prepare_allowance_s
+from .log import OPEN, SEALED, STATES, PlogLog, frame_starts, prepare_allowance_s
 from .store import LogBytes, meta_path, read_metas, remove_meta, write_meta
+
+try:    # a batch's lengths checked in one call (_records.c): ./dev builds it
+    from .. import _records
+except ImportError:      # pragma: no cover
+    _records = None
 
 if TYPE_CHECKING:
     from ..server.server import Server
@@ -206,12 +212,15 @@ class PlogService:
         self._lock = threading.Lock()         # the registry below; never held while doing I/O
         self._plogs: dict[tuple[str, str, int], dict[str, _Plog]] = {}
         self._next_id = 0
-        # Counters for the metrics (metrics.py reads them when scraped).
+        # Counters for the metrics (metrics.py reads them when scraped, through counts()).
         self.appends = 0
         self.appended_bytes = 0
         self.flushes = 0
         self.fast_appends = 0                 # of them, served by the compiled path (fast_append.py)
         self._counts_lock = threading.Lock()
+        # Appends and their payload bytes answered in the connections' receive loops (those
+        # committed at once: _records.c serve_append), counted there, with the GIL.
+        self.served_counts = array("Q", [0, 0])
         # Record bytes held in this server's own memory before they are appended (stages, RPC
         # payloads): bounded for the whole server, so many connections cannot take its RAM.
         self._buffered_bytes = 0
@@ -221,6 +230,19 @@ class PlogService:
         # pages for each batch of 100 x 4 KiB): as many as appends have run at once, at most
         # FRAME_BUFFERS_KEPT.
         self._frame_buffers: list[bytearray] = []
+
+    def counts(self) -> dict[str, int]:
+        """Appends (records), their payload bytes, those the compiled path served, and flushes,
+        since this server started."""
+        served, served_bytes = self.served_counts
+        with self._counts_lock:
+            return {"appends": self.appends + served, "appended_bytes": self.appended_bytes + served_bytes,
+                    "compiled_appends": self.fast_appends + served, "flushes": self.flushes}
+
+    def fast_grants(self, conn: Connection) -> dict[bytes, Any] | None:
+        """The dict of a same-host client's connection whose appends its receive loop may serve
+        (fast_append.py), or None."""
+        return fast_append.grants_of(conn)
 
     def _frame_buffer(self) -> bytearray | None:
         """A buffer of JOIN_BELOW_BYTES to frame a batch into (give it back to
@@ -709,7 +731,7 @@ class PlogService:
         lengths = _lengths([len(r) for r in records], None)
         offsets = self._append(plog, memoryview(b"".join(records)), lengths)
         if len(records) == 1:
-            fast_append.grant(conn, plog, m)      # this connection's next ones: compiled (fast_append.py)
+            fast_append.grant(conn, plog, m, self.served_counts)   # its next ones: compiled (fast_append.py)
         return {"offsets": offsets}
 
     def fast_reply(self, conn: Connection, packet: memoryview) -> bytes | None:
@@ -719,6 +741,11 @@ class PlogService:
         got = fast_append.try_append(conn, packet)
         if got is None:
             return None
+        return self.fast_finish(got, started_s)
+
+    def fast_finish(self, got: tuple[bytes, Any, int, bool, int, int], started_s: float) -> bytes:
+        """What append_one did (`got`, its tuple), committed (a flush, shared: _flush_to) and
+        counted: the reply's bytes."""
         reply, grant, end, committed, payload_bytes, request_id = got
         code = None
         try:
@@ -811,7 +838,7 @@ class PlogService:
         with self._counts_lock:
             self.appends += len(lengths)
             self.appended_bytes += data.nbytes
-        return [s + rec.HEADER_BYTES for s in starts]
+        return frame_starts(starts[0] + rec.HEADER_BYTES, lengths)[0]     # where their payloads begin
 
     def _flush_to(self, plog: _Plog, end: int) -> None:
         """Return once bytes up to `end` are committed: flushed by us, or by a flusher that
@@ -1162,10 +1189,11 @@ def _lengths(lengths: Any, total: int | None) -> list[int]:
     if not isinstance(lengths, list) or not 0 < len(lengths) <= MAX_PLOG_BATCH:
         raise InvalidArgument(f"an append takes 1 to {MAX_PLOG_BATCH} records, got "
                               f"{len(lengths) if isinstance(lengths, list) else repr(lengths)[:40]}")
-    if set(map(type, lengths)) != {int} or min(lengths) < 0 or max(lengths) > MAX_PLOG_RECORD_BYTES:
+    checked = _records.lengths_total(lengths, MAX_PLOG_RECORD_BYTES) if _records is not None else -1
+    if checked < 0 and (set(map(type, lengths)) != {int} or min(lengths) < 0 or max(lengths) > MAX_PLOG_RECORD_BYTES):
         bad = next(n for n in lengths if type(n) is not int or not 0 <= n <= MAX_PLOG_RECORD_BYTES)
         raise InvalidArgument(f"a record is 0 to {MAX_PLOG_RECORD_BYTES} bytes, got {bad!r:.40}")
-    if total is not None and sum(lengths) != total:
+    if total is not None and (checked if checked >= 0 else sum(lengths)) != total:
         raise ProtocolError(f"records of {sum(lengths)} bytes in all, {total} bytes sent")
     if total is not None and total > max(MAX_PLOG_STAGED_BYTES, MAX_RPC_PAYLOAD_BYTES):
         raise InvalidArgument(f"an append carries at most {MAX_RPC_PAYLOAD_BYTES} bytes")

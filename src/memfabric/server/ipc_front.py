@@ -10,6 +10,7 @@ import os
 import socket
 import struct
 import threading
+import time
 
 from ..errors import InternalError, InvalidArgument, LimitExceeded, MemfabricError, ProtocolError
 from ..transport import wire
@@ -82,14 +83,20 @@ class IpcFront:
     def _serve(self, conn: Connection, channel: IpcChannel) -> None:
         # Clients' puts of small values may be answered in the receive itself (kv/put_grants.py);
         # peers' connections carry no such puts.
-        grants = None if self.server.is_server_pid(conn.peer_pid) else self.server.kv.open_put_grants(conn)
+        # Peers' connections carry no such puts, nor appends.
+        peer = self.server.is_server_pid(conn.peer_pid)
+        grants = None if peer else self.server.kv.open_put_grants(conn)
         puts = grants.table if grants is not None else None
+        plogs = None if peer else self.server.plog.fast_grants(conn)
         try:
             while True:
                 try:
-                    packet, fds = channel.recv_packet(puts)
+                    packet, fds = channel.recv_packet(puts, plogs, conn)
                     fast = None
-                    for fast_reply in () if fds else self._fast:
+                    if packet is None:       # an append its loop wrote, to commit here (pmem)
+                        fast = self.server.plog.fast_finish(fds, time.perf_counter())
+                        fds = []
+                    for fast_reply in () if fds or fast is not None else self._fast:
                         fast = fast_reply(conn, packet)
                         if fast is not None:
                             break

@@ -168,14 +168,15 @@ class StateCollector(Collector):
     def _plogs(self) -> Iterable[Any]:
         """MemPlog: plogs homed here per namespace, and this server's appends since it started."""
         plog = self.server.plog
+        counts = plog.counts()
         yield CounterMetricFamily("memfabric_plog_appends", "Records appended to plogs homed here",
-                                  value=plog.appends)
+                                  value=counts["appends"])
         yield CounterMetricFamily("memfabric_plog_appended_bytes", "Payload bytes of those records",
-                                  value=plog.appended_bytes)
+                                  value=counts["appended_bytes"])
         yield CounterMetricFamily("memfabric_plog_compiled_appends", "Of those, appends served by the compiled "
-                                  "same-host path (plog/fast_append.py)", value=plog.fast_appends)
+                                  "same-host path (plog/fast_append.py)", value=counts["compiled_appends"])
         yield CounterMetricFamily("memfabric_plog_flushes", "Flushes that made appends durable (pmem: "
-                                  "fdatasync rounds, each shared by the appends waiting then)", value=plog.flushes)
+                                  "fdatasync rounds, each shared by the appends waiting then)", value=counts["flushes"])
         count = GaugeMetricFamily("memfabric_plogs", "Plogs homed here", labels=["pool", "ns"])
         length = GaugeMetricFamily("memfabric_plog_bytes", "Committed bytes of the plogs homed here",
                                    labels=["pool", "ns"])

@@ -32,6 +32,7 @@ _CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 # Plain ints, made once: an enum's `|` costs microseconds on every message.
 _RECV_NOW_FLAGS = int(socket.MSG_DONTWAIT | _CLOEXEC)
 _TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
+_APPEND_PENDING = -4          # serve_packets: an append Python commits (_frames.c APPEND_PENDING)
 
 
 class PeerClosed(Exception):
@@ -104,16 +105,23 @@ class IpcChannel:
             _close_all(fds)
             raise
 
-    def recv_packet(self, puts: list | None = None) -> tuple[memoryview, list[int]]:
+    def recv_packet(self, puts: list | None = None, plogs: dict | None = None,
+                    conn: Any = None) -> tuple[memoryview | None, Any]:
         """recv(), the message not decoded: a view of this channel's buffer, valid until the
-        next receive (a server's compiled paths read it as it came, plog/fast_append.py)."""
+        next receive (a server's compiled paths read it as it came, plog/fast_append.py), and
+        its fds. A server's connection passes what its loop may answer meanwhile (_frames.c
+        serve_packets): MemKV puts (`puts`), MemPlog appends (`plogs`, of `conn`). (None,
+        got): an append was written that Python must commit; `got` is append_one's tuple."""
         if self.compiled and self.sock.gettimeout() is None:
             poll = self._busy_poll
-            if puts is not None:
+            if puts is not None or plogs is not None:
                 n, fds, flags, waited_s = _frames.serve_packets(self.sock.fileno(), self._buffer, MAX_FDS_PER_MESSAGE,
-                                                                poll.window(), poll.window_s, puts)
+                                                                poll.window(), poll.window_s, puts, plogs, conn)
                 if n == -2:          # an answer could not be sent: the peer is gone or stuck
                     raise PeerClosed()
+                if n == _APPEND_PENDING:
+                    poll.waited(waited_s)
+                    return None, fds
             else:
                 start = time.perf_counter()
                 n, fds, flags = _frames.recv_packet(self.sock.fileno(), self._buffer, MAX_FDS_PER_MESSAGE,
