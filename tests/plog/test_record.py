@@ -267,12 +267,17 @@ def test_the_compiled_batch_frames_the_same_bytes(compiled):
 def test_the_compiled_crc_is_crc32c_both_ways(compiled):
     from crc32c import crc32c
     rng = random.Random(9)
-    for n in list(range(0, 40)) + [4096, 4099, 100_000]:
-        data = rng.randbytes(n)
+    # Around the three-stream blocks' edges (3 x 256 and 3 x 8192 bytes, _records.c), from
+    # every alignment.
+    edges = [k * 3 * block + d for block in (256, 8192) for k in (1, 2, 5) for d in (-9, -1, 0, 1, 8, 255)]
+    for n in list(range(0, 40)) + [4096, 4099, 100_000, (1 << 20) + 3] + edges:
+        data = rng.randbytes(n + 7)
         start = rng.getrandbits(32)
-        for table in (False, True):
-            assert compiled.crc32c_of(data, 0, table) == crc32c(data)
-            assert compiled.crc32c_of(data, start, table) == crc32c(data, start)
+        for skew in (0, 3) if n < 1 << 20 else (0,):
+            view = memoryview(data)[skew:skew + n]
+            for table in (False, True):
+                assert compiled.crc32c_of(view, 0, table) == crc32c(view)
+                assert compiled.crc32c_of(view, start, table) == crc32c(view, start)
 
 
 @pytest.mark.parametrize("lengths, data", [([5], b"1234"), ([-1, 5], b"1234"), ([1 << 40], b""), (["4"], b"1234")])
