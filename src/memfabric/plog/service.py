@@ -833,8 +833,15 @@ class PlogService:
                 except MemfabricError:
                     pass
                 raise
+            committed_before = core.committed
             end = core.mark_written(starts, lengths)
-        self._flush_to(plog, end)
+            # Nothing to flush or forward, and nothing else written but not committed: no
+            # flusher is between taking its target and committing it (as append_one's rule).
+            commit_here = not plog.data.flushes and not plog.replica_servers and committed_before == starts[0]
+            if commit_here:
+                core.commit(end)
+        if not commit_here:
+            self._flush_to(plog, end)
         with self._counts_lock:
             self.appends += len(lengths)
             self.appended_bytes += data.nbytes
