@@ -97,3 +97,17 @@ def test_bad_busy_poll_window_is_refused():
     for command in (["up", "--dir", "/tmp/never-made"], ["bench"]):
         proc = subprocess.run(MF + command + ["--busy-poll-us", "-5"], capture_output=True, text=True, timeout=30)
         assert proc.returncode == 2 and "--busy-poll-us" in proc.stderr
+
+
+def test_the_plog_bench_says_which_targets_its_figures_meet():
+    from memfabric.plog.bench import targets
+    same = "same host"
+    rows = [{"what": "append 4,096 B (ramdisk)", "where": same, "median_us": 19.0},
+            {"what": "append 4,096 B (ramdisk)", "where": "remote (RPC)", "median_us": 90.0},
+            {"what": "append_many 100 x 4 KiB (ramdisk)", "where": same, "median_us": 310.0},
+            {"what": "append 4,096 B (ramdisk, 2 replicas)", "where": same, "median_us": 47.5},
+            {"what": "record(i) of 4 KiB (ramdisk)", "where": same, "median_us": 5.0}]
+    got = {t["target"].split(",")[0]: (round(t["value"], 2), t["met"]) for t in targets(rows, 4.9)}
+    assert got == {"same-host 4 KiB append median": (19.0, True), "append_many 100 x 4 KiB median": (310.0, False),
+                   "two replicas / one": (2.5, True), "record(i) of 4 KiB median": (5.0, True),
+                   "8 pmem appenders / write + fsync": (4.9, False)}
