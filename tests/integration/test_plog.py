@@ -534,3 +534,29 @@ def test_large_batches_of_more_namespaces_than_a_connection_has_stages(plog_fabr
         finally:
             for ns in spaces:
                 ns.destroy()
+
+
+def test_append_many_takes_any_buffer_as_its_bytes(ns):
+    """Each record is its buffer's bytes, whatever the object: numpy scalars and 0-d arrays
+    too, which bytes() reads as an int (bytes(np.int64(7)) is seven zero bytes), arrays of
+    other item types, 2-D and Fortran-ordered ones, array.array, a memoryview cast to words.
+    Small batches (sent inline), a batch through the shared stage, and records() read back."""
+    import array
+    grid = np.arange(24, dtype=np.int32).reshape(4, 6)
+    records = [np.int64(7), np.array(7), np.float32(1.5), np.array([True, False]), grid, grid.T, grid[::2],
+               np.asfortranarray(grid), np.zeros(0, np.int64), array.array("d", [1.5, 2.5]),
+               memoryview(b"abcdefgh").cast("Q"), bytearray(b"ba"), b"plain"]
+    expected = [np.ascontiguousarray(r).tobytes() if isinstance(r, np.ndarray | np.generic) else bytes(memoryview(r))
+                for r in records]
+    assert expected[0] == (7).to_bytes(8, "little")
+    log = ns.create_plog("buffers", 2 * MiB)
+    contiguous = [r for r in records if memoryview(r).c_contiguous]      # measured in one compiled call
+    assert len(contiguous) < len(records)
+    offsets = log.append_many(contiguous) + log.append_many(records)
+    expected = [e for r, e in zip(records, expected) if memoryview(r).c_contiguous] + expected
+    large = [np.full(3000, i, dtype=np.int64) if i % 2 else np.int64(i) for i in range(100)]    # the shared stage
+    offsets += log.append_many(large)
+    expected += [np.asarray(r).tobytes() for r in large]
+    assert list(log.records()) == expected
+    assert [log.read(o, len(e)) for o, e in zip(offsets, expected)] == expected
+    log.delete()

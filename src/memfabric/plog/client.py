@@ -263,8 +263,10 @@ class Plog:
                                 payload=[as_bytes_view(v) for v, n in zip(views, lengths) if n],
                                 timeout_s=timeout_s)["offsets"]
         if total + 8 * len(views) + INLINE_SLACK_BYTES <= PLOG_INLINE_BYTES:
-            return link.call("plog_append", **creds, records=[v if type(v) is bytes else bytes(v) for v in views])[
-                "offsets"]
+            # memoryview(v), not bytes(v): bytes() of a numpy integer (scalar or 0-d array) is that
+            # many zero bytes, not its buffer.
+            return link.call("plog_append", **creds,
+                             records=[v if type(v) is bytes else memoryview(v).tobytes() for v in views])["offsets"]
         if total > MAX_PLOG_STAGED_BYTES:
             raise InvalidArgument(f"one append_many carries at most {MAX_PLOG_STAGED_BYTES} bytes, got {total}: "
                                   "append fewer at a time")
