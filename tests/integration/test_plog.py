@@ -560,3 +560,51 @@ def test_append_many_takes_any_buffer_as_its_bytes(ns):
     assert list(log.records()) == expected
     assert [log.read(o, len(e)) for o, e in zip(offsets, expected)] == expected
     log.delete()
+
+
+def _switch_at(function: str, then):
+    """A tracer that runs `then` once, as another thread would, when `function` is called."""
+    import sys
+
+    def tracer(frame, event, arg):
+        if event == "call" and frame.f_code.co_name == function:
+            sys.settrace(None)
+            then()
+        return None
+    return tracer
+
+
+def test_append_many_of_a_list_changed_meanwhile_appends_whole_records(ns):
+    """Another thread changes the list (or a record of it) while append_many sends it, after
+    its lengths were taken: each record appended is one whole record of the list as it was
+    called with, or the append is refused; never a record cut at another one's length. (The
+    switch is made at a fixed point, with a tracer, as a thread switch there would.)"""
+    import sys
+    log = ns.create_plog("changed", 4 * MiB)
+    records = [bytes([i]) * 4096 for i in range(100)]        # > PLOG_INLINE_BYTES: the shared stage, or RPC
+    original = list(records)
+
+    def swap() -> None:
+        records[0], records[1] = b"X" * 2048, b"Y" * 6144    # the same total, other boundaries
+    sys.settrace(_switch_at("_append_shared" if ns.session.home().is_local else "request", swap))
+    try:
+        offsets = log.append_many(records)
+    finally:
+        sys.settrace(None)
+    assert records[0] == b"X" * 2048                          # the switch happened
+    assert [log.read(o, 4096) for o in offsets] == original
+    assert list(log.records()) == original
+    # A record shrunk meanwhile: refused (nothing appended), or appended as it was.
+    grown = [bytearray(b"g" * 4096) for _ in range(100)]
+    sys.settrace(_switch_at("_append_shared" if ns.session.home().is_local else "request", grown[0].clear))
+    try:
+        log.append_many(grown)
+    except (InvalidArgument, BufferError):
+        pass
+    else:
+        assert list(log.records(100)) == [b"g" * 4096] * 100
+    finally:
+        sys.settrace(None)
+    assert len(list(log.records())) in (100, 200)
+    log.append(b"after")
+    log.delete()

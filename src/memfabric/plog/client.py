@@ -54,10 +54,13 @@ def _as_records(records: Iterable[Any]) -> tuple[list[Any], list[int]]:
                               "append(data) appends one")
     # A list of contiguous buffers (the common case) is measured in one compiled call; the
     # rest one by one (as_bytes_view: a strided array made contiguous, and what is wrong said).
-    lengths = _records.buffer_lengths(records) if type(records) is list and _records is not None else None
-    if lengths is not None:
-        parts: list[Any] = records
-    else:
+    # A copy of the caller's list: another thread may change it while the batch is sent, and
+    # each record must still be the one measured here.
+    lengths = None
+    if type(records) is list and _records is not None:
+        parts: list[Any] = records[:]
+        lengths = _records.buffer_lengths(parts)
+    if lengths is None:
         try:
             parts = [memoryview(r) if type(r) is bytes else as_bytes_view(r) for r in records]
         except TypeError:
@@ -293,7 +296,14 @@ class Plog:
             holder.mapped = None     # a large stage serves this batch only: the server drops it after
         try:
             if _records is not None:        # straight into memory the server maps
-                _records.gather_into(stage.view, views)
+                # A record resized since it was measured (by another thread: no view holds it)
+                # would shift the records after it: refused.
+                try:
+                    gathered = _records.gather_into(stage.view, views)
+                except ValueError:
+                    gathered = -1
+                if gathered != total:
+                    raise InvalidArgument("a record changed size while append_many sent it: nothing appended")
             else:
                 at = 0
                 for v in views:
