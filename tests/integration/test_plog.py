@@ -608,3 +608,30 @@ def test_append_many_of_a_list_changed_meanwhile_appends_whole_records(ns):
     assert len(list(log.records())) in (100, 200)
     log.append(b"after")
     log.delete()
+
+
+def test_a_buffer_that_cannot_be_read_is_an_invalid_argument(ns):
+    """A released memoryview, a closed mmap: INVALID_ARGUMENT from append and append_many (any
+    path: inline, shared stage, RPC), not the ValueError of Python's buffer protocol, and
+    nothing appended."""
+    import mmap
+
+    def released():
+        view = memoryview(b"abc")
+        view.release()
+        return view
+
+    def closed():
+        m = mmap.mmap(-1, 10)
+        m.close()
+        return m
+    log = ns.create_plog("unreadable", 2 * MiB)
+    log.append(b"first")
+    for make in (released, closed):
+        with pytest.raises(InvalidArgument):
+            log.append(make())
+        for batch in ([make()], (b"a", make()), [b"x" * 4096] * 60 + [make()]):
+            with pytest.raises(InvalidArgument):
+                log.append_many(batch)
+    assert list(log.records()) == [b"first"]
+    log.delete()

@@ -139,10 +139,13 @@ def as_bytes_view(buffer: object, writable: bool = False) -> memoryview:
     """Any buffer-protocol object as a flat byte view, without copying."""
     try:
         view = buffer if isinstance(buffer, memoryview) else memoryview(buffer)
+        readonly = view.readonly
     except TypeError:
         raise InvalidArgument(f"expected a buffer (bytes, bytearray, memoryview, numpy array), "
                               f"got {type(buffer).__name__}") from None
-    if writable and view.readonly:
+    except ValueError as exc:       # a released memoryview, a closed mmap
+        raise InvalidArgument(f"the {type(buffer).__name__} given cannot be read: {exc}") from None
+    if writable and readonly:
         raise InvalidArgument("the destination buffer is read-only")
     if not view.c_contiguous:
         if writable:
