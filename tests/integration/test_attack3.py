@@ -105,7 +105,7 @@ def test_staged_appends_interrupted_half_way_leave_no_stage_behind(plog_fabric, 
         record = b"r" * (3 * PLOG_INLINE_BYTES)
         for _ in range(MAX_PLOG_STAGES_PER_CLIENT + 2):
             if where_interrupted == "writing the batch":
-                tracer = _interrupt_where(Plog._append_shared, "_records.gather_into(stage.view, views)"
+                tracer = _interrupt_where(Plog._append_shared, "_records.gather_into(stage.view, views"
                                           if _records is not None else "stage.view[at:at + v.nbytes] = v", 0)
             else:
                 # Its reply read (the compiled call sends and receives in one) and not taken yet.

@@ -635,3 +635,27 @@ def test_a_buffer_that_cannot_be_read_is_an_invalid_argument(ns):
                 log.append_many(batch)
     assert list(log.records()) == [b"first"]
     log.delete()
+
+
+def test_append_many_of_records_resized_meanwhile_appends_no_torn_record(ns):
+    """Two records resized by another thread (one grows as the other shrinks: the same total)
+    after append_many measured them and before it sent them: refused, or each record appended
+    whole as it was when sent; never one cut at the other's old length."""
+    import sys
+    log = ns.create_plog("resized", 4 * MiB)
+    records = [bytearray(bytes([i]) * 4096) for i in range(100)]
+
+    def resize() -> None:
+        records[0].extend(b"+" * 100)
+        del records[1][:100]
+    sys.settrace(_switch_at("call_timeout_s", resize))     # on each path, between measuring and sending
+    try:
+        log.append_many(records)
+    except InvalidArgument:
+        assert list(log.records()) == []
+    else:
+        assert list(log.records()) == [bytes(r) for r in records]
+    finally:
+        sys.settrace(None)
+    assert len(records[0]) == 4196                           # the switch happened
+    log.delete()

@@ -80,3 +80,11 @@ def test_gather_into_copies_the_parts_back_to_back_or_nothing():
         _records.gather_into(bytes(16), [b"a"])
     with pytest.raises(TypeError):
         _records.gather_into(into, (b"a",))
+    # With the lengths measured before: each part must still be that long, or nothing is copied.
+    into = bytearray(b"-" * 16)
+    assert _records.gather_into(into, parts, [3, 5, 0, 4]) == 12 and into == b"abcdefgh\x00\x01\x02\x03----"
+    into = bytearray(b"-" * 16)
+    for lengths in ([4, 4, 0, 4], [3, 5, 0], [3, 5, 0, 4, 0], [3, 5, 0, "4"], (3, 5, 0, 4), [3, 5, 0, 1 << 70]):
+        with pytest.raises((ValueError, TypeError, OverflowError)):
+            _records.gather_into(into, parts, lengths)
+        assert into == b"-" * 16

@@ -262,9 +262,11 @@ class Plog:
                 raise InvalidArgument(f"one append_many carries at most {MAX_RPC_PAYLOAD_BYTES} bytes to another "
                                       f"host, got {total}: append fewer at a time")
             timeout_s = call_timeout_s(link.timeout_s)
+            sent = [as_bytes_view(v) for v in views]      # (views: a record can no longer be resized)
+            if [v.nbytes for v in sent] != lengths:
+                raise InvalidArgument("a record changed size while append_many sent it: nothing appended")
             return link.request("plog_append_payload", {**creds, "lengths": lengths, "budget_s": timeout_s},
-                                payload=[as_bytes_view(v) for v, n in zip(views, lengths) if n],
-                                timeout_s=timeout_s)["offsets"]
+                                payload=[v for v in sent if v.nbytes], timeout_s=timeout_s)["offsets"]
         if total + 8 * len(views) + INLINE_SLACK_BYTES <= PLOG_INLINE_BYTES:
             # memoryview(v), not bytes(v): bytes() of a numpy integer (scalar or 0-d array) is that
             # many zero bytes, not its buffer.
@@ -297,13 +299,12 @@ class Plog:
         try:
             if _records is not None:        # straight into memory the server maps
                 # A record resized since it was measured (by another thread: no view holds it)
-                # would shift the records after it: refused.
+                # would shift the records after it: refused (gather_into checks each length).
                 try:
-                    gathered = _records.gather_into(stage.view, views)
+                    _records.gather_into(stage.view, views, lengths)
                 except ValueError:
-                    gathered = -1
-                if gathered != total:
-                    raise InvalidArgument("a record changed size while append_many sent it: nothing appended")
+                    raise InvalidArgument("a record changed size while append_many sent it: nothing appended") \
+                        from None
             else:
                 at = 0
                 for v in views:
