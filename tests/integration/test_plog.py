@@ -13,7 +13,7 @@ import memfabric
 from memfabric import BmError
 from memfabric.errors import (InvalidArgument, NoSuchObject, OutOfRange, OutOfSpace, PermissionDenied, Sealed)
 from memfabric.launcher import LocalFabric
-from memfabric.limits import MAX_PLOG_RECORD_BYTES
+from memfabric.limits import MAX_PLOG_BATCH, MAX_PLOG_RECORD_BYTES
 from memfabric.plog.record import HEADER_BYTES, frame_bytes
 
 from ..conftest import short_tmp_dir
@@ -436,8 +436,12 @@ def test_a_shared_stage_cannot_be_shrunk_under_the_server(local_ns):
     assert log.read(offsets[0], 3) == b"abc"
 
 
-@pytest.mark.parametrize("bad", ["unknown stage", "longer than the stage", "lengths not a list", "negative length"])
+@pytest.mark.parametrize("bad", ["unknown stage", "longer than the stage", "lengths not a list", "negative length",
+                                 "a bool", "a float", "a huge int", "past 2**64", "mixed", "over-long", "a str",
+                                 "past the largest record", "empty"])
 def test_bad_shared_batches_are_invalid_argument_and_append_nothing(local_ns, bad):
+    """(The lengths are checked in one compiled call, _records.c lengths_total, and by Python
+    where it says no: the same INVALID_ARGUMENT for each.)"""
     s, ns = local_ns
     log = ns.create_plog("bad", 1 << 20)
     reply, fds = s.home().call_with_fds("plog_share_stage", **ns.wire_creds, length=4096)
@@ -447,7 +451,16 @@ def test_bad_shared_batches_are_invalid_argument_and_append_nothing(local_ns, ba
     args = {"unknown stage": {"shared": stage + 1000, "lengths": [1]},
             "longer than the stage": {"shared": stage, "lengths": [size, 1]},
             "lengths not a list": {"shared": stage, "lengths": 5},
-            "negative length": {"shared": stage, "lengths": [-1, 2]}}[bad]
+            "negative length": {"shared": stage, "lengths": [-1, 2]},
+            "a bool": {"shared": stage, "lengths": [1, True]},
+            "a float": {"shared": stage, "lengths": [1.0]},
+            "a huge int": {"shared": stage, "lengths": [1 << 63]},
+            "past 2**64": {"shared": stage, "lengths": [(1 << 64) - 1, 1]},
+            "mixed": {"shared": stage, "lengths": [1, "2", None]},
+            "over-long": {"shared": stage, "lengths": [0] * (MAX_PLOG_BATCH + 1)},
+            "a str": {"shared": stage, "lengths": ["3"]},
+            "past the largest record": {"shared": stage, "lengths": [MAX_PLOG_RECORD_BYTES + 1]},
+            "empty": {"shared": stage, "lengths": []}}[bad]
     with pytest.raises(InvalidArgument):
         s.home().call("plog_append", **log._wire, **args)
     assert log.info()["records"] == 0
