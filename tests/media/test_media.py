@@ -3,6 +3,7 @@ memfds and files (issue 7, items 1, 11, 14)."""
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import threading
@@ -111,3 +112,44 @@ def test_existing_segment_files_are_found_and_discarded():
     assert adopted.size_bytes == MiB
     adopted.close()
     assert again.existing_segments() == {10: MiB}
+
+
+def test_a_file_segment_flush_keeps_no_fd_and_its_failure_closes_the_copy():
+    """FileSegment.sync's compiled steps (_records.c): dup_fd makes a close-on-exec copy with
+    the GIL kept; datasync_close flushes and closes it in one call without the GIL, and
+    closes it even when the flush fails (an OSError, which sync makes an IO_ERROR)."""
+    records = pytest.importorskip("memfabric._records")
+    path = os.path.join(short_tmp_dir("mf-media-"), "flushed")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    r, w = os.pipe()
+    try:
+        copy = records.dup_fd(fd)
+        assert copy != fd and not os.get_inheritable(copy)
+        assert os.fstat(copy).st_ino == os.fstat(fd).st_ino
+        os.pwrite(copy, b"x" * 4096, 0)
+        records.datasync_close(copy)
+        with pytest.raises(OSError):
+            os.fstat(copy)                   # closed
+        copy = records.dup_fd(w)
+        with pytest.raises(OSError) as failed:
+            records.datasync_close(copy)     # a pipe cannot be flushed
+        assert failed.value.errno == errno.EINVAL
+        with pytest.raises(OSError):
+            os.fstat(copy)                   # closed all the same
+    finally:
+        for x in (fd, r, w):
+            os.close(x)
+
+
+def test_flushing_a_file_segment_leaves_no_fd_open():
+    m = media("pmem")
+    try:
+        m.reserve(MiB)
+        segment = m.make(1, MiB)
+        before = set(os.listdir("/proc/self/fd"))
+        for _ in range(3):
+            segment.write(0, memoryview(b"y" * 4096))
+            segment.sync()
+        assert set(os.listdir("/proc/self/fd")) == before
+    finally:
+        m.close()
