@@ -245,7 +245,8 @@ class ServerLink:
             fd, buffer, poll_s = channel_args
             request_id = self._next_id
             self._next_id += 1
-            self._bound_waits(timeout_s)
+            if timeout_s != self._bound_s:     # (as _bound_waits: the common case costs no call)
+                self._bound_waits(timeout_s)
             # Given up on until its reply is read: a Ctrl-C in the call leaves its reply to be dropped.
             self._abandoned[request_id] = (op, args)
             self.compiled_calls += 1

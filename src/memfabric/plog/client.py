@@ -235,11 +235,14 @@ class Plog:
         when the link is idle; None when not taken (nothing was sent)."""
         if _records is None:
             return None
-        view = as_bytes_view(data)        # (not a buffer: INVALID_ARGUMENT, as append_many says)
-        if view.nbytes + 8 + INLINE_SLACK_BYTES > PLOG_INLINE_BYTES:
+        # bytes as they are (call_append reads any buffer); the rest as a flat byte view
+        # (not a buffer: INVALID_ARGUMENT, as append_many says)
+        view = data if type(data) is bytes else as_bytes_view(data)
+        if (len(view) if type(view) is bytes else view.nbytes) > PLOG_INLINE_BYTES - 8 - INLINE_SLACK_BYTES:
             return None
-        self.namespace.session.check_open()
-        call_compiled = getattr(self.namespace.session.link(self._sequencer), "call_compiled", None)
+        session = self.namespace.session
+        session.check_open()
+        call_compiled = getattr(session.link(self._sequencer), "call_compiled", None)
         if call_compiled is None:    # another host's server
             return None
         head = self._head
