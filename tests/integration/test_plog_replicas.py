@@ -24,7 +24,8 @@ from memfabric.plog.client import Plog
 from memfabric.plog.record import HEADER_BYTES, frame_bytes
 
 from ..conftest import short_tmp_dir
-from ..helpers import ns_name, stop_process, wait_until
+from ..helpers import free_ports, ns_name, stop_process, wait_until
+from .test_metrics import scrape, value
 from .test_persistence import PersistentServer
 
 MiB = 1 << 20
@@ -168,6 +169,33 @@ def test_appends_land_on_both_copies(three_servers, where, request):
         with pytest.raises(NoSuchObject):
             replica_copy.info()
         assert ns.create_plog("wal", MiB, replicas=3).info()["replicas"] == 3     # the name is free again
+
+
+def test_a_same_host_append_to_a_replicated_plog_is_written_compiled_and_forwarded_before_it_is_answered(request):
+    """The home writes a same-host append in its receive loop (plog/fast_append.py) as for one
+    copy, but never commits it there: Python forwards it to the copy first (_flush_to). So the
+    compiled counter counts them, and the copy holds every record acknowledged."""
+    port = free_ports(2)
+    fab = LocalFabric(short_tmp_dir("mf-plogr-"), servers=2, capacity="16MiB", segment_size="1MiB",
+                      liveness_timeout_s=2.0,
+                      extra_args=["--pool", "logs:ramdisk:32MiB", "--metrics-port", str(port)]).start()
+    try:
+        with memfabric.init(fab.directory, server=0) as s:
+            log = s.create_namespace(ns_name(request), sec_id="k", pool="logs").create_plog("wal", 4 * MiB, replicas=2)
+            info = log.info()
+            home_metrics = f"127.0.0.1:{port + info['home'] - 1}"
+            log.append(_body(0))                 # Python's: it grants the rest
+            before = value(scrape(home_metrics), "memfabric_plog_compiled_appends_total")
+            for i in range(1, 60):
+                log.append(_body(i))
+                (other,) = info["replica_servers"]
+                if i % 20 == 0:                  # each acknowledged one is on the copy already
+                    assert _copy(log, other).info()["records"] == i + 1
+            assert value(scrape(home_metrics), "memfabric_plog_compiled_appends_total") - before == 59
+            copy = _copy(log, other)
+            assert list(copy.records()) == [_body(i) for i in range(60)] == list(log.records())
+    finally:
+        assert fab.stop() == 0, "memfabric up did not stop cleanly:\n" + "".join(fab.output[-30:])
 
 
 def test_more_replicas_than_live_servers_is_refused(three_servers, request):

@@ -3,8 +3,7 @@ which plogs, and what Python still does around it. Server side.
 
 Why. A same-host 4 KiB append spent ~50 us in the server's Python (decode, dispatch, checks,
 framing, pieces, the write through three layers, encode) on top of the round trip; the
-common case (one inline record, a plog of one replica homed here, open) needs none of that
-machinery. So the IPC connection's thread hands each received packet to append_one first,
+common case (one inline record, a plog homed here, open) needs none of that machinery. So the IPC connection's thread hands each received packet to append_one first,
 which serves exactly that case in C with the GIL held, or returns None, having changed
 nothing, and Python serves the request as it always did.
 
@@ -17,9 +16,10 @@ plog's own lock (waited for as Python waits, then the grant checked again). What
 common case goes to Python: a secId that differs, a sealed, deleted or full plog, a frame
 across two extents, a connection owed a "gone" notice.
 
-Durability is Python's too: on pmem (and whenever something else awaits commit) the record
-is marked written in C and committed by PlogService._flush_to, whose flush runs without the
-GIL and is shared by every appender waiting (group commit).
+Durability is Python's too: on pmem, for a plog with copies (`flushes`: the grant's "Python
+commits"), and whenever something else awaits commit, the record is marked written in C and
+committed by PlogService._flush_to, which forwards it to the copies and flushes it (without
+the GIL, one flush shared by every appender waiting: group commit) before it is answered.
 
 Where. The connection's receive loop (_frames.c serve_packets) hands each packet to
 append_one's C entry (_records.c serve_append) before Python sees it: an append committed at
@@ -65,7 +65,7 @@ class FastGrant:
         self.vkey = vkey
         self.proven = proven
         self.capacity = plog.core.capacity
-        self.flushes = plog.data.flushes
+        self.flushes = plog.data.flushes or bool(plog.replica_servers)     # committed by Python: flushed, forwarded
         ends = plog.data._ends
         self.extents = b"".join(_EXTENT.pack(end, e[1]) for end, e in zip(ends, plog.data.extents))
         self.segments = segments
@@ -88,7 +88,7 @@ def grants_of(conn: Connection) -> dict[bytes, FastGrant] | None:
 def grant(conn: Connection, plog: "_Plog", m: dict[str, Any], counts: array) -> None:
     """After Python served an append of `plog` from `conn` (request `m`): let later ones of the
     common case go through append_one, when the plog is one it can serve."""
-    if _records is None or not conn.carries_fds or plog.replica_servers or plog.role != "home":
+    if _records is None or not conn.carries_fds or plog.role != "home":
         return
     pool, ns, name, sec = m.get("pool"), m.get("ns"), m.get("name"), m.get("sec")
     if not (type(pool) is str and type(ns) is str and type(name) is str and type(sec) is bytes):
