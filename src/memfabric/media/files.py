@@ -22,6 +22,7 @@ from ..errors import IOError_, OutOfMemory
 from .base import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE, Medium, SegmentMemory, allocate_space,
                    check_io, fallocate, out_of, punch)
 
+
 def _fdatasync_close(fd: int) -> None:
     try:
         os.fdatasync(fd)

@@ -81,9 +81,9 @@ class IpcFront:
         channel.close()
 
     def _serve(self, conn: Connection, channel: IpcChannel) -> None:
-        # Clients' puts of small values may be answered in the receive itself (kv/put_grants.py);
-        # peers' connections carry no such puts.
-        # Peers' connections carry no such puts, nor appends.
+        # Clients' puts of small values and appends to plogs they were granted may be answered
+        # in the receive itself (kv/put_grants.py, plog/fast_append.py); peers' connections
+        # carry neither.
         peer = self.server.is_server_pid(conn.peer_pid)
         grants = None if peer else self.server.kv.open_put_grants(conn)
         puts = grants.table if grants is not None else None
