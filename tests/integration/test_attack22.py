@@ -24,7 +24,7 @@ from ..helpers import free_ports, ns_name, stop_process, stopped, wait_until
 from ..transport.paths import interrupted_after
 from .test_metrics import scrape, value
 from . import test_plog_replicas as _replicas
-from .test_plog_replicas import WAIT_S, _assert_holds, _body, _copy, _replicated
+from .test_plog_replicas import WAIT_S, _assert_holds, _body, _copy, _fabric, _replicated
 
 MiB = 1 << 20
 two_persistent = _replicas.two_persistent      # (the fixture)
@@ -307,5 +307,33 @@ def test_a_replicated_plog_deleted_or_its_namespace_destroyed_under_compiled_app
                 for s in sessions:
                     s.close()
         assert not any("bug in" in line for line in fab.output)
+    finally:
+        assert fab.stop() == 0, "".join(fab.output[-30:])
+
+
+def test_a_sealed_copy_fences_the_home_and_the_other_copies_alike(request):
+    """Three replicas, the last copy sealed by a client: the next append's forward reaches the
+    first copy (which commits it) before the sealed one refuses it. The home drops it and
+    answers SEALED ("not committed"), so the first copy must not keep it either: every copy
+    ends sealed, holding the same records as the home."""
+    fab = _fabric(3)
+    try:
+        with memfabric.init(fab.directory, server=0) as s:
+            log = s.create_namespace(ns_name(request), sec_id="k", pool="logs").create_plog("wal", 4 * MiB,
+                                                                                             replicas=3)
+            info = log.info()
+            first, last = info["replica_servers"]
+            acked = [log.append(_body(i)) for i in range(2)] + [log.append(_body(2))]   # compiled too
+            assert _copy(log, last).seal()["state"] == "sealed"
+            with pytest.raises(Sealed):
+                log.append(b"after the seal")
+            with pytest.raises(Sealed):
+                log.append(b"after the seal, again")
+            expected = [_body(i) for i in range(3)]
+            for server_id in (info["home"], first, last):
+                handle = _copy(log, server_id)
+                assert handle.info()["state"] == "sealed", server_id
+                assert list(handle.records()) == expected, server_id
+            _assert_holds(log, acked)
     finally:
         assert fab.stop() == 0, "".join(fab.output[-30:])

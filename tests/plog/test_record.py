@@ -154,6 +154,21 @@ def test_commit_shows_only_flushed_records():
     assert log.record_at(2) == (s2[1] + 16, 30)
 
 
+def test_cut_forgets_committed_records_from_a_record_start_only():
+    log = PlogLog("l", 4096, NONCE)
+    starts = log.plan([10, 20, 30])
+    end = log.mark_written(starts, [10, 20, 30])
+    log.commit(end)
+    for wrong in (1, starts[1] + 8, end + 8):
+        with pytest.raises(InvalidArgument):
+            log.cut(wrong)
+    assert log.cut(end) == 0 and log.records == 3
+    assert log.cut(starts[1]) == 2
+    assert (log.records, log.committed, log.written, log.next_index) == (1, starts[1], starts[1], 1)
+    assert log.plan([5]) == [starts[1]]
+    assert log.cut(0) == 1 and (log.records, log.committed, log.written) == (0, 0, 0)
+
+
 def test_a_sealed_log_plans_no_append():
     log = PlogLog("l", 4096, NONCE)
     log.seal()

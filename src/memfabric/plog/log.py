@@ -98,6 +98,22 @@ class PlogLog:
         self.written = self.committed
         return dropped
 
+    def cut(self, end: int) -> int:
+        """Forget every record from `end` on (a record's start, or the log's end), committed or
+        not: a copy's records its home never committed (the home was fenced by another copy).
+        How many were forgotten."""
+        keep = bisect_right(self.starts, end - 1)        # the records that start before `end`
+        boundary = self.starts[keep] == end if keep < len(self.starts) else end == self.written
+        if not boundary:
+            raise InvalidArgument(f"plog {self.name!r}: {end} is not where one of its records starts")
+        dropped = len(self.starts) - keep
+        del self.starts[keep:]
+        del self._lengths[keep:]
+        self.written = end
+        self.committed = min(self.committed, end)
+        self._committed_records = bisect_right(self.starts, self.committed - 1)
+        return dropped
+
     @property
     def next_index(self) -> int:
         """The index the next planned record gets (records written so far)."""

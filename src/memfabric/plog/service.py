@@ -37,7 +37,9 @@ must read a copy (the home away) takes the longest one. The same round learns wh
 copy was sealed (a client on the other side of a cut sealed it): the home then fences itself.
 Seal is fencing: a copy that was sealed (by a client, its home being dead or cut off)
 refuses the home's forward with SEALED, and the home then seals itself, drops the
-uncommitted appends and refuses them: after that, no append succeeds anywhere. (A home cut
+uncommitted appends and refuses them, and seals its other live copies at its committed
+length (one that a forward of those appends reached first drops them too: op_plog_seal's
+fence_at): after that, no append succeeds anywhere, and no copy holds one answered SEALED. (A home cut
 off from every copy appends alone until it reaches one again: the price of going on with
 the live copies.) A home that
 restarts asks its copies before its first append: one sealed seals it, one not in step
@@ -423,7 +425,7 @@ class PlogService:
                     if reply.get("state") == SEALED:
                         # A client sealed the copy (this home away or cut off from it): fencing.
                         with plog.flush_lock:
-                            self._fence(plog)
+                            self._fence(plog, server_id)
                         log.warning("plog %r: its copy on server %d was sealed; sealed here too", plog.core.name,
                                     server_id)
         finally:
@@ -919,16 +921,31 @@ class PlogService:
                         if at == target:
                             break
             except Sealed:
-                self._fence(plog)
+                self._fence(plog, server_id)
                 raise Sealed(f"plog {plog.core.name!r} was sealed (its copy on server {server_id} was: a client "
                              "sealed it there): this append was not committed, and no more are taken") from None
             except MemfabricError as exc:
                 self._mark_dead(plog, server_id, str(exc))
         plog.forwarded = target
 
-    def _fence(self, plog: _Plog) -> None:
-        """A copy was sealed: seal here too and drop the appends not committed (their callers
-        get SEALED), so that nothing appended after the seal is ever read anywhere."""
+    def _fence(self, plog: _Plog, sealed_on: int | None = None) -> None:
+        """A copy (on `sealed_on`) was sealed: seal here too and drop the appends not committed
+        (their callers get SEALED), so that nothing appended after the seal is ever read
+        anywhere; the other live copies too, which a forward of them may have reached first."""
+        self._fence_here(plog)
+        if plog.role != HOME or plog.creds is None:
+            return
+        for server_id in self._live_copies(plog):
+            if server_id == sealed_on:
+                continue
+            try:
+                with unbounded():
+                    self.server._peer(server_id).call("plog_seal", **self._copy_args(plog),
+                                                      fence_at=plog.core.committed)
+            except MemfabricError as exc:
+                self._mark_dead(plog, server_id, f"fence not taken: {exc}")
+
+    def _fence_here(self, plog: _Plog) -> None:
         with plog.lock:
             dropped_from = plog.core.committed
             plog.core.abandon()
@@ -956,7 +973,7 @@ class PlogService:
                 self._mark_dead(plog, server_id, f"not reached after the home restarted: {exc}")
                 continue
             if info.get("state") == SEALED:
-                self._fence(plog)
+                self._fence(plog, server_id)
                 raise Sealed(f"plog {plog.core.name!r} was sealed on server {server_id} while its home was away")
             if info.get("stale") or info.get("length") != plog.forwarded:
                 self._mark_dead(plog, server_id, f"its copy holds {info.get('length')} bytes, the home "
@@ -1128,7 +1145,17 @@ class PlogService:
         """No append succeeds after this (appends planned before it finish); durable before
         it is answered. Sealing a sealed plog is no error."""
         plog = self._plog(conn, m)
+        fence_at = m.get("fence_at")       # from the home, fenced by another copy: its committed length
+        if fence_at is not None and (type(fence_at) is not int or fence_at < 0 or conn.role != "peer"):
+            raise InvalidArgument("fence_at is a length a plog's home gives its copies")
         with plog.lock:
+            if (fence_at is not None and plog.role == REPLICA and plog.core.state == OPEN
+                    and plog.core.written > fence_at):
+                # Records forwarded here that the home then dropped (another copy was sealed and
+                # refused them; their appends were answered SEALED): not records of the log.
+                plog.core.cut(fence_at)
+                self._zero_tail(plog.data, fence_at, min(plog.core.capacity, fence_at + rec.HEADER_BYTES))
+                plog.receiving = plog.core.written
             if plog.role == REPLICA and plog.receiving > plog.core.written:
                 # Pieces of a forward its home never finished: not records of the sealed log,
                 # and no scan after a restart may take them for some.
