@@ -62,17 +62,17 @@ class _Tagged(threading.Thread):
             self.error = exc
 
 
-@pytest.mark.parametrize("medium", ["ramdisk", "pmem"])
-def test_a_copy_sealed_under_concurrent_same_host_appenders_fences_them_all(medium, request):
-    fab = LocalFabric(short_tmp_dir("mf-plogr-"), servers=2, capacity="16MiB", segment_size="1MiB",
+@pytest.mark.parametrize("medium, replicas", [("ramdisk", 2), ("pmem", 2), ("ramdisk", 3)])
+def test_a_copy_sealed_under_concurrent_same_host_appenders_fences_them_all(medium, replicas, request):
+    fab = LocalFabric(short_tmp_dir("mf-plogr-"), servers=replicas, capacity="16MiB", segment_size="1MiB",
                       liveness_timeout_s=2.0, extra_args=["--pool", f"logs:{medium}:32MiB"]).start()
     sessions = []
     try:
         s0 = memfabric.init(fab.directory, server=0)
         sessions.append(s0)
         name = ns_name(request)
-        log = s0.create_namespace(name, sec_id="k", pool="logs").create_plog("wal", 8 * MiB, replicas=2)
-        (copy,) = log.info()["replica_servers"]
+        log = s0.create_namespace(name, sec_id="k", pool="logs").create_plog("wal", 8 * MiB, replicas=replicas)
+        *others, copy = log.info()["replica_servers"]
         writers = []
         for tag in range(4):
             s = memfabric.init(fab.directory, server=0)
@@ -94,6 +94,9 @@ def test_a_copy_sealed_under_concurrent_same_host_appenders_fences_them_all(medi
         assert home.read(0, length) == replica.read(0, length)
         seen = _by_offset(replica)
         assert _by_offset(home) == seen
+        for other in others:         # (fenced by the home: none holds an append answered SEALED)
+            assert _copy(log, other).info()["state"] == "sealed"
+            assert _by_offset(_copy(log, other)) == seen
         acked = {off: body for w in writers for off, body in w.acked}
         for off, body in acked.items():
             assert seen.get(off) == body
