@@ -16,9 +16,9 @@
  * The CRC is the CPU's CRC32 instruction where it has one (SSE 4.2), else a table; both are
  * CRC-32C as the `crc32c` package computes it (initial and final inversion).
  *
- * append_one(packet, grants, conn): a same-host client's plog_append of one inline record,
- * served from the IPC connection's thread with the GIL held (plog/fast_append.py says when
- * and why; below, what it checks).
+ * append_one: a same-host client's plog_append of one inline record, served in the IPC
+ * connection's receive loop with the GIL held (serve_append, exported to _frames.c as a
+ * capsule; plog/fast_append.py says when and why; below, what it checks).
  *
  * dup_fd(fd), datasync_close(fd): a file segment's flush (media/files.py FileSegment.sync) in
  * two calls that let the GIL go once, not three times (below).
@@ -418,15 +418,16 @@ static PyObject *crc32c_of(PyObject *Py_UNUSED(self), PyObject *args) {
  *
  * The frame (header, payload straight from the packet, zeros) is written with one pwritev
  * under the segment's lock, then marked written in the plog's rules (PlogLog: starts,
- * _lengths, written) and its segment touched. On a medium that needs no flush, with nothing
- * else awaiting commit, it is committed here too; else Python's _flush_to commits it (group
- * commit on pmem: the flush runs without the GIL).
+ * _lengths, written) and its segment touched. When the grant leaves the commit to C (no flush,
+ * no copies) and nothing else awaits commit, it is committed here too; else Python's _flush_to
+ * commits it (forwarded to the copies; on pmem a flush without the GIL: group commit).
  *
- * Returns None, or (reply: bytes, grant, end, committed, payload_bytes, request_id). */
+ * append_packet returns NULL (not one of its: Python's), or (reply: bytes, grant, end, committed,
+ * payload_bytes, request_id). */
 
 static PyObject *s_acquire, *s_release, *s_append, *s_plog, *s_core, *s_sec, *s_plog_id, *s_proven, *s_verified,
     *s_vkey, *s_deleted, *s_broken, *s_state, *s_open, *s_written, *s_committed, *s_committed_records, *s_starts,
-    *s_lengths, *s_nonce, *s_capacity, *s_extents, *s_segments, *s_fd, *s_lock, *s_touched, *s_flushes,
+    *s_lengths, *s_nonce, *s_capacity, *s_extents, *s_segments, *s_fd, *s_lock, *s_touched, *s_python_commits,
     *s_gone, *s_seg_ids, *s_seg_lock;
 
 static int intern_names(void) {
@@ -437,7 +438,7 @@ static int intern_names(void) {
     NAME(s_state, "state") NAME(s_open, "open") NAME(s_written, "written") NAME(s_committed, "committed")
     NAME(s_committed_records, "_committed_records") NAME(s_starts, "starts") NAME(s_lengths, "_lengths")
     NAME(s_nonce, "nonce") NAME(s_capacity, "capacity") NAME(s_extents, "extents") NAME(s_segments, "segments")
-    NAME(s_fd, "fd") NAME(s_lock, "lock") NAME(s_touched, "touched") NAME(s_flushes, "flushes")
+    NAME(s_fd, "fd") NAME(s_lock, "lock") NAME(s_touched, "touched") NAME(s_python_commits, "python_commits")
     NAME(s_gone, "gone") NAME(s_seg_ids, "seg_ids")
     NAME(s_seg_lock, "_lock")
 #undef NAME
@@ -720,9 +721,9 @@ static PyObject *append_packet(const unsigned char *packet_buf, size_t packet_le
         Py_XDECREF(seg_ids);
         /* With nothing else written and not committed, no flusher is between taking its target
          * and committing it (_flush_to): committing here cannot undercut one. */
-        PyObject *flushes = get(grant, s_flushes);
-        commit_here = ok && flushes == Py_False && committed == written;
-        Py_XDECREF(flushes);
+        PyObject *python_commits = get(grant, s_python_commits);
+        commit_here = ok && python_commits == Py_False && committed == written;
+        Py_XDECREF(python_commits);
         if (commit_here) {
             Py_ssize_t records = PyObject_Length(starts);
             if (records < 0 || set_ll(core, s_committed, end) < 0 || set_ll(core, s_committed_records, records) < 0)
@@ -758,18 +759,6 @@ done:
     if (result == NULL && PyErr_Occurred()
             && !PyErr_ExceptionMatches(PyExc_MemoryError) && !PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
         PyErr_Clear();                     /* a rule not as expected: Python serves it, and says */
-    return result;
-}
-
-static PyObject *append_one(PyObject *Py_UNUSED(self), PyObject *args) {
-    Py_buffer packet;
-    PyObject *grants, *conn;
-    if (!PyArg_ParseTuple(args, "y*O!O", &packet, &PyDict_Type, &grants, &conn))
-        return NULL;
-    PyObject *result = append_packet((const unsigned char *)packet.buf, (size_t)packet.len, grants, conn);
-    PyBuffer_Release(&packet);
-    if (result == NULL && !PyErr_Occurred())
-        Py_RETURN_NONE;
     return result;
 }
 
@@ -1078,8 +1067,6 @@ static PyMethodDef methods[] = {
     {"frame_starts", frame_starts, METH_VARARGS, "frame_starts(at, lengths) -> (starts, end)"},
     {"buffer_lengths", buffer_lengths, METH_VARARGS, "buffer_lengths(parts) -> list[int] | None"},
     {"crc32c_of", crc32c_of, METH_VARARGS, "crc32c_of(data, value=0, table=False) -> int"},
-    {"append_one", append_one, METH_VARARGS,
-     "append_one(packet, grants, conn) -> None | (reply, grant, end, committed, payload_bytes, request_id)"},
     {"frame_batch", frame_batch, METH_VARARGS,
      "frame_batch(nonce, first_index, data, lengths, into=None) -> bytes | int: the records' frames, back to "
      "back (into `into`: their length)"},

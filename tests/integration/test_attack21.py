@@ -15,23 +15,16 @@ import threading
 import pytest
 
 import memfabric
-from memfabric.launcher import LocalFabric
 from memfabric.plog import record as rec
 
-from ..conftest import short_tmp_dir
-from ..helpers import CHILD_WAIT_S, free_ports, ns_name, wait_until
+from ..helpers import CHILD_WAIT_S, ns_name, wait_until
 from .test_metrics import scrape, value
-
-MiB = 1 << 20
+from .test_plog_compiled import MiB, plog_fabric
 
 
 @pytest.fixture(scope="module")
 def fab():
-    port = free_ports(1)
-    fabric = LocalFabric(short_tmp_dir("mf-atk21-"), servers=1, capacity="16MiB", segment_size="1MiB",
-                         extra_args=["--pool", "ram:ramdisk:48MiB", "--pool", "disk:pmem:48MiB",
-                                     "--metrics-port", str(port)]).start()
-    fabric.metrics = f"127.0.0.1:{port}"
+    fabric = plog_fabric("mf-atk21-")
     yield fabric
     assert fabric.stop() == 0, "memfabric up did not stop cleanly:\n" + "".join(fabric.output[-30:])
 

@@ -20,11 +20,11 @@ from memfabric.launcher import LocalFabric
 from memfabric.plog.record import HEADER_BYTES, frame_bytes
 
 from ..conftest import short_tmp_dir
-from ..helpers import free_ports, ns_name, stop_process, stopped, wait_until
+from ..helpers import ns_name, stop_process, stopped, wait_until
 from ..transport.paths import interrupted_after
 from .test_metrics import scrape, value
 from . import test_plog_replicas as _replicas
-from .test_plog_replicas import WAIT_S, _assert_holds, _body, _copy, _fabric, _replicated
+from .test_plog_replicas import WAIT_S, _assert_holds, _body, _copy, _fabric, _metrics, _replicated
 
 MiB = 1 << 20
 two_persistent = _replicas.two_persistent      # (the fixture)
@@ -64,8 +64,7 @@ class _Tagged(threading.Thread):
 
 @pytest.mark.parametrize("medium, replicas", [("ramdisk", 2), ("pmem", 2), ("ramdisk", 3)])
 def test_a_copy_sealed_under_concurrent_same_host_appenders_fences_them_all(medium, replicas, request):
-    fab = LocalFabric(short_tmp_dir("mf-plogr-"), servers=replicas, capacity="16MiB", segment_size="1MiB",
-                      liveness_timeout_s=2.0, extra_args=["--pool", f"logs:{medium}:32MiB"]).start()
+    fab = _fabric(replicas, medium)
     sessions = []
     try:
         s0 = memfabric.init(fab.directory, server=0)
@@ -109,10 +108,7 @@ def test_a_copy_sealed_under_concurrent_same_host_appenders_fences_them_all(medi
 
 @pytest.mark.parametrize("medium", ["ramdisk", "pmem"])
 def test_a_copy_stopped_under_concurrent_same_host_appenders_is_dead_and_the_counts_are_exact(medium, request):
-    port = free_ports(2)
-    fab = LocalFabric(short_tmp_dir("mf-plogr-"), servers=2, capacity="16MiB", segment_size="1MiB",
-                      liveness_timeout_s=2.0,
-                      extra_args=["--pool", f"logs:{medium}:32MiB", "--metrics-port", str(port)]).start()
+    fab = _fabric(2, medium, metrics=True)
     sessions = []
     try:
         s0 = memfabric.init(fab.directory, server=0)
@@ -121,7 +117,7 @@ def test_a_copy_stopped_under_concurrent_same_host_appenders_is_dead_and_the_cou
         log = s0.create_namespace(name, sec_id="k", pool="logs").create_plog("wal", 8 * MiB, replicas=2)
         info = log.info()
         (copy,) = info["replica_servers"]
-        home_metrics = f"127.0.0.1:{port + info['home'] - 1}"
+        home_metrics = _metrics(fab, info["home"])
         appends0 = value(scrape(home_metrics), "memfabric_plog_appends_total")
         writers = []
         for tag in range(3):
@@ -211,10 +207,7 @@ def test_a_home_killed_under_compiled_appenders_restarts_with_every_acknowledged
 
 @pytest.mark.parametrize("medium", ["ramdisk", "pmem"])
 def test_one_connection_appends_to_a_replicated_and_an_unreplicated_plog_in_turn(medium, request):
-    port = free_ports(2)
-    fab = LocalFabric(short_tmp_dir("mf-plogr-"), servers=2, capacity="16MiB", segment_size="1MiB",
-                      liveness_timeout_s=2.0,
-                      extra_args=["--pool", f"logs:{medium}:32MiB", "--metrics-port", str(port)]).start()
+    fab = _fabric(2, medium, metrics=True)
     try:
         with memfabric.init(fab.directory, server=0) as s:
             ns = s.create_namespace(ns_name(request), sec_id="k", pool="logs")
@@ -222,7 +215,7 @@ def test_one_connection_appends_to_a_replicated_and_an_unreplicated_plog_in_turn
             info = replicated.info()
             single = ns.create_plog("u", 4 * MiB)
             assert single.info()["home"] == info["home"]
-            home_metrics = f"127.0.0.1:{port + info['home'] - 1}"
+            home_metrics = _metrics(fab, info["home"])
             replicated.append(_body(0))
             single.append(_body(0))
             before = scrape(home_metrics)

@@ -32,13 +32,19 @@ from .test_plog_durability import acknowledged_are_whole
 MiB = 1 << 20
 
 
-@pytest.fixture(scope="module")
-def fab():
+def plog_fabric(prefix: str) -> LocalFabric:
+    """One server with a ramdisk pool "ram" and a pmem pool "disk", its metrics at .metrics."""
     port = free_ports(1)
-    fabric = LocalFabric(short_tmp_dir("mf-plogfast-"), servers=1, capacity="16MiB", segment_size="1MiB",
+    fabric = LocalFabric(short_tmp_dir(prefix), servers=1, capacity="16MiB", segment_size="1MiB",
                          extra_args=["--pool", "ram:ramdisk:48MiB", "--pool", "disk:pmem:48MiB",
                                      "--metrics-port", str(port)]).start()
     fabric.metrics = f"127.0.0.1:{port}"
+    return fabric
+
+
+@pytest.fixture(scope="module")
+def fab():
+    fabric = plog_fabric("mf-plogfast-")
     yield fabric
     assert fabric.stop() == 0, "memfabric up did not stop cleanly:\n" + "".join(fabric.output[-30:])
 

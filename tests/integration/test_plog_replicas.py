@@ -42,9 +42,21 @@ def _check(payload: bytes) -> int:
     return seq
 
 
-def _fabric(servers: int) -> LocalFabric:
-    return LocalFabric(short_tmp_dir("mf-plogr-"), servers=servers, capacity="16MiB", segment_size="1MiB",
-                       liveness_timeout_s=2.0, extra_args=["--pool", "logs:ramdisk:32MiB"]).start()
+def _fabric(servers: int, medium: str = "ramdisk", metrics: bool = False) -> LocalFabric:
+    """`servers` servers with a pool "logs" of `medium`; with `metrics`, server i's metrics on
+    _metrics(fab, i)."""
+    extra = ["--pool", f"logs:{medium}:32MiB"]
+    port = free_ports(servers) if metrics else None
+    if port is not None:
+        extra += ["--metrics-port", str(port)]
+    fab = LocalFabric(short_tmp_dir("mf-plogr-"), servers=servers, capacity="16MiB", segment_size="1MiB",
+                      liveness_timeout_s=2.0, extra_args=extra).start()
+    fab.metrics_port = port
+    return fab
+
+
+def _metrics(fab: LocalFabric, server_id: int) -> str:
+    return f"127.0.0.1:{fab.metrics_port + server_id - 1}"
 
 
 @pytest.fixture(scope="module")
@@ -175,15 +187,12 @@ def test_a_same_host_append_to_a_replicated_plog_is_written_compiled_and_forward
     """The home writes a same-host append in its receive loop (plog/fast_append.py) as for one
     copy, but never commits it there: Python forwards it to the copy first (_flush_to). So the
     compiled counter counts them, and the copy holds every record acknowledged."""
-    port = free_ports(2)
-    fab = LocalFabric(short_tmp_dir("mf-plogr-"), servers=2, capacity="16MiB", segment_size="1MiB",
-                      liveness_timeout_s=2.0,
-                      extra_args=["--pool", "logs:ramdisk:32MiB", "--metrics-port", str(port)]).start()
+    fab = _fabric(2, metrics=True)
     try:
         with memfabric.init(fab.directory, server=0) as s:
             log = s.create_namespace(ns_name(request), sec_id="k", pool="logs").create_plog("wal", 4 * MiB, replicas=2)
             info = log.info()
-            home_metrics = f"127.0.0.1:{port + info['home'] - 1}"
+            home_metrics = _metrics(fab, info["home"])
             log.append(_body(0))                 # Python's: it grants the rest
             before = value(scrape(home_metrics), "memfabric_plog_compiled_appends_total")
             for i in range(1, 60):

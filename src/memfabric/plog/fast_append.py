@@ -3,9 +3,9 @@ which plogs, and what Python still does around it. Server side.
 
 Why. A same-host 4 KiB append spent ~50 us in the server's Python (decode, dispatch, checks,
 framing, pieces, the write through three layers, encode) on top of the round trip; the
-common case (one inline record, a plog homed here, open) needs none of that machinery. So the IPC connection's thread hands each received packet to append_one first,
-which serves exactly that case in C with the GIL held, or returns None, having changed
-nothing, and Python serves the request as it always did.
+common case (one inline record, a plog homed here, open) needs none of that machinery. So
+append_one serves exactly that case in C with the GIL held, or changes nothing, and Python
+serves the request as it always did.
 
 Python stays the authority. A connection is granted a plog only after Python served an
 append of it on that connection (its secId checked there, by Server._namespace); the grant
@@ -16,8 +16,8 @@ plog's own lock (waited for as Python waits, then the grant checked again). What
 common case goes to Python: a secId that differs, a sealed, deleted or full plog, a frame
 across two extents, a connection owed a "gone" notice.
 
-Durability is Python's too: on pmem, for a plog with copies (`flushes`: the grant's "Python
-commits"), and whenever something else awaits commit, the record is marked written in C and
+Durability is Python's too: on pmem, for a plog with copies (the grant's `python_commits`),
+and whenever something else awaits commit, the record is marked written in C and
 committed by PlogService._flush_to, which forwards it to the copies and flushes it (without
 the GIL, one flush shared by every appender waiting: group commit) before it is answered.
 
@@ -54,7 +54,7 @@ _EXTENT = struct.Struct("=QQ")    # an extent's end in the log, and its offset i
 class FastGrant:
     """What append_one needs to append to one plog for one connection (read by name in C)."""
 
-    __slots__ = ("plog", "sec", "plog_id", "vkey", "proven", "capacity", "flushes", "extents",
+    __slots__ = ("plog", "sec", "plog_id", "vkey", "proven", "capacity", "python_commits", "extents",
                  "segments", "seg_ids", "counts")
 
     def __init__(self, plog: "_Plog", sec: bytes, vkey: tuple[str, str], proven: Any,
@@ -65,7 +65,8 @@ class FastGrant:
         self.vkey = vkey
         self.proven = proven
         self.capacity = plog.core.capacity
-        self.flushes = plog.data.flushes or bool(plog.replica_servers)     # committed by Python: flushed, forwarded
+        # Committed by Python (_flush_to): flushed (pmem), forwarded (copies); else in C.
+        self.python_commits = plog.data.flushes or bool(plog.replica_servers)
         ends = plog.data._ends
         self.extents = b"".join(_EXTENT.pack(end, e[1]) for end, e in zip(ends, plog.data.extents))
         self.segments = segments
@@ -110,10 +111,3 @@ def grant(conn: Connection, plog: "_Plog", m: dict[str, Any], counts: array) -> 
         grants.pop(next(iter(grants)))        # the oldest: it appends through Python again, and is granted again
     grants[key] = FastGrant(plog, sec, (pool, ns), proven, segments, counts)
 
-
-def try_append(conn: Connection, packet: memoryview) -> tuple[bytes, FastGrant, int, bool, int, int] | None:
-    """append_one on a received packet, when this connection holds grants."""
-    grants = conn.services.get(GRANTS)
-    if not grants:
-        return None
-    return _records.append_one(packet, grants, conn)

@@ -736,18 +736,10 @@ class PlogService:
             fast_append.grant(conn, plog, m, self.served_counts)   # its next ones: compiled (fast_append.py)
         return {"offsets": offsets}
 
-    def fast_reply(self, conn: Connection, packet: memoryview) -> bytes | None:
-        """A same-host append of the common case served by the compiled path (fast_append.py):
-        its reply's bytes, or None (nothing done: dispatch it as usual)."""
-        started_s = time.perf_counter()
-        got = fast_append.try_append(conn, packet)
-        if got is None:
-            return None
-        return self.fast_finish(got, started_s)
-
     def fast_finish(self, got: tuple[bytes, Any, int, bool, int, int], started_s: float) -> bytes:
-        """What append_one did (`got`, its tuple), committed (a flush, shared: _flush_to) and
-        counted: the reply's bytes."""
+        """A same-host append the connection's receive loop wrote (fast_append.py; `got`:
+        append_one's tuple), committed (_flush_to: forwarded, flushed, shared) and counted: the
+        reply's bytes."""
         reply, grant, end, committed, payload_bytes, request_id = got
         code = None
         try:

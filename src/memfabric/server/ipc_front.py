@@ -30,9 +30,6 @@ class IpcFront:
         self._sock = listen(path, backlog=min(max_clients, 128), mode=mode, gid=gid)
         self._connections: dict[int, IpcChannel] = {}
         self._lock = threading.Lock()
-        # Compiled paths for the common requests (a service's fast_reply(conn, packet): the
-        # reply's bytes, or None when Python serves the packet as usual).
-        self._fast = tuple(s.fast_reply for s in server.services if hasattr(s, "fast_reply"))
         self._accept = AcceptLoop("IPC", self._sock, self._take,
                                   lambda accepting: server.door_accepting("ipc", accepting))
 
@@ -96,11 +93,7 @@ class IpcFront:
                     if packet is None:       # an append its loop wrote, to commit here (pmem)
                         fast = self.server.plog.fast_finish(fds, time.perf_counter())
                         fds = []
-                    for fast_reply in () if fds or fast is not None else self._fast:
-                        fast = fast_reply(conn, packet)
-                        if fast is not None:
-                            break
-                    if fast is None:
+                    else:
                         request, fds = channel.decode(packet, fds)
                 except (PeerClosed, ConnectionError, OSError):
                     return
