@@ -299,3 +299,41 @@ def test_the_compiled_crc_is_crc32c_both_ways(compiled):
 def test_the_compiled_batch_refuses_lengths_that_do_not_fit(compiled, lengths, data):
     with pytest.raises((ValueError, OverflowError, TypeError)):
         compiled.frame_batch(1, 0, data, lengths)
+
+
+def test_the_compiled_frame_read_returns_exactly_the_records_that_check(compiled):
+    """read_frame (record(i) on the same host) against the frames Python makes: the payload
+    of every record at its place; None for any header field, CRC, nonce or index that is not
+    that record's, and for a place outside the view."""
+    rng = random.Random(10)
+    nonce = rng.getrandbits(64)
+    lengths = [0, 1, 7, 8, 9, 4096, 4099, 17]
+    payloads = [rng.randbytes(n) for n in lengths]
+    first = (1 << 32) + 5                       # the header holds the index's low 32 bits only
+    log = bytearray(b"\xee" * 3) + b"".join(rec.encode(nonce, first + i, p) for i, p in enumerate(payloads))
+    places, at = [], 3
+    for p in payloads:
+        places.append(at)
+        at += rec.frame_bytes(len(p))
+    view = memoryview(log)
+    for i, (p, at) in enumerate(zip(payloads, places)):
+        index = first + i
+        assert compiled.read_frame(view, at, len(p), nonce, index) == p
+        assert compiled.read_frame(view, at, len(p), nonce ^ 1, index) is None
+        assert compiled.read_frame(view, at, len(p), nonce, index + 1) is None
+        assert compiled.read_frame(view, at, len(p), nonce, index + (1 << 32)) is None      # same low bits, CRC differs
+        assert compiled.read_frame(view, at, len(p) + 1, nonce, index) is None
+        assert compiled.read_frame(view, at + 8, len(p), nonce, index) is None
+        for byte in (0, 4, 8, 12, rec.HEADER_BYTES + len(p) - 1):       # magic, length, index, CRC, payload
+            if byte >= rec.HEADER_BYTES + len(p):
+                continue
+            log[at + byte] ^= 0x40
+            assert compiled.read_frame(view, at, len(p), nonce, index) is None, (i, byte)
+            log[at + byte] ^= 0x40
+    last, n = places[-1], lengths[-1]
+    assert compiled.read_frame(view[:last + rec.HEADER_BYTES + n], last, n, nonce, first + 7) == payloads[-1]
+    for at, length in ((last, n + 1), (-1, 0), (len(log), 0), (len(log) - 15, 0), (last, -1), (last, 1 << 40)):
+        assert compiled.read_frame(view[:last + rec.HEADER_BYTES + n], at, length, nonce, first + 7) is None
+    assert compiled.read_frame(memoryview(b""), 0, 0, nonce, 0) is None
+    # A whole header whose payload the view cuts short: never read past the view's end.
+    assert compiled.read_frame(view[:last + rec.HEADER_BYTES + n - 1], last, n, nonce, first + 7) is None

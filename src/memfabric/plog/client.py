@@ -434,7 +434,10 @@ class Plog:
             if end <= ends[i]:                  # the common case: the frame lies in one extent
                 segment, at, n = extents[i]
                 at += start - (ends[i] - n)
-                frame = link.segment_view(creds, segment)[at:at + end - start].tobytes()
+                view = link.segment_view(creds, segment)
+                if _records is not None:        # checked and copied in one call
+                    return _records.read_frame(view, at, length, nonce, index)
+                frame = view[at:at + end - start].tobytes()
             else:
                 frame = b"".join(link.segment_view(creds, segment)[at:at + n]
                                  for segment, at, n in pieces(extents, start, end - start))
