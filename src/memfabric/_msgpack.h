@@ -129,6 +129,7 @@ typedef enum {
     F_INT,              /* an int >= 0: value, and its encoding in at, n (an id echoed back) */
     F_IS,               /* a str, exactly `is` */
     F_FALSE,            /* false */
+    F_TRUE,             /* true */
     F_NIL_OR_ZERO,      /* nil or 0 */
     F_NIL_OR_UPTO,      /* nil (value 0), or an int 1..max (value) */
     F_POSITIVE,         /* a float or an int, > 0 (NaN is not) */
@@ -161,6 +162,8 @@ static inline int read_field(Reader *r, Field *f) {
         return read_bytes(r, 's', &f->at, &f->n) && key_is(f->at, f->n, f->is);
     case F_FALSE:
         return take(r, 1, &c) && *c == 0xc2;
+    case F_TRUE:
+        return take(r, 1, &c) && *c == 0xc3;
     case F_NIL_OR_ZERO:
         return take(r, 1, &c) && (*c == 0xc0 || *c == 0x00);
     case F_NIL_OR_UPTO:

@@ -432,7 +432,7 @@ static PyObject *crc32c_of(PyObject *Py_UNUSED(self), PyObject *args) {
 static PyObject *s_acquire, *s_release, *s_append, *s_plog, *s_core, *s_sec, *s_plog_id, *s_proven, *s_verified,
     *s_vkey, *s_deleted, *s_broken, *s_state, *s_open, *s_written, *s_committed, *s_committed_records, *s_starts,
     *s_lengths, *s_nonce, *s_capacity, *s_extents, *s_segments, *s_fd, *s_lock, *s_touched, *s_python_commits,
-    *s_gone, *s_seg_ids, *s_seg_lock;
+    *s_gone, *s_seg_ids, *s_seg_lock, *s_role, *s_replica, *s_stale, *s_receiving;
 
 static int intern_names(void) {
 #define NAME(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return -1;
@@ -445,6 +445,7 @@ static int intern_names(void) {
     NAME(s_fd, "fd") NAME(s_lock, "lock") NAME(s_touched, "touched") NAME(s_python_commits, "python_commits")
     NAME(s_gone, "gone") NAME(s_seg_ids, "seg_ids")
     NAME(s_seg_lock, "_lock")
+    NAME(s_role, "role") NAME(s_replica, "replica") NAME(s_stale, "stale") NAME(s_receiving, "receiving")
 #undef NAME
     return 0;
 }
@@ -766,6 +767,287 @@ done:
     return result;
 }
 
+/* ---- replica_one: a home's forward of whole records to a copy here, served without Python ----
+ *
+ * The copy's side of PlogService._forward, for a same-host home (its peer connection's receive
+ * loop). Python stays the authority as for append_one: the peer connection is granted the copy
+ * (fast_append.grant_replica, its key REPLICA_KEY_PREFIX + pool\0ns\0name) only after Python
+ * served a forward of it there, on a medium that needs no flush (ramdisk). Served here only: a
+ * map of exactly op = "plog_replica_append", pool, ns, sec, name, plog_id, at, data (one bin,
+ * at most one forward piece), last = true, id and optionally budget_s; under the plog's lock,
+ * the plog a copy, not stale, not deleted, not broken, open, nothing written but not committed,
+ * `at` its log's end (unfinished pieces dropped, as Python does), the bytes within its capacity
+ * and one extent, and whole frames that check (magic, index, length, CRC with the plog's
+ * nonce), as rec.scan checks them. Then one pwrite, marked written and committed (no flush:
+ * the medium has none). Anything else changes nothing and Python serves it (and says why).
+ *
+ * Returns 1 with the reply {"length": end, "id": id} in `reply` (`room` bytes, at least 64), 0
+ * for Python, -1 with MemoryError or KeyboardInterrupt set. */
+
+#define REPLICA_PIECE_BYTES (128 << 10)     /* limits.PLOG_REPLICA_PIECE_BYTES: bounds the records too */
+#define REPLICA_KEY_PREFIX 1                /* fast_append.REPLICA_KEY_PREFIX */
+
+/* Whether the frames of b[0..n) are whole records that check from `index` on: how many, else 0. */
+static Py_ssize_t frames_check(const unsigned char *b, size_t n, uint64_t nonce, uint64_t index) {
+    size_t at = 0;
+    Py_ssize_t count = 0;
+    while (at < n) {
+        if (n - at < HEADER_BYTES || memcmp(b + at, "PLG1", 4) != 0)
+            return 0;
+        uint32_t length = (uint32_t)b[at + 4] | (uint32_t)b[at + 5] << 8 | (uint32_t)b[at + 6] << 16
+                          | (uint32_t)b[at + 7] << 24;
+        uint32_t low = (uint32_t)b[at + 8] | (uint32_t)b[at + 9] << 8 | (uint32_t)b[at + 10] << 16
+                       | (uint32_t)b[at + 11] << 24;
+        uint32_t crc = (uint32_t)b[at + 12] | (uint32_t)b[at + 13] << 8 | (uint32_t)b[at + 14] << 16
+                       | (uint32_t)b[at + 15] << 24;
+        size_t frame = HEADER_BYTES + ((size_t)length + ALIGN_BYTES - 1) / ALIGN_BYTES * ALIGN_BYTES;
+        if (low != (uint32_t)(index & 0xFFFFFFFFu) || frame > n - at)
+            return 0;
+        unsigned char seed[20];
+        put64(seed, nonce);
+        put64(seed + 8, index);
+        put32(seed + 16, length);
+        if (crc32c(crc32c(0, seed, sizeof seed), b + at + HEADER_BYTES, length) != crc)
+            return 0;
+        at += frame;
+        index++;
+        count++;
+    }
+    return count;
+}
+
+static int replica_packet(const unsigned char *packet_buf, size_t packet_len, PyObject *grants, PyObject *conn,
+                          unsigned char *reply, size_t room, size_t *reply_n) {
+    int answered = 0;
+    PyObject *grant = NULL, *plog = NULL, *core = NULL, *plog_lock = NULL, *seg_lock = NULL, *key = NULL;
+    PyObject *starts = NULL, *lengths = NULL;
+    int plog_locked = 0, seg_locked = 0;
+
+    Field f[] = {
+        {"op", F_IS, 1, "plog_replica_append"}, {"pool", F_STR, 1}, {"ns", F_STR, 1}, {"sec", F_BIN, 1},
+        {"name", F_STR, 1}, {"plog_id", F_INT, 1}, {"at", F_INT, 1}, {"data", F_BIN, 1}, {"last", F_TRUE, 1},
+        {"id", F_INT, 1}, {"budget_s", F_NUMBER, 0},
+    };
+    if (room < 64 || !read_request(packet_buf, packet_len, f, 11) || f[7].n == 0 || f[7].n > REPLICA_PIECE_BYTES
+            || f[9].n > 9)
+        goto done;
+    const unsigned char *pool = f[1].at, *ns = f[2].at, *sec = f[3].at, *name = f[4].at, *data = f[7].at;
+    size_t pool_n = f[1].n, ns_n = f[2].n, sec_n = f[3].n, name_n = f[4].n, data_n = f[7].n;
+    uint64_t plog_id = f[5].value, at_log = f[6].value;
+
+    /* The grant: Python served a forward of this copy on this peer connection. */
+    key = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(1 + pool_n + ns_n + name_n + 2));
+    if (key == NULL)
+        goto done;
+    char *kp = PyBytes_AS_STRING(key);
+    kp[0] = REPLICA_KEY_PREFIX;
+    memcpy(kp + 1, pool, pool_n);
+    kp[1 + pool_n] = 0;
+    memcpy(kp + 2 + pool_n, ns, ns_n);
+    kp[2 + pool_n + ns_n] = 0;
+    memcpy(kp + 3 + pool_n + ns_n, name, name_n);
+    grant = PyDict_GetItemWithError(grants, key);
+    if (grant == NULL)
+        goto done;
+    Py_INCREF(grant);
+    {
+        PyObject *want_sec = PyObject_GetAttr(grant, s_sec);
+        if (want_sec == NULL)
+            goto done;
+        int same = PyBytes_Check(want_sec) && (size_t)PyBytes_GET_SIZE(want_sec) == sec_n;
+        if (same) {
+            unsigned char diff = 0;
+            const unsigned char *w = (const unsigned char *)PyBytes_AS_STRING(want_sec);
+            for (size_t i = 0; i < sec_n; i++)
+                diff |= (unsigned char)(w[i] ^ sec[i]);
+            same = diff == 0;
+        }
+        Py_DECREF(want_sec);
+        if (!same)
+            goto done;
+    }
+    if ((uint64_t)attr_ll(grant, s_plog_id) != plog_id || PyErr_Occurred() || !proof_stands(conn, grant))
+        goto done;
+    plog = get(grant, s_plog);
+    core = get(plog, s_core);
+    plog_lock = get(plog, s_lock);
+    if (core == NULL || plog_lock == NULL || wait_lock(plog_lock) <= 0)
+        goto done;
+    plog_locked = 1;
+    if (PyDict_GetItemWithError(grants, key) != grant || !proof_stands(conn, grant))
+        goto done;                        /* (while waiting: the grant may have gone) */
+
+    /* The copy's rules, read under its lock (op_plog_replica_append's). */
+    {
+        PyObject *role = get(plog, s_role), *stale = get(plog, s_stale), *deleted = get(plog, s_deleted);
+        PyObject *broken = get(plog, s_broken), *state = get(core, s_state);
+        int ok = role != NULL && PyUnicode_Check(role) && PyUnicode_Compare(role, s_replica) == 0
+                 && stale == Py_False && deleted == Py_False && broken == Py_None
+                 && state != NULL && PyUnicode_Check(state) && PyUnicode_Compare(state, s_open) == 0;
+        Py_XDECREF(role);
+        Py_XDECREF(stale);
+        Py_XDECREF(deleted);
+        Py_XDECREF(broken);
+        Py_XDECREF(state);
+        if (!ok)
+            goto done;
+    }
+    long long written = attr_ll(core, s_written), committed = attr_ll(core, s_committed);
+    long long capacity = attr_ll(grant, s_capacity);
+    PyObject *nonce_obj = get(core, s_nonce);
+    unsigned long long nonce = nonce_obj && PyLong_Check(nonce_obj) ? PyLong_AsUnsignedLongLong(nonce_obj)
+                                                                     : (unsigned long long)-1;
+    Py_XDECREF(nonce_obj);
+    if (written < 0 || committed != written || capacity < 0 || PyErr_Occurred())
+        goto done;
+    if (at_log != (uint64_t)written || (uint64_t)written + data_n > (uint64_t)capacity)
+        goto done;                        /* a gap, or past the capacity: Python refuses it */
+    starts = get(core, s_starts);
+    lengths = get(core, s_lengths);
+    Py_ssize_t index_now = starts == NULL || lengths == NULL ? -1 : PyObject_Length(starts);    /* (arrays) */
+    if (index_now < 0 || PyObject_Length(lengths) != index_now)
+        goto done;
+    Py_ssize_t records = frames_check(data, data_n, nonce, (uint64_t)index_now);
+    if (records == 0)
+        goto done;                        /* not whole records that check: Python refuses them */
+
+    /* Where: the extent holding the first byte, which must hold all of it (as append_one). */
+    long long file_at, seg_index;
+    {
+        PyObject *extents = get(grant, s_extents);
+        if (extents == NULL || !PyBytes_Check(extents)) {
+            Py_XDECREF(extents);
+            goto done;
+        }
+        const uint64_t *e = (const uint64_t *)PyBytes_AS_STRING(extents);
+        Py_ssize_t count = PyBytes_GET_SIZE(extents) / 16, lo = 0, hi = count;
+        while (lo < hi) {
+            Py_ssize_t mid = (lo + hi) / 2;
+            if (e[2 * mid] <= (uint64_t)written)
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        int fits = lo < count && (uint64_t)written + data_n <= e[2 * lo];
+        uint64_t start = lo == 0 ? 0 : e[2 * (lo - 1)];
+        file_at = fits ? (long long)(e[2 * lo + 1] + ((uint64_t)written - start)) : -1;
+        seg_index = lo;
+        Py_DECREF(extents);
+        if (!fits)
+            goto done;
+    }
+    PyObject *segments = get(grant, s_segments);
+    if (segments == NULL || !PyList_Check(segments) || seg_index >= PyList_GET_SIZE(segments)) {
+        Py_XDECREF(segments);
+        goto done;
+    }
+    PyObject *segment = PyList_GET_ITEM(segments, seg_index);
+    Py_INCREF(segment);
+    Py_DECREF(segments);
+    seg_lock = get(segment, s_seg_lock);
+    if (seg_lock == NULL || wait_lock(seg_lock) <= 0) {        /* in Python's order: plog, segment */
+        Py_DECREF(segment);
+        goto done;
+    }
+    seg_locked = 1;
+    int fd = (int)attr_ll(segment, s_fd);
+    Py_DECREF(segment);
+    if (fd < 0 || PyErr_Occurred())
+        goto done;
+
+    static const unsigned char zeros[HEADER_BYTES];
+    ssize_t done_n;
+    do
+        done_n = pwrite(fd, data, data_n, (off_t)file_at);
+    while (done_n < 0 && errno == EINTR);
+    if (done_n != (ssize_t)data_n) {
+        ssize_t ignored = pwrite(fd, zeros, HEADER_BYTES, (off_t)file_at);     /* no header that checks stays */
+        (void)ignored;
+        goto done;
+    }
+
+    /* Marked written and committed, as mark_written and commit do; undone whole on a failure. */
+    long long end = written + (long long)data_n;
+    {
+        int failed = 0;
+        size_t at = 0;
+        for (Py_ssize_t r = 0; r < records && !failed; r++) {
+            uint32_t length = (uint32_t)data[at + 4] | (uint32_t)data[at + 5] << 8 | (uint32_t)data[at + 6] << 16
+                              | (uint32_t)data[at + 7] << 24;
+            PyObject *o = PyLong_FromLongLong(written + (long long)at), *n = PyLong_FromUnsignedLong(length);
+            PyObject *got_s = o == NULL || n == NULL ? NULL : PyObject_CallMethodOneArg(starts, s_append, o);
+            PyObject *got_l = got_s == NULL ? NULL : PyObject_CallMethodOneArg(lengths, s_append, n);
+            failed = got_l == NULL;
+            Py_XDECREF(got_s);
+            Py_XDECREF(got_l);
+            Py_XDECREF(o);
+            Py_XDECREF(n);
+            at += HEADER_BYTES + ((size_t)length + ALIGN_BYTES - 1) / ALIGN_BYTES * ALIGN_BYTES;
+        }
+        if (!failed && (set_ll(core, s_written, end) < 0 || set_ll(plog, s_receiving, end) < 0
+                        || set_ll(core, s_committed, end) < 0
+                        || set_ll(core, s_committed_records, index_now + records) < 0))
+            failed = 1;
+        if (failed) {
+            /* (A MemoryError.) The rules as they were, and the header gone, as Python's failure does. */
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb);
+            PySequence_DelSlice(starts, index_now, PY_SSIZE_T_MAX);
+            PySequence_DelSlice(lengths, index_now, PY_SSIZE_T_MAX);
+            set_ll(core, s_written, written);
+            set_ll(plog, s_receiving, written);
+            set_ll(core, s_committed, committed);
+            set_ll(core, s_committed_records, index_now);
+            PyErr_Clear();
+            PyErr_Restore(type, value, tb);
+            ssize_t ignored = pwrite(fd, zeros, HEADER_BYTES, (off_t)file_at);
+            (void)ignored;
+            goto done;
+        }
+    }
+
+    size_t r_at = 0;
+    reply[r_at++] = 0x82;
+    r_at += put_key(reply + r_at, "length");
+    r_at += put_uint(reply + r_at, (uint64_t)end);
+    r_at += put_key(reply + r_at, "id");
+    memcpy(reply + r_at, f[9].at, f[9].n);
+    r_at += f[9].n;
+    *reply_n = r_at;
+    answered = 1;
+done:
+    if (seg_locked)
+        unlock(seg_lock);
+    if (plog_locked)
+        unlock(plog_lock);
+    Py_XDECREF(starts);
+    Py_XDECREF(lengths);
+    Py_XDECREF(seg_lock);
+    Py_XDECREF(plog_lock);
+    Py_XDECREF(core);
+    Py_XDECREF(plog);
+    Py_XDECREF(grant);
+    Py_XDECREF(key);
+    if (!answered && PyErr_Occurred()) {
+        if (PyErr_ExceptionMatches(PyExc_MemoryError) || PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
+            return -1;
+        PyErr_Clear();                     /* a rule not as expected: Python serves it, and says */
+    }
+    return answered;
+}
+
+/* replica_frames(data, nonce, first_index) -> int: how many whole records that check
+ * replica_packet sees in `data` (0: it leaves them to Python). For the tests: rec.scan's twin. */
+static PyObject *replica_frames(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer data;
+    unsigned long long nonce, first_index;
+    if (!PyArg_ParseTuple(args, "y*KK", &data, &nonce, &first_index))
+        return NULL;
+    Py_ssize_t count = frames_check(data.buf, (size_t)data.len, nonce, first_index);
+    PyBuffer_Release(&data);
+    return PyLong_FromSsize_t(count);
+}
+
 /* ---- serve_append: append_one inside a connection's receive loop (_frames.c serve_packets) ----
  *
  * Exported as the capsule memfabric._records.SERVE_APPEND (a SERVE_APPEND_FN): the loop hands it
@@ -801,8 +1083,8 @@ static int serve_append(const unsigned char *packet, size_t n, PyObject *grants,
                         size_t room, size_t *reply_n, PyObject **pending) {
     *pending = NULL;
     PyObject *got = append_packet(packet, n, grants, conn);
-    if (got == NULL)
-        return PyErr_Occurred() ? -1 : 0;
+    if (got == NULL)    /* not an append of its: a copy's forward perhaps (replica_packet) */
+        return PyErr_Occurred() ? -1 : replica_packet(packet, n, grants, conn, reply, room, reply_n);
     /* (reply, grant, end, committed, payload_bytes, request_id), as built above */
     PyObject *reply_obj = PyTuple_GET_ITEM(got, 0);
     if (PyTuple_GET_ITEM(got, 3) == Py_True && (size_t)PyBytes_GET_SIZE(reply_obj) <= room
@@ -1107,6 +1389,7 @@ static PyObject *datasync_close(PyObject *Py_UNUSED(self), PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
+    {"replica_frames", replica_frames, METH_VARARGS, "replica_frames(data, nonce, first_index) -> int"},
     {"dup_fd", dup_fd, METH_VARARGS, "dup_fd(fd) -> int: a copy of fd (close-on-exec), the GIL kept"},
     {"datasync_close", datasync_close, METH_VARARGS, "datasync_close(fd): fdatasync(fd), then close(fd), without the GIL"},
     {"call_append", call_append, METH_VARARGS,

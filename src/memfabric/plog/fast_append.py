@@ -27,6 +27,14 @@ once (ramdisk) is answered there and counted in the grant's `counts` (the servic
 served_counts), and the loop goes on receiving; one that needs a flush comes back to Python
 with append_one's tuple (PlogService.fast_finish). Those answered in the loop are not timed
 in the operations' latency histogram (as MemKV's compiled puts are not).
+
+Copies. A same-host home forwards each append to its copies (PlogService._forward), and a
+copy's Python spent ~50 us on each (plog_replica_append). So the copy's side has its twin
+(grant_replica, _records.c replica_packet), on the home's peer connection, by the same rules:
+granted only after Python served a forward there, every rule of op_plog_replica_append read
+again under the plog's lock, and only the common case served (one message of whole records
+that check, at the log's end, on a medium with nothing to flush); the rest goes to Python. A
+copy on pmem is never granted: it flushes before it answers, in Python.
 """
 
 from __future__ import annotations
@@ -58,7 +66,7 @@ class FastGrant:
                  "segments", "seg_ids", "counts")
 
     def __init__(self, plog: "_Plog", sec: bytes, vkey: tuple[str, str], proven: Any,
-                 segments: list[FileSegment], counts: array) -> None:
+                 segments: list[FileSegment], counts: array | None) -> None:
         self.plog = plog
         self.sec = sec
         self.plog_id = plog.id
@@ -78,9 +86,14 @@ def grant_key(pool: str, ns: str, name: str) -> bytes:
     return b"\0".join(x.encode() for x in (pool, ns, name))
 
 
+# A copy's grant (_records.c replica_packet) on its home's peer connection: a key no client's
+# append finds (names hold no control characters).
+REPLICA_KEY_PREFIX = b"\x01"
+
+
 def grants_of(conn: Connection) -> dict[bytes, FastGrant] | None:
-    """The connection's grants (filled by grant()), for its receive loop; None where it has
-    none to take (no compiled part, another server's connection, one carrying no fds)."""
+    """The connection's grants (filled by grant(), and on a peer's by grant_replica()), for its
+    receive loop; None where it has none to take (no compiled part, one carrying no fds)."""
     if _records is None or not conn.carries_fds:
         return None
     return conn.services.setdefault(GRANTS, {})
@@ -111,3 +124,28 @@ def grant(conn: Connection, plog: "_Plog", m: dict[str, Any], counts: array) -> 
         grants.pop(next(iter(grants)))        # the oldest: it appends through Python again, and is granted again
     grants[key] = FastGrant(plog, sec, (pool, ns), proven, segments, counts)
 
+
+
+def grant_replica(conn: Connection, plog: "_Plog", m: dict[str, Any]) -> None:
+    """After Python served a forward to a copy (`plog`) from its home's peer connection `conn`
+    (request `m`): let the home's later forwards of whole records through _records.c
+    replica_packet. Only where nothing is to flush (ramdisk): a copy on pmem commits in Python."""
+    if _records is None or not conn.carries_fds or conn.role != "peer" or plog.role != "replica" or plog.data.flushes:
+        return
+    pool, ns, name, sec = m.get("pool"), m.get("ns"), m.get("name"), m.get("sec")
+    if not (type(pool) is str and type(ns) is str and type(name) is str and type(sec) is bytes):
+        return
+    proven = conn.verified.get((pool, ns))
+    if proven is None:
+        return
+    segments = [plog.data.pool.segments.get(e[0]) for e in plog.data.extents]
+    if not all(type(s) is FileSegment for s in segments):
+        return
+    grants = conn.services.setdefault(GRANTS, {})
+    key = REPLICA_KEY_PREFIX + grant_key(pool, ns, name)
+    held = grants.get(key)
+    if held is not None and held.plog is plog and held.proven is proven and held.sec == sec:
+        return
+    if key not in grants and len(grants) >= MAX_PLOG_FAST_GRANTS_PER_CONNECTION:
+        grants.pop(next(iter(grants)))        # the oldest: its forwards go through Python again, and are granted again
+    grants[key] = FastGrant(plog, sec, (pool, ns), proven, segments, None)

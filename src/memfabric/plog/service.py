@@ -242,8 +242,8 @@ class PlogService:
                     "compiled_appends": self.fast_appends + served, "flushes": self.flushes}
 
     def fast_grants(self, conn: Connection) -> dict[bytes, Any] | None:
-        """The dict of a same-host client's connection whose appends its receive loop may serve
-        (fast_append.py), or None."""
+        """The dict of a same-host connection whose appends (a client's) or forwards (a home's,
+        to a copy here) its receive loop may serve (fast_append.py), or None."""
         return fast_append.grants_of(conn)
 
     def _frame_buffer(self) -> bytearray | None:
@@ -683,6 +683,7 @@ class PlogService:
                 except MemfabricError:
                     pass
                 raise
+        fast_append.grant_replica(conn, plog, m)     # the home's next forwards: compiled (fast_append.py)
         return {"length": core.committed}
 
     def _release_extents(self, state: NamespaceState, pool_name: str, extents: list[Extent]) -> None:

@@ -79,12 +79,12 @@ class IpcFront:
 
     def _serve(self, conn: Connection, channel: IpcChannel) -> None:
         # Clients' puts of small values and appends to plogs they were granted may be answered
-        # in the receive itself (kv/put_grants.py, plog/fast_append.py); peers' connections
-        # carry neither.
+        # in the receive itself (kv/put_grants.py, plog/fast_append.py); on a peer's connection,
+        # a same-host home's forwards to the copies here (fast_append.grant_replica).
         peer = self.server.is_server_pid(conn.peer_pid)
         grants = None if peer else self.server.kv.open_put_grants(conn)
         puts = grants.table if grants is not None else None
-        plogs = None if peer else self.server.plog.fast_grants(conn)
+        plogs = self.server.plog.fast_grants(conn)
         try:
             while True:
                 try:

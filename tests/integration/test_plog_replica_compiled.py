@@ -1,0 +1,110 @@
+"""A same-host home's forwards to a copy, served in the copy's receive loop (plog/fast_append.py
+grant_replica, _records.c replica_packet): the copy's Python operation histogram no longer sees
+them on ramdisk, and every forward the loop cannot take (a copy on pmem, a record forwarded in
+pieces, a sealed copy, a deleted then re-created plog) goes to Python, which keeps the rules."""
+
+from __future__ import annotations
+
+import pytest
+
+import memfabric
+from memfabric.errors import Sealed
+
+from ..helpers import ns_name
+from .test_metrics import errors, ops, scrape
+from .test_plog_replicas import MiB, _body, _copy, _fabric, _metrics
+
+
+@pytest.fixture(scope="module", params=["ramdisk", "pmem"])
+def pair(request):
+    fab = _fabric(2, medium=request.param, metrics=True)
+    fab.medium = request.param
+    yield fab
+    assert fab.stop() == 0, "memfabric up did not stop cleanly:\n" + "".join(fab.output[-30:])
+
+
+def _replicated(fab, s: memfabric.Session, request, name: str = "wal"):
+    log = s.create_namespace(ns_name(request), sec_id="k", pool="logs").create_plog(name, 4 * MiB, replicas=2)
+    info = log.info()
+    (other,) = info["replica_servers"]
+    return log, info["home"], other
+
+
+def _in_python(fab, server_id: int) -> float:
+    return ops(scrape(_metrics(fab, server_id)), "plog_replica_append")
+
+
+def test_forwards_of_whole_records_are_served_in_the_copys_receive_loop(pair, request):
+    """Without the compiled copy side each forward is one plog_replica_append in the copy's
+    histogram; with it, on ramdisk only the first (which grants the rest). On pmem a copy
+    flushes before it answers, in Python: each one is counted."""
+    with memfabric.init(pair.directory, server=0) as s:
+        log, home, other = _replicated(pair, s, request)
+        log.append(_body(0))                   # Python's on both servers: each grants the next ones
+        log.append(_body(1))
+        before = _in_python(pair, other)
+        for i in range(2, 60):
+            log.append(_body(i))
+        log.append_many([_body(i) for i in range(60, 70)])      # one forward of ten records
+        in_python = _in_python(pair, other) - before
+        assert in_python == (0 if pair.medium == "ramdisk" else 59)
+        copy = _copy(log, other)
+        assert copy.info()["length"] == log.info()["length"] and copy.info()["records"] == 70
+        length = log.info()["length"]
+        assert copy.read(0, length) == _copy(log, home).read(0, length)     # byte for byte
+        assert list(copy.records()) == [_body(i) for i in range(70)]
+        assert log.info()["dead_replicas"] == []
+
+
+def test_a_record_forwarded_in_pieces_goes_to_python_and_the_loop_takes_the_next(pair, request):
+    """A record past one forward piece (128 KiB) comes in two messages: neither is the loop's
+    (the first is not last, the second not at the log's end). The copy stays in step."""
+    with memfabric.init(pair.directory, server=0) as s:
+        log, home, other = _replicated(pair, s, request)
+        log.append(b"a")
+        log.append(b"b")
+        before = _in_python(pair, other)
+        big = bytes(range(256)) * (800)              # 200 KiB: two pieces
+        log.append(big)
+        assert _in_python(pair, other) - before == 2
+        log.append(b"c")
+        assert _in_python(pair, other) - before == (2 if pair.medium == "ramdisk" else 3)
+        assert list(_copy(log, other).records()) == [b"a", b"b", big, b"c"] == list(log.records())
+        assert log.info()["dead_replicas"] == []
+
+
+def test_a_copy_sealed_after_its_grant_fences_the_home(pair, request):
+    """The seal is Python's (under the plog's lock); the loop reads the state under that lock
+    and leaves the next forward to Python, which refuses it SEALED: the home is fenced and
+    the append not committed anywhere."""
+    with memfabric.init(pair.directory, server=0) as s:
+        log, home, other = _replicated(pair, s, request)
+        for i in range(5):
+            log.append(_body(i))
+        copy = _copy(log, other)
+        assert copy.seal()["state"] == "sealed"
+        before = scrape(_metrics(pair, other))
+        with pytest.raises(Sealed):
+            log.append(b"after the seal")
+        after = scrape(_metrics(pair, other))
+        assert errors(after, "plog_replica_append", "SEALED") - errors(before, "plog_replica_append", "SEALED") == 1
+        assert log.info()["state"] == "sealed"
+        assert list(log.records()) == [_body(i) for i in range(5)] == list(copy.records())
+        with pytest.raises(Sealed):
+            log.append(b"nor this")
+
+
+def test_a_plog_deleted_and_made_again_is_not_served_through_the_old_grant(pair, request):
+    """The grant holds the old copy's object: deleted, so Python serves the first forward to the
+    new copy (and grants it); the new copy holds only its own records."""
+    with memfabric.init(pair.directory, server=0) as s:
+        log, home, other = _replicated(pair, s, request)
+        for i in range(5):
+            log.append(b"old %d" % i)
+        log.delete()
+        again = log.namespace.create_plog("wal", 4 * MiB, replicas=2)
+        assert again.info()["replica_servers"] == [other]
+        for i in range(5):
+            again.append(b"new %d" % i)
+        assert list(_copy(again, other).records()) == [b"new %d" % i for i in range(5)] == list(again.records())
+        assert again.info()["dead_replicas"] == []
