@@ -11,7 +11,7 @@ import memfabric
 from memfabric.errors import Sealed
 
 from ..helpers import ns_name
-from .test_metrics import errors, ops, scrape
+from .test_metrics import errors, ops, scrape, value
 from .test_plog_replicas import MiB, _body, _copy, _fabric, _metrics
 
 
@@ -108,3 +108,22 @@ def test_a_plog_deleted_and_made_again_is_not_served_through_the_old_grant(pair,
             again.append(b"new %d" % i)
         assert list(_copy(again, other).records()) == [b"new %d" % i for i in range(5)] == list(again.records())
         assert again.info()["dead_replicas"] == []
+
+
+def test_a_same_host_homes_forwards_go_out_in_one_compiled_call(pair, request):
+    """The home's side (fast_append.send_forward): each piece to a same-host copy is sent and
+    answered by one compiled call on the idle peer link, on any medium; its replies, errors
+    too, as call() gives them (test_a_copy_sealed_after_its_grant_fences_the_home)."""
+    with memfabric.init(pair.directory, server=0) as s:
+        log, home, other = _replicated(pair, s, request)
+        before = scrape(_metrics(pair, home))
+        for i in range(30):
+            log.append(_body(i))
+        log.append(bytes(200 << 10))                     # two pieces
+        after = scrape(_metrics(pair, home))
+        sent = value(after, "memfabric_plog_forwards_total") - value(before, "memfabric_plog_forwards_total")
+        compiled = value(after, "memfabric_plog_compiled_forwards_total") - value(
+            before, "memfabric_plog_compiled_forwards_total")
+        assert sent == compiled == 32
+        assert list(_copy(log, other).records()) == list(log.records())
+        assert log.info()["dead_replicas"] == []

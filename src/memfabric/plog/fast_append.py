@@ -35,6 +35,12 @@ granted only after Python served a forward there, every rule of op_plog_replica_
 again under the plog's lock, and only the common case served (one message of whole records
 that check, at the log's end, on a medium with nothing to flush); the rest goes to Python. A
 copy on pmem is never granted: it flushes before it answers, in Python.
+
+The home's side of a forward to a same-host copy (send_forward) goes out and is answered in
+one compiled call (_records.c call_append, as a client's append: the request written around the
+piece's bytes, the wait without the GIL) on the peer link, when the link is idle; the link's
+rules hold (its timeout, replies given up on), and a reply that is not the common one is
+decoded and raised as call() raises it.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ from __future__ import annotations
 import struct
 from array import array
 from typing import TYPE_CHECKING, Any
+
+import msgpack
 
 from ..limits import MAX_PLOG_FAST_GRANTS_PER_CONNECTION
 from ..media.files import FileSegment
@@ -149,3 +157,30 @@ def grant_replica(conn: Connection, plog: "_Plog", m: dict[str, Any]) -> None:
     if key not in grants and len(grants) >= MAX_PLOG_FAST_GRANTS_PER_CONNECTION:
         grants.pop(next(iter(grants)))        # the oldest: its forwards go through Python again, and are granted again
     grants[key] = FastGrant(plog, sec, (pool, ns), proven, segments, None)
+
+
+def forward_head(copy_args: dict[str, Any]) -> bytes:
+    """The part of a forward's request (plog_replica_append) that is the same for every piece:
+    the copy's creds and the op, packed once per plog."""
+    pack = msgpack.Packer(use_bin_type=True).pack
+    return b"".join(pack(k) + pack(v) for k, v in copy_args.items()) + pack("op") + pack("plog_replica_append")
+
+
+_PACK = msgpack.Packer(use_bin_type=True).pack     # (one call holds the GIL throughout: shared by threads)
+_AT, _LAST, _NOT_LAST, _DATA = _PACK("at"), _PACK("last") + _PACK(True), _PACK("last") + _PACK(False), _PACK("data")
+_FORWARD_ENTRIES = 5      # at, last, data, then call_append's budget_s and id: besides the head's
+
+
+def send_forward(link: Any, head: bytes, head_entries: int, copy_args: dict[str, Any], at: int, data: bytes,
+                 last: bool) -> bool:
+    """One piece of a forward sent and answered in one compiled call on an idle same-host peer
+    link (its reply raised as call() raises it); False when not taken (nothing sent: call() it)."""
+    call_compiled = getattr(link, "call_compiled", None)
+    entries = head_entries + _FORWARD_ENTRIES
+    if _records is None or call_compiled is None or entries > 15:     # (a fixmap's header)
+        return False
+    request = (bytes([0x80 | entries]) + head + _AT + _PACK(at) + (_LAST if last else _NOT_LAST)
+               + _DATA)      # call_append adds the bin, budget_s and id
+    got = call_compiled("plog_replica_append", copy_args, lambda fd, buffer, poll_s, request_id, timeout_s:
+                        _records.call_append(fd, request, data, timeout_s, request_id, buffer, poll_s))
+    return got is not None

@@ -128,6 +128,8 @@ class _Plog:
         self.receiving = 0
         self.stale = False
         self.creds: tuple[str, str, bytes] | None = None     # the secId a client proved: what forwards present
+        # A forward's request as packed for these creds (fast_append.forward_head), and its entries.
+        self.forward_head: tuple[tuple[str, str, bytes] | None, bytes, int] | None = None
 
     def meta(self) -> dict[str, Any]:
         record = self.state.record
@@ -220,6 +222,8 @@ class PlogService:
         self.flushes = 0
         self.fast_appends = 0                 # of them, served by the compiled path (fast_append.py)
         self._counts_lock = threading.Lock()
+        self.forwards = 0                     # pieces of the log sent to copies, and those sent compiled
+        self.compiled_forwards = 0
         # Appends and their payload bytes answered in the connections' receive loops (those
         # committed at once: _records.c serve_append), counted there, with the GIL.
         self.served_counts = array("Q", [0, 0])
@@ -240,6 +244,12 @@ class PlogService:
         with self._counts_lock:
             return {"appends": self.appends + served, "appended_bytes": self.appended_bytes + served_bytes,
                     "compiled_appends": self.fast_appends + served, "flushes": self.flushes}
+
+    def forward_counts(self) -> dict[str, int]:
+        """Pieces of logs forwarded to copies, and of them those sent by the compiled call
+        (fast_append.send_forward), since this server started."""
+        with self._counts_lock:
+            return {"forwards": self.forwards, "compiled_forwards": self.compiled_forwards}
 
     def fast_grants(self, conn: Connection) -> dict[bytes, Any] | None:
         """The dict of a same-host connection whose appends (a client's) or forwards (a home's,
@@ -901,6 +911,10 @@ class PlogService:
         if plog.resync:
             self._resync(plog)
         start = plog.forwarded
+        args = self._copy_args(plog)
+        if plog.forward_head is None or plog.forward_head[0] != plog.creds:
+            plog.forward_head = plog.creds, fast_append.forward_head(args), len(args) + 1
+        _, head, head_entries = plog.forward_head
         for server_id in self._live_copies(plog):
             try:
                 with unbounded():               # bounded by the peer link's timeout, not one client's budget
@@ -908,8 +922,13 @@ class PlogService:
                     at = start
                     while True:
                         n = min(PLOG_REPLICA_PIECE_BYTES, target - at)
-                        link.call("plog_replica_append", **self._copy_args(plog), at=at,
-                                  data=plog.data.read_bytes(at, n), last=at + n == target)
+                        data, last = plog.data.read_bytes(at, n), at + n == target
+                        compiled = fast_append.send_forward(link, head, head_entries, args, at, data, last)
+                        if not compiled:
+                            link.call("plog_replica_append", **args, at=at, data=data, last=last)
+                        with self._counts_lock:
+                            self.forwards += 1
+                            self.compiled_forwards += compiled
                         at += n
                         if at == target:
                             break

@@ -177,6 +177,12 @@ class StateCollector(Collector):
                                   "same-host path (plog/fast_append.py)", value=counts["compiled_appends"])
         yield CounterMetricFamily("memfabric_plog_flushes", "Flushes that made appends durable (pmem: "
                                   "fdatasync rounds, each shared by the appends waiting then)", value=counts["flushes"])
+        forwards = plog.forward_counts()
+        yield CounterMetricFamily("memfabric_plog_forwards", "Pieces of plogs homed here sent to their copies",
+                                  value=forwards["forwards"])
+        yield CounterMetricFamily("memfabric_plog_compiled_forwards", "Of those, pieces sent by the compiled "
+                                  "call on a same-host peer link (plog/fast_append.py)",
+                                  value=forwards["compiled_forwards"])
         count = GaugeMetricFamily("memfabric_plogs", "Plogs homed here", labels=["pool", "ns"])
         length = GaugeMetricFamily("memfabric_plog_bytes", "Committed bytes of the plogs homed here",
                                    labels=["pool", "ns"])
