@@ -271,7 +271,7 @@ static PyObject *recv_exact(PyObject *Py_UNUSED(self), PyObject *args) {
 typedef int (*serve_append_fn)(const unsigned char *, size_t, PyObject *, PyObject *, unsigned char *, size_t,
                                size_t *, PyObject **);
 static serve_append_fn serve_append;
-#define SERVED_REPLY_ROOM 64
+#define SERVED_REPLY_ROOM 8192         /* an append_many's offsets too (_records.c append_batch) */
 #define APPEND_PENDING (-4)
 
 PyObject *receive_packet(int fd, PyObject *buffer_obj, int max_fds, double poll_s, double window_s, Served *served,

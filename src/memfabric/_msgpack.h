@@ -135,6 +135,7 @@ typedef enum {
     F_POSITIVE,         /* a float or an int, > 0 (NaN is not) */
     F_NUMBER,           /* a float or an int, any */
     F_ONE_BIN,          /* an array of exactly one bin: at, n */
+    F_UINTS,            /* an array of 1..max ints, each 0..2**32 - 1: at its first item, n the count */
 } FieldKind;
 
 typedef struct {
@@ -197,6 +198,20 @@ static inline int read_field(Reader *r, Field *f) {
     case F_ONE_BIN: {
         size_t count;
         return read_container(r, 0x90, 0xf0, 0xdc, 0xdd, &count) && count == 1 && read_bytes(r, 'b', &f->at, &f->n);
+    }
+    case F_UINTS: {
+        size_t count;
+        if (!read_container(r, 0x90, 0xf0, 0xdc, 0xdd, &count) || count < 1 || count > f->max)
+            return 0;
+        f->at = r->p;
+        f->n = count;
+        for (size_t i = 0; i < count; i++) {
+            size_t raw_n;
+            uint64_t v;
+            if (!read_int(r, &c, &raw_n, &v, &negative) || negative || v > 0xffffffffu)
+                return 0;
+        }
+        return 1;
     }
     }
     return 0;

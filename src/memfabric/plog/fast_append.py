@@ -21,6 +21,13 @@ and whenever something else awaits commit, the record is marked written in C and
 committed by PlogService._flush_to, which forwards it to the copies and flushes it (without
 the GIL, one flush shared by every appender waiting: group commit) before it is answered.
 
+Batches. An append_many written into the connection's shared stage (one it keeps) is served
+the same way by append_batch, under the same grant (given by Python's first append of either
+kind), when the loop commits it at once (ramdisk, no copies): its records are copied out of
+the stage and checked over the copy, written piece by piece under each segment's lock, marked
+written and committed together; the rest (pmem, copies, a stage dropped after its batch, bad
+lengths, frames past 1 MiB or over 16 extents, a full plog) is Python's, as before.
+
 Where. The connection's receive loop (_frames.c serve_packets) hands each packet to
 append_one's C entry (_records.c serve_append) before Python sees it: an append committed at
 once (ramdisk) is answered there and counted in the grant's `counts` (the service's
@@ -51,7 +58,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from ..limits import MAX_PLOG_FAST_GRANTS_PER_CONNECTION
+from ..limits import (MAX_PLOG_BATCH, MAX_PLOG_FAST_GRANTS_PER_CONNECTION, MAX_PLOG_RECORD_BYTES,
+                      PLOG_SHARED_STAGE_KEPT_BYTES)
 from ..media.files import FileSegment
 from ..server.requests import Connection
 
@@ -63,12 +71,20 @@ try:
 except ImportError:      # pragma: no cover - ./dev builds it
     _records = None
 
+# append_batch's limits are compiled in: they must be these.
+assert _records is None or (_records.BATCH_MOST, _records.RECORD_MOST_BYTES) == (MAX_PLOG_BATCH,
+                                                                                MAX_PLOG_RECORD_BYTES)
+
 GRANTS = "plog_fast"          # conn.services[GRANTS]: grant key -> FastGrant
 _EXTENT = struct.Struct("=QQ")    # an extent's end in the log, and its offset in its segment's file
 
 
 class FastGrant:
     """What append_one needs to append to one plog for one connection (read by name in C)."""
+
+    # A shared stage larger than this serves one batch and is dropped after it (Python's
+    # _drop_if_large): append_batch leaves such batches to Python.
+    stage_kept_bytes = PLOG_SHARED_STAGE_KEPT_BYTES
 
     __slots__ = ("plog", "sec", "plog_id", "vkey", "proven", "capacity", "python_commits", "extents",
                  "segments", "seg_ids", "counts")

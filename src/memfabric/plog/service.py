@@ -733,7 +733,9 @@ class PlogService:
             data = None
             try:
                 data, lengths = self._shared_batch(conn, shared, m.get("lengths"))
-                return {"offsets": self._append(plog, data, lengths, shared=True)}
+                offsets = self._append(plog, data, lengths, shared=True)
+                fast_append.grant(conn, plog, m, self.served_counts)   # its next batches: compiled
+                return {"offsets": offsets}
             finally:
                 if data is not None:
                     data.release()            # its stage may be closed now
@@ -747,11 +749,12 @@ class PlogService:
             fast_append.grant(conn, plog, m, self.served_counts)   # its next ones: compiled (fast_append.py)
         return {"offsets": offsets}
 
-    def fast_finish(self, got: tuple[bytes, Any, int, bool, int, int], started_s: float) -> bytes:
+    def fast_finish(self, got: tuple[Any, ...], started_s: float) -> bytes:
         """A same-host append the connection's receive loop wrote (fast_append.py; `got`:
-        append_one's tuple), committed (_flush_to: forwarded, flushed, shared) and counted: the
-        reply's bytes."""
-        reply, grant, end, committed, payload_bytes, request_id = got
+        append_one's tuple, or append_batch's with its record count last), committed
+        (_flush_to: forwarded, flushed, shared) and counted: the reply's bytes."""
+        reply, grant, end, committed, payload_bytes, request_id = got[:6]
+        records = got[6] if len(got) > 6 else 1
         code = None
         try:
             if not committed:
@@ -766,9 +769,9 @@ class PlogService:
                 f"internal error in 'plog_append': {exc!r}")))
         else:
             with self._counts_lock:
-                self.appends += 1
+                self.appends += records
                 self.appended_bytes += payload_bytes
-                self.fast_appends += 1
+                self.fast_appends += records
         self.server.metrics.observe("plog_append", code, time.perf_counter() - started_s)
         return reply
 
