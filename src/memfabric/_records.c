@@ -135,7 +135,68 @@ static uint32_t crc_hardware(uint32_t crc, const unsigned char *p, size_t n) {
         c32 = __builtin_ia32_crc32qi(c32, *p++);
     return c32;
 }
+/* The same, each word stored at `dst` too as it is read from `src` (one pass for append_batch's
+ * copy and check: the CRC is that of the words stored, whatever `src` holds by then). */
+__attribute__((target("sse4.2")))
+static uint64_t crc_copy_three(uint64_t c0, unsigned char **to, const unsigned char **at, size_t *left, size_t block,
+                               const uint32_t zeros[4][256]) {
+    const unsigned char *p = *at;
+    unsigned char *d = *to;
+    while (*left >= 3 * block) {
+        uint64_t c1 = 0, c2 = 0;
+        const unsigned char *end = p + block;
+        do {
+            uint64_t w0, w1, w2;
+            memcpy(&w0, p, 8);
+            memcpy(&w1, p + block, 8);
+            memcpy(&w2, p + 2 * block, 8);
+            memcpy(d, &w0, 8);
+            memcpy(d + block, &w1, 8);
+            memcpy(d + 2 * block, &w2, 8);
+            c0 = __builtin_ia32_crc32di(c0, w0);
+            c1 = __builtin_ia32_crc32di(c1, w1);
+            c2 = __builtin_ia32_crc32di(c2, w2);
+            p += 8;
+            d += 8;
+        } while (p < end);
+        c0 = shift_by(zeros, (uint32_t)c0) ^ (uint32_t)c1;
+        c0 = shift_by(zeros, (uint32_t)c0) ^ (uint32_t)c2;
+        p += 2 * block;
+        d += 2 * block;
+        *left -= 3 * block;
+    }
+    *at = p;
+    *to = d;
+    return c0;
+}
+
+__attribute__((target("sse4.2")))
+static uint32_t crc_copy_hardware(uint32_t crc, unsigned char *d, const unsigned char *p, size_t n) {
+    uint64_t c = crc;
+    c = crc_copy_three(c, &d, &p, &n, CRC_LONG, zeros_long);
+    c = crc_copy_three(c, &d, &p, &n, CRC_SHORT, zeros_short);
+    while (n >= 8) {
+        uint64_t word;
+        memcpy(&word, p, 8);
+        memcpy(d, &word, 8);
+        c = __builtin_ia32_crc32di(c, word);
+        p += 8;
+        d += 8;
+        n -= 8;
+    }
+    uint32_t c32 = (uint32_t)c;
+    while (n--) {
+        unsigned char b = *p++;
+        *d++ = b;
+        c32 = __builtin_ia32_crc32qi(c32, b);
+    }
+    return c32;
+}
 #endif
+
+/* crc32c(value, src, n) of the bytes copied to dst: those stored, read once. */
+static uint32_t crc32c_copy(uint32_t value, unsigned char *dst, const unsigned char *src, size_t n);
+
 
 /* crc32c(data, value) of the `crc32c` package: `value` is a CRC to continue (0 to start). */
 static uint32_t crc32c(uint32_t value, const unsigned char *p, size_t n) {
@@ -145,6 +206,15 @@ static uint32_t crc32c(uint32_t value, const unsigned char *p, size_t n) {
         return ~crc_hardware(crc, p, n);
 #endif
     return ~crc_table(crc, p, n);
+}
+
+static uint32_t crc32c_copy(uint32_t value, unsigned char *dst, const unsigned char *src, size_t n) {
+#if defined(__x86_64__)
+    if (hardware)
+        return ~crc_copy_hardware(~value, dst, src, n);
+#endif
+    memcpy(dst, src, n);
+    return crc32c(value, dst, n);
 }
 
 static void put32(unsigned char *at, uint32_t v) {
@@ -1349,11 +1419,11 @@ static PyObject *append_batch_packet(const unsigned char *packet_buf, size_t pac
             put64(seed, nonce);
             put64(seed + 8, index);
             put32(seed + 16, (uint32_t)n);
-            memcpy(at + HEADER_BYTES, payload, n);                 /* copied, then checked */
+            uint32_t crc = crc32c_copy(crc32c(0, seed, sizeof seed), at + HEADER_BYTES, payload, n);
             memcpy(at, "PLG1", 4);
             put32(at + 4, (uint32_t)n);
             put32(at + 8, (uint32_t)(index & 0xFFFFFFFFu));
-            put32(at + 12, crc32c(crc32c(0, seed, sizeof seed), at + HEADER_BYTES, n));
+            put32(at + 12, crc);
             memset(at + HEADER_BYTES + n, 0, padded - n);
             start_out[i] = log_at;
             length_out[i] = n;

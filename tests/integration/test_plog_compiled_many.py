@@ -95,6 +95,8 @@ def test_compiled_batches_are_the_python_paths_to_the_byte(fab, request):
     Python gives (a remote client's batches)."""
     name = ns_name(request)
     payloads = [records_of(120, seed) for seed in range(8)]
+    # Records long enough for the CRC's three 8 KiB streams (24 KiB and more), odd lengths.
+    payloads.append([bytes(range(256)) * (n // 256) + b"t" * (n % 256) for n in (24_577, 70_001, 3, 49_152, 100_003)])
     with memfabric.init(fab.directory) as s, memfabric.init(os.path.join(fab.directory, "remote.toml")) as r:
         ns = s.create_namespace(name, sec_id="k", pool="ram")
         fast, slow = ns.create_plog("fast", 4 * MiB), ns.create_plog("slow", 4 * MiB)
