@@ -574,13 +574,16 @@ static int proof_stands(PyObject *conn, PyObject *grant) {
 
 /* The grant of `grants` for this pool, namespace and name whose secId and plog id are these:
  * a new reference (and its key's in *key), or NULL (an error set only for MemoryError). */
-static PyObject *granted(PyObject *grants, const unsigned char *pool, size_t pool_n, const unsigned char *ns,
-                         size_t ns_n, const unsigned char *name, size_t name_n, const unsigned char *sec, size_t sec_n,
-                         uint64_t plog_id, PyObject **key) {
-    *key = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(pool_n + ns_n + name_n + 2));
+static PyObject *granted(PyObject *grants, char prefix, const unsigned char *pool, size_t pool_n,
+                         const unsigned char *ns, size_t ns_n, const unsigned char *name, size_t name_n,
+                         const unsigned char *sec, size_t sec_n, uint64_t plog_id, PyObject **key) {
+    size_t skip = prefix != 0;
+    *key = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(skip + pool_n + ns_n + name_n + 2));
     if (*key == NULL)
         return NULL;
     char *kp = PyBytes_AS_STRING(*key);
+    kp[0] = prefix;                   /* (overwritten by the pool's first byte when there is none) */
+    kp += skip;
     memcpy(kp, pool, pool_n);
     kp[pool_n] = 0;
     memcpy(kp + pool_n + 1, ns, ns_n);
@@ -625,6 +628,92 @@ static int lock_plog(PyObject *plog_lock, PyObject *grants, PyObject *key, PyObj
     return taken == 1;
 }
 
+/* Whether the plog takes appends, read under its lock: not deleted, not broken, open. */
+static int plog_open(PyObject *plog, PyObject *core) {
+    PyObject *deleted = get(plog, s_deleted), *broken = get(plog, s_broken), *state = get(core, s_state);
+    int ok = deleted == Py_False && broken == Py_None && state != NULL && PyUnicode_Check(state)
+             && PyUnicode_Compare(state, s_open) == 0;
+    Py_XDECREF(deleted);
+    Py_XDECREF(broken);
+    Py_XDECREF(state);
+    return ok;
+}
+
+/* The log's ends, its capacity and its nonce, read under the plog's lock: 1, or 0 when one is
+ * not as expected (Python serves the request). */
+typedef struct {
+    long long written, committed, capacity;
+    unsigned long long nonce;
+} LogState;
+
+static int log_state(PyObject *core, PyObject *grant, LogState *log) {
+    log->written = attr_ll(core, s_written);
+    log->committed = attr_ll(core, s_committed);
+    log->capacity = attr_ll(grant, s_capacity);
+    PyObject *nonce = get(core, s_nonce);
+    log->nonce = nonce && PyLong_Check(nonce) ? PyLong_AsUnsignedLongLong(nonce) : (unsigned long long)-1;
+    Py_XDECREF(nonce);
+    return log->written >= 0 && log->committed >= 0 && log->capacity >= 0 && !PyErr_Occurred();
+}
+
+/* The first of `count` extents (grant.extents: (end, file offset) pairs as u64, in log order)
+ * ending past log offset `at` (count when none). */
+static Py_ssize_t extent_at(const uint64_t *e, Py_ssize_t count, uint64_t at) {
+    Py_ssize_t lo = 0, hi = count;
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        if (e[2 * mid] <= at)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* Where `n` bytes from log offset `at` lie, when one extent holds them all: 1 with the file
+ * offset and the extent's index set; 0 otherwise (Python writes across extents). */
+static int one_extent(PyObject *grant, uint64_t at, uint64_t n, long long *file_at, Py_ssize_t *index) {
+    PyObject *extents = get(grant, s_extents);
+    if (extents == NULL || !PyBytes_Check(extents)) {
+        Py_XDECREF(extents);
+        return 0;
+    }
+    const uint64_t *e = (const uint64_t *)PyBytes_AS_STRING(extents);
+    Py_ssize_t count = PyBytes_GET_SIZE(extents) / 16, lo = extent_at(e, count, at);
+    int fits = lo < count && at + n <= e[2 * lo];
+    if (fits) {
+        *file_at = (long long)(e[2 * lo + 1] + (at - (lo == 0 ? 0 : e[2 * (lo - 1)])));
+        *index = lo;
+    }
+    Py_DECREF(extents);
+    return fits;
+}
+
+/* The lock of extent `index`'s segment (a FileSegment's: its fd stays open meanwhile) taken,
+ * in Python's order (the plog's first): its fd, with *seg_lock set (a new reference, taken);
+ * -1 when it cannot be (destroyed: Python says what happened), *seg_lock NULL or not taken. */
+static int lock_segment(PyObject *grant, Py_ssize_t index, PyObject **seg_lock, int *locked) {
+    *seg_lock = NULL;
+    *locked = 0;
+    PyObject *segments = get(grant, s_segments);
+    if (segments == NULL || !PyList_Check(segments) || index >= PyList_GET_SIZE(segments)) {
+        Py_XDECREF(segments);
+        return -1;
+    }
+    PyObject *segment = PyList_GET_ITEM(segments, index);
+    Py_INCREF(segment);
+    Py_DECREF(segments);
+    *seg_lock = get(segment, s_seg_lock);
+    if (*seg_lock == NULL || wait_lock(*seg_lock) <= 0) {
+        Py_DECREF(segment);
+        return -1;
+    }
+    *locked = 1;
+    int fd = (int)attr_ll(segment, s_fd);
+    Py_DECREF(segment);
+    return fd < 0 || PyErr_Occurred() ? -1 : fd;
+}
+
 /* append_one's work on a received packet: a new reference to its tuple, or NULL (with an
  * error set only for MemoryError and KeyboardInterrupt: otherwise Python's to serve). */
 static PyObject *append_packet(const unsigned char *packet_buf, size_t packet_len, PyObject *grants, PyObject *conn) {
@@ -647,7 +736,7 @@ static PyObject *append_packet(const unsigned char *packet_buf, size_t packet_le
     uint64_t plog_id = f[5].value, request_id = f[7].value;
 
     /* The grant: this connection proved the secId for this plog (Python). */
-    if ((grant = granted(grants, pool, pool_n, ns, ns_n, name, name_n, sec, sec_n, plog_id, &key)) == NULL)
+    if ((grant = granted(grants, 0, pool, pool_n, ns, ns_n, name, name_n, sec, sec_n, plog_id, &key)) == NULL)
         goto done;
     if (!proof_stands(conn, grant))
         goto done;
@@ -656,7 +745,7 @@ static PyObject *append_packet(const unsigned char *packet_buf, size_t packet_le
     plog_lock = get(plog, s_lock);
     if (core == NULL || plog_lock == NULL)
         goto done;
-    int stale, taken;
+    int stale;
     if (!lock_plog(plog_lock, grants, key, grant, conn, &stale))
         goto done;
     plog_locked = 1;
@@ -664,24 +753,11 @@ static PyObject *append_packet(const unsigned char *packet_buf, size_t packet_le
         goto done;
 
     /* The plog's rules, read under its lock. */
-    {
-        PyObject *deleted = get(plog, s_deleted), *broken = get(plog, s_broken), *state = get(core, s_state);
-        int ok = deleted == Py_False && broken == Py_None && state != NULL && PyUnicode_Check(state)
-                 && PyUnicode_Compare(state, s_open) == 0;
-        Py_XDECREF(deleted);
-        Py_XDECREF(broken);
-        Py_XDECREF(state);
-        if (!ok)
-            goto done;
-    }
-    long long written = attr_ll(core, s_written), committed = attr_ll(core, s_committed);
-    long long capacity = attr_ll(grant, s_capacity);
-    PyObject *nonce_obj = get(core, s_nonce);
-    unsigned long long nonce = nonce_obj && PyLong_Check(nonce_obj) ? PyLong_AsUnsignedLongLong(nonce_obj)
-                                                                     : (unsigned long long)-1;
-    Py_XDECREF(nonce_obj);
-    if (written < 0 || committed < 0 || capacity < 0 || PyErr_Occurred())
+    LogState log;
+    if (!plog_open(plog, core) || !log_state(core, grant, &log))
         goto done;
+    long long written = log.written, committed = log.committed, capacity = log.capacity;
+    unsigned long long nonce = log.nonce;
     size_t padded = (record_n + ALIGN_BYTES - 1) / ALIGN_BYTES * ALIGN_BYTES;
     long long frame = HEADER_BYTES + (long long)padded;
     if (written + frame > capacity)
@@ -689,51 +765,13 @@ static PyObject *append_packet(const unsigned char *packet_buf, size_t packet_le
 
     /* Where: the extent holding the frame's first byte (grant.extents: (end, file offset) pairs
      * as u64, in log order), which must hold all of it. */
-    Py_ssize_t index_now;
+    Py_ssize_t index_now, seg_index;
     int fd;
-    long long file_at, seg_index;
-    {
-        PyObject *extents = get(grant, s_extents);
-        if (extents == NULL || !PyBytes_Check(extents)) {
-            Py_XDECREF(extents);
-            goto done;
-        }
-        const uint64_t *e = (const uint64_t *)PyBytes_AS_STRING(extents);
-        Py_ssize_t count = PyBytes_GET_SIZE(extents) / 16;
-        Py_ssize_t lo = 0, hi = count;
-        while (lo < hi) {                  /* the first extent ending past `written` */
-            Py_ssize_t mid = (lo + hi) / 2;
-            if (e[2 * mid] <= (uint64_t)written)
-                lo = mid + 1;
-            else
-                hi = mid;
-        }
-        int fits = lo < count && (uint64_t)(written + frame) <= e[2 * lo];
-        uint64_t start = lo == 0 ? 0 : e[2 * (lo - 1)];
-        file_at = fits ? (long long)(e[2 * lo + 1] + ((uint64_t)written - start)) : -1;
-        seg_index = lo;
-        Py_DECREF(extents);
-        if (!fits)
-            goto done;
-    }
-    PyObject *segments = get(grant, s_segments);
-    if (segments == NULL || !PyList_Check(segments) || seg_index >= PyList_GET_SIZE(segments)) {
-        Py_XDECREF(segments);
+    long long file_at;
+    if (!one_extent(grant, (uint64_t)written, (uint64_t)frame, &file_at, &seg_index))
         goto done;
-    }
-    PyObject *segment = PyList_GET_ITEM(segments, seg_index);
-    Py_INCREF(segment);
-    Py_DECREF(segments);
-    seg_lock = get(segment, s_seg_lock);     /* FileSegment's: its fd stays open meanwhile */
-    if (seg_lock == NULL || (taken = wait_lock(seg_lock)) <= 0) {     /* in Python's order: plog, segment */
-        Py_DECREF(segment);
+    if ((fd = lock_segment(grant, seg_index, &seg_lock, &seg_locked)) < 0)
         goto done;
-    }
-    seg_locked = 1;
-    fd = (int)attr_ll(segment, s_fd);
-    Py_DECREF(segment);
-    if (fd < 0 || PyErr_Occurred())
-        goto done;                         /* destroyed: Python says what happened */
     PyObject *starts = get(core, s_starts);
     index_now = starts == NULL ? -1 : PyObject_Length(starts);
     if (index_now < 0) {
@@ -883,12 +921,7 @@ static Py_ssize_t frames_check(const unsigned char *b, size_t n, uint64_t nonce,
     while (at < n) {
         if (n - at < HEADER_BYTES || memcmp(b + at, "PLG1", 4) != 0)
             return 0;
-        uint32_t length = (uint32_t)b[at + 4] | (uint32_t)b[at + 5] << 8 | (uint32_t)b[at + 6] << 16
-                          | (uint32_t)b[at + 7] << 24;
-        uint32_t low = (uint32_t)b[at + 8] | (uint32_t)b[at + 9] << 8 | (uint32_t)b[at + 10] << 16
-                       | (uint32_t)b[at + 11] << 24;
-        uint32_t crc = (uint32_t)b[at + 12] | (uint32_t)b[at + 13] << 8 | (uint32_t)b[at + 14] << 16
-                       | (uint32_t)b[at + 15] << 24;
+        uint32_t length = get32(b + at + 4), low = get32(b + at + 8), crc = get32(b + at + 12);
         size_t frame = HEADER_BYTES + ((size_t)length + ALIGN_BYTES - 1) / ALIGN_BYTES * ALIGN_BYTES;
         if (low != (uint32_t)(index & 0xFFFFFFFFu) || frame > n - at)
             return 0;
@@ -925,70 +958,34 @@ static int replica_packet(const unsigned char *packet_buf, size_t packet_len, Py
     uint64_t plog_id = f[5].value, at_log = f[6].value;
 
     /* The grant: Python served a forward of this copy on this peer connection. */
-    key = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(1 + pool_n + ns_n + name_n + 2));
-    if (key == NULL)
-        goto done;
-    char *kp = PyBytes_AS_STRING(key);
-    kp[0] = REPLICA_KEY_PREFIX;
-    memcpy(kp + 1, pool, pool_n);
-    kp[1 + pool_n] = 0;
-    memcpy(kp + 2 + pool_n, ns, ns_n);
-    kp[2 + pool_n + ns_n] = 0;
-    memcpy(kp + 3 + pool_n + ns_n, name, name_n);
-    grant = PyDict_GetItemWithError(grants, key);
-    if (grant == NULL)
-        goto done;
-    Py_INCREF(grant);
-    {
-        PyObject *want_sec = PyObject_GetAttr(grant, s_sec);
-        if (want_sec == NULL)
-            goto done;
-        int same = PyBytes_Check(want_sec) && (size_t)PyBytes_GET_SIZE(want_sec) == sec_n;
-        if (same) {
-            unsigned char diff = 0;
-            const unsigned char *w = (const unsigned char *)PyBytes_AS_STRING(want_sec);
-            for (size_t i = 0; i < sec_n; i++)
-                diff |= (unsigned char)(w[i] ^ sec[i]);
-            same = diff == 0;
-        }
-        Py_DECREF(want_sec);
-        if (!same)
-            goto done;
-    }
-    if ((uint64_t)attr_ll(grant, s_plog_id) != plog_id || PyErr_Occurred() || !proof_stands(conn, grant))
+    if ((grant = granted(grants, REPLICA_KEY_PREFIX, pool, pool_n, ns, ns_n, name, name_n, sec, sec_n, plog_id,
+                         &key)) == NULL || !proof_stands(conn, grant))
         goto done;
     plog = get(grant, s_plog);
     core = get(plog, s_core);
     plog_lock = get(plog, s_lock);
-    if (core == NULL || plog_lock == NULL || wait_lock(plog_lock) <= 0)
+    int stale;
+    if (core == NULL || plog_lock == NULL || !lock_plog(plog_lock, grants, key, grant, conn, &stale))
         goto done;
     plog_locked = 1;
-    if (PyDict_GetItemWithError(grants, key) != grant || !proof_stands(conn, grant))
+    if (stale)
         goto done;                        /* (while waiting: the grant may have gone) */
 
     /* The copy's rules, read under its lock (op_plog_replica_append's). */
     {
-        PyObject *role = get(plog, s_role), *stale = get(plog, s_stale), *deleted = get(plog, s_deleted);
-        PyObject *broken = get(plog, s_broken), *state = get(core, s_state);
+        PyObject *role = get(plog, s_role), *stale_copy = get(plog, s_stale);
         int ok = role != NULL && PyUnicode_Check(role) && PyUnicode_Compare(role, s_replica) == 0
-                 && stale == Py_False && deleted == Py_False && broken == Py_None
-                 && state != NULL && PyUnicode_Check(state) && PyUnicode_Compare(state, s_open) == 0;
+                 && stale_copy == Py_False;
         Py_XDECREF(role);
-        Py_XDECREF(stale);
-        Py_XDECREF(deleted);
-        Py_XDECREF(broken);
-        Py_XDECREF(state);
+        Py_XDECREF(stale_copy);
         if (!ok)
             goto done;
     }
-    long long written = attr_ll(core, s_written), committed = attr_ll(core, s_committed);
-    long long capacity = attr_ll(grant, s_capacity);
-    PyObject *nonce_obj = get(core, s_nonce);
-    unsigned long long nonce = nonce_obj && PyLong_Check(nonce_obj) ? PyLong_AsUnsignedLongLong(nonce_obj)
-                                                                     : (unsigned long long)-1;
-    Py_XDECREF(nonce_obj);
-    if (written < 0 || committed != written || capacity < 0 || PyErr_Occurred())
+    LogState log;
+    if (!plog_open(plog, core) || !log_state(core, grant, &log) || log.committed != log.written)
         goto done;
+    long long written = log.written, committed = log.committed, capacity = log.capacity;
+    unsigned long long nonce = log.nonce;
     if (at_log != (uint64_t)written || (uint64_t)written + data_n > (uint64_t)capacity)
         goto done;                        /* a gap, or past the capacity: Python refuses it */
     starts = get(core, s_starts);
@@ -1001,47 +998,12 @@ static int replica_packet(const unsigned char *packet_buf, size_t packet_len, Py
         goto done;                        /* not whole records that check: Python refuses them */
 
     /* Where: the extent holding the first byte, which must hold all of it (as append_one). */
-    long long file_at, seg_index;
-    {
-        PyObject *extents = get(grant, s_extents);
-        if (extents == NULL || !PyBytes_Check(extents)) {
-            Py_XDECREF(extents);
-            goto done;
-        }
-        const uint64_t *e = (const uint64_t *)PyBytes_AS_STRING(extents);
-        Py_ssize_t count = PyBytes_GET_SIZE(extents) / 16, lo = 0, hi = count;
-        while (lo < hi) {
-            Py_ssize_t mid = (lo + hi) / 2;
-            if (e[2 * mid] <= (uint64_t)written)
-                lo = mid + 1;
-            else
-                hi = mid;
-        }
-        int fits = lo < count && (uint64_t)written + data_n <= e[2 * lo];
-        uint64_t start = lo == 0 ? 0 : e[2 * (lo - 1)];
-        file_at = fits ? (long long)(e[2 * lo + 1] + ((uint64_t)written - start)) : -1;
-        seg_index = lo;
-        Py_DECREF(extents);
-        if (!fits)
-            goto done;
-    }
-    PyObject *segments = get(grant, s_segments);
-    if (segments == NULL || !PyList_Check(segments) || seg_index >= PyList_GET_SIZE(segments)) {
-        Py_XDECREF(segments);
+    long long file_at;
+    Py_ssize_t seg_index;
+    if (!one_extent(grant, (uint64_t)written, data_n, &file_at, &seg_index))
         goto done;
-    }
-    PyObject *segment = PyList_GET_ITEM(segments, seg_index);
-    Py_INCREF(segment);
-    Py_DECREF(segments);
-    seg_lock = get(segment, s_seg_lock);
-    if (seg_lock == NULL || wait_lock(seg_lock) <= 0) {        /* in Python's order: plog, segment */
-        Py_DECREF(segment);
-        goto done;
-    }
-    seg_locked = 1;
-    int fd = (int)attr_ll(segment, s_fd);
-    Py_DECREF(segment);
-    if (fd < 0 || PyErr_Occurred())
+    int fd = lock_segment(grant, seg_index, &seg_lock, &seg_locked);
+    if (fd < 0)
         goto done;
 
     static const unsigned char zeros[HEADER_BYTES];
@@ -1061,8 +1023,7 @@ static int replica_packet(const unsigned char *packet_buf, size_t packet_len, Py
         int failed = 0;
         size_t at = 0;
         for (Py_ssize_t r = 0; r < records && !failed; r++) {
-            uint32_t length = (uint32_t)data[at + 4] | (uint32_t)data[at + 5] << 8 | (uint32_t)data[at + 6] << 16
-                              | (uint32_t)data[at + 7] << 24;
+            uint32_t length = get32(data + at + 4);
             PyObject *o = PyLong_FromLongLong(written + (long long)at), *n = PyLong_FromUnsignedLong(length);
             PyObject *got_s = o == NULL || n == NULL ? NULL : PyObject_CallMethodOneArg(starts, s_append, o);
             PyObject *got_l = got_s == NULL ? NULL : PyObject_CallMethodOneArg(lengths, s_append, n);
@@ -1261,7 +1222,7 @@ static PyObject *append_batch_packet(const unsigned char *packet_buf, size_t pac
     if (frames_bytes > BATCH_FRAMES_MOST_BYTES)
         goto done;
 
-    if ((grant = granted(grants, f[1].at, f[1].n, f[2].at, f[2].n, f[4].at, f[4].n, f[3].at, f[3].n, plog_id,
+    if ((grant = granted(grants, 0, f[1].at, f[1].n, f[2].at, f[2].n, f[4].at, f[4].n, f[3].at, f[3].n, plog_id,
                          &key)) == NULL)
         goto done;
     if (!proof_stands(conn, grant))
@@ -1306,24 +1267,13 @@ static PyObject *append_batch_packet(const unsigned char *packet_buf, size_t pac
         goto done;
 
     /* The plog's rules, read under its lock. */
-    {
-        PyObject *deleted = get(plog, s_deleted), *broken = get(plog, s_broken), *state = get(core, s_state);
-        int ok = deleted == Py_False && broken == Py_None && state != NULL && PyUnicode_Check(state)
-                 && PyUnicode_Compare(state, s_open) == 0;
-        Py_XDECREF(deleted);
-        Py_XDECREF(broken);
-        Py_XDECREF(state);
-        if (!ok)
-            goto done;
-    }
-    long long written = attr_ll(core, s_written), committed = attr_ll(core, s_committed);
-    long long capacity = attr_ll(grant, s_capacity);
-    PyObject *nonce_obj = get(core, s_nonce);
-    unsigned long long nonce = nonce_obj && PyLong_Check(nonce_obj) ? PyLong_AsUnsignedLongLong(nonce_obj)
-                                                                     : (unsigned long long)-1;
-    Py_XDECREF(nonce_obj);
+    LogState log;
+    if (!plog_open(plog, core) || !log_state(core, grant, &log))
+        goto done;
+    long long written = log.written, committed = log.committed, capacity = log.capacity;
+    unsigned long long nonce = log.nonce;
     /* Another append awaiting its commit: Python's (a commit here could undercut its flusher). */
-    if (written < 0 || committed != written || capacity < 0 || PyErr_Occurred())
+    if (committed != written)
         goto done;
     if ((uint64_t)written + frames_bytes > (uint64_t)capacity)
         goto done;                        /* OUT_OF_SPACE: Python says so */
@@ -1357,14 +1307,7 @@ static PyObject *append_batch_packet(const unsigned char *packet_buf, size_t pac
             goto done;
         }
         const uint64_t *e = (const uint64_t *)PyBytes_AS_STRING(extents);
-        Py_ssize_t n_ext = PyBytes_GET_SIZE(extents) / 16, lo = 0, hi = n_ext;
-        while (lo < hi) {                  /* the first extent ending past `written` */
-            Py_ssize_t mid = (lo + hi) / 2;
-            if (e[2 * mid] <= (uint64_t)written)
-                lo = mid + 1;
-            else
-                hi = mid;
-        }
+        Py_ssize_t n_ext = PyBytes_GET_SIZE(extents) / 16, lo = extent_at(e, n_ext, (uint64_t)written);
         uint64_t at = (uint64_t)written, left = frames_bytes;
         while (left > 0 && lo < n_ext && piece_n < BATCH_PIECES_MOST) {
             uint64_t start = lo == 0 ? 0 : e[2 * (lo - 1)], n = e[2 * lo] - at < left ? e[2 * lo] - at : left;

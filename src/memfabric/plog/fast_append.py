@@ -126,35 +126,22 @@ def grants_of(conn: Connection) -> dict[bytes, FastGrant] | None:
 def grant(conn: Connection, plog: "_Plog", m: dict[str, Any], counts: array) -> None:
     """After Python served an append of `plog` from `conn` (request `m`): let later ones of the
     common case go through append_one, when the plog is one it can serve."""
-    if _records is None or not conn.carries_fds or plog.role != "home":
-        return
-    pool, ns, name, sec = m.get("pool"), m.get("ns"), m.get("name"), m.get("sec")
-    if not (type(pool) is str and type(ns) is str and type(name) is str and type(sec) is bytes):
-        return
-    proven = conn.verified.get((pool, ns))
-    if proven is None:
-        return
-    segments = [plog.data.pool.segments.get(e[0]) for e in plog.data.extents]
-    if not all(type(s) is FileSegment for s in segments):
-        return
-    grants = conn.services.get(GRANTS)
-    if grants is None:
-        grants = conn.services[GRANTS] = {}
-    key = grant_key(pool, ns, name)
-    held = grants.get(key)
-    if held is not None and held.plog is plog and held.proven is proven and held.sec == sec and held.counts is counts:
-        return
-    if key not in grants and len(grants) >= MAX_PLOG_FAST_GRANTS_PER_CONNECTION:
-        grants.pop(next(iter(grants)))        # the oldest: it appends through Python again, and is granted again
-    grants[key] = FastGrant(plog, sec, (pool, ns), proven, segments, counts)
-
+    if plog.role == "home":
+        _give(conn, plog, m, b"", counts)
 
 
 def grant_replica(conn: Connection, plog: "_Plog", m: dict[str, Any]) -> None:
     """After Python served a forward to a copy (`plog`) from its home's peer connection `conn`
     (request `m`): let the home's later forwards of whole records through _records.c
     replica_packet. Only where nothing is to flush (ramdisk): a copy on pmem commits in Python."""
-    if _records is None or not conn.carries_fds or conn.role != "peer" or plog.role != "replica" or plog.data.flushes:
+    if conn.role == "peer" and plog.role == "replica" and not plog.data.flushes:
+        _give(conn, plog, m, REPLICA_KEY_PREFIX, None)
+
+
+def _give(conn: Connection, plog: "_Plog", m: dict[str, Any], prefix: bytes, counts: array | None) -> None:
+    """The grant of `plog` to `conn` under the request's names and secId, which Python has just
+    checked (its namespace's entry in conn.verified), when the compiled part can serve it."""
+    if _records is None or not conn.carries_fds:
         return
     pool, ns, name, sec = m.get("pool"), m.get("ns"), m.get("name"), m.get("sec")
     if not (type(pool) is str and type(ns) is str and type(name) is str and type(sec) is bytes):
@@ -166,13 +153,13 @@ def grant_replica(conn: Connection, plog: "_Plog", m: dict[str, Any]) -> None:
     if not all(type(s) is FileSegment for s in segments):
         return
     grants = conn.services.setdefault(GRANTS, {})
-    key = REPLICA_KEY_PREFIX + grant_key(pool, ns, name)
+    key = prefix + grant_key(pool, ns, name)
     held = grants.get(key)
-    if held is not None and held.plog is plog and held.proven is proven and held.sec == sec:
+    if held is not None and held.plog is plog and held.proven is proven and held.sec == sec and held.counts is counts:
         return
     if key not in grants and len(grants) >= MAX_PLOG_FAST_GRANTS_PER_CONNECTION:
-        grants.pop(next(iter(grants)))        # the oldest: its forwards go through Python again, and are granted again
-    grants[key] = FastGrant(plog, sec, (pool, ns), proven, segments, None)
+        grants.pop(next(iter(grants)))        # the oldest: served by Python again, and granted again
+    grants[key] = FastGrant(plog, sec, (pool, ns), proven, segments, counts)
 
 
 def forward_head(copy_args: dict[str, Any]) -> bytes:
