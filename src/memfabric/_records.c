@@ -670,6 +670,21 @@ static Py_ssize_t extent_at(const uint64_t *e, Py_ssize_t count, uint64_t at) {
     return lo;
 }
 
+/* The grant's plog locked (*locked set: the caller unlocks) and its log's state read, when the
+ * grant still stands and the plog takes appends: 1; else 0 (Python's). What was got is set for
+ * the caller to release. */
+static int take_plog(PyObject *grants, PyObject *key, PyObject *grant, PyObject *conn, PyObject **plog,
+                     PyObject **core, PyObject **plog_lock, int *locked, LogState *log) {
+    *plog = get(grant, s_plog);
+    *core = get(*plog, s_core);
+    *plog_lock = get(*plog, s_lock);
+    int stale;
+    if (*core == NULL || *plog_lock == NULL || !lock_plog(*plog_lock, grants, key, grant, conn, &stale))
+        return 0;
+    *locked = 1;
+    return !stale && plog_open(*plog, *core) && log_state(*core, grant, log);
+}
+
 /* Where `n` bytes from log offset `at` lie, when one extent holds them all: 1 with the file
  * offset and the extent's index set; 0 otherwise (Python writes across extents). */
 static int one_extent(PyObject *grant, uint64_t at, uint64_t n, long long *file_at, Py_ssize_t *index) {
@@ -740,21 +755,9 @@ static PyObject *append_packet(const unsigned char *packet_buf, size_t packet_le
         goto done;
     if (!proof_stands(conn, grant))
         goto done;
-    plog = get(grant, s_plog);
-    core = get(plog, s_core);
-    plog_lock = get(plog, s_lock);
-    if (core == NULL || plog_lock == NULL)
-        goto done;
-    int stale;
-    if (!lock_plog(plog_lock, grants, key, grant, conn, &stale))
-        goto done;
-    plog_locked = 1;
-    if (stale)
-        goto done;
-
     /* The plog's rules, read under its lock. */
     LogState log;
-    if (!plog_open(plog, core) || !log_state(core, grant, &log))
+    if (!take_plog(grants, key, grant, conn, &plog, &core, &plog_lock, &plog_locked, &log))
         goto done;
     long long written = log.written, committed = log.committed, capacity = log.capacity;
     unsigned long long nonce = log.nonce;
@@ -961,17 +964,12 @@ static int replica_packet(const unsigned char *packet_buf, size_t packet_len, Py
     if ((grant = granted(grants, REPLICA_KEY_PREFIX, pool, pool_n, ns, ns_n, name, name_n, sec, sec_n, plog_id,
                          &key)) == NULL || !proof_stands(conn, grant))
         goto done;
-    plog = get(grant, s_plog);
-    core = get(plog, s_core);
-    plog_lock = get(plog, s_lock);
-    int stale;
-    if (core == NULL || plog_lock == NULL || !lock_plog(plog_lock, grants, key, grant, conn, &stale))
-        goto done;
-    plog_locked = 1;
-    if (stale)
-        goto done;                        /* (while waiting: the grant may have gone) */
 
     /* The copy's rules, read under its lock (op_plog_replica_append's). */
+    LogState log;
+    if (!take_plog(grants, key, grant, conn, &plog, &core, &plog_lock, &plog_locked, &log)
+            || log.committed != log.written)
+        goto done;
     {
         PyObject *role = get(plog, s_role), *stale_copy = get(plog, s_stale);
         int ok = role != NULL && PyUnicode_Check(role) && PyUnicode_Compare(role, s_replica) == 0
@@ -981,9 +979,6 @@ static int replica_packet(const unsigned char *packet_buf, size_t packet_len, Py
         if (!ok)
             goto done;
     }
-    LogState log;
-    if (!plog_open(plog, core) || !log_state(core, grant, &log) || log.committed != log.written)
-        goto done;
     long long written = log.written, committed = log.committed, capacity = log.capacity;
     unsigned long long nonce = log.nonce;
     if (at_log != (uint64_t)written || (uint64_t)written + data_n > (uint64_t)capacity)
@@ -1254,21 +1249,9 @@ static PyObject *append_batch_packet(const unsigned char *packet_buf, size_t pac
     if ((mapping = get(stage, s_mapping)) == NULL)
         goto done;
 
-    plog = get(grant, s_plog);
-    core = get(plog, s_core);
-    plog_lock = get(plog, s_lock);
-    if (core == NULL || plog_lock == NULL)
-        goto done;
-    int stale;
-    if (!lock_plog(plog_lock, grants, key, grant, conn, &stale))
-        goto done;
-    plog_locked = 1;
-    if (stale)
-        goto done;
-
     /* The plog's rules, read under its lock. */
     LogState log;
-    if (!plog_open(plog, core) || !log_state(core, grant, &log))
+    if (!take_plog(grants, key, grant, conn, &plog, &core, &plog_lock, &plog_locked, &log))
         goto done;
     long long written = log.written, committed = log.committed, capacity = log.capacity;
     unsigned long long nonce = log.nonce;
