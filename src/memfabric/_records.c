@@ -740,7 +740,7 @@ static PyObject *append_packet(const unsigned char *packet_buf, size_t packet_le
     Field f[] = {
         {"op", F_IS, 1, "plog_append"}, {"pool", F_STR, 1}, {"ns", F_STR, 1}, {"sec", F_BIN, 1},
         {"name", F_STR, 1}, {"plog_id", F_INT, 1}, {"records", F_ONE_BIN, 1}, {"id", F_INT, 1},
-        {"budget_s", F_NUMBER, 0},
+        {"budget_s", F_POSITIVE, 0},
     };
     if (!read_request(packet_buf, packet_len, f, 9) || f[6].n > UINT32_MAX)
         goto done;
@@ -951,7 +951,7 @@ static int replica_packet(const unsigned char *packet_buf, size_t packet_len, Py
     Field f[] = {
         {"op", F_IS, 1, "plog_replica_append"}, {"pool", F_STR, 1}, {"ns", F_STR, 1}, {"sec", F_BIN, 1},
         {"name", F_STR, 1}, {"plog_id", F_INT, 1}, {"at", F_INT, 1}, {"data", F_BIN, 1}, {"last", F_TRUE, 1},
-        {"id", F_INT, 1}, {"budget_s", F_NUMBER, 0},
+        {"id", F_INT, 1}, {"budget_s", F_POSITIVE, 0},
     };
     if (room < 64 || !read_request(packet_buf, packet_len, f, 11) || f[7].n == 0 || f[7].n > REPLICA_PIECE_BYTES
             || f[9].n > 9)
@@ -1187,7 +1187,7 @@ static PyObject *append_batch_packet(const unsigned char *packet_buf, size_t pac
     Field f[] = {
         {"op", F_IS, 1, "plog_append"}, {"pool", F_STR, 1}, {"ns", F_STR, 1}, {"sec", F_BIN, 1},
         {"name", F_STR, 1}, {"plog_id", F_INT, 1}, {"shared", F_INT, 1}, {"lengths", F_UINTS, 1, NULL, BATCH_MOST},
-        {"id", F_INT, 1}, {"budget_s", F_NUMBER, 0},
+        {"id", F_INT, 1}, {"budget_s", F_POSITIVE, 0},
     };
     if (!read_request(packet_buf, packet_len, f, 10))
         goto done;
