@@ -4,6 +4,7 @@ replies near the loop's 8 KiB room, one connection mixing everything, exact coun
 
 from __future__ import annotations
 
+import os
 import struct
 import subprocess
 import sys
@@ -353,13 +354,14 @@ def raw_call(link, op: str, **args):
     return reply
 
 
+@pytest.mark.parametrize("pool", ["ram", "disk"])
 @pytest.mark.parametrize("budget_s", [0, -1, 0.0, -0.5, float("nan")])
-def test_a_budget_python_refuses_is_refused_by_the_loop_too(fab, request, budget_s):
+def test_a_budget_python_refuses_is_refused_by_the_loop_too(fab, request, budget_s, pool):
     """A request whose budget_s is not a positive number is INVALID_ARGUMENT in Python
     (deadline_for): nothing is appended. The receive loop's appends (single and staged batch)
     must not serve it instead."""
     with memfabric.init(fab.directory) as s:
-        ns = s.create_namespace(ns_name(request), sec_id="k", pool="ram")
+        ns = s.create_namespace(ns_name(request), sec_id="k", pool=pool)
         log = ns.create_plog("wal", 4 * MiB)
         log.append(b"grant")
         log.append_many(BATCH)
@@ -479,3 +481,45 @@ def test_a_copy_sealed_under_batches_forwarded_to_compiled_copies(request, repli
         for s in sessions:
             s.close()
         assert fab.stop() == 0, "".join(fab.output[-30:])
+
+
+def test_a_forked_child_scribbling_the_parents_stage_and_appending_itself(fab, request):
+    """A child forked with the parent's stage mapped writes it all the time (it shares the
+    memory) and appends batches of its own on its own link; the parent's batches go on: every
+    frame in the log checks, the child's records are whole, and a restart-style scan finds
+    exactly the records the two were told of."""
+    with memfabric.init(fab.directory) as s:
+        ns = s.create_namespace(ns_name(request), sec_id="k", pool="ram")
+        log = ns.create_plog("wal", 30 * MiB)
+        log.append_many(BATCH)
+        link = s.link(log.home)
+        view = _stage_holder(link).mapped.view
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:                           # the child: never returns into pytest
+            code = 1
+            try:
+                os.close(r)
+                child_batch = [b"C" * 3000] * 80
+                n = 0
+                for k in range(2000):
+                    view[:len(view)] = bytes([k % 251]) * len(view)
+                    if k % 200 == 0:
+                        log.append_many(child_batch)
+                        n += len(child_batch)
+                os.write(w, str(n).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        told = len(BATCH)
+        for _ in range(20):
+            told += len(log.append_many(BATCH))
+        _, status = os.waitpid(pid, 0)
+        child_told = int(os.read(r, 64) or b"0")
+        os.close(r)
+        assert os.waitstatus_to_exitcode(status) == 0
+        records = list(log.records())
+        assert len(scan_all(log, link)) == len(records) == told + child_told
+        assert sum(p == b"C" * 3000 for p in records) == child_told
+        ns.destroy()
