@@ -169,8 +169,12 @@ def forward_head(copy_args: dict[str, Any]) -> bytes:
     return b"".join(pack(k) + pack(v) for k, v in copy_args.items()) + pack("op") + pack("plog_replica_append")
 
 
-_PACK = msgpack.Packer(use_bin_type=True).pack     # (one call holds the GIL throughout: shared by threads)
+_PACK = msgpack.Packer(use_bin_type=True).pack     # at import only: a Packer is no one's to share between threads
 _AT, _LAST, _NOT_LAST, _DATA = _PACK("at"), _PACK("last") + _PACK(True), _PACK("last") + _PACK(False), _PACK("data")
+# A piece's offset as msgpack's uint 64, packed without a Packer: flushers of several plogs
+# forward at once from their threads, and msgpack's Python packer (its fallback) keeps a buffer
+# between calls that two threads would write together (wire.py keeps one per thread for that).
+_AT_U64 = struct.Struct(">BQ")
 _FORWARD_ENTRIES = 5      # at, last, data, then call_append's budget_s and id: besides the head's
 
 
@@ -182,7 +186,7 @@ def send_forward(link: Any, head: bytes, head_entries: int, copy_args: dict[str,
     entries = head_entries + _FORWARD_ENTRIES
     if _records is None or call_compiled is None or entries > 15:     # (a fixmap's header)
         return False
-    request = (bytes([0x80 | entries]) + head + _AT + _PACK(at) + (_LAST if last else _NOT_LAST)
+    request = (bytes([0x80 | entries]) + head + _AT + _AT_U64.pack(0xcf, at) + (_LAST if last else _NOT_LAST)
                + _DATA)      # call_append adds the bin, budget_s and id
     got = call_compiled("plog_replica_append", copy_args, lambda fd, buffer, poll_s, request_id, timeout_s:
                         _records.call_append(fd, request, data, timeout_s, request_id, buffer, poll_s))
