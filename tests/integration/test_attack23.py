@@ -523,3 +523,70 @@ def test_a_forked_child_scribbling_the_parents_stage_and_appending_itself(fab, r
         assert len(scan_all(log, link)) == len(records) == told + child_told
         assert sum(p == b"C" * 3000 for p in records) == child_told
         ns.destroy()
+
+
+SEND_FORWARD_THREADS = r"""
+import sys, threading
+sys.setswitchinterval(1e-6)
+import msgpack
+assert "fallback" in msgpack.Packer.__module__, msgpack.Packer.__module__
+from memfabric.plog import fast_append
+
+
+class Records:              # call_append's stand-in: the request as it would be sent
+    def __init__(self):
+        self.sent = {}
+
+    def call_append(self, fd, request, data, timeout_s, request_id, buffer, poll_s):
+        self.sent[threading.get_ident(), request_id] = request
+        return (0, 0, 0.0)
+
+
+class Link:
+    def call_compiled(self, op, args, call):
+        return call(3, bytearray(64), 0.0, threading.get_ident(), 1.0)
+
+
+fast_append._records = fake = Records()
+args = {"pool": "p", "ns": "n", "sec": b"k", "name": "wal", "plog_id": 7}
+head = fast_append.forward_head(args)
+bad = []
+
+
+def run(base):
+    for i in range(3000):
+        at = base + i * 977
+        fast_append.send_forward(Link(), head, len(args) + 1, args, at, b"x", True)
+        request = fake.sent.pop((threading.get_ident(), threading.get_ident()))
+        body = request + msgpack.packb(b"x") + msgpack.packb("budget_s") + msgpack.packb(1.0) \
+            + msgpack.packb("id") + msgpack.packb(1)
+        try:
+            m = msgpack.unpackb(body)
+        except Exception as exc:
+            bad.append(repr(exc))
+            return
+        if m.get("at") != at or m.get("last") is not True or m.get("data") != b"x":
+            bad.append((at, m.get("at")))
+            return
+
+
+threads = [threading.Thread(target=run, args=(k << 32,)) for k in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print("BAD", bad[:3])
+sys.exit(1 if bad else 0)
+"""
+
+
+def test_forwards_sent_from_threads_at_once_each_carry_their_own_offset():
+    """Flushers of different plogs forward at once, each from its own thread: every request
+    send_forward builds must say its own `at`. Its msgpack Packer was one module-wide object,
+    safe only while msgpack's C extension packs (msgpack's own Python packer, which it falls
+    back to, writes a buffer the Packer keeps between calls; wire.py keeps one Packer per
+    thread for that reason)."""
+    env = {**os.environ, "MSGPACK_PUREPYTHON": "1"}
+    done = subprocess.run([sys.executable, "-c", SEND_FORWARD_THREADS], env=env, capture_output=True, text=True,
+                          timeout=CHILD_WAIT_S * 4)
+    assert done.returncode == 0, done.stdout[-500:] + done.stderr[-1500:]
