@@ -136,7 +136,10 @@ static uint32_t crc_hardware(uint32_t crc, const unsigned char *p, size_t n) {
     return c32;
 }
 /* The same, each word stored at `dst` too as it is read from `src` (one pass for append_batch's
- * copy and check: the CRC is that of the words stored, whatever `src` holds by then). */
+ * copy and check: the CRC is that of the words stored, whatever `src` holds by then). `src` is
+ * memory a client may write meanwhile: ONE_READ makes each word opaque to the compiler once
+ * loaded, so it can never read it again for the store or the CRC (a race C leaves undefined). */
+#define ONE_READ(x) __asm__("" : "+r"(x))
 __attribute__((target("sse4.2")))
 static uint64_t crc_copy_three(uint64_t c0, unsigned char **to, const unsigned char **at, size_t *left, size_t block,
                                const uint32_t zeros[4][256]) {
@@ -150,6 +153,9 @@ static uint64_t crc_copy_three(uint64_t c0, unsigned char **to, const unsigned c
             memcpy(&w0, p, 8);
             memcpy(&w1, p + block, 8);
             memcpy(&w2, p + 2 * block, 8);
+            ONE_READ(w0);
+            ONE_READ(w1);
+            ONE_READ(w2);
             memcpy(d, &w0, 8);
             memcpy(d + block, &w1, 8);
             memcpy(d + 2 * block, &w2, 8);
@@ -178,6 +184,7 @@ static uint32_t crc_copy_hardware(uint32_t crc, unsigned char *d, const unsigned
     while (n >= 8) {
         uint64_t word;
         memcpy(&word, p, 8);
+        ONE_READ(word);
         memcpy(d, &word, 8);
         c = __builtin_ia32_crc32di(c, word);
         p += 8;
@@ -187,6 +194,7 @@ static uint32_t crc_copy_hardware(uint32_t crc, unsigned char *d, const unsigned
     uint32_t c32 = (uint32_t)c;
     while (n--) {
         unsigned char b = *p++;
+        ONE_READ(b);
         *d++ = b;
         c32 = __builtin_ia32_crc32qi(c32, b);
     }
