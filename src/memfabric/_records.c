@@ -235,6 +235,11 @@ static void put64(unsigned char *at, uint64_t v) {
         at[i] = (unsigned char)(v >> (8 * i));
 }
 
+/* The bytes a record of `n` payload bytes takes in the log (record.py frame_bytes). */
+static size_t frame_of(uint64_t n) {
+    return HEADER_BYTES + (size_t)((n + ALIGN_BYTES - 1) / ALIGN_BYTES * ALIGN_BYTES);
+}
+
 static uint32_t get32(const unsigned char *at) {
     return (uint32_t)at[0] | (uint32_t)at[1] << 8 | (uint32_t)at[2] << 16 | (uint32_t)at[3] << 24;
 }
@@ -737,6 +742,28 @@ static int lock_segment(PyObject *grant, Py_ssize_t index, PyObject **seg_lock, 
     return fd < 0 || PyErr_Occurred() ? -1 : fd;
 }
 
+/* Records marked written in the log's rules (PlogLog.starts and _lengths, arrays of u64), as
+ * mark_written does: `starts_raw` and `lengths_raw` (bytes of u64 each) appended to them whole,
+ * or not at all (1 done; 0 with MemoryError set, the arrays as they were: `index_now` long). */
+static int mark_records(PyObject *starts, PyObject *lengths, PyObject *starts_raw, PyObject *lengths_raw,
+                        Py_ssize_t index_now) {
+    PyObject *got = PyObject_CallMethodOneArg(starts, s_frombytes, starts_raw);
+    if (got == NULL)
+        return 0;
+    Py_DECREF(got);
+    got = PyObject_CallMethodOneArg(lengths, s_frombytes, lengths_raw);
+    if (got == NULL) {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        if (PySequence_DelSlice(starts, index_now, PY_SSIZE_T_MAX) < 0)
+            PyErr_Clear();
+        PyErr_Restore(type, value, tb);
+        return 0;
+    }
+    Py_DECREF(got);
+    return 1;
+}
+
 /* append_one's work on a received packet: a new reference to its tuple, or NULL (with an
  * error set only for MemoryError and KeyboardInterrupt: otherwise Python's to serve). */
 static PyObject *append_packet(const unsigned char *packet_buf, size_t packet_len, PyObject *grants, PyObject *conn) {
@@ -933,7 +960,7 @@ static Py_ssize_t frames_check(const unsigned char *b, size_t n, uint64_t nonce,
         if (n - at < HEADER_BYTES || memcmp(b + at, "PLG1", 4) != 0)
             return 0;
         uint32_t length = get32(b + at + 4), low = get32(b + at + 8), crc = get32(b + at + 12);
-        size_t frame = HEADER_BYTES + ((size_t)length + ALIGN_BYTES - 1) / ALIGN_BYTES * ALIGN_BYTES;
+        size_t frame = frame_of(length);
         if (low != (uint32_t)(index & 0xFFFFFFFFu) || frame > n - at)
             return 0;
         unsigned char seed[20];
@@ -1023,20 +1050,23 @@ static int replica_packet(const unsigned char *packet_buf, size_t packet_len, Py
     /* Marked written and committed, as mark_written and commit do; undone whole on a failure. */
     long long end = written + (long long)data_n;
     {
-        int failed = 0;
-        size_t at = 0;
-        for (Py_ssize_t r = 0; r < records && !failed; r++) {
-            uint32_t length = get32(data + at + 4);
-            PyObject *o = PyLong_FromLongLong(written + (long long)at), *n = PyLong_FromUnsignedLong(length);
-            PyObject *got_s = o == NULL || n == NULL ? NULL : PyObject_CallMethodOneArg(starts, s_append, o);
-            PyObject *got_l = got_s == NULL ? NULL : PyObject_CallMethodOneArg(lengths, s_append, n);
-            failed = got_l == NULL;
-            Py_XDECREF(got_s);
-            Py_XDECREF(got_l);
-            Py_XDECREF(o);
-            Py_XDECREF(n);
-            at += HEADER_BYTES + ((size_t)length + ALIGN_BYTES - 1) / ALIGN_BYTES * ALIGN_BYTES;
+        PyObject *starts_raw = PyBytes_FromStringAndSize(NULL, records * 8);
+        PyObject *lengths_raw = PyBytes_FromStringAndSize(NULL, records * 8);
+        int failed = starts_raw == NULL || lengths_raw == NULL;
+        if (!failed) {
+            uint64_t *start_out = (uint64_t *)PyBytes_AS_STRING(starts_raw);
+            uint64_t *length_out = (uint64_t *)PyBytes_AS_STRING(lengths_raw);
+            size_t at = 0;
+            for (Py_ssize_t r = 0; r < records; r++) {
+                uint32_t length = get32(data + at + 4);
+                start_out[r] = (uint64_t)written + at;
+                length_out[r] = length;
+                at += frame_of(length);
+            }
+            failed = !mark_records(starts, lengths, starts_raw, lengths_raw, index_now);
         }
+        Py_XDECREF(starts_raw);
+        Py_XDECREF(lengths_raw);
         if (!failed && (set_ll(core, s_written, end) < 0 || set_ll(plog, s_receiving, end) < 0
                         || set_ll(core, s_committed, end) < 0
                         || set_ll(core, s_committed_records, index_now + records) < 0))
@@ -1142,10 +1172,6 @@ static void give_frame_buffer(unsigned char *b) {
         frame_buffers[frame_buffers_n++] = b;
     else
         free(b);
-}
-
-static size_t frame_of(uint64_t n) {
-    return HEADER_BYTES + (size_t)((n + ALIGN_BYTES - 1) / ALIGN_BYTES * ALIGN_BYTES);
 }
 
 /* `n` bytes written at `file_at` of a FileSegment under its lock: 1 done, 0 not (its fd gone, a
@@ -1388,16 +1414,7 @@ static PyObject *append_batch_packet(const unsigned char *packet_buf, size_t pac
     /* Marked written, as PlogLog.mark_written does: all of the batch, or none of it. */
     long long end = written + (long long)frames_bytes;
     {
-        PyObject *got = PyObject_CallMethodOneArg(starts, s_frombytes, starts_raw);
-        int failed = got == NULL;
-        Py_XDECREF(got);
-        if (!failed) {
-            got = PyObject_CallMethodOneArg(lengths, s_frombytes, lengths_raw);
-            failed = got == NULL;
-            Py_XDECREF(got);
-            if (failed)
-                PySequence_DelSlice(starts, index_now, PY_SSIZE_T_MAX);
-        }
+        int failed = !mark_records(starts, lengths, starts_raw, lengths_raw, index_now);
         if (!failed && set_ll(core, s_written, end) < 0) {
             PySequence_DelSlice(starts, index_now, PY_SSIZE_T_MAX);
             PySequence_DelSlice(lengths, index_now, PY_SSIZE_T_MAX);
