@@ -62,31 +62,37 @@ class _Tagged(threading.Thread):
             self.error = exc
 
 
-@pytest.mark.parametrize("medium, replicas", [("ramdisk", 2), ("pmem", 2), ("ramdisk", 3)])
-def test_a_copy_sealed_under_concurrent_same_host_appenders_fences_them_all(medium, replicas, request):
-    fab = _fabric(replicas, medium)
+def seal_a_copy_under(writer, request, medium: str, replicas: int, capacity: int, least: int,
+                      metrics: bool = False) -> tuple[LocalFabric, dict[int, bytes], list[int]]:
+    """Four same-host sessions appending to a replicated plog with `writer` (a thread class:
+    `acked` pairs of offset and record, `error`), a copy sealed by a client once each has
+    `least` acknowledged: every appender is fenced (SEALED), the home and every copy are
+    sealed and hold exactly the acknowledged records, at their offsets, byte for byte the
+    same. Returns the fabric (running: the caller stops it), the acknowledged records and the
+    plog's home, for the caller's own checks."""
+    fab = _fabric(replicas, medium, metrics=metrics)
     sessions = []
     try:
         s0 = memfabric.init(fab.directory, server=0)
         sessions.append(s0)
         name = ns_name(request)
-        log = s0.create_namespace(name, sec_id="k", pool="logs").create_plog("wal", 8 * MiB, replicas=replicas)
+        log = s0.create_namespace(name, sec_id="k", pool="logs").create_plog("wal", capacity, replicas=replicas)
         *others, copy = log.info()["replica_servers"]
         writers = []
         for tag in range(4):
             s = memfabric.init(fab.directory, server=0)
             sessions.append(s)
-            handle = s.namespace(name, sec_id="k", pool="logs").plog("wal")
-            writers.append(_Tagged(handle, tag))
+            writers.append(writer(s.namespace(name, sec_id="k", pool="logs").plog("wal"), tag))
         for w in writers:
             w.start()
-        wait_until(lambda: all(len(w.acked) >= 30 for w in writers), "appends", WAIT_S)
+        wait_until(lambda: all(len(w.acked) >= least for w in writers), "appends", WAIT_S)
         assert _copy(log, copy).seal()["state"] == "sealed"
         for w in writers:
             w.join(WAIT_S)
             assert not w.is_alive()
             assert isinstance(w.error, Sealed), w.error
-        home, replica = _copy(log, log.info()["home"]), _copy(log, copy)
+        home_id = log.info()["home"]
+        home, replica = _copy(log, home_id), _copy(log, copy)
         assert home.info()["state"] == "sealed"
         length = replica.info()["length"]
         assert home.info()["length"] == length
@@ -100,10 +106,20 @@ def test_a_copy_sealed_under_concurrent_same_host_appenders_fences_them_all(medi
         for off, body in acked.items():
             assert seen.get(off) == body
         assert len(seen) == len(acked), "a record on the copy no append acknowledged"
-    finally:
+    except BaseException:
         for s in sessions:
             s.close()
-        assert fab.stop() == 0, "".join(fab.output[-30:])
+        fab.stop()
+        raise
+    for s in sessions:
+        s.close()
+    return fab, acked, home_id
+
+
+@pytest.mark.parametrize("medium, replicas", [("ramdisk", 2), ("pmem", 2), ("ramdisk", 3)])
+def test_a_copy_sealed_under_concurrent_same_host_appenders_fences_them_all(medium, replicas, request):
+    fab, _, _ = seal_a_copy_under(_Tagged, request, medium, replicas, 8 * MiB, 30)
+    assert fab.stop() == 0, "".join(fab.output[-30:])
 
 
 @pytest.mark.parametrize("medium", ["ramdisk", "pmem"])

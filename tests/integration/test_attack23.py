@@ -15,19 +15,20 @@ import numpy as np
 import pytest
 
 import memfabric
-from memfabric.errors import InvalidArgument, MemfabricError, Sealed
+from memfabric.datapath.deadline import serving_until
+from memfabric.errors import InvalidArgument, MemfabricError
 from memfabric.limits import MAX_PLOG_RECORD_BYTES
 from memfabric.plog import record as rec
 from memfabric.plog.client import _stage_holder
 
-from memfabric.datapath.deadline import serving_until
-
 from ..helpers import CHILD_WAIT_S, ns_name, stopped, wait_until
 from ..transport.paths import interrupted_after
+from .test_attack22 import seal_a_copy_under
 from .test_metrics import ops, scrape, value
 from .test_persistence import PersistentServer
 from .test_plog_compiled import plog_fabric
-from .test_plog_replicas import _copy, _fabric, _metrics
+from .test_plog_durability import acks_around_a_kill
+from .test_plog_replicas import _metrics
 
 MiB = 1 << 20
 WAIT_S = 60
@@ -204,27 +205,7 @@ def test_sigkill_mid_batches_keeps_every_acknowledged_batch(request):
             s.create_namespace(name, sec_id="k", pool="keep").create_plog("wal", 7 * MiB)
         proc = subprocess.Popen([sys.executable, "-c", BATCHER, server.config, name], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
-        acked = []
-        try:
-            while len(acked) < 12:
-                line = proc.stdout.readline()
-                if not line:
-                    break
-                acked.append([int(x) for x in line.split()[2:]])
-            assert len(acked) >= 12, proc.stderr.read()
-            server.kill()
-            stop = threading.Timer(WAIT_S, proc.kill)
-            stop.start()
-            try:
-                out = proc.stdout.read()
-                proc.wait(10)
-            finally:
-                stop.cancel()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-        acked += [[int(x) for x in line.split()[2:]] for line in out.splitlines() if line.startswith("ack")]
+        acked = acks_around_a_kill(server, proc, 12, lambda line: [int(x) for x in line.split()[2:]], WAIT_S)
         server.start()
         with memfabric.init(server.config) as s:
             log = s.namespace(name, "k", pool="keep").plog("wal")
@@ -424,62 +405,19 @@ class _Batcher(threading.Thread):
             self.error = exc
 
 
-def _by_offset(handle) -> dict[int, bytes]:
-    at, found = 0, {}
-    for payload in handle.records():
-        found[at + rec.HEADER_BYTES] = payload
-        at += rec.frame_bytes(len(payload))
-    return found
-
-
 @pytest.mark.parametrize("replicas", [2, 3])
 def test_a_copy_sealed_under_batches_forwarded_to_compiled_copies(request, replicas):
     """Batches and single records from four sessions to a replicated ramdisk plog (each forward
     of many records taken by the copies' receive loops), a copy sealed by a client mid-stream:
     every appender is fenced (SEALED), every copy is sealed and holds exactly the acknowledged
-    records, at their offsets, byte for byte the home's."""
-    fab = _fabric(replicas, "ramdisk", metrics=True)
-    sessions = []
+    records, at their offsets, byte for byte the home's; the home's counts are exact."""
+    fab, acked, home = seal_a_copy_under(_Batcher, request, "ramdisk", replicas, 12 * MiB, 300, metrics=True)
     try:
-        s0 = memfabric.init(fab.directory, server=0)
-        sessions.append(s0)
-        name = ns_name(request)
-        log = s0.create_namespace(name, sec_id="k", pool="logs").create_plog("wal", 12 * MiB, replicas=replicas)
-        *others, copy = log.info()["replica_servers"]
-        writers = []
-        for tag in range(4):
-            s = memfabric.init(fab.directory, server=0)
-            sessions.append(s)
-            writers.append(_Batcher(s.namespace(name, sec_id="k", pool="logs").plog("wal"), tag))
-        for w in writers:
-            w.start()
-        wait_until(lambda: all(len(w.acked) >= 300 for w in writers), "appends", WAIT_S)
-        assert _copy(log, copy).seal()["state"] == "sealed"
-        for w in writers:
-            w.join(WAIT_S)
-            assert not w.is_alive()
-            assert isinstance(w.error, Sealed), w.error
-        home = _copy(log, log.info()["home"])
-        assert home.info()["state"] == "sealed"
-        seen = _by_offset(_copy(log, copy))
-        length = _copy(log, copy).info()["length"]
-        assert home.info()["length"] == length
-        assert home.read(0, length) == _copy(log, copy).read(0, length)
-        assert _by_offset(home) == seen
-        for other in others:
-            assert _copy(log, other).info()["state"] == "sealed"
-            assert _by_offset(_copy(log, other)) == seen
-        acked = {off: body for w in writers for off, body in w.acked}
-        for off, body in acked.items():
-            assert seen.get(off) == body
-        assert len(seen) == len(acked), "a record no append acknowledged"
-        got = scrape(_metrics(fab, log.info()["home"]))
+        got = scrape(_metrics(fab, home))
         assert value(got, "memfabric_plog_appends_total") == len(acked)
         assert value(got, "memfabric_plog_appended_bytes_total") == sum(map(len, acked.values()))
         assert value(got, "memfabric_plog_compiled_forwards_total") > 0
     finally:
-        for s in sessions:
-            s.close()
         assert fab.stop() == 0, "".join(fab.output[-30:])
 
 

@@ -53,6 +53,26 @@ def compiled(fab) -> int:
     return int(value(scrape(fab.metrics), "memfabric_plog_compiled_appends_total"))
 
 
+def run_writers(script: str, args_of, writers: int) -> list[str]:
+    """`writers` processes running `script` side by side (`args_of(tag)`: the arguments of
+    each): the output of each once all have ended, each with exit status 0. Any still running
+    when this fails are killed."""
+    procs = [subprocess.Popen([sys.executable, "-c", script, *args_of(t)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for t in range(writers)]
+    try:
+        outs = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=CHILD_WAIT_S * 8)
+            assert proc.returncode == 0, err
+            outs.append(out)
+        return outs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(CHILD_WAIT_S)
+
+
 @pytest.fixture(params=["ram", "disk"])
 def pool(request):
     return request.param
@@ -339,13 +359,9 @@ def test_appenders_in_several_processes_on_pmem_and_ramdisk(fab, pool, request):
     with memfabric.init(fab.directory) as s:
         log = s.create_namespace(name, sec_id="k", pool=pool).create_plog("shared", 8 * MiB)
         before = compiled(fab)
-        procs = [subprocess.Popen([sys.executable, "-c", APPENDER, fab.directory, name, pool, str(t), str(count)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for t in range(writers)]
         acked = {}
-        for tag, proc in enumerate(procs):
-            out, err = proc.communicate(timeout=CHILD_WAIT_S * 8)
-            assert proc.returncode == 0, err
+        for tag, out in enumerate(run_writers(APPENDER, lambda t: [fab.directory, name, pool, str(t), str(count)],
+                                              writers)):
             acked[tag] = [int(x) for x in out.split()]
             assert acked[tag] == sorted(acked[tag])
         # Each process's first append is Python's; the rest are compiled, those that found the

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import struct
-import subprocess
-import sys
 import threading
 
 import pytest
@@ -22,9 +20,9 @@ from memfabric.limits import MAX_PLOG_BATCH, MAX_PLOG_RECORD_BYTES, PLOG_SHARED_
 from memfabric.plog import record as rec
 from memfabric.plog.client import _stage_holder
 
-from ..helpers import CHILD_WAIT_S, ns_name
+from ..helpers import ns_name
 from .test_metrics import ops, scrape, value
-from .test_plog_compiled import frames_check, plog_fabric, records_of
+from .test_plog_compiled import frames_check, plog_fabric, records_of, run_writers
 
 MiB = 1 << 20
 BATCH = [bytes([i]) * 4096 for i in range(100)]        # 400 KiB: past the inline limit, so staged
@@ -240,13 +238,9 @@ def test_batches_from_several_processes_never_interleave(fab, pool, request):
         ns = s.create_namespace(name, sec_id="k", pool=pool)
         log = ns.create_plog("shared", 24 * MiB)
         before = counters(fab)
-        procs = [subprocess.Popen([sys.executable, "-c", APPENDER, fab.directory, name, pool, str(t), str(count)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for t in range(writers)]
         acked = {}
-        for tag, proc in enumerate(procs):
-            out, err = proc.communicate(timeout=CHILD_WAIT_S * 8)
-            assert proc.returncode == 0, err
+        for tag, out in enumerate(run_writers(APPENDER, lambda t: [fab.directory, name, pool, str(t), str(count)],
+                                              writers)):
             acked[tag] = [[int(x) for x in line.split()] for line in out.splitlines()]
             assert len(acked[tag]) == count
         compiled = delta(counters(fab), before)[3]

@@ -116,25 +116,23 @@ def server(request):
     srv.cleanup()
 
 
-def test_sigkill_mid_stream_keeps_every_acknowledged_append(server, request):
-    name = ns_name(request)
-    with memfabric.init(server.config) as s:
-        s.create_namespace(name, sec_id="k", pool="keep").create_plog("shared", 6 << 20)
-    proc = subprocess.Popen([sys.executable, "-c", APPENDER, server.config, name, "7", "1000000", "keep"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    acked: list[tuple[int, int]] = []
+def acks_around_a_kill(server, proc, least: int, parse, wait_s: float = 60) -> list:
+    """What `proc` acknowledged (its "ack ..." lines, each parsed by `parse`) while `server` was
+    SIGKILLed under it: at least `least` read first, then the kill while it still appends, then
+    the rest up to its end (bounded by `wait_s`). `proc` is ended whatever happens."""
+    acked = []
     try:
-        deadline = time.monotonic() + 60
-        while len(acked) < 300 and time.monotonic() < deadline:
+        deadline = time.monotonic() + wait_s
+        while len(acked) < least and time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:
                 break
-            acked.append(tuple(int(x) for x in line.split()[1:]))
-        assert len(acked) >= 300, proc.stderr.read()
+            acked.append(parse(line))
+        assert len(acked) >= least, proc.stderr.read()
         server.kill()                      # SIGKILL while the appender is still appending
         # The rest through the same reader: communicate() reads the pipe itself and would lose
         # the lines readline() already buffered (acks seen missing). A timer bounds the wait.
-        stop = threading.Timer(60, proc.kill)
+        stop = threading.Timer(wait_s, proc.kill)
         stop.start()
         try:
             out = proc.stdout.read()
@@ -145,7 +143,16 @@ def test_sigkill_mid_stream_keeps_every_acknowledged_append(server, request):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-    acked += [tuple(int(x) for x in line.split()[1:]) for line in out.splitlines() if line.startswith("ack")]
+    return acked + [parse(line) for line in out.splitlines() if line.startswith("ack")]
+
+
+def test_sigkill_mid_stream_keeps_every_acknowledged_append(server, request):
+    name = ns_name(request)
+    with memfabric.init(server.config) as s:
+        s.create_namespace(name, sec_id="k", pool="keep").create_plog("shared", 6 << 20)
+    proc = subprocess.Popen([sys.executable, "-c", APPENDER, server.config, name, "7", "1000000", "keep"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    acked = acks_around_a_kill(server, proc, 300, lambda line: tuple(int(x) for x in line.split()[1:]))
     assert proc.returncode != 0            # it lost its server mid-stream
     server.start()
     with memfabric.init(server.config) as s:
