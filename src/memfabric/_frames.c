@@ -259,18 +259,19 @@ static PyObject *recv_exact(PyObject *Py_UNUSED(self), PyObject *args) {
  * such a put, or an append committed at once, is answered, and the wait goes on (polling for
  * window_s after a wait no longer than that, as BusyPoll's rule), until a packet that is
  * Python's. waited_s: how long the wait for that one took. n is -2 when an answer could not be
- * sent (the connection is done); n is -4 when an append was written that Python must commit
- * (a flush): `fds` is then append_one's tuple for it (plog/fast_append.py).
+ * sent (the connection is done); n is -4 when an append was written that Python must commit:
+ * `fds` is then append_one's tuple for it (plog/fast_append.py). An append awaiting a flush
+ * (pmem) is waited for here, without the GIL (commit_wait: one flush for the appends of
+ * every connection waiting), and answered, unless the wait hands it back to Python.
  *
  * call_packet(fd, request, buffer, max_fds, poll_s) -> (n, fds, flags, waited_s): a client's
  * request sent, then recv_packet's receive, in one call (no Python between the two). n is
  * -3 when the request could not be sent within SO_SNDTIMEO (a SEQPACKET message goes whole or
  * not at all: nothing was sent). */
-/* _records.c's serve_append (its capsule SERVE_APPEND), loaded on the first serve_packets
- * given plogs. */
-typedef int (*serve_append_fn)(const unsigned char *, size_t, PyObject *, PyObject *, unsigned char *, size_t,
-                               size_t *, PyObject **);
+/* _records.c's serve_append and commit_wait (its capsules SERVE_APPEND, COMMIT_WAIT: _plogwait.h),
+ * loaded on the first serve_packets given plogs. */
 static serve_append_fn serve_append;
+static commit_wait_fn commit_wait;
 #define SERVED_REPLY_ROOM 8192         /* an append_many's offsets too (_records.c append_batch) */
 #define APPEND_PENDING (-4)
 
@@ -331,17 +332,27 @@ PyObject *receive_packet(int fd, PyObject *buffer_obj, int max_fds, double poll_
             size_t reply_n = 0;
             const unsigned char *packet = (const unsigned char *)buffer.buf;
             PyEval_RestoreThread(save);
+            Py_CLEAR(served->spent);
             int answered = served->puts != NULL && kv_put_serve(served->puts, packet, (size_t)n, reply, &reply_n);
             if (!answered && served->plogs != NULL && PyDict_GET_SIZE(served->plogs) > 0) {
                 answered = serve_append(packet, (size_t)n, served->plogs, served->conn, reply, sizeof reply, &reply_n,
-                                        &served->pending);
+                                        &served->wait);
                 if (answered < 0)
                     err = -1;                /* MemoryError, KeyboardInterrupt: raised below */
             }
             save = PyEval_SaveThread();
             if (err)
                 break;
-            if (answered == 2) {
+            if (answered == APPEND_WAIT) {   /* its commit awaited here, the GIL let go (group commit) */
+                answered = commit_wait(&served->wait, &save);
+                if (answered) {
+                    served->spent = served->wait.got;
+                    served->wait.got = NULL;
+                }
+                else
+                    answered = APPEND_PYTHON;
+            }
+            if (answered == APPEND_PYTHON) {
                 n = APPEND_PENDING;          /* Python commits it, and answers */
                 break;
             }
@@ -381,6 +392,8 @@ PyObject *receive_packet(int fd, PyObject *buffer_obj, int max_fds, double poll_
     }
     PyEval_RestoreThread(save);
     PyBuffer_Release(&buffer);
+    if (served != NULL)
+        Py_CLEAR(served->spent);
     *waited = now_s() - began;
     if (failed_signal || err == -1)
         return NULL;
@@ -389,8 +402,8 @@ PyObject *receive_packet(int fd, PyObject *buffer_obj, int max_fds, double poll_
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     if (n == APPEND_PENDING) {
-        PyObject *out = Py_BuildValue("(nOi)", (Py_ssize_t)n, served->pending, 0);
-        Py_CLEAR(served->pending);
+        PyObject *out = Py_BuildValue("(nOi)", (Py_ssize_t)n, served->wait.got, 0);
+        Py_CLEAR(served->wait.got);
         return out;
     }
     PyObject *fds = PyList_New(0);
@@ -469,13 +482,17 @@ static PyObject *serve_packets(PyObject *Py_UNUSED(self), PyObject *args) {
         return NULL;
     }
     if (plogs != Py_None && serve_append == NULL) {
+        commit_wait = (commit_wait_fn)PyCapsule_Import("memfabric._records.COMMIT_WAIT", 0);
+        if (commit_wait == NULL)
+            return NULL;
         serve_append = (serve_append_fn)PyCapsule_Import("memfabric._records.SERVE_APPEND", 0);
         if (serve_append == NULL)
             return NULL;
     }
-    Served served = {puts == Py_None ? NULL : puts, plogs == Py_None ? NULL : plogs, conn, NULL};
+    Served served = {puts == Py_None ? NULL : puts, plogs == Py_None ? NULL : plogs, conn, {NULL}, NULL};
     PyObject *got = receive_packet(fd, buffer_obj, max_fds, poll_s, window_s, &served, &waited, NULL, 0);
-    Py_XDECREF(served.pending);
+    Py_XDECREF(served.wait.got);
+    Py_XDECREF(served.spent);
     return with_wait(got, waited);
 }
 

@@ -14,6 +14,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "_plogwait.h"
+
 #define FIRST_BLOCK 256
 #define PREFIX_BYTES 12
 #define LANDED 1
@@ -86,11 +88,13 @@ typedef struct {
 int kv_put_apply(PyObject *grants, const KvPutRequest *q);
 /* _frames.c: what a server's receive loop answers itself (serve_packets): MemKV puts the
  * list `puts` covers, MemPlog appends the dict `plogs` covers (for connection `conn`), each
- * NULL when none. An append that Python must commit (a flush) ends the loop: `pending` holds
- * what _records' append_one gave for it. */
+ * NULL when none. An append that Python must commit ends the loop: `wait.got` holds what
+ * _records' append_one gave for it. `spent`: an append's tuple the loop answered without the
+ * GIL (committed by commit_wait), released when the loop next holds it. */
 typedef struct {
     PyObject *puts, *plogs, *conn;
-    PyObject *pending;
+    AppendWait wait;
+    PyObject *spent;
 } Served;
 /* One SEQPACKET message received into `buffer_obj` (after `request` is sent, if given),
  * answering what `served` covers meanwhile (if given): (n, fds, flags), see recv_packet,

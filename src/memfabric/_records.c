@@ -37,6 +37,7 @@
 #include <unistd.h>
 
 #include "_msgpack.h"
+#include "_plogwait.h"
 #include "_pyattr.h"
 
 #define HEADER_BYTES 16
@@ -1488,55 +1489,78 @@ done:
 
 /* ---- serve_append: append_one inside a connection's receive loop (_frames.c serve_packets) ----
  *
- * Exported as the capsule memfabric._records.SERVE_APPEND (a SERVE_APPEND_FN): the loop hands it
- * each packet; a plain append committed here (a medium that needs no flush) is answered by the
- * loop without a return to Python, and counted in the grant's `counts` (an array of two u64:
+ * Exported as the capsule memfabric._records.SERVE_APPEND (_plogwait.h): the loop hands it each
+ * packet; a plain append committed here (a medium that needs no flush) is answered by the loop
+ * without a return to Python, and counted in the grant's `counts` (an array of two u64:
  * appends, payload bytes; PlogService adds them to its own). Returns, with the GIL:
- *   0  not one of append_one's: Python serves it (nothing changed)
- *   1  appended and committed: the reply's bytes in `reply` (`room` bytes at least 64)
- *   2  appended, to be committed by Python (a flush: pmem): *pending holds append_one's tuple
- *  -1  MemoryError or KeyboardInterrupt, set. */
-typedef int (*serve_append_fn)(const unsigned char *, size_t, PyObject *, PyObject *, unsigned char *, size_t,
-                               size_t *, PyObject **);
+ *   0              not one of append_one's: Python serves it (nothing changed)
+ *   1              appended and committed: the reply's bytes in `reply` (`room` bytes at least 64)
+ *   APPEND_PYTHON  appended, to be committed by Python (copies): wait->got holds append_one's tuple
+ *   APPEND_WAIT    appended, awaiting a flush its grant's CommitGroup shares (pmem, no copies):
+ *                  `wait` filled and the reply in `reply`, for the loop's commit_wait
+ *  -1              MemoryError or KeyboardInterrupt, set. */
 
-static int count_served(PyObject *grant, uint64_t records, uint64_t payload_bytes) {
+/* The grant's counts (two u64), or NULL. The array lives as long as the service and is never
+ * resized, so its memory stays where it is (a loop adds to it without the GIL: atomically). */
+static uint64_t *counts_of(PyObject *grant) {
     PyObject *counts = PyObject_GetAttrString(grant, "counts");
     Py_buffer view;
     if (counts == NULL || PyObject_GetBuffer(counts, &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
         Py_XDECREF(counts);
         PyErr_Clear();
-        return 0;
+        return NULL;
     }
-    if (view.len >= 16) {
-        uint64_t *c = view.buf;
-        c[0] += records;
-        c[1] += payload_bytes;
-    }
+    uint64_t *c = view.len >= 16 ? view.buf : NULL;
     PyBuffer_Release(&view);
     Py_DECREF(counts);
+    return c;
+}
+
+static int count_served(PyObject *grant, uint64_t records, uint64_t payload_bytes) {
+    uint64_t *c = counts_of(grant);
+    if (c == NULL)
+        return 0;
+    __atomic_fetch_add(&c[0], records, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&c[1], payload_bytes, __ATOMIC_RELAXED);
     return 1;
 }
 
+extern PyTypeObject CommitGroupType;
+int commit_wait(AppendWait *wait, PyThreadState **save);
+
 static int serve_append(const unsigned char *packet, size_t n, PyObject *grants, PyObject *conn, unsigned char *reply,
-                        size_t room, size_t *reply_n, PyObject **pending) {
-    *pending = NULL;
+                        size_t room, size_t *reply_n, AppendWait *wait) {
+    wait->got = NULL;
     PyObject *got = append_packet(packet, n, grants, conn);
     if (got == NULL && !PyErr_Occurred())
         got = append_batch_packet(packet, n, grants, conn, room);
     if (got == NULL)    /* not an append of its: a copy's forward perhaps (replica_packet) */
         return PyErr_Occurred() ? -1 : replica_packet(packet, n, grants, conn, reply, room, reply_n);
     /* (reply, grant, end, committed, payload_bytes, request_id[, records]), as built above */
-    PyObject *reply_obj = PyTuple_GET_ITEM(got, 0);
+    PyObject *reply_obj = PyTuple_GET_ITEM(got, 0), *grant = PyTuple_GET_ITEM(got, 1);
     uint64_t records = PyTuple_GET_SIZE(got) > 6 ? (uint64_t)PyLong_AsSsize_t(PyTuple_GET_ITEM(got, 6)) : 1;
-    if (PyTuple_GET_ITEM(got, 3) == Py_True && (size_t)PyBytes_GET_SIZE(reply_obj) <= room
-            && count_served(PyTuple_GET_ITEM(got, 1), records, PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(got, 4)))) {
+    uint64_t payload_bytes = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(got, 4));
+    int fits = (size_t)PyBytes_GET_SIZE(reply_obj) <= room && !PyErr_Occurred();
+    PyErr_Clear();
+    if (fits && PyTuple_GET_ITEM(got, 3) == Py_True && count_served(grant, records, payload_bytes)) {
         *reply_n = (size_t)PyBytes_GET_SIZE(reply_obj);
         memcpy(reply, PyBytes_AS_STRING(reply_obj), *reply_n);
         Py_DECREF(got);
         return 1;
     }
-    *pending = got;
-    return 2;
+    wait->got = got;
+    PyObject *group = fits ? PyObject_GetAttrString(grant, "group") : NULL;
+    long long end = PyLong_AsLongLong(PyTuple_GET_ITEM(got, 2));
+    uint64_t *counts = counts_of(grant);
+    PyErr_Clear();
+    int waits = group != NULL && Py_IS_TYPE(group, &CommitGroupType) && end > 0 && counts != NULL;
+    Py_XDECREF(group);           /* the grant keeps it, and `got` the grant */
+    if (!waits)
+        return APPEND_PYTHON;
+    *wait = (AppendWait){got, group, end, counts, records, payload_bytes};
+    *reply_n = (size_t)PyBytes_GET_SIZE(reply_obj);
+    memcpy(reply, PyBytes_AS_STRING(reply_obj), *reply_n);
+    return APPEND_WAIT;
 }
 
 /* ---- call_append: a same-host client's append of one record, sent and answered in one call ----
@@ -1874,7 +1898,11 @@ PyMODINIT_FUNC PyInit__records(void) {
             || PyModule_AddIntConstant(m, "RECORD_MOST_BYTES", RECORD_MOST_BYTES) < 0
             || PyModule_AddIntConstant(m, "BATCH_FRAMES_MOST_BYTES", BATCH_FRAMES_MOST_BYTES) < 0
             || PyModule_AddObject(m, "SERVE_APPEND", PyCapsule_New((void *)serve_append, "memfabric._records.SERVE_APPEND",
-                                                                   NULL)) < 0) {
+                                                                   NULL)) < 0
+            || PyModule_AddObject(m, "COMMIT_WAIT", PyCapsule_New((void *)commit_wait, "memfabric._records.COMMIT_WAIT",
+                                                                  NULL)) < 0
+            || PyType_Ready(&CommitGroupType) < 0
+            || PyModule_AddObjectRef(m, "CommitGroup", (PyObject *)&CommitGroupType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -20,6 +20,10 @@ Durability is Python's too: on pmem, for a plog with copies (the grant's `python
 and whenever something else awaits commit, the record is marked written in C and
 committed by PlogService._flush_to, which forwards it to the copies and flushes it (without
 the GIL, one flush shared by every appender waiting: group commit) before it is answered.
+On pmem without copies the loop itself waits for that commit, without the GIL, on the plog's
+CommitGroup (_commitgroup.c): one waiter at a time calls _flush_to (the grant's `flush`) and
+the others it covers answer from their loops, with no return to Python each; what its flush
+raised goes back to Python (fast_finish), which raises it again and answers.
 
 Batches. An append_many written into the connection's shared stage (one it keeps) is served
 the same way by append_batch, under the same grant (given by Python's first append of either
@@ -54,7 +58,7 @@ from __future__ import annotations
 
 import struct
 from array import array
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import msgpack
 
@@ -87,10 +91,11 @@ class FastGrant:
     stage_kept_bytes = PLOG_SHARED_STAGE_KEPT_BYTES
 
     __slots__ = ("plog", "sec", "plog_id", "vkey", "proven", "capacity", "python_commits", "extents",
-                 "segments", "seg_ids", "counts")
+                 "segments", "seg_ids", "counts", "group", "flush_to")
 
     def __init__(self, plog: "_Plog", sec: bytes, vkey: tuple[str, str], proven: Any,
-                 segments: list[FileSegment], counts: array | None) -> None:
+                 segments: list[FileSegment], counts: array | None,
+                 flush_to: Callable[["_Plog", int], None] | None) -> None:
         self.plog = plog
         self.sec = sec
         self.plog_id = plog.id
@@ -104,6 +109,20 @@ class FastGrant:
         self.segments = segments
         self.seg_ids = [e[0] for e in plog.data.extents]
         self.counts = counts           # appends and payload bytes answered in the receive loop
+        # Committed in the receive loop by a flush shared there (_commitgroup.c): pmem, no copies.
+        self.flush_to = flush_to
+        self.group = plog.commit_group if flush_to is not None and not plog.replica_servers else None
+
+    def flush(self, end: int) -> int:
+        """A commit_wait leader's flush: returns once bytes up to `end` are committed (Python's
+        _flush_to, which raises what it raises); the log's committed end."""
+        self.flush_to(self.plog, end)
+        return self.plog.core.committed
+
+
+def commit_group(data: Any) -> Any:
+    """A pmem plog's CommitGroup (_commitgroup.c), or None (nothing to flush, or not built)."""
+    return _records.CommitGroup() if _records is not None and data.flushes else None
 
 
 def grant_key(pool: str, ns: str, name: str) -> bytes:
@@ -123,11 +142,13 @@ def grants_of(conn: Connection) -> dict[bytes, FastGrant] | None:
     return conn.services.setdefault(GRANTS, {})
 
 
-def grant(conn: Connection, plog: "_Plog", m: dict[str, Any], counts: array) -> None:
+def grant(conn: Connection, plog: "_Plog", m: dict[str, Any], counts: array,
+          flush_to: Callable[["_Plog", int], None]) -> None:
     """After Python served an append of `plog` from `conn` (request `m`): let later ones of the
-    common case go through append_one, when the plog is one it can serve."""
+    common case go through append_one, when the plog is one it can serve. `flush_to`: Python's
+    commit of a written append (PlogService._flush_to), for the loop's commit_wait."""
     if plog.role == "home":
-        _give(conn, plog, m, b"", counts)
+        _give(conn, plog, m, b"", counts, flush_to)
 
 
 def grant_replica(conn: Connection, plog: "_Plog", m: dict[str, Any]) -> None:
@@ -135,10 +156,11 @@ def grant_replica(conn: Connection, plog: "_Plog", m: dict[str, Any]) -> None:
     (request `m`): let the home's later forwards of whole records through _records.c
     replica_packet. Only where nothing is to flush (ramdisk): a copy on pmem commits in Python."""
     if conn.role == "peer" and plog.role == "replica" and not plog.data.flushes:
-        _give(conn, plog, m, REPLICA_KEY_PREFIX, None)
+        _give(conn, plog, m, REPLICA_KEY_PREFIX, None, None)
 
 
-def _give(conn: Connection, plog: "_Plog", m: dict[str, Any], prefix: bytes, counts: array | None) -> None:
+def _give(conn: Connection, plog: "_Plog", m: dict[str, Any], prefix: bytes, counts: array | None,
+          flush_to: Callable[["_Plog", int], None] | None) -> None:
     """The grant of `plog` to `conn` under the request's names and secId, which Python has just
     checked (its namespace's entry in conn.verified), when the compiled part can serve it."""
     if _records is None or not conn.carries_fds:
@@ -159,7 +181,7 @@ def _give(conn: Connection, plog: "_Plog", m: dict[str, Any], prefix: bytes, cou
         return
     if key not in grants and len(grants) >= MAX_PLOG_FAST_GRANTS_PER_CONNECTION:
         grants.pop(next(iter(grants)))        # the oldest: served by Python again, and granted again
-    grants[key] = FastGrant(plog, sec, (pool, ns), proven, segments, counts)
+    grants[key] = FastGrant(plog, sec, (pool, ns), proven, segments, counts, flush_to)
 
 
 def forward_head(copy_args: dict[str, Any]) -> bytes:

@@ -107,6 +107,8 @@ class _Plog:
         self.created_s = created_s
         self.lock = threading.Lock()          # the sequencer: plans, writes, commits, seal
         self.flush_lock = threading.Lock()    # one flusher at a time (group commit)
+        # Where appends its connections' receive loops wrote wait for a flush (pmem), or None.
+        self.commit_group = fast_append.commit_group(data)
         self.touched: set[int] = set()        # segments written since the last flush started
         self.readers = 0                      # reads under way: a delete frees the bytes after them
         self.deleted = False
@@ -734,7 +736,7 @@ class PlogService:
             try:
                 data, lengths = self._shared_batch(conn, shared, m.get("lengths"))
                 offsets = self._append(plog, data, lengths, shared=True)
-                fast_append.grant(conn, plog, m, self.served_counts)   # its next batches: compiled
+                fast_append.grant(conn, plog, m, self.served_counts, self._flush_to)   # its next batches: compiled
                 return {"offsets": offsets}
             finally:
                 if data is not None:
@@ -746,7 +748,7 @@ class PlogService:
         lengths = _lengths([len(r) for r in records], None)
         offsets = self._append(plog, memoryview(b"".join(records)), lengths)
         if len(records) == 1:
-            fast_append.grant(conn, plog, m, self.served_counts)   # its next ones: compiled (fast_append.py)
+            fast_append.grant(conn, plog, m, self.served_counts, self._flush_to)   # its next ones: compiled
         return {"offsets": offsets}
 
     def fast_finish(self, got: tuple[Any, ...], started_s: float) -> bytes:
