@@ -133,7 +133,7 @@ int commit_wait(AppendWait *wait, PyThreadState **save) {
     for (;;) {
         if (g->committed >= wait->end) {
             g->covered++;
-            covered = committed >= wait->end;
+            covered = 1;                  /* another's flush covered it */
             break;
         }
         if (!g->leading) {
