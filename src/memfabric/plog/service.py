@@ -227,7 +227,8 @@ class PlogService:
         self.forwards = 0                     # pieces of the log sent to copies, and those sent compiled
         self.compiled_forwards = 0
         # Appends and their payload bytes answered in the connections' receive loops (those
-        # committed at once: _records.c serve_append), counted there, with the GIL.
+        # committed at once: _records.c serve_append, and pmem ones after their shared flush:
+        # _commitgroup.c), counted there atomically (commit_wait holds no GIL).
         self.served_counts = array("Q", [0, 0])
         # Record bytes held in this server's own memory before they are appended (stages, RPC
         # payloads): bounded for the whole server, so many connections cannot take its RAM.
