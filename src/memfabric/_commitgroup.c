@@ -108,7 +108,9 @@ static void sleep_a_slice(CommitGroup *g) {
 }
 
 /* The leader's flush: Python's (the grant's `flush(end)`, returning the log's committed end),
- * with the GIL; -1 when it raised (cleared: Python's fast_finish raises it again, and answers). */
+ * with the GIL; -1 when it raised (cleared: Python's fast_finish raises it again, and answers).
+ * Whatever it raised is cleared, a KeyboardInterrupt too: connection threads are never the
+ * main thread, where signal handlers run. */
 static long long python_flush(PyObject *grant, long long end, PyThreadState **save) {
     PyEval_RestoreThread(*save);
     long long committed = -1;

@@ -113,7 +113,7 @@ def test_compiled_appends_are_the_python_paths_to_the_byte(fab, pool, request):
         frames_check(slow, link, payloads)
 
 
-def test_a_ramdisk_append_is_answered_in_the_receive_loop_and_counted(fab, pool, request):
+def test_an_append_is_answered_in_the_receive_loop_and_counted(fab, pool, request):
     """The connection's receive loop answers a granted append without handing the request to
     Python (_frames.c serve_packets): Python's operation histogram does not see it, the plog
     counters do. On ramdisk nothing is to flush; on pmem the loop waits for a flush (its own
