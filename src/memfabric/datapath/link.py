@@ -236,6 +236,7 @@ class ServerLink:
         if timeout_s <= 0:
             return None
         failure: MemfabricError | None = None
+        got: Any = None
         try:
             if not self._lock.acquire(False):
                 return None          # busy: call() waits its turn
@@ -254,27 +255,9 @@ class ServerLink:
                 status, value, waited_s = call(fd, buffer, poll_s, request_id, timeout_s)
             except OSError as exc:
                 raise _Broken(self._gone(op, exc)) from None
-            self._channel.waited(waited_s)
-            if status == _records.CALL_OK:
-                del self._abandoned[request_id]
-                return value
-            if status == _records.CALL_UNSENT:
-                del self._abandoned[request_id]          # a SEQPACKET message goes whole or not at all
-                raise Timeout(f"server at {self.ipc_socket} took no request for {timeout_s:.3g}s ({op!r})")
-            if status == _records.CALL_TIMEOUT:
-                self._abandon(request_id, op, args)
-                raise Timeout(f"server at {self.ipc_socket} did not answer {op!r} within {timeout_s:.3g}s")
-            if status == _records.CALL_CLOSED:
-                raise _Broken(self._gone(op, PeerClosed()))
-            if status != _records.CALL_REPLY:
-                raise _Broken(ProtocolError(f"the reply to {op!r} was over {len(buffer)} bytes or carried fds"))
-            try:
-                reply = wire.decode(memoryview(buffer)[:value])
-            except ProtocolError as exc:
-                raise _Broken(exc) from None
-            if reply["id"] != request_id:        # nothing was given up on: no late reply can come
-                raise _Broken(ProtocolError(f"reply to request {request_id} carried id {reply['id']!r}"))
-            del self._abandoned[request_id]
+            done, got = self._compiled_reply(op, args, request_id, timeout_s, buffer, status, value, waited_s)
+            if done:
+                return got
         except _Broken as broken:
             failure = broken.error
         finally:
@@ -282,6 +265,60 @@ class ServerLink:
                 self._lock.release()     # no call (where a signal's handler runs) before it
             except RuntimeError:
                 pass                     # not ours: not taken, or interrupted before it was
+        return self._compiled_error(op, args, got, failure)
+
+    def end_compiled(self, op: str, args: dict[str, Any], request_id: int, timeout_s: float, buffer: bytearray,
+                     status: int, value: int, waited_s: float) -> Any:
+        """call_compiled's rules for a call a compiled caller made itself (_records.c's forward
+        in a home's receive loop), having taken this link as call_compiled does: its lock (held
+        by this thread, released here), the request's id and its entry in _abandoned. Returns
+        or raises as call_compiled."""
+        failure: MemfabricError | None = None
+        got: Any = None
+        try:
+            done, got = self._compiled_reply(op, args, request_id, timeout_s, buffer, status, value, waited_s)
+            if done:
+                return got
+        except _Broken as broken:
+            failure = broken.error
+        finally:
+            try:
+                self._lock.release()
+            except RuntimeError:
+                pass
+        return self._compiled_error(op, args, got, failure)
+
+    def _compiled_reply(self, op: str, args: dict[str, Any], request_id: int, timeout_s: float, buffer: bytearray,
+                        status: int, value: int, waited_s: float) -> tuple[bool, Any]:
+        """Under the lock, a compiled call's outcome: (True, value) for the common reply, or
+        (False, the reply decoded); raises Timeout, or _Broken when the link must close."""
+        if status < 0:        # the call failed with errno `value` (as an OSError from call_compiled's call)
+            raise _Broken(self._gone(op, OSError(value, os.strerror(value))))
+        self._channel.waited(waited_s)
+        if status == _records.CALL_OK:
+            del self._abandoned[request_id]
+            return True, value
+        if status == _records.CALL_UNSENT:
+            del self._abandoned[request_id]          # a SEQPACKET message goes whole or not at all
+            raise Timeout(f"server at {self.ipc_socket} took no request for {timeout_s:.3g}s ({op!r})")
+        if status == _records.CALL_TIMEOUT:
+            self._abandon(request_id, op, args)
+            raise Timeout(f"server at {self.ipc_socket} did not answer {op!r} within {timeout_s:.3g}s")
+        if status == _records.CALL_CLOSED:
+            raise _Broken(self._gone(op, PeerClosed()))
+        if status != _records.CALL_REPLY:
+            raise _Broken(ProtocolError(f"the reply to {op!r} was over {len(buffer)} bytes or carried fds"))
+        try:
+            reply = wire.decode(memoryview(buffer)[:value])
+        except ProtocolError as exc:
+            raise _Broken(exc) from None
+        if reply["id"] != request_id:        # nothing was given up on: no late reply can come
+            raise _Broken(ProtocolError(f"reply to request {request_id} carried id {reply['id']!r}"))
+        del self._abandoned[request_id]
+        return False, reply
+
+    def _compiled_error(self, op: str, args: dict[str, Any], reply: Any, failure: MemfabricError | None) -> Any:
+        """After the lock: a broken link closed, an error reply raised, else the reply."""
         if failure is not None:
             self._fail()
             raise failure
