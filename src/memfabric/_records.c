@@ -27,6 +27,7 @@
 #include <Python.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <stdint.h>
 #include <string.h>
 #include <sched.h>
@@ -1527,6 +1528,7 @@ static int count_served(PyObject *grant, uint64_t records, uint64_t payload_byte
 
 extern PyTypeObject CommitGroupType;
 int commit_wait(AppendWait *wait, PyThreadState **save);
+static int forward_served(PyObject *pending);
 
 static int serve_append(const unsigned char *packet, size_t n, PyObject *grants, PyObject *conn, unsigned char *reply,
                         size_t room, size_t *reply_n, AppendWait *wait) {
@@ -1542,7 +1544,16 @@ static int serve_append(const unsigned char *packet, size_t n, PyObject *grants,
     uint64_t payload_bytes = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(got, 4));
     int fits = (size_t)PyBytes_GET_SIZE(reply_obj) <= room && !PyErr_Occurred();
     PyErr_Clear();
-    if (fits && PyTuple_GET_ITEM(got, 3) == Py_True && count_served(grant, records, payload_bytes)) {
+    int committed = PyTuple_GET_ITEM(got, 3) == Py_True;
+    if (!committed && fits) {          /* its copy's to hold first: forwarded here when Python let it */
+        int forwarded = forward_served(got);
+        if (forwarded < 0) {
+            Py_DECREF(got);
+            return -1;
+        }
+        committed = forwarded == 1;
+    }
+    if (fits && committed && count_served(grant, records, payload_bytes)) {
         *reply_n = (size_t)PyBytes_GET_SIZE(reply_obj);
         memcpy(reply, PyBytes_AS_STRING(reply_obj), *reply_n);
         Py_DECREF(got);
@@ -1608,51 +1619,20 @@ static void put_be64(unsigned char *p, uint64_t v) {
         p[i] = (unsigned char)(v >> (8 * (7 - i)));
 }
 
-static PyObject *call_append(PyObject *Py_UNUSED(self), PyObject *args) {
-    int fd;
-    Py_buffer head, record, buffer;
-    double budget_s, poll_s;
-    unsigned long long request_id;
-    if (!PyArg_ParseTuple(args, "iy*y*dKw*d", &fd, &head, &record, &budget_s, &request_id, &buffer, &poll_s))
-        return NULL;
-    PyObject *result = NULL;
-    unsigned char bin[5], tail[32];
-    size_t bin_n, tail_n = 0;
-    uint64_t n = (uint64_t)record.len;
-    if (n <= 0xff) {
-        bin[0] = 0xc4;
-        bin[1] = (unsigned char)n;
-        bin_n = 2;
-    } else if (n <= 0xffff) {
-        bin[0] = 0xc5;
-        bin[1] = (unsigned char)(n >> 8);
-        bin[2] = (unsigned char)n;
-        bin_n = 3;
-    } else {
-        bin[0] = 0xc6;
-        for (int i = 0; i < 4; i++)
-            bin[1 + i] = (unsigned char)(n >> (8 * (3 - i)));
-        bin_n = 5;
-    }
-    tail_n += put_key(tail, "budget_s");
-    tail[tail_n++] = 0xcb;
-    uint64_t bits;
-    memcpy(&bits, &budget_s, sizeof bits);
-    put_be64(tail + tail_n, bits);
-    tail_n += 8;
-    tail_n += put_key(tail + tail_n, "id");
-    tail[tail_n++] = 0xcf;                 /* the id as 8 bytes: the reply echoes it as msgpack does */
-    put_be64(tail + tail_n, request_id);
-    tail_n += 8;
-    struct iovec out[4] = {{head.buf, (size_t)head.len}, {bin, bin_n}, {record.buf, (size_t)record.len},
-                           {tail, tail_n}};
+/* The request in `out` sent as one SEQPACKET message and its reply received into `buffer`
+ * (polling until poll_s, then blocking; the GIL let go meanwhile): a CALL_ status, with *value
+ * (CALL_OK: the reply's offset; CALL_REPLY: its length) and *waited_s set; -1 with *err (an
+ * errno) or *interrupted (a signal's handler raised: its exception set) instead. */
+static int exchange(int fd, struct iovec *out, int out_n, Py_buffer *buffer, double poll_s,
+                    unsigned long long request_id, uint64_t *value, double *waited_s, int *err_out,
+                    int *interrupted_out) {
     struct msghdr msg;
     memset(&msg, 0, sizeof msg);
     msg.msg_iov = out;
-    msg.msg_iovlen = 4;
+    msg.msg_iovlen = (size_t)out_n;
     int status = -1, err = 0, interrupted = 0;
     ssize_t got = -1;
-    double waited_s = 0.0;
+    double waited_s_ = 0.0;
     PyThreadState *save = PyEval_SaveThread();
     for (;;) {
         if (sendmsg(fd, &msg, MSG_NOSIGNAL) >= 0)
@@ -1677,7 +1657,7 @@ static PyObject *call_append(PyObject *Py_UNUSED(self), PyObject *args) {
             struct cmsghdr align;
             char space[CMSG_SPACE(4 * sizeof(int))];
         } control;
-        struct iovec in = {buffer.buf, (size_t)buffer.len};
+        struct iovec in = {buffer->buf, (size_t)buffer->len};
         double began = clock_s(), poll_until = began + poll_s;
         int polled = 0;
         for (;;) {
@@ -1719,7 +1699,7 @@ static PyObject *call_append(PyObject *Py_UNUSED(self), PyObject *args) {
                 err = errno;
             break;
         }
-        waited_s = clock_s() - began;
+        waited_s_ = clock_s() - began;
         if (got >= 0) {
             int fds = 0;
             for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
@@ -1745,7 +1725,7 @@ static PyObject *call_append(PyObject *Py_UNUSED(self), PyObject *args) {
     uint64_t offset = 0;
     if (status == CALL_REPLY) {            /* the common reply, read here: 82 "offsets" [n] "id" id */
         static const unsigned char prefix[] = {0x82, 0xa7, 'o', 'f', 'f', 's', 'e', 't', 's', 0x91};
-        Reader r = {buffer.buf, (const unsigned char *)buffer.buf + got};
+        Reader r = {buffer->buf, (const unsigned char *)buffer->buf + got};
         const unsigned char *at, *raw, *key;
         size_t raw_n, key_n;
         uint64_t id;
@@ -1756,18 +1736,427 @@ static PyObject *call_append(PyObject *Py_UNUSED(self), PyObject *args) {
                 && id == request_id && r.p == r.end)
             status = CALL_OK;
     }
+    *value = status == CALL_OK ? offset : status == CALL_REPLY ? (uint64_t)got : 0;
+    *waited_s = waited_s_;
+    *err_out = err;
+    *interrupted_out = interrupted;
+    return err || interrupted ? -1 : status;
+}
+
+static PyObject *call_append(PyObject *Py_UNUSED(self), PyObject *args) {
+    int fd;
+    Py_buffer head, record, buffer;
+    double budget_s, poll_s;
+    unsigned long long request_id;
+    if (!PyArg_ParseTuple(args, "iy*y*dKw*d", &fd, &head, &record, &budget_s, &request_id, &buffer, &poll_s))
+        return NULL;
+    PyObject *result = NULL;
+    unsigned char bin[5], tail[32];
+    size_t bin_n, tail_n = 0;
+    uint64_t n = (uint64_t)record.len;
+    if (n <= 0xff) {
+        bin[0] = 0xc4;
+        bin[1] = (unsigned char)n;
+        bin_n = 2;
+    } else if (n <= 0xffff) {
+        bin[0] = 0xc5;
+        bin[1] = (unsigned char)(n >> 8);
+        bin[2] = (unsigned char)n;
+        bin_n = 3;
+    } else {
+        bin[0] = 0xc6;
+        for (int i = 0; i < 4; i++)
+            bin[1 + i] = (unsigned char)(n >> (8 * (3 - i)));
+        bin_n = 5;
+    }
+    tail_n += put_key(tail, "budget_s");
+    tail[tail_n++] = 0xcb;
+    uint64_t bits;
+    memcpy(&bits, &budget_s, sizeof bits);
+    put_be64(tail + tail_n, bits);
+    tail_n += 8;
+    tail_n += put_key(tail + tail_n, "id");
+    tail[tail_n++] = 0xcf;                 /* the id as 8 bytes: the reply echoes it as msgpack does */
+    put_be64(tail + tail_n, request_id);
+    tail_n += 8;
+    struct iovec out[4] = {{head.buf, (size_t)head.len}, {bin, bin_n}, {record.buf, (size_t)record.len},
+                           {tail, tail_n}};
+    uint64_t offset = 0;
+    double waited_s = 0.0;
+    int err = 0, interrupted = 0;
+    int status = exchange(fd, out, 4, &buffer, poll_s, request_id, &offset, &waited_s, &err, &interrupted);
     if (interrupted) {
         /* the handler's exception is set */
     } else if (err) {
         errno = err;
         PyErr_SetFromErrno(PyExc_OSError);
     } else {
-        result = Py_BuildValue("(iKd)", status, status == CALL_OK ? (unsigned long long)offset
-                               : status == CALL_REPLY ? (unsigned long long)got : 0ULL, waited_s);
+        result = Py_BuildValue("(iKd)", status, (unsigned long long)offset, waited_s);
     }
     PyBuffer_Release(&head);
     PyBuffer_Release(&record);
     PyBuffer_Release(&buffer);
+    return result;
+}
+
+/* ---- forward_served: a home's forward to its one live same-host copy, in its receive loop ----
+ *
+ * serve_append's append_one wrote a record its plog's copy must hold before it is answered.
+ * Python forwarded it (PlogService._flush_to, under the plog's flush lock, through the peer
+ * link's call_compiled): some 35 us of Python per append around the compiled call, as much
+ * again as the call. Here the same is done in C, every rule of that path read again from the
+ * same objects (the forwarder, plog/fast_append.py Forwarder, only says which copy and link
+ * Python chose, and the request's fixed parts), or nothing is done:
+ *   the flush lock taken without waiting; nothing but the log's end to forward and commit
+ *   (forwarded == committed, written == end), in one piece and one extent; the plog not
+ *   resyncing nor broken, as many dead copies as when Python made the forwarder; the cluster's
+ *   view the one Python saw then, not older than Server.view keeps one; the link the server's
+ *   for that copy (Server._peer's), open, idle (its lock taken without waiting), nothing given
+ *   up on, no undo or "gone" list pending, its bound the one call_compiled would set, its peer
+ *   not hung up.
+ * Any of these not so: 0, nothing sent or changed, and Python commits it as before. Else the
+ * log's bytes, read from the segment's file under its lock (as Python reads them), go out as
+ * send_forward's request, its reply read without the GIL (exchange, as call_append). The common
+ * reply (CALL_OK) commits the log to `end` (PlogLog.commit) and counts the forward in `counts`
+ * ([2] forwards, [3] compiled ones): 1. Any other outcome is handed to the forwarder's `failed`,
+ * which applies call_compiled's rules to it and then _forward's (the copy marked dead, or the
+ * plog fenced); then 0, and Python's _flush_to finishes the append as it would have. -1: an
+ * error is set (MemoryError, or a signal handler's exception). */
+
+#define FORWARD_PIECE_MOST (128u << 10)     /* limits.py PLOG_REPLICA_PIECE_BYTES (checked there) */
+
+static PyObject *attr(PyObject *o, const char *name) {
+    return o == NULL ? NULL : PyObject_GetAttrString(o, name);
+}
+
+static long long attr_n(PyObject *o, const char *name) {
+    PyObject *v = attr(o, name);
+    long long x = v != NULL && PyLong_Check(v) ? PyLong_AsLongLong(v) : -1;
+    Py_XDECREF(v);
+    return x;
+}
+
+/* attr(o, name) is `want`: 1, else 0. */
+static int attr_is(PyObject *o, const char *name, PyObject *want) {
+    PyObject *v = attr(o, name);
+    Py_XDECREF(v);
+    return v != NULL && v == want;
+}
+
+/* attr(o, name) false (0, None, empty): 1, else 0. */
+static int attr_false(PyObject *o, const char *name) {
+    PyObject *v = attr(o, name);
+    int t = v == NULL ? -1 : PyObject_IsTrue(v);
+    Py_XDECREF(v);
+    return t == 0;
+}
+
+static int set_n(PyObject *o, const char *name, long long x) {
+    PyObject *v = PyLong_FromLongLong(x);
+    if (v == NULL)
+        return -1;
+    int rc = PyObject_SetAttrString(o, name, v);
+    Py_DECREF(v);
+    return rc;
+}
+
+static double attr_double(PyObject *o, const char *name) {
+    PyObject *v = attr(o, name);
+    double d = v != NULL && PyFloat_Check(v) ? PyFloat_AS_DOUBLE(v) : -1.0;
+    Py_XDECREF(v);
+    return d;
+}
+
+/* The peer hung up (as sockets.py HangUpWatch.peer_gone: one poll that does not wait). */
+static int peer_hung_up(int fd) {
+    struct pollfd p = {.fd = fd, .events = POLLRDHUP};
+    int r = poll(&p, 1, 0);
+    return r < 0 || (r > 0 && (p.revents & (POLLHUP | POLLRDHUP | POLLERR | POLLNVAL)));
+}
+
+static int forward_served(PyObject *pending) {
+    if (PyTuple_GET_SIZE(pending) != 6)
+        return 0;                          /* a batch's: Python's */
+    PyObject *grant = PyTuple_GET_ITEM(pending, 1);
+    long long end = PyLong_AsLongLong(PyTuple_GET_ITEM(pending, 2));
+    if (end < 0 || PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    int result = 0, flush_locked = 0, link_locked = 0, seg_locked = 0, failed = 0;
+    PyObject *plog = attr(grant, "plog"), *fwd = NULL, *flush_lock = NULL, *core = NULL, *link = NULL,
+             *link_lock = NULL, *channel = NULL, *channel_args = NULL, *server = NULL, *view = NULL, *peers = NULL,
+             *server_id = NULL, *seg_lock = NULL, *abandoned = NULL, *id_obj = NULL, *head = NULL, *mid = NULL,
+             *entry = NULL, *got = NULL;
+    unsigned char *piece = NULL;
+    Py_buffer buffer = {0};
+    fwd = attr(plog, "fast_forward");
+    if (fwd == NULL || fwd == Py_None || !attr_is(fwd, "plog", plog))
+        goto done;
+    if ((flush_lock = attr(plog, "flush_lock")) == NULL || try_lock(flush_lock) != 1)
+        goto done;
+    flush_locked = 1;
+
+    /* The plog, as _flush_to and _forward read it. */
+    core = get(plog, s_core);
+    long long committed = attr_n(core, "committed"), written = attr_n(core, "written");
+    long long forwarded = attr_n(plog, "forwarded"), n = end - forwarded;
+    if (committed < 0 || forwarded != committed || written != end || n <= 0 || n > FORWARD_PIECE_MOST
+            || !attr_false(plog, "resync") || !attr_is(plog, "broken", Py_None))
+        goto done;
+    PyObject *dead = attr(plog, "dead");
+    long long dead_n = dead != NULL && PySet_Check(dead) ? (long long)PySet_GET_SIZE(dead) : -1;
+    Py_XDECREF(dead);
+    if (dead_n < 0 || dead_n != attr_n(fwd, "dead_count"))
+        goto done;
+    /* The cluster's view: the one the forwarder was made with, still fresh (Server.view). */
+    server = attr(fwd, "server");
+    view = attr(fwd, "view");
+    double view_at = attr_double(server, "_view_at"), ttl = attr_double(fwd, "view_ttl_s");
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    double now = (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+    if (view == NULL || !attr_is(server, "_view", view) || view_at < 0 || ttl < 0 || now - view_at > ttl)
+        goto done;
+    /* The link: the server's for the copy, as Server._peer finds it, and idle. */
+    link = attr(fwd, "link");
+    peers = attr(server, "_peers");
+    server_id = attr(fwd, "server_id");
+    if (link == NULL || peers == NULL || server_id == NULL || !PyDict_Check(peers)
+            || PyDict_GetItemWithError(peers, server_id) != link)
+        goto done;
+    if (!attr_is(link, "_closed", Py_False) || !attr_false(link, "_abandoned") || !attr_false(link, "_undos")
+            || !attr_false(link, "_late_gone"))
+        goto done;
+    double timeout_s = attr_double(link, "timeout_s");
+    if (timeout_s <= 0 || attr_double(link, "_bound_s") != timeout_s)
+        goto done;
+    if ((link_lock = attr(link, "_lock")) == NULL)
+        goto done;
+    PyObject *owned = PyObject_CallMethod(link_lock, "_is_owned", NULL);
+    int is_owned = owned == NULL ? -1 : PyObject_IsTrue(owned);
+    Py_XDECREF(owned);
+    if (is_owned != 0 || try_lock(link_lock) != 1)
+        goto done;
+    link_locked = 1;
+    if (!attr_is(link, "_closed", Py_False) || !attr_false(link, "_abandoned") || !attr_false(link, "_undos"))
+        goto done;
+    channel = attr(link, "_channel");
+    channel_args = channel ? PyObject_CallMethod(channel, "compiled_call_args", NULL) : NULL;
+    if (channel_args == NULL || !PyTuple_Check(channel_args) || PyTuple_GET_SIZE(channel_args) != 3)
+        goto done;
+    int fd = (int)PyLong_AsLong(PyTuple_GET_ITEM(channel_args, 0));
+    double poll_s = PyFloat_AsDouble(PyTuple_GET_ITEM(channel_args, 2));
+    if (PyErr_Occurred() || fd < 0 || peer_hung_up(fd))
+        goto done;
+    if (PyObject_GetBuffer(PyTuple_GET_ITEM(channel_args, 1), &buffer, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+        goto done;
+    head = attr(fwd, "head");
+    mid = attr(fwd, "mid");
+    entry = attr(fwd, "abandoned_entry");
+    abandoned = attr(link, "_abandoned");
+    if (head == NULL || !PyBytes_Check(head) || mid == NULL || !PyBytes_Check(mid) || entry == NULL
+            || abandoned == NULL || !PyDict_Check(abandoned))
+        goto done;
+
+    /* The log's bytes, read as LogBytes.read reads them (under the segment's lock). */
+    long long file_at;
+    Py_ssize_t seg_index;
+    if (!one_extent(grant, (uint64_t)forwarded, (uint64_t)n, &file_at, &seg_index))
+        goto done;
+    if ((piece = PyMem_Malloc((size_t)n)) == NULL) {
+        PyErr_NoMemory();
+        result = -1;
+        goto done;
+    }
+    int seg_fd = lock_segment(grant, seg_index, &seg_lock, &seg_locked);
+    if (seg_fd < 0)
+        goto done;
+    ssize_t read_n;
+    do
+        read_n = pread(seg_fd, piece, (size_t)n, (off_t)file_at);
+    while (read_n < 0 && errno == EINTR);
+    unlock(seg_lock);
+    seg_locked = 0;
+    if (read_n != (ssize_t)n)
+        goto done;
+
+    /* Taken as call_compiled takes it: the next id, given up on until its reply is read. */
+    long long request_id = attr_n(link, "_next_id");
+    if (request_id < 0 || (id_obj = PyLong_FromLongLong(request_id)) == NULL)
+        goto done;
+    if (set_n(link, "_next_id", request_id + 1) < 0 || PyDict_SetItem(abandoned, id_obj, entry) < 0)
+        goto done;
+    long long calls = attr_n(link, "compiled_calls");
+    if (calls < 0 || set_n(link, "compiled_calls", calls + 1) < 0)
+        PyErr_Clear();
+
+    /* send_forward's request: head, "at" as a u64, "last": true, "data", then the bin of the
+     * bytes, budget_s and id (as call_append adds them). */
+    unsigned char at_raw[9], bin[5], tail[32];
+    size_t bin_n, tail_n = 0;
+    at_raw[0] = 0xcf;
+    put_be64(at_raw + 1, (uint64_t)forwarded);
+    if (n <= 0xff) {
+        bin[0] = 0xc4;
+        bin[1] = (unsigned char)n;
+        bin_n = 2;
+    } else if (n <= 0xffff) {
+        bin[0] = 0xc5;
+        bin[1] = (unsigned char)(n >> 8);
+        bin[2] = (unsigned char)n;
+        bin_n = 3;
+    } else {
+        bin[0] = 0xc6;
+        for (int i = 0; i < 4; i++)
+            bin[1 + i] = (unsigned char)((uint64_t)n >> (8 * (3 - i)));
+        bin_n = 5;
+    }
+    tail_n += put_key(tail, "budget_s");
+    tail[tail_n++] = 0xcb;
+    uint64_t bits;
+    memcpy(&bits, &timeout_s, sizeof bits);
+    put_be64(tail + tail_n, bits);
+    tail_n += 8;
+    tail_n += put_key(tail + tail_n, "id");
+    tail[tail_n++] = 0xcf;
+    put_be64(tail + tail_n, (uint64_t)request_id);
+    tail_n += 8;
+    struct iovec out[6] = {{PyBytes_AS_STRING(head), (size_t)PyBytes_GET_SIZE(head)}, {at_raw, sizeof at_raw},
+                           {PyBytes_AS_STRING(mid), (size_t)PyBytes_GET_SIZE(mid)}, {bin, bin_n},
+                           {piece, (size_t)n}, {tail, tail_n}};
+    uint64_t value = 0;
+    double waited_s = 0.0;
+    int err = 0, interrupted = 0;
+    int status = exchange(fd, out, 6, &buffer, poll_s, (unsigned long long)request_id, &value, &waited_s, &err,
+                          &interrupted);
+    if (status == CALL_REPLY) {      /* the copy's common reply (replica_packet's): 82 "length" end "id" id */
+        static const unsigned char prefix[] = {0x82, 0xa6, 'l', 'e', 'n', 'g', 't', 'h'};
+        Reader r = {buffer.buf, (const unsigned char *)buffer.buf + value};
+        const unsigned char *at, *raw, *key;
+        size_t raw_n, key_n;
+        uint64_t length, id;
+        int neg;
+        if (value <= (uint64_t)buffer.len && take(&r, sizeof prefix, &at) && memcmp(at, prefix, sizeof prefix) == 0
+                && read_int(&r, &raw, &raw_n, &length, &neg) && !neg && length == (uint64_t)end
+                && read_bytes(&r, 's', &key, &key_n) && key_is(key, key_n, "id")
+                && read_int(&r, &raw, &raw_n, &id, &neg) && !neg && id == (uint64_t)request_id && r.p == r.end)
+            status = CALL_OK;
+    }
+    PyBuffer_Release(&buffer);
+    buffer.obj = NULL;
+    if (status < 0 && !interrupted)
+        value = (uint64_t)err;               /* failed(): the errno */
+    if (status == CALL_OK) {
+        /* call_compiled's common case, then _forward's and _flush_to's. */
+        if (PyDict_DelItem(abandoned, id_obj) < 0)
+            PyErr_Clear();
+        got = PyObject_CallMethod(channel, "waited", "d", waited_s);
+        Py_XDECREF(got);
+        got = NULL;
+        PyErr_Clear();
+        unlock(link_lock);
+        link_locked = 0;
+        PyObject *end_obj = PyTuple_GET_ITEM(pending, 2);
+        PyObject *plog_lock = get(plog, s_lock);
+        int ok = plog_lock != NULL && PyObject_SetAttrString(plog, "forwarded", end_obj) == 0
+                 && wait_lock(plog_lock) == 1;
+        if (ok) {
+            got = PyObject_CallMethod(core, "commit", "O", end_obj);
+            unlock(plog_lock);
+            ok = got != NULL;
+            Py_XDECREF(got);
+            got = NULL;
+        }
+        Py_XDECREF(plog_lock);
+        if (!ok) {
+            /* (MemoryError.) Not committed here: Python's _flush_to commits it. */
+            if (PyErr_ExceptionMatches(PyExc_MemoryError)) {
+                result = -1;
+                goto done;
+            }
+            PyErr_Clear();
+            goto done;
+        }
+        PyObject *counts = attr(grant, "counts");
+        Py_buffer cv;
+        if (counts != NULL && PyObject_GetBuffer(counts, &cv, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) == 0) {
+            if (cv.len >= 32) {      /* (atomic as count_served's: commit_wait adds to [0], [1] without the GIL) */
+                uint64_t *c = cv.buf;
+                __atomic_fetch_add(&c[2], 1, __ATOMIC_RELAXED);
+                __atomic_fetch_add(&c[3], 1, __ATOMIC_RELAXED);
+            }
+            PyBuffer_Release(&cv);
+        }
+        Py_XDECREF(counts);
+        PyErr_Clear();
+        result = 1;
+        goto done;
+    }
+    /* Not the common reply: Python's rules for it (the link's lock released there). */
+    PyObject *type = NULL, *exc = NULL, *tb = NULL;
+    if (interrupted)
+        PyErr_Fetch(&type, &exc, &tb);
+    link_locked = 0;
+    failed = 1;
+    got = PyObject_CallMethod(fwd, "failed", "iKdLOL", interrupted ? -1 : status,
+                              interrupted ? (unsigned long long)EINTR : (unsigned long long)value, waited_s, request_id,
+                              PyTuple_GET_ITEM(channel_args, 1), end);
+    Py_XDECREF(got);
+    if (got == NULL) {
+        PyObject *held = PyObject_CallMethod(link_lock, "_is_owned", NULL);
+        if (held != NULL && PyObject_IsTrue(held) == 1)
+            unlock(link_lock);                 /* (failed() did not run) */
+        Py_XDECREF(held);
+        if (interrupted || PyErr_ExceptionMatches(PyExc_MemoryError) || PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
+            result = -1;
+        else
+            PyErr_Clear();     /* SEALED (the plog fenced: _flush_to says so), or a bug: Python's path */
+    }
+    got = NULL;
+    if (interrupted) {
+        PyErr_Restore(type, exc, tb);
+        result = -1;
+    }
+done:
+    (void)failed;
+    if (buffer.obj != NULL)
+        PyBuffer_Release(&buffer);
+    if (seg_locked)
+        unlock(seg_lock);
+    if (link_locked) {
+        /* taken, nothing sent: as call_compiled's `return None` */
+        if (id_obj != NULL && abandoned != NULL && PyDict_GetItemWithError(abandoned, id_obj) != NULL)
+            PyDict_DelItem(abandoned, id_obj);
+        unlock(link_lock);
+    }
+    if (flush_locked)
+        unlock(flush_lock);
+    if (result >= 0 && PyErr_Occurred()) {
+        if (PyErr_ExceptionMatches(PyExc_MemoryError) || PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
+            result = -1;
+        else
+            PyErr_Clear();
+    }
+    PyMem_Free(piece);
+    Py_XDECREF(plog);
+    Py_XDECREF(fwd);
+    Py_XDECREF(flush_lock);
+    Py_XDECREF(core);
+    Py_XDECREF(link);
+    Py_XDECREF(link_lock);
+    Py_XDECREF(channel);
+    Py_XDECREF(channel_args);
+    Py_XDECREF(server);
+    Py_XDECREF(view);
+    Py_XDECREF(peers);
+    Py_XDECREF(server_id);
+    Py_XDECREF(seg_lock);
+    Py_XDECREF(abandoned);
+    Py_XDECREF(id_obj);
+    Py_XDECREF(head);
+    Py_XDECREF(mid);
+    Py_XDECREF(entry);
     return result;
 }
 
@@ -1897,6 +2286,7 @@ PyMODINIT_FUNC PyInit__records(void) {
             || PyModule_AddIntConstant(m, "BATCH_MOST", BATCH_MOST) < 0
             || PyModule_AddIntConstant(m, "RECORD_MOST_BYTES", RECORD_MOST_BYTES) < 0
             || PyModule_AddIntConstant(m, "BATCH_FRAMES_MOST_BYTES", BATCH_FRAMES_MOST_BYTES) < 0
+            || PyModule_AddIntConstant(m, "FORWARD_PIECE_MOST", FORWARD_PIECE_MOST) < 0
             || PyModule_AddObject(m, "SERVE_APPEND", PyCapsule_New((void *)serve_append, "memfabric._records.SERVE_APPEND",
                                                                    NULL)) < 0
             || PyModule_AddObject(m, "COMMIT_WAIT", PyCapsule_New((void *)commit_wait, "memfabric._records.COMMIT_WAIT",

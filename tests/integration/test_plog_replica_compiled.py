@@ -5,12 +5,15 @@ pieces, a sealed copy, a deleted then re-created plog) goes to Python, which kee
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 
 import memfabric
 from memfabric.errors import Sealed
 
-from ..helpers import ns_name
+from ..helpers import ns_name, stop_process
 from .test_metrics import errors, ops, scrape, value
 from .test_plog_replicas import MiB, _body, _copy, _fabric, _metrics
 
@@ -127,3 +130,57 @@ def test_a_same_host_homes_forwards_go_out_in_one_compiled_call(pair, request):
         assert sent == compiled == 32
         assert list(_copy(log, other).records()) == list(log.records())
         assert log.info()["dead_replicas"] == []
+
+
+def test_a_homes_forwards_to_its_one_live_copy_are_served_in_its_receive_loop(pair, request):
+    """The home's side of the common case (_records.c forward_served): once Python forwarded
+    an append to the plog's only live copy, the next appends are written, forwarded, committed
+    and answered in the home's receive loop; its Python plog_append (fast_finish) sees none on
+    ramdisk (but when the loop finds the cluster's view too old: Python reads it again, about
+    every VIEW_TTL_S). On pmem the home flushes in Python: each is Python's."""
+    with memfabric.init(pair.directory, server=0) as s:
+        log, home, other = _replicated(pair, s, request)
+        log.append(_body(0))
+        log.append(_body(1))
+        before = scrape(_metrics(pair, home))
+        for i in range(2, 52):
+            log.append(_body(i))
+        after = scrape(_metrics(pair, home))
+        in_python = ops(after, "plog_append") - ops(before, "plog_append")
+        assert in_python <= 2 if pair.medium == "ramdisk" else in_python == 50
+        sent = value(after, "memfabric_plog_forwards_total") - value(before, "memfabric_plog_forwards_total")
+        compiled = value(after, "memfabric_plog_compiled_forwards_total") - value(
+            before, "memfabric_plog_compiled_forwards_total")
+        assert sent == compiled == 50
+        copy = _copy(log, other)
+        length = log.info()["length"]
+        assert copy.info()["length"] == length and copy.info()["records"] == 52
+        assert copy.read(0, length) == _copy(log, home).read(0, length)
+        assert list(copy.records()) == [_body(i) for i in range(52)]
+        assert log.info()["dead_replicas"] == []
+
+
+def test_a_copy_stopped_under_the_homes_loop_forward_is_dropped_after_the_peer_timeout(request):
+    """SIGSTOP the only copy once the home's loop forwards to it: the append waits for the peer
+    link's timeout (limits.PEER_TIMEOUT_S), then the copy is dead (the link's rules: the request given
+    up on) and reported, and appends go on without it; the home holds every acknowledged one."""
+    fab = _fabric(2, metrics=True)
+    try:
+        with memfabric.init(fab.directory, server=0) as s:
+            log, home, other = _replicated(fab, s, request)
+            acked = [log.append(_body(i)) for i in range(10)]
+            before = scrape(_metrics(fab, home))
+            pid = fab.server_pids()[other]
+            stop_process(pid)
+            try:
+                acked.append(log.append(_body(10)))
+                assert log.info()["dead_replicas"] == [other]
+                acked += [log.append(_body(i)) for i in range(11, 20)]
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            after = scrape(_metrics(fab, home))
+            assert ops(after, "plog_append") - ops(before, "plog_append") >= 1     # the one that timed out
+            assert list(log.records()) == [_body(i) for i in range(20)]
+            assert log.info()["state"] == "open" and log.info()["records"] == 20
+    finally:
+        assert fab.stop() == 0, "memfabric up did not stop cleanly:\n" + "".join(fab.output[-30:])

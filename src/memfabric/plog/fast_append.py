@@ -62,8 +62,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import msgpack
 
+from ..errors import MemfabricError
 from ..limits import (MAX_PLOG_BATCH, MAX_PLOG_FAST_GRANTS_PER_CONNECTION, MAX_PLOG_RECORD_BYTES,
-                      PLOG_SHARED_STAGE_KEPT_BYTES)
+                      PLOG_REPLICA_PIECE_BYTES, PLOG_SHARED_STAGE_KEPT_BYTES)
 from ..media.files import FileSegment
 from ..server.requests import Connection
 
@@ -76,8 +77,8 @@ except ImportError:      # pragma: no cover - ./dev builds it
     _records = None
 
 # append_batch's limits are compiled in: they must be these.
-assert _records is None or (_records.BATCH_MOST, _records.RECORD_MOST_BYTES) == (MAX_PLOG_BATCH,
-                                                                                MAX_PLOG_RECORD_BYTES)
+assert _records is None or (_records.BATCH_MOST, _records.RECORD_MOST_BYTES, _records.FORWARD_PIECE_MOST) == (
+    MAX_PLOG_BATCH, MAX_PLOG_RECORD_BYTES, PLOG_REPLICA_PIECE_BYTES)
 
 GRANTS = "plog_fast"          # conn.services[GRANTS]: grant key -> FastGrant
 _EXTENT = struct.Struct("=QQ")    # an extent's end in the log, and its offset in its segment's file
@@ -213,3 +214,50 @@ def send_forward(link: Any, head: bytes, head_entries: int, copy_args: dict[str,
     got = call_compiled("plog_replica_append", copy_args, lambda fd, buffer, poll_s, request_id, timeout_s:
                         _records.call_append(fd, request, data, timeout_s, request_id, buffer, poll_s))
     return got is not None
+
+
+class Forwarder:
+    """What a home's receive loop needs to forward an append to its plog's one live copy itself
+    (_records.c forward_served), read by name in C; `plog.fast_forward`, made by
+    PlogService._forward after it forwarded a piece compiled to that copy alone. It names the
+    choices Python made (the copy, its link, the view that showed it alive, the dead copies
+    then) and the request's fixed parts; C checks each against the plog, the server and the
+    link on every append, and does nothing where one no longer holds."""
+
+    __slots__ = ("service", "plog", "server", "server_id", "link", "view", "view_ttl_s", "dead_count", "head", "mid",
+                 "args", "abandoned_entry")
+
+    def __init__(self, service: Any, plog: "_Plog", server: Any, server_id: int, link: Any, view: Any,
+                 view_ttl_s: float, head: bytes, head_entries: int, args: dict[str, Any]) -> None:
+        assert head_entries + _FORWARD_ENTRIES <= 15 and server_id in plog.replica_servers
+        self.service = service
+        self.plog = plog
+        self.server = server
+        self.server_id = server_id
+        self.link = link
+        self.view = view
+        self.view_ttl_s = view_ttl_s
+        self.dead_count = len(plog.dead)
+        self.head = bytes([0x80 | (head_entries + _FORWARD_ENTRIES)]) + head + _AT     # then "at" (0xcf u64)
+        self.mid = _LAST + _DATA          # then the bin, budget_s and id
+        self.args = args
+        self.abandoned_entry = ("plog_replica_append", args)
+
+    def failed(self, status: int, value: int, waited_s: float, request_id: int, buffer: bytearray, end: int) -> None:
+        """forward_served sent the log up to `end` and the outcome was not the common reply (or,
+        status < 0, the call failed with errno `value`), the plog's flush lock held and the
+        link's taken: the link's rules (ServerLink.end_compiled, which lets its lock go), then
+        _forward's for the outcome (a dead copy marked, a sealed one fencing the plog)."""
+        link = self.link
+        try:
+            try:
+                link.end_compiled("plog_replica_append", self.args, request_id, link.timeout_s, buffer, status, value,
+                                  waited_s)
+            finally:
+                if link._lock._is_owned():       # (end_compiled not reached)
+                    link._lock.release()
+        except MemfabricError as exc:
+            self.service._forward_failed(self.plog, self.server_id, exc)
+        else:        # another reply, no error: taken as send_forward takes it
+            self.plog.forwarded = end
+            self.service._count_forwards(1, 1)

@@ -132,6 +132,9 @@ class _Plog:
         self.creds: tuple[str, str, bytes] | None = None     # the secId a client proved: what forwards present
         # A forward's request as packed for these creds (fast_append.forward_head), and its entries.
         self.forward_head: tuple[tuple[str, str, bytes] | None, bytes, int] | None = None
+        # The receive loop's forward to the one live copy (fast_append.Forwarder), when Python's
+        # last forward found it the only one.
+        self.fast_forward: Any = None
 
     def meta(self) -> dict[str, Any]:
         record = self.state.record
@@ -228,8 +231,9 @@ class PlogService:
         self.compiled_forwards = 0
         # Appends and their payload bytes answered in the connections' receive loops (those
         # committed at once: _records.c serve_append, and pmem ones after their shared flush:
-        # _commitgroup.c), counted there atomically (commit_wait holds no GIL).
-        self.served_counts = array("Q", [0, 0])
+        # _commitgroup.c), counted there atomically (commit_wait holds no GIL); then the forwards
+        # sent there (forward_served, with the GIL), and of them the compiled ones (all).
+        self.served_counts = array("Q", [0, 0, 0, 0])
         # Record bytes held in this server's own memory before they are appended (stages, RPC
         # payloads): bounded for the whole server, so many connections cannot take its RAM.
         self._buffered_bytes = 0
@@ -243,7 +247,7 @@ class PlogService:
     def counts(self) -> dict[str, int]:
         """Appends (records), their payload bytes, those the compiled path served, and flushes,
         since this server started."""
-        served, served_bytes = self.served_counts
+        served, served_bytes = self.served_counts[:2]
         with self._counts_lock:
             return {"appends": self.appends + served, "appended_bytes": self.appended_bytes + served_bytes,
                     "compiled_appends": self.fast_appends + served, "flushes": self.flushes}
@@ -251,8 +255,14 @@ class PlogService:
     def forward_counts(self) -> dict[str, int]:
         """Pieces of logs forwarded to copies, and of them those sent by the compiled call
         (fast_append.send_forward), since this server started."""
+        served, served_compiled = self.served_counts[2:]
         with self._counts_lock:
-            return {"forwards": self.forwards, "compiled_forwards": self.compiled_forwards}
+            return {"forwards": self.forwards + served, "compiled_forwards": self.compiled_forwards + served_compiled}
+
+    def _count_forwards(self, forwards: int, compiled: int) -> None:
+        with self._counts_lock:
+            self.forwards += forwards
+            self.compiled_forwards += compiled
 
     def fast_grants(self, conn: Connection) -> dict[bytes, Any] | None:
         """The dict of a same-host connection whose appends (a client's) or forwards (a home's,
@@ -921,7 +931,12 @@ class PlogService:
         if plog.forward_head is None or plog.forward_head[0] != plog.creds:
             plog.forward_head = plog.creds, fast_append.forward_head(args), len(args) + 1
         _, head, head_entries = plog.forward_head
-        for server_id in self._live_copies(plog):
+        live = self._live_copies(plog)
+        view = getattr(self.server, "_view", None)          # the one _live_copies just read
+        view_ttl_s = getattr(self.server, "VIEW_TTL_S", None)
+        plog.fast_forward = None
+        for server_id in live:
+            forwards = compiled_forwards = 0
             try:
                 with unbounded():               # bounded by the peer link's timeout, not one client's budget
                     link = self.server._peer(server_id)
@@ -932,19 +947,32 @@ class PlogService:
                         compiled = fast_append.send_forward(link, head, head_entries, args, at, data, last)
                         if not compiled:
                             link.call("plog_replica_append", **args, at=at, data=data, last=last)
-                        with self._counts_lock:
-                            self.forwards += 1
-                            self.compiled_forwards += compiled
+                        forwards += 1
+                        compiled_forwards += compiled
                         at += n
                         if at == target:
                             break
-            except Sealed:
-                self._fence(plog, server_id)
-                raise Sealed(f"plog {plog.core.name!r} was sealed (its copy on server {server_id} was: a client "
-                             "sealed it there): this append was not committed, and no more are taken") from None
             except MemfabricError as exc:
-                self._mark_dead(plog, server_id, str(exc))
+                self._forward_failed(plog, server_id, exc)
+            else:
+                if (len(live) == 1 and compiled_forwards == forwards and not plog.data.flushes and view is not None
+                        and view_ttl_s is not None):
+                    # The next appends' forwards, to this copy alone: in the receive loop
+                    # (_records.c forward_served), while all this still holds.
+                    plog.fast_forward = fast_append.Forwarder(self, plog, self.server, server_id, link, view,
+                                                              view_ttl_s, head, head_entries, args)
+            finally:
+                self._count_forwards(forwards, compiled_forwards)
         plog.forwarded = target
+
+    def _forward_failed(self, plog: _Plog, server_id: int, exc: MemfabricError) -> None:
+        """A forward to the copy on `server_id` failed with `exc` (under the plog's flush lock):
+        the copy is dead; or it was sealed, and so is the plog (_fence), and this raises SEALED."""
+        if isinstance(exc, Sealed):
+            self._fence(plog, server_id)
+            raise Sealed(f"plog {plog.core.name!r} was sealed (its copy on server {server_id} was: a client "
+                         "sealed it there): this append was not committed, and no more are taken") from None
+        self._mark_dead(plog, server_id, str(exc))
 
     def _fence(self, plog: _Plog, sealed_on: int | None = None) -> None:
         """A copy (on `sealed_on`) was sealed: seal here too and drop the appends not committed

@@ -261,6 +261,8 @@ class Server:
 
     # ---- connections ----------------------------------------------------------------------
 
+    VIEW_TTL_S = VIEW_TTL_S    # view()'s, for the compiled paths that check a view is fresh (plog/fast_append.py)
+
     PEER_OPS = frozenset({"ns_drop", "ns_usage"})     # the server's own; each semantic adds its
     # Operations whose replies hand over file descriptors: refused, before they make or hold
     # anything, on a connection that cannot carry them (RPC).
