@@ -52,6 +52,13 @@ one compiled call (_records.c call_append, as a client's append: the request wri
 piece's bytes, the wait without the GIL) on the peer link, when the link is idle; the link's
 rules hold (its timeout, replies given up on), and a reply that is not the common one is
 decoded and raised as call() raises it.
+
+And in the common case the home's side needs no Python at all: once Python forwarded an
+append to a plog's only live copy (ramdisk), it leaves a Forwarder on the plog, and the
+receive loop forwards the next appends append_one wrote itself (_records.c forward_served:
+every rule of _flush_to, _forward, Server._peer and call_compiled read again, or nothing
+done), commits them and answers; any other outcome of the forward goes back to Python's rules
+(Forwarder.failed), and Python finishes the append.
 """
 
 from __future__ import annotations
