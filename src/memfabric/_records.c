@@ -1825,8 +1825,32 @@ static PyObject *call_append(PyObject *Py_UNUSED(self), PyObject *args) {
 
 #define FORWARD_PIECE_MOST (128u << 10)     /* limits.py PLOG_REPLICA_PIECE_BYTES (checked there) */
 
+/* The interned name of a literal (forward_served's attributes: looked up per append, not made
+ * each time): a borrowed reference, kept for the process's life; NULL (an error set) past
+ * NAMES_MOST distinct names, which forward_served never reaches (it uses some 40). */
+#define NAMES_MOST 64
+static PyObject *name_of(const char *literal) {
+    static const char *literals[NAMES_MOST];
+    static PyObject *names[NAMES_MOST];
+    static int count;
+    for (int i = 0; i < count; i++)
+        if (literals[i] == literal || strcmp(literals[i], literal) == 0)
+            return names[i];
+    if (count == NAMES_MOST) {
+        PyErr_SetString(PyExc_SystemError, "_records.c name_of: more names than NAMES_MOST");
+        return NULL;
+    }
+    PyObject *name = PyUnicode_InternFromString(literal);
+    if (name != NULL) {
+        literals[count] = literal;
+        names[count++] = name;
+    }
+    return name;
+}
+
 static PyObject *attr(PyObject *o, const char *name) {
-    return o == NULL ? NULL : PyObject_GetAttrString(o, name);
+    PyObject *n = o == NULL ? NULL : name_of(name);
+    return n == NULL ? NULL : PyObject_GetAttr(o, n);
 }
 
 static long long attr_n(PyObject *o, const char *name) {
@@ -1855,7 +1879,8 @@ static int set_n(PyObject *o, const char *name, long long x) {
     PyObject *v = PyLong_FromLongLong(x);
     if (v == NULL)
         return -1;
-    int rc = PyObject_SetAttrString(o, name, v);
+    PyObject *n = name_of(name);
+    int rc = n == NULL ? -1 : PyObject_SetAttr(o, n, v);
     Py_DECREF(v);
     return rc;
 }
@@ -1933,7 +1958,7 @@ static int forward_served(PyObject *pending) {
         goto done;
     if ((link_lock = attr(link, "_lock")) == NULL)
         goto done;
-    PyObject *owned = PyObject_CallMethod(link_lock, "_is_owned", NULL);
+    PyObject *owned = PyObject_CallMethodNoArgs(link_lock, name_of("_is_owned"));
     int is_owned = owned == NULL ? -1 : PyObject_IsTrue(owned);
     Py_XDECREF(owned);
     if (is_owned != 0 || try_lock(link_lock) != 1)
@@ -1942,7 +1967,7 @@ static int forward_served(PyObject *pending) {
     if (!attr_is(link, "_closed", Py_False) || !attr_false(link, "_abandoned") || !attr_false(link, "_undos"))
         goto done;
     channel = attr(link, "_channel");
-    channel_args = channel ? PyObject_CallMethod(channel, "compiled_call_args", NULL) : NULL;
+    channel_args = channel ? PyObject_CallMethodNoArgs(channel, name_of("compiled_call_args")) : NULL;
     if (channel_args == NULL || !PyTuple_Check(channel_args) || PyTuple_GET_SIZE(channel_args) != 3)
         goto done;
     int fd = (int)PyLong_AsLong(PyTuple_GET_ITEM(channel_args, 0));
@@ -2059,14 +2084,23 @@ static int forward_served(PyObject *pending) {
         link_locked = 0;
         PyObject *end_obj = PyTuple_GET_ITEM(pending, 2);
         PyObject *plog_lock = get(plog, s_lock);
-        int ok = plog_lock != NULL && PyObject_SetAttrString(plog, "forwarded", end_obj) == 0
+        int ok = plog_lock != NULL && PyObject_SetAttr(plog, name_of("forwarded"), end_obj) == 0
                  && wait_lock(plog_lock) == 1;
         if (ok) {
-            got = PyObject_CallMethod(core, "commit", "O", end_obj);
+            /* PlogLog.commit(end); with nothing written past `end`, as append_one commits */
+            PyObject *starts = attr_n(core, "written") == end ? get(core, s_starts) : NULL;
+            Py_ssize_t records = starts == NULL ? -1 : PyObject_Length(starts);
+            Py_XDECREF(starts);
+            if (records >= 0 && attr_n(core, "committed") <= end) {
+                ok = set_ll(core, s_committed, end) == 0 && set_ll(core, s_committed_records, records) == 0;
+            } else {
+                PyErr_Clear();
+                got = PyObject_CallMethodOneArg(core, name_of("commit"), end_obj);
+                ok = got != NULL;
+                Py_XDECREF(got);
+                got = NULL;
+            }
             unlock(plog_lock);
-            ok = got != NULL;
-            Py_XDECREF(got);
-            got = NULL;
         }
         Py_XDECREF(plog_lock);
         if (!ok) {
@@ -2104,7 +2138,7 @@ static int forward_served(PyObject *pending) {
                               PyTuple_GET_ITEM(channel_args, 1), end);
     Py_XDECREF(got);
     if (got == NULL) {
-        PyObject *held = PyObject_CallMethod(link_lock, "_is_owned", NULL);
+        PyObject *held = PyObject_CallMethodNoArgs(link_lock, name_of("_is_owned"));
         if (held != NULL && PyObject_IsTrue(held) == 1)
             unlock(link_lock);                 /* (failed() did not run) */
         Py_XDECREF(held);
