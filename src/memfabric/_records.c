@@ -1916,7 +1916,7 @@ static int forward_served(PyObject *pending) {
     unsigned char *piece = NULL;
     Py_buffer buffer = {0};
     fwd = attr(plog, "fast_forward");
-    if (fwd == NULL || fwd == Py_None || !attr_is(fwd, "plog", plog))
+    if (fwd == NULL || fwd == Py_None)
         goto done;
     if ((flush_lock = attr(plog, "flush_lock")) == NULL || try_lock(flush_lock) != 1)
         goto done;
@@ -2133,7 +2133,7 @@ static int forward_served(PyObject *pending) {
         PyErr_Fetch(&type, &exc, &tb);
     link_locked = 0;
     failed = 1;
-    got = PyObject_CallMethod(fwd, "failed", "iKdLOL", interrupted ? -1 : status,
+    got = PyObject_CallMethod(fwd, "failed", "OiKdLOL", plog, interrupted ? -1 : status,
                               interrupted ? (unsigned long long)EINTR : (unsigned long long)value, waited_s, request_id,
                               PyTuple_GET_ITEM(channel_args, 1), end);
     Py_XDECREF(got);

@@ -13,7 +13,7 @@ import pytest
 import memfabric
 from memfabric.errors import Sealed
 
-from ..helpers import ns_name, stop_process
+from ..helpers import ns_name, stop_process, wait_until
 from .test_metrics import errors, ops, scrape, value
 from .test_plog_replicas import MiB, _body, _copy, _fabric, _metrics
 
@@ -184,3 +184,33 @@ def test_a_copy_stopped_under_the_homes_loop_forward_is_dropped_after_the_peer_t
             assert log.info()["state"] == "open" and log.info()["records"] == 20
     finally:
         assert fab.stop() == 0, "memfabric up did not stop cleanly:\n" + "".join(fab.output[-30:])
+
+
+def _gens_fds(pid: int, server_id: int, ns: str) -> int:
+    """The server's fds on its generation table (a memfd) of namespace `ns`."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue                   # closed meanwhile
+        count += target.startswith(f"/memfd:memfabric-s{server_id}-gens-{ns} ")
+    return count
+
+
+def test_a_destroyed_namespace_whose_plog_the_homes_loop_forwarded_leaves_no_fd_behind(pair, request):
+    """The forwarder the home leaves on a plog (fast_append.Forwarder) must not keep the plog
+    alive once the plog is dropped: a namespace destroyed lets go of its generation table's
+    memfd at once, as it does for a plog never forwarded in the loop (before the fix the two
+    referred to each other and only a cyclic GC, whenever it ran, closed the fd)."""
+    name = ns_name(request)
+    with memfabric.init(pair.directory, server=0) as s:     # (its connection's grants hold the plog till closed)
+        log = s.create_namespace(name, sec_id="k", pool="logs").create_plog("wal", 4 * MiB, replicas=2)
+        home = log.info()["home"]
+        for i in range(5):
+            log.append(_body(i))              # the first forward Python's, then the loop's
+    pid = pair.server_pids()[home]
+    assert _gens_fds(pid, home, name) >= 1
+    with memfabric.init(pair.directory, server=0) as s:
+        s.destroy_namespace(name, sec_id="k", pool="logs")
+        wait_until(lambda: _gens_fds(pid, home, name) == 0, "the home to close the destroyed namespace's memfd", 10)

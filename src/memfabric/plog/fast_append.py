@@ -231,14 +231,13 @@ class Forwarder:
     then) and the request's fixed parts; C checks each against the plog, the server and the
     link on every append, and does nothing where one no longer holds."""
 
-    __slots__ = ("service", "plog", "server", "server_id", "link", "view", "view_ttl_s", "dead_count", "head", "mid",
+    __slots__ = ("service", "server", "server_id", "link", "view", "view_ttl_s", "dead_count", "head", "mid",
                  "args", "abandoned_entry")
 
     def __init__(self, service: Any, plog: "_Plog", server: Any, server_id: int, link: Any, view: Any,
                  view_ttl_s: float, head: bytes, head_entries: int, args: dict[str, Any]) -> None:
         assert head_entries + _FORWARD_ENTRIES <= 15 and server_id in plog.replica_servers
-        self.service = service
-        self.plog = plog
+        self.service = service       # (not the plog, which holds this: no cycle keeps a dropped plog)
         self.server = server
         self.server_id = server_id
         self.link = link
@@ -250,8 +249,9 @@ class Forwarder:
         self.args = args
         self.abandoned_entry = ("plog_replica_append", args)
 
-    def failed(self, status: int, value: int, waited_s: float, request_id: int, buffer: bytearray, end: int) -> None:
-        """forward_served sent the log up to `end` and the outcome was not the common reply (or,
+    def failed(self, plog: "_Plog", status: int, value: int, waited_s: float, request_id: int, buffer: bytearray,
+               end: int) -> None:
+        """forward_served sent `plog`'s log up to `end` and the outcome was not the common reply (or,
         status < 0, the call failed with errno `value`), the plog's flush lock held and the
         link's taken: the link's rules (ServerLink.end_compiled, which lets its lock go), then
         _forward's for the outcome (a dead copy marked, a sealed one fencing the plog)."""
@@ -264,7 +264,7 @@ class Forwarder:
                 if link._lock._is_owned():       # (end_compiled not reached)
                     link._lock.release()
         except MemfabricError as exc:
-            self.service._forward_failed(self.plog, self.server_id, exc)
+            self.service._forward_failed(plog, self.server_id, exc)
         else:        # another reply, no error: taken as send_forward takes it
-            self.plog.forwarded = end
+            plog.forwarded = end
             self.service._count_forwards(1, 1)
