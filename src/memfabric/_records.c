@@ -559,11 +559,16 @@ static int wait_lock(PyObject *lock) {
     return taken == 1 ? 1 : -1;
 }
 
+/* Released with an exception perhaps pending (a path on its way out with an error): kept across
+ * the call, which would otherwise replace it with a SystemError. */
 static void unlock(PyObject *lock) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
     PyObject *r = PyObject_CallMethodNoArgs(lock, s_release);
     Py_XDECREF(r);
     if (r == NULL)
         PyErr_Clear();      /* ours, taken above: cannot fail */
+    PyErr_Restore(type, value, tb);
 }
 
 static PyObject *get(PyObject *o, PyObject *name) {
@@ -1743,6 +1748,40 @@ static int exchange(int fd, struct iovec *out, int out_n, Py_buffer *buffer, dou
     return err || interrupted ? -1 : status;
 }
 
+/* A msgpack bin's header for n bytes (bin 8, 16 or 32): its length. */
+static size_t bin_header(unsigned char bin[5], uint64_t n) {
+    if (n <= 0xff) {
+        bin[0] = 0xc4;
+        bin[1] = (unsigned char)n;
+        return 2;
+    }
+    if (n <= 0xffff) {
+        bin[0] = 0xc5;
+        bin[1] = (unsigned char)(n >> 8);
+        bin[2] = (unsigned char)n;
+        return 3;
+    }
+    bin[0] = 0xc6;
+    for (int i = 0; i < 4; i++)
+        bin[1 + i] = (unsigned char)(n >> (8 * (3 - i)));
+    return 5;
+}
+
+/* A request's last two entries, "budget_s" (a float 64) and "id" (as 8 bytes: the reply echoes
+ * it as msgpack does): their length (at most 32). */
+static size_t request_tail(unsigned char tail[32], double budget_s, uint64_t request_id) {
+    size_t n = put_key(tail, "budget_s");
+    tail[n++] = 0xcb;
+    uint64_t bits;
+    memcpy(&bits, &budget_s, sizeof bits);
+    put_be64(tail + n, bits);
+    n += 8;
+    n += put_key(tail + n, "id");
+    tail[n++] = 0xcf;
+    put_be64(tail + n, request_id);
+    return n + 8;
+}
+
 static PyObject *call_append(PyObject *Py_UNUSED(self), PyObject *args) {
     int fd;
     Py_buffer head, record, buffer;
@@ -1752,33 +1791,7 @@ static PyObject *call_append(PyObject *Py_UNUSED(self), PyObject *args) {
         return NULL;
     PyObject *result = NULL;
     unsigned char bin[5], tail[32];
-    size_t bin_n, tail_n = 0;
-    uint64_t n = (uint64_t)record.len;
-    if (n <= 0xff) {
-        bin[0] = 0xc4;
-        bin[1] = (unsigned char)n;
-        bin_n = 2;
-    } else if (n <= 0xffff) {
-        bin[0] = 0xc5;
-        bin[1] = (unsigned char)(n >> 8);
-        bin[2] = (unsigned char)n;
-        bin_n = 3;
-    } else {
-        bin[0] = 0xc6;
-        for (int i = 0; i < 4; i++)
-            bin[1 + i] = (unsigned char)(n >> (8 * (3 - i)));
-        bin_n = 5;
-    }
-    tail_n += put_key(tail, "budget_s");
-    tail[tail_n++] = 0xcb;
-    uint64_t bits;
-    memcpy(&bits, &budget_s, sizeof bits);
-    put_be64(tail + tail_n, bits);
-    tail_n += 8;
-    tail_n += put_key(tail + tail_n, "id");
-    tail[tail_n++] = 0xcf;                 /* the id as 8 bytes: the reply echoes it as msgpack does */
-    put_be64(tail + tail_n, request_id);
-    tail_n += 8;
+    size_t bin_n = bin_header(bin, (uint64_t)record.len), tail_n = request_tail(tail, budget_s, request_id);
     struct iovec out[4] = {{head.buf, (size_t)head.len}, {bin, bin_n}, {record.buf, (size_t)record.len},
                            {tail, tail_n}};
     uint64_t offset = 0;
@@ -2019,34 +2032,9 @@ static int forward_served(PyObject *pending) {
     /* send_forward's request: head, "at" as a u64, "last": true, "data", then the bin of the
      * bytes, budget_s and id (as call_append adds them). */
     unsigned char at_raw[9], bin[5], tail[32];
-    size_t bin_n, tail_n = 0;
     at_raw[0] = 0xcf;
     put_be64(at_raw + 1, (uint64_t)forwarded);
-    if (n <= 0xff) {
-        bin[0] = 0xc4;
-        bin[1] = (unsigned char)n;
-        bin_n = 2;
-    } else if (n <= 0xffff) {
-        bin[0] = 0xc5;
-        bin[1] = (unsigned char)(n >> 8);
-        bin[2] = (unsigned char)n;
-        bin_n = 3;
-    } else {
-        bin[0] = 0xc6;
-        for (int i = 0; i < 4; i++)
-            bin[1 + i] = (unsigned char)((uint64_t)n >> (8 * (3 - i)));
-        bin_n = 5;
-    }
-    tail_n += put_key(tail, "budget_s");
-    tail[tail_n++] = 0xcb;
-    uint64_t bits;
-    memcpy(&bits, &timeout_s, sizeof bits);
-    put_be64(tail + tail_n, bits);
-    tail_n += 8;
-    tail_n += put_key(tail + tail_n, "id");
-    tail[tail_n++] = 0xcf;
-    put_be64(tail + tail_n, (uint64_t)request_id);
-    tail_n += 8;
+    size_t bin_n = bin_header(bin, (uint64_t)n), tail_n = request_tail(tail, timeout_s, (uint64_t)request_id);
     struct iovec out[6] = {{PyBytes_AS_STRING(head), (size_t)PyBytes_GET_SIZE(head)}, {at_raw, sizeof at_raw},
                            {PyBytes_AS_STRING(mid), (size_t)PyBytes_GET_SIZE(mid)}, {bin, bin_n},
                            {piece, (size_t)n}, {tail, tail_n}};
@@ -2138,10 +2126,14 @@ static int forward_served(PyObject *pending) {
                               PyTuple_GET_ITEM(channel_args, 1), end);
     Py_XDECREF(got);
     if (got == NULL) {
+        PyObject *raised, *raised_value, *raised_tb;       /* failed()'s, kept across _is_owned() */
+        PyErr_Fetch(&raised, &raised_value, &raised_tb);
         PyObject *held = PyObject_CallMethodNoArgs(link_lock, name_of("_is_owned"));
         if (held != NULL && PyObject_IsTrue(held) == 1)
             unlock(link_lock);                 /* (failed() did not run) */
         Py_XDECREF(held);
+        PyErr_Clear();
+        PyErr_Restore(raised, raised_value, raised_tb);
         if (interrupted || PyErr_ExceptionMatches(PyExc_MemoryError) || PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
             result = -1;
         else
