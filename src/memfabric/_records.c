@@ -559,6 +559,18 @@ static int wait_lock(PyObject *lock) {
     return taken == 1 ? 1 : -1;
 }
 
+/* On a compiled path's way out: 1 when the error pending is one to raise (MemoryError,
+ * KeyboardInterrupt), kept; else any other is cleared (a rule not as expected: Python serves
+ * the request, and says what is wrong) and 0. */
+static int fatal_error_kept(void) {
+    if (!PyErr_Occurred())
+        return 0;
+    if (PyErr_ExceptionMatches(PyExc_MemoryError) || PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
+        return 1;
+    PyErr_Clear();
+    return 0;
+}
+
 /* Released with an exception perhaps pending (a path on its way out with an error): kept across
  * the call, which would otherwise replace it with a SystemError. */
 static void unlock(PyObject *lock) {
@@ -933,9 +945,8 @@ done:
     Py_XDECREF(plog);
     Py_XDECREF(grant);
     Py_XDECREF(key);
-    if (result == NULL && PyErr_Occurred()
-            && !PyErr_ExceptionMatches(PyExc_MemoryError) && !PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
-        PyErr_Clear();                     /* a rule not as expected: Python serves it, and says */
+    if (result == NULL)
+        fatal_error_kept();
     return result;
 }
 
@@ -1118,11 +1129,8 @@ done:
     Py_XDECREF(plog);
     Py_XDECREF(grant);
     Py_XDECREF(key);
-    if (!answered && PyErr_Occurred()) {
-        if (PyErr_ExceptionMatches(PyExc_MemoryError) || PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
-            return -1;
-        PyErr_Clear();                     /* a rule not as expected: Python serves it, and says */
-    }
+    if (!answered && fatal_error_kept())
+        return -1;
     return answered;
 }
 
@@ -1487,9 +1495,8 @@ done:
     Py_XDECREF(plog);
     Py_XDECREF(grant);
     Py_XDECREF(key);
-    if (result == NULL && PyErr_Occurred()
-            && !PyErr_ExceptionMatches(PyExc_MemoryError) && !PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
-        PyErr_Clear();                     /* a rule not as expected: Python serves it, and says */
+    if (result == NULL)
+        fatal_error_kept();
     return result;
 }
 
@@ -2134,10 +2141,8 @@ static int forward_served(PyObject *pending) {
         Py_XDECREF(held);
         PyErr_Clear();
         PyErr_Restore(raised, raised_value, raised_tb);
-        if (interrupted || PyErr_ExceptionMatches(PyExc_MemoryError) || PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
+        if (interrupted || fatal_error_kept())     /* else SEALED (the plog fenced: _flush_to says so): Python's path */
             result = -1;
-        else
-            PyErr_Clear();     /* SEALED (the plog fenced: _flush_to says so), or a bug: Python's path */
     }
     got = NULL;
     if (interrupted) {
@@ -2158,12 +2163,8 @@ done:
     }
     if (flush_locked)
         unlock(flush_lock);
-    if (result >= 0 && PyErr_Occurred()) {
-        if (PyErr_ExceptionMatches(PyExc_MemoryError) || PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
-            result = -1;
-        else
-            PyErr_Clear();
-    }
+    if (result >= 0 && fatal_error_kept())
+        result = -1;
     PyMem_Free(piece);
     Py_XDECREF(plog);
     Py_XDECREF(fwd);
