@@ -204,7 +204,7 @@ def test_a_destroyed_namespace_whose_plog_the_homes_loop_forwarded_leaves_no_fd_
     memfd at once, as it does for a plog never forwarded in the loop (before the fix the two
     referred to each other and only a cyclic GC, whenever it ran, closed the fd)."""
     name = ns_name(request)
-    with memfabric.init(pair.directory, server=0) as s:     # (its connection's grants hold the plog till closed)
+    with memfabric.init(pair.directory, server=0) as s:
         log = s.create_namespace(name, sec_id="k", pool="logs").create_plog("wal", 4 * MiB, replicas=2)
         home = log.info()["home"]
         for i in range(5):
@@ -214,3 +214,25 @@ def test_a_destroyed_namespace_whose_plog_the_homes_loop_forwarded_leaves_no_fd_
     with memfabric.init(pair.directory, server=0) as s:
         s.destroy_namespace(name, sec_id="k", pool="logs")
         wait_until(lambda: _gens_fds(pid, home, name) == 0, "the home to close the destroyed namespace's memfd", 10)
+
+
+def test_a_destroyed_namespace_lets_go_of_its_memory_while_the_connections_that_appended_stay(pair, request):
+    """The receive loops' grants (fast_append.FastGrant) keep their plog, and with it the
+    namespace's memory: destroyed, they must go at once on both servers, though the client's
+    connection to the home and the home's peer connection to the copy (which lives as long as
+    the servers) stay open. Before the fix the copy kept its grant, so the namespace's memfd,
+    until 64 later plogs pushed it out."""
+    name = ns_name(request)
+    pids = pair.server_pids()
+    with memfabric.init(pair.directory, server=0) as s:
+        log = s.create_namespace(name, sec_id="k", pool="logs").create_plog("wal", 4 * MiB, replicas=2)
+        info = log.info()
+        home, (other,) = info["home"], info["replica_servers"]
+        for i in range(5):
+            log.append(_body(i))              # grants on the client's connection and the peer's
+        assert _gens_fds(pids[home], home, name) >= 1 and _gens_fds(pids[other], other, name) >= 1
+        s.destroy_namespace(name, sec_id="k", pool="logs")
+        for server_id in (home, other):
+            wait_until(lambda: _gens_fds(pids[server_id], server_id, name) == 0,
+                       f"server {server_id} to close the destroyed namespace's memfd", 10)
+

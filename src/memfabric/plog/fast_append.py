@@ -64,6 +64,8 @@ done), commits them and answers; any other outcome of the forward goes back to P
 from __future__ import annotations
 
 import struct
+import threading
+import weakref
 from array import array
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -150,25 +152,53 @@ def grants_of(conn: Connection) -> dict[bytes, FastGrant] | None:
     return conn.services.setdefault(GRANTS, {})
 
 
+class GrantHolders:
+    """The connections holding grants, held weakly (a closed one goes by itself): a grant keeps
+    its plog, and with it the plog's namespace's memory, so a plog that goes (deleted, its
+    namespace destroyed) is revoked from each of them at once. A client's connection may stay
+    open for hours, and a home's peer connection to a copy as long as both servers run."""
+
+    def __init__(self) -> None:
+        self._conns: weakref.WeakSet[Connection] = weakref.WeakSet()
+        self._lock = threading.Lock()      # a WeakSet is no one's to change while another walks it
+
+    def add(self, conn: Connection) -> None:
+        with self._lock:
+            self._conns.add(conn)
+
+    def revoke(self, plogs: list["_Plog"]) -> None:
+        """No receive loop serves these plogs from here on. Set each one's `deleted` first:
+        a grant given meanwhile sees it (_give) and goes too. What a loop is serving now
+        holds its own references, and finds the plog deleted under its lock."""
+        gone = {id(plog) for plog in plogs}
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            grants = conn.services.get(GRANTS)
+            for key, held in list(grants.items()) if grants else ():
+                if id(held.plog) in gone and grants.get(key) is held:
+                    grants.pop(key, None)
+
+
 def grant(conn: Connection, plog: "_Plog", m: dict[str, Any], counts: array,
-          flush_to: Callable[["_Plog", int], None]) -> None:
+          flush_to: Callable[["_Plog", int], None], holders: GrantHolders) -> None:
     """After Python served an append of `plog` from `conn` (request `m`): let later ones of the
     common case go through append_one, when the plog is one it can serve. `flush_to`: Python's
     commit of a written append (PlogService._flush_to), for the loop's commit_wait."""
     if plog.role == "home":
-        _give(conn, plog, m, b"", counts, flush_to)
+        _give(conn, plog, m, b"", counts, flush_to, holders)
 
 
-def grant_replica(conn: Connection, plog: "_Plog", m: dict[str, Any]) -> None:
+def grant_replica(conn: Connection, plog: "_Plog", m: dict[str, Any], holders: GrantHolders) -> None:
     """After Python served a forward to a copy (`plog`) from its home's peer connection `conn`
     (request `m`): let the home's later forwards of whole records through _records.c
     replica_packet. Only where nothing is to flush (ramdisk): a copy on pmem commits in Python."""
     if conn.role == "peer" and plog.role == "replica" and not plog.data.flushes:
-        _give(conn, plog, m, REPLICA_KEY_PREFIX, None, None)
+        _give(conn, plog, m, REPLICA_KEY_PREFIX, None, None, holders)
 
 
 def _give(conn: Connection, plog: "_Plog", m: dict[str, Any], prefix: bytes, counts: array | None,
-          flush_to: Callable[["_Plog", int], None] | None) -> None:
+          flush_to: Callable[["_Plog", int], None] | None, holders: GrantHolders) -> None:
     """The grant of `plog` to `conn` under the request's names and secId, which Python has just
     checked (its namespace's entry in conn.verified), when the compiled part can serve it."""
     if _records is None or not conn.carries_fds:
@@ -190,6 +220,9 @@ def _give(conn: Connection, plog: "_Plog", m: dict[str, Any], prefix: bytes, cou
     if key not in grants and len(grants) >= MAX_PLOG_FAST_GRANTS_PER_CONNECTION:
         grants.pop(next(iter(grants)))        # the oldest: served by Python again, and granted again
     grants[key] = FastGrant(plog, sec, (pool, ns), proven, segments, counts, flush_to)
+    holders.add(conn)
+    if plog.deleted:                 # went while this was given: GrantHolders.revoke may have missed it
+        grants.pop(key, None)
 
 
 def forward_head(copy_args: dict[str, Any]) -> bytes:

@@ -221,6 +221,7 @@ class PlogService:
         self._lock = threading.Lock()         # the registry below; never held while doing I/O
         self._plogs: dict[tuple[str, str, int], dict[str, _Plog]] = {}
         self._next_id = 0
+        self._grant_holders = fast_append.GrantHolders()    # revoked from when a plog goes
         # Counters for the metrics (metrics.py reads them when scraped, through counts()).
         self.appends = 0
         self.appended_bytes = 0
@@ -392,14 +393,15 @@ class PlogService:
         """The namespace is destroyed (under the server's lock): its plogs go, for good."""
         with self._lock:
             plogs = self._plogs.pop(state.key, {})
-        for plog in plogs.values():
-            if plog is None:
-                continue
-            plog.deleted = True
+        gone = [plog for plog in plogs.values() if plog is not None]
+        for plog in gone:
+            with plog.lock:      # an append that found it whole finishes first (plog.lock is a leaf)
+                plog.deleted = True
             try:
                 remove_meta(plog.path)
             except MemfabricError as exc:
                 log.warning("%s", exc)
+        self._grant_holders.revoke(gone)
 
     def usage(self, state: NamespaceState) -> dict[str, int]:
         with self._lock:     # each plog once, at its home (copies: held_bytes)
@@ -706,7 +708,8 @@ class PlogService:
                 except MemfabricError:
                     pass
                 raise
-        fast_append.grant_replica(conn, plog, m)     # the home's next forwards: compiled (fast_append.py)
+        # the home's next forwards: compiled (fast_append.py)
+        fast_append.grant_replica(conn, plog, m, self._grant_holders)
         return {"length": core.committed}
 
     def _release_extents(self, state: NamespaceState, pool_name: str, extents: list[Extent]) -> None:
@@ -747,7 +750,8 @@ class PlogService:
             try:
                 data, lengths = self._shared_batch(conn, shared, m.get("lengths"))
                 offsets = self._append(plog, data, lengths, shared=True)
-                fast_append.grant(conn, plog, m, self.served_counts, self._flush_to)   # its next batches: compiled
+                fast_append.grant(conn, plog, m, self.served_counts, self._flush_to,   # its next batches: compiled
+                                  self._grant_holders)
                 return {"offsets": offsets}
             finally:
                 if data is not None:
@@ -759,7 +763,8 @@ class PlogService:
         lengths = _lengths([len(r) for r in records], None)
         offsets = self._append(plog, memoryview(b"".join(records)), lengths)
         if len(records) == 1:
-            fast_append.grant(conn, plog, m, self.served_counts, self._flush_to)   # its next ones: compiled
+            fast_append.grant(conn, plog, m, self.served_counts, self._flush_to,   # its next ones: compiled
+                              self._grant_holders)
         return {"offsets": offsets}
 
     def fast_finish(self, got: tuple[Any, ...], started_s: float) -> bytes:
@@ -1242,6 +1247,7 @@ class PlogService:
             mine = self._plogs.get(state.key, {})
             if mine.get(plog.core.name) is plog:
                 del mine[plog.core.name]
+        self._grant_holders.revoke([plog])
         if release:
             self._free(plog)
         if plog.role == HOME and plog.replica_servers and plog.creds is not None:
