@@ -87,7 +87,8 @@ def test_a_copy_sealed_after_its_grant_fences_the_home(pair, request):
         copy = _copy(log, other)
         assert copy.seal()["state"] == "sealed"
         before = scrape(_metrics(pair, other))
-        with pytest.raises(Sealed):
+        # (the same words whether the home's loop or Python forwarded it: the copy that refused)
+        with pytest.raises(Sealed, match=f"its copy on server {other} was: a client sealed it there"):
             log.append(b"after the seal")
         after = scrape(_metrics(pair, other))
         assert errors(after, "plog_replica_append", "SEALED") - errors(before, "plog_replica_append", "SEALED") == 1

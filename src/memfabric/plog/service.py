@@ -129,6 +129,7 @@ class _Plog:
         self.resync = False
         self.receiving = 0
         self.stale = False
+        self.fenced_by: int | None = None     # the copy's server whose seal fenced this one (_fence)
         self.creds: tuple[str, str, bytes] | None = None     # the secId a client proved: what forwards present
         # A forward's request as packed for these creds (fast_append.forward_head), and its entries.
         self.forward_head: tuple[tuple[str, str, bytes] | None, bytes, int] | None = None
@@ -883,8 +884,7 @@ class PlogService:
                 raise IOError_(f"plog {plog.core.name!r}: a flush failed ({plog.broken}); this append's fate "
                                "on the disk is unknown")
             if end > plog.core.written:
-                raise Sealed(f"plog {plog.core.name!r} was sealed by a replica (fenced) before this append was "
-                             "committed: it was not")
+                raise Sealed(_fenced_message(plog))
             with plog.lock:
                 target = plog.core.written
                 touched, plog.touched = plog.touched, set()
@@ -975,14 +975,15 @@ class PlogService:
         the copy is dead; or it was sealed, and so is the plog (_fence), and this raises SEALED."""
         if isinstance(exc, Sealed):
             self._fence(plog, server_id)
-            raise Sealed(f"plog {plog.core.name!r} was sealed (its copy on server {server_id} was: a client "
-                         "sealed it there): this append was not committed, and no more are taken") from None
+            raise Sealed(_fenced_message(plog)) from None
         self._mark_dead(plog, server_id, str(exc))
 
     def _fence(self, plog: _Plog, sealed_on: int | None = None) -> None:
         """A copy (on `sealed_on`) was sealed: seal here too and drop the appends not committed
         (their callers get SEALED), so that nothing appended after the seal is ever read
         anywhere; the other live copies too, which a forward of them may have reached first."""
+        if plog.fenced_by is None:
+            plog.fenced_by = sealed_on
         self._fence_here(plog)
         if plog.role != HOME or plog.creds is None:
             return
@@ -1269,6 +1270,14 @@ class PlogService:
         except MemfabricError as exc:       # its namespace is being destroyed: its memory with it
             log.info("plog %r's memory was not zeroed: %s", plog.core.name, exc)
         self._release_extents(plog.state, plog.state.record.pool, extents)
+
+
+def _fenced_message(plog: _Plog) -> str:
+    """What an append not committed because a copy's seal fenced the plog is told, whether
+    Python's forward met the seal (_forward_failed) or the receive loop's (then _flush_to)."""
+    where = "a copy" if plog.fenced_by is None else f"its copy on server {plog.fenced_by}"
+    return (f"plog {plog.core.name!r} was sealed ({where} was: a client sealed it there): this append was not "
+            "committed, and no more are taken")
 
 
 def _lengths(lengths: Any, total: int | None) -> list[int]:
