@@ -1021,7 +1021,7 @@ int serve_append(const unsigned char *packet, size_t n, PyObject *grants, PyObje
         return 1;
     }
     wait->got = got;
-    PyObject *group = fits ? PyObject_GetAttrString(grant, "group") : NULL;
+    PyObject *group = fits ? PyObject_GetAttr(grant, s_group) : NULL;
     long long end = PyLong_AsLongLong(PyTuple_GET_ITEM(got, 2));
     uint64_t *counts = counts_of(grant);
     PyErr_Clear();
