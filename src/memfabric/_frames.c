@@ -254,7 +254,7 @@ static PyObject *recv_exact(PyObject *Py_UNUSED(self), PyObject *args) {
  *
  * serve_packets(fd, buffer, max_fds, poll_s, window_s, puts, plogs=None, conn=None)
  * -> (n, fds, flags, waited_s): the same for a server's connection whose MemKV puts (_kvput.c,
- * `puts` the connection's grants, or None) and MemPlog appends (_records.c serve_append,
+ * `puts` the connection's grants, or None) and MemPlog appends (_plogserve.c serve_append,
  * `plogs` the connection's grants, a dict, or None) may be answered here: each packet that is
  * such a put, or an append committed at once, is answered, and the wait goes on (polling for
  * window_s after a wait no longer than that, as BusyPoll's rule), until a packet that is
@@ -268,11 +268,11 @@ static PyObject *recv_exact(PyObject *Py_UNUSED(self), PyObject *args) {
  * request sent, then recv_packet's receive, in one call (no Python between the two). n is
  * -3 when the request could not be sent within SO_SNDTIMEO (a SEQPACKET message goes whole or
  * not at all: nothing was sent). */
-/* _records.c's serve_append and commit_wait (its capsules SERVE_APPEND, COMMIT_WAIT: _plogwait.h),
- * loaded on the first serve_packets given plogs. */
+/* _plogserve.c's serve_append and _commitgroup.c's commit_wait (memfabric._records' capsules
+ * SERVE_APPEND, COMMIT_WAIT: _plogwait.h), loaded on the first serve_packets given plogs. */
 static serve_append_fn serve_append;
 static commit_wait_fn commit_wait;
-#define SERVED_REPLY_ROOM 8192         /* an append_many's offsets too (_records.c append_batch) */
+#define SERVED_REPLY_ROOM 8192         /* an append_many's offsets too (_plogserve.c append_batch) */
 #define APPEND_PENDING (-4)
 
 PyObject *receive_packet(int fd, PyObject *buffer_obj, int max_fds, double poll_s, double window_s, Served *served,

@@ -1,7 +1,7 @@
-/* Between _frames.c's receive loop (serve_packets) and _records.c: the loop's plog appends.
+/* Between _frames.c's receive loop (serve_packets) and _plogserve.c: the loop's plog appends.
  *
  * serve_append (the capsule memfabric._records.SERVE_APPEND), with the GIL, hands each packet
- * to append_one, append_batch and replica_packet; see its comment in _records.c for what it
+ * to append_one, append_batch and replica_packet; see its comment in _plogserve.c for what it
  * returns. When it returns APPEND_WAIT (pmem, no copies: the append is written and awaits a
  * flush), `wait` holds what the loop needs to wait for its commit without the GIL, in
  * commit_wait (the capsule memfabric._records.COMMIT_WAIT): group commit without a return to

@@ -1,4 +1,4 @@
-/* Python objects' int attributes, read and set from C: what _records.c (append_one) and
+/* Python objects' int attributes, read and set from C: what _plogserve.c (append_one) and
  * _kvput.c (the put grants) share. */
 #ifndef MEMFABRIC_PYATTR_H
 #define MEMFABRIC_PYATTR_H

@@ -1,5 +1,5 @@
 """Attack round 21 on appends answered in the connection's receive loop (_frames.c
-serve_packets, _records.c serve_append): several processes, each opening and closing sessions
+serve_packets, _plogserve.c serve_append): several processes, each opening and closing sessions
 (connections) over and over, append to a ramdisk or pmem plog, mixing single records (the
 loop's), small batches (Python's) and MemKV puts (the loop's too) on one connection, while
 another client seals a second plog under them. Every acknowledged record is there and whole

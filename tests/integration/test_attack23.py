@@ -1,5 +1,5 @@
-"""Attacks on today's compiled MemPlog paths (_records.c append_batch, replica_packet,
-read_frame; fast_append.send_forward): lying lengths, zero-length and 4,096-record batches,
+"""Attacks on today's compiled MemPlog paths (_plogserve.c append_batch, replica_packet,
+_framing.c read_frame; fast_append.send_forward): lying lengths, zero-length and 4,096-record batches,
 replies near the loop's 8 KiB room, one connection mixing everything, exact counters."""
 
 from __future__ import annotations

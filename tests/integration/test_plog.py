@@ -440,7 +440,7 @@ def test_a_shared_stage_cannot_be_shrunk_under_the_server(local_ns):
                                  "a bool", "a float", "a huge int", "past 2**64", "mixed", "over-long", "a str",
                                  "past the largest record", "empty"])
 def test_bad_shared_batches_are_invalid_argument_and_append_nothing(local_ns, bad):
-    """(The lengths are checked in one compiled call, _records.c lengths_total, and by Python
+    """(The lengths are checked in one compiled call, _framing.c lengths_total, and by Python
     where it says no: the same INVALID_ARGUMENT for each.)"""
     s, ns = local_ns
     log = ns.create_plog("bad", 1 << 20)

@@ -1,4 +1,4 @@
-"""The compiled same-host append (plog/fast_append.py, _records.c append_one) against the
+"""The compiled same-host append (plog/fast_append.py, _plogserve.c append_one) against the
 Python path it stands in for, with real servers: the same offsets, records and frames;
 every case it must not serve (sealed, deleted, full, wrong secId, a frame across extents,
 garbage and near-miss packets) answered by Python as before; threads and processes at once.

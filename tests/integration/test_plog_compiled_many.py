@@ -1,4 +1,4 @@
-"""The compiled same-host append_many (_records.c append_batch, plog/fast_append.py) against the
+"""The compiled same-host append_many (_plogserve.c append_batch, plog/fast_append.py) against the
 Python path it stands in for, with real servers: a batch from the connection's shared stage
 served in its receive loop (no operation in Python's histogram, every record counted), the same
 frames as Python's to the byte, across extents; every case it leaves to Python (pmem, a full

@@ -1,5 +1,5 @@
 """A same-host home's forwards to a copy, served in the copy's receive loop (plog/fast_append.py
-grant_replica, _records.c replica_packet): the copy's Python operation histogram no longer sees
+grant_replica, _plogserve.c replica_packet): the copy's Python operation histogram no longer sees
 them on ramdisk, and every forward the loop cannot take (a copy on pmem, a record forwarded in
 pieces, a sealed copy, a deleted then re-created plog) goes to Python, which keeps the rules."""
 
@@ -134,7 +134,7 @@ def test_a_same_host_homes_forwards_go_out_in_one_compiled_call(pair, request):
 
 
 def test_a_homes_forwards_to_its_one_live_copy_are_served_in_its_receive_loop(pair, request):
-    """The home's side of the common case (_records.c forward_served): once Python forwarded
+    """The home's side of the common case (_plogforward.c forward_served): once Python forwarded
     an append to the plog's only live copy, the next appends are written, forwarded, committed
     and answered in the home's receive loop; its Python plog_append (fast_finish) sees none on
     ramdisk (but when the loop finds the cluster's view too old: Python reads it again, about

@@ -248,7 +248,7 @@ def test_abandon_forgets_the_records_not_committed():
     assert log.abandon() == 0
 
 
-# ---- batches framed in one call (_records.c) -----------------------------------------------------
+# ---- batches framed in one call (_framing.c) -----------------------------------------------------
 
 
 def test_frames_of_a_batch_are_the_frames_of_each_record():
@@ -282,7 +282,7 @@ def test_the_compiled_batch_frames_the_same_bytes(compiled):
 def test_the_compiled_crc_is_crc32c_both_ways(compiled):
     from crc32c import crc32c
     rng = random.Random(9)
-    # Around the three-stream blocks' edges (3 x 256 and 3 x 8192 bytes, _records.c), from
+    # Around the three-stream blocks' edges (3 x 256 and 3 x 8192 bytes, _crc32c.c), from
     # every alignment.
     edges = [k * 3 * block + d for block in (256, 8192) for k in (1, 2, 5) for d in (-9, -1, 0, 1, 8, 255)]
     for n in list(range(0, 40)) + [4096, 4099, 100_000, (1 << 20) + 3] + edges:

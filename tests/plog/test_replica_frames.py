@@ -1,4 +1,4 @@
-"""_records.c frames_check, what a copy's receive loop takes from its home (replica_packet), is
+"""_plogserve.c frames_check, what a copy's receive loop takes from its home (replica_packet), is
 rec.scan's rule: whole records that check from the copy's next index, or nothing (Python's then,
 which refuses them). The property: both say the same of any bytes, whole or damaged."""
 

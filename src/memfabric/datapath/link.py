@@ -33,7 +33,7 @@ from ..media.files import FileSegment
 from . import forks
 from .mapping import SharedRange
 
-try:    # a plog append's compiled call (_records.c call_append): ./dev builds it
+try:    # a plog append's compiled call (_plogcall.c call_append): ./dev builds it
     from .. import _records
 except ImportError:      # pragma: no cover
     _records = None
@@ -223,7 +223,7 @@ class ServerLink:
         return reply, fds
 
     def call_compiled(self, op: str, args: dict[str, Any], call: Callable[..., tuple[int, int, float]]) -> Any:
-        """One request sent and answered by a compiled call (_records.c call_append:
+        """One request sent and answered by a compiled call (_plogcall.c call_append:
         `call(fd, buffer, poll_s, request_id, timeout_s)` -> (status, value, waited_s)) when
         this link is idle (no other request under way, none given up on): `value` when the
         reply was the common one (CALL_OK), else the reply as call() returns it (raising its
@@ -269,7 +269,7 @@ class ServerLink:
 
     def end_compiled(self, op: str, args: dict[str, Any], request_id: int, timeout_s: float, buffer: bytearray,
                      status: int, value: int, waited_s: float) -> Any:
-        """call_compiled's rules for a call a compiled caller made itself (_records.c's forward
+        """call_compiled's rules for a call a compiled caller made itself (_plogforward.c's forward
         in a home's receive loop), having taken this link as call_compiled does: its lock (held
         by this thread, released here), the request's id and its entry in _abandoned. Returns
         or raises as call_compiled."""

@@ -230,7 +230,7 @@ class Plog:
         return self.append_many([data])[0]
 
     def _append_compiled(self, data: Any) -> int | None:
-        """append() of one record to a server on this host in one compiled call (_records.c
+        """append() of one record to a server on this host in one compiled call (_plogcall.c
         call_append: the request written from `data` itself, the reply read without Python),
         when the link is idle; None when not taken (nothing was sent)."""
         if _records is None:

@@ -1,4 +1,4 @@
-"""The compiled same-host append (_records.c append_one): which connections may use it, for
+"""The compiled same-host append (_plogserve.c append_one): which connections may use it, for
 which plogs, and what Python still does around it. Server side.
 
 Why. A same-host 4 KiB append spent ~50 us in the server's Python (decode, dispatch, checks,
@@ -33,7 +33,7 @@ written and committed together; the rest (pmem, copies, a stage dropped after it
 lengths, frames past 1 MiB or over 16 extents, a full plog) is Python's, as before.
 
 Where. The connection's receive loop (_frames.c serve_packets) hands each packet to
-append_one's C entry (_records.c serve_append) before Python sees it: an append committed at
+append_one's C entry (_plogserve.c serve_append) before Python sees it: an append committed at
 once (ramdisk) is answered there and counted in the grant's `counts` (the service's
 served_counts), and the loop goes on receiving; one that needs a flush comes back to Python
 with append_one's tuple (PlogService.fast_finish). Those answered in the loop are not timed
@@ -41,21 +41,21 @@ in the operations' latency histogram (as MemKV's compiled puts are not).
 
 Copies. A same-host home forwards each append to its copies (PlogService._forward), and a
 copy's Python spent ~50 us on each (plog_replica_append). So the copy's side has its twin
-(grant_replica, _records.c replica_packet), on the home's peer connection, by the same rules:
+(grant_replica, _plogserve.c replica_packet), on the home's peer connection, by the same rules:
 granted only after Python served a forward there, every rule of op_plog_replica_append read
 again under the plog's lock, and only the common case served (one message of whole records
 that check, at the log's end, on a medium with nothing to flush); the rest goes to Python. A
 copy on pmem is never granted: it flushes before it answers, in Python.
 
 The home's side of a forward to a same-host copy (send_forward) goes out and is answered in
-one compiled call (_records.c call_append, as a client's append: the request written around the
+one compiled call (_plogcall.c call_append, as a client's append: the request written around the
 piece's bytes, the wait without the GIL) on the peer link, when the link is idle; the link's
 rules hold (its timeout, replies given up on), and a reply that is not the common one is
 decoded and raised as call() raises it.
 
 And in the common case the home's side needs no Python at all: once Python forwarded an
 append to a plog's only live copy (ramdisk), it leaves a Forwarder on the plog, and the
-receive loop forwards the next appends append_one wrote itself (_records.c forward_served:
+receive loop forwards the next appends append_one wrote itself (_plogforward.c forward_served:
 every rule of _flush_to, _forward, Server._peer and call_compiled read again, or nothing
 done), commits them and answers; any other outcome of the forward goes back to Python's rules
 (Forwarder.failed), and Python finishes the append.
@@ -139,7 +139,7 @@ def grant_key(pool: str, ns: str, name: str) -> bytes:
     return b"\0".join(x.encode() for x in (pool, ns, name))
 
 
-# A copy's grant (_records.c replica_packet) on its home's peer connection: a key no client's
+# A copy's grant (_plogserve.c replica_packet) on its home's peer connection: a key no client's
 # append finds (names hold no control characters).
 REPLICA_KEY_PREFIX = b"\x01"
 
@@ -191,7 +191,7 @@ def grant(conn: Connection, plog: "_Plog", m: dict[str, Any], counts: array,
 
 def grant_replica(conn: Connection, plog: "_Plog", m: dict[str, Any], holders: GrantHolders) -> None:
     """After Python served a forward to a copy (`plog`) from its home's peer connection `conn`
-    (request `m`): let the home's later forwards of whole records through _records.c
+    (request `m`): let the home's later forwards of whole records through _plogserve.c
     replica_packet. Only where nothing is to flush (ramdisk): a copy on pmem commits in Python."""
     if conn.role == "peer" and plog.role == "replica" and not plog.data.flushes:
         _give(conn, plog, m, REPLICA_KEY_PREFIX, None, None, holders)
@@ -258,7 +258,7 @@ def send_forward(link: Any, head: bytes, head_entries: int, copy_args: dict[str,
 
 class Forwarder:
     """What a home's receive loop needs to forward an append to its plog's one live copy itself
-    (_records.c forward_served), read by name in C; `plog.fast_forward`, made by
+    (_plogforward.c forward_served), read by name in C; `plog.fast_forward`, made by
     PlogService._forward after it forwarded a piece compiled to that copy alone. It names the
     choices Python made (the copy, its link, the view that showed it alive, the dead copies
     then) and the request's fixed parts; C checks each against the plog, the server and the

@@ -22,7 +22,7 @@ from ..errors import InvalidArgument, OutOfRange, OutOfSpace, Sealed
 from ..limits import MAX_PLOG_BATCH, PLOG_PREPARE_BYTES_PER_S
 from .record import ALIGN_BYTES, HEADER_BYTES, frame_bytes
 
-try:    # a batch's starts in one call (_records.c): ./dev builds it
+try:    # a batch's starts in one call (_framing.c): ./dev builds it
     from .._records import frame_starts as _compiled_frame_starts
 except ImportError:      # pragma: no cover
     _compiled_frame_starts = None

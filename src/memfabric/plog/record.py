@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 
 from crc32c import crc32c
 
-try:    # the batch framed in one call (_records.c): ./dev builds it
+try:    # the batch framed in one call (_framing.c): ./dev builds it
     from .. import _records
 except ImportError:      # pragma: no cover
     _records = None

@@ -75,7 +75,7 @@ from . import record as rec
 from .log import OPEN, SEALED, STATES, PlogLog, frame_starts, prepare_allowance_s
 from .store import LogBytes, meta_path, read_metas, remove_meta, write_meta
 
-try:    # a batch's lengths checked in one call (_records.c): ./dev builds it
+try:    # a batch's lengths checked in one call (_framing.c): ./dev builds it
     from .. import _records
 except ImportError:      # pragma: no cover
     _records = None
@@ -232,7 +232,7 @@ class PlogService:
         self.forwards = 0                     # pieces of the log sent to copies, and those sent compiled
         self.compiled_forwards = 0
         # Appends and their payload bytes answered in the connections' receive loops (those
-        # committed at once: _records.c serve_append, and pmem ones after their shared flush:
+        # committed at once: _plogserve.c serve_append, and pmem ones after their shared flush:
         # _commitgroup.c), counted there atomically (commit_wait holds no GIL); then the forwards
         # sent there (forward_served, with the GIL), and of them the compiled ones (all).
         self.served_counts = array("Q", [0, 0, 0, 0])
@@ -963,7 +963,7 @@ class PlogService:
                 if (len(live) == 1 and compiled_forwards == forwards and not plog.data.flushes and view is not None
                         and view_ttl_s is not None):
                     # The next appends' forwards, to this copy alone: in the receive loop
-                    # (_records.c forward_served), while all this still holds.
+                    # (_plogforward.c forward_served), while all this still holds.
                     plog.fast_forward = fast_append.Forwarder(self, plog, self.server, server_id, link, view,
                                                               view_ttl_s, head, head_entries, args)
             finally:
