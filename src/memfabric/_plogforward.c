@@ -47,8 +47,11 @@ static PyObject *name_of(const char *literal) {
     static const char *literals[NAMES_MOST];
     static PyObject *names[NAMES_MOST];
     static int count;
+    for (int i = 0; i < count; i++)      /* the same literal (the compiler merges them): no strcmp */
+        if (literals[i] == literal)
+            return names[i];
     for (int i = 0; i < count; i++)
-        if (literals[i] == literal || strcmp(literals[i], literal) == 0)
+        if (strcmp(literals[i], literal) == 0)
             return names[i];
     if (count == NAMES_MOST) {
         PyErr_SetString(PyExc_SystemError, "_plogforward.c name_of: more names than NAMES_MOST");

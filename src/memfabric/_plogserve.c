@@ -969,7 +969,7 @@ done:
 /* The grant's counts (two u64), or NULL. The array lives as long as the service and is never
  * resized, so its memory stays where it is (a loop adds to it without the GIL: atomically). */
 static uint64_t *counts_of(PyObject *grant) {
-    PyObject *counts = PyObject_GetAttrString(grant, "counts");
+    PyObject *counts = PyObject_GetAttr(grant, s_counts);
     Py_buffer view;
     if (counts == NULL || PyObject_GetBuffer(counts, &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
         Py_XDECREF(counts);

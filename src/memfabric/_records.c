@@ -29,7 +29,7 @@ PyObject *s_acquire, *s_release, *s_append, *s_plog, *s_core, *s_sec, *s_plog_id
     *s_vkey, *s_deleted, *s_broken, *s_state, *s_open, *s_written, *s_committed, *s_committed_records, *s_starts,
     *s_lengths, *s_nonce, *s_capacity, *s_extents, *s_segments, *s_fd, *s_lock, *s_touched, *s_python_commits,
     *s_gone, *s_seg_ids, *s_seg_lock, *s_role, *s_replica, *s_stale, *s_receiving, *s_services, *s_mapping, *s_size,
-    *s_frombytes, *s_stage_kept_bytes, *s_group;
+    *s_frombytes, *s_stage_kept_bytes, *s_group, *s_counts;
 
 int intern_names(void) {
 #define NAME(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return -1;
@@ -44,7 +44,7 @@ int intern_names(void) {
     NAME(s_seg_lock, "_lock")
     NAME(s_role, "role") NAME(s_replica, "replica") NAME(s_stale, "stale") NAME(s_receiving, "receiving")
     NAME(s_services, "services") NAME(s_mapping, "mapping") NAME(s_size, "size") NAME(s_frombytes, "frombytes")
-    NAME(s_stage_kept_bytes, "stage_kept_bytes") NAME(s_group, "group")
+    NAME(s_stage_kept_bytes, "stage_kept_bytes") NAME(s_group, "group") NAME(s_counts, "counts")
 #undef NAME
     return 0;
 }
