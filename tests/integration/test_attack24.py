@@ -1,0 +1,81 @@
+"""Attacks on the revocation of receive-loop grants when a plog goes (fast_append.GrantHolders,
+PlogService.dropped and op_plog_delete) and on the words of an append a copy's seal fenced."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from array import array
+from types import SimpleNamespace
+
+import pytest
+
+from memfabric.limits import MAX_PLOG_FAST_GRANTS_PER_CONNECTION as MOST
+from memfabric.media.files import FileSegment
+from memfabric.plog import fast_append
+from memfabric.server.requests import Connection
+
+_SEGMENT = FileSegment.__new__(FileSegment)     # (only its type is looked at by _give)
+
+
+def _plog(i: int) -> SimpleNamespace:
+    """What _give and FastGrant read of a plog homed here, on ramdisk, in one extent."""
+    return SimpleNamespace(role="home", deleted=False, id=i, core=SimpleNamespace(capacity=4096),
+                           data=SimpleNamespace(flushes=False, _ends=[4096], extents=[(1, 0, 4096)],
+                                                pool=SimpleNamespace(segments={1: _SEGMENT})),
+                           replica_servers=[], commit_group=None)
+
+
+def _request(i: int) -> dict:
+    return {"pool": "logs", "ns": "n", "name": f"wal{i}", "sec": b"k"}
+
+
+@pytest.mark.skipif(fast_append._records is None, reason="the compiled part is not built")
+def test_a_grant_revoked_from_another_thread_while_its_connection_pushes_out_its_oldest():
+    """A connection holding MOST grants pushes out its oldest to take a new one (_give). A
+    plog deleted, or its namespace destroyed, revokes its grants from every connection
+    (GrantHolders.revoke) from the thread that deleted it, at any moment of that. A thread
+    switch after _give saw the connection full: here the revoking thread runs at each
+    builtin call _give returns from after that (as the GIL may let it). The new grant must be
+    given and the one revoked gone, and nothing raised: _give runs after Python appended
+    (or a copy took a forward), so what it raises answers a written append INTERNAL_ERROR
+    (or marks a live copy dead). It raised 'dictionary changed size during iteration'
+    (reproduced too with two real threads and sys.setswitchinterval(1e-6), ~1 in 20,000)."""
+    conn = Connection(carries_fds=True)
+    conn.verified[("logs", "n")] = (1, b"k")
+    holders = fast_append.GrantHolders()
+    counts = array("Q", [0, 0, 0, 0])
+    plogs = [_plog(i) for i in range(MOST + 1)]
+    for i in range(MOST):
+        fast_append._give(conn, plogs[i], _request(i), b"", counts, None, holders)
+    grants = conn.services[fast_append.GRANTS]
+    assert len(grants) == MOST
+    full_seen = []
+    revoked = []
+
+    def revoke_elsewhere() -> None:
+        thread = threading.Thread(target=holders.revoke, args=([plogs[0]],))
+        thread.start()
+        thread.join(2)              # (a fix that makes it wait for _give: it goes on after)
+        revoked.append(thread)
+
+    def profile(frame, event, arg):
+        if frame.f_code is not fast_append._give.__code__ or event != "c_return":
+            return
+        if full_seen and not revoked:
+            revoke_elsewhere()
+        if arg is len:
+            full_seen.append(True)
+
+    sys.setprofile(profile)
+    try:
+        fast_append._give(conn, plogs[MOST], _request(MOST), b"", counts, None, holders)
+    finally:
+        sys.setprofile(None)
+    assert full_seen and revoked, "the race was not set up"
+    revoked[0].join(10)
+    assert not revoked[0].is_alive()
+    key = fast_append.grant_key("logs", "n", f"wal{MOST}")
+    assert grants[key].plog is plogs[MOST]
+    assert all(g.plog is not plogs[0] for g in grants.values())
+    assert len(grants) <= MOST
