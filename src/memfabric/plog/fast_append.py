@@ -218,7 +218,10 @@ def _give(conn: Connection, plog: "_Plog", m: dict[str, Any], prefix: bytes, cou
     if held is not None and held.plog is plog and held.proven is proven and held.sec == sec and held.counts is counts:
         return
     if key not in grants and len(grants) >= MAX_PLOG_FAST_GRANTS_PER_CONNECTION:
-        grants.pop(next(iter(grants)))        # the oldest: served by Python again, and granted again
+        # The oldest: served by Python again, and granted again. Taken in one call, and let go
+        # if gone: GrantHolders.revoke takes grants from another thread at any moment.
+        for oldest in list(grants)[:1]:
+            grants.pop(oldest, None)
     grants[key] = FastGrant(plog, sec, (pool, ns), proven, segments, counts, flush_to)
     holders.add(conn)
     if plog.deleted:                 # went while this was given: GrantHolders.revoke may have missed it
