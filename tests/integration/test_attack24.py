@@ -10,10 +10,15 @@ from types import SimpleNamespace
 
 import pytest
 
+import memfabric
+from memfabric.errors import MemfabricError, NoSuchObject
 from memfabric.limits import MAX_PLOG_FAST_GRANTS_PER_CONNECTION as MOST
 from memfabric.media.files import FileSegment
 from memfabric.plog import fast_append
 from memfabric.server.requests import Connection
+
+from ..helpers import ns_name, wait_until
+from .test_plog_replicas import WAIT_S, MiB, _copy, _fabric
 
 _SEGMENT = FileSegment.__new__(FileSegment)     # (only its type is looked at by _give)
 
@@ -79,3 +84,60 @@ def test_a_grant_revoked_from_another_thread_while_its_connection_pushes_out_its
     assert grants[key].plog is plogs[MOST]
     assert all(g.plog is not plogs[0] for g in grants.values())
     assert len(grants) <= MOST
+
+
+class _Reader(threading.Thread):
+    """Reads the plog's records through `handle` again and again until it is refused: every
+    payload it was given, in `seen`."""
+
+    def __init__(self, handle) -> None:
+        super().__init__(daemon=True)
+        self.handle = handle
+        self.seen: set[bytes] = set()
+        self.rounds = 0
+        self.error: Exception | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                self.seen.update(self.handle.records())
+                self.rounds += 1
+        except MemfabricError as exc:
+            self.error = exc
+
+
+def test_records_read_while_their_plog_is_deleted_are_its_own_or_refused(request):
+    """A client deletes a plog (home and copy) while others read its records from the home and
+    from the copy, each on its own connection. A read either gets records that were appended
+    or NO_SUCH_OBJECT; never the zeros the delete wrote over the plog's memory before giving
+    it back to the namespace (op_plog_records took the records' places, let go of the plog's
+    lock, the delete freed the memory, then _read read it: up to the fix, one delete in five
+    or so handed a reader a record of zeros)."""
+    fab = _fabric(2)
+    try:
+        name = ns_name(request)
+        with memfabric.init(fab.directory, server=0) as s, memfabric.init(fab.directory, server=0) as r, \
+                memfabric.init(fab.directory, server=1) as r2:
+            ns = s.create_namespace(name, sec_id="k", pool="logs")
+            for attempt in range(60):
+                log = ns.create_plog("wal", MiB, replicas=2)
+                (other,) = log.info()["replica_servers"]
+                bodies = {b"record %d of attempt %d" % (i, attempt) for i in range(4)}
+                for body in sorted(bodies):
+                    log.append(body)
+                at_home = r.namespace(name, "k", pool="logs").plog("wal")
+                readers = [_Reader(at_home), _Reader(_copy(r2.namespace(name, "k", pool="logs").plog("wal"), other))]
+                for reader in readers:
+                    reader.start()
+                wait_until(lambda: all(x.rounds or x.error for x in readers), "the readers to read", WAIT_S)
+                log.delete()
+                for reader in readers:
+                    reader.stop.set()
+                    reader.join(WAIT_S)
+                    assert not reader.is_alive()
+                    assert reader.error is None or isinstance(reader.error, NoSuchObject), reader.error
+                    assert reader.seen <= bodies, f"attempt {attempt}: records never appended: " \
+                                                  f"{sorted(reader.seen - bodies)[:3]}"
+    finally:
+        assert fab.stop() == 0, "".join(fab.output[-30:])
