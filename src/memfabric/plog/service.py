@@ -1130,6 +1130,8 @@ class PlogService:
 
     def _read(self, plog: _Plog, offset: int, length: int) -> bytes:
         with plog.lock:
+            if plog.deleted:       # (found before the delete): its memory is zeroed, or another's now
+                raise NoSuchObject(f"plog {plog.core.name!r} was deleted")
             self._check_whole(plog)
             plog.core.check_read(offset, length)
             plog.readers += 1
