@@ -141,3 +141,60 @@ def test_records_read_while_their_plog_is_deleted_are_its_own_or_refused(request
                                                   f"{sorted(reader.seen - bodies)[:3]}"
     finally:
         assert fab.stop() == 0, "".join(fab.output[-30:])
+
+
+@pytest.mark.parametrize("medium", ["ramdisk", "pmem"])
+def test_a_seal_of_the_home_that_a_copys_seal_fences_meanwhile_succeeds(medium, request):
+    """Appends stream to a replicated plog; one client seals a copy, another the home at once.
+    The home's seal flushes what was written before it, whose forward the sealed copy refuses:
+    the plog is fenced (sealed at what was committed). Sealing a sealed plog is no error, so
+    the home's seal answers its info, sealed, like any other; it raised SEALED, with the
+    words of a refused append ('this append was not committed'), about one time in three."""
+    fab = _fabric(2, medium)
+    try:
+        name = ns_name(request)
+        with memfabric.init(fab.directory, server=0) as s, memfabric.init(fab.directory, server=1) as on_copy:
+            ns = s.create_namespace(name, sec_id="k", pool="logs")
+            for attempt in range(40):
+                log = ns.create_plog(f"wal{attempt}", 2 * MiB, replicas=2)
+                (other,) = log.info()["replica_servers"]
+                stop = threading.Event()
+
+                def append(handle) -> None:
+                    try:
+                        while not stop.is_set():
+                            handle.append(b"x" * 100)
+                    except MemfabricError:
+                        pass
+                sessions = [memfabric.init(fab.directory, server=0) for _ in range(3)]
+                appenders = [threading.Thread(target=append, args=(x.namespace(name, "k", pool="logs").plog(
+                    f"wal{attempt}"),), daemon=True) for x in sessions]
+                for a in appenders:
+                    a.start()
+                wait_until(lambda: log.info()["records"] > 20, "appends", WAIT_S)
+                copy = _copy(on_copy.namespace(name, "k", pool="logs").plog(f"wal{attempt}"), other)
+                sealed: dict[str, object] = {}
+
+                def seal(key, handle) -> None:
+                    try:
+                        sealed[key] = handle.seal()
+                    except MemfabricError as exc:
+                        sealed[key] = exc
+                sealers = [threading.Thread(target=seal, args=("copy", copy)),
+                           threading.Thread(target=seal, args=("home", log))]
+                for t in sealers:
+                    t.start()
+                for t in sealers:
+                    t.join(WAIT_S)
+                stop.set()
+                for a in appenders:
+                    a.join(WAIT_S)
+                for x in sessions:
+                    x.close()
+                for key in ("copy", "home"):
+                    assert isinstance(sealed[key], dict), f"attempt {attempt}: the {key}'s seal raised {sealed[key]!r}"
+                    assert sealed[key]["state"] == "sealed"
+                assert log.info()["length"] == copy.info()["length"]
+                log.delete()
+    finally:
+        assert fab.stop() == 0, "".join(fab.output[-30:])
