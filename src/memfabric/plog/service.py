@@ -1224,7 +1224,12 @@ class PlogService:
                     plog.core.state = OPEN
                     raise
             end = plog.core.written
-        self._flush_to(plog, end)
+        try:
+            self._flush_to(plog, end)
+        except Sealed:
+            # A copy's seal fenced the plog meanwhile (_fence): sealed all the same, at what it
+            # had committed; the appends dropped are told so, and this seal is no error.
+            pass
         if plog.role == HOME and plog.replica_servers:
             with plog.flush_lock:            # after any forward under way: a copy sealed last
                 for server_id in self._live_copies(plog):
