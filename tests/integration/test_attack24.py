@@ -3,6 +3,7 @@ PlogService.dropped and op_plog_delete) and on the words of an append a copy's s
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from array import array
@@ -198,3 +199,65 @@ def test_a_seal_of_the_home_that_a_copys_seal_fences_meanwhile_succeeds(medium, 
                 log.delete()
     finally:
         assert fab.stop() == 0, "".join(fab.output[-30:])
+
+
+# In the copy's server: a forward (plog_replica_append) that found its plog waits there while
+# the mark exists, after making MARK.found (bounded: 10 s).
+_STALL_FORWARD = r"""
+import os, time
+_mark = os.environ.get("MF_TEST_STALL_FORWARD_MARK")
+if _mark:
+    from memfabric.plog import service as _service
+    _real = _service.PlogService._plog
+
+    def _stalling(self, conn, m):
+        plog = _real(self, conn, m)
+        if "at" in m and "data" in m and os.path.exists(_mark):
+            open(_mark + ".found", "w").close()
+            deadline = time.monotonic() + 10
+            while os.path.exists(_mark) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return plog
+
+    _service.PlogService._plog = _stalling
+"""
+
+
+@pytest.mark.parametrize("medium", ["ramdisk", "pmem"])
+def test_a_forward_that_found_its_copy_before_a_client_deleted_it_is_refused(medium, tmp_path, monkeypatch, request):
+    """A forward looks the copy up, then takes its lock to write. A client that deletes the
+    copy in between frees its memory (zeroed, given back to the namespace): the forward must
+    find it deleted under the lock and refuse (the home then marks the copy dead and the
+    append goes on without it), not write into memory the namespace may have given to
+    another plog and tell the home the copy holds the append (before the fix it did, and the
+    home counted a deleted copy as live)."""
+    (tmp_path / "sitecustomize.py").write_text(_STALL_FORWARD)
+    mark = tmp_path / "stall"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("MF_TEST_STALL_FORWARD_MARK", str(mark))
+    fab = _fabric(2, medium=medium)
+    try:
+        with memfabric.init(fab.directory, server=0) as s:
+            log = s.create_namespace(ns_name(request), sec_id="k", pool="logs").create_plog("wal", MiB, replicas=2)
+            (other,) = log.info()["replica_servers"]
+            mark.touch()
+            outcome: list = []
+            appender = threading.Thread(target=lambda: outcome.append(_outcome(log.append, b"stalled at the copy")))
+            appender.start()
+            wait_until(lambda: os.path.exists(f"{mark}.found"), "the copy to find its plog for the forward", WAIT_S)
+            _copy(log, other).delete()
+            mark.unlink()
+            appender.join(WAIT_S)
+            assert not appender.is_alive()
+            assert len(outcome) == 1 and type(outcome[0]) is int, outcome      # its payload's offset
+            assert log.info()["dead_replicas"] == [other]
+            assert list(log.records()) == [b"stalled at the copy"]
+    finally:
+        assert fab.stop() == 0, "".join(fab.output[-30:])
+
+
+def _outcome(call, *args):
+    try:
+        return call(*args)
+    except MemfabricError as exc:
+        return exc

@@ -665,6 +665,8 @@ class PlogService:
             raise InvalidArgument("plog_replica_append takes at (int) and data (bytes)")
         core = plog.core
         with plog.lock:
+            if plog.deleted:      # (found before a client deleted it): its memory is the namespace's again
+                raise NoSuchObject(f"the copy of plog {core.name!r} on server {self.server.server_id} was deleted")
             if plog.role != REPLICA:
                 raise InvalidArgument(f"plog {core.name!r} is homed on server {self.server.server_id}, not a copy")
             if plog.stale:
