@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 import memfabric
-from memfabric.errors import MemfabricError, NoSuchObject
+from memfabric.errors import MemfabricError, NoSuchNamespace, NoSuchObject
 from memfabric.limits import MAX_PLOG_FAST_GRANTS_PER_CONNECTION as MOST
 from memfabric.media.files import FileSegment
 from memfabric.plog import fast_append
@@ -201,8 +201,8 @@ def test_a_seal_of_the_home_that_a_copys_seal_fences_meanwhile_succeeds(medium, 
         assert fab.stop() == 0, "".join(fab.output[-30:])
 
 
-# In the copy's server: a forward (plog_replica_append) that found its plog waits there while
-# the mark exists, after making MARK.found (bounded: 10 s).
+# In a server: a request of op MF_TEST_STALL_OP (default: a forward, plog_replica_append) that
+# found its plog waits there while the mark exists, after making MARK.found (bounded: 10 s).
 _STALL_FORWARD = r"""
 import os, time
 _mark = os.environ.get("MF_TEST_STALL_FORWARD_MARK")
@@ -212,7 +212,8 @@ if _mark:
 
     def _stalling(self, conn, m):
         plog = _real(self, conn, m)
-        if "at" in m and "data" in m and os.path.exists(_mark):
+        if (m.get("op") == os.environ.get("MF_TEST_STALL_OP", "plog_replica_append") or "at" in m and "data" in m) \
+                and os.path.exists(_mark):
             open(_mark + ".found", "w").close()
             deadline = time.monotonic() + 10
             while os.path.exists(_mark) and time.monotonic() < deadline:
@@ -261,3 +262,36 @@ def _outcome(call, *args):
         return call(*args)
     except MemfabricError as exc:
         return exc
+
+
+@pytest.mark.parametrize("medium", ["ramdisk", "pmem"])
+def test_an_append_that_found_its_plog_before_its_namespace_was_destroyed_is_told_so(medium, tmp_path, monkeypatch,
+                                                                                   request):
+    """An append looks its plog up, then takes its lock. The namespace destroyed in between
+    drops the plog (PlogService.dropped): the append is refused NO_SUCH_NAMESPACE, as one
+    that came a moment later is, not NO_SUCH_OBJECT "was deleted" (no client deleted it)."""
+    (tmp_path / "sitecustomize.py").write_text(_STALL_FORWARD)
+    mark = tmp_path / "stall"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("MF_TEST_STALL_FORWARD_MARK", str(mark))
+    monkeypatch.setenv("MF_TEST_STALL_OP", "plog_append")
+    fab = _fabric(1, medium=medium)
+    try:
+        name = ns_name(request)
+        with memfabric.init(fab.directory, server=0) as s:
+            log = s.create_namespace(name, sec_id="k", pool="logs").create_plog("wal", MiB)
+            mark.touch()            # (the first append is Python's: the loop has no grant yet)
+            outcome: list = []
+            appender = threading.Thread(target=lambda: outcome.append(_outcome(log.append, b"caught in the destroy")))
+            appender.start()
+            wait_until(lambda: os.path.exists(f"{mark}.found"), "the append to find its plog", WAIT_S)
+            with memfabric.init(fab.directory, server=0) as other:     # (s's connection is the append's)
+                other.destroy_namespace(name, sec_id="k", pool="logs")    # dropped on the server when it returns
+            mark.unlink()
+            appender.join(WAIT_S)
+            assert not appender.is_alive()
+            assert len(outcome) == 1 and isinstance(outcome[0], NoSuchNamespace), outcome
+            with pytest.raises(NoSuchNamespace):
+                log.append(b"after the destroy")
+    finally:
+        assert fab.stop() == 0, "".join(fab.output[-30:])

@@ -112,6 +112,7 @@ class _Plog:
         self.touched: set[int] = set()        # segments written since the last flush started
         self.readers = 0                      # reads under way: a delete frees the bytes after them
         self.deleted = False
+        self.namespace_gone = False           # deleted because its namespace was destroyed (dropped)
         self.released = False
         # A flush that failed (EIO from fdatasync): what was written since is of unknown fate on
         # the disk, so no more appends are taken until the server restarts and scans the log.
@@ -397,7 +398,7 @@ class PlogService:
         gone = [plog for plog in plogs.values() if plog is not None]
         for plog in gone:
             with plog.lock:      # an append that found it whole finishes first (plog.lock is a leaf)
-                plog.deleted = True
+                plog.namespace_gone = plog.deleted = True
             try:
                 remove_meta(plog.path)
             except MemfabricError as exc:
@@ -666,7 +667,7 @@ class PlogService:
         core = plog.core
         with plog.lock:
             if plog.deleted:      # (found before a client deleted it): its memory is the namespace's again
-                raise NoSuchObject(f"the copy of plog {core.name!r} on server {self.server.server_id} was deleted")
+                raise _gone(plog)
             if plog.role != REPLICA:
                 raise InvalidArgument(f"plog {core.name!r} is homed on server {self.server.server_id}, not a copy")
             if plog.stale:
@@ -825,7 +826,7 @@ class PlogService:
         core = plog.core
         with plog.lock:
             if plog.deleted:
-                raise NoSuchObject(f"plog {core.name!r} was deleted")
+                raise _gone(plog)
             if plog.role != HOME:
                 raise ServerUnavailable(f"server {self.server.server_id} holds a copy of plog {core.name!r}; appends go "
                                         f"to its home, server {plog.home} (when it is dead, seal the plog and read "
@@ -1133,7 +1134,7 @@ class PlogService:
     def _read(self, plog: _Plog, offset: int, length: int) -> bytes:
         with plog.lock:
             if plog.deleted:       # (found before the delete): its memory is zeroed, or another's now
-                raise NoSuchObject(f"plog {plog.core.name!r} was deleted")
+                raise _gone(plog)
             self._check_whole(plog)
             plog.core.check_read(offset, length)
             plog.readers += 1
@@ -1247,7 +1248,7 @@ class PlogService:
         state = plog.state
         with plog.lock:
             if plog.deleted:
-                raise NoSuchObject(f"plog {plog.core.name!r} was deleted")
+                raise _gone(plog)
             remove_meta(plog.path)
             plog.deleted = True
             release = plog.readers == 0 and not plog.released
@@ -1279,6 +1280,15 @@ class PlogService:
         except MemfabricError as exc:       # its namespace is being destroyed: its memory with it
             log.info("plog %r's memory was not zeroed: %s", plog.core.name, exc)
         self._release_extents(plog.state, plog.state.record.pool, extents)
+
+
+def _gone(plog: _Plog) -> MemfabricError:
+    """What a request that found `plog` before it went is refused with: as one that came a
+    moment later would be (NO_SUCH_NAMESPACE when its namespace was destroyed)."""
+    where = f"{'a copy of ' if plog.role == REPLICA else ''}plog {plog.core.name!r}"
+    if plog.namespace_gone:
+        return NoSuchNamespace(f"namespace {plog.state.record.ns!r} was destroyed, and {where} with it")
+    return NoSuchObject(f"{where} was deleted")
 
 
 def _fenced_message(plog: _Plog) -> str:
