@@ -201,19 +201,18 @@ def test_a_seal_of_the_home_that_a_copys_seal_fences_meanwhile_succeeds(medium, 
         assert fab.stop() == 0, "".join(fab.output[-30:])
 
 
-# In a server: a request of op MF_TEST_STALL_OP (default: a forward, plog_replica_append) that
-# found its plog waits there while the mark exists, after making MARK.found (bounded: 10 s).
-_STALL_FORWARD = r"""
+# In a server: a request of op MF_TEST_STALL_OP that found its plog (PlogService._plog) waits
+# there while the mark MF_TEST_STALL_MARK exists, after making MARK.found (bounded: 10 s).
+_STALL_AFTER_LOOKUP = r"""
 import os, time
-_mark = os.environ.get("MF_TEST_STALL_FORWARD_MARK")
-if _mark:
+_mark, _op = os.environ.get("MF_TEST_STALL_MARK"), os.environ.get("MF_TEST_STALL_OP")
+if _mark and _op:
     from memfabric.plog import service as _service
     _real = _service.PlogService._plog
 
     def _stalling(self, conn, m):
         plog = _real(self, conn, m)
-        if (m.get("op") == os.environ.get("MF_TEST_STALL_OP", "plog_replica_append") or "at" in m and "data" in m) \
-                and os.path.exists(_mark):
+        if m.get("op") == _op and os.path.exists(_mark):
             open(_mark + ".found", "w").close()
             deadline = time.monotonic() + 10
             while os.path.exists(_mark) and time.monotonic() < deadline:
@@ -224,6 +223,16 @@ if _mark:
 """
 
 
+def _stall_after_lookup(tmp_path, monkeypatch, op: str):
+    """The mark that, while it exists, stalls requests of `op` in the servers started from now
+    on between finding their plog and taking its lock (_STALL_AFTER_LOOKUP)."""
+    (tmp_path / "sitecustomize.py").write_text(_STALL_AFTER_LOOKUP)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("MF_TEST_STALL_MARK", str(tmp_path / "stall"))
+    monkeypatch.setenv("MF_TEST_STALL_OP", op)
+    return tmp_path / "stall"
+
+
 @pytest.mark.parametrize("medium", ["ramdisk", "pmem"])
 def test_a_forward_that_found_its_copy_before_a_client_deleted_it_is_refused(medium, tmp_path, monkeypatch, request):
     """A forward looks the copy up, then takes its lock to write. A client that deletes the
@@ -232,10 +241,7 @@ def test_a_forward_that_found_its_copy_before_a_client_deleted_it_is_refused(med
     append goes on without it), not write into memory the namespace may have given to
     another plog and tell the home the copy holds the append (before the fix it did, and the
     home counted a deleted copy as live)."""
-    (tmp_path / "sitecustomize.py").write_text(_STALL_FORWARD)
-    mark = tmp_path / "stall"
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
-    monkeypatch.setenv("MF_TEST_STALL_FORWARD_MARK", str(mark))
+    mark = _stall_after_lookup(tmp_path, monkeypatch, "plog_replica_append")
     fab = _fabric(2, medium=medium)
     try:
         with memfabric.init(fab.directory, server=0) as s:
@@ -270,11 +276,7 @@ def test_an_append_that_found_its_plog_before_its_namespace_was_destroyed_is_tol
     """An append looks its plog up, then takes its lock. The namespace destroyed in between
     drops the plog (PlogService.dropped): the append is refused NO_SUCH_NAMESPACE, as one
     that came a moment later is, not NO_SUCH_OBJECT "was deleted" (no client deleted it)."""
-    (tmp_path / "sitecustomize.py").write_text(_STALL_FORWARD)
-    mark = tmp_path / "stall"
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
-    monkeypatch.setenv("MF_TEST_STALL_FORWARD_MARK", str(mark))
-    monkeypatch.setenv("MF_TEST_STALL_OP", "plog_append")
+    mark = _stall_after_lookup(tmp_path, monkeypatch, "plog_append")
     fab = _fabric(1, medium=medium)
     try:
         name = ns_name(request)
