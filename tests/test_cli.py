@@ -158,6 +158,37 @@ def test_up_status_and_clean_stop():
     assert not any(s["alive"] for s in state["servers"]), "servers deregistered on stop"
 
 
+# Servers started while this is on PYTHONPATH ignore SIGTERM, as a hung one does.
+DEAF_SERVER = """
+import signal
+with open("/proc/self/cmdline", "rb") as _f:
+    _args = _f.read().split(b"\\0")
+if b"server" in _args and b"memfabric" in _args:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _install = signal.signal
+    signal.signal = lambda sig, handler: None if sig == signal.SIGTERM else _install(sig, handler)
+"""
+
+
+def test_a_server_deaf_to_sigterm_is_killed_not_left_behind(tmp_path, monkeypatch):
+    """`up` kills a server still running a while after its SIGTERM. Whoever stops `up` must
+    wait longer than that, or it kills `up` first and orphans the server (seen: a hung server
+    left running after a test, its `up` long gone)."""
+    (tmp_path / "sitecustomize.py").write_text(DEAF_SERVER)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    fab = LocalFabric(short_tmp_dir("mf-deaf-"), servers=1, capacity="4MiB", segment_size="1MiB").start()
+    (pid,) = fab.server_pids().values()
+    try:
+        fab.stop()
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_restarted_server_keeps_its_id():
     directory = short_tmp_dir("mf-id-")
     for _ in range(2):

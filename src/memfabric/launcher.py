@@ -22,11 +22,15 @@ import tomli_w
 
 from .config import FABRIC_FILE
 from .limits import BUSY_POLL_US
+from .stop_request import StopRequest
 from .units import format_size
 
 READY_TIMEOUT_S = 60.0
 STOP_CHECK_S = 0.1           # how often a wait for a starting child looks for a stop request
-STOP_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 15.0       # for a server to stop after SIGTERM; then `up` kills it
+# For `up` to stop after SIGTERM: longer than it gives its servers, so its own kill reaches a
+# server that hangs, before ours would orphan it (seen: a server left running after a test).
+UP_STOP_TIMEOUT_S = STOP_TIMEOUT_S + 10.0
 
 
 def write_resp_sec_id(directory: str) -> str:
@@ -168,8 +172,23 @@ class StartStopped(RuntimeError):
     """Asked to stop (a signal) while waiting for a child to be ready."""
 
 
+def stop_children(children: list[subprocess.Popen], timeout_s: float) -> None:
+    """SIGTERM each child still running; kill those not gone `timeout_s` after (one deadline
+    for all, so stopping N hung children takes no longer than one)."""
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for child in children:
+        try:
+            child.wait(max(deadline - time.monotonic(), 0))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
 def wait_for_line(proc: subprocess.Popen, needle: str, timeout_s: float, lines: list[str],
-                  echo: Callable[[str], None] | None = None, stop: threading.Event | None = None) -> None:
+                  echo: Callable[[str], None] | None = None, stop: StopRequest | None = None) -> None:
     """Read the child's output until a line contains `needle`; keep draining it after
     (into `lines`, and to `echo` when given), so the child never blocks on a full pipe.
     `stop` set meanwhile ends the wait with StartStopped (the caller stops the child)."""
@@ -245,13 +264,7 @@ class LocalFabric:
     def stop(self) -> int:
         if self.proc is None:
             return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_children([self.proc], UP_STOP_TIMEOUT_S)
         code = self.proc.returncode
         self.proc = None
         return code

@@ -18,9 +18,10 @@ from typing import TextIO
 
 from ..capacity import NotEnoughCapacity, check_memory, check_pools
 from ..config import PoolConfig
-from ..launcher import (READY_TIMEOUT_S, STOP_TIMEOUT_S, PoolSpec, StartStopped, die_with_parent, wait_for_line,
-                        write_client_files, write_fabric)
+from ..launcher import (READY_TIMEOUT_S, STOP_TIMEOUT_S, PoolSpec, StartStopped, die_with_parent, stop_children,
+                        wait_for_line, write_client_files, write_fabric)
 from ..limits import UP_LOG_MAX_BYTES
+from ..stop_request import StopRequest
 from ..units import format_size
 
 UP_LOCK_FILE = "up.lock"
@@ -178,9 +179,8 @@ def _run(directory: str, servers: int, capacity_bytes: int, segment_bytes: int, 
                            rpc_host=rpc_host, busy_poll_us=busy_poll_us, rpc_port=rpc_port,
                            metrics_port=metrics_port, pools=pools, resp_port=resp_port,
                            resp_host=resp_host)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = StopRequest()
+    stop.on_signals((signal.SIGINT, signal.SIGTERM))
     children: list[subprocess.Popen] = []
     try:
         for config in configs:
@@ -208,14 +208,6 @@ def _run(directory: str, servers: int, capacity_bytes: int, segment_bytes: int, 
         up_log.say(f"memfabric up: {exc}", stream=sys.stderr)
         return 1
     finally:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        for child in children:
-            try:
-                child.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+        stop_children(children, STOP_TIMEOUT_S)
     up_log.say("memfabric fabric stopped")
     return 0

@@ -8,7 +8,6 @@ import os
 import resource
 import signal
 import sys
-import threading
 
 from ..capacity import NotEnoughCapacity, check_pools, segment_slots
 from ..errors import MemfabricError
@@ -19,6 +18,7 @@ from .metrics import MetricsEndpoint
 from .rpc_front import RpcFront
 from ..kv.resp.front import RespFront
 from .server import Server
+from ..stop_request import StopRequest
 
 
 PR_SET_DUMPABLE = 4
@@ -74,18 +74,15 @@ def run_server(config_path: str) -> int:
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     for note in notes:
         logging.getLogger("memfabric.server").warning("%s: %s", cfg.source, note)
-    stop = threading.Event()
+    stop = StopRequest()
     try:
         server = Server(cfg)
     except MemfabricError as exc:      # the cluster service cannot be opened
         print(f"memfabric server: cannot start: {exc}", file=sys.stderr)
         return 1
 
-    def on_signal(*_: object) -> None:
-        stop.set()
-        server.interrupt_start()      # a start still reserving memory gives up within a step
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
+    # A start still reserving memory gives up within a step.
+    stop.on_signals((signal.SIGINT, signal.SIGTERM), also=server.interrupt_start)
     fronts: list = []
     metrics = None
     try:
@@ -127,10 +124,9 @@ def run_server(config_path: str) -> int:
     print(f"memfabric server {server.server_id} ready pid={os.getpid()} ipc={cfg.ipc_socket} "
           f"rpc={rpc_address or '-'} metrics={metrics.address if metrics else '-'} "
           f"{f'resp={resp.address} ' if resp else ''}pools: {pools}", flush=True)
-    # A timed wait: a SIGTERM the kernel hands to another thread interrupts no wait here, and
-    # its handler runs only once this thread runs Python again (seen: a server that ignored it).
-    while not stop.wait(0.5):
-        pass
+    # Polled: a SIGTERM the kernel hands to another thread interrupts no wait here, and its
+    # handler runs only once this thread runs Python again (seen: a server that ignored it).
+    stop.wait(float("inf"))
     for front in fronts:
         front.stop()
     if metrics is not None:

@@ -1,0 +1,46 @@
+"""A stop a signal asks for: what `memfabric server` and `memfabric up` wait on.
+
+threading.Event will not do. Its set() takes the lock its wait() holds for a moment on each
+turn; a SIGTERM whose handler runs in that moment, in the same (main) thread, waits for that
+lock forever. A server hung so on a Ctrl-C or SIGTERM, and ignored every later one. Here the
+handler only sets a flag, and waiting polls it.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Callable, Iterable
+
+POLL_S = 0.05     # how long a stop may wait to be seen
+
+
+class StopRequest:
+    def __init__(self) -> None:
+        self._asked = False      # one assignment: atomic, takes no lock
+
+    def request(self, *_: object) -> None:
+        """Safe in a signal handler, and from any thread."""
+        self._asked = True
+
+    def is_set(self) -> bool:
+        return self._asked
+
+    def wait(self, timeout_s: float) -> bool:
+        """True once a stop was asked for; False after `timeout_s` without one."""
+        deadline = time.monotonic() + timeout_s
+        while not self._asked:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(POLL_S, left))
+        return True
+
+    def on_signals(self, signals: Iterable[signal.Signals], also: Callable[[], None] | None = None) -> None:
+        """Ask for a stop on each of `signals`, then call `also` (which must take no lock either)."""
+        def handler(*_: object) -> None:
+            self._asked = True
+            if also is not None:
+                also()
+        for sig in signals:
+            signal.signal(sig, handler)
