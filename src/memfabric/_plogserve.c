@@ -422,7 +422,7 @@ done:
  * Returns 1 with the reply {"length": end, "id": id} in `reply` (`room` bytes, at least 64), 0
  * for Python, -1 with MemoryError or KeyboardInterrupt set. */
 
-#define REPLICA_PIECE_BYTES (128 << 10)     /* limits.PLOG_REPLICA_PIECE_BYTES: bounds the records too */
+#define REPLICA_PIECE_BYTES FORWARD_PIECE_MOST     /* limits.PLOG_REPLICA_PIECE_BYTES: bounds the records too */
 #define REPLICA_KEY_PREFIX 1                /* fast_append.REPLICA_KEY_PREFIX */
 
 /* Whether the frames of b[0..n) are whole records that check from `index` on: how many, else 0. */

@@ -35,7 +35,7 @@ int lock_segment(PyObject *grant, Py_ssize_t index, PyObject **seg_lock, int *lo
 PyObject *replica_frames(PyObject *self, PyObject *args);
 
 /* _plogforward.c: a home's forward to its one live same-host copy, from serve_append. */
-#define FORWARD_PIECE_MOST (128u << 10)     /* limits.py PLOG_REPLICA_PIECE_BYTES (checked there) */
+#define FORWARD_PIECE_MOST (240u << 10)     /* limits.py PLOG_REPLICA_PIECE_BYTES (checked there) */
 int forward_served(PyObject *pending);
 
 #pragma GCC visibility pop

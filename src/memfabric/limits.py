@@ -183,7 +183,12 @@ PLOG_PREPARE_BYTES_PER_S = 32 << 20
 MAX_PLOG_BUFFERED_BYTES = 256 << 20   # record bytes a server holds being sent (stages, RPC payloads), in all
 MAX_PLOG_REPLICAS = 8                 # copies of a plog (its home's included), each on its own server
 MAX_PLOG_FAST_GRANTS_PER_CONNECTION = 64   # plogs one IPC connection appends to through the compiled path
-PLOG_REPLICA_PIECE_BYTES = 128 << 10  # log bytes a home forwards to a replica per message (within MAX_MESSAGE_BYTES)
+# Log bytes a home forwards to a replica per message: within MAX_MESSAGE_BYTES, with 16 KiB for
+# the request's other fields (names, secId: under 1 KiB). Above a client's inline records
+# (PLOG_INLINE_BYTES), so a record that came inline, or staged up to here, goes to a copy in one
+# piece, which its receive loop serves: each further piece costs a round trip through Python
+# on both sides (a 200 KiB record took 7x a single copy's append in two 128 KiB pieces).
+PLOG_REPLICA_PIECE_BYTES = 240 << 10
 # The Redis-protocol door (kv/resp/). Redis's own limits, so that a client sees the same
 # errors at the same sizes: an inline line or a length line of at most 64 KiB, a bulk of at
 # most 512 MiB (proto-max-bulk-len), a query buffer of at most 1 GiB (client-query-buffer-limit).

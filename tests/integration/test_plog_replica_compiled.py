@@ -12,6 +12,7 @@ import pytest
 
 import memfabric
 from memfabric.errors import Sealed
+from memfabric.limits import MAX_NAME_CHARS, MAX_SEC_ID_BYTES, PLOG_REPLICA_PIECE_BYTES
 
 from ..helpers import ns_name, stop_process, wait_until
 from .test_metrics import errors, ops, scrape, value
@@ -60,19 +61,55 @@ def test_forwards_of_whole_records_are_served_in_the_copys_receive_loop(pair, re
 
 
 def test_a_record_forwarded_in_pieces_goes_to_python_and_the_loop_takes_the_next(pair, request):
-    """A record past one forward piece (128 KiB) comes in two messages: neither is the loop's
-    (the first is not last, the second not at the log's end). The copy stays in step."""
+    """A record past one forward piece (PLOG_REPLICA_PIECE_BYTES) comes in two messages:
+    neither is the loop's (the first is not last, the second not at the log's end). The copy
+    stays in step."""
     with memfabric.init(pair.directory, server=0) as s:
         log, home, other = _replicated(pair, s, request)
         log.append(b"a")
         log.append(b"b")
         before = _in_python(pair, other)
-        big = bytes(range(256)) * (800)              # 200 KiB: two pieces
+        big = bytes(range(256)) * ((PLOG_REPLICA_PIECE_BYTES + (64 << 10)) // 256)      # two pieces
         log.append(big)
         assert _in_python(pair, other) - before == 2
         log.append(b"c")
         assert _in_python(pair, other) - before == (2 if pair.medium == "ramdisk" else 3)
         assert list(_copy(log, other).records()) == [b"a", b"b", big, b"c"] == list(log.records())
+        assert log.info()["dead_replicas"] == []
+
+
+def test_a_record_of_200_KiB_is_forwarded_in_one_piece_the_copys_loop_serves(pair, request):
+    """A forward piece holds 240 KiB: a record of 200 KiB (past what rides inline from a
+    client, so the home's Python forwards it) goes to the copy in one message, whole records
+    that its receive loop checks and writes on ramdisk. (With 128 KiB pieces it took two
+    messages, both served by the copy's Python, and cost 7x a single copy's append.)"""
+    with memfabric.init(pair.directory, server=0) as s:
+        log, home, other = _replicated(pair, s, request)
+        log.append(b"a")
+        log.append(b"b")
+        before = _in_python(pair, other)
+        big = bytes(range(256)) * 800                # 200 KiB
+        log.append(big)
+        log.append(b"c")
+        assert _in_python(pair, other) - before == (0 if pair.medium == "ramdisk" else 2)
+        assert list(_copy(log, other).records()) == [b"a", b"b", big, b"c"] == list(log.records())
+        assert log.info()["dead_replicas"] == []
+
+
+def test_records_around_one_piece_reach_the_copy_with_the_longest_names_and_secid(pair, request):
+    """A piece and the request's other fields fit one message (MAX_MESSAGE_BYTES) however long
+    the names and the secId: records whose frames fill a piece exactly, fall one byte short of
+    it and pass it by one, in a namespace and plog with the longest names and secId."""
+    with memfabric.init(pair.directory, server=0) as s:
+        name = (ns_name(request) + "n" * MAX_NAME_CHARS)[:MAX_NAME_CHARS]
+        ns = s.create_namespace(name, sec_id="k" * MAX_SEC_ID_BYTES, pool="logs")
+        log = ns.create_plog("p" * MAX_NAME_CHARS, 4 * MiB, replicas=2)
+        (other,) = log.info()["replica_servers"]
+        fill = PLOG_REPLICA_PIECE_BYTES - 16       # a 16-byte header, padded to 8
+        records = [bytes([i]) * n for i, n in enumerate((fill, fill - 1, fill + 1, fill - 8, 1))]
+        for record in records:
+            log.append(record)
+        assert list(_copy(log, other).records()) == records == list(log.records())
         assert log.info()["dead_replicas"] == []
 
 
@@ -123,7 +160,7 @@ def test_a_same_host_homes_forwards_go_out_in_one_compiled_call(pair, request):
         before = scrape(_metrics(pair, home))
         for i in range(30):
             log.append(_body(i))
-        log.append(bytes(200 << 10))                     # two pieces
+        log.append(bytes(PLOG_REPLICA_PIECE_BYTES + (64 << 10)))      # two pieces
         after = scrape(_metrics(pair, home))
         sent = value(after, "memfabric_plog_forwards_total") - value(before, "memfabric_plog_forwards_total")
         compiled = value(after, "memfabric_plog_compiled_forwards_total") - value(
