@@ -189,6 +189,62 @@ def test_a_server_deaf_to_sigterm_is_killed_not_left_behind(tmp_path, monkeypatc
             pass
 
 
+# Servers started while this is on PYTHONPATH take a second SIGTERM at every line their handler of
+# the first one runs, as a storm of signals (Ctrl-C, then `up`'s own SIGTERM) may land it.
+NESTED_SIGTERM_SERVER = """
+import signal, sys
+with open("/proc/self/cmdline", "rb") as _f:
+    _args = _f.read().split(b"\\0")
+if b"server" in _args and b"memfabric" in _args:
+    _install = signal.signal
+
+    def _nesting(sig, handler):
+        if sig != signal.SIGTERM or not callable(handler):
+            return _install(sig, handler)
+
+        def first(*args):
+            def tracer(frame, event, arg):
+                if event == "line":
+                    handler(*args)
+                return tracer
+            sys.settrace(tracer)
+            try:
+                handler(*args)
+            finally:
+                sys.settrace(None)
+        return _install(sig, first)
+    signal.signal = _nesting
+"""
+
+
+def test_a_signal_landing_in_the_servers_handler_of_another_does_not_hang_it(tmp_path, monkeypatch):
+    """A burst of SIGTERMs hung a server (about 1 in 8 of 30 sent at once): its handler set a
+    threading.Event (Server.interrupt_start), and a signal landing while that set() held the
+    Event's lock ran the handler again, in the same thread, which waited for that lock forever."""
+    (tmp_path / "sitecustomize.py").write_text(NESTED_SIGTERM_SERVER)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    directory = short_tmp_dir("mf-nest-")
+    path = write(os.path.join(directory, "server.toml"), server_toml(directory, DRAM_POOL))
+    proc = subprocess.Popen(MF + ["server", "--config", path], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    code = None
+    try:
+        wait_for_line(proc, " ready ", 30, lines)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 0, f"the server did not stop on SIGTERM (status {code}):\n" + "".join(lines[-20:])
+    wait_until(lambda: any(" stopped" in line for line in lines), "the server to say it stopped")
+    assert not os.path.exists(f"{directory}/s.sock"), "socket left behind"
+
+
 def test_restarted_server_keeps_its_id():
     directory = short_tmp_dir("mf-id-")
     for _ in range(2):
