@@ -24,6 +24,7 @@ import threading
 from typing import Any, Callable
 
 from ..errors import IOError_, LimitExceeded, MemfabricError, OutOfMemory, ServerUnavailable
+from ..stop_request import StopRequest
 
 log = logging.getLogger("memfabric.server")
 
@@ -128,7 +129,7 @@ class Medium:
 
     # ---- the reserve ------------------------------------------------------------------------
 
-    def reserve(self, size_bytes: int, stopping: threading.Event | None = None) -> None:
+    def reserve(self, size_bytes: int, stopping: threading.Event | StopRequest | None = None) -> None:
         """Allocate the budget not in segments. Raises OutOfMemory when the machine lacks it
         and ServerUnavailable when `stopping` is set meanwhile; either way it leaves nothing."""
         self._reserve_fd = self._open_reserve()

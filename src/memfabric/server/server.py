@@ -41,6 +41,7 @@ from .metrics import RequestMetrics
 from .sec_ids import SecIdChecker
 from .requests import Connection, Reply
 from .state import NamespaceState, PoolState
+from ..stop_request import StopRequest
 
 log = logging.getLogger("memfabric.server")
 
@@ -64,6 +65,9 @@ class Server:
         self._view: list[ServerRecord] = []
         self._view_at = 0.0
         self._stopping = threading.Event()
+        # What a signal handler sets (interrupt_start): no lock, unlike an Event, whose set()
+        # a second signal landing in the first one's set() waited for forever.
+        self._start_interrupted = StopRequest()
         self._heartbeat_thread: threading.Thread | None = None
         self.beat_sent_s: float | None = None     # when the last heartbeat the cluster took was sent (monotonic)
         self._keeper_thread: threading.Thread | None = None
@@ -140,14 +144,15 @@ class Server:
             if pool.persistent:
                 self.bigmemory.restore(pool)
                 self.plog.restore(pool)      # before open(): it discards segment files no one claimed
-            pool.open(self._stopping)
+            pool.open(self._start_interrupted)
         self._keeper_thread = threading.Thread(target=self._keeper_loop, name="segment-keeper", daemon=True)
         self._keeper_thread.start()
         self._publish()
 
     def interrupt_start(self) -> None:
-        """A signal asked us to stop while starting: reserving memory gives up within a step."""
-        self._stopping.set()
+        """A signal asked us to stop while starting: reserving memory gives up within a step.
+        Run in a signal handler, so it takes no lock."""
+        self._start_interrupted.request()
 
     def announce(self) -> None:
         """Once this server answers requests: what the semantics tell the cluster then."""

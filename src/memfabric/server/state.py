@@ -17,6 +17,7 @@ from ..media.base import Medium, SegmentMemory
 from ..media.dram import DramMedium
 from ..media.files import FileMedium
 from ..config import PoolConfig
+from ..stop_request import StopRequest
 
 log = logging.getLogger("memfabric.server")
 
@@ -51,7 +52,7 @@ class PoolState:
         assert isinstance(self.medium, FileMedium)
         self.segments[segment_id] = self.medium.adopt(segment_id)
 
-    def open(self, stopping: threading.Event | None = None) -> None:
+    def open(self, stopping: threading.Event | StopRequest | None = None) -> None:
         """Reserve the budget no restored segment holds; files no live object needs go."""
         if isinstance(self.medium, FileMedium):
             for segment_id in self.medium.existing_segments():
