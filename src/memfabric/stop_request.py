@@ -18,6 +18,7 @@ POLL_S = 0.05     # how long a stop may wait to be seen
 class StopRequest:
     def __init__(self) -> None:
         self._asked = False      # one assignment: atomic, takes no lock
+        self._signals: list[signal.Signals] = []
 
     def request(self, *_: object) -> None:
         """Safe in a signal handler, and from any thread."""
@@ -44,3 +45,12 @@ class StopRequest:
                 also()
         for sig in signals:
             signal.signal(sig, handler)
+            self._signals.append(sig)
+
+    def ignore_signals(self) -> None:
+        """Once the stop is under way: the signals of on_signals are ignored from then on. Left
+        handled, one landing as the interpreter exits, which has put their default action back
+        by then, killed the process (status -15 or -2 after a clean stop, seen with a second
+        Ctrl-C or SIGTERM)."""
+        for sig in self._signals:
+            signal.signal(sig, signal.SIG_IGN)

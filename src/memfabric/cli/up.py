@@ -209,5 +209,6 @@ def _run(directory: str, servers: int, capacity_bytes: int, segment_bytes: int, 
         return 1
     finally:
         stop_children(children, STOP_TIMEOUT_S)
+        stop.ignore_signals()      # nothing left to stop; one more signal as we exit must not kill us
     up_log.say("memfabric fabric stopped")
     return 0

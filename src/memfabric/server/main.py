@@ -127,6 +127,7 @@ def run_server(config_path: str) -> int:
     # Polled: a SIGTERM the kernel hands to another thread interrupts no wait here, and its
     # handler runs only once this thread runs Python again (seen: a server that ignored it).
     stop.wait(float("inf"))
+    stop.ignore_signals()      # asked once is enough; one more as we exit must not kill us
     for front in fronts:
         front.stop()
     if metrics is not None:
