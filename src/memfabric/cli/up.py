@@ -186,10 +186,12 @@ def _run(directory: str, servers: int, capacity_bytes: int, segment_bytes: int, 
         for config in configs:
             if stop.is_set():         # `down` (or Ctrl-C) while starting: start no more
                 break
-            # Servers start one after another: ids are handed out in start order.
+            # Servers start one after another: ids are handed out in start order. Each in a
+            # process group of its own: a terminal's Ctrl-C reaches `up` alone, which stops them
+            # (in ours, one still starting took it as a KeyboardInterrupt, traceback and all).
             child = subprocess.Popen([sys.executable, "-m", "memfabric", "server", "--config", config],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     preexec_fn=die_with_parent)
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, preexec_fn=die_with_parent, process_group=0)
             children.append(child)
             wait_for_line(child, " ready ", READY_TIMEOUT_S, [], echo=up_log.say, stop=stop)
         if not stop.is_set():
