@@ -173,15 +173,20 @@ if b"server" in _args and b"memfabric" in _args:
 def test_a_server_deaf_to_sigterm_is_killed_not_left_behind(tmp_path, monkeypatch):
     """`up` kills a server still running a while after its SIGTERM. Whoever stops `up` must
     wait longer than that, or it kills `up` first and orphans the server (seen: a hung server
-    left running after a test, its `up` long gone)."""
+    left running after a test, its `up` long gone). And it says so: it said "fabric stopped" and
+    nothing else, in up.log too, and an operator never learnt a server had been killed."""
     (tmp_path / "sitecustomize.py").write_text(DEAF_SERVER)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
-    fab = LocalFabric(short_tmp_dir("mf-deaf-"), servers=1, capacity="4MiB", segment_size="1MiB").start()
+    directory = short_tmp_dir("mf-deaf-")
+    fab = LocalFabric(directory, servers=1, capacity="4MiB", segment_size="1MiB").start()
     (pid,) = fab.server_pids().values()
     try:
         fab.stop()
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+        with open(os.path.join(directory, "up.log")) as f:
+            said = [line for line in f if str(pid) in line and "killed" in line]
+        assert said, "up did not say it killed the server"
     finally:
         try:
             os.kill(pid, signal.SIGKILL)
