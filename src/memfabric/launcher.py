@@ -172,19 +172,22 @@ class StartStopped(RuntimeError):
     """Asked to stop (a signal) while waiting for a child to be ready."""
 
 
-def stop_children(children: list[subprocess.Popen], timeout_s: float) -> None:
+def stop_children(children: list[subprocess.Popen], timeout_s: float) -> list[subprocess.Popen]:
     """SIGTERM each child still running; kill those not gone `timeout_s` after (one deadline
-    for all, so stopping N hung children takes no longer than one)."""
+    for all, so stopping N hung children takes no longer than one). Returns those killed."""
     for child in children:
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
+    killed = []
     for child in children:
         try:
             child.wait(max(deadline - time.monotonic(), 0))
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
+            killed.append(child)
+    return killed
 
 
 def wait_for_line(proc: subprocess.Popen, needle: str, timeout_s: float, lines: list[str],

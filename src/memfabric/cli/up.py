@@ -210,7 +210,9 @@ def _run(directory: str, servers: int, capacity_bytes: int, segment_bytes: int, 
         up_log.say(f"memfabric up: {exc}", stream=sys.stderr)
         return 1
     finally:
-        stop_children(children, STOP_TIMEOUT_S)
+        for child in stop_children(children, STOP_TIMEOUT_S):
+            up_log.say(f"memfabric up: server process {child.pid} still ran {STOP_TIMEOUT_S:g}s after its SIGTERM: "
+                       "killed (SIGKILL)", stream=sys.stderr)
         stop.ignore_signals()      # nothing left to stop; one more signal as we exit must not kill us
     up_log.say("memfabric fabric stopped")
     return 0
