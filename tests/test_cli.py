@@ -309,6 +309,47 @@ def test_ctrl_c_while_up_starts_a_server_stops_it_without_a_traceback(tmp_path, 
     assert code == 1 and "stopped while starting" in text and "Traceback" not in text, text
 
 
+# `up` started while this is on PYTHONPATH pauses once its up.pid is in place (as writing the
+# fabric's files on a slow disk may), and says so.
+SLOW_AFTER_PID_FILE = """
+import os, sys, time
+with open("/proc/self/cmdline", "rb") as _f:
+    _args = _f.read().split(b"\\0")
+if b"up" in _args and b"memfabric" in _args:
+    _replace = os.replace
+
+    def _replace_then_pause(src, dst, *args, **kwargs):
+        _replace(src, dst, *args, **kwargs)
+        if str(dst).endswith("up.pid"):
+            print("up.pid written", flush=True)
+            time.sleep(3)
+    os.replace = _replace_then_pause
+"""
+
+
+def test_a_sigterm_as_soon_as_up_pid_names_up_stops_it_cleanly(tmp_path, monkeypatch):
+    """`memfabric down` signals the pid in up.pid. `up` wrote it before it handled SIGTERM, so a
+    `down` right after `up` started killed it outright (status -15, up.pid left; 15 of 15 tries
+    that signalled as soon as the file appeared)."""
+    (tmp_path / "sitecustomize.py").write_text(SLOW_AFTER_PID_FILE)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    directory = short_tmp_dir("mf-early-")
+    proc = subprocess.Popen(MF + ["up", "--dir", directory, "--capacity", "4MiB", "--segment-size", "1MiB"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        wait_for_line(proc, "up.pid written", 30, lines)
+        with open(os.path.join(directory, "up.pid")) as f:
+            os.kill(int(f.read()), signal.SIGTERM)
+        code = proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 0, f"up exited with status {code}:\n" + "".join(lines)
+    assert not os.path.exists(os.path.join(directory, "up.pid"))
+
+
 def test_up_stops_on_sigint_and_twice_in_a_row():
     directory = short_tmp_dir("mf-int-")
     for _ in range(2):
