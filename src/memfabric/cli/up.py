@@ -52,6 +52,9 @@ def run_up(directory: str, servers: int, capacity_bytes: int, segment_bytes: int
     except NotEnoughCapacity as exc:
         print(f"memfabric up: {exc}; ask for less with --capacity, --pool or --servers", file=sys.stderr)
         return 2
+    # Handled before up.pid names us: `memfabric down` may signal as soon as it does.
+    stop = StopRequest()
+    stop.on_signals((signal.SIGINT, signal.SIGTERM))
     try:
         lock_fd = _lock_directory(directory, servers)
     except FabricRunning as exc:
@@ -65,7 +68,7 @@ def run_up(directory: str, servers: int, capacity_bytes: int, segment_bytes: int
             up_log.say(f"memfabric up: pid {os.getpid()} starting {servers} server(s) in {directory} "
                        f"at {time.strftime('%Y-%m-%d %H:%M:%S %z')}", echo=False)
             return _run(directory, servers, capacity_bytes, segment_bytes, liveness_timeout_s, busy_poll_us,
-                        pools, rpc_host, rpc_port, metrics_port, up_log, resp_port, resp_host)
+                        pools, rpc_host, rpc_port, metrics_port, up_log, resp_port, resp_host, stop=stop)
     finally:
         _remove_pid_file(directory)
         os.close(lock_fd)      # the kernel would drop the lock with us anyway
@@ -174,13 +177,12 @@ class UpLog:
 
 def _run(directory: str, servers: int, capacity_bytes: int, segment_bytes: int, liveness_timeout_s: float,
          busy_poll_us: int, pools: list[PoolSpec], rpc_host: str, rpc_port: int, metrics_port: int | None,
-         up_log: UpLog, resp_port: int | None = None, resp_host: str = "127.0.0.1") -> int:
+         up_log: UpLog, resp_port: int | None = None, resp_host: str = "127.0.0.1", *,
+         stop: StopRequest) -> int:
     configs = write_fabric(directory, servers, capacity_bytes, segment_bytes, liveness_timeout_s,
                            rpc_host=rpc_host, busy_poll_us=busy_poll_us, rpc_port=rpc_port,
                            metrics_port=metrics_port, pools=pools, resp_port=resp_port,
                            resp_host=resp_host)
-    stop = StopRequest()
-    stop.on_signals((signal.SIGINT, signal.SIGTERM))
     children: list[subprocess.Popen] = []
     try:
         for config in configs:
