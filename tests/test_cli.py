@@ -350,6 +350,32 @@ def test_a_sigterm_as_soon_as_up_pid_names_up_stops_it_cleanly(tmp_path, monkeyp
     assert not os.path.exists(os.path.join(directory, "up.pid"))
 
 
+def test_a_closed_terminal_stops_up_as_a_ctrl_c_does():
+    """Closing the terminal sends SIGHUP to its foreground process group: `up` died of it (status
+    -1, up.pid left, nothing in up.log); its servers, in that group then, died too, their
+    sockets left behind."""
+    directory = short_tmp_dir("mf-hup-")
+    proc = subprocess.Popen(MF + ["up", "--dir", directory, "--servers", "2", "--capacity", "4MiB",
+                                  "--segment-size", "1MiB"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)       # its group: the one a terminal signals
+    lines: list[str] = []
+    try:
+        wait_for_line(proc, "fabric ready", 30, lines)
+        os.killpg(proc.pid, signal.SIGHUP)
+        code = proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 0
+    assert not os.path.exists(os.path.join(directory, "up.pid"))
+    for i in (1, 2):
+        assert not os.path.exists(os.path.join(directory, f"server-{i}", "ipc.sock")), "socket left behind"
+    with open(os.path.join(directory, "up.log")) as f:
+        assert "memfabric fabric stopped" in f.read()
+
+
 def test_up_stops_on_sigint_and_twice_in_a_row():
     directory = short_tmp_dir("mf-int-")
     for _ in range(2):
