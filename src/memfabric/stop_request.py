@@ -15,6 +15,13 @@ from typing import Callable, Iterable
 POLL_S = 0.05     # how long a stop may wait to be seen
 
 
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """What stops `memfabric server` and `memfabric up`: SIGINT, SIGTERM, and SIGHUP (the
+    terminal closed; it killed them outright) unless it is ignored, as under nohup."""
+    hangup = () if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else (signal.SIGHUP,)
+    return (signal.SIGINT, signal.SIGTERM, *hangup)
+
+
 class StopRequest:
     def __init__(self) -> None:
         self._asked = False      # one assignment: atomic, takes no lock

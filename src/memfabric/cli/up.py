@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ from ..config import PoolConfig
 from ..launcher import (READY_TIMEOUT_S, STOP_TIMEOUT_S, PoolSpec, StartStopped, die_with_parent, stop_children,
                         wait_for_line, write_client_files, write_fabric)
 from ..limits import UP_LOG_MAX_BYTES
-from ..stop_request import StopRequest
+from ..stop_request import StopRequest, stop_signals
 from ..units import format_size
 
 UP_LOCK_FILE = "up.lock"
@@ -54,7 +53,7 @@ def run_up(directory: str, servers: int, capacity_bytes: int, segment_bytes: int
         return 2
     # Handled before up.pid names us: `memfabric down` may signal as soon as it does.
     stop = StopRequest()
-    stop.on_signals((signal.SIGINT, signal.SIGTERM))
+    stop.on_signals(stop_signals())
     try:
         lock_fd = _lock_directory(directory, servers)
     except FabricRunning as exc:

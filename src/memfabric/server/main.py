@@ -1,4 +1,4 @@
-"""`memfabric server --config PATH`: run one server in the foreground until SIGINT/SIGTERM."""
+"""`memfabric server --config PATH`: run one server in the foreground until SIGINT/SIGTERM/SIGHUP."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import ctypes
 import logging
 import os
 import resource
-import signal
 import sys
 
 from ..capacity import NotEnoughCapacity, check_pools, segment_slots
@@ -18,7 +17,7 @@ from .metrics import MetricsEndpoint
 from .rpc_front import RpcFront
 from ..kv.resp.front import RespFront
 from .server import Server
-from ..stop_request import StopRequest
+from ..stop_request import StopRequest, stop_signals
 
 
 PR_SET_DUMPABLE = 4
@@ -82,7 +81,7 @@ def run_server(config_path: str) -> int:
         return 1
 
     # A start still reserving memory gives up within a step.
-    stop.on_signals((signal.SIGINT, signal.SIGTERM), also=server.interrupt_start)
+    stop.on_signals(stop_signals(), also=server.interrupt_start)
     fronts: list = []
     metrics = None
     try:
