@@ -6,13 +6,13 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import threading
 
 import pytest
 
 from memfabric.errors import IOError_, OutOfMemory, ServerUnavailable
 from memfabric.media.dram import DramMedium
 from memfabric.media.files import FileMedium
+from memfabric.stop_request import StopRequest
 
 from ..conftest import short_tmp_dir
 
@@ -61,8 +61,8 @@ def test_whoever_kept_a_destroyed_segment_reads_zeros(medium):
 
 
 def test_a_stop_during_the_reservation_leaves_nothing(medium):
-    stopping = threading.Event()
-    stopping.set()
+    stopping = StopRequest()
+    stopping.request()
     with pytest.raises(ServerUnavailable):
         medium.reserve(256 * MiB, stopping)
     assert medium.reserved_bytes() == 0

@@ -129,7 +129,7 @@ class Medium:
 
     # ---- the reserve ------------------------------------------------------------------------
 
-    def reserve(self, size_bytes: int, stopping: threading.Event | StopRequest | None = None) -> None:
+    def reserve(self, size_bytes: int, stopping: StopRequest | None = None) -> None:
         """Allocate the budget not in segments. Raises OutOfMemory when the machine lacks it
         and ServerUnavailable when `stopping` is set meanwhile; either way it leaves nothing."""
         self._reserve_fd = self._open_reserve()

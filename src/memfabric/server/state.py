@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 
 from ..core.allocator import Extent, SegmentAllocator
 from ..core.namespaces import NamespaceRecord
@@ -52,7 +51,7 @@ class PoolState:
         assert isinstance(self.medium, FileMedium)
         self.segments[segment_id] = self.medium.adopt(segment_id)
 
-    def open(self, stopping: threading.Event | StopRequest | None = None) -> None:
+    def open(self, stopping: StopRequest | None = None) -> None:
         """Reserve the budget no restored segment holds; files no live object needs go."""
         if isinstance(self.medium, FileMedium):
             for segment_id in self.medium.existing_segments():
