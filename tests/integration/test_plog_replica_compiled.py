@@ -94,6 +94,7 @@ def test_a_record_of_200_KiB_is_forwarded_in_one_piece_the_copys_loop_serves(pai
         assert _in_python(pair, other) - before == (0 if pair.medium == "ramdisk" else 2)
         assert list(_copy(log, other).records()) == [b"a", b"b", big, b"c"] == list(log.records())
         assert log.info()["dead_replicas"] == []
+        log.namespace.destroy()      # room in the module's pools
 
 
 def test_records_around_one_piece_reach_the_copy_with_the_longest_names_and_secid(pair, request):
@@ -103,7 +104,7 @@ def test_records_around_one_piece_reach_the_copy_with_the_longest_names_and_seci
     with memfabric.init(pair.directory, server=0) as s:
         name = (ns_name(request) + "n" * MAX_NAME_CHARS)[:MAX_NAME_CHARS]
         ns = s.create_namespace(name, sec_id="k" * MAX_SEC_ID_BYTES, pool="logs")
-        log = ns.create_plog("p" * MAX_NAME_CHARS, 4 * MiB, replicas=2)
+        log = ns.create_plog("p" * MAX_NAME_CHARS, MiB, replicas=2)
         (other,) = log.info()["replica_servers"]
         fill = PLOG_REPLICA_PIECE_BYTES - 16       # a 16-byte header, padded to 8
         records = [bytes([i]) * n for i, n in enumerate((fill, fill - 1, fill + 1, fill - 8, 1))]
@@ -111,6 +112,7 @@ def test_records_around_one_piece_reach_the_copy_with_the_longest_names_and_seci
             log.append(record)
         assert list(_copy(log, other).records()) == records == list(log.records())
         assert log.info()["dead_replicas"] == []
+        ns.destroy()      # room in the module's pools
 
 
 def test_a_copy_sealed_after_its_grant_fences_the_home(pair, request):
