@@ -55,6 +55,28 @@ def run(fab: Fabric, code: str) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
+def test_records_of_one_piece_and_of_several_reach_a_copy_on_another_host_whole(hosts):
+    """Over RPC between hosts a forward piece (PLOG_REPLICA_PIECE_BYTES) and its request fit
+    one message: records that fill a piece, pass it by a byte, and span several pieces."""
+    (r,) = run(hosts, """
+from memfabric.limits import PLOG_REPLICA_PIECE_BYTES as PIECE
+ns = s.create_namespace("pieces", sec_id="k", pool="logs")
+log = ns.create_plog("big", 8 << 20, replicas=2)
+info = log.info()
+copy = info["replica_servers"][0]
+host = {x["server_id"]: x["host"] for x in s.servers()}
+records = [bytes([i + 1]) * n for i, n in enumerate((PIECE - 16, PIECE - 15, 3 * PIECE + 5, 1))]
+for record in records:
+    log.append(record)
+theirs = list(Plog(ns, "big", copy, log.plog_id).records())
+out(same=theirs == records == list(log.records()), dead=log.info()["dead_replicas"],
+    home_host=host[info["home"]], copy_host=host[copy])
+log.delete()
+""")
+    assert r["home_host"] != r["copy_host"]
+    assert r["same"] and r["dead"] == []
+
+
 def test_a_copy_killed_mid_stream_then_sealed_and_read_from_the_survivor(hosts):
     (r,) = run(hosts, """
 ns = s.create_namespace("plogs", sec_id="k", pool="logs")
