@@ -6,7 +6,8 @@ records of 64 B, 4 KiB and 1 MiB, one at a time and 100 at once, to a plog of on
 to one of two (its copy on the other server), and read records back by index. Baselines in the same run: `os.write` + `os.fsync` of the same records to a file on
 the same disk as the pmem pool, and appends to a Python list (the floor). Then 8 processes
 append 4 KiB records to one pmem plog at once (group commit) against one process doing
-write + fsync. Medians and 99th percentiles in microseconds.
+write + fsync. Medians and 99th percentiles in microseconds, and throughput one call after
+another (calls and MB of records per second).
 """
 
 from __future__ import annotations
@@ -76,9 +77,10 @@ def _times_us(fn: Callable[[], Any], repeat: int) -> dict[str, float]:
         t0 = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t0) * 1e6)
+    total_s = sum(samples) / 1e6
     samples.sort()
     return {"median_us": statistics.median(samples), "p99_us": samples[min(len(samples) - 1, int(len(samples) * 0.99))],
-            "n": repeat}
+            "n": repeat, "calls_per_s": repeat / total_s if total_s else None}
 
 
 def _repeat(size: int) -> int:
@@ -116,11 +118,17 @@ def targets(rows: list[dict[str, Any]], group_ratio: float | None) -> list[dict[
 def run_plog_bench(as_json: bool = False) -> int:
     rows: list[dict[str, Any]] = []
 
-    def row(what: str, where: str, figures: dict[str, float]) -> None:
+    def row(what: str, where: str, figures: dict[str, float], nbytes: int | None = None) -> None:
+        """A row: median and p99 of one call; its throughput, one call after another (calls/s,
+        and MB/s of records when `nbytes`, the record bytes of one call, is given)."""
+        if nbytes is not None and figures["calls_per_s"]:
+            figures = {**figures, "mb_per_s": figures["calls_per_s"] * nbytes / 1e6}
         rows.append({"what": what, "where": where, **figures})
         if not as_json:
+            rate = f"{figures['calls_per_s']:>9,.0f}/s" if figures["calls_per_s"] else ""
+            mb = f"{figures['mb_per_s']:>8,.1f} MB/s" if "mb_per_s" in figures else ""
             print(f"{what:<46} {where:<22} median {figures['median_us']:>10,.1f} us   "
-                  f"p99 {figures['p99_us']:>10,.1f} us", flush=True)
+                  f"p99 {figures['p99_us']:>10,.1f} us   {rate} {mb}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="mf-plogbench-", dir="/tmp") as directory, \
             _ramdisk_files(directory, RAMDISK, servers=2):
@@ -144,12 +152,13 @@ def run_plog_bench(as_json: bool = False) -> int:
                             for size in SIZES:
                                 record = b"r" * size
                                 row(f"append {size:,} B ({pool}{copies})", where,
-                                    _times_us(lambda: log.append(record), _repeat(size)))
+                                    _times_us(lambda: log.append(record), _repeat(size)), size)
                             batch = [b"b" * 4096] * 100
                             row(f"append_many 100 x 4 KiB ({pool}{copies})", where,
-                                _times_us(lambda: log.append_many(batch), 200))
+                                _times_us(lambda: log.append_many(batch), 200), 100 * 4096)
                             if replicas == 1:
-                                row(f"record(i) of 4 KiB ({pool})", where, _times_us(lambda: log.record(2001), 2000))
+                                row(f"record(i) of 4 KiB ({pool})", where, _times_us(lambda: log.record(2001), 2000),
+                                    4096)
                             log.delete()
                 pmem = sessions["same host"].namespace("bench", "bench-secret", pool="pmem")
                 pmem.create_plog("shared", 400 << 20)
@@ -173,7 +182,7 @@ def run_plog_bench(as_json: bool = False) -> int:
             for size in SIZES:
                 record = b"r" * size
                 row(f"os.write + os.fsync {size:,} B", "same disk as pmem",
-                    _times_us(lambda: (os.write(fd, record), os.fsync(fd)), _repeat(size) // 4))
+                    _times_us(lambda: (os.write(fd, record), os.fsync(fd)), _repeat(size) // 4), size)
             n, end = 0, time.monotonic() + CONCURRENT_S
             record = b"r" * 4096
             while time.monotonic() < end:
@@ -186,7 +195,7 @@ def run_plog_bench(as_json: bool = False) -> int:
             os.unlink(path)
         floor: list[bytes] = []
         record = b"r" * 4096
-        row("list.append 4 KiB (the floor)", "in process", _times_us(lambda: floor.append(record), 2000))
+        row("list.append 4 KiB (the floor)", "in process", _times_us(lambda: floor.append(record), 2000), 4096)
     summary = {"pmem_appenders": APPENDERS, "pmem_records_per_s": plog_rate,
                "write_fsync_records_per_s": fsync_rate, "ratio": plog_rate / fsync_rate if fsync_rate else None}
     met = targets(rows, summary["ratio"])
