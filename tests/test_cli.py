@@ -350,6 +350,16 @@ def test_a_sigterm_as_soon_as_up_pid_names_up_stops_it_cleanly(tmp_path, monkeyp
     assert not os.path.exists(os.path.join(directory, "up.pid"))
 
 
+def _hangup_as_in_a_terminal() -> None:
+    """SIGHUP's default action, as a shell in a terminal starts a command with (the tests may
+    run under nohup, which ignores it, and an ignored SIGHUP is inherited)."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
+def _hangup_ignored() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
 def test_a_closed_terminal_stops_up_as_a_ctrl_c_does():
     """Closing the terminal sends SIGHUP to its foreground process group: `up` died of it (status
     -1, up.pid left, nothing in up.log); its servers, in that group then, died too, their
@@ -358,7 +368,8 @@ def test_a_closed_terminal_stops_up_as_a_ctrl_c_does():
     proc = subprocess.Popen(MF + ["up", "--dir", directory, "--servers", "2", "--capacity", "4MiB",
                                   "--segment-size", "1MiB"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)       # its group: the one a terminal signals
+                            start_new_session=True,       # its group: the one a terminal signals
+                            preexec_fn=_hangup_as_in_a_terminal)
     lines: list[str] = []
     try:
         wait_for_line(proc, "fabric ready", 30, lines)
@@ -374,6 +385,30 @@ def test_a_closed_terminal_stops_up_as_a_ctrl_c_does():
         assert not os.path.exists(os.path.join(directory, f"server-{i}", "ipc.sock")), "socket left behind"
     with open(os.path.join(directory, "up.log")) as f:
         assert "memfabric fabric stopped" in f.read()
+
+
+def test_up_under_nohup_outlives_its_terminal():
+    """Under nohup (SIGHUP ignored when `up` starts) a closed terminal stops nothing: the fabric
+    goes on serving, and SIGTERM stops it as ever."""
+    directory = short_tmp_dir("mf-nohup-")
+    proc = subprocess.Popen(MF + ["up", "--dir", directory, "--capacity", "4MiB", "--segment-size", "1MiB"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, preexec_fn=_hangup_ignored)
+    lines: list[str] = []
+    try:
+        wait_for_line(proc, "fabric ready", 30, lines)
+        os.killpg(proc.pid, signal.SIGHUP)
+        status = subprocess.run(MF + ["status", "--dir", directory, "--json"], capture_output=True, text=True,
+                                timeout=30)
+        assert status.returncode == 0 and all(s["alive"] for s in json.loads(status.stdout)["servers"])
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 0
 
 
 def test_up_stops_on_sigint_and_twice_in_a_row():
