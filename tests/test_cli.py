@@ -456,6 +456,64 @@ def test_signals_that_keep_coming_until_it_exits_leave_a_clean_stop_clean(comman
     assert code == 0, f"memfabric {command} stopped, then exited with status {code} ({sent} signals)"
 
 
+def _processes_with(env_mark: str) -> list[int]:
+    """The pids of the processes whose environment holds `env_mark` (inherited by children)."""
+    pids = []
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if env_mark.encode() in f.read().split(b"\0"):
+                    pids.append(int(name))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+@pytest.mark.parametrize("when", ["starting a local fabric", "fabric ready"])
+def test_ctrl_c_in_the_demo_says_interrupted_and_leaves_nothing_running(when):
+    """Ctrl-C while the demo starts its fabric, or while it runs its steps: status 130 and one
+    line saying so, not a KeyboardInterrupt traceback (seen), and no process of its fabric left
+    (a fabric whose start raised was left to its parent-death signal)."""
+    mark = f"MF_TEST_DEMO_MARK={os.getpid()}-{time.monotonic_ns()}"
+    env = {**os.environ, mark.split("=")[0]: mark.split("=")[1]}
+    proc = subprocess.Popen(MF + ["demo"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    try:
+        wait_for_line(proc, when, 60, lines)
+        directory = lines[0].split(" in ")[1].split()[0]
+        # Past the start of `up` (a SIGINT landing in Popen's fork may be lost, in Python).
+        time.sleep(0.3 if when.startswith("starting") else 0)
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    wait_until(lambda: any("memfabric demo: interrupted" in line for line in lines), "the demo to say why it stopped")
+    text = "".join(lines)
+    assert code == 130 and "Traceback" not in text, text
+    wait_until(lambda: not _processes_with(mark), "the demo's fabric to be gone", timeout_s=30)
+    assert not os.path.exists(directory)
+
+
+def test_a_fabric_whose_start_is_interrupted_is_stopped_by_it(monkeypatch):
+    """A Ctrl-C (or any error) in LocalFabric.start, after `up` started: no `with` stops a
+    fabric whose __enter__ raised, so start itself stops `up` (which stops its servers)."""
+    import memfabric.launcher as launcher
+    real, started = launcher.wait_for_line, []
+
+    def ready_then_interrupted(proc, needle, timeout_s, lines, *args, **kwargs):
+        started.append(proc)
+        real(proc, needle, timeout_s, lines, *args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(launcher, "wait_for_line", ready_then_interrupted)
+    fab = LocalFabric(short_tmp_dir("mf-intr-"), servers=1, capacity="4MiB", segment_size="1MiB")
+    with pytest.raises(KeyboardInterrupt):
+        fab.start()
+    (up,) = started
+    assert up.poll() == 0 and fab.proc is None       # stopped cleanly, and by start
+
+
 def test_demo_runs_every_operation():
     proc = subprocess.run(MF + ["demo"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr

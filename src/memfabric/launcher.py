@@ -252,7 +252,11 @@ class LocalFabric:
     def start(self) -> "LocalFabric":
         self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, preexec_fn=die_with_parent)
-        wait_for_line(self.proc, "fabric ready", READY_TIMEOUT_S, self.output)
+        try:
+            wait_for_line(self.proc, "fabric ready", READY_TIMEOUT_S, self.output)
+        except BaseException:        # a Ctrl-C too: no `with` stops a fabric whose start raised
+            self.stop()
+            raise
         return self
 
     def server_pids(self) -> dict[int, int]:

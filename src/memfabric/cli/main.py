@@ -190,6 +190,16 @@ def _up_pools(args: argparse.Namespace) -> list[PoolSpec] | str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        # Ctrl-C in a demo, a bench, a load: its `with` blocks stopped what it started on the
+        # way up; a traceback would only hide that. (`up` and `server` stop on it themselves.)
+        print(f"memfabric {args.command}: interrupted", file=sys.stderr)
+        return 130           # the shell's status for a command SIGINT ended
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "up":
         pools = _up_pools(args)
         if isinstance(pools, str):
