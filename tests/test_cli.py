@@ -224,7 +224,7 @@ if b"server" in _args and b"memfabric" in _args:
 
 def test_a_signal_landing_in_the_servers_handler_of_another_does_not_hang_it(tmp_path, monkeypatch):
     """A burst of SIGTERMs hung a server (about 1 in 8 of 30 sent at once): its handler set a
-    threading.Event (Server.interrupt_start), and a signal landing while that set() held the
+    threading.Event (then Server.interrupt_start), and a signal landing while that set() held the
     Event's lock ran the handler again, in the same thread, which waited for that lock forever."""
     (tmp_path / "sitecustomize.py").write_text(NESTED_SIGTERM_SERVER)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import signal
 import time
-from typing import Callable, Iterable
+from typing import Iterable
 
 POLL_S = 0.05     # how long a stop may wait to be seen
 
@@ -44,14 +44,10 @@ class StopRequest:
             time.sleep(min(POLL_S, left))
         return True
 
-    def on_signals(self, signals: Iterable[signal.Signals], also: Callable[[], None] | None = None) -> None:
-        """Ask for a stop on each of `signals`, then call `also` (which must take no lock either)."""
-        def handler(*_: object) -> None:
-            self._asked = True
-            if also is not None:
-                also()
+    def on_signals(self, signals: Iterable[signal.Signals]) -> None:
+        """Ask for a stop on each of `signals`."""
         for sig in signals:
-            signal.signal(sig, handler)
+            signal.signal(sig, self.request)
             self._signals.append(sig)
 
     def ignore_signals(self) -> None:

@@ -17,8 +17,7 @@ SIGNAL_AT_EVERY_LINE = textwrap.dedent("""
     import signal, sys
     from memfabric.stop_request import StopRequest
     stop = StopRequest()
-    also = []
-    stop.on_signals([signal.SIGTERM, signal.SIGINT], also=lambda: also.append(1))
+    stop.on_signals([signal.SIGTERM, signal.SIGINT])
     handler = signal.getsignal(signal.SIGTERM)
 
     def tracer(frame, event, arg):
@@ -29,7 +28,7 @@ SIGNAL_AT_EVERY_LINE = textwrap.dedent("""
     sys.settrace(tracer)
     asked = stop.wait(10)
     sys.settrace(None)
-    print("asked" if asked and stop.is_set() and also else "not asked", flush=True)
+    print("asked" if asked and stop.is_set() else "not asked", flush=True)
 """)
 
 

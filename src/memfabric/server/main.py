@@ -75,13 +75,12 @@ def run_server(config_path: str) -> int:
         logging.getLogger("memfabric.server").warning("%s: %s", cfg.source, note)
     stop = StopRequest()
     try:
-        server = Server(cfg)
+        server = Server(cfg, stop=stop)
     except MemfabricError as exc:      # the cluster service cannot be opened
         print(f"memfabric server: cannot start: {exc}", file=sys.stderr)
         return 1
 
-    # A start still reserving memory gives up within a step.
-    stop.on_signals(stop_signals(), also=server.interrupt_start)
+    stop.on_signals(stop_signals())      # the server's start polls it too (Server(stop=))
     fronts: list = []
     metrics = None
     try:

@@ -50,7 +50,8 @@ OBJECTS_PER_QUERY = 2000     # ids per objects_alive request: keeps it inside on
 
 
 class Server:
-    def __init__(self, cfg: ServerConfig, cluster: ClusterService | None = None) -> None:
+    def __init__(self, cfg: ServerConfig, cluster: ClusterService | None = None,
+                 stop: StopRequest | None = None) -> None:
         self.cfg = cfg
         self.cluster = cluster or open_cluster(cfg.cluster.backend, **cfg.cluster.settings())
         self.server_id = 0
@@ -65,9 +66,9 @@ class Server:
         self._view: list[ServerRecord] = []
         self._view_at = 0.0
         self._stopping = threading.Event()
-        # What a signal handler sets (interrupt_start): no lock, unlike an Event, whose set()
-        # a second signal landing in the first one's set() waited for forever.
-        self._start_interrupted = StopRequest()
+        # The process's stop (what its signal handlers set, taking no lock): a start still
+        # reserving memory gives up within a step once it is asked for.
+        self._start_interrupted = stop if stop is not None else StopRequest()
         self._heartbeat_thread: threading.Thread | None = None
         self.beat_sent_s: float | None = None     # when the last heartbeat the cluster took was sent (monotonic)
         self._keeper_thread: threading.Thread | None = None
@@ -148,11 +149,6 @@ class Server:
         self._keeper_thread = threading.Thread(target=self._keeper_loop, name="segment-keeper", daemon=True)
         self._keeper_thread.start()
         self._publish()
-
-    def interrupt_start(self) -> None:
-        """A signal asked us to stop while starting: reserving memory gives up within a step.
-        Run in a signal handler, so it takes no lock."""
-        self._start_interrupted.request()
 
     def announce(self) -> None:
         """Once this server answers requests: what the semantics tell the cluster then."""
