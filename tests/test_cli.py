@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -35,6 +36,23 @@ def server_toml(directory: str, pool: str, extra_server: str = "") -> str:
 
 
 DRAM_POOL = '[[pool]]\nname = "default"\nmedium = "dram"\ncapacity = "8MiB"\n'
+
+
+@contextlib.contextmanager
+def _killed_at_exit(proc: subprocess.Popen):
+    """`proc` killed (and reaped) if it still runs when the block ends, however it ends."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _site_customized(tmp_path, monkeypatch, code: str) -> None:
+    """Python processes started from now on (servers, `up`) run `code` first (sitecustomize)."""
+    (tmp_path / "sitecustomize.py").write_text(code)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
 
 
 @pytest.mark.parametrize("pool, server_extra, key", [
@@ -175,8 +193,7 @@ def test_a_server_deaf_to_sigterm_is_killed_not_left_behind(tmp_path, monkeypatc
     wait longer than that, or it kills `up` first and orphans the server (seen: a hung server
     left running after a test, its `up` long gone). And it says so: it said "fabric stopped" and
     nothing else, in up.log too, and an operator never learnt a server had been killed."""
-    (tmp_path / "sitecustomize.py").write_text(DEAF_SERVER)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    _site_customized(tmp_path, monkeypatch, DEAF_SERVER)
     directory = short_tmp_dir("mf-deaf-")
     fab = LocalFabric(directory, servers=1, capacity="4MiB", segment_size="1MiB").start()
     (pid,) = fab.server_pids().values()
@@ -224,27 +241,22 @@ if b"server" in _args and b"memfabric" in _args:
 
 def test_a_signal_landing_in_the_servers_handler_of_another_does_not_hang_it(tmp_path, monkeypatch):
     """A burst of SIGTERMs hung a server (about 1 in 8 of 30 sent at once): its handler set a
-    threading.Event (then Server.interrupt_start), and a signal landing while that set() held the
+    threading.Event (the server start's, then), and a signal landing while that set() held the
     Event's lock ran the handler again, in the same thread, which waited for that lock forever."""
-    (tmp_path / "sitecustomize.py").write_text(NESTED_SIGTERM_SERVER)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    _site_customized(tmp_path, monkeypatch, NESTED_SIGTERM_SERVER)
     directory = short_tmp_dir("mf-nest-")
     path = write(os.path.join(directory, "server.toml"), server_toml(directory, DRAM_POOL))
     proc = subprocess.Popen(MF + ["server", "--config", path], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     code = None
-    try:
+    with _killed_at_exit(proc):
         wait_for_line(proc, " ready ", 30, lines)
         proc.send_signal(signal.SIGTERM)
         try:
             code = proc.wait(30)
         except subprocess.TimeoutExpired:
             pass
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert code == 0, f"the server did not stop on SIGTERM (status {code}):\n" + "".join(lines[-20:])
     wait_until(lambda: any(" stopped" in line for line in lines), "the server to say it stopped")
     assert not os.path.exists(f"{directory}/s.sock"), "socket left behind"
@@ -279,8 +291,7 @@ def test_ctrl_c_while_up_starts_a_server_stops_it_without_a_traceback(tmp_path, 
     """A terminal's Ctrl-C goes to `up`'s whole process group. Its servers were in it: one
     still starting took the SIGINT as a KeyboardInterrupt, and `up` printed its traceback (seen
     in 12 of 15 Ctrl-Cs at random moments of a 3-server start). `up` stops its servers itself."""
-    (tmp_path / "sitecustomize.py").write_text(SLOW_SERVER)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    _site_customized(tmp_path, monkeypatch, SLOW_SERVER)
     directory = short_tmp_dir("mf-ctrlc-")
     proc = subprocess.Popen(MF + ["up", "--dir", directory, "--capacity", "4MiB", "--segment-size", "1MiB"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -331,21 +342,16 @@ def test_a_sigterm_as_soon_as_up_pid_names_up_stops_it_cleanly(tmp_path, monkeyp
     """`memfabric down` signals the pid in up.pid. `up` wrote it before it handled SIGTERM, so a
     `down` right after `up` started killed it outright (status -15, up.pid left; 15 of 15 tries
     that signalled as soon as the file appeared)."""
-    (tmp_path / "sitecustomize.py").write_text(SLOW_AFTER_PID_FILE)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    _site_customized(tmp_path, monkeypatch, SLOW_AFTER_PID_FILE)
     directory = short_tmp_dir("mf-early-")
     proc = subprocess.Popen(MF + ["up", "--dir", directory, "--capacity", "4MiB", "--segment-size", "1MiB"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
-    try:
+    with _killed_at_exit(proc):
         wait_for_line(proc, "up.pid written", 30, lines)
         with open(os.path.join(directory, "up.pid")) as f:
             os.kill(int(f.read()), signal.SIGTERM)
         code = proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert code == 0, f"up exited with status {code}:\n" + "".join(lines)
     assert not os.path.exists(os.path.join(directory, "up.pid"))
 
@@ -371,14 +377,10 @@ def test_a_closed_terminal_stops_up_as_a_ctrl_c_does():
                             start_new_session=True,       # its group: the one a terminal signals
                             preexec_fn=_hangup_as_in_a_terminal)
     lines: list[str] = []
-    try:
+    with _killed_at_exit(proc):
         wait_for_line(proc, "fabric ready", 30, lines)
         os.killpg(proc.pid, signal.SIGHUP)
         code = proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert code == 0
     assert not os.path.exists(os.path.join(directory, "up.pid"))
     for i in (1, 2):
@@ -395,7 +397,7 @@ def test_up_under_nohup_outlives_its_terminal():
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, preexec_fn=_hangup_ignored)
     lines: list[str] = []
-    try:
+    with _killed_at_exit(proc):
         wait_for_line(proc, "fabric ready", 30, lines)
         os.killpg(proc.pid, signal.SIGHUP)
         status = subprocess.run(MF + ["status", "--dir", directory, "--json"], capture_output=True, text=True,
@@ -404,10 +406,6 @@ def test_up_under_nohup_outlives_its_terminal():
         assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert code == 0
 
 
@@ -478,17 +476,13 @@ def test_ctrl_c_in_the_demo_says_interrupted_and_leaves_nothing_running(when):
     env = {**os.environ, mark.split("=")[0]: mark.split("=")[1]}
     proc = subprocess.Popen(MF + ["demo"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: list[str] = []
-    try:
+    with _killed_at_exit(proc):
         wait_for_line(proc, when, 60, lines)
         directory = lines[0].split(" in ")[1].split()[0]
         # Past the start of `up` (a SIGINT landing in Popen's fork may be lost, in Python).
         time.sleep(0.3 if when.startswith("starting") else 0)
         proc.send_signal(signal.SIGINT)
         code = proc.wait(60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     wait_until(lambda: any("memfabric demo: interrupted" in line for line in lines), "the demo to say why it stopped")
     text = "".join(lines)
     assert code == 130 and "Traceback" not in text, text
