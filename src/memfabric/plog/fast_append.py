@@ -209,13 +209,13 @@ def _give(conn: Connection, plog: "_Plog", m: dict[str, Any], prefix: bytes, cou
     proven = conn.verified.get((pool, ns))
     if proven is None:
         return
-    segments = [plog.data.pool.segments.get(e[0]) for e in plog.data.extents]
-    if not all(type(s) is FileSegment for s in segments):
-        return
     grants = conn.services.setdefault(GRANTS, {})
     key = prefix + grant_key(pool, ns, name)
     held = grants.get(key)
     if held is not None and held.plog is plog and held.proven is proven and held.sec == sec and held.counts is counts:
+        return          # (before the walk below: a plog of many extents is not walked per forward)
+    segments = [plog.data.pool.segments.get(e[0]) for e in plog.data.extents]
+    if not all(type(s) is FileSegment for s in segments):
         return
     if key not in grants and len(grants) >= MAX_PLOG_FAST_GRANTS_PER_CONNECTION:
         # The oldest: served by Python again, and granted again. Taken in one call, and let go
