@@ -167,6 +167,9 @@ class Maker:
             return self.obj()
         if kind in ("bm_ids", "ids"):
             return [self.valid("bm_id") for _ in range(r.randint(0, 4))]
+        if kind == "source":        # where a same-host home's forward lies in its files
+            return [[r.choice(v.segments) if v.segments else 0, r.choice([0, 8, 4096]), r.choice([1, 16, 4096, 1 << 20])]
+                    for _ in range(r.randint(1, 3))]
         if kind == "extents":
             return r.sample(v.extents, r.randint(1, len(v.extents))) if v.extents else [[0, 0, 4096]]
         # MemKV's fields
@@ -264,6 +267,9 @@ class Maker:
         message: dict[str, Any] = {"op": op, "id": self.take_id()}
         for kind in kinds:
             message[kind] = self.field(kind, mutation)
+        if op == "plog_replica_append" and r.random() < 0.5:
+            message.pop("data", None)         # the bytes' place in the home's files instead
+            message["source"] = self.field("source", mutation)
         if kinds and r.random() < mutation / 2:
             message.pop(r.choice(kinds), None)
         if r.random() < mutation / 4:

@@ -189,6 +189,11 @@ MAX_PLOG_FAST_GRANTS_PER_CONNECTION = 64   # plogs one IPC connection appends to
 # piece, which its receive loop serves: each further piece costs a round trip through Python
 # on both sides (a 200 KiB record took 7x a single copy's append in two 128 KiB pieces).
 PLOG_REPLICA_PIECE_BYTES = 240 << 10
+# A same-host copy reads a longer forward from its home's segment files itself (the message
+# names where the bytes lie): this many bytes per message at most, which the copy holds in
+# memory while it checks them. A 1 MiB record in 240 KiB pieces cost 4x a single copy's append.
+PLOG_PULL_BYTES = 8 << 20
+MAX_PLOG_PULL_PLACES = 64             # (segment, offset, length) places one such message names
 # The Redis-protocol door (kv/resp/). Redis's own limits, so that a client sees the same
 # errors at the same sizes: an inline line or a length line of at most 64 KiB, a bulk of at
 # most 512 MiB (proto-max-bulk-len), a query buffer of at most 1 GiB (client-query-buffer-limit).

@@ -19,6 +19,7 @@ import memfabric
 from memfabric.datapath.connect import connect_to
 from memfabric.errors import InvalidArgument, NoSuchObject, PermissionDenied, Sealed, ServerUnavailable
 from memfabric.launcher import LocalFabric
+from memfabric.limits import MAX_PLOG_PULL_PLACES, PLOG_PULL_BYTES
 from memfabric.plog import record as rec
 from memfabric.plog.client import Plog
 from memfabric.plog.record import HEADER_BYTES, frame_bytes
@@ -337,6 +338,47 @@ def test_a_copy_takes_bytes_only_at_its_end_and_only_records_that_check(three_se
         assert list(copy.records()) == [b"one", b"two"]
         with pytest.raises(PermissionDenied):                 # a client is no server of the cluster
             s.link(server_id).call("plog_replica_append", **args, at=0, data=b"", last=True)
+
+
+def test_a_copy_reads_from_its_home_only_whole_places_and_keeps_only_records_that_check(three_servers, request):
+    """A forward that names where its bytes lie in the home's files (`source`, a same-host
+    home's forward past one piece): the copy reads them from its own home, whoever sends it.
+    A malformed source is INVALID_ARGUMENT; places it cannot read (a segment the namespace
+    does not hold, past a segment's end) are answered `pulled: False` (the home then sends
+    pieces); bytes that are not the next records of this plog are refused. Nothing of any of
+    them is kept."""
+    with _session(three_servers, "remote") as s:
+        ns = s.create_namespace(ns_name(request), sec_id="k", pool="logs")
+        log = ns.create_plog("wal", MiB, replicas=2)
+        log.append(b"one")
+        (server_id,) = log.info()["replica_servers"]
+        copy = _copy(log, server_id)
+        (segment, offset, _), *_ = log._call("plog_info", layout=True)["extents"]
+        where = next(x for x in s.servers() if x["server_id"] == server_id)
+        peer = connect_to(server_id, where["host"], "", where["rpc_address"], local_host=None, token=s._token,
+                          tls=None, timeout_s=10, role="peer")
+        try:
+            args = {**ns.wire_creds, "name": "wal", "plog_id": log.plog_id}
+            end = log.info()["length"]
+            for bad in ([], [[segment, offset]], [[segment, offset, -1]], [["1", offset, 8]], [[segment, offset, 0]],
+                        [[segment, offset, 8]] * (MAX_PLOG_PULL_PLACES + 1), [[segment, offset, PLOG_PULL_BYTES + 1]],
+                        "x", [[segment, offset, True]]):
+                with pytest.raises(InvalidArgument, match="source must be"):
+                    peer.call("plog_replica_append", **args, at=end, source=bad, last=True)
+            with pytest.raises(InvalidArgument, match="data .bytes. or source"):
+                peer.call("plog_replica_append", **args, at=end, data=b"x", source=[[segment, offset, 8]], last=True)
+            for unreadable in ([[10 ** 9, 0, 16]], [[segment, (1 << 40), 16]]):
+                reply = peer.call("plog_replica_append", **args, at=end, source=unreadable, last=True)
+                assert reply["pulled"] is False and reply["why"], reply
+            # The home's first record, offered as the second: not the next record of the log.
+            with pytest.raises(InvalidArgument, match="not whole records"):
+                peer.call("plog_replica_append", **args, at=end, source=[[segment, offset, end]], last=True)
+            assert copy.info()["length"] == end and list(copy.records()) == [b"one"]
+        finally:
+            peer.close()
+        log.append(b"two")
+        assert log.info()["dead_replicas"] == []
+        assert list(copy.records()) == [b"one", b"two"]
 
 
 @pytest.mark.parametrize("where", ["same-host", "remote"])

@@ -139,6 +139,10 @@ class LogBytes:
             self._memory(segment).read(seg_offset, into[at:at + length])
             at += length
 
+    def places(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        """Where bytes [offset, offset + length) lie: (segment, offset in its file, length) runs."""
+        return self._pieces(self.extents, offset, length, self._ends)
+
     def read_bytes(self, offset: int, length: int) -> bytes:
         buffer = bytearray(length)
         self.read(offset, memoryview(buffer))
