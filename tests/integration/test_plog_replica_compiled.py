@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import pytest
 
@@ -131,6 +132,47 @@ def test_a_copy_that_cannot_read_its_homes_files_gets_pieces_and_stays_in_step(t
             assert _in_python(fab, other) - before == 5          # pieces at once
             assert list(_copy(log, other).records()) == [b"a", *big] == list(log.records())
             assert log.info()["dead_replicas"] == []
+    finally:
+        assert fab.stop() == 0, "".join(fab.output[-30:])
+
+
+def test_two_servers_each_forwarding_large_records_to_the_other_both_go_on(request):
+    """Each server homes a plog whose copy is on the other, and both forward records past one
+    piece at once, each record on segments the copy has not read from yet: each copy asks its
+    home for their fds while its home waits on it. Asked on the servers' main links, that
+    closed a circle (each copy's request queued behind its own server's forward to the other)
+    until the peer timeout ended the copy's request (and the home sent pieces from then on)."""
+    fab = _fabric(2, metrics=True)
+    try:
+        with memfabric.init(fab.directory, server=0) as s0, memfabric.init(fab.directory, server=1) as s1:
+            name = ns_name(request)
+            logs = [s0.create_namespace(name, sec_id="k", pool="logs").create_plog("one", 11 * MiB, replicas=2),
+                    s1.namespace(name, sec_id="k", pool="logs").create_plog("two", 11 * MiB, replicas=2)]
+            assert sorted(log.info()["home"] for log in logs) == [1, 2]
+            # past a 1 MiB segment each: every forward names segments new to the copy
+            records = [[os.urandom(MiB + 4096 * (i + 1)) for i in range(8)] for _ in logs]
+            together = threading.Barrier(2, timeout=30)
+            failures: list = []
+
+            def append(log, mine):
+                try:
+                    for record in mine:
+                        together.wait()
+                        log.append(record)
+                except BaseException as exc:      # noqa: BLE001 -- reported below
+                    failures.append(exc)
+
+            threads = [threading.Thread(target=append, args=both) for both in zip(logs, records)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+            assert not any(t.is_alive() for t in threads) and failures == []
+            for log, mine in zip(logs, records):
+                assert log.info()["dead_replicas"] == []
+                (other,) = log.info()["replica_servers"]
+                assert list(_copy(log, other).records()) == mine
+                assert _in_python(fab, other) == len(mine)       # one pull each, none refused
     finally:
         assert fab.stop() == 0, "".join(fab.output[-30:])
 
