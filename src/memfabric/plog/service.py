@@ -744,7 +744,7 @@ class PlogService:
             buffer = self._pull_buffers.buffer = bytearray(max(total, min(PLOG_PULL_BYTES, 1 << 20)))
         view, at = memoryview(buffer)[:total], 0
         try:
-            link = self.server._peer(plog.home)
+            link = self.server._peer(plog.home, lane="pull")     # (not the main link: see _peer)
             if not link.is_local:
                 return None, f"its home, server {plog.home}, is on another host"
             creds = (m["pool"], m["ns"], m["sec"])

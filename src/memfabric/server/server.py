@@ -61,7 +61,7 @@ class Server:
         self.pools: dict[str, PoolState] = {}
         self.namespaces: dict[tuple[str, str], NamespaceState] = {}
         self.sec_ids = SecIdChecker()
-        self._peers: dict[int, ServerLink] = {}
+        self._peers: dict[int | tuple[int, str], ServerLink] = {}     # server_id, or (server_id, lane)
         self._peers_lock = threading.Lock()
         self._view: list[ServerRecord] = []
         self._view_at = 0.0
@@ -709,9 +709,14 @@ class Server:
 
     # ---- peers ----------------------------------------------------------------------------
 
-    def _peer(self, server_id: int) -> ServerLink:
+    def _peer(self, server_id: int, lane: str = "") -> ServerLink:
+        """This server's link to server `server_id`. A `lane` is a link of its own, for calls made
+        while serving a peer's request: a plog copy's pull from its home ("pull") waits on the
+        home while the home may wait on this server's main link to it, which would otherwise
+        close the circle (two servers each forwarding to the other)."""
+        key = (server_id, lane) if lane else server_id
         with self._peers_lock:
-            link = self._peers.get(server_id)
+            link = self._peers.get(key)
         if link is not None and not link.peer_gone():    # a restarted peer leaves it hung up
             return link
         record = next((s for s in self.view(fresh=True) if s.server_id == server_id), None)
@@ -721,11 +726,11 @@ class Server:
                           token=self.token, tls=self.peer_tls, timeout_s=PEER_TIMEOUT_S, role="peer",
                           busy_poll_s=self.cfg.busy_poll_us / 1e6)
         with self._peers_lock:
-            old = self._peers.get(server_id)
+            old = self._peers.get(key)
             if old is not None and not old.closed:
                 link.close()
                 return old
-            self._peers[server_id] = link
+            self._peers[key] = link
         return link
 
 
