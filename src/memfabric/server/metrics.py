@@ -178,10 +178,11 @@ class StateCollector(Collector):
         yield CounterMetricFamily("memfabric_plog_flushes", "Flushes that made appends durable (pmem: "
                                   "fdatasync rounds, each shared by the appends waiting then)", value=counts["flushes"])
         forwards = plog.forward_counts()
-        yield CounterMetricFamily("memfabric_plog_forwards", "Pieces of plogs homed here sent to their copies",
+        yield CounterMetricFamily("memfabric_plog_forwards", "Forward messages of plogs homed here sent to their copies "
+                                  "(pieces, or places a same-host copy reads from this home's files)",
                                   value=forwards["forwards"])
-        yield CounterMetricFamily("memfabric_plog_compiled_forwards", "Of those, pieces sent by the compiled "
-                                  "call on a same-host peer link (plog/fast_append.py)",
+        yield CounterMetricFamily("memfabric_plog_compiled_forwards", "Of those, pieces sent by the "
+                                  "compiled call on a same-host peer link (plog/fast_append.py)",
                                   value=forwards["compiled_forwards"])
         count = GaugeMetricFamily("memfabric_plogs", "Plogs homed here", labels=["pool", "ns"])
         length = GaugeMetricFamily("memfabric_plog_bytes", "Committed bytes of the plogs homed here",
