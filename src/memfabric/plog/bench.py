@@ -95,6 +95,9 @@ TARGETS = (
      "us"),
     ("two replicas / one, 4 KiB append, ramdisk", ("append 4,096 B (ramdisk, 2 replicas)", "append 4,096 B (ramdisk)"),
      lambda m: m[0] / m[1], 2.5, "<=", "x"),
+    ("two replicas / one, 1 MiB append, ramdisk",
+     ("append 1,048,576 B (ramdisk, 2 replicas)", "append 1,048,576 B (ramdisk)"), lambda m: m[0] / m[1], 2.5, "<=",
+     "x"),
     ("record(i) of 4 KiB median, same host", ("record(i) of 4 KiB (ramdisk)",), lambda m: m[0], 5.0, "<=", "us"),
 )
 GROUP_COMMIT_TARGET = 5.0        # 8 pmem appenders against one process's write + fsync, records/s
