@@ -48,7 +48,7 @@ REPLY_TIMEOUT_S = 30.0          # far above the server's own request and peer ti
 CHECK_EVERY = 250               # messages between two checks that a normal client is served
 REFRESH_EVERY = 1500            # messages between two fresh targets (the fuzz eats memory)
 RECONNECT_TRIES = 10            # a second apart
-RPC_ONLY_OPS = ("seg_read", "seg_write", "kv_fill", "kv_read", "plog_append_payload")
+RPC_ONLY_OPS = ("seg_read", "seg_write", "kv_fill", "kv_read", "plog_append_payload", "plog_replica_payload")
 # Every operation the server dispatches: its own and each semantic's.
 SERVER_OPS = sorted({name[3:] for cls in (Server, BigMemoryService, KeyValueService, PlogService)
                      for name in dir(cls)
@@ -394,6 +394,7 @@ FIELDS: dict[str, list[str]] = {
     "plog_replica_create": CREDS + ["name", "capacity", "nonce", "plog_id", "home", "replica_servers", "replicas"],
     "plog_replica_append": CREDS + ["name", "plog_id", "at", "data", "last"],
     "plog_replica_stale": CREDS + ["name", "plog_id"],
+    "plog_replica_payload": CREDS + ["name", "plog_id", "at", "last"],     # (RPC: its bytes as the payload)
 }
 ALL_FIELDS = sorted({k for kinds in FIELDS.values() for k in kinds})
 # Operations that end the target namespace are drawn less often, so most messages reach deep.

@@ -381,6 +381,48 @@ def test_a_copy_reads_from_its_home_only_whole_places_and_keeps_only_records_tha
         assert list(copy.records()) == [b"one", b"two"]
 
 
+def test_a_forward_as_an_rpc_payload_is_taken_from_peers_only_and_by_the_copys_rules(three_servers, request):
+    """plog_replica_payload (a home on another host's forward past one piece, its bytes as the
+    RPC payload) is a server's: a client gets PERMISSION_DENIED. From a peer, a payload that
+    is empty or past PLOG_PULL_BYTES is INVALID_ARGUMENT, and its bytes are held to the rules
+    of every forward (no gaps, only the next records that check); nothing refused is kept, and
+    the connection goes on serving."""
+    with _session(three_servers, "remote") as s:
+        ns = s.create_namespace(ns_name(request), sec_id="k", pool="logs")
+        log = ns.create_plog("wal", MiB, replicas=2)
+        log.append(b"one")
+        (server_id,) = log.info()["replica_servers"]
+        copy = _copy(log, server_id)
+        nonce = log._call("plog_info", layout=True)["nonce"]
+        args = {**ns.wire_creds, "name": "wal", "plog_id": log.plog_id}
+        end = log.info()["length"]
+        with pytest.raises(PermissionDenied):
+            s.link(server_id).request("plog_replica_payload", {**args, "at": end, "last": True},
+                                      payload=[memoryview(rec.encode(nonce, 1, b"two"))])
+        where = next(x for x in s.servers() if x["server_id"] == server_id)
+        peer = connect_to(server_id, where["host"], "", where["rpc_address"], local_host=None, token=s._token,
+                          tls=None, timeout_s=10, role="peer")
+        try:
+            with pytest.raises(InvalidArgument, match="bytes of payload"):
+                peer.request("plog_replica_payload", {**args, "at": end, "last": True})
+            with pytest.raises(InvalidArgument, match="bytes of payload"):
+                peer.request("plog_replica_payload", {**args, "at": end, "last": True},
+                             payload=[memoryview(bytes(PLOG_PULL_BYTES + 8))])
+            with pytest.raises(InvalidArgument, match="no gaps"):
+                peer.request("plog_replica_payload", {**args, "at": end + 8, "last": True},
+                             payload=[memoryview(rec.encode(nonce, 1, b"two"))])
+            for bad in (rec.encode(nonce, 5, b"two"), rec.encode(nonce ^ 1, 1, b"two"), rec.encode(nonce, 1, b"two")[:-8]):
+                with pytest.raises(InvalidArgument, match="not whole records"):
+                    peer.request("plog_replica_payload", {**args, "at": end, "last": True}, payload=[memoryview(bad)])
+            assert copy.info()["length"] == end and list(copy.records()) == [b"one"]
+            assert peer.call("plog_info", **args)["info"]["length"] == end       # the connection goes on
+        finally:
+            peer.close()
+        log.append(b"two")
+        assert log.info()["dead_replicas"] == []
+        assert list(copy.records()) == [b"one", b"two"]
+
+
 @pytest.mark.parametrize("where", ["same-host", "remote"])
 def test_a_replica_killed_mid_stream(fresh, where, request):
     fab = fresh()

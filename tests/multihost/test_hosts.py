@@ -58,12 +58,17 @@ class Fabric:
         with open(config, "w") as f:
             f.write(f'[server]\nhost = "h{host}"\ndata_dir = "{self.dir}/data-{host}"\n'
                     f'ipc_socket = "{self.dir}/ipc-{host}.sock"\nrpc_listen = "{self.bed.address(host)}:{RPC_PORT}"\n'
-                    f'segment_size = "1MiB"\n\n[cluster]\nbackend = "etcd"\nendpoints = ["{self.etcd.endpoint}"]\n'
-                    f'liveness_timeout_s = 2.0\ntoken_file = "{self.dir}/token"\n\n' + self.pools_toml(host))
+                    f'segment_size = "1MiB"\n{self.server_toml(host)}\n[cluster]\nbackend = "etcd"\n'
+                    f'endpoints = ["{self.etcd.endpoint}"]\nliveness_timeout_s = 2.0\ntoken_file = "{self.dir}/token"\n\n'
+                    + self.pools_toml(host))
         proc = self.bed.run(host, [sys.executable, "-m", "memfabric", "server", "--config", config],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         wait_for_line(proc, " ready ", 60, [])
         self.servers[host] = proc
+
+    def server_toml(self, host: int) -> str:
+        """More lines of the [server] table of the server on `host` (a subclass gives them)."""
+        return ""
 
     def pools_toml(self, host: int) -> str:
         """The [[pool]] tables of the server on `host` (a subclass gives it more pools)."""

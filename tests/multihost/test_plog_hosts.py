@@ -13,6 +13,8 @@ import pytest
 
 from .test_hosts import CLIENT, Fabric
 
+METRICS_PORT = 9400
+
 PRELUDE = """
 import json, os, signal, struct, sys, time
 import memfabric
@@ -25,6 +27,9 @@ def body(i): return struct.pack("<I", i) * (1 + i % 300)
 
 class PlogFabric(Fabric):
     """Fabric's servers, each with a ramdisk pool "logs" besides its dram pool."""
+
+    def server_toml(self, host: int) -> str:
+        return f'metrics_listen = "{self.bed.address(host)}:{METRICS_PORT}"\n'
 
     def pools_toml(self, host: int) -> str:
         return (f'[[pool]]\nname = "default"\nmedium = "dram"\ncapacity = "16MiB"\n\n'
@@ -57,24 +62,36 @@ def run(fab: Fabric, code: str) -> list[dict]:
 
 def test_records_of_one_piece_and_of_several_reach_a_copy_on_another_host_whole(hosts):
     """Over RPC between hosts a forward piece (PLOG_REPLICA_PIECE_BYTES) and its request fit
-    one message: records that fill a piece, pass it by a byte, and span several pieces."""
+    one message: records that fill a piece and pass it by a byte. A record of several pieces
+    goes as one message with its bytes as the RPC payload (plog_replica_payload), where pieces
+    took a round trip each; one past PLOG_PULL_BYTES in two. Each lands whole."""
     (r,) = run(hosts, """
-from memfabric.limits import PLOG_REPLICA_PIECE_BYTES as PIECE
+import re, urllib.request
+from memfabric.limits import PLOG_PULL_BYTES, PLOG_REPLICA_PIECE_BYTES as PIECE
 ns = s.create_namespace("pieces", sec_id="k", pool="logs")
-log = ns.create_plog("big", 8 << 20, replicas=2)
+log = ns.create_plog("big", 16 << 20, replicas=2)
 info = log.info()
 copy = info["replica_servers"][0]
 host = {x["server_id"]: x["host"] for x in s.servers()}
-records = [bytes([i + 1]) * n for i, n in enumerate((PIECE - 16, PIECE - 15, 3 * PIECE + 5, 1))]
+address = {x["server_id"]: x["rpc_address"].rsplit(":", 1)[0] for x in s.servers()}
+def messages():      # the forwards the copy's server took (operation plog_replica_append)
+    text = urllib.request.urlopen(f"http://{address[copy]}:%d/metrics", timeout=10).read().decode()
+    return sum(float(m.group(1)) for m in re.finditer(
+        r'^memfabric_operation_seconds_count{[^}]*op="plog_replica_append"[^}]*} (\\S+)$', text, re.M))
+records = [bytes([i + 1]) * n for i, n in enumerate((PIECE - 16, PIECE - 15, 3 * PIECE + 5, 1, PLOG_PULL_BYTES + 9))]
+took = []
 for record in records:
+    before = messages()
     log.append(record)
+    took.append(messages() - before)
 theirs = list(Plog(ns, "big", copy, log.plog_id).records())
-out(same=theirs == records == list(log.records()), dead=log.info()["dead_replicas"],
+out(same=theirs == records == list(log.records()), dead=log.info()["dead_replicas"], took=took,
     home_host=host[info["home"]], copy_host=host[copy])
 log.delete()
-""")
+""" % METRICS_PORT)
     assert r["home_host"] != r["copy_host"]
     assert r["same"] and r["dead"] == []
+    assert r["took"] == [1, 1, 1, 1, 2]
 
 
 def test_a_copy_killed_mid_stream_then_sealed_and_read_from_the_survivor(hosts):

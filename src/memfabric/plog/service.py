@@ -59,9 +59,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..core.allocator import Extent
 from ..core.namespaces import check_name
-from ..datapath.deadline import allowing, unbounded
+from ..datapath.deadline import allowing, call_timeout_s, unbounded
 from ..errors import (IOError_, InvalidArgument, LimitExceeded, MemfabricError, NoSuchNamespace, NoSuchObject, ProtocolError,
-                      InternalError, Sealed, ServerUnavailable)
+                      InternalError, PermissionDenied, Sealed, ServerUnavailable)
 from ..limits import (MAX_PLOG_BATCH, MAX_PLOG_CAPACITY_BYTES, MAX_PLOG_RECORD_BYTES, MAX_PLOG_REPLICAS,
                       MAX_PLOG_BUFFERED_BYTES, MAX_PLOG_STAGED_BYTES, MAX_PLOG_STAGES_PER_CLIENT, MAX_PLOGS_PER_NAMESPACE, MAX_RPC_PAYLOAD_BYTES,
                       MAX_PLOG_PULL_PLACES, PLOG_INLINE_BYTES, PLOG_PULL_BYTES, PLOG_REPLICA_PIECE_BYTES,
@@ -127,7 +127,7 @@ class _Plog:
         self.dead: set[int] = set()
         self.watched: set[int] = set()      # dead copies the home tells they are stale, and watches for a seal
         self.forwarded = 0
-        self.no_pull: set[int] = set()      # copies that cannot read this home's files (_forward_by_pull)
+        self.no_pull: set[int] = set()      # copies that cannot read this home's files (_forward_large)
         self.resync = False
         self.receiving = 0
         self.stale = False
@@ -300,7 +300,7 @@ class PlogService:
         return {name[3:]: getattr(self, name) for name in dir(self) if name.startswith("op_")}
 
     def transfers(self) -> dict[str, Callable[..., None]]:
-        return {"plog_append_payload": self.transfer_append}
+        return {"plog_append_payload": self.transfer_append, "plog_replica_payload": self.transfer_replica_payload}
 
     # ---- the server's life ----------------------------------------------------------------------
 
@@ -671,6 +671,41 @@ class PlogService:
             data, why = self._pull(plog, m, source)
             if data is None:
                 return {"pulled": False, "why": why}
+        return self._take_forward(conn, plog, m, at, data, last)
+
+    def transfer_replica_payload(self, conn: Connection, m: dict[str, Any], payload_len: int, frames: Any,
+                                 deadline: float) -> None:
+        """plog_replica_payload over RPC: a forward past one piece from a home on another host,
+        its bytes (up to PLOG_PULL_BYTES) as the payload, received into one buffer and taken as
+        plog_replica_append takes `data`: one message where pieces took a round trip each."""
+        started_s = time.perf_counter()
+        if conn.role != "peer":
+            raise PermissionDenied("plog_replica_payload is for the servers of the cluster")
+        plog = self._plog(conn, m)
+        at = m.get("at")
+        if type(at) is not int or not 0 < payload_len <= PLOG_PULL_BYTES:
+            raise InvalidArgument(f"plog_replica_payload takes at (int) and 1-{PLOG_PULL_BYTES} bytes of payload, "
+                                  f"got {payload_len}")
+        self._take_buffer(payload_len)
+        try:
+            buffer = bytearray(payload_len)
+            frames.recv_into_exact(memoryview(buffer), deadline)
+            try:        # the payload is read: answered here
+                reply = {"id": m["id"], **self._take_forward(conn, plog, m, at, memoryview(buffer),
+                                                             m.get("last") is True)}
+                code = None
+            except MemfabricError as exc:
+                reply, code = wire.error_reply(m["id"], exc), exc.code
+        finally:
+            self._give_buffer(payload_len)
+        # (counted as the operation it is: plog_replica_append with its bytes as the payload)
+        self.server.metrics.observe("plog_replica_append", code, time.perf_counter() - started_s)
+        frames.send(reply)
+
+    def _take_forward(self, conn: Connection, plog: _Plog, m: dict[str, Any], at: int, data: Any,
+                      last: bool) -> Reply:
+        """A forward's bytes (`data`, any buffer) at `at`, under the copy's rules (see
+        op_plog_replica_append)."""
         core = plog.core
         with plog.lock:
             if plog.deleted:      # (found before a client deleted it): its memory is the namespace's again
@@ -995,9 +1030,9 @@ class PlogService:
                 with unbounded():               # bounded by the peer link's timeout, not one client's budget
                     link = self.server._peer(server_id)
                     at = start
-                    pulled = self._forward_by_pull(plog, server_id, link, args, start, target)
-                    forwards += pulled
-                    while not pulled:
+                    whole = self._forward_large(plog, server_id, link, args, start, target)
+                    forwards += whole
+                    while not whole:
                         n = min(PLOG_REPLICA_PIECE_BYTES, target - at)
                         data, last = plog.data.read_bytes(at, n), at + n == target
                         compiled = fast_append.send_forward(link, head, head_entries, args, at, data, last)
@@ -1021,27 +1056,34 @@ class PlogService:
                 self._count_forwards(forwards, compiled_forwards)
         plog.forwarded = target
 
-    def _forward_by_pull(self, plog: _Plog, server_id: int, link: Any, args: dict[str, Any], start: int,
-                         target: int) -> int:
-        """A forward of more than one piece to a copy on this host: each message names where its
-        bytes lie in this home's segment files (`source`), and the copy reads them there itself
-        (op_plog_replica_append), checks them and commits them with the last: one small round
-        trip per PLOG_PULL_BYTES, against one per piece through both sides' Python. The number
-        of messages; 0 when not taken, or when the copy could not read these files (then the
-        pieces, from `start`: a forward from the log's end drops what the copy holds unfinished)."""
-        if not link.is_local or target - start <= PLOG_REPLICA_PIECE_BYTES or server_id in plog.no_pull:
+    def _forward_large(self, plog: _Plog, server_id: int, link: Any, args: dict[str, Any], start: int,
+                       target: int) -> int:
+        """A forward past one piece, in messages of up to PLOG_PULL_BYTES, the copy committing
+        with the last: to a same-host copy, where its bytes lie in this home's segment files
+        (`source`), which the copy reads there itself (op_plog_replica_append); to a copy on
+        another host, the bytes as the RPC payload (transfer_replica_payload). One round trip
+        each, against one per piece through both sides' Python. The number of messages; 0 when
+        not taken, or when a same-host copy could not read these files (then the pieces, from
+        `start`: a forward from the log's end drops what the copy holds unfinished)."""
+        if target - start <= PLOG_REPLICA_PIECE_BYTES or server_id in plog.no_pull:
             return 0
         at, sent = start, 0
         while at < target:
-            places = plog.data.places(at, min(PLOG_PULL_BYTES, target - at))[:MAX_PLOG_PULL_PLACES]
-            n = sum(p[2] for p in places)
-            reply = link.call("plog_replica_append", **args, at=at, source=[list(p) for p in places],
-                              last=at + n == target)
-            if reply.get("pulled") is False:
-                log.warning("plog %r: its copy on server %d cannot read this home's files (%s); forwarding "
-                            "to it in pieces", plog.core.name, server_id, reply.get("why"))
-                plog.no_pull.add(server_id)
-                return 0
+            if link.is_local:
+                places = plog.data.places(at, min(PLOG_PULL_BYTES, target - at))[:MAX_PLOG_PULL_PLACES]
+                n = sum(p[2] for p in places)
+                reply = link.call("plog_replica_append", **args, at=at, source=[list(p) for p in places],
+                                  last=at + n == target)
+                if reply.get("pulled") is False:
+                    log.warning("plog %r: its copy on server %d cannot read this home's files (%s); forwarding "
+                                "to it in pieces", plog.core.name, server_id, reply.get("why"))
+                    plog.no_pull.add(server_id)
+                    return 0
+            else:
+                n = min(PLOG_PULL_BYTES, target - at)
+                timeout_s = call_timeout_s(link.timeout_s)
+                link.request("plog_replica_payload", {**args, "at": at, "last": at + n == target, "budget_s": timeout_s},
+                             payload=[memoryview(plog.data.read_bytes(at, n))], timeout_s=timeout_s)
             at += n
             sent += 1
         return sent
