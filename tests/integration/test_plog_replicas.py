@@ -6,12 +6,15 @@ than live servers is refused. (tests/multihost/test_plog_hosts.py does the kill 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import struct
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 
@@ -300,44 +303,54 @@ def test_appenders_in_several_processes_leave_identical_copies(three_servers, re
             seen[tag] += 1
 
 
-def test_a_copy_takes_bytes_only_at_its_end_and_only_records_that_check(three_servers, request):
-    with _session(three_servers, "remote") as s:
+@contextlib.contextmanager
+def _forwards_by_hand(fab: LocalFabric, request) -> Iterator[SimpleNamespace]:
+    """A plog of two replicas holding b"one", and what a server of the cluster may send its
+    copy: a peer link over RPC (the cluster token makes a peer). Yields the session, the plog,
+    its copy's server and a handle on the copy, the plog's nonce and extents, the peer link,
+    a forward's args and the log's end. Then: nothing refused was kept, the home's next
+    append lands on the copy, in step."""
+    with _session(fab, "remote") as s:
         ns = s.create_namespace(ns_name(request), sec_id="k", pool="logs")
         log = ns.create_plog("wal", MiB, replicas=2)
         log.append(b"one")
         (server_id,) = log.info()["replica_servers"]
         copy = _copy(log, server_id)
-        nonce = log._call("plog_info", layout=True)["nonce"]
+        layout = log._call("plog_info", layout=True)
         where = next(x for x in s.servers() if x["server_id"] == server_id)
-        # What a server of the cluster may send (the cluster token makes a peer over RPC).
         peer = connect_to(server_id, where["host"], "", where["rpc_address"], local_host=None, token=s._token,
                           tls=None, timeout_s=10, role="peer")
         try:
-            args = {**ns.wire_creds, "name": "wal", "plog_id": log.plog_id}
-            end = log.info()["length"]
-            with pytest.raises(InvalidArgument, match="no gaps"):
-                peer.call("plog_replica_append", **args, at=end + 8, data=rec.encode(nonce, 1, b"two"), last=True)
-            for bad in (rec.encode(nonce, 5, b"two"),                   # out of place
-                        rec.encode(nonce ^ 1, 1, b"two"),               # another plog's
-                        rec.encode(nonce, 1, b"two")[:-8],              # torn
-                        rec.encode(nonce, 1, b"two") + b"\1" * 8):      # garbage after it
-                with pytest.raises(InvalidArgument, match="not whole records"):
-                    peer.call("plog_replica_append", **args, at=end, data=bad, last=True)
-            for bad_nonce in (-1, "1", None):
-                with pytest.raises(InvalidArgument):
-                    peer.call("plog_replica_create", **{**args, "name": "other"}, capacity=4096, nonce=bad_nonce,
-                              home=1, replica_servers=[server_id], replicas=2)
-            frame = rec.encode(nonce, 1, b"two")
-            peer.call("plog_replica_append", **args, at=end, data=frame[:8], last=False)   # a forward cut off
-            assert copy.info()["records"] == 1 and list(copy.records()) == [b"one"]
+            yield SimpleNamespace(s=s, log=log, server_id=server_id, copy=copy, nonce=layout["nonce"],
+                                  extents=layout["extents"], peer=peer, end=log.info()["length"],
+                                  args={**ns.wire_creds, "name": "wal", "plog_id": log.plog_id})
         finally:
             peer.close()
-        # Nothing refused was kept: the home's next append lands on the copy, in step.
         log.append(b"two")
         assert log.info()["dead_replicas"] == []
         assert list(copy.records()) == [b"one", b"two"]
+
+
+def test_a_copy_takes_bytes_only_at_its_end_and_only_records_that_check(three_servers, request):
+    with _forwards_by_hand(three_servers, request) as f:
+        peer, args, end, nonce = f.peer, f.args, f.end, f.nonce
+        with pytest.raises(InvalidArgument, match="no gaps"):
+            peer.call("plog_replica_append", **args, at=end + 8, data=rec.encode(nonce, 1, b"two"), last=True)
+        for bad in (rec.encode(nonce, 5, b"two"),                   # out of place
+                    rec.encode(nonce ^ 1, 1, b"two"),               # another plog's
+                    rec.encode(nonce, 1, b"two")[:-8],              # torn
+                    rec.encode(nonce, 1, b"two") + b"\1" * 8):      # garbage after it
+            with pytest.raises(InvalidArgument, match="not whole records"):
+                peer.call("plog_replica_append", **args, at=end, data=bad, last=True)
+        for bad_nonce in (-1, "1", None):
+            with pytest.raises(InvalidArgument):
+                peer.call("plog_replica_create", **{**args, "name": "other"}, capacity=4096, nonce=bad_nonce,
+                          home=1, replica_servers=[f.server_id], replicas=2)
+        frame = rec.encode(nonce, 1, b"two")
+        peer.call("plog_replica_append", **args, at=end, data=frame[:8], last=False)   # a forward cut off
+        assert f.copy.info()["records"] == 1 and list(f.copy.records()) == [b"one"]
         with pytest.raises(PermissionDenied):                 # a client is no server of the cluster
-            s.link(server_id).call("plog_replica_append", **args, at=0, data=b"", last=True)
+            f.s.link(f.server_id).call("plog_replica_append", **args, at=0, data=b"", last=True)
 
 
 def test_a_copy_reads_from_its_home_only_whole_places_and_keeps_only_records_that_check(three_servers, request):
@@ -347,38 +360,23 @@ def test_a_copy_reads_from_its_home_only_whole_places_and_keeps_only_records_tha
     does not hold, past a segment's end) are answered `pulled: False` (the home then sends
     pieces); bytes that are not the next records of this plog are refused. Nothing of any of
     them is kept."""
-    with _session(three_servers, "remote") as s:
-        ns = s.create_namespace(ns_name(request), sec_id="k", pool="logs")
-        log = ns.create_plog("wal", MiB, replicas=2)
-        log.append(b"one")
-        (server_id,) = log.info()["replica_servers"]
-        copy = _copy(log, server_id)
-        (segment, offset, _), *_ = log._call("plog_info", layout=True)["extents"]
-        where = next(x for x in s.servers() if x["server_id"] == server_id)
-        peer = connect_to(server_id, where["host"], "", where["rpc_address"], local_host=None, token=s._token,
-                          tls=None, timeout_s=10, role="peer")
-        try:
-            args = {**ns.wire_creds, "name": "wal", "plog_id": log.plog_id}
-            end = log.info()["length"]
-            for bad in ([], [[segment, offset]], [[segment, offset, -1]], [["1", offset, 8]], [[segment, offset, 0]],
-                        [[segment, offset, 8]] * (MAX_PLOG_PULL_PLACES + 1), [[segment, offset, PLOG_PULL_BYTES + 1]],
-                        "x", [[segment, offset, True]]):
-                with pytest.raises(InvalidArgument, match="source must be"):
-                    peer.call("plog_replica_append", **args, at=end, source=bad, last=True)
-            with pytest.raises(InvalidArgument, match="data .bytes. or source"):
-                peer.call("plog_replica_append", **args, at=end, data=b"x", source=[[segment, offset, 8]], last=True)
-            for unreadable in ([[10 ** 9, 0, 16]], [[segment, (1 << 40), 16]]):
-                reply = peer.call("plog_replica_append", **args, at=end, source=unreadable, last=True)
-                assert reply["pulled"] is False and reply["why"], reply
-            # The home's first record, offered as the second: not the next record of the log.
-            with pytest.raises(InvalidArgument, match="not whole records"):
-                peer.call("plog_replica_append", **args, at=end, source=[[segment, offset, end]], last=True)
-            assert copy.info()["length"] == end and list(copy.records()) == [b"one"]
-        finally:
-            peer.close()
-        log.append(b"two")
-        assert log.info()["dead_replicas"] == []
-        assert list(copy.records()) == [b"one", b"two"]
+    with _forwards_by_hand(three_servers, request) as f:
+        peer, args, end = f.peer, f.args, f.end
+        (segment, offset, _), *_ = f.extents
+        for bad in ([], [[segment, offset]], [[segment, offset, -1]], [["1", offset, 8]], [[segment, offset, 0]],
+                    [[segment, offset, 8]] * (MAX_PLOG_PULL_PLACES + 1), [[segment, offset, PLOG_PULL_BYTES + 1]],
+                    "x", [[segment, offset, True]]):
+            with pytest.raises(InvalidArgument, match="source must be"):
+                peer.call("plog_replica_append", **args, at=end, source=bad, last=True)
+        with pytest.raises(InvalidArgument, match="data .bytes. or source"):
+            peer.call("plog_replica_append", **args, at=end, data=b"x", source=[[segment, offset, 8]], last=True)
+        for unreadable in ([[10 ** 9, 0, 16]], [[segment, (1 << 40), 16]]):
+            reply = peer.call("plog_replica_append", **args, at=end, source=unreadable, last=True)
+            assert reply["pulled"] is False and reply["why"], reply
+        # The home's first record, offered as the second: not the next record of the log.
+        with pytest.raises(InvalidArgument, match="not whole records"):
+            peer.call("plog_replica_append", **args, at=end, source=[[segment, offset, end]], last=True)
+        assert f.copy.info()["length"] == end and list(f.copy.records()) == [b"one"]
 
 
 def test_a_forward_as_an_rpc_payload_is_taken_from_peers_only_and_by_the_copys_rules(three_servers, request):
@@ -387,40 +385,24 @@ def test_a_forward_as_an_rpc_payload_is_taken_from_peers_only_and_by_the_copys_r
     is empty or past PLOG_PULL_BYTES is INVALID_ARGUMENT, and its bytes are held to the rules
     of every forward (no gaps, only the next records that check); nothing refused is kept, and
     the connection goes on serving."""
-    with _session(three_servers, "remote") as s:
-        ns = s.create_namespace(ns_name(request), sec_id="k", pool="logs")
-        log = ns.create_plog("wal", MiB, replicas=2)
-        log.append(b"one")
-        (server_id,) = log.info()["replica_servers"]
-        copy = _copy(log, server_id)
-        nonce = log._call("plog_info", layout=True)["nonce"]
-        args = {**ns.wire_creds, "name": "wal", "plog_id": log.plog_id}
-        end = log.info()["length"]
+    with _forwards_by_hand(three_servers, request) as f:
+        peer, args, end, nonce = f.peer, f.args, f.end, f.nonce
         with pytest.raises(PermissionDenied):
-            s.link(server_id).request("plog_replica_payload", {**args, "at": end, "last": True},
-                                      payload=[memoryview(rec.encode(nonce, 1, b"two"))])
-        where = next(x for x in s.servers() if x["server_id"] == server_id)
-        peer = connect_to(server_id, where["host"], "", where["rpc_address"], local_host=None, token=s._token,
-                          tls=None, timeout_s=10, role="peer")
-        try:
-            with pytest.raises(InvalidArgument, match="bytes of payload"):
-                peer.request("plog_replica_payload", {**args, "at": end, "last": True})
-            with pytest.raises(InvalidArgument, match="bytes of payload"):
-                peer.request("plog_replica_payload", {**args, "at": end, "last": True},
-                             payload=[memoryview(bytes(PLOG_PULL_BYTES + 8))])
-            with pytest.raises(InvalidArgument, match="no gaps"):
-                peer.request("plog_replica_payload", {**args, "at": end + 8, "last": True},
-                             payload=[memoryview(rec.encode(nonce, 1, b"two"))])
-            for bad in (rec.encode(nonce, 5, b"two"), rec.encode(nonce ^ 1, 1, b"two"), rec.encode(nonce, 1, b"two")[:-8]):
-                with pytest.raises(InvalidArgument, match="not whole records"):
-                    peer.request("plog_replica_payload", {**args, "at": end, "last": True}, payload=[memoryview(bad)])
-            assert copy.info()["length"] == end and list(copy.records()) == [b"one"]
-            assert peer.call("plog_info", **args)["info"]["length"] == end       # the connection goes on
-        finally:
-            peer.close()
-        log.append(b"two")
-        assert log.info()["dead_replicas"] == []
-        assert list(copy.records()) == [b"one", b"two"]
+            f.s.link(f.server_id).request("plog_replica_payload", {**args, "at": end, "last": True},
+                                          payload=[memoryview(rec.encode(nonce, 1, b"two"))])
+        with pytest.raises(InvalidArgument, match="bytes of payload"):
+            peer.request("plog_replica_payload", {**args, "at": end, "last": True})
+        with pytest.raises(InvalidArgument, match="bytes of payload"):
+            peer.request("plog_replica_payload", {**args, "at": end, "last": True},
+                         payload=[memoryview(bytes(PLOG_PULL_BYTES + 8))])
+        with pytest.raises(InvalidArgument, match="no gaps"):
+            peer.request("plog_replica_payload", {**args, "at": end + 8, "last": True},
+                         payload=[memoryview(rec.encode(nonce, 1, b"two"))])
+        for bad in (rec.encode(nonce, 5, b"two"), rec.encode(nonce ^ 1, 1, b"two"), rec.encode(nonce, 1, b"two")[:-8]):
+            with pytest.raises(InvalidArgument, match="not whole records"):
+                peer.request("plog_replica_payload", {**args, "at": end, "last": True}, payload=[memoryview(bad)])
+        assert f.copy.info()["length"] == end and list(f.copy.records()) == [b"one"]
+        assert peer.call("plog_info", **args)["info"]["length"] == end       # the connection goes on
 
 
 @pytest.mark.parametrize("where", ["same-host", "remote"])
