@@ -22,8 +22,8 @@ from memfabric.plog import record as rec
 from memfabric.plog.log import pieces
 
 from ..conftest import short_tmp_dir
-from ..helpers import WAIT_S, ns_name
-from .test_persistence import PersistentServer
+from ..helpers import WAIT_S, ns_name, wait_until
+from .test_persistence import MF, PersistentServer
 
 APPENDER = r"""
 import struct, sys
@@ -271,6 +271,60 @@ def test_sigkill_of_an_idle_server_keeps_plogs(server, request):
     with memfabric.init(server.config) as s:
         log = s.namespace(name, "k", pool="keep").plog("wal")
         assert [log.read(o, 40_000) for o in offsets] == [bytes([i]) * 40_000 for i in range(50)]
+
+
+_SLOW_RESTORE = """
+import os, time
+from memfabric.plog import record
+if os.environ.get("MF_TEST_RESTORE_MARK"):
+    _scan = record.scan
+    def _slow_scan(*args, **kwargs):      # each plog restored: a line, then half a second
+        with open(os.environ["MF_TEST_RESTORE_MARK"], "a") as f:
+            f.write("scan\\n")
+        time.sleep(0.5)
+        return _scan(*args, **kwargs)
+    record.scan = _slow_scan
+"""
+
+
+def test_a_stop_during_a_long_restore_of_plogs_ends_it_and_the_next_start_restores_all(tmp_path, monkeypatch,
+                                                                                      request):
+    """A restart scans every plog's log before the server is ready: thousands took longer than
+    a stop waits before it kills (`up`: 15 s). A SIGTERM meanwhile ends the restore between two
+    plogs (here each takes half a second): the server exits saying why, never ready, and the
+    next start restores every plog whole."""
+    server = PersistentServer("ramdisk").start()
+    try:
+        name = ns_name(request)
+        with memfabric.init(server.config) as s:
+            ns = s.create_namespace(name, sec_id="k", pool="keep")
+            for i in range(30):
+                ns.create_plog(f"p{i}", 4096).append(bytes([i]) * 100)
+        server.stop()
+        (tmp_path / "sitecustomize.py").write_text(_SLOW_RESTORE)
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+        mark = tmp_path / "scans"
+        monkeypatch.setenv("MF_TEST_RESTORE_MARK", str(mark))
+        proc = subprocess.Popen(MF + [server.config], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_until(mark.exists, "the restore to begin", WAIT_S)
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode != 0 and "stopped while restoring the plogs" in out, out
+        assert " ready " not in out
+        assert len(mark.read_text().split()) < 30           # not every plog was scanned first
+        monkeypatch.delenv("MF_TEST_RESTORE_MARK")
+        server.start()
+        with memfabric.init(server.config) as s:
+            ns = s.namespace(name, "k", pool="keep")
+            assert sorted(p["name"] for p in ns.plogs()) == sorted(f"p{i}" for i in range(30))
+            assert all(list(ns.plog(f"p{i}").records()) == [bytes([i]) * 100] for i in range(30))
+    finally:
+        server.cleanup()
 
 
 def test_a_stage_scribbled_on_while_its_batch_is_framed_leaves_whole_records(server, request):
