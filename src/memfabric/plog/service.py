@@ -69,6 +69,7 @@ from ..limits import (MAX_PLOG_BATCH, MAX_PLOG_CAPACITY_BYTES, MAX_PLOG_RECORD_B
 from ..media.memfd import SEALS_SIZE, sealed_memfd
 from ..server.requests import Connection, Payload, Reply
 from ..server.state import NamespaceState, PoolState
+from ..stop_request import StopRequest
 from ..transport import wire
 from . import fast_append
 from . import record as rec
@@ -304,13 +305,17 @@ class PlogService:
 
     # ---- the server's life ----------------------------------------------------------------------
 
-    def restore(self, pool: PoolState) -> None:
+    def restore(self, pool: PoolState, stopping: StopRequest | None = None) -> None:
         """Bring back a persistent pool's plogs (before the pool discards segment files no one
         claimed): their extents re-owned, their bytes scanned up to the first record that does
-        not check, everything after it zeroed."""
+        not check, everything after it zeroed. ServerUnavailable once `stopping` is set (each
+        plog scanned and zeroed is whole; the next start does it all again): thousands of plogs
+        take longer than a stop waits before it kills."""
         server = self.server
         files = pool.existing_segments()
         for path, meta in read_metas(pool.path or ""):
+            if stopping is not None and stopping.is_set():
+                raise ServerUnavailable(f"stopped while restoring the plogs of pool {pool.name}")
             if meta is None or not _META_FILE.fullmatch(os.path.basename(path)) or not _meta_ok(meta):
                 log.warning("plog metadata %s does not read as one: skipped (left in place)", path)
                 continue

@@ -144,7 +144,7 @@ class Server:
         for pool in self.pools.values():
             if pool.persistent:
                 self.bigmemory.restore(pool)
-                self.plog.restore(pool)      # before open(): it discards segment files no one claimed
+                self.plog.restore(pool, self._start_interrupted)    # before open(): it discards unclaimed files
             pool.open(self._start_interrupted)
         self._keeper_thread = threading.Thread(target=self._keeper_loop, name="segment-keeper", daemon=True)
         self._keeper_thread.start()
