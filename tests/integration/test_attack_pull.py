@@ -7,7 +7,11 @@ import os
 import threading
 import time
 
+import pytest
+
 import memfabric
+from memfabric.datapath.connect import connect_to
+from memfabric.errors import InvalidArgument
 
 from ..helpers import ns_name
 from .test_metrics import scrape, value
@@ -77,5 +81,36 @@ def test_two_homes_each_the_other_s_copy_pull_at_once_without_waiting_on_each_ot
             for log, other in ((a, 2), (b, 1)):
                 assert log.info()["dead_replicas"] == []
                 assert list(_copy(log, other).records()) == [record, record]
+    finally:
+        assert fab.stop() == 0, "".join(fab.output[-30:])
+
+
+def test_a_source_past_the_largest_file_offset_is_refused_not_an_internal_error(request):
+    """A peer's source may name an offset up to 2**64 - 1 (the wire carries it); the copy read
+    it with os.preadv, which takes an off_t: an offset of 2**63 or more raised OverflowError,
+    answered INTERNAL_ERROR. It is a malformed source (INVALID_ARGUMENT), and nothing of it is
+    kept."""
+    fab = _fabric(2)
+    try:
+        with memfabric.init(os.path.join(fab.directory, "remote.toml")) as s:
+            ns = s.create_namespace(ns_name(request), sec_id="k", pool="logs")
+            log = ns.create_plog("wal", MiB, replicas=2)
+            log.append(b"one")
+            (server_id,) = log.info()["replica_servers"]
+            (segment, _, _), *_ = log._call("plog_info", layout=True)["extents"]
+            where = next(x for x in s.servers() if x["server_id"] == server_id)
+            peer = connect_to(server_id, where["host"], "", where["rpc_address"], local_host=None,
+                              token=s._token, tls=None, timeout_s=10, role="peer")
+            try:
+                args = {**ns.wire_creds, "name": "wal", "plog_id": log.plog_id}
+                end = log.info()["length"]
+                for offset in (1 << 63, (1 << 64) - 1):
+                    with pytest.raises(InvalidArgument, match="source must be"):
+                        peer.call("plog_replica_append", **args, at=end, source=[[segment, offset, 16]], last=True)
+            finally:
+                peer.close()
+            log.append(b"two")
+            assert log.info()["dead_replicas"] == []
+            assert list(_copy(log, server_id).records()) == [b"one", b"two"]
     finally:
         assert fab.stop() == 0, "".join(fab.output[-30:])
