@@ -771,7 +771,7 @@ class PlogService:
         another host, a segment it no longer lends, no fds left): nothing changed, and the home
         sends pieces instead."""
         if (not isinstance(source, list) or not 0 < len(source) <= MAX_PLOG_PULL_PLACES
-                or not all(isinstance(p, list) and len(p) == 3 and all(type(v) is int and v >= 0 for v in p)
+                or not all(isinstance(p, list) and len(p) == 3 and all(type(v) is int and 0 <= v < 1 << 63 for v in p)
                            for p in source)
                 or not 0 < sum(p[2] for p in source) <= PLOG_PULL_BYTES):
             raise InvalidArgument(f"source must be 1-{MAX_PLOG_PULL_PLACES} [segment, offset, length] places "
