@@ -365,7 +365,8 @@ def test_a_copy_reads_from_its_home_only_whole_places_and_keeps_only_records_tha
         (segment, offset, _), *_ = f.extents
         for bad in ([], [[segment, offset]], [[segment, offset, -1]], [["1", offset, 8]], [[segment, offset, 0]],
                     [[segment, offset, 8]] * (MAX_PLOG_PULL_PLACES + 1), [[segment, offset, PLOG_PULL_BYTES + 1]],
-                    "x", [[segment, offset, True]]):
+                    "x", [[segment, offset, True]],
+                    [[segment, 1 << 63, 16]], [[segment, (1 << 64) - 1, 16]]):     # past an off_t (was INTERNAL_ERROR)
             with pytest.raises(InvalidArgument, match="source must be"):
                 peer.call("plog_replica_append", **args, at=end, source=bad, last=True)
         with pytest.raises(InvalidArgument, match="data .bytes. or source"):
