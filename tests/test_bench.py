@@ -114,3 +114,27 @@ def test_the_plog_bench_says_which_targets_its_figures_meet():
                    "two replicas / one, 4 KiB append": (2.5, True), "record(i) of 4 KiB median": (5.0, True),
                    "two replicas / one, 1 MiB append": (2.6, False),
                    "8 pmem appenders / write + fsync": (4.9, False)}
+
+
+def test_the_plog_bench_runs_and_reports_every_case_with_its_baselines():
+    """`memfabric bench --plog --json` end to end: every record size, one and two replicas, on
+    both pools, from this host and over RPC, beside write + fsync and the floor; each target
+    with its figure and verdict, and the group commit's rates (no figure is judged here)."""
+    proc = subprocess.run(MF + ["bench", "--plog", "--json"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    rows = {(r["what"], r["where"]): r for r in out["rows"]}
+    for where in ("same host", "remote (RPC)"):
+        for pool in ("ramdisk", "pmem"):
+            for copies in ("", ", 2 replicas"):
+                for size in ("64", "4,096", "1,048,576"):
+                    row = rows[(f"append {size} B ({pool}{copies})", where)]
+                    assert row["median_us"] > 0 and row["p99_us"] >= row["median_us"] and row["mb_per_s"] > 0
+                assert rows[(f"append_many 100 x 4 KiB ({pool}{copies})", where)]["median_us"] > 0
+            assert rows[(f"record(i) of 4 KiB ({pool})", where)]["median_us"] > 0
+    for size in ("64", "4,096", "1,048,576"):
+        assert rows[(f"os.write + os.fsync {size} B", "same disk as pmem")]["median_us"] > 0
+    assert rows[("list.append 4 KiB (the floor)", "in process")]["median_us"] > 0
+    assert len(out["targets"]) == 6 and all(type(t["met"]) is bool and t["value"] > 0 for t in out["targets"])
+    group = out["group_commit"]
+    assert group["pmem_records_per_s"] > 0 and group["write_fsync_records_per_s"] > 0 and group["ratio"] > 0

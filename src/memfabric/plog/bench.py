@@ -146,8 +146,6 @@ def run_plog_bench(as_json: bool = False) -> int:
                     sessions["same host"].create_namespace("bench", sec_id="bench-secret", pool=pool)
                 for where, session in sessions.items():
                     for pool in ("ramdisk", "pmem"):
-                        if where != "same host" and pool == "pmem":
-                            continue
                         ns = session.namespace("bench", "bench-secret", pool=pool)
                         for replicas in (1, 2):
                             copies = "" if replicas == 1 else ", 2 replicas"
