@@ -226,7 +226,7 @@ class PlogService:
         self._plogs: dict[tuple[str, str, int], dict[str, _Plog]] = {}
         self._next_id = 0
         self._grant_holders = fast_append.GrantHolders()    # revoked from when a plog goes
-        self._pull_buffers = threading.local()                # _pull's, one per connection thread
+        self._pull_buffers = threading.local()                # _forward_buffer's, one per connection thread
         # Counters for the metrics (metrics.py reads them when scraped, through counts()).
         self.appends = 0
         self.appended_bytes = 0
@@ -693,11 +693,10 @@ class PlogService:
                                   f"got {payload_len}")
         self._take_buffer(payload_len)
         try:
-            buffer = bytearray(payload_len)
-            frames.recv_into_exact(memoryview(buffer), deadline)
+            data = self._forward_buffer(payload_len)
+            frames.recv_into_exact(data, deadline)
             try:        # the payload is read: answered here
-                reply = {"id": m["id"], **self._take_forward(conn, plog, m, at, memoryview(buffer),
-                                                             m.get("last") is True)}
+                reply = {"id": m["id"], **self._take_forward(conn, plog, m, at, data, m.get("last") is True)}
                 code = None
             except MemfabricError as exc:
                 reply, code = wire.error_reply(m["id"], exc), exc.code
@@ -763,6 +762,16 @@ class PlogService:
         fast_append.grant_replica(conn, plog, m, self._grant_holders)
         return {"length": core.committed}
 
+    def _forward_buffer(self, n: int) -> memoryview:
+        """`n` bytes of this thread's buffer for a forward's bytes (a pull's, an RPC payload's),
+        kept: a new one's pages cost a fault each on the first write, which doubled the time of
+        a 1 MiB pull. At most PLOG_PULL_BYTES, per connection thread; nothing holds it past the
+        request."""
+        buffer = getattr(self._pull_buffers, "buffer", None)
+        if buffer is None or len(buffer) < n:
+            buffer = self._pull_buffers.buffer = bytearray(max(n, min(PLOG_PULL_BYTES, 1 << 20)))
+        return memoryview(buffer)[:n]
+
     def _pull(self, plog: _Plog, m: dict[str, Any], source: Any) -> tuple[memoryview | None, str]:
         """The bytes a same-host home's forward names (`source`: [segment, offset, length] places
         in its segment files), read here through this server's link to the home and the fds of
@@ -777,12 +786,7 @@ class PlogService:
             raise InvalidArgument(f"source must be 1-{MAX_PLOG_PULL_PLACES} [segment, offset, length] places "
                                   f"of 1-{PLOG_PULL_BYTES} bytes in all")
         total = sum(p[2] for p in source)
-        # The thread's buffer, kept: a new one's pages cost a fault each on the first write,
-        # which doubled the time of a 1 MiB pull. Nothing holds it past the request.
-        buffer = getattr(self._pull_buffers, "buffer", None)
-        if buffer is None or len(buffer) < total:
-            buffer = self._pull_buffers.buffer = bytearray(max(total, min(PLOG_PULL_BYTES, 1 << 20)))
-        view, at = memoryview(buffer)[:total], 0
+        view, at = self._forward_buffer(total), 0
         try:
             link = self.server._peer(plog.home, lane="pull")     # (not the main link: see _peer)
             if not link.is_local:
