@@ -226,7 +226,7 @@ class PlogService:
         self._plogs: dict[tuple[str, str, int], dict[str, _Plog]] = {}
         self._next_id = 0
         self._grant_holders = fast_append.GrantHolders()    # revoked from when a plog goes
-        self._pull_buffers = threading.local()                # _forward_buffer's, one per connection thread
+        self._forward_buffers = threading.local()                # _forward_buffer's, one per connection thread
         # Counters for the metrics (metrics.py reads them when scraped, through counts()).
         self.appends = 0
         self.appended_bytes = 0
@@ -767,9 +767,9 @@ class PlogService:
         kept: a new one's pages cost a fault each on the first write, which doubled the time of
         a 1 MiB pull. At most PLOG_PULL_BYTES, per connection thread; nothing holds it past the
         request."""
-        buffer = getattr(self._pull_buffers, "buffer", None)
+        buffer = getattr(self._forward_buffers, "buffer", None)
         if buffer is None or len(buffer) < n:
-            buffer = self._pull_buffers.buffer = bytearray(max(n, min(PLOG_PULL_BYTES, 1 << 20)))
+            buffer = self._forward_buffers.buffer = bytearray(max(n, min(PLOG_PULL_BYTES, 1 << 20)))
         return memoryview(buffer)[:n]
 
     def _pull(self, plog: _Plog, m: dict[str, Any], source: Any) -> tuple[memoryview | None, str]:
