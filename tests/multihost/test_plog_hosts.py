@@ -94,6 +94,54 @@ log.delete()
     assert r["took"] == [1, 1, 1, 1, 2]
 
 
+def test_a_copys_server_busy_with_clients_batches_keeps_the_copy(hosts):
+    """The copy's server holds at most MAX_PLOG_BUFFERED_BYTES of record bytes being sent,
+    its clients' batches in flight (plog_append_payload) among them. While they fill it, a
+    forward as an RPC payload (plog_replica_payload) is refused LIMIT_EXCEEDED, "try again
+    soon": the home forwards in pieces then, as it did before, and the copy stays live and
+    whole. (It was marked dead for good: a busy server lost every copy it held.)"""
+    (r,) = run(hosts, """
+from memfabric.errors import LimitExceeded, ServerUnavailable
+from memfabric.limits import MAX_PLOG_BUFFERED_BYTES, MAX_RPC_PAYLOAD_BYTES
+from memfabric.transport import rpc, wire
+ns = s.create_namespace("busy", sec_id="k", pool="logs")
+log = ns.create_plog("wal", 16 << 20, replicas=2)
+log.append(b"one")
+(copy,) = log.info()["replica_servers"]
+address = {x["server_id"]: x["rpc_address"] for x in s.servers()}[copy]
+args = {**ns.wire_creds, "name": "wal", "plog_id": log.plog_id}
+held = []          # clients whose batches of MAX_RPC_PAYLOAD_BYTES are on their way (stalled)
+for _ in range(MAX_PLOG_BUFFERED_BYTES // MAX_RPC_PAYLOAD_BYTES):
+    f = rpc.connect(address, None, 5.0)
+    rpc.client_handshake(f, s._token, 5.0)
+    f.send({"op": "hello", "id": 1, "role": "client"})
+    f.recv_header(time.monotonic() + 5)
+    head = wire.encode({"op": "plog_append_payload", "id": 2, **args, "lengths": [MAX_RPC_PAYLOAD_BYTES // 2] * 2})
+    f.sock.sendall(rpc.PREFIX.pack(len(head), MAX_RPC_PAYLOAD_BYTES) + head
+                   + bytes(rpc.FIRST_BLOCK - rpc.PREFIX.size - len(head)))
+    held.append(f)
+full = False
+for _ in range(200):       # until the copy's server holds them all (a batch of its own is refused)
+    try:
+        s.link(copy).request("plog_append_payload", {**args, "lengths": [1]}, payload=[memoryview(b"x")])
+    except LimitExceeded:
+        full = True
+        break
+    except ServerUnavailable:     # taken (and refused: a copy takes no appends): not full yet
+        time.sleep(0.01)
+records = [b"one", bytes(range(256)) * 4096, b"two"]     # 1 MiB: past one piece
+for record in records[1:]:
+    log.append(record)
+dead = log.info()["dead_replicas"]
+for f in held:
+    f.close()
+out(full=full, dead=dead, same=list(Plog(ns, "wal", copy, log.plog_id).records()) == records == list(log.records()))
+log.delete()
+""")
+    assert r["full"]
+    assert r["dead"] == [] and r["same"]
+
+
 def test_a_copy_killed_mid_stream_then_sealed_and_read_from_the_survivor(hosts):
     (r,) = run(hosts, """
 ns = s.create_namespace("plogs", sec_id="k", pool="logs")
