@@ -1072,8 +1072,9 @@ class PlogService:
         (`source`), which the copy reads there itself (op_plog_replica_append); to a copy on
         another host, the bytes as the RPC payload (transfer_replica_payload). One round trip
         each, against one per piece through both sides' Python. The number of messages; 0 when
-        not taken, or when a same-host copy could not read these files (then the pieces, from
-        `start`: a forward from the log's end drops what the copy holds unfinished)."""
+        not taken, when a same-host copy could not read these files, or when a copy on another
+        host had no room to buffer a payload (then the pieces, from `start`: a forward from the
+        log's end drops what the copy holds unfinished)."""
         if target - start <= PLOG_REPLICA_PIECE_BYTES or server_id in plog.no_pull:
             return 0
         at, sent = start, 0
@@ -1091,8 +1092,15 @@ class PlogService:
             else:
                 n = min(PLOG_PULL_BYTES, target - at)
                 timeout_s = call_timeout_s(link.timeout_s)
-                link.request("plog_replica_payload", {**args, "at": at, "last": at + n == target, "budget_s": timeout_s},
-                             payload=[memoryview(plog.data.read_bytes(at, n))], timeout_s=timeout_s)
+                try:
+                    link.request("plog_replica_payload", {**args, "at": at, "last": at + n == target,
+                                                          "budget_s": timeout_s},
+                                 payload=[memoryview(plog.data.read_bytes(at, n))], timeout_s=timeout_s)
+                except LimitExceeded:
+                    # The copy's server holds all the record bytes being sent it may (its
+                    # clients' batches in flight): no reason to call the copy dead. This
+                    # forward goes in pieces, which hold no such buffer.
+                    return 0
             at += n
             sent += 1
         return sent
