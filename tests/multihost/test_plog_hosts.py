@@ -142,6 +142,43 @@ log.delete()
     assert r["dead"] == [] and r["same"]
 
 
+def test_a_forward_to_a_copy_cut_off_ends_by_the_peer_links_timeout(hosts):
+    """A forward waits on its copy at most the peer link's timeout (PEER_TIMEOUT_S), then the
+    copy is dead and the append goes on: so a client that gives its append twice that gets it.
+    A forward as an RPC payload (PLOG_PULL_BYTES) to a copy whose host is cut off fills the
+    socket's send buffer part way: its send waited the socket's own bound (10 s) instead, and
+    the client got TIMEOUT for an append its home then committed."""
+    netns = {f"h{host}": name for host, name in hosts.bed.names.items()}
+    try:
+        (r,) = run(hosts, """
+import subprocess
+from memfabric.limits import PEER_TIMEOUT_S, PLOG_PULL_BYTES
+s = memfabric.init(sys.argv[1], timeout_s=2 * PEER_TIMEOUT_S)
+ns = s.create_namespace("cut", sec_id="k", pool="logs")
+log = ns.create_plog("wal", 16 << 20, replicas=2)
+log.append(b"one")
+(copy,) = log.info()["replica_servers"]
+netns = %r[next(x["host"] for x in s.servers() if x["server_id"] == copy)]
+record = bytes(range(256)) * (PLOG_PULL_BYTES // 256)
+subprocess.run(["ip", "-n", netns, "link", "set", "eth0", "down"], check=True)
+try:
+    try:
+        log.append(record)
+        err = None
+    except memfabric.MemfabricError as exc:
+        err = exc.code.name
+finally:
+    subprocess.run(["ip", "-n", netns, "link", "set", "eth0", "up"], check=True)
+out(err=err, copy=copy, dead=log.info()["dead_replicas"], whole=list(log.records()) == [b"one", record])
+log.delete()
+""" % netns)
+    finally:
+        for host in hosts.servers:
+            hosts.bed.reconnect(host)
+    assert r["err"] is None, r
+    assert r["dead"] == [r["copy"]] and r["whole"]
+
+
 def test_a_copy_killed_mid_stream_then_sealed_and_read_from_the_survivor(hosts):
     (r,) = run(hosts, """
 ns = s.create_namespace("plogs", sec_id="k", pool="logs")
