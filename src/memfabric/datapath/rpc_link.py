@@ -203,6 +203,7 @@ class RpcLink:
         op, args = pending.op, pending.args
         if timeout_s is None:
             timeout_s = call_timeout_s(self.timeout_s)
+        deadline = time.monotonic() + timeout_s
         if self._closed:
             raise ServerUnavailable(f"the connection to server {self.server_id} at {self.address} is closed")
         try:
@@ -222,7 +223,7 @@ class RpcLink:
             args["op"] = op
             args["id"] = request_id
             try:
-                self._frames.send(args, payload)
+                self._frames.send(args, payload, deadline)     # a payload's send, within the request's time
             except rpc.MidFrameTimeout:
                 self._shut(Timeout(f"server at {self.address} stopped taking {op!r} part way"))
             except socket.timeout:

@@ -124,9 +124,12 @@ class FrameSocket:
         if bound is None or bound > remaining + DEADLINE_SLACK_S or bound < remaining / 2:
             self._bound(max(remaining, 0.001))
 
-    def send(self, header: dict[str, Any], payload: memoryview | bytes | list | None = None) -> None:
+    def send(self, header: dict[str, Any], payload: memoryview | bytes | list | None = None,
+             deadline: float | None = None) -> None:
         """One whole frame. socket.timeout: nothing was sent; MidFrameTimeout: part was.
-        A list payload is sent as its parts back to back (a gather: no copy)."""
+        A list payload is sent as its parts back to back (a gather: no copy). A `deadline`
+        (time.monotonic()) sooner than the send timeout bounds the send of a payload past the
+        first block: a peer that stops reading it holds the sender until then, not longer."""
         head = wire.encode(header)
         if payload is None:
             n = 0
@@ -145,8 +148,10 @@ class FrameSocket:
         else:
             first = b"".join((PREFIX.pack(len(head), n), head, _PADDING[:pad] if pad > 0 else b""))
             rest = [] if not n else [p for p in payload if len(p)] if type(payload) is list else [payload]
+        bounded = bool(rest) and deadline is not None and deadline - time.monotonic() < self._send_timeout_s
         if self._tls:
-            self._bound(self._send_timeout_s)
+            self._bound(min(self._send_timeout_s, max(deadline - time.monotonic(), 0.001))
+                        if bounded else self._send_timeout_s)
             try:
                 self.sock.sendall(first)
                 for part in rest:
@@ -156,8 +161,21 @@ class FrameSocket:
             return
         if not rest:
             _sendmsg_all(self.sock, [first], len(first))
-        else:
+        elif not bounded:
             _sendmsg_all(self.sock, [first, *rest], len(first) + n)
+        else:
+            try:
+                _sendmsg_all(self.sock, [first, *rest], len(first) + n, lambda: self._send_bound(deadline))
+            finally:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(self._send_timeout_s))
+
+    def _send_bound(self, deadline: float) -> None:
+        """The next sendmsg may block until `deadline`; BlockingIOError (as when the kernel's
+        bound runs out) once it has passed."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise BlockingIOError("the deadline passed")
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(max(remaining, 0.001)))
 
     def recv_header(self, deadline: float | None = None,
                     frame_timeout_s: float | None = None) -> tuple[dict[str, Any], int]:
@@ -401,11 +419,14 @@ class FrameSocket:
             self.sock.close()
 
 
-def _sendmsg_all(sock: socket.socket, parts: list, total: int) -> None:
+def _sendmsg_all(sock: socket.socket, parts: list, total: int, bound: Any = None) -> None:
     """Every byte of `parts` (`total` bytes), in order. When SO_SNDTIMEO runs out:
-    socket.timeout if none went out, MidFrameTimeout if some did."""
+    socket.timeout if none went out, MidFrameTimeout if some did. `bound`, if given, is
+    called before each sendmsg (it may raise BlockingIOError)."""
     if len(parts) <= MAX_IOV:
         try:
+            if bound is not None:
+                bound()
             sent = sock.sendmsg(parts)
         except BlockingIOError:          # SO_SNDTIMEO ran out: the peer stopped reading
             raise socket.timeout("send timed out") from None
@@ -425,6 +446,8 @@ def _sendmsg_all(sock: socket.socket, parts: list, total: int) -> None:
     first = 0                            # views[first:] are still to go
     while first < len(views):
         try:
+            if bound is not None:
+                bound()
             sent = sock.sendmsg(views[first:first + MAX_IOV])
         except BlockingIOError:
             if left == total:
