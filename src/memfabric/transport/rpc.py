@@ -501,7 +501,9 @@ def client_handshake(frames: FrameSocket, token: bytes, timeout_s: float = HANDS
     except socket.timeout:
         raise Timeout(f"no handshake within {timeout_s:.3g}s") from None
     except ConnectionError:
-        raise PermissionDenied("the server closed the connection during the token challenge") from None
+        # Gone mid-challenge (a wrong token is told in a verdict, below): unavailable, which a
+        # session fails over from, not a refusal.
+        raise ServerUnavailable("the server closed the connection during the token challenge") from None
     if "error" in verdict:
         raise PermissionDenied(f"the server refused us: {verdict.get('msg')}")
     expected = _proof(token, b"server", client_nonce, hello["nonce"])
