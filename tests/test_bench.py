@@ -93,6 +93,15 @@ def test_remote_bench_without_redis_says_its_rows_were_skipped(tmp_path):
     assert batch["read_many 1,000 x 4KiB (RPC)"]["ratio_to_baseline"] is None
 
 
+@pytest.mark.parametrize("which", ["--plog", "--resp"])
+def test_a_bench_that_starts_its_own_fabric_refuses_dir_rather_than_ignore_it(which, tmp_path):
+    """`--dir` says "use a running fabric"; --plog and --resp start their own (pools and
+    redis-server of their own), so a --dir given them was silently not used."""
+    proc = subprocess.run(MF + ["bench", which, "--dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--dir" in proc.stderr and which in proc.stderr, proc.stderr
+    assert proc.stdout == ""
+
+
 def test_bad_busy_poll_window_is_refused():
     for command in (["up", "--dir", "/tmp/never-made"], ["bench"]):
         proc = subprocess.run(MF + command + ["--busy-poll-us", "-5"], capture_output=True, text=True, timeout=30)
