@@ -233,6 +233,11 @@ def _run(args: argparse.Namespace) -> int:
         from .demo import run_demo
         return run_demo(args.dir)
     if args.command == "bench":
+        own = "--plog" if args.plog else "--resp" if args.resp else None
+        if own and args.dir:
+            print(f"memfabric bench {own} starts a fabric of its own (its pools, its baselines): --dir is for "
+                  "the other benches", file=sys.stderr)
+            return 2
         if args.plog:
             from ..plog.bench import run_plog_bench
             return run_plog_bench(args.json)
