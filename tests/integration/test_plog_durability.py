@@ -274,37 +274,51 @@ def test_sigkill_of_an_idle_server_keeps_plogs(server, request):
 
 
 _SLOW_RESTORE = """
-import os, time
-from memfabric.plog import record
-if os.environ.get("MF_TEST_RESTORE_MARK"):
-    _scan = record.scan
-    def _slow_scan(*args, **kwargs):      # each plog restored: a line, then half a second
+import importlib, os, time
+_slow = os.environ.get("MF_TEST_SLOW")          # module:attribute of memfabric.plog to slow down
+if _slow:
+    _module, _path = _slow.split(":")
+    *_owner_path, _name = _path.split(".")
+    _owner = importlib.import_module("memfabric.plog." + _module)
+    for _part in _owner_path:
+        _owner = getattr(_owner, _part)
+    _real = getattr(_owner, _name)
+
+    def _slowed(*args, **kwargs):          # each call: a line, then half a second
         with open(os.environ["MF_TEST_RESTORE_MARK"], "a") as f:
-            f.write("scan\\n")
+            f.write("call\\n")
         time.sleep(0.5)
-        return _scan(*args, **kwargs)
-    record.scan = _slow_scan
+        return _real(*args, **kwargs)
+
+    setattr(_owner, _name, _slowed)
 """
 
 
-def test_a_stop_during_a_long_restore_of_plogs_ends_it_and_the_next_start_restores_all(tmp_path, monkeypatch,
-                                                                                      request):
-    """A restart scans every plog's log before the server is ready: thousands took longer than
-    a stop waits before it kills (`up`: 15 s). A SIGTERM meanwhile ends the restore between two
-    plogs (here each takes half a second): the server exits saying why, never ready, and the
+@pytest.mark.parametrize("plogs, slowed", [(30, "record:scan"), (1, "store:LogBytes.read_bytes")],
+                         ids=["between plogs", "within a plog"])
+def test_a_stop_during_a_long_restore_of_plogs_ends_it_and_the_next_start_restores_all(plogs, slowed, tmp_path,
+                                                                                      monkeypatch, request):
+    """A restart scans every plog's log before the server is ready: thousands of plogs, or a
+    large one, took longer than a stop waits before it kills (`up`: 15 s). A SIGTERM meanwhile
+    ends the restore between two plogs and within one plog's scan (here each plog's scan, or
+    each MiB read of one, takes half a second): the server exits saying why, never ready (before
+    the fix, the restore ran to its end and the memory reserve after it saw the stop), and the
     next start restores every plog whole."""
     server = PersistentServer("ramdisk").start()
     try:
         name = ns_name(request)
+        size = 100 if plogs > 1 else (1 << 20) - 64
         with memfabric.init(server.config) as s:
             ns = s.create_namespace(name, sec_id="k", pool="keep")
-            for i in range(30):
-                ns.create_plog(f"p{i}", 4096).append(bytes([i]) * 100)
+            for i in range(plogs):
+                log = ns.create_plog(f"p{i}", 4096 if plogs > 1 else 7 << 20)
+                log.append_many([bytes([i]) * size] * (1 if plogs > 1 else 6))
         server.stop()
         (tmp_path / "sitecustomize.py").write_text(_SLOW_RESTORE)
         monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
-        mark = tmp_path / "scans"
+        mark = tmp_path / "calls"
         monkeypatch.setenv("MF_TEST_RESTORE_MARK", str(mark))
+        monkeypatch.setenv("MF_TEST_SLOW", slowed)
         proc = subprocess.Popen(MF + [server.config], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             wait_until(mark.exists, "the restore to begin", WAIT_S)
@@ -316,13 +330,13 @@ def test_a_stop_during_a_long_restore_of_plogs_ends_it_and_the_next_start_restor
                 proc.wait()
         assert proc.returncode != 0 and "stopped while restoring the plogs" in out, out
         assert " ready " not in out
-        assert len(mark.read_text().split()) < 30           # not every plog was scanned first
-        monkeypatch.delenv("MF_TEST_RESTORE_MARK")
+        monkeypatch.delenv("MF_TEST_SLOW")
         server.start()
         with memfabric.init(server.config) as s:
             ns = s.namespace(name, "k", pool="keep")
-            assert sorted(p["name"] for p in ns.plogs()) == sorted(f"p{i}" for i in range(30))
-            assert all(list(ns.plog(f"p{i}").records()) == [bytes([i]) * 100] for i in range(30))
+            assert sorted(p["name"] for p in ns.plogs()) == sorted(f"p{i}" for i in range(plogs))
+            for i in range(plogs):
+                assert list(ns.plog(f"p{i}").records()) == [bytes([i]) * size] * (1 if plogs > 1 else 6)
     finally:
         server.cleanup()
 
