@@ -182,14 +182,17 @@ class _Window:
 
     SIZE_BYTES = 1 << 20
 
-    def __init__(self, data: LogBytes, end: int | None = None) -> None:
+    def __init__(self, data: LogBytes, end: int | None = None, check: Callable[[], None] | None = None) -> None:
         self.data = data
         self.end = data.capacity_bytes if end is None else end      # never read past this
+        self.check = check                                          # before each read (it may raise)
         self.start = 0
         self.bytes = b""
 
     def read(self, offset: int, length: int) -> bytes | memoryview:
         if not (self.start <= offset and offset + length <= self.start + len(self.bytes)):
+            if self.check is not None:
+                self.check()
             if length > self.SIZE_BYTES:
                 return self.data.read_bytes(offset, length)
             self.start = offset
@@ -308,14 +311,19 @@ class PlogService:
     def restore(self, pool: PoolState, stopping: StopRequest | None = None) -> None:
         """Bring back a persistent pool's plogs (before the pool discards segment files no one
         claimed): their extents re-owned, their bytes scanned up to the first record that does
-        not check, everything after it zeroed. ServerUnavailable once `stopping` is set (each
-        plog scanned and zeroed is whole; the next start does it all again): thousands of plogs
+        not check, everything after it zeroed. ServerUnavailable once `stopping` is set, seen
+        between two plogs and each MiB of one (a scan changes nothing, and zeroing past the
+        last record is done again by the next start): thousands of plogs, or one large one,
         take longer than a stop waits before it kills."""
         server = self.server
         files = pool.existing_segments()
-        for path, meta in read_metas(pool.path or ""):
+
+        def check() -> None:      # between two plogs, and each MiB of one plog's scan
             if stopping is not None and stopping.is_set():
                 raise ServerUnavailable(f"stopped while restoring the plogs of pool {pool.name}")
+
+        for path, meta in read_metas(pool.path or ""):
+            check()
             if meta is None or not _META_FILE.fullmatch(os.path.basename(path)) or not _meta_ok(meta):
                 log.warning("plog metadata %s does not read as one: skipped (left in place)", path)
                 continue
@@ -352,9 +360,9 @@ class PlogService:
             data = LogBytes(pool, [(e.segment, e.offset, e.length) for e in extents], ns,
                             flushes=pool.medium_kind == "pmem")
             core = PlogLog(name, meta["capacity"], meta["nonce"], meta["state"])
-            found = list(rec.scan(_Window(data).read, core.capacity, core.nonce, MAX_PLOG_RECORD_BYTES))
+            found = list(rec.scan(_Window(data, check=check).read, core.capacity, core.nonce, MAX_PLOG_RECORD_BYTES))
             core.recovered(found)
-            self._zero_tail(data, core.committed, core.capacity)
+            self._zero_tail(data, core.committed, core.capacity, check=check)
             role = meta.get("role", HOME)
             plog = _Plog(plog_id, core, state, data, path, meta.get("replicas", 1), meta.get("created_s", 0.0),
                          role, meta.get("home", server.server_id) if role == REPLICA else server.server_id,
@@ -374,15 +382,18 @@ class PlogService:
                                   "start; nothing was changed")
 
     @staticmethod
-    def _zero_tail(data: LogBytes, start: int, end: int, force: bool = False) -> None:
+    def _zero_tail(data: LogBytes, start: int, end: int, force: bool = False,
+                   check: Callable[[], None] | None = None) -> None:
         """Zero a recovered log past its last whole record (a torn record, garbage), where it is
         not zero already (`force`: everywhere), so that no later scan can take old bytes for
-        records."""
+        records. `check` is called before each MiB (it may raise: what is zeroed stays so)."""
         chunk = 1 << 20
         zeros = memoryview(bytes(chunk))
         touched: set[int] = set()
         at = start
         while at < end:
+            if check is not None:
+                check()
             n = min(chunk, end - at)
             if force or data.read_bytes(at, n).count(0) != n:
                 data.write(at, zeros[:n], touched)
