@@ -1049,10 +1049,10 @@ class PlogService:
             try:
                 with unbounded():               # bounded by the peer link's timeout, not one client's budget
                     link = self.server._peer(server_id)
-                    at = start
                     whole = self._forward_large(plog, server_id, link, args, start, target)
                     forwards += whole
-                    while not whole:
+                    at = start
+                    while not whole and at < target:       # in pieces (target > start: _flush_to)
                         n = min(PLOG_REPLICA_PIECE_BYTES, target - at)
                         data, last = plog.data.read_bytes(at, n), at + n == target
                         compiled = fast_append.send_forward(link, head, head_entries, args, at, data, last)
@@ -1061,8 +1061,6 @@ class PlogService:
                         forwards += 1
                         compiled_forwards += compiled
                         at += n
-                        if at == target:
-                            break
             except MemfabricError as exc:
                 self._forward_failed(plog, server_id, exc)
             else:

@@ -128,14 +128,14 @@ class LogBytes:
 
     def write(self, offset: int, data: memoryview, touched: set[int]) -> None:
         at = 0
-        for segment, seg_offset, length in self._pieces(self.extents, offset, data.nbytes, self._ends):
+        for segment, seg_offset, length in self.places(offset, data.nbytes):
             self._memory(segment).write(seg_offset, data[at:at + length])
             touched.add(segment)
             at += length
 
     def read(self, offset: int, into: memoryview) -> None:
         at = 0
-        for segment, seg_offset, length in self._pieces(self.extents, offset, into.nbytes, self._ends):
+        for segment, seg_offset, length in self.places(offset, into.nbytes):
             self._memory(segment).read(seg_offset, into[at:at + length])
             at += length
 
