@@ -19,8 +19,8 @@ MF = [sys.executable, "-m", "memfabric", "server", "--config"]
 
 
 class PersistentServer:
-    def __init__(self, medium: str, cluster_db: str | None = None) -> None:
-        """`cluster_db`: join another server's cluster (its embedded database)."""
+    def __init__(self, medium: str, cluster_db: str | None = None, capacity: str = "8MiB") -> None:
+        """`cluster_db`: join another server's cluster (its embedded database); `capacity`: the pool's."""
         self.dir = short_tmp_dir(f"mf-{medium}-")
         # ramdisk: a file on tmpfs; pmem: a file on an ordinary file system (no DAX here).
         pool_dir = f"/dev/shm/{os.path.basename(self.dir)}" if medium == "ramdisk" else f"{self.dir}/pmem"
@@ -31,7 +31,7 @@ class PersistentServer:
             f.write(f'[server]\ndata_dir = "{self.dir}/data"\nipc_socket = "{self.dir}/s.sock"\n'
                     f'segment_size = "1MiB"\n\n[cluster]\nbackend = "embedded"\npath = "{self.cluster_db}"\n'
                     f'liveness_timeout_s = 2.0\n\n'
-                    f'[[pool]]\nname = "keep"\nmedium = "{medium}"\ncapacity = "8MiB"\npath = "{pool_dir}"\n')
+                    f'[[pool]]\nname = "keep"\nmedium = "{medium}"\ncapacity = "{capacity}"\npath = "{pool_dir}"\n')
         self.proc: subprocess.Popen | None = None
         self.server_id = None
 

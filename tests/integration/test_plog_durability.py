@@ -224,6 +224,56 @@ def test_a_damaged_tail_is_cut_off_cleanly_at_restart(server, request, damage):
         log.delete()
 
 
+def _read_log(server: PersistentServer, extents: list, offset: int, length: int) -> bytes:
+    out = b""
+    for segment, seg_offset, n in pieces(extents, offset, length):
+        with open(os.path.join(server.pool_dir, f"segment-{segment}.mem"), "rb") as f:
+            f.seek(seg_offset)
+            out += f.read(n)
+    return out
+
+
+@pytest.mark.parametrize("medium", ["ramdisk", "pmem"])
+def test_a_restart_reads_a_large_plog_only_as_far_as_it_was_ever_written(medium, request):
+    """A restart scanned and zeroed a plog's whole capacity (a 100 GiB log read 100 GiB, however
+    short). The log now says on disk how far it may have been written (raised before any byte
+    goes past it), and a restart reads and zeroes up to there only: bytes past it are never
+    touched. Appends that go past it raise it first, durably, so a SIGKILL then a restart
+    finds every record."""
+    server = PersistentServer(medium, capacity="160MiB").start()
+    try:
+        name = ns_name(request)
+        capacity = 150 << 20
+        with memfabric.init(server.config) as s:
+            log = s.create_namespace(name, sec_id="k", pool="keep").create_plog("wal", capacity)
+            kept = [bytes([i]) * 100_000 for i in range(10)]
+            log.append_many(kept)
+            end = log.info()["length"]
+        server.stop()
+        meta, extents = _plog_file(server)
+        far = 120 << 20                      # never written by the log
+        _write_log(server, extents, end, b"torn" * 1000)
+        _write_log(server, extents, far, b"never scanned" * 100)
+        server.start()
+        assert _read_log(server, extents, end, 4000) == bytes(4000), "the tail the log may have written is zeroed"
+        assert _read_log(server, extents, far, 1300) == b"never scanned" * 100, \
+            "a restart touched bytes the log never reached"
+        with memfabric.init(server.config) as s:
+            log = s.namespace(name, "k", pool="keep").plog("wal")
+            assert list(log.records()) == kept
+            more = [bytes([100 + i % 100]) * (1 << 20) for i in range(140)]     # past the far bytes
+            for r in more:
+                log.append(r)
+        server.kill()
+        server.start()
+        with memfabric.init(server.config) as s:
+            log = s.namespace(name, "k", pool="keep").plog("wal")
+            assert list(log.records()) == kept + more
+            log.delete()
+    finally:
+        server.cleanup()
+
+
 def test_seal_and_delete_survive_a_restart(server, request):
     name = ns_name(request)
     with memfabric.init(server.config) as s:
