@@ -165,6 +165,12 @@ MAX_KV_HOLDS_PER_PEER = 4096
 MAX_PLOG_RECORD_BYTES = 32 << 20      # one record's payload: within one RPC payload, header and all
 MAX_PLOG_BATCH = 4096                 # records per append_many
 MAX_PLOG_CAPACITY_BYTES = 1 << 40
+# How far a plog may be written before it says so on disk (its metadata's reach): a restart reads
+# and zeroes its log up to there, not its whole capacity. Raised ahead of the appends by the log's
+# length, at least the first figure and at most the second: a metadata write every so often, and
+# a restart reads at most twice the log, or the log and 1 GiB.
+PLOG_REACH_STEP_BYTES = 64 << 20
+PLOG_REACH_STEP_MOST_BYTES = 1 << 30
 MAX_PLOGS_PER_NAMESPACE = 512         # per server: ns.plogs() gets one server's in one message
 PLOG_INLINE_BYTES = 192 << 10         # records (and read replies) ride in an IPC message up to this
 PLOG_RPC_READ_BYTES = 16 << 20        # the most one read or records reply carries over RPC

@@ -100,7 +100,7 @@ class FastGrant:
     # _drop_if_large): append_batch leaves such batches to Python.
     stage_kept_bytes = PLOG_SHARED_STAGE_KEPT_BYTES
 
-    __slots__ = ("plog", "sec", "plog_id", "vkey", "proven", "capacity", "python_commits", "extents",
+    __slots__ = ("plog", "sec", "plog_id", "vkey", "proven", "python_commits", "extents",
                  "segments", "seg_ids", "counts", "group", "flush_to")
 
     def __init__(self, plog: "_Plog", sec: bytes, vkey: tuple[str, str], proven: Any,
@@ -111,7 +111,6 @@ class FastGrant:
         self.plog_id = plog.id
         self.vkey = vkey
         self.proven = proven
-        self.capacity = plog.core.capacity
         # Committed by Python (_flush_to): flushed (pmem), forwarded (copies); else in C.
         self.python_commits = plog.data.flushes or bool(plog.replica_servers)
         ends = plog.data._ends
@@ -122,6 +121,12 @@ class FastGrant:
         # Committed in the receive loop by a flush shared there (_commitgroup.c): pmem, no copies.
         self.flush_to = flush_to
         self.group = plog.commit_group if flush_to is not None and not plog.replica_servers else None
+
+    @property
+    def capacity(self) -> int:
+        """How far the compiled part may write the log: its reach (PlogService._raise_reach), which
+        only Python raises; past it, and past the capacity, the append is Python's."""
+        return self.plog.reach
 
     def flush(self, end: int) -> int:
         """A commit_wait leader's flush: returns once bytes up to `end` are committed (Python's

@@ -19,7 +19,7 @@ from bisect import bisect_right
 from itertools import accumulate
 
 from ..errors import InvalidArgument, OutOfRange, OutOfSpace, Sealed
-from ..limits import MAX_PLOG_BATCH, PLOG_PREPARE_BYTES_PER_S
+from ..limits import MAX_PLOG_BATCH, PLOG_PREPARE_BYTES_PER_S, PLOG_REACH_STEP_BYTES, PLOG_REACH_STEP_MOST_BYTES
 from .record import ALIGN_BYTES, HEADER_BYTES, frame_bytes
 
 try:    # a batch's starts in one call (_framing.c): ./dev builds it
@@ -159,6 +159,12 @@ class PlogLog:
         for start, length in records:
             self.mark_written([start], [length])
         self.commit(self.written)
+
+
+def next_reach(end: int, capacity: int) -> int:
+    """Where a log's reach (limits.PLOG_REACH_STEP_BYTES) goes when bytes up to `end` are to be
+    written past it: ahead of `end` by as much again, within the step's bounds and the capacity."""
+    return min(capacity, end + min(max(end, PLOG_REACH_STEP_BYTES), PLOG_REACH_STEP_MOST_BYTES))
 
 
 def frame_starts(at: int, lengths: list[int]) -> tuple[list[int], int]:

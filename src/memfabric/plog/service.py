@@ -73,7 +73,7 @@ from ..stop_request import StopRequest
 from ..transport import wire
 from . import fast_append
 from . import record as rec
-from .log import OPEN, SEALED, STATES, PlogLog, frame_starts, prepare_allowance_s
+from .log import OPEN, SEALED, STATES, PlogLog, frame_starts, next_reach, prepare_allowance_s
 from .store import LogBytes, meta_path, read_metas, remove_meta, write_meta
 
 try:    # a batch's lengths checked in one call (_framing.c): ./dev builds it
@@ -98,7 +98,7 @@ class _Plog:
 
     def __init__(self, plog_id: int, core: PlogLog, state: NamespaceState, data: LogBytes, path: str,
                  replicas: int, created_s: float, role: str = HOME, home: int = 0,
-                 replica_servers: list[int] | None = None) -> None:
+                 replica_servers: list[int] | None = None, reach: int = 0) -> None:
         self.id = plog_id
         self.core = core
         self.state = state
@@ -107,6 +107,9 @@ class _Plog:
         self.replicas = replicas
         self.created_s = created_s
         self.lock = threading.Lock()          # the sequencer: plans, writes, commits, seal
+        # No byte of the log at or past this was written since it was zeroed: what a restart
+        # scans and zeroes (restore). In its metadata, raised there before a write goes past it.
+        self.reach = reach
         self.flush_lock = threading.Lock()    # one flusher at a time (group commit)
         # Where appends its connections' receive loops wrote wait for a flush (pmem), or None.
         self.commit_group = fast_append.commit_group(data)
@@ -146,7 +149,7 @@ class _Plog:
                 "capacity": self.core.capacity, "nonce": self.core.nonce,
                 "extents": [list(e) for e in self.data.extents], "state": self.core.state,
                 "replicas": self.replicas, "created_s": self.created_s, "role": self.role, "home": self.home,
-                "replica_servers": self.replica_servers}
+                "replica_servers": self.replica_servers, "reach": self.reach}
 
     def info(self, server_id: int, alive: set[int] | None) -> dict[str, Any]:
         """`alive`: the servers the cluster sees alive (None: not known now)."""
@@ -174,7 +177,8 @@ def _meta_ok(meta: dict[str, Any]) -> bool:
             and sum(e[2] for e in extents) >= meta["capacity"]
             and meta.get("role", HOME) in (HOME, REPLICA) and type(meta.get("home", 0)) is int
             and isinstance(meta.get("replica_servers", []), list)
-            and all(type(x) is int for x in meta.get("replica_servers", [])))
+            and all(type(x) is int for x in meta.get("replica_servers", []))
+            and type(meta.get("reach", 0)) is int and 0 <= meta.get("reach", 0) <= meta["capacity"])
 
 
 class _Window:
@@ -360,13 +364,14 @@ class PlogService:
             data = LogBytes(pool, [(e.segment, e.offset, e.length) for e in extents], ns,
                             flushes=pool.medium_kind == "pmem")
             core = PlogLog(name, meta["capacity"], meta["nonce"], meta["state"])
-            found = list(rec.scan(_Window(data, check=check).read, core.capacity, core.nonce, MAX_PLOG_RECORD_BYTES))
+            reach = meta.get("reach", core.capacity)        # (written before there was one: all of it)
+            found = list(rec.scan(_Window(data, reach, check=check).read, reach, core.nonce, MAX_PLOG_RECORD_BYTES))
             core.recovered(found)
-            self._zero_tail(data, core.committed, core.capacity, check=check)
+            self._zero_tail(data, core.committed, reach, check=check)
             role = meta.get("role", HOME)
             plog = _Plog(plog_id, core, state, data, path, meta.get("replicas", 1), meta.get("created_s", 0.0),
                          role, meta.get("home", server.server_id) if role == REPLICA else server.server_id,
-                         meta.get("replica_servers", []))
+                         meta.get("replica_servers", []), reach)
             plog.forwarded = core.committed
             # A copy may have missed appends while it was away; a home may hold appends its
             # copies never got, and a copy may have been sealed meanwhile: see _resync.
@@ -741,6 +746,7 @@ class PlogService:
             touched: set[int] = set()
             try:
                 if data:
+                    self._raise_reach(plog, at + len(data))
                     plog.data.write(at, memoryview(data), touched)
                 plog.receiving = at + len(data)
                 if not last:
@@ -937,6 +943,7 @@ class PlogService:
                                "its committed records can be read, and a restart of its server scans it again")
             starts = core.plan(lengths)
             total = starts[-1] + rec.frame_bytes(lengths[-1]) - starts[0]
+            self._raise_reach(plog, starts[0] + total)
             try:
                 buffer = self._frame_buffer() if total <= JOIN_BELOW_BYTES else None
                 if buffer is None and shared:     # Python frames it below: from a copy that cannot change
@@ -977,6 +984,19 @@ class PlogService:
             self.appends += len(lengths)
             self.appended_bytes += data.nbytes
         return frame_starts(starts[0] + rec.HEADER_BYTES, lengths)[0]     # where their payloads begin
+
+    @staticmethod
+    def _raise_reach(plog: _Plog, end: int) -> None:
+        """Before bytes up to `end` are written (under the plog's lock): the log's reach in its
+        metadata goes past them first, so a restart after a crash scans and zeroes them."""
+        if end <= plog.reach:
+            return
+        before, plog.reach = plog.reach, next_reach(end, plog.core.capacity)
+        try:
+            write_meta(plog.path, plog.meta())
+        except BaseException:
+            plog.reach = before
+            raise
 
     def _flush_to(self, plog: _Plog, end: int) -> None:
         """Return once bytes up to `end` are committed: flushed by us, or by a flusher that
