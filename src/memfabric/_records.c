@@ -10,6 +10,7 @@
  *   _plogforward.c  a home's forward of such an append to its one live copy (forward_served)
  *   _plogcall.c     a same-host client's append sent and answered in one call (call_append)
  *   _commitgroup.c  a pmem plog's group commit (CommitGroup, commit_wait)
+ *   _ceiling.c      group commit with no fabric, bench --plog's baseline (group_commit_ceiling)
  *
  * dup_fd(fd), datasync_close(fd): a file segment's flush (media/files.py FileSegment.sync) in
  * two calls that let the GIL go once, not three times (below).
@@ -20,6 +21,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include "_ceiling.h"
 #include "_crc32c.h"
 #include "_framing.h"
 #include "_plogcall.h"
@@ -99,6 +101,9 @@ static PyMethodDef methods[] = {
     {"buffer_lengths", buffer_lengths, METH_VARARGS, "buffer_lengths(parts) -> list[int] | None"},
     {"read_frame", read_frame, METH_VARARGS,
      "read_frame(view, at, length, nonce, index) -> bytes | None: record index's payload, if its frame checks"},
+    {"group_commit_ceiling", group_commit_ceiling, METH_VARARGS,
+     "group_commit_ceiling(fd, threads, seconds, record_bytes) -> (records, flushes): threads appending records "
+     "to fd's file at reserved places, sharing fdatasync, for seconds, without the GIL (_ceiling.c)"},
     {"crc32c_of", crc32c_of, METH_VARARGS, "crc32c_of(data, value=0, table=False) -> int"},
     {"frame_batch", frame_batch, METH_VARARGS,
      "frame_batch(nonce, first_index, data, lengths, into=None) -> bytes | int: the records' frames, back to "
