@@ -125,6 +125,55 @@ def test_the_plog_bench_says_which_targets_its_figures_meet():
                    "8 pmem appenders / write + fsync": (4.9, False)}
 
 
+def _ceiling():
+    records = pytest.importorskip("memfabric._records", reason="the compiled part is not built (./dev setup)")
+    return records.group_commit_ceiling
+
+
+def test_the_group_commit_ceiling_refuses_bad_arguments_with_an_error(tmp_path):
+    """Bad types and out-of-range values are a TypeError or ValueError before any thread starts
+    or any byte is written, never a crash or a run without bounds."""
+    ceiling = _ceiling()
+    path = tmp_path / "ceiling"
+    path.touch()
+    fd = os.open(path, os.O_RDWR)
+    read_only = os.open(path, os.O_RDONLY)
+    appending = os.open(path, os.O_WRONLY | os.O_APPEND)
+    pipe_r, pipe_w = os.pipe()
+    try:
+        for args in [("3", 2, 0.1, 64), (fd, 2.5, 0.1, 64), (fd, 2, "0.1", 64), (fd, 2, 0.1, b"64"), (fd, 2, 0.1),
+                     (fd, 2, 0.1, 64, 1), (None, 2, 0.1, 64)]:
+            with pytest.raises(TypeError):
+                ceiling(*args)
+        for args in [(fd, 0, 0.1, 64), (fd, -1, 0.1, 64), (fd, 65, 0.1, 64), (fd, 2, 0, 64), (fd, 2, -1.0, 64),
+                     (fd, 2, 60.5, 64), (fd, 2, math.nan, 64), (fd, 2, math.inf, 64), (fd, 2, 0.1, 0),
+                     (fd, 2, 0.1, -4096), (fd, 2, 0.1, (1 << 20) + 1), (-1, 2, 0.1, 64), (pipe_w, 2, 0.1, 64),
+                     (read_only, 2, 0.1, 64), (appending, 2, 0.1, 64)]:
+            with pytest.raises(ValueError):
+                ceiling(*args)
+        assert os.fstat(fd).st_size == 0, "nothing was written"
+        os.close(pipe_w)
+        with pytest.raises(ValueError):        # closed
+            ceiling(pipe_w, 2, 0.1, 64)
+    finally:
+        for f in (fd, read_only, appending, pipe_r):
+            os.close(f)
+
+
+def test_the_group_commit_ceiling_writes_records_each_covered_by_a_flush(tmp_path):
+    """A short run of two threads: records were appended (the file's first place holds one) and
+    flushed, every flush led by one of them (no timing is judged)."""
+    ceiling = _ceiling()
+    fd = os.open(tmp_path / "ceiling", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        records, flushes = ceiling(fd, 2, 0.2, 4120)
+        assert records >= flushes > 0
+        assert os.pread(fd, 4120, 0) == b"r" * 4120
+        assert os.fstat(fd).st_size == 64 << 20, "the records wrap within the range written first"
+    finally:
+        os.close(fd)
+
+
 def test_the_plog_bench_runs_and_reports_every_case_with_its_baselines():
     """`memfabric bench --plog --json` end to end: every record size, one and two replicas, on
     both pools, from this host and over RPC, beside write + fsync and the floor; each target
