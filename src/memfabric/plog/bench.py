@@ -6,8 +6,10 @@ records of 64 B, 4 KiB and 1 MiB, one at a time and 100 at once, to a plog of on
 to one of two (its copy on the other server), and read records back by index. Baselines in the same run: `os.write` + `os.fsync` of the same records to a file on
 the same disk as the pmem pool, and appends to a Python list (the floor). Then 8 processes
 append 4 KiB records to one pmem plog at once (group commit) against one process doing
-write + fsync. Medians and 99th percentiles in microseconds, and throughput one call after
-another (calls and MB of records per second).
+write + fsync, and beside them the machine's ceiling: as many threads in C appending the same
+records to a file on that disk and sharing fdatasync, with no fabric (_ceiling.c), a baseline
+rather than a target. Medians and 99th percentiles in microseconds, and throughput one call
+after another (calls and MB of records per second).
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ from typing import Any, Callable, Iterator
 
 from ..client.session import init
 from ..launcher import LocalFabric, PoolSpec
+from .record import frame_bytes
+
+try:    # the ceiling of group commit (_ceiling.c): ./dev builds it
+    from .._records import group_commit_ceiling
+except ImportError:      # pragma: no cover
+    group_commit_ceiling = None
 
 SIZES = (64, 4096, 1 << 20)
 RAMDISK = PoolSpec("ramdisk", "ramdisk", 512 << 20)
@@ -118,6 +126,21 @@ def targets(rows: list[dict[str, Any]], group_ratio: float | None) -> list[dict[
     return out
 
 
+def _ceiling_rate(path: str) -> float | None:
+    """Records per second of APPENDERS threads in C appending a 4 KiB record's frame each to a
+    file at `path` and sharing fdatasync (group commit with nothing of the fabric's: what the disk
+    and the kernel allow here); None when the compiled part is not built."""
+    if group_commit_ceiling is None:
+        return None
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        records, _flushes = group_commit_ceiling(fd, APPENDERS, CONCURRENT_S, frame_bytes(4096))
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return records / CONCURRENT_S
+
+
 def run_plog_bench(as_json: bool = False) -> int:
     rows: list[dict[str, Any]] = []
 
@@ -194,11 +217,14 @@ def run_plog_bench(as_json: bool = False) -> int:
         finally:
             os.close(fd)
             os.unlink(path)
+        ceiling_rate = _ceiling_rate(os.path.join(directory, "ceiling.log"))
         floor: list[bytes] = []
         record = b"r" * 4096
         row("list.append 4 KiB (the floor)", "in process", _times_us(lambda: floor.append(record), 2000), 4096)
     summary = {"pmem_appenders": APPENDERS, "pmem_records_per_s": plog_rate,
-               "write_fsync_records_per_s": fsync_rate, "ratio": plog_rate / fsync_rate if fsync_rate else None}
+               "write_fsync_records_per_s": fsync_rate, "ratio": plog_rate / fsync_rate if fsync_rate else None,
+               "ceiling_records_per_s": ceiling_rate,
+               "ceiling_ratio": ceiling_rate / fsync_rate if ceiling_rate is not None and fsync_rate else None}
     met = targets(rows, summary["ratio"])
     if as_json:
         print(json.dumps({"rows": rows, "group_commit": summary, "targets": met}, indent=2))
@@ -206,6 +232,12 @@ def run_plog_bench(as_json: bool = False) -> int:
         print(f"{APPENDERS} processes appending 4 KiB to one pmem plog: {plog_rate:,.0f} records/s; "
               f"one process doing write + fsync: {fsync_rate:,.0f} records/s "
               f"({summary['ratio']:.1f}x)")
+        if ceiling_rate is None:
+            print(f"{APPENDERS} threads in C sharing fdatasync, no fabric (the machine's ceiling): skipped, "
+                  "memfabric._records is not built (./dev setup)")
+        else:
+            print(f"{APPENDERS} threads in C sharing fdatasync, no fabric (the machine's ceiling): "
+                  f"{ceiling_rate:,.0f} records/s ({summary['ceiling_ratio']:.1f}x)")
         print("targets:")
         for t in met:
             print(f"  {t['target']:<58} {t['value']:>8.2f} {t['unit']:<2}  (target {t['sense']} {t['bound']:g}) "
