@@ -12,16 +12,37 @@ open BigMemory objects. Every error is a MemfabricError, one class per code of B
 `memfabric.compat` is the seed's BM_* API, with integer return codes.
 """
 
-from .bigmemory.arrays import ArrayMapping
-from .bigmemory.client import BigMemory, Mapping, RemoteMapping
-from .client.session import Namespace, Session, init
-from .client.types import Affinity, NamespaceInfo, ObjectInfo, OperatorCode
-from .kv.client import KV
-from .plog.client import Plog
-from .errors import (AlreadyInitialized, BmError, Busy, InternalError, InvalidArgument, IOError_, LimitExceeded,
-                     MemfabricError, MemfabricIOError, NamespaceExists, NoSuchNamespace, NoSuchObject, NoSuchPool,
-                     NotInitialized, OutOfMemory, OutOfRange, OutOfSpace, PermissionDenied, ProtocolError, Sealed,
-                     ServerUnavailable, Timeout)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Loaded when first used (PEP 562), not at `import memfabric`: the `memfabric` command puts its
+# Ctrl-C handler in place before it imports the client (numpy and the rest, ~0.4 s), and a Ctrl-C
+# landing in those imports was sometimes dropped by Python, and the fabric started anyway.
+_WHERE = {
+    "ArrayMapping": "bigmemory.arrays", "BigMemory": "bigmemory.client", "Mapping": "bigmemory.client",
+    "RemoteMapping": "bigmemory.client", "Namespace": "client.session", "Session": "client.session",
+    "init": "client.session", "Affinity": "client.types", "NamespaceInfo": "client.types",
+    "ObjectInfo": "client.types", "OperatorCode": "client.types", "KV": "kv.client", "Plog": "plog.client",
+    **{name: "errors" for name in (
+        "AlreadyInitialized", "BmError", "Busy", "InternalError", "InvalidArgument", "IOError_", "LimitExceeded",
+        "MemfabricError", "MemfabricIOError", "NamespaceExists", "NoSuchNamespace", "NoSuchObject", "NoSuchPool",
+        "NotInitialized", "OutOfMemory", "OutOfRange", "OutOfSpace", "PermissionDenied", "ProtocolError", "Sealed",
+        "ServerUnavailable", "Timeout")},
+}
+
+if TYPE_CHECKING:
+    from .bigmemory.arrays import ArrayMapping
+    from .bigmemory.client import BigMemory, Mapping, RemoteMapping
+    from .client.session import Namespace, Session, init
+    from .client.types import Affinity, NamespaceInfo, ObjectInfo, OperatorCode
+    from .kv.client import KV
+    from .plog.client import Plog
+    from .errors import (AlreadyInitialized, BmError, Busy, InternalError, InvalidArgument, IOError_, LimitExceeded,
+                         MemfabricError, MemfabricIOError, NamespaceExists, NoSuchNamespace, NoSuchObject, NoSuchPool,
+                         NotInitialized, OutOfMemory, OutOfRange, OutOfSpace, PermissionDenied, ProtocolError, Sealed,
+                         ServerUnavailable, Timeout)
 
 __version__ = "0.1.0"
 
@@ -32,3 +53,22 @@ __all__ = [
     "ObjectInfo", "OperatorCode", "OutOfMemory", "OutOfRange", "OutOfSpace", "PermissionDenied", "Plog",
     "ProtocolError", "RemoteMapping", "Sealed", "ServerUnavailable", "Session", "Timeout", "init",
 ]
+assert set(__all__) == set(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    where = _WHERE.get(name)
+    if where is None:        # a submodule not imported yet (memfabric.compat, memfabric.errors, ...)
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f"{__name__}.{where}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

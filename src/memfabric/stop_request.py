@@ -14,6 +14,26 @@ from typing import Iterable
 
 POLL_S = 0.05     # how long a stop may wait to be seen
 
+_interrupted = False      # a Ctrl-C came while catch_interrupts() held SIGINT
+
+
+def catch_interrupts() -> None:
+    """From a command's first line on: a Ctrl-C raises KeyboardInterrupt as always, and is also
+    remembered. Python drops a KeyboardInterrupt raised where it cannot propagate (one landing
+    in importlib's module locks during the first imports was printed as "Exception ignored" and
+    lost), and the command went on as if no Ctrl-C came; raise_if_interrupted() says it did."""
+    def interrupt(signum: int, frame: object) -> None:
+        global _interrupted
+        _interrupted = True
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGINT, interrupt)
+
+
+def raise_if_interrupted() -> None:
+    """KeyboardInterrupt if a Ctrl-C came (see catch_interrupts), even one Python dropped."""
+    if _interrupted:
+        raise KeyboardInterrupt
+
 
 def stop_signals() -> tuple[signal.Signals, ...]:
     """What stops `memfabric server` and `memfabric up`: SIGINT, SIGTERM, and SIGHUP (the
@@ -45,7 +65,11 @@ class StopRequest:
         return True
 
     def on_signals(self, signals: Iterable[signal.Signals]) -> None:
-        """Ask for a stop on each of `signals`."""
+        """Ask for a stop on each of `signals` (a Ctrl-C before, even one Python dropped, raises
+        KeyboardInterrupt: nothing is started yet to stop)."""
+        signals = list(signals)
+        if signal.SIGINT in signals:
+            raise_if_interrupted()
         for sig in signals:
             signal.signal(sig, self.request)
             self._signals.append(sig)

@@ -13,6 +13,7 @@ from ..errors import InvalidArgument
 from ..launcher import PoolSpec
 from ..limits import BUSY_POLL_US, DOWN_TIMEOUT_S, MAX_REQUEST_TIMEOUT_S, PAGE_SIZE_BYTES
 from ..media.base import MEDIA
+from ..stop_request import raise_if_interrupted
 from ..units import format_size, parse_size
 
 DEFAULT_CAPACITY_BYTES = 256 << 20
@@ -191,6 +192,7 @@ def _up_pools(args: argparse.Namespace) -> list[PoolSpec] | str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        raise_if_interrupted()           # a Ctrl-C Python dropped in our imports
         return _run(args)
     except KeyboardInterrupt:
         # Ctrl-C in a demo, a bench, a load: its `with` blocks stopped what it started on the
