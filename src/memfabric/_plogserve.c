@@ -30,7 +30,7 @@
  * waits, the GIL let go; the grant checked again after a wait). Only the common case is
  * served here: a map of exactly op = "plog_append", pool, ns, sec, name, plog_id, records (one
  * bin), id and optionally budget_s; the plog open, not deleted, not broken; the connection owes
- * no "gone" notice; the frame inside one extent and the capacity. Anything else returns None,
+ * no "gone" notice; the frame inside one extent and the log's reach. Anything else returns None,
  * having changed nothing, and Python serves the request as it always did.
  *
  * The frame (header, payload straight from the packet, zeros) is written with one pwritev
@@ -126,21 +126,22 @@ static int plog_open(PyObject *plog, PyObject *core) {
     return ok;
 }
 
-/* The log's ends, its capacity and its nonce, read under the plog's lock: 1, or 0 when one is
- * not as expected (Python serves the request). */
+/* The log's ends, its reach (how far it may be written here, within its capacity: past it,
+ * Python raises the reach or refuses) and its nonce, read under the plog's lock: 1, or 0 when
+ * one is not as expected (Python serves the request). */
 typedef struct {
-    long long written, committed, capacity;
+    long long written, committed, reach;
     unsigned long long nonce;
 } LogState;
 
 static int log_state(PyObject *core, PyObject *grant, LogState *log) {
     log->written = attr_ll(core, s_written);
     log->committed = attr_ll(core, s_committed);
-    log->capacity = attr_ll(grant, s_capacity);
+    log->reach = attr_ll(grant, s_reach);
     PyObject *nonce = get(core, s_nonce);
     log->nonce = nonce && PyLong_Check(nonce) ? PyLong_AsUnsignedLongLong(nonce) : (unsigned long long)-1;
     Py_XDECREF(nonce);
-    return log->written >= 0 && log->committed >= 0 && log->capacity >= 0 && !PyErr_Occurred();
+    return log->written >= 0 && log->committed >= 0 && log->reach >= 0 && !PyErr_Occurred();
 }
 
 /* The first of `count` extents (grant.extents: (end, file offset) pairs as u64, in log order)
@@ -268,11 +269,11 @@ static PyObject *append_packet(const unsigned char *packet_buf, size_t packet_le
     LogState log;
     if (!take_plog(grants, key, grant, conn, &plog, &core, &plog_lock, &plog_locked, &log))
         goto done;
-    long long written = log.written, committed = log.committed, capacity = log.capacity;
+    long long written = log.written, committed = log.committed, reach = log.reach;
     unsigned long long nonce = log.nonce;
     size_t padded = (record_n + ALIGN_BYTES - 1) / ALIGN_BYTES * ALIGN_BYTES;
     long long frame = HEADER_BYTES + (long long)padded;
-    if (written + frame > capacity)
+    if (written + frame > reach)
         goto done;                        /* OUT_OF_SPACE: Python says so */
 
     /* Where: the extent holding the frame's first byte (grant.extents: (end, file offset) pairs
@@ -414,7 +415,7 @@ done:
  * map of exactly op = "plog_replica_append", pool, ns, sec, name, plog_id, at, data (one bin,
  * at most one forward piece), last = true, id and optionally budget_s; under the plog's lock,
  * the plog a copy, not stale, not deleted, not broken, open, nothing written but not committed,
- * `at` its log's end (unfinished pieces dropped, as Python does), the bytes within its capacity
+ * `at` its log's end (unfinished pieces dropped, as Python does), the bytes within its reach
  * and one extent, and whole frames that check (magic, index, length, CRC with the plog's
  * nonce), as rec.scan checks them. Then one pwrite, marked written and committed (no flush:
  * the medium has none). Anything else changes nothing and Python serves it (and says why).
@@ -487,10 +488,10 @@ static int replica_packet(const unsigned char *packet_buf, size_t packet_len, Py
         if (!ok)
             goto done;
     }
-    long long written = log.written, committed = log.committed, capacity = log.capacity;
+    long long written = log.written, committed = log.committed, reach = log.reach;
     unsigned long long nonce = log.nonce;
-    if (at_log != (uint64_t)written || (uint64_t)written + data_n > (uint64_t)capacity)
-        goto done;                        /* a gap, or past the capacity: Python refuses it */
+    if (at_log != (uint64_t)written || (uint64_t)written + data_n > (uint64_t)reach)
+        goto done;                        /* a gap, or past the reach: Python's */
     starts = get(core, s_starts);
     lengths = get(core, s_lengths);
     Py_ssize_t index_now = starts == NULL || lengths == NULL ? -1 : PyObject_Length(starts);    /* (arrays) */
@@ -755,12 +756,12 @@ static PyObject *append_batch_packet(const unsigned char *packet_buf, size_t pac
     LogState log;
     if (!take_plog(grants, key, grant, conn, &plog, &core, &plog_lock, &plog_locked, &log))
         goto done;
-    long long written = log.written, committed = log.committed, capacity = log.capacity;
+    long long written = log.written, committed = log.committed, reach = log.reach;
     unsigned long long nonce = log.nonce;
     /* Another append awaiting its commit: Python's (a commit here could undercut its flusher). */
     if (committed != written)
         goto done;
-    if ((uint64_t)written + frames_bytes > (uint64_t)capacity)
+    if ((uint64_t)written + frames_bytes > (uint64_t)reach)
         goto done;                        /* OUT_OF_SPACE: Python says so */
 
     /* The reply must fit the loop's room: measured before anything is written. */

@@ -16,7 +16,7 @@
  * (_records.c intern_names, from PyInit__records). */
 extern PyObject *s_acquire, *s_release, *s_append, *s_plog, *s_core, *s_sec, *s_plog_id, *s_proven, *s_verified,
     *s_vkey, *s_deleted, *s_broken, *s_state, *s_open, *s_written, *s_committed, *s_committed_records, *s_starts,
-    *s_lengths, *s_nonce, *s_capacity, *s_extents, *s_segments, *s_fd, *s_lock, *s_touched, *s_python_commits,
+    *s_lengths, *s_nonce, *s_reach, *s_extents, *s_segments, *s_fd, *s_lock, *s_touched, *s_python_commits,
     *s_gone, *s_seg_ids, *s_seg_lock, *s_role, *s_replica, *s_stale, *s_receiving, *s_services, *s_mapping, *s_size,
     *s_frombytes, *s_stage_kept_bytes, *s_group, *s_counts;
 

@@ -29,7 +29,7 @@
 
 PyObject *s_acquire, *s_release, *s_append, *s_plog, *s_core, *s_sec, *s_plog_id, *s_proven, *s_verified,
     *s_vkey, *s_deleted, *s_broken, *s_state, *s_open, *s_written, *s_committed, *s_committed_records, *s_starts,
-    *s_lengths, *s_nonce, *s_capacity, *s_extents, *s_segments, *s_fd, *s_lock, *s_touched, *s_python_commits,
+    *s_lengths, *s_nonce, *s_reach, *s_extents, *s_segments, *s_fd, *s_lock, *s_touched, *s_python_commits,
     *s_gone, *s_seg_ids, *s_seg_lock, *s_role, *s_replica, *s_stale, *s_receiving, *s_services, *s_mapping, *s_size,
     *s_frombytes, *s_stage_kept_bytes, *s_group, *s_counts;
 
@@ -40,7 +40,7 @@ int intern_names(void) {
     NAME(s_verified, "verified") NAME(s_vkey, "vkey") NAME(s_deleted, "deleted") NAME(s_broken, "broken")
     NAME(s_state, "state") NAME(s_open, "open") NAME(s_written, "written") NAME(s_committed, "committed")
     NAME(s_committed_records, "_committed_records") NAME(s_starts, "starts") NAME(s_lengths, "_lengths")
-    NAME(s_nonce, "nonce") NAME(s_capacity, "capacity") NAME(s_extents, "extents") NAME(s_segments, "segments")
+    NAME(s_nonce, "nonce") NAME(s_reach, "reach") NAME(s_extents, "extents") NAME(s_segments, "segments")
     NAME(s_fd, "fd") NAME(s_lock, "lock") NAME(s_touched, "touched") NAME(s_python_commits, "python_commits")
     NAME(s_gone, "gone") NAME(s_seg_ids, "seg_ids")
     NAME(s_seg_lock, "_lock")

@@ -11,7 +11,7 @@ Python stays the authority. A connection is granted a plog only after Python ser
 append of it on that connection (its secId checked there, by Server._namespace); the grant
 holds what was proven (the connection's `verified` entry, the secId, the plog's id), and
 append_one checks each of these against the request and the connection's state on every
-call, and every rule of the plog (open, not deleted, not broken, its capacity) under the
+call, and every rule of the plog (open, not deleted, not broken, its reach) under the
 plog's own lock (waited for as Python waits, then the grant checked again). What is not the
 common case goes to Python: a secId that differs, a sealed, deleted or full plog, a frame
 across two extents, a connection owed a "gone" notice.
@@ -123,7 +123,7 @@ class FastGrant:
         self.group = plog.commit_group if flush_to is not None and not plog.replica_servers else None
 
     @property
-    def capacity(self) -> int:
+    def reach(self) -> int:
         """How far the compiled part may write the log: its reach (PlogService._raise_reach), which
         only Python raises; past it, and past the capacity, the append is Python's."""
         return self.plog.reach
