@@ -107,7 +107,7 @@ class _Plog:
         self.replicas = replicas
         self.created_s = created_s
         self.lock = threading.Lock()          # the sequencer: plans, writes, commits, seal
-        # No byte of the log at or past this was written since it was zeroed: what a restart
+        # The log never wrote a byte at or past this (no frame of it lies there): what a restart
         # scans and zeroes (restore). In its metadata, raised there before a write goes past it.
         self.reach = reach
         self.flush_lock = threading.Lock()    # one flusher at a time (group commit)
