@@ -274,6 +274,39 @@ def test_a_restart_reads_a_large_plog_only_as_far_as_it_was_ever_written(medium,
         server.cleanup()
 
 
+@pytest.mark.parametrize("reach", [-8, "far", None, "past the capacity"])
+def test_a_damaged_reach_in_the_metadata_costs_a_full_scan_not_the_log(server, request, reach):
+    """The reach only bounds how much of a log a restart reads and zeroes. A value no server
+    writes (negative, past the capacity, not an integer) made the restore skip the plog as
+    unreadable metadata, and the pool then discarded its segment files: every record gone,
+    though its bytes were whole. It is read as an old file without one is: the whole
+    capacity scanned."""
+    name = ns_name(request)
+    with memfabric.init(server.config) as s:
+        log = s.create_namespace(name, sec_id="k", pool="keep").create_plog("wal", 1 << 20)
+        kept = [b"record %d " % i * (i + 1) for i in range(40)]
+        for r in kept:
+            log.append(r)
+    server.stop()
+    meta, _ = _plog_file(server)
+    meta["reach"] = meta["capacity"] + 8 if reach == "past the capacity" else reach
+    (path,) = [os.path.join(server.pool_dir, "plogs", n) for n in os.listdir(os.path.join(server.pool_dir, "plogs"))
+               if n.endswith(".plog")]
+    with open(path, "wb") as f:
+        f.write(msgpack.packb(meta, use_bin_type=True))
+    server.start()
+    with memfabric.init(server.config) as s:
+        log = s.namespace(name, "k", pool="keep").plog("wal")
+        assert list(log.records()) == kept
+        log.append(b"after")
+    server.kill()
+    server.start()
+    with memfabric.init(server.config) as s:
+        log = s.namespace(name, "k", pool="keep").plog("wal")
+        assert list(log.records()) == kept + [b"after"]
+        log.delete()
+
+
 def test_seal_and_delete_survive_a_restart(server, request):
     name = ns_name(request)
     with memfabric.init(server.config) as s:
