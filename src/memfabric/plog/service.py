@@ -177,8 +177,7 @@ def _meta_ok(meta: dict[str, Any]) -> bool:
             and sum(e[2] for e in extents) >= meta["capacity"]
             and meta.get("role", HOME) in (HOME, REPLICA) and type(meta.get("home", 0)) is int
             and isinstance(meta.get("replica_servers", []), list)
-            and all(type(x) is int for x in meta.get("replica_servers", []))
-            and type(meta.get("reach", 0)) is int and 0 <= meta.get("reach", 0) <= meta["capacity"])
+            and all(type(x) is int for x in meta.get("replica_servers", [])))
 
 
 class _Window:
@@ -365,6 +364,11 @@ class PlogService:
                             flushes=pool.medium_kind == "pmem")
             core = PlogLog(name, meta["capacity"], meta["nonce"], meta["state"])
             reach = meta.get("reach", core.capacity)        # (written before there was one: all of it)
+            if type(reach) is not int or not 0 <= reach <= core.capacity:
+                # It only bounds what is read here: a damaged one costs a full scan, not the log.
+                log.warning("plog %r of %s/%s: its metadata's reach %.40r is not a length of the log: all of "
+                            "its %d bytes are scanned", name, pool.name, ns, reach, core.capacity)
+                reach = core.capacity
             found = list(rec.scan(_Window(data, reach, check=check).read, reach, core.nonce, MAX_PLOG_RECORD_BYTES))
             core.recovered(found)
             self._zero_tail(data, core.committed, reach, check=check)
