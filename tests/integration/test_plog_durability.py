@@ -274,6 +274,48 @@ def test_a_restart_reads_a_large_plog_only_as_far_as_it_was_ever_written(medium,
         server.cleanup()
 
 
+@pytest.mark.parametrize("medium", ["ramdisk", "pmem"])
+def test_records_past_the_reach_written_by_a_server_that_kept_none_come_back(medium, request):
+    """A server of an earlier version (one rolled back to) reads this metadata, ignores its
+    reach and appends past it; started again at this version, the restore stopped its scan at
+    the reach: every record acknowledged past it lost, and overwritten by the next appends.
+    The scan costs the log and no more whatever bound it is given (it stops at the first frame
+    that does not check), so it goes as far as the records do; the reach bounds the zeroing."""
+    server = PersistentServer(medium, capacity="160MiB").start()
+    try:
+        name = ns_name(request)
+        with memfabric.init(server.config) as s:
+            log = s.create_namespace(name, sec_id="k", pool="keep").create_plog("wal", 150 << 20)
+            kept = [b"first"]
+            log.append(kept[0])
+        server.stop()
+        meta, extents = _plog_file(server)
+        assert meta["reach"] < 100 << 20
+        # That server's appends: 90 records of 1 MiB, from the log's end to past the reach.
+        at = rec.frame_bytes(len(kept[0]))
+        for index in range(1, 91):
+            kept.append(bytes([index]) * (1 << 20))
+            frame = rec.encode(meta["nonce"], index, kept[-1])
+            _write_log(server, extents, at, frame)
+            at += len(frame)
+        _write_log(server, extents, at, rec.encode(meta["nonce"], 91, b"T" * 5000)[:3000])   # torn: its last
+        assert at > meta["reach"]
+        server.start()
+        with memfabric.init(server.config) as s:
+            log = s.namespace(name, "k", pool="keep").plog("wal")
+            assert log.info()["records"] == len(kept) and log.info()["length"] == at
+            assert list(log.records()) == kept
+            log.append(b"after")
+        server.kill()
+        server.start()
+        with memfabric.init(server.config) as s:
+            log = s.namespace(name, "k", pool="keep").plog("wal")
+            assert list(log.records()) == kept + [b"after"]
+            log.delete()
+    finally:
+        server.cleanup()
+
+
 @pytest.mark.parametrize("reach", [-8, "far", None, "past the capacity"])
 def test_a_damaged_reach_in_the_metadata_costs_a_full_scan_not_the_log(server, request, reach):
     """The reach only bounds how much of a log a restart reads and zeroes. A value no server
