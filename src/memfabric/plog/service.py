@@ -369,9 +369,18 @@ class PlogService:
                 log.warning("plog %r of %s/%s: its metadata's reach %.40r is not a length of the log: all of "
                             "its %d bytes are scanned", name, pool.name, ns, reach, core.capacity)
                 reach = core.capacity
-            found = list(rec.scan(_Window(data, reach, check=check).read, reach, core.nonce, MAX_PLOG_RECORD_BYTES))
+            # The scan goes as far as the records do (it stops at the first frame that does not
+            # check, so it reads the log and no more whatever its bound): a server that kept no
+            # reach (an earlier version, rolled back to) may have appended past it.
+            found = list(rec.scan(_Window(data, check=check).read, core.capacity, core.nonce, MAX_PLOG_RECORD_BYTES))
             core.recovered(found)
-            self._zero_tail(data, core.committed, reach, check=check)
+            if core.committed > reach:
+                log.warning("plog %r of %s/%s: records past its reach (%d of %d bytes), written by a server that "
+                            "kept none: all past them is zeroed", name, pool.name, ns, core.committed, reach)
+                self._zero_tail(data, core.committed, core.capacity, check=check)
+                reach = core.committed        # all past it zero now: the next append raises it on disk
+            else:
+                self._zero_tail(data, core.committed, reach, check=check)
             role = meta.get("role", HOME)
             plog = _Plog(plog_id, core, state, data, path, meta.get("replicas", 1), meta.get("created_s", 0.0),
                          role, meta.get("home", server.server_id) if role == REPLICA else server.server_id,
