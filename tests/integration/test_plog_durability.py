@@ -275,6 +275,46 @@ def test_a_restart_reads_a_large_plog_only_as_far_as_it_was_ever_written(medium,
 
 
 @pytest.mark.parametrize("medium", ["ramdisk", "pmem"])
+def test_a_plog_whose_metadata_had_no_reach_gets_one_after_a_restart(medium, request):
+    """Metadata written before there was a reach (an earlier version) costs a restart a scan
+    of the whole capacity: that one restart zeroes all past the log. A plog created then kept
+    the whole capacity as its reach in memory, so its metadata never got one and every
+    restart read all of it, however short the log."""
+    server = PersistentServer(medium, capacity="160MiB").start()
+    try:
+        name = ns_name(request)
+        with memfabric.init(server.config) as s:
+            log = s.create_namespace(name, sec_id="k", pool="keep").create_plog("wal", 150 << 20)
+            kept = [bytes([i]) * 100_000 for i in range(10)]
+            log.append_many(kept)
+        server.stop()
+        meta, extents = _plog_file(server)
+        del meta["reach"]                    # as an earlier version wrote it
+        (path,) = [os.path.join(server.pool_dir, "plogs", n)
+                   for n in os.listdir(os.path.join(server.pool_dir, "plogs")) if n.endswith(".plog")]
+        with open(path, "wb") as f:
+            f.write(msgpack.packb(meta, use_bin_type=True))
+        server.start()                       # the whole capacity read, once
+        with memfabric.init(server.config) as s:
+            log = s.namespace(name, "k", pool="keep").plog("wal")
+            assert list(log.records()) == kept
+            kept.append(b"after the upgrade")
+            log.append(kept[-1])
+        server.kill()
+        far = 120 << 20                      # never written by the log
+        _write_log(server, extents, far, b"never scanned" * 100)
+        server.start()
+        assert _read_log(server, extents, far, 1300) == b"never scanned" * 100, \
+            "a restart read the whole capacity again"
+        with memfabric.init(server.config) as s:
+            log = s.namespace(name, "k", pool="keep").plog("wal")
+            assert list(log.records()) == kept
+            log.delete()
+    finally:
+        server.cleanup()
+
+
+@pytest.mark.parametrize("medium", ["ramdisk", "pmem"])
 def test_records_past_the_reach_written_by_a_server_that_kept_none_come_back(medium, request):
     """A server of an earlier version (one rolled back to) reads this metadata, ignores its
     reach and appends past it; started again at this version, the restore stopped its scan at
