@@ -108,7 +108,8 @@ class _Plog:
         self.created_s = created_s
         self.lock = threading.Lock()          # the sequencer: plans, writes, commits, seal
         # The log never wrote a byte at or past this (no frame of it lies there): what a restart
-        # scans and zeroes (restore). In its metadata, raised there before a write goes past it.
+        # scans and zeroes (restore). In its metadata, raised there before a write goes past it
+        # (a restore that zeroed all past the log takes the log's end, lower than the metadata's).
         self.reach = reach
         self.flush_lock = threading.Lock()    # one flusher at a time (group commit)
         # Where appends its connections' receive loops wrote wait for a flush (pmem), or None.
@@ -377,10 +378,12 @@ class PlogService:
             if core.committed > reach:
                 log.warning("plog %r of %s/%s: records past its reach (%d of %d bytes), written by a server that "
                             "kept none: all past them is zeroed", name, pool.name, ns, core.committed, reach)
-                self._zero_tail(data, core.committed, core.capacity, check=check)
-                reach = core.committed        # all past it zero now: the next append raises it on disk
-            else:
-                self._zero_tail(data, core.committed, reach, check=check)
+                reach = core.capacity
+            self._zero_tail(data, core.committed, reach, check=check)
+            if reach == core.capacity:
+                # All past the log is zero now: the next append past it writes a reach in the
+                # metadata (one that had none gets one), and the next restart reads up to there.
+                reach = core.committed
             role = meta.get("role", HOME)
             plog = _Plog(plog_id, core, state, data, path, meta.get("replicas", 1), meta.get("created_s", 0.0),
                          role, meta.get("home", server.server_id) if role == REPLICA else server.server_id,
