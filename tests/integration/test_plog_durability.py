@@ -345,15 +345,22 @@ def test_records_past_the_reach_written_by_a_server_that_kept_none_come_back(med
             log = s.namespace(name, "k", pool="keep").plog("wal")
             assert log.info()["records"] == len(kept) and log.info()["length"] == at
             assert list(log.records()) == kept
-            log.append(b"after")
-        server.kill()
-        server.start()
-        with memfabric.init(server.config) as s:
-            log = s.namespace(name, "k", pool="keep").plog("wal")
-            assert list(log.records()) == kept + [b"after"]
-            log.delete()
+        _one_more_survives_a_kill(server, name, kept)
     finally:
         server.cleanup()
+
+
+def _one_more_survives_a_kill(server: PersistentServer, name: str, kept: list[bytes]) -> None:
+    """The restored plog "wal" (holding `kept`) takes one more append, which a SIGKILL and a
+    restart keep; then it is deleted."""
+    with memfabric.init(server.config) as s:
+        s.namespace(name, "k", pool="keep").plog("wal").append(b"after")
+    server.kill()
+    server.start()
+    with memfabric.init(server.config) as s:
+        log = s.namespace(name, "k", pool="keep").plog("wal")
+        assert list(log.records()) == kept + [b"after"]
+        log.delete()
 
 
 @pytest.mark.parametrize("reach", [-8, "far", None, "past the capacity"])
@@ -380,13 +387,7 @@ def test_a_damaged_reach_in_the_metadata_costs_a_full_scan_not_the_log(server, r
     with memfabric.init(server.config) as s:
         log = s.namespace(name, "k", pool="keep").plog("wal")
         assert list(log.records()) == kept
-        log.append(b"after")
-    server.kill()
-    server.start()
-    with memfabric.init(server.config) as s:
-        log = s.namespace(name, "k", pool="keep").plog("wal")
-        assert list(log.records()) == kept + [b"after"]
-        log.delete()
+    _one_more_survives_a_kill(server, name, kept)
 
 
 def test_seal_and_delete_survive_a_restart(server, request):
