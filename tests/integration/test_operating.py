@@ -255,6 +255,48 @@ def test_down_where_nothing_runs_and_a_stale_pid_file_naming_a_live_process():
     assert not os.path.exists(os.path.join(directory, "up.pid"))     # and we are alive to see it
 
 
+# `up` started while this is on PYTHONPATH pauses 3 s just before it takes its directory's lock
+# (its imports on a slow machine), and says so.
+SLOW_BEFORE_THE_LOCK = """
+import fcntl, os, time
+with open("/proc/self/cmdline", "rb") as _f:
+    _args = _f.read().split(b"\\0")
+if b"up" in _args and b"memfabric" in _args:
+    _flock = fcntl.flock
+
+    def _flock_later(fd, operation):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("up.lock") and not _flock_later.paused:
+            _flock_later.paused = True
+            print("up is about to lock", flush=True)
+            time.sleep(3)
+        return _flock(fd, operation)
+    _flock_later.paused = False
+    fcntl.flock = _flock_later
+"""
+
+
+def test_down_while_up_is_still_starting_stops_it(tmp_path, monkeypatch):
+    """`memfabric up --dir D &` then `memfabric down --dir D`: a down that came before up held
+    its lock said "no fabric is running" and left, and the fabric then started and ran. down
+    now finds an up of D that is starting, waits for its lock, and stops it."""
+    (tmp_path / "sitecustomize.py").write_text(SLOW_BEFORE_THE_LOCK)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    directory = short_tmp_dir("mf-early-down-")
+    proc = subprocess.Popen(MF + ["up", "--dir", directory, "--capacity", "4MiB", "--segment-size", "1MiB"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "up is about to lock"
+        done = mf("down", "--dir", directory)
+        assert done.returncode == 0 and "stopped" in done.stdout, done.stdout + done.stderr
+        assert proc.wait(CHILD_WAIT_S) in (0, 1), proc.stdout.read()
+        assert "ready" not in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def test_down_after_up_was_killed_and_up_again():
     directory = short_tmp_dir("mf-kill-")
     fab = up(directory, servers=1)
