@@ -5,6 +5,10 @@ The pid comes from D/up.pid, and is believed only while D/up.lock is held (the k
 process has that pid now). The signal goes through a pidfd opened before that check, so it
 reaches that very process even if it exits and its pid is reused meanwhile.
 
+An `up` of D still starting (its imports and checks, before it takes the lock) is waited for,
+up to the timeout: `up --dir D &` then `down --dir D` left, saying no fabric was running, and
+the fabric started a moment later.
+
 Exit status: 0 when the fabric stopped or none was running; 1 when it still runs after the
 wait, or a server of D still runs without its `up`.
 """
@@ -27,8 +31,8 @@ def run_down(directory: str, timeout_s: float) -> int:
         return 1
     pid_path = os.path.join(directory, UP_PID_FILE)
     lock_path = os.path.join(directory, UP_LOCK_FILE)
+    running = _locked_once_started(directory, lock_path, timeout_s)
     pid = _read_pid(pid_path)
-    running = os.path.exists(lock_path) and locked(lock_path)
     if not running:
         if os.path.exists(pid_path):
             _unlink(pid_path)
@@ -71,6 +75,42 @@ def run_down(directory: str, timeout_s: float) -> int:
     if os.path.exists(pid_path) and _read_pid(pid_path) == pid:     # it died before it could tidy up
         _unlink(pid_path)
     return _servers_left(directory)
+
+
+def _locked_once_started(directory: str, lock_path: str, timeout_s: float) -> bool:
+    """Whether an `up` holds D's lock, once any `up` of D still starting has taken it or exited
+    (waited for up to `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if os.path.exists(lock_path) and locked(lock_path):
+            return True
+        starting = _starting_ups(directory)
+        if not starting or time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
+def _starting_ups(directory: str) -> list[int]:
+    """The pids of `memfabric up` processes whose --dir is `directory` (resolved from their own
+    working directory), read from /proc: those that have not taken its lock yet are starting."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                args = [a.decode(errors="replace") for a in f.read().split(b"\0")]
+            cwd = os.readlink(f"/proc/{name}/cwd")
+        except OSError:           # gone meanwhile, or not ours to read
+            continue
+        if "up" not in args or not any("memfabric" in a for a in args[:args.index("up")]):
+            continue
+        given = next((a.split("=", 1)[1] for a in args if a.startswith("--dir=")), None)
+        if given is None and "--dir" in args[:-1]:
+            given = args[args.index("--dir") + 1]
+        if given is not None and os.path.realpath(os.path.join(cwd, given)) == os.path.realpath(directory):
+            found.append(int(name))
+    return found
 
 
 def _read_pid(path: str) -> int | None:
