@@ -364,6 +364,48 @@ def test_a_ctrl_c_lost_in_an_import_still_stops_up_before_anything_starts(tmp_pa
     assert not os.path.exists(os.path.join(directory, "up.pid")), "up went on after the Ctrl-C"
 
 
+# The same Ctrl-C, lost in the import of a command's own module (which brings the client in).
+CTRL_C_LOST_IN_A_COMMANDS_IMPORT = """
+import os, signal, sys
+with open("/proc/self/cmdline", "rb") as _f:
+    _args = _f.read().split(b"\\0")
+if b"{command}" in _args and b"memfabric" in _args:
+    class _Swallows:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):
+                pass
+
+    class _Finder:
+        def find_spec(self, name, path=None, target=None):
+            if name == "{module}":
+                sys.meta_path.remove(self)
+                _Swallows()
+            return None
+    sys.meta_path.insert(0, _Finder())
+"""
+
+
+@pytest.mark.parametrize("command, module", [("demo", "memfabric.cli.demo"), ("status", "memfabric.cli.status")])
+def test_a_ctrl_c_lost_in_a_commands_import_still_stops_it_before_it_starts(tmp_path, monkeypatch, command, module):
+    """The client is imported when a command runs, after main() looked for a Ctrl-C Python
+    dropped: one dropped in those imports was not seen, and the demo started its fabric and
+    ran to the end. Seen after the command's imports, it stops the command before it starts."""
+    _site_customized(tmp_path, monkeypatch, CTRL_C_LOST_IN_A_COMMANDS_IMPORT.format(command=command, module=module))
+    directory = short_tmp_dir("mf-ctrlc-cmd-")
+    proc = subprocess.Popen(MF + [command, "--dir", directory], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    with _killed_at_exit(proc):
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=30)
+    assert "Exception ignored" in out, out        # the Ctrl-C was dropped where it landed
+    assert proc.returncode == 130 and f"memfabric {command}: interrupted" in out, out
+    assert os.listdir(directory) == [], "the command went on after the Ctrl-C"
+
+
 # `up` started while this is on PYTHONPATH pauses once its up.pid is in place (as writing the
 # fabric's files on a slow disk may), and says so.
 SLOW_AFTER_PID_FILE = """
