@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
+from typing import Callable
 
 from .. import __version__
 from ..config import check_busy_poll_us
@@ -192,8 +194,9 @@ def _up_pools(args: argparse.Namespace) -> list[PoolSpec] | str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        raise_if_interrupted()           # a Ctrl-C Python dropped in our imports
-        return _run(args)
+        command = _command(args)         # imports what it runs: the client, ~0.3 s
+        raise_if_interrupted()           # a Ctrl-C Python dropped in our imports, or in those
+        return command if isinstance(command, int) else command()
     except KeyboardInterrupt:
         # Ctrl-C in a demo, a bench, a load: its `with` blocks stopped what it started on the
         # way up; a traceback would only hide that. (`up` and `server` stop on it themselves.)
@@ -201,39 +204,44 @@ def main(argv: list[str] | None = None) -> int:
         return 130           # the shell's status for a command SIGINT ended
 
 
-def _run(args: argparse.Namespace) -> int:
+def _command(args: argparse.Namespace) -> int | Callable[[], int]:
+    """What runs the command, its modules imported; or its status, refused."""
     if args.command == "up":
         pools = _up_pools(args)
         if isinstance(pools, str):
             print(f"memfabric up: {pools}", file=sys.stderr)
             return 2
         from .up import run_up
-        return run_up(args.dir, args.servers, args.capacity or DEFAULT_CAPACITY_BYTES, args.segment_size,
-                      args.liveness_timeout, args.busy_poll_us, pools=pools, rpc_host=args.rpc_host,
-                      rpc_port=args.rpc_port or 0, metrics_port=args.metrics_port,
-                      resp_port=args.resp_port, resp_host=args.resp_host)
+        return functools.partial(run_up, args.dir, args.servers, args.capacity or DEFAULT_CAPACITY_BYTES,
+                                 args.segment_size, args.liveness_timeout, args.busy_poll_us, pools=pools,
+                                 rpc_host=args.rpc_host, rpc_port=args.rpc_port or 0,
+                                 metrics_port=args.metrics_port, resp_port=args.resp_port,
+                                 resp_host=args.resp_host)
     if args.command == "down":
         from .down import run_down
-        try:
-            return run_down(args.dir, args.timeout)
-        except OSError as exc:
-            print(f"memfabric down: {exc}", file=sys.stderr)
-            return 1
+
+        def down() -> int:
+            try:
+                return run_down(args.dir, args.timeout)
+            except OSError as exc:
+                print(f"memfabric down: {exc}", file=sys.stderr)
+                return 1
+        return down
     if args.command == "server":
         from ..server.main import run_server
-        return run_server(args.config)
+        return functools.partial(run_server, args.config)
     if args.command == "status":
         from .status import run_status
-        return run_status(args.dir or args.config, as_json=args.json)
+        return functools.partial(run_status, args.dir or args.config, as_json=args.json)
     if args.command == "ls":
         if args.sec is None:
             print("memfabric ls: give the namespace's secId with --sec or $MEMFABRIC_SEC_ID", file=sys.stderr)
             return 2
         from .ls import run_ls
-        return run_ls(args.dir, args.ns, args.sec, args.pool, as_json=args.json)
+        return functools.partial(run_ls, args.dir, args.ns, args.sec, args.pool, as_json=args.json)
     if args.command == "demo":
         from .demo import run_demo
-        return run_demo(args.dir)
+        return functools.partial(run_demo, args.dir)
     if args.command == "bench":
         own = "--plog" if args.plog else "--resp" if args.resp else None
         if own and args.dir:
@@ -242,23 +250,24 @@ def _run(args: argparse.Namespace) -> int:
             return 2
         if args.plog:
             from ..plog.bench import run_plog_bench
-            return run_plog_bench(args.json)
+            return functools.partial(run_plog_bench, args.json)
         if args.resp:
             from ..kv.resp.bench import run_resp_bench
-            return run_resp_bench(args.json)
+            return functools.partial(run_resp_bench, args.json)
         if args.kv:
             from ..kv.bench import run_kv_bench
-            return run_kv_bench(args.dir, [parse_size(s) for s in args.sizes.split(",")] if args.sizes else None,
-                                args.repeat, args.json, args.busy_poll_us, args.scale_keys)
+            return functools.partial(run_kv_bench, args.dir,
+                                     [parse_size(s) for s in args.sizes.split(",")] if args.sizes else None,
+                                     args.repeat, args.json, args.busy_poll_us, args.scale_keys)
         from ..bench import run_bench
         sizes = args.sizes or ("4KiB,64KiB,1MiB,16MiB" if args.remote else "4KiB,64KiB,1MiB,16MiB,64MiB")
-        return run_bench(args.dir, [parse_size(s) for s in sizes.split(",")], args.repeat, args.json, args.remote,
-                         args.busy_poll_us, args.shm_size)
+        return functools.partial(run_bench, args.dir, [parse_size(s) for s in sizes.split(",")], args.repeat,
+                                 args.json, args.remote, args.busy_poll_us, args.shm_size)
     if args.command == "load":
         if args.clients < 1 or args.threads < 1 or not args.duration > 0 or args.servers < 1:
             print("memfabric load: --clients, --threads, --servers and --duration must be positive", file=sys.stderr)
             return 2
         from ..load import run_load
-        return run_load(args.dir, args.clients, args.threads, args.duration, args.servers, args.capacity,
-                        args.json)
+        return functools.partial(run_load, args.dir, args.clients, args.threads, args.duration, args.servers,
+                                 args.capacity, args.json)
     return 2
