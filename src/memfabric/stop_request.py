@@ -9,6 +9,7 @@ handler only sets a flag, and waiting polls it.
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from typing import Iterable
 
@@ -21,11 +22,20 @@ def catch_interrupts() -> None:
     """From a command's first line on: a Ctrl-C raises KeyboardInterrupt as always, and is also
     remembered. Python drops a KeyboardInterrupt raised where it cannot propagate (one landing
     in importlib's module locks during the first imports was printed as "Exception ignored" and
-    lost), and the command went on as if no Ctrl-C came; raise_if_interrupted() says it did."""
+    lost), and the command went on as if no Ctrl-C came; raise_if_interrupted() says it did.
+    Python's report of one it dropped, a traceback, is not printed: the command says it was
+    interrupted instead."""
     def interrupt(signum: int, frame: object) -> None:
         global _interrupted
         _interrupted = True
         raise KeyboardInterrupt
+
+    report = sys.unraisablehook
+
+    def unraisable(args: sys.UnraisableHookArgs) -> None:
+        if not (_interrupted and issubclass(args.exc_type, KeyboardInterrupt)):
+            report(args)
+    sys.unraisablehook = unraisable
     signal.signal(signal.SIGINT, interrupt)
 
 
