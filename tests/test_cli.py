@@ -581,6 +581,24 @@ def test_ctrl_c_in_the_demo_says_interrupted_and_leaves_nothing_running(when):
     assert not os.path.exists(directory)
 
 
+def test_a_command_started_with_ctrl_c_ignored_keeps_ignoring_it():
+    """A shell script's `memfabric demo &` runs with SIGINT ignored, so that a Ctrl-C meant
+    for the script leaves it be; Python keeps that, and so did memfabric until its own Ctrl-C
+    handler, put in place at the command's first line, replaced it: the demo was interrupted."""
+    directory = short_tmp_dir("mf-ign-")
+    proc = subprocess.Popen(MF + ["demo", "--dir", directory], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    lines: list[str] = []
+    with _killed_at_exit(proc):
+        wait_for_line(proc, "fabric ready", 60, lines)
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(120)
+    wait_until(lambda: any("stopped cleanly" in line or "interrupted" in line for line in lines),
+               "the demo's last line")
+    text = "".join(lines)
+    assert code == 0 and "every step gave the expected result" in text and "interrupted" not in text, text
+
+
 def test_a_fabric_whose_start_is_interrupted_is_stopped_by_it(monkeypatch):
     """A Ctrl-C (or any error) in LocalFabric.start, after `up` started: no `with` stops a
     fabric whose __enter__ raised, so start itself stops `up` (which stops its servers)."""
