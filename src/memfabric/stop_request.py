@@ -24,7 +24,11 @@ def catch_interrupts() -> None:
     in importlib's module locks during the first imports was printed as "Exception ignored" and
     lost), and the command went on as if no Ctrl-C came; raise_if_interrupted() says it did.
     Python's report of one it dropped, a traceback, is not printed: the command says it was
-    interrupted instead."""
+    interrupted instead. A SIGINT ignored by whoever started us (a shell script's `cmd &`) is
+    left ignored, as Python leaves it: no Ctrl-C is the command's to catch."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        return
+
     def interrupt(signum: int, frame: object) -> None:
         global _interrupted
         _interrupted = True
