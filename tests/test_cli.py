@@ -581,6 +581,33 @@ def test_ctrl_c_in_the_demo_says_interrupted_and_leaves_nothing_running(when):
     assert not os.path.exists(directory)
 
 
+# A command started while this is on PYTHONPATH gets a Ctrl-C as it reads its arguments.
+CTRL_C_IN_THE_ARGUMENTS = """
+import argparse, os, signal
+with open("/proc/self/cmdline", "rb") as _f:
+    _args = _f.read().split(b"\\0")
+if b"status" in _args and b"memfabric" in _args:
+    _parse_args = argparse.ArgumentParser.parse_args
+
+    def parse_args(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):              # the handler runs on one of these lines
+            pass
+        return _parse_args(self, *args, **kwargs)
+    argparse.ArgumentParser.parse_args = parse_args
+"""
+
+
+def test_a_ctrl_c_while_a_command_reads_its_arguments_says_interrupted(tmp_path, monkeypatch):
+    """A Ctrl-C 0.1 s into `memfabric status` (seen) landed in main()'s argument parsing, before
+    its `try`, and the KeyboardInterrupt came out as a traceback."""
+    _site_customized(tmp_path, monkeypatch, CTRL_C_IN_THE_ARGUMENTS)
+    proc = subprocess.run(MF + ["status", "--dir", short_tmp_dir("mf-ctrlc-args-")], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 130 and "interrupted" in proc.stderr, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+
+
 def test_a_command_started_with_ctrl_c_ignored_keeps_ignoring_it():
     """A shell script's `memfabric demo &` runs with SIGINT ignored, so that a Ctrl-C meant
     for the script leaves it be; Python keeps that, and so did memfabric until its own Ctrl-C
