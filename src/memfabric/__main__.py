@@ -9,10 +9,10 @@ def main() -> int:
     catch_interrupts()           # before the imports below, which take ~0.4 s
     try:
         from .cli.main import main as run
+        return run()             # (its own `try` begins once it has read its arguments)
     except KeyboardInterrupt:
         print("memfabric: interrupted", file=sys.stderr)
         return 130
-    return run()
 
 
 if __name__ == "__main__":
