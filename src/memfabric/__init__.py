@@ -14,8 +14,9 @@ open BigMemory objects. Every error is a MemfabricError, one class per code of B
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+import importlib as _importlib
+from types import ModuleType as _ModuleType
+from typing import TYPE_CHECKING
 
 # Loaded when first used (PEP 562), not at `import memfabric`: the `memfabric` command puts its
 # Ctrl-C handler in place before it imports the client (numpy and the rest, ~0.4 s), and a Ctrl-C
@@ -56,19 +57,22 @@ __all__ = [
 assert set(__all__) == set(_WHERE)
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     where = _WHERE.get(name)
     if where is None:        # a submodule not imported yet (memfabric.compat, memfabric.errors, ...)
-        try:
-            return importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":
-                raise
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(f"{__name__}.{where}"), name)
+        if name.isidentifier() and not name.startswith("__"):
+            try:
+                return _importlib.import_module(f"{__name__}.{name}")
+            except ModuleNotFoundError as exc:
+                if exc.name != f"{__name__}.{name}":
+                    raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_importlib.import_module(f"{__name__}.{where}"), name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_WHERE))
+    """The public names and the submodules imported so far."""
+    loaded = [name for name, value in globals().items() if isinstance(value, _ModuleType) and not name.startswith("_")]
+    return sorted({*__all__, "__version__", *loaded})
