@@ -7,6 +7,8 @@ short, so CI can afford them.
 
 from __future__ import annotations
 
+import pytest
+
 import memfabric
 from memfabric.load import audit, leak_figures, run_load_on, run_threads
 
@@ -94,3 +96,19 @@ def test_a_segment_taken_back_while_another_thread_allocates_never_loses_bytes(f
         assert after != before, "the segment taken back came back"
         assert y.read(0, 9) == b"B's bytes"
         ns.destroy()
+
+
+def test_a_ctrl_c_that_also_stopped_the_fabric_is_what_the_load_says(fresh_fabric, monkeypatch):
+    """A terminal's Ctrl-C reaches `memfabric load` and the fabric it started (one process
+    group). The load's cleanup then destroyed its namespaces on a fabric that was gone, and
+    that error (SERVER_UNAVAILABLE, a traceback, status 1) replaced the Ctrl-C. The Ctrl-C is
+    what comes out; the cleanup does what it can."""
+    import memfabric.load as load
+    fab = fresh_fabric(servers=1)
+
+    def stopped_by_a_ctrl_c(*args, **kwargs):
+        fab.stop()
+        raise KeyboardInterrupt
+    monkeypatch.setattr(load, "_run_clients", stopped_by_a_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        run_load_on(fab.directory, clients=1, threads=2, duration_s=1.0)
