@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -254,9 +254,15 @@ def run_load_on(directory: str, clients: int, threads: int, duration_s: float) -
                 if (leaked == 0 and unaccounted == 0) or time.monotonic() > settle_until:
                     break
                 time.sleep(0.1)
-        finally:
+        except BaseException:
+            # What stopped the load is what it says: a terminal's Ctrl-C stops the fabric too
+            # (one process group), and the cleanup then finds it gone.
             for ns in made:
-                ns.destroy()
+                with suppress(MemfabricError):
+                    ns.destroy()
+            raise
+        for ns in made:
+            ns.destroy()
     unexpected = {code: n for code, n in tally.errors.items() if code not in EXPECTED}
     return {"clients": clients, "threads": threads, "duration_s": duration_s, "elapsed_s": round(elapsed_s, 1),
             "ops": tally.ops, "errors": dict(tally.errors), "unexpected_errors": sum(unexpected.values()),
