@@ -350,6 +350,31 @@ def test_records_past_the_reach_written_by_a_server_that_kept_none_come_back(med
         server.cleanup()
 
 
+def test_the_compiled_appends_raise_the_reach_before_they_write_past_it(request):
+    """Same-host appends and batches are written by the compiled receive loop, with no Python
+    on the way: past the reach it hands them to Python, which raises it in the metadata first.
+    Had it written on, the metadata's reach would lag the log, and a restart would leave old
+    frames past it unzeroed. Appends and batches crossing the reach, then a SIGKILL: the reach
+    on disk covers the whole log."""
+    server = PersistentServer("ramdisk", capacity="160MiB").start()
+    try:
+        name = ns_name(request)
+        record = b"c" * ((16 << 10) - rec.HEADER_BYTES)      # frames of 16 KiB: none across two extents
+        with memfabric.init(server.config) as s:
+            log = s.create_namespace(name, sec_id="k", pool="keep").create_plog("wal", 150 << 20)
+            while log.info()["length"] < 70 << 20:          # past the first reach (64 MiB), one by one
+                for _ in range(256):
+                    log.append(record)
+            while log.info()["length"] < 135 << 20:         # past the next (about 128 MiB), in batches
+                log.append_many([record] * 64)
+            length = log.info()["length"]
+        server.kill()
+        meta, _ = _plog_file(server)
+        assert length <= meta["reach"] <= meta["capacity"], (length, meta["reach"])
+    finally:
+        server.cleanup()
+
+
 def _one_more_survives_a_kill(server: PersistentServer, name: str, kept: list[bytes]) -> None:
     """The restored plog "wal" (holding `kept`) takes one more append, which a SIGKILL and a
     restart keep; then it is deleted."""
