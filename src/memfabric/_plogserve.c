@@ -126,18 +126,18 @@ static int plog_open(PyObject *plog, PyObject *core) {
     return ok;
 }
 
-/* The log's ends, its reach (how far it may be written here, within its capacity: past it,
- * Python raises the reach or refuses) and its nonce, read under the plog's lock: 1, or 0 when
- * one is not as expected (Python serves the request). */
+/* The log's ends, its reach (the plog's `reach`: how far it may be written here, within its
+ * capacity; past it, Python raises the reach or refuses) and its nonce, read under the plog's
+ * lock: 1, or 0 when one is not as expected (Python serves the request). */
 typedef struct {
     long long written, committed, reach;
     unsigned long long nonce;
 } LogState;
 
-static int log_state(PyObject *core, PyObject *grant, LogState *log) {
+static int log_state(PyObject *core, PyObject *plog, LogState *log) {
     log->written = attr_ll(core, s_written);
     log->committed = attr_ll(core, s_committed);
-    log->reach = attr_ll(grant, s_reach);
+    log->reach = attr_ll(plog, s_reach);
     PyObject *nonce = get(core, s_nonce);
     log->nonce = nonce && PyLong_Check(nonce) ? PyLong_AsUnsignedLongLong(nonce) : (unsigned long long)-1;
     Py_XDECREF(nonce);
@@ -170,7 +170,7 @@ static int take_plog(PyObject *grants, PyObject *key, PyObject *grant, PyObject 
     if (*core == NULL || *plog_lock == NULL || !lock_plog(*plog_lock, grants, key, grant, conn, &stale))
         return 0;
     *locked = 1;
-    return !stale && plog_open(*plog, *core) && log_state(*core, grant, log);
+    return !stale && plog_open(*plog, *core) && log_state(*core, *plog, log);
 }
 
 /* Where `n` bytes from log offset `at` lie, when one extent holds them all: 1 with the file

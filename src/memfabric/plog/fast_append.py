@@ -122,12 +122,6 @@ class FastGrant:
         self.flush_to = flush_to
         self.group = plog.commit_group if flush_to is not None and not plog.replica_servers else None
 
-    @property
-    def reach(self) -> int:
-        """How far the compiled part may write the log: its reach (PlogService._raise_reach), which
-        only Python raises; past it, and past the capacity, the append is Python's."""
-        return self.plog.reach
-
     def flush(self, end: int) -> int:
         """A commit_wait leader's flush: returns once bytes up to `end` are committed (Python's
         _flush_to, which raises what it raises); the log's committed end."""
