@@ -626,3 +626,65 @@ def test_a_handle_outlives_a_restart_of_its_home(server, request):
         server.start()
         log.append(b"two")
         assert list(log.records()) == [b"one", b"two"]
+
+
+def _bytes_written(pid: int) -> int:
+    """What a process has written with write calls so far (/proc/PID/io wchar)."""
+    with open(f"/proc/{pid}/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("wchar:"))
+
+
+def test_a_pmem_plog_is_made_ready_as_its_log_grows_not_whole_at_create(request):
+    """Creating a pmem plog wrote zeros over its whole capacity and flushed them (a 2 GiB one took
+    4 s, a 100 GiB one minutes), so that appends' flushes carry data alone. Now only its first
+    part is made ready at create; the rest is made ready ahead of the log as it grows, by a
+    thread of the server, and the reach in the metadata never passes what is ready. Two
+    processes append past several rounds of it, then a SIGKILL: every acknowledged record
+    comes back, and the server wrote each byte of the log about twice (zeros, then records)."""
+    server = PersistentServer("pmem", capacity="600MiB").start()
+    try:
+        name = ns_name(request)
+        capacity = 512 << 20
+        with memfabric.init(server.config) as s:
+            before = _bytes_written(server.proc.pid)
+            log = s.create_namespace(name, sec_id="k", pool="keep").create_plog("wal", capacity)
+            made = _bytes_written(server.proc.pid) - before
+            assert made <= 80 << 20, f"creating a plog of {capacity >> 20} MiB wrote {made >> 20} MiB"
+            more = [bytes([i]) * (1 << 20) for i in range(20)]
+            proc = subprocess.Popen([sys.executable, "-c", APPENDER, server.config, name, "7", "400", "keep"],
+                                    stdout=subprocess.PIPE, text=True)
+            try:
+                for _ in range(8):
+                    log.append_many(more[:10])
+                    for r in more[10:]:
+                        log.append(r)
+                assert proc.wait(timeout=120) == 0
+                acked = [tuple(map(int, line.split()[1:])) for line in proc.stdout]
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                proc.stdout.close()
+            length = log.info()["length"]
+            assert length > 160 << 20 and len(acked) == 400
+        written = _bytes_written(server.proc.pid) - before
+        assert written <= 2 * length + (160 << 20), f"{written >> 20} MiB written for a log of {length >> 20} MiB"
+        server.kill()
+        meta, extents = _plog_file(server)
+        assert length <= meta["reach"] <= length + (96 << 20), (length, meta["reach"])
+        assert _read_log(server, extents, length, meta["reach"] - length).count(0) == meta["reach"] - length
+        server.start()
+        with memfabric.init(server.config) as s:
+            log = s.namespace(name, "k", pool="keep").plog("wal")
+            records = list(log.records())
+            assert [r for r in records if len(r) == 1 << 20] == more * 8
+            at, payloads = 0, {}
+            for r in records:
+                payloads[at + rec.HEADER_BYTES] = r
+                at += rec.frame_bytes(len(r))
+            assert [_check_record(payloads[offset]) for _, offset in acked] == [(7, seq) for seq, _ in acked]
+            assert log.info()["length"] == length
+            log.append(b"after")
+            log.delete()
+    finally:
+        server.cleanup()
