@@ -171,6 +171,16 @@ MAX_PLOG_CAPACITY_BYTES = 1 << 40
 # a restart reads at most twice the log, or the log and 1 GiB.
 PLOG_REACH_STEP_BYTES = 64 << 20
 PLOG_REACH_STEP_MOST_BYTES = 1 << 30
+# A pmem plog's memory is made ready (zeros written and flushed) before its records go there:
+# a first write into blocks fallocate'd but never written is a change of the file's metadata,
+# and every append's fdatasync would carry one (~2x the flush). Not over its whole capacity at
+# create (a 2 GiB log took 4 s, a 100 GiB one minutes, and the disk wrote all of it), but ahead
+# of the log as it grows: the first PLOG_REACH_STEP_BYTES at create, then by a thread of the
+# server, a round at a time, starting when the log comes this close to what is ready; there the
+# reach is. An append that finds a round under way in its path waits for it, at most this long.
+PLOG_PREPARE_AHEAD_BYTES = 32 << 20
+PLOG_PREPARE_ROUND_BYTES = 32 << 20
+PLOG_PREPARE_WAIT_S = 30.0
 MAX_PLOGS_PER_NAMESPACE = 512         # per server: ns.plogs() gets one server's in one message
 PLOG_INLINE_BYTES = 192 << 10         # records (and read replies) ride in an IPC message up to this
 PLOG_RPC_READ_BYTES = 16 << 20        # the most one read or records reply carries over RPC
@@ -184,7 +194,8 @@ PLOG_SHARED_STAGE_MIN_BYTES = 1 << 20  # a same-host client's shared stage (plog
 PLOG_SHARED_STAGE_KEPT_BYTES = 4 << 20
 # The slowest a server may make a new plog's memory ready (a pmem file's blocks written with
 # zeros and flushed, on a disk under load): creating a plog waits for the home and each copy
-# this long per byte beyond the usual timeouts, so a large plog is not refused as a dead peer.
+# this long per byte made ready at create, beyond the usual timeouts, so that a slow disk is
+# not taken for a dead peer.
 PLOG_PREPARE_BYTES_PER_S = 32 << 20
 MAX_PLOG_BUFFERED_BYTES = 256 << 20   # record bytes a server holds being sent (stages, RPC payloads), in all
 MAX_PLOG_REPLICAS = 8                 # copies of a plog (its home's included), each on its own server

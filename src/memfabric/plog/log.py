@@ -19,7 +19,8 @@ from bisect import bisect_right
 from itertools import accumulate
 
 from ..errors import InvalidArgument, OutOfRange, OutOfSpace, Sealed
-from ..limits import MAX_PLOG_BATCH, PLOG_PREPARE_BYTES_PER_S, PLOG_REACH_STEP_BYTES, PLOG_REACH_STEP_MOST_BYTES
+from ..limits import (MAX_PLOG_BATCH, PLOG_PREPARE_AHEAD_BYTES, PLOG_PREPARE_BYTES_PER_S, PLOG_PREPARE_ROUND_BYTES,
+                      PLOG_REACH_STEP_BYTES, PLOG_REACH_STEP_MOST_BYTES)
 from .record import ALIGN_BYTES, HEADER_BYTES, frame_bytes
 
 try:    # a batch's starts in one call (_framing.c): ./dev builds it
@@ -33,8 +34,15 @@ STATES = (OPEN, SEALED)
 
 def prepare_allowance_s(capacity: int, copies: int = 1) -> float:
     """The time beyond the usual timeouts that making `copies` copies of a plog of `capacity`
-    bytes may take, one after another (a home's, then each of its copies')."""
-    return copies * capacity / PLOG_PREPARE_BYTES_PER_S
+    bytes may take, one after another (a home's, then each of its copies'): their first part
+    made ready (first_ready)."""
+    return copies * first_ready(capacity) / PLOG_PREPARE_BYTES_PER_S
+
+
+def first_ready(capacity: int) -> int:
+    """How much of a new pmem plog is made ready at create (limits.PLOG_PREPARE_AHEAD_BYTES):
+    its first reach."""
+    return next_reach(0, capacity)
 
 
 class PlogLog:
@@ -165,6 +173,18 @@ def next_reach(end: int, capacity: int) -> int:
     """Where a log's reach (limits.PLOG_REACH_STEP_BYTES) goes when bytes up to `end` are to be
     written past it: ahead of `end` by as much again, within the step's bounds and the capacity."""
     return min(capacity, end + min(max(end, PLOG_REACH_STEP_BYTES), PLOG_REACH_STEP_MOST_BYTES))
+
+
+def wants_round(written: int, reach: int, capacity: int) -> bool:
+    """Whether a pmem log written up to `written`, ready up to its `reach`, should be made ready
+    further now (limits.PLOG_PREPARE_AHEAD_BYTES)."""
+    return reach < capacity and written + PLOG_PREPARE_AHEAD_BYTES > reach
+
+
+def ready_to(reach: int, end: int, capacity: int) -> int:
+    """How far a pmem log ready up to `reach` is made ready in one round, or before bytes up to
+    `end` are written past it: a round's length at least (limits.PLOG_PREPARE_ROUND_BYTES)."""
+    return min(capacity, max(end, reach + PLOG_PREPARE_ROUND_BYTES))
 
 
 def frame_starts(at: int, lengths: list[int]) -> tuple[list[int], int]:

@@ -65,7 +65,8 @@ from ..errors import (IOError_, InvalidArgument, LimitExceeded, MemfabricError, 
 from ..limits import (MAX_PLOG_BATCH, MAX_PLOG_CAPACITY_BYTES, MAX_PLOG_RECORD_BYTES, MAX_PLOG_REPLICAS,
                       MAX_PLOG_BUFFERED_BYTES, MAX_PLOG_STAGED_BYTES, MAX_PLOG_STAGES_PER_CLIENT, MAX_PLOGS_PER_NAMESPACE, MAX_RPC_PAYLOAD_BYTES,
                       MAX_PLOG_PULL_PLACES, PLOG_INLINE_BYTES, PLOG_PULL_BYTES, PLOG_REPLICA_PIECE_BYTES,
-                      PLOG_RPC_READ_BYTES, PLOG_SHARED_STAGE_KEPT_BYTES, PLOG_SHARED_STAGE_MIN_BYTES)
+                      PLOG_PREPARE_WAIT_S, PLOG_RPC_READ_BYTES, PLOG_SHARED_STAGE_KEPT_BYTES,
+                      PLOG_SHARED_STAGE_MIN_BYTES)
 from ..media.memfd import SEALS_SIZE, sealed_memfd
 from ..server.requests import Connection, Payload, Reply
 from ..server.state import NamespaceState, PoolState
@@ -73,7 +74,9 @@ from ..stop_request import StopRequest
 from ..transport import wire
 from . import fast_append
 from . import record as rec
-from .log import OPEN, SEALED, STATES, PlogLog, frame_starts, next_reach, prepare_allowance_s
+from .log import (OPEN, SEALED, STATES, PlogLog, first_ready, frame_starts, next_reach, prepare_allowance_s, ready_to,
+                  wants_round)
+from .preparer import Preparer
 from .store import LogBytes, meta_path, read_metas, remove_meta, write_meta
 
 try:    # a batch's lengths checked in one call (_framing.c): ./dev builds it
@@ -110,7 +113,12 @@ class _Plog:
         # The log never wrote a byte at or past this (no frame of it lies there): what a restart
         # scans and zeroes (restore). In its metadata, raised there before a write goes past it
         # (a restore that zeroed all past the log takes the log's end, lower than the metadata's).
+        # On pmem, all from the log's end to here is ready too (zeros written and flushed).
         self.reach = reach
+        # A round of making memory ready past the reach is queued or under way (pmem: the
+        # server's Preparer); `ready` is told when it ends.
+        self.preparing = False
+        self.ready = threading.Condition(self.lock)
         self.flush_lock = threading.Lock()    # one flusher at a time (group commit)
         # Where appends its connections' receive loops wrote wait for a flush (pmem), or None.
         self.commit_group = fast_append.commit_group(data)
@@ -256,6 +264,7 @@ class PlogService:
         # pages for each batch of 100 x 4 KiB): as many as appends have run at once, at most
         # FRAME_BUFFERS_KEPT.
         self._frame_buffers: list[bytearray] = []
+        self._preparer = Preparer(self._prepare_round)      # pmem plogs' memory, ahead of their logs
 
     def counts(self) -> dict[str, int]:
         """Appends (records), their payload bytes, those the compiled path served, and flushes,
@@ -511,7 +520,8 @@ class PlogService:
             return {"state": plog.core.state}
 
     def close(self) -> None:
-        return None
+        """(The server stops, before its pools close.)"""
+        self._preparer.close()
 
     # ---- finding plogs --------------------------------------------------------------------------
 
@@ -598,13 +608,11 @@ class PlogService:
             try:
                 data = LogBytes(pool, [(e.segment, e.offset, e.length) for e in extents], state.record.ns,
                                 flushes=pool.medium_kind == "pmem")
-                if data.flushes:
-                    # Blocks fallocate'd but never written are "unwritten" to the file system:
-                    # the first write to each turns it written, a metadata change that every
-                    # append's fdatasync would wait for. Written (zeros) and flushed once here,
-                    # appends' flushes carry data alone.
-                    self._zero_tail(data, 0, capacity, force=True)
+                if data.flushes:      # its first part made ready (limits.PLOG_PREPARE_AHEAD_BYTES)
+                    self._zero_tail(data, 0, first_ready(capacity), force=True)
                 plog = make(data)
+                if data.flushes:
+                    plog.reach = first_ready(capacity)
                 write_meta(plog.path, plog.meta())
                 if copies is not None:
                     try:
@@ -744,6 +752,8 @@ class PlogService:
         op_plog_replica_append)."""
         core = plog.core
         with plog.lock:
+            while not self._clear_of_rounds(plog, at + len(data)):
+                pass
             if plog.deleted:      # (found before a client deleted it): its memory is the namespace's again
                 raise _gone(plog)
             if plog.role != REPLICA:
@@ -783,6 +793,7 @@ class PlogService:
                 plog.data.flush(touched | plog.touched)
                 plog.touched = set()
                 core.commit(end)
+                self._prepare_ahead(plog)
             except BaseException:
                 # Nothing of it may look like a record to a later scan or check.
                 plog.receiving = core.written
@@ -948,17 +959,20 @@ class PlogService:
         moment (its stage): framed from a copy, so each record's CRC is that of its bytes."""
         core = plog.core
         with plog.lock:
-            if plog.deleted:
-                raise _gone(plog)
-            if plog.role != HOME:
-                raise ServerUnavailable(f"server {self.server.server_id} holds a copy of plog {core.name!r}; appends go "
-                                        f"to its home, server {plog.home} (when it is dead, seal the plog and read "
-                                        "it here)")
-            if plog.broken is not None:
-                raise IOError_(f"plog {core.name!r} takes no appends: a flush failed ({plog.broken}); "
-                               "its committed records can be read, and a restart of its server scans it again")
-            starts = core.plan(lengths)
-            total = starts[-1] + rec.frame_bytes(lengths[-1]) - starts[0]
+            while True:
+                if plog.deleted:
+                    raise _gone(plog)
+                if plog.role != HOME:
+                    raise ServerUnavailable(f"server {self.server.server_id} holds a copy of plog {core.name!r}; "
+                                            f"appends go to its home, server {plog.home} (when it is dead, seal the "
+                                            "plog and read it here)")
+                if plog.broken is not None:
+                    raise IOError_(f"plog {core.name!r} takes no appends: a flush failed ({plog.broken}); "
+                                   "its committed records can be read, and a restart of its server scans it again")
+                starts = core.plan(lengths)
+                total = starts[-1] + rec.frame_bytes(lengths[-1]) - starts[0]
+                if self._clear_of_rounds(plog, starts[0] + total):
+                    break
             self._raise_reach(plog, starts[0] + total)
             try:
                 buffer = self._frame_buffer() if total <= JOIN_BELOW_BYTES else None
@@ -1001,18 +1015,103 @@ class PlogService:
             self.appended_bytes += data.nbytes
         return frame_starts(starts[0] + rec.HEADER_BYTES, lengths)[0]     # where their payloads begin
 
-    @staticmethod
-    def _raise_reach(plog: _Plog, end: int) -> None:
-        """Before bytes up to `end` are written (under the plog's lock): the log's reach in its
-        metadata goes past them first, so a restart after a crash scans and zeroes them."""
+    def _raise_reach(self, plog: _Plog, end: int) -> None:
+        """Before bytes up to `end` are written (under the plog's lock, clear of rounds): the
+        log's reach in its metadata goes past them first, so a restart after a crash scans and
+        zeroes them. On pmem, the memory up to there is made ready first, here, when the
+        preparer's rounds did not keep ahead (or the record is larger than they go)."""
         if end <= plog.reach:
             return
-        before, plog.reach = plog.reach, next_reach(end, plog.core.capacity)
+        capacity = plog.core.capacity
+        if not plog.data.flushes:
+            reach = next_reach(end, capacity)
+        else:
+            assert not plog.preparing, "a round under way in the path of a write (_clear_of_rounds)"
+            reach = ready_to(plog.reach, end, capacity)
+            try:
+                self._zero_tail(plog.data, plog.reach, reach, force=True)
+            except IOError_ as exc:
+                plog.broken = str(exc)       # (a failed flush: see _prepare_round)
+                raise
+        before, plog.reach = plog.reach, reach
         try:
             write_meta(plog.path, plog.meta())
         except BaseException:
             plog.reach = before
             raise
+        self._prepare_ahead(plog)
+
+    @staticmethod
+    def _clear_of_rounds(plog: _Plog, end: int) -> bool:
+        """Under the plog's lock, before bytes up to `end` are written: True when no round of
+        making its memory ready stands in their way. Else it waits for that round to end (the
+        lock let go meanwhile, so what the caller checked may have changed: it checks again)
+        and says False."""
+        if end <= plog.reach or not plog.preparing:
+            return True
+        if not plog.ready.wait_for(lambda: not plog.preparing, PLOG_PREPARE_WAIT_S):
+            raise ServerUnavailable(f"plog {plog.core.name!r}: its memory past {plog.reach} bytes is being made "
+                                    f"ready (zeros written and flushed), and that took over {PLOG_PREPARE_WAIT_S:.0f} "
+                                    "s: the disk is slow or stuck; try again")
+        return False
+
+    def _prepare_ahead(self, plog: _Plog) -> None:
+        """Under the plog's lock, after its log grew: a round of making its memory ready is
+        queued when the log comes close to what is ready (pmem, an open log)."""
+        if (plog.data.flushes and not plog.preparing and plog.core.state == OPEN and not plog.deleted
+                and plog.broken is None and wants_round(plog.core.written, plog.reach, plog.core.capacity)):
+            plog.preparing = self._preparer.submit(plog)
+
+    def _prepare_round(self, plog: _Plog) -> None:
+        """One round (the Preparer's thread): zeros written and flushed past the reach, then
+        the reach raised over them, in the metadata first. Meanwhile the plog's memory is held
+        as a read holds it (a delete frees it after the round), and no write goes past the
+        reach (_clear_of_rounds)."""
+        with plog.lock:
+            start, capacity = plog.reach, plog.core.capacity
+            go = (not self._preparer.stopping() and not plog.deleted and plog.broken is None
+                  and plog.core.state == OPEN and start < capacity)
+            if go:
+                plog.readers += 1
+            else:
+                plog.preparing = False
+                plog.ready.notify_all()
+                return
+        end, ready = ready_to(start, start, capacity), False
+
+        def check() -> None:        # before each MiB
+            if self._preparer.stopping() or plog.deleted:
+                raise ServerUnavailable("the round was called off")
+
+        try:
+            self._zero_tail(plog.data, start, end, force=True, check=check)
+            ready = True
+        except IOError_ as exc:
+            # Its flush shares the segment files' error state with the appends' flushes: an
+            # EIO it took would not be seen by theirs, so no append is taken after it (as
+            # after a failed flush of theirs).
+            with plog.lock:
+                plog.broken = f"making its memory ready: {exc}"
+            log.warning("plog %r: its memory past %d bytes was not made ready: %s; it takes no more appends",
+                        plog.core.name, start, exc)
+        except MemfabricError as exc:
+            if not plog.deleted and not self._preparer.stopping():
+                log.warning("plog %r: its memory past %d bytes was not made ready: %s (each append past it makes "
+                            "it ready itself)", plog.core.name, start, exc)
+        finally:
+            with plog.lock:
+                if ready and not plog.deleted and plog.reach == start:
+                    plog.reach = end
+                    try:
+                        write_meta(plog.path, plog.meta())
+                    except MemfabricError as exc:
+                        plog.reach, ready = start, False
+                        log.warning("plog %r: its reach was not raised: %s", plog.core.name, exc)
+                plog.preparing = False
+                if ready:
+                    self._prepare_ahead(plog)      # (appends went on meanwhile)
+                plog.ready.notify_all()
+            self._done_reading(plog)
 
     def _flush_to(self, plog: _Plog, end: int) -> None:
         """Return once bytes up to `end` are committed: flushed by us, or by a flusher that
@@ -1042,6 +1141,7 @@ class PlogService:
                 self._forward(plog, target)
             with plog.lock:
                 plog.core.commit(target)
+                self._prepare_ahead(plog)
             if flushed:
                 with self._counts_lock:
                     self.flushes += 1

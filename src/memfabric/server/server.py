@@ -179,6 +179,7 @@ class Server:
             for link in self._peers.values():
                 link.close()
             self._peers.clear()
+        self.plog.close()          # its thread writes into pool files
         with self.lock:
             for state in self.namespaces.values():
                 state.close()
