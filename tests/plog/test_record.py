@@ -13,9 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memfabric.errors import InvalidArgument, OutOfRange, OutOfSpace, Sealed
-from memfabric.limits import MAX_PLOG_RECORD_BYTES
+from memfabric.limits import (MAX_PLOG_RECORD_BYTES, PLOG_PREPARE_AHEAD_BYTES, PLOG_PREPARE_ROUND_BYTES,
+                              PLOG_REACH_STEP_BYTES)
 from memfabric.plog import record as rec
-from memfabric.plog.log import PlogLog, pieces
+from memfabric.plog.log import PlogLog, first_ready, pieces, ready_to, wants_round
 
 NONCE = 0x1234_5678_9ABC_DEF0
 payloads = st.lists(st.binary(min_size=0, max_size=300), min_size=0, max_size=40)
@@ -337,3 +338,19 @@ def test_the_compiled_frame_read_returns_exactly_the_records_that_check(compiled
     assert compiled.read_frame(memoryview(b""), 0, 0, nonce, 0) is None
     # A whole header whose payload the view cuts short: never read past the view's end.
     assert compiled.read_frame(view[:last + rec.HEADER_BYTES + n - 1], last, n, nonce, first + 7) is None
+
+
+@given(st.integers(1, 1 << 40), st.data())
+def test_rounds_keep_a_pmem_log_ready_ahead_and_never_past_its_capacity(capacity, data):
+    """A pmem log is made ready in rounds (limits.PLOG_PREPARE_ROUND_BYTES): the first part at
+    create, the next when the log comes close to it, and as far as a large write needs."""
+    reach = first_ready(capacity)
+    assert reach == min(capacity, PLOG_REACH_STEP_BYTES)
+    written = data.draw(st.integers(0, reach))
+    while wants_round(written, reach, capacity):
+        before, reach = reach, ready_to(reach, reach, capacity)
+        assert reach == min(capacity, before + PLOG_PREPARE_ROUND_BYTES)
+    assert reach == capacity or reach >= written + PLOG_PREPARE_AHEAD_BYTES
+    end = data.draw(st.integers(reach, capacity))           # a write past what is ready
+    assert end <= ready_to(reach, end, capacity) <= capacity
+    assert not wants_round(capacity, capacity, capacity)
