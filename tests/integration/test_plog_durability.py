@@ -647,7 +647,7 @@ def test_a_pmem_plog_is_made_ready_as_its_log_grows_not_whole_at_create(request)
         capacity = 512 << 20
         with memfabric.init(server.config) as s:
             before = _bytes_written(server.proc.pid)
-            log = s.create_namespace(name, sec_id="k", pool="keep").create_plog("wal", capacity)
+            log = s.create_namespace(name, sec_id="k", pool="keep").create_plog("shared", capacity)
             made = _bytes_written(server.proc.pid) - before
             assert made <= 80 << 20, f"creating a plog of {capacity >> 20} MiB wrote {made >> 20} MiB"
             more = [bytes([i]) * (1 << 20) for i in range(20)]
@@ -675,7 +675,7 @@ def test_a_pmem_plog_is_made_ready_as_its_log_grows_not_whole_at_create(request)
         assert _read_log(server, extents, length, meta["reach"] - length).count(0) == meta["reach"] - length
         server.start()
         with memfabric.init(server.config) as s:
-            log = s.namespace(name, "k", pool="keep").plog("wal")
+            log = s.namespace(name, "k", pool="keep").plog("shared")
             records = list(log.records())
             assert [r for r in records if len(r) == 1 << 20] == more * 8
             at, payloads = 0, {}

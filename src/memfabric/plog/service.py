@@ -1086,16 +1086,18 @@ class PlogService:
         try:
             self._zero_tail(plog.data, start, end, force=True, check=check)
             ready = True
-        except IOError_ as exc:
-            # Its flush shares the segment files' error state with the appends' flushes: an
-            # EIO it took would not be seen by theirs, so no append is taken after it (as
-            # after a failed flush of theirs).
-            with plog.lock:
-                plog.broken = f"making its memory ready: {exc}"
-            log.warning("plog %r: its memory past %d bytes was not made ready: %s; it takes no more appends",
-                        plog.core.name, start, exc)
         except MemfabricError as exc:
-            if not plog.deleted and not self._preparer.stopping():
+            if plog.deleted or self._preparer.stopping():
+                pass                       # (its segments may be gone with its namespace)
+            elif isinstance(exc, IOError_):
+                # Its flush shares the segment files' error state with the appends' flushes:
+                # an EIO it took would not be seen by theirs, so no append is taken after it
+                # (as after a failed flush of theirs).
+                with plog.lock:
+                    plog.broken = f"making its memory ready: {exc}"
+                log.warning("plog %r: its memory past %d bytes was not made ready: %s; it takes no more appends",
+                            plog.core.name, start, exc)
+            else:
                 log.warning("plog %r: its memory past %d bytes was not made ready: %s (each append past it makes "
                             "it ready itself)", plog.core.name, start, exc)
         finally:
