@@ -40,8 +40,8 @@ def prepare_allowance_s(capacity: int, copies: int = 1) -> float:
 
 
 def first_ready(capacity: int) -> int:
-    """How much of a new pmem plog is made ready at create (limits.PLOG_PREPARE_AHEAD_BYTES):
-    its first reach."""
+    """How much of a new pmem plog is made ready at create (limits.PLOG_REACH_STEP_BYTES, a
+    ramdisk plog's first reach too): its first reach."""
     return next_reach(0, capacity)
 
 
