@@ -1,0 +1,131 @@
+"""A pmem plog's memory made ready ahead of its log by the server's thread (plog/preparer.py),
+with real processes: rounds held up (a sitecustomize keeps the thread's writes waiting while a
+file exists, as a slow or stuck disk would), appends that pass the reach meanwhile, then a
+SIGKILL and a restart that find every acknowledged record and zeros past the log."""
+
+from __future__ import annotations
+
+import os
+
+import msgpack
+import pytest
+
+import memfabric
+from memfabric.errors import ServerUnavailable
+from memfabric.plog import record as rec
+from memfabric.plog.log import pieces
+
+from ..helpers import WAIT_S, ns_name, wait_until
+from .test_persistence import PersistentServer
+
+MiB = 1 << 20
+PLOG_BYTES = 100 * MiB         # made ready at create: its first 64 MiB; a round: 32 MiB more
+RECORD = b"r" * MiB
+
+_HELD_ROUNDS = """
+import os, threading, time
+_gate = os.environ.get("MF_TEST_HOLD_ROUNDS")
+if _gate:
+    from memfabric.plog import store as _store
+    _write = _store.LogBytes.write
+
+    def _held(self, offset, data, touched):
+        # the server's rounds (its plog-prepare thread) write nothing while the file exists
+        if threading.current_thread().name == "plog-prepare" and os.path.exists(_gate):
+            with open(_gate + ".held", "a") as f:
+                f.write(f"{offset}\\n")
+            while os.path.exists(_gate):
+                time.sleep(0.02)
+        return _write(self, offset, data, touched)
+
+    _store.LogBytes.write = _held
+"""
+
+
+@pytest.fixture
+def held_rounds(tmp_path, monkeypatch):
+    """A pmem server whose rounds wait while the returned file exists (remove it to let them go)."""
+    (tmp_path / "sitecustomize.py").write_text(_HELD_ROUNDS)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    gate = tmp_path / "gate"
+    gate.touch()
+    monkeypatch.setenv("MF_TEST_HOLD_ROUNDS", str(gate))
+    server = PersistentServer("pmem", capacity="600MiB").start()
+    try:
+        yield server, gate
+    finally:
+        gate.unlink(missing_ok=True)
+        server.cleanup()
+
+
+def _metas(server: PersistentServer) -> dict[str, dict]:
+    directory = os.path.join(server.pool_dir, "plogs")
+    metas = {}
+    for name in os.listdir(directory):
+        if name.endswith(".plog"):
+            with open(os.path.join(directory, name), "rb") as f:
+                meta = msgpack.unpackb(f.read())
+            metas[meta["name"]] = meta
+    return metas
+
+
+def _read_log(server: PersistentServer, meta: dict, offset: int, length: int) -> bytes:
+    out = b""
+    for segment, seg_offset, n in pieces([tuple(e) for e in meta["extents"]], offset, length):
+        with open(os.path.join(server.pool_dir, f"segment-{segment}.mem"), "rb") as f:
+            f.seek(seg_offset)
+            out += f.read(n)
+    return out
+
+
+def _append_until_refused(log, most: int) -> tuple[int, BaseException | None]:
+    """Appends of RECORD, up to `most`: how many were taken, and what refused the next."""
+    for taken in range(most):
+        try:
+            log.append(RECORD)
+        except memfabric.MemfabricError as exc:
+            return taken, exc
+    return most, None
+
+
+def _killed_and_restarted_whole(server: PersistentServer, name: str, expected: dict[str, list[bytes]]) -> None:
+    """A SIGKILL, then: each plog's reach on disk covers its log with zeros past it, and after a
+    restart each holds exactly `expected` and takes appends."""
+    lengths = {}
+    with memfabric.init(server.config) as s:
+        ns = s.namespace(name, "k", pool="keep")
+        for plog_name in expected:
+            lengths[plog_name] = ns.plog(plog_name).info()["length"]
+    server.kill()
+    for plog_name, meta in _metas(server).items():
+        length = lengths[plog_name]
+        assert meta["reach"] >= length, (plog_name, meta["reach"], length)
+        tail = _read_log(server, meta, length, meta["reach"] - length)
+        assert tail.count(0) == len(tail), f"{plog_name}: bytes past its log that are not zero"
+    server.start()
+    with memfabric.init(server.config) as s:
+        ns = s.namespace(name, "k", pool="keep")
+        for plog_name, records in expected.items():
+            log = ns.plog(plog_name)
+            assert list(log.records()) == records, plog_name
+            assert log.info()["length"] == lengths[plog_name]
+            log.append(b"after")
+
+
+def test_an_append_that_waits_for_its_plogs_round_is_answered_before_its_caller_gives_up(held_rounds, request):
+    """An append past the reach while its plog's round is under way waits for the round, at most
+    PLOG_PREPARE_WAIT_S (30 s), whatever the request's budget: the client (10 s) saw TIMEOUT, its
+    connection stayed busy for the rest of the wait, and the append it gave up on was written
+    when the round ended. It is answered within the budget now, and not written."""
+    server, gate = held_rounds
+    name = ns_name(request)
+    with memfabric.init(server.config) as s:
+        log = s.create_namespace(name, sec_id="k", pool="keep").create_plog("wal", PLOG_BYTES)
+        taken, refused = _append_until_refused(log, 80)
+        assert (gate.parent / "gate.held").exists()        # its round: under way, and held
+        assert 60 <= taken < 64 and isinstance(refused, ServerUnavailable), (taken, refused)
+        assert log.info()["length"] == taken * rec.frame_bytes(MiB)
+        gate.unlink()
+        wait_until(lambda: _metas(server)["wal"]["reach"] > 64 * MiB, "the round to end", WAIT_S)
+        log.append(RECORD)
+    _killed_and_restarted_whole(server, name, {"wal": [RECORD] * (taken + 1)})
