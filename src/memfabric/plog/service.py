@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..core.allocator import Extent
 from ..core.namespaces import check_name
-from ..datapath.deadline import allowing, call_timeout_s, unbounded
+from ..datapath.deadline import allowing, call_timeout_s, time_left_s, unbounded
 from ..errors import (IOError_, InvalidArgument, LimitExceeded, MemfabricError, NoSuchNamespace, NoSuchObject, ProtocolError,
                       InternalError, PermissionDenied, Sealed, ServerUnavailable)
 from ..limits import (MAX_PLOG_BATCH, MAX_PLOG_CAPACITY_BYTES, MAX_PLOG_RECORD_BYTES, MAX_PLOG_REPLICAS,
@@ -1049,10 +1049,14 @@ class PlogService:
         and says False."""
         if end <= plog.reach or not plog.preparing:
             return True
-        if not plog.ready.wait_for(lambda: not plog.preparing, PLOG_PREPARE_WAIT_S):
+        # Answered before its caller gives up (deadline.py): a late answer finds no one waiting,
+        # and the append it gave up on would be written all the same.
+        left_s = time_left_s()
+        wait_s = PLOG_PREPARE_WAIT_S if left_s is None else max(0.0, min(PLOG_PREPARE_WAIT_S, left_s))
+        if not plog.ready.wait_for(lambda: not plog.preparing, wait_s):
             raise ServerUnavailable(f"plog {plog.core.name!r}: its memory past {plog.reach} bytes is being made "
-                                    f"ready (zeros written and flushed), and that took over {PLOG_PREPARE_WAIT_S:.0f} "
-                                    "s: the disk is slow or stuck; try again")
+                                    f"ready (zeros written and flushed), and that took over {wait_s:.1f} s: the "
+                                    "disk is slow or stuck; try again")
         return False
 
     def _prepare_ahead(self, plog: _Plog) -> None:
