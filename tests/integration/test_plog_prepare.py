@@ -129,3 +129,23 @@ def test_an_append_that_waits_for_its_plogs_round_is_answered_before_its_caller_
         wait_until(lambda: _metas(server)["wal"]["reach"] > 64 * MiB, "the round to end", WAIT_S)
         log.append(RECORD)
     _killed_and_restarted_whole(server, name, {"wal": [RECORD] * (taken + 1)})
+
+
+def test_appends_do_not_wait_for_a_round_queued_behind_another_plogs(held_rounds, request):
+    """The server makes plogs' memory ready one round at a time: a plog's round queued behind
+    another plog's (a slow disk, or hundreds of plogs appended at once) held its appends past the
+    reach until it ran, and refused them after a while, though nothing was under way in their
+    path. They make their memory ready themselves, as when no round is queued."""
+    server, gate = held_rounds
+    name = ns_name(request)
+    with memfabric.init(server.config) as s:
+        ns = s.create_namespace(name, sec_id="k", pool="keep")
+        first, second = ns.create_plog("first", PLOG_BYTES), ns.create_plog("second", PLOG_BYTES)
+        assert _append_until_refused(first, 40) == (40, None)
+        wait_until((gate.parent / "gate.held").exists, "the first plog's round to be under way", WAIT_S)
+        # The second's round is queued behind it, and its appends go past its first 64 MiB.
+        assert _append_until_refused(second, 80) == (80, None)
+        gate.unlink()
+        wait_until(lambda: _metas(server)["first"]["reach"] > 64 * MiB, "the first plog's round to end", WAIT_S)
+        first.append(RECORD)
+    _killed_and_restarted_whole(server, name, {"first": [RECORD] * 41, "second": [RECORD] * 80})
