@@ -116,8 +116,9 @@ class _Plog:
         # On pmem, all from the log's end to here is ready too (zeros written and flushed).
         self.reach = reach
         # A round of making memory ready past the reach is queued or under way (pmem: the
-        # server's Preparer); `ready` is told when it ends.
+        # server's Preparer); under way: writing past the reach, and `ready` is told when it ends.
         self.preparing = False
+        self.round_under_way = False
         self.ready = threading.Condition(self.lock)
         self.flush_lock = threading.Lock()    # one flusher at a time (group commit)
         # Where appends its connections' receive loops wrote wait for a flush (pmem), or None.
@@ -1026,7 +1027,7 @@ class PlogService:
         if not plog.data.flushes:
             reach = next_reach(end, capacity)
         else:
-            assert not plog.preparing, "a round under way in the path of a write (_clear_of_rounds)"
+            assert not plog.round_under_way, "a round under way in the path of a write (_clear_of_rounds)"
             reach = ready_to(plog.reach, end, capacity)
             try:
                 self._zero_tail(plog.data, plog.reach, reach, force=True)
@@ -1046,14 +1047,15 @@ class PlogService:
         """Under the plog's lock, before bytes up to `end` are written: True when no round of
         making its memory ready stands in their way. Else it waits for that round to end (the
         lock let go meanwhile, so what the caller checked may have changed: it checks again)
-        and says False."""
-        if end <= plog.reach or not plog.preparing:
+        and says False. A round only queued is no reason to wait: it may be behind other
+        plogs' rounds, and starts from the reach the writer raised."""
+        if end <= plog.reach or not plog.round_under_way:
             return True
         # Answered before its caller gives up (deadline.py): a late answer finds no one waiting,
         # and the append it gave up on would be written all the same.
         left_s = time_left_s()
         wait_s = PLOG_PREPARE_WAIT_S if left_s is None else max(0.0, min(PLOG_PREPARE_WAIT_S, left_s))
-        if not plog.ready.wait_for(lambda: not plog.preparing, wait_s):
+        if not plog.ready.wait_for(lambda: not plog.round_under_way, wait_s):
             raise ServerUnavailable(f"plog {plog.core.name!r}: its memory past {plog.reach} bytes is being made "
                                     f"ready (zeros written and flushed), and that took over {wait_s:.1f} s: the "
                                     "disk is slow or stuck; try again")
@@ -1073,10 +1075,12 @@ class PlogService:
         reach (_clear_of_rounds)."""
         with plog.lock:
             start, capacity = plog.reach, plog.core.capacity
+            # (appends may have made it ready past where it was wanted while this waited its turn)
             go = (not self._preparer.stopping() and not plog.deleted and plog.broken is None
-                  and plog.core.state == OPEN and start < capacity)
+                  and plog.core.state == OPEN and wants_round(plog.core.written, start, capacity))
             if go:
                 plog.readers += 1
+                plog.round_under_way = True
             else:
                 plog.preparing = False
                 plog.ready.notify_all()
@@ -1113,7 +1117,7 @@ class PlogService:
                     except MemfabricError as exc:
                         plog.reach, ready = start, False
                         log.warning("plog %r: its reach was not raised: %s", plog.core.name, exc)
-                plog.preparing = False
+                plog.preparing = plog.round_under_way = False
                 if ready:
                     self._prepare_ahead(plog)      # (appends went on meanwhile)
                 plog.ready.notify_all()
