@@ -12,9 +12,11 @@ import pytest
 
 import memfabric
 from memfabric.errors import ServerUnavailable
+from memfabric.launcher import LocalFabric
 from memfabric.plog import record as rec
 from memfabric.plog.log import pieces
 
+from ..conftest import short_tmp_dir
 from ..helpers import WAIT_S, ns_name, wait_until
 from .test_persistence import PersistentServer
 
@@ -42,14 +44,20 @@ if _gate:
 """
 
 
-@pytest.fixture
-def held_rounds(tmp_path, monkeypatch):
-    """A pmem server whose rounds wait while the returned file exists (remove it to let them go)."""
+def _hold_rounds(tmp_path, monkeypatch):
+    """Servers started from now on hold their rounds while the returned file exists."""
     (tmp_path / "sitecustomize.py").write_text(_HELD_ROUNDS)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
     gate = tmp_path / "gate"
     gate.touch()
     monkeypatch.setenv("MF_TEST_HOLD_ROUNDS", str(gate))
+    return gate
+
+
+@pytest.fixture
+def held_rounds(tmp_path, monkeypatch):
+    """A pmem server whose rounds wait while the returned file exists (remove it to let them go)."""
+    gate = _hold_rounds(tmp_path, monkeypatch)
     server = PersistentServer("pmem", capacity="600MiB").start()
     try:
         yield server, gate
@@ -129,6 +137,26 @@ def test_an_append_that_waits_for_its_plogs_round_is_answered_before_its_caller_
         wait_until(lambda: _metas(server)["wal"]["reach"] > 64 * MiB, "the round to end", WAIT_S)
         log.append(RECORD)
     _killed_and_restarted_whole(server, name, {"wal": [RECORD] * (taken + 1)})
+
+
+def test_an_append_over_rpc_that_waits_for_its_plogs_round_is_answered_before_its_caller_gives_up(
+        tmp_path, monkeypatch, request):
+    """As above, from a client on another host: its records come as the RPC payload
+    (plog_append_payload), served outside the request's deadline, so the wait was 30 s there."""
+    gate = _hold_rounds(tmp_path, monkeypatch)
+    fabric = LocalFabric(short_tmp_dir("mf-plogprep-"), servers=1, capacity="16MiB", segment_size="1MiB",
+                         extra_args=["--pool", "logs:pmem:200MiB"]).start()
+    try:
+        with memfabric.init(os.path.join(fabric.directory, "remote.toml")) as s:
+            log = s.create_namespace(ns_name(request), sec_id="k", pool="logs").create_plog("wal", PLOG_BYTES)
+            taken, refused = _append_until_refused(log, 80)
+            assert 60 <= taken < 64 and isinstance(refused, ServerUnavailable), (taken, refused)
+            gate.unlink()
+            log.append(RECORD)       # (past the reach: it waits for the round, or makes it ready)
+            assert list(log.records()) == [RECORD] * (taken + 1)
+    finally:
+        gate.unlink(missing_ok=True)
+        assert fabric.stop() == 0, "memfabric up did not stop cleanly:\n" + "".join(fabric.output[-30:])
 
 
 def test_appends_do_not_wait_for_a_round_queued_behind_another_plogs(held_rounds, request):
