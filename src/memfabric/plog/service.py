@@ -59,7 +59,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..core.allocator import Extent
 from ..core.namespaces import check_name
-from ..datapath.deadline import allowing, call_timeout_s, time_left_s, unbounded
+from ..datapath.deadline import (allowing, call_timeout_s, deadline_for, serving_until, time_left_s,
+                                 unbounded)
 from ..errors import (IOError_, InvalidArgument, LimitExceeded, MemfabricError, NoSuchNamespace, NoSuchObject, ProtocolError,
                       InternalError, PermissionDenied, Sealed, ServerUnavailable)
 from ..limits import (MAX_PLOG_BATCH, MAX_PLOG_CAPACITY_BYTES, MAX_PLOG_RECORD_BYTES, MAX_PLOG_REPLICAS,
@@ -727,6 +728,7 @@ class PlogService:
         started_s = time.perf_counter()
         if conn.role != "peer":
             raise PermissionDenied("plog_replica_payload is for the servers of the cluster")
+        until = deadline_for(m.get("budget_s"))      # (transfers do not pass through Server.serve)
         plog = self._plog(conn, m)
         at = m.get("at")
         if type(at) is not int or not 0 < payload_len <= PLOG_PULL_BYTES:
@@ -737,7 +739,8 @@ class PlogService:
             data = self._forward_buffer(payload_len)
             frames.recv_into_exact(data, deadline)
             try:        # the payload is read: answered here
-                reply = {"id": m["id"], **self._take_forward(conn, plog, m, at, data, m.get("last") is True)}
+                with serving_until(until):
+                    reply = {"id": m["id"], **self._take_forward(conn, plog, m, at, data, m.get("last") is True)}
                 code = None
             except MemfabricError as exc:
                 reply, code = wire.error_reply(m["id"], exc), exc.code
@@ -936,6 +939,7 @@ class PlogService:
                         deadline: float) -> None:
         """plog_append_payload over RPC: the records back to back as the payload, received into
         one buffer, then appended like any other."""
+        until = deadline_for(m.get("budget_s"))      # (transfers do not pass through Server.serve)
         plog = self._plog(conn, m)
         lengths = _lengths(m.get("lengths"), payload_len)
         self._take_buffer(payload_len)
@@ -943,7 +947,8 @@ class PlogService:
             buffer = bytearray(payload_len)
             frames.recv_into_exact(memoryview(buffer), deadline)
             try:
-                reply: dict[str, Any] = {"id": m["id"], "offsets": self._append(plog, memoryview(buffer), lengths)}
+                with serving_until(until):
+                    reply: dict[str, Any] = {"id": m["id"], "offsets": self._append(plog, memoryview(buffer), lengths)}
             except MemfabricError as exc:         # the payload is read: answer here
                 reply = wire.error_reply(m["id"], exc)
         finally:
