@@ -96,6 +96,17 @@ def _append_until_refused(log, most: int) -> tuple[int, BaseException | None]:
     return most, None
 
 
+def _until_refused_past_a_held_round(log, gate) -> int:
+    """Appends of RECORD to a new plog of PLOG_BYTES: 40 (its round starts past 32 MiB, and is
+    held), then up to its reach (64 MiB), where the next is refused SERVER_UNAVAILABLE (the
+    server's answer, not the client's TIMEOUT): how many were taken."""
+    assert _append_until_refused(log, 40) == (40, None)
+    wait_until((gate.parent / "gate.held").exists, "its round to be under way", WAIT_S)
+    taken, refused = _append_until_refused(log, 40)
+    assert 20 <= taken < 24 and isinstance(refused, ServerUnavailable), (taken, refused)
+    return 40 + taken
+
+
 def _killed_and_restarted_whole(server: PersistentServer, name: str, expected: dict[str, list[bytes]]) -> None:
     """A SIGKILL, then: each plog's reach on disk covers its log with zeros past it, and after a
     restart each holds exactly `expected` and takes appends."""
@@ -129,9 +140,7 @@ def test_an_append_that_waits_for_its_plogs_round_is_answered_before_its_caller_
     name = ns_name(request)
     with memfabric.init(server.config) as s:
         log = s.create_namespace(name, sec_id="k", pool="keep").create_plog("wal", PLOG_BYTES)
-        taken, refused = _append_until_refused(log, 80)
-        assert (gate.parent / "gate.held").exists()        # its round: under way, and held
-        assert 60 <= taken < 64 and isinstance(refused, ServerUnavailable), (taken, refused)
+        taken = _until_refused_past_a_held_round(log, gate)
         assert log.info()["length"] == taken * rec.frame_bytes(MiB)
         gate.unlink()
         wait_until(lambda: _metas(server)["wal"]["reach"] > 64 * MiB, "the round to end", WAIT_S)
@@ -149,8 +158,7 @@ def test_an_append_over_rpc_that_waits_for_its_plogs_round_is_answered_before_it
     try:
         with memfabric.init(os.path.join(fabric.directory, "remote.toml")) as s:
             log = s.create_namespace(ns_name(request), sec_id="k", pool="logs").create_plog("wal", PLOG_BYTES)
-            taken, refused = _append_until_refused(log, 80)
-            assert 60 <= taken < 64 and isinstance(refused, ServerUnavailable), (taken, refused)
+            taken = _until_refused_past_a_held_round(log, gate)
             gate.unlink()
             log.append(RECORD)       # (past the reach: it waits for the round, or makes it ready)
             assert list(log.records()) == [RECORD] * (taken + 1)
