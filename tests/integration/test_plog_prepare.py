@@ -6,6 +6,7 @@ SIGKILL and a restart that find every acknowledged record and zeros past the log
 from __future__ import annotations
 
 import os
+import threading
 
 import msgpack
 import pytest
@@ -185,3 +186,30 @@ def test_appends_do_not_wait_for_a_round_queued_behind_another_plogs(held_rounds
         wait_until(lambda: _metas(server)["first"]["reach"] > 64 * MiB, "the first plog's round to end", WAIT_S)
         first.append(RECORD)
     _killed_and_restarted_whole(server, name, {"first": [RECORD] * 41, "second": [RECORD] * 80})
+
+
+def test_a_delete_during_a_round_frees_the_plogs_memory_before_it_is_answered(tmp_path, monkeypatch, request):
+    """A round holds its plog's memory (a delete must not free it under the round's writes).
+    The delete was answered at once, and the memory freed only when the round ended: a create
+    right after it, in a pool with room for one such plog (as `memfabric bench --plog` does),
+    was refused OUT_OF_MEMORY. The delete now calls the round off and waits for it to end."""
+    gate = _hold_rounds(tmp_path, monkeypatch)
+    server = PersistentServer("pmem", capacity="160MiB").start()
+    try:
+        with memfabric.init(server.config) as s:
+            ns = s.create_namespace(ns_name(request), sec_id="k", pool="keep")
+            log = ns.create_plog("first", PLOG_BYTES)
+            assert _append_until_refused(log, 40) == (40, None)
+            wait_until((gate.parent / "gate.held").exists, "its round to be under way", WAIT_S)
+            opener = threading.Timer(1.0, gate.unlink)       # the disk goes on a moment later
+            opener.start()
+            try:
+                log.delete()
+                second = ns.create_plog("second", PLOG_BYTES)      # the pool holds one at a time
+            finally:
+                opener.join()
+            second.append(b"whole")
+            assert list(second.records()) == [b"whole"]
+    finally:
+        gate.unlink(missing_ok=True)
+        server.cleanup()
