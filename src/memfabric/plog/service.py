@@ -1058,8 +1058,7 @@ class PlogService:
             return True
         # Answered before its caller gives up (deadline.py): a late answer finds no one waiting,
         # and the append it gave up on would be written all the same.
-        left_s = time_left_s()
-        wait_s = PLOG_PREPARE_WAIT_S if left_s is None else max(0.0, min(PLOG_PREPARE_WAIT_S, left_s))
+        wait_s = _round_wait_s()
         if not plog.ready.wait_for(lambda: not plog.round_under_way, wait_s):
             raise ServerUnavailable(f"plog {plog.core.name!r}: its memory past {plog.reach} bytes is being made "
                                     f"ready (zeros written and flushed), and that took over {wait_s:.1f} s: the "
@@ -1122,11 +1121,13 @@ class PlogService:
                     except MemfabricError as exc:
                         plog.reach, ready = start, False
                         log.warning("plog %r: its reach was not raised: %s", plog.core.name, exc)
-                plog.preparing = plog.round_under_way = False
+                plog.preparing = False
+            self._done_reading(plog)        # (deleted meanwhile: its memory is freed here)
+            with plog.lock:
+                plog.round_under_way = False      # (over once its memory is freed: op_plog_delete waits)
                 if ready:
                     self._prepare_ahead(plog)      # (appends went on meanwhile)
                 plog.ready.notify_all()
-            self._done_reading(plog)
 
     def _flush_to(self, plog: _Plog, end: int) -> None:
         """Return once bytes up to `end` are committed: flushed by us, or by a flusher that
@@ -1543,6 +1544,11 @@ class PlogService:
                 raise _gone(plog)
             remove_meta(plog.path)
             plog.deleted = True
+            if plog.round_under_way:
+                # It holds the memory, and stops at its next MiB (it sees `deleted`), then frees
+                # it: waited for, so that the memory is free when the delete is answered (a
+                # create may follow, in a pool with room for one). Past the wait, it frees it later.
+                plog.ready.wait_for(lambda: not plog.round_under_way, _round_wait_s())
             release = plog.readers == 0 and not plog.released
             if release:
                 plog.released = True
@@ -1572,6 +1578,13 @@ class PlogService:
         except MemfabricError as exc:       # its namespace is being destroyed: its memory with it
             log.info("plog %r's memory was not zeroed: %s", plog.core.name, exc)
         self._release_extents(plog.state, plog.state.record.pool, extents)
+
+
+def _round_wait_s() -> float:
+    """How long a request may wait for a round of making memory ready to end: answered before
+    its caller gives up (deadline.py), and at most PLOG_PREPARE_WAIT_S."""
+    left_s = time_left_s()
+    return PLOG_PREPARE_WAIT_S if left_s is None else max(0.0, min(PLOG_PREPARE_WAIT_S, left_s))
 
 
 def _gone(plog: _Plog) -> MemfabricError:
