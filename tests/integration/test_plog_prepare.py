@@ -20,8 +20,10 @@ from ..helpers import WAIT_S, ns_name, wait_until
 from .test_persistence import PersistentServer
 
 MiB = 1 << 20
-PLOG_BYTES = 100 * MiB         # made ready at create: its first 64 MiB; a round: 32 MiB more
-RECORD = b"r" * MiB
+PLOG_BYTES = 320 * MiB         # made ready at create: its first 256 MiB; a round: 32 MiB more
+RECORD = b"r" * (128 << 10)    # small enough that its log is made ready for (its flushes carry one or two)
+TO_A_ROUND = 1800              # records: past 224 MiB, 32 MiB from what is ready, a round starts
+INTO_IT = 300                  # then past 256 MiB: into the round's 32 MiB
 
 _HELD_ROUNDS = """
 import os, threading, time
@@ -66,7 +68,7 @@ def _hold_rounds(tmp_path, monkeypatch):
 def held_rounds(tmp_path, monkeypatch):
     """A pmem server whose rounds wait while the returned file exists (remove it to let them go)."""
     gate = _hold_rounds(tmp_path, monkeypatch)
-    server = PersistentServer("pmem", capacity="600MiB").start()
+    server = PersistentServer("pmem", capacity="700MiB").start()
     try:
         yield server, gate
     finally:
@@ -149,14 +151,14 @@ def test_appends_go_past_a_round_under_way_and_it_never_writes_over_them(held_ro
     name = ns_name(request)
     with memfabric.init(server.config) as s:
         log = s.create_namespace(name, sec_id="k", pool="keep").create_plog("wal", PLOG_BYTES)
-        assert _append_until_refused(log, 40) == (40, None)     # its round starts past 32 MiB, and is held
+        assert _append_until_refused(log, TO_A_ROUND) == (TO_A_ROUND, None)     # its round, held
         _round_held(gate)
-        assert _append_until_refused(log, 50) == (50, None)     # past 64 MiB: into the round's 32 MiB
+        assert _append_until_refused(log, INTO_IT) == (INTO_IT, None)
         written = _rounds_written(gate)
         gate.unlink()
         log.append(RECORD)
         wait_until(lambda: _rounds_written(gate) > written, "the round to write", WAIT_S)
-    _killed_and_restarted_whole(server, name, {"wal": [RECORD] * 91})
+    _killed_and_restarted_whole(server, name, {"wal": [RECORD] * (TO_A_ROUND + INTO_IT + 1)})
 
 
 def test_an_append_over_rpc_goes_past_a_round_under_way(tmp_path, monkeypatch, request):
@@ -164,16 +166,16 @@ def test_an_append_over_rpc_goes_past_a_round_under_way(tmp_path, monkeypatch, r
     (plog_append_payload), served outside the request's deadline, so a wait there was 30 s."""
     gate = _hold_rounds(tmp_path, monkeypatch)
     fabric = LocalFabric(short_tmp_dir("mf-plogprep-"), servers=1, capacity="16MiB", segment_size="1MiB",
-                         extra_args=["--pool", "logs:pmem:200MiB"]).start()
+                         extra_args=["--pool", "logs:pmem:400MiB"]).start()
     try:
         with memfabric.init(os.path.join(fabric.directory, "remote.toml")) as s:
             log = s.create_namespace(ns_name(request), sec_id="k", pool="logs").create_plog("wal", PLOG_BYTES)
-            assert _append_until_refused(log, 40) == (40, None)
+            assert _append_until_refused(log, TO_A_ROUND) == (TO_A_ROUND, None)
             _round_held(gate)
-            assert _append_until_refused(log, 50) == (50, None)
+            assert _append_until_refused(log, INTO_IT) == (INTO_IT, None)
             gate.unlink()
             log.append(RECORD)
-            assert list(log.records()) == [RECORD] * 91
+            assert list(log.records()) == [RECORD] * (TO_A_ROUND + INTO_IT + 1)
     finally:
         gate.unlink(missing_ok=True)
         assert fabric.stop() == 0, "memfabric up did not stop cleanly:\n" + "".join(fabric.output[-30:])
@@ -189,15 +191,16 @@ def test_appends_do_not_wait_for_a_round_queued_behind_another_plogs(held_rounds
     with memfabric.init(server.config) as s:
         ns = s.create_namespace(name, sec_id="k", pool="keep")
         first, second = ns.create_plog("first", PLOG_BYTES), ns.create_plog("second", PLOG_BYTES)
-        assert _append_until_refused(first, 40) == (40, None)
+        assert _append_until_refused(first, TO_A_ROUND) == (TO_A_ROUND, None)
         _round_held(gate)
-        # The second's round is queued behind it, and its appends go past its first 64 MiB.
-        assert _append_until_refused(second, 80) == (80, None)
+        # The second's round is queued behind it, and its appends go past its first 256 MiB.
+        assert _append_until_refused(second, TO_A_ROUND + INTO_IT) == (TO_A_ROUND + INTO_IT, None)
         written = _rounds_written(gate)
         gate.unlink()
         first.append(RECORD)
         wait_until(lambda: _rounds_written(gate) > written, "the rounds to write", WAIT_S)
-    _killed_and_restarted_whole(server, name, {"first": [RECORD] * 41, "second": [RECORD] * 80})
+    _killed_and_restarted_whole(server, name, {"first": [RECORD] * (TO_A_ROUND + 1),
+                                                "second": [RECORD] * (TO_A_ROUND + INTO_IT)})
 
 
 def test_a_delete_during_a_round_frees_the_plogs_memory_before_it_is_answered(tmp_path, monkeypatch, request):
@@ -206,12 +209,12 @@ def test_a_delete_during_a_round_frees_the_plogs_memory_before_it_is_answered(tm
     right after it, in a pool with room for one such plog (as `memfabric bench --plog` does),
     was refused OUT_OF_MEMORY. The delete now calls the round off and waits for it to end."""
     gate = _hold_rounds(tmp_path, monkeypatch)
-    server = PersistentServer("pmem", capacity="160MiB").start()
+    server = PersistentServer("pmem", capacity="400MiB").start()
     try:
         with memfabric.init(server.config) as s:
             ns = s.create_namespace(ns_name(request), sec_id="k", pool="keep")
             log = ns.create_plog("first", PLOG_BYTES)
-            assert _append_until_refused(log, 40) == (40, None)
+            assert _append_until_refused(log, TO_A_ROUND) == (TO_A_ROUND, None)
             _round_held(gate)
             opener = threading.Timer(1.0, gate.unlink)       # the disk goes on a moment later
             opener.start()

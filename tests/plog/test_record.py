@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memfabric.errors import InvalidArgument, OutOfRange, OutOfSpace, Sealed
-from memfabric.limits import (MAX_PLOG_RECORD_BYTES, PLOG_PREPARE_AHEAD_BYTES, PLOG_PREPARE_ROUND_BYTES,
-                              PLOG_REACH_STEP_BYTES)
+from memfabric.limits import (MAX_PLOG_RECORD_BYTES, PLOG_PREPARE_AHEAD_BYTES, PLOG_PREPARE_AT_CREATE_BYTES,
+                              PLOG_PREPARE_ROUND_BYTES)
 from memfabric.plog import record as rec
-from memfabric.plog.log import PlogLog, first_ready, pieces, ready_to, wants_round
+from memfabric.plog.log import PlogLog, first_ready, pieces, round_end, wants_round
 
 NONCE = 0x1234_5678_9ABC_DEF0
 payloads = st.lists(st.binary(min_size=0, max_size=300), min_size=0, max_size=40)
@@ -343,14 +343,15 @@ def test_the_compiled_frame_read_returns_exactly_the_records_that_check(compiled
 @given(st.integers(1, 1 << 40), st.data())
 def test_rounds_keep_a_pmem_log_ready_ahead_and_never_past_its_capacity(capacity, data):
     """A pmem log is made ready in rounds (limits.PLOG_PREPARE_ROUND_BYTES): the first part at
-    create, the next when the log comes close to it, and as far as a large write needs."""
-    reach = first_ready(capacity)
-    assert reach == min(capacity, PLOG_REACH_STEP_BYTES)
-    written = data.draw(st.integers(0, reach))
-    while wants_round(written, reach, capacity):
-        before, reach = reach, ready_to(reach, reach, capacity)
-        assert reach == min(capacity, before + PLOG_PREPARE_ROUND_BYTES)
-    assert reach == capacity or reach >= written + PLOG_PREPARE_AHEAD_BYTES
-    end = data.draw(st.integers(reach, capacity))           # a write past what is ready
-    assert end <= ready_to(reach, end, capacity) <= capacity
+    create, the next when the log comes close to it, never past its capacity."""
+    ready_end = first_ready(capacity)
+    assert ready_end == min(capacity, PLOG_PREPARE_AT_CREATE_BYTES)
+    written = data.draw(st.integers(0, ready_end))
+    rounds = 0
+    while wants_round(written, ready_end, capacity):
+        before, ready_end = ready_end, round_end(ready_end, capacity)
+        assert ready_end == min(capacity, before + PLOG_PREPARE_ROUND_BYTES)
+        rounds += 1
+    assert ready_end == capacity or written + PLOG_PREPARE_AHEAD_BYTES <= ready_end
+    assert not rounds or ready_end < written + PLOG_PREPARE_AHEAD_BYTES + PLOG_PREPARE_ROUND_BYTES   # none too many
     assert not wants_round(capacity, capacity, capacity)

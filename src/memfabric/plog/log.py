@@ -19,7 +19,7 @@ from bisect import bisect_right
 from itertools import accumulate
 
 from ..errors import InvalidArgument, OutOfRange, OutOfSpace, Sealed
-from ..limits import (MAX_PLOG_BATCH, PLOG_PREPARE_AHEAD_BYTES, PLOG_PREPARE_BYTES_PER_S, PLOG_PREPARE_ROUND_BYTES,
+from ..limits import (MAX_PLOG_BATCH, PLOG_PREPARE_AHEAD_BYTES, PLOG_PREPARE_AT_CREATE_BYTES, PLOG_PREPARE_BYTES_PER_S, PLOG_PREPARE_ROUND_BYTES,
                       PLOG_REACH_STEP_BYTES, PLOG_REACH_STEP_MOST_BYTES)
 from .record import ALIGN_BYTES, HEADER_BYTES, frame_bytes
 
@@ -40,9 +40,8 @@ def prepare_allowance_s(capacity: int, copies: int = 1) -> float:
 
 
 def first_ready(capacity: int) -> int:
-    """How much of a new pmem plog is made ready at create (limits.PLOG_REACH_STEP_BYTES, a
-    ramdisk plog's first reach too): its first reach."""
-    return next_reach(0, capacity)
+    """How much of a new pmem plog is made ready at create (limits.PLOG_PREPARE_AT_CREATE_BYTES)."""
+    return min(capacity, PLOG_PREPARE_AT_CREATE_BYTES)
 
 
 class PlogLog:
@@ -175,16 +174,15 @@ def next_reach(end: int, capacity: int) -> int:
     return min(capacity, end + min(max(end, PLOG_REACH_STEP_BYTES), PLOG_REACH_STEP_MOST_BYTES))
 
 
-def wants_round(written: int, reach: int, capacity: int) -> bool:
-    """Whether a pmem log written up to `written`, ready up to its `reach`, should be made ready
-    further now (limits.PLOG_PREPARE_AHEAD_BYTES)."""
-    return reach < capacity and written + PLOG_PREPARE_AHEAD_BYTES > reach
+def wants_round(written: int, ready_end: int, capacity: int) -> bool:
+    """Whether a pmem log written up to `written`, its memory ready up to `ready_end`, should be
+    made ready further now (limits.PLOG_PREPARE_AHEAD_BYTES)."""
+    return ready_end < capacity and written + PLOG_PREPARE_AHEAD_BYTES > ready_end
 
 
-def ready_to(reach: int, end: int, capacity: int) -> int:
-    """How far a pmem log ready up to `reach` is made ready in one round, or before bytes up to
-    `end` are written past it: a round's length at least (limits.PLOG_PREPARE_ROUND_BYTES)."""
-    return min(capacity, max(end, reach + PLOG_PREPARE_ROUND_BYTES))
+def round_end(start: int, capacity: int) -> int:
+    """Where a round that makes a pmem log's memory ready from `start` ends."""
+    return min(capacity, start + PLOG_PREPARE_ROUND_BYTES)
 
 
 def frame_starts(at: int, lengths: list[int]) -> tuple[list[int], int]:

@@ -66,6 +66,7 @@ from ..errors import (IOError_, InvalidArgument, LimitExceeded, MemfabricError, 
 from ..limits import (MAX_PLOG_BATCH, MAX_PLOG_CAPACITY_BYTES, MAX_PLOG_RECORD_BYTES, MAX_PLOG_REPLICAS,
                       MAX_PLOG_BUFFERED_BYTES, MAX_PLOG_STAGED_BYTES, MAX_PLOG_STAGES_PER_CLIENT, MAX_PLOGS_PER_NAMESPACE, MAX_RPC_PAYLOAD_BYTES,
                       MAX_PLOG_PULL_PLACES, PLOG_INLINE_BYTES, PLOG_PULL_BYTES, PLOG_REPLICA_PIECE_BYTES,
+                      PLOG_PREPARE_FLUSH_MOST_BYTES, PLOG_PREPARE_PIECE_BYTES, PLOG_PREPARE_SKIP_BYTES,
                       PLOG_PREPARE_WAIT_S, PLOG_RPC_READ_BYTES, PLOG_SHARED_STAGE_KEPT_BYTES,
                       PLOG_SHARED_STAGE_MIN_BYTES)
 from ..media.memfd import SEALS_SIZE, sealed_memfd
@@ -75,7 +76,7 @@ from ..stop_request import StopRequest
 from ..transport import wire
 from . import fast_append
 from . import record as rec
-from .log import (OPEN, SEALED, STATES, PlogLog, first_ready, frame_starts, next_reach, prepare_allowance_s, ready_to,
+from .log import (OPEN, SEALED, STATES, PlogLog, first_ready, frame_starts, next_reach, prepare_allowance_s, round_end,
                   wants_round)
 from .preparer import Preparer
 from .store import LogBytes, meta_path, read_metas, remove_meta, write_meta
@@ -114,13 +115,17 @@ class _Plog:
         # The log never wrote a byte at or past this (no frame of it lies there): what a restart
         # scans and zeroes (restore). In its metadata, raised there before a write goes past it
         # (a restore that zeroed all past the log takes the log's end, lower than the metadata's).
-        # On pmem, all from the log's end to here is ready too (zeros written and flushed).
         self.reach = reach
-        # A round of making memory ready past the reach is queued or under way (pmem: the
-        # server's Preparer); under way: writing past the reach, and `ready` is told when it ends.
+        # pmem: its memory is ready (zeros written and flushed) from the log's end to here, and
+        # a round of making more ready is queued or under way (the server's Preparer); under
+        # way, it holds the memory as a read does, and `round_over` is told when it ends. No
+        # round until the log is this long (a log that outran one: limits.PLOG_PREPARE_SKIP_BYTES).
+        self.ready_end = 0
         self.preparing = False
         self.round_under_way = False
-        self.ready = threading.Condition(self.lock)
+        self.round_over = threading.Condition(self.lock)
+        self.prepare_from = 0
+        self.flushed_bytes = 0                # by its last flush (large ones are not made ready for)
         self.flush_lock = threading.Lock()    # one flusher at a time (group commit)
         # Where appends its connections' receive loops wrote wait for a flush (pmem), or None.
         self.commit_group = fast_append.commit_group(data)
@@ -614,7 +619,7 @@ class PlogService:
                     self._zero_tail(data, 0, first_ready(capacity), force=True)
                 plog = make(data)
                 if data.flushes:
-                    plog.reach = first_ready(capacity)
+                    plog.ready_end = first_ready(capacity)
                 write_meta(plog.path, plog.meta())
                 if copies is not None:
                     try:
@@ -756,8 +761,6 @@ class PlogService:
         op_plog_replica_append)."""
         core = plog.core
         with plog.lock:
-            while not self._clear_of_rounds(plog, at + len(data)):
-                pass
             if plog.deleted:      # (found before a client deleted it): its memory is the namespace's again
                 raise _gone(plog)
             if plog.role != REPLICA:
@@ -797,6 +800,7 @@ class PlogService:
                 plog.data.flush(touched | plog.touched)
                 plog.touched = set()
                 core.commit(end)
+                plog.flushed_bytes = end - start
                 self._prepare_ahead(plog)
             except BaseException:
                 # Nothing of it may look like a record to a later scan or check.
@@ -965,20 +969,17 @@ class PlogService:
         moment (its stage): framed from a copy, so each record's CRC is that of its bytes."""
         core = plog.core
         with plog.lock:
-            while True:
-                if plog.deleted:
-                    raise _gone(plog)
-                if plog.role != HOME:
-                    raise ServerUnavailable(f"server {self.server.server_id} holds a copy of plog {core.name!r}; "
-                                            f"appends go to its home, server {plog.home} (when it is dead, seal the "
-                                            "plog and read it here)")
-                if plog.broken is not None:
-                    raise IOError_(f"plog {core.name!r} takes no appends: a flush failed ({plog.broken}); "
-                                   "its committed records can be read, and a restart of its server scans it again")
-                starts = core.plan(lengths)
-                total = starts[-1] + rec.frame_bytes(lengths[-1]) - starts[0]
-                if self._clear_of_rounds(plog, starts[0] + total):
-                    break
+            if plog.deleted:
+                raise _gone(plog)
+            if plog.role != HOME:
+                raise ServerUnavailable(f"server {self.server.server_id} holds a copy of plog {core.name!r}; appends go "
+                                        f"to its home, server {plog.home} (when it is dead, seal the plog and read "
+                                        "it here)")
+            if plog.broken is not None:
+                raise IOError_(f"plog {core.name!r} takes no appends: a flush failed ({plog.broken}); "
+                               "its committed records can be read, and a restart of its server scans it again")
+            starts = core.plan(lengths)
+            total = starts[-1] + rec.frame_bytes(lengths[-1]) - starts[0]
             self._raise_reach(plog, starts[0] + total)
             try:
                 buffer = self._frame_buffer() if total <= JOIN_BELOW_BYTES else None
@@ -1021,113 +1022,88 @@ class PlogService:
             self.appended_bytes += data.nbytes
         return frame_starts(starts[0] + rec.HEADER_BYTES, lengths)[0]     # where their payloads begin
 
-    def _raise_reach(self, plog: _Plog, end: int) -> None:
-        """Before bytes up to `end` are written (under the plog's lock, clear of rounds): the
-        log's reach in its metadata goes past them first, so a restart after a crash scans and
-        zeroes them. On pmem, the memory up to there is made ready first, here, when the
-        preparer's rounds did not keep ahead (or the record is larger than they go)."""
+    @staticmethod
+    def _raise_reach(plog: _Plog, end: int) -> None:
+        """Before bytes up to `end` are written (under the plog's lock): the log's reach in its
+        metadata goes past them first, so a restart after a crash scans and zeroes them."""
         if end <= plog.reach:
             return
-        capacity = plog.core.capacity
-        if not plog.data.flushes:
-            reach = next_reach(end, capacity)
-        else:
-            assert not plog.round_under_way, "a round under way in the path of a write (_clear_of_rounds)"
-            reach = ready_to(plog.reach, end, capacity)
-            try:
-                self._zero_tail(plog.data, plog.reach, reach, force=True)
-            except IOError_ as exc:
-                plog.broken = str(exc)       # (a failed flush: see _prepare_round)
-                raise
-        before, plog.reach = plog.reach, reach
+        before, plog.reach = plog.reach, next_reach(end, plog.core.capacity)
         try:
             write_meta(plog.path, plog.meta())
         except BaseException:
             plog.reach = before
             raise
-        self._prepare_ahead(plog)
-
-    @staticmethod
-    def _clear_of_rounds(plog: _Plog, end: int) -> bool:
-        """Under the plog's lock, before bytes up to `end` are written: True when no round of
-        making its memory ready stands in their way. Else it waits for that round to end (the
-        lock let go meanwhile, so what the caller checked may have changed: it checks again)
-        and says False. A round only queued is no reason to wait: it may be behind other
-        plogs' rounds, and starts from the reach the writer raised."""
-        if end <= plog.reach or not plog.round_under_way:
-            return True
-        # Answered before its caller gives up (deadline.py): a late answer finds no one waiting,
-        # and the append it gave up on would be written all the same.
-        wait_s = _round_wait_s()
-        if not plog.ready.wait_for(lambda: not plog.round_under_way, wait_s):
-            raise ServerUnavailable(f"plog {plog.core.name!r}: its memory past {plog.reach} bytes is being made "
-                                    f"ready (zeros written and flushed), and that took over {wait_s:.1f} s: the "
-                                    "disk is slow or stuck; try again")
-        return False
 
     def _prepare_ahead(self, plog: _Plog) -> None:
         """Under the plog's lock, after its log grew: a round of making its memory ready is
-        queued when the log comes close to what is ready (pmem, an open log)."""
-        if (plog.data.flushes and not plog.preparing and plog.core.state == OPEN and not plog.deleted
-                and plog.broken is None and wants_round(plog.core.written, plog.reach, plog.core.capacity)):
+        queued when the log comes close to what is ready (pmem, an open log, small flushes)."""
+        end = max(plog.core.written, plog.receiving)
+        if (plog.data.flushes and not plog.preparing and plog.flushed_bytes < PLOG_PREPARE_FLUSH_MOST_BYTES
+                and end >= plog.prepare_from and plog.core.state == OPEN
+                and not plog.deleted and plog.broken is None and wants_round(end, plog.ready_end, plog.core.capacity)):
             plog.preparing = self._preparer.submit(plog)
 
     def _prepare_round(self, plog: _Plog) -> None:
-        """One round (the Preparer's thread): zeros written and flushed past the reach, then
-        the reach raised over them, in the metadata first. Meanwhile the plog's memory is held
-        as a read holds it (a delete frees it after the round), and no write goes past the
-        reach (_clear_of_rounds)."""
+        """One round (the Preparer's thread): zeros written past the log's end, a piece at a
+        time (_ready_piece), then flushed. Meanwhile the plog's memory is held as a read holds
+        it (a delete frees it after the round, and waits for that)."""
         with plog.lock:
-            start, capacity = plog.reach, plog.core.capacity
-            # (appends may have made it ready past where it was wanted while this waited its turn)
+            capacity = plog.core.capacity
+            start = max(plog.ready_end, plog.core.written, plog.receiving)
+            # (appends may have gone past where it was wanted while this waited its turn)
             go = (not self._preparer.stopping() and not plog.deleted and plog.broken is None
-                  and plog.core.state == OPEN and wants_round(plog.core.written, start, capacity))
-            if go:
-                plog.readers += 1
-                plog.round_under_way = True
-            else:
-                plog.preparing = False
-                plog.ready.notify_all()
+                  and plog.core.state == OPEN and wants_round(start, plog.ready_end, capacity))
+            plog.preparing = False
+            if not go:
                 return
-        end, ready = ready_to(start, start, capacity), False
-
-        def check() -> None:        # before each MiB
-            if self._preparer.stopping() or plog.deleted:
-                raise ServerUnavailable("the round was called off")
-
+            plog.readers += 1
+            plog.round_under_way = True
+        end, touched, outran, done, failed = round_end(start, capacity), set(), False, False, None
         try:
-            self._zero_tail(plog.data, start, end, force=True, check=check)
-            ready = True
+            at = start
+            while at < end and not outran:
+                if self._preparer.stopping() or plog.deleted:
+                    return                  # (called off)
+                n = min(PLOG_PREPARE_PIECE_BYTES, end - at)
+                outran = not self._ready_piece(plog, at, n, touched)
+                at += n
+            plog.data.flush(touched)
+            done = not outran
         except MemfabricError as exc:
-            if plog.deleted or self._preparer.stopping():
-                pass                       # (its segments may be gone with its namespace)
-            elif isinstance(exc, IOError_):
-                # Its flush shares the segment files' error state with the appends' flushes:
-                # an EIO it took would not be seen by theirs, so no append is taken after it
-                # (as after a failed flush of theirs).
-                with plog.lock:
-                    plog.broken = f"making its memory ready: {exc}"
-                log.warning("plog %r: its memory past %d bytes was not made ready: %s; it takes no more appends",
-                            plog.core.name, start, exc)
-            else:
-                log.warning("plog %r: its memory past %d bytes was not made ready: %s (each append past it makes "
-                            "it ready itself)", plog.core.name, start, exc)
+            failed = exc
         finally:
             with plog.lock:
-                if ready and not plog.deleted and plog.reach == start:
-                    plog.reach = end
-                    try:
-                        write_meta(plog.path, plog.meta())
-                    except MemfabricError as exc:
-                        plog.reach, ready = start, False
-                        log.warning("plog %r: its reach was not raised: %s", plog.core.name, exc)
-                plog.preparing = False
+                if done:
+                    plog.ready_end = max(plog.ready_end, end)
+                elif outran:
+                    plog.prepare_from = plog.core.written + PLOG_PREPARE_SKIP_BYTES
+                elif isinstance(failed, IOError_) and not plog.deleted:
+                    # Its flush shares the segment files' error state with the appends' flushes:
+                    # an EIO it took would not be seen by theirs, so no append is taken after it
+                    # (as after a failed flush of theirs).
+                    plog.broken = f"making its memory ready: {failed}"
             self._done_reading(plog)        # (deleted meanwhile: its memory is freed here)
             with plog.lock:
                 plog.round_under_way = False      # (over once its memory is freed: op_plog_delete waits)
-                if ready:
-                    self._prepare_ahead(plog)      # (appends went on meanwhile)
-                plog.ready.notify_all()
+                plog.round_over.notify_all()
+                if done:
+                    self._prepare_ahead(plog)     # (appends went on meanwhile)
+        if failed is not None and not plog.deleted and not self._preparer.stopping():
+            log.warning("plog %r: its memory past %d bytes was not made ready: %s%s", plog.core.name, start, failed,
+                        "; it takes no more appends" if plog.broken else "")
+
+    _ZEROS = memoryview(bytes(PLOG_PREPARE_PIECE_BYTES))
+
+    def _ready_piece(self, plog: _Plog, at: int, n: int, touched: set[int]) -> bool:
+        """Zeros written over [at, at + n) of the log, but where the log has written: under its
+        lock, as every write of the log's bytes is, so that none lands after them. False when
+        the log has gone past the piece's end (it outran the round)."""
+        with plog.lock:
+            start = max(at, plog.core.written, plog.receiving)
+            if start < at + n:
+                plog.data.write(start, self._ZEROS[:at + n - start], touched)
+            return start < at + n
 
     def _flush_to(self, plog: _Plog, end: int) -> None:
         """Return once bytes up to `end` are committed: flushed by us, or by a flusher that
@@ -1156,6 +1132,7 @@ class PlogService:
             if plog.replica_servers and target > plog.forwarded:
                 self._forward(plog, target)
             with plog.lock:
+                plog.flushed_bytes = target - plog.core.committed
                 plog.core.commit(target)
                 self._prepare_ahead(plog)
             if flushed:
@@ -1545,10 +1522,10 @@ class PlogService:
             remove_meta(plog.path)
             plog.deleted = True
             if plog.round_under_way:
-                # It holds the memory, and stops at its next MiB (it sees `deleted`), then frees
+                # It holds the memory, and stops at its next piece (it sees `deleted`), then frees
                 # it: waited for, so that the memory is free when the delete is answered (a
                 # create may follow, in a pool with room for one). Past the wait, it frees it later.
-                plog.ready.wait_for(lambda: not plog.round_under_way, _round_wait_s())
+                plog.round_over.wait_for(lambda: not plog.round_under_way, _round_wait_s())
             release = plog.readers == 0 and not plog.released
             if release:
                 plog.released = True
