@@ -615,7 +615,7 @@ class PlogService:
             try:
                 data = LogBytes(pool, [(e.segment, e.offset, e.length) for e in extents], state.record.ns,
                                 flushes=pool.medium_kind == "pmem")
-                if data.flushes:      # its first part made ready (limits.PLOG_PREPARE_AHEAD_BYTES)
+                if data.flushes:      # its first part made ready (limits.PLOG_PREPARE_AT_CREATE_BYTES)
                     self._zero_tail(data, 0, first_ready(capacity), force=True)
                 plog = make(data)
                 if data.flushes:
