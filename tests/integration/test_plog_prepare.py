@@ -6,12 +6,14 @@ SIGKILL and a restart that find every acknowledged record and zeros past the log
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 
 import msgpack
 import pytest
 
 import memfabric
+from memfabric.errors import IOError_
 from memfabric.launcher import LocalFabric
 from memfabric.plog.log import pieces
 
@@ -228,3 +230,78 @@ def test_a_delete_during_a_round_frees_the_plogs_memory_before_it_is_answered(tm
     finally:
         gate.unlink(missing_ok=True)
         server.cleanup()
+
+
+_OUTRUN_THEN_EIO = r"""
+import errno, os, threading, time
+_dir = os.environ.get("MF_TEST_OUTRUN_DIR")
+if _dir:
+    from memfabric.plog import service as _service
+    import memfabric.media.files as _files
+    _real_piece, _real_sync = _service.PlogService._ready_piece, _files._datasync_close
+    _pieces = []
+
+    def _piece(*args, **kwargs):
+        # a round's first piece is written; from its second it waits while `hold` exists
+        if threading.current_thread().name == "plog-prepare":
+            _pieces.append(1)
+            if len(_pieces) >= 2 and os.path.exists(os.path.join(_dir, "hold")):
+                open(os.path.join(_dir, "held"), "a").close()
+                while os.path.exists(os.path.join(_dir, "hold")):
+                    time.sleep(0.02)
+        return _real_piece(*args, **kwargs)
+
+    def _sync(fd):
+        # the disk fails a round's fdatasync (EIO) once, when `eio` exists
+        if threading.current_thread().name == "plog-prepare" and os.path.exists(os.path.join(_dir, "eio")):
+            os.unlink(os.path.join(_dir, "eio"))
+            open(os.path.join(_dir, "failed"), "a").close()
+            os.close(fd)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return _real_sync(fd)
+
+    _service.PlogService._ready_piece, _files._datasync_close = _piece, _sync
+"""
+
+
+def test_a_round_outrun_whose_flush_fails_with_eio_stops_the_appends(tmp_path, monkeypatch, request):
+    """A round that wrote zeros, was outrun by the log, then took EIO (once) at its fdatasync:
+    the segment file's error state is shared with the appends' flushes (theirs would not see the
+    EIO it took), so the plog takes no more appends, as after an EIO in a round not outrun.
+    Fails: _prepare_round's `outran` branch came before its failure's, so the plog was not
+    marked broken and took appends (answered as durable) after the EIO."""
+    (tmp_path / "sitecustomize.py").write_text(_OUTRUN_THEN_EIO)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("MF_TEST_OUTRUN_DIR", str(tmp_path))
+    server = PersistentServer("pmem", capacity="400MiB").start()
+    try:
+        name = ns_name(request)
+        with memfabric.init(server.config) as s:
+            s.create_namespace(name, sec_id="k", pool="keep").create_plog("wal", PLOG_BYTES).append(b"first")
+        # Restored, nothing of it is known ready: its next commit queues a round from its end.
+        server.kill()
+        (tmp_path / "hold").touch()
+        server.start()
+        with memfabric.init(server.config) as s:
+            log = s.namespace(name, "k", pool="keep").plog("wal")
+            log.append(b"second")
+            wait_until((tmp_path / "held").exists, "the round's second piece to be held", WAIT_S)
+            # The log passes the held piece's end: the round is outrun there.
+            assert _append_until_refused(log, 5) == (5, None)
+            (tmp_path / "eio").touch()
+            (tmp_path / "hold").unlink()
+            wait_until((tmp_path / "failed").exists, "the round's flush to fail", WAIT_S)
+            refused: list[BaseException] = []
+
+            def _refused() -> bool:
+                try:
+                    log.append(b"more")
+                except memfabric.MemfabricError as exc:
+                    refused.append(exc)
+                return bool(refused)
+
+            wait_until(_refused, "an append to be refused after the round's EIO", WAIT_S)
+            assert isinstance(refused[0], IOError_), refused[0]
+    finally:
+        server.cleanup()
+        subprocess.run(["rm", "-rf", server.dir], check=False)
