@@ -1078,10 +1078,10 @@ class PlogService:
                     plog.ready_end = max(plog.ready_end, end)
                 elif outran:
                     plog.prepare_from = plog.core.written + PLOG_PREPARE_SKIP_BYTES
-                elif isinstance(failed, IOError_) and not plog.deleted:
+                if isinstance(failed, IOError_) and not plog.deleted:
                     # Its flush shares the segment files' error state with the appends' flushes:
                     # an EIO it took would not be seen by theirs, so no append is taken after it
-                    # (as after a failed flush of theirs).
+                    # (as after a failed flush of theirs; an outrun round flushes too).
                     plog.broken = f"making its memory ready: {failed}"
             self._done_reading(plog)        # (deleted meanwhile: its memory is freed here)
             with plog.lock:
