@@ -305,3 +305,72 @@ def test_a_round_outrun_whose_flush_fails_with_eio_stops_the_appends(tmp_path, m
     finally:
         server.cleanup()
         subprocess.run(["rm", "-rf", server.dir], check=False)
+
+
+_OUTRUN_LOGGED = r"""
+import os, threading, time
+_dir = os.environ.get("MF_TEST_OUTRUN_DIR")
+if _dir:
+    from memfabric.plog import service as _service
+    _real_piece = _service.PlogService._ready_piece
+    _pieces = []
+
+    def _piece(self, plog, at, n, touched):
+        # a round's first piece is written; from its second it waits while `hold` exists
+        _pieces.append(1)
+        if len(_pieces) >= 2 and os.path.exists(os.path.join(_dir, "hold")):
+            open(os.path.join(_dir, "held"), "a").close()
+            while os.path.exists(os.path.join(_dir, "hold")):
+                time.sleep(0.02)
+        got = _real_piece(self, plog, at, n, touched)
+        with open(os.path.join(_dir, "pieces"), "a") as f:
+            f.write(f"{plog.core.name} {at} {int(got)}\n")
+        return got
+
+    _service.PlogService._ready_piece = _piece
+"""
+
+
+def test_a_round_queued_while_its_plogs_round_was_outrun_does_not_chase_the_log(tmp_path, monkeypatch, request):
+    """A log that outran a round is not made ready again until it has grown by
+    PLOG_PREPARE_SKIP_BYTES (prepare_from). Fails: a round queued by appends while the outrun
+    one was under way (its `preparing` flag is cleared when a round starts) ran right after it,
+    from the log's end, without looking at prepare_from."""
+    (tmp_path / "sitecustomize.py").write_text(_OUTRUN_LOGGED)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("MF_TEST_OUTRUN_DIR", str(tmp_path))
+    server = PersistentServer("pmem", capacity="700MiB").start()
+    try:
+        name = ns_name(request)
+        with memfabric.init(server.config) as s:
+            ns = s.create_namespace(name, sec_id="k", pool="keep")
+            ns.create_plog("wal", PLOG_BYTES).append(b"first")
+            ns.create_plog("other", PLOG_BYTES).append(b"first")
+        # Restored, nothing of them is known ready: their next commits queue rounds from their ends.
+        server.kill()
+        (tmp_path / "hold").touch()
+        server.start()
+        with memfabric.init(server.config) as s:
+            ns = s.namespace(name, "k", pool="keep")
+            log = ns.plog("wal")
+            log.append(b"second")
+            wait_until((tmp_path / "held").exists, "the round's second piece to be held", WAIT_S)
+            assert _append_until_refused(log, 5) == (5, None)     # past the held piece's end
+            (tmp_path / "hold").unlink()
+
+            def _pieces() -> list[tuple[str, int, int]]:
+                rows = (tmp_path / "pieces").read_text().split("\n")[:-1]
+                return [(row.split()[0], int(row.split()[1]), int(row.split()[2])) for row in rows]
+
+            wait_until(lambda: any(not got for _, _, got in _pieces()), "the round to be outrun", WAIT_S)
+            # Another plog's round, queued now, runs after any round of wal's queued before.
+            ns.plog("other").append(b"second")
+            wait_until(lambda: any(plog == "other" for plog, _, _ in _pieces()), "the other plog's round", WAIT_S)
+            pieces_ = _pieces()
+            outrun = next(i for i, (_, _, got) in enumerate(pieces_) if not got)
+            assert [p for p in pieces_[outrun + 1:] if p[0] == "wal"] == []
+            assert [r[0] for r in pieces_[:outrun + 1]] == ["wal", "wal"]
+            assert list(log.records()) == [b"first", b"second"] + [RECORD] * 5
+    finally:
+        server.cleanup()
+        subprocess.run(["rm", "-rf", server.dir], check=False)
