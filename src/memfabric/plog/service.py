@@ -1052,8 +1052,10 @@ class PlogService:
             capacity = plog.core.capacity
             start = max(plog.ready_end, plog.core.written, plog.receiving)
             # (appends may have gone past where it was wanted while this waited its turn)
+            # (and one queued while its plog's last round was under way: that one may have been outrun)
             go = (not self._preparer.stopping() and not plog.deleted and plog.broken is None
-                  and plog.core.state == OPEN and wants_round(start, plog.ready_end, capacity))
+                  and plog.core.state == OPEN and max(plog.core.written, plog.receiving) >= plog.prepare_from
+                  and wants_round(start, plog.ready_end, capacity))
             plog.preparing = False
             if not go:
                 return
