@@ -1049,13 +1049,13 @@ class PlogService:
         time (_ready_piece), then flushed. Meanwhile the plog's memory is held as a read holds
         it (a delete frees it after the round, and waits for that)."""
         with plog.lock:
-            capacity = plog.core.capacity
-            start = max(plog.ready_end, plog.core.written, plog.receiving)
-            # (appends may have gone past where it was wanted while this waited its turn)
-            # (and one queued while its plog's last round was under way: that one may have been outrun)
+            capacity, log_end = plog.core.capacity, max(plog.core.written, plog.receiving)
+            start = max(plog.ready_end, log_end)       # (appends may have gone past what is ready)
+            # (as _prepare_ahead asks: queued while its plog's last round was under way, that
+            # one may have been outrun since)
             go = (not self._preparer.stopping() and not plog.deleted and plog.broken is None
-                  and plog.core.state == OPEN and max(plog.core.written, plog.receiving) >= plog.prepare_from
-                  and wants_round(start, plog.ready_end, capacity))
+                  and plog.core.state == OPEN and log_end >= plog.prepare_from
+                  and wants_round(log_end, plog.ready_end, capacity))
             plog.preparing = False
             if not go:
                 return
@@ -1102,6 +1102,8 @@ class PlogService:
         lock, as every write of the log's bytes is, so that none lands after them. False when
         the log has gone past the piece's end (it outran the round)."""
         with plog.lock:
+            if plog.deleted:                # (a delete is waiting for the round to end)
+                raise ServerUnavailable("the round was called off")
             start = max(at, plog.core.written, plog.receiving)
             if start < at + n:
                 plog.data.write(start, self._ZEROS[:at + n - start], touched)
