@@ -31,11 +31,8 @@ _HELD_ROUNDS = """
 import os, threading, time
 _gate = os.environ.get("MF_TEST_HOLD_ROUNDS")
 if _gate:
-    from memfabric.plog import service as _service, store as _store
-    # A round's writes: each piece it makes ready (outside the plog's lock), or each write.
-    _owner, _name = ((_service.PlogService, "_ready_piece") if hasattr(_service.PlogService, "_ready_piece")
-                     else (_store.LogBytes, "write"))
-    _real = getattr(_owner, _name)
+    from memfabric.plog import service as _service
+    _real = _service.PlogService._ready_piece      # each piece a round makes ready (held outside the lock)
 
     def _held(*args, **kwargs):
         # the server's rounds (its plog-prepare thread) write nothing while the file exists
@@ -52,7 +49,7 @@ if _gate:
                 with open(_gate + ".done", "a") as f:
                     f.write("done\\n")
 
-    setattr(_owner, _name, _held)
+    _service.PlogService._ready_piece = _held
 """
 
 
