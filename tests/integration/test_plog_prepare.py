@@ -53,10 +53,15 @@ if _gate:
 """
 
 
+def _site(tmp_path, monkeypatch, code: str) -> None:
+    """Python processes started from now on (servers) run `code` first (a sitecustomize)."""
+    (tmp_path / "sitecustomize.py").write_text(code)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+
+
 def _hold_rounds(tmp_path, monkeypatch):
     """Servers started from now on hold their rounds while the returned file exists."""
-    (tmp_path / "sitecustomize.py").write_text(_HELD_ROUNDS)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    _site(tmp_path, monkeypatch, _HELD_ROUNDS)
     gate = tmp_path / "gate"
     gate.touch()
     monkeypatch.setenv("MF_TEST_HOLD_ROUNDS", str(gate))
@@ -267,8 +272,7 @@ def test_a_round_outrun_whose_flush_fails_with_eio_stops_the_appends(tmp_path, m
     EIO it took), so the plog takes no more appends, as after an EIO in a round not outrun.
     Fails: _prepare_round's `outran` branch came before its failure's, so the plog was not
     marked broken and took appends (answered as durable) after the EIO."""
-    (tmp_path / "sitecustomize.py").write_text(_OUTRUN_THEN_EIO)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    _site(tmp_path, monkeypatch, _OUTRUN_THEN_EIO)
     monkeypatch.setenv("MF_TEST_OUTRUN_DIR", str(tmp_path))
     server = PersistentServer("pmem", capacity="400MiB").start()
     try:
@@ -333,8 +337,7 @@ def test_a_round_queued_while_its_plogs_round_was_outrun_does_not_chase_the_log(
     PLOG_PREPARE_SKIP_BYTES (prepare_from). Fails: a round queued by appends while the outrun
     one was under way (its `preparing` flag is cleared when a round starts) ran right after it,
     from the log's end, without looking at prepare_from."""
-    (tmp_path / "sitecustomize.py").write_text(_OUTRUN_LOGGED)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    _site(tmp_path, monkeypatch, _OUTRUN_LOGGED)
     monkeypatch.setenv("MF_TEST_OUTRUN_DIR", str(tmp_path))
     server = PersistentServer("pmem", capacity="700MiB").start()
     try:
