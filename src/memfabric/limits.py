@@ -193,6 +193,12 @@ PLOG_PREPARE_FLUSH_MOST_BYTES = 256 << 10
 PLOG_PREPARE_SKIP_BYTES = 256 << 20
 PLOG_PREPARE_WAIT_S = 30.0
 MAX_PLOGS_PER_NAMESPACE = 512         # per server: ns.plogs() gets one server's in one message
+# Threads appending through one plog handle at once go together (plog/combine.py): a batch of
+# theirs carries at most this many bytes past its first record (more would keep that record
+# waiting for the others' copying), and a record waits for others' batches and its own at most
+# twice the session's timeout (one batch ahead of it, then its own) plus this.
+PLOG_COMBINE_MOST_BYTES = 4 << 20
+PLOG_COMBINE_SLACK_S = 1.0
 PLOG_INLINE_BYTES = 192 << 10         # records (and read replies) ride in an IPC message up to this
 PLOG_RPC_READ_BYTES = 16 << 20        # the most one read or records reply carries over RPC
 MAX_PLOG_STAGED_BYTES = 64 << 20      # bytes one connection has staged (large records over IPC) at once

@@ -5,6 +5,9 @@ ids: had both used it, a reply could be read by the wrong process and taken as i
 INCR answered with the other's count). So in the child every inherited link is closed as far
 as the child goes, without a word on the connection (no request, no shutdown: the parent's
 goes on), and the child's session opens links of its own as it needs them.
+
+Other per-process state a child must not inherit half-way (a plog handle's combining of its
+threads' appends, whose sending thread is not in the child) is let go the same way.
 """
 
 from __future__ import annotations
@@ -19,6 +22,12 @@ _links: "weakref.WeakSet[Any]" = weakref.WeakSet()
 def track(link: Any) -> None:
     """`link` (with a forked() method) is let go in a child forked from here on."""
     _links.add(link)
+
+
+def tracked(thing: Any) -> Any:
+    """track(thing), and thing."""
+    _links.add(thing)
+    return thing
 
 
 def _forked() -> None:

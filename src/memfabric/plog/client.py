@@ -26,13 +26,16 @@ import msgpack
 from ..bigmemory.layout import as_bytes_view
 from ..client.arguments import as_int
 from ..core.namespaces import check_name
+from ..datapath import forks
 from ..datapath.deadline import allowing, call_timeout_s
 from ..errors import (InvalidArgument, MemfabricError, NoSuchObject, NoSuchPool, OutOfRange, ProtocolError,
                       ServerUnavailable, Timeout)
 from . import record as rec
+from .combine import Combiner
 from .log import pieces, prepare_allowance_s
 from ..limits import (MAX_PLOG_BATCH, MAX_PLOG_CAPACITY_BYTES, MAX_PLOG_RECORD_BYTES, MAX_PLOG_STAGED_BYTES,
-                      MAX_RPC_PAYLOAD_BYTES, PLOG_INLINE_BYTES, PLOG_RPC_READ_BYTES, PLOG_SHARED_STAGE_KEPT_BYTES)
+                      MAX_RPC_PAYLOAD_BYTES, PLOG_COMBINE_MOST_BYTES, PLOG_COMBINE_SLACK_S, PLOG_INLINE_BYTES,
+                      PLOG_RPC_READ_BYTES, PLOG_SHARED_STAGE_KEPT_BYTES)
 
 if TYPE_CHECKING:
     from ..client.session import Namespace
@@ -170,6 +173,7 @@ class Plog:
         self._layout: tuple[list[tuple[int, int, int]], list[int], int] | None = None
         self._places: list[tuple[int, int]] = []
         self._head: bytes | None = None      # a compiled append's request, but its record, budget and id
+        self._combiner = forks.tracked(Combiner(MAX_PLOG_BATCH, PLOG_COMBINE_MOST_BYTES))
 
     def __repr__(self) -> str:
         return f"Plog({self.namespace.pool!r}/{self.namespace.name!r}/{self.name!r} on server {self.home})"
@@ -223,21 +227,34 @@ class Plog:
         MAX_PLOG_RECORD_BYTES bytes). Returns the offset of its payload in the log. Atomic:
         the whole record is there once this returns, and survives a crash of the server
         (on pmem, of the host); or it raises and nothing of it is visible. Raises
-        OUT_OF_SPACE (the plog is full), SEALED, NO_SUCH_OBJECT (deleted), PERMISSION_DENIED."""
-        offset = self._append_compiled(data)
-        if offset is not None:
-            return offset
-        return self.append_many([data])[0]
+        OUT_OF_SPACE (the plog is full), SEALED, NO_SUCH_OBJECT (deleted), PERMISSION_DENIED.
 
-    def _append_compiled(self, data: Any) -> int | None:
-        """append() of one record to a server on this host in one compiled call (_plogcall.c
-        call_append: the request written from `data` itself, the reply read without Python),
-        when the link is idle; None when not taken (nothing was sent)."""
-        if _records is None:
-            return None
+        Threads appending through one handle at once share requests and flushes: the
+        records queued while one request is under way go together in the next (combine.py)."""
         # bytes as they are (call_append reads any buffer); the rest as a flat byte view
         # (not a buffer: INVALID_ARGUMENT, as append_many says)
         view = data if type(data) is bytes else as_bytes_view(data)
+        nbytes = len(view) if type(view) is bytes else view.nbytes
+        if nbytes > MAX_PLOG_RECORD_BYTES:
+            raise InvalidArgument(f"a record is at most {MAX_PLOG_RECORD_BYTES} bytes, got {nbytes}")
+        session = self.namespace.session
+        session.check_open()
+        return self._combiner.append(view, nbytes, self._send_records, 2 * session.timeout_s + PLOG_COMBINE_SLACK_S)
+
+    def _send_records(self, views: list[Any]) -> list[int]:
+        """Appends `views` in one request (a batch of the combiner); their offsets."""
+        if len(views) == 1:
+            offset = self._append_compiled(views[0])
+            if offset is not None:
+                return [offset]
+        return self.append_many(views)
+
+    def _append_compiled(self, view: Any) -> int | None:
+        """append() of one record to a server on this host in one compiled call (_plogcall.c
+        call_append: the request written from `view` itself, the reply read without Python),
+        when the link is idle; None when not taken (nothing was sent)."""
+        if _records is None:
+            return None
         if (len(view) if type(view) is bytes else view.nbytes) > PLOG_INLINE_BYTES - 8 - INLINE_SLACK_BYTES:
             return None
         session = self.namespace.session

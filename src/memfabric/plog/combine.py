@@ -1,0 +1,240 @@
+"""Appends from threads sharing a plog handle, sent together: one request and one flush for
+what they appended meanwhile (group commit on the client's side). Client side, no I/O.
+
+Why. A link carries one request at a time, so threads appending through one handle took
+turns: one record per round trip and, on pmem, one flush per record. Eight threads then
+appended fewer records per second than one process doing write + fsync. Now, while one
+thread's request is under way, the others queue their records; when its answer comes, the
+first of them sends everything queued as one batch (append_many: one request, one flush),
+and each thread gets its own record's offset.
+
+What each caller sees is what it would see alone:
+- its record is appended whole, once, at the offset it is given, or it gets an error;
+- a batch is all or nothing, and when it did not fit (OUT_OF_SPACE, or INVALID_ARGUMENT: a
+  record resized while it was sent) nothing of it was written, so its records are sent again
+  one by one, in order: those that fit are appended, the others get their own error, as they
+  would have alone;
+- any other error of a batch is every record's error (SEALED, NO_SUCH_OBJECT and the like
+  would refuse each alone; after a TIMEOUT or a lost server no one knows whether the batch
+  was written, as for one record);
+- a wait is bounded: a thread whose record is still queued when its time runs out (twice
+  the session's timeout: a batch ahead of it, then its own) or that gets a Ctrl-C takes it
+  out, and nothing of it is written; once its record is under way it gets TIMEOUT saying it
+  may be in the log.
+
+One sender at a time: the sending passes on under the lock, to the first record still queued,
+never to a thread that left (its record is taken out, or the sending passed on for it). A
+sender that passed nothing on for a whole wait is lost (a Ctrl-C between two lines, where no
+try could catch it); the thread that waited sends in its place, so the handle never stays
+stuck. A thread that re-enters append while it sends or waits (a signal's handler) sends its
+record alone, as before.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections import deque
+from typing import Any, Callable
+
+from ..errors import InvalidArgument, MemfabricError, OutOfSpace, ProtocolError, Timeout
+
+
+class _Waiter:
+    """A record queued by a thread that is not sending: its outcome, or leadership, comes
+    by `done` (a lock the waiting thread is blocked on, released once)."""
+
+    __slots__ = ("view", "nbytes", "thread", "done", "offset", "error", "lead", "taken")
+
+    def __init__(self, view: Any, nbytes: int, thread: int) -> None:
+        self.view = view
+        self.nbytes = nbytes
+        self.thread = thread
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.offset: int | None = None
+        self.error: BaseException | None = None
+        self.lead = False          # woken to send the next batch, itself first
+        self.taken = False         # in a batch under way
+
+
+class Combiner:
+    """Combining for one handle. `send(views) -> offsets` appends views in one request (one
+    view: the single-record path); a batch holds at most `most_records` records and, past its
+    first, `most_bytes` bytes."""
+
+    def __init__(self, most_records: int, most_bytes: int) -> None:
+        self._lock = threading.Lock()
+        self._queue: deque[_Waiter] = deque()
+        self._sender: int | None = None       # the thread sending a batch, if any
+        self._waiting: set[int] = set()       # threads whose record is queued or under way
+        self._handed = 0                      # times the sending passed on: a sender that lives
+        self._most_records = most_records
+        self._most_bytes = most_bytes
+        self.batches = 0                      # requests sent with more than one record
+
+    @property
+    def waiting(self) -> int:
+        """Records queued behind the batch under way."""
+        return len(self._queue)
+
+    def forked(self) -> None:
+        """In a forked child: the parent's threads are not here, nor is the batch one of them
+        was sending; the child starts with none."""
+        self._lock = threading.Lock()
+        self._queue = deque()
+        self._sender = None
+        self._waiting = set()
+
+    def append(self, view: Any, nbytes: int, send: Callable[[list[Any]], list[int]], wait_s: float) -> int:
+        """Appends `view` (`nbytes` long), alone or with other threads' records; its offset.
+        `wait_s`: how long a record may wait for others' batches and its own (longer than a
+        request may take: a sender that passes nothing on for that long is taken to be lost)."""
+        me = threading.get_ident()
+        waiter: _Waiter | None = None
+        lead = False
+        # Every step in one try: a Ctrl-C at any line leaves neither a record queued by a
+        # thread that left nor the sending with one.
+        try:
+            with self._lock:
+                if self._sender is None:
+                    lead = True
+                    self._sender = me
+                elif self._sender != me and me not in self._waiting:
+                    waiter = _Waiter(view, nbytes, me)
+                    self._waiting.add(me)
+                    self._queue.append(waiter)
+                # else re-entered (a signal's handler) while this thread sends or waits: it goes
+                # alone, as before; queued, it could wait for the very thread it interrupted.
+            if waiter is not None:
+                lead = self._wait(waiter, wait_s)
+                if not lead:
+                    if waiter.error is not None:
+                        raise waiter.error
+                    assert waiter.offset is not None
+                    return waiter.offset
+            if not lead:
+                return send([view])[0]
+            return self._send_batch(view, nbytes, send)
+        finally:
+            if waiter is not None or lead:
+                with self._lock:
+                    if waiter is not None:
+                        self._waiting.discard(me)
+                        if not lead:
+                            self._take_back(waiter)
+                    if lead and self._sender == me:
+                        self._pass_on()
+
+    def _wait(self, waiter: _Waiter, wait_s: float) -> bool:
+        """Until `waiter` is answered (False) or called to send (True). Past `wait_s`: if the
+        sending passed on meanwhile, raises TIMEOUT (the record taken back first, or said
+        to be under way); if not, its sender is lost (gone with a Ctrl-C at the wrong
+        moment) and this thread sends in its place (True)."""
+        handed = self._handed
+        if waiter.done.acquire(timeout=wait_s):
+            return waiter.lead
+        with self._lock:
+            if waiter.done.acquire(False):       # answered or called just as its time ran out
+                return waiter.lead
+            if waiter.taken:
+                raise Timeout(f"other threads' appends to this plog were not answered within {wait_s:.3g}s; "
+                              "this record was in a batch under way, so it may be in the log")
+            if self._handed != handed:
+                self._take_back(waiter)
+                raise Timeout(f"other threads' appends to this plog went first for {wait_s:.3g}s: "
+                              "nothing of this record was appended")
+            self._take_back(waiter)
+            waiter.lead = True
+            self._sender = waiter.thread
+            return True
+
+    def _take_back(self, waiter: _Waiter) -> None:
+        """(Under the lock.) A record whose thread leaves: out of the queue if still there; if
+        it was called to send, the sending goes to the next one."""
+        if waiter.taken:
+            return
+        try:
+            self._queue.remove(waiter)
+        except ValueError:
+            pass
+        if waiter.lead and self._sender == waiter.thread:
+            self._pass_on()
+
+    def _pass_on(self) -> None:
+        """(Under the lock.) The first queued record's thread sends next, else no one."""
+        self._handed += 1
+        if self._queue:
+            nxt = self._queue.popleft()
+            nxt.lead = True
+            self._sender = nxt.thread
+            nxt.done.release()
+        else:
+            self._sender = None
+
+    def _send_batch(self, view: Any, nbytes: int, send: Callable[[list[Any]], list[int]]) -> int:
+        """Send this thread's record with those queued behind it; answer each."""
+        batch: list[_Waiter] = []
+        try:
+            with self._lock:
+                total = nbytes
+                while self._queue and len(batch) + 1 < self._most_records \
+                        and total + self._queue[0].nbytes <= self._most_bytes:
+                    waiter = self._queue[0]
+                    waiter.taken = True
+                    batch.append(waiter)
+                    self._queue.popleft()
+                    total += waiter.nbytes
+            return self._send(view, batch, send)
+        except BaseException as exc:
+            for waiter in batch:
+                if waiter.offset is None and waiter.error is None:
+                    waiter.error = _theirs(exc)
+            raise
+        finally:
+            for waiter in batch:
+                waiter.done.release()
+
+    def _send(self, view: Any, batch: list[_Waiter], send: Callable[[list[Any]], list[int]]) -> int:
+        """Sends the batch; sets each waiter's offset (or error); returns this thread's."""
+        if not batch:
+            return send([view])[0]
+        self.batches += 1
+        try:
+            offsets = send([view] + [w.view for w in batch])
+        except (OutOfSpace, InvalidArgument):
+            # Refused whole, none of it written (full; a record resized by another thread
+            # while it was sent): each alone, in order, for its own answer.
+            return self._one_by_one(view, batch, send)
+        if len(offsets) != len(batch) + 1:
+            raise ProtocolError(f"{len(batch) + 1} records appended, {len(offsets)} offsets answered")
+        for waiter, offset in zip(batch, offsets[1:]):
+            waiter.offset = offset
+        return offsets[0]
+
+    def _one_by_one(self, view: Any, batch: list[_Waiter], send: Callable[[list[Any]], list[int]]) -> int:
+        mine: int | MemfabricError
+        try:
+            mine = send([view])[0]
+        except MemfabricError as exc:
+            mine = exc
+        for waiter in batch:
+            try:
+                waiter.offset = send([waiter.view])[0]
+            except MemfabricError as exc:
+                waiter.error = exc
+        if isinstance(mine, MemfabricError):
+            raise mine
+        return mine
+
+
+def _theirs(exc: BaseException) -> BaseException:
+    """The error a record in another thread's failed batch gets: a copy of a memfabric error
+    (each thread raises its own); anything else (a Ctrl-C of the sender) left the batch's
+    outcome unknown."""
+    if isinstance(exc, MemfabricError):
+        mine = copy.copy(exc)
+        mine.__traceback__ = None
+        return mine
+    return Timeout(f"the thread sending this record's batch stopped waiting for its answer ({type(exc).__name__}): "
+                   "the record may be in the log")
