@@ -257,8 +257,7 @@ class Plog:
             return None
         if (len(view) if type(view) is bytes else view.nbytes) > PLOG_INLINE_BYTES - 8 - INLINE_SLACK_BYTES:
             return None
-        session = self.namespace.session
-        session.check_open()
+        session = self.namespace.session           # (append checked it is open)
         call_compiled = getattr(session.link(self._sequencer), "call_compiled", None)
         if call_compiled is None:    # another host's server
             return None

@@ -174,6 +174,8 @@ class Combiner:
 
     def _send_batch(self, view: Any, nbytes: int, send: Callable[[list[Any]], list[int]]) -> int:
         """Send this thread's record with those queued behind it; answer each."""
+        if not self._queue:      # (read without the lock: one queued just now is handed the next send)
+            return send([view])[0]
         batch: list[_Waiter] = []
         try:
             with self._lock:
