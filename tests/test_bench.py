@@ -177,8 +177,8 @@ def test_the_group_commit_ceiling_writes_records_each_covered_by_a_flush(tmp_pat
 def test_the_plog_bench_runs_and_reports_every_case_with_its_baselines():
     """`memfabric bench --plog --json` end to end: every record size, one and two replicas, on
     both pools, from this host and over RPC, beside write + fsync and the floor; each target
-    with its figure and verdict, and the group commit's rates beside the machine's ceiling (no
-    figure is judged here)."""
+    with its figure and verdict, and the group commit's rates (processes, and threads through one
+    handle) beside the machine's ceiling (no figure is judged here)."""
     proc = subprocess.run(MF + ["bench", "--plog", "--json"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     out = json.loads(proc.stdout)
@@ -197,6 +197,8 @@ def test_the_plog_bench_runs_and_reports_every_case_with_its_baselines():
     assert len(out["targets"]) == 6 and all(type(t["met"]) is bool and t["value"] > 0 for t in out["targets"])
     group = out["group_commit"]
     assert group["pmem_records_per_s"] > 0 and group["write_fsync_records_per_s"] > 0 and group["ratio"] > 0
+    assert group["pmem_threads_records_per_s"] > 0
+    assert group["threads_ratio"] == pytest.approx(group["pmem_threads_records_per_s"] / group["write_fsync_records_per_s"])
     try:    # the machine's ceiling, a baseline beside the group commit (not a target): when built
         from memfabric._records import group_commit_ceiling  # noqa: F401
     except ImportError:

@@ -8,7 +8,8 @@ the same disk as the pmem pool, and appends to a Python list (the floor). Then 8
 append 4 KiB records to one pmem plog at once (group commit) against one process doing
 write + fsync, and beside them the machine's ceiling: as many threads in C appending the same
 records to a file on that disk and sharing fdatasync, with no fabric (_ceiling.c), a baseline
-rather than a target. Medians and 99th percentiles in microseconds, and throughput one call
+rather than a target; and 8 threads of the bench's own process appending through one handle (their
+appends go together: combine.py). Medians and 99th percentiles in microseconds, and throughput one call
 after another (calls and MB of records per second).
 """
 
@@ -22,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -141,6 +143,28 @@ def _ceiling_rate(path: str) -> float | None:
     return records / CONCURRENT_S
 
 
+def _threads_rate(log: Any) -> float:
+    """Records per second of APPENDERS threads of this process appending 4 KiB records
+    through one handle, `log` (their appends go together: combine.py)."""
+    record, counts, start = b"r" * 4096, [0] * APPENDERS, threading.Event()
+
+    def appender(i: int) -> None:
+        start.wait()
+        n, end = 0, time.monotonic() + CONCURRENT_S
+        while time.monotonic() < end:
+            log.append(record)
+            n += 1
+        counts[i] = n
+
+    threads = [threading.Thread(target=appender, args=(i,), daemon=True) for i in range(APPENDERS)]
+    for t in threads:
+        t.start()
+    start.set()
+    for t in threads:
+        t.join(CONCURRENT_S + 60)
+    return sum(counts) / CONCURRENT_S
+
+
 def run_plog_bench(as_json: bool = False) -> int:
     rows: list[dict[str, Any]] = []
 
@@ -185,7 +209,7 @@ def run_plog_bench(as_json: bool = False) -> int:
                                     4096)
                             log.delete()
                 pmem = sessions["same host"].namespace("bench", "bench-secret", pool="pmem")
-                pmem.create_plog("shared", 400 << 20)
+                shared = pmem.create_plog("shared", 400 << 20)
                 procs = [subprocess.Popen([sys.executable, "-c", _APPENDER, directory, str(CONCURRENT_S)],
                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                          for _ in range(APPENDERS)]
@@ -196,6 +220,8 @@ def run_plog_bench(as_json: bool = False) -> int:
                     p.stdin.flush()
                 counts = [int(p.communicate(timeout=60)[0].strip()) for p in procs]
                 plog_rate = sum(counts) / CONCURRENT_S
+                shared.delete()                   # (the pool holds one such plog)
+                threads_rate = _threads_rate(pmem.create_plog("threads", 400 << 20))
             finally:
                 for session in sessions.values():
                     session.close()
@@ -222,6 +248,8 @@ def run_plog_bench(as_json: bool = False) -> int:
         record = b"r" * 4096
         row("list.append 4 KiB (the floor)", "in process", _times_us(lambda: floor.append(record), 2000), 4096)
     summary = {"pmem_appenders": APPENDERS, "pmem_records_per_s": plog_rate,
+               "pmem_threads_records_per_s": threads_rate,
+               "threads_ratio": threads_rate / fsync_rate if fsync_rate else None,
                "write_fsync_records_per_s": fsync_rate, "ratio": plog_rate / fsync_rate if fsync_rate else None,
                "ceiling_records_per_s": ceiling_rate,
                "ceiling_ratio": ceiling_rate / fsync_rate if ceiling_rate is not None and fsync_rate else None}
@@ -232,6 +260,8 @@ def run_plog_bench(as_json: bool = False) -> int:
         print(f"{APPENDERS} processes appending 4 KiB to one pmem plog: {plog_rate:,.0f} records/s; "
               f"one process doing write + fsync: {fsync_rate:,.0f} records/s "
               f"({summary['ratio']:.1f}x)")
+        print(f"{APPENDERS} threads of one process appending 4 KiB through one handle: {threads_rate:,.0f} records/s "
+              f"({summary['threads_ratio']:.1f}x)")
         if ceiling_rate is None:
             print(f"{APPENDERS} threads in C sharing fdatasync, no fabric (the machine's ceiling): skipped, "
                   "memfabric._records is not built (./dev setup)")
