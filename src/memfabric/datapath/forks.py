@@ -17,6 +17,9 @@ import weakref
 from typing import Any
 
 _links: "weakref.WeakSet[Any]" = weakref.WeakSet()
+# Per-process state that, unlike a link, stays in use in the child (let go in every child
+# forked from here on, and in their children: never dropped from this set).
+_states: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
 def track(link: Any) -> None:
@@ -25,8 +28,9 @@ def track(link: Any) -> None:
 
 
 def tracked(thing: Any) -> Any:
-    """track(thing), and thing."""
-    _links.add(thing)
+    """`thing` (with a forked() method) is let go in every child forked from here on, and in
+    the children of those (it stays in use in a child, as a link does not); and thing."""
+    _states.add(thing)
     return thing
 
 
@@ -37,6 +41,8 @@ def _forked() -> None:
         except Exception:        # noqa: BLE001 - one link's trouble must leave no other shared
             link._closed = True
     _links.clear()
+    for thing in list(_states):
+        thing.forked()
 
 
 os.register_at_fork(after_in_child=_forked)
