@@ -11,9 +11,9 @@ and each thread gets its own record's offset.
 What each caller sees is what it would see alone:
 - its record is appended whole, once, at the offset it is given, or it gets an error;
 - a batch is all or nothing, and when it did not fit (OUT_OF_SPACE, or INVALID_ARGUMENT: a
-  record resized while it was sent) nothing of it was written, so its records are sent again
-  one by one, in order: those that fit are appended, the others get their own error, as they
-  would have alone;
+  record resized or released while it was sent) nothing of it was written, so each of its
+  records is sent again alone, by its own thread: those that fit are appended, the others get
+  their own error, as they would have alone (and no thread waits for another's record);
 - any other error of a batch is every record's error (SEALED, NO_SUCH_OBJECT and the like
   would refuse each alone; after a TIMEOUT or a lost server no one knows whether the batch
   was written, as for one record);
@@ -44,7 +44,7 @@ class _Waiter:
     """A record queued by a thread that is not sending: its outcome, or leadership, comes
     by `done` (a lock the waiting thread is blocked on, released once)."""
 
-    __slots__ = ("view", "nbytes", "thread", "done", "offset", "error", "lead", "taken")
+    __slots__ = ("view", "nbytes", "thread", "done", "offset", "error", "lead", "taken", "alone")
 
     def __init__(self, view: Any, nbytes: int, thread: int) -> None:
         self.view = view
@@ -56,6 +56,7 @@ class _Waiter:
         self.error: BaseException | None = None
         self.lead = False          # woken to send the next batch, itself first
         self.taken = False         # in a batch under way
+        self.alone = False         # its batch refused whole: its thread sends it again, alone
 
 
 class Combiner:
@@ -109,6 +110,8 @@ class Combiner:
             if waiter is not None:
                 lead = self._wait(waiter, wait_s)
                 if not lead:
+                    if waiter.alone:
+                        return send([view])[0]
                     if waiter.error is not None:
                         raise waiter.error
                     assert waiter.offset is not None
@@ -137,6 +140,8 @@ class Combiner:
         with self._lock:
             if waiter.done.acquire(False):       # answered or called just as its time ran out
                 return waiter.lead
+            if waiter.alone:                     # its batch refused, told so or about to be
+                return False
             if waiter.taken:
                 raise Timeout(f"other threads' appends to this plog were not answered within {wait_s:.3g}s; "
                               "this record was in a batch under way, so it may be in the log")
@@ -205,29 +210,21 @@ class Combiner:
         try:
             offsets = send([view] + [w.view for w in batch])
         except (OutOfSpace, InvalidArgument):
-            # Refused whole, none of it written (full; a record resized by another thread
-            # while it was sent): each alone, in order, for its own answer.
-            return self._one_by_one(view, batch, send)
+            # Refused whole, none of it written (full; a record resized or released by another
+            # thread while it was sent): each thread sends its own again, alone, for its own
+            # answer, this one's included; none waits for another's (nor gets its error).
+            refused = batch[:]
+            for waiter in refused:
+                waiter.alone = True
+            batch.clear()                 # (answered: _send_batch has none of them to answer)
+            for waiter in refused:
+                waiter.done.release()
+            return send([view])[0]
         if len(offsets) != len(batch) + 1:
             raise ProtocolError(f"{len(batch) + 1} records appended, {len(offsets)} offsets answered")
         for waiter, offset in zip(batch, offsets[1:]):
             waiter.offset = offset
         return offsets[0]
-
-    def _one_by_one(self, view: Any, batch: list[_Waiter], send: Callable[[list[Any]], list[int]]) -> int:
-        mine: int | MemfabricError
-        try:
-            mine = send([view])[0]
-        except MemfabricError as exc:
-            mine = exc
-        for waiter in batch:
-            try:
-                waiter.offset = send([waiter.view])[0]
-            except MemfabricError as exc:
-                waiter.error = exc
-        if isinstance(mine, MemfabricError):
-            raise mine
-        return mine
 
 
 def _theirs(exc: BaseException) -> BaseException:
