@@ -154,3 +154,110 @@ def test_a_handle_used_in_a_forked_child_starts_fresh_in_the_child_s_own_childre
             _, status = os.waitpid(child, 0)
         assert os.waitstatus_to_exitcode(status) == 0, "the grandchild inherited the child's sender"
         assert sorted(log.records()) == sorted([b"parent", b"child", b"child thread"])
+
+
+def _finally_line(text: str) -> int:
+    """The line of Combiner.append's finally block holding `text`."""
+    import inspect
+
+    from memfabric.plog.combine import Combiner
+    lines, first = inspect.getsourcelines(Combiner.append)
+    after = next(i for i, line in enumerate(lines) if line.strip() == "finally:")
+    return first + next(i for i, line in enumerate(lines) if i > after and text in line)
+
+
+def _interrupted_append(log, line: int, out: dict, again: threading.Event, record_again: bytes) -> threading.Thread:
+    """A thread whose append gets a Ctrl-C (KeyboardInterrupt, as SIGINT's handler would raise) at
+    `line` of Combiner.append; once `again` is set, it appends `record_again` (not interrupted)."""
+    import sys
+
+    from memfabric.plog.combine import Combiner
+
+    from ..helpers import interrupt_at
+
+    def run() -> None:
+        tracer, fired = interrupt_at(Combiner.append, line)
+        sys.settrace(tracer)
+        try:
+            out["first"] = log.append(b"interrupted")
+        except BaseException as exc:          # noqa: BLE001 - the outcome under test
+            out["first"] = exc
+        finally:
+            sys.settrace(None)
+        out["fired"] = bool(fired)
+        if again.wait(WAIT_S):
+            try:
+                out["again"] = log.append(record_again)
+            except BaseException as exc:      # noqa: BLE001
+                out["again"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_thread_interrupted_as_it_hands_the_sending_on_sends_and_hands_on_when_it_appends_again(fab, request):  # noqa: F811
+    """A Ctrl-C in the finally of the sender's append, at its _pass_on() (seen at ~1 Ctrl-C in
+    100..450 with SIGINT every 1.1 ms, 8 threads): the sending stays with the interrupted
+    thread. When that thread appends again it is taken for re-entered (a signal's handler)
+    and sends alone, so the records queued meanwhile wait for the lost-sender takeover, 2 x
+    timeout_s + 1 s (21 s at the default timeout): here, with timeout_s an hour, they must be
+    sent by its next append."""
+    name = ns_name(request)
+    pid = next(iter(fab.server_pids().values()))
+    with memfabric.init(fab.directory, timeout_s=3600.0) as s:
+        log = s.create_namespace(name, sec_id="k", pool="ram").create_plog("wal", 1 << 20)
+        log.append(b"first")
+        out: dict = {}
+        again = threading.Event()
+        with stopped(pid):
+            interrupted = _interrupted_append(log, _finally_line("self._pass_on()"), out, again, b"again")
+            _until(lambda: log._combiner._sender is not None)     # it sends, held
+            queued = [_start(log, b"queued-%d" % i, out, f"q{i}") for i in range(2)]
+            _until(lambda: log._combiner.waiting == 2)
+        _until(lambda: "fired" in out)
+        assert out["fired"] and isinstance(out["first"], KeyboardInterrupt), out
+        again.set()
+        interrupted.join(WAIT_S)
+        for t in queued:
+            t.join(WAIT_S)
+            assert not t.is_alive(), "the records queued behind the interrupted sender were not sent"
+        assert type(out["again"]) is int and type(out["q0"]) is int and type(out["q1"]) is int, out
+        assert sorted(log.records()) == sorted([b"first", b"interrupted", b"again", b"queued-0", b"queued-1"])
+
+
+def test_a_thread_interrupted_as_it_leaves_a_batch_it_waited_in_queues_again_afterwards(fab, request):  # noqa: F811
+    """A Ctrl-C in the finally of a waiter's append, at its `with self._lock:` (before it takes
+    itself out of the threads waiting): from then on every append of that thread is taken for
+    re-entered (a signal's handler) and goes alone, for good: it never queues (nor combines)
+    again. Here it must queue behind a request under way (gone alone, it times out waiting for
+    the connection)."""
+    name = ns_name(request)
+    pid = next(iter(fab.server_pids().values()))
+    with memfabric.init(fab.directory, timeout_s=2.0) as s:
+        log = s.create_namespace(name, sec_id="k", pool="ram").create_plog("wal", 1 << 20)
+        log.append(b"first")
+        out: dict = {}
+        again = threading.Event()
+        with stopped(pid):
+            threads = [_start(log, b"sender", out, "sender")]
+            _until(lambda: log._combiner._sender is not None)
+            threads.append(_start(log, b"leader", out, "leader"))
+            _until(lambda: log._combiner.waiting == 1)
+            interrupted = _interrupted_append(log, _finally_line("with self._lock:"), out, again, b"again")
+            _until(lambda: log._combiner.waiting == 2)          # in the leader's batch, next
+        _until(lambda: "fired" in out)
+        assert out["fired"] and isinstance(out["first"], KeyboardInterrupt), out
+        for t in threads:
+            t.join(WAIT_S)
+        with stopped(pid):
+            threads.append(_start(log, b"second sender", out, "second sender"))
+            _until(lambda: log._combiner._sender is not None)
+            again.set()
+            _until(lambda: log._combiner.waiting == 1 or "again" in out)
+            queued = log._combiner.waiting == 1
+        interrupted.join(WAIT_S)
+        for t in threads:
+            t.join(WAIT_S)
+        assert queued, "the interrupted thread's next append went alone instead of queuing"
+        assert type(out["again"]) is int, out
