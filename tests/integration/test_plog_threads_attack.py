@@ -261,3 +261,53 @@ def test_a_thread_interrupted_as_it_leaves_a_batch_it_waited_in_queues_again_aft
             t.join(WAIT_S)
         assert queued, "the interrupted thread's next append went alone instead of queuing"
         assert type(out["again"]) is int, out
+
+
+def test_a_ctrl_c_as_a_batch_is_gathered_is_a_keyboard_interrupt_and_leaves_nothing_stuck(fab, request):  # noqa: F811
+    """A Ctrl-C in _send_batch between a record's `batch.append(waiter)` and its
+    `self._queue.popleft()`: the record is both in the batch (answered, its lock released, by
+    _send_batch's finally) and still queued, so the sending is passed on to it and its lock
+    released a second time: the interrupted thread got RuntimeError ("release unlocked lock")
+    instead of its KeyboardInterrupt."""
+    import inspect
+    import sys
+
+    from memfabric.plog.combine import Combiner
+
+    from ..helpers import interrupt_at
+
+    lines, first = inspect.getsourcelines(Combiner._send_batch)
+    # (the line after the record goes into the batch: its popleft() there, at the time of writing)
+    line = first + 1 + next(i for i, text in enumerate(lines) if text.strip() == "batch.append(waiter)")
+    name = ns_name(request)
+    pid = next(iter(fab.server_pids().values()))
+    with memfabric.init(fab.directory, timeout_s=2.0) as s:
+        log = s.create_namespace(name, sec_id="k", pool="ram").create_plog("wal", 1 << 20)
+        log.append(b"first")
+        out: dict = {}
+        fired: list = []
+
+        def leader() -> None:
+            tracer, hit = interrupt_at(Combiner._send_batch, line)
+            sys.settrace(tracer)
+            try:
+                out["leader"] = log.append(b"leader")
+            except BaseException as exc:      # noqa: BLE001 - the outcome under test
+                out["leader"] = exc
+            finally:
+                sys.settrace(None)
+            fired.extend(hit)
+
+        with stopped(pid):
+            threads = [_start(log, b"sender", out, "sender")]
+            _until(lambda: log._combiner._sender is not None)
+            threads.append(threading.Thread(target=leader, daemon=True))
+            threads[-1].start()
+            _until(lambda: log._combiner.waiting == 1)
+            threads.append(_start(log, b"queued", out, "queued"))
+            _until(lambda: log._combiner.waiting == 2)
+        for t in threads:
+            t.join(WAIT_S)
+        assert fired, "the Ctrl-C was not delivered where meant"
+        assert isinstance(out["leader"], KeyboardInterrupt), out
+        assert type(log.append(b"after")) is int
