@@ -26,13 +26,16 @@ One sender at a time: the sending passes on under the lock, to the first record 
 never to a thread that left (its record is taken out, or the sending passed on for it). A
 sender that passed nothing on for a whole wait is lost (a Ctrl-C between two lines, where no
 try could catch it); the thread that waited sends in its place, so the handle never stays
-stuck. A thread that re-enters append while it sends or waits (a signal's handler) sends its
-record alone, as before.
+stuck. A thread that re-enters append while it sends or waits (a signal's handler: an append
+of this combiner further up its stack) sends its record alone, as before; one that appends
+again after such a Ctrl-C in its own append's finally is not re-entered: it takes its place
+back (the sending, if still its own, sent and passed on at once).
 """
 
 from __future__ import annotations
 
 import copy
+import sys
 import threading
 from collections import deque
 from typing import Any, Callable
@@ -98,6 +101,14 @@ class Combiner:
         # thread that left nor the sending with one.
         try:
             with self._lock:
+                if (self._sender == me or me in self._waiting) and not self._inside():
+                    # Left so by a Ctrl-C in the finally of this thread's last append, where no
+                    # try catches it: in no append now, it is not re-entered. Its stale record
+                    # (if any) out, the sending (if still its own) taken up again, and passed on.
+                    self._waiting.discard(me)
+                    self._queue = deque(w for w in self._queue if w.thread != me)
+                    if self._sender == me:
+                        self._sender = None
                 if self._sender is None:
                     lead = True
                     self._sender = me
@@ -128,6 +139,16 @@ class Combiner:
                             self._take_back(waiter)
                     if lead and self._sender == me:
                         self._pass_on()
+
+    def _inside(self) -> bool:
+        """Whether this thread's stack holds an append of this combiner below its caller's: a
+        signal's handler re-entered it (no state of ours to lose to a Ctrl-C)."""
+        frame = sys._getframe(1).f_back
+        while frame is not None:
+            if frame.f_code is _APPEND_CODE and frame.f_locals.get("self") is self:
+                return True
+            frame = frame.f_back
+        return False
 
     def _wait(self, waiter: _Waiter, wait_s: float) -> bool:
         """Until `waiter` is answered (False) or called to send (True). Past `wait_s`: if the
@@ -225,6 +246,9 @@ class Combiner:
         for waiter, offset in zip(batch, offsets[1:]):
             waiter.offset = offset
         return offsets[0]
+
+
+_APPEND_CODE = Combiner.append.__code__
 
 
 def _theirs(exc: BaseException) -> BaseException:
