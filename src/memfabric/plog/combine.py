@@ -208,10 +208,11 @@ class Combiner:
                 total = nbytes
                 while self._queue and len(batch) + 1 < self._most_records \
                         and total + self._queue[0].nbytes <= self._most_bytes:
-                    waiter = self._queue[0]
-                    waiter.taken = True
+                    # Out of the queue before it is in the batch: a Ctrl-C between two of these
+                    # lines must not leave it in both (answered, then called to send).
+                    waiter = self._queue.popleft()
                     batch.append(waiter)
-                    self._queue.popleft()
+                    waiter.taken = True
                     total += waiter.nbytes
             return self._send(view, batch, send)
         except BaseException as exc:
