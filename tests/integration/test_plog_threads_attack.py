@@ -311,3 +311,54 @@ def test_a_ctrl_c_as_a_batch_is_gathered_is_a_keyboard_interrupt_and_leaves_noth
         assert fired, "the Ctrl-C was not delivered where meant"
         assert isinstance(out["leader"], KeyboardInterrupt), out
         assert type(log.append(b"after")) is int
+
+
+def test_an_append_from_a_signal_s_handler_run_while_its_thread_holds_the_combiner_s_lock(fab, request):  # noqa: F811
+    """A signal's handler that appends runs between two bytecodes of its thread, which may be
+    inside `with self._lock:` of Combiner.append at that moment. The lock is not re-entrant,
+    and append takes it before it looks whether it was re-entered: the handler's append waited
+    for its own thread for ever (seen with SIGALRM every 2 ms appending while the main thread
+    appends: the process hung). (The handler played by a tracer at the line inside the lock.)"""
+    import inspect
+    import sys
+
+    from memfabric.plog.combine import Combiner
+
+    lines, first = inspect.getsourcelines(Combiner.append)
+    line = first + next(i for i, text in enumerate(lines) if text.strip() == "if self._sender is None:")
+    name = ns_name(request)
+    with memfabric.init(fab.directory, timeout_s=5.0) as s:
+        log = s.create_namespace(name, sec_id="k", pool="ram").create_plog("wal", 1 << 20)
+        out: dict = {}
+        code = Combiner.append.__code__
+
+        def handler() -> None:
+            try:
+                out["handler"] = log.append(b"handler")
+            except BaseException as exc:      # noqa: BLE001 - the outcome under test
+                out["handler"] = exc
+
+        def local(frame, event, arg):
+            if event == "line" and frame.f_lineno == line and "handler" not in out:
+                out["handler"] = None         # (once)
+                handler()
+            return local
+
+        def tracer(frame, event, arg):
+            return local if frame.f_code is code else None
+
+        def run() -> None:
+            sys.settrace(tracer)
+            try:
+                out["outer"] = log.append(b"outer")
+            except BaseException as exc:      # noqa: BLE001
+                out["outer"] = exc
+            finally:
+                sys.settrace(None)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(WAIT_S)
+        assert not thread.is_alive(), "the handler's append waits for its own thread's lock"
+        assert type(out["handler"]) is int and type(out["outer"]) is int, out
+        assert sorted(log.records()) == [b"handler", b"outer"]
