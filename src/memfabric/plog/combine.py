@@ -27,9 +27,10 @@ never to a thread that left (its record is taken out, or the sending passed on f
 sender that passed nothing on for a whole wait is lost (a Ctrl-C between two lines, where no
 try could catch it); the thread that waited sends in its place, so the handle never stays
 stuck. A thread that re-enters append while it sends or waits (a signal's handler: an append
-of this combiner further up its stack) sends its record alone, as before; one that appends
-again after such a Ctrl-C in its own append's finally is not re-entered: it takes its place
-back (the sending, if still its own, sent and passed on at once).
+of this combiner further up its stack) sends its record alone, as before, without taking the
+lock (its thread may hold it); one that appends again after such a Ctrl-C in its own append's
+finally is not re-entered: it takes its place back (the sending, if still its own, sent and
+passed on at once).
 """
 
 from __future__ import annotations
@@ -95,16 +96,23 @@ class Combiner:
         `wait_s`: how long a record may wait for others' batches and its own (longer than a
         request may take: a sender that passes nothing on for that long is taken to be lost)."""
         me = threading.get_ident()
+        # (The stack, not the combiner's state: a sending taken over from this thread, slow
+        # but alive, leaves no trace of it there; a few frames looked at, about a microsecond.)
+        if self._inside():
+            # Re-entered (a signal's handler) while this thread is inside append: alone, as
+            # before, and without the lock, which its thread may hold (not re-entrant); queued,
+            # it could wait for the very thread it interrupted.
+            return send([view])[0]
         waiter: _Waiter | None = None
         lead = False
         # Every step in one try: a Ctrl-C at any line leaves neither a record queued by a
         # thread that left nor the sending with one.
         try:
             with self._lock:
-                if (self._sender == me or me in self._waiting) and not self._inside():
+                if self._sender == me or me in self._waiting:
                     # Left so by a Ctrl-C in the finally of this thread's last append, where no
-                    # try catches it: in no append now, it is not re-entered. Its stale record
-                    # (if any) out, the sending (if still its own) taken up again, and passed on.
+                    # try catches it (it is in no append now): its stale record (if any) out, the
+                    # sending (if still its own) taken up again, and passed on once this is sent.
                     self._waiting.discard(me)
                     self._queue = deque(w for w in self._queue if w.thread != me)
                     if self._sender == me:
@@ -112,12 +120,10 @@ class Combiner:
                 if self._sender is None:
                     lead = True
                     self._sender = me
-                elif self._sender != me and me not in self._waiting:
+                else:
                     waiter = _Waiter(view, nbytes, me)
                     self._waiting.add(me)
                     self._queue.append(waiter)
-                # else re-entered (a signal's handler) while this thread sends or waits: it goes
-                # alone, as before; queued, it could wait for the very thread it interrupted.
             if waiter is not None:
                 lead = self._wait(waiter, wait_s)
                 if not lead:
@@ -127,8 +133,6 @@ class Combiner:
                         raise waiter.error
                     assert waiter.offset is not None
                     return waiter.offset
-            if not lead:
-                return send([view])[0]
             return self._send_batch(view, nbytes, send)
         finally:
             if waiter is not None or lead:
@@ -141,8 +145,9 @@ class Combiner:
                         self._pass_on()
 
     def _inside(self) -> bool:
-        """Whether this thread's stack holds an append of this combiner below its caller's: a
-        signal's handler re-entered it (no state of ours to lose to a Ctrl-C)."""
+        """(Called by append.) Whether this thread's stack holds another append of this
+        combiner, further up: a signal's handler re-entered it (no state of ours to lose to a
+        Ctrl-C, unlike a flag)."""
         frame = sys._getframe(1).f_back
         while frame is not None:
             if frame.f_code is _APPEND_CODE and frame.f_locals.get("self") is self:
