@@ -75,36 +75,6 @@ def test_a_record_released_while_queued_is_its_own_thread_s_error_not_its_batch_
         assert sorted(log.records()) == sorted([b"first", b"sender", b"leader", b"after"])
 
 
-def test_a_thread_whose_batch_is_refused_is_not_held_for_the_other_records(fab, request):  # noqa: F811
-    """A batch refused whole is sent again one by one, every record by its leader's thread: with
-    the server not answering, the leader waits a whole timeout for each other thread's record
-    before it returns its own outcome (n waiters: (n + 2) x timeout_s, against the 2 x timeout_s
-    + 1 s bound of every wait). Under load this is a plog gone full (OUT_OF_SPACE) and a server
-    that is slow: 16 threads, timeout_s=0.5 held the leader 7.7 s. Here the batch is refused
-    (INVALID_ARGUMENT) by a record released while queued, the last of the batch."""
-    name = ns_name(request)
-    pid = next(iter(fab.server_pids().values()))
-    timeout_s = 0.5
-    waiters = 16
-    with memfabric.init(fab.directory, timeout_s=timeout_s) as s:
-        log = s.create_namespace(name, sec_id="k", pool="ram").create_plog("wal", 1 << 20)
-        log.append(b"first")
-        released = memoryview(bytearray(b"released"))
-        records = {"sender": b"sender", "leader": b"leader"}
-        records.update({f"w{i}": b"w%d" % i for i in range(waiters)})
-        records["released"] = released
-        out: dict = {}
-        with stopped(pid):
-            threads = _queue_behind_a_stopped_request(log, records, out)
-            released.release()
-            threads[1].join(WAIT_S)
-            assert not threads[1].is_alive()
-        for t in threads:
-            t.join(WAIT_S)
-        # The sender's request, then the leader's own: two timeouts, well within the bound.
-        assert out["leader took"] < 2 * (2 * timeout_s + 1.0), out
-
-
 def test_a_handle_used_in_a_forked_child_starts_fresh_in_the_child_s_own_children(fab, request):  # noqa: F811
     """forks.tracked() combiners are reset in a forked child, then dropped from the tracking
     (forks._forked clears the set, as for links): a handle made before the first fork and used

@@ -126,6 +126,29 @@ def test_a_batch_that_does_not_fit_is_sent_again_one_by_one_and_what_fits_is_app
     assert len(log.records) == 5
 
 
+def test_a_batch_refused_whole_is_sent_again_by_each_record_s_own_thread_alone():
+    """Not by its sender, one record after another: that sender would wait out a timeout per
+    other thread's record on a slow server (16 threads, timeout_s=0.5: 7.7 s), and get their
+    errors."""
+    log, combiner = Log(capacity=50), Combiner(100, 1 << 20)
+    senders: dict[bytes, int] = {}
+    send = log.send
+
+    def by_thread(views: list) -> list[int]:
+        if len(views) == 1:
+            senders[bytes(views[0])] = threading.get_ident()
+        return send(views)
+
+    log.send = by_thread
+    records = [bytes([65 + i]) * 10 for i in range(7)]
+    threads, outcomes, gate = held_batch(log, combiner, records)
+    idents = {records[i]: t.ident for i, t in enumerate(threads)}
+    finish(threads, log, gate)
+    assert [len(r) for r in log.requests[:2]] == [1, 6]        # the batch of 6, refused whole
+    assert {r: senders[r] for r in records} == idents             # then each sent by its own thread
+    assert sum(type(v) is int for v in outcomes.values()) == 5
+
+
 def test_any_other_failure_of_a_batch_is_each_record_s_own_error():
     log, combiner = Log(), Combiner(100, 1 << 20)
     threads, outcomes, gate = held_batch(log, combiner, [b"r"] * 5)
