@@ -288,7 +288,8 @@ def test_an_append_from_a_signal_s_handler_run_while_its_thread_holds_the_combin
     inside `with self._lock:` of Combiner.append at that moment. The lock is not re-entrant,
     and append takes it before it looks whether it was re-entered: the handler's append waited
     for its own thread for ever (seen with SIGALRM every 2 ms appending while the main thread
-    appends: the process hung). (The handler played by a tracer at the line inside the lock.)"""
+    appends: the process hung). (The handler played by a tracer at the line inside the lock, in
+    the main thread: only it runs handlers.)"""
     import inspect
     import sys
 
@@ -326,9 +327,6 @@ def test_an_append_from_a_signal_s_handler_run_while_its_thread_holds_the_combin
             finally:
                 sys.settrace(None)
 
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        thread.join(WAIT_S)
-        assert not thread.is_alive(), "the handler's append waits for its own thread's lock"
+        run()        # in the main thread, where signal handlers run (a hang: pytest-timeout's failure)
         assert type(out["handler"]) is int and type(out["outer"]) is int, out
         assert sorted(log.records()) == [b"handler", b"outer"]

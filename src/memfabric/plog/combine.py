@@ -97,8 +97,9 @@ class Combiner:
         request may take: a sender that passes nothing on for that long is taken to be lost)."""
         me = threading.get_ident()
         # (The stack, not the combiner's state: a sending taken over from this thread, slow
-        # but alive, leaves no trace of it there; a few frames looked at, about a microsecond.)
-        if self._inside():
+        # but alive, leaves no trace of it there; a few frames looked at, about a microsecond.
+        # Only the main thread runs signal handlers: the others need not look.)
+        if me == threading.main_thread().ident and self._inside():
             # Re-entered (a signal's handler) while this thread is inside append: alone, as
             # before, and without the lock, which its thread may hold (not re-entrant); queued,
             # it could wait for the very thread it interrupted.
