@@ -136,25 +136,31 @@ def _finally_line(text: str) -> int:
     return first + next(i for i, line in enumerate(lines) if i > after and text in line)
 
 
-def _interrupted_append(log, line: int, out: dict, again: threading.Event, record_again: bytes) -> threading.Thread:
-    """A thread whose append gets a Ctrl-C (KeyboardInterrupt, as SIGINT's handler would raise) at
-    `line` of Combiner.append; once `again` is set, it appends `record_again` (not interrupted)."""
+def _append_interrupted_at(log, function, line: int, record: bytes, out: dict, tag: str) -> bool:
+    """log.append(record), a Ctrl-C (KeyboardInterrupt, as SIGINT's handler would raise) given
+    it at `line` of `function` (Combiner's); its outcome in out[tag]. Whether it was given."""
     import sys
-
-    from memfabric.plog.combine import Combiner
 
     from ..helpers import interrupt_at
 
+    tracer, fired = interrupt_at(function, line)
+    sys.settrace(tracer)
+    try:
+        out[tag] = log.append(record)
+    except BaseException as exc:              # noqa: BLE001 - the outcome under test
+        out[tag] = exc
+    finally:
+        sys.settrace(None)
+    return bool(fired)
+
+
+def _interrupted_append(log, line: int, out: dict, again: threading.Event, record_again: bytes) -> threading.Thread:
+    """A thread whose append gets a Ctrl-C at `line` of Combiner.append; once `again` is set,
+    it appends `record_again` (not interrupted)."""
+    from memfabric.plog.combine import Combiner
+
     def run() -> None:
-        tracer, fired = interrupt_at(Combiner.append, line)
-        sys.settrace(tracer)
-        try:
-            out["first"] = log.append(b"interrupted")
-        except BaseException as exc:          # noqa: BLE001 - the outcome under test
-            out["first"] = exc
-        finally:
-            sys.settrace(None)
-        out["fired"] = bool(fired)
+        out["fired"] = _append_interrupted_at(log, Combiner.append, line, b"interrupted", out, "first")
         if again.wait(WAIT_S):
             try:
                 out["again"] = log.append(record_again)
@@ -240,11 +246,9 @@ def test_a_ctrl_c_as_a_batch_is_gathered_is_a_keyboard_interrupt_and_leaves_noth
     released a second time: the interrupted thread got RuntimeError ("release unlocked lock")
     instead of its KeyboardInterrupt."""
     import inspect
-    import sys
 
     from memfabric.plog.combine import Combiner
 
-    from ..helpers import interrupt_at
 
     lines, first = inspect.getsourcelines(Combiner._send_batch)
     # (the line after the record goes into the batch: its popleft() there, at the time of writing)
@@ -258,15 +262,8 @@ def test_a_ctrl_c_as_a_batch_is_gathered_is_a_keyboard_interrupt_and_leaves_noth
         fired: list = []
 
         def leader() -> None:
-            tracer, hit = interrupt_at(Combiner._send_batch, line)
-            sys.settrace(tracer)
-            try:
-                out["leader"] = log.append(b"leader")
-            except BaseException as exc:      # noqa: BLE001 - the outcome under test
-                out["leader"] = exc
-            finally:
-                sys.settrace(None)
-            fired.extend(hit)
+            if _append_interrupted_at(log, Combiner._send_batch, line, b"leader", out, "leader"):
+                fired.append(line)
 
         with stopped(pid):
             threads = [_start(log, b"sender", out, "sender")]
