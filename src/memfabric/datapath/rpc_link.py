@@ -33,7 +33,7 @@ import threading
 import time
 from typing import Any
 
-from ..errors import (LimitExceeded, MemfabricError, ProtocolError, ServerUnavailable, Timeout,
+from ..errors import (Busy, LimitExceeded, MemfabricError, ProtocolError, ServerUnavailable, Timeout,
                       error_from_code)
 from ..limits import BUSY_POLL_US, DEFAULT_REQUEST_TIMEOUT_S, MAX_RPC_IN_FLIGHT, MAX_UNANSWERED_REQUESTS
 from ..transport import rpc, wire
@@ -108,7 +108,7 @@ class RpcLink:
         # releases it, must not leave the lock taken for ever (every later call would hang).
         self._send_lock = threading.RLock()
         self._recv_lock = threading.RLock()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()           # (an RLock to tell its owner: _refuse_reentry)
         self._pending: dict[int, Pending] = {}
         self._abandoned: dict[int, Pending] = {}    # given up on: their replies are read past
         self._undos: list[dict[str, Any]] = []
@@ -143,7 +143,7 @@ class RpcLink:
         (forks.py); this process's copies of its fds are closed."""
         self._send_lock = threading.RLock()     # a thread of the parent's may have held them:
         self._recv_lock = threading.RLock()     # none is here to let go
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._closed = True
         self._pending.clear()
         self._abandoned.clear()
@@ -160,6 +160,7 @@ class RpcLink:
         """Send a request and wait for its reply (submit() and wait() in one): however this
         ends, by a reply, an error or an interruption at any line, no reply lands in `into`
         once it has returned or raised."""
+        self._refuse_reentry(op)
         pending = Pending(into, op, args)
         try:
             self._send(pending, payload, timeout_s)
@@ -190,6 +191,7 @@ class RpcLink:
         `payload` is sent after the header (a list: its parts back to back); the reply's
         payload is received into `into` (a list: filled in order, skipping the buffers the
         reply names in its `failed` list of indices, for which it carries no bytes)."""
+        self._refuse_reentry(op)
         pending = Pending(into, op, args)
         try:
             self._send(pending, payload, timeout_s)
@@ -197,6 +199,15 @@ class RpcLink:
             self._let_go(pending)
             raise
         return pending.id, pending
+
+    def _refuse_reentry(self, op: str) -> None:
+        """This thread part way through sending, reading or settling a request on this
+        connection (holding one of its locks) and asking again: re-entered from a signal's
+        handler. A request now would go out inside another's frame, its reader would take up
+        another's reply, or it would wait for a lock its own thread holds; refused, nothing sent."""
+        if self._send_lock._is_owned() or self._recv_lock._is_owned() or self._lock._is_owned():
+            raise Busy(f"this thread is part way through a request on the connection to {self.address}: {op!r} "
+                       "cannot be sent on it from a signal's handler")
 
     def _send(self, pending: Pending, payload: memoryview | list | None, timeout_s: float | None) -> None:
         """Register `pending` (its id set) and send its request."""
