@@ -22,7 +22,7 @@ import time
 import weakref
 from typing import Any, Callable
 
-from ..errors import (BmError, Busy, LimitExceeded, MemfabricError, NoSuchNamespace, NoSuchObject, ProtocolError,
+from ..errors import (BmError, LimitExceeded, MemfabricError, NoSuchNamespace, NoSuchObject, ProtocolError,
                       ServerUnavailable, Timeout, error_from_code)
 from ..limits import BUSY_POLL_US, DEFAULT_REQUEST_TIMEOUT_S, MAX_FDS_PER_MESSAGE, MAX_UNANSWERED_REQUESTS, SETTLE_S
 from ..transport import wire
@@ -31,6 +31,7 @@ from .deadline import call_timeout_s, serving_until
 from .late_replies import undo_of
 from ..media.files import FileSegment
 from . import forks
+from .reentry import methods_code, refuse_reentry
 from .mapping import SharedRange
 
 try:    # a plog append's compiled call (_plogcall.c call_append): ./dev builds it
@@ -191,12 +192,9 @@ class ServerLink:
         timeout_s = call_timeout_s(self.timeout_s)
         if timeout_s <= 0:
             raise Timeout(f"no time was left to ask server at {self.ipc_socket} for {op!r}")
-        if self._lock._is_owned():
-            # This thread's own request is under way on this connection: re-entered from a
-            # signal's handler. Another request here now would read the first one's reply as
-            # its own, or tear the stream; refused, nothing sent.
-            raise Busy(f"a request of this thread to server at {self.ipc_socket} is under way: {op!r} cannot "
-                       "be made on the same connection from a signal's handler")
+        # Re-entered from a signal's handler while this thread's own request is under way
+        # here: another request now would read the first one's reply as its own (BUSY).
+        refuse_reentry(self, (self._lock,), _SERVER_LINK_CODES, f"the connection to {self.ipc_socket} ({op!r})")
         args["op"] = op
         args["budget_s"] = timeout_s
         try:
@@ -621,6 +619,9 @@ class ServerLink:
             self._closed = True
             self._channel.close()
         self._revoke_all()
+
+
+_SERVER_LINK_CODES = methods_code(ServerLink)
 
 
 def settle(link: Any) -> None:

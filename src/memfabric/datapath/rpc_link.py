@@ -33,12 +33,13 @@ import threading
 import time
 from typing import Any
 
-from ..errors import (Busy, LimitExceeded, MemfabricError, ProtocolError, ServerUnavailable, Timeout,
+from ..errors import (LimitExceeded, MemfabricError, ProtocolError, ServerUnavailable, Timeout,
                       error_from_code)
 from ..limits import BUSY_POLL_US, DEFAULT_REQUEST_TIMEOUT_S, MAX_RPC_IN_FLIGHT, MAX_UNANSWERED_REQUESTS
 from ..transport import rpc, wire
 from ..transport.rpc import _frames
 from . import forks
+from .reentry import methods_code, refuse_reentry
 from .deadline import call_timeout_s
 from .late_replies import undo_of
 from .link import LIVENESS_CHECK_EVERY_S, Creds, settle
@@ -201,13 +202,11 @@ class RpcLink:
         return pending.id, pending
 
     def _refuse_reentry(self, op: str) -> None:
-        """This thread part way through sending, reading or settling a request on this
-        connection (holding one of its locks) and asking again: re-entered from a signal's
-        handler. A request now would go out inside another's frame, its reader would take up
-        another's reply, or it would wait for a lock its own thread holds; refused, nothing sent."""
-        if self._send_lock._is_owned() or self._recv_lock._is_owned() or self._lock._is_owned():
-            raise Busy(f"this thread is part way through a request on the connection to {self.address}: {op!r} "
-                       "cannot be sent on it from a signal's handler")
+        """BUSY when re-entered from a signal's handler part way through a request of this
+        thread here (a request now would go out inside another's frame, or its reader take
+        up another's reply); locks a Ctrl-C left held are let go (reentry.py)."""
+        refuse_reentry(self, (self._send_lock, self._recv_lock, self._lock), _RPC_LINK_CODES,
+                       f"the connection to {self.address} ({op!r})")
 
     def _send(self, pending: Pending, payload: memoryview | list | None, timeout_s: float | None) -> None:
         """Register `pending` (its id set) and send its request."""
@@ -778,3 +777,6 @@ def _landing(into: list, header: dict[str, Any]) -> list:
         raise ProtocolError("a reply's 'failed' must list indices of its request's buffers")
     skip = set(failed)
     return [view for i, view in enumerate(into) if i not in skip]
+
+
+_RPC_LINK_CODES = methods_code(RpcLink)
