@@ -127,11 +127,11 @@ def test_a_handle_used_in_a_forked_child_starts_fresh_in_the_child_s_own_childre
 
 
 def _finally_line(text: str) -> int:
-    """The line of Combiner.append's finally block holding `text`."""
+    """The line of Combiner._append (append's body)'s finally block holding `text`."""
     import inspect
 
     from memfabric.plog.combine import Combiner
-    lines, first = inspect.getsourcelines(Combiner.append)
+    lines, first = inspect.getsourcelines(Combiner._append)
     after = next(i for i, line in enumerate(lines) if line.strip() == "finally:")
     return first + next(i for i, line in enumerate(lines) if i > after and text in line)
 
@@ -155,12 +155,12 @@ def _append_interrupted_at(log, function, line: int, record: bytes, out: dict, t
 
 
 def _interrupted_append(log, line: int, out: dict, again: threading.Event, record_again: bytes) -> threading.Thread:
-    """A thread whose append gets a Ctrl-C at `line` of Combiner.append; once `again` is set,
+    """A thread whose append gets a Ctrl-C at `line` of Combiner._append; once `again` is set,
     it appends `record_again` (not interrupted)."""
     from memfabric.plog.combine import Combiner
 
     def run() -> None:
-        out["fired"] = _append_interrupted_at(log, Combiner.append, line, b"interrupted", out, "first")
+        out["fired"] = _append_interrupted_at(log, Combiner._append, line, b"interrupted", out, "first")
         if again.wait(WAIT_S):
             try:
                 out["again"] = log.append(record_again)
@@ -282,7 +282,7 @@ def test_a_ctrl_c_as_a_batch_is_gathered_is_a_keyboard_interrupt_and_leaves_noth
 
 def test_an_append_from_a_signal_s_handler_run_while_its_thread_holds_the_combiner_s_lock(fab, request):  # noqa: F811
     """A signal's handler that appends runs between two bytecodes of its thread, which may be
-    inside `with self._lock:` of Combiner.append at that moment. The lock is not re-entrant,
+    inside `with self._lock:` of Combiner._append at that moment. The lock is not re-entrant,
     and append takes it before it looks whether it was re-entered: the handler's append waited
     for its own thread for ever (seen with SIGALRM every 2 ms appending while the main thread
     appends: the process hung). (The handler played by a tracer at the line inside the lock, in
@@ -292,13 +292,13 @@ def test_an_append_from_a_signal_s_handler_run_while_its_thread_holds_the_combin
 
     from memfabric.plog.combine import Combiner
 
-    lines, first = inspect.getsourcelines(Combiner.append)
+    lines, first = inspect.getsourcelines(Combiner._append)
     line = first + next(i for i, text in enumerate(lines) if text.strip() == "if self._sender is None:")
     name = ns_name(request)
     with memfabric.init(fab.directory, timeout_s=5.0) as s:
         log = s.create_namespace(name, sec_id="k", pool="ram").create_plog("wal", 1 << 20)
         out: dict = {}
-        code = Combiner.append.__code__
+        code = Combiner._append.__code__
 
         def handler() -> None:
             try:

@@ -74,6 +74,7 @@ class Combiner:
         self._sender: int | None = None       # the thread sending a batch, if any
         self._waiting: set[int] = set()       # threads whose record is queued or under way
         self._handed = 0                      # times the sending passed on: a sender that lives
+        self._main_appends = 0                # the main thread's appends under way (re-entered: > 1)
         self._most_records = most_records
         self._most_bytes = most_bytes
         self.batches = 0                      # requests sent with more than one record
@@ -90,20 +91,33 @@ class Combiner:
         self._queue = deque()
         self._sender = None
         self._waiting = set()
+        self._main_appends = 0
 
     def append(self, view: Any, nbytes: int, send: Callable[[list[Any]], list[int]], wait_s: float) -> int:
         """Appends `view` (`nbytes` long), alone or with other threads' records; its offset.
         `wait_s`: how long a record may wait for others' batches and its own (longer than a
         request may take: a sender that passes nothing on for that long is taken to be lost)."""
         me = threading.get_ident()
-        # (The stack, not the combiner's state: a sending taken over from this thread, slow
-        # but alive, leaves no trace of it there; a few frames looked at, about a microsecond.
-        # Only the main thread runs signal handlers: the others need not look.)
-        if me == threading.main_thread().ident and self._inside():
-            # Re-entered (a signal's handler) while this thread is inside append: alone, as
-            # before, and without the lock, which its thread may hold (not re-entrant); queued,
-            # it could wait for the very thread it interrupted.
-            return send([view])[0]
+        if me != threading.main_thread().ident:      # only the main thread runs signal handlers
+            return self._append(view, nbytes, send, wait_s, me)
+        # Re-entered (a signal's handler) while this thread is inside append: alone, as before,
+        # and without the lock, which its thread may hold (not re-entrant); queued, it could
+        # wait for the very thread it interrupted. Told by the stack, not by state a Ctrl-C
+        # could leave behind; but the stack is walked (a microsecond or more) only when a count
+        # of the main thread's appends under way says another may be further up (a count a
+        # Ctrl-C left high costs a walk, and is set right by it).
+        self._main_appends += 1
+        try:
+            if self._main_appends > 1:
+                if self._inside():
+                    return send([view])[0]
+                self._main_appends = 1
+            return self._append(view, nbytes, send, wait_s, me)
+        finally:
+            self._main_appends -= 1
+
+    def _append(self, view: Any, nbytes: int, send: Callable[[list[Any]], list[int]], wait_s: float,
+                me: int) -> int:
         waiter: _Waiter | None = None
         lead = False
         # Every step in one try: a Ctrl-C at any line leaves neither a record queued by a
