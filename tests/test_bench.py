@@ -178,7 +178,8 @@ def test_the_plog_bench_runs_and_reports_every_case_with_its_baselines():
     """`memfabric bench --plog --json` end to end: every record size, one and two replicas, on
     both pools, from this host and over RPC, beside write + fsync and the floor; each target
     with its figure and verdict, and the group commit's rates (processes, and threads through one
-    handle) beside the machine's ceiling (no figure is judged here)."""
+    handle) beside the machine's ceiling and the same appenders to a ramdisk plog (no figure is
+    judged here)."""
     proc = subprocess.run(MF + ["bench", "--plog", "--json"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     out = json.loads(proc.stdout)
@@ -198,6 +199,9 @@ def test_the_plog_bench_runs_and_reports_every_case_with_its_baselines():
     group = out["group_commit"]
     assert group["pmem_records_per_s"] > 0 and group["write_fsync_records_per_s"] > 0 and group["ratio"] > 0
     assert group["pmem_threads_records_per_s"] > 0
+    # the same appenders to a ramdisk plog, nothing to flush: the fabric's own rate, a baseline
+    assert group["ramdisk_records_per_s"] > 0
+    assert group["ramdisk_ratio"] == pytest.approx(group["ramdisk_records_per_s"] / group["write_fsync_records_per_s"])
     assert group["threads_ratio"] == pytest.approx(group["pmem_threads_records_per_s"] / group["write_fsync_records_per_s"])
     try:    # the machine's ceiling, a baseline beside the group commit (not a target): when built
         from memfabric._records import group_commit_ceiling  # noqa: F401
