@@ -102,7 +102,7 @@ def test_a_copys_server_busy_with_clients_batches_keeps_the_copy(hosts):
     whole. (It was marked dead for good: a busy server lost every copy it held.)"""
     (r,) = run(hosts, """
 from memfabric.errors import LimitExceeded, ServerUnavailable
-from memfabric.limits import MAX_PLOG_BUFFERED_BYTES, MAX_RPC_PAYLOAD_BYTES
+from memfabric.limits import DEFAULT_REQUEST_TIMEOUT_S, MAX_PLOG_BUFFERED_BYTES, MAX_RPC_PAYLOAD_BYTES
 from memfabric.transport import rpc, wire
 ns = s.create_namespace("busy", sec_id="k", pool="logs")
 log = ns.create_plog("wal", 16 << 20, replicas=2)
@@ -110,8 +110,10 @@ log.append(b"one")
 (copy,) = log.info()["replica_servers"]
 address = {x["server_id"]: x["rpc_address"] for x in s.servers()}[copy]
 args = {**ns.wire_creds, "name": "wal", "plog_id": log.plog_id}
-held = []          # clients whose batches of MAX_RPC_PAYLOAD_BYTES are on their way (stalled)
-for _ in range(MAX_PLOG_BUFFERED_BYTES // MAX_RPC_PAYLOAD_BYTES):
+# Clients whose batches of MAX_RPC_PAYLOAD_BYTES are on their way (stalled): one more than the
+# server holds, so that it still fills when a probe below, holding its byte, has one refused.
+held = []
+for _ in range(MAX_PLOG_BUFFERED_BYTES // MAX_RPC_PAYLOAD_BYTES + 1):
     f = rpc.connect(address, None, 5.0)
     rpc.client_handshake(f, s._token, 5.0)
     f.send({"op": "hello", "id": 1, "role": "client"})
@@ -120,13 +122,16 @@ for _ in range(MAX_PLOG_BUFFERED_BYTES // MAX_RPC_PAYLOAD_BYTES):
     f.sock.sendall(rpc.PREFIX.pack(len(head), MAX_RPC_PAYLOAD_BYTES) + head
                    + bytes(rpc.FIRST_BLOCK - rpc.PREFIX.size - len(head)))
     held.append(f)
+# Until the copy's server is full (a batch of its own is refused), however slowly it reads the
+# batches' heads; it drops a stalled batch DEFAULT_REQUEST_TIMEOUT_S after reading its head, so
+# one not full by then never will be.
 full = False
-for _ in range(200):       # until the copy's server holds them all (a batch of its own is refused)
+until = time.monotonic() + DEFAULT_REQUEST_TIMEOUT_S
+while not full and time.monotonic() < until:
     try:
         s.link(copy).request("plog_append_payload", {**args, "lengths": [1]}, payload=[memoryview(b"x")])
     except LimitExceeded:
         full = True
-        break
     except ServerUnavailable:     # taken (and refused: a copy takes no appends): not full yet
         time.sleep(0.01)
 records = [b"one", bytes(range(256)) * 4096, b"two"]     # 1 MiB: past one piece
