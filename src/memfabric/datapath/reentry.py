@@ -10,13 +10,14 @@ But a thread can also hold a link's lock with no request under way: a Ctrl-C tha
 between a lock's release and the line before it (no try catches that) left it held, and the
 thread's next call is not re-entered at all. The two are told apart by the stack: re-entered,
 a method of the link is part way through further up; if none is, the held locks are let go
-and the call goes on.
+and the call goes on. (A plog handle's combiner tells an append re-entered the same way:
+further_up.)
 """
 
 from __future__ import annotations
 
 import sys
-from types import CodeType
+from types import CodeType, FrameType
 from typing import Any, Iterable
 
 from ..errors import Busy
@@ -36,11 +37,20 @@ def refuse_reentry(link: Any, locks: Iterable[Any], codes: frozenset[CodeType], 
     frame = sys._getframe(1)
     while frame is not None and frame.f_code in codes and frame.f_locals.get("self") is link:
         frame = frame.f_back            # this call's own way in (call -> request, say)
-    while frame is not None:
-        if frame.f_code in codes and frame.f_locals.get("self") is link:
-            raise Busy(f"this thread is part way through a request on {what}: another cannot be made on it from "
-                       "a signal's handler")
-        frame = frame.f_back
+    if further_up(link, codes, frame):
+        raise Busy(f"this thread is part way through a request on {what}: another cannot be made on it from "
+                   "a signal's handler")
     for lock in held:                   # left held by an interruption: no one is using them
         while lock._is_owned():
             lock.release()
+
+
+def further_up(obj: Any, codes: frozenset[CodeType], frame: FrameType | None) -> bool:
+    """Whether `frame`, or one further up its stack, runs one of `codes` on `obj` (its `self`):
+    a method of `obj` part way through in this thread. A walk of the stack (a microsecond or
+    more): for the rare case only."""
+    while frame is not None:
+        if frame.f_code in codes and frame.f_locals.get("self") is obj:
+            return True
+        frame = frame.f_back
+    return False

@@ -41,6 +41,7 @@ import threading
 from collections import deque
 from typing import Any, Callable
 
+from ..datapath.reentry import further_up
 from ..errors import InvalidArgument, MemfabricError, OutOfSpace, ProtocolError, Timeout
 
 
@@ -163,12 +164,7 @@ class Combiner:
         """(Called by append.) Whether this thread's stack holds another append of this
         combiner, further up: a signal's handler re-entered it (no state of ours to lose to a
         Ctrl-C, unlike a flag)."""
-        frame = sys._getframe(1).f_back
-        while frame is not None:
-            if frame.f_code is _APPEND_CODE and frame.f_locals.get("self") is self:
-                return True
-            frame = frame.f_back
-        return False
+        return further_up(self, _APPEND_CODES, sys._getframe(2))     # from append's caller up
 
     def _wait(self, waiter: _Waiter, wait_s: float) -> bool:
         """Until `waiter` is answered (False) or called to send (True). Past `wait_s`: if the
@@ -269,7 +265,7 @@ class Combiner:
         return offsets[0]
 
 
-_APPEND_CODE = Combiner.append.__code__
+_APPEND_CODES = frozenset({Combiner.append.__code__})
 
 
 def _theirs(exc: BaseException) -> BaseException:
