@@ -72,8 +72,14 @@ def _as_records(records: Iterable[Any]) -> tuple[list[Any], list[int]]:
     if not 0 < len(parts) <= MAX_PLOG_BATCH:
         raise InvalidArgument(f"append_many takes 1 to {MAX_PLOG_BATCH} records, got {len(parts)}")
     if max(lengths) > MAX_PLOG_RECORD_BYTES:
-        raise InvalidArgument(f"a record is at most {MAX_PLOG_RECORD_BYTES} bytes, got {max(lengths)}")
+        raise _record_too_large(max(lengths))
     return parts, lengths
+
+
+def _record_too_large(nbytes: int) -> InvalidArgument:
+    """The error of a record past MAX_PLOG_RECORD_BYTES, append's and append_many's (the check
+    stays with each: a call on the hot path only when it fails)."""
+    return InvalidArgument(f"a record is at most {MAX_PLOG_RECORD_BYTES} bytes, got {nbytes}")
 
 
 def _append_head(wire_args: dict[str, Any]) -> bytes:
@@ -236,7 +242,7 @@ class Plog:
         view = data if type(data) is bytes else as_bytes_view(data)
         nbytes = len(view) if type(view) is bytes else view.nbytes
         if nbytes > MAX_PLOG_RECORD_BYTES:
-            raise InvalidArgument(f"a record is at most {MAX_PLOG_RECORD_BYTES} bytes, got {nbytes}")
+            raise _record_too_large(nbytes)
         session = self.namespace.session
         session.check_open()
         return self._combiner.append(view, nbytes, self._send_records, 2 * session.timeout_s + PLOG_COMBINE_SLACK_S)
