@@ -29,7 +29,8 @@ class Log:
         self.fail: dict[int, BaseException] = {}      # request number (from 0) -> what it raises
         self.fail_all: BaseException | None = None
 
-    def send(self, views: list) -> list[int]:
+    def send(self, views: list, nbytes: int) -> list[int]:
+        assert nbytes == sum(map(len, views)), "the combiner's count of the bytes sent"
         gate = self.gate
         self.entered.set()
         if gate is not None:
@@ -134,10 +135,10 @@ def test_a_batch_refused_whole_is_sent_again_by_each_record_s_own_thread_alone()
     senders: dict[bytes, int] = {}
     send = log.send
 
-    def by_thread(views: list) -> list[int]:
+    def by_thread(views: list, nbytes: int) -> list[int]:
         if len(views) == 1:
             senders[bytes(views[0])] = threading.get_ident()
-        return send(views)
+        return send(views, nbytes)
 
     log.send = by_thread
     records = [bytes([65 + i]) * 10 for i in range(7)]
@@ -273,10 +274,10 @@ def test_an_append_re_entered_while_its_thread_sends_goes_alone():
                 queued.set()
             time.sleep(0.001)
 
-    def send(views: list) -> list[int]:
+    def send(views: list, nbytes: int) -> list[int]:
         if not inner:
             inner.append(combiner.append(b"inner", 5, log.send, 2.0))
-        return log.send(views)
+        return log.send(views, nbytes)
 
     watcher = threading.Thread(target=watch)
     watcher.start()

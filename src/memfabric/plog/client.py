@@ -247,21 +247,23 @@ class Plog:
         session.check_open()
         return self._combiner.append(view, nbytes, self._send_records, 2 * session.timeout_s + PLOG_COMBINE_SLACK_S)
 
-    def _send_records(self, views: list[Any]) -> list[int]:
-        """Appends `views` in one request (a batch of the combiner); their offsets."""
+    def _send_records(self, views: list[Any], nbytes: int) -> list[int]:
+        """Appends `views` (`nbytes` in all) in one request (a batch of the combiner); their
+        offsets."""
         if len(views) == 1:
-            offset = self._append_compiled(views[0])
+            offset = self._append_compiled(views[0], nbytes)
             if offset is not None:
                 return [offset]
         return self.append_many(views)
 
-    def _append_compiled(self, view: Any) -> int | None:
-        """append() of one record to a server on this host in one compiled call (_plogcall.c
-        call_append: the request written from `view` itself, the reply read without Python),
-        when the link is idle; None when not taken (nothing was sent)."""
+    def _append_compiled(self, view: Any, nbytes: int) -> int | None:
+        """append() of one record (`view`, `nbytes` long) to a server on this host in one
+        compiled call (_plogcall.c call_append: the request written from `view` itself, the
+        reply read without Python), when the link is idle; None when not taken (nothing was
+        sent)."""
         if _records is None:
             return None
-        if (len(view) if type(view) is bytes else view.nbytes) > PLOG_INLINE_BYTES - 8 - INLINE_SLACK_BYTES:
+        if nbytes > PLOG_INLINE_BYTES - 8 - INLINE_SLACK_BYTES:
             return None
         session = self.namespace.session           # (append checked it is open)
         call_compiled = getattr(session.link(self._sequencer), "call_compiled", None)

@@ -45,6 +45,9 @@ from ..datapath.reentry import further_up
 from ..errors import InvalidArgument, MemfabricError, OutOfSpace, ProtocolError, Timeout
 
 
+Send = Callable[[list[Any], int], list[int]]       # (views, their bytes in all) -> their offsets
+
+
 class _Waiter:
     """A record queued by a thread that is not sending: its outcome, or leadership, comes
     by `done` (a lock the waiting thread is blocked on, released once)."""
@@ -65,7 +68,8 @@ class _Waiter:
 
 
 class Combiner:
-    """Combining for one handle. `send(views) -> offsets` appends views in one request (one
+    """Combining for one handle. `send(views, nbytes) -> offsets` appends views (`nbytes` in
+    all, as measured by their threads: not measured again) in one request (one
     view: the single-record path); a batch holds at most `most_records` records and, past its
     first, `most_bytes` bytes."""
 
@@ -94,7 +98,7 @@ class Combiner:
         self._waiting = set()
         self._main_appends = 0
 
-    def append(self, view: Any, nbytes: int, send: Callable[[list[Any]], list[int]], wait_s: float) -> int:
+    def append(self, view: Any, nbytes: int, send: Send, wait_s: float) -> int:
         """Appends `view` (`nbytes` long), alone or with other threads' records; its offset.
         `wait_s`: how long a record may wait for others' batches and its own (longer than a
         request may take: a sender that passes nothing on for that long is taken to be lost)."""
@@ -111,13 +115,13 @@ class Combiner:
         try:
             if self._main_appends > 1:
                 if self._inside():
-                    return send([view])[0]
+                    return send([view], nbytes)[0]
                 self._main_appends = 1
             return self._append(view, nbytes, send, wait_s, me)
         finally:
             self._main_appends -= 1
 
-    def _append(self, view: Any, nbytes: int, send: Callable[[list[Any]], list[int]], wait_s: float,
+    def _append(self, view: Any, nbytes: int, send: Send, wait_s: float,
                 me: int) -> int:
         waiter: _Waiter | None = None
         lead = False
@@ -144,7 +148,7 @@ class Combiner:
                 lead = self._wait(waiter, wait_s)
                 if not lead:
                     if waiter.alone:
-                        return send([view])[0]
+                        return send([view], nbytes)[0]
                     if waiter.error is not None:
                         raise waiter.error
                     assert waiter.offset is not None
@@ -214,10 +218,10 @@ class Combiner:
         else:
             self._sender = None
 
-    def _send_batch(self, view: Any, nbytes: int, send: Callable[[list[Any]], list[int]]) -> int:
+    def _send_batch(self, view: Any, nbytes: int, send: Send) -> int:
         """Send this thread's record with those queued behind it; answer each."""
         if not self._queue:      # (read without the lock: one queued just now is handed the next send)
-            return send([view])[0]
+            return send([view], nbytes)[0]
         batch: list[_Waiter] = []
         try:
             with self._lock:
@@ -230,7 +234,7 @@ class Combiner:
                     batch.append(waiter)
                     waiter.taken = True
                     total += waiter.nbytes
-            return self._send(view, batch, send)
+            return self._send(view, nbytes, batch, total, send)
         except BaseException as exc:
             for waiter in batch:
                 if waiter.offset is None and waiter.error is None:
@@ -240,13 +244,13 @@ class Combiner:
             for waiter in batch:
                 waiter.done.release()
 
-    def _send(self, view: Any, batch: list[_Waiter], send: Callable[[list[Any]], list[int]]) -> int:
+    def _send(self, view: Any, nbytes: int, batch: list[_Waiter], total: int, send: Send) -> int:
         """Sends the batch; sets each waiter's offset (or error); returns this thread's."""
         if not batch:
-            return send([view])[0]
+            return send([view], nbytes)[0]
         self.batches += 1
         try:
-            offsets = send([view] + [w.view for w in batch])
+            offsets = send([view] + [w.view for w in batch], total)
         except (OutOfSpace, InvalidArgument):
             # Refused whole, none of it written (full; a record resized or released by another
             # thread while it was sent): each thread sends its own again, alone, for its own
@@ -257,7 +261,7 @@ class Combiner:
             batch.clear()                 # (answered: _send_batch has none of them to answer)
             for waiter in refused:
                 waiter.done.release()
-            return send([view])[0]
+            return send([view], nbytes)[0]
         if len(offsets) != len(batch) + 1:
             raise ProtocolError(f"{len(batch) + 1} records appended, {len(offsets)} offsets answered")
         for waiter, offset in zip(batch, offsets[1:]):
