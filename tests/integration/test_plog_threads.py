@@ -13,7 +13,9 @@ import time
 import pytest
 
 import memfabric
+from memfabric.datapath import forks
 from memfabric.errors import OutOfSpace
+from memfabric.plog.combine import Combiner
 
 from ..helpers import ns_name, stopped
 from .test_metrics import scrape, value
@@ -130,3 +132,37 @@ def test_threads_filling_a_plog_append_what_fits_and_the_rest_are_refused_whole(
             assert log.read(offset, len(record)) == record
         assert sorted(log.records()) == sorted(r for _, r in appended)
         assert log.info()["records"] == len(appended)
+
+
+def _combiners_made_since(before: list) -> list:
+    """The combiners forks tracks (this process's live ones) not among `before` (held by the
+    caller: none of them freed, its address taken by a new one)."""
+    return [c for c in list(forks._states) if isinstance(c, Combiner) and not any(c is b for b in before)]
+
+
+def test_a_handle_makes_its_combiner_at_its_first_append_one_for_threads_appending_first_at_once(fab, request):  # noqa: F811
+    """A handle that only reads has no combiner, nor one tracked for forks (every handle made
+    one); its first append makes it: one for the handle, whichever threads append first."""
+    name = ns_name(request)
+    with memfabric.init(fab.directory) as admin:
+        admin.create_namespace(name, sec_id="k", pool="disk").create_plog("wal", 1 << 20).append(b"first")
+    with memfabric.init(fab.directory) as s:
+        before = [c for c in list(forks._states) if isinstance(c, Combiner)]
+        log = s.namespace(name, "k", pool="disk").plog("wal")
+        assert list(log.records()) == [b"first"] and log.record(0) == b"first" and log.info()["records"] == 1
+        assert log._combiner is None and _combiners_made_since(before) == []
+        ready = threading.Barrier(8)
+        out: dict[int, int] = {}
+
+        def first_append(tag: int) -> None:
+            ready.wait(WAIT_S)
+            out[tag] = log.append(_record(tag, 0))
+
+        threads = [threading.Thread(target=first_append, args=(t,)) for t in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT_S)
+        assert sorted(out) == list(range(8))
+        assert sorted(log.records()) == sorted([b"first"] + [_record(t, 0) for t in range(8)])
+        assert _combiners_made_since(before) == [log._combiner]

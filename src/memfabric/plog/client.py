@@ -157,6 +157,10 @@ class Plog:
     """A handle on one plog (MemPlog): an append-only log of records in a namespace's
     persistent memory. Made by `Namespace.create_plog` or `Namespace.plog`."""
 
+    # The combining of its threads' appends (combine.py), made by its first append: a handle
+    # that only reads needs none. Until then the instance has none of its own.
+    _combiner: Combiner | None = None
+
     def __init__(self, namespace: "Namespace", name: str, home: int, plog_id: int | None = None,
                  sequencer: int | None = None) -> None:
         self.namespace = namespace
@@ -179,7 +183,6 @@ class Plog:
         self._layout: tuple[list[tuple[int, int, int]], list[int], int] | None = None
         self._places: list[tuple[int, int]] = []
         self._head: bytes | None = None      # a compiled append's request, but its record, budget and id
-        self._combiner = forks.tracked(Combiner(MAX_PLOG_BATCH, PLOG_COMBINE_MOST_BYTES))
 
     def __repr__(self) -> str:
         return f"Plog({self.namespace.pool!r}/{self.namespace.name!r}/{self.name!r} on server {self.home})"
@@ -245,7 +248,18 @@ class Plog:
             raise _record_too_large(nbytes)
         session = self.namespace.session
         session.check_open()
-        return self._combiner.append(view, nbytes, self._send_records, 2 * session.timeout_s + PLOG_COMBINE_SLACK_S)
+        combiner = self._combiner
+        if combiner is None:
+            combiner = self._first_combiner()
+        return combiner.append(view, nbytes, self._send_records, 2 * session.timeout_s + PLOG_COMBINE_SLACK_S)
+
+    def _first_combiner(self) -> Combiner:
+        """The handle's combiner, made at its first append. Threads whose first appends come at
+        once get the same one: the instance's setdefault is one step (under the GIL), with no
+        lock that a child forked meanwhile would find held for ever. Tracked before it is
+        anyone's, so a child forked at any moment starts it afresh."""
+        made = forks.tracked(Combiner(MAX_PLOG_BATCH, PLOG_COMBINE_MOST_BYTES))
+        return vars(self).setdefault("_combiner", made)
 
     def _send_records(self, views: list[Any], nbytes: int) -> list[int]:
         """Appends `views` (`nbytes` in all) in one request (a batch of the combiner); their
