@@ -23,6 +23,7 @@ code; BM_GetLastError() then says why, for the calling thread.
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from .bigmemory.client import BigMemory, Mapping
 from .bigmemory.layout import as_bytes_view
 from .client.arguments import as_id_list, as_int
 from .client.session import Namespace, Session
+from .datapath import forks
 from .client.types import Affinity, OperatorCode
 from .errors import (AlreadyInitialized, BmError, InvalidArgument, MemfabricError, NoSuchNamespace, NoSuchObject,
                      NotInitialized, OutOfRange, error_from_code)
@@ -88,6 +90,7 @@ class _KnownHandles:
     def __init__(self) -> None:
         self._handles: OrderedDict[str, tuple[BigMemory, str | bytes | None]] = OrderedDict()
         self._lock = threading.Lock()       # threads call BM_* at once
+        forks.fresh_locks(self, "_lock")
 
     def get(self, bm_id: str) -> tuple[BigMemory, str | bytes | None] | None:
         with self._lock:
@@ -124,6 +127,7 @@ _session_lock = threading.Lock()
 _mappings: dict[int, Mapping] = {}     # id(view) -> mapping, for BM_Unmap
 _mappings_lock = threading.Lock()      # threads map and unmap at once
 _last_error = threading.local()        # .message: why this thread's last failed call failed
+forks.fresh_locks(sys.modules[__name__], "_session_lock", "_mappings_lock")
 
 
 def BM_GetLastError() -> str:

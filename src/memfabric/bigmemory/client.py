@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
 import threading
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -18,7 +19,7 @@ import numpy as np
 from .layout import (Layout, RemoteSegment, as_bytes_view, described_layout, check_range,
                                read_bytes, read_into, write_at)
 from ..core.allocator import round_up
-from ..datapath import fresh_bytes
+from ..datapath import forks, fresh_bytes
 from ..limits import PAGE_SIZE_BYTES
 from ..client.arguments import (as_bool, as_dtype, as_id_list, as_int, as_optional_int, as_path, as_position,
                                 as_size)
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 # One handle may be used by many threads: a description is adopted whole, under this lock,
 # and never over a newer one (held briefly, by adoptions only, so one lock serves all handles).
 _ADOPTING = threading.Lock()
+forks.fresh_locks(sys.modules[__name__], "_ADOPTING")
 
 
 class _Described:

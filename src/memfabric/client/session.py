@@ -18,6 +18,7 @@ from typing import Any, Iterable
 
 from ..core.namespaces import check_attribute, check_name, check_sec_id
 from ..bigmemory.objects import parse_bm_id
+from ..datapath import forks
 from ..datapath.connect import connect_to
 from ..datapath.link import Creds, ServerLink
 from ..datapath.rpc_link import RpcLink
@@ -117,6 +118,7 @@ class Session:
         # Threads add to it while another walks it (destroy): its own lock.
         self._handles: weakref.WeakValueDictionary[str, BigMemory] = weakref.WeakValueDictionary()
         self._handles_lock = threading.Lock()
+        forks.fresh_locks(self, "_lock", "_handles_lock")
         sockets = self.fabric.ipc_sockets
         if server is not None:
             server = as_int(server, "server")

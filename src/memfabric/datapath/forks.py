@@ -7,12 +7,16 @@ as the child goes, without a word on the connection (no request, no shutdown: th
 goes on), and the child's session opens links of its own as it needs them.
 
 Other per-process state a child must not inherit half-way (a plog handle's combining of its
-threads' appends, whose sending thread is not in the child) is let go the same way.
+threads' appends, whose sending thread is not in the child) is let go the same way. And the
+client's locks are made anew in the child: a thread of the parent's that held one at the fork
+(a session's lock is held through a reconnect, up to the session's timeout) is not in the
+child to let it go, and the child's next call taking it waited for ever.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 from typing import Any
 
@@ -34,7 +38,22 @@ def tracked(thing: Any) -> Any:
     return thing
 
 
+# Owners (objects, modules) of locks made anew in every child, by attribute name.
+_lock_owners: "weakref.WeakKeyDictionary[Any, tuple[str, ...]]" = weakref.WeakKeyDictionary()
+_RLOCK = type(threading.RLock())
+
+
+def fresh_locks(owner: Any, *names: str) -> None:
+    """`owner`'s locks `names` (attributes; a module's globals) are made anew, free, in every
+    child forked from here on, and in theirs. A new lock, not the old one reset: a call of the
+    forking thread's own that holds the old one lets go of that one."""
+    _lock_owners[owner] = names
+
+
 def _forked() -> None:
+    for owner, names in list(_lock_owners.items()):
+        for name in names:
+            setattr(owner, name, threading.RLock() if isinstance(getattr(owner, name), _RLOCK) else threading.Lock())
     for link in list(_links):
         try:
             link.forked()

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 from ..bigmemory.layout import as_bytes_view
 from ..client.arguments import as_bool, as_int
+from ..datapath import forks
 from ..datapath.rpc_link import InFlight
 from ..errors import InvalidArgument, MemfabricError, ProtocolError, ServerUnavailable, Timeout
 from ..limits import BATCH_REQUESTS_IN_FLIGHT, KV_INLINE_BYTES, MAX_KV_BATCH, MAX_KV_KEY_BYTES
@@ -141,7 +142,8 @@ class KV:
         self._get_head = wire.encode({"op": "kv_get", **self._wire})[1:]
         self._put_head = wire.encode({"op": "kv_put", **self._wire})[1:]     # call_put's, likewise
         self._index_key = (namespace.pool, namespace.name, "kv")
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()       # held through a request (mapping a local index)
+        forks.fresh_locks(self, "_lock")
         self._servers: list[int] = []
         self._local: frozenset[int] = frozenset()     # those of them on this host (reached by IPC)
         self._servers_at = -VIEW_TTL_S

@@ -16,6 +16,7 @@ that answers, which fences the plog for good.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from bisect import bisect_right
 from itertools import accumulate
@@ -138,6 +139,7 @@ class _StageHolder:
 
 
 _HOLDERS_LOCK = threading.Lock()
+forks.fresh_locks(sys.modules[__name__], "_HOLDERS_LOCK")
 
 
 _HOLDER_KEY = ("", "", "plog_stage")       # the link's, not a namespace's: no namespace release closes it
