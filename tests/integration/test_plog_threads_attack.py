@@ -240,11 +240,13 @@ def test_a_thread_interrupted_as_it_leaves_a_batch_it_waited_in_queues_again_aft
 
 
 def test_a_ctrl_c_as_a_batch_is_gathered_is_a_keyboard_interrupt_and_leaves_nothing_stuck(fab, request):  # noqa: F811
-    """A Ctrl-C in _send_batch between a record's `batch.append(waiter)` and its
-    `self._queue.popleft()`: the record is both in the batch (answered, its lock released, by
-    _send_batch's finally) and still queued, so the sending is passed on to it and its lock
-    released a second time: the interrupted thread got RuntimeError ("release unlocked lock")
-    instead of its KeyboardInterrupt."""
+    """A Ctrl-C in _send_batch as a record is gathered: out of the queue and in the batch, not
+    yet marked taken. Written when the batch took it before the queue gave it up: it was then
+    in both (answered, its lock released, by _send_batch's finally, and called to send), and
+    its lock released a second time gave the interrupted thread RuntimeError ("release
+    unlocked lock") instead of its KeyboardInterrupt. The queue now gives it up first, so the
+    Ctrl-C lands at the line after `batch.append(waiter)`: the interrupted thread gets its
+    KeyboardInterrupt, the gathered record its copy, and the handle appends afterwards."""
     import inspect
 
     from memfabric.plog.combine import Combiner
