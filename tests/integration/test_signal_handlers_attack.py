@@ -1,0 +1,113 @@
+"""Attack on the refusal of a signal's handler's call on a connection its own thread is part way
+through a request on (datapath/reentry.py): ways in that do not go through the refusal.
+
+Real signals (SIGALRM every 1-2 ms), real servers, in a child process (pytest-timeout has
+SIGALRM here); a hang shows as the child's faulthandler dump and exit, well within its bound.
+The handler keeps out of itself (a flag), as a real one would: a handler re-entered by its own
+signal is not what is under test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from memfabric.launcher import LocalFabric
+
+from ..conftest import run_client, short_tmp_dir
+
+CHILD = r"""
+import collections, faulthandler, json, os, signal, sys, time
+import memfabric
+from memfabric import Affinity
+faulthandler.dump_traceback_later(25, exit=True)          # a hang: the child fails, loudly
+path, main_call, handler_call, seconds = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+SIZE = 64 << 10
+with memfabric.init(path, timeout_s=3.0) as s:
+    ns = s.create_namespace(f"sigatk-{os.getpid()}", sec_id="k")
+    try:
+        a = ns.alloc(SIZE, Affinity("server", server_id=2))
+        b = ns.alloc(SIZE, Affinity("server", server_id=2))
+        a.write(b"A" * SIZE)
+        b.write(b"B" * SIZE)
+        handler_errors, main_errors, wrong, calls, inside = (collections.Counter(), collections.Counter(),
+                                                             collections.Counter(), [0], [False])
+
+        def handler(sig, frame):
+            if inside[0]:
+                return
+            inside[0] = True
+            try:
+                if handler_call == "read bytes":       # InFlight: RpcLink._send, wait
+                    if a.read(0, 4096) != b"A" * 4096:
+                        wrong["handler's read"] += 1
+                elif handler_call == "read into":
+                    buf = bytearray(4096)
+                    a.read(0, into=buf)
+                    if buf != b"A" * 4096:
+                        wrong["handler's read"] += 1
+                calls[0] += 1
+            except memfabric.MemfabricError as exc:
+                handler_errors[exc.code.name] += 1
+            finally:
+                inside[0] = False
+
+        signal.signal(signal.SIGALRM, handler)
+        signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
+        buf = bytearray(SIZE)
+        made, end = 0, time.monotonic() + seconds
+        while time.monotonic() < end and made < 20000:
+            made += 1
+            try:
+                if main_call == "reconnect":       # the session connects again under its lock
+                    s.link(2).close()
+                b.read(into=buf)
+                if buf != b"B" * SIZE:
+                    wrong["main's read"] += 1
+            except Exception as exc:
+                main_errors[type(exc).__name__ + ": " + str(exc)[:80]] += 1
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        print(json.dumps({"made": made, "calls": calls[0], "handler_errors": handler_errors,
+                          "main_errors": main_errors, "wrong": wrong}))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        ns.destroy()
+"""
+
+
+@pytest.fixture(scope="module")
+def two_servers():
+    fab = LocalFabric(short_tmp_dir("mf-sigatk-"), servers=2, capacity="32MiB", segment_size="1MiB",
+                      liveness_timeout_s=60.0).start()
+    yield fab
+    assert fab.stop() == 0, "memfabric up did not stop cleanly:\n" + "".join(fab.output[-30:])
+
+
+def run(fab: LocalFabric, main_call: str, handler_call: str, seconds: str = "3") -> dict:
+    done = run_client(CHILD, os.path.join(fab.directory, "remote.toml"), main_call, handler_call, seconds,
+                      timeout_s=60)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_handlers_read_that_returns_bytes_over_rpc_is_refused_not_sent_inside_its_threads_request(two_servers):
+    """A remote read that returns bytes (read_bytes) goes through InFlight, whose submit and
+    wait call RpcLink._send and RpcLink.wait directly, past request()'s and submit()'s
+    _refuse_reentry: the handler's request went out inside its thread's, or its reader took
+    up the stream part way through its thread's reply (seen: the main thread's read failed
+    with 'server 2 ... is gone (ProtocolError)', the link shut; then a hang)."""
+    out = run(two_servers, "read", "read bytes")
+    assert out["main_errors"] == {} and out["wrong"] == {}, out
+    assert set(out["handler_errors"]) <= {"BUSY"} and out["calls"] > 0, out
+
+
+def test_a_handler_calling_while_its_thread_connects_again_is_refused_not_left_waiting_for_ever(two_servers):
+    """Session.link connects (again) under the session's lock, a plain Lock: a handler that
+    needs the same link while its thread holds that lock waited for it for ever (seen: the
+    child's faulthandler dump, the handler in session.py link, its thread in RpcLink's
+    handshake under link()). It must get BUSY (or its call done), at once."""
+    out = run(two_servers, "reconnect", "read into")
+    assert out["main_errors"] == {} and out["wrong"] == {}, out
+    assert set(out["handler_errors"]) <= {"BUSY"} and out["calls"] > 0, out
