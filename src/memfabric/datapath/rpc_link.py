@@ -748,7 +748,10 @@ class InFlight:
 
     def submit(self, link: RpcLink, op: str, args: dict[str, Any], payload: memoryview | list | None = None,
                into: Any = None) -> Pending:
-        """Send a request (see RpcLink.submit); wait for it with wait()."""
+        """Send a request (see RpcLink.submit); wait for it with wait(). BUSY, nothing sent, from
+        a signal's handler while its thread is part way through a request on `link` (as
+        RpcLink.submit: _send itself does not ask)."""
+        link._refuse_reentry(op)
         pending = Pending(into, op, args)
         self.requests.append((link, pending))
         link._send(pending, payload, None)
