@@ -23,7 +23,7 @@ from ..datapath.connect import connect_to
 from ..datapath.link import Creds, ServerLink
 from ..datapath.rpc_link import RpcLink
 from ..transport import rpc
-from ..errors import InvalidArgument, MemfabricError, NotInitialized, ServerUnavailable, Timeout
+from ..errors import Busy, InvalidArgument, MemfabricError, NotInitialized, ServerUnavailable, Timeout
 from ..limits import BUSY_POLL_US, DEFAULT_REQUEST_TIMEOUT_S, MAX_REQUEST_TIMEOUT_S
 from ..config import FABRIC_FILE, ConfigError, check_busy_poll_us, load_fabric_config
 from ..bigmemory import batch
@@ -112,7 +112,9 @@ class Session:
         self.busy_poll_s = busy_poll_us / 1e6
         self.closed = False
         _open_sessions.add(self)
-        self._lock = threading.Lock()
+        # Links are made under it. An RLock to tell its owner: a signal's handler that needs it
+        # while its own thread holds it (connecting) gets BUSY, not a wait for ever (_locked).
+        self._lock = threading.RLock()
         self._links: dict[int, ServerLink] = {}
         # Handles by id, so compat calls find the layout again; weak: a dropped handle goes.
         # Threads add to it while another walks it (destroy): its own lock.
@@ -176,7 +178,7 @@ class Session:
         link = self._links.get(server_id)
         if link is not None and not link.closed:
             return link
-        with self._lock:
+        with self._locked(f"a link to server {server_id}"):
             self.check_open()
             link = self._links.get(server_id)
             if link is not None and not link.closed:
@@ -205,6 +207,13 @@ class Session:
                     self._links[server_id] = link
                     return link
         raise ServerUnavailable(f"the cluster knows no server {server_id}")
+
+    def _locked(self, what: str) -> Any:
+        """The session's lock, to take with `with`; BUSY when this thread holds it already: a
+        signal's handler run while its thread connects (link()) would wait for it for ever."""
+        if self._lock._is_owned():
+            raise Busy(f"this thread is part way through connecting: {what} cannot be had from a signal's handler")
+        return self._lock
 
     def _cluster_view(self, wanted: int) -> list[dict[str, Any]]:
         """The cluster as a live server sees it: this host's, or any other this session has a
@@ -307,7 +316,7 @@ class Session:
             return self.home().call("cluster_view")["servers"]
         except (ServerUnavailable, Timeout):
             # This session's own server is gone: any other live one knows the cluster.
-            with self._lock:
+            with self._locked("the cluster's view"):
                 self.check_open()
                 return self._cluster_view(self.local.server_id)
 
@@ -338,7 +347,7 @@ class Session:
         """Close every connection (revoking every mapping made through them). From here on,
         every call on this session, its namespaces and handles raises NOT_INITIALIZED; a call
         under way in another thread ends with that or SERVER_UNAVAILABLE."""
-        with self._lock:           # a link() under way finishes first, and its link is closed too
+        with self._locked("closing the session"):   # a link() under way finishes first, its link closed too
             self.closed = True
             links = list(self._links.values())
         with self._handles_lock:
