@@ -111,3 +111,68 @@ def test_a_handler_calling_while_its_thread_connects_again_is_refused_not_left_w
     out = run(two_servers, "reconnect", "read into")
     assert out["main_errors"] == {} and out["wrong"] == {}, out
     assert set(out["handler_errors"]) <= {"BUSY"} and out["calls"] > 0, out
+
+
+KV_CHILD = r"""
+import collections, faulthandler, json, os, signal, sys, time
+import memfabric
+faulthandler.dump_traceback_later(25, exit=True)          # a hang: the child fails, loudly
+path, seconds = sys.argv[1], float(sys.argv[2])
+with memfabric.init(path, server=0, timeout_s=3.0) as s:
+    ns = s.create_namespace(f"sigkv-{os.getpid()}", sec_id="k")
+    try:
+        kv = ns.kv()
+        keys = [b"key-%d" % i for i in range(64)]
+        kv.put_many([(k, b"v" * 100) for k in keys])
+        links = [s.link(i) for i in (1, 2)]
+        handler_errors, main_errors, wrong, calls, inside = (collections.Counter(), collections.Counter(),
+                                                             collections.Counter(), [0], [False])
+
+        def handler(sig, frame):
+            if inside[0]:
+                return
+            inside[0] = True
+            try:
+                if kv.get(keys[0]) != b"v" * 100:
+                    wrong["handler's get"] += 1
+                calls[0] += 1
+            except memfabric.MemfabricError as exc:
+                handler_errors[exc.code.name] += 1
+            finally:
+                inside[0] = False
+
+        signal.signal(signal.SIGALRM, handler)
+        signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
+        made, end = 0, time.monotonic() + seconds
+        while time.monotonic() < end and made < 20000:
+            made += 1
+            try:
+                # As when the server's table has grown (stale): the index is mapped again,
+                # with a kv_open, under the KV's lock.
+                for link in links:
+                    index = link.attached.pop(kv._index_key, None)
+                    if index is not None:
+                        index.close()
+                if kv.get_many(keys) != [b"v" * 100] * len(keys):
+                    wrong["main's gets"] += 1
+            except Exception as exc:
+                main_errors[type(exc).__name__ + ": " + str(exc)[:80]] += 1
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        print(json.dumps({"made": made, "calls": calls[0], "handler_errors": handler_errors,
+                          "main_errors": main_errors, "wrong": wrong}))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        ns.destroy()
+"""
+
+
+def test_a_handlers_kv_get_while_its_thread_maps_the_kv_index_again_is_refused_not_left_waiting_for_ever(two_servers):
+    """KV._index maps a same-host server's index (a kv_open) under the KV's lock, a plain Lock:
+    a handler's get on the same KV while its thread was there waited for that lock for ever
+    (seen: the child's faulthandler dump, the handler in kv/client.py _index, its thread in
+    _LocalIndex's kv_open under _index). It must get BUSY (or its value), at once."""
+    done = run_client(KV_CHILD, two_servers.directory, "3", timeout_s=60)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["main_errors"] == {} and out["wrong"] == {}, out
+    assert set(out["handler_errors"]) <= {"BUSY"} and out["calls"] > 0, out
