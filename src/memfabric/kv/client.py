@@ -29,7 +29,7 @@ from ..bigmemory.layout import as_bytes_view
 from ..client.arguments import as_bool, as_int
 from ..datapath import forks
 from ..datapath.rpc_link import InFlight
-from ..errors import InvalidArgument, MemfabricError, ProtocolError, ServerUnavailable, Timeout
+from ..errors import Busy, InvalidArgument, MemfabricError, ProtocolError, ServerUnavailable, Timeout
 from ..limits import BATCH_REQUESTS_IN_FLIGHT, KV_INLINE_BYTES, MAX_KV_BATCH, MAX_KV_KEY_BYTES
 from ..transport import wire
 from . import index as ix
@@ -142,7 +142,9 @@ class KV:
         self._get_head = wire.encode({"op": "kv_get", **self._wire})[1:]
         self._put_head = wire.encode({"op": "kv_put", **self._wire})[1:]     # call_put's, likewise
         self._index_key = (namespace.pool, namespace.name, "kv")
-        self._lock = threading.Lock()       # held through a request (mapping a local index)
+        # Indexes are mapped under it (a kv_open: a request). An RLock to tell its owner: a
+        # signal's handler run while its thread maps one is not to wait for it for ever (_index).
+        self._lock = threading.RLock()
         forks.fresh_locks(self, "_lock")
         self._servers: list[int] = []
         self._local: frozenset[int] = frozenset()     # those of them on this host (reached by IPC)
@@ -377,6 +379,8 @@ class KV:
         key = self._index_key
         idx = link.attached.get(key)
         if idx is None or idx.stale():
+            if self._lock._is_owned():     # a signal's handler, its thread part way through mapping one
+                raise Busy("this thread is part way through mapping the KV index: a signal's handler cannot")
             with self._lock:
                 idx = link.attached.get(key)
                 if idx is None or idx.stale():
