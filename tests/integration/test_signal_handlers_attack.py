@@ -80,7 +80,7 @@ with memfabric.init(path, timeout_s=3.0) as s:
 @pytest.fixture(scope="module")
 def two_servers():
     fab = LocalFabric(short_tmp_dir("mf-sigatk-"), servers=2, capacity="32MiB", segment_size="1MiB",
-                      liveness_timeout_s=60.0).start()
+                      liveness_timeout_s=60.0, extra_args=["--pool", "logs:ramdisk:48MiB"]).start()
     yield fab
     assert fab.stop() == 0, "memfabric up did not stop cleanly:\n" + "".join(fab.output[-30:])
 
@@ -176,3 +176,66 @@ def test_a_handlers_kv_get_while_its_thread_maps_the_kv_index_again_is_refused_n
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["main_errors"] == {} and out["wrong"] == {}, out
     assert set(out["handler_errors"]) <= {"BUSY"} and out["calls"] > 0, out
+
+
+STAGED_CHILD = r"""
+import collections, faulthandler, json, os, signal, sys, time
+import memfabric
+faulthandler.dump_traceback_later(25, exit=True)          # a hang: the child fails, loudly
+path, seconds = sys.argv[1], float(sys.argv[2])
+RECORD = 100 << 10            # three a batch: past what rides in a message, so staged (shared memory)
+with memfabric.init(path, server=0, timeout_s=3.0) as s:
+    ns = s.create_namespace(f"sigstage-{os.getpid()}", sec_id="k", pool="logs")
+    try:
+        log = ns.create_plog("wal", 40 << 20)
+        handler_errors, main_errors, calls, inside = collections.Counter(), collections.Counter(), [0], [False]
+        appended = collections.Counter()
+
+        def handler(sig, frame):
+            if inside[0]:
+                return
+            inside[0] = True
+            try:
+                log.append_many([b"H" * RECORD] * 3)
+                appended["H"] += 3
+                calls[0] += 1
+            except memfabric.MemfabricError as exc:
+                handler_errors[exc.code.name] += 1
+            finally:
+                inside[0] = False
+
+        signal.signal(signal.SIGALRM, handler)
+        signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
+        made, end = 0, time.monotonic() + seconds
+        while time.monotonic() < end and made < 60 and log.info()["length"] < (30 << 20):
+            made += 1
+            try:
+                log.append_many([b"M" * RECORD] * 3)
+                appended["M"] += 3
+            except Exception as exc:
+                main_errors[type(exc).__name__ + ": " + str(exc)[:80]] += 1
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        found = collections.Counter()
+        for record in log.records():
+            found[chr(record[0]) if record == record[:1] * len(record) else "mixed"] += 1
+        print(json.dumps({"made": made, "calls": calls[0], "handler_errors": handler_errors,
+                          "main_errors": main_errors, "appended": appended, "found": found}))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        ns.destroy()
+"""
+
+
+def test_a_handlers_staged_append_many_never_writes_over_its_threads_batch_in_the_shared_stage(two_servers):
+    """A large append_many is written into the link's shared stage under the stage's lock, an
+    RLock, and the server reads it from there when the request comes: a handler's batch, on a
+    link whose batch its own thread had written (or sent and was waiting on), took that lock
+    again and wrote its records over its thread's in the stage; then its own request was
+    refused (BUSY), or went. Its thread's records were stored with the handler's bytes. Each
+    record appended must be found as it was, as many of each as were acknowledged."""
+    done = run_client(STAGED_CHILD, two_servers.directory, "3", timeout_s=60)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["main_errors"] == {}, out
+    assert set(out["handler_errors"]) <= {"BUSY"}, out
+    assert out["found"] == out["appended"], out
