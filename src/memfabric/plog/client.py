@@ -29,7 +29,7 @@ from ..client.arguments import as_int
 from ..core.namespaces import check_name
 from ..datapath import forks
 from ..datapath.deadline import allowing, call_timeout_s
-from ..errors import (InvalidArgument, MemfabricError, NoSuchObject, NoSuchPool, OutOfRange, ProtocolError,
+from ..errors import (Busy, InvalidArgument, MemfabricError, NoSuchObject, NoSuchPool, OutOfRange, ProtocolError,
                       ServerUnavailable, Timeout)
 from . import record as rec
 from .combine import Combiner
@@ -153,6 +153,22 @@ def _stage_holder(link: Any) -> _StageHolder:
             if holder is None:
                 holder = link.attached[_HOLDER_KEY] = _StageHolder()
     return holder
+
+
+def _refuse_reentry(holder: _StageHolder) -> None:
+    """append_many, its stage's lock held by this thread: BUSY when re-entered from a signal's
+    handler while an append_many of this thread's further up holds it (the stage holds that
+    batch, or the server is reading it: another written there now would be stored as that
+    one's); else a Ctrl-C left it held (between its acquire and the release in append_many's
+    finally) with no batch under way: let go, the call goes on (as datapath/reentry.py)."""
+    frame = sys._getframe(2)          # past this and the append_many that calls it
+    while frame is not None:
+        if frame.f_code is _APPEND_MANY_CODE and frame.f_locals.get("holder") is holder:
+            raise Busy("this thread is part way through a batch on this connection's shared stage: another "
+                       "cannot be made on it from a signal's handler")
+        frame = frame.f_back
+    while holder.lock._is_owned():
+        holder.lock.release()
 
 
 class Plog:
@@ -319,6 +335,8 @@ class Plog:
             raise InvalidArgument(f"one append_many carries at most {MAX_PLOG_STAGED_BYTES} bytes, got {total}: "
                                   "append fewer at a time")
         holder = _stage_holder(link)
+        if holder.lock._is_owned():
+            _refuse_reentry(holder)
         wait_s = call_timeout_s(link.timeout_s)
         try:
             # Taken inside the try, given back in its finally (an RLock: release() tells
@@ -665,3 +683,6 @@ def list_plogs(namespace: "Namespace", *, pool: Any = None) -> list[dict[str, An
                                              -int(i.get("length", 0)))):
         best.setdefault(info.get("id"), info)
     return sorted(best.values(), key=lambda i: i["name"])
+
+
+_APPEND_MANY_CODE = Plog.append_many.__code__
