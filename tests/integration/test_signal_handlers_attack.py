@@ -239,3 +239,69 @@ def test_a_handlers_staged_append_many_never_writes_over_its_threads_batch_in_th
     assert out["main_errors"] == {}, out
     assert set(out["handler_errors"]) <= {"BUSY"}, out
     assert out["found"] == out["appended"], out
+
+
+OPEN_CHILD = r"""
+import collections, faulthandler, json, os, signal, sys, time
+import memfabric
+faulthandler.dump_traceback_later(25, exit=True)          # a hang: the child fails, loudly
+path, seconds = sys.argv[1], float(sys.argv[2])
+with memfabric.init(path, server=0, timeout_s=3.0) as s:
+    ns = s.create_namespace(f"sigopen-{os.getpid()}", sec_id="k")
+    try:
+        kept = ns.alloc(4096)
+        handler_errors, main_errors, wrong, calls, inside = (collections.Counter(), collections.Counter(),
+                                                             collections.Counter(), [0], [False])
+        made_ids = []
+
+        def handler(sig, frame):
+            if inside[0]:
+                return
+            inside[0] = True
+            try:
+                if ns.open(kept.bm_id).size != 4096:
+                    wrong["handler's open"] += 1
+                calls[0] += 1
+            except memfabric.MemfabricError as exc:
+                handler_errors[exc.code.name] += 1
+            finally:
+                inside[0] = False
+
+        signal.signal(signal.SIGALRM, handler)
+        signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
+        made, end = 0, time.monotonic() + seconds
+        while time.monotonic() < end and made < 200000:
+            made += 1
+            try:
+                if ns.open(kept.bm_id) is not kept:
+                    wrong["main's open"] += 1
+                if made % 50 == 0:          # a handle remembered, then forgotten
+                    bm = ns.alloc(4096)
+                    ns.batch_free([bm.bm_id])
+                    try:
+                        ns.open(bm.bm_id)
+                        wrong["a freed object opened"] += 1
+                    except memfabric.NoSuchObject:
+                        pass
+            except Exception as exc:
+                main_errors[type(exc).__name__ + ": " + str(exc)[:80]] += 1
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        print(json.dumps({"made": made, "calls": calls[0], "handler_errors": handler_errors,
+                          "main_errors": main_errors, "wrong": wrong}))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        ns.destroy()
+"""
+
+
+def test_a_handlers_open_while_its_thread_looks_up_a_handle_is_not_left_waiting_for_ever(two_servers):
+    """Session's handles by id are looked up and kept under a plain Lock, and a lookup runs
+    Python (WeakValueDictionary.get), where a signal's handler may run: a handler's
+    ns.open() while its thread was in there waited for that lock for ever (seen at once: the
+    handler in session.py _cached_handle under its thread's, in weakref.py get). No request
+    is under way: the handler's open must be done."""
+    done = run_client(OPEN_CHILD, two_servers.directory, "3", timeout_s=60)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["main_errors"] == {} and out["wrong"] == {}, out
+    assert out["handler_errors"] == {} and out["calls"] > 0, out
