@@ -119,7 +119,10 @@ class Session:
         # Handles by id, so compat calls find the layout again; weak: a dropped handle goes.
         # Threads add to it while another walks it (destroy): its own lock.
         self._handles: weakref.WeakValueDictionary[str, BigMemory] = weakref.WeakValueDictionary()
-        self._handles_lock = threading.Lock()
+        # An RLock: a signal's handler (an open(), an alloc()) may come while its own thread is in
+        # here (WeakValueDictionary runs Python), and must not wait for it for ever. Each use is
+        # one step of the dict's but the walk of _forget_namespace, which takes a snapshot first.
+        self._handles_lock = threading.RLock()
         forks.fresh_locks(self, "_lock", "_handles_lock")
         sockets = self.fabric.ipc_sockets
         if server is not None:
@@ -265,8 +268,10 @@ class Session:
 
     def _forget_namespace(self, pool: str, ns: str) -> None:
         with self._handles_lock:
-            for bm_id in [i for i, bm in self._handles.items() if bm.namespace.creds[:2] == (pool, ns)]:
-                self._handles.pop(bm_id, None)
+            for bm_id in tuple(self._handles.data):     # (in one step: no handler's change comes in it)
+                bm = self._handles.get(bm_id)
+                if bm is not None and bm.namespace.creds[:2] == (pool, ns):
+                    self._handles.pop(bm_id, None)
 
     # ---- namespaces -------------------------------------------------------------------------
 
