@@ -305,3 +305,59 @@ def test_a_handlers_open_while_its_thread_looks_up_a_handle_is_not_left_waiting_
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["main_errors"] == {} and out["wrong"] == {}, out
     assert out["handler_errors"] == {} and out["calls"] > 0, out
+
+
+COMPAT_CHILD = r"""
+import collections, faulthandler, json, os, signal, sys, time
+from memfabric import compat as C
+faulthandler.dump_traceback_later(25, exit=True)          # a hang: the child fails, loudly
+path, seconds = sys.argv[1], float(sys.argv[2])
+assert C.BM_Init(path) == 0
+ns = f"sigcompat-{os.getpid()}"
+assert C.BM_CreateNSSec("default", ns, 0, "sec") == 0
+try:
+    info = C.BmInfo(ns=ns, sec_id="sec")
+    assert C.BM_AllocSec(info, 4096, 0, None) == 0
+    assert C.BM_WriteSec(info, 0, 4096, b"c" * 4096, 0) == 0
+    handler_codes, main_codes, wrong, inside = collections.Counter(), collections.Counter(), [0], [False]
+
+    def handler(sig, frame):
+        if inside[0]:
+            return
+        inside[0] = True
+        try:
+            buf = bytearray(16)
+            handler_codes[C.BM_ReadSec(info, 0, 16, buf, 0)] += 1
+            wrong[0] += buf != b"c" * 16 and handler_codes[0] > 0
+        finally:
+            inside[0] = False
+
+    signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
+    made, end, buf = 0, time.monotonic() + seconds, bytearray(4096)
+    while time.monotonic() < end and made < 500000:
+        made += 1
+        main_codes[C.BM_ReadSec(info, 0, 4096, buf, 0)] += 1
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    print(json.dumps({"made": made, "handler_codes": handler_codes, "main_codes": main_codes, "wrong": wrong[0]}))
+finally:
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    C.BM_DestroyNSSec("default", ns, "sec")
+    C.BM_Exit()
+"""
+
+
+@pytest.mark.parametrize("where", ["same host", "remote"])
+def test_a_handlers_compat_call_while_its_thread_looks_up_a_known_handle_is_not_left_waiting_for_ever(
+        two_servers, where):
+    """compat's known handles are looked up under a plain Lock, and a signal's handler may run
+    between the lookup's two calls (get, move_to_end): a handler's BM_ReadSec while its thread
+    was in there waited for that lock for ever (seen at once: the handler in compat.py
+    _KnownHandles.get under its thread's). No request is under way: the handler's read must
+    be done."""
+    path = two_servers.directory if where == "same host" else os.path.join(two_servers.directory, "remote.toml")
+    done = run_client(COMPAT_CHILD, path, "3", timeout_s=60)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(out["main_codes"]) == {"0"} and out["wrong"] == 0, out
+    assert set(out["handler_codes"]) == {"0"}, out
