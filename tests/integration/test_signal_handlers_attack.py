@@ -14,6 +14,7 @@ import os
 
 import pytest
 
+import memfabric
 from memfabric.launcher import LocalFabric
 
 from ..conftest import run_client, short_tmp_dir
@@ -327,8 +328,9 @@ try:
         inside[0] = True
         try:
             buf = bytearray(16)
-            handler_codes[C.BM_ReadSec(info, 0, 16, buf, 0)] += 1
-            wrong[0] += buf != b"c" * 16 and handler_codes[0] > 0
+            code = C.BM_ReadSec(info, 0, 16, buf, 0)
+            handler_codes[code] += 1
+            wrong[0] += code == 0 and buf != b"c" * 16
         finally:
             inside[0] = False
 
@@ -354,10 +356,10 @@ def test_a_handlers_compat_call_while_its_thread_looks_up_a_known_handle_is_not_
     between the lookup's two calls (get, move_to_end): a handler's BM_ReadSec while its thread
     was in there waited for that lock for ever (seen at once: the handler in compat.py
     _KnownHandles.get under its thread's). No request is under way: the handler's read must
-    be done."""
+    be done (or, over RPC, refused with BUSY when its thread is part way through a request)."""
     path = two_servers.directory if where == "same host" else os.path.join(two_servers.directory, "remote.toml")
     done = run_client(COMPAT_CHILD, path, "3", timeout_s=60)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(out["main_codes"]) == {"0"} and out["wrong"] == 0, out
-    assert set(out["handler_codes"]) == {"0"}, out
+    assert "0" in out["handler_codes"] and set(out["handler_codes"]) <= {"0", str(int(memfabric.BmError.BUSY))}, out
