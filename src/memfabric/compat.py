@@ -89,14 +89,20 @@ class _KnownHandles:
 
     def __init__(self) -> None:
         self._handles: OrderedDict[str, tuple[BigMemory, str | bytes | None]] = OrderedDict()
-        self._lock = threading.Lock()       # threads call BM_* at once
+        # Threads call BM_* at once. An RLock: a signal's handler may call BM_* while its own
+        # thread is in here (between two of the dict's calls), and must not wait for it for
+        # ever; each use is one step of the dict's, but for the two below that allow for it.
+        self._lock = threading.RLock()
         forks.fresh_locks(self, "_lock")
 
     def get(self, bm_id: str) -> tuple[BigMemory, str | bytes | None] | None:
         with self._lock:
             entry = self._handles.get(bm_id)
             if entry is not None:
-                self._handles.move_to_end(bm_id)
+                try:
+                    self._handles.move_to_end(bm_id)
+                except KeyError:       # dropped since, by a signal's handler
+                    pass
         return entry
 
     def keep(self, bm: BigMemory, sec_id: object) -> None:
@@ -117,8 +123,9 @@ class _KnownHandles:
 
     def drop_namespace(self, pool: str, ns: str) -> None:
         with self._lock:
-            for bm_id in [i for i, (bm, _) in self._handles.items() if bm.namespace.creds[:2] == (pool, ns)]:
-                del self._handles[bm_id]
+            for bm_id, (bm, _) in tuple(self._handles.items()):    # (in one step: no handler's change in it)
+                if bm.namespace.creds[:2] == (pool, ns):
+                    self._handles.pop(bm_id, None)
 
 
 _session: Session | None = None
