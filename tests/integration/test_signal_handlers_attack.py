@@ -363,3 +363,92 @@ def test_a_handlers_compat_call_while_its_thread_looks_up_a_known_handle_is_not_
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(out["main_codes"]) == {"0"} and out["wrong"] == 0, out
     assert "0" in out["handler_codes"] and set(out["handler_codes"]) <= {"0", str(int(memfabric.BmError.BUSY))}, out
+
+
+THREADS_CHILD = r"""
+import collections, faulthandler, json, os, signal, sys, threading, time
+import memfabric
+from memfabric import Affinity
+faulthandler.dump_traceback_later(40, exit=True)          # a hang: the child fails, loudly
+path, seconds = sys.argv[1], float(sys.argv[2])
+with memfabric.init(path, timeout_s=3.0) as s:
+    ns = s.create_namespace(f"sigthreads-{os.getpid()}", sec_id="k")
+    try:
+        kv = ns.kv()
+        keys = [b"key-%d" % i for i in range(8)]
+        kv.put_many([(k, b"v" * 100) for k in keys])
+        handler_errors, main_errors, thread_errors, wrong, calls, inside = (
+            collections.Counter(), collections.Counter(), collections.Counter(), collections.Counter(), [0], [False])
+        stop = threading.Event()
+        objects = [ns.alloc(64 << 10, Affinity("server", server_id=i)) for i in (1, 2)]
+        for bm in objects:
+            bm.write(b"o" * (64 << 10))
+
+        def other(tag):
+            buf = bytearray(64 << 10)
+            while not stop.is_set():
+                try:
+                    kv.put(tag, b"t" * 100)
+                    if kv.get(tag) != b"t" * 100:
+                        wrong["a thread's get"] += 1
+                    for bm in objects:
+                        bm.read(into=buf)
+                        if buf != b"o" * len(buf):
+                            wrong["a thread's read"] += 1
+                except Exception as exc:
+                    thread_errors[type(exc).__name__ + ": " + str(exc)[:80]] += 1
+
+        def handler(sig, frame):
+            if inside[0]:
+                return
+            inside[0] = True
+            try:
+                if kv.get_many(keys) != [b"v" * 100] * len(keys):
+                    wrong["handler's get_many"] += 1
+                calls[0] += 1
+            except memfabric.MemfabricError as exc:
+                handler_errors[exc.code.name + ": " + str(exc)[:60]] += 1
+            finally:
+                inside[0] = False
+
+        threads = [threading.Thread(target=other, args=(b"thread-%d" % i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        signal.signal(signal.SIGALRM, handler)
+        signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
+        made, end = 0, time.monotonic() + seconds
+        while time.monotonic() < end and made < 50000:
+            made += 1
+            try:
+                kv.put(b"main", b"m" * 100)
+                if kv.get(b"main") != b"m" * 100:
+                    wrong["main's get"] += 1
+            except Exception as exc:
+                main_errors[type(exc).__name__ + ": " + str(exc)[:80]] += 1
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        stop.set()
+        for t in threads:
+            t.join(10)
+        print(json.dumps({"made": made, "calls": calls[0], "handler_errors": handler_errors,
+                          "main_errors": main_errors, "thread_errors": thread_errors, "wrong": wrong,
+                          "stuck": sum(t.is_alive() for t in threads)}))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        ns.destroy()
+"""
+
+
+def test_a_handler_waiting_for_another_threads_reader_never_stalls_the_link(two_servers):
+    """Over RPC a caller whose reply another thread is reading sleeps on its Pending's waker
+    (an Event), and a signal's handler may run in that wait holding the Event's own lock. No
+    link lock is held, so the handler's request goes; its reply comes through the other
+    thread's reader, which first hands the main thread its reply: waker.set(), which waits
+    for the Event's lock the suspended main thread holds. The reader stalled, with it every
+    request on the link, until the handler's TIMEOUT (seen: the handler's kv_get_many, and
+    other threads' kv_put and seg_read, TIMEOUT after 3 s). No call may time out here."""
+    for _ in range(2):
+        done = run_client(THREADS_CHILD, os.path.join(two_servers.directory, "remote.toml"), "3", timeout_s=90)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+        out = json.loads(done.stdout.strip().splitlines()[-1])
+        assert out["main_errors"] == {} and out["thread_errors"] == {} and out["wrong"] == {}, out
+        assert all(e.startswith("BUSY") for e in out["handler_errors"]) and out["stuck"] == 0, out
