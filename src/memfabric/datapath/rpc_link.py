@@ -52,13 +52,17 @@ class Pending:
     """One request in flight. Its reply lands here (its payload straight in `into`: one
     buffer, or a list of them filled in order), and then `done` is set. The caller that
     waits while another thread reads sleeps on `waker`, which is made only then: most
-    callers read their own reply and never need one."""
+    callers read their own reply and never need one. The waker is a plain lock, held until
+    the reply is in, not an Event: Event.set() waits for a lock of the Event's own, which its
+    sleeper holds in Event.wait, and a signal's handler run there whose own request's reader
+    hands the sleeper its reply waited for it (for ever, or stalling every reader of the
+    link until the handler's timeout). A lock's release() never waits."""
 
     __slots__ = ("done", "waker", "reply", "into", "error", "op", "args", "id", "given_up")
 
     def __init__(self, into: memoryview | list | None, op: str = "", args: dict[str, Any] | None = None) -> None:
         self.done = False
-        self.waker: threading.Event | None = None
+        self.waker: Any = None     # a threading.Lock, held until done
         self.reply: dict[str, Any] | None = None
         self.into = into
         self.error: MemfabricError | None = None
@@ -71,14 +75,23 @@ class Pending:
         self.done = True
         waker = self.waker         # read after `done` is set: a sleeper that made it sees one or the other
         if waker is not None:
-            waker.set()
+            try:
+                waker.release()
+            except RuntimeError:
+                pass               # released already
 
     def sleep(self, timeout_s: float) -> bool:
         """Wait until done, at most `timeout_s`; returns whether it is done."""
-        if self.waker is None:
-            self.waker = threading.Event()
-        if not self.done:
-            self.waker.wait(timeout_s)
+        waker = self.waker
+        if waker is None:
+            waker = threading.Lock()
+            waker.acquire()
+            self.waker = waker
+        if not self.done and waker.acquire(timeout=timeout_s):
+            try:
+                waker.release()    # left open once done, as a set Event: another sleeper wakes too
+            except RuntimeError:
+                pass
         return self.done
 
 
