@@ -452,3 +452,82 @@ def test_a_handler_waiting_for_another_threads_reader_never_stalls_the_link(two_
         out = json.loads(done.stdout.strip().splitlines()[-1])
         assert out["main_errors"] == {} and out["thread_errors"] == {} and out["wrong"] == {}, out
         assert all(e.startswith("BUSY") for e in out["handler_errors"]) and out["stuck"] == 0, out
+
+
+COMBINE_CHILD = r"""
+import collections, faulthandler, json, os, signal, sys, threading, time
+import memfabric
+faulthandler.dump_traceback_later(40, exit=True)          # a hang: the child fails, loudly
+path, seconds = sys.argv[1], float(sys.argv[2])
+with memfabric.init(path, timeout_s=3.0) as s:
+    ns = s.create_namespace(f"sigcombine-{os.getpid()}", sec_id="k", pool="logs")
+    try:
+        log = ns.create_plog("wal", 40 << 20)
+        handler_errors, main_errors, thread_errors, calls, inside = (
+            collections.Counter(), collections.Counter(), collections.Counter(), [0], [False])
+        appended = collections.Counter()
+        stop = threading.Event()
+
+        def other():
+            while not stop.is_set() and log.info()["length"] < (30 << 20):
+                try:
+                    log.append(b"T" * 80)
+                    appended["T"] += 1
+                except Exception as exc:
+                    thread_errors[type(exc).__name__ + ": " + str(exc)[:80]] += 1
+
+        def handler(sig, frame):
+            if inside[0]:
+                return
+            inside[0] = True
+            try:
+                log.append(b"H" * 50)
+                appended["H"] += 1
+                calls[0] += 1
+            except memfabric.MemfabricError as exc:
+                handler_errors[exc.code.name + ": " + str(exc)[:60]] += 1
+            finally:
+                inside[0] = False
+
+        threads = [threading.Thread(target=other) for _ in range(2)]
+        for t in threads:
+            t.start()
+        signal.signal(signal.SIGALRM, handler)
+        signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
+        made, end = 0, time.monotonic() + seconds
+        while time.monotonic() < end and made < 20000:
+            made += 1
+            try:
+                log.append_many([b"M" * 100] * 5)
+                appended["M"] += 5
+            except Exception as exc:
+                main_errors[type(exc).__name__ + ": " + str(exc)[:80]] += 1
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        stop.set()
+        for t in threads:
+            t.join(10)
+        found = collections.Counter(chr(r[0]) for r in log.records())
+        print(json.dumps({"made": made, "calls": calls[0], "handler_errors": handler_errors,
+                          "main_errors": main_errors, "thread_errors": thread_errors, "appended": appended,
+                          "found": found, "stuck": sum(t.is_alive() for t in threads)}))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        ns.destroy()
+"""
+
+
+@pytest.mark.parametrize("where", ["same host", "remote"])
+def test_a_handlers_append_while_its_thread_holds_the_link_neither_stalls_nor_fails_other_threads(two_servers, where):
+    """Threads' appends through one handle combine (plog/combine.py): one sends a batch for
+    all. A signal's handler's append, its thread part way through a request on the same link
+    (an append_many), joined them: waiting for a sender that waits for the link its own
+    thread holds (every append of the batch TIMEOUT after 3 s), or sending the batch itself
+    and refused with BUSY, which other threads' appends in it got too. It must get BUSY
+    alone, at once, and no other thread's append fail."""
+    path = two_servers.directory if where == "same host" else os.path.join(two_servers.directory, "remote.toml")
+    done = run_client(COMBINE_CHILD, path, "3", timeout_s=90)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["main_errors"] == {} and out["thread_errors"] == {} and out["stuck"] == 0, out
+    assert all(e.startswith("BUSY") for e in out["handler_errors"]), out
+    assert out["found"] == out["appended"], out
