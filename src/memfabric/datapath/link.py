@@ -226,6 +226,12 @@ class ServerLink:
             raise error_from_code(reply["error"], str(reply.get("msg", "")))
         return reply, fds
 
+    def _refuse_reentry(self, op: str) -> None:
+        """BUSY when re-entered from a signal's handler part way through a request of this
+        thread here; a lock a Ctrl-C left held is let go (reentry.py). For callers that must
+        know before they start (a plog append joining other threads' batch)."""
+        refuse_reentry(self, (self._lock,), _SERVER_LINK_CODES, f"the connection to {self.ipc_socket} ({op!r})")
+
     def call_compiled(self, op: str, args: dict[str, Any], call: Callable[..., tuple[int, int, float]]) -> Any:
         """One request sent and answered by a compiled call (_plogcall.c call_append:
         `call(fd, buffer, poll_s, request_id, timeout_s)` -> (status, value, waited_s)) when

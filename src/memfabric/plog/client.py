@@ -266,6 +266,14 @@ class Plog:
             raise _record_too_large(nbytes)
         session = self.namespace.session
         session.check_open()
+        if threading.get_ident() == threading.main_thread().ident:
+            # A signal's handler (the main thread's alone), its thread part way through a
+            # request on this link: BUSY before it joins other threads' batch, which it would
+            # wait for (its sender waiting for the link its own thread holds) or send (and its
+            # BUSY fail theirs).
+            link = session._cached_link(self._sequencer)
+            if link is not None:
+                link._refuse_reentry("plog_append")
         combiner = self._combiner
         if combiner is None:
             combiner = self._first_combiner()
