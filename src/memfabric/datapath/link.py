@@ -194,7 +194,7 @@ class ServerLink:
             raise Timeout(f"no time was left to ask server at {self.ipc_socket} for {op!r}")
         # Re-entered from a signal's handler while this thread's own request is under way
         # here: another request now would read the first one's reply as its own (BUSY).
-        refuse_reentry(self, (self._lock,), _SERVER_LINK_CODES, f"the connection to {self.ipc_socket} ({op!r})")
+        self._refuse_reentry(op)
         args["op"] = op
         args["budget_s"] = timeout_s
         try:
@@ -230,7 +230,8 @@ class ServerLink:
         """BUSY when re-entered from a signal's handler part way through a request of this
         thread here; a lock a Ctrl-C left held is let go (reentry.py). For callers that must
         know before they start (a plog append joining other threads' batch)."""
-        refuse_reentry(self, (self._lock,), _SERVER_LINK_CODES, f"the connection to {self.ipc_socket} ({op!r})")
+        if self._lock._is_owned():          # (else nothing to tell: every request asks)
+            refuse_reentry(self, (self._lock,), _SERVER_LINK_CODES, f"the connection to {self.ipc_socket} ({op!r})")
 
     def call_compiled(self, op: str, args: dict[str, Any], call: Callable[..., tuple[int, int, float]]) -> Any:
         """One request sent and answered by a compiled call (_plogcall.c call_append:

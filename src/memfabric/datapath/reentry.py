@@ -45,12 +45,12 @@ def refuse_reentry(link: Any, locks: Iterable[Any], codes: frozenset[CodeType], 
             lock.release()
 
 
-def further_up(obj: Any, codes: frozenset[CodeType], frame: FrameType | None) -> bool:
-    """Whether `frame`, or one further up its stack, runs one of `codes` on `obj` (its `self`):
-    a method of `obj` part way through in this thread. A walk of the stack (a microsecond or
-    more): for the rare case only."""
+def further_up(obj: Any, codes: frozenset[CodeType], frame: FrameType | None, local: str = "self") -> bool:
+    """Whether `frame`, or one further up its stack, runs one of `codes` with `obj` as its
+    `local` (its `self`: a method of `obj` part way through in this thread). A walk of the
+    stack (a microsecond or more): for the rare case only."""
     while frame is not None:
-        if frame.f_code in codes and frame.f_locals.get("self") is obj:
+        if frame.f_code in codes and frame.f_locals.get(local) is obj:
             return True
         frame = frame.f_back
     return False

@@ -218,8 +218,9 @@ class RpcLink:
         """BUSY when re-entered from a signal's handler part way through a request of this
         thread here (a request now would go out inside another's frame, or its reader take
         up another's reply); locks a Ctrl-C left held are let go (reentry.py)."""
-        refuse_reentry(self, (self._send_lock, self._recv_lock, self._lock), _RPC_LINK_CODES,
-                       f"the connection to {self.address} ({op!r})")
+        if self._send_lock._is_owned() or self._recv_lock._is_owned() or self._lock._is_owned():
+            refuse_reentry(self, (self._send_lock, self._recv_lock, self._lock), _RPC_LINK_CODES,
+                           f"the connection to {self.address} ({op!r})")
 
     def _send(self, pending: Pending, payload: memoryview | list | None, timeout_s: float | None) -> None:
         """Register `pending` (its id set) and send its request."""

@@ -29,6 +29,7 @@ from ..client.arguments import as_int
 from ..core.namespaces import check_name
 from ..datapath import forks
 from ..datapath.deadline import allowing, call_timeout_s
+from ..datapath.reentry import further_up
 from ..errors import (Busy, InvalidArgument, MemfabricError, NoSuchObject, NoSuchPool, OutOfRange, ProtocolError,
                       ServerUnavailable, Timeout)
 from . import record as rec
@@ -155,18 +156,15 @@ def _stage_holder(link: Any) -> _StageHolder:
     return holder
 
 
-def _refuse_reentry(holder: _StageHolder) -> None:
+def _refuse_stage_reentry(holder: _StageHolder) -> None:
     """append_many, its stage's lock held by this thread: BUSY when re-entered from a signal's
     handler while an append_many of this thread's further up holds it (the stage holds that
     batch, or the server is reading it: another written there now would be stored as that
     one's); else a Ctrl-C left it held (between its acquire and the release in append_many's
     finally) with no batch under way: let go, the call goes on (as datapath/reentry.py)."""
-    frame = sys._getframe(2)          # past this and the append_many that calls it
-    while frame is not None:
-        if frame.f_code is _APPEND_MANY_CODE and frame.f_locals.get("holder") is holder:
-            raise Busy("this thread is part way through a batch on this connection's shared stage: another "
-                       "cannot be made on it from a signal's handler")
-        frame = frame.f_back
+    if further_up(holder, _APPEND_MANY_CODES, sys._getframe(2), "holder"):    # past append_many's call
+        raise Busy("this thread is part way through a batch on this connection's shared stage: another "
+                   "cannot be made on it from a signal's handler")
     while holder.lock._is_owned():
         holder.lock.release()
 
@@ -266,18 +264,19 @@ class Plog:
             raise _record_too_large(nbytes)
         session = self.namespace.session
         session.check_open()
-        if threading.get_ident() == threading.main_thread().ident:
-            # A signal's handler (the main thread's alone), its thread part way through a
-            # request on this link: BUSY before it joins other threads' batch, which it would
-            # wait for (its sender waiting for the link its own thread holds) or send (and its
-            # BUSY fail theirs).
-            link = session._cached_link(self._sequencer)
-            if link is not None:
-                link._refuse_reentry("plog_append")
         combiner = self._combiner
         if combiner is None:
             combiner = self._first_combiner()
-        return combiner.append(view, nbytes, self._send_records, 2 * session.timeout_s + PLOG_COMBINE_SLACK_S)
+        return combiner.append(view, nbytes, self._send_records, 2 * session.timeout_s + PLOG_COMBINE_SLACK_S,
+                               self._refuse_reentry)
+
+    def _refuse_reentry(self) -> None:
+        """(The combiner's, on the main thread.) BUSY when a signal's handler appends while its
+        thread is part way through a request on this plog's link: before its record joins
+        other threads' batch (combine.py)."""
+        link = self.namespace.session._cached_link(self._sequencer)
+        if link is not None:
+            link._refuse_reentry("plog_append")
 
     def _first_combiner(self) -> Combiner:
         """The handle's combiner, made at its first append. Threads whose first appends come at
@@ -344,7 +343,7 @@ class Plog:
                                   "append fewer at a time")
         holder = _stage_holder(link)
         if holder.lock._is_owned():
-            _refuse_reentry(holder)
+            _refuse_stage_reentry(holder)
         wait_s = call_timeout_s(link.timeout_s)
         try:
             # Taken inside the try, given back in its finally (an RLock: release() tells
@@ -693,4 +692,4 @@ def list_plogs(namespace: "Namespace", *, pool: Any = None) -> list[dict[str, An
     return sorted(best.values(), key=lambda i: i["name"])
 
 
-_APPEND_MANY_CODE = Plog.append_many.__code__
+_APPEND_MANY_CODES = frozenset({Plog.append_many.__code__})

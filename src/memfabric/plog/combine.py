@@ -98,13 +98,20 @@ class Combiner:
         self._waiting = set()
         self._main_appends = 0
 
-    def append(self, view: Any, nbytes: int, send: Send, wait_s: float) -> int:
+    def append(self, view: Any, nbytes: int, send: Send, wait_s: float,
+               refuse_reentry: Callable[[], None] | None = None) -> int:
         """Appends `view` (`nbytes` long), alone or with other threads' records; its offset.
         `wait_s`: how long a record may wait for others' batches and its own (longer than a
-        request may take: a sender that passes nothing on for that long is taken to be lost)."""
+        request may take: a sender that passes nothing on for that long is taken to be lost).
+        `refuse_reentry`, on the main thread: raises BUSY when a signal's handler runs this
+        while its thread is part way through a request on the connection `send` uses. Queued,
+        the record would wait for a sender that waits for that connection; sent, its BUSY
+        would fail the batch."""
         me = threading.get_ident()
         if me != threading.main_thread().ident:      # only the main thread runs signal handlers
             return self._append(view, nbytes, send, wait_s, me)
+        if refuse_reentry is not None:
+            refuse_reentry()
         # Re-entered (a signal's handler) while this thread is inside append: alone, as before,
         # and without the lock, which its thread may hold (not re-entrant); queued, it could
         # wait for the very thread it interrupted. Told by the stack, not by state a Ctrl-C
