@@ -26,6 +26,8 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
+#include <poll.h>
 #include <stdint.h>
 #include <string.h>
 #include "_kvlookup.h"
@@ -590,7 +592,25 @@ done:
     return PyLong_FromLongLong(result);
 }
 
+/* hung_up(fd) -> bool: whether a connected socket's peer hung up (POLLRDHUP, POLLHUP,
+ * POLLERR, POLLNVAL), asked without letting the GIL go. A poll that never waits takes about
+ * a microsecond; select.poll's let the GIL go and took it back at once, every 2 ms of a
+ * thread's reads (transport/sockets.py), and CPython hands the GIL to a waiting thread only
+ * after 5 ms with no switch: the process's other threads got a turn about once a second. */
+static PyObject *hung_up(PyObject *self, PyObject *arg) {
+    int fd = (int)PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    struct pollfd p = {.fd = fd, .events = POLLRDHUP};
+    int n = poll(&p, 1, 0);
+    if (n < 0)
+        return errno == EINTR ? Py_NewRef(Py_False) : PyErr_SetFromErrno(PyExc_OSError);
+    return PyBool_FromLong(n > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL)));
+}
+
 static PyMethodDef methods[] = {
+    {"hung_up", hung_up, METH_O,
+     "hung_up(fd) -> bool: whether the socket's peer hung up; one poll that never waits, the GIL kept"},
     {"count", count, METH_VARARGS, "count(stats, slot, hits, misses): add to a client's own counters"},
     {"probe", probe, METH_VARARGS,
      "probe(index, refs, hash, pool, segments, key, into[, old_index, old_refs, stats, slot]) -> value | length | "

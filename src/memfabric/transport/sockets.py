@@ -7,6 +7,11 @@ import socket
 import struct
 import threading
 
+try:    # the poll that keeps the GIL (_native.c hung_up): ./dev builds it
+    from .. import _native
+except ImportError:      # pragma: no cover
+    _native = None
+
 _GONE = select.POLLHUP | select.POLLRDHUP | select.POLLERR | select.POLLNVAL
 
 
@@ -26,11 +31,15 @@ class HangUpWatch:
     link), and a poll object refuses a second poll() while one runs: a lock takes turns
     (each poll returns at once). Close the watch before its socket: the fd number may
     then name another file, which must not be polled in its place.
+
+    The poll keeps the GIL (_native.hung_up): reads ask every few ms, and a poll that let the
+    GIL go and took it back at once kept the process's other threads from getting it.
     """
 
     def __init__(self, sock: socket.socket) -> None:
+        self._fd = sock.fileno()
         self._poller: select.poll | None = select.poll()
-        self._poller.register(sock.fileno(), select.POLLRDHUP)
+        self._poller.register(self._fd, select.POLLRDHUP)
         self._lock = threading.Lock()
 
     def peer_gone(self) -> bool:
@@ -38,6 +47,8 @@ class HangUpWatch:
             if self._poller is None:
                 return True
             try:
+                if _native is not None:
+                    return _native.hung_up(self._fd)
                 events = self._poller.poll(0)
             except (OSError, ValueError):
                 return True
