@@ -204,3 +204,42 @@ def test_an_interrupted_write_changed_whole_chunks_then_part_of_one(fresh_fabric
         if door == "ipc":
             assert not new[first_old:].any(), "on one host, what changed is a prefix"
         ns.destroy()
+
+
+_CLOSED_MID_READ = r"""
+import collections, random, signal, sys
+import memfabric
+path, name = sys.argv[1], sys.argv[2]
+random.seed(7)
+with memfabric.init(path) as s0:
+    bm_id = s0.create_namespace(name, sec_id="k").alloc(1 << 20).bm_id
+seen = collections.Counter()
+for r in range(60):
+    s = memfabric.init(path)
+    bm = s.namespace(name, "k").open(bm_id)
+    signal.signal(signal.SIGALRM, lambda signum, frame: s.close())
+    signal.setitimer(signal.ITIMER_REAL, random.uniform(0.0005, 0.01))
+    try:
+        for _ in range(200000):
+            bm.read(0, 65536)
+        seen["never closed"] += 1
+    except memfabric.MemfabricError as exc:
+        seen[type(exc).__name__] += 1
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        s.close()
+print(dict(seen))
+"""
+
+
+def test_a_read_its_session_closes_part_way_says_so_not_that_the_object_was_freed(fabric, request):
+    """A signal's handler closes the session while its thread reads: the read raises
+    NOT_INITIALIZED (or SERVER_UNAVAILABLE: its link shut first), as the README says. Its
+    mappings revoked, the object's generation read back as another, and the read said
+    "object ... was freed during the read" (NO_SUCH_OBJECT) in about 17 of 20 such cuts."""
+    import ast
+    done = run_client(_CLOSED_MID_READ, fabric.directory, ns_name(request), timeout_s=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+    assert set(seen) <= {"NotInitialized", "ServerUnavailable", "never closed"}, seen
+    assert seen.get("NotInitialized", 0) + seen.get("ServerUnavailable", 0) > 0, seen
