@@ -207,8 +207,9 @@ def test_an_interrupted_write_changed_whole_chunks_then_part_of_one(fresh_fabric
 
 
 _CLOSED_MID_READ = r"""
-import collections, random, signal, sys
+import collections, faulthandler, random, signal, sys
 import memfabric
+faulthandler.dump_traceback_later(60, exit=True)     # a hang ends with where it was
 path, name = sys.argv[1], sys.argv[2]
 random.seed(7)
 with memfabric.init(path) as s0:
@@ -238,7 +239,7 @@ def test_a_read_its_session_closes_part_way_says_so_not_that_the_object_was_free
     mappings revoked, the object's generation read back as another, and the read said
     "object ... was freed during the read" (NO_SUCH_OBJECT) in about 17 of 20 such cuts."""
     import ast
-    done = run_client(_CLOSED_MID_READ, fabric.directory, ns_name(request), timeout_s=120)
+    done = run_client(_CLOSED_MID_READ, fabric.directory, ns_name(request), timeout_s=90)
     assert done.returncode == 0, done.stderr[-3000:]
     seen = ast.literal_eval(done.stdout.strip().splitlines()[-1])
     assert set(seen) <= {"NotInitialized", "ServerUnavailable", "never closed"}, seen
