@@ -259,6 +259,9 @@ class BigMemory:
         # Checked after every chunk: freed memory rests REUSE_GRACE_S before reuse, far longer
         # than one chunk's copy, so a copy that started on a live object never reaches the next.
         if lay.gens[lay.gen_index] != lay.generation:
+            # Or the session closed part way (its mappings revoked: the generation reads back
+            # as another): NOT_INITIALIZED then, as for any call of a closed session.
+            self.namespace.session.check_open()
             raise NoSuchObject(f"object {self.bm_id} was freed during the {what}")
 
     def swap_in(self, path: str, *, file_offset: int = 0, offset: int = 0, length: int | None = None) -> int:
