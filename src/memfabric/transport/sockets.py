@@ -40,16 +40,19 @@ class HangUpWatch:
         self._fd = sock.fileno()
         self._poller: select.poll | None = select.poll()
         self._poller.register(self._fd, select.POLLRDHUP)
-        self._lock = threading.Lock()
+        # An RLock: a signal's handler that closes the link while its own thread polls here
+        # takes it again (a Lock waited for ever); the poll then finds the socket closed.
+        self._lock = threading.RLock()
 
     def peer_gone(self) -> bool:
         with self._lock:
-            if self._poller is None:
+            poller = self._poller
+            if poller is None:
                 return True
             try:
                 if _native is not None:
                     return _native.hung_up(self._fd)
-                events = self._poller.poll(0)
+                events = poller.poll(0)
             except (OSError, ValueError):
                 return True
         return any(ev & _GONE for _, ev in events)
@@ -61,5 +64,5 @@ class HangUpWatch:
     def forked(self) -> None:
         """In a forked child: closed, without the lock (a thread of the parent's may have
         held it, and none is here to let go)."""
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._poller = None
