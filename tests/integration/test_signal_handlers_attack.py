@@ -531,3 +531,22 @@ def test_a_handlers_append_while_its_thread_holds_the_link_neither_stalls_nor_fa
     assert out["main_errors"] == {} and out["thread_errors"] == {} and out["stuck"] == 0, out
     assert all(e.startswith("BUSY") for e in out["handler_errors"]), out
     assert out["found"] == out["appended"], out
+
+
+@pytest.mark.parametrize("which", ["session", "kv"])
+def test_a_lock_a_ctrl_c_left_held_lets_the_threads_next_calls_go_on(two_servers, which):
+    """A Ctrl-C between a `with`'s acquire and its block leaves the lock held with no call of
+    its owner's further up the stack: the thread's next call is not re-entered, and must go
+    on (the rule of datapath/reentry.py), not get BUSY for ever. Here the state is made
+    directly: the lock taken with nothing under way."""
+    with memfabric.init(two_servers.directory) as s:
+        ns = s.create_namespace(f"left-held-{which}", sec_id="k")
+        kv = ns.kv()
+        kv.put(b"k", b"v")
+        for link in [s.link(1), s.link(2)]:
+            link.close()                                   # the next call connects (the session's lock)
+            link.attached.pop(kv._index_key, None)         # and maps the index again (the KV's lock)
+        lock = s._lock if which == "session" else kv._lock
+        lock.acquire()                                     # left held: nothing of the owner's under way
+        assert kv.get(b"k") == b"v"
+        assert not lock._is_owned()
