@@ -21,9 +21,10 @@ from ..bigmemory.objects import parse_bm_id
 from ..datapath import forks
 from ..datapath.connect import connect_to
 from ..datapath.link import Creds, ServerLink
+from ..datapath.reentry import methods_code, refuse_reentry
 from ..datapath.rpc_link import RpcLink
 from ..transport import rpc
-from ..errors import Busy, InvalidArgument, MemfabricError, NotInitialized, ServerUnavailable, Timeout
+from ..errors import InvalidArgument, MemfabricError, NotInitialized, ServerUnavailable, Timeout
 from ..limits import BUSY_POLL_US, DEFAULT_REQUEST_TIMEOUT_S, MAX_REQUEST_TIMEOUT_S
 from ..config import FABRIC_FILE, ConfigError, check_busy_poll_us, load_fabric_config
 from ..bigmemory import batch
@@ -212,10 +213,11 @@ class Session:
         raise ServerUnavailable(f"the cluster knows no server {server_id}")
 
     def _locked(self, what: str) -> Any:
-        """The session's lock, to take with `with`; BUSY when this thread holds it already: a
-        signal's handler run while its thread connects (link()) would wait for it for ever."""
+        """The session's lock, to take with `with`; BUSY when this thread holds it part way
+        through a call of the session's further up (a signal's handler run while its thread
+        connects would wait for it for ever); let go when held with none (a Ctrl-C left it)."""
         if self._lock._is_owned():
-            raise Busy(f"this thread is part way through connecting: {what} cannot be had from a signal's handler")
+            refuse_reentry(self, (self._lock,), _SESSION_CODES, f"this session ({what})")
         return self._lock
 
     def _cluster_view(self, wanted: int) -> list[dict[str, Any]]:
@@ -445,3 +447,6 @@ def init(ock_path: str, *, server: int | None = None, timeout_s: float = DEFAULT
     Raises INVALID_ARGUMENT for a missing or wrong configuration (no fabric there says how to
     start one) or a bad argument, SERVER_UNAVAILABLE when no server of the fabric answers."""
     return Session(ock_path, server=server, timeout_s=timeout_s, busy_poll_us=busy_poll_us)
+
+
+_SESSION_CODES = methods_code(Session)

@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 from ..bigmemory.layout import as_bytes_view
 from ..client.arguments import as_bool, as_int
 from ..datapath import forks
+from ..datapath.reentry import methods_code, refuse_reentry
 from ..datapath.rpc_link import InFlight
-from ..errors import Busy, InvalidArgument, MemfabricError, ProtocolError, ServerUnavailable, Timeout
+from ..errors import InvalidArgument, MemfabricError, ProtocolError, ServerUnavailable, Timeout
 from ..limits import BATCH_REQUESTS_IN_FLIGHT, KV_INLINE_BYTES, MAX_KV_BATCH, MAX_KV_KEY_BYTES
 from ..transport import wire
 from . import index as ix
@@ -379,8 +380,8 @@ class KV:
         key = self._index_key
         idx = link.attached.get(key)
         if idx is None or idx.stale():
-            if self._lock._is_owned():     # a signal's handler, its thread part way through mapping one
-                raise Busy("this thread is part way through mapping the KV index: a signal's handler cannot")
+            if self._lock._is_owned():     # a signal's handler, its thread part way through mapping one?
+                refuse_reentry(self, (self._lock,), _KV_CODES, "this KV handle (mapping its index)")
             with self._lock:
                 idx = link.attached.get(key)
                 if idx is None or idx.stale():
@@ -917,3 +918,6 @@ def _batches(positions: list[int], sizes: list[int]) -> Iterator[list[int]]:
 
 
 __all__ = ["KV", "Timeout"]
+
+
+_KV_CODES = methods_code(KV)
